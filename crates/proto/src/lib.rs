@@ -1,0 +1,806 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The virtio-fabric wire format, shared by the device (`vfabricd`) and the driver (`vfabric`).
+//!
+//! Everything here is specified in `docs/spec.md`. Wire structs are `#[repr(C)]` with explicit
+//! little-endian fields ([`Le16`], [`Le32`], [`Le64`]) and implement [`ByteValued`] so both sides
+//! read and write them straight from guest memory. Parsing never panics: it returns
+//! [`ProtoError`].
+
+use std::fmt;
+
+pub use vm_memory::{ByteValued, Le16, Le32, Le64};
+
+pub mod caps;
+pub use caps::{CapEntry, CapValue, CapsBuilder, CapsParser};
+
+/// Provisional virtio device ID of the fabric device (free range 50–63, PCI-expressible).
+pub const VIRTIO_ID_FABRIC: u32 = 56;
+
+/// Vendor id this implementation reports by default (ASCII "VF").
+pub const VENDOR_ID_VFABRIC: u32 = 0x5646;
+
+// ---------------------------------------------------------------------------------------------
+// Feature bits
+// ---------------------------------------------------------------------------------------------
+
+/// Untagged messages (SEND/RECV, SENDDATA). Always offered.
+pub const VIRTIO_FABRIC_F_MSG: u32 = 0;
+/// Tagged messages (TSEND/TRECV) with ignore bits, PEEK and CLAIM.
+pub const VIRTIO_FABRIC_F_TAGGED: u32 = 1;
+/// One-sided RMA (read, write, writedata) and memory registration with remote keys.
+pub const VIRTIO_FABRIC_F_RMA: u32 = 2;
+/// Remote atomics.
+pub const VIRTIO_FABRIC_F_ATOMIC: u32 = 3;
+/// RMA to persistent memory: FLUSH and COMMIT_COMPLETE.
+pub const VIRTIO_FABRIC_F_RMA_PMEM: u32 = 4;
+/// More than one queue pair (`num_queue_pairs` in config space is valid).
+pub const VIRTIO_FABRIC_F_MQ: u32 = 5;
+/// QUERY_CAPS may carry vendor-specific attributes.
+pub const VIRTIO_FABRIC_F_VENDOR_CAPS: u32 = 6;
+/// Remote CQ data (SENDDATA, WRITEDATA) is delivered to the target.
+pub const VIRTIO_FABRIC_F_REMOTE_CQ_DATA: u32 = 7;
+
+/// Generic virtio feature bits used by the fabric device.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+/// vhost-user: the backend speaks protocol features.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Feature bit as mask.
+pub const fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+/// Feature bits a driver MUST accept for the device to operate.
+pub const REQUIRED_FEATURES: u64 = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_FABRIC_F_MSG);
+
+/// Human-readable names of the feature bits (for `vfabric info`).
+pub fn feature_names(features: u64) -> Vec<&'static str> {
+    const NAMES: &[(u32, &str)] = &[
+        (VIRTIO_FABRIC_F_MSG, "MSG"),
+        (VIRTIO_FABRIC_F_TAGGED, "TAGGED"),
+        (VIRTIO_FABRIC_F_RMA, "RMA"),
+        (VIRTIO_FABRIC_F_ATOMIC, "ATOMIC"),
+        (VIRTIO_FABRIC_F_RMA_PMEM, "RMA_PMEM"),
+        (VIRTIO_FABRIC_F_MQ, "MQ"),
+        (VIRTIO_FABRIC_F_VENDOR_CAPS, "VENDOR_CAPS"),
+        (VIRTIO_FABRIC_F_REMOTE_CQ_DATA, "REMOTE_CQ_DATA"),
+        (VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
+        (VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
+        (VHOST_USER_F_PROTOCOL_FEATURES, "VHOST_USER_PROTOCOL_FEATURES"),
+        (VIRTIO_F_VERSION_1, "VERSION_1"),
+    ];
+    NAMES
+        .iter()
+        .filter(|(b, _)| features & bit(*b) != 0)
+        .map(|(_, n)| *n)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config space
+// ---------------------------------------------------------------------------------------------
+
+/// Device configuration space (init-time parameters only). Little-endian, 48 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FabricConfig {
+    /// Queue pairs (each a TX and an RX virtqueue) after the control queue.
+    pub num_queue_pairs: Le32,
+    /// Endpoints this device lets the driver open.
+    pub max_endpoints: Le32,
+    /// Memory regions this device lets the driver register.
+    pub max_mrs: Le32,
+    /// Largest ring size the device accepts for any virtqueue.
+    pub max_queue_size: Le32,
+    /// Largest message (or RMA transfer) in bytes.
+    pub max_msg_size: Le64,
+    /// Bytes the driver may pass with FLAG_INJECT (the device completes them at once).
+    pub inject_size: Le32,
+    /// PCI-style vendor id of the implementation behind the device.
+    pub vendor_id: Le32,
+    /// The device's node address on the fabric (endpoint addresses extend it).
+    pub node_addr: Le64,
+    /// Largest number of data descriptors in one request chain.
+    pub max_sge: Le32,
+    pub reserved: Le32,
+}
+// SAFETY: plain-old-data, repr(C), no padding (all fields naturally aligned, size 48).
+unsafe impl ByteValued for FabricConfig {}
+
+/// Virtqueue index of the control queue.
+pub const CONTROL_QUEUE: u16 = 0;
+/// Virtqueue index of the TX queue of queue pair `qp`.
+pub const fn tx_queue(qp: u16) -> u16 {
+    1 + 2 * qp
+}
+/// Virtqueue index of the RX queue of queue pair `qp`.
+pub const fn rx_queue(qp: u16) -> u16 {
+    2 + 2 * qp
+}
+/// Kind of a virtqueue by index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueKind {
+    Control,
+    Tx(u16),
+    Rx(u16),
+}
+pub const fn queue_kind(index: u16) -> QueueKind {
+    if index == CONTROL_QUEUE {
+        QueueKind::Control
+    } else if index % 2 == 1 {
+        QueueKind::Tx((index - 1) / 2)
+    } else {
+        QueueKind::Rx((index - 2) / 2)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+// ---------------------------------------------------------------------------------------------
+
+/// An endpoint's address on the fabric: 16 bytes, little-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireAddr {
+    /// Node (device) address: host id in the high 32 bits, device index in the low 32.
+    pub node: Le64,
+    /// Endpoint id within the device.
+    pub ep: Le32,
+    /// Generation of the endpoint id: a closed and reopened id never matches an old address.
+    pub generation: Le32,
+}
+// SAFETY: plain-old-data, repr(C), no padding.
+unsafe impl ByteValued for WireAddr {}
+
+/// Decoded endpoint address.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FabricAddr {
+    pub node: u64,
+    pub ep: u32,
+    pub generation: u32,
+}
+
+/// Length of an encoded address (`fi_getname` length).
+pub const ADDR_LEN: usize = 16;
+
+impl FabricAddr {
+    pub const fn new(node: u64, ep: u32, generation: u32) -> Self {
+        Self {
+            node,
+            ep,
+            generation,
+        }
+    }
+    pub const fn node_of(host: u32, device: u32) -> u64 {
+        ((host as u64) << 32) | device as u64
+    }
+    pub const fn host(&self) -> u32 {
+        (self.node >> 32) as u32
+    }
+    pub const fn device(&self) -> u32 {
+        self.node as u32
+    }
+    pub fn to_wire(self) -> WireAddr {
+        WireAddr {
+            node: self.node.into(),
+            ep: self.ep.into(),
+            generation: self.generation.into(),
+        }
+    }
+    pub fn from_wire(w: &WireAddr) -> Self {
+        Self::new(w.node.into(), w.ep.into(), w.generation.into())
+    }
+    pub fn to_bytes(self) -> [u8; ADDR_LEN] {
+        let mut b = [0u8; ADDR_LEN];
+        b.copy_from_slice(self.to_wire().as_slice());
+        b
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<Self, ProtoError> {
+        let w = WireAddr::from_slice(b.get(..ADDR_LEN).ok_or(ProtoError::Short {
+            what: "address",
+            need: ADDR_LEN,
+            got: b.len(),
+        })?)
+        .ok_or(ProtoError::Short {
+            what: "address",
+            need: ADDR_LEN,
+            got: b.len(),
+        })?;
+        Ok(Self::from_wire(w))
+    }
+}
+
+/// Printable form: `vfab://HOST.DEVICE/EP.GEN` (all hex except EP and GEN in decimal).
+impl fmt::Display for FabricAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "vfab://{:x}.{:x}/{}.{}",
+            self.host(),
+            self.device(),
+            self.ep,
+            self.generation
+        )
+    }
+}
+impl fmt::Debug for FabricAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for FabricAddr {
+    type Err = ProtoError;
+    fn from_str(s: &str) -> Result<Self, ProtoError> {
+        let bad = || ProtoError::BadAddress(s.to_string());
+        let rest = s.strip_prefix("vfab://").ok_or_else(bad)?;
+        let (node, ep) = rest.split_once('/').ok_or_else(bad)?;
+        let (host, dev) = node.split_once('.').ok_or_else(bad)?;
+        let (epid, gen) = ep.split_once('.').ok_or_else(bad)?;
+        let host = u32::from_str_radix(host, 16).map_err(|_| bad())?;
+        let dev = u32::from_str_radix(dev, 16).map_err(|_| bad())?;
+        Ok(Self::new(
+            Self::node_of(host, dev),
+            epid.parse().map_err(|_| bad())?,
+            gen.parse().map_err(|_| bad())?,
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------------------------
+
+/// Opcodes. Control opcodes are valid only on the control queue, TX opcodes only on a TX queue,
+/// RX opcodes only on an RX queue.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Opcode {
+    // control queue
+    QueryCaps = 0x0001,
+    EpOpen = 0x0002,
+    EpClose = 0x0003,
+    MrReg = 0x0004,
+    MrDereg = 0x0005,
+    Cancel = 0x0006,
+    AddrCheck = 0x0007,
+    // TX queue
+    Send = 0x0101,
+    TSend = 0x0102,
+    RmaWrite = 0x0201,
+    RmaRead = 0x0202,
+    Atomic = 0x0301,
+    FetchAtomic = 0x0302,
+    CompareAtomic = 0x0303,
+    Flush = 0x0401,
+    // RX queue
+    Recv = 0x0181,
+    TRecv = 0x0182,
+}
+
+impl Opcode {
+    pub fn from_u16(v: u16) -> Option<Self> {
+        use Opcode::*;
+        Some(match v {
+            0x0001 => QueryCaps,
+            0x0002 => EpOpen,
+            0x0003 => EpClose,
+            0x0004 => MrReg,
+            0x0005 => MrDereg,
+            0x0006 => Cancel,
+            0x0007 => AddrCheck,
+            0x0101 => Send,
+            0x0102 => TSend,
+            0x0201 => RmaWrite,
+            0x0202 => RmaRead,
+            0x0301 => Atomic,
+            0x0302 => FetchAtomic,
+            0x0303 => CompareAtomic,
+            0x0401 => Flush,
+            0x0181 => Recv,
+            0x0182 => TRecv,
+            _ => return None,
+        })
+    }
+    /// Which kind of queue may carry this opcode.
+    pub fn queue_class(self) -> QueueClass {
+        match self as u16 {
+            0x0001..=0x00ff => QueueClass::Control,
+            0x0181..=0x01ff => QueueClass::Rx,
+            _ => QueueClass::Tx,
+        }
+    }
+    /// Feature bit that must be negotiated before this opcode is used.
+    pub fn required_feature(self) -> u32 {
+        use Opcode::*;
+        match self {
+            TSend | TRecv => VIRTIO_FABRIC_F_TAGGED,
+            MrReg | MrDereg | RmaWrite | RmaRead => VIRTIO_FABRIC_F_RMA,
+            Atomic | FetchAtomic | CompareAtomic => VIRTIO_FABRIC_F_ATOMIC,
+            Flush => VIRTIO_FABRIC_F_RMA_PMEM,
+            _ => VIRTIO_FABRIC_F_MSG,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueClass {
+    Control,
+    Tx,
+    Rx,
+}
+
+/// Request flags (`ReqHeader::flags`).
+pub mod flags {
+    /// Deliver `ReqHeader::data` as remote CQ data (SENDDATA / WRITEDATA).
+    pub const REMOTE_CQ_DATA: u64 = 1 << 0;
+    /// The payload was copied by the driver; the device may complete as soon as it holds it.
+    pub const INJECT: u64 = 1 << 1;
+    /// Complete once the device holds the data (libfabric FI_INJECT_COMPLETE).
+    pub const INJECT_COMPLETE: u64 = 1 << 2;
+    /// Complete once the target's device holds the data (FI_TRANSMIT_COMPLETE). Default.
+    pub const TRANSMIT_COMPLETE: u64 = 1 << 3;
+    /// Complete once the data is placed in the target buffer (FI_DELIVERY_COMPLETE).
+    pub const DELIVERY_COMPLETE: u64 = 1 << 4;
+    /// Complete once the data is durable at the target (FI_COMMIT_COMPLETE).
+    pub const COMMIT_COMPLETE: u64 = 1 << 5;
+    /// Start only after earlier requests of this endpoint to the same peer complete (FI_FENCE).
+    pub const FENCE: u64 = 1 << 6;
+    /// TRECV: report a matching unexpected message without consuming it (FI_PEEK).
+    pub const PEEK: u64 = 1 << 7;
+    /// TRECV: with PEEK, reserve the message for a later CLAIM; alone, receive a claimed message.
+    pub const CLAIM: u64 = 1 << 8;
+    /// TRECV with CLAIM: drop the claimed message instead of receiving it (FI_DISCARD).
+    pub const DISCARD: u64 = 1 << 9;
+    /// RECV: one buffer takes several messages (FI_MULTI_RECV).
+    pub const MULTI_RECV: u64 = 1 << 10;
+    /// RMA write that moves no data: save earlier writes to the region (proposed FI_SAVE).
+    pub const SAVE: u64 = 1 << 11;
+    /// RECV/TRECV: receive only from `ReqHeader::peer` (FI_DIRECTED_RECV).
+    pub const DIRECTED: u64 = 1 << 12;
+
+    /// All flags this version of the protocol defines.
+    pub const ALL: u64 = (1 << 13) - 1;
+    /// The completion levels; at most one may be set.
+    pub const COMPLETION_LEVELS: u64 =
+        INJECT_COMPLETE | TRANSMIT_COMPLETE | DELIVERY_COMPLETE | COMMIT_COMPLETE;
+}
+
+/// Fixed request header: the first, driver-readable, part of every request chain. 96 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReqHeader {
+    pub opcode: Le16,
+    pub reserved0: Le16,
+    /// Local endpoint the request acts for (ignored by QUERY_CAPS and EP_OPEN).
+    pub ep: Le32,
+    pub flags: Le64,
+    /// Opaque driver value, echoed in the completion.
+    pub cookie: Le64,
+    /// Destination (TX), source filter with FLAG_DIRECTED (RX) or address to check (ADDR_CHECK).
+    pub peer: WireAddr,
+    pub tag: Le64,
+    pub ignore: Le64,
+    /// Remote CQ data, atomic operand, or opcode-specific parameter (CANCEL: cookie to cancel).
+    pub data: Le64,
+    pub remote_addr: Le64,
+    pub remote_key: Le64,
+    pub atomic_op: u8,
+    pub datatype: u8,
+    pub reserved1: Le16,
+    /// Element count for atomics; RMA scatter entries otherwise.
+    pub count: Le32,
+    /// Compare operand for COMPARE_ATOMIC; access flags for MR_REG.
+    pub compare: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding (size 96, every field naturally aligned).
+unsafe impl ByteValued for ReqHeader {}
+pub const REQ_HEADER_LEN: usize = std::mem::size_of::<ReqHeader>();
+
+/// Device-writable completion: the last descriptor of every request chain. 64 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// `Status` as u32.
+    pub status: Le32,
+    /// `comp_flags::*`.
+    pub flags: Le32,
+    /// The request's cookie.
+    pub cookie: Le64,
+    /// Bytes transferred (written to the receive buffer, or read).
+    pub len: Le64,
+    /// Remote CQ data (with comp_flags::REMOTE_CQ_DATA); EP_OPEN: the endpoint id.
+    pub data: Le64,
+    /// Tag of the received message.
+    pub tag: Le64,
+    /// Source of a received message; EP_OPEN: the endpoint's full address.
+    pub src: WireAddr,
+    /// With status TRUNCATED: bytes that did not fit (libfabric `olen`).
+    pub olen: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding.
+unsafe impl ByteValued for Completion {}
+pub const COMPLETION_LEN: usize = std::mem::size_of::<Completion>();
+
+/// Completion flags.
+pub mod comp_flags {
+    /// `Completion::data` holds remote CQ data.
+    pub const REMOTE_CQ_DATA: u32 = 1 << 0;
+    /// The completion is for a tagged receive.
+    pub const TAGGED: u32 = 1 << 1;
+    /// PEEK/CLAIM found a message; `len` and `tag` describe it.
+    pub const CLAIMED: u32 = 1 << 2;
+    /// MULTI_RECV: the buffer is released (FI_MULTI_RECV).
+    pub const MULTI_RECV_DONE: u32 = 1 << 3;
+}
+
+/// Completion status codes.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    Ok = 0,
+    /// Malformed request: bad header length, reserved bits, bad flag combination.
+    Invalid = 1,
+    /// Unknown opcode or one whose feature was not negotiated.
+    Unsupported = 2,
+    /// Endpoint id not open on this device.
+    BadEndpoint = 3,
+    /// Destination address names no open endpoint.
+    AddrNotAvail = 4,
+    /// Receive buffer shorter than the message; `len` = bytes placed, `olen` = bytes lost.
+    Truncated = 5,
+    /// Cancelled by CANCEL, endpoint close or device reset.
+    Canceled = 6,
+    /// Protection: key, range or access rights.
+    Access = 7,
+    /// Device resource limit reached (endpoints, MRs, held bytes).
+    NoResources = 8,
+    /// A descriptor points outside guest memory or a length overflows.
+    Fault = 9,
+    /// The peer disconnected with the operation in flight.
+    PeerGone = 10,
+    /// PEEK found no matching message.
+    NoMessage = 11,
+    /// Message larger than `max_msg_size`.
+    TooLarge = 12,
+    /// The requested key is taken.
+    KeyInUse = 13,
+    /// Descriptor chain shape wrong for the opcode (e.g. writable before readable, no completion).
+    BadChain = 14,
+}
+
+impl Status {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        use Status::*;
+        Some(match v {
+            0 => Ok,
+            1 => Invalid,
+            2 => Unsupported,
+            3 => BadEndpoint,
+            4 => AddrNotAvail,
+            5 => Truncated,
+            6 => Canceled,
+            7 => Access,
+            8 => NoResources,
+            9 => Fault,
+            10 => PeerGone,
+            11 => NoMessage,
+            12 => TooLarge,
+            13 => KeyInUse,
+            14 => BadChain,
+            _ => return None,
+        })
+    }
+    pub fn describe(self) -> &'static str {
+        use Status::*;
+        match self {
+            Ok => "success",
+            Invalid => "invalid request",
+            Unsupported => "operation not supported",
+            BadEndpoint => "bad endpoint",
+            AddrNotAvail => "address not available",
+            Truncated => "message truncated",
+            Canceled => "operation canceled",
+            Access => "protection error",
+            NoResources => "device resources exhausted",
+            Fault => "bad address in descriptor",
+            PeerGone => "peer disconnected",
+            NoMessage => "no matching message",
+            TooLarge => "message too long",
+            KeyInUse => "key in use",
+            BadChain => "malformed descriptor chain",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// Parse errors. Parsing never panics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("{what} too short: need {need} bytes, got {got}")]
+    Short {
+        what: &'static str,
+        need: usize,
+        got: usize,
+    },
+    #[error("unknown opcode {0:#06x}")]
+    UnknownOpcode(u16),
+    #[error("opcode {0:?} not allowed on this queue")]
+    WrongQueue(Opcode),
+    #[error("unknown flags {0:#x}")]
+    UnknownFlags(u64),
+    #[error("flags {0:#x} not valid for opcode {1:?}")]
+    BadFlags(u64, Opcode),
+    #[error("reserved field not zero")]
+    Reserved,
+    #[error("bad address {0:?}")]
+    BadAddress(String),
+    #[error("bad capability list: {0}")]
+    BadCaps(&'static str),
+}
+
+impl ProtoError {
+    /// The completion status a device reports for this parse error.
+    pub fn status(&self) -> Status {
+        match self {
+            ProtoError::UnknownOpcode(_) => Status::Unsupported,
+            ProtoError::WrongQueue(_) => Status::Unsupported,
+            _ => Status::Invalid,
+        }
+    }
+}
+
+/// A validated request header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub opcode: Opcode,
+    pub ep: u32,
+    pub flags: u64,
+    pub cookie: u64,
+    pub peer: FabricAddr,
+    pub tag: u64,
+    pub ignore: u64,
+    pub data: u64,
+    pub remote_addr: u64,
+    pub remote_key: u64,
+    pub atomic_op: u8,
+    pub datatype: u8,
+    pub count: u32,
+    pub compare: u64,
+}
+
+impl Request {
+    /// A zeroed request for `opcode`, to be filled in by a driver.
+    pub fn new(opcode: Opcode) -> Self {
+        Self {
+            opcode,
+            ep: 0,
+            flags: 0,
+            cookie: 0,
+            peer: FabricAddr::default(),
+            tag: 0,
+            ignore: 0,
+            data: 0,
+            remote_addr: 0,
+            remote_key: 0,
+            atomic_op: 0,
+            datatype: 0,
+            count: 0,
+            compare: 0,
+        }
+    }
+
+    pub fn to_header(&self) -> ReqHeader {
+        ReqHeader {
+            opcode: (self.opcode as u16).into(),
+            reserved0: 0.into(),
+            ep: self.ep.into(),
+            flags: self.flags.into(),
+            cookie: self.cookie.into(),
+            peer: self.peer.to_wire(),
+            tag: self.tag.into(),
+            ignore: self.ignore.into(),
+            data: self.data.into(),
+            remote_addr: self.remote_addr.into(),
+            remote_key: self.remote_key.into(),
+            atomic_op: self.atomic_op,
+            datatype: self.datatype,
+            reserved1: 0.into(),
+            count: self.count.into(),
+            compare: self.compare.into(),
+        }
+    }
+
+    /// Validate a raw header read from a queue of class `queue`.
+    pub fn parse(h: &ReqHeader, queue: QueueClass) -> Result<Self, ProtoError> {
+        let raw_op: u16 = h.opcode.into();
+        let opcode = Opcode::from_u16(raw_op).ok_or(ProtoError::UnknownOpcode(raw_op))?;
+        if opcode.queue_class() != queue {
+            return Err(ProtoError::WrongQueue(opcode));
+        }
+        if u16::from(h.reserved0) != 0 || u16::from(h.reserved1) != 0 {
+            return Err(ProtoError::Reserved);
+        }
+        let fl: u64 = h.flags.into();
+        if fl & !flags::ALL != 0 {
+            return Err(ProtoError::UnknownFlags(fl & !flags::ALL));
+        }
+        if (fl & flags::COMPLETION_LEVELS).count_ones() > 1 {
+            return Err(ProtoError::BadFlags(fl, opcode));
+        }
+        let allowed = allowed_flags(opcode);
+        if fl & !allowed != 0 {
+            return Err(ProtoError::BadFlags(fl, opcode));
+        }
+        // DISCARD only makes sense with CLAIM.
+        if fl & flags::DISCARD != 0 && fl & flags::CLAIM == 0 {
+            return Err(ProtoError::BadFlags(fl, opcode));
+        }
+        Ok(Self {
+            opcode,
+            ep: h.ep.into(),
+            flags: fl,
+            cookie: h.cookie.into(),
+            peer: FabricAddr::from_wire(&h.peer),
+            tag: h.tag.into(),
+            ignore: h.ignore.into(),
+            data: h.data.into(),
+            remote_addr: h.remote_addr.into(),
+            remote_key: h.remote_key.into(),
+            atomic_op: h.atomic_op,
+            datatype: h.datatype,
+            count: h.count.into(),
+            compare: h.compare.into(),
+        })
+    }
+
+    /// Parse a header from raw bytes (the fuzz target's entry point).
+    pub fn parse_bytes(b: &[u8], queue: QueueClass) -> Result<Self, ProtoError> {
+        if b.len() < REQ_HEADER_LEN {
+            return Err(ProtoError::Short {
+                what: "request header",
+                need: REQ_HEADER_LEN,
+                got: b.len(),
+            });
+        }
+        let h = ReqHeader::from_slice(&b[..REQ_HEADER_LEN]).ok_or(ProtoError::Short {
+            what: "request header",
+            need: REQ_HEADER_LEN,
+            got: b.len(),
+        })?;
+        Self::parse(h, queue)
+    }
+}
+
+/// Flags each opcode accepts.
+pub fn allowed_flags(op: Opcode) -> u64 {
+    use flags::*;
+    use Opcode::*;
+    let completion = INJECT_COMPLETE | TRANSMIT_COMPLETE | DELIVERY_COMPLETE;
+    match op {
+        Send => REMOTE_CQ_DATA | INJECT | completion | FENCE,
+        TSend => REMOTE_CQ_DATA | INJECT | completion | FENCE,
+        Recv => MULTI_RECV | DIRECTED,
+        TRecv => PEEK | CLAIM | DISCARD | DIRECTED,
+        RmaWrite => REMOTE_CQ_DATA | INJECT | completion | COMMIT_COMPLETE | FENCE,
+        RmaRead => FENCE | DELIVERY_COMPLETE,
+        Atomic => INJECT | completion | FENCE,
+        FetchAtomic | CompareAtomic => FENCE | DELIVERY_COMPLETE,
+        Flush => SAVE | DELIVERY_COMPLETE | COMMIT_COMPLETE | REMOTE_CQ_DATA | FENCE,
+        QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck => 0,
+    }
+}
+
+/// EP_OPEN parameters carried in `ReqHeader::data`.
+pub mod ep_open {
+    /// The endpoint type: reliable unconnected (FI_EP_RDM).
+    pub const TYPE_RDM: u64 = 0;
+    /// Unreliable datagram (FI_EP_DGRAM): a message with no posted receive is dropped, counted.
+    pub const TYPE_DGRAM: u64 = 1;
+    /// Connected (FI_EP_MSG): RDM plus a peer fixed by the driver's connection manager.
+    pub const TYPE_MSG: u64 = 2;
+}
+
+/// Tag matching rule shared by device and tests: libfabric's
+/// `(recv_tag | ignore) == (send_tag | ignore)`.
+pub const fn tag_matches(recv_tag: u64, ignore: u64, send_tag: u64) -> bool {
+    (recv_tag | ignore) == (send_tag | ignore)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sizes_are_fixed() {
+        assert_eq!(std::mem::size_of::<ReqHeader>(), 96);
+        assert_eq!(std::mem::size_of::<Completion>(), 64);
+        assert_eq!(std::mem::size_of::<FabricConfig>(), 48);
+        assert_eq!(std::mem::size_of::<WireAddr>(), 16);
+    }
+
+    #[test]
+    fn queue_kinds() {
+        assert_eq!(queue_kind(0), QueueKind::Control);
+        assert_eq!(queue_kind(tx_queue(3)), QueueKind::Tx(3));
+        assert_eq!(queue_kind(rx_queue(3)), QueueKind::Rx(3));
+    }
+
+    #[test]
+    fn addr_string_roundtrip() {
+        let a = FabricAddr::new(FabricAddr::node_of(0xabc, 2), 17, 5);
+        let s = a.to_string();
+        assert_eq!(s, "vfab://abc.2/17.5");
+        assert_eq!(s.parse::<FabricAddr>().unwrap(), a);
+        assert!("vfab://zz.2/1.1".parse::<FabricAddr>().is_err());
+        assert!("nonsense".parse::<FabricAddr>().is_err());
+    }
+
+    #[test]
+    fn rejects_wrong_queue_and_bad_flags() {
+        let mut r = Request::new(Opcode::Send);
+        assert!(Request::parse(&r.to_header(), QueueClass::Tx).is_ok());
+        assert_eq!(
+            Request::parse(&r.to_header(), QueueClass::Rx),
+            Err(ProtoError::WrongQueue(Opcode::Send))
+        );
+        r.flags = flags::PEEK;
+        assert!(Request::parse(&r.to_header(), QueueClass::Tx).is_err());
+        r.flags = flags::TRANSMIT_COMPLETE | flags::DELIVERY_COMPLETE;
+        assert!(Request::parse(&r.to_header(), QueueClass::Tx).is_err());
+        r.flags = 1 << 40;
+        assert!(matches!(
+            Request::parse(&r.to_header(), QueueClass::Tx),
+            Err(ProtoError::UnknownFlags(_))
+        ));
+        let mut h = Request::new(Opcode::Recv).to_header();
+        h.opcode = 0x7777.into();
+        assert_eq!(
+            Request::parse(&h, QueueClass::Rx),
+            Err(ProtoError::UnknownOpcode(0x7777))
+        );
+    }
+
+    #[test]
+    fn tag_matching() {
+        assert!(tag_matches(0x10, 0, 0x10));
+        assert!(!tag_matches(0x10, 0, 0x11));
+        assert!(tag_matches(0x10, 0xf, 0x1f));
+        assert!(!tag_matches(0x10, 0xf, 0x20));
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), q in 0u8..3) {
+            let q = [QueueClass::Control, QueueClass::Tx, QueueClass::Rx][q as usize];
+            let _ = Request::parse_bytes(&bytes, q);
+        }
+
+        #[test]
+        fn valid_requests_roundtrip(op in prop::sample::select(vec![
+            Opcode::Send, Opcode::TSend, Opcode::Recv, Opcode::TRecv, Opcode::QueryCaps,
+            Opcode::EpOpen, Opcode::EpClose, Opcode::Cancel]),
+            ep in any::<u32>(), cookie in any::<u64>(), tag in any::<u64>(), data in any::<u64>()) {
+            let mut r = Request::new(op);
+            r.ep = ep; r.cookie = cookie; r.tag = tag; r.data = data;
+            let h = r.to_header();
+            let back = Request::parse_bytes(h.as_slice(), op.queue_class()).unwrap();
+            prop_assert_eq!(back, r);
+        }
+
+        #[test]
+        fn addr_bytes_roundtrip(node in any::<u64>(), ep in any::<u32>(), gen in any::<u32>()) {
+            let a = FabricAddr::new(node, ep, gen);
+            prop_assert_eq!(FabricAddr::from_bytes(&a.to_bytes()).unwrap(), a);
+            prop_assert_eq!(a.to_string().parse::<FabricAddr>().unwrap(), a);
+        }
+    }
+}
