@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: vfabric (two guests on one vfabricd) against libfabric's own providers
+# (fi_pingpong -p shm -e rdm, the same with FI_SHM_DISABLE_CMA=1, fi_pingpong -p tcp -e msg), same
+# sizes, each side pinned with taskset, medians of RUNS runs; writes docs/perf.md.
+#
+#   scripts/bench-compare.sh            # RUNS=3
+#   RUNS=5 SIZES="8 64 4096 65536 1048576" scripts/bench-compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo build --release -q -p vfabric-cli -p vfabric-device
+
+RUNS=${RUNS:-3}
+SIZES=${SIZES:-"8 64 1024 4096 65536 1048576 4194304"}
+OUT=$(mktemp -d /tmp/vfabric-bench.XXXXXX)
+RAW="$OUT/raw.jsonl"
+: > "$RAW"
+VFABRIC=target/release/vfabric
+VFABRICD=target/release/vfabricd
+PORT=47700
+
+iters_for() { # iterations scale with size so every run takes about a second
+    local s=$1
+    if ((s <= 4096)); then echo 20000; elif ((s <= 65536)); then echo 5000; elif ((s <= 1048576)); then echo 1000; else echo 300; fi
+}
+
+fi_run() { # label provider ep size iters [env...]
+    local label=$1 prov=$2 ep=$3 size=$4 iters=$5
+    shift 5
+    PORT=$((PORT + 1))
+    env "$@" timeout 60 taskset -c 0 fi_pingpong -p "$prov" -e "$ep" -I "$iters" -S "$size" -B "$PORT" >"$OUT/srv.txt" 2>&1 &
+    local srv=$!
+    sleep 0.3
+    if env "$@" timeout 60 taskset -c 1 fi_pingpong -p "$prov" -e "$ep" -I "$iters" -S "$size" -P "$PORT" 127.0.0.1 >"$OUT/cli.txt" 2>&1; then
+        # bytes #sent #ack total time MB/sec usec/xfer Mxfers/sec
+        awk -v l="$label" -v s="$size" '$1 == s && NF >= 8 { printf "{\"bench\":\"%s\",\"size\":%s,\"one_way_us\":%s,\"mb_s\":%s}\n", l, s, $7, $6 }' "$OUT/cli.txt" >>"$RAW"
+    else
+        echo "bench: $label size $size failed: $(tail -2 "$OUT/cli.txt" | tr '\n' ' ')" >&2
+    fi
+    wait "$srv" 2>/dev/null || true
+}
+
+vf_run() { # label mode kind size iters
+    local label=$1 mode=$2 kind=$3 size=$4 iters=$5
+    local dir="$OUT/vf-$label-$size"
+    mkdir -p "$dir"
+    timeout 120 taskset -c 0 "$VFABRICD" --socket-dir "$dir" --devices 2 --log-level warn &
+    local d=$!
+    for _ in $(seq 100); do [ -S "$dir/vfabric1.sock" ] && break; sleep 0.05; done
+    timeout 60 taskset -c 0 "$VFABRIC" "$kind" --device "$dir/vfabric0.sock" --server --addr-file "$dir/addr" \
+        --sizes "$size" --iters "$iters" --mode "$mode" --quiet >/dev/null 2>"$dir/srv.err" &
+    local s=$!
+    if timeout 60 taskset -c 1 "$VFABRIC" "$kind" --device "$dir/vfabric1.sock" --addr-file "$dir/addr" \
+        --sizes "$size" --iters "$iters" --mode "$mode" --quiet --json >"$dir/out.json" 2>"$dir/cli.err"; then
+        python3 - "$label" "$dir/out.json" >>"$RAW" <<'PY'
+import json, sys
+label, path = sys.argv[1], sys.argv[2]
+for r in json.load(open(path))["results"]:
+    print(json.dumps({"bench": label, "size": r["size"], "one_way_us": r.get("one_way_us"), "mb_s": r.get("mb_s")}))
+PY
+    else
+        echo "bench: $label size $size failed: $(tail -2 "$dir/cli.err" | tr '\n' ' ')" >&2
+    fi
+    wait "$s" 2>/dev/null || true
+    kill "$d" 2>/dev/null || true
+    wait "$d" 2>/dev/null || true
+}
+
+total=$((RUNS * $(wc -w <<<"$SIZES") * 7))
+n=0
+for run in $(seq "$RUNS"); do
+    for size in $SIZES; do
+        it=$(iters_for "$size")
+        fi_run shm shm rdm "$size" "$it"
+        fi_run shm-nocma shm rdm "$size" "$it" FI_SHM_DISABLE_CMA=1
+        fi_run tcp tcp msg "$size" "$((it / 4 + 10))"
+        vf_run vfabric-poll poll pingpong "$size" "$it"
+        vf_run vfabric-block block pingpong "$size" "$((it / 10 + 10))"
+        vf_run vfabric-bw poll bw "$size" "$it"
+        vf_run vfabric-bw-block block bw "$size" "$((it / 4 + 10))"
+        n=$((n + 7))
+        echo "bench: run $run size $size done ($n/$total)" >&2
+    done
+done
+
+python3 scripts/bench_report.py "$RAW" "RUNS=$RUNS SIZES=\"$SIZES\" scripts/bench-compare.sh" >docs/perf.md.new
+if [ -f docs/perf.md ] && grep -q '^<!-- keep below -->' docs/perf.md; then
+    sed -n '/^<!-- keep below -->/,$p' docs/perf.md >>docs/perf.md.new
+fi
+mv docs/perf.md.new docs/perf.md
+echo "bench: wrote docs/perf.md (raw data in $RAW)"

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Turns the raw JSON lines of scripts/bench-compare.sh into the tables of docs/perf.md.
+
+Every line is {"bench", "size", "one_way_us", "mb_s"}; repeated runs are reduced to medians and
+the ratios vfabric/shm and vfabric/tcp are computed from the same invocation."""
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, nd=2):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def size_label(s):
+    if s >= 1 << 20 and s % (1 << 20) == 0:
+        return f"{s >> 20} MiB"
+    if s >= 1 << 10 and s % (1 << 10) == 0:
+        return f"{s >> 10} KiB"
+    return f"{s} B"
+
+
+def main():
+    raw, command = sys.argv[1], sys.argv[2]
+    lat = defaultdict(list)
+    bw = defaultdict(list)
+    for line in open(raw):
+        line = line.strip()
+        if not line:
+            continue
+        r = json.loads(line)
+        key = (r["bench"], int(r["size"]))
+        lat[key].append(r.get("one_way_us"))
+        bw[key].append(r.get("mb_s"))
+    sizes = sorted({s for (_, s) in lat})
+    L = {k: median(v) for k, v in lat.items()}
+    B = {k: median(v) for k, v in bw.items()}
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
+                         capture_output=True, text=True).stdout.strip()
+    runs = max((len(v) for v in lat.values()), default=0)
+    out = []
+    out.append("# virtio-fabric performance\n")
+    out.append(f"Produced by `{command}` on {datetime.date.today()} ({platform.node()}, {cpu}, "
+               f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores). "
+               f"Medians of {runs} runs; server side pinned to cpu0, client to cpu1 (`taskset`); "
+               "`vfabricd` pinned to cpu0 with the server guest. Ratios are from the same invocation; "
+               "absolute numbers move between runs on these noisy VMs.\n")
+    out.append("## Latency, one way (µs; half the round trip)\n")
+    out.append("| size | vfabric polled | vfabric blocking | shm | shm no-CMA | tcp (msg) | polled/shm | polled/tcp | blocking/tcp |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for s in sizes:
+        vp, vb = L.get(("vfabric-poll", s)), L.get(("vfabric-block", s))
+        shm, nocma, tcp = L.get(("shm", s)), L.get(("shm-nocma", s)), L.get(("tcp", s))
+        out.append(f"| {size_label(s)} | {fmt(vp)} | {fmt(vb)} | {fmt(shm)} | {fmt(nocma)} | {fmt(tcp)} | "
+                   f"{fmt(ratio(vp, shm))}× | {fmt(ratio(vp, tcp))}× | {fmt(ratio(vb, tcp))}× |")
+    out.append("\nLower is better; a ratio below 1 means vfabric is faster.\n")
+    out.append("## Bandwidth (MB/s = 10^6 B/s)\n")
+    out.append("vfabric `bw` streams a window of messages one way; `fi_pingpong` bandwidth is its "
+               "ping-pong MB/s column (the only bandwidth figure Debian's `libfabric-bin` offers).\n")
+    out.append("| size | vfabric bw polled | vfabric bw blocking | vfabric pingpong | shm | shm no-CMA | tcp | bw/shm no-CMA | bw/tcp |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for s in sizes:
+        vb, vbb, vp = B.get(("vfabric-bw", s)), B.get(("vfabric-bw-block", s)), B.get(("vfabric-poll", s))
+        shm, nocma, tcp = B.get(("shm", s)), B.get(("shm-nocma", s)), B.get(("tcp", s))
+        out.append(f"| {size_label(s)} | {fmt(vb, 0)} | {fmt(vbb, 0)} | {fmt(vp, 0)} | {fmt(shm, 0)} | {fmt(nocma, 0)} | {fmt(tcp, 0)} | "
+                   f"{fmt(ratio(vb, nocma))}× | {fmt(ratio(vb, tcp))}× |")
+    out.append("\nHigher is better; a ratio above 1 means vfabric is faster.\n")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what virtio-fabric needs on a fresh Debian machine, only when missing.
+# Debian packages: libfabric (headers, library and the fi_* tools used as baselines and by the
+# provider tests), libclang (bindgen), valgrind (callgrind cost figures), iproute2 (netns tests).
+set -euo pipefail
+
+need=()
+for pkg in libfabric-dev libfabric-bin libclang-dev valgrind iproute2 pkg-config; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        need+=("$pkg")
+    fi
+done
+if ((${#need[@]})); then
+    echo "setup: installing ${need[*]}"
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq || true
+    $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: set-up, formatting, lints, then every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export CARGO_TERM_COLOR=never
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -q -- -D warnings
+# Binaries used by the cross-process tests (vfabricd and the vfabric CLI).
+cargo build --workspace --bins -q
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt
+# Sum the per-binary results into one closing line.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?/) p += $(i-1); if ($i ~ /^failed;?/) f += $(i-1); if ($i ~ /^ignored;?/) s += $(i-1) } }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' target/test-output.txt
