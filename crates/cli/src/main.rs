@@ -1,1 +1,210 @@
-fn main() {}
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `vfabric`: device information, benchmarks and the demo for virtio-fabric.
+
+mod bench;
+mod demo;
+mod info;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use bench::{Kind, Mode, RunParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Driver(#[from] vfabric::Error),
+    #[error(transparent)]
+    Device(#[from] vfabric_device::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Run(String),
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vfabric",
+    version,
+    about = "virtio-fabric: device info, benchmarks and demo"
+)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter).
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List devices, features, capabilities and vendor attributes (like fi_info).
+    Info(info::InfoArgs),
+    /// Latency: ping-pong between two guests.
+    Pingpong(BenchArgs),
+    /// Bandwidth: windows of messages one way, acknowledged per window.
+    Bw(BenchArgs),
+    /// An embedded daemon and two guests: pingpong and bandwidth, a results table.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Device socket of this side. Without it, runs both sides in this process on an
+    /// embedded daemon.
+    #[arg(long)]
+    device: Option<PathBuf>,
+    /// Act as the server (writes its address to --addr-file and answers).
+    #[arg(long)]
+    server: bool,
+    /// File through which the server publishes its address to the client.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+    /// Message sizes: a list like 8,64,4k,1m or "all" (8 B to 4 MiB, powers of 4 and 2).
+    #[arg(long, default_value = "all")]
+    sizes: String,
+    /// Iterations at small sizes (scaled down above 64 KiB).
+    #[arg(long, default_value_t = 10000)]
+    iters: usize,
+    /// Use exactly --iters at every size.
+    #[arg(long)]
+    fixed_iters: bool,
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// Messages in flight per window (bw).
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    #[arg(long, value_enum, default_value_t = Mode::Poll)]
+    mode: Mode,
+    /// Check every received byte.
+    #[arg(long)]
+    verify: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Give up on a wait after this many seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_s: u64,
+}
+
+impl BenchArgs {
+    fn params(&self) -> Result<RunParams, CliError> {
+        Ok(RunParams {
+            sizes: parse_sizes(&self.sizes)?,
+            iters: self.iters,
+            fixed_iters: self.fixed_iters,
+            warmup: self.warmup,
+            window: self.window,
+            mode: self.mode,
+            verify: self.verify,
+            progress: !self.quiet && !self.json,
+            timeout: Duration::from_secs(self.timeout_s),
+        })
+    }
+}
+
+/// `all` or a comma-separated list with optional k/m suffixes (powers of 1024).
+pub fn parse_sizes(s: &str) -> Result<Vec<usize>, CliError> {
+    if s == "all" {
+        return Ok(vec![
+            8,
+            64,
+            256,
+            1024,
+            4096,
+            16 << 10,
+            64 << 10,
+            256 << 10,
+            1 << 20,
+            4 << 20,
+        ]);
+    }
+    s.split(',')
+        .map(|t| {
+            let t = t.trim().to_ascii_lowercase();
+            let (num, mul) = match t.strip_suffix('m') {
+                Some(n) => (n.to_string(), 1 << 20),
+                None => match t.strip_suffix('k') {
+                    Some(n) => (n.to_string(), 1 << 10),
+                    None => (t.clone(), 1),
+                },
+            };
+            num.parse::<usize>()
+                .map(|n| n * mul)
+                .map_err(|_| CliError::Usage(format!("bad size {t:?}")))
+        })
+        .collect()
+}
+
+fn run_bench(kind: Kind, args: &BenchArgs) -> Result<(), CliError> {
+    let params = args.params()?;
+    let results = match &args.device {
+        Some(dev) => {
+            let addr_file = args
+                .addr_file
+                .clone()
+                .ok_or_else(|| CliError::Usage("--device needs --addr-file".into()))?;
+            bench::run_side(kind, dev, &addr_file, args.server, &params)?
+        }
+        None => {
+            let daemon = demo::embedded_daemon(2)?;
+            let paths = daemon.socket_paths().to_vec();
+            let r = bench::run_pair(kind, paths[0].clone(), paths[1].clone(), &params);
+            daemon.shutdown();
+            r?
+        }
+    };
+    if args.server && args.device.is_some() {
+        return Ok(());
+    }
+    if args.json {
+        println!("{}", report::json(kind, args.mode, &results));
+    } else {
+        print!("{}", report::table(kind, args.mode, &results));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match &cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Pingpong(a) => run_bench(Kind::Pingpong, a),
+        Command::Bw(a) => run_bench(Kind::Bw, a),
+        Command::Demo(a) => demo::run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vfabric: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_sizes("8,4k,1m").unwrap(), vec![8, 4096, 1 << 20]);
+        assert_eq!(parse_sizes("all").unwrap().last(), Some(&(4 << 20)));
+        assert!(parse_sizes("8,x").is_err());
+    }
+}

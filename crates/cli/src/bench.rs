@@ -1,0 +1,491 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Ping-pong and bandwidth engines shared by `vfabric pingpong`, `vfabric bw` and `vfabric demo`.
+//!
+//! Two sides, each one endpoint on its own domain (device). The server writes its address to an
+//! address file; the client reads it and introduces itself with a first message carrying its own
+//! address, so the two processes need nothing else in common.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use vfabric::{
+    AddressVector, BindFlags, CompletionQueue, CqAttr, CqEntry, Domain, DomainAttr, Endpoint,
+    EpAttr, FabricAddr, FiAddr, SharedBuf, WaitMode,
+};
+
+use crate::CliError;
+
+/// How a side waits for completions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Busy-poll the CQ (`fi_cq_read` in a loop, yielding now and then).
+    Poll,
+    /// `fi_cq_sread` with the driver's adaptive spin-then-block.
+    Adaptive,
+    /// `fi_cq_sread` with no spinning: every wait blocks on the call eventfd.
+    Block,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Pingpong,
+    Bw,
+}
+
+/// Parameters of one run.
+#[derive(Clone, Debug)]
+pub struct RunParams {
+    pub sizes: Vec<usize>,
+    /// Iterations at the smallest size; scaled down for large sizes unless `fixed_iters`.
+    pub iters: usize,
+    pub fixed_iters: bool,
+    pub warmup: usize,
+    pub window: usize,
+    pub mode: Mode,
+    pub verify: bool,
+    pub progress: bool,
+    pub timeout: Duration,
+}
+
+impl RunParams {
+    /// Iterations for `size`: about the same bytes per size, never below 20.
+    pub fn iters_for(&self, size: usize) -> usize {
+        if self.fixed_iters {
+            return self.iters.max(1);
+        }
+        let scale = (size / 65536).max(1);
+        (self.iters / scale).max(20)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SizeResult {
+    pub size: usize,
+    pub iters: usize,
+    /// Half the mean round trip (pingpong) or mean time per message (bw), µs.
+    pub one_way_us: f64,
+    /// 10^6 bytes per second.
+    pub mb_s: f64,
+    /// Messages per second (one direction).
+    pub msg_rate: f64,
+    pub verified: bool,
+}
+
+/// One side: a domain, an endpoint, its CQs and AV, and its buffers.
+pub struct Side {
+    pub domain: Domain,
+    pub ep: Endpoint,
+    tx_cq: CompletionQueue,
+    rx_cq: CompletionQueue,
+    av: AddressVector,
+    sbuf: SharedBuf,
+    rbuf: SharedBuf,
+    mode: Mode,
+    timeout: Duration,
+}
+
+impl Side {
+    pub fn open(device: &Path, max_size: usize, params: &RunParams) -> Result<Self, CliError> {
+        if params.mode == Mode::Block && std::env::var_os(vfabric::cq::SPIN_ENV).is_none() {
+            std::env::set_var(vfabric::cq::SPIN_ENV, "0");
+        }
+        let buf_len = max_size.max(64);
+        // Two buffers of the largest size, bounce room and rings.
+        let mem = (2 * buf_len + (32 << 20)).next_power_of_two();
+        let domain = Domain::open(
+            device,
+            DomainAttr {
+                mem_bytes: mem.max(vfabric::memory::default_mem_bytes()),
+                ..DomainAttr::default()
+            },
+        )?;
+        let wait = if params.mode == Mode::Poll {
+            WaitMode::None
+        } else {
+            WaitMode::Blocking
+        };
+        let tx_cq = domain.cq_open(CqAttr { size: 1024, wait })?;
+        let rx_cq = domain.cq_open(CqAttr { size: 1024, wait })?;
+        let av = domain.av_open()?;
+        let ep = domain.endpoint(EpAttr::default())?;
+        ep.bind_cq(&tx_cq, BindFlags::TRANSMIT)?;
+        ep.bind_cq(&rx_cq, BindFlags::RECV)?;
+        ep.bind_av(&av)?;
+        ep.enable()?;
+        let sbuf = domain.alloc_buffer(buf_len)?;
+        let rbuf = domain.alloc_buffer(buf_len)?;
+        Ok(Self {
+            domain,
+            ep,
+            tx_cq,
+            rx_cq,
+            av,
+            sbuf,
+            rbuf,
+            mode: params.mode,
+            timeout: params.timeout,
+        })
+    }
+
+    pub fn name(&self) -> FabricAddr {
+        self.ep.name()
+    }
+
+    fn wait(&self, cq: &CompletionQueue, what: &str) -> Result<CqEntry, CliError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut out = Vec::with_capacity(1);
+        let mut polls = 0u32;
+        loop {
+            let r = match self.mode {
+                Mode::Poll => cq.read(&mut out, 1),
+                Mode::Adaptive | Mode::Block => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    cq.sread(&mut out, 1, Some(left))
+                }
+            };
+            match r {
+                Ok(_) => return Ok(out.pop().expect("one entry")),
+                Err(vfabric::Error::Again) | Err(vfabric::Error::Timeout) => {}
+                Err(vfabric::Error::Avail) => {
+                    let e = cq.readerr();
+                    return Err(CliError::Run(format!("{what}: error completion {e:?}")));
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if Instant::now() >= deadline {
+                return Err(CliError::Run(format!(
+                    "{what}: no completion within {:?}",
+                    self.timeout
+                )));
+            }
+            polls = polls.wrapping_add(1);
+            if polls % 64 == 0 {
+                // Three parties share two cores: let the device thread and the peer run.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Post with retry while the ring is full (driving progress meanwhile).
+    fn retry<F: FnMut() -> vfabric::Result<()>>(&self, mut post: F) -> Result<(), CliError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match post() {
+                Ok(()) => return Ok(()),
+                Err(vfabric::Error::Again) => {
+                    self.domain.progress()?;
+                    if Instant::now() >= deadline {
+                        return Err(CliError::Run("ring full for too long".into()));
+                    }
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn post_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
+        self.retry(|| self.ep.recv_buf(&self.rbuf, 0..size, ctx))
+    }
+
+    fn post_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
+        self.retry(|| self.ep.send_buf(&self.sbuf, 0..size, dest, ctx))
+    }
+
+    fn fill(&mut self, size: usize, seed: u64) {
+        fill_pattern(&mut self.sbuf.as_mut_slice()[..size], seed);
+    }
+
+    fn check(&self, size: usize, seed: u64) -> Result<(), CliError> {
+        let got = &self.rbuf.as_slice()[..size];
+        let mut want = vec![0u8; size];
+        fill_pattern(&mut want, seed);
+        if got != want.as_slice() {
+            let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(CliError::Run(format!(
+                "data mismatch at byte {at} of a {size}-byte message"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Deterministic pattern so both sides can verify without sending checksums.
+pub fn fill_pattern(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+/// Server side of the address exchange: publish our address, learn the client's.
+fn server_handshake(side: &Side, addr_file: &Path) -> Result<FiAddr, CliError> {
+    let tmp = addr_file.with_extension("tmp");
+    std::fs::write(&tmp, side.name().to_string())?;
+    std::fs::rename(&tmp, addr_file)?;
+    side.post_recv(64, 1)?;
+    let e = side.wait(&side.rx_cq, "hello")?;
+    let text = String::from_utf8_lossy(&side.rbuf.as_slice()[..e.len]).into_owned();
+    let addr: FabricAddr = text
+        .trim()
+        .parse()
+        .map_err(|e| CliError::Run(format!("bad hello {text:?}: {e}")))?;
+    Ok(side.av.insert(addr))
+}
+
+/// Client side: read the server's address, introduce ourselves.
+fn client_handshake(side: &mut Side, addr_file: &Path) -> Result<FiAddr, CliError> {
+    let deadline = Instant::now() + side.timeout;
+    let text = loop {
+        match std::fs::read_to_string(addr_file) {
+            Ok(t) if !t.trim().is_empty() => break t,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                return Err(CliError::Run(format!(
+                    "no server address in {}",
+                    addr_file.display()
+                )))
+            }
+        }
+    };
+    let peer = side.av.insert_str(text.trim())?;
+    let me = side.name().to_string();
+    side.sbuf.as_mut_slice()[..me.len()].copy_from_slice(me.as_bytes());
+    side.post_send(me.len(), peer, 1)?;
+    side.wait(&side.tx_cq, "hello send")?;
+    Ok(peer)
+}
+
+fn bar(params: &RunParams, total: u64, label: &str) -> ProgressBar {
+    if !params.progress {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+pub fn size_label(s: usize) -> String {
+    if s >= 1 << 20 && s % (1 << 20) == 0 {
+        format!("{} MiB", s >> 20)
+    } else if s >= 1 << 10 && s % (1 << 10) == 0 {
+        format!("{} KiB", s >> 10)
+    } else {
+        format!("{s} B")
+    }
+}
+
+/// Run one side of `kind`. The client returns the measurements; the server returns them empty.
+pub fn run_side(
+    kind: Kind,
+    device: &Path,
+    addr_file: &Path,
+    server: bool,
+    params: &RunParams,
+) -> Result<Vec<SizeResult>, CliError> {
+    let max = params.sizes.iter().copied().max().unwrap_or(64);
+    let mut side = Side::open(device, max, params)?;
+    let peer = if server {
+        server_handshake(&side, addr_file)?
+    } else {
+        client_handshake(&mut side, addr_file)?
+    };
+    let total: u64 = params
+        .sizes
+        .iter()
+        .map(|&s| (params.iters_for(s) + params.warmup) as u64)
+        .sum();
+    let pb = bar(
+        params,
+        if server { 0 } else { total },
+        match kind {
+            Kind::Pingpong => "pingpong",
+            Kind::Bw => "bw",
+        },
+    );
+    let mut results = Vec::new();
+    for &size in &params.sizes {
+        pb.set_message(size_label(size));
+        let r = match kind {
+            Kind::Pingpong => pingpong_size(&mut side, peer, size, server, params, &pb)?,
+            Kind::Bw => bw_size(&mut side, peer, size, server, params, &pb)?,
+        };
+        if let Some(r) = r {
+            results.push(r);
+        }
+    }
+    pb.finish_and_clear();
+    Ok(results)
+}
+
+fn pingpong_size(
+    side: &mut Side,
+    peer: FiAddr,
+    size: usize,
+    server: bool,
+    params: &RunParams,
+    pb: &ProgressBar,
+) -> Result<Option<SizeResult>, CliError> {
+    let iters = params.iters_for(size);
+    let n = iters + params.warmup;
+    let mut start = Instant::now();
+    if server {
+        side.post_recv(size, 2)?;
+        for i in 0..n {
+            side.wait(&side.rx_cq, "pingpong recv")?;
+            if params.verify {
+                side.check(size, (size * 31 + i) as u64)?;
+            }
+            if i + 1 < n {
+                side.post_recv(size, 2)?;
+            }
+            if params.verify {
+                side.fill(size, (size * 37 + i) as u64);
+            }
+            side.post_send(size, peer, 3)?;
+            side.wait(&side.tx_cq, "pingpong send")?;
+        }
+        return Ok(None);
+    }
+    for i in 0..n {
+        if i == params.warmup {
+            start = Instant::now();
+        }
+        side.post_recv(size, 2)?;
+        if params.verify {
+            side.fill(size, (size * 31 + i) as u64);
+        }
+        side.post_send(size, peer, 3)?;
+        side.wait(&side.tx_cq, "pingpong send")?;
+        side.wait(&side.rx_cq, "pingpong recv")?;
+        if params.verify {
+            side.check(size, (size * 37 + i) as u64)?;
+        }
+        pb.inc(1);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let one_way = secs / (2.0 * iters as f64);
+    Ok(Some(SizeResult {
+        size,
+        iters,
+        one_way_us: one_way * 1e6,
+        mb_s: size as f64 / one_way / 1e6,
+        msg_rate: 1.0 / one_way,
+        verified: params.verify,
+    }))
+}
+
+/// The client sends windows of `window` messages; the server answers each window with a short
+/// acknowledgement after posting the receives of the next one.
+fn bw_size(
+    side: &mut Side,
+    peer: FiAddr,
+    size: usize,
+    server: bool,
+    params: &RunParams,
+    pb: &ProgressBar,
+) -> Result<Option<SizeResult>, CliError> {
+    let iters = params.iters_for(size);
+    let window = params.window.max(1);
+    let windows_warm = params.warmup.div_ceil(window);
+    let windows = iters.div_ceil(window) + windows_warm;
+    if server {
+        for _ in 0..window {
+            side.post_recv(size, 4)?;
+        }
+        for w in 0..windows {
+            for _ in 0..window {
+                side.wait(&side.rx_cq, "bw recv")?;
+            }
+            if params.verify {
+                side.check(size, (size * 41 + w) as u64)?;
+            }
+            if w + 1 < windows {
+                for _ in 0..window {
+                    side.post_recv(size, 4)?;
+                }
+            }
+            side.post_send(0, peer, 5)?;
+            side.wait(&side.tx_cq, "bw ack send")?;
+        }
+        return Ok(None);
+    }
+    let mut start = Instant::now();
+    for w in 0..windows {
+        if w == windows_warm {
+            start = Instant::now();
+        }
+        side.post_recv(0, 6)?;
+        if params.verify {
+            side.fill(size, (size * 41 + w) as u64);
+        }
+        for _ in 0..window {
+            side.post_send(size, peer, 7)?;
+        }
+        for _ in 0..window {
+            side.wait(&side.tx_cq, "bw send")?;
+        }
+        side.wait(&side.rx_cq, "bw ack")?;
+        pb.inc(window as u64);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let msgs = ((windows - windows_warm) * window) as f64;
+    Ok(Some(SizeResult {
+        size,
+        iters: msgs as usize,
+        one_way_us: secs / msgs * 1e6,
+        mb_s: size as f64 * msgs / secs / 1e6,
+        msg_rate: msgs / secs,
+        verified: params.verify,
+    }))
+}
+
+/// Both sides in this process, each on its own device of `sockets` (threads), for the demo.
+pub fn run_pair(
+    kind: Kind,
+    server_dev: PathBuf,
+    client_dev: PathBuf,
+    params: &RunParams,
+) -> Result<Vec<SizeResult>, CliError> {
+    let dir = std::env::temp_dir().join(format!(
+        "vfabric-pair-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let addr_file = dir.join(match kind {
+        Kind::Pingpong => "pingpong.addr",
+        Kind::Bw => "bw.addr",
+    });
+    let _ = std::fs::remove_file(&addr_file);
+    let server_params = RunParams {
+        progress: false,
+        ..params.clone()
+    };
+    let af = addr_file.clone();
+    let server = std::thread::Builder::new()
+        .name("guest-server".into())
+        .spawn(move || run_side(kind, &server_dev, &af, true, &server_params))?;
+    let client = run_side(kind, &client_dev, &addr_file, false, params);
+    let server = server
+        .join()
+        .map_err(|_| CliError::Run("server thread panicked".into()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    server?;
+    client
+}
