@@ -163,7 +163,7 @@ impl Side {
                 )));
             }
             polls = polls.wrapping_add(1);
-            if polls % 64 == 0 {
+            if polls.is_multiple_of(64) {
                 // Three parties share two cores: let the device thread and the peer run.
                 std::thread::yield_now();
             } else {
@@ -281,9 +281,9 @@ fn bar(params: &RunParams, total: u64, label: &str) -> ProgressBar {
 }
 
 pub fn size_label(s: usize) -> String {
-    if s >= 1 << 20 && s % (1 << 20) == 0 {
+    if s >= 1 << 20 && s.is_multiple_of(1 << 20) {
         format!("{} MiB", s >> 20)
-    } else if s >= 1 << 10 && s % (1 << 10) == 0 {
+    } else if s >= 1 << 10 && s.is_multiple_of(1 << 10) {
         format!("{} KiB", s >> 10)
     } else {
         format!("{s} B")

@@ -1,0 +1,237 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Across processes: the `vfabricd` binary and guests that are separate `vfabric` processes.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use virtio_fabric_tests::{bin, run_with_timeout, wait_for, DaemonProcess};
+
+fn vfabric() -> Command {
+    Command::new(bin("vfabric"))
+}
+
+/// Run server and client of `kind` on devices 0 and 1; return the client's JSON.
+fn run_pair(
+    d: &DaemonProcess,
+    kind: &str,
+    sizes: &str,
+    iters: &str,
+    tag: &str,
+) -> serde_json::Value {
+    let addr = d.path(&format!("{tag}.addr"));
+    let mut server = vfabric()
+        .args([kind, "--server", "--quiet", "--verify", "--timeout-s", "20"])
+        .arg("--device")
+        .arg(&d.sockets[0])
+        .arg("--addr-file")
+        .arg(&addr)
+        .args(["--sizes", sizes, "--iters", iters, "--warmup", "5"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let out = run_with_timeout(
+        vfabric()
+            .args([kind, "--json", "--verify", "--timeout-s", "20"])
+            .arg("--device")
+            .arg(&d.sockets[1])
+            .arg("--addr-file")
+            .arg(&addr)
+            .args(["--sizes", sizes, "--iters", iters, "--warmup", "5"]),
+        Duration::from_secs(60),
+    );
+    let status = server.wait().expect("server wait");
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(status.success(), "server failed");
+    serde_json::from_slice(&out.stdout).expect("client JSON")
+}
+
+fn check_results(v: &serde_json::Value, sizes: &[u64]) {
+    let rs = v["results"].as_array().expect("results");
+    assert_eq!(rs.len(), sizes.len(), "{v}");
+    for (r, s) in rs.iter().zip(sizes) {
+        assert_eq!(r["size"].as_u64(), Some(*s));
+        assert_eq!(r["verified"].as_bool(), Some(true));
+        assert!(r["one_way_us"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn info_lists_every_device_with_capabilities() {
+    let d = DaemonProcess::start(2, &[]);
+    let out = run_with_timeout(
+        vfabric()
+            .args(["info", "-v"])
+            .arg("--device")
+            .arg(&d.sockets[0])
+            .arg("--device")
+            .arg(&d.sockets[1]),
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "domain: vfabric0",
+        "domain: vfabric1",
+        "FI_EP_RDM",
+        "MSG",
+        "TAGGED",
+        "RING_EVENT_IDX",
+        "max_msg_size",
+        "vendor attributes",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    // VFABRIC_DEVICES works the same as --device.
+    let env = format!("{}:{}", d.sockets[0].display(), d.sockets[1].display());
+    let out = run_with_timeout(
+        vfabric()
+            .args(["info", "--json"])
+            .env("VFABRIC_DEVICES", env),
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let domains: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["domain"].as_str().unwrap().to_string())
+        .collect();
+    assert!(domains.contains(&"vfabric0".to_string()));
+    assert!(domains.contains(&"vfabric1".to_string()));
+}
+
+#[test]
+fn pingpong_and_bw_between_guest_processes() {
+    let d = DaemonProcess::start(2, &[]);
+    let v = run_pair(&d, "pingpong", "0,8,4k,64k,1m,4m", "40", "pp");
+    check_results(&v, &[0, 8, 4096, 65536, 1 << 20, 4 << 20]);
+    let v = run_pair(&d, "bw", "8,64k,1m", "128", "bw");
+    check_results(&v, &[8, 65536, 1 << 20]);
+    // The daemon served both runs and its guests came and went.
+    let mut d = d;
+    assert!(d.alive());
+}
+
+#[test]
+fn guest_killed_mid_transfer_leaves_daemon_and_others_working() {
+    let mut d = DaemonProcess::start(2, &[]);
+    let addr = d.path("kill.addr");
+    // A long bandwidth run of 4 MiB messages.
+    let mut server = vfabric()
+        .args([
+            "bw",
+            "--server",
+            "--quiet",
+            "--timeout-s",
+            "3",
+            "--fixed-iters",
+        ])
+        .arg("--device")
+        .arg(&d.sockets[0])
+        .arg("--addr-file")
+        .arg(&addr)
+        .args(["--sizes", "4m", "--iters", "1000000", "--window", "16"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let mut client = vfabric()
+        .args(["bw", "--quiet", "--timeout-s", "30", "--fixed-iters"])
+        .arg("--device")
+        .arg(&d.sockets[1])
+        .arg("--addr-file")
+        .arg(&addr)
+        .args(["--sizes", "4m", "--iters", "1000000", "--window", "16"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn client");
+    assert!(wait_for(Duration::from_secs(10), || addr.exists()));
+    // Let data flow, then kill the sending guest without warning.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        matches!(client.try_wait(), Ok(None)),
+        "client ended before it was killed"
+    );
+    client.kill().expect("kill client");
+    client.wait().unwrap();
+    // The receiving guest notices (its waits time out) and exits with an error, in bounded time.
+    let start = Instant::now();
+    let st = loop {
+        if let Some(st) = server.try_wait().unwrap() {
+            break st;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "server hung");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!st.success(), "server should report the lost peer");
+    assert!(d.alive(), "vfabricd died with its guest");
+    // Both devices accept new guests, which exchange verified data.
+    let v = run_pair(&d, "pingpong", "8,64k,1m", "20", "after");
+    check_results(&v, &[8, 65536, 1 << 20]);
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_removes_sockets() {
+    let mut d = DaemonProcess::start(3, &[]);
+    d.signal(libc::SIGTERM);
+    let st = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("vfabricd exits on SIGTERM");
+    assert!(st.success(), "exit status {st:?}");
+    for s in &d.sockets {
+        assert!(!s.exists(), "{} left behind", s.display());
+    }
+}
+
+#[test]
+fn print_capabilities_and_config_file() {
+    let out = run_with_timeout(
+        Command::new(bin("vfabricd")).arg("--print-capabilities"),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("capabilities JSON");
+    assert!(v["type"].is_string());
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vfabricd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "socket_dir = {:?}\ndevices = 1\nhost_id = 7\n[limits]\nmax_endpoints = 3\nmax_msg_size = 65536\n",
+            dir.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bin("vfabricd"))
+        .arg("--config")
+        .arg(&cfg)
+        .spawn()
+        .unwrap();
+    let sock = dir.path().join("vfabric0.sock");
+    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    let out = run_with_timeout(
+        vfabric().args(["info", "-v", "--device"]).arg(&sock),
+        Duration::from_secs(20),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("max_msg_size=65536"), "{text}");
+    assert!(text.contains("max_endpoints=3"), "{text}");
+    assert!(text.contains("node: 0x0000000700000000"), "{text}");
+}

@@ -1,0 +1,142 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Support for the workspace-level tests: locating the built binaries, running `vfabricd` as a
+//! child process, bounded waits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's binaries (`target/debug` or `target/release`), found from
+/// the running test executable (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// Path of a workspace binary; panics with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Wait until `cond` holds or `timeout` passes; returns whether it held.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// A `vfabricd` child process serving `devices` sockets in a temporary directory. Killed on
+/// drop.
+pub struct DaemonProcess {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub sockets: Vec<PathBuf>,
+}
+
+impl DaemonProcess {
+    pub fn start(devices: u32, extra_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new(bin("vfabricd"))
+            .arg("--socket-dir")
+            .arg(dir.path())
+            .arg("--devices")
+            .arg(devices.to_string())
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn vfabricd");
+        let sockets: Vec<PathBuf> = (0..devices)
+            .map(|i| dir.path().join(format!("vfabric{i}.sock")))
+            .collect();
+        assert!(
+            wait_for(Duration::from_secs(10), || sockets
+                .iter()
+                .all(|s| s.exists())),
+            "vfabricd did not create its sockets"
+        );
+        Self {
+            child,
+            dir,
+            sockets,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Send a signal to the daemon.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Wait for the daemon to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a command with a deadline; kills it and panics on timeout. Returns its output.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let end = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().expect("output"),
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("output");
+                panic!(
+                    "{:?} timed out after {timeout:?}; stderr: {}",
+                    cmd,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+/// Whether `path` exists (for sockets removed at shutdown).
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
