@@ -1,1 +1,66 @@
-//! placeholder
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `vfabricd`: the virtio-fabric device, a vhost-user backend daemon.
+//!
+//! Each device is one vhost-user socket serving one frontend (guest) at a time; all devices of a
+//! daemon share one local fabric, and a message moves with one copy from the sender's mapped
+//! memory into the receiver's. See `docs/design.md` for the device/driver contract.
+//!
+//! Embedding (tests, the CLI demo):
+//!
+//! ```no_run
+//! let config = vfabric_device::Config::new(vec!["/tmp/vf0.sock".into(), "/tmp/vf1.sock".into()]);
+//! let daemon = vfabric_device::start(config)?;
+//! // ... frontends connect to daemon.socket_paths() ...
+//! println!("{:?}", daemon.stats());
+//! daemon.shutdown();
+//! # Ok::<(), vfabric_device::Error>(())
+//! ```
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod backend;
+mod chain;
+mod config;
+mod daemon;
+mod fabric;
+mod stats;
+#[cfg(test)]
+mod testutil;
+
+use std::path::PathBuf;
+
+pub use config::{Config, Limits, VendorAttr};
+pub use daemon::{start, DaemonHandle};
+pub use stats::{DeviceStats, Stats};
+
+/// The `type` vfabricd reports with `--print-capabilities`.
+pub const VHOST_USER_TYPE: &str = "fabric";
+
+/// The vhost-user backend capability JSON (`--print-capabilities`).
+pub fn capabilities_json() -> String {
+    format!("{{\n  \"type\": \"{VHOST_USER_TYPE}\"\n}}")
+}
+
+/// Errors of the daemon's setup (guest errors never surface here: they become completion
+/// statuses or a dropped connection).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot read configuration file {path}: {source}")]
+    ConfigFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot parse configuration: {0}")]
+    ConfigParse(String),
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot spawn a thread: {0}")]
+    Thread(std::io::Error),
+}

@@ -1,1 +1,192 @@
-fn main() {}
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `vfabricd`: serve virtio-fabric devices on vhost-user sockets until SIGTERM/SIGINT.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use std::io::{self, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+use vfabric_device::{capabilities_json, start, Config, Error};
+
+/// virtio-fabric vhost-user device daemon: one socket per device, all devices on one local
+/// fabric, one copy between guests.
+#[derive(Parser, Debug)]
+#[command(name = "vfabricd", version, about)]
+struct Args {
+    /// Socket of a single device.
+    #[arg(long, conflicts_with = "socket_dir")]
+    socket_path: Option<PathBuf>,
+    /// Directory for DIR/vfabric0.sock … vfabric{N-1}.sock (created if missing).
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
+    /// Number of devices with --socket-dir.
+    #[arg(long, requires = "socket_dir")]
+    devices: Option<u32>,
+    /// TOML file with the same settings (command-line options override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+    /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter directive).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Host id: the high 32 bits of the node addresses.
+    #[arg(long)]
+    host_id: Option<u32>,
+    /// Virtio device id (default 56).
+    #[arg(long)]
+    device_id: Option<u32>,
+    /// Spin budget in microseconds after work was found (0 disables polling).
+    #[arg(long)]
+    poll_us: Option<u64>,
+    /// Queue pairs per device (default 2).
+    #[arg(long)]
+    num_queue_pairs: Option<u16>,
+    /// Endpoints per device (default 64).
+    #[arg(long)]
+    max_endpoints: Option<u32>,
+    /// Memory regions per device (default 1024).
+    #[arg(long)]
+    max_mrs: Option<u32>,
+    /// Largest ring size (default 1024).
+    #[arg(long)]
+    max_queue_size: Option<u16>,
+    /// Largest message in bytes (default 16 MiB).
+    #[arg(long)]
+    max_msg_size: Option<u64>,
+    /// Inject size in bytes (default 256).
+    #[arg(long)]
+    inject_size: Option<u32>,
+    /// Largest eagerly buffered send in bytes (default 16 KiB).
+    #[arg(long)]
+    eager_threshold: Option<u64>,
+    /// Eager bytes buffered per destination device before sends are held (default 4 MiB).
+    #[arg(long)]
+    max_unexpected_bytes: Option<u64>,
+    /// Data descriptors per request chain (default 64).
+    #[arg(long)]
+    max_sge: Option<u32>,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = Error;
+
+    fn try_from(a: Args) -> Result<Self, Error> {
+        let mut c = match &a.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::new(Vec::new()),
+        };
+        if let Some(p) = a.socket_path {
+            c.sockets = vec![p];
+        } else if let Some(d) = a.socket_dir {
+            std::fs::create_dir_all(&d).map_err(|source| Error::ConfigFile {
+                path: d.clone(),
+                source,
+            })?;
+            c.sockets = Config::socket_dir_paths(&d, a.devices.unwrap_or(1));
+        }
+        macro_rules! set {
+            ($dst:expr, $src:expr) => {
+                if let Some(v) = $src {
+                    $dst = v;
+                }
+            };
+        }
+        set!(c.host_id, a.host_id);
+        set!(c.device_id, a.device_id);
+        set!(c.poll_us, a.poll_us);
+        let l = &mut c.limits;
+        set!(l.num_queue_pairs, a.num_queue_pairs);
+        set!(l.max_endpoints, a.max_endpoints);
+        set!(l.max_mrs, a.max_mrs);
+        set!(l.max_queue_size, a.max_queue_size);
+        set!(l.max_msg_size, a.max_msg_size);
+        set!(l.inject_size, a.inject_size);
+        set!(l.eager_threshold, a.eager_threshold);
+        set!(l.max_unexpected_bytes, a.max_unexpected_bytes);
+        set!(l.max_sge, a.max_sge);
+        if c.sockets.is_empty() {
+            return Err(Error::Config(
+                "give --socket-path, --socket-dir or a config file with sockets".into(),
+            ));
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Block SIGINT and SIGTERM in this thread (and the threads it spawns later) so that
+/// `sigwait` receives them.
+fn block_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; an all-zero value is a valid buffer for sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    // SAFETY: `set` is initialised; the old mask is not requested (null is allowed).
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(set)
+}
+
+fn wait_signal(set: &libc::sigset_t) -> io::Result<i32> {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer for the call.
+    let r = unsafe { libc::sigwait(set, &mut sig) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(sig)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_capabilities {
+        println!("{}", capabilities_json());
+        return ExitCode::SUCCESS;
+    }
+    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .init();
+
+    let config = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let set = match block_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot block signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let daemon = match start(config) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match wait_signal(&set) {
+        Ok(sig) => info!(sig, "signal received"),
+        Err(e) => error!("sigwait failed: {e}"),
+    }
+    daemon.shutdown();
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,662 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Chain parsing and validation against hostile guests, on `virtio_queue::mock::MockSplitQueue`,
+//! and the backend's queue processing on real `VringRwLock`s (no socket).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vfabric_proto::{
+    bit, ep_open, flags, Completion, FabricConfig, Opcode, Request, Status, VIRTIO_FABRIC_F_MSG,
+    VIRTIO_F_VERSION_1,
+};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+use super::FabricBackend;
+use crate::chain::{parse_chain, pop_chains, GuestMemoryMmap, Parsed, RingError};
+use crate::config::{Config, Limits};
+use crate::fabric::{Fabric, Notify};
+use crate::testutil::{Guest, ALL_FEATURES};
+
+const QSIZE: u16 = 16;
+const HDR: u64 = 0x10000;
+const COMP: u64 = 0x20000;
+const DATA: u64 = 0x30000;
+const R: u16 = 0;
+const W: u16 = VRING_DESC_F_WRITE as u16;
+
+/// A guest, a one-device fabric, and the guest's memory.
+struct Rig {
+    guest: Guest,
+    fabric: Fabric,
+    limits: Limits,
+}
+
+impl Rig {
+    fn new(limits: Limits) -> Self {
+        let mut c = Config::new(vec![PathBuf::from("/t0")]);
+        c.limits = limits.clone();
+        let fabric = Fabric::new(&c);
+        let guest = Guest::new();
+        fabric.connect(0, guest.port());
+        Self {
+            guest,
+            fabric,
+            limits,
+        }
+    }
+
+    fn mem(&self) -> &GuestMemoryMmap {
+        &self.guest.mem
+    }
+
+    fn header(&self, r: Request) {
+        self.mem()
+            .write_obj(r.to_header(), GuestAddress(HDR))
+            .unwrap();
+    }
+
+    /// Pop every chain of `vq` (virtqueue index `queue`), parse and process it.
+    fn run(&self, vq: &MockSplitQueue<GuestMemoryMmap>, queue: u16, acked: u64) -> Vec<Parsed> {
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chains = pop_chains(&mut q, self.mem(), 64).unwrap();
+        let parsed: Vec<Parsed> = chains
+            .into_iter()
+            .map(|c| parse_chain(self.mem(), c, queue, &self.limits, acked))
+            .collect();
+        let mut n = Notify::default();
+        self.fabric.handle(0, parsed.clone(), acked, &mut n);
+        parsed
+    }
+
+    fn used(&self, queue: u16, head: u16) -> Option<u32> {
+        self.guest.sink.find(queue, head)
+    }
+
+    fn completion_at(&self, addr: u64) -> Completion {
+        self.mem().read_obj(GuestAddress(addr)).unwrap()
+    }
+
+    fn status_at(&self, addr: u64) -> Status {
+        Status::from_u32(self.completion_at(addr).status.into()).unwrap()
+    }
+}
+
+/// Store a chain of `(addr, len, flags)` descriptors at table index `at`, linked in order.
+fn chain(vq: &MockSplitQueue<GuestMemoryMmap>, at: u16, descs: &[(u64, u32, u16)]) {
+    let raw: Vec<RawDescriptor> = descs
+        .iter()
+        .enumerate()
+        .map(|(i, (a, l, f))| {
+            let last = i + 1 == descs.len();
+            let f = if last {
+                *f
+            } else {
+                *f | VRING_DESC_F_NEXT as u16
+            };
+            RawDescriptor::from(SplitDescriptor::new(*a, *l, f, at + i as u16 + 1))
+        })
+        .collect();
+    vq.add_desc_chains(&raw, at).unwrap();
+}
+
+fn ep_open_req() -> Request {
+    let mut r = Request::new(Opcode::EpOpen);
+    r.data = ep_open::TYPE_RDM;
+    r.cookie = 0x77;
+    r
+}
+
+#[test]
+fn valid_chain_with_split_header_and_completion() {
+    let rig = Rig::new(Limits::default());
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    rig.header(ep_open_req());
+    chain(
+        &vq,
+        0,
+        &[
+            (HDR, 40, R),
+            (HDR + 40, 40, R),
+            (HDR + 80, 16, R),
+            (COMP, 32, W),
+            (COMP + 32, 32, W),
+        ],
+    );
+    let p = rig.run(&vq, 0, ALL_FEATURES);
+    assert!(matches!(p[0], Parsed::Req(_)));
+    assert_eq!(rig.used(0, 0), Some(64));
+    let c = rig.completion_at(COMP);
+    assert_eq!(rig.status_at(COMP), Status::Ok);
+    assert_eq!(u64::from(c.cookie), 0x77);
+    assert_eq!(u64::from(c.data), 0);
+}
+
+#[test]
+fn descriptor_outside_memory_is_fault() {
+    let rig = Rig::new(Limits::default());
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(&vq, 0, &[(0x4000_0000, 96, R), (COMP, 64, W)]);
+    rig.run(&vq, 0, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP), Status::Fault);
+    assert_eq!(rig.used(0, 0), Some(64));
+}
+
+#[test]
+fn overflowing_lengths() {
+    let rig = Rig::new(Limits::default());
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    rig.header(ep_open_req());
+    // Address + length wraps around u64.
+    chain(&vq, 0, &[(u64::MAX - 50, 96, R), (COMP, 64, W)]);
+    // Lengths whose sum overflows 32 bits: the chain cannot be walked; used length 0.
+    chain(
+        &vq,
+        2,
+        &[(HDR, 0xffff_fff0, R), (HDR, 0x100, R), (COMP + 64, 64, W)],
+    );
+    // A completion area wrapping around the address space: used length 0.
+    chain(&vq, 5, &[(HDR, 96, R), (u64::MAX - 10, 64, W)]);
+    let p = rig.run(&vq, 0, ALL_FEATURES);
+    assert_eq!(p.len(), 3);
+    assert_eq!(rig.status_at(COMP), Status::Fault);
+    assert_eq!(rig.used(0, 2), Some(0));
+    assert!(matches!(p[1], Parsed::Unusable { .. }));
+    assert_eq!(rig.used(0, 5), Some(0));
+}
+
+#[test]
+fn descriptor_loop_is_bounded_and_returned_empty() {
+    let rig = Rig::new(Limits::default());
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    rig.header(ep_open_req());
+    // 0 → 1 → 0 → …
+    let raw = [
+        RawDescriptor::from(SplitDescriptor::new(HDR, 96, VRING_DESC_F_NEXT as u16, 1)),
+        RawDescriptor::from(SplitDescriptor::new(
+            COMP,
+            64,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            0,
+        )),
+    ];
+    vq.add_desc_chains(&raw[..1], 0).unwrap();
+    vq.desc_table().store(1, raw[1]).unwrap();
+    // A next index out of range.
+    let bad_next =
+        RawDescriptor::from(SplitDescriptor::new(HDR, 96, VRING_DESC_F_NEXT as u16, 999));
+    vq.add_desc_chains(&[bad_next], 2).unwrap();
+    // A good chain after them still works.
+    chain(&vq, 3, &[(HDR, 96, R), (COMP + 64, 64, W)]);
+    let p = rig.run(&vq, 0, ALL_FEATURES);
+    assert_eq!(p.len(), 3);
+    assert_eq!(rig.used(0, 0), Some(0));
+    assert_eq!(rig.used(0, 2), Some(0));
+    assert_eq!(rig.used(0, 3), Some(64));
+    assert_eq!(rig.status_at(COMP + 64), Status::Ok);
+}
+
+#[test]
+fn writable_before_readable_is_bad_chain() {
+    let rig = Rig::new(Limits::default());
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    rig.header(ep_open_req());
+    chain(&vq, 0, &[(COMP, 64, W), (HDR, 96, R)]);
+    rig.run(&vq, 0, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP), Status::BadChain);
+    let c = rig.fabric.counters(0).unwrap();
+    assert_eq!(c.bad_chains.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn short_header_and_missing_completion() {
+    let rig = Rig::new(Limits::default());
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    rig.header(ep_open_req());
+    chain(&vq, 0, &[(HDR, 50, R), (COMP, 64, W)]);
+    chain(&vq, 2, &[(HDR, 96, R), (COMP + 64, 32, W)]);
+    chain(&vq, 4, &[(HDR, 96, R)]);
+    rig.run(&vq, 0, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP), Status::BadChain);
+    assert_eq!(rig.used(0, 2), Some(0), "no room for a completion");
+    assert_eq!(rig.used(0, 4), Some(0));
+}
+
+#[test]
+fn unknown_opcode_wrong_queue_unknown_flags() {
+    let rig = Rig::new(Limits::default());
+    let mut h = ep_open_req().to_header();
+    h.opcode = 0x7777.into();
+    rig.mem().write_obj(h, GuestAddress(HDR)).unwrap();
+    let mut send = Request::new(Opcode::Send);
+    send.cookie = 5;
+    rig.mem()
+        .write_obj(send.to_header(), GuestAddress(HDR + 0x100))
+        .unwrap();
+    let mut fl = Request::new(Opcode::Recv);
+    fl.flags = 1 << 40;
+    rig.mem()
+        .write_obj(fl.to_header(), GuestAddress(HDR + 0x200))
+        .unwrap();
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(&vq, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    chain(&vq, 2, &[(HDR + 0x100, 96, R), (COMP + 64, 64, W)]);
+    rig.run(&vq, 0, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP), Status::Unsupported);
+    assert_eq!(u64::from(rig.completion_at(COMP).cookie), 0x77);
+    assert_eq!(
+        rig.status_at(COMP + 64),
+        Status::Unsupported,
+        "SEND on ctrl"
+    );
+    // RECV on a TX queue; a RECV with an undefined flag on its RX queue.
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(&vq, 0, &[(HDR + 0x200, 96, R), (COMP + 128, 64, W)]);
+    rig.run(&vq, 1, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP + 128), Status::Unsupported);
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(&vq, 0, &[(HDR + 0x200, 96, R), (COMP + 192, 64, W)]);
+    rig.run(&vq, 2, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP + 192), Status::Invalid);
+}
+
+#[test]
+fn bad_endpoint_and_unimplemented_flags() {
+    let rig = Rig::new(Limits::default());
+    let mut r = Request::new(Opcode::Recv);
+    r.ep = 3;
+    rig.header(r);
+    let mut m = Request::new(Opcode::Recv);
+    m.flags = flags::MULTI_RECV;
+    rig.mem()
+        .write_obj(m.to_header(), GuestAddress(HDR + 0x100))
+        .unwrap();
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(&vq, 0, &[(HDR, 96, R), (DATA, 128, W), (COMP, 64, W)]);
+    chain(&vq, 3, &[(HDR + 0x100, 96, R), (COMP + 64, 64, W)]);
+    rig.run(&vq, 2, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP), Status::BadEndpoint);
+    assert_eq!(rig.status_at(COMP + 64), Status::Unsupported, "MULTI_RECV");
+}
+
+#[test]
+fn requests_before_feature_negotiation() {
+    let rig = Rig::new(Limits::default());
+    rig.header(ep_open_req());
+    let mut t = Request::new(Opcode::TRecv);
+    t.ep = 0;
+    rig.mem()
+        .write_obj(t.to_header(), GuestAddress(HDR + 0x100))
+        .unwrap();
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(&vq, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    rig.run(&vq, 0, 0);
+    assert_eq!(rig.status_at(COMP), Status::Unsupported);
+    // VERSION_1 + MSG but not TAGGED: TRECV is refused.
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(&vq, 0, &[(HDR + 0x100, 96, R), (COMP + 64, 64, W)]);
+    rig.run(&vq, 2, bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_FABRIC_F_MSG));
+    assert_eq!(rig.status_at(COMP + 64), Status::Unsupported);
+    // Queue pair 1 without MQ.
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(&vq, 0, &[(HDR + 0x100, 96, R), (COMP + 128, 64, W)]);
+    rig.run(&vq, 4, ALL_FEATURES & !(1 << 5));
+    assert_eq!(rig.status_at(COMP + 128), Status::Unsupported);
+}
+
+#[test]
+fn too_many_descriptors_payload_and_size_limits() {
+    let limits = Limits {
+        max_sge: 2,
+        max_msg_size: 1000,
+        eager_threshold: 500,
+        ..Limits::default()
+    };
+    let rig = Rig::new(limits);
+    rig.header(ep_open_req());
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(
+        &vq,
+        0,
+        &[
+            (HDR, 32, R),
+            (HDR + 32, 32, R),
+            (HDR + 64, 16, R),
+            (HDR + 80, 16, R),
+            (COMP, 32, W),
+            (COMP + 32, 32, W),
+        ],
+    );
+    // EP_OPEN carries no payload.
+    chain(&vq, 6, &[(HDR, 96, R), (DATA, 8, R), (COMP + 64, 64, W)]);
+    rig.run(&vq, 0, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP), Status::BadChain);
+    assert_eq!(rig.status_at(COMP + 64), Status::Invalid);
+    // A send above max_msg_size.
+    let mut s = Request::new(Opcode::Send);
+    s.cookie = 3;
+    rig.header(s);
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(
+        &vq,
+        0,
+        &[(HDR, 96, R), (DATA, 1001, R), (COMP + 128, 64, W)],
+    );
+    rig.run(&vq, 1, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP + 128), Status::TooLarge);
+    // FLAG_INJECT with more than inject_size bytes.
+    s.flags = flags::INJECT;
+    rig.header(s);
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    chain(&vq, 0, &[(HDR, 96, R), (DATA, 257, R), (COMP + 192, 64, W)]);
+    rig.run(&vq, 1, ALL_FEATURES);
+    assert_eq!(rig.status_at(COMP + 192), Status::Invalid);
+}
+
+#[test]
+fn corrupt_rings_are_detected() {
+    let rig = Rig::new(Limits::default());
+    // Avail index more than a queue size ahead.
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    vq.avail().idx().store(QSIZE + 1);
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert!(matches!(
+        pop_chains(&mut q, rig.mem(), 64),
+        Err(RingError::Avail(_))
+    ));
+    // Head index out of range.
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    vq.avail().ring().ref_at(0).unwrap().store(QSIZE + 3);
+    vq.avail().idx().store(1);
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert!(matches!(
+        pop_chains(&mut q, rig.mem(), 64),
+        Err(RingError::BadHead { head: 19, .. })
+    ));
+    // Rings outside guest memory.
+    let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+    let mut q: Queue = vq.create_queue().unwrap();
+    q.try_set_avail_ring_address(GuestAddress(0x4000_0000))
+        .unwrap();
+    assert!(matches!(
+        pop_chains(&mut q, rig.mem(), 64),
+        Err(RingError::Invalid)
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backend on real vrings
+// ---------------------------------------------------------------------------------------------
+
+struct Dev {
+    backend: Arc<FabricBackend>,
+    vrings: Vec<VringRwLock>,
+    mem: GuestMemoryMmap,
+    fabric: Arc<Fabric>,
+}
+
+const QBASE: [u64; 3] = [0x0, 0x1000, 0x2000];
+
+fn dev() -> Dev {
+    let limits = Limits {
+        num_queue_pairs: 1,
+        ..Limits::default()
+    };
+    let mut c = Config::new(vec![PathBuf::from("/t0")]);
+    c.limits = limits;
+    let fabric = Arc::new(Fabric::new(&c));
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let backend = Arc::new(
+        FabricBackend::new(0, fabric.clone(), Duration::from_micros(20), atomic.clone()).unwrap(),
+    );
+    fabric.connect(0, backend.port());
+    let vrings: Vec<VringRwLock> = QBASE
+        .iter()
+        .map(|base| {
+            let vq = MockSplitQueue::create(&mem, GuestAddress(*base), QSIZE);
+            let v = VringRwLock::new(atomic.clone(), QSIZE).unwrap();
+            v.set_queue_size(QSIZE);
+            v.set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+                .unwrap();
+            v.set_queue_event_idx(true);
+            v.set_queue_ready(true);
+            v.set_enabled(true);
+            v
+        })
+        .collect();
+    backend.acked_features(ALL_FEATURES);
+    Dev {
+        backend,
+        vrings,
+        mem,
+        fabric,
+    }
+}
+
+#[test]
+fn backend_processes_all_queues_after_a_kick() {
+    let d = dev();
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    let vq2 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[2]), QSIZE);
+    d.mem
+        .write_obj(ep_open_req().to_header(), GuestAddress(HDR))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    // A receive on ep 0 (opened by the chain above, processed first) on the RX queue.
+    let mut r = Request::new(Opcode::Recv);
+    r.cookie = 9;
+    d.mem
+        .write_obj(r.to_header(), GuestAddress(HDR + 0x100))
+        .unwrap();
+    chain(
+        &vq2,
+        0,
+        &[(HDR + 0x100, 96, R), (DATA, 64, W), (COMP + 64, 64, W)],
+    );
+    // A kick on the control queue drains every queue.
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 1);
+    let e = vq0.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((e.id(), e.len()), (0, 64));
+    let c: Completion = d.mem.read_obj(GuestAddress(COMP)).unwrap();
+    assert_eq!(u32::from(c.status), Status::Ok as u32);
+    // The receive is posted (not completed) and is cancelled when its queue stops.
+    assert_eq!(vq2.used().idx().load(), 0);
+    d.backend.stop_vring(2).unwrap();
+    assert_eq!(vq2.used().idx().load(), 1);
+    let c: Completion = d.mem.read_obj(GuestAddress(COMP + 64)).unwrap();
+    assert_eq!(u32::from(c.status), Status::Canceled as u32);
+    assert_eq!(u64::from(c.cookie), 9);
+}
+
+#[test]
+fn backend_drops_a_guest_with_a_corrupt_ring() {
+    let d = dev();
+    let vq1 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[1]), QSIZE);
+    vq1.avail().idx().store(QSIZE * 3);
+    d.backend
+        .handle_event(1, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    let c = d.fabric.counters(0).unwrap();
+    assert_eq!(c.ring_errors.load(Ordering::Relaxed), 1);
+    assert!(d.backend.is_broken());
+    // Later kicks are ignored, without panicking.
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    d.mem
+        .write_obj(ep_open_req().to_header(), GuestAddress(HDR))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 0);
+}
+
+#[test]
+fn backend_config_space_and_features() {
+    let d = dev();
+    let cfg = d.fabric.config_space(0);
+    let full = d.backend.get_config(0, 48);
+    assert_eq!(FabricConfig::from_slice(&full).copied(), Some(cfg));
+    assert_eq!(u32::from(cfg.num_queue_pairs), 1);
+    assert_eq!(u64::from(cfg.node_addr), 1 << 32);
+    // Reads past the structure are zero-filled; nothing panics.
+    let tail = d.backend.get_config(40, 16);
+    assert_eq!(&tail[..8], &full[40..48]);
+    assert_eq!(&tail[8..], &[0u8; 8]);
+    assert_eq!(d.backend.get_config(4000, 8), vec![0u8; 8]);
+    assert_eq!(d.backend.get_config(u32::MAX, 8), vec![0u8; 8]);
+    assert!(d.backend.get_config(0, 0x2000).is_empty());
+    assert!(d.backend.set_config(0, &[1]).is_err());
+    let f = d.backend.features();
+    assert_ne!(f & bit(VIRTIO_F_VERSION_1), 0);
+    assert_ne!(f & (1 << 29), 0, "EVENT_IDX");
+    assert_ne!(f & (1 << 30), 0, "PROTOCOL_FEATURES");
+    assert_eq!(f & (1 << 5), 0, "no MQ with one queue pair");
+    assert_eq!(f & 0b1_1100, 0, "no RMA, ATOMIC, RMA_PMEM");
+    assert_eq!(d.backend.num_queues(), 3);
+}
+
+#[test]
+fn backend_memory_replacement_resets_endpoints() {
+    let d = dev();
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    d.mem
+        .write_obj(ep_open_req().to_header(), GuestAddress(HDR))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend.update_memory(d.backend.mem.clone()).unwrap();
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    let c: Completion = d.mem.read_obj(GuestAddress(COMP)).unwrap();
+    assert_eq!(u32::from(c.status), Status::Ok as u32);
+    // Same memory again: nothing changes; the endpoint stays open.
+    d.backend.update_memory(d.backend.mem.clone()).unwrap();
+    let node = d.fabric.node_addr(0);
+    let addr = vfabric_proto::FabricAddr::from_wire(&c.src);
+    assert_eq!(addr.node, node);
+    let mut check = Request::new(Opcode::AddrCheck);
+    check.peer = addr;
+    d.mem
+        .write_obj(check.to_header(), GuestAddress(HDR))
+        .unwrap();
+    chain(&vq0, 2, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    let c: Completion = d.mem.read_obj(GuestAddress(COMP)).unwrap();
+    assert_eq!(u32::from(c.status), Status::Ok as u32);
+    // A replaced memory table closes the guest's endpoints.
+    let other = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let replaced = GuestMemoryAtomic::new(other);
+    d.backend.update_memory(replaced).unwrap();
+    chain(&vq0, 4, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    let c: Completion = d.mem.read_obj(GuestAddress(COMP)).unwrap();
+    assert_eq!(u32::from(c.status), Status::AddrNotAvail as u32);
+}
+
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn opcode() -> impl Strategy<Value = Opcode> {
+        prop::sample::select(vec![
+            Opcode::QueryCaps,
+            Opcode::EpOpen,
+            Opcode::EpClose,
+            Opcode::Cancel,
+            Opcode::AddrCheck,
+            Opcode::Send,
+            Opcode::TSend,
+            Opcode::Recv,
+            Opcode::TRecv,
+            Opcode::MrReg,
+            Opcode::RmaWrite,
+        ])
+    }
+
+    fn addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            (0u64..0x40).prop_map(|i| HDR + i * 32),
+            0u64..(16 << 20),
+            Just(u64::MAX - 7),
+        ]
+    }
+
+    fn len() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            0u32..200,
+            Just(96),
+            Just(64),
+            Just(u32::MAX),
+            0u32..0x2_0000
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn hostile_chains_never_panic(
+            descs in proptest::collection::vec((addr(), len(), 0u16..8, 0u16..20), 1..16),
+            heads in proptest::collection::vec(0u16..18, 1..12),
+            reqs in proptest::collection::vec((opcode(), 0u32..3, any::<u64>(), 0u64..3), 1..8),
+            queue in 0u16..5,
+            acked in prop_oneof![Just(ALL_FEATURES), any::<u64>()],
+        ) {
+            let rig = Rig::new(Limits { eager_threshold: 64, max_sge: 8, ..Limits::default() });
+            for (i, (op, ep, fl, data)) in reqs.iter().enumerate() {
+                let mut r = Request::new(*op);
+                r.ep = *ep;
+                r.flags = fl & 0x1fff;
+                r.data = *data;
+                r.peer = vfabric_proto::FabricAddr::new(1 << 32, *ep, 1);
+                rig.mem()
+                    .write_obj(r.to_header(), GuestAddress(HDR + 0x100 * i as u64))
+                    .unwrap();
+            }
+            let vq = MockSplitQueue::new(rig.mem(), QSIZE);
+            for (i, (a, l, f, n)) in descs.iter().enumerate() {
+                vq.desc_table()
+                    .store(i as u16, RawDescriptor::from(SplitDescriptor::new(*a, *l, *f, *n)))
+                    .unwrap();
+            }
+            for (i, h) in heads.iter().enumerate() {
+                vq.avail().ring().ref_at(i).unwrap().store(*h);
+            }
+            vq.avail().idx().store(heads.len() as u16);
+            let mut q: Queue = vq.create_queue().unwrap();
+            let Ok(chains) = pop_chains(&mut q, rig.mem(), 64) else {
+                // A head out of range: the ring is corrupt, the guest would be dropped.
+                prop_assert!(heads.iter().any(|h| *h >= QSIZE));
+                return Ok(());
+            };
+            let parsed: Vec<Parsed> = chains
+                .into_iter()
+                .map(|c| parse_chain(rig.mem(), c, queue, &rig.limits, acked))
+                .collect();
+            let mut n = Notify::default();
+            rig.fabric.handle(0, parsed, acked, &mut n);
+            // Every entry returned is either empty (unusable chain) or carries a completion.
+            let used = rig.guest.sink.used.lock().unwrap().clone();
+            prop_assert!(used.len() <= heads.len());
+            for (_, _, l) in used {
+                prop_assert!(l == 0 || l >= 64);
+            }
+        }
+    }
+}

@@ -1,0 +1,557 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Descriptor chains: popping them from a ring, validating them, and reading, writing and
+//! copying the byte streams they describe.
+//!
+//! Every request chain is: readable bytes = `ReqHeader` (96 B) ++ payload; writable bytes = data
+//! area ++ `Completion` (the last 64 writable bytes). The readable descriptors are one byte
+//! stream, the writable ones another. [`parse_chain`] turns a chain into a [`Parsed`]: a valid
+//! [`Req`], a chain to reject with an error completion, or a chain so broken that it is returned
+//! with used length 0.
+//!
+//! Guest input is never trusted: every descriptor range is checked against guest memory, lengths
+//! are summed with overflow checks, and a chain the iterator cannot walk to its end (loops, `next`
+//! out of range, nested indirect tables, 4 GiB overflow) is detected by its last descriptor still
+//! carrying `VIRTQ_DESC_F_NEXT`. Stored segments are re-checked on every access because the
+//! guest's memory table may change in between.
+
+use std::ops::Deref;
+
+use vfabric_proto::{
+    bit, flags, queue_kind, Completion, Opcode, QueueClass, QueueKind, ReqHeader, Request, Status,
+    COMPLETION_LEN, REQ_HEADER_LEN, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_queue::{DescriptorChain, Error as QueueError, Queue, QueueOwnedT, QueueT};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+use crate::config::Limits;
+
+/// The guest memory type of every device.
+pub(crate) type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// One guest-physical range of a byte stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Seg {
+    pub addr: u64,
+    pub len: u32,
+}
+
+/// A byte stream made of guest ranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Segs {
+    pub segs: Vec<Seg>,
+    /// Total bytes.
+    pub len: u64,
+}
+
+/// A guest memory access failed (range outside guest memory, or memory table changed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MemFault;
+
+/// Which side of a copy faulted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CopyFault {
+    Src,
+    Dst,
+}
+
+impl Segs {
+    #[cfg(test)]
+    pub fn from_slice(segs: &[Seg]) -> Self {
+        let mut s = Segs::default();
+        for x in segs {
+            s.push(*x);
+        }
+        s
+    }
+
+    pub fn push(&mut self, s: Seg) {
+        if s.len > 0 {
+            self.segs.push(s);
+            self.len += u64::from(s.len);
+        }
+    }
+
+    /// Split the stream at byte `at` (clamped to its length): `(first at bytes, rest)`.
+    pub fn split_at(&self, at: u64) -> (Segs, Segs) {
+        let mut head = Segs::default();
+        let mut tail = Segs::default();
+        let mut left = at;
+        for s in &self.segs {
+            let l = u64::from(s.len);
+            if left >= l {
+                head.push(*s);
+                left -= l;
+            } else if left == 0 {
+                tail.push(*s);
+            } else {
+                // left < l <= u32::MAX, so both casts are lossless.
+                head.push(Seg {
+                    addr: s.addr,
+                    len: left as u32,
+                });
+                tail.push(Seg {
+                    addr: s.addr.wrapping_add(left),
+                    len: s.len - left as u32,
+                });
+                left = 0;
+            }
+        }
+        (head, tail)
+    }
+
+    /// Volatile slices covering the first `len` bytes of the stream.
+    fn slices<'m>(
+        &self,
+        mem: &'m GuestMemoryMmap,
+        len: u64,
+    ) -> Result<Vec<VolatileSlice<'m, ()>>, MemFault> {
+        let mut out = Vec::with_capacity(self.segs.len());
+        let mut left = len;
+        for s in &self.segs {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(u64::from(s.len));
+            for sl in mem.get_slices(GuestAddress(s.addr), n as usize) {
+                let sl = sl.map_err(|_| MemFault)?;
+                if !sl.is_empty() {
+                    out.push(sl);
+                }
+            }
+            left -= n;
+        }
+        if left > 0 {
+            return Err(MemFault);
+        }
+        Ok(out)
+    }
+
+    /// Read `buf.len()` bytes starting at stream offset `off`.
+    pub fn read_at(&self, mem: &GuestMemoryMmap, off: u64, buf: &mut [u8]) -> Result<(), MemFault> {
+        let mut skip = off;
+        let mut pos = 0usize;
+        for s in &self.segs {
+            if pos == buf.len() {
+                break;
+            }
+            let l = u64::from(s.len);
+            if skip >= l {
+                skip -= l;
+                continue;
+            }
+            let n = ((l - skip) as usize).min(buf.len() - pos);
+            mem.read_slice(
+                &mut buf[pos..pos + n],
+                GuestAddress(s.addr.checked_add(skip).ok_or(MemFault)?),
+            )
+            .map_err(|_| MemFault)?;
+            pos += n;
+            skip = 0;
+        }
+        if pos < buf.len() {
+            return Err(MemFault);
+        }
+        Ok(())
+    }
+
+    /// Write `buf` starting at stream offset `off`.
+    pub fn write_at(&self, mem: &GuestMemoryMmap, off: u64, buf: &[u8]) -> Result<(), MemFault> {
+        let mut skip = off;
+        let mut pos = 0usize;
+        for s in &self.segs {
+            if pos == buf.len() {
+                break;
+            }
+            let l = u64::from(s.len);
+            if skip >= l {
+                skip -= l;
+                continue;
+            }
+            let n = ((l - skip) as usize).min(buf.len() - pos);
+            mem.write_slice(
+                &buf[pos..pos + n],
+                GuestAddress(s.addr.checked_add(skip).ok_or(MemFault)?),
+            )
+            .map_err(|_| MemFault)?;
+            pos += n;
+            skip = 0;
+        }
+        if pos < buf.len() {
+            return Err(MemFault);
+        }
+        Ok(())
+    }
+}
+
+/// Copy the first `len` bytes of `src` (in `src_mem`) to the start of `dst` (in `dst_mem`): the
+/// one copy of the fabric, straight from one guest's memory into another's. The two memories may
+/// be the same and the ranges may overlap (the copy is a memmove).
+pub(crate) fn copy_stream(
+    src_mem: &GuestMemoryMmap,
+    src: &Segs,
+    dst_mem: &GuestMemoryMmap,
+    dst: &Segs,
+    len: u64,
+) -> Result<(), CopyFault> {
+    if len > src.len {
+        return Err(CopyFault::Src);
+    }
+    if len > dst.len {
+        return Err(CopyFault::Dst);
+    }
+    let s = src.slices(src_mem, len).map_err(|_| CopyFault::Src)?;
+    let d = dst.slices(dst_mem, len).map_err(|_| CopyFault::Dst)?;
+    let (mut i, mut io, mut j, mut jo) = (0usize, 0usize, 0usize, 0usize);
+    let mut left = len as usize;
+    while left > 0 {
+        let (Some(a), Some(b)) = (s.get(i), d.get(j)) else {
+            return Err(CopyFault::Src);
+        };
+        let n = (a.len() - io).min(b.len() - jo).min(left);
+        if n == 0 {
+            return Err(CopyFault::Src);
+        }
+        let from = a.subslice(io, n).map_err(|_| CopyFault::Src)?;
+        let to = b.subslice(jo, n).map_err(|_| CopyFault::Dst)?;
+        from.copy_to_volatile_slice(to);
+        io += n;
+        jo += n;
+        left -= n;
+        if io == a.len() {
+            i += 1;
+            io = 0;
+        }
+        if jo == b.len() {
+            j += 1;
+            jo = 0;
+        }
+    }
+    Ok(())
+}
+
+/// A validated request: header, payload stream, data area stream, completion stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Req {
+    /// Virtqueue the chain came from.
+    pub queue: u16,
+    /// Head descriptor index (what goes into the used ring).
+    pub head: u16,
+    pub req: Request,
+    /// Readable bytes after the header.
+    pub payload: Segs,
+    /// Writable bytes before the completion.
+    pub data: Segs,
+    /// The last 64 writable bytes.
+    pub comp: Segs,
+}
+
+/// Result of parsing one chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Parsed {
+    Req(Req),
+    /// Malformed or refused request with room for a completion: complete it with `status`.
+    Reject {
+        queue: u16,
+        head: u16,
+        comp: Segs,
+        status: Status,
+        cookie: u64,
+    },
+    /// No usable completion area (or a chain that cannot be walked): used length 0.
+    Unusable {
+        queue: u16,
+        head: u16,
+        why: &'static str,
+    },
+}
+
+/// The ring itself is corrupt: the guest is disconnected.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RingError {
+    #[error("ring addresses are not inside guest memory")]
+    Invalid,
+    #[error("available ring: {0}")]
+    Avail(QueueError),
+    #[error("head descriptor index {head} out of range (queue size {size})")]
+    BadHead { head: u16, size: u16 },
+}
+
+/// Pop up to `max` chains. Fails when the ring is corrupt: rings outside guest memory, avail
+/// index more than a queue size ahead, a head index out of range.
+pub(crate) fn pop_chains<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    max: usize,
+) -> Result<Vec<DescriptorChain<&'m GuestMemoryMmap>>, RingError> {
+    if !queue.is_valid(mem) {
+        return Err(RingError::Invalid);
+    }
+    let size = queue.size();
+    let iter = queue.iter(mem).map_err(RingError::Avail)?;
+    let mut out = Vec::new();
+    for chain in iter.take(max) {
+        if chain.head_index() >= size {
+            return Err(RingError::BadHead {
+                head: chain.head_index(),
+                size,
+            });
+        }
+        out.push(chain);
+    }
+    Ok(out)
+}
+
+/// Whether the avail ring holds chains the device has not popped yet.
+pub(crate) fn has_pending(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map(|idx| idx.0 != queue.next_avail())
+        .unwrap_or(false)
+}
+
+/// Opcodes this device implements (others answer `Unsupported`).
+pub(crate) fn implemented(op: Opcode) -> bool {
+    use Opcode::*;
+    matches!(
+        op,
+        QueryCaps | EpOpen | EpClose | Cancel | AddrCheck | Send | TSend | Recv | TRecv
+    )
+}
+
+/// Parse and validate one chain popped from virtqueue `queue`.
+pub(crate) fn parse_chain<M>(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<M>,
+    queue: u16,
+    limits: &Limits,
+    acked: u64,
+) -> Parsed
+where
+    M: Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let head = chain.head_index();
+    let unusable = |why| Parsed::Unusable { queue, head, why };
+
+    let mut readable = Segs::default();
+    let mut writable = Segs::default();
+    let mut count = 0usize;
+    let mut last_has_next = false;
+    let mut fault = false;
+    let mut write_before_read = false;
+
+    for desc in chain {
+        count += 1;
+        last_has_next = desc.has_next();
+        let seg = Seg {
+            addr: desc.addr().0,
+            len: desc.len(),
+        };
+        let inside =
+            seg.len == 0 || GuestMemoryBackend::check_range(mem, desc.addr(), seg.len as usize);
+        if !inside {
+            fault = true;
+        }
+        if desc.is_write_only() {
+            writable.push(seg);
+        } else {
+            if !writable.segs.is_empty() {
+                write_before_read = true;
+            }
+            readable.push(seg);
+        }
+    }
+    if count == 0 {
+        return unusable("empty chain");
+    }
+    if last_has_next {
+        return unusable("chain cannot be walked to its end (loop, bad next, overflow)");
+    }
+    if writable.len < COMPLETION_LEN as u64 {
+        return unusable("no room for a completion");
+    }
+    let (data, comp) = writable.split_at(writable.len - COMPLETION_LEN as u64);
+    let comp_ok = comp
+        .segs
+        .iter()
+        .all(|c| GuestMemoryBackend::check_range(mem, GuestAddress(c.addr), c.len as usize));
+    if !comp_ok {
+        return unusable("completion area outside guest memory");
+    }
+    let reject = |status, cookie| Parsed::Reject {
+        queue,
+        head,
+        comp: comp.clone(),
+        status,
+        cookie,
+    };
+    if fault {
+        return reject(Status::Fault, 0);
+    }
+    if write_before_read {
+        return reject(Status::BadChain, 0);
+    }
+    if count > limits.max_sge as usize + 2 {
+        return reject(Status::BadChain, 0);
+    }
+    if readable.len < REQ_HEADER_LEN as u64 {
+        return reject(Status::BadChain, 0);
+    }
+
+    let mut raw = [0u8; REQ_HEADER_LEN];
+    if readable.read_at(mem, 0, &mut raw).is_err() {
+        return reject(Status::Fault, 0);
+    }
+    let Some(hdr) = ReqHeader::from_slice(&raw) else {
+        return reject(Status::BadChain, 0);
+    };
+    let cookie = u64::from(hdr.cookie);
+
+    if acked & bit(VIRTIO_F_VERSION_1) == 0 {
+        return reject(Status::Unsupported, cookie);
+    }
+    let (class, qp) = match queue_kind(queue) {
+        QueueKind::Control => (QueueClass::Control, 0),
+        QueueKind::Tx(qp) => (QueueClass::Tx, qp),
+        QueueKind::Rx(qp) => (QueueClass::Rx, qp),
+    };
+    if qp >= limits.num_queue_pairs {
+        return reject(Status::Unsupported, cookie);
+    }
+    let req = match Request::parse(hdr, class) {
+        Ok(r) => r,
+        Err(e) => return reject(e.status(), cookie),
+    };
+    if acked & bit(req.opcode.required_feature()) == 0 || !implemented(req.opcode) {
+        return reject(Status::Unsupported, cookie);
+    }
+    if qp > 0 && acked & bit(VIRTIO_FABRIC_F_MQ) == 0 {
+        return reject(Status::Unsupported, cookie);
+    }
+    if req.flags & flags::REMOTE_CQ_DATA != 0 && acked & bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0 {
+        return reject(Status::Unsupported, cookie);
+    }
+    // Specified but not implemented by this device yet.
+    if req.flags & (flags::FENCE | flags::MULTI_RECV) != 0 {
+        return reject(Status::Unsupported, cookie);
+    }
+
+    let (_, payload) = readable.split_at(REQ_HEADER_LEN as u64);
+    match req.opcode {
+        Opcode::Send | Opcode::TSend => {
+            if payload.len > limits.max_msg_size {
+                return reject(Status::TooLarge, cookie);
+            }
+            if req.flags & flags::INJECT != 0 && payload.len > u64::from(limits.inject_size) {
+                return reject(Status::Invalid, cookie);
+            }
+        }
+        _ => {
+            if payload.len != 0 {
+                return reject(Status::Invalid, cookie);
+            }
+        }
+    }
+    Parsed::Req(Req {
+        queue,
+        head,
+        req,
+        payload,
+        data,
+        comp,
+    })
+}
+
+/// A completion with `status` for a request with `cookie`.
+pub(crate) fn completion(status: Status, cookie: u64) -> Completion {
+    Completion {
+        status: (status as u32).into(),
+        cookie: cookie.into(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_at_boundaries() {
+        let s = Segs::from_slice(&[
+            Seg { addr: 0, len: 10 },
+            Seg { addr: 100, len: 0 },
+            Seg { addr: 200, len: 20 },
+        ]);
+        assert_eq!(s.len, 30);
+        let (a, b) = s.split_at(15);
+        assert_eq!(
+            a.segs,
+            vec![Seg { addr: 0, len: 10 }, Seg { addr: 200, len: 5 }]
+        );
+        assert_eq!(b.segs, vec![Seg { addr: 205, len: 15 }]);
+        let (a, b) = s.split_at(10);
+        assert_eq!(a.len, 10);
+        assert_eq!(b.segs, vec![Seg { addr: 200, len: 20 }]);
+        let (a, b) = s.split_at(99);
+        assert_eq!(a.len, 30);
+        assert_eq!(b.len, 0);
+    }
+
+    #[test]
+    fn copy_between_memories_and_faults() {
+        let a = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let b = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        let data: Vec<u8> = (0..200u8).collect();
+        a.write_slice(&data, GuestAddress(0x100)).unwrap();
+        let src = Segs::from_slice(&[
+            Seg {
+                addr: 0x100,
+                len: 50,
+            },
+            Seg {
+                addr: 0x132,
+                len: 150,
+            },
+        ]);
+        // Destination spans the boundary of two regions and three descriptors.
+        let dst = Segs::from_slice(&[
+            Seg {
+                addr: 0xfc0,
+                len: 100,
+            },
+            Seg {
+                addr: 0x1800,
+                len: 7,
+            },
+            Seg {
+                addr: 0x1900,
+                len: 200,
+            },
+        ]);
+        copy_stream(&a, &src, &b, &dst, 200).unwrap();
+        let mut out = vec![0u8; 200];
+        dst.read_at(&b, 0, &mut out).unwrap();
+        assert_eq!(out, data);
+        let mut part = [0u8; 10];
+        dst.read_at(&b, 101, &mut part).unwrap();
+        assert_eq!(&part[..], &data[101..111]);
+
+        let outside = Segs::from_slice(&[Seg {
+            addr: 0x10_0000,
+            len: 8,
+        }]);
+        assert_eq!(copy_stream(&a, &outside, &b, &dst, 8), Err(CopyFault::Src));
+        assert_eq!(copy_stream(&a, &src, &b, &outside, 8), Err(CopyFault::Dst));
+        assert_eq!(outside.write_at(&a, 0, &[1]), Err(MemFault));
+        let wrap = Segs::from_slice(&[Seg {
+            addr: u64::MAX - 2,
+            len: 8,
+        }]);
+        assert_eq!(wrap.read_at(&a, 0, &mut [0u8; 8]), Err(MemFault));
+    }
+}

@@ -1,0 +1,427 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Daemon configuration: per-device limits, identity, vendor attributes, socket paths.
+//!
+//! A [`Config`] comes from code ([`Config::new`]), from a TOML file ([`Config::from_toml_str`],
+//! [`Config::from_file`]) or from `vfabricd`'s command line. [`Config::validate`] rejects values
+//! the device cannot honour; [`crate::start`] calls it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use vfabric_proto::{CapValue, VENDOR_ID_VFABRIC, VIRTIO_ID_FABRIC};
+
+use crate::Error;
+
+/// Per-device limits, advertised in config space and QUERY_CAPS and enforced by the device.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Queue pairs after the control queue (virtqueues = 1 + 2 * pairs). 1..=31.
+    pub num_queue_pairs: u16,
+    /// Endpoints one guest may have open at once.
+    pub max_endpoints: u32,
+    /// Memory regions one guest may register (advertised; MR_REG is not implemented yet).
+    pub max_mrs: u32,
+    /// Largest ring size the device accepts (power of two, 2..=32768).
+    pub max_queue_size: u16,
+    /// Largest message in bytes.
+    pub max_msg_size: u64,
+    /// Bytes a driver may pass with FLAG_INJECT.
+    pub inject_size: u32,
+    /// Largest send the device copies into its own buffer when no receive is posted.
+    pub eager_threshold: u64,
+    /// Bound on eagerly buffered bytes per destination device; past it sends are held.
+    pub max_unexpected_bytes: u64,
+    /// Largest number of data descriptors in one request chain.
+    pub max_sge: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            num_queue_pairs: 2,
+            max_endpoints: 64,
+            max_mrs: 1024,
+            max_queue_size: 1024,
+            max_msg_size: 16 << 20,
+            inject_size: 256,
+            eager_threshold: 16 << 10,
+            max_unexpected_bytes: 4 << 20,
+            max_sge: 64,
+        }
+    }
+}
+
+/// Largest accepted `max_msg_size`: used-ring lengths are 32-bit.
+pub const MAX_MSG_SIZE_LIMIT: u64 = 1 << 30;
+/// Largest accepted `num_queue_pairs` (the vring worker mask is 64 bits wide).
+pub const MAX_QUEUE_PAIRS: u16 = 31;
+/// Largest accepted `max_endpoints`.
+pub const MAX_ENDPOINTS_LIMIT: u32 = 1 << 16;
+
+impl Limits {
+    /// Number of virtqueues of a device with these limits.
+    pub fn num_queues(&self) -> usize {
+        1 + 2 * self.num_queue_pairs as usize
+    }
+
+    /// Check that the device can honour these limits.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.num_queue_pairs == 0 || self.num_queue_pairs > MAX_QUEUE_PAIRS {
+            return bad(format!("num_queue_pairs must be 1..={MAX_QUEUE_PAIRS}"));
+        }
+        if !self.max_queue_size.is_power_of_two() || self.max_queue_size < 2 {
+            return bad("max_queue_size must be a power of two, 2..=32768".into());
+        }
+        if self.max_endpoints == 0 || self.max_endpoints > MAX_ENDPOINTS_LIMIT {
+            return bad(format!("max_endpoints must be 1..={MAX_ENDPOINTS_LIMIT}"));
+        }
+        if self.max_msg_size == 0 || self.max_msg_size > MAX_MSG_SIZE_LIMIT {
+            return bad(format!("max_msg_size must be 1..={MAX_MSG_SIZE_LIMIT}"));
+        }
+        if self.eager_threshold > self.max_msg_size {
+            return bad("eager_threshold must not exceed max_msg_size".into());
+        }
+        if u64::from(self.inject_size) > self.max_msg_size {
+            return bad("inject_size must not exceed max_msg_size".into());
+        }
+        if self.max_sge == 0 || self.max_sge > u32::from(u16::MAX) {
+            return bad("max_sge must be 1..=65535".into());
+        }
+        Ok(())
+    }
+}
+
+/// A vendor-specific QUERY_CAPS attribute (reported when VIRTIO_FABRIC_F_VENDOR_CAPS is
+/// negotiated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VendorAttr {
+    /// Vendor id (non-zero; 0 is the standard namespace).
+    pub vendor: u32,
+    pub key: u16,
+    pub name: String,
+    pub value: CapValue,
+}
+
+impl VendorAttr {
+    pub fn new(vendor: u32, key: u16, name: &str, value: CapValue) -> Self {
+        Self {
+            vendor,
+            key,
+            name: name.to_string(),
+            value,
+        }
+    }
+
+    /// The attributes this implementation reports by default.
+    pub fn defaults() -> Vec<VendorAttr> {
+        let v = VENDOR_ID_VFABRIC;
+        vec![
+            VendorAttr::new(v, 1, "copy_engine", CapValue::Str("memcpy".into())),
+            VendorAttr::new(v, 2, "one_copy", CapValue::Bool(true)),
+            VendorAttr::new(
+                v,
+                3,
+                "device_version",
+                CapValue::Str(env!("CARGO_PKG_VERSION").into()),
+            ),
+            VendorAttr::new(v, 4, "implementation", CapValue::Str("vfabricd".into())),
+        ]
+    }
+}
+
+/// Configuration of one daemon: one vhost-user socket per device, all devices on one fabric.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Socket path of device `i` (its node address is `FabricAddr::node_of(host_id, i)`).
+    pub sockets: Vec<PathBuf>,
+    /// Host id: the high 32 bits of every node address.
+    pub host_id: u32,
+    /// Virtio device id reported by `--print-capabilities` consumers (default 56).
+    pub device_id: u32,
+    /// Bounded spin (microseconds) re-checking the avail rings after work was found; 0 = none.
+    pub poll_us: u64,
+    pub limits: Limits,
+    /// Vendor attributes appended to QUERY_CAPS answers.
+    pub vendor_attrs: Vec<VendorAttr>,
+}
+
+impl Config {
+    /// Defaults for the given sockets.
+    pub fn new(sockets: Vec<PathBuf>) -> Self {
+        Self {
+            sockets,
+            host_id: 1,
+            device_id: VIRTIO_ID_FABRIC,
+            poll_us: 50,
+            limits: Limits::default(),
+            vendor_attrs: VendorAttr::defaults(),
+        }
+    }
+
+    /// `dir/vfabric0.sock` … `dir/vfabric{n-1}.sock`.
+    pub fn socket_dir_paths(dir: &Path, devices: u32) -> Vec<PathBuf> {
+        (0..devices)
+            .map(|i| dir.join(format!("vfabric{i}.sock")))
+            .collect()
+    }
+
+    /// Parse a TOML configuration. Every key is optional:
+    ///
+    /// ```toml
+    /// socket_dir = "/run/vfabric"     # or: socket_path = "/run/vf.sock" (one device)
+    /// devices = 2                     # with socket_dir: vfabric0.sock, vfabric1.sock
+    /// host_id = 1
+    /// device_id = 56
+    /// poll_us = 50
+    /// replace_vendor_attrs = false    # true: drop the default vendor attributes
+    ///
+    /// [limits]                        # any field of `Limits`
+    /// num_queue_pairs = 2
+    /// eager_threshold = 16384
+    ///
+    /// [[vendor_attr]]                 # added (or replacing the same vendor + key)
+    /// vendor = 0x5646
+    /// key = 10
+    /// name = "numa_node"
+    /// value = 0                       # integer → u64, bool, string; hex bytes with type = "bytes"
+    /// ```
+    pub fn from_toml_str(s: &str) -> Result<Self, Error> {
+        let f: FileConfig = toml::from_str(s).map_err(|e| Error::ConfigParse(e.to_string()))?;
+        f.into_config()
+    }
+
+    /// Read and parse a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let s = std::fs::read_to_string(path).map_err(|source| Error::ConfigFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&s)
+    }
+
+    /// Node address of device `index`.
+    pub fn node_addr(&self, index: usize) -> u64 {
+        vfabric_proto::FabricAddr::node_of(self.host_id, index as u32)
+    }
+
+    /// Check the whole configuration.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.sockets.is_empty() {
+            return Err(Error::Config("no device socket configured".into()));
+        }
+        if self.sockets.len() > 4096 {
+            return Err(Error::Config("at most 4096 devices per daemon".into()));
+        }
+        for (i, a) in self.sockets.iter().enumerate() {
+            if self.sockets[..i].contains(a) {
+                return Err(Error::Config(format!("socket {} given twice", a.display())));
+            }
+        }
+        if self.poll_us > 1_000_000 {
+            return Err(Error::Config("poll_us must be at most 1000000".into()));
+        }
+        self.limits.validate()?;
+        if self.vendor_attrs.len() > 1024 {
+            return Err(Error::Config("at most 1024 vendor attributes".into()));
+        }
+        for a in &self.vendor_attrs {
+            if a.vendor == 0 {
+                return Err(Error::Config(format!(
+                    "vendor attribute {:?}: vendor 0 is the standard namespace",
+                    a.name
+                )));
+            }
+            if a.vendor == VENDOR_ID_VFABRIC && a.key == crate::fabric::VENDOR_KEY_VIRTIO_DEVICE_ID
+            {
+                return Err(Error::Config(format!(
+                    "vendor attribute {:?}: key {} of vendor {:#x} is reserved (virtio_device_id)",
+                    a.name, a.key, a.vendor
+                )));
+            }
+            if a.name.len() > 255 {
+                return Err(Error::Config(format!(
+                    "vendor attribute {:?}: name longer than 255 bytes",
+                    a.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// On-disk form of [`Config`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    socket_path: Option<PathBuf>,
+    socket_dir: Option<PathBuf>,
+    devices: Option<u32>,
+    host_id: Option<u32>,
+    device_id: Option<u32>,
+    poll_us: Option<u64>,
+    limits: Limits,
+    /// Replace the default vendor attributes instead of extending them.
+    replace_vendor_attrs: bool,
+    vendor_attr: Vec<FileVendorAttr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVendorAttr {
+    vendor: u32,
+    key: u16,
+    name: String,
+    /// Integer → u64, boolean → bool, string → str (or hex bytes with `type = "bytes"`).
+    value: toml::Value,
+    #[serde(rename = "type")]
+    vtype: Option<String>,
+}
+
+impl FileVendorAttr {
+    fn into_attr(self) -> Result<VendorAttr, Error> {
+        let bad = |m: &str| Error::Config(format!("vendor attribute {:?}: {m}", self.name));
+        let value = match (self.vtype.as_deref(), &self.value) {
+            (None | Some("u64"), toml::Value::Integer(i)) => {
+                CapValue::U64(u64::try_from(*i).map_err(|_| bad("negative integer"))?)
+            }
+            (None | Some("bool"), toml::Value::Boolean(b)) => CapValue::Bool(*b),
+            (None | Some("str"), toml::Value::String(s)) => CapValue::Str(s.clone()),
+            (Some("bytes"), toml::Value::String(s)) => {
+                CapValue::Bytes(parse_hex(s).ok_or_else(|| bad("bytes value is not hex"))?)
+            }
+            _ => return Err(bad("value does not match its type")),
+        };
+        Ok(VendorAttr {
+            vendor: self.vendor,
+            key: self.key,
+            name: self.name,
+            value,
+        })
+    }
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if s.len() & 1 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect()
+}
+
+impl FileConfig {
+    fn into_config(self) -> Result<Config, Error> {
+        let sockets = match (self.socket_path, self.socket_dir) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Config(
+                    "give either socket_path or socket_dir, not both".into(),
+                ))
+            }
+            (Some(p), None) => {
+                if self.devices.is_some_and(|d| d != 1) {
+                    return Err(Error::Config(
+                        "socket_path serves exactly one device".into(),
+                    ));
+                }
+                vec![p]
+            }
+            (None, Some(d)) => Config::socket_dir_paths(&d, self.devices.unwrap_or(1)),
+            (None, None) => Vec::new(),
+        };
+        let mut c = Config::new(sockets);
+        if let Some(h) = self.host_id {
+            c.host_id = h;
+        }
+        if let Some(d) = self.device_id {
+            c.device_id = d;
+        }
+        if let Some(p) = self.poll_us {
+            c.poll_us = p;
+        }
+        c.limits = self.limits;
+        if self.replace_vendor_attrs {
+            c.vendor_attrs.clear();
+        }
+        for a in self.vendor_attr {
+            let a = a.into_attr()?;
+            c.vendor_attrs
+                .retain(|d| !(d.vendor == a.vendor && d.key == a.key));
+            c.vendor_attrs.push(a);
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::new(vec!["/tmp/x.sock".into()]);
+        c.validate().unwrap();
+        assert_eq!(c.limits.num_queues(), 5);
+        assert_eq!(c.device_id, VIRTIO_ID_FABRIC);
+    }
+
+    #[test]
+    fn toml_roundtrip_and_errors() {
+        let c = Config::from_toml_str(
+            r#"
+            socket_dir = "/tmp/vf"
+            devices = 3
+            host_id = 7
+            poll_us = 0
+            [limits]
+            num_queue_pairs = 4
+            eager_threshold = 1024
+            [[vendor_attr]]
+            vendor = 0x5646
+            key = 1
+            name = "copy_engine"
+            value = "dma"
+            [[vendor_attr]]
+            vendor = 9
+            key = 2
+            name = "blob"
+            type = "bytes"
+            value = "00ff10"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.sockets.len(), 3);
+        assert_eq!(c.sockets[2], PathBuf::from("/tmp/vf/vfabric2.sock"));
+        assert_eq!(c.host_id, 7);
+        assert_eq!(c.limits.num_queue_pairs, 4);
+        assert_eq!(c.limits.max_endpoints, 64);
+        let ce: Vec<_> = c.vendor_attrs.iter().filter(|a| a.key == 1).collect();
+        assert_eq!(ce.len(), 1, "0x5646 key 1 replaced, not duplicated");
+        assert!(c
+            .vendor_attrs
+            .iter()
+            .any(|a| a.value == CapValue::Str("dma".into())));
+        assert!(c
+            .vendor_attrs
+            .iter()
+            .any(|a| a.value == CapValue::Bytes(vec![0, 0xff, 0x10])));
+
+        assert!(Config::from_toml_str("bogus = 1").is_err());
+        assert!(Config::from_toml_str("[limits]\nmax_queue_size = 1000").is_ok());
+        let c =
+            Config::from_toml_str("socket_path = \"/a\"\n[limits]\nmax_queue_size = 1000").unwrap();
+        assert!(c.validate().is_err());
+        let c =
+            Config::from_toml_str("socket_path = \"/a\"\n[limits]\nnum_queue_pairs = 0").unwrap();
+        assert!(c.validate().is_err());
+        assert!(Config::from_toml_str(
+            "[[vendor_attr]]\nvendor = 1\nkey = 1\nname = \"x\"\nvalue = -1"
+        )
+        .is_err());
+        assert!(Config::new(vec![]).validate().is_err());
+    }
+}

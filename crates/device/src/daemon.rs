@@ -1,0 +1,271 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Serving the device sockets: [`start`] binds every socket, then one thread per device accepts
+//! a frontend, runs a `VhostUserDaemon` for it until it disconnects, frees everything it held and
+//! accepts the next one.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::FabricBackend;
+use crate::chain::GuestMemoryMmap;
+use crate::config::Config;
+use crate::fabric::{Fabric, Notify};
+use crate::stats::{Counters, Stats};
+use crate::Error;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// State shared by the handle and the serving threads.
+struct Shared {
+    stop: AtomicBool,
+    /// Readable once shutdown was requested (never consumed).
+    stop_evt: EventFd,
+    /// The live connection of each device, to drop it on shutdown.
+    conns: Vec<Mutex<Option<ShutdownHandle>>>,
+}
+
+/// A running daemon. Dropping it shuts it down.
+pub struct DaemonHandle {
+    shared: Arc<Shared>,
+    fabric: Arc<Fabric>,
+    sockets: Vec<PathBuf>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl DaemonHandle {
+    /// Socket path of each device, in device order.
+    pub fn socket_paths(&self) -> &[PathBuf] {
+        &self.sockets
+    }
+
+    /// Current counters of every device.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            devices: (0..self.fabric.num_devices())
+                .map(|i| {
+                    let sock = self.sockets.get(i).cloned().unwrap_or_default();
+                    self.fabric.counters(i).map_or_else(Default::default, |c| {
+                        c.snapshot(sock, self.fabric.node_addr(i))
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Disconnect every frontend, stop serving, remove the sockets, join the threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        info!("shutting down");
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.shared.stop_evt.write(1) {
+            error!("cannot signal the serving threads: {e}");
+        }
+        for c in &self.shared.conns {
+            if let Some(h) = lock(c).as_ref() {
+                h.shutdown();
+            }
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                error!("a serving thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for DaemonHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Bind every device socket of `config` and serve them on background threads.
+///
+/// Returns once all sockets are listening (frontends may connect right away).
+pub fn start(config: Config) -> Result<DaemonHandle, Error> {
+    config.validate()?;
+    let fabric = Arc::new(Fabric::new(&config));
+    let mut listeners = Vec::with_capacity(config.sockets.len());
+    for path in &config.sockets {
+        let l = Listener::new(path, true).map_err(|source| Error::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        listeners.push(l);
+    }
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        stop_evt: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+        conns: config.sockets.iter().map(|_| Mutex::new(None)).collect(),
+    });
+    let mut handle = DaemonHandle {
+        shared: shared.clone(),
+        fabric: fabric.clone(),
+        sockets: config.sockets.clone(),
+        threads: Vec::new(),
+    };
+    let poll = Duration::from_micros(config.poll_us);
+    info!(
+        devices = config.sockets.len(),
+        host_id = config.host_id,
+        virtio_device_id = config.device_id,
+        poll_us = config.poll_us,
+        "starting vfabricd"
+    );
+    for (dev, listener) in listeners.into_iter().enumerate() {
+        let (fabric, shared) = (fabric.clone(), shared.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("vfabric{dev}"))
+            .spawn(move || serve(dev, listener, fabric, shared, poll))
+            .map_err(Error::Thread)?;
+        handle.threads.push(t);
+        info!(
+            dev,
+            socket = %config.sockets[dev].display(),
+            node = %format_args!("{:#x}", config.node_addr(dev)),
+            "device listening"
+        );
+    }
+    Ok(handle)
+}
+
+/// Wait until `listen` has a connection (`Ok(true)`) or `stop` is signalled (`Ok(false)`).
+fn wait_readable(listen: RawFd, stop: RawFd) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: listen,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid, initialised array of two pollfd structs that outlives the
+        // call; poll only writes their `revents` fields.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            return Ok(true);
+        }
+        if fds[0].revents != 0 {
+            return Err(io::Error::other("listening socket failed"));
+        }
+    }
+}
+
+/// Serve device `dev`: one frontend at a time, forever (until shutdown).
+fn serve(
+    dev: usize,
+    mut listener: Listener,
+    fabric: Arc<Fabric>,
+    shared: Arc<Shared>,
+    poll: Duration,
+) {
+    let Some(counters) = fabric.counters(dev).cloned() else {
+        return;
+    };
+    let stopping = || shared.stop.load(Ordering::SeqCst);
+    while !stopping() {
+        match wait_readable(listener.as_raw_fd(), shared.stop_evt.as_raw_fd()) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                error!(dev, "cannot wait for frontends: {e}");
+                break;
+            }
+        }
+        if stopping() {
+            break;
+        }
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = match FabricBackend::new(dev, fabric.clone(), poll, mem.clone()) {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                error!(dev, "cannot create the backend: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let mut daemon =
+            match VhostUserDaemon::new(format!("vfabric{dev}-vu"), backend.clone(), mem) {
+                Ok(d) => d,
+                Err(e) => {
+                    error!(dev, "cannot create the vhost-user daemon: {e}");
+                    backend.close_exit_fd();
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+        // Attach before accepting: requests can only arrive after the connection exists.
+        fabric.connect(dev, backend.port());
+        let served = match daemon.start(&mut listener) {
+            Ok(()) => {
+                info!(dev, "frontend connected");
+                if let Some(h) = daemon.shutdown_handle() {
+                    backend.set_shutdown(h.clone());
+                    *lock(&shared.conns[dev]) = Some(h);
+                }
+                if stopping() {
+                    daemon.request_shutdown();
+                }
+                match daemon.wait() {
+                    Ok(())
+                    | Err(DaemonError::HandleRequest(
+                        VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                    )) => info!(dev, "frontend disconnected"),
+                    Err(e) => warn!(dev, "frontend connection ended: {e}"),
+                }
+                *lock(&shared.conns[dev]) = None;
+                true
+            }
+            Err(e) => {
+                error!(dev, "cannot accept a frontend: {e}");
+                false
+            }
+        };
+        // Dropping the daemon joins its vring worker: no thread of this connection runs after.
+        drop(daemon);
+        backend.close_exit_fd();
+        let mut n = Notify::default();
+        fabric.disconnect(dev, &mut n);
+        n.flush();
+        if served {
+            Counters::inc(&counters.disconnects);
+        }
+    }
+    // Dropping the listener removes the socket file.
+    drop(listener);
+    info!(dev, "device stopped");
+}

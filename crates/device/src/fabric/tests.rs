@@ -1,0 +1,553 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Matching-engine tests, driven without vhost through `testutil::World`.
+
+use vfabric_proto::{
+    caps::key, comp_flags, ep_open, flags, CapValue, CapsParser, FabricAddr, Opcode, Request,
+    Status, VENDOR_ID_VFABRIC,
+};
+
+use super::{eager_cost, Notify, Teardown, EAGER_OVERHEAD};
+use crate::config::Limits;
+use crate::testutil::{World, ALL_FEATURES};
+
+const RDM: u64 = ep_open::TYPE_RDM;
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Room for exactly two eager 150-byte messages.
+fn small_limits() -> Limits {
+    Limits {
+        eager_threshold: 200,
+        max_unexpected_bytes: 2 * eager_cost(150),
+        ..Limits::default()
+    }
+}
+
+#[test]
+fn eager_send_then_recv() {
+    let mut w = World::new(2, Limits::default());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let msg = pattern(100, 1);
+    let s = w.send(0, a, b, None, 0, 11, &msg);
+    // Eager: the send completes at once, the data waits in the device.
+    let (c, used) = w.result(&s).unwrap();
+    assert_eq!(w.status(&s), Some(Status::Ok));
+    assert_eq!(u64::from(c.len), 100);
+    assert_eq!(u64::from(c.cookie), 11);
+    assert_eq!(used, 64);
+    assert_eq!(w.fabric.unexpected_bytes(1), 100 + EAGER_OVERHEAD);
+
+    let r = w.recv(1, b, None, 0, 22, 0, 200);
+    let (c, used) = w.result(&r).unwrap();
+    assert_eq!(w.status(&r), Some(Status::Ok));
+    assert_eq!(u64::from(c.len), 100);
+    assert_eq!(u64::from(c.cookie), 22);
+    assert_eq!(FabricAddr::from_wire(&c.src), a);
+    assert_eq!(used, 164);
+    assert_eq!(w.data(&r, 100), msg);
+    assert_eq!(w.fabric.unexpected_bytes(1), 0);
+}
+
+#[test]
+fn posted_recv_gets_one_copy() {
+    let mut w = World::new(2, Limits::default());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let r = w.recv(1, b, None, 0, 1, 0, 100_000);
+    assert!(w.result(&r).is_none(), "posted receive waits");
+    let msg = pattern(70_000, 3);
+    let s = w.send(0, a, b, None, 0, 2, &msg);
+    assert_eq!(w.status(&s), Some(Status::Ok));
+    assert_eq!(u64::from(w.comp(&r).len), 70_000);
+    assert_eq!(w.data(&r, 70_000), msg);
+    assert_eq!(w.fabric.unexpected_bytes(1), 0);
+    let c = w.fabric.counters(1).unwrap();
+    assert_eq!(
+        c.bytes_copied.load(std::sync::atomic::Ordering::Relaxed),
+        70_000
+    );
+}
+
+#[test]
+fn tag_matching_with_ignore_bits_and_untagged_separation() {
+    let mut w = World::new(2, Limits::default());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    // Posted TRECV for tags 0x10..=0x1f.
+    let r1 = w.recv(1, b, Some((0x10, 0x0f)), 0, 1, 0, 64);
+    // Untagged and non-matching tagged sends do not take it.
+    w.send(0, a, b, None, 0, 10, b"untagged");
+    w.send(0, a, b, Some(0x20), 0, 11, b"tag20");
+    assert!(w.result(&r1).is_none());
+    w.send(0, a, b, Some(0x1f), 0, 12, b"tag1f");
+    assert_eq!(w.status(&r1), Some(Status::Ok));
+    let c = w.comp(&r1);
+    assert_eq!(u64::from(c.tag), 0x1f);
+    assert_ne!(u32::from(c.flags) & comp_flags::TAGGED, 0);
+    assert_eq!(w.data(&r1, 5), b"tag1f");
+    // An exact tag receive finds the earlier unexpected tag 0x20, skipping the untagged one.
+    let r2 = w.recv(1, b, Some((0x20, 0)), 0, 2, 0, 64);
+    assert_eq!(w.data(&r2, 5), b"tag20");
+    // Untagged receive gets the untagged message.
+    let r3 = w.recv(1, b, None, 0, 3, 0, 64);
+    assert_eq!(w.data(&r3, 8), b"untagged");
+    assert_eq!(u32::from(w.comp(&r3).flags) & comp_flags::TAGGED, 0);
+}
+
+#[test]
+fn directed_receive_filters_by_source() {
+    let mut w = World::new(3, Limits::default());
+    let a1 = w.open(0, RDM);
+    let a2 = w.open(2, RDM);
+    let b = w.open(1, RDM);
+    w.send(0, a1, b, Some(5), 0, 1, b"from-a1");
+    w.send(2, a2, b, Some(5), 0, 2, b"from-a2");
+    let mut r = Request::new(Opcode::TRecv);
+    r.ep = b.ep;
+    r.tag = 5;
+    r.flags = flags::DIRECTED;
+    r.peer = a2;
+    let h = w.submit(1, r, &[], 64);
+    assert_eq!(w.data(&h, 7), b"from-a2");
+    assert_eq!(FabricAddr::from_wire(&w.comp(&h).src), a2);
+    // A directed receive from an address that never sends stays posted.
+    r.peer = FabricAddr::new(a2.node, a2.ep, a2.generation + 1);
+    let h2 = w.submit(1, r, &[], 64);
+    assert!(w.result(&h2).is_none());
+    let h3 = w.recv(1, b, Some((5, 0)), 0, 3, 0, 64);
+    assert_eq!(w.data(&h3, 7), b"from-a1");
+}
+
+#[test]
+fn order_per_pair_with_eager_and_held_mixed() {
+    let mut w = World::new(2, small_limits());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let m1 = pattern(50, 1);
+    let m2 = pattern(1000, 2); // above eager_threshold: held
+    let m3 = pattern(60, 3);
+    let s1 = w.send(0, a, b, None, 0, 1, &m1);
+    let s2 = w.send(0, a, b, None, 0, 2, &m2);
+    let s3 = w.send(0, a, b, None, 0, 3, &m3);
+    assert_eq!(w.status(&s1), Some(Status::Ok));
+    assert!(w.result(&s2).is_none(), "large send is held");
+    assert_eq!(w.status(&s3), Some(Status::Ok));
+    let r1 = w.recv(1, b, None, 0, 11, 0, 2000);
+    let r2 = w.recv(1, b, None, 0, 12, 0, 2000);
+    let r3 = w.recv(1, b, None, 0, 13, 0, 2000);
+    assert_eq!(w.data(&r1, 50), m1);
+    assert_eq!(w.data(&r2, 1000), m2);
+    assert_eq!(w.data(&r3, 60), m3);
+    assert_eq!(
+        w.status(&s2),
+        Some(Status::Ok),
+        "held send completes on match"
+    );
+    assert_eq!(u64::from(w.comp(&s2).len), 1000);
+}
+
+#[test]
+fn truncation_reports_placed_and_lost() {
+    let mut w = World::new(2, small_limits());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    // Posted receive, held path (one copy).
+    let r = w.recv(1, b, None, 0, 1, 0, 10);
+    let msg = pattern(25, 9);
+    let s = w.send(0, a, b, None, 0, 2, &msg);
+    let (c, used) = w.result(&r).unwrap();
+    assert_eq!(w.status(&r), Some(Status::Truncated));
+    assert_eq!(u64::from(c.len), 10);
+    assert_eq!(u64::from(c.olen), 15);
+    assert_eq!(used, 74);
+    assert_eq!(w.data(&r, 10), &msg[..10]);
+    assert_eq!(w.status(&s), Some(Status::Ok));
+    assert_eq!(u64::from(w.comp(&s).len), 25);
+    // Eager path.
+    w.send(0, a, b, None, 0, 3, &msg);
+    let r = w.recv(1, b, None, 0, 4, 0, 7);
+    assert_eq!(w.status(&r), Some(Status::Truncated));
+    assert_eq!(u64::from(w.comp(&r).olen), 18);
+    assert_eq!(w.data(&r, 7), &msg[..7]);
+    assert_eq!(w.fabric.unexpected_bytes(1), 0);
+}
+
+#[test]
+fn peek_claim_discard() {
+    let mut w = World::new(2, small_limits());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let all = u64::MAX;
+    // Nothing to peek yet.
+    let p = w.recv(1, b, Some((0, all)), flags::PEEK, 1, 0, 0);
+    assert_eq!(w.status(&p), Some(Status::NoMessage));
+
+    w.send(0, a, b, Some(1), 0, 0, b"first");
+    let held = pattern(500, 4);
+    let s2 = w.send(0, a, b, Some(2), 0, 0, &held); // held
+                                                    // PEEK reports without consuming.
+    let p = w.recv(1, b, Some((2, 0)), flags::PEEK, 2, 0, 0);
+    let (c, used) = w.result(&p).unwrap();
+    assert_eq!(w.status(&p), Some(Status::Ok));
+    assert_eq!(u64::from(c.len), 500);
+    assert_eq!(u64::from(c.tag), 2);
+    assert_ne!(u32::from(c.flags) & comp_flags::CLAIMED, 0);
+    assert_eq!(used, 64, "peek copies nothing");
+    // PEEK|CLAIM reserves tag 1 for cookie 77.
+    let pc = w.recv(1, b, Some((1, 0)), flags::PEEK | flags::CLAIM, 77, 0, 0);
+    assert_eq!(w.status(&pc), Some(Status::Ok));
+    // A wildcard receive skips the claimed message and gets the held one.
+    let r = w.recv(1, b, Some((0, all)), 0, 3, 0, 1000);
+    assert_eq!(w.data(&r, 500), held);
+    assert_eq!(w.status(&s2), Some(Status::Ok));
+    // CLAIM with the wrong cookie finds nothing; with the right one it receives.
+    let bad = w.recv(1, b, Some((0, 0)), flags::CLAIM, 4, 78, 64);
+    assert_eq!(w.status(&bad), Some(Status::NoMessage));
+    let cl = w.recv(1, b, Some((0, 0)), flags::CLAIM, 5, 77, 64);
+    assert_eq!(w.status(&cl), Some(Status::Ok));
+    assert_eq!(w.data(&cl, 5), b"first");
+    // PEEK|CLAIM then CLAIM|DISCARD drops a held message; its sender completes Ok.
+    let s4 = w.send(0, a, b, Some(9), 0, 0, &held);
+    assert!(w.result(&s4).is_none());
+    w.recv(1, b, Some((9, 0)), flags::PEEK | flags::CLAIM, 88, 0, 0);
+    let d = w.recv(1, b, Some((0, 0)), flags::CLAIM | flags::DISCARD, 6, 88, 64);
+    let (c, used) = w.result(&d).unwrap();
+    assert_eq!(w.status(&d), Some(Status::Ok));
+    assert_eq!(u64::from(c.len), 0);
+    assert_eq!(used, 64);
+    assert_eq!(w.status(&s4), Some(Status::Ok));
+    let p = w.recv(1, b, Some((0, all)), flags::PEEK, 7, 0, 0);
+    assert_eq!(w.status(&p), Some(Status::NoMessage));
+    assert_eq!(w.fabric.unexpected_bytes(1), 0);
+}
+
+#[test]
+fn eager_bound_holds_sends_without_dropping() {
+    let mut w = World::new(2, small_limits());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let m: Vec<Vec<u8>> = (0..5).map(|i| pattern(150, i)).collect();
+    let s0 = w.send(0, a, b, None, 0, 0, &m[0]);
+    let s1 = w.send(0, a, b, None, 0, 1, &m[1]);
+    let s2 = w.send(0, a, b, None, 0, 2, &m[2]); // over max_unexpected_bytes: held (backpressure)
+    let s3 = w.send(0, a, b, None, flags::DELIVERY_COMPLETE, 3, &m[3]); // held
+    assert_eq!(w.status(&s0), Some(Status::Ok));
+    assert_eq!(w.status(&s1), Some(Status::Ok));
+    assert!(w.result(&s2).is_none());
+    assert!(w.result(&s3).is_none());
+    assert_eq!(w.fabric.unexpected_bytes(1), 2 * eager_cost(150));
+    for (i, expect) in m.iter().take(4).enumerate() {
+        let r = w.recv(1, b, None, 0, 10 + i as u64, 0, 200);
+        assert_eq!(&w.data(&r, 150), expect, "message {i} in order");
+    }
+    assert_eq!(w.status(&s2), Some(Status::Ok));
+    assert_eq!(w.status(&s3), Some(Status::Ok));
+    assert_eq!(w.fabric.unexpected_bytes(1), 0);
+    // With the buffer drained eager sends flow again.
+    let s4 = w.send(0, a, b, None, 0, 4, &m[4]);
+    assert_eq!(w.status(&s4), Some(Status::Ok));
+}
+
+#[test]
+fn cancel_posted_recv_and_held_send() {
+    let mut w = World::new(2, small_limits());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let r = w.recv(1, b, None, 0, 5, 0, 64);
+    let mut c = Request::new(Opcode::Cancel);
+    c.ep = b.ep;
+    c.data = 5;
+    let h = w.submit(1, c, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    assert_eq!(w.status(&r), Some(Status::Canceled));
+    assert_eq!(u64::from(w.comp(&r).cookie), 5);
+    let h = w.submit(1, c, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::NoMessage));
+
+    let s = w.send(0, a, b, None, 0, 9, &pattern(1000, 1)); // held
+    let mut c = Request::new(Opcode::Cancel);
+    c.ep = a.ep;
+    c.data = 9;
+    let h = w.submit(0, c, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    assert_eq!(w.status(&s), Some(Status::Canceled));
+    // The cancelled message is gone: a receive stays posted.
+    let r = w.recv(1, b, None, 0, 6, 0, 2000);
+    assert!(w.result(&r).is_none());
+    // Cancel on a closed endpoint.
+    c.ep = 40;
+    let h = w.submit(0, c, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::BadEndpoint));
+}
+
+#[test]
+fn endpoint_limits_close_and_generations() {
+    let limits = Limits {
+        max_endpoints: 2,
+        ..Limits::default()
+    };
+    let mut w = World::new(2, limits);
+    let e0 = w.open(0, RDM);
+    let e1 = w.open(0, RDM);
+    assert_eq!((e0.ep, e1.ep), (0, 1));
+    let mut o = Request::new(Opcode::EpOpen);
+    o.data = ep_open::TYPE_RDM;
+    let h = w.submit(0, o, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::NoResources));
+    o.data = 42;
+    let h = w.submit(0, o, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::Invalid));
+
+    let r = w.recv(0, e0, None, 0, 3, 0, 64);
+    let mut cl = Request::new(Opcode::EpClose);
+    cl.ep = e0.ep;
+    let h = w.submit(0, cl, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    assert_eq!(w.status(&r), Some(Status::Canceled));
+    let h = w.submit(0, cl, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::BadEndpoint));
+
+    let again = w.open(0, RDM);
+    assert_eq!(again.ep, e0.ep);
+    assert_ne!(again.generation, e0.generation);
+    // The old address no longer names an endpoint.
+    let x = w.open(1, RDM);
+    let s = w.send(1, x, e0, None, 0, 1, b"stale");
+    assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+    let mut ac = Request::new(Opcode::AddrCheck);
+    ac.peer = e0;
+    let h = w.submit(1, ac, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::AddrNotAvail));
+    ac.peer = again;
+    let h = w.submit(1, ac, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    // Bad endpoints on the data path.
+    let s = w.send(1, FabricAddr::new(x.node, 1, 1), again, None, 0, 1, b"x");
+    assert_eq!(w.status(&s), Some(Status::BadEndpoint));
+    let r = w.recv(1, FabricAddr::new(x.node, 1000, 1), None, 0, 1, 0, 8);
+    assert_eq!(w.status(&r), Some(Status::BadEndpoint));
+}
+
+#[test]
+fn dgram_without_receive_drops_and_counts() {
+    let mut w = World::new(2, Limits::default());
+    let a = w.open(0, RDM);
+    let d = w.open(1, ep_open::TYPE_DGRAM);
+    let s = w.send(0, a, d, None, 0, 1, b"lost");
+    assert_eq!(w.status(&s), Some(Status::Ok));
+    let c = w.fabric.counters(1).unwrap();
+    assert_eq!(c.dgram_drops.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let r = w.recv(1, d, None, 0, 2, 0, 64);
+    assert!(w.result(&r).is_none(), "dropped message is not queued");
+    w.send(0, a, d, None, 0, 3, b"kept");
+    assert_eq!(w.data(&r, 4), b"kept");
+}
+
+#[test]
+fn remote_cq_data_is_delivered() {
+    let mut w = World::new(2, Limits::default());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let mut s = Request::new(Opcode::Send);
+    s.ep = a.ep;
+    s.peer = b;
+    s.flags = flags::REMOTE_CQ_DATA;
+    s.data = 0xabcd;
+    w.submit(0, s, b"x", 0);
+    let r = w.recv(1, b, None, 0, 1, 0, 8);
+    let c = w.comp(&r);
+    assert_ne!(u32::from(c.flags) & comp_flags::REMOTE_CQ_DATA, 0);
+    assert_eq!(u64::from(c.data), 0xabcd);
+}
+
+#[test]
+fn query_caps_lists_limits_and_vendor_attrs() {
+    let mut w = World::new(2, Limits::default());
+    let q = Request::new(Opcode::QueryCaps);
+    let h = w.submit(1, q, &[], 4096);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    let len = u64::from(w.comp(&h).len) as usize;
+    let caps = CapsParser::parse(&w.data(&h, len)).unwrap();
+    let get = |v: u32, k: u16| caps.iter().find(|e| e.vendor == v && e.key == k).cloned();
+    let l = Limits::default();
+    assert_eq!(
+        get(0, key::MAX_MSG_SIZE).unwrap().value,
+        CapValue::U64(l.max_msg_size)
+    );
+    assert_eq!(
+        get(0, key::NODE_ADDR).unwrap().value,
+        CapValue::U64(FabricAddr::node_of(1, 1))
+    );
+    for k in [
+        key::INJECT_SIZE,
+        key::MAX_ENDPOINTS,
+        key::MAX_MRS,
+        key::MAX_UNEXPECTED_BYTES,
+        key::EAGER_THRESHOLD,
+        key::MAX_QUEUE_SIZE,
+        key::NUM_QUEUE_PAIRS,
+        key::MAX_SGE,
+        key::CAPS,
+        key::FLAGS,
+        key::MSG_ORDER,
+        key::TAG_BITS,
+        key::FABRIC_NAME,
+        key::DOMAIN_NAME,
+        key::MAX_CQ_DATA_SIZE,
+        key::VENDOR_ID,
+        key::DRIVER_VERSION,
+    ] {
+        assert!(get(0, k).is_some(), "standard key {k} missing");
+    }
+    assert_eq!(
+        get(VENDOR_ID_VFABRIC, 1).unwrap().value,
+        CapValue::Str("memcpy".into())
+    );
+    assert_eq!(
+        get(VENDOR_ID_VFABRIC, 2).unwrap().value,
+        CapValue::Bool(true)
+    );
+    assert_eq!(
+        get(VENDOR_ID_VFABRIC, super::VENDOR_KEY_VIRTIO_DEVICE_ID)
+            .unwrap()
+            .value,
+        CapValue::U64(56)
+    );
+    // Too small a buffer: Truncated with the size needed.
+    let h = w.submit(1, q, &[], 16);
+    assert_eq!(w.status(&h), Some(Status::Truncated));
+    assert_eq!(u64::from(w.comp(&h).olen) as usize, len);
+    assert_eq!(w.result(&h).unwrap().1, 64);
+    // Without VENDOR_CAPS negotiated no vendor entry appears.
+    let bare = w.fabric.caps(0, ALL_FEATURES & !(1 << 6));
+    let e = CapsParser::parse(&bare).unwrap();
+    assert!(e.iter().all(|x| x.vendor == 0));
+}
+
+#[test]
+fn disconnect_cleans_up_and_peers_see_peer_gone() {
+    let mut w = World::new(2, small_limits());
+    let a = w.open(0, RDM);
+    let a2 = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    // A → B held (B will vanish): completes PeerGone.
+    let s_ab = w.send(0, a, b, None, 0, 1, &pattern(1000, 1));
+    // B → A eager: stays deliverable after B leaves.
+    let eager = pattern(40, 2);
+    w.send(1, b, a, None, 0, 2, &eager);
+    // B → A2 held: leaves A2's queue with B.
+    w.send(1, b, a2, None, 0, 3, &pattern(1000, 3));
+    // B's posted receive: forgotten.
+    let r_b = w.recv(1, b, Some((7, 0)), 0, 4, 0, 64);
+    let b_used_before = w.guests[1].sink.count();
+
+    let mut n = Notify::default();
+    w.fabric.disconnect(1, &mut n);
+    drop(n);
+    assert_eq!(w.status(&s_ab), Some(Status::PeerGone));
+    assert!(w.result(&r_b).is_none());
+    assert_eq!(
+        w.guests[1].sink.count(),
+        b_used_before,
+        "nothing is written to a disconnected guest"
+    );
+    let r = w.recv(0, a, None, 0, 5, 0, 64);
+    assert_eq!(w.data(&r, 40), eager, "eager data survives its sender");
+    let r2 = w.recv(0, a2, None, 0, 6, 0, 2000);
+    assert!(w.result(&r2).is_none(), "held send left with its sender");
+    let s = w.send(0, a, b, None, 0, 7, b"late");
+    assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+    assert_eq!(w.fabric.unexpected_bytes(1), 0);
+
+    // The device comes back with a new frontend: old addresses stay invalid.
+    let port = w.guests[1].port();
+    w.fabric.connect(1, port);
+    let b2 = w.open(1, RDM);
+    assert_eq!(b2.ep, b.ep);
+    assert_ne!(b2.generation, b.generation);
+    let s = w.send(0, a, b, None, 0, 8, b"late");
+    assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+    let s = w.send(0, a, b2, None, 0, 9, b"fresh");
+    assert_eq!(w.status(&s), Some(Status::Ok));
+}
+
+#[test]
+fn reset_with_cancel_and_stop_queue() {
+    let mut w = World::new(2, small_limits());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let r = w.recv(1, b, None, 0, 1, 0, 64);
+    let s = w.send(1, b, a, None, 0, 2, &pattern(1000, 1)); // held at A
+    let mut n = Notify::default();
+    w.fabric.stop_queue(1, 2, &mut n);
+    assert_eq!(w.status(&r), Some(Status::Canceled));
+    assert!(w.result(&s).is_none(), "TX queue 1 not stopped");
+    w.fabric.stop_queue(1, 1, &mut n);
+    assert_eq!(w.status(&s), Some(Status::Canceled));
+
+    let s2 = w.send(0, a, b, None, 0, 3, &pattern(1000, 2)); // held at B
+    let r2 = w.recv(1, b, Some((0, 0)), 0, 4, 0, 64);
+    w.fabric.reset(1, Teardown::Cancel, &mut n);
+    assert_eq!(w.status(&r2), Some(Status::Canceled));
+    assert_eq!(w.status(&s2), Some(Status::PeerGone));
+    let s3 = w.send(0, a, b, None, 0, 5, b"x");
+    assert_eq!(w.status(&s3), Some(Status::AddrNotAvail));
+}
+
+#[test]
+fn self_send_on_one_device() {
+    let mut w = World::new(1, Limits::default());
+    let a = w.open(0, RDM);
+    let b = w.open(0, RDM);
+    let r = w.recv(0, b, None, 0, 1, 0, 64);
+    let s = w.send(0, a, b, None, 0, 2, b"loop");
+    assert_eq!(w.status(&s), Some(Status::Ok));
+    assert_eq!(w.data(&r, 4), b"loop");
+    // Sends to a device index that does not exist.
+    let s = w.send(
+        0,
+        a,
+        FabricAddr::new(FabricAddr::node_of(1, 9), 0, 1),
+        None,
+        0,
+        3,
+        b"x",
+    );
+    assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+    let s = w.send(
+        0,
+        a,
+        FabricAddr::new(FabricAddr::node_of(2, 0), 0, 1),
+        None,
+        0,
+        3,
+        b"x",
+    );
+    assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+}
+
+#[test]
+fn empty_eager_messages_are_bounded_too() {
+    let limits = Limits {
+        max_unexpected_bytes: 10 * EAGER_OVERHEAD,
+        ..Limits::default()
+    };
+    let mut w = World::new(2, limits);
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let sends: Vec<_> = (0..12).map(|i| w.send(0, a, b, None, 0, i, &[])).collect();
+    let done = sends.iter().filter(|s| w.result(s).is_some()).count();
+    assert_eq!(done, 10, "two empty sends are held for backpressure");
+    for i in 0..12 {
+        let r = w.recv(1, b, None, 0, 100 + i, 0, 8);
+        let (c, used) = w.result(&r).unwrap();
+        assert_eq!((u64::from(c.len), used), (0, 64));
+    }
+    assert!(sends.iter().all(|s| w.status(s) == Some(Status::Ok)));
+    assert_eq!(w.fabric.unexpected_bytes(1), 0);
+}

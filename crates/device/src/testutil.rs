@@ -1,0 +1,253 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Test helpers: guests made of plain anonymous memory plus a recording completion sink, so the
+//! fabric can be driven without vhost-user.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vfabric_proto::{
+    bit, Completion, FabricAddr, Opcode, QueueClass, Request, Status, VIRTIO_FABRIC_F_MQ,
+    VIRTIO_FABRIC_F_MSG, VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_TAGGED,
+    VIRTIO_FABRIC_F_VENDOR_CAPS, VIRTIO_F_VERSION_1,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+use crate::chain::{GuestMemoryMmap, Parsed, Req, Seg, Segs};
+use crate::config::{Config, Limits};
+use crate::fabric::{CompletionSink, Fabric, Notify, Port};
+
+pub(crate) const ALL_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
+    | bit(VIRTIO_FABRIC_F_MSG)
+    | bit(VIRTIO_FABRIC_F_TAGGED)
+    | bit(VIRTIO_FABRIC_F_MQ)
+    | bit(VIRTIO_FABRIC_F_VENDOR_CAPS)
+    | bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA);
+
+pub(crate) const MEM_SIZE: u64 = 8 << 20;
+
+/// Records used-ring entries instead of writing them.
+#[derive(Default)]
+pub(crate) struct RecSink {
+    pub used: Mutex<Vec<(u16, u16, u32)>>,
+    pub flushes: AtomicUsize,
+}
+
+impl RecSink {
+    pub fn find(&self, queue: u16, head: u16) -> Option<u32> {
+        let u = self.used.lock().unwrap();
+        let hits: Vec<_> = u
+            .iter()
+            .filter(|(q, h, _)| *q == queue && *h == head)
+            .collect();
+        assert!(hits.len() <= 1, "chain {queue}/{head} completed twice");
+        hits.first().map(|(_, _, l)| *l)
+    }
+
+    pub fn count(&self) -> usize {
+        self.used.lock().unwrap().len()
+    }
+}
+
+impl CompletionSink for RecSink {
+    fn complete(&self, queue: u16, head: u16, len: u32) {
+        self.used.lock().unwrap().push((queue, head, len));
+    }
+    fn flush(&self) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) struct Guest {
+    pub mem: GuestMemoryMmap,
+    pub atomic: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub sink: Arc<RecSink>,
+    next: u64,
+    next_head: u16,
+}
+
+impl Guest {
+    pub fn new() -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        Self {
+            atomic: GuestMemoryAtomic::new(mem.clone()),
+            mem,
+            sink: Arc::new(RecSink::default()),
+            next: 0x1000,
+            next_head: 0,
+        }
+    }
+
+    pub fn port(&self) -> Port {
+        Port {
+            mem: self.atomic.clone(),
+            sink: self.sink.clone(),
+        }
+    }
+
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let a = self.next;
+        self.next = (self.next + len + 63) & !63;
+        assert!(self.next < MEM_SIZE, "test guest out of memory");
+        a
+    }
+}
+
+/// A submitted request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct H {
+    pub dev: usize,
+    pub queue: u16,
+    pub head: u16,
+    pub comp: u64,
+    pub data: u64,
+}
+
+pub(crate) struct World {
+    pub fabric: Fabric,
+    pub guests: Vec<Guest>,
+}
+
+impl World {
+    pub fn new(n: usize, limits: Limits) -> Self {
+        let mut c = Config::new((0..n).map(|i| PathBuf::from(format!("/t{i}"))).collect());
+        c.limits = limits;
+        let fabric = Fabric::new(&c);
+        let guests: Vec<Guest> = (0..n).map(|_| Guest::new()).collect();
+        for (i, g) in guests.iter().enumerate() {
+            fabric.connect(i, g.port());
+        }
+        Self { fabric, guests }
+    }
+
+    pub fn submit(&mut self, dev: usize, r: Request, payload: &[u8], cap: u64) -> H {
+        let g = &mut self.guests[dev];
+        let queue = match r.opcode.queue_class() {
+            QueueClass::Control => 0,
+            QueueClass::Tx => 1,
+            QueueClass::Rx => 2,
+        };
+        let head = g.next_head;
+        g.next_head = g.next_head.wrapping_add(1);
+        let pay = g.alloc(payload.len() as u64);
+        g.mem.write_slice(payload, GuestAddress(pay)).unwrap();
+        let data = g.alloc(cap);
+        let comp = g.alloc(64);
+        // Poison the completion so a missing write shows.
+        g.mem.write_slice(&[0xee; 64], GuestAddress(comp)).unwrap();
+        let req = Req {
+            queue,
+            head,
+            req: r,
+            payload: Segs::from_slice(&[Seg {
+                addr: pay,
+                len: payload.len() as u32,
+            }]),
+            data: Segs::from_slice(&[Seg {
+                addr: data,
+                len: cap as u32,
+            }]),
+            comp: Segs::from_slice(&[Seg {
+                addr: comp,
+                len: 64,
+            }]),
+        };
+        let mut n = Notify::default();
+        self.fabric
+            .handle(dev, vec![Parsed::Req(req)], ALL_FEATURES, &mut n);
+        H {
+            dev,
+            queue,
+            head,
+            comp,
+            data,
+        }
+    }
+
+    /// Completion and used length, if the chain was completed.
+    pub fn result(&self, h: &H) -> Option<(Completion, u32)> {
+        let g = &self.guests[h.dev];
+        let used = g.sink.find(h.queue, h.head)?;
+        let c: Completion = g.mem.read_obj(GuestAddress(h.comp)).unwrap();
+        Some((c, used))
+    }
+
+    pub fn status(&self, h: &H) -> Option<Status> {
+        self.result(h)
+            .map(|(c, _)| Status::from_u32(c.status.into()).expect("valid status"))
+    }
+
+    pub fn comp(&self, h: &H) -> Completion {
+        self.result(h).expect("request not completed").0
+    }
+
+    pub fn data(&self, h: &H, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.guests[h.dev]
+            .mem
+            .read_slice(&mut v, GuestAddress(h.data))
+            .unwrap();
+        v
+    }
+
+    pub fn open(&mut self, dev: usize, kind: u64) -> FabricAddr {
+        let mut r = Request::new(Opcode::EpOpen);
+        r.data = kind;
+        let h = self.submit(dev, r, &[], 0);
+        let c = self.comp(&h);
+        assert_eq!(self.status(&h), Some(Status::Ok));
+        FabricAddr::from_wire(&c.src)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn send(
+        &mut self,
+        dev: usize,
+        from: FabricAddr,
+        to: FabricAddr,
+        tag: Option<u64>,
+        flags: u64,
+        cookie: u64,
+        payload: &[u8],
+    ) -> H {
+        let mut r = Request::new(if tag.is_some() {
+            Opcode::TSend
+        } else {
+            Opcode::Send
+        });
+        r.ep = from.ep;
+        r.peer = to;
+        r.tag = tag.unwrap_or(0);
+        r.flags = flags;
+        r.cookie = cookie;
+        self.submit(dev, r, payload, 0)
+    }
+
+    /// `tag` = (tag, ignore).
+    #[allow(clippy::too_many_arguments)]
+    pub fn recv(
+        &mut self,
+        dev: usize,
+        ep: FabricAddr,
+        tag: Option<(u64, u64)>,
+        flags: u64,
+        cookie: u64,
+        data: u64,
+        cap: u64,
+    ) -> H {
+        let mut r = Request::new(if tag.is_some() {
+            Opcode::TRecv
+        } else {
+            Opcode::Recv
+        });
+        r.ep = ep.ep;
+        if let Some((t, i)) = tag {
+            r.tag = t;
+            r.ignore = i;
+        }
+        r.flags = flags;
+        r.cookie = cookie;
+        r.data = data;
+        self.submit(dev, r, &[], cap)
+    }
+}
