@@ -17,6 +17,9 @@ use vfabric::{
 
 use crate::CliError;
 
+/// Polls between `sched_yield`s while waiting (the guests may share a core with each other).
+const YIELD_EVERY: u32 = 1;
+
 /// How a side waits for completions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -163,7 +166,7 @@ impl Side {
                 )));
             }
             polls = polls.wrapping_add(1);
-            if polls.is_multiple_of(64) {
+            if polls.is_multiple_of(YIELD_EVERY) {
                 // Three parties share two cores: let the device thread and the peer run.
                 std::thread::yield_now();
             } else {

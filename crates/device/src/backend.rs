@@ -11,8 +11,7 @@ use std::fmt::Display;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use tracing::{debug, error, info, warn};
 use vfabric_proto::{
@@ -32,12 +31,11 @@ use vmm_sys_util::event::{
 
 use crate::chain::{has_pending, parse_chain, pop_chains, GuestMemoryMmap, Parsed};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
+use crate::poller::Poller;
 use crate::stats::Counters;
 
 /// Chains popped from one queue before they are handed to the fabric.
 const BATCH: usize = 64;
-/// Spin iterations between `yield_now` calls while polling (a power of two).
-const SPINS_PER_YIELD: u32 = 128;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -134,7 +132,12 @@ pub(crate) struct FabricBackend {
     fabric: Arc<Fabric>,
     counters: Arc<Counters>,
     num_queues: usize,
-    poll: Duration,
+    /// The daemon's data-plane poller (takes over the rings while the guest is busy).
+    poller: Arc<Poller>,
+    /// This backend, for handing it to the poller.
+    me: Mutex<Weak<FabricBackend>>,
+    /// The poller owns this device's rings (notifications stay disabled until it lets go).
+    polled: Mutex<bool>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     sink: Arc<VringSink>,
     acked: AtomicU64,
@@ -156,20 +159,22 @@ impl FabricBackend {
     pub fn new(
         dev: usize,
         fabric: Arc<Fabric>,
-        poll: Duration,
+        poller: Arc<Poller>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    ) -> io::Result<Self> {
+    ) -> io::Result<Arc<Self>> {
         let counters = fabric
             .counters(dev)
             .cloned()
             .ok_or_else(|| io::Error::other("device index out of range"))?;
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        Ok(Self {
+        let backend = Arc::new(Self {
             dev,
             num_queues: fabric.limits().num_queues(),
             fabric,
             counters,
-            poll,
+            poller,
+            me: Mutex::new(Weak::new()),
+            polled: Mutex::new(false),
             mem,
             sink: Arc::new(VringSink::new()),
             acked: AtomicU64::new(0),
@@ -180,7 +185,16 @@ impl FabricBackend {
             exit_fd: Mutex::new(None),
             shutdown: Mutex::new(None),
             broken: AtomicBool::new(false),
-        })
+        });
+        *lock(&backend.me) = Arc::downgrade(&backend);
+        Ok(backend)
+    }
+
+    /// The connection is over: no pass may hand chains to the fabric any more (the poller may
+    /// still hold this backend for a moment). Waits for a pass in progress to finish.
+    pub fn retire(&self) {
+        self.broken.store(true, Ordering::Release);
+        drop(self.control_lock());
     }
 
     /// The fabric port of this connection.
@@ -232,7 +246,7 @@ impl FabricBackend {
         }
     }
 
-    fn is_broken(&self) -> bool {
+    pub(crate) fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
     }
 
@@ -315,24 +329,38 @@ impl FabricBackend {
         })
     }
 
-    /// Spin up to the poll budget waiting for new chains.
-    fn spin(&self, vrings: &[VringRwLock]) -> bool {
-        let start = Instant::now();
-        let mut i = 0u32;
-        loop {
-            if self.any_pending(vrings) {
-                return true;
+    /// Poller: drain the rings if anything is pending. Returns whether work was found.
+    pub(crate) fn poll_once(&self, vrings: &[VringRwLock]) -> bool {
+        if !self.any_pending(vrings) {
+            return false;
+        }
+        let mut n = Notify::default();
+        self.drain(vrings, &mut n);
+        true
+    }
+
+    /// Poller: re-enable notifications and give the rings back to the kicks. Returns `false`
+    /// (keeping them polled) if requests arrived meanwhile.
+    pub(crate) fn try_park(&self, vrings: &[VringRwLock]) -> bool {
+        let mut polled = lock(&self.polled);
+        match self.set_notifications(vrings, true) {
+            Ok(true) if !self.is_broken() => {
+                if self.set_notifications(vrings, false).is_ok() {
+                    return false;
+                }
+                *polled = false;
+                true
             }
-            if start.elapsed() >= self.poll || self.is_broken() {
-                return false;
-            }
-            i = i.wrapping_add(1);
-            if i & (SPINS_PER_YIELD - 1) == 0 {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
+            _ => {
+                *polled = false;
+                true
             }
         }
+    }
+
+    /// Poller: forget a broken device.
+    pub(crate) fn release_polled(&self) {
+        *lock(&self.polled) = false;
     }
 
     fn set_notifications(&self, vrings: &[VringRwLock], enable: bool) -> Result<bool, ()> {
@@ -360,10 +388,22 @@ impl FabricBackend {
         Ok(more)
     }
 
-    /// The fast path after a kick.
+    /// The fast path after a kick: drain, then hand the rings to the poller (notifications
+    /// stay off while the guest is busy) or, without polling, re-enable notifications and
+    /// re-check before sleeping.
     fn process(&self, vrings: &[VringRwLock]) {
         let mut n = Notify::default();
-        if self.is_broken() || self.set_notifications(vrings, false).is_err() {
+        if self.is_broken() {
+            return;
+        }
+        let mut polled = lock(&self.polled);
+        if *polled {
+            // A kick that raced with the poller taking over: drain, leave notifications alone.
+            drop(polled);
+            self.drain(vrings, &mut n);
+            return;
+        }
+        if self.set_notifications(vrings, false).is_err() {
             return;
         }
         loop {
@@ -371,8 +411,10 @@ impl FabricBackend {
             if self.is_broken() {
                 return;
             }
-            if found && !self.poll.is_zero() && self.spin(vrings) {
-                continue;
+            if found && self.poller.enabled() {
+                *polled = true;
+                self.poller.activate(lock(&self.me).clone(), vrings);
+                return;
             }
             match self.set_notifications(vrings, true) {
                 Ok(false) | Err(()) => return,

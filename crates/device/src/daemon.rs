@@ -21,6 +21,7 @@ use crate::backend::FabricBackend;
 use crate::chain::GuestMemoryMmap;
 use crate::config::Config;
 use crate::fabric::{Fabric, Notify};
+use crate::poller::Poller;
 use crate::stats::{Counters, Stats};
 use crate::Error;
 
@@ -40,6 +41,7 @@ struct Shared {
 /// A running daemon. Dropping it shuts it down.
 pub struct DaemonHandle {
     shared: Arc<Shared>,
+    poller: Arc<Poller>,
     fabric: Arc<Fabric>,
     sockets: Vec<PathBuf>,
     threads: Vec<JoinHandle<()>>,
@@ -84,10 +86,16 @@ impl DaemonHandle {
                 h.shutdown();
             }
         }
+        // Serving threads first (they retire their backends), then the poller.
+        let poller_thread = self.threads.remove(0);
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 error!("a serving thread panicked");
             }
+        }
+        self.poller.stop();
+        if poller_thread.join().is_err() {
+            error!("the poller thread panicked");
         }
     }
 }
@@ -122,8 +130,18 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
         fabric: fabric.clone(),
         sockets: config.sockets.clone(),
         threads: Vec::new(),
+        poller: Poller::new(Duration::ZERO),
     };
-    let poll = Duration::from_micros(config.poll_us);
+    let poller = Poller::new(Duration::from_micros(config.poll_us));
+    handle.poller = poller.clone();
+    {
+        let p = poller.clone();
+        let t = std::thread::Builder::new()
+            .name("vfabric-poll".into())
+            .spawn(move || p.run())
+            .map_err(Error::Thread)?;
+        handle.threads.push(t);
+    }
     info!(
         devices = config.sockets.len(),
         host_id = config.host_id,
@@ -132,10 +150,10 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
         "starting vfabricd"
     );
     for (dev, listener) in listeners.into_iter().enumerate() {
-        let (fabric, shared) = (fabric.clone(), shared.clone());
+        let (fabric, shared, poller) = (fabric.clone(), shared.clone(), poller.clone());
         let t = std::thread::Builder::new()
             .name(format!("vfabric{dev}"))
-            .spawn(move || serve(dev, listener, fabric, shared, poll))
+            .spawn(move || serve(dev, listener, fabric, shared, poller))
             .map_err(Error::Thread)?;
         handle.threads.push(t);
         info!(
@@ -191,7 +209,7 @@ fn serve(
     mut listener: Listener,
     fabric: Arc<Fabric>,
     shared: Arc<Shared>,
-    poll: Duration,
+    poller: Arc<Poller>,
 ) {
     let Some(counters) = fabric.counters(dev).cloned() else {
         return;
@@ -210,8 +228,8 @@ fn serve(
             break;
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = match FabricBackend::new(dev, fabric.clone(), poll, mem.clone()) {
-            Ok(b) => Arc::new(b),
+        let backend = match FabricBackend::new(dev, fabric.clone(), poller.clone(), mem.clone()) {
+            Ok(b) => b,
             Err(e) => {
                 error!(dev, "cannot create the backend: {e}");
                 std::thread::sleep(Duration::from_millis(100));
@@ -257,6 +275,7 @@ fn serve(
         };
         // Dropping the daemon joins its vring worker: no thread of this connection runs after.
         drop(daemon);
+        backend.retire();
         backend.close_exit_fd();
         let mut n = Notify::default();
         fabric.disconnect(dev, &mut n);

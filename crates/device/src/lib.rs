@@ -23,6 +23,7 @@ mod chain;
 mod config;
 mod daemon;
 mod fabric;
+mod poller;
 mod stats;
 #[cfg(test)]
 mod testutil;

@@ -414,9 +414,14 @@ fn dev() -> Dev {
     let fabric = Arc::new(Fabric::new(&c));
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let atomic = GuestMemoryAtomic::new(mem.clone());
-    let backend = Arc::new(
-        FabricBackend::new(0, fabric.clone(), Duration::from_micros(20), atomic.clone()).unwrap(),
-    );
+    // No poller thread here: kicks are processed inline and notifications re-enabled.
+    let backend = FabricBackend::new(
+        0,
+        fabric.clone(),
+        crate::poller::Poller::new(Duration::ZERO),
+        atomic.clone(),
+    )
+    .unwrap();
     fabric.connect(0, backend.port());
     let vrings: Vec<VringRwLock> = QBASE
         .iter()
