@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use tracing::{debug, error, info, warn};
 use vfabric_proto::{
-    bit, feature_names, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    bit, feature_names, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_SIZE};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
@@ -441,8 +442,10 @@ impl VhostUserBackend for FabricBackend {
     }
 
     fn features(&self) -> u64 {
+        // Indirect tables are walked (and bounded) by virtio-queue's chain iterator.
         bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
             | bit(VHOST_USER_F_PROTOCOL_FEATURES)
             | self.fabric.fabric_features()
     }

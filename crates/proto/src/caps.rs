@@ -164,7 +164,7 @@ impl CapsBuilder {
             out.extend_from_slice(h.as_slice());
             out.extend_from_slice(name);
             out.extend_from_slice(&value);
-            while out.len() % 8 != 0 {
+            while out.len() & 7 != 0 {
                 out.push(0);
             }
         }
@@ -203,13 +203,19 @@ impl CapsParser {
         let elen = std::mem::size_of::<CapEntryHeader>();
         for _ in 0..u16::from(h.count) {
             let e = buf
-                .get(off..off.checked_add(elen).ok_or(ProtoError::BadCaps("overflow"))?)
+                .get(
+                    off..off
+                        .checked_add(elen)
+                        .ok_or(ProtoError::BadCaps("overflow"))?,
+                )
                 .and_then(CapEntryHeader::from_slice)
                 .ok_or(ProtoError::BadCaps("short entry"))?;
             off += elen;
             let nlen = e.name_len as usize;
             let vlen = u32::from(e.value_len) as usize;
-            let name_end = off.checked_add(nlen).ok_or(ProtoError::BadCaps("overflow"))?;
+            let name_end = off
+                .checked_add(nlen)
+                .ok_or(ProtoError::BadCaps("overflow"))?;
             let val_end = name_end
                 .checked_add(vlen)
                 .ok_or(ProtoError::BadCaps("overflow"))?;
@@ -220,14 +226,21 @@ impl CapsParser {
                 .get(name_end..val_end)
                 .ok_or(ProtoError::BadCaps("short value"))?;
             let name = String::from_utf8_lossy(name).into_owned();
+            // Entries of a value type this driver does not know (or malformed values) are
+            // skipped, not fatal: a newer device may add types (docs/spec.md).
             let value = match e.vtype {
-                VTYPE_U64 => CapValue::U64(u64::from_le_bytes(
-                    val.try_into().map_err(|_| ProtoError::BadCaps("u64 size"))?,
-                )),
-                VTYPE_BOOL => CapValue::Bool(*val.first().ok_or(ProtoError::BadCaps("bool"))? != 0),
-                VTYPE_STR => CapValue::Str(String::from_utf8_lossy(val).into_owned()),
-                VTYPE_BYTES => CapValue::Bytes(val.to_vec()),
-                _ => return Err(ProtoError::BadCaps("unknown value type")),
+                VTYPE_U64 => val
+                    .try_into()
+                    .ok()
+                    .map(|b: [u8; 8]| CapValue::U64(u64::from_le_bytes(b))),
+                VTYPE_BOOL => val.first().map(|b| CapValue::Bool(*b != 0)),
+                VTYPE_STR => Some(CapValue::Str(String::from_utf8_lossy(val).into_owned())),
+                VTYPE_BYTES => Some(CapValue::Bytes(val.to_vec())),
+                _ => None,
+            };
+            let Some(value) = value else {
+                off = val_end.div_ceil(8) * 8;
+                continue;
             };
             out.push(CapEntry {
                 vendor: e.vendor.into(),
@@ -258,6 +271,19 @@ mod tests {
         assert_eq!(e[0].value, CapValue::U64(1 << 22));
         assert_eq!(e[1].name, "copy_engine");
         assert_eq!(e[2].value, CapValue::Bool(false));
+    }
+
+    #[test]
+    fn unknown_value_types_are_skipped() {
+        let mut b = CapsBuilder::new();
+        b.std_u64(key::INJECT_SIZE, "inject_size", 64)
+            .std_u64(key::MAX_SGE, "max_sge", 8);
+        let mut bytes = b.encode();
+        // The first entry's header starts right after the 16-byte list header; vtype is at +6.
+        bytes[16 + 6] = 0x7f;
+        let e = CapsParser::parse(&bytes).unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].key, key::MAX_SGE);
     }
 
     proptest! {

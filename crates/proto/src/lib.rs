@@ -68,7 +68,10 @@ pub fn feature_names(features: u64) -> Vec<&'static str> {
         (VIRTIO_FABRIC_F_REMOTE_CQ_DATA, "REMOTE_CQ_DATA"),
         (VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
         (VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
-        (VHOST_USER_F_PROTOCOL_FEATURES, "VHOST_USER_PROTOCOL_FEATURES"),
+        (
+            VHOST_USER_F_PROTOCOL_FEATURES,
+            "VHOST_USER_PROTOCOL_FEATURES",
+        ),
         (VIRTIO_F_VERSION_1, "VERSION_1"),
     ];
     NAMES
@@ -374,7 +377,8 @@ pub mod flags {
 pub struct ReqHeader {
     pub opcode: Le16,
     pub reserved0: Le16,
-    /// Local endpoint the request acts for (ignored by QUERY_CAPS and EP_OPEN).
+    /// Local endpoint the request acts for (ignored by QUERY_CAPS, EP_OPEN, MR_REG, MR_DEREG and
+    /// ADDR_CHECK).
     pub ep: Le32,
     pub flags: Le64,
     /// Opaque driver value, echoed in the completion.
