@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Fabric-wide behaviour in one process (an embedded daemon, driver domains on its devices):
+//! the unexpected-message bound and backpressure, and several devices with several endpoints.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vfabric::{
+    BindFlags, CompletionQueue, CqAttr, CqEntry, Domain, DomainAttr, EpAttr, Error, FiAddr,
+};
+use vfabric_device::{Config, DaemonHandle, Limits};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn daemon(devices: u32, limits: Limits) -> (tempfile::TempDir, DaemonHandle, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Config::socket_dir_paths(dir.path(), devices);
+    let mut config = Config::new(paths.clone());
+    config.limits = limits;
+    let d = vfabric_device::start(config).expect("start vfabricd");
+    (dir, d, paths)
+}
+
+fn domain(path: &PathBuf) -> Domain {
+    Domain::open(
+        path,
+        DomainAttr {
+            mem_bytes: 32 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("open domain")
+}
+
+/// Poll until an entry arrives; an error entry fails the test.
+fn next(cq: &CompletionQueue) -> CqEntry {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut v = Vec::new();
+    loop {
+        match cq.read(&mut v, 1) {
+            Ok(_) => return v.pop().unwrap(),
+            Err(Error::Again) => {}
+            Err(Error::Avail) => panic!("error completion: {:?}", cq.readerr()),
+            Err(e) => panic!("cq read: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for a completion"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Drain whatever is there now (driving progress for `settle`).
+fn drain_for(cq: &CompletionQueue, settle: Duration) -> Vec<CqEntry> {
+    let until = Instant::now() + settle;
+    let mut v = Vec::new();
+    while Instant::now() < until {
+        match cq.read(&mut v, 64) {
+            Ok(_) | Err(Error::Again) => std::thread::sleep(Duration::from_millis(1)),
+            Err(Error::Avail) => panic!("error completion: {:?}", cq.readerr()),
+            Err(e) => panic!("cq read: {e}"),
+        }
+    }
+    v
+}
+
+fn payload(seq: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seq as usize * 31 + i * 7) as u8)
+        .collect()
+}
+
+#[test]
+fn unexpected_messages_past_the_bound_hold_senders_and_lose_nothing() {
+    // Fewer than fit in the TX ring (each posted send holds ring slots while it waits), yet
+    // four times what the device may buffer.
+    const MSGS: u32 = 60;
+    const LEN: usize = 4096;
+    let limits = Limits {
+        max_unexpected_bytes: 64 << 10,
+        eager_threshold: 16 << 10,
+        ..Limits::default()
+    };
+    let (_dir, d, paths) = daemon(2, limits);
+    let (da, db) = (domain(&paths[0]), domain(&paths[1]));
+    let (atx, arx) = (
+        da.cq_open(CqAttr::default()).unwrap(),
+        da.cq_open(CqAttr::default()).unwrap(),
+    );
+    let (btx, brx) = (
+        db.cq_open(CqAttr::default()).unwrap(),
+        db.cq_open(CqAttr::default()).unwrap(),
+    );
+    let (ava, avb) = (da.av_open().unwrap(), db.av_open().unwrap());
+    let a = da.endpoint(EpAttr::default()).unwrap();
+    let b = db.endpoint(EpAttr::default()).unwrap();
+    for (ep, tx, rx, av) in [(&a, &atx, &arx, &ava), (&b, &btx, &brx, &avb)] {
+        ep.bind_cq(tx, BindFlags::TRANSMIT).unwrap();
+        ep.bind_cq(rx, BindFlags::RECV).unwrap();
+        ep.bind_av(av).unwrap();
+        ep.enable().unwrap();
+    }
+    let to_b: FiAddr = ava.insert(b.name());
+
+    // A sends far more than the device may hold for B, which has posted nothing.
+    let t0 = Instant::now();
+    for seq in 0..MSGS {
+        loop {
+            match a.send(&payload(seq, LEN), to_b, seq as u64) {
+                Ok(()) => break,
+                Err(Error::Again) => {
+                    da.progress().unwrap();
+                    assert!(t0.elapsed() < TIMEOUT, "send {seq} stuck in Again");
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("send {seq}: {e}"),
+            }
+        }
+    }
+    let early = drain_for(&atx, Duration::from_millis(300));
+    let bound_msgs = (64 << 10) / (LEN + 64);
+    assert!(
+        !early.is_empty() && early.len() <= bound_msgs,
+        "{} sends completed before any receive; the bound allows {bound_msgs}",
+        early.len()
+    );
+    // The ones that completed are the first ones, in order (FIFO per pair).
+    for (i, e) in early.iter().enumerate() {
+        assert_eq!(e.context, i as u64);
+    }
+
+    // B now receives everything: in order, intact, nothing lost.
+    for seq in 0..MSGS {
+        loop {
+            match b.recv_vec(LEN, 1000 + seq as u64) {
+                Ok(()) => break,
+                Err(Error::Again) => {
+                    db.progress().unwrap();
+                    assert!(t0.elapsed() < TIMEOUT, "recv {seq} stuck in Again");
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("recv {seq}: {e}"),
+            }
+        }
+    }
+    for seq in 0..MSGS {
+        let e = next(&brx);
+        assert_eq!(e.context, 1000 + seq as u64);
+        assert_eq!(e.len, LEN);
+        assert_eq!(
+            e.buf.as_deref(),
+            Some(payload(seq, LEN).as_slice()),
+            "message {seq}"
+        );
+    }
+    let mut done: Vec<u64> = early.iter().map(|e| e.context).collect();
+    while done.len() < MSGS as usize {
+        done.push(next(&atx).context);
+    }
+    assert_eq!(done, (0..MSGS as u64).collect::<Vec<_>>());
+    let st = d.stats();
+    assert_eq!(st.devices[1].messages_received, MSGS as u64);
+    assert_eq!(st.devices[0].messages_sent, MSGS as u64);
+}
+
+#[test]
+fn several_devices_with_several_endpoints_each() {
+    const DEVICES: usize = 3;
+    const EPS: usize = 4;
+    let (_dir, d, paths) = daemon(DEVICES as u32, Limits::default());
+    struct Ep {
+        ep: vfabric::Endpoint,
+        cq: CompletionQueue,
+        av: vfabric::AddressVector,
+    }
+    let domains: Vec<Domain> = paths.iter().map(domain).collect();
+    let mut eps: Vec<(usize, Ep)> = Vec::new();
+    for (di, dom) in domains.iter().enumerate() {
+        for _ in 0..EPS {
+            let cq = dom.cq_open(CqAttr::default()).unwrap();
+            let av = dom.av_open().unwrap();
+            let ep = dom.endpoint(EpAttr::default()).unwrap();
+            ep.bind_cq(&cq, BindFlags::BOTH).unwrap();
+            ep.bind_av(&av).unwrap();
+            ep.enable().unwrap();
+            eps.push((di, Ep { ep, cq, av }));
+        }
+    }
+    let n = eps.len();
+    let names: Vec<_> = eps.iter().map(|(_, e)| e.ep.name()).collect();
+    assert_eq!(
+        names.iter().collect::<HashSet<_>>().len(),
+        n,
+        "addresses are unique"
+    );
+    // Every endpoint posts a tagged receive for each other endpoint (tag = source index) ...
+    for (i, (_, e)) in eps.iter().enumerate() {
+        for j in 0..n {
+            if j != i {
+                e.ep.trecv_vec(64, j as u64, 0, (i * 1000 + j) as u64)
+                    .unwrap();
+            }
+        }
+    }
+    // ... and sends one to each: tag = own index, payload names both ends.
+    for (i, (_, e)) in eps.iter().enumerate() {
+        for (j, name) in names.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            let dest = e.av.insert(*name);
+            let msg = format!("{i}->{j}");
+            e.ep.tsend(msg.as_bytes(), dest, i as u64, (100_000 + j) as u64)
+                .unwrap();
+        }
+    }
+    for (i, (di, e)) in eps.iter().enumerate() {
+        let mut got = HashSet::new();
+        let mut sent = 0;
+        while got.len() < n - 1 || sent < n - 1 {
+            let c = next(&e.cq);
+            if c.context >= 100_000 {
+                sent += 1;
+                continue;
+            }
+            let j = (c.context % 1000) as usize;
+            assert_eq!(c.tag, j as u64);
+            let text = String::from_utf8(c.buf.clone().unwrap()).unwrap();
+            assert_eq!(text, format!("{j}->{i}"), "endpoint {i} on device {di}");
+            assert_eq!(c.src, Some(names[j]));
+            assert!(got.insert(j), "endpoint {i} got {j} twice");
+        }
+    }
+    let st = d.stats();
+    let total: u64 = st.devices.iter().map(|s| s.messages_received).sum();
+    assert_eq!(total, (n * (n - 1)) as u64);
+}
