@@ -25,10 +25,11 @@ pub struct DemoArgs {
 }
 
 /// Start a daemon with `devices` devices whose sockets live in a fresh temporary directory.
-pub fn embedded_daemon(devices: u32) -> Result<DaemonHandle, CliError> {
+pub fn embedded_daemon(devices: u32, poll_us: u64) -> Result<DaemonHandle, CliError> {
     let dir: PathBuf = std::env::temp_dir().join(format!("vfabric-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let config = Config::new(Config::socket_dir_paths(&dir, devices));
+    let mut config = Config::new(Config::socket_dir_paths(&dir, devices));
+    config.poll_us = poll_us;
     Ok(vfabric_device::start(config)?)
 }
 
@@ -38,7 +39,7 @@ fn find(rs: &[SizeResult], size: usize) -> Option<&SizeResult> {
 
 pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     let sizes = crate::parse_sizes(&args.sizes)?;
-    let daemon = embedded_daemon(2)?;
+    let daemon = embedded_daemon(2, Config::new(Vec::new()).poll_us)?;
     let socks = daemon.socket_paths().to_vec();
     let params = |mode: Mode, iters: usize| RunParams {
         sizes: sizes.clone(),

@@ -94,6 +94,9 @@ pub struct BenchArgs {
     /// Give up on a wait after this many seconds.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
+    /// Embedded daemon only: its data-plane poll budget in µs (0 = wake on kicks only).
+    #[arg(long, default_value_t = 50)]
+    poll_us: u64,
 }
 
 impl BenchArgs {
@@ -156,7 +159,7 @@ fn run_bench(kind: Kind, args: &BenchArgs) -> Result<(), CliError> {
             bench::run_side(kind, dev, &addr_file, args.server, &params)?
         }
         None => {
-            let daemon = demo::embedded_daemon(2)?;
+            let daemon = demo::embedded_daemon(2, args.poll_us)?;
             let paths = daemon.socket_paths().to_vec();
             let r = bench::run_pair(kind, paths[0].clone(), paths[1].clone(), &params);
             daemon.shutdown();
