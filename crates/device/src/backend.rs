@@ -30,7 +30,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::chain::{has_pending, parse_chain, pop_chains, GuestMemoryMmap, Parsed};
+use crate::chain::{
+    has_pending, head_is_indirect, parse_chain, pop_chains, GuestMemoryMmap, Parsed,
+};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::Poller;
 use crate::stats::Counters;
@@ -125,6 +127,41 @@ fn region_keys(mem: &GuestMemoryMmap) -> Vec<RegionKey> {
             (r.start_addr().0, r.len(), host)
         })
         .collect()
+}
+
+/// Every region must be backed by a file that covers it and cannot shrink (`F_SEAL_SHRINK`, as
+/// QEMU's `memory-backend-memfd` and the `vfabric` driver set): a guest that truncated its memfd
+/// under a mapping would make the daemon's next access to those pages raise SIGBUS.
+fn check_backing(mem: &GuestMemoryMmap) -> Result<(), String> {
+    for r in mem.iter() {
+        let start = r.start_addr().0;
+        // Anonymous memory (embedded tests) cannot shrink under us.
+        let Some(fo) = r.file_offset() else {
+            continue;
+        };
+        let need = fo
+            .start()
+            .checked_add(r.len())
+            .ok_or("region end overflows")?;
+        let have = fo
+            .file()
+            .metadata()
+            .map_err(|e| format!("cannot stat the file of region {start:#x}: {e}"))?
+            .len();
+        if have < need {
+            return Err(format!(
+                "region at {start:#x} needs {need} bytes of its file, which has {have}"
+            ));
+        }
+        // SAFETY: fcntl(F_GET_SEALS) on a descriptor we hold open; it reads no memory of ours.
+        let seals = unsafe { libc::fcntl(fo.file().as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(format!(
+                "the file of region {start:#x} can shrink (no F_SEAL_SHRINK seal)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The vhost-user backend of one device connection.
@@ -277,12 +314,13 @@ impl FabricBackend {
                 return progressed;
             }
             let mem = self.mem.memory();
-            let popped = {
+            let (popped, desc_table) = {
                 let mut st = vr.get_mut();
                 if !st.is_enabled() || !st.get_queue().ready() {
                     continue;
                 }
-                pop_chains(st.get_queue_mut(), &mem, BATCH)
+                let desc_table = st.get_queue().desc_table();
+                (pop_chains(st.get_queue_mut(), &mem, BATCH), desc_table)
             };
             let chains = match popped {
                 Ok(c) => c,
@@ -299,7 +337,10 @@ impl FabricBackend {
             let limits = self.fabric.limits();
             let parsed: Vec<Parsed> = chains
                 .into_iter()
-                .map(|c| parse_chain(&mem, c, q as u16, limits, acked))
+                .map(|c| {
+                    let indirect = head_is_indirect(&mem, desc_table, c.head_index());
+                    parse_chain(&mem, c, q as u16, limits, acked, indirect)
+                })
                 .collect();
             self.fabric.handle(self.dev, parsed, acked, n);
         }
@@ -503,6 +544,16 @@ impl VhostUserBackend for FabricBackend {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         let _work = self.control_lock();
+        if let Err(why) = check_backing(&mem.memory()) {
+            // Touching a page past the end of a region's file would kill the whole daemon with
+            // SIGBUS: refuse the table and drop this guest before anything uses it.
+            warn!(dev = self.dev, "refusing guest memory: {why}");
+            let mut n = Notify::default();
+            self.fabric.reset(self.dev, Teardown::Silent, &mut n);
+            n.flush();
+            self.ring_error(0, &why);
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
         let new = region_keys(&mem.memory());
         let mut old = lock(&self.regions);
         let replaced = old.iter().any(|r| !new.contains(r));

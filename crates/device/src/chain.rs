@@ -19,7 +19,7 @@ use std::ops::Deref;
 use vfabric_proto::{
     bit, flags, queue_kind, Completion, Opcode, QueueClass, QueueKind, ReqHeader, Request, Status,
     COMPLETION_LEN, REQ_HEADER_LEN, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::{DescriptorChain, Error as QueueError, Queue, QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
@@ -319,6 +319,42 @@ pub(crate) fn implemented(op: Opcode) -> bool {
     )
 }
 
+/// Descriptors that carry payload or data-area bytes: those lying wholly inside the 96-byte
+/// header or the 64-byte completion do not count against `max_sge`.
+fn data_descriptors(count: usize, readable: &Segs, writable: &Segs) -> usize {
+    let mut off = 0u64;
+    let mut control = 0usize;
+    for seg in &readable.segs {
+        off += u64::from(seg.len);
+        if seg.len > 0 && off <= REQ_HEADER_LEN as u64 {
+            control += 1;
+        }
+    }
+    let comp_start = writable.len.saturating_sub(COMPLETION_LEN as u64);
+    let mut off = 0u64;
+    for seg in &writable.segs {
+        if seg.len > 0 && off >= comp_start {
+            control += 1;
+        }
+        off += u64::from(seg.len);
+    }
+    count.saturating_sub(control)
+}
+
+/// Whether the descriptor at the head of a chain is an indirect one (checked against the
+/// negotiated features: virtio-queue follows indirect tables unconditionally).
+pub(crate) fn head_is_indirect(mem: &GuestMemoryMmap, desc_table: u64, head: u16) -> bool {
+    let flags_at = desc_table
+        .checked_add(16 * u64::from(head))
+        .and_then(|a| a.checked_add(12));
+    flags_at
+        .and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok())
+        .is_some_and(|f| u16::from_le(f) & VIRTQ_DESC_F_INDIRECT != 0)
+}
+
+/// `VIRTQ_DESC_F_INDIRECT`.
+const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+
 /// Parse and validate one chain popped from virtqueue `queue`.
 pub(crate) fn parse_chain<M>(
     mem: &GuestMemoryMmap,
@@ -326,6 +362,7 @@ pub(crate) fn parse_chain<M>(
     queue: u16,
     limits: &Limits,
     acked: u64,
+    head_indirect: bool,
 ) -> Parsed
 where
     M: Deref,
@@ -392,7 +429,10 @@ where
     if write_before_read {
         return reject(Status::BadChain, 0);
     }
-    if count > limits.max_sge as usize + 2 {
+    if head_indirect && acked & bit(VIRTIO_RING_F_INDIRECT_DESC) == 0 {
+        return reject(Status::BadChain, 0);
+    }
+    if data_descriptors(count, &readable, &writable) > limits.max_sge as usize {
         return reject(Status::BadChain, 0);
     }
     if readable.len < REQ_HEADER_LEN as u64 {

@@ -42,7 +42,7 @@ use vfabric_proto::{
 };
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::chain::{completion, copy_stream, GuestMemoryMmap, Parsed, Req, Segs};
+use crate::chain::{completion, copy_stream, CopyFault, GuestMemoryMmap, Parsed, Req, Segs};
 use crate::config::{Config, Limits, VendorAttr};
 use crate::stats::Counters;
 
@@ -116,6 +116,24 @@ enum Body {
     Eager(Vec<u8>),
     /// The sender's chain, completed when matched.
     Held(Req),
+}
+
+/// What is left of a transfer whose copy faulted on one side.
+enum Survivor {
+    None,
+    /// The sender faulted: the receive is still to be matched.
+    Recv(Req),
+    /// The receiver faulted: the held send is still to be matched.
+    Send(Req),
+}
+
+/// Outcome of delivering a queued message into a receive.
+enum Delivered {
+    Done,
+    /// The receiver faulted: the message goes back into its queue.
+    Requeue(Msg),
+    /// The sender faulted: the receive is still to be matched.
+    Rematch(Req),
 }
 
 struct Msg {
@@ -647,9 +665,20 @@ impl Fabric {
             .posted
             .iter()
             .position(|x| recv_matches(&x.req, &meta))
-            .and_then(|i| dst.posted.remove(i));
-        if let Some(rv) = posted {
-            return self.transfer(dev, port, req, &meta, ddev, &dport, rv, n);
+            .and_then(|i| Some((i, dst.posted.remove(i)?)));
+        if let Some((at, rv)) = posted {
+            match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
+                Survivor::None => {}
+                // Our memory faulted: the receive goes back where it was.
+                Survivor::Recv(rv) => {
+                    if let Some(dst) = inner.devs[ddev].eps[dep].ep.as_mut() {
+                        dst.posted.insert(at.min(dst.posted.len()), rv);
+                    }
+                }
+                // The receiver's memory faulted (its receive failed): match the next one.
+                Survivor::Send(req) => self.op_send(inner, dev, port, req, n),
+            }
+            return;
         }
         if dst.kind == ep_open::TYPE_DGRAM {
             if let Some(c) = self.counters.get(ddev) {
@@ -723,6 +752,11 @@ impl Fabric {
     }
 
     /// The one copy: held send `sreq` of `sdev` into receive `rreq` of `rdev`; both complete.
+    ///
+    /// Guest ranges are resolved before any byte moves, so a fault copies nothing. Only the side
+    /// whose memory faulted fails (with `Fault`); the other request is handed back so the caller
+    /// can match it again: one guest's bad (or just replaced) memory table must never cost a
+    /// well-behaved peer its request.
     #[allow(clippy::too_many_arguments)]
     fn transfer(
         &self,
@@ -734,7 +768,7 @@ impl Fabric {
         rport: &Port,
         rreq: Req,
         n: &mut Notify,
-    ) {
+    ) -> Survivor {
         let placed = meta.len.min(rreq.data.len);
         let res = copy_stream(
             &sport.mem.memory(),
@@ -747,16 +781,23 @@ impl Fabric {
             Ok(()) => {
                 self.received(rdev, rport, &rreq, meta, placed, n);
                 self.sent(sdev, sport, &sreq, meta.len, n);
+                Survivor::None
             }
-            Err(side) => {
-                debug!(sdev, rdev, ?side, "copy faulted");
-                self.fail(rdev, rport, &rreq, Status::Fault, n);
+            Err(CopyFault::Src) => {
+                debug!(sdev, rdev, "copy faulted in the sender's memory");
                 self.fail(sdev, sport, &sreq, Status::Fault, n);
+                Survivor::Recv(rreq)
+            }
+            Err(CopyFault::Dst) => {
+                debug!(sdev, rdev, "copy faulted in the receiver's memory");
+                self.fail(rdev, rport, &rreq, Status::Fault, n);
+                Survivor::Send(sreq)
             }
         }
     }
 
-    /// Deliver unexpected message `m` (queued at `rdev`) into receive `rreq`.
+    /// Deliver unexpected message `m` (queued at `rdev`) into receive `rreq`. On a copy fault
+    /// the request of the side that did not fault comes back (see [`Fabric::transfer`]).
     fn deliver(
         &self,
         inner: &mut Inner,
@@ -765,25 +806,39 @@ impl Fabric {
         rreq: Req,
         m: Msg,
         n: &mut Notify,
-    ) {
+    ) -> Delivered {
         match m.body {
             Body::Eager(buf) => {
+                let placed = m.meta.len.min(rreq.data.len);
+                let bytes = buf.get(..placed as usize).unwrap_or(&buf);
+                if rreq.data.write_at(&rport.mem.memory(), 0, bytes).is_err() {
+                    // The receiver's memory faulted: the message stays queued for the next one.
+                    self.fail(rdev, rport, &rreq, Status::Fault, n);
+                    return Delivered::Requeue(Msg {
+                        body: Body::Eager(buf),
+                        ..m
+                    });
+                }
                 let d = &mut inner.devs[rdev];
                 d.unexpected_bytes = d
                     .unexpected_bytes
                     .saturating_sub(eager_cost(buf.len() as u64));
-                let placed = m.meta.len.min(rreq.data.len);
-                let bytes = buf.get(..placed as usize).unwrap_or(&buf);
-                if rreq.data.write_at(&rport.mem.memory(), 0, bytes).is_err() {
-                    return self.fail(rdev, rport, &rreq, Status::Fault, n);
-                }
                 self.received(rdev, rport, &rreq, &m.meta, placed, n);
+                Delivered::Done
             }
             Body::Held(sreq) => {
                 let Some(sport) = inner.devs.get(m.src_dev).and_then(|d| d.port.clone()) else {
-                    return self.fail(rdev, rport, &rreq, Status::PeerGone, n);
+                    self.fail(rdev, rport, &rreq, Status::PeerGone, n);
+                    return Delivered::Done;
                 };
-                self.transfer(m.src_dev, &sport, sreq, &m.meta, rdev, rport, rreq, n);
+                match self.transfer(m.src_dev, &sport, sreq, &m.meta, rdev, rport, rreq, n) {
+                    Survivor::None => Delivered::Done,
+                    Survivor::Recv(rreq) => Delivered::Rematch(rreq),
+                    Survivor::Send(sreq) => Delivered::Requeue(Msg {
+                        body: Body::Held(sreq),
+                        ..m
+                    }),
+                }
             }
         }
     }
@@ -839,8 +894,8 @@ impl Fabric {
                 .unexpected
                 .iter()
                 .position(|m| m.claimed == Some(r.data))
-                .and_then(|i| ep.unexpected.remove(i));
-            let Some(m) = found else {
+                .and_then(|i| Some((i, ep.unexpected.remove(i)?)));
+            let Some((at, m)) = found else {
                 return self.fail(dev, port, &req, Status::NoMessage, n);
             };
             if r.flags & flags::DISCARD != 0 {
@@ -852,17 +907,40 @@ impl Fabric {
                 c.flags = (u32::from(c.flags) | comp_flags::CLAIMED).into();
                 return self.done(dev, port, &req, &c, 0, n);
             }
-            return self.deliver(inner, dev, port, req, m, n);
+            match self.deliver(inner, dev, port, req, m, n) {
+                Delivered::Done => {}
+                Delivered::Requeue(m) => Self::requeue(inner, dev, r.ep, at, m),
+                // The claimed message's sender faulted (and failed): nothing left to claim.
+                Delivered::Rematch(req) => self.fail(dev, port, &req, Status::NoMessage, n),
+            }
+            return;
         }
 
         let found = ep
             .unexpected
             .iter()
             .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta))
-            .and_then(|i| ep.unexpected.remove(i));
+            .and_then(|i| Some((i, ep.unexpected.remove(i)?)));
         match found {
-            Some(m) => self.deliver(inner, dev, port, req, m, n),
+            Some((at, m)) => match self.deliver(inner, dev, port, req, m, n) {
+                Delivered::Done => {}
+                Delivered::Requeue(m) => Self::requeue(inner, dev, r.ep, at, m),
+                // The sender's memory faulted (its send failed): try the next message.
+                Delivered::Rematch(req) => self.op_recv(inner, dev, port, req, n),
+            },
             None => ep.posted.push_back(req),
+        }
+    }
+
+    /// Put message `m` back at position `at` of endpoint `ep`'s unexpected queue.
+    fn requeue(inner: &mut Inner, dev: usize, ep: u32, at: usize, m: Msg) {
+        if let Some(e) = inner
+            .devs
+            .get_mut(dev)
+            .and_then(|d| d.eps.get_mut(ep as usize))
+            .and_then(|s| s.ep.as_mut())
+        {
+            e.unexpected.insert(at.min(e.unexpected.len()), m);
         }
     }
 

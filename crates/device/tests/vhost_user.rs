@@ -31,12 +31,16 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
 fn memfd(size: u64) -> File {
-    // SAFETY: the name is a valid NUL-terminated string; flags 0.
-    let fd = unsafe { libc::memfd_create(c"vfabric-test".as_ptr(), 0) };
+    // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
+    let fd = unsafe { libc::memfd_create(c"vfabric-test".as_ptr(), libc::MFD_ALLOW_SEALING) };
     assert!(fd >= 0, "memfd_create failed");
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(size).unwrap();
+    // vfabricd refuses memory that could shrink under its mapping.
+    // SAFETY: fcntl(F_ADD_SEALS) on our own memfd; no memory of ours is involved.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+    assert_eq!(r, 0, "seal the memfd");
     f
 }
 

@@ -69,7 +69,7 @@ impl Rig {
         let chains = pop_chains(&mut q, self.mem(), 64).unwrap();
         let parsed: Vec<Parsed> = chains
             .into_iter()
-            .map(|c| parse_chain(self.mem(), c, queue, &self.limits, acked))
+            .map(|c| parse_chain(self.mem(), c, queue, &self.limits, acked, false))
             .collect();
         let mut n = Notify::default();
         self.fabric.handle(0, parsed.clone(), acked, &mut n);
@@ -327,15 +327,16 @@ fn too_many_descriptors_payload_and_size_limits() {
         0,
         &[
             (HDR, 32, R),
-            (HDR + 32, 32, R),
-            (HDR + 64, 16, R),
-            (HDR + 80, 16, R),
+            (HDR + 32, 64, R),
+            (DATA, 8, R),
+            (DATA + 8, 8, R),
+            (DATA + 16, 8, R),
             (COMP, 32, W),
             (COMP + 32, 32, W),
         ],
     );
     // EP_OPEN carries no payload.
-    chain(&vq, 6, &[(HDR, 96, R), (DATA, 8, R), (COMP + 64, 64, W)]);
+    chain(&vq, 7, &[(HDR, 96, R), (DATA, 8, R), (COMP + 64, 64, W)]);
     rig.run(&vq, 0, ALL_FEATURES);
     assert_eq!(rig.status_at(COMP), Status::BadChain);
     assert_eq!(rig.status_at(COMP + 64), Status::Invalid);
@@ -652,7 +653,7 @@ mod hostile {
             };
             let parsed: Vec<Parsed> = chains
                 .into_iter()
-                .map(|c| parse_chain(rig.mem(), c, queue, &rig.limits, acked))
+                .map(|c| parse_chain(rig.mem(), c, queue, &rig.limits, acked, false))
                 .collect();
             let mut n = Notify::default();
             rig.fabric.handle(0, parsed, acked, &mut n);
