@@ -40,17 +40,17 @@ fi_run() { # label provider ep size iters [env...]
     wait "$srv" 2>/dev/null || true
 }
 
-vf_run() { # label mode kind size iters
-    local label=$1 mode=$2 kind=$3 size=$4 iters=$5
+vf_run() { # label mode kind size iters daemon-cpus server-cpus client-cpus
+    local label=$1 mode=$2 kind=$3 size=$4 iters=$5 dcpu=$6 scpu=$7 ccpu=$8
     local dir="$OUT/vf-$label-$size"
     mkdir -p "$dir"
-    timeout 120 taskset -c 0 "$VFABRICD" --socket-dir "$dir" --devices 2 --log-level warn &
+    timeout 120 taskset -c "$dcpu" "$VFABRICD" --socket-dir "$dir" --devices 2 --log-level warn &
     local d=$!
     for _ in $(seq 100); do [ -S "$dir/vfabric1.sock" ] && break; sleep 0.05; done
-    timeout 60 taskset -c 0 "$VFABRIC" "$kind" --device "$dir/vfabric0.sock" --server --addr-file "$dir/addr" \
+    timeout 60 taskset -c "$scpu" "$VFABRIC" "$kind" --device "$dir/vfabric0.sock" --server --addr-file "$dir/addr" \
         --sizes "$size" --iters "$iters" --mode "$mode" --quiet >/dev/null 2>"$dir/srv.err" &
     local s=$!
-    if timeout 60 taskset -c 1 "$VFABRIC" "$kind" --device "$dir/vfabric1.sock" --addr-file "$dir/addr" \
+    if timeout 60 taskset -c "$ccpu" "$VFABRIC" "$kind" --device "$dir/vfabric1.sock" --addr-file "$dir/addr" \
         --sizes "$size" --iters "$iters" --mode "$mode" --quiet --json >"$dir/out.json" 2>"$dir/cli.err"; then
         python3 - "$label" "$dir/out.json" >>"$RAW" <<'PY'
 import json, sys
@@ -66,7 +66,7 @@ PY
     wait "$d" 2>/dev/null || true
 }
 
-total=$((RUNS * $(wc -w <<<"$SIZES") * 7))
+total=$((RUNS * $(wc -w <<<"$SIZES") * 8))
 n=0
 for run in $(seq "$RUNS"); do
     for size in $SIZES; do
@@ -74,11 +74,15 @@ for run in $(seq "$RUNS"); do
         fi_run shm shm rdm "$size" "$it"
         fi_run shm-nocma shm rdm "$size" "$it" FI_SHM_DISABLE_CMA=1
         fi_run tcp tcp msg "$size" "$((it / 4 + 10))"
-        vf_run vfabric-poll poll pingpong "$size" "$it"
-        vf_run vfabric-block block pingpong "$size" "$((it / 10 + 10))"
-        vf_run vfabric-bw poll bw "$size" "$it"
-        vf_run vfabric-bw-block block bw "$size" "$((it / 4 + 10))"
-        n=$((n + 7))
+        # Three parties on two cores: the device polls on cpu1, both guests share cpu0 (the
+        # placement that measured best); "split" puts the guests on separate cores as
+        # fi_pingpong's server and client are, with the daemon free to float.
+        vf_run vfabric-poll poll pingpong "$size" "$it" 1 0 0
+        vf_run vfabric-poll-split poll pingpong "$size" "$it" 0,1 0 1
+        vf_run vfabric-block block pingpong "$size" "$((it / 10 + 10))" 1 0 1
+        vf_run vfabric-bw poll bw "$size" "$it" 1 0 0
+        vf_run vfabric-bw-block block bw "$size" "$((it / 4 + 10))" 1 0 1
+        n=$((n + 8))
         echo "bench: run $run size $size done ($n/$total)" >&2
     done
 done

@@ -55,16 +55,18 @@ def main():
     out.append("# virtio-fabric performance\n")
     out.append(f"Produced by `{command}` on {datetime.date.today()} ({platform.node()}, {cpu}, "
                f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores). "
-               f"Medians of {runs} runs; server side pinned to cpu0, client to cpu1 (`taskset`); "
-               "`vfabricd` pinned to cpu0 with the server guest. Ratios are from the same invocation; "
-               "absolute numbers move between runs on these noisy VMs.\n")
+               f"Medians of {runs} runs. fi_pingpong: server pinned to cpu0, client to cpu1 (`taskset`). "
+               "vfabric needs a third party, the device: *polled* runs pin `vfabricd` to cpu1 and both "
+               "guests to cpu0; *split* pins the guests to cpu0 and cpu1 with the daemon on either core; "
+               "*blocking* pins the daemon to cpu1 and the guests to cpu0 and cpu1. "
+               "Ratios are from the same invocation; absolute numbers move between runs on these noisy VMs.\n")
     out.append("## Latency, one way (µs; half the round trip)\n")
-    out.append("| size | vfabric polled | vfabric blocking | shm | shm no-CMA | tcp (msg) | polled/shm | polled/tcp | blocking/tcp |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out.append("| size | vfabric polled | vfabric polled, split | vfabric blocking | shm | shm no-CMA | tcp (msg) | polled/shm | polled/tcp | blocking/tcp |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for s in sizes:
-        vp, vb = L.get(("vfabric-poll", s)), L.get(("vfabric-block", s))
+        vp, vs, vb = L.get(("vfabric-poll", s)), L.get(("vfabric-poll-split", s)), L.get(("vfabric-block", s))
         shm, nocma, tcp = L.get(("shm", s)), L.get(("shm-nocma", s)), L.get(("tcp", s))
-        out.append(f"| {size_label(s)} | {fmt(vp)} | {fmt(vb)} | {fmt(shm)} | {fmt(nocma)} | {fmt(tcp)} | "
+        out.append(f"| {size_label(s)} | {fmt(vp)} | {fmt(vs)} | {fmt(vb)} | {fmt(shm)} | {fmt(nocma)} | {fmt(tcp)} | "
                    f"{fmt(ratio(vp, shm))}× | {fmt(ratio(vp, tcp))}× | {fmt(ratio(vb, tcp))}× |")
     out.append("\nLower is better; a ratio below 1 means vfabric is faster.\n")
     out.append("## Bandwidth (MB/s = 10^6 B/s)\n")

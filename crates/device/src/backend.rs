@@ -306,12 +306,26 @@ impl FabricBackend {
 
     /// One pass over every queue: pop a batch from each, parse it, hand it to the fabric.
     /// Returns whether any chain was found.
+    ///
+    /// The data queues go first and the control queue only once they are empty, so a control
+    /// request never overtakes data requests posted before it (spec: EP_CLOSE and CANCEL act on
+    /// everything the driver made available earlier, and a reopened endpoint id never inherits
+    /// an old receive).
     fn pass(&self, vrings: &[VringRwLock], n: &mut Notify) -> bool {
         let _work = self.work_lock();
         let mut progressed = false;
-        for (q, vr) in vrings.iter().enumerate() {
+        let order = (1..vrings.len()).chain(std::iter::once(0));
+        for q in order {
+            let Some(vr) = vrings.get(q) else {
+                continue;
+            };
             if self.is_broken() {
                 return progressed;
+            }
+            if q == 0 && self.any_pending(vrings.get(1..).unwrap_or_default()) {
+                // Data requests are still waiting: the next pass takes them first.
+                progressed = true;
+                continue;
             }
             let mem = self.mem.memory();
             let (popped, desc_table) = {

@@ -456,7 +456,16 @@ fn backend_processes_all_queues_after_a_kick() {
         .write_obj(ep_open_req().to_header(), GuestAddress(HDR))
         .unwrap();
     chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
-    // A receive on ep 0 (opened by the chain above, processed first) on the RX queue.
+    // Open the endpoint first: a driver learns the id from EP_OPEN's completion.
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    // A receive on ep 0 on the RX queue, and a no-op control request (ADDR_CHECK of nothing)
+    // behind it: the kick on the control queue drains every queue, data queues first.
+    d.mem
+        .write_obj(Request::new(Opcode::AddrCheck).to_header(), GuestAddress(HDR + 0x200))
+        .unwrap();
+    chain(&vq0, 2, &[(HDR + 0x200, 96, R), (COMP + 128, 64, W)]);
     let mut r = Request::new(Opcode::Recv);
     r.cookie = 9;
     d.mem
@@ -471,7 +480,7 @@ fn backend_processes_all_queues_after_a_kick() {
     d.backend
         .handle_event(0, EventSet::IN, &d.vrings, 0)
         .unwrap();
-    assert_eq!(vq0.used().idx().load(), 1);
+    assert_eq!(vq0.used().idx().load(), 2);
     let e = vq0.used().ring().ref_at(0).unwrap().load();
     assert_eq!((e.id(), e.len()), (0, 64));
     let c: Completion = d.mem.read_obj(GuestAddress(COMP)).unwrap();

@@ -1,0 +1,140 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Address vectors (`FI_AV_TABLE` semantics): the n-th inserted address gets index n.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use vfabric_proto::FabricAddr;
+
+use crate::domain::DomainInner;
+use crate::{Error, Result};
+
+/// An index into an [`AddressVector`] (`fi_addr_t`).
+pub type FiAddr = u64;
+/// "Any source" for receives (`FI_ADDR_UNSPEC`).
+pub const FI_ADDR_UNSPEC: FiAddr = u64::MAX;
+/// "Unknown address" in completions (`FI_ADDR_NOTAVAIL`).
+pub const FI_ADDR_NOTAVAIL: FiAddr = u64::MAX;
+
+#[derive(Default)]
+struct AvTable {
+    entries: Vec<Option<FabricAddr>>,
+    reverse: HashMap<FabricAddr, FiAddr>,
+}
+
+pub(crate) struct AvShared {
+    table: RwLock<AvTable>,
+}
+
+impl AvShared {
+    pub(crate) fn lookup(&self, fi_addr: FiAddr) -> Result<FabricAddr> {
+        self.table
+            .read()
+            .unwrap()
+            .entries
+            .get(fi_addr as usize)
+            .copied()
+            .flatten()
+            .ok_or_else(|| Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV")))
+    }
+    pub(crate) fn reverse_lookup(&self, addr: &FabricAddr) -> Option<FiAddr> {
+        self.table.read().unwrap().reverse.get(addr).copied()
+    }
+}
+
+/// An address vector. `Send + Sync`.
+pub struct AddressVector {
+    pub(crate) domain: Arc<DomainInner>,
+    pub(crate) shared: Arc<AvShared>,
+}
+
+impl std::fmt::Debug for AddressVector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddressVector")
+            .field("count", &self.count())
+            .finish()
+    }
+}
+
+impl AddressVector {
+    pub(crate) fn new(domain: Arc<DomainInner>) -> Self {
+        Self {
+            domain,
+            shared: Arc::new(AvShared {
+                table: RwLock::new(AvTable::default()),
+            }),
+        }
+    }
+
+    /// `fi_av_insert` of one address.
+    pub fn insert(&self, addr: FabricAddr) -> FiAddr {
+        let mut t = self.shared.table.write().unwrap();
+        let idx = t.entries.len() as FiAddr;
+        t.entries.push(Some(addr));
+        t.reverse.entry(addr).or_insert(idx);
+        idx
+    }
+
+    /// Insert an address in its 16-byte wire form (what `Endpoint::getname` produces).
+    pub fn insert_bytes(&self, bytes: &[u8]) -> Result<FiAddr> {
+        let a = FabricAddr::from_bytes(bytes)
+            .map_err(|e| Error::InvalidArgument(format!("address: {e}")))?;
+        Ok(self.insert(a))
+    }
+
+    /// `fi_av_insertsvc`-like: insert a printable address (`vfab://HOST.DEV/EP.GEN`).
+    pub fn insert_str(&self, s: &str) -> Result<FiAddr> {
+        let a: FabricAddr = s
+            .trim()
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("address {s:?}: {e}")))?;
+        Ok(self.insert(a))
+    }
+
+    /// `fi_av_remove`. The index is not reused.
+    pub fn remove(&self, fi_addr: FiAddr) -> Result<()> {
+        let mut t = self.shared.table.write().unwrap();
+        let slot = t
+            .entries
+            .get_mut(fi_addr as usize)
+            .ok_or_else(|| Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV")))?;
+        let Some(addr) = slot.take() else {
+            return Err(Error::InvalidArgument(format!(
+                "fi_addr {fi_addr} already removed"
+            )));
+        };
+        if t.reverse.get(&addr) == Some(&fi_addr) {
+            t.reverse.remove(&addr);
+            if let Some(other) = t.entries.iter().position(|e| *e == Some(addr)) {
+                t.reverse.insert(addr, other as FiAddr);
+            }
+        }
+        Ok(())
+    }
+
+    /// `fi_av_lookup`.
+    pub fn lookup(&self, fi_addr: FiAddr) -> Result<FabricAddr> {
+        self.shared.lookup(fi_addr)
+    }
+
+    /// Index of `addr`, if inserted (used for `CqEntry::src_addr`).
+    pub fn reverse_lookup(&self, addr: &FabricAddr) -> Option<FiAddr> {
+        self.shared.reverse_lookup(addr)
+    }
+
+    /// `fi_av_straddr`: printable form of an address.
+    pub fn straddr(&self, addr: &FabricAddr) -> String {
+        addr.to_string()
+    }
+
+    /// Entries ever inserted (removed ones included: indices are not reused).
+    pub fn count(&self) -> usize {
+        self.shared.table.read().unwrap().entries.len()
+    }
+
+    /// ADDR_CHECK the address at `fi_addr` with the device.
+    pub fn check(&self, fi_addr: FiAddr) -> Result<bool> {
+        let a = self.lookup(fi_addr)?;
+        self.domain.addr_check(&a)
+    }
+}

@@ -1,0 +1,234 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Control-queue requests (QUERY_CAPS, EP_OPEN, EP_CLOSE, CANCEL, ADDR_CHECK). They are
+//! synchronous: one at a time per domain, waited for by polling then blocking with a timeout.
+
+use std::time::{Duration, Instant};
+
+use vfabric_proto::caps::CapsHeader;
+use vfabric_proto::{
+    ep_open, ByteValued, CapEntry, CapsParser, Completion, FabricAddr, Opcode, Request, Status,
+};
+
+use crate::domain::DomainInner;
+use crate::virtqueue::{Finished, PendingOp, RxData, TxData};
+use crate::{Error, Result};
+
+/// First QUERY_CAPS buffer size; grown on `Truncated`.
+const CAPS_INITIAL_BUF: usize = 4096;
+const CAPS_MAX_BUF: usize = 1 << 20;
+/// How long a control waiter polls before it blocks.
+const CONTROL_SPIN: Duration = Duration::from_micros(50);
+/// Longest single sleep of a control waiter (bounds the cost of a wakeup consumed elsewhere).
+const CONTROL_SLEEP_SLICE: Duration = Duration::from_millis(10);
+
+/// Outcome of a control request.
+#[derive(Debug)]
+pub(crate) struct CtrlResult {
+    pub status: Status,
+    pub completion: Completion,
+    /// Bytes the device wrote to the data area.
+    pub data: Vec<u8>,
+}
+
+/// Dispatch a finished control request (called from progress).
+pub(crate) fn complete_control(domain: &DomainInner, f: Finished) {
+    let cookie = f.pending.cookie;
+    let PendingOp::Control { data } = f.pending.op else {
+        unreachable!("complete_control on a data request");
+    };
+    if domain.ctrl_abandoned.lock().unwrap().remove(&cookie) {
+        tracing::debug!(cookie, "late completion of an abandoned control request");
+        return;
+    }
+    let (status, completion) = match f.completion {
+        Some(c) if !f.device_fault => (
+            Status::from_u32(c.status.into()).unwrap_or(Status::Invalid),
+            c,
+        ),
+        Some(c) => (Status::Fault, c),
+        None => (Status::BadChain, Completion::default()),
+    };
+    let mut bytes = Vec::new();
+    if let Some(area) = data {
+        let n = (u64::from(completion.len) as usize).min(area.capacity());
+        bytes.resize(n, 0);
+        area.read_at(0, &mut bytes);
+    }
+    domain.ctrl_results.lock().unwrap().insert(
+        cookie,
+        CtrlResult {
+            status,
+            completion,
+            data: bytes,
+        },
+    );
+}
+
+impl DomainInner {
+    /// Post a control request with a `data_len`-byte data area and wait for its completion.
+    pub(crate) fn control(&self, req: Request, data_len: usize) -> Result<CtrlResult> {
+        self.check_usable()?;
+        let _serial = self.ctrl_lock.lock().unwrap();
+        let deadline = Instant::now() + self.ctrl_timeout;
+        let mut header = req.to_header();
+        let cookie = loop {
+            let area = if data_len > 0 {
+                let a = self.mem.alloc(data_len, 64)?;
+                a.zero();
+                Some(a)
+            } else {
+                None
+            };
+            let descs = area.as_ref().map(|a| [(a.addr(), data_len as u32)]);
+            let rx = match &descs {
+                Some(d) => RxData::Descs(d),
+                None => RxData::None,
+            };
+            match self.queues[0].post(
+                &mut header,
+                TxData::None,
+                rx,
+                PendingOp::Control { data: area },
+                false,
+            ) {
+                Ok(c) => break c,
+                // Ring full of abandoned requests: let the device drain it.
+                Err(Error::Again) if Instant::now() < deadline => {
+                    self.progress_quiet();
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let spin_until = Instant::now() + CONTROL_SPIN;
+        loop {
+            self.progress_quiet();
+            if let Some(r) = self.ctrl_results.lock().unwrap().remove(&cookie) {
+                return Ok(r);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.ctrl_abandoned.lock().unwrap().insert(cookie);
+                tracing::warn!(?req.opcode, "control request timed out");
+                return Err(Error::Timeout);
+            }
+            if self.is_closed() {
+                return Err(Error::Closed);
+            }
+            if now < spin_until {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.block(Some(deadline.min(now + CONTROL_SLEEP_SLICE)), None)?;
+        }
+    }
+
+    /// Progress for control waiters: errors of data queues are reported to their users, not
+    /// to the control caller.
+    fn progress_quiet(&self) {
+        for q in &self.queues {
+            let _ = q.poll(|f| crate::cq::complete(self, f));
+        }
+    }
+
+    fn control_ok(&self, req: Request, data_len: usize) -> Result<CtrlResult> {
+        let r = self.control(req, data_len)?;
+        match r.status {
+            Status::Ok => Ok(r),
+            s => Err(Error::Device(s)),
+        }
+    }
+
+    /// QUERY_CAPS, growing the buffer while the device answers `Truncated`.
+    pub(crate) fn query_caps(&self) -> Result<Vec<CapEntry>> {
+        let mut size = CAPS_INITIAL_BUF;
+        for _ in 0..6 {
+            let r = self.control(Request::new(Opcode::QueryCaps), size)?;
+            match r.status {
+                Status::Ok => {
+                    let hlen = std::mem::size_of::<CapsHeader>();
+                    if let Some(h) = r.data.get(..hlen).and_then(CapsHeader::from_slice) {
+                        let total = u32::from(h.total_len) as usize;
+                        if total > r.data.len() {
+                            return Err(Error::Transport(format!(
+                                "QUERY_CAPS answer claims {total} bytes, device wrote {}",
+                                r.data.len()
+                            )));
+                        }
+                    }
+                    return Ok(CapsParser::parse(&r.data)?);
+                }
+                Status::Truncated => {
+                    let olen = u64::from(r.completion.olen) as usize;
+                    let len = u64::from(r.completion.len) as usize;
+                    // `olen` is "bytes needed"; accept either reading of it.
+                    let needed = olen.max(len.saturating_add(olen)).max(size * 2);
+                    if needed > CAPS_MAX_BUF {
+                        return Err(Error::TooSmall { needed });
+                    }
+                    tracing::debug!(size, needed, "QUERY_CAPS truncated, retrying");
+                    size = needed;
+                }
+                s => return Err(Error::Device(s)),
+            }
+        }
+        Err(Error::Transport("QUERY_CAPS kept truncating".into()))
+    }
+
+    /// EP_OPEN: returns (endpoint id, full address).
+    pub(crate) fn ep_open(&self, ep_type: u64) -> Result<(u32, FabricAddr)> {
+        let mut req = Request::new(Opcode::EpOpen);
+        req.data = ep_type;
+        let r = self.control_ok(req, 0)?;
+        let id = u64::from(r.completion.data);
+        let addr = FabricAddr::from_wire(&r.completion.src);
+        if id > u32::MAX as u64 || addr.ep as u64 != id {
+            return Err(Error::Transport(format!(
+                "EP_OPEN answered id {id} with address {addr}"
+            )));
+        }
+        Ok((id as u32, addr))
+    }
+
+    pub(crate) fn ep_close(&self, ep: u32) -> Result<()> {
+        let mut req = Request::new(Opcode::EpClose);
+        req.ep = ep;
+        self.control_ok(req, 0).map(|_| ())
+    }
+
+    /// CANCEL: true if the device found the request (it then completes `Canceled`).
+    pub(crate) fn cancel_request(&self, ep: u32, cookie: u64) -> Result<bool> {
+        let mut req = Request::new(Opcode::Cancel);
+        req.ep = ep;
+        req.data = cookie;
+        let r = self.control(req, 0)?;
+        match r.status {
+            Status::Ok => Ok(true),
+            Status::NoMessage => Ok(false),
+            s => Err(Error::Device(s)),
+        }
+    }
+
+    pub(crate) fn addr_check(&self, addr: &FabricAddr) -> Result<bool> {
+        let mut req = Request::new(Opcode::AddrCheck);
+        req.peer = *addr;
+        let r = self.control(req, 0)?;
+        match r.status {
+            Status::Ok => Ok(true),
+            Status::AddrNotAvail | Status::BadEndpoint => Ok(false),
+            s => Err(Error::Device(s)),
+        }
+    }
+}
+
+/// EP_OPEN type code for an endpoint type.
+pub(crate) fn ep_type_code(t: crate::endpoint::EpType) -> Result<u64> {
+    use crate::endpoint::EpType;
+    match t {
+        EpType::Rdm => Ok(ep_open::TYPE_RDM),
+        EpType::Dgram => Ok(ep_open::TYPE_DGRAM),
+        EpType::Msg => Err(Error::Unsupported(
+            "FI_EP_MSG (connection management is not implemented)".into(),
+        )),
+    }
+}

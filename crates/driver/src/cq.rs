@@ -1,0 +1,514 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Completion queues. Progress (driven by `read`/`sread`) drains the domain's used rings and
+//! dispatches each finished request to the CQ its endpoint bound for that direction.
+//!
+//! `sread` follows "poll first, block adaptively": it spins for a budget of the order of a
+//! cross-core wakeup, then arms EVENT_IDX notifications on every ring of the domain and blocks
+//! in `ppoll(2)` on their call eventfds plus the CQ's own signal eventfd (another thread's
+//! progress may deliver our entries), re-checking after arming so no wakeup is lost.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vfabric_proto::{comp_flags, FabricAddr, Status};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::av::{FiAddr, FI_ADDR_NOTAVAIL};
+use crate::domain::DomainInner;
+use crate::virtqueue::{CopyOut, DataOp, Finished, PendingOp};
+use crate::{data_status_errno, fi, Error, Result};
+
+/// Environment variable fixing the `sread` spin budget in microseconds (0: block at once).
+pub const SPIN_ENV: &str = "VFABRIC_SPIN_US";
+const SPIN_INITIAL_NS: u64 = 20_000;
+const SPIN_MIN_NS: u64 = 1_000;
+const SPIN_MAX_NS: u64 = 100_000;
+
+/// Spin policy when `VFABRIC_SPIN_US` is not set. With more than two CPUs, spin adaptively
+/// (start at 20 µs; grow when the wakeup came soon after we blocked, shrink when we slept
+/// long). With two CPUs or fewer the guest threads and the device's poller already outnumber
+/// the cores, and measurements show spinning only delays the party we wait for, so block at
+/// once (budget 0).
+fn default_spin() -> (u64, Option<u64>) {
+    match std::env::var(SPIN_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(us) => (us * 1000, Some(us * 1000)),
+        None => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if cpus <= 2 {
+                (0, Some(0))
+            } else {
+                (SPIN_INITIAL_NS, None)
+            }
+        }
+    }
+}
+/// Progress polls between `sched_yield`s while spinning (lets a co-located device thread run).
+/// A power of two.
+const SPIN_POLLS_PER_YIELD: u32 = 256;
+
+/// How a CQ waits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WaitMode {
+    /// Polled only (`FI_WAIT_NONE`): `sread` is not available.
+    #[default]
+    None,
+    /// `sread` spins for an adaptive budget, then blocks on the domain's call eventfds.
+    Blocking,
+}
+
+/// CQ attributes (`fi_cq_attr`).
+#[derive(Clone, Copy, Debug)]
+pub struct CqAttr {
+    /// Expected number of entries (a sizing hint: entries are never dropped).
+    pub size: usize,
+    pub wait: WaitMode,
+}
+
+impl Default for CqAttr {
+    fn default() -> Self {
+        Self {
+            size: 1024,
+            wait: WaitMode::None,
+        }
+    }
+}
+
+/// A successful completion (`fi_cq_tagged_entry` plus source and received bytes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CqEntry {
+    /// The `ctx` the operation was posted with.
+    pub context: u64,
+    /// libfabric flags: `SEND`/`RECV`, `MSG`/`TAGGED`, `REMOTE_CQ_DATA`, `CLAIM`.
+    pub flags: u64,
+    /// Bytes received (receives; for PEEK the message length), bytes sent (sends).
+    pub len: usize,
+    /// Remote CQ data (with `fi::REMOTE_CQ_DATA`).
+    pub data: u64,
+    pub tag: u64,
+    /// Source endpoint of a received message.
+    pub src: Option<FabricAddr>,
+    /// Source as an index of the endpoint's AV, or `FI_ADDR_NOTAVAIL` (`fi_cq_readfrom`).
+    pub src_addr: FiAddr,
+    /// Received bytes of a `recv_vec`/`trecv_vec`.
+    pub buf: Option<Vec<u8>>,
+}
+
+/// An error completion (`fi_cq_err_entry`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CqErrEntry {
+    pub context: u64,
+    pub flags: u64,
+    /// Bytes placed (truncation) or transferred before the error.
+    pub len: usize,
+    /// Bytes that did not fit (truncation).
+    pub olen: usize,
+    /// Device status.
+    pub status: Status,
+    /// libfabric errno (positive), e.g. `fi::ETRUNC` (spec §6.7; `EAGAIN` for NO_RESOURCES,
+    /// `EIO` for a failed chain, `EOTHER` for a status this driver does not know).
+    pub err: i32,
+    /// Raw device status value (`prov_errno`).
+    pub prov_errno: i32,
+    pub data: u64,
+    pub tag: u64,
+    pub src: Option<FabricAddr>,
+    /// Bytes placed by a truncated `recv_vec`.
+    pub buf: Option<Vec<u8>>,
+}
+
+enum CqEvent {
+    Entry(CqEntry),
+    Error(CqErrEntry),
+}
+
+/// State shared between a CQ handle and the requests that complete into it.
+pub(crate) struct CqShared {
+    events: Mutex<VecDeque<CqEvent>>,
+    /// Written when an entry arrives while a thread blocks in `sread`.
+    signal: EventFd,
+    waiters: AtomicUsize,
+}
+
+impl CqShared {
+    fn push(&self, ev: CqEvent) {
+        self.events.lock().unwrap().push_back(ev);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _ = self.signal.write(1);
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.events.lock().unwrap().is_empty()
+    }
+}
+
+/// A completion queue (`fid_cq`). `Send + Sync`; entries are delivered in the order the
+/// device completed them on each virtqueue.
+pub struct CompletionQueue {
+    pub(crate) domain: Arc<DomainInner>,
+    pub(crate) shared: Arc<CqShared>,
+    attr: CqAttr,
+    spin_ns: AtomicU64,
+    fixed_spin_ns: Option<u64>,
+}
+
+impl std::fmt::Debug for CompletionQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompletionQueue")
+            .field("attr", &self.attr)
+            .field("queued", &self.shared.events.lock().unwrap().len())
+            .finish()
+    }
+}
+
+impl CompletionQueue {
+    pub(crate) fn new(domain: Arc<DomainInner>, attr: CqAttr) -> Result<Self> {
+        let (initial_spin_ns, fixed_spin_ns) = default_spin();
+        Ok(Self {
+            domain,
+            shared: Arc::new(CqShared {
+                events: Mutex::new(VecDeque::with_capacity(attr.size.min(1 << 16))),
+                signal: EventFd::new(EFD_NONBLOCK)?,
+                waiters: AtomicUsize::new(0),
+            }),
+            attr,
+            spin_ns: AtomicU64::new(initial_spin_ns),
+            fixed_spin_ns,
+        })
+    }
+
+    pub fn attr(&self) -> CqAttr {
+        self.attr
+    }
+
+    /// `fi_cq_read`: drive progress, then move up to `max` entries to `out`. `Err(Again)` if
+    /// none, `Err(Avail)` if an error entry is at the head (call [`CompletionQueue::readerr`]).
+    pub fn read(&self, out: &mut Vec<CqEntry>, max: usize) -> Result<usize> {
+        let progressed = self.domain.progress();
+        match self.take(out, max) {
+            // Entries already delivered are returned before a transport error.
+            Err(Error::Again) => progressed.and(Err(Error::Again)),
+            r => r,
+        }
+    }
+
+    /// `fi_cq_read` into a slice: fills `out[..n]`, returns `n` (errors as for `read`).
+    pub fn read_into(&self, out: &mut [CqEntry]) -> Result<usize> {
+        let mut v = Vec::with_capacity(out.len());
+        let n = self.read(&mut v, out.len())?;
+        for (slot, e) in out.iter_mut().zip(v) {
+            *slot = e;
+        }
+        Ok(n)
+    }
+
+    /// Read one entry.
+    pub fn read_one(&self) -> Result<CqEntry> {
+        let mut v = Vec::with_capacity(1);
+        self.read(&mut v, 1)?;
+        Ok(v.pop().expect("read returned one entry"))
+    }
+
+    fn take(&self, out: &mut Vec<CqEntry>, max: usize) -> Result<usize> {
+        let mut events = self.shared.events.lock().unwrap();
+        let mut n = 0;
+        while n < max {
+            match events.front() {
+                Some(CqEvent::Entry(_)) => {
+                    let Some(CqEvent::Entry(e)) = events.pop_front() else {
+                        unreachable!()
+                    };
+                    out.push(e);
+                    n += 1;
+                }
+                Some(CqEvent::Error(_)) if n == 0 => return Err(Error::Avail),
+                _ => break,
+            }
+        }
+        if n == 0 {
+            Err(Error::Again)
+        } else {
+            Ok(n)
+        }
+    }
+
+    /// `fi_cq_readerr`: pop the error entry at the head, if any.
+    pub fn readerr(&self) -> Option<CqErrEntry> {
+        let mut events = self.shared.events.lock().unwrap();
+        if let Some(CqEvent::Error(_)) = events.front() {
+            let Some(CqEvent::Error(e)) = events.pop_front() else {
+                unreachable!()
+            };
+            return Some(e);
+        }
+        None
+    }
+
+    /// Entries (success and error) queued, without driving progress.
+    pub fn queued(&self) -> usize {
+        self.shared.events.lock().unwrap().len()
+    }
+
+    /// `fi_cq_sread`: like `read`, but waits up to `timeout` (forever if `None`) for at least
+    /// one entry. Spins for a budget, then blocks. The budget is `VFABRIC_SPIN_US` if set;
+    /// otherwise adaptive (1–100 µs) on machines with more than two CPUs and 0 (block at once)
+    /// on smaller ones. Returns `Err(Timeout)` on timeout (libfabric reports that as
+    /// `-FI_EAGAIN`).
+    pub fn sread(
+        &self,
+        out: &mut Vec<CqEntry>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
+        if self.attr.wait != WaitMode::Blocking {
+            return Err(Error::Unsupported(
+                "sread on a CQ opened with WaitMode::None".into(),
+            ));
+        }
+        let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        match self.read(out, max) {
+            Err(Error::Again) => {}
+            r => return r,
+        }
+        // Phase 1: poll.
+        let budget = self
+            .fixed_spin_ns
+            .unwrap_or_else(|| self.spin_ns.load(Ordering::Relaxed));
+        let spin_end = start + Duration::from_nanos(budget);
+        let spin_end = deadline.map_or(spin_end, |d| d.min(spin_end));
+        let mut polls = 0u32;
+        while Instant::now() < spin_end {
+            match self.read(out, max) {
+                Err(Error::Again) => {}
+                r => return r,
+            }
+            polls = polls.wrapping_add(1);
+            if polls & (SPIN_POLLS_PER_YIELD - 1) == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        // Phase 2: block.
+        loop {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::Timeout);
+            }
+            self.shared.waiters.fetch_add(1, Ordering::SeqCst);
+            let blocked_at = Instant::now();
+            let r = if self.shared.is_empty() {
+                self.domain.block(deadline, Some(&self.shared.signal))
+            } else {
+                Ok(())
+            };
+            self.shared.waiters.fetch_sub(1, Ordering::SeqCst);
+            let _ = self.shared.signal.read();
+            r?;
+            match self.read(out, max) {
+                Err(Error::Again) => continue,
+                r => {
+                    self.adapt_spin(blocked_at.elapsed());
+                    return r;
+                }
+            }
+        }
+    }
+
+    /// Grow the spin budget when the event arrived soon after we blocked (spinning a little
+    /// longer would have caught it), shrink it when we slept long (spinning was wasted).
+    fn adapt_spin(&self, slept: Duration) {
+        if self.fixed_spin_ns.is_some() {
+            return;
+        }
+        let cur = self.spin_ns.load(Ordering::Relaxed);
+        let slept = slept.as_nanos() as u64;
+        let next = if slept < SPIN_MAX_NS {
+            (cur * 2).min(SPIN_MAX_NS)
+        } else if slept > 4 * SPIN_MAX_NS {
+            (cur / 2).max(SPIN_MIN_NS)
+        } else {
+            cur
+        };
+        self.spin_ns.store(next, Ordering::Relaxed);
+    }
+
+    /// Current `sread` spin budget.
+    pub fn spin_budget(&self) -> Duration {
+        Duration::from_nanos(
+            self.fixed_spin_ns
+                .unwrap_or_else(|| self.spin_ns.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// Deliver a finished request (called by progress, in used-ring order per queue).
+pub(crate) fn complete(domain: &DomainInner, f: Finished) {
+    if matches!(f.pending.op, PendingOp::Control { .. }) {
+        return crate::control::complete_control(domain, f);
+    }
+    let Finished {
+        pending,
+        completion,
+        device_fault,
+        inline_data,
+    } = f;
+    let PendingOp::Data(op) = pending.op else {
+        unreachable!()
+    };
+    complete_data(op, pending.cookie, completion, device_fault, inline_data);
+}
+
+fn complete_data(
+    op: DataOp,
+    cookie: u64,
+    completion: Option<vfabric_proto::Completion>,
+    device_fault: bool,
+    inline_data: crate::virtqueue::InlineData,
+) {
+    if op.ep.is_closed() {
+        // fi_close semantics: the endpoint's outstanding operations are discarded, and its
+        // buffers may already be gone, so nothing is copied out.
+        return;
+    }
+    let c = completion.unwrap_or_default();
+    let raw_status = u32::from(c.status);
+    // A used element of length 0 (no completion) is a failed request: FI_EIO like BAD_CHAIN.
+    let known = Status::from_u32(raw_status);
+    let mut status = if completion.is_none() {
+        Status::BadChain
+    } else {
+        known.unwrap_or(Status::Invalid)
+    };
+    if device_fault {
+        status = Status::Fault;
+    }
+    // A status this driver does not know is an error reported as FI_EOTHER (spec §6.7).
+    let unknown_status = completion.is_some() && known.is_none() && !device_fault;
+    let dev_len = u64::from(c.len) as usize;
+    let mut len = dev_len;
+    if op.is_recv
+        && !op.peek
+        && matches!(status, Status::Ok | Status::Truncated)
+        && dev_len > op.rx_len
+    {
+        tracing::warn!(
+            dev_len,
+            posted = op.rx_len,
+            "device placed more bytes than posted"
+        );
+        status = Status::Fault;
+        len = 0;
+    }
+    let olen = u64::from(c.olen) as usize;
+    let cflags = u32::from(c.flags);
+    let mut flags = op.fi_flags;
+    if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+        flags |= fi::REMOTE_CQ_DATA;
+    }
+    if cflags & comp_flags::TAGGED != 0 {
+        flags |= fi::TAGGED;
+    }
+    if cflags & comp_flags::CLAIMED != 0 {
+        flags |= fi::CLAIM;
+    }
+    let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+        c.data.into()
+    } else {
+        0
+    };
+    let tag = u64::from(c.tag);
+
+    let mut buf = None;
+    let (src, src_addr) = if op.is_recv && matches!(status, Status::Ok | Status::Truncated) {
+        let placed = if op.peek { 0 } else { len.min(op.rx_len) };
+        copy_out(&op, placed, inline_data.as_slice(), &mut buf);
+        let s = FabricAddr::from_wire(&c.src);
+        (Some(s), op.ep.reverse_lookup(&s))
+    } else {
+        (None, FI_ADDR_NOTAVAIL)
+    };
+    if op.record_claim && status == Status::Ok {
+        op.ep.record_claim(op.context, cookie);
+    }
+
+    if status == Status::Ok {
+        if let Some(cq) = &op.cq {
+            cq.push(CqEvent::Entry(CqEntry {
+                context: op.context,
+                flags,
+                len,
+                data,
+                tag,
+                src,
+                src_addr,
+                buf,
+            }));
+        }
+    } else if let Some(cq) = &op.err_cq {
+        cq.push(CqEvent::Error(CqErrEntry {
+            context: op.context,
+            flags,
+            len: if status == Status::Truncated { len } else { 0 },
+            olen: if status == Status::Truncated { olen } else { 0 },
+            status,
+            err: if unknown_status {
+                fi::EOTHER
+            } else {
+                data_status_errno(status)
+            },
+            prov_errno: if unknown_status {
+                raw_status as i32
+            } else {
+                status as i32
+            },
+            data,
+            tag,
+            src,
+            buf,
+        }));
+    } else {
+        tracing::warn!(
+            ?status,
+            context = op.context,
+            "operation without a CQ failed"
+        );
+    }
+}
+
+/// Copy received bytes from the inline slot copy or the bounce buffer to their destination.
+fn copy_out(op: &DataOp, placed: usize, inline: &[u8], buf: &mut Option<Vec<u8>>) {
+    let src: &[u8] = if let Some(b) = &op.bounce {
+        // SAFETY: the bounce allocation holds at least `rx_len` ≥ `placed` bytes, the device
+        // finished writing them (the chain is back in the used ring), and we own it.
+        unsafe { std::slice::from_raw_parts(b.ptr(), placed.min(b.capacity())) }
+    } else {
+        &inline[..placed.min(inline.len())]
+    };
+    match &op.copy_out {
+        CopyOut::None => {}
+        CopyOut::Vec => *buf = Some(src.to_vec()),
+        CopyOut::Raw(ptr, len) => scatter(src, &[(*ptr, *len)]),
+        CopyOut::Scatter(targets) => scatter(src, targets),
+    }
+}
+
+/// Copy `src` across `targets` in order.
+fn scatter(src: &[u8], targets: &[(usize, usize)]) {
+    let mut off = 0;
+    for &(ptr, len) in targets {
+        if off >= src.len() {
+            break;
+        }
+        let n = len.min(src.len() - off);
+        // SAFETY: the caller of recv_raw/recvmsg guaranteed `ptr..ptr+len` stays valid and
+        // unaliased until the operation completes; the endpoint is not closed (checked by the
+        // caller), and shared-buffer targets are kept alive by the request.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(off), ptr as *mut u8, n) };
+        off += n;
+    }
+}

@@ -1,0 +1,549 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Fabric and Domain: a domain is one vhost-user session with one device, its shared memory,
+//! its virtqueues, and the progress engine that moves completions from used rings to CQs.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use vfabric_proto::{self as proto, FabricAddr, FabricConfig};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::av::AddressVector;
+use crate::control::CtrlResult;
+use crate::cq::{CompletionQueue, CqAttr};
+use crate::endpoint::{Endpoint, EpAttr};
+use crate::info::Info;
+use crate::memory::{default_mem_bytes, SharedBuf, SharedMemory};
+use crate::transport::Transport;
+use crate::virtqueue::Virtqueue;
+use crate::{Error, Result};
+
+/// Default ring size of the data queues (capped by the device's `max_queue_size`).
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// Ring size of the control queue.
+const CONTROL_QUEUE_SIZE: u16 = 64;
+/// Region size used by `getinfo` probes.
+const PROBE_MEM_BYTES: usize = 1 << 20;
+
+/// Domain parameters.
+#[derive(Clone, Debug)]
+pub struct DomainAttr {
+    /// Size of the shared region (default: `VFABRIC_MEM_MB` or 64 MiB).
+    pub mem_bytes: usize,
+    /// Ring size of each data virtqueue (rounded down to a power of two, capped by the device).
+    pub queue_size: u16,
+    /// Queue pairs to use (default: all the device offers).
+    pub queue_pairs: Option<u16>,
+    /// Timeout of control-queue requests and of each vhost-user reply while connecting.
+    pub control_timeout: Duration,
+}
+
+impl Default for DomainAttr {
+    fn default() -> Self {
+        Self {
+            mem_bytes: default_mem_bytes(),
+            queue_size: DEFAULT_QUEUE_SIZE,
+            queue_pairs: None,
+            control_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The fabric: all vfabric devices reachable from this host (they share one local fabric).
+#[derive(Clone, Debug)]
+pub struct Fabric {
+    name: String,
+}
+
+impl Fabric {
+    /// `fi_fabric`: open the fabric an [`Info`] belongs to.
+    pub fn open(info: &Info) -> Result<Fabric> {
+        if info.fabric_name != crate::info::FABRIC_NAME {
+            return Err(Error::InvalidArgument(format!(
+                "unknown fabric {:?}",
+                info.fabric_name
+            )));
+        }
+        Ok(Fabric {
+            name: info.fabric_name.clone(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `fi_domain`: connect to the device of `info` with default attributes.
+    pub fn domain(&self, info: &Info) -> Result<Domain> {
+        self.domain_with_attr(info, DomainAttr::default())
+    }
+
+    pub fn domain_with_attr(&self, info: &Info, attr: DomainAttr) -> Result<Domain> {
+        Domain::open(&info.device_path, attr)
+    }
+}
+
+/// A connection to one device. Cheap to clone (`Arc`); the device session closes when the
+/// last handle and every object opened from it are dropped.
+#[derive(Clone)]
+pub struct Domain {
+    pub(crate) inner: Arc<DomainInner>,
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Domain")
+            .field("device", &self.inner.transport.path())
+            .field("queue_pairs", &self.inner.num_queue_pairs)
+            .finish()
+    }
+}
+
+impl Domain {
+    /// Connect to the device socket at `path`.
+    pub fn open(path: impl AsRef<Path>, attr: DomainAttr) -> Result<Domain> {
+        let inner = DomainInner::connect(path.as_ref(), &attr, false)?;
+        Ok(Domain { inner })
+    }
+
+    /// Device description (config space + QUERY_CAPS) read when the domain opened.
+    pub fn info(&self) -> &Info {
+        self.inner.info()
+    }
+
+    /// Feature bits negotiated with the device.
+    pub fn negotiated_features(&self) -> u64 {
+        self.inner.features
+    }
+
+    pub fn num_queue_pairs(&self) -> u16 {
+        self.inner.num_queue_pairs
+    }
+
+    /// Ring size of the data virtqueues.
+    pub fn queue_size(&self) -> u16 {
+        self.inner.queues.get(1).map_or(0, |q| q.size())
+    }
+
+    /// vhost-user protocol features: (offered by the device, acknowledged).
+    pub fn vhost_protocol_features(&self) -> (u64, u64) {
+        (
+            self.inner.transport.device_protocol_features,
+            self.inner.transport.protocol_features,
+        )
+    }
+
+    /// Counters of the domain (requests, kicks, sleeps, calls).
+    pub fn stats(&self) -> DomainStats {
+        let mut st = DomainStats {
+            sleeps: self.inner.sleeps.load(Ordering::Relaxed),
+            calls: self.inner.calls.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for q in &self.inner.queues {
+            st.posted += q.counters.posted.load(Ordering::Relaxed);
+            st.completed += q.counters.completed.load(Ordering::Relaxed);
+            st.kicks += q.counters.kicks.load(Ordering::Relaxed);
+        }
+        st
+    }
+
+    /// Descriptor chains currently in flight on all virtqueues.
+    pub fn requests_in_flight(&self) -> usize {
+        self.inner.queues.iter().map(|q| q.in_flight()).sum()
+    }
+
+    /// Allocate a zero-copy buffer inside the shared region.
+    pub fn alloc_buffer(&self, len: usize) -> Result<SharedBuf> {
+        SharedBuf::new(&self.inner.mem, len)
+    }
+
+    /// Is `ptr..ptr+len` inside the shared region (zero-copy eligible)?
+    pub fn contains(&self, ptr: *const u8, len: usize) -> bool {
+        self.inner.mem.contains(ptr, len)
+    }
+
+    pub fn cq_open(&self, attr: CqAttr) -> Result<CompletionQueue> {
+        CompletionQueue::new(self.inner.clone(), attr)
+    }
+
+    pub fn av_open(&self) -> Result<AddressVector> {
+        Ok(AddressVector::new(self.inner.clone()))
+    }
+
+    /// Open an endpoint on the device (EP_OPEN). It has its address at once; bind CQs and an
+    /// AV, then `enable` it.
+    pub fn endpoint(&self, attr: EpAttr) -> Result<Endpoint> {
+        Endpoint::open(self.inner.clone(), attr)
+    }
+
+    /// Poll every used ring of the domain and deliver completions to their CQs. Returns how
+    /// many requests completed.
+    pub fn progress(&self) -> Result<usize> {
+        self.inner.progress()
+    }
+
+    /// ADDR_CHECK: is `addr` an open endpoint on the fabric?
+    pub fn addr_check(&self, addr: &FabricAddr) -> Result<bool> {
+        self.inner.addr_check(addr)
+    }
+
+    /// Bytes of the shared region in use (rings, slots, buffers, bounce cache).
+    pub fn memory_in_use(&self) -> usize {
+        self.inner.mem.in_use()
+    }
+
+    /// Size of the shared region.
+    pub fn memory_size(&self) -> usize {
+        self.inner.mem.len()
+    }
+}
+
+/// Driver-side counters of a domain. In steady-state polled operation `kicks` and `calls`
+/// should grow much slower than `posted` (EVENT_IDX suppression).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DomainStats {
+    /// Requests posted on all virtqueues (control included).
+    pub posted: u64,
+    /// Requests the device returned.
+    pub completed: u64,
+    /// Kick eventfd writes (device notifications).
+    pub kicks: u64,
+    /// Times a thread slept in `ppoll` waiting for the device.
+    pub sleeps: u64,
+    /// Call eventfds found signalled after a sleep.
+    pub calls: u64,
+}
+
+pub(crate) struct DomainInner {
+    /// First field: dropped first, so rings stop before anything else goes away.
+    pub(crate) transport: Transport,
+    pub(crate) mem: Arc<SharedMemory>,
+    pub(crate) queues: Vec<Virtqueue>,
+    pub(crate) num_queue_pairs: u16,
+    pub(crate) features: u64,
+    pub(crate) config: FabricConfig,
+    info: OnceLock<Info>,
+    err_fd: EventFd,
+    pub(crate) ctrl_lock: Mutex<()>,
+    pub(crate) ctrl_results: Mutex<HashMap<u64, CtrlResult>>,
+    pub(crate) ctrl_abandoned: Mutex<HashSet<u64>>,
+    pub(crate) ctrl_timeout: Duration,
+    /// The device socket hung up.
+    closed: AtomicBool,
+    /// The device violated the ring protocol; no new requests are posted.
+    failed: AtomicBool,
+    sleeps: AtomicU64,
+    calls: AtomicU64,
+    idle_polls: AtomicU32,
+}
+
+/// Empty progress passes between two liveness checks of the device socket (power of two).
+const LIVENESS_CHECK_EVERY: u32 = 4096;
+
+impl DomainInner {
+    /// Connect, share memory, read config, start the rings. A probe only starts the control
+    /// queue (enough for QUERY_CAPS).
+    pub(crate) fn connect(path: &Path, attr: &DomainAttr, probe: bool) -> Result<Arc<Self>> {
+        let mut transport = Transport::connect(path, attr.control_timeout)?;
+        let mem_bytes = if probe {
+            PROBE_MEM_BYTES
+        } else {
+            attr.mem_bytes
+        };
+        let mem = SharedMemory::new("vfabric", mem_bytes)?;
+        transport.set_mem_table(&mem)?;
+        let config = transport.get_config()?;
+
+        let device_qp = if transport.has_feature(proto::VIRTIO_FABRIC_F_MQ) {
+            u32::from(config.num_queue_pairs).max(1)
+        } else {
+            1
+        };
+        let transport_qp = ((transport.max_queues.saturating_sub(1)) / 2).max(1);
+        let mut qp = device_qp.min(transport_qp as u32).min(u16::MAX as u32 / 2) as u16;
+        if let Some(want) = attr.queue_pairs {
+            qp = qp.min(want.max(1));
+        }
+        if probe {
+            qp = 0;
+        }
+        let max_size = match u32::from(config.max_queue_size) {
+            0 => 32768,
+            n => n.min(32768),
+        };
+        let pow2_floor = |v: u32| {
+            if v == 0 {
+                0
+            } else {
+                1u32 << (31 - v.leading_zeros())
+            }
+        };
+        let data_size = pow2_floor(u32::from(attr.queue_size).min(max_size)) as u16;
+        let ctrl_size = pow2_floor(u32::from(CONTROL_QUEUE_SIZE).min(max_size)) as u16;
+        if ctrl_size < 4 || (!probe && data_size < 4) {
+            return Err(Error::Unsupported(format!(
+                "device max_queue_size {max_size} is too small (need >= 4)"
+            )));
+        }
+        let event_idx = transport.event_idx();
+        let err_fd = EventFd::new(EFD_NONBLOCK)?;
+        let mut queues = Vec::with_capacity(1 + 2 * qp as usize);
+        for index in 0..(1 + 2 * qp) {
+            let size = if index == proto::CONTROL_QUEUE {
+                ctrl_size
+            } else {
+                data_size
+            };
+            let vq = Virtqueue::new(&mem, index, size, event_idx)?;
+            transport.setup_queue(
+                index as usize,
+                size,
+                vq.ring_addrs(),
+                &vq.call,
+                &vq.kick,
+                &err_fd,
+            )?;
+            queues.push(vq);
+        }
+        transport.handshake_done()?;
+        let features = transport.features;
+        let inner = Arc::new(DomainInner {
+            transport,
+            mem,
+            queues,
+            num_queue_pairs: qp,
+            features,
+            config,
+            info: OnceLock::new(),
+            err_fd,
+            ctrl_lock: Mutex::new(()),
+            ctrl_results: Mutex::new(HashMap::new()),
+            ctrl_abandoned: Mutex::new(HashSet::new()),
+            ctrl_timeout: attr.control_timeout,
+            closed: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            sleeps: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            idle_polls: AtomicU32::new(0),
+        });
+        let caps = inner.query_caps()?;
+        let info = Info::build(path, &inner.config, inner.transport.device_features, caps);
+        let _ = inner.info.set(info);
+        tracing::info!(
+            device = %path.display(),
+            queue_pairs = qp,
+            queue_size = data_size,
+            mem = inner.mem.len(),
+            event_idx,
+            "domain open"
+        );
+        Ok(inner)
+    }
+
+    pub(crate) fn info(&self) -> &Info {
+        self.info.get().expect("info is set when the domain opens")
+    }
+
+    pub(crate) fn has_feature(&self, b: u32) -> bool {
+        self.features & proto::bit(b) != 0
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Ready for new requests: `Closed` if the device hung up, `Transport` if it violated the
+    /// ring protocol.
+    pub(crate) fn check_usable(&self) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(Error::Transport(
+                "the device violated the ring protocol; domain unusable".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// TX and RX virtqueue indices carrying endpoint `ep`.
+    pub(crate) fn queues_of_endpoint(&self, ep: u32) -> (usize, usize) {
+        let qp = (ep % self.num_queue_pairs.max(1) as u32) as u16;
+        (proto::tx_queue(qp) as usize, proto::rx_queue(qp) as usize)
+    }
+
+    /// Drain every used ring and dispatch completions.
+    pub(crate) fn progress(&self) -> Result<usize> {
+        let mut n = 0;
+        let mut broken = None;
+        for q in &self.queues {
+            n += q.poll(|f| crate::cq::complete(self, f))?;
+            if q.is_broken() {
+                broken = Some(q.index);
+            }
+        }
+        if let Some(index) = broken {
+            // Spec §6.14.2: on a ring violation the driver stops using the device.
+            if !self.failed.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    device = %self.transport.path().display(),
+                    queue = index,
+                    "device wrote an invalid used entry: the domain stops using it"
+                );
+            }
+            return Err(Error::Transport(format!(
+                "virtqueue {index} is broken (device wrote an invalid used entry)"
+            )));
+        }
+        if n == 0 {
+            // Now and then, look whether the device went away (a polled CQ never sleeps in
+            // `block`, where hang-ups are otherwise noticed).
+            let idle = self.idle_polls.fetch_add(1, Ordering::Relaxed);
+            if idle & (LIVENESS_CHECK_EVERY - 1) == LIVENESS_CHECK_EVERY - 1 {
+                self.check_socket();
+            }
+            if self.is_closed() {
+                return Err(Error::Closed);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Non-blocking check of the vhost-user socket for a hang-up.
+    fn check_socket(&self) {
+        let mut p = libc::pollfd {
+            fd: self.transport.socket_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let rc = unsafe { libc::poll(&mut p, 1, 0) };
+        if rc > 0 && p.revents != 0 && !self.closed.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                device = %self.transport.path().display(),
+                "device closed the vhost-user connection"
+            );
+        }
+    }
+
+    /// Sleep until a call eventfd of the domain (or `extra`) fires, `deadline` passes, or a
+    /// used entry is already pending. Notifications are armed for the duration (EVENT_IDX
+    /// `used_event`), and the rings are re-checked after arming so no wakeup is lost.
+    pub(crate) fn block(&self, deadline: Option<Instant>, extra: Option<&EventFd>) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        let mut ready = false;
+        for q in &self.queues {
+            ready |= q.arm();
+        }
+        let result = if ready {
+            Ok(())
+        } else {
+            self.poll_fds(deadline, extra)
+        };
+        for q in &self.queues {
+            q.disarm();
+        }
+        result
+    }
+
+    fn poll_fds(&self, deadline: Option<Instant>, extra: Option<&EventFd>) -> Result<()> {
+        let mut fds: Vec<libc::pollfd> = self
+            .queues
+            .iter()
+            .map(|q| libc::pollfd {
+                fd: q.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let err_at = fds.len();
+        fds.push(libc::pollfd {
+            fd: self.err_fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let sock_at = fds.len();
+        fds.push(libc::pollfd {
+            fd: self.transport.socket_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        });
+        if let Some(e) = extra {
+            fds.push(libc::pollfd {
+                fd: e.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let timeout = deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: left.subsec_nanos() as libc::c_long,
+            }
+        });
+        self.sleeps.fetch_add(1, Ordering::Relaxed);
+        let tp = timeout
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds; `tp` is null or points to a
+        // live timespec; no signal mask is passed.
+        let rc = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                tp,
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(e.into());
+        }
+        for (i, p) in fds.iter().enumerate() {
+            if p.revents == 0 {
+                continue;
+            }
+            if i == sock_at {
+                if !self.closed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        device = %self.transport.path().display(),
+                        "device closed the vhost-user connection"
+                    );
+                }
+                continue;
+            }
+            if i == err_at {
+                tracing::error!("device signalled a virtqueue error");
+            } else if i < err_at {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+            }
+            // Drain the eventfd (non-blocking; EAGAIN if another waiter got it first).
+            let mut buf = [0u8; 8];
+            // SAFETY: reading 8 bytes into a local buffer from an eventfd we own.
+            unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), 8) };
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DomainInner {
+    fn drop(&mut self) {
+        let in_flight: usize = self.queues.iter().map(|q| q.in_flight()).sum();
+        tracing::debug!(
+            device = %self.transport.path().display(),
+            in_flight,
+            "domain closing"
+        );
+    }
+}

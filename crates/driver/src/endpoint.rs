@@ -1,0 +1,1255 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Endpoints: posting sends and receives (untagged and tagged) as request chains.
+//!
+//! Data placement, per request:
+//! * payload ≤ 224 B: copied into the header descriptor (one readable descriptor);
+//! * [`SharedBuf`] ranges and raw pointers inside the shared region: zero-copy descriptors;
+//! * anything else: a bounce buffer from the region (sends copy in at post time, receives
+//!   copy out at completion time; receives ≤ 192 B use the request slot instead).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use vfabric_proto::{self as proto, flags as pflags, FabricAddr, Opcode, Request, ADDR_LEN};
+
+use crate::av::{AddressVector, AvShared, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
+use crate::cq::{CompletionQueue, CqShared};
+use crate::domain::DomainInner;
+use crate::memory::SharedBuf;
+use crate::virtqueue::{
+    CopyOut, DataOp, DescList, Keepalive, PendingOp, RxData, TxData, INLINE_RX_MAX, INLINE_TX_MAX,
+    MAX_DATA_DESCS,
+};
+use crate::{fi, Error, Result};
+
+/// Endpoint type (`fi_ep_type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EpType {
+    /// Reliable unconnected (`FI_EP_RDM`).
+    #[default]
+    Rdm,
+    /// Unreliable datagram (`FI_EP_DGRAM`).
+    Dgram,
+    /// Connected (`FI_EP_MSG`): not implemented by the driver.
+    Msg,
+}
+
+impl EpType {
+    pub fn name(self) -> &'static str {
+        match self {
+            EpType::Rdm => "FI_EP_RDM",
+            EpType::Dgram => "FI_EP_DGRAM",
+            EpType::Msg => "FI_EP_MSG",
+        }
+    }
+}
+
+/// Endpoint attributes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EpAttr {
+    pub ep_type: EpType,
+}
+
+/// `fi_ep_bind` flags for a CQ.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BindFlags {
+    /// Completions of sends (`FI_TRANSMIT`).
+    pub transmit: bool,
+    /// Completions of receives (`FI_RECV`).
+    pub recv: bool,
+    /// Only operations posted with `fi::COMPLETION` produce success entries
+    /// (`FI_SELECTIVE_COMPLETION`); errors are always reported.
+    pub selective_completion: bool,
+}
+
+impl BindFlags {
+    pub const TRANSMIT: Self = Self {
+        transmit: true,
+        recv: false,
+        selective_completion: false,
+    };
+    pub const RECV: Self = Self {
+        transmit: false,
+        recv: true,
+        selective_completion: false,
+    };
+    pub const BOTH: Self = Self {
+        transmit: true,
+        recv: true,
+        selective_completion: false,
+    };
+    /// From libfabric bits (`FI_TRANSMIT | FI_RECV | FI_SELECTIVE_COMPLETION`).
+    pub fn from_fi(flags: u64) -> Self {
+        Self {
+            transmit: flags & fi::TRANSMIT != 0,
+            recv: flags & fi::RECV != 0,
+            selective_completion: flags & fi::SELECTIVE_COMPLETION != 0,
+        }
+    }
+}
+
+/// One element of a message's scatter/gather list.
+#[derive(Clone)]
+pub struct Iov<'a> {
+    kind: IovKind<'a>,
+}
+
+#[derive(Clone)]
+enum IovKind<'a> {
+    Shared(&'a SharedBuf, Range<usize>),
+    Bytes(&'a [u8]),
+    Raw(*mut u8, usize),
+}
+
+impl std::fmt::Debug for Iov<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            IovKind::Shared(b, r) => write!(f, "Iov::Shared({:#x}, {r:?})", b.addr()),
+            IovKind::Bytes(b) => write!(f, "Iov::Bytes({} B)", b.len()),
+            IovKind::Raw(p, l) => write!(f, "Iov::Raw({p:?}, {l})"),
+        }
+    }
+}
+
+impl<'a> Iov<'a> {
+    /// A range of a shared buffer (zero-copy).
+    pub fn shared(buf: &'a SharedBuf, range: Range<usize>) -> Self {
+        Self {
+            kind: IovKind::Shared(buf, range),
+        }
+    }
+    /// Bytes to send (copied at post time). Not valid for receives.
+    pub fn bytes(b: &'a [u8]) -> Self {
+        Self {
+            kind: IovKind::Bytes(b),
+        }
+    }
+    /// Caller memory (what the C provider passes). Zero-copy if it lies inside the domain's
+    /// shared region, otherwise bounced.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for `len` bytes — readable for sends (until the post returns, or
+    /// until completion if inside the shared region), writable and not otherwise accessed for
+    /// receives until the operation completes or its endpoint is closed.
+    pub unsafe fn raw(ptr: *mut u8, len: usize) -> Self {
+        Self {
+            kind: IovKind::Raw(ptr, len),
+        }
+    }
+    pub fn len(&self) -> usize {
+        match &self.kind {
+            IovKind::Shared(_, r) => r.len(),
+            IovKind::Bytes(b) => b.len(),
+            IovKind::Raw(_, l) => *l,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `fi_msg`.
+#[derive(Clone, Debug)]
+pub struct Msg<'a> {
+    pub iov: &'a [Iov<'a>],
+    /// Destination (sends) or source filter (receives; `FI_ADDR_UNSPEC` = any).
+    pub addr: FiAddr,
+    pub context: u64,
+    /// Remote CQ data (sent with `fi::REMOTE_CQ_DATA`).
+    pub data: u64,
+}
+
+/// `fi_msg_tagged`.
+#[derive(Clone, Debug)]
+pub struct TaggedMsg<'a> {
+    pub iov: &'a [Iov<'a>],
+    pub addr: FiAddr,
+    pub tag: u64,
+    pub ignore: u64,
+    pub context: u64,
+    pub data: u64,
+}
+
+/// State a request needs at completion time.
+pub(crate) struct EpShared {
+    pub id: u32,
+    pub addr: FabricAddr,
+    closed: AtomicBool,
+    /// PEEK|CLAIM context -> cookie of the claimed message.
+    claims: Mutex<HashMap<u64, u64>>,
+    av: OnceLock<Arc<AvShared>>,
+}
+
+impl EpShared {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+    pub(crate) fn record_claim(&self, context: u64, cookie: u64) {
+        self.claims.lock().unwrap().insert(context, cookie);
+    }
+    pub(crate) fn reverse_lookup(&self, addr: &FabricAddr) -> FiAddr {
+        self.av
+            .get()
+            .and_then(|av| av.reverse_lookup(addr))
+            .unwrap_or(FI_ADDR_NOTAVAIL)
+    }
+}
+
+#[derive(Clone, Default)]
+struct Bindings {
+    tx: Option<(Arc<CqShared>, bool)>,
+    rx: Option<(Arc<CqShared>, bool)>,
+    av: Option<Arc<AvShared>>,
+}
+
+/// An endpoint (`fid_ep`). `Send + Sync`; closed (EP_CLOSE) on drop, after which its pending
+/// operations are discarded without completions.
+pub struct Endpoint {
+    domain: Arc<DomainInner>,
+    shared: Arc<EpShared>,
+    ep_type: EpType,
+    tx_queue: usize,
+    rx_queue: usize,
+    binding: Mutex<Bindings>,
+    active: OnceLock<Bindings>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.shared.addr)
+            .field("type", &self.ep_type)
+            .field("enabled", &self.active.get().is_some())
+            .finish()
+    }
+}
+
+/// Source of a send's payload.
+enum SendSrc<'a> {
+    Bytes(&'a [u8]),
+    Shared(&'a SharedBuf, Range<usize>),
+    Iov(&'a [Iov<'a>]),
+}
+
+/// Destination of a receive.
+enum RecvDst<'a> {
+    Shared(&'a SharedBuf, Range<usize>),
+    Raw(*mut u8, usize),
+    Vec(usize),
+    Iov(&'a [Iov<'a>]),
+}
+
+struct SendArgs<'a> {
+    tagged: bool,
+    src: SendSrc<'a>,
+    dest: FiAddr,
+    tag: u64,
+    data: Option<u64>,
+    context: u64,
+    flags: u64,
+}
+
+struct RecvArgs<'a> {
+    tagged: bool,
+    dst: RecvDst<'a>,
+    src: FiAddr,
+    tag: u64,
+    ignore: u64,
+    context: u64,
+    flags: u64,
+}
+
+fn check_range(buf: &SharedBuf, range: &Range<usize>) -> Result<()> {
+    if range.start > range.end || range.end > buf.len() {
+        return Err(Error::InvalidArgument(format!(
+            "range {range:?} outside a buffer of {} bytes",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Endpoint {
+    pub(crate) fn open(domain: Arc<DomainInner>, attr: EpAttr) -> Result<Self> {
+        if domain.num_queue_pairs == 0 {
+            return Err(Error::Unsupported("domain has no data queues".into()));
+        }
+        let code = crate::control::ep_type_code(attr.ep_type)?;
+        let (id, addr) = domain.ep_open(code)?;
+        let (tx_queue, rx_queue) = domain.queues_of_endpoint(id);
+        tracing::debug!(%addr, ?attr.ep_type, tx_queue, rx_queue, "endpoint open");
+        Ok(Self {
+            domain,
+            shared: Arc::new(EpShared {
+                id,
+                addr,
+                closed: AtomicBool::new(false),
+                claims: Mutex::new(HashMap::new()),
+                av: OnceLock::new(),
+            }),
+            ep_type: attr.ep_type,
+            tx_queue,
+            rx_queue,
+            binding: Mutex::new(Bindings::default()),
+            active: OnceLock::new(),
+        })
+    }
+
+    /// `fi_getname`.
+    pub fn name(&self) -> FabricAddr {
+        self.shared.addr
+    }
+
+    /// `fi_getname` into a caller buffer: `Err(TooSmall { needed: 16 })` if `buf` is short.
+    pub fn getname(&self, buf: &mut [u8]) -> Result<usize> {
+        if buf.len() < ADDR_LEN {
+            return Err(Error::TooSmall { needed: ADDR_LEN });
+        }
+        buf[..ADDR_LEN].copy_from_slice(&self.shared.addr.to_bytes());
+        Ok(ADDR_LEN)
+    }
+
+    pub fn ep_type(&self) -> EpType {
+        self.ep_type
+    }
+
+    /// Endpoint id on the device.
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
+    fn check_same_domain(&self, other: &Arc<DomainInner>) -> Result<()> {
+        if !Arc::ptr_eq(&self.domain, other) {
+            return Err(Error::InvalidArgument("object of another domain".into()));
+        }
+        Ok(())
+    }
+
+    fn bindings(&self) -> Result<std::sync::MutexGuard<'_, Bindings>> {
+        if self.active.get().is_some() {
+            return Err(Error::BadState(
+                "endpoint already enabled: bind before enable".into(),
+            ));
+        }
+        Ok(self.binding.lock().unwrap())
+    }
+
+    /// `fi_ep_bind(cq, flags)`.
+    pub fn bind_cq(&self, cq: &CompletionQueue, flags: BindFlags) -> Result<()> {
+        self.check_same_domain(&cq.domain)?;
+        if !flags.transmit && !flags.recv {
+            return Err(Error::InvalidArgument(
+                "bind_cq needs transmit and/or recv".into(),
+            ));
+        }
+        let mut b = self.bindings()?;
+        let entry = (cq.shared.clone(), flags.selective_completion);
+        if flags.transmit {
+            b.tx = Some(entry.clone());
+        }
+        if flags.recv {
+            b.rx = Some(entry);
+        }
+        Ok(())
+    }
+
+    /// `fi_ep_bind(av)`.
+    pub fn bind_av(&self, av: &AddressVector) -> Result<()> {
+        self.check_same_domain(&av.domain)?;
+        self.bindings()?.av = Some(av.shared.clone());
+        Ok(())
+    }
+
+    /// `fi_enable`: freeze the bindings; data operations are allowed from now on.
+    pub fn enable(&self) -> Result<()> {
+        let b = self.binding.lock().unwrap().clone();
+        if let Some(av) = &b.av {
+            let _ = self.shared.av.set(av.clone());
+        }
+        self.active
+            .set(b)
+            .map_err(|_| Error::BadState("endpoint already enabled".into()))
+    }
+
+    fn active(&self) -> Result<&Bindings> {
+        self.domain.check_usable()?;
+        self.active
+            .get()
+            .ok_or_else(|| Error::BadState("endpoint not enabled".into()))
+    }
+
+    fn resolve(b: &Bindings, fi_addr: FiAddr) -> Result<FabricAddr> {
+        b.av.as_ref().ok_or(Error::NoAv)?.lookup(fi_addr)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Sends
+    // ------------------------------------------------------------------------------------
+
+    /// `fi_send`: the bytes are copied at post time.
+    pub fn send(&self, buf: &[u8], dest: FiAddr, context: u64) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: false,
+            src: SendSrc::Bytes(buf),
+            dest,
+            tag: 0,
+            data: None,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_send` from a shared buffer (zero-copy; keep the bytes unchanged until completion).
+    pub fn send_buf(
+        &self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        dest: FiAddr,
+        context: u64,
+    ) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: false,
+            src: SendSrc::Shared(buf, range),
+            dest,
+            tag: 0,
+            data: None,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_senddata`.
+    pub fn senddata(&self, buf: &[u8], data: u64, dest: FiAddr, context: u64) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: false,
+            src: SendSrc::Bytes(buf),
+            dest,
+            tag: 0,
+            data: Some(data),
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_inject`: copied now, no completion (≤ `inject_size` bytes).
+    pub fn inject(&self, buf: &[u8], dest: FiAddr) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: false,
+            src: SendSrc::Bytes(buf),
+            dest,
+            tag: 0,
+            data: None,
+            context: 0,
+            flags: fi::INJECT,
+        })
+    }
+
+    /// `fi_injectdata`.
+    pub fn injectdata(&self, buf: &[u8], data: u64, dest: FiAddr) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: false,
+            src: SendSrc::Bytes(buf),
+            dest,
+            tag: 0,
+            data: Some(data),
+            context: 0,
+            flags: fi::INJECT,
+        })
+    }
+
+    /// `fi_tsend`.
+    pub fn tsend(&self, buf: &[u8], dest: FiAddr, tag: u64, context: u64) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: true,
+            src: SendSrc::Bytes(buf),
+            dest,
+            tag,
+            data: None,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_tsend` from a shared buffer (zero-copy).
+    pub fn tsend_buf(
+        &self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        dest: FiAddr,
+        tag: u64,
+        context: u64,
+    ) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: true,
+            src: SendSrc::Shared(buf, range),
+            dest,
+            tag,
+            data: None,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_tsenddata`.
+    pub fn tsenddata(
+        &self,
+        buf: &[u8],
+        data: u64,
+        dest: FiAddr,
+        tag: u64,
+        context: u64,
+    ) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: true,
+            src: SendSrc::Bytes(buf),
+            dest,
+            tag,
+            data: Some(data),
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_tinject`.
+    pub fn tinject(&self, buf: &[u8], dest: FiAddr, tag: u64) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: true,
+            src: SendSrc::Bytes(buf),
+            dest,
+            tag,
+            data: None,
+            context: 0,
+            flags: fi::INJECT,
+        })
+    }
+
+    /// `fi_tinjectdata`.
+    pub fn tinjectdata(&self, buf: &[u8], data: u64, dest: FiAddr, tag: u64) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: true,
+            src: SendSrc::Bytes(buf),
+            dest,
+            tag,
+            data: Some(data),
+            context: 0,
+            flags: fi::INJECT,
+        })
+    }
+
+    /// `fi_sendmsg`. Flags: `fi::REMOTE_CQ_DATA` (send `msg.data`), `fi::INJECT`,
+    /// `fi::INJECT_COMPLETE` | `fi::TRANSMIT_COMPLETE` | `fi::DELIVERY_COMPLETE`, `fi::FENCE`,
+    /// `fi::COMPLETION`, `fi::MORE` (more posts follow: the device is not notified until a
+    /// post without it).
+    pub fn sendmsg(&self, msg: &Msg<'_>, flags: u64) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: false,
+            src: SendSrc::Iov(msg.iov),
+            dest: msg.addr,
+            tag: 0,
+            data: (flags & fi::REMOTE_CQ_DATA != 0).then_some(msg.data),
+            context: msg.context,
+            flags,
+        })
+    }
+
+    /// `fi_tsendmsg` (flags as for [`Endpoint::sendmsg`]).
+    pub fn tsendmsg(&self, msg: &TaggedMsg<'_>, flags: u64) -> Result<()> {
+        self.post_send(SendArgs {
+            tagged: true,
+            src: SendSrc::Iov(msg.iov),
+            dest: msg.addr,
+            tag: msg.tag,
+            data: (flags & fi::REMOTE_CQ_DATA != 0).then_some(msg.data),
+            context: msg.context,
+            flags,
+        })
+    }
+
+    fn post_send(&self, a: SendArgs<'_>) -> Result<()> {
+        let b = self.active()?;
+        let domain = &self.domain;
+        let info = domain.info();
+        if a.tagged && !domain.has_feature(proto::VIRTIO_FABRIC_F_TAGGED) {
+            return Err(Error::Unsupported("tagged messages (F_TAGGED)".into()));
+        }
+        if a.data.is_some() && !domain.has_feature(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) {
+            return Err(Error::Unsupported(
+                "remote CQ data (F_REMOTE_CQ_DATA)".into(),
+            ));
+        }
+        let inject = a.flags & fi::INJECT != 0;
+        let tx_cq = b.tx.as_ref();
+        if tx_cq.is_none() && !inject {
+            return Err(Error::NoCq);
+        }
+        let peer = Self::resolve(b, a.dest)?;
+
+        let len = match &a.src {
+            SendSrc::Bytes(s) => s.len(),
+            SendSrc::Shared(buf, r) => {
+                check_range(buf, r)?;
+                r.len()
+            }
+            SendSrc::Iov(iov) => {
+                for v in iov.iter() {
+                    if let IovKind::Shared(buf, r) = &v.kind {
+                        check_range(buf, r)?;
+                    }
+                }
+                iov.iter().map(|v| v.len()).sum()
+            }
+        };
+        if len as u64 > info.limits.max_msg_size || len > u32::MAX as usize {
+            return Err(Error::TooLarge {
+                len,
+                max: info.limits.max_msg_size,
+            });
+        }
+        if inject && len as u64 > info.limits.inject_size {
+            return Err(Error::InvalidArgument(format!(
+                "inject of {len} bytes exceeds inject_size {}",
+                info.limits.inject_size
+            )));
+        }
+
+        let mut req = Request::new(if a.tagged {
+            Opcode::TSend
+        } else {
+            Opcode::Send
+        });
+        req.ep = self.shared.id;
+        req.peer = peer;
+        req.tag = a.tag;
+        req.flags = send_flags(a.flags)?;
+        if let Some(d) = a.data {
+            req.data = d;
+            req.flags |= pflags::REMOTE_CQ_DATA;
+        }
+        self.check_request(&req)?;
+
+        let mem = &domain.mem;
+        let mut keepalive = Keepalive::default();
+        let mut bounce = None;
+        let mut descs = DescList::new();
+        // Payload pieces for the inline case (one slice needs no allocation).
+        let one_part: [&[u8]; 1];
+        let iov_parts: Vec<&[u8]>;
+        let mut inline_parts: &[&[u8]] = &[];
+        if len <= INLINE_TX_MAX {
+            match &a.src {
+                SendSrc::Bytes(s) => {
+                    one_part = [s];
+                    inline_parts = &one_part;
+                }
+                SendSrc::Shared(buf, r) => {
+                    one_part = [&buf.as_slice()[r.clone()]];
+                    inline_parts = &one_part;
+                }
+                SendSrc::Iov(iov) => {
+                    iov_parts = iov.iter().map(|v| iov_bytes(v)).collect();
+                    inline_parts = &iov_parts;
+                }
+            }
+        } else {
+            match &a.src {
+                SendSrc::Shared(buf, r) if Arc::ptr_eq(buf.memory(), mem) => {
+                    descs.push(buf.addr() + r.start as u64, r.len() as u32)?;
+                    keepalive.push(buf.keepalive());
+                }
+                SendSrc::Iov(iov)
+                    if iov.len() <= self.max_data_descs()
+                        && iov.iter().all(|v| self.zero_copy(v)) =>
+                {
+                    for v in iov.iter().filter(|v| !v.is_empty()) {
+                        let (addr, l) = iov_region(v);
+                        descs.push(addr, l as u32)?;
+                        if let IovKind::Shared(buf, _) = &v.kind {
+                            keepalive.push(buf.keepalive());
+                        }
+                    }
+                }
+                src => {
+                    let bb = mem.alloc_bounce(len).map_err(|_| Error::Again)?;
+                    let mut off = 0;
+                    let mut put = |s: &[u8]| {
+                        bb.write_at(off, s);
+                        off += s.len();
+                    };
+                    match src {
+                        SendSrc::Bytes(s) => put(s),
+                        SendSrc::Shared(buf, r) => put(&buf.as_slice()[r.clone()]),
+                        SendSrc::Iov(iov) => iov.iter().for_each(|v| put(iov_bytes(v))),
+                    }
+                    descs.push(bb.addr(), len as u32)?;
+                    bounce = Some(bb);
+                }
+            }
+        }
+
+        let selective = tx_cq.is_some_and(|(_, s)| *s);
+        let want_entry = !inject && (!selective || a.flags & fi::COMPLETION != 0);
+        let op = DataOp {
+            ep: self.shared.clone(),
+            context: a.context,
+            cq: if want_entry {
+                tx_cq.map(|(c, _)| c.clone())
+            } else {
+                None
+            },
+            err_cq: if inject {
+                None
+            } else {
+                tx_cq.map(|(c, _)| c.clone())
+            },
+            fi_flags: fi::SEND | if a.tagged { fi::TAGGED } else { fi::MSG },
+            is_recv: false,
+            peek: false,
+            record_claim: false,
+            rx_len: 0,
+            copy_out: CopyOut::None,
+            bounce,
+            _keepalive: keepalive,
+        };
+        let tx = if len <= INLINE_TX_MAX {
+            TxData::Inline(inline_parts)
+        } else {
+            TxData::Descs(descs.as_slice())
+        };
+        let mut header = req.to_header();
+        domain.queues[self.tx_queue]
+            .post(
+                &mut header,
+                tx,
+                RxData::None,
+                PendingOp::Data(op),
+                a.flags & fi::MORE != 0,
+            )
+            .map(|_| ())
+    }
+
+    /// Spec §3.2/§5.1.4/§6.9.9: use only flags and operations the device reported.
+    fn check_request(&self, req: &Request) -> Result<()> {
+        let limits = &self.domain.info().limits;
+        let allowed = limits
+            .request_flags
+            .unwrap_or(pflags::ALL & !(pflags::DIRECTED | pflags::MULTI_RECV));
+        if req.flags & !allowed != 0 {
+            return Err(Error::Unsupported(format!(
+                "request flags {:#x} are not reported by the device (FLAGS = {allowed:#x})",
+                req.flags & !allowed
+            )));
+        }
+        if let Some(caps) = limits.device_caps {
+            let class = req.opcode.required_feature();
+            if caps & proto::bit(class) == 0 {
+                return Err(Error::Unsupported(format!(
+                    "{:?} needs capability class {class}, not reported by the device",
+                    req.opcode
+                )));
+            }
+            if req.flags & pflags::REMOTE_CQ_DATA != 0
+                && caps & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0
+            {
+                return Err(Error::Unsupported(
+                    "remote CQ data not reported by the device".into(),
+                ));
+            }
+        }
+        if self.ep_type == EpType::Dgram
+            && req.flags & (pflags::DELIVERY_COMPLETE | pflags::COMMIT_COMPLETE) != 0
+        {
+            return Err(Error::InvalidArgument(
+                "DELIVERY_COMPLETE is defined for reliable endpoints only".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn max_data_descs(&self) -> usize {
+        (u32::from(self.domain.config.max_sge) as usize).clamp(1, MAX_DATA_DESCS)
+    }
+
+    fn zero_copy(&self, v: &Iov<'_>) -> bool {
+        match &v.kind {
+            IovKind::Shared(buf, _) => Arc::ptr_eq(buf.memory(), &self.domain.mem),
+            IovKind::Raw(p, l) => self.domain.mem.contains(*p, *l),
+            IovKind::Bytes(_) => false,
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Receives
+    // ------------------------------------------------------------------------------------
+
+    /// `fi_recv` into a shared buffer (zero-copy).
+    pub fn recv_buf(&self, buf: &SharedBuf, range: Range<usize>, context: u64) -> Result<()> {
+        self.post_recv(RecvArgs {
+            tagged: false,
+            dst: RecvDst::Shared(buf, range),
+            src: FI_ADDR_UNSPEC,
+            tag: 0,
+            ignore: 0,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_recv` into caller memory: zero-copy if inside the shared region, otherwise bounced
+    /// and copied out when the receive completes. This is what the C provider uses.
+    ///
+    /// # Safety
+    /// `ptr` must stay valid for writes of `len` bytes, and not be accessed otherwise, until
+    /// the receive completes (its CQ entry is read) or the endpoint is dropped.
+    pub unsafe fn recv_raw(&self, ptr: *mut u8, len: usize, context: u64) -> Result<()> {
+        self.post_recv(RecvArgs {
+            tagged: false,
+            dst: RecvDst::Raw(ptr, len),
+            src: FI_ADDR_UNSPEC,
+            tag: 0,
+            ignore: 0,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// Receive up to `len` bytes; the CQ entry carries them in `buf`.
+    pub fn recv_vec(&self, len: usize, context: u64) -> Result<()> {
+        self.post_recv(RecvArgs {
+            tagged: false,
+            dst: RecvDst::Vec(len),
+            src: FI_ADDR_UNSPEC,
+            tag: 0,
+            ignore: 0,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_trecv` into a shared buffer.
+    pub fn trecv_buf(
+        &self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        tag: u64,
+        ignore: u64,
+        context: u64,
+    ) -> Result<()> {
+        self.post_recv(RecvArgs {
+            tagged: true,
+            dst: RecvDst::Shared(buf, range),
+            src: FI_ADDR_UNSPEC,
+            tag,
+            ignore,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_trecv` into caller memory.
+    ///
+    /// # Safety
+    /// As for [`Endpoint::recv_raw`].
+    pub unsafe fn trecv_raw(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+        tag: u64,
+        ignore: u64,
+        context: u64,
+    ) -> Result<()> {
+        self.post_recv(RecvArgs {
+            tagged: true,
+            dst: RecvDst::Raw(ptr, len),
+            src: FI_ADDR_UNSPEC,
+            tag,
+            ignore,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// Tagged receive of up to `len` bytes returned in the CQ entry.
+    pub fn trecv_vec(&self, len: usize, tag: u64, ignore: u64, context: u64) -> Result<()> {
+        self.post_recv(RecvArgs {
+            tagged: true,
+            dst: RecvDst::Vec(len),
+            src: FI_ADDR_UNSPEC,
+            tag,
+            ignore,
+            context,
+            flags: 0,
+        })
+    }
+
+    /// `fi_recvmsg`. `msg.addr` other than `FI_ADDR_UNSPEC` receives only from that source
+    /// (FI_DIRECTED_RECV). Flags: `fi::COMPLETION`, `fi::MORE`; `fi::MULTI_RECV` is not
+    /// supported.
+    pub fn recvmsg(&self, msg: &Msg<'_>, flags: u64) -> Result<()> {
+        self.post_recv(RecvArgs {
+            tagged: false,
+            dst: RecvDst::Iov(msg.iov),
+            src: msg.addr,
+            tag: 0,
+            ignore: 0,
+            context: msg.context,
+            flags,
+        })
+    }
+
+    /// `fi_trecvmsg`. Flags: `fi::PEEK` (report a matching message without receiving it;
+    /// `Status::NoMessage`/`ENOMSG` error entry if none), `fi::PEEK | fi::CLAIM` (also reserve
+    /// it for this `context`), `fi::CLAIM` (receive the message claimed with this `context`),
+    /// `fi::CLAIM | fi::DISCARD` (drop it), `fi::COMPLETION`.
+    pub fn trecvmsg(&self, msg: &TaggedMsg<'_>, flags: u64) -> Result<()> {
+        self.post_recv(RecvArgs {
+            tagged: true,
+            dst: RecvDst::Iov(msg.iov),
+            src: msg.addr,
+            tag: msg.tag,
+            ignore: msg.ignore,
+            context: msg.context,
+            flags,
+        })
+    }
+
+    /// Tagged receive with flags into a `Vec` (convenience for PEEK/CLAIM flows).
+    pub fn trecvmsg_vec(
+        &self,
+        len: usize,
+        src: FiAddr,
+        tag: u64,
+        ignore: u64,
+        context: u64,
+        flags: u64,
+    ) -> Result<()> {
+        self.post_recv(RecvArgs {
+            tagged: true,
+            dst: RecvDst::Vec(len),
+            src,
+            tag,
+            ignore,
+            context,
+            flags,
+        })
+    }
+
+    fn post_recv(&self, a: RecvArgs<'_>) -> Result<()> {
+        let b = self.active()?;
+        let domain = &self.domain;
+        if a.tagged && !domain.has_feature(proto::VIRTIO_FABRIC_F_TAGGED) {
+            return Err(Error::Unsupported("tagged messages (F_TAGGED)".into()));
+        }
+        let rx_cq = b.rx.as_ref().ok_or(Error::NoCq)?;
+        if a.flags & fi::MULTI_RECV != 0 {
+            return Err(Error::Unsupported("FI_MULTI_RECV".into()));
+        }
+        let peek = a.flags & fi::PEEK != 0;
+        let claim = a.flags & fi::CLAIM != 0;
+        let discard = a.flags & fi::DISCARD != 0;
+        if !a.tagged && (peek || claim || discard) {
+            return Err(Error::InvalidArgument(
+                "PEEK/CLAIM/DISCARD need a tagged receive".into(),
+            ));
+        }
+        if discard && !claim {
+            return Err(Error::InvalidArgument("DISCARD needs CLAIM".into()));
+        }
+
+        let mut req = Request::new(if a.tagged {
+            Opcode::TRecv
+        } else {
+            Opcode::Recv
+        });
+        req.ep = self.shared.id;
+        req.tag = a.tag;
+        req.ignore = a.ignore;
+        if a.src != FI_ADDR_UNSPEC {
+            req.peer = Self::resolve(b, a.src)?;
+            req.flags |= pflags::DIRECTED;
+        }
+        if peek {
+            req.flags |= pflags::PEEK;
+        }
+        if claim {
+            req.flags |= pflags::CLAIM;
+        }
+        if discard {
+            req.flags |= pflags::DISCARD;
+        }
+        if claim && !peek {
+            let cookie = self
+                .shared
+                .claims
+                .lock()
+                .unwrap()
+                .remove(&a.context)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "no message was claimed with context {:#x}",
+                        a.context
+                    ))
+                })?;
+            req.data = cookie;
+        }
+
+        self.check_request(&req)?;
+        let no_data = peek || discard;
+        let mut keepalive = Keepalive::default();
+        let mut bounce = None;
+        let mut copy_out = CopyOut::None;
+        let mut descs = DescList::new();
+        let mut inline_len = 0usize;
+        let mut rx_len = 0usize;
+        if !no_data {
+            let mem = &domain.mem;
+            // Where the bytes must be copied to if they cannot be received in place.
+            let mut needs_copy = None;
+            match &a.dst {
+                RecvDst::Shared(buf, r) => {
+                    check_range(buf, r)?;
+                    if !Arc::ptr_eq(buf.memory(), mem) {
+                        return Err(Error::InvalidArgument(
+                            "shared buffer of another domain".into(),
+                        ));
+                    }
+                    if !r.is_empty() {
+                        descs.push(buf.addr() + r.start as u64, r.len() as u32)?;
+                    }
+                    keepalive.push(buf.keepalive());
+                    rx_len = r.len();
+                }
+                RecvDst::Raw(p, l) if mem.contains(*p, *l) => {
+                    if *l > 0 {
+                        descs.push(*p as u64, *l as u32)?;
+                    }
+                    rx_len = *l;
+                }
+                RecvDst::Raw(p, l) => {
+                    needs_copy = Some(CopyOut::Raw(*p as usize, *l));
+                    rx_len = *l;
+                }
+                RecvDst::Vec(l) => {
+                    needs_copy = Some(CopyOut::Vec);
+                    rx_len = *l;
+                }
+                RecvDst::Iov(iov) => {
+                    for v in iov.iter() {
+                        match &v.kind {
+                            IovKind::Bytes(_) => {
+                                return Err(Error::InvalidArgument(
+                                    "Iov::bytes is read-only; not valid for a receive".into(),
+                                ))
+                            }
+                            IovKind::Shared(buf, r) => check_range(buf, r)?,
+                            IovKind::Raw(..) => {}
+                        }
+                    }
+                    rx_len = iov.iter().map(|v| v.len()).sum();
+                    let in_place =
+                        iov.len() <= self.max_data_descs() && iov.iter().all(|v| self.zero_copy(v));
+                    let mut targets = Vec::new();
+                    for v in iov.iter().filter(|v| !v.is_empty()) {
+                        let (addr, l) = iov_region(v);
+                        if in_place {
+                            descs.push(addr, l as u32)?;
+                        } else {
+                            targets.push((addr as usize, l));
+                        }
+                        // In place or copied into, a shared buffer must outlive the request.
+                        if let IovKind::Shared(buf, _) = &v.kind {
+                            keepalive.push(buf.keepalive());
+                        }
+                    }
+                    if !in_place {
+                        needs_copy = Some(CopyOut::Scatter(targets));
+                    }
+                }
+            }
+            if rx_len > u32::MAX as usize {
+                return Err(Error::InvalidArgument("receive buffer over 4 GiB".into()));
+            }
+            if let Some(target) = needs_copy {
+                if rx_len > 0 && rx_len <= INLINE_RX_MAX {
+                    inline_len = rx_len;
+                } else if rx_len > 0 {
+                    let bb = mem.alloc_bounce(rx_len).map_err(|_| Error::Again)?;
+                    descs.push(bb.addr(), rx_len as u32)?;
+                    bounce = Some(bb);
+                }
+                copy_out = target;
+            }
+        }
+
+        let (cq, selective) = (rx_cq.0.clone(), rx_cq.1);
+        let want_entry = !selective || a.flags & fi::COMPLETION != 0;
+        let op = DataOp {
+            ep: self.shared.clone(),
+            context: a.context,
+            cq: want_entry.then(|| cq.clone()),
+            err_cq: Some(cq),
+            fi_flags: fi::RECV | if a.tagged { fi::TAGGED } else { fi::MSG },
+            is_recv: true,
+            peek,
+            record_claim: peek && claim,
+            rx_len,
+            copy_out,
+            bounce,
+            _keepalive: keepalive,
+        };
+        let rx = if inline_len > 0 {
+            RxData::Inline(inline_len)
+        } else if descs.is_empty() {
+            RxData::None
+        } else {
+            RxData::Descs(descs.as_slice())
+        };
+        let mut header = req.to_header();
+        domain.queues[self.rx_queue]
+            .post(
+                &mut header,
+                TxData::None,
+                rx,
+                PendingOp::Data(op),
+                a.flags & fi::MORE != 0,
+            )
+            .map(|_| ())
+    }
+
+    /// `fi_cancel`: cancel the oldest posted receive (or held send) with this context. It
+    /// completes with a `Canceled` error entry (`ECANCELED`). `Err(NotFound)` if no such
+    /// operation is pending (or it matched a message meanwhile).
+    ///
+    /// The device handles the control queue independently of the data queues, so a receive
+    /// posted just before may not be visible to it yet: a `NoMessage` answer is retried for a
+    /// short while as long as the request is still in flight.
+    pub fn cancel(&self, context: u64) -> Result<()> {
+        let me = &self.shared;
+        let pred = |p: &crate::virtqueue::Pending| matches!(&p.op, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
+        let find = || {
+            self.domain.queues[self.rx_queue]
+                .find_cookie(pred)
+                .or_else(|| self.domain.queues[self.tx_queue].find_cookie(pred))
+        };
+        let deadline = std::time::Instant::now() + CANCEL_RETRY_WINDOW;
+        let mut cookie = find()
+            .ok_or_else(|| Error::NotFound(format!("no operation with context {context:#x}")))?;
+        loop {
+            if self.domain.cancel_request(me.id, cookie)? {
+                return Ok(());
+            }
+            let _ = self.domain.progress();
+            match find() {
+                Some(c) if std::time::Instant::now() < deadline => {
+                    cookie = c;
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                _ => {
+                    return Err(Error::NotFound(format!(
+                        "operation with context {context:#x} already matched"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// How long `cancel` retries a `NoMessage` answer while the request is still in flight.
+const CANCEL_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl Drop for Endpoint {
+    /// EP_CLOSE, then wait (bounded) until the device has returned every request of the
+    /// endpoint. The wait keeps the device from attributing a request it had not fetched yet
+    /// to a later endpoint that reuses the id (vfabricd handles the control queue before the
+    /// data queues, so EP_CLOSE can overtake requests posted before it).
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        if self.domain.check_usable().is_err() {
+            return;
+        }
+        if let Err(e) = self.domain.ep_close(self.shared.id) {
+            tracing::warn!(addr = %self.shared.addr, error = %e, "EP_CLOSE failed");
+            return;
+        }
+        let me = &self.shared;
+        let mine = |p: &crate::virtqueue::Pending| matches!(&p.op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
+        let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
+        loop {
+            let _ = self.domain.progress();
+            let outstanding = self.domain.queues[self.rx_queue]
+                .find_cookie(mine)
+                .is_some()
+                || self.domain.queues[self.tx_queue]
+                    .find_cookie(mine)
+                    .is_some();
+            if !outstanding {
+                break;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline || self.domain.check_usable().is_err() {
+                tracing::warn!(
+                    addr = %me.addr,
+                    "device still holds requests of a closed endpoint"
+                );
+                break;
+            }
+            let slice = now + std::time::Duration::from_millis(1);
+            if self.domain.block(Some(slice.min(deadline)), None).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Request flags for a send from libfabric op flags.
+fn send_flags(fi_flags: u64) -> Result<u64> {
+    let mut f = 0;
+    if fi_flags & fi::INJECT != 0 {
+        f |= pflags::INJECT;
+    }
+    if fi_flags & fi::FENCE != 0 {
+        f |= pflags::FENCE;
+    }
+    if fi_flags & fi::COMMIT_COMPLETE != 0 {
+        return Err(Error::Unsupported("FI_COMMIT_COMPLETE on messages".into()));
+    }
+    let levels = [
+        (fi::INJECT_COMPLETE, pflags::INJECT_COMPLETE),
+        (fi::TRANSMIT_COMPLETE, pflags::TRANSMIT_COMPLETE),
+        (fi::DELIVERY_COMPLETE, pflags::DELIVERY_COMPLETE),
+    ];
+    let chosen: Vec<u64> = levels
+        .iter()
+        .filter(|(l, _)| fi_flags & l != 0)
+        .map(|(_, p)| *p)
+        .collect();
+    match chosen.as_slice() {
+        [] => {}
+        [p] => f |= p,
+        _ => {
+            return Err(Error::InvalidArgument(
+                "at most one completion level flag".into(),
+            ))
+        }
+    }
+    Ok(f)
+}
+
+fn iov_bytes<'a>(v: &'a Iov<'a>) -> &'a [u8] {
+    match &v.kind {
+        IovKind::Shared(buf, r) => &buf.as_slice()[r.clone()],
+        IovKind::Bytes(b) => b,
+        IovKind::Raw(p, l) if *l == 0 || p.is_null() => &[],
+        // SAFETY: `Iov::raw`'s contract makes `p` readable for `l` bytes while posting.
+        IovKind::Raw(p, l) => unsafe { std::slice::from_raw_parts(*p, *l) },
+    }
+}
+
+fn iov_region(v: &Iov<'_>) -> (u64, usize) {
+    match &v.kind {
+        IovKind::Shared(buf, r) => (buf.addr() + r.start as u64, r.len()),
+        IovKind::Bytes(b) => (b.as_ptr() as u64, b.len()),
+        IovKind::Raw(p, l) => (*p as u64, *l),
+    }
+}

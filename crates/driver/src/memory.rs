@@ -1,0 +1,579 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The shared memory region of a domain: one memfd, mapped `MAP_SHARED`, registered with the
+//! device with guest address == our virtual address. Everything the device touches (rings,
+//! request headers, completions, bounce buffers, [`SharedBuf`]s) is carved out of it by a
+//! thread-safe first-fit allocator; a size-class cache on top recycles bounce buffers.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use crate::{Error, Result};
+
+/// Default size of a domain's shared region.
+pub const DEFAULT_MEM_BYTES: usize = 64 << 20;
+/// Environment variable overriding the region size, in MiB.
+pub const MEM_ENV: &str = "VFABRIC_MEM_MB";
+/// Smallest allocation unit (one cache line).
+pub const ALLOC_GRANULE: usize = 64;
+
+/// Region size from `VFABRIC_MEM_MB`, else [`DEFAULT_MEM_BYTES`].
+pub fn default_mem_bytes() -> usize {
+    std::env::var(MEM_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|mb| *mb > 0)
+        .map(|mb| mb << 20)
+        .unwrap_or(DEFAULT_MEM_BYTES)
+}
+
+fn round_up(v: usize, align: usize) -> usize {
+    debug_assert!(align.is_power_of_two());
+    (v + align - 1) & !(align - 1)
+}
+
+/// First-fit free list over `[0, len)` with coalescing. Offsets and sizes are multiples of
+/// [`ALLOC_GRANULE`].
+#[derive(Debug)]
+pub(crate) struct FreeList {
+    /// start offset -> length of each free range; ranges never touch (they are merged).
+    free: BTreeMap<usize, usize>,
+    total: usize,
+    in_use: usize,
+}
+
+impl FreeList {
+    pub(crate) fn new(total: usize) -> Self {
+        let total = total & !(ALLOC_GRANULE - 1);
+        let mut free = BTreeMap::new();
+        if total > 0 {
+            free.insert(0, total);
+        }
+        Self {
+            free,
+            total,
+            in_use: 0,
+        }
+    }
+
+    /// Allocate `size` bytes aligned to `align` (a power of two). Returns the offset and the
+    /// rounded size actually reserved.
+    pub(crate) fn alloc(&mut self, size: usize, align: usize) -> Option<(usize, usize)> {
+        let align = align.max(ALLOC_GRANULE);
+        if !align.is_power_of_two() || size > self.total {
+            return None;
+        }
+        let size = round_up(size.max(1), ALLOC_GRANULE);
+        let (start, len, at) = self.free.iter().find_map(|(&start, &len)| {
+            let at = round_up(start, align);
+            (at + size <= start + len).then_some((start, len, at))
+        })?;
+        self.free.remove(&start);
+        if at > start {
+            self.free.insert(start, at - start);
+        }
+        let end = at + size;
+        if end < start + len {
+            self.free.insert(end, start + len - end);
+        }
+        self.in_use += size;
+        Some((at, size))
+    }
+
+    /// Return a range obtained from [`FreeList::alloc`].
+    pub(crate) fn free(&mut self, offset: usize, size: usize) {
+        let mut start = offset;
+        let mut len = size;
+        debug_assert!(offset + size <= self.total);
+        if let Some((&prev_start, &prev_len)) = self.free.range(..offset).next_back() {
+            debug_assert!(
+                prev_start + prev_len <= offset,
+                "double free at {offset:#x}"
+            );
+            if prev_start + prev_len == offset {
+                self.free.remove(&prev_start);
+                start = prev_start;
+                len += prev_len;
+            }
+        }
+        if let Some(&next_len) = self.free.get(&(offset + size)) {
+            self.free.remove(&(offset + size));
+            len += next_len;
+        }
+        self.free.insert(start, len);
+        self.in_use -= size;
+    }
+
+    pub(crate) fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    #[cfg(test)]
+    fn ranges(&self) -> Vec<(usize, usize)> {
+        self.free.iter().map(|(a, b)| (*a, *b)).collect()
+    }
+}
+
+/// Bounce buffers are recycled per power-of-two size class from 256 B to 4 MiB.
+const POOL_MIN_SHIFT: u32 = 8;
+const POOL_MAX_SHIFT: u32 = 22;
+const POOL_CLASSES: usize = (POOL_MAX_SHIFT - POOL_MIN_SHIFT + 1) as usize;
+/// Bytes of idle buffers a class keeps before giving them back to the allocator.
+const POOL_CLASS_CACHE_BYTES: usize = 8 << 20;
+
+/// One memfd mapped shared into this process.
+pub(crate) struct SharedMemory {
+    file: File,
+    base: NonNull<u8>,
+    len: usize,
+    allocator: Mutex<FreeList>,
+    pool: [Mutex<Vec<usize>>; POOL_CLASSES],
+}
+
+// SAFETY: `base` points to a MAP_SHARED mapping owned by this object for its whole life; the
+// allocator hands out disjoint ranges and is protected by a mutex, so the raw pointer may be
+// shared and sent between threads.
+unsafe impl Send for SharedMemory {}
+// SAFETY: see `Send`; no method gives out references that alias mutably.
+unsafe impl Sync for SharedMemory {}
+
+impl std::fmt::Debug for SharedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMemory")
+            .field("base", &self.base)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl SharedMemory {
+    /// Create a memfd of `len` bytes (rounded up to the page size) and map it shared.
+    pub fn new(name: &str, len: usize) -> Result<Arc<Self>> {
+        let len = round_up(len.max(1 << 16), 4096);
+        let cname = CString::new(name).map_err(|_| Error::InvalidArgument("memfd name".into()))?;
+        // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64)?;
+        // The device refuses memory that could shrink under its mapping (a truncated memfd
+        // would fault the daemon); seal the size for good.
+        // SAFETY: fcntl(F_ADD_SEALS) on the memfd we own; it reads no memory of ours.
+        let sealed = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        if sealed < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // SAFETY: mapping a fresh, correctly sized memfd; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error().into());
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(Error::Io(io::Error::other("mmap")))?;
+        tracing::debug!(len, base = ?base, "shared memory mapped");
+        Ok(Arc::new(Self {
+            file,
+            base,
+            len,
+            allocator: Mutex::new(FreeList::new(len)),
+            pool: std::array::from_fn(|_| Mutex::new(Vec::new())),
+        }))
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+    #[allow(clippy::len_without_is_empty)] // a region is never empty
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+    /// Guest address of the region start (= our virtual address).
+    pub fn guest_base(&self) -> u64 {
+        self.base.as_ptr() as u64
+    }
+
+    /// Does `[ptr, ptr+len)` lie inside the region?
+    pub fn contains(&self, ptr: *const u8, len: usize) -> bool {
+        let start = self.base.as_ptr() as usize;
+        let p = ptr as usize;
+        p >= start
+            && p.checked_add(len)
+                .is_some_and(|end| end <= start + self.len)
+    }
+
+    /// Bytes currently allocated (bounce cache included).
+    pub fn in_use(&self) -> usize {
+        self.allocator.lock().unwrap().in_use()
+    }
+
+    /// Allocate `len` bytes aligned to `align` from the region. When the region is full,
+    /// idle bounce buffers are given back and the allocation retried once.
+    pub fn alloc(self: &Arc<Self>, len: usize, align: usize) -> Result<Allocation> {
+        let mut got = self.allocator.lock().unwrap().alloc(len, align);
+        if got.is_none() && self.flush_bounce_cache() > 0 {
+            got = self.allocator.lock().unwrap().alloc(len, align);
+        }
+        let (offset, cap) = got.ok_or(Error::OutOfMemory { requested: len })?;
+        Ok(Allocation {
+            mem: self.clone(),
+            offset,
+            cap,
+            class: None,
+        })
+    }
+
+    /// Allocate a bounce buffer of at least `len` bytes from the size-class cache.
+    pub fn alloc_bounce(self: &Arc<Self>, len: usize) -> Result<Allocation> {
+        let shift = len
+            .max(1)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(POOL_MIN_SHIFT);
+        if shift > POOL_MAX_SHIFT {
+            return self.alloc(len, 4096);
+        }
+        let class = (shift - POOL_MIN_SHIFT) as usize;
+        if let Some(offset) = self.pool[class].lock().unwrap().pop() {
+            return Ok(Allocation {
+                mem: self.clone(),
+                offset,
+                cap: 1 << shift,
+                class: Some(class as u8),
+            });
+        }
+        let align = if shift >= 12 { 4096 } else { ALLOC_GRANULE };
+        let mut a = self.alloc(1 << shift, align)?;
+        a.class = Some(class as u8);
+        Ok(a)
+    }
+
+    /// Return every idle bounce buffer to the allocator. Returns how many were released.
+    pub fn flush_bounce_cache(&self) -> usize {
+        let mut n = 0;
+        for (class, cache) in self.pool.iter().enumerate() {
+            let idle: Vec<usize> = std::mem::take(&mut *cache.lock().unwrap());
+            let size = 1usize << (class as u32 + POOL_MIN_SHIFT);
+            let mut a = self.allocator.lock().unwrap();
+            for off in idle {
+                a.free(off, size);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn release(&self, offset: usize, cap: usize, class: Option<u8>) {
+        if let Some(class) = class {
+            let mut cache = self.pool[class as usize].lock().unwrap();
+            if (cache.len() + 1) * cap <= POOL_CLASS_CACHE_BYTES.max(4 * cap) {
+                cache.push(offset);
+                return;
+            }
+        }
+        self.allocator.lock().unwrap().free(offset, cap);
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` describe the mapping created in `new`; every `Allocation` holds an
+        // `Arc` to us, so nothing refers into the mapping any more.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// An owned range of the shared region; returned to the allocator (or bounce cache) on drop.
+pub(crate) struct Allocation {
+    mem: Arc<SharedMemory>,
+    offset: usize,
+    cap: usize,
+    class: Option<u8>,
+}
+
+impl std::fmt::Debug for Allocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Allocation")
+            .field("offset", &self.offset)
+            .field("cap", &self.cap)
+            .finish()
+    }
+}
+
+impl Allocation {
+    pub fn ptr(&self) -> *mut u8 {
+        // SAFETY: offset < mem.len by construction of the allocator.
+        unsafe { self.mem.base().add(self.offset) }
+    }
+    /// Guest address of the allocation (= virtual address).
+    pub fn addr(&self) -> u64 {
+        self.ptr() as u64
+    }
+    /// Usable bytes (the request rounded up).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    pub fn memory(&self) -> &Arc<SharedMemory> {
+        &self.mem
+    }
+    /// Zero the whole allocation.
+    pub fn zero(&self) {
+        // SAFETY: the allocation exclusively owns `cap` bytes at `ptr()`.
+        unsafe { std::ptr::write_bytes(self.ptr(), 0, self.cap) }
+    }
+    /// Copy `src` into the allocation at `offset`.
+    pub fn write_at(&self, offset: usize, src: &[u8]) {
+        assert!(offset + src.len() <= self.cap, "write past allocation");
+        // SAFETY: bounds checked above; `src` cannot overlap memory we exclusively own unless
+        // the caller derived it from this allocation, in which case copy semantics still hold
+        // for the non-overlapping call sites we use.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr().add(offset), src.len()) }
+    }
+    /// Copy `dst.len()` bytes out of the allocation from `offset`.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) {
+        assert!(offset + dst.len() <= self.cap, "read past allocation");
+        // SAFETY: bounds checked above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr().add(offset), dst.as_mut_ptr(), dst.len())
+        }
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        self.mem.release(self.offset, self.cap, self.class);
+    }
+}
+
+/// A buffer inside the domain's shared region. Operations on it are zero-copy in the driver:
+/// the device reads or writes it directly. While an operation on the buffer is in flight its
+/// contents are unspecified (the device may be writing them), as in libfabric.
+pub struct SharedBuf {
+    alloc: Arc<Allocation>,
+    len: usize,
+}
+
+impl std::fmt::Debug for SharedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBuf")
+            .field("addr", &format_args!("{:#x}", self.alloc.addr()))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl SharedBuf {
+    pub(crate) fn new(mem: &Arc<SharedMemory>, len: usize) -> Result<Self> {
+        let align = if len >= 4096 { 4096 } else { ALLOC_GRANULE };
+        let alloc = mem.alloc(len, align)?;
+        alloc.zero();
+        Ok(Self {
+            alloc: Arc::new(alloc),
+            len,
+        })
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn as_ptr(&self) -> *const u8 {
+        self.alloc.ptr()
+    }
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.alloc.ptr()
+    }
+    /// Guest (= virtual) address of the first byte.
+    pub fn addr(&self) -> u64 {
+        self.alloc.addr()
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the allocation owns at least `len` bytes; the only other writer is the device
+        // while an operation posted on this buffer is in flight (documented above).
+        unsafe { std::slice::from_raw_parts(self.alloc.ptr(), self.len) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`; `&mut self` excludes other Rust references to the bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.alloc.ptr(), self.len) }
+    }
+    /// Keeps the memory alive while the device uses it.
+    pub(crate) fn keepalive(&self) -> Arc<Allocation> {
+        self.alloc.clone()
+    }
+    pub(crate) fn memory(&self) -> &Arc<SharedMemory> {
+        self.alloc.memory()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn freelist_alloc_free_coalesce() {
+        let mut fl = FreeList::new(4096);
+        let (a, sa) = fl.alloc(100, 64).unwrap();
+        let (b, sb) = fl.alloc(1000, 512).unwrap();
+        let (c, sc) = fl.alloc(64, 64).unwrap();
+        assert_eq!(a, 0);
+        assert_eq!(sa, 128);
+        assert_eq!(b % 512, 0);
+        assert!(c >= 128);
+        fl.free(b, sb);
+        fl.free(a, sa);
+        fl.free(c, sc);
+        assert_eq!(fl.ranges(), vec![(0, 4096)]);
+        assert_eq!(fl.in_use(), 0);
+        assert!(fl.alloc(8192, 64).is_none());
+    }
+
+    #[test]
+    fn region_is_shared_and_contains() {
+        let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();
+        let a = mem.alloc(4096, 4096).unwrap();
+        assert!(mem.contains(a.ptr(), 4096));
+        assert!(!mem.contains(a.ptr(), mem.len() + 1));
+        a.write_at(10, b"hello");
+        let mut out = [0u8; 5];
+        a.read_at(10, &mut out);
+        assert_eq!(&out, b"hello");
+        // The memfd really is shared: a second mapping sees the bytes.
+        // SAFETY: mapping the same memfd read-only at a new address, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mem.len(),
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                mem.file().as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let off = a.ptr() as usize - mem.base() as usize;
+        // SAFETY: `p` maps the whole memfd; `off + 15 < len`.
+        let seen = unsafe { std::slice::from_raw_parts((p as *const u8).add(off + 10), 5) };
+        assert_eq!(seen, b"hello");
+        // SAFETY: unmapping the mapping made above.
+        unsafe { libc::munmap(p, mem.len()) };
+    }
+
+    #[test]
+    fn region_size_is_sealed() {
+        // vfabricd refuses guest memory whose file could shrink under its mapping.
+        let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();
+        // SAFETY: fcntl(F_GET_SEALS) on the memfd the region owns.
+        let seals = unsafe { libc::fcntl(mem.file().as_raw_fd(), libc::F_GET_SEALS) };
+        assert!(seals >= 0);
+        assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+        assert_ne!(seals & libc::F_SEAL_GROW, 0);
+        assert!(mem.file().set_len(4096).is_err(), "shrinking must fail");
+    }
+
+    #[test]
+    fn bounce_pool_recycles() {
+        let mem = SharedMemory::new("vfabric-test", 2 << 20).unwrap();
+        let a = mem.alloc_bounce(3000).unwrap();
+        assert_eq!(a.capacity(), 4096);
+        let addr = a.addr();
+        drop(a);
+        let b = mem.alloc_bounce(4000).unwrap();
+        assert_eq!(b.addr(), addr, "bounce buffer of the same class is reused");
+        drop(b);
+        // The region is too small for a 1 MiB class buffer unless the cache gives back.
+        let big = mem.alloc_bounce(600 << 10).unwrap();
+        assert_eq!(big.capacity(), 1 << 20);
+        drop(big);
+        let whole = mem.alloc(mem.len() - 4096, 64).unwrap();
+        drop(whole);
+    }
+
+    #[test]
+    fn exhaustion_is_reported() {
+        let mem = SharedMemory::new("vfabric-test", 1 << 16).unwrap();
+        let _a = mem.alloc(1 << 15, 64).unwrap();
+        assert!(matches!(
+            mem.alloc(1 << 16, 64),
+            Err(Error::OutOfMemory { .. })
+        ));
+    }
+
+    #[test]
+    fn allocator_is_thread_safe() {
+        let mem = SharedMemory::new("vfabric-test", 8 << 20).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let mem = mem.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        let a = mem.alloc_bounce(64 + (i * 37 + t * 11) % 20000).unwrap();
+                        a.write_at(0, &[t as u8; 64]);
+                        let mut b = [0u8; 64];
+                        a.read_at(0, &mut b);
+                        assert!(b.iter().all(|x| *x == t as u8));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    proptest! {
+        /// Random alloc/free sequences never hand out overlapping ranges and always coalesce
+        /// back to one free range.
+        #[test]
+        fn freelist_never_overlaps(ops in proptest::collection::vec((1usize..5000, 0u32..4, any::<bool>()), 1..200)) {
+            let total = 1 << 18;
+            let mut fl = FreeList::new(total);
+            let mut live: Vec<(usize, usize)> = Vec::new();
+            for (size, align_shift, free_one) in ops {
+                if free_one && !live.is_empty() {
+                    let (o, s) = live.swap_remove(size % live.len());
+                    fl.free(o, s);
+                } else if let Some((o, s)) = fl.alloc(size, 64 << align_shift) {
+                    prop_assert_eq!(o % (64 << align_shift), 0);
+                    prop_assert!(s >= size && o + s <= total);
+                    for &(lo, ls) in &live {
+                        prop_assert!(o + s <= lo || lo + ls <= o, "overlap");
+                    }
+                    live.push((o, s));
+                }
+            }
+            for (o, s) in live.drain(..) {
+                fl.free(o, s);
+            }
+            prop_assert_eq!(fl.ranges(), vec![(0, total)]);
+        }
+    }
+}

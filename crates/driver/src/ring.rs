@@ -1,0 +1,773 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Driver side of a virtio split ring (virtio 1.x, `split-ring.tex`) with EVENT_IDX.
+//!
+//! The ring lives in memory the device can write. The driver therefore keeps a private shadow
+//! of everything it needs (descriptor links, chain lengths, writable sizes, indices) and only
+//! *reads* two things from the device: the used ring (ids and lengths, validated against the
+//! shadow) and `avail_event` (a hint for kick suppression, harmless if wrong).
+//!
+//! Layout of a ring of `size` entries inside one allocation:
+//! descriptor table (16·size, at 0), avail ring (6 + 2·size, right after), used ring
+//! (6 + 8·size, 64-byte aligned so device-written and driver-written lines do not share).
+
+use std::num::Wrapping;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+
+pub(crate) const VRING_DESC_F_NEXT: u16 = 1;
+pub(crate) const VRING_DESC_F_WRITE: u16 = 2;
+pub(crate) const VRING_USED_F_NO_NOTIFY: u16 = 1;
+pub(crate) const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Distance at which `used_event` is parked while no one waits for a call: the device will not
+/// signal until the used index travels this far (in practice: never, the ring holds < 2^15).
+const USED_EVENT_PARK: u16 = 0x8000;
+
+/// One split-ring descriptor as laid out in memory (little-endian fields).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Descriptor {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+/// Offsets of the three ring parts inside the ring allocation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RingLayout {
+    pub size: u16,
+    pub desc: usize,
+    pub avail: usize,
+    pub used: usize,
+    pub total: usize,
+}
+
+impl RingLayout {
+    pub fn new(size: u16) -> Self {
+        let n = size as usize;
+        let desc = 0;
+        let avail = 16 * n;
+        let avail_end = avail + 6 + 2 * n;
+        let used = (avail_end + 63) & !63;
+        let total = used + 6 + 8 * n;
+        Self {
+            size,
+            desc,
+            avail,
+            used,
+            total,
+        }
+    }
+}
+
+/// A buffer to put in a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BufferDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub writable: bool,
+}
+
+/// A validated used-ring entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct UsedElem {
+    /// Head descriptor id of the chain (it was in flight).
+    pub head: u16,
+    /// Bytes the device claims it wrote, clamped to the chain's writable size.
+    pub len: u32,
+    /// False if the device claimed more bytes than the chain had writable.
+    pub len_ok: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RingError {
+    #[error("ring full")]
+    Full,
+    #[error("bad chain: {0}")]
+    BadChain(&'static str),
+    #[error("device corrupted the used ring: {0}")]
+    Corrupt(String),
+}
+
+/// The driver's view of one split ring.
+pub(crate) struct SplitRing {
+    layout: RingLayout,
+    base: NonNull<u8>,
+    /// What we wrote to each descriptor; `next` doubles as the free-list link.
+    shadow: Box<[Descriptor]>,
+    /// Descriptors in the chain headed by each id (0: not a head in flight).
+    chain_len: Box<[u16]>,
+    /// Writable bytes of the chain headed by each id.
+    chain_writable: Box<[u64]>,
+    free_head: u16,
+    num_free: u16,
+    next_avail: Wrapping<u16>,
+    /// `next_avail` at the last kick decision.
+    kicked_avail: Wrapping<u16>,
+    last_used: Wrapping<u16>,
+    event_idx: bool,
+    broken: Option<String>,
+}
+
+// SAFETY: `base` points into the domain's shared mapping, kept alive by the owner of the ring
+// allocation (the `Virtqueue`); all mutation goes through `&mut self`, so moving the ring between
+// threads is fine.
+unsafe impl Send for SplitRing {}
+
+impl SplitRing {
+    /// Build a ring over `layout.total` bytes at `base`.
+    ///
+    /// # Safety
+    /// `base` must be valid for reads and writes of `layout.total` bytes, 16-byte aligned, and
+    /// stay valid (and not used for anything else by this process) for the ring's lifetime.
+    pub unsafe fn new(base: *mut u8, layout: RingLayout, event_idx: bool) -> Self {
+        assert!(layout.size.is_power_of_two() && layout.size > 0);
+        assert_eq!(base as usize % 16, 0);
+        // SAFETY: the caller guarantees `base` covers `layout.total` writable bytes.
+        unsafe { std::ptr::write_bytes(base, 0, layout.total) };
+        let n = layout.size as usize;
+        let shadow: Box<[Descriptor]> = (0..n)
+            .map(|i| Descriptor {
+                next: ((i + 1) % n) as u16,
+                ..Default::default()
+            })
+            .collect();
+        let ring = Self {
+            layout,
+            base: NonNull::new(base).expect("ring base"),
+            shadow,
+            chain_len: vec![0; n].into_boxed_slice(),
+            chain_writable: vec![0; n].into_boxed_slice(),
+            free_head: 0,
+            num_free: layout.size,
+            next_avail: Wrapping(0),
+            kicked_avail: Wrapping(0),
+            last_used: Wrapping(0),
+            event_idx,
+            broken: None,
+        };
+        ring.disarm();
+        ring
+    }
+
+    /// Free descriptors.
+    #[cfg(test)]
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+    pub fn base_addr(&self) -> u64 {
+        self.base.as_ptr() as u64
+    }
+    pub fn desc_addr(&self) -> u64 {
+        self.base_addr() + self.layout.desc as u64
+    }
+    pub fn avail_addr(&self) -> u64 {
+        self.base_addr() + self.layout.avail as u64
+    }
+    pub fn used_addr(&self) -> u64 {
+        self.base_addr() + self.layout.used as u64
+    }
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+    pub fn last_used(&self) -> u16 {
+        self.last_used.0
+    }
+
+    /// Head id the next chain of `n` descriptors will get, if it fits.
+    pub fn next_head(&self, n: usize) -> Option<u16> {
+        (n <= self.num_free as usize && n > 0).then_some(self.free_head)
+    }
+
+    fn ptr_at(&self, off: usize) -> *mut u8 {
+        debug_assert!(off < self.layout.total);
+        // SAFETY: `off` is inside the ring allocation (see `new`).
+        unsafe { self.base.as_ptr().add(off) }
+    }
+
+    fn atomic_u16(&self, off: usize) -> &AtomicU16 {
+        // SAFETY: every u16 field of the ring is 2-byte aligned inside the allocation, which
+        // lives as long as `self`; AtomicU16 has the layout of u16.
+        unsafe { &*(self.ptr_at(off) as *const AtomicU16) }
+    }
+
+    fn avail_idx_field(&self) -> &AtomicU16 {
+        self.atomic_u16(self.layout.avail + 2)
+    }
+    fn avail_flags_field(&self) -> &AtomicU16 {
+        self.atomic_u16(self.layout.avail)
+    }
+    fn used_event_field(&self) -> &AtomicU16 {
+        self.atomic_u16(self.layout.avail + 4 + 2 * self.layout.size as usize)
+    }
+    fn used_flags_field(&self) -> &AtomicU16 {
+        self.atomic_u16(self.layout.used)
+    }
+    fn used_idx_field(&self) -> &AtomicU16 {
+        self.atomic_u16(self.layout.used + 2)
+    }
+    fn avail_event_field(&self) -> &AtomicU16 {
+        self.atomic_u16(self.layout.used + 4 + 8 * self.layout.size as usize)
+    }
+
+    /// Raw pointer to the used index, for lock-free "anything new?" peeks.
+    pub fn used_idx_ptr(&self) -> *const AtomicU16 {
+        self.used_idx_field() as *const AtomicU16
+    }
+
+    /// Add a chain and publish it in the avail ring. Readable buffers must precede writable
+    /// ones. Returns the head id.
+    pub fn add(&mut self, bufs: &[BufferDesc]) -> Result<u16, RingError> {
+        if let Some(b) = &self.broken {
+            return Err(RingError::Corrupt(b.clone()));
+        }
+        if bufs.is_empty() {
+            return Err(RingError::BadChain("empty chain"));
+        }
+        if bufs.windows(2).any(|w| w[0].writable && !w[1].writable) {
+            return Err(RingError::BadChain("readable buffer after a writable one"));
+        }
+        if bufs.len() > self.num_free as usize {
+            return Err(RingError::Full);
+        }
+        let head = self.free_head;
+        let mut idx = head;
+        let mut writable = 0u64;
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let link = self.shadow[idx as usize].next;
+            let d = Descriptor {
+                addr: b.addr,
+                len: b.len,
+                flags: if last { 0 } else { VRING_DESC_F_NEXT }
+                    | if b.writable { VRING_DESC_F_WRITE } else { 0 },
+                // The last descriptor keeps its free-list link in the shadow only.
+                next: link,
+            };
+            let wire = Descriptor {
+                addr: d.addr.to_le(),
+                len: d.len.to_le(),
+                flags: d.flags.to_le(),
+                next: if last { 0 } else { link.to_le() },
+            };
+            // SAFETY: idx < size, so the descriptor slot is inside the table.
+            unsafe {
+                std::ptr::write_volatile(
+                    self.ptr_at(self.layout.desc + 16 * idx as usize) as *mut Descriptor,
+                    wire,
+                )
+            };
+            self.shadow[idx as usize] = d;
+            if b.writable {
+                writable += b.len as u64;
+            }
+            if last {
+                self.free_head = link;
+            } else {
+                idx = link;
+            }
+        }
+        self.num_free -= bufs.len() as u16;
+        self.chain_len[head as usize] = bufs.len() as u16;
+        self.chain_writable[head as usize] = writable;
+
+        let slot = (self.next_avail.0 % self.layout.size) as usize;
+        // SAFETY: slot < size; the avail ring entry is a u16 inside the allocation.
+        unsafe {
+            std::ptr::write_volatile(
+                self.ptr_at(self.layout.avail + 4 + 2 * slot) as *mut u16,
+                head.to_le(),
+            )
+        };
+        self.next_avail += Wrapping(1);
+        // Descriptors and the ring entry must be visible before the index.
+        self.avail_idx_field()
+            .store(self.next_avail.0.to_le(), Ordering::Release);
+        Ok(head)
+    }
+
+    /// Decide whether the device must be kicked for the chains published since the last call.
+    pub fn needs_kick(&mut self) -> bool {
+        // Our avail index store must be ordered before reading the device's suppression state.
+        fence(Ordering::SeqCst);
+        let new = self.next_avail;
+        let old = self.kicked_avail;
+        self.kicked_avail = new;
+        if new == old {
+            return false;
+        }
+        if self.event_idx {
+            let event = Wrapping(u16::from_le(
+                self.avail_event_field().load(Ordering::Relaxed),
+            ));
+            // vring_need_event(event, new, old)
+            (new - event - Wrapping(1)) < (new - old)
+        } else {
+            u16::from_le(self.used_flags_field().load(Ordering::Relaxed)) & VRING_USED_F_NO_NOTIFY
+                == 0
+        }
+    }
+
+    /// Is there a used entry we have not consumed?
+    pub fn has_used(&self) -> bool {
+        u16::from_le(self.used_idx_field().load(Ordering::Acquire)) != self.last_used.0
+    }
+
+    /// Take the next used entry, validating it against the shadow state.
+    pub fn pop_used(&mut self) -> Result<Option<UsedElem>, RingError> {
+        if let Some(b) = &self.broken {
+            return Err(RingError::Corrupt(b.clone()));
+        }
+        let used_idx = Wrapping(u16::from_le(self.used_idx_field().load(Ordering::Acquire)));
+        if used_idx == self.last_used {
+            return Ok(None);
+        }
+        let outstanding = self.layout.size - self.num_free;
+        if (used_idx - self.last_used).0 > outstanding {
+            return Err(self.corrupt(format!(
+                "used index {} is {} ahead of {} with only {} descriptors in flight",
+                used_idx.0,
+                (used_idx - self.last_used).0,
+                self.last_used.0,
+                outstanding
+            )));
+        }
+        let slot = (self.last_used.0 % self.layout.size) as usize;
+        let off = self.layout.used + 4 + 8 * slot;
+        // SAFETY: the used element at `slot` is 8 bytes inside the allocation; read once.
+        let (id, len) = unsafe {
+            let p = self.ptr_at(off);
+            (
+                u32::from_le(std::ptr::read_volatile(p as *const u32)),
+                u32::from_le(std::ptr::read_volatile(p.add(4) as *const u32)),
+            )
+        };
+        if id >= self.layout.size as u32 || self.chain_len[id as usize] == 0 {
+            return Err(self.corrupt(format!("used id {id} is not a chain in flight")));
+        }
+        let head = id as u16;
+        let writable = self.chain_writable[head as usize];
+        let len_ok = len as u64 <= writable;
+        let len = if len_ok { len } else { writable as u32 };
+        self.last_used += Wrapping(1);
+        self.free_chain(head);
+        Ok(Some(UsedElem { head, len, len_ok }))
+    }
+
+    fn free_chain(&mut self, head: u16) {
+        let n = self.chain_len[head as usize];
+        let mut tail = head;
+        for _ in 1..n {
+            tail = self.shadow[tail as usize].next;
+        }
+        self.shadow[tail as usize].next = self.free_head;
+        self.free_head = head;
+        self.num_free += n;
+        self.chain_len[head as usize] = 0;
+        self.chain_writable[head as usize] = 0;
+    }
+
+    fn corrupt(&mut self, why: String) -> RingError {
+        tracing::error!(%why, "virtqueue marked broken");
+        self.broken = Some(why.clone());
+        RingError::Corrupt(why)
+    }
+
+    /// Ask the device for a call at the next used entry. Returns whether used entries are
+    /// already pending (then the caller must not sleep).
+    pub fn arm(&self) -> bool {
+        if self.event_idx {
+            self.used_event_field()
+                .store(self.last_used.0.to_le(), Ordering::Relaxed);
+        } else {
+            self.avail_flags_field().store(0, Ordering::Relaxed);
+        }
+        // The event store must be visible before we re-check the used index.
+        fence(Ordering::SeqCst);
+        self.has_used()
+    }
+
+    /// Tell the device we do not want calls (we poll).
+    pub fn disarm(&self) {
+        if self.event_idx {
+            self.used_event_field().store(
+                (self.last_used + Wrapping(USED_EVENT_PARK)).0.to_le(),
+                Ordering::Relaxed,
+            );
+        } else {
+            self.avail_flags_field()
+                .store(VRING_AVAIL_F_NO_INTERRUPT.to_le(), Ordering::Relaxed);
+        }
+    }
+
+    /// Descriptor as we wrote it (for tests and debugging).
+    #[cfg(test)]
+    pub fn shadow(&self, id: u16) -> Descriptor {
+        self.shadow[id as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::memory::{Allocation, SharedMemory};
+
+    /// The driver ring plus virtio-queue's device-side `Queue` on the same memfd, mapped a
+    /// second time at another address (as the daemon would), with guest address = driver VA.
+    struct Harness {
+        mem: Arc<SharedMemory>,
+        _ring_mem: Allocation,
+        ring: SplitRing,
+        dev_mem: GuestMemoryMmap,
+        queue: Queue,
+    }
+
+    fn harness(size: u16, event_idx: bool) -> Harness {
+        let mem = SharedMemory::new("ring-test", 4 << 20).unwrap();
+        let layout = RingLayout::new(size);
+        let ring_mem = mem.alloc(layout.total, 4096).unwrap();
+        // SAFETY: `ring_mem` is a fresh allocation of `layout.total` bytes, kept in the harness.
+        let ring = unsafe { SplitRing::new(ring_mem.ptr(), layout, event_idx) };
+        let file = mem.file().try_clone().unwrap();
+        let dev_mem = GuestMemoryMmap::from_ranges_with_files(&[(
+            GuestAddress(mem.guest_base()),
+            mem.len(),
+            Some(FileOffset::new(file, 0)),
+        )])
+        .unwrap();
+        let mut queue = Queue::new(size).unwrap();
+        queue.set_size(size);
+        queue
+            .try_set_desc_table_address(GuestAddress(ring.desc_addr()))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(ring.avail_addr()))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(ring.used_addr()))
+            .unwrap();
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        assert!(queue.is_valid(&dev_mem));
+        Harness {
+            mem,
+            _ring_mem: ring_mem,
+            ring,
+            dev_mem,
+            queue,
+        }
+    }
+
+    fn rd(a: &Allocation, len: usize) -> BufferDesc {
+        BufferDesc {
+            addr: a.addr(),
+            len: len as u32,
+            writable: false,
+        }
+    }
+    fn wr(a: &Allocation, len: usize) -> BufferDesc {
+        BufferDesc {
+            addr: a.addr(),
+            len: len as u32,
+            writable: true,
+        }
+    }
+
+    #[test]
+    fn chain_roundtrip_through_device_queue() {
+        let mut h = harness(16, true);
+        let hdr = h.mem.alloc(96, 64).unwrap();
+        let payload = h.mem.alloc(1000, 64).unwrap();
+        let data = h.mem.alloc(500, 64).unwrap();
+        let comp = h.mem.alloc(64, 64).unwrap();
+        hdr.write_at(0, &[0xaa; 96]);
+        payload.write_at(0, &[0x55; 1000]);
+        let head = h
+            .ring
+            .add(&[
+                rd(&hdr, 96),
+                rd(&payload, 1000),
+                wr(&data, 500),
+                wr(&comp, 64),
+            ])
+            .unwrap();
+        assert_eq!(h.ring.num_free(), 12);
+        assert!(h.ring.needs_kick(), "first chain must kick");
+
+        // Device side.
+        let chain = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        assert_eq!(chain.head_index(), head);
+        let mut reader = chain.clone().reader(&h.dev_mem).unwrap();
+        assert_eq!(reader.available_bytes(), 1096);
+        let mut bytes = vec![0u8; 1096];
+        reader.read_exact(&mut bytes).unwrap();
+        assert!(bytes[..96].iter().all(|b| *b == 0xaa));
+        assert!(bytes[96..].iter().all(|b| *b == 0x55));
+        let mut writer = chain.writer(&h.dev_mem).unwrap();
+        assert_eq!(writer.available_bytes(), 564);
+        writer.write_all(&[7u8; 500]).unwrap();
+        writer.write_all(&[9u8; 64]).unwrap();
+        h.queue.add_used(&h.dev_mem, head, 564).unwrap();
+
+        // Driver side.
+        assert!(h.ring.has_used());
+        let u = h.ring.pop_used().unwrap().unwrap();
+        assert_eq!(
+            u,
+            UsedElem {
+                head,
+                len: 564,
+                len_ok: true
+            }
+        );
+        assert_eq!(h.ring.num_free(), 16);
+        let mut out = [0u8; 500];
+        data.read_at(0, &mut out);
+        assert!(out.iter().all(|b| *b == 7));
+        assert_eq!(h.ring.pop_used().unwrap(), None);
+    }
+
+    #[test]
+    fn full_ring_and_wraparound() {
+        let mut h = harness(4, false);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        for round in 0..40_000u32 {
+            let a = h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+            let b = h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+            assert_eq!(
+                h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]),
+                Err(RingError::Full)
+            );
+            // Complete in reverse order.
+            let c1 = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+            let c2 = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+            assert_eq!((c1.head_index(), c2.head_index()), (a, b));
+            h.queue.add_used(&h.dev_mem, b, 64).unwrap();
+            h.queue.add_used(&h.dev_mem, a, round % 65).unwrap();
+            assert_eq!(h.ring.pop_used().unwrap().unwrap().head, b);
+            assert_eq!(h.ring.pop_used().unwrap().unwrap().len, round % 65);
+            assert_eq!(h.ring.num_free(), 4);
+        }
+    }
+
+    #[test]
+    fn event_idx_kick_suppression() {
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let chain = [rd(&buf, 8), wr(&buf, 64)];
+        h.ring.add(&chain).unwrap();
+        assert!(h.ring.needs_kick());
+        assert!(!h.ring.needs_kick(), "nothing new published");
+        // Device drains and stays in polling mode (notifications left disabled).
+        h.queue.disable_notification(&h.dev_mem).unwrap();
+        let c = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        h.queue.add_used(&h.dev_mem, c.head_index(), 64).unwrap();
+        h.ring.pop_used().unwrap().unwrap();
+        // enable_notification sets avail_event = next_avail (1): the next chain (idx 1 -> 2)
+        // crosses it, so it kicks...
+        assert!(!h.queue.enable_notification(&h.dev_mem).unwrap());
+        h.ring.add(&chain).unwrap();
+        assert!(h.ring.needs_kick());
+        // ...but while the device has not re-enabled, further chains do not.
+        h.ring.add(&chain).unwrap();
+        assert!(!h.ring.needs_kick());
+        h.ring.add(&chain).unwrap();
+        assert!(!h.ring.needs_kick());
+        // The device re-enables at its position (it consumed everything) -> next one kicks.
+        while let Some(c) = h.queue.pop_descriptor_chain(&h.dev_mem) {
+            h.queue.add_used(&h.dev_mem, c.head_index(), 64).unwrap();
+        }
+        assert!(!h.queue.enable_notification(&h.dev_mem).unwrap());
+        h.ring.add(&chain).unwrap();
+        assert!(h.ring.needs_kick());
+    }
+
+    #[test]
+    fn event_idx_call_suppression() {
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let chain = [rd(&buf, 8), wr(&buf, 64)];
+        // Parked used_event: the device must not call.
+        h.ring.add(&chain).unwrap();
+        let c = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        h.queue.add_used(&h.dev_mem, c.head_index(), 64).unwrap();
+        assert!(!h.queue.needs_notification(&h.dev_mem).unwrap());
+        // Armed with the entry pending: arm() reports it so we do not sleep.
+        assert!(h.ring.arm());
+        h.ring.pop_used().unwrap().unwrap();
+        // Armed and empty: the next used entry must produce a call.
+        assert!(!h.ring.arm());
+        h.ring.add(&chain).unwrap();
+        let c = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        h.queue.add_used(&h.dev_mem, c.head_index(), 64).unwrap();
+        assert!(h.queue.needs_notification(&h.dev_mem).unwrap());
+        h.ring.pop_used().unwrap().unwrap();
+        h.ring.disarm();
+        h.ring.add(&chain).unwrap();
+        let c = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        h.queue.add_used(&h.dev_mem, c.head_index(), 64).unwrap();
+        assert!(!h.queue.needs_notification(&h.dev_mem).unwrap());
+    }
+
+    #[test]
+    fn no_event_idx_uses_flags() {
+        let mut h = harness(8, false);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let chain = [rd(&buf, 8), wr(&buf, 64)];
+        h.ring.add(&chain).unwrap();
+        assert!(h.ring.needs_kick());
+        h.queue.disable_notification(&h.dev_mem).unwrap();
+        h.ring.add(&chain).unwrap();
+        assert!(!h.ring.needs_kick(), "device set NO_NOTIFY");
+        h.queue.enable_notification(&h.dev_mem).unwrap();
+        h.ring.add(&chain).unwrap();
+        assert!(h.ring.needs_kick());
+    }
+
+    #[test]
+    fn hostile_used_entries_are_rejected() {
+        // Unknown id.
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let chain = [rd(&buf, 8), wr(&buf, 64)];
+        let head = h.ring.add(&chain).unwrap();
+        let c = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        assert_eq!(c.head_index(), head);
+        h.queue.add_used(&h.dev_mem, 5, 64).unwrap();
+        assert!(matches!(h.ring.pop_used(), Err(RingError::Corrupt(_))));
+        assert!(h.ring.broken().is_some());
+        assert!(matches!(h.ring.add(&chain), Err(RingError::Corrupt(_))));
+
+        // Length larger than the writable part: clamped and flagged.
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let head = h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        h.queue.add_used(&h.dev_mem, head, 1 << 20).unwrap();
+        let u = h.ring.pop_used().unwrap().unwrap();
+        assert_eq!((u.len, u.len_ok), (64, false));
+
+        // Used index jumping ahead of what is in flight.
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        h.ring.used_idx_field().store(7, Ordering::Release);
+        assert!(matches!(h.ring.pop_used(), Err(RingError::Corrupt(_))));
+
+        // Same head completed twice.
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let head = h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        h.queue.add_used(&h.dev_mem, head, 64).unwrap();
+        h.queue.add_used(&h.dev_mem, head, 64).unwrap();
+        assert!(h.ring.pop_used().unwrap().is_some());
+        assert!(matches!(h.ring.pop_used(), Err(RingError::Corrupt(_))));
+    }
+
+    #[test]
+    fn device_scribbling_on_descriptors_does_not_confuse_free_list() {
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let head = h
+            .ring
+            .add(&[rd(&buf, 8), rd(&buf, 8), wr(&buf, 64)])
+            .unwrap();
+        // The device overwrites the table with garbage.
+        // SAFETY: the descriptor table is 16*8 bytes at desc_addr inside the shared region.
+        unsafe { std::ptr::write_bytes(h.ring.desc_addr() as *mut u8, 0xff, 16 * 8) };
+        h.queue.add_used(&h.dev_mem, head, 64).unwrap();
+        h.ring.pop_used().unwrap().unwrap();
+        assert_eq!(h.ring.num_free(), 8);
+        // All eight descriptors are usable again and distinct.
+        let mut heads = Vec::new();
+        for _ in 0..8 {
+            heads.push(h.ring.add(&[wr(&buf, 64)]).unwrap());
+        }
+        heads.sort();
+        assert_eq!(heads, (0..8).collect::<Vec<u16>>());
+        assert_eq!(h.ring.shadow(heads[0]).len, 64);
+    }
+
+    #[test]
+    fn bad_chain_shapes() {
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        assert_eq!(h.ring.add(&[]), Err(RingError::BadChain("empty chain")));
+        assert!(matches!(
+            h.ring.add(&[wr(&buf, 64), rd(&buf, 8)]),
+            Err(RingError::BadChain(_))
+        ));
+        assert_eq!(h.ring.num_free(), 8);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Random chains, completed by the device in a random order with random lengths: the
+        /// driver gets every head back exactly once with the right length, the data written by
+        /// the device lands in the right buffer, and the free count returns to the ring size.
+        #[test]
+        fn random_chains_complete_correctly(
+            ops in proptest::collection::vec((1usize..4, 0usize..3, 1usize..300, any::<u8>()), 1..120),
+            seed in any::<u64>(),
+        ) {
+            let mut h = harness(32, true);
+            let mut rng = seed;
+            let mut next = move || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+            let mut in_flight: std::collections::HashMap<u16, (Allocation, usize, u8)> = Default::default();
+            let mut device_chains = Vec::new();
+            for (nr, nw, wlen, fill) in ops {
+                let n = nr + nw;
+                if h.ring.num_free() as usize >= n {
+                    let rbuf = h.mem.alloc(64, 64).unwrap();
+                    let wbuf = h.mem.alloc(wlen * nw.max(1), 64).unwrap();
+                    let mut bufs = vec![rd(&rbuf, 16); nr];
+                    for i in 0..nw {
+                        bufs.push(BufferDesc { addr: wbuf.addr() + (i * wlen) as u64, len: wlen as u32, writable: true });
+                    }
+                    let head = h.ring.add(&bufs).unwrap();
+                    prop_assert!(!in_flight.contains_key(&head));
+                    in_flight.insert(head, (wbuf, wlen * nw, fill));
+                    while let Some(c) = h.queue.pop_descriptor_chain(&h.dev_mem) {
+                        device_chains.push(c);
+                    }
+                }
+                // Device completes a random subset.
+                while !device_chains.is_empty() && next() % 3 != 0 {
+                    let i = (next() as usize) % device_chains.len();
+                    let c = device_chains.swap_remove(i);
+                    let head = c.head_index();
+                    let (_, wtotal, fill) = &in_flight[&head];
+                    let mut w = c.writer(&h.dev_mem).unwrap();
+                    prop_assert_eq!(w.available_bytes(), *wtotal);
+                    let n = (next() as usize) % (wtotal + 1);
+                    w.write_all(&vec![*fill; n]).unwrap();
+                    h.queue.add_used(&h.dev_mem, head, n as u32).unwrap();
+                }
+                while let Some(u) = h.ring.pop_used().unwrap() {
+                    let (wbuf, _, fill) = in_flight.remove(&u.head).expect("head in flight");
+                    prop_assert!(u.len_ok);
+                    let mut got = vec![0u8; u.len as usize];
+                    wbuf.read_at(0, &mut got);
+                    prop_assert!(got.iter().all(|b| *b == fill));
+                }
+            }
+            for c in device_chains.drain(..) {
+                h.queue.add_used(&h.dev_mem, c.head_index(), 0).unwrap();
+            }
+            while let Some(u) = h.ring.pop_used().unwrap() {
+                prop_assert!(in_flight.remove(&u.head).is_some());
+            }
+            prop_assert!(in_flight.is_empty());
+            prop_assert_eq!(h.ring.num_free(), 32);
+        }
+    }
+}

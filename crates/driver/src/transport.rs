@@ -1,0 +1,337 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! vhost-user frontend: connect to a device socket, negotiate features, share memory, read
+//! config space, and hand rings plus eventfds to the device.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vfabric_proto::{self as proto, bit, ByteValued, FabricConfig};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VHOST_USER_MAX_VRINGS,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::SharedMemory;
+use crate::{Error, Result};
+
+/// Feature bits this driver implements (and therefore acknowledges when offered).
+pub(crate) const DRIVER_FEATURES: u64 = bit(proto::VIRTIO_F_VERSION_1)
+    | bit(proto::VIRTIO_FABRIC_F_MSG)
+    | bit(proto::VIRTIO_FABRIC_F_TAGGED)
+    | bit(proto::VIRTIO_FABRIC_F_MQ)
+    | bit(proto::VIRTIO_FABRIC_F_VENDOR_CAPS)
+    | bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
+    | bit(proto::VIRTIO_RING_F_EVENT_IDX)
+    | bit(proto::VHOST_USER_F_PROTOCOL_FEATURES);
+
+/// vhost-user protocol features the driver uses when offered.
+fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// An established vhost-user session with one device.
+pub(crate) struct Transport {
+    frontend: Mutex<Frontend>,
+    path: PathBuf,
+    /// Feature bits the device offered.
+    pub device_features: u64,
+    /// Feature bits negotiated.
+    pub features: u64,
+    /// Protocol features the device offered / we acknowledged.
+    pub device_protocol_features: u64,
+    pub protocol_features: u64,
+    /// Queues the device supports (GET_QUEUE_NUM with MQ, else unknown = u16::MAX).
+    pub max_queues: u64,
+    /// Queues started with `setup_queue` (stopped on drop).
+    started: Mutex<Vec<usize>>,
+    watchdog: Option<Watchdog>,
+}
+
+/// Shuts a socket down unless disarmed within a timeout (unblocks a stalled handshake).
+struct Watchdog {
+    disarm: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    fn arm(fd: BorrowedFd<'_>, timeout: Duration) -> Result<Self> {
+        let sock = UnixStream::from(fd.try_clone_to_owned()?);
+        let (disarm, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("vfabric-connect".into())
+            .spawn(move || match rx.recv_timeout(timeout) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                    true
+                }
+                _ => false,
+            })?;
+        Ok(Self { disarm, thread })
+    }
+
+    /// Stop the watchdog; true if it had fired.
+    fn disarm(self) -> bool {
+        let _ = self.disarm.send(());
+        self.thread.join().unwrap_or(true)
+    }
+}
+
+fn vhost_err(what: &str, e: vhost::Error) -> Error {
+    Error::Transport(format!("{what}: {e}"))
+}
+
+/// Connect to a device socket, retrying briefly while the listener is not accepting yet.
+fn connect_socket(path: &Path) -> Result<UnixStream> {
+    let mut retries = 5;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && retries > 0 => {
+                retries -= 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(Error::Transport(format!("connect {}: {e}", path.display()))),
+        }
+    }
+}
+
+impl Transport {
+    /// Connect and negotiate; the session is owned (SET_OWNER) when this returns. A watchdog
+    /// shuts the socket down if the handshake is not finished (`handshake_done`) within
+    /// `timeout`: a device serving another frontend accepts the connection only later, and
+    /// that must be reported rather than waited for forever.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
+        let stream = connect_socket(path)?;
+        let watchdog = Watchdog::arm(stream.as_fd(), timeout)?;
+        let result = Self::negotiate(path, stream);
+        match result {
+            Ok(mut t) => {
+                t.watchdog = Some(watchdog);
+                Ok(t)
+            }
+            Err(e) if watchdog.disarm() => Err(Error::Transport(format!(
+                "{}: vhost-user handshake did not finish within {timeout:?} (device busy \
+                 with another frontend?): {e}",
+                path.display()
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The setup is complete: stop the handshake watchdog. Fails if it already fired.
+    pub fn handshake_done(&mut self) -> Result<()> {
+        if let Some(w) = self.watchdog.take() {
+            if w.disarm() {
+                return Err(Error::Transport(format!(
+                    "{}: vhost-user setup timed out",
+                    self.path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn negotiate(path: &Path, stream: UnixStream) -> Result<Self> {
+        let mut frontend = Frontend::from_stream(stream, VHOST_USER_MAX_VRINGS);
+        let device_features = frontend
+            .get_features()
+            .map_err(|e| vhost_err("GET_FEATURES", e))?;
+        if device_features & proto::REQUIRED_FEATURES != proto::REQUIRED_FEATURES {
+            return Err(Error::Unsupported(format!(
+                "device {} lacks required features (offers {:#x}, needs {:#x})",
+                path.display(),
+                device_features,
+                proto::REQUIRED_FEATURES
+            )));
+        }
+        if device_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            return Err(Error::Unsupported(format!(
+                "device {} does not speak vhost-user protocol features (needed for CONFIG)",
+                path.display()
+            )));
+        }
+        let features = device_features & DRIVER_FEATURES;
+        frontend
+            .set_features(features)
+            .map_err(|e| vhost_err("SET_FEATURES", e))?;
+
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(|e| vhost_err("GET_PROTOCOL_FEATURES", e))?;
+        if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(Error::Unsupported(format!(
+                "device {} does not offer the CONFIG protocol feature",
+                path.display()
+            )));
+        }
+        let acked = offered & wanted_protocol_features();
+        frontend
+            .set_protocol_features(acked)
+            .map_err(|e| vhost_err("SET_PROTOCOL_FEATURES", e))?;
+        if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let max_queues = if acked.contains(VhostUserProtocolFeatures::MQ) {
+            frontend
+                .get_queue_num()
+                .map_err(|e| vhost_err("GET_QUEUE_NUM", e))?
+        } else {
+            u16::MAX as u64
+        };
+        frontend
+            .set_owner()
+            .map_err(|e| vhost_err("SET_OWNER", e))?;
+        tracing::debug!(
+            path = %path.display(),
+            device_features = format_args!("{device_features:#x}"),
+            features = format_args!("{features:#x}"),
+            protocol = format_args!("{:#x}", acked.bits()),
+            max_queues,
+            "vhost-user session established"
+        );
+        Ok(Self {
+            frontend: Mutex::new(frontend),
+            path: path.to_path_buf(),
+            device_features,
+            features,
+            device_protocol_features: offered.bits(),
+            protocol_features: acked.bits(),
+            max_queues,
+            started: Mutex::new(Vec::new()),
+            watchdog: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The vhost-user socket (polled for hang-up while blocking).
+    pub fn socket_fd(&self) -> std::os::fd::RawFd {
+        self.frontend.lock().unwrap().as_raw_fd()
+    }
+
+    pub fn has_feature(&self, b: u32) -> bool {
+        self.features & bit(b) != 0
+    }
+
+    pub fn event_idx(&self) -> bool {
+        self.has_feature(proto::VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    /// Register the region with guest address == our virtual address.
+    pub fn set_mem_table(&self, mem: &SharedMemory) -> Result<()> {
+        // `..Default::default()` covers the extra fields of vhost's `xen` feature.
+        #[allow(clippy::needless_update)]
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: mem.guest_base(),
+            memory_size: mem.len() as u64,
+            userspace_addr: mem.guest_base(),
+            mmap_offset: 0,
+            mmap_handle: mem.file().as_raw_fd(),
+            ..Default::default()
+        };
+        self.frontend
+            .lock()
+            .unwrap()
+            .set_mem_table(&[region])
+            .map_err(|e| vhost_err("SET_MEM_TABLE", e))?;
+        Ok(())
+    }
+
+    /// Read the device configuration space.
+    pub fn get_config(&self) -> Result<FabricConfig> {
+        let size = std::mem::size_of::<FabricConfig>();
+        let buf = vec![0u8; size];
+        let (_, data) = self
+            .frontend
+            .lock()
+            .unwrap()
+            .get_config(0, size as u32, VhostUserConfigFlags::empty(), &buf)
+            .map_err(|e| vhost_err("GET_CONFIG", e))?;
+        FabricConfig::from_slice(&data)
+            .copied()
+            .ok_or_else(|| Error::Transport(format!("config space of {} bytes", data.len())))
+    }
+
+    /// Hand one ring to the device and enable it.
+    pub fn setup_queue(
+        &self,
+        index: usize,
+        size: u16,
+        (desc, avail, used): (u64, u64, u64),
+        call: &EventFd,
+        kick: &EventFd,
+        err: &EventFd,
+    ) -> Result<()> {
+        if index as u64 >= self.max_queues {
+            return Err(Error::Unsupported(format!(
+                "queue {index} beyond the device's {} queues",
+                self.max_queues
+            )));
+        }
+        let mut fe = self.frontend.lock().unwrap();
+        let q = |what: &str, e| vhost_err(&format!("{what}({index})"), e);
+        fe.set_vring_num(index, size)
+            .map_err(|e| q("SET_VRING_NUM", e))?;
+        fe.set_vring_addr(
+            index,
+            &VringConfigData {
+                queue_max_size: size,
+                queue_size: size,
+                flags: 0,
+                desc_table_addr: desc,
+                used_ring_addr: used,
+                avail_ring_addr: avail,
+                log_addr: None,
+            },
+        )
+        .map_err(|e| q("SET_VRING_ADDR", e))?;
+        fe.set_vring_base(index, 0)
+            .map_err(|e| q("SET_VRING_BASE", e))?;
+        fe.set_vring_call(index, call)
+            .map_err(|e| q("SET_VRING_CALL", e))?;
+        fe.set_vring_kick(index, kick)
+            .map_err(|e| q("SET_VRING_KICK", e))?;
+        fe.set_vring_err(index, err)
+            .map_err(|e| q("SET_VRING_ERR", e))?;
+        fe.set_vring_enable(index, true)
+            .map_err(|e| q("SET_VRING_ENABLE", e))?;
+        self.started.lock().unwrap().push(index);
+        Ok(())
+    }
+}
+
+impl Drop for Transport {
+    /// Stop every ring (GET_VRING_BASE) before the socket closes, so the device stops touching
+    /// our memory in an orderly way and is free for the next frontend.
+    fn drop(&mut self) {
+        let fe = self.frontend.lock().unwrap();
+        let raw = fe.as_raw_fd();
+        // SAFETY: `raw` is the frontend's socket, open for the duration of this function.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        let watchdog = Watchdog::arm(fd, TEARDOWN_TIMEOUT).ok();
+        for &index in self.started.lock().unwrap().iter() {
+            if let Err(e) = fe.get_vring_base(index) {
+                tracing::debug!(index, error = %e, "GET_VRING_BASE on close");
+                break;
+            }
+        }
+        if watchdog.is_some_and(|w| w.disarm()) {
+            tracing::warn!(path = %self.path.display(), "device did not stop its rings in time");
+        }
+        tracing::debug!(path = %self.path.display(), "vhost-user session closed");
+    }
+}
+
+/// Bound on the orderly ring stop when a domain closes.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(2);
