@@ -1810,7 +1810,12 @@ fn indirect_chain_longer_than_the_queue() {
         entries.push(desc(comp, 64, F_WRITE, 0));
         let t = put_table(&mut h, &entries);
         let s = post_indirect(&mut h, TX, t, 16 * n as u32, comp);
-        h.expect_status(&s, Status::BadChain, 0, "indirect chain of queue size + 36 descriptors");
+        h.expect_status(
+            &s,
+            Status::BadChain,
+            0,
+            "indirect chain of queue size + 36 descriptors",
+        );
         w.check_service();
     });
 }
@@ -2525,34 +2530,47 @@ fn error_precedence() {
 /// BAD_ENDPOINT (check 13).
 #[test]
 fn error_precedence_size_then_parameters_then_endpoint() {
-    bounded("error_precedence_size_then_parameters_then_endpoint", || {
-        let mut w = World::new();
-        let mut h = w.hostile();
-        let me = h.open_ep();
-        let b = w.pair.b.ep.name();
-        let big = h.alloc(MAX_MSG + 1);
+    bounded(
+        "error_precedence_size_then_parameters_then_endpoint",
+        || {
+            let mut w = World::new();
+            let mut h = w.hostile();
+            let me = h.open_ep();
+            let b = w.pair.b.ep.name();
+            let big = h.alloc(MAX_MSG + 1);
 
-        let hd = h.send_hdr(77, b, 1);
-        let ha = h.header_at(&hd);
-        let comp = h.alloc(64);
-        let s = h.post(TX, &[rd(ha, 96), rd(big, MAX_MSG as u32 + 1), wr(comp, 64)]);
-        h.expect_status(&s, Status::TooLarge, 1, "bad endpoint and too large");
+            let hd = h.send_hdr(77, b, 1);
+            let ha = h.header_at(&hd);
+            let comp = h.alloc(64);
+            let s = h.post(TX, &[rd(ha, 96), rd(big, MAX_MSG as u32 + 1), wr(comp, 64)]);
+            h.expect_status(&s, Status::TooLarge, 1, "bad endpoint and too large");
 
-        let mut hd = h.send_hdr(me.ep, b, 2);
-        hd.flags = flags::INJECT.into();
-        let ha = h.header_at(&hd);
-        let comp = h.alloc(64);
-        let s = h.post(TX, &[rd(ha, 96), rd(big, MAX_MSG as u32 + 1), wr(comp, 64)]);
-        h.expect_status(&s, Status::TooLarge, 2, "INJECT above inject_size and too large");
+            let mut hd = h.send_hdr(me.ep, b, 2);
+            hd.flags = flags::INJECT.into();
+            let ha = h.header_at(&hd);
+            let comp = h.alloc(64);
+            let s = h.post(TX, &[rd(ha, 96), rd(big, MAX_MSG as u32 + 1), wr(comp, 64)]);
+            h.expect_status(
+                &s,
+                Status::TooLarge,
+                2,
+                "INJECT above inject_size and too large",
+            );
 
-        let mut hd = h.send_hdr(77, b, 3);
-        hd.flags = flags::INJECT.into();
-        let ha = h.header_at(&hd);
-        let comp = h.alloc(64);
-        let s = h.post(TX, &[rd(ha, 96), rd(big, 4096), wr(comp, 64)]);
-        h.expect_status(&s, Status::Invalid, 3, "bad endpoint and INJECT above inject_size");
-        w.check_service();
-    });
+            let mut hd = h.send_hdr(77, b, 3);
+            hd.flags = flags::INJECT.into();
+            let ha = h.header_at(&hd);
+            let comp = h.alloc(64);
+            let s = h.post(TX, &[rd(ha, 96), rd(big, 4096), wr(comp, 64)]);
+            h.expect_status(
+                &s,
+                Status::Invalid,
+                3,
+                "bad endpoint and INJECT above inject_size",
+            );
+            w.check_service();
+        },
+    );
 }
 
 /// A ring started without SET_FEATURES: the device processes nothing (or answers

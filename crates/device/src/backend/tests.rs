@@ -463,7 +463,10 @@ fn backend_processes_all_queues_after_a_kick() {
     // A receive on ep 0 on the RX queue, and a no-op control request (ADDR_CHECK of nothing)
     // behind it: the kick on the control queue drains every queue, data queues first.
     d.mem
-        .write_obj(Request::new(Opcode::AddrCheck).to_header(), GuestAddress(HDR + 0x200))
+        .write_obj(
+            Request::new(Opcode::AddrCheck).to_header(),
+            GuestAddress(HDR + 0x200),
+        )
         .unwrap();
     chain(&vq0, 2, &[(HDR + 0x200, 96, R), (COMP + 128, 64, W)]);
     let mut r = Request::new(Opcode::Recv);
