@@ -332,7 +332,21 @@ impl Fabric {
             .std_u64(key::CAPS, "caps", self.fabric_features())
             .std_u64(key::FLAGS, "flags", HONOURED_FLAGS)
             .std_u64(key::MSG_ORDER, "msg_order", 1)
-            .std_u64(key::TAG_BITS, "tag_bits", 64)
+            .std_u64(
+                key::TAG_BITS,
+                "tag_bits",
+                if acked & bit(VIRTIO_FABRIC_F_TAGGED) != 0 {
+                    64
+                } else {
+                    0
+                },
+            )
+            // RMA, memory keys and atomics are not offered yet: their limits read 0.
+            .std_u64(key::MAX_RMA_SIZE, "max_rma_size", 0)
+            .std_u64(key::MR_KEY_SIZE, "mr_key_size", 0)
+            .std_u64(key::ATOMIC_OPS, "atomic_ops", 0)
+            .std_u64(key::ATOMIC_TYPES, "atomic_types", 0)
+            .std_u64(key::MAX_ATOMIC_COUNT, "max_atomic_count", 0)
             .push(
                 0,
                 key::FABRIC_NAME,
@@ -346,7 +360,15 @@ impl Fabric {
                 CapValue::Str(format!("vfabric{dev}")),
             )
             .std_u64(key::NODE_ADDR, "node_addr", self.node_addr(dev))
-            .std_u64(key::MAX_CQ_DATA_SIZE, "max_cq_data_size", 8)
+            .std_u64(
+                key::MAX_CQ_DATA_SIZE,
+                "max_cq_data_size",
+                if acked & bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
+                    8
+                } else {
+                    0
+                },
+            )
             .std_u64(key::VENDOR_ID, "vendor_id", VENDOR_ID_VFABRIC.into())
             .push(
                 0,
