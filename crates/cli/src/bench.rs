@@ -52,6 +52,8 @@ pub struct RunParams {
     pub verify: bool,
     pub progress: bool,
     pub timeout: Duration,
+    /// Pin both guest threads of an in-process pair to this CPU.
+    pub guest_cpu: Option<usize>,
 }
 
 impl RunParams {
@@ -481,9 +483,18 @@ pub fn run_pair(
         ..params.clone()
     };
     let af = addr_file.clone();
+    let cpu = params.guest_cpu;
     let server = std::thread::Builder::new()
         .name("guest-server".into())
-        .spawn(move || run_side(kind, &server_dev, &af, true, &server_params))?;
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                vfabric_device::pin_current_thread(cpu);
+            }
+            run_side(kind, &server_dev, &af, true, &server_params)
+        })?;
+    if let Some(cpu) = cpu {
+        vfabric_device::pin_current_thread(cpu);
+    }
     let client = run_side(kind, &client_dev, &addr_file, false, params);
     let server = server
         .join()

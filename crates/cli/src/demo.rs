@@ -25,11 +25,29 @@ pub struct DemoArgs {
 }
 
 /// Start a daemon with `devices` devices whose sockets live in a fresh temporary directory.
+/// CPUs of this machine (the demo's placement follows it).
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Placement for an in-process run: on two or more CPUs the device's poller gets the last CPU
+/// to itself and both guests share CPU 0 (measured best on 2-vCPU machines: three busy parties
+/// on two cores otherwise fight over both).
+pub fn placement() -> (Option<usize>, Option<usize>) {
+    let n = cpus();
+    if n >= 2 {
+        (Some(n - 1), Some(0))
+    } else {
+        (None, None)
+    }
+}
+
 pub fn embedded_daemon(devices: u32, poll_us: u64) -> Result<DaemonHandle, CliError> {
     let dir: PathBuf = std::env::temp_dir().join(format!("vfabric-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut config = Config::new(Config::socket_dir_paths(&dir, devices));
     config.poll_us = poll_us;
+    config.poller_cpu = placement().0;
     Ok(vfabric_device::start(config)?)
 }
 
@@ -51,6 +69,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         verify: true,
         progress: !args.json,
         timeout: Duration::from_secs(30),
+        guest_cpu: placement().1,
     };
     let (s, c) = (socks[0].clone(), socks[1].clone());
     if !args.json {
@@ -59,6 +78,13 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
             s.display(),
             c.display()
         );
+        match placement() {
+            (Some(d), Some(g)) => println!(
+                "placement: device poller on cpu{d}, both guests on cpu{g} ({} CPUs)",
+                cpus()
+            ),
+            _ => println!("placement: one CPU, everything shares it"),
+        }
     }
     let ping_poll = bench::run_pair(
         Kind::Pingpong,

@@ -111,6 +111,13 @@ impl BenchArgs {
             verify: self.verify,
             progress: !self.quiet && !self.json,
             timeout: Duration::from_secs(self.timeout_s),
+            // In-process pairs follow the demo's placement; cross-process runs are placed with
+            // taskset by the caller.
+            guest_cpu: if self.device.is_none() {
+                demo::placement().1
+            } else {
+                None
+            },
         })
     }
 }

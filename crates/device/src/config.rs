@@ -142,6 +142,9 @@ pub struct Config {
     pub device_id: u32,
     /// Bounded spin (microseconds) re-checking the avail rings after work was found; 0 = none.
     pub poll_us: u64,
+    /// Pin the data-plane poller thread to this CPU (a dedicated core keeps the polled path
+    /// free of scheduling delays).
+    pub poller_cpu: Option<usize>,
     pub limits: Limits,
     /// Vendor attributes appended to QUERY_CAPS answers.
     pub vendor_attrs: Vec<VendorAttr>,
@@ -155,6 +158,7 @@ impl Config {
             host_id: 1,
             device_id: VIRTIO_ID_FABRIC,
             poll_us: 50,
+            poller_cpu: None,
             limits: Limits::default(),
             vendor_attrs: VendorAttr::defaults(),
         }
@@ -261,6 +265,7 @@ struct FileConfig {
     host_id: Option<u32>,
     device_id: Option<u32>,
     poll_us: Option<u64>,
+    poller_cpu: Option<usize>,
     limits: Limits,
     /// Replace the default vendor attributes instead of extending them.
     replace_vendor_attrs: bool,
@@ -342,6 +347,7 @@ impl FileConfig {
         if let Some(p) = self.poll_us {
             c.poll_us = p;
         }
+        c.poller_cpu = self.poller_cpu;
         c.limits = self.limits;
         if self.replace_vendor_attrs {
             c.vendor_attrs.clear();

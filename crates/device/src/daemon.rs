@@ -136,9 +136,15 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
     handle.poller = poller.clone();
     {
         let p = poller.clone();
+        let cpu = config.poller_cpu;
         let t = std::thread::Builder::new()
             .name("vfabric-poll".into())
-            .spawn(move || p.run())
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    crate::pin_current_thread(cpu);
+                }
+                p.run()
+            })
             .map_err(Error::Thread)?;
         handle.threads.push(t);
     }

@@ -34,6 +34,24 @@ pub use config::{Config, Limits, VendorAttr};
 pub use daemon::{start, DaemonHandle};
 pub use stats::{DeviceStats, Stats};
 
+/// Pin the calling thread to `cpu` (logged and ignored if the CPU is not available).
+pub fn pin_current_thread(cpu: usize) {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        tracing::warn!(cpu, "cannot pin to a CPU beyond CPU_SETSIZE");
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it (cpu is below
+    // CPU_SETSIZE) and sched_setaffinity only reads it for the calling thread (pid 0).
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        tracing::warn!(cpu, "cannot pin thread: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// The `type` vfabricd reports with `--print-capabilities`.
 pub const VHOST_USER_TYPE: &str = "fabric";
 

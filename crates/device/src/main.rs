@@ -44,6 +44,9 @@ struct Args {
     /// Spin budget in microseconds after work was found (0 disables polling).
     #[arg(long)]
     poll_us: Option<u64>,
+    /// Pin the data-plane poller thread to this CPU.
+    #[arg(long)]
+    poller_cpu: Option<usize>,
     /// Queue pairs per device (default 2).
     #[arg(long)]
     num_queue_pairs: Option<u16>,
@@ -100,6 +103,9 @@ impl TryFrom<Args> for Config {
         set!(c.host_id, a.host_id);
         set!(c.device_id, a.device_id);
         set!(c.poll_us, a.poll_us);
+        if a.poller_cpu.is_some() {
+            c.poller_cpu = a.poller_cpu;
+        }
         let l = &mut c.limits;
         set!(l.num_queue_pairs, a.num_queue_pairs);
         set!(l.max_endpoints, a.max_endpoints);
