@@ -48,7 +48,11 @@ pub fn pin_current_thread(cpu: usize) {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if r != 0 {
-        tracing::warn!(cpu, "cannot pin thread: {}", std::io::Error::last_os_error());
+        tracing::warn!(
+            cpu,
+            "cannot pin thread: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
