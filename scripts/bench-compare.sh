@@ -42,8 +42,9 @@ fi_run() { # label provider ep size iters [env...]
 
 vf_run() { # label mode kind size iters daemon-cpus server-cpus client-cpus
     local label=$1 mode=$2 kind=$3 size=$4 iters=$5 dcpu=$6 scpu=$7 ccpu=$8
-    local dir="$OUT/vf-$label-$size"
+    local dir="$OUT/vf-$label-$size-$run"
     mkdir -p "$dir"
+    rm -f "$dir/addr"
     timeout 120 taskset -c "$dcpu" "$VFABRICD" --socket-dir "$dir" --devices 2 --log-level warn &
     local d=$!
     for _ in $(seq 100); do [ -S "$dir/vfabric1.sock" ] && break; sleep 0.05; done
@@ -60,6 +61,7 @@ for r in json.load(open(path))["results"]:
 PY
     else
         echo "bench: $label size $size failed: $(tail -2 "$dir/cli.err" | tr '\n' ' ')" >&2
+        kill "$s" 2>/dev/null || true
     fi
     wait "$s" 2>/dev/null || true
     kill "$d" 2>/dev/null || true
