@@ -33,7 +33,11 @@ fi_run() { # label provider ep size iters [env...]
     sleep 0.3
     if env "$@" timeout 60 taskset -c 1 fi_pingpong -p "$prov" -e "$ep" -I "$iters" -S "$size" -P "$PORT" 127.0.0.1 >"$OUT/cli.txt" 2>&1; then
         # bytes #sent #ack total time MB/sec usec/xfer Mxfers/sec
-        awk -v l="$label" -v s="$size" '$1 == s && NF >= 8 { printf "{\"bench\":\"%s\",\"size\":%s,\"one_way_us\":%s,\"mb_s\":%s}\n", l, s, $7, $6 }' "$OUT/cli.txt" >>"$RAW"
+        # fi_pingpong prints sizes as 64, 1k, 4m, ...
+        awk -v l="$label" -v s="$size" 'NF >= 8 && $1 ~ /^[0-9]+[km]?$/ {
+                n = $1 + 0; if ($1 ~ /k$/) n *= 1024; if ($1 ~ /m$/) n *= 1048576
+                if (n == s) printf "{\"bench\":\"%s\",\"size\":%s,\"one_way_us\":%s,\"mb_s\":%s}\n", l, s, $7, $6
+            }' "$OUT/cli.txt" >>"$RAW"
     else
         echo "bench: $label size $size failed: $(tail -2 "$OUT/cli.txt" | tr '\n' ' ')" >&2
     fi
