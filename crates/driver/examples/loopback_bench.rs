@@ -254,7 +254,16 @@ fn main() {
     {
         config.poll_us = us;
     }
+    // Placement for 2-vCPU machines: the device's poller alone on the last CPU, both guests
+    // (this thread and the receiver threads it spawns inherit the mask) on CPU 0.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= 2 && std::env::var_os("NO_PIN").is_none() {
+        config.poller_cpu = Some(cpus - 1);
+    }
     let daemon = vfabric_device::start(config).unwrap();
+    if cpus >= 2 && std::env::var_os("NO_PIN").is_none() {
+        vfabric_device::pin_current_thread(0);
+    }
 
     let mode = std::env::args().nth(2).unwrap_or_else(|| "all".into());
     if mode == "all" || mode == "polled" {
