@@ -680,9 +680,21 @@ impl Fabric {
             len: req.payload.len,
         };
 
+        let skind = inner.devs[dev].eps[r.ep as usize]
+            .ep
+            .as_ref()
+            .map_or(ep_open::TYPE_RDM, |e| e.kind);
+        if skind == ep_open::TYPE_DGRAM && r.flags & flags::DELIVERY_COMPLETE != 0 {
+            // A datagram is never "delivered" in the reliable sense (spec: DGRAM endpoints).
+            return self.fail(dev, port, &req, Status::Invalid, n);
+        }
         let Some(dst) = inner.devs[ddev].eps[dep].ep.as_mut() else {
             return self.fail(dev, port, &req, Status::AddrNotAvail, n);
         };
+        if dst.kind != skind {
+            // Reliable and datagram endpoints do not talk to each other.
+            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+        }
         let posted = dst
             .posted
             .iter()

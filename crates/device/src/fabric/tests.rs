@@ -336,7 +336,7 @@ fn endpoint_limits_close_and_generations() {
 #[test]
 fn dgram_without_receive_drops_and_counts() {
     let mut w = World::new(2, Limits::default());
-    let a = w.open(0, RDM);
+    let a = w.open(0, ep_open::TYPE_DGRAM);
     let d = w.open(1, ep_open::TYPE_DGRAM);
     let s = w.send(0, a, d, None, 0, 1, b"lost");
     assert_eq!(w.status(&s), Some(Status::Ok));
@@ -346,6 +346,23 @@ fn dgram_without_receive_drops_and_counts() {
     assert!(w.result(&r).is_none(), "dropped message is not queued");
     w.send(0, a, d, None, 0, 3, b"kept");
     assert_eq!(w.data(&r, 4), b"kept");
+}
+
+#[test]
+fn reliable_and_datagram_endpoints_do_not_mix() {
+    let mut w = World::new(2, Limits::default());
+    let rdm = w.open(0, RDM);
+    let dg = w.open(1, ep_open::TYPE_DGRAM);
+    let s = w.send(0, rdm, dg, None, 0, 1, b"x");
+    assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+    let s = w.send(1, dg, rdm, None, 0, 2, b"y");
+    assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+    let mut r = Request::new(Opcode::Send);
+    r.ep = dg.ep;
+    r.peer = w.open(0, ep_open::TYPE_DGRAM);
+    r.flags = flags::DELIVERY_COMPLETE;
+    let s = w.submit(1, r, b"z", 0);
+    assert_eq!(w.status(&s), Some(Status::Invalid));
 }
 
 #[test]
