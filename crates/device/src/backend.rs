@@ -333,6 +333,11 @@ impl FabricBackend {
                 if !st.is_enabled() || !st.get_queue().ready() {
                     continue;
                 }
+                // The cheap look at the avail index first: validating a ring (in pop_chains)
+                // costs more than the rest of a small request.
+                if !has_pending(st.get_queue(), &mem) {
+                    continue;
+                }
                 let desc_table = st.get_queue().desc_table();
                 (pop_chains(st.get_queue_mut(), &mem, BATCH), desc_table)
             };
