@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -q -p vfabric-cli -p vfabric-device
+cargo build --release -q -p vfabric-cli -p vfabric-device -p vfabric-provider
+scripts/provider-link.sh release
 
 RUNS=${RUNS:-3}
 SIZES=${SIZES:-"8 64 1024 4096 65536 1048576 4194304"}
@@ -31,7 +32,7 @@ fi_run() { # label provider ep size iters [env...]
     env "$@" timeout 60 taskset -c 0 fi_pingpong -p "$prov" -e "$ep" -I "$iters" -S "$size" -B "$PORT" >"$OUT/srv.txt" 2>&1 &
     local srv=$!
     sleep 0.3
-    if env "$@" timeout 60 taskset -c 1 fi_pingpong -p "$prov" -e "$ep" -I "$iters" -S "$size" -P "$PORT" 127.0.0.1 >"$OUT/cli.txt" 2>&1; then
+    if env "$@" ${CLIENT_ENV:-} timeout 60 taskset -c 1 fi_pingpong -p "$prov" -e "$ep" -I "$iters" -S "$size" -P "$PORT" 127.0.0.1 >"$OUT/cli.txt" 2>&1; then
         # bytes #sent #ack total time MB/sec usec/xfer Mxfers/sec
         # fi_pingpong prints sizes as 64, 1k, 4m, ...
         awk -v l="$label" -v s="$size" 'NF >= 8 && $1 ~ /^[0-9]+[km]?$/ {
@@ -44,8 +45,22 @@ fi_run() { # label provider ep size iters [env...]
     wait "$srv" 2>/dev/null || true
 }
 
-vf_run() { # label mode kind size iters daemon-cpus server-cpus client-cpus
+vfp_run() { # label ep size iters: fi_pingpong -p vfabric (libvfabric-fi.so), one device per side
+    local dir="$OUT/vfp-$1-$3-$run"
+    mkdir -p "$dir"
+    timeout 120 taskset -c 0,1 "$VFABRICD" --socket-dir "$dir" --devices 2 --log-level warn &
+    local d=$!
+    for _ in $(seq 100); do [ -S "$dir/vfabric1.sock" ] && break; sleep 0.05; done
+    CLIENT_ENV="VFABRIC_DEVICES=$dir/vfabric1.sock" fi_run "$1" vfabric "$2" "$3" "$4" \
+        FI_PROVIDER_PATH="$PWD/target/release/prov" VFABRIC_DEVICES="$dir/vfabric0.sock"
+    kill "$d" 2>/dev/null || true
+    wait "$d" 2>/dev/null || true
+}
+
+vf_run() { # label mode kind size iters daemon-cpus server-cpus client-cpus [--op OP]
     local label=$1 mode=$2 kind=$3 size=$4 iters=$5 dcpu=$6 scpu=$7 ccpu=$8
+    shift 8
+    local extra=("$@")
     local dir="$OUT/vf-$label-$size-$run"
     mkdir -p "$dir"
     rm -f "$dir/addr"
@@ -53,15 +68,16 @@ vf_run() { # label mode kind size iters daemon-cpus server-cpus client-cpus
     local d=$!
     for _ in $(seq 100); do [ -S "$dir/vfabric1.sock" ] && break; sleep 0.05; done
     timeout 60 taskset -c "$scpu" "$VFABRIC" "$kind" --device "$dir/vfabric0.sock" --server --addr-file "$dir/addr" \
-        --sizes "$size" --iters "$iters" --mode "$mode" --quiet >/dev/null 2>"$dir/srv.err" &
+        --sizes "$size" --iters "$iters" --mode "$mode" --quiet "${extra[@]}" >/dev/null 2>"$dir/srv.err" &
     local s=$!
     if timeout 60 taskset -c "$ccpu" "$VFABRIC" "$kind" --device "$dir/vfabric1.sock" --addr-file "$dir/addr" \
-        --sizes "$size" --iters "$iters" --mode "$mode" --quiet --json >"$dir/out.json" 2>"$dir/cli.err"; then
+        --sizes "$size" --iters "$iters" --mode "$mode" --quiet --json "${extra[@]}" >"$dir/out.json" 2>"$dir/cli.err"; then
         python3 - "$label" "$dir/out.json" >>"$RAW" <<'PY'
 import json, sys
 label, path = sys.argv[1], sys.argv[2]
 for r in json.load(open(path))["results"]:
-    print(json.dumps({"bench": label, "size": r["size"], "one_way_us": r.get("one_way_us"), "mb_s": r.get("mb_s")}))
+    print(json.dumps({"bench": label, "size": r["size"], "one_way_us": r.get("one_way_us"), "mb_s": r.get("mb_s"),
+                      "msg_rate": r.get("msg_rate")}))
 PY
     else
         echo "bench: $label size $size failed: $(tail -2 "$dir/cli.err" | tr '\n' ' ')" >&2
@@ -72,7 +88,7 @@ PY
     wait "$d" 2>/dev/null || true
 }
 
-total=$((RUNS * $(wc -w <<<"$SIZES") * 8))
+total=$((RUNS * ($(wc -w <<<"$SIZES") * 11 + 2)))
 n=0
 for run in $(seq "$RUNS"); do
     for size in $SIZES; do
@@ -80,6 +96,7 @@ for run in $(seq "$RUNS"); do
         fi_run shm shm rdm "$size" "$it"
         fi_run shm-nocma shm rdm "$size" "$it" FI_SHM_DISABLE_CMA=1
         fi_run tcp tcp msg "$size" "$((it / 4 + 10))"
+        vfp_run vfabric-fi-rdm rdm "$size" "$it" # the same fi_pingpong over our provider
         # Three parties on two cores: the device polls on cpu1, both guests share cpu0 (the
         # placement that measured best); "split" puts the guests on separate cores as
         # fi_pingpong's server and client are, with the daemon free to float.
@@ -88,9 +105,17 @@ for run in $(seq "$RUNS"); do
         vf_run vfabric-block block pingpong "$size" "$((it / 10 + 10))" 1 0 1
         vf_run vfabric-bw poll bw "$size" "$it" 1 0 0
         vf_run vfabric-bw-block block bw "$size" "$((it / 4 + 10))" 1 0 1
-        n=$((n + 8))
+        # One-sided RMA (Debian's libfabric-bin has no RMA benchmark to compare with: its
+        # fi_pingpong is messaging only), same placement as vfabric-bw.
+        vf_run vfabric-write poll bw "$size" "$it" 1 0 0 --op write
+        vf_run vfabric-read poll bw "$size" "$it" 1 0 0 --op read
+        n=$((n + 11))
         echo "bench: run $run size $size done ($n/$total)" >&2
     done
+    # Atomic rate: 64-bit SUM with and without fetch, one word per request.
+    vf_run vfabric-atomic-fadd poll atomic 8 20000 1 0 0 --op fadd
+    vf_run vfabric-atomic-add poll atomic 8 20000 1 0 0 --op add
+    n=$((n + 2))
 done
 
 python3 scripts/bench_report.py "$RAW" "RUNS=$RUNS SIZES=\"$SIZES\" scripts/bench-compare.sh" >docs/perf.md.new

@@ -37,6 +37,7 @@ def main():
     raw, command = sys.argv[1], sys.argv[2]
     lat = defaultdict(list)
     bw = defaultdict(list)
+    rate = defaultdict(list)
     for line in open(raw):
         line = line.strip()
         if not line:
@@ -45,9 +46,11 @@ def main():
         key = (r["bench"], int(r["size"]))
         lat[key].append(r.get("one_way_us"))
         bw[key].append(r.get("mb_s"))
-    sizes = sorted({s for (_, s) in lat})
+        rate[key].append(r.get("msg_rate"))
+    sizes = sorted({s for (b, s) in lat if not b.startswith("vfabric-atomic")})
     L = {k: median(v) for k, v in lat.items()}
     B = {k: median(v) for k, v in bw.items()}
+    R = {k: median(v) for k, v in rate.items()}
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
                          capture_output=True, text=True).stdout.strip()
     runs = max((len(v) for v in lat.values()), default=0)
@@ -80,6 +83,25 @@ def main():
         out.append(f"| {size_label(s)} | {fmt(vb, 0)} | {fmt(vbb, 0)} | {fmt(vp, 0)} | {fmt(shm, 0)} | {fmt(nocma, 0)} | {fmt(tcp, 0)} | "
                    f"{fmt(ratio(vb, nocma))}× | {fmt(ratio(vb, tcp))}× |")
     out.append("\nHigher is better; a ratio above 1 means vfabric is faster.\n")
+    out.append("## RMA (MB/s = 10^6 B/s)\n")
+    out.append("One-sided `vfabric bw --op write|read`: windows of RMA writes/reads into a region the "
+               "server registered, same placement as `vfabric bw`, side by side with vfabric messaging. "
+               "Debian's `libfabric-bin` has no RMA benchmark (`fi_pingpong` is messaging only), so there "
+               "is no shm/tcp column.\n")
+    out.append("| size | RMA write | RMA read | messaging bw | write/bw | read/bw |")
+    out.append("|---|---|---|---|---|---|")
+    for s in sizes:
+        w, rd, mb = B.get(("vfabric-write", s)), B.get(("vfabric-read", s)), B.get(("vfabric-bw", s))
+        out.append(f"| {size_label(s)} | {fmt(w, 0)} | {fmt(rd, 0)} | {fmt(mb, 0)} | "
+                   f"{fmt(ratio(w, mb))}× | {fmt(ratio(rd, mb))}× |")
+    out.append("\n## Atomics\n")
+    out.append("`vfabric atomic --op fadd|add`: windows of 64-bit FI_SUM atomics on one word of the "
+               "server's region (fetching and not). No libfabric-bin counterpart.\n")
+    out.append("| operation | ops/s | µs per op |")
+    out.append("|---|---|---|")
+    for label, name in (("vfabric-atomic-fadd", "fetch-add (FETCH_ATOMIC)"),
+                        ("vfabric-atomic-add", "add (ATOMIC)")):
+        out.append(f"| {name} | {fmt(R.get((label, 8)), 0)} | {fmt(L.get((label, 8)))} |")
     print("\n".join(out))
 
 

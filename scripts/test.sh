@@ -8,6 +8,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 # Binaries used by the cross-process tests (vfabricd and the vfabric CLI).
 cargo build --workspace --bins -q
+# The libfabric provider (cdylib) and its libvfabric-fi.so link, for tests/provider.rs.
+cargo build -p vfabric-provider -q
+scripts/provider-link.sh debug
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt
 # Sum the per-binary results into one closing line.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?/) p += $(i-1); if ($i ~ /^failed;?/) f += $(i-1); if ($i ~ /^ignored;?/) s += $(i-1) } }

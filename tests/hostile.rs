@@ -1969,7 +1969,7 @@ fn unknown_opcodes() {
         let mut n = 0;
         for q in [CTRL, TX, RX, TX1, RX1] {
             for op in [
-                0x0000u16, 0x0008, 0x00ff, 0x0103, 0x0180, 0x0183, 0x01ff, 0x7777, 0xffff,
+                0x0000u16, 0x0008, 0x00ff, 0x0103, 0x0180, 0x0184, 0x01ff, 0x7777, 0xffff,
             ] {
                 let hd = h.raw_hdr(op, me.ep);
                 let s = h.request(q, hd, &[], 0);
@@ -1982,17 +1982,9 @@ fn unknown_opcodes() {
                 n += 1;
             }
         }
-        // Defined opcodes of features the device does not offer (RMA, atomics, persistence).
-        for (q, op) in [
-            (TX, Opcode::RmaWrite),
-            (TX, Opcode::RmaRead),
-            (TX, Opcode::Atomic),
-            (TX, Opcode::FetchAtomic),
-            (TX, Opcode::CompareAtomic),
-            (TX, Opcode::Flush),
-            (CTRL, Opcode::MrReg),
-            (CTRL, Opcode::MrDereg),
-        ] {
+        // Defined opcodes of a feature the device does not offer (persistence).
+        {
+            let (q, op) = (TX, Opcode::Flush);
             let hd = h.hdr(op, me.ep);
             let s = h.request(q, hd, &[], 0);
             h.expect_status(
@@ -2131,10 +2123,10 @@ fn unknown_flags_reserved_fields_and_bad_parameters() {
                 Invalid,
             ),
             c(
-                "FENCE (not implemented)",
+                "COMMIT_COMPLETE on RMA_WRITE (no RMA_PMEM)",
                 TX,
-                Send,
-                flags::FENCE,
+                RmaWrite,
+                flags::COMMIT_COMPLETE,
                 Unsupported,
             ),
             c(
@@ -2497,10 +2489,11 @@ fn error_precedence() {
         hd5.reserved0 = 2.into();
         let s = h.request(TX, hd5, b"x", 0);
         h.expect_status(&s, Status::Invalid, 6, "reserved before endpoint");
-        // 10 before 11: a flag the device does not implement (FENCE) with a bad endpoint →
-        // UNSUPPORTED.
+        // 10 before 11: a flag the device does not implement (COMMIT_COMPLETE without
+        // RMA_PMEM) with a bad endpoint → UNSUPPORTED.
         let mut hd6 = h.send_hdr(77, b, 7);
-        hd6.flags = flags::FENCE.into();
+        hd6.opcode = (Opcode::RmaWrite as u16).into();
+        hd6.flags = flags::COMMIT_COMPLETE.into();
         let s = h.request(TX, hd6, b"x", 0);
         h.expect_status(
             &s,
@@ -2747,7 +2740,7 @@ fn requests_without_the_needed_features() {
         }
 
         // SET_FEATURES with bits the device never offered: the session is refused.
-        for extra in [bit(2), bit(3), bit(4), 1 << 50] {
+        for extra in [bit(4), 1 << 50] {
             let h = Hostile::connect(&w.hostile_path());
             h.fe.set_owner().unwrap();
             let _ = h.fe.set_features(offered | extra);
@@ -3543,5 +3536,736 @@ fn memory_table_swap_races_with_peer_sends() {
             w.rig.wait_disconnects(HOSTILE, round + 1);
         }
         w.check_service();
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory registration, RMA and atomics
+// ---------------------------------------------------------------------------------------------
+
+/// Post `hd` with `payload` and a data area of `cap` bytes; expect `want` (every other
+/// completion field zero).
+fn expect_req(
+    h: &mut Hostile,
+    q: usize,
+    hd: ReqHeader,
+    payload: &[u8],
+    cap: u32,
+    want: Status,
+    what: &str,
+) {
+    let s = h.request(q, hd, payload, cap);
+    h.expect_status(&s, want, hd.cookie.into(), what);
+}
+
+fn mem_seg(addr: u64, len: u64) -> Vec<u8> {
+    let mut v = addr.to_le_bytes().to_vec();
+    v.extend_from_slice(&len.to_le_bytes());
+    v
+}
+
+fn rma_iov(addr: u64, len: u64, key: u64) -> Vec<u8> {
+    let mut v = addr.to_le_bytes().to_vec();
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(&key.to_le_bytes());
+    v
+}
+
+/// MR_REG / MR_DEREG with bad counts, flags, keys and segments (→ INVALID, FAULT,
+/// UNSUPPORTED, KEY_IN_USE), and a good registration that a well-behaved guest can then use.
+#[test]
+fn hostile_memory_registration() {
+    bounded("hostile_memory_registration", || {
+        let mut w = World::new();
+        let mut h = w.hostile();
+        let me = h.open_ep();
+        let buf = h.alloc_filled(4096);
+        let rw = vfabric_proto::mr_flags::REMOTE_READ | vfabric_proto::mr_flags::REMOTE_WRITE;
+        let reg = |h: &mut Hostile, count: u32, fl: u64, key: u64| {
+            let mut hd = h.hdr(Opcode::MrReg, 0);
+            hd.count = count.into();
+            hd.compare = fl.into();
+            hd.remote_key = key.into();
+            hd.remote_addr = buf.into();
+            hd
+        };
+        use vfabric_proto::mr_flags as mf;
+        let one = mem_seg(buf, 4096);
+        let cases: Vec<(&str, ReqHeader, Vec<u8>, Status)> = vec![
+            ("count 0", reg(&mut h, 0, rw, 1), vec![], Status::Invalid),
+            (
+                "count > max_sge",
+                reg(&mut h, MAX_SGE + 1, rw, 1),
+                one.repeat(MAX_SGE as usize + 1),
+                Status::Invalid,
+            ),
+            (
+                "payload shorter than count",
+                reg(&mut h, 2, rw, 1),
+                one.clone(),
+                Status::Invalid,
+            ),
+            (
+                "no remote access",
+                reg(&mut h, 1, 0, 1),
+                one.clone(),
+                Status::Invalid,
+            ),
+            (
+                "reserved flag",
+                reg(&mut h, 1, rw | 1 << 20, 1),
+                one.clone(),
+                Status::Invalid,
+            ),
+            (
+                "PROV_KEY with a key",
+                reg(&mut h, 1, rw | mf::PROV_KEY, 5),
+                one.clone(),
+                Status::Invalid,
+            ),
+            (
+                "PMEM",
+                reg(&mut h, 1, rw | mf::PMEM, 1),
+                one.clone(),
+                Status::Unsupported,
+            ),
+            (
+                "segment outside memory",
+                reg(&mut h, 1, rw, 1),
+                mem_seg(h.end(), 16),
+                Status::Fault,
+            ),
+            (
+                "segment in another guest",
+                reg(&mut h, 1, rw, 1),
+                mem_seg(w.pair.b.rbuf.addr(), 16),
+                Status::Fault,
+            ),
+            (
+                "segment overflows",
+                reg(&mut h, 1, rw, 1),
+                mem_seg(u64::MAX - 7, 16),
+                Status::Fault,
+            ),
+            (
+                "zero length",
+                reg(&mut h, 1, rw, 1),
+                mem_seg(buf, 0),
+                Status::Invalid,
+            ),
+        ];
+        for (what, hd, payload, want) in cases {
+            expect_req(&mut h, CTRL, hd, &payload, 0, want, what);
+        }
+        // A good registration with a requested key, then the same key again.
+        let hd = reg(&mut h, 2, rw, 0x77);
+        let mut two = mem_seg(buf, 100);
+        two.extend(mem_seg(buf + 1000, 28));
+        let s = h.request(CTRL, hd, &two, 0);
+        let c = h.expect_ok(&s, 64, "MR_REG of two segments");
+        assert_eq!((u64::from(c.data), u64::from(c.len)), (0x77, 128));
+        let hd = reg(&mut h, 1, rw, 0x77);
+        expect_req(&mut h, CTRL, hd, &one, 0, Status::KeyInUse, "key in use");
+        // The well-behaved guest A writes across the segment boundary of the hostile region.
+        let a = &w.pair.a;
+        let to_h = a.av.insert(me);
+        let data = pattern(58, 7);
+        a.ep.write(&data, to_h, buf + 70, 0x77, 1).unwrap();
+        next_ok(&a.tx, "A writes into the hostile region");
+        assert_eq!(h.read(buf + 70, 30), &data[..30]);
+        assert_eq!(h.read(buf + 1000, 28), &data[30..]);
+        // MR_DEREG of an unknown key, then of the real one; A's next write is refused.
+        let mut hd = h.hdr(Opcode::MrDereg, 0);
+        hd.remote_key = 0x78.into();
+        expect_req(
+            &mut h,
+            CTRL,
+            hd,
+            &[],
+            0,
+            Status::Invalid,
+            "MR_DEREG unknown key",
+        );
+        let mut hd = h.hdr(Opcode::MrDereg, 0);
+        hd.remote_key = 0x77.into();
+        expect_req(&mut h, CTRL, hd, &[], 0, Status::Ok, "MR_DEREG");
+        a.ep.write(&data, to_h, buf + 70, 0x77, 2).unwrap();
+        assert_eq!(next_err(&a.tx, "write after dereg").status, Status::Access);
+        // MR_EVENT with a data area is a bad chain; a payload is invalid.
+        let hd = h.hdr(Opcode::MrEvent, 0);
+        expect_req(
+            &mut h,
+            RX,
+            hd,
+            &[],
+            64,
+            Status::BadChain,
+            "MR_EVENT with a data area",
+        );
+        let hd = h.hdr(Opcode::MrEvent, 0);
+        expect_req(
+            &mut h,
+            RX,
+            hd,
+            b"x",
+            0,
+            Status::Invalid,
+            "MR_EVENT with a payload",
+        );
+        w.expect_hostile_connected();
+        w.check_service();
+        w.hostile_works(&mut h);
+    });
+}
+
+/// RMA requests with bad keys, ranges, counts, lengths and scatter lists against a region of a
+/// well-behaved guest: each refused with its status, the target's bytes unchanged.
+#[test]
+fn hostile_rma_requests() {
+    bounded("hostile_rma_requests", || {
+        let mut w = World::new();
+        let mut h = w.hostile();
+        let me = h.open_ep();
+        let b = w.pair.b.ep.name();
+        let tbuf = w.pair.b.domain.alloc_buffer(4096).unwrap();
+        let mr = w
+            .pair
+            .b
+            .domain
+            .register(
+                &tbuf,
+                vfabric::fi::REMOTE_READ | vfabric::fi::REMOTE_WRITE,
+                None,
+            )
+            .unwrap();
+        let ro = w
+            .pair
+            .b
+            .domain
+            .register(&tbuf, vfabric::fi::REMOTE_READ, None)
+            .unwrap();
+        let before = tbuf.as_slice().to_vec();
+        let (base, key) = (mr.base(), mr.key());
+        let rma = |h: &mut Hostile, op: Opcode, addr: u64, key: u64, count: u32, fl: u64| {
+            let mut hd = h.hdr(op, me.ep);
+            hd.peer = b.to_wire();
+            hd.remote_addr = addr.into();
+            hd.remote_key = key.into();
+            hd.count = count.into();
+            hd.flags = fl.into();
+            hd
+        };
+        use Opcode::{RmaRead, RmaWrite};
+        use Status::*;
+        let d16 = [0xAAu8; 16];
+        let mut list2 = rma_iov(base, 8, key);
+        list2.extend(rma_iov(base + 100, 8, key));
+        let mut overflow_list = rma_iov(base, u64::MAX, key);
+        overflow_list.extend(rma_iov(base, 2, key));
+        let mut with_data = list2.clone();
+        with_data.extend_from_slice(&d16[..15]);
+        let mut list_then_data = list2.clone();
+        list_then_data.extend_from_slice(&d16);
+        let cases: Vec<(&str, ReqHeader, Vec<u8>, u32, Status)> = vec![
+            (
+                "wrong key",
+                rma(&mut h, RmaWrite, base, key ^ 0x10, 0, 0),
+                d16.to_vec(),
+                0,
+                Access,
+            ),
+            (
+                "write to read-only",
+                rma(&mut h, RmaWrite, ro.base(), ro.key(), 0, 0),
+                d16.to_vec(),
+                0,
+                Access,
+            ),
+            (
+                "one past the end",
+                rma(&mut h, RmaWrite, base + 4081, key, 0, 0),
+                d16.to_vec(),
+                0,
+                Access,
+            ),
+            (
+                "below the start",
+                rma(&mut h, RmaWrite, base - 1, key, 0, 0),
+                d16.to_vec(),
+                0,
+                Access,
+            ),
+            (
+                "address overflow",
+                rma(&mut h, RmaWrite, u64::MAX - 7, key, 0, 0),
+                d16.to_vec(),
+                0,
+                Access,
+            ),
+            (
+                "read past the end",
+                rma(&mut h, RmaRead, base + 4090, key, 0, 0),
+                vec![],
+                16,
+                Access,
+            ),
+            (
+                "read address overflow",
+                rma(&mut h, RmaRead, u64::MAX, key, 0, 0),
+                vec![],
+                16,
+                Access,
+            ),
+            (
+                "count > max_sge",
+                rma(&mut h, RmaWrite, 0, 0, MAX_SGE + 1, 0),
+                list_then_data.clone(),
+                0,
+                Invalid,
+            ),
+            (
+                "payload shorter than the list",
+                rma(&mut h, RmaWrite, 0, 0, 3, 0),
+                list2.clone(),
+                0,
+                Invalid,
+            ),
+            (
+                "list sum != data",
+                rma(&mut h, RmaWrite, 0, 0, 2, 0),
+                with_data,
+                0,
+                Invalid,
+            ),
+            (
+                "list sum overflows",
+                rma(&mut h, RmaRead, 0, 0, 2, 0),
+                overflow_list,
+                16,
+                Invalid,
+            ),
+            (
+                "read list sum > data area",
+                rma(&mut h, RmaRead, 0, 0, 2, 0),
+                list2.clone(),
+                8,
+                Invalid,
+            ),
+            (
+                "read with data after the list",
+                rma(&mut h, RmaRead, 0, 0, 2, 0),
+                list_then_data.clone(),
+                16,
+                Invalid,
+            ),
+            (
+                "INJECT above inject_size",
+                rma(&mut h, RmaWrite, base, key, 0, flags::INJECT),
+                vec![1; INJECT_SIZE as usize + 1],
+                0,
+                Invalid,
+            ),
+            (
+                "COMMIT_COMPLETE",
+                rma(&mut h, RmaWrite, base, key, 0, flags::COMMIT_COMPLETE),
+                d16.to_vec(),
+                0,
+                Unsupported,
+            ),
+            (
+                "bad endpoint",
+                {
+                    let mut x = rma(&mut h, RmaWrite, base, key, 0, 0);
+                    x.ep = 99.into();
+                    x
+                },
+                d16.to_vec(),
+                0,
+                BadEndpoint,
+            ),
+            (
+                "no such peer",
+                {
+                    let mut x = rma(&mut h, RmaWrite, base, key, 0, 0);
+                    x.peer = FabricAddr::new(b.node, 77, 1).to_wire();
+                    x
+                },
+                d16.to_vec(),
+                0,
+                AddrNotAvail,
+            ),
+        ];
+        for (what, hd, payload, cap, want) in cases {
+            expect_req(&mut h, TX, hd, &payload, cap, want, what);
+            assert_eq!(tbuf.as_slice(), &before[..], "{what}: target bytes changed");
+        }
+        // Larger than MAX_RMA_SIZE (= max_msg_size).
+        let big = h.alloc(MAX_MSG + 1);
+        let hd = rma(&mut h, RmaWrite, base, key, 0, 0);
+        let ha = h.header_at(&hd);
+        let comp = h.alloc(64);
+        let s = h.post(TX, &[rd(ha, 96), rd(big, MAX_MSG as u32 + 1), wr(comp, 64)]);
+        h.expect_status(&s, TooLarge, hd.cookie.into(), "write above max_rma_size");
+        // A read whose data area lies outside the hostile guest's memory.
+        let hd = rma(&mut h, RmaRead, base, key, 0, 0);
+        let ha = h.header_at(&hd);
+        let comp = h.alloc(64);
+        let s = h.post(TX, &[rd(ha, 96), wr(h.end() + 4096, 16), wr(comp, 64)]);
+        h.expect_status(
+            &s,
+            Fault,
+            0, // descriptor checks come first: the cookie is not read
+            "read into memory outside the guest",
+        );
+        // A DGRAM endpoint cannot do RMA.
+        let mut hd = h.hdr(Opcode::EpOpen, 0);
+        hd.data = ep_open::TYPE_DGRAM.into();
+        let s = h.request(CTRL, hd, &[], 0);
+        let dg = FabricAddr::from_wire(&h.expect_ok(&s, 64, "open DGRAM").src);
+        let mut hd = rma(&mut h, RmaWrite, base, key, 0, 0);
+        hd.ep = dg.ep.into();
+        expect_req(&mut h, TX, hd, &d16, 0, Invalid, "RMA on a DGRAM endpoint");
+        assert_eq!(tbuf.as_slice(), &before[..]);
+        // Well-formed requests work: a two-range write and a one-range read.
+        let hd = rma(&mut h, RmaWrite, 0, 0, 2, 0);
+        let s = h.request(TX, hd, &list_then_data, 0);
+        assert_eq!(u64::from(h.expect_ok(&s, 64, "good write").len), 16);
+        assert_eq!(&tbuf.as_slice()[..8], &[0xAA; 8]);
+        assert_eq!(&tbuf.as_slice()[100..108], &[0xAA; 8]);
+        let hd = rma(&mut h, RmaRead, base + 96, key, 0, 0);
+        let s = h.request(TX, hd, &[], 16);
+        h.expect_ok(&s, 80, "good read");
+        assert_eq!(h.read(s.data, 16), &tbuf.as_slice()[96..112]);
+        w.expect_hostile_connected();
+        w.check_service();
+        w.hostile_works(&mut h);
+    });
+}
+
+/// Atomic requests with bad datatypes, ops, counts, operand lengths and result areas.
+#[test]
+fn hostile_atomic_requests() {
+    bounded("hostile_atomic_requests", || {
+        let mut w = World::new();
+        let mut h = w.hostile();
+        let me = h.open_ep();
+        let b = w.pair.b.ep.name();
+        let tbuf = w.pair.b.domain.alloc_buffer(4096).unwrap();
+        let mr = w
+            .pair
+            .b
+            .domain
+            .register(
+                &tbuf,
+                vfabric::fi::REMOTE_READ | vfabric::fi::REMOTE_WRITE,
+                None,
+            )
+            .unwrap();
+        let before = tbuf.as_slice().to_vec();
+        let (base, key) = (mr.base(), mr.key());
+        use vfabric_proto::{atomic_op as aop, datatype as dt};
+        let at = |h: &mut Hostile, op: Opcode, o: u8, ty: u8, count: u32| {
+            let mut hd = h.hdr(op, me.ep);
+            hd.peer = b.to_wire();
+            hd.remote_addr = base.into();
+            hd.remote_key = key.into();
+            hd.atomic_op = o;
+            hd.datatype = ty;
+            hd.count = count.into();
+            hd
+        };
+        use Opcode::{Atomic, CompareAtomic, FetchAtomic};
+        use Status::*;
+        let e8 = [1u8; 8];
+        let mut cases: Vec<(String, ReqHeader, Vec<u8>, u32, Status)> = Vec::new();
+        for ty in [
+            dt::FLOAT_COMPLEX,
+            dt::DOUBLE_COMPLEX,
+            dt::LONG_DOUBLE,
+            dt::LONG_DOUBLE_COMPLEX,
+            16,
+            200,
+            255,
+        ] {
+            cases.push((
+                format!("datatype {ty}"),
+                at(&mut h, Atomic, aop::SUM, ty, 1),
+                vec![],
+                0,
+                Unsupported,
+            ));
+        }
+        for o in [19u8, 100, 255] {
+            cases.push((
+                format!("op {o}"),
+                at(&mut h, Atomic, o, dt::UINT64, 1),
+                vec![],
+                0,
+                Unsupported,
+            ));
+        }
+        for (what, hd, payload, cap, want) in [
+            (
+                "BOR on DOUBLE",
+                at(&mut h, Atomic, aop::BOR, dt::DOUBLE, 1),
+                vec![],
+                0,
+                Unsupported,
+            ),
+            (
+                "MSWAP on FLOAT",
+                at(&mut h, CompareAtomic, aop::MSWAP, dt::FLOAT, 1),
+                vec![],
+                4,
+                Unsupported,
+            ),
+            (
+                "CSWAP on ATOMIC",
+                at(&mut h, Atomic, aop::CSWAP, dt::UINT64, 1),
+                vec![],
+                0,
+                Invalid,
+            ),
+            (
+                "ATOMIC_READ on ATOMIC",
+                at(&mut h, Atomic, aop::ATOMIC_READ, dt::UINT64, 1),
+                vec![],
+                0,
+                Invalid,
+            ),
+            (
+                "SUM on COMPARE_ATOMIC",
+                at(&mut h, CompareAtomic, aop::SUM, dt::UINT64, 1),
+                vec![],
+                8,
+                Invalid,
+            ),
+            (
+                "count 0",
+                at(&mut h, Atomic, aop::SUM, dt::UINT64, 0),
+                vec![],
+                0,
+                Invalid,
+            ),
+            (
+                "count above MAX_ATOMIC_COUNT",
+                at(&mut h, Atomic, aop::SUM, dt::UINT8, 4097),
+                vec![0; 4097],
+                0,
+                Invalid,
+            ),
+            (
+                "operands too short",
+                at(&mut h, Atomic, aop::SUM, dt::UINT64, 2),
+                e8.to_vec(),
+                0,
+                Invalid,
+            ),
+            (
+                "operands too long",
+                at(&mut h, Atomic, aop::SUM, dt::UINT64, 1),
+                vec![1; 9],
+                0,
+                Invalid,
+            ),
+            (
+                "inline form with count 2",
+                at(&mut h, Atomic, aop::SUM, dt::UINT64, 2),
+                vec![],
+                0,
+                Invalid,
+            ),
+            (
+                "inline form of a 16-byte type",
+                at(&mut h, Atomic, aop::SUM, dt::UINT128, 1),
+                vec![],
+                0,
+                Invalid,
+            ),
+            (
+                "compare values missing",
+                at(&mut h, CompareAtomic, aop::CSWAP, dt::UINT64, 2),
+                vec![1; 16],
+                16,
+                Invalid,
+            ),
+            (
+                "ATOMIC_READ with operands",
+                at(&mut h, FetchAtomic, aop::ATOMIC_READ, dt::UINT64, 1),
+                e8.to_vec(),
+                8,
+                Invalid,
+            ),
+            (
+                "result area too small",
+                at(&mut h, FetchAtomic, aop::SUM, dt::UINT64, 1),
+                e8.to_vec(),
+                4,
+                BadChain,
+            ),
+            (
+                "result area too large",
+                at(&mut h, FetchAtomic, aop::SUM, dt::UINT64, 1),
+                e8.to_vec(),
+                16,
+                BadChain,
+            ),
+            (
+                "no result area",
+                at(&mut h, FetchAtomic, aop::SUM, dt::UINT64, 1),
+                e8.to_vec(),
+                0,
+                BadChain,
+            ),
+            (
+                "past the end",
+                {
+                    let mut x = at(&mut h, Atomic, aop::SUM, dt::UINT64, 1);
+                    x.remote_addr = (base + 4089).into();
+                    x
+                },
+                e8.to_vec(),
+                0,
+                Access,
+            ),
+            (
+                "address overflow",
+                {
+                    let mut x = at(&mut h, Atomic, aop::SUM, dt::UINT64, 2);
+                    x.remote_addr = (u64::MAX - 8).into();
+                    x
+                },
+                vec![1; 16],
+                0,
+                Access,
+            ),
+            (
+                "wrong key",
+                {
+                    let mut x = at(&mut h, Atomic, aop::SUM, dt::UINT64, 1);
+                    x.remote_key = (key ^ 4).into();
+                    x
+                },
+                e8.to_vec(),
+                0,
+                Access,
+            ),
+            (
+                "INJECT above inject_size",
+                {
+                    let mut x = at(&mut h, Atomic, aop::SUM, dt::UINT8, 300);
+                    x.flags = flags::INJECT.into();
+                    x
+                },
+                vec![1; 300],
+                0,
+                Invalid,
+            ),
+        ] {
+            cases.push((what.to_string(), hd, payload, cap, want));
+        }
+        for (what, hd, payload, cap, want) in cases {
+            expect_req(&mut h, TX, hd, &payload, cap, want, &what);
+            assert_eq!(tbuf.as_slice(), &before[..], "{what}: target bytes changed");
+        }
+        // Well-formed: inline fetch-add, then a payload-form compare-swap of two elements.
+        let mut hd = at(&mut h, FetchAtomic, aop::SUM, dt::UINT64, 1);
+        hd.data = 5.into();
+        let s = h.request(TX, hd, &[], 8);
+        assert_eq!(u64::from(h.expect_ok(&s, 72, "inline fetch-add").len), 8);
+        assert_eq!(h.read(s.data, 8), before[..8].to_vec());
+        let old = u64::from_le_bytes(before[..8].try_into().unwrap());
+        let now = u64::from_le_bytes(tbuf.as_slice()[..8].try_into().unwrap());
+        assert_eq!(now, old.wrapping_add(5));
+        let hd = at(&mut h, CompareAtomic, aop::CSWAP, dt::UINT32, 2);
+        let mut payload = vec![9u8, 0, 0, 0, 8, 0, 0, 0];
+        payload.extend_from_slice(&tbuf.as_slice()[..4]);
+        payload.extend_from_slice(&[0xFF; 4]);
+        let s = h.request(TX, hd, &payload, 8);
+        h.expect_ok(&s, 72, "compare-swap of two elements");
+        assert_eq!(
+            &tbuf.as_slice()[..4],
+            &[9, 0, 0, 0],
+            "first element matched"
+        );
+        assert_eq!(
+            &tbuf.as_slice()[4..8],
+            &now.to_le_bytes()[4..8],
+            "second did not"
+        );
+        w.expect_hostile_connected();
+        w.check_service();
+        w.hostile_works(&mut h);
+    });
+}
+
+/// Without VIRTIO_FABRIC_F_RMA / F_ATOMIC negotiated, their opcodes answer UNSUPPORTED and a
+/// well-behaved guest's region is untouched.
+#[test]
+fn rma_and_atomics_without_the_features() {
+    bounded("rma_and_atomics_without_the_features", || {
+        let mut w = World::new();
+        let offered = {
+            let h = Hostile::connect(&w.hostile_path());
+            h.fe.get_features().unwrap()
+        };
+        w.rig.wait_disconnects(HOSTILE, 1);
+        let rma = bit(vfabric_proto::VIRTIO_FABRIC_F_RMA);
+        let atomic = bit(vfabric_proto::VIRTIO_FABRIC_F_ATOMIC);
+        assert_eq!(
+            offered & (rma | atomic),
+            rma | atomic,
+            "RMA and ATOMIC offered"
+        );
+        let b = w.pair.b.ep.name();
+        let tbuf = w.pair.b.domain.alloc_buffer(64).unwrap();
+        let mr = w
+            .pair
+            .b
+            .domain
+            .register(
+                &tbuf,
+                vfabric::fi::REMOTE_READ | vfabric::fi::REMOTE_WRITE,
+                None,
+            )
+            .unwrap();
+        let before = tbuf.as_slice().to_vec();
+        let mut h = Hostile::with_features(
+            &w.hostile_path(),
+            Features::Exactly(offered & !(rma | atomic)),
+        );
+        let me = h.open_ep();
+        let mut reqs = Vec::new();
+        for (q, op, payload, cap) in [
+            (TX, Opcode::RmaWrite, vec![1u8; 8], 0u32),
+            (TX, Opcode::RmaRead, vec![], 8),
+            (TX, Opcode::Atomic, vec![1u8; 8], 0),
+            (TX, Opcode::FetchAtomic, vec![1u8; 8], 8),
+            (TX, Opcode::CompareAtomic, vec![1u8; 16], 8),
+            (CTRL, Opcode::MrReg, vec![], 0),
+            (CTRL, Opcode::MrDereg, vec![], 0),
+            (RX, Opcode::MrEvent, vec![], 0),
+        ] {
+            let mut hd = h.hdr(op, me.ep);
+            hd.peer = b.to_wire();
+            hd.remote_addr = mr.base().into();
+            hd.remote_key = mr.key().into();
+            hd.count = u32::from(op != Opcode::RmaWrite && op != Opcode::RmaRead).into();
+            hd.datatype = vfabric_proto::datatype::UINT64;
+            hd.atomic_op = if op == Opcode::CompareAtomic {
+                vfabric_proto::atomic_op::CSWAP
+            } else {
+                vfabric_proto::atomic_op::SUM
+            };
+            reqs.push((op, hd.cookie, h.request(q, hd, &payload, cap)));
+        }
+        for (op, cookie, s) in reqs {
+            h.expect_status(&s, Status::Unsupported, cookie.into(), &format!("{op:?}"));
+        }
+        assert_eq!(tbuf.as_slice(), &before[..]);
+        let st = w.rig.stats(HOSTILE);
+        assert!(st.connected && st.ring_errors == 0, "{st:?}");
+        w.check_service();
+        w.hostile_works(&mut h);
     });
 }

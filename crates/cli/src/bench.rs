@@ -37,6 +37,36 @@ pub enum Mode {
 pub enum Kind {
     Pingpong,
     Bw,
+    /// One-sided RMA write bandwidth (`bw --op write`).
+    #[serde(rename = "bw-write")]
+    BwWrite,
+    /// One-sided RMA read bandwidth (`bw --op read`).
+    #[serde(rename = "bw-read")]
+    BwRead,
+    /// Fetch-and-add rate on 64-bit words (`atomic --op fadd`).
+    #[serde(rename = "atomic-fadd")]
+    AtomicFetchAdd,
+    /// Non-fetching add rate (`atomic --op add`).
+    #[serde(rename = "atomic-add")]
+    AtomicAdd,
+}
+
+impl Kind {
+    /// One-sided kinds: the server registers a region and stays passive.
+    pub fn is_rma(self) -> bool {
+        !matches!(self, Kind::Pingpong | Kind::Bw)
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Pingpong => "pingpong",
+            Kind::Bw => "bw",
+            Kind::BwWrite => "bw-write",
+            Kind::BwRead => "bw-read",
+            Kind::AtomicFetchAdd => "atomic-fadd",
+            Kind::AtomicAdd => "atomic-add",
+        }
+    }
 }
 
 /// Parameters of one run.
@@ -315,20 +345,18 @@ pub fn run_side(
         .iter()
         .map(|&s| (params.iters_for(s) + params.warmup) as u64)
         .sum();
-    let pb = bar(
-        params,
-        if server { 0 } else { total },
-        match kind {
-            Kind::Pingpong => "pingpong",
-            Kind::Bw => "bw",
-        },
-    );
+    let pb = bar(params, if server { 0 } else { total }, kind.label());
+    if kind.is_rma() {
+        let r = rma_side(kind, &mut side, peer, server, params, &pb);
+        pb.finish_and_clear();
+        return r;
+    }
     let mut results = Vec::new();
     for &size in &params.sizes {
         pb.set_message(size_label(size));
         let r = match kind {
             Kind::Pingpong => pingpong_size(&mut side, peer, size, server, params, &pb)?,
-            Kind::Bw => bw_size(&mut side, peer, size, server, params, &pb)?,
+            _ => bw_size(&mut side, peer, size, server, params, &pb)?,
         };
         if let Some(r) = r {
             results.push(r);
@@ -473,10 +501,7 @@ pub fn run_pair(
         Instant::now().elapsed().as_nanos()
     ));
     std::fs::create_dir_all(&dir)?;
-    let addr_file = dir.join(match kind {
-        Kind::Pingpong => "pingpong.addr",
-        Kind::Bw => "bw.addr",
-    });
+    let addr_file = dir.join(format!("{}.addr", kind.label()));
     let _ = std::fs::remove_file(&addr_file);
     let server_params = RunParams {
         progress: false,
@@ -502,4 +527,153 @@ pub fn run_pair(
     let _ = std::fs::remove_dir_all(&dir);
     server?;
     client
+}
+
+/// Pattern the RMA server puts in its region (read benchmarks verify against it).
+const REGION_SEED: u64 = 0x5EED;
+
+/// One-sided benchmarks. The server registers its receive buffer for remote read and write,
+/// fills it with a known pattern, sends `key base` to the client and waits passively for the
+/// client's "done". The client runs every size against that region.
+fn rma_side(
+    kind: Kind,
+    side: &mut Side,
+    peer: FiAddr,
+    server: bool,
+    params: &RunParams,
+    pb: &ProgressBar,
+) -> Result<Vec<SizeResult>, CliError> {
+    if server {
+        let len = side.rbuf.len();
+        fill_pattern(&mut side.rbuf.as_mut_slice()[..len], REGION_SEED);
+        let mr = side.domain.register(
+            &side.rbuf,
+            vfabric::fi::REMOTE_READ | vfabric::fi::REMOTE_WRITE,
+            None,
+        )?;
+        side.post_recv(64, 9)?;
+        let info = format!("{} {}", mr.key(), mr.base());
+        side.sbuf.as_mut_slice()[..info.len()].copy_from_slice(info.as_bytes());
+        side.post_send(info.len(), peer, 8)?;
+        side.wait(&side.tx_cq, "region info send")?;
+        // The client may run many sizes: wait up to one timeout per size.
+        let mut left = params.sizes.len().max(1) + 1;
+        loop {
+            match side.wait(&side.rx_cq, "done") {
+                Ok(_) => break,
+                Err(CliError::Run(m)) if left > 1 && m.contains("no completion") => left -= 1,
+                Err(e) => return Err(e),
+            }
+        }
+        drop(mr);
+        return Ok(Vec::new());
+    }
+    side.post_recv(64, 10)?;
+    let e = side.wait(&side.rx_cq, "region info")?;
+    let text = String::from_utf8_lossy(&side.rbuf.as_slice()[..e.len]).into_owned();
+    let mut it = text.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(key)), Some(Ok(base))) = (it.next(), it.next()) else {
+        return Err(CliError::Run(format!("bad region info {text:?}")));
+    };
+    let mut results = Vec::new();
+    for &size in &params.sizes {
+        pb.set_message(size_label(size));
+        results.push(rma_size(kind, side, peer, key, base, size, params, pb)?);
+    }
+    side.post_send(0, peer, 11)?;
+    side.wait(&side.tx_cq, "done send")?;
+    Ok(results)
+}
+
+/// Windows of `window` one-sided operations of `size` bytes, all completions awaited per window.
+#[allow(clippy::too_many_arguments)]
+fn rma_size(
+    kind: Kind,
+    side: &mut Side,
+    peer: FiAddr,
+    key: u64,
+    base: u64,
+    size: usize,
+    params: &RunParams,
+    pb: &ProgressBar,
+) -> Result<SizeResult, CliError> {
+    let atomic = matches!(kind, Kind::AtomicFetchAdd | Kind::AtomicAdd);
+    if atomic && (size == 0 || !size.is_multiple_of(8)) {
+        return Err(CliError::Usage(format!(
+            "atomic sizes are multiples of 8 bytes (64-bit words), got {size}"
+        )));
+    }
+    let iters = params.iters_for(size);
+    let window = params.window.max(1);
+    // Fetch results land in slots of the receive buffer: keep the window within it.
+    let window = if kind == Kind::AtomicFetchAdd {
+        window.min((side.rbuf.len() / size).max(1))
+    } else {
+        window
+    };
+    let windows_warm = params.warmup.div_ceil(window);
+    let windows = iters.div_ceil(window) + windows_warm;
+    let one = 1u64.to_le_bytes().repeat(size / 8);
+    let mut start = Instant::now();
+    for w in 0..windows {
+        if w == windows_warm {
+            start = Instant::now();
+        }
+        if params.verify && kind == Kind::BwWrite {
+            side.fill(size, (size * 43 + w) as u64);
+        }
+        for i in 0..window {
+            match kind {
+                Kind::BwWrite => {
+                    side.retry(|| side.ep.write_buf(&side.sbuf, 0..size, peer, base, key, 12))?
+                }
+                Kind::BwRead => {
+                    side.retry(|| side.ep.read_buf(&side.rbuf, 0..size, peer, base, key, 13))?
+                }
+                _ => {
+                    let m = vfabric::AtomicMsg {
+                        operands: &one,
+                        addr: peer,
+                        remote_addr: base,
+                        key,
+                        datatype: vfabric::proto::datatype::UINT64,
+                        op: vfabric::proto::atomic_op::SUM,
+                        count: size / 8,
+                        context: 14,
+                    };
+                    if kind == Kind::AtomicAdd {
+                        side.retry(|| side.ep.atomic(&m))?
+                    } else {
+                        let res = [vfabric::Iov::shared(&side.rbuf, i * size..(i + 1) * size)];
+                        side.retry(|| side.ep.fetch_atomic(&m, &res))?
+                    }
+                }
+            }
+        }
+        for _ in 0..window {
+            side.wait(&side.tx_cq, kind.label())?;
+        }
+        if params.verify {
+            match kind {
+                Kind::BwRead => side.check(size, REGION_SEED)?,
+                Kind::BwWrite => {
+                    side.retry(|| side.ep.read_buf(&side.rbuf, 0..size, peer, base, key, 15))?;
+                    side.wait(&side.tx_cq, "verify read")?;
+                    side.check(size, (size * 43 + w) as u64)?;
+                }
+                _ => {}
+            }
+        }
+        pb.inc(window as u64);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ops = ((windows - windows_warm) * window) as f64;
+    Ok(SizeResult {
+        size,
+        iters: ops as usize,
+        one_way_us: secs / ops * 1e6,
+        mb_s: size as f64 * ops / secs / 1e6,
+        msg_rate: ops / secs,
+        verified: params.verify && !atomic,
+    })
 }

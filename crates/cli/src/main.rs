@@ -48,8 +48,12 @@ enum Command {
     Info(info::InfoArgs),
     /// Latency: ping-pong between two guests.
     Pingpong(BenchArgs),
-    /// Bandwidth: windows of messages one way, acknowledged per window.
+    /// Bandwidth: windows of messages one way, acknowledged per window (`--op send`), or of
+    /// one-sided RMA writes or reads into a region of the server (`--op write|read`).
     Bw(BenchArgs),
+    /// Atomic rate: windows of 64-bit SUM atomics on the server's region (`--op fadd|add`;
+    /// `--sizes` in bytes of 64-bit words per request, default 8).
+    Atomic(BenchArgs),
     /// An embedded daemon and two guests: pingpong and bandwidth, a results table.
     Demo(demo::DemoArgs),
 }
@@ -97,6 +101,31 @@ pub struct BenchArgs {
     /// Embedded daemon only: its data-plane poll budget in µs (0 = wake on kicks only).
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
+    /// Operation: bw: send (default), write, read; atomic: fadd (default), add.
+    #[arg(long)]
+    op: Option<String>,
+}
+
+impl BenchArgs {
+    /// The benchmark kind of subcommand `base` with `--op`.
+    fn kind(&self, base: Kind) -> Result<Kind, CliError> {
+        let op = self.op.as_deref();
+        Ok(match (base, op) {
+            (Kind::Pingpong, None | Some("send")) => Kind::Pingpong,
+            (Kind::Bw, None | Some("send")) => Kind::Bw,
+            (Kind::Bw, Some("write")) => Kind::BwWrite,
+            (Kind::Bw, Some("read")) => Kind::BwRead,
+            (Kind::AtomicFetchAdd, None | Some("fadd")) => Kind::AtomicFetchAdd,
+            (Kind::AtomicFetchAdd, Some("add")) => Kind::AtomicAdd,
+            (_, Some(o)) => {
+                return Err(CliError::Usage(format!(
+                    "--op {o} is not valid for {}",
+                    base.label()
+                )))
+            }
+            (k, None) => k,
+        })
+    }
 }
 
 impl BenchArgs {
@@ -156,7 +185,11 @@ pub fn parse_sizes(s: &str) -> Result<Vec<usize>, CliError> {
 }
 
 fn run_bench(kind: Kind, args: &BenchArgs) -> Result<(), CliError> {
-    let params = args.params()?;
+    let kind = args.kind(kind)?;
+    let mut params = args.params()?;
+    if matches!(kind, Kind::AtomicFetchAdd | Kind::AtomicAdd) && args.sizes == "all" {
+        params.sizes = vec![8];
+    }
     let results = match &args.device {
         Some(dev) => {
             let addr_file = args
@@ -196,6 +229,7 @@ fn main() -> ExitCode {
         Command::Info(a) => info::run(a),
         Command::Pingpong(a) => run_bench(Kind::Pingpong, a),
         Command::Bw(a) => run_bench(Kind::Bw, a),
+        Command::Atomic(a) => run_bench(Kind::AtomicFetchAdd, a),
         Command::Demo(a) => demo::run(a),
     };
     match r {

@@ -14,6 +14,10 @@ pub fn table(kind: Kind, mode: Mode, results: &[SizeResult]) -> String {
     let title = match kind {
         Kind::Pingpong => "pingpong",
         Kind::Bw => "bandwidth",
+        Kind::BwWrite => "RMA write bandwidth",
+        Kind::BwRead => "RMA read bandwidth",
+        Kind::AtomicFetchAdd => "atomic fetch-add rate (64-bit SUM)",
+        Kind::AtomicAdd => "atomic add rate (64-bit SUM, no fetch)",
     };
     let _ = writeln!(s, "{title} ({mode:?} completions)");
     let _ = writeln!(

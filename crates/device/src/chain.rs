@@ -18,8 +18,9 @@ use std::ops::Deref;
 
 use vfabric_proto::{
     bit, flags, queue_kind, Completion, Opcode, QueueClass, QueueKind, ReqHeader, Request, Status,
-    COMPLETION_LEN, REQ_HEADER_LEN, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    COMPLETION_LEN, MEM_SEG_LEN, REQ_HEADER_LEN, RMA_IOV_LEN, VIRTIO_FABRIC_F_MQ,
+    VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA_PMEM, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::{DescriptorChain, Error as QueueError, Queue, QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
@@ -315,7 +316,23 @@ pub(crate) fn implemented(op: Opcode) -> bool {
     use Opcode::*;
     matches!(
         op,
-        QueryCaps | EpOpen | EpClose | Cancel | AddrCheck | Send | TSend | Recv | TRecv
+        QueryCaps
+            | EpOpen
+            | EpClose
+            | Cancel
+            | AddrCheck
+            | Send
+            | TSend
+            | Recv
+            | TRecv
+            | MrReg
+            | MrDereg
+            | MrEvent
+            | RmaWrite
+            | RmaRead
+            | Atomic
+            | FetchAtomic
+            | CompareAtomic
     )
 }
 
@@ -473,7 +490,10 @@ where
         return reject(Status::Unsupported, cookie);
     }
     // Specified but not implemented by this device yet.
-    if req.flags & (flags::FENCE | flags::MULTI_RECV) != 0 {
+    if req.flags & flags::MULTI_RECV != 0 {
+        return reject(Status::Unsupported, cookie);
+    }
+    if req.flags & flags::COMMIT_COMPLETE != 0 && acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) == 0 {
         return reject(Status::Unsupported, cookie);
     }
 
@@ -482,6 +502,38 @@ where
         Opcode::Send | Opcode::TSend => {
             if payload.len > limits.max_msg_size {
                 return reject(Status::TooLarge, cookie);
+            }
+            if req.flags & flags::INJECT != 0 && payload.len > u64::from(limits.inject_size) {
+                return reject(Status::Invalid, cookie);
+            }
+        }
+        Opcode::MrReg => {
+            if req.count == 0
+                || req.count > limits.max_sge
+                || payload.len != u64::from(req.count) * MEM_SEG_LEN as u64
+            {
+                return reject(Status::Invalid, cookie);
+            }
+        }
+        Opcode::RmaWrite | Opcode::RmaRead => {
+            let list = u64::from(req.count) * RMA_IOV_LEN as u64;
+            let write = req.opcode == Opcode::RmaWrite;
+            if req.count > limits.max_sge || payload.len < list || (!write && payload.len != list) {
+                return reject(Status::Invalid, cookie);
+            }
+            let local = if write { payload.len - list } else { data.len };
+            if local > limits.max_msg_size {
+                return reject(Status::TooLarge, cookie);
+            }
+            if req.flags & flags::INJECT != 0 && local > u64::from(limits.inject_size) {
+                return reject(Status::Invalid, cookie);
+            }
+        }
+        Opcode::Atomic | Opcode::FetchAtomic | Opcode::CompareAtomic => {
+            // Operands (and compare values) of at most MAX_ATOMIC_COUNT 16-byte elements; the
+            // exact length is checked against the datatype by the fabric.
+            if payload.len > 2 * 16 * 4096 {
+                return reject(Status::Invalid, cookie);
             }
             if req.flags & flags::INJECT != 0 && payload.len > u64::from(limits.inject_size) {
                 return reject(Status::Invalid, cookie);

@@ -30,15 +30,16 @@
 //! (2). vhost-user-backend never calls into the backend while holding a vring lock, and the
 //! memory of a device is a `GuestMemoryAtomic` (lock-free loads), so no cycle exists.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::debug;
 use vfabric_proto::{
     bit, caps::key, comp_flags, ep_open, flags, tag_matches, CapValue, CapsBuilder, Completion,
     FabricAddr, FabricConfig, Opcode, Request, Status, COMPLETION_LEN, VENDOR_ID_VFABRIC,
-    VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_MSG, VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
-    VIRTIO_FABRIC_F_TAGGED, VIRTIO_FABRIC_F_VENDOR_CAPS,
+    VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_MSG,
+    VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA, VIRTIO_FABRIC_F_TAGGED,
+    VIRTIO_FABRIC_F_VENDOR_CAPS,
 };
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 
@@ -109,6 +110,8 @@ struct Meta {
     tag: u64,
     cq_data: Option<u64>,
     len: u64,
+    /// Writedata notification: bytes the RMA wrote (reported as `len`, no bytes placed).
+    rma_len: Option<u64>,
 }
 
 enum Body {
@@ -149,6 +152,8 @@ struct Endpoint {
     generation: u32,
     posted: VecDeque<Req>,
     unexpected: VecDeque<Msg>,
+    /// TX requests deferred by FENCE (spec §6.12.2), in arrival order.
+    fenced: VecDeque<Req>,
 }
 
 #[derive(Default)]
@@ -164,6 +169,14 @@ struct Dev {
     /// Eagerly buffered bytes queued at this device's endpoints, each message charged
     /// [`eager_cost`].
     unexpected_bytes: u64,
+    /// Features the driver acked (updated on every batch of requests).
+    acked: u64,
+    /// Memory regions by key.
+    mrs: HashMap<u64, rma::Mr>,
+    /// Posted MR_EVENT requests.
+    mr_events: VecDeque<Req>,
+    /// Remote-access events not yet reported, coalesced (spec §6.10.4).
+    pending_events: rma::PendingEvents,
 }
 
 /// Bytes charged per eagerly buffered message on top of its payload, so that even empty
@@ -177,6 +190,10 @@ pub(crate) const fn eager_cost(len: u64) -> u64 {
 
 struct Inner {
     devs: Vec<Dev>,
+    /// Requests waiting in some endpoint's `fenced` queue.
+    fenced_total: usize,
+    /// Provider-key generator state.
+    keys: rma::KeyGen,
 }
 
 /// Vendor attribute key (vendor `VENDOR_ID_VFABRIC`) carrying the configured virtio device id.
@@ -191,7 +208,8 @@ pub(crate) const HONOURED_FLAGS: u64 = flags::REMOTE_CQ_DATA
     | flags::PEEK
     | flags::CLAIM
     | flags::DISCARD
-    | flags::DIRECTED;
+    | flags::DIRECTED
+    | flags::FENCE;
 
 fn recv_matches(r: &Request, m: &Meta) -> bool {
     let tagged = r.opcode == Opcode::TRecv;
@@ -208,6 +226,13 @@ fn recv_completion(r: &Request, m: &Meta, placed: u64) -> Completion {
     };
     let mut c = completion(status, r.cookie);
     let mut f = 0;
+    if let Some(written) = m.rma_len {
+        c.flags = (comp_flags::REMOTE_WRITE | comp_flags::REMOTE_CQ_DATA).into();
+        c.data = m.cq_data.unwrap_or(0).into();
+        c.len = written.into();
+        c.src = m.src.to_wire();
+        return c;
+    }
     if r.opcode == Opcode::TRecv {
         f |= comp_flags::TAGGED;
     }
@@ -247,6 +272,10 @@ impl Fabric {
                 port: None,
                 eps: Vec::new(),
                 unexpected_bytes: 0,
+                acked: 0,
+                mrs: HashMap::new(),
+                mr_events: VecDeque::new(),
+                pending_events: Default::default(),
             })
             .collect();
         Self {
@@ -255,7 +284,11 @@ impl Fabric {
             device_id: config.device_id,
             vendor_attrs: config.vendor_attrs.clone(),
             counters: (0..n).map(|_| Arc::new(Counters::default())).collect(),
-            inner: Mutex::new(Inner { devs }),
+            inner: Mutex::new(Inner {
+                devs,
+                fenced_total: 0,
+                keys: rma::KeyGen::new(),
+            }),
         }
     }
 
@@ -280,7 +313,9 @@ impl Fabric {
         let mut f = bit(VIRTIO_FABRIC_F_MSG)
             | bit(VIRTIO_FABRIC_F_TAGGED)
             | bit(VIRTIO_FABRIC_F_VENDOR_CAPS)
-            | bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA);
+            | bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
+            | bit(VIRTIO_FABRIC_F_RMA)
+            | bit(VIRTIO_FABRIC_F_ATOMIC);
         if self.limits.num_queue_pairs > 1 {
             f |= bit(VIRTIO_FABRIC_F_MQ);
         }
@@ -341,12 +376,51 @@ impl Fabric {
                     0
                 },
             )
-            // RMA, memory keys and atomics are not offered yet: their limits read 0.
-            .std_u64(key::MAX_RMA_SIZE, "max_rma_size", 0)
-            .std_u64(key::MR_KEY_SIZE, "mr_key_size", 0)
-            .std_u64(key::ATOMIC_OPS, "atomic_ops", 0)
-            .std_u64(key::ATOMIC_TYPES, "atomic_types", 0)
-            .std_u64(key::MAX_ATOMIC_COUNT, "max_atomic_count", 0)
+            .std_u64(
+                key::MAX_RMA_SIZE,
+                "max_rma_size",
+                if acked & bit(VIRTIO_FABRIC_F_RMA) != 0 {
+                    self.max_rma_size()
+                } else {
+                    0
+                },
+            )
+            .std_u64(
+                key::MR_KEY_SIZE,
+                "mr_key_size",
+                if acked & bit(VIRTIO_FABRIC_F_RMA) != 0 {
+                    8
+                } else {
+                    0
+                },
+            )
+            .std_u64(
+                key::ATOMIC_OPS,
+                "atomic_ops",
+                if acked & bit(VIRTIO_FABRIC_F_ATOMIC) != 0 {
+                    rma::ATOMIC_OPS
+                } else {
+                    0
+                },
+            )
+            .std_u64(
+                key::ATOMIC_TYPES,
+                "atomic_types",
+                if acked & bit(VIRTIO_FABRIC_F_ATOMIC) != 0 {
+                    rma::ATOMIC_TYPES
+                } else {
+                    0
+                },
+            )
+            .std_u64(
+                key::MAX_ATOMIC_COUNT,
+                "max_atomic_count",
+                if acked & bit(VIRTIO_FABRIC_F_ATOMIC) != 0 {
+                    rma::MAX_ATOMIC_COUNT.into()
+                } else {
+                    0
+                },
+            )
             .push(
                 0,
                 key::FABRIC_NAME,
@@ -438,6 +512,18 @@ impl Fabric {
         for ep in 0..inner.devs[dev].eps.len() {
             self.close_ep(inner, dev, ep, mode, n);
         }
+        // The device's regions go with it: later accesses complete ACCESS at their initiator.
+        let d = &mut inner.devs[dev];
+        d.mrs.clear();
+        d.pending_events.clear();
+        let events: Vec<Req> = d.mr_events.drain(..).collect();
+        if mode == Teardown::Cancel {
+            if let Some(p) = d.port.clone() {
+                for r in &events {
+                    self.fail(dev, &p, r, Status::Canceled, n);
+                }
+            }
+        }
     }
 
     /// Virtqueue `queue` of `dev` is being stopped (GET_VRING_BASE): its in-flight chains
@@ -455,8 +541,18 @@ impl Fabric {
                     e.posted.drain(..).partition(|r| r.queue == queue);
                 e.posted = keep;
                 victims.extend(gone);
+                let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
+                    e.fenced.drain(..).partition(|r| r.queue == queue);
+                e.fenced = keep;
+                inner.fenced_total = inner.fenced_total.saturating_sub(gone.len());
+                victims.extend(gone);
             }
         }
+        let d = &mut inner.devs[dev];
+        let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
+            d.mr_events.drain(..).partition(|r| r.queue == queue);
+        d.mr_events = keep;
+        victims.extend(gone);
         victims.extend(Self::take_held_all(inner, |m, r| {
             m.src_dev == dev && r.queue == queue
         }));
@@ -473,6 +569,7 @@ impl Fabric {
         let Some(port) = inner.devs.get(dev).and_then(|d| d.port.clone()) else {
             return;
         };
+        inner.devs[dev].acked = acked;
         for p in parsed {
             match p {
                 Parsed::Unusable { queue, head, why } => {
@@ -496,6 +593,9 @@ impl Fabric {
                 }
                 Parsed::Req(req) => self.dispatch(inner, dev, &port, req, acked, n),
             }
+        }
+        if inner.fenced_total > 0 {
+            self.run_fenced(inner, n);
         }
     }
 
@@ -564,9 +664,108 @@ impl Fabric {
                 };
                 self.fail(dev, port, &req, s, n);
             }
-            Opcode::Send | Opcode::TSend => self.op_send(inner, dev, port, req, n),
+            Opcode::MrReg => self.op_mr_reg(inner, dev, port, req, n),
+            Opcode::MrDereg => self.op_mr_dereg(inner, dev, port, req, n),
+            Opcode::MrEvent => self.op_mr_event(inner, dev, port, req, n),
             Opcode::Recv | Opcode::TRecv => self.op_recv(inner, dev, port, req, n),
-            _ => self.fail(dev, port, &req, Status::Unsupported, n),
+            Opcode::Send
+            | Opcode::TSend
+            | Opcode::RmaWrite
+            | Opcode::RmaRead
+            | Opcode::Atomic
+            | Opcode::FetchAtomic
+            | Opcode::CompareAtomic => self.op_tx(inner, dev, port, req, n),
+            Opcode::Flush => self.fail(dev, port, &req, Status::Unsupported, n),
+        }
+    }
+
+    /// A TX request: deferred if its endpoint has fenced requests waiting or it is itself
+    /// fenced behind unfinished earlier requests (spec §6.12.2), otherwise started.
+    fn op_tx(&self, inner: &mut Inner, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let ep = req.req.ep;
+        let waiting = inner
+            .devs
+            .get(dev)
+            .and_then(|d| d.eps.get(ep as usize))
+            .and_then(|s| s.ep.as_ref())
+            .map(|e| !e.fenced.is_empty());
+        let Some(waiting) = waiting else {
+            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+        };
+        if waiting || (req.req.flags & flags::FENCE != 0 && self.fence_blocked(inner, dev, &req)) {
+            if let Some(e) = inner.devs[dev].eps[ep as usize].ep.as_mut() {
+                e.fenced.push_back(req);
+                inner.fenced_total += 1;
+            }
+            return;
+        }
+        self.start_tx(inner, dev, port, req, n);
+    }
+
+    fn start_tx(&self, inner: &mut Inner, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        match req.req.opcode {
+            Opcode::Send | Opcode::TSend => self.op_send(inner, dev, port, req, n),
+            Opcode::RmaWrite | Opcode::RmaRead => self.op_rma(inner, dev, port, req, n),
+            _ => self.op_atomic(inner, dev, port, req, n),
+        }
+    }
+
+    /// Whether a FENCE request of `dev` must wait: an earlier send of its endpoint to the same
+    /// peer is still held, or (for DELIVERY_COMPLETE) still buffered unreceived at the peer.
+    /// RMA and atomics complete synchronously, so only sends can be outstanding.
+    fn fence_blocked(&self, inner: &Inner, dev: usize, req: &Req) -> bool {
+        let r = &req.req;
+        let Some(gen) = Self::ep_gen(inner, dev, r.ep) else {
+            return false;
+        };
+        let me = FabricAddr::new(self.node_addr(dev), r.ep, gen);
+        let Some((ddev, dep)) = self.lookup(inner, r.peer) else {
+            return false;
+        };
+        let strong = r.flags & (flags::DELIVERY_COMPLETE | flags::COMMIT_COMPLETE) != 0;
+        inner.devs[ddev].eps[dep].ep.as_ref().is_some_and(|e| {
+            e.unexpected.iter().any(|m| {
+                m.src_dev == dev && m.meta.src == me && (strong || matches!(m.body, Body::Held(_)))
+            })
+        })
+    }
+
+    /// Start deferred requests whose fence is satisfied now.
+    fn run_fenced(&self, inner: &mut Inner, n: &mut Notify) {
+        loop {
+            let mut progressed = false;
+            for dev in 0..inner.devs.len() {
+                let Some(port) = inner.devs[dev].port.clone() else {
+                    continue;
+                };
+                for ep in 0..inner.devs[dev].eps.len() {
+                    loop {
+                        let front = inner.devs[dev].eps[ep]
+                            .ep
+                            .as_ref()
+                            .and_then(|e| e.fenced.front());
+                        let Some(front) = front else { break };
+                        if front.req.flags & flags::FENCE != 0
+                            && self.fence_blocked(inner, dev, front)
+                        {
+                            break;
+                        }
+                        let Some(req) = inner.devs[dev].eps[ep]
+                            .ep
+                            .as_mut()
+                            .and_then(|e| e.fenced.pop_front())
+                        else {
+                            break;
+                        };
+                        inner.fenced_total = inner.fenced_total.saturating_sub(1);
+                        progressed = true;
+                        self.start_tx(inner, dev, &port, req, n);
+                    }
+                }
+            }
+            if !progressed || inner.fenced_total == 0 {
+                break;
+            }
         }
     }
 
@@ -615,6 +814,7 @@ impl Fabric {
             generation: slot.generation,
             posted: VecDeque::new(),
             unexpected: VecDeque::new(),
+            fenced: VecDeque::new(),
         });
         let addr = FabricAddr::new(node, id as u32, slot.generation);
         debug!(dev, %addr, kind, "endpoint opened");
@@ -678,6 +878,7 @@ impl Fabric {
             tag: r.tag,
             cq_data: (r.flags & flags::REMOTE_CQ_DATA != 0).then_some(r.data),
             len: req.payload.len,
+            rma_len: None,
         };
 
         let skind = inner.devs[dev].eps[r.ep as usize]
@@ -987,9 +1188,10 @@ impl Fabric {
         };
         debug!(dev, ep, generation = e.generation, ?mode, "endpoint closed");
         let port = inner.devs[dev].port.clone();
+        inner.fenced_total = inner.fenced_total.saturating_sub(e.fenced.len());
         if mode == Teardown::Cancel {
             if let Some(p) = &port {
-                for r in &e.posted {
+                for r in e.posted.iter().chain(e.fenced.iter()) {
                     self.fail(dev, p, r, Status::Canceled, n);
                 }
             }
@@ -1076,5 +1278,6 @@ impl Fabric {
     }
 }
 
+mod rma;
 #[cfg(test)]
 mod tests;

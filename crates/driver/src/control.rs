@@ -67,6 +67,21 @@ pub(crate) fn complete_control(domain: &DomainInner, f: Finished) {
 impl DomainInner {
     /// Post a control request with a `data_len`-byte data area and wait for its completion.
     pub(crate) fn control(&self, req: Request, data_len: usize) -> Result<CtrlResult> {
+        self.control_with_payload(req, &[], data_len)
+    }
+
+    /// As [`DomainInner::control`] with a payload (≤ `INLINE_TX_MAX` bytes, carried in the
+    /// header descriptor, e.g. MR_REG's segments).
+    pub(crate) fn control_with_payload(
+        &self,
+        req: Request,
+        payload: &[u8],
+        data_len: usize,
+    ) -> Result<CtrlResult> {
+        if payload.len() > crate::virtqueue::INLINE_TX_MAX {
+            return Err(Error::InvalidArgument("control payload too large".into()));
+        }
+        let parts = [payload];
         self.check_usable()?;
         let _serial = self.ctrl_lock.lock().unwrap();
         let deadline = Instant::now() + self.ctrl_timeout;
@@ -84,9 +99,14 @@ impl DomainInner {
                 Some(d) => RxData::Descs(d),
                 None => RxData::None,
             };
+            let tx = if payload.is_empty() {
+                TxData::None
+            } else {
+                TxData::Inline(&parts)
+            };
             match self.queues[0].post(
                 &mut header,
-                TxData::None,
+                tx,
                 rx,
                 PendingOp::Control { data: area },
                 false,

@@ -351,6 +351,9 @@ pub(crate) fn complete(domain: &DomainInner, f: Finished) {
     if matches!(f.pending.op, PendingOp::Control { .. }) {
         return crate::control::complete_control(domain, f);
     }
+    if matches!(f.pending.op, PendingOp::MrEvent) {
+        return crate::rma::complete_event(domain, f);
+    }
     let Finished {
         pending,
         completion,
@@ -391,7 +394,12 @@ fn complete_data(
     let unknown_status = completion.is_some() && known.is_none() && !device_fault;
     let dev_len = u64::from(c.len) as usize;
     let mut len = dev_len;
+    let cflags = u32::from(c.flags);
+    // A writedata notification consumed the receive: `len` is the bytes the RMA wrote into
+    // the target region, none were placed in the receive buffer.
+    let remote_write = op.is_recv && cflags & comp_flags::REMOTE_WRITE != 0;
     if op.is_recv
+        && !remote_write
         && !op.peek
         && matches!(status, Status::Ok | Status::Truncated)
         && dev_len > op.rx_len
@@ -405,8 +413,18 @@ fn complete_data(
         len = 0;
     }
     let olen = u64::from(c.olen) as usize;
-    let cflags = u32::from(c.flags);
     let mut flags = op.fi_flags;
+    if remote_write {
+        flags = fi::RMA | fi::REMOTE_WRITE;
+    }
+    if !op.is_recv && op.rx_len > 0 && status == Status::Ok && len > op.rx_len {
+        tracing::warn!(
+            len,
+            posted = op.rx_len,
+            "device returned more bytes than asked"
+        );
+        status = Status::Fault;
+    }
     if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
         flags |= fi::REMOTE_CQ_DATA;
     }
@@ -425,16 +443,25 @@ fn complete_data(
 
     let mut buf = None;
     let (src, src_addr) = if op.is_recv && matches!(status, Status::Ok | Status::Truncated) {
-        let placed = if op.peek { 0 } else { len.min(op.rx_len) };
+        let placed = if op.peek || remote_write {
+            0
+        } else {
+            len.min(op.rx_len)
+        };
         copy_out(&op, placed, inline_data.as_slice(), &mut buf);
         let s = FabricAddr::from_wire(&c.src);
         (Some(s), op.ep.reverse_lookup(&s))
+    } else if !op.is_recv && op.rx_len > 0 && status == Status::Ok {
+        // RMA_READ / fetching atomics: results come back like received bytes.
+        copy_out(&op, len.min(op.rx_len), inline_data.as_slice(), &mut buf);
+        (None, FI_ADDR_NOTAVAIL)
     } else {
         (None, FI_ADDR_NOTAVAIL)
     };
     if op.record_claim && status == Status::Ok {
         op.ep.record_claim(op.context, cookie);
     }
+    op.ep.count(op.fi_flags, status == Status::Ok);
 
     if status == Status::Ok {
         if let Some(cq) = &op.cq {

@@ -192,6 +192,70 @@ impl Domain {
         self.inner.addr_check(addr)
     }
 
+    /// `fi_mr_reg` of a whole shared buffer with virtual addressing: `access` is libfabric
+    /// access flags (`fi::SEND`, `RECV`, `READ`, `WRITE`, `REMOTE_READ`, `REMOTE_WRITE`);
+    /// `key_request` `None` lets the device choose the key (FI_MR_PROV_KEY), `Some(k)` asks for
+    /// `k` (`Err(Device(KeyInUse))` if taken). The region is deregistered when dropped.
+    pub fn register(
+        &self,
+        buf: &SharedBuf,
+        access: u64,
+        key_request: Option<u64>,
+    ) -> Result<crate::rma::MemoryRegion> {
+        let attr = crate::rma::MrAttr {
+            access,
+            requested_key: key_request,
+            ..Default::default()
+        };
+        self.register_with(buf, 0..buf.len(), &attr)
+    }
+
+    /// `fi_mr_regattr` of a range of a shared buffer.
+    pub fn register_with(
+        &self,
+        buf: &SharedBuf,
+        range: std::ops::Range<usize>,
+        attr: &crate::rma::MrAttr,
+    ) -> Result<crate::rma::MemoryRegion> {
+        let (ptr, len) = crate::rma::buf_range(buf, &range)?;
+        self.inner
+            .register(&[(ptr, len)], attr, Some(buf.keepalive()))
+    }
+
+    /// `fi_mr_reg` of caller memory, which must lie inside the domain's shared region (the
+    /// device reaches no other memory of this process).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid while the region is registered.
+    pub unsafe fn register_raw(
+        &self,
+        ptr: *const u8,
+        len: usize,
+        attr: &crate::rma::MrAttr,
+    ) -> Result<crate::rma::MemoryRegion> {
+        self.inner.register(&[(ptr as u64, len)], attr, None)
+    }
+
+    /// `fi_mr_regv`: one region made of several pieces of the shared region, concatenated in
+    /// order (at most [`crate::rma::MAX_MR_SEGMENTS`]). With virtual addressing the region's
+    /// remote address is the first piece's address.
+    ///
+    /// # Safety
+    /// Every piece must stay valid while the region is registered.
+    pub unsafe fn register_raw_iov(
+        &self,
+        iov: &[(*const u8, usize)],
+        attr: &crate::rma::MrAttr,
+    ) -> Result<crate::rma::MemoryRegion> {
+        let segs: Vec<(u64, usize)> = iov.iter().map(|&(p, l)| (p as u64, l)).collect();
+        self.inner.register(&segs, attr, None)
+    }
+
+    /// `fi_cntr_open`.
+    pub fn cntr_open(&self) -> Result<crate::rma::Counter> {
+        Ok(crate::rma::Counter::new(self.inner.clone()))
+    }
+
     /// Bytes of the shared region in use (rings, slots, buffers, bounce cache).
     pub fn memory_in_use(&self) -> usize {
         self.inner.mem.in_use()
@@ -240,6 +304,8 @@ pub(crate) struct DomainInner {
     sleeps: AtomicU64,
     calls: AtomicU64,
     idle_polls: AtomicU32,
+    /// Counters and remote-event state (memory regions, FI_RMA_EVENT).
+    pub(crate) rma: crate::rma::RmaState,
 }
 
 /// Empty progress passes between two liveness checks of the device socket (power of two).
@@ -330,6 +396,7 @@ impl DomainInner {
             sleeps: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             idle_polls: AtomicU32::new(0),
+            rma: Default::default(),
         });
         let caps = inner.query_caps()?;
         let info = Info::build(path, &inner.config, inner.transport.device_features, caps);

@@ -24,6 +24,9 @@ use crate::virtqueue::{
 };
 use crate::{fi, Error, Result};
 
+mod rma_ops;
+pub use rma_ops::{AtomicMsg, RmaIov, RmaMsg};
+
 /// Endpoint type (`fi_ep_type`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum EpType {
@@ -180,11 +183,27 @@ pub(crate) struct EpShared {
     /// PEEK|CLAIM context -> cookie of the claimed message.
     claims: Mutex<HashMap<u64, u64>>,
     av: OnceLock<Arc<AvShared>>,
+    /// Counters bound with `fi::SEND`/`RECV`/`READ`/`WRITE` (see [`Endpoint::bind_cntr`]).
+    cntrs: Mutex<Vec<(u64, Arc<crate::rma::CounterShared>)>>,
+    has_cntrs: AtomicBool,
 }
 
 impl EpShared {
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+    /// Count a completion of an operation with libfabric flags `op_flags` in the bound
+    /// counters.
+    pub(crate) fn count(&self, op_flags: u64, ok: bool) {
+        if !self.has_cntrs.load(Ordering::Acquire) {
+            return;
+        }
+        let kinds = fi::SEND | fi::RECV | fi::READ | fi::WRITE;
+        for (f, c) in self.cntrs.lock().unwrap().iter() {
+            if f & op_flags & kinds != 0 {
+                c.inc(ok);
+            }
+        }
     }
     pub(crate) fn record_claim(&self, context: u64, cookie: u64) {
         self.claims.lock().unwrap().insert(context, cookie);
@@ -288,6 +307,8 @@ impl Endpoint {
                 closed: AtomicBool::new(false),
                 claims: Mutex::new(HashMap::new()),
                 av: OnceLock::new(),
+                cntrs: Mutex::new(Vec::new()),
+                has_cntrs: AtomicBool::new(false),
             }),
             ep_type: attr.ep_type,
             tx_queue,
@@ -356,6 +377,32 @@ impl Endpoint {
     }
 
     /// `fi_ep_bind(av)`.
+    /// `fi_ep_bind` of a counter. Flags: `fi::SEND`, `fi::RECV`, `fi::READ` (reads and
+    /// fetching atomics), `fi::WRITE` (writes and atomics) count this endpoint's completions
+    /// (errors in the error count); `fi::REMOTE_READ`, `fi::REMOTE_WRITE` count remote
+    /// accesses targeting this endpoint to regions registered with `fi::RMA_EVENT`.
+    pub fn bind_cntr(&self, cntr: &crate::rma::Counter, flags: u64) -> Result<()> {
+        let all = fi::SEND | fi::RECV | fi::READ | fi::WRITE | fi::REMOTE_READ | fi::REMOTE_WRITE;
+        if flags & !all != 0 || flags == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "counter bind flags {flags:#x}"
+            )));
+        }
+        let local = flags & (fi::SEND | fi::RECV | fi::READ | fi::WRITE);
+        if local != 0 {
+            self.shared
+                .cntrs
+                .lock()
+                .unwrap()
+                .push((local, cntr.shared.clone()));
+            self.shared.has_cntrs.store(true, Ordering::Release);
+        }
+        self.domain
+            .rma
+            .bind_ep(self.shared.id, flags, cntr.shared.clone());
+        Ok(())
+    }
+
     pub fn bind_av(&self, av: &AddressVector) -> Result<()> {
         self.check_same_domain(&av.domain)?;
         self.bindings()?.av = Some(av.shared.clone());
@@ -1165,6 +1212,7 @@ impl Drop for Endpoint {
     /// data queues, so EP_CLOSE can overtake requests posted before it).
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
+        self.domain.rma.unbind_ep(self.shared.id);
         if self.domain.check_usable().is_err() {
             return;
         }

@@ -154,6 +154,13 @@ impl Info {
         if class_ok(proto::VIRTIO_FABRIC_F_TAGGED) {
             caps |= fi::TAGGED;
         }
+        if class_ok(proto::VIRTIO_FABRIC_F_RMA) {
+            caps |=
+                fi::RMA | fi::READ | fi::WRITE | fi::REMOTE_READ | fi::REMOTE_WRITE | fi::RMA_EVENT;
+        }
+        if class_ok(proto::VIRTIO_FABRIC_F_ATOMIC) {
+            caps |= fi::ATOMIC | fi::READ | fi::WRITE | fi::REMOTE_READ | fi::REMOTE_WRITE;
+        }
         if limits
             .request_flags
             .is_some_and(|f| f & proto::flags::DIRECTED == 0)

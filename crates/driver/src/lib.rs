@@ -73,15 +73,19 @@ pub mod endpoint;
 pub mod info;
 pub mod memory;
 mod ring;
+pub mod rma;
 mod transport;
 mod virtqueue;
 
 pub use av::{AddressVector, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
 pub use cq::{CompletionQueue, CqAttr, CqEntry, CqErrEntry, WaitMode};
 pub use domain::{Domain, DomainAttr, DomainStats, Fabric};
-pub use endpoint::{BindFlags, Endpoint, EpAttr, EpType, Iov, Msg, TaggedMsg};
+pub use endpoint::{
+    AtomicMsg, BindFlags, Endpoint, EpAttr, EpType, Iov, Msg, RmaIov, RmaMsg, TaggedMsg,
+};
 pub use info::{getinfo, Hints, Info, Limits, DEFAULT_SOCKET_DIR, FABRIC_NAME};
 pub use memory::SharedBuf;
+pub use rma::{Counter, MemoryRegion, MrAttr};
 
 /// libfabric constants (values from `rdma/fabric.h`, `rdma/fi_errno.h`, libfabric 1.17) so the
 /// C provider can pass flags and error numbers through unchanged.
@@ -111,6 +115,7 @@ pub mod fi {
     pub const DELIVERY_COMPLETE: u64 = 1 << 28;
     pub const COMMIT_COMPLETE: u64 = 1 << 30;
     pub const MATCH_COMPLETE: u64 = 1 << 31;
+    pub const RMA_EVENT: u64 = 1 << 56;
     pub const RMA_PMEM: u64 = 1 << 49;
     pub const LOCAL_COMM: u64 = 1 << 51;
     pub const REMOTE_COMM: u64 = 1 << 52;
@@ -291,6 +296,8 @@ mod tests {
         check::<CompletionQueue>();
         check::<AddressVector>();
         check::<SharedBuf>();
+        check::<Counter>();
+        check::<MemoryRegion>();
         check::<Info>();
         check::<Error>();
     }

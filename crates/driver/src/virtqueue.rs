@@ -162,6 +162,8 @@ pub(crate) enum PendingOp {
         data: Option<Allocation>,
     },
     Data(DataOp),
+    /// A posted MR_EVENT (remote-access report, no buffers).
+    MrEvent,
 }
 
 pub(crate) struct Pending {

@@ -215,7 +215,7 @@ fn getinfo_probes_and_leaves_devices_free() {
     assert!(matches!(
         getinfo(&Hints {
             devices: Some(r.paths.clone()),
-            caps: fi::RMA,
+            caps: fi::RMA_PMEM,
             ..Default::default()
         }),
         Err(Error::NoData)

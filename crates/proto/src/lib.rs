@@ -281,6 +281,7 @@ pub enum Opcode {
     // RX queue
     Recv = 0x0181,
     TRecv = 0x0182,
+    MrEvent = 0x0183,
 }
 
 impl Opcode {
@@ -304,6 +305,7 @@ impl Opcode {
             0x0401 => Flush,
             0x0181 => Recv,
             0x0182 => TRecv,
+            0x0183 => MrEvent,
             _ => return None,
         })
     }
@@ -320,7 +322,7 @@ impl Opcode {
         use Opcode::*;
         match self {
             TSend | TRecv => VIRTIO_FABRIC_F_TAGGED,
-            MrReg | MrDereg | RmaWrite | RmaRead => VIRTIO_FABRIC_F_RMA,
+            MrReg | MrDereg | RmaWrite | RmaRead | MrEvent => VIRTIO_FABRIC_F_RMA,
             Atomic | FetchAtomic | CompareAtomic => VIRTIO_FABRIC_F_ATOMIC,
             Flush => VIRTIO_FABRIC_F_RMA_PMEM,
             _ => VIRTIO_FABRIC_F_MSG,
@@ -438,6 +440,126 @@ pub mod comp_flags {
     pub const CLAIMED: u32 = 1 << 2;
     /// MULTI_RECV: the buffer is released (FI_MULTI_RECV).
     pub const MULTI_RECV_DONE: u32 = 1 << 3;
+    /// A RECV reports a remote write (writedata) instead of a message; an MR_EVENT reports
+    /// remote writes to a region.
+    pub const REMOTE_WRITE: u32 = 1 << 4;
+    /// An MR_EVENT reports remote reads of a region.
+    pub const REMOTE_READ: u32 = 1 << 5;
+}
+
+/// MR_REG registration flags (carried in `ReqHeader::compare`).
+pub mod mr_flags {
+    /// Target of RMA_READ and of fetching atomics' reads (FI_REMOTE_READ).
+    pub const REMOTE_READ: u64 = 1 << 0;
+    /// Target of RMA_WRITE and atomics (FI_REMOTE_WRITE).
+    pub const REMOTE_WRITE: u64 = 1 << 1;
+    /// Persistent memory region (FI_RMA_PMEM).
+    pub const PMEM: u64 = 1 << 2;
+    /// The device chooses the key (FI_MR_PROV_KEY).
+    pub const PROV_KEY: u64 = 1 << 3;
+    /// Remote accesses to the region are reported with MR_EVENT completions (FI_RMA_EVENT).
+    pub const RMA_EVENT: u64 = 1 << 4;
+    /// Every defined flag.
+    pub const ALL: u64 = (1 << 5) - 1;
+}
+
+/// MR_REG payload element: one guest memory segment of a region.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemSeg {
+    pub addr: Le64,
+    pub len: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding.
+unsafe impl ByteValued for MemSeg {}
+pub const MEM_SEG_LEN: usize = std::mem::size_of::<MemSeg>();
+
+/// RMA scatter entry (`struct virtio_fabric_rma_iov`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RmaIov {
+    pub addr: Le64,
+    pub len: Le64,
+    pub key: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding.
+unsafe impl ByteValued for RmaIov {}
+pub const RMA_IOV_LEN: usize = std::mem::size_of::<RmaIov>();
+
+/// libfabric `enum fi_op` values (spec §6.11).
+pub mod atomic_op {
+    pub const MIN: u8 = 0;
+    pub const MAX: u8 = 1;
+    pub const SUM: u8 = 2;
+    pub const PROD: u8 = 3;
+    pub const LOR: u8 = 4;
+    pub const LAND: u8 = 5;
+    pub const BOR: u8 = 6;
+    pub const BAND: u8 = 7;
+    pub const LXOR: u8 = 8;
+    pub const BXOR: u8 = 9;
+    pub const ATOMIC_READ: u8 = 10;
+    pub const ATOMIC_WRITE: u8 = 11;
+    pub const CSWAP: u8 = 12;
+    pub const CSWAP_NE: u8 = 13;
+    pub const CSWAP_LE: u8 = 14;
+    pub const CSWAP_LT: u8 = 15;
+    pub const CSWAP_GE: u8 = 16;
+    pub const CSWAP_GT: u8 = 17;
+    pub const MSWAP: u8 = 18;
+    /// Number of defined operations.
+    pub const COUNT: u8 = 19;
+
+    /// Whether `op` is valid for `opcode` (spec §6.11 table).
+    pub fn allowed(opcode: super::Opcode, op: u8) -> bool {
+        use super::Opcode::*;
+        match opcode {
+            Atomic => op <= BXOR || op == ATOMIC_WRITE,
+            FetchAtomic => op <= ATOMIC_WRITE,
+            CompareAtomic => (CSWAP..=MSWAP).contains(&op),
+            _ => false,
+        }
+    }
+}
+
+/// libfabric `enum fi_datatype` values (spec §6.11).
+pub mod datatype {
+    pub const INT8: u8 = 0;
+    pub const UINT8: u8 = 1;
+    pub const INT16: u8 = 2;
+    pub const UINT16: u8 = 3;
+    pub const INT32: u8 = 4;
+    pub const UINT32: u8 = 5;
+    pub const INT64: u8 = 6;
+    pub const UINT64: u8 = 7;
+    pub const FLOAT: u8 = 8;
+    pub const DOUBLE: u8 = 9;
+    pub const FLOAT_COMPLEX: u8 = 10;
+    pub const DOUBLE_COMPLEX: u8 = 11;
+    pub const LONG_DOUBLE: u8 = 12;
+    pub const LONG_DOUBLE_COMPLEX: u8 = 13;
+    pub const INT128: u8 = 14;
+    pub const UINT128: u8 = 15;
+    /// Number of defined datatypes.
+    pub const COUNT: u8 = 16;
+
+    /// Element size in bytes, `None` for an unknown datatype.
+    pub const fn size(dt: u8) -> Option<usize> {
+        Some(match dt {
+            INT8 | UINT8 => 1,
+            INT16 | UINT16 => 2,
+            INT32 | UINT32 | FLOAT => 4,
+            INT64 | UINT64 | DOUBLE | FLOAT_COMPLEX => 8,
+            DOUBLE_COMPLEX | LONG_DOUBLE | INT128 | UINT128 => 16,
+            LONG_DOUBLE_COMPLEX => 32,
+            _ => return None,
+        })
+    }
+
+    /// Whether `dt` is a floating-point type.
+    pub const fn is_float(dt: u8) -> bool {
+        matches!(dt, FLOAT | DOUBLE)
+    }
 }
 
 /// Completion status codes.
@@ -692,6 +814,7 @@ pub fn allowed_flags(op: Opcode) -> u64 {
         Send => REMOTE_CQ_DATA | INJECT | completion | FENCE,
         TSend => REMOTE_CQ_DATA | INJECT | completion | FENCE,
         Recv => MULTI_RECV | DIRECTED,
+        MrEvent => 0,
         TRecv => PEEK | CLAIM | DISCARD | DIRECTED,
         RmaWrite => REMOTE_CQ_DATA | INJECT | completion | COMMIT_COMPLETE | FENCE,
         RmaRead => FENCE | DELIVERY_COMPLETE,
@@ -729,6 +852,28 @@ mod tests {
         assert_eq!(std::mem::size_of::<Completion>(), 64);
         assert_eq!(std::mem::size_of::<FabricConfig>(), 48);
         assert_eq!(std::mem::size_of::<WireAddr>(), 16);
+        assert_eq!(MEM_SEG_LEN, 16);
+        assert_eq!(RMA_IOV_LEN, 24);
+    }
+
+    #[test]
+    fn atomic_tables() {
+        assert!(atomic_op::allowed(Opcode::Atomic, atomic_op::BXOR));
+        assert!(atomic_op::allowed(Opcode::Atomic, atomic_op::ATOMIC_WRITE));
+        assert!(!atomic_op::allowed(Opcode::Atomic, atomic_op::ATOMIC_READ));
+        assert!(atomic_op::allowed(
+            Opcode::FetchAtomic,
+            atomic_op::ATOMIC_READ
+        ));
+        assert!(!atomic_op::allowed(Opcode::FetchAtomic, atomic_op::CSWAP));
+        assert!(atomic_op::allowed(Opcode::CompareAtomic, atomic_op::MSWAP));
+        assert!(!atomic_op::allowed(Opcode::CompareAtomic, atomic_op::SUM));
+        assert!(!atomic_op::allowed(Opcode::Send, atomic_op::SUM));
+        assert_eq!(datatype::size(datatype::LONG_DOUBLE_COMPLEX), Some(32));
+        assert_eq!(datatype::size(datatype::FLOAT), Some(4));
+        assert_eq!(datatype::size(16), None);
+        assert_eq!(Opcode::from_u16(0x0183), Some(Opcode::MrEvent));
+        assert_eq!(Opcode::MrEvent.queue_class(), QueueClass::Rx);
     }
 
     #[test]

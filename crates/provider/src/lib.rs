@@ -1,1 +1,125 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `libvfabric-fi.so`: the libfabric 1.17 provider `vfabric`, a thin C face over the
+//! [`vfabric`] driver crate (no second data path).
+//!
+//! libfabric loads it from a directory in `FI_PROVIDER_PATH` by the file name
+//! `libvfabric-fi.so`; cargo builds `libvfabric_provider.so`, and `scripts/provider-link.sh`
+//! places the correctly named link in `target/<profile>/prov/` (scripts/test.sh runs it).
+//!
+//! Objects are `#[repr(C)]` structs whose first field is the libfabric `fid_*` structure, so a
+//! `struct fid *` handed back by the consumer is cast to our object after its `fclass` is
+//! checked. Every entry point is wrapped in [`util::guard`] (no panic crosses into C), checks
+//! its pointer arguments, and every op-table slot we do not implement is a `-FI_ENOSYS` stub.
+//!
+//! Module map: [`info`] (`fi_getinfo`), [`fabric`] (fabric, EQ, passive endpoint), [`domain`]
+//! (domain, AV, MR, CQ), [`ep`] (endpoints: msg/tagged tables, CM).
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod cm;
+mod domain;
+mod ep;
+mod fabric;
+mod info;
 pub mod sys;
+mod util;
+
+use std::ffi::{c_char, c_int, CStr};
+
+use util::{guard, Static};
+
+/// `FI_VERSION(1, 17)`.
+pub const FI_VERSION_1_17: u32 = (1 << 16) | 17;
+/// Provider version (`FI_VERSION(0, 1)`, the crate version).
+pub const PROVIDER_VERSION: u32 = 1;
+
+static PROVIDER: Static<sys::fi_provider> = Static(std::cell::UnsafeCell::new(sys::fi_provider {
+    version: PROVIDER_VERSION,
+    fi_version: FI_VERSION_1_17,
+    context: sys::fi_context {
+        internal: [std::ptr::null_mut(); 4],
+    },
+    name: c"vfabric".as_ptr(),
+    getinfo: Some(prov_getinfo),
+    fabric: Some(fabric::fabric_open),
+    cleanup: Some(prov_cleanup),
+}));
+
+/// Our provider structure (for `fi_log`/`fi_param_*`).
+pub fn provider_ptr() -> *mut sys::fi_provider {
+    PROVIDER.0.get()
+}
+
+/// The entry point libfabric looks up with `dlsym`.
+#[no_mangle]
+pub extern "C" fn fi_prov_ini() -> *mut sys::fi_provider {
+    let p = PROVIDER.0.get();
+    // Parameters (listed by `fi_info -e`, read from FI_VFABRIC_*).
+    let params: [(&CStr, sys::fi_param_type, &CStr); 2] = [
+        (
+            c"devices",
+            sys::fi_param_type_FI_PARAM_STRING,
+            c"Colon-separated vfabric device sockets to use (default: VFABRIC_DEVICES, else /run/vfabric/*.sock)",
+        ),
+        (
+            c"mem_mb",
+            sys::fi_param_type_FI_PARAM_SIZE_T,
+            c"Shared memory region per domain in MiB (default: VFABRIC_MEM_MB, else 64)",
+        ),
+    ];
+    for (name, ty, help) in params {
+        // SAFETY: `p` is our static provider; the strings are NUL-terminated statics; the help
+        // string is passed as the "%s" argument so it is never parsed as a format.
+        unsafe {
+            sys::fi_param_define(p, name.as_ptr(), ty, c"%s".as_ptr(), help.as_ptr());
+        }
+    }
+    p
+}
+
+/// `fi_param_get` of a string parameter.
+pub fn param_str(name: &CStr) -> Option<String> {
+    let mut v: *mut c_char = std::ptr::null_mut();
+    // SAFETY: `name` is NUL-terminated; for a string parameter the core stores a `char *`
+    // pointing at the environment value (not to be freed) into `v`.
+    let r = unsafe {
+        sys::fi_param_get(
+            provider_ptr(),
+            name.as_ptr(),
+            (&mut v as *mut *mut c_char).cast(),
+        )
+    };
+    if r != 0 || v.is_null() {
+        return None;
+    }
+    // SAFETY: the core returned a NUL-terminated environment string.
+    unsafe { util::c_str(v) }
+}
+
+/// `fi_param_get` of a size parameter.
+pub fn param_size(name: &CStr) -> Option<usize> {
+    let mut v: usize = 0;
+    // SAFETY: for FI_PARAM_SIZE_T the core writes one `size_t` into `v`.
+    let r =
+        unsafe { sys::fi_param_get(provider_ptr(), name.as_ptr(), (&mut v as *mut usize).cast()) };
+    (r == 0).then_some(v)
+}
+
+unsafe extern "C" fn prov_getinfo(
+    version: u32,
+    node: *const c_char,
+    service: *const c_char,
+    flags: u64,
+    hints: *const sys::fi_info,
+    info: *mut *mut sys::fi_info,
+) -> c_int {
+    guard(|| {
+        // SAFETY: arguments as passed by the core's fi_getinfo (NULL-checked inside).
+        match unsafe { info::getinfo(version, node, service, flags, hints, info) } {
+            Ok(()) => 0,
+            Err(e) => -e,
+        }
+    })
+}
+
+unsafe extern "C" fn prov_cleanup() {}

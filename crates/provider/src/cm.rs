@@ -1,0 +1,818 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! FI_EP_MSG over a device without connected endpoints.
+//!
+//! Design: an MSG endpoint is a device RDM endpoint (the *data* endpoint, which the consumer's
+//! CQs are bound to) whose provider-private AV holds exactly one peer once connected, plus a
+//! second, provider-private RDM endpoint (the *CM* endpoint) with its own CQ and AV that
+//! carries the connection handshake as small untagged messages. A passive endpoint is a CM
+//! endpoint alone; its name (`fi_getname`) is that device endpoint's address.
+//!
+//! ```text
+//! client CM ep ── CONNREQ{data addr, cm addr, private data} ──▶ pep      → FI_CONNREQ (info->handle)
+//! server CM ep ◀─ ACCEPT {data addr, cm addr, private data} ── accept   → FI_CONNECTED (both)
+//!                 REJECT {private data}                      ── reject   → error ECONNREFUSED
+//!                 SHUTDOWN                                   ── shutdown → FI_SHUTDOWN at the peer
+//! ```
+//!
+//! Progress of the handshake is driven by reading the EQ the endpoint is bound to. The passive
+//! endpoint opens (or shares) the device session of its domain name, so the `fi_domain` the
+//! server opens for the accepted endpoint shares it.
+
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use vfabric::{
+    fi, AddressVector, BindFlags, CompletionQueue, CqAttr, Domain, Endpoint, EpAttr, EpType,
+    FabricAddr,
+};
+
+use crate::domain::DomainObj;
+use crate::ep::EpObj;
+use crate::fabric::{eq_cm_bytes, eq_entry_bytes, ops_ptr, EqEvent, EqObj, EqSource, FabricObj};
+use crate::sys;
+use crate::util::{guard, nosys, obj, ParentRef, Refs, SendPtr};
+
+const KIND_CONNREQ: u32 = 1;
+const KIND_ACCEPT: u32 = 2;
+const KIND_REJECT: u32 = 3;
+const KIND_SHUTDOWN: u32 = 4;
+const HDR: usize = 8 + 16 + 16;
+const MSG_MAX: usize = HDR + crate::info::CM_DATA_SIZE;
+/// Receives kept posted on a CM endpoint.
+const RECVS: usize = 8;
+const CTX_RECV: u64 = 1;
+const CTX_SEND: u64 = 2;
+const CTX_CONNREQ: u64 = 3;
+
+struct CmMsg {
+    kind: u32,
+    data_addr: FabricAddr,
+    cm_addr: FabricAddr,
+    payload: Vec<u8>,
+}
+
+fn encode(kind: u32, data_addr: FabricAddr, cm_addr: FabricAddr, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HDR + payload.len());
+    v.extend_from_slice(&kind.to_le_bytes());
+    v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    v.extend_from_slice(&data_addr.to_bytes());
+    v.extend_from_slice(&cm_addr.to_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn decode(b: &[u8]) -> Option<CmMsg> {
+    if b.len() < HDR {
+        return None;
+    }
+    let kind = u32::from_le_bytes(b[0..4].try_into().ok()?);
+    let len = u32::from_le_bytes(b[4..8].try_into().ok()?) as usize;
+    let data_addr = FabricAddr::from_bytes(&b[8..24]).ok()?;
+    let cm_addr = FabricAddr::from_bytes(&b[24..40]).ok()?;
+    let payload = b.get(HDR..HDR + len)?.to_vec();
+    Some(CmMsg {
+        kind,
+        data_addr,
+        cm_addr,
+        payload,
+    })
+}
+
+/// A provider-private endpoint carrying CM messages.
+struct CmEndpoint {
+    ep: Endpoint,
+    cq: CompletionQueue,
+    av: AddressVector,
+}
+
+impl CmEndpoint {
+    fn open(d: &Domain) -> Result<Self, i32> {
+        let err = |e: vfabric::Error| e.errno();
+        let ep = d
+            .endpoint(EpAttr {
+                ep_type: EpType::Rdm,
+            })
+            .map_err(err)?;
+        let cq = d.cq_open(CqAttr::default()).map_err(err)?;
+        let av = d.av_open().map_err(err)?;
+        ep.bind_cq(&cq, BindFlags::BOTH).map_err(err)?;
+        ep.bind_av(&av).map_err(err)?;
+        ep.enable().map_err(err)?;
+        for _ in 0..RECVS {
+            ep.recv_vec(MSG_MAX, CTX_RECV).map_err(err)?;
+        }
+        Ok(Self { ep, cq, av })
+    }
+
+    fn send_to(&self, to: FabricAddr, msg: &[u8], ctx: u64) -> Result<(), i32> {
+        let a = self
+            .av
+            .reverse_lookup(&to)
+            .unwrap_or_else(|| self.av.insert(to));
+        self.ep.send(msg, a, ctx).map_err(|e| e.errno())
+    }
+
+    /// Drain completions: received CM messages, and contexts of failed sends.
+    fn poll(&self) -> (Vec<CmMsg>, Vec<u64>) {
+        let mut msgs = Vec::new();
+        let mut failed = Vec::new();
+        let mut v = Vec::new();
+        loop {
+            v.clear();
+            match self.cq.read(&mut v, 16) {
+                Ok(_) => {
+                    for e in v.drain(..) {
+                        if e.context == CTX_RECV {
+                            if let Some(m) = e.buf.as_deref().and_then(decode) {
+                                msgs.push(m);
+                            }
+                            let _ = self.ep.recv_vec(MSG_MAX, CTX_RECV);
+                        }
+                    }
+                }
+                Err(vfabric::Error::Avail) => {
+                    if let Some(e) = self.cq.readerr() {
+                        if e.context == CTX_RECV {
+                            let _ = self.ep.recv_vec(MSG_MAX, CTX_RECV);
+                        } else {
+                            failed.push(e.context);
+                        }
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        (msgs, failed)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Active side
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct ConnInner {
+    /// Peer's data and CM endpoints once known.
+    peer: Option<(FabricAddr, FabricAddr)>,
+    peer_fi_addr: Option<u64>,
+    /// Server side: the request being accepted.
+    pending: Option<(FabricAddr, FabricAddr)>,
+    connected: bool,
+    /// Events produced outside progress (accept), delivered on the next EQ read.
+    queued: Vec<EqEvent>,
+    fid: SendPtr<sys::fid>,
+    context: SendPtr<c_void>,
+}
+
+/// Connection state of an FI_EP_MSG endpoint.
+pub struct Conn {
+    state: Arc<ConnState>,
+}
+
+struct ConnState {
+    cm: CmEndpoint,
+    data_addr: FabricAddr,
+    data_av: AddressVector,
+    inner: Mutex<ConnInner>,
+    bound: AtomicBool,
+}
+
+impl Conn {
+    /// Set up the CM side of a new MSG endpoint (`info->handle` is a connection request for
+    /// the server side).
+    pub fn new(d: &DomainObj, data: &Endpoint, info: &sys::fi_info) -> Result<Conn, i32> {
+        let cm = CmEndpoint::open(&d.dom)?;
+        let data_av = d.dom.av_open().map_err(|e| e.errno())?;
+        data.bind_av(&data_av).map_err(|e| e.errno())?;
+        let mut inner = ConnInner::default();
+        if !info.handle.is_null() {
+            // SAFETY: a non-NULL handle of an fi_info for FI_EP_MSG is the connreq fid we
+            // created in pep progress (class checked).
+            let r = unsafe { obj::<ConnReq>(info.handle, sys::FI_CLASS_CONNREQ) }?;
+            inner.pending = Some((r.data_addr, r.cm_addr));
+        }
+        Ok(Conn {
+            state: Arc::new(ConnState {
+                cm,
+                data_addr: data.name(),
+                data_av,
+                inner: Mutex::new(inner),
+                bound: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnInner> {
+        self.state.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn peer_fi_addr(&self) -> Option<u64> {
+        let g = self.lock();
+        if g.connected {
+            g.peer_fi_addr
+        } else {
+            None
+        }
+    }
+
+    pub fn bind_eq(&self, q: &EqObj, fid: *mut sys::fid, context: *mut c_void) {
+        {
+            let mut g = self.lock();
+            g.fid = SendPtr(fid);
+            g.context = SendPtr(context);
+        }
+        self.state.bound.store(true, Ordering::Release);
+        let s: Arc<dyn EqSource> = self.state.clone();
+        q.add_source(Arc::downgrade(&s));
+    }
+
+    /// On fi_close: tell a connected peer.
+    pub fn close(&self) {
+        let peer = {
+            let mut g = self.lock();
+            let p = if g.connected { g.peer } else { None };
+            g.connected = false;
+            p
+        };
+        if let Some((_, cm)) = peer {
+            let m = encode(
+                KIND_SHUTDOWN,
+                self.state.data_addr,
+                self.state.cm.ep.name(),
+                &[],
+            );
+            let _ = self.state.cm.send_to(cm, &m, CTX_SEND);
+            // Let the send leave before the endpoint closes.
+            let _ = self.state.cm.cq.read(&mut Vec::new(), 4);
+        }
+    }
+}
+
+impl EqSource for ConnState {
+    fn progress(&self, eq: &EqObj) {
+        let (msgs, failed) = self.cm.poll();
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for ev in g.queued.drain(..) {
+            eq.push(ev);
+        }
+        let fid = g.fid.0;
+        let context = g.context.0;
+        for ctx in failed {
+            if ctx == CTX_CONNREQ {
+                eq.push(EqEvent {
+                    event: sys::FI_CONNECTED,
+                    bytes: eq_entry_bytes(fid, context, 0),
+                    err: Some((sys::FI_ECONNREFUSED as i32, 0, Vec::new())),
+                    info: SendPtr(std::ptr::null_mut()),
+                });
+            }
+        }
+        for m in msgs {
+            match m.kind {
+                KIND_ACCEPT if !g.connected && g.pending.is_none() => {
+                    let a = self.data_av.insert(m.data_addr);
+                    g.peer = Some((m.data_addr, m.cm_addr));
+                    g.peer_fi_addr = Some(a);
+                    g.connected = true;
+                    eq.push(EqEvent {
+                        event: sys::FI_CONNECTED,
+                        bytes: eq_cm_bytes(fid, std::ptr::null_mut(), &m.payload),
+                        err: None,
+                        info: SendPtr(std::ptr::null_mut()),
+                    });
+                }
+                KIND_REJECT => {
+                    eq.push(EqEvent {
+                        event: sys::FI_CONNECTED,
+                        bytes: eq_entry_bytes(fid, context, 0),
+                        err: Some((sys::FI_ECONNREFUSED as i32, 0, m.payload)),
+                        info: SendPtr(std::ptr::null_mut()),
+                    });
+                }
+                KIND_SHUTDOWN if g.connected && g.peer.is_some_and(|(_, cm)| cm == m.cm_addr) => {
+                    g.connected = false;
+                    eq.push(EqEvent {
+                        event: sys::FI_SHUTDOWN,
+                        bytes: eq_entry_bytes(fid, context, 0),
+                        err: None,
+                        info: SendPtr(std::ptr::null_mut()),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The `EpObj` of an MSG endpoint.
+///
+/// # Safety
+/// `ep` is NULL or one of our endpoints.
+unsafe fn msg_ep<'a>(ep: *mut sys::fid_ep) -> Result<(&'a EpObj, &'a Conn), i32> {
+    // SAFETY: per the contract.
+    let e = unsafe { obj::<EpObj>(ep.cast(), sys::FI_CLASS_EP) }?;
+    match &e.conn {
+        Some(c) => Ok((e, c)),
+        None => Err(sys::FI_EOPNOTSUPP as i32),
+    }
+}
+
+fn private_data(e: &EpObj, param: *const c_void, len: usize) -> Result<Vec<u8>, i32> {
+    if len > e.cm_data_size.load(Ordering::Relaxed) {
+        return Err(fi::EINVAL);
+    }
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    if param.is_null() {
+        return Err(fi::EINVAL);
+    }
+    // SAFETY: `param` readable for `len` bytes (fi_connect/fi_accept contract).
+    Ok(unsafe { std::slice::from_raw_parts(param.cast::<u8>(), len) }.to_vec())
+}
+
+/// `fi_connect`.
+pub unsafe extern "C" fn ep_connect(
+    ep: *mut sys::fid_ep,
+    addr: *const c_void,
+    param: *const c_void,
+    paramlen: usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our endpoints.
+        let (e, c) = match unsafe { msg_ep(ep) } {
+            Ok(x) => x,
+            Err(err) => return -err,
+        };
+        if addr.is_null() {
+            return -fi::EINVAL;
+        }
+        if !c.state.bound.load(Ordering::Acquire) {
+            return -(sys::FI_ENOEQ as i32);
+        }
+        // SAFETY: a vfabric address is 16 bytes.
+        let b = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), crate::info::ADDR_LEN) };
+        let Ok(to) = FabricAddr::from_bytes(b) else {
+            return -fi::EINVAL;
+        };
+        let data = match private_data(e, param, paramlen) {
+            Ok(d) => d,
+            Err(err) => return -err,
+        };
+        {
+            let g = c.lock();
+            if g.connected || g.pending.is_some() {
+                return -fi::EINVAL;
+            }
+        }
+        let m = encode(KIND_CONNREQ, c.state.data_addr, c.state.cm.ep.name(), &data);
+        match c.state.cm.send_to(to, &m, CTX_CONNREQ) {
+            Ok(()) => 0,
+            Err(err) => -err,
+        }
+    })
+}
+
+/// `fi_accept`.
+pub unsafe extern "C" fn ep_accept(
+    ep: *mut sys::fid_ep,
+    param: *const c_void,
+    paramlen: usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our endpoints.
+        let (e, c) = match unsafe { msg_ep(ep) } {
+            Ok(x) => x,
+            Err(err) => return -err,
+        };
+        if !c.state.bound.load(Ordering::Acquire) {
+            return -(sys::FI_ENOEQ as i32);
+        }
+        let data = match private_data(e, param, paramlen) {
+            Ok(d) => d,
+            Err(err) => return -err,
+        };
+        let mut g = c.lock();
+        let Some((peer_data, peer_cm)) = g.pending.take() else {
+            return -fi::EINVAL;
+        };
+        let m = encode(KIND_ACCEPT, c.state.data_addr, c.state.cm.ep.name(), &data);
+        if let Err(err) = c.state.cm.send_to(peer_cm, &m, CTX_SEND) {
+            g.pending = Some((peer_data, peer_cm));
+            return -err;
+        }
+        let a = c.state.data_av.insert(peer_data);
+        g.peer = Some((peer_data, peer_cm));
+        g.peer_fi_addr = Some(a);
+        g.connected = true;
+        let bytes = eq_cm_bytes(g.fid.0, std::ptr::null_mut(), &[]);
+        g.queued.push(EqEvent {
+            event: sys::FI_CONNECTED,
+            bytes,
+            err: None,
+            info: SendPtr(std::ptr::null_mut()),
+        });
+        0
+    })
+}
+
+/// `fi_shutdown`.
+pub unsafe extern "C" fn ep_shutdown(ep: *mut sys::fid_ep, _flags: u64) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our endpoints.
+        let (_, c) = match unsafe { msg_ep(ep) } {
+            Ok(x) => x,
+            Err(err) => return -err,
+        };
+        if c.lock().peer.is_none() {
+            return -(sys::FI_ENOTCONN as i32);
+        }
+        c.close();
+        0
+    })
+}
+
+/// `fi_getpeer`.
+pub unsafe extern "C" fn ep_getpeer(
+    ep: *mut sys::fid_ep,
+    addr: *mut c_void,
+    addrlen: *mut usize,
+) -> c_int {
+    guard(|| {
+        if addrlen.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: consumer passes one of our endpoints.
+        let (_, c) = match unsafe { msg_ep(ep) } {
+            Ok(x) => x,
+            Err(err) => return -err,
+        };
+        let Some((peer, _)) = c.lock().peer else {
+            return -(sys::FI_ENOTCONN as i32);
+        };
+        let b = peer.to_bytes();
+        // SAFETY: `addrlen` valid; `addr` writable for *addrlen bytes when large enough.
+        unsafe {
+            let cap = *addrlen;
+            *addrlen = b.len();
+            if cap < b.len() || addr.is_null() {
+                return -fi::ETOOSMALL;
+            }
+            std::ptr::copy_nonoverlapping(b.as_ptr(), addr.cast::<u8>(), b.len());
+        }
+        0
+    })
+}
+
+/// Local address of an endpoint or passive endpoint (`fi_getname`).
+///
+/// # Safety
+/// `fid` is NULL or one of our endpoints / passive endpoints.
+pub unsafe fn local_name(fid: *mut sys::fid) -> Result<FabricAddr, i32> {
+    if fid.is_null() {
+        return Err(fi::EINVAL);
+    }
+    // SAFETY: non-NULL fid.
+    match unsafe { (*fid).fclass } as u32 {
+        // SAFETY: class checked.
+        sys::FI_CLASS_EP => Ok(unsafe { obj::<EpObj>(fid, sys::FI_CLASS_EP) }?.ep.name()),
+        // SAFETY: class checked.
+        sys::FI_CLASS_PEP => Ok(unsafe { obj::<PepObj>(fid, sys::FI_CLASS_PEP) }?
+            .state
+            .cm
+            .ep
+            .name()),
+        _ => Err(fi::EINVAL),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passive side
+// ---------------------------------------------------------------------------------------------
+
+/// The `info->handle` of an FI_CONNREQ event (class `FI_CLASS_CONNREQ`).
+#[repr(C)]
+pub struct ConnReq {
+    fid: sys::fid,
+    data_addr: FabricAddr,
+    cm_addr: FabricAddr,
+}
+
+static CONNREQ_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
+    size: std::mem::size_of::<sys::fi_ops>(),
+    close: Some(connreq_close),
+    bind: nosys(),
+    control: nosys(),
+    ops_open: nosys(),
+    tostr: nosys(),
+    ops_set: nosys(),
+});
+
+unsafe extern "C" fn connreq_close(fid: *mut sys::fid) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes a connreq handle of ours.
+        if let Err(e) = unsafe { obj::<ConnReq>(fid, sys::FI_CLASS_CONNREQ) } {
+            return -e;
+        }
+        // SAFETY: created by Box::into_raw in pep progress.
+        drop(unsafe { Box::from_raw(fid.cast::<ConnReq>()) });
+        0
+    })
+}
+
+struct PepState {
+    cm: CmEndpoint,
+    device: std::path::PathBuf,
+    /// Template for CONNREQ infos (fi_dupinfo'd at open; freed with the pep).
+    info: SendPtr<sys::fi_info>,
+    listening: AtomicBool,
+    fid: Mutex<SendPtr<sys::fid>>,
+}
+
+impl Drop for PepState {
+    fn drop(&mut self) {
+        // SAFETY: our fi_dupinfo copy.
+        unsafe { sys::fi_freeinfo(self.info.0) };
+        crate::domain::release(&self.device);
+    }
+}
+
+impl EqSource for PepState {
+    fn progress(&self, eq: &EqObj) {
+        let (msgs, _) = self.cm.poll();
+        if !self.listening.load(Ordering::Acquire) {
+            return;
+        }
+        let fid = self.fid.lock().unwrap_or_else(|e| e.into_inner()).0;
+        for m in msgs {
+            if m.kind != KIND_CONNREQ {
+                continue;
+            }
+            // SAFETY: duplicating our own valid template.
+            let info = unsafe { sys::fi_dupinfo(self.info.0) };
+            if info.is_null() {
+                continue;
+            }
+            let req = Box::into_raw(Box::new(ConnReq {
+                fid: sys::fid {
+                    fclass: sys::FI_CLASS_CONNREQ as usize,
+                    context: std::ptr::null_mut(),
+                    ops: ops_ptr(&*CONNREQ_FI_OPS),
+                },
+                data_addr: m.data_addr,
+                cm_addr: m.cm_addr,
+            }));
+            let dest = m.data_addr.to_bytes();
+            // SAFETY: `info` is a fresh fi_dupinfo copy we own; dest_addr is replaced by a
+            // malloc'd copy (fi_freeinfo frees it).
+            unsafe {
+                libc::free((*info).dest_addr);
+                let p = libc::malloc(dest.len());
+                if !p.is_null() {
+                    std::ptr::copy_nonoverlapping(dest.as_ptr(), p.cast::<u8>(), dest.len());
+                    (*info).dest_addrlen = dest.len();
+                } else {
+                    (*info).dest_addrlen = 0;
+                }
+                (*info).dest_addr = p;
+                (*info).handle = req.cast();
+            }
+            eq.push(EqEvent {
+                event: sys::FI_CONNREQ,
+                bytes: eq_cm_bytes(fid, info, &m.payload),
+                err: None,
+                info: SendPtr(info),
+            });
+        }
+    }
+}
+
+/// `fid_pep`.
+#[repr(C)]
+pub struct PepObj {
+    pub fid: sys::fid_pep,
+    _fabric: ParentRef,
+    state: Arc<PepState>,
+    bound: Mutex<Option<ParentRef>>,
+    pub refs: Refs,
+}
+
+static PEP_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
+    size: std::mem::size_of::<sys::fi_ops>(),
+    close: Some(pep_close),
+    bind: Some(pep_bind),
+    control: nosys(),
+    ops_open: nosys(),
+    tostr: nosys(),
+    ops_set: nosys(),
+});
+
+static PEP_EP_OPS: LazyLock<sys::fi_ops_ep> = LazyLock::new(|| sys::fi_ops_ep {
+    size: std::mem::size_of::<sys::fi_ops_ep>(),
+    cancel: nosys(),
+    getopt: nosys(),
+    setopt: nosys(),
+    tx_ctx: nosys(),
+    rx_ctx: nosys(),
+    rx_size_left: nosys(),
+    tx_size_left: nosys(),
+});
+
+static PEP_CM_OPS: LazyLock<sys::fi_ops_cm> = LazyLock::new(|| sys::fi_ops_cm {
+    size: std::mem::size_of::<sys::fi_ops_cm>(),
+    setname: Some(crate::ep::ep_setname),
+    getname: Some(pep_getname),
+    getpeer: nosys(),
+    connect: nosys(),
+    listen: Some(pep_listen),
+    accept: nosys(),
+    reject: Some(pep_reject),
+    shutdown: nosys(),
+    join: nosys(),
+});
+
+/// `fi_passive_ep`.
+pub unsafe extern "C" fn passive_ep_open(
+    fabric: *mut sys::fid_fabric,
+    info: *mut sys::fi_info,
+    pep: *mut *mut sys::fid_pep,
+    context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        if info.is_null() || pep.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: consumer passes its fabric.
+        let f = match unsafe { obj::<FabricObj>(fabric.cast(), sys::FI_CLASS_FABRIC) } {
+            Ok(f) => f,
+            Err(e) => return -e,
+        };
+        // SAFETY: non-NULL consumer info; attributes NULL or valid.
+        let i = unsafe { &*info };
+        if i.domain_attr.is_null() || i.ep_attr.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: non-NULL attribute.
+        if unsafe { (*i.ep_attr).type_ } != sys::fi_ep_type_FI_EP_MSG {
+            return -fi::EINVAL;
+        }
+        // SAFETY: NULL or a C string.
+        let Some(name) = (unsafe { crate::util::c_str((*i.domain_attr).name) }) else {
+            return -fi::EINVAL;
+        };
+        let dev = match crate::info::device_info(&name) {
+            Ok(d) => d,
+            Err(e) => return -e,
+        };
+        let d = match crate::domain::acquire(&dev) {
+            Ok(d) => d,
+            Err(e) => return -e,
+        };
+        let cm = match CmEndpoint::open(&d) {
+            Ok(c) => c,
+            Err(e) => {
+                crate::domain::release(&dev.device_path);
+                return -e;
+            }
+        };
+        // SAFETY: valid consumer info.
+        let tmpl = unsafe { sys::fi_dupinfo(info) };
+        if tmpl.is_null() {
+            crate::domain::release(&dev.device_path);
+            return -fi::ENOMEM;
+        }
+        let state = Arc::new(PepState {
+            cm,
+            device: dev.device_path.clone(),
+            info: SendPtr(tmpl),
+            listening: AtomicBool::new(false),
+            fid: Mutex::new(SendPtr(std::ptr::null_mut())),
+        });
+        let p = Box::into_raw(Box::new(PepObj {
+            fid: sys::fid_pep {
+                fid: sys::fid {
+                    fclass: sys::FI_CLASS_PEP as usize,
+                    context,
+                    ops: ops_ptr(&*PEP_FI_OPS),
+                },
+                ops: ops_ptr(&*PEP_EP_OPS),
+                cm: ops_ptr(&*PEP_CM_OPS),
+            },
+            // SAFETY: the fabric refuses to close while this count is held.
+            _fabric: unsafe { ParentRef::new(&f.refs) },
+            state,
+            bound: Mutex::new(None),
+            refs: Refs::default(),
+        }));
+        // SAFETY: `p` is our fresh allocation; `pep` a valid out pointer.
+        unsafe {
+            let obj = &*p;
+            *obj.state.fid.lock().unwrap_or_else(|e| e.into_inner()) = SendPtr(p.cast());
+            *pep = p.cast();
+        }
+        0
+    })
+}
+
+unsafe extern "C" fn pep_close(fid: *mut sys::fid) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our passive endpoints.
+        if let Err(e) = unsafe { obj::<PepObj>(fid, sys::FI_CLASS_PEP) } {
+            return -e;
+        }
+        // SAFETY: created by Box::into_raw in passive_ep_open.
+        drop(unsafe { Box::from_raw(fid.cast::<PepObj>()) });
+        0
+    })
+}
+
+unsafe extern "C" fn pep_bind(fid: *mut sys::fid, bfid: *mut sys::fid, _flags: u64) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our passive endpoints.
+        let p = match unsafe { obj::<PepObj>(fid, sys::FI_CLASS_PEP) } {
+            Ok(p) => p,
+            Err(e) => return -e,
+        };
+        // SAFETY: consumer passes one of our EQs.
+        let q = match unsafe { obj::<EqObj>(bfid, sys::FI_CLASS_EQ) } {
+            Ok(q) => q,
+            Err(e) => return -e,
+        };
+        let mut b = p.bound.lock().unwrap_or_else(|e| e.into_inner());
+        if b.is_some() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: the EQ refuses to close while this count is held.
+        *b = Some(unsafe { ParentRef::new(&q.refs) });
+        let s: Arc<dyn EqSource> = p.state.clone();
+        q.add_source(Arc::downgrade(&s));
+        0
+    })
+}
+
+unsafe extern "C" fn pep_listen(pep: *mut sys::fid_pep) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our passive endpoints.
+        let p = match unsafe { obj::<PepObj>(pep.cast(), sys::FI_CLASS_PEP) } {
+            Ok(p) => p,
+            Err(e) => return -e,
+        };
+        if p.bound.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return -(sys::FI_ENOEQ as i32);
+        }
+        p.state.listening.store(true, Ordering::Release);
+        0
+    })
+}
+
+unsafe extern "C" fn pep_getname(
+    fid: *mut sys::fid,
+    addr: *mut c_void,
+    addrlen: *mut usize,
+) -> c_int {
+    // SAFETY: same contract as the endpoint's fi_getname (it handles both classes).
+    unsafe { crate::ep::ep_getname(fid, addr, addrlen) }
+}
+
+unsafe extern "C" fn pep_reject(
+    pep: *mut sys::fid_pep,
+    handle: *mut sys::fid,
+    param: *const c_void,
+    paramlen: usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our passive endpoints.
+        let p = match unsafe { obj::<PepObj>(pep.cast(), sys::FI_CLASS_PEP) } {
+            Ok(p) => p,
+            Err(e) => return -e,
+        };
+        // SAFETY: consumer passes the handle of a CONNREQ event.
+        let r = match unsafe { obj::<ConnReq>(handle, sys::FI_CLASS_CONNREQ) } {
+            Ok(r) => r,
+            Err(e) => return -e,
+        };
+        if paramlen > crate::info::CM_DATA_SIZE || (paramlen > 0 && param.is_null()) {
+            return -fi::EINVAL;
+        }
+        let data = if paramlen == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: `param` readable for `paramlen` bytes.
+            unsafe { std::slice::from_raw_parts(param.cast::<u8>(), paramlen) }.to_vec()
+        };
+        let m = encode(
+            KIND_REJECT,
+            FabricAddr::default(),
+            p.state.cm.ep.name(),
+            &data,
+        );
+        let rc = match p.state.cm.send_to(r.cm_addr, &m, CTX_SEND) {
+            Ok(()) => 0,
+            Err(e) => -e,
+        };
+        // SAFETY: the handle is consumed by fi_reject (created by Box::into_raw).
+        drop(unsafe { Box::from_raw(handle.cast::<ConnReq>()) });
+        rc
+    })
+}

@@ -1,0 +1,1028 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Domain, address vector, memory region and completion queue objects.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use vfabric::{
+    fi, AddressVector, CompletionQueue, CqAttr, CqEntry, Domain, DomainAttr, FabricAddr, Info,
+    WaitMode,
+};
+
+use crate::fabric::{ops_ptr, FabricObj};
+use crate::sys;
+use crate::util::{copy_str_out, errno_of, guard, nosys, obj, ParentRef, Refs};
+
+/// `fid_domain`.
+#[repr(C)]
+pub struct DomainObj {
+    pub fid: sys::fid_domain,
+    _fabric: ParentRef,
+    pub dom: Domain,
+    pub info: Info,
+    pub av_type: u32,
+    pub mr_mode: i32,
+    next_key: AtomicU64,
+    pub refs: Refs,
+}
+
+static DOMAIN_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
+    size: std::mem::size_of::<sys::fi_ops>(),
+    close: Some(domain_close),
+    bind: nosys(),
+    control: nosys(),
+    ops_open: nosys(),
+    tostr: nosys(),
+    ops_set: nosys(),
+});
+
+static DOMAIN_OPS: LazyLock<sys::fi_ops_domain> = LazyLock::new(|| sys::fi_ops_domain {
+    size: std::mem::size_of::<sys::fi_ops_domain>(),
+    av_open: Some(av_open),
+    cq_open: Some(cq_open),
+    endpoint: Some(crate::ep::endpoint_open),
+    scalable_ep: nosys(),
+    cntr_open: nosys(),
+    poll_open: nosys(),
+    stx_ctx: nosys(),
+    srx_ctx: nosys(),
+    query_atomic: nosys(),
+    query_collective: nosys(),
+    endpoint2: Some(crate::ep::endpoint_open2),
+});
+
+static MR_OPS: LazyLock<sys::fi_ops_mr> = LazyLock::new(|| sys::fi_ops_mr {
+    size: std::mem::size_of::<sys::fi_ops_mr>(),
+    reg: Some(mr_reg),
+    regv: Some(mr_regv),
+    regattr: Some(mr_regattr),
+});
+
+pub unsafe extern "C" fn domain_open2(
+    fabric: *mut sys::fid_fabric,
+    info: *mut sys::fi_info,
+    dom: *mut *mut sys::fid_domain,
+    flags: u64,
+    context: *mut c_void,
+) -> c_int {
+    if flags != 0 {
+        return -fi::EINVAL;
+    }
+    // SAFETY: same contract as fi_domain.
+    unsafe { domain_open(fabric, info, dom, context) }
+}
+
+/// `fi_domain`.
+pub unsafe extern "C" fn domain_open(
+    fabric: *mut sys::fid_fabric,
+    info: *mut sys::fi_info,
+    dom: *mut *mut sys::fid_domain,
+    context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        if info.is_null() || dom.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: consumer passes its fabric.
+        let f = match unsafe { obj::<FabricObj>(fabric.cast(), sys::FI_CLASS_FABRIC) } {
+            Ok(f) => f,
+            Err(e) => return -e,
+        };
+        // SAFETY: non-NULL fi_info from the consumer; attributes NULL or valid.
+        let i = unsafe { &*info };
+        if i.domain_attr.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: non-NULL domain attribute; `name` NULL or a C string.
+        let da = unsafe { &*i.domain_attr };
+        // SAFETY: `name` is NULL or a NUL-terminated string of the consumer's fi_info.
+        let Some(name) = (unsafe { crate::util::c_str(da.name) }) else {
+            return -fi::EINVAL;
+        };
+        let dev = match crate::info::device_info(&name) {
+            Ok(d) => d,
+            Err(e) => return -e,
+        };
+        let d = match acquire(&dev) {
+            Ok(d) => d,
+            Err(e) => return -e,
+        };
+        let obj = Box::new(DomainObj {
+            fid: sys::fid_domain {
+                fid: sys::fid {
+                    fclass: sys::FI_CLASS_DOMAIN as usize,
+                    context,
+                    ops: ops_ptr(&*DOMAIN_FI_OPS),
+                },
+                ops: ops_ptr(&*DOMAIN_OPS),
+                mr: ops_ptr(&*MR_OPS),
+            },
+            // SAFETY: the fabric refuses to close while this count is held.
+            _fabric: unsafe { ParentRef::new(&f.refs) },
+            dom: d,
+            info: dev,
+            av_type: da.av_type,
+            mr_mode: da.mr_mode,
+            next_key: AtomicU64::new(1),
+            refs: Refs::default(),
+        });
+        // SAFETY: valid out pointer; the consumer owns the box until fi_close.
+        unsafe { *dom = Box::into_raw(obj).cast() };
+        0
+    })
+}
+
+unsafe extern "C" fn domain_close(fid: *mut sys::fid) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our domains.
+        let d = match unsafe { obj::<DomainObj>(fid, sys::FI_CLASS_DOMAIN) } {
+            Ok(d) => d,
+            Err(e) => return -e,
+        };
+        if d.refs.busy() {
+            return -fi::EBUSY;
+        }
+        // SAFETY: created by Box::into_raw in domain_open; no child references it.
+        let b = unsafe { Box::from_raw(fid.cast::<DomainObj>()) };
+        release(&b.info.device_path);
+        0
+    })
+}
+
+/// Device sessions of this process: a device serves one frontend at a time, so every
+/// `fi_domain` and passive endpoint on the same device shares one `vfabric::Domain`.
+static OPEN: Mutex<Option<HashMap<PathBuf, (Domain, usize)>>> = Mutex::new(None);
+
+/// Open (or share) the device session of `dev`.
+pub fn acquire(dev: &Info) -> Result<Domain, i32> {
+    let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    let m = g.get_or_insert_with(HashMap::new);
+    if let Some((d, n)) = m.get_mut(&dev.device_path) {
+        *n += 1;
+        return Ok(d.clone());
+    }
+    let mut attr = DomainAttr::default();
+    if let Some(mb) = crate::param_size(c"mem_mb") {
+        if mb > 0 {
+            attr.mem_bytes = mb << 20;
+        }
+    }
+    match Domain::open(&dev.device_path, attr) {
+        Ok(d) => {
+            m.insert(dev.device_path.clone(), (d.clone(), 1));
+            Ok(d)
+        }
+        Err(e) => {
+            crate::util::warn(
+                sys::fi_log_subsys_FI_LOG_DOMAIN,
+                &format!("device {}: {e}", dev.device_path.display()),
+            );
+            Err(errno_of(&e, sys::fi_log_subsys_FI_LOG_DOMAIN).max(1))
+        }
+    }
+}
+
+/// Drop one user of a device session.
+pub fn release(path: &PathBuf) {
+    let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    let m = g.get_or_insert_with(HashMap::new);
+    if let Some((_, n)) = m.get_mut(path) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(path);
+        }
+    }
+}
+
+/// Description of a device this process holds open (it cannot be probed a second time).
+pub fn open_info(path: &PathBuf) -> Option<Info> {
+    let g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    g.as_ref()?.get(path).map(|(d, _)| d.info().clone())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Address vector
+// ---------------------------------------------------------------------------------------------
+
+/// `fid_av`. `FI_AV_MAP` and `FI_AV_TABLE` both hand out table indices (valid `fi_addr_t`s
+/// for either type).
+#[repr(C)]
+pub struct AvObj {
+    pub fid: sys::fid_av,
+    _domain: ParentRef,
+    pub domain: *const DomainObj,
+    pub av: AddressVector,
+    pub av_type: u32,
+    pub refs: Refs,
+}
+
+static AV_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
+    size: std::mem::size_of::<sys::fi_ops>(),
+    close: Some(av_close),
+    bind: nosys(),
+    control: nosys(),
+    ops_open: nosys(),
+    tostr: nosys(),
+    ops_set: nosys(),
+});
+
+static AV_OPS: LazyLock<sys::fi_ops_av> = LazyLock::new(|| sys::fi_ops_av {
+    size: std::mem::size_of::<sys::fi_ops_av>(),
+    insert: Some(av_insert),
+    insertsvc: Some(av_insertsvc),
+    insertsym: nosys(),
+    remove: Some(av_remove),
+    lookup: Some(av_lookup),
+    straddr: Some(av_straddr),
+    av_set: nosys(),
+});
+
+unsafe extern "C" fn av_open(
+    domain: *mut sys::fid_domain,
+    attr: *mut sys::fi_av_attr,
+    av: *mut *mut sys::fid_av,
+    context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        if attr.is_null() || av.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: consumer passes its domain.
+        let d = match unsafe { obj::<DomainObj>(domain.cast(), sys::FI_CLASS_DOMAIN) } {
+            Ok(d) => d,
+            Err(e) => return -e,
+        };
+        // SAFETY: non-NULL attribute.
+        let a = unsafe { &*attr };
+        let av_type = match a.type_ {
+            sys::fi_av_type_FI_AV_UNSPEC => sys::fi_av_type_FI_AV_TABLE,
+            t @ (sys::fi_av_type_FI_AV_MAP | sys::fi_av_type_FI_AV_TABLE) => t,
+            _ => return -fi::EINVAL,
+        };
+        if !a.name.is_null() || a.flags & (EVENT_FLAG) != 0 {
+            // Named/shared AVs and asynchronous inserts (FI_EVENT) are not supported.
+            return -fi::ENOSYS;
+        }
+        let handle = match d.dom.av_open() {
+            Ok(a) => a,
+            Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_AV),
+        };
+        let obj = Box::new(AvObj {
+            fid: sys::fid_av {
+                fid: sys::fid {
+                    fclass: sys::FI_CLASS_AV as usize,
+                    context,
+                    ops: ops_ptr(&*AV_FI_OPS),
+                },
+                ops: ops_ptr(&*AV_OPS),
+            },
+            // SAFETY: the domain refuses to close while this count is held.
+            _domain: unsafe { ParentRef::new(&d.refs) },
+            domain: d,
+            av: handle,
+            av_type,
+            refs: Refs::default(),
+        });
+        // SAFETY: valid out pointer.
+        unsafe { *av = Box::into_raw(obj).cast() };
+        0
+    })
+}
+
+unsafe extern "C" fn av_close(fid: *mut sys::fid) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our AVs.
+        let a = match unsafe { obj::<AvObj>(fid, sys::FI_CLASS_AV) } {
+            Ok(a) => a,
+            Err(e) => return -e,
+        };
+        if a.refs.busy() {
+            return -fi::EBUSY;
+        }
+        // SAFETY: created by Box::into_raw in av_open; no endpoint is bound to it.
+        drop(unsafe { Box::from_raw(fid.cast::<AvObj>()) });
+        0
+    })
+}
+
+unsafe extern "C" fn av_insert(
+    av: *mut sys::fid_av,
+    addr: *const c_void,
+    count: usize,
+    fi_addr: *mut u64,
+    flags: u64,
+    _context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our AVs.
+        let a = match unsafe { obj::<AvObj>(av.cast(), sys::FI_CLASS_AV) } {
+            Ok(a) => a,
+            Err(e) => return -e,
+        };
+        if addr.is_null() && count > 0 {
+            return -fi::EINVAL;
+        }
+        if flags & !(fi::MORE | SYNC_ERR) != 0 {
+            return -fi::EBADFLAGS;
+        }
+        let mut n = 0;
+        for k in 0..count {
+            // SAFETY: `addr` holds `count` addresses of ADDR_LEN bytes each.
+            let b = unsafe {
+                std::slice::from_raw_parts(
+                    addr.cast::<u8>().add(k * crate::info::ADDR_LEN),
+                    crate::info::ADDR_LEN,
+                )
+            };
+            let r = a.av.insert_bytes(b);
+            if !fi_addr.is_null() {
+                // SAFETY: `fi_addr` has room for `count` entries.
+                unsafe { *fi_addr.add(k) = *r.as_ref().unwrap_or(&vfabric::FI_ADDR_NOTAVAIL) };
+            }
+            if r.is_ok() {
+                n += 1;
+            }
+        }
+        n
+    })
+}
+
+unsafe extern "C" fn av_insertsvc(
+    av: *mut sys::fid_av,
+    node: *const c_char,
+    _service: *const c_char,
+    fi_addr: *mut u64,
+    _flags: u64,
+    _context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our AVs.
+        let a = match unsafe { obj::<AvObj>(av.cast(), sys::FI_CLASS_AV) } {
+            Ok(a) => a,
+            Err(e) => return -e,
+        };
+        // SAFETY: NULL or a C string.
+        let Some(node) = (unsafe { crate::util::c_str(node) }) else {
+            return -fi::EINVAL;
+        };
+        match a.av.insert_str(&node) {
+            Ok(x) => {
+                if !fi_addr.is_null() {
+                    // SAFETY: room for one entry.
+                    unsafe { *fi_addr = x };
+                }
+                1
+            }
+            Err(_) => 0,
+        }
+    })
+}
+
+unsafe extern "C" fn av_remove(
+    av: *mut sys::fid_av,
+    fi_addr: *mut u64,
+    count: usize,
+    _flags: u64,
+) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our AVs.
+        let a = match unsafe { obj::<AvObj>(av.cast(), sys::FI_CLASS_AV) } {
+            Ok(a) => a,
+            Err(e) => return -e,
+        };
+        if fi_addr.is_null() && count > 0 {
+            return -fi::EINVAL;
+        }
+        let mut rc = 0;
+        for k in 0..count {
+            // SAFETY: `fi_addr` holds `count` entries.
+            let x = unsafe { *fi_addr.add(k) };
+            if let Err(e) = a.av.remove(x) {
+                rc = -e.errno();
+            }
+        }
+        rc
+    })
+}
+
+unsafe extern "C" fn av_lookup(
+    av: *mut sys::fid_av,
+    fi_addr: u64,
+    addr: *mut c_void,
+    addrlen: *mut usize,
+) -> c_int {
+    guard(|| {
+        if addrlen.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: consumer passes one of our AVs.
+        let a = match unsafe { obj::<AvObj>(av.cast(), sys::FI_CLASS_AV) } {
+            Ok(a) => a,
+            Err(e) => return -e,
+        };
+        let x = match a.av.lookup(fi_addr) {
+            Ok(x) => x,
+            Err(_) => return -fi::ENOENT,
+        };
+        let bytes = x.to_bytes();
+        // SAFETY: `addrlen` valid; `addr` NULL or writable for *addrlen bytes.
+        unsafe {
+            let n = (*addrlen).min(bytes.len());
+            if !addr.is_null() {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr.cast::<u8>(), n);
+            }
+            *addrlen = bytes.len();
+        }
+        0
+    })
+}
+
+/// Printable form of a 16-byte address (`vfab://HOST.DEV/EP.GEN`).
+///
+/// # Safety
+/// `addr` is NULL or readable for 16 bytes.
+pub unsafe fn addr_string(addr: *const c_void) -> String {
+    if addr.is_null() {
+        return "(null)".into();
+    }
+    // SAFETY: readable for ADDR_LEN bytes per the contract.
+    let b = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), crate::info::ADDR_LEN) };
+    match FabricAddr::from_bytes(b) {
+        Ok(a) => a.to_string(),
+        Err(_) => "(invalid vfabric address)".into(),
+    }
+}
+
+unsafe extern "C" fn av_straddr(
+    _av: *mut sys::fid_av,
+    addr: *const c_void,
+    buf: *mut c_char,
+    len: *mut usize,
+) -> *const c_char {
+    if len.is_null() {
+        return std::ptr::null();
+    }
+    let r = std::panic::catch_unwind(|| {
+        // SAFETY: `addr` is one of our addresses (16 bytes) per the fi_av_straddr contract;
+        // `buf` writable for *len bytes.
+        unsafe { copy_str_out(&addr_string(addr), buf, len) };
+    });
+    if r.is_err() {
+        return std::ptr::null();
+    }
+    buf
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory regions (provider-side records: messaging needs no device registration)
+// ---------------------------------------------------------------------------------------------
+
+/// `fid_mr`.
+#[repr(C)]
+pub struct MrObj {
+    pub fid: sys::fid_mr,
+    _domain: ParentRef,
+    pub addr: usize,
+    pub len: usize,
+    pub access: u64,
+}
+
+static MR_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
+    size: std::mem::size_of::<sys::fi_ops>(),
+    close: Some(mr_close),
+    bind: nosys(),
+    control: Some(mr_control),
+    ops_open: nosys(),
+    tostr: nosys(),
+    ops_set: nosys(),
+});
+
+fn mr_create(
+    domain: *mut sys::fid_domain,
+    iov: &[(usize, usize)],
+    access: u64,
+    requested_key: u64,
+    flags: u64,
+    mr: *mut *mut sys::fid_mr,
+    context: *mut c_void,
+) -> c_int {
+    if mr.is_null() {
+        return -fi::EINVAL;
+    }
+    // SAFETY: consumer passes its domain.
+    let d = match unsafe { obj::<DomainObj>(domain.cast(), sys::FI_CLASS_DOMAIN) } {
+        Ok(d) => d,
+        Err(e) => return -e,
+    };
+    if flags != 0 {
+        return -fi::EBADFLAGS;
+    }
+    if access & (fi::REMOTE_READ | fi::REMOTE_WRITE) != 0 {
+        // Remote access needs device registration (RMA): not wired in this provider yet.
+        return -fi::ENOSYS;
+    }
+    if iov.len() > 1 {
+        return -fi::EINVAL;
+    }
+    let (addr, len) = iov.first().copied().unwrap_or((0, 0));
+    let key = if d.mr_mode & sys::FI_MR_PROV_KEY as i32 != 0
+        || d.mr_mode == sys::fi_mr_mode_FI_MR_BASIC as i32
+    {
+        d.next_key.fetch_add(1, Ordering::Relaxed)
+    } else {
+        requested_key
+    };
+    let obj = Box::new(MrObj {
+        fid: sys::fid_mr {
+            fid: sys::fid {
+                fclass: sys::FI_CLASS_MR as usize,
+                context,
+                ops: ops_ptr(&*MR_FI_OPS),
+            },
+            mem_desc: std::ptr::null_mut(),
+            key,
+        },
+        // SAFETY: the domain refuses to close while this count is held.
+        _domain: unsafe { ParentRef::new(&d.refs) },
+        addr,
+        len,
+        access,
+    });
+    let p = Box::into_raw(obj);
+    // SAFETY: `p` is the fresh allocation; mem_desc points at the MR itself.
+    unsafe {
+        (*p).fid.mem_desc = p.cast();
+        *mr = p.cast();
+    }
+    0
+}
+
+unsafe extern "C" fn mr_reg(
+    domain: *mut sys::fid,
+    buf: *const c_void,
+    len: usize,
+    access: u64,
+    _offset: u64,
+    requested_key: u64,
+    flags: u64,
+    mr: *mut *mut sys::fid_mr,
+    context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        mr_create(
+            domain.cast(),
+            &[(buf as usize, len)],
+            access,
+            requested_key,
+            flags,
+            mr,
+            context,
+        )
+    })
+}
+
+unsafe extern "C" fn mr_regv(
+    domain: *mut sys::fid,
+    iov: *const sys::iovec,
+    count: usize,
+    access: u64,
+    _offset: u64,
+    requested_key: u64,
+    flags: u64,
+    mr: *mut *mut sys::fid_mr,
+    context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        if iov.is_null() && count > 0 {
+            return -fi::EINVAL;
+        }
+        let v: Vec<(usize, usize)> = (0..count)
+            // SAFETY: `iov` holds `count` entries.
+            .map(|k| unsafe { ((*iov.add(k)).iov_base as usize, (*iov.add(k)).iov_len) })
+            .collect();
+        mr_create(domain.cast(), &v, access, requested_key, flags, mr, context)
+    })
+}
+
+unsafe extern "C" fn mr_regattr(
+    domain: *mut sys::fid,
+    attr: *const sys::fi_mr_attr,
+    flags: u64,
+    mr: *mut *mut sys::fid_mr,
+) -> c_int {
+    guard(|| {
+        if attr.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: non-NULL consumer attribute.
+        let a = unsafe { &*attr };
+        if a.iface != sys::fi_hmem_iface_FI_HMEM_SYSTEM {
+            return -fi::ENOSYS;
+        }
+        if a.mr_iov.is_null() && a.iov_count > 0 {
+            return -fi::EINVAL;
+        }
+        let v: Vec<(usize, usize)> = (0..a.iov_count)
+            // SAFETY: `mr_iov` holds `iov_count` entries.
+            .map(|k| unsafe {
+                (
+                    (*a.mr_iov.add(k)).iov_base as usize,
+                    (*a.mr_iov.add(k)).iov_len,
+                )
+            })
+            .collect();
+        mr_create(
+            domain.cast(),
+            &v,
+            a.access,
+            a.requested_key,
+            flags,
+            mr,
+            a.context,
+        )
+    })
+}
+
+unsafe extern "C" fn mr_close(fid: *mut sys::fid) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our MRs.
+        if let Err(e) = unsafe { obj::<MrObj>(fid, sys::FI_CLASS_MR) } {
+            return -e;
+        }
+        // SAFETY: created by Box::into_raw in mr_create.
+        drop(unsafe { Box::from_raw(fid.cast::<MrObj>()) });
+        0
+    })
+}
+
+unsafe extern "C" fn mr_control(_fid: *mut sys::fid, cmd: c_int, _arg: *mut c_void) -> c_int {
+    if cmd == sys::FI_ENABLE as c_int {
+        0
+    } else {
+        -fi::ENOSYS
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Completion queue
+// ---------------------------------------------------------------------------------------------
+
+/// `fid_cq`.
+#[repr(C)]
+pub struct CqObj {
+    pub fid: sys::fid_cq,
+    _domain: ParentRef,
+    pub cq: CompletionQueue,
+    format: u32,
+    scratch: Mutex<Vec<CqEntry>>,
+    pub refs: Refs,
+}
+
+static CQ_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
+    size: std::mem::size_of::<sys::fi_ops>(),
+    close: Some(cq_close),
+    bind: nosys(),
+    control: Some(cq_control),
+    ops_open: nosys(),
+    tostr: nosys(),
+    ops_set: nosys(),
+});
+
+static CQ_OPS: LazyLock<sys::fi_ops_cq> = LazyLock::new(|| sys::fi_ops_cq {
+    size: std::mem::size_of::<sys::fi_ops_cq>(),
+    read: Some(cq_read),
+    readfrom: Some(cq_readfrom),
+    readerr: Some(cq_readerr),
+    sread: Some(cq_sread),
+    sreadfrom: Some(cq_sreadfrom),
+    signal: nosys(),
+    strerror: Some(cq_strerror),
+});
+
+unsafe extern "C" fn cq_open(
+    domain: *mut sys::fid_domain,
+    attr: *mut sys::fi_cq_attr,
+    cq: *mut *mut sys::fid_cq,
+    context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        if attr.is_null() || cq.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: consumer passes its domain.
+        let d = match unsafe { obj::<DomainObj>(domain.cast(), sys::FI_CLASS_DOMAIN) } {
+            Ok(d) => d,
+            Err(e) => return -e,
+        };
+        // SAFETY: non-NULL attribute.
+        let a = unsafe { &*attr };
+        let format = match a.format {
+            sys::fi_cq_format_FI_CQ_FORMAT_UNSPEC => sys::fi_cq_format_FI_CQ_FORMAT_CONTEXT,
+            f @ sys::fi_cq_format_FI_CQ_FORMAT_CONTEXT..=sys::fi_cq_format_FI_CQ_FORMAT_TAGGED => f,
+            _ => return -fi::EINVAL,
+        };
+        let wait = match a.wait_obj {
+            sys::fi_wait_obj_FI_WAIT_NONE => WaitMode::None,
+            sys::fi_wait_obj_FI_WAIT_UNSPEC
+            | sys::fi_wait_obj_FI_WAIT_MUTEX_COND
+            | sys::fi_wait_obj_FI_WAIT_YIELD => WaitMode::Blocking,
+            // FI_WAIT_FD / FI_WAIT_POLLFD / FI_WAIT_SET: not implemented yet.
+            _ => return -fi::ENOSYS,
+        };
+        if a.wait_cond != sys::fi_cq_wait_cond_FI_CQ_COND_NONE {
+            return -fi::ENOSYS;
+        }
+        let handle = match d.dom.cq_open(CqAttr {
+            size: if a.size == 0 { 1024 } else { a.size },
+            wait,
+        }) {
+            Ok(c) => c,
+            Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ),
+        };
+        let obj = Box::new(CqObj {
+            fid: sys::fid_cq {
+                fid: sys::fid {
+                    fclass: sys::FI_CLASS_CQ as usize,
+                    context,
+                    ops: ops_ptr(&*CQ_FI_OPS),
+                },
+                ops: ops_ptr(&*CQ_OPS),
+            },
+            // SAFETY: the domain refuses to close while this count is held.
+            _domain: unsafe { ParentRef::new(&d.refs) },
+            cq: handle,
+            format,
+            scratch: Mutex::new(Vec::with_capacity(64)),
+            refs: Refs::default(),
+        });
+        // SAFETY: valid out pointer.
+        unsafe { *cq = Box::into_raw(obj).cast() };
+        0
+    })
+}
+
+unsafe extern "C" fn cq_close(fid: *mut sys::fid) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our CQs.
+        let c = match unsafe { obj::<CqObj>(fid, sys::FI_CLASS_CQ) } {
+            Ok(c) => c,
+            Err(e) => return -e,
+        };
+        if c.refs.busy() {
+            return -fi::EBUSY;
+        }
+        // SAFETY: created by Box::into_raw in cq_open; no endpoint is bound to it.
+        drop(unsafe { Box::from_raw(fid.cast::<CqObj>()) });
+        0
+    })
+}
+
+unsafe extern "C" fn cq_control(_fid: *mut sys::fid, _cmd: c_int, _arg: *mut c_void) -> c_int {
+    -fi::ENOSYS
+}
+
+fn entry_size(format: u32) -> usize {
+    match format {
+        sys::fi_cq_format_FI_CQ_FORMAT_MSG => std::mem::size_of::<sys::fi_cq_msg_entry>(),
+        sys::fi_cq_format_FI_CQ_FORMAT_DATA => std::mem::size_of::<sys::fi_cq_data_entry>(),
+        sys::fi_cq_format_FI_CQ_FORMAT_TAGGED => std::mem::size_of::<sys::fi_cq_tagged_entry>(),
+        _ => std::mem::size_of::<sys::fi_cq_entry>(),
+    }
+}
+
+/// Write entry `k` of `buf` in the CQ's format.
+///
+/// # Safety
+/// `buf` is writable for at least `k + 1` entries of the format.
+unsafe fn write_entry(format: u32, buf: *mut c_void, k: usize, e: &CqEntry) {
+    let ctx = e.context as *mut c_void;
+    let flags = e.flags;
+    // SAFETY: per the contract, slot `k` of the consumer's array of this format is writable.
+    unsafe {
+        let p = buf.cast::<u8>().add(k * entry_size(format));
+        match format {
+            sys::fi_cq_format_FI_CQ_FORMAT_MSG => {
+                p.cast::<sys::fi_cq_msg_entry>()
+                    .write_unaligned(sys::fi_cq_msg_entry {
+                        op_context: ctx,
+                        flags,
+                        len: e.len,
+                    })
+            }
+            sys::fi_cq_format_FI_CQ_FORMAT_DATA => p
+                .cast::<sys::fi_cq_data_entry>()
+                .write_unaligned(sys::fi_cq_data_entry {
+                    op_context: ctx,
+                    flags,
+                    len: e.len,
+                    buf: std::ptr::null_mut(),
+                    data: e.data,
+                }),
+            sys::fi_cq_format_FI_CQ_FORMAT_TAGGED => p
+                .cast::<sys::fi_cq_tagged_entry>()
+                .write_unaligned(sys::fi_cq_tagged_entry {
+                    op_context: ctx,
+                    flags,
+                    len: e.len,
+                    buf: std::ptr::null_mut(),
+                    data: e.data,
+                    tag: e.tag,
+                }),
+            _ => p
+                .cast::<sys::fi_cq_entry>()
+                .write_unaligned(sys::fi_cq_entry { op_context: ctx }),
+        }
+    }
+}
+
+/// Common body of read/readfrom/sread/sreadfrom.
+fn cq_read_common(
+    cq: *mut sys::fid_cq,
+    buf: *mut c_void,
+    count: usize,
+    src: *mut u64,
+    timeout: Option<Option<Duration>>,
+) -> isize {
+    if buf.is_null() && count > 0 {
+        return -(fi::EINVAL as isize);
+    }
+    // SAFETY: consumer passes one of our CQs.
+    let c = match unsafe { obj::<CqObj>(cq.cast(), sys::FI_CLASS_CQ) } {
+        Ok(c) => c,
+        Err(e) => return -(e as isize),
+    };
+    if count == 0 {
+        return 0;
+    }
+    let mut v = c.scratch.lock().unwrap_or_else(|e| e.into_inner());
+    v.clear();
+    let r = match timeout {
+        None => c.cq.read(&mut v, count),
+        Some(t) => c.cq.sread(&mut v, count, t),
+    };
+    match r {
+        Ok(n) => {
+            for (k, e) in v.iter().enumerate() {
+                // SAFETY: `buf` holds `count` ≥ n entries of the CQ's format; `src` NULL or
+                // `count` addresses.
+                unsafe {
+                    write_entry(c.format, buf, k, e);
+                    if !src.is_null() {
+                        *src.add(k) = e.src_addr;
+                    }
+                }
+            }
+            n as isize
+        }
+        Err(vfabric::Error::Timeout) => -(fi::EAGAIN as isize),
+        Err(vfabric::Error::Again) => {
+            drop(v);
+            empty_poll();
+            -(fi::EAGAIN as isize)
+        }
+        Err(e) => -(errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ) as isize),
+    }
+}
+
+/// Empty polls between `sched_yield`s (a power of two).
+const POLLS_PER_YIELD: u32 = 32;
+
+/// A consumer spinning on `fi_cq_read` (as `fi_pingpong` does) would keep the device's
+/// thread off a CPU it shares; yield every few empty polls so the device makes progress.
+fn empty_poll() {
+    thread_local!(static EMPTY: std::cell::Cell<u32> = const { std::cell::Cell::new(0) });
+    EMPTY.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        if n % POLLS_PER_YIELD == 0 {
+            std::thread::yield_now();
+        }
+    });
+}
+
+unsafe extern "C" fn cq_read(cq: *mut sys::fid_cq, buf: *mut c_void, count: usize) -> isize {
+    guard(|| cq_read_common(cq, buf, count, std::ptr::null_mut(), None))
+}
+
+unsafe extern "C" fn cq_readfrom(
+    cq: *mut sys::fid_cq,
+    buf: *mut c_void,
+    count: usize,
+    src: *mut u64,
+) -> isize {
+    guard(|| cq_read_common(cq, buf, count, src, None))
+}
+
+fn timeout_of(ms: c_int) -> Option<Duration> {
+    (ms >= 0).then(|| Duration::from_millis(ms as u64))
+}
+
+unsafe extern "C" fn cq_sread(
+    cq: *mut sys::fid_cq,
+    buf: *mut c_void,
+    count: usize,
+    _cond: *const c_void,
+    timeout: c_int,
+) -> isize {
+    guard(|| {
+        cq_read_common(
+            cq,
+            buf,
+            count,
+            std::ptr::null_mut(),
+            Some(timeout_of(timeout)),
+        )
+    })
+}
+
+unsafe extern "C" fn cq_sreadfrom(
+    cq: *mut sys::fid_cq,
+    buf: *mut c_void,
+    count: usize,
+    src: *mut u64,
+    _cond: *const c_void,
+    timeout: c_int,
+) -> isize {
+    guard(|| cq_read_common(cq, buf, count, src, Some(timeout_of(timeout))))
+}
+
+unsafe extern "C" fn cq_readerr(
+    cq: *mut sys::fid_cq,
+    buf: *mut sys::fi_cq_err_entry,
+    _flags: u64,
+) -> isize {
+    guard(|| {
+        if buf.is_null() {
+            return -(fi::EINVAL as isize);
+        }
+        // SAFETY: consumer passes one of our CQs.
+        let c = match unsafe { obj::<CqObj>(cq.cast(), sys::FI_CLASS_CQ) } {
+            Ok(c) => c,
+            Err(e) => return -(e as isize),
+        };
+        let Some(e) = c.cq.readerr() else {
+            return -(fi::EAGAIN as isize);
+        };
+        // SAFETY: non-NULL consumer entry.
+        let out = unsafe { &mut *buf };
+        out.op_context = e.context as *mut c_void;
+        out.flags = e.flags;
+        out.len = e.len;
+        out.buf = std::ptr::null_mut();
+        out.data = e.data;
+        out.tag = e.tag;
+        out.olen = e.olen;
+        out.err = e.err;
+        out.prov_errno = e.prov_errno;
+        // No provider error data (a consumer-supplied buffer is left untouched).
+        out.err_data_size = 0;
+        1
+    })
+}
+
+/// Text of a device status (`prov_errno` of an error completion).
+pub fn status_text(prov_errno: i32) -> &'static std::ffi::CStr {
+    match prov_errno {
+        0 => c"vfabric: success",
+        1 => c"vfabric: malformed request (INVALID)",
+        2 => c"vfabric: operation not supported by the device (UNSUPPORTED)",
+        3 => c"vfabric: endpoint not open on the device (BAD_ENDPOINT)",
+        4 => c"vfabric: destination address names no open endpoint (ADDR_NOT_AVAIL)",
+        5 => c"vfabric: receive buffer shorter than the message (TRUNCATED)",
+        6 => c"vfabric: operation canceled (CANCELED)",
+        7 => c"vfabric: protection error: key, range or access (ACCESS)",
+        8 => c"vfabric: device resource limit reached (NO_RESOURCES)",
+        9 => c"vfabric: descriptor outside guest memory (FAULT)",
+        10 => c"vfabric: peer disconnected with the operation in flight (PEER_GONE)",
+        11 => c"vfabric: no matching message (NO_MESSAGE)",
+        12 => c"vfabric: message larger than max_msg_size (TOO_LARGE)",
+        13 => c"vfabric: requested key in use (KEY_IN_USE)",
+        14 => c"vfabric: malformed descriptor chain (BAD_CHAIN)",
+        _ => c"vfabric: unknown device status",
+    }
+}
+
+unsafe extern "C" fn cq_strerror(
+    _cq: *mut sys::fid_cq,
+    prov_errno: c_int,
+    _err_data: *const c_void,
+    buf: *mut c_char,
+    len: usize,
+) -> *const c_char {
+    let s = status_text(prov_errno);
+    if !buf.is_null() && len > 0 {
+        let mut l = len;
+        // SAFETY: `buf` writable for `len` bytes.
+        unsafe { copy_str_out(&s.to_string_lossy(), buf, &mut l) };
+    }
+    s.as_ptr()
+}
+
+/// `FI_EVENT` (asynchronous AV inserts).
+const EVENT_FLAG: u64 = sys::FI_EVENT as u64;
+/// `FI_SYNC_ERR`.
+const SYNC_ERR: u64 = sys::FI_SYNC_ERR;

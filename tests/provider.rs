@@ -1,0 +1,324 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The libfabric provider (`libvfabric-fi.so`, crates/provider) driven by unmodified libfabric
+//! programs: Debian's `fi_info` and `fi_pingpong`, and the C test program tests/c/ compiled
+//! here against the installed headers. Each test starts its own `vfabricd` and points
+//! libfabric at the provider with `FI_PROVIDER_PATH` and at the devices with `VFABRIC_DEVICES`.
+//!
+//! Needs `target/<profile>/libvfabric_provider.so` (scripts/test.sh builds it), `libfabric-bin`
+//! and `libfabric-dev` (scripts/setup.sh installs them) and a C compiler.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use virtio_fabric_tests::{bin_dir, run_with_timeout, DaemonProcess};
+
+/// A directory holding `libvfabric-fi.so` (a link to cargo's `libvfabric_provider.so`).
+fn provider_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let so = bin_dir().join("libvfabric_provider.so");
+        assert!(
+            so.exists(),
+            "{} not built: run `cargo build -p vfabric-provider` (scripts/test.sh does)",
+            so.display()
+        );
+        let d = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(&so, d.path().join("libvfabric-fi.so")).expect("symlink");
+        d
+    })
+    .path()
+}
+
+/// A libfabric command using our provider on `devices`.
+fn fi_cmd(program: impl AsRef<std::ffi::OsStr>, devices: &[&Path]) -> Command {
+    let mut c = Command::new(program);
+    let list: Vec<String> = devices.iter().map(|p| p.display().to_string()).collect();
+    c.env("FI_PROVIDER_PATH", provider_dir())
+        .env("VFABRIC_DEVICES", list.join(":"))
+        .env_remove("FI_PROVIDER")
+        .env_remove("FI_LOG_LEVEL");
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn fi_info_lists_the_devices() {
+    let d = DaemonProcess::start(2, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    let o = run_with_timeout(
+        fi_cmd("fi_info", &socks).args(["-p", "vfabric"]),
+        Duration::from_secs(30),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let s = String::from_utf8_lossy(&o.stdout);
+    for dom in ["vfabric0", "vfabric1"] {
+        for ty in ["FI_EP_RDM", "FI_EP_DGRAM", "FI_EP_MSG"] {
+            assert!(
+                s.split("provider:")
+                    .any(|b| b.contains(&format!("domain: {dom}\n")) && b.contains(ty)),
+                "{dom} {ty} missing:\n{t}"
+            );
+        }
+    }
+    // No utility provider stacks on a provider with native RDM endpoints.
+    assert!(!s.contains("ofi_rxm") && !s.contains("ofi_rxd"), "{t}");
+
+    let o = run_with_timeout(
+        fi_cmd("fi_info", &socks).args(["-p", "vfabric", "-v", "-t", "FI_EP_RDM"]),
+        Duration::from_secs(30),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let s = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "type: FI_EP_RDM",
+        "name: vfabric0",
+        "name: vfabric1",
+        "threading: FI_THREAD_SAFE",
+        "FI_TAGGED",
+        "prov_name: vfabric",
+        "api_version: 1.17",
+    ] {
+        assert!(s.contains(want), "{want:?} missing:\n{t}");
+    }
+
+    // Hints nothing matches: -FI_ENODATA ("No data available"), non-zero exit.
+    let o = run_with_timeout(
+        fi_cmd("fi_info", &socks).args(["-p", "vfabric", "-d", "no-such-domain"]),
+        Duration::from_secs(30),
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+
+    // Parameters are listed (fi_info -e) and FI_LOG_LEVEL reaches the provider's logging.
+    let o = run_with_timeout(fi_cmd("fi_info", &socks).arg("-e"), Duration::from_secs(30));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        s.contains("FI_VFABRIC_DEVICES") && s.contains("FI_VFABRIC_MEM_MB"),
+        "{}",
+        text(&o)
+    );
+    let o = run_with_timeout(
+        fi_cmd("fi_info", &socks)
+            .args(["-p", "vfabric", "-d", "no-such-domain"])
+            .env("FI_LOG_LEVEL", "debug")
+            .env("FI_LOG_PROV", "vfabric"),
+        Duration::from_secs(30),
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains(":vfabric:") && e.contains("<debug>"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// A TCP port for fi_pingpong's control channel, free on 127.0.0.1 right now.
+fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
+    loop {
+        let p = base + NEXT.fetch_add(1, Ordering::Relaxed) % 10000;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// Whether a TCP socket listens on `port` (IPv4 or IPv6).
+fn listening(port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|t| {
+            t.lines().skip(1).any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3
+                    && cols[3] == "0A"
+                    && cols[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+            })
+        })
+    })
+}
+
+/// fi_pingpong server on device 0 and client on device 1, every size, data verified.
+fn pingpong(ep: &str, extra: &[&str]) {
+    let d = DaemonProcess::start(2, &[]);
+    let port = free_port().to_string();
+    let mut server = fi_cmd("timeout", &[&d.sockets[0]])
+        .args([
+            "60",
+            "fi_pingpong",
+            "-p",
+            "vfabric",
+            "-e",
+            ep,
+            "-c",
+            "-B",
+            &port,
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fi_pingpong server");
+    // The server listens on its control port once it has opened its endpoint (a probe
+    // connection would be taken for the client, so look at /proc/net/tcp instead).
+    let port_n: u16 = port.parse().expect("port");
+    let up = virtio_fabric_tests::wait_for(Duration::from_secs(20), || {
+        listening(port_n) || !matches!(server.try_wait(), Ok(None))
+    });
+    assert!(up, "fi_pingpong server did not start");
+    let client = run_with_timeout(
+        fi_cmd("timeout", &[&d.sockets[1]])
+            .args([
+                "60",
+                "fi_pingpong",
+                "-p",
+                "vfabric",
+                "-e",
+                ep,
+                "-c",
+                "-P",
+                &port,
+            ])
+            .args(extra)
+            .arg("127.0.0.1"),
+        Duration::from_secs(90),
+    );
+    let srv = {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while matches!(server.try_wait(), Ok(None)) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = server.kill();
+        server.wait_with_output().expect("server output")
+    };
+    let ct = text(&client);
+    assert!(
+        client.status.success(),
+        "client {ep}: {ct}\nserver: {}",
+        text(&srv)
+    );
+    assert!(srv.status.success(), "server {ep}: {}", text(&srv));
+    let out = String::from_utf8_lossy(&client.stdout);
+    // One result line per size, up to 1 MiB (fi_pingpong labels it "1m").
+    for size in ["64 ", "1k ", "64k ", "1m "] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(size) && l.contains("=10")),
+            "size {size:?} missing: {ct}"
+        );
+    }
+}
+
+#[test]
+fn fi_pingpong_rdm() {
+    pingpong("rdm", &[]);
+}
+
+#[test]
+fn fi_pingpong_rdm_tagged() {
+    pingpong("rdm", &["-m", "tagged"]);
+}
+
+#[test]
+fn fi_pingpong_dgram() {
+    pingpong("dgram", &[]);
+}
+
+#[test]
+fn fi_pingpong_msg() {
+    pingpong("msg", &[]);
+}
+
+/// tests/c/vf_provider_test.c compiled against the installed headers, linked with -lfabric.
+fn c_test_binary() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/vf_provider_test.c");
+        let out = bin_dir().join("vf_provider_test");
+        let o = run_with_timeout(
+            Command::new("cc")
+                .args([
+                    "-Wall",
+                    "-Wextra",
+                    "-Werror",
+                    "-Wno-unused-parameter",
+                    "-O1",
+                    "-o",
+                ])
+                .arg(&out)
+                .arg(&src)
+                .arg("-lfabric"),
+            Duration::from_secs(120),
+        );
+        assert!(
+            o.status.success(),
+            "compiling {}: {}",
+            src.display(),
+            text(&o)
+        );
+        out
+    })
+}
+
+fn c_suite(suite: &str) {
+    let d = DaemonProcess::start(1, &[]);
+    let o = run_with_timeout(
+        fi_cmd(c_test_binary(), &[&d.sockets[0]]).arg(suite),
+        Duration::from_secs(120),
+    );
+    assert!(o.status.success(), "suite {suite}: {}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{suite}: ok")));
+}
+
+#[test]
+fn c_errors_and_bad_hints() {
+    c_suite("errors");
+}
+
+#[test]
+fn c_msg_table() {
+    c_suite("msg");
+}
+
+#[test]
+fn c_tagged_table() {
+    c_suite("tagged");
+}
+
+#[test]
+fn c_cq_formats() {
+    c_suite("cq");
+}
+
+#[test]
+fn c_av_modes_and_names() {
+    c_suite("av");
+}
+
+#[test]
+fn c_connection_management() {
+    c_suite("cm");
+}
+
+#[test]
+fn c_dgram() {
+    c_suite("dgram");
+}
