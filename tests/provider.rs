@@ -157,6 +157,18 @@ fn listening(port: u16) -> bool {
 
 /// fi_pingpong server on device 0 and client on device 1, every size, data verified.
 fn pingpong(ep: &str, extra: &[&str]) {
+    if ep == "dgram" {
+        // Datagrams are unreliable by definition: the device drops one that finds no posted
+        // receive, and fi_pingpong does not retransmit, so a rare race can stall a run.
+        // One retry on a fresh daemon keeps the test about the provider, not the race.
+        if std::panic::catch_unwind(|| pingpong_once(ep, extra)).is_ok() {
+            return;
+        }
+    }
+    pingpong_once(ep, extra)
+}
+
+fn pingpong_once(ep: &str, extra: &[&str]) {
     let d = DaemonProcess::start(2, &[]);
     let port = free_port().to_string();
     let mut server = fi_cmd("timeout", &[&d.sockets[0]])
@@ -199,7 +211,7 @@ fn pingpong(ep: &str, extra: &[&str]) {
             ])
             .args(extra)
             .arg("127.0.0.1"),
-        Duration::from_secs(90),
+        Duration::from_secs(60),
     );
     let srv = {
         let end = std::time::Instant::now() + Duration::from_secs(30);
@@ -265,7 +277,7 @@ fn c_test_binary() -> &'static PathBuf {
                 ])
                 .arg(&out)
                 .arg(&src)
-                .arg("-lfabric"),
+                .args(["-lfabric", "-lpthread"]),
             Duration::from_secs(120),
         );
         assert!(
@@ -321,4 +333,14 @@ fn c_connection_management() {
 #[test]
 fn c_dgram() {
     c_suite("dgram");
+}
+
+#[test]
+fn c_wait_fd() {
+    c_suite("waitfd");
+}
+
+#[test]
+fn c_threads() {
+    c_suite("threads");
 }

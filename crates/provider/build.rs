@@ -13,6 +13,7 @@ const HEADERS: &[&str] = &[
     "rdma/fi_rma.h",
     "rdma/fi_atomic.h",
     "rdma/fi_tagged.h",
+    "rdma/fi_collective.h",
     "rdma/providers/fi_prov.h",
     "rdma/providers/fi_log.h",
 ];

@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <pthread.h>
 #include <time.h>
 #include <unistd.h>
 #include <rdma/fabric.h>
@@ -22,6 +24,7 @@
 #include <rdma/fi_rma.h>
 #include <rdma/fi_atomic.h>
 #include <rdma/fi_tagged.h>
+#include <rdma/fi_collective.h>
 
 #define CHECK(cond)                                                                  \
 	do {                                                                         \
@@ -48,6 +51,7 @@ static struct fid_av *av;
 static struct fid_cq *cq[2];
 static struct fid_ep *ep[2];
 static fi_addr_t addr[2];
+static enum fi_wait_obj cq_wait = FI_WAIT_UNSPEC;
 
 static struct fi_info *get_info(enum fi_ep_type type, uint64_t caps)
 {
@@ -85,7 +89,7 @@ static void setup(enum fi_ep_type type, enum fi_cq_format fmt, enum fi_av_type a
 	struct fi_av_attr av_attr = { .type = avt };
 	OK(fi_av_open(domain, &av_attr, &av, NULL));
 	for (int i = 0; i < 2; i++) {
-		struct fi_cq_attr cq_attr = { .format = fmt, .wait_obj = FI_WAIT_UNSPEC, .size = 64 };
+		struct fi_cq_attr cq_attr = { .format = fmt, .wait_obj = cq_wait, .size = 64 };
 		OK(fi_cq_open(domain, &cq_attr, &cq[i], NULL));
 		OK(fi_endpoint(domain, info, &ep[i], NULL));
 		OK(fi_ep_bind(ep[i], &av->fid, 0));
@@ -168,10 +172,11 @@ static void suite_errors(void)
 	CHECK_RC(fi_cq_read(cq[0], buf, 1), -FI_EAGAIN);
 	CHECK_RC(fi_cq_sread(cq[0], buf, 1, NULL, 10), -FI_ENOSYS); /* FI_WAIT_NONE */
 	struct fid_cntr *cntr;
-	struct fi_cntr_attr cntr_attr = { .events = FI_CNTR_EVENTS_COMP };
-	CHECK_RC(fi_cntr_open(domain, &cntr_attr, &cntr, NULL), -FI_ENOSYS);
+	struct fi_cntr_attr cntr_attr = { .events = FI_CNTR_EVENTS_COMP, .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_cntr_open(domain, &cntr_attr, &cntr, NULL));
+	OK(fi_ep_bind(ep[0], &cntr->fid, FI_SEND | FI_RECV));
 	struct fid_cq *fdcq;
-	struct fi_cq_attr fd_attr = { .format = FI_CQ_FORMAT_CONTEXT, .wait_obj = FI_WAIT_FD };
+	struct fi_cq_attr fd_attr = { .format = FI_CQ_FORMAT_CONTEXT, .wait_obj = FI_WAIT_SET };
 	CHECK_RC(fi_cq_open(domain, &fd_attr, &fdcq, NULL), -FI_ENOSYS);
 	OK(fi_ep_bind(ep[0], &av->fid, 0));
 	OK(fi_ep_bind(ep[0], &cq[0]->fid, FI_TRANSMIT | FI_RECV));
@@ -185,12 +190,13 @@ static void suite_errors(void)
 	CHECK_RC(fi_read(ep[0], buf, 8, NULL, 0, 0, 0, NULL), -FI_ENOSYS);
 	CHECK_RC(fi_atomic(ep[0], buf, 1, NULL, 0, 0, 0, FI_UINT64, FI_SUM, NULL), -FI_ENOSYS);
 	CHECK_RC(fi_connect(ep[0], buf, NULL, 0), -FI_EOPNOTSUPP);
+	CHECK_RC(fi_barrier(ep[0], 0, NULL), -FI_ENOSYS);
 	/* Sending to an fi_addr not in the AV. */
 	CHECK(fi_send(ep[0], buf, 1, NULL, 12345, NULL) < 0);
-	/* FI_MULTI_RECV is not implemented. */
-	struct iovec iov = { .iov_base = buf, .iov_len = sizeof(buf) };
-	struct fi_msg msg = { .msg_iov = &iov, .iov_count = 1, .addr = FI_ADDR_UNSPEC };
-	CHECK_RC(fi_recvmsg(ep[0], &msg, FI_MULTI_RECV), -FI_ENOSYS);
+	/* FI_MULTI_RECV needs one contiguous buffer. */
+	struct iovec iov[2] = { { buf, 32 }, { buf + 32, 32 } };
+	struct fi_msg msg = { .msg_iov = iov, .iov_count = 2, .addr = FI_ADDR_UNSPEC };
+	CHECK_RC(fi_recvmsg(ep[0], &msg, FI_MULTI_RECV), -FI_EINVAL);
 	/* Inject larger than inject_size. */
 	char *big = calloc(1, info->tx_attr->inject_size + 1);
 	char name[16];
@@ -236,6 +242,17 @@ static void suite_errors(void)
 		}
 	}
 	CHECK(got_send && got_trunc);
+	/* The counter saw the send complete and the truncated receive fail. */
+	CHECK(fi_cntr_read(cntr) == 1);
+	CHECK(fi_cntr_readerr(cntr) == 1);
+	OK(fi_cntr_set(cntr, 0));
+	OK(fi_cntr_add(cntr, 5));
+	OK(fi_cntr_wait(cntr, 5, 1000));
+	CHECK_RC(fi_cntr_wait(cntr, 10, 20), -FI_ETIMEDOUT);
+	OK(fi_cntr_seterr(cntr, 0));
+	OK(fi_cntr_adderr(cntr, 2));
+	CHECK(fi_cntr_readerr(cntr) == 2);
+	CHECK_RC(fi_close(&cntr->fid), -FI_EBUSY);
 	/* Cancel of a posted receive: an FI_ECANCELED error entry. */
 	OK(fi_recv(ep[0], small, sizeof(small), NULL, FI_ADDR_UNSPEC, (void *)0x79));
 	OK(fi_cancel(&ep[0]->fid, (void *)0x79));
@@ -246,6 +263,7 @@ static void suite_errors(void)
 	CHECK(err.err == FI_ECANCELED && err.op_context == (void *)0x79);
 	CHECK_RC(fi_cancel(&ep[0]->fid, (void *)0x79), -FI_ENOENT);
 	OK(fi_close(&ep[0]->fid));
+	OK(fi_close(&cntr->fid));
 	OK(fi_close(&cq[0]->fid));
 	OK(fi_close(&av->fid));
 	OK(fi_close(&domain->fid));
@@ -323,6 +341,33 @@ static void suite_msg(void)
 	CHECK(src == addr[0]);
 	CHECK_RC(fi_cq_sread(cq[0], &e, 1, NULL, 5000), 1);
 	CHECK_RC(fi_cq_sread(cq[0], &e, 1, NULL, 20), -FI_EAGAIN);
+	/* FI_MULTI_RECV (emulated): messages land back to back; the entry that leaves less than
+	 * FI_OPT_MIN_MULTI_RECV bytes carries FI_MULTI_RECV. */
+	{
+		size_t min = 64;
+		OK(fi_setopt(&ep[1]->fid, FI_OPT_ENDPOINT, FI_OPT_MIN_MULTI_RECV, &min, sizeof(min)));
+		char mbuf[256];
+		struct iovec miov = { mbuf, sizeof(mbuf) };
+		struct fi_msg mm = { .msg_iov = &miov, .iov_count = 1, .addr = FI_ADDR_UNSPEC, .context = (void *)0x4d };
+		OK(fi_recvmsg(ep[1], &mm, FI_MULTI_RECV));
+		for (int i = 0; i < 2; i++) {
+			memset(tx, 'a' + i, 100);
+			OK(fi_send(ep[0], tx, 100, NULL, addr[1], (void *)0x4e));
+			CHECK_RC(poll_cq(cq[0], &e), 1);
+			CHECK_RC(poll_cq(cq[1], &e), 1);
+			CHECK(e.op_context == (void *)0x4d && e.len == 100);
+			CHECK(e.buf == mbuf + 100 * i && mbuf[100 * i] == 'a' + i && mbuf[100 * i + 99] == 'a' + i);
+			CHECK(!!(e.flags & FI_MULTI_RECV) == (i == 1));
+		}
+		/* Cancel by the consumer's context releases the buffer. */
+		mm.context = (void *)0x4f;
+		OK(fi_recvmsg(ep[1], &mm, FI_MULTI_RECV));
+		OK(fi_cancel(&ep[1]->fid, (void *)0x4f));
+		CHECK_RC(poll_cq(cq[1], &e), -FI_EAVAIL);
+		struct fi_cq_err_entry err = { 0 };
+		CHECK_RC(fi_cq_readerr(cq[1], &err, 0), 1);
+		CHECK(err.err == FI_ECANCELED && err.op_context == (void *)0x4f && (err.flags & FI_MULTI_RECV));
+	}
 	/* Memory registration in the modes a consumer may require. */
 	struct fid_mr *mr;
 	OK(fi_mr_reg(domain, tx, sizeof(tx), FI_SEND | FI_RECV, 0, 0xC0DE, 0, &mr, NULL));
@@ -652,10 +697,106 @@ static void suite_dgram(void)
 	teardown();
 }
 
+/* FI_WAIT_FD: fi_control(FI_GETWAIT) gives an fd that poll(2) reports readable when a
+ * completion arrives; fi_trywait tells whether it is safe to sleep. */
+static void suite_waitfd(void)
+{
+	cq_wait = FI_WAIT_FD;
+	setup(FI_EP_RDM, FI_CQ_FORMAT_CONTEXT, FI_AV_TABLE);
+	int fd = -1;
+	OK(fi_control(&cq[1]->fid, FI_GETWAIT, &fd));
+	CHECK(fd >= 0);
+	struct fid *fids[1] = { &cq[1]->fid };
+	OK(fi_trywait(fabric, fids, 1));
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	CHECK(poll(&p, 1, 0) == 0);
+	char rx[16];
+	struct fi_cq_entry e;
+	OK(fi_recv(ep[1], rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)1));
+	OK(fi_send(ep[0], "wake", 5, NULL, addr[1], (void *)2));
+	/* Nobody reads cq[1]: the provider's progress makes the fd fire. */
+	CHECK(poll(&p, 1, 5000) == 1 && (p.revents & POLLIN));
+	CHECK_RC(fi_trywait(fabric, fids, 1), -FI_EAGAIN);
+	CHECK_RC(fi_cq_read(cq[1], &e, 1), 1);
+	CHECK(e.op_context == (void *)1 && strcmp(rx, "wake") == 0);
+	CHECK(poll(&p, 1, 0) == 0);
+	OK(fi_trywait(fabric, fids, 1));
+	CHECK_RC(fi_cq_sread(cq[0], &e, 1, NULL, 5000), 1);
+	teardown();
+}
+
+/* FI_THREAD_SAFE: threads share the domain and AV, each with its own endpoints and CQs, and
+ * one CQ shared by all threads' senders. */
+#define NTHREADS 4
+#define NMSGS 500
+static struct fid_cq *shared_tx_cq;
+
+static void *thread_main(void *arg)
+{
+	long t = (long)arg;
+	struct fid_cq *rcq;
+	struct fid_ep *s, *r;
+	struct fi_cq_attr attr = { .format = FI_CQ_FORMAT_DATA };
+	OK(fi_cq_open(domain, &attr, &rcq, NULL));
+	OK(fi_endpoint(domain, info, &s, NULL));
+	OK(fi_endpoint(domain, info, &r, NULL));
+	OK(fi_ep_bind(s, &av->fid, 0));
+	OK(fi_ep_bind(r, &av->fid, 0));
+	OK(fi_ep_bind(s, &shared_tx_cq->fid, FI_TRANSMIT));
+	OK(fi_ep_bind(s, &rcq->fid, FI_RECV));
+	OK(fi_ep_bind(r, &rcq->fid, FI_TRANSMIT | FI_RECV));
+	OK(fi_enable(s));
+	OK(fi_enable(r));
+	char name[16];
+	size_t len = sizeof(name);
+	OK(fi_getname(&r->fid, name, &len));
+	fi_addr_t dst;
+	CHECK_RC(fi_av_insert(av, name, 1, &dst, 0, NULL), 1);
+	for (int i = 0; i < NMSGS; i++) {
+		uint64_t rx = 0, tx = ((uint64_t)t << 32) | (uint64_t)i;
+		OK(fi_recv(r, &rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)(t + 1)));
+		ssize_t rc;
+		while ((rc = fi_send(s, &tx, sizeof(tx), NULL, dst, (void *)(t + 100))) == -FI_EAGAIN)
+			;
+		OK(rc);
+		struct fi_cq_data_entry e;
+		CHECK_RC(poll_cq(rcq, &e), 1);
+		CHECK(e.op_context == (void *)(t + 1) && rx == tx);
+		/* Reap send completions of any thread from the shared CQ (counted globally). */
+		fi_cq_read(shared_tx_cq, &e, 1);
+	}
+	OK(fi_close(&s->fid));
+	OK(fi_close(&r->fid));
+	OK(fi_close(&rcq->fid));
+	return NULL;
+}
+
+static void suite_threads(void)
+{
+	info = get_info(FI_EP_RDM, FI_MSG);
+	CHECK(info->domain_attr->threading == FI_THREAD_SAFE);
+	OK(fi_fabric(info->fabric_attr, &fabric, NULL));
+	OK(fi_domain(fabric, info, &domain, NULL));
+	struct fi_av_attr av_attr = { .type = FI_AV_TABLE };
+	OK(fi_av_open(domain, &av_attr, &av, NULL));
+	struct fi_cq_attr attr = { .format = FI_CQ_FORMAT_CONTEXT, .size = NTHREADS * NMSGS };
+	OK(fi_cq_open(domain, &attr, &shared_tx_cq, NULL));
+	pthread_t th[NTHREADS];
+	for (long t = 0; t < NTHREADS; t++)
+		CHECK(pthread_create(&th[t], NULL, thread_main, (void *)t) == 0);
+	for (int t = 0; t < NTHREADS; t++)
+		CHECK(pthread_join(th[t], NULL) == 0);
+	OK(fi_close(&shared_tx_cq->fid));
+	OK(fi_close(&av->fid));
+	OK(fi_close(&domain->fid));
+	OK(fi_close(&fabric->fid));
+	fi_freeinfo(info);
+}
+
 int main(int argc, char **argv)
 {
 	if (argc != 2) {
-		fprintf(stderr, "usage: %s errors|msg|tagged|cq|av|cm|dgram\n", argv[0]);
+		fprintf(stderr, "usage: %s errors|msg|tagged|cq|av|cm|dgram|waitfd|threads\n", argv[0]);
 		return 2;
 	}
 	const char *s = argv[1];
@@ -673,6 +814,10 @@ int main(int argc, char **argv)
 		suite_cm();
 	else if (!strcmp(s, "dgram"))
 		suite_dgram();
+	else if (!strcmp(s, "waitfd"))
+		suite_waitfd();
+	else if (!strcmp(s, "threads"))
+		suite_threads();
 	else
 		return 2;
 	printf("%s: ok\n", s);

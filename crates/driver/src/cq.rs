@@ -154,6 +154,8 @@ pub struct CompletionQueue {
     attr: CqAttr,
     spin_ns: AtomicU64,
     fixed_spin_ns: Option<u64>,
+    /// `signal_fd` was taken: every entry writes the signal.
+    always_signal: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CompletionQueue {
@@ -178,6 +180,7 @@ impl CompletionQueue {
             attr,
             spin_ns: AtomicU64::new(initial_spin_ns),
             fixed_spin_ns,
+            always_signal: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -335,6 +338,42 @@ impl CompletionQueue {
             cur
         };
         self.spin_ns.store(next, Ordering::Relaxed);
+    }
+
+    /// The CQ's signal eventfd, made pollable for an `FI_WAIT_FD` consumer: from this call on,
+    /// every entry that arrives writes it (the C provider's `fi_control(FI_GETWAIT)`). Pair
+    /// with [`CompletionQueue::drain_signal`] before reading and
+    /// [`CompletionQueue::wait_device`] in a progress thread.
+    pub fn signal_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        if !self
+            .always_signal
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            // One permanent waiter: `push` writes the eventfd for every entry.
+            self.shared.waiters.fetch_add(1, Ordering::SeqCst);
+        }
+        self.shared.signal.as_raw_fd()
+    }
+
+    /// Consume pending signal writes (call before `read`; re-signals if entries remain queued
+    /// after it, see [`CompletionQueue::resignal_if_queued`]).
+    pub fn drain_signal(&self) {
+        let _ = self.shared.signal.read();
+    }
+
+    /// Write the signal if entries are still queued (keeps a polled fd readable).
+    pub fn resignal_if_queued(&self) {
+        if !self.shared.is_empty() {
+            let _ = self.shared.signal.write(1);
+        }
+    }
+
+    /// Block until the device completes something on this CQ's domain or `timeout` passes,
+    /// then drive progress (for a provider progress thread behind `FI_WAIT_FD`).
+    pub fn wait_device(&self, timeout: Duration) -> Result<()> {
+        self.domain.block(Some(Instant::now() + timeout), None)?;
+        self.domain.progress().map(|_| ())
     }
 
     /// Current `sread` spin budget.

@@ -156,8 +156,10 @@ struct ConnInner {
     /// Peer's data and CM endpoints once known.
     peer: Option<(FabricAddr, FabricAddr)>,
     peer_fi_addr: Option<u64>,
-    /// Server side: the request being accepted.
+    /// Server side: the request being accepted (peer data and CM addresses).
     pending: Option<(FabricAddr, FabricAddr)>,
+    /// The CONNREQ handle this endpoint was opened with; freed by accept or close.
+    handle: SendPtr<ConnReq>,
     connected: bool,
     /// Events produced outside progress (accept), delivered on the next EQ read.
     queued: Vec<EqEvent>,
@@ -191,6 +193,7 @@ impl Conn {
             // created in pep progress (class checked).
             let r = unsafe { obj::<ConnReq>(info.handle, sys::FI_CLASS_CONNREQ) }?;
             inner.pending = Some((r.data_addr, r.cm_addr));
+            inner.handle = SendPtr(info.handle.cast());
         }
         Ok(Conn {
             state: Arc::new(ConnState {
@@ -227,10 +230,21 @@ impl Conn {
         q.add_source(Arc::downgrade(&s));
     }
 
+    /// Free the CONNREQ handle once accepted (or the endpoint closes unaccepted).
+    fn free_handle(g: &mut ConnInner) {
+        let h = std::mem::take(&mut g.handle);
+        if !h.0.is_null() {
+            // SAFETY: created by Box::into_raw in pep progress; handed to this endpoint by
+            // fi_endpoint(info->handle) and released exactly once here.
+            drop(unsafe { Box::from_raw(h.0) });
+        }
+    }
+
     /// On fi_close: tell a connected peer.
     pub fn close(&self) {
         let peer = {
             let mut g = self.lock();
+            Self::free_handle(&mut g);
             let p = if g.connected { g.peer } else { None };
             g.connected = false;
             p
@@ -402,6 +416,7 @@ pub unsafe extern "C" fn ep_accept(
             g.pending = Some((peer_data, peer_cm));
             return -err;
         }
+        Conn::free_handle(&mut g);
         let a = c.state.data_av.insert(peer_data);
         g.peer = Some((peer_data, peer_cm));
         g.peer_fi_addr = Some(a);

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use vfabric::{
@@ -27,6 +27,8 @@ pub struct DomainObj {
     pub av_type: u32,
     pub mr_mode: i32,
     next_key: AtomicU64,
+    /// FI_MULTI_RECV buffers posted on this domain's endpoints.
+    pub multi: crate::multirecv::Registry,
     pub refs: Refs,
 }
 
@@ -46,7 +48,7 @@ static DOMAIN_OPS: LazyLock<sys::fi_ops_domain> = LazyLock::new(|| sys::fi_ops_d
     cq_open: Some(cq_open),
     endpoint: Some(crate::ep::endpoint_open),
     scalable_ep: nosys(),
-    cntr_open: nosys(),
+    cntr_open: Some(cntr_open),
     poll_open: nosys(),
     stx_ctx: nosys(),
     srx_ctx: nosys(),
@@ -128,6 +130,7 @@ pub unsafe extern "C" fn domain_open(
             av_type: da.av_type,
             mr_mode: da.mr_mode,
             next_key: AtomicU64::new(1),
+            multi: Default::default(),
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer; the consumer owns the box until fi_close.
@@ -671,14 +674,24 @@ unsafe extern "C" fn mr_control(_fid: *mut sys::fid, cmd: c_int, _arg: *mut c_vo
 // Completion queue
 // ---------------------------------------------------------------------------------------------
 
+/// FI_WAIT_FD state: the signal fd, the stop flag and handle of its progress thread.
+type WaitFd = (
+    c_int,
+    Arc<AtomicBool>,
+    Mutex<Option<std::thread::JoinHandle<()>>>,
+);
+
 /// `fid_cq`.
 #[repr(C)]
 pub struct CqObj {
     pub fid: sys::fid_cq,
     _domain: ParentRef,
-    pub cq: CompletionQueue,
+    domain: *const DomainObj,
+    pub cq: Arc<CompletionQueue>,
     format: u32,
     scratch: Mutex<Vec<CqEntry>>,
+    /// FI_WAIT_FD: the pollable signal fd and the progress thread that makes it fire.
+    wait_fd: Option<WaitFd>,
     pub refs: Refs,
 }
 
@@ -729,8 +742,9 @@ unsafe extern "C" fn cq_open(
             sys::fi_wait_obj_FI_WAIT_NONE => WaitMode::None,
             sys::fi_wait_obj_FI_WAIT_UNSPEC
             | sys::fi_wait_obj_FI_WAIT_MUTEX_COND
-            | sys::fi_wait_obj_FI_WAIT_YIELD => WaitMode::Blocking,
-            // FI_WAIT_FD / FI_WAIT_POLLFD / FI_WAIT_SET: not implemented yet.
+            | sys::fi_wait_obj_FI_WAIT_YIELD
+            | sys::fi_wait_obj_FI_WAIT_FD => WaitMode::Blocking,
+            // FI_WAIT_POLLFD / FI_WAIT_SET: not implemented.
             _ => return -fi::ENOSYS,
         };
         if a.wait_cond != sys::fi_cq_wait_cond_FI_CQ_COND_NONE {
@@ -743,6 +757,29 @@ unsafe extern "C" fn cq_open(
             Ok(c) => c,
             Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ),
         };
+        let handle = Arc::new(handle);
+        let wait_fd = if a.wait_obj == sys::fi_wait_obj_FI_WAIT_FD {
+            let fd = handle.signal_fd();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (q, st) = (handle.clone(), stop.clone());
+            // Progress thread: sleeps on the device's call eventfds and drives progress, so
+            // entries arrive (and write the signal fd) while the consumer sleeps in poll(2).
+            let t = std::thread::Builder::new()
+                .name("vfabric-cq-progress".into())
+                .spawn(move || {
+                    while !st.load(Ordering::Acquire) {
+                        if q.wait_device(Duration::from_millis(50)).is_err() {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                });
+            match t {
+                Ok(t) => Some((fd, stop, Mutex::new(Some(t)))),
+                Err(_) => return -fi::ENOMEM,
+            }
+        } else {
+            None
+        };
         let obj = Box::new(CqObj {
             fid: sys::fid_cq {
                 fid: sys::fid {
@@ -754,9 +791,11 @@ unsafe extern "C" fn cq_open(
             },
             // SAFETY: the domain refuses to close while this count is held.
             _domain: unsafe { ParentRef::new(&d.refs) },
+            domain: d,
             cq: handle,
             format,
             scratch: Mutex::new(Vec::with_capacity(64)),
+            wait_fd,
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer.
@@ -775,14 +814,51 @@ unsafe extern "C" fn cq_close(fid: *mut sys::fid) -> c_int {
         if c.refs.busy() {
             return -fi::EBUSY;
         }
-        // SAFETY: created by Box::into_raw in cq_open; no endpoint is bound to it.
+        if let Some((_, stop, t)) = &c.wait_fd {
+            stop.store(true, Ordering::Release);
+            if let Some(t) = t.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = t.join();
+            }
+        }
+        // SAFETY: created by Box::into_raw in cq_open; no endpoint is bound to it and its
+        // progress thread has exited.
         drop(unsafe { Box::from_raw(fid.cast::<CqObj>()) });
         0
     })
 }
 
-unsafe extern "C" fn cq_control(_fid: *mut sys::fid, _cmd: c_int, _arg: *mut c_void) -> c_int {
-    -fi::ENOSYS
+unsafe extern "C" fn cq_control(fid: *mut sys::fid, cmd: c_int, arg: *mut c_void) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our CQs.
+        let c = match unsafe { obj::<CqObj>(fid, sys::FI_CLASS_CQ) } {
+            Ok(c) => c,
+            Err(e) => return -e,
+        };
+        if arg.is_null() {
+            return -fi::EINVAL;
+        }
+        match (cmd as u32, &c.wait_fd) {
+            // SAFETY: for FI_GETWAIT with FI_WAIT_FD, `arg` is an `int *`.
+            (sys::FI_GETWAIT, Some((fd, _, _))) => unsafe { *arg.cast::<c_int>() = *fd },
+            // SAFETY: for FI_GETWAITOBJ, `arg` is an `enum fi_wait_obj *`.
+            (sys::FI_GETWAITOBJ, Some(_)) => unsafe {
+                *arg.cast::<u32>() = sys::fi_wait_obj_FI_WAIT_FD
+            },
+            _ => return -fi::ENOSYS,
+        }
+        0
+    })
+}
+
+/// `fi_trywait` on CQs: `-FI_EAGAIN` if one has entries queued (read them instead of
+/// sleeping), else 0 (the consumer may block on the wait fds).
+pub fn trywait_cq(fid: *mut sys::fid) -> c_int {
+    // SAFETY: consumer passes one of our CQs.
+    match unsafe { obj::<CqObj>(fid, sys::FI_CLASS_CQ) } {
+        Ok(c) if c.cq.queued() > 0 => -fi::EAGAIN,
+        Ok(_) => 0,
+        Err(e) => -e,
+    }
 }
 
 fn entry_size(format: u32) -> usize {
@@ -798,7 +874,7 @@ fn entry_size(format: u32) -> usize {
 ///
 /// # Safety
 /// `buf` is writable for at least `k + 1` entries of the format.
-unsafe fn write_entry(format: u32, buf: *mut c_void, k: usize, e: &CqEntry) {
+unsafe fn write_entry(format: u32, buf: *mut c_void, k: usize, e: &CqEntry, at: *mut c_void) {
     let ctx = e.context as *mut c_void;
     let flags = e.flags;
     // SAFETY: per the contract, slot `k` of the consumer's array of this format is writable.
@@ -819,7 +895,7 @@ unsafe fn write_entry(format: u32, buf: *mut c_void, k: usize, e: &CqEntry) {
                     op_context: ctx,
                     flags,
                     len: e.len,
-                    buf: std::ptr::null_mut(),
+                    buf: at,
                     data: e.data,
                 }),
             sys::fi_cq_format_FI_CQ_FORMAT_TAGGED => p
@@ -828,7 +904,7 @@ unsafe fn write_entry(format: u32, buf: *mut c_void, k: usize, e: &CqEntry) {
                     op_context: ctx,
                     flags,
                     len: e.len,
-                    buf: std::ptr::null_mut(),
+                    buf: at,
                     data: e.data,
                     tag: e.tag,
                 }),
@@ -860,17 +936,30 @@ fn cq_read_common(
     }
     let mut v = c.scratch.lock().unwrap_or_else(|e| e.into_inner());
     v.clear();
+    if c.wait_fd.is_some() {
+        c.cq.drain_signal();
+    }
     let r = match timeout {
         None => c.cq.read(&mut v, count),
         Some(t) => c.cq.sread(&mut v, count, t),
     };
+    if c.wait_fd.is_some() {
+        c.cq.resignal_if_queued();
+    }
     match r {
         Ok(n) => {
-            for (k, e) in v.iter().enumerate() {
+            // SAFETY: the domain outlives its CQs (ParentRef).
+            let multi = unsafe { &(*c.domain).multi };
+            for (k, e) in v.iter_mut().enumerate() {
+                let at = if e.flags & fi::RECV != 0 {
+                    multi.complete(e)
+                } else {
+                    std::ptr::null_mut()
+                };
                 // SAFETY: `buf` holds `count` ≥ n entries of the CQ's format; `src` NULL or
                 // `count` addresses.
                 unsafe {
-                    write_entry(c.format, buf, k, e);
+                    write_entry(c.format, buf, k, e, at);
                     if !src.is_null() {
                         *src.add(k) = e.src_addr;
                     }
@@ -964,9 +1053,11 @@ unsafe extern "C" fn cq_readerr(
             Ok(c) => c,
             Err(e) => return -(e as isize),
         };
-        let Some(e) = c.cq.readerr() else {
+        let Some(mut e) = c.cq.readerr() else {
             return -(fi::EAGAIN as isize);
         };
+        // SAFETY: the domain outlives its CQs (ParentRef).
+        unsafe { &(*c.domain).multi }.complete_err(&mut e);
         // SAFETY: non-NULL consumer entry.
         let out = unsafe { &mut *buf };
         out.op_context = e.context as *mut c_void;
@@ -1026,3 +1117,172 @@ unsafe extern "C" fn cq_strerror(
 const EVENT_FLAG: u64 = sys::FI_EVENT as u64;
 /// `FI_SYNC_ERR`.
 const SYNC_ERR: u64 = sys::FI_SYNC_ERR;
+
+// ---------------------------------------------------------------------------------------------
+// Counters
+// ---------------------------------------------------------------------------------------------
+
+/// `fid_cntr` over `vfabric::rma::Counter`.
+#[repr(C)]
+pub struct CntrObj {
+    pub fid: sys::fid_cntr,
+    _domain: ParentRef,
+    pub cntr: vfabric::rma::Counter,
+    wait: bool,
+    pub refs: Refs,
+}
+
+static CNTR_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
+    size: std::mem::size_of::<sys::fi_ops>(),
+    close: Some(cntr_close),
+    bind: nosys(),
+    control: nosys(),
+    ops_open: nosys(),
+    tostr: nosys(),
+    ops_set: nosys(),
+});
+
+static CNTR_OPS: LazyLock<sys::fi_ops_cntr> = LazyLock::new(|| sys::fi_ops_cntr {
+    size: std::mem::size_of::<sys::fi_ops_cntr>(),
+    read: Some(cntr_read),
+    readerr: Some(cntr_readerr),
+    add: Some(cntr_add),
+    set: Some(cntr_set),
+    wait: Some(cntr_wait),
+    adderr: Some(cntr_adderr),
+    seterr: Some(cntr_seterr),
+});
+
+unsafe extern "C" fn cntr_open(
+    domain: *mut sys::fid_domain,
+    attr: *mut sys::fi_cntr_attr,
+    cntr: *mut *mut sys::fid_cntr,
+    context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        if attr.is_null() || cntr.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: consumer passes its domain.
+        let d = match unsafe { obj::<DomainObj>(domain.cast(), sys::FI_CLASS_DOMAIN) } {
+            Ok(d) => d,
+            Err(e) => return -e,
+        };
+        // SAFETY: non-NULL attribute.
+        let a = unsafe { &*attr };
+        if a.events != sys::fi_cntr_events_FI_CNTR_EVENTS_COMP {
+            return -fi::ENOSYS;
+        }
+        let wait = match a.wait_obj {
+            sys::fi_wait_obj_FI_WAIT_NONE => false,
+            sys::fi_wait_obj_FI_WAIT_UNSPEC
+            | sys::fi_wait_obj_FI_WAIT_MUTEX_COND
+            | sys::fi_wait_obj_FI_WAIT_YIELD => true,
+            _ => return -fi::ENOSYS,
+        };
+        let c = match d.dom.cntr_open() {
+            Ok(c) => c,
+            Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_CNTR),
+        };
+        let obj = Box::new(CntrObj {
+            fid: sys::fid_cntr {
+                fid: sys::fid {
+                    fclass: sys::FI_CLASS_CNTR as usize,
+                    context,
+                    ops: ops_ptr(&*CNTR_FI_OPS),
+                },
+                ops: ops_ptr(&*CNTR_OPS),
+            },
+            // SAFETY: the domain refuses to close while this count is held.
+            _domain: unsafe { ParentRef::new(&d.refs) },
+            cntr: c,
+            wait,
+            refs: Refs::default(),
+        });
+        // SAFETY: valid out pointer.
+        unsafe { *cntr = Box::into_raw(obj).cast() };
+        0
+    })
+}
+
+unsafe extern "C" fn cntr_close(fid: *mut sys::fid) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our counters.
+        let c = match unsafe { obj::<CntrObj>(fid, sys::FI_CLASS_CNTR) } {
+            Ok(c) => c,
+            Err(e) => return -e,
+        };
+        if c.refs.busy() {
+            return -fi::EBUSY;
+        }
+        // SAFETY: created by Box::into_raw in cntr_open; no endpoint is bound to it.
+        drop(unsafe { Box::from_raw(fid.cast::<CntrObj>()) });
+        0
+    })
+}
+
+/// The counter behind a `fid_cntr` (None for a NULL or foreign fid).
+fn cntr_of<'a>(c: *mut sys::fid_cntr) -> Option<&'a CntrObj> {
+    // SAFETY: consumer passes one of our counters (class checked).
+    unsafe { obj::<CntrObj>(c.cast(), sys::FI_CLASS_CNTR) }.ok()
+}
+
+unsafe extern "C" fn cntr_read(c: *mut sys::fid_cntr) -> u64 {
+    std::panic::catch_unwind(|| cntr_of(c).map_or(0, |c| c.cntr.read())).unwrap_or(0)
+}
+
+unsafe extern "C" fn cntr_readerr(c: *mut sys::fid_cntr) -> u64 {
+    std::panic::catch_unwind(|| cntr_of(c).map_or(0, |c| c.cntr.readerr())).unwrap_or(0)
+}
+
+unsafe extern "C" fn cntr_add(c: *mut sys::fid_cntr, v: u64) -> c_int {
+    guard(|| {
+        cntr_of(c).map_or(-fi::EINVAL, |c| {
+            c.cntr.add(v);
+            0
+        })
+    })
+}
+
+unsafe extern "C" fn cntr_set(c: *mut sys::fid_cntr, v: u64) -> c_int {
+    guard(|| {
+        cntr_of(c).map_or(-fi::EINVAL, |c| {
+            c.cntr.set(v);
+            0
+        })
+    })
+}
+
+unsafe extern "C" fn cntr_adderr(c: *mut sys::fid_cntr, v: u64) -> c_int {
+    guard(|| {
+        cntr_of(c).map_or(-fi::EINVAL, |c| {
+            c.cntr.adderr(v);
+            0
+        })
+    })
+}
+
+unsafe extern "C" fn cntr_seterr(c: *mut sys::fid_cntr, v: u64) -> c_int {
+    guard(|| {
+        cntr_of(c).map_or(-fi::EINVAL, |c| {
+            c.cntr.seterr(v);
+            0
+        })
+    })
+}
+
+unsafe extern "C" fn cntr_wait(c: *mut sys::fid_cntr, threshold: u64, timeout: c_int) -> c_int {
+    guard(|| {
+        let Some(c) = cntr_of(c) else {
+            return -fi::EINVAL;
+        };
+        if !c.wait {
+            return -fi::ENOSYS;
+        }
+        match c.cntr.wait(threshold, timeout_of(timeout)) {
+            Ok(()) => 0,
+            Err(vfabric::Error::Timeout) => -fi::ETIMEDOUT,
+            Err(e) => -errno_of(&e, sys::fi_log_subsys_FI_LOG_CNTR),
+        }
+    })
+}

@@ -13,6 +13,9 @@ use crate::fabric::ops_ptr;
 use crate::sys;
 use crate::util::{errno_of, guard, nosys, obj, ParentRef, Refs};
 
+/// Default `FI_OPT_MIN_MULTI_RECV`.
+const DEFAULT_MIN_MULTI_RECV: usize = 64;
+
 /// `fid_ep` (RDM, DGRAM, and MSG over an RDM device endpoint).
 #[repr(C)]
 pub struct EpObj {
@@ -122,6 +125,22 @@ static ATOMIC_OPS: LazyLock<sys::fi_ops_atomic> = LazyLock::new(|| sys::fi_ops_a
     compwritevalid: nosys(),
 });
 
+static COLLECTIVE_OPS: LazyLock<sys::fi_ops_collective> =
+    LazyLock::new(|| sys::fi_ops_collective {
+        size: std::mem::size_of::<sys::fi_ops_collective>(),
+        barrier: nosys(),
+        broadcast: nosys(),
+        alltoall: nosys(),
+        allreduce: nosys(),
+        allgather: nosys(),
+        reduce_scatter: nosys(),
+        reduce: nosys(),
+        scatter: nosys(),
+        gather: nosys(),
+        msg: nosys(),
+        barrier2: nosys(),
+    });
+
 /// The `fid_ep` header every endpoint gets (fclass, op tables).
 pub fn ep_fid(context: *mut c_void) -> sys::fid_ep {
     sys::fid_ep {
@@ -136,7 +155,7 @@ pub fn ep_fid(context: *mut c_void) -> sys::fid_ep {
         rma: ops_ptr(&*RMA_OPS),
         tagged: ops_ptr(&*TAGGED_OPS),
         atomic: ops_ptr(&*ATOMIC_OPS),
-        collective: std::ptr::null_mut(),
+        collective: ops_ptr(&*COLLECTIVE_OPS),
     }
 }
 
@@ -227,7 +246,7 @@ pub unsafe extern "C" fn endpoint_open(
             tx_flags: AtomicU64::new(tx_flags),
             rx_flags: AtomicU64::new(rx_flags),
             bound: Mutex::new(Vec::new()),
-            min_multi_recv: AtomicUsize::new(0),
+            min_multi_recv: AtomicUsize::new(DEFAULT_MIN_MULTI_RECV),
             cm_data_size: AtomicUsize::new(crate::info::CM_DATA_SIZE),
             conn,
             refs: Refs::default(),
@@ -251,6 +270,8 @@ unsafe extern "C" fn ep_close(fid: *mut sys::fid) -> c_int {
         if let Some(c) = &e.conn {
             c.close();
         }
+        // SAFETY: the domain outlives its endpoints (ParentRef).
+        unsafe { &(*e.domain).multi }.remove_ep(e);
         // SAFETY: created by Box::into_raw in endpoint_open; dropping it closes the device
         // endpoint and releases the bound CQ/AV/EQ counts.
         drop(unsafe { Box::from_raw(fid.cast::<EpObj>()) });
@@ -307,7 +328,14 @@ unsafe extern "C" fn ep_bind(fid: *mut sys::fid, bfid: *mut sys::fid, flags: u64
                 c.bind_eq(q, fid, e.fid.fid.context);
                 Ok(&q.refs)
             }
-            sys::FI_CLASS_CNTR => return -fi::ENOSYS,
+            sys::FI_CLASS_CNTR => {
+                // SAFETY: class checked; one of our counters.
+                let c = match unsafe { obj::<crate::domain::CntrObj>(bfid, class) } {
+                    Ok(c) => c,
+                    Err(e) => return -e,
+                };
+                e.ep.bind_cntr(&c.cntr, flags).map(|_| &c.refs)
+            }
             sys::FI_CLASS_MR => return -fi::ENOSYS,
             _ => return -fi::EINVAL,
         };
@@ -369,7 +397,12 @@ unsafe extern "C" fn ep_cancel(fid: *mut sys::fid, context: *mut c_void) -> isiz
             Ok(e) => e,
             Err(e) => return -(e as isize),
         };
-        match e.ep.cancel(context as u64) {
+        // SAFETY: the domain outlives its endpoints (ParentRef).
+        let multi = unsafe { &(*e.domain).multi };
+        let ctx = multi
+            .internal_ctx(e, context as u64)
+            .unwrap_or(context as u64);
+        match e.ep.cancel(ctx) {
             Ok(()) => 0,
             Err(vfabric::Error::NotFound(_)) => -(fi::ENOENT as isize),
             Err(err) => -(errno_of(&err, sys::fi_log_subsys_FI_LOG_EP_CTRL) as isize),
@@ -509,6 +542,8 @@ pub unsafe extern "C" fn ep_setname(
 
 /// One posting, as the tables pass it.
 struct Post<'a> {
+    /// The single buffer of a `*msg` call with one iov (for FI_MULTI_RECV).
+    raw: Option<(*mut u8, usize)>,
     send: bool,
     tagged: bool,
     iov: &'a [Iov<'a>],
@@ -544,8 +579,20 @@ fn post(ep: *mut sys::fid_ep, p: Post<'_>) -> isize {
         addr = FI_ADDR_UNSPEC;
     }
     if !p.send && p.flags & fi::MULTI_RECV != 0 {
-        // The device has no MULTI_RECV and the provider does not emulate it yet.
-        return -(fi::ENOSYS as isize);
+        // Emulated (the device has no MULTI_RECV): one contiguous buffer, untagged.
+        if p.tagged || p.iov.len() != 1 {
+            return -(fi::EINVAL as isize);
+        }
+        let Some((base, len)) = p.raw else {
+            return -(fi::EINVAL as isize);
+        };
+        // SAFETY: the domain outlives its endpoints (ParentRef).
+        let d = unsafe { &*e.domain };
+        let min = e.min_multi_recv.load(Ordering::Relaxed);
+        return match d.multi.post(e, base, len, min, addr, p.context, p.flags) {
+            Ok(()) => 0,
+            Err(err) => -(err as isize),
+        };
     }
     let r = if p.tagged {
         let m = TaggedMsg {
@@ -650,6 +697,7 @@ unsafe extern "C" fn msg_recv(
         post(
             ep,
             Post {
+                raw: None,
                 send: false,
                 tagged: false,
                 iov: &iov,
@@ -681,6 +729,7 @@ unsafe extern "C" fn msg_recvv(
         post(
             ep,
             Post {
+                raw: None,
                 send: false,
                 tagged: false,
                 iov: &v,
@@ -711,9 +760,17 @@ unsafe extern "C" fn msg_recvmsg(
             Ok(v) => v,
             Err(e) => return e,
         };
+        let raw = if m.iov_count == 1 && !m.msg_iov.is_null() {
+            // SAFETY: one consumer iovec.
+            let v0 = unsafe { &*m.msg_iov };
+            Some((v0.iov_base.cast::<u8>(), v0.iov_len))
+        } else {
+            None
+        };
         post(
             ep,
             Post {
+                raw,
                 send: false,
                 tagged: false,
                 iov: &v,
@@ -742,6 +799,7 @@ unsafe extern "C" fn msg_send(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: false,
                 iov: &iov,
@@ -773,6 +831,7 @@ unsafe extern "C" fn msg_sendv(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: false,
                 iov: &v,
@@ -806,6 +865,7 @@ unsafe extern "C" fn msg_sendmsg(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: false,
                 iov: &v,
@@ -832,6 +892,7 @@ unsafe extern "C" fn msg_inject(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: false,
                 iov: &iov,
@@ -861,6 +922,7 @@ unsafe extern "C" fn msg_senddata(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: false,
                 iov: &iov,
@@ -888,6 +950,7 @@ unsafe extern "C" fn msg_injectdata(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: false,
                 iov: &iov,
@@ -919,6 +982,7 @@ unsafe extern "C" fn t_recv(
         post(
             ep,
             Post {
+                raw: None,
                 send: false,
                 tagged: true,
                 iov: &iov,
@@ -953,6 +1017,7 @@ unsafe extern "C" fn t_recvv(
         post(
             ep,
             Post {
+                raw: None,
                 send: false,
                 tagged: true,
                 iov: &v,
@@ -986,6 +1051,7 @@ unsafe extern "C" fn t_recvmsg(
         post(
             ep,
             Post {
+                raw: None,
                 send: false,
                 tagged: true,
                 iov: &v,
@@ -1016,6 +1082,7 @@ unsafe extern "C" fn t_send(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: true,
                 iov: &iov,
@@ -1049,6 +1116,7 @@ unsafe extern "C" fn t_sendv(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: true,
                 iov: &v,
@@ -1082,6 +1150,7 @@ unsafe extern "C" fn t_sendmsg(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: true,
                 iov: &v,
@@ -1109,6 +1178,7 @@ unsafe extern "C" fn t_inject(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: true,
                 iov: &iov,
@@ -1140,6 +1210,7 @@ unsafe extern "C" fn t_senddata(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: true,
                 iov: &iov,
@@ -1168,6 +1239,7 @@ unsafe extern "C" fn t_injectdata(
         post(
             ep,
             Post {
+                raw: None,
                 send: true,
                 tagged: true,
                 iov: &iov,

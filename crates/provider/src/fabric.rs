@@ -95,11 +95,30 @@ unsafe extern "C" fn fabric_close(fid: *mut sys::fid) -> c_int {
 
 unsafe extern "C" fn trywait(
     _f: *mut sys::fid_fabric,
-    _fids: *mut *mut sys::fid,
-    _n: c_int,
+    fids: *mut *mut sys::fid,
+    n: c_int,
 ) -> c_int {
-    // Nothing is waited on through fds here: always "go ahead and poll".
-    -fi::ENOSYS
+    guard(|| {
+        if fids.is_null() && n > 0 {
+            return -fi::EINVAL;
+        }
+        for k in 0..n.max(0) as usize {
+            // SAFETY: `fids` holds `n` fid pointers.
+            let f = unsafe { *fids.add(k) };
+            if f.is_null() {
+                return -fi::EINVAL;
+            }
+            // SAFETY: non-NULL consumer fid.
+            let r = match unsafe { (*f).fclass } as u32 {
+                sys::FI_CLASS_CQ => crate::domain::trywait_cq(f),
+                _ => -fi::ENOSYS,
+            };
+            if r != 0 {
+                return r;
+            }
+        }
+        0
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

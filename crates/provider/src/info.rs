@@ -191,8 +191,9 @@ unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
 /// Capabilities of `ep_type` on a device.
 pub fn caps_of(info: &Info, ep_type: EpType) -> u64 {
     match ep_type {
-        EpType::Msg => MSG_EP_CAPS & info.caps | fi::MSG,
-        _ => info.caps & PROVIDER_CAPS,
+        // FI_MULTI_RECV is emulated by the provider (multirecv.rs).
+        EpType::Msg => (MSG_EP_CAPS & info.caps) | fi::MSG | fi::MULTI_RECV,
+        _ => (info.caps & PROVIDER_CAPS) | fi::MULTI_RECV,
     }
 }
 
@@ -440,7 +441,7 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
     // SAFETY: checked non-NULL above; allocated by fi_dupinfo.
     unsafe {
         let tx = &mut *i.tx_attr;
-        tx.caps = out_caps & !fi::RECV & !fi::DIRECTED_RECV;
+        tx.caps = out_caps & !(fi::RECV | fi::DIRECTED_RECV | fi::MULTI_RECV);
         tx.mode = 0;
         tx.op_flags = 0;
         tx.msg_order = order;
@@ -509,7 +510,7 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         d.max_ep_rx_ctx = 1;
         d.max_ep_stx_ctx = 0;
         d.max_ep_srx_ctx = 0;
-        d.cntr_cnt = 0;
+        d.cntr_cnt = 1024;
         d.mr_iov_limit = 1;
         d.caps = fi::LOCAL_COMM | fi::REMOTE_COMM;
         d.mode = 0;
@@ -521,5 +522,6 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         f.prov_version = crate::PROVIDER_VERSION;
         f.api_version = crate::FI_VERSION_1_17;
     }
+    i.nic = crate::nic::nic_of(dev);
     p
 }

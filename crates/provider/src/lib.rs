@@ -11,8 +11,10 @@
 //! checked. Every entry point is wrapped in [`util::guard`] (no panic crosses into C), checks
 //! its pointer arguments, and every op-table slot we do not implement is a `-FI_ENOSYS` stub.
 //!
-//! Module map: [`info`] (`fi_getinfo`), [`fabric`] (fabric, EQ, passive endpoint), [`domain`]
-//! (domain, AV, MR, CQ), [`ep`] (endpoints: msg/tagged tables, CM).
+//! Module map: `info` (`fi_getinfo`), `nic` (`fi_info->nic`), `fabric` (fabric, EQ),
+//! `domain` (domain, AV, MR, CQ, counter), `ep` (endpoints: msg/tagged tables; RMA, atomic and
+//! collective tables are `-FI_ENOSYS`), `cm` (FI_EP_MSG: passive endpoints and the connection
+//! handshake), `multirecv` (FI_MULTI_RECV emulation), `util` (stubs, guards, logging).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -21,6 +23,8 @@ mod domain;
 mod ep;
 mod fabric;
 mod info;
+mod multirecv;
+mod nic;
 pub mod sys;
 mod util;
 
