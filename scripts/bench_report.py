@@ -61,16 +61,20 @@ def main():
                f"Medians of {runs} runs. fi_pingpong: server pinned to cpu0, client to cpu1 (`taskset`). "
                "vfabric needs a third party, the device: *polled* runs pin `vfabricd` to cpu1 and both "
                "guests to cpu0; *split* pins the guests to cpu0 and cpu1 with the daemon on either core; "
-               "*blocking* pins the daemon to cpu1 and the guests to cpu0 and cpu1. "
+               "*blocking* pins the daemon to cpu1 and the guests to cpu0 and cpu1; `fi_pingpong -p vfabric` "
+               "(the C provider, fi_pingpong's own malloc'd buffers, so bounced) pins its server to cpu0 and "
+               "client to cpu1 like the other fi_pingpong runs, with the daemon on either core, and is compared "
+               "with the Rust CLI's *split* placement (zero-copy shared buffers). "
                "Ratios are from the same invocation; absolute numbers move between runs on these noisy VMs.\n")
     out.append("## Latency, one way (µs; half the round trip)\n")
-    out.append("| size | vfabric polled | vfabric polled, split | vfabric blocking | shm | shm no-CMA | tcp (msg) | polled/shm | polled/tcp | blocking/tcp |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    out.append("| size | vfabric polled | vfabric polled, split | vfabric blocking | fi_pingpong -p vfabric | shm | shm no-CMA | tcp (msg) | polled/shm | polled/tcp | blocking/tcp | provider/Rust split |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in sizes:
         vp, vs, vb = L.get(("vfabric-poll", s)), L.get(("vfabric-poll-split", s)), L.get(("vfabric-block", s))
+        vfp = L.get(("vfabric-fi-rdm", s))
         shm, nocma, tcp = L.get(("shm", s)), L.get(("shm-nocma", s)), L.get(("tcp", s))
-        out.append(f"| {size_label(s)} | {fmt(vp)} | {fmt(vs)} | {fmt(vb)} | {fmt(shm)} | {fmt(nocma)} | {fmt(tcp)} | "
-                   f"{fmt(ratio(vp, shm))}× | {fmt(ratio(vp, tcp))}× | {fmt(ratio(vb, tcp))}× |")
+        out.append(f"| {size_label(s)} | {fmt(vp)} | {fmt(vs)} | {fmt(vb)} | {fmt(vfp)} | {fmt(shm)} | {fmt(nocma)} | {fmt(tcp)} | "
+                   f"{fmt(ratio(vp, shm))}× | {fmt(ratio(vp, tcp))}× | {fmt(ratio(vb, tcp))}× | {fmt(ratio(vfp, vs))}× |")
     out.append("\nLower is better; a ratio below 1 means vfabric is faster.\n")
     out.append("## Bandwidth (MB/s = 10^6 B/s)\n")
     out.append("vfabric `bw` streams a window of messages one way; `fi_pingpong` bandwidth is its "
