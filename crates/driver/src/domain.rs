@@ -222,33 +222,105 @@ impl Domain {
             .register(&[(ptr, len)], attr, Some(buf.keepalive()))
     }
 
-    /// `fi_mr_reg` of caller memory, which must lie inside the domain's shared region (the
-    /// device reaches no other memory of this process).
+    /// `fi_mr_reg` of caller memory. Memory inside the domain's shared region is registered
+    /// as is; any other range goes through [`Domain::register_external`] (read its caveats).
     ///
     /// # Safety
-    /// `ptr..ptr+len` must stay valid while the region is registered.
+    /// `ptr..ptr+len` must stay valid while the region is registered, and the requirements of
+    /// [`Domain::register_external`] hold for memory outside the shared region.
     pub unsafe fn register_raw(
         &self,
         ptr: *const u8,
         len: usize,
         attr: &crate::rma::MrAttr,
     ) -> Result<crate::rma::MemoryRegion> {
-        self.inner.register(&[(ptr as u64, len)], attr, None)
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.register_raw_iov(&[(ptr, len)], attr) }
     }
 
-    /// `fi_mr_regv`: one region made of several pieces of the shared region, concatenated in
-    /// order (at most [`crate::rma::MAX_MR_SEGMENTS`]). With virtual addressing the region's
-    /// remote address is the first piece's address.
+    /// `fi_mr_regv`: one region made of several pieces, concatenated in order (at most
+    /// [`crate::rma::MAX_MR_SEGMENTS`]). With virtual addressing the region's remote address is
+    /// the first piece's address. Pieces outside the shared region are remapped as
+    /// [`Domain::register_external`] describes.
     ///
     /// # Safety
-    /// Every piece must stay valid while the region is registered.
+    /// Every piece must stay valid while the region is registered, and the requirements of
+    /// [`Domain::register_external`] hold for pieces outside the shared region.
     pub unsafe fn register_raw_iov(
         &self,
         iov: &[(*const u8, usize)],
         attr: &crate::rma::MrAttr,
     ) -> Result<crate::rma::MemoryRegion> {
         let segs: Vec<(u64, usize)> = iov.iter().map(|&(p, l)| (p as u64, l)).collect();
+        if segs.len() <= crate::rma::MAX_MR_SEGMENTS
+            && attr.access & !crate::rma::MR_ACCESS_ALL == 0
+        {
+            for &(p, l) in &segs {
+                if !self.inner.is_shared(p, l) {
+                    self.inner.share_external(p as usize, l)?;
+                }
+            }
+        }
         self.inner.register(&segs, attr, None)
+    }
+
+    /// `fi_mr_reg` of memory outside the domain's shared region (e.g. a `Vec`, a `Box`, or a C
+    /// application's `malloc` buffer), keeping its address.
+    ///
+    /// The range is widened to whole pages; those pages are copied into a new sealed memfd
+    /// (`F_SEAL_SHRINK | F_SEAL_GROW`) which is then moved over the original addresses
+    /// (`mremap(MREMAP_MAYMOVE | MREMAP_FIXED)`), so every pointer of the application stays
+    /// valid and now points at memory the device can map. The memfd is sent to the device with
+    /// vhost-user ADD_MEM_REG (guest address = user address = the page address; the device must
+    /// offer CONFIGURE_MEM_SLOTS, and it has a limited number of slots, 509 with
+    /// vhost-user-backend), then registered with MR_REG as usual: only `ptr..ptr+len` is
+    /// remotely accessible, with the rights of `attr`.
+    ///
+    /// A later registration inside pages already moved reuses them (no copy, no new slot), in
+    /// this domain and in any other domain of the process (which only sends ADD_MEM_REG). A
+    /// range that *partly* overlaps pages already moved is extended: only its missing pages
+    /// are moved, onto a memfd of their own (one more device slot), and the registration spans
+    /// both. Registering a whole buffer first keeps the slot count down.
+    ///
+    /// Caveats:
+    /// * The pages (including other data sharing the first and last page) are shared with the
+    ///   device from then on, also after the region is closed and the domain is gone; they stay
+    ///   memfd-backed for the life of the mapping.
+    /// * Writes by other threads to those pages while they are copied are lost: register
+    ///   before the buffer is in use.
+    /// * Only ordinary private anonymous memory (heap, anonymous `mmap`) can be moved;
+    ///   file-backed or shared mappings, read-only or partly unmapped ranges are refused
+    ///   (checked against `/proc/self/maps`).
+    /// * After `fork()` parent and child share these pages (no copy-on-write), including any
+    ///   allocator metadata on them.
+    /// * If the application unmaps the pages (e.g. `free` of a large allocation), the device
+    ///   keeps its mapping of the old memfd; a new registration of whatever is mapped there
+    ///   later is remapped afresh.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be memory of this process that stays valid while the region is
+    /// registered, and no other thread may write to its pages during this call.
+    pub unsafe fn register_external(
+        &self,
+        ptr: *const u8,
+        len: usize,
+        attr: &crate::rma::MrAttr,
+    ) -> Result<crate::rma::MemoryRegion> {
+        if !self.inner.is_shared(ptr as u64, len) {
+            self.inner.share_external(ptr as usize, len)?;
+        }
+        self.inner.register(&[(ptr as u64, len)], attr, None)
+    }
+
+    /// Page ranges outside the shared region added to the device: (address, length).
+    pub fn external_regions(&self) -> Vec<(usize, usize)> {
+        self.inner
+            .external
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.start, r.len))
+            .collect()
     }
 
     /// `fi_cntr_open`.
@@ -306,6 +378,8 @@ pub(crate) struct DomainInner {
     idle_polls: AtomicU32,
     /// Counters and remote-event state (memory regions, FI_RMA_EVENT).
     pub(crate) rma: crate::rma::RmaState,
+    /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::register_external`]).
+    pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
 }
 
 /// Empty progress passes between two liveness checks of the device socket (power of two).
@@ -397,6 +471,7 @@ impl DomainInner {
             calls: AtomicU64::new(0),
             idle_polls: AtomicU32::new(0),
             rma: Default::default(),
+            external: Mutex::new(Vec::new()),
         });
         let caps = inner.query_caps()?;
         let info = Info::build(path, &inner.config, inner.transport.device_features, caps);
@@ -410,6 +485,58 @@ impl DomainInner {
             "domain open"
         );
         Ok(inner)
+    }
+
+    /// Is `[p, p+l)` memory the device can reach (the shared region or an added range)?
+    pub(crate) fn is_shared(&self, p: u64, l: usize) -> bool {
+        self.mem.contains(p as *const u8, l)
+            || crate::external::covered(&self.external.lock().unwrap(), p as usize, l)
+    }
+
+    /// Move the pages of `[ptr, ptr+len)` onto a memfd (or find them moved already) and add
+    /// them to the device (ADD_MEM_REG) unless this domain did already.
+    pub(crate) fn share_external(&self, ptr: usize, len: usize) -> Result<()> {
+        self.check_usable()?;
+        let (start, plen) = crate::external::page_range(ptr, len)?;
+        if self.mem.contains(start as *const u8, plen)
+            || (start < self.mem.guest_base() as usize + self.mem.len()
+                && start + plen > self.mem.guest_base() as usize)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{ptr:#x}+{len:#x} straddles the domain's shared region"
+            )));
+        }
+        let mut added = self.external.lock().unwrap();
+        if crate::external::covered(&added, start, plen) {
+            return Ok(());
+        }
+        for r in crate::external::remap(start, plen)? {
+            if added.iter().any(|o| Arc::ptr_eq(o, &r)) {
+                continue;
+            }
+            if let Some(o) = added
+                .iter()
+                .find(|o| o.start < r.start + r.len && r.start < o.start + o.len)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{:#x}..{:#x} overlaps pages {:#x}..{:#x} this domain already shared and \
+                     which were unmapped since",
+                    r.start,
+                    r.start + r.len,
+                    o.start,
+                    o.start + o.len
+                )));
+            }
+            self.transport
+                .add_mem_region(r.start as u64, r.len as u64, &r.file)?;
+            tracing::debug!(
+                start = format_args!("{:#x}", r.start),
+                len = r.len,
+                "external memory added to the device"
+            );
+            added.push(r);
+        }
+        Ok(())
     }
 
     pub(crate) fn info(&self) -> &Info {

@@ -70,6 +70,7 @@ mod control;
 pub mod cq;
 pub mod domain;
 pub mod endpoint;
+mod external;
 pub mod info;
 pub mod memory;
 mod ring;

@@ -279,7 +279,8 @@ impl Drop for MemoryRegion {
 }
 
 impl DomainInner {
-    /// MR_REG of the concatenation of `segs` (address, length), each inside the shared region.
+    /// MR_REG of the concatenation of `segs` (address, length), each inside the shared region
+    /// or an added external range.
     pub(crate) fn register(
         self: &Arc<Self>,
         segs: &[(u64, usize)],
@@ -303,12 +304,11 @@ impl DomainInner {
                 attr.access & !MR_ACCESS_ALL
             )));
         }
-        if segs
-            .iter()
-            .any(|&(p, l)| !self.mem.contains(p as *const u8, l))
-        {
+        if segs.iter().any(|&(p, l)| !self.is_shared(p, l)) {
             return Err(Error::InvalidArgument(
-                "only memory of the domain's shared region can be registered".into(),
+                "only memory of the domain's shared region or of ranges added with \
+                 register_external can be registered"
+                    .into(),
             ));
         }
         let remote = attr.access & (fi::REMOTE_READ | fi::REMOTE_WRITE) != 0 || attr.rma_event;
