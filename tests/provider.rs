@@ -291,9 +291,15 @@ fn c_test_binary() -> &'static PathBuf {
 }
 
 fn c_suite(suite: &str) {
-    let d = DaemonProcess::start(1, &[]);
+    c_suite_on(suite, 1);
+}
+
+/// Runs `suite` with `devices` devices of one daemon in VFABRIC_DEVICES.
+fn c_suite_on(suite: &str, devices: u32) {
+    let d = DaemonProcess::start(devices, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
     let o = run_with_timeout(
-        fi_cmd(c_test_binary(), &[&d.sockets[0]]).arg(suite),
+        fi_cmd(c_test_binary(), &socks).arg(suite),
         Duration::from_secs(120),
     );
     assert!(o.status.success(), "suite {suite}: {}", text(&o));
@@ -343,4 +349,14 @@ fn c_wait_fd() {
 #[test]
 fn c_threads() {
     c_suite("threads");
+}
+
+#[test]
+fn c_rma_two_devices() {
+    c_suite_on("rma", 2);
+}
+
+#[test]
+fn c_atomic_two_devices() {
+    c_suite_on("atomic", 2);
 }

@@ -4,7 +4,8 @@
  * process: two endpoints on one device talk to each other. Built and run by
  * tests/provider.rs (gcc ... -lfabric), with FI_PROVIDER_PATH and VFABRIC_DEVICES set.
  *
- *   vf_provider_test <suite>    suite: errors | msg | tagged | cq | av | cm | misc
+ *   vf_provider_test <suite>    suite: errors | msg | tagged | cq | av | cm | dgram | waitfd |
+ *                               threads | rma | atomic (rma/atomic: two devices)
  *
  * Exit status 0 on success; a failed check prints file:line and the libfabric error.
  */
@@ -186,9 +187,10 @@ static void suite_errors(void)
 	OK(fi_enable(ep[0]));
 	CHECK_RC(fi_enable(ep[0]), -FI_EOPBADSTATE);
 	CHECK_RC(fi_ep_bind(ep[0], &cq[0]->fid, FI_TRANSMIT), -FI_EOPBADSTATE);
-	CHECK_RC(fi_write(ep[0], buf, 8, NULL, 0, 0, 0, NULL), -FI_ENOSYS);
-	CHECK_RC(fi_read(ep[0], buf, 8, NULL, 0, 0, 0, NULL), -FI_ENOSYS);
-	CHECK_RC(fi_atomic(ep[0], buf, 1, NULL, 0, 0, 0, FI_UINT64, FI_SUM, NULL), -FI_ENOSYS);
+	/* RMA and atomics on an endpoint opened without FI_RMA / FI_ATOMIC. */
+	CHECK_RC(fi_write(ep[0], buf, 8, NULL, 0, 0, 0, NULL), -FI_EOPNOTSUPP);
+	CHECK_RC(fi_read(ep[0], buf, 8, NULL, 0, 0, 0, NULL), -FI_EOPNOTSUPP);
+	CHECK_RC(fi_atomic(ep[0], buf, 1, NULL, 0, 0, 0, FI_UINT64, FI_SUM, NULL), -FI_EOPNOTSUPP);
 	CHECK_RC(fi_connect(ep[0], buf, NULL, 0), -FI_EOPNOTSUPP);
 	CHECK_RC(fi_barrier(ep[0], 0, NULL), -FI_ENOSYS);
 	/* Sending to an fi_addr not in the AV. */
@@ -376,8 +378,14 @@ static void suite_msg(void)
 	OK(fi_send(ep[0], tx, 100, fi_mr_desc(mr), addr[1], (void *)14));
 	CHECK_RC(poll_cq(cq[1], &e), 1);
 	CHECK_RC(poll_cq(cq[0], &e), 1);
-	CHECK_RC(fi_mr_reg(domain, tx, 64, FI_REMOTE_WRITE, 0, 0, 0, &mr, NULL), -FI_ENOSYS);
 	OK(fi_close(&mr->fid));
+	/* Remote access: registered with the device (heap memory), device-chosen key. */
+	char *heap = malloc(8192);
+	CHECK(heap);
+	OK(fi_mr_reg(domain, heap, 8192, FI_REMOTE_WRITE, 0, 0, 0, &mr, NULL));
+	CHECK(fi_mr_desc(mr) != NULL);
+	OK(fi_close(&mr->fid));
+	free(heap);
 	teardown();
 }
 
@@ -793,6 +801,218 @@ static void suite_threads(void)
 	fi_freeinfo(info);
 }
 
+/* RMA/atomic rig: one endpoint on each of two devices (domains). rep[0] initiates; raddr[0]
+ * is rep[1]'s address in rav[0]. */
+static struct fi_info *rinfo;
+static struct fid_fabric *rfab[2];
+static struct fid_domain *rdom[2];
+static struct fid_av *rav[2];
+static struct fid_cq *rcq[2];
+static struct fid_ep *rep[2];
+static fi_addr_t raddr[2];
+
+static void rma_setup(void)
+{
+	struct fi_info *hints = fi_allocinfo();
+	CHECK(hints);
+	hints->ep_attr->type = FI_EP_RDM;
+	hints->caps = FI_MSG | FI_RMA | FI_ATOMIC;
+	hints->fabric_attr->prov_name = strdup("vfabric");
+	hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_VIRT_ADDR;
+	OK(fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &rinfo));
+	fi_freeinfo(hints);
+	struct fi_info *di[2] = { rinfo, NULL };
+	for (struct fi_info *i = rinfo->next; i; i = i->next)
+		if (strcmp(i->domain_attr->name, rinfo->domain_attr->name) != 0) {
+			di[1] = i;
+			break;
+		}
+	CHECK(di[1]);
+	for (int k = 0; k < 2; k++) {
+		uint64_t want = FI_RMA | FI_ATOMIC | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
+		CHECK((di[k]->caps & want) == want);
+		CHECK(di[k]->domain_attr->mr_mode == (FI_MR_PROV_KEY | FI_MR_VIRT_ADDR));
+		OK(fi_fabric(di[k]->fabric_attr, &rfab[k], NULL));
+		OK(fi_domain(rfab[k], di[k], &rdom[k], NULL));
+		struct fi_av_attr av_attr = { .type = FI_AV_TABLE };
+		OK(fi_av_open(rdom[k], &av_attr, &rav[k], NULL));
+		struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_DATA, .size = 64 };
+		OK(fi_cq_open(rdom[k], &cq_attr, &rcq[k], NULL));
+		OK(fi_endpoint(rdom[k], di[k], &rep[k], NULL));
+		OK(fi_ep_bind(rep[k], &rav[k]->fid, 0));
+		OK(fi_ep_bind(rep[k], &rcq[k]->fid, FI_TRANSMIT | FI_RECV));
+		OK(fi_enable(rep[k]));
+	}
+	for (int k = 0; k < 2; k++) {
+		char name[64];
+		size_t len = sizeof(name);
+		OK(fi_getname(&rep[1 - k]->fid, name, &len));
+		CHECK_RC(fi_av_insert(rav[k], name, 1, &raddr[k], 0, NULL), 1);
+	}
+}
+
+static void rma_teardown(void)
+{
+	for (int k = 0; k < 2; k++) {
+		OK(fi_close(&rep[k]->fid));
+		OK(fi_close(&rcq[k]->fid));
+		OK(fi_close(&rav[k]->fid));
+		OK(fi_close(&rdom[k]->fid));
+		OK(fi_close(&rfab[k]->fid));
+	}
+	fi_freeinfo(rinfo);
+}
+
+/* One completion on the initiator's CQ with `ctx`. */
+static void rma_done(void *ctx, uint64_t flags)
+{
+	struct fi_cq_data_entry e;
+	CHECK_RC(poll_cq(rcq[0], &e), 1);
+	CHECK(e.op_context == ctx);
+	CHECK((e.flags & flags) == flags);
+}
+
+static void suite_rma(void)
+{
+	rma_setup();
+	const size_t tlen = 1 << 20;
+	char *tgt = malloc(tlen), *src = malloc(tlen), *dst = malloc(tlen);
+	CHECK(tgt && src && dst);
+	memset(tgt, 0, tlen);
+	struct fid_mr *mr, *ro;
+	OK(fi_mr_reg(rdom[1], tgt, tlen, FI_REMOTE_READ | FI_REMOTE_WRITE, 0, 0, 0, &mr, NULL));
+	uint64_t key = fi_mr_key(mr), base = (uint64_t)(uintptr_t)tgt;
+	CHECK(key != FI_KEY_NOTAVAIL);
+	/* fi_write / fi_read of several sizes, into and out of malloc'd memory. */
+	size_t sizes[] = { 1, 7, 100, 300, 4096, 65536, 300000 };
+	for (unsigned k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++) {
+		size_t n = sizes[k], off = 4096 * k + k;
+		if (n > rinfo->ep_attr->max_msg_size)
+			continue;
+		CHECK(off + n <= tlen);
+		for (size_t i = 0; i < n; i++)
+			src[i] = (char)(i * 13 + k + 1);
+		OK(fi_write(rep[0], src, n, NULL, raddr[0], base + off, key, (void *)(uintptr_t)(100 + k)));
+		rma_done((void *)(uintptr_t)(100 + k), FI_RMA | FI_WRITE);
+		CHECK(memcmp(tgt + off, src, n) == 0);
+		memset(dst, 0, n);
+		OK(fi_read(rep[0], dst, n, NULL, raddr[0], base + off, key, (void *)(uintptr_t)(200 + k)));
+		rma_done((void *)(uintptr_t)(200 + k), FI_RMA | FI_READ);
+		CHECK(memcmp(dst, src, n) == 0);
+	}
+	/* Vector forms and the msg form. */
+	struct iovec iov[2] = { { src, 10 }, { src + 100, 20 } };
+	OK(fi_writev(rep[0], iov, NULL, 2, raddr[0], base + 8000, key, (void *)1));
+	rma_done((void *)1, FI_RMA | FI_WRITE);
+	CHECK(memcmp(tgt + 8000, src, 10) == 0 && memcmp(tgt + 8010, src + 100, 20) == 0);
+	struct iovec riov = { dst, 30 };
+	struct fi_rma_iov rrma = { base + 8000, 30, key };
+	struct fi_msg_rma rm = { .msg_iov = &riov, .iov_count = 1, .addr = raddr[0], .rma_iov = &rrma, .rma_iov_count = 1, .context = (void *)2 };
+	memset(dst, 0, 30);
+	OK(fi_readmsg(rep[0], &rm, FI_COMPLETION));
+	rma_done((void *)2, FI_RMA | FI_READ);
+	CHECK(memcmp(dst, tgt + 8000, 30) == 0);
+	/* fi_inject_write: no completion; visible after a later write completes. */
+	OK(fi_inject_write(rep[0], "inject", 6, raddr[0], base + 9000, key));
+	OK(fi_write(rep[0], src, 1, NULL, raddr[0], base + 9100, key, (void *)3));
+	rma_done((void *)3, FI_RMA | FI_WRITE);
+	for (time_t end = time(NULL) + 10; memcmp(tgt + 9000, "inject", 6) != 0 && time(NULL) < end;)
+		usleep(100);
+	CHECK(memcmp(tgt + 9000, "inject", 6) == 0);
+	/* fi_writedata: the data arrives in the target's receive CQ. */
+	char rx[64];
+	OK(fi_recv(rep[1], rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)4));
+	OK(fi_writedata(rep[0], "hello", 5, NULL, 0xfeedbeef, raddr[0], base + 10000, key, (void *)5));
+	rma_done((void *)5, FI_RMA | FI_WRITE);
+	struct fi_cq_data_entry e;
+	CHECK_RC(poll_cq(rcq[1], &e), 1);
+	CHECK(e.op_context == (void *)4 && e.data == 0xfeedbeef);
+	CHECK((e.flags & (FI_REMOTE_CQ_DATA | FI_RMA | FI_REMOTE_WRITE)) == (FI_REMOTE_CQ_DATA | FI_RMA | FI_REMOTE_WRITE));
+	CHECK(memcmp(tgt + 10000, "hello", 5) == 0);
+	/* A region without FI_REMOTE_WRITE refuses writes: -FI_EACCES at the initiator. */
+	char *rbuf = malloc(4096);
+	CHECK(rbuf);
+	memset(rbuf, 'r', 4096);
+	OK(fi_mr_reg(rdom[1], rbuf, 4096, FI_REMOTE_READ, 0, 0, 0, &ro, NULL));
+	CHECK(fi_mr_key(ro) != key);
+	OK(fi_write(rep[0], src, 16, NULL, raddr[0], (uint64_t)(uintptr_t)rbuf, fi_mr_key(ro), (void *)6));
+	CHECK_RC(poll_cq(rcq[0], &e), -FI_EAVAIL);
+	struct fi_cq_err_entry err = { 0 };
+	CHECK_RC(fi_cq_readerr(rcq[0], &err, 0), 1);
+	CHECK(err.err == FI_EACCES && err.op_context == (void *)6);
+	CHECK(rbuf[0] == 'r' && rbuf[15] == 'r');
+	/* ... but reads are allowed. */
+	memset(dst, 0, 16);
+	OK(fi_read(rep[0], dst, 16, NULL, raddr[0], (uint64_t)(uintptr_t)rbuf, fi_mr_key(ro), (void *)7));
+	rma_done((void *)7, FI_RMA | FI_READ);
+	CHECK(dst[0] == 'r' && dst[15] == 'r');
+	OK(fi_close(&ro->fid));
+	OK(fi_close(&mr->fid));
+	rma_teardown();
+}
+
+static void suite_atomic(void)
+{
+	rma_setup();
+	uint64_t *t = malloc(4096);
+	CHECK(t);
+	memset(t, 0, 4096);
+	struct fid_mr *mr;
+	OK(fi_mr_reg(rdom[1], t, 4096, FI_REMOTE_READ | FI_REMOTE_WRITE, 0, 0, 0, &mr, NULL));
+	uint64_t key = fi_mr_key(mr), base = (uint64_t)(uintptr_t)t;
+	size_t count = 0;
+	OK(fi_atomicvalid(rep[0], FI_UINT64, FI_SUM, &count));
+	CHECK(count >= 1);
+	count = 0;
+	OK(fi_fetch_atomicvalid(rep[0], FI_UINT64, FI_SUM, &count));
+	CHECK(count >= 1);
+	count = 0;
+	OK(fi_compare_atomicvalid(rep[0], FI_UINT64, FI_CSWAP, &count));
+	CHECK(count >= 1);
+	CHECK(fi_compare_atomicvalid(rep[0], FI_UINT64, FI_SUM, &count) < 0);
+	CHECK(fi_atomicvalid(rep[0], FI_DOUBLE, FI_BOR, &count) < 0);
+	CHECK_RC(fi_atomicvalid(rep[0], FI_UINT64, FI_SUM, NULL), -FI_EINVAL);
+	/* fi_fetch_atomic FI_SUM on a uint64. */
+	t[0] = 40;
+	uint64_t op = 2, res = 0, cmp;
+	OK(fi_fetch_atomic(rep[0], &op, 1, NULL, &res, NULL, raddr[0], base, key, FI_UINT64, FI_SUM, (void *)1));
+	rma_done((void *)1, FI_ATOMIC | FI_READ);
+	CHECK(res == 40 && t[0] == 42);
+	/* fi_atomic (no fetch). */
+	op = 8;
+	OK(fi_atomic(rep[0], &op, 1, NULL, raddr[0], base, key, FI_UINT64, FI_SUM, (void *)2));
+	rma_done((void *)2, FI_ATOMIC | FI_WRITE);
+	CHECK(t[0] == 50);
+	/* fi_compare_atomic FI_CSWAP: a match swaps, a mismatch leaves the value. */
+	op = 7;
+	cmp = 50;
+	res = 0;
+	OK(fi_compare_atomic(rep[0], &op, 1, NULL, &cmp, NULL, &res, NULL, raddr[0], base, key, FI_UINT64, FI_CSWAP, (void *)3));
+	rma_done((void *)3, FI_ATOMIC);
+	CHECK(res == 50 && t[0] == 7);
+	op = 99;
+	cmp = 1;
+	OK(fi_compare_atomic(rep[0], &op, 1, NULL, &cmp, NULL, &res, NULL, raddr[0], base, key, FI_UINT64, FI_CSWAP, (void *)4));
+	rma_done((void *)4, FI_ATOMIC);
+	CHECK(res == 7 && t[0] == 7);
+	/* Several elements through the msg form. */
+	uint64_t ops[4] = { 1, 2, 3, 4 }, out[4] = { 0 };
+	t[8] = 10, t[9] = 20, t[10] = 30, t[11] = 40;
+	struct fi_ioc ioc = { ops, 4 }, rioc = { out, 4 };
+	struct fi_rma_ioc rma = { base + 64, 4, key };
+	struct fi_msg_atomic m = { .msg_iov = &ioc, .iov_count = 1, .addr = raddr[0], .rma_iov = &rma, .rma_iov_count = 1, .datatype = FI_UINT64, .op = FI_SUM, .context = (void *)5 };
+	OK(fi_fetch_atomicmsg(rep[0], &m, &rioc, NULL, 1, FI_COMPLETION));
+	rma_done((void *)5, FI_ATOMIC);
+	CHECK(out[0] == 10 && out[3] == 40 && t[8] == 11 && t[11] == 44);
+	/* FI_ATOMIC_READ ignores the operand buffer. */
+	res = 0;
+	OK(fi_fetch_atomic(rep[0], &op, 1, NULL, &res, NULL, raddr[0], base + 72, key, FI_UINT64, FI_ATOMIC_READ, (void *)6));
+	rma_done((void *)6, FI_ATOMIC | FI_READ);
+	CHECK(res == 22 && t[9] == 22);
+	OK(fi_close(&mr->fid));
+	rma_teardown();
+}
+
 int main(int argc, char **argv)
 {
 	if (argc != 2) {
@@ -818,6 +1038,10 @@ int main(int argc, char **argv)
 		suite_waitfd();
 	else if (!strcmp(s, "threads"))
 		suite_threads();
+	else if (!strcmp(s, "rma"))
+		suite_rma();
+	else if (!strcmp(s, "atomic"))
+		suite_atomic();
 	else
 		return 2;
 	printf("%s: ok\n", s);

@@ -492,6 +492,8 @@ pub struct MrObj {
     pub addr: usize,
     pub len: usize,
     pub access: u64,
+    /// The device registration of a region with remote access.
+    pub region: Option<vfabric::MemoryRegion>,
 }
 
 static MR_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
@@ -524,20 +526,37 @@ fn mr_create(
     if flags != 0 {
         return -fi::EBADFLAGS;
     }
-    if access & (fi::REMOTE_READ | fi::REMOTE_WRITE) != 0 {
-        // Remote access needs device registration (RMA): not wired in this provider yet.
-        return -fi::ENOSYS;
-    }
-    if iov.len() > 1 {
-        return -fi::EINVAL;
-    }
+    let prov_key = d.mr_mode & sys::FI_MR_PROV_KEY as i32 != 0
+        || d.mr_mode == sys::fi_mr_mode_FI_MR_BASIC as i32;
     let (addr, len) = iov.first().copied().unwrap_or((0, 0));
-    let key = if d.mr_mode & sys::FI_MR_PROV_KEY as i32 != 0
-        || d.mr_mode == sys::fi_mr_mode_FI_MR_BASIC as i32
-    {
-        d.next_key.fetch_add(1, Ordering::Relaxed)
+    let (key, region) = if access & (fi::REMOTE_READ | fi::REMOTE_WRITE) != 0 {
+        if iov.iter().any(|&(p, l)| p == 0 && l > 0) {
+            return -fi::EINVAL;
+        }
+        let attr = vfabric::MrAttr {
+            access,
+            requested_key: (!prov_key).then_some(requested_key),
+            offset_addressing: d.mr_mode & sys::FI_MR_VIRT_ADDR as i32 == 0
+                && d.mr_mode != sys::fi_mr_mode_FI_MR_BASIC as i32,
+            rma_event: false,
+        };
+        let segs: Vec<(*const u8, usize)> = iov.iter().map(|&(p, l)| (p as *const u8, l)).collect();
+        // SAFETY: libfabric's registration contract: the buffers stay valid while registered
+        // (the driver remaps heap pages in place, see `Domain::register_external`).
+        match unsafe { d.dom.register_raw_iov(&segs, &attr) } {
+            Ok(r) => (r.key(), Some(r)),
+            Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_MR),
+        }
     } else {
-        requested_key
+        if iov.len() > 1 {
+            return -fi::EINVAL;
+        }
+        let key = if prov_key {
+            d.next_key.fetch_add(1, Ordering::Relaxed)
+        } else {
+            requested_key
+        };
+        (key, None)
     };
     let obj = Box::new(MrObj {
         fid: sys::fid_mr {
@@ -554,6 +573,7 @@ fn mr_create(
         addr,
         len,
         access,
+        region,
     });
     let p = Box::into_raw(obj);
     // SAFETY: `p` is the fresh allocation; mem_desc points at the MR itself.

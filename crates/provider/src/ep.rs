@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Endpoints (`fid_ep`): the msg and tagged tables map one-to-one onto `vfabric::Endpoint`'s
-//! `sendmsg`/`tsendmsg`/`recvmsg`/`trecvmsg`; RMA and atomic tables are `-FI_ENOSYS`.
+//! `sendmsg`/`tsendmsg`/`recvmsg`/`trecvmsg`; the RMA and atomic tables are in `rma`.
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -95,36 +95,6 @@ static TAGGED_OPS: LazyLock<sys::fi_ops_tagged> = LazyLock::new(|| sys::fi_ops_t
     injectdata: Some(t_injectdata),
 });
 
-static RMA_OPS: LazyLock<sys::fi_ops_rma> = LazyLock::new(|| sys::fi_ops_rma {
-    size: std::mem::size_of::<sys::fi_ops_rma>(),
-    read: nosys(),
-    readv: nosys(),
-    readmsg: nosys(),
-    write: nosys(),
-    writev: nosys(),
-    writemsg: nosys(),
-    inject: nosys(),
-    writedata: nosys(),
-    injectdata: nosys(),
-});
-
-static ATOMIC_OPS: LazyLock<sys::fi_ops_atomic> = LazyLock::new(|| sys::fi_ops_atomic {
-    size: std::mem::size_of::<sys::fi_ops_atomic>(),
-    write: nosys(),
-    writev: nosys(),
-    writemsg: nosys(),
-    inject: nosys(),
-    readwrite: nosys(),
-    readwritev: nosys(),
-    readwritemsg: nosys(),
-    compwrite: nosys(),
-    compwritev: nosys(),
-    compwritemsg: nosys(),
-    writevalid: nosys(),
-    readwritevalid: nosys(),
-    compwritevalid: nosys(),
-});
-
 static COLLECTIVE_OPS: LazyLock<sys::fi_ops_collective> =
     LazyLock::new(|| sys::fi_ops_collective {
         size: std::mem::size_of::<sys::fi_ops_collective>(),
@@ -152,9 +122,9 @@ pub fn ep_fid(context: *mut c_void) -> sys::fid_ep {
         ops: ops_ptr(&*EP_OPS),
         cm: ops_ptr(&*CM_OPS),
         msg: ops_ptr(&*MSG_OPS),
-        rma: ops_ptr(&*RMA_OPS),
+        rma: ops_ptr(&*crate::rma::RMA_OPS),
         tagged: ops_ptr(&*TAGGED_OPS),
-        atomic: ops_ptr(&*ATOMIC_OPS),
+        atomic: ops_ptr(&*crate::rma::ATOMIC_OPS),
         collective: ops_ptr(&*COLLECTIVE_OPS),
     }
 }
@@ -627,7 +597,7 @@ fn post(ep: *mut sys::fid_ep, p: Post<'_>) -> isize {
     }
 }
 
-fn op_flags(ep: *mut sys::fid_ep, send: bool) -> u64 {
+pub(crate) fn op_flags(ep: *mut sys::fid_ep, send: bool) -> u64 {
     // SAFETY: consumer passes one of our endpoints (re-checked by `post`).
     match unsafe { obj::<EpObj>(ep.cast(), sys::FI_CLASS_EP) } {
         Ok(e) if send => e.tx_flags.load(Ordering::Relaxed),
@@ -641,7 +611,7 @@ fn op_flags(ep: *mut sys::fid_ep, send: bool) -> u64 {
 /// # Safety
 /// `buf` is NULL with `len == 0`, or valid for `len` bytes for the duration the operation
 /// requires (the libfabric data-transfer contract).
-unsafe fn raw_iov<'a>(buf: *const c_void, len: usize) -> Iov<'a> {
+pub(crate) unsafe fn raw_iov<'a>(buf: *const c_void, len: usize) -> Iov<'a> {
     if buf.is_null() || len == 0 {
         Iov::bytes(&[])
     } else {
@@ -655,7 +625,10 @@ unsafe fn raw_iov<'a>(buf: *const c_void, len: usize) -> Iov<'a> {
 /// # Safety
 /// `iov` is NULL with `count == 0`, or holds `count` entries each satisfying `raw_iov`'s
 /// contract.
-unsafe fn iov_vec<'a>(iov: *const sys::iovec, count: usize) -> Result<Vec<Iov<'a>>, isize> {
+pub(crate) unsafe fn iov_vec<'a>(
+    iov: *const sys::iovec,
+    count: usize,
+) -> Result<Vec<Iov<'a>>, isize> {
     if iov.is_null() && count > 0 {
         return Err(-(fi::EINVAL as isize));
     }

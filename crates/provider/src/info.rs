@@ -13,10 +13,16 @@ use vfabric::{fi, proto, EpType, FabricAddr, Hints, Info};
 use crate::sys;
 use crate::util::{c_str, c_strdup, debug, warn};
 
-/// Capabilities this provider implements (the device may offer more, e.g. RMA and atomics,
-/// which are not wired into the C face yet).
+/// Capabilities this provider implements (offered when the device has them; RMA and atomics
+/// only where the device offers the RMA/ATOMIC features, FI_RMA_EVENT is not wired).
 pub const PROVIDER_CAPS: u64 = fi::MSG
     | fi::TAGGED
+    | fi::RMA
+    | fi::ATOMIC
+    | fi::READ
+    | fi::WRITE
+    | fi::REMOTE_READ
+    | fi::REMOTE_WRITE
     | fi::SEND
     | fi::RECV
     | fi::SOURCE
@@ -486,12 +492,16 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         } else {
             h.av_type
         };
-        // Messaging needs no registration: we require no mode bit; the legacy BASIC/SCALABLE
-        // values are echoed.
+        // No mode bit is required (messaging needs no registration; RMA regions may use
+        // requested keys and offsets). FI_MR_PROV_KEY and FI_MR_VIRT_ADDR are honoured when
+        // asked for (device-chosen keys, virtual addresses), so they are echoed, as are the
+        // legacy BASIC/SCALABLE values.
         d.mr_mode = if h.mr_mode == sys::fi_mr_mode_FI_MR_BASIC as i32
             || h.mr_mode == sys::fi_mr_mode_FI_MR_SCALABLE as i32
         {
             h.mr_mode
+        } else if out_caps & (fi::RMA | fi::ATOMIC) != 0 {
+            h.mr_mode & (sys::FI_MR_PROV_KEY | sys::FI_MR_VIRT_ADDR) as i32
         } else {
             0
         };

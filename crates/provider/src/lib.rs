@@ -12,8 +12,8 @@
 //! its pointer arguments, and every op-table slot we do not implement is a `-FI_ENOSYS` stub.
 //!
 //! Module map: `info` (`fi_getinfo`), `nic` (`fi_info->nic`), `fabric` (fabric, EQ),
-//! `domain` (domain, AV, MR, CQ, counter), `ep` (endpoints: msg/tagged tables; RMA, atomic and
-//! collective tables are `-FI_ENOSYS`), `cm` (FI_EP_MSG: passive endpoints and the connection
+//! `domain` (domain, AV, MR, CQ, counter), `ep` (endpoints: msg/tagged tables; the collective
+//! table is `-FI_ENOSYS`), `rma` (RMA and atomic tables), `cm` (FI_EP_MSG: passive endpoints and the connection
 //! handshake), `multirecv` (FI_MULTI_RECV emulation), `util` (stubs, guards, logging).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -25,6 +25,7 @@ mod fabric;
 mod info;
 mod multirecv;
 mod nic;
+mod rma;
 pub mod sys;
 mod util;
 
