@@ -25,6 +25,11 @@ fn main() {
         println!("cargo:rerun-if-changed=/usr/include/{h}");
     }
     println!("cargo:rerun-if-changed=build.rs");
+    // Never unloaded (libfabric dlcloses providers in fi_fini): Rust statics (the domain table,
+    // the driver's remap table), thread-local destructors and helper threads are not
+    // unload-safe, and an unmapped .so turns the heap its statics own into "definite leaks"
+    // under valgrind (tests/provider.rs runs the C suites under memcheck).
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-z,nodelete");
     let bindings = bindgen::Builder::default()
         .header_contents("vfabric_wrapper.h", &wrapper)
         .allowlist_type("fi_.*|fid.*|fid_.*")

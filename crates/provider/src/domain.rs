@@ -26,6 +26,9 @@ pub struct DomainObj {
     pub info: Info,
     pub av_type: u32,
     pub mr_mode: i32,
+    /// The domain was opened with FI_RMA_EVENT in its caps: regions with remote access count
+    /// remote accesses (a counter may be bound with `fi_mr_bind`).
+    pub rma_event: bool,
     next_key: AtomicU64,
     /// FI_MULTI_RECV buffers posted on this domain's endpoints.
     pub multi: crate::multirecv::Registry,
@@ -129,6 +132,7 @@ pub unsafe extern "C" fn domain_open(
             info: dev,
             av_type: da.av_type,
             mr_mode: da.mr_mode,
+            rma_event: i.caps & fi::RMA_EVENT != 0,
             next_key: AtomicU64::new(1),
             multi: Default::default(),
             refs: Refs::default(),
@@ -494,12 +498,15 @@ pub struct MrObj {
     pub access: u64,
     /// The device registration of a region with remote access.
     pub region: Option<vfabric::MemoryRegion>,
+    /// Counters bound with `fi_mr_bind` (they refuse to close while bound). Declared after
+    /// `region` so the registration goes first.
+    bound: Mutex<Vec<ParentRef>>,
 }
 
 static MR_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
     size: std::mem::size_of::<sys::fi_ops>(),
     close: Some(mr_close),
-    bind: nosys(),
+    bind: Some(mr_bind),
     control: Some(mr_control),
     ops_open: nosys(),
     tostr: nosys(),
@@ -523,13 +530,16 @@ fn mr_create(
         Ok(d) => d,
         Err(e) => return -e,
     };
-    if flags != 0 {
+    if flags & !fi::RMA_EVENT != 0 {
         return -fi::EBADFLAGS;
     }
+    let remote = access & (fi::REMOTE_READ | fi::REMOTE_WRITE) != 0;
+    // FI_RMA_EVENT as a registration flag, or in the domain's caps for remote-access regions.
+    let rma_event = flags & fi::RMA_EVENT != 0 || (d.rma_event && remote);
     let prov_key = d.mr_mode & sys::FI_MR_PROV_KEY as i32 != 0
         || d.mr_mode == sys::fi_mr_mode_FI_MR_BASIC as i32;
     let (addr, len) = iov.first().copied().unwrap_or((0, 0));
-    let (key, region) = if access & (fi::REMOTE_READ | fi::REMOTE_WRITE) != 0 {
+    let (key, region) = if remote || rma_event {
         if iov.iter().any(|&(p, l)| p == 0 && l > 0) {
             return -fi::EINVAL;
         }
@@ -538,7 +548,7 @@ fn mr_create(
             requested_key: (!prov_key).then_some(requested_key),
             offset_addressing: d.mr_mode & sys::FI_MR_VIRT_ADDR as i32 == 0
                 && d.mr_mode != sys::fi_mr_mode_FI_MR_BASIC as i32,
-            rma_event: false,
+            rma_event,
         };
         let segs: Vec<(*const u8, usize)> = iov.iter().map(|&(p, l)| (p as *const u8, l)).collect();
         // SAFETY: libfabric's registration contract: the buffers stay valid while registered
@@ -574,6 +584,7 @@ fn mr_create(
         len,
         access,
         region,
+        bound: Mutex::new(Vec::new()),
     });
     let p = Box::into_raw(obj);
     // SAFETY: `p` is the fresh allocation; mem_desc points at the MR itself.
@@ -678,6 +689,44 @@ unsafe extern "C" fn mr_close(fid: *mut sys::fid) -> c_int {
         }
         // SAFETY: created by Box::into_raw in mr_create.
         drop(unsafe { Box::from_raw(fid.cast::<MrObj>()) });
+        0
+    })
+}
+
+/// `fi_mr_bind`: a counter counting remote accesses to a region registered with FI_RMA_EVENT
+/// (flags FI_REMOTE_WRITE and/or FI_REMOTE_READ; the device counts both kinds of access).
+unsafe extern "C" fn mr_bind(fid: *mut sys::fid, bfid: *mut sys::fid, flags: u64) -> c_int {
+    guard(|| {
+        // SAFETY: consumer passes one of our MRs.
+        let m = match unsafe { obj::<MrObj>(fid, sys::FI_CLASS_MR) } {
+            Ok(m) => m,
+            Err(e) => return -e,
+        };
+        if bfid.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: non-NULL fid of the consumer; only its class is read.
+        let class = unsafe { (*bfid).fclass } as u32;
+        if class != sys::FI_CLASS_CNTR {
+            return -fi::EINVAL;
+        }
+        if flags & !(fi::REMOTE_READ | fi::REMOTE_WRITE) != 0 {
+            return -fi::EBADFLAGS;
+        }
+        // SAFETY: class checked; one of our counters.
+        let c = match unsafe { obj::<CntrObj>(bfid, sys::FI_CLASS_CNTR) } {
+            Ok(c) => c,
+            Err(e) => return -e,
+        };
+        let Some(region) = m.region.as_ref() else {
+            return -fi::EINVAL;
+        };
+        if let Err(e) = region.bind_cntr(&c.cntr) {
+            return -errno_of(&e, sys::fi_log_subsys_FI_LOG_MR);
+        }
+        // SAFETY: the counter refuses to close while this count is held.
+        let pr = unsafe { ParentRef::new(&c.refs) };
+        m.bound.lock().unwrap_or_else(|e| e.into_inner()).push(pr);
         0
     })
 }

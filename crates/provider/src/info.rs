@@ -14,7 +14,7 @@ use crate::sys;
 use crate::util::{c_str, c_strdup, debug, warn};
 
 /// Capabilities this provider implements (offered when the device has them; RMA and atomics
-/// only where the device offers the RMA/ATOMIC features, FI_RMA_EVENT is not wired).
+/// only where the device offers the RMA/ATOMIC features, FI_RMA_EVENT with RMA).
 pub const PROVIDER_CAPS: u64 = fi::MSG
     | fi::TAGGED
     | fi::RMA
@@ -23,6 +23,7 @@ pub const PROVIDER_CAPS: u64 = fi::MSG
     | fi::WRITE
     | fi::REMOTE_READ
     | fi::REMOTE_WRITE
+    | fi::RMA_EVENT
     | fi::SEND
     | fi::RECV
     | fi::SOURCE
@@ -426,6 +427,11 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
     }
     if h.caps & fi::DIRECTED_RECV == 0 && h.caps != 0 {
         out_caps &= !fi::DIRECTED_RECV;
+    }
+    // FI_RMA_EVENT costs MR_EVENT traffic on every remote-access region of the domain: only
+    // where asked for.
+    if h.caps & fi::RMA_EVENT == 0 && h.caps != 0 {
+        out_caps &= !fi::RMA_EVENT;
     }
     i.caps = out_caps;
     i.mode = 0;
