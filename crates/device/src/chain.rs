@@ -128,12 +128,18 @@ impl Segs {
         Ok(out)
     }
 
-    /// Read `buf.len()` bytes starting at stream offset `off`.
-    pub fn read_at(&self, mem: &GuestMemoryMmap, off: u64, buf: &mut [u8]) -> Result<(), MemFault> {
+    /// Walk `len` bytes of the stream from offset `off`, calling `f(guest_addr, pos, n)` for each
+    /// piece (`pos` = offset into the caller's buffer). Fails if the stream is shorter.
+    fn walk(
+        &self,
+        off: u64,
+        len: usize,
+        mut f: impl FnMut(GuestAddress, usize, usize) -> Result<(), MemFault>,
+    ) -> Result<(), MemFault> {
         let mut skip = off;
         let mut pos = 0usize;
         for s in &self.segs {
-            if pos == buf.len() {
+            if pos == len {
                 break;
             }
             let l = u64::from(s.len);
@@ -141,47 +147,36 @@ impl Segs {
                 skip -= l;
                 continue;
             }
-            let n = ((l - skip) as usize).min(buf.len() - pos);
-            mem.read_slice(
-                &mut buf[pos..pos + n],
+            let n = ((l - skip) as usize).min(len - pos);
+            f(
                 GuestAddress(s.addr.checked_add(skip).ok_or(MemFault)?),
-            )
-            .map_err(|_| MemFault)?;
+                pos,
+                n,
+            )?;
             pos += n;
             skip = 0;
         }
-        if pos < buf.len() {
+        if pos < len {
             return Err(MemFault);
         }
         Ok(())
     }
 
+    /// Read `buf.len()` bytes starting at stream offset `off`.
+    pub fn read_at(&self, mem: &GuestMemoryMmap, off: u64, buf: &mut [u8]) -> Result<(), MemFault> {
+        let len = buf.len();
+        self.walk(off, len, |addr, pos, n| {
+            mem.read_slice(&mut buf[pos..pos + n], addr)
+                .map_err(|_| MemFault)
+        })
+    }
+
     /// Write `buf` starting at stream offset `off`.
     pub fn write_at(&self, mem: &GuestMemoryMmap, off: u64, buf: &[u8]) -> Result<(), MemFault> {
-        let mut skip = off;
-        let mut pos = 0usize;
-        for s in &self.segs {
-            if pos == buf.len() {
-                break;
-            }
-            let l = u64::from(s.len);
-            if skip >= l {
-                skip -= l;
-                continue;
-            }
-            let n = ((l - skip) as usize).min(buf.len() - pos);
-            mem.write_slice(
-                &buf[pos..pos + n],
-                GuestAddress(s.addr.checked_add(skip).ok_or(MemFault)?),
-            )
-            .map_err(|_| MemFault)?;
-            pos += n;
-            skip = 0;
-        }
-        if pos < buf.len() {
-            return Err(MemFault);
-        }
-        Ok(())
+        self.walk(off, buf.len(), |addr, pos, n| {
+            mem.write_slice(&buf[pos..pos + n], addr)
+                .map_err(|_| MemFault)
+        })
     }
 }
 
