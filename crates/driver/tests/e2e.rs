@@ -7,38 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vfabric::{
-    fi, getinfo, AddressVector, BindFlags, CompletionQueue, CqAttr, CqEntry, CqErrEntry, Domain,
-    DomainAttr, Endpoint, EpAttr, EpType, Error, Fabric, FiAddr, Hints, Iov, Msg, Status,
-    TaggedMsg, WaitMode, FI_ADDR_UNSPEC,
+    fi, getinfo, AddressVector, BindFlags, CompletionQueue, CqAttr, Domain, DomainAttr, Endpoint,
+    EpAttr, EpType, Error, Fabric, FiAddr, Hints, Iov, Msg, Status, TaggedMsg, WaitMode,
+    FI_ADDR_UNSPEC,
 };
 
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-struct Rig {
-    _dir: tempfile::TempDir,
-    daemon: Option<vfabric_device::DaemonHandle>,
-    paths: Vec<PathBuf>,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Some(d) = self.daemon.take() {
-            d.shutdown();
-        }
-    }
-}
-
-fn rig(devices: u32) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = vfabric_device::Config::socket_dir_paths(dir.path(), devices);
-    let config = vfabric_device::Config::new(paths.clone());
-    let daemon = vfabric_device::start(config).expect("start embedded vfabricd");
-    Rig {
-        _dir: dir,
-        daemon: Some(daemon),
-        paths,
-    }
-}
+mod common;
+use common::*;
 
 /// A domain with one endpoint, separate TX and RX CQs and an AV.
 struct Node {
@@ -79,48 +54,6 @@ fn node(path: &PathBuf) -> Node {
     node_with(path, WaitMode::None, EpType::Rdm, small_attr())
 }
 
-/// Poll `cq` until an entry (Ok) or an error entry (Err) arrives.
-fn next(cq: &CompletionQueue) -> Result<CqEntry, CqErrEntry> {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut v = Vec::new();
-    loop {
-        match cq.read(&mut v, 1) {
-            Ok(_) => return Ok(v.pop().unwrap()),
-            Err(Error::Again) => {}
-            Err(Error::Avail) => return Err(cq.readerr().expect("error entry at head")),
-            Err(e) => panic!("cq read: {e}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for a completion"
-        );
-        std::thread::yield_now();
-    }
-}
-
-fn next_ok(cq: &CompletionQueue) -> CqEntry {
-    next(cq).unwrap_or_else(|e| panic!("unexpected error completion: {e:?}"))
-}
-
-fn next_err(cq: &CompletionQueue) -> CqErrEntry {
-    match next(cq) {
-        Ok(e) => panic!("expected an error completion, got {e:?}"),
-        Err(e) => e,
-    }
-}
-
-/// Nothing arrives on `cq` within `d`.
-fn assert_quiet(cq: &CompletionQueue, d: Duration) {
-    let until = Instant::now() + d;
-    let mut v = Vec::new();
-    while Instant::now() < until {
-        match cq.read(&mut v, 1) {
-            Err(Error::Again) => std::thread::sleep(Duration::from_millis(1)),
-            other => panic!("unexpected completion: {other:?} {v:?}"),
-        }
-    }
-}
-
 /// Retry a post while the ring is full, driving progress on `cq`.
 fn post_retry(mut f: impl FnMut() -> vfabric::Result<()>, progress: &Domain) {
     let deadline = Instant::now() + TIMEOUT;
@@ -135,29 +68,6 @@ fn post_retry(mut f: impl FnMut() -> vfabric::Result<()>, progress: &Domain) {
             Err(e) => panic!("post: {e}"),
         }
     }
-}
-
-struct Xorshift(u64);
-impl Xorshift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-fn checksum(b: &[u8]) -> u64 {
-    // FNV-1a, 64-bit.
-    b.iter().fold(0xcbf29ce484222325u64, |h, x| {
-        (h ^ *x as u64).wrapping_mul(0x100000001b3)
-    })
 }
 
 /// Two nodes on two devices, each knowing the other as fi_addr 0.

@@ -5,42 +5,17 @@
 //! timeout.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use vfabric::proto::{atomic_op as op, datatype as dt};
 use vfabric::{
-    fi, AddressVector, AtomicMsg, BindFlags, CompletionQueue, CqAttr, CqEntry, CqErrEntry, Domain,
-    DomainAttr, Endpoint, EpAttr, Error, FiAddr, Iov, MrAttr, Status, WaitMode,
+    fi, AddressVector, AtomicMsg, BindFlags, CompletionQueue, CqAttr, Domain, DomainAttr, Endpoint,
+    EpAttr, Error, FiAddr, Iov, MrAttr, Status, WaitMode,
 };
 
-const TIMEOUT: Duration = Duration::from_secs(20);
+mod common;
+use common::*;
+
 const RW: u64 = fi::REMOTE_READ | fi::REMOTE_WRITE;
-
-struct Rig {
-    _dir: tempfile::TempDir,
-    daemon: Option<vfabric_device::DaemonHandle>,
-    paths: Vec<PathBuf>,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Some(d) = self.daemon.take() {
-            d.shutdown();
-        }
-    }
-}
-
-fn rig(devices: u32) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = vfabric_device::Config::socket_dir_paths(dir.path(), devices);
-    let config = vfabric_device::Config::new(paths.clone());
-    let daemon = vfabric_device::start(config).expect("start embedded vfabricd");
-    Rig {
-        _dir: dir,
-        daemon: Some(daemon),
-        paths,
-    }
-}
 
 struct Ep {
     ep: Endpoint,
@@ -82,51 +57,6 @@ fn endpoint(domain: &Domain) -> Ep {
         _rx: rx,
         av,
     }
-}
-
-fn next(cq: &CompletionQueue) -> Result<CqEntry, CqErrEntry> {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut v = Vec::new();
-    loop {
-        match cq.read(&mut v, 1) {
-            Ok(_) => return Ok(v.pop().unwrap()),
-            Err(Error::Again) => {}
-            Err(Error::Avail) => return Err(cq.readerr().expect("error entry at head")),
-            Err(e) => panic!("cq read: {e}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for a completion"
-        );
-        std::thread::yield_now();
-    }
-}
-
-fn next_ok(cq: &CompletionQueue) -> CqEntry {
-    next(cq).unwrap_or_else(|e| panic!("unexpected error completion: {e:?}"))
-}
-
-struct Xorshift(u64);
-impl Xorshift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-/// FNV-1a.
-fn checksum(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf29ce484222325u64, |h, &x| {
-        (h ^ u64::from(x)).wrapping_mul(0x100000001b3)
-    })
 }
 
 /// The application's view of bytes the device wrote behind the compiler's back.
