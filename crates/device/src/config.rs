@@ -12,6 +12,9 @@ use vfabric_proto::{CapValue, VENDOR_ID_VFABRIC, VIRTIO_ID_FABRIC};
 
 use crate::Error;
 
+/// Vendor attribute key (vendor `VENDOR_ID_VFABRIC`) carrying the configured virtio device id.
+pub(crate) const VENDOR_KEY_VIRTIO_DEVICE_ID: u16 = 100;
+
 /// Per-device limits, advertised in config space and QUERY_CAPS and enforced by the device.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -237,8 +240,7 @@ impl Config {
                     a.name
                 )));
             }
-            if a.vendor == VENDOR_ID_VFABRIC && a.key == crate::fabric::VENDOR_KEY_VIRTIO_DEVICE_ID
-            {
+            if a.vendor == VENDOR_ID_VFABRIC && a.key == VENDOR_KEY_VIRTIO_DEVICE_ID {
                 return Err(Error::Config(format!(
                     "vendor attribute {:?}: key {} of vendor {:#x} is reserved (virtio_device_id)",
                     a.name, a.key, a.vendor

@@ -430,9 +430,12 @@ fn query_caps_lists_limits_and_vendor_attrs() {
         CapValue::Bool(true)
     );
     assert_eq!(
-        get(VENDOR_ID_VFABRIC, super::VENDOR_KEY_VIRTIO_DEVICE_ID)
-            .unwrap()
-            .value,
+        get(
+            VENDOR_ID_VFABRIC,
+            crate::config::VENDOR_KEY_VIRTIO_DEVICE_ID
+        )
+        .unwrap()
+        .value,
         CapValue::U64(56)
     );
     // Too small a buffer: Truncated with the size needed.

@@ -1,0 +1,189 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! What a device tells its driver about itself: feature bits, config space and the QUERY_CAPS
+//! attribute list (spec §6.3, §6.5).
+
+use vfabric_proto::{
+    bit, caps::key, flags, CapValue, CapsBuilder, FabricConfig, VENDOR_ID_VFABRIC,
+    VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_MSG,
+    VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA, VIRTIO_FABRIC_F_TAGGED,
+    VIRTIO_FABRIC_F_VENDOR_CAPS,
+};
+
+use super::atomic;
+use super::Fabric;
+use crate::config::VENDOR_KEY_VIRTIO_DEVICE_ID;
+
+/// Request flags this device honours (reported as `caps::key::FLAGS`).
+pub(crate) const HONOURED_FLAGS: u64 = flags::REMOTE_CQ_DATA
+    | flags::INJECT
+    | flags::INJECT_COMPLETE
+    | flags::TRANSMIT_COMPLETE
+    | flags::DELIVERY_COMPLETE
+    | flags::PEEK
+    | flags::CLAIM
+    | flags::DISCARD
+    | flags::DIRECTED
+    | flags::FENCE;
+
+impl Fabric {
+    /// Feature bits the device offers beyond the transport ones.
+    pub fn fabric_features(&self) -> u64 {
+        let mut f = bit(VIRTIO_FABRIC_F_MSG)
+            | bit(VIRTIO_FABRIC_F_TAGGED)
+            | bit(VIRTIO_FABRIC_F_VENDOR_CAPS)
+            | bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
+            | bit(VIRTIO_FABRIC_F_RMA)
+            | bit(VIRTIO_FABRIC_F_ATOMIC);
+        if self.limits.num_queue_pairs > 1 {
+            f |= bit(VIRTIO_FABRIC_F_MQ);
+        }
+        f
+    }
+
+    /// Config space of device `dev`.
+    pub fn config_space(&self, dev: usize) -> FabricConfig {
+        let l = &self.limits;
+        FabricConfig {
+            num_queue_pairs: u32::from(l.num_queue_pairs).into(),
+            max_endpoints: l.max_endpoints.into(),
+            max_mrs: l.max_mrs.into(),
+            max_queue_size: u32::from(l.max_queue_size).into(),
+            max_msg_size: l.max_msg_size.into(),
+            inject_size: l.inject_size.into(),
+            vendor_id: VENDOR_ID_VFABRIC.into(),
+            node_addr: self.node_addr(dev).into(),
+            max_sge: l.max_sge.into(),
+            reserved: 0.into(),
+        }
+    }
+
+    /// QUERY_CAPS answer of device `dev` for a driver that acked `acked`.
+    pub fn caps(&self, dev: usize, acked: u64) -> Vec<u8> {
+        let l = &self.limits;
+        let mut b = CapsBuilder::new();
+        b.std_u64(key::MAX_MSG_SIZE, "max_msg_size", l.max_msg_size)
+            .std_u64(key::INJECT_SIZE, "inject_size", l.inject_size.into())
+            .std_u64(key::MAX_ENDPOINTS, "max_endpoints", l.max_endpoints.into())
+            .std_u64(key::MAX_MRS, "max_mrs", l.max_mrs.into())
+            .std_u64(
+                key::MAX_UNEXPECTED_BYTES,
+                "max_unexpected_bytes",
+                l.max_unexpected_bytes,
+            )
+            .std_u64(key::EAGER_THRESHOLD, "eager_threshold", l.eager_threshold)
+            .std_u64(
+                key::MAX_QUEUE_SIZE,
+                "max_queue_size",
+                l.max_queue_size.into(),
+            )
+            .std_u64(
+                key::NUM_QUEUE_PAIRS,
+                "num_queue_pairs",
+                l.num_queue_pairs.into(),
+            )
+            .std_u64(key::MAX_SGE, "max_sge", l.max_sge.into())
+            .std_u64(key::CAPS, "caps", self.fabric_features())
+            .std_u64(key::FLAGS, "flags", HONOURED_FLAGS)
+            .std_u64(key::MSG_ORDER, "msg_order", 1)
+            .std_u64(
+                key::TAG_BITS,
+                "tag_bits",
+                if acked & bit(VIRTIO_FABRIC_F_TAGGED) != 0 {
+                    64
+                } else {
+                    0
+                },
+            )
+            .std_u64(
+                key::MAX_RMA_SIZE,
+                "max_rma_size",
+                if acked & bit(VIRTIO_FABRIC_F_RMA) != 0 {
+                    self.max_rma_size()
+                } else {
+                    0
+                },
+            )
+            .std_u64(
+                key::MR_KEY_SIZE,
+                "mr_key_size",
+                if acked & bit(VIRTIO_FABRIC_F_RMA) != 0 {
+                    8
+                } else {
+                    0
+                },
+            )
+            .std_u64(
+                key::ATOMIC_OPS,
+                "atomic_ops",
+                if acked & bit(VIRTIO_FABRIC_F_ATOMIC) != 0 {
+                    atomic::ATOMIC_OPS
+                } else {
+                    0
+                },
+            )
+            .std_u64(
+                key::ATOMIC_TYPES,
+                "atomic_types",
+                if acked & bit(VIRTIO_FABRIC_F_ATOMIC) != 0 {
+                    atomic::ATOMIC_TYPES
+                } else {
+                    0
+                },
+            )
+            .std_u64(
+                key::MAX_ATOMIC_COUNT,
+                "max_atomic_count",
+                if acked & bit(VIRTIO_FABRIC_F_ATOMIC) != 0 {
+                    atomic::MAX_ATOMIC_COUNT.into()
+                } else {
+                    0
+                },
+            )
+            .push(
+                0,
+                key::FABRIC_NAME,
+                "fabric_name",
+                CapValue::Str("vfabric".into()),
+            )
+            .push(
+                0,
+                key::DOMAIN_NAME,
+                "domain_name",
+                CapValue::Str(format!("vfabric{dev}")),
+            )
+            .std_u64(key::NODE_ADDR, "node_addr", self.node_addr(dev))
+            .std_u64(
+                key::MAX_CQ_DATA_SIZE,
+                "max_cq_data_size",
+                if acked & bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
+                    8
+                } else {
+                    0
+                },
+            )
+            .std_u64(key::VENDOR_ID, "vendor_id", VENDOR_ID_VFABRIC.into())
+            .push(
+                0,
+                key::DRIVER_VERSION,
+                "driver_version",
+                CapValue::Str(env!("CARGO_PKG_VERSION").into()),
+            );
+        if acked & bit(VIRTIO_FABRIC_F_VENDOR_CAPS) != 0 {
+            for a in &self.vendor_attrs {
+                b.push(a.vendor, a.key, &a.name, a.value.clone());
+            }
+            b.push(
+                VENDOR_ID_VFABRIC,
+                VENDOR_KEY_VIRTIO_DEVICE_ID,
+                "virtio_device_id",
+                CapValue::U64(self.device_id.into()),
+            );
+        }
+        b.encode()
+    }
+
+    /// Largest RMA transfer (MAX_RMA_SIZE): the message size limit.
+    pub(crate) fn max_rma_size(&self) -> u64 {
+        self.limits.max_msg_size
+    }
+}

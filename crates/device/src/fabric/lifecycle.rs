@@ -1,0 +1,281 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Connections and endpoints coming and going: connect, disconnect, reset, queue stop,
+//! EP_OPEN/EP_CLOSE/CANCEL, and the peer-gone completions they cause.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+use tracing::debug;
+use vfabric_proto::{ep_open, FabricAddr, Status};
+
+use super::{eager_cost, Body, Endpoint, Fabric, Msg, Notify, Port, Slot, Teardown};
+use crate::chain::{completion, Req};
+
+impl Fabric {
+    /// Attach a frontend's memory and rings to device `dev`.
+    pub fn connect(&self, dev: usize, port: Port) {
+        if dev >= self.devs.len() {
+            return;
+        }
+        self.dev(dev).port = Some(port);
+        if let Some(c) = self.counters.get(dev) {
+            c.connected.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The frontend of `dev` is gone: close its endpoints, forget its chains, complete peers'
+    /// held sends to it `PeerGone`. Eager data it sent stays deliverable.
+    pub fn disconnect(&self, dev: usize, n: &mut Notify) {
+        if dev >= self.devs.len() {
+            return;
+        }
+        self.teardown(dev, Teardown::Silent, n);
+        self.dev(dev).port = None;
+        if let Some(c) = self.counters.get(dev) {
+            c.connected.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Reset `dev` (RESET_DEVICE, memory table change) without detaching it.
+    pub fn reset(&self, dev: usize, mode: Teardown, n: &mut Notify) {
+        if dev >= self.devs.len() {
+            return;
+        }
+        self.teardown(dev, mode, n);
+    }
+
+    fn teardown(&self, dev: usize, mode: Teardown, n: &mut Notify) {
+        let eps = self.dev(dev).eps.len();
+        for ep in 0..eps {
+            self.close_ep(dev, ep, mode, n);
+        }
+        // The device's regions go with it: later accesses complete ACCESS at their initiator.
+        let (mrs, events, port) = {
+            let mut d = self.dev(dev);
+            d.pending_events.clear();
+            let mrs: Vec<_> = d.mrs.drain().map(|(_, mr)| mr).collect();
+            let events: Vec<Req> = d.mr_events.drain(..).collect();
+            (mrs, events, d.port.clone())
+        };
+        for mr in mrs {
+            mr.retire();
+        }
+        if mode == Teardown::Cancel {
+            if let Some(p) = port {
+                for r in &events {
+                    self.fail(dev, &p, r, Status::Canceled, n);
+                }
+            }
+        }
+    }
+
+    /// Virtqueue `queue` of `dev` is being stopped (GET_VRING_BASE): its in-flight chains
+    /// (posted receives, held sends) complete `Canceled` before the ring stops.
+    pub fn stop_queue(&self, dev: usize, queue: u16, n: &mut Notify) {
+        if dev >= self.devs.len() {
+            return;
+        }
+        let mut victims = Vec::new();
+        let port = {
+            let mut d = self.dev(dev);
+            let Some(port) = d.port.clone() else {
+                return;
+            };
+            let mut unfenced = 0;
+            for slot in d.eps.iter_mut() {
+                if let Some(e) = slot.ep.as_mut() {
+                    let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
+                        e.posted.drain(..).partition(|r| r.queue == queue);
+                    e.posted = keep;
+                    victims.extend(gone);
+                    let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
+                        e.fenced.drain(..).partition(|r| r.queue == queue);
+                    e.fenced = keep;
+                    e.fence_pending = e.fence_pending.saturating_sub(gone.len());
+                    unfenced += gone.len();
+                    victims.extend(gone);
+                }
+            }
+            let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
+                d.mr_events.drain(..).partition(|r| r.queue == queue);
+            d.mr_events = keep;
+            victims.extend(gone);
+            self.unfence(dev, unfenced);
+            port
+        };
+        victims.extend(self.take_held_all(|m, r| m.src_dev == dev && r.queue == queue));
+        for r in victims {
+            let c = completion(Status::Canceled, r.req.cookie);
+            self.done(dev, &port, &r, &c, 0, n);
+        }
+    }
+
+    /// `count` deferred requests of `dev` left its fence queues without being started.
+    pub(super) fn unfence(&self, dev: usize, count: usize) {
+        if count > 0 {
+            self.devs[dev].fenced.fetch_sub(count, Ordering::AcqRel);
+            self.fenced_total.fetch_sub(count, Ordering::AcqRel);
+        }
+    }
+
+    /// Close endpoint `ep` of `dev`: its posted receives and its held sends leave the fabric
+    /// (completing `Canceled` unless `Silent`), messages queued at it are dropped (held senders
+    /// complete `PeerGone`).
+    pub(super) fn close_ep(&self, dev: usize, ep: usize, mode: Teardown, n: &mut Notify) {
+        let (e, port) = {
+            let mut d = self.dev(dev);
+            let Some(e) = d.eps.get_mut(ep).and_then(|s| s.ep.take()) else {
+                return;
+            };
+            for m in &e.unexpected {
+                if let Body::Eager(buf) = &m.body {
+                    d.unexpected_bytes = d
+                        .unexpected_bytes
+                        .saturating_sub(eager_cost(buf.len() as u64));
+                }
+            }
+            self.unfence(dev, e.fenced.len());
+            (e, d.port.clone())
+        };
+        debug!(dev, ep, generation = e.generation, ?mode, "endpoint closed");
+        if mode == Teardown::Cancel {
+            if let Some(p) = &port {
+                for r in e.posted.iter().chain(e.fenced.iter()) {
+                    self.fail(dev, p, r, Status::Canceled, n);
+                }
+            }
+        }
+        for m in e.unexpected {
+            if m.src_dev == dev && mode == Teardown::Silent {
+                continue;
+            }
+            self.release(m, Status::PeerGone, n);
+        }
+        let generation = e.generation;
+        let held = self.take_held_all(|m, _| {
+            m.src_dev == dev && m.meta.src.ep as usize == ep && m.meta.src.generation == generation
+        });
+        if mode == Teardown::Cancel {
+            if let Some(p) = &port {
+                for r in held {
+                    self.fail(dev, p, &r, Status::Canceled, n);
+                }
+            }
+        }
+    }
+
+    /// Remove every held send matching `pred` from every endpoint's unexpected queue, one
+    /// device lock at a time.
+    pub(super) fn take_held_all(&self, pred: impl Fn(&Msg, &Req) -> bool) -> Vec<Req> {
+        let mut out = Vec::new();
+        for dev in 0..self.devs.len() {
+            let mut d = self.dev(dev);
+            for slot in d.eps.iter_mut() {
+                let Some(e) = slot.ep.as_mut() else { continue };
+                let mut i = 0;
+                while i < e.unexpected.len() {
+                    let m = &e.unexpected[i];
+                    let hit = matches!(&m.body, Body::Held(r, _) if pred(m, r));
+                    if !hit {
+                        i += 1;
+                        continue;
+                    }
+                    if let Some(Msg {
+                        body: Body::Held(r, _),
+                        ..
+                    }) = e.unexpected.remove(i)
+                    {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn op_ep_open(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let kind = req.req.data;
+        if !matches!(
+            kind,
+            ep_open::TYPE_RDM | ep_open::TYPE_DGRAM | ep_open::TYPE_MSG
+        ) {
+            return self.fail(dev, port, &req, Status::Invalid, n);
+        }
+        let node = self.node_addr(dev);
+        let mut d = self.dev(dev);
+        let eps = &mut d.eps;
+        let id = match eps.iter().position(|s| s.ep.is_none()) {
+            Some(id) => id,
+            None if eps.len() < self.limits.max_endpoints as usize => {
+                eps.push(Slot::default());
+                eps.len() - 1
+            }
+            None => {
+                drop(d);
+                return self.fail(dev, port, &req, Status::NoResources, n);
+            }
+        };
+        let slot = &mut eps[id];
+        slot.generation = slot.generation.wrapping_add(1).max(1);
+        slot.ep = Some(Endpoint {
+            kind,
+            generation: slot.generation,
+            posted: VecDeque::new(),
+            unexpected: VecDeque::new(),
+            fenced: VecDeque::new(),
+            fence_pending: 0,
+        });
+        let addr = FabricAddr::new(node, id as u32, slot.generation);
+        drop(d);
+        debug!(dev, %addr, kind, "endpoint opened");
+        let mut c = completion(Status::Ok, req.req.cookie);
+        c.data = (id as u64).into();
+        c.src = addr.to_wire();
+        self.done(dev, port, &req, &c, 0, n);
+    }
+
+    pub(super) fn op_ep_close(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        if self.ep_info(dev, req.req.ep).is_none() {
+            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+        }
+        self.close_ep(dev, req.req.ep as usize, Teardown::Cancel, n);
+        self.fail(dev, port, &req, Status::Ok, n);
+    }
+
+    pub(super) fn op_cancel(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let ep = req.req.ep;
+        let cookie = req.req.data;
+        let victim = {
+            let mut d = self.dev(dev);
+            let Some(e) = d.ep_mut(ep as usize) else {
+                drop(d);
+                return self.fail(dev, port, &req, Status::BadEndpoint, n);
+            };
+            let generation = e.generation;
+            let posted = e
+                .posted
+                .iter()
+                .position(|r| r.req.cookie == cookie)
+                .and_then(|i| e.posted.remove(i));
+            posted.ok_or(generation)
+        };
+        let victim = victim.or_else(|generation| {
+            self.take_held_all(|m, r| {
+                m.src_dev == dev
+                    && m.meta.src.ep == ep
+                    && m.meta.src.generation == generation
+                    && r.req.cookie == cookie
+            })
+            .into_iter()
+            .next()
+            .ok_or(())
+        });
+        match victim {
+            Ok(v) => {
+                self.fail(dev, port, &v, Status::Canceled, n);
+                self.fail(dev, port, &req, Status::Ok, n);
+            }
+            Err(()) => self.fail(dev, port, &req, Status::NoMessage, n),
+        }
+    }
+}

@@ -1,0 +1,421 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Sends and receives: matching under the destination device's lock, the copy outside it.
+
+use tracing::debug;
+use vfabric_proto::{comp_flags, ep_open, flags, FabricAddr, Opcode, Status};
+use vm_memory::GuestAddressSpace;
+
+use super::{
+    eager_cost, recv_completion, recv_matches, send_ok, Body, Dev, Fabric, Meta, Msg, Notify, Port,
+};
+use crate::chain::{copy_stream, CopyFault, Req};
+use crate::stats::Counters;
+
+/// Payloads up to this size are read before the destination is locked (one lock instead of
+/// two for the commonest small eager send; the read is wasted only if a receive is posted).
+const EARLY_READ: u64 = 256;
+
+/// What is left of a transfer whose copy faulted on one side.
+enum Survivor {
+    None,
+    /// The sender faulted: the receive is still to be matched.
+    Recv(Req),
+    /// The receiver faulted: the held send is still to be matched.
+    Send(Req),
+}
+
+/// Outcome of delivering a queued message into a receive.
+enum Delivered {
+    Done,
+    /// The receiver faulted: the message goes back into its queue.
+    Requeue(Msg),
+    /// The sender faulted: the receive is still to be matched.
+    Rematch(Req),
+}
+
+/// Take the first posted receive of `e` that matches `meta`, with its position.
+fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize, Req)> {
+    let e = d.ep_mut(ep)?;
+    let i = e.posted.iter().position(|x| recv_matches(&x.req, meta))?;
+    Some((i, e.posted.remove(i)?))
+}
+
+impl Fabric {
+    pub(super) fn op_send(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let r = req.req;
+        let Some((sgen, skind)) = self.ep_info(dev, r.ep) else {
+            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+        };
+        if skind == ep_open::TYPE_DGRAM && r.flags & flags::DELIVERY_COMPLETE != 0 {
+            // A datagram is never "delivered" in the reliable sense (spec: DGRAM endpoints).
+            return self.fail(dev, port, &req, Status::Invalid, n);
+        }
+        let Some((ddev, dep)) = self.locate(r.peer) else {
+            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+        };
+        let dgen = r.peer.generation;
+        let meta = Meta {
+            src: FabricAddr::new(self.node_addr(dev), r.ep, sgen),
+            tagged: r.opcode == Opcode::TSend,
+            tag: r.tag,
+            cq_data: (r.flags & flags::REMOTE_CQ_DATA != 0).then_some(r.data),
+            len: req.payload.len,
+            rma_len: None,
+        };
+        let may_be_eager = meta.len <= self.limits.eager_threshold
+            && r.flags & flags::DELIVERY_COMPLETE == 0
+            && skind != ep_open::TYPE_DGRAM;
+        let mut early = None;
+        if may_be_eager && meta.len <= EARLY_READ {
+            let mut buf = vec![0u8; meta.len as usize];
+            if req
+                .payload
+                .read_at(&port.mem.memory(), 0, &mut buf)
+                .is_err()
+            {
+                return self.fail(dev, port, &req, Status::Fault, n);
+            }
+            early = Some(buf);
+        }
+
+        let mut d = self.dev(ddev);
+        let Some(dport) = d.port.clone() else {
+            drop(d);
+            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+        };
+        let Some(dst) = d.live_ep(dep, dgen) else {
+            drop(d);
+            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+        };
+        if dst.kind != skind {
+            // Reliable and datagram endpoints do not talk to each other.
+            drop(d);
+            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+        }
+        if let Some((at, rv)) = take_posted(&mut d, dep, &meta) {
+            drop(d);
+            if let Some(buf) = early {
+                return self.place(dev, port, &req, &meta, ddev, &dport, rv, &buf, n);
+            }
+            match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
+                Survivor::None => {}
+                // Our memory faulted: the receive goes back where it was.
+                Survivor::Recv(rv) => {
+                    if let Some(e) = self.dev(ddev).live_ep_mut(dep, dgen) {
+                        e.posted.insert(at.min(e.posted.len()), rv);
+                    }
+                }
+                // The receiver's memory faulted (its receive failed): match the next one.
+                Survivor::Send(req) => self.op_send(dev, port, req, n),
+            }
+            return;
+        }
+        if skind == ep_open::TYPE_DGRAM {
+            drop(d);
+            if let Some(c) = self.counters.get(ddev) {
+                Counters::inc(&c.dgram_drops);
+            }
+            return self.sent(dev, port, &req, meta.len, n);
+        }
+        let cost = eager_cost(meta.len);
+        let eager = may_be_eager
+            && d.unexpected_bytes.saturating_add(cost) <= self.limits.max_unexpected_bytes;
+        if !eager {
+            let msg = Msg {
+                meta,
+                src_dev: dev,
+                claimed: None,
+                body: Body::Held(req, port.clone()),
+            };
+            if let Some(e) = d.ep_mut(dep) {
+                e.unexpected.push_back(msg);
+            }
+            return;
+        }
+        // Eager: the room is reserved now, so concurrent senders respect the bound.
+        d.unexpected_bytes += cost;
+        let buf = match early {
+            Some(buf) => buf,
+            None => {
+                // The copy into the device runs without the lock; a receive posted meanwhile
+                // is found when the lock is taken again.
+                drop(d);
+                let mut buf = vec![0u8; meta.len as usize];
+                let read = req.payload.read_at(&port.mem.memory(), 0, &mut buf);
+                d = self.dev(ddev);
+                if read.is_err() {
+                    d.unexpected_bytes -= cost;
+                    drop(d);
+                    return self.fail(dev, port, &req, Status::Fault, n);
+                }
+                if d.live_ep(dep, dgen).is_none() {
+                    d.unexpected_bytes -= cost;
+                    drop(d);
+                    return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+                }
+                if let Some((_, rv)) = take_posted(&mut d, dep, &meta) {
+                    d.unexpected_bytes -= cost;
+                    drop(d);
+                    return self.place(dev, port, &req, &meta, ddev, &dport, rv, &buf, n);
+                }
+                buf
+            }
+        };
+        if let Some(e) = d.ep_mut(dep) {
+            e.unexpected.push_back(Msg {
+                meta,
+                src_dev: dev,
+                claimed: None,
+                body: Body::Eager(buf),
+            });
+        }
+        drop(d);
+        self.sent(dev, port, &req, meta.len, n);
+    }
+
+    /// Deliver bytes the device already holds (`buf`, from send `req` of `dev`) into receive
+    /// `rv` of `rdev`; both complete. A fault in the receiver's memory fails the receive only.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &self,
+        dev: usize,
+        port: &Port,
+        req: &Req,
+        meta: &Meta,
+        rdev: usize,
+        rport: &Port,
+        rv: Req,
+        buf: &[u8],
+        n: &mut Notify,
+    ) {
+        let placed = meta.len.min(rv.data.len);
+        let bytes = buf.get(..placed as usize).unwrap_or(buf);
+        if rv.data.write_at(&rport.mem.memory(), 0, bytes).is_err() {
+            self.fail(rdev, rport, &rv, Status::Fault, n);
+            // The message is not lost: try the next receive (or queue it).
+            return self.op_send(dev, port, req.clone(), n);
+        }
+        self.received(rdev, rport, &rv, meta, placed, n);
+        self.sent(dev, port, req, meta.len, n);
+    }
+
+    pub(super) fn sent(&self, dev: usize, port: &Port, req: &Req, len: u64, n: &mut Notify) {
+        if let Some(c) = self.counters.get(dev) {
+            Counters::inc(&c.messages_sent);
+        }
+        self.done(dev, port, req, &send_ok(&req.req, len), 0, n);
+    }
+
+    /// Receive completion for a message placed in `rreq`'s buffer.
+    pub(super) fn received(
+        &self,
+        rdev: usize,
+        rport: &Port,
+        rreq: &Req,
+        meta: &Meta,
+        placed: u64,
+        n: &mut Notify,
+    ) {
+        if let Some(c) = self.counters.get(rdev) {
+            Counters::inc(&c.messages_received);
+            Counters::add(&c.bytes_copied, placed);
+        }
+        let c = recv_completion(&rreq.req, meta, placed);
+        self.done(rdev, rport, rreq, &c, placed, n);
+    }
+
+    /// The one copy: held send `sreq` of `sdev` into receive `rreq` of `rdev`; both complete.
+    /// Runs without any device lock.
+    ///
+    /// Guest ranges are resolved before any byte moves, so a fault copies nothing. Only the side
+    /// whose memory faulted fails (with `Fault`); the other request is handed back so the caller
+    /// can match it again: one guest's bad (or just replaced) memory table must never cost a
+    /// well-behaved peer its request.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
+        &self,
+        sdev: usize,
+        sport: &Port,
+        sreq: Req,
+        meta: &Meta,
+        rdev: usize,
+        rport: &Port,
+        rreq: Req,
+        n: &mut Notify,
+    ) -> Survivor {
+        let placed = meta.len.min(rreq.data.len);
+        let res = copy_stream(
+            &sport.mem.memory(),
+            &sreq.payload,
+            &rport.mem.memory(),
+            &rreq.data,
+            placed,
+        );
+        match res {
+            Ok(()) => {
+                self.received(rdev, rport, &rreq, meta, placed, n);
+                self.sent(sdev, sport, &sreq, meta.len, n);
+                Survivor::None
+            }
+            Err(CopyFault::Src) => {
+                debug!(sdev, rdev, "copy faulted in the sender's memory");
+                self.fail(sdev, sport, &sreq, Status::Fault, n);
+                Survivor::Recv(rreq)
+            }
+            Err(CopyFault::Dst) => {
+                debug!(sdev, rdev, "copy faulted in the receiver's memory");
+                self.fail(rdev, rport, &rreq, Status::Fault, n);
+                Survivor::Send(sreq)
+            }
+        }
+    }
+
+    /// Deliver unexpected message `m` (already out of `rdev`'s queue, its eager bytes already
+    /// returned) into receive `rreq`, without any lock. On a copy fault the request of the side
+    /// that did not fault comes back (see [`Fabric::transfer`]).
+    fn deliver(&self, rdev: usize, rport: &Port, rreq: Req, m: Msg, n: &mut Notify) -> Delivered {
+        match m.body {
+            Body::Eager(buf) => {
+                let placed = m.meta.len.min(rreq.data.len);
+                let bytes = buf.get(..placed as usize).unwrap_or(&buf);
+                if rreq.data.write_at(&rport.mem.memory(), 0, bytes).is_err() {
+                    // The receiver's memory faulted: the message stays queued for the next one.
+                    self.fail(rdev, rport, &rreq, Status::Fault, n);
+                    return Delivered::Requeue(Msg {
+                        body: Body::Eager(buf),
+                        ..m
+                    });
+                }
+                self.received(rdev, rport, &rreq, &m.meta, placed, n);
+                Delivered::Done
+            }
+            Body::Held(sreq, sport) => {
+                match self.transfer(m.src_dev, &sport, sreq, &m.meta, rdev, rport, rreq, n) {
+                    Survivor::None => Delivered::Done,
+                    Survivor::Recv(rreq) => Delivered::Rematch(rreq),
+                    Survivor::Send(sreq) => Delivered::Requeue(Msg {
+                        body: Body::Held(sreq, sport),
+                        ..m
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Drop message `m` (out of its queue, eager bytes returned): a held sender completes
+    /// with `status`.
+    pub(super) fn release(&self, m: Msg, status: Status, n: &mut Notify) {
+        if let Body::Held(sreq, sport) = m.body {
+            if status == Status::Ok {
+                self.sent(m.src_dev, &sport, &sreq, m.meta.len, n);
+            } else {
+                self.fail(m.src_dev, &sport, &sreq, status, n);
+            }
+        }
+    }
+
+    /// Take message `i` out of endpoint `ep`'s unexpected queue, returning its eager bytes.
+    fn take_unexpected(&self, d: &mut Dev, ep: usize, i: usize) -> Option<Msg> {
+        let m = d.ep_mut(ep)?.unexpected.remove(i)?;
+        if let Body::Eager(buf) = &m.body {
+            d.unexpected_bytes = d
+                .unexpected_bytes
+                .saturating_sub(eager_cost(buf.len() as u64));
+        }
+        Some(m)
+    }
+
+    /// Put message `m` back at position `at` of endpoint `ep` (generation `gen`) of `dev`,
+    /// charging its eager bytes again. Dropped (a held sender completes PeerGone) if the
+    /// endpoint closed meanwhile.
+    fn requeue(&self, dev: usize, ep: usize, gen: u32, at: usize, m: Msg, n: &mut Notify) {
+        let mut d = self.dev(dev);
+        let cost = match &m.body {
+            Body::Eager(buf) => eager_cost(buf.len() as u64),
+            Body::Held(..) => 0,
+        };
+        if d.ep(ep).is_some_and(|e| e.generation == gen) {
+            d.unexpected_bytes += cost;
+            if let Some(e) = d.ep_mut(ep) {
+                e.unexpected.insert(at.min(e.unexpected.len()), m);
+            }
+            return;
+        }
+        drop(d);
+        self.release(m, Status::PeerGone, n);
+    }
+
+    pub(super) fn op_recv(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let r = req.req;
+        let ep = r.ep as usize;
+        let mut d = self.dev(dev);
+        let Some(e) = d.ep_mut(ep) else {
+            drop(d);
+            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+        };
+        let gen = e.generation;
+
+        if r.flags & flags::PEEK != 0 {
+            let found = e
+                .unexpected
+                .iter_mut()
+                .find(|m| m.claimed.is_none() && recv_matches(&r, &m.meta));
+            let Some(m) = found else {
+                drop(d);
+                return self.fail(dev, port, &req, Status::NoMessage, n);
+            };
+            if r.flags & flags::CLAIM != 0 {
+                m.claimed = Some(r.cookie);
+            }
+            let mut c = recv_completion(&r, &m.meta, m.meta.len);
+            drop(d);
+            c.flags = (u32::from(c.flags) | comp_flags::CLAIMED).into();
+            return self.done(dev, port, &req, &c, 0, n);
+        }
+
+        if r.flags & flags::CLAIM != 0 {
+            let at = e.unexpected.iter().position(|m| m.claimed == Some(r.data));
+            let m = at.and_then(|i| self.take_unexpected(&mut d, ep, i));
+            drop(d);
+            let (Some(at), Some(m)) = (at, m) else {
+                return self.fail(dev, port, &req, Status::NoMessage, n);
+            };
+            if r.flags & flags::DISCARD != 0 {
+                let meta = m.meta;
+                self.release(m, Status::Ok, n);
+                let mut c = recv_completion(&r, &meta, 0);
+                c.status = (Status::Ok as u32).into();
+                c.olen = 0.into();
+                c.flags = (u32::from(c.flags) | comp_flags::CLAIMED).into();
+                return self.done(dev, port, &req, &c, 0, n);
+            }
+            match self.deliver(dev, port, req, m, n) {
+                Delivered::Done => {}
+                Delivered::Requeue(m) => self.requeue(dev, ep, gen, at, m, n),
+                // The claimed message's sender faulted (and failed): nothing left to claim.
+                Delivered::Rematch(req) => self.fail(dev, port, &req, Status::NoMessage, n),
+            }
+            return;
+        }
+
+        let at = e
+            .unexpected
+            .iter()
+            .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta));
+        let Some(at) = at else {
+            e.posted.push_back(req);
+            return;
+        };
+        let m = self.take_unexpected(&mut d, ep, at);
+        drop(d);
+        let Some(m) = m else {
+            return self.fail(dev, port, &req, Status::NoMessage, n);
+        };
+        match self.deliver(dev, port, req, m, n) {
+            Delivered::Done => {}
+            Delivered::Requeue(m) => self.requeue(dev, ep, gen, at, m, n),
+            // The sender's memory faulted (its send failed): try the next message.
+            Delivered::Rematch(req) => self.op_recv(dev, port, req, n),
+        }
+    }
+}

@@ -1,0 +1,522 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The shared local fabric: endpoints of every device of the daemon, matching, and the one copy
+//! from a sender's guest memory into a receiver's.
+//!
+//! # Model
+//!
+//! Each destination endpoint has one queue of *unexpected* messages (arrival order; eager copies
+//! and held sends alike) and one queue of *posted* receives (posting order). A send first looks
+//! for a posted receive; otherwise it is buffered eagerly (≤ `eager_threshold`, no
+//! DELIVERY_COMPLETE, and the destination device's eager bytes stay ≤ `max_unexpected_bytes`) and
+//! completes at once, or it is *held*: the validated chain stays here and the data moves with one
+//! copy when a receive matches. A receive first scans the unexpected queue, otherwise it is
+//! posted. Because both sides always look at the other queue first, messages from one source
+//! endpoint to one destination endpoint are received in arrival order.
+//!
+//! # Locking
+//!
+//! There is no fabric-wide lock. Each device's state (its endpoints with their queues, its
+//! memory regions, its eager byte count) sits behind that device's own mutex, [`Fabric::dev`].
+//! A thread holds **at most one device lock at a time** and never holds one while it copies
+//! bytes: a send locks its own device to read its endpoint, releases it, locks the destination
+//! device to match, takes the matched receive (or held send) out of the queue, releases the
+//! lock, and only then copies. Messages from one source endpoint stay in order because one
+//! device's requests are handled by one thread at a time (the backend's pass lock).
+//!
+//! While a copy runs without a lock, the guest memories stay mapped through the
+//! `GuestMemoryAtomic` snapshots it holds, a held send carries its sender's [`Port`] (so a
+//! disconnect or reconnect of the sender only sends the completion to the old, dead rings), and
+//! remote accesses hold their memory region ([`rma::Mr::enter`]) so deregistration waits for
+//! them. Completions (`add_used`) take only the target ring's own lock; guest notifications
+//! ([`Notify::flush`]) happen after a batch. Lock order, never acquired in the other direction:
+//!
+//! 1. the per-device pass lock (`FabricBackend::work`),
+//! 2. one device lock (`Fabric::dev`) — never two at once,
+//! 3. a sink's vring list (`VringSink::vrings`, read lock),
+//! 4. one vring's state lock (`VringRwLock`), taken and released per `add_used`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::debug;
+use vfabric_proto::{
+    comp_flags, tag_matches, Completion, FabricAddr, Opcode, Request, Status, COMPLETION_LEN,
+};
+use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
+
+use crate::chain::{completion, GuestMemoryMmap, Parsed, Req, Segs};
+use crate::config::{Config, Limits, VendorAttr};
+use crate::stats::Counters;
+
+mod atomic;
+mod caps;
+mod fence;
+mod lifecycle;
+mod matching;
+mod rma;
+
+/// Where completions of one device go: its used rings.
+pub(crate) trait CompletionSink: Send + Sync {
+    /// Put chain `head` of virtqueue `queue` in the used ring with `len` bytes written.
+    fn complete(&self, queue: u16, head: u16, len: u32);
+    /// Signal the guest for queues completed since the last flush, as EVENT_IDX allows.
+    fn flush(&self);
+}
+
+/// A connected device: its guest memory and its used rings.
+#[derive(Clone)]
+pub(crate) struct Port {
+    pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub sink: Arc<dyn CompletionSink>,
+}
+
+/// Sinks that got completions and must be flushed after a batch. The first few live inline:
+/// a batch touches one or two devices, and this runs for every request.
+#[derive(Default)]
+pub(crate) struct Notify {
+    inline: [Option<Arc<dyn CompletionSink>>; 4],
+    more: Vec<Arc<dyn CompletionSink>>,
+}
+
+impl Notify {
+    pub fn touch(&mut self, s: &Arc<dyn CompletionSink>) {
+        let same = |x: &Arc<dyn CompletionSink>| {
+            std::ptr::eq(Arc::as_ptr(x) as *const (), Arc::as_ptr(s) as *const ())
+        };
+        for slot in self.inline.iter_mut() {
+            match slot {
+                Some(x) if same(x) => return,
+                Some(_) => {}
+                None => {
+                    *slot = Some(s.clone());
+                    return;
+                }
+            }
+        }
+        if !self.more.iter().any(same) {
+            self.more.push(s.clone());
+        }
+    }
+
+    pub fn flush(&mut self) {
+        for s in self.inline.iter_mut().filter_map(Option::take) {
+            s.flush();
+        }
+        for s in self.more.drain(..) {
+            s.flush();
+        }
+    }
+}
+
+impl Drop for Notify {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// How to tear down a device's or endpoint's in-flight chains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Teardown {
+    /// EP_CLOSE, memory table change: the device's own chains complete `Canceled`.
+    Cancel,
+    /// Disconnect, RESET_DEVICE: its rings are gone, its chains are forgotten.
+    Silent,
+}
+
+/// What a receive matches on.
+#[derive(Clone, Copy, Debug)]
+struct Meta {
+    src: FabricAddr,
+    tagged: bool,
+    tag: u64,
+    cq_data: Option<u64>,
+    len: u64,
+    /// Writedata notification: bytes the RMA wrote (reported as `len`, no bytes placed).
+    rma_len: Option<u64>,
+}
+
+enum Body {
+    /// Copied into the device (counted against the destination's unexpected bytes).
+    Eager(Vec<u8>),
+    /// The sender's chain and port, completed when matched.
+    Held(Req, Port),
+}
+
+struct Msg {
+    meta: Meta,
+    src_dev: usize,
+    /// Cookie of the PEEK|CLAIM that reserved this message.
+    claimed: Option<u64>,
+    body: Body,
+}
+
+struct Endpoint {
+    kind: u64,
+    generation: u32,
+    posted: VecDeque<Req>,
+    unexpected: VecDeque<Msg>,
+    /// TX requests deferred by FENCE (spec §6.12.2), in arrival order.
+    fenced: VecDeque<Req>,
+    /// Deferred TX requests not yet started (those in `fenced` and one being started): a new
+    /// TX request of this endpoint queues behind them.
+    fence_pending: usize,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Generation of the last endpoint opened in this slot.
+    generation: u32,
+    ep: Option<Endpoint>,
+}
+
+/// The state of one device, behind its own lock.
+pub(crate) struct Dev {
+    port: Option<Port>,
+    eps: Vec<Slot>,
+    /// Eagerly buffered bytes queued at this device's endpoints, each message charged
+    /// [`eager_cost`].
+    unexpected_bytes: u64,
+    /// Features the driver acked (updated on every batch of requests).
+    acked: u64,
+    /// Memory regions by key.
+    mrs: HashMap<u64, Arc<rma::Mr>>,
+    /// Posted MR_EVENT requests.
+    mr_events: VecDeque<Req>,
+    /// Remote-access events not yet reported, coalesced (spec §6.10.4).
+    pending_events: rma::PendingEvents,
+    /// Provider-key generator.
+    keys: rma::KeyGen,
+}
+
+impl Dev {
+    fn new() -> Self {
+        Self {
+            port: None,
+            eps: Vec::new(),
+            unexpected_bytes: 0,
+            acked: 0,
+            mrs: HashMap::new(),
+            mr_events: VecDeque::new(),
+            pending_events: Default::default(),
+            keys: rma::KeyGen::new(),
+        }
+    }
+
+    fn ep(&self, id: usize) -> Option<&Endpoint> {
+        self.eps.get(id)?.ep.as_ref()
+    }
+
+    fn ep_mut(&mut self, id: usize) -> Option<&mut Endpoint> {
+        self.eps.get_mut(id)?.ep.as_mut()
+    }
+
+    /// Endpoint `id` if it is open with generation `gen` on a connected device.
+    fn live_ep(&self, id: usize, gen: u32) -> Option<&Endpoint> {
+        self.port.as_ref()?;
+        self.ep(id).filter(|e| e.generation == gen)
+    }
+
+    fn live_ep_mut(&mut self, id: usize, gen: u32) -> Option<&mut Endpoint> {
+        self.port.as_ref()?;
+        self.ep_mut(id).filter(|e| e.generation == gen)
+    }
+}
+
+/// One device slot of the fabric.
+struct DevCell {
+    state: Mutex<Dev>,
+    /// Held by the one thread that starts this device's deferred (fenced) requests.
+    fence_runner: Mutex<()>,
+    /// Deferred requests of this device may have become startable.
+    fence_dirty: AtomicBool,
+    /// Deferred requests waiting at this device's endpoints.
+    fenced: AtomicUsize,
+}
+
+/// Bytes charged per eagerly buffered message on top of its payload, so that even empty
+/// messages are bounded by `max_unexpected_bytes`.
+pub(crate) const EAGER_OVERHEAD: u64 = 64;
+
+/// What an eager message of `len` bytes counts against `max_unexpected_bytes`.
+pub(crate) const fn eager_cost(len: u64) -> u64 {
+    len.saturating_add(EAGER_OVERHEAD)
+}
+
+fn recv_matches(r: &Request, m: &Meta) -> bool {
+    let tagged = r.opcode == Opcode::TRecv;
+    tagged == m.tagged
+        && (!tagged || tag_matches(r.tag, r.ignore, m.tag))
+        && (r.flags & vfabric_proto::flags::DIRECTED == 0 || r.peer == m.src)
+}
+
+fn recv_completion(r: &Request, m: &Meta, placed: u64) -> Completion {
+    let status = if placed < m.len {
+        Status::Truncated
+    } else {
+        Status::Ok
+    };
+    let mut c = completion(status, r.cookie);
+    let mut f = 0;
+    if let Some(written) = m.rma_len {
+        c.flags = (comp_flags::REMOTE_WRITE | comp_flags::REMOTE_CQ_DATA).into();
+        c.data = m.cq_data.unwrap_or(0).into();
+        c.len = written.into();
+        c.src = m.src.to_wire();
+        return c;
+    }
+    if r.opcode == Opcode::TRecv {
+        f |= comp_flags::TAGGED;
+    }
+    if let Some(d) = m.cq_data {
+        f |= comp_flags::REMOTE_CQ_DATA;
+        c.data = d.into();
+    }
+    c.flags = f.into();
+    c.len = placed.into();
+    c.tag = m.tag.into();
+    c.src = m.src.to_wire();
+    c.olen = (m.len - placed).into();
+    c
+}
+
+fn send_ok(r: &Request, len: u64) -> Completion {
+    let mut c = completion(Status::Ok, r.cookie);
+    c.len = len.into();
+    c
+}
+
+/// The fabric shared by all devices of one daemon.
+pub(crate) struct Fabric {
+    limits: Limits,
+    host_id: u32,
+    device_id: u32,
+    vendor_attrs: Vec<VendorAttr>,
+    counters: Vec<Arc<Counters>>,
+    devs: Vec<DevCell>,
+    /// Deferred (fenced) requests on all devices: the fast path skips fence work when 0.
+    fenced_total: AtomicUsize,
+    /// Locks of the atomics the CPU cannot do in one instruction.
+    stripes: atomic::Stripes,
+}
+
+impl Fabric {
+    pub fn new(config: &Config) -> Self {
+        let n = config.sockets.len();
+        Self {
+            limits: config.limits.clone(),
+            host_id: config.host_id,
+            device_id: config.device_id,
+            vendor_attrs: config.vendor_attrs.clone(),
+            counters: (0..n).map(|_| Arc::new(Counters::default())).collect(),
+            devs: (0..n)
+                .map(|_| DevCell {
+                    state: Mutex::new(Dev::new()),
+                    fence_runner: Mutex::new(()),
+                    fence_dirty: AtomicBool::new(false),
+                    fenced: AtomicUsize::new(0),
+                })
+                .collect(),
+            fenced_total: AtomicUsize::new(0),
+            stripes: atomic::Stripes::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn counters(&self, dev: usize) -> Option<&Arc<Counters>> {
+        self.counters.get(dev)
+    }
+
+    pub fn num_devices(&self) -> usize {
+        self.devs.len()
+    }
+
+    pub fn node_addr(&self, dev: usize) -> u64 {
+        FabricAddr::node_of(self.host_id, dev as u32)
+    }
+
+    /// The lock of device `dev` (`dev` < `num_devices()`, checked by every caller: device
+    /// indices come from the daemon or from [`Fabric::locate`]). Poisoning is ignored: the
+    /// state is only mutated by code that does not panic. Hold at most one at a time.
+    fn dev(&self, dev: usize) -> MutexGuard<'_, Dev> {
+        self.devs[dev]
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `(device, endpoint)` an address names on this fabric, if the device exists. Whether the
+    /// endpoint is open (and of that generation) is checked under the device's lock.
+    fn locate(&self, a: FabricAddr) -> Option<(usize, usize)> {
+        if a.host() != self.host_id {
+            return None;
+        }
+        let d = a.device() as usize;
+        (d < self.devs.len()).then_some((d, a.ep as usize))
+    }
+
+    /// `(generation, kind)` of open endpoint `ep` of `dev`.
+    fn ep_info(&self, dev: usize, ep: u32) -> Option<(u32, u64)> {
+        self.dev(dev)
+            .ep(ep as usize)
+            .map(|e| (e.generation, e.kind))
+    }
+
+    /// Whether `a` is an open endpoint of a connected device.
+    fn addr_live(&self, a: FabricAddr) -> bool {
+        self.locate(a)
+            .is_some_and(|(d, ep)| self.dev(d).live_ep(ep, a.generation).is_some())
+    }
+
+    /// Process parsed chains of device `dev` whose driver acked `acked`.
+    pub fn handle(&self, dev: usize, parsed: Vec<Parsed>, acked: u64, n: &mut Notify) {
+        if dev >= self.devs.len() {
+            return;
+        }
+        let port = {
+            let mut d = self.dev(dev);
+            let Some(port) = d.port.clone() else {
+                return;
+            };
+            d.acked = acked;
+            port
+        };
+        for p in parsed {
+            match p {
+                Parsed::Unusable { queue, head, why } => {
+                    debug!(dev, queue, head, why, "chain returned with length 0");
+                    if let Some(c) = self.counters.get(dev) {
+                        Counters::inc(&c.bad_chains);
+                    }
+                    port.sink.complete(queue, head, 0);
+                    n.touch(&port.sink);
+                }
+                Parsed::Reject {
+                    queue,
+                    head,
+                    comp,
+                    status,
+                    cookie,
+                } => {
+                    debug!(dev, queue, head, ?status, "request rejected");
+                    let c = completion(status, cookie);
+                    self.finish(dev, &port, queue, head, &comp, &c, 0, n);
+                }
+                Parsed::Req(req) => self.dispatch(dev, &port, req, acked, n),
+            }
+        }
+        if self.fenced_total.load(Ordering::Acquire) > 0 {
+            self.run_fenced(n);
+        }
+    }
+
+    /// Write completion `c` of a chain of `dev` and put the chain in its used ring.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        dev: usize,
+        port: &Port,
+        queue: u16,
+        head: u16,
+        comp: &Segs,
+        c: &Completion,
+        written: u64,
+        n: &mut Notify,
+    ) {
+        let counters = self.counters.get(dev);
+        let status = u32::from(c.status);
+        let used = {
+            let mem = port.mem.memory();
+            match comp.write_at(&mem, 0, c.as_slice()) {
+                Ok(()) => written
+                    .saturating_add(COMPLETION_LEN as u64)
+                    .min(u64::from(u32::MAX)) as u32,
+                Err(_) => 0,
+            }
+        };
+        if let Some(cn) = counters {
+            cn.completion(status);
+            if used == 0 || status == Status::BadChain as u32 {
+                Counters::inc(&cn.bad_chains);
+            }
+        }
+        port.sink.complete(queue, head, used);
+        n.touch(&port.sink);
+    }
+
+    fn done(&self, dev: usize, port: &Port, r: &Req, c: &Completion, written: u64, n: &mut Notify) {
+        self.finish(dev, port, r.queue, r.head, &r.comp, c, written, n);
+    }
+
+    fn fail(&self, dev: usize, port: &Port, r: &Req, status: Status, n: &mut Notify) {
+        let c = completion(status, r.req.cookie);
+        self.done(dev, port, r, &c, 0, n);
+    }
+
+    fn dispatch(&self, dev: usize, port: &Port, req: Req, acked: u64, n: &mut Notify) {
+        match req.req.opcode {
+            Opcode::QueryCaps => self.op_query_caps(dev, port, req, acked, n),
+            Opcode::EpOpen => self.op_ep_open(dev, port, req, n),
+            Opcode::EpClose => self.op_ep_close(dev, port, req, n),
+            Opcode::Cancel => self.op_cancel(dev, port, req, n),
+            Opcode::AddrCheck => {
+                let s = if self.addr_live(req.req.peer) {
+                    Status::Ok
+                } else {
+                    Status::AddrNotAvail
+                };
+                self.fail(dev, port, &req, s, n);
+            }
+            Opcode::MrReg => self.op_mr_reg(dev, port, req, n),
+            Opcode::MrDereg => self.op_mr_dereg(dev, port, req, n),
+            Opcode::MrEvent => self.op_mr_event(dev, port, req, n),
+            Opcode::Recv | Opcode::TRecv => self.op_recv(dev, port, req, n),
+            Opcode::Send
+            | Opcode::TSend
+            | Opcode::RmaWrite
+            | Opcode::RmaRead
+            | Opcode::Atomic
+            | Opcode::FetchAtomic
+            | Opcode::CompareAtomic => self.op_tx(dev, port, req, n),
+            Opcode::Flush => self.fail(dev, port, &req, Status::Unsupported, n),
+        }
+    }
+
+    fn start_tx(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        match req.req.opcode {
+            Opcode::Send | Opcode::TSend => self.op_send(dev, port, req, n),
+            Opcode::RmaWrite | Opcode::RmaRead => self.op_rma(dev, port, req, n),
+            _ => self.op_atomic(dev, port, req, n),
+        }
+    }
+
+    fn op_query_caps(&self, dev: usize, port: &Port, req: Req, acked: u64, n: &mut Notify) {
+        let caps = self.caps(dev, acked);
+        let need = caps.len() as u64;
+        let mut c = completion(Status::Ok, req.req.cookie);
+        let mut written = 0;
+        if req.data.len >= need {
+            if req.data.write_at(&port.mem.memory(), 0, &caps).is_err() {
+                return self.fail(dev, port, &req, Status::Fault, n);
+            }
+            c.len = need.into();
+            written = need;
+        } else {
+            c.status = (Status::Truncated as u32).into();
+            c.olen = need.into();
+        }
+        self.done(dev, port, &req, &c, written, n);
+    }
+
+    /// Eager bytes buffered at `dev` (tests).
+    #[cfg(test)]
+    pub fn unexpected_bytes(&self, dev: usize) -> u64 {
+        self.dev(dev).unexpected_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests;
