@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: vfabric (two guests on one vfabricd) against libfabric's own providers
 # (fi_pingpong -p shm -e rdm, the same with FI_SHM_DISABLE_CMA=1, fi_pingpong -p tcp -e msg), same
-# sizes, each side pinned with taskset, medians of RUNS runs; writes docs/perf.md.
+# sizes, each side pinned with taskset, medians of RUNS runs; then vfabric's own scaling (N guest
+# pairs on one daemon) and head-of-line runs, which have no libfabric-bin counterpart; writes
+# docs/perf.md.
 #
 #   scripts/bench-compare.sh            # RUNS=3
 #   RUNS=5 SIZES="8 64 4096 65536 1048576" scripts/bench-compare.sh
@@ -88,7 +90,18 @@ PY
     wait "$d" 2>/dev/null || true
 }
 
-total=$((RUNS * ($(wc -w <<<"$SIZES") * 11 + 2)))
+vs_run() { # label args...: one in-process `vfabric` run (embedded daemon placed like the demo)
+    # whose --json lines are raw lines already; kept even when a later pair count failed.
+    local label=$1
+    shift
+    local f="$OUT/$label-$run"
+    if ! timeout 300 "$VFABRIC" "$@" --json --quiet >"$f.jsonl" 2>"$f.err"; then
+        echo "bench: $label failed: $(tail -2 "$f.err" | tr '\n' ' ')" >&2
+    fi
+    cat "$f.jsonl" >>"$RAW"
+}
+
+total=$((RUNS * ($(wc -w <<<"$SIZES") * 11 + 6)))
 n=0
 for run in $(seq "$RUNS"); do
     for size in $SIZES; do
@@ -115,7 +128,16 @@ for run in $(seq "$RUNS"); do
     # Atomic rate: 64-bit SUM with and without fetch, one word per request.
     vf_run vfabric-atomic-fadd poll atomic 8 20000 1 0 0 --op fadd
     vf_run vfabric-atomic-add poll atomic 8 20000 1 0 0 --op add
-    n=$((n + 2))
+    # Scaling (issue 7): N = 1, 2, 4, 8 pairs at once, polled and blocking completions.
+    vs_run scale-poll scale --pairs 1,2,4,8
+    vs_run scale-block scale --pairs 1,2,4,8 --mode block
+    # Head-of-line: pair 1's 8 B latency alone and while pair 2 streams 4 MiB RMA writes, the
+    # load polled (on the device's poller) and blocking (kicked); the latter stalls for
+    # milliseconds at times, hence fewer round trips and a longer timeout.
+    vs_run hol-poll hol --pp-iters 5000
+    vs_run hol-block hol --pp-iters 2000 --load-mode block --timeout-s 120
+    n=$((n + 6))
+    echo "bench: run $run scaling and head-of-line done ($n/$total)" >&2
 done
 
 python3 scripts/bench_report.py "$RAW" "RUNS=$RUNS SIZES=\"$SIZES\" scripts/bench-compare.sh" >docs/perf.md.new

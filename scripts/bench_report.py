@@ -2,7 +2,9 @@
 """Turns the raw JSON lines of scripts/bench-compare.sh into the tables of docs/perf.md.
 
 Every line is {"bench", "size", "one_way_us", "mb_s"}; repeated runs are reduced to medians and
-the ratios vfabric/shm and vfabric/tcp are computed from the same invocation."""
+the ratios vfabric/shm and vfabric/tcp are computed from the same invocation. Lines of
+`vfabric scale --json` ("bench": "vfabric-scale", one per pair count) and `vfabric hol --json`
+("bench": "vfabric-hol") keep their own fields and make the Scaling and Head-of-line tables."""
 import datetime
 import json
 import platform
@@ -38,11 +40,19 @@ def main():
     lat = defaultdict(list)
     bw = defaultdict(list)
     rate = defaultdict(list)
+    scale = defaultdict(list)  # (mode, pairs) -> rows of vfabric scale
+    hol = defaultdict(list)  # (mode, load_mode, size, load_size) -> rows of vfabric hol
     for line in open(raw):
         line = line.strip()
         if not line:
             continue
         r = json.loads(line)
+        if r.get("bench") == "vfabric-scale":
+            scale[(r["mode"], int(r["pairs"]))].append(r)
+            continue
+        if r.get("bench") == "vfabric-hol":
+            hol[(r["mode"], r["load_mode"], int(r["size"]), int(r["load_size"]))].append(r)
+            continue
         key = (r["bench"], int(r["size"]))
         lat[key].append(r.get("one_way_us"))
         bw[key].append(r.get("mb_s"))
@@ -106,7 +116,67 @@ def main():
     for label, name in (("vfabric-atomic-fadd", "fetch-add (FETCH_ATOMIC)"),
                         ("vfabric-atomic-add", "add (ATOMIC)")):
         out.append(f"| {name} | {fmt(R.get((label, 8)), 0)} | {fmt(L.get((label, 8)))} |")
+    out.extend(scaling_table(scale))
+    out.extend(hol_table(hol))
     print("\n".join(out))
+
+
+def field(rows, name):
+    """Median over runs of one field of JSON rows."""
+    return median([r.get(name) for r in rows])
+
+
+def scaling_table(scale):
+    out = ["\n## Scaling\n"]
+    if not scale:
+        return out + ["No `vfabric scale` data in this run.\n"]
+    any_row = next(iter(scale.values()))[0]
+    msg, bws = size_label(any_row["msg_size"]), size_label(any_row["bw_size"])
+    out.append("`vfabric scale`: for each N one embedded daemon with 2N devices and N guest pairs (a "
+               "driver instance and a thread per guest; the device poller on cpu1, every guest on cpu0, "
+               f"as in the demo), all pairs at once. Rate: {msg} messages streamed in acknowledged "
+               "windows of 64, summed over pairs (first start to last end); bandwidth: the same with "
+               f"{bws} messages; latency: each pair's median one-way {msg} ping-pong, then the median "
+               "and the slowest over pairs. With two cores every guest shares cpu0, so polled guests "
+               "(which yield while they wait) take turns and their latency grows with N from CPU "
+               "sharing alone; blocking guests sleep instead. Instructions per message against N: "
+               "`scripts/callgrind.sh 8 2000 1,2,4,8`.\n")
+    out.append(f"| completions | pairs | {msg} msg/s, all pairs | per pair | vs 1 pair | "
+               f"{bws} GB/s, all pairs | {msg} one-way µs, median pair | slowest pair µs |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for mode in sorted({m for m, _ in scale}, key=lambda m: (m != "poll", m)):
+        base = field(scale.get((mode, 1), []), "msg_rate")
+        for pairs in sorted(p for m, p in scale if m == mode):
+            rows = scale[(mode, pairs)]
+            r = field(rows, "msg_rate")
+            out.append(f"| {mode} | {pairs} | {fmt(r, 0)} | {fmt(None if r is None else r / pairs, 0)} | "
+                       f"{fmt(ratio(r, base))}× | {fmt(field(rows, 'bw_gb_s'))} | "
+                       f"{fmt(field(rows, 'one_way_us'))} | {fmt(field(rows, 'one_way_max_us'))} |")
+    return out
+
+
+def hol_table(hol):
+    out = ["\n## Head-of-line\n"]
+    if not hol:
+        return out + ["No `vfabric hol` data in this run.\n"]
+    out.append("`vfabric hol`: pair 1 (devices 0 and 1) measures its one-way ping-pong latency alone, "
+               "then while pair 2 (devices 2 and 3, same daemon) keeps RMA writes in flight into a "
+               "registered region of its peer. Ratio: loaded/alone median, per run, median over runs "
+               "(issue 7's target: at most 1.5). p99, mean and the slowest round trip show the stalls "
+               "a median hides. *load completions* is how pair 2 waits: polled keeps its requests on "
+               "the device's poller; blocking sends kicks.\n")
+    out.append("| pair 1 | load | load completions | alone µs | loaded µs | ratio | ≤ 1.5 | p99 alone µs | "
+               "p99 loaded µs | mean loaded µs | slowest loaded µs | load GB/s |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (mode, load_mode, size, load_size), rows in sorted(hol.items()):
+        rt = field(rows, "ratio")
+        ok = "–" if rt is None else ("met" if rt <= 1.5 else "**not met**")
+        out.append(f"| {size_label(size)} {mode} | {size_label(load_size)} writes | {load_mode} | "
+                   f"{fmt(field(rows, 'alone_us'))} | {fmt(field(rows, 'loaded_us'))} | {fmt(rt)}× | {ok} | "
+                   f"{fmt(field(rows, 'alone_p99_us'))} | {fmt(field(rows, 'loaded_p99_us'))} | "
+                   f"{fmt(field(rows, 'loaded_mean_us'))} | {fmt(field(rows, 'loaded_max_us'), 0)} | "
+                   f"{fmt(field(rows, 'load_gb_s'))} |")
+    return out
 
 
 if __name__ == "__main__":

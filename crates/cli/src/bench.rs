@@ -114,11 +114,11 @@ pub struct SizeResult {
 pub struct Side {
     pub domain: Domain,
     pub ep: Endpoint,
-    tx_cq: CompletionQueue,
-    rx_cq: CompletionQueue,
-    av: AddressVector,
-    sbuf: SharedBuf,
-    rbuf: SharedBuf,
+    pub(crate) tx_cq: CompletionQueue,
+    pub(crate) rx_cq: CompletionQueue,
+    pub(crate) av: AddressVector,
+    pub(crate) sbuf: SharedBuf,
+    pub(crate) rbuf: SharedBuf,
     mode: Mode,
     timeout: Duration,
 }
@@ -208,7 +208,10 @@ impl Side {
     }
 
     /// Post with retry while the ring is full (driving progress meanwhile).
-    fn retry<F: FnMut() -> vfabric::Result<()>>(&self, mut post: F) -> Result<(), CliError> {
+    pub(crate) fn retry<F: FnMut() -> vfabric::Result<()>>(
+        &self,
+        mut post: F,
+    ) -> Result<(), CliError> {
         let deadline = Instant::now() + self.timeout;
         loop {
             match post() {
@@ -225,11 +228,11 @@ impl Side {
         }
     }
 
-    fn post_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
+    pub(crate) fn post_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
         self.retry(|| self.ep.recv_buf(&self.rbuf, 0..size, ctx))
     }
 
-    fn post_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
+    pub(crate) fn post_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
         self.retry(|| self.ep.send_buf(&self.sbuf, 0..size, dest, ctx))
     }
 

@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod info;
 mod report;
+mod scale;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,7 +33,7 @@ pub enum CliError {
 #[command(
     name = "vfabric",
     version,
-    about = "virtio-fabric: device info, benchmarks and demo"
+    about = "virtio-fabric: device info, benchmarks (latency, bandwidth, scaling, head-of-line) and demo"
 )]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter).
@@ -56,6 +57,12 @@ enum Command {
     Atomic(BenchArgs),
     /// An embedded daemon and two guests: pingpong and bandwidth, a results table.
     Demo(demo::DemoArgs),
+    /// Scaling: an embedded daemon with 2N devices and N guest pairs for each N of --pairs,
+    /// all pairs at once: aggregate message rate and bandwidth, per-pair ping-pong latency.
+    Scale(scale::ScaleArgs),
+    /// Head-of-line blocking: pair 1's ping-pong latency alone, then while pair 2 streams
+    /// large RMA writes through the same device; reports the ratio.
+    Hol(scale::HolArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -231,6 +238,8 @@ fn main() -> ExitCode {
         Command::Bw(a) => run_bench(Kind::Bw, a),
         Command::Atomic(a) => run_bench(Kind::AtomicFetchAdd, a),
         Command::Demo(a) => demo::run(a),
+        Command::Scale(a) => scale::run_scale(a),
+        Command::Hol(a) => scale::run_hol(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
