@@ -20,7 +20,7 @@ use vfabric_proto::{
 };
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_SIZE};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -30,11 +30,10 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::chain::{
-    has_pending, head_is_indirect, parse_chain, pop_chains, GuestMemoryMmap, Parsed,
-};
+use crate::chain::{parse_walked, GuestMemoryMmap, Parsed, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::Poller;
+use crate::ring::{RingState, RingView};
 use crate::stats::Counters;
 
 /// Chains popped from one queue before they are handed to the fabric.
@@ -47,16 +46,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The used rings of one connection: where the fabric puts completions.
 pub(crate) struct VringSink {
     vrings: RwLock<Vec<VringRwLock>>,
+    /// Fast-path state of each ring (lock order: after the ring's `VringRwLock`).
+    rings: Vec<Mutex<RingState>>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// Bumped on every memory-table change: ring views of older tables are rebuilt.
+    mem_generation: AtomicU64,
     /// Bit q: queue q got used entries since the last flush.
     pending: AtomicU64,
-    /// `add_used` failed: the used ring is corrupt.
+    /// A ring could not be written: it is corrupt.
     broken: AtomicBool,
 }
 
 impl VringSink {
-    fn new() -> Self {
+    fn new(num_queues: usize, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
         Self {
             vrings: RwLock::new(Vec::new()),
+            rings: (0..num_queues)
+                .map(|_| Mutex::new(RingState::default()))
+                .collect(),
+            mem,
+            mem_generation: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             broken: AtomicBool::new(false),
         }
@@ -75,6 +84,33 @@ impl VringSink {
             }
         }
     }
+
+    /// Run `f` on ring `q`'s queue and view, under the ring's lock; `None` if the ring is not
+    /// running. Completions (`running: false`) are written to a stopped ring too: a ring being
+    /// stopped gets its cancelled requests back (GET_VRING_BASE stops it first).
+    fn with_ring<R>(
+        &self,
+        vr: &VringRwLock,
+        q: usize,
+        mem: Option<&Arc<GuestMemoryMmap>>,
+        running: bool,
+        f: impl FnOnce(&mut Queue, &RingView, &mut u16) -> R,
+    ) -> Result<Option<R>, RingError> {
+        let Some(state) = self.rings.get(q) else {
+            return Ok(None);
+        };
+        let mut st = vr.get_mut();
+        if running && (!st.is_enabled() || !st.get_queue().ready()) {
+            return Ok(None);
+        }
+        let mut rs = lock(state);
+        let generation = self.mem_generation.load(Ordering::Acquire);
+        let (view, notified_upto) = rs.view(generation, st.get_queue(), || {
+            mem.cloned()
+                .unwrap_or_else(|| self.mem.memory().into_inner())
+        })?;
+        Ok(Some(f(st.get_queue_mut(), view, notified_upto)))
+    }
 }
 
 impl CompletionSink for VringSink {
@@ -84,12 +120,15 @@ impl CompletionSink for VringSink {
             warn!(queue, "completion for an unknown queue dropped");
             return;
         };
-        match vr.add_used(head, len) {
-            Ok(()) => {
+        match self.with_ring(vr, queue as usize, None, false, |q, view, _| {
+            view.push_used(q, head, len)
+        }) {
+            Ok(Some(())) => {
                 self.pending.fetch_or(1u64 << queue, Ordering::AcqRel);
             }
+            Ok(None) => debug!(queue, head, "completion for a stopped queue dropped"),
             Err(e) => {
-                warn!(queue, head, "add_used failed: {e}");
+                warn!(queue, head, "used ring not writable: {e}");
                 self.broken.store(true, Ordering::Release);
             }
         }
@@ -105,8 +144,13 @@ impl CompletionSink for VringSink {
             if bits & (1u64 << q) == 0 {
                 continue;
             }
-            // A used_event we cannot read is treated as "notify".
-            if vr.needs_notification().unwrap_or(true) {
+            let notify = self.with_ring(vr, q, None, false, |q, view, notified_upto| {
+                let n = view.needs_notification(q, *notified_upto);
+                *notified_upto = q.next_used();
+                n
+            });
+            // A ring we cannot read is treated as "notify".
+            if !matches!(notify, Ok(Some(false))) {
                 if let Err(e) = vr.signal_used_queue() {
                     debug!(q, "cannot signal the guest: {e}");
                 }
@@ -186,6 +230,8 @@ pub(crate) struct FabricBackend {
     /// Control operations waiting for `work`: the worker yields to them between passes.
     control_waiting: AtomicUsize,
     regions: Mutex<Vec<RegionKey>>,
+    /// Parsed requests of one queue on their way to the fabric (reused: no allocation per pass).
+    parsed: Mutex<Vec<Parsed>>,
     exit_event: Mutex<Option<(EventConsumer, EventNotifier)>>,
     /// Raw fd of the exit consumer handed to vhost-user-backend (it leaks it; we close it).
     exit_fd: Mutex<Option<RawFd>>,
@@ -205,20 +251,22 @@ impl FabricBackend {
             .cloned()
             .ok_or_else(|| io::Error::other("device index out of range"))?;
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let num_queues = fabric.limits().num_queues();
         let backend = Arc::new(Self {
             dev,
-            num_queues: fabric.limits().num_queues(),
+            num_queues,
             fabric,
             counters,
             poller,
             me: Mutex::new(Weak::new()),
             polled: Mutex::new(false),
+            sink: Arc::new(VringSink::new(num_queues, mem.clone())),
             mem,
-            sink: Arc::new(VringSink::new()),
             acked: AtomicU64::new(0),
             work: Mutex::new(()),
             control_waiting: AtomicUsize::new(0),
             regions: Mutex::new(Vec::new()),
+            parsed: Mutex::new(Vec::with_capacity(BATCH)),
             exit_event: Mutex::new(Some(exit)),
             exit_fd: Mutex::new(None),
             shutdown: Mutex::new(None),
@@ -269,6 +317,12 @@ impl FabricBackend {
         self.acked.load(Ordering::Acquire)
     }
 
+    /// EVENT_IDX is in use: disabling notifications is implicit (the driver kicks only when it
+    /// passes `avail_event`), so the fast path never writes to disable them.
+    fn event_idx(&self) -> bool {
+        self.acked() & bit(VIRTIO_RING_F_EVENT_IDX) != 0
+    }
+
     /// A ring of this guest is corrupt: stop serving it and drop the connection.
     fn ring_error(&self, queue: usize, e: &dyn Display) {
         if self.broken.swap(true, Ordering::AcqRel) {
@@ -305,99 +359,112 @@ impl FabricBackend {
     }
 
     /// One pass over every queue: pop a batch from each, parse it, hand it to the fabric.
-    /// Returns whether any chain was found.
+    /// Returns `(found, more)`: whether any chain was found, and whether a queue may still hold
+    /// some (a full batch, or control requests deferred behind data).
     ///
     /// The data queues go first and the control queue only once they are empty, so a control
     /// request never overtakes data requests posted before it (spec: EP_CLOSE and CANCEL act on
     /// everything the driver made available earlier, and a reopened endpoint id never inherits
-    /// an old receive).
-    fn pass(&self, vrings: &[VringRwLock], n: &mut Notify) -> bool {
+    /// an old receive). The control queue's avail index is read before the data queues are
+    /// checked, and only the chains it announced are popped: a data request the driver made
+    /// available before a control request is seen before it.
+    fn pass(&self, vrings: &[VringRwLock], n: &mut Notify) -> (bool, bool) {
         let _work = self.work_lock();
-        let mut progressed = false;
+        let mut parsed = lock(&self.parsed);
+        let (mut found, mut more) = (false, false);
+        let mem = self.mem.memory().into_inner();
+        let acked = self.acked();
+        let limits = self.fabric.limits();
         let order = (1..vrings.len()).chain(std::iter::once(0));
         for q in order {
             let Some(vr) = vrings.get(q) else {
                 continue;
             };
             if self.is_broken() {
-                return progressed;
+                return (found, false);
             }
-            if q == 0 && self.any_pending(vrings.get(1..).unwrap_or_default()) {
-                // Data requests are still waiting: the next pass takes them first.
-                progressed = true;
-                continue;
-            }
-            let mem = self.mem.memory();
-            let (popped, desc_table) = {
-                let mut st = vr.get_mut();
-                if !st.is_enabled() || !st.get_queue().ready() {
+            let mut max = BATCH;
+            if q == 0 {
+                let announced = self
+                    .sink
+                    .with_ring(vr, 0, Some(&mem), true, |queue, view, _| {
+                        view.avail_idx().wrapping_sub(queue.next_avail())
+                    });
+                let announced = match announced {
+                    Ok(Some(k)) if k > 0 => k,
+                    _ => continue,
+                };
+                if self.any_pending_in(vrings.get(1..).unwrap_or_default(), 1, &mem) {
+                    // Data requests are still waiting: the next pass takes them first.
+                    more = true;
                     continue;
                 }
-                // The cheap look at the avail index first: validating a ring (in pop_chains)
-                // costs more than the rest of a small request.
-                if !has_pending(st.get_queue(), &mem) {
-                    continue;
-                }
-                let desc_table = st.get_queue().desc_table();
-                (pop_chains(st.get_queue_mut(), &mem, BATCH), desc_table)
-            };
-            let chains = match popped {
-                Ok(c) => c,
-                Err(e) => {
+                max = max.min(usize::from(announced));
+            }
+            let popped = self
+                .sink
+                .with_ring(vr, q, Some(&mem), true, |queue, view, _| {
+                    view.pop(queue, &mem, max, |head, walked, indirect| {
+                        parsed.push(parse_walked(
+                            &mem, walked, q as u16, head, limits, acked, indirect,
+                        ));
+                    })
+                });
+            match popped {
+                Ok(Some(Ok(0)) | None) => continue,
+                Ok(Some(Ok(k))) => more |= k == BATCH,
+                Ok(Some(Err(e))) | Err(e) => {
                     self.ring_error(q, &e);
-                    return progressed;
+                    return (found, false);
                 }
-            };
-            if chains.is_empty() {
-                continue;
             }
-            progressed = true;
-            let acked = self.acked();
-            let limits = self.fabric.limits();
-            let parsed: Vec<Parsed> = chains
-                .into_iter()
-                .map(|c| {
-                    let indirect = head_is_indirect(&mem, desc_table, c.head_index());
-                    parse_chain(&mem, c, q as u16, limits, acked, indirect)
-                })
-                .collect();
-            self.fabric.handle(self.dev, parsed, acked, n);
+            found = true;
+            self.fabric.handle(self.dev, &mut parsed, acked, n);
         }
-        progressed
+        (found, more)
     }
 
-    /// Pass over the queues until they are all empty. Returns whether any chain was found.
+    /// Pass over the queues until none may hold more. Returns whether any chain was found.
+    /// Requests that arrive after a queue's turn are found by the caller's re-check (the
+    /// notification re-arm in `process`, the next sweep of the poller).
     fn drain(&self, vrings: &[VringRwLock], n: &mut Notify) -> bool {
-        let mut found = false;
+        let mut found_any = false;
         loop {
-            let progressed = self.pass(vrings, n);
+            let (found, more) = self.pass(vrings, n);
             n.flush();
+            found_any |= found;
             if self.sink.broken.load(Ordering::Acquire) {
                 self.ring_error(0, &"used ring not writable");
             }
-            if !progressed || self.is_broken() {
-                return found;
+            if !more || self.is_broken() {
+                return found_any;
             }
-            found = true;
         }
     }
 
-    fn any_pending(&self, vrings: &[VringRwLock]) -> bool {
-        let mem = self.mem.memory();
-        vrings.iter().any(|vr| {
-            let st = vr.get_ref();
-            st.is_enabled() && st.get_queue().ready() && has_pending(st.get_queue(), &mem)
+    /// Whether any of `vrings` (queue indices from `first`) has requests not popped yet. A ring
+    /// that cannot be read counts as empty here; the pass that pops it reports it.
+    fn any_pending_in(
+        &self,
+        vrings: &[VringRwLock],
+        first: usize,
+        mem: &Arc<GuestMemoryMmap>,
+    ) -> bool {
+        vrings.iter().enumerate().any(|(i, vr)| {
+            matches!(
+                self.sink
+                    .with_ring(vr, first + i, Some(mem), true, |q, view, _| {
+                        view.avail_idx() != q.next_avail()
+                    }),
+                Ok(Some(true))
+            )
         })
     }
 
-    /// Poller: drain the rings if anything is pending. Returns whether work was found.
+    /// Poller: drain the rings. Returns whether work was found.
     pub(crate) fn poll_once(&self, vrings: &[VringRwLock]) -> bool {
-        if !self.any_pending(vrings) {
-            return false;
-        }
         let mut n = Notify::default();
-        self.drain(vrings, &mut n);
-        true
+        self.drain(vrings, &mut n)
     }
 
     /// Poller: re-enable notifications and give the rings back to the kicks. Returns `false`
@@ -427,23 +494,14 @@ impl FabricBackend {
     fn set_notifications(&self, vrings: &[VringRwLock], enable: bool) -> Result<bool, ()> {
         let mut more = false;
         for (q, vr) in vrings.iter().enumerate() {
-            {
-                let st = vr.get_ref();
-                if !st.is_enabled() || !st.get_queue().ready() {
-                    continue;
+            match self.sink.with_ring(vr, q, None, true, |queue, view, _| {
+                view.set_notification(queue, enable)
+            }) {
+                Ok(m) => more |= m.unwrap_or(false),
+                Err(e) => {
+                    self.ring_error(q, &e);
+                    return Err(());
                 }
-            }
-            if enable {
-                match vr.enable_notification() {
-                    Ok(m) => more |= m,
-                    Err(e) => {
-                        self.ring_error(q, &e);
-                        return Err(());
-                    }
-                }
-            } else if let Err(e) = vr.disable_notification() {
-                self.ring_error(q, &e);
-                return Err(());
             }
         }
         Ok(more)
@@ -464,7 +522,7 @@ impl FabricBackend {
             self.drain(vrings, &mut n);
             return;
         }
-        if self.set_notifications(vrings, false).is_err() {
+        if !self.event_idx() && self.set_notifications(vrings, false).is_err() {
             return;
         }
         loop {
@@ -480,7 +538,7 @@ impl FabricBackend {
             match self.set_notifications(vrings, true) {
                 Ok(false) | Err(()) => return,
                 Ok(true) => {
-                    if self.set_notifications(vrings, false).is_err() {
+                    if !self.event_idx() && self.set_notifications(vrings, false).is_err() {
                         return;
                     }
                 }
@@ -573,6 +631,8 @@ impl VhostUserBackend for FabricBackend {
             self.ring_error(0, &why);
             return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }
+        // Ring views of the old table are rebuilt on their next use.
+        self.sink.mem_generation.fetch_add(1, Ordering::AcqRel);
         let new = region_keys(&mem.memory());
         let mut old = lock(&self.regions);
         let replaced = old.iter().any(|r| !new.contains(r));

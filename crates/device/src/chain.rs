@@ -14,7 +14,10 @@
 //! carrying `VIRTQ_DESC_F_NEXT`. Stored segments are re-checked on every access because the
 //! guest's memory table may change in between.
 
+#[cfg(test)]
 use std::ops::Deref;
+
+use smallvec::SmallVec;
 
 use vfabric_proto::{
     bit, flags, queue_kind, Completion, Opcode, QueueClass, QueueKind, ReqHeader, Request, Status,
@@ -22,7 +25,9 @@ use vfabric_proto::{
     VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA_PMEM, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, Error as QueueError, Queue, QueueOwnedT, QueueT};
+use virtio_queue::Error as QueueError;
+#[cfg(test)]
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use crate::config::Limits;
@@ -37,10 +42,14 @@ pub(crate) struct Seg {
     pub len: u32,
 }
 
+/// Segments a stream keeps inline: most requests have one or two per stream, and a request
+/// must not cost a heap allocation.
+const INLINE_SEGS: usize = 4;
+
 /// A byte stream made of guest ranges.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Segs {
-    pub segs: Vec<Seg>,
+    pub segs: SmallVec<[Seg; INLINE_SEGS]>,
     /// Total bytes.
     pub len: u64,
 }
@@ -106,8 +115,8 @@ impl Segs {
         &self,
         mem: &'m GuestMemoryMmap,
         len: u64,
-    ) -> Result<Vec<VolatileSlice<'m, ()>>, MemFault> {
-        let mut out = Vec::with_capacity(self.segs.len());
+    ) -> Result<SmallVec<[VolatileSlice<'m, ()>; INLINE_SEGS]>, MemFault> {
+        let mut out = SmallVec::new();
         let mut left = len;
         for s in &self.segs {
             if left == 0 {
@@ -243,6 +252,9 @@ pub(crate) struct Req {
 }
 
 /// Result of parsing one chain.
+// Parsed requests travel in a reused vector: boxing the large variant would cost an allocation
+// per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Parsed {
     Req(Req),
@@ -273,6 +285,7 @@ pub(crate) enum RingError {
     BadHead { head: u16, size: u16 },
 }
 
+#[cfg(test)]
 /// Pop up to `max` chains. Fails when the ring is corrupt: rings outside guest memory, avail
 /// index more than a queue size ahead, a head index out of range.
 pub(crate) fn pop_chains<'m>(
@@ -296,14 +309,6 @@ pub(crate) fn pop_chains<'m>(
         out.push(chain);
     }
     Ok(out)
-}
-
-/// Whether the avail ring holds chains the device has not popped yet.
-pub(crate) fn has_pending(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
-    queue
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .map(|idx| idx.0 != queue.next_avail())
-        .unwrap_or(false)
 }
 
 /// Opcodes this device implements (others answer `Unsupported`).
@@ -353,6 +358,7 @@ fn data_descriptors(count: usize, readable: &Segs, writable: &Segs) -> usize {
     count.saturating_sub(control)
 }
 
+#[cfg(test)]
 /// Whether the descriptor at the head of a chain is an indirect one (checked against the
 /// negotiated features: virtio-queue follows indirect tables unconditionally).
 pub(crate) fn head_is_indirect(mem: &GuestMemoryMmap, desc_table: u64, head: u16) -> bool {
@@ -364,10 +370,49 @@ pub(crate) fn head_is_indirect(mem: &GuestMemoryMmap, desc_table: u64, head: u16
         .is_some_and(|f| u16::from_le(f) & VIRTQ_DESC_F_INDIRECT != 0)
 }
 
+#[cfg(test)]
 /// `VIRTQ_DESC_F_INDIRECT`.
 const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 
-/// Parse and validate one chain popped from virtqueue `queue`.
+/// The descriptors of one chain, sorted into its two byte streams.
+#[derive(Default)]
+pub(crate) struct Walked {
+    pub readable: Segs,
+    pub writable: Segs,
+    /// Descriptors seen (an indirect descriptor itself is not counted, its table's are).
+    pub count: usize,
+    /// The last descriptor seen still has `VIRTQ_DESC_F_NEXT`: the walk stopped early.
+    pub last_has_next: bool,
+    /// A descriptor lies (partly) outside guest memory.
+    pub fault: bool,
+    /// A readable descriptor follows a writable one.
+    pub write_before_read: bool,
+}
+
+impl Walked {
+    /// Add one descriptor.
+    pub fn add(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u32, write: bool, next: bool) {
+        self.count += 1;
+        self.last_has_next = next;
+        let seg = Seg { addr, len };
+        let inside =
+            len == 0 || GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize);
+        if !inside {
+            self.fault = true;
+        }
+        if write {
+            self.writable.push(seg);
+        } else {
+            if !self.writable.segs.is_empty() {
+                self.write_before_read = true;
+            }
+            self.readable.push(seg);
+        }
+    }
+}
+
+#[cfg(test)]
+/// Parse and validate one chain popped from virtqueue `queue` by virtio-queue's iterator.
 pub(crate) fn parse_chain<M>(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<M>,
@@ -381,36 +426,38 @@ where
     M::Target: vm_memory::GuestMemory,
 {
     let head = chain.head_index();
-    let unusable = |why| Parsed::Unusable { queue, head, why };
-
-    let mut readable = Segs::default();
-    let mut writable = Segs::default();
-    let mut count = 0usize;
-    let mut last_has_next = false;
-    let mut fault = false;
-    let mut write_before_read = false;
-
+    let mut w = Walked::default();
     for desc in chain {
-        count += 1;
-        last_has_next = desc.has_next();
-        let seg = Seg {
-            addr: desc.addr().0,
-            len: desc.len(),
-        };
-        let inside =
-            seg.len == 0 || GuestMemoryBackend::check_range(mem, desc.addr(), seg.len as usize);
-        if !inside {
-            fault = true;
-        }
-        if desc.is_write_only() {
-            writable.push(seg);
-        } else {
-            if !writable.segs.is_empty() {
-                write_before_read = true;
-            }
-            readable.push(seg);
-        }
+        w.add(
+            mem,
+            desc.addr().0,
+            desc.len(),
+            desc.is_write_only(),
+            desc.has_next(),
+        );
     }
+    parse_walked(mem, w, queue, head, limits, acked, head_indirect)
+}
+
+/// Validate a walked chain (chain `head` of virtqueue `queue`) and parse its request.
+pub(crate) fn parse_walked(
+    mem: &GuestMemoryMmap,
+    w: Walked,
+    queue: u16,
+    head: u16,
+    limits: &Limits,
+    acked: u64,
+    head_indirect: bool,
+) -> Parsed {
+    let unusable = |why| Parsed::Unusable { queue, head, why };
+    let Walked {
+        readable,
+        writable,
+        count,
+        last_has_next,
+        fault,
+        write_before_read,
+    } = w;
     if count == 0 {
         return unusable("empty chain");
     }
@@ -573,13 +620,13 @@ mod tests {
         assert_eq!(s.len, 30);
         let (a, b) = s.split_at(15);
         assert_eq!(
-            a.segs,
-            vec![Seg { addr: 0, len: 10 }, Seg { addr: 200, len: 5 }]
+            &a.segs[..],
+            [Seg { addr: 0, len: 10 }, Seg { addr: 200, len: 5 }]
         );
-        assert_eq!(b.segs, vec![Seg { addr: 205, len: 15 }]);
+        assert_eq!(&b.segs[..], [Seg { addr: 205, len: 15 }]);
         let (a, b) = s.split_at(10);
         assert_eq!(a.len, 10);
-        assert_eq!(b.segs, vec![Seg { addr: 200, len: 20 }]);
+        assert_eq!(&b.segs[..], [Seg { addr: 200, len: 20 }]);
         let (a, b) = s.split_at(99);
         assert_eq!(a.len, 30);
         assert_eq!(b.len, 0);

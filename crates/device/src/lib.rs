@@ -24,6 +24,7 @@ mod config;
 mod daemon;
 mod fabric;
 mod poller;
+mod ring;
 mod stats;
 #[cfg(test)]
 mod testutil;

@@ -154,7 +154,7 @@ impl World {
         };
         let mut n = Notify::default();
         self.fabric
-            .handle(dev, vec![Parsed::Req(req)], ALL_FEATURES, &mut n);
+            .handle(dev, &mut vec![Parsed::Req(req)], ALL_FEATURES, &mut n);
         H {
             dev,
             queue,

@@ -15,12 +15,12 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
 use super::FabricBackend;
-use crate::chain::{parse_chain, pop_chains, GuestMemoryMmap, Parsed, RingError};
+use crate::chain::{head_is_indirect, parse_chain, pop_chains, GuestMemoryMmap, Parsed, RingError};
 use crate::config::{Config, Limits};
 use crate::fabric::{Fabric, Notify};
 use crate::testutil::{Guest, ALL_FEATURES};
@@ -72,7 +72,7 @@ impl Rig {
             .map(|c| parse_chain(self.mem(), c, queue, &self.limits, acked, false))
             .collect();
         let mut n = Notify::default();
-        self.fabric.handle(0, parsed.clone(), acked, &mut n);
+        self.fabric.handle(0, &mut parsed.clone(), acked, &mut n);
         parsed
     }
 
@@ -657,18 +657,37 @@ mod hostile {
                 vq.avail().ring().ref_at(i).unwrap().store(*h);
             }
             vq.avail().idx().store(heads.len() as u16);
+            // The data path's walker (host-pointer ring view) against virtio-queue's iterator:
+            // the same chains must parse to the same requests.
+            let mut fast_q: Queue = vq.create_queue().unwrap();
+            let mem = Arc::new(rig.mem().clone());
+            let view = crate::ring::RingView::build(mem.clone(), 0, &fast_q).unwrap();
+            let mut fast = Vec::new();
+            let fast_res = view.pop(&mut fast_q, &mem, 64, |head, w, indirect| {
+                fast.push(crate::chain::parse_walked(
+                    &mem, w, queue, head, &rig.limits, acked, indirect,
+                ));
+            });
             let mut q: Queue = vq.create_queue().unwrap();
+            let desc_table = q.desc_table();
             let Ok(chains) = pop_chains(&mut q, rig.mem(), 64) else {
                 // A head out of range: the ring is corrupt, the guest would be dropped.
                 prop_assert!(heads.iter().any(|h| *h >= QSIZE));
+                prop_assert!(fast_res.is_err());
                 return Ok(());
             };
-            let parsed: Vec<Parsed> = chains
+            let mut parsed: Vec<Parsed> = chains
                 .into_iter()
-                .map(|c| parse_chain(rig.mem(), c, queue, &rig.limits, acked, false))
+                .map(|c| {
+                    let indirect = head_is_indirect(rig.mem(), desc_table, c.head_index());
+                    parse_chain(rig.mem(), c, queue, &rig.limits, acked, indirect)
+                })
                 .collect();
+            prop_assert!(fast_res.is_ok());
+            prop_assert_eq!(&fast, &parsed);
+            prop_assert_eq!(fast_q.next_avail(), q.next_avail());
             let mut n = Notify::default();
-            rig.fabric.handle(0, parsed, acked, &mut n);
+            rig.fabric.handle(0, &mut parsed, acked, &mut n);
             // Every entry returned is either empty (unusable chain) or carries a completion.
             let used = rig.guest.sink.used.lock().unwrap().clone();
             prop_assert!(used.len() <= heads.len());

@@ -136,6 +136,8 @@ struct Meta {
     rma_len: Option<u64>,
 }
 
+// Queued messages are few per endpoint; a held send is kept inline rather than boxed.
+#[allow(clippy::large_enum_variant)]
 enum Body {
     /// Copied into the device (counted against the destination's unexpected bytes).
     Eager(Vec<u8>),
@@ -371,20 +373,23 @@ impl Fabric {
             .is_some_and(|(d, ep)| self.dev(d).live_ep(ep, a.generation).is_some())
     }
 
-    /// Process parsed chains of device `dev` whose driver acked `acked`.
-    pub fn handle(&self, dev: usize, parsed: Vec<Parsed>, acked: u64, n: &mut Notify) {
+    /// Process (and take out of `parsed`) parsed chains of device `dev` whose driver acked
+    /// `acked`.
+    pub fn handle(&self, dev: usize, parsed: &mut Vec<Parsed>, acked: u64, n: &mut Notify) {
         if dev >= self.devs.len() {
+            parsed.clear();
             return;
         }
         let port = {
             let mut d = self.dev(dev);
             let Some(port) = d.port.clone() else {
+                parsed.clear();
                 return;
             };
             d.acked = acked;
             port
         };
-        for p in parsed {
+        for p in parsed.drain(..) {
             match p {
                 Parsed::Unusable { queue, head, why } => {
                     debug!(dev, queue, head, why, "chain returned with length 0");

@@ -1,0 +1,329 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The device side of a split virtqueue on the data path, through host pointers.
+//!
+//! virtio-queue's `Queue` (inside vhost-user-backend's `VringRwLock`) stays the owner of a
+//! ring's configuration and indices — vhost-user-backend reads and sets them on SET_VRING_* and
+//! GET_VRING_BASE. What this module replaces is the per-access path: there, every field read
+//! goes through a guest-memory region lookup and the whole ring is re-validated per pass. Here
+//! a [`RingView`] translates the three ring parts to host pointers once, checks them once
+//! (inside one memory region each, aligned), and is rebuilt only when the memory table or the
+//! ring's addresses change. Descriptor buffers are still checked one by one against guest
+//! memory when a chain is walked ([`Walked::add`]).
+//!
+//! The guest writes these rings concurrently, so every access is a volatile or atomic one and
+//! every value read is treated as untrusted: indices are reduced modulo the ring size, head and
+//! `next` indices are range-checked, walks are bounded by the table size.
+
+use std::num::Wrapping;
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::chain::{GuestMemoryMmap, RingError, Walked};
+
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+/// `VIRTQ_USED_F_NO_NOTIFY`.
+const USED_F_NO_NOTIFY: u16 = 1;
+
+/// Host view of one split ring for one memory table.
+pub(crate) struct RingView {
+    /// Keeps the mappings behind the pointers alive.
+    _mem: Arc<GuestMemoryMmap>,
+    /// Memory-table generation the view was built for.
+    generation: u64,
+    desc_gpa: u64,
+    avail_gpa: u64,
+    used_gpa: u64,
+    size: u16,
+    desc: *mut u8,
+    avail: *mut u8,
+    used: *mut u8,
+}
+
+// SAFETY: the raw pointers point into mappings owned by `_mem` (an `Arc`), which lives as long
+// as the view; every access through them is volatile or atomic, as for any memory shared with a
+// guest, so sending or sharing the view between threads adds no data race of Rust's own.
+unsafe impl Send for RingView {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for RingView {}
+
+/// Host pointer to `len` bytes at `gpa`, if they lie inside one region.
+fn host_range(mem: &GuestMemoryMmap, gpa: u64, len: usize, align: u64) -> Option<*mut u8> {
+    if !gpa.is_multiple_of(align) {
+        return None;
+    }
+    let slice = mem.get_slice(GuestAddress(gpa), len).ok()?;
+    (slice.len() == len).then(|| slice.ptr_guard_mut().as_ptr())
+}
+
+impl RingView {
+    /// Translate and check the ring parts of `q` in `mem` (memory-table `generation`).
+    pub fn build(mem: Arc<GuestMemoryMmap>, generation: u64, q: &Queue) -> Result<Self, RingError> {
+        let size = q.size();
+        if size == 0 || !size.is_power_of_two() {
+            return Err(RingError::Invalid);
+        }
+        let n = usize::from(size);
+        let desc = host_range(&mem, q.desc_table(), 16 * n, 16).ok_or(RingError::Invalid)?;
+        let avail = host_range(&mem, q.avail_ring(), 6 + 2 * n, 2).ok_or(RingError::Invalid)?;
+        let used = host_range(&mem, q.used_ring(), 6 + 8 * n, 4).ok_or(RingError::Invalid)?;
+        Ok(Self {
+            _mem: mem,
+            generation,
+            desc_gpa: q.desc_table(),
+            avail_gpa: q.avail_ring(),
+            used_gpa: q.used_ring(),
+            size,
+            desc,
+            avail,
+            used,
+        })
+    }
+
+    /// Whether this view still describes `q` under memory-table `generation`.
+    pub fn is_for(&self, generation: u64, q: &Queue) -> bool {
+        self.generation == generation
+            && self.size == q.size()
+            && self.desc_gpa == q.desc_table()
+            && self.avail_gpa == q.avail_ring()
+            && self.used_gpa == q.used_ring()
+    }
+
+    fn atomic_u16(&self, p: *mut u8) -> &AtomicU16 {
+        // SAFETY: every caller passes a pointer inside one of the ring parts checked in `build`
+        // (kept mapped by `_mem`) at an even offset from a 2-aligned base.
+        unsafe { &*(p as *const AtomicU16) }
+    }
+
+    /// `avail.idx`, acquiring the entries the driver published before it.
+    pub fn avail_idx(&self) -> u16 {
+        // SAFETY: offset 2 lies inside the avail ring (6 + 2 * size bytes).
+        u16::from_le(
+            self.atomic_u16(unsafe { self.avail.add(2) })
+                .load(Ordering::Acquire),
+        )
+    }
+
+    /// `avail.ring[i % size]`.
+    fn avail_entry(&self, i: u16) -> u16 {
+        let slot = usize::from(i & (self.size - 1));
+        // SAFETY: 4 + 2 * slot + 2 <= 4 + 2 * size.
+        u16::from_le(
+            self.atomic_u16(unsafe { self.avail.add(4 + 2 * slot) })
+                .load(Ordering::Relaxed),
+        )
+    }
+
+    /// `used_event` (EVENT_IDX): the driver wants a notification once the used index passes it.
+    fn used_event(&self) -> u16 {
+        let at = 4 + 2 * usize::from(self.size);
+        // SAFETY: the avail ring is 6 + 2 * size bytes; `at` is its last u16.
+        u16::from_le(
+            self.atomic_u16(unsafe { self.avail.add(at) })
+                .load(Ordering::Acquire),
+        )
+    }
+
+    /// Set `avail_event` (EVENT_IDX): kick when the avail index passes `idx`.
+    fn set_avail_event(&self, idx: u16) {
+        let at = 4 + 8 * usize::from(self.size);
+        // SAFETY: the used ring is 6 + 8 * size bytes; `at` is its last u16.
+        self.atomic_u16(unsafe { self.used.add(at) })
+            .store(idx.to_le(), Ordering::Release);
+    }
+
+    /// Set or clear `VIRTQ_USED_F_NO_NOTIFY` (rings without EVENT_IDX).
+    fn set_no_notify(&self, on: bool) {
+        let v = if on { USED_F_NO_NOTIFY } else { 0 };
+        self.atomic_u16(self.used)
+            .store(v.to_le(), Ordering::Release);
+    }
+
+    /// Publish used element `(head, len)` at the queue's next used index.
+    pub fn push_used(&self, q: &mut Queue, head: u16, len: u32) {
+        let idx = q.next_used();
+        let slot = usize::from(idx & (self.size - 1));
+        // SAFETY: element `slot` (8 bytes at 4 + 8 * slot) lies inside the used ring; it is
+        // 4-aligned (used ring base is 4-aligned). The driver reads it only after the index
+        // store below (release).
+        unsafe {
+            let elem = self.used.add(4 + 8 * slot);
+            std::ptr::write_volatile(elem as *mut u32, u32::from(head).to_le());
+            std::ptr::write_volatile(elem.add(4) as *mut u32, len.to_le());
+        }
+        let next = idx.wrapping_add(1);
+        // SAFETY: offset 2 lies inside the used ring.
+        self.atomic_u16(unsafe { self.used.add(2) })
+            .store(next.to_le(), Ordering::Release);
+        q.set_next_used(next);
+    }
+
+    /// Whether the driver wants a notification for the entries added since `since` (the used
+    /// index at the previous decision), as EVENT_IDX defines; always without EVENT_IDX.
+    pub fn needs_notification(&self, q: &Queue, since: u16) -> bool {
+        // The used entries must be visible before used_event is read.
+        fence(Ordering::SeqCst);
+        if !q.event_idx_enabled() {
+            return true;
+        }
+        let new = Wrapping(q.next_used());
+        let event = Wrapping(self.used_event());
+        new - event - Wrapping(1) < new - Wrapping(since)
+    }
+
+    /// Ask the driver to kick (or not) for new requests. Returns, when enabling, whether
+    /// requests arrived meanwhile (so the caller must not sleep).
+    pub fn set_notification(&self, q: &Queue, enable: bool) -> bool {
+        if q.event_idx_enabled() {
+            // Disabling is implicit: the driver kicks only when it passes avail_event.
+            if !enable {
+                return false;
+            }
+            self.set_avail_event(q.next_avail());
+        } else {
+            self.set_no_notify(!enable);
+        }
+        if !enable {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        self.avail_idx() != q.next_avail()
+    }
+
+    /// Pop up to `max` chains into `out` as `(head, walked chain, head is indirect)`. Fails on a
+    /// corrupt ring (avail index more than a ring ahead, head out of range).
+    pub fn pop(
+        &self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        max: usize,
+        mut each: impl FnMut(u16, Walked, bool),
+    ) -> Result<usize, RingError> {
+        let avail = Wrapping(self.avail_idx());
+        let mut next = Wrapping(q.next_avail());
+        let pending = (avail - next).0;
+        if pending > self.size {
+            return Err(RingError::Avail(virtio_queue::Error::InvalidAvailRingIndex));
+        }
+        let take = usize::from(pending).min(max);
+        for _ in 0..take {
+            let head = self.avail_entry(next.0);
+            if head >= self.size {
+                return Err(RingError::BadHead {
+                    head,
+                    size: self.size,
+                });
+            }
+            let (walked, indirect) = self.walk(mem, head);
+            each(head, walked, indirect);
+            next += Wrapping(1);
+        }
+        q.set_next_avail(next.0);
+        Ok(take)
+    }
+
+    /// Descriptor `i` of the ring's own table (`i` < size, checked by the caller).
+    fn ring_desc(&self, i: u16) -> [u8; 16] {
+        // SAFETY: `i` < size and the table (16 * size bytes) is mapped and 16-aligned.
+        unsafe { std::ptr::read_volatile(self.desc.add(16 * usize::from(i)) as *const [u8; 16]) }
+    }
+
+    /// Walk chain `head`: its descriptors sorted into streams (see [`Walked`]), and whether the
+    /// head descriptor is an indirect one. The walk follows virtio-queue's `DescriptorChain`
+    /// rule for rule (checked by a differential test): it stops at a loop (more descriptors
+    /// than the table has), a `next` out of range, a nested or malformed indirect table, an
+    /// unreadable indirect entry or 4 GiB of buffers; a chain cut short ends with
+    /// `last_has_next` set.
+    fn walk(&self, mem: &GuestMemoryMmap, head: u16) -> (Walked, bool) {
+        let mut w = Walked::default();
+        // The indirect table being walked (guest address), if any.
+        let mut indirect: Option<u64> = None;
+        let mut entries = self.size;
+        let mut ttl = self.size;
+        let mut i = head;
+        let mut head_indirect = false;
+        let mut bytes = 0u32;
+        loop {
+            let d = match indirect {
+                None => self.ring_desc(i),
+                Some(table) => {
+                    // One translation per entry: indirect tables may lie anywhere.
+                    let mut d = [0u8; 16];
+                    let at = table.checked_add(16 * u64::from(i));
+                    match at.map(|a| mem.read_slice(&mut d, GuestAddress(a))) {
+                        Some(Ok(())) => d,
+                        _ => return (w, head_indirect),
+                    }
+                }
+            };
+            let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+            let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
+            let flags = u16::from_le_bytes([d[12], d[13]]);
+            let next = u16::from_le_bytes([d[14], d[15]]);
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if indirect.is_some() || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
+                    return (w, head_indirect);
+                }
+                if w.count == 0 {
+                    head_indirect = true;
+                }
+                // len / 16 <= u16::MAX, checked above.
+                entries = (len / 16) as u16;
+                ttl = entries;
+                indirect = Some(addr);
+                i = 0;
+                if entries == 0 {
+                    return (w, head_indirect);
+                }
+                continue;
+            }
+            let Some(total) = bytes.checked_add(len) else {
+                return (w, head_indirect);
+            };
+            bytes = total;
+            let has_next = flags & VIRTQ_DESC_F_NEXT != 0;
+            w.add(mem, addr, len, flags & VIRTQ_DESC_F_WRITE != 0, has_next);
+            if !has_next {
+                return (w, head_indirect);
+            }
+            ttl -= 1;
+            if ttl == 0 || next >= entries {
+                return (w, head_indirect);
+            }
+            i = next;
+        }
+    }
+}
+
+/// A ring's fast-path state: its view and the used index at the last notification decision.
+#[derive(Default)]
+pub(crate) struct RingState {
+    view: Option<RingView>,
+    /// `next_used` when the driver was last considered for a notification.
+    notified_upto: u16,
+}
+
+impl RingState {
+    /// The view of `q` for memory-table `generation` (`mem` loads that table), rebuilt if the
+    /// table or the ring's addresses changed, and the ring's `notified_upto`.
+    pub fn view(
+        &mut self,
+        generation: u64,
+        q: &Queue,
+        mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
+    ) -> Result<(&RingView, &mut u16), RingError> {
+        let fresh = self.view.as_ref().is_some_and(|v| v.is_for(generation, q));
+        if !fresh {
+            self.view = None;
+            self.view = Some(RingView::build(mem(), generation, q)?);
+        }
+        match &self.view {
+            Some(v) => Ok((v, &mut self.notified_upto)),
+            None => Err(RingError::Invalid),
+        }
+    }
+}
