@@ -10,7 +10,7 @@ use vfabric_proto::{
 };
 
 use crate::domain::DomainInner;
-use crate::virtqueue::{Finished, PendingOp, RxData, TxData};
+use crate::virtqueue::{Finished, Payload, PendingOp, RxData, TxData};
 use crate::{Error, Result};
 
 /// First QUERY_CAPS buffer size; grown on `Truncated`.
@@ -31,12 +31,18 @@ pub(crate) struct CtrlResult {
 }
 
 /// Dispatch a finished control request (called from progress).
-pub(crate) fn complete_control(domain: &DomainInner, f: Finished) {
-    let cookie = f.pending.cookie;
-    let PendingOp::Control { data } = f.pending.op else {
-        unreachable!("complete_control on a data request");
+pub(crate) fn complete_control(domain: &DomainInner, f: Finished<'_>) {
+    let cookie = f.cookie;
+    let PendingOp::Control { data } = f.op else {
+        return;
     };
-    if domain.ctrl_abandoned.lock().unwrap().remove(&cookie) {
+    let data = data.take();
+    if domain
+        .ctrl_abandoned
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&cookie)
+    {
         tracing::debug!(cookie, "late completion of an abandoned control request");
         return;
     }
@@ -54,14 +60,18 @@ pub(crate) fn complete_control(domain: &DomainInner, f: Finished) {
         bytes.resize(n, 0);
         area.read_at(0, &mut bytes);
     }
-    domain.ctrl_results.lock().unwrap().insert(
-        cookie,
-        CtrlResult {
-            status,
-            completion,
-            data: bytes,
-        },
-    );
+    domain
+        .ctrl_results
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            cookie,
+            CtrlResult {
+                status,
+                completion,
+                data: bytes,
+            },
+        );
 }
 
 impl DomainInner {
@@ -81,7 +91,6 @@ impl DomainInner {
         if payload.len() > crate::virtqueue::INLINE_TX_MAX {
             return Err(Error::InvalidArgument("control payload too large".into()));
         }
-        let parts = [payload];
         self.check_usable()?;
         let _serial = self.ctrl_lock.lock().unwrap();
         let deadline = Instant::now() + self.ctrl_timeout;
@@ -102,7 +111,7 @@ impl DomainInner {
             let tx = if payload.is_empty() {
                 TxData::None
             } else {
-                TxData::Inline(&parts)
+                TxData::Inline(Payload::bytes(payload))
             };
             match self.queues[0].post(
                 &mut header,
@@ -140,14 +149,6 @@ impl DomainInner {
                 continue;
             }
             self.block(Some(deadline.min(now + CONTROL_SLEEP_SLICE)), None)?;
-        }
-    }
-
-    /// Progress for control waiters: errors of data queues are reported to their users, not
-    /// to the control caller.
-    fn progress_quiet(&self) {
-        for q in &self.queues {
-            let _ = q.poll(|f| crate::cq::complete(self, f));
         }
     }
 

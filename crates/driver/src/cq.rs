@@ -8,6 +8,7 @@
 //! progress may deliver our entries), re-checking after arming so no wakeup is lost.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::av::{FiAddr, FI_ADDR_NOTAVAIL};
 use crate::domain::DomainInner;
-use crate::virtqueue::{CopyOut, DataOp, Finished, PendingOp};
+use crate::virtqueue::{drain_eventfd, signal_eventfd, CopyOut, DataOp, Finished, PendingOp};
 use crate::{data_status_errno, fi, Error, Result};
 
 /// Environment variable fixing the `sread` spin budget in microseconds (0: block at once).
@@ -123,26 +124,36 @@ pub struct CqErrEntry {
 
 enum CqEvent {
     Entry(CqEntry),
-    Error(CqErrEntry),
+    /// Boxed: errors are rare, and a small event keeps the queue compact.
+    Error(Box<CqErrEntry>),
 }
 
 /// State shared between a CQ handle and the requests that complete into it.
 pub(crate) struct CqShared {
     events: Mutex<VecDeque<CqEvent>>,
-    /// Written when an entry arrives while a thread blocks in `sread`.
-    signal: EventFd,
+    /// `events.len()`, kept under the lock, read without it (emptiness checks).
+    queued: AtomicUsize,
+    /// Written when an entry arrives while a thread blocks in `sread` (owned by `_signal`).
+    signal_fd: RawFd,
+    _signal: EventFd,
     waiters: AtomicUsize,
 }
 
 impl CqShared {
     fn push(&self, ev: CqEvent) {
-        self.events.lock().unwrap().push_back(ev);
+        {
+            let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            events.push_back(ev);
+            // SeqCst: ordered before the waiter check below, as the waiter's count is before
+            // its emptiness check (no lost wakeup).
+            self.queued.store(events.len(), Ordering::SeqCst);
+        }
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _ = self.signal.write(1);
+            let _ = signal_eventfd(self.signal_fd);
         }
     }
     fn is_empty(&self) -> bool {
-        self.events.lock().unwrap().is_empty()
+        self.queued.load(Ordering::SeqCst) == 0
     }
 }
 
@@ -162,19 +173,47 @@ impl std::fmt::Debug for CompletionQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CompletionQueue")
             .field("attr", &self.attr)
-            .field("queued", &self.shared.events.lock().unwrap().len())
+            .field("queued", &self.queued())
             .finish()
     }
 }
 
+/// Longest single wait passed to the kernel (a `time_t` that cannot overflow).
+const MAX_WAIT_SECS: u64 = 1 << 32;
+
+/// A wait's remaining time in the form `ppoll` takes and writes back.
+pub(crate) fn timespec_of(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: d.as_secs().min(MAX_WAIT_SECS) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    }
+}
+
+fn duration_of(t: &libc::timespec) -> Duration {
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
+fn is_elapsed(t: &libc::timespec) -> bool {
+    t.tv_sec <= 0 && t.tv_nsec <= 0
+}
+
+/// Polls between clock reads while spinning in `sread`.
+const SPIN_POLLS_PER_CLOCK: u32 = 16;
+
 impl CompletionQueue {
     pub(crate) fn new(domain: Arc<DomainInner>, attr: CqAttr) -> Result<Self> {
         let (initial_spin_ns, fixed_spin_ns) = default_spin();
+        let signal = EventFd::new(EFD_NONBLOCK)?;
         Ok(Self {
             domain,
             shared: Arc::new(CqShared {
                 events: Mutex::new(VecDeque::with_capacity(attr.size.min(1 << 16))),
-                signal: EventFd::new(EFD_NONBLOCK)?,
+                queued: AtomicUsize::new(0),
+                signal_fd: signal.as_raw_fd(),
+                _signal: signal,
                 waiters: AtomicUsize::new(0),
             }),
             attr,
@@ -192,7 +231,7 @@ impl CompletionQueue {
     /// none, `Err(Avail)` if an error entry is at the head (call [`CompletionQueue::readerr`]).
     pub fn read(&self, out: &mut Vec<CqEntry>, max: usize) -> Result<usize> {
         let progressed = self.domain.progress();
-        match self.take(out, max) {
+        match self.take(max, |e| out.push(e)) {
             // Entries already delivered are returned before a transport error.
             Err(Error::Again) => progressed.and(Err(Error::Again)),
             r => r,
@@ -200,38 +239,49 @@ impl CompletionQueue {
     }
 
     /// `fi_cq_read` into a slice: fills `out[..n]`, returns `n` (errors as for `read`).
+    /// Allocates nothing.
     pub fn read_into(&self, out: &mut [CqEntry]) -> Result<usize> {
-        let mut v = Vec::with_capacity(out.len());
-        let n = self.read(&mut v, out.len())?;
-        for (slot, e) in out.iter_mut().zip(v) {
-            *slot = e;
+        let progressed = self.domain.progress();
+        let mut at = 0;
+        let taken = self.take(out.len(), |e| {
+            out[at] = e;
+            at += 1;
+        });
+        match taken {
+            Err(Error::Again) => progressed.and(Err(Error::Again)),
+            r => r,
         }
-        Ok(n)
     }
 
-    /// Read one entry.
+    /// Read one entry (errors as for `read`). Allocates nothing.
     pub fn read_one(&self) -> Result<CqEntry> {
-        let mut v = Vec::with_capacity(1);
-        self.read(&mut v, 1)?;
-        Ok(v.pop().expect("read returned one entry"))
+        let mut one = [CqEntry::default()];
+        self.read_into(&mut one)?;
+        let [e] = one;
+        Ok(e)
     }
 
-    fn take(&self, out: &mut Vec<CqEntry>, max: usize) -> Result<usize> {
-        let mut events = self.shared.events.lock().unwrap();
+    /// Move up to `max` queued entries to `put`, stopping at an error entry.
+    fn take(&self, max: usize, mut put: impl FnMut(CqEntry)) -> Result<usize> {
+        if max == 0 || self.shared.queued.load(Ordering::Relaxed) == 0 {
+            // Nothing queued as of our own progress: no lock.
+            return Err(Error::Again);
+        }
+        let mut events = self.shared.events.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
         while n < max {
             match events.front() {
                 Some(CqEvent::Entry(_)) => {
-                    let Some(CqEvent::Entry(e)) = events.pop_front() else {
-                        unreachable!()
-                    };
-                    out.push(e);
-                    n += 1;
+                    if let Some(CqEvent::Entry(e)) = events.pop_front() {
+                        put(e);
+                        n += 1;
+                    }
                 }
                 Some(CqEvent::Error(_)) if n == 0 => return Err(Error::Avail),
                 _ => break,
             }
         }
+        self.shared.queued.store(events.len(), Ordering::SeqCst);
         if n == 0 {
             Err(Error::Again)
         } else {
@@ -241,19 +291,20 @@ impl CompletionQueue {
 
     /// `fi_cq_readerr`: pop the error entry at the head, if any.
     pub fn readerr(&self) -> Option<CqErrEntry> {
-        let mut events = self.shared.events.lock().unwrap();
+        let mut events = self.shared.events.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(CqEvent::Error(_)) = events.front() {
             let Some(CqEvent::Error(e)) = events.pop_front() else {
                 unreachable!()
             };
-            return Some(e);
+            self.shared.queued.store(events.len(), Ordering::SeqCst);
+            return Some(*e);
         }
         None
     }
 
     /// Entries (success and error) queued, without driving progress.
     pub fn queued(&self) -> usize {
-        self.shared.events.lock().unwrap().len()
+        self.shared.queued.load(Ordering::SeqCst)
     }
 
     /// `fi_cq_sread`: like `read`, but waits up to `timeout` (forever if `None`) for at least
@@ -267,57 +318,102 @@ impl CompletionQueue {
         max: usize,
         timeout: Option<Duration>,
     ) -> Result<usize> {
+        self.wait_for(timeout, |cq| cq.read(out, max))
+    }
+
+    /// `fi_cq_sread` into a slice (as [`CompletionQueue::read_into`]; waits as
+    /// [`CompletionQueue::sread`]). Allocates nothing.
+    pub fn sread_into(&self, out: &mut [CqEntry], timeout: Option<Duration>) -> Result<usize> {
+        self.wait_for(timeout, |cq| cq.read_into(out))
+    }
+
+    /// Repeat `attempt` until it returns something other than `Again`: spin for the budget,
+    /// then sleep on the domain's call eventfds. The clock is read only while spinning (every
+    /// few polls) and, in adaptive mode, around sleeps; the timeout itself is kept by the
+    /// kernel, which writes the time left back into `left` after every sleep.
+    fn wait_for(
+        &self,
+        timeout: Option<Duration>,
+        mut attempt: impl FnMut(&Self) -> Result<usize>,
+    ) -> Result<usize> {
         if self.attr.wait != WaitMode::Blocking {
             return Err(Error::Unsupported(
                 "sread on a CQ opened with WaitMode::None".into(),
             ));
         }
-        let start = Instant::now();
-        let deadline = timeout.map(|t| start + t);
-        match self.read(out, max) {
+        match attempt(self) {
             Err(Error::Again) => {}
             r => return r,
         }
+        let mut left = timeout.map(timespec_of);
         // Phase 1: poll.
         let budget = self
             .fixed_spin_ns
             .unwrap_or_else(|| self.spin_ns.load(Ordering::Relaxed));
-        let spin_end = start + Duration::from_nanos(budget);
-        let spin_end = deadline.map_or(spin_end, |d| d.min(spin_end));
-        let mut polls = 0u32;
-        while Instant::now() < spin_end {
-            match self.read(out, max) {
-                Err(Error::Again) => {}
-                r => return r,
+        if budget > 0 {
+            let start = Instant::now();
+            let spin = Duration::from_nanos(budget);
+            let spin = timeout.map_or(spin, |t| t.min(spin));
+            let mut polls = 0u32;
+            loop {
+                match attempt(self) {
+                    Err(Error::Again) => {}
+                    r => return r,
+                }
+                polls = polls.wrapping_add(1);
+                if polls.is_multiple_of(SPIN_POLLS_PER_CLOCK) && start.elapsed() >= spin {
+                    break;
+                }
+                if polls & (SPIN_POLLS_PER_YIELD - 1) == 0 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
             }
-            polls = polls.wrapping_add(1);
-            if polls & (SPIN_POLLS_PER_YIELD - 1) == 0 {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
+            if let Some(t) = timeout {
+                left = Some(timespec_of(t.saturating_sub(start.elapsed())));
             }
         }
         // Phase 2: block.
+        let adaptive = self.fixed_spin_ns.is_none();
+        // Set when a pass returned without sleeping (entries pending for another consumer):
+        // the kernel then did not count time, so the clock does.
+        let mut awake_since: Option<(Instant, Duration)> = None;
         loop {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if left.as_ref().is_some_and(is_elapsed) {
                 return Err(Error::Timeout);
             }
             self.shared.waiters.fetch_add(1, Ordering::SeqCst);
-            let blocked_at = Instant::now();
+            let blocked_at = adaptive.then(Instant::now);
             let r = if self.shared.is_empty() {
-                self.domain.block(deadline, Some(&self.shared.signal))
+                self.domain
+                    .block_for(left.as_mut(), Some(self.shared.signal_fd))
             } else {
-                Ok(())
+                Ok(false)
             };
             self.shared.waiters.fetch_sub(1, Ordering::SeqCst);
-            let _ = self.shared.signal.read();
-            r?;
-            match self.read(out, max) {
-                Err(Error::Again) => continue,
+            let slept = r?;
+            match attempt(self) {
+                Err(Error::Again) => {}
                 r => {
-                    self.adapt_spin(blocked_at.elapsed());
+                    if let Some(b) = blocked_at {
+                        self.adapt_spin(b.elapsed());
+                    }
                     return r;
                 }
+            }
+            if slept {
+                awake_since = None;
+            } else if let Some(l) = left.as_mut() {
+                match awake_since {
+                    None => awake_since = Some((Instant::now(), duration_of(l))),
+                    Some((since, at_start)) => {
+                        *l = timespec_of(at_start.saturating_sub(since.elapsed()));
+                    }
+                }
+                std::thread::yield_now();
+            } else {
+                std::thread::yield_now();
             }
         }
     }
@@ -344,8 +440,7 @@ impl CompletionQueue {
     /// every entry that arrives writes it (the C provider's `fi_control(FI_GETWAIT)`). Pair
     /// with [`CompletionQueue::drain_signal`] before reading and
     /// [`CompletionQueue::wait_device`] in a progress thread.
-    pub fn signal_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
+    pub fn signal_fd(&self) -> RawFd {
         if !self
             .always_signal
             .swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -353,26 +448,27 @@ impl CompletionQueue {
             // One permanent waiter: `push` writes the eventfd for every entry.
             self.shared.waiters.fetch_add(1, Ordering::SeqCst);
         }
-        self.shared.signal.as_raw_fd()
+        self.shared.signal_fd
     }
 
     /// Consume pending signal writes (call before `read`; re-signals if entries remain queued
     /// after it, see [`CompletionQueue::resignal_if_queued`]).
     pub fn drain_signal(&self) {
-        let _ = self.shared.signal.read();
+        drain_eventfd(self.shared.signal_fd);
     }
 
     /// Write the signal if entries are still queued (keeps a polled fd readable).
     pub fn resignal_if_queued(&self) {
         if !self.shared.is_empty() {
-            let _ = self.shared.signal.write(1);
+            let _ = signal_eventfd(self.shared.signal_fd);
         }
     }
 
     /// Block until the device completes something on this CQ's domain or `timeout` passes,
     /// then drive progress (for a provider progress thread behind `FI_WAIT_FD`).
     pub fn wait_device(&self, timeout: Duration) -> Result<()> {
-        self.domain.block(Some(Instant::now() + timeout), None)?;
+        let mut left = timespec_of(timeout);
+        self.domain.block_for(Some(&mut left), None)?;
         self.domain.progress().map(|_| ())
     }
 
@@ -386,32 +482,26 @@ impl CompletionQueue {
 }
 
 /// Deliver a finished request (called by progress, in used-ring order per queue).
-pub(crate) fn complete(domain: &DomainInner, f: Finished) {
-    if matches!(f.pending.op, PendingOp::Control { .. }) {
-        return crate::control::complete_control(domain, f);
+pub(crate) fn complete(domain: &DomainInner, f: Finished<'_>) {
+    match f.op {
+        PendingOp::Data(_) => complete_data(f),
+        PendingOp::Control { .. } => crate::control::complete_control(domain, f),
+        PendingOp::MrEvent => crate::rma::complete_event(domain, f),
+        PendingOp::Idle => {}
     }
-    if matches!(f.pending.op, PendingOp::MrEvent) {
-        return crate::rma::complete_event(domain, f);
-    }
+}
+
+fn complete_data(f: Finished<'_>) {
     let Finished {
-        pending,
+        cookie,
+        op,
         completion,
         device_fault,
         inline_data,
     } = f;
-    let PendingOp::Data(op) = pending.op else {
-        unreachable!()
+    let PendingOp::Data(op) = op else {
+        return;
     };
-    complete_data(op, pending.cookie, completion, device_fault, inline_data);
-}
-
-fn complete_data(
-    op: DataOp,
-    cookie: u64,
-    completion: Option<vfabric_proto::Completion>,
-    device_fault: bool,
-    inline_data: crate::virtqueue::InlineData,
-) {
     if op.ep.is_closed() {
         // fi_close semantics: the endpoint's outstanding operations are discarded, and its
         // buffers may already be gone, so nothing is copied out.
@@ -487,12 +577,12 @@ fn complete_data(
         } else {
             len.min(op.rx_len)
         };
-        copy_out(&op, placed, inline_data.as_slice(), &mut buf);
+        copy_out(op, placed, inline_data, &mut buf);
         let s = FabricAddr::from_wire(&c.src);
         (Some(s), op.ep.reverse_lookup(&s))
     } else if !op.is_recv && op.rx_len > 0 && status == Status::Ok {
         // RMA_READ / fetching atomics: results come back like received bytes.
-        copy_out(&op, len.min(op.rx_len), inline_data.as_slice(), &mut buf);
+        copy_out(op, len.min(op.rx_len), inline_data, &mut buf);
         (None, FI_ADDR_NOTAVAIL)
     } else {
         (None, FI_ADDR_NOTAVAIL)
@@ -516,7 +606,7 @@ fn complete_data(
             }));
         }
     } else if let Some(cq) = &op.err_cq {
-        cq.push(CqEvent::Error(CqErrEntry {
+        cq.push(CqEvent::Error(Box::new(CqErrEntry {
             context: op.context,
             flags,
             len: if status == Status::Truncated { len } else { 0 },
@@ -536,7 +626,7 @@ fn complete_data(
             tag,
             src,
             buf,
-        }));
+        })));
     } else {
         tracing::warn!(
             ?status,
@@ -559,7 +649,7 @@ fn copy_out(op: &DataOp, placed: usize, inline: &[u8], buf: &mut Option<Vec<u8>>
         CopyOut::None => {}
         CopyOut::Vec => *buf = Some(src.to_vec()),
         CopyOut::Raw(ptr, len) => scatter(src, &[(*ptr, *len)]),
-        CopyOut::Scatter(targets) => scatter(src, targets),
+        CopyOut::Scatter(targets) => scatter(src, targets.as_slice()),
     }
 }
 

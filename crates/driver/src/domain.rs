@@ -3,9 +3,9 @@
 //! its virtqueues, and the progress engine that moves completions from used rings to CQs.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -364,7 +364,8 @@ pub(crate) struct DomainInner {
     pub(crate) features: u64,
     pub(crate) config: FabricConfig,
     info: OnceLock<Info>,
-    err_fd: EventFd,
+    /// The device's error eventfd (polled through `poll_template`).
+    _err_fd: EventFd,
     pub(crate) ctrl_lock: Mutex<()>,
     pub(crate) ctrl_results: Mutex<HashMap<u64, CtrlResult>>,
     pub(crate) ctrl_abandoned: Mutex<HashSet<u64>>,
@@ -376,6 +377,11 @@ pub(crate) struct DomainInner {
     sleeps: AtomicU64,
     calls: AtomicU64,
     idle_polls: AtomicU32,
+    /// Threads sleeping in `block` (drainers keep the call of every ring armed for them).
+    blockers: AtomicU32,
+    /// What `block` sleeps on, in this order: every queue's call eventfd, the error eventfd,
+    /// the device socket (hang-up).
+    poll_template: Box<[libc::pollfd]>,
     /// Counters and remote-event state (memory regions, FI_RMA_EVENT).
     pub(crate) rma: crate::rma::RmaState,
     /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::register_external`]).
@@ -452,6 +458,21 @@ impl DomainInner {
         }
         transport.handshake_done()?;
         let features = transport.features;
+        let poll_template: Box<[libc::pollfd]> = queues
+            .iter()
+            .map(|q| q.call.as_raw_fd())
+            .chain([err_fd.as_raw_fd()])
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .chain([libc::pollfd {
+                fd: transport.socket_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            }])
+            .collect();
         let inner = Arc::new(DomainInner {
             transport,
             mem,
@@ -460,7 +481,7 @@ impl DomainInner {
             features,
             config,
             info: OnceLock::new(),
-            err_fd,
+            _err_fd: err_fd,
             ctrl_lock: Mutex::new(()),
             ctrl_results: Mutex::new(HashMap::new()),
             ctrl_abandoned: Mutex::new(HashSet::new()),
@@ -470,6 +491,8 @@ impl DomainInner {
             sleeps: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             idle_polls: AtomicU32::new(0),
+            blockers: AtomicU32::new(0),
+            poll_template,
             rma: Default::default(),
             external: Mutex::new(Vec::new()),
         });
@@ -576,10 +599,13 @@ impl DomainInner {
         let mut n = 0;
         let mut broken = None;
         for q in &self.queues {
-            n += q.poll(|f| crate::cq::complete(self, f))?;
+            n += q.poll(&self.blockers, |f| crate::cq::complete(self, f))?;
             if q.is_broken() {
                 broken = Some(q.index);
             }
+        }
+        if n > 0 {
+            self.after_completions();
         }
         if let Some(index) = broken {
             // Spec §6.14.2: on a ring violation the driver stops using the device.
@@ -608,6 +634,28 @@ impl DomainInner {
         Ok(n)
     }
 
+    /// Progress for control waiters: errors of data queues are reported to their users, not
+    /// to the control caller.
+    pub(crate) fn progress_quiet(&self) {
+        let mut n = 0;
+        for q in &self.queues {
+            n += q
+                .poll(&self.blockers, |f| crate::cq::complete(self, f))
+                .unwrap_or(0);
+        }
+        if n > 0 {
+            self.after_completions();
+        }
+    }
+
+    /// Work that completions leave for after the drain, when their chains are free again:
+    /// replacing consumed MR_EVENT requests.
+    fn after_completions(&self) {
+        if self.rma.events_wanted() {
+            self.post_events();
+        }
+    }
+
     /// Non-blocking check of the vhost-user socket for a hang-up.
     fn check_socket(&self) {
         let mut p = libc::pollfd {
@@ -629,72 +677,78 @@ impl DomainInner {
     /// used entry is already pending. Notifications are armed for the duration (EVENT_IDX
     /// `used_event`), and the rings are re-checked after arming so no wakeup is lost.
     pub(crate) fn block(&self, deadline: Option<Instant>, extra: Option<&EventFd>) -> Result<()> {
+        let mut left =
+            deadline.map(|d| crate::cq::timespec_of(d.saturating_duration_since(Instant::now())));
+        self.block_for(left.as_mut(), extra.map(|e| e.as_raw_fd()))
+            .map(|_| ())
+    }
+
+    /// [`DomainInner::block`] with a relative timeout, which the kernel decreases by the time
+    /// slept (`ppoll` semantics), so a caller looping over wakeups needs no clock. Returns
+    /// whether it slept (false: something was pending already).
+    pub(crate) fn block_for(
+        &self,
+        timeout: Option<&mut libc::timespec>,
+        extra: Option<RawFd>,
+    ) -> Result<bool> {
         if self.is_closed() {
             return Err(Error::Closed);
         }
-        let mut ready = false;
+        // Count ourselves before arming: a drainer that moves a ring on then re-arms it.
+        self.blockers.fetch_add(1, Ordering::SeqCst);
         for q in &self.queues {
-            ready |= q.arm();
+            q.arm();
         }
+        // The arming stores must be visible before we re-check the used indices.
+        fence(Ordering::SeqCst);
+        let ready = self.queues.iter().any(|q| q.has_used());
         let result = if ready {
-            Ok(())
+            Ok(false)
         } else {
-            self.poll_fds(deadline, extra)
+            self.poll_fds(timeout, extra).map(|_| true)
         };
-        for q in &self.queues {
-            q.disarm();
-        }
+        // Rings stay armed: the next drain parks them (or re-arms them for other sleepers).
+        self.blockers.fetch_sub(1, Ordering::SeqCst);
         result
     }
 
-    fn poll_fds(&self, deadline: Option<Instant>, extra: Option<&EventFd>) -> Result<()> {
-        let mut fds: Vec<libc::pollfd> = self
-            .queues
-            .iter()
-            .map(|q| libc::pollfd {
-                fd: q.call.as_raw_fd(),
+    fn poll_fds(&self, timeout: Option<&mut libc::timespec>, extra: Option<RawFd>) -> Result<()> {
+        const ON_STACK: usize = 16;
+        let base = self.poll_template.len();
+        let total = base + usize::from(extra.is_some());
+        let mut stack = [libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        }; ON_STACK];
+        let mut heap = Vec::new();
+        let fds: &mut [libc::pollfd] = if total <= ON_STACK {
+            &mut stack[..total]
+        } else {
+            heap.resize(total, stack[0]);
+            &mut heap
+        };
+        fds[..base].copy_from_slice(&self.poll_template);
+        if let Some(fd) = extra {
+            fds[base] = libc::pollfd {
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
-            })
-            .collect();
-        let err_at = fds.len();
-        fds.push(libc::pollfd {
-            fd: self.err_fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        let sock_at = fds.len();
-        fds.push(libc::pollfd {
-            fd: self.transport.socket_fd(),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        });
-        if let Some(e) = extra {
-            fds.push(libc::pollfd {
-                fd: e.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            };
         }
-        let timeout = deadline.map(|d| {
-            let left = d.saturating_duration_since(Instant::now());
-            libc::timespec {
-                tv_sec: left.as_secs() as libc::time_t,
-                tv_nsec: left.subsec_nanos() as libc::c_long,
-            }
-        });
         self.sleeps.fetch_add(1, Ordering::Relaxed);
-        let tp = timeout
-            .as_ref()
-            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        let tp = timeout.map_or(std::ptr::null_mut(), |t| t as *mut libc::timespec);
         // SAFETY: `fds` is a valid array of `fds.len()` pollfds; `tp` is null or points to a
-        // live timespec; no signal mask is passed.
+        // live timespec, which the raw system call (unlike libc's wrapper) updates with the
+        // time left; no signal mask is passed.
         let rc = unsafe {
-            libc::ppoll(
+            libc::syscall(
+                libc::SYS_ppoll,
                 fds.as_mut_ptr(),
                 fds.len() as libc::nfds_t,
                 tp,
-                std::ptr::null(),
+                std::ptr::null::<libc::sigset_t>(),
+                std::mem::size_of::<libc::sigset_t>(),
             )
         };
         if rc < 0 {
@@ -704,6 +758,11 @@ impl DomainInner {
             }
             return Err(e.into());
         }
+        if rc == 0 {
+            return Ok(());
+        }
+        let err_at = self.queues.len();
+        let sock_at = err_at + 1;
         for (i, p) in fds.iter().enumerate() {
             if p.revents == 0 {
                 continue;
@@ -722,10 +781,8 @@ impl DomainInner {
             } else if i < err_at {
                 self.calls.fetch_add(1, Ordering::Relaxed);
             }
-            // Drain the eventfd (non-blocking; EAGAIN if another waiter got it first).
-            let mut buf = [0u8; 8];
-            // SAFETY: reading 8 bytes into a local buffer from an eventfd we own.
-            unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), 8) };
+            // Reset the eventfd (non-blocking; nothing to read if another waiter got it).
+            crate::virtqueue::drain_eventfd(p.fd);
         }
         Ok(())
     }

@@ -19,8 +19,8 @@ use crate::cq::{CompletionQueue, CqShared};
 use crate::domain::DomainInner;
 use crate::memory::SharedBuf;
 use crate::virtqueue::{
-    CopyOut, DataOp, DescList, Keepalive, PendingOp, RxData, TxData, INLINE_RX_MAX, INLINE_TX_MAX,
-    MAX_DATA_DESCS,
+    CopyOut, DataOp, DescList, Keepalive, Payload, PendingOp, RxData, Targets, TxData,
+    INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS,
 };
 use crate::{fi, Error, Result};
 
@@ -680,24 +680,12 @@ impl Endpoint {
         let mut keepalive = Keepalive::default();
         let mut bounce = None;
         let mut descs = DescList::new();
-        // Payload pieces for the inline case (one slice needs no allocation).
-        let one_part: [&[u8]; 1];
-        let iov_parts: Vec<&[u8]>;
-        let mut inline_parts: &[&[u8]] = &[];
+        let mut inline = Payload::default();
         if len <= INLINE_TX_MAX {
             match &a.src {
-                SendSrc::Bytes(s) => {
-                    one_part = [s];
-                    inline_parts = &one_part;
-                }
-                SendSrc::Shared(buf, r) => {
-                    one_part = [&buf.as_slice()[r.clone()]];
-                    inline_parts = &one_part;
-                }
-                SendSrc::Iov(iov) => {
-                    iov_parts = iov.iter().map(|v| iov_bytes(v)).collect();
-                    inline_parts = &iov_parts;
-                }
+                SendSrc::Bytes(s) => inline = Payload::bytes(s),
+                SendSrc::Shared(buf, r) => inline = Payload::bytes(&buf.as_slice()[r.clone()]),
+                SendSrc::Iov(iov) => inline.iov = iov,
             }
         } else {
             match &a.src {
@@ -760,7 +748,7 @@ impl Endpoint {
             _keepalive: keepalive,
         };
         let tx = if len <= INLINE_TX_MAX {
-            TxData::Inline(inline_parts)
+            TxData::Inline(inline)
         } else {
             TxData::Descs(descs.as_slice())
         };
@@ -1096,13 +1084,13 @@ impl Endpoint {
                     rx_len = iov.iter().map(|v| v.len()).sum();
                     let in_place =
                         iov.len() <= self.max_data_descs() && iov.iter().all(|v| self.zero_copy(v));
-                    let mut targets = Vec::new();
+                    let mut targets = Targets::default();
                     for v in iov.iter().filter(|v| !v.is_empty()) {
                         let (addr, l) = iov_region(v);
                         if in_place {
                             descs.push(addr, l as u32)?;
                         } else {
-                            targets.push((addr as usize, l));
+                            targets.push(addr as usize, l);
                         }
                         // In place or copied into, a shared buffer must outlive the request.
                         if let IovKind::Shared(buf, _) = &v.kind {
@@ -1173,7 +1161,7 @@ impl Endpoint {
     /// short while as long as the request is still in flight.
     pub fn cancel(&self, context: u64) -> Result<()> {
         let me = &self.shared;
-        let pred = |p: &crate::virtqueue::Pending| matches!(&p.op, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
+        let pred = |p: &crate::virtqueue::RequestSlot| matches!(&p.op, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
         let find = || {
             self.domain.queues[self.rx_queue]
                 .find_cookie(pred)
@@ -1202,6 +1190,223 @@ impl Endpoint {
     }
 }
 
+/// Posts sharing one device notification (a doorbell batch): every post through the batch is
+/// published at once, but the device is kicked only by [`Batch::flush`] (or when the batch is
+/// dropped), once for all of them — like posting with `fi::MORE` and ending with a post
+/// without it. A post that finds the ring full (`Err(Again)`) flushes first, so the device
+/// sees what is queued and a retry after progress can succeed.
+///
+/// ```no_run
+/// # fn f(ep: &vfabric::Endpoint, buf: &vfabric::SharedBuf, peer: vfabric::FiAddr) -> vfabric::Result<()> {
+/// let mut batch = ep.batch();
+/// for i in 0..16 {
+///     batch.send_buf(buf, 0..64, peer, i)?;
+/// }
+/// batch.flush(); // one kick for the sixteen sends
+/// # Ok(())
+/// # }
+/// ```
+pub struct Batch<'a> {
+    ep: &'a Endpoint,
+    tx_pending: bool,
+    rx_pending: bool,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("ep", &self.ep.shared.addr)
+            .field("tx_pending", &self.tx_pending)
+            .field("rx_pending", &self.rx_pending)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// Start a doorbell batch on this endpoint (see [`Batch`]).
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            ep: self,
+            tx_pending: false,
+            rx_pending: false,
+        }
+    }
+}
+
+impl Batch<'_> {
+    fn tx(&mut self, r: Result<()>) -> Result<()> {
+        self.tx_pending = true;
+        self.flush_on_full(r)
+    }
+    fn rx(&mut self, r: Result<()>) -> Result<()> {
+        self.rx_pending = true;
+        self.flush_on_full(r)
+    }
+    fn flush_on_full(&mut self, r: Result<()>) -> Result<()> {
+        if matches!(r, Err(Error::Again)) {
+            self.flush();
+        }
+        r
+    }
+
+    /// [`Endpoint::send`] in the batch.
+    pub fn send(&mut self, buf: &[u8], dest: FiAddr, context: u64) -> Result<()> {
+        let r = self.ep.post_send(SendArgs {
+            tagged: false,
+            src: SendSrc::Bytes(buf),
+            dest,
+            tag: 0,
+            data: None,
+            context,
+            flags: fi::MORE,
+        });
+        self.tx(r)
+    }
+
+    /// [`Endpoint::send_buf`] in the batch.
+    pub fn send_buf(
+        &mut self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        dest: FiAddr,
+        context: u64,
+    ) -> Result<()> {
+        let r = self.ep.post_send(SendArgs {
+            tagged: false,
+            src: SendSrc::Shared(buf, range),
+            dest,
+            tag: 0,
+            data: None,
+            context,
+            flags: fi::MORE,
+        });
+        self.tx(r)
+    }
+
+    /// [`Endpoint::tsend_buf`] in the batch.
+    pub fn tsend_buf(
+        &mut self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        dest: FiAddr,
+        tag: u64,
+        context: u64,
+    ) -> Result<()> {
+        let r = self.ep.post_send(SendArgs {
+            tagged: true,
+            src: SendSrc::Shared(buf, range),
+            dest,
+            tag,
+            data: None,
+            context,
+            flags: fi::MORE,
+        });
+        self.tx(r)
+    }
+
+    /// [`Endpoint::sendmsg`] in the batch.
+    pub fn sendmsg(&mut self, msg: &Msg<'_>, flags: u64) -> Result<()> {
+        let r = self.ep.sendmsg(msg, flags | fi::MORE);
+        self.tx(r)
+    }
+
+    /// [`Endpoint::tsendmsg`] in the batch.
+    pub fn tsendmsg(&mut self, msg: &TaggedMsg<'_>, flags: u64) -> Result<()> {
+        let r = self.ep.tsendmsg(msg, flags | fi::MORE);
+        self.tx(r)
+    }
+
+    /// [`Endpoint::recv_buf`] in the batch.
+    pub fn recv_buf(&mut self, buf: &SharedBuf, range: Range<usize>, context: u64) -> Result<()> {
+        let r = self.ep.post_recv(RecvArgs {
+            tagged: false,
+            dst: RecvDst::Shared(buf, range),
+            src: FI_ADDR_UNSPEC,
+            tag: 0,
+            ignore: 0,
+            context,
+            flags: fi::MORE,
+        });
+        self.rx(r)
+    }
+
+    /// [`Endpoint::trecv_buf`] in the batch.
+    pub fn trecv_buf(
+        &mut self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        tag: u64,
+        ignore: u64,
+        context: u64,
+    ) -> Result<()> {
+        let r = self.ep.post_recv(RecvArgs {
+            tagged: true,
+            dst: RecvDst::Shared(buf, range),
+            src: FI_ADDR_UNSPEC,
+            tag,
+            ignore,
+            context,
+            flags: fi::MORE,
+        });
+        self.rx(r)
+    }
+
+    /// [`Endpoint::recvmsg`] in the batch.
+    pub fn recvmsg(&mut self, msg: &Msg<'_>, flags: u64) -> Result<()> {
+        let r = self.ep.recvmsg(msg, flags | fi::MORE);
+        self.rx(r)
+    }
+
+    /// [`Endpoint::write_buf`] in the batch.
+    pub fn write_buf(
+        &mut self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        dest: FiAddr,
+        addr: u64,
+        key: u64,
+        context: u64,
+    ) -> Result<()> {
+        let r = self
+            .ep
+            .write_buf_flags(buf, range, dest, addr, key, context, fi::MORE);
+        self.tx(r)
+    }
+
+    /// [`Endpoint::read_buf`] in the batch.
+    pub fn read_buf(
+        &mut self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        dest: FiAddr,
+        addr: u64,
+        key: u64,
+        context: u64,
+    ) -> Result<()> {
+        let r = self
+            .ep
+            .read_buf_flags(buf, range, dest, addr, key, context, fi::MORE);
+        self.tx(r)
+    }
+
+    /// Kick the device once for everything posted through the batch so far.
+    pub fn flush(&mut self) {
+        let domain = &self.ep.domain;
+        if std::mem::take(&mut self.tx_pending) {
+            domain.queues[self.ep.tx_queue].flush();
+        }
+        if std::mem::take(&mut self.rx_pending) {
+            domain.queues[self.ep.rx_queue].flush();
+        }
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// How long `cancel` retries a `NoMessage` answer while the request is still in flight.
 const CANCEL_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -1221,7 +1426,7 @@ impl Drop for Endpoint {
             return;
         }
         let me = &self.shared;
-        let mine = |p: &crate::virtqueue::Pending| matches!(&p.op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
+        let mine = |p: &crate::virtqueue::RequestSlot| matches!(&p.op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();
@@ -1284,7 +1489,7 @@ fn send_flags(fi_flags: u64) -> Result<u64> {
     Ok(f)
 }
 
-fn iov_bytes<'a>(v: &'a Iov<'a>) -> &'a [u8] {
+pub(crate) fn iov_bytes<'a>(v: &'a Iov<'a>) -> &'a [u8] {
     match &v.kind {
         IovKind::Shared(buf, r) => &buf.as_slice()[r.clone()],
         IovKind::Bytes(b) => b,

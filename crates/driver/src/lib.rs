@@ -10,7 +10,8 @@
 //! Fabric::open(&info) -> Fabric -> domain(&info) -> Domain
 //! Domain -> alloc_buffer / cq_open / av_open / endpoint
 //! Endpoint -> bind_cq / bind_av / enable -> send*/recv*/tsend*/trecv*/..msg/cancel
-//! CompletionQueue -> read / readerr / sread
+//! Endpoint -> batch -> Batch (many posts, one device notification)
+//! CompletionQueue -> read / read_into / readerr / sread / sread_into
 //! ```
 //!
 //! Module map: [`memory`] (memfd region, allocator, bounce pool, [`SharedBuf`]), `ring` (driver
@@ -82,7 +83,7 @@ pub use av::{AddressVector, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
 pub use cq::{CompletionQueue, CqAttr, CqEntry, CqErrEntry, WaitMode};
 pub use domain::{Domain, DomainAttr, DomainStats, Fabric};
 pub use endpoint::{
-    AtomicMsg, BindFlags, Endpoint, EpAttr, EpType, Iov, Msg, RmaIov, RmaMsg, TaggedMsg,
+    AtomicMsg, Batch, BindFlags, Endpoint, EpAttr, EpType, Iov, Msg, RmaIov, RmaMsg, TaggedMsg,
 };
 pub use info::{getinfo, Hints, Info, Limits, DEFAULT_SOCKET_DIR, FABRIC_NAME};
 pub use memory::SharedBuf;

@@ -23,6 +23,25 @@ pub(crate) const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// signal until the used index travels this far (in practice: never, the ring holds < 2^15).
 const USED_EVENT_PARK: u16 = 0x8000;
 
+/// Value of the call-suppression field that asks for a call at the next used entry after
+/// `last_used` (little-endian, as stored).
+pub(crate) fn arm_value(event_idx: bool, last_used: u16) -> u16 {
+    if event_idx {
+        last_used.to_le()
+    } else {
+        0
+    }
+}
+
+/// Value of the call-suppression field that asks for no calls while we poll.
+pub(crate) fn park_value(event_idx: bool, last_used: u16) -> u16 {
+    if event_idx {
+        last_used.wrapping_add(USED_EVENT_PARK).to_le()
+    } else {
+        VRING_AVAIL_F_NO_INTERRUPT.to_le()
+    }
+}
+
 /// One split-ring descriptor as laid out in memory (little-endian fields).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,6 +81,7 @@ impl RingLayout {
 }
 
 /// A buffer to put in a chain.
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct BufferDesc {
     pub addr: u64,
@@ -84,24 +104,50 @@ pub(crate) struct UsedElem {
 pub(crate) enum RingError {
     #[error("ring full")]
     Full,
+    #[cfg(test)]
     #[error("bad chain: {0}")]
     BadChain(&'static str),
     #[error("device corrupted the used ring: {0}")]
     Corrupt(String),
 }
 
+/// Where the chain headed by a descriptor id is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChainState {
+    /// Not the head of a chain in flight.
+    Idle,
+    /// Published; the device owns it.
+    InFlight,
+    /// The device returned it; its descriptors go back to the free list on `release`.
+    Returned,
+}
+
+/// Writes the descriptors of one chain, following the free list.
+struct ChainWriter {
+    /// Descriptor the next buffer goes into.
+    idx: u16,
+    /// Writable bytes so far.
+    writable: u64,
+}
+
 /// The driver's view of one split ring.
 pub(crate) struct SplitRing {
     layout: RingLayout,
     base: NonNull<u8>,
-    /// What we wrote to each descriptor; `next` doubles as the free-list link.
-    shadow: Box<[Descriptor]>,
-    /// Descriptors in the chain headed by each id (0: not a head in flight).
+    /// `size - 1`: ring positions wrap with a mask (the size is a power of two).
+    mask: u16,
+    /// Free-list link of each descriptor (our private copy: the device may scribble on the
+    /// table, never on this).
+    links: Box<[u16]>,
+    /// Descriptors in the chain headed by each id.
     chain_len: Box<[u16]>,
     /// Writable bytes of the chain headed by each id.
     chain_writable: Box<[u64]>,
+    chain_state: Box<[ChainState]>,
     free_head: u16,
     num_free: u16,
+    /// Chains published and not yet returned by the device.
+    chains_in_flight: u16,
     next_avail: Wrapping<u16>,
     /// `next_avail` at the last kick decision.
     kicked_avail: Wrapping<u16>,
@@ -127,20 +173,17 @@ impl SplitRing {
         // SAFETY: the caller guarantees `base` covers `layout.total` writable bytes.
         unsafe { std::ptr::write_bytes(base, 0, layout.total) };
         let n = layout.size as usize;
-        let shadow: Box<[Descriptor]> = (0..n)
-            .map(|i| Descriptor {
-                next: ((i + 1) % n) as u16,
-                ..Default::default()
-            })
-            .collect();
         let ring = Self {
             layout,
             base: NonNull::new(base).expect("ring base"),
-            shadow,
+            mask: layout.size - 1,
+            links: (0..n).map(|i| ((i + 1) % n) as u16).collect(),
             chain_len: vec![0; n].into_boxed_slice(),
             chain_writable: vec![0; n].into_boxed_slice(),
+            chain_state: vec![ChainState::Idle; n].into_boxed_slice(),
             free_head: 0,
             num_free: layout.size,
+            chains_in_flight: 0,
             next_avail: Wrapping(0),
             kicked_avail: Wrapping(0),
             last_used: Wrapping(0),
@@ -174,7 +217,6 @@ impl SplitRing {
     pub fn last_used(&self) -> u16 {
         self.last_used.0
     }
-
     /// Head id the next chain of `n` descriptors will get, if it fits.
     pub fn next_head(&self, n: usize) -> Option<u16> {
         (n <= self.num_free as usize && n > 0).then_some(self.free_head)
@@ -216,8 +258,15 @@ impl SplitRing {
         self.used_idx_field() as *const AtomicU16
     }
 
+    /// Raw pointer to the driver's call-suppression field: `used_event` with EVENT_IDX, the
+    /// avail ring's flags without. The virtqueue arms and parks it without the ring lock.
+    pub fn call_control_ptr(&self) -> *const AtomicU16 {
+        self.call_control() as *const AtomicU16
+    }
+
     /// Add a chain and publish it in the avail ring. Readable buffers must precede writable
     /// ones. Returns the head id.
+    #[cfg(test)]
     pub fn add(&mut self, bufs: &[BufferDesc]) -> Result<u16, RingError> {
         if let Some(b) = &self.broken {
             return Err(RingError::Corrupt(b.clone()));
@@ -232,47 +281,92 @@ impl SplitRing {
             return Err(RingError::Full);
         }
         let head = self.free_head;
-        let mut idx = head;
-        let mut writable = 0u64;
+        let mut w = ChainWriter {
+            idx: head,
+            writable: 0,
+        };
         for (i, b) in bufs.iter().enumerate() {
-            let last = i + 1 == bufs.len();
-            let link = self.shadow[idx as usize].next;
-            let d = Descriptor {
-                addr: b.addr,
-                len: b.len,
-                flags: if last { 0 } else { VRING_DESC_F_NEXT }
-                    | if b.writable { VRING_DESC_F_WRITE } else { 0 },
-                // The last descriptor keeps its free-list link in the shadow only.
-                next: link,
-            };
-            let wire = Descriptor {
-                addr: d.addr.to_le(),
-                len: d.len.to_le(),
-                flags: d.flags.to_le(),
-                next: if last { 0 } else { link.to_le() },
-            };
-            // SAFETY: idx < size, so the descriptor slot is inside the table.
-            unsafe {
-                std::ptr::write_volatile(
-                    self.ptr_at(self.layout.desc + 16 * idx as usize) as *mut Descriptor,
-                    wire,
-                )
-            };
-            self.shadow[idx as usize] = d;
-            if b.writable {
-                writable += b.len as u64;
-            }
-            if last {
-                self.free_head = link;
-            } else {
-                idx = link;
-            }
+            self.put(&mut w, b.addr, b.len, b.writable, i + 1 == bufs.len());
         }
-        self.num_free -= bufs.len() as u16;
-        self.chain_len[head as usize] = bufs.len() as u16;
-        self.chain_writable[head as usize] = writable;
+        self.publish(head, bufs.len(), w.writable);
+        Ok(head)
+    }
 
-        let slot = (self.next_avail.0 % self.layout.size) as usize;
+    /// Add a request chain: `header` (readable), `tx` (readable), `rx` (writable), `tail`
+    /// (writable), and publish it. The shape is right by construction, so only room is checked.
+    /// Returns the head id.
+    pub fn add_request(
+        &mut self,
+        header: (u64, u32),
+        tx: &[(u64, u32)],
+        rx: &[(u64, u32)],
+        tail: (u64, u32),
+    ) -> Result<u16, RingError> {
+        if let Some(b) = &self.broken {
+            return Err(RingError::Corrupt(b.clone()));
+        }
+        let n = 2 + tx.len() + rx.len();
+        if n > self.num_free as usize {
+            return Err(RingError::Full);
+        }
+        let head = self.free_head;
+        let mut w = ChainWriter {
+            idx: head,
+            writable: 0,
+        };
+        self.put(&mut w, header.0, header.1, false, false);
+        for &(addr, len) in tx {
+            self.put(&mut w, addr, len, false, false);
+        }
+        for &(addr, len) in rx {
+            self.put(&mut w, addr, len, true, false);
+        }
+        self.put(&mut w, tail.0, tail.1, true, true);
+        self.publish(head, n, w.writable);
+        Ok(head)
+    }
+
+    /// Write one descriptor of a chain at `w.idx` and move `w` along the free list.
+    #[inline(always)]
+    fn put(&mut self, w: &mut ChainWriter, addr: u64, len: u32, writable: bool, last: bool) {
+        let idx = w.idx;
+        let link = self.links[idx as usize];
+        let flags = if last { 0 } else { VRING_DESC_F_NEXT }
+            | if writable { VRING_DESC_F_WRITE } else { 0 };
+        let wire = Descriptor {
+            addr: addr.to_le(),
+            len: len.to_le(),
+            flags: flags.to_le(),
+            // The last descriptor keeps its free-list link in `links` only.
+            next: if last { 0 } else { link.to_le() },
+        };
+        // SAFETY: idx < size (links only hold ids < size), so the slot is inside the table.
+        unsafe {
+            std::ptr::write_volatile(
+                self.ptr_at(self.layout.desc + 16 * idx as usize) as *mut Descriptor,
+                wire,
+            )
+        };
+        if writable {
+            w.writable += len as u64;
+        }
+        if last {
+            self.free_head = link;
+        } else {
+            w.idx = link;
+        }
+    }
+
+    /// Record a written chain of `n` descriptors and make it visible to the device.
+    #[inline(always)]
+    fn publish(&mut self, head: u16, n: usize, writable: u64) {
+        self.num_free -= n as u16;
+        self.chains_in_flight += 1;
+        self.chain_len[head as usize] = n as u16;
+        self.chain_writable[head as usize] = writable;
+        self.chain_state[head as usize] = ChainState::InFlight;
+
+        let slot = (self.next_avail.0 & self.mask) as usize;
         // SAFETY: slot < size; the avail ring entry is a u16 inside the allocation.
         unsafe {
             std::ptr::write_volatile(
@@ -284,19 +378,19 @@ impl SplitRing {
         // Descriptors and the ring entry must be visible before the index.
         self.avail_idx_field()
             .store(self.next_avail.0.to_le(), Ordering::Release);
-        Ok(head)
     }
 
     /// Decide whether the device must be kicked for the chains published since the last call.
     pub fn needs_kick(&mut self) -> bool {
-        // Our avail index store must be ordered before reading the device's suppression state.
-        fence(Ordering::SeqCst);
         let new = self.next_avail;
         let old = self.kicked_avail;
-        self.kicked_avail = new;
         if new == old {
+            // Nothing published since the last decision: no fence, no device read.
             return false;
         }
+        self.kicked_avail = new;
+        // Our avail index store must be ordered before reading the device's suppression state.
+        fence(Ordering::SeqCst);
         if self.event_idx {
             let event = Wrapping(u16::from_le(
                 self.avail_event_field().load(Ordering::Relaxed),
@@ -310,12 +404,15 @@ impl SplitRing {
     }
 
     /// Is there a used entry we have not consumed?
+    #[cfg(test)]
     pub fn has_used(&self) -> bool {
         u16::from_le(self.used_idx_field().load(Ordering::Acquire)) != self.last_used.0
     }
 
-    /// Take the next used entry, validating it against the shadow state.
-    pub fn pop_used(&mut self) -> Result<Option<UsedElem>, RingError> {
+    /// Take the next used entry, validated against our own state, without freeing its
+    /// descriptors: the chain stays ours (its request slot untouched by new posts) until
+    /// [`SplitRing::release`].
+    pub fn take_used(&mut self) -> Result<Option<UsedElem>, RingError> {
         if let Some(b) = &self.broken {
             return Err(RingError::Corrupt(b.clone()));
         }
@@ -323,17 +420,14 @@ impl SplitRing {
         if used_idx == self.last_used {
             return Ok(None);
         }
-        let outstanding = self.layout.size - self.num_free;
-        if (used_idx - self.last_used).0 > outstanding {
+        let new_entries = (used_idx - self.last_used).0;
+        if new_entries > self.chains_in_flight {
             return Err(self.corrupt(format!(
-                "used index {} is {} ahead of {} with only {} descriptors in flight",
-                used_idx.0,
-                (used_idx - self.last_used).0,
-                self.last_used.0,
-                outstanding
+                "used index {} is {} ahead of {} with only {} chains in flight",
+                used_idx.0, new_entries, self.last_used.0, self.chains_in_flight
             )));
         }
-        let slot = (self.last_used.0 % self.layout.size) as usize;
+        let slot = (self.last_used.0 & self.mask) as usize;
         let off = self.layout.used + 4 + 8 * slot;
         // SAFETY: the used element at `slot` is 8 bytes inside the allocation; read once.
         let (id, len) = unsafe {
@@ -343,7 +437,7 @@ impl SplitRing {
                 u32::from_le(std::ptr::read_volatile(p.add(4) as *const u32)),
             )
         };
-        if id >= self.layout.size as u32 || self.chain_len[id as usize] == 0 {
+        if id >= self.layout.size as u32 || self.chain_state[id as usize] != ChainState::InFlight {
             return Err(self.corrupt(format!("used id {id} is not a chain in flight")));
         }
         let head = id as u16;
@@ -351,21 +445,42 @@ impl SplitRing {
         let len_ok = len as u64 <= writable;
         let len = if len_ok { len } else { writable as u32 };
         self.last_used += Wrapping(1);
-        self.free_chain(head);
+        self.chains_in_flight -= 1;
+        self.chain_state[head as usize] = ChainState::Returned;
         Ok(Some(UsedElem { head, len, len_ok }))
     }
 
-    fn free_chain(&mut self, head: u16) {
+    /// Give the descriptors of a chain returned by [`SplitRing::take_used`] back to the free
+    /// list. Ignores a head that is not returned (nothing to free).
+    pub fn release(&mut self, head: u16) {
+        let Some(state) = self.chain_state.get_mut(head as usize) else {
+            return;
+        };
+        if *state != ChainState::Returned {
+            debug_assert!(false, "release of head {head} in state {state:?}");
+            return;
+        }
+        *state = ChainState::Idle;
         let n = self.chain_len[head as usize];
         let mut tail = head;
         for _ in 1..n {
-            tail = self.shadow[tail as usize].next;
+            tail = self.links[tail as usize];
         }
-        self.shadow[tail as usize].next = self.free_head;
+        self.links[tail as usize] = self.free_head;
         self.free_head = head;
         self.num_free += n;
         self.chain_len[head as usize] = 0;
         self.chain_writable[head as usize] = 0;
+    }
+
+    /// Take the next used entry and free its descriptors at once.
+    #[cfg(test)]
+    pub fn pop_used(&mut self) -> Result<Option<UsedElem>, RingError> {
+        let u = self.take_used()?;
+        if let Some(u) = u {
+            self.release(u.head);
+        }
+        Ok(u)
     }
 
     fn corrupt(&mut self, why: String) -> RingError {
@@ -376,13 +491,12 @@ impl SplitRing {
 
     /// Ask the device for a call at the next used entry. Returns whether used entries are
     /// already pending (then the caller must not sleep).
+    #[cfg(test)]
     pub fn arm(&self) -> bool {
-        if self.event_idx {
-            self.used_event_field()
-                .store(self.last_used.0.to_le(), Ordering::Relaxed);
-        } else {
-            self.avail_flags_field().store(0, Ordering::Relaxed);
-        }
+        self.call_control().store(
+            arm_value(self.event_idx, self.last_used.0),
+            Ordering::Relaxed,
+        );
         // The event store must be visible before we re-check the used index.
         fence(Ordering::SeqCst);
         self.has_used()
@@ -390,21 +504,30 @@ impl SplitRing {
 
     /// Tell the device we do not want calls (we poll).
     pub fn disarm(&self) {
+        self.call_control().store(
+            park_value(self.event_idx, self.last_used.0),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn call_control(&self) -> &AtomicU16 {
         if self.event_idx {
-            self.used_event_field().store(
-                (self.last_used + Wrapping(USED_EVENT_PARK)).0.to_le(),
-                Ordering::Relaxed,
-            );
+            self.used_event_field()
         } else {
             self.avail_flags_field()
-                .store(VRING_AVAIL_F_NO_INTERRUPT.to_le(), Ordering::Relaxed);
         }
     }
 
-    /// Descriptor as we wrote it (for tests and debugging).
+    /// Descriptor as it sits in the table (for tests).
     #[cfg(test)]
-    pub fn shadow(&self, id: u16) -> Descriptor {
-        self.shadow[id as usize]
+    pub fn table_entry(&self, id: u16) -> Descriptor {
+        assert!(id < self.layout.size);
+        // SAFETY: id < size, so the entry is inside the table.
+        unsafe {
+            std::ptr::read_volatile(
+                self.ptr_at(self.layout.desc + 16 * id as usize) as *const Descriptor
+            )
+        }
     }
 }
 
@@ -694,7 +817,7 @@ mod tests {
         }
         heads.sort();
         assert_eq!(heads, (0..8).collect::<Vec<u16>>());
-        assert_eq!(h.ring.shadow(heads[0]).len, 64);
+        assert_eq!(h.ring.table_entry(heads[0]).len, 64);
     }
 
     #[test]

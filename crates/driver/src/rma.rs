@@ -165,6 +165,11 @@ pub(crate) struct RmaState {
 }
 
 impl RmaState {
+    /// Fewer MR_EVENT requests posted than RMA_EVENT regions need.
+    pub(crate) fn events_wanted(&self) -> bool {
+        self.event_mrs.load(Ordering::Acquire) > 0
+            && self.events_posted.load(Ordering::Acquire) < EVENT_DEPTH
+    }
     pub(crate) fn bind_ep(&self, ep: u32, flags: u64, c: Arc<CounterShared>) {
         let f = flags & (fi::REMOTE_READ | fi::REMOTE_WRITE);
         if f != 0 {
@@ -390,7 +395,7 @@ impl DomainInner {
     }
 
     /// Keep [`EVENT_DEPTH`] MR_EVENT requests posted while RMA_EVENT regions exist.
-    fn post_events(&self) {
+    pub(crate) fn post_events(&self) {
         if self.num_queue_pairs == 0 || !self.has_feature(vfabric_proto::VIRTIO_FABRIC_F_RMA) {
             return;
         }
@@ -418,8 +423,9 @@ impl DomainInner {
     }
 }
 
-/// An MR_EVENT request finished: feed the counters, post a replacement.
-pub(crate) fn complete_event(domain: &DomainInner, f: Finished) {
+/// An MR_EVENT request finished: feed the counters. Progress posts the replacement once the
+/// drain has freed the chain ([`RmaState::events_wanted`]).
+pub(crate) fn complete_event(domain: &DomainInner, f: Finished<'_>) {
     domain.rma.events_posted.fetch_sub(1, Ordering::AcqRel);
     let Some(c) = f.completion.filter(|_| !f.device_fault) else {
         return;
@@ -444,7 +450,6 @@ pub(crate) fn complete_event(domain: &DomainInner, f: Finished) {
             .filter(|(f, _)| f & kind != 0)
             .for_each(|(_, c)| c.add(count));
     }
-    domain.post_events();
 }
 
 /// Validate a range of a shared buffer for registration.

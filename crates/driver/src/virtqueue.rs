@@ -14,16 +14,18 @@
 //! TX and RX use of bytes 128..320 never coexist: a TX request has no inline RX area and an RX
 //! request no inline payload.
 
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::cell::UnsafeCell;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfabric_proto::{ByteValued, Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::cq::CqShared;
-use crate::endpoint::EpShared;
+use crate::endpoint::{iov_bytes, EpShared, Iov};
 use crate::memory::{Allocation, SharedMemory};
-use crate::ring::{BufferDesc, RingError, RingLayout, SplitRing};
+use crate::ring::{arm_value, park_value, RingError, RingLayout, SplitRing, UsedElem};
 use crate::{Error, Result};
 
 pub(crate) const SLOT_STRIDE: usize = 384;
@@ -35,13 +37,57 @@ pub(crate) const INLINE_TX_MAX: usize = SLOT_COMPLETION - SLOT_INLINE_TX; // 224
 pub(crate) const INLINE_RX_MAX: usize = SLOT_COMPLETION - 128; // 192
 /// Most data descriptors the driver puts in one chain (per direction).
 pub(crate) const MAX_DATA_DESCS: usize = 16;
-const MAX_CHAIN: usize = 2 + 2 * MAX_DATA_DESCS;
+/// Used entries taken per lock hold while draining.
+const DRAIN_BATCH: usize = 32;
+
+/// Bytes copied into the header descriptor after the request header, in this order:
+/// `prefix`, the bytes of every `iov`, then `suffix[0]` and `suffix[1]`.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Payload<'a> {
+    pub prefix: &'a [u8],
+    pub iov: &'a [Iov<'a>],
+    pub suffix: [&'a [u8]; 2],
+}
+
+impl<'a> Payload<'a> {
+    /// One contiguous piece.
+    pub fn bytes(b: &'a [u8]) -> Self {
+        Self {
+            suffix: [b, &[]],
+            ..Default::default()
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.prefix.len()
+            + self.iov.iter().map(|v| v.len()).sum::<usize>()
+            + self.suffix[0].len()
+            + self.suffix[1].len()
+    }
+    /// Copy the pieces to `dst` (which has room for `self.len()` bytes).
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `self.len()` bytes.
+    unsafe fn copy_to(&self, dst: *mut u8) {
+        let mut at = 0;
+        let mut put = |p: &[u8]| {
+            // SAFETY: the caller guarantees room for every piece, in order.
+            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.add(at), p.len()) };
+            at += p.len();
+        };
+        put(self.prefix);
+        for v in self.iov {
+            put(iov_bytes(v));
+        }
+        put(self.suffix[0]);
+        put(self.suffix[1]);
+    }
+}
 
 /// Payload of a request (readable bytes after the header).
 pub(crate) enum TxData<'a> {
     None,
     /// Copied into the slot right after the header (total ≤ [`INLINE_TX_MAX`]).
-    Inline(&'a [&'a [u8]]),
+    Inline(Payload<'a>),
     /// Buffers already in the shared region (address, length).
     Descs(&'a [(u64, u32)]),
 }
@@ -55,6 +101,35 @@ pub(crate) enum RxData<'a> {
     Descs(&'a [(u64, u32)]),
 }
 
+/// Destinations of a bounced receive, in order (a few inline, more on the heap).
+#[derive(Default)]
+pub(crate) struct Targets {
+    inline: [(usize, usize); 4],
+    len: usize,
+    spill: Vec<(usize, usize)>,
+}
+
+impl Targets {
+    pub fn push(&mut self, addr: usize, len: usize) {
+        if self.spill.is_empty() && self.len < self.inline.len() {
+            self.inline[self.len] = (addr, len);
+            self.len += 1;
+        } else {
+            if self.spill.is_empty() {
+                self.spill.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.spill.push((addr, len));
+        }
+    }
+    pub fn as_slice(&self) -> &[(usize, usize)] {
+        if self.spill.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+}
+
 /// Where received bytes go once the request completes (bounce copy-out).
 pub(crate) enum CopyOut {
     /// Nothing to copy (zero-copy buffer, send, or no data).
@@ -62,7 +137,7 @@ pub(crate) enum CopyOut {
     /// Into caller memory outside the region (`recv_raw`): (address, length).
     Raw(usize, usize),
     /// Into several caller buffers, in order (receive iovs).
-    Scatter(Vec<(usize, usize)>),
+    Scatter(Targets),
     /// Into a fresh `Vec<u8>` handed back in the CQ entry (`recv_vec`).
     Vec,
 }
@@ -114,24 +189,6 @@ impl DescList {
     }
 }
 
-/// Bytes received into a request slot's inline area (copied out under the queue lock).
-pub(crate) struct InlineData {
-    bytes: [u8; INLINE_RX_MAX],
-    len: usize,
-}
-
-impl InlineData {
-    const fn empty() -> Self {
-        Self {
-            bytes: [0; INLINE_RX_MAX],
-            len: 0,
-        }
-    }
-    pub fn as_slice(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
 /// What a data request completes into.
 pub(crate) struct DataOp {
     pub ep: Arc<EpShared>,
@@ -157,6 +214,8 @@ pub(crate) struct DataOp {
 }
 
 pub(crate) enum PendingOp {
+    /// No request (the head is free, or its request was dispatched).
+    Idle,
     Control {
         /// Data area of the control request (e.g. the QUERY_CAPS answer).
         data: Option<Allocation>,
@@ -166,26 +225,28 @@ pub(crate) enum PendingOp {
     MrEvent,
 }
 
-pub(crate) struct Pending {
+/// The driver's record of the request in flight on one head id, kept in place from post to
+/// dispatch (no moves, no allocation).
+pub(crate) struct RequestSlot {
     pub cookie: u64,
+    /// Inline RX length posted (needed to find the data in the slot).
+    inline_rx: u16,
     pub op: PendingOp,
 }
 
-/// A request the device returned.
-pub(crate) struct Finished {
-    pub pending: Pending,
+/// A request the device returned, handed to dispatch by reference to its slot.
+pub(crate) struct Finished<'a> {
+    pub cookie: u64,
+    /// The request; dispatch may take parts of it, the rest is dropped afterwards.
+    pub op: &'a mut PendingOp,
     /// `None` if the device returned the chain with used length 0 (failed request, no
     /// completion written), or wrote an unreadable one.
     pub completion: Option<Completion>,
     /// The device reported more bytes than the chain could hold, or a mismatched cookie.
     pub device_fault: bool,
-    /// Bytes received into the slot's inline area.
-    pub inline_data: InlineData,
-}
-
-thread_local! {
-    /// Batch of finished requests, reused across polls of this thread.
-    static POLL_BATCH: std::cell::RefCell<Vec<Finished>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Bytes received into the slot's inline area (the head is not reused until dispatch
+    /// returns).
+    pub inline_data: &'a [u8],
 }
 
 /// Per-queue event counters (relaxed; for diagnostics).
@@ -198,25 +259,49 @@ pub(crate) struct QueueCounters {
 
 struct QueueState {
     ring: SplitRing,
-    pending: Vec<Option<Pending>>,
-    /// Inline RX length posted per head (needed to find the data in the slot).
-    inline_rx: Vec<u16>,
-    /// Threads blocked waiting for a call on this queue.
-    waiters: u32,
     seq: u64,
+}
+
+/// Write 1 to an eventfd. A raw system call: no libc cancellation-point bookkeeping on the
+/// hot path.
+pub(crate) fn signal_eventfd(fd: RawFd) -> std::io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local to an fd; no memory of ours is retained.
+    let rc = unsafe { libc::syscall(libc::SYS_write, fd, &one as *const u64, 8usize) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reset a non-blocking eventfd (a no-op if it is not signalled).
+pub(crate) fn drain_eventfd(fd: RawFd) {
+    let mut value: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live local from an fd.
+    unsafe { libc::syscall(libc::SYS_read, fd, &mut value as *mut u64, 8usize) };
 }
 
 pub(crate) struct Virtqueue {
     pub index: u16,
+    /// The ring (avail side, free list, used-entry validation) and the cookie sequence.
     state: Mutex<QueueState>,
-    /// Serialises draining (pop + dispatch) so completions reach CQs in used-ring order.
+    /// Serialises draining (take + dispatch + release) so completions reach CQs in used-ring
+    /// order, and owns the request slots of returned chains while they are dispatched.
     progress: Mutex<()>,
+    /// One request record per head id; see the `Sync` impl for who may touch which.
+    requests: Box<[UnsafeCell<RequestSlot>]>,
     used_idx: *const AtomicU16,
+    /// `used_event` (EVENT_IDX) or the avail flags: armed and parked without the state lock.
+    call_control: *const AtomicU16,
+    event_idx: bool,
+    /// Used index up to which we have taken entries (mirror of the ring's, for lock-free
+    /// peeks and arming).
     last_used: AtomicU16,
     broken: AtomicBool,
     slots: *mut u8,
     pub kick: EventFd,
     pub call: EventFd,
+    kick_fd: RawFd,
     size: u16,
     pub(crate) counters: QueueCounters,
     _ring_mem: Allocation,
@@ -224,9 +309,11 @@ pub(crate) struct Virtqueue {
 }
 
 // SAFETY: the raw pointers point into the domain's shared mapping, kept alive by the two
-// `Allocation`s we own. Slot `i` is written only by the thread holding `state` while posting
-// chain `i` and read only while popping it under the same lock; `used_idx` is only read
-// atomically.
+// `Allocation`s we own; the ring fields behind them are only accessed atomically. Slot memory
+// and the request record of head `i` belong to whoever owns head `i`: the poster (holding
+// `state`) from the moment the ring hands it out until it is published, then the drainer
+// (holding `progress`) from the moment the device returns it until `release` under `state`;
+// `find_cookie`/`in_flight` read records only while holding both locks.
 unsafe impl Send for Virtqueue {}
 // SAFETY: see `Send`.
 unsafe impl Sync for Virtqueue {}
@@ -241,24 +328,32 @@ impl Virtqueue {
         // by this virtqueue for as long as the ring exists.
         let ring = unsafe { SplitRing::new(ring_mem.ptr(), layout, event_idx) };
         let used_idx = ring.used_idx_ptr();
+        let call_control = ring.call_control_ptr();
+        let kick = EventFd::new(EFD_NONBLOCK)?;
         Ok(Self {
             index,
             used_idx,
+            call_control,
+            event_idx,
             last_used: AtomicU16::new(0),
             broken: AtomicBool::new(false),
             slots: slot_mem.ptr(),
-            kick: EventFd::new(EFD_NONBLOCK)?,
+            kick_fd: kick.as_raw_fd(),
+            kick,
             call: EventFd::new(EFD_NONBLOCK)?,
             size,
             counters: QueueCounters::default(),
-            state: Mutex::new(QueueState {
-                ring,
-                pending: (0..size).map(|_| None).collect(),
-                inline_rx: vec![0; size as usize],
-                waiters: 0,
-                seq: 1,
-            }),
+            state: Mutex::new(QueueState { ring, seq: 1 }),
             progress: Mutex::new(()),
+            requests: (0..size)
+                .map(|_| {
+                    UnsafeCell::new(RequestSlot {
+                        cookie: 0,
+                        inline_rx: 0,
+                        op: PendingOp::Idle,
+                    })
+                })
+                .collect(),
             _ring_mem: ring_mem,
             _slot_mem: slot_mem,
         })
@@ -279,7 +374,7 @@ impl Virtqueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap()
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn slot(&self, head: u16) -> *mut u8 {
@@ -288,13 +383,19 @@ impl Virtqueue {
         unsafe { self.slots.add(head as usize * SLOT_STRIDE) }
     }
 
+    fn call_control(&self) -> &AtomicU16 {
+        // SAFETY: points into the ring allocation we own; the field is 2-byte aligned.
+        unsafe { &*self.call_control }
+    }
+
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
     }
 
     /// Post one request. `header.cookie` is assigned here. Returns the cookie.
     /// `Err(Error::Again)` if the ring has no room. With `more` (libfabric `FI_MORE`) the kick
-    /// decision is left to the next post without it, which covers every chain published since.
+    /// decision is left to a later post without it (or [`Virtqueue::flush`]), which covers
+    /// every chain published since.
     pub fn post(
         &self,
         header: &mut ReqHeader,
@@ -305,7 +406,7 @@ impl Virtqueue {
     ) -> Result<u64> {
         let (inline_tx_len, tx_descs): (usize, &[(u64, u32)]) = match &tx {
             TxData::None => (0, &[]),
-            TxData::Inline(parts) => (parts.iter().map(|p| p.len()).sum(), &[]),
+            TxData::Inline(p) => (p.len(), &[]),
             TxData::Descs(d) => (0, d),
         };
         let (inline_rx_len, rx_descs): (usize, &[(u64, u32)]) = match &rx {
@@ -334,73 +435,65 @@ impl Virtqueue {
         header.cookie = cookie.into();
         let slot = self.slot(head);
         // SAFETY: the slot of a free head belongs to us until the chain is published; all
-        // writes below stay inside the SLOT_STRIDE bytes of the slot.
+        // writes below stay inside the SLOT_STRIDE bytes of the slot (the payload is at most
+        // INLINE_TX_MAX bytes, checked above). The completion area is not cleared: a stale
+        // completion carries an older cookie and is rejected as a mismatch.
         unsafe {
             std::ptr::copy_nonoverlapping(header.as_slice().as_ptr(), slot, REQ_HEADER_LEN);
-            if let TxData::Inline(parts) = &tx {
-                let mut at = SLOT_INLINE_TX;
-                for p in parts.iter() {
-                    std::ptr::copy_nonoverlapping(p.as_ptr(), slot.add(at), p.len());
-                    at += p.len();
-                }
+            if let TxData::Inline(p) = &tx {
+                p.copy_to(slot.add(SLOT_INLINE_TX));
             }
-            std::ptr::write_bytes(slot.add(SLOT_COMPLETION), 0, COMPLETION_LEN);
         }
+        // SAFETY: as above, the record of a free head is ours until the chain is published.
+        let record = unsafe { &mut *self.requests[head as usize].get() };
+        record.cookie = cookie;
+        record.inline_rx = inline_rx_len as u16;
+        record.op = op;
         let slot_addr = slot as u64;
-        let mut chain = [BufferDesc {
-            addr: 0,
-            len: 0,
-            writable: false,
-        }; MAX_CHAIN];
-        let mut c = 0;
-        chain[c] = BufferDesc {
-            addr: slot_addr,
-            len: (REQ_HEADER_LEN + inline_tx_len) as u32,
-            writable: false,
-        };
-        c += 1;
-        for &(addr, len) in tx_descs {
-            chain[c] = BufferDesc {
-                addr,
-                len,
-                writable: false,
-            };
-            c += 1;
+        let added = st.ring.add_request(
+            (slot_addr, (REQ_HEADER_LEN + inline_tx_len) as u32),
+            tx_descs,
+            rx_descs,
+            (
+                slot_addr + (SLOT_COMPLETION - inline_rx_len) as u64,
+                (inline_rx_len + COMPLETION_LEN) as u32,
+            ),
+        );
+        if let Err(e) = added {
+            // Not published: the record goes back to idle (dropping the request's buffers).
+            record.op = PendingOp::Idle;
+            return Err(match e {
+                RingError::Full => Error::Again,
+                other => Error::Transport(other.to_string()),
+            });
         }
-        for &(addr, len) in rx_descs {
-            chain[c] = BufferDesc {
-                addr,
-                len,
-                writable: true,
-            };
-            c += 1;
-        }
-        chain[c] = BufferDesc {
-            addr: slot_addr + (SLOT_COMPLETION - inline_rx_len) as u64,
-            len: (inline_rx_len + COMPLETION_LEN) as u32,
-            writable: true,
-        };
-        c += 1;
-        let got = st.ring.add(&chain[..c]).map_err(|e| match e {
-            RingError::Full => Error::Again,
-            other => Error::Transport(other.to_string()),
-        })?;
-        debug_assert_eq!(got, head);
-        st.pending[head as usize] = Some(Pending { cookie, op });
-        st.inline_rx[head as usize] = inline_rx_len as u16;
         let kick = !more && st.ring.needs_kick();
         drop(st);
         self.counters.posted.fetch_add(1, Ordering::Relaxed);
         if kick {
-            self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.kick.write(1) {
-                tracing::warn!(queue = self.index, error = %e, "kick failed");
-            }
+            self.notify();
         }
         Ok(cookie)
     }
 
+    /// Kick the device for chains published with `more` and not yet covered by a kick
+    /// decision (the doorbell of a batch).
+    pub fn flush(&self) {
+        let kick = self.lock().ring.needs_kick();
+        if kick {
+            self.notify();
+        }
+    }
+
+    fn notify(&self) {
+        self.counters.kicks.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = signal_eventfd(self.kick_fd) {
+            tracing::warn!(queue = self.index, error = %e, "kick failed");
+        }
+    }
+
     /// Lock-free check for used entries we have not consumed.
+    #[inline]
     pub fn has_used(&self) -> bool {
         // SAFETY: `used_idx` points into the ring allocation we own.
         let idx = u16::from_le(unsafe { (*self.used_idx).load(Ordering::Acquire) });
@@ -409,28 +502,39 @@ impl Virtqueue {
 
     /// Drain the used ring and hand every finished request to `dispatch`, in ring order.
     /// Returns how many were drained. If another thread is draining this queue, returns 0.
-    pub fn poll(&self, mut dispatch: impl FnMut(Finished)) -> Result<usize> {
+    /// `blockers` counts the domain's threads sleeping for calls (see [`Virtqueue::arm`]).
+    #[inline]
+    pub fn poll(&self, blockers: &AtomicU32, dispatch: impl FnMut(Finished<'_>)) -> Result<usize> {
         if !self.has_used() && !self.is_broken() {
             return Ok(0);
         }
+        self.drain(blockers, dispatch)
+    }
+
+    fn drain(&self, blockers: &AtomicU32, mut dispatch: impl FnMut(Finished<'_>)) -> Result<usize> {
         let Ok(_draining) = self.progress.try_lock() else {
             return Ok(0);
         };
-        // Reuse this thread's batch vector: no allocation per poll.
-        let mut done = POLL_BATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        let mut batch = [UsedElem {
+            head: 0,
+            len: 0,
+            len_ok: false,
+        }; DRAIN_BATCH];
+        let mut taken = 0;
+        let mut total = 0;
         let mut broken = None;
-        {
-            let mut st = self.lock();
-            loop {
-                match st.ring.pop_used() {
+        let mut st = self.lock();
+        loop {
+            // The chains dispatched last round go back to the free list; then take new ones.
+            for u in &batch[..taken] {
+                st.ring.release(u.head);
+            }
+            taken = 0;
+            while taken < DRAIN_BATCH {
+                match st.ring.take_used() {
                     Ok(Some(u)) => {
-                        let head = u.head as usize;
-                        let Some(pending) = st.pending[head].take() else {
-                            broken = Some(format!("head {head} completed without a request"));
-                            break;
-                        };
-                        let inline_rx = st.inline_rx[head] as usize;
-                        done.push(self.read_finished(u, pending, inline_rx));
+                        batch[taken] = u;
+                        taken += 1;
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -439,35 +543,60 @@ impl Virtqueue {
                     }
                 }
             }
-            if st.waiters > 0 {
-                st.ring.arm();
-            } else if !done.is_empty() {
-                st.ring.disarm();
+            if taken == 0 {
+                break;
             }
-            self.last_used.store(st.ring.last_used(), Ordering::Relaxed);
+            self.after_take(st.ring.last_used(), blockers);
+            // Dispatch without the ring lock: posts (also from dispatch itself) proceed, and
+            // the taken heads stay ours until released above.
+            drop(st);
+            for u in &batch[..taken] {
+                self.finish(u, &mut dispatch);
+            }
+            total += taken;
+            st = self.lock();
         }
+        drop(st);
         if let Some(why) = broken {
             if !self.broken.swap(true, Ordering::Relaxed) {
                 tracing::error!(queue = self.index, %why, "virtqueue broken");
             }
         }
-        let n = done.len();
-        self.counters
-            .completed
-            .fetch_add(n as u64, Ordering::Relaxed);
-        for f in done.drain(..) {
-            dispatch(f);
+        if total > 0 {
+            self.counters
+                .completed
+                .fetch_add(total as u64, Ordering::Relaxed);
         }
-        POLL_BATCH.with(|b| *b.borrow_mut() = done);
-        Ok(n)
+        Ok(total)
     }
 
-    fn read_finished(
-        &self,
-        u: crate::ring::UsedElem,
-        pending: Pending,
-        inline_rx: usize,
-    ) -> Finished {
+    /// Publish the new consumption point and set the call suppression for it: armed if a
+    /// thread of the domain sleeps for calls, parked otherwise. Pairs with [`Virtqueue::arm`]
+    /// (all `SeqCst`): either the sleeper sees our `last_used` and arms at it, or we see the
+    /// sleeper and arm for it.
+    fn after_take(&self, last_used: u16, blockers: &AtomicU32) {
+        self.last_used.store(last_used, Ordering::SeqCst);
+        if blockers.load(Ordering::SeqCst) == 0 {
+            self.call_control()
+                .store(park_value(self.event_idx, last_used), Ordering::SeqCst);
+            // A sleeper that armed before our park store still needs its call.
+            if blockers.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+        }
+        self.call_control()
+            .store(arm_value(self.event_idx, last_used), Ordering::SeqCst);
+    }
+
+    /// Read the completion of a taken chain and dispatch it; the record goes back to idle.
+    fn finish(&self, u: &UsedElem, dispatch: &mut impl FnMut(Finished<'_>)) {
+        // SAFETY: the device returned this head and it is not released yet, so no post can
+        // reuse it; we hold `progress`, the only other way to reach a returned head's record.
+        let record = unsafe { &mut *self.requests[u.head as usize].get() };
+        if matches!(record.op, PendingOp::Idle) {
+            // Cannot happen (the ring only returns published heads); nothing to deliver.
+            return;
+        }
         let slot = self.slot(u.head);
         let mut device_fault = !u.len_ok;
         let completion = if u.len == 0 {
@@ -476,20 +605,14 @@ impl Virtqueue {
             device_fault = true;
             None
         } else {
-            let mut c = Completion::default();
             // SAFETY: the completion lies inside the slot of a chain the device returned; we
             // copy it out once and validate the copy, never re-reading device memory.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    slot.add(SLOT_COMPLETION),
-                    c.as_mut_slice().as_mut_ptr(),
-                    COMPLETION_LEN,
-                )
-            };
-            if u64::from(c.cookie) != pending.cookie {
+            let c: Completion =
+                unsafe { std::ptr::read_unaligned(slot.add(SLOT_COMPLETION) as *const Completion) };
+            if u64::from(c.cookie) != record.cookie {
                 tracing::warn!(
                     queue = self.index,
-                    expected = pending.cookie,
+                    expected = record.cookie,
                     got = u64::from(c.cookie),
                     "completion cookie mismatch"
                 );
@@ -497,60 +620,62 @@ impl Virtqueue {
             }
             Some(c)
         };
-        let mut inline_data = InlineData::empty();
-        if inline_rx > 0 {
-            if let Some(c) = &completion {
-                let placed = (u64::from(c.len) as usize).min(inline_rx);
-                // SAFETY: the inline area [320 - inline_rx, 320) is inside the slot; `placed`
-                // is clamped to it and to the destination array (inline_rx ≤ INLINE_RX_MAX).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        slot.add(SLOT_COMPLETION - inline_rx),
-                        inline_data.bytes.as_mut_ptr(),
-                        placed,
-                    )
-                };
-                inline_data.len = placed;
-            }
-        }
-        Finished {
-            pending,
+        let inline_rx = record.inline_rx as usize;
+        let placed = match &completion {
+            Some(c) if inline_rx > 0 => (u64::from(c.len) as usize).min(inline_rx),
+            _ => 0,
+        };
+        // SAFETY: the inline area [320 - inline_rx, 320) is inside the slot and `placed` ≤
+        // inline_rx; the head stays ours (not reposted) until dispatch returns. The device
+        // is done with it; bytes a misbehaving device changes meanwhile are only copied.
+        let inline_data =
+            unsafe { std::slice::from_raw_parts(slot.add(SLOT_COMPLETION - inline_rx), placed) };
+        dispatch(Finished {
+            cookie: record.cookie,
+            op: &mut record.op,
             completion,
             device_fault,
             inline_data,
+        });
+        record.op = PendingOp::Idle;
+    }
+
+    /// Ask the device for a call at the next used entry, without the ring lock. Called by a
+    /// thread about to sleep, after it counted itself in the domain's `blockers`; it must then
+    /// re-check [`Virtqueue::has_used`] (after a `SeqCst` fence) before sleeping.
+    pub fn arm(&self) {
+        loop {
+            let seen = self.last_used.load(Ordering::SeqCst);
+            self.call_control()
+                .store(arm_value(self.event_idx, seen), Ordering::SeqCst);
+            // A drainer moved on meanwhile: arm again at its position.
+            if self.last_used.load(Ordering::SeqCst) == seen {
+                return;
+            }
         }
     }
 
-    /// Announce a waiter and ask the device for a call at the next used entry. Returns true
-    /// if used entries are already pending.
-    pub fn arm(&self) -> bool {
-        let mut st = self.lock();
-        st.waiters += 1;
-        st.ring.arm()
-    }
-
-    /// Undo one [`Virtqueue::arm`].
-    pub fn disarm(&self) {
-        let mut st = self.lock();
-        st.waiters = st.waiters.saturating_sub(1);
-        if st.waiters == 0 {
-            st.ring.disarm();
-        }
-    }
-
-    /// Cookie of the first in-flight request matching `pred`, in posting order.
-    pub fn find_cookie(&self, mut pred: impl FnMut(&Pending) -> bool) -> Option<u64> {
-        let st = self.lock();
-        st.pending
+    /// Record of the first in-flight request matching `pred`, in posting order: its cookie.
+    pub fn find_cookie(&self, mut pred: impl FnMut(&RequestSlot) -> bool) -> Option<u64> {
+        let _draining = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let _st = self.lock();
+        self.requests
             .iter()
-            .flatten()
-            .filter(|p| pred(p))
-            .map(|p| p.cookie)
+            // SAFETY: with both locks held no poster and no drainer touches any record.
+            .map(|r| unsafe { &*r.get() })
+            .filter(|r| !matches!(r.op, PendingOp::Idle) && pred(r))
+            .map(|r| r.cookie)
             .min_by_key(|c| c >> 24)
     }
 
     /// Requests in flight (for tests and diagnostics).
     pub fn in_flight(&self) -> usize {
-        self.lock().pending.iter().flatten().count()
+        let _draining = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let _st = self.lock();
+        self.requests
+            .iter()
+            // SAFETY: with both locks held no poster and no drainer touches any record.
+            .filter(|r| !matches!(unsafe { &(*r.get()).op }, PendingOp::Idle))
+            .count()
     }
 }

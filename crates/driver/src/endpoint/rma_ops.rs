@@ -19,7 +19,8 @@ use super::{check_range, iov_bytes, iov_region, Endpoint, Iov, IovKind};
 use crate::av::FiAddr;
 use crate::memory::SharedBuf;
 use crate::virtqueue::{
-    CopyOut, DataOp, DescList, Keepalive, PendingOp, RxData, TxData, INLINE_RX_MAX, INLINE_TX_MAX,
+    CopyOut, DataOp, DescList, Keepalive, Payload, PendingOp, RxData, Targets, TxData,
+    INLINE_RX_MAX, INLINE_TX_MAX,
 };
 use crate::{fi, Error, Result};
 
@@ -133,10 +134,25 @@ impl Endpoint {
         key: u64,
         context: u64,
     ) -> Result<()> {
+        self.write_buf_flags(buf, range, dest, addr, key, context, 0)
+    }
+
+    /// [`Endpoint::write_buf`] with op flags (`fi::MORE` from a batch).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_buf_flags(
+        &self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        dest: FiAddr,
+        addr: u64,
+        key: u64,
+        context: u64,
+        flags: u64,
+    ) -> Result<()> {
         check_range(buf, &range)?;
         let len = range.len();
         let iov = [Iov::shared(buf, range)];
-        self.rma_write(&iov, dest, &[one(addr, len, key)], None, context, 0)
+        self.rma_write(&iov, dest, &[one(addr, len, key)], None, context, flags)
     }
 
     /// `fi_writedata`: a write that also completes a posted receive at the target with
@@ -206,10 +222,31 @@ impl Endpoint {
         key: u64,
         context: u64,
     ) -> Result<()> {
+        self.read_buf_flags(buf, range, dest, addr, key, context, 0)
+    }
+
+    /// [`Endpoint::read_buf`] with op flags (`fi::MORE` from a batch).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn read_buf_flags(
+        &self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        dest: FiAddr,
+        addr: u64,
+        key: u64,
+        context: u64,
+        flags: u64,
+    ) -> Result<()> {
         check_range(buf, &range)?;
         let len = range.len();
         let iov = [Iov::shared(buf, range)];
-        self.rma_read(Local::Iov(&iov), dest, &[one(addr, len, key)], context, 0)
+        self.rma_read(
+            Local::Iov(&iov),
+            dest,
+            &[one(addr, len, key)],
+            context,
+            flags,
+        )
     }
 
     /// `fi_read` into caller memory (bounced unless inside the shared region).
@@ -338,11 +375,10 @@ impl Endpoint {
             req.data = d;
         }
         let list = self.remote(&mut req, rma)?;
-        let parts: Vec<&[u8]> = iov.iter().map(|v| iov_bytes(v)).collect();
         self.post_tx_op(
             req,
             &list,
-            Src::Iov(iov, &parts, len),
+            Src::Iov(iov, len),
             Local::Iov(&[]),
             dest,
             context,
@@ -577,7 +613,6 @@ impl Endpoint {
         req.datatype = m.datatype;
         req.count = m.count as u32;
         let cmp_part: &[u8] = if is_cmp { compare } else { &[] };
-        let parts = [m.operands, cmp_part];
         let payload_len = m.operands.len() + cmp_part.len();
         let iov = [Iov::bytes(m.operands), Iov::bytes(cmp_part)];
         let fi_flags = fi::ATOMIC
@@ -589,7 +624,7 @@ impl Endpoint {
         self.post_tx_op(
             req,
             &[],
-            Src::Iov(&iov, &parts, payload_len),
+            Src::Iov(&iov, payload_len),
             result,
             m.addr,
             m.context,
@@ -629,16 +664,18 @@ impl Endpoint {
         let mem = &domain.mem;
         let mut keepalive = Keepalive::default();
         let mut bounce = None;
-        let (src_iov, src_parts, src_len) = match src {
-            Src::None => (&[][..], &[][..], 0),
-            Src::Iov(i, p, l) => (i, p, l),
+        let (src_iov, src_len) = match src {
+            Src::None => (&[][..], 0),
+            Src::Iov(i, l) => (i, l),
         };
         let total = list.len() + src_len;
-        let mut inline_parts: Vec<&[u8]> = Vec::new();
+        let inline = Payload {
+            prefix: list,
+            iov: src_iov,
+            ..Default::default()
+        };
         let mut tx_descs = DescList::new();
         if total <= INLINE_TX_MAX {
-            inline_parts.push(list);
-            inline_parts.extend_from_slice(src_parts);
         } else {
             if !list.is_empty() {
                 let lb = mem.alloc_bounce(list.len()).map_err(|_| Error::Again)?;
@@ -661,7 +698,8 @@ impl Endpoint {
             } else if src_len > 0 {
                 let bb = mem.alloc_bounce(src_len).map_err(|_| Error::Again)?;
                 let mut off = 0;
-                for p in src_parts {
+                for v in src_iov {
+                    let p = iov_bytes(v);
                     bb.write_at(off, p);
                     off += p.len();
                 }
@@ -692,13 +730,13 @@ impl Endpoint {
                 }
                 let in_place =
                     iov.len() <= self.max_data_descs() && iov.iter().all(|v| self.zero_copy(v));
-                let mut targets = Vec::new();
+                let mut targets = Targets::default();
                 for v in iov.iter().filter(|v| !v.is_empty()) {
                     let (addr, l) = iov_region(v);
                     if in_place {
                         rx_descs.push(addr, l as u32)?;
                     } else {
-                        targets.push((addr as usize, l));
+                        targets.push(addr as usize, l);
                     }
                     if let IovKind::Shared(buf, _) = &v.kind {
                         keepalive.push(buf.keepalive());
@@ -747,7 +785,7 @@ impl Endpoint {
         let tx = if total == 0 {
             TxData::None
         } else if total <= INLINE_TX_MAX {
-            TxData::Inline(&inline_parts)
+            TxData::Inline(inline)
         } else {
             TxData::Descs(tx_descs.as_slice())
         };
@@ -771,10 +809,10 @@ impl Endpoint {
     }
 }
 
-/// Source of a TX op's payload after the scatter list: the iovs, their bytes, total length.
+/// Source of a TX op's payload after the scatter list: the iovs and their total length.
 enum Src<'a> {
     None,
-    Iov(&'a [Iov<'a>], &'a [&'a [u8]], usize),
+    Iov(&'a [Iov<'a>], usize),
 }
 
 fn one(addr: u64, len: usize, key: u64) -> RmaIov {
