@@ -14,10 +14,19 @@ use vfabric_device::{Config, DaemonHandle, Limits};
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn daemon(devices: u32, limits: Limits) -> (tempfile::TempDir, DaemonHandle, Vec<PathBuf>) {
+    daemon_with_pollers(devices, limits, 1)
+}
+
+fn daemon_with_pollers(
+    devices: u32,
+    limits: Limits,
+    pollers: usize,
+) -> (tempfile::TempDir, DaemonHandle, Vec<PathBuf>) {
     let dir = tempfile::tempdir().unwrap();
     let paths = Config::socket_dir_paths(dir.path(), devices);
     let mut config = Config::new(paths.clone());
     config.limits = limits;
+    config.pollers = pollers;
     let d = vfabric_device::start(config).expect("start vfabricd");
     (dir, d, paths)
 }
@@ -169,7 +178,8 @@ fn unexpected_messages_past_the_bound_hold_senders_and_lose_nothing() {
 fn several_devices_with_several_endpoints_each() {
     const DEVICES: usize = 3;
     const EPS: usize = 4;
-    let (_dir, d, paths) = daemon(DEVICES as u32, Limits::default());
+    // Two pollers: devices 0 and 2 share one, device 1 has the other, and traffic crosses.
+    let (_dir, d, paths) = daemon_with_pollers(DEVICES as u32, Limits::default(), 2);
     struct Ep {
         ep: vfabric::Endpoint,
         cq: CompletionQueue,

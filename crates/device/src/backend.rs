@@ -32,7 +32,7 @@ use vmm_sys_util::event::{
 
 use crate::chain::{parse_walked, GuestMemoryMmap, Parsed, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
-use crate::poller::Poller;
+use crate::poller::{Polled, Poller};
 use crate::ring::{RingState, RingView};
 use crate::stats::Counters;
 
@@ -218,8 +218,9 @@ pub(crate) struct FabricBackend {
     poller: Arc<Poller>,
     /// This backend, for handing it to the poller.
     me: Mutex<Weak<FabricBackend>>,
-    /// The poller owns this device's rings (notifications stay disabled until it lets go).
-    polled: Mutex<bool>,
+    /// The poller owns this device's rings (notifications stay disabled until it lets go). An
+    /// atomic, not a lock held across a drain: a kick that races with the poller just drains.
+    polled: AtomicBool,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     sink: Arc<VringSink>,
     acked: AtomicU64,
@@ -259,7 +260,7 @@ impl FabricBackend {
             counters,
             poller,
             me: Mutex::new(Weak::new()),
-            polled: Mutex::new(false),
+            polled: AtomicBool::new(false),
             sink: Arc::new(VringSink::new(num_queues, mem.clone())),
             mem,
             acked: AtomicU64::new(0),
@@ -461,36 +462,6 @@ impl FabricBackend {
         })
     }
 
-    /// Poller: drain the rings. Returns whether work was found.
-    pub(crate) fn poll_once(&self, vrings: &[VringRwLock]) -> bool {
-        let mut n = Notify::default();
-        self.drain(vrings, &mut n)
-    }
-
-    /// Poller: re-enable notifications and give the rings back to the kicks. Returns `false`
-    /// (keeping them polled) if requests arrived meanwhile.
-    pub(crate) fn try_park(&self, vrings: &[VringRwLock]) -> bool {
-        let mut polled = lock(&self.polled);
-        match self.set_notifications(vrings, true) {
-            Ok(true) if !self.is_broken() => {
-                if self.set_notifications(vrings, false).is_ok() {
-                    return false;
-                }
-                *polled = false;
-                true
-            }
-            _ => {
-                *polled = false;
-                true
-            }
-        }
-    }
-
-    /// Poller: forget a broken device.
-    pub(crate) fn release_polled(&self) {
-        *lock(&self.polled) = false;
-    }
-
     fn set_notifications(&self, vrings: &[VringRwLock], enable: bool) -> Result<bool, ()> {
         let mut more = false;
         for (q, vr) in vrings.iter().enumerate() {
@@ -515,10 +486,8 @@ impl FabricBackend {
         if self.is_broken() {
             return;
         }
-        let mut polled = lock(&self.polled);
-        if *polled {
+        if self.polled.load(Ordering::Acquire) {
             // A kick that raced with the poller taking over: drain, leave notifications alone.
-            drop(polled);
             self.drain(vrings, &mut n);
             return;
         }
@@ -531,8 +500,14 @@ impl FabricBackend {
                 return;
             }
             if found && self.poller.enabled() {
-                *polled = true;
-                self.poller.activate(lock(&self.me).clone(), vrings);
+                if self
+                    .polled
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let me: Weak<dyn Polled> = lock(&self.me).clone();
+                    self.poller.activate(me);
+                }
                 return;
             }
             match self.set_notifications(vrings, true) {
@@ -544,6 +519,48 @@ impl FabricBackend {
                 }
             }
         }
+    }
+
+    /// The rings the vring worker handed us (empty before the first kick).
+    fn vrings(&self) -> Vec<VringRwLock> {
+        self.sink
+            .vrings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Polled for FabricBackend {
+    fn poll_once(&self) -> bool {
+        let v = self.sink.vrings.read().unwrap_or_else(|p| p.into_inner());
+        let mut n = Notify::default();
+        self.drain(&v, &mut n)
+    }
+
+    fn try_park(&self) -> bool {
+        let vrings = self.vrings();
+        match self.set_notifications(&vrings, true) {
+            Ok(true) if !self.is_broken() => {
+                if self.event_idx() || self.set_notifications(&vrings, false).is_ok() {
+                    return false;
+                }
+                self.polled.store(false, Ordering::Release);
+                true
+            }
+            _ => {
+                self.polled.store(false, Ordering::Release);
+                true
+            }
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        FabricBackend::is_broken(self)
+    }
+
+    fn release_polled(&self) {
+        self.polled.store(false, Ordering::Release);
     }
 }
 

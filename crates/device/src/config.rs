@@ -12,6 +12,9 @@ use vfabric_proto::{CapValue, VENDOR_ID_VFABRIC, VIRTIO_ID_FABRIC};
 
 use crate::Error;
 
+/// Most data-plane poller threads per daemon.
+pub const MAX_POLLERS: usize = 64;
+
 /// Vendor attribute key (vendor `VENDOR_ID_VFABRIC`) carrying the configured virtio device id.
 pub(crate) const VENDOR_KEY_VIRTIO_DEVICE_ID: u16 = 100;
 
@@ -146,8 +149,11 @@ pub struct Config {
     /// Bounded spin (microseconds) re-checking the avail rings after work was found; 0 = none.
     pub poll_us: u64,
     /// Pin the data-plane poller thread to this CPU (a dedicated core keeps the polled path
-    /// free of scheduling delays).
+    /// free of scheduling delays); with several pollers, poller `i` goes to CPU
+    /// `poller_cpu + i`.
     pub poller_cpu: Option<usize>,
+    /// Data-plane poller threads; device `d` is polled by poller `d % pollers`.
+    pub pollers: usize,
     pub limits: Limits,
     /// Vendor attributes appended to QUERY_CAPS answers.
     pub vendor_attrs: Vec<VendorAttr>,
@@ -162,6 +168,7 @@ impl Config {
             device_id: VIRTIO_ID_FABRIC,
             poll_us: 50,
             poller_cpu: None,
+            pollers: 1,
             limits: Limits::default(),
             vendor_attrs: VendorAttr::defaults(),
         }
@@ -229,6 +236,9 @@ impl Config {
         if self.poll_us > 1_000_000 {
             return Err(Error::Config("poll_us must be at most 1000000".into()));
         }
+        if !(1..=MAX_POLLERS).contains(&self.pollers) {
+            return Err(Error::Config(format!("pollers must be 1..={MAX_POLLERS}")));
+        }
         self.limits.validate()?;
         if self.vendor_attrs.len() > 1024 {
             return Err(Error::Config("at most 1024 vendor attributes".into()));
@@ -268,6 +278,7 @@ struct FileConfig {
     device_id: Option<u32>,
     poll_us: Option<u64>,
     poller_cpu: Option<usize>,
+    pollers: Option<usize>,
     limits: Limits,
     /// Replace the default vendor attributes instead of extending them.
     replace_vendor_attrs: bool,
@@ -350,6 +361,9 @@ impl FileConfig {
             c.poll_us = p;
         }
         c.poller_cpu = self.poller_cpu;
+        if let Some(p) = self.pollers {
+            c.pollers = p;
+        }
         c.limits = self.limits;
         if self.replace_vendor_attrs {
             c.vendor_attrs.clear();
@@ -377,6 +391,18 @@ mod tests {
     }
 
     #[test]
+    fn pollers_are_bounded() {
+        let mut c = Config::new(vec!["/tmp/x.sock".into()]);
+        assert_eq!(c.pollers, 1);
+        c.pollers = 0;
+        assert!(c.validate().is_err());
+        c.pollers = MAX_POLLERS + 1;
+        assert!(c.validate().is_err());
+        c.pollers = 4;
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn toml_roundtrip_and_errors() {
         let c = Config::from_toml_str(
             r#"
@@ -384,6 +410,7 @@ mod tests {
             devices = 3
             host_id = 7
             poll_us = 0
+            pollers = 2
             [limits]
             num_queue_pairs = 4
             eager_threshold = 1024
@@ -405,6 +432,7 @@ mod tests {
         assert_eq!(c.sockets.len(), 3);
         assert_eq!(c.sockets[2], PathBuf::from("/tmp/vf/vfabric2.sock"));
         assert_eq!(c.host_id, 7);
+        assert_eq!(c.pollers, 2);
         assert_eq!(c.limits.num_queue_pairs, 4);
         assert_eq!(c.limits.max_endpoints, 64);
         let ce: Vec<_> = c.vendor_attrs.iter().filter(|a| a.key == 1).collect();

@@ -41,9 +41,12 @@ struct Shared {
 /// A running daemon. Dropping it shuts it down.
 pub struct DaemonHandle {
     shared: Arc<Shared>,
-    poller: Arc<Poller>,
+    pollers: Vec<Arc<Poller>>,
+    /// The poller threads, one per entry of `pollers`.
+    poller_threads: Vec<JoinHandle<()>>,
     fabric: Arc<Fabric>,
     sockets: Vec<PathBuf>,
+    /// The serving threads, one per device.
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -73,7 +76,7 @@ impl DaemonHandle {
     }
 
     fn stop(&mut self) {
-        if self.threads.is_empty() {
+        if self.threads.is_empty() && self.poller_threads.is_empty() {
             return;
         }
         info!("shutting down");
@@ -86,16 +89,19 @@ impl DaemonHandle {
                 h.shutdown();
             }
         }
-        // Serving threads first (they retire their backends), then the poller.
-        let poller_thread = self.threads.remove(0);
+        // Serving threads first (they retire their backends), then the pollers.
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 error!("a serving thread panicked");
             }
         }
-        self.poller.stop();
-        if poller_thread.join().is_err() {
-            error!("the poller thread panicked");
+        for p in &self.pollers {
+            p.stop();
+        }
+        for t in self.poller_threads.drain(..) {
+            if t.join().is_err() {
+                error!("a poller thread panicked");
+            }
         }
     }
 }
@@ -130,15 +136,15 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
         fabric: fabric.clone(),
         sockets: config.sockets.clone(),
         threads: Vec::new(),
-        poller: Poller::new(Duration::ZERO),
+        pollers: Vec::new(),
+        poller_threads: Vec::new(),
     };
-    let poller = Poller::new(Duration::from_micros(config.poll_us));
-    handle.poller = poller.clone();
-    {
-        let p = poller.clone();
-        let cpu = config.poller_cpu;
+    for i in 0..config.pollers {
+        let p = Poller::new(Duration::from_micros(config.poll_us));
+        handle.pollers.push(p.clone());
+        let cpu = config.poller_cpu.map(|c| c + i);
         let t = std::thread::Builder::new()
-            .name("vfabric-poll".into())
+            .name(format!("vfabric-poll{i}"))
             .spawn(move || {
                 if let Some(cpu) = cpu {
                     crate::pin_current_thread(cpu);
@@ -146,17 +152,19 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
                 p.run()
             })
             .map_err(Error::Thread)?;
-        handle.threads.push(t);
+        handle.poller_threads.push(t);
     }
     info!(
         devices = config.sockets.len(),
         host_id = config.host_id,
         virtio_device_id = config.device_id,
         poll_us = config.poll_us,
+        pollers = config.pollers,
         "starting vfabricd"
     );
     for (dev, listener) in listeners.into_iter().enumerate() {
-        let (fabric, shared, poller) = (fabric.clone(), shared.clone(), poller.clone());
+        let poller = handle.pollers[dev % handle.pollers.len()].clone();
+        let (fabric, shared) = (fabric.clone(), shared.clone());
         let t = std::thread::Builder::new()
             .name(format!("vfabric{dev}"))
             .spawn(move || serve(dev, listener, fabric, shared, poller))

@@ -44,9 +44,12 @@ struct Args {
     /// Spin budget in microseconds after work was found (0 disables polling).
     #[arg(long)]
     poll_us: Option<u64>,
-    /// Pin the data-plane poller thread to this CPU.
+    /// Pin the data-plane poller thread to this CPU (poller i of several to this CPU + i).
     #[arg(long)]
     poller_cpu: Option<usize>,
+    /// Data-plane poller threads (default 1); device d is polled by poller d % N.
+    #[arg(long)]
+    pollers: Option<usize>,
     /// Queue pairs per device (default 2).
     #[arg(long)]
     num_queue_pairs: Option<u16>,
@@ -103,6 +106,7 @@ impl TryFrom<Args> for Config {
         set!(c.host_id, a.host_id);
         set!(c.device_id, a.device_id);
         set!(c.poll_us, a.poll_us);
+        set!(c.pollers, a.pollers);
         if a.poller_cpu.is_some() {
             c.poller_cpu = a.poller_cpu;
         }

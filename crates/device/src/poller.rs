@@ -1,29 +1,40 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The daemon's data-plane poller: one thread that polls the rings of every busy device.
+//! The daemon's data-plane pollers: threads that poll the rings of busy devices.
 //!
 //! A device's vring worker wakes on a kick, drains its queues and, when it found work, hands the
-//! device to the poller with notifications still disabled (EVENT_IDX: the guest stops kicking).
-//! The poller then sweeps all active devices, draining whatever arrives, until a device has been
+//! device to its poller with notifications still disabled (EVENT_IDX: the guest stops kicking).
+//! The poller then sweeps its active devices, draining whatever arrives, until a device has been
 //! idle for the poll budget; only then does it re-enable that device's notifications (re-checking
-//! the rings once more, so no request is stranded) and drop it. One spinning thread for all
-//! devices, instead of one per device, keeps the busy-polling cost to one core however many
-//! guests are active — on a 2-core machine the difference between a working fast path and
-//! three threads fighting over two cores.
+//! the rings once more, so no request is stranded) and drop it.
+//!
+//! `--pollers N` starts N pollers; device `d` belongs to poller `d % N`. One poller for all
+//! devices keeps the busy-polling cost to one core however many guests are active (on a
+//! 2-core machine the difference between a working fast path and threads fighting over two
+//! cores); more pollers spread many busy devices over more cores. The poller knows a device
+//! only through [`Polled`].
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use vhost_user_backend::VringRwLock;
-
-use crate::backend::FabricBackend;
+/// What a poller needs of a device.
+pub(crate) trait Polled: Send + Sync {
+    /// Drain the rings; whether work was found.
+    fn poll_once(&self) -> bool;
+    /// Re-enable notifications and give the rings back to the kicks; `false` (keep polling)
+    /// if requests arrived meanwhile.
+    fn try_park(&self) -> bool;
+    /// The device is disconnected or broken: forget it.
+    fn is_broken(&self) -> bool;
+    /// Forget a broken device (it is not polled any more).
+    fn release_polled(&self);
+}
 
 /// Idle sweeps between `yield_now` calls (a power of two): lets a guest that shares this core
 /// run even when the placement is not ideal.
 const SWEEPS_PER_YIELD: u32 = 64;
 
 struct Target {
-    backend: Weak<FabricBackend>,
-    vrings: Vec<VringRwLock>,
+    device: Weak<dyn Polled>,
     last_work: Instant,
 }
 
@@ -57,13 +68,12 @@ impl Poller {
         !self.budget.is_zero()
     }
 
-    /// Take over polling of `backend`'s rings. The caller has disabled its notifications and
-    /// marked it polled; the poller re-enables them when it lets go.
-    pub fn activate(&self, backend: Weak<FabricBackend>, vrings: &[VringRwLock]) {
+    /// Take over polling of `device`. The caller has left its notifications disabled and marked
+    /// it polled; the poller re-enables them when it lets go.
+    pub fn activate(&self, device: Weak<dyn Polled>) {
         let mut st = lock(&self.state);
         st.incoming.push(Target {
-            backend,
-            vrings: vrings.to_vec(),
+            device,
             last_work: Instant::now(),
         });
         drop(st);
@@ -97,14 +107,14 @@ impl Poller {
             let mut found = false;
             let now = Instant::now();
             active.retain_mut(|t| {
-                let Some(b) = t.backend.upgrade() else {
+                let Some(d) = t.device.upgrade() else {
                     return false;
                 };
-                if b.is_broken() {
-                    b.release_polled();
+                if d.is_broken() {
+                    d.release_polled();
                     return false;
                 }
-                if b.poll_once(&t.vrings) {
+                if d.poll_once() {
                     t.last_work = now;
                     found = true;
                     return true;
@@ -114,7 +124,7 @@ impl Poller {
                 }
                 // Idle for the whole budget: hand the device back to its kicks, unless
                 // something arrived while re-enabling notifications.
-                if b.try_park(&t.vrings) {
+                if d.try_park() {
                     false
                 } else {
                     t.last_work = now;
@@ -134,8 +144,8 @@ impl Poller {
         }
         // Shutting down: give every device back its notifications.
         for t in active.drain(..) {
-            if let Some(b) = t.backend.upgrade() {
-                b.try_park(&t.vrings);
+            if let Some(d) = t.device.upgrade() {
+                d.try_park();
             }
         }
     }
