@@ -85,52 +85,79 @@ impl VringSink {
         }
     }
 
-    /// Run `f` on ring `q`'s queue and view, under the ring's lock; `None` if the ring is not
-    /// running. Completions (`running: false`) are written to a stopped ring too: a ring being
-    /// stopped gets its cancelled requests back (GET_VRING_BASE stops it first).
+    /// Run `f` on ring `q`'s queue and view, under the ring's `VringRwLock` (then its state
+    /// lock); `None` if the ring is not running.
     fn with_ring<R>(
         &self,
         vr: &VringRwLock,
         q: usize,
         mem: Option<&Arc<GuestMemoryMmap>>,
-        running: bool,
-        f: impl FnOnce(&mut Queue, &RingView, &mut u16) -> R,
+        f: impl FnOnce(&mut Queue, &RingView) -> R,
     ) -> Result<Option<R>, RingError> {
         let Some(state) = self.rings.get(q) else {
             return Ok(None);
         };
         let mut st = vr.get_mut();
-        if running && (!st.is_enabled() || !st.get_queue().ready()) {
+        if !st.is_enabled() || !st.get_queue().ready() {
             return Ok(None);
         }
         let mut rs = lock(state);
         let generation = self.mem_generation.load(Ordering::Acquire);
-        let (view, notified_upto) = rs.view(generation, st.get_queue(), || {
+        let view = rs.view(generation, st.get_queue(), || {
             mem.cloned()
                 .unwrap_or_else(|| self.mem.memory().into_inner())
         })?;
-        Ok(Some(f(st.get_queue_mut(), view, notified_upto)))
+        Ok(Some(f(st.get_queue_mut(), view)))
+    }
+
+    /// Build ring `q`'s view under its `VringRwLock` whatever the ring's state (completions go
+    /// to a stopped ring too: a ring being stopped gets its cancelled requests back).
+    fn build_view(&self, q: usize) -> Result<(), RingError> {
+        let v = self.vrings.read().unwrap_or_else(|p| p.into_inner());
+        let (Some(vr), Some(state)) = (v.get(q), self.rings.get(q)) else {
+            return Err(RingError::Invalid);
+        };
+        let st = vr.get_ref();
+        let generation = self.mem_generation.load(Ordering::Acquire);
+        lock(state)
+            .view(generation, st.get_queue(), || {
+                self.mem.memory().into_inner()
+            })
+            .map(|_| ())
+    }
+
+    /// Ring `q` is stopping (GET_VRING_BASE): its configuration may change before it runs
+    /// again, so the next use re-reads it.
+    fn stop_ring(&self, q: usize) {
+        let v = self.vrings.read().unwrap_or_else(|p| p.into_inner());
+        if let (Some(vr), Some(state)) = (v.get(q), self.rings.get(q)) {
+            let mut st = vr.get_mut();
+            lock(state).reset(st.get_queue_mut());
+        }
     }
 }
 
 impl CompletionSink for VringSink {
     fn complete(&self, queue: u16, head: u16, len: u32) {
-        let v = self.vrings.read().unwrap_or_else(|p| p.into_inner());
-        let Some(vr) = v.get(queue as usize) else {
+        let q = usize::from(queue);
+        let Some(state) = self.rings.get(q) else {
             warn!(queue, "completion for an unknown queue dropped");
             return;
         };
-        match self.with_ring(vr, queue as usize, None, false, |q, view, _| {
-            view.push_used(q, head, len)
-        }) {
-            Ok(Some(())) => {
-                self.pending.fetch_or(1u64 << queue, Ordering::AcqRel);
+        let generation = self.mem_generation.load(Ordering::Acquire);
+        // The fast path takes only the ring's state lock; the first completion after a
+        // (re)configuration builds the view under the ring's VringRwLock.
+        let mut done = lock(state).push_used(generation, head, len);
+        if !done {
+            match self.build_view(q) {
+                Ok(()) => done = lock(state).push_used(generation, head, len),
+                Err(e) => warn!(queue, head, "used ring not writable: {e}"),
             }
-            Ok(None) => debug!(queue, head, "completion for a stopped queue dropped"),
-            Err(e) => {
-                warn!(queue, head, "used ring not writable: {e}");
-                self.broken.store(true, Ordering::Release);
-            }
+        }
+        if done {
+            self.pending.fetch_or(1u64 << queue, Ordering::AcqRel);
+        } else {
+            self.broken.store(true, Ordering::Release);
         }
     }
 
@@ -144,13 +171,9 @@ impl CompletionSink for VringSink {
             if bits & (1u64 << q) == 0 {
                 continue;
             }
-            let notify = self.with_ring(vr, q, None, false, |q, view, notified_upto| {
-                let n = view.needs_notification(q, *notified_upto);
-                *notified_upto = q.next_used();
-                n
-            });
-            // A ring we cannot read is treated as "notify".
-            if !matches!(notify, Ok(Some(false))) {
+            let notify = self.rings.get(q).and_then(|s| lock(s).needs_notification());
+            // A ring without a view is treated as "notify".
+            if notify != Some(false) {
                 if let Err(e) = vr.signal_used_queue() {
                     debug!(q, "cannot signal the guest: {e}");
                 }
@@ -370,13 +393,28 @@ impl FabricBackend {
     /// checked, and only the chains it announced are popped: a data request the driver made
     /// available before a control request is seen before it.
     fn pass(&self, vrings: &[VringRwLock], n: &mut Notify) -> (bool, bool) {
+        self.pass_some(vrings, None, n)
+    }
+
+    /// [`Self::pass`] over every queue (`only` = `None`) or over data queue `only`, which is
+    /// then also re-armed in the same visit once empty (the blocking fast path: notification
+    /// on, re-checked, so `more` says whether requests arrived meanwhile).
+    fn pass_some(
+        &self,
+        vrings: &[VringRwLock],
+        only: Option<usize>,
+        n: &mut Notify,
+    ) -> (bool, bool) {
         let _work = self.work_lock();
+        let rearm = only.is_some();
         let mut parsed = lock(&self.parsed);
         let (mut found, mut more) = (false, false);
         let mem = self.mem.memory().into_inner();
         let acked = self.acked();
         let limits = self.fabric.limits();
-        let order = (1..vrings.len()).chain(std::iter::once(0));
+        let order = (1..vrings.len())
+            .chain(std::iter::once(0))
+            .filter(|q| only.is_none_or(|o| o == *q));
         for q in order {
             let Some(vr) = vrings.get(q) else {
                 continue;
@@ -386,11 +424,9 @@ impl FabricBackend {
             }
             let mut max = BATCH;
             if q == 0 {
-                let announced = self
-                    .sink
-                    .with_ring(vr, 0, Some(&mem), true, |queue, view, _| {
-                        view.avail_idx().wrapping_sub(queue.next_avail())
-                    });
+                let announced = self.sink.with_ring(vr, 0, Some(&mem), |queue, view| {
+                    view.avail_idx().wrapping_sub(queue.next_avail())
+                });
                 let announced = match announced {
                     Ok(Some(k)) if k > 0 => k,
                     _ => continue,
@@ -402,18 +438,22 @@ impl FabricBackend {
                 }
                 max = max.min(usize::from(announced));
             }
-            let popped = self
-                .sink
-                .with_ring(vr, q, Some(&mem), true, |queue, view, _| {
-                    view.pop(queue, &mem, max, |head, walked, indirect| {
-                        parsed.push(parse_walked(
-                            &mem, walked, q as u16, head, limits, acked, indirect,
-                        ));
-                    })
-                });
+            let popped = self.sink.with_ring(vr, q, Some(&mem), |queue, view| {
+                let k = view.pop(queue, &mem, max, |head, walked, indirect| {
+                    parsed.push(parse_walked(
+                        &mem, walked, q as u16, head, limits, acked, indirect,
+                    ));
+                })?;
+                let arrived = rearm && k < max && view.set_notification(queue, true);
+                Ok::<_, RingError>((k, arrived))
+            });
             match popped {
-                Ok(Some(Ok(0)) | None) => continue,
-                Ok(Some(Ok(k))) => more |= k == BATCH,
+                Ok(Some(Ok((0, arrived)))) => {
+                    more |= arrived;
+                    continue;
+                }
+                Ok(None) => continue,
+                Ok(Some(Ok((k, arrived)))) => more |= k == BATCH || arrived,
                 Ok(Some(Err(e))) | Err(e) => {
                     self.ring_error(q, &e);
                     return (found, false);
@@ -453,10 +493,9 @@ impl FabricBackend {
     ) -> bool {
         vrings.iter().enumerate().any(|(i, vr)| {
             matches!(
-                self.sink
-                    .with_ring(vr, first + i, Some(mem), true, |q, view, _| {
-                        view.avail_idx() != q.next_avail()
-                    }),
+                self.sink.with_ring(vr, first + i, Some(mem), |q, view| {
+                    view.avail_idx() != q.next_avail()
+                }),
                 Ok(Some(true))
             )
         })
@@ -465,7 +504,7 @@ impl FabricBackend {
     fn set_notifications(&self, vrings: &[VringRwLock], enable: bool) -> Result<bool, ()> {
         let mut more = false;
         for (q, vr) in vrings.iter().enumerate() {
-            match self.sink.with_ring(vr, q, None, true, |queue, view, _| {
+            match self.sink.with_ring(vr, q, None, |queue, view| {
                 view.set_notification(queue, enable)
             }) {
                 Ok(m) => more |= m.unwrap_or(false),
@@ -517,6 +556,27 @@ impl FabricBackend {
                         return;
                     }
                 }
+            }
+        }
+    }
+
+    /// Blocking mode (no poller), after a kick of data queue `q`: serve that queue alone and
+    /// re-arm it in the same visit. Every queue has its own kick, so the other queues stay
+    /// armed and report their own requests; the control queue (whose requests must not overtake
+    /// earlier data requests) takes the all-queue path of [`Self::process`].
+    fn process_queue(&self, vrings: &[VringRwLock], q: usize) {
+        let mut n = Notify::default();
+        loop {
+            if self.is_broken() {
+                return;
+            }
+            let (_, more) = self.pass_some(vrings, Some(q), &mut n);
+            n.flush();
+            if self.sink.broken.load(Ordering::Acquire) {
+                self.ring_error(q, &"used ring not writable");
+            }
+            if !more {
+                return;
             }
         }
     }
@@ -612,6 +672,8 @@ impl VhostUserBackend for FabricBackend {
 
     fn set_event_idx(&self, enabled: bool) {
         debug!(dev = self.dev, enabled, "event idx");
+        // Ring views carry the notification scheme: rebuild them.
+        self.sink.mem_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -683,6 +745,7 @@ impl VhostUserBackend for FabricBackend {
             self.fabric.stop_queue(self.dev, q, &mut n);
         }
         n.flush();
+        self.sink.stop_ring(queue_index as usize);
         Ok(())
     }
 
@@ -697,7 +760,12 @@ impl VhostUserBackend for FabricBackend {
             return Ok(());
         }
         self.sink.set_vrings(vrings);
-        self.process(vrings);
+        let q = usize::from(device_event);
+        if q == 0 || self.poller.enabled() || self.polled.load(Ordering::Acquire) {
+            self.process(vrings);
+        } else {
+            self.process_queue(vrings, q);
+        }
         Ok(())
     }
 }

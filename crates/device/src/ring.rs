@@ -42,6 +42,9 @@ pub(crate) struct RingView {
     desc: *mut u8,
     avail: *mut u8,
     used: *mut u8,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated when the view was built (views are rebuilt when
+    /// it changes).
+    event_idx: bool,
 }
 
 // SAFETY: the raw pointers point into mappings owned by `_mem` (an `Arc`), which lives as long
@@ -81,7 +84,16 @@ impl RingView {
             desc,
             avail,
             used,
+            event_idx: q.event_idx_enabled(),
         })
+    }
+
+    /// Whether this view is of the same ring parts as `q` describes.
+    fn same_ring(&self, q: &Queue) -> bool {
+        self.size == q.size()
+            && self.desc_gpa == q.desc_table()
+            && self.avail_gpa == q.avail_ring()
+            && self.used_gpa == q.used_ring()
     }
 
     /// Whether this view still describes `q` under memory-table `generation`.
@@ -91,6 +103,7 @@ impl RingView {
             && self.desc_gpa == q.desc_table()
             && self.avail_gpa == q.avail_ring()
             && self.used_gpa == q.used_ring()
+            && self.event_idx == q.event_idx_enabled()
     }
 
     fn atomic_u16(&self, p: *mut u8) -> &AtomicU16 {
@@ -143,9 +156,9 @@ impl RingView {
             .store(v.to_le(), Ordering::Release);
     }
 
-    /// Publish used element `(head, len)` at the queue's next used index.
-    pub fn push_used(&self, q: &mut Queue, head: u16, len: u32) {
-        let idx = q.next_used();
+    /// Publish used element `(head, len)` at used index `*next_used` and advance it.
+    fn push_used(&self, next_used: &mut u16, head: u16, len: u32) {
+        let idx = *next_used;
         let slot = usize::from(idx & (self.size - 1));
         // SAFETY: element `slot` (8 bytes at 4 + 8 * slot) lies inside the used ring; it is
         // 4-aligned (used ring base is 4-aligned). The driver reads it only after the index
@@ -159,18 +172,19 @@ impl RingView {
         // SAFETY: offset 2 lies inside the used ring.
         self.atomic_u16(unsafe { self.used.add(2) })
             .store(next.to_le(), Ordering::Release);
-        q.set_next_used(next);
+        *next_used = next;
     }
 
-    /// Whether the driver wants a notification for the entries added since `since` (the used
-    /// index at the previous decision), as EVENT_IDX defines; always without EVENT_IDX.
-    pub fn needs_notification(&self, q: &Queue, since: u16) -> bool {
+    /// Whether the driver wants a notification now that the used index is `next_used`, for
+    /// the entries added since `since` (the used index at the previous decision), as EVENT_IDX
+    /// defines; always without EVENT_IDX.
+    fn needs_notification(&self, next_used: u16, since: u16) -> bool {
         // The used entries must be visible before used_event is read.
         fence(Ordering::SeqCst);
-        if !q.event_idx_enabled() {
+        if !self.event_idx {
             return true;
         }
-        let new = Wrapping(q.next_used());
+        let new = Wrapping(next_used);
         let event = Wrapping(self.used_event());
         new - event - Wrapping(1) < new - Wrapping(since)
     }
@@ -178,7 +192,7 @@ impl RingView {
     /// Ask the driver to kick (or not) for new requests. Returns, when enabling, whether
     /// requests arrived meanwhile (so the caller must not sleep).
     pub fn set_notification(&self, q: &Queue, enable: bool) -> bool {
-        if q.event_idx_enabled() {
+        if self.event_idx {
             // Disabling is implicit: the driver kicks only when it passes avail_event.
             if !enable {
                 return false;
@@ -299,31 +313,68 @@ impl RingView {
     }
 }
 
-/// A ring's fast-path state: its view and the used index at the last notification decision.
+/// A ring's fast-path state: its view, the used index (kept here so that completions need not
+/// take the ring's `VringRwLock`), and the used index at the last notification decision.
 #[derive(Default)]
 pub(crate) struct RingState {
     view: Option<RingView>,
+    next_used: u16,
     /// `next_used` when the driver was last considered for a notification.
     notified_upto: u16,
 }
 
 impl RingState {
     /// The view of `q` for memory-table `generation` (`mem` loads that table), rebuilt if the
-    /// table or the ring's addresses changed, and the ring's `notified_upto`.
+    /// table, the ring's addresses or its features changed. A rebuilt view takes the used index
+    /// from `q` (vhost-user-backend sets it when the ring is configured).
     pub fn view(
         &mut self,
         generation: u64,
         q: &Queue,
         mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
-    ) -> Result<(&RingView, &mut u16), RingError> {
+    ) -> Result<&RingView, RingError> {
         let fresh = self.view.as_ref().is_some_and(|v| v.is_for(generation, q));
         if !fresh {
+            // Same ring in a new memory table (or with new features): our used index goes on.
+            // A ring configured anew starts from the index vhost-user-backend read from it.
+            let same_ring = self.view.as_ref().is_some_and(|v| v.same_ring(q));
             self.view = None;
-            self.view = Some(RingView::build(mem(), generation, q)?);
+            let view = RingView::build(mem(), generation, q)?;
+            if !same_ring {
+                self.next_used = q.next_used();
+                self.notified_upto = self.next_used;
+            }
+            self.view = Some(view);
         }
+        self.view.as_ref().ok_or(RingError::Invalid)
+    }
+
+    /// Publish a used element through the current view, if it was built for memory-table
+    /// `generation`. `false`: no usable view (the caller builds one under the ring's lock).
+    pub fn push_used(&mut self, generation: u64, head: u16, len: u32) -> bool {
         match &self.view {
-            Some(v) => Ok((v, &mut self.notified_upto)),
-            None => Err(RingError::Invalid),
+            Some(v) if v.generation == generation => {
+                v.push_used(&mut self.next_used, head, len);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the driver wants a notification for the entries published since the last
+    /// decision (`None`: no view, notify to be safe).
+    pub fn needs_notification(&mut self) -> Option<bool> {
+        let v = self.view.as_ref()?;
+        let n = v.needs_notification(self.next_used, self.notified_upto);
+        self.notified_upto = self.next_used;
+        Some(n)
+    }
+
+    /// The ring is being stopped: hand the used index back to its `Queue` and forget the view,
+    /// so that the next use re-reads the ring's configuration (and used index) from it.
+    pub fn reset(&mut self, q: &mut Queue) {
+        if self.view.take().is_some() {
+            q.set_next_used(self.next_used);
         }
     }
 }
