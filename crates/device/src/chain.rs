@@ -87,6 +87,25 @@ impl Segs {
 
     /// Split the stream at byte `at` (clamped to its length): `(first at bytes, rest)`.
     pub fn split_at(&self, at: u64) -> (Segs, Segs) {
+        // One segment (most streams): no loop.
+        if let [s] = self.segs.as_slice() {
+            let l = u64::from(s.len);
+            if at >= l {
+                return (self.clone(), Segs::default());
+            }
+            let mut head = Segs::default();
+            let mut tail = Segs::default();
+            // at < l <= u32::MAX, so both casts are lossless.
+            head.push(Seg {
+                addr: s.addr,
+                len: at as u32,
+            });
+            tail.push(Seg {
+                addr: s.addr.wrapping_add(at),
+                len: s.len - at as u32,
+            });
+            return (head, tail);
+        }
         let mut head = Segs::default();
         let mut tail = Segs::default();
         let mut left = at;
@@ -174,9 +193,25 @@ impl Segs {
         Ok(())
     }
 
+    /// The host address of `len` bytes at stream offset `off` when they lie in the first
+    /// segment and one memory region: the common case of every small access.
+    fn first_seg_ptr(&self, mem: &GuestMemoryMmap, off: u64, len: usize) -> Option<*mut u8> {
+        let s = self.segs.first()?;
+        if off.checked_add(len as u64)? > u64::from(s.len) {
+            return None;
+        }
+        host_ptr(mem, s.addr.checked_add(off)?, len)
+    }
+
     /// Read `buf.len()` bytes starting at stream offset `off`.
     pub fn read_at(&self, mem: &GuestMemoryMmap, off: u64, buf: &mut [u8]) -> Result<(), MemFault> {
         let len = buf.len();
+        if let Some(p) = self.first_seg_ptr(mem, off, len) {
+            // SAFETY: `p` is valid for `len` bytes of a mapping `mem` keeps alive; `buf` is our
+            // own buffer of `len` bytes; they cannot overlap.
+            unsafe { guest_copy(buf.as_mut_ptr(), p, len) };
+            return Ok(());
+        }
         self.walk(off, len, |addr, pos, n| {
             let to = &mut buf[pos..pos + n];
             match host_ptr(mem, addr.0, n) {
@@ -192,6 +227,11 @@ impl Segs {
 
     /// Write `buf` starting at stream offset `off`.
     pub fn write_at(&self, mem: &GuestMemoryMmap, off: u64, buf: &[u8]) -> Result<(), MemFault> {
+        if let Some(p) = self.first_seg_ptr(mem, off, buf.len()) {
+            // SAFETY: as in `read_at`, with the roles of the two ranges swapped.
+            unsafe { guest_copy(p, buf.as_ptr(), buf.len()) };
+            return Ok(());
+        }
         self.walk(off, buf.len(), |addr, pos, n| {
             let from = &buf[pos..pos + n];
             match host_ptr(mem, addr.0, n) {

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use tracing::debug;
 use vfabric_proto::{ep_open, FabricAddr, Status};
@@ -17,7 +18,7 @@ impl Fabric {
         if dev >= self.devs.len() {
             return;
         }
-        self.dev(dev).port = Some(port);
+        self.dev(dev).port = Some(Arc::new(port));
         if let Some(c) = self.counters.get(dev) {
             c.connected.store(true, Ordering::Relaxed);
         }

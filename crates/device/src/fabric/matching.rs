@@ -65,14 +65,13 @@ impl Fabric {
         let may_be_eager = meta.len <= self.limits.eager_threshold
             && r.flags & flags::DELIVERY_COMPLETE == 0
             && skind != ep_open::TYPE_DGRAM;
-        let mut early = None;
+        // A small payload read up front lives on the stack: copied into a heap buffer only if
+        // it has to wait in the unexpected queue.
+        let mut early_buf = [0u8; EARLY_READ as usize];
+        let mut early: Option<&[u8]> = None;
         if may_be_eager && meta.len <= EARLY_READ {
-            let mut buf = vec![0u8; meta.len as usize];
-            if req
-                .payload
-                .read_at(&port.mem.memory(), 0, &mut buf)
-                .is_err()
-            {
+            let buf = &mut early_buf[..meta.len as usize];
+            if req.payload.read_at(&port.mem.memory(), 0, buf).is_err() {
                 return self.fail(dev, port, &req, Status::Fault, n);
             }
             early = Some(buf);
@@ -95,7 +94,7 @@ impl Fabric {
         if let Some((at, rv)) = take_posted(&mut d, dep, &meta) {
             drop(d);
             if let Some(buf) = early {
-                return self.place(dev, port, &req, &meta, ddev, &dport, rv, &buf, n);
+                return self.place(dev, port, &req, &meta, ddev, &dport, rv, buf, n);
             }
             match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
                 Survivor::None => {}
@@ -135,7 +134,7 @@ impl Fabric {
         // Eager: the room is reserved now, so concurrent senders respect the bound.
         d.unexpected_bytes += cost;
         let buf = match early {
-            Some(buf) => buf,
+            Some(buf) => buf.to_vec(),
             None => {
                 // The copy into the device runs without the lock; a receive posted meanwhile
                 // is found when the lock is taken again.

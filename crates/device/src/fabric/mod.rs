@@ -174,7 +174,8 @@ struct Slot {
 
 /// The state of one device, behind its own lock.
 pub(crate) struct Dev {
-    port: Option<Port>,
+    /// Shared, so that taking it out of the lock costs one reference count.
+    port: Option<Arc<Port>>,
     eps: Vec<Slot>,
     /// Eagerly buffered bytes queued at this device's endpoints, each message charged
     /// [`eager_cost`].

@@ -322,7 +322,7 @@ impl Fabric {
         gen: u32,
         ranges: &[(u64, u64, u64)],
         need: u64,
-    ) -> Result<(Vec<Target>, Port), Status> {
+    ) -> Result<(Vec<Target>, Arc<Port>), Status> {
         let d = self.dev(ddev);
         let port = d.port.clone().ok_or(Status::AddrNotAvail)?;
         d.live_ep(dep, gen).ok_or(Status::AddrNotAvail)?;
