@@ -240,10 +240,18 @@ impl RingView {
         Ok(take)
     }
 
-    /// Descriptor `i` of the ring's own table (`i` < size, checked by the caller).
-    fn ring_desc(&self, i: u16) -> [u8; 16] {
-        // SAFETY: `i` < size and the table (16 * size bytes) is mapped and 16-aligned.
-        unsafe { std::ptr::read_volatile(self.desc.add(16 * usize::from(i)) as *const [u8; 16]) }
+    /// Descriptor `i` of the ring's own table (`i` < size, checked by the caller) as
+    /// `(addr, len | flags << 32 | next << 48)`: two aligned 8-byte loads.
+    fn ring_desc(&self, i: u16) -> (u64, u64) {
+        // SAFETY: `i` < size and the table (16 * size bytes) is mapped and 16-aligned, so both
+        // 8-byte words are in bounds and aligned.
+        unsafe {
+            let d = self.desc.add(16 * usize::from(i)) as *const u64;
+            (
+                u64::from_le(std::ptr::read_volatile(d)),
+                u64::from_le(std::ptr::read_volatile(d.add(1))),
+            )
+        }
     }
 
     /// Walk chain `head`: its descriptors sorted into streams (see [`Walked`]), and whether the
@@ -262,22 +270,26 @@ impl RingView {
         let mut head_indirect = false;
         let mut bytes = 0u32;
         loop {
-            let d = match indirect {
+            let (addr, rest) = match indirect {
                 None => self.ring_desc(i),
                 Some(table) => {
                     // One translation per entry: indirect tables may lie anywhere.
                     let mut d = [0u8; 16];
                     let at = table.checked_add(16 * u64::from(i));
                     match at.map(|a| mem.read_slice(&mut d, GuestAddress(a))) {
-                        Some(Ok(())) => d,
+                        Some(Ok(())) => {
+                            let (a, b) = d.split_at(8);
+                            let word =
+                                |x: &[u8]| u64::from_le_bytes(x.try_into().unwrap_or([0; 8]));
+                            (word(a), word(b))
+                        }
                         _ => return (w, head_indirect),
                     }
                 }
             };
-            let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-            let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
-            let flags = u16::from_le_bytes([d[12], d[13]]);
-            let next = u16::from_le_bytes([d[14], d[15]]);
+            let len = rest as u32;
+            let flags = (rest >> 32) as u16;
+            let next = (rest >> 48) as u16;
             if flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 if indirect.is_some() || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
                     return (w, head_indirect);
