@@ -9,6 +9,9 @@
 # difference is divided by the P*N*2 extra messages, so instructions per message can be
 # compared across pair counts (they should not grow with P). PHASE=rate counts one-way
 # streaming messages (windows of 64, acknowledged) instead of ping-pong round trips.
+# OP=send|write|read|fadd (without PAIRS) counts one-way operations instead of ping-pong
+# messages: `vfabric bw --op send|write|read` or `vfabric atomic --op fadd`, windows of 64,
+# N and 2N operations, the difference divided by N.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -44,6 +47,21 @@ run_scale() { # pairs iterations
         >/dev/null 2>"$out/log.$p.$it"
     collected "$out/log.$p.$it"
 }
+run_op() { # iterations: one-way operations of kind $OP
+    local cmd=bw
+    [ "$OP" = fadd ] && cmd=atomic
+    VFABRIC_SPIN_US=0 valgrind --tool=callgrind --callgrind-out-file="$out/cg.op.$1" \
+        target/release/vfabric "$cmd" --op "$OP" --mode block --poll-us 0 --sizes "$size" \
+        --iters "$1" --fixed-iters --warmup 0 --quiet >/dev/null 2>"$out/log.op.$1"
+    collected "$out/log.op.$1"
+}
+if [ -z "$pairs" ] && [ -n "${OP:-}" ]; then
+    n=$(((n + 63) / 64 * 64)) # whole windows of 64
+    a=$(run_op "$n")
+    b=$(run_op $((2 * n)))
+    echo "callgrind: $OP, size $size B: $a instructions for $n operations, $b for $((2 * n)); $(((b - a) / n)) instructions per operation (device + both drivers)"
+    exit 0
+fi
 if [ -z "$pairs" ]; then
     a=$(run "$n")
     b=$(run $((2 * n)))
