@@ -18,6 +18,11 @@ impl Fabric {
     /// A TX request: deferred if its endpoint has deferred requests not yet started or it is
     /// itself fenced behind unfinished earlier requests, otherwise started.
     pub(super) fn op_tx(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        // Nothing deferred on this device (only this device's own thread defers its requests)
+        // and no fence asked: start at once, without looking at the endpoint's queue.
+        if req.req.flags & flags::FENCE == 0 && self.devs[dev].fenced.load(Ordering::Acquire) == 0 {
+            return self.start_tx(dev, port, req, n);
+        }
         let ep = req.req.ep as usize;
         let waiting = self.dev(dev).ep(ep).map(|e| e.fence_pending > 0);
         let Some(waiting) = waiting else {

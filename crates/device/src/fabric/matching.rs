@@ -13,7 +13,7 @@ use crate::stats::Counters;
 
 /// Payloads up to this size are read before the destination is locked (one lock instead of
 /// two for the commonest small eager send; the read is wasted only if a receive is posted).
-const EARLY_READ: u64 = 256;
+const EARLY_READ: u64 = 64;
 
 /// What is left of a transfer whose copy faulted on one side.
 enum Survivor {
