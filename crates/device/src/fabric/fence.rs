@@ -17,6 +17,7 @@ use crate::chain::Req;
 impl Fabric {
     /// A TX request: deferred if its endpoint has deferred requests not yet started or it is
     /// itself fenced behind unfinished earlier requests, otherwise started.
+    #[inline]
     pub(super) fn op_tx(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
         // Nothing deferred on this device (only this device's own thread defers its requests)
         // and no fence asked: start at once, without looking at the endpoint's queue.

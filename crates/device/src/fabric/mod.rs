@@ -462,6 +462,7 @@ impl Fabric {
         self.done(dev, port, r, &c, 0, n);
     }
 
+    #[inline]
     fn dispatch(&self, dev: usize, port: &Port, req: Req, acked: u64, n: &mut Notify) {
         match req.req.opcode {
             Opcode::QueryCaps => self.op_query_caps(dev, port, req, acked, n),
@@ -491,6 +492,7 @@ impl Fabric {
         }
     }
 
+    #[inline]
     fn start_tx(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
         match req.req.opcode {
             Opcode::Send | Opcode::TSend => self.op_send(dev, port, req, n),
