@@ -526,9 +526,14 @@ impl FabricBackend {
             return;
         }
         if self.polled.load(Ordering::Acquire) {
-            // A kick that raced with the poller taking over: drain, leave notifications alone.
+            // A kick that raced with the poller: drain, and leave notifications to the poller
+            // if it still owns the device. If it parked the device meanwhile, its re-arm may
+            // predate this drain (avail_event behind the requests just taken, so the guest's
+            // next request would not kick): re-arm below, as for an ordinary kick.
             self.drain(vrings, &mut n);
-            return;
+            if self.polled.load(Ordering::Acquire) {
+                return;
+            }
         }
         if !self.event_idx() && self.set_notifications(vrings, false).is_err() {
             return;
@@ -599,6 +604,9 @@ impl Polled for FabricBackend {
     }
 
     fn try_park(&self) -> bool {
+        // Under the pass lock, so that a drain of a racing kick is wholly before the re-arm
+        // (which then covers it) or wholly after `polled` is cleared (and re-arms itself).
+        let _work = self.work_lock();
         let vrings = self.vrings();
         match self.set_notifications(&vrings, true) {
             Ok(true) if !self.is_broken() => {

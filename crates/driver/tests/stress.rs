@@ -37,9 +37,9 @@
 //! and the body runs under a watchdog that turns a deadlock into a failure listing what each
 //! thread was doing. Nothing about timing is asserted.
 //!
-//! Found so far (ignored tests at the end of the file): with the data-plane poller the device
-//! can strand a request forever (`lone_synchronous_requests_are_never_stranded`), so the test
-//! run in CI uses devices without the poller until that is fixed.
+//! Found so far: with the data-plane poller the device could strand a request forever when a
+//! kick raced the poller handing the device back (`lone_synchronous_requests_are_never_stranded`
+//! at the end of the file, now fixed in the device and kept as a regression test).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
@@ -2832,20 +2832,18 @@ fn everything(ctl: &Ctl, poll_us: Option<u64>) {
     drop(amr);
 }
 
-/// The devices serve kicks only (`poll_us = 0`): with the data-plane poller the device can
-/// strand a request (see `lone_synchronous_requests_are_never_stranded`), which hangs this test
-/// about one run in twenty. Switch back to the poller (`None`) once that test passes.
+/// Everything at once with the default configuration (the data-plane poller takes busy
+/// devices over from their kicks and hands them back).
 #[test]
 fn stress_everything_at_once() {
-    with_watchdog("stress", |ctl| everything(ctl, Some(0)));
+    with_watchdog("stress-poller", |ctl| everything(ctl, None));
 }
 
-/// The same with the default configuration (data-plane poller).
+/// The same with the devices serving kicks only (`poll_us = 0`: each kick serves its queue and
+/// re-arms it).
 #[test]
-#[ignore = "device bug since 3b0dd50: a lone request can be stranded when the poller parks \
-            (see lone_synchronous_requests_are_never_stranded); hangs about one run in twenty"]
-fn stress_everything_at_once_with_poller() {
-    with_watchdog("stress-poller", |ctl| everything(ctl, None));
+fn stress_everything_at_once_kicks_only() {
+    with_watchdog("stress", |ctl| everything(ctl, Some(0)));
 }
 
 /// Minimal reproducer of a device hang this stress test found (about one run in twenty of
@@ -2871,13 +2869,14 @@ fn stress_everything_at_once_with_poller() {
 /// so that requests often arrive while the poller parks the device. At 593b408, e159ce0 and
 /// 03c2848 this runs its 12 s clean; at 3b0dd50 and 5843630 a read never completes, usually
 /// within a few seconds (the driver still counts it in flight; no kick follows).
+///
+/// Fixed by taking the pass lock in `try_park` and re-arming after a racing drain once the
+/// poller has let go (`FabricBackend::process`); without the fix this fails within seconds.
 #[test]
-#[ignore = "device bug since 3b0dd50: a kick racing the poller's park is drained without \
-            re-arming EVENT_IDX, the next request is stranded (see the comment)"]
 fn lone_synchronous_requests_are_never_stranded() {
     with_watchdog("lone-requests", |ctl| {
         const REQUESTERS: usize = 6;
-        const RUN: Duration = Duration::from_secs(12);
+        const RUN: Duration = Duration::from_secs(5);
         const WAIT: Duration = Duration::from_secs(5);
         let r = common::rig(1 + REQUESTERS as u32);
         let doms: Vec<Domain> = r
