@@ -291,7 +291,7 @@ impl RingView {
             let flags = (rest >> 32) as u16;
             let next = (rest >> 48) as u16;
             if flags & VIRTQ_DESC_F_INDIRECT != 0 {
-                if indirect.is_some() || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
+                if indirect.is_some() || !len.is_multiple_of(16) || len / 16 > u32::from(u16::MAX) {
                     return (w, head_indirect);
                 }
                 if w.count == 0 {
