@@ -19,6 +19,10 @@ use crate::CliError;
 
 /// Polls between `sched_yield`s while waiting (the guests may share a core with each other).
 const YIELD_EVERY: u32 = 1;
+/// Empty polls between clock reads (timeout checks) while busy-polling a CQ.
+const CLOCK_EVERY: u32 = 1024;
+/// Completions read per call while draining a window.
+const READ_BATCH: usize = 64;
 
 /// How a side waits for completions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -171,33 +175,60 @@ impl Side {
     }
 
     fn wait(&self, cq: &CompletionQueue, what: &str) -> Result<CqEntry, CliError> {
-        let deadline = Instant::now() + self.timeout;
-        let mut out = Vec::with_capacity(1);
+        let mut one = [CqEntry::default()];
+        self.read_some(cq, &mut one, what)?;
+        let [e] = one;
+        Ok(e)
+    }
+
+    /// Wait for `n` completions on `cq`, reading them in bulk through `scratch`.
+    fn wait_n(
+        &self,
+        cq: &CompletionQueue,
+        mut n: usize,
+        scratch: &mut [CqEntry],
+        what: &str,
+    ) -> Result<(), CliError> {
+        while n > 0 {
+            let want = n.min(scratch.len());
+            n -= self.read_some(cq, &mut scratch[..want], what)?;
+        }
+        Ok(())
+    }
+
+    /// Read at least one entry into `out` (up to its length), waiting as the mode says. No
+    /// allocation; the clock is read only every `CLOCK_EVERY` empty polls (poll mode) — the
+    /// blocking modes hand the timeout to `sread`.
+    fn read_some(
+        &self,
+        cq: &CompletionQueue,
+        out: &mut [CqEntry],
+        what: &str,
+    ) -> Result<usize, CliError> {
+        let mut deadline = None;
         let mut polls = 0u32;
         loop {
             let r = match self.mode {
-                Mode::Poll => cq.read(&mut out, 1),
-                Mode::Adaptive | Mode::Block => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    cq.sread(&mut out, 1, Some(left))
-                }
+                Mode::Poll => cq.read_into(out),
+                Mode::Adaptive | Mode::Block => cq.sread_into(out, Some(self.timeout)),
             };
             match r {
-                Ok(_) => return Ok(out.pop().expect("one entry")),
-                Err(vfabric::Error::Again) | Err(vfabric::Error::Timeout) => {}
+                Ok(n) => return Ok(n),
+                Err(vfabric::Error::Again) => {}
+                Err(vfabric::Error::Timeout) => return Err(self.no_completion(what)),
                 Err(vfabric::Error::Avail) => {
                     let e = cq.readerr();
                     return Err(CliError::Run(format!("{what}: error completion {e:?}")));
                 }
                 Err(e) => return Err(e.into()),
             }
-            if Instant::now() >= deadline {
-                return Err(CliError::Run(format!(
-                    "{what}: no completion within {:?}",
-                    self.timeout
-                )));
-            }
             polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(CLOCK_EVERY) {
+                let now = Instant::now();
+                if now >= *deadline.get_or_insert(now + self.timeout) {
+                    return Err(self.no_completion(what));
+                }
+            }
             if polls.is_multiple_of(YIELD_EVERY) {
                 // Three parties share two cores: let the device thread and the peer run.
                 std::thread::yield_now();
@@ -207,18 +238,24 @@ impl Side {
         }
     }
 
+    fn no_completion(&self, what: &str) -> CliError {
+        CliError::Run(format!("{what}: no completion within {:?}", self.timeout))
+    }
+
     /// Post with retry while the ring is full (driving progress meanwhile).
     pub(crate) fn retry<F: FnMut() -> vfabric::Result<()>>(
         &self,
         mut post: F,
     ) -> Result<(), CliError> {
-        let deadline = Instant::now() + self.timeout;
+        let mut deadline = None;
         loop {
             match post() {
                 Ok(()) => return Ok(()),
                 Err(vfabric::Error::Again) => {
                     self.domain.progress()?;
-                    if Instant::now() >= deadline {
+                    // The clock only once the ring is full.
+                    let now = Instant::now();
+                    if now >= *deadline.get_or_insert(now + self.timeout) {
                         return Err(CliError::Run("ring full for too long".into()));
                     }
                     std::thread::yield_now();
@@ -379,6 +416,7 @@ fn pingpong_size(
 ) -> Result<Option<SizeResult>, CliError> {
     let iters = params.iters_for(size);
     let n = iters + params.warmup;
+    let tick = !pb.is_hidden();
     let mut start = Instant::now();
     if server {
         side.post_recv(size, 2)?;
@@ -412,7 +450,9 @@ fn pingpong_size(
         if params.verify {
             side.check(size, (size * 37 + i) as u64)?;
         }
-        pb.inc(1);
+        if tick {
+            pb.inc(1);
+        }
     }
     let secs = start.elapsed().as_secs_f64();
     let one_way = secs / (2.0 * iters as f64);
@@ -440,21 +480,16 @@ fn bw_size(
     let window = params.window.max(1);
     let windows_warm = params.warmup.div_ceil(window);
     let windows = iters.div_ceil(window) + windows_warm;
+    let mut scratch = vec![CqEntry::default(); window.min(READ_BATCH)];
     if server {
-        for _ in 0..window {
-            side.post_recv(size, 4)?;
-        }
+        post_recv_window(side, size, window, 4)?;
         for w in 0..windows {
-            for _ in 0..window {
-                side.wait(&side.rx_cq, "bw recv")?;
-            }
+            side.wait_n(&side.rx_cq, window, &mut scratch, "bw recv")?;
             if params.verify {
                 side.check(size, (size * 41 + w) as u64)?;
             }
             if w + 1 < windows {
-                for _ in 0..window {
-                    side.post_recv(size, 4)?;
-                }
+                post_recv_window(side, size, window, 4)?;
             }
             side.post_send(0, peer, 5)?;
             side.wait(&side.tx_cq, "bw ack send")?;
@@ -470,12 +505,14 @@ fn bw_size(
         if params.verify {
             side.fill(size, (size * 41 + w) as u64);
         }
-        for _ in 0..window {
-            side.post_send(size, peer, 7)?;
+        {
+            // One doorbell for the window.
+            let mut batch = side.ep.batch();
+            for _ in 0..window {
+                side.retry(|| batch.send_buf(&side.sbuf, 0..size, peer, 7))?;
+            }
         }
-        for _ in 0..window {
-            side.wait(&side.tx_cq, "bw send")?;
-        }
+        side.wait_n(&side.tx_cq, window, &mut scratch, "bw send")?;
         side.wait(&side.rx_cq, "bw ack")?;
         pb.inc(window as u64);
     }
@@ -489,6 +526,15 @@ fn bw_size(
         msg_rate: msgs / secs,
         verified: params.verify,
     }))
+}
+
+/// Post `window` receives of `size` bytes with one doorbell.
+fn post_recv_window(side: &Side, size: usize, window: usize, ctx: u64) -> Result<(), CliError> {
+    let mut batch = side.ep.batch();
+    for _ in 0..window {
+        side.retry(|| batch.recv_buf(&side.rbuf, 0..size, ctx))?;
+    }
+    Ok(())
 }
 
 /// Both sides in this process, each on its own device of `sockets` (threads), for the demo.
@@ -617,6 +663,7 @@ fn rma_size(
     let windows_warm = params.warmup.div_ceil(window);
     let windows = iters.div_ceil(window) + windows_warm;
     let one = 1u64.to_le_bytes().repeat(size / 8);
+    let mut scratch = vec![CqEntry::default(); window.min(READ_BATCH)];
     let mut start = Instant::now();
     for w in 0..windows {
         if w == windows_warm {
@@ -625,13 +672,15 @@ fn rma_size(
         if params.verify && kind == Kind::BwWrite {
             side.fill(size, (size * 43 + w) as u64);
         }
+        // One doorbell per window.
+        let mut batch = side.ep.batch();
         for i in 0..window {
             match kind {
                 Kind::BwWrite => {
-                    side.retry(|| side.ep.write_buf(&side.sbuf, 0..size, peer, base, key, 12))?
+                    side.retry(|| batch.write_buf(&side.sbuf, 0..size, peer, base, key, 12))?
                 }
                 Kind::BwRead => {
-                    side.retry(|| side.ep.read_buf(&side.rbuf, 0..size, peer, base, key, 13))?
+                    side.retry(|| batch.read_buf(&side.rbuf, 0..size, peer, base, key, 13))?
                 }
                 _ => {
                     let m = vfabric::AtomicMsg {
@@ -653,9 +702,8 @@ fn rma_size(
                 }
             }
         }
-        for _ in 0..window {
-            side.wait(&side.tx_cq, kind.label())?;
-        }
+        drop(batch);
+        side.wait_n(&side.tx_cq, window, &mut scratch, kind.label())?;
         if params.verify {
             match kind {
                 Kind::BwRead => side.check(size, REGION_SEED)?,

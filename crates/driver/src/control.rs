@@ -49,9 +49,9 @@ pub(crate) fn complete_control(domain: &DomainInner, f: Finished<'_>) {
     let (status, completion) = match f.completion {
         Some(c) if !f.device_fault => (
             Status::from_u32(c.status.into()).unwrap_or(Status::Invalid),
-            c,
+            *c,
         ),
-        Some(c) => (Status::Fault, c),
+        Some(c) => (Status::Fault, *c),
         None => (Status::BadChain, Completion::default()),
     };
     let mut bytes = Vec::new();
@@ -113,13 +113,9 @@ impl DomainInner {
             } else {
                 TxData::Inline(Payload::bytes(payload))
             };
-            match self.queues[0].post(
-                &mut header,
-                tx,
-                rx,
-                PendingOp::Control { data: area },
-                false,
-            ) {
+            match self.queues[0].post(&mut header, tx, rx, false, || PendingOp::Control {
+                data: area,
+            }) {
                 Ok(c) => break c,
                 // Ring full of abandoned requests: let the device drain it.
                 Err(Error::Again) if Instant::now() < deadline => {

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vfabric_proto::{comp_flags, FabricAddr, Status};
@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::av::{FiAddr, FI_ADDR_NOTAVAIL};
 use crate::domain::DomainInner;
+use crate::lock::SpinLock;
 use crate::virtqueue::{drain_eventfd, signal_eventfd, CopyOut, DataOp, Finished, PendingOp};
 use crate::{data_status_errno, fi, Error, Result};
 
@@ -130,7 +131,7 @@ enum CqEvent {
 
 /// State shared between a CQ handle and the requests that complete into it.
 pub(crate) struct CqShared {
-    events: Mutex<VecDeque<CqEvent>>,
+    events: SpinLock<VecDeque<CqEvent>>,
     /// `events.len()`, kept under the lock, read without it (emptiness checks).
     queued: AtomicUsize,
     /// Written when an entry arrives while a thread blocks in `sread` (owned by `_signal`).
@@ -142,7 +143,7 @@ pub(crate) struct CqShared {
 impl CqShared {
     fn push(&self, ev: CqEvent) {
         {
-            let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            let mut events = self.events.lock();
             events.push_back(ev);
             // SeqCst: ordered before the waiter check below, as the waiter's count is before
             // its emptiness check (no lost wakeup).
@@ -210,7 +211,7 @@ impl CompletionQueue {
         Ok(Self {
             domain,
             shared: Arc::new(CqShared {
-                events: Mutex::new(VecDeque::with_capacity(attr.size.min(1 << 16))),
+                events: SpinLock::new(VecDeque::with_capacity(attr.size.min(1 << 16))),
                 queued: AtomicUsize::new(0),
                 signal_fd: signal.as_raw_fd(),
                 _signal: signal,
@@ -230,10 +231,10 @@ impl CompletionQueue {
     /// `fi_cq_read`: drive progress, then move up to `max` entries to `out`. `Err(Again)` if
     /// none, `Err(Avail)` if an error entry is at the head (call [`CompletionQueue::readerr`]).
     pub fn read(&self, out: &mut Vec<CqEntry>, max: usize) -> Result<usize> {
-        let progressed = self.domain.progress();
+        let progressed = self.domain.progress_fast();
         match self.take(max, |e| out.push(e)) {
             // Entries already delivered are returned before a transport error.
-            Err(Error::Again) => progressed.and(Err(Error::Again)),
+            Err(Error::Again) => Err(progressed.map_or_else(Error::from, |_| Error::Again)),
             r => r,
         }
     }
@@ -241,14 +242,14 @@ impl CompletionQueue {
     /// `fi_cq_read` into a slice: fills `out[..n]`, returns `n` (errors as for `read`).
     /// Allocates nothing.
     pub fn read_into(&self, out: &mut [CqEntry]) -> Result<usize> {
-        let progressed = self.domain.progress();
+        let progressed = self.domain.progress_fast();
         let mut at = 0;
         let taken = self.take(out.len(), |e| {
             out[at] = e;
             at += 1;
         });
         match taken {
-            Err(Error::Again) => progressed.and(Err(Error::Again)),
+            Err(Error::Again) => Err(progressed.map_or_else(Error::from, |_| Error::Again)),
             r => r,
         }
     }
@@ -267,7 +268,7 @@ impl CompletionQueue {
             // Nothing queued as of our own progress: no lock.
             return Err(Error::Again);
         }
-        let mut events = self.shared.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = self.shared.events.lock();
         let mut n = 0;
         while n < max {
             match events.front() {
@@ -291,7 +292,7 @@ impl CompletionQueue {
 
     /// `fi_cq_readerr`: pop the error entry at the head, if any.
     pub fn readerr(&self) -> Option<CqErrEntry> {
-        let mut events = self.shared.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = self.shared.events.lock();
         if let Some(CqEvent::Error(_)) = events.front() {
             let Some(CqEvent::Error(e)) = events.pop_front() else {
                 unreachable!()
@@ -507,7 +508,14 @@ fn complete_data(f: Finished<'_>) {
         // buffers may already be gone, so nothing is copied out.
         return;
     }
-    let c = completion.unwrap_or_default();
+    let none;
+    let c = match completion {
+        Some(c) => c,
+        None => {
+            none = vfabric_proto::Completion::default();
+            &none
+        }
+    };
     let raw_status = u32::from(c.status);
     // A used element of length 0 (no completion) is a failed request: FI_EIO like BAD_CHAIN.
     let known = Status::from_u32(raw_status);
@@ -592,8 +600,9 @@ fn complete_data(f: Finished<'_>) {
     }
     op.ep.count(op.fi_flags, status == Status::Ok);
 
+    let cq = op.ep.cq(op.is_recv);
     if status == Status::Ok {
-        if let Some(cq) = &op.cq {
+        if let Some(cq) = cq.filter(|_| op.report_success) {
             cq.push(CqEvent::Entry(CqEntry {
                 context: op.context,
                 flags,
@@ -605,7 +614,7 @@ fn complete_data(f: Finished<'_>) {
                 buf,
             }));
         }
-    } else if let Some(cq) = &op.err_cq {
+    } else if let Some(cq) = cq.filter(|_| op.report_errors) {
         cq.push(CqEvent::Error(Box::new(CqErrEntry {
             context: op.context,
             flags,

@@ -377,8 +377,9 @@ pub(crate) struct DomainInner {
     sleeps: AtomicU64,
     calls: AtomicU64,
     idle_polls: AtomicU32,
-    /// Threads sleeping in `block` (drainers keep the call of every ring armed for them).
-    blockers: AtomicU32,
+    /// Threads sleeping in `block` (drainers and posters keep rings armed for them); shared
+    /// with every queue.
+    blockers: Arc<AtomicU32>,
     /// What `block` sleeps on, in this order: every queue's call eventfd, the error eventfd,
     /// the device socket (hang-up).
     poll_template: Box<[libc::pollfd]>,
@@ -386,6 +387,25 @@ pub(crate) struct DomainInner {
     pub(crate) rma: crate::rma::RmaState,
     /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::register_external`]).
     pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
+}
+
+/// Why progress stopped: the device hung up, or broke a ring (converted to an [`Error`] only
+/// when reported).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stalled {
+    Closed,
+    Broken(u16),
+}
+
+impl From<Stalled> for Error {
+    fn from(s: Stalled) -> Self {
+        match s {
+            Stalled::Closed => Error::Closed,
+            Stalled::Broken(index) => Error::Transport(format!(
+                "virtqueue {index} is broken (device wrote an invalid used entry)"
+            )),
+        }
+    }
 }
 
 /// Empty progress passes between two liveness checks of the device socket (power of two).
@@ -438,6 +458,7 @@ impl DomainInner {
         }
         let event_idx = transport.event_idx();
         let err_fd = EventFd::new(EFD_NONBLOCK)?;
+        let blockers = Arc::new(AtomicU32::new(0));
         let mut queues = Vec::with_capacity(1 + 2 * qp as usize);
         for index in 0..(1 + 2 * qp) {
             let size = if index == proto::CONTROL_QUEUE {
@@ -445,7 +466,7 @@ impl DomainInner {
             } else {
                 data_size
             };
-            let vq = Virtqueue::new(&mem, index, size, event_idx)?;
+            let vq = Virtqueue::new(&mem, index, size, event_idx, blockers.clone())?;
             transport.setup_queue(
                 index as usize,
                 size,
@@ -491,7 +512,7 @@ impl DomainInner {
             sleeps: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             idle_polls: AtomicU32::new(0),
-            blockers: AtomicU32::new(0),
+            blockers,
             poll_template,
             rma: Default::default(),
             external: Mutex::new(Vec::new()),
@@ -596,12 +617,19 @@ impl DomainInner {
 
     /// Drain every used ring and dispatch completions.
     pub(crate) fn progress(&self) -> Result<usize> {
+        self.progress_fast().map_err(Error::from)
+    }
+
+    /// [`DomainInner::progress`] with a plain error (nothing to drop on the hot path).
+    pub(crate) fn progress_fast(&self) -> std::result::Result<usize, Stalled> {
         let mut n = 0;
         let mut broken = None;
         for q in &self.queues {
-            n += q.poll(&self.blockers, |f| crate::cq::complete(self, f))?;
-            if q.is_broken() {
-                broken = Some(q.index);
+            if q.needs_drain() {
+                n += q.drain(|f| crate::cq::complete(self, f));
+                if q.is_broken() {
+                    broken = Some(q.index);
+                }
             }
         }
         if n > 0 {
@@ -616,9 +644,7 @@ impl DomainInner {
                     "device wrote an invalid used entry: the domain stops using it"
                 );
             }
-            return Err(Error::Transport(format!(
-                "virtqueue {index} is broken (device wrote an invalid used entry)"
-            )));
+            return Err(Stalled::Broken(index));
         }
         if n == 0 {
             // Now and then, look whether the device went away (a polled CQ never sleeps in
@@ -628,7 +654,7 @@ impl DomainInner {
                 self.check_socket();
             }
             if self.is_closed() {
-                return Err(Error::Closed);
+                return Err(Stalled::Closed);
             }
         }
         Ok(n)
@@ -639,9 +665,9 @@ impl DomainInner {
     pub(crate) fn progress_quiet(&self) {
         let mut n = 0;
         for q in &self.queues {
-            n += q
-                .poll(&self.blockers, |f| crate::cq::complete(self, f))
-                .unwrap_or(0);
+            if q.needs_drain() {
+                n += q.drain(|f| crate::cq::complete(self, f));
+            }
         }
         if n > 0 {
             self.after_completions();
@@ -694,14 +720,22 @@ impl DomainInner {
         if self.is_closed() {
             return Err(Error::Closed);
         }
-        // Count ourselves before arming: a drainer that moves a ring on then re-arms it.
+        // Count ourselves before arming: a drainer that moves a ring on then re-arms it, and a
+        // post to a queue we leave idle arms it.
         self.blockers.fetch_add(1, Ordering::SeqCst);
-        for q in &self.queues {
-            q.arm();
+        let mut armed = 0u64;
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.arm_if_busy() {
+                armed |= 1 << (i % 64);
+            }
         }
         // The arming stores must be visible before we re-check the used indices.
         fence(Ordering::SeqCst);
-        let ready = self.queues.iter().any(|q| q.has_used());
+        let ready = self
+            .queues
+            .iter()
+            .enumerate()
+            .any(|(i, q)| armed & (1 << (i % 64)) != 0 && q.has_used());
         let result = if ready {
             Ok(false)
         } else {
@@ -763,10 +797,15 @@ impl DomainInner {
         }
         let err_at = self.queues.len();
         let sock_at = err_at + 1;
+        let mut pending = rc;
         for (i, p) in fds.iter().enumerate() {
+            if pending == 0 {
+                break;
+            }
             if p.revents == 0 {
                 continue;
             }
+            pending -= 1;
             if i == sock_at {
                 if !self.closed.swap(true, Ordering::Relaxed) {
                     tracing::warn!(

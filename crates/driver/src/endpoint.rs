@@ -182,7 +182,8 @@ pub(crate) struct EpShared {
     closed: AtomicBool,
     /// PEEK|CLAIM context -> cookie of the claimed message.
     claims: Mutex<HashMap<u64, u64>>,
-    av: OnceLock<Arc<AvShared>>,
+    /// Bindings frozen by `enable` (CQs and AV the requests complete into).
+    active: OnceLock<Bindings>,
     /// Counters bound with `fi::SEND`/`RECV`/`READ`/`WRITE` (see [`Endpoint::bind_cntr`]).
     cntrs: Mutex<Vec<(u64, Arc<crate::rma::CounterShared>)>>,
     has_cntrs: AtomicBool,
@@ -209,15 +210,22 @@ impl EpShared {
         self.claims.lock().unwrap().insert(context, cookie);
     }
     pub(crate) fn reverse_lookup(&self, addr: &FabricAddr) -> FiAddr {
-        self.av
+        self.active
             .get()
+            .and_then(|b| b.av.as_ref())
             .and_then(|av| av.reverse_lookup(addr))
             .unwrap_or(FI_ADDR_NOTAVAIL)
+    }
+    /// The CQ bound for receives (`is_recv`) or transmits, once enabled.
+    pub(crate) fn cq(&self, is_recv: bool) -> Option<&Arc<CqShared>> {
+        let b = self.active.get()?;
+        let dir = if is_recv { &b.rx } else { &b.tx };
+        dir.as_ref().map(|(cq, _)| cq)
     }
 }
 
 #[derive(Clone, Default)]
-struct Bindings {
+pub(crate) struct Bindings {
     tx: Option<(Arc<CqShared>, bool)>,
     rx: Option<(Arc<CqShared>, bool)>,
     av: Option<Arc<AvShared>>,
@@ -232,7 +240,19 @@ pub struct Endpoint {
     tx_queue: usize,
     rx_queue: usize,
     binding: Mutex<Bindings>,
-    active: OnceLock<Bindings>,
+    limits: PostLimits,
+}
+
+/// Device limits every post checks, read once when the endpoint opens.
+struct PostLimits {
+    max_msg_size: u64,
+    inject_size: u64,
+    /// Request flags the device reported (spec §5.1.4), or all but DIRECTED and MULTI_RECV.
+    allowed_flags: u64,
+    /// Capability classes the device reported (`None`: not reported).
+    device_caps: Option<u64>,
+    /// Data descriptors per chain and direction (`max_sge`, at most `MAX_DATA_DESCS`).
+    max_data_descs: usize,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -240,7 +260,7 @@ impl std::fmt::Debug for Endpoint {
         f.debug_struct("Endpoint")
             .field("addr", &self.shared.addr)
             .field("type", &self.ep_type)
-            .field("enabled", &self.active.get().is_some())
+            .field("enabled", &self.shared.active.get().is_some())
             .finish()
     }
 }
@@ -299,6 +319,16 @@ impl Endpoint {
         let (id, addr) = domain.ep_open(code)?;
         let (tx_queue, rx_queue) = domain.queues_of_endpoint(id);
         tracing::debug!(%addr, ?attr.ep_type, tx_queue, rx_queue, "endpoint open");
+        let info = &domain.info().limits;
+        let limits = PostLimits {
+            max_msg_size: info.max_msg_size,
+            inject_size: info.inject_size,
+            allowed_flags: info
+                .request_flags
+                .unwrap_or(pflags::ALL & !(pflags::DIRECTED | pflags::MULTI_RECV)),
+            device_caps: info.device_caps,
+            max_data_descs: (u32::from(domain.config.max_sge) as usize).clamp(1, MAX_DATA_DESCS),
+        };
         Ok(Self {
             domain,
             shared: Arc::new(EpShared {
@@ -306,7 +336,7 @@ impl Endpoint {
                 addr,
                 closed: AtomicBool::new(false),
                 claims: Mutex::new(HashMap::new()),
-                av: OnceLock::new(),
+                active: OnceLock::new(),
                 cntrs: Mutex::new(Vec::new()),
                 has_cntrs: AtomicBool::new(false),
             }),
@@ -314,7 +344,7 @@ impl Endpoint {
             tx_queue,
             rx_queue,
             binding: Mutex::new(Bindings::default()),
-            active: OnceLock::new(),
+            limits,
         })
     }
 
@@ -349,7 +379,7 @@ impl Endpoint {
     }
 
     fn bindings(&self) -> Result<std::sync::MutexGuard<'_, Bindings>> {
-        if self.active.get().is_some() {
+        if self.shared.active.get().is_some() {
             return Err(Error::BadState(
                 "endpoint already enabled: bind before enable".into(),
             ));
@@ -412,23 +442,25 @@ impl Endpoint {
     /// `fi_enable`: freeze the bindings; data operations are allowed from now on.
     pub fn enable(&self) -> Result<()> {
         let b = self.binding.lock().unwrap().clone();
-        if let Some(av) = &b.av {
-            let _ = self.shared.av.set(av.clone());
-        }
-        self.active
+        self.shared
+            .active
             .set(b)
             .map_err(|_| Error::BadState("endpoint already enabled".into()))
     }
 
     fn active(&self) -> Result<&Bindings> {
         self.domain.check_usable()?;
-        self.active
+        self.shared
+            .active
             .get()
             .ok_or_else(|| Error::BadState("endpoint not enabled".into()))
     }
 
     fn resolve(b: &Bindings, fi_addr: FiAddr) -> Result<FabricAddr> {
-        b.av.as_ref().ok_or(Error::NoAv)?.lookup(fi_addr)
+        match &b.av {
+            Some(av) => av.lookup(fi_addr),
+            None => Err(Error::NoAv),
+        }
     }
 
     // ------------------------------------------------------------------------------------
@@ -617,7 +649,6 @@ impl Endpoint {
     fn post_send(&self, a: SendArgs<'_>) -> Result<()> {
         let b = self.active()?;
         let domain = &self.domain;
-        let info = domain.info();
         if a.tagged && !domain.has_feature(proto::VIRTIO_FABRIC_F_TAGGED) {
             return Err(Error::Unsupported("tagged messages (F_TAGGED)".into()));
         }
@@ -648,16 +679,17 @@ impl Endpoint {
                 iov.iter().map(|v| v.len()).sum()
             }
         };
-        if len as u64 > info.limits.max_msg_size || len > u32::MAX as usize {
+        let limits = &self.limits;
+        if len as u64 > limits.max_msg_size || len > u32::MAX as usize {
             return Err(Error::TooLarge {
                 len,
-                max: info.limits.max_msg_size,
+                max: limits.max_msg_size,
             });
         }
-        if inject && len as u64 > info.limits.inject_size {
+        if inject && len as u64 > limits.inject_size {
             return Err(Error::InvalidArgument(format!(
                 "inject of {len} bytes exceeds inject_size {}",
-                info.limits.inject_size
+                limits.inject_size
             )));
         }
 
@@ -694,7 +726,7 @@ impl Endpoint {
                     keepalive.push(buf.keepalive());
                 }
                 SendSrc::Iov(iov)
-                    if iov.len() <= self.max_data_descs()
+                    if iov.len() <= limits.max_data_descs
                         && iov.iter().all(|v| self.zero_copy(v)) =>
                 {
                     for v in iov.iter().filter(|v| !v.is_empty()) {
@@ -724,52 +756,44 @@ impl Endpoint {
         }
 
         let selective = tx_cq.is_some_and(|(_, s)| *s);
-        let want_entry = !inject && (!selective || a.flags & fi::COMPLETION != 0);
-        let op = DataOp {
-            ep: self.shared.clone(),
-            context: a.context,
-            cq: if want_entry {
-                tx_cq.map(|(c, _)| c.clone())
-            } else {
-                None
-            },
-            err_cq: if inject {
-                None
-            } else {
-                tx_cq.map(|(c, _)| c.clone())
-            },
-            fi_flags: fi::SEND | if a.tagged { fi::TAGGED } else { fi::MSG },
-            is_recv: false,
-            peek: false,
-            record_claim: false,
-            rx_len: 0,
-            copy_out: CopyOut::None,
-            bounce,
-            _keepalive: keepalive,
-        };
+        let report_success = !inject && (!selective || a.flags & fi::COMPLETION != 0);
         let tx = if len <= INLINE_TX_MAX {
             TxData::Inline(inline)
         } else {
             TxData::Descs(descs.as_slice())
         };
         let mut header = req.to_header();
+        let ep = &self.shared;
         domain.queues[self.tx_queue]
             .post(
                 &mut header,
                 tx,
                 RxData::None,
-                PendingOp::Data(op),
                 a.flags & fi::MORE != 0,
+                || {
+                    PendingOp::Data(DataOp {
+                        ep: ep.clone(),
+                        context: a.context,
+                        fi_flags: fi::SEND | if a.tagged { fi::TAGGED } else { fi::MSG },
+                        rx_len: 0,
+                        copy_out: CopyOut::None,
+                        bounce,
+                        _keepalive: keepalive,
+                        is_recv: false,
+                        peek: false,
+                        record_claim: false,
+                        report_success,
+                        report_errors: !inject,
+                    })
+                },
             )
             .map(|_| ())
     }
 
     /// Spec §3.2/§5.1.4/§6.9.9: use only flags and operations the device reported.
     fn check_request(&self, req: &Request) -> Result<()> {
-        let limits = &self.domain.info().limits;
-        let allowed = limits
-            .request_flags
-            .unwrap_or(pflags::ALL & !(pflags::DIRECTED | pflags::MULTI_RECV));
+        let limits = &self.limits;
+        let allowed = limits.allowed_flags;
         if req.flags & !allowed != 0 {
             return Err(Error::Unsupported(format!(
                 "request flags {:#x} are not reported by the device (FLAGS = {allowed:#x})",
@@ -803,7 +827,7 @@ impl Endpoint {
     }
 
     fn max_data_descs(&self) -> usize {
-        (u32::from(self.domain.config.max_sge) as usize).clamp(1, MAX_DATA_DESCS)
+        self.limits.max_data_descs
     }
 
     fn zero_copy(&self, v: &Iov<'_>) -> bool {
@@ -976,7 +1000,9 @@ impl Endpoint {
         if a.tagged && !domain.has_feature(proto::VIRTIO_FABRIC_F_TAGGED) {
             return Err(Error::Unsupported("tagged messages (F_TAGGED)".into()));
         }
-        let rx_cq = b.rx.as_ref().ok_or(Error::NoCq)?;
+        let Some(rx_cq) = b.rx.as_ref() else {
+            return Err(Error::NoCq);
+        };
         if a.flags & fi::MULTI_RECV != 0 {
             return Err(Error::Unsupported("FI_MULTI_RECV".into()));
         }
@@ -1098,7 +1124,7 @@ impl Endpoint {
                         }
                     }
                     if !in_place {
-                        needs_copy = Some(CopyOut::Scatter(targets));
+                        needs_copy = Some(targets.into_copy_out());
                     }
                 }
             }
@@ -1117,22 +1143,8 @@ impl Endpoint {
             }
         }
 
-        let (cq, selective) = (rx_cq.0.clone(), rx_cq.1);
-        let want_entry = !selective || a.flags & fi::COMPLETION != 0;
-        let op = DataOp {
-            ep: self.shared.clone(),
-            context: a.context,
-            cq: want_entry.then(|| cq.clone()),
-            err_cq: Some(cq),
-            fi_flags: fi::RECV | if a.tagged { fi::TAGGED } else { fi::MSG },
-            is_recv: true,
-            peek,
-            record_claim: peek && claim,
-            rx_len,
-            copy_out,
-            bounce,
-            _keepalive: keepalive,
-        };
+        let selective = rx_cq.1;
+        let report_success = !selective || a.flags & fi::COMPLETION != 0;
         let rx = if inline_len > 0 {
             RxData::Inline(inline_len)
         } else if descs.is_empty() {
@@ -1141,13 +1153,29 @@ impl Endpoint {
             RxData::Descs(descs.as_slice())
         };
         let mut header = req.to_header();
+        let ep = &self.shared;
         domain.queues[self.rx_queue]
             .post(
                 &mut header,
                 TxData::None,
                 rx,
-                PendingOp::Data(op),
                 a.flags & fi::MORE != 0,
+                || {
+                    PendingOp::Data(DataOp {
+                        ep: ep.clone(),
+                        context: a.context,
+                        fi_flags: fi::RECV | if a.tagged { fi::TAGGED } else { fi::MSG },
+                        rx_len,
+                        copy_out,
+                        bounce,
+                        _keepalive: keepalive,
+                        is_recv: true,
+                        peek,
+                        record_claim: peek && claim,
+                        report_success,
+                        report_errors: true,
+                    })
+                },
             )
             .map(|_| ())
     }
@@ -1472,21 +1500,18 @@ fn send_flags(fi_flags: u64) -> Result<u64> {
         (fi::TRANSMIT_COMPLETE, pflags::TRANSMIT_COMPLETE),
         (fi::DELIVERY_COMPLETE, pflags::DELIVERY_COMPLETE),
     ];
-    let chosen: Vec<u64> = levels
-        .iter()
-        .filter(|(l, _)| fi_flags & l != 0)
-        .map(|(_, p)| *p)
-        .collect();
-    match chosen.as_slice() {
-        [] => {}
-        [p] => f |= p,
-        _ => {
-            return Err(Error::InvalidArgument(
-                "at most one completion level flag".into(),
-            ))
+    let mut chosen = 0;
+    for (l, p) in levels {
+        if fi_flags & l != 0 {
+            if chosen != 0 {
+                return Err(Error::InvalidArgument(
+                    "at most one completion level flag".into(),
+                ));
+            }
+            chosen = p;
         }
     }
-    Ok(f)
+    Ok(f | chosen)
 }
 
 pub(crate) fn iov_bytes<'a>(v: &'a Iov<'a>) -> &'a [u8] {

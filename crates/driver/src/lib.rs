@@ -73,6 +73,7 @@ pub mod domain;
 pub mod endpoint;
 mod external;
 pub mod info;
+mod lock;
 pub mod memory;
 mod ring;
 pub mod rma;

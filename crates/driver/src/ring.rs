@@ -43,6 +43,7 @@ pub(crate) fn park_value(event_idx: bool, last_used: u16) -> u16 {
 }
 
 /// One split-ring descriptor as laid out in memory (little-endian fields).
+#[cfg(test)]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Descriptor {
@@ -122,6 +123,16 @@ enum ChainState {
     Returned,
 }
 
+/// Our record of the chain headed by a descriptor id.
+#[derive(Clone, Copy, Debug)]
+struct ChainInfo {
+    state: ChainState,
+    /// Descriptors in the chain.
+    len: u16,
+    /// Writable bytes of the chain.
+    writable: u64,
+}
+
 /// Writes the descriptors of one chain, following the free list.
 struct ChainWriter {
     /// Descriptor the next buffer goes into.
@@ -139,11 +150,8 @@ pub(crate) struct SplitRing {
     /// Free-list link of each descriptor (our private copy: the device may scribble on the
     /// table, never on this).
     links: Box<[u16]>,
-    /// Descriptors in the chain headed by each id.
-    chain_len: Box<[u16]>,
-    /// Writable bytes of the chain headed by each id.
-    chain_writable: Box<[u64]>,
-    chain_state: Box<[ChainState]>,
+    /// The chain headed by each id.
+    chains: Box<[ChainInfo]>,
     free_head: u16,
     num_free: u16,
     /// Chains published and not yet returned by the device.
@@ -178,9 +186,15 @@ impl SplitRing {
             base: NonNull::new(base).expect("ring base"),
             mask: layout.size - 1,
             links: (0..n).map(|i| ((i + 1) % n) as u16).collect(),
-            chain_len: vec![0; n].into_boxed_slice(),
-            chain_writable: vec![0; n].into_boxed_slice(),
-            chain_state: vec![ChainState::Idle; n].into_boxed_slice(),
+            chains: vec![
+                ChainInfo {
+                    state: ChainState::Idle,
+                    len: 0,
+                    writable: 0,
+                };
+                n
+            ]
+            .into_boxed_slice(),
             free_head: 0,
             num_free: layout.size,
             chains_in_flight: 0,
@@ -333,20 +347,17 @@ impl SplitRing {
         let link = self.links[idx as usize];
         let flags = if last { 0 } else { VRING_DESC_F_NEXT }
             | if writable { VRING_DESC_F_WRITE } else { 0 };
-        let wire = Descriptor {
-            addr: addr.to_le(),
-            len: len.to_le(),
-            flags: flags.to_le(),
-            // The last descriptor keeps its free-list link in `links` only.
-            next: if last { 0 } else { link.to_le() },
-        };
-        // SAFETY: idx < size (links only hold ids < size), so the slot is inside the table.
+        // The last descriptor keeps its free-list link in `links` only.
+        let next = if last { 0 } else { link };
+        // Bytes 8..16 of a descriptor: len, flags, next (little-endian), as one store.
+        let tail = u64::from(len) | u64::from(flags) << 32 | u64::from(next) << 48;
+        let desc = self.ptr_at(self.layout.desc + 16 * idx as usize) as *mut u64;
+        // SAFETY: idx < size (links only hold ids < size), so the 16-byte, 16-aligned
+        // descriptor is inside the table.
         unsafe {
-            std::ptr::write_volatile(
-                self.ptr_at(self.layout.desc + 16 * idx as usize) as *mut Descriptor,
-                wire,
-            )
-        };
+            std::ptr::write_volatile(desc, addr.to_le());
+            std::ptr::write_volatile(desc.add(1), tail.to_le());
+        }
         if writable {
             w.writable += len as u64;
         }
@@ -362,9 +373,11 @@ impl SplitRing {
     fn publish(&mut self, head: u16, n: usize, writable: u64) {
         self.num_free -= n as u16;
         self.chains_in_flight += 1;
-        self.chain_len[head as usize] = n as u16;
-        self.chain_writable[head as usize] = writable;
-        self.chain_state[head as usize] = ChainState::InFlight;
+        self.chains[head as usize] = ChainInfo {
+            state: ChainState::InFlight,
+            len: n as u16,
+            writable,
+        };
 
         let slot = (self.next_avail.0 & self.mask) as usize;
         // SAFETY: slot < size; the avail ring entry is a u16 inside the allocation.
@@ -412,13 +425,19 @@ impl SplitRing {
     /// Take the next used entry, validated against our own state, without freeing its
     /// descriptors: the chain stays ours (its request slot untouched by new posts) until
     /// [`SplitRing::release`].
+    #[inline]
     pub fn take_used(&mut self) -> Result<Option<UsedElem>, RingError> {
+        let used_idx = Wrapping(u16::from_le(self.used_idx_field().load(Ordering::Acquire)));
+        if used_idx == self.last_used && self.broken.is_none() {
+            return Ok(None);
+        }
+        self.take_used_slow(used_idx)
+    }
+
+    #[inline(never)]
+    fn take_used_slow(&mut self, used_idx: Wrapping<u16>) -> Result<Option<UsedElem>, RingError> {
         if let Some(b) = &self.broken {
             return Err(RingError::Corrupt(b.clone()));
-        }
-        let used_idx = Wrapping(u16::from_le(self.used_idx_field().load(Ordering::Acquire)));
-        if used_idx == self.last_used {
-            return Ok(None);
         }
         let new_entries = (used_idx - self.last_used).0;
         if new_entries > self.chains_in_flight {
@@ -437,31 +456,39 @@ impl SplitRing {
                 u32::from_le(std::ptr::read_volatile(p.add(4) as *const u32)),
             )
         };
-        if id >= self.layout.size as u32 || self.chain_state[id as usize] != ChainState::InFlight {
-            return Err(self.corrupt(format!("used id {id} is not a chain in flight")));
-        }
-        let head = id as u16;
-        let writable = self.chain_writable[head as usize];
+        let chain = match self.chains.get_mut(id as usize) {
+            Some(c) if c.state == ChainState::InFlight => c,
+            _ => return Err(self.corrupt(format!("used id {id} is not a chain in flight"))),
+        };
+        chain.state = ChainState::Returned;
+        let writable = chain.writable;
         let len_ok = len as u64 <= writable;
         let len = if len_ok { len } else { writable as u32 };
         self.last_used += Wrapping(1);
         self.chains_in_flight -= 1;
-        self.chain_state[head as usize] = ChainState::Returned;
-        Ok(Some(UsedElem { head, len, len_ok }))
+        Ok(Some(UsedElem {
+            head: id as u16,
+            len,
+            len_ok,
+        }))
     }
 
     /// Give the descriptors of a chain returned by [`SplitRing::take_used`] back to the free
     /// list. Ignores a head that is not returned (nothing to free).
     pub fn release(&mut self, head: u16) {
-        let Some(state) = self.chain_state.get_mut(head as usize) else {
+        let Some(chain) = self.chains.get_mut(head as usize) else {
             return;
         };
-        if *state != ChainState::Returned {
-            debug_assert!(false, "release of head {head} in state {state:?}");
+        if chain.state != ChainState::Returned {
+            debug_assert!(false, "release of head {head} in state {:?}", chain.state);
             return;
         }
-        *state = ChainState::Idle;
-        let n = self.chain_len[head as usize];
+        let n = chain.len;
+        *chain = ChainInfo {
+            state: ChainState::Idle,
+            len: 0,
+            writable: 0,
+        };
         let mut tail = head;
         for _ in 1..n {
             tail = self.links[tail as usize];
@@ -469,8 +496,6 @@ impl SplitRing {
         self.links[tail as usize] = self.free_head;
         self.free_head = head;
         self.num_free += n;
-        self.chain_len[head as usize] = 0;
-        self.chain_writable[head as usize] = 0;
     }
 
     /// Take the next used entry and free its descriptors at once.

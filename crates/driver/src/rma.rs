@@ -404,13 +404,9 @@ impl DomainInner {
             && self.rma.events_posted.load(Ordering::Acquire) < EVENT_DEPTH
         {
             let mut header = Request::new(Opcode::MrEvent).to_header();
-            match self.queues[q].post(
-                &mut header,
-                TxData::None,
-                RxData::None,
-                PendingOp::MrEvent,
-                false,
-            ) {
+            match self.queues[q].post(&mut header, TxData::None, RxData::None, false, || {
+                PendingOp::MrEvent
+            }) {
                 Ok(_) => {
                     self.rma.events_posted.fetch_add(1, Ordering::AcqRel);
                 }

@@ -15,15 +15,16 @@
 //! request no inline payload.
 
 use std::cell::UnsafeCell;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use vfabric_proto::{ByteValued, Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::cq::CqShared;
 use crate::endpoint::{iov_bytes, EpShared, Iov};
+use crate::lock::{SpinGuard, SpinLock};
 use crate::memory::{Allocation, SharedMemory};
 use crate::ring::{arm_value, park_value, RingError, RingLayout, SplitRing, UsedElem};
 use crate::{Error, Result};
@@ -70,9 +71,11 @@ impl<'a> Payload<'a> {
     unsafe fn copy_to(&self, dst: *mut u8) {
         let mut at = 0;
         let mut put = |p: &[u8]| {
-            // SAFETY: the caller guarantees room for every piece, in order.
-            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.add(at), p.len()) };
-            at += p.len();
+            if !p.is_empty() {
+                // SAFETY: the caller guarantees room for every piece, in order.
+                unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.add(at), p.len()) };
+                at += p.len();
+            }
         };
         put(self.prefix);
         for v in self.iov {
@@ -101,31 +104,31 @@ pub(crate) enum RxData<'a> {
     Descs(&'a [(u64, u32)]),
 }
 
-/// Destinations of a bounced receive, in order (a few inline, more on the heap).
+/// Destinations of a bounced receive, in order: one needs no allocation.
 #[derive(Default)]
 pub(crate) struct Targets {
-    inline: [(usize, usize); 4],
-    len: usize,
-    spill: Vec<(usize, usize)>,
+    first: Option<(usize, usize)>,
+    more: Vec<(usize, usize)>,
 }
 
 impl Targets {
     pub fn push(&mut self, addr: usize, len: usize) {
-        if self.spill.is_empty() && self.len < self.inline.len() {
-            self.inline[self.len] = (addr, len);
-            self.len += 1;
-        } else {
-            if self.spill.is_empty() {
-                self.spill.extend_from_slice(&self.inline[..self.len]);
+        match self.first {
+            None => self.first = Some((addr, len)),
+            Some(first) => {
+                if self.more.is_empty() {
+                    self.more.push(first);
+                }
+                self.more.push((addr, len));
             }
-            self.spill.push((addr, len));
         }
     }
-    pub fn as_slice(&self) -> &[(usize, usize)] {
-        if self.spill.is_empty() {
-            &self.inline[..self.len]
-        } else {
-            &self.spill
+    /// The copy-out for these destinations.
+    pub fn into_copy_out(self) -> CopyOut {
+        match self.first {
+            None => CopyOut::None,
+            Some((addr, len)) if self.more.is_empty() => CopyOut::Raw(addr, len),
+            Some(_) => CopyOut::Scatter(self.more),
         }
     }
 }
@@ -134,10 +137,10 @@ impl Targets {
 pub(crate) enum CopyOut {
     /// Nothing to copy (zero-copy buffer, send, or no data).
     None,
-    /// Into caller memory outside the region (`recv_raw`): (address, length).
+    /// Into caller memory outside the region (`recv_raw`, one bounced iov): address, length.
     Raw(usize, usize),
     /// Into several caller buffers, in order (receive iovs).
-    Scatter(Targets),
+    Scatter(Vec<(usize, usize)>),
     /// Into a fresh `Vec<u8>` handed back in the CQ entry (`recv_vec`).
     Vec,
 }
@@ -162,27 +165,34 @@ impl Keepalive {
 
 /// Fixed-capacity list of (address, length) data descriptors of one request.
 pub(crate) struct DescList {
-    items: [(u64, u32); MAX_DATA_DESCS],
+    /// Only `items[..len]` is initialised.
+    items: [MaybeUninit<(u64, u32)>; MAX_DATA_DESCS],
     len: usize,
 }
 
 impl DescList {
     pub fn new() -> Self {
-        Self {
-            items: [(0, 0); MAX_DATA_DESCS],
-            len: 0,
+        // Only `len` is written: a struct literal lets the compiler merge the uninitialised
+        // items and `len` into one memset of the whole list.
+        let mut list = MaybeUninit::<Self>::uninit();
+        // SAFETY: `len` is written through a raw pointer to the field; `items` may stay
+        // uninitialised (an array of MaybeUninit), so the whole value is initialised.
+        unsafe {
+            std::ptr::addr_of_mut!((*list.as_mut_ptr()).len).write(0);
+            list.assume_init()
         }
     }
     pub fn push(&mut self, addr: u64, len: u32) -> Result<()> {
         let slot = self.items.get_mut(self.len).ok_or_else(|| {
             Error::InvalidArgument(format!("more than {MAX_DATA_DESCS} data buffers"))
         })?;
-        *slot = (addr, len);
+        slot.write((addr, len));
         self.len += 1;
         Ok(())
     }
     pub fn as_slice(&self) -> &[(u64, u32)] {
-        &self.items[..self.len]
+        // SAFETY: the first `len` items were written by `push`; MaybeUninit<T> has T's layout.
+        unsafe { std::slice::from_raw_parts(self.items.as_ptr().cast(), self.len) }
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -191,19 +201,11 @@ impl DescList {
 
 /// What a data request completes into.
 pub(crate) struct DataOp {
+    /// The endpoint; its bindings name the CQ (transmit or receive side by `is_recv`).
     pub ep: Arc<EpShared>,
     pub context: u64,
-    /// CQ for a successful completion (`None`: suppressed, e.g. inject or selective).
-    pub cq: Option<Arc<CqShared>>,
-    /// CQ for an error completion (`None`: only logged, e.g. inject).
-    pub err_cq: Option<Arc<CqShared>>,
     /// libfabric flags of the CQ entry (`fi::SEND | fi::MSG`, ...).
     pub fi_flags: u64,
-    pub is_recv: bool,
-    /// TRECV PEEK: the entry reports the message length, no data moved.
-    pub peek: bool,
-    /// TRECV PEEK|CLAIM: remember the cookie for a later CLAIM with the same context.
-    pub record_claim: bool,
     /// Receive capacity posted (bytes).
     pub rx_len: usize,
     pub copy_out: CopyOut,
@@ -211,6 +213,16 @@ pub(crate) struct DataOp {
     pub bounce: Option<Allocation>,
     /// Keeps `SharedBuf`s alive while the device may use them.
     pub _keepalive: Keepalive,
+    pub is_recv: bool,
+    /// TRECV PEEK: the entry reports the message length, no data moved.
+    pub peek: bool,
+    /// TRECV PEEK|CLAIM: remember the cookie for a later CLAIM with the same context.
+    pub record_claim: bool,
+    /// A success produces a CQ entry (not for inject, nor unselected operations of a
+    /// selective-completion binding).
+    pub report_success: bool,
+    /// An error produces an error entry (inject errors are only logged).
+    pub report_errors: bool,
 }
 
 pub(crate) enum PendingOp {
@@ -241,7 +253,7 @@ pub(crate) struct Finished<'a> {
     pub op: &'a mut PendingOp,
     /// `None` if the device returned the chain with used length 0 (failed request, no
     /// completion written), or wrote an unreadable one.
-    pub completion: Option<Completion>,
+    pub completion: Option<&'a Completion>,
     /// The device reported more bytes than the chain could hold, or a mismatched cookie.
     pub device_fault: bool,
     /// Bytes received into the slot's inline area (the head is not reused until dispatch
@@ -284,10 +296,10 @@ pub(crate) fn drain_eventfd(fd: RawFd) {
 pub(crate) struct Virtqueue {
     pub index: u16,
     /// The ring (avail side, free list, used-entry validation) and the cookie sequence.
-    state: Mutex<QueueState>,
+    state: SpinLock<QueueState>,
     /// Serialises draining (take + dispatch + release) so completions reach CQs in used-ring
     /// order, and owns the request slots of returned chains while they are dispatched.
-    progress: Mutex<()>,
+    progress: SpinLock<()>,
     /// One request record per head id; see the `Sync` impl for who may touch which.
     requests: Box<[UnsafeCell<RequestSlot>]>,
     used_idx: *const AtomicU16,
@@ -297,6 +309,10 @@ pub(crate) struct Virtqueue {
     /// Used index up to which we have taken entries (mirror of the ring's, for lock-free
     /// peeks and arming).
     last_used: AtomicU16,
+    /// Chains published and not yet taken back: a sleeper arms only busy queues.
+    in_flight: AtomicU32,
+    /// The domain's count of threads sleeping for calls (see [`Virtqueue::arm`]).
+    blockers: Arc<AtomicU32>,
     broken: AtomicBool,
     slots: *mut u8,
     pub kick: EventFd,
@@ -319,7 +335,13 @@ unsafe impl Send for Virtqueue {}
 unsafe impl Sync for Virtqueue {}
 
 impl Virtqueue {
-    pub fn new(mem: &Arc<SharedMemory>, index: u16, size: u16, event_idx: bool) -> Result<Self> {
+    pub fn new(
+        mem: &Arc<SharedMemory>,
+        index: u16,
+        size: u16,
+        event_idx: bool,
+        blockers: Arc<AtomicU32>,
+    ) -> Result<Self> {
         let layout = RingLayout::new(size);
         let ring_mem = mem.alloc(layout.total, 4096)?;
         let slot_mem = mem.alloc(SLOT_STRIDE * size as usize, 4096)?;
@@ -336,6 +358,8 @@ impl Virtqueue {
             call_control,
             event_idx,
             last_used: AtomicU16::new(0),
+            in_flight: AtomicU32::new(0),
+            blockers,
             broken: AtomicBool::new(false),
             slots: slot_mem.ptr(),
             kick_fd: kick.as_raw_fd(),
@@ -343,8 +367,8 @@ impl Virtqueue {
             call: EventFd::new(EFD_NONBLOCK)?,
             size,
             counters: QueueCounters::default(),
-            state: Mutex::new(QueueState { ring, seq: 1 }),
-            progress: Mutex::new(()),
+            state: SpinLock::new(QueueState { ring, seq: 1 }),
+            progress: SpinLock::new(()),
             requests: (0..size)
                 .map(|_| {
                     UnsafeCell::new(RequestSlot {
@@ -373,8 +397,8 @@ impl Virtqueue {
         )
     }
 
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> SpinGuard<'_, QueueState> {
+        self.state.lock()
     }
 
     fn slot(&self, head: u16) -> *mut u8 {
@@ -395,14 +419,15 @@ impl Virtqueue {
     /// Post one request. `header.cookie` is assigned here. Returns the cookie.
     /// `Err(Error::Again)` if the ring has no room. With `more` (libfabric `FI_MORE`) the kick
     /// decision is left to a later post without it (or [`Virtqueue::flush`]), which covers
-    /// every chain published since.
+    /// every chain published since. `op` builds the request record, straight into its slot
+    /// (not called if the post fails before).
     pub fn post(
         &self,
         header: &mut ReqHeader,
         tx: TxData<'_>,
         rx: RxData<'_>,
-        op: PendingOp,
         more: bool,
+        op: impl FnOnce() -> PendingOp,
     ) -> Result<u64> {
         let (inline_tx_len, tx_descs): (usize, &[(u64, u32)]) = match &tx {
             TxData::None => (0, &[]),
@@ -429,7 +454,9 @@ impl Virtqueue {
         if let Some(why) = st.ring.broken() {
             return Err(Error::Transport(format!("virtqueue {}: {why}", self.index)));
         }
-        let head = st.ring.next_head(n).ok_or(Error::Again)?;
+        let Some(head) = st.ring.next_head(n) else {
+            return Err(Error::Again);
+        };
         let cookie = (st.seq << 24) | ((self.index as u64) << 16) | head as u64;
         st.seq += 1;
         header.cookie = cookie.into();
@@ -448,8 +475,12 @@ impl Virtqueue {
         let record = unsafe { &mut *self.requests[head as usize].get() };
         record.cookie = cookie;
         record.inline_rx = inline_rx_len as u16;
-        record.op = op;
+        debug_assert!(matches!(record.op, PendingOp::Idle));
+        // SAFETY: the record of a free head is idle (nothing to drop): write in place.
+        unsafe { std::ptr::write(&mut record.op, op()) };
         let slot_addr = slot as u64;
+        // Counted before the device can see it (a drainer subtracts what it takes).
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         let added = st.ring.add_request(
             (slot_addr, (REQ_HEADER_LEN + inline_tx_len) as u32),
             tx_descs,
@@ -461,6 +492,7 @@ impl Virtqueue {
         );
         if let Err(e) = added {
             // Not published: the record goes back to idle (dropping the request's buffers).
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             record.op = PendingOp::Idle;
             return Err(match e {
                 RingError::Full => Error::Again,
@@ -470,6 +502,10 @@ impl Virtqueue {
         let kick = !more && st.ring.needs_kick();
         drop(st);
         self.counters.posted.fetch_add(1, Ordering::Relaxed);
+        // A thread already asleep may not have armed this queue (it was idle): arm for it.
+        if self.blockers.load(Ordering::SeqCst) > 0 {
+            self.arm();
+        }
         if kick {
             self.notify();
         }
@@ -500,26 +536,20 @@ impl Virtqueue {
         idx != self.last_used.load(Ordering::Relaxed)
     }
 
-    /// Drain the used ring and hand every finished request to `dispatch`, in ring order.
-    /// Returns how many were drained. If another thread is draining this queue, returns 0.
-    /// `blockers` counts the domain's threads sleeping for calls (see [`Virtqueue::arm`]).
+    /// Anything for [`Virtqueue::drain`] to do (used entries, or a broken ring to report)?
     #[inline]
-    pub fn poll(&self, blockers: &AtomicU32, dispatch: impl FnMut(Finished<'_>)) -> Result<usize> {
-        if !self.has_used() && !self.is_broken() {
-            return Ok(0);
-        }
-        self.drain(blockers, dispatch)
+    pub fn needs_drain(&self) -> bool {
+        self.has_used() || self.is_broken()
     }
 
-    fn drain(&self, blockers: &AtomicU32, mut dispatch: impl FnMut(Finished<'_>)) -> Result<usize> {
-        let Ok(_draining) = self.progress.try_lock() else {
-            return Ok(0);
+    /// Drain the used ring and hand every finished request to `dispatch`, in ring order.
+    /// Returns how many were drained. If another thread is draining this queue, returns 0.
+    pub fn drain(&self, mut dispatch: impl FnMut(Finished<'_>)) -> usize {
+        let Some(_draining) = self.progress.try_lock() else {
+            return 0;
         };
-        let mut batch = [UsedElem {
-            head: 0,
-            len: 0,
-            len_ok: false,
-        }; DRAIN_BATCH];
+        // Uninitialised: only `batch[..taken]` is ever read.
+        let mut batch = [MaybeUninit::<UsedElem>::uninit(); DRAIN_BATCH];
         let mut taken = 0;
         let mut total = 0;
         let mut broken = None;
@@ -527,13 +557,14 @@ impl Virtqueue {
         loop {
             // The chains dispatched last round go back to the free list; then take new ones.
             for u in &batch[..taken] {
-                st.ring.release(u.head);
+                // SAFETY: the first `taken` entries were written below in the last round.
+                st.ring.release(unsafe { u.assume_init_ref() }.head);
             }
             taken = 0;
             while taken < DRAIN_BATCH {
                 match st.ring.take_used() {
                     Ok(Some(u)) => {
-                        batch[taken] = u;
+                        batch[taken].write(u);
                         taken += 1;
                     }
                     Ok(None) => break,
@@ -546,12 +577,14 @@ impl Virtqueue {
             if taken == 0 {
                 break;
             }
-            self.after_take(st.ring.last_used(), blockers);
+            self.in_flight.fetch_sub(taken as u32, Ordering::SeqCst);
+            self.after_take(st.ring.last_used());
             // Dispatch without the ring lock: posts (also from dispatch itself) proceed, and
             // the taken heads stay ours until released above.
             drop(st);
             for u in &batch[..taken] {
-                self.finish(u, &mut dispatch);
+                // SAFETY: written above in this round.
+                self.finish(unsafe { u.assume_init_ref() }, &mut dispatch);
             }
             total += taken;
             st = self.lock();
@@ -567,14 +600,15 @@ impl Virtqueue {
                 .completed
                 .fetch_add(total as u64, Ordering::Relaxed);
         }
-        Ok(total)
+        total
     }
 
     /// Publish the new consumption point and set the call suppression for it: armed if a
     /// thread of the domain sleeps for calls, parked otherwise. Pairs with [`Virtqueue::arm`]
     /// (all `SeqCst`): either the sleeper sees our `last_used` and arms at it, or we see the
     /// sleeper and arm for it.
-    fn after_take(&self, last_used: u16, blockers: &AtomicU32) {
+    fn after_take(&self, last_used: u16) {
+        let blockers = &*self.blockers;
         self.last_used.store(last_used, Ordering::SeqCst);
         if blockers.load(Ordering::SeqCst) == 0 {
             self.call_control()
@@ -633,16 +667,27 @@ impl Virtqueue {
         dispatch(Finished {
             cookie: record.cookie,
             op: &mut record.op,
-            completion,
+            completion: completion.as_ref(),
             device_fault,
             inline_data,
         });
         record.op = PendingOp::Idle;
     }
 
+    /// Arm (see [`Virtqueue::arm`]) if requests are in flight; returns whether it did. A queue
+    /// with none has nothing to wake a sleeper for, and a post arms it if one sleeps then.
+    pub fn arm_if_busy(&self) -> bool {
+        if self.in_flight.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        self.arm();
+        true
+    }
+
     /// Ask the device for a call at the next used entry, without the ring lock. Called by a
-    /// thread about to sleep, after it counted itself in the domain's `blockers`; it must then
-    /// re-check [`Virtqueue::has_used`] (after a `SeqCst` fence) before sleeping.
+    /// thread about to sleep, after it counted itself in the domain's `blockers` (it must then
+    /// re-check [`Virtqueue::has_used`] after a `SeqCst` fence before sleeping), and by a post
+    /// while someone sleeps.
     pub fn arm(&self) {
         loop {
             let seen = self.last_used.load(Ordering::SeqCst);
@@ -657,7 +702,7 @@ impl Virtqueue {
 
     /// Record of the first in-flight request matching `pred`, in posting order: its cookie.
     pub fn find_cookie(&self, mut pred: impl FnMut(&RequestSlot) -> bool) -> Option<u64> {
-        let _draining = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let _draining = self.progress.lock();
         let _st = self.lock();
         self.requests
             .iter()
@@ -670,7 +715,7 @@ impl Virtqueue {
 
     /// Requests in flight (for tests and diagnostics).
     pub fn in_flight(&self) -> usize {
-        let _draining = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let _draining = self.progress.lock();
         let _st = self.lock();
         self.requests
             .iter()

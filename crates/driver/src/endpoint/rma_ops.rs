@@ -743,7 +743,7 @@ impl Endpoint {
                     }
                 }
                 if !in_place {
-                    needs_copy = Some(CopyOut::Scatter(targets));
+                    needs_copy = Some(targets.into_copy_out());
                 }
             }
         }
@@ -759,29 +759,7 @@ impl Endpoint {
         }
 
         let selective = tx_cq.is_some_and(|(_, s)| *s);
-        let want_entry = !inject && (!selective || flags & fi::COMPLETION != 0);
-        let op = DataOp {
-            ep: self.shared.clone(),
-            context,
-            cq: if want_entry {
-                tx_cq.map(|(c, _)| c.clone())
-            } else {
-                None
-            },
-            err_cq: if inject {
-                None
-            } else {
-                tx_cq.map(|(c, _)| c.clone())
-            },
-            fi_flags,
-            is_recv: false,
-            peek: false,
-            record_claim: false,
-            rx_len,
-            copy_out,
-            bounce,
-            _keepalive: keepalive,
-        };
+        let report_success = !inject && (!selective || flags & fi::COMPLETION != 0);
         let tx = if total == 0 {
             TxData::None
         } else if total <= INLINE_TX_MAX {
@@ -797,14 +775,24 @@ impl Endpoint {
             RxData::Descs(rx_descs.as_slice())
         };
         let mut header = req.to_header();
+        let ep = &self.shared;
         domain.queues[self.tx_queue]
-            .post(
-                &mut header,
-                tx,
-                rx,
-                PendingOp::Data(op),
-                flags & fi::MORE != 0,
-            )
+            .post(&mut header, tx, rx, flags & fi::MORE != 0, || {
+                PendingOp::Data(DataOp {
+                    ep: ep.clone(),
+                    context,
+                    fi_flags,
+                    rx_len,
+                    copy_out,
+                    bounce,
+                    _keepalive: keepalive,
+                    is_recv: false,
+                    peek: false,
+                    record_claim: false,
+                    report_success,
+                    report_errors: !inject,
+                })
+            })
             .map(|_| ())
     }
 }
