@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vfabric_proto::FabricAddr;
 
 use crate::domain::DomainInner;
+use crate::lock::SpinLock;
 use crate::{Error, Result};
 
 /// An index into an [`AddressVector`] (`fi_addr_t`).
@@ -54,21 +56,68 @@ struct AvTable {
 
 pub(crate) struct AvShared {
     table: RwLock<AvTable>,
+    /// Bumped (under the table's write lock) by every insert and remove: a remembered answer
+    /// is valid while this is unchanged.
+    generation: AtomicU64,
+    /// The last forward and reverse answers (a sender talks to one peer for a while, a
+    /// receiver hears from one): one compare instead of a read lock and a lookup.
+    recent: SpinLock<Recent>,
+}
+
+#[derive(Default)]
+struct Recent {
+    forward: Option<(u64, FiAddr, FabricAddr)>,
+    reverse: Option<(u64, FabricAddr, Option<FiAddr>)>,
 }
 
 impl AvShared {
-    pub(crate) fn lookup(&self, fi_addr: FiAddr) -> Result<FabricAddr> {
-        self.table
-            .read()
-            .unwrap()
-            .entries
-            .get(fi_addr as usize)
-            .copied()
-            .flatten()
-            .ok_or_else(|| Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV")))
+    fn new() -> Self {
+        Self {
+            table: RwLock::new(AvTable::default()),
+            generation: AtomicU64::new(0),
+            recent: SpinLock::new(Recent::default()),
+        }
     }
+
+    pub(crate) fn lookup(&self, fi_addr: FiAddr) -> Result<FabricAddr> {
+        let now = self.generation.load(Ordering::Acquire);
+        if let Some((generation, key, addr)) = self.recent.lock().forward {
+            if generation == now && key == fi_addr {
+                return Ok(addr);
+            }
+        }
+        let table = self.table.read().unwrap();
+        // Read under the table lock: consistent with what the table says now.
+        let generation = self.generation.load(Ordering::Acquire);
+        let addr = table.entries.get(fi_addr as usize).copied().flatten();
+        drop(table);
+        let addr =
+            addr.ok_or_else(|| Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV")))?;
+        self.recent.lock().forward = Some((generation, fi_addr, addr));
+        Ok(addr)
+    }
+
     pub(crate) fn reverse_lookup(&self, addr: &FabricAddr) -> Option<FiAddr> {
-        self.table.read().unwrap().reverse.get(addr).copied()
+        let now = self.generation.load(Ordering::Acquire);
+        if let Some((generation, key, found)) = self.recent.lock().reverse {
+            if generation == now && key == *addr {
+                return found;
+            }
+        }
+        let table = self.table.read().unwrap();
+        let generation = self.generation.load(Ordering::Acquire);
+        let found = table.reverse.get(addr).copied();
+        drop(table);
+        self.recent.lock().reverse = Some((generation, *addr, found));
+        found
+    }
+
+    /// Modify the table; remembered answers become stale.
+    fn update<T>(&self, f: impl FnOnce(&mut AvTable) -> T) -> T {
+        let mut table = self.table.write().unwrap();
+        let r = f(&mut table);
+        self.generation.fetch_add(1, Ordering::Release);
+        r
     }
 }
 
@@ -90,19 +139,18 @@ impl AddressVector {
     pub(crate) fn new(domain: Arc<DomainInner>) -> Self {
         Self {
             domain,
-            shared: Arc::new(AvShared {
-                table: RwLock::new(AvTable::default()),
-            }),
+            shared: Arc::new(AvShared::new()),
         }
     }
 
     /// `fi_av_insert` of one address.
     pub fn insert(&self, addr: FabricAddr) -> FiAddr {
-        let mut t = self.shared.table.write().unwrap();
-        let idx = t.entries.len() as FiAddr;
-        t.entries.push(Some(addr));
-        t.reverse.entry(addr).or_insert(idx);
-        idx
+        self.shared.update(|t| {
+            let idx = t.entries.len() as FiAddr;
+            t.entries.push(Some(addr));
+            t.reverse.entry(addr).or_insert(idx);
+            idx
+        })
     }
 
     /// Insert an address in its 16-byte wire form (what `Endpoint::getname` produces).
@@ -123,23 +171,23 @@ impl AddressVector {
 
     /// `fi_av_remove`. The index is not reused.
     pub fn remove(&self, fi_addr: FiAddr) -> Result<()> {
-        let mut t = self.shared.table.write().unwrap();
-        let slot = t
-            .entries
-            .get_mut(fi_addr as usize)
-            .ok_or_else(|| Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV")))?;
-        let Some(addr) = slot.take() else {
-            return Err(Error::InvalidArgument(format!(
-                "fi_addr {fi_addr} already removed"
-            )));
-        };
-        if t.reverse.get(&addr) == Some(&fi_addr) {
-            t.reverse.remove(&addr);
-            if let Some(other) = t.entries.iter().position(|e| *e == Some(addr)) {
-                t.reverse.insert(addr, other as FiAddr);
+        self.shared.update(|t| {
+            let slot = t.entries.get_mut(fi_addr as usize).ok_or_else(|| {
+                Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV"))
+            })?;
+            let Some(addr) = slot.take() else {
+                return Err(Error::InvalidArgument(format!(
+                    "fi_addr {fi_addr} already removed"
+                )));
+            };
+            if t.reverse.get(&addr) == Some(&fi_addr) {
+                t.reverse.remove(&addr);
+                if let Some(other) = t.entries.iter().position(|e| *e == Some(addr)) {
+                    t.reverse.insert(addr, other as FiAddr);
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// `fi_av_lookup`.
@@ -166,5 +214,44 @@ impl AddressVector {
     pub fn check(&self, fi_addr: FiAddr) -> Result<bool> {
         let a = self.lookup(fi_addr)?;
         self.domain.addr_check(&a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert(av: &AvShared, a: FabricAddr) -> FiAddr {
+        av.update(|t| {
+            let idx = t.entries.len() as FiAddr;
+            t.entries.push(Some(a));
+            t.reverse.entry(a).or_insert(idx);
+            idx
+        })
+    }
+
+    #[test]
+    fn remembered_answers_follow_inserts_and_removes() {
+        let av = AvShared::new();
+        let a = FabricAddr::new(1, 2, 3);
+        let b = FabricAddr::new(1, 4, 5);
+        assert_eq!(av.reverse_lookup(&a), None);
+        assert_eq!(insert(&av, a), 0);
+        // A remembered "not found" must not survive the insert.
+        assert_eq!(av.reverse_lookup(&a), Some(0));
+        assert_eq!(av.lookup(0).unwrap(), a);
+        assert_eq!(av.lookup(0).unwrap(), a);
+        assert_eq!(insert(&av, b), 1);
+        assert_eq!(av.lookup(1).unwrap(), b);
+        assert_eq!(av.reverse_lookup(&b), Some(1));
+        assert_eq!(av.reverse_lookup(&a), Some(0));
+        // Removing index 0 invalidates both remembered answers for it.
+        av.update(|t| {
+            t.entries[0] = None;
+            t.reverse.remove(&a);
+        });
+        assert!(av.lookup(0).is_err());
+        assert_eq!(av.reverse_lookup(&a), None);
+        assert_eq!(av.lookup(1).unwrap(), b);
     }
 }

@@ -111,7 +111,7 @@ impl DomainInner {
             let tx = if payload.is_empty() {
                 TxData::None
             } else {
-                TxData::Inline(Payload::bytes(payload))
+                TxData::Inline(Payload::Bytes(payload))
             };
             match self.queues[0].post(&mut header, tx, rx, false, || PendingOp::Control {
                 data: area,

@@ -3,6 +3,7 @@
 //! its virtqueues, and the progress engine that moves completions from used rings to CQs.
 
 use std::collections::{HashMap, HashSet};
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -19,7 +20,7 @@ use crate::endpoint::{Endpoint, EpAttr};
 use crate::info::Info;
 use crate::memory::{default_mem_bytes, SharedBuf, SharedMemory};
 use crate::transport::Transport;
-use crate::virtqueue::Virtqueue;
+use crate::virtqueue::{DomainSignals, Virtqueue};
 use crate::{Error, Result};
 
 /// Default ring size of the data queues (capped by the device's `max_queue_size`).
@@ -377,9 +378,10 @@ pub(crate) struct DomainInner {
     sleeps: AtomicU64,
     calls: AtomicU64,
     idle_polls: AtomicU32,
-    /// Threads sleeping in `block` (drainers and posters keep rings armed for them); shared
-    /// with every queue.
-    blockers: Arc<AtomicU32>,
+    /// Sleepers and busy queues, shared with every queue.
+    signals: Arc<DomainSignals>,
+    /// Index of the first queue found broken (`u32::MAX`: none).
+    broken_queue: AtomicU32,
     /// What `block` sleeps on, in this order: every queue's call eventfd, the error eventfd,
     /// the device socket (hang-up).
     poll_template: Box<[libc::pollfd]>,
@@ -458,7 +460,7 @@ impl DomainInner {
         }
         let event_idx = transport.event_idx();
         let err_fd = EventFd::new(EFD_NONBLOCK)?;
-        let blockers = Arc::new(AtomicU32::new(0));
+        let signals = Arc::new(DomainSignals::default());
         let mut queues = Vec::with_capacity(1 + 2 * qp as usize);
         for index in 0..(1 + 2 * qp) {
             let size = if index == proto::CONTROL_QUEUE {
@@ -466,7 +468,7 @@ impl DomainInner {
             } else {
                 data_size
             };
-            let vq = Virtqueue::new(&mem, index, size, event_idx, blockers.clone())?;
+            let vq = Virtqueue::new(&mem, index, size, event_idx, signals.clone())?;
             transport.setup_queue(
                 index as usize,
                 size,
@@ -512,7 +514,8 @@ impl DomainInner {
             sleeps: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             idle_polls: AtomicU32::new(0),
-            blockers,
+            signals,
+            broken_queue: AtomicU32::new(u32::MAX),
             poll_template,
             rma: Default::default(),
             external: Mutex::new(Vec::new()),
@@ -622,29 +625,13 @@ impl DomainInner {
 
     /// [`DomainInner::progress`] with a plain error (nothing to drop on the hot path).
     pub(crate) fn progress_fast(&self) -> std::result::Result<usize, Stalled> {
-        let mut n = 0;
-        let mut broken = None;
-        for q in &self.queues {
-            if q.needs_drain() {
-                n += q.drain(|f| crate::cq::complete(self, f));
-                if q.is_broken() {
-                    broken = Some(q.index);
-                }
-            }
-        }
+        let n = self.drain_busy();
         if n > 0 {
             self.after_completions();
         }
-        if let Some(index) = broken {
-            // Spec §6.14.2: on a ring violation the driver stops using the device.
-            if !self.failed.swap(true, Ordering::Relaxed) {
-                tracing::error!(
-                    device = %self.transport.path().display(),
-                    queue = index,
-                    "device wrote an invalid used entry: the domain stops using it"
-                );
-            }
-            return Err(Stalled::Broken(index));
+        let broken = self.broken_queue.load(Ordering::Relaxed);
+        if broken != u32::MAX {
+            return Err(Stalled::Broken(broken as u16));
         }
         if n == 0 {
             // Now and then, look whether the device went away (a polled CQ never sleeps in
@@ -660,16 +647,53 @@ impl DomainInner {
         Ok(n)
     }
 
+    /// Drain the queues with requests in flight (the busy mask, plus every queue from 64 on)
+    /// and dispatch their completions. A queue found broken stops the domain (spec §6.14.2).
+    fn drain_busy(&self) -> usize {
+        let mut n = 0;
+        let mut busy = self.signals.busy.load(Ordering::Relaxed);
+        let lower = self.queues.len().min(64);
+        while busy != 0 {
+            let i = busy.trailing_zeros() as usize;
+            busy &= busy - 1;
+            if i < lower {
+                n += self.drain_queue(&self.queues[i]);
+            }
+        }
+        for q in self.queues.iter().skip(64) {
+            n += self.drain_queue(q);
+        }
+        n
+    }
+
+    #[inline(always)]
+    fn drain_queue(&self, q: &Virtqueue) -> usize {
+        if !q.needs_drain() {
+            return 0;
+        }
+        let n = q.drain(|f| crate::cq::complete(self, f));
+        if q.is_broken() {
+            self.queue_broke(q.index);
+        }
+        n
+    }
+
+    #[cold]
+    fn queue_broke(&self, index: u16) {
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            self.broken_queue.store(u32::from(index), Ordering::Relaxed);
+            tracing::error!(
+                device = %self.transport.path().display(),
+                queue = index,
+                "device wrote an invalid used entry: the domain stops using it"
+            );
+        }
+    }
+
     /// Progress for control waiters: errors of data queues are reported to their users, not
     /// to the control caller.
     pub(crate) fn progress_quiet(&self) {
-        let mut n = 0;
-        for q in &self.queues {
-            if q.needs_drain() {
-                n += q.drain(|f| crate::cq::complete(self, f));
-            }
-        }
-        if n > 0 {
+        if self.drain_busy() > 0 {
             self.after_completions();
         }
     }
@@ -722,7 +746,7 @@ impl DomainInner {
         }
         // Count ourselves before arming: a drainer that moves a ring on then re-arms it, and a
         // post to a queue we leave idle arms it.
-        self.blockers.fetch_add(1, Ordering::SeqCst);
+        self.signals.blockers.fetch_add(1, Ordering::SeqCst);
         let mut armed = 0u64;
         for (i, q) in self.queues.iter().enumerate() {
             if q.arm_if_busy() {
@@ -731,18 +755,24 @@ impl DomainInner {
         }
         // The arming stores must be visible before we re-check the used indices.
         fence(Ordering::SeqCst);
-        let ready = self
-            .queues
-            .iter()
-            .enumerate()
-            .any(|(i, q)| armed & (1 << (i % 64)) != 0 && q.has_used());
+        let ready = if self.queues.len() <= 64 {
+            let mut ready = false;
+            while armed != 0 && !ready {
+                let i = armed.trailing_zeros() as usize;
+                armed &= armed - 1;
+                ready = self.queues[i].has_used();
+            }
+            ready
+        } else {
+            self.queues.iter().any(|q| q.has_used())
+        };
         let result = if ready {
             Ok(false)
         } else {
             self.poll_fds(timeout, extra).map(|_| true)
         };
         // Rings stay armed: the next drain parks them (or re-arms them for other sleepers).
-        self.blockers.fetch_sub(1, Ordering::SeqCst);
+        self.signals.blockers.fetch_sub(1, Ordering::SeqCst);
         result
     }
 
@@ -750,19 +780,30 @@ impl DomainInner {
         const ON_STACK: usize = 16;
         let base = self.poll_template.len();
         let total = base + usize::from(extra.is_some());
-        let mut stack = [libc::pollfd {
+        let unused = libc::pollfd {
             fd: -1,
             events: 0,
             revents: 0,
-        }; ON_STACK];
+        };
+        let mut stack = [MaybeUninit::<libc::pollfd>::uninit(); ON_STACK];
         let mut heap = Vec::new();
         let fds: &mut [libc::pollfd] = if total <= ON_STACK {
-            &mut stack[..total]
+            // SAFETY: the first `base` entries are copied from the template, and entry `base`
+            // is written below when `extra` makes `total` one more: all `total` are
+            // initialised before the slice is used (MaybeUninit<T> has T's layout).
+            unsafe {
+                let p = stack.as_mut_ptr().cast::<libc::pollfd>();
+                std::ptr::copy_nonoverlapping(self.poll_template.as_ptr(), p, base);
+                if total > base {
+                    p.add(base).write(unused);
+                }
+                std::slice::from_raw_parts_mut(p, total)
+            }
         } else {
-            heap.resize(total, stack[0]);
+            heap.resize(total, unused);
+            heap[..base].copy_from_slice(&self.poll_template);
             &mut heap
         };
-        fds[..base].copy_from_slice(&self.poll_template);
         if let Some(fd) = extra {
             fds[base] = libc::pollfd {
                 fd,

@@ -253,6 +253,11 @@ struct PostLimits {
     device_caps: Option<u64>,
     /// Data descriptors per chain and direction (`max_sge`, at most `MAX_DATA_DESCS`).
     max_data_descs: usize,
+    /// Plain (flagless) SEND/RECV pass `check_request`: their class is reported (or no
+    /// classes are).
+    msg_ok: bool,
+    /// Plain TSEND/TRECV pass `check_request`.
+    tagged_ok: bool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -328,6 +333,8 @@ impl Endpoint {
                 .unwrap_or(pflags::ALL & !(pflags::DIRECTED | pflags::MULTI_RECV)),
             device_caps: info.device_caps,
             max_data_descs: (u32::from(domain.config.max_sge) as usize).clamp(1, MAX_DATA_DESCS),
+            msg_ok: class_reported(info.device_caps, Opcode::Send),
+            tagged_ok: class_reported(info.device_caps, Opcode::TSend),
         };
         Ok(Self {
             domain,
@@ -701,7 +708,11 @@ impl Endpoint {
         req.ep = self.shared.id;
         req.peer = peer;
         req.tag = a.tag;
-        req.flags = send_flags(a.flags)?;
+        req.flags = if a.flags & SEND_FLAG_MASK == 0 {
+            0
+        } else {
+            send_flags(a.flags)?
+        };
         if let Some(d) = a.data {
             req.data = d;
             req.flags |= pflags::REMOTE_CQ_DATA;
@@ -712,13 +723,13 @@ impl Endpoint {
         let mut keepalive = Keepalive::default();
         let mut bounce = None;
         let mut descs = DescList::new();
-        let mut inline = Payload::default();
+        let mut inline = Payload::Bytes(&[]);
         if len <= INLINE_TX_MAX {
-            match &a.src {
-                SendSrc::Bytes(s) => inline = Payload::bytes(s),
-                SendSrc::Shared(buf, r) => inline = Payload::bytes(&buf.as_slice()[r.clone()]),
-                SendSrc::Iov(iov) => inline.iov = iov,
-            }
+            inline = match &a.src {
+                SendSrc::Bytes(s) => Payload::Bytes(s),
+                SendSrc::Shared(buf, r) => Payload::Bytes(&buf.as_slice()[r.clone()]),
+                SendSrc::Iov(iov) => Payload::Gather { prefix: &[], iov },
+            };
         } else {
             match &a.src {
                 SendSrc::Shared(buf, r) if Arc::ptr_eq(buf.memory(), mem) => {
@@ -791,7 +802,23 @@ impl Endpoint {
     }
 
     /// Spec §3.2/§5.1.4/§6.9.9: use only flags and operations the device reported.
+    #[inline]
     fn check_request(&self, req: &Request) -> Result<()> {
+        // A plain message request (no flags) needs only its capability class: precomputed.
+        if req.flags == 0 {
+            let plain = match req.opcode {
+                Opcode::Send | Opcode::Recv => Some(self.limits.msg_ok),
+                Opcode::TSend | Opcode::TRecv => Some(self.limits.tagged_ok),
+                _ => None,
+            };
+            if plain == Some(true) {
+                return Ok(());
+            }
+        }
+        self.check_request_full(req)
+    }
+
+    fn check_request_full(&self, req: &Request) -> Result<()> {
         let limits = &self.limits;
         let allowed = limits.allowed_flags;
         if req.flags & !allowed != 0 {
@@ -1482,6 +1509,19 @@ impl Drop for Endpoint {
         }
     }
 }
+
+/// Does the device report the capability class of `op` (or no classes at all)?
+fn class_reported(device_caps: Option<u64>, op: Opcode) -> bool {
+    device_caps.is_none_or(|caps| caps & proto::bit(op.required_feature()) != 0)
+}
+
+/// libfabric op flags that change a send's request flags (or are refused).
+const SEND_FLAG_MASK: u64 = fi::INJECT
+    | fi::FENCE
+    | fi::COMMIT_COMPLETE
+    | fi::INJECT_COMPLETE
+    | fi::TRANSMIT_COMPLETE
+    | fi::DELIVERY_COMPLETE;
 
 /// Request flags for a send from libfabric op flags.
 fn send_flags(fi_flags: u64) -> Result<u64> {

@@ -41,48 +41,75 @@ pub(crate) const MAX_DATA_DESCS: usize = 16;
 /// Used entries taken per lock hold while draining.
 const DRAIN_BATCH: usize = 32;
 
-/// Bytes copied into the header descriptor after the request header, in this order:
-/// `prefix`, the bytes of every `iov`, then `suffix[0]` and `suffix[1]`.
-#[derive(Clone, Copy, Default)]
-pub(crate) struct Payload<'a> {
-    pub prefix: &'a [u8],
-    pub iov: &'a [Iov<'a>],
-    pub suffix: [&'a [u8]; 2],
+/// Bytes copied into the header descriptor after the request header.
+#[derive(Clone, Copy)]
+pub(crate) enum Payload<'a> {
+    /// One contiguous piece (the common case).
+    Bytes(&'a [u8]),
+    /// `prefix` (e.g. an RMA scatter list), then the bytes of every iov, in order.
+    Gather {
+        prefix: &'a [u8],
+        iov: &'a [Iov<'a>],
+    },
 }
 
-impl<'a> Payload<'a> {
-    /// One contiguous piece.
-    pub fn bytes(b: &'a [u8]) -> Self {
-        Self {
-            suffix: [b, &[]],
-            ..Default::default()
-        }
-    }
+impl Payload<'_> {
     pub fn len(&self) -> usize {
-        self.prefix.len()
-            + self.iov.iter().map(|v| v.len()).sum::<usize>()
-            + self.suffix[0].len()
-            + self.suffix[1].len()
+        match self {
+            Payload::Bytes(b) => b.len(),
+            Payload::Gather { prefix, iov } => {
+                prefix.len() + iov.iter().map(|v| v.len()).sum::<usize>()
+            }
+        }
     }
     /// Copy the pieces to `dst` (which has room for `self.len()` bytes).
     ///
     /// # Safety
     /// `dst` must be valid for writes of `self.len()` bytes.
+    #[inline]
     unsafe fn copy_to(&self, dst: *mut u8) {
-        let mut at = 0;
-        let mut put = |p: &[u8]| {
-            if !p.is_empty() {
+        match self {
+            // SAFETY: the caller guarantees room for the bytes.
+            Payload::Bytes(b) => unsafe { copy_bytes(b, dst) },
+            Payload::Gather { prefix, iov } => {
                 // SAFETY: the caller guarantees room for every piece, in order.
-                unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst.add(at), p.len()) };
-                at += p.len();
+                unsafe { copy_bytes(prefix, dst) };
+                let mut at = prefix.len();
+                for v in iov.iter() {
+                    let p = iov_bytes(v);
+                    // SAFETY: as above.
+                    unsafe { copy_bytes(p, dst.add(at)) };
+                    at += p.len();
+                }
             }
-        };
-        put(self.prefix);
-        for v in self.iov {
-            put(iov_bytes(v));
         }
-        put(self.suffix[0]);
-        put(self.suffix[1]);
+    }
+}
+
+/// Copy `src` to `dst`; small copies (the common inline payloads) without a `memcpy` call.
+///
+/// # Safety
+/// `dst` must be valid for writes of `src.len()` bytes and not overlap `src`.
+#[inline(always)]
+unsafe fn copy_bytes(src: &[u8], dst: *mut u8) {
+    let n = src.len();
+    let s = src.as_ptr();
+    // SAFETY: every access below stays inside `src[..n]` and `dst[..n]` (overlapping head and
+    // tail words for lengths between one and two words).
+    unsafe {
+        if (8..=16).contains(&n) {
+            let head = std::ptr::read_unaligned(s.cast::<u64>());
+            let tail = std::ptr::read_unaligned(s.add(n - 8).cast::<u64>());
+            std::ptr::write_unaligned(dst.cast::<u64>(), head);
+            std::ptr::write_unaligned(dst.add(n - 8).cast::<u64>(), tail);
+        } else if (4..8).contains(&n) {
+            let head = std::ptr::read_unaligned(s.cast::<u32>());
+            let tail = std::ptr::read_unaligned(s.add(n - 4).cast::<u32>());
+            std::ptr::write_unaligned(dst.cast::<u32>(), head);
+            std::ptr::write_unaligned(dst.add(n - 4).cast::<u32>(), tail);
+        } else if n > 0 {
+            std::ptr::copy_nonoverlapping(s, dst, n);
+        }
     }
 }
 
@@ -261,6 +288,16 @@ pub(crate) struct Finished<'a> {
     pub inline_data: &'a [u8],
 }
 
+/// State a domain's queues share with it: who sleeps, and which queues have work.
+#[derive(Default)]
+pub(crate) struct DomainSignals {
+    /// Threads sleeping for calls (drainers and posters keep rings armed for them).
+    pub blockers: AtomicU32,
+    /// Bit `i`: queue `i` (< 64) has requests in flight. Progress scans only these (and every
+    /// queue from 64 on); a stale set bit only costs a look.
+    pub busy: AtomicU64,
+}
+
 /// Per-queue event counters (relaxed; for diagnostics).
 #[derive(Default)]
 pub(crate) struct QueueCounters {
@@ -311,8 +348,10 @@ pub(crate) struct Virtqueue {
     last_used: AtomicU16,
     /// Chains published and not yet taken back: a sleeper arms only busy queues.
     in_flight: AtomicU32,
-    /// The domain's count of threads sleeping for calls (see [`Virtqueue::arm`]).
-    blockers: Arc<AtomicU32>,
+    /// Shared with the domain (see [`Virtqueue::arm`] and [`DomainSignals::busy`]).
+    signals: Arc<DomainSignals>,
+    /// Our bit in `signals.busy` (0 from queue 64 on: those are always scanned).
+    busy_bit: u64,
     broken: AtomicBool,
     slots: *mut u8,
     pub kick: EventFd,
@@ -340,7 +379,7 @@ impl Virtqueue {
         index: u16,
         size: u16,
         event_idx: bool,
-        blockers: Arc<AtomicU32>,
+        signals: Arc<DomainSignals>,
     ) -> Result<Self> {
         let layout = RingLayout::new(size);
         let ring_mem = mem.alloc(layout.total, 4096)?;
@@ -359,7 +398,8 @@ impl Virtqueue {
             event_idx,
             last_used: AtomicU16::new(0),
             in_flight: AtomicU32::new(0),
-            blockers,
+            signals,
+            busy_bit: if index < 64 { 1 << index } else { 0 },
             broken: AtomicBool::new(false),
             slots: slot_mem.ptr(),
             kick_fd: kick.as_raw_fd(),
@@ -480,7 +520,9 @@ impl Virtqueue {
         unsafe { std::ptr::write(&mut record.op, op()) };
         let slot_addr = slot as u64;
         // Counted before the device can see it (a drainer subtracts what it takes).
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.signals.busy.fetch_or(self.busy_bit, Ordering::SeqCst);
+        }
         let added = st.ring.add_request(
             (slot_addr, (REQ_HEADER_LEN + inline_tx_len) as u32),
             tx_descs,
@@ -503,7 +545,7 @@ impl Virtqueue {
         drop(st);
         self.counters.posted.fetch_add(1, Ordering::Relaxed);
         // A thread already asleep may not have armed this queue (it was idle): arm for it.
-        if self.blockers.load(Ordering::SeqCst) > 0 {
+        if self.signals.blockers.load(Ordering::SeqCst) > 0 {
             self.arm();
         }
         if kick {
@@ -577,7 +619,16 @@ impl Virtqueue {
             if taken == 0 {
                 break;
             }
-            self.in_flight.fetch_sub(taken as u32, Ordering::SeqCst);
+            if self.in_flight.fetch_sub(taken as u32, Ordering::SeqCst) == taken as u32 {
+                // Idle now: out of the scan, unless a post got in between (it sets the bit
+                // after counting, so one of us leaves it set).
+                self.signals
+                    .busy
+                    .fetch_and(!self.busy_bit, Ordering::SeqCst);
+                if self.in_flight.load(Ordering::SeqCst) != 0 {
+                    self.signals.busy.fetch_or(self.busy_bit, Ordering::SeqCst);
+                }
+            }
             self.after_take(st.ring.last_used());
             // Dispatch without the ring lock: posts (also from dispatch itself) proceed, and
             // the taken heads stay ours until released above.
@@ -608,7 +659,7 @@ impl Virtqueue {
     /// (all `SeqCst`): either the sleeper sees our `last_used` and arms at it, or we see the
     /// sleeper and arm for it.
     fn after_take(&self, last_used: u16) {
-        let blockers = &*self.blockers;
+        let blockers = &self.signals.blockers;
         self.last_used.store(last_used, Ordering::SeqCst);
         if blockers.load(Ordering::SeqCst) == 0 {
             self.call_control()

@@ -669,10 +669,9 @@ impl Endpoint {
             Src::Iov(i, l) => (i, l),
         };
         let total = list.len() + src_len;
-        let inline = Payload {
+        let inline = Payload::Gather {
             prefix: list,
             iov: src_iov,
-            ..Default::default()
         };
         let mut tx_descs = DescList::new();
         if total <= INLINE_TX_MAX {
