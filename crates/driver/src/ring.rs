@@ -309,6 +309,7 @@ impl SplitRing {
     /// Add a request chain: `header` (readable), `tx` (readable), `rx` (writable), `tail`
     /// (writable), and publish it. The shape is right by construction, so only room is checked.
     /// Returns the head id.
+    #[inline(always)]
     pub fn add_request(
         &mut self,
         header: (u64, u32),
@@ -424,27 +425,21 @@ impl SplitRing {
 
     /// Take the next used entry, validated against our own state, without freeing its
     /// descriptors: the chain stays ours (its request slot untouched by new posts) until
-    /// [`SplitRing::release`].
+    /// [`SplitRing::release`]. `None` when there is nothing new, or the ring is broken (see
+    /// [`SplitRing::broken`]; an invalid entry breaks it).
     #[inline]
-    pub fn take_used(&mut self) -> Result<Option<UsedElem>, RingError> {
+    pub fn take_used(&mut self) -> Option<UsedElem> {
         let used_idx = Wrapping(u16::from_le(self.used_idx_field().load(Ordering::Acquire)));
-        if used_idx == self.last_used && self.broken.is_none() {
-            return Ok(None);
-        }
-        self.take_used_slow(used_idx)
-    }
-
-    #[inline(never)]
-    fn take_used_slow(&mut self, used_idx: Wrapping<u16>) -> Result<Option<UsedElem>, RingError> {
-        if let Some(b) = &self.broken {
-            return Err(RingError::Corrupt(b.clone()));
+        if used_idx == self.last_used || self.broken.is_some() {
+            return None;
         }
         let new_entries = (used_idx - self.last_used).0;
         if new_entries > self.chains_in_flight {
-            return Err(self.corrupt(format!(
+            self.corrupt(format!(
                 "used index {} is {} ahead of {} with only {} chains in flight",
                 used_idx.0, new_entries, self.last_used.0, self.chains_in_flight
-            )));
+            ));
+            return None;
         }
         let slot = (self.last_used.0 & self.mask) as usize;
         let off = self.layout.used + 4 + 8 * slot;
@@ -458,7 +453,10 @@ impl SplitRing {
         };
         let chain = match self.chains.get_mut(id as usize) {
             Some(c) if c.state == ChainState::InFlight => c,
-            _ => return Err(self.corrupt(format!("used id {id} is not a chain in flight"))),
+            _ => {
+                self.corrupt(format!("used id {id} is not a chain in flight"));
+                return None;
+            }
         };
         chain.state = ChainState::Returned;
         let writable = chain.writable;
@@ -466,11 +464,11 @@ impl SplitRing {
         let len = if len_ok { len } else { writable as u32 };
         self.last_used += Wrapping(1);
         self.chains_in_flight -= 1;
-        Ok(Some(UsedElem {
+        Some(UsedElem {
             head: id as u16,
             len,
             len_ok,
-        }))
+        })
     }
 
     /// Give the descriptors of a chain returned by [`SplitRing::take_used`] back to the free
@@ -501,17 +499,20 @@ impl SplitRing {
     /// Take the next used entry and free its descriptors at once.
     #[cfg(test)]
     pub fn pop_used(&mut self) -> Result<Option<UsedElem>, RingError> {
-        let u = self.take_used()?;
+        let u = self.take_used();
+        if let Some(why) = &self.broken {
+            return Err(RingError::Corrupt(why.clone()));
+        }
         if let Some(u) = u {
             self.release(u.head);
         }
         Ok(u)
     }
 
-    fn corrupt(&mut self, why: String) -> RingError {
+    #[cold]
+    fn corrupt(&mut self, why: String) {
         tracing::error!(%why, "virtqueue marked broken");
-        self.broken = Some(why.clone());
-        RingError::Corrupt(why)
+        self.broken = Some(why);
     }
 
     /// Ask the device for a call at the next used entry. Returns whether used entries are

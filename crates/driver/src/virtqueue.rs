@@ -604,17 +604,14 @@ impl Virtqueue {
             }
             taken = 0;
             while taken < DRAIN_BATCH {
-                match st.ring.take_used() {
-                    Ok(Some(u)) => {
-                        batch[taken].write(u);
-                        taken += 1;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        broken = Some(e.to_string());
-                        break;
-                    }
-                }
+                let Some(u) = st.ring.take_used() else {
+                    break;
+                };
+                batch[taken].write(u);
+                taken += 1;
+            }
+            if let Some(why) = st.ring.broken() {
+                broken = Some(why.to_owned());
             }
             if taken == 0 {
                 break;
