@@ -1105,6 +1105,101 @@ fn fi_more_batches_kicks() {
 /// per pass), so the driver waits in `Endpoint::drop` until the device returned every request
 /// of the closed endpoint; without that wait this test loses about 1 message in 50 rounds.
 #[test]
+fn batch_posts_ring_the_doorbell_once() {
+    let r = rig(2);
+    let (a, b, to_b, _) = pair(&r);
+    let rbuf = b.domain.alloc_buffer(32 * 64).unwrap();
+    let mut sbuf = a.domain.alloc_buffer(32 * 64).unwrap();
+    for (i, chunk) in sbuf.as_mut_slice().chunks_mut(64).enumerate() {
+        chunk.fill(i as u8);
+    }
+    {
+        let mut batch = b.ep.batch();
+        for i in 0..32usize {
+            batch
+                .recv_buf(&rbuf, i * 64..(i + 1) * 64, i as u64)
+                .unwrap();
+        }
+        // Dropping the batch rings the doorbell.
+    }
+    let before = a.domain.stats();
+    let mut batch = a.ep.batch();
+    for i in 0..32usize {
+        batch
+            .send_buf(&sbuf, i * 64..(i + 1) * 64, to_b, 100 + i as u64)
+            .unwrap();
+    }
+    assert_eq!(
+        a.domain.stats().kicks,
+        before.kicks,
+        "no kick before the flush"
+    );
+    batch.flush();
+    let after = a.domain.stats();
+    assert_eq!(after.posted - before.posted, 32);
+    assert!(after.kicks - before.kicks <= 1, "{before:?} -> {after:?}");
+    drop(batch);
+    // Completions read into caller slices: no Vec anywhere.
+    let mut entries = [vfabric::CqEntry::default(), vfabric::CqEntry::default()];
+    let mut got = 0;
+    let deadline = Instant::now() + TIMEOUT;
+    while got < 32 {
+        match b.rx.read_into(&mut entries) {
+            Ok(n) => {
+                for e in &entries[..n] {
+                    assert_eq!(e.context, got as u64, "in order");
+                    assert_eq!(e.len, 64);
+                    got += 1;
+                }
+            }
+            Err(Error::Again) => assert!(Instant::now() < deadline, "receives missing"),
+            Err(e) => panic!("read_into: {e}"),
+        }
+    }
+    for (i, chunk) in rbuf.as_slice().chunks(64).enumerate() {
+        assert!(chunk.iter().all(|&x| x == i as u8), "message {i}");
+    }
+    for i in 0..32u64 {
+        assert_eq!(next_ok(&a.tx).context, 100 + i);
+    }
+    assert!(matches!(a.tx.read_one(), Err(Error::Again)));
+    assert!(matches!(b.rx.read_into(&mut []), Err(Error::Again)));
+}
+
+#[test]
+fn sread_into_waits_and_times_out() {
+    let r = rig(2);
+    let a = node_with(&r.paths[0], WaitMode::Blocking, EpType::Rdm, small_attr());
+    let b = node_with(&r.paths[1], WaitMode::Blocking, EpType::Rdm, small_attr());
+    let to_b = a.av.insert(b.ep.name());
+    let mut one = [vfabric::CqEntry::default()];
+    // Nothing posted: the timeout is kept across wakeups and reported.
+    let t0 = Instant::now();
+    assert!(matches!(
+        b.rx.sread_into(&mut one, Some(Duration::from_millis(30))),
+        Err(Error::Timeout)
+    ));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(25),
+        "{:?}",
+        t0.elapsed()
+    );
+    b.ep.recv_vec(16, 7).unwrap();
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        a.ep.send(b"late", to_b, 8).unwrap();
+        let mut one = [vfabric::CqEntry::default()];
+        assert_eq!(a.tx.sread_into(&mut one, Some(TIMEOUT)).unwrap(), 1);
+        assert_eq!(one[0].context, 8);
+        a
+    });
+    assert_eq!(b.rx.sread_into(&mut one, Some(TIMEOUT)).unwrap(), 1);
+    assert_eq!(one[0].context, 7);
+    assert_eq!(one[0].buf.as_deref(), Some(&b"late"[..]));
+    drop(sender.join().unwrap());
+}
+
+#[test]
 fn receive_posted_before_close_never_reaches_a_reopened_id() {
     let r = rig(2);
     let a = node(&r.paths[0]);
