@@ -646,7 +646,15 @@ fn complete_data(f: Finished<'_>) {
 }
 
 /// Copy received bytes from the inline slot copy or the bounce buffer to their destination.
+#[inline]
 fn copy_out(op: &DataOp, placed: usize, inline: &[u8], buf: &mut Option<Vec<u8>>) {
+    // Zero-copy receives (the common case) have nothing to move.
+    if !matches!(op.copy_out, CopyOut::None) {
+        copy_out_to(op, placed, inline, buf);
+    }
+}
+
+fn copy_out_to(op: &DataOp, placed: usize, inline: &[u8], buf: &mut Option<Vec<u8>>) {
     let src: &[u8] = if let Some(b) = &op.bounce {
         // SAFETY: the bounce allocation holds at least `rx_len` ≥ `placed` bytes, the device
         // finished writing them (the chain is back in the used ring), and we own it.

@@ -195,10 +195,13 @@ impl EpShared {
     }
     /// Count a completion of an operation with libfabric flags `op_flags` in the bound
     /// counters.
+    #[inline]
     pub(crate) fn count(&self, op_flags: u64, ok: bool) {
-        if !self.has_cntrs.load(Ordering::Acquire) {
-            return;
+        if self.has_cntrs.load(Ordering::Acquire) {
+            self.count_bound(op_flags, ok);
         }
+    }
+    fn count_bound(&self, op_flags: u64, ok: bool) {
         let kinds = fi::SEND | fi::RECV | fi::READ | fi::WRITE;
         for (f, c) in self.cntrs.lock().unwrap().iter() {
             if f & op_flags & kinds != 0 {

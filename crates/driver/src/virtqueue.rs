@@ -66,7 +66,7 @@ impl Payload<'_> {
     ///
     /// # Safety
     /// `dst` must be valid for writes of `self.len()` bytes.
-    #[inline]
+    #[inline(always)]
     unsafe fn copy_to(&self, dst: *mut u8) {
         match self {
             // SAFETY: the caller guarantees room for the bytes.
