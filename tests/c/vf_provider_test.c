@@ -401,6 +401,33 @@ static void suite_msg(void)
 	CHECK(fi_mr_desc(mr) != NULL);
 	OK(fi_close(&mr->fid));
 	free(heap);
+	/* Large local registrations under FI_MR_LOCAL are shared with the device, so sends and
+	 * receives on them skip the bounce buffers; every byte still arrives. */
+	CHECK(info->domain_attr->mr_mode & FI_MR_LOCAL);
+	{
+		const size_t big = 256 * 1024;
+		char *sb = reg_alloc(big), *rb = reg_alloc(big);
+		CHECK(sb && rb);
+		for (size_t i = 0; i < big; i++)
+			sb[i] = (char)(i * 7 + 3);
+		memset(rb, 0, big);
+		struct fid_mr *smr, *rmr;
+		OK(fi_mr_reg(domain, sb, big, FI_SEND, 0, 1, 0, &smr, NULL));
+		OK(fi_mr_reg(domain, rb, big, FI_RECV, 0, 2, 0, &rmr, NULL));
+		for (int k = 0; k < 3; k++) {
+			sb[k] = (char)k;
+			OK(fi_recv(ep[1], rb, big, fi_mr_desc(rmr), FI_ADDR_UNSPEC, (void *)15));
+			OK(fi_send(ep[0], sb, big, fi_mr_desc(smr), addr[1], (void *)16));
+			CHECK_RC(poll_cq(cq[1], &e), 1);
+			CHECK(e.op_context == (void *)15 && e.len == big);
+			CHECK_RC(poll_cq(cq[0], &e), 1);
+			CHECK(memcmp(sb, rb, big) == 0);
+		}
+		OK(fi_close(&smr->fid));
+		OK(fi_close(&rmr->fid));
+		free(sb);
+		free(rb);
+	}
 	teardown();
 }
 
@@ -848,7 +875,7 @@ static void rma_setup(void)
 	for (int k = 0; k < 2; k++) {
 		uint64_t want = FI_RMA | FI_ATOMIC | FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE | rma_extra_caps;
 		CHECK((di[k]->caps & want) == want);
-		CHECK(di[k]->domain_attr->mr_mode == (FI_MR_PROV_KEY | FI_MR_VIRT_ADDR));
+		CHECK(di[k]->domain_attr->mr_mode == (FI_MR_LOCAL | FI_MR_PROV_KEY | FI_MR_VIRT_ADDR));
 		OK(fi_fabric(di[k]->fabric_attr, &rfab[k], NULL));
 		OK(fi_domain(rfab[k], di[k], &rdom[k], NULL));
 		struct fi_av_attr av_attr = { .type = FI_AV_TABLE };

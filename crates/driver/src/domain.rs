@@ -163,6 +163,16 @@ impl Domain {
         SharedBuf::new(&self.inner.mem, len)
     }
 
+    /// Share the application memory `[ptr, ptr+len)` with the device so that sends from it
+    /// and receives into it need no bounce buffer (the provider does this for local
+    /// registrations of large buffers under FI_MR_LOCAL). The pages are moved in place onto a
+    /// sealed memfd, as for [`Domain::register_external`], with the same caveats: whole pages
+    /// are shared for good, and a write by another thread while they move is lost, so share
+    /// before use.
+    pub fn share_raw(&self, ptr: *const u8, len: usize) -> Result<()> {
+        self.inner.share_external(ptr as usize, len)
+    }
+
     /// Is `ptr..ptr+len` inside the shared region (zero-copy eligible)?
     pub fn contains(&self, ptr: *const u8, len: usize) -> bool {
         self.inner.mem.contains(ptr, len)

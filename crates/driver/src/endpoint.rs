@@ -863,7 +863,11 @@ impl Endpoint {
     fn zero_copy(&self, v: &Iov<'_>) -> bool {
         match &v.kind {
             IovKind::Shared(buf, _) => Arc::ptr_eq(buf.memory(), &self.domain.mem),
-            IovKind::Raw(p, l) => self.domain.mem.contains(*p, *l),
+            // In the shared region, or in application memory shared with the device earlier
+            // (a local registration, `Domain::share_raw`): no bounce.
+            IovKind::Raw(p, l) => {
+                self.domain.mem.contains(*p, *l) || self.domain.is_shared(*p as u64, *l)
+            }
             IovKind::Bytes(_) => false,
         }
     }
@@ -1111,7 +1115,7 @@ impl Endpoint {
                     keepalive.push(buf.keepalive());
                     rx_len = r.len();
                 }
-                RecvDst::Raw(p, l) if mem.contains(*p, *l) => {
+                RecvDst::Raw(p, l) if mem.contains(*p, *l) || domain.is_shared(*p as u64, *l) => {
                     if *l > 0 {
                         descs.push(*p as u64, *l as u32)?;
                     }

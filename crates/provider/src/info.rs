@@ -501,15 +501,17 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         // No mode bit is required (messaging needs no registration; RMA regions may use
         // requested keys and offsets). FI_MR_PROV_KEY and FI_MR_VIRT_ADDR are honoured when
         // asked for (device-chosen keys, virtual addresses), so they are echoed, as are the
-        // legacy BASIC/SCALABLE values.
+        // legacy BASIC/SCALABLE values; so is FI_MR_LOCAL (descriptors stay optional).
         d.mr_mode = if h.mr_mode == sys::fi_mr_mode_FI_MR_BASIC as i32
             || h.mr_mode == sys::fi_mr_mode_FI_MR_SCALABLE as i32
         {
             h.mr_mode
         } else if out_caps & (fi::RMA | fi::ATOMIC) != 0 {
-            h.mr_mode & (sys::FI_MR_PROV_KEY | sys::FI_MR_VIRT_ADDR) as i32
+            h.mr_mode & (sys::FI_MR_LOCAL | sys::FI_MR_PROV_KEY | sys::FI_MR_VIRT_ADDR) as i32
         } else {
-            0
+            // FI_MR_LOCAL is echoed when offered: the consumer then registers its buffers,
+            // and large registered buffers are shared with the device (no bounce copies).
+            h.mr_mode & sys::FI_MR_LOCAL as i32
         };
         d.mr_key_size = 8;
         d.cq_data_size =
