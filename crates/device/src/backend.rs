@@ -2,10 +2,11 @@
 //! `FabricBackend`: the `VhostUserBackend` of one device connection.
 //!
 //! One backend exists per frontend connection (the serving loop re-creates it, like
-//! vhost-device-template's `start_backend`). Its single vring worker thread drains every queue of
-//! the device after a kick, spins for a bounded budget while work keeps arriving, then re-enables
-//! notifications (EVENT_IDX) and returns to epoll. Requests are parsed outside the fabric lock
-//! and handed to the shared [`Fabric`] in batches.
+//! vhost-device-template's `start_backend`). Its single vring worker thread wakes on a kick. With
+//! polling it drains every queue and hands the device to its poller (notifications stay off
+//! while the guest is busy; the poller re-arms them when it lets go). Without polling it serves
+//! the kicked data queue alone and re-arms it in the same visit. Rings are read and written
+//! through [`RingView`]s (`ring.rs`); parsed requests go to the shared [`Fabric`] in batches.
 
 use std::fmt::Display;
 use std::io;
