@@ -292,17 +292,24 @@ trait Elem: Copy + PartialOrd {
     fn bits(self, op: u8, o: Self, c: Self) -> Option<Self>;
 }
 
+/// `Elem::load`/`store` of a type with `from_le_bytes`/`to_le_bytes`.
+macro_rules! le_bytes {
+    ($t:ty) => {
+        fn load(b: &[u8]) -> Self {
+            let mut a = [0u8; std::mem::size_of::<$t>()];
+            a.copy_from_slice(&b[..std::mem::size_of::<$t>()]);
+            <$t>::from_le_bytes(a)
+        }
+        fn store(self, b: &mut [u8]) {
+            b[..std::mem::size_of::<$t>()].copy_from_slice(&self.to_le_bytes());
+        }
+    };
+}
+
 macro_rules! int_elem {
     ($($t:ty),*) => {$(
         impl Elem for $t {
-            fn load(b: &[u8]) -> Self {
-                let mut a = [0u8; std::mem::size_of::<$t>()];
-                a.copy_from_slice(&b[..std::mem::size_of::<$t>()]);
-                <$t>::from_le_bytes(a)
-            }
-            fn store(self, b: &mut [u8]) {
-                b[..std::mem::size_of::<$t>()].copy_from_slice(&self.to_le_bytes());
-            }
+            le_bytes!($t);
             fn truth(self) -> bool {
                 self != 0
             }
@@ -332,14 +339,7 @@ int_elem!(i8, u8, i16, u16, i32, u32, i64, u64, i128, u128);
 macro_rules! float_elem {
     ($($t:ty),*) => {$(
         impl Elem for $t {
-            fn load(b: &[u8]) -> Self {
-                let mut a = [0u8; std::mem::size_of::<$t>()];
-                a.copy_from_slice(&b[..std::mem::size_of::<$t>()]);
-                <$t>::from_le_bytes(a)
-            }
-            fn store(self, b: &mut [u8]) {
-                b[..std::mem::size_of::<$t>()].copy_from_slice(&self.to_le_bytes());
-            }
+            le_bytes!($t);
             fn truth(self) -> bool {
                 self != 0.0
             }
