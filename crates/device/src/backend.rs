@@ -245,6 +245,8 @@ pub(crate) struct FabricBackend {
     /// The poller owns this device's rings (notifications stay disabled until it lets go). An
     /// atomic, not a lock held across a drain: a kick that races with the poller just drains.
     polled: AtomicBool,
+    /// A yield point of the poller found work on this device (see `Polled::take_nested_work`).
+    nested_work: AtomicBool,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     sink: Arc<VringSink>,
     acked: AtomicU64,
@@ -285,6 +287,7 @@ impl FabricBackend {
             poller,
             me: Mutex::new(Weak::new()),
             polled: AtomicBool::new(false),
+            nested_work: AtomicBool::new(false),
             sink: Arc::new(VringSink::new(num_queues, mem.clone())),
             mem,
             acked: AtomicU64::new(0),
@@ -407,6 +410,16 @@ impl FabricBackend {
         n: &mut Notify,
     ) -> (bool, bool) {
         let _work = self.work_lock();
+        self.pass_locked(vrings, only, n)
+    }
+
+    /// [`Self::pass_some`] with the pass lock already held by the caller.
+    fn pass_locked(
+        &self,
+        vrings: &[VringRwLock],
+        only: Option<usize>,
+        n: &mut Notify,
+    ) -> (bool, bool) {
         let rearm = only.is_some();
         let mut parsed = lock(&self.parsed);
         let (mut found, mut more) = (false, false);
@@ -630,6 +643,33 @@ impl Polled for FabricBackend {
 
     fn release_polled(&self) {
         self.polled.store(false, Ordering::Release);
+    }
+
+    fn poll_nested(&self) -> bool {
+        if self.is_broken()
+            || !self.polled.load(Ordering::Acquire)
+            || self.control_waiting.load(Ordering::Acquire) > 0
+        {
+            return false;
+        }
+        // Never wait for the pass lock here: its holder may be waiting for the copy suspended
+        // below us (an MR_DEREG waiting for an access to finish).
+        let _work = match self.work.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        let v = self.sink.vrings.read().unwrap_or_else(|p| p.into_inner());
+        let mut n = Notify::default();
+        let (found, _) = self.pass_locked(&v, None, &mut n);
+        if found {
+            self.nested_work.store(true, Ordering::Release);
+        }
+        found
+    }
+
+    fn take_nested_work(&self) -> bool {
+        self.nested_work.swap(false, Ordering::AcqRel)
     }
 }
 

@@ -274,6 +274,10 @@ unsafe fn guest_copy(dst: *mut u8, src: *const u8, n: usize) {
     }
 }
 
+/// Bytes a large transfer copies between two chances for a poller to serve its other devices
+/// (a few microseconds of copying).
+pub(crate) const COPY_CHUNK: u64 = 64 << 10;
+
 /// Copy the first `len` bytes of `src` (in `src_mem`) to the start of `dst` (in `dst_mem`): the
 /// one copy of the fabric, straight from one guest's memory into another's. The two memories may
 /// be the same and the ranges may overlap (the copy is a memmove).
@@ -315,6 +319,38 @@ pub(crate) fn copy_stream(
         if jo == b.len() {
             j += 1;
             jo = 0;
+        }
+    }
+    Ok(())
+}
+
+/// [`copy_stream`] in chunks of [`COPY_CHUNK`] bytes with a [`crate::poller::yield_point`]
+/// between them. The caller must hold no lock and no memory-region access (see `yield_point`).
+pub(crate) fn copy_stream_yielding(
+    src_mem: &GuestMemoryMmap,
+    src: &Segs,
+    dst_mem: &GuestMemoryMmap,
+    dst: &Segs,
+    len: u64,
+) -> Result<(), CopyFault> {
+    if len <= COPY_CHUNK {
+        return copy_stream(src_mem, src, dst_mem, dst, len);
+    }
+    if len > src.len {
+        return Err(CopyFault::Src);
+    }
+    if len > dst.len {
+        return Err(CopyFault::Dst);
+    }
+    let mut done = 0u64;
+    while done < len {
+        let chunk = (len - done).min(COPY_CHUNK);
+        let (_, from) = src.split_at(done);
+        let (_, to) = dst.split_at(done);
+        copy_stream(src_mem, &from, dst_mem, &to, chunk)?;
+        done += chunk;
+        if done < len {
+            crate::poller::yield_point();
         }
     }
     Ok(())

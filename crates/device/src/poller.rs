@@ -13,6 +13,7 @@
 //! cores); more pollers spread many busy devices over more cores. The poller knows a device
 //! only through [`Polled`].
 
+use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,50 @@ pub(crate) trait Polled: Send + Sync {
     fn is_broken(&self) -> bool;
     /// Forget a broken device (it is not polled any more).
     fn release_polled(&self);
+    /// From a [`yield_point`]: one pass over the rings if the device is polled and its pass
+    /// lock is free right now (never waits for it); whether work was found.
+    fn poll_nested(&self) -> bool;
+    /// Whether a [`Polled::poll_nested`] found work since the last call (clears it): work done
+    /// from a yield point keeps the device polled like work found by a sweep.
+    fn take_nested_work(&self) -> bool;
+}
+
+thread_local! {
+    /// On a poller thread: the devices it polls (refreshed when the set changes).
+    static SWEEP: RefCell<Vec<Weak<dyn Polled>>> = const { RefCell::new(Vec::new()) };
+    /// The device this poller thread is draining now (its pass lock is held by this thread).
+    static CURRENT: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
+    /// A `yield_point` sweep is running on this thread (no nesting).
+    static YIELDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called between the chunks of a large copy, with no device or ring lock and no memory-region
+/// access held. On a poller thread, gives every other device of this poller one pass, so that
+/// a bulk transfer of one guest does not hold up the small requests of the others for its whole
+/// length (head-of-line blocking). Elsewhere (a device's own vring thread) it does nothing.
+pub(crate) fn yield_point() {
+    if YIELDING.with(Cell::get) {
+        return;
+    }
+    let others: Vec<Weak<dyn Polled>> = SWEEP.with(|s| s.borrow().clone());
+    if others.len() < 2 {
+        return;
+    }
+    YIELDING.with(|y| y.set(true));
+    let current = CURRENT.with(Cell::get);
+    for w in others {
+        let Some(d) = w.upgrade() else { continue };
+        if !std::ptr::eq(Arc::as_ptr(&d) as *const (), current) {
+            d.poll_nested();
+        }
+    }
+    YIELDING.with(|y| y.set(false));
+}
+
+/// Whether this thread is inside a [`yield_point`] sweep (a request of another device is
+/// suspended mid-copy below it).
+pub(crate) fn in_yield() -> bool {
+    YIELDING.with(Cell::get)
 }
 
 /// Idle sweeps between `yield_now` calls (a power of two): lets a guest that shares this core
@@ -89,21 +134,34 @@ impl Poller {
     pub fn run(&self) {
         let mut active: Vec<Target> = Vec::new();
         let mut idle_sweeps = 0u32;
+        // The thread-local list `yield_point` sweeps must be rebuilt.
+        let mut sweep_stale = true;
         loop {
             {
                 let mut st = lock(&self.state);
                 if st.stop {
                     break;
                 }
+                sweep_stale |= !st.incoming.is_empty();
                 active.append(&mut st.incoming);
                 while active.is_empty() && !st.stop {
                     st = self.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                    sweep_stale |= !st.incoming.is_empty();
                     active.append(&mut st.incoming);
                 }
                 if st.stop {
                     break;
                 }
             }
+            if sweep_stale {
+                SWEEP.with(|s| {
+                    let mut s = s.borrow_mut();
+                    s.clear();
+                    s.extend(active.iter().map(|t| t.device.clone()));
+                });
+                sweep_stale = false;
+            }
+            let before = active.len();
             let mut found = false;
             let now = Instant::now();
             active.retain_mut(|t| {
@@ -114,7 +172,10 @@ impl Poller {
                     d.release_polled();
                     return false;
                 }
-                if d.poll_once() {
+                CURRENT.with(|c| c.set(Arc::as_ptr(&d) as *const ()));
+                let worked = d.poll_once() | d.take_nested_work();
+                CURRENT.with(|c| c.set(std::ptr::null()));
+                if worked {
                     t.last_work = now;
                     found = true;
                     return true;
@@ -131,6 +192,7 @@ impl Poller {
                     true
                 }
             });
+            sweep_stale |= active.len() != before;
             if found {
                 idle_sweeps = 0;
             } else {
@@ -142,6 +204,7 @@ impl Poller {
                 }
             }
         }
+        SWEEP.with(|s| s.borrow_mut().clear());
         // Shutting down: give every device back its notifications.
         for t in active.drain(..) {
             if let Some(d) = t.device.upgrade() {

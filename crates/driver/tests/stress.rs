@@ -2939,3 +2939,105 @@ fn lone_synchronous_requests_are_never_stranded() {
         run_crew(ctl, jobs);
     });
 }
+
+/// Large RMA writes move in chunks, and between chunks the device's poller serves its other
+/// devices (no head-of-line blocking). That must never deadlock with deregistration: here one
+/// guest writes 2 MiB at a time into a region of device 0 that device 0's guest deregisters
+/// and registers again (same requested key) all the time, while a third guest keeps reading a
+/// few bytes from another region of device 0 through the same poller. Every write completes
+/// (Ok while registered, an error once the region is gone), every read completes Ok.
+#[test]
+fn bulk_writes_yield_to_other_devices_while_regions_come_and_go() {
+    with_watchdog("bulk-yield", |ctl| {
+        const RUN: Duration = Duration::from_secs(3);
+        const WAIT: Duration = Duration::from_secs(10);
+        const BIG: usize = 2 << 20;
+        const KEY: u64 = 0xb16;
+        let r = common::rig(3);
+        let doms: Vec<Domain> = r
+            .paths
+            .iter()
+            .map(|p| Domain::open(p, domain_attr()).unwrap())
+            .collect();
+        let target = node(&doms[0], WaitMode::None);
+        let big = doms[0].alloc_buffer(BIG).unwrap();
+        let small = doms[0].alloc_buffer(4096).unwrap();
+        let small_mr = doms[0].register(&small, RW, None).unwrap();
+        let first = doms[0].register(&big, RW, Some(KEY)).unwrap();
+        let (to, big_base) = (target.ep.name(), first.base());
+        let (small_base, small_key) = (small_mr.base(), small_mr.key());
+        let end = Instant::now() + RUN;
+        let (d0, d1, d2) = (&doms[0], &doms[1], &doms[2]);
+        let big_ref = &big;
+        let churn: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
+            let mut mr = Some(first);
+            let mut rounds = 0u32;
+            while Instant::now() < end {
+                ctl.check();
+                drop(mr.take());
+                std::thread::sleep(Duration::from_micros(300));
+                mr = Some(d0.register(big_ref, RW, Some(KEY)).unwrap());
+                std::thread::sleep(Duration::from_micros(700));
+                rounds += 1;
+            }
+            ctl.status("churn", format!("{rounds} deregistrations"));
+        });
+        let writer: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
+            let n = node(d1, WaitMode::None);
+            let at = n.av.insert(to);
+            let src = d1.alloc_buffer(BIG).unwrap();
+            let (mut evs, mut k, mut ok) = (Vec::new(), 0u64, 0u64);
+            while Instant::now() < end {
+                ctl.check();
+                post(
+                    ctl,
+                    d1,
+                    || format!("write {k}"),
+                    || n.ep.write_buf(&src, 0..BIG, at, big_base, KEY, k),
+                );
+                let posted = Instant::now();
+                while !poll(&n.tx, &mut evs) {
+                    assert!(posted.elapsed() < WAIT, "write {k} not completed");
+                }
+                if matches!(evs.pop(), Some(Ok(_))) {
+                    ok += 1;
+                }
+                k += 1;
+            }
+            ctl.status("writer", format!("{k} writes, {ok} ok"));
+        });
+        let reader: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
+            let n = node(d2, WaitMode::None);
+            let at = n.av.insert(to);
+            let (mut evs, mut k) = (Vec::new(), 0u64);
+            while Instant::now() < end {
+                ctl.check();
+                post(
+                    ctl,
+                    d2,
+                    || format!("read {k}"),
+                    || n.ep.read_vec(8, at, small_base, small_key, k),
+                );
+                let posted = Instant::now();
+                while !poll(&n.tx, &mut evs) {
+                    assert!(posted.elapsed() < WAIT, "read {k} not completed");
+                }
+                match evs.pop() {
+                    Some(Ok(c)) if c.context == k => {}
+                    other => panic!("read {k}: {other:?}"),
+                }
+                k += 1;
+            }
+            ctl.status("reader", format!("{k} reads"));
+        });
+        run_crew(
+            ctl,
+            vec![
+                ("churn".to_string(), churn),
+                ("writer".to_string(), writer),
+                ("reader".to_string(), reader),
+            ],
+        );
+        drop(small_mr);
+    });
+}

@@ -8,7 +8,7 @@ use vm_memory::GuestAddressSpace;
 use super::{
     eager_cost, recv_completion, recv_matches, send_ok, Body, Dev, Fabric, Meta, Msg, Notify, Port,
 };
-use crate::chain::{copy_stream, CopyFault, Req};
+use crate::chain::{copy_stream_yielding, CopyFault, Req};
 use crate::stats::Counters;
 
 /// Payloads up to this size are read before the destination is locked (one lock instead of
@@ -243,7 +243,7 @@ impl Fabric {
         n: &mut Notify,
     ) -> Survivor {
         let placed = meta.len.min(rreq.data.len);
-        let res = copy_stream(
+        let res = copy_stream_yielding(
             &sport.mem.memory(),
             &sreq.payload,
             &rport.mem.memory(),

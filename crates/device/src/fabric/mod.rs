@@ -414,7 +414,9 @@ impl Fabric {
                 Parsed::Req(req) => self.dispatch(dev, &port, req, acked, n),
             }
         }
-        if self.fenced_total.load(Ordering::Acquire) > 0 {
+        // Not from inside a yield point: a request suspended mid-copy below us must complete
+        // before its fenced successors start. The next batch anywhere runs them.
+        if self.fenced_total.load(Ordering::Acquire) > 0 && !crate::poller::in_yield() {
             self.run_fenced(n);
         }
     }

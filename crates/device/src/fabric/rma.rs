@@ -24,7 +24,7 @@ use vfabric_proto::{
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use super::{eager_cost, recv_matches, Body, Dev, Fabric, Meta, Msg, Notify, Port};
-use crate::chain::{completion, copy_stream, CopyFault, Req, Seg, Segs};
+use crate::chain::{completion, copy_stream, CopyFault, Req, Seg, Segs, COPY_CHUNK};
 
 /// A registered memory region.
 pub(crate) struct Mr {
@@ -408,6 +408,7 @@ impl Fabric {
             }
             (targets, dport, notify)
         };
+        // Every range must still be registered before any byte moves.
         let accesses: Option<Vec<_>> = targets.iter().map(|t| t.mr.enter()).collect();
         let Some(accesses) = accesses else {
             if notify {
@@ -417,30 +418,61 @@ impl Fabric {
         };
         let lmem = port.mem.memory();
         let rmem = dport.mem.memory();
+        // The checked accesses, one per target, used by each target's first chunk; dropped at a
+        // yield point (a nested MR_DEREG on this thread must not wait for them).
+        let mut held: Vec<Option<MrAccess>> = accesses.into_iter().map(Some).collect();
         let mut pos = 0u64;
-        for t in &targets {
-            let res = if write {
-                let (_, from) = src_data.split_at(pos);
-                copy_stream(&lmem, &from, &rmem, &t.segs, t.len)
-            } else {
-                let (_, to) = req.data.split_at(pos);
-                copy_stream(&rmem, &t.segs, &lmem, &to, t.len)
-            };
-            if let Err(side) = res {
-                let local_fault = matches!(
-                    (write, side),
-                    (true, CopyFault::Src) | (false, CopyFault::Dst)
-                );
-                debug!(dev, ddev, local_fault, "RMA copy faulted");
-                drop(accesses);
-                if notify {
-                    self.dev(ddev).unexpected_bytes -= eager_cost(0);
+        let mut status = Status::Ok;
+        'copy: for (i, t) in targets.iter().enumerate() {
+            // Large transfers move in chunks. Between chunks the region is released (a
+            // deregistration in between fails the rest of the transfer with ACCESS) and a
+            // poller serves its other devices (no head-of-line blocking behind a bulk copy).
+            let mut done = 0u64;
+            while done < t.len {
+                let chunk = (t.len - done).min(COPY_CHUNK);
+                let access = match held.get_mut(i).and_then(Option::take) {
+                    Some(a) => a,
+                    None => match t.mr.enter() {
+                        Some(a) => a,
+                        None => {
+                            status = Status::Access;
+                            break 'copy;
+                        }
+                    },
+                };
+                let (_, remote) = t.segs.split_at(done);
+                let res = if write {
+                    let (_, from) = src_data.split_at(pos + done);
+                    copy_stream(&lmem, &from, &rmem, &remote, chunk)
+                } else {
+                    let (_, to) = req.data.split_at(pos + done);
+                    copy_stream(&rmem, &remote, &lmem, &to, chunk)
+                };
+                drop(access);
+                if let Err(side) = res {
+                    let local_fault = matches!(
+                        (write, side),
+                        (true, CopyFault::Src) | (false, CopyFault::Dst)
+                    );
+                    debug!(dev, ddev, local_fault, "RMA copy faulted");
+                    status = Status::Fault;
+                    break 'copy;
                 }
-                return self.fail(dev, port, &req, Status::Fault, n);
+                done += chunk;
+                if done < t.len {
+                    held.iter_mut().for_each(|a| *a = None);
+                    crate::poller::yield_point();
+                }
             }
             pos += t.len;
         }
-        drop((lmem, rmem, accesses));
+        drop((lmem, rmem, held));
+        if status != Status::Ok {
+            if notify {
+                self.dev(ddev).unexpected_bytes -= eager_cost(0);
+            }
+            return self.fail(dev, port, &req, status, n);
+        }
         if let Some(c) = self.counters.get(dev) {
             crate::stats::Counters::add(&c.bytes_copied, total);
         }
