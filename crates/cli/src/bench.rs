@@ -342,7 +342,12 @@ fn client_handshake(side: &mut Side, addr_file: &Path) -> Result<FiAddr, CliErro
 }
 
 fn bar(params: &RunParams, total: u64, label: &str) -> ProgressBar {
-    if !params.progress {
+    progress_bar(!params.progress, total, label)
+}
+
+/// The benchmarks' progress bar (`hidden`: none, for `--quiet` and JSON runs).
+pub(crate) fn progress_bar(hidden: bool, total: u64, label: &str) -> ProgressBar {
+    if hidden {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(total);

@@ -17,11 +17,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 use vfabric::{CompletionQueue, CqEntry, FiAddr};
 
-use crate::bench::{size_label, Mode, RunParams, Side};
+use crate::bench::{progress_bar, size_label, Mode, RunParams, Side};
 use crate::{demo, parse_sizes, CliError};
 
 /// Largest pair count (two devices and two threads per pair).
@@ -210,20 +210,6 @@ fn prepare_spin(modes: &[Mode]) {
     if modes.contains(&Mode::Block) && std::env::var_os(vfabric::cq::SPIN_ENV).is_none() {
         std::env::set_var(vfabric::cq::SPIN_ENV, "0");
     }
-}
-
-fn progress(hidden: bool, total: u64, label: &str) -> ProgressBar {
-    if hidden {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(label.to_string());
-    pb
 }
 
 /// A start line for the measuring guests: all pairs begin their timed part together. Bounded:
@@ -666,7 +652,7 @@ fn scale_pairs(
             Phase::Pingpong => plan.pp_iters - plan.pp_iters % PP_PROGRESS_EVERY,
         })
         .sum();
-    let pb = progress(
+    let pb = progress_bar(
         common.quiet || common.json,
         (total * n) as u64,
         &format!("{n} pairs"),
@@ -1034,7 +1020,7 @@ fn hol_pairs(
     let (key, base) = (mr.key(), mr.base());
 
     let rounds = common.warmup + args.pp_iters;
-    let pb = progress(
+    let pb = progress_bar(
         common.quiet || common.json,
         (2 * (args.pp_iters - args.pp_iters % PP_PROGRESS_EVERY)) as u64,
         "hol",
