@@ -140,7 +140,7 @@ def scaling_table(scale):
                "and the slowest over pairs. With two cores every guest shares cpu0, so polled guests "
                "(which yield while they wait) take turns and their latency grows with N from CPU "
                "sharing alone; blocking guests sleep instead. Instructions per message against N: "
-               "`scripts/callgrind.sh 8 2000 1,2,4,8`.\n")
+               "`scripts/callgrind.sh 8 200 1,2,4,8`.\n")
     out.append(f"| completions | pairs | {msg} msg/s, all pairs | per pair | vs 1 pair | "
                f"{bws} GB/s, all pairs | {msg} one-way µs, median pair | slowest pair µs |")
     out.append("|---|---|---|---|---|---|---|---|")
