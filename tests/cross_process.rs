@@ -235,3 +235,89 @@ fn print_capabilities_and_config_file() {
     assert!(text.contains("max_endpoints=3"), "{text}");
     assert!(text.contains("node: 0x0000000700000000"), "{text}");
 }
+
+/// Two daemons that were given no fabric id are separate fabrics: `vfabric info` shows
+/// different ids, and a client on one that is handed the other's server address fails at
+/// once with an error naming both fabrics (before fabric ids it messaged an endpoint of its
+/// own fabric that happened to carry the same numbers, and waited).
+#[test]
+fn a_server_address_from_another_fabric_is_refused() {
+    let (a, b) = (DaemonProcess::start(1, &[]), DaemonProcess::start(1, &[]));
+    let fabric_of = |d: &DaemonProcess| {
+        let out = run_with_timeout(
+            vfabric()
+                .args(["info", "--json", "--device"])
+                .arg(&d.sockets[0]),
+            Duration::from_secs(20),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info JSON");
+        v[0]["fabric_id"].as_u64().expect("fabric_id")
+    };
+    let (fa, fb) = (fabric_of(&a), fabric_of(&b));
+    assert_ne!(fa, fb, "two daemons without --fabric-id share a fabric id");
+
+    let addr = a.path("server.addr");
+    let mut server = vfabric()
+        .args(["pingpong", "--server", "--quiet", "--timeout-s", "20"])
+        .arg("--device")
+        .arg(&a.sockets[0])
+        .arg("--addr-file")
+        .arg(&addr)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let started = Instant::now();
+    let out = run_with_timeout(
+        vfabric()
+            .args(["pingpong", "--timeout-s", "20"])
+            .arg("--device")
+            .arg(&b.sockets[0])
+            .arg("--addr-file")
+            .arg(&addr),
+        Duration::from_secs(30),
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "client on fabric {fb:x} reached fabric {fa:x}"
+    );
+    assert!(
+        err.contains(&format!("belongs to fabric {fa:x}")) && err.contains(&format!("{fb:x}")),
+        "unclear error: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "refusal took {:?}",
+        started.elapsed()
+    );
+}
+
+/// `--fabric-id` sets the id every address carries; 0 is refused.
+#[test]
+fn fabric_id_is_configurable() {
+    let d = DaemonProcess::start(1, &["--fabric-id", "0x5eed"]);
+    let out = run_with_timeout(
+        vfabric().args(["info", "--device"]).arg(&d.sockets[0]),
+        Duration::from_secs(20),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("fabric id: 5eed"), "{text}");
+    let out = run_with_timeout(
+        Command::new(bin("vfabricd")).args([
+            "--socket-path",
+            "/nonexistent/x.sock",
+            "--fabric-id",
+            "0",
+        ]),
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fabric id 0 is reserved"));
+}

@@ -111,7 +111,7 @@ fn unexpected_messages_past_the_bound_hold_senders_and_lose_nothing() {
         ep.bind_av(av).unwrap();
         ep.enable().unwrap();
     }
-    let to_b: FiAddr = ava.insert(b.name());
+    let to_b: FiAddr = ava.insert(b.name()).unwrap();
 
     // A sends far more than the device may hold for B, which has posted nothing.
     let t0 = Instant::now();
@@ -220,7 +220,7 @@ fn several_devices_with_several_endpoints_each() {
             if j == i {
                 continue;
             }
-            let dest = e.av.insert(*name);
+            let dest = e.av.insert(*name).unwrap();
             let msg = format!("{i}->{j}");
             e.ep.tsend(msg.as_bytes(), dest, i as u64, (100_000 + j) as u64)
                 .unwrap();

@@ -61,6 +61,8 @@ const TEST_LIMIT: Duration = Duration::from_secs(60);
 /// How long "no answer" is observed.
 const QUIET: Duration = Duration::from_millis(250);
 
+/// The fabric id of the rig's daemon (addresses built by hand use it).
+const FABRIC: u32 = 0x7e57;
 /// Device index of the hostile guest (0 and 1 are the well-behaved ones).
 const HOSTILE: usize = 2;
 /// Virtqueues of a device (control + 2 queue pairs, the default `num_queue_pairs`).
@@ -176,6 +178,7 @@ impl Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let paths = Config::socket_dir_paths(dir.path(), 3);
         let mut c = Config::new(paths.clone());
+        c.fabric_id = FABRIC;
         c.limits.max_msg_size = MAX_MSG;
         c.limits.max_sge = MAX_SGE;
         c.limits.eager_threshold = EAGER;
@@ -340,8 +343,8 @@ impl Pair {
     fn open_paths(a: &Path, b: &Path) -> Self {
         let a = Peer::open(a);
         let b = Peer::open(b);
-        let a_to_b = a.av.insert(b.ep.name());
-        let b_to_a = b.av.insert(a.ep.name());
+        let a_to_b = a.av.insert(b.ep.name()).unwrap();
+        let b_to_a = b.av.insert(a.ep.name()).unwrap();
         Self {
             a,
             b,
@@ -467,7 +470,7 @@ impl World {
     fn hostile_works(&mut self, h: &mut Hostile) {
         let me = h.open_ep();
         let a = &mut self.pair.a;
-        let to_h = a.av.insert(me);
+        let to_h = a.av.insert(me).unwrap();
 
         let size = 40_000;
         let r = h.request(RX, h.recv_hdr(me.ep, 0x5151), &[], 65536);
@@ -808,7 +811,7 @@ impl Hostile {
     }
 
     fn node(&self) -> u64 {
-        FabricAddr::node_of(1, HOSTILE as u32)
+        FabricAddr::node_of(FABRIC, 1, HOSTILE as u16)
     }
 
     // ---- memory ----
@@ -1282,7 +1285,7 @@ fn descriptor_address_outside_guest_memory() {
         let s = h.post(RX, &[rd(ha, 96), wr(a_recv, 4096), wr(comp, 64)]);
         h.expect_status(&s, Status::Fault, 0, "data area in another guest's memory");
         // A's message to the hostile endpoint must not land in A's own buffer either.
-        let to_h = w.pair.a.av.insert(me);
+        let to_h = w.pair.a.av.insert(me).unwrap();
         w.pair.a.ep.send(&pattern(100, 1), to_h, 0xA0).unwrap();
         next_ok(&w.pair.a.tx, "A -> hostile (unexpected)");
         assert!(
@@ -2181,7 +2184,7 @@ fn unknown_flags_reserved_fields_and_bad_parameters() {
             me.ep + 1,
             "a rejected EP_OPEN opened an endpoint"
         );
-        let to_h = w.pair.a.av.insert(me);
+        let to_h = w.pair.a.av.insert(me).unwrap();
         w.pair.a.ep.send(&pattern(64, 4), to_h, 0xA3).unwrap();
         next_ok(&w.pair.a.tx, "A -> hostile");
         let r = h.request(RX, h.recv_hdr(me.ep, 0x61), &[], 128);
@@ -2260,7 +2263,7 @@ fn bad_endpoint_ids() {
         hd.data = 0x73.into();
         expect(&mut h, CTRL, hd, &[], "CANCEL on a closed endpoint");
         // Its old address is gone for the others.
-        let to_e1 = w.pair.a.av.insert(e1);
+        let to_e1 = w.pair.a.av.insert(e1).unwrap();
         w.pair
             .a
             .ep
@@ -2271,8 +2274,8 @@ fn bad_endpoint_ids() {
 
         // A's endpoints survived: its receive on endpoint 2 is still posted and gets B's
         // message, endpoint 1 still receives.
-        let to_a2 = w.pair.b.av.insert(a2.name());
-        let to_a1 = w.pair.b.av.insert(a1.name());
+        let to_a2 = w.pair.b.av.insert(a2.name()).unwrap();
+        let to_a1 = w.pair.b.av.insert(a1.name()).unwrap();
         let msg = pattern(500, 77);
         w.pair.b.ep.send(&msg, to_a2, 0xB4).unwrap();
         next_ok(&w.pair.b.tx, "B -> A ep 2");
@@ -2320,15 +2323,24 @@ fn send_to_an_address_that_names_no_endpoint() {
             ("closed endpoint", closed),
             (
                 "no such device",
-                FabricAddr::new(FabricAddr::node_of(1, 3), 0, 1),
+                FabricAddr::new(FabricAddr::node_of(FABRIC, 1, 3), 0, 1),
             ),
             (
-                "device u32::MAX",
-                FabricAddr::new(FabricAddr::node_of(1, u32::MAX), 0, 1),
+                "device u16::MAX",
+                FabricAddr::new(FabricAddr::node_of(FABRIC, 1, u16::MAX), 0, 1),
             ),
             (
                 "other host",
-                FabricAddr::new(FabricAddr::node_of(2, 0), a.ep, a.generation),
+                FabricAddr::new(FabricAddr::node_of(FABRIC, 2, 0), a.ep, a.generation),
+            ),
+            (
+                // The very endpoint, as another fabric would number it: never delivered.
+                "other fabric, same host, device and endpoint",
+                FabricAddr::new(
+                    FabricAddr::node_of(FABRIC ^ 0x1000, a.host(), a.device()),
+                    a.ep,
+                    a.generation,
+                ),
             ),
             (
                 "node u64::MAX",
@@ -2779,7 +2791,7 @@ fn avail_index_jumps_more_than_queue_size() {
             w.expect_hostile_disconnected(&h, n, n);
             assert_eq!(h.try_wait(&r, Duration::ZERO), None);
             // A's message to the dead endpoint fails cleanly.
-            let to_h = w.pair.a.av.insert(me);
+            let to_h = w.pair.a.av.insert(me).unwrap();
             w.pair.a.ep.send(b"anyone?", to_h, 0xA5).unwrap();
             let e = next_err(&w.pair.a.tx, "A sends to the disconnected guest");
             assert_eq!(e.status, Status::AddrNotAvail);
@@ -2938,7 +2950,7 @@ fn killed_guest_with_posted_receives_fails_held_send_with_peer_gone() {
 
         // A's rendezvous send (256 KiB > eager threshold), tag 0x77: held at the device.
         let a = &mut w.pair.a;
-        let to_h = a.av.insert(me);
+        let to_h = a.av.insert(me).unwrap();
         fill_pattern(&mut a.sbuf.as_mut_slice()[..256 << 10], 0x77);
         a.ep.tsend_buf(&a.sbuf, 0..256 << 10, to_h, 0x77, 0xDEAD)
             .unwrap();
@@ -3106,7 +3118,7 @@ fn hostile_storm_during_peer_traffic() {
 
         let mut h = Hostile::new(&rig.paths[HOSTILE]);
         let me = h.open_ep();
-        let b = FabricAddr::new(FabricAddr::node_of(1, 1), 0, 1);
+        let b = FabricAddr::new(FabricAddr::node_of(FABRIC, 1, 1), 0, 1);
         let mut expected_bad = 0u64;
         for round in 0..20u64 {
             // Fault, bad chain, unusable, unsupported, invalid, bad endpoint, addr-not-avail.
@@ -3341,7 +3353,7 @@ fn memory_table_swap_with_requests_in_flight() {
         let p = &mut w.pair;
         p.a.rbuf.as_mut_slice().fill(0);
         p.a.ep.recv_buf(&p.a.rbuf, 0..PEER_BUF, 0xA8).unwrap();
-        let to_h = p.a.av.insert(me);
+        let to_h = p.a.av.insert(me).unwrap();
         p.a.ep.send(b"to the swapped guest", to_h, 0xA9).unwrap();
         let e = next_err(&p.a.tx, "A sends to the swapped guest's endpoint");
         assert!(
@@ -3486,7 +3498,7 @@ fn memory_table_swap_races_with_peer_sends() {
                 h.publish(RX1, ix, vec![(data + 4096, 64)], data);
             }
             h.fence_rx(RX1, me.ep);
-            let to_h = w.pair.a.av.insert(me);
+            let to_h = w.pair.a.av.insert(me).unwrap();
             let file2 = memfd(HMEM);
             let mem2 = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
                 GuestAddress(0),
@@ -3668,7 +3680,7 @@ fn hostile_memory_registration() {
         expect_req(&mut h, CTRL, hd, &one, 0, Status::KeyInUse, "key in use");
         // The well-behaved guest A writes across the segment boundary of the hostile region.
         let a = &w.pair.a;
-        let to_h = a.av.insert(me);
+        let to_h = a.av.insert(me).unwrap();
         let data = pattern(58, 7);
         a.ep.write(&data, to_h, buf + 70, 0x77, 1).unwrap();
         next_ok(&a.tx, "A writes into the hostile region");

@@ -315,7 +315,9 @@ fn server_handshake(side: &Side, addr_file: &Path) -> Result<FiAddr, CliError> {
         .trim()
         .parse()
         .map_err(|e| CliError::Run(format!("bad hello {text:?}: {e}")))?;
-    Ok(side.av.insert(addr))
+    side.av
+        .insert(addr)
+        .map_err(|e| CliError::Run(format!("peer address {addr}: {e}")))
 }
 
 /// Client side: read the server's address, introduce ourselves.

@@ -59,8 +59,8 @@ fn print_info(i: &Info, verbose: bool) {
         vfabric::proto::VIRTIO_ID_FABRIC
     );
     println!(
-        "    node: {:#018x}  vendor: {:#06x}",
-        i.node_addr, i.vendor_id
+        "    fabric id: {:x}  node: {:#018x}  vendor: {:#06x}",
+        i.fabric_id, i.node_addr, i.vendor_id
     );
     println!("    caps: {}", fi_caps(i.caps));
     println!("    features: {}", i.feature_names.join(" "));
@@ -106,7 +106,7 @@ pub fn run(args: &InfoArgs) -> Result<(), CliError> {
             .map(|i| {
                 serde_json::json!({
                     "domain": i.domain_name, "device": i.device_path, "ep_type": i.ep_type.name(),
-                    "node": i.node_addr, "features": i.feature_names,
+                    "node": i.node_addr, "fabric_id": i.fabric_id, "features": i.feature_names,
                     "max_msg_size": i.limits.max_msg_size, "inject_size": i.limits.inject_size,
                     "caps": i.cap_entries.iter().map(|e| serde_json::json!({
                         "vendor": e.vendor, "key": e.key, "name": e.name, "value": e.value.to_string()

@@ -565,8 +565,8 @@ fn open_pair(
 ) -> Result<(Guest, Guest), CliError> {
     let server = Side::open(server_dev, max.0, &side_params(modes.0, timeout))?;
     let client = Side::open(client_dev, max.1, &side_params(modes.1, timeout))?;
-    let to_client = server.av.insert(client.name());
-    let to_server = client.av.insert(server.name());
+    let to_client = server.av.insert(client.name())?;
+    let to_server = client.av.insert(server.name())?;
     Ok(((server, to_client), (client, to_server)))
 }
 

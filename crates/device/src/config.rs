@@ -140,10 +140,15 @@ impl VendorAttr {
 /// Configuration of one daemon: one vhost-user socket per device, all devices on one fabric.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// Socket path of device `i` (its node address is `FabricAddr::node_of(host_id, i)`).
+    /// Socket path of device `i` (its node address is
+    /// `FabricAddr::node_of(fabric_id, host_id, i)`).
     pub sockets: Vec<PathBuf>,
-    /// Host id: the high 32 bits of every node address.
-    pub host_id: u32,
+    /// Identity of the fabric (bits 63..32 of every node address): configured, or drawn at
+    /// random when the configuration is made, so two daemons that are separate fabrics never
+    /// hand out the same addresses. Hosts that form one fabric configure the same id.
+    pub fabric_id: u32,
+    /// Host id within the fabric (bits 31..16 of every node address).
+    pub host_id: u16,
     /// Virtio device id reported by `--print-capabilities` consumers (default 56).
     pub device_id: u32,
     /// Bounded spin (microseconds) re-checking the avail rings after work was found; 0 = none.
@@ -164,6 +169,7 @@ impl Config {
     pub fn new(sockets: Vec<PathBuf>) -> Self {
         Self {
             sockets,
+            fabric_id: random_fabric_id(),
             host_id: 1,
             device_id: VIRTIO_ID_FABRIC,
             poll_us: 50,
@@ -186,6 +192,7 @@ impl Config {
     /// ```toml
     /// socket_dir = "/run/vfabric"     # or: socket_path = "/run/vf.sock" (one device)
     /// devices = 2                     # with socket_dir: vfabric0.sock, vfabric1.sock
+    /// fabric_id = 0x5eed              # default: drawn at random at start
     /// host_id = 1
     /// device_id = 56
     /// poll_us = 50
@@ -217,7 +224,7 @@ impl Config {
 
     /// Node address of device `index`.
     pub fn node_addr(&self, index: usize) -> u64 {
-        vfabric_proto::FabricAddr::node_of(self.host_id, index as u32)
+        vfabric_proto::FabricAddr::node_of(self.fabric_id, self.host_id, index as u16)
     }
 
     /// Check the whole configuration.
@@ -227,6 +234,11 @@ impl Config {
         }
         if self.sockets.len() > 4096 {
             return Err(Error::Config("at most 4096 devices per daemon".into()));
+        }
+        if self.fabric_id == 0 {
+            return Err(Error::Config(
+                "fabric_id 0 is reserved (the unspecified address)".into(),
+            ));
         }
         for (i, a) in self.sockets.iter().enumerate() {
             if self.sockets[..i].contains(a) {
@@ -267,6 +279,37 @@ impl Config {
     }
 }
 
+/// A fabric id for a daemon that was given none: 32 random bits from the kernel (never 0, so
+/// the unspecified address stays unused). Should the kernel fail, time and pid still make two
+/// daemons' ids differ.
+pub fn random_fabric_id() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: the kernel writes at most `b.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let mut id = u32::from_le_bytes(b);
+    if n != b.len() as isize {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u32)
+            .unwrap_or(0);
+        id = t ^ std::process::id().rotate_left(16);
+    }
+    id.max(1)
+}
+
+/// A fabric id as given on the command line: decimal or `0x` hexadecimal, not 0.
+pub fn parse_fabric_id(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("fabric id {s:?}: {e} (a 32-bit number, decimal or 0x-hex)"))?;
+    if v == 0 {
+        return Err("fabric id 0 is reserved (the unspecified address)".into());
+    }
+    Ok(v)
+}
+
 /// On-disk form of [`Config`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -274,7 +317,8 @@ struct FileConfig {
     socket_path: Option<PathBuf>,
     socket_dir: Option<PathBuf>,
     devices: Option<u32>,
-    host_id: Option<u32>,
+    fabric_id: Option<u32>,
+    host_id: Option<u16>,
     device_id: Option<u32>,
     poll_us: Option<u64>,
     poller_cpu: Option<usize>,
@@ -351,6 +395,9 @@ impl FileConfig {
             (None, None) => Vec::new(),
         };
         let mut c = Config::new(sockets);
+        if let Some(f) = self.fabric_id {
+            c.fabric_id = f;
+        }
         if let Some(h) = self.host_id {
             c.host_id = h;
         }
@@ -391,6 +438,24 @@ mod tests {
     }
 
     #[test]
+    fn fabric_ids_are_drawn_apart_and_parsed() {
+        let a = Config::new(vec!["/tmp/x.sock".into()]);
+        let b = Config::new(vec!["/tmp/x.sock".into()]);
+        // Two daemons given no id are separate fabrics (a 1 in 2^32 clash aside).
+        assert_ne!(a.fabric_id, b.fabric_id);
+        assert_ne!(a.node_addr(0), b.node_addr(0));
+        assert_eq!(parse_fabric_id("0x5eed"), Ok(0x5eed));
+        assert_eq!(parse_fabric_id("77"), Ok(77));
+        assert!(parse_fabric_id("0").is_err());
+        assert!(parse_fabric_id("0x1_0000_0000").is_err());
+        assert!(parse_fabric_id("fabric").is_err());
+        let mut c = a.clone();
+        c.fabric_id = 0;
+        assert!(c.validate().is_err());
+        assert!(Config::from_toml_str("socket_path = \"/tmp/x\"\nhost_id = 70000\n").is_err());
+    }
+
+    #[test]
     fn pollers_are_bounded() {
         let mut c = Config::new(vec!["/tmp/x.sock".into()]);
         assert_eq!(c.pollers, 1);
@@ -409,6 +474,7 @@ mod tests {
             socket_dir = "/tmp/vf"
             devices = 3
             host_id = 7
+            fabric_id = 0x5eed
             poll_us = 0
             pollers = 2
             [limits]
@@ -432,6 +498,7 @@ mod tests {
         assert_eq!(c.sockets.len(), 3);
         assert_eq!(c.sockets[2], PathBuf::from("/tmp/vf/vfabric2.sock"));
         assert_eq!(c.host_id, 7);
+        assert_eq!(c.fabric_id, 0x5eed);
         assert_eq!(c.pollers, 2);
         assert_eq!(c.limits.num_queue_pairs, 4);
         assert_eq!(c.limits.max_endpoints, 64);

@@ -156,6 +156,7 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
     }
     info!(
         devices = config.sockets.len(),
+        fabric_id = %format_args!("{:x}", config.fabric_id),
         host_id = config.host_id,
         virtio_device_id = config.device_id,
         poll_us = config.poll_us,

@@ -31,7 +31,7 @@ mod testutil;
 
 use std::path::PathBuf;
 
-pub use config::{Config, Limits, VendorAttr};
+pub use config::{parse_fabric_id, Config, Limits, VendorAttr};
 pub use daemon::{start, DaemonHandle};
 pub use stats::{DeviceStats, Stats};
 

@@ -35,9 +35,13 @@ struct Args {
     /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter directive).
     #[arg(long, default_value = "info")]
     log_level: String,
-    /// Host id: the high 32 bits of the node addresses.
+    /// Fabric id (decimal or 0x-hex, not 0): daemons with the same id form one fabric; without
+    /// it a random id is drawn at start, so separate daemons never confuse addresses.
+    #[arg(long, value_parser = vfabric_device::parse_fabric_id)]
+    fabric_id: Option<u32>,
+    /// Host id within the fabric (0..=65535; default 1).
     #[arg(long)]
-    host_id: Option<u32>,
+    host_id: Option<u16>,
     /// Virtio device id (default 56).
     #[arg(long)]
     device_id: Option<u32>,
@@ -103,6 +107,7 @@ impl TryFrom<Args> for Config {
                 }
             };
         }
+        set!(c.fabric_id, a.fabric_id);
         set!(c.host_id, a.host_id);
         set!(c.device_id, a.device_id);
         set!(c.poll_us, a.poll_us);

@@ -103,6 +103,9 @@ pub(crate) struct H {
     pub data: u64,
 }
 
+/// Fabric id of every test `World` (addresses built by hand use it).
+pub(crate) const TEST_FABRIC: u32 = 0xf00d;
+
 pub(crate) struct World {
     pub fabric: Fabric,
     pub guests: Vec<Guest>,
@@ -112,6 +115,7 @@ impl World {
     pub fn new(n: usize, limits: Limits) -> Self {
         let mut c = Config::new((0..n).map(|i| PathBuf::from(format!("/t{i}"))).collect());
         c.limits = limits;
+        c.fabric_id = TEST_FABRIC;
         let fabric = Fabric::new(&c);
         let guests: Vec<Guest> = (0..n).map(|_| Guest::new()).collect();
         for (i, g) in guests.iter().enumerate() {

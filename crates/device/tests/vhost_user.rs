@@ -286,8 +286,12 @@ impl Guest {
     }
 }
 
+/// Fabric id of the test daemon.
+const FABRIC: u32 = 0xfab;
+
 fn daemon(dir: &Path) -> DaemonHandle {
     let mut c = Config::new(Config::socket_dir_paths(dir, 2));
+    c.fabric_id = FABRIC;
     c.limits.eager_threshold = 1024;
     start(c).unwrap()
 }
@@ -338,7 +342,8 @@ fn features_config_messages_disconnect_and_reconnect() {
         assert_eq!(u32::from(cfg.num_queue_pairs), 2);
         assert_eq!(u32::from(cfg.max_endpoints), 64);
         assert_eq!(u64::from(cfg.max_msg_size), 16 << 20);
-        assert_eq!(u64::from(cfg.node_addr), FabricAddr::node_of(1, 0));
+        assert_eq!(u64::from(cfg.node_addr), FabricAddr::node_of(FABRIC, 1, 0));
+        assert_eq!(u32::from(cfg.fabric_id), FABRIC);
         let (_, part) = fe
             .get_config(40, 8, VhostUserConfigFlags::empty(), &[0u8; 8])
             .unwrap();
@@ -365,11 +370,11 @@ fn features_config_messages_disconnect_and_reconnect() {
         .iter()
         .find(|e| e.vendor == 0 && e.key == key::NODE_ADDR)
         .unwrap();
-    assert_eq!(node.value, CapValue::U64(FabricAddr::node_of(1, 0)));
+    assert_eq!(node.value, CapValue::U64(FabricAddr::node_of(FABRIC, 1, 0)));
 
     let ea = a.open();
     let eb = b.open();
-    assert_eq!(eb.node, FabricAddr::node_of(1, 1));
+    assert_eq!(eb.node, FabricAddr::node_of(FABRIC, 1, 1));
 
     // B posts a receive; A's large send lands in it with one copy.
     let mut r = Request::new(Opcode::Recv);
@@ -492,7 +497,7 @@ fn shutdown_with_connected_frontend_and_rebind() {
     let d = daemon(dir.path());
     let mut g = Guest::setup(&paths[1]);
     let e = g.open();
-    assert_eq!(e.node, FabricAddr::node_of(1, 1));
+    assert_eq!(e.node, FabricAddr::node_of(FABRIC, 1, 1));
     drop(d);
 }
 

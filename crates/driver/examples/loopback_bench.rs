@@ -54,8 +54,8 @@ fn open(
 fn pair(paths: &[std::path::PathBuf], wait: WaitMode) -> (Side, Side) {
     let (da, ea, ta, ra, ava) = open(&paths[0], wait);
     let (db, eb, tb, rb, avb) = open(&paths[1], wait);
-    let pa = ava.insert(eb.name());
-    let pb = avb.insert(ea.name());
+    let pa = ava.insert(eb.name()).unwrap();
+    let pb = avb.insert(ea.name()).unwrap();
     (
         Side {
             domain: da,

@@ -143,30 +143,36 @@ impl AddressVector {
         }
     }
 
-    /// `fi_av_insert` of one address.
-    pub fn insert(&self, addr: FabricAddr) -> FiAddr {
-        self.shared.update(|t| {
+    /// `fi_av_insert` of one address. An address of another fabric is refused
+    /// ([`Error::ForeignFabric`]): it could only ever fail, or, on a fabric that happened to
+    /// number its endpoints alike, reach the wrong peer.
+    pub fn insert(&self, addr: FabricAddr) -> Result<FiAddr> {
+        let ours = self.domain.fabric_id();
+        if addr.fabric() != ours {
+            return Err(Error::ForeignFabric { addr, ours });
+        }
+        Ok(self.shared.update(|t| {
             let idx = t.entries.len() as FiAddr;
             t.entries.push(Some(addr));
             t.reverse.entry(addr).or_insert(idx);
             idx
-        })
+        }))
     }
 
     /// Insert an address in its 16-byte wire form (what `Endpoint::getname` produces).
     pub fn insert_bytes(&self, bytes: &[u8]) -> Result<FiAddr> {
         let a = FabricAddr::from_bytes(bytes)
             .map_err(|e| Error::InvalidArgument(format!("address: {e}")))?;
-        Ok(self.insert(a))
+        self.insert(a)
     }
 
-    /// `fi_av_insertsvc`-like: insert a printable address (`vfab://HOST.DEV/EP.GEN`).
+    /// `fi_av_insertsvc`-like: insert a printable address (`vfab://FABRIC.HOST.DEV/EP.GEN`).
     pub fn insert_str(&self, s: &str) -> Result<FiAddr> {
         let a: FabricAddr = s
             .trim()
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("address {s:?}: {e}")))?;
-        Ok(self.insert(a))
+        self.insert(a)
     }
 
     /// `fi_av_remove`. The index is not reused.

@@ -424,6 +424,11 @@ impl From<Stalled> for Error {
 const LIVENESS_CHECK_EVERY: u32 = 4096;
 
 impl DomainInner {
+    /// The fabric the device belongs to (config space; also bits 63..32 of its node address).
+    pub(crate) fn fabric_id(&self) -> u32 {
+        self.config.fabric_id.into()
+    }
+
     /// Connect, share memory, read config, start the rings. A probe only starts the control
     /// queue (enough for QUERY_CAPS).
     pub(crate) fn connect(path: &Path, attr: &DomainAttr, probe: bool) -> Result<Arc<Self>> {

@@ -75,6 +75,8 @@ pub struct Info {
     pub caps: u64,
     /// Device node address (endpoint addresses extend it).
     pub node_addr: u64,
+    /// The fabric the device belongs to: addresses of other fabrics are refused.
+    pub fabric_id: u32,
     pub vendor_id: u32,
     /// Feature bits the device offers.
     pub device_features: u64,
@@ -179,6 +181,7 @@ impl Info {
             ep_type: EpType::Rdm,
             caps,
             node_addr: config.node_addr.into(),
+            fabric_id: config.fabric_id.into(),
             vendor_id: config.vendor_id.into(),
             device_features,
             feature_names: proto::feature_names(device_features),

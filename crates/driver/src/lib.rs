@@ -39,8 +39,8 @@
 //! ep.enable()?;
 //!
 //! // Exchange addresses out of band: print ours, parse the peer's.
-//! println!("my address: {}", ep.name()); // vfab://1.0/3.1
-//! let peer = av.insert_str("vfab://1.1/0.1")?; // or av.insert(FabricAddr) / insert_bytes
+//! println!("my address: {}", ep.name()); // vfab://5eed.1.0/3.1
+//! let peer = av.insert_str("vfab://5eed.1.1/0.1")?; // or av.insert(FabricAddr) / insert_bytes
 //!
 //! let buf = domain.alloc_buffer(4096)?; // zero-copy buffer in the shared region
 //! ep.recv_buf(&buf, 0..4096, 1)?;
@@ -245,6 +245,10 @@ pub enum Error {
     /// The object (or the device connection) is closed.
     #[error("closed")]
     Closed,
+    /// The address belongs to another fabric than the device's: it names no endpoint here,
+    /// whatever its host, device and endpoint numbers (`-FI_EADDRNOTAVAIL`).
+    #[error("address {addr} belongs to fabric {:x}, this device is on fabric {ours:x}", addr.fabric())]
+    ForeignFabric { addr: FabricAddr, ours: u32 },
 }
 
 impl Error {
@@ -268,6 +272,7 @@ impl Error {
             Error::Transport(_) => fi::EIO,
             Error::Io(e) => e.raw_os_error().unwrap_or(fi::EIO),
             Error::Closed => fi::ESHUTDOWN,
+            Error::ForeignFabric { .. } => fi::EADDRNOTAVAIL,
         }
     }
 }

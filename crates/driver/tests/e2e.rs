@@ -74,9 +74,48 @@ fn post_retry(mut f: impl FnMut() -> vfabric::Result<()>, progress: &Domain) {
 fn pair(r: &Rig) -> (Node, Node, FiAddr, FiAddr) {
     let a = node(&r.paths[0]);
     let b = node(&r.paths[1]);
-    let b_at_a = a.av.insert(b.ep.name());
-    let a_at_b = b.av.insert(a.ep.name());
+    let b_at_a = a.av.insert(b.ep.name()).unwrap();
+    let a_at_b = b.av.insert(a.ep.name()).unwrap();
     (a, b, b_at_a, a_at_b)
+}
+
+/// Two daemons that are separate fabrics hand out addresses that differ only in the fabric
+/// id; an address of the other fabric is refused with a clear error instead of naming the
+/// local endpoint that has the same host, device and endpoint numbers.
+#[test]
+fn addresses_of_another_fabric_are_refused() {
+    let (r1, r2) = (rig(1), rig(1));
+    let (a, b) = (node(&r1.paths[0]), node(&r2.paths[0]));
+    let (na, nb) = (a.ep.name(), b.ep.name());
+    assert_eq!(
+        (na.host(), na.device(), na.ep, na.generation),
+        (nb.host(), nb.device(), nb.ep, nb.generation)
+    );
+    assert_ne!(
+        na.fabric(),
+        nb.fabric(),
+        "two daemons drew the same fabric id"
+    );
+    let info = b.domain.info();
+    assert_eq!(info.fabric_id, nb.fabric());
+    let refused = |r: vfabric::Result<FiAddr>, how: &str| match r {
+        Err(e @ Error::ForeignFabric { .. }) => {
+            assert_eq!(e.errno(), fi::EADDRNOTAVAIL);
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("{:x}", na.fabric())),
+                "{how}: {text}"
+            );
+        }
+        other => panic!("{how}: A's address accepted on B's fabric: {other:?}"),
+    };
+    refused(b.av.insert(na), "insert");
+    refused(b.av.insert_bytes(&na.to_bytes()), "insert_bytes");
+    refused(b.av.insert_str(&na.to_string()), "insert_str");
+    assert_eq!(b.av.count(), 0);
+    // The own fabric's addresses still go in, and B reaches itself.
+    let me = b.av.insert(nb).unwrap();
+    b.ep.send(b"own", me, 1).unwrap();
 }
 
 #[test]
@@ -514,7 +553,7 @@ fn blocking_sread() {
     let r = rig(2);
     let a = node_with(&r.paths[0], WaitMode::Blocking, EpType::Rdm, small_attr());
     let b = node_with(&r.paths[1], WaitMode::Blocking, EpType::Rdm, small_attr());
-    let to_b = a.av.insert(b.ep.name());
+    let to_b = a.av.insert(b.ep.name()).unwrap();
 
     // Timeout with nothing to read.
     let mut v = Vec::new();
@@ -552,7 +591,7 @@ fn blocking_sread() {
     // Many round trips in blocking mode (ping-pong between two threads).
     let rounds = 500;
     let b_ref = &b;
-    let to_a = b.av.insert(a.ep.name());
+    let to_a = b.av.insert(a.ep.name()).unwrap();
     std::thread::scope(|s| {
         s.spawn(move || {
             let mut v = Vec::new();
@@ -594,10 +633,10 @@ fn directed_receive_and_addr_check() {
     let a = node(&r.paths[0]);
     let b = node(&r.paths[1]);
     let c = node(&r.paths[2]);
-    let b_at_a = a.av.insert(b.ep.name());
-    let b_at_c = c.av.insert(b.ep.name());
-    let _a_at_b = b.av.insert(a.ep.name());
-    let c_at_b = b.av.insert(c.ep.name());
+    let b_at_a = a.av.insert(b.ep.name()).unwrap();
+    let b_at_c = c.av.insert(b.ep.name()).unwrap();
+    let _a_at_b = b.av.insert(a.ep.name()).unwrap();
+    let c_at_b = b.av.insert(c.ep.name()).unwrap();
     let mut into = [0u8; 16];
     let rx_iov;
     // SAFETY: `into` outlives the receive; we wait for its completion below.
@@ -634,7 +673,7 @@ fn directed_receive_and_addr_check() {
     assert!(!a.domain.addr_check(&bogus).unwrap());
     // Sending to a closed endpoint fails with AddrNotAvail.
     let gone = bogus;
-    let gone_at_a = a.av.insert(gone);
+    let gone_at_a = a.av.insert(gone).unwrap();
     a.ep.send(b"nobody", gone_at_a, 99).unwrap();
     let e = next_err(&a.tx);
     assert_eq!((e.status, e.err), (Status::AddrNotAvail, fi::EADDRNOTAVAIL));
@@ -645,7 +684,7 @@ fn dgram_endpoints() {
     let r = rig(2);
     let a = node_with(&r.paths[0], WaitMode::None, EpType::Dgram, small_attr());
     let b = node_with(&r.paths[1], WaitMode::None, EpType::Dgram, small_attr());
-    let to_b = a.av.insert(b.ep.name());
+    let to_b = a.av.insert(b.ep.name()).unwrap();
     b.ep.recv_vec(128, 1).unwrap();
     // Unreliable: a datagram that reaches the device before B's receive is dropped, so
     // retransmit until one lands (as a datagram application would).
@@ -789,7 +828,7 @@ fn concurrent_threads_share_a_domain() {
     let r = rig(2);
     let a = Arc::new(node(&r.paths[0]));
     let b = Arc::new(node(&r.paths[1]));
-    let to_b = a.av.insert(b.ep.name());
+    let to_b = a.av.insert(b.ep.name()).unwrap();
     let n = 2000u64;
     let reaped = std::sync::atomic::AtomicU64::new(0);
     let reaped = &reaped;
@@ -843,7 +882,7 @@ fn peer_disconnect_fails_held_sends() {
     let to_b;
     {
         let b = node(&r.paths[1]);
-        to_b = a.av.insert(b.ep.name());
+        to_b = a.av.insert(b.ep.name()).unwrap();
         // A rendezvous send to B is held (no receive posted)...
         a.ep.send(&vec![3u8; 1 << 20], to_b, 1).unwrap();
         std::thread::sleep(Duration::from_millis(20));
@@ -1171,7 +1210,7 @@ fn sread_into_waits_and_times_out() {
     let r = rig(2);
     let a = node_with(&r.paths[0], WaitMode::Blocking, EpType::Rdm, small_attr());
     let b = node_with(&r.paths[1], WaitMode::Blocking, EpType::Rdm, small_attr());
-    let to_b = a.av.insert(b.ep.name());
+    let to_b = a.av.insert(b.ep.name()).unwrap();
     let mut one = [vfabric::CqEntry::default()];
     // Nothing posted: the timeout is kept across wakeups and reported.
     let t0 = Instant::now();
@@ -1225,7 +1264,7 @@ fn receive_posted_before_close_never_reaches_a_reopened_id() {
             continue;
         }
         reused += 1;
-        let to_new = a.av.insert(new.name());
+        let to_new = a.av.insert(new.name()).unwrap();
         a.ep.send(&round.to_le_bytes(), to_new, round).unwrap();
         next_ok(&a.tx);
         new.recv_vec(64, 2).unwrap();

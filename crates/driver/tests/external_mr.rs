@@ -81,7 +81,7 @@ fn pair(r: &Rig) -> Pair {
     let db = open_domain(&r.paths[1]);
     let a = endpoint(&da);
     let b = endpoint(&db);
-    let b_addr = a.av.insert(b.ep.name());
+    let b_addr = a.av.insert(b.ep.name()).unwrap();
     Pair {
         da,
         db,
@@ -297,7 +297,7 @@ fn partial_overlap_extends_and_unsuitable_memory_is_refused() {
         assert_eq!(view(m, 4 * page), vec![0x5a; 4 * page]);
         // Remote access across the boundary of the two device regions.
         let e = endpoint(&d);
-        let me = e.av.insert(e.ep.name());
+        let me = e.av.insert(e.ep.name()).unwrap();
         let data: Vec<u8> = (0..256u32).map(|i| i as u8).collect();
         let at = third.base() + 2 * page as u64 - 100 - 128;
         e.ep.write(&data, me, at, third.key(), 1).unwrap();

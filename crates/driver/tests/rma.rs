@@ -72,7 +72,7 @@ fn pair(r: &Rig) -> Pair {
     let db = open_domain(&r.paths[1]);
     let a = endpoint(&da);
     let b = endpoint(&db);
-    let b_addr = a.av.insert(b.ep.name());
+    let b_addr = a.av.insert(b.ep.name()).unwrap();
     Pair {
         da,
         db,
@@ -616,7 +616,7 @@ fn concurrent_fetch_add_is_exact_and_cswap_locks() {
                 let d = if i % 2 == 0 { d0.clone() } else { d1.clone() };
                 s.spawn(move || {
                     let e = endpoint(&d);
-                    let t = e.av.insert(target);
+                    let t = e.av.insert(target).unwrap();
                     (0..PER)
                         .map(|_| fetch_u64(&e, t, base, key, op::SUM, 1, None))
                         .collect::<Vec<_>>()
@@ -647,7 +647,7 @@ fn concurrent_fetch_add_is_exact_and_cswap_locks() {
             let d = if i % 2 == 0 { d0.clone() } else { d1.clone() };
             s.spawn(move || {
                 let e = endpoint(&d);
-                let t = e.av.insert(target);
+                let t = e.av.insert(target).unwrap();
                 for _ in 0..ITERS {
                     let deadline = Instant::now() + TIMEOUT;
                     while fetch_u64(&e, t, base + LOCK, key, op::CSWAP, 1, Some(0)) != 0 {

@@ -475,7 +475,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// (device, endpoint id, generation) of an address: what a message header records.
 fn ep_key(a: FabricAddr) -> (u32, u32, u32) {
-    (a.device(), a.ep, a.generation)
+    (u32::from(a.device()), a.ep, a.generation)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1594,7 +1594,7 @@ fn flap_sender(ctl: &Ctl, idx: usize, dom: &Domain, n: &Node, f: &Flap, region: 
         let published = *f.target.lock().unwrap();
         if let Some((inc, addr)) = published {
             if cur.map(|c| c.0) != Some(inc) {
-                cur = Some((inc, n.av.insert(addr), addr));
+                cur = Some((inc, n.av.insert(addr).unwrap(), addr));
             }
         }
         let Some((inc, to, to_name)) = cur else {
@@ -2031,7 +2031,7 @@ fn churn_sender(ctl: &Ctl, dom: &Domain, n: &Node, churn: &Churn) {
         let published = *churn.guest.lock().unwrap();
         if let Some((inc, addr)) = published {
             if cur.map(|c| c.0) != Some(inc) {
-                cur = Some((inc, n.av.insert(addr), addr));
+                cur = Some((inc, n.av.insert(addr).unwrap(), addr));
             }
         }
         let Some((inc, to, to_name)) = cur else {
@@ -2100,8 +2100,8 @@ fn guest_traffic(t: &GuestTraffic<'_>) -> GuestStats {
     let n = t.n;
     let a = t.args;
     let me = n.ep.name();
-    let sink = n.av.insert(a.sink);
-    let at = n.av.insert(a.atom);
+    let sink = n.av.insert(a.sink).unwrap();
+    let at = n.av.insert(a.atom).unwrap();
     let mut stats = GuestStats::default();
     let mut free: Vec<usize> = (0..6).collect();
     let mut sends: HashMap<u64, usize> = HashMap::new();
@@ -2539,9 +2539,9 @@ fn everything(ctl: &Ctl, poll_us: Option<u64>) {
             let k = nodes.len();
             let n = &nodes[w];
             Peers {
-                down: n.av.insert(nodes[(w + 1) % k].ep.name()),
-                up: n.av.insert(nodes[(w + k - 1) % k].ep.name()),
-                atom: n.av.insert(atom.addr),
+                down: n.av.insert(nodes[(w + 1) % k].ep.name()).unwrap(),
+                up: n.av.insert(nodes[(w + k - 1) % k].ep.name()).unwrap(),
+                atom: n.av.insert(atom.addr).unwrap(),
             }
         })
         .collect();
@@ -2600,7 +2600,7 @@ fn everything(ctl: &Ctl, poll_us: Option<u64>) {
     // Registration churn: regions on device 1, accessed from device 2.
     let mr_client = node(&doms[2], WaitMode::Blocking);
     let mr_target = node(&doms[1], WaitMode::None);
-    let mr_to = mr_client.av.insert(mr_target.ep.name());
+    let mr_to = mr_client.av.insert(mr_target.ep.name()).unwrap();
 
     // Guest churn on device 3; sink on device 0, sender on device 1.
     let sink_node = node(&doms[0], WaitMode::Blocking);
@@ -2896,7 +2896,7 @@ fn lone_synchronous_requests_are_never_stranded() {
                 let who = format!("requester{}", i + 1);
                 let job: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
                     let n = node(d, WaitMode::None);
-                    let at = n.av.insert(to);
+                    let at = n.av.insert(to).unwrap();
                     let mut evs = Vec::new();
                     let mut k = 0u64;
                     while Instant::now() < end {
@@ -2984,7 +2984,7 @@ fn bulk_writes_yield_to_other_devices_while_regions_come_and_go() {
         });
         let writer: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
             let n = node(d1, WaitMode::None);
-            let at = n.av.insert(to);
+            let at = n.av.insert(to).unwrap();
             let src = d1.alloc_buffer(BIG).unwrap();
             let (mut evs, mut k, mut ok) = (Vec::new(), 0u64, 0u64);
             while Instant::now() < end {
@@ -3008,7 +3008,7 @@ fn bulk_writes_yield_to_other_devices_while_regions_come_and_go() {
         });
         let reader: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
             let n = node(d2, WaitMode::None);
-            let at = n.av.insert(to);
+            let at = n.av.insert(to).unwrap();
             let (mut evs, mut k) = (Vec::new(), 0u64);
             while Instant::now() < end {
                 ctl.check();

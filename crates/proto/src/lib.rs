@@ -107,7 +107,9 @@ pub struct FabricConfig {
     pub node_addr: Le64,
     /// Largest number of data descriptors in one request chain.
     pub max_sge: Le32,
-    pub reserved: Le32,
+    /// Identity of the fabric the device belongs to (also bits 63..32 of `node_addr`): addresses
+    /// of another fabric never name an endpoint of this one.
+    pub fabric_id: Le32,
 }
 // SAFETY: plain-old-data, repr(C), no padding (all fields naturally aligned, size 48).
 unsafe impl ByteValued for FabricConfig {}
@@ -147,7 +149,8 @@ pub const fn queue_kind(index: u16) -> QueueKind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WireAddr {
-    /// Node (device) address: host id in the high 32 bits, device index in the low 32.
+    /// Node (device) address: fabric id in bits 63..32, host id in bits 31..16, device index in
+    /// bits 15..0 ([`FabricAddr::node_of`]).
     pub node: Le64,
     /// Endpoint id within the device.
     pub ep: Le32,
@@ -176,14 +179,19 @@ impl FabricAddr {
             generation,
         }
     }
-    pub const fn node_of(host: u32, device: u32) -> u64 {
-        ((host as u64) << 32) | device as u64
+    /// Node address of device `device` of host `host` on fabric `fabric`.
+    pub const fn node_of(fabric: u32, host: u16, device: u16) -> u64 {
+        ((fabric as u64) << 32) | ((host as u64) << 16) | device as u64
     }
-    pub const fn host(&self) -> u32 {
+    /// The fabric this address belongs to.
+    pub const fn fabric(&self) -> u32 {
         (self.node >> 32) as u32
     }
-    pub const fn device(&self) -> u32 {
-        self.node as u32
+    pub const fn host(&self) -> u16 {
+        (self.node >> 16) as u16
+    }
+    pub const fn device(&self) -> u16 {
+        self.node as u16
     }
     pub fn to_wire(self) -> WireAddr {
         WireAddr {
@@ -215,12 +223,13 @@ impl FabricAddr {
     }
 }
 
-/// Printable form: `vfab://HOST.DEVICE/EP.GEN` (all hex except EP and GEN in decimal).
+/// Printable form: `vfab://FABRIC.HOST.DEVICE/EP.GEN` (all hex except EP and GEN in decimal).
 impl fmt::Display for FabricAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "vfab://{:x}.{:x}/{}.{}",
+            "vfab://{:x}.{:x}.{:x}/{}.{}",
+            self.fabric(),
             self.host(),
             self.device(),
             self.ep,
@@ -240,12 +249,18 @@ impl std::str::FromStr for FabricAddr {
         let bad = || ProtoError::BadAddress(s.to_string());
         let rest = s.strip_prefix("vfab://").ok_or_else(bad)?;
         let (node, ep) = rest.split_once('/').ok_or_else(bad)?;
-        let (host, dev) = node.split_once('.').ok_or_else(bad)?;
+        let mut parts = node.split('.');
+        let (Some(fabric), Some(host), Some(dev), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
         let (epid, gen) = ep.split_once('.').ok_or_else(bad)?;
-        let host = u32::from_str_radix(host, 16).map_err(|_| bad())?;
-        let dev = u32::from_str_radix(dev, 16).map_err(|_| bad())?;
+        let fabric = u32::from_str_radix(fabric, 16).map_err(|_| bad())?;
+        let host = u16::from_str_radix(host, 16).map_err(|_| bad())?;
+        let dev = u16::from_str_radix(dev, 16).map_err(|_| bad())?;
         Ok(Self::new(
-            Self::node_of(host, dev),
+            Self::node_of(fabric, host, dev),
             epid.parse().map_err(|_| bad())?,
             gen.parse().map_err(|_| bad())?,
         ))
@@ -885,11 +900,16 @@ mod tests {
 
     #[test]
     fn addr_string_roundtrip() {
-        let a = FabricAddr::new(FabricAddr::node_of(0xabc, 2), 17, 5);
+        let a = FabricAddr::new(FabricAddr::node_of(0x5eed, 0xabc, 2), 17, 5);
+        assert_eq!((a.fabric(), a.host(), a.device()), (0x5eed, 0xabc, 2));
         let s = a.to_string();
-        assert_eq!(s, "vfab://abc.2/17.5");
+        assert_eq!(s, "vfab://5eed.abc.2/17.5");
         assert_eq!(s.parse::<FabricAddr>().unwrap(), a);
-        assert!("vfab://zz.2/1.1".parse::<FabricAddr>().is_err());
+        assert!("vfab://1.zz.2/1.1".parse::<FabricAddr>().is_err());
+        // The pre-fabric-id form names no fabric: refused rather than guessed.
+        assert!("vfab://abc.2/17.5".parse::<FabricAddr>().is_err());
+        assert!("vfab://1.1.10000/1.1".parse::<FabricAddr>().is_err());
+        assert!("vfab://1.1.1.1/1.1".parse::<FabricAddr>().is_err());
         assert!("nonsense".parse::<FabricAddr>().is_err());
     }
 

@@ -31,7 +31,7 @@ use crate::domain::DomainObj;
 use crate::ep::EpObj;
 use crate::fabric::{eq_cm_bytes, eq_entry_bytes, ops_ptr, EqEvent, EqObj, EqSource, FabricObj};
 use crate::sys;
-use crate::util::{guard, nosys, obj, ParentRef, Refs, SendPtr};
+use crate::util::{errno_of, guard, nosys, obj, ParentRef, Refs, SendPtr};
 
 const KIND_CONNREQ: u32 = 1;
 const KIND_ACCEPT: u32 = 2;
@@ -106,10 +106,10 @@ impl CmEndpoint {
     }
 
     fn send_to(&self, to: FabricAddr, msg: &[u8], ctx: u64) -> Result<(), i32> {
-        let a = self
-            .av
-            .reverse_lookup(&to)
-            .unwrap_or_else(|| self.av.insert(to));
+        let a = match self.av.reverse_lookup(&to) {
+            Some(a) => a,
+            None => self.av.insert(to).map_err(|e| e.errno())?,
+        };
         self.ep.send(msg, a, ctx).map_err(|e| e.errno())
     }
 
@@ -285,7 +285,10 @@ impl EqSource for ConnState {
         for m in msgs {
             match m.kind {
                 KIND_ACCEPT if !g.connected && g.pending.is_none() => {
-                    let a = self.data_av.insert(m.data_addr);
+                    // A peer on another fabric cannot have sent this: ignore it.
+                    let Ok(a) = self.data_av.insert(m.data_addr) else {
+                        continue;
+                    };
                     g.peer = Some((m.data_addr, m.cm_addr));
                     g.peer_fi_addr = Some(a);
                     g.connected = true;
@@ -416,8 +419,11 @@ pub unsafe extern "C" fn ep_accept(
             g.pending = Some((peer_data, peer_cm));
             return -err;
         }
+        let a = match c.state.data_av.insert(peer_data) {
+            Ok(a) => a,
+            Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_EP_CTRL),
+        };
         Conn::free_handle(&mut g);
-        let a = c.state.data_av.insert(peer_data);
         g.peer = Some((peer_data, peer_cm));
         g.peer_fi_addr = Some(a);
         g.connected = true;

@@ -350,6 +350,14 @@ unsafe extern "C" fn av_insert(
                 )
             };
             let r = a.av.insert_bytes(b);
+            if let Err(e) = &r {
+                // Say why: the count returned only says that some address was refused.
+                crate::util::log(
+                    sys::fi_log_level_FI_LOG_WARN,
+                    sys::fi_log_subsys_FI_LOG_AV,
+                    &format!("fi_av_insert: address {k} refused: {e}"),
+                );
+            }
             if !fi_addr.is_null() {
                 // SAFETY: `fi_addr` has room for `count` entries.
                 unsafe { *fi_addr.add(k) = *r.as_ref().unwrap_or(&vfabric::FI_ADDR_NOTAVAIL) };
@@ -388,7 +396,14 @@ unsafe extern "C" fn av_insertsvc(
                 }
                 1
             }
-            Err(_) => 0,
+            Err(e) => {
+                crate::util::log(
+                    sys::fi_log_level_FI_LOG_WARN,
+                    sys::fi_log_subsys_FI_LOG_AV,
+                    &format!("fi_av_insertsvc: {e}"),
+                );
+                0
+            }
         }
     })
 }
@@ -452,7 +467,7 @@ unsafe extern "C" fn av_lookup(
     })
 }
 
-/// Printable form of a 16-byte address (`vfab://HOST.DEV/EP.GEN`).
+/// Printable form of a 16-byte address (`vfab://FABRIC.HOST.DEV/EP.GEN`).
 ///
 /// # Safety
 /// `addr` is NULL or readable for 16 bytes.

@@ -112,7 +112,7 @@ struct CHints {
     bad: bool,
 }
 
-/// Parse a node string as a vfabric address (`vfab://HOST.DEV/EP.GEN`).
+/// Parse a node string as a vfabric address (`vfab://FABRIC.HOST.DEV/EP.GEN`).
 fn parse_node(s: &str) -> Option<FabricAddr> {
     s.trim().parse().ok()
 }

@@ -126,7 +126,12 @@ pub fn nic_of(dev: &Info) -> *mut sys::fid_nic {
         } else {
             vendor.join(" ")
         },
-        address: format!("vfab://{}.{}", node.host(), node.device()),
+        address: format!(
+            "vfab://{:x}.{:x}.{:x}",
+            node.fabric(),
+            node.host(),
+            node.device()
+        ),
         mtu: dev.limits.max_msg_size as usize,
         network_type: "virtio-fabric".into(),
     })

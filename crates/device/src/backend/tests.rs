@@ -412,6 +412,7 @@ fn dev() -> Dev {
     };
     let mut c = Config::new(vec![PathBuf::from("/t0")]);
     c.limits = limits;
+    c.fabric_id = crate::testutil::TEST_FABRIC;
     let fabric = Arc::new(Fabric::new(&c));
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let atomic = GuestMemoryAtomic::new(mem.clone());
@@ -527,7 +528,10 @@ fn backend_config_space_and_features() {
     let full = d.backend.get_config(0, 48);
     assert_eq!(FabricConfig::from_slice(&full).copied(), Some(cfg));
     assert_eq!(u32::from(cfg.num_queue_pairs), 1);
-    assert_eq!(u64::from(cfg.node_addr), 1 << 32);
+    // Fabric id in bits 63..32, host 1 in bits 31..16, device 0.
+    let fabric = u64::from(crate::testutil::TEST_FABRIC);
+    assert_eq!(u64::from(cfg.node_addr), fabric << 32 | 1 << 16);
+    assert_eq!(u32::from(cfg.fabric_id), crate::testutil::TEST_FABRIC);
     // Reads past the structure are zero-filled; nothing panics.
     let tail = d.backend.get_config(40, 16);
     assert_eq!(&tail[..8], &full[40..48]);

@@ -53,7 +53,7 @@ impl Fabric {
             vendor_id: VENDOR_ID_VFABRIC.into(),
             node_addr: self.node_addr(dev).into(),
             max_sge: l.max_sge.into(),
-            reserved: 0.into(),
+            fabric_id: self.fabric_id.into(),
         }
     }
 

@@ -292,7 +292,8 @@ fn send_ok(r: &Request, len: u64) -> Completion {
 /// The fabric shared by all devices of one daemon.
 pub(crate) struct Fabric {
     limits: Limits,
-    host_id: u32,
+    fabric_id: u32,
+    host_id: u16,
     device_id: u32,
     vendor_attrs: Vec<VendorAttr>,
     counters: Vec<Arc<Counters>>,
@@ -308,6 +309,7 @@ impl Fabric {
         let n = config.sockets.len();
         Self {
             limits: config.limits.clone(),
+            fabric_id: config.fabric_id,
             host_id: config.host_id,
             device_id: config.device_id,
             vendor_attrs: config.vendor_attrs.clone(),
@@ -338,7 +340,7 @@ impl Fabric {
     }
 
     pub fn node_addr(&self, dev: usize) -> u64 {
-        FabricAddr::node_of(self.host_id, dev as u32)
+        FabricAddr::node_of(self.fabric_id, self.host_id, dev as u16)
     }
 
     /// The lock of device `dev` (`dev` < `num_devices()`, checked by every caller: device
@@ -354,7 +356,9 @@ impl Fabric {
     /// `(device, endpoint)` an address names on this fabric, if the device exists. Whether the
     /// endpoint is open (and of that generation) is checked under the device's lock.
     fn locate(&self, a: FabricAddr) -> Option<(usize, usize)> {
-        if a.host() != self.host_id {
+        // An address of another fabric (or another host) names nothing here, however equal
+        // its host, device and endpoint numbers are to one of ours.
+        if a.fabric() != self.fabric_id || a.host() != self.host_id {
             return None;
         }
         let d = a.device() as usize;

@@ -8,7 +8,7 @@ use vfabric_proto::{
 
 use super::{eager_cost, Notify, Teardown, EAGER_OVERHEAD};
 use crate::config::Limits;
-use crate::testutil::{World, ALL_FEATURES};
+use crate::testutil::{World, ALL_FEATURES, TEST_FABRIC};
 
 const RDM: u64 = ep_open::TYPE_RDM;
 
@@ -398,7 +398,7 @@ fn query_caps_lists_limits_and_vendor_attrs() {
     );
     assert_eq!(
         get(0, key::NODE_ADDR).unwrap().value,
-        CapValue::U64(FabricAddr::node_of(1, 1))
+        CapValue::U64(FabricAddr::node_of(TEST_FABRIC, 1, 1))
     );
     for k in [
         key::INJECT_SIZE,
@@ -532,7 +532,7 @@ fn self_send_on_one_device() {
     let s = w.send(
         0,
         a,
-        FabricAddr::new(FabricAddr::node_of(1, 9), 0, 1),
+        FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 1, 9), 0, 1),
         None,
         0,
         3,
@@ -542,13 +542,27 @@ fn self_send_on_one_device() {
     let s = w.send(
         0,
         a,
-        FabricAddr::new(FabricAddr::node_of(2, 0), 0, 1),
+        FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 0), 0, 1),
         None,
         0,
         3,
         b"x",
     );
     assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+    // B's very address as another fabric numbers it: refused, and B receives nothing.
+    let r = w.recv(0, b, None, 0, 4, 0, 8);
+    let foreign = FabricAddr::node_of(TEST_FABRIC ^ 1, b.host(), b.device());
+    let s = w.send(
+        0,
+        a,
+        FabricAddr::new(foreign, b.ep, b.generation),
+        None,
+        0,
+        5,
+        b"x",
+    );
+    assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+    assert_eq!(w.result(&r), None, "a foreign-fabric send reached B");
 }
 
 #[test]
