@@ -23,6 +23,9 @@ mod chain;
 mod config;
 mod daemon;
 mod fabric;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod poller;
 mod ring;
 mod stats;
