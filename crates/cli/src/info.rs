@@ -62,6 +62,22 @@ fn print_info(i: &Info, verbose: bool) {
         "    fabric id: {:x}  node: {:#018x}  vendor: {:#06x}",
         i.fabric_id, i.node_addr, i.vendor_id
     );
+    if !i.remote_hosts.is_empty() {
+        let hosts: Vec<String> = i
+            .remote_hosts
+            .iter()
+            .map(|h| {
+                format!(
+                    "{} ({} device{}, {})",
+                    h.host_id,
+                    h.num_devices,
+                    if h.num_devices == 1 { "" } else { "s" },
+                    if h.up { "up" } else { "down" }
+                )
+            })
+            .collect();
+        println!("    remote hosts: {}", hosts.join(", "));
+    }
     println!("    caps: {}", fi_caps(i.caps));
     println!("    features: {}", i.feature_names.join(" "));
     let l = &i.limits;
@@ -106,7 +122,11 @@ pub fn run(args: &InfoArgs) -> Result<(), CliError> {
             .map(|i| {
                 serde_json::json!({
                     "domain": i.domain_name, "device": i.device_path, "ep_type": i.ep_type.name(),
-                    "node": i.node_addr, "fabric_id": i.fabric_id, "features": i.feature_names,
+                    "node": i.node_addr, "fabric_id": i.fabric_id,
+                    "remote_hosts": i.remote_hosts.iter().map(|h| serde_json::json!({
+                        "host_id": h.host_id, "devices": h.num_devices, "up": h.up
+                    })).collect::<Vec<_>>(),
+                    "features": i.feature_names,
                     "max_msg_size": i.limits.max_msg_size, "inject_size": i.limits.inject_size,
                     "caps": i.cap_entries.iter().map(|e| serde_json::json!({
                         "vendor": e.vendor, "key": e.key, "name": e.name, "value": e.value.to_string()

@@ -160,6 +160,8 @@ pub struct Config {
     /// Data-plane poller threads; device `d` is polled by poller `d % pollers`.
     pub pollers: usize,
     pub limits: Limits,
+    /// Several hosts: this daemon's uplink to the other hosts of its fabric (None: one host).
+    pub uplink: Option<crate::uplink::UplinkConfig>,
     /// Vendor attributes appended to QUERY_CAPS answers.
     pub vendor_attrs: Vec<VendorAttr>,
 }
@@ -176,6 +178,7 @@ impl Config {
             poller_cpu: None,
             pollers: 1,
             limits: Limits::default(),
+            uplink: None,
             vendor_attrs: VendorAttr::defaults(),
         }
     }
@@ -234,6 +237,9 @@ impl Config {
         }
         if self.sockets.len() > 4096 {
             return Err(Error::Config("at most 4096 devices per daemon".into()));
+        }
+        if let Some(u) = &self.uplink {
+            u.validate(self.host_id).map_err(Error::Config)?;
         }
         if self.fabric_id == 0 {
             return Err(Error::Config(
@@ -324,9 +330,31 @@ struct FileConfig {
     poller_cpu: Option<usize>,
     pollers: Option<usize>,
     limits: Limits,
+    uplink: Option<FileUplink>,
+    peers: Vec<FilePeer>,
     /// Replace the default vendor attributes instead of extending them.
     replace_vendor_attrs: bool,
     vendor_attr: Vec<FileVendorAttr>,
+}
+
+/// `[uplink]`: several hosts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUplink {
+    /// libfabric provider (default `tcp;ofi_rxm`).
+    provider: Option<String>,
+    /// `HOST[:PORT]` of this host's uplink.
+    listen: String,
+    /// Milliseconds of silence after which a peer is reported down.
+    peer_timeout_ms: Option<u64>,
+}
+
+/// `[[peers]]`: one other host of the fabric.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePeer {
+    id: u16,
+    addr: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -412,6 +440,27 @@ impl FileConfig {
             c.pollers = p;
         }
         c.limits = self.limits;
+        match (self.uplink, self.peers.is_empty()) {
+            (Some(u), _) => {
+                let mut up = crate::uplink::UplinkConfig::new(
+                    u.provider
+                        .as_deref()
+                        .unwrap_or(crate::uplink::DEFAULT_PROVIDER),
+                    &u.listen,
+                );
+                if let Some(ms) = u.peer_timeout_ms {
+                    up.peer_timeout = std::time::Duration::from_millis(ms);
+                }
+                up.peers = self.peers.into_iter().map(|p| (p.id, p.addr)).collect();
+                c.uplink = Some(up);
+            }
+            (None, false) => {
+                return Err(Error::Config(
+                    "[[peers]] need an [uplink] section (listen = \"HOST[:PORT]\")".into(),
+                ))
+            }
+            (None, true) => {}
+        }
         if self.replace_vendor_attrs {
             c.vendor_attrs.clear();
         }

@@ -48,6 +48,8 @@ pub struct DaemonHandle {
     sockets: Vec<PathBuf>,
     /// The serving threads, one per device.
     threads: Vec<JoinHandle<()>>,
+    /// The link to the other hosts of the fabric (several hosts).
+    uplink: Option<crate::uplink::Uplink>,
 }
 
 impl DaemonHandle {
@@ -89,6 +91,8 @@ impl DaemonHandle {
                 h.shutdown();
             }
         }
+        // The uplink first: no new host traffic while guests go away.
+        self.uplink.take();
         // Serving threads first (they retire their backends), then the pollers.
         for t in self.threads.drain(..) {
             if t.join().is_err() {
@@ -138,7 +142,20 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
         threads: Vec::new(),
         pollers: Vec::new(),
         poller_threads: Vec::new(),
+        uplink: None,
     };
+    if let Some(u) = &config.uplink {
+        handle.uplink = Some(
+            crate::uplink::Uplink::start(
+                u,
+                config.fabric_id,
+                config.host_id,
+                config.sockets.len() as u16,
+                fabric.remote_hosts(),
+            )
+            .map_err(Error::Uplink)?,
+        );
+    }
     for i in 0..config.pollers {
         let p = Poller::new(Duration::from_micros(config.poll_us));
         handle.pollers.push(p.clone());

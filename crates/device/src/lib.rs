@@ -31,6 +31,7 @@ mod ring;
 mod stats;
 #[cfg(test)]
 mod testutil;
+pub mod uplink;
 
 use std::path::PathBuf;
 
@@ -90,4 +91,6 @@ pub enum Error {
     EventFd(std::io::Error),
     #[error("cannot spawn a thread: {0}")]
     Thread(std::io::Error),
+    #[error("uplink: {0}")]
+    Uplink(String),
 }

@@ -42,6 +42,19 @@ struct Args {
     /// Host id within the fabric (0..=65535; default 1).
     #[arg(long)]
     host_id: Option<u16>,
+    /// Several hosts: the libfabric provider that links this host to the others of its fabric
+    /// (e.g. "tcp;ofi_rxm", "verbs;ofi_rxm"); needs --listen.
+    #[arg(long, requires = "listen")]
+    uplink: Option<String>,
+    /// This host's uplink address, HOST[:PORT] (default port 9229).
+    #[arg(long, requires = "uplink")]
+    listen: Option<String>,
+    /// Another host of the fabric, ID=HOST[:PORT] (repeat for each).
+    #[arg(long = "peer", value_parser = vfabric_device::uplink::parse_peer, requires = "uplink")]
+    peers: Vec<(u16, String)>,
+    /// Milliseconds of silence after which a peer host is reported down (default 3000).
+    #[arg(long, requires = "uplink")]
+    peer_timeout_ms: Option<u64>,
     /// Virtio device id (default 56).
     #[arg(long)]
     device_id: Option<u32>,
@@ -108,6 +121,14 @@ impl TryFrom<Args> for Config {
             };
         }
         set!(c.fabric_id, a.fabric_id);
+        if let (Some(prov), Some(listen)) = (&a.uplink, &a.listen) {
+            let mut u = vfabric_device::uplink::UplinkConfig::new(prov, listen);
+            u.peers = a.peers.clone();
+            if let Some(ms) = a.peer_timeout_ms {
+                u.peer_timeout = std::time::Duration::from_millis(ms);
+            }
+            c.uplink = Some(u);
+        }
         set!(c.host_id, a.host_id);
         set!(c.device_id, a.device_id);
         set!(c.poll_us, a.poll_us);

@@ -77,6 +77,9 @@ pub struct Info {
     pub node_addr: u64,
     /// The fabric the device belongs to: addresses of other fabrics are refused.
     pub fabric_id: u32,
+    /// Other hosts of the fabric the device reaches (QUERY_CAPS `REMOTE_HOSTS`; empty on one
+    /// host).
+    pub remote_hosts: Vec<proto::caps::RemoteHostEntry>,
     pub vendor_id: u32,
     /// Feature bits the device offers.
     pub device_features: u64,
@@ -182,6 +185,15 @@ impl Info {
             caps,
             node_addr: config.node_addr.into(),
             fabric_id: config.fabric_id.into(),
+            remote_hosts: e
+                .iter()
+                .find_map(|c| match (&c.value, c.vendor, c.key) {
+                    (CapValue::Bytes(b), 0, key::REMOTE_HOSTS) => {
+                        proto::caps::RemoteHostEntry::decode_all(b)
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default(),
             vendor_id: config.vendor_id.into(),
             device_features,
             feature_names: proto::feature_names(device_features),

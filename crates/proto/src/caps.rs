@@ -79,6 +79,45 @@ pub mod key {
     /// Vendor of the implementation (also in config space).
     pub const VENDOR_ID: u16 = 23;
     pub const DRIVER_VERSION: u16 = 24;
+    /// Other hosts of the fabric the device can reach (several hosts): BYTES, one
+    /// [`RemoteHostEntry`](crate::caps::RemoteHostEntry) (8 bytes) per host. Absent on one host.
+    pub const REMOTE_HOSTS: u16 = 25;
+}
+
+/// One entry of the `REMOTE_HOSTS` capability: 8 bytes, little-endian.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteHostEntry {
+    pub host_id: u16,
+    /// Devices the host serves (its device indices are 0..num_devices).
+    pub num_devices: u16,
+    /// The host answers its peers now (bit 0 of the flags word).
+    pub up: bool,
+}
+
+impl RemoteHostEntry {
+    pub const LEN: usize = 8;
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.host_id.to_le_bytes());
+        out.extend_from_slice(&self.num_devices.to_le_bytes());
+        out.extend_from_slice(&u32::from(self.up).to_le_bytes());
+    }
+
+    /// Decode a whole `REMOTE_HOSTS` value (None if its length is not a multiple of 8).
+    pub fn decode_all(b: &[u8]) -> Option<Vec<Self>> {
+        if !b.len().is_multiple_of(Self::LEN) {
+            return None;
+        }
+        Some(
+            b.chunks_exact(Self::LEN)
+                .map(|c| Self {
+                    host_id: u16::from_le_bytes([c[0], c[1]]),
+                    num_devices: u16::from_le_bytes([c[2], c[3]]),
+                    up: c[4] & 1 == 1,
+                })
+                .collect(),
+        )
+    }
 }
 
 /// A decoded capability value.

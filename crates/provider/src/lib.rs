@@ -26,7 +26,8 @@ mod info;
 mod multirecv;
 mod nic;
 mod rma;
-pub mod sys;
+/// The libfabric bindings (bindgen, shared with the daemon's uplink).
+pub use vfabric_fi_sys as sys;
 mod util;
 
 use std::ffi::{c_char, c_int, CStr};

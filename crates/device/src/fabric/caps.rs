@@ -3,8 +3,8 @@
 //! attribute list (spec §6.3, §6.5).
 
 use vfabric_proto::{
-    bit, caps::key, flags, CapValue, CapsBuilder, FabricConfig, VENDOR_ID_VFABRIC,
-    VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_MSG,
+    bit, caps::key, caps::RemoteHostEntry, flags, CapValue, CapsBuilder, FabricConfig,
+    VENDOR_ID_VFABRIC, VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_MSG,
     VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA, VIRTIO_FABRIC_F_TAGGED,
     VIRTIO_FABRIC_F_VENDOR_CAPS,
 };
@@ -168,6 +168,19 @@ impl Fabric {
                 "driver_version",
                 CapValue::Str(env!("CARGO_PKG_VERSION").into()),
             );
+        let remote = self.remote_hosts.snapshot();
+        if !remote.is_empty() {
+            let mut v = Vec::with_capacity(remote.len() * RemoteHostEntry::LEN);
+            for h in &remote {
+                RemoteHostEntry {
+                    host_id: h.host_id,
+                    num_devices: h.num_devices,
+                    up: h.up,
+                }
+                .encode(&mut v);
+            }
+            b.push(0, key::REMOTE_HOSTS, "remote_hosts", CapValue::Bytes(v));
+        }
         if acked & bit(VIRTIO_FABRIC_F_VENDOR_CAPS) != 0 {
             for a in &self.vendor_attrs {
                 b.push(a.vendor, a.key, &a.name, a.value.clone());

@@ -302,6 +302,8 @@ pub(crate) struct Fabric {
     fenced_total: AtomicUsize,
     /// Locks of the atomics the CPU cannot do in one instruction.
     stripes: atomic::Stripes,
+    /// Other hosts of the fabric as the uplink sees them (empty on one host).
+    remote_hosts: Arc<crate::uplink::RemoteHosts>,
 }
 
 impl Fabric {
@@ -324,6 +326,7 @@ impl Fabric {
                 .collect(),
             fenced_total: AtomicUsize::new(0),
             stripes: atomic::Stripes::new(),
+            remote_hosts: crate::uplink::RemoteHosts::new(),
         }
     }
 
@@ -337,6 +340,11 @@ impl Fabric {
 
     pub fn num_devices(&self) -> usize {
         self.devs.len()
+    }
+
+    /// The table of other hosts the uplink keeps and QUERY_CAPS reports.
+    pub fn remote_hosts(&self) -> Arc<crate::uplink::RemoteHosts> {
+        self.remote_hosts.clone()
     }
 
     pub fn node_addr(&self, dev: usize) -> u64 {
