@@ -603,6 +603,9 @@ fn handle_is_send_and_sync_and_config_errors_are_reported() {
     c.limits.max_queue_size = 1000;
     assert!(matches!(start(c), Err(vfabric_device::Error::Config(_))));
     let c = Config::new(vec![dir.path().join("missing/a.sock")]);
-    assert!(matches!(start(c), Err(vfabric_device::Error::Bind { .. })));
+    assert!(matches!(
+        start(c),
+        Err(vfabric_device::Error::Socket { .. })
+    ));
     assert!(vfabric_device::capabilities_json().contains("\"type\": \"fabric\""));
 }
