@@ -218,7 +218,7 @@ impl Side {
                 Err(vfabric::Error::Timeout) => return Err(self.no_completion(what)),
                 Err(vfabric::Error::Avail) => {
                     let e = cq.readerr();
-                    return Err(CliError::Run(format!("{what}: error completion {e:?}")));
+                    return Err(CliError::Run(format!("{what}: {}", describe_error(e))));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -292,6 +292,25 @@ impl Side {
 }
 
 /// Deterministic pattern so both sides can verify without sending checksums.
+/// An error completion in words (with a hint for the usual causes).
+pub fn describe_error(e: Option<vfabric::CqErrEntry>) -> String {
+    let Some(e) = e else {
+        return "error completion (entry already taken)".into();
+    };
+    let hint = match e.status {
+        vfabric::proto::Status::AddrNotAvail => {
+            ": the peer's endpoint is not open (has the peer exited, or is it still waiting for \
+             its device?)"
+        }
+        vfabric::proto::Status::PeerGone => ": the peer's guest disconnected",
+        _ => "",
+    };
+    format!(
+        "error completion: {}{hint} (errno {}, {} bytes done)",
+        e.status, e.err, e.len
+    )
+}
+
 pub fn fill_pattern(buf: &mut [u8], seed: u64) {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     for chunk in buf.chunks_mut(8) {

@@ -220,13 +220,15 @@ impl DirLock {
                 Some(libc::EWOULDBLOCK) if Instant::now() < end => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
-                Some(libc::EWOULDBLOCK) => return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
+                Some(libc::EWOULDBLOCK) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
                         "directory {} stayed locked by another process for {DIR_LOCK_TIMEOUT:?}",
                         dir.display()
                     ),
-                )),
+                    ))
+                }
                 // Filesystems without flock: the probe alone protects live sockets.
                 _ => return Ok(Self(None)),
             }
