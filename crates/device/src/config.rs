@@ -234,6 +234,9 @@ impl Config {
     /// host_id = 1
     /// device_id = 56
     /// poll_us = 50
+    /// socket_mode = "0660"            # octal string (or 0o660); default: per umask
+    /// socket_group = "kvm"            # group name or numeric id
+    /// handshake_timeout = "5s"        # or "500ms", or whole seconds
     /// replace_vendor_attrs = false    # true: drop the default vendor attributes
     ///
     /// [limits]                        # any field of `Limits`
