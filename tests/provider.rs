@@ -442,3 +442,26 @@ fn fi_info_says_why_no_device_is_usable() {
         assert!(t.contains("no vfabric devices"), "{t}");
     }
 }
+
+/// An invalid `FI_VFABRIC_MEM_MB` makes `fi_domain` fail, with a warning naming the variable
+/// (it used to fall back to 64 MiB silently, or wrap around for huge values).
+#[test]
+fn invalid_fi_vfabric_mem_mb_is_refused_by_name() {
+    let d = DaemonProcess::start(1, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    for bad in ["0", "abc", "17592186044417"] {
+        let o = run_with_timeout(
+            fi_cmd(c_test_binary(), &socks)
+                .arg("msg")
+                .env("FI_VFABRIC_MEM_MB", bad)
+                .env("FI_LOG_LEVEL", "warn"),
+            Duration::from_secs(120),
+        );
+        let t = text(&o);
+        assert!(!o.status.success(), "FI_VFABRIC_MEM_MB={bad}: {t}");
+        assert!(
+            t.contains("FI_VFABRIC_MEM_MB"),
+            "FI_VFABRIC_MEM_MB={bad}: {t}"
+        );
+    }
+}

@@ -752,3 +752,29 @@ fn rma_size(
         verified: params.verify && !atomic,
     })
 }
+
+#[cfg(test)]
+mod describe_tests {
+    use super::*;
+
+    #[test]
+    fn error_completions_are_described_in_words() {
+        let e = vfabric::CqErrEntry {
+            context: 7,
+            flags: 0,
+            len: 0,
+            olen: 0,
+            status: vfabric::proto::Status::AddrNotAvail,
+            err: vfabric::fi::EADDRNOTAVAIL,
+            prov_errno: 4,
+            data: 0,
+            tag: 0,
+            src: None,
+            buf: None,
+        };
+        let s = describe_error(Some(e));
+        assert!(s.contains("address not available"), "{s}");
+        assert!(s.contains("peer's endpoint is not open"), "{s}");
+        assert!(!s.contains("CqErrEntry"), "{s}");
+    }
+}
