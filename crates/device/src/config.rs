@@ -184,7 +184,8 @@ pub struct Config {
     pub socket_group: Option<String>,
     /// A frontend that has not started a ring (SET_VRING_ENABLE, or the ring's kick with
     /// vhost-user protocol features off) this long after it was accepted is dropped, so that a
-    /// silent or stalled connection cannot hold the device.
+    /// silent or stalled connection cannot hold the device. Zero: no deadline (a VMM such as
+    /// QEMU connects at VM start but starts rings only when the guest's driver loads).
     pub handshake_timeout: Duration,
 }
 
@@ -288,9 +289,10 @@ impl Config {
         if self.socket_group.as_deref().is_some_and(str::is_empty) {
             return Err(Error::Config("socket_group is empty".into()));
         }
-        if !(MIN_HANDSHAKE_TIMEOUT..=MAX_HANDSHAKE_TIMEOUT).contains(&self.handshake_timeout) {
+        let timeouts = MIN_HANDSHAKE_TIMEOUT..=MAX_HANDSHAKE_TIMEOUT;
+        if !self.handshake_timeout.is_zero() && !timeouts.contains(&self.handshake_timeout) {
             return Err(Error::Config(format!(
-                "handshake_timeout {:?} out of range {MIN_HANDSHAKE_TIMEOUT:?}..={MAX_HANDSHAKE_TIMEOUT:?}",
+                "handshake_timeout {:?} out of range {MIN_HANDSHAKE_TIMEOUT:?}..={MAX_HANDSHAKE_TIMEOUT:?} (0: off)",
                 self.handshake_timeout
             )));
         }
@@ -611,7 +613,7 @@ mod tests {
         assert!(Config::from_toml_str("socket_mode = true").is_err());
         assert!(Config::from_toml_str("handshake_timeout = \"soon\"").is_err());
         let mut c = Config::new(vec!["/tmp/x.sock".into()]);
-        c.handshake_timeout = Duration::ZERO;
+        c.handshake_timeout = Duration::from_millis(1);
         assert!(c
             .validate()
             .unwrap_err()
@@ -619,6 +621,8 @@ mod tests {
             .contains("handshake_timeout"));
         c.handshake_timeout = Duration::from_secs(7200);
         assert!(c.validate().is_err());
+        c.handshake_timeout = Duration::ZERO;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! A device serves one frontend at a time; others wait in the socket's backlog. So that a
 //! connection that never becomes a working guest (silent, half a header, setup stalled before
 //! any ring runs) cannot hold the device, a frontend that has no ring running
-//! `handshake_timeout` after it was accepted is dropped. A guest that got a ring running and
-//! then goes idle keeps the device: it is a legitimate guest.
+//! `handshake_timeout` after it was accepted is dropped (unless the deadline is 0: off). A
+//! guest that got a ring running and then goes idle keeps the device: it is a legitimate guest.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -349,12 +349,14 @@ fn serve(
                     backend.set_shutdown(h.clone());
                     *lock(&shared.conns[dev]) = Some(h.clone());
                     let (hs, c) = (handshake.clone(), counters.clone());
-                    match watch_handshake(dev, hs, h.clone(), c, handshake_timeout) {
-                        Ok(t) => watchdog = Some(t),
-                        Err(e) => {
-                            // Without a deadline one silent client could hold the device.
-                            error!(dev, "cannot start the handshake watchdog: {e}");
-                            h.shutdown();
+                    if !handshake_timeout.is_zero() {
+                        match watch_handshake(dev, hs, h.clone(), c, handshake_timeout) {
+                            Ok(t) => watchdog = Some(t),
+                            Err(e) => {
+                                // Without its deadline a silent client could hold the device.
+                                error!(dev, "cannot start the handshake watchdog: {e}");
+                                h.shutdown();
+                            }
                         }
                     }
                 }

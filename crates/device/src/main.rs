@@ -35,7 +35,8 @@ struct Args {
     #[arg(long)]
     socket_group: Option<String>,
     /// Drop a frontend that has not started a ring this long after it connected, freeing the
-    /// device for the next guest (e.g. 5s, 500ms; default 5s).
+    /// device for the next guest (e.g. 5s, 500ms; default 5s; 0: no deadline, e.g. for a VMM
+    /// that connects long before its guest's driver starts the rings).
     #[arg(long, value_parser = |s: &str| parse_duration(s).map_err(|e| e.to_string()))]
     handshake_timeout: Option<std::time::Duration>,
     /// TOML file with the same settings (command-line options override it).
