@@ -234,19 +234,24 @@ fn wait_readable(listen: RawFd, stop: RawFd) -> io::Result<bool> {
 /// Progress of one connection's setup, for its handshake deadline.
 #[derive(Default)]
 struct Handshake {
-    /// (a ring runs, the connection is over)
-    state: Mutex<(bool, bool)>,
+    state: Mutex<HandshakeState>,
     changed: Condvar,
+}
+
+#[derive(Default)]
+struct HandshakeState {
+    ring_running: bool,
+    connection_over: bool,
 }
 
 impl Handshake {
     fn ring_started(&self) {
-        lock(&self.state).0 = true;
+        lock(&self.state).ring_running = true;
         self.changed.notify_all();
     }
 
     fn connection_over(&self) {
-        lock(&self.state).1 = true;
+        lock(&self.state).connection_over = true;
         self.changed.notify_all();
     }
 
@@ -254,7 +259,7 @@ impl Handshake {
     fn expired(&self, timeout: Duration) -> bool {
         let end = Instant::now() + timeout;
         let mut st = lock(&self.state);
-        while !st.0 && !st.1 {
+        while !st.ring_running && !st.connection_over {
             let now = Instant::now();
             if now >= end {
                 return true;
@@ -348,8 +353,8 @@ fn serve(
                 if let Some(h) = daemon.shutdown_handle() {
                     backend.set_shutdown(h.clone());
                     *lock(&shared.conns[dev]) = Some(h.clone());
-                    let (hs, c) = (handshake.clone(), counters.clone());
                     if !handshake_timeout.is_zero() {
+                        let (hs, c) = (handshake.clone(), counters.clone());
                         match watch_handshake(dev, hs, h.clone(), c, handshake_timeout) {
                             Ok(t) => watchdog = Some(t),
                             Err(e) => {
