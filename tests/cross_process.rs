@@ -207,7 +207,7 @@ fn print_capabilities_and_config_file() {
     std::fs::write(
         &cfg,
         format!(
-            "socket_dir = {:?}\ndevices = 1\nhost_id = 7\n[limits]\nmax_endpoints = 3\nmax_msg_size = 65536\n",
+            "socket_dir = {:?}\ndevices = 1\nhost_id = 7\nfabric_id = 0xab\n[limits]\nmax_endpoints = 3\nmax_msg_size = 65536\n",
             dir.path().display().to_string()
         ),
     )
@@ -233,7 +233,7 @@ fn print_capabilities_and_config_file() {
     );
     assert!(text.contains("max_msg_size=65536"), "{text}");
     assert!(text.contains("max_endpoints=3"), "{text}");
-    assert!(text.contains("node: 0x0000000700000000"), "{text}");
+    assert!(text.contains("fabric id: ab  node: 0x000000ab00070000"), "{text}");
 }
 
 /// Two daemons that were given no fabric id are separate fabrics: `vfabric info` shows

@@ -401,3 +401,67 @@ fn c_msg_under_valgrind() {
 fn c_rma_under_valgrind() {
     c_suite_valgrind("rma", 2);
 }
+
+/// With no usable device, `fi_info -p vfabric` at `FI_LOG_LEVEL=warn` says why: nothing found
+/// where it looked, a device busy with another guest, no daemon behind a socket.
+#[test]
+fn fi_info_says_why_no_device_is_usable() {
+    let d = DaemonProcess::start(1, &[]);
+    let warn = |devices: &str| {
+        let o = run_with_timeout(
+            fi_cmd("fi_info", &[])
+                .args(["-p", "vfabric"])
+                .env("VFABRIC_DEVICES", devices)
+                .env("FI_LOG_LEVEL", "warn"),
+            Duration::from_secs(30),
+        );
+        assert!(!o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    // Busy: another guest (this process) holds the device.
+    let held = vfabric::Domain::open(
+        &d.sockets[0],
+        vfabric::DomainAttr {
+            mem_bytes: 4 << 20,
+            ..vfabric::DomainAttr::default()
+        },
+    )
+    .expect("hold the device");
+    let t = warn(&d.sockets[0].display().to_string());
+    assert!(t.contains("is busy") && t.contains(":vfabric:"), "{t}");
+    drop(held);
+    // A socket nobody listens on.
+    let stale = d.path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let t = warn(&stale.display().to_string());
+    assert!(t.contains("no vfabricd listens"), "{t}");
+    // Nothing at all: no devices given and none in the default directory (a separator-only
+    // list counts as unset).
+    let t = warn(":");
+    if !std::path::Path::new(vfabric::DEFAULT_SOCKET_DIR).exists() {
+        assert!(t.contains("no vfabric devices"), "{t}");
+    }
+}
+
+/// An invalid `FI_VFABRIC_MEM_MB` makes `fi_domain` fail, with a warning naming the variable
+/// (it used to fall back to 64 MiB silently, or wrap around for huge values).
+#[test]
+fn invalid_fi_vfabric_mem_mb_is_refused_by_name() {
+    let d = DaemonProcess::start(1, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    for bad in ["0", "abc", "17592186044417"] {
+        let o = run_with_timeout(
+            fi_cmd(c_test_binary(), &socks)
+                .arg("msg")
+                .env("FI_VFABRIC_MEM_MB", bad)
+                .env("FI_LOG_LEVEL", "warn"),
+            Duration::from_secs(120),
+        );
+        let t = text(&o);
+        assert!(!o.status.success(), "FI_VFABRIC_MEM_MB={bad}: {t}");
+        assert!(
+            t.contains("FI_VFABRIC_MEM_MB"),
+            "FI_VFABRIC_MEM_MB={bad}: {t}"
+        );
+    }
+}

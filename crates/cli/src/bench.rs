@@ -218,7 +218,7 @@ impl Side {
                 Err(vfabric::Error::Timeout) => return Err(self.no_completion(what)),
                 Err(vfabric::Error::Avail) => {
                     let e = cq.readerr();
-                    return Err(CliError::Run(format!("{what}: error completion {e:?}")));
+                    return Err(CliError::Run(format!("{what}: {}", describe_error(e))));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -292,6 +292,25 @@ impl Side {
 }
 
 /// Deterministic pattern so both sides can verify without sending checksums.
+/// An error completion in words (with a hint for the usual causes).
+pub fn describe_error(e: Option<vfabric::CqErrEntry>) -> String {
+    let Some(e) = e else {
+        return "error completion (entry already taken)".into();
+    };
+    let hint = match e.status {
+        vfabric::proto::Status::AddrNotAvail => {
+            ": the peer's endpoint is not open (has the peer exited, or is it still waiting for \
+             its device?)"
+        }
+        vfabric::proto::Status::PeerGone => ": the peer's guest disconnected",
+        _ => "",
+    };
+    format!(
+        "error completion: {}{hint} (errno {}, {} bytes done)",
+        e.status, e.err, e.len
+    )
+}
+
 pub fn fill_pattern(buf: &mut [u8], seed: u64) {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     for chunk in buf.chunks_mut(8) {
@@ -734,4 +753,30 @@ fn rma_size(
         msg_rate: ops / secs,
         verified: params.verify && !atomic,
     })
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use super::*;
+
+    #[test]
+    fn error_completions_are_described_in_words() {
+        let e = vfabric::CqErrEntry {
+            context: 7,
+            flags: 0,
+            len: 0,
+            olen: 0,
+            status: vfabric::proto::Status::AddrNotAvail,
+            err: vfabric::fi::EADDRNOTAVAIL,
+            prov_errno: 4,
+            data: 0,
+            tag: 0,
+            src: None,
+            buf: None,
+        };
+        let s = describe_error(Some(e));
+        assert!(s.contains("address not available"), "{s}");
+        assert!(s.contains("peer's endpoint is not open"), "{s}");
+        assert!(!s.contains("CqErrEntry"), "{s}");
+    }
 }

@@ -387,7 +387,10 @@ fn wait(
             Err(vfabric::Error::Again) | Err(vfabric::Error::Timeout) => {}
             Err(vfabric::Error::Avail) => {
                 let e = cq.readerr();
-                return Err(CliError::Run(format!("{what}: error completion {e:?}")));
+                return Err(CliError::Run(format!(
+                    "{what}: {}",
+                    crate::bench::describe_error(e)
+                )));
             }
             Err(e) => return Err(e.into()),
         }

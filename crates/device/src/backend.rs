@@ -264,6 +264,9 @@ pub(crate) struct FabricBackend {
     exit_fd: Mutex<Option<RawFd>>,
     shutdown: Mutex<Option<ShutdownHandle>>,
     broken: AtomicBool,
+    /// Called once, when the first ring runs (see [`FabricBackend::on_ring_started`]).
+    ring_started: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    any_ring_started: AtomicBool,
 }
 
 impl FabricBackend {
@@ -299,6 +302,8 @@ impl FabricBackend {
             exit_fd: Mutex::new(None),
             shutdown: Mutex::new(None),
             broken: AtomicBool::new(false),
+            ring_started: Mutex::new(None),
+            any_ring_started: AtomicBool::new(false),
         });
         *lock(&backend.me) = Arc::downgrade(&backend);
         Ok(backend)
@@ -317,6 +322,14 @@ impl FabricBackend {
             mem: self.mem.clone(),
             sink: self.sink.clone(),
         }
+    }
+
+    /// Run `f` once the frontend has a ring running (started and enabled: vhost-user-backend
+    /// hands a ring to `handle_event` when SET_VRING_ENABLE, or the kick fd without protocol
+    /// features, makes it run, and on every kick after). The daemon's handshake deadline ends
+    /// there.
+    pub fn on_ring_started(&self, f: Box<dyn FnOnce() + Send>) {
+        *lock(&self.ring_started) = Some(f);
     }
 
     /// Give the backend the means to drop its frontend (on a corrupt ring).
@@ -807,6 +820,13 @@ impl VhostUserBackend for FabricBackend {
     ) -> io::Result<()> {
         if device_event as usize >= self.num_queues {
             return Ok(());
+        }
+        if !self.any_ring_started.load(Ordering::Relaxed)
+            && !self.any_ring_started.swap(true, Ordering::AcqRel)
+        {
+            if let Some(f) = lock(&self.ring_started).take() {
+                f();
+            }
         }
         self.sink.set_vrings(vrings);
         let q = usize::from(device_event);

@@ -6,6 +6,7 @@
 //! the device cannot honour; [`crate::start`] calls it.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use vfabric_proto::{CapValue, VENDOR_ID_VFABRIC, VIRTIO_ID_FABRIC};
@@ -14,6 +15,13 @@ use crate::Error;
 
 /// Most data-plane poller threads per daemon.
 pub const MAX_POLLERS: usize = 64;
+/// Most devices per daemon.
+pub const MAX_DEVICES: u32 = 4096;
+/// Default [`Config::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds of [`Config::handshake_timeout`].
+pub const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(10);
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Vendor attribute key (vendor `VENDOR_ID_VFABRIC`) carrying the configured virtio device id.
 pub(crate) const VENDOR_KEY_VIRTIO_DEVICE_ID: u16 = 100;
@@ -64,6 +72,10 @@ pub const MAX_MSG_SIZE_LIMIT: u64 = 1 << 30;
 pub const MAX_QUEUE_PAIRS: u16 = 31;
 /// Largest accepted `max_endpoints`.
 pub const MAX_ENDPOINTS_LIMIT: u32 = 1 << 16;
+/// Largest accepted `max_mrs`.
+pub const MAX_MRS_LIMIT: u32 = 1 << 20;
+/// Largest accepted `max_unexpected_bytes` (64 GiB).
+pub const MAX_UNEXPECTED_BYTES_LIMIT: u64 = 64 << 30;
 
 impl Limits {
     /// Number of virtqueues of a device with these limits.
@@ -82,6 +94,14 @@ impl Limits {
         }
         if self.max_endpoints == 0 || self.max_endpoints > MAX_ENDPOINTS_LIMIT {
             return bad(format!("max_endpoints must be 1..={MAX_ENDPOINTS_LIMIT}"));
+        }
+        if self.max_mrs == 0 || self.max_mrs > MAX_MRS_LIMIT {
+            return bad(format!("max_mrs must be 1..={MAX_MRS_LIMIT}"));
+        }
+        if self.max_unexpected_bytes > MAX_UNEXPECTED_BYTES_LIMIT {
+            return bad(format!(
+                "max_unexpected_bytes must be at most {MAX_UNEXPECTED_BYTES_LIMIT}"
+            ));
         }
         if self.max_msg_size == 0 || self.max_msg_size > MAX_MSG_SIZE_LIMIT {
             return bad(format!("max_msg_size must be 1..={MAX_MSG_SIZE_LIMIT}"));
@@ -164,6 +184,16 @@ pub struct Config {
     pub uplink: Option<crate::uplink::UplinkConfig>,
     /// Vendor attributes appended to QUERY_CAPS answers.
     pub vendor_attrs: Vec<VendorAttr>,
+    /// Permission bits of the device sockets (`None`: as the umask leaves them). Only users
+    /// with write permission on a socket can connect to its device.
+    pub socket_mode: Option<u32>,
+    /// Group (name or numeric id) given to the device sockets (`None`: the daemon's group).
+    pub socket_group: Option<String>,
+    /// A frontend that has not started a ring (SET_VRING_ENABLE, or the ring's kick with
+    /// vhost-user protocol features off) this long after it was accepted is dropped, so that a
+    /// silent or stalled connection cannot hold the device. Zero: no deadline (a VMM such as
+    /// QEMU connects at VM start but starts rings only when the guest's driver loads).
+    pub handshake_timeout: Duration,
 }
 
 impl Config {
@@ -180,7 +210,23 @@ impl Config {
             limits: Limits::default(),
             uplink: None,
             vendor_attrs: VendorAttr::defaults(),
+            socket_mode: None,
+            socket_group: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
+    }
+
+    /// Check a device count before anything is allocated for it.
+    pub fn check_devices(devices: u32) -> Result<(), Error> {
+        if devices == 0 {
+            return Err(Error::Config("devices must be at least 1".into()));
+        }
+        if devices > MAX_DEVICES {
+            return Err(Error::Config(format!(
+                "devices = {devices} is too large: at most {MAX_DEVICES} devices per daemon"
+            )));
+        }
+        Ok(())
     }
 
     /// `dir/vfabric0.sock` … `dir/vfabric{n-1}.sock`.
@@ -199,6 +245,9 @@ impl Config {
     /// host_id = 1
     /// device_id = 56
     /// poll_us = 50
+    /// socket_mode = "0660"            # octal string (or 0o660); default: per umask
+    /// socket_group = "kvm"            # group name or numeric id
+    /// handshake_timeout = "5s"        # or "500ms", or whole seconds
     /// replace_vendor_attrs = false    # true: drop the default vendor attributes
     ///
     /// [limits]                        # any field of `Limits`
@@ -235,8 +284,27 @@ impl Config {
         if self.sockets.is_empty() {
             return Err(Error::Config("no device socket configured".into()));
         }
-        if self.sockets.len() > 4096 {
-            return Err(Error::Config("at most 4096 devices per daemon".into()));
+        if self.sockets.len() > MAX_DEVICES as usize {
+            return Err(Error::Config(format!(
+                "{} sockets: at most {MAX_DEVICES} devices per daemon",
+                self.sockets.len()
+            )));
+        }
+        if self.socket_mode.is_some_and(|m| m & !0o777 != 0) {
+            return Err(Error::Config(format!(
+                "socket_mode {:#o} has bits beyond 0777",
+                self.socket_mode.unwrap_or(0)
+            )));
+        }
+        if self.socket_group.as_deref().is_some_and(str::is_empty) {
+            return Err(Error::Config("socket_group is empty".into()));
+        }
+        let timeouts = MIN_HANDSHAKE_TIMEOUT..=MAX_HANDSHAKE_TIMEOUT;
+        if !self.handshake_timeout.is_zero() && !timeouts.contains(&self.handshake_timeout) {
+            return Err(Error::Config(format!(
+                "handshake_timeout {:?} out of range {MIN_HANDSHAKE_TIMEOUT:?}..={MAX_HANDSHAKE_TIMEOUT:?} (0: off)",
+                self.handshake_timeout
+            )));
         }
         if let Some(u) = &self.uplink {
             u.validate(self.host_id).map_err(Error::Config)?;
@@ -329,6 +397,12 @@ struct FileConfig {
     poll_us: Option<u64>,
     poller_cpu: Option<usize>,
     pollers: Option<usize>,
+    /// Octal string ("0660") or integer (write it `0o660`).
+    socket_mode: Option<toml::Value>,
+    /// Group name or numeric id.
+    socket_group: Option<toml::Value>,
+    /// "5s", "500ms", or an integer number of seconds.
+    handshake_timeout: Option<toml::Value>,
     limits: Limits,
     uplink: Option<FileUplink>,
     peers: Vec<FilePeer>,
@@ -392,6 +466,38 @@ impl FileVendorAttr {
     }
 }
 
+/// Parse socket permission bits given in octal ("0660", "660", "0o660").
+pub fn parse_socket_mode(s: &str) -> Result<u32, Error> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    let mode = u32::from_str_radix(digits, 8)
+        .map_err(|_| Error::Config(format!("socket mode {s:?} is not an octal number")))?;
+    if mode & !0o777 != 0 {
+        return Err(Error::Config(format!(
+            "socket mode {s:?} has bits beyond 0777"
+        )));
+    }
+    Ok(mode)
+}
+
+/// Parse a duration: "5s", "500ms", "1.5s", or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, Error> {
+    let t = s.trim();
+    let bad = || Error::Config(format!("duration {s:?}: give e.g. \"5s\" or \"500ms\""));
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(bad());
+    }
+    Duration::try_from_secs_f64(v * scale).map_err(|_| bad())
+}
+
 fn parse_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
     if s.len() & 1 != 0 {
@@ -419,7 +525,11 @@ impl FileConfig {
                 }
                 vec![p]
             }
-            (None, Some(d)) => Config::socket_dir_paths(&d, self.devices.unwrap_or(1)),
+            (None, Some(d)) => {
+                let devices = self.devices.unwrap_or(1);
+                Config::check_devices(devices)?;
+                Config::socket_dir_paths(&d, devices)
+            }
             (None, None) => Vec::new(),
         };
         let mut c = Config::new(sockets);
@@ -460,6 +570,41 @@ impl FileConfig {
                 ))
             }
             (None, true) => {}
+        }
+        c.socket_mode =
+            match self.socket_mode {
+                None => None,
+                Some(toml::Value::Integer(m)) => Some(u32::try_from(m).map_err(|_| {
+                    Error::Config(format!("socket_mode {m} is negative or too large"))
+                })?),
+                Some(toml::Value::String(m)) => Some(parse_socket_mode(&m)?),
+                Some(v) => {
+                    return Err(Error::Config(format!(
+                        "socket_mode {v}: give an octal string such as \"0660\""
+                    )))
+                }
+            };
+        c.socket_group = match self.socket_group {
+            None => None,
+            Some(toml::Value::String(g)) => Some(g),
+            Some(toml::Value::Integer(g)) if g >= 0 => Some(g.to_string()),
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "socket_group {v}: give a group name or a numeric id"
+                )))
+            }
+        };
+        match self.handshake_timeout {
+            None => {}
+            Some(toml::Value::String(t)) => c.handshake_timeout = parse_duration(&t)?,
+            Some(toml::Value::Integer(t)) if t >= 0 => {
+                c.handshake_timeout = Duration::from_secs(t.unsigned_abs())
+            }
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "handshake_timeout {v}: give a duration such as \"5s\" or \"500ms\""
+                )))
+            }
         }
         if self.replace_vendor_attrs {
             c.vendor_attrs.clear();
@@ -514,6 +659,95 @@ mod tests {
         assert!(c.validate().is_err());
         c.pollers = 4;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn device_counts_are_bounded_before_allocation() {
+        let e = Config::check_devices(u32::MAX).unwrap_err().to_string();
+        assert!(
+            e.contains("4294967295") && e.contains("at most 4096"),
+            "{e}"
+        );
+        let e = Config::check_devices(0).unwrap_err().to_string();
+        assert!(e.contains("at least 1"), "{e}");
+        Config::check_devices(MAX_DEVICES).unwrap();
+        // The TOML path checks before building the socket list (no 100 GB allocation).
+        let e = Config::from_toml_str("socket_dir = \"/tmp/x\"\ndevices = 4294967295")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("too large"), "{e}");
+        assert!(Config::from_toml_str("socket_dir = \"/tmp/x\"\ndevices = 0").is_err());
+    }
+
+    #[test]
+    fn every_limit_is_bounded_and_named() {
+        let check = |f: &dyn Fn(&mut Limits), name: &str| {
+            let mut c = Config::new(vec!["/tmp/x.sock".into()]);
+            f(&mut c.limits);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(name), "{name}: {e}");
+        };
+        check(&|l| l.max_mrs = u32::MAX, "max_mrs");
+        check(&|l| l.max_mrs = 0, "max_mrs");
+        check(
+            &|l| l.max_unexpected_bytes = u64::MAX,
+            "max_unexpected_bytes",
+        );
+        check(&|l| l.max_endpoints = u32::MAX, "max_endpoints");
+        check(&|l| l.max_msg_size = u64::MAX, "max_msg_size");
+        check(&|l| l.max_sge = u32::MAX, "max_sge");
+        check(&|l| l.num_queue_pairs = u16::MAX, "num_queue_pairs");
+    }
+
+    #[test]
+    fn socket_options_parse_and_validate() {
+        assert_eq!(parse_socket_mode("0660").unwrap(), 0o660);
+        assert_eq!(parse_socket_mode("600").unwrap(), 0o600);
+        assert_eq!(parse_socket_mode("0o770").unwrap(), 0o770);
+        assert!(parse_socket_mode("0669").is_err());
+        assert!(parse_socket_mode("4777").is_err());
+        assert!(parse_socket_mode("rw").is_err());
+        let c = Config::from_toml_str(
+            "socket_path = \"/tmp/a.sock\"\nsocket_mode = \"0660\"\nsocket_group = \"kvm\"\nhandshake_timeout = \"750ms\"",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.socket_mode, Some(0o660));
+        assert_eq!(c.socket_group.as_deref(), Some("kvm"));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(750));
+        let c =
+            Config::from_toml_str("socket_mode = 0o600\nsocket_group = 36\nhandshake_timeout = 3")
+                .unwrap();
+        assert_eq!(c.socket_mode, Some(0o600));
+        assert_eq!(c.socket_group.as_deref(), Some("36"));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(3));
+        // TOML decimal 660 is not 0660: refused rather than silently wrong.
+        let c = Config::from_toml_str("socket_path = \"/a\"\nsocket_mode = 660").unwrap();
+        assert!(c.validate().is_err());
+        assert!(Config::from_toml_str("socket_mode = true").is_err());
+        assert!(Config::from_toml_str("handshake_timeout = \"soon\"").is_err());
+        let mut c = Config::new(vec!["/tmp/x.sock".into()]);
+        c.handshake_timeout = Duration::from_millis(1);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("handshake_timeout"));
+        c.handshake_timeout = Duration::from_secs(7200);
+        assert!(c.validate().is_err());
+        c.handshake_timeout = Duration::ZERO;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        for bad in ["", "-1s", "abc", "5m", "nan", "inf"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

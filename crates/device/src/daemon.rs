@@ -2,17 +2,23 @@
 //! Serving the device sockets: [`start`] binds every socket, then one thread per device accepts
 //! a frontend, runs a `VhostUserDaemon` for it until it disconnects, frees everything it held and
 //! accepts the next one.
+//!
+//! A device serves one frontend at a time; others wait in the socket's backlog. So that a
+//! connection that never becomes a working guest (silent, half a header, setup stalled before
+//! any ring runs) cannot hold the device, a frontend that has no ring running
+//! `handshake_timeout` after it was accepted is dropped (unless the deadline is 0: off). A
+//! guest that got a ring running and then goes idle keeps the device: it is a legitimate guest.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -22,6 +28,7 @@ use crate::chain::GuestMemoryMmap;
 use crate::config::Config;
 use crate::fabric::{Fabric, Notify};
 use crate::poller::Poller;
+use crate::socket::{resolve_group, DeviceSocket, SocketAccess};
 use crate::stats::{Counters, Stats};
 use crate::Error;
 
@@ -121,15 +128,20 @@ impl Drop for DaemonHandle {
 /// Returns once all sockets are listening (frontends may connect right away).
 pub fn start(config: Config) -> Result<DaemonHandle, Error> {
     config.validate()?;
-    let fabric = Arc::new(Fabric::new(&config));
+    let access = SocketAccess {
+        mode: config.socket_mode,
+        gid: config
+            .socket_group
+            .as_deref()
+            .map(resolve_group)
+            .transpose()?,
+    };
+    // Sockets bound so far are removed again (only ours) if a later one fails.
     let mut listeners = Vec::with_capacity(config.sockets.len());
     for path in &config.sockets {
-        let l = Listener::new(path, true).map_err(|source| Error::Bind {
-            path: path.clone(),
-            source,
-        })?;
-        listeners.push(l);
+        listeners.push(DeviceSocket::bind(path, access)?);
     }
+    let fabric = Arc::new(Fabric::new(&config));
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         stop_evt: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
@@ -178,14 +190,16 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
         virtio_device_id = config.device_id,
         poll_us = config.poll_us,
         pollers = config.pollers,
+        handshake_timeout = ?config.handshake_timeout,
         "starting vfabricd"
     );
     for (dev, listener) in listeners.into_iter().enumerate() {
         let poller = handle.pollers[dev % handle.pollers.len()].clone();
         let (fabric, shared) = (fabric.clone(), shared.clone());
+        let deadline = config.handshake_timeout;
         let t = std::thread::Builder::new()
             .name(format!("vfabric{dev}"))
-            .spawn(move || serve(dev, listener, fabric, shared, poller))
+            .spawn(move || serve(dev, listener, fabric, shared, poller, deadline))
             .map_err(Error::Thread)?;
         handle.threads.push(t);
         info!(
@@ -235,13 +249,80 @@ fn wait_readable(listen: RawFd, stop: RawFd) -> io::Result<bool> {
     }
 }
 
+/// Progress of one connection's setup, for its handshake deadline.
+#[derive(Default)]
+struct Handshake {
+    state: Mutex<HandshakeState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct HandshakeState {
+    ring_running: bool,
+    connection_over: bool,
+}
+
+impl Handshake {
+    fn ring_started(&self) {
+        lock(&self.state).ring_running = true;
+        self.changed.notify_all();
+    }
+
+    fn connection_over(&self) {
+        lock(&self.state).connection_over = true;
+        self.changed.notify_all();
+    }
+
+    /// Wait until a ring runs or the connection is over (false), or `timeout` passes (true).
+    fn expired(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        let mut st = lock(&self.state);
+        while !st.ring_running && !st.connection_over {
+            let now = Instant::now();
+            if now >= end {
+                return true;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, end - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        false
+    }
+}
+
+/// Drop the frontend behind `conn` if it has no ring running within `timeout`.
+fn watch_handshake(
+    dev: usize,
+    handshake: Arc<Handshake>,
+    conn: ShutdownHandle,
+    counters: Arc<Counters>,
+    timeout: Duration,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vfabric{dev}-hs"))
+        .spawn(move || {
+            if handshake.expired(timeout) {
+                warn!(
+                    dev,
+                    ?timeout,
+                    "frontend started no ring within the handshake deadline: dropping it"
+                );
+                Counters::inc(&counters.handshake_timeouts);
+                conn.shutdown();
+            }
+        })
+}
+
 /// Serve device `dev`: one frontend at a time, forever (until shutdown).
 fn serve(
     dev: usize,
-    mut listener: Listener,
+    mut listener: DeviceSocket,
     fabric: Arc<Fabric>,
     shared: Arc<Shared>,
     poller: Arc<Poller>,
+    handshake_timeout: Duration,
 ) {
     let Some(counters) = fabric.counters(dev).cloned() else {
         return;
@@ -278,19 +359,39 @@ fn serve(
                     continue;
                 }
             };
+        let handshake = Arc::new(Handshake::default());
+        let started = handshake.clone();
+        backend.on_ring_started(Box::new(move || started.ring_started()));
         // Attach before accepting: requests can only arrive after the connection exists.
         fabric.connect(dev, backend.port());
-        let served = match daemon.start(&mut listener) {
+        let served = match daemon.start(listener.listener_mut()) {
             Ok(()) => {
                 info!(dev, "frontend connected");
+                let mut watchdog = None;
                 if let Some(h) = daemon.shutdown_handle() {
                     backend.set_shutdown(h.clone());
-                    *lock(&shared.conns[dev]) = Some(h);
+                    *lock(&shared.conns[dev]) = Some(h.clone());
+                    if !handshake_timeout.is_zero() {
+                        let (hs, c) = (handshake.clone(), counters.clone());
+                        match watch_handshake(dev, hs, h.clone(), c, handshake_timeout) {
+                            Ok(t) => watchdog = Some(t),
+                            Err(e) => {
+                                // Without its deadline a silent client could hold the device.
+                                error!(dev, "cannot start the handshake watchdog: {e}");
+                                h.shutdown();
+                            }
+                        }
+                    }
                 }
                 if stopping() {
                     daemon.request_shutdown();
                 }
-                match daemon.wait() {
+                let ended = daemon.wait();
+                handshake.connection_over();
+                if watchdog.is_some_and(|t| t.join().is_err()) {
+                    error!(dev, "the handshake watchdog panicked");
+                }
+                match ended {
                     Ok(())
                     | Err(DaemonError::HandleRequest(
                         VhostUserError::Disconnected | VhostUserError::PartialMessage,
@@ -316,7 +417,7 @@ fn serve(
             Counters::inc(&counters.disconnects);
         }
     }
-    // Dropping the listener removes the socket file.
+    // Dropping the listener removes the socket file (if it is still ours).
     drop(listener);
     info!(dev, "device stopped");
 }

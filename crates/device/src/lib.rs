@@ -28,6 +28,7 @@ mod fabric;
 pub mod fuzzing;
 mod poller;
 mod ring;
+mod socket;
 mod stats;
 #[cfg(test)]
 mod testutil;
@@ -35,7 +36,10 @@ pub mod uplink;
 
 use std::path::PathBuf;
 
-pub use config::{parse_fabric_id, Config, Limits, VendorAttr};
+pub use config::{
+    parse_duration, parse_fabric_id, parse_socket_mode, Config, Limits, VendorAttr,
+    DEFAULT_HANDSHAKE_TIMEOUT, MAX_DEVICES,
+};
 pub use daemon::{start, DaemonHandle};
 pub use stats::{DeviceStats, Stats};
 
@@ -82,11 +86,23 @@ pub enum Error {
     },
     #[error("cannot parse configuration: {0}")]
     ConfigParse(String),
-    #[error("cannot listen on {path}: {source}")]
-    Bind {
+    #[error("cannot create socket directory {path}: {source}")]
+    SocketDir {
         path: PathBuf,
-        source: vhost::vhost_user::Error,
+        source: std::io::Error,
     },
+    #[error("cannot listen on {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is in use: another process (a running vfabricd?) listens on it; stop it or \
+         choose another socket"
+    )]
+    SocketInUse { path: PathBuf },
+    #[error("{path} exists and is not a socket: refusing to replace it")]
+    NotASocket { path: PathBuf },
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("cannot spawn a thread: {0}")]

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! `vfabricd`: serve virtio-fabric devices on vhost-user sockets until SIGTERM/SIGINT.
+//! `vfabricd`: serve virtio-fabric devices on vhost-user sockets until SIGTERM, SIGINT or
+//! SIGHUP.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
-use vfabric_device::{capabilities_json, start, Config, Error};
+use vfabric_device::{capabilities_json, parse_duration, parse_socket_mode, start, Config, Error};
 
 /// virtio-fabric vhost-user device daemon: one socket per device, all devices on one local
 /// fabric, one copy between guests.
@@ -23,9 +24,21 @@ struct Args {
     /// Directory for DIR/vfabric0.sock … vfabric{N-1}.sock (created if missing).
     #[arg(long)]
     socket_dir: Option<PathBuf>,
-    /// Number of devices with --socket-dir.
+    /// Number of devices with --socket-dir (1..=4096).
     #[arg(long, requires = "socket_dir")]
     devices: Option<u32>,
+    /// Permission bits of the device sockets, in octal (e.g. 0660; default: per umask).
+    /// Whoever can write to a device socket can be that device's guest.
+    #[arg(long, value_parser = |s: &str| parse_socket_mode(s).map_err(|e| e.to_string()))]
+    socket_mode: Option<u32>,
+    /// Group (name or id) of the device sockets (default: the daemon's group).
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Drop a frontend that has not started a ring this long after it connected, freeing the
+    /// device for the next guest (e.g. 5s, 500ms; default 5s; 0: no deadline, e.g. for a VMM
+    /// that connects long before its guest's driver starts the rings).
+    #[arg(long, value_parser = |s: &str| parse_duration(s).map_err(|e| e.to_string()))]
+    handshake_timeout: Option<std::time::Duration>,
     /// TOML file with the same settings (command-line options override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -107,11 +120,18 @@ impl TryFrom<Args> for Config {
         if let Some(p) = a.socket_path {
             c.sockets = vec![p];
         } else if let Some(d) = a.socket_dir {
-            std::fs::create_dir_all(&d).map_err(|source| Error::ConfigFile {
+            let devices = a.devices.unwrap_or(1);
+            Config::check_devices(devices).map_err(|_| {
+                Error::Config(format!(
+                    "--devices {devices}: give 1..={} devices",
+                    vfabric_device::MAX_DEVICES
+                ))
+            })?;
+            std::fs::create_dir_all(&d).map_err(|source| Error::SocketDir {
                 path: d.clone(),
                 source,
             })?;
-            c.sockets = Config::socket_dir_paths(&d, a.devices.unwrap_or(1));
+            c.sockets = Config::socket_dir_paths(&d, devices);
         }
         macro_rules! set {
             ($dst:expr, $src:expr) => {
@@ -136,6 +156,13 @@ impl TryFrom<Args> for Config {
         if a.poller_cpu.is_some() {
             c.poller_cpu = a.poller_cpu;
         }
+        if a.socket_mode.is_some() {
+            c.socket_mode = a.socket_mode;
+        }
+        if a.socket_group.is_some() {
+            c.socket_group = a.socket_group;
+        }
+        set!(c.handshake_timeout, a.handshake_timeout);
         let l = &mut c.limits;
         set!(l.num_queue_pairs, a.num_queue_pairs);
         set!(l.max_endpoints, a.max_endpoints);
@@ -156,8 +183,8 @@ impl TryFrom<Args> for Config {
     }
 }
 
-/// Block SIGINT and SIGTERM in this thread (and the threads it spawns later) so that
-/// `sigwait` receives them.
+/// Block SIGINT, SIGTERM and SIGHUP in this thread (and the threads it spawns later) so that
+/// `sigwait` receives them: each ends the daemon cleanly (sockets removed).
 fn block_signals() -> io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data; an all-zero value is a valid buffer for sigemptyset.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -166,6 +193,7 @@ fn block_signals() -> io::Result<libc::sigset_t> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
     }
     // SAFETY: `set` is initialised; the old mask is not requested (null is allowed).
     let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -191,7 +219,13 @@ fn main() -> ExitCode {
         println!("{}", capabilities_json());
         return ExitCode::SUCCESS;
     }
-    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match EnvFilter::try_new(&args.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("vfabricd: invalid --log-level {:?}: {e}", args.log_level);
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)

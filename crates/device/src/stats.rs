@@ -19,6 +19,7 @@ pub(crate) struct Counters {
     pub bad_chains: AtomicU64,
     pub ring_errors: AtomicU64,
     pub dgram_drops: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
     pub connected: AtomicBool,
     errors: [AtomicU64; NUM_STATUS],
 }
@@ -65,6 +66,7 @@ impl Counters {
             bad_chains: get(&self.bad_chains),
             ring_errors: get(&self.ring_errors),
             dgram_drops: get(&self.dgram_drops),
+            handshake_timeouts: get(&self.handshake_timeouts),
             error_completions,
         }
     }
@@ -93,6 +95,8 @@ pub struct DeviceStats {
     pub ring_errors: u64,
     /// Messages to this device's DGRAM endpoints dropped for lack of a posted receive.
     pub dgram_drops: u64,
+    /// Frontends dropped for not starting a ring within the handshake deadline.
+    pub handshake_timeouts: u64,
     /// Completions with a non-`Ok` status, by status (only non-zero counts, by status code).
     pub error_completions: Vec<(Status, u64)>,
 }

@@ -608,6 +608,42 @@ fn handle_is_send_and_sync_and_config_errors_are_reported() {
     c.limits.max_queue_size = 1000;
     assert!(matches!(start(c), Err(vfabric_device::Error::Config(_))));
     let c = Config::new(vec![dir.path().join("missing/a.sock")]);
-    assert!(matches!(start(c), Err(vfabric_device::Error::Bind { .. })));
+    assert!(matches!(
+        start(c),
+        Err(vfabric_device::Error::Socket { .. })
+    ));
     assert!(vfabric_device::capabilities_json().contains("\"type\": \"fabric\""));
+}
+
+#[test]
+fn handshake_deadline_drops_only_connections_without_a_running_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Config::new(Config::socket_dir_paths(dir.path(), 2));
+    c.handshake_timeout = Duration::from_millis(100);
+    let d = start(c).unwrap();
+    let paths = d.socket_paths().to_vec();
+    // A guest with running rings on device 1, accepted before the silent client below.
+    let mut g1 = Guest::setup(&paths[1]);
+    // A client that connects to device 0 and says nothing is dropped at its deadline.
+    let mut silent = std::os::unix::net::UnixStream::connect(&paths[0]).unwrap();
+    wait_until("the silent client dropped", || {
+        let s = &d.stats().devices[0];
+        s.handshake_timeouts == 1 && s.disconnects == 1 && !s.connected
+    });
+    silent.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut b = [0u8; 1];
+    assert!(matches!(
+        std::io::Read::read(&mut silent, &mut b),
+        Ok(0) | Err(_)
+    ));
+    // Device 1's guest is past its own deadline (it was accepted earlier) and keeps its device.
+    let s1 = &d.stats().devices[1];
+    assert_eq!((s1.handshake_timeouts, s1.disconnects), (0, 0), "{s1:?}");
+    assert!(s1.connected);
+    g1.open();
+    // Device 0 is free for a real guest.
+    let mut g0 = Guest::setup(&paths[0]);
+    g0.open();
+    drop((g0, g1));
+    d.shutdown();
 }

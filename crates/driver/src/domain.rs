@@ -432,6 +432,7 @@ impl DomainInner {
     /// Connect, share memory, read config, start the rings. A probe only starts the control
     /// queue (enough for QUERY_CAPS).
     pub(crate) fn connect(path: &Path, attr: &DomainAttr, probe: bool) -> Result<Arc<Self>> {
+        crate::memory::check_mem_env()?;
         let mut transport = Transport::connect(path, attr.control_timeout)?;
         let mem_bytes = if probe {
             PROBE_MEM_BYTES

@@ -240,6 +240,17 @@ pub enum Error {
     OutOfMemory { requested: usize },
     #[error("transport: {0}")]
     Transport(String),
+    /// The device serves another guest (one guest per device): it did not take this
+    /// connection within `waited`. `-FI_EBUSY`.
+    #[error(
+        "device {} is busy: it serves another guest (one guest per device socket) and did not \
+         accept this one within {waited:?}",
+        path.display()
+    )]
+    Busy {
+        path: std::path::PathBuf,
+        waited: std::time::Duration,
+    },
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
     /// The object (or the device connection) is closed.
@@ -270,6 +281,7 @@ impl Error {
             Error::TooLarge { .. } => fi::EMSGSIZE,
             Error::OutOfMemory { .. } => fi::ENOMEM,
             Error::Transport(_) => fi::EIO,
+            Error::Busy { .. } => fi::EBUSY,
             Error::Io(e) => e.raw_os_error().unwrap_or(fi::EIO),
             Error::Closed => fi::ESHUTDOWN,
             Error::ForeignFabric { .. } => fi::EADDRNOTAVAIL,

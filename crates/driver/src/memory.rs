@@ -21,14 +21,53 @@ pub const MEM_ENV: &str = "VFABRIC_MEM_MB";
 /// Smallest allocation unit (one cache line).
 pub const ALLOC_GRANULE: usize = 64;
 
-/// Region size from `VFABRIC_MEM_MB`, else [`DEFAULT_MEM_BYTES`].
+/// Largest region size accepted from the environment, in MiB (1 TiB).
+pub const MAX_MEM_MB: usize = 1 << 20;
+
+/// Region size from `VFABRIC_MEM_MB`, else [`DEFAULT_MEM_BYTES`] (also when the variable is
+/// invalid: [`check_mem_env`] reports that, and `Domain::open` calls it).
 pub fn default_mem_bytes() -> usize {
-    std::env::var(MEM_ENV)
+    env_mem_bytes(MEM_ENV)
         .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|mb| *mb > 0)
-        .map(|mb| mb << 20)
+        .flatten()
         .unwrap_or(DEFAULT_MEM_BYTES)
+}
+
+/// Reject an invalid `VFABRIC_MEM_MB`, naming it.
+pub fn check_mem_env() -> Result<()> {
+    env_mem_bytes(MEM_ENV).map(|_| ())
+}
+
+/// Region size in bytes from the environment variable `var` (a number of MiB), `None` if it
+/// is unset.
+pub fn env_mem_bytes(var: &str) -> Result<Option<usize>> {
+    match std::env::var(var) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(Error::InvalidArgument(format!("{var} is not valid UTF-8")))
+        }
+        Ok(v) => parse_mem_mb(var, &v).map(Some),
+    }
+}
+
+/// Parse `value` of `var`: a whole number of MiB, 1..=[`MAX_MEM_MB`]; returns bytes.
+pub fn parse_mem_mb(var: &str, value: &str) -> Result<usize> {
+    let bad = |why: &str| {
+        Error::InvalidArgument(format!(
+            "{var}={value:?}: {why} (a shared region size in MiB, 1..={MAX_MEM_MB})"
+        ))
+    };
+    let mb: usize = value
+        .trim()
+        .parse()
+        .map_err(|_| bad("not a whole number"))?;
+    if mb == 0 {
+        return Err(bad("zero"));
+    }
+    if mb > MAX_MEM_MB {
+        return Err(bad("too large"));
+    }
+    Ok(mb << 20)
 }
 
 fn round_up(v: usize, align: usize) -> usize {
@@ -437,6 +476,20 @@ impl SharedBuf {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn mem_mb_values_are_checked_and_named() {
+        assert_eq!(parse_mem_mb("VFABRIC_MEM_MB", "64").unwrap(), 64 << 20);
+        assert_eq!(parse_mem_mb("VFABRIC_MEM_MB", " 1 ").unwrap(), 1 << 20);
+        let huge = ((1u128 << 44) + 1).to_string();
+        for bad in ["0", "abc", "-5", "", "1.5", huge.as_str()] {
+            let e = parse_mem_mb("VFABRIC_MEM_MB", bad).unwrap_err().to_string();
+            assert!(e.contains("VFABRIC_MEM_MB"), "{bad:?}: {e}");
+        }
+        // 2^44+1 MiB used to wrap to 1 MiB.
+        assert!(parse_mem_mb("X", &((1usize << 44) + 1).to_string()).is_err());
+        assert!(parse_mem_mb("X", &MAX_MEM_MB.to_string()).is_ok());
+    }
 
     #[test]
     fn freelist_alloc_free_coalesce() {

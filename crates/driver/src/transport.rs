@@ -101,6 +101,12 @@ fn connect_socket(path: &Path) -> Result<UnixStream> {
                 retries -= 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(Error::Transport(format!(
+                    "connect {}: {e}: no vfabricd listens on it (a stale socket?)",
+                    path.display()
+                )))
+            }
             Err(e) => return Err(Error::Transport(format!("connect {}: {e}", path.display()))),
         }
     }
@@ -114,7 +120,23 @@ impl Transport {
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
         let stream = connect_socket(path)?;
         let watchdog = Watchdog::arm(stream.as_fd(), timeout)?;
-        let result = Self::negotiate(path, stream);
+        let frontend = Frontend::from_stream(stream, VHOST_USER_MAX_VRINGS);
+        // The first reply comes once the device accepted us: while it serves another guest
+        // this connection waits in the socket's backlog.
+        let device_features = match frontend.get_features() {
+            Ok(f) => f,
+            Err(e) => {
+                return Err(if watchdog.disarm() {
+                    Error::Busy {
+                        path: path.to_path_buf(),
+                        waited: timeout,
+                    }
+                } else {
+                    vhost_err("GET_FEATURES", e)
+                })
+            }
+        };
+        let result = Self::negotiate(path, frontend, device_features);
         match result {
             Ok(mut t) => {
                 t.watchdog = Some(watchdog);
@@ -142,11 +164,7 @@ impl Transport {
         Ok(())
     }
 
-    fn negotiate(path: &Path, stream: UnixStream) -> Result<Self> {
-        let mut frontend = Frontend::from_stream(stream, VHOST_USER_MAX_VRINGS);
-        let device_features = frontend
-            .get_features()
-            .map_err(|e| vhost_err("GET_FEATURES", e))?;
+    fn negotiate(path: &Path, mut frontend: Frontend, device_features: u64) -> Result<Self> {
         if device_features & proto::REQUIRED_FEATURES != proto::REQUIRED_FEATURES {
             return Err(Error::Unsupported(format!(
                 "device {} lacks required features (offers {:#x}, needs {:#x})",

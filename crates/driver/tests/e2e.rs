@@ -913,7 +913,7 @@ fn busy_device_is_reported_not_waited_for() {
             ..small_attr()
         },
     );
-    assert!(matches!(second, Err(Error::Transport(_))), "{second:?}");
+    assert!(matches!(second, Err(Error::Busy { .. })), "{second:?}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // Once the first frontend leaves, the device serves the next one.
     drop(_held);

@@ -177,9 +177,14 @@ pub fn acquire(dev: &Info) -> Result<Domain, i32> {
         return Ok(d.clone());
     }
     let mut attr = DomainAttr::default();
-    if let Some(mb) = crate::param_size(c"mem_mb") {
-        if mb > 0 {
-            attr.mem_bytes = mb << 20;
+    // Read as text, not with fi_param_get: "0", "abc" or an overflowing size must be reported,
+    // not silently replaced by the default.
+    match vfabric::memory::env_mem_bytes("FI_VFABRIC_MEM_MB") {
+        Ok(Some(bytes)) => attr.mem_bytes = bytes,
+        Ok(None) => {}
+        Err(e) => {
+            crate::util::warn(sys::fi_log_subsys_FI_LOG_DOMAIN, &e.to_string());
+            return Err(fi::EINVAL);
         }
     }
     match Domain::open(&dev.device_path, attr) {

@@ -65,6 +65,16 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
     let mut h = hints.clone();
     h.devices = devices_param();
     let paths = vfabric::info::device_paths(&h);
+    if paths.is_empty() {
+        warn(
+            sys::fi_log_subsys_FI_LOG_CORE,
+            &format!(
+                "no vfabric devices: FI_VFABRIC_DEVICES and {} are unset and {} holds no *.sock",
+                vfabric::info::DEVICES_ENV,
+                vfabric::info::DEFAULT_SOCKET_DIR
+            ),
+        );
+    }
     let mut out = Vec::new();
     for p in paths {
         let name = vfabric::info::domain_name_of(&p);
@@ -77,9 +87,9 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
         }
         match Info::probe(&p) {
             Ok(i) => out.push(i),
-            Err(e) => debug(
+            Err(e) => warn(
                 sys::fi_log_subsys_FI_LOG_CORE,
-                &format!("device {}: probe failed: {e}", p.display()),
+                &format!("probe of {} failed: {e}", p.display()),
             ),
         }
     }
