@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use virtio_fabric_tests::{bin, run_with_timeout, wait_for, DaemonProcess};
+use virtio_fabric_tests::{bin, info_json, run_with_timeout, wait_for, DaemonProcess};
 
 fn vfabric() -> Command {
     Command::new(bin("vfabric"))
@@ -181,15 +181,7 @@ fn guest_killed_mid_transfer_leaves_daemon_and_others_working() {
 
 #[test]
 fn sigterm_exits_cleanly_and_removes_sockets() {
-    let mut d = DaemonProcess::start(3, &[]);
-    d.signal(libc::SIGTERM);
-    let st = d
-        .wait_exit(Duration::from_secs(10))
-        .expect("vfabricd exits on SIGTERM");
-    assert!(st.success(), "exit status {st:?}");
-    for s in &d.sockets {
-        assert!(!s.exists(), "{} left behind", s.display());
-    }
+    DaemonProcess::start(3, &[]).expect_clean_exit(libc::SIGTERM);
 }
 
 #[test]
@@ -233,7 +225,10 @@ fn print_capabilities_and_config_file() {
     );
     assert!(text.contains("max_msg_size=65536"), "{text}");
     assert!(text.contains("max_endpoints=3"), "{text}");
-    assert!(text.contains("fabric id: ab  node: 0x000000ab00070000"), "{text}");
+    assert!(
+        text.contains("fabric id: ab  node: 0x000000ab00070000"),
+        "{text}"
+    );
 }
 
 /// Two daemons that were given no fabric id are separate fabrics: `vfabric info` shows
@@ -244,19 +239,9 @@ fn print_capabilities_and_config_file() {
 fn a_server_address_from_another_fabric_is_refused() {
     let (a, b) = (DaemonProcess::start(1, &[]), DaemonProcess::start(1, &[]));
     let fabric_of = |d: &DaemonProcess| {
-        let out = run_with_timeout(
-            vfabric()
-                .args(["info", "--json", "--device"])
-                .arg(&d.sockets[0]),
-            Duration::from_secs(20),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info JSON");
-        v[0]["fabric_id"].as_u64().expect("fabric_id")
+        info_json(&d.sockets[0])[0]["fabric_id"]
+            .as_u64()
+            .expect("fabric_id")
     };
     let (fa, fb) = (fabric_of(&a), fabric_of(&b));
     assert_ne!(fa, fb, "two daemons without --fabric-id share a fabric id");

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use virtio_fabric_tests::{bin, run_with_timeout, wait_for};
+use virtio_fabric_tests::{bin, info_json, run_with_timeout, wait_for};
 
 const FABRIC: &str = "0x5eed";
 const PROVIDER: &str = "tcp;ofi_rxm";
@@ -175,18 +175,7 @@ impl HostDaemon {
 
     /// `(host id, devices, up)` of every remote host device 0 reports.
     fn remote_hosts(&self) -> Vec<(u64, u64, bool)> {
-        let out = run_with_timeout(
-            Command::new(bin("vfabric"))
-                .args(["info", "--json", "--device"])
-                .arg(&self.sockets[0]),
-            Duration::from_secs(20),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info JSON");
+        let v = info_json(&self.sockets[0]);
         let mut hosts: Vec<_> = v[0]["remote_hosts"]
             .as_array()
             .expect("remote_hosts")
@@ -299,24 +288,6 @@ fn impostors_strangers_and_other_fabrics_are_refused() {
     let _h2 = HostDaemon::start(&lan, dir.path(), 1, 2, &uplink_args(2, 1, &[]));
     h1.wait_hosts(&[(2, 2, true), (3, 0, false)], Duration::from_secs(10));
 
-    // From 10.77.0.4, claiming to be host 2: refused (host 2's id from another address).
-    let impostor = HostDaemon::start(
-        &lan,
-        dir.path(),
-        3,
-        2,
-        &[
-            "--fabric-id",
-            FABRIC,
-            "--uplink",
-            PROVIDER,
-            "--listen",
-            &Lan::addr(3),
-            "--peer",
-            &format!("1={}", Lan::addr(0)),
-        ]
-        .map(String::from),
-    );
     let refused = |what: &str| {
         assert!(
             wait_for(Duration::from_secs(10), || h1.log().contains(what)),
@@ -324,46 +295,31 @@ fn impostors_strangers_and_other_fabrics_are_refused() {
             h1.log()
         );
     };
+    // A daemon in namespace `ns` with host id `id` on `fabric` that knows only host 1.
+    let greeter = |ns: usize, id: u16, fabric: &str| {
+        let args = [
+            "--fabric-id",
+            fabric,
+            "--uplink",
+            PROVIDER,
+            "--listen",
+            &Lan::addr(ns),
+            "--peer",
+            &format!("1={}", Lan::addr(0)),
+        ]
+        .map(String::from);
+        HostDaemon::start(&lan, dir.path(), ns, id, &args)
+    };
+    // From 10.77.0.4, claiming to be host 2: refused (host 2's id from another address).
+    let impostor = greeter(3, 2, FABRIC);
     refused("claims host id 2 but comes from an address outside the peer set");
     drop(impostor);
     // From 10.77.0.3 (host 3's address) but another fabric: refused.
-    let other = HostDaemon::start(
-        &lan,
-        dir.path(),
-        2,
-        3,
-        &[
-            "--fabric-id",
-            "0xbad",
-            "--uplink",
-            PROVIDER,
-            "--listen",
-            &Lan::addr(2),
-            "--peer",
-            &format!("1={}", Lan::addr(0)),
-        ]
-        .map(String::from),
-    );
+    let other = greeter(2, 3, "0xbad");
     refused("belongs to fabric bad, this host to fabric 5eed");
     drop(other);
     // From 10.77.0.4 claiming host 9, which host 1 does not know: refused.
-    let stranger = HostDaemon::start(
-        &lan,
-        dir.path(),
-        3,
-        9,
-        &[
-            "--fabric-id",
-            FABRIC,
-            "--uplink",
-            PROVIDER,
-            "--listen",
-            &Lan::addr(3),
-            "--peer",
-            &format!("1={}", Lan::addr(0)),
-        ]
-        .map(String::from),
-    );
+    let stranger = greeter(3, 9, FABRIC);
     refused("host id 9 is not in the configured peer set");
     drop(stranger);
     // None of them made it into host 1's view.

@@ -9,12 +9,12 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use virtio_fabric_tests::{bin_dir, run_with_timeout, DaemonProcess};
+use virtio_fabric_tests::{bin_dir, output_text as text, run_with_timeout, DaemonProcess};
 
 /// A directory holding `libvfabric-fi.so` (a link to cargo's `libvfabric_provider.so`).
 fn provider_dir() -> &'static Path {
@@ -42,15 +42,6 @@ fn fi_cmd(program: impl AsRef<std::ffi::OsStr>, devices: &[&Path]) -> Command {
         .env_remove("FI_PROVIDER")
         .env_remove("FI_LOG_LEVEL");
     c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]

@@ -13,19 +13,10 @@ use std::time::Duration;
 use vfabric::{Domain, DomainAttr, EpAttr, Error as DrvError};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
-use virtio_fabric_tests::{bin, run_with_timeout, wait_for, DaemonProcess};
+use virtio_fabric_tests::{bin, output_text as text, run_with_timeout, wait_for, DaemonProcess};
 
 fn vfabricd() -> Command {
     Command::new(bin("vfabricd"))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// (device, inode) of a path.
@@ -73,14 +64,7 @@ fn a_second_daemon_cannot_steal_the_sockets() {
         let o = info(s);
         assert!(o.status.success(), "{}", text(&o));
     }
-    d.signal(libc::SIGTERM);
-    let st = d
-        .wait_exit(Duration::from_secs(10))
-        .expect("exit on SIGTERM");
-    assert!(st.success(), "{st:?}");
-    for s in &d.sockets {
-        assert!(!s.exists(), "{} left behind", s.display());
-    }
+    d.expect_clean_exit(libc::SIGTERM);
 }
 
 #[test]
@@ -118,15 +102,7 @@ fn a_stale_socket_is_replaced() {
 #[test]
 fn sighup_and_sigint_exit_cleanly_and_remove_sockets() {
     for sig in [libc::SIGHUP, libc::SIGINT] {
-        let mut d = DaemonProcess::start(2, &[]);
-        d.signal(sig);
-        let st = d
-            .wait_exit(Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("vfabricd ignored signal {sig}"));
-        assert!(st.success(), "signal {sig}: {st:?}");
-        for s in &d.sockets {
-            assert!(!s.exists(), "signal {sig}: {} left behind", s.display());
-        }
+        DaemonProcess::start(2, &[]).expect_clean_exit(sig);
     }
 }
 

@@ -90,6 +90,18 @@ impl DaemonProcess {
         }
     }
 
+    /// Signal the daemon and check that it exits successfully and removes its sockets.
+    pub fn expect_clean_exit(&mut self, sig: i32) {
+        self.signal(sig);
+        let st = self
+            .wait_exit(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("vfabricd did not exit on signal {sig}"));
+        assert!(st.success(), "exit status {st:?} on signal {sig}");
+        for s in &self.sockets {
+            assert!(!s.exists(), "{} left behind", s.display());
+        }
+    }
+
     /// Wait for the daemon to exit, at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + timeout;
@@ -108,6 +120,28 @@ impl Drop for DaemonProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Status, stdout and stderr of a finished command, for assertion messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `vfabric info --json` of one device, parsed.
+pub fn info_json(device: &Path) -> serde_json::Value {
+    let out = run_with_timeout(
+        Command::new(bin("vfabric"))
+            .args(["info", "--json", "--device"])
+            .arg(device),
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    serde_json::from_slice(&out.stdout).expect("vfabric info JSON")
 }
 
 /// Run a command with a deadline; kills it and panics on timeout. Returns its output.
