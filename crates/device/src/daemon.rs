@@ -165,9 +165,10 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
     for (dev, listener) in listeners.into_iter().enumerate() {
         let poller = handle.pollers[dev % handle.pollers.len()].clone();
         let (fabric, shared) = (fabric.clone(), shared.clone());
+        let socket = config.sockets[dev].clone();
         let t = std::thread::Builder::new()
             .name(format!("vfabric{dev}"))
-            .spawn(move || serve(dev, listener, fabric, shared, poller))
+            .spawn(move || serve(dev, socket, listener, fabric, shared, poller))
             .map_err(Error::Thread)?;
         handle.threads.push(t);
         info!(
@@ -220,6 +221,7 @@ fn wait_readable(listen: RawFd, stop: RawFd) -> io::Result<bool> {
 /// Serve device `dev`: one frontend at a time, forever (until shutdown).
 fn serve(
     dev: usize,
+    socket: PathBuf,
     mut listener: Listener,
     fabric: Arc<Fabric>,
     shared: Arc<Shared>,
@@ -242,7 +244,13 @@ fn serve(
             break;
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = match FabricBackend::new(dev, fabric.clone(), poller.clone(), mem.clone()) {
+        let backend = match FabricBackend::new(
+            dev,
+            fabric.clone(),
+            poller.clone(),
+            mem.clone(),
+            Some(socket.clone()),
+        ) {
             Ok(b) => b,
             Err(e) => {
                 error!(dev, "cannot create the backend: {e}");

@@ -28,6 +28,7 @@ mod ring;
 mod stats;
 #[cfg(test)]
 mod testutil;
+mod xmem;
 
 use std::path::PathBuf;
 

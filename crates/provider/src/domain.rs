@@ -17,10 +17,6 @@ use crate::fabric::{ops_ptr, FabricObj};
 use crate::sys;
 use crate::util::{copy_str_out, errno_of, guard, nosys, obj, ParentRef, Refs};
 
-/// Local registrations (FI_MR_LOCAL) from this size up are shared with the device: below it a
-/// bounce copy costs less than moving the pages.
-const SHARE_LOCAL_MIN: usize = 64 << 10;
-
 /// `fid_domain`.
 #[repr(C)]
 pub struct DomainObj {
@@ -556,7 +552,7 @@ fn mr_create(
         };
         let segs: Vec<(*const u8, usize)> = iov.iter().map(|&(p, l)| (p as *const u8, l)).collect();
         // SAFETY: libfabric's registration contract: the buffers stay valid while registered
-        // (the driver remaps heap pages in place, see `Domain::register_external`).
+        // (the device reaches them by cross-memory attach, see `Domain::register_external`).
         match unsafe { d.dom.register_raw_iov(&segs, &attr) } {
             Ok(r) => (r.key(), Some(r)),
             Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_MR),
@@ -570,18 +566,6 @@ fn mr_create(
         } else {
             requested_key
         };
-        // A large local registration under FI_MR_LOCAL: share the buffer with the device so
-        // that sends and receives on it skip the bounce buffers. Memory that cannot be shared
-        // (file-backed, stack, ...) keeps working through the bounce buffers.
-        if d.mr_mode & sys::FI_MR_LOCAL as i32 != 0 && len >= SHARE_LOCAL_MIN && addr != 0 {
-            if let Err(e) = d.dom.share_raw(addr as *const u8, len) {
-                crate::util::log(
-                    sys::fi_log_level_FI_LOG_DEBUG,
-                    sys::fi_log_subsys_FI_LOG_MR,
-                    &format!("local registration stays bounced: {e}"),
-                );
-            }
-        }
         (key, None)
     };
     let obj = Box::new(MrObj {
@@ -774,7 +758,6 @@ pub struct CqObj {
     domain: *const DomainObj,
     pub cq: Arc<CompletionQueue>,
     format: u32,
-    scratch: Mutex<Vec<CqEntry>>,
     /// FI_WAIT_FD: the pollable signal fd and the progress thread that makes it fire.
     wait_fd: Option<WaitFd>,
     pub refs: Refs,
@@ -879,7 +862,6 @@ unsafe extern "C" fn cq_open(
             domain: d,
             cq: handle,
             format,
-            scratch: Mutex::new(Vec::with_capacity(64)),
             wait_fd,
             refs: Refs::default(),
         });
@@ -1019,7 +1001,10 @@ fn cq_read_common(
     if count == 0 {
         return 0;
     }
-    let mut v = c.scratch.lock().unwrap_or_else(|e| e.into_inner());
+    // Per thread, not per CQ: a lock held across a blocking sread would block other threads'
+    // non-blocking reads of the CQ (FI_THREAD_SAFE).
+    thread_local!(static SCRATCH: std::cell::Cell<Vec<CqEntry>> = const { std::cell::Cell::new(Vec::new()) });
+    let mut v = SCRATCH.with(|s| s.take());
     v.clear();
     if c.wait_fd.is_some() {
         c.cq.drain_signal();
@@ -1031,7 +1016,7 @@ fn cq_read_common(
     if c.wait_fd.is_some() {
         c.cq.resignal_if_queued();
     }
-    match r {
+    let ret = match r {
         Ok(n) => {
             // SAFETY: the domain outlives its CQs (ParentRef).
             let multi = unsafe { &(*c.domain).multi };
@@ -1054,12 +1039,13 @@ fn cq_read_common(
         }
         Err(vfabric::Error::Timeout) => -(fi::EAGAIN as isize),
         Err(vfabric::Error::Again) => {
-            drop(v);
             empty_poll();
             -(fi::EAGAIN as isize)
         }
         Err(e) => -(errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ) as isize),
-    }
+    };
+    SCRATCH.with(|s| s.set(v));
+    ret
 }
 
 /// Empty polls between `sched_yield`s (a power of two).
