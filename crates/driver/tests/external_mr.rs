@@ -443,3 +443,20 @@ fn registration_loses_no_concurrent_write() {
         assert_eq!(dev, want);
     }
 }
+
+/// A shared buffer registered for remote access may be written by the device at any time: the
+/// checked accessors refuse it until the registration is gone.
+#[test]
+fn shared_buffer_is_borrowed_only_when_the_device_cannot_write_it() {
+    let r = rig(2);
+    let p = pair(&r);
+    let mut buf = p.db.alloc_buffer(256).unwrap();
+    buf.get_mut().expect("idle buffer")[..4].copy_from_slice(b"idle");
+    let mr = p.db.register(&buf, RW, None).unwrap();
+    assert!(buf.get_mut().is_none(), "registered for remote write");
+    assert!(buf.get().is_none());
+    p.a.ep.write(b"peer", p.b_addr, mr.base(), mr.key(), 1).unwrap();
+    next_ok(&p.a.tx);
+    drop(mr);
+    assert_eq!(&buf.get().expect("registration dropped")[..4], b"peer");
+}
