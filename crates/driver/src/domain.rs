@@ -163,6 +163,47 @@ impl Domain {
         SharedBuf::new(&self.inner.mem, len)
     }
 
+    /// Share the application memory `[ptr, ptr+len)` with the device so that sends from it
+    /// and receives into it need no bounce buffer (the provider does this for local
+    /// registrations of large buffers under FI_MR_LOCAL). The range is widened to whole pages,
+    /// which are moved in place onto a sealed memfd and added to the device with vhost-user
+    /// ADD_MEM_REG (guest address = user address; the device must offer CONFIGURE_MEM_SLOTS
+    /// and has a limited number of slots, 509 with vhost-user-backend).
+    ///
+    /// The move loses no write of any thread: while the pages move, other threads touching
+    /// them wait (userfaultfd; see `external`), so this needs userfaultfd with kernel-mode
+    /// faults (CAP_SYS_PTRACE or `vm.unprivileged_userfaultfd = 1`), else it fails with
+    /// `Unsupported` and the memory keeps working through bounce buffers.
+    ///
+    /// Caveats (page granularity):
+    /// * Whole pages are shared with the device from then on, including other data on the
+    ///   first and last page (neighbouring heap objects, allocator metadata), also after the
+    ///   domain is gone; they stay memfd-backed for the life of the mapping. Remote access
+    ///   never needs this: [`Domain::register_external`] exposes exactly the registered bytes.
+    /// * Only ordinary private anonymous memory (heap, anonymous `mmap`) can be moved;
+    ///   file-backed or shared mappings, read-only or partly unmapped ranges are refused
+    ///   (checked against `/proc/self/maps`).
+    /// * After `fork()` parent and child share these pages (no copy-on-write), including any
+    ///   allocator metadata on them.
+    /// * If the application unmaps the pages (e.g. `free` of a large allocation), the device
+    ///   keeps its mapping of the old memfd; sharing whatever is mapped there later moves it
+    ///   afresh.
+    pub fn share_raw(&self, ptr: *const u8, len: usize) -> Result<()> {
+        self.inner.share_external(ptr as usize, len)
+    }
+
+    /// Page ranges outside the shared region added to the device by [`Domain::share_raw`]:
+    /// (address, length).
+    pub fn external_regions(&self) -> Vec<(usize, usize)> {
+        self.inner
+            .external
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.start, r.len))
+            .collect()
+    }
+
     /// Is `ptr..ptr+len` inside the shared region (zero-copy eligible)?
     pub fn contains(&self, ptr: *const u8, len: usize) -> bool {
         self.inner.mem.contains(ptr, len)
@@ -351,6 +392,8 @@ pub(crate) struct DomainInner {
     /// What `block` sleeps on, in this order: every queue's call eventfd, the error eventfd,
     /// the device socket (hang-up).
     poll_template: Box<[libc::pollfd]>,
+    /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::share_raw`]).
+    pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
     /// Counters and remote-event state (memory regions, FI_RMA_EVENT).
     pub(crate) rma: crate::rma::RmaState,
 }
@@ -482,6 +525,7 @@ impl DomainInner {
             broken_queue: AtomicU32::new(u32::MAX),
             poll_template,
             rma: Default::default(),
+            external: Mutex::new(Vec::new()),
         });
         let caps = inner.query_caps()?;
         let info = Info::build(path, &inner.config, inner.transport.device_features, caps);
@@ -497,9 +541,56 @@ impl DomainInner {
         Ok(inner)
     }
 
-    /// Is `[p, p+l)` in the shared region (memory the device reaches through its rings)?
+    /// Is `[p, p+l)` memory the device can reach (the shared region or an added range)?
     pub(crate) fn is_shared(&self, p: u64, l: usize) -> bool {
         self.mem.contains(p as *const u8, l)
+            || crate::external::covered(&self.external.lock().unwrap(), p as usize, l)
+    }
+
+    /// Move the pages of `[ptr, ptr+len)` onto a memfd (or find them moved already) and add
+    /// them to the device (ADD_MEM_REG) unless this domain did already.
+    pub(crate) fn share_external(&self, ptr: usize, len: usize) -> Result<()> {
+        self.check_usable()?;
+        let (start, plen) = crate::external::page_range(ptr, len)?;
+        if self.mem.contains(start as *const u8, plen)
+            || (start < self.mem.guest_base() as usize + self.mem.len()
+                && start + plen > self.mem.guest_base() as usize)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{ptr:#x}+{len:#x} straddles the domain's shared region"
+            )));
+        }
+        let mut added = self.external.lock().unwrap();
+        if crate::external::covered(&added, start, plen) {
+            return Ok(());
+        }
+        for r in crate::external::remap(start, plen)? {
+            if added.iter().any(|o| Arc::ptr_eq(o, &r)) {
+                continue;
+            }
+            if let Some(o) = added
+                .iter()
+                .find(|o| o.start < r.start + r.len && r.start < o.start + o.len)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{:#x}..{:#x} overlaps pages {:#x}..{:#x} this domain already shared and \
+                     which were unmapped since",
+                    r.start,
+                    r.start + r.len,
+                    o.start,
+                    o.start + o.len
+                )));
+            }
+            self.transport
+                .add_mem_region(r.start as u64, r.len as u64, &r.file)?;
+            tracing::debug!(
+                start = format_args!("{:#x}", r.start),
+                len = r.len,
+                "external memory added to the device"
+            );
+            added.push(r);
+        }
+        Ok(())
     }
 
     pub(crate) fn info(&self) -> &Info {

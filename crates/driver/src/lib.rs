@@ -71,6 +71,7 @@ mod control;
 pub mod cq;
 pub mod domain;
 pub mod endpoint;
+mod external;
 pub mod info;
 mod lock;
 pub mod memory;

@@ -250,6 +250,34 @@ impl Transport {
         Ok(())
     }
 
+    /// ADD_MEM_REG: share one more memfd-backed range with the device (guest address = our
+    /// virtual address). Needs the CONFIGURE_MEM_SLOTS protocol feature.
+    pub fn add_mem_region(&self, addr: u64, len: u64, file: &std::fs::File) -> Result<()> {
+        if self.protocol_features & VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS.bits() == 0 {
+            return Err(Error::Unsupported(format!(
+                "device {} does not offer CONFIGURE_MEM_SLOTS (needed to share memory outside \
+                 the domain's region)",
+                self.path.display()
+            )));
+        }
+        // `..Default::default()` covers the extra fields of vhost's `xen` feature.
+        #[allow(clippy::needless_update)]
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: addr,
+            memory_size: len,
+            userspace_addr: addr,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+            ..Default::default()
+        };
+        self.frontend
+            .lock()
+            .unwrap()
+            .add_mem_region(&region)
+            .map_err(|e| vhost_err("ADD_MEM_REG", e))?;
+        Ok(())
+    }
+
     /// Read the device configuration space.
     pub fn get_config(&self) -> Result<FabricConfig> {
         let size = std::mem::size_of::<FabricConfig>();

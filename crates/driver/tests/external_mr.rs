@@ -360,6 +360,17 @@ fn overlapping_regions_and_file_backed_and_read_only_memory() {
 /// device.
 #[test]
 fn registration_loses_no_concurrent_write() {
+    no_concurrent_write_lost(false);
+}
+
+/// As above, with the pages first shared with the device (`Domain::share_raw`, which moves
+/// them onto a memfd): the move must not lose a write either.
+#[test]
+fn sharing_pages_loses_no_concurrent_write() {
+    no_concurrent_write_lost(true);
+}
+
+fn no_concurrent_write_lost(share: bool) {
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
     use std::time::{Duration, Instant};
 
@@ -407,6 +418,12 @@ fn registration_loses_no_concurrent_write() {
             }
             wait_for(&progress, 10_000);
             let base = buf.as_ptr().cast::<u8>();
+            if share {
+                // SAFETY: inside `buf`.
+                let at = unsafe { base.add(REG.start * 8) };
+                p.db.share_raw(at, REG.len() * 8).unwrap();
+                assert!(!p.db.external_regions().is_empty());
+            }
             // SAFETY: `buf` outlives the region (dropped at the end of this scope).
             let mr = unsafe {
                 p.db.register_external(base.add(REG.start * 8), REG.len() * 8, &attr(RW))
@@ -455,7 +472,9 @@ fn shared_buffer_is_borrowed_only_when_the_device_cannot_write_it() {
     let mr = p.db.register(&buf, RW, None).unwrap();
     assert!(buf.get_mut().is_none(), "registered for remote write");
     assert!(buf.get().is_none());
-    p.a.ep.write(b"peer", p.b_addr, mr.base(), mr.key(), 1).unwrap();
+    p.a.ep
+        .write(b"peer", p.b_addr, mr.base(), mr.key(), 1)
+        .unwrap();
     next_ok(&p.a.tx);
     drop(mr);
     assert_eq!(&buf.get().expect("registration dropped")[..4], b"peer");

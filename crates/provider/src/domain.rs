@@ -17,6 +17,10 @@ use crate::fabric::{ops_ptr, FabricObj};
 use crate::sys;
 use crate::util::{copy_str_out, errno_of, guard, nosys, obj, ParentRef, Refs};
 
+/// Local registrations (FI_MR_LOCAL) from this size up are shared with the device: below it a
+/// bounce copy costs less than moving the pages.
+const SHARE_LOCAL_MIN: usize = 64 << 10;
+
 /// `fid_domain`.
 #[repr(C)]
 pub struct DomainObj {
@@ -566,6 +570,18 @@ fn mr_create(
         } else {
             requested_key
         };
+        // A large local registration under FI_MR_LOCAL: share the buffer with the device so
+        // that sends and receives on it skip the bounce buffers. Memory that cannot be shared
+        // (file-backed, stack, ...) keeps working through the bounce buffers.
+        if d.mr_mode & sys::FI_MR_LOCAL as i32 != 0 && len >= SHARE_LOCAL_MIN && addr != 0 {
+            if let Err(e) = d.dom.share_raw(addr as *const u8, len) {
+                crate::util::log(
+                    sys::fi_log_level_FI_LOG_DEBUG,
+                    sys::fi_log_subsys_FI_LOG_MR,
+                    &format!("local registration stays bounced: {e}"),
+                );
+            }
+        }
         (key, None)
     };
     let obj = Box::new(MrObj {
