@@ -3708,6 +3708,16 @@ fn hostile_memory_registration() {
         next_ok(&a.tx, "A writes into the hostile region");
         assert_eq!(h.read(buf + 70, 30), &data[..30]);
         assert_eq!(h.read(buf + 1000, 28), &data[30..]);
+        // A process-memory region naming unmapped addresses of the frontend registers (the
+        // device cannot know), but every access to it faults, for the initiator only.
+        let hd = reg(&mut h, 1, rw | mf::PROCESS_MEMORY, 0x79);
+        let s = h.request(CTRL, hd, &mem_seg(8, 64), 0);
+        h.expect_ok(&s, 64, "MR_REG of process memory");
+        a.ep.write(&data, to_h, buf, 0x79, 2).unwrap();
+        assert_eq!(
+            next_err(&a.tx, "write to unmapped process memory").status,
+            Status::Fault
+        );
         // MR_DEREG of an unknown key, then of the real one; A's next write is refused.
         let mut hd = h.hdr(Opcode::MrDereg, 0);
         hd.remote_key = 0x78.into();

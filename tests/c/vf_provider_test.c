@@ -9,10 +9,11 @@
  *                               two devices)
  *
  * VF_TEST_VALGRIND=1 (set by the memcheck runs of tests/provider.rs): heap buffers registered
- * for remote access are page-aligned whole pages. The driver shares a heap buffer by moving
- * the pages it spans onto a memfd in place (vfabric::external), copying the whole pages, so
- * the malloc neighbours of a sub-page buffer are read too, which memcheck reports as invalid
- * reads of freed or unallocated heap.
+ * are page-aligned whole pages. Large local registrations (FI_MR_LOCAL) are shared with the
+ * device by moving the pages they span onto a memfd in place (Domain::share_raw), copying the
+ * whole pages, so the malloc neighbours of a sub-page buffer are read too, which memcheck
+ * reports as invalid reads of freed or unallocated heap. (Regions for remote access are not
+ * moved: the device reads and writes exactly their bytes by cross-memory attach.)
  *
  * Exit status 0 on success; a failed check prints file:line and the libfabric error.
  */

@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -33,7 +33,8 @@ pub(crate) struct PeerProcess {
     /// Path of the device socket: the accepted connection carries it as its local name.
     socket: PathBuf,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    pid: OnceLock<Result<libc::pid_t, String>>,
+    /// The pid and a pidfd of it (to tell whether that process still exists).
+    pid: OnceLock<Result<(libc::pid_t, OwnedFd), String>>,
     /// Serialises the device's atomics on process memory (read and write are two system calls).
     atomics: Mutex<()>,
 }
@@ -42,7 +43,7 @@ impl std::fmt::Debug for PeerProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerProcess")
             .field("socket", &self.socket)
-            .field("pid", &self.pid.get())
+            .field("pid", &self.pid.get().map(|r| r.as_ref().map(|p| p.0)))
             .finish()
     }
 }
@@ -59,19 +60,25 @@ impl PeerProcess {
 
     /// The frontend's pid, if its memory may be accessed as process memory (module docs).
     pub fn pid(&self) -> Result<libc::pid_t, String> {
-        self.pid
-            .get_or_init(|| {
-                let r = peer_pid(&self.socket).and_then(|pid| {
-                    same_address_space(pid, &self.mem.memory())?;
-                    Ok(pid)
-                });
-                match &r {
-                    Ok(pid) => debug!(pid, "frontend reachable by cross-memory attach"),
-                    Err(e) => warn!("process memory refused: {e}"),
-                }
-                r
-            })
-            .clone()
+        let resolved = self.pid.get_or_init(|| {
+            let r = peer_pid(&self.socket).and_then(|pid| {
+                // The pidfd first: the address-space check then holds for this very process.
+                let fd = pidfd_open(pid)?;
+                same_address_space(pid, &self.mem.memory())?;
+                Ok((pid, fd))
+            });
+            match &r {
+                Ok((pid, _)) => debug!(pid, "frontend reachable by cross-memory attach"),
+                Err(e) => warn!("process memory refused: {e}"),
+            }
+            r
+        });
+        let (pid, fd) = resolved.as_ref().map_err(Clone::clone)?;
+        // After the frontend exits its pid may be reused: never touch another process.
+        if !alive(fd) {
+            return Err(format!("frontend process {pid} exited"));
+        }
+        Ok(*pid)
     }
 
     pub fn atomics_lock(&self) -> MutexGuard<'_, ()> {
@@ -166,6 +173,31 @@ fn vm_write(pid: libc::pid_t, addr: u64, buf: &[u8]) -> Result<(), MemFault> {
         done += n as usize;
     }
     Ok(())
+}
+
+fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, String> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(format!("pidfd_open({pid}): {}", io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Does the process of `pidfd` still run (signal 0 delivers nothing)?
+fn alive(pidfd: &OwnedFd) -> bool {
+    // SAFETY: pidfd_send_signal(2) with signal 0 and no info only checks the target.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    r == 0
 }
 
 /// The pid of the process connected to the device socket `socket`: the `SO_PEERCRED` of the
@@ -297,4 +329,117 @@ fn same_address_space(pid: libc::pid_t, mem: &GuestMemoryMmap) -> Result<(), Str
         return Err("no guest memory".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    use vm_memory::{FileOffset, GuestAddress};
+
+    use super::*;
+    use crate::chain::Seg;
+
+    fn own_pid() -> libc::pid_t {
+        // SAFETY: getpid has no inputs and cannot fail.
+        unsafe { libc::getpid() }
+    }
+
+    #[test]
+    fn the_peer_is_found_by_the_socket_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let _client = UnixStream::connect(&path).unwrap();
+        // Not accepted yet: the listening socket and the unnamed client side do not count.
+        assert!(peer_pid(&path).is_err());
+        let (_conn, _) = listener.accept().unwrap();
+        assert_eq!(peer_pid(&path), Ok(own_pid()));
+        assert!(peer_pid(&dir.path().join("other.sock")).is_err());
+    }
+
+    /// A memfd of `len` bytes mapped in this process: (file, address).
+    fn memfd_mapped(len: usize) -> (File, u64) {
+        let name = std::ffi::CString::new("xmem-test").unwrap();
+        // SAFETY: `name` is NUL-terminated; memfd_create has no other inputs.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is new and ours.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len as u64).unwrap();
+        // SAFETY: a shared mapping of the memfd at an address of the kernel's choosing (left
+        // mapped for the test process's life).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        (f, p as u64)
+    }
+
+    fn guest(file: &File, gpa: u64, len: usize) -> GuestMemoryMmap {
+        let fo = FileOffset::new(file.try_clone().unwrap(), 0);
+        GuestMemoryMmap::from_ranges_with_files([(GuestAddress(gpa), len, Some(fo))]).unwrap()
+    }
+
+    #[test]
+    fn only_a_process_mapping_guest_memory_at_guest_addresses_qualifies() {
+        let len = 1 << 16;
+        let (f, at) = memfd_mapped(len);
+        // A userspace driver: guest address = its virtual address.
+        assert!(same_address_space(own_pid(), &guest(&f, at, len)).is_ok());
+        // A VMM: guest RAM mapped elsewhere in its address space.
+        let vm = guest(&f, at + (1 << 30), len);
+        let e = same_address_space(own_pid(), &vm).unwrap_err();
+        assert!(e.contains("not the guest's"), "{e}");
+    }
+
+    #[test]
+    fn reads_and_writes_stay_in_the_stream() {
+        let mut a = vec![0u8; 64];
+        let mut b = vec![0u8; 64];
+        let mut segs = Segs::default();
+        segs.push(Seg {
+            addr: a.as_mut_ptr() as u64,
+            len: 10,
+        });
+        segs.push(Seg {
+            addr: b.as_mut_ptr() as u64,
+            len: 10,
+        });
+        let p = PeerProcess::new(
+            PathBuf::new(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        );
+        p.pid
+            .set(Ok((own_pid(), pidfd_open(own_pid()).unwrap())))
+            .unwrap();
+        let data: Vec<u8> = (1..=16).collect();
+        p.write(&segs, 2, &data).unwrap();
+        // SAFETY: reading our own buffers the kernel wrote behind the compiler's back.
+        let (a_now, b_now) = unsafe {
+            (
+                std::ptr::read_volatile(a.as_ptr().cast::<[u8; 12]>()),
+                std::ptr::read_volatile(b.as_ptr().cast::<[u8; 12]>()),
+            )
+        };
+        assert_eq!(&a_now[2..10], &data[..8]);
+        assert_eq!(&b_now[..8], &data[8..]);
+        assert_eq!(&b_now[8..], &[0; 4], "nothing past the stream");
+        let mut back = [0u8; 16];
+        p.read(&segs, 2, &mut back).unwrap();
+        assert_eq!(back.as_slice(), data.as_slice());
+        // Past the end of the stream: refused before any system call.
+        assert_eq!(p.write(&segs, 5, &data), Err(MemFault));
+        // Unmapped memory: the kernel refuses it.
+        let mut bad = Segs::default();
+        bad.push(Seg { addr: 8, len: 8 });
+        assert_eq!(p.read(&bad, 0, &mut back[..8]), Err(MemFault));
+    }
 }
