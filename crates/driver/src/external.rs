@@ -222,6 +222,9 @@ pub(crate) fn remap(start: usize, len: usize) -> Result<Vec<Arc<Remapped>>> {
     Ok(live)
 }
 
+/// Mappings a moved range may span (kept on the stack while the pages are away).
+const MAX_PIECES: usize = 16;
+
 // userfaultfd ABI (linux/userfaultfd.h); the libc crate does not define it.
 const UFFD_API: u64 = 0xaa;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
@@ -287,6 +290,18 @@ fn userfaultfd() -> Result<File> {
 /// mapped at the same addresses, so the same addresses show the same bytes, backed by
 /// shareable memory; no concurrent access is lost (module docs).
 fn move_onto_memfd(start: usize, len: usize, pieces: &[(usize, usize)]) -> Result<Remapped> {
+    // Between the move and the wake-up this thread must touch no heap memory: the heap bytes
+    // it needs could lie in the moved pages (it would wait for itself), and another thread
+    // waiting on them may hold the allocator's lock (no allocation either). So the mappings are
+    // copied to the stack, and errors are only recorded (as errno values) until the wake-up.
+    let mut stack_pieces = [(0usize, 0usize); MAX_PIECES];
+    if pieces.len() > MAX_PIECES {
+        return Err(Error::InvalidArgument(format!(
+            "{start:#x}+{len:#x} spans more than {MAX_PIECES} mappings"
+        )));
+    }
+    stack_pieces[..pieces.len()].copy_from_slice(pieces);
+    let pieces = &stack_pieces[..pieces.len()];
     let name = CString::new("vfabric-ext").expect("no NUL");
     // SAFETY: `name` is a valid NUL-terminated string; memfd_create has no other inputs.
     let fd =
@@ -339,7 +354,7 @@ fn move_onto_memfd(start: usize, len: usize, pieces: &[(usize, usize)]) -> Resul
     // Move every mapping's pages to `parked`; the range stays mapped, empty and registered, so
     // from here on nobody else can read or write those bytes: they wait.
     let mut moved = 0;
-    let mut failure = None;
+    let mut failure: Option<(&'static str, io::Error)> = None;
     for &(ps, pe) in pieces {
         // SAFETY: `[ps, pe)` is one mapping of the range (from /proc/self/maps, checked by the
         // caller), moved to the same offset of `parked`, our own reservation. DONTUNMAP keeps
@@ -354,7 +369,7 @@ fn move_onto_memfd(start: usize, len: usize, pieces: &[(usize, usize)]) -> Resul
             )
         };
         if r == libc::MAP_FAILED {
-            failure = Some(os_err(&format!("mremap({ps:#x}, DONTUNMAP)")));
+            failure = Some(("mremap(MREMAP_DONTUNMAP)", io::Error::last_os_error()));
             break;
         }
         moved += 1;
@@ -376,12 +391,13 @@ fn move_onto_memfd(start: usize, len: usize, pieces: &[(usize, usize)]) -> Resul
             )
         };
         if m == libc::MAP_FAILED {
-            failure = Some(os_err("mmap(MAP_FIXED) of the memfd"));
+            failure = Some(("mmap(MAP_FIXED) of the memfd", io::Error::last_os_error()));
         }
         failure.is_none()
     } else {
         false
     };
+    let mut lost = None;
     if !target {
         // Put the moved pages back where they were (replacing the empty source mappings).
         for &(ps, pe) in &pieces[..moved] {
@@ -395,11 +411,8 @@ fn move_onto_memfd(start: usize, len: usize, pieces: &[(usize, usize)]) -> Resul
                     ps as *mut libc::c_void,
                 )
             };
-            if r == libc::MAP_FAILED {
-                tracing::error!(
-                    "cannot move pages back to {ps:#x}: {}",
-                    io::Error::last_os_error()
-                );
+            if r == libc::MAP_FAILED && lost.is_none() {
+                lost = Some((ps, io::Error::last_os_error()));
             }
         }
     }
@@ -409,8 +422,14 @@ fn move_onto_memfd(start: usize, len: usize, pieces: &[(usize, usize)]) -> Resul
     // SAFETY: UFFDIO_WAKE only reads the range we pass.
     unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WAKE, &mut wake) };
     drop(uffd);
-    if let Some(e) = failure {
-        return Err(e);
+    if let Some((at, e)) = lost {
+        tracing::error!("cannot move pages back to {at:#x}: {e}");
+    }
+    if let Some((what, e)) = failure {
+        return Err(Error::Io(io::Error::new(
+            e.kind(),
+            format!("{what} at {start:#x}+{len:#x}: {e}"),
+        )));
     }
     let ino = file.metadata()?.ino();
     tracing::debug!(
