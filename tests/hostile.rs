@@ -363,9 +363,12 @@ impl Pair {
         seed: u64,
         recv_first: bool,
     ) {
-        fill_pattern(&mut from.sbuf.as_mut_slice()[..size], seed);
-        let want = checksum(&from.sbuf.as_slice()[..size]);
-        to.rbuf.as_mut_slice()[..size].fill(0);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        fill_pattern(&mut unsafe { from.sbuf.as_mut_slice() }[..size], seed);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let want = checksum(&unsafe { from.sbuf.as_slice() }[..size]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        (unsafe { to.rbuf.as_mut_slice() })[..size].fill(0);
         let ctx = seed;
         if recv_first {
             to.ep.recv_buf(&to.rbuf, 0..size, ctx).expect("post recv");
@@ -384,7 +387,8 @@ impl Pair {
         assert_eq!(r.len, size, "{what}: received length");
         assert_eq!(r.src, Some(from.ep.name()), "{what}: source address");
         assert_eq!(
-            checksum(&to.rbuf.as_slice()[..size]),
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            checksum(&unsafe { to.rbuf.as_slice() }[..size]),
             want,
             "{what}: payload checksum"
         );
@@ -475,7 +479,8 @@ impl World {
         let size = 40_000;
         let r = h.request(RX, h.recv_hdr(me.ep, 0x5151), &[], 65536);
         let msg = pattern(size, 0x1234);
-        a.sbuf.as_mut_slice()[..size].copy_from_slice(&msg);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        (unsafe { a.sbuf.as_mut_slice() })[..size].copy_from_slice(&msg);
         a.ep.send_buf(&a.sbuf, 0..size, to_h, 0xA1).unwrap();
         let e = next_ok(&a.tx, "A -> hostile");
         assert_eq!(e.len, size);
@@ -491,7 +496,11 @@ impl World {
         a.ep.recv_buf(&a.rbuf, 0..8192, 0xA2).unwrap();
         let e = next_ok(&a.rx, "hostile -> A");
         assert_eq!((e.context, e.len, e.src), (0xA2, 3000, Some(me)));
-        assert_eq!(checksum(&a.rbuf.as_slice()[..3000]), checksum(&msg));
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(
+            checksum(&unsafe { a.rbuf.as_slice() }[..3000]),
+            checksum(&msg)
+        );
     }
 
     /// A new hostile frontend can connect (after `n` disconnects) and work normally.
@@ -1272,8 +1281,10 @@ fn descriptor_address_outside_guest_memory() {
         let a_send = w.pair.a.sbuf.addr();
         let a_recv = w.pair.a.rbuf.addr();
         assert!(!h.inside(a_send, 4096) && !h.inside(a_recv, 4096));
-        fill_pattern(&mut w.pair.a.sbuf.as_mut_slice()[..4096], 0xAAAA);
-        w.pair.a.rbuf.as_mut_slice()[..4096].fill(0x5A);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        fill_pattern(&mut unsafe { w.pair.a.sbuf.as_mut_slice() }[..4096], 0xAAAA);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        (unsafe { w.pair.a.rbuf.as_mut_slice() })[..4096].fill(0x5A);
         let hd = h.send_hdr(me.ep, b, 0x7b);
         let ha = h.header_at(&hd);
         let comp = h.alloc(64);
@@ -1289,7 +1300,10 @@ fn descriptor_address_outside_guest_memory() {
         w.pair.a.ep.send(&pattern(100, 1), to_h, 0xA0).unwrap();
         next_ok(&w.pair.a.tx, "A -> hostile (unexpected)");
         assert!(
-            w.pair.a.rbuf.as_slice()[..4096].iter().all(|b| *b == 0x5A),
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            unsafe { w.pair.a.rbuf.as_slice() }[..4096]
+                .iter()
+                .all(|b| *b == 0x5A),
             "another guest's memory was written"
         );
         let r = h.request(RX, h.recv_hdr(me.ep, 0x7d), &[], 256);
@@ -1485,7 +1499,8 @@ fn descriptor_loops_and_next_out_of_range() {
         w.pair.b.ep.recv_buf(&w.pair.b.rbuf, 0..4096, 0xB0).unwrap();
         let e = next_ok(&w.pair.b.rx, "B receives the hostile guest's valid send");
         assert_eq!((e.len, e.src), (700, Some(me)));
-        assert_eq!(&w.pair.b.rbuf.as_slice()[..700], &msg[..]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { w.pair.b.rbuf.as_slice() }[..700], &msg[..]);
 
         w.expect_hostile_connected();
         w.check_service();
@@ -1550,7 +1565,8 @@ fn chain_longer_than_max_sge() {
         w.pair.b.ep.recv_buf(&w.pair.b.rbuf, 0..4096, 0xB1).unwrap();
         let e = next_ok(&w.pair.b.rx, "B receives the gathered message");
         assert_eq!((e.len, e.src), (msg.len(), Some(me)));
-        assert_eq!(&w.pair.b.rbuf.as_slice()[..msg.len()], &msg[..]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { w.pair.b.rbuf.as_slice() }[..msg.len()], &msg[..]);
 
         let st = w.rig.stats(HOSTILE);
         assert_eq!(st.errors(Status::BadChain), 3, "{st:?}");
@@ -1600,7 +1616,8 @@ fn split_header_and_completion_descriptors_are_not_data_descriptors() {
         w.pair.b.ep.recv_buf(&w.pair.b.rbuf, 0..4096, 0xB2).unwrap();
         let e = next_ok(&w.pair.b.rx, "B receives");
         assert_eq!(e.len, msg.len());
-        assert_eq!(&w.pair.b.rbuf.as_slice()[..msg.len()], &msg[..]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { w.pair.b.rbuf.as_slice() }[..msg.len()], &msg[..]);
         w.check_service();
     });
 }
@@ -1670,7 +1687,8 @@ fn indirect_tables_malformed() {
         let e = next_ok(&w.pair.b.rx, "B receives through the indirect table");
         assert_eq!((e.len, e.src), (25, Some(me)));
         assert_eq!(
-            &w.pair.b.rbuf.as_slice()[..25],
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            &unsafe { w.pair.b.rbuf.as_slice() }[..25],
             b"through an indirect table"
         );
 
@@ -2281,7 +2299,8 @@ fn bad_endpoint_ids() {
         next_ok(&w.pair.b.tx, "B -> A ep 2");
         let e = next_ok(&w.pair.a.rx, "A's endpoint 2 receive");
         assert_eq!((e.context, e.len, e.src), (4242, 500, Some(b)));
-        assert_eq!(&w.pair.a.rbuf.as_slice()[..500], &msg[..]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { w.pair.a.rbuf.as_slice() }[..500], &msg[..]);
         a1.recv_buf(&w.pair.a.rbuf, 0..4096, 4343).unwrap();
         w.pair.b.ep.send(&msg, to_a1, 0xB5).unwrap();
         next_ok(&w.pair.b.tx, "B -> A ep 1");
@@ -2435,7 +2454,8 @@ fn message_larger_than_max_msg_size() {
         let ha = h.header_at(&hd);
         let comp = h.alloc(64);
         let s = h.post(TX, &[rd(ha, 96), rd(big, MAX_MSG as u32), wr(comp, 64)]);
-        w.pair.b.rbuf.as_mut_slice().fill(0);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        unsafe { w.pair.b.rbuf.as_mut_slice() }.fill(0);
         w.pair
             .b
             .ep
@@ -2444,7 +2464,8 @@ fn message_larger_than_max_msg_size() {
         let e = next_ok(&w.pair.b.rx, "B receives max_msg_size bytes");
         assert_eq!((e.len, e.src), (MAX_MSG as usize, Some(me)));
         assert_eq!(
-            checksum(&w.pair.b.rbuf.as_slice()[..MAX_MSG as usize]),
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            checksum(&unsafe { w.pair.b.rbuf.as_slice() }[..MAX_MSG as usize]),
             checksum(&msg)
         );
         let c = h.expect_ok(&s, 64, "send of max_msg_size");
@@ -2951,7 +2972,8 @@ fn killed_guest_with_posted_receives_fails_held_send_with_peer_gone() {
         // A's rendezvous send (256 KiB > eager threshold), tag 0x77: held at the device.
         let a = &mut w.pair.a;
         let to_h = a.av.insert(me).unwrap();
-        fill_pattern(&mut a.sbuf.as_mut_slice()[..256 << 10], 0x77);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        fill_pattern(&mut unsafe { a.sbuf.as_mut_slice() }[..256 << 10], 0x77);
         a.ep.tsend_buf(&a.sbuf, 0..256 << 10, to_h, 0x77, 0xDEAD)
             .unwrap();
         // Wait until the device holds it: PEEK for tag 0x77 finds a 256 KiB message.
@@ -3017,12 +3039,15 @@ fn killed_sender_held_send_is_never_delivered() {
         w.rig.wait_disconnects(HOSTILE, 1);
 
         let p = &mut w.pair;
-        p.a.rbuf.as_mut_slice()[..PEER_BUF].fill(0);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        (unsafe { p.a.rbuf.as_mut_slice() })[..PEER_BUF].fill(0);
         p.a.ep.recv_buf(&p.a.rbuf, 0..PEER_BUF, 0xA6).unwrap();
         let e = next_ok(&p.a.rx, "A receives the buffered eager message");
         assert_eq!((e.len, e.src), (11, Some(me)));
-        assert_eq!(&p.a.rbuf.as_slice()[..11], b"eager bytes");
-        p.a.rbuf.as_mut_slice()[..PEER_BUF].fill(0);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { p.a.rbuf.as_slice() }[..11], b"eager bytes");
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        (unsafe { p.a.rbuf.as_mut_slice() })[..PEER_BUF].fill(0);
         p.a.ep.recv_buf(&p.a.rbuf, 0..PEER_BUF, 0xA7).unwrap();
         let msg = pattern(5000, 0xF3);
         p.b.ep.send(&msg, p.b_to_a, 0xB9).unwrap();
@@ -3032,8 +3057,12 @@ fn killed_sender_held_send_is_never_delivered() {
             "A's receive gets B's message, not the dead guest's",
         );
         assert_eq!((e.context, e.len, e.src), (0xA7, 5000, Some(p.b.ep.name())));
-        assert_eq!(&p.a.rbuf.as_slice()[..5000], &msg[..]);
-        assert!(p.a.rbuf.as_slice()[5000..].iter().all(|b| *b == 0));
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { p.a.rbuf.as_slice() }[..5000], &msg[..]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert!(unsafe { p.a.rbuf.as_slice() }[5000..]
+            .iter()
+            .all(|b| *b == 0));
         w.check_service();
         w.hostile_reconnects(1);
     });
@@ -3351,7 +3380,8 @@ fn memory_table_swap_with_requests_in_flight() {
 
         // A's receive must not get the hostile guest's bytes; B's message comes through.
         let p = &mut w.pair;
-        p.a.rbuf.as_mut_slice().fill(0);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        unsafe { p.a.rbuf.as_mut_slice() }.fill(0);
         p.a.ep.recv_buf(&p.a.rbuf, 0..PEER_BUF, 0xA8).unwrap();
         let to_h = p.a.av.insert(me).unwrap();
         p.a.ep.send(b"to the swapped guest", to_h, 0xA9).unwrap();
@@ -3365,8 +3395,12 @@ fn memory_table_swap_with_requests_in_flight() {
         next_ok(&p.b.tx, "B -> A");
         let e = next_ok(&p.a.rx, "A receives B's message");
         assert_eq!((e.context, e.len, e.src), (0xA8, 7000, Some(p.b.ep.name())));
-        assert_eq!(&p.a.rbuf.as_slice()[..7000], &msg[..]);
-        assert!(p.a.rbuf.as_slice()[7000..].iter().all(|b| *b == 0));
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { p.a.rbuf.as_slice() }[..7000], &msg[..]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert!(unsafe { p.a.rbuf.as_slice() }[7000..]
+            .iter()
+            .all(|b| *b == 0));
         // The hostile guest's own chains: whatever it gets, only it is affected.
         let _ = h.try_wait(&r, Duration::ZERO);
         drop(h);
@@ -3686,6 +3720,16 @@ fn hostile_memory_registration() {
         next_ok(&a.tx, "A writes into the hostile region");
         assert_eq!(h.read(buf + 70, 30), &data[..30]);
         assert_eq!(h.read(buf + 1000, 28), &data[30..]);
+        // A process-memory region naming unmapped addresses of the frontend registers (the
+        // device cannot know), but every access to it faults, for the initiator only.
+        let hd = reg(&mut h, 1, rw | mf::PROCESS_MEMORY, 0x79);
+        let s = h.request(CTRL, hd, &mem_seg(8, 64), 0);
+        h.expect_ok(&s, 64, "MR_REG of process memory");
+        a.ep.write(&data, to_h, buf, 0x79, 2).unwrap();
+        assert_eq!(
+            next_err(&a.tx, "write to unmapped process memory").status,
+            Status::Fault
+        );
         // MR_DEREG of an unknown key, then of the real one; A's next write is refused.
         let mut hd = h.hdr(Opcode::MrDereg, 0);
         hd.remote_key = 0x78.into();
@@ -3756,7 +3800,8 @@ fn hostile_rma_requests() {
             .domain
             .register(&tbuf, vfabric::fi::REMOTE_READ, None)
             .unwrap();
-        let before = tbuf.as_slice().to_vec();
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let before = unsafe { tbuf.as_slice() }.to_vec();
         let (base, key) = (mr.base(), mr.key());
         let rma = |h: &mut Hostile, op: Opcode, addr: u64, key: u64, count: u32, fl: u64| {
             let mut hd = h.hdr(op, me.ep);
@@ -3909,7 +3954,12 @@ fn hostile_rma_requests() {
         ];
         for (what, hd, payload, cap, want) in cases {
             expect_req(&mut h, TX, hd, &payload, cap, want, what);
-            assert_eq!(tbuf.as_slice(), &before[..], "{what}: target bytes changed");
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            assert_eq!(
+                unsafe { tbuf.as_slice() },
+                &before[..],
+                "{what}: target bytes changed"
+            );
         }
         // Larger than MAX_RMA_SIZE (= max_msg_size).
         let big = h.alloc(MAX_MSG + 1);
@@ -3937,17 +3987,21 @@ fn hostile_rma_requests() {
         let mut hd = rma(&mut h, RmaWrite, base, key, 0, 0);
         hd.ep = dg.ep.into();
         expect_req(&mut h, TX, hd, &d16, 0, Invalid, "RMA on a DGRAM endpoint");
-        assert_eq!(tbuf.as_slice(), &before[..]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(unsafe { tbuf.as_slice() }, &before[..]);
         // Well-formed requests work: a two-range write and a one-range read.
         let hd = rma(&mut h, RmaWrite, 0, 0, 2, 0);
         let s = h.request(TX, hd, &list_then_data, 0);
         assert_eq!(u64::from(h.expect_ok(&s, 64, "good write").len), 16);
-        assert_eq!(&tbuf.as_slice()[..8], &[0xAA; 8]);
-        assert_eq!(&tbuf.as_slice()[100..108], &[0xAA; 8]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { tbuf.as_slice() }[..8], &[0xAA; 8]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { tbuf.as_slice() }[100..108], &[0xAA; 8]);
         let hd = rma(&mut h, RmaRead, base + 96, key, 0, 0);
         let s = h.request(TX, hd, &[], 16);
         h.expect_ok(&s, 80, "good read");
-        assert_eq!(h.read(s.data, 16), &tbuf.as_slice()[96..112]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(h.read(s.data, 16), &unsafe { tbuf.as_slice() }[96..112]);
         w.expect_hostile_connected();
         w.check_service();
         w.hostile_works(&mut h);
@@ -3973,7 +4027,8 @@ fn hostile_atomic_requests() {
                 None,
             )
             .unwrap();
-        let before = tbuf.as_slice().to_vec();
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let before = unsafe { tbuf.as_slice() }.to_vec();
         let (base, key) = (mr.base(), mr.key());
         use vfabric_proto::{atomic_op as aop, datatype as dt};
         let at = |h: &mut Hostile, op: Opcode, o: u8, ty: u8, count: u32| {
@@ -4178,7 +4233,12 @@ fn hostile_atomic_requests() {
         }
         for (what, hd, payload, cap, want) in cases {
             expect_req(&mut h, TX, hd, &payload, cap, want, &what);
-            assert_eq!(tbuf.as_slice(), &before[..], "{what}: target bytes changed");
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            assert_eq!(
+                unsafe { tbuf.as_slice() },
+                &before[..],
+                "{what}: target bytes changed"
+            );
         }
         // Well-formed: inline fetch-add, then a payload-form compare-swap of two elements.
         let mut hd = at(&mut h, FetchAtomic, aop::SUM, dt::UINT64, 1);
@@ -4187,21 +4247,25 @@ fn hostile_atomic_requests() {
         assert_eq!(u64::from(h.expect_ok(&s, 72, "inline fetch-add").len), 8);
         assert_eq!(h.read(s.data, 8), before[..8].to_vec());
         let old = u64::from_le_bytes(before[..8].try_into().unwrap());
-        let now = u64::from_le_bytes(tbuf.as_slice()[..8].try_into().unwrap());
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let now = u64::from_le_bytes(unsafe { tbuf.as_slice() }[..8].try_into().unwrap());
         assert_eq!(now, old.wrapping_add(5));
         let hd = at(&mut h, CompareAtomic, aop::CSWAP, dt::UINT32, 2);
         let mut payload = vec![9u8, 0, 0, 0, 8, 0, 0, 0];
-        payload.extend_from_slice(&tbuf.as_slice()[..4]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        payload.extend_from_slice(&unsafe { tbuf.as_slice() }[..4]);
         payload.extend_from_slice(&[0xFF; 4]);
         let s = h.request(TX, hd, &payload, 8);
         h.expect_ok(&s, 72, "compare-swap of two elements");
         assert_eq!(
-            &tbuf.as_slice()[..4],
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            &unsafe { tbuf.as_slice() }[..4],
             &[9, 0, 0, 0],
             "first element matched"
         );
         assert_eq!(
-            &tbuf.as_slice()[4..8],
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            &unsafe { tbuf.as_slice() }[4..8],
             &now.to_le_bytes()[4..8],
             "second did not"
         );
@@ -4241,7 +4305,8 @@ fn rma_and_atomics_without_the_features() {
                 None,
             )
             .unwrap();
-        let before = tbuf.as_slice().to_vec();
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let before = unsafe { tbuf.as_slice() }.to_vec();
         let mut h = Hostile::with_features(
             &w.hostile_path(),
             Features::Exactly(offered & !(rma | atomic)),
@@ -4274,7 +4339,8 @@ fn rma_and_atomics_without_the_features() {
         for (op, cookie, s) in reqs {
             h.expect_status(&s, Status::Unsupported, cookie.into(), &format!("{op:?}"));
         }
-        assert_eq!(tbuf.as_slice(), &before[..]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(unsafe { tbuf.as_slice() }, &before[..]);
         let st = w.rig.stats(HOSTILE);
         assert!(st.connected && st.ring_errors == 0, "{st:?}");
         w.check_service();

@@ -343,6 +343,11 @@ fn c_threads() {
 }
 
 #[test]
+fn c_cq_sread_does_not_block_other_readers() {
+    c_suite("cq_threads");
+}
+
+#[test]
 fn c_rma_two_devices() {
     c_suite_on("rma", 2);
 }

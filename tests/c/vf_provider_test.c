@@ -5,14 +5,15 @@
  * tests/provider.rs (gcc ... -lfabric), with FI_PROVIDER_PATH and VFABRIC_DEVICES set.
  *
  *   vf_provider_test <suite>    suite: errors | msg | tagged | cq | av | cm | dgram | waitfd |
- *                               threads | rma | atomic | rma_event (rma, atomic, rma_event:
+ *                               threads | cq_threads | rma | atomic | rma_event (rma, atomic, rma_event:
  *                               two devices)
  *
  * VF_TEST_VALGRIND=1 (set by the memcheck runs of tests/provider.rs): heap buffers registered
- * for remote access are page-aligned whole pages. The driver shares a heap buffer by moving
- * the pages it spans onto a memfd in place (vfabric::external), copying the whole pages, so
- * the malloc neighbours of a sub-page buffer are read too, which memcheck reports as invalid
- * reads of freed or unallocated heap.
+ * are page-aligned whole pages. Large local registrations (FI_MR_LOCAL) are shared with the
+ * device by moving the pages they span onto a memfd in place (Domain::share_raw), copying the
+ * whole pages, so the malloc neighbours of a sub-page buffer are read too, which memcheck
+ * reports as invalid reads of freed or unallocated heap. (Regions for remote access are not
+ * moved: the device reads and writes exactly their bytes by cross-memory attach.)
  *
  * Exit status 0 on success; a failed check prints file:line and the libfabric error.
  */
@@ -307,6 +308,15 @@ static void suite_msg(void)
 		CHECK_RC(poll_cq(cq[1], &e), 1);
 		CHECK(e.op_context == (void *)1 && (e.flags & FI_RECV) && e.len == sizes[k]);
 		CHECK(memcmp(tx, rx, sizes[k]) == 0);
+	}
+	/* A zero-length receive (NULL or not) takes a zero-length message. */
+	for (int k = 0; k < 2; k++) {
+		OK(fi_recv(ep[1], k ? (void *)rx : NULL, 0, NULL, FI_ADDR_UNSPEC, (void *)0x20));
+		OK(fi_send(ep[0], tx, 0, NULL, addr[1], (void *)0x21));
+		CHECK_RC(poll_cq(cq[0], &e), 1);
+		CHECK(e.op_context == (void *)0x21);
+		CHECK_RC(poll_cq(cq[1], &e), 1);
+		CHECK(e.op_context == (void *)0x20 && (e.flags & FI_RECV) && e.len == 0);
 	}
 	/* fi_sendv / fi_recvv. */
 	struct iovec siov[3] = { { tx, 10 }, { tx + 10, 1000 }, { tx + 1010, 90 } };
@@ -843,6 +853,44 @@ static void suite_threads(void)
 	fi_freeinfo(info);
 }
 
+/* FI_THREAD_SAFE: a thread blocked in fi_cq_sread must not block another thread's
+ * non-blocking fi_cq_read of the same CQ. The sleeper waits up to 10 s; the reader reads while
+ * it sleeps, then sends the message that wakes it. */
+static volatile int sleeper_started, sleeper_done;
+static ssize_t sleeper_rc;
+
+static void *sread_sleeper(void *arg)
+{
+	struct fi_cq_data_entry *e = arg;
+	__atomic_store_n(&sleeper_started, 1, __ATOMIC_SEQ_CST);
+	sleeper_rc = fi_cq_sread(cq[1], e, 1, NULL, 10000);
+	__atomic_store_n(&sleeper_done, 1, __ATOMIC_SEQ_CST);
+	return NULL;
+}
+
+static void suite_cq_threads(void)
+{
+	setup(FI_EP_RDM, FI_CQ_FORMAT_DATA, FI_AV_TABLE);
+	CHECK(info->domain_attr->threading == FI_THREAD_SAFE);
+	char rx[16];
+	struct fi_cq_data_entry se, e;
+	OK(fi_recv(ep[1], rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)0x40));
+	pthread_t th;
+	CHECK(pthread_create(&th, NULL, sread_sleeper, &se) == 0);
+	while (!__atomic_load_n(&sleeper_started, __ATOMIC_SEQ_CST))
+		usleep(1000);
+	usleep(300 * 1000); /* let it reach its sleep */
+	CHECK_RC(fi_cq_read(cq[1], &e, 1), -FI_EAGAIN);
+	/* The read returned while the sleeper still waits (no completion exists yet). */
+	CHECK(!__atomic_load_n(&sleeper_done, __ATOMIC_SEQ_CST));
+	OK(fi_send(ep[0], "wake", 5, NULL, addr[1], (void *)0x41));
+	CHECK(pthread_join(th, NULL) == 0);
+	CHECK_RC(sleeper_rc, 1);
+	CHECK(se.op_context == (void *)0x40 && strcmp(rx, "wake") == 0);
+	CHECK_RC(poll_cq(cq[0], &e), 1);
+	teardown();
+}
+
 /* RMA/atomic rig: one endpoint on each of two devices (domains). rep[0] initiates; raddr[0]
  * is rep[1]'s address in rav[0]. */
 static struct fi_info *rinfo;
@@ -1131,6 +1179,8 @@ int main(int argc, char **argv)
 		suite_waitfd();
 	else if (!strcmp(s, "threads"))
 		suite_threads();
+	else if (!strcmp(s, "cq_threads"))
+		suite_cq_threads();
 	else if (!strcmp(s, "rma"))
 		suite_rma();
 	else if (!strcmp(s, "atomic"))

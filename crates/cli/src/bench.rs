@@ -274,11 +274,13 @@ impl Side {
     }
 
     fn fill(&mut self, size: usize, seed: u64) {
-        fill_pattern(&mut self.sbuf.as_mut_slice()[..size], seed);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        fill_pattern(&mut unsafe { self.sbuf.as_mut_slice() }[..size], seed);
     }
 
     fn check(&self, size: usize, seed: u64) -> Result<(), CliError> {
-        let got = &self.rbuf.as_slice()[..size];
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let got = &unsafe { self.rbuf.as_slice() }[..size];
         let mut want = vec![0u8; size];
         fill_pattern(&mut want, seed);
         if got != want.as_slice() {
@@ -329,7 +331,8 @@ fn server_handshake(side: &Side, addr_file: &Path) -> Result<FiAddr, CliError> {
     std::fs::rename(&tmp, addr_file)?;
     side.post_recv(64, 1)?;
     let e = side.wait(&side.rx_cq, "hello")?;
-    let text = String::from_utf8_lossy(&side.rbuf.as_slice()[..e.len]).into_owned();
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    let text = String::from_utf8_lossy(&unsafe { side.rbuf.as_slice() }[..e.len]).into_owned();
     let addr: FabricAddr = text
         .trim()
         .parse()
@@ -356,7 +359,8 @@ fn client_handshake(side: &mut Side, addr_file: &Path) -> Result<FiAddr, CliErro
     };
     let peer = side.av.insert_str(text.trim())?;
     let me = side.name().to_string();
-    side.sbuf.as_mut_slice()[..me.len()].copy_from_slice(me.as_bytes());
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    (unsafe { side.sbuf.as_mut_slice() })[..me.len()].copy_from_slice(me.as_bytes());
     side.post_send(me.len(), peer, 1)?;
     side.wait(&side.tx_cq, "hello send")?;
     Ok(peer)
@@ -620,7 +624,8 @@ fn rma_side(
 ) -> Result<Vec<SizeResult>, CliError> {
     if server {
         let len = side.rbuf.len();
-        fill_pattern(&mut side.rbuf.as_mut_slice()[..len], REGION_SEED);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        fill_pattern(&mut unsafe { side.rbuf.as_mut_slice() }[..len], REGION_SEED);
         let mr = side.domain.register(
             &side.rbuf,
             vfabric::fi::REMOTE_READ | vfabric::fi::REMOTE_WRITE,
@@ -628,7 +633,8 @@ fn rma_side(
         )?;
         side.post_recv(64, 9)?;
         let info = format!("{} {}", mr.key(), mr.base());
-        side.sbuf.as_mut_slice()[..info.len()].copy_from_slice(info.as_bytes());
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        (unsafe { side.sbuf.as_mut_slice() })[..info.len()].copy_from_slice(info.as_bytes());
         side.post_send(info.len(), peer, 8)?;
         side.wait(&side.tx_cq, "region info send")?;
         // The client may run many sizes: wait up to one timeout per size.
@@ -645,7 +651,8 @@ fn rma_side(
     }
     side.post_recv(64, 10)?;
     let e = side.wait(&side.rx_cq, "region info")?;
-    let text = String::from_utf8_lossy(&side.rbuf.as_slice()[..e.len]).into_owned();
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    let text = String::from_utf8_lossy(&unsafe { side.rbuf.as_slice() }[..e.len]).into_owned();
     let mut it = text.split_whitespace().map(str::parse::<u64>);
     let (Some(Ok(key)), Some(Ok(base))) = (it.next(), it.next()) else {
         return Err(CliError::Run(format!("bad region info {text:?}")));

@@ -11,6 +11,7 @@
 use std::fmt::Display;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
@@ -36,6 +37,7 @@ use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::{Polled, Poller};
 use crate::ring::{RingState, RingView};
 use crate::stats::Counters;
+use crate::xmem::PeerProcess;
 
 /// Chains popped from one queue before they are handed to the fabric.
 const BATCH: usize = 64;
@@ -249,6 +251,8 @@ pub(crate) struct FabricBackend {
     nested_work: AtomicBool,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     sink: Arc<VringSink>,
+    /// The frontend process (regions of its own memory); `None` without a socket path.
+    process: Option<Arc<PeerProcess>>,
     acked: AtomicU64,
     /// Held during one pass over the queues (chains popped in a pass are handed to the fabric
     /// before it is released), and by control-path changes (stop, reset, memory table) that must
@@ -275,6 +279,7 @@ impl FabricBackend {
         fabric: Arc<Fabric>,
         poller: Arc<Poller>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        socket: Option<PathBuf>,
     ) -> io::Result<Arc<Self>> {
         let counters = fabric
             .counters(dev)
@@ -292,6 +297,7 @@ impl FabricBackend {
             polled: AtomicBool::new(false),
             nested_work: AtomicBool::new(false),
             sink: Arc::new(VringSink::new(num_queues, mem.clone())),
+            process: socket.map(|s| Arc::new(PeerProcess::new(s, mem.clone()))),
             mem,
             acked: AtomicU64::new(0),
             work: Mutex::new(()),
@@ -321,6 +327,7 @@ impl FabricBackend {
         Port {
             mem: self.mem.clone(),
             sink: self.sink.clone(),
+            process: self.process.clone(),
         }
     }
 

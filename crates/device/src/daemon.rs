@@ -197,9 +197,10 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
         let poller = handle.pollers[dev % handle.pollers.len()].clone();
         let (fabric, shared) = (fabric.clone(), shared.clone());
         let deadline = config.handshake_timeout;
+        let socket = config.sockets[dev].clone();
         let t = std::thread::Builder::new()
             .name(format!("vfabric{dev}"))
-            .spawn(move || serve(dev, listener, fabric, shared, poller, deadline))
+            .spawn(move || serve(dev, socket, listener, fabric, shared, poller, deadline))
             .map_err(Error::Thread)?;
         handle.threads.push(t);
         info!(
@@ -318,6 +319,7 @@ fn watch_handshake(
 /// Serve device `dev`: one frontend at a time, forever (until shutdown).
 fn serve(
     dev: usize,
+    socket: PathBuf,
     mut listener: DeviceSocket,
     fabric: Arc<Fabric>,
     shared: Arc<Shared>,
@@ -341,7 +343,13 @@ fn serve(
             break;
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = match FabricBackend::new(dev, fabric.clone(), poller.clone(), mem.clone()) {
+        let backend = match FabricBackend::new(
+            dev,
+            fabric.clone(),
+            poller.clone(),
+            mem.clone(),
+            Some(socket.clone()),
+        ) {
             Ok(b) => b,
             Err(e) => {
                 error!(dev, "cannot create the backend: {e}");

@@ -86,9 +86,15 @@ impl Device {
         let fabric = Arc::new(Fabric::new(&c));
         let mem = GuestMemoryAtomic::new(mem);
         // No poller thread: every kick is served inline, as with `--poll-us 0`.
-        let backend =
-            FabricBackend::new(0, fabric.clone(), Poller::new(Duration::ZERO), mem.clone())
-                .expect("backend");
+        let backend = FabricBackend::new(
+            0,
+            fabric.clone(),
+            Poller::new(Duration::ZERO),
+            mem.clone(),
+            // No socket: process-memory registrations are refused (no peer process to reach).
+            None,
+        )
+        .expect("backend");
         fabric.connect(0, backend.port());
         let vrings = (0..NQ)
             .map(|_| VringRwLock::new(mem.clone(), 256).expect("vring"))

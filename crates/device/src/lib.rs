@@ -33,6 +33,7 @@ mod stats;
 #[cfg(test)]
 mod testutil;
 pub mod uplink;
+mod xmem;
 
 use std::path::PathBuf;
 

@@ -82,6 +82,7 @@ impl Guest {
         Port {
             mem: self.atomic.clone(),
             sink: self.sink.clone(),
+            process: None,
         }
     }
 

@@ -165,12 +165,43 @@ impl Domain {
 
     /// Share the application memory `[ptr, ptr+len)` with the device so that sends from it
     /// and receives into it need no bounce buffer (the provider does this for local
-    /// registrations of large buffers under FI_MR_LOCAL). The pages are moved in place onto a
-    /// sealed memfd, as for [`Domain::register_external`], with the same caveats: whole pages
-    /// are shared for good, and a write by another thread while they move is lost, so share
-    /// before use.
+    /// registrations of large buffers under FI_MR_LOCAL). The range is widened to whole pages,
+    /// which are moved in place onto a sealed memfd and added to the device with vhost-user
+    /// ADD_MEM_REG (guest address = user address; the device must offer CONFIGURE_MEM_SLOTS
+    /// and has a limited number of slots, 509 with vhost-user-backend).
+    ///
+    /// The move loses no write of any thread: while the pages move, other threads touching
+    /// them wait (userfaultfd; see `external`), so this needs userfaultfd with kernel-mode
+    /// faults (CAP_SYS_PTRACE or `vm.unprivileged_userfaultfd = 1`), else it fails with
+    /// `Unsupported` and the memory keeps working through bounce buffers.
+    ///
+    /// Caveats (page granularity):
+    /// * Whole pages are shared with the device from then on, including other data on the
+    ///   first and last page (neighbouring heap objects, allocator metadata), also after the
+    ///   domain is gone; they stay memfd-backed for the life of the mapping. Remote access
+    ///   never needs this: [`Domain::register_external`] exposes exactly the registered bytes.
+    /// * Only ordinary private anonymous memory (heap, anonymous `mmap`) can be moved;
+    ///   file-backed or shared mappings, read-only or partly unmapped ranges are refused
+    ///   (checked against `/proc/self/maps`).
+    /// * After `fork()` parent and child share these pages (no copy-on-write), including any
+    ///   allocator metadata on them.
+    /// * If the application unmaps the pages (e.g. `free` of a large allocation), the device
+    ///   keeps its mapping of the old memfd; sharing whatever is mapped there later moves it
+    ///   afresh.
     pub fn share_raw(&self, ptr: *const u8, len: usize) -> Result<()> {
         self.inner.share_external(ptr as usize, len)
+    }
+
+    /// Page ranges outside the shared region added to the device by [`Domain::share_raw`]:
+    /// (address, length).
+    pub fn external_regions(&self) -> Vec<(usize, usize)> {
+        self.inner
+            .external
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.start, r.len))
+            .collect()
     }
 
     /// Is `ptr..ptr+len` inside the shared region (zero-copy eligible)?
@@ -234,11 +265,11 @@ impl Domain {
     }
 
     /// `fi_mr_reg` of caller memory. Memory inside the domain's shared region is registered
-    /// as is; any other range goes through [`Domain::register_external`] (read its caveats).
+    /// as is; any other range is registered as process memory, as
+    /// [`Domain::register_external`] describes.
     ///
     /// # Safety
-    /// `ptr..ptr+len` must stay valid while the region is registered, and the requirements of
-    /// [`Domain::register_external`] hold for memory outside the shared region.
+    /// `ptr..ptr+len` must stay valid while the region is registered.
     pub unsafe fn register_raw(
         &self,
         ptr: *const u8,
@@ -251,87 +282,53 @@ impl Domain {
 
     /// `fi_mr_regv`: one region made of several pieces, concatenated in order (at most
     /// [`crate::rma::MAX_MR_SEGMENTS`]). With virtual addressing the region's remote address is
-    /// the first piece's address. Pieces outside the shared region are remapped as
-    /// [`Domain::register_external`] describes.
+    /// the first piece's address. A region with any piece outside the shared region is
+    /// registered as process memory ([`Domain::register_external`]).
     ///
     /// # Safety
-    /// Every piece must stay valid while the region is registered, and the requirements of
-    /// [`Domain::register_external`] hold for pieces outside the shared region.
+    /// Every piece must stay valid while the region is registered.
     pub unsafe fn register_raw_iov(
         &self,
         iov: &[(*const u8, usize)],
         attr: &crate::rma::MrAttr,
     ) -> Result<crate::rma::MemoryRegion> {
         let segs: Vec<(u64, usize)> = iov.iter().map(|&(p, l)| (p as u64, l)).collect();
-        if segs.len() <= crate::rma::MAX_MR_SEGMENTS
-            && attr.access & !crate::rma::MR_ACCESS_ALL == 0
-        {
-            for &(p, l) in &segs {
-                if !self.inner.is_shared(p, l) {
-                    self.inner.share_external(p as usize, l)?;
-                }
-            }
-        }
         self.inner.register(&segs, attr, None)
     }
 
     /// `fi_mr_reg` of memory outside the domain's shared region (e.g. a `Vec`, a `Box`, or a C
     /// application's `malloc` buffer), keeping its address.
     ///
-    /// The range is widened to whole pages; those pages are copied into a new sealed memfd
-    /// (`F_SEAL_SHRINK | F_SEAL_GROW`) which is then moved over the original addresses
-    /// (`mremap(MREMAP_MAYMOVE | MREMAP_FIXED)`), so every pointer of the application stays
-    /// valid and now points at memory the device can map. The memfd is sent to the device with
-    /// vhost-user ADD_MEM_REG (guest address = user address = the page address; the device must
-    /// offer CONFIGURE_MEM_SLOTS, and it has a limited number of slots, 509 with
-    /// vhost-user-backend), then registered with MR_REG as usual: only `ptr..ptr+len` is
-    /// remotely accessible, with the rights of `attr`.
+    /// Nothing is copied or remapped: the region is registered as *process memory*
+    /// (`mr_flags::PROCESS_MEMORY`, spec §6.8.4) and the device reaches exactly the registered
+    /// bytes in this process with cross-memory attach (`process_vm_readv`/`process_vm_writev`,
+    /// as libfabric's shm provider does), identifying the process by the credentials of the
+    /// vhost-user socket. Threads of the application may keep using the buffer and its
+    /// neighbours during and after the registration: no write is lost, and no byte outside the
+    /// region is exposed to the device.
     ///
-    /// A later registration inside pages already moved reuses them (no copy, no new slot), in
-    /// this domain and in any other domain of the process (which only sends ADD_MEM_REG). A
-    /// range that *partly* overlaps pages already moved is extended: only its missing pages
-    /// are moved, onto a memfd of their own (one more device slot), and the registration spans
-    /// both. Registering a whole buffer first keeps the slot count down.
-    ///
-    /// Caveats:
-    /// * The pages (including other data sharing the first and last page) are shared with the
-    ///   device from then on, also after the region is closed and the domain is gone; they stay
-    ///   memfd-backed for the life of the mapping.
-    /// * Writes by other threads to those pages while they are copied are lost: register
-    ///   before the buffer is in use.
-    /// * Only ordinary private anonymous memory (heap, anonymous `mmap`) can be moved;
-    ///   file-backed or shared mappings, read-only or partly unmapped ranges are refused
-    ///   (checked against `/proc/self/maps`).
-    /// * After `fork()` parent and child share these pages (no copy-on-write), including any
-    ///   allocator metadata on them.
-    /// * If the application unmaps the pages (e.g. `free` of a large allocation), the device
-    ///   keeps its mapping of the old memfd; a new registration of whatever is mapped there
-    ///   later is remapped afresh.
+    /// Requirements and limits:
+    /// * The device must run with ptrace-read access to this process (same uid or
+    ///   CAP_SYS_PTRACE) and see this process as its frontend; otherwise MR_REG fails with
+    ///   `Status::Unsupported`.
+    /// * Remote atomics on such a region are atomic with respect to each other (the device
+    ///   serialises them), not with respect to the application's own CPU accesses to the same
+    ///   words at the same time.
+    /// * Only remote access is affected: sends, receives and the local side of RMA from such
+    ///   memory go through bounce buffers.
+    /// * Access rights are the kernel's: a remote write to read-only or unmapped memory
+    ///   completes with `Status::Fault`.
     ///
     /// # Safety
     /// `ptr..ptr+len` must be memory of this process that stays valid while the region is
-    /// registered, and no other thread may write to its pages during this call.
+    /// registered.
     pub unsafe fn register_external(
         &self,
         ptr: *const u8,
         len: usize,
         attr: &crate::rma::MrAttr,
     ) -> Result<crate::rma::MemoryRegion> {
-        if !self.inner.is_shared(ptr as u64, len) {
-            self.inner.share_external(ptr as usize, len)?;
-        }
         self.inner.register(&[(ptr as u64, len)], attr, None)
-    }
-
-    /// Page ranges outside the shared region added to the device: (address, length).
-    pub fn external_regions(&self) -> Vec<(usize, usize)> {
-        self.inner
-            .external
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| (r.start, r.len))
-            .collect()
     }
 
     /// `fi_cntr_open`.
@@ -395,10 +392,10 @@ pub(crate) struct DomainInner {
     /// What `block` sleeps on, in this order: every queue's call eventfd, the error eventfd,
     /// the device socket (hang-up).
     poll_template: Box<[libc::pollfd]>,
+    /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::share_raw`]).
+    pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
     /// Counters and remote-event state (memory regions, FI_RMA_EVENT).
     pub(crate) rma: crate::rma::RmaState,
-    /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::register_external`]).
-    pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
 }
 
 /// Why progress stopped: the device hung up, or broke a ring (converted to an [`Error`] only

@@ -730,7 +730,9 @@ impl Endpoint {
         if len <= INLINE_TX_MAX {
             inline = match &a.src {
                 SendSrc::Bytes(s) => Payload::Bytes(s),
-                SendSrc::Shared(buf, r) => Payload::Bytes(&buf.as_slice()[r.clone()]),
+                // SAFETY: read once while posting a send; the bytes of a buffer that is also
+                // being written (received into) are undefined, as libfabric leaves them.
+                SendSrc::Shared(buf, r) => Payload::Bytes(unsafe { &buf.as_slice()[r.clone()] }),
                 SendSrc::Iov(iov) => Payload::Gather { prefix: &[], iov },
             };
         } else {
@@ -760,7 +762,8 @@ impl Endpoint {
                     };
                     match src {
                         SendSrc::Bytes(s) => put(s),
-                        SendSrc::Shared(buf, r) => put(&buf.as_slice()[r.clone()]),
+                        // SAFETY: as for the inline case above.
+                        SendSrc::Shared(buf, r) => put(unsafe { &buf.as_slice()[r.clone()] }),
                         SendSrc::Iov(iov) => iov.iter().for_each(|v| put(iov_bytes(v))),
                     }
                     descs.push(bb.addr(), len as u32)?;
@@ -1563,7 +1566,8 @@ fn send_flags(fi_flags: u64) -> Result<u64> {
 
 pub(crate) fn iov_bytes<'a>(v: &'a Iov<'a>) -> &'a [u8] {
     match &v.kind {
-        IovKind::Shared(buf, r) => &buf.as_slice()[r.clone()],
+        // SAFETY: read while posting a send (as for `SendSrc::Shared`).
+        IovKind::Shared(buf, r) => unsafe { &buf.as_slice()[r.clone()] },
         IovKind::Bytes(b) => b,
         IovKind::Raw(p, l) if *l == 0 || p.is_null() => &[],
         // SAFETY: `Iov::raw`'s contract makes `p` readable for `l` bytes while posting.

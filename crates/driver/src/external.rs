@@ -1,7 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Registration of memory outside a domain's shared region ([`crate::Domain::register_external`]):
-//! the pages of the range are moved, in place, onto a sealed memfd that is then handed to the
-//! device with vhost-user ADD_MEM_REG (guest address = user address = the page address).
+//! Sharing memory outside a domain's shared region ([`crate::Domain::share_raw`]): the pages of
+//! the range are moved, in place, onto a sealed memfd that is then handed to the device with
+//! vhost-user ADD_MEM_REG (guest address = user address = the page address).
+//!
+//! The move loses no write. Copying the pages and mapping the copy over them (as this once did)
+//! loses every write another thread makes in between, and `mremap` cannot make the two one
+//! step. Instead the range is first registered with a userfaultfd (missing-page mode), then
+//! its pages are moved away with `mremap(MREMAP_DONTUNMAP)`: the range stays mapped but
+//! empty, so any thread touching it now waits in the kernel. With the pages out of anyone
+//! else's reach they are copied into the memfd, the memfd is mapped over the range
+//! (`MAP_FIXED`, one step) and the waiting threads are woken: they retry their access on the
+//! memfd, which holds every byte written before the move.
 //!
 //! A remapped range is recorded process-wide (the memfd stays open), so that another domain can
 //! add the same pages without remapping them again; each domain records which of those ranges it
@@ -201,7 +210,11 @@ pub(crate) fn remap(start: usize, len: usize) -> Result<Vec<Arc<Remapped>>> {
         }
     }
     for (gs, gl) in gaps {
-        let r = Arc::new(move_onto_memfd(gs, gl)?);
+        let pieces: Vec<(usize, usize)> = covering(&maps, gs, gl)?
+            .iter()
+            .map(|m| (m.start.max(gs), m.end.min(gs + gl)))
+            .collect();
+        let r = Arc::new(move_onto_memfd(gs, gl, &pieces)?);
         all.insert(gs, r.clone());
         live.push(r);
     }
@@ -209,9 +222,86 @@ pub(crate) fn remap(start: usize, len: usize) -> Result<Vec<Arc<Remapped>>> {
     Ok(live)
 }
 
-/// Copy `[start, start+len)` into a fresh memfd and map that over the range (MAP_FIXED), so the
-/// same addresses now show the same bytes, backed by shareable memory.
-fn move_onto_memfd(start: usize, len: usize) -> Result<Remapped> {
+/// Mappings a moved range may span (kept on the stack while the pages are away).
+const MAX_PIECES: usize = 16;
+
+// userfaultfd ABI (linux/userfaultfd.h); the libc crate does not define it.
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+/// `_IOWR(0xaa, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+/// `_IOR(0xaa, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+fn os_err(what: &str) -> Error {
+    let e = io::Error::last_os_error();
+    Error::Io(io::Error::new(e.kind(), format!("{what}: {e}")))
+}
+
+/// A userfaultfd that also catches faults from kernel mode (a `read(2)` into the range must
+/// wait like a CPU store does, not fail with EFAULT).
+fn userfaultfd() -> Result<File> {
+    // SAFETY: userfaultfd(2) takes flags only and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(Error::Unsupported(format!(
+            "userfaultfd (needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1): {e}"
+        )));
+    }
+    // SAFETY: `fd` was just returned by userfaultfd and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd as i32) };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes the `uffdio_api` struct we pass.
+    if unsafe { libc::ioctl(file.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+        return Err(os_err("UFFDIO_API"));
+    }
+    Ok(file)
+}
+
+/// Move `[start, start+len)` (made of the mappings `pieces`, in order) onto a fresh memfd
+/// mapped at the same addresses, so the same addresses show the same bytes, backed by
+/// shareable memory; no concurrent access is lost (module docs).
+fn move_onto_memfd(start: usize, len: usize, pieces: &[(usize, usize)]) -> Result<Remapped> {
+    // Between the move and the wake-up this thread must touch no heap memory: the heap bytes
+    // it needs could lie in the moved pages (it would wait for itself), and another thread
+    // waiting on them may hold the allocator's lock (no allocation either). So the mappings are
+    // copied to the stack, and errors are only recorded (as errno values) until the wake-up.
+    let mut stack_pieces = [(0usize, 0usize); MAX_PIECES];
+    if pieces.len() > MAX_PIECES {
+        return Err(Error::InvalidArgument(format!(
+            "{start:#x}+{len:#x} spans more than {MAX_PIECES} mappings"
+        )));
+    }
+    stack_pieces[..pieces.len()].copy_from_slice(pieces);
+    let pieces = &stack_pieces[..pieces.len()];
     let name = CString::new("vfabric-ext").expect("no NUL");
     // SAFETY: `name` is a valid NUL-terminated string; memfd_create has no other inputs.
     let fd =
@@ -233,43 +323,112 @@ fn move_onto_memfd(start: usize, len: usize) -> Result<Remapped> {
     {
         return Err(io::Error::last_os_error().into());
     }
-    // SAFETY: a new shared mapping of the correctly sized memfd at an address of the kernel's
-    // choosing; checked below.
-    let tmp = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
+    let uffd = userfaultfd()?;
+    // A second view of the memfd to fill it, and room for the moved pages.
+    let fill = Mapping::new(
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+        file.as_raw_fd(),
+    )?;
+    let parked = Mapping::new(
+        len,
+        libc::PROT_NONE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+    )?;
+    let range = UffdioRange {
+        start: start as u64,
+        len: len as u64,
     };
-    if tmp == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error().into());
+    let mut reg = UffdioRegister {
+        range,
+        mode: UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes the struct we pass; it changes how faults in
+    // the range are served (they wait for us), not the memory.
+    if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } < 0 {
+        return Err(os_err("UFFDIO_REGISTER"));
     }
-    // SAFETY: the source range is mapped readable (checked against /proc/self/maps by the
-    // caller) and the destination is the fresh `len`-byte mapping; they cannot overlap.
-    unsafe { std::ptr::copy_nonoverlapping(start as *const u8, tmp.cast::<u8>(), len) };
-    // SAFETY: `tmp` is a mapping of `len` bytes we created above; moving it onto the caller's
-    // range (which the caller vouches for) atomically replaces those pages with the memfd's,
-    // which hold the same bytes.
-    let moved = unsafe {
-        libc::mremap(
-            tmp,
-            len,
-            len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            start as *mut libc::c_void,
-        )
+    // Move every mapping's pages to `parked`; the range stays mapped, empty and registered, so
+    // from here on nobody else can read or write those bytes: they wait.
+    let mut moved = 0;
+    let mut failure: Option<(&'static str, io::Error)> = None;
+    for &(ps, pe) in pieces {
+        // SAFETY: `[ps, pe)` is one mapping of the range (from /proc/self/maps, checked by the
+        // caller), moved to the same offset of `parked`, our own reservation. DONTUNMAP keeps
+        // the source mapped, so no other mapping can take its place.
+        let r = unsafe {
+            libc::mremap(
+                ps as *mut libc::c_void,
+                pe - ps,
+                pe - ps,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                parked.ptr.add(ps - start).cast::<libc::c_void>(),
+            )
+        };
+        if r == libc::MAP_FAILED {
+            failure = Some(("mremap(MREMAP_DONTUNMAP)", io::Error::last_os_error()));
+            break;
+        }
+        moved += 1;
+    }
+    let target = if failure.is_none() {
+        // SAFETY: nobody else can reach the bytes now (module docs); `parked` holds them and
+        // `fill` is a distinct `len`-byte mapping of the memfd.
+        unsafe { std::ptr::copy_nonoverlapping(parked.ptr, fill.ptr, len) };
+        // SAFETY: replaces the (empty, waited-on) range with the memfd holding its bytes, in
+        // one step.
+        let m = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if m == libc::MAP_FAILED {
+            failure = Some(("mmap(MAP_FIXED) of the memfd", io::Error::last_os_error()));
+        }
+        failure.is_none()
+    } else {
+        false
     };
-    if moved == libc::MAP_FAILED {
-        let e = io::Error::last_os_error();
-        // SAFETY: unmapping the temporary mapping created above, still in place on failure.
-        unsafe { libc::munmap(tmp, len) };
+    let mut lost = None;
+    if !target {
+        // Put the moved pages back where they were (replacing the empty source mappings).
+        for &(ps, pe) in &pieces[..moved] {
+            // SAFETY: moves our parked pages back over their (empty) original addresses.
+            let r = unsafe {
+                libc::mremap(
+                    parked.ptr.add(ps - start).cast::<libc::c_void>(),
+                    pe - ps,
+                    pe - ps,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    ps as *mut libc::c_void,
+                )
+            };
+            if r == libc::MAP_FAILED && lost.is_none() {
+                lost = Some((ps, io::Error::last_os_error()));
+            }
+        }
+    }
+    // Wake the waiters: they retry on whatever is mapped now (the memfd, or the pages put
+    // back). Closing the userfaultfd (on return) wakes any that came later.
+    let mut wake = range;
+    // SAFETY: UFFDIO_WAKE only reads the range we pass.
+    unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WAKE, &mut wake) };
+    drop(uffd);
+    if let Some((at, e)) = lost {
+        tracing::error!("cannot move pages back to {at:#x}: {e}");
+    }
+    if let Some((what, e)) = failure {
         return Err(Error::Io(io::Error::new(
             e.kind(),
-            format!("mremap onto {start:#x}+{len:#x}: {e}"),
+            format!("{what} at {start:#x}+{len:#x}: {e}"),
         )));
     }
     let ino = file.metadata()?.ino();
@@ -284,4 +443,28 @@ fn move_onto_memfd(start: usize, len: usize) -> Result<Remapped> {
         file,
         ino,
     })
+}
+
+/// A temporary mapping of this module, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize, prot: i32, flags: i32, fd: i32) -> Result<Self> {
+        // SAFETY: a new mapping at an address of the kernel's choosing; checked below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(os_err("mmap"));
+        }
+        Ok(Self { ptr: p.cast(), len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping a mapping this object created (pages moved into it go with it).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }

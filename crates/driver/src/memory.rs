@@ -412,8 +412,18 @@ impl Drop for Allocation {
 }
 
 /// A buffer inside the domain's shared region. Operations on it are zero-copy in the driver:
-/// the device reads or writes it directly. While an operation on the buffer is in flight its
-/// contents are unspecified (the device may be writing them), as in libfabric.
+/// the device reads or writes it directly. While an operation on the buffer is in flight, or
+/// while it is registered for remote access, the device may write it at any time (as in
+/// libfabric), so Rust references to its bytes are handed out only by the checked
+/// [`SharedBuf::get`]/[`SharedBuf::get_mut`] (which see every in-flight operation and
+/// registration, since each holds a clone of the allocation) or by the `unsafe`
+/// [`SharedBuf::as_slice`]/[`SharedBuf::as_mut_slice`], whose caller vouches for it.
+///
+/// ```compile_fail
+/// fn peek(buf: &vfabric::SharedBuf) -> u8 {
+///     buf.as_slice()[0] // the device may be writing it: only `unsafe` code may say it is not
+/// }
+/// ```
 pub struct SharedBuf {
     alloc: Arc<Allocation>,
     len: usize,
@@ -454,12 +464,41 @@ impl SharedBuf {
     pub fn addr(&self) -> u64 {
         self.alloc.addr()
     }
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the allocation owns at least `len` bytes; the only other writer is the device
-        // while an operation posted on this buffer is in flight (documented above).
+    /// The buffer's bytes, if no operation on it is in flight and it is not registered
+    /// (nothing but this handle refers to the memory, and `&mut self` keeps new operations
+    /// from being posted while the borrow lives).
+    pub fn get(&mut self) -> Option<&[u8]> {
+        self.get_mut().map(|b| &*b)
+    }
+
+    /// The buffer's bytes for writing, under the same condition as [`SharedBuf::get`].
+    pub fn get_mut(&mut self) -> Option<&mut [u8]> {
+        let alloc = Arc::get_mut(&mut self.alloc)?;
+        // SAFETY: the allocation owns at least `len` bytes, and no clone of it exists: no
+        // operation the device may serve and no registration refers to it, and `&mut self`
+        // excludes posting one until the borrow ends.
+        Some(unsafe { std::slice::from_raw_parts_mut(alloc.ptr(), self.len) })
+    }
+
+    /// The buffer's bytes.
+    ///
+    /// # Safety
+    /// While the slice lives, the device must not write the buffer: no receive, RMA read or
+    /// fetching atomic into it may be in flight, and it must not be registered for remote
+    /// write (the device writes such memory whenever a peer asks). Use [`SharedBuf::get`] for
+    /// a checked borrow.
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the allocation owns at least `len` bytes; the caller excludes device writes.
         unsafe { std::slice::from_raw_parts(self.alloc.ptr(), self.len) }
     }
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+
+    /// The buffer's bytes for writing.
+    ///
+    /// # Safety
+    /// While the slice lives, the device must not access the buffer: no operation on it may
+    /// be in flight and it must not be registered for remote access. Use
+    /// [`SharedBuf::get_mut`] for a checked borrow.
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`; `&mut self` excludes other Rust references to the bytes.
         unsafe { std::slice::from_raw_parts_mut(self.alloc.ptr(), self.len) }
     }

@@ -309,13 +309,9 @@ impl DomainInner {
                 attr.access & !MR_ACCESS_ALL
             )));
         }
-        if segs.iter().any(|&(p, l)| !self.is_shared(p, l)) {
-            return Err(Error::InvalidArgument(
-                "only memory of the domain's shared region or of ranges added with \
-                 register_external can be registered"
-                    .into(),
-            ));
-        }
+        // Memory outside the shared region is process memory: the device reaches it by
+        // cross-memory attach (`Domain::register_external`).
+        let process_memory = segs.iter().any(|&(p, l)| !self.is_shared(p, l));
         let remote = attr.access & (fi::REMOTE_READ | fi::REMOTE_WRITE) != 0 || attr.rma_event;
         let base = if attr.offset_addressing { 0 } else { ptr };
         if !remote {
@@ -355,6 +351,9 @@ impl DomainInner {
         }
         if attr.rma_event {
             flags |= mr_flags::RMA_EVENT;
+        }
+        if process_memory {
+            flags |= mr_flags::PROCESS_MEMORY;
         }
         let mut req = Request::new(Opcode::MrReg);
         match attr.requested_key {

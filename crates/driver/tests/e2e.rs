@@ -243,7 +243,8 @@ fn send_recv_integrity_random_sizes() {
         if tx_mode == 0 {
             a.ep.send(&payload, to_b, ctx).unwrap();
         } else {
-            shared_tx.as_mut_slice()[..size].copy_from_slice(&payload);
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            (unsafe { shared_tx.as_mut_slice() })[..size].copy_from_slice(&payload);
             a.ep.send_buf(&shared_tx, 0..size, to_b, ctx).unwrap();
         }
         if !recv_first {
@@ -260,7 +261,8 @@ fn send_recv_integrity_random_sizes() {
         let received: Vec<u8> = match rx_mode {
             0 => got.buf.clone().expect("recv_vec returns the bytes"),
             1 => raw_target.clone(),
-            _ => shared_rx.as_slice()[..size].to_vec(),
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            _ => (unsafe { shared_rx.as_slice() })[..size].to_vec(),
         };
         assert_eq!(
             checksum(&received),
@@ -271,7 +273,8 @@ fn send_recv_integrity_random_sizes() {
         assert_eq!(sent.context, ctx);
         assert!(sent.flags & fi::SEND != 0);
     }
-    shared_rx.as_mut_slice()[0] = 0;
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    (unsafe { shared_rx.as_mut_slice() })[0] = 0;
     // Nothing leaked: only rings and slots (plus cached bounce buffers) remain in use.
     assert_eq!(a.domain.requests_in_flight(), 0);
     assert_eq!(b.domain.requests_in_flight(), 0);
@@ -301,7 +304,8 @@ fn inject_and_senddata() {
 
     // sendmsg with an iov mixing shared and private memory, and DELIVERY_COMPLETE.
     let mut sb = a.domain.alloc_buffer(300).unwrap();
-    sb.as_mut_slice().fill(b's');
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    unsafe { sb.as_mut_slice() }.fill(b's');
     let private = vec![b'p'; 5000];
     let iov = [Iov::shared(&sb, 0..300), Iov::bytes(&private)];
     b.ep.recv_vec(6000, 4).unwrap();
@@ -1035,7 +1039,8 @@ fn iov_scatter_gather_and_foreign_buffers() {
     let mut off = 0;
     for p in parts.iter_mut() {
         let n = p.len();
-        p.as_mut_slice().copy_from_slice(&msg[off..off + n]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        unsafe { p.as_mut_slice() }.copy_from_slice(&msg[off..off + n]);
         off += n;
     }
     let rx1 = b.domain.alloc_buffer(60_000).unwrap();
@@ -1064,8 +1069,10 @@ fn iov_scatter_gather_and_foreign_buffers() {
     .unwrap();
     assert_eq!(next_ok(&b.rx).len, 100_000);
     next_ok(&a.tx);
-    let mut got = rx1.as_slice().to_vec();
-    got.extend_from_slice(rx2.as_slice());
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    let mut got = unsafe { rx1.as_slice() }.to_vec();
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    got.extend_from_slice(unsafe { rx2.as_slice() });
     assert_eq!(got, msg);
 
     // Mixed receive iov (shared + private memory): bounced and scattered at completion.
@@ -1087,11 +1094,13 @@ fn iov_scatter_gather_and_foreign_buffers() {
     .unwrap();
     // A buffer of another domain (B's) used for a send by A is copied, not passed zero-copy.
     let mut foreign = b.domain.alloc_buffer(100_000).unwrap();
-    foreign.as_mut_slice().copy_from_slice(&msg);
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    unsafe { foreign.as_mut_slice() }.copy_from_slice(&msg);
     a.ep.send_buf(&foreign, 0..100_000, to_b, 4).unwrap();
     assert_eq!(next_ok(&b.rx).len, 100_000);
     next_ok(&a.tx);
-    assert_eq!(rx3.as_slice(), &msg[..30_000]);
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(unsafe { rx3.as_slice() }, &msg[..30_000]);
     assert_eq!(&private[..], &msg[30_000..]);
 
     // Small messages through a raw pointer inside the shared region (zero-copy path).
@@ -1100,7 +1109,8 @@ fn iov_scatter_gather_and_foreign_buffers() {
     unsafe { b.ep.recv_raw(inside.as_mut_ptr(), 64, 5).unwrap() };
     a.ep.send(b"inside the region", to_b, 6).unwrap();
     assert_eq!(next_ok(&b.rx).len, 17);
-    assert_eq!(&inside.as_slice()[..17], b"inside the region");
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(&unsafe { inside.as_slice() }[..17], b"inside the region");
     next_ok(&a.tx);
 }
 
@@ -1149,7 +1159,8 @@ fn batch_posts_ring_the_doorbell_once() {
     let (a, b, to_b, _) = pair(&r);
     let rbuf = b.domain.alloc_buffer(32 * 64).unwrap();
     let mut sbuf = a.domain.alloc_buffer(32 * 64).unwrap();
-    for (i, chunk) in sbuf.as_mut_slice().chunks_mut(64).enumerate() {
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    for (i, chunk) in unsafe { sbuf.as_mut_slice() }.chunks_mut(64).enumerate() {
         chunk.fill(i as u8);
     }
     {
@@ -1195,7 +1206,8 @@ fn batch_posts_ring_the_doorbell_once() {
             Err(e) => panic!("read_into: {e}"),
         }
     }
-    for (i, chunk) in rbuf.as_slice().chunks(64).enumerate() {
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    for (i, chunk) in unsafe { rbuf.as_slice() }.chunks(64).enumerate() {
         assert!(chunk.iter().all(|&x| x == i as u8), "message {i}");
     }
     for i in 0..32u64 {

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Registration of memory outside the domain's shared region (`Domain::register_external`):
-//! plain `Vec`/`Box` buffers remapped in place onto a memfd and added to the device with
-//! ADD_MEM_REG. An embedded `vfabricd` and driver domains in this process; every wait has a
+//! plain `Vec`/`Box` buffers registered as process memory, which the device reaches by
+//! cross-memory attach (nothing is copied or remapped). An embedded `vfabricd` and driver domains in this process; every wait has a
 //! timeout.
 
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use vfabric::proto::{atomic_op as op, datatype as dt};
 use vfabric::{
     fi, AddressVector, AtomicMsg, BindFlags, CompletionQueue, CqAttr, Domain, DomainAttr, Endpoint,
-    EpAttr, Error, FiAddr, Iov, MrAttr, Status, WaitMode,
+    EpAttr, FiAddr, Iov, MrAttr, Status, WaitMode,
 };
 
 mod common;
@@ -109,7 +109,6 @@ fn write_and_read_plain_buffers_across_sizes() {
     // other thread touches it.
     let tmr = unsafe { p.db.register_external(tptr, target.len(), &attr(RW)) }.unwrap();
     assert_eq!(tmr.base(), tptr as u64);
-    assert!(!p.db.external_regions().is_empty());
     let mut src = vec![0u8; MAX];
     let mut back = vec![0u8; MAX];
     let mut rng = Xorshift(0xfeed);
@@ -199,18 +198,16 @@ fn nested_registrations_reuse_the_region_and_rights_hold() {
     let base = buf.as_mut_ptr();
     // SAFETY: `buf` outlives every region below.
     let whole = unsafe { p.db.register_external(base, buf.len(), &attr(RW)) }.unwrap();
-    let regions = p.db.external_regions();
     // SAFETY: inside `buf`.
     let ro = unsafe {
         p.db.register_external(base.add(100), 200, &attr(fi::REMOTE_READ))
     }
     .unwrap();
-    // SAFETY: inside `buf`; the fallback of register_raw finds the added range.
+    // SAFETY: inside `buf`.
     let wo = unsafe {
         p.db.register_raw(base.add(1000), 16, &attr(fi::REMOTE_WRITE))
     }
     .unwrap();
-    assert_eq!(p.db.external_regions(), regions, "no new ADD_MEM_REG");
     assert_ne!(whole.key(), ro.key());
 
     p.a.ep
@@ -250,16 +247,15 @@ fn nested_registrations_reuse_the_region_and_rights_hold() {
         Status::Access
     );
 
-    // Another domain of the process adds the same pages without remapping them.
+    // Another domain of the process registers the same bytes.
     // SAFETY: inside `buf`.
     let local = unsafe { p.da.register_external(base, 64, &attr(RW)) }.unwrap();
-    assert_eq!(p.da.external_regions(), regions);
     drop((whole, ro, wo, local));
     assert_eq!(buf[1000..1005], *b"hello");
 }
 
 #[test]
-fn partial_overlap_extends_and_unsuitable_memory_is_refused() {
+fn overlapping_regions_and_file_backed_and_read_only_memory() {
     let r = rig(1);
     let d = open_domain(&r.paths[0]);
     let page = 4096;
@@ -280,22 +276,15 @@ fn partial_overlap_extends_and_unsuitable_memory_is_refused() {
     unsafe {
         m.write_bytes(0x5a, 4 * page);
         let first = d.register_external(m, 2 * page, &attr(RW)).unwrap();
-        assert_eq!(d.external_regions(), vec![(m as usize, 2 * page)]);
-        // Partly overlapping: only the missing page is moved and added.
+        // Partly overlapping regions are independent.
         let second = d
             .register_external(m.add(page), 2 * page, &attr(RW))
             .unwrap();
-        assert_eq!(
-            d.external_regions(),
-            vec![(m as usize, 2 * page), (m as usize + 2 * page, page)]
-        );
-        // Inside the union of both: nothing new.
         let third = d
             .register_external(m.add(100), 3 * page - 200, &attr(RW))
             .unwrap();
-        assert_eq!(d.external_regions().len(), 2);
         assert_eq!(view(m, 4 * page), vec![0x5a; 4 * page]);
-        // Remote access across the boundary of the two device regions.
+        // Remote access across a page boundary.
         let e = endpoint(&d);
         let me = e.av.insert(e.ep.name()).unwrap();
         let data: Vec<u8> = (0..256u32).map(|i| i as u8).collect();
@@ -309,7 +298,9 @@ fn partial_overlap_extends_and_unsuitable_memory_is_refused() {
         libc::munmap(m.cast(), 4 * page);
     }
 
-    // File-backed memory is refused.
+    let e = endpoint(&d);
+    let me = e.av.insert(e.ep.name()).unwrap();
+    // File-backed memory works like any other.
     let mut f = tempfile::tempfile().unwrap();
     std::io::Write::write_all(&mut f, &[1u8; 4096]).unwrap();
     // SAFETY: a private mapping of one page of a file we own, unmapped below.
@@ -324,13 +315,18 @@ fn partial_overlap_extends_and_unsuitable_memory_is_refused() {
         )
     };
     assert_ne!(fm, libc::MAP_FAILED);
-    // SAFETY: the mapping is live.
-    let r1 = unsafe { d.register_external(fm.cast(), 100, &attr(RW)) };
-    assert!(matches!(r1, Err(Error::InvalidArgument(_))), "{r1:?}");
+    // SAFETY: the mapping is live until the munmap below, after the region is dropped.
+    let r1 = unsafe { d.register_external(fm.cast(), 100, &attr(RW)) }.unwrap();
+    e.ep.write(b"file", me, r1.base() + 10, r1.key(), 3)
+        .unwrap();
+    next_ok(&e.tx);
+    // SAFETY: inside the mapping.
+    assert_eq!(view(unsafe { fm.cast::<u8>().add(10) }, 4), b"file");
+    drop(r1);
     // SAFETY: unmapping the mapping made above.
     unsafe { libc::munmap(fm, page) };
 
-    // So is read-only memory.
+    // Read-only memory: the kernel refuses the device's writes, reads work.
     // SAFETY: a fresh read-only anonymous page, unmapped below.
     let ro = unsafe {
         libc::mmap(
@@ -343,9 +339,143 @@ fn partial_overlap_extends_and_unsuitable_memory_is_refused() {
         )
     };
     assert_ne!(ro, libc::MAP_FAILED);
-    // SAFETY: the mapping is live; the call is refused before touching it.
-    let r2 = unsafe { d.register_external(ro.cast(), 64, &attr(RW)) };
-    assert!(matches!(r2, Err(Error::InvalidArgument(_))), "{r2:?}");
+    // SAFETY: the mapping is live until the munmap below, after the region is dropped.
+    let r2 = unsafe { d.register_external(ro.cast(), 64, &attr(RW)) }.unwrap();
+    e.ep.write(b"no", me, r2.base(), r2.key(), 4).unwrap();
+    assert_eq!(
+        next(&e.tx).expect_err("write to read-only memory").status,
+        Status::Fault
+    );
+    e.ep.read_vec(8, me, r2.base(), r2.key(), 5).unwrap();
+    assert_eq!(next_ok(&e.tx).buf.unwrap(), [0u8; 8]);
+    drop((r2, e));
     // SAFETY: unmapping the mapping made above.
     unsafe { libc::munmap(ro, page) };
+}
+
+/// Writer threads hammer words before, inside and after a heap buffer while it is registered
+/// and remotely written and read. Before each write a writer checks that its previous write is
+/// still there, so a registration that loses a concurrent write (as copying the pages and
+/// remapping them did) fails. Neighbours of the registered bytes are never written by the
+/// device.
+#[test]
+fn registration_loses_no_concurrent_write() {
+    no_concurrent_write_lost(false);
+}
+
+/// As above, with the pages first shared with the device (`Domain::share_raw`, which moves
+/// them onto a memfd): the move must not lose a write either.
+#[test]
+fn sharing_pages_loses_no_concurrent_write() {
+    no_concurrent_write_lost(true);
+}
+
+fn no_concurrent_write_lost(share: bool) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+    use std::time::{Duration, Instant};
+
+    const WORDS: usize = (4 << 20) / 8;
+    const WRITERS: usize = 3;
+    /// Words a writer owns: in the first page (outside the region), in the middle (inside), and
+    /// in the last page (outside).
+    fn slots(w: usize) -> [usize; 3] {
+        [w, WORDS / 2 + w, WORDS - 1 - w]
+    }
+    /// The region: words 16..WORDS-16; the device writes words 64..128 of it (no slot there).
+    const REG: std::ops::Range<usize> = 16..WORDS - 16;
+    const DEV: std::ops::Range<usize> = 64..128;
+    let r = rig(2);
+    let p = pair(&r);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wait_for = |progress: &AtomicUsize, at_least: usize| {
+        while progress.load(Relaxed) < at_least {
+            assert!(Instant::now() < deadline, "writers made no progress");
+            std::thread::yield_now();
+        }
+    };
+    for round in 0..30u64 {
+        // A fresh allocation each round: pages nobody registered before.
+        let buf: Box<[AtomicU64]> = (0..WORDS).map(|_| AtomicU64::new(0)).collect();
+        let stop = AtomicBool::new(false);
+        let lost = AtomicUsize::new(0);
+        let progress = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for w in 0..WRITERS {
+                let (buf, stop, lost, progress) = (&buf, &stop, &lost, &progress);
+                s.spawn(move || {
+                    let mut v = 0u64;
+                    while !stop.load(Relaxed) && v < 50_000_000 {
+                        for i in slots(w) {
+                            if buf[i].load(Relaxed) != v {
+                                lost.fetch_add(1, Relaxed);
+                            }
+                            buf[i].store(v + 1, Relaxed);
+                        }
+                        v += 1;
+                        progress.fetch_add(1, Relaxed);
+                    }
+                });
+            }
+            wait_for(&progress, 10_000);
+            let base = buf.as_ptr().cast::<u8>();
+            if share {
+                // SAFETY: inside `buf`.
+                let at = unsafe { base.add(REG.start * 8) };
+                p.db.share_raw(at, REG.len() * 8).unwrap();
+                assert!(!p.db.external_regions().is_empty());
+            }
+            // SAFETY: `buf` outlives the region (dropped at the end of this scope).
+            let mr = unsafe {
+                p.db.register_external(base.add(REG.start * 8), REG.len() * 8, &attr(RW))
+            }
+            .unwrap();
+            let before = progress.load(Relaxed);
+            let pattern: Vec<u8> = (0..DEV.len() * 8)
+                .map(|i| (i as u64 * 31 + round) as u8)
+                .collect();
+            let at = mr.base() + ((DEV.start - REG.start) * 8) as u64;
+            p.a.ep.write(&pattern, p.b_addr, at, mr.key(), 1).unwrap();
+            next_ok(&p.a.tx);
+            p.a.ep
+                .read_vec(pattern.len(), p.b_addr, at, mr.key(), 2)
+                .unwrap();
+            assert_eq!(next_ok(&p.a.tx).buf.unwrap(), pattern, "round {round}");
+            wait_for(&progress, before + 10_000);
+            stop.store(true, Relaxed);
+            drop(mr);
+        });
+        assert_eq!(lost.load(Relaxed), 0, "round {round}: writes were lost");
+        for w in 0..WRITERS {
+            let s = slots(w);
+            let v = buf[s[0]].load(Relaxed);
+            assert!(s.iter().all(|&i| buf[i].load(Relaxed) == v));
+        }
+        let dev: Vec<u8> = buf[DEV]
+            .iter()
+            .flat_map(|x| x.load(Relaxed).to_le_bytes())
+            .collect();
+        let want: Vec<u8> = (0..DEV.len() * 8)
+            .map(|i| (i as u64 * 31 + round) as u8)
+            .collect();
+        assert_eq!(dev, want);
+    }
+}
+
+/// A shared buffer registered for remote access may be written by the device at any time: the
+/// checked accessors refuse it until the registration is gone.
+#[test]
+fn shared_buffer_is_borrowed_only_when_the_device_cannot_write_it() {
+    let r = rig(2);
+    let p = pair(&r);
+    let mut buf = p.db.alloc_buffer(256).unwrap();
+    buf.get_mut().expect("idle buffer")[..4].copy_from_slice(b"idle");
+    let mr = p.db.register(&buf, RW, None).unwrap();
+    assert!(buf.get_mut().is_none(), "registered for remote write");
+    assert!(buf.get().is_none());
+    p.a.ep
+        .write(b"peer", p.b_addr, mr.base(), mr.key(), 1)
+        .unwrap();
+    next_ok(&p.a.tx);
+    drop(mr);
+    assert_eq!(&buf.get().expect("registration dropped")[..4], b"peer");
 }

@@ -185,12 +185,15 @@ fn write_read_integrity_across_sizes() {
     .iter()
     .enumerate()
     {
-        rng.fill(&mut src.as_mut_slice()[..n]);
-        let sum = checksum(&src.as_slice()[..n]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        rng.fill(&mut unsafe { src.as_mut_slice() }[..n]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let sum = checksum(&unsafe { src.as_slice() }[..n]);
         let off = (i * 8) as u64;
         // Small writes go by value (bounced/inline), larger ones zero-copy.
         if n <= 4096 {
-            let bytes = src.as_slice()[..n].to_vec();
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            let bytes = unsafe { src.as_slice() }[..n].to_vec();
             p.a.ep
                 .write(&bytes, p.b_addr, tmr.base() + off, tmr.key(), n as u64)
                 .unwrap();
@@ -204,7 +207,8 @@ fn write_read_integrity_across_sizes() {
         assert_eq!(c.flags & (fi::RMA | fi::WRITE), fi::RMA | fi::WRITE);
         let off_us = off as usize;
         assert_eq!(
-            checksum(&tbuf.as_slice()[off_us..off_us + n]),
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            checksum(&unsafe { tbuf.as_slice() }[off_us..off_us + n]),
             sum,
             "write of {n}"
         );
@@ -214,7 +218,12 @@ fn write_read_integrity_across_sizes() {
             .unwrap();
         let c = next_ok(&p.a.tx);
         assert_eq!(c.len, n);
-        assert_eq!(checksum(&back.as_slice()[..n]), sum, "read of {n}");
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(
+            checksum(&unsafe { back.as_slice() }[..n]),
+            sum,
+            "read of {n}"
+        );
         if n <= 65537 {
             p.a.ep
                 .read_vec(n, p.b_addr, tmr.base() + off, tmr.key(), 2)
@@ -240,11 +249,15 @@ fn scatter_gather_on_both_sides() {
         let mut s1 = p.da.alloc_buffer(a).unwrap();
         let mut s2 = p.da.alloc_buffer(b.max(1)).unwrap();
         let mut s3 = vec![0u8; c];
-        rng.fill(s1.as_mut_slice());
-        rng.fill(&mut s2.as_mut_slice()[..b]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        rng.fill(unsafe { s1.as_mut_slice() });
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        rng.fill(&mut unsafe { s2.as_mut_slice() }[..b]);
         rng.fill(&mut s3);
-        let mut all = s1.as_slice().to_vec();
-        all.extend_from_slice(&s2.as_slice()[..b]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let mut all = unsafe { s1.as_slice() }.to_vec();
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        all.extend_from_slice(&unsafe { s2.as_slice() }[..b]);
         all.extend_from_slice(&s3);
         let total = all.len();
         let split = total / 3;
@@ -278,8 +291,13 @@ fn scatter_gather_on_both_sides() {
             )
             .unwrap();
         assert_eq!(next_ok(&p.a.tx).len, total);
-        assert_eq!(&tbuf.as_slice()[10..10 + split], &all[..split]);
-        assert_eq!(&tbuf2.as_slice()[3..3 + total - split], &all[split..]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(&unsafe { tbuf.as_slice() }[10..10 + split], &all[..split]);
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        assert_eq!(
+            &unsafe { tbuf2.as_slice() }[3..3 + total - split],
+            &all[split..]
+        );
         // Read back into three local pieces of other sizes (one outside the shared region).
         let d1 = p.da.alloc_buffer(total / 2 + 1).unwrap();
         let mut d2 = vec![0u8; total - total / 2 - 1];
@@ -301,7 +319,8 @@ fn scatter_gather_on_both_sides() {
             )
             .unwrap();
         assert_eq!(next_ok(&p.a.tx).len, total);
-        let mut got = d1.as_slice().to_vec();
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let mut got = unsafe { d1.as_slice() }.to_vec();
         got.extend_from_slice(&d2);
         assert_eq!(got, all);
     }
@@ -334,14 +353,16 @@ fn writedata_delivers_exactly_once() {
         fi::REMOTE_CQ_DATA | fi::REMOTE_WRITE | fi::RMA
     );
     assert_eq!(c.src, Some(p.a.ep.name()));
-    assert_eq!(&tbuf.as_slice()[100..105], b"hello");
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(&unsafe { tbuf.as_slice() }[100..105], b"hello");
     assert_quiet(&p.b.rx, Duration::from_millis(50));
     // Before a receive is posted the notification waits for one; inject form.
     p.a.ep
         .inject_writedata(b"xy", 77, p.b_addr, tmr.base(), tmr.key())
         .unwrap();
     let deadline = Instant::now() + TIMEOUT;
-    while &tbuf.as_slice()[..2] != b"xy" {
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    while &unsafe { tbuf.as_slice() }[..2] != b"xy" {
         p.da.progress().unwrap();
         assert!(Instant::now() < deadline);
         std::thread::yield_now();
@@ -356,10 +377,16 @@ fn writedata_delivers_exactly_once() {
 
 /// Post `f`, expect an ACCESS error at the initiator and the target's bytes unchanged.
 fn refused(p: &Pair, tbuf: &SharedBuf, what: &str, f: impl FnOnce(&Endpoint)) -> CqErrEntry {
-    let before = tbuf.as_slice().to_vec();
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    let before = unsafe { tbuf.as_slice() }.to_vec();
     f(&p.a.ep);
     let e = next_err(&p.a.tx);
-    assert_eq!(tbuf.as_slice(), &before[..], "{what}: target bytes changed");
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(
+        unsafe { tbuf.as_slice() },
+        &before[..],
+        "{what}: target bytes changed"
+    );
     assert_quiet(&p.b.rx, Duration::from_millis(1));
     e
 }
@@ -372,7 +399,8 @@ fn protection_matrix() {
     let tbuf_r = p.db.alloc_buffer(256).unwrap();
     let tbuf_w = p.db.alloc_buffer(256).unwrap();
     let mut tbuf = p.db.alloc_buffer(256).unwrap();
-    rng.fill(tbuf.as_mut_slice());
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    rng.fill(unsafe { tbuf.as_mut_slice() });
     let ro = p.db.register(&tbuf_r, fi::REMOTE_READ, None).unwrap();
     let wo = p.db.register(&tbuf_w, fi::REMOTE_WRITE, None).unwrap();
     let rw = p.db.register(&tbuf, RW, None).unwrap();
@@ -471,7 +499,8 @@ fn protection_matrix() {
         .write(&[7u8; 8], b, rw.base() + 248, rw.key(), 1)
         .unwrap();
     next_ok(&p.a.tx);
-    assert_eq!(&tbuf.as_slice()[248..], &[7u8; 8]);
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(&unsafe { tbuf.as_slice() }[248..], &[7u8; 8]);
     // Address + length overflow.
     acc(
         refused(&p, &tbuf, "overflow", |ep| {
@@ -510,7 +539,8 @@ fn protection_matrix() {
     let dc = open_domain(&r.paths[2]);
     let cbuf = dc.alloc_buffer(256).unwrap();
     let cmr = dc.register(&cbuf, RW, None).unwrap();
-    let cbefore = cbuf.as_slice().to_vec();
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    let cbefore = unsafe { cbuf.as_slice() }.to_vec();
     if p.db.register(&tbuf, RW, Some(cmr.key())).is_err() {
         // Keys are per device; a collision is astronomically unlikely.
     }
@@ -520,7 +550,8 @@ fn protection_matrix() {
         }),
         "other guest's key",
     );
-    assert_eq!(cbuf.as_slice(), &cbefore[..]);
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(unsafe { cbuf.as_slice() }, &cbefore[..]);
     // Deregistered region.
     let (base, key) = (rw.base(), rw.key());
     rw.close().unwrap();
@@ -627,7 +658,8 @@ fn concurrent_fetch_add_is_exact_and_cswap_locks() {
     });
     let total = PER * THREADS as u64;
     assert_eq!(
-        u64::from_le_bytes(word.as_slice()[..8].try_into().unwrap()),
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        u64::from_le_bytes(unsafe { word.as_slice() }[..8].try_into().unwrap()),
         total
     );
     let mut all: Vec<u64> = fetched.into_iter().flatten().collect();
@@ -667,7 +699,8 @@ fn concurrent_fetch_add_is_exact_and_cswap_locks() {
         }
     });
     assert_eq!(
-        u64::from_le_bytes(word.as_slice()[16..24].try_into().unwrap()),
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        u64::from_le_bytes(unsafe { word.as_slice() }[16..24].try_into().unwrap()),
         4 * ITERS
     );
 }
@@ -779,7 +812,8 @@ fn every_op_on_integers_and_floats() {
                         .flat_map(|x| x.to_le_bytes()[..size].to_vec())
                         .collect()
                 };
-                tbuf.as_mut_slice()[..2 * size].copy_from_slice(&enc(&t));
+                // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+                (unsafe { tbuf.as_mut_slice() })[..2 * size].copy_from_slice(&enc(&t));
                 let operands = if o == op::ATOMIC_READ {
                     Vec::new()
                 } else {
@@ -863,7 +897,8 @@ fn every_op_on_integers_and_floats() {
                         }
                         _ => expect_u64(o, t[i], v[i], c[i]) & mask,
                     };
-                    let got = tbuf.as_slice()[i * size..(i + 1) * size]
+                    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+                    let got = unsafe { tbuf.as_slice() }[i * size..(i + 1) * size]
                         .iter()
                         .rev()
                         .fold(0u64, |a, &b| (a << 8) | u64::from(b));
@@ -885,7 +920,8 @@ fn every_op_on_integers_and_floats() {
             context: 2,
         }
     }
-    tbuf.as_mut_slice()[..8].copy_from_slice(&1.5f64.to_le_bytes());
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    (unsafe { tbuf.as_mut_slice() })[..8].copy_from_slice(&1.5f64.to_le_bytes());
     p.a.ep
         .atomic(&dm_msg(
             &p,
@@ -897,7 +933,8 @@ fn every_op_on_integers_and_floats() {
         .unwrap();
     next_ok(&p.a.tx);
     assert_eq!(
-        f64::from_le_bytes(tbuf.as_slice()[..8].try_into().unwrap()),
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        f64::from_le_bytes(unsafe { tbuf.as_slice() }[..8].try_into().unwrap()),
         3.75
     );
     p.a.ep
@@ -911,7 +948,8 @@ fn every_op_on_integers_and_floats() {
         .unwrap();
     next_ok(&p.a.tx);
     assert_eq!(
-        f64::from_le_bytes(tbuf.as_slice()[..8].try_into().unwrap()),
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        f64::from_le_bytes(unsafe { tbuf.as_slice() }[..8].try_into().unwrap()),
         7.5
     );
     p.a.ep
@@ -923,10 +961,12 @@ fn every_op_on_integers_and_floats() {
         .unwrap();
     assert_eq!(next_ok(&p.a.tx).buf.unwrap(), 7.5f64.to_le_bytes());
     assert_eq!(
-        f64::from_le_bytes(tbuf.as_slice()[..8].try_into().unwrap()),
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        f64::from_le_bytes(unsafe { tbuf.as_slice() }[..8].try_into().unwrap()),
         1.0
     );
-    tbuf.as_mut_slice()[..4].copy_from_slice(&3.0f32.to_le_bytes());
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    (unsafe { tbuf.as_mut_slice() })[..4].copy_from_slice(&3.0f32.to_le_bytes());
     p.a.ep
         .atomic(&dm_msg(
             &p,
@@ -938,17 +978,20 @@ fn every_op_on_integers_and_floats() {
         .unwrap();
     next_ok(&p.a.tx);
     assert_eq!(
-        f32::from_le_bytes(tbuf.as_slice()[..4].try_into().unwrap()),
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        f32::from_le_bytes(unsafe { tbuf.as_slice() }[..4].try_into().unwrap()),
         -1.0
     );
     // 128-bit integers.
-    tbuf.as_mut_slice()[..16].copy_from_slice(&u128::MAX.to_le_bytes());
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    (unsafe { tbuf.as_mut_slice() })[..16].copy_from_slice(&u128::MAX.to_le_bytes());
     p.a.ep
         .atomic(&dm_msg(&p, &mr, op::SUM, &2u128.to_le_bytes(), dt::UINT128))
         .unwrap();
     next_ok(&p.a.tx);
     assert_eq!(
-        u128::from_le_bytes(tbuf.as_slice()[..16].try_into().unwrap()),
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        u128::from_le_bytes(unsafe { tbuf.as_slice() }[..16].try_into().unwrap()),
         1
     );
     // Unsupported combinations are refused by the driver before posting.
@@ -1062,13 +1105,16 @@ fn fence_waits_for_a_held_send() {
         .write(b"later", p.b_addr, mr.base() + 8, mr.key(), 3)
         .unwrap();
     assert_quiet(&p.a.tx, Duration::from_millis(50));
-    assert_eq!(&tbuf.as_slice()[..6], &[0u8; 6]);
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(&unsafe { tbuf.as_slice() }[..6], &[0u8; 6]);
     p.b.ep.recv_vec(64 << 10, 4).unwrap();
     let mut got: Vec<u64> = (0..3).map(|_| next_ok(&p.a.tx).context).collect();
     got.sort_unstable();
     assert_eq!(got, vec![1, 2, 3]);
-    assert_eq!(&tbuf.as_slice()[..6], b"fenced");
-    assert_eq!(&tbuf.as_slice()[8..13], b"later");
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(&unsafe { tbuf.as_slice() }[..6], b"fenced");
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(&unsafe { tbuf.as_slice() }[8..13], b"later");
     assert_eq!(next_ok(&p.b.rx).len, 64 << 10);
 }
 
@@ -1115,7 +1161,8 @@ fn inject_and_completion_levels() {
             .unwrap();
         assert_eq!(next_ok(&p.a.tx).context, i as u64);
     }
-    assert_eq!(&tbuf.as_slice()[..3], b"inj");
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(&unsafe { tbuf.as_slice() }[..3], b"inj");
     let inj = 5u64.to_le_bytes();
     p.a.ep
         .inject_atomic(&AtomicMsg {
@@ -1130,7 +1177,8 @@ fn inject_and_completion_levels() {
         })
         .unwrap();
     let deadline = Instant::now() + TIMEOUT;
-    while tbuf.as_slice()[32] != 5 {
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    while unsafe { tbuf.as_slice() }[32] != 5 {
         p.da.progress().unwrap();
         assert!(Instant::now() < deadline);
         std::thread::yield_now();
@@ -1185,8 +1233,10 @@ fn multi_segment_region_with_offset_addressing() {
     let data: Vec<u8> = (0..60).collect();
     p.a.ep.write(&data, p.b_addr, 80, mr.key(), 1).unwrap();
     next_ok(&p.a.tx);
-    assert_eq!(&buf.as_slice()[80..100], &data[..20]);
-    assert_eq!(&buf.as_slice()[4096..4136], &data[20..]);
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(&unsafe { buf.as_slice() }[80..100], &data[..20]);
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    assert_eq!(&unsafe { buf.as_slice() }[4096..4136], &data[20..]);
     p.a.ep.read_vec(60, p.b_addr, 80, mr.key(), 2).unwrap();
     assert_eq!(next_ok(&p.a.tx).buf.unwrap(), data);
     // Past the end of the concatenation.

@@ -880,7 +880,8 @@ fn ring_tx(g: &Ring<'_>, w: usize) {
         } else {
             let s = tx.slot();
             if matches!(pl.tx, TxMode::Shared | TxMode::Iov) {
-                slots[s].as_mut_slice()[..pl.len].copy_from_slice(&bytes);
+                // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+                (unsafe { slots[s].as_mut_slice() })[..pl.len].copy_from_slice(&bytes);
             }
             let buf = &slots[s];
             let ctx = u64::from(seq);
@@ -967,8 +968,10 @@ fn ring_rma(
     };
     let off = (r >> 32) as usize % (RING_SLOT - len + 1);
     let seed = mix(r);
-    fill_pattern(&mut src.as_mut_slice()[..len], seed);
-    let data = src.as_slice()[..len].to_vec();
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    fill_pattern(&mut unsafe { src.as_mut_slice() }[..len], seed);
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    let data = unsafe { src.as_slice() }[..len].to_vec();
     let remote = region.base() + (w * RING_SLOT + off) as u64;
     let key = region.key();
     let wctx = OP | (1 << 40) | u64::from(n);
@@ -1012,7 +1015,8 @@ fn ring_rma(
         Err(e) => panic!("{}: failed: {e:?}", what()),
     }
     // Read it back.
-    dst.as_mut_slice().fill(0xA5);
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    unsafe { dst.as_mut_slice() }.fill(0xA5);
     let rctx = OP | (2 << 40) | u64::from(n);
     let c = len / 2;
     let what = || format!("{who}: RMA read {n} of {len} B at +{off}");
@@ -1042,10 +1046,12 @@ fn ring_rma(
     };
     assert_eq!(entry.len, len, "{}: read length", what());
     let got = match n % 3 {
-        0 => dst.as_slice()[..len].to_vec(),
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        0 => (unsafe { dst.as_slice() })[..len].to_vec(),
         1 => entry.buf.clone().unwrap_or_default(),
         _ => {
-            let d = dst.as_slice();
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            let d = unsafe { dst.as_slice() };
             assert!(
                 d[c..c + 64].iter().all(|&x| x == 0xA5),
                 "{}: read wrote between its iov pieces",
@@ -1295,9 +1301,15 @@ fn ring_rx(g: &Ring<'_>, w: usize) {
             let half = pl.cap / 2;
             match pl.rx {
                 RxMode::Vec => {}
-                RxMode::Shared => shared[s].as_mut_slice()[pl.cap..pl.cap + 64].fill(GUARD_BYTE),
+                // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+                RxMode::Shared => {
+                    (unsafe { shared[s].as_mut_slice() })[pl.cap..pl.cap + 64].fill(GUARD_BYTE)
+                }
                 RxMode::Raw => raw[s][pl.cap..pl.cap + 64].fill(GUARD_BYTE),
-                RxMode::Iov => shared[s].as_mut_slice()[half..pl.cap + 128].fill(GUARD_BYTE),
+                // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+                RxMode::Iov => {
+                    (unsafe { shared[s].as_mut_slice() })[half..pl.cap + 128].fill(GUARD_BYTE)
+                }
             }
             let sb = &shared[s];
             let rp = raw[s].as_mut_ptr();
@@ -1383,7 +1395,8 @@ fn ring_rx(g: &Ring<'_>, w: usize) {
             let got = match pl.rx {
                 RxMode::Vec => c.buf.clone().unwrap_or_default(),
                 RxMode::Shared => {
-                    let b = shared[s].as_slice();
+                    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+                    let b = unsafe { shared[s].as_slice() };
                     check_guard(&what, &b[pl.cap..pl.cap + 64]);
                     b[..pl.len].to_vec()
                 }
@@ -1393,7 +1406,8 @@ fn ring_rx(g: &Ring<'_>, w: usize) {
                 }
                 RxMode::Iov => {
                     let half = pl.cap / 2;
-                    let b = shared[s].as_slice();
+                    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+                    let b = unsafe { shared[s].as_slice() };
                     check_guard(&what, &b[half..half + 64]);
                     check_guard(&what, &b[pl.cap + 64..pl.cap + 128]);
                     let mut v = b[..half.min(pl.len)].to_vec();
@@ -1627,7 +1641,8 @@ fn flap_sender(ctl: &Ctl, idx: usize, dom: &Domain, n: &Node, f: &Flap, region: 
             let len = 1 + (r >> 20) as usize % (FLAP_SLOT - 1);
             let off = (r >> 40) as usize % (FLAP_SLOT - len + 1);
             let seed = mix(r ^ 0x77);
-            fill_pattern(&mut src.as_mut_slice()[..len], seed);
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            fill_pattern(&mut unsafe { src.as_mut_slice() }[..len], seed);
             let at = (idx * FLAP_SLOT + off) as u64;
             let wctx = OP | rma_n;
             ctl.status(&who, format!("RMA write {rma_n} to incarnation {inc}"));
@@ -1694,8 +1709,10 @@ fn mr_churn(ctl: &Ctl, owner: &Domain, cdom: &Domain, client: &Node, to: FiAddr)
         let r = mix(it | 0x3E6_0000_0000);
         let len = 16 + (r >> 8) as usize % (48 << 10);
         let mut buf = owner.alloc_buffer(len + 2 * MR_GUARD).unwrap();
-        fill_pattern(buf.as_mut_slice(), mix(r));
-        let mut want = buf.as_slice().to_vec();
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        fill_pattern(unsafe { buf.as_mut_slice() }, mix(r));
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let mut want = unsafe { buf.as_slice() }.to_vec();
         let range = MR_GUARD..MR_GUARD + len;
         let attr = MrAttr {
             access: RW,
@@ -1735,7 +1752,8 @@ fn mr_churn(ctl: &Ctl, owner: &Domain, cdom: &Domain, client: &Node, to: FiAddr)
             panic!("{}: {e:?}", what("write to a live region"));
         }
         want[MR_GUARD + off..MR_GUARD + off + wlen].copy_from_slice(&q);
-        check_bytes(&|| what("after a write"), &want, buf.as_slice());
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        check_bytes(&|| what("after a write"), &want, unsafe { buf.as_slice() });
         let c = ctx();
         post(
             ctl,
@@ -1764,7 +1782,10 @@ fn mr_churn(ctl: &Ctl, owner: &Domain, cdom: &Domain, client: &Node, to: FiAddr)
             },
         );
         expect_access(who, &what("write one byte past the end"), tx.wait(c));
-        check_bytes(&|| what("after a refused write"), &want, buf.as_slice());
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        check_bytes(&|| what("after a refused write"), &want, unsafe {
+            buf.as_slice()
+        });
         // Writes racing the deregistration: each completes Ok (applied whole) or Access.
         let q2 = pattern(wlen, mix(r ^ 2));
         let racing: Vec<u64> = (0..4).map(|_| ctx()).collect();
@@ -1783,7 +1804,8 @@ fn mr_churn(ctl: &Ctl, owner: &Domain, cdom: &Domain, client: &Node, to: FiAddr)
             drop(mr);
         }
         // Deregistration waits for accesses in progress: nothing lands after it returned.
-        let at_dereg = buf.as_slice().to_vec();
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let at_dereg = unsafe { buf.as_slice() }.to_vec();
         let mut ok = 0;
         for &c in &racing {
             match tx.wait(c) {
@@ -1794,7 +1816,8 @@ fn mr_churn(ctl: &Ctl, owner: &Domain, cdom: &Domain, client: &Node, to: FiAddr)
         check_bytes(
             &|| what("a write landed after the deregistration had completed"),
             &at_dereg,
-            buf.as_slice(),
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            unsafe { buf.as_slice() },
         );
         if ok > 0 {
             want[MR_GUARD + off..MR_GUARD + off + wlen].copy_from_slice(&q2);
@@ -1802,7 +1825,8 @@ fn mr_churn(ctl: &Ctl, owner: &Domain, cdom: &Domain, client: &Node, to: FiAddr)
         check_bytes(
             &|| what(&format!("after {ok} of 4 racing writes")),
             &want,
-            buf.as_slice(),
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            unsafe { buf.as_slice() },
         );
         // Deregistered: every access is refused and changes nothing.
         let c = ctx();
@@ -1843,7 +1867,8 @@ fn mr_churn(ctl: &Ctl, owner: &Domain, cdom: &Domain, client: &Node, to: FiAddr)
         check_bytes(
             &|| what("after accesses with a dead key"),
             &want,
-            buf.as_slice(),
+            // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+            unsafe { buf.as_slice() },
         );
         // The same buffer registered again: a new key works, the old one stays dead.
         let mr2 = owner.register(&buf, RW, None).unwrap();
@@ -1876,7 +1901,10 @@ fn mr_churn(ctl: &Ctl, owner: &Domain, cdom: &Domain, client: &Node, to: FiAddr)
             panic!("{}: {e:?}", what("write with the new key"));
         }
         want[MR_GUARD + off..MR_GUARD + off + wlen].copy_from_slice(&q);
-        check_bytes(&|| what("after the new key's write"), &want, buf.as_slice());
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        check_bytes(&|| what("after the new key's write"), &want, unsafe {
+            buf.as_slice()
+        });
         dead_keys.push(key);
         dead_keys.push(mr2.key());
         drop(mr2);
@@ -2502,7 +2530,8 @@ fn everything(ctl: &Ctl, poll_us: Option<u64>) {
     // Atomic counters on device 0, with canaries between them.
     let mut abuf = doms[0].alloc_buffer(4096).unwrap();
     {
-        let b = abuf.as_mut_slice();
+        // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+        let b = unsafe { abuf.as_mut_slice() };
         b[A_CANARY1 as usize..][..8].copy_from_slice(&CANARY64.to_le_bytes());
         b[A_U32 as usize..][..4].copy_from_slice(&U32_START.to_le_bytes());
         b[A_CANARY2 as usize..][..4].copy_from_slice(&CANARY32.to_le_bytes());
@@ -2677,7 +2706,8 @@ fn everything(ctl: &Ctl, poll_us: Option<u64>) {
 
     // ---- Final checks (everything joined, nothing in flight) ----
     let res = results.into_inner().unwrap();
-    let b = abuf.as_slice();
+    // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+    let b = unsafe { abuf.as_slice() };
     let n64 = res.u64s.len() as u64;
     assert_eq!(read_u64(b, A_U64), n64, "64-bit fetch-add total");
     assert_each_once(
@@ -2773,7 +2803,8 @@ fn everything(ctl: &Ctl, poll_us: Option<u64>) {
             check_bytes(
                 &|| format!("lane {w}: last RMA write in the target region"),
                 &pattern(len, seed),
-                &target.as_slice()[off..off + len],
+                // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+                &unsafe { target.as_slice() }[off..off + len],
             );
         }
     }
@@ -2782,7 +2813,8 @@ fn everything(ctl: &Ctl, poll_us: Option<u64>) {
             check_bytes(
                 &|| format!("flap sender {i}: last successful write"),
                 &pattern(len, seed),
-                &flap_buf.as_slice()[off..off + len],
+                // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
+                &unsafe { flap_buf.as_slice() }[off..off + len],
             );
         }
     }

@@ -474,8 +474,12 @@ pub mod mr_flags {
     pub const PROV_KEY: u64 = 1 << 3;
     /// Remote accesses to the region are reported with MR_EVENT completions (FI_RMA_EVENT).
     pub const RMA_EVENT: u64 = 1 << 4;
+    /// The segments are virtual addresses of the frontend process itself, which the device
+    /// reaches by cross-memory attach rather than through guest memory. Only for a frontend
+    /// whose address space is the guest address space (a userspace driver); spec §6.8.4.
+    pub const PROCESS_MEMORY: u64 = 1 << 5;
     /// Every defined flag.
-    pub const ALL: u64 = (1 << 5) - 1;
+    pub const ALL: u64 = (1 << 6) - 1;
 }
 
 /// MR_REG payload element: one guest memory segment of a region.

@@ -576,7 +576,7 @@ fn mr_create(
         };
         let segs: Vec<(*const u8, usize)> = iov.iter().map(|&(p, l)| (p as *const u8, l)).collect();
         // SAFETY: libfabric's registration contract: the buffers stay valid while registered
-        // (the driver remaps heap pages in place, see `Domain::register_external`).
+        // (the device reaches them by cross-memory attach, see `Domain::register_external`).
         match unsafe { d.dom.register_raw_iov(&segs, &attr) } {
             Ok(r) => (r.key(), Some(r)),
             Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_MR),
@@ -794,7 +794,6 @@ pub struct CqObj {
     domain: *const DomainObj,
     pub cq: Arc<CompletionQueue>,
     format: u32,
-    scratch: Mutex<Vec<CqEntry>>,
     /// FI_WAIT_FD: the pollable signal fd and the progress thread that makes it fire.
     wait_fd: Option<WaitFd>,
     pub refs: Refs,
@@ -899,7 +898,6 @@ unsafe extern "C" fn cq_open(
             domain: d,
             cq: handle,
             format,
-            scratch: Mutex::new(Vec::with_capacity(64)),
             wait_fd,
             refs: Refs::default(),
         });
@@ -1039,7 +1037,10 @@ fn cq_read_common(
     if count == 0 {
         return 0;
     }
-    let mut v = c.scratch.lock().unwrap_or_else(|e| e.into_inner());
+    // Per thread, not per CQ: a lock held across a blocking sread would block other threads'
+    // non-blocking reads of the CQ (FI_THREAD_SAFE).
+    thread_local!(static SCRATCH: std::cell::Cell<Vec<CqEntry>> = const { std::cell::Cell::new(Vec::new()) });
+    let mut v = SCRATCH.with(|s| s.take());
     v.clear();
     if c.wait_fd.is_some() {
         c.cq.drain_signal();
@@ -1051,7 +1052,7 @@ fn cq_read_common(
     if c.wait_fd.is_some() {
         c.cq.resignal_if_queued();
     }
-    match r {
+    let ret = match r {
         Ok(n) => {
             // SAFETY: the domain outlives its CQs (ParentRef).
             let multi = unsafe { &(*c.domain).multi };
@@ -1074,12 +1075,13 @@ fn cq_read_common(
         }
         Err(vfabric::Error::Timeout) => -(fi::EAGAIN as isize),
         Err(vfabric::Error::Again) => {
-            drop(v);
             empty_poll();
             -(fi::EAGAIN as isize)
         }
         Err(e) => -(errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ) as isize),
-    }
+    };
+    SCRATCH.with(|s| s.set(v));
+    ret
 }
 
 /// Empty polls between `sched_yield`s (a power of two).

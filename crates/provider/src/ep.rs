@@ -613,7 +613,9 @@ pub(crate) fn op_flags(ep: *mut sys::fid_ep, send: bool) -> u64 {
 /// requires (the libfabric data-transfer contract).
 pub(crate) unsafe fn raw_iov<'a>(buf: *const c_void, len: usize) -> Iov<'a> {
     if buf.is_null() || len == 0 {
-        Iov::bytes(&[])
+        // Empty but writable: a zero-length receive is valid (`Iov::bytes` is send-only).
+        // SAFETY: a dangling, aligned pointer is valid for zero bytes.
+        unsafe { Iov::raw(std::ptr::NonNull::<u8>::dangling().as_ptr(), 0) }
     } else {
         // SAFETY: per the contract above (what `Iov::raw` requires).
         unsafe { Iov::raw(buf.cast_mut().cast(), len) }

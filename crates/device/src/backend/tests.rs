@@ -422,6 +422,7 @@ fn dev() -> Dev {
         fabric.clone(),
         crate::poller::Poller::new(Duration::ZERO),
         atomic.clone(),
+        None,
     )
     .unwrap();
     fabric.connect(0, backend.port());

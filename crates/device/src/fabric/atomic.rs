@@ -17,6 +17,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use super::{Fabric, Notify, Port};
 use crate::chain::{completion, GuestMemoryMmap, MemFault, Req, Segs};
+use crate::xmem::PeerProcess;
 
 /// Largest `count` of an atomic request (MAX_ATOMIC_COUNT).
 pub(crate) const MAX_ATOMIC_COUNT: u32 = 4096;
@@ -117,6 +118,41 @@ pub(super) fn execute(
             old[at].copy_from_slice(&cur[..size]);
             apply(ty, op, &mut cur[..size], o, c);
             target.write_at(mem, off, &cur[..size])?;
+        }
+    }
+    Ok(())
+}
+
+/// [`execute`] on a process memory region (`crate::xmem`): each element is read and written
+/// back with cross-memory attach under the process's atomics lock, so the device's atomics on
+/// it are atomic with respect to each other, not to the application's own CPU accesses.
+#[allow(clippy::too_many_arguments)]
+fn execute_in_process(
+    process: &PeerProcess,
+    target: &Segs,
+    ty: u8,
+    op: u8,
+    size: usize,
+    operands: &[u8],
+    compares: &[u8],
+    old: &mut [u8],
+) -> Result<(), MemFault> {
+    let _serial = process.atomics_lock();
+    for i in 0..old.len() / size {
+        let at = i * size..(i + 1) * size;
+        let off = (i * size) as u64;
+        let mut cur = [0u8; 16];
+        process.read(target, off, &mut cur[..size])?;
+        old[at.clone()].copy_from_slice(&cur[..size]);
+        apply(
+            ty,
+            op,
+            &mut cur[..size],
+            &operands[at.clone()],
+            &compares[at.clone()],
+        );
+        if cur[..size] != old[at] {
+            process.write(target, off, &cur[..size])?;
         }
     }
     Ok(())
@@ -240,17 +276,20 @@ impl Fabric {
             &mut old_heap
         };
         let rmem = dport.mem.memory();
-        let res = execute(
-            &self.stripes,
-            &rmem,
-            &t.segs,
-            ty,
-            op,
-            size,
-            operands,
-            compares,
-            old,
-        );
+        let res = match &t.mr.process {
+            Some(p) => execute_in_process(p, &t.segs, ty, op, size, operands, compares, old),
+            None => execute(
+                &self.stripes,
+                &rmem,
+                &t.segs,
+                ty,
+                op,
+                size,
+                operands,
+                compares,
+                old,
+            ),
+        };
         drop(access);
         if res.is_err() {
             return self.fail(dev, port, &req, Status::Fault, n);

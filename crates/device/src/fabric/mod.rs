@@ -69,6 +69,8 @@ pub(crate) trait CompletionSink: Send + Sync {
 pub(crate) struct Port {
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     pub sink: Arc<dyn CompletionSink>,
+    /// The frontend process, for regions of its own memory (`crate::xmem`); `None` in tests.
+    pub process: Option<Arc<crate::xmem::PeerProcess>>,
 }
 
 /// Sinks that got completions and must be flushed after a batch. The first few live inline:

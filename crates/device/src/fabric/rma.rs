@@ -24,7 +24,10 @@ use vfabric_proto::{
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use super::{eager_cost, recv_matches, Body, Dev, Fabric, Meta, Msg, Notify, Port};
-use crate::chain::{completion, copy_stream, CopyFault, Req, Seg, Segs, COPY_CHUNK};
+use crate::chain::{
+    completion, copy_stream, CopyFault, GuestMemoryMmap, Req, Seg, Segs, COPY_CHUNK,
+};
+use crate::xmem::PeerProcess;
 
 /// A registered memory region.
 pub(crate) struct Mr {
@@ -34,6 +37,8 @@ pub(crate) struct Mr {
     segs: Segs,
     access: u64,
     rma_event: bool,
+    /// The segments are addresses of this process (`mr_flags::PROCESS_MEMORY`), not guest memory.
+    pub(super) process: Option<Arc<PeerProcess>>,
     /// Accesses between [`Mr::enter`] and the drop of their [`MrAccess`].
     inflight: AtomicU32,
     /// Deregistered: no access may enter any more.
@@ -140,6 +145,15 @@ impl Fabric {
         if fl & mr_flags::PMEM != 0 {
             return self.fail(dev, port, &req, Status::Unsupported, n);
         }
+        // Process memory: the frontend's own pages, checked by the kernel on each access.
+        let process = if fl & mr_flags::PROCESS_MEMORY != 0 {
+            match &port.process {
+                Some(p) if p.pid().is_ok() => Some(p.clone()),
+                _ => return self.fail(dev, port, &req, Status::Unsupported, n),
+            }
+        } else {
+            None
+        };
         let mem = port.mem.memory();
         let mut segs = Segs::default();
         for i in 0..u64::from(r.count) {
@@ -158,7 +172,9 @@ impl Fabric {
             let mut left = len;
             while left > 0 {
                 let piece = left.min(1 << 30);
-                if !GuestMemoryBackend::check_range(&*mem, GuestAddress(addr), piece as usize) {
+                if process.is_none()
+                    && !GuestMemoryBackend::check_range(&*mem, GuestAddress(addr), piece as usize)
+                {
                     return self.fail(dev, port, &req, Status::Fault, n);
                 }
                 segs.push(Seg {
@@ -200,6 +216,7 @@ impl Fabric {
                 segs,
                 access: fl & (mr_flags::REMOTE_READ | mr_flags::REMOTE_WRITE),
                 rma_event: fl & mr_flags::RMA_EVENT != 0,
+                process,
                 inflight: AtomicU32::new(0),
                 retired: AtomicBool::new(false),
             }),
@@ -441,12 +458,12 @@ impl Fabric {
                     },
                 };
                 let (_, remote) = t.segs.split_at(done);
-                let res = if write {
-                    let (_, from) = src_data.split_at(pos + done);
-                    copy_stream(&lmem, &from, &rmem, &remote, chunk)
-                } else {
-                    let (_, to) = req.data.split_at(pos + done);
-                    copy_stream(&rmem, &remote, &lmem, &to, chunk)
+                let local = if write { &src_data } else { &req.data };
+                let (_, local) = local.split_at(pos + done);
+                let res = match &t.mr.process {
+                    Some(p) => process_copy(p, write, &lmem, &local, &remote, chunk),
+                    None if write => copy_stream(&lmem, &local, &rmem, &remote, chunk),
+                    None => copy_stream(&rmem, &remote, &lmem, &local, chunk),
                 };
                 drop(access);
                 if let Err(side) = res {
@@ -533,6 +550,32 @@ impl Fabric {
             claimed: None,
             body: Body::Eager(Vec::new()),
         });
+    }
+}
+
+/// One RMA chunk between guest memory (`local` in `lmem`) and a process memory region
+/// (`remote`), through a bounce buffer: `write` moves local bytes to the region.
+fn process_copy(
+    process: &PeerProcess,
+    write: bool,
+    lmem: &GuestMemoryMmap,
+    local: &Segs,
+    remote: &Segs,
+    len: u64,
+) -> Result<(), CopyFault> {
+    let mut bounce = vec![0u8; len as usize];
+    if write {
+        local
+            .read_at(lmem, 0, &mut bounce)
+            .map_err(|_| CopyFault::Src)?;
+        process
+            .write(remote, 0, &bounce)
+            .map_err(|_| CopyFault::Dst)
+    } else {
+        process
+            .read(remote, 0, &mut bounce)
+            .map_err(|_| CopyFault::Src)?;
+        local.write_at(lmem, 0, &bounce).map_err(|_| CopyFault::Dst)
     }
 }
 
