@@ -253,9 +253,14 @@ fn fi_pingpong_msg() {
 /// tests/c/vf_provider_test.c compiled against the installed headers, linked with -lfabric.
 fn c_test_binary() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/vf_provider_test.c");
-        let out = bin_dir().join("vf_provider_test");
+    BIN.get_or_init(|| compile_c("vf_provider_test"))
+}
+
+/// tests/c/`name`.c compiled against the installed headers, linked with -lfabric.
+fn compile_c(name: &str) -> PathBuf {
+    {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/c/{name}.c"));
+        let out = bin_dir().join(name);
         let o = run_with_timeout(
             Command::new("cc")
                 .args([
@@ -278,7 +283,26 @@ fn c_test_binary() -> &'static PathBuf {
             text(&o)
         );
         out
-    })
+    }
+}
+
+/// A logger imported with `fi_import_log` receives the provider's messages with their level,
+/// subsystem, function and line, `FI_LOG_LEVEL` still filters them, and closing the import
+/// hands logging back to the core.
+#[test]
+fn c_log_import() {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    let bin = BIN.get_or_init(|| compile_c("vf_log_test"));
+    let d = DaemonProcess::start(1, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    for level in ["warn", "info", "debug"] {
+        let o = run_with_timeout(
+            fi_cmd(bin, &socks).env("FI_LOG_LEVEL", level).arg(level),
+            Duration::from_secs(60),
+        );
+        assert!(o.status.success(), "FI_LOG_LEVEL={level}: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("log: ok"));
+    }
 }
 
 fn c_suite(suite: &str) {

@@ -187,8 +187,17 @@ pub fn acquire(dev: &Info) -> Result<Domain, i32> {
             return Err(fi::EINVAL);
         }
     }
+    let mem_mb = attr.mem_bytes >> 20;
     match Domain::open(&dev.device_path, attr) {
         Ok(d) => {
+            crate::util::info(
+                sys::fi_log_subsys_FI_LOG_DOMAIN,
+                &format!(
+                    "domain open: {} on {} ({mem_mb} MiB shared memory)",
+                    dev.domain_name,
+                    dev.device_path.display()
+                ),
+            );
             m.insert(dev.device_path.clone(), (d.clone(), 1));
             Ok(d)
         }
@@ -357,8 +366,7 @@ unsafe extern "C" fn av_insert(
             let r = a.av.insert_bytes(b);
             if let Err(e) = &r {
                 // Say why: the count returned only says that some address was refused.
-                crate::util::log(
-                    sys::fi_log_level_FI_LOG_WARN,
+                crate::util::warn(
                     sys::fi_log_subsys_FI_LOG_AV,
                     &format!("fi_av_insert: address {k} refused: {e}"),
                 );
@@ -402,8 +410,7 @@ unsafe extern "C" fn av_insertsvc(
                 1
             }
             Err(e) => {
-                crate::util::log(
-                    sys::fi_log_level_FI_LOG_WARN,
+                crate::util::warn(
                     sys::fi_log_subsys_FI_LOG_AV,
                     &format!("fi_av_insertsvc: {e}"),
                 );

@@ -85,6 +85,7 @@ pub fn guard<R: Ret>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Driver error → errno, logged at debug level.
+#[track_caller]
 pub fn errno_of(e: &vfabric::Error, subsys: sys::fi_log_subsys) -> i32 {
     let n = e.errno();
     if n != fi::EAGAIN && n != fi::EAVAIL {
@@ -97,8 +98,12 @@ pub fn errno_of(e: &vfabric::Error, subsys: sys::fi_log_subsys) -> i32 {
     n
 }
 
-/// Log through the core (`FI_LOG_LEVEL`, `FI_LOG_PROV`, `FI_LOG_SUBSYS` apply).
+/// Log through the core (`FI_LOG_LEVEL`, `FI_LOG_PROV`, `FI_LOG_SUBSYS` apply; a logger the
+/// consumer imported with `fi_import_log` receives it). The "function" is the provider module
+/// of the caller (the Rust file, e.g. `domain`) and the line is the caller's line there.
+#[track_caller]
 pub fn log(level: sys::fi_log_level, subsys: sys::fi_log_subsys, msg: &str) {
+    let at = std::panic::Location::caller();
     let prov = crate::provider_ptr();
     // SAFETY: `prov` points at our static provider; fi_log_enabled only reads it and the
     // core's log settings.
@@ -108,6 +113,13 @@ pub fn log(level: sys::fi_log_level, subsys: sys::fi_log_subsys, msg: &str) {
     let Ok(m) = CString::new(msg.replace('\0', " ")) else {
         return;
     };
+    let module = std::path::Path::new(at.file())
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("vfabric");
+    let Ok(func) = CString::new(module) else {
+        return;
+    };
     // SAFETY: all strings are NUL-terminated and live across the call; the format "%s\n"
     // consumes exactly the one `char *` vararg passed.
     unsafe {
@@ -115,18 +127,25 @@ pub fn log(level: sys::fi_log_level, subsys: sys::fi_log_subsys, msg: &str) {
             prov,
             level,
             subsys,
-            c"vfabric".as_ptr(),
-            0,
+            func.as_ptr(),
+            at.line() as i32,
             c"%s\n".as_ptr(),
             m.as_ptr(),
         )
     };
 }
 
+#[track_caller]
 pub fn warn(subsys: sys::fi_log_subsys, msg: &str) {
     log(sys::fi_log_level_FI_LOG_WARN, subsys, msg)
 }
 
+#[track_caller]
+pub fn info(subsys: sys::fi_log_subsys, msg: &str) {
+    log(sys::fi_log_level_FI_LOG_INFO, subsys, msg)
+}
+
+#[track_caller]
 pub fn debug(subsys: sys::fi_log_subsys, msg: &str) {
     log(sys::fi_log_level_FI_LOG_DEBUG, subsys, msg)
 }
