@@ -10,3 +10,5 @@ dir="target/$profile"
 [ -f "$dir/libvfabric_provider.so" ] || { echo "provider-link: $dir/libvfabric_provider.so not built (cargo build -p vfabric-provider)" >&2; exit 1; }
 mkdir -p "$dir/prov"
 ln -sfn ../libvfabric_provider.so "$dir/prov/libvfabric-fi.so"
+# The provider's extension header, beside the provider (fi_open_ops names and structs).
+cp crates/provider/include/fi_vfabric.h "$dir/prov/fi_vfabric.h"

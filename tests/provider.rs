@@ -259,10 +259,16 @@ fn c_test_binary() -> &'static PathBuf {
 /// tests/c/`name`.c compiled against the installed headers, linked with -lfabric.
 fn compile_c(name: &str) -> PathBuf {
     {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/c/{name}.c"));
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let src = root.join(format!("tests/c/{name}.c"));
         let out = bin_dir().join(name);
         let o = run_with_timeout(
             Command::new("cc")
+                // The provider's extension header (fi_vfabric.h).
+                .arg(format!(
+                    "-I{}",
+                    root.join("crates/provider/include").display()
+                ))
                 .args([
                     "-Wall",
                     "-Wextra",
@@ -284,6 +290,19 @@ fn compile_c(name: &str) -> PathBuf {
         );
         out
     }
+}
+
+/// The domain's vendor ops (`fi_open_ops` with `FI_VFABRIC_DOMAIN_OPS_V1`): vendor attributes
+/// and device counters that move with traffic; unknown names are `-FI_ENOSYS`.
+#[test]
+fn c_vendor_ops() {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    let bin = BIN.get_or_init(|| compile_c("vf_ext_test"));
+    let d = DaemonProcess::start(1, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    let o = run_with_timeout(&mut fi_cmd(bin, &socks), Duration::from_secs(60));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ext: ok"));
 }
 
 /// A logger imported with `fi_import_log` receives the provider's messages with their level,

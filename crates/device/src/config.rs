@@ -24,7 +24,8 @@ pub const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(10);
 pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Vendor attribute key (vendor `VENDOR_ID_VFABRIC`) carrying the configured virtio device id.
-pub(crate) const VENDOR_KEY_VIRTIO_DEVICE_ID: u16 = 100;
+pub(crate) const VENDOR_KEY_VIRTIO_DEVICE_ID: u16 =
+    vfabric_proto::caps::vfabricd_key::VIRTIO_DEVICE_ID;
 
 /// Per-device limits, advertised in config space and QUERY_CAPS and enforced by the device.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

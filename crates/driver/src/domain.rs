@@ -153,6 +153,48 @@ impl Domain {
         st
     }
 
+    /// The device's vendor-specific attributes, read afresh (QUERY_CAPS entries whose vendor is
+    /// not 0; values such as statistics are current). Needs VIRTIO_FABRIC_F_VENDOR_CAPS.
+    pub fn vendor_attrs(&self) -> Result<Vec<proto::CapEntry>> {
+        if self.inner.features & proto::bit(proto::VIRTIO_FABRIC_F_VENDOR_CAPS) == 0 {
+            return Err(Error::Unsupported(
+                "the device does not offer vendor attributes (VENDOR_CAPS)".into(),
+            ));
+        }
+        Ok(self
+            .inner
+            .query_caps()?
+            .into_iter()
+            .filter(|e| e.vendor != 0)
+            .collect())
+    }
+
+    /// The counters `vfabricd` keeps for this device (its vendor attributes
+    /// `vfabricd_key::STAT_*`); `Unsupported` from a device that does not report them.
+    pub fn device_counters(&self) -> Result<DeviceCounters> {
+        use proto::caps::vfabricd_key as k;
+        let attrs = self.vendor_attrs()?;
+        let get = |key: u16| {
+            attrs.iter().find_map(|e| match e.value {
+                proto::CapValue::U64(v) if e.vendor == proto::VENDOR_ID_VFABRIC && e.key == key => {
+                    Some(v)
+                }
+                _ => None,
+            })
+        };
+        let missing = || Error::Unsupported("the device reports no vfabricd statistics".into());
+        Ok(DeviceCounters {
+            messages_sent: get(k::STAT_MESSAGES_SENT).ok_or_else(missing)?,
+            messages_received: get(k::STAT_MESSAGES_RECEIVED).ok_or_else(missing)?,
+            bytes_copied: get(k::STAT_BYTES_COPIED).ok_or_else(missing)?,
+            disconnects: get(k::STAT_DISCONNECTS).ok_or_else(missing)?,
+            bad_chains: get(k::STAT_BAD_CHAINS).ok_or_else(missing)?,
+            ring_errors: get(k::STAT_RING_ERRORS).ok_or_else(missing)?,
+            dgram_drops: get(k::STAT_DGRAM_DROPS).ok_or_else(missing)?,
+            error_completions: get(k::STAT_ERROR_COMPLETIONS).ok_or_else(missing)?,
+        })
+    }
+
     /// Descriptor chains currently in flight on all virtqueues.
     pub fn requests_in_flight(&self) -> usize {
         self.inner.queues.iter().map(|q| q.in_flight()).sum()
@@ -361,6 +403,21 @@ pub struct DomainStats {
     pub sleeps: u64,
     /// Call eventfds found signalled after a sleep.
     pub calls: u64,
+}
+
+/// Device-side counters (`Domain::device_counters`): what `vfabricd` counted for this device
+/// since it started (all guests that used it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct DeviceCounters {
+    pub messages_sent: u64,
+    pub messages_received: u64,
+    pub bytes_copied: u64,
+    pub disconnects: u64,
+    pub bad_chains: u64,
+    pub ring_errors: u64,
+    pub dgram_drops: u64,
+    pub error_completions: u64,
 }
 
 pub(crate) struct DomainInner {

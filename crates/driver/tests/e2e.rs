@@ -492,6 +492,36 @@ fn ordering_per_pair() {
     sender.unwrap();
 }
 
+/// The device's vendor attributes and counters (`Domain::vendor_attrs`, `device_counters`):
+/// read afresh, they move with traffic on this device and not on another.
+#[test]
+fn device_counters_follow_traffic() {
+    let r = rig(3);
+    let (a, b, to_b, _) = pair(&r);
+    let idle = node(&r.paths[2]);
+    let attrs = a.domain.vendor_attrs().unwrap();
+    assert!(attrs.iter().any(|e| e.name == "implementation"));
+    let (a0, b0, idle0) = (
+        a.domain.device_counters().unwrap(),
+        b.domain.device_counters().unwrap(),
+        idle.domain.device_counters().unwrap(),
+    );
+    for i in 0..4u64 {
+        b.ep.recv_vec(64, i).unwrap();
+        a.ep.send(&[7u8; 40], to_b, i).unwrap();
+        next_ok(&b.rx);
+        next_ok(&a.tx);
+    }
+    let (a1, b1) = (
+        a.domain.device_counters().unwrap(),
+        b.domain.device_counters().unwrap(),
+    );
+    assert_eq!(a1.messages_sent, a0.messages_sent + 4);
+    assert_eq!(b1.messages_received, b0.messages_received + 4);
+    assert!(b1.bytes_copied >= b0.bytes_copied + 160 || a1.bytes_copied >= a0.bytes_copied + 160);
+    assert_eq!(idle.domain.device_counters().unwrap(), idle0);
+}
+
 #[test]
 fn truncation() {
     let r = rig(2);

@@ -84,6 +84,28 @@ pub mod key {
     pub const REMOTE_HOSTS: u16 = 25;
 }
 
+/// Keys of the vendor attributes `vfabricd` reports (vendor `VENDOR_ID_VFABRIC`, only when
+/// VIRTIO_FABRIC_F_VENDOR_CAPS is negotiated).
+pub mod vfabricd_key {
+    pub const COPY_ENGINE: u16 = 1;
+    pub const ONE_COPY: u16 = 2;
+    pub const DEVICE_VERSION: u16 = 3;
+    pub const IMPLEMENTATION: u16 = 4;
+    /// The virtio device id the daemon announces (U64).
+    pub const VIRTIO_DEVICE_ID: u16 = 100;
+    /// Device statistics (U64 each), current when QUERY_CAPS is answered: the counters
+    /// `vfabricd` keeps per device since it started.
+    pub const STAT_MESSAGES_SENT: u16 = 200;
+    pub const STAT_MESSAGES_RECEIVED: u16 = 201;
+    pub const STAT_BYTES_COPIED: u16 = 202;
+    pub const STAT_DISCONNECTS: u16 = 203;
+    pub const STAT_BAD_CHAINS: u16 = 204;
+    pub const STAT_RING_ERRORS: u16 = 205;
+    pub const STAT_DGRAM_DROPS: u16 = 206;
+    /// Completions with a status other than OK.
+    pub const STAT_ERROR_COMPLETIONS: u16 = 207;
+}
+
 /// One entry of the `REMOTE_HOSTS` capability: 8 bytes, little-endian.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteHostEntry {

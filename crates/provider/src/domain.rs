@@ -44,7 +44,7 @@ static DOMAIN_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
     close: Some(domain_close),
     bind: nosys(),
     control: nosys(),
-    ops_open: nosys(),
+    ops_open: Some(crate::ext::domain_ops_open),
     tostr: nosys(),
     ops_set: nosys(),
 });

@@ -14,13 +14,15 @@
 //! Module map: `info` (`fi_getinfo`), `nic` (`fi_info->nic`), `fabric` (fabric, EQ),
 //! `domain` (domain, AV, MR, CQ, counter), `ep` (endpoints: msg/tagged tables; the collective
 //! table is `-FI_ENOSYS`), `rma` (RMA and atomic tables), `cm` (FI_EP_MSG: passive endpoints and the connection
-//! handshake), `multirecv` (FI_MULTI_RECV emulation), `util` (stubs, guards, logging).
+//! handshake), `multirecv` (FI_MULTI_RECV emulation), `ext` (`fi_open_ops` extensions of
+//! `include/fi_vfabric.h`), `util` (stubs, guards, logging).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod cm;
 mod domain;
 mod ep;
+mod ext;
 mod fabric;
 mod info;
 mod multirecv;

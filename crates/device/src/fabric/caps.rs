@@ -191,8 +191,35 @@ impl Fabric {
                 "virtio_device_id",
                 CapValue::U64(self.device_id.into()),
             );
+            self.push_stats(&mut b, dev);
         }
         b.encode()
+    }
+
+    /// The device's statistics as vendor attributes (`vfabricd_key::STAT_*`).
+    fn push_stats(&self, b: &mut CapsBuilder, dev: usize) {
+        use vfabric_proto::caps::vfabricd_key as k;
+        let Some(c) = self.counters(dev) else {
+            return;
+        };
+        let s = c.snapshot(Default::default(), 0);
+        let errors = s.error_completions.iter().map(|(_, n)| n).sum::<u64>();
+        for (key, name, v) in [
+            (k::STAT_MESSAGES_SENT, "messages_sent", s.messages_sent),
+            (
+                k::STAT_MESSAGES_RECEIVED,
+                "messages_received",
+                s.messages_received,
+            ),
+            (k::STAT_BYTES_COPIED, "bytes_copied", s.bytes_copied),
+            (k::STAT_DISCONNECTS, "disconnects", s.disconnects),
+            (k::STAT_BAD_CHAINS, "bad_chains", s.bad_chains),
+            (k::STAT_RING_ERRORS, "ring_errors", s.ring_errors),
+            (k::STAT_DGRAM_DROPS, "dgram_drops", s.dgram_drops),
+            (k::STAT_ERROR_COMPLETIONS, "error_completions", errors),
+        ] {
+            b.push(VENDOR_ID_VFABRIC, key, name, CapValue::U64(v));
+        }
     }
 
     /// Largest RMA transfer (MAX_RMA_SIZE): the message size limit.

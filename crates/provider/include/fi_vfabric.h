@@ -1,0 +1,72 @@
+/* SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+ *
+ * fi_vfabric.h: extensions of the vfabric libfabric provider (libvfabric-fi.so), reached with
+ * fi_open_ops. Installed beside the provider (scripts/provider-link.sh copies it to
+ * target/<profile>/prov/). See docs/fi_vfabric.7.md.
+ */
+#ifndef FI_VFABRIC_H
+#define FI_VFABRIC_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <rdma/fabric.h>
+#include <rdma/fi_domain.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Vendor ops of a vfabric domain, version 1:
+ *   struct fi_vfabric_domain_ops_v1 *ops;
+ *   fi_open_ops(&domain->fid, FI_VFABRIC_DOMAIN_OPS_V1, 0, (void **)&ops, NULL);
+ * Any other name answers -FI_ENOSYS. */
+#define FI_VFABRIC_DOMAIN_OPS_V1 "fi_vfabric_domain_ops_v1"
+
+/* The vendor id of vfabricd's attributes (ASCII "VF"). */
+#define FI_VFABRIC_VENDOR_ID 0x5646
+
+enum fi_vfabric_attr_type {
+	FI_VFABRIC_ATTR_U64 = 0,
+	FI_VFABRIC_ATTR_BOOL = 1,
+	FI_VFABRIC_ATTR_STR = 2,
+	FI_VFABRIC_ATTR_BYTES = 3,
+};
+
+/* One vendor-specific attribute of the device (a QUERY_CAPS entry whose vendor is not 0). */
+struct fi_vfabric_attr {
+	uint32_t vendor;      /* vendor id (FI_VFABRIC_VENDOR_ID for vfabricd's own) */
+	uint16_t key;         /* key within the vendor's namespace */
+	uint16_t type;        /* enum fi_vfabric_attr_type */
+	char name[32];        /* NUL-terminated, truncated */
+	uint64_t value;       /* U64 and BOOL */
+	char text[128];       /* STR (NUL-terminated, truncated); BYTES in hexadecimal */
+};
+
+/* The counters vfabricd keeps for the device since it started (all guests that used it). */
+struct fi_vfabric_counters {
+	uint64_t messages_sent;
+	uint64_t messages_received;
+	uint64_t bytes_copied;
+	uint64_t disconnects;
+	uint64_t bad_chains;
+	uint64_t ring_errors;
+	uint64_t dgram_drops;
+	uint64_t error_completions;
+};
+
+struct fi_vfabric_domain_ops_v1 {
+	size_t size; /* sizeof(struct fi_vfabric_domain_ops_v1) */
+	/* Read the device's vendor attributes afresh. In: *count = room in attrs (attrs may be
+	 * NULL with *count 0). Out: *count = how many the device has. Returns 0, or -FI_ETOOSMALL
+	 * (nothing written) when they do not fit, -FI_ENOSYS when the device offers none. */
+	int (*vendor_attrs)(struct fid_domain *domain, struct fi_vfabric_attr *attrs,
+			    size_t *count);
+	/* Read the device's counters. Returns 0 or a negative libfabric error. */
+	int (*counters)(struct fid_domain *domain, struct fi_vfabric_counters *counters);
+};
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FI_VFABRIC_H */
