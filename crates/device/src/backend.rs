@@ -168,10 +168,13 @@ impl CompletionSink for VringSink {
             return;
         }
         let v = self.vrings.read().unwrap_or_else(|p| p.into_inner());
-        for (q, vr) in v.iter().enumerate() {
-            if bits & (1u64 << q) == 0 {
+        let mut left = bits;
+        while left != 0 {
+            let q = left.trailing_zeros() as usize;
+            left &= left - 1;
+            let Some(vr) = v.get(q) else {
                 continue;
-            }
+            };
             let notify = self.rings.get(q).and_then(|s| lock(s).needs_notification());
             // A ring without a view is treated as "notify".
             if notify != Some(false) {
@@ -232,6 +235,15 @@ fn check_backing(mem: &GuestMemoryMmap) -> Result<(), String> {
     Ok(())
 }
 
+/// What a pass keeps between passes, under the pass lock.
+struct PassState {
+    /// The guest memory table the last pass used. The table changes only in `update_memory`,
+    /// which takes the pass lock and clears this, so passes skip the `GuestMemoryAtomic` load.
+    mem: Option<Arc<GuestMemoryMmap>>,
+    /// Parsed requests of one queue on their way to the fabric (reused: no allocation per pass).
+    parsed: Vec<Parsed>,
+}
+
 /// The vhost-user backend of one device connection.
 pub(crate) struct FabricBackend {
     dev: usize,
@@ -253,12 +265,10 @@ pub(crate) struct FabricBackend {
     /// Held during one pass over the queues (chains popped in a pass are handed to the fabric
     /// before it is released), and by control-path changes (stop, reset, memory table) that must
     /// not interleave with a pass. Lock order: first (see `fabric` module docs).
-    work: Mutex<()>,
+    work: Mutex<PassState>,
     /// Control operations waiting for `work`: the worker yields to them between passes.
     control_waiting: AtomicUsize,
     regions: Mutex<Vec<RegionKey>>,
-    /// Parsed requests of one queue on their way to the fabric (reused: no allocation per pass).
-    parsed: Mutex<Vec<Parsed>>,
     exit_event: Mutex<Option<(EventConsumer, EventNotifier)>>,
     /// Raw fd of the exit consumer handed to vhost-user-backend (it leaks it; we close it).
     exit_fd: Mutex<Option<RawFd>>,
@@ -291,10 +301,12 @@ impl FabricBackend {
             sink: Arc::new(VringSink::new(num_queues, mem.clone())),
             mem,
             acked: AtomicU64::new(0),
-            work: Mutex::new(()),
+            work: Mutex::new(PassState {
+                mem: None,
+                parsed: Vec::with_capacity(BATCH),
+            }),
             control_waiting: AtomicUsize::new(0),
             regions: Mutex::new(Vec::new()),
-            parsed: Mutex::new(Vec::with_capacity(BATCH)),
             exit_event: Mutex::new(Some(exit)),
             exit_fd: Mutex::new(None),
             shutdown: Mutex::new(None),
@@ -371,7 +383,7 @@ impl FabricBackend {
     }
 
     /// Take the processing lock for one pass, letting a waiting control operation go first.
-    fn work_lock(&self) -> MutexGuard<'_, ()> {
+    fn work_lock(&self) -> MutexGuard<'_, PassState> {
         while self.control_waiting.load(Ordering::Acquire) > 0 {
             std::thread::yield_now();
         }
@@ -379,7 +391,7 @@ impl FabricBackend {
     }
 
     /// Take the processing lock for a control-path change (stop, reset, memory table).
-    fn control_lock(&self) -> MutexGuard<'_, ()> {
+    fn control_lock(&self) -> MutexGuard<'_, PassState> {
         self.control_waiting.fetch_add(1, Ordering::AcqRel);
         let g = lock(&self.work);
         self.control_waiting.fetch_sub(1, Ordering::AcqRel);
@@ -409,21 +421,22 @@ impl FabricBackend {
         only: Option<usize>,
         n: &mut Notify,
     ) -> (bool, bool) {
-        let _work = self.work_lock();
-        self.pass_locked(vrings, only, n)
+        let mut work = self.work_lock();
+        self.pass_locked(&mut work, vrings, only, n)
     }
 
     /// [`Self::pass_some`] with the pass lock already held by the caller.
     fn pass_locked(
         &self,
+        work: &mut PassState,
         vrings: &[VringRwLock],
         only: Option<usize>,
         n: &mut Notify,
     ) -> (bool, bool) {
         let rearm = only.is_some();
-        let mut parsed = lock(&self.parsed);
         let (mut found, mut more) = (false, false);
-        let mem = self.mem.memory().into_inner();
+        let PassState { mem, parsed } = work;
+        let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
         let limits = self.fabric.limits();
         let order = (1..vrings.len())
@@ -438,24 +451,24 @@ impl FabricBackend {
             }
             let mut max = BATCH;
             if q == 0 {
-                let announced = self.sink.with_ring(vr, 0, Some(&mem), |queue, view| {
+                let announced = self.sink.with_ring(vr, 0, Some(mem), |queue, view| {
                     view.avail_idx().wrapping_sub(queue.next_avail())
                 });
                 let announced = match announced {
                     Ok(Some(k)) if k > 0 => k,
                     _ => continue,
                 };
-                if self.any_pending_in(vrings.get(1..).unwrap_or_default(), 1, &mem) {
+                if self.any_pending_in(vrings.get(1..).unwrap_or_default(), 1, mem) {
                     // Data requests are still waiting: the next pass takes them first.
                     more = true;
                     continue;
                 }
                 max = max.min(usize::from(announced));
             }
-            let popped = self.sink.with_ring(vr, q, Some(&mem), |queue, view| {
-                let k = view.pop(queue, &mem, max, |head, walked, indirect| {
+            let popped = self.sink.with_ring(vr, q, Some(mem), |queue, view| {
+                let k = view.pop(queue, mem, max, |head, walked, indirect| {
                     parsed.push(parse_walked(
-                        &mem, walked, q as u16, head, limits, acked, indirect,
+                        mem, walked, q as u16, head, limits, acked, indirect,
                     ));
                 })?;
                 let arrived = rearm && k < max && view.set_notification(queue, true);
@@ -474,7 +487,7 @@ impl FabricBackend {
                 }
             }
             found = true;
-            self.fabric.handle(self.dev, &mut parsed, acked, n);
+            self.fabric.handle(self.dev, parsed, acked, n);
         }
         (found, more)
     }
@@ -654,14 +667,14 @@ impl Polled for FabricBackend {
         }
         // Never wait for the pass lock here: its holder may be waiting for the copy suspended
         // below us (an MR_DEREG waiting for an access to finish).
-        let _work = match self.work.try_lock() {
+        let mut work = match self.work.try_lock() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return false,
         };
         let v = self.sink.vrings.read().unwrap_or_else(|p| p.into_inner());
         let mut n = Notify::default();
-        let (found, _) = self.pass_locked(&v, None, &mut n);
+        let (found, _) = self.pass_locked(&mut work, &v, None, &mut n);
         if found {
             self.nested_work.store(true, Ordering::Release);
         }
@@ -748,7 +761,9 @@ impl VhostUserBackend for FabricBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        let _work = self.control_lock();
+        let mut work = self.control_lock();
+        // The next pass loads the new table.
+        work.mem = None;
         if let Err(why) = check_backing(&mem.memory()) {
             // Touching a page past the end of a region's file would kill the whole daemon with
             // SIGBUS: refuse the table and drop this guest before anything uses it.
