@@ -21,7 +21,7 @@ use vfabric_proto::{
 };
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_SIZE};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{
     ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -86,29 +86,30 @@ impl VringSink {
         }
     }
 
-    /// Run `f` on ring `q`'s queue and view, under the ring's `VringRwLock` (then its state
-    /// lock); `None` if the ring is not running.
+    /// Run `f` on ring `q`'s next avail index and view, under the ring's `VringRwLock` (read:
+    /// the indices live in the ring's state, whose lock is taken next); `None` if the ring is
+    /// not running.
     fn with_ring<R>(
         &self,
         vr: &VringRwLock,
         q: usize,
         mem: Option<&Arc<GuestMemoryMmap>>,
-        f: impl FnOnce(&mut Queue, &RingView) -> R,
+        f: impl FnOnce(&mut u16, &RingView) -> R,
     ) -> Result<Option<R>, RingError> {
         let Some(state) = self.rings.get(q) else {
             return Ok(None);
         };
-        let mut st = vr.get_mut();
+        let st = vr.get_ref();
         if !st.is_enabled() || !st.get_queue().ready() {
             return Ok(None);
         }
         let mut rs = lock(state);
         let generation = self.mem_generation.load(Ordering::Acquire);
-        let view = rs.view(generation, st.get_queue(), || {
+        let (view, next_avail) = rs.view_and_avail(generation, st.get_queue(), || {
             mem.cloned()
                 .unwrap_or_else(|| self.mem.memory().into_inner())
         })?;
-        Ok(Some(f(st.get_queue_mut(), view)))
+        Ok(Some(f(next_avail, view)))
     }
 
     /// Build ring `q`'s view under its `VringRwLock` whatever the ring's state (completions go
@@ -451,8 +452,8 @@ impl FabricBackend {
             }
             let mut max = BATCH;
             if q == 0 {
-                let announced = self.sink.with_ring(vr, 0, Some(mem), |queue, view| {
-                    view.avail_idx().wrapping_sub(queue.next_avail())
+                let announced = self.sink.with_ring(vr, 0, Some(mem), |next_avail, view| {
+                    view.avail_idx().wrapping_sub(*next_avail)
                 });
                 let announced = match announced {
                     Ok(Some(k)) if k > 0 => k,
@@ -465,13 +466,13 @@ impl FabricBackend {
                 }
                 max = max.min(usize::from(announced));
             }
-            let popped = self.sink.with_ring(vr, q, Some(mem), |queue, view| {
-                let k = view.pop(queue, mem, max, |head, walked, indirect| {
+            let popped = self.sink.with_ring(vr, q, Some(mem), |next_avail, view| {
+                let k = view.pop(next_avail, mem, max, |head, walked, indirect| {
                     parsed.push(parse_walked(
                         mem, walked, q as u16, head, limits, acked, indirect,
                     ));
                 })?;
-                let arrived = rearm && k < max && view.set_notification(queue, true);
+                let arrived = rearm && k < max && view.set_notification(*next_avail, true);
                 Ok::<_, RingError>((k, arrived))
             });
             match popped {
@@ -520,9 +521,10 @@ impl FabricBackend {
     ) -> bool {
         vrings.iter().enumerate().any(|(i, vr)| {
             matches!(
-                self.sink.with_ring(vr, first + i, Some(mem), |q, view| {
-                    view.avail_idx() != q.next_avail()
-                }),
+                self.sink
+                    .with_ring(vr, first + i, Some(mem), |next_avail, view| {
+                        view.avail_idx() != *next_avail
+                    }),
                 Ok(Some(true))
             )
         })
@@ -531,8 +533,8 @@ impl FabricBackend {
     fn set_notifications(&self, vrings: &[VringRwLock], enable: bool) -> Result<bool, ()> {
         let mut more = false;
         for (q, vr) in vrings.iter().enumerate() {
-            match self.sink.with_ring(vr, q, None, |queue, view| {
-                view.set_notification(queue, enable)
+            match self.sink.with_ring(vr, q, None, |next_avail, view| {
+                view.set_notification(*next_avail, enable)
             }) {
                 Ok(m) => more |= m.unwrap_or(false),
                 Err(e) => {

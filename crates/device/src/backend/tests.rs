@@ -663,11 +663,13 @@ mod hostile {
             let mem = Arc::new(rig.mem().clone());
             let view = crate::ring::RingView::build(mem.clone(), 0, &fast_q).unwrap();
             let mut fast = Vec::new();
-            let fast_res = view.pop(&mut fast_q, &mem, 64, |head, w, indirect| {
+            let mut fast_next = fast_q.next_avail();
+            let fast_res = view.pop(&mut fast_next, &mem, 64, |head, w, indirect| {
                 fast.push(crate::chain::parse_walked(
                     &mem, w, queue, head, &rig.limits, acked, indirect,
                 ));
             });
+            fast_q.set_next_avail(fast_next);
             let mut q: Queue = vq.create_queue().unwrap();
             let desc_table = q.desc_table();
             let Ok(chains) = pop_chains(&mut q, rig.mem(), 64) else {
