@@ -495,6 +495,11 @@ fn backend_processes_all_queues_after_a_kick() {
     let c: Completion = d.mem.read_obj(GuestAddress(COMP + 64)).unwrap();
     assert_eq!(u32::from(c.status), Status::Canceled as u32);
     assert_eq!(u64::from(c.cookie), 9);
+    // GET_VRING_BASE reads the avail index from the Queue after stopping the ring: the index
+    // the data path kept in its own state must be back there.
+    d.backend.stop_vring(0).unwrap();
+    assert_eq!(d.vrings[0].queue_next_avail(), 2);
+    assert_eq!(d.vrings[2].queue_next_avail(), 1);
 }
 
 #[test]
