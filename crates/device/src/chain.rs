@@ -78,6 +78,18 @@ impl Segs {
         s
     }
 
+    /// The stream of one range (empty if `s` is).
+    fn one(s: Seg) -> Self {
+        if s.len == 0 {
+            return Segs::default();
+        }
+        // Built in place: no capacity checks of a push.
+        Segs {
+            segs: SmallVec::from_buf_and_len([s, Seg { addr: 0, len: 0 }], 1),
+            len: u64::from(s.len),
+        }
+    }
+
     pub fn push(&mut self, s: Seg) {
         if s.len > 0 {
             self.segs.push(s);
@@ -91,16 +103,14 @@ impl Segs {
         if let [s] = self.segs.as_slice() {
             let l = u64::from(s.len);
             if at >= l {
-                return (self.clone(), Segs::default());
+                return (Segs::one(*s), Segs::default());
             }
-            let mut head = Segs::default();
-            let mut tail = Segs::default();
             // at < l <= u32::MAX, so both casts are lossless.
-            head.push(Seg {
+            let head = Segs::one(Seg {
                 addr: s.addr,
                 len: at as u32,
             });
-            tail.push(Seg {
+            let tail = Segs::one(Seg {
                 addr: s.addr.wrapping_add(at),
                 len: s.len - at as u32,
             });
