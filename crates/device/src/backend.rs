@@ -128,6 +128,13 @@ impl VringSink {
             .map(|_| ())
     }
 
+    /// The device was reset: every ring's next use re-reads its configuration and indices.
+    fn forget_rings(&self) {
+        for state in &self.rings {
+            lock(state).forget();
+        }
+    }
+
     /// Ring `q` is stopping (GET_VRING_BASE): its configuration may change before it runs
     /// again, so the next use re-reads it.
     fn stop_ring(&self, q: usize) {
@@ -757,6 +764,9 @@ impl VhostUserBackend for FabricBackend {
         self.acked.store(0, Ordering::Release);
         let mut n = Notify::default();
         self.fabric.reset(self.dev, Teardown::Silent, &mut n);
+        // The rings are set up again (SET_VRING_ADDR, SET_VRING_BASE) before they run: the
+        // indices the data path kept are stale.
+        self.sink.forget_rings();
     }
 
     fn set_event_idx(&self, enabled: bool) {

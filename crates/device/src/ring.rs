@@ -401,6 +401,12 @@ impl RingState {
         Some(n)
     }
 
+    /// The device was reset: forget the view and the indices without handing them back (the
+    /// frontend sets the ring up again, from new indices, before it runs).
+    pub fn forget(&mut self) {
+        self.view = None;
+    }
+
     /// The ring is being stopped: hand the avail and used indices back to its `Queue` (where
     /// GET_VRING_BASE reads them) and forget the view, so that the next use re-reads the ring's
     /// configuration (and indices) from it.

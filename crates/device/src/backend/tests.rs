@@ -503,6 +503,38 @@ fn backend_processes_all_queues_after_a_kick() {
 }
 
 #[test]
+fn backend_reset_device_takes_the_new_ring_indices() {
+    let d = dev();
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    d.mem
+        .write_obj(ep_open_req().to_header(), GuestAddress(HDR))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 1);
+    // RESET_DEVICE, then the driver sets the same ring up again from index 0 (SET_VRING_ADDR
+    // reads the used index, SET_VRING_BASE sets the avail index) and negotiates again.
+    d.backend.reset_device();
+    vq0.avail().idx().store(0);
+    vq0.used().idx().store(0);
+    d.vrings[0].set_queue_next_used(0);
+    d.vrings[0].set_queue_next_avail(0);
+    d.backend.acked_features(ALL_FEATURES);
+    d.mem
+        .write_obj(Completion::default(), GuestAddress(COMP))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 1);
+    let c: Completion = d.mem.read_obj(GuestAddress(COMP)).unwrap();
+    assert_eq!(u32::from(c.status), Status::Ok as u32);
+}
+
+#[test]
 fn backend_drops_a_guest_with_a_corrupt_ring() {
     let d = dev();
     let vq1 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[1]), QSIZE);
