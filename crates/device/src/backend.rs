@@ -270,8 +270,10 @@ fn check_backing(mem: &GuestMemoryMmap) -> Result<(), String> {
 
 /// What a pass keeps between passes, under the pass lock.
 struct PassState {
-    /// The guest memory table the last pass used. The table changes only in `update_memory`,
-    /// which takes the pass lock and clears this, so passes skip the `GuestMemoryAtomic` load.
+    /// The guest memory table the last pass used, so passes skip the `GuestMemoryAtomic` load.
+    /// vhost-user-backend swaps the table and then calls `update_memory`, which takes the pass
+    /// lock and clears this; a pass in between still uses the table it had, as ring views do
+    /// until their generation moves on (its mappings stay alive through the `Arc`).
     mem: Option<Arc<GuestMemoryMmap>>,
     /// Parsed requests of one queue on their way to the fabric (reused: no allocation per pass).
     parsed: Vec<Parsed>,

@@ -5,10 +5,10 @@
 //! ring's configuration and indices — vhost-user-backend reads and sets them on SET_VRING_* and
 //! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`RingState`] (so a
 //! pass holds the `VringRwLock` only for reading, and never blocks a peer's notification); they
-//! go back to the `Queue` when the ring stops, before GET_VRING_BASE reads them. What this
-//! module replaces is the per-access path: there, every field read
-//! goes through a guest-memory region lookup and the whole ring is re-validated per pass. Here
-//! a [`RingView`] translates the three ring parts to host pointers once, checks them once
+//! go back to the `Queue` when the ring stops, before GET_VRING_BASE reads them (and are
+//! forgotten on RESET_DEVICE, the frontend setting them anew). What this module replaces is the
+//! per-access path: there, every field read goes through a guest-memory region lookup and the
+//! whole ring is re-validated per pass. Here a [`RingView`] translates the three ring parts to host pointers once, checks them once
 //! (inside one memory region each, aligned), and is rebuilt only when the memory table or the
 //! ring's addresses change. Descriptor buffers are still checked one by one against guest
 //! memory when a chain is walked ([`Walked::add`]).
