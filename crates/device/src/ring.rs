@@ -8,9 +8,9 @@
 //! go back to the `Queue` when the ring stops, before GET_VRING_BASE reads them (and are
 //! forgotten on RESET_DEVICE, the frontend setting them anew). What this module replaces is the
 //! per-access path: there, every field read goes through a guest-memory region lookup and the
-//! whole ring is re-validated per pass. Here a [`RingView`] translates the three ring parts to host pointers once, checks them once
-//! (inside one memory region each, aligned), and is rebuilt only when the memory table or the
-//! ring's addresses change. Descriptor buffers are still checked one by one against guest
+//! whole ring is re-validated per pass. Here a [`RingView`] translates the three ring parts to
+//! host pointers once, checks them once (inside one memory region each, aligned), and is
+//! rebuilt only when the memory table or the ring's addresses change. Descriptor buffers are still checked one by one against guest
 //! memory when a chain is walked ([`Walked::add`]).
 //!
 //! The guest writes these rings concurrently, so every access is a volatile or atomic one and
