@@ -22,7 +22,7 @@ use vfabric_proto::{
 };
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_SIZE};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{
     ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -88,29 +88,30 @@ impl VringSink {
         }
     }
 
-    /// Run `f` on ring `q`'s queue and view, under the ring's `VringRwLock` (then its state
-    /// lock); `None` if the ring is not running.
+    /// Run `f` on ring `q`'s next avail index and view, under the ring's `VringRwLock` (read:
+    /// the indices live in the ring's state, whose lock is taken next); `None` if the ring is
+    /// not running.
     fn with_ring<R>(
         &self,
         vr: &VringRwLock,
         q: usize,
         mem: Option<&Arc<GuestMemoryMmap>>,
-        f: impl FnOnce(&mut Queue, &RingView) -> R,
+        f: impl FnOnce(&mut u16, &RingView) -> R,
     ) -> Result<Option<R>, RingError> {
         let Some(state) = self.rings.get(q) else {
             return Ok(None);
         };
-        let mut st = vr.get_mut();
+        let st = vr.get_ref();
         if !st.is_enabled() || !st.get_queue().ready() {
             return Ok(None);
         }
         let mut rs = lock(state);
         let generation = self.mem_generation.load(Ordering::Acquire);
-        let view = rs.view(generation, st.get_queue(), || {
+        let (view, next_avail) = rs.view_and_avail(generation, st.get_queue(), || {
             mem.cloned()
                 .unwrap_or_else(|| self.mem.memory().into_inner())
         })?;
-        Ok(Some(f(st.get_queue_mut(), view)))
+        Ok(Some(f(next_avail, view)))
     }
 
     /// Build ring `q`'s view under its `VringRwLock` whatever the ring's state (completions go
@@ -127,6 +128,13 @@ impl VringSink {
                 self.mem.memory().into_inner()
             })
             .map(|_| ())
+    }
+
+    /// The device was reset: every ring's next use re-reads its configuration and indices.
+    fn forget_rings(&self) {
+        for state in &self.rings {
+            lock(state).forget();
+        }
     }
 
     /// Ring `q` is stopping (GET_VRING_BASE): its configuration may change before it runs
@@ -170,19 +178,47 @@ impl CompletionSink for VringSink {
             return;
         }
         let v = self.vrings.read().unwrap_or_else(|p| p.into_inner());
-        for (q, vr) in v.iter().enumerate() {
-            if bits & (1u64 << q) == 0 {
+        let mut left = bits;
+        while left != 0 {
+            let q = left.trailing_zeros() as usize;
+            left &= left - 1;
+            let Some(vr) = v.get(q) else {
                 continue;
-            }
+            };
             let notify = self.rings.get(q).and_then(|s| lock(s).needs_notification());
             // A ring without a view is treated as "notify".
             if notify != Some(false) {
-                if let Err(e) = vr.signal_used_queue() {
+                if let Err(e) = signal_call(vr) {
                     debug!(q, "cannot signal the guest: {e}");
                 }
             }
         }
     }
+}
+
+/// `signal_used_queue` with the `write` system call made directly: the libc wrapper's
+/// cancellation-point bookkeeping costs more user-space instructions than the call itself.
+fn signal_call(vr: &VringRwLock) -> io::Result<()> {
+    let st = vr.get_ref();
+    let Some(call) = st.get_call() else {
+        return Ok(());
+    };
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local to the ring's call eventfd, which stays open
+    // while we hold the ring's read lock (vhost-user-backend replaces it under the write lock);
+    // no memory of ours is retained.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_write,
+            call.as_raw_fd(),
+            &one as *const u64,
+            8usize,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Identity of the guest memory regions, to tell additions from replacements.
@@ -234,6 +270,17 @@ fn check_backing(mem: &GuestMemoryMmap) -> Result<(), String> {
     Ok(())
 }
 
+/// What a pass keeps between passes, under the pass lock.
+struct PassState {
+    /// The guest memory table the last pass used, so passes skip the `GuestMemoryAtomic` load.
+    /// vhost-user-backend swaps the table and then calls `update_memory`, which takes the pass
+    /// lock and clears this; a pass in between still uses the table it had, as ring views do
+    /// until their generation moves on (its mappings stay alive through the `Arc`).
+    mem: Option<Arc<GuestMemoryMmap>>,
+    /// Parsed requests of one queue on their way to the fabric (reused: no allocation per pass).
+    parsed: Vec<Parsed>,
+}
+
 /// The vhost-user backend of one device connection.
 pub(crate) struct FabricBackend {
     dev: usize,
@@ -257,12 +304,10 @@ pub(crate) struct FabricBackend {
     /// Held during one pass over the queues (chains popped in a pass are handed to the fabric
     /// before it is released), and by control-path changes (stop, reset, memory table) that must
     /// not interleave with a pass. Lock order: first (see `fabric` module docs).
-    work: Mutex<()>,
+    work: Mutex<PassState>,
     /// Control operations waiting for `work`: the worker yields to them between passes.
     control_waiting: AtomicUsize,
     regions: Mutex<Vec<RegionKey>>,
-    /// Parsed requests of one queue on their way to the fabric (reused: no allocation per pass).
-    parsed: Mutex<Vec<Parsed>>,
     exit_event: Mutex<Option<(EventConsumer, EventNotifier)>>,
     /// Raw fd of the exit consumer handed to vhost-user-backend (it leaks it; we close it).
     exit_fd: Mutex<Option<RawFd>>,
@@ -300,10 +345,12 @@ impl FabricBackend {
             process: socket.map(|s| Arc::new(PeerProcess::new(s, mem.clone()))),
             mem,
             acked: AtomicU64::new(0),
-            work: Mutex::new(()),
+            work: Mutex::new(PassState {
+                mem: None,
+                parsed: Vec::with_capacity(BATCH),
+            }),
             control_waiting: AtomicUsize::new(0),
             regions: Mutex::new(Vec::new()),
-            parsed: Mutex::new(Vec::with_capacity(BATCH)),
             exit_event: Mutex::new(Some(exit)),
             exit_fd: Mutex::new(None),
             shutdown: Mutex::new(None),
@@ -391,7 +438,7 @@ impl FabricBackend {
     }
 
     /// Take the processing lock for one pass, letting a waiting control operation go first.
-    fn work_lock(&self) -> MutexGuard<'_, ()> {
+    fn work_lock(&self) -> MutexGuard<'_, PassState> {
         while self.control_waiting.load(Ordering::Acquire) > 0 {
             std::thread::yield_now();
         }
@@ -399,7 +446,7 @@ impl FabricBackend {
     }
 
     /// Take the processing lock for a control-path change (stop, reset, memory table).
-    fn control_lock(&self) -> MutexGuard<'_, ()> {
+    fn control_lock(&self) -> MutexGuard<'_, PassState> {
         self.control_waiting.fetch_add(1, Ordering::AcqRel);
         let g = lock(&self.work);
         self.control_waiting.fetch_sub(1, Ordering::AcqRel);
@@ -429,21 +476,22 @@ impl FabricBackend {
         only: Option<usize>,
         n: &mut Notify,
     ) -> (bool, bool) {
-        let _work = self.work_lock();
-        self.pass_locked(vrings, only, n)
+        let mut work = self.work_lock();
+        self.pass_locked(&mut work, vrings, only, n)
     }
 
     /// [`Self::pass_some`] with the pass lock already held by the caller.
     fn pass_locked(
         &self,
+        work: &mut PassState,
         vrings: &[VringRwLock],
         only: Option<usize>,
         n: &mut Notify,
     ) -> (bool, bool) {
         let rearm = only.is_some();
-        let mut parsed = lock(&self.parsed);
         let (mut found, mut more) = (false, false);
-        let mem = self.mem.memory().into_inner();
+        let PassState { mem, parsed } = work;
+        let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
         let limits = self.fabric.limits();
         let order = (1..vrings.len())
@@ -458,27 +506,27 @@ impl FabricBackend {
             }
             let mut max = BATCH;
             if q == 0 {
-                let announced = self.sink.with_ring(vr, 0, Some(&mem), |queue, view| {
-                    view.avail_idx().wrapping_sub(queue.next_avail())
+                let announced = self.sink.with_ring(vr, 0, Some(mem), |next_avail, view| {
+                    view.avail_idx().wrapping_sub(*next_avail)
                 });
                 let announced = match announced {
                     Ok(Some(k)) if k > 0 => k,
                     _ => continue,
                 };
-                if self.any_pending_in(vrings.get(1..).unwrap_or_default(), 1, &mem) {
+                if self.any_pending_in(vrings.get(1..).unwrap_or_default(), 1, mem) {
                     // Data requests are still waiting: the next pass takes them first.
                     more = true;
                     continue;
                 }
                 max = max.min(usize::from(announced));
             }
-            let popped = self.sink.with_ring(vr, q, Some(&mem), |queue, view| {
-                let k = view.pop(queue, &mem, max, |head, walked, indirect| {
+            let popped = self.sink.with_ring(vr, q, Some(mem), |next_avail, view| {
+                let k = view.pop(next_avail, mem, max, |head, walked, indirect| {
                     parsed.push(parse_walked(
-                        &mem, walked, q as u16, head, limits, acked, indirect,
+                        mem, walked, q as u16, head, limits, acked, indirect,
                     ));
                 })?;
-                let arrived = rearm && k < max && view.set_notification(queue, true);
+                let arrived = rearm && k < max && view.set_notification(*next_avail, true);
                 Ok::<_, RingError>((k, arrived))
             });
             match popped {
@@ -494,7 +542,7 @@ impl FabricBackend {
                 }
             }
             found = true;
-            self.fabric.handle(self.dev, &mut parsed, acked, n);
+            self.fabric.handle(self.dev, parsed, acked, n);
         }
         (found, more)
     }
@@ -527,9 +575,10 @@ impl FabricBackend {
     ) -> bool {
         vrings.iter().enumerate().any(|(i, vr)| {
             matches!(
-                self.sink.with_ring(vr, first + i, Some(mem), |q, view| {
-                    view.avail_idx() != q.next_avail()
-                }),
+                self.sink
+                    .with_ring(vr, first + i, Some(mem), |next_avail, view| {
+                        view.avail_idx() != *next_avail
+                    }),
                 Ok(Some(true))
             )
         })
@@ -538,8 +587,8 @@ impl FabricBackend {
     fn set_notifications(&self, vrings: &[VringRwLock], enable: bool) -> Result<bool, ()> {
         let mut more = false;
         for (q, vr) in vrings.iter().enumerate() {
-            match self.sink.with_ring(vr, q, None, |queue, view| {
-                view.set_notification(queue, enable)
+            match self.sink.with_ring(vr, q, None, |next_avail, view| {
+                view.set_notification(*next_avail, enable)
             }) {
                 Ok(m) => more |= m.unwrap_or(false),
                 Err(e) => {
@@ -674,14 +723,14 @@ impl Polled for FabricBackend {
         }
         // Never wait for the pass lock here: its holder may be waiting for the copy suspended
         // below us (an MR_DEREG waiting for an access to finish).
-        let _work = match self.work.try_lock() {
+        let mut work = match self.work.try_lock() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return false,
         };
         let v = self.sink.vrings.read().unwrap_or_else(|p| p.into_inner());
         let mut n = Notify::default();
-        let (found, _) = self.pass_locked(&v, None, &mut n);
+        let (found, _) = self.pass_locked(&mut work, &v, None, &mut n);
         if found {
             self.nested_work.store(true, Ordering::Release);
         }
@@ -737,6 +786,9 @@ impl VhostUserBackend for FabricBackend {
         self.acked.store(0, Ordering::Release);
         let mut n = Notify::default();
         self.fabric.reset(self.dev, Teardown::Silent, &mut n);
+        // The rings are set up again (SET_VRING_ADDR, SET_VRING_BASE) before they run: the
+        // indices the data path kept are stale.
+        self.sink.forget_rings();
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -768,7 +820,9 @@ impl VhostUserBackend for FabricBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        let _work = self.control_lock();
+        let mut work = self.control_lock();
+        // The next pass loads the new table.
+        work.mem = None;
         if let Err(why) = check_backing(&mem.memory()) {
             // Touching a page past the end of a region's file would kill the whole daemon with
             // SIGBUS: refuse the table and drop this guest before anything uses it.

@@ -78,6 +78,18 @@ impl Segs {
         s
     }
 
+    /// The stream of one range (empty if `s` is).
+    fn one(s: Seg) -> Self {
+        if s.len == 0 {
+            return Segs::default();
+        }
+        // Built in place: no capacity checks of a push.
+        Segs {
+            segs: SmallVec::from_buf_and_len([s, Seg { addr: 0, len: 0 }], 1),
+            len: u64::from(s.len),
+        }
+    }
+
     pub fn push(&mut self, s: Seg) {
         if s.len > 0 {
             self.segs.push(s);
@@ -91,16 +103,14 @@ impl Segs {
         if let [s] = self.segs.as_slice() {
             let l = u64::from(s.len);
             if at >= l {
-                return (self.clone(), Segs::default());
+                return (Segs::one(*s), Segs::default());
             }
-            let mut head = Segs::default();
-            let mut tail = Segs::default();
             // at < l <= u32::MAX, so both casts are lossless.
-            head.push(Seg {
+            let head = Segs::one(Seg {
                 addr: s.addr,
                 len: at as u32,
             });
-            tail.push(Seg {
+            let tail = Segs::one(Seg {
                 addr: s.addr.wrapping_add(at),
                 len: s.len - at as u32,
             });
@@ -508,6 +518,10 @@ pub(crate) struct Walked {
     pub fault: bool,
     /// A readable descriptor follows a writable one.
     pub write_before_read: bool,
+    /// Host address of the first readable descriptor when it lies in one region of the
+    /// memory table at the second address (where the walk found it): the header is read
+    /// from there without a second lookup.
+    first_read: Option<(*const u8, *const GuestMemoryMmap)>,
 }
 
 impl Walked {
@@ -516,8 +530,16 @@ impl Walked {
         self.count += 1;
         self.last_has_next = next;
         let seg = Seg { addr, len };
-        let inside =
-            len == 0 || GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize);
+        // One region lookup in the common case (a descriptor inside one region); one spanning
+        // regions takes the general check.
+        let host = if len == 0 {
+            None
+        } else {
+            host_ptr(mem, addr, len as usize)
+        };
+        let inside = len == 0
+            || host.is_some()
+            || GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize);
         if !inside {
             self.fault = true;
         }
@@ -527,8 +549,27 @@ impl Walked {
             if !self.writable.segs.is_empty() {
                 self.write_before_read = true;
             }
+            if self.readable.segs.is_empty() {
+                self.first_read = host.map(|p| (p as *const u8, mem as *const GuestMemoryMmap));
+            }
             self.readable.push(seg);
         }
+    }
+
+    /// Read the first `buf.len()` readable bytes through the host address the walk found, if
+    /// the first readable descriptor holds them and `mem` is the table it was found in.
+    fn read_head(&self, mem: &GuestMemoryMmap, buf: &mut [u8]) -> Option<()> {
+        let (p, table) = self.first_read?;
+        let first = self.readable.segs.first()?;
+        if !std::ptr::eq(table, mem) || (first.len as usize) < buf.len() {
+            return None;
+        }
+        // SAFETY: `host_ptr` found the whole first descriptor (at least `buf.len()` bytes) at
+        // `p` inside one region of `mem`, which the caller's borrow keeps mapped (the same
+        // table: checked above). `buf` is our own buffer; guest memory is only copied from
+        // (bytewise-volatile or memcpy), never referenced.
+        unsafe { guest_copy(buf.as_mut_ptr(), p, buf.len()) };
+        Some(())
     }
 }
 
@@ -571,6 +612,8 @@ pub(crate) fn parse_walked(
     head_indirect: bool,
 ) -> Parsed {
     let unusable = |why| Parsed::Unusable { queue, head, why };
+    let mut raw = [0u8; REQ_HEADER_LEN];
+    let head_read = w.read_head(mem, &mut raw).is_some();
     let Walked {
         readable,
         writable,
@@ -578,6 +621,7 @@ pub(crate) fn parse_walked(
         last_has_next,
         fault,
         write_before_read,
+        first_read: _,
     } = w;
     if count == 0 {
         return unusable("empty chain");
@@ -589,10 +633,12 @@ pub(crate) fn parse_walked(
         return unusable("no room for a completion");
     }
     let (data, comp) = writable.split_at(writable.len - COMPLETION_LEN as u64);
-    let comp_ok = comp
-        .segs
-        .iter()
-        .all(|c| GuestMemoryBackend::check_range(mem, GuestAddress(c.addr), c.len as usize));
+    // Without a fault every descriptor, so every part of one, lies inside guest memory.
+    let comp_ok = !fault
+        || comp
+            .segs
+            .iter()
+            .all(|c| GuestMemoryBackend::check_range(mem, GuestAddress(c.addr), c.len as usize));
     if !comp_ok {
         return unusable("completion area outside guest memory");
     }
@@ -619,8 +665,7 @@ pub(crate) fn parse_walked(
         return reject(Status::BadChain, 0);
     }
 
-    let mut raw = [0u8; REQ_HEADER_LEN];
-    if readable.read_at(mem, 0, &mut raw).is_err() {
+    if !head_read && readable.read_at(mem, 0, &mut raw).is_err() {
         return reject(Status::Fault, 0);
     }
     let Some(hdr) = ReqHeader::from_slice(&raw) else {

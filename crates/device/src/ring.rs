@@ -3,11 +3,14 @@
 //!
 //! virtio-queue's `Queue` (inside vhost-user-backend's `VringRwLock`) stays the owner of a
 //! ring's configuration and indices — vhost-user-backend reads and sets them on SET_VRING_* and
-//! GET_VRING_BASE. What this module replaces is the per-access path: there, every field read
-//! goes through a guest-memory region lookup and the whole ring is re-validated per pass. Here
-//! a [`RingView`] translates the three ring parts to host pointers once, checks them once
-//! (inside one memory region each, aligned), and is rebuilt only when the memory table or the
-//! ring's addresses change. Descriptor buffers are still checked one by one against guest
+//! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`RingState`] (so a
+//! pass holds the `VringRwLock` only for reading, and never blocks a peer's notification); they
+//! go back to the `Queue` when the ring stops, before GET_VRING_BASE reads them (and are
+//! forgotten on RESET_DEVICE, the frontend setting them anew). What this module replaces is the
+//! per-access path: there, every field read goes through a guest-memory region lookup and the
+//! whole ring is re-validated per pass. Here a [`RingView`] translates the three ring parts to
+//! host pointers once, checks them once (inside one memory region each, aligned), and is
+//! rebuilt only when the memory table or the ring's addresses change. Descriptor buffers are still checked one by one against guest
 //! memory when a chain is walked ([`Walked::add`]).
 //!
 //! The guest writes these rings concurrently, so every access is a volatile or atomic one and
@@ -189,15 +192,16 @@ impl RingView {
         new - event - Wrapping(1) < new - Wrapping(since)
     }
 
-    /// Ask the driver to kick (or not) for new requests. Returns, when enabling, whether
-    /// requests arrived meanwhile (so the caller must not sleep).
-    pub fn set_notification(&self, q: &Queue, enable: bool) -> bool {
+    /// Ask the driver to kick (or not) for new requests, the device having taken every chain
+    /// before `next_avail`. Returns, when enabling, whether requests arrived meanwhile (so the
+    /// caller must not sleep).
+    pub fn set_notification(&self, next_avail: u16, enable: bool) -> bool {
         if self.event_idx {
             // Disabling is implicit: the driver kicks only when it passes avail_event.
             if !enable {
                 return false;
             }
-            self.set_avail_event(q.next_avail());
+            self.set_avail_event(next_avail);
         } else {
             self.set_no_notify(!enable);
         }
@@ -205,20 +209,21 @@ impl RingView {
             return false;
         }
         fence(Ordering::SeqCst);
-        self.avail_idx() != q.next_avail()
+        self.avail_idx() != next_avail
     }
 
-    /// Pop up to `max` chains into `out` as `(head, walked chain, head is indirect)`. Fails on a
-    /// corrupt ring (avail index more than a ring ahead, head out of range).
+    /// Pop up to `max` chains from avail index `*next_avail` on (advanced past them) into `out`
+    /// as `(head, walked chain, head is indirect)`. Fails on a corrupt ring (avail index more
+    /// than a ring ahead, head out of range).
     pub fn pop(
         &self,
-        q: &mut Queue,
+        next_avail: &mut u16,
         mem: &GuestMemoryMmap,
         max: usize,
         mut each: impl FnMut(u16, Walked, bool),
     ) -> Result<usize, RingError> {
         let avail = Wrapping(self.avail_idx());
-        let mut next = Wrapping(q.next_avail());
+        let mut next = Wrapping(*next_avail);
         let pending = (avail - next).0;
         if pending > self.size {
             return Err(RingError::Avail(virtio_queue::Error::InvalidAvailRingIndex));
@@ -236,7 +241,7 @@ impl RingView {
             each(head, walked, indirect);
             next += Wrapping(1);
         }
-        q.set_next_avail(next.0);
+        *next_avail = next.0;
         Ok(take)
     }
 
@@ -325,11 +330,13 @@ impl RingView {
     }
 }
 
-/// A ring's fast-path state: its view, the used index (kept here so that completions need not
-/// take the ring's `VringRwLock`), and the used index at the last notification decision.
+/// A ring's fast-path state: its view, the avail and used indices (kept here so that passes
+/// take the ring's `VringRwLock` only for reading and completions not at all; they go back to
+/// the `Queue` when the ring stops), and the used index at the last notification decision.
 #[derive(Default)]
 pub(crate) struct RingState {
     view: Option<RingView>,
+    next_avail: u16,
     next_used: u16,
     /// `next_used` when the driver was last considered for a notification.
     notified_upto: u16,
@@ -345,6 +352,16 @@ impl RingState {
         q: &Queue,
         mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
     ) -> Result<&RingView, RingError> {
+        self.view_and_avail(generation, q, mem).map(|(v, _)| v)
+    }
+
+    /// [`RingState::view`] and the ring's next avail index (which the view's `pop` advances).
+    pub fn view_and_avail(
+        &mut self,
+        generation: u64,
+        q: &Queue,
+        mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
+    ) -> Result<(&RingView, &mut u16), RingError> {
         let fresh = self.view.as_ref().is_some_and(|v| v.is_for(generation, q));
         if !fresh {
             // Same ring in a new memory table (or with new features): our used index goes on.
@@ -353,12 +370,14 @@ impl RingState {
             self.view = None;
             let view = RingView::build(mem(), generation, q)?;
             if !same_ring {
+                self.next_avail = q.next_avail();
                 self.next_used = q.next_used();
                 self.notified_upto = self.next_used;
             }
             self.view = Some(view);
         }
-        self.view.as_ref().ok_or(RingError::Invalid)
+        let view = self.view.as_ref().ok_or(RingError::Invalid)?;
+        Ok((view, &mut self.next_avail))
     }
 
     /// Publish a used element through the current view, if it was built for memory-table
@@ -382,10 +401,18 @@ impl RingState {
         Some(n)
     }
 
-    /// The ring is being stopped: hand the used index back to its `Queue` and forget the view,
-    /// so that the next use re-reads the ring's configuration (and used index) from it.
+    /// The device was reset: forget the view and the indices without handing them back (the
+    /// frontend sets the ring up again, from new indices, before it runs).
+    pub fn forget(&mut self) {
+        self.view = None;
+    }
+
+    /// The ring is being stopped: hand the avail and used indices back to its `Queue` (where
+    /// GET_VRING_BASE reads them) and forget the view, so that the next use re-reads the ring's
+    /// configuration (and indices) from it.
     pub fn reset(&mut self, q: &mut Queue) {
         if self.view.take().is_some() {
+            q.set_next_avail(self.next_avail);
             q.set_next_used(self.next_used);
         }
     }

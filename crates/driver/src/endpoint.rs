@@ -261,6 +261,20 @@ struct PostLimits {
     msg_ok: bool,
     /// Plain TSEND/TRECV pass `check_request`.
     tagged_ok: bool,
+    /// The device's `ATOMIC_OPS` and `ATOMIC_TYPES` capability masks (0 if not reported).
+    atomic_ops: u64,
+    atomic_types: u64,
+}
+
+/// Standard (non-vendor) capability `key` as a number, 0 if the device did not report it.
+fn std_cap(entries: &[proto::caps::CapEntry], key: u16) -> u64 {
+    entries
+        .iter()
+        .find_map(|e| match (&e.value, e.vendor, e.key) {
+            (proto::CapValue::U64(v), 0, k) if k == key => Some(*v),
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -338,6 +352,8 @@ impl Endpoint {
             max_data_descs: (u32::from(domain.config.max_sge) as usize).clamp(1, MAX_DATA_DESCS),
             msg_ok: class_reported(info.device_caps, Opcode::Send),
             tagged_ok: class_reported(info.device_caps, Opcode::TSend),
+            atomic_ops: std_cap(&domain.info().cap_entries, proto::caps::key::ATOMIC_OPS),
+            atomic_types: std_cap(&domain.info().cap_entries, proto::caps::key::ATOMIC_TYPES),
         };
         Ok(Self {
             domain,

@@ -497,6 +497,43 @@ fn backend_processes_all_queues_after_a_kick() {
     let c: Completion = d.mem.read_obj(GuestAddress(COMP + 64)).unwrap();
     assert_eq!(u32::from(c.status), Status::Canceled as u32);
     assert_eq!(u64::from(c.cookie), 9);
+    // GET_VRING_BASE reads the avail index from the Queue after stopping the ring: the index
+    // the data path kept in its own state must be back there.
+    d.backend.stop_vring(0).unwrap();
+    assert_eq!(d.vrings[0].queue_next_avail(), 2);
+    assert_eq!(d.vrings[2].queue_next_avail(), 1);
+}
+
+#[test]
+fn backend_reset_device_takes_the_new_ring_indices() {
+    let d = dev();
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    d.mem
+        .write_obj(ep_open_req().to_header(), GuestAddress(HDR))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 1);
+    // RESET_DEVICE, then the driver sets the same ring up again from index 0 (SET_VRING_ADDR
+    // reads the used index, SET_VRING_BASE sets the avail index) and negotiates again.
+    d.backend.reset_device();
+    vq0.avail().idx().store(0);
+    vq0.used().idx().store(0);
+    d.vrings[0].set_queue_next_used(0);
+    d.vrings[0].set_queue_next_avail(0);
+    d.backend.acked_features(ALL_FEATURES);
+    d.mem
+        .write_obj(Completion::default(), GuestAddress(COMP))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 1);
+    let c: Completion = d.mem.read_obj(GuestAddress(COMP)).unwrap();
+    assert_eq!(u32::from(c.status), Status::Ok as u32);
 }
 
 #[test]
@@ -668,11 +705,13 @@ mod hostile {
             let mem = Arc::new(rig.mem().clone());
             let view = crate::ring::RingView::build(mem.clone(), 0, &fast_q).unwrap();
             let mut fast = Vec::new();
-            let fast_res = view.pop(&mut fast_q, &mem, 64, |head, w, indirect| {
+            let mut fast_next = fast_q.next_avail();
+            let fast_res = view.pop(&mut fast_next, &mem, 64, |head, w, indirect| {
                 fast.push(crate::chain::parse_walked(
                     &mem, w, queue, head, &rig.limits, acked, indirect,
                 ));
             });
+            fast_q.set_next_avail(fast_next);
             let mut q: Queue = vq.create_queue().unwrap();
             let desc_table = q.desc_table();
             let Ok(chains) = pop_chains(&mut q, rig.mem(), 64) else {

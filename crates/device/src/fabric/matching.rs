@@ -8,7 +8,7 @@ use vm_memory::GuestAddressSpace;
 use super::{
     eager_cost, recv_completion, recv_matches, send_ok, Body, Dev, Fabric, Meta, Msg, Notify, Port,
 };
-use crate::chain::{copy_stream_yielding, CopyFault, Req};
+use crate::chain::{copy_stream_yielding, CopyFault, GuestMemoryMmap, Req};
 use crate::stats::Counters;
 
 /// Payloads up to this size are read before the destination is locked (one lock instead of
@@ -69,13 +69,17 @@ impl Fabric {
         // it has to wait in the unexpected queue.
         let mut early_buf = [0u8; EARLY_READ as usize];
         let mut early: Option<&[u8]> = None;
+        // Loaded for the early read, the sender's memory serves its completion too.
+        let mut smem_guard = None;
         if may_be_eager && meta.len <= EARLY_READ {
+            let smem = smem_guard.insert(port.mem.memory());
             let buf = &mut early_buf[..meta.len as usize];
-            if req.payload.read_at(&port.mem.memory(), 0, buf).is_err() {
+            if req.payload.read_at(smem, 0, buf).is_err() {
                 return self.fail(dev, port, &req, Status::Fault, n);
             }
             early = Some(buf);
         }
+        let smem = smem_guard.as_deref();
 
         let mut d = self.dev(ddev);
         let Some(dport) = d.port.clone() else {
@@ -94,7 +98,7 @@ impl Fabric {
         if let Some((at, rv)) = take_posted(&mut d, dep, &meta) {
             drop(d);
             if let Some(buf) = early {
-                return self.place(dev, port, &req, &meta, ddev, &dport, rv, buf, n);
+                return self.place(dev, port, smem, &req, &meta, ddev, &dport, rv, buf, n);
             }
             match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
                 Survivor::None => {}
@@ -155,7 +159,7 @@ impl Fabric {
                 if let Some((_, rv)) = take_posted(&mut d, dep, &meta) {
                     d.unexpected_bytes -= cost;
                     drop(d);
-                    return self.place(dev, port, &req, &meta, ddev, &dport, rv, &buf, n);
+                    return self.place(dev, port, smem, &req, &meta, ddev, &dport, rv, &buf, n);
                 }
                 buf
             }
@@ -169,7 +173,7 @@ impl Fabric {
             });
         }
         drop(d);
-        self.sent(dev, port, &req, meta.len, n);
+        self.sent_in(dev, port, smem, &req, meta.len, n);
     }
 
     /// Deliver bytes the device already holds (`buf`, from send `req` of `dev`) into receive
@@ -179,6 +183,7 @@ impl Fabric {
         &self,
         dev: usize,
         port: &Port,
+        smem: Option<&GuestMemoryMmap>,
         req: &Req,
         meta: &Meta,
         rdev: usize,
@@ -189,20 +194,36 @@ impl Fabric {
     ) {
         let placed = meta.len.min(rv.data.len);
         let bytes = buf.get(..placed as usize).unwrap_or(buf);
-        if rv.data.write_at(&rport.mem.memory(), 0, bytes).is_err() {
+        let rmem = rport.mem.memory();
+        if rv.data.write_at(&rmem, 0, bytes).is_err() {
+            drop(rmem);
             self.fail(rdev, rport, &rv, Status::Fault, n);
             // The message is not lost: try the next receive (or queue it).
             return self.op_send(dev, port, req.clone(), n);
         }
-        self.received(rdev, rport, &rv, meta, placed, n);
-        self.sent(dev, port, req, meta.len, n);
+        self.received_in(rdev, rport, Some(&rmem), &rv, meta, placed, n);
+        drop(rmem);
+        self.sent_in(dev, port, smem, req, meta.len, n);
     }
 
     pub(super) fn sent(&self, dev: usize, port: &Port, req: &Req, len: u64, n: &mut Notify) {
+        self.sent_in(dev, port, None, req, len, n);
+    }
+
+    /// [`Fabric::sent`] with the sender's memory already loaded, if the caller has it.
+    fn sent_in(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: Option<&GuestMemoryMmap>,
+        req: &Req,
+        len: u64,
+        n: &mut Notify,
+    ) {
         if let Some(c) = self.counters.get(dev) {
             Counters::inc(&c.messages_sent);
         }
-        self.done(dev, port, req, &send_ok(&req.req, len), 0, n);
+        self.done_in(dev, port, mem, req, &send_ok(&req.req, len), 0, n);
     }
 
     /// Receive completion for a message placed in `rreq`'s buffer.
@@ -215,12 +236,27 @@ impl Fabric {
         placed: u64,
         n: &mut Notify,
     ) {
+        self.received_in(rdev, rport, None, rreq, meta, placed, n);
+    }
+
+    /// [`Fabric::received`] with the receiver's memory already loaded, if the caller has it.
+    #[allow(clippy::too_many_arguments)]
+    fn received_in(
+        &self,
+        rdev: usize,
+        rport: &Port,
+        rmem: Option<&GuestMemoryMmap>,
+        rreq: &Req,
+        meta: &Meta,
+        placed: u64,
+        n: &mut Notify,
+    ) {
         if let Some(c) = self.counters.get(rdev) {
             Counters::inc(&c.messages_received);
             Counters::add(&c.bytes_copied, placed);
         }
         let c = recv_completion(&rreq.req, meta, placed);
-        self.done(rdev, rport, rreq, &c, placed, n);
+        self.done_in(rdev, rport, rmem, rreq, &c, placed, n);
     }
 
     /// The one copy: held send `sreq` of `sdev` into receive `rreq` of `rdev`; both complete.

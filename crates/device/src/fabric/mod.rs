@@ -102,6 +102,11 @@ impl Notify {
     }
 
     pub fn flush(&mut self) {
+        // Slots fill in order and `more` only once they are full: nothing touched, nothing to do
+        // (the common case of a drop after an explicit flush).
+        if self.inline[0].is_none() {
+            return;
+        }
         for s in self.inline.iter_mut().filter_map(Option::take) {
             s.flush();
         }
@@ -448,11 +453,38 @@ impl Fabric {
         written: u64,
         n: &mut Notify,
     ) {
+        self.finish_in(
+            dev,
+            port,
+            &port.mem.memory(),
+            queue,
+            head,
+            comp,
+            c,
+            written,
+            n,
+        );
+    }
+
+    /// [`Fabric::finish`] with `port`'s guest memory already loaded (`mem`): a caller that
+    /// touched the guest's memory for the same request saves a second load.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_in(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: &GuestMemoryMmap,
+        queue: u16,
+        head: u16,
+        comp: &Segs,
+        c: &Completion,
+        written: u64,
+        n: &mut Notify,
+    ) {
         let counters = self.counters.get(dev);
         let status = u32::from(c.status);
         let used = {
-            let mem = port.mem.memory();
-            match comp.write_at(&mem, 0, c.as_slice()) {
+            match comp.write_at(mem, 0, c.as_slice()) {
                 Ok(()) => written
                     .saturating_add(COMPLETION_LEN as u64)
                     .min(u64::from(u32::MAX)) as u32,
@@ -471,6 +503,26 @@ impl Fabric {
 
     fn done(&self, dev: usize, port: &Port, r: &Req, c: &Completion, written: u64, n: &mut Notify) {
         self.finish(dev, port, r.queue, r.head, &r.comp, c, written, n);
+    }
+
+    /// [`Fabric::done`] with `port`'s guest memory already loaded, if the caller has it.
+    #[allow(clippy::too_many_arguments)]
+    fn done_in(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: Option<&GuestMemoryMmap>,
+        r: &Req,
+        c: &Completion,
+        written: u64,
+        n: &mut Notify,
+    ) {
+        match mem {
+            Some(mem) => {
+                self.finish_in(dev, port, mem, r.queue, r.head, &r.comp, c, written, n);
+            }
+            None => self.done(dev, port, r, c, written, n),
+        }
     }
 
     fn fail(&self, dev: usize, port: &Port, r: &Req, status: Status, n: &mut Notify) {

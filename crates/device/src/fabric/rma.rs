@@ -16,6 +16,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use tracing::debug;
 use vfabric_proto::{
     comp_flags, ep_open, flags, mr_flags, ByteValued, FabricAddr, MemSeg, Opcode, RmaIov, Status,
@@ -99,6 +100,9 @@ impl KeyGen {
         h.finish()
     }
 }
+
+/// Remote ranges of one request kept inline (most RMA requests name one): no heap allocation.
+pub(super) type Targets = SmallVec<[Target; 2]>;
 
 /// One checked remote range: the region, its bytes for this access and the key (for events).
 pub(super) struct Target {
@@ -339,14 +343,14 @@ impl Fabric {
         gen: u32,
         ranges: &[(u64, u64, u64)],
         need: u64,
-    ) -> Result<(Vec<Target>, Arc<Port>), Status> {
+    ) -> Result<(Targets, Arc<Port>), Status> {
         let d = self.dev(ddev);
         let port = d.port.clone().ok_or(Status::AddrNotAvail)?;
         d.live_ep(dep, gen).ok_or(Status::AddrNotAvail)?;
         let targets = ranges
             .iter()
             .map(|&(addr, len, key)| target(&d, key, addr, len, need))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Targets, _>>()?;
         Ok((targets, port))
     }
 
@@ -361,7 +365,7 @@ impl Fabric {
         // The parser checked the payload holds the scatter list (and nothing else for reads).
         let (list, src_data) = req.payload.split_at(list_len);
         let local = if write { src_data.len } else { req.data.len };
-        let mut ranges = Vec::with_capacity(r.count.max(1) as usize);
+        let mut ranges: SmallVec<[(u64, u64, u64); 2]> = SmallVec::new();
         if r.count == 0 {
             ranges.push((r.remote_addr, local, r.remote_key));
         } else {
@@ -426,7 +430,8 @@ impl Fabric {
             (targets, dport, notify)
         };
         // Every range must still be registered before any byte moves.
-        let accesses: Option<Vec<_>> = targets.iter().map(|t| t.mr.enter()).collect();
+        let accesses: Option<SmallVec<[MrAccess; 2]>> =
+            targets.iter().map(|t| t.mr.enter()).collect();
         let Some(accesses) = accesses else {
             if notify {
                 self.dev(ddev).unexpected_bytes -= eager_cost(0);
@@ -437,7 +442,7 @@ impl Fabric {
         let rmem = dport.mem.memory();
         // The checked accesses, one per target, used by each target's first chunk; dropped at a
         // yield point (a nested MR_DEREG on this thread must not wait for them).
-        let mut held: Vec<Option<MrAccess>> = accesses.into_iter().map(Some).collect();
+        let mut held: SmallVec<[Option<MrAccess>; 2]> = accesses.into_iter().map(Some).collect();
         let mut pos = 0u64;
         let mut status = Status::Ok;
         'copy: for (i, t) in targets.iter().enumerate() {

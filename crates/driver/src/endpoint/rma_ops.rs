@@ -452,17 +452,8 @@ impl Endpoint {
             ));
         }
         let info = self.domain.info();
-        let std = |k| {
-            info.cap_entries
-                .iter()
-                .find_map(|e| match (&e.value, e.vendor, e.key) {
-                    (proto::CapValue::U64(v), 0, kk) if kk == k => Some(*v),
-                    _ => None,
-                })
-                .unwrap_or(0)
-        };
-        let ops = std(proto::caps::key::ATOMIC_OPS);
-        let types = std(proto::caps::key::ATOMIC_TYPES);
+        // Read from the capabilities once, when the endpoint opened.
+        let (ops, types) = (self.limits.atomic_ops, self.limits.atomic_types);
         if op >= atomic_op::COUNT || ops & (1 << op) == 0 {
             return Err(Error::Unsupported(format!("atomic op {op}")));
         }
