@@ -752,7 +752,7 @@ impl Endpoint {
                     }
                 }
                 src => {
-                    let bb = mem.alloc_bounce(len).map_err(|_| Error::Again)?;
+                    let bb = mem.alloc_bounce(len)?;
                     let mut off = 0;
                     let mut put = |s: &[u8]| {
                         bb.write_at(off, s);
@@ -1169,7 +1169,7 @@ impl Endpoint {
                 if rx_len > 0 && rx_len <= INLINE_RX_MAX {
                     inline_len = rx_len;
                 } else if rx_len > 0 {
-                    let bb = mem.alloc_bounce(rx_len).map_err(|_| Error::Again)?;
+                    let bb = mem.alloc_bounce(rx_len)?;
                     descs.push(bb.addr(), rx_len as u32)?;
                     bounce = Some(bb);
                 }
