@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tracing::debug;
-use vfabric_proto::{ep_open, FabricAddr, Status};
+use vfabric_proto::{ep_open, flags, FabricAddr, Status};
 
 use super::{eager_cost, Body, Endpoint, Fabric, Msg, Notify, Port, Slot, Teardown};
 use crate::chain::{completion, Req};
@@ -163,6 +163,65 @@ impl Fabric {
                 }
             }
         }
+        // Receives directed only at the closed endpoint can never match now.
+        let gone = FabricAddr::new(self.node_addr(dev), ep as u32, generation);
+        let silent = (mode == Teardown::Silent).then_some(dev);
+        self.fail_directed_at(gone, silent, n);
+    }
+
+    /// Complete `PeerGone` every posted receive, on any device but `skip`, directed at `gone`.
+    pub(super) fn fail_directed_at(&self, gone: FabricAddr, skip: Option<usize>, n: &mut Notify) {
+        for dev in (0..self.devs.len()).filter(|&d| Some(d) != skip) {
+            let (victims, port) = {
+                let mut d = self.dev(dev);
+                let Some(port) = d.port.clone() else { continue };
+                let mut victims = Vec::new();
+                for slot in d.eps.iter_mut() {
+                    let Some(e) = slot.ep.as_mut() else { continue };
+                    if !e.posted.iter().any(|r| directed_at(r, gone)) {
+                        continue;
+                    }
+                    let (hit, keep): (VecDeque<Req>, VecDeque<Req>) =
+                        e.posted.drain(..).partition(|r| directed_at(r, gone));
+                    e.posted = keep;
+                    victims.extend(hit);
+                }
+                (victims, port)
+            };
+            for r in &victims {
+                self.fail(dev, &port, r, Status::PeerGone, n);
+            }
+        }
+    }
+
+    /// A directed receive (`cookie`) was just queued on endpoint `ep` of `dev`: if its source
+    /// is not open, take it back and complete it `PeerGone`. Checked after queueing, so a
+    /// source closing concurrently is seen either here or by [`Fabric::fail_directed_at`].
+    pub(super) fn check_directed_source(
+        &self,
+        dev: usize,
+        port: &Port,
+        ep: usize,
+        src: FabricAddr,
+        cookie: u64,
+        n: &mut Notify,
+    ) {
+        let open = self
+            .locate(src)
+            .is_some_and(|(sdev, sep)| self.dev(sdev).live_ep(sep, src.generation).is_some());
+        if open {
+            return;
+        }
+        let taken = self.dev(dev).ep_mut(ep).and_then(|e| {
+            let at = e
+                .posted
+                .iter()
+                .rposition(|r| r.req.cookie == cookie && directed_at(r, src))?;
+            e.posted.remove(at)
+        });
+        if let Some(r) = taken {
+            self.fail(dev, port, &r, Status::PeerGone, n);
+        }
     }
 
     /// Remove every held send matching `pred` from every endpoint's unexpected queue, one
@@ -279,4 +338,9 @@ impl Fabric {
             Err(()) => self.fail(dev, port, &req, Status::NoMessage, n),
         }
     }
+}
+
+/// Whether posted receive `r` takes messages from `src` only.
+fn directed_at(r: &Req, src: FabricAddr) -> bool {
+    r.req.flags & flags::DIRECTED != 0 && r.req.peer == src
 }
