@@ -235,3 +235,77 @@ fn print_capabilities_and_config_file() {
     assert!(text.contains("max_endpoints=3"), "{text}");
     assert!(text.contains("node: 0x0000000700000000"), "{text}");
 }
+
+/// Spawn one side of a long `pingpong` (timeout 60 s) on `device`.
+fn long_pingpong(
+    d: &DaemonProcess,
+    device: usize,
+    server: bool,
+    addr: &std::path::Path,
+) -> std::process::Child {
+    let mut c = vfabric();
+    c.arg("pingpong");
+    if server {
+        c.arg("--server");
+    }
+    c.args(["--quiet", "--timeout-s", "60", "--fixed-iters"])
+        .arg("--device")
+        .arg(&d.sockets[device])
+        .arg("--addr-file")
+        .arg(addr)
+        .args(["--sizes", "64", "--iters", "100000000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pingpong")
+}
+
+/// When one guest dies, the other's pingpong fails within a few seconds (not after its 60 s
+/// timeout) saying the peer is gone: its receives are directed at the peer and complete
+/// PEER_GONE when the peer's device disconnects.
+#[test]
+fn killed_peer_is_reported_promptly() {
+    for kill_server in [false, true] {
+        let d = DaemonProcess::start(2, &[]);
+        let addr = d.path("peer.addr");
+        let mut server = long_pingpong(&d, 0, true, &addr);
+        let mut client = long_pingpong(&d, 1, false, &addr);
+        assert!(wait_for(Duration::from_secs(10), || addr.exists()));
+        std::thread::sleep(Duration::from_millis(500));
+        let (victim, survivor) = if kill_server {
+            (&mut server, &mut client)
+        } else {
+            (&mut client, &mut server)
+        };
+        assert!(
+            matches!(victim.try_wait(), Ok(None)),
+            "ended before the kill"
+        );
+        victim.kill().expect("kill");
+        victim.wait().unwrap();
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = survivor.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = survivor.kill();
+                panic!("survivor (server killed: {kill_server}) still running after 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        survivor
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!st.success(), "survivor should fail: {err}");
+        assert!(
+            err.contains("peer device disconnected"),
+            "server killed: {kill_server}: {err}"
+        );
+    }
+}

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vfabric::{
     AddressVector, BindFlags, CompletionQueue, CqAttr, CqEntry, Domain, DomainAttr, Endpoint,
-    EpAttr, FabricAddr, FiAddr, SharedBuf, WaitMode,
+    EpAttr, FabricAddr, FiAddr, SharedBuf, Status, WaitMode,
 };
 
 use crate::CliError;
@@ -125,6 +125,9 @@ pub struct Side {
     pub(crate) rbuf: SharedBuf,
     mode: Mode,
     timeout: Duration,
+    /// The one peer, once known: receives are directed at it, so they fail (`PeerGone`) as
+    /// soon as its device disconnects instead of waiting out the timeout.
+    peer: FiAddr,
 }
 
 impl Side {
@@ -167,6 +170,7 @@ impl Side {
             rbuf,
             mode: params.mode,
             timeout: params.timeout,
+            peer: vfabric::FI_ADDR_UNSPEC,
         })
     }
 
@@ -216,10 +220,7 @@ impl Side {
                 Ok(n) => return Ok(n),
                 Err(vfabric::Error::Again) => {}
                 Err(vfabric::Error::Timeout) => return Err(self.no_completion(what)),
-                Err(vfabric::Error::Avail) => {
-                    let e = cq.readerr();
-                    return Err(CliError::Run(format!("{what}: error completion {e:?}")));
-                }
+                Err(vfabric::Error::Avail) => return Err(error_completion(what, cq.readerr())),
                 Err(e) => return Err(e.into()),
             }
             polls = polls.wrapping_add(1);
@@ -236,6 +237,11 @@ impl Side {
                 std::hint::spin_loop();
             }
         }
+    }
+
+    /// Receives from now on are directed at `peer`.
+    pub(crate) fn set_peer(&mut self, peer: FiAddr) {
+        self.peer = peer;
     }
 
     fn no_completion(&self, what: &str) -> CliError {
@@ -266,7 +272,7 @@ impl Side {
     }
 
     pub(crate) fn post_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
-        self.retry(|| self.ep.recv_buf(&self.rbuf, 0..size, ctx))
+        self.retry(|| self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx))
     }
 
     pub(crate) fn post_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
@@ -288,6 +294,23 @@ impl Side {
             )));
         }
         Ok(())
+    }
+}
+
+/// The error for an error completion: a peer that disconnected is named as such.
+fn error_completion(what: &str, e: Option<vfabric::CqErrEntry>) -> CliError {
+    match e {
+        Some(e) if matches!(e.status, Status::PeerGone | Status::AddrNotAvail) => {
+            CliError::Run(format!(
+                "{what}: peer device disconnected ({}, errno {})",
+                e.status, e.err
+            ))
+        }
+        Some(e) => CliError::Run(format!(
+            "{what}: error completion: {} (errno {})",
+            e.status, e.err
+        )),
+        None => CliError::Run(format!("{what}: error completion vanished")),
     }
 }
 
@@ -385,6 +408,7 @@ pub fn run_side(
     } else {
         client_handshake(&mut side, addr_file)?
     };
+    side.set_peer(peer);
     let total: u64 = params
         .sizes
         .iter()
@@ -537,7 +561,7 @@ fn bw_size(
 fn post_recv_window(side: &Side, size: usize, window: usize, ctx: u64) -> Result<(), CliError> {
     let mut batch = side.ep.batch();
     for _ in 0..window {
-        side.retry(|| batch.recv_buf(&side.rbuf, 0..size, ctx))?;
+        side.retry(|| batch.recv_buf_from(&side.rbuf, 0..size, side.peer, ctx))?;
     }
     Ok(())
 }

@@ -878,10 +878,22 @@ impl Endpoint {
 
     /// `fi_recv` into a shared buffer (zero-copy).
     pub fn recv_buf(&self, buf: &SharedBuf, range: Range<usize>, context: u64) -> Result<()> {
+        self.recv_buf_from(buf, range, FI_ADDR_UNSPEC, context)
+    }
+
+    /// `fi_recv` into a shared buffer from `src` only (FI_DIRECTED_RECV; `FI_ADDR_UNSPEC` =
+    /// any). Completes `PeerGone` if `src` closes or its device goes first.
+    pub fn recv_buf_from(
+        &self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        src: FiAddr,
+        context: u64,
+    ) -> Result<()> {
         self.post_recv(RecvArgs {
             tagged: false,
             dst: RecvDst::Shared(buf, range),
-            src: FI_ADDR_UNSPEC,
+            src,
             tag: 0,
             ignore: 0,
             context,
@@ -1380,10 +1392,21 @@ impl Batch<'_> {
 
     /// [`Endpoint::recv_buf`] in the batch.
     pub fn recv_buf(&mut self, buf: &SharedBuf, range: Range<usize>, context: u64) -> Result<()> {
+        self.recv_buf_from(buf, range, FI_ADDR_UNSPEC, context)
+    }
+
+    /// [`Endpoint::recv_buf_from`] in the batch.
+    pub fn recv_buf_from(
+        &mut self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        src: FiAddr,
+        context: u64,
+    ) -> Result<()> {
         let r = self.ep.post_recv(RecvArgs {
             tagged: false,
             dst: RecvDst::Shared(buf, range),
-            src: FI_ADDR_UNSPEC,
+            src,
             tag: 0,
             ignore: 0,
             context,
