@@ -921,10 +921,15 @@ impl Endpoint {
 
     /// Receive up to `len` bytes; the CQ entry carries them in `buf`.
     pub fn recv_vec(&self, len: usize, context: u64) -> Result<()> {
+        self.recv_vec_from(len, FI_ADDR_UNSPEC, context)
+    }
+
+    /// [`Endpoint::recv_vec`] from `src` only (see [`Endpoint::recv_buf_from`]).
+    pub fn recv_vec_from(&self, len: usize, src: FiAddr, context: u64) -> Result<()> {
         self.post_recv(RecvArgs {
             tagged: false,
             dst: RecvDst::Vec(len),
-            src: FI_ADDR_UNSPEC,
+            src,
             tag: 0,
             ignore: 0,
             context,
