@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -36,7 +36,18 @@ pub struct DomainObj {
     next_key: AtomicU64,
     /// FI_MULTI_RECV buffers posted on this domain's endpoints.
     pub multi: crate::multirecv::Registry,
+    /// Remote peers of this domain's AVs, watched for disappearance (opened at the first
+    /// insert; `None` if the private endpoint could not be opened).
+    pub watch: std::sync::OnceLock<Option<crate::watch::PeerWatch>>,
     pub refs: Refs,
+}
+
+impl DomainObj {
+    fn watch(&self) -> Option<&crate::watch::PeerWatch> {
+        self.watch
+            .get_or_init(|| crate::watch::PeerWatch::open(&self.dom).ok())
+            .as_ref()
+    }
 }
 
 static DOMAIN_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
@@ -139,6 +150,7 @@ pub unsafe extern "C" fn domain_open(
             rma_event: i.caps & fi::RMA_EVENT != 0,
             next_key: AtomicU64::new(1),
             multi: Default::default(),
+            watch: Default::default(),
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer; the consumer owns the box until fi_close.
@@ -350,6 +362,12 @@ unsafe extern "C" fn av_insert(
                 )
             };
             let r = a.av.insert_bytes(b);
+            if let Ok(peer) = vfabric::FabricAddr::from_bytes(b) {
+                // SAFETY: the domain outlives its AVs (ParentRef).
+                if let Some(w) = unsafe { &*a.domain }.watch() {
+                    w.watch(peer);
+                }
+            }
             if !fi_addr.is_null() {
                 // SAFETY: `fi_addr` has room for `count` entries.
                 unsafe { *fi_addr.add(k) = *r.as_ref().unwrap_or(&vfabric::FI_ADDR_NOTAVAIL) };
@@ -777,6 +795,8 @@ pub struct CqObj {
     scratch: Mutex<Vec<CqEntry>>,
     /// FI_WAIT_FD: the pollable signal fd and the progress thread that makes it fire.
     wait_fd: Option<WaitFd>,
+    /// Gone peers of the domain this CQ has reported (crate::watch).
+    peers_gone_seen: AtomicUsize,
     pub refs: Refs,
 }
 
@@ -881,6 +901,13 @@ unsafe extern "C" fn cq_open(
             format,
             scratch: Mutex::new(Vec::with_capacity(64)),
             wait_fd,
+            // Peers gone before the CQ existed are not its news.
+            peers_gone_seen: AtomicUsize::new(
+                d.watch
+                    .get()
+                    .and_then(Option::as_ref)
+                    .map_or(0, |w| w.gone_count()),
+            ),
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer.
@@ -1052,14 +1079,33 @@ fn cq_read_common(
             }
             n as isize
         }
-        Err(vfabric::Error::Timeout) => -(fi::EAGAIN as isize),
+        Err(vfabric::Error::Timeout) => peers_gone(c).unwrap_or(-(fi::EAGAIN as isize)),
         Err(vfabric::Error::Again) => {
             drop(v);
+            if let Some(r) = peers_gone(c) {
+                return r;
+            }
             empty_poll();
             -(fi::EAGAIN as isize)
         }
         Err(e) => -(errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ) as isize),
     }
+}
+
+/// An empty CQ reports peers of the domain that went away since it last looked, one error
+/// entry each (see crate::watch): `Some(-FI_EAVAIL)` if there are any.
+fn peers_gone(c: &CqObj) -> Option<isize> {
+    // SAFETY: the domain outlives its CQs (ParentRef).
+    let w = unsafe { &*c.domain }.watch.get()?.as_ref()?;
+    let now = w.poll();
+    let seen = c.peers_gone_seen.swap(now, Ordering::AcqRel);
+    if now <= seen {
+        return None;
+    }
+    for e in w.gone_since(seen).into_iter().take(now - seen) {
+        c.cq.push_error(e);
+    }
+    Some(-(fi::EAVAIL as isize))
 }
 
 /// Empty polls between `sched_yield`s (a power of two).

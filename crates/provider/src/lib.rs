@@ -28,6 +28,7 @@ mod nic;
 mod rma;
 pub mod sys;
 mod util;
+mod watch;
 
 use std::ffi::{c_char, c_int, CStr};
 
