@@ -259,6 +259,89 @@ fn fi_pingpong_msg() {
     pingpong("msg", &[]);
 }
 
+/// A long fi_pingpong (64-byte messages, effectively endless) on `device`: the client of the
+/// server at control port `port` if `client`, else that server.
+fn endless_pingpong(ep: &str, device: &Path, port: &str, client: bool) -> std::process::Child {
+    let mut c = fi_cmd("fi_pingpong", &[device]);
+    c.args(["-p", "vfabric", "-e", ep, "-I", "100000000", "-S", "64"]);
+    if client {
+        c.args(["-P", port, "127.0.0.1"]);
+    } else {
+        c.args(["-B", port]);
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fi_pingpong")
+}
+
+/// Kill one side of a running fi_pingpong; the survivor must exit with an error within a few
+/// seconds (it waits on an FI_ADDR_UNSPEC receive (RDM) or a receive of its connection (MSG)
+/// that only the dead peer could satisfy).
+fn pingpong_survives_peer_death(ep: &str, kill_server: bool) {
+    let d = DaemonProcess::start(2, &[]);
+    let port = free_port().to_string();
+    let mut server = endless_pingpong(ep, &d.sockets[0], &port, false);
+    let port_n: u16 = port.parse().expect("port");
+    let up = virtio_fabric_tests::wait_for(Duration::from_secs(20), || {
+        listening(port_n) || !matches!(server.try_wait(), Ok(None))
+    });
+    assert!(up, "fi_pingpong server did not start");
+    let mut client = endless_pingpong(ep, &d.sockets[1], &port, true);
+    // Let the ping-pong run: the client connects and both enter the timed loop (a kill before
+    // that is noticed through fi_pingpong's control socket instead, by SIGPIPE).
+    std::thread::sleep(Duration::from_secs(3));
+    let (victim, survivor) = if kill_server {
+        (&mut server, &mut client)
+    } else {
+        (&mut client, &mut server)
+    };
+    assert!(
+        matches!(victim.try_wait(), Ok(None)) && matches!(survivor.try_wait(), Ok(None)),
+        "fi_pingpong ended before the kill"
+    );
+    victim.kill().expect("kill");
+    victim.wait().expect("reap");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = survivor.try_wait().expect("try_wait") {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = survivor.kill();
+            let _ = survivor.wait();
+            panic!("{ep}: survivor still running 10 s after its peer was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = survivor
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    use std::os::unix::process::ExitStatusExt;
+    assert_ne!(
+        status.signal(),
+        Some(libc::SIGPIPE),
+        "{ep}: killed before the timed loop"
+    );
+    assert!(!status.success(), "{ep}: survivor exited 0: {err}");
+    assert!(err.contains("PEER_GONE"), "{ep}: {status:?} {err}");
+}
+
+#[test]
+fn fi_pingpong_rdm_client_notices_killed_server() {
+    pingpong_survives_peer_death("rdm", true);
+}
+
+#[test]
+fn fi_pingpong_msg_server_notices_killed_client() {
+    pingpong_survives_peer_death("msg", false);
+}
+
 /// tests/c/vf_provider_test.c compiled against the installed headers, linked with -lfabric.
 fn c_test_binary() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
