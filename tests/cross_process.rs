@@ -309,3 +309,39 @@ fn killed_peer_is_reported_promptly() {
         );
     }
 }
+
+/// Requests past a limit fail at once, naming it, instead of waiting out the timeout: a
+/// message size over the device's max_msg_size (16 MiB) and a bw window over the CQ size.
+#[test]
+fn requests_past_a_limit_fail_at_once() {
+    let d = DaemonProcess::start(1, &[]);
+    for (kind, opt, value, needle) in [
+        ("pingpong", "--sizes", "17m", "maximum message size"),
+        ("bw", "--window", "100000", "completion queue size 1024"),
+    ] {
+        for server in [true, false] {
+            let mut c = vfabric();
+            c.arg(kind);
+            if server {
+                c.arg("--server");
+            }
+            let start = Instant::now();
+            let out = run_with_timeout(
+                c.args(["--quiet", "--timeout-s", "30", opt, value])
+                    .arg("--device")
+                    .arg(&d.sockets[0])
+                    .arg("--addr-file")
+                    .arg(d.path("limits.addr")),
+                Duration::from_secs(60),
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{kind} {opt} {value}: {err}");
+            assert!(err.contains(needle), "{kind} {opt} {value}: {err}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{kind} {opt} {value} took {:?}",
+                start.elapsed()
+            );
+        }
+    }
+}

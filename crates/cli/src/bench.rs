@@ -73,6 +73,10 @@ impl Kind {
     }
 }
 
+/// Entries of each side's CQs: a window's operations are all outstanding before their
+/// completions are read, so a window may not exceed it (libfabric: no CQ overrun).
+pub const CQ_SIZE: usize = 1024;
+
 /// Parameters of one run.
 #[derive(Clone, Debug)]
 pub struct RunParams {
@@ -150,8 +154,14 @@ impl Side {
         } else {
             WaitMode::Blocking
         };
-        let tx_cq = domain.cq_open(CqAttr { size: 1024, wait })?;
-        let rx_cq = domain.cq_open(CqAttr { size: 1024, wait })?;
+        let tx_cq = domain.cq_open(CqAttr {
+            size: CQ_SIZE,
+            wait,
+        })?;
+        let rx_cq = domain.cq_open(CqAttr {
+            size: CQ_SIZE,
+            wait,
+        })?;
         let av = domain.av_open()?;
         let ep = domain.endpoint(EpAttr::default())?;
         ep.bind_cq(&tx_cq, BindFlags::TRANSMIT)?;
@@ -314,6 +324,37 @@ fn error_completion(what: &str, e: Option<vfabric::CqErrEntry>) -> CliError {
     }
 }
 
+/// Refuse at once what cannot run: a window over the CQ size (`limits` = `None`: before the
+/// device is known) or a size over the device's maximum message (or RMA transfer) size.
+pub fn check_limits(
+    kind: Kind,
+    params: &RunParams,
+    limits: Option<&vfabric::info::Limits>,
+) -> Result<(), CliError> {
+    if !matches!(kind, Kind::Pingpong) && params.window > CQ_SIZE {
+        return Err(CliError::Run(format!(
+            "--window {} exceeds the completion queue size {CQ_SIZE} (a window's completions \
+             are all outstanding at once); use --window {CQ_SIZE} or less",
+            params.window
+        )));
+    }
+    let Some(limits) = limits else {
+        return Ok(());
+    };
+    let (max, what) = match (kind.is_rma(), limits.max_rma_size) {
+        (true, Some(m)) => (m, "maximum RMA transfer size (MAX_RMA_SIZE)"),
+        _ => (limits.max_msg_size, "maximum message size (max_msg_size)"),
+    };
+    match params.sizes.iter().find(|&&s| s as u64 > max) {
+        Some(&s) => Err(CliError::Run(format!(
+            "size {} exceeds the device's {what} of {}",
+            size_label(s),
+            size_label(max as usize)
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Deterministic pattern so both sides can verify without sending checksums.
 pub fn fill_pattern(buf: &mut [u8], seed: u64) {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -402,7 +443,9 @@ pub fn run_side(
     params: &RunParams,
 ) -> Result<Vec<SizeResult>, CliError> {
     let max = params.sizes.iter().copied().max().unwrap_or(64);
+    check_limits(kind, params, None)?;
     let mut side = Side::open(device, max, params)?;
+    check_limits(kind, params, Some(&side.domain.info().limits))?;
     let peer = if server {
         server_handshake(&side, addr_file)?
     } else {
