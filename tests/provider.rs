@@ -389,6 +389,24 @@ fn c_suite_on(suite: &str, devices: u32) {
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{suite}: ok")));
 }
 
+/// A 1 MiB shared region and 1 MiB unregistered buffers: the posts fail with -FI_ENOMEM at
+/// once and a warning names FI_VFABRIC_MEM_MB.
+#[test]
+fn c_transfer_larger_than_the_region() {
+    let d = DaemonProcess::start(1, &[]);
+    let o = run_with_timeout(
+        fi_cmd(c_test_binary(), &[&d.sockets[0]])
+            .arg("mem_small")
+            .env("FI_VFABRIC_MEM_MB", "1")
+            .env("FI_LOG_LEVEL", "warn"),
+        Duration::from_secs(60),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("mem_small: ok"), "{t}");
+    assert!(t.contains("raise FI_VFABRIC_MEM_MB"), "{t}");
+}
+
 #[test]
 fn c_errors_and_bad_hints() {
     c_suite("errors");

@@ -1106,6 +1106,28 @@ static void suite_atomic(void)
 	rma_teardown();
 }
 
+/* Run with FI_VFABRIC_MEM_MB=1: a transfer whose bounce buffer can never fit the 1 MiB shared
+ * region fails at once with -FI_ENOMEM (not -FI_EAGAIN forever); smaller ones still work. */
+static void suite_mem_small(void)
+{
+	setup(FI_EP_RDM, FI_CQ_FORMAT_DATA, FI_AV_TABLE);
+	size_t big = 1 << 20;
+	char *tx = calloc(1, big), *rx = calloc(1, big);
+	CHECK(tx && rx);
+	CHECK_RC(fi_send(ep[0], tx, big, NULL, addr[1], (void *)1), -FI_ENOMEM);
+	CHECK_RC(fi_recv(ep[1], rx, big, NULL, FI_ADDR_UNSPEC, (void *)2), -FI_ENOMEM);
+	struct fi_cq_data_entry e;
+	OK(fi_recv(ep[1], rx, 4096, NULL, FI_ADDR_UNSPEC, (void *)3));
+	OK(fi_send(ep[0], tx, 4096, NULL, addr[1], (void *)4));
+	CHECK_RC(poll_cq(cq[0], &e), 1);
+	CHECK(e.op_context == (void *)4);
+	CHECK_RC(poll_cq(cq[1], &e), 1);
+	CHECK(e.op_context == (void *)3 && e.len == 4096);
+	free(tx);
+	free(rx);
+	teardown();
+}
+
 int main(int argc, char **argv)
 {
 	if (argc != 2) {
@@ -1137,6 +1159,8 @@ int main(int argc, char **argv)
 		suite_atomic();
 	else if (!strcmp(s, "rma_event"))
 		suite_rma_event();
+	else if (!strcmp(s, "mem_small"))
+		suite_mem_small();
 	else
 		return 2;
 	printf("%s: ok\n", s);
