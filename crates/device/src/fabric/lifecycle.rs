@@ -50,6 +50,9 @@ impl Fabric {
         for ep in 0..eps {
             self.close_ep(dev, ep, mode, n);
         }
+        // Every endpoint of the device is closed: one pass for peers' directed receives.
+        let node = self.node_addr(dev);
+        self.fail_directed_at(|peer| peer.node == node, Some(dev), n);
         // The device's regions go with it: later accesses complete ACCESS at their initiator.
         let (mrs, events, port) = {
             let mut d = self.dev(dev);
@@ -163,14 +166,16 @@ impl Fabric {
                 }
             }
         }
-        // Receives directed only at the closed endpoint can never match now.
-        let gone = FabricAddr::new(self.node_addr(dev), ep as u32, generation);
-        let silent = (mode == Teardown::Silent).then_some(dev);
-        self.fail_directed_at(gone, silent, n);
     }
 
-    /// Complete `PeerGone` every posted receive, on any device but `skip`, directed at `gone`.
-    pub(super) fn fail_directed_at(&self, gone: FabricAddr, skip: Option<usize>, n: &mut Notify) {
+    /// Complete `PeerGone` every posted receive, on any device but `skip`, directed at an
+    /// address `gone` says is closed: they can never match now.
+    fn fail_directed_at(
+        &self,
+        gone: impl Fn(FabricAddr) -> bool,
+        skip: Option<usize>,
+        n: &mut Notify,
+    ) {
         for dev in (0..self.devs.len()).filter(|&d| Some(d) != skip) {
             let (victims, port) = {
                 let mut d = self.dev(dev);
@@ -178,11 +183,12 @@ impl Fabric {
                 let mut victims = Vec::new();
                 for slot in d.eps.iter_mut() {
                     let Some(e) = slot.ep.as_mut() else { continue };
-                    if !e.posted.iter().any(|r| directed_at(r, gone)) {
+                    let hit = |r: &Req| r.req.flags & flags::DIRECTED != 0 && gone(r.req.peer);
+                    if !e.posted.iter().any(hit) {
                         continue;
                     }
                     let (hit, keep): (VecDeque<Req>, VecDeque<Req>) =
-                        e.posted.drain(..).partition(|r| directed_at(r, gone));
+                        e.posted.drain(..).partition(hit);
                     e.posted = keep;
                     victims.extend(hit);
                 }
@@ -298,7 +304,10 @@ impl Fabric {
         if self.ep_info(dev, req.req.ep).is_none() {
             return self.fail(dev, port, &req, Status::BadEndpoint, n);
         }
+        let generation = self.ep_info(dev, req.req.ep).map_or(0, |(g, _)| g);
         self.close_ep(dev, req.req.ep as usize, Teardown::Cancel, n);
+        let gone = FabricAddr::new(self.node_addr(dev), req.req.ep, generation);
+        self.fail_directed_at(|peer| peer == gone, None, n);
         self.fail(dev, port, &req, Status::Ok, n);
     }
 
