@@ -280,6 +280,19 @@ fn endless_pingpong(ep: &str, device: &Path, port: &str, client: bool) -> std::p
 /// seconds (it waits on an FI_ADDR_UNSPEC receive (RDM) or a receive of its connection (MSG)
 /// that only the dead peer could satisfy).
 fn pingpong_survives_peer_death(ep: &str, kill_server: bool) {
+    // A kill that lands before both sides are in the timed loop (a loaded machine can take
+    // seconds to set up) is noticed through fi_pingpong's control socket instead (SIGPIPE):
+    // that run says nothing about the provider, so it is repeated.
+    for _ in 0..3 {
+        if pingpong_peer_death_once(ep, kill_server) {
+            return;
+        }
+    }
+    panic!("{ep}: every run was killed before the timed loop");
+}
+
+/// One run of [`pingpong_survives_peer_death`]; `false` if the kill came before the loop.
+fn pingpong_peer_death_once(ep: &str, kill_server: bool) -> bool {
     let d = DaemonProcess::start(2, &[]);
     let port = free_port().to_string();
     let mut server = endless_pingpong(ep, &d.sockets[0], &port, false);
@@ -289,8 +302,7 @@ fn pingpong_survives_peer_death(ep: &str, kill_server: bool) {
     });
     assert!(up, "fi_pingpong server did not start");
     let mut client = endless_pingpong(ep, &d.sockets[1], &port, true);
-    // Let the ping-pong run: the client connects and both enter the timed loop (a kill before
-    // that is noticed through fi_pingpong's control socket instead, by SIGPIPE).
+    // Let the ping-pong run: the client connects and both enter the timed loop.
     std::thread::sleep(Duration::from_secs(3));
     let (victim, survivor) = if kill_server {
         (&mut server, &mut client)
@@ -323,13 +335,12 @@ fn pingpong_survives_peer_death(ep: &str, kill_server: bool) {
         .expect("stderr")
         .read_to_string(&mut err);
     use std::os::unix::process::ExitStatusExt;
-    assert_ne!(
-        status.signal(),
-        Some(libc::SIGPIPE),
-        "{ep}: killed before the timed loop"
-    );
+    if status.signal() == Some(libc::SIGPIPE) {
+        return false;
+    }
     assert!(!status.success(), "{ep}: survivor exited 0: {err}");
     assert!(err.contains("PEER_GONE"), "{ep}: {status:?} {err}");
+    true
 }
 
 #[test]

@@ -1053,7 +1053,7 @@ fn cq_read_common(
     }
     let r = match timeout {
         None => c.cq.read(&mut v, count),
-        Some(t) => c.cq.sread(&mut v, count, t),
+        Some(t) => sread_watching(c, &mut v, count, t),
     };
     if c.wait_fd.is_some() {
         c.cq.resignal_if_queued();
@@ -1089,6 +1089,36 @@ fn cq_read_common(
             -(fi::EAGAIN as isize)
         }
         Err(e) => -(errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ) as isize),
+    }
+}
+
+/// Longest slice of a blocking read while the domain watches peers: a gone peer's watch
+/// completes on another CQ, so a waiter looks between slices.
+const WATCH_SLICE: Duration = Duration::from_millis(100);
+
+/// `sread` that, when the domain watches peers, waits in slices and ends with `Timeout` as soon
+/// as a watched peer has gone (the caller then reports it).
+fn sread_watching(
+    c: &CqObj,
+    v: &mut Vec<CqEntry>,
+    count: usize,
+    timeout: Option<Duration>,
+) -> vfabric::Result<usize> {
+    // SAFETY: the domain outlives its CQs (ParentRef).
+    let Some(w) = unsafe { &*c.domain }.watch.get().and_then(Option::as_ref) else {
+        return c.cq.sread(v, count, timeout);
+    };
+    let end = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        if w.poll() > c.peers_gone_seen.load(Ordering::Acquire) {
+            return Err(vfabric::Error::Timeout);
+        }
+        let left = end.map(|e| e.saturating_duration_since(std::time::Instant::now()));
+        let slice = left.map_or(WATCH_SLICE, |l| l.min(WATCH_SLICE));
+        match c.cq.sread(v, count, Some(slice)) {
+            Err(vfabric::Error::Timeout) if left.is_none_or(|l| l > slice) => {}
+            r => return r,
+        }
     }
 }
 
