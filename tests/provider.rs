@@ -418,6 +418,13 @@ fn c_transfer_larger_than_the_region() {
     assert!(t.contains("raise FI_VFABRIC_MEM_MB"), "{t}");
 }
 
+/// An RDM peer that goes away is reported once on every CQ of the domain (sread and FI_WAIT_FD
+/// consumers included), while a receive for any source stays posted.
+#[test]
+fn c_peer_gone_reaches_every_cq() {
+    c_suite_on("peer_gone", 2);
+}
+
 #[test]
 fn c_errors_and_bad_hints() {
     c_suite("errors");

@@ -1106,6 +1106,92 @@ static void suite_atomic(void)
 	rma_teardown();
 }
 
+/* Two devices: domain 0's AV names an endpoint of domain 1, which then closes. Every CQ of
+ * domain 0 reports it once as an error entry with no op_context (err FI_EHOSTUNREACH,
+ * prov_errno PEER_GONE = 10) — to a consumer blocked in fi_cq_sread and to one sleeping in
+ * poll(2) on a FI_WAIT_FD CQ — while the FI_ADDR_UNSPEC receive stays posted. */
+static void check_peer_gone(struct fid_cq *c)
+{
+	struct fi_cq_err_entry err = { 0 };
+	CHECK_RC(fi_cq_readerr(c, &err, 0), 1);
+	CHECK(err.op_context == NULL && err.err == FI_EHOSTUNREACH && err.prov_errno == 10);
+	struct fi_cq_entry e;
+	CHECK_RC(fi_cq_read(c, &e, 1), -FI_EAGAIN);
+}
+
+static void suite_peer_gone(void)
+{
+	struct fi_info *hints = fi_allocinfo();
+	CHECK(hints);
+	hints->ep_attr->type = FI_EP_RDM;
+	hints->caps = FI_MSG;
+	hints->fabric_attr->prov_name = strdup("vfabric");
+	struct fi_info *list;
+	OK(fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &list));
+	fi_freeinfo(hints);
+	struct fi_info *di[2] = { list, NULL };
+	for (struct fi_info *i = list->next; i; i = i->next)
+		if (strcmp(i->domain_attr->name, list->domain_attr->name) != 0) {
+			di[1] = i;
+			break;
+		}
+	CHECK(di[1]);
+	struct fid_fabric *fab[2];
+	struct fid_domain *dom[2];
+	struct fid_av *pav[2];
+	struct fid_cq *pcq[2], *fdcq;
+	struct fid_ep *pep[2];
+	for (int k = 0; k < 2; k++) {
+		OK(fi_fabric(di[k]->fabric_attr, &fab[k], NULL));
+		OK(fi_domain(fab[k], di[k], &dom[k], NULL));
+		struct fi_av_attr av_attr = { .type = FI_AV_TABLE };
+		OK(fi_av_open(dom[k], &av_attr, &pav[k], NULL));
+		struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_CONTEXT, .wait_obj = FI_WAIT_UNSPEC };
+		OK(fi_cq_open(dom[k], &cq_attr, &pcq[k], NULL));
+		OK(fi_endpoint(dom[k], di[k], &pep[k], NULL));
+		OK(fi_ep_bind(pep[k], &pav[k]->fid, 0));
+		OK(fi_ep_bind(pep[k], &pcq[k]->fid, FI_TRANSMIT | FI_RECV));
+		OK(fi_enable(pep[k]));
+	}
+	struct fi_cq_attr fd_attr = { .format = FI_CQ_FORMAT_CONTEXT, .wait_obj = FI_WAIT_FD };
+	OK(fi_cq_open(dom[0], &fd_attr, &fdcq, NULL));
+	int fd = -1;
+	OK(fi_control(&fdcq->fid, FI_GETWAIT, &fd));
+	char name[64];
+	size_t len = sizeof(name);
+	OK(fi_getname(&pep[1]->fid, name, &len));
+	fi_addr_t peer;
+	CHECK_RC(fi_av_insert(pav[0], name, 1, &peer, 0, NULL), 1);
+	char rx[16];
+	OK(fi_recv(pep[0], rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)1));
+	struct fi_cq_entry e;
+	CHECK_RC(fi_cq_read(pcq[0], &e, 1), -FI_EAGAIN);
+	/* The peer's endpoint goes. */
+	OK(fi_close(&pep[1]->fid));
+	/* No timeout: only the report can end this wait (the test harness bounds the run). */
+	CHECK_RC(fi_cq_sread(pcq[0], &e, 1, NULL, -1), -FI_EAVAIL);
+	check_peer_gone(pcq[0]);
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	CHECK(poll(&p, 1, 5000) == 1 && (p.revents & POLLIN));
+	CHECK_RC(fi_cq_read(fdcq, &e, 1), -FI_EAVAIL);
+	check_peer_gone(fdcq);
+	/* The receive for any source is still posted: it is cancelled at close. */
+	OK(fi_cancel(&pep[0]->fid, (void *)1));
+	struct fi_cq_err_entry err = { 0 };
+	CHECK_RC(fi_cq_sread(pcq[0], &e, 1, NULL, 5000), -FI_EAVAIL);
+	CHECK_RC(fi_cq_readerr(pcq[0], &err, 0), 1);
+	CHECK(err.op_context == (void *)1 && err.err == FI_ECANCELED);
+	OK(fi_close(&pep[0]->fid));
+	OK(fi_close(&fdcq->fid));
+	for (int k = 0; k < 2; k++) {
+		OK(fi_close(&pcq[k]->fid));
+		OK(fi_close(&pav[k]->fid));
+		OK(fi_close(&dom[k]->fid));
+		OK(fi_close(&fab[k]->fid));
+	}
+	fi_freeinfo(list);
+}
+
 /* Run with FI_VFABRIC_MEM_MB=1: a transfer whose bounce buffer can never fit the 1 MiB shared
  * region fails at once with -FI_ENOMEM (not -FI_EAGAIN forever); smaller ones still work. */
 static void suite_mem_small(void)
@@ -1161,6 +1247,8 @@ int main(int argc, char **argv)
 		suite_rma_event();
 	else if (!strcmp(s, "mem_small"))
 		suite_mem_small();
+	else if (!strcmp(s, "peer_gone"))
+		suite_peer_gone();
 	else
 		return 2;
 	printf("%s: ok\n", s);

@@ -15,7 +15,7 @@ use vfabric::{
 
 use crate::fabric::{ops_ptr, FabricObj};
 use crate::sys;
-use crate::util::{copy_str_out, errno_of, guard, nosys, obj, ParentRef, Refs};
+use crate::util::{copy_str_out, errno_of, guard, nosys, obj, ParentRef, Refs, SendPtr};
 
 /// Local registrations (FI_MR_LOCAL) from this size up are shared with the device: below it a
 /// bounce copy costs less than moving the pages.
@@ -796,7 +796,7 @@ pub struct CqObj {
     /// FI_WAIT_FD: the pollable signal fd and the progress thread that makes it fire.
     wait_fd: Option<WaitFd>,
     /// Gone peers of the domain this CQ has reported (crate::watch).
-    peers_gone_seen: AtomicUsize,
+    peers_gone_seen: Arc<AtomicUsize>,
     pub refs: Refs,
 }
 
@@ -863,19 +863,31 @@ unsafe extern "C" fn cq_open(
             Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ),
         };
         let handle = Arc::new(handle);
+        // Peers gone before the CQ existed are not its news.
+        let seen = Arc::new(AtomicUsize::new(
+            d.watch
+                .get()
+                .and_then(Option::as_ref)
+                .map_or(0, |w| w.gone_count()),
+        ));
         let wait_fd = if a.wait_obj == sys::fi_wait_obj_FI_WAIT_FD {
             let fd = handle.signal_fd();
             let stop = Arc::new(AtomicBool::new(false));
             let (q, st) = (handle.clone(), stop.clone());
+            let (dom, seen) = (SendPtr(std::ptr::from_ref(d).cast_mut()), seen.clone());
             // Progress thread: sleeps on the device's call eventfds and drives progress, so
             // entries arrive (and write the signal fd) while the consumer sleeps in poll(2).
             let t = std::thread::Builder::new()
                 .name("vfabric-cq-progress".into())
                 .spawn(move || {
+                    let dom = dom; // the whole wrapper, not its raw-pointer field
                     while !st.load(Ordering::Acquire) {
                         if q.wait_device(Duration::from_millis(50)).is_err() {
                             std::thread::sleep(Duration::from_millis(50));
                         }
+                        // A gone peer's entry signals the fd too. SAFETY: the domain outlives
+                        // this CQ, whose close joins this thread.
+                        report_gone_peers(unsafe { &*dom.0 }, &seen, &q);
                     }
                 });
             match t {
@@ -901,13 +913,7 @@ unsafe extern "C" fn cq_open(
             format,
             scratch: Mutex::new(Vec::with_capacity(64)),
             wait_fd,
-            // Peers gone before the CQ existed are not its news.
-            peers_gone_seen: AtomicUsize::new(
-                d.watch
-                    .get()
-                    .and_then(Option::as_ref)
-                    .map_or(0, |w| w.gone_count()),
-            ),
+            peers_gone_seen: seen,
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer.
@@ -1126,16 +1132,29 @@ fn sread_watching(
 /// entry each (see crate::watch): `Some(-FI_EAVAIL)` if there are any.
 fn peers_gone(c: &CqObj) -> Option<isize> {
     // SAFETY: the domain outlives its CQs (ParentRef).
-    let w = unsafe { &*c.domain }.watch.get()?.as_ref()?;
+    report_gone_peers(unsafe { &*c.domain }, &c.peers_gone_seen, &c.cq)
+        .then_some(-(fi::EAVAIL as isize))
+}
+
+/// Queue on `cq` an error entry per peer of `d` gone since `seen`; whether there were any.
+fn report_gone_peers(d: &DomainObj, seen: &AtomicUsize, cq: &CompletionQueue) -> bool {
+    let Some(w) = d.watch.get().and_then(Option::as_ref) else {
+        return false;
+    };
     let now = w.poll();
-    let seen = c.peers_gone_seen.swap(now, Ordering::AcqRel);
-    if now <= seen {
-        return None;
+    let before = seen.load(Ordering::Acquire);
+    // One reporter per batch (the consumer's read or a FI_WAIT_FD progress thread).
+    if now <= before
+        || seen
+            .compare_exchange(before, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+    {
+        return false;
     }
-    for e in w.gone_since(seen).into_iter().take(now - seen) {
-        c.cq.push_error(e);
+    for e in w.gone_since(before).into_iter().take(now - before) {
+        cq.push_error(e);
     }
-    Some(-(fi::EAVAIL as isize))
+    true
 }
 
 /// Empty polls between `sched_yield`s (a power of two).
