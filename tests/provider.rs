@@ -425,6 +425,47 @@ fn c_peer_gone_reaches_every_cq() {
     c_suite_on("peer_gone", 2);
 }
 
+/// An MSG peer process that dies without shutting down: the survivor's EQ reports
+/// FI_SHUTDOWN and its posted receive fails FI_EHOSTUNREACH.
+#[test]
+fn c_msg_peer_death_gives_shutdown() {
+    let d = DaemonProcess::start(2, &[]);
+    let pep_file = d.path("pep.name");
+    let mut server = fi_cmd(c_test_binary(), &[&d.sockets[0]])
+        .arg("cm_peer_death_server")
+        .env("VF_PEP_FILE", &pep_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    assert!(
+        virtio_fabric_tests::wait_for(Duration::from_secs(30), || pep_file.exists()),
+        "server did not publish its name"
+    );
+    let client = run_with_timeout(
+        fi_cmd(c_test_binary(), &[&d.sockets[1]])
+            .arg("cm_peer_death_client")
+            .env("VF_PEP_FILE", &pep_file),
+        Duration::from_secs(60),
+    );
+    assert!(client.status.success(), "client: {}", text(&client));
+    let ended = virtio_fabric_tests::wait_for(Duration::from_secs(30), || {
+        !matches!(server.try_wait(), Ok(None))
+    });
+    if !ended {
+        let _ = server.kill();
+    }
+    let out = server.wait_with_output().expect("server output");
+    assert!(ended, "server still waiting: {}", text(&out));
+    assert!(out.status.success(), "server: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cm_peer_death_server: ok"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn c_errors_and_bad_hints() {
     c_suite("errors");

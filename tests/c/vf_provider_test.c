@@ -1106,6 +1106,96 @@ static void suite_atomic(void)
 	rma_teardown();
 }
 
+/* Two processes (tests/provider.rs runs both): the server accepts the client, which then dies
+ * without fi_shutdown/fi_close (_exit). The server's EQ reports FI_SHUTDOWN and its posted
+ * receive completes FI_EHOSTUNREACH (PEER_GONE). The pep's name travels in $VF_PEP_FILE. */
+static void suite_cm_peer_death_server(void)
+{
+	const char *path = getenv("VF_PEP_FILE");
+	CHECK(path);
+	struct fi_info *pinfo = get_info(FI_EP_MSG, FI_MSG);
+	struct fid_eq *eq;
+	struct fid_pep *pep;
+	OK(fi_fabric(pinfo->fabric_attr, &fabric, NULL));
+	struct fi_eq_attr eq_attr = { .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_eq_open(fabric, &eq_attr, &eq, NULL));
+	OK(fi_passive_ep(fabric, pinfo, &pep, NULL));
+	OK(fi_pep_bind(pep, &eq->fid, 0));
+	OK(fi_listen(pep));
+	char pname[16];
+	size_t plen = sizeof(pname);
+	OK(fi_getname(&pep->fid, pname, &plen));
+	char tmp[4096];
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	FILE *f = fopen(tmp, "wb");
+	CHECK(f && fwrite(pname, 1, plen, f) == plen && fclose(f) == 0);
+	CHECK(rename(tmp, path) == 0);
+	uint32_t event;
+	char evbuf[sizeof(struct fi_eq_cm_entry) + 256];
+	struct fi_eq_cm_entry *cm = (void *)evbuf;
+	/* The client takes a while to start: wait for its request up to 30 s. */
+	ssize_t r = fi_eq_sread(eq, &event, evbuf, sizeof(evbuf), 30000, 0);
+	CHECK(r > 0 && event == FI_CONNREQ);
+	OK(fi_domain(fabric, cm->info, &domain, NULL));
+	struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_MSG, .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_cq_open(domain, &cq_attr, &cq[0], NULL));
+	OK(fi_endpoint(domain, cm->info, &ep[0], NULL));
+	fi_freeinfo(cm->info);
+	OK(fi_ep_bind(ep[0], &eq->fid, 0));
+	OK(fi_ep_bind(ep[0], &cq[0]->fid, FI_TRANSMIT | FI_RECV));
+	OK(fi_enable(ep[0]));
+	OK(fi_accept(ep[0], NULL, 0));
+	OK(eq_wait(eq, &event, evbuf, sizeof(evbuf)));
+	CHECK(event == FI_CONNECTED);
+	char rx[64];
+	OK(fi_recv(ep[0], rx, sizeof(rx), NULL, 0, (void *)7));
+	/* The client dies: FI_SHUTDOWN although it never sent SHUTDOWN. */
+	r = fi_eq_sread(eq, &event, evbuf, sizeof(evbuf), 30000, 0);
+	CHECK(r > 0 && event == FI_SHUTDOWN && ((struct fi_eq_entry *)evbuf)->fid == &ep[0]->fid);
+	struct fi_cq_msg_entry e;
+	CHECK_RC(fi_cq_sread(cq[0], &e, 1, NULL, 5000), -FI_EAVAIL);
+	struct fi_cq_err_entry err = { 0 };
+	CHECK_RC(fi_cq_readerr(cq[0], &err, 0), 1);
+	CHECK(err.op_context == (void *)7 && err.err == FI_EHOSTUNREACH);
+	OK(fi_close(&ep[0]->fid));
+	OK(fi_close(&pep->fid));
+	OK(fi_close(&cq[0]->fid));
+	OK(fi_close(&domain->fid));
+	OK(fi_close(&eq->fid));
+	OK(fi_close(&fabric->fid));
+	fi_freeinfo(pinfo);
+}
+
+static void suite_cm_peer_death_client(void)
+{
+	const char *path = getenv("VF_PEP_FILE");
+	CHECK(path);
+	char pname[16];
+	FILE *f = fopen(path, "rb");
+	CHECK(f && fread(pname, 1, sizeof(pname), f) == sizeof(pname));
+	fclose(f);
+	struct fi_info *pinfo = get_info(FI_EP_MSG, FI_MSG);
+	struct fid_eq *eq;
+	OK(fi_fabric(pinfo->fabric_attr, &fabric, NULL));
+	struct fi_eq_attr eq_attr = { .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_eq_open(fabric, &eq_attr, &eq, NULL));
+	OK(fi_domain(fabric, pinfo, &domain, NULL));
+	struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_MSG, .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_cq_open(domain, &cq_attr, &cq[0], NULL));
+	OK(fi_endpoint(domain, pinfo, &ep[0], NULL));
+	OK(fi_ep_bind(ep[0], &eq->fid, 0));
+	OK(fi_ep_bind(ep[0], &cq[0]->fid, FI_TRANSMIT | FI_RECV));
+	OK(fi_enable(ep[0]));
+	OK(fi_connect(ep[0], pname, NULL, 0));
+	uint32_t event;
+	char evbuf[sizeof(struct fi_eq_cm_entry) + 256];
+	OK(eq_wait(eq, &event, evbuf, sizeof(evbuf)));
+	CHECK(event == FI_CONNECTED);
+	printf("cm_peer_death_client: ok\n");
+	fflush(stdout);
+	_exit(0); /* no fi_shutdown, no fi_close: as if killed */
+}
+
 /* Two devices: domain 0's AV names an endpoint of domain 1, which then closes. Every CQ of
  * domain 0 reports it once as an error entry with no op_context (err FI_EHOSTUNREACH,
  * prov_errno PEER_GONE = 10) — to a consumer blocked in fi_cq_sread and to one sleeping in
@@ -1249,6 +1339,10 @@ int main(int argc, char **argv)
 		suite_mem_small();
 	else if (!strcmp(s, "peer_gone"))
 		suite_peer_gone();
+	else if (!strcmp(s, "cm_peer_death_server"))
+		suite_cm_peer_death_server();
+	else if (!strcmp(s, "cm_peer_death_client"))
+		suite_cm_peer_death_client();
 	else
 		return 2;
 	printf("%s: ok\n", s);
