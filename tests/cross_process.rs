@@ -306,3 +306,113 @@ fn fabric_id_is_configurable() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fabric id 0 is reserved"));
 }
+
+/// Spawn one side of a long `pingpong` (timeout 60 s) on `device`.
+fn long_pingpong(
+    d: &DaemonProcess,
+    device: usize,
+    server: bool,
+    addr: &std::path::Path,
+) -> std::process::Child {
+    let mut c = vfabric();
+    c.arg("pingpong");
+    if server {
+        c.arg("--server");
+    }
+    c.args(["--quiet", "--timeout-s", "60", "--fixed-iters"])
+        .arg("--device")
+        .arg(&d.sockets[device])
+        .arg("--addr-file")
+        .arg(addr)
+        .args(["--sizes", "64", "--iters", "100000000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pingpong")
+}
+
+/// When one guest dies, the other's pingpong fails within a few seconds (not after its 60 s
+/// timeout) saying the peer is gone: its receives are directed at the peer and complete
+/// PEER_GONE when the peer's device disconnects.
+#[test]
+fn killed_peer_is_reported_promptly() {
+    for kill_server in [false, true] {
+        let d = DaemonProcess::start(2, &[]);
+        let addr = d.path("peer.addr");
+        let mut server = long_pingpong(&d, 0, true, &addr);
+        let mut client = long_pingpong(&d, 1, false, &addr);
+        assert!(wait_for(Duration::from_secs(10), || addr.exists()));
+        std::thread::sleep(Duration::from_millis(500));
+        let (victim, survivor) = if kill_server {
+            (&mut server, &mut client)
+        } else {
+            (&mut client, &mut server)
+        };
+        assert!(
+            matches!(victim.try_wait(), Ok(None)),
+            "ended before the kill"
+        );
+        victim.kill().expect("kill");
+        victim.wait().unwrap();
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = survivor.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = survivor.kill();
+                panic!("survivor (server killed: {kill_server}) still running after 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        survivor
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!st.success(), "survivor should fail: {err}");
+        assert!(
+            err.contains("peer device disconnected"),
+            "server killed: {kill_server}: {err}"
+        );
+    }
+}
+
+/// Requests past a limit fail at once, naming it, instead of waiting out the timeout: a
+/// message size over the device's max_msg_size (16 MiB) and a bw window over the CQ size.
+#[test]
+fn requests_past_a_limit_fail_at_once() {
+    let d = DaemonProcess::start(1, &[]);
+    for (kind, opt, value, needle) in [
+        ("pingpong", "--sizes", "17m", "maximum message size"),
+        ("bw", "--window", "100000", "completion queue size 1024"),
+    ] {
+        for server in [true, false] {
+            let mut c = vfabric();
+            c.arg(kind);
+            if server {
+                c.arg("--server");
+            }
+            let start = Instant::now();
+            let out = run_with_timeout(
+                c.args(["--quiet", "--timeout-s", "30", opt, value])
+                    .arg("--device")
+                    .arg(&d.sockets[0])
+                    .arg("--addr-file")
+                    .arg(d.path("limits.addr")),
+                Duration::from_secs(60),
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{kind} {opt} {value}: {err}");
+            assert!(err.contains(needle), "{kind} {opt} {value}: {err}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{kind} {opt} {value} took {:?}",
+                start.elapsed()
+            );
+        }
+    }
+}

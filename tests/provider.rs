@@ -250,6 +250,100 @@ fn fi_pingpong_msg() {
     pingpong("msg", &[]);
 }
 
+/// A long fi_pingpong (64-byte messages, effectively endless) on `device`: the client of the
+/// server at control port `port` if `client`, else that server.
+fn endless_pingpong(ep: &str, device: &Path, port: &str, client: bool) -> std::process::Child {
+    let mut c = fi_cmd("fi_pingpong", &[device]);
+    c.args(["-p", "vfabric", "-e", ep, "-I", "100000000", "-S", "64"]);
+    if client {
+        c.args(["-P", port, "127.0.0.1"]);
+    } else {
+        c.args(["-B", port]);
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fi_pingpong")
+}
+
+/// Kill one side of a running fi_pingpong; the survivor must exit with an error within a few
+/// seconds (it waits on an FI_ADDR_UNSPEC receive (RDM) or a receive of its connection (MSG)
+/// that only the dead peer could satisfy).
+fn pingpong_survives_peer_death(ep: &str, kill_server: bool) {
+    // A kill that lands before both sides are in the timed loop (a loaded machine can take
+    // seconds to set up) is noticed through fi_pingpong's control socket instead (SIGPIPE):
+    // that run says nothing about the provider, so it is repeated.
+    for _ in 0..3 {
+        if pingpong_peer_death_once(ep, kill_server) {
+            return;
+        }
+    }
+    panic!("{ep}: every run was killed before the timed loop");
+}
+
+/// One run of [`pingpong_survives_peer_death`]; `false` if the kill came before the loop.
+fn pingpong_peer_death_once(ep: &str, kill_server: bool) -> bool {
+    let d = DaemonProcess::start(2, &[]);
+    let port = free_port().to_string();
+    let mut server = endless_pingpong(ep, &d.sockets[0], &port, false);
+    let port_n: u16 = port.parse().expect("port");
+    let up = virtio_fabric_tests::wait_for(Duration::from_secs(20), || {
+        listening(port_n) || !matches!(server.try_wait(), Ok(None))
+    });
+    assert!(up, "fi_pingpong server did not start");
+    let mut client = endless_pingpong(ep, &d.sockets[1], &port, true);
+    // Let the ping-pong run: the client connects and both enter the timed loop.
+    std::thread::sleep(Duration::from_secs(3));
+    let (victim, survivor) = if kill_server {
+        (&mut server, &mut client)
+    } else {
+        (&mut client, &mut server)
+    };
+    assert!(
+        matches!(victim.try_wait(), Ok(None)) && matches!(survivor.try_wait(), Ok(None)),
+        "fi_pingpong ended before the kill"
+    );
+    victim.kill().expect("kill");
+    victim.wait().expect("reap");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = survivor.try_wait().expect("try_wait") {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = survivor.kill();
+            let _ = survivor.wait();
+            panic!("{ep}: survivor still running 10 s after its peer was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = survivor
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() == Some(libc::SIGPIPE) {
+        return false;
+    }
+    assert!(!status.success(), "{ep}: survivor exited 0: {err}");
+    assert!(err.contains("PEER_GONE"), "{ep}: {status:?} {err}");
+    true
+}
+
+#[test]
+fn fi_pingpong_rdm_client_notices_killed_server() {
+    pingpong_survives_peer_death("rdm", true);
+}
+
+#[test]
+fn fi_pingpong_msg_server_notices_killed_client() {
+    pingpong_survives_peer_death("msg", false);
+}
+
 /// tests/c/vf_provider_test.c compiled against the installed headers, linked with -lfabric.
 fn c_test_binary() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -338,6 +432,72 @@ fn c_suite_on(suite: &str, devices: u32) {
     );
     assert!(o.status.success(), "suite {suite}: {}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{suite}: ok")));
+}
+
+/// A 1 MiB shared region and 1 MiB unregistered buffers: the posts fail with -FI_ENOMEM at
+/// once and a warning names FI_VFABRIC_MEM_MB.
+#[test]
+fn c_transfer_larger_than_the_region() {
+    let d = DaemonProcess::start(1, &[]);
+    let o = run_with_timeout(
+        fi_cmd(c_test_binary(), &[&d.sockets[0]])
+            .arg("mem_small")
+            .env("FI_VFABRIC_MEM_MB", "1")
+            .env("FI_LOG_LEVEL", "warn"),
+        Duration::from_secs(60),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("mem_small: ok"), "{t}");
+    assert!(t.contains("raise FI_VFABRIC_MEM_MB"), "{t}");
+}
+
+/// An RDM peer that goes away is reported once on every CQ of the domain (sread and FI_WAIT_FD
+/// consumers included), while a receive for any source stays posted.
+#[test]
+fn c_peer_gone_reaches_every_cq() {
+    c_suite_on("peer_gone", 2);
+}
+
+/// An MSG peer process that dies without shutting down: the survivor's EQ reports
+/// FI_SHUTDOWN and its posted receive fails FI_EHOSTUNREACH.
+#[test]
+fn c_msg_peer_death_gives_shutdown() {
+    let d = DaemonProcess::start(2, &[]);
+    let pep_file = d.path("pep.name");
+    let mut server = fi_cmd(c_test_binary(), &[&d.sockets[0]])
+        .arg("cm_peer_death_server")
+        .env("VF_PEP_FILE", &pep_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    assert!(
+        virtio_fabric_tests::wait_for(Duration::from_secs(30), || pep_file.exists()),
+        "server did not publish its name"
+    );
+    let client = run_with_timeout(
+        fi_cmd(c_test_binary(), &[&d.sockets[1]])
+            .arg("cm_peer_death_client")
+            .env("VF_PEP_FILE", &pep_file),
+        Duration::from_secs(60),
+    );
+    assert!(client.status.success(), "client: {}", text(&client));
+    let ended = virtio_fabric_tests::wait_for(Duration::from_secs(30), || {
+        !matches!(server.try_wait(), Ok(None))
+    });
+    if !ended {
+        let _ = server.kill();
+    }
+    let out = server.wait_with_output().expect("server output");
+    assert!(ended, "server still waiting: {}", text(&out));
+    assert!(out.status.success(), "server: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cm_peer_death_server: ok"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

@@ -1154,6 +1154,204 @@ static void suite_atomic(void)
 	rma_teardown();
 }
 
+/* Two processes (tests/provider.rs runs both): the server accepts the client, which then dies
+ * without fi_shutdown/fi_close (_exit). The server's EQ reports FI_SHUTDOWN and its posted
+ * receive completes FI_EHOSTUNREACH (PEER_GONE). The pep's name travels in $VF_PEP_FILE. */
+static void suite_cm_peer_death_server(void)
+{
+	const char *path = getenv("VF_PEP_FILE");
+	CHECK(path);
+	struct fi_info *pinfo = get_info(FI_EP_MSG, FI_MSG);
+	struct fid_eq *eq;
+	struct fid_pep *pep;
+	OK(fi_fabric(pinfo->fabric_attr, &fabric, NULL));
+	struct fi_eq_attr eq_attr = { .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_eq_open(fabric, &eq_attr, &eq, NULL));
+	OK(fi_passive_ep(fabric, pinfo, &pep, NULL));
+	OK(fi_pep_bind(pep, &eq->fid, 0));
+	OK(fi_listen(pep));
+	char pname[16];
+	size_t plen = sizeof(pname);
+	OK(fi_getname(&pep->fid, pname, &plen));
+	char tmp[4096];
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	FILE *f = fopen(tmp, "wb");
+	CHECK(f && fwrite(pname, 1, plen, f) == plen && fclose(f) == 0);
+	CHECK(rename(tmp, path) == 0);
+	uint32_t event;
+	char evbuf[sizeof(struct fi_eq_cm_entry) + 256];
+	struct fi_eq_cm_entry *cm = (void *)evbuf;
+	/* The client takes a while to start: wait for its request up to 30 s. */
+	ssize_t r = fi_eq_sread(eq, &event, evbuf, sizeof(evbuf), 30000, 0);
+	CHECK(r > 0 && event == FI_CONNREQ);
+	OK(fi_domain(fabric, cm->info, &domain, NULL));
+	struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_MSG, .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_cq_open(domain, &cq_attr, &cq[0], NULL));
+	OK(fi_endpoint(domain, cm->info, &ep[0], NULL));
+	fi_freeinfo(cm->info);
+	OK(fi_ep_bind(ep[0], &eq->fid, 0));
+	OK(fi_ep_bind(ep[0], &cq[0]->fid, FI_TRANSMIT | FI_RECV));
+	OK(fi_enable(ep[0]));
+	OK(fi_accept(ep[0], NULL, 0));
+	OK(eq_wait(eq, &event, evbuf, sizeof(evbuf)));
+	CHECK(event == FI_CONNECTED);
+	char rx[64];
+	OK(fi_recv(ep[0], rx, sizeof(rx), NULL, 0, (void *)7));
+	/* The client dies: FI_SHUTDOWN although it never sent SHUTDOWN. */
+	r = fi_eq_sread(eq, &event, evbuf, sizeof(evbuf), 30000, 0);
+	CHECK(r > 0 && event == FI_SHUTDOWN && ((struct fi_eq_entry *)evbuf)->fid == &ep[0]->fid);
+	struct fi_cq_msg_entry e;
+	CHECK_RC(fi_cq_sread(cq[0], &e, 1, NULL, 5000), -FI_EAVAIL);
+	struct fi_cq_err_entry err = { 0 };
+	CHECK_RC(fi_cq_readerr(cq[0], &err, 0), 1);
+	CHECK(err.op_context == (void *)7 && err.err == FI_EHOSTUNREACH);
+	OK(fi_close(&ep[0]->fid));
+	OK(fi_close(&pep->fid));
+	OK(fi_close(&cq[0]->fid));
+	OK(fi_close(&domain->fid));
+	OK(fi_close(&eq->fid));
+	OK(fi_close(&fabric->fid));
+	fi_freeinfo(pinfo);
+}
+
+static void suite_cm_peer_death_client(void)
+{
+	const char *path = getenv("VF_PEP_FILE");
+	CHECK(path);
+	char pname[16];
+	FILE *f = fopen(path, "rb");
+	CHECK(f && fread(pname, 1, sizeof(pname), f) == sizeof(pname));
+	fclose(f);
+	struct fi_info *pinfo = get_info(FI_EP_MSG, FI_MSG);
+	struct fid_eq *eq;
+	OK(fi_fabric(pinfo->fabric_attr, &fabric, NULL));
+	struct fi_eq_attr eq_attr = { .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_eq_open(fabric, &eq_attr, &eq, NULL));
+	OK(fi_domain(fabric, pinfo, &domain, NULL));
+	struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_MSG, .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_cq_open(domain, &cq_attr, &cq[0], NULL));
+	OK(fi_endpoint(domain, pinfo, &ep[0], NULL));
+	OK(fi_ep_bind(ep[0], &eq->fid, 0));
+	OK(fi_ep_bind(ep[0], &cq[0]->fid, FI_TRANSMIT | FI_RECV));
+	OK(fi_enable(ep[0]));
+	OK(fi_connect(ep[0], pname, NULL, 0));
+	uint32_t event;
+	char evbuf[sizeof(struct fi_eq_cm_entry) + 256];
+	OK(eq_wait(eq, &event, evbuf, sizeof(evbuf)));
+	CHECK(event == FI_CONNECTED);
+	printf("cm_peer_death_client: ok\n");
+	fflush(stdout);
+	_exit(0); /* no fi_shutdown, no fi_close: as if killed */
+}
+
+/* Two devices: domain 0's AV names an endpoint of domain 1, which then closes. Every CQ of
+ * domain 0 reports it once as an error entry with no op_context (err FI_EHOSTUNREACH,
+ * prov_errno PEER_GONE = 10) — to a consumer blocked in fi_cq_sread and to one sleeping in
+ * poll(2) on a FI_WAIT_FD CQ — while the FI_ADDR_UNSPEC receive stays posted. */
+static void check_peer_gone(struct fid_cq *c)
+{
+	struct fi_cq_err_entry err = { 0 };
+	CHECK_RC(fi_cq_readerr(c, &err, 0), 1);
+	CHECK(err.op_context == NULL && err.err == FI_EHOSTUNREACH && err.prov_errno == 10);
+	struct fi_cq_entry e;
+	CHECK_RC(fi_cq_read(c, &e, 1), -FI_EAGAIN);
+}
+
+static void suite_peer_gone(void)
+{
+	struct fi_info *hints = fi_allocinfo();
+	CHECK(hints);
+	hints->ep_attr->type = FI_EP_RDM;
+	hints->caps = FI_MSG;
+	hints->fabric_attr->prov_name = strdup("vfabric");
+	struct fi_info *list;
+	OK(fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &list));
+	fi_freeinfo(hints);
+	struct fi_info *di[2] = { list, NULL };
+	for (struct fi_info *i = list->next; i; i = i->next)
+		if (strcmp(i->domain_attr->name, list->domain_attr->name) != 0) {
+			di[1] = i;
+			break;
+		}
+	CHECK(di[1]);
+	struct fid_fabric *fab[2];
+	struct fid_domain *dom[2];
+	struct fid_av *pav[2];
+	struct fid_cq *pcq[2], *fdcq;
+	struct fid_ep *pep[2];
+	for (int k = 0; k < 2; k++) {
+		OK(fi_fabric(di[k]->fabric_attr, &fab[k], NULL));
+		OK(fi_domain(fab[k], di[k], &dom[k], NULL));
+		struct fi_av_attr av_attr = { .type = FI_AV_TABLE };
+		OK(fi_av_open(dom[k], &av_attr, &pav[k], NULL));
+		struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_CONTEXT, .wait_obj = FI_WAIT_UNSPEC };
+		OK(fi_cq_open(dom[k], &cq_attr, &pcq[k], NULL));
+		OK(fi_endpoint(dom[k], di[k], &pep[k], NULL));
+		OK(fi_ep_bind(pep[k], &pav[k]->fid, 0));
+		OK(fi_ep_bind(pep[k], &pcq[k]->fid, FI_TRANSMIT | FI_RECV));
+		OK(fi_enable(pep[k]));
+	}
+	struct fi_cq_attr fd_attr = { .format = FI_CQ_FORMAT_CONTEXT, .wait_obj = FI_WAIT_FD };
+	OK(fi_cq_open(dom[0], &fd_attr, &fdcq, NULL));
+	int fd = -1;
+	OK(fi_control(&fdcq->fid, FI_GETWAIT, &fd));
+	char name[64];
+	size_t len = sizeof(name);
+	OK(fi_getname(&pep[1]->fid, name, &len));
+	fi_addr_t peer;
+	CHECK_RC(fi_av_insert(pav[0], name, 1, &peer, 0, NULL), 1);
+	char rx[16];
+	OK(fi_recv(pep[0], rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)1));
+	struct fi_cq_entry e;
+	CHECK_RC(fi_cq_read(pcq[0], &e, 1), -FI_EAGAIN);
+	/* The peer's endpoint goes. */
+	OK(fi_close(&pep[1]->fid));
+	/* No timeout: only the report can end this wait (the test harness bounds the run). */
+	CHECK_RC(fi_cq_sread(pcq[0], &e, 1, NULL, -1), -FI_EAVAIL);
+	check_peer_gone(pcq[0]);
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	CHECK(poll(&p, 1, 5000) == 1 && (p.revents & POLLIN));
+	CHECK_RC(fi_cq_read(fdcq, &e, 1), -FI_EAVAIL);
+	check_peer_gone(fdcq);
+	/* The receive for any source is still posted: it is cancelled at close. */
+	OK(fi_cancel(&pep[0]->fid, (void *)1));
+	struct fi_cq_err_entry err = { 0 };
+	CHECK_RC(fi_cq_sread(pcq[0], &e, 1, NULL, 5000), -FI_EAVAIL);
+	CHECK_RC(fi_cq_readerr(pcq[0], &err, 0), 1);
+	CHECK(err.op_context == (void *)1 && err.err == FI_ECANCELED);
+	OK(fi_close(&pep[0]->fid));
+	OK(fi_close(&fdcq->fid));
+	for (int k = 0; k < 2; k++) {
+		OK(fi_close(&pcq[k]->fid));
+		OK(fi_close(&pav[k]->fid));
+		OK(fi_close(&dom[k]->fid));
+		OK(fi_close(&fab[k]->fid));
+	}
+	fi_freeinfo(list);
+}
+
+/* Run with FI_VFABRIC_MEM_MB=1: a transfer whose bounce buffer can never fit the 1 MiB shared
+ * region fails at once with -FI_ENOMEM (not -FI_EAGAIN forever); smaller ones still work. */
+static void suite_mem_small(void)
+{
+	setup(FI_EP_RDM, FI_CQ_FORMAT_DATA, FI_AV_TABLE);
+	size_t big = 1 << 20;
+	char *tx = calloc(1, big), *rx = calloc(1, big);
+	CHECK(tx && rx);
+	CHECK_RC(fi_send(ep[0], tx, big, NULL, addr[1], (void *)1), -FI_ENOMEM);
+	CHECK_RC(fi_recv(ep[1], rx, big, NULL, FI_ADDR_UNSPEC, (void *)2), -FI_ENOMEM);
+	struct fi_cq_data_entry e;
+	OK(fi_recv(ep[1], rx, 4096, NULL, FI_ADDR_UNSPEC, (void *)3));
+	OK(fi_send(ep[0], tx, 4096, NULL, addr[1], (void *)4));
+	CHECK_RC(poll_cq(cq[0], &e), 1);
+	CHECK(e.op_context == (void *)4);
+	CHECK_RC(poll_cq(cq[1], &e), 1);
+	CHECK(e.op_context == (void *)3 && e.len == 4096);
+	free(tx);
+	free(rx);
+	teardown();
+}
+
 int main(int argc, char **argv)
 {
 	if (argc != 2) {
@@ -1187,6 +1385,14 @@ int main(int argc, char **argv)
 		suite_atomic();
 	else if (!strcmp(s, "rma_event"))
 		suite_rma_event();
+	else if (!strcmp(s, "mem_small"))
+		suite_mem_small();
+	else if (!strcmp(s, "peer_gone"))
+		suite_peer_gone();
+	else if (!strcmp(s, "cm_peer_death_server"))
+		suite_cm_peer_death_server();
+	else if (!strcmp(s, "cm_peer_death_client"))
+		suite_cm_peer_death_client();
 	else
 		return 2;
 	printf("%s: ok\n", s);

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vfabric::{
     AddressVector, BindFlags, CompletionQueue, CqAttr, CqEntry, Domain, DomainAttr, Endpoint,
-    EpAttr, FabricAddr, FiAddr, SharedBuf, WaitMode,
+    EpAttr, FabricAddr, FiAddr, SharedBuf, Status, WaitMode,
 };
 
 use crate::CliError;
@@ -73,6 +73,10 @@ impl Kind {
     }
 }
 
+/// Entries of each side's CQs: a window's operations are all outstanding before their
+/// completions are read, so a window may not exceed it (libfabric: no CQ overrun).
+pub const CQ_SIZE: usize = 1024;
+
 /// Parameters of one run.
 #[derive(Clone, Debug)]
 pub struct RunParams {
@@ -125,6 +129,9 @@ pub struct Side {
     pub(crate) rbuf: SharedBuf,
     mode: Mode,
     timeout: Duration,
+    /// The one peer, once known: receives are directed at it, so they fail (`PeerGone`) as
+    /// soon as its device disconnects instead of waiting out the timeout.
+    peer: FiAddr,
 }
 
 impl Side {
@@ -147,8 +154,14 @@ impl Side {
         } else {
             WaitMode::Blocking
         };
-        let tx_cq = domain.cq_open(CqAttr { size: 1024, wait })?;
-        let rx_cq = domain.cq_open(CqAttr { size: 1024, wait })?;
+        let tx_cq = domain.cq_open(CqAttr {
+            size: CQ_SIZE,
+            wait,
+        })?;
+        let rx_cq = domain.cq_open(CqAttr {
+            size: CQ_SIZE,
+            wait,
+        })?;
         let av = domain.av_open()?;
         let ep = domain.endpoint(EpAttr::default())?;
         ep.bind_cq(&tx_cq, BindFlags::TRANSMIT)?;
@@ -167,6 +180,7 @@ impl Side {
             rbuf,
             mode: params.mode,
             timeout: params.timeout,
+            peer: vfabric::FI_ADDR_UNSPEC,
         })
     }
 
@@ -216,10 +230,7 @@ impl Side {
                 Ok(n) => return Ok(n),
                 Err(vfabric::Error::Again) => {}
                 Err(vfabric::Error::Timeout) => return Err(self.no_completion(what)),
-                Err(vfabric::Error::Avail) => {
-                    let e = cq.readerr();
-                    return Err(CliError::Run(format!("{what}: {}", describe_error(e))));
-                }
+                Err(vfabric::Error::Avail) => return Err(error_completion(what, cq.readerr())),
                 Err(e) => return Err(e.into()),
             }
             polls = polls.wrapping_add(1);
@@ -236,6 +247,11 @@ impl Side {
                 std::hint::spin_loop();
             }
         }
+    }
+
+    /// Receives from now on are directed at `peer`.
+    pub(crate) fn set_peer(&mut self, peer: FiAddr) {
+        self.peer = peer;
     }
 
     fn no_completion(&self, what: &str) -> CliError {
@@ -266,7 +282,7 @@ impl Side {
     }
 
     pub(crate) fn post_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
-        self.retry(|| self.ep.recv_buf(&self.rbuf, 0..size, ctx))
+        self.retry(|| self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx))
     }
 
     pub(crate) fn post_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
@@ -290,6 +306,50 @@ impl Side {
             )));
         }
         Ok(())
+    }
+}
+
+/// The error for an error completion: a peer that disconnected is named as such.
+fn error_completion(what: &str, e: Option<vfabric::CqErrEntry>) -> CliError {
+    match e {
+        Some(e) if matches!(e.status, Status::PeerGone | Status::AddrNotAvail) => {
+            CliError::Run(format!(
+                "{what}: peer device disconnected ({}, errno {})",
+                e.status, e.err
+            ))
+        }
+        other => CliError::Run(format!("{what}: {}", describe_error(other))),
+    }
+}
+
+/// Refuse at once what cannot run: a window over the CQ size (`limits` = `None`: before the
+/// device is known) or a size over the device's maximum message (or RMA transfer) size.
+pub fn check_limits(
+    kind: Kind,
+    params: &RunParams,
+    limits: Option<&vfabric::info::Limits>,
+) -> Result<(), CliError> {
+    if !matches!(kind, Kind::Pingpong) && params.window > CQ_SIZE {
+        return Err(CliError::Run(format!(
+            "--window {} exceeds the completion queue size {CQ_SIZE} (a window's completions \
+             are all outstanding at once); use --window {CQ_SIZE} or less",
+            params.window
+        )));
+    }
+    let Some(limits) = limits else {
+        return Ok(());
+    };
+    let (max, what) = match (kind.is_rma(), limits.max_rma_size) {
+        (true, Some(m)) => (m, "maximum RMA transfer size (MAX_RMA_SIZE)"),
+        _ => (limits.max_msg_size, "maximum message size (max_msg_size)"),
+    };
+    match params.sizes.iter().find(|&&s| s as u64 > max) {
+        Some(&s) => Err(CliError::Run(format!(
+            "size {} exceeds the device's {what} of {}",
+            size_label(s),
+            size_label(max as usize)
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -404,12 +464,15 @@ pub fn run_side(
     params: &RunParams,
 ) -> Result<Vec<SizeResult>, CliError> {
     let max = params.sizes.iter().copied().max().unwrap_or(64);
+    check_limits(kind, params, None)?;
     let mut side = Side::open(device, max, params)?;
+    check_limits(kind, params, Some(&side.domain.info().limits))?;
     let peer = if server {
         server_handshake(&side, addr_file)?
     } else {
         client_handshake(&mut side, addr_file)?
     };
+    side.set_peer(peer);
     let total: u64 = params
         .sizes
         .iter()
@@ -562,7 +625,7 @@ fn bw_size(
 fn post_recv_window(side: &Side, size: usize, window: usize, ctx: u64) -> Result<(), CliError> {
     let mut batch = side.ep.batch();
     for _ in 0..window {
-        side.retry(|| batch.recv_buf(&side.rbuf, 0..size, ctx))?;
+        side.retry(|| batch.recv_buf_from(&side.rbuf, 0..size, side.peer, ctx))?;
     }
     Ok(())
 }

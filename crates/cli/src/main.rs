@@ -88,7 +88,7 @@ pub struct BenchArgs {
     fixed_iters: bool,
     #[arg(long, default_value_t = 100)]
     warmup: usize,
-    /// Messages in flight per window (bw).
+    /// Messages in flight per window (bw; at most the CQ size, 1024).
     #[arg(long, default_value_t = 64)]
     window: usize,
     #[arg(long, value_enum, default_value_t = Mode::Poll)]

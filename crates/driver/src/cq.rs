@@ -303,6 +303,12 @@ impl CompletionQueue {
         None
     }
 
+    /// Queue an error entry produced above the device (e.g. a provider noticing that a peer
+    /// went away); readers see it as any other error entry.
+    pub fn push_error(&self, e: CqErrEntry) {
+        self.shared.push(CqEvent::Error(Box::new(e)));
+    }
+
     /// Entries (success and error) queued, without driving progress.
     pub fn queued(&self) -> usize {
         self.shared.queued.load(Ordering::SeqCst)

@@ -770,7 +770,7 @@ impl Endpoint {
                     }
                 }
                 src => {
-                    let bb = mem.alloc_bounce(len).map_err(|_| Error::Again)?;
+                    let bb = mem.alloc_bounce(len)?;
                     let mut off = 0;
                     let mut put = |s: &[u8]| {
                         bb.write_at(off, s);
@@ -897,10 +897,22 @@ impl Endpoint {
 
     /// `fi_recv` into a shared buffer (zero-copy).
     pub fn recv_buf(&self, buf: &SharedBuf, range: Range<usize>, context: u64) -> Result<()> {
+        self.recv_buf_from(buf, range, FI_ADDR_UNSPEC, context)
+    }
+
+    /// `fi_recv` into a shared buffer from `src` only (FI_DIRECTED_RECV; `FI_ADDR_UNSPEC` =
+    /// any). Completes `PeerGone` if `src` closes or its device goes first.
+    pub fn recv_buf_from(
+        &self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        src: FiAddr,
+        context: u64,
+    ) -> Result<()> {
         self.post_recv(RecvArgs {
             tagged: false,
             dst: RecvDst::Shared(buf, range),
-            src: FI_ADDR_UNSPEC,
+            src,
             tag: 0,
             ignore: 0,
             context,
@@ -928,10 +940,15 @@ impl Endpoint {
 
     /// Receive up to `len` bytes; the CQ entry carries them in `buf`.
     pub fn recv_vec(&self, len: usize, context: u64) -> Result<()> {
+        self.recv_vec_from(len, FI_ADDR_UNSPEC, context)
+    }
+
+    /// [`Endpoint::recv_vec`] from `src` only (see [`Endpoint::recv_buf_from`]).
+    pub fn recv_vec_from(&self, len: usize, src: FiAddr, context: u64) -> Result<()> {
         self.post_recv(RecvArgs {
             tagged: false,
             dst: RecvDst::Vec(len),
-            src: FI_ADDR_UNSPEC,
+            src,
             tag: 0,
             ignore: 0,
             context,
@@ -1188,7 +1205,7 @@ impl Endpoint {
                 if rx_len > 0 && rx_len <= INLINE_RX_MAX {
                     inline_len = rx_len;
                 } else if rx_len > 0 {
-                    let bb = mem.alloc_bounce(rx_len).map_err(|_| Error::Again)?;
+                    let bb = mem.alloc_bounce(rx_len)?;
                     descs.push(bb.addr(), rx_len as u32)?;
                     bounce = Some(bb);
                 }
@@ -1399,10 +1416,21 @@ impl Batch<'_> {
 
     /// [`Endpoint::recv_buf`] in the batch.
     pub fn recv_buf(&mut self, buf: &SharedBuf, range: Range<usize>, context: u64) -> Result<()> {
+        self.recv_buf_from(buf, range, FI_ADDR_UNSPEC, context)
+    }
+
+    /// [`Endpoint::recv_buf_from`] in the batch.
+    pub fn recv_buf_from(
+        &mut self,
+        buf: &SharedBuf,
+        range: Range<usize>,
+        src: FiAddr,
+        context: u64,
+    ) -> Result<()> {
         let r = self.ep.post_recv(RecvArgs {
             tagged: false,
             dst: RecvDst::Shared(buf, range),
-            src: FI_ADDR_UNSPEC,
+            src,
             tag: 0,
             ignore: 0,
             context,

@@ -236,7 +236,7 @@ pub enum Error {
     TooSmall { needed: usize },
     #[error("message of {len} bytes exceeds max_msg_size {max}")]
     TooLarge { len: usize, max: u64 },
-    #[error("shared memory exhausted ({requested} bytes requested)")]
+    #[error("shared memory region too small ({requested} bytes requested): raise VFABRIC_MEM_MB")]
     OutOfMemory { requested: usize },
     #[error("transport: {0}")]
     Transport(String),

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::{Error, Result};
@@ -157,6 +158,17 @@ impl FreeList {
     }
 }
 
+/// Bytes a bounce buffer for `len` bytes occupies (its size class, or `len` rounded to the
+/// allocation granule beyond the largest class).
+fn bounce_size(len: usize) -> usize {
+    let size = len.max(1).next_power_of_two().max(1 << POOL_MIN_SHIFT);
+    if size > 1 << POOL_MAX_SHIFT {
+        round_up(len, ALLOC_GRANULE)
+    } else {
+        size
+    }
+}
+
 /// Bounce buffers are recycled per power-of-two size class from 256 B to 4 MiB.
 const POOL_MIN_SHIFT: u32 = 8;
 const POOL_MAX_SHIFT: u32 = 22;
@@ -171,6 +183,11 @@ pub(crate) struct SharedMemory {
     len: usize,
     allocator: Mutex<FreeList>,
     pool: [Mutex<Vec<usize>>; POOL_CLASSES],
+    /// Bytes of bounce buffers lent to operations in flight: they come back, so a shortage
+    /// they cause is transient.
+    bounce_lent: AtomicUsize,
+    /// Whether the "region too small" warning was logged (once per region).
+    warned_too_small: AtomicBool,
 }
 
 // SAFETY: `base` points to a MAP_SHARED mapping owned by this object for its whole life; the
@@ -239,6 +256,8 @@ impl SharedMemory {
             len,
             allocator: Mutex::new(FreeList::new(len)),
             pool: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            bounce_lent: AtomicUsize::new(0),
+            warned_too_small: AtomicBool::new(false),
         }))
     }
 
@@ -284,11 +303,47 @@ impl SharedMemory {
             offset,
             cap,
             class: None,
+            lent: false,
         })
     }
 
-    /// Allocate a bounce buffer of at least `len` bytes from the size-class cache.
+    /// Allocate a bounce buffer of at least `len` bytes. A shortage that operations in flight
+    /// will relieve (their bounce buffers come back) is [`Error::Again`]; one that cannot end
+    /// that way — the buffer is larger than the region could hold even with every lent bounce
+    /// buffer returned — is [`Error::OutOfMemory`], logged once with the setting to raise.
     pub fn alloc_bounce(self: &Arc<Self>, len: usize) -> Result<Allocation> {
+        match self.alloc_bounce_once(len) {
+            Ok(mut a) => {
+                a.lent = true;
+                self.bounce_lent.fetch_add(a.cap, Ordering::Relaxed);
+                Ok(a)
+            }
+            Err(_) => {
+                let need = bounce_size(len);
+                let (total, in_use) = {
+                    let a = self.allocator.lock().unwrap();
+                    (a.total, a.in_use)
+                };
+                let reclaimable = self.bounce_lent.load(Ordering::Relaxed);
+                let free_at_best = total.saturating_sub(in_use.saturating_sub(reclaimable));
+                if need <= free_at_best {
+                    return Err(Error::Again);
+                }
+                if !self.warned_too_small.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "a {len}-byte transfer needs a {need}-byte bounce buffer but the shared \
+                         region ({} MiB, {} bytes free at best) can never hold it: raise \
+                         {MEM_ENV} (provider: FI_VFABRIC_MEM_MB) or use buffers inside the region",
+                        self.len >> 20,
+                        free_at_best
+                    );
+                }
+                Err(Error::OutOfMemory { requested: len })
+            }
+        }
+    }
+
+    fn alloc_bounce_once(self: &Arc<Self>, len: usize) -> Result<Allocation> {
         let shift = len
             .max(1)
             .next_power_of_two()
@@ -304,6 +359,7 @@ impl SharedMemory {
                 offset,
                 cap: 1 << shift,
                 class: Some(class as u8),
+                lent: false,
             });
         }
         let align = if shift >= 12 { 4096 } else { ALLOC_GRANULE };
@@ -355,6 +411,8 @@ pub(crate) struct Allocation {
     offset: usize,
     cap: usize,
     class: Option<u8>,
+    /// A bounce buffer counted in `SharedMemory::bounce_lent`.
+    lent: bool,
 }
 
 impl std::fmt::Debug for Allocation {
@@ -407,6 +465,9 @@ impl Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
+        if self.lent {
+            self.mem.bounce_lent.fetch_sub(self.cap, Ordering::Relaxed);
+        }
         self.mem.release(self.offset, self.cap, self.class);
     }
 }

@@ -1341,3 +1341,35 @@ fn receive_posted_before_close_never_reaches_a_reopened_id() {
         "messages swallowed by a receive of a closed endpoint"
     );
 }
+
+/// A transfer whose bounce buffer can never fit in the shared region fails at once with
+/// `OutOfMemory` (-FI_ENOMEM) instead of `Again` forever; a transient shortage (bounce buffers
+/// lent to operations in flight) still answers `Again`.
+#[test]
+fn transfer_larger_than_the_region_fails_at_once() {
+    let r = rig(2);
+    let tiny = DomainAttr {
+        mem_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let a = node_with(&r.paths[0], WaitMode::None, EpType::Rdm, tiny.clone());
+    let b = node_with(&r.paths[1], WaitMode::None, EpType::Rdm, tiny);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let big = vec![7u8; 1 << 20];
+    for (what, res) in [
+        ("send", a.ep.send(&big, to_b, 1)),
+        ("recv", a.ep.recv_vec(1 << 20, 2)),
+        ("write", a.ep.write(&big, to_b, 0, 1, 3)),
+        ("read", a.ep.read_vec(1 << 20, to_b, 0, 1, 4)),
+    ] {
+        assert!(
+            matches!(res, Err(Error::OutOfMemory { .. })),
+            "{what}: {res:?}"
+        );
+        assert_eq!(res.unwrap_err().errno(), fi::ENOMEM, "{what}");
+    }
+    // 300 KiB receives (512 KiB bounce buffers) held by the device: the second cannot get a
+    // buffer now, but can once the first completes, so it is a transient shortage.
+    b.ep.recv_vec(300 << 10, 5).unwrap();
+    assert!(matches!(b.ep.recv_vec(300 << 10, 6), Err(Error::Again)));
+}

@@ -44,6 +44,9 @@ const RECVS: usize = 8;
 const CTX_RECV: u64 = 1;
 const CTX_SEND: u64 = 2;
 const CTX_CONNREQ: u64 = 3;
+/// A CM receive directed at the connected peer's CM endpoint: it takes the peer's SHUTDOWN,
+/// or completes PEER_GONE when the peer's endpoint or device goes away without one.
+const CTX_WATCH: u64 = 4;
 
 struct CmMsg {
     kind: u32,
@@ -113,20 +116,37 @@ impl CmEndpoint {
         self.ep.send(msg, a, ctx).map_err(|e| e.errno())
     }
 
-    /// Drain completions: received CM messages, and contexts of failed sends.
-    fn poll(&self) -> (Vec<CmMsg>, Vec<u64>) {
+    /// Post the receive that watches the connected peer's CM endpoint `peer`.
+    fn watch(&self, peer: FabricAddr) {
+        let a = match self.av.reverse_lookup(&peer) {
+            Some(a) => a,
+            // Another fabric's address cannot be a connected peer: nothing to watch.
+            None => match self.av.insert(peer) {
+                Ok(a) => a,
+                Err(_) => return,
+            },
+        };
+        let _ = self.ep.recv_vec_from(MSG_MAX, a, CTX_WATCH);
+    }
+
+    /// Drain completions: received CM messages, contexts of failed sends, and whether the
+    /// watched peer went away.
+    fn poll(&self) -> (Vec<CmMsg>, Vec<u64>, bool) {
         let mut msgs = Vec::new();
         let mut failed = Vec::new();
+        let mut peer_gone = false;
         let mut v = Vec::new();
         loop {
             v.clear();
             match self.cq.read(&mut v, 16) {
                 Ok(_) => {
                     for e in v.drain(..) {
-                        if e.context == CTX_RECV {
+                        if e.context == CTX_RECV || e.context == CTX_WATCH {
                             if let Some(m) = e.buf.as_deref().and_then(decode) {
                                 msgs.push(m);
                             }
+                        }
+                        if e.context == CTX_RECV {
                             let _ = self.ep.recv_vec(MSG_MAX, CTX_RECV);
                         }
                     }
@@ -135,6 +155,8 @@ impl CmEndpoint {
                     if let Some(e) = self.cq.readerr() {
                         if e.context == CTX_RECV {
                             let _ = self.ep.recv_vec(MSG_MAX, CTX_RECV);
+                        } else if e.context == CTX_WATCH {
+                            peer_gone |= e.status == vfabric::Status::PeerGone;
                         } else {
                             failed.push(e.context);
                         }
@@ -143,7 +165,7 @@ impl CmEndpoint {
                 Err(_) => break,
             }
         }
-        (msgs, failed)
+        (msgs, failed, peer_gone)
     }
 }
 
@@ -265,7 +287,7 @@ impl Conn {
 
 impl EqSource for ConnState {
     fn progress(&self, eq: &EqObj) {
-        let (msgs, failed) = self.cm.poll();
+        let (msgs, failed, peer_gone) = self.cm.poll();
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         for ev in g.queued.drain(..) {
             eq.push(ev);
@@ -292,6 +314,7 @@ impl EqSource for ConnState {
                     g.peer = Some((m.data_addr, m.cm_addr));
                     g.peer_fi_addr = Some(a);
                     g.connected = true;
+                    self.cm.watch(m.cm_addr);
                     eq.push(EqEvent {
                         event: sys::FI_CONNECTED,
                         bytes: eq_cm_bytes(fid, std::ptr::null_mut(), &m.payload),
@@ -318,6 +341,16 @@ impl EqSource for ConnState {
                 }
                 _ => {}
             }
+        }
+        if peer_gone && g.connected {
+            // The peer's endpoint or device went away without a SHUTDOWN message.
+            g.connected = false;
+            eq.push(EqEvent {
+                event: sys::FI_SHUTDOWN,
+                bytes: eq_entry_bytes(fid, context, 0),
+                err: None,
+                info: SendPtr(std::ptr::null_mut()),
+            });
         }
     }
 }
@@ -427,6 +460,7 @@ pub unsafe extern "C" fn ep_accept(
         g.peer = Some((peer_data, peer_cm));
         g.peer_fi_addr = Some(a);
         g.connected = true;
+        c.state.cm.watch(peer_cm);
         let bytes = eq_cm_bytes(g.fid.0, std::ptr::null_mut(), &[]);
         g.queued.push(EqEvent {
             event: sys::FI_CONNECTED,
@@ -561,7 +595,7 @@ impl Drop for PepState {
 
 impl EqSource for PepState {
     fn progress(&self, eq: &EqObj) {
-        let (msgs, _) = self.cm.poll();
+        let (msgs, _, _) = self.cm.poll();
         if !self.listening.load(Ordering::Acquire) {
             return;
         }

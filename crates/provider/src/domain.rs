@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use vfabric::{
 
 use crate::fabric::{ops_ptr, FabricObj};
 use crate::sys;
-use crate::util::{copy_str_out, errno_of, guard, nosys, obj, ParentRef, Refs};
+use crate::util::{copy_str_out, errno_of, guard, nosys, obj, ParentRef, Refs, SendPtr};
 
 /// Local registrations (FI_MR_LOCAL) from this size up are shared with the device: below it a
 /// bounce copy costs less than moving the pages.
@@ -36,7 +36,18 @@ pub struct DomainObj {
     next_key: AtomicU64,
     /// FI_MULTI_RECV buffers posted on this domain's endpoints.
     pub multi: crate::multirecv::Registry,
+    /// Remote peers of this domain's AVs, watched for disappearance (opened at the first
+    /// insert; `None` if the private endpoint could not be opened).
+    pub watch: std::sync::OnceLock<Option<crate::watch::PeerWatch>>,
     pub refs: Refs,
+}
+
+impl DomainObj {
+    fn watch(&self) -> Option<&crate::watch::PeerWatch> {
+        self.watch
+            .get_or_init(|| crate::watch::PeerWatch::open(&self.dom).ok())
+            .as_ref()
+    }
 }
 
 static DOMAIN_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
@@ -139,6 +150,7 @@ pub unsafe extern "C" fn domain_open(
             rma_event: i.caps & fi::RMA_EVENT != 0,
             next_key: AtomicU64::new(1),
             multi: Default::default(),
+            watch: Default::default(),
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer; the consumer owns the box until fi_close.
@@ -364,12 +376,20 @@ unsafe extern "C" fn av_insert(
                 )
             };
             let r = a.av.insert_bytes(b);
-            if let Err(e) = &r {
+            match &r {
                 // Say why: the count returned only says that some address was refused.
-                crate::util::warn(
+                Err(e) => crate::util::warn(
                     sys::fi_log_subsys_FI_LOG_AV,
                     &format!("fi_av_insert: address {k} refused: {e}"),
-                );
+                ),
+                Ok(_) => {
+                    if let Ok(peer) = vfabric::FabricAddr::from_bytes(b) {
+                        // SAFETY: the domain outlives its AVs (ParentRef).
+                        if let Some(w) = unsafe { &*a.domain }.watch() {
+                            w.watch(peer);
+                        }
+                    }
+                }
             }
             if !fi_addr.is_null() {
                 // SAFETY: `fi_addr` has room for `count` entries.
@@ -803,6 +823,8 @@ pub struct CqObj {
     format: u32,
     /// FI_WAIT_FD: the pollable signal fd and the progress thread that makes it fire.
     wait_fd: Option<WaitFd>,
+    /// Gone peers of the domain this CQ has reported (crate::watch).
+    peers_gone_seen: Arc<AtomicUsize>,
     pub refs: Refs,
 }
 
@@ -869,19 +891,31 @@ unsafe extern "C" fn cq_open(
             Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ),
         };
         let handle = Arc::new(handle);
+        // Peers gone before the CQ existed are not its news.
+        let seen = Arc::new(AtomicUsize::new(
+            d.watch
+                .get()
+                .and_then(Option::as_ref)
+                .map_or(0, |w| w.gone_count()),
+        ));
         let wait_fd = if a.wait_obj == sys::fi_wait_obj_FI_WAIT_FD {
             let fd = handle.signal_fd();
             let stop = Arc::new(AtomicBool::new(false));
             let (q, st) = (handle.clone(), stop.clone());
+            let (dom, seen) = (SendPtr(std::ptr::from_ref(d).cast_mut()), seen.clone());
             // Progress thread: sleeps on the device's call eventfds and drives progress, so
             // entries arrive (and write the signal fd) while the consumer sleeps in poll(2).
             let t = std::thread::Builder::new()
                 .name("vfabric-cq-progress".into())
                 .spawn(move || {
+                    let dom = dom; // the whole wrapper, not its raw-pointer field
                     while !st.load(Ordering::Acquire) {
                         if q.wait_device(Duration::from_millis(50)).is_err() {
                             std::thread::sleep(Duration::from_millis(50));
                         }
+                        // A gone peer's entry signals the fd too. SAFETY: the domain outlives
+                        // this CQ, whose close joins this thread.
+                        report_gone_peers(unsafe { &*dom.0 }, &seen, &q);
                     }
                 });
             match t {
@@ -906,6 +940,7 @@ unsafe extern "C" fn cq_open(
             cq: handle,
             format,
             wait_fd,
+            peers_gone_seen: seen,
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer.
@@ -1054,7 +1089,7 @@ fn cq_read_common(
     }
     let r = match timeout {
         None => c.cq.read(&mut v, count),
-        Some(t) => c.cq.sread(&mut v, count, t),
+        Some(t) => sread_watching(c, &mut v, count, t),
     };
     if c.wait_fd.is_some() {
         c.cq.resignal_if_queued();
@@ -1080,15 +1115,74 @@ fn cq_read_common(
             }
             n as isize
         }
-        Err(vfabric::Error::Timeout) => -(fi::EAGAIN as isize),
-        Err(vfabric::Error::Again) => {
+        Err(vfabric::Error::Timeout) => peers_gone(c).unwrap_or(-(fi::EAGAIN as isize)),
+        Err(vfabric::Error::Again) => peers_gone(c).unwrap_or_else(|| {
             empty_poll();
             -(fi::EAGAIN as isize)
-        }
+        }),
         Err(e) => -(errno_of(&e, sys::fi_log_subsys_FI_LOG_CQ) as isize),
     };
     SCRATCH.with(|s| s.set(v));
     ret
+}
+
+/// Longest slice of a blocking read while the domain watches peers: a gone peer's watch
+/// completes on another CQ, so a waiter looks between slices.
+const WATCH_SLICE: Duration = Duration::from_millis(100);
+
+/// `sread` that, when the domain watches peers, waits in slices and ends with `Timeout` as soon
+/// as a watched peer has gone (the caller then reports it).
+fn sread_watching(
+    c: &CqObj,
+    v: &mut Vec<CqEntry>,
+    count: usize,
+    timeout: Option<Duration>,
+) -> vfabric::Result<usize> {
+    // SAFETY: the domain outlives its CQs (ParentRef).
+    let Some(w) = unsafe { &*c.domain }.watch.get().and_then(Option::as_ref) else {
+        return c.cq.sread(v, count, timeout);
+    };
+    let end = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        if w.poll() > c.peers_gone_seen.load(Ordering::Acquire) {
+            return Err(vfabric::Error::Timeout);
+        }
+        let left = end.map(|e| e.saturating_duration_since(std::time::Instant::now()));
+        let slice = left.map_or(WATCH_SLICE, |l| l.min(WATCH_SLICE));
+        match c.cq.sread(v, count, Some(slice)) {
+            Err(vfabric::Error::Timeout) if left.is_none_or(|l| l > slice) => {}
+            r => return r,
+        }
+    }
+}
+
+/// An empty CQ reports peers of the domain that went away since it last looked, one error
+/// entry each (see crate::watch): `Some(-FI_EAVAIL)` if there are any.
+fn peers_gone(c: &CqObj) -> Option<isize> {
+    // SAFETY: the domain outlives its CQs (ParentRef).
+    report_gone_peers(unsafe { &*c.domain }, &c.peers_gone_seen, &c.cq)
+        .then_some(-(fi::EAVAIL as isize))
+}
+
+/// Queue on `cq` an error entry per peer of `d` gone since `seen`; whether there were any.
+fn report_gone_peers(d: &DomainObj, seen: &AtomicUsize, cq: &CompletionQueue) -> bool {
+    let Some(w) = d.watch.get().and_then(Option::as_ref) else {
+        return false;
+    };
+    let now = w.poll();
+    let before = seen.load(Ordering::Acquire);
+    // One reporter per batch (the consumer's read or a FI_WAIT_FD progress thread).
+    if now <= before
+        || seen
+            .compare_exchange(before, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+    {
+        return false;
+    }
+    for e in w.gone_since(before).into_iter().take(now - before) {
+        cq.push_error(e);
+    }
+    true
 }
 
 /// Empty polls between `sched_yield`s (a power of two).

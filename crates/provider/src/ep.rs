@@ -542,8 +542,9 @@ fn post(ep: *mut sys::fid_ep, p: Post<'_>) -> isize {
                 None => return -(sys::FI_ENOTCONN as isize),
             }
         } else {
-            // Receives may be posted before the connection completes.
-            addr = FI_ADDR_UNSPEC;
+            // Receives take messages from the connected peer only, so they fail (PEER_GONE)
+            // when it goes away; those posted before the connection completes take any.
+            addr = c.peer_fi_addr().unwrap_or(FI_ADDR_UNSPEC);
         }
     } else if !p.send && e.caps & fi::DIRECTED_RECV == 0 {
         addr = FI_ADDR_UNSPEC;

@@ -31,6 +31,7 @@ mod rma;
 /// The libfabric bindings (bindgen, shared with the daemon's uplink).
 pub use vfabric_fi_sys as sys;
 mod util;
+mod watch;
 
 use std::ffi::{c_char, c_int, CStr};
 

@@ -88,6 +88,19 @@ pub fn guard<R: Ret>(f: impl FnOnce() -> R) -> R {
 #[track_caller]
 pub fn errno_of(e: &vfabric::Error, subsys: sys::fi_log_subsys) -> i32 {
     let n = e.errno();
+    if let vfabric::Error::OutOfMemory { requested } = e {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warn(
+                subsys,
+                &format!(
+                    "the domain's shared memory region cannot hold {requested} bytes for this \
+                     request (-FI_ENOMEM): raise FI_VFABRIC_MEM_MB (MiB, default 64) or use \
+                     registered buffers"
+                ),
+            );
+        }
+    }
     if n != fi::EAGAIN && n != fi::EAVAIL {
         log(
             sys::fi_log_level_FI_LOG_DEBUG,

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tracing::debug;
-use vfabric_proto::{ep_open, FabricAddr, Status};
+use vfabric_proto::{ep_open, flags, FabricAddr, Status};
 
 use super::{eager_cost, Body, Endpoint, Fabric, Msg, Notify, Port, Slot, Teardown};
 use crate::chain::{completion, Req};
@@ -50,6 +50,9 @@ impl Fabric {
         for ep in 0..eps {
             self.close_ep(dev, ep, mode, n);
         }
+        // Every endpoint of the device is closed: one pass for peers' directed receives.
+        let node = self.node_addr(dev);
+        self.fail_directed_at(|peer| peer.node == node, Some(dev), n);
         // The device's regions go with it: later accesses complete ACCESS at their initiator.
         let (mrs, events, port) = {
             let mut d = self.dev(dev);
@@ -165,6 +168,68 @@ impl Fabric {
         }
     }
 
+    /// Complete `PeerGone` every posted receive, on any device but `skip`, directed at an
+    /// address `gone` says is closed: they can never match now.
+    fn fail_directed_at(
+        &self,
+        gone: impl Fn(FabricAddr) -> bool,
+        skip: Option<usize>,
+        n: &mut Notify,
+    ) {
+        for dev in (0..self.devs.len()).filter(|&d| Some(d) != skip) {
+            let (victims, port) = {
+                let mut d = self.dev(dev);
+                let Some(port) = d.port.clone() else { continue };
+                let mut victims = Vec::new();
+                for slot in d.eps.iter_mut() {
+                    let Some(e) = slot.ep.as_mut() else { continue };
+                    let hit = |r: &Req| r.req.flags & flags::DIRECTED != 0 && gone(r.req.peer);
+                    if !e.posted.iter().any(hit) {
+                        continue;
+                    }
+                    let (hit, keep): (VecDeque<Req>, VecDeque<Req>) =
+                        e.posted.drain(..).partition(hit);
+                    e.posted = keep;
+                    victims.extend(hit);
+                }
+                (victims, port)
+            };
+            for r in &victims {
+                self.fail(dev, &port, r, Status::PeerGone, n);
+            }
+        }
+    }
+
+    /// A directed receive (`cookie`) was just queued on endpoint `ep` of `dev`: if its source
+    /// is not open, take it back and complete it `PeerGone`. Checked after queueing, so a
+    /// source closing concurrently is seen either here or by [`Fabric::fail_directed_at`].
+    pub(super) fn check_directed_source(
+        &self,
+        dev: usize,
+        port: &Port,
+        ep: usize,
+        src: FabricAddr,
+        cookie: u64,
+        n: &mut Notify,
+    ) {
+        let open = self
+            .locate(src)
+            .is_some_and(|(sdev, sep)| self.dev(sdev).live_ep(sep, src.generation).is_some());
+        if open {
+            return;
+        }
+        let taken = self.dev(dev).ep_mut(ep).and_then(|e| {
+            let at = e
+                .posted
+                .iter()
+                .rposition(|r| r.req.cookie == cookie && directed_at(r, src))?;
+            e.posted.remove(at)
+        });
+        if let Some(r) = taken {
+            self.fail(dev, port, &r, Status::PeerGone, n);
+        }
+    }
+
     /// Remove every held send matching `pred` from every endpoint's unexpected queue, one
     /// device lock at a time.
     pub(super) fn take_held_all(&self, pred: impl Fn(&Msg, &Req) -> bool) -> Vec<Req> {
@@ -239,7 +304,10 @@ impl Fabric {
         if self.ep_info(dev, req.req.ep).is_none() {
             return self.fail(dev, port, &req, Status::BadEndpoint, n);
         }
+        let generation = self.ep_info(dev, req.req.ep).map_or(0, |(g, _)| g);
         self.close_ep(dev, req.req.ep as usize, Teardown::Cancel, n);
+        let gone = FabricAddr::new(self.node_addr(dev), req.req.ep, generation);
+        self.fail_directed_at(|peer| peer == gone, None, n);
         self.fail(dev, port, &req, Status::Ok, n);
     }
 
@@ -279,4 +347,9 @@ impl Fabric {
             Err(()) => self.fail(dev, port, &req, Status::NoMessage, n),
         }
     }
+}
+
+/// Whether posted receive `r` takes messages from `src` only.
+fn directed_at(r: &Req, src: FabricAddr) -> bool {
+    r.req.flags & flags::DIRECTED != 0 && r.req.peer == src
 }

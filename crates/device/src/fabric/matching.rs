@@ -438,7 +438,12 @@ impl Fabric {
             .iter()
             .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta));
         let Some(at) = at else {
+            let directed = (r.flags & flags::DIRECTED != 0).then_some(r.peer);
             e.posted.push_back(req);
+            if let Some(src) = directed {
+                drop(d);
+                self.check_directed_source(dev, port, ep, src, r.cookie, n);
+            }
             return;
         };
         let m = self.take_unexpected(&mut d, ep, at);

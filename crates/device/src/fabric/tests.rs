@@ -115,8 +115,8 @@ fn directed_receive_filters_by_source() {
     let h = w.submit(1, r, &[], 64);
     assert_eq!(w.data(&h, 7), b"from-a2");
     assert_eq!(FabricAddr::from_wire(&w.comp(&h).src), a2);
-    // A directed receive from an address that never sends stays posted.
-    r.peer = FabricAddr::new(a2.node, a2.ep, a2.generation + 1);
+    // A directed receive from an open endpoint that never sends stays posted.
+    r.peer = w.open(2, RDM);
     let h2 = w.submit(1, r, &[], 64);
     assert!(w.result(&h2).is_none());
     let h3 = w.recv(1, b, Some((5, 0)), 0, 3, 0, 64);
@@ -447,6 +447,42 @@ fn query_caps_lists_limits_and_vendor_attrs() {
     let bare = w.fabric.caps(0, ALL_FEATURES & !(1 << 6));
     let e = CapsParser::parse(&bare).unwrap();
     assert!(e.iter().all(|x| x.vendor == 0));
+}
+
+#[test]
+fn directed_receives_fail_when_their_source_goes() {
+    let mut w = World::new(3, small_limits());
+    let a = w.open(0, RDM);
+    let c = w.open(2, RDM);
+    let b = w.open(1, RDM);
+    let directed = |w: &mut World, from: FabricAddr, cookie: u64| {
+        let mut r = Request::new(Opcode::Recv);
+        r.ep = b.ep;
+        r.flags = flags::DIRECTED;
+        r.peer = from;
+        r.cookie = cookie;
+        w.submit(1, r, &[], 64)
+    };
+    let from_a = directed(&mut w, a, 1);
+    let from_c = directed(&mut w, c, 2);
+    let any = w.recv(1, b, None, 0, 3, 0, 64);
+    // A's device goes: the receive only A could satisfy fails; the others stay posted.
+    let mut n = Notify::default();
+    w.fabric.disconnect(0, &mut n);
+    drop(n);
+    assert_eq!(w.status(&from_a), Some(Status::PeerGone));
+    assert!(w.result(&from_c).is_none());
+    assert!(w.result(&any).is_none());
+    // A receive directed at an address that is already gone fails at once.
+    let late = directed(&mut w, a, 4);
+    assert_eq!(w.status(&late), Some(Status::PeerGone));
+    // C closes its endpoint (EP_CLOSE): same.
+    let mut cl = Request::new(Opcode::EpClose);
+    cl.ep = c.ep;
+    let h = w.submit(2, cl, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    assert_eq!(w.status(&from_c), Some(Status::PeerGone));
+    assert!(w.result(&any).is_none());
 }
 
 #[test]

@@ -668,7 +668,7 @@ impl Endpoint {
         if total <= INLINE_TX_MAX {
         } else {
             if !list.is_empty() {
-                let lb = mem.alloc_bounce(list.len()).map_err(|_| Error::Again)?;
+                let lb = mem.alloc_bounce(list.len())?;
                 lb.write_at(0, list);
                 tx_descs.push(lb.addr(), list.len() as u32)?;
                 keepalive.push(Arc::new(lb));
@@ -686,7 +686,7 @@ impl Endpoint {
                     }
                 }
             } else if src_len > 0 {
-                let bb = mem.alloc_bounce(src_len).map_err(|_| Error::Again)?;
+                let bb = mem.alloc_bounce(src_len)?;
                 let mut off = 0;
                 for v in src_iov {
                     let p = iov_bytes(v);
@@ -741,7 +741,7 @@ impl Endpoint {
             if rx_len > 0 && rx_len <= INLINE_RX_MAX {
                 inline_len = rx_len;
             } else if rx_len > 0 {
-                let bb = mem.alloc_bounce(rx_len).map_err(|_| Error::Again)?;
+                let bb = mem.alloc_bounce(rx_len)?;
                 rx_descs.push(bb.addr(), rx_len as u32)?;
                 bounce = Some(bb);
             }
