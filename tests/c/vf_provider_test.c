@@ -486,6 +486,18 @@ static void suite_tagged(void)
 	OK(fi_trecvmsg(ep[1], &cm, FI_CLAIM));
 	CHECK_RC(poll_cq(cq[1], &e), 1);
 	CHECK(e.len == 40 && e.op_context == &ctx);
+	/* PEEK | DISCARD (fi_tagged(3)): reported like PEEK, then gone. */
+	OK(fi_tsend(ep[0], tx, 33, NULL, addr[1], 13, (void *)13));
+	CHECK_RC(poll_cq(cq[0], &e), 1);
+	pm.tag = 13;
+	pm.context = (void *)14;
+	OK(fi_trecvmsg(ep[1], &pm, FI_PEEK | FI_DISCARD));
+	CHECK_RC(poll_cq(cq[1], &e), 1);
+	CHECK(e.len == 33 && e.tag == 13 && e.op_context == (void *)14);
+	OK(fi_trecvmsg(ep[1], &pm, FI_PEEK));
+	CHECK_RC(poll_cq(cq[1], &e), -FI_EAVAIL);
+	CHECK_RC(fi_cq_readerr(cq[1], &err, 0), 1);
+	CHECK(err.err == FI_ENOMSG);
 	/* tsendmsg / tsendv / trecvv. */
 	struct iovec siov[2] = { { tx, 5 }, { tx + 5, 5 } };
 	OK(fi_trecvv(ep[1], &riov, NULL, 1, FI_ADDR_UNSPEC, 11, 0, (void *)9));

@@ -1084,8 +1084,8 @@ impl Endpoint {
                 "PEEK/CLAIM/DISCARD need a tagged receive".into(),
             ));
         }
-        if discard && !claim {
-            return Err(Error::InvalidArgument("DISCARD needs CLAIM".into()));
+        if discard && !claim && !peek {
+            return Err(Error::InvalidArgument("DISCARD needs CLAIM or PEEK".into()));
         }
 
         let mut req = Request::new(if a.tagged {

@@ -422,6 +422,15 @@ fn tagged_matching() {
     peek(51, 0x88, fi::PEEK);
     assert_eq!(next_err(&b.rx).err, fi::ENOMSG);
 
+    // PEEK|DISCARD (fi_tagged(3)) reports the match as PEEK does and drops the message.
+    a.ep.tsenddata(b"gone soon", 3, to_b, 0x99, 7).unwrap();
+    next_ok(&a.tx);
+    peek(52, 0x99, fi::PEEK | fi::DISCARD);
+    let e = next_ok(&b.rx);
+    assert_eq!((e.context, e.len, e.tag, e.data), (52, 9, 0x99, 3));
+    peek(53, 0x99, fi::PEEK);
+    assert_eq!(next_err(&b.rx).err, fi::ENOMSG);
+
     // CLAIM with an unknown context is refused locally.
     assert!(matches!(
         b.ep.trecvmsg_vec(8, FI_ADDR_UNSPEC, 0x88, 0, 999, fi::CLAIM),

@@ -372,7 +372,8 @@ pub mod flags {
     pub const PEEK: u64 = 1 << 7;
     /// TRECV: with PEEK, reserve the message for a later CLAIM; alone, receive a claimed message.
     pub const CLAIM: u64 = 1 << 8;
-    /// TRECV with CLAIM: drop the claimed message instead of receiving it (FI_DISCARD).
+    /// TRECV with CLAIM: drop the claimed message instead of receiving it; with PEEK: drop the
+    /// message the peek finds (FI_DISCARD).
     pub const DISCARD: u64 = 1 << 9;
     /// RECV: one buffer takes several messages (FI_MULTI_RECV).
     pub const MULTI_RECV: u64 = 1 << 10;
@@ -784,8 +785,8 @@ impl Request {
         if fl & !allowed != 0 {
             return Err(ProtoError::BadFlags(fl, opcode));
         }
-        // DISCARD only makes sense with CLAIM.
-        if fl & flags::DISCARD != 0 && fl & flags::CLAIM == 0 {
+        // DISCARD drops a claimed message (with CLAIM) or the peeked one (with PEEK).
+        if fl & flags::DISCARD != 0 && fl & (flags::CLAIM | flags::PEEK) == 0 {
             return Err(ProtoError::BadFlags(fl, opcode));
         }
         Ok(Self {

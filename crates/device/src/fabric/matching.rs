@@ -393,9 +393,25 @@ impl Fabric {
         if r.flags & flags::PEEK != 0 {
             let found = e
                 .unexpected
-                .iter_mut()
-                .find(|m| m.claimed.is_none() && recv_matches(&r, &m.meta));
-            let Some(m) = found else {
+                .iter()
+                .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta));
+            let Some(at) = found else {
+                drop(d);
+                return self.fail(dev, port, &req, Status::NoMessage, n);
+            };
+            if r.flags & flags::DISCARD != 0 {
+                // PEEK | DISCARD (fi_tagged(3)): report the match as PEEK would, and drop it.
+                let m = self.take_unexpected(&mut d, ep, at);
+                drop(d);
+                let Some(m) = m else {
+                    return self.fail(dev, port, &req, Status::NoMessage, n);
+                };
+                let meta = m.meta;
+                self.release(m, Status::Ok, n);
+                let c = recv_completion(&r, &meta, meta.len);
+                return self.done(dev, port, &req, &c, 0, n);
+            }
+            let Some(m) = e.unexpected.get_mut(at) else {
                 drop(d);
                 return self.fail(dev, port, &req, Status::NoMessage, n);
             };
