@@ -357,6 +357,20 @@ static void suite_msg(void)
 	CHECK_RC(poll_cq(cq[0], &e), 1);
 	CHECK(e.op_context == (void *)10);
 	CHECK_RC(fi_cq_read(cq[0], &e, 1), -FI_EAGAIN);
+	/* fi_sendmsg with FI_INJECT (fi_msg(3)): the buffer is free on return, and the send
+	 * completes like any other (only the fi_inject calls never complete). */
+	{
+		struct iovec s = { tx, 48 };
+		struct fi_msg sm = { .msg_iov = &s, .iov_count = 1, .addr = addr[1], .context = (void *)13 };
+		OK(fi_recv(ep[1], rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)14));
+		OK(fi_sendmsg(ep[0], &sm, FI_INJECT));
+		memset(tx, 0xee, 48); /* the buffer is ours again at once */
+		CHECK_RC(poll_cq(cq[1], &e), 1);
+		CHECK(e.op_context == (void *)14 && e.len == 48 && rx[0] != (char)0xee);
+		CHECK_RC(poll_cq(cq[0], &e), 1);
+		CHECK(e.op_context == (void *)13);
+		CHECK_RC(fi_cq_read(cq[0], &e, 1), -FI_EAGAIN);
+	}
 	/* fi_cq_readfrom gives the sender's fi_addr; fi_cq_sread blocks until then. */
 	OK(fi_recv(ep[1], rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)11));
 	OK(fi_send(ep[0], tx, 16, NULL, addr[1], (void *)12));

@@ -547,7 +547,7 @@ impl Endpoint {
             tag: 0,
             data: None,
             context: 0,
-            flags: fi::INJECT,
+            flags: fi::INJECT | INJECT_CALL,
         })
     }
 
@@ -560,7 +560,7 @@ impl Endpoint {
             tag: 0,
             data: Some(data),
             context: 0,
-            flags: fi::INJECT,
+            flags: fi::INJECT | INJECT_CALL,
         })
     }
 
@@ -626,7 +626,7 @@ impl Endpoint {
             tag,
             data: None,
             context: 0,
-            flags: fi::INJECT,
+            flags: fi::INJECT | INJECT_CALL,
         })
     }
 
@@ -639,7 +639,7 @@ impl Endpoint {
             tag,
             data: Some(data),
             context: 0,
-            flags: fi::INJECT,
+            flags: fi::INJECT | INJECT_CALL,
         })
     }
 
@@ -684,8 +684,9 @@ impl Endpoint {
             ));
         }
         let inject = a.flags & fi::INJECT != 0;
+        let no_completion = a.flags & INJECT_CALL != 0;
         let tx_cq = b.tx.as_ref();
-        if tx_cq.is_none() && !inject {
+        if tx_cq.is_none() && !no_completion {
             return Err(Error::NoCq);
         }
         let peer = Self::resolve(b, a.dest)?;
@@ -789,7 +790,7 @@ impl Endpoint {
         }
 
         let selective = tx_cq.is_some_and(|(_, s)| *s);
-        let report_success = !inject && (!selective || a.flags & fi::COMPLETION != 0);
+        let report_success = !no_completion && (!selective || a.flags & fi::COMPLETION != 0);
         let tx = if len <= INLINE_TX_MAX {
             TxData::Inline(inline)
         } else {
@@ -816,7 +817,7 @@ impl Endpoint {
                         peek: false,
                         record_claim: false,
                         report_success,
-                        report_errors: !inject,
+                        report_errors: !no_completion,
                     })
                 },
             )
@@ -1568,6 +1569,13 @@ impl Drop for Endpoint {
 fn class_reported(device_caps: Option<u64>, op: Opcode) -> bool {
     device_caps.is_none_or(|caps| caps & proto::bit(op.required_feature()) != 0)
 }
+
+/// Op flag of this driver: the operation is an `fi_inject*` call, which generates no completion
+/// at all (fi_msg(3)). `FI_INJECT` alone, given to a `*msg` call, only means the buffer is free
+/// on return: that operation completes like any other. The `inject*` methods set it; a bit
+/// libfabric 1.17 leaves unused (below FI_PROV_SPECIFIC), so a C consumer's flags must have it
+/// cleared before they reach a `*msg` call (the provider does).
+pub const INJECT_CALL: u64 = 1 << 62;
 
 /// libfabric op flags that change a send's request flags (or are refused).
 const SEND_FLAG_MASK: u64 = fi::INJECT

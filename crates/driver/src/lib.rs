@@ -83,6 +83,7 @@ mod virtqueue;
 pub use av::{AddressVector, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
 pub use cq::{CompletionQueue, CqAttr, CqEntry, CqErrEntry, WaitMode};
 pub use domain::{DeviceCounters, Domain, DomainAttr, DomainStats, Fabric};
+pub use endpoint::INJECT_CALL;
 pub use endpoint::{
     AtomicMsg, Batch, BindFlags, Endpoint, EpAttr, EpType, Iov, Msg, RmaIov, RmaMsg, TaggedMsg,
 };

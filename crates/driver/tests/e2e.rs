@@ -325,6 +325,27 @@ fn inject_and_senddata() {
     assert!(buf[..300].iter().all(|c| *c == b's') && buf[300..].iter().all(|c| *c == b'p'));
     assert_eq!(e.data, 77);
     assert_eq!(next_ok(&a.tx).context, 5);
+
+    // FI_INJECT on sendmsg (fi_msg(3)): buffer free on return, completion as for any send;
+    // only fi_inject itself completes silently.
+    b.ep.recv_vec(64, 6).unwrap();
+    let iov = [Iov::bytes(b"inject-msg")];
+    a.ep.sendmsg(
+        &Msg {
+            iov: &iov,
+            addr: to_b,
+            context: 7,
+            data: 0,
+        },
+        fi::INJECT,
+    )
+    .unwrap();
+    assert_eq!(next_ok(&b.rx).buf.as_deref(), Some(&b"inject-msg"[..]));
+    assert_eq!(next_ok(&a.tx).context, 7);
+    b.ep.recv_vec(64, 8).unwrap();
+    a.ep.inject(b"quiet", to_b).unwrap();
+    assert_eq!(next_ok(&b.rx).buf.as_deref(), Some(&b"quiet"[..]));
+    assert_quiet(&a.tx, Duration::from_millis(50));
 }
 
 #[test]

@@ -649,8 +649,10 @@ fn send_flags(ep: *mut sys::fid_ep, data: bool) -> u64 {
     op_flags(ep, true) | if data { fi::REMOTE_CQ_DATA } else { 0 }
 }
 
+/// Flags of an `fi_inject*` call: no completion at all (an `fi_sendmsg` with FI_INJECT does
+/// complete).
 fn inject_flags(data: bool) -> u64 {
-    fi::INJECT | if data { fi::REMOTE_CQ_DATA } else { 0 }
+    fi::INJECT | vfabric::INJECT_CALL | if data { fi::REMOTE_CQ_DATA } else { 0 }
 }
 
 macro_rules! entry {
@@ -827,6 +829,8 @@ unsafe extern "C" fn msg_sendmsg(
     msg: *const sys::fi_msg,
     flags: u64,
 ) -> isize {
+    // A consumer's flags never carry the driver's inject-call bit.
+    let flags = flags & !vfabric::INJECT_CALL;
     entry!({
         if msg.is_null() {
             return -(fi::EINVAL as isize);
@@ -1112,6 +1116,8 @@ unsafe extern "C" fn t_sendmsg(
     msg: *const sys::fi_msg_tagged,
     flags: u64,
 ) -> isize {
+    // A consumer's flags never carry the driver's inject-call bit.
+    let flags = flags & !vfabric::INJECT_CALL;
     entry!({
         if msg.is_null() {
             return -(fi::EINVAL as isize);

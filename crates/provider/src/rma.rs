@@ -219,6 +219,7 @@ unsafe extern "C" fn rma_readmsg(
     msg: *const sys::fi_msg_rma,
     flags: u64,
 ) -> isize {
+    let flags = flags & !vfabric::INJECT_CALL;
     // SAFETY: consumer message (NULL-checked inside).
     entry!(unsafe { rma_msg(ep, msg, flags, false) })
 }
@@ -228,6 +229,7 @@ unsafe extern "C" fn rma_writemsg(
     msg: *const sys::fi_msg_rma,
     flags: u64,
 ) -> isize {
+    let flags = flags & !vfabric::INJECT_CALL;
     // SAFETY: consumer message (NULL-checked inside).
     entry!(unsafe { rma_msg(ep, msg, flags, true) })
 }
@@ -292,7 +294,16 @@ unsafe extern "C" fn rma_inject(
     entry!({
         // SAFETY: libfabric buffer contract (copied at post time with FI_INJECT).
         let iov = [unsafe { raw_iov(buf, len) }];
-        rma(ep, true, &iov, dest, &one(addr, len, key), 0, 0, fi::INJECT)
+        rma(
+            ep,
+            true,
+            &iov,
+            dest,
+            &one(addr, len, key),
+            0,
+            0,
+            fi::INJECT | vfabric::INJECT_CALL,
+        )
     })
 }
 
@@ -336,7 +347,7 @@ unsafe extern "C" fn rma_injectdata(
     entry!({
         // SAFETY: libfabric buffer contract (copied at post time with FI_INJECT).
         let iov = [unsafe { raw_iov(buf, len) }];
-        let flags = fi::INJECT | fi::REMOTE_CQ_DATA;
+        let flags = fi::INJECT | vfabric::INJECT_CALL | fi::REMOTE_CQ_DATA;
         rma(ep, true, &iov, dest, &one(addr, len, key), 0, data, flags)
     })
 }
@@ -629,6 +640,7 @@ unsafe extern "C" fn at_writemsg(
     msg: *const sys::fi_msg_atomic,
     flags: u64,
 ) -> isize {
+    let flags = flags & !vfabric::INJECT_CALL;
     // SAFETY: consumer message (NULL-checked inside).
     entry!(unsafe {
         atomic_msg(
@@ -677,7 +689,7 @@ unsafe extern "C" fn at_inject(
             dt,
             op,
             0,
-            fi::INJECT,
+            fi::INJECT | vfabric::INJECT_CALL,
         )
     })
 }
@@ -790,6 +802,7 @@ unsafe extern "C" fn at_readwritemsg(
     result_count: usize,
     flags: u64,
 ) -> isize {
+    let flags = flags & !vfabric::INJECT_CALL;
     // SAFETY: consumer message and buffers (NULL-checked inside).
     entry!(unsafe {
         atomic_msg(
@@ -924,6 +937,7 @@ unsafe extern "C" fn at_compwritemsg(
     result_count: usize,
     flags: u64,
 ) -> isize {
+    let flags = flags & !vfabric::INJECT_CALL;
     // SAFETY: consumer message and buffers (NULL-checked inside).
     entry!(unsafe {
         atomic_msg(

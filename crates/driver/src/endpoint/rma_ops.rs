@@ -15,7 +15,7 @@ use vfabric_proto::{
     self as proto, atomic_op, datatype, flags as pflags, ByteValued, Opcode, Request,
 };
 
-use super::{check_range, iov_bytes, iov_region, Endpoint, Iov, IovKind};
+use super::{check_range, iov_bytes, iov_region, Endpoint, Iov, IovKind, INJECT_CALL};
 use crate::av::FiAddr;
 use crate::memory::SharedBuf;
 use crate::virtqueue::{
@@ -186,7 +186,7 @@ impl Endpoint {
             &[one(addr, buf.len(), key)],
             None,
             0,
-            fi::INJECT,
+            fi::INJECT | INJECT_CALL,
         )
     }
 
@@ -201,7 +201,7 @@ impl Endpoint {
     ) -> Result<()> {
         let iov = [Iov::bytes(buf)];
         let r = [one(addr, buf.len(), key)];
-        self.rma_write(&iov, dest, &r, Some(data), 0, fi::INJECT)
+        self.rma_write(&iov, dest, &r, Some(data), 0, fi::INJECT | INJECT_CALL)
     }
 
     /// `fi_writemsg`. Flags: `fi::REMOTE_CQ_DATA` (send `msg.data`), `fi::INJECT`,
@@ -488,7 +488,13 @@ impl Endpoint {
     }
     /// `fi_inject_atomic`: no completion.
     pub fn inject_atomic(&self, msg: &AtomicMsg<'_>) -> Result<()> {
-        self.atomicmsg(msg, fi::INJECT)
+        self.post_atomic(
+            Opcode::Atomic,
+            msg,
+            &[],
+            Local::Iov(&[]),
+            fi::INJECT | INJECT_CALL,
+        )
     }
     /// `fi_atomicmsg`. Flags: `fi::INJECT`, completion levels, `fi::FENCE`,
     /// `fi::COMPLETION`, `fi::MORE`.
@@ -643,9 +649,9 @@ impl Endpoint {
     ) -> Result<()> {
         let b = self.active()?;
         let domain = &self.domain;
-        let inject = flags & fi::INJECT != 0;
+        let no_completion = flags & INJECT_CALL != 0;
         let tx_cq = b.tx.as_ref();
-        if tx_cq.is_none() && !inject {
+        if tx_cq.is_none() && !no_completion {
             return Err(Error::NoCq);
         }
         req.ep = self.shared.id;
@@ -749,7 +755,7 @@ impl Endpoint {
         }
 
         let selective = tx_cq.is_some_and(|(_, s)| *s);
-        let report_success = !inject && (!selective || flags & fi::COMPLETION != 0);
+        let report_success = !no_completion && (!selective || flags & fi::COMPLETION != 0);
         let tx = if total == 0 {
             TxData::None
         } else if total <= INLINE_TX_MAX {
@@ -780,7 +786,7 @@ impl Endpoint {
                     peek: false,
                     record_claim: false,
                     report_success,
-                    report_errors: !inject,
+                    report_errors: !no_completion,
                 })
             })
             .map(|_| ())
