@@ -131,6 +131,8 @@ impl Fabric {
             let Some(e) = d.eps.get_mut(ep).and_then(|s| s.ep.take()) else {
                 return;
             };
+            // Under the lock: a directed receive's source found open before this is re-checked.
+            self.devs[dev].ep_closes.fetch_add(1, Ordering::AcqRel);
             for m in &e.unexpected {
                 if let Body::Eager(buf) = &m.body {
                     d.unexpected_bytes = d
@@ -212,10 +214,16 @@ impl Fabric {
         cookie: u64,
         n: &mut Notify,
     ) {
-        let open = self
-            .locate(src)
-            .is_some_and(|(sdev, sep)| self.dev(sdev).live_ep(sep, src.generation).is_some());
-        if open {
+        let located = self.locate(src);
+        let open = located.and_then(|(sdev, sep)| {
+            // Read before the look: a close after it bumps the count past what is remembered.
+            let closes = self.devs[sdev].ep_closes.load(Ordering::Acquire);
+            self.dev(sdev).live_ep(sep, src.generation).map(|_| closes)
+        });
+        if let Some(closes) = open {
+            if let Some(e) = self.dev(dev).ep_mut(ep) {
+                e.live_src = Some((src, closes));
+            }
             return;
         }
         let taken = self.dev(dev).ep_mut(ep).and_then(|e| {
@@ -290,6 +298,7 @@ impl Fabric {
             unexpected: VecDeque::new(),
             fenced: VecDeque::new(),
             fence_pending: 0,
+            live_src: None,
         });
         let addr = FabricAddr::new(node, id as u32, slot.generation);
         drop(d);
@@ -350,6 +359,20 @@ impl Fabric {
 }
 
 /// Whether posted receive `r` takes messages from `src` only.
+impl Fabric {
+    /// Whether `src` is known open without looking at its device: the receiving endpoint `e`
+    /// found it open and no endpoint of its device closed since.
+    pub(super) fn known_live(&self, e: &Endpoint, src: FabricAddr) -> bool {
+        let Some((a, closes)) = e.live_src else {
+            return false;
+        };
+        a == src
+            && self.locate(src).is_some_and(|(sdev, _)| {
+                self.devs[sdev].ep_closes.load(Ordering::Acquire) == closes
+            })
+    }
+}
+
 fn directed_at(r: &Req, src: FabricAddr) -> bool {
     r.req.flags & flags::DIRECTED != 0 && r.req.peer == src
 }

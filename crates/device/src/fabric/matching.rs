@@ -454,7 +454,9 @@ impl Fabric {
             .iter()
             .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta));
         let Some(at) = at else {
-            let directed = (r.flags & flags::DIRECTED != 0).then_some(r.peer);
+            let directed = (r.flags & flags::DIRECTED != 0)
+                .then_some(r.peer)
+                .filter(|src| !self.known_live(e, *src));
             e.posted.push_back(req);
             if let Some(src) = directed {
                 drop(d);

@@ -36,7 +36,7 @@
 //! 4. one vring's state lock (`VringRwLock`), taken and released per `add_used`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::debug;
@@ -170,6 +170,10 @@ struct Endpoint {
     /// Deferred TX requests not yet started (those in `fenced` and one being started): a new
     /// TX request of this endpoint queues behind them.
     fence_pending: usize,
+    /// The last source of a directed receive found open, and its device's `ep_closes` then:
+    /// while that count is unchanged the source is still open, so the next directed receive
+    /// from it needs no look at the source device (a lock of another device).
+    live_src: Option<(FabricAddr, u64)>,
 }
 
 #[derive(Default)]
@@ -242,6 +246,8 @@ struct DevCell {
     fence_dirty: AtomicBool,
     /// Deferred requests waiting at this device's endpoints.
     fenced: AtomicUsize,
+    /// Endpoints of this device closed so far (bumped under the device lock when one closes).
+    ep_closes: AtomicU64,
 }
 
 /// Bytes charged per eagerly buffered message on top of its payload, so that even empty
@@ -329,6 +335,7 @@ impl Fabric {
                     fence_runner: Mutex::new(()),
                     fence_dirty: AtomicBool::new(false),
                     fenced: AtomicUsize::new(0),
+                    ep_closes: AtomicU64::new(0),
                 })
                 .collect(),
             fenced_total: AtomicUsize::new(0),

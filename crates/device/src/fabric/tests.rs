@@ -483,6 +483,46 @@ fn directed_receives_fail_when_their_source_goes() {
     assert_eq!(w.status(&h), Some(Status::Ok));
     assert_eq!(w.status(&from_c), Some(Status::PeerGone));
     assert!(w.result(&any).is_none());
+    // B last found C open (and remembers it): C's close must still be noticed at once.
+    let late_c = directed(&mut w, c, 5);
+    assert_eq!(w.status(&late_c), Some(Status::PeerGone));
+}
+
+#[test]
+fn a_remembered_live_source_is_rechecked_after_its_device_closes_an_endpoint() {
+    let mut w = World::new(2, small_limits());
+    let a = w.open(0, RDM);
+    let a2 = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let directed = |w: &mut World, from: FabricAddr, cookie: u64| {
+        let mut r = Request::new(Opcode::Recv);
+        r.ep = b.ep;
+        r.flags = flags::DIRECTED;
+        r.peer = from;
+        r.cookie = cookie;
+        w.submit(1, r, &[], 64)
+    };
+    // Two receives from A: the second is served by what the first found.
+    let r1 = directed(&mut w, a, 1);
+    let r2 = directed(&mut w, a, 2);
+    assert!(w.result(&r1).is_none() && w.result(&r2).is_none());
+    // Another endpoint of A's device closes: A is still open, and found so again.
+    let mut cl = Request::new(Opcode::EpClose);
+    cl.ep = a2.ep;
+    let h = w.submit(0, cl, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    let r3 = directed(&mut w, a, 3);
+    assert!(w.result(&r3).is_none());
+    // A itself closes: everything directed at it fails, and so does a new one.
+    let mut cl = Request::new(Opcode::EpClose);
+    cl.ep = a.ep;
+    let h = w.submit(0, cl, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    for r in [&r1, &r2, &r3] {
+        assert_eq!(w.status(r), Some(Status::PeerGone));
+    }
+    let r4 = directed(&mut w, a, 4);
+    assert_eq!(w.status(&r4), Some(Status::PeerGone));
 }
 
 #[test]
