@@ -5,8 +5,8 @@
 use vfabric_proto::{
     bit, caps::key, caps::RemoteHostEntry, flags, CapValue, CapsBuilder, FabricConfig,
     VENDOR_ID_VFABRIC, VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_MSG,
-    VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA, VIRTIO_FABRIC_F_TAGGED,
-    VIRTIO_FABRIC_F_VENDOR_CAPS,
+    VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA, VIRTIO_FABRIC_F_RMA_PMEM,
+    VIRTIO_FABRIC_F_TAGGED, VIRTIO_FABRIC_F_VENDOR_CAPS,
 };
 
 use super::atomic;
@@ -23,7 +23,9 @@ pub(crate) const HONOURED_FLAGS: u64 = flags::REMOTE_CQ_DATA
     | flags::CLAIM
     | flags::DISCARD
     | flags::DIRECTED
-    | flags::FENCE;
+    | flags::FENCE
+    | flags::COMMIT_COMPLETE
+    | flags::SAVE;
 
 impl Fabric {
     /// Feature bits the device offers beyond the transport ones.
@@ -33,7 +35,8 @@ impl Fabric {
             | bit(VIRTIO_FABRIC_F_VENDOR_CAPS)
             | bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
             | bit(VIRTIO_FABRIC_F_RMA)
-            | bit(VIRTIO_FABRIC_F_ATOMIC);
+            | bit(VIRTIO_FABRIC_F_ATOMIC)
+            | bit(VIRTIO_FABRIC_F_RMA_PMEM);
         if self.limits.num_queue_pairs > 1 {
             f |= bit(VIRTIO_FABRIC_F_MQ);
         }
@@ -168,6 +171,13 @@ impl Fabric {
                 "driver_version",
                 CapValue::Str(env!("CARGO_PKG_VERSION").into()),
             );
+        if acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) != 0 {
+            b.std_u64(
+                key::PMEM_GRANULARITY,
+                "pmem_granularity",
+                crate::pmem::DEVICE_GRANULARITY as u64,
+            );
+        }
         let remote = self.remote_hosts.snapshot();
         if !remote.is_empty() {
             let mut v = Vec::with_capacity(remote.len() * RemoteHostEntry::LEN);
@@ -217,6 +227,16 @@ impl Fabric {
             (k::STAT_RING_ERRORS, "ring_errors", s.ring_errors),
             (k::STAT_DGRAM_DROPS, "dgram_drops", s.dgram_drops),
             (k::STAT_ERROR_COMPLETIONS, "error_completions", errors),
+            (
+                k::STAT_PERSISTED_RANGES,
+                "persisted_ranges",
+                s.persisted_ranges,
+            ),
+            (
+                k::STAT_PERSISTED_BYTES,
+                "persisted_bytes",
+                s.persisted_bytes,
+            ),
         ] {
             b.push(VENDOR_ID_VFABRIC, key, name, CapValue::U64(v));
         }
