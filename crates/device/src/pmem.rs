@@ -38,6 +38,16 @@ pub enum Granularity {
     Page = 2,
 }
 
+impl Granularity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Byte => "byte",
+            Self::CacheLine => "cache_line",
+            Self::Page => "page",
+        }
+    }
+}
+
 mod ffi {
     use std::os::raw::{c_char, c_int, c_void};
 

@@ -94,6 +94,9 @@ pub mod vfabricd_key {
     pub const ONE_COPY: u16 = 2;
     pub const DEVICE_VERSION: u16 = 3;
     pub const IMPLEMENTATION: u16 = 4;
+    /// With VIRTIO_FABRIC_F_RMA_PMEM: the store granularity of persistent regions as text
+    /// ("byte", "cache_line", "page"; the standard `PMEM_GRANULARITY`, for `fi_info`).
+    pub const PMEM_GRANULARITY: u16 = 5;
     /// The virtio device id the daemon announces (U64).
     pub const VIRTIO_DEVICE_ID: u16 = 100;
     /// Device statistics (U64 each), current when QUERY_CAPS is answered: the counters

@@ -192,6 +192,14 @@ impl Fabric {
             b.push(0, key::REMOTE_HOSTS, "remote_hosts", CapValue::Bytes(v));
         }
         if acked & bit(VIRTIO_FABRIC_F_VENDOR_CAPS) != 0 {
+            if acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) != 0 {
+                b.push(
+                    VENDOR_ID_VFABRIC,
+                    vfabric_proto::caps::vfabricd_key::PMEM_GRANULARITY,
+                    "pmem_granularity",
+                    CapValue::Str(crate::pmem::DEVICE_GRANULARITY.name().into()),
+                );
+            }
             for a in &self.vendor_attrs {
                 b.push(a.vendor, a.key, &a.name, a.value.clone());
             }
