@@ -153,7 +153,7 @@ fn wait(cq: &CompletionQueue) -> Result<(), CliError> {
         if Instant::now() > deadline {
             return Err(CliError::Run("timed out waiting for a completion".into()));
         }
-        std::hint::spin_loop();
+        std::thread::yield_now();
     }
 }
 
