@@ -250,6 +250,30 @@ fn save_and_commit_persist_the_named_ranges() {
     assert_eq!(c.context, 7);
     let end = persisted(&p.db);
     assert_eq!((end.0 - after.0, end.1 - after.1), (1, 64));
+    // Writedata with COMMIT_COMPLETE: persisted before the target's notification.
+    p.b.ep.recv_vec(64, 10).unwrap();
+    let before_wd = persisted(&p.db);
+    p.a.ep
+        .writemsg(
+            &RmaMsg {
+                iov: &[Iov::bytes(&[0xdd; 100])],
+                addr: p.b_addr,
+                rma_iov: &[range(5000, 100)],
+                context: 12,
+                data: 0x77,
+            },
+            fi::REMOTE_CQ_DATA | fi::COMMIT_COMPLETE,
+        )
+        .unwrap();
+    next_ok(&p.a.tx);
+    let t = next_ok(&p.b.rx);
+    assert_eq!(t.data, 0x77);
+    let after_wd = persisted(&p.db);
+    assert_eq!(
+        (after_wd.0 - before_wd.0, after_wd.1 - before_wd.1),
+        (1, 100)
+    );
+    assert_eq!(file_bytes(&path, 5000, 100), vec![0xdd; 100]);
     // A save with remote CQ data notifies the target once the ranges are durable (it
     // consumes a posted receive, as writedata does).
     p.b.ep.recv_vec(64, 11).unwrap();
