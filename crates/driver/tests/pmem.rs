@@ -474,3 +474,22 @@ fn registrations_that_cannot_be_persistent_are_refused() {
     w.write_all(b"x").unwrap();
     let _ = &p.da;
 }
+
+#[test]
+fn persistent_regions_per_device_are_bounded() {
+    let r = rig(2);
+    let p = pair(&r);
+    let (f, _) = pmem_file(&r, "pmem5", 4096);
+    // Each region holds a descriptor of the daemon: at most 64 per device.
+    let regions: Vec<_> = (0..64)
+        .map(|_| p.db.register_pmem(&f, 0, 4096, RW).unwrap())
+        .collect();
+    let e = p.db.register_pmem(&f, 0, 4096, RW).unwrap_err();
+    assert!(matches!(e, Error::Device(Status::NoResources)), "{e:?}");
+    // Plain regions are not affected, and a freed slot is reusable.
+    let buf = p.db.alloc_buffer(64).unwrap();
+    p.db.register(&buf, RW, None).unwrap();
+    drop(regions);
+    p.db.register_pmem(&f, 0, 4096, RW).unwrap();
+    let _ = &p.da;
+}

@@ -22,6 +22,15 @@ use crate::chain::{completion, Req, Segs};
 use crate::pmem::PmemFile;
 use crate::xmem::PeerProcess;
 
+/// Persistent regions per device: each holds a descriptor (and a mapping) of the daemon, so a
+/// guest must not be able to exhaust the daemon's descriptors with them (`max_mrs` is larger).
+pub(super) const MAX_PMEM_REGIONS: usize = 64;
+
+/// Persistent regions of the locked device `d`.
+pub(super) fn pmem_regions(d: &super::Dev) -> usize {
+    d.mrs.values().filter(|m| m.pmem.is_some()).count()
+}
+
 /// The file of a persistent registration of `segs` (one segment of frontend addresses): the
 /// frontend's descriptor `fd`, which must map the segment `MAP_SHARED` from `file_offset`.
 pub(super) fn open_region(

@@ -212,6 +212,11 @@ impl Fabric {
             return self.fail(dev, port, &req, Status::Invalid, n);
         }
         let len = segs.len;
+        if fl & mr_flags::PMEM != 0
+            && super::pmem::pmem_regions(&self.dev(dev)) >= super::pmem::MAX_PMEM_REGIONS
+        {
+            return self.fail(dev, port, &req, Status::NoResources, n);
+        }
         let pmem = match (fl & mr_flags::PMEM != 0, &process) {
             (true, Some(p)) => match super::pmem::open_region(p, &segs, r.tag, r.data) {
                 Ok(f) => Some(Arc::new(f)),
@@ -224,7 +229,9 @@ impl Fabric {
         };
         let granularity = pmem.as_ref().map_or(0, |p| p.granularity() as u64);
         let mut d = self.dev(dev);
-        if d.mrs.len() >= self.limits.max_mrs as usize {
+        if d.mrs.len() >= self.limits.max_mrs as usize
+            || (pmem.is_some() && super::pmem::pmem_regions(&d) >= super::pmem::MAX_PMEM_REGIONS)
+        {
             drop(d);
             return self.fail(dev, port, &req, Status::NoResources, n);
         }
