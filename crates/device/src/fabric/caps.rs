@@ -86,7 +86,15 @@ impl Fabric {
             )
             .std_u64(key::MAX_SGE, "max_sge", l.max_sge.into())
             .std_u64(key::CAPS, "caps", self.fabric_features())
-            .std_u64(key::FLAGS, "flags", HONOURED_FLAGS)
+            .std_u64(
+                key::FLAGS,
+                "flags",
+                if acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) != 0 {
+                    HONOURED_FLAGS
+                } else {
+                    HONOURED_FLAGS & !(flags::COMMIT_COMPLETE | flags::SAVE)
+                },
+            )
             .std_u64(key::MSG_ORDER, "msg_order", 1)
             .std_u64(
                 key::TAG_BITS,
