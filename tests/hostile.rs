@@ -41,8 +41,8 @@ use vfabric_device::{Config, DaemonHandle, DeviceStats};
 use vfabric_proto::{
     bit, comp_flags, ep_open, flags, Completion, FabricAddr, Opcode, ReqHeader, Request, Status,
     COMPLETION_LEN, REQ_HEADER_LEN, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_FABRIC_F_MQ,
-    VIRTIO_FABRIC_F_MSG, VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_TAGGED,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_FABRIC_F_MSG, VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA_PMEM,
+    VIRTIO_FABRIC_F_TAGGED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -2003,24 +2003,45 @@ fn unknown_opcodes() {
                 n += 1;
             }
         }
-        // Defined opcodes of a feature the device does not offer (persistence).
-        {
-            let (q, op) = (TX, Opcode::Flush);
-            let hd = h.hdr(op, me.ep);
-            let s = h.request(q, hd, &[], 0);
-            h.expect_status(
-                &s,
-                Status::Unsupported,
-                hd.cookie.into(),
-                &format!("{op:?}"),
-            );
-            n += 1;
-        }
+        // (Defined opcodes of a feature not negotiated: `persistence_needs_rma_pmem`.)
         let st = w.rig.stats(HOSTILE);
         assert_eq!(st.errors(Status::Unsupported), n, "{st:?}");
         w.expect_hostile_connected();
         w.check_service();
         w.hostile_works(&mut h);
+    });
+}
+
+/// FLUSH and COMMIT_COMPLETE from a driver that did not negotiate VIRTIO_FABRIC_F_RMA_PMEM:
+/// UNSUPPORTED, before any other check.
+#[test]
+fn persistence_needs_rma_pmem() {
+    bounded("persistence_needs_rma_pmem", || {
+        let mut w = World::new();
+        let offered = {
+            let h = Hostile::connect(&w.hostile_path());
+            h.fe.get_features().unwrap()
+        };
+        w.rig.wait_disconnects(HOSTILE, 1);
+        assert_ne!(
+            offered & bit(VIRTIO_FABRIC_F_RMA_PMEM),
+            0,
+            "RMA_PMEM offered"
+        );
+        let acked = offered & !bit(VIRTIO_FABRIC_F_RMA_PMEM);
+        let mut h = Hostile::with_features(&w.hostile_path(), Features::Exactly(acked));
+        let me = h.open_ep();
+        let hd = h.hdr(Opcode::Flush, me.ep);
+        let s = h.request(TX, hd, &[], 0);
+        h.expect_status(&s, Status::Unsupported, hd.cookie.into(), "FLUSH");
+        let mut hd = h.hdr(Opcode::RmaWrite, me.ep);
+        hd.flags = flags::COMMIT_COMPLETE.into();
+        let s = h.request(TX, hd, b"x", 0);
+        h.expect_status(&s, Status::Unsupported, hd.cookie.into(), "COMMIT_COMPLETE");
+        let st = w.rig.stats(HOSTILE);
+        assert!(st.connected && st.ring_errors == 0, "still served: {st:?}");
+        assert_eq!(st.errors(Status::Unsupported), 2, "{st:?}");
+        w.check_service();
     });
 }
 
@@ -2144,11 +2165,11 @@ fn unknown_flags_reserved_fields_and_bad_parameters() {
                 Invalid,
             ),
             c(
-                "COMMIT_COMPLETE on RMA_WRITE (no RMA_PMEM)",
+                "COMMIT_COMPLETE on RMA_WRITE (no such PMEM region)",
                 TX,
                 RmaWrite,
                 flags::COMMIT_COMPLETE,
-                Unsupported,
+                Status::Access,
             ),
             c(
                 "MULTI_RECV (not implemented)",
@@ -2522,12 +2543,12 @@ fn error_precedence() {
         hd5.reserved0 = 2.into();
         let s = h.request(TX, hd5, b"x", 0);
         h.expect_status(&s, Status::Invalid, 6, "reserved before endpoint");
-        // 10 before 11: a flag the device does not implement (COMMIT_COMPLETE without
-        // RMA_PMEM) with a bad endpoint → UNSUPPORTED.
+        // 10 before 11: a flag the device does not implement (MULTI_RECV) with a bad
+        // endpoint → UNSUPPORTED.
         let mut hd6 = h.send_hdr(77, b, 7);
-        hd6.opcode = (Opcode::RmaWrite as u16).into();
-        hd6.flags = flags::COMMIT_COMPLETE.into();
-        let s = h.request(TX, hd6, b"x", 0);
+        hd6.opcode = (Opcode::Recv as u16).into();
+        hd6.flags = flags::MULTI_RECV.into();
+        let s = h.request(RX, hd6, &[], 64);
         h.expect_status(
             &s,
             Status::Unsupported,
@@ -3670,10 +3691,10 @@ fn hostile_memory_registration() {
                 Status::Invalid,
             ),
             (
-                "PMEM",
+                "PMEM of guest memory (not durable: vfabricd takes process memory only)",
                 reg(&mut h, 1, rw | mf::PMEM, 1),
                 one.clone(),
-                Status::Unsupported,
+                Status::Access,
             ),
             (
                 "segment outside memory",
@@ -3923,11 +3944,11 @@ fn hostile_rma_requests() {
                 Invalid,
             ),
             (
-                "COMMIT_COMPLETE",
+                "COMMIT_COMPLETE to a region that is not PMEM",
                 rma(&mut h, RmaWrite, base, key, 0, flags::COMMIT_COMPLETE),
                 d16.to_vec(),
                 0,
-                Unsupported,
+                Access,
             ),
             (
                 "bad endpoint",

@@ -399,6 +399,20 @@ fn c_vendor_ops() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("ext: ok"));
 }
 
+/// Persistent memory through the provider: a file mmap'ed MAP_SHARED registered with
+/// FI_RMA_PMEM, FI_COMMIT_COMPLETE, FI_SAVE and the commit extension (`FI_VFABRIC_EP_OPS_V1`),
+/// checked against the device's persistence counters (tests/c/vf_pmem_test.c).
+#[test]
+fn c_pmem() {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    let bin = BIN.get_or_init(|| compile_c("vf_pmem_test"));
+    let d = DaemonProcess::start(1, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    let o = run_with_timeout(&mut fi_cmd(bin, &socks), Duration::from_secs(60));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("pmem: ok"));
+}
+
 /// A logger imported with `fi_import_log` receives the provider's messages with their level,
 /// subsystem, function and line, `FI_LOG_LEVEL` still filters them, and closing the import
 /// hands logging back to the core.

@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod info;
+mod pmem;
 mod report;
 mod scale;
 
@@ -63,6 +64,9 @@ enum Command {
     /// Head-of-line blocking: pair 1's ping-pong latency alone, then while pair 2 streams
     /// large RMA writes through the same device; reports the ratio.
     Hol(scale::HolArgs),
+    /// Persistent memory: a persistent-region target (`pmem target`) and the write + commit
+    /// latency benchmark against a local msync (`pmem bench`).
+    Pmem(pmem::PmemArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -240,6 +244,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Scale(a) => scale::run_scale(a),
         Command::Hol(a) => scale::run_hol(a),
+        Command::Pmem(a) => pmem::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

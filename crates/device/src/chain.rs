@@ -464,6 +464,7 @@ pub(crate) fn implemented(op: Opcode) -> bool {
             | Atomic
             | FetchAtomic
             | CompareAtomic
+            | Flush
     )
 }
 
@@ -734,6 +735,13 @@ pub(crate) fn parse_walked(
                 return reject(Status::TooLarge, cookie);
             }
             if req.flags & flags::INJECT != 0 && local > u64::from(limits.inject_size) {
+                return reject(Status::Invalid, cookie);
+            }
+        }
+        Opcode::Flush => {
+            if req.count > limits.max_sge
+                || payload.len != u64::from(req.count) * RMA_IOV_LEN as u64
+            {
                 return reject(Status::Invalid, cookie);
             }
         }

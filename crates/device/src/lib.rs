@@ -26,6 +26,7 @@ mod fabric;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod pmem;
 mod poller;
 mod ring;
 mod socket;

@@ -20,6 +20,9 @@ pub(crate) struct Counters {
     pub ring_errors: AtomicU64,
     pub dgram_drops: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    /// Ranges (and their bytes) made durable by the persistence primitive (§6.17).
+    pub persisted_ranges: AtomicU64,
+    pub persisted_bytes: AtomicU64,
     pub connected: AtomicBool,
     errors: [AtomicU64; NUM_STATUS],
 }
@@ -67,6 +70,8 @@ impl Counters {
             ring_errors: get(&self.ring_errors),
             dgram_drops: get(&self.dgram_drops),
             handshake_timeouts: get(&self.handshake_timeouts),
+            persisted_ranges: get(&self.persisted_ranges),
+            persisted_bytes: get(&self.persisted_bytes),
             error_completions,
         }
     }
@@ -97,6 +102,9 @@ pub struct DeviceStats {
     pub dgram_drops: u64,
     /// Frontends dropped for not starting a ring within the handshake deadline.
     pub handshake_timeouts: u64,
+    /// Persistent-memory ranges made durable by pmem2's persist function, and their bytes.
+    pub persisted_ranges: u64,
+    pub persisted_bytes: u64,
     /// Completions with a non-`Ok` status, by status (only non-zero counts, by status code).
     pub error_completions: Vec<(Status, u64)>,
 }

@@ -81,6 +81,24 @@ impl PeerProcess {
         Ok(*pid)
     }
 
+    /// A duplicate of the frontend's descriptor `fd` (`pidfd_getfd(2)`, which needs the same
+    /// ptrace permission as the cross-memory copies): the file of a persistent region.
+    pub fn file_of(&self, fd: u64) -> Result<File, String> {
+        let fd = i32::try_from(fd).map_err(|_| format!("descriptor {fd} out of range"))?;
+        self.pid()?;
+        let Some(Ok((_, pidfd))) = self.pid.get() else {
+            return Err("frontend process unknown".into());
+        };
+        // SAFETY: pidfd_getfd(2) duplicates a descriptor of the process into ours; it takes
+        // integers only and returns a new descriptor or -1.
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if got < 0 {
+            return Err(format!("pidfd_getfd({fd}): {}", io::Error::last_os_error()));
+        }
+        // SAFETY: `got` is a descriptor the kernel just installed for us alone.
+        Ok(unsafe { File::from_raw_fd(got as i32) })
+    }
+
     pub fn atomics_lock(&self) -> MutexGuard<'_, ()> {
         self.atomics.lock().unwrap_or_else(|p| p.into_inner())
     }

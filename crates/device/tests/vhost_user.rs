@@ -326,7 +326,7 @@ fn features_config_messages_disconnect_and_reconnect() {
         ] {
             assert_ne!(f & bit(b), 0, "feature {b} offered");
         }
-        assert_eq!(f & 0b1_1100, 0b1100, "RMA and ATOMIC offered, RMA_PMEM not");
+        assert_eq!(f & 0b1_1100, 0b1_1100, "RMA, ATOMIC and RMA_PMEM offered");
         fe.set_features(f).unwrap();
         let p = fe.get_protocol_features().unwrap();
         let want = VhostUserProtocolFeatures::MQ

@@ -192,6 +192,8 @@ impl Domain {
             ring_errors: get(k::STAT_RING_ERRORS).ok_or_else(missing)?,
             dgram_drops: get(k::STAT_DGRAM_DROPS).ok_or_else(missing)?,
             error_completions: get(k::STAT_ERROR_COMPLETIONS).ok_or_else(missing)?,
+            persisted_ranges: get(k::STAT_PERSISTED_RANGES).ok_or_else(missing)?,
+            persisted_bytes: get(k::STAT_PERSISTED_BYTES).ok_or_else(missing)?,
         })
     }
 
@@ -418,6 +420,9 @@ pub struct DeviceCounters {
     pub ring_errors: u64,
     pub dgram_drops: u64,
     pub error_completions: u64,
+    /// Persistent-memory ranges the device made durable, and their bytes (spec §6.17).
+    pub persisted_ranges: u64,
+    pub persisted_bytes: u64,
 }
 
 pub(crate) struct DomainInner {

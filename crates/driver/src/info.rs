@@ -163,6 +163,9 @@ impl Info {
             caps |=
                 fi::RMA | fi::READ | fi::WRITE | fi::REMOTE_READ | fi::REMOTE_WRITE | fi::RMA_EVENT;
         }
+        if class_ok(proto::VIRTIO_FABRIC_F_RMA) && class_ok(proto::VIRTIO_FABRIC_F_RMA_PMEM) {
+            caps |= fi::RMA_PMEM;
+        }
         if class_ok(proto::VIRTIO_FABRIC_F_ATOMIC) {
             caps |= fi::ATOMIC | fi::READ | fi::WRITE | fi::REMOTE_READ | fi::REMOTE_WRITE;
         }

@@ -75,6 +75,7 @@ mod external;
 pub mod info;
 mod lock;
 pub mod memory;
+pub mod pmem;
 mod ring;
 pub mod rma;
 mod transport;
@@ -89,6 +90,7 @@ pub use endpoint::{
 };
 pub use info::{getinfo, Hints, Info, Limits, DEFAULT_SOCKET_DIR, FABRIC_NAME};
 pub use memory::SharedBuf;
+pub use pmem::{PmemBacking, PmemRegion};
 pub use rma::{Counter, MemoryRegion, MrAttr};
 
 /// libfabric constants (values from `rdma/fabric.h`, `rdma/fi_errno.h`, libfabric 1.17) so the
@@ -118,6 +120,9 @@ pub mod fi {
     pub const TRANSMIT_COMPLETE: u64 = 1 << 27;
     pub const DELIVERY_COMPLETE: u64 = 1 << 28;
     pub const COMMIT_COMPLETE: u64 = 1 << 30;
+    /// The proposed `FI_SAVE` (`fi_writemsg` flag, ofiwg/libfabric#5874; in no release): the
+    /// write moves no data and brings the named ranges to its completion level (spec §6.17).
+    pub const SAVE: u64 = 1 << 32;
     pub const MATCH_COMPLETE: u64 = 1 << 31;
     pub const RMA_EVENT: u64 = 1 << 56;
     pub const RMA_PMEM: u64 = 1 << 49;

@@ -41,6 +41,9 @@ pub struct MrAttr {
     pub offset_addressing: bool,
     /// Count remote accesses to the region (`fi::RMA_EVENT`).
     pub rma_event: bool,
+    /// A persistent region (`fi::RMA_PMEM`): the memory is a `MAP_SHARED` mapping of this
+    /// file (see [`crate::Domain::register_pmem`]).
+    pub pmem: Option<crate::pmem::PmemBacking>,
 }
 
 /// The access flags a registration accepts.
@@ -195,6 +198,8 @@ pub struct MemoryRegion {
     len: usize,
     remote: bool,
     rma_event: bool,
+    /// Store granularity of a persistent region (0 byte, 1 cache line, 2 page).
+    pmem_granularity: Option<u8>,
     _keep: Option<Arc<Allocation>>,
 }
 
@@ -227,6 +232,12 @@ impl MemoryRegion {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// For a persistent region, the store granularity the device reported for it (0 byte,
+    /// 1 cache line, 2 page: the unit a crash may tear).
+    pub fn pmem_granularity(&self) -> Option<u8> {
+        self.pmem_granularity
     }
 
     /// `fi_mr_bind` of a counter: counts remote accesses to this region (needs
@@ -324,6 +335,7 @@ impl DomainInner {
                 len,
                 remote: false,
                 rma_event: false,
+                pmem_granularity: None,
                 _keep: keep,
             });
         }
@@ -356,6 +368,21 @@ impl DomainInner {
             flags |= mr_flags::PROCESS_MEMORY;
         }
         let mut req = Request::new(Opcode::MrReg);
+        if let Some(b) = attr.pmem {
+            if !self.has_feature(vfabric_proto::VIRTIO_FABRIC_F_RMA_PMEM) {
+                return Err(Error::Unsupported(
+                    "persistent memory (F_RMA_PMEM not negotiated)".into(),
+                ));
+            }
+            if segs.len() != 1 || !process_memory {
+                return Err(Error::InvalidArgument(
+                    "a persistent region is one range of a file mapping".into(),
+                ));
+            }
+            flags |= mr_flags::PMEM;
+            req.tag = b.fd as u64;
+            req.data = b.offset;
+        }
         match attr.requested_key {
             Some(k) => req.remote_key = k,
             None => flags |= mr_flags::PROV_KEY,
@@ -389,6 +416,7 @@ impl DomainInner {
             len,
             remote: true,
             rma_event: attr.rma_event,
+            pmem_granularity: attr.pmem.map(|_| u64::from(r.completion.olen).min(2) as u8),
             _keep: keep,
         })
     }

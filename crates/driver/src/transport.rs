@@ -29,6 +29,7 @@ pub(crate) const DRIVER_FEATURES: u64 = bit(proto::VIRTIO_F_VERSION_1)
     | bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
     | bit(proto::VIRTIO_FABRIC_F_RMA)
     | bit(proto::VIRTIO_FABRIC_F_ATOMIC)
+    | bit(proto::VIRTIO_FABRIC_F_RMA_PMEM)
     | bit(proto::VIRTIO_RING_F_EVENT_IDX)
     | bit(proto::VHOST_USER_F_PROTOCOL_FEATURES);
 

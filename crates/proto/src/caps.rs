@@ -82,6 +82,9 @@ pub mod key {
     /// Other hosts of the fabric the device can reach (several hosts): BYTES, one
     /// [`RemoteHostEntry`](crate::caps::RemoteHostEntry) (8 bytes) per host. Absent on one host.
     pub const REMOTE_HOSTS: u16 = 25;
+    /// With VIRTIO_FABRIC_F_RMA_PMEM: the coarsest store granularity of the device's persistent
+    /// regions (U64: 0 byte, 1 cache line, 2 page); each PMEM MR_REG reports its own (§6.17).
+    pub const PMEM_GRANULARITY: u16 = 40;
 }
 
 /// Keys of the vendor attributes `vfabricd` reports (vendor `VENDOR_ID_VFABRIC`, only when
@@ -91,6 +94,9 @@ pub mod vfabricd_key {
     pub const ONE_COPY: u16 = 2;
     pub const DEVICE_VERSION: u16 = 3;
     pub const IMPLEMENTATION: u16 = 4;
+    /// With VIRTIO_FABRIC_F_RMA_PMEM: the store granularity of persistent regions as text
+    /// ("byte", "cache_line", "page"; the standard `PMEM_GRANULARITY`, for `fi_info`).
+    pub const PMEM_GRANULARITY: u16 = 5;
     /// The virtio device id the daemon announces (U64).
     pub const VIRTIO_DEVICE_ID: u16 = 100;
     /// Device statistics (U64 each), current when QUERY_CAPS is answered: the counters
@@ -104,6 +110,9 @@ pub mod vfabricd_key {
     pub const STAT_DGRAM_DROPS: u16 = 206;
     /// Completions with a status other than OK.
     pub const STAT_ERROR_COMPLETIONS: u16 = 207;
+    /// Persistent-memory ranges made durable, and their bytes (§6.17).
+    pub const STAT_PERSISTED_RANGES: u16 = 220;
+    pub const STAT_PERSISTED_BYTES: u16 = 221;
 }
 
 /// One entry of the `REMOTE_HOSTS` capability: 8 bytes, little-endian.

@@ -838,8 +838,8 @@ pub fn allowed_flags(op: Opcode) -> u64 {
         TRecv => PEEK | CLAIM | DISCARD | DIRECTED,
         RmaWrite => REMOTE_CQ_DATA | INJECT | completion | COMMIT_COMPLETE | FENCE,
         RmaRead => FENCE | DELIVERY_COMPLETE,
-        Atomic => INJECT | completion | FENCE,
-        FetchAtomic | CompareAtomic => FENCE | DELIVERY_COMPLETE,
+        Atomic => INJECT | completion | COMMIT_COMPLETE | FENCE,
+        FetchAtomic | CompareAtomic => FENCE | DELIVERY_COMPLETE | COMMIT_COMPLETE,
         Flush => SAVE | DELIVERY_COMPLETE | COMMIT_COMPLETE | REMOTE_CQ_DATA | FENCE,
         QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck => 0,
     }

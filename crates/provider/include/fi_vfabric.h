@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <rdma/fabric.h>
 #include <rdma/fi_domain.h>
+#include <rdma/fi_rma.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -52,6 +53,8 @@ struct fi_vfabric_counters {
 	uint64_t ring_errors;
 	uint64_t dgram_drops;
 	uint64_t error_completions;
+	uint64_t persisted_ranges; /* persistent-memory ranges made durable (FI_RMA_PMEM) */
+	uint64_t persisted_bytes;  /* and their bytes */
 };
 
 struct fi_vfabric_domain_ops_v1 {
@@ -63,6 +66,38 @@ struct fi_vfabric_domain_ops_v1 {
 			    size_t *count);
 	/* Read the device's counters. Returns 0 or a negative libfabric error. */
 	int (*counters)(struct fid_domain *domain, struct fi_vfabric_counters *counters);
+};
+
+/* Persistent memory (FI_RMA_PMEM; docs/spec.md §6.17).
+ *
+ * fi_mr_reg/fi_mr_regattr with the FI_RMA_PMEM flag register a buffer the application mapped
+ * MAP_SHARED from a regular file (one iov); the provider finds the file in /proc/self/maps and
+ * the device persists its ranges with libpmem2. Anonymous or private memory: -FI_EINVAL.
+ *
+ * FI_SAVE (proposed in ofiwg/libfabric#5874; in no libfabric release): an fi_writemsg flag.
+ * The write moves no data (iov_count 0 or empty iovs); the ranges of msg->rma_iov are brought
+ * to the completion level the flags carry: FI_SAVE | FI_COMMIT_COMPLETE persists them
+ * (persistent regions only, else the completion fails with FI_EACCES); FI_SAVE alone or with
+ * FI_DELIVERY_COMPLETE is a visibility flush. Zero-length ranges are valid. */
+#ifndef FI_SAVE
+#define FI_SAVE (1ULL << 32)
+#endif
+
+/* Endpoint ops, version 1:
+ *   struct fi_vfabric_ep_ops_v1 *ops;
+ *   fi_open_ops(&ep->fid, FI_VFABRIC_EP_OPS_V1, 0, (void **)&ops, NULL);
+ * Any other name answers -FI_ENOSYS. */
+#define FI_VFABRIC_EP_OPS_V1 "fi_vfabric_ep_ops_v1"
+
+struct fi_vfabric_ep_ops_v1 {
+	size_t size; /* sizeof(struct fi_vfabric_ep_ops_v1) */
+	/* The commit operation of ofiwg/libfabric PR #5875: persist count ranges at dest_addr.
+	 * flags: FI_DELIVERY_COMPLETE makes it a visibility commit (default: FI_COMMIT_COMPLETE);
+	 * FI_FENCE, FI_COMPLETION as for fi_writemsg. Completes on the transmit CQ with
+	 * FI_RMA | FI_WRITE and len 0; FI_EACCES in fi_cq_readerr for a region that is not
+	 * persistent or lacks FI_REMOTE_WRITE, a range outside it or an unknown key. */
+	ssize_t (*commit)(struct fid_ep *ep, const struct fi_rma_iov *rma_iov, size_t count,
+			  fi_addr_t dest_addr, uint64_t flags, void *context);
 };
 
 #ifdef __cplusplus

@@ -581,7 +581,7 @@ fn mr_create(
         Ok(d) => d,
         Err(e) => return -e,
     };
-    if flags & !fi::RMA_EVENT != 0 {
+    if flags & !(fi::RMA_EVENT | fi::RMA_PMEM) != 0 {
         return -fi::EBADFLAGS;
     }
     let remote = access & (fi::REMOTE_READ | fi::REMOTE_WRITE) != 0;
@@ -594,12 +594,35 @@ fn mr_create(
         if iov.iter().any(|&(p, l)| p == 0 && l > 0) {
             return -fi::EINVAL;
         }
+        // FI_RMA_PMEM: the buffer must be a shared mapping of a file, which the device
+        // persists (held open until the device has its own handle).
+        let backing = if flags & fi::RMA_PMEM != 0 {
+            if iov.len() != 1 {
+                return -fi::EINVAL;
+            }
+            match crate::pmem::backing_file(addr, len) {
+                Ok(b) => Some(b),
+                Err(why) => {
+                    crate::util::warn(
+                        sys::fi_log_subsys_FI_LOG_MR,
+                        &format!("fi_mr_reg(FI_RMA_PMEM) refused: {why}"),
+                    );
+                    return -fi::EINVAL;
+                }
+            }
+        } else {
+            None
+        };
         let attr = vfabric::MrAttr {
             access,
             requested_key: (!prov_key).then_some(requested_key),
             offset_addressing: d.mr_mode & sys::FI_MR_VIRT_ADDR as i32 == 0
                 && d.mr_mode != sys::fi_mr_mode_FI_MR_BASIC as i32,
             rma_event,
+            pmem: backing.as_ref().map(|(f, offset)| vfabric::PmemBacking {
+                fd: std::os::fd::AsRawFd::as_raw_fd(f),
+                offset: *offset,
+            }),
         };
         let segs: Vec<(*const u8, usize)> = iov.iter().map(|&(p, l)| (p as *const u8, l)).collect();
         // SAFETY: libfabric's registration contract: the buffers stay valid while registered

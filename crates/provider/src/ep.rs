@@ -40,7 +40,7 @@ static EP_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
     close: Some(ep_close),
     bind: Some(ep_bind),
     control: Some(ep_control),
-    ops_open: nosys(),
+    ops_open: Some(crate::pmem::ep_ops_open),
     tostr: nosys(),
     ops_set: nosys(),
 });

@@ -24,6 +24,7 @@ pub const PROVIDER_CAPS: u64 = fi::MSG
     | fi::REMOTE_READ
     | fi::REMOTE_WRITE
     | fi::RMA_EVENT
+    | fi::RMA_PMEM
     | fi::SEND
     | fi::RECV
     | fi::SOURCE
@@ -442,6 +443,10 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
     // where asked for.
     if h.caps & fi::RMA_EVENT == 0 && h.caps != 0 {
         out_caps &= !fi::RMA_EVENT;
+    }
+    // FI_RMA_PMEM is a primary capability: only when asked for.
+    if h.caps & fi::RMA_PMEM == 0 && h.caps != 0 {
+        out_caps &= !fi::RMA_PMEM;
     }
     i.caps = out_caps;
     i.mode = 0;

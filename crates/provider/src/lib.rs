@@ -27,6 +27,7 @@ mod fabric;
 mod info;
 mod multirecv;
 mod nic;
+mod pmem;
 mod rma;
 /// The libfabric bindings (bindgen, shared with the daemon's uplink).
 pub use vfabric_fi_sys as sys;

@@ -583,7 +583,7 @@ fn backend_config_space_and_features() {
     assert_ne!(f & (1 << 29), 0, "EVENT_IDX");
     assert_ne!(f & (1 << 30), 0, "PROTOCOL_FEATURES");
     assert_eq!(f & (1 << 5), 0, "no MQ with one queue pair");
-    assert_eq!(f & 0b1_1100, 0b1100, "RMA and ATOMIC, no RMA_PMEM");
+    assert_eq!(f & 0b1_1100, 0b1_1100, "RMA, ATOMIC and RMA_PMEM");
     assert_eq!(d.backend.num_queues(), 3);
 }
 

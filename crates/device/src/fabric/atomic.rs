@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use vfabric_proto::{atomic_op as aop, datatype as dt, mr_flags, Opcode, Status};
+use vfabric_proto::{atomic_op as aop, datatype as dt, flags, mr_flags, Opcode, Status};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use super::{Fabric, Notify, Port};
@@ -264,6 +264,9 @@ impl Fabric {
         let Some(t) = t else {
             return self.fail(dev, port, &req, Status::Access, n);
         };
+        if r.flags & flags::COMMIT_COMPLETE != 0 && t.mr.pmem.is_none() {
+            return self.fail(dev, port, &req, Status::Access, n);
+        }
         let Some(access) = t.mr.enter() else {
             return self.fail(dev, port, &req, Status::Access, n);
         };
@@ -293,6 +296,12 @@ impl Fabric {
         drop(access);
         if res.is_err() {
             return self.fail(dev, port, &req, Status::Fault, n);
+        }
+        if r.flags & flags::COMMIT_COMPLETE != 0 {
+            let s = self.persist_targets(ddev, std::slice::from_ref(&t));
+            if s != Status::Ok {
+                return self.fail(dev, port, &req, s, n);
+            }
         }
         if fetch && req.data.write_at(&mem, 0, old).is_err() {
             return self.fail(dev, port, &req, Status::Fault, n);

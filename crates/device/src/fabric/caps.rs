@@ -5,8 +5,8 @@
 use vfabric_proto::{
     bit, caps::key, caps::RemoteHostEntry, flags, CapValue, CapsBuilder, FabricConfig,
     VENDOR_ID_VFABRIC, VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_MSG,
-    VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA, VIRTIO_FABRIC_F_TAGGED,
-    VIRTIO_FABRIC_F_VENDOR_CAPS,
+    VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA, VIRTIO_FABRIC_F_RMA_PMEM,
+    VIRTIO_FABRIC_F_TAGGED, VIRTIO_FABRIC_F_VENDOR_CAPS,
 };
 
 use super::atomic;
@@ -23,7 +23,9 @@ pub(crate) const HONOURED_FLAGS: u64 = flags::REMOTE_CQ_DATA
     | flags::CLAIM
     | flags::DISCARD
     | flags::DIRECTED
-    | flags::FENCE;
+    | flags::FENCE
+    | flags::COMMIT_COMPLETE
+    | flags::SAVE;
 
 impl Fabric {
     /// Feature bits the device offers beyond the transport ones.
@@ -33,7 +35,8 @@ impl Fabric {
             | bit(VIRTIO_FABRIC_F_VENDOR_CAPS)
             | bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
             | bit(VIRTIO_FABRIC_F_RMA)
-            | bit(VIRTIO_FABRIC_F_ATOMIC);
+            | bit(VIRTIO_FABRIC_F_ATOMIC)
+            | bit(VIRTIO_FABRIC_F_RMA_PMEM);
         if self.limits.num_queue_pairs > 1 {
             f |= bit(VIRTIO_FABRIC_F_MQ);
         }
@@ -83,7 +86,15 @@ impl Fabric {
             )
             .std_u64(key::MAX_SGE, "max_sge", l.max_sge.into())
             .std_u64(key::CAPS, "caps", self.fabric_features())
-            .std_u64(key::FLAGS, "flags", HONOURED_FLAGS)
+            .std_u64(
+                key::FLAGS,
+                "flags",
+                if acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) != 0 {
+                    HONOURED_FLAGS
+                } else {
+                    HONOURED_FLAGS & !(flags::COMMIT_COMPLETE | flags::SAVE)
+                },
+            )
             .std_u64(key::MSG_ORDER, "msg_order", 1)
             .std_u64(
                 key::TAG_BITS,
@@ -168,6 +179,13 @@ impl Fabric {
                 "driver_version",
                 CapValue::Str(env!("CARGO_PKG_VERSION").into()),
             );
+        if acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) != 0 {
+            b.std_u64(
+                key::PMEM_GRANULARITY,
+                "pmem_granularity",
+                crate::pmem::DEVICE_GRANULARITY as u64,
+            );
+        }
         let remote = self.remote_hosts.snapshot();
         if !remote.is_empty() {
             let mut v = Vec::with_capacity(remote.len() * RemoteHostEntry::LEN);
@@ -182,6 +200,14 @@ impl Fabric {
             b.push(0, key::REMOTE_HOSTS, "remote_hosts", CapValue::Bytes(v));
         }
         if acked & bit(VIRTIO_FABRIC_F_VENDOR_CAPS) != 0 {
+            if acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) != 0 {
+                b.push(
+                    VENDOR_ID_VFABRIC,
+                    vfabric_proto::caps::vfabricd_key::PMEM_GRANULARITY,
+                    "pmem_granularity",
+                    CapValue::Str(crate::pmem::DEVICE_GRANULARITY.name().into()),
+                );
+            }
             for a in &self.vendor_attrs {
                 b.push(a.vendor, a.key, &a.name, a.value.clone());
             }
@@ -217,6 +243,16 @@ impl Fabric {
             (k::STAT_RING_ERRORS, "ring_errors", s.ring_errors),
             (k::STAT_DGRAM_DROPS, "dgram_drops", s.dgram_drops),
             (k::STAT_ERROR_COMPLETIONS, "error_completions", errors),
+            (
+                k::STAT_PERSISTED_RANGES,
+                "persisted_ranges",
+                s.persisted_ranges,
+            ),
+            (
+                k::STAT_PERSISTED_BYTES,
+                "persisted_bytes",
+                s.persisted_bytes,
+            ),
         ] {
             b.push(VENDOR_ID_VFABRIC, key, name, CapValue::U64(v));
         }

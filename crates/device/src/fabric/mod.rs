@@ -54,6 +54,7 @@ mod caps;
 mod fence;
 mod lifecycle;
 mod matching;
+mod pmem;
 mod rma;
 
 /// Where completions of one device go: its used rings.
@@ -562,8 +563,8 @@ impl Fabric {
             | Opcode::RmaRead
             | Opcode::Atomic
             | Opcode::FetchAtomic
-            | Opcode::CompareAtomic => self.op_tx(dev, port, req, n),
-            Opcode::Flush => self.fail(dev, port, &req, Status::Unsupported, n),
+            | Opcode::CompareAtomic
+            | Opcode::Flush => self.op_tx(dev, port, req, n),
         }
     }
 
@@ -572,6 +573,7 @@ impl Fabric {
         match req.req.opcode {
             Opcode::Send | Opcode::TSend => self.op_send(dev, port, req, n),
             Opcode::RmaWrite | Opcode::RmaRead => self.op_rma(dev, port, req, n),
+            Opcode::Flush => self.op_flush(dev, port, req, n),
             _ => self.op_atomic(dev, port, req, n),
         }
     }

@@ -28,6 +28,7 @@ use super::{eager_cost, recv_matches, Body, Dev, Fabric, Meta, Msg, Notify, Port
 use crate::chain::{
     completion, copy_stream, CopyFault, GuestMemoryMmap, Req, Seg, Segs, COPY_CHUNK,
 };
+use crate::pmem::PmemFile;
 use crate::xmem::PeerProcess;
 
 /// A registered memory region.
@@ -40,6 +41,8 @@ pub(crate) struct Mr {
     rma_event: bool,
     /// The segments are addresses of this process (`mr_flags::PROCESS_MEMORY`), not guest memory.
     pub(super) process: Option<Arc<PeerProcess>>,
+    /// The region is persistent memory (`mr_flags::PMEM`): the file behind it (§6.17).
+    pub(super) pmem: Option<Arc<PmemFile>>,
     /// Accesses between [`Mr::enter`] and the drop of their [`MrAccess`].
     inflight: AtomicU32,
     /// Deregistered: no access may enter any more.
@@ -62,6 +65,14 @@ impl Mr {
         self.inflight.fetch_add(1, Ordering::SeqCst);
         let access = MrAccess(self.clone());
         (!self.retired.load(Ordering::SeqCst)).then_some(access)
+    }
+
+    pub(super) fn base(&self) -> u64 {
+        self.base
+    }
+
+    pub(super) fn len(&self) -> u64 {
+        self.segs.len
     }
 
     /// Refuse new accesses and wait for those in progress (copies of at most `max_msg_size`
@@ -110,6 +121,8 @@ pub(super) struct Target {
     pub segs: Segs,
     pub key: u64,
     pub len: u64,
+    /// Offset of the range in the region.
+    pub off: u64,
 }
 
 /// Check `len` bytes at `addr` of region `key` of device `d` for `need` rights.
@@ -130,6 +143,7 @@ fn target(d: &Dev, key: u64, addr: u64, len: u64, need: u64) -> Result<Target, S
         segs,
         key,
         len,
+        off,
     })
 }
 
@@ -146,8 +160,13 @@ impl Fabric {
         {
             return self.fail(dev, port, &req, Status::Invalid, n);
         }
-        if fl & mr_flags::PMEM != 0 {
-            return self.fail(dev, port, &req, Status::Unsupported, n);
+        // Persistent memory is process memory backed by a file (crate::pmem): in a guest
+        // address space the device cannot make anything durable.
+        if fl & mr_flags::PMEM != 0 && fl & mr_flags::PROCESS_MEMORY == 0 {
+            return self.fail(dev, port, &req, Status::Access, n);
+        }
+        if fl & mr_flags::PMEM != 0 && r.count != 1 {
+            return self.fail(dev, port, &req, Status::Invalid, n);
         }
         // Process memory: the frontend's own pages, checked by the kernel on each access.
         let process = if fl & mr_flags::PROCESS_MEMORY != 0 {
@@ -193,8 +212,26 @@ impl Fabric {
             return self.fail(dev, port, &req, Status::Invalid, n);
         }
         let len = segs.len;
+        if fl & mr_flags::PMEM != 0
+            && super::pmem::pmem_regions(&self.dev(dev)) >= super::pmem::MAX_PMEM_REGIONS
+        {
+            return self.fail(dev, port, &req, Status::NoResources, n);
+        }
+        let pmem = match (fl & mr_flags::PMEM != 0, &process) {
+            (true, Some(p)) => match super::pmem::open_region(p, &segs, r.tag, r.data) {
+                Ok(f) => Some(Arc::new(f)),
+                Err(why) => {
+                    debug!(dev, %why, "persistent registration refused");
+                    return self.fail(dev, port, &req, Status::Access, n);
+                }
+            },
+            _ => None,
+        };
+        let granularity = pmem.as_ref().map_or(0, |p| p.granularity() as u64);
         let mut d = self.dev(dev);
-        if d.mrs.len() >= self.limits.max_mrs as usize {
+        if d.mrs.len() >= self.limits.max_mrs as usize
+            || (pmem.is_some() && super::pmem::pmem_regions(&d) >= super::pmem::MAX_PMEM_REGIONS)
+        {
             drop(d);
             return self.fail(dev, port, &req, Status::NoResources, n);
         }
@@ -221,6 +258,7 @@ impl Fabric {
                 access: fl & (mr_flags::REMOTE_READ | mr_flags::REMOTE_WRITE),
                 rma_event: fl & mr_flags::RMA_EVENT != 0,
                 process,
+                pmem,
                 inflight: AtomicU32::new(0),
                 retired: AtomicBool::new(false),
             }),
@@ -229,6 +267,7 @@ impl Fabric {
         let mut c = completion(Status::Ok, r.cookie);
         c.data = key.into();
         c.len = len.into();
+        c.olen = granularity.into();
         self.done(dev, port, &req, &c, 0, n);
     }
 
@@ -415,6 +454,11 @@ impl Fabric {
                         return self.fail(dev, port, &req, s, n);
                     }
                 };
+            // COMMIT_COMPLETE needs every target to be persistent memory (§6.17).
+            if r.flags & flags::COMMIT_COMPLETE != 0 && targets.iter().any(|t| t.mr.pmem.is_none())
+            {
+                return self.fail(dev, port, &req, Status::Access, n);
+            }
             let mut notify = false;
             if write && r.flags & flags::REMOTE_CQ_DATA != 0 {
                 let mut d = self.dev(ddev);
@@ -489,6 +533,10 @@ impl Fabric {
             pos += t.len;
         }
         drop((lmem, rmem, held));
+        if status == Status::Ok && r.flags & flags::COMMIT_COMPLETE != 0 {
+            // Durable before any completion, local or at the target.
+            status = self.persist_targets(ddev, &targets);
+        }
         if status != Status::Ok {
             if notify {
                 self.dev(ddev).unexpected_bytes -= eager_cost(0);
@@ -509,7 +557,7 @@ impl Fabric {
 
     /// Reserve room for a writedata notification to endpoint `dep` of the locked device `d`:
     /// the eager charge of an empty message (returned by [`Fabric::notify_write`]).
-    fn reserve_notification(&self, d: &mut Dev, dep: usize, meta: &Meta) -> bool {
+    pub(super) fn reserve_notification(&self, d: &mut Dev, dep: usize, meta: &Meta) -> bool {
         let Some(e) = d.eps.get(dep).and_then(|s| s.ep.as_ref()) else {
             return false;
         };
@@ -525,7 +573,7 @@ impl Fabric {
 
     /// Writedata: consume a posted RECV of the target (or queue a zero-byte notification), using
     /// the room reserved by [`Fabric::reserve_notification`].
-    fn notify_write(
+    pub(super) fn notify_write(
         &self,
         sdev: usize,
         ddev: usize,

@@ -447,6 +447,29 @@ fn query_caps_lists_limits_and_vendor_attrs() {
     let bare = w.fabric.caps(0, ALL_FEATURES & !(1 << 6));
     let e = CapsParser::parse(&bare).unwrap();
     assert!(e.iter().all(|x| x.vendor == 0));
+    // Persistence flags and the store granularity only with RMA_PMEM negotiated (spec §5.1.1).
+    let flags_of = |caps: &[vfabric_proto::CapEntry]| match caps
+        .iter()
+        .find(|e| e.vendor == 0 && e.key == key::FLAGS)
+        .map(|e| e.value.clone())
+    {
+        Some(CapValue::U64(f)) => f,
+        other => panic!("FLAGS: {other:?}"),
+    };
+    let pmem_bits = vfabric_proto::flags::COMMIT_COMPLETE | vfabric_proto::flags::SAVE;
+    assert_eq!(flags_of(&caps) & pmem_bits, 0, "RMA_PMEM not negotiated");
+    assert!(get(0, key::PMEM_GRANULARITY).is_none());
+    let with_pmem = CapsParser::parse(&w.fabric.caps(
+        0,
+        ALL_FEATURES | 1 << vfabric_proto::VIRTIO_FABRIC_F_RMA_PMEM,
+    ))
+    .unwrap();
+    assert_eq!(flags_of(&with_pmem) & pmem_bits, pmem_bits);
+    let granularity = with_pmem
+        .iter()
+        .find(|e| e.vendor == 0 && e.key == key::PMEM_GRANULARITY)
+        .map(|e| e.value.clone());
+    assert_eq!(granularity, Some(CapValue::U64(2)), "page granularity");
 }
 
 #[test]

@@ -82,7 +82,7 @@ fn remote_list(rma: &[RmaIov]) -> Vec<u8> {
 }
 
 /// Request flags of an RMA/atomic op from libfabric op flags.
-fn op_flags(fi_flags: u64, allowed: u64) -> Result<u64> {
+fn op_flags(fi_flags: u64, allowed: u64, pmem: bool) -> Result<u64> {
     let map = [
         (fi::INJECT, pflags::INJECT),
         (fi::FENCE, pflags::FENCE),
@@ -103,9 +103,9 @@ fn op_flags(fi_flags: u64, allowed: u64) -> Result<u64> {
             "at most one completion level flag".into(),
         ));
     }
-    if f & pflags::COMMIT_COMPLETE != 0 {
+    if f & pflags::COMMIT_COMPLETE != 0 && !pmem {
         return Err(Error::Unsupported(
-            "FI_COMMIT_COMPLETE (persistent memory is not offered)".into(),
+            "FI_COMMIT_COMPLETE (the device does not offer persistent memory, F_RMA_PMEM)".into(),
         ));
     }
     // Flags not meaningful for the operation are ignored (libfabric semantics for op flags),
@@ -207,7 +207,18 @@ impl Endpoint {
     /// `fi_writemsg`. Flags: `fi::REMOTE_CQ_DATA` (send `msg.data`), `fi::INJECT`,
     /// `fi::INJECT_COMPLETE` | `fi::TRANSMIT_COMPLETE` | `fi::DELIVERY_COMPLETE`, `fi::FENCE`,
     /// `fi::COMPLETION`, `fi::MORE`.
+    /// With `fi::SAVE` the write moves no data (`msg.iov` must be empty) and is a FLUSH of
+    /// `msg.rma_iov` ([`Endpoint::save`]).
     pub fn writemsg(&self, msg: &RmaMsg<'_>, flags: u64) -> Result<()> {
+        if flags & fi::SAVE != 0 {
+            if msg.iov.iter().any(|v| !v.is_empty()) {
+                return Err(Error::InvalidArgument(
+                    "FI_SAVE moves no data: the local iov must be empty".into(),
+                ));
+            }
+            let data = (flags & fi::REMOTE_CQ_DATA != 0).then_some(msg.data);
+            return self.save(msg.rma_iov, msg.addr, flags, data, msg.context);
+        }
         let data = (flags & fi::REMOTE_CQ_DATA != 0).then_some(msg.data);
         self.rma_write(msg.iov, msg.addr, msg.rma_iov, data, msg.context, flags)
     }
@@ -291,6 +302,98 @@ impl Endpoint {
         )
     }
 
+    // ------------------------------------------------------------------------------------
+    // Persistent memory (spec §6.17)
+    // ------------------------------------------------------------------------------------
+
+    /// FI_SAVE (`fi_writemsg(FI_SAVE | level)`, proposed in ofiwg/libfabric#5874): bring
+    /// `rma` (zero-length ranges allowed) at `dest` to the completion level in `flags` —
+    /// `fi::COMMIT_COMPLETE`: durable (every region must be persistent, else
+    /// `Device(Access)`); `fi::DELIVERY_COMPLETE` or none: globally visible. With `data` the
+    /// target gets a writedata-style completion once the ranges reached the level. Moves no
+    /// data; completes on the TX CQ like a write (`fi::RMA | fi::WRITE`).
+    pub fn save(
+        &self,
+        rma: &[RmaIov],
+        dest: FiAddr,
+        flags: u64,
+        data: Option<u64>,
+        context: u64,
+    ) -> Result<()> {
+        self.flush(rma, dest, flags & !fi::INJECT, data, context)
+    }
+
+    /// The commit operation of ofiwg/libfabric PR #5875 (`fi_commit(ep, rma_iov, count,
+    /// dest_addr, flags, context)`): persist `rma` at `dest`. The level is COMMIT_COMPLETE
+    /// unless `flags` names `fi::DELIVERY_COMPLETE` (a visibility commit).
+    pub fn commit(&self, rma: &[RmaIov], dest: FiAddr, flags: u64, context: u64) -> Result<()> {
+        let level = if flags & fi::DELIVERY_COMPLETE != 0 {
+            fi::DELIVERY_COMPLETE
+        } else {
+            fi::COMMIT_COMPLETE
+        };
+        let rest = flags & (fi::FENCE | fi::COMPLETION | fi::MORE);
+        self.flush(rma, dest, level | rest, None, context)
+    }
+
+    fn flush(
+        &self,
+        rma: &[RmaIov],
+        dest: FiAddr,
+        flags: u64,
+        data: Option<u64>,
+        context: u64,
+    ) -> Result<()> {
+        self.check_rma()?;
+        if !self.pmem_ok() {
+            return Err(Error::Unsupported(
+                "FI_SAVE / commit (the device does not offer F_RMA_PMEM)".into(),
+            ));
+        }
+        let max = self.domain.info().limits.max_sge.max(1) as usize;
+        if rma.is_empty() || rma.len() > max {
+            return Err(Error::InvalidArgument(format!(
+                "1..={max} remote ranges, got {}",
+                rma.len()
+            )));
+        }
+        if data.is_some()
+            && !self
+                .domain
+                .has_feature(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
+        {
+            return Err(Error::Unsupported(
+                "remote CQ data (F_REMOTE_CQ_DATA)".into(),
+            ));
+        }
+        let mut req = Request::new(Opcode::Flush);
+        req.flags = op_flags(flags, proto::allowed_flags(Opcode::Flush), true)?
+            & !(pflags::REMOTE_CQ_DATA | pflags::TRANSMIT_COMPLETE | pflags::INJECT_COMPLETE);
+        req.flags |= pflags::SAVE;
+        if let Some(d) = data {
+            req.flags |= pflags::REMOTE_CQ_DATA;
+            req.data = d;
+        }
+        // Always a scatter list: `count` = 0 would name a whole region (§6.17).
+        req.count = rma.len() as u32;
+        let list = remote_list(rma);
+        self.post_tx_op(
+            req,
+            &list,
+            Src::None,
+            Local::Iov(&[]),
+            dest,
+            context,
+            flags,
+            fi::RMA | fi::WRITE,
+        )
+    }
+
+    /// Persistent memory was negotiated (FI_RMA_PMEM).
+    pub(crate) fn pmem_ok(&self) -> bool {
+        self.domain.has_feature(proto::VIRTIO_FABRIC_F_RMA_PMEM)
+    }
+
     fn check_rma(&self) -> Result<()> {
         if !self.domain.has_feature(proto::VIRTIO_FABRIC_F_RMA) {
             return Err(Error::Unsupported("RMA (F_RMA not negotiated)".into()));
@@ -368,8 +471,11 @@ impl Endpoint {
             ));
         }
         let mut req = Request::new(Opcode::RmaWrite);
-        req.flags =
-            op_flags(flags, proto::allowed_flags(Opcode::RmaWrite))? & !pflags::REMOTE_CQ_DATA;
+        req.flags = op_flags(
+            flags,
+            proto::allowed_flags(Opcode::RmaWrite),
+            self.pmem_ok(),
+        )? & !pflags::REMOTE_CQ_DATA;
         if let Some(d) = data {
             req.flags |= pflags::REMOTE_CQ_DATA;
             req.data = d;
@@ -409,7 +515,7 @@ impl Endpoint {
             return Err(Error::TooLarge { len, max });
         }
         let mut req = Request::new(Opcode::RmaRead);
-        req.flags = op_flags(flags, proto::allowed_flags(Opcode::RmaRead))?;
+        req.flags = op_flags(flags, proto::allowed_flags(Opcode::RmaRead), self.pmem_ok())?;
         let list = self.remote(&mut req, rma)?;
         // The data area must be exactly what the remote ranges fill.
         let local = match local {
@@ -603,7 +709,7 @@ impl Endpoint {
             l => l,
         };
         let mut req = Request::new(opcode);
-        req.flags = op_flags(flags, proto::allowed_flags(opcode))?;
+        req.flags = op_flags(flags, proto::allowed_flags(opcode), self.pmem_ok())?;
         req.remote_addr = m.remote_addr;
         req.remote_key = m.key;
         req.atomic_op = m.op;

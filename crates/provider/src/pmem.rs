@@ -1,0 +1,186 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Persistent memory in the provider (spec §6.17): `fi_mr_reg(FI_RMA_PMEM)` of a buffer the
+//! application mapped `MAP_SHARED` from a file (the backing file is found in
+//! `/proc/self/maps`), and the endpoint extension `FI_VFABRIC_EP_OPS_V1` with the commit
+//! operation of ofiwg/libfabric PR #5875 (`include/fi_vfabric.h`). `FI_SAVE` (`1ULL << 32`) on
+//! `fi_writemsg` and `FI_COMMIT_COMPLETE` pass through to the driver.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+
+use vfabric::{fi, RmaIov};
+
+use crate::ep::EpObj;
+use crate::sys;
+use crate::util::{errno_of, guard, obj};
+
+/// The file behind `len` bytes at `addr` of this process and the file offset of `addr`: the
+/// range must lie in shared mappings of one regular file at consecutive offsets.
+pub fn backing_file(addr: usize, len: usize) -> Result<(File, u64), String> {
+    let maps =
+        std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("/proc/self/maps: {e}"))?;
+    let end = addr.checked_add(len).ok_or("range overflows")?;
+    let mut at = addr;
+    // Path, inode and file offset of the first mapping.
+    let mut found: Option<(String, u64, u64)> = None;
+    // `/proc/self/map_files` name of the first mapping (for a file deleted since mapped).
+    let mut first_vma = String::new();
+    for line in maps.lines() {
+        if at >= end {
+            break;
+        }
+        let mut f = line.split_ascii_whitespace();
+        let (Some(range), Some(perms), Some(off), Some(_dev), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let path = f.collect::<Vec<_>>().join(" ");
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) else {
+            continue;
+        };
+        if e <= at || s > at {
+            continue;
+        }
+        let inode: u64 = inode.parse().unwrap_or(0);
+        let off = u64::from_str_radix(off, 16).unwrap_or(0) + (at - s) as u64;
+        if inode == 0 || !path.starts_with('/') {
+            return Err(format!(
+                "{at:#x} is anonymous memory, not a file mapping (FI_RMA_PMEM needs a buffer \
+                 mmap'ed MAP_SHARED from a file)"
+            ));
+        }
+        if perms.as_bytes().get(3) != Some(&b's') {
+            return Err(format!(
+                "{at:#x} is a private mapping of {path} (FI_RMA_PMEM needs MAP_SHARED)"
+            ));
+        }
+        match &found {
+            None => {
+                first_vma = range.to_string();
+                found = Some((path, inode, off));
+            }
+            Some((p, i, first)) => {
+                if *p != path || *i != inode || *first + (at - addr) as u64 != off {
+                    return Err(format!("{addr:#x}+{len} spans more than one file mapping"));
+                }
+            }
+        }
+        at = e;
+    }
+    if at < end {
+        return Err(format!("{at:#x} is not mapped"));
+    }
+    let (path, inode, offset) = found.ok_or("empty range")?;
+    let open = |p: &str| std::fs::OpenOptions::new().read(true).write(true).open(p);
+    let file = match open(&path) {
+        Ok(f) => f,
+        // Deleted or renamed since mapped: the mapping's own link (needs CAP_SYS_ADMIN on
+        // some kernels).
+        Err(e) => open(&format!("/proc/self/map_files/{first_vma}"))
+            .map_err(|e2| format!("open {path}: {e}; map_files: {e2}"))?,
+    };
+    // The path may name another file by now (renamed or replaced): check it is the mapped one.
+    let meta = file.metadata().map_err(|e| format!("fstat {path}: {e}"))?;
+    if meta.ino() != inode {
+        return Err(format!("{path} is no longer the mapped file"));
+    }
+    Ok((file, offset))
+}
+
+/// `FI_VFABRIC_EP_OPS_V1`.
+const EP_OPS_V1: &CStr = c"fi_vfabric_ep_ops_v1";
+
+/// `struct fi_vfabric_ep_ops_v1`.
+#[repr(C)]
+pub struct EpOpsV1 {
+    size: usize,
+    commit: unsafe extern "C" fn(
+        *mut sys::fid_ep,
+        *const sys::fi_rma_iov,
+        usize,
+        u64,
+        u64,
+        *mut c_void,
+    ) -> isize,
+}
+
+static EP_OPS: EpOpsV1 = EpOpsV1 {
+    size: std::mem::size_of::<EpOpsV1>(),
+    commit,
+};
+
+/// `fi_open_ops` on an endpoint.
+pub unsafe extern "C" fn ep_ops_open(
+    fid: *mut sys::fid,
+    name: *const c_char,
+    _flags: u64,
+    ops: *mut *mut c_void,
+    _context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the consumer passes one of our endpoints (checked by class).
+        if let Err(e) = unsafe { obj::<EpObj>(fid, sys::FI_CLASS_EP) } {
+            return -e;
+        }
+        if name.is_null() || ops.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: a NUL-terminated name per fi_open_ops(3).
+        if unsafe { CStr::from_ptr(name) } != EP_OPS_V1 {
+            return -fi::ENOSYS;
+        }
+        // SAFETY: `ops` is writable (checked non-NULL); the table is static and never written.
+        unsafe { *ops = (&EP_OPS as *const EpOpsV1).cast_mut().cast() };
+        0
+    })
+}
+
+unsafe extern "C" fn commit(
+    ep: *mut sys::fid_ep,
+    rma_iov: *const sys::fi_rma_iov,
+    count: usize,
+    dest: u64,
+    flags: u64,
+    context: *mut c_void,
+) -> isize {
+    guard(|| -> isize {
+        // SAFETY: the consumer passes one of our endpoints (checked by class).
+        let e = match unsafe { obj::<EpObj>(ep.cast(), sys::FI_CLASS_EP) } {
+            Ok(e) => e,
+            Err(x) => return -(x as isize),
+        };
+        if e.caps & fi::RMA == 0 {
+            return -(sys::FI_EOPNOTSUPP as isize);
+        }
+        if rma_iov.is_null() || count == 0 {
+            return -(fi::EINVAL as isize);
+        }
+        let ranges: Vec<RmaIov> = (0..count)
+            .map(|k| {
+                // SAFETY: `rma_iov` holds `count` entries (the caller's contract).
+                let r = unsafe { &*rma_iov.add(k) };
+                RmaIov {
+                    addr: r.addr,
+                    len: r.len as u64,
+                    key: r.key,
+                }
+            })
+            .collect();
+        let dest = match &e.conn {
+            Some(c) => match c.peer_fi_addr() {
+                Some(a) => a,
+                None => return -(sys::FI_ENOTCONN as isize),
+            },
+            None => dest,
+        };
+        match e.ep.commit(&ranges, dest, flags, context as u64) {
+            Ok(()) => 0,
+            Err(err) => -(errno_of(&err, sys::fi_log_subsys_FI_LOG_EP_DATA) as isize),
+        }
+    })
+}
