@@ -8,6 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use vfabric::{
+    AddressVector, BindFlags, CompletionQueue, CqAttr, CqEntry, CqErrEntry, Domain, DomainAttr,
+    Endpoint, EpAttr, Error as VfError, FabricAddr, Status,
+};
 use virtio_fabric_tests::{bin, info_json, run_with_timeout, wait_for};
 
 const FABRIC: &str = "0x5eed";
@@ -173,9 +177,10 @@ impl HostDaemon {
             + &std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default()
     }
 
-    /// `(host id, devices, up)` of every remote host device 0 reports.
+    /// `(host id, devices, up)` of every remote host device 1 reports (the tests' guests use
+    /// device 0, and a device serves one frontend at a time).
     fn remote_hosts(&self) -> Vec<(u64, u64, bool)> {
-        let v = info_json(&self.sockets[0]);
+        let v = info_json(&self.sockets[1]);
         let mut hosts: Vec<_> = v[0]["remote_hosts"]
             .as_array()
             .expect("remote_hosts")
@@ -324,4 +329,262 @@ fn impostors_strangers_and_other_fabrics_are_refused() {
     drop(stranger);
     // None of them made it into host 1's view.
     assert_eq!(h1.remote_hosts(), vec![(2, 2, true), (3, 0, false)]);
+}
+
+/// A guest endpoint driven from the test process (unix sockets are not network-namespaced:
+/// the test opens devices of every host's daemon directly).
+struct Guest {
+    _dom: Domain,
+    cq: CompletionQueue,
+    av: AddressVector,
+    ep: Endpoint,
+}
+
+impl Guest {
+    fn open(device: &Path) -> Self {
+        let dom = Domain::open(
+            device,
+            DomainAttr {
+                mem_bytes: 32 << 20,
+                ..Default::default()
+            },
+        )
+        .expect("open domain");
+        let cq = dom.cq_open(CqAttr::default()).unwrap();
+        let av = dom.av_open().unwrap();
+        let ep = dom.endpoint(EpAttr::default()).unwrap();
+        ep.bind_cq(&cq, BindFlags::BOTH).unwrap();
+        ep.bind_av(&av).unwrap();
+        ep.enable().unwrap();
+        Self {
+            _dom: dom,
+            cq,
+            av,
+            ep,
+        }
+    }
+
+    /// The next completion, or the error entry; panics after `within`.
+    fn next_within(&self, within: Duration) -> Result<CqEntry, CqErrEntry> {
+        let deadline = Instant::now() + within;
+        let mut v = Vec::new();
+        loop {
+            match self.cq.read(&mut v, 1) {
+                Ok(_) => return Ok(v.pop().unwrap()),
+                Err(VfError::Again) => {}
+                Err(VfError::Avail) => return Err(self.cq.readerr().expect("error entry")),
+                Err(e) => panic!("cq read: {e}"),
+            }
+            assert!(Instant::now() < deadline, "no completion within {within:?}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn next(&self) -> CqEntry {
+        self.next_within(OP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("error completion: {e:?}"))
+    }
+
+    fn next_err(&self) -> CqErrEntry {
+        match self.next_within(OP_TIMEOUT) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e,
+        }
+    }
+}
+
+const OP_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed as usize * 131 + i * 7 + i / 251) as u8)
+        .collect()
+}
+
+/// Two hosts up and seeing each other.
+fn two_hosts(dir: &Path, lan: &Lan) -> Vec<HostDaemon> {
+    let d: Vec<HostDaemon> = (0..2)
+        .map(|i| HostDaemon::start(lan, dir, i, i as u16 + 1, &uplink_args(2, i, &[])))
+        .collect();
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    d[1].wait_hosts(&[(1, 2, true)], Duration::from_secs(10));
+    d
+}
+
+/// Send `msgs` from `a` to `b` (posting receives for the first half before, the rest after,
+/// so both posted and unexpected matching run) and check every byte.
+fn exchange(a: &Guest, b: &Guest, sizes: &[usize], seed: u32) {
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let half = sizes.len() / 2;
+    for (i, &len) in sizes.iter().enumerate().take(half) {
+        b.ep.recv_vec(len, 1000 + i as u64).unwrap();
+    }
+    for (i, &len) in sizes.iter().enumerate() {
+        a.ep.send(&pattern(seed + i as u32, len), to_b, i as u64)
+            .unwrap();
+    }
+    for (i, &len) in sizes.iter().enumerate().skip(half) {
+        b.ep.recv_vec(len, 1000 + i as u64).unwrap();
+    }
+    for (i, &len) in sizes.iter().enumerate() {
+        let c = b.next();
+        assert_eq!(c.context, 1000 + i as u64, "in order");
+        assert_eq!(c.len, len);
+        assert_eq!(
+            c.src,
+            Some(a.ep.name()),
+            "source is the other host's endpoint"
+        );
+        assert!(
+            c.buf.as_deref() == Some(pattern(seed + i as u32, len).as_slice()),
+            "message {i} of {len} bytes differs"
+        );
+    }
+    // Every send completes once (an eager one behind a held one may complete first, as on
+    // one host).
+    let mut sent: Vec<u64> = (0..sizes.len()).map(|_| a.next().context).collect();
+    sent.sort();
+    assert_eq!(sent, (0..sizes.len() as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn messages_cross_hosts_both_ways_with_matching_and_errors() {
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = two_hosts(dir.path(), &lan);
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[1]);
+    assert_eq!(a.ep.name().host(), 1);
+    assert_eq!(b.ep.name().host(), 2);
+
+    // Untagged, both directions: empty, small (eager), above the eager threshold (held at the
+    // target until its receive is posted), and several wire chunks.
+    let sizes = [0, 8, 1000, 8192, 20_000, 300_000, 8, 64 << 10];
+    exchange(&a, &b, &sizes, 1);
+    exchange(&b, &a, &sizes, 100);
+
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    // Tagged with ignore bits, and a tag that must not match (it waits instead).
+    b.ep.trecv_vec(64, 0x1200, 0xff, 7).unwrap();
+    a.ep.tsend(b"tagged", to_b, 0x5634, 70).unwrap();
+    a.ep.tsend(b"tagged!", to_b, 0x1234, 71).unwrap();
+    let c = b.next();
+    assert_eq!((c.context, c.tag), (7, 0x1234));
+    assert_eq!(c.buf.as_deref(), Some(&b"tagged!"[..]));
+    for _ in 0..2 {
+        assert!([70, 71].contains(&a.next().context));
+    }
+    b.ep.trecv_vec(64, 0x5634, 0, 8).unwrap();
+    assert_eq!(b.next().buf.as_deref(), Some(&b"tagged"[..]));
+
+    // Remote CQ data and inject.
+    b.ep.recv_vec(64, 9).unwrap();
+    a.ep.senddata(b"with data", 0xdada, to_b, 90).unwrap();
+    let c = b.next();
+    assert_eq!((c.context, c.data), (9, 0xdada));
+    assert_ne!(c.flags & vfabric::fi::REMOTE_CQ_DATA, 0);
+    assert_eq!(a.next().context, 90);
+    a.ep.inject(b"injected", to_b).unwrap();
+    b.ep.recv_vec(64, 10).unwrap();
+    let c = b.next();
+    assert_eq!(c.buf.as_deref(), Some(&b"injected"[..]));
+
+    // Truncation is reported at the receiver; the sender's message was accepted.
+    b.ep.recv_vec(4, 11).unwrap();
+    a.ep.send(b"truncated", to_b, 110).unwrap();
+    let e = b.next_err();
+    assert_eq!(
+        (e.context, e.status, e.len, e.olen),
+        (11, Status::Truncated, 4, 5)
+    );
+    assert_eq!(a.next().context, 110);
+
+    // A closed endpoint on the other host: the sender learns AddrNotAvail from that host.
+    let gone = Guest::open(&d[1].sockets[0]);
+    let gone_addr = gone.ep.name();
+    drop(gone);
+    let to_gone = a.av.insert(gone_addr).unwrap();
+    a.ep.send(b"nobody", to_gone, 120).unwrap();
+    let e = a.next_err();
+    assert_eq!((e.context, e.status), (120, Status::AddrNotAvail));
+    // A host that is not a peer: refused at once.
+    let stranger = FabricAddr::new(
+        FabricAddr::node_of(b.ep.name().fabric(), 9, 0),
+        0,
+        b.ep.name().generation,
+    );
+    let to_stranger = a.av.insert(stranger).unwrap();
+    a.ep.send(b"stranger", to_stranger, 130).unwrap();
+    assert_eq!(a.next_err().status, Status::AddrNotAvail);
+
+    // The link still works after the errors.
+    exchange(&a, &b, &[16, 40_000], 200);
+}
+
+#[test]
+fn a_lost_host_fails_pending_sends_promptly_and_works_again_after_restart() {
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = two_hosts(dir.path(), &lan);
+    let a = Guest::open(&d[0].sockets[0]);
+    // A guest on the other host that dies: its peers see what they see on one host.
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    a.ep.send(&pattern(0, 100_000), to_b, 900).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(b);
+    let e = a.next_err();
+    assert_eq!((e.context, e.status), (900, Status::PeerGone));
+
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    // Messages above the eager threshold that B never receives: held at host 2, their
+    // senders waiting for host 2's verdict.
+    const HELD: u64 = 5;
+    for i in 0..HELD {
+        a.ep.send(&pattern(i as u32, 100_000), to_b, i).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        matches!(a.cq.read(&mut Vec::new(), 1), Err(VfError::Again)),
+        "held sends completed before any receive"
+    );
+    // Host 2's daemon dies: every pending send fails HostUnreach within the peer timeout
+    // (1.5 s here) and some slack.
+    let t = Instant::now();
+    drop(d.remove(1));
+    let mut failed = Vec::new();
+    for _ in 0..HELD {
+        let e = a.next_err();
+        assert_eq!(e.status, Status::HostUnreach, "{e:?}");
+        assert_eq!(e.err, 113, "FI_EHOSTUNREACH");
+        failed.push(e.context);
+    }
+    failed.sort();
+    assert_eq!(failed, (0..HELD).collect::<Vec<_>>());
+    let took = t.elapsed();
+    println!("pending sends failed after {took:?}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    // A new send to the down host fails at once.
+    let t = Instant::now();
+    a.ep.send(b"down", to_b, 50).unwrap();
+    assert_eq!(a.next_err().status, Status::HostUnreach);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // Host 2 comes back: new operations work without restarting host 1 or its guest.
+    d.insert(
+        1,
+        HostDaemon::start(&lan, dir.path(), 1, 2, &uplink_args(2, 1, &[])),
+    );
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    drop(b);
+    let b = Guest::open(&d[1].sockets[0]);
+    exchange(&a, &b, &[8, 100_000], 300);
+    exchange(&b, &a, &[8, 100_000], 400);
 }

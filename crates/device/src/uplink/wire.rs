@@ -4,7 +4,7 @@
 //! checked like a guest's descriptors: a message that does not parse is refused with an error,
 //! never acted on.
 
-use vfabric_proto::{ByteValued, Le16, Le32, Le64};
+use vfabric_proto::{ep_open, ByteValued, Le16, Le32, Le64, Opcode, Status};
 
 /// "VFUL" little-endian.
 pub const MAGIC: u32 = 0x4c55_4656;
@@ -17,6 +17,19 @@ pub mod kind {
     pub const HELLO: u16 = 1;
     /// The answer to a HELLO: the same body.
     pub const HELLO_ACK: u16 = 2;
+    /// A guest's message (or one chunk of it) for an endpoint of the receiving host.
+    pub const DATA: u16 = 3;
+    /// The receiving host's verdict on a DATA request: the status its sender completes with.
+    pub const REPLY: u16 = 4;
+}
+
+/// Flags of a DATA message (any other bit is refused).
+pub mod data_flags {
+    /// `data` is remote CQ data for the receive completion.
+    pub const REMOTE_CQ_DATA: u32 = 1 << 0;
+    /// Reply only once the message is placed in a receive buffer (never buffered eagerly).
+    pub const DELIVERY_COMPLETE: u32 = 1 << 1;
+    pub const ALL: u32 = REMOTE_CQ_DATA | DELIVERY_COMPLETE;
 }
 
 /// Header of every uplink message: 24 bytes, little-endian.
@@ -53,19 +66,79 @@ pub struct Hello {
 // SAFETY: plain-old-data, repr(C), no padding (16 bytes).
 unsafe impl ByteValued for Hello {}
 
-pub const HEADER_LEN: usize = std::mem::size_of::<Header>();
-/// Largest message the uplink receives (and so sends).
-pub const MAX_MESSAGE: usize = 4096;
+/// Body of DATA before the chunk's bytes: 72 bytes. A guest message of `total_len` bytes
+/// travels as consecutive chunks (`offset` 0, then each following on), all with the same
+/// description; the receiving host acts on it once the last chunk arrived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Data {
+    /// The sender's id of this request, echoed by the REPLY.
+    pub req_id: Le64,
+    pub total_len: Le64,
+    /// Where this chunk's bytes go in the message.
+    pub offset: Le64,
+    pub tag: Le64,
+    /// Remote CQ data (with [`data_flags::REMOTE_CQ_DATA`]).
+    pub data: Le64,
+    pub src_ep: Le32,
+    pub src_gen: Le32,
+    pub dst_ep: Le32,
+    pub dst_gen: Le32,
+    /// The sender's device on its host (the source address is the sender's host and this).
+    pub src_dev: Le16,
+    /// The destination device on the receiving host.
+    pub dst_dev: Le16,
+    /// `Opcode::Send` or `Opcode::TSend`.
+    pub opcode: Le16,
+    /// Endpoint type of the sender (`ep_open::TYPE_*`): only the same type receives it.
+    pub ep_kind: Le16,
+    pub flags: Le32,
+    pub reserved: Le32,
+}
+// SAFETY: plain-old-data, repr(C), no padding (72 bytes, every field naturally aligned).
+unsafe impl ByteValued for Data {}
 
-/// A parsed message.
+/// Body of REPLY: 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub req_id: Le64,
+    /// A `vfabric_proto::Status`.
+    pub status: Le32,
+    pub reserved: Le32,
+}
+// SAFETY: plain-old-data, repr(C), no padding (16 bytes).
+unsafe impl ByteValued for Reply {}
+
+pub const HEADER_LEN: usize = std::mem::size_of::<Header>();
+pub const DATA_LEN: usize = std::mem::size_of::<Data>();
+/// Largest message the uplink receives (and so sends). Small enough to stay below the
+/// eager size of `ofi_rxm` (16 KiB), whose eager messages keep their order.
+pub const MAX_MESSAGE: usize = 8192;
+/// Most guest bytes one DATA message carries.
+pub const MAX_CHUNK: usize = MAX_MESSAGE - HEADER_LEN - DATA_LEN;
+
+/// A parsed message (a DATA message borrows its bytes from the receive buffer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Message {
+pub enum Message<'a> {
     Hello {
         ack: bool,
         fabric_id: u32,
         host_id: u16,
         num_devices: u16,
         epoch: u64,
+    },
+    Data {
+        fabric_id: u32,
+        host_id: u16,
+        desc: Data,
+        chunk: &'a [u8],
+    },
+    Reply {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        status: Status,
     },
 }
 
@@ -83,41 +156,91 @@ pub enum WireError {
     Reserved,
     #[error("unknown message kind {0}")]
     Kind(u16),
+    #[error("DATA opcode {0:#x} is not a send")]
+    Opcode(u16),
+    #[error("DATA endpoint type {0} unknown")]
+    EpKind(u16),
+    #[error("DATA flags {0:#x} unknown")]
+    Flags(u32),
+    #[error("DATA chunk at {offset} of {len} bytes overruns the message of {total} bytes")]
+    Chunk { offset: u64, len: usize, total: u64 },
+    #[error("REPLY status {0} unknown")]
+    Status(u32),
 }
 
-impl Message {
+fn header(kind: u16, fabric_id: u32, host_id: u16, body_len: usize) -> Header {
+    Header {
+        magic: MAGIC.into(),
+        version: VERSION.into(),
+        kind: kind.into(),
+        fabric_id: fabric_id.into(),
+        host_id: host_id.into(),
+        reserved0: 0.into(),
+        len: (body_len as u32).into(),
+        reserved1: 0.into(),
+    }
+}
+
+impl<'a> Message<'a> {
     /// Encode into a message buffer.
     pub fn encode(&self) -> Vec<u8> {
-        let Message::Hello {
-            ack,
-            fabric_id,
-            host_id,
-            num_devices,
-            epoch,
-        } = *self;
-        let body = Hello {
-            num_devices: num_devices.into(),
-            reserved: 0.into(),
-            caps: 0.into(),
-            epoch: epoch.into(),
-        };
-        let h = Header {
-            magic: MAGIC.into(),
-            version: VERSION.into(),
-            kind: if ack { kind::HELLO_ACK } else { kind::HELLO }.into(),
-            fabric_id: fabric_id.into(),
-            host_id: host_id.into(),
-            reserved0: 0.into(),
-            len: (std::mem::size_of::<Hello>() as u32).into(),
-            reserved1: 0.into(),
-        };
-        let mut v = h.as_slice().to_vec();
-        v.extend_from_slice(body.as_slice());
-        v
+        match *self {
+            Message::Hello {
+                ack,
+                fabric_id,
+                host_id,
+                num_devices,
+                epoch,
+            } => {
+                let body = Hello {
+                    num_devices: num_devices.into(),
+                    reserved: 0.into(),
+                    caps: 0.into(),
+                    epoch: epoch.into(),
+                };
+                let k = if ack { kind::HELLO_ACK } else { kind::HELLO };
+                let mut v = header(k, fabric_id, host_id, body.as_slice().len())
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v
+            }
+            Message::Data {
+                fabric_id,
+                host_id,
+                desc,
+                chunk,
+            } => {
+                let mut v = Vec::with_capacity(HEADER_LEN + DATA_LEN + chunk.len());
+                v.extend_from_slice(
+                    header(kind::DATA, fabric_id, host_id, DATA_LEN + chunk.len()).as_slice(),
+                );
+                v.extend_from_slice(desc.as_slice());
+                v.extend_from_slice(chunk);
+                v
+            }
+            Message::Reply {
+                fabric_id,
+                host_id,
+                req_id,
+                status,
+            } => {
+                let body = Reply {
+                    req_id: req_id.into(),
+                    status: (status as u32).into(),
+                    reserved: 0.into(),
+                };
+                let mut v = header(kind::REPLY, fabric_id, host_id, body.as_slice().len())
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v
+            }
+        }
     }
 
     /// Parse one received message (all of it: trailing bytes are an error).
-    pub fn parse(b: &[u8]) -> Result<Self, WireError> {
+    pub fn parse(b: &'a [u8]) -> Result<Self, WireError> {
         let h = b
             .get(..HEADER_LEN)
             .and_then(Header::from_slice)
@@ -156,6 +279,70 @@ impl Message {
                     host_id: h.host_id.into(),
                     num_devices: hello.num_devices.into(),
                     epoch: hello.epoch.into(),
+                })
+            }
+            kind::DATA => {
+                let short = WireError::Length {
+                    field: len,
+                    got: body.len(),
+                };
+                let desc = *body
+                    .get(..DATA_LEN)
+                    .and_then(Data::from_slice)
+                    .ok_or(short)?;
+                let chunk = &body[DATA_LEN..];
+                if u32::from(desc.reserved) != 0 {
+                    return Err(WireError::Reserved);
+                }
+                let op = u16::from(desc.opcode);
+                if op != Opcode::Send as u16 && op != Opcode::TSend as u16 {
+                    return Err(WireError::Opcode(op));
+                }
+                let ep_kind = u16::from(desc.ep_kind);
+                if !matches!(
+                    u64::from(ep_kind),
+                    ep_open::TYPE_RDM | ep_open::TYPE_DGRAM | ep_open::TYPE_MSG
+                ) {
+                    return Err(WireError::EpKind(ep_kind));
+                }
+                let flags = u32::from(desc.flags);
+                if flags & !data_flags::ALL != 0 {
+                    return Err(WireError::Flags(flags));
+                }
+                let (offset, total) = (u64::from(desc.offset), u64::from(desc.total_len));
+                let fits = offset
+                    .checked_add(chunk.len() as u64)
+                    .is_some_and(|end| end <= total);
+                // Only an empty message has an empty chunk: every chunk moves the offset on.
+                if !fits || (chunk.is_empty() && total != 0) {
+                    return Err(WireError::Chunk {
+                        offset,
+                        len: chunk.len(),
+                        total,
+                    });
+                }
+                Ok(Message::Data {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    desc,
+                    chunk,
+                })
+            }
+            kind::REPLY => {
+                let r = Reply::from_slice(body).ok_or(WireError::Length {
+                    field: len,
+                    got: body.len(),
+                })?;
+                if u32::from(r.reserved) != 0 {
+                    return Err(WireError::Reserved);
+                }
+                let raw = u32::from(r.status);
+                let status = Status::from_u32(raw).ok_or(WireError::Status(raw))?;
+                Ok(Message::Reply {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id: r.req_id.into(),
+                    status,
                 })
             }
             k => Err(WireError::Kind(k)),
