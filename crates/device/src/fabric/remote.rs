@@ -263,3 +263,227 @@ impl Fabric {
         dropped
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vfabric_proto::{comp_flags, ep_open, flags, FabricAddr, Opcode, Request, Status};
+
+    use super::super::{eager_cost, Notify};
+    use super::Incoming;
+    use crate::config::Limits;
+    use crate::testutil::{World, TEST_FABRIC};
+    use crate::uplink::remote::Outbound;
+    use crate::uplink::wire::{self, data_flags};
+
+    const RDM: u64 = ep_open::TYPE_RDM;
+
+    fn limits() -> Limits {
+        Limits {
+            eager_threshold: 200,
+            max_unexpected_bytes: 2 * eager_cost(150),
+            ..Limits::default()
+        }
+    }
+
+    /// A message of request `req_id` from endpoint 5 (generation 6) of device 1 of host 2.
+    fn incoming(req_id: u64, to: FabricAddr, tag: Option<u64>, bytes: &[u8]) -> Incoming {
+        Incoming {
+            host: 2,
+            req_id,
+            desc: wire::Data {
+                req_id: req_id.into(),
+                total_len: (bytes.len() as u64).into(),
+                offset: 0.into(),
+                tag: tag.unwrap_or(0).into(),
+                data: 0.into(),
+                src_ep: 5.into(),
+                src_gen: 6.into(),
+                dst_ep: to.ep.into(),
+                dst_gen: to.generation.into(),
+                src_dev: 1.into(),
+                dst_dev: to.device().into(),
+                opcode: (if tag.is_some() {
+                    Opcode::TSend
+                } else {
+                    Opcode::Send
+                } as u16)
+                    .into(),
+                ep_kind: (RDM as u16).into(),
+                flags: 0.into(),
+                reserved: 0.into(),
+            },
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    fn accept(w: &World, m: Incoming) -> Option<Status> {
+        let mut n = Notify::default();
+        w.fabric.accept_remote(m, &mut n)
+    }
+
+    fn replies(w: &World) -> Vec<(u16, u64, Status)> {
+        w.fabric
+            .outbox
+            .take()
+            .into_iter()
+            .filter_map(|m| match m {
+                Outbound::Reply {
+                    host,
+                    req_id,
+                    status,
+                } => Some((host, req_id, status)),
+                Outbound::Send(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sends_to_another_host_go_out_or_fail_at_once() {
+        let mut w = World::new(1, Limits::default());
+        let a = w.open(0, RDM);
+        let there = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 1), 3, 4);
+        let s = w.send(0, a, there, None, 0, 1, b"x");
+        assert_eq!(w.status(&s), Some(Status::AddrNotAvail), "no uplink");
+        w.fabric.outbox.set_hosts([(2, false)].into_iter());
+        let s = w.send(0, a, there, None, 0, 2, b"x");
+        assert_eq!(w.status(&s), Some(Status::HostUnreach), "host down");
+        let other_fabric = FabricAddr::new(FabricAddr::node_of(0xbad, 2, 1), 3, 4);
+        let s = w.send(0, a, other_fabric, None, 0, 3, b"x");
+        assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+
+        w.fabric.outbox.set_hosts([(2, true)].into_iter());
+        let mut r = Request::new(Opcode::TSend);
+        r.ep = a.ep;
+        r.peer = there;
+        r.tag = 0x77;
+        r.data = 0x55;
+        r.flags = flags::REMOTE_CQ_DATA;
+        r.cookie = 4;
+        let s = w.submit(0, r, b"payload", 0);
+        assert!(w.result(&s).is_none(), "waits for the other host's verdict");
+        let mut out: Vec<_> = w.fabric.outbox.take().into();
+        assert_eq!(out.len(), 1);
+        let Some(Outbound::Send(send)) = out.pop() else {
+            panic!("not a send");
+        };
+        let d = send.desc;
+        assert_eq!(send.host, 2);
+        assert_eq!(send.payload, b"payload");
+        assert_eq!(u64::from(d.total_len), 7);
+        assert_eq!((u64::from(d.tag), u64::from(d.data)), (0x77, 0x55));
+        assert_eq!(u32::from(d.flags), data_flags::REMOTE_CQ_DATA);
+        assert_eq!(u16::from(d.opcode), Opcode::TSend as u16);
+        assert_eq!(
+            (u32::from(d.src_ep), u32::from(d.src_gen)),
+            (a.ep, a.generation)
+        );
+        assert_eq!((u16::from(d.dst_dev), u32::from(d.dst_ep)), (1, 3));
+        assert_eq!(u32::from(d.dst_gen), 4);
+        let mut n = Notify::default();
+        w.fabric
+            .complete_remote(send.dev, &send.port, &send.req, 7, Status::Ok, &mut n);
+        drop(n);
+        assert_eq!(w.status(&s), Some(Status::Ok));
+        assert_eq!(u64::from(w.comp(&s).len), 7);
+    }
+
+    #[test]
+    fn messages_from_another_host_match_like_local_ones() {
+        let mut w = World::new(1, limits());
+        let b = w.open(0, RDM);
+        let src = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 1), 5, 6);
+
+        // Into a posted receive, truncated.
+        let r = w.recv(0, b, None, 0, 1, 0, 4);
+        assert_eq!(
+            accept(&w, incoming(1, b, None, b"0123456789")),
+            Some(Status::Ok)
+        );
+        let c = w.comp(&r);
+        assert_eq!(w.status(&r), Some(Status::Truncated));
+        assert_eq!((u64::from(c.len), u64::from(c.olen)), (4, 6));
+        assert_eq!(FabricAddr::from_wire(&c.src), src);
+        assert_eq!(w.data(&r, 4), b"0123");
+
+        // Unexpected (eager, within the bound), tagged, matched later with ignore bits.
+        assert_eq!(
+            accept(&w, incoming(2, b, Some(0x1234), b"tagged")),
+            Some(Status::Ok)
+        );
+        assert_eq!(w.fabric.unexpected_bytes(0), eager_cost(6));
+        let r = w.recv(0, b, Some((0x1200, 0xff)), 0, 2, 0, 64);
+        assert_eq!(w.data(&r, 6), b"tagged");
+        assert_ne!(u32::from(w.comp(&r).flags) & comp_flags::TAGGED, 0);
+        assert_eq!(w.fabric.unexpected_bytes(0), 0);
+
+        // Above the eager threshold: held, its verdict sent when a receive takes it.
+        let big = vec![7u8; 1000];
+        assert_eq!(accept(&w, incoming(3, b, None, &big)), None);
+        assert!(replies(&w).is_empty());
+        let r = w.recv(0, b, None, 0, 3, 0, 2000);
+        assert_eq!(w.data(&r, 1000), big);
+        assert_eq!(replies(&w), vec![(2, 3, Status::Ok)]);
+
+        // A directed receive for another source does not take it.
+        let other = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 3, 1), 5, 6);
+        let mut rq = Request::new(Opcode::Recv);
+        rq.ep = b.ep;
+        rq.peer = other;
+        rq.flags = flags::DIRECTED;
+        rq.cookie = 4;
+        let directed = w.submit(0, rq, &[], 64);
+        assert_eq!(
+            accept(&w, incoming(4, b, None, b"not yours")),
+            Some(Status::Ok)
+        );
+        assert!(w.result(&directed).is_none());
+
+        // Held messages of a host that went away are dropped without a verdict.
+        assert_eq!(accept(&w, incoming(5, b, None, &big)), None);
+        assert_eq!(w.fabric.purge_remote(3), 0, "another host's");
+        assert_eq!(w.fabric.purge_remote(2), 1);
+        assert!(replies(&w).is_empty());
+        assert_eq!(
+            w.fabric
+                .remote_held_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+
+        // A held message whose endpoint closes: its sender learns PeerGone.
+        assert_eq!(accept(&w, incoming(6, b, None, &big)), None);
+        let mut cl = Request::new(Opcode::EpClose);
+        cl.ep = b.ep;
+        let h = w.submit(0, cl, &[], 0);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        assert_eq!(replies(&w), vec![(2, 6, Status::PeerGone)]);
+
+        // A closed endpoint, a stale generation, a device that does not exist, a mismatched
+        // endpoint type: AddrNotAvail, as for a local sender.
+        assert_eq!(
+            accept(&w, incoming(7, b, None, b"x")),
+            Some(Status::AddrNotAvail)
+        );
+        let b2 = w.open(0, RDM);
+        let stale = FabricAddr::new(b2.node, b2.ep, b2.generation + 1);
+        assert_eq!(
+            accept(&w, incoming(8, stale, None, b"x")),
+            Some(Status::AddrNotAvail)
+        );
+        let nowhere = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 0, 9), b2.ep, b2.generation);
+        assert_eq!(
+            accept(&w, incoming(9, nowhere, None, b"x")),
+            Some(Status::AddrNotAvail)
+        );
+        let mut dgram = incoming(10, b2, None, b"x");
+        dgram.desc.ep_kind = (ep_open::TYPE_DGRAM as u16).into();
+        assert_eq!(accept(&w, dgram), Some(Status::AddrNotAvail));
+        // Delivery complete is never buffered eagerly.
+        let mut dc = incoming(11, b2, None, b"x");
+        dc.desc.flags = data_flags::DELIVERY_COMPLETE.into();
+        assert_eq!(accept(&w, dc), None);
+        let r = w.recv(0, b2, None, 0, 11, 0, 8);
+        assert_eq!(w.data(&r, 1), b"x");
+        assert_eq!(replies(&w), vec![(2, 11, Status::Ok)]);
+    }
+}

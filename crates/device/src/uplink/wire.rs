@@ -388,10 +388,163 @@ mod tests {
         assert_eq!(Message::parse(&bad), Err(WireError::Reserved));
     }
 
+    fn data_desc(total: u64, offset: u64) -> Data {
+        Data {
+            req_id: 77.into(),
+            total_len: total.into(),
+            offset: offset.into(),
+            tag: 0x1234.into(),
+            data: 0xdada.into(),
+            src_ep: 1.into(),
+            src_gen: 2.into(),
+            dst_ep: 3.into(),
+            dst_gen: 4.into(),
+            src_dev: 0.into(),
+            dst_dev: 1.into(),
+            opcode: (Opcode::TSend as u16).into(),
+            ep_kind: (ep_open::TYPE_RDM as u16).into(),
+            flags: data_flags::REMOTE_CQ_DATA.into(),
+            reserved: 0.into(),
+        }
+    }
+
+    fn data(desc: Data, chunk: &[u8]) -> Vec<u8> {
+        Message::Data {
+            fabric_id: 0x5eed,
+            host_id: 2,
+            desc,
+            chunk,
+        }
+        .encode()
+    }
+
+    /// Byte offset of field `at` of the DATA body in an encoded message.
+    const fn body(at: usize) -> usize {
+        HEADER_LEN + at
+    }
+
+    #[test]
+    fn data_round_trips_and_bad_descriptions_are_refused() {
+        assert_eq!(DATA_LEN, 72);
+        assert!(MAX_CHUNK > 0 && HEADER_LEN + DATA_LEN + MAX_CHUNK == MAX_MESSAGE);
+        let chunk = [5u8; 100];
+        let b = data(data_desc(1000, 200), &chunk);
+        assert_eq!(b.len(), HEADER_LEN + DATA_LEN + 100);
+        assert_eq!(
+            Message::parse(&b),
+            Ok(Message::Data {
+                fabric_id: 0x5eed,
+                host_id: 2,
+                desc: data_desc(1000, 200),
+                chunk: &chunk,
+            })
+        );
+        // An empty message is one empty chunk.
+        assert!(Message::parse(&data(data_desc(0, 0), &[])).is_ok());
+        let refused = |d: Data, chunk: &[u8]| Message::parse(&data(d, chunk)).map(|_| ());
+        // A chunk past the message's end, or an empty chunk of a non-empty message.
+        assert!(matches!(
+            refused(data_desc(1000, 950), &chunk),
+            Err(WireError::Chunk { .. })
+        ));
+        assert!(matches!(
+            refused(data_desc(u64::MAX, u64::MAX - 10), &chunk),
+            Err(WireError::Chunk { .. })
+        ));
+        assert!(matches!(
+            refused(data_desc(10, 0), &[]),
+            Err(WireError::Chunk { .. })
+        ));
+        let mut d = data_desc(100, 0);
+        d.opcode = (Opcode::RmaWrite as u16).into();
+        assert_eq!(
+            refused(d, &chunk),
+            Err(WireError::Opcode(Opcode::RmaWrite as u16))
+        );
+        let mut d = data_desc(100, 0);
+        d.ep_kind = 9.into();
+        assert_eq!(refused(d, &chunk), Err(WireError::EpKind(9)));
+        let mut d = data_desc(100, 0);
+        d.flags = (1 << 7).into();
+        assert_eq!(refused(d, &chunk), Err(WireError::Flags(1 << 7)));
+        let mut d = data_desc(100, 0);
+        d.reserved = 1.into();
+        assert_eq!(refused(d, &chunk), Err(WireError::Reserved));
+        // Shorter than its description, and a length field that lies.
+        let b = data(data_desc(100, 0), &chunk);
+        let mut short = b[..HEADER_LEN + 40].to_vec();
+        short[16..20].copy_from_slice(&40u32.to_le_bytes());
+        assert!(matches!(
+            Message::parse(&short),
+            Err(WireError::Length { .. })
+        ));
+        let mut lying = b.clone();
+        lying[16] ^= 1;
+        assert!(matches!(
+            Message::parse(&lying),
+            Err(WireError::Length { .. })
+        ));
+        // Fields land where the layout says (the receiver reads them there).
+        assert_eq!(b[body(60)..body(62)], (Opcode::TSend as u16).to_le_bytes());
+    }
+
+    #[test]
+    fn reply_round_trips_and_unknown_statuses_are_refused() {
+        let m = Message::Reply {
+            fabric_id: 0x5eed,
+            host_id: 1,
+            req_id: u64::MAX,
+            status: Status::HostUnreach,
+        };
+        let b = m.encode();
+        assert_eq!(b.len(), HEADER_LEN + 16);
+        assert_eq!(Message::parse(&b), Ok(m));
+        let mut bad = b.clone();
+        bad[body(8)] = 200;
+        assert_eq!(Message::parse(&bad), Err(WireError::Status(200)));
+        let mut bad = b.clone();
+        bad[body(12)] = 1;
+        assert_eq!(Message::parse(&bad), Err(WireError::Reserved));
+        let mut bad = b;
+        bad.pop();
+        assert!(matches!(
+            Message::parse(&bad),
+            Err(WireError::Length { .. })
+        ));
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
             let _ = Message::parse(&bytes);
+        }
+
+        /// Valid messages of every kind with bytes changed anywhere: parsed or refused, and
+        /// whatever parses describes a chunk inside its message.
+        #[test]
+        fn mutated_messages_never_panic(
+            kind in 0usize..3,
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+            cut in proptest::option::of(any::<usize>()),
+        ) {
+            let mut b = match kind {
+                0 => Message::Hello { ack: false, fabric_id: 1, host_id: 2, num_devices: 3, epoch: 4 }
+                    .encode(),
+                1 => data(data_desc(300, 100), &[9u8; 50]),
+                _ => Message::Reply { fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok }
+                    .encode(),
+            };
+            for (at, x) in flips {
+                let i = at % b.len();
+                b[i] ^= x;
+            }
+            if let Some(c) = cut {
+                b.truncate(c % (b.len() + 1));
+            }
+            if let Ok(Message::Data { desc, chunk, .. }) = Message::parse(&b) {
+                let end = u64::from(desc.offset) + chunk.len() as u64;
+                prop_assert!(end <= u64::from(desc.total_len));
+            }
         }
     }
 }
