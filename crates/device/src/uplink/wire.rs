@@ -426,7 +426,7 @@ mod tests {
     #[test]
     fn data_round_trips_and_bad_descriptions_are_refused() {
         assert_eq!(DATA_LEN, 72);
-        assert!(MAX_CHUNK > 0 && HEADER_LEN + DATA_LEN + MAX_CHUNK == MAX_MESSAGE);
+        const { assert!(MAX_CHUNK > 0 && HEADER_LEN + DATA_LEN + MAX_CHUNK == MAX_MESSAGE) };
         let chunk = [5u8; 100];
         let b = data(data_desc(1000, 200), &chunk);
         assert_eq!(b.len(), HEADER_LEN + DATA_LEN + 100);
