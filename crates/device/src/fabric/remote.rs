@@ -110,6 +110,19 @@ impl Fabric {
         })));
     }
 
+    /// The status of an RMA or atomic request for `to`, which names no device here: such
+    /// requests do not cross hosts yet (`Unsupported` for a peer host's address).
+    pub(super) fn not_here(&self, to: FabricAddr) -> Status {
+        if to.fabric() == self.fabric_id
+            && to.host() != self.host_id
+            && self.outbox.is_peer(to.host())
+        {
+            Status::Unsupported
+        } else {
+            Status::AddrNotAvail
+        }
+    }
+
     /// Complete a send to another host with the verdict its daemon sent back (or
     /// `HostUnreach` when that host went away first).
     pub(crate) fn complete_remote(
@@ -347,6 +360,12 @@ mod tests {
         w.fabric.outbox.set_hosts([(2, false)].into_iter());
         let s = w.send(0, a, there, None, 0, 2, b"x");
         assert_eq!(w.status(&s), Some(Status::HostUnreach), "host down");
+        // RMA and atomics do not cross hosts yet: Unsupported for a peer's address.
+        let mut rd = Request::new(Opcode::RmaRead);
+        rd.ep = a.ep;
+        rd.peer = there;
+        let h = w.submit(0, rd, &[], 8);
+        assert_eq!(w.status(&h), Some(Status::Unsupported));
         let other_fabric = FabricAddr::new(FabricAddr::node_of(0xbad, 2, 1), 3, 4);
         let s = w.send(0, a, other_fabric, None, 0, 3, b"x");
         assert_eq!(w.status(&s), Some(Status::AddrNotAvail));

@@ -330,7 +330,7 @@ impl Fabric {
         if kind == ep_open::TYPE_DGRAM {
             return Err(Status::Invalid);
         }
-        let (ddev, dep) = self.locate(r.peer).ok_or(Status::AddrNotAvail)?;
+        let (ddev, dep) = self.locate(r.peer).ok_or_else(|| self.not_here(r.peer))?;
         Ok((FabricAddr::new(self.node_addr(dev), r.ep, gen), ddev, dep))
     }
 

@@ -706,11 +706,17 @@ impl Worker {
     }
 
     /// Data and replies are taken only from a peer that introduced itself (HELLO) from its
-    /// own address.
+    /// own address and is up: after a peer was declared down (its requests failed, its held
+    /// messages dropped), what it sent before is stale and dropped too, until its next HELLO
+    /// (which the wire delivers after that stale data).
     fn introduced(&mut self, src: u64, fabric_id: u32, host_id: u16) -> Result<(), String> {
+        let timeout = self.set.timeout;
         match self.set.admit(src, fabric_id, host_id) {
             Err(why) => Err(why.to_string()),
             Ok(p) if p.epoch.is_none() => Err(format!("host {host_id} did not introduce itself")),
+            Ok(p) if !p.is_up(Instant::now(), timeout) => {
+                Err(format!("host {host_id} is down (stale data)"))
+            }
             Ok(_) => Ok(()),
         }
     }

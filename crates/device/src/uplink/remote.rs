@@ -87,6 +87,12 @@ impl Outbox {
         Ok(())
     }
 
+    /// Whether `host` is a peer of a running uplink.
+    pub fn is_peer(&self, host: u16) -> bool {
+        let s = self.lock();
+        s.enabled && s.hosts.contains_key(&host)
+    }
+
     /// A request reserved with `len` bytes completed (or never went out).
     pub fn finished(&self, len: u64) {
         let mut s = self.lock();
