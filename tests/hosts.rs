@@ -625,3 +625,64 @@ fn a_pulled_link_fails_pending_sends_and_traffic_resumes_when_it_is_back() {
     exchange(&a, &b, &[8, 100_000, 30], 500);
     exchange(&b, &a, &[8, 100_000], 600);
 }
+
+/// `vfabric pingpong`/`bw` (guest processes) with the server on host 1 and the client on
+/// host 2, every byte verified.
+fn cli_across_hosts(d: &[HostDaemon], dir: &Path, kind: &str, sizes: &str) -> serde_json::Value {
+    let addr = dir.join(format!("{kind}.addr"));
+    let common = |c: &mut Command| {
+        c.args(["--verify", "--timeout-s", "20", "--sizes", sizes])
+            .args(["--iters", "40", "--warmup", "2", "--addr-file"])
+            .arg(&addr);
+    };
+    let mut server = Command::new(bin("vfabric"));
+    server
+        .args([kind, "--server", "--quiet", "--device"])
+        .arg(&d[0].sockets[0]);
+    common(&mut server);
+    let mut server = server
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let mut client = Command::new(bin("vfabric"));
+    client
+        .args([kind, "--json", "--device"])
+        .arg(&d[1].sockets[0]);
+    common(&mut client);
+    let out = run_with_timeout(&mut client, Duration::from_secs(90));
+    let server_ok = wait_for(Duration::from_secs(20), || {
+        server.try_wait().ok().flatten().is_some()
+    });
+    if !server_ok {
+        let _ = server.kill();
+    }
+    let status = server.wait().expect("server wait");
+    assert!(
+        out.status.success(),
+        "client failed: {}\nhost 1 log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d[0].log()
+    );
+    assert!(status.success(), "server failed");
+    serde_json::from_slice(&out.stdout).expect("client JSON")
+}
+
+#[test]
+fn cli_pingpong_and_bw_across_hosts_verify_every_byte() {
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = two_hosts(dir.path(), &lan);
+    for kind in ["pingpong", "bw"] {
+        let v = cli_across_hosts(&d, dir.path(), kind, "8,4k,64k,1m");
+        let results = v["results"].as_array().expect("results");
+        assert_eq!(results.len(), 4, "{v}");
+        for r in results {
+            assert_eq!(r["verified"], true, "{r}");
+        }
+        println!("{kind} across hosts: {v}");
+    }
+}

@@ -2,13 +2,17 @@
 //! Several hosts: the daemons of one fabric reach each other through the host's own libfabric
 //! (`--uplink PROVIDER`, `tcp;ofi_rxm` by default), never a home-made transport.
 //!
-//! Today the uplink does membership and discovery: each daemon opens one RDM endpoint bound to
-//! `--listen`, resolves its configured peers (`--peer ID=ADDR[:PORT]`), and greets them with
-//! HELLO until they answer; a HELLO is admitted only from a configured peer's own address
-//! claiming that peer's id on our fabric (anything else is refused and logged). Guests see the
-//! reachable hosts through QUERY_CAPS (`REMOTE_HOSTS`). Guest traffic to another host is not
-//! carried yet: such a request completes with AddrNotAvail, as any address that names no
-//! endpoint here.
+//! Membership: each daemon opens one RDM endpoint bound to `--listen`, resolves its configured
+//! peers (`--peer ID=ADDR[:PORT]`), and greets them with HELLO until they answer; a HELLO is
+//! admitted only from a configured peer's own address claiming that peer's id on our fabric
+//! (anything else is refused and logged). Guests see the reachable hosts through QUERY_CAPS
+//! (`REMOTE_HOSTS`).
+//!
+//! Messages: guest sends to another host come from the fabric through the [`remote::Outbox`];
+//! this thread sends them as DATA chunks and completes them with the target's REPLY, or with
+//! `HostUnreach` when the target is lost. DATA from a peer is reassembled and matched by the
+//! fabric ([`Fabric::accept_remote`]); the verdict goes back as REPLY. RMA and atomics do not
+//! cross hosts yet.
 
 mod fi;
 pub mod peers;
@@ -43,6 +47,8 @@ pub const DEFAULT_PROVIDER: &str = "tcp;ofi_rxm";
 const RECV_BUFFERS: usize = 16;
 /// How often an unanswered peer is greeted again, and an answered one kept alive.
 const HELLO_INTERVAL: Duration = Duration::from_millis(300);
+/// How long the uplink thread keeps polling after its last traffic before it sleeps.
+const BUSY_POLL: Duration = Duration::from_millis(2);
 /// Context values of sends (receives use their buffer index).
 const SEND_CONTEXT: u64 = 1 << 32;
 
@@ -312,6 +318,7 @@ impl Worker {
             self.repost(i);
         }
         let mut was_up: Vec<bool> = vec![false; self.set.peers.len()];
+        let mut last_busy = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
             self.resolve_peers();
@@ -371,7 +378,15 @@ impl Worker {
                     .map(|p| (p.host_id, p.is_up(now, self.set.timeout))),
             );
             self.notify.flush();
-            if idle {
+            // Traffic comes in bursts: poll on (yielding the CPU) for a while after the last
+            // message, sleep only once the link has been quiet (the provider makes progress
+            // only when polled).
+            if !idle || !self.backlog.is_empty() {
+                last_busy = Instant::now();
+            }
+            if idle && last_busy.elapsed() < BUSY_POLL {
+                std::thread::yield_now();
+            } else if idle {
                 self.outbox.wait(Duration::from_millis(1));
             }
         }
