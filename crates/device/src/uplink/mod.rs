@@ -8,10 +8,10 @@
 //! (anything else is refused and logged). Guests see the reachable hosts through QUERY_CAPS
 //! (`REMOTE_HOSTS`).
 //!
-//! Messages: guest sends to another host come from the fabric through the [`remote::Outbox`];
+//! Messages: guest sends to another host come from the fabric through the `remote::Outbox`;
 //! this thread sends them as DATA chunks and completes them with the target's REPLY, or with
 //! `HostUnreach` when the target is lost. DATA from a peer is reassembled and matched by the
-//! fabric ([`Fabric::accept_remote`]); the verdict goes back as REPLY. RMA and atomics do not
+//! fabric (`Fabric::accept_remote`); the verdict goes back as REPLY. RMA and atomics do not
 //! cross hosts yet.
 
 mod fi;
