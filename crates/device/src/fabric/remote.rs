@@ -40,7 +40,10 @@ pub(crate) struct Incoming {
 }
 
 impl Fabric {
-    /// The remote seam of [`Fabric::op_send`]: `req` names no device of this host.
+    /// The remote seam of [`Fabric::op_send`]: `req` names no device of this host. Kept out
+    /// of line: the local path pays only the branch to it.
+    #[cold]
+    #[inline(never)]
     pub(super) fn send_remote(
         &self,
         dev: usize,

@@ -319,6 +319,7 @@ impl Worker {
         }
         let mut was_up: Vec<bool> = vec![false; self.set.peers.len()];
         let mut last_busy = Instant::now();
+        let mut last_publish = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
             self.resolve_peers();
@@ -355,9 +356,11 @@ impl Worker {
             }
             let now = Instant::now();
             let mut lost = Vec::new();
+            let mut changed = false;
             for (p, was) in self.set.peers.iter().zip(was_up.iter_mut()) {
                 let up = p.is_up(now, self.set.timeout);
                 if up != *was {
+                    changed = true;
                     if up {
                         info!(host = p.host_id, devices = p.num_devices, addr = %p.addr, "uplink peer up");
                     } else {
@@ -367,16 +370,21 @@ impl Worker {
                     *was = up;
                 }
             }
+            // The views of who is up change on a transition; republished on an interval too
+            // (a peer's device count), not on every turn of a busy loop.
+            if changed || now.duration_since(last_publish) >= HELLO_INTERVAL {
+                last_publish = now;
+                self.set.publish(&self.hosts, now);
+                self.outbox.set_hosts(
+                    self.set
+                        .peers
+                        .iter()
+                        .map(|p| (p.host_id, p.is_up(now, self.set.timeout))),
+                );
+            }
             for host in lost {
                 self.host_lost(host);
             }
-            self.set.publish(&self.hosts, now);
-            self.outbox.set_hosts(
-                self.set
-                    .peers
-                    .iter()
-                    .map(|p| (p.host_id, p.is_up(now, self.set.timeout))),
-            );
             self.notify.flush();
             // Traffic comes in bursts: poll on (yielding the CPU) for a while after the last
             // message, sleep only once the link has been quiet (the provider makes progress
