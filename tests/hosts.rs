@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use vfabric::fi;
 use vfabric::{
     AddressVector, BindFlags, CompletionQueue, CqAttr, CqEntry, CqErrEntry, Domain, DomainAttr,
     Endpoint, EpAttr, Error as VfError, FabricAddr, Status,
@@ -334,7 +335,7 @@ fn impostors_strangers_and_other_fabrics_are_refused() {
 /// A guest endpoint driven from the test process (unix sockets are not network-namespaced:
 /// the test opens devices of every host's daemon directly).
 struct Guest {
-    _dom: Domain,
+    dom: Domain,
     cq: CompletionQueue,
     av: AddressVector,
     ep: Endpoint,
@@ -356,12 +357,7 @@ impl Guest {
         ep.bind_cq(&cq, BindFlags::BOTH).unwrap();
         ep.bind_av(&av).unwrap();
         ep.enable().unwrap();
-        Self {
-            _dom: dom,
-            cq,
-            av,
-            ep,
-        }
+        Self { dom, cq, av, ep }
     }
 
     /// The next completion, or the error entry; panics after `within`.
@@ -685,4 +681,79 @@ fn cli_pingpong_and_bw_across_hosts_verify_every_byte() {
         }
         println!("{kind} across hosts: {v}");
     }
+}
+
+#[test]
+fn rma_across_hosts_is_checked_by_the_target_device() {
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = two_hosts(dir.path(), &lan);
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    const LEN: usize = 300_000;
+    let target = b.dom.alloc_buffer(LEN).unwrap();
+    let rw = b
+        .dom
+        .register(&target, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
+        .unwrap();
+    let mut ro_buf = b.dom.alloc_buffer(64).unwrap();
+    ro_buf.get_mut().unwrap().copy_from_slice(&pattern(9, 64));
+    let ro = b.dom.register(&ro_buf, fi::REMOTE_READ, None).unwrap();
+
+    // A large zero-copy write (many wire chunks) and a small one by value at an offset.
+    let mut src = a.dom.alloc_buffer(LEN).unwrap();
+    let mut want = pattern(7, LEN);
+    src.get_mut().unwrap().copy_from_slice(&want);
+    a.ep.write_buf(&src, 0..LEN, to_b, rw.base(), rw.key(), 1)
+        .unwrap();
+    let c = a.next();
+    assert_eq!((c.context, c.len), (1, LEN));
+    a.ep.write(b"hello", to_b, rw.base() + 10, rw.key(), 2)
+        .unwrap();
+    assert_eq!(a.next().context, 2);
+    want[10..15].copy_from_slice(b"hello");
+    // SAFETY: no operation on B's region is in flight (A's writes completed, A is idle).
+    assert!(
+        unsafe { target.as_slice() } == want.as_slice(),
+        "target bytes"
+    );
+
+    // Read it all back into another buffer of A; and the read-only region.
+    let mut dst = a.dom.alloc_buffer(LEN).unwrap();
+    a.ep.read_buf(&dst, 0..LEN, to_b, rw.base(), rw.key(), 3)
+        .unwrap();
+    let c = a.next();
+    assert_eq!((c.context, c.len), (3, LEN));
+    assert!(dst.get().unwrap() == want.as_slice(), "read back");
+    a.ep.read_buf(&dst, 0..64, to_b, ro.base(), ro.key(), 4)
+        .unwrap();
+    assert_eq!(a.next().context, 4);
+    assert_eq!(&dst.get().unwrap()[..64], pattern(9, 64).as_slice());
+
+    // The protection matrix holds at the target: a read-only region, a wrong key, a range past
+    // the region's end, an address before it.
+    for (ctx, addr, key, len) in [
+        (5, ro.base(), ro.key(), 1),
+        (6, rw.base(), rw.key() ^ 1, 1),
+        (7, rw.base() + LEN as u64 - 4, rw.key(), 8),
+        (8, rw.base().wrapping_sub(1), rw.key(), 1),
+    ] {
+        a.ep.write(&vec![1u8; len], to_b, addr, key, ctx).unwrap();
+        let e = a.next_err();
+        assert_eq!((e.context, e.status), (ctx, Status::Access), "{e:?}");
+        assert_eq!(e.err, 13, "FI_EACCES");
+    }
+    a.ep.read_buf(&dst, 0..8, to_b, rw.base(), rw.key() ^ 1, 9)
+        .unwrap();
+    assert_eq!(a.next_err().status, Status::Access);
+    // SAFETY: as above: the refused writes changed nothing.
+    assert!(
+        unsafe { target.as_slice() } == want.as_slice(),
+        "refused writes left no trace"
+    );
+    drop((rw, ro));
 }

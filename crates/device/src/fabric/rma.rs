@@ -357,6 +357,8 @@ impl Fabric {
     pub(super) fn op_rma(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
         let (me, ddev, dep) = match self.rma_peer(dev, &req) {
             Ok(x) => x,
+            // A peer host's address: the request crosses hosts.
+            Err(Status::Unsupported) => return self.rma_remote(dev, port, req, n),
             Err(s) => return self.fail(dev, port, &req, s, n),
         };
         let r = req.req;
@@ -509,7 +511,7 @@ impl Fabric {
 
     /// Reserve room for a writedata notification to endpoint `dep` of the locked device `d`:
     /// the eager charge of an empty message (returned by [`Fabric::notify_write`]).
-    fn reserve_notification(&self, d: &mut Dev, dep: usize, meta: &Meta) -> bool {
+    pub(super) fn reserve_notification(&self, d: &mut Dev, dep: usize, meta: &Meta) -> bool {
         let Some(e) = d.eps.get(dep).and_then(|s| s.ep.as_ref()) else {
             return false;
         };
@@ -525,7 +527,7 @@ impl Fabric {
 
     /// Writedata: consume a posted RECV of the target (or queue a zero-byte notification), using
     /// the room reserved by [`Fabric::reserve_notification`].
-    fn notify_write(
+    pub(super) fn notify_write(
         &self,
         sdev: usize,
         ddev: usize,

@@ -36,7 +36,7 @@ use crate::fabric::{Fabric, Incoming, Notify};
 use fi::{Info, RdmEndpoint};
 use peers::{Peer, PeerSet};
 use remote::{Outbound, Outbox};
-use wire::{Message, MAX_CHUNK, MAX_MESSAGE};
+use wire::{Message, MAX_CHUNK, MAX_MESSAGE, MAX_REPLY_CHUNK};
 
 /// Default uplink port.
 pub const DEFAULT_PORT: u16 = 9229;
@@ -213,6 +213,7 @@ impl Uplink {
             // matches nothing.
             next_req: epoch,
             partial: HashMap::new(),
+            reply_partial: HashMap::new(),
             notify: Notify::default(),
             stop: stop.clone(),
         };
@@ -308,6 +309,8 @@ struct Worker {
     next_req: u64,
     /// Per peer, the message whose chunks are arriving.
     partial: HashMap<u16, Partial>,
+    /// Per peer, the read reply whose chunks are arriving: (request id, bytes so far).
+    reply_partial: HashMap<u16, (u64, Vec<u8>)>,
     notify: Notify,
     stop: Arc<AtomicBool>,
 }
@@ -401,13 +404,14 @@ impl Worker {
         // Stopping: nothing leaves any more, and every guest request waiting here completes.
         for m in self.outbox.disable() {
             if let Outbound::Send(s) = m {
-                self.outbox.finished(s.payload.len() as u64);
+                self.outbox.finished(s.len);
                 self.fabric.complete_remote(
                     s.dev,
                     &s.port,
                     &s.req,
                     0,
                     Status::HostUnreach,
+                    &[],
                     &mut self.notify,
                 );
             }
@@ -526,7 +530,7 @@ impl Worker {
         for m in queued {
             match m {
                 Outbound::Send(s) => {
-                    let len = s.payload.len() as u64;
+                    let len = s.len;
                     let Some(dest) = self.dest_of(s.host) else {
                         self.outbox.finished(len);
                         self.fabric.complete_remote(
@@ -535,6 +539,7 @@ impl Worker {
                             &s.req,
                             len,
                             Status::HostUnreach,
+                            &[],
                             &mut self.notify,
                         );
                         continue;
@@ -580,35 +585,58 @@ impl Worker {
                     host,
                     req_id,
                     status,
-                } => self.reply(host, req_id, status),
+                } => self.reply(host, req_id, status, &[]),
             }
         }
         idle
     }
 
-    /// Queue our verdict on request `req_id` of `host` (dropped if the host is down: it
-    /// completed the request `HostUnreach` itself).
-    fn reply(&mut self, host: u16, req_id: u64, status: Status) {
+    /// Queue our verdict on request `req_id` of `host`, with the bytes an RMA read read, in
+    /// chunks (dropped if the host is down: it completed the request `HostUnreach` itself).
+    fn reply(&mut self, host: u16, req_id: u64, status: Status, read: &[u8]) {
         let Some(dest) = self.dest_of(host) else {
             return;
         };
-        let bytes = Message::Reply {
-            fabric_id: self.set.fabric_id,
-            host_id: self.set.host_id,
-            req_id,
-            status,
+        let mut off = 0;
+        loop {
+            let end = (off + MAX_REPLY_CHUNK).min(read.len());
+            let bytes = Message::Reply {
+                fabric_id: self.set.fabric_id,
+                host_id: self.set.host_id,
+                req_id,
+                status,
+                total_len: read.len() as u64,
+                offset: off as u64,
+                chunk: &read[off..end],
+            }
+            .encode();
+            self.backlog.push_back(Outgoing {
+                host,
+                dest,
+                bytes,
+                req_id: None,
+            });
+            off = end;
+            if off >= read.len() {
+                break;
+            }
         }
-        .encode();
-        self.backlog.push_back(Outgoing {
-            host,
-            dest,
-            bytes,
-            req_id: None,
-        });
     }
 
     /// Complete guest request `req_id` (if still pending, and from `host` if given).
     fn complete_pending(&mut self, req_id: u64, host: Option<u16>, status: Status) {
+        self.complete_pending_with(req_id, host, status, &[]);
+    }
+
+    /// [`Worker::complete_pending`] with the bytes an RMA read brought back: exactly the
+    /// length asked, or the request fails `Invalid` (the peer broke the protocol).
+    fn complete_pending_with(
+        &mut self,
+        req_id: u64,
+        host: Option<u16>,
+        mut status: Status,
+        read: &[u8],
+    ) {
         // A verdict from a host for a request we sent another is not taken.
         let ours = |p: &Pending| host.is_none_or(|h| h == p.host);
         if !self.pending.get(&req_id).is_some_and(ours) {
@@ -619,8 +647,30 @@ impl Worker {
             return;
         };
         self.outbox.finished(p.len);
-        self.fabric
-            .complete_remote(p.dev, &p.port, &p.req, p.len, status, &mut self.notify);
+        let is_read = p.req.req.opcode == vfabric_proto::Opcode::RmaRead;
+        let want = if status == Status::Ok && is_read {
+            p.len
+        } else {
+            0
+        };
+        if read.len() as u64 != want {
+            warn!(
+                req_id,
+                got = read.len(),
+                want,
+                "uplink: a reply with the wrong bytes"
+            );
+            status = Status::Invalid;
+        }
+        self.fabric.complete_remote(
+            p.dev,
+            &p.port,
+            &p.req,
+            p.len,
+            status,
+            read,
+            &mut self.notify,
+        );
     }
 
     /// `host` is down or restarted: our requests to it complete `HostUnreach`, what it sent
@@ -638,6 +688,7 @@ impl Worker {
         }
         self.backlog.retain(|o| o.host != host);
         self.partial.remove(&host);
+        self.reply_partial.remove(&host);
         let dropped = self.fabric.purge_remote(host);
         if failed + dropped > 0 {
             warn!(
@@ -719,12 +770,70 @@ impl Worker {
                 host_id,
                 req_id,
                 status,
+                total_len,
+                offset,
+                chunk,
             } => {
                 if let Err(why) = self.introduced(src, fabric_id, host_id) {
                     return warn!("uplink: refusing a reply: {why}");
                 }
-                self.complete_pending(req_id, Some(host_id), status);
+                if total_len == 0 {
+                    return self.complete_pending(req_id, Some(host_id), status);
+                }
+                self.reply_chunk(host_id, req_id, status, total_len, offset, chunk);
             }
+        }
+    }
+
+    /// One chunk of a read's reply from `host`: the whole reply completes the request. Only
+    /// a pending read of that host, asking exactly `total` bytes, collects one.
+    fn reply_chunk(
+        &mut self,
+        host: u16,
+        req_id: u64,
+        status: Status,
+        total: u64,
+        offset: u64,
+        chunk: &[u8],
+    ) {
+        let expected = self.pending.get(&req_id).is_some_and(|p| {
+            p.host == host && p.len == total && p.req.req.opcode == vfabric_proto::Opcode::RmaRead
+        });
+        if offset == 0 {
+            // A reply left incomplete (the wire keeps order): its request fails.
+            if let Some((old, _)) = self.reply_partial.remove(&host) {
+                self.complete_pending(old, Some(host), Status::Invalid);
+            }
+            if !expected {
+                warn!(host, req_id, total, "uplink: read data for no such read");
+                return self.complete_pending(req_id, Some(host), Status::Invalid);
+            }
+            if chunk.len() as u64 == total {
+                return self.complete_pending_with(req_id, Some(host), status, chunk);
+            }
+            self.reply_partial.insert(host, (req_id, chunk.to_vec()));
+            return;
+        }
+        let fits = self
+            .reply_partial
+            .get(&host)
+            .is_some_and(|(id, b)| *id == req_id && b.len() as u64 == offset);
+        if !fits {
+            warn!(host, req_id, offset, "uplink: a reply chunk out of order");
+            if let Some((old, _)) = self.reply_partial.remove(&host) {
+                self.complete_pending(old, Some(host), Status::Invalid);
+            }
+            return self.complete_pending(req_id, Some(host), Status::Invalid);
+        }
+        let Some((_, bytes)) = self.reply_partial.get_mut(&host) else {
+            return;
+        };
+        bytes.extend_from_slice(chunk);
+        if (bytes.len() as u64) < total {
+            return;
+        }
+        if let Some((id, bytes)) = self.reply_partial.remove(&host) {
+            self.complete_pending_with(id, Some(host), status, &bytes);
         }
     }
 
@@ -754,12 +863,15 @@ impl Worker {
             if let Some(old) = self.partial.remove(&host) {
                 if !old.refused {
                     // Its remaining chunks never came (the wire keeps order): refuse it.
-                    self.reply(host, old.req_id, Status::Invalid);
+                    self.reply(host, old.req_id, Status::Invalid, &[]);
                 }
             }
-            let refused = total > self.fabric.limits().max_msg_size;
+            // A message, or an RMA request's ranges and bytes.
+            let most = self.fabric.limits().max_msg_size
+                + u64::from(wire::MAX_RANGES) * vfabric_proto::RMA_IOV_LEN as u64;
+            let refused = total > most;
             if refused {
-                self.reply(host, req_id, Status::TooLarge);
+                self.reply(host, req_id, Status::TooLarge, &[]);
             }
             if chunk.len() as u64 == total {
                 if !refused {
@@ -790,11 +902,11 @@ impl Worker {
             );
             if let Some(old) = self.partial.remove(&host) {
                 if !old.refused {
-                    self.reply(host, old.req_id, Status::Invalid);
+                    self.reply(host, old.req_id, Status::Invalid, &[]);
                 }
             }
             if self.partial.get(&host).is_none_or(|p| p.req_id != req_id) {
-                self.reply(host, req_id, Status::Invalid);
+                self.reply(host, req_id, Status::Invalid, &[]);
             }
             return;
         }
@@ -817,14 +929,18 @@ impl Worker {
     }
 
     fn deliver(&mut self, host: u16, req_id: u64, desc: wire::Data, bytes: Vec<u8>) {
+        let rma = u32::from(desc.count) != 0;
         let incoming = Incoming {
             host,
             req_id,
             desc,
             bytes,
         };
-        if let Some(status) = self.fabric.accept_remote(incoming, &mut self.notify) {
-            self.reply(host, req_id, status);
+        if rma {
+            let (status, read) = self.fabric.accept_remote_rma(incoming, &mut self.notify);
+            self.reply(host, req_id, status, &read);
+        } else if let Some(status) = self.fabric.accept_remote(incoming, &mut self.notify) {
+            self.reply(host, req_id, status, &[]);
         }
     }
 

@@ -28,8 +28,11 @@ pub(crate) struct RemoteSend {
     pub req: Req,
     /// The DATA description (its `req_id` and `offset` are filled in by the uplink).
     pub desc: wire::Data,
-    /// The guest's bytes, copied out of its chain.
+    /// The request's bytes: a send's payload; an RMA request's ranges and, for a write,
+    /// the bytes to write.
     pub payload: Vec<u8>,
+    /// Bytes the request moves (a send's length, an RMA transfer's total), as reserved.
+    pub len: u64,
 }
 
 pub(crate) enum Outbound {

@@ -4,7 +4,7 @@
 //! checked like a guest's descriptors: a message that does not parse is refused with an error,
 //! never acted on.
 
-use vfabric_proto::{ep_open, ByteValued, Le16, Le32, Le64, Opcode, Status};
+use vfabric_proto::{ep_open, ByteValued, Le16, Le32, Le64, Opcode, Status, RMA_IOV_LEN};
 
 /// "VFUL" little-endian.
 pub const MAGIC: u32 = 0x4c55_4656;
@@ -17,9 +17,11 @@ pub mod kind {
     pub const HELLO: u16 = 1;
     /// The answer to a HELLO: the same body.
     pub const HELLO_ACK: u16 = 2;
-    /// A guest's message (or one chunk of it) for an endpoint of the receiving host.
+    /// A guest's message or RMA request (or one chunk of it) for an endpoint of the receiving
+    /// host.
     pub const DATA: u16 = 3;
-    /// The receiving host's verdict on a DATA request: the status its sender completes with.
+    /// The receiving host's verdict on a DATA request: the status its sender completes with
+    /// (and, for an RMA read, the bytes read, in chunks).
     pub const REPLY: u16 = 4;
 }
 
@@ -88,17 +90,19 @@ pub struct Data {
     pub src_dev: Le16,
     /// The destination device on the receiving host.
     pub dst_dev: Le16,
-    /// `Opcode::Send` or `Opcode::TSend`.
+    /// `Opcode::Send`, `TSend`, `RmaWrite` or `RmaRead`.
     pub opcode: Le16,
     /// Endpoint type of the sender (`ep_open::TYPE_*`): only the same type receives it.
     pub ep_kind: Le16,
     pub flags: Le32,
-    pub reserved: Le32,
+    /// RMA: the message starts with this many `RmaIov` ranges (then, for a write, the bytes to
+    /// write); 0 for sends.
+    pub count: Le32,
 }
 // SAFETY: plain-old-data, repr(C), no padding (72 bytes, every field naturally aligned).
 unsafe impl ByteValued for Data {}
 
-/// Body of REPLY: 16 bytes.
+/// Body of REPLY before its bytes (an RMA read's data, in chunks like DATA): 32 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reply {
@@ -106,17 +110,25 @@ pub struct Reply {
     /// A `vfabric_proto::Status`.
     pub status: Le32,
     pub reserved: Le32,
+    /// Bytes the reply carries in all its chunks (0 but for an RMA read).
+    pub total_len: Le64,
+    pub offset: Le64,
 }
-// SAFETY: plain-old-data, repr(C), no padding (16 bytes).
+// SAFETY: plain-old-data, repr(C), no padding (32 bytes).
 unsafe impl ByteValued for Reply {}
 
 pub const HEADER_LEN: usize = std::mem::size_of::<Header>();
 pub const DATA_LEN: usize = std::mem::size_of::<Data>();
+pub const REPLY_LEN: usize = std::mem::size_of::<Reply>();
+/// Largest RMA scatter list one DATA request carries.
+pub const MAX_RANGES: u32 = 256;
 /// Largest message the uplink receives (and so sends). Small enough to stay below the
 /// eager size of `ofi_rxm` (16 KiB), whose eager messages keep their order.
 pub const MAX_MESSAGE: usize = 8192;
 /// Most guest bytes one DATA message carries.
 pub const MAX_CHUNK: usize = MAX_MESSAGE - HEADER_LEN - DATA_LEN;
+/// Most read bytes one REPLY carries.
+pub const MAX_REPLY_CHUNK: usize = MAX_MESSAGE - HEADER_LEN - REPLY_LEN;
 
 /// A parsed message (a DATA message borrows its bytes from the receive buffer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +151,9 @@ pub enum Message<'a> {
         host_id: u16,
         req_id: u64,
         status: Status,
+        total_len: u64,
+        offset: u64,
+        chunk: &'a [u8],
     },
 }
 
@@ -166,6 +181,8 @@ pub enum WireError {
     Chunk { offset: u64, len: usize, total: u64 },
     #[error("REPLY status {0} unknown")]
     Status(u32),
+    #[error("DATA with {count} RMA ranges for opcode {opcode:#x}")]
+    Ranges { count: u32, opcode: u16 },
 }
 
 fn header(kind: u16, fabric_id: u32, host_id: u16, body_len: usize) -> Header {
@@ -224,16 +241,22 @@ impl<'a> Message<'a> {
                 host_id,
                 req_id,
                 status,
+                total_len,
+                offset,
+                chunk,
             } => {
                 let body = Reply {
                     req_id: req_id.into(),
                     status: (status as u32).into(),
                     reserved: 0.into(),
+                    total_len: total_len.into(),
+                    offset: offset.into(),
                 };
-                let mut v = header(kind::REPLY, fabric_id, host_id, body.as_slice().len())
+                let mut v = header(kind::REPLY, fabric_id, host_id, REPLY_LEN + chunk.len())
                     .as_slice()
                     .to_vec();
                 v.extend_from_slice(body.as_slice());
+                v.extend_from_slice(chunk);
                 v
             }
         }
@@ -291,12 +314,18 @@ impl<'a> Message<'a> {
                     .and_then(Data::from_slice)
                     .ok_or(short)?;
                 let chunk = &body[DATA_LEN..];
-                if u32::from(desc.reserved) != 0 {
-                    return Err(WireError::Reserved);
-                }
                 let op = u16::from(desc.opcode);
-                if op != Opcode::Send as u16 && op != Opcode::TSend as u16 {
+                let rma = op == Opcode::RmaWrite as u16 || op == Opcode::RmaRead as u16;
+                if op != Opcode::Send as u16 && op != Opcode::TSend as u16 && !rma {
                     return Err(WireError::Opcode(op));
+                }
+                // Sends carry no ranges; RMA requests 1..=MAX_RANGES, all in the message.
+                let count = u32::from(desc.count);
+                if (rma && (count == 0 || count > MAX_RANGES))
+                    || (!rma && count != 0)
+                    || u64::from(desc.total_len) < u64::from(count) * RMA_IOV_LEN as u64
+                {
+                    return Err(WireError::Ranges { count, opcode: op });
                 }
                 let ep_kind = u16::from(desc.ep_kind);
                 if !matches!(
@@ -329,20 +358,37 @@ impl<'a> Message<'a> {
                 })
             }
             kind::REPLY => {
-                let r = Reply::from_slice(body).ok_or(WireError::Length {
-                    field: len,
-                    got: body.len(),
-                })?;
+                let r = *body.get(..REPLY_LEN).and_then(Reply::from_slice).ok_or(
+                    WireError::Length {
+                        field: len,
+                        got: body.len(),
+                    },
+                )?;
+                let chunk = &body[REPLY_LEN..];
                 if u32::from(r.reserved) != 0 {
                     return Err(WireError::Reserved);
                 }
                 let raw = u32::from(r.status);
                 let status = Status::from_u32(raw).ok_or(WireError::Status(raw))?;
+                let (offset, total) = (u64::from(r.offset), u64::from(r.total_len));
+                let fits = offset
+                    .checked_add(chunk.len() as u64)
+                    .is_some_and(|end| end <= total);
+                if !fits || (chunk.is_empty() && total != 0) {
+                    return Err(WireError::Chunk {
+                        offset,
+                        len: chunk.len(),
+                        total,
+                    });
+                }
                 Ok(Message::Reply {
                     fabric_id: h.fabric_id.into(),
                     host_id: h.host_id.into(),
                     req_id: r.req_id.into(),
                     status,
+                    total_len: total,
+                    offset,
+                    chunk,
                 })
             }
             k => Err(WireError::Kind(k)),
@@ -404,7 +450,7 @@ mod tests {
             opcode: (Opcode::TSend as u16).into(),
             ep_kind: (ep_open::TYPE_RDM as u16).into(),
             flags: data_flags::REMOTE_CQ_DATA.into(),
-            reserved: 0.into(),
+            count: 0.into(),
         }
     }
 
@@ -456,10 +502,10 @@ mod tests {
             Err(WireError::Chunk { .. })
         ));
         let mut d = data_desc(100, 0);
-        d.opcode = (Opcode::RmaWrite as u16).into();
+        d.opcode = (Opcode::Atomic as u16).into();
         assert_eq!(
             refused(d, &chunk),
-            Err(WireError::Opcode(Opcode::RmaWrite as u16))
+            Err(WireError::Opcode(Opcode::Atomic as u16))
         );
         let mut d = data_desc(100, 0);
         d.ep_kind = 9.into();
@@ -467,9 +513,23 @@ mod tests {
         let mut d = data_desc(100, 0);
         d.flags = (1 << 7).into();
         assert_eq!(refused(d, &chunk), Err(WireError::Flags(1 << 7)));
+        // Ranges: none for a send, 1..=MAX_RANGES inside the message for RMA.
         let mut d = data_desc(100, 0);
-        d.reserved = 1.into();
-        assert_eq!(refused(d, &chunk), Err(WireError::Reserved));
+        d.count = 1.into();
+        assert!(matches!(refused(d, &chunk), Err(WireError::Ranges { .. })));
+        let mut d = data_desc(100, 0);
+        d.opcode = (Opcode::RmaRead as u16).into();
+        assert!(matches!(refused(d, &chunk), Err(WireError::Ranges { .. })));
+        d.count = 4.into();
+        assert!(refused(d, &chunk).is_ok());
+        d.count = 5.into();
+        assert!(
+            matches!(refused(d, &chunk), Err(WireError::Ranges { .. })),
+            "past the message"
+        );
+        d.count = (MAX_RANGES + 1).into();
+        d.total_len = u64::MAX.into();
+        assert!(matches!(refused(d, &chunk), Err(WireError::Ranges { .. })));
         // Shorter than its description, and a length field that lies.
         let b = data(data_desc(100, 0), &chunk);
         let mut short = b[..HEADER_LEN + 40].to_vec();
@@ -495,10 +555,43 @@ mod tests {
             host_id: 1,
             req_id: u64::MAX,
             status: Status::HostUnreach,
+            total_len: 0,
+            offset: 0,
+            chunk: &[],
         };
         let b = m.encode();
-        assert_eq!(b.len(), HEADER_LEN + 16);
+        assert_eq!(b.len(), HEADER_LEN + 32);
         assert_eq!(Message::parse(&b), Ok(m));
+        // Read data in chunks: each inside the total, never empty.
+        let read = Message::Reply {
+            fabric_id: 0x5eed,
+            host_id: 1,
+            req_id: 5,
+            status: Status::Ok,
+            total_len: 100,
+            offset: 90,
+            chunk: &[1; 10],
+        };
+        assert_eq!(Message::parse(&read.encode()), Ok(read));
+        let reply = |offset: u64, chunk: &'static [u8]| Message::Reply {
+            fabric_id: 0x5eed,
+            host_id: 1,
+            req_id: 5,
+            status: Status::Ok,
+            total_len: 100,
+            offset,
+            chunk,
+        };
+        let past = reply(91, &[1; 10]);
+        assert!(matches!(
+            Message::parse(&past.encode()),
+            Err(WireError::Chunk { .. })
+        ));
+        let empty = reply(90, &[]);
+        assert!(matches!(
+            Message::parse(&empty.encode()),
+            Err(WireError::Chunk { .. })
+        ));
         let mut bad = b.clone();
         bad[body(8)] = 200;
         assert_eq!(Message::parse(&bad), Err(WireError::Status(200)));
@@ -506,7 +599,8 @@ mod tests {
         bad[body(12)] = 1;
         assert_eq!(Message::parse(&bad), Err(WireError::Reserved));
         let mut bad = b;
-        bad.pop();
+        bad.truncate(HEADER_LEN + 20);
+        bad[16..20].copy_from_slice(&20u32.to_le_bytes());
         assert!(matches!(
             Message::parse(&bad),
             Err(WireError::Length { .. })
@@ -531,8 +625,11 @@ mod tests {
                 0 => Message::Hello { ack: false, fabric_id: 1, host_id: 2, num_devices: 3, epoch: 4 }
                     .encode(),
                 1 => data(data_desc(300, 100), &[9u8; 50]),
-                _ => Message::Reply { fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok }
-                    .encode(),
+                _ => Message::Reply {
+                    fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok,
+                    total_len: 20, offset: 10, chunk: &[3; 10],
+                }
+                .encode(),
             };
             for (at, x) in flips {
                 let i = at % b.len();
@@ -541,9 +638,15 @@ mod tests {
             if let Some(c) = cut {
                 b.truncate(c % (b.len() + 1));
             }
-            if let Ok(Message::Data { desc, chunk, .. }) = Message::parse(&b) {
-                let end = u64::from(desc.offset) + chunk.len() as u64;
-                prop_assert!(end <= u64::from(desc.total_len));
+            match Message::parse(&b) {
+                Ok(Message::Data { desc, chunk, .. }) => {
+                    let end = u64::from(desc.offset) + chunk.len() as u64;
+                    prop_assert!(end <= u64::from(desc.total_len));
+                }
+                Ok(Message::Reply { total_len, offset, chunk, .. }) => {
+                    prop_assert!(offset + chunk.len() as u64 <= total_len);
+                }
+                _ => {}
             }
         }
     }
