@@ -757,3 +757,68 @@ fn rma_across_hosts_is_checked_by_the_target_device() {
     );
     drop((rw, ro));
 }
+
+#[test]
+fn atomics_across_hosts_run_at_the_target_device() {
+    use vfabric::proto::{atomic_op as op, datatype as dt};
+    use vfabric::AtomicMsg;
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = two_hosts(dir.path(), &lan);
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let mut cell = b.dom.alloc_buffer(64).unwrap();
+    cell.get_mut().unwrap()[..8].copy_from_slice(&100u64.to_le_bytes());
+    let rw = b
+        .dom
+        .register(&cell, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
+        .unwrap();
+    let ro_cell = b.dom.alloc_buffer(8).unwrap();
+    let ro = b.dom.register(&ro_cell, fi::REMOTE_READ, None).unwrap();
+    let msg = |operands: &'static [u8], addr: u64, key: u64, o: u8, ctx: u64| AtomicMsg {
+        operands,
+        addr: to_b,
+        remote_addr: addr,
+        key,
+        datatype: dt::UINT64,
+        op: o,
+        count: 1,
+        context: ctx,
+    };
+    const FIVE: [u8; 8] = 5u64.to_le_bytes();
+    // Fetch-and-add: the old value comes back, the target holds the sum.
+    a.ep.fetch_atomic(&msg(&FIVE, rw.base(), rw.key(), op::SUM, 1), &[])
+        .unwrap();
+    let c = a.next();
+    assert_eq!(c.context, 1);
+    assert_eq!(c.buf.as_deref(), Some(&100u64.to_le_bytes()[..]));
+    // A non-fetching add, then compare-and-swap 110 -> 7.
+    a.ep.atomic(&msg(&FIVE, rw.base(), rw.key(), op::SUM, 2))
+        .unwrap();
+    assert_eq!(a.next().context, 2);
+    const SEVEN: [u8; 8] = 7u64.to_le_bytes();
+    a.ep.compare_atomic(
+        &msg(&SEVEN, rw.base(), rw.key(), op::CSWAP, 3),
+        &110u64.to_le_bytes(),
+        &[],
+    )
+    .unwrap();
+    let c = a.next();
+    assert_eq!(c.buf.as_deref(), Some(&110u64.to_le_bytes()[..]));
+    // An atomic read sees it.
+    a.ep.fetch_atomic(&msg(&[], rw.base(), rw.key(), op::ATOMIC_READ, 4), &[])
+        .unwrap();
+    assert_eq!(a.next().buf.as_deref(), Some(&7u64.to_le_bytes()[..]));
+    // Protection at the target: a read-only region, a wrong key.
+    a.ep.atomic(&msg(&FIVE, ro.base(), ro.key(), op::SUM, 5))
+        .unwrap();
+    assert_eq!(a.next_err().status, Status::Access);
+    a.ep.fetch_atomic(&msg(&FIVE, rw.base(), rw.key() ^ 1, op::SUM, 6), &[])
+        .unwrap();
+    assert_eq!(a.next_err().status, Status::Access);
+    drop((rw, ro));
+}

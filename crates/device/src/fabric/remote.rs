@@ -12,20 +12,34 @@ use std::sync::atomic::Ordering;
 
 use tracing::debug;
 use vfabric_proto::{
-    ep_open, flags, mr_flags, ByteValued, FabricAddr, Opcode, RmaIov, Status, RMA_IOV_LEN,
-    VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+    atomic_op as aop, datatype as dt, ep_open, flags, mr_flags, ByteValued, FabricAddr, Opcode,
+    RmaIov, Status, RMA_IOV_LEN, VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
 };
 use vm_memory::GuestAddressSpace;
 
+use super::atomic::{self, ATOMIC_TYPES, MAX_ATOMIC_COUNT};
 use super::matching::take_posted;
 use super::{eager_cost, Body, Fabric, Meta, Msg, Notify, Port};
 use crate::chain::{completion, Req};
 use crate::stats::Counters;
-use crate::uplink::remote::{Outbound, RemoteSend};
+use crate::uplink::remote::{returns_bytes, Outbound, RemoteSend};
 use crate::uplink::wire::{self, data_flags};
 
 /// The `src_dev` of queued messages from another host (no local device sent them).
 const REMOTE_SRC_DEV: usize = usize::MAX;
+
+/// The checks of an atomic request every device applies (the local path's, in the same
+/// order): the element size, or the status that refuses it.
+fn atomic_check(opcode: Opcode, op: u8, ty: u8, count: u32) -> Result<usize, Status> {
+    let size = dt::size(ty).ok_or(Status::Unsupported)?;
+    if op >= aop::COUNT || ATOMIC_TYPES & (1 << ty) == 0 || !atomic::op_supported_for(op, ty) {
+        return Err(Status::Unsupported);
+    }
+    if !aop::allowed(opcode, op) || count == 0 || count > MAX_ATOMIC_COUNT {
+        return Err(Status::Invalid);
+    }
+    Ok(size)
+}
 
 /// A message from another host waiting in an unexpected queue for a receive.
 pub(crate) struct HeldRemote {
@@ -148,8 +162,12 @@ impl Fabric {
             return self.fail(dev, port, req, status, n);
         }
         match req.req.opcode {
-            Opcode::RmaWrite | Opcode::RmaRead => {
-                let is_read = req.req.opcode == Opcode::RmaRead;
+            Opcode::RmaWrite
+            | Opcode::RmaRead
+            | Opcode::Atomic
+            | Opcode::FetchAtomic
+            | Opcode::CompareAtomic => {
+                let is_read = returns_bytes(req.req.opcode);
                 // The target read exactly what was asked (checked by the uplink).
                 if is_read && req.data.write_at(&port.mem.memory(), 0, read).is_err() {
                     return self.fail(dev, port, req, Status::Fault, n);
@@ -270,6 +288,13 @@ impl Fabric {
     /// the bytes read.
     pub(crate) fn accept_remote_rma(&self, m: Incoming, n: &mut Notify) -> (Status, Vec<u8>) {
         let desc = m.desc;
+        let opcode = Opcode::from_u16(desc.opcode.into());
+        if matches!(
+            opcode,
+            Some(Opcode::Atomic | Opcode::FetchAtomic | Opcode::CompareAtomic)
+        ) {
+            return self.accept_remote_atomic(m, n);
+        }
         let write = u16::from(desc.opcode) == Opcode::RmaWrite as u16;
         let count = u32::from(desc.count) as usize;
         let list_len = count * RMA_IOV_LEN;
@@ -382,6 +407,195 @@ impl Fabric {
         }
         self.record_events(ddev, dep, src, write, &targets, n);
         (Status::Ok, read)
+    }
+
+    /// The remote seam of [`Fabric::op_atomic`]: the operation, its range and operands go to
+    /// the target host, whose device checks and executes it (atomically with its local
+    /// operations on the same memory); fetched values come back with the verdict.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn atomic_remote(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let r = req.req;
+        let Some((sgen, _)) = self.ep_info(dev, r.ep) else {
+            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+        };
+        let (op, ty) = (r.atomic_op, r.datatype);
+        let status = atomic_check(r.opcode, op, ty, r.count);
+        let Ok(size) = status else {
+            return self.fail(dev, port, &req, status.unwrap_err(), n);
+        };
+        let nbytes = r.count as usize * size;
+        let is_cmp = r.opcode == Opcode::CompareAtomic;
+        let fetch = r.opcode != Opcode::Atomic;
+        if fetch && req.data.len != nbytes as u64 {
+            return self.fail(dev, port, &req, Status::BadChain, n);
+        }
+        let mut bytes = RmaIov {
+            addr: r.remote_addr.into(),
+            len: (nbytes as u64).into(),
+            key: r.remote_key.into(),
+        }
+        .as_slice()
+        .to_vec();
+        // Operands (and compare values), as the local path reads them.
+        if op == aop::ATOMIC_READ {
+            if req.payload.len != 0 {
+                return self.fail(dev, port, &req, Status::Invalid, n);
+            }
+        } else if req.payload.len == 0 && r.count == 1 && size <= 8 {
+            bytes.extend_from_slice(&r.data.to_le_bytes()[..size]);
+            if is_cmp {
+                bytes.extend_from_slice(&r.compare.to_le_bytes()[..size]);
+            }
+        } else if req.payload.len == (nbytes * if is_cmp { 2 } else { 1 }) as u64 {
+            let at = bytes.len();
+            bytes.resize(at + req.payload.len as usize, 0);
+            if req
+                .payload
+                .read_at(&port.mem.memory(), 0, &mut bytes[at..])
+                .is_err()
+            {
+                return self.fail(dev, port, &req, Status::Fault, n);
+            }
+        } else {
+            return self.fail(dev, port, &req, Status::Invalid, n);
+        }
+        let to = r.peer;
+        if let Err(status) = self.outbox.reserve(to.host(), nbytes as u64) {
+            return self.fail(dev, port, &req, status, n);
+        }
+        let desc = wire::Data {
+            req_id: 0.into(),
+            total_len: (bytes.len() as u64).into(),
+            offset: 0.into(),
+            tag: (u64::from(op) | u64::from(ty) << 8).into(),
+            data: 0.into(),
+            src_ep: r.ep.into(),
+            src_gen: sgen.into(),
+            dst_ep: to.ep.into(),
+            dst_gen: to.generation.into(),
+            src_dev: (dev as u16).into(),
+            dst_dev: to.device().into(),
+            opcode: (r.opcode as u16).into(),
+            ep_kind: (ep_open::TYPE_RDM as u16).into(),
+            flags: 0.into(),
+            count: 1.into(),
+        };
+        self.outbox.push(Outbound::Send(Box::new(RemoteSend {
+            host: to.host(),
+            dev,
+            port: port.clone(),
+            req,
+            desc,
+            payload: bytes,
+            len: nbytes as u64,
+        })));
+    }
+
+    /// Execute an atomic request from another host with the checks of a local one. Returns
+    /// the verdict and, for fetching atomics, the values before the operation.
+    fn accept_remote_atomic(&self, m: Incoming, n: &mut Notify) -> (Status, Vec<u8>) {
+        let desc = m.desc;
+        let refuse = |s: Status| (s, Vec::new());
+        let Some(opcode) = Opcode::from_u16(desc.opcode.into()) else {
+            return refuse(Status::Invalid);
+        };
+        let tag = u64::from(desc.tag);
+        if u32::from(desc.count) != 1 || tag >> 16 != 0 || m.bytes.len() < RMA_IOV_LEN {
+            return refuse(Status::Invalid);
+        }
+        let (op, ty) = (tag as u8, (tag >> 8) as u8);
+        let (range, rest) = m.bytes.split_at(RMA_IOV_LEN);
+        let Some(range) = RmaIov::from_slice(range) else {
+            return refuse(Status::Invalid);
+        };
+        let Ok(size) = dt::size(ty).ok_or(Status::Unsupported) else {
+            return refuse(Status::Unsupported);
+        };
+        let nbytes = u64::from(range.len);
+        if nbytes == 0 || nbytes % size as u64 != 0 {
+            return refuse(Status::Invalid);
+        }
+        let count = (nbytes / size as u64).min(u64::from(u32::MAX)) as u32;
+        if let Err(s) = atomic_check(opcode, op, ty, count) {
+            return refuse(s);
+        }
+        let nbytes = nbytes as usize;
+        let is_cmp = opcode == Opcode::CompareAtomic;
+        let want = match (op, is_cmp) {
+            (aop::ATOMIC_READ, _) => 0,
+            (_, true) => 2 * nbytes,
+            _ => nbytes,
+        };
+        if rest.len() != want {
+            return refuse(Status::Invalid);
+        }
+        let zeros = vec![0u8; nbytes];
+        let (operands, compares): (&[u8], &[u8]) = match (op, is_cmp) {
+            (aop::ATOMIC_READ, _) => (&zeros, &zeros),
+            (_, true) => rest.split_at(nbytes),
+            _ => (rest, &zeros),
+        };
+        let need = match (opcode, op) {
+            (Opcode::Atomic, _) => mr_flags::REMOTE_WRITE,
+            (Opcode::FetchAtomic, aop::ATOMIC_READ) => mr_flags::REMOTE_READ,
+            _ => mr_flags::REMOTE_READ | mr_flags::REMOTE_WRITE,
+        };
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return refuse(Status::AddrNotAvail);
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let ranges = [(u64::from(range.addr), nbytes as u64, u64::from(range.key))];
+        let (t, dport) = match self.targets_of(ddev, dep, dgen, &ranges, need) {
+            Ok((mut ts, p)) => (ts.pop(), p),
+            Err(s) => return refuse(s),
+        };
+        let Some(t) = t else {
+            return refuse(Status::Access);
+        };
+        let Some(access) = t.mr.enter() else {
+            return refuse(Status::Access);
+        };
+        let mut old = vec![0u8; nbytes];
+        let rmem = dport.mem.memory();
+        let res = match &t.mr.process {
+            Some(p) => {
+                atomic::execute_in_process(p, &t.segs, ty, op, size, operands, compares, &mut old)
+            }
+            None => atomic::execute(
+                &self.stripes,
+                &rmem,
+                &t.segs,
+                ty,
+                op,
+                size,
+                operands,
+                compares,
+                &mut old,
+            ),
+        };
+        drop((access, rmem));
+        if res.is_err() {
+            return refuse(Status::Fault);
+        }
+        let src = FabricAddr::new(
+            FabricAddr::node_of(self.fabric_id, m.host, desc.src_dev.into()),
+            desc.src_ep.into(),
+            desc.src_gen.into(),
+        );
+        self.record_events(
+            ddev,
+            dep,
+            src,
+            op != aop::ATOMIC_READ,
+            std::slice::from_ref(&t),
+            n,
+        );
+        if opcode == Opcode::Atomic {
+            old.clear();
+        }
+        (Status::Ok, old)
     }
 
     /// Most bytes of messages from other hosts held in unexpected queues at once.

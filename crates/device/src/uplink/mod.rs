@@ -647,7 +647,7 @@ impl Worker {
             return;
         };
         self.outbox.finished(p.len);
-        let is_read = p.req.req.opcode == vfabric_proto::Opcode::RmaRead;
+        let is_read = remote::returns_bytes(p.req.req.opcode);
         let want = if status == Status::Ok && is_read {
             p.len
         } else {
@@ -797,7 +797,7 @@ impl Worker {
         chunk: &[u8],
     ) {
         let expected = self.pending.get(&req_id).is_some_and(|p| {
-            p.host == host && p.len == total && p.req.req.opcode == vfabric_proto::Opcode::RmaRead
+            p.host == host && p.len == total && remote::returns_bytes(p.req.req.opcode)
         });
         if offset == 0 {
             // A reply left incomplete (the wire keeps order): its request fails.

@@ -45,6 +45,13 @@ pub(crate) enum Outbound {
     },
 }
 
+/// Whether a request of `opcode` gets bytes back with its verdict (RMA read, fetching
+/// atomics).
+pub(crate) fn returns_bytes(opcode: vfabric_proto::Opcode) -> bool {
+    use vfabric_proto::Opcode::*;
+    matches!(opcode, RmaRead | FetchAtomic | CompareAtomic)
+}
+
 #[derive(Default)]
 struct State {
     /// An uplink runs: other hosts' addresses lead somewhere.

@@ -90,13 +90,15 @@ pub struct Data {
     pub src_dev: Le16,
     /// The destination device on the receiving host.
     pub dst_dev: Le16,
-    /// `Opcode::Send`, `TSend`, `RmaWrite` or `RmaRead`.
+    /// `Opcode::Send`, `TSend`, `RmaWrite`, `RmaRead`, `Atomic`, `FetchAtomic` or
+    /// `CompareAtomic`.
     pub opcode: Le16,
     /// Endpoint type of the sender (`ep_open::TYPE_*`): only the same type receives it.
     pub ep_kind: Le16,
     pub flags: Le32,
-    /// RMA: the message starts with this many `RmaIov` ranges (then, for a write, the bytes to
-    /// write); 0 for sends.
+    /// RMA and atomics: the message starts with this many `RmaIov` ranges (then, for a write,
+    /// the bytes to write; for an atomic, its one range, then the operands and the compare
+    /// values, with `tag` = `atomic_op | datatype << 8`); 0 for sends.
     pub count: Le32,
 }
 // SAFETY: plain-old-data, repr(C), no padding (72 bytes, every field naturally aligned).
@@ -315,7 +317,15 @@ impl<'a> Message<'a> {
                     .ok_or(short)?;
                 let chunk = &body[DATA_LEN..];
                 let op = u16::from(desc.opcode);
-                let rma = op == Opcode::RmaWrite as u16 || op == Opcode::RmaRead as u16;
+                let rma = [
+                    Opcode::RmaWrite,
+                    Opcode::RmaRead,
+                    Opcode::Atomic,
+                    Opcode::FetchAtomic,
+                    Opcode::CompareAtomic,
+                ]
+                .iter()
+                .any(|o| *o as u16 == op);
                 if op != Opcode::Send as u16 && op != Opcode::TSend as u16 && !rma {
                     return Err(WireError::Opcode(op));
                 }
@@ -502,10 +512,10 @@ mod tests {
             Err(WireError::Chunk { .. })
         ));
         let mut d = data_desc(100, 0);
-        d.opcode = (Opcode::Atomic as u16).into();
+        d.opcode = (Opcode::MrReg as u16).into();
         assert_eq!(
             refused(d, &chunk),
-            Err(WireError::Opcode(Opcode::Atomic as u16))
+            Err(WireError::Opcode(Opcode::MrReg as u16))
         );
         let mut d = data_desc(100, 0);
         d.ep_kind = 9.into();
