@@ -80,7 +80,8 @@ impl Fabric {
         if len > self.limits.max_msg_size {
             return self.fail(dev, port, &req, Status::TooLarge, n);
         }
-        if let Err(status) = self.outbox.reserve(to.host(), len) {
+        let key = (dev, r.ep, to.host());
+        if let Err(status) = self.outbox.reserve(key, len) {
             return self.fail(dev, port, &req, status, n);
         }
         let mut payload = vec![0u8; len as usize];
@@ -89,7 +90,7 @@ impl Fabric {
             .read_at(&port.mem.memory(), 0, &mut payload)
             .is_err()
         {
-            self.outbox.finished(len);
+            self.outbox.finished(key, len);
             return self.fail(dev, port, &req, Status::Fault, n);
         }
         let mut wire_flags = 0;
@@ -233,7 +234,8 @@ impl Fabric {
             return self.fail(dev, port, &req, Status::TooLarge, n);
         }
         let to = r.peer;
-        if let Err(status) = self.outbox.reserve(to.host(), total) {
+        let key = (dev, r.ep, to.host());
+        if let Err(status) = self.outbox.reserve(key, total) {
             return self.fail(dev, port, &req, status, n);
         }
         let mut bytes = Vec::with_capacity(ranges.len() * RMA_IOV_LEN + total as usize);
@@ -244,7 +246,7 @@ impl Fabric {
             let at = bytes.len();
             bytes.resize(at + total as usize, 0);
             if src_data.read_at(&mem, 0, &mut bytes[at..]).is_err() {
-                self.outbox.finished(total);
+                self.outbox.finished(key, total);
                 return self.fail(dev, port, &req, Status::Fault, n);
             }
         }
@@ -461,7 +463,7 @@ impl Fabric {
             return self.fail(dev, port, &req, Status::Invalid, n);
         }
         let to = r.peer;
-        if let Err(status) = self.outbox.reserve(to.host(), nbytes as u64) {
+        if let Err(status) = self.outbox.reserve((dev, r.ep, to.host()), nbytes as u64) {
             return self.fail(dev, port, &req, status, n);
         }
         let desc = wire::Data {
@@ -596,6 +598,22 @@ impl Fabric {
             old.clear();
         }
         (Status::Ok, old)
+    }
+
+    /// FENCE towards another host: an earlier request of the endpoint to that host is still
+    /// waiting for its verdict.
+    pub(super) fn remote_fence_blocked(&self, dev: usize, ep: u32, to: FabricAddr) -> bool {
+        to.fabric() == self.fabric_id
+            && to.host() != self.host_id
+            && self.outbox.busy((dev, ep, to.host()))
+    }
+
+    /// A request to another host completed: fenced requests waiting for it may start (the
+    /// uplink thread calls this after completions).
+    pub(crate) fn remote_unfence(&self, n: &mut Notify) {
+        if self.fenced_total.load(Ordering::Acquire) > 0 {
+            self.run_fenced(n);
+        }
     }
 
     /// Most bytes of messages from other hosts held in unexpected queues at once.
@@ -899,6 +917,36 @@ mod tests {
         drop(n);
         assert_eq!(w.status(&h), Some(Status::Ok));
         assert_eq!(w.data(&h, 6), b"remote");
+    }
+
+    #[test]
+    fn a_fence_towards_another_host_waits_for_earlier_verdicts() {
+        let mut w = World::new(1, Limits::default());
+        let a = w.open(0, RDM);
+        let there = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 0), 1, 1);
+        w.fabric.outbox.set_hosts([(2, true)].into_iter());
+        let first = w.send(0, a, there, None, 0, 1, b"first");
+        let fenced = w.send(0, a, there, None, flags::FENCE, 2, b"fenced");
+        let mut out: Vec<_> = w.fabric.outbox.take().into();
+        assert_eq!(out.len(), 1, "the fenced send waits");
+        let Some(Outbound::Send(s)) = out.pop() else {
+            panic!("not a send");
+        };
+        assert_eq!(s.payload, b"first");
+        // Its verdict arrives: the fenced send goes out.
+        let mut n = Notify::default();
+        w.fabric.outbox.finished((0, a.ep, 2), s.len);
+        w.fabric
+            .complete_remote(s.dev, &s.port, &s.req, s.len, Status::Ok, &[], &mut n);
+        w.fabric.remote_unfence(&mut n);
+        drop(n);
+        assert_eq!(w.status(&first), Some(Status::Ok));
+        assert!(w.result(&fenced).is_none());
+        let mut out: Vec<_> = w.fabric.outbox.take().into();
+        let Some(Outbound::Send(s)) = out.pop() else {
+            panic!("the fenced send did not start");
+        };
+        assert_eq!(s.payload, b"fenced");
     }
 
     #[test]

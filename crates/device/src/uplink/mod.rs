@@ -388,6 +388,8 @@ impl Worker {
             for host in lost {
                 self.host_lost(host);
             }
+            // Requests fenced behind ones that completed here may start now.
+            self.fabric.remote_unfence(&mut self.notify);
             self.notify.flush();
             // Traffic comes in bursts: poll on (yielding the CPU) for a while after the last
             // message, sleep only once the link has been quiet (the provider makes progress
@@ -404,7 +406,7 @@ impl Worker {
         // Stopping: nothing leaves any more, and every guest request waiting here completes.
         for m in self.outbox.disable() {
             if let Outbound::Send(s) = m {
-                self.outbox.finished(s.len);
+                self.outbox.finished((s.dev, s.req.req.ep, s.host), s.len);
                 self.fabric.complete_remote(
                     s.dev,
                     &s.port,
@@ -532,7 +534,7 @@ impl Worker {
                 Outbound::Send(s) => {
                     let len = s.len;
                     let Some(dest) = self.dest_of(s.host) else {
-                        self.outbox.finished(len);
+                        self.outbox.finished((s.dev, s.req.req.ep, s.host), len);
                         self.fabric.complete_remote(
                             s.dev,
                             &s.port,
@@ -646,7 +648,7 @@ impl Worker {
         let Some(p) = self.pending.remove(&req_id) else {
             return;
         };
-        self.outbox.finished(p.len);
+        self.outbox.finished((p.dev, p.req.req.ep, p.host), p.len);
         let is_read = remote::returns_bytes(p.req.req.opcode);
         let want = if status == Status::Ok && is_read {
             p.len

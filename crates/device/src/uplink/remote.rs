@@ -52,6 +52,9 @@ pub(crate) fn returns_bytes(opcode: vfabric_proto::Opcode) -> bool {
     matches!(opcode, RmaRead | FetchAtomic | CompareAtomic)
 }
 
+/// Whose requests to which host: `(device, endpoint, host)` (FENCE waits on it).
+pub(crate) type EpKey = (usize, u32, u16);
+
 #[derive(Default)]
 struct State {
     /// An uplink runs: other hosts' addresses lead somewhere.
@@ -61,6 +64,8 @@ struct State {
     queue: VecDeque<Outbound>,
     inflight: usize,
     inflight_bytes: u64,
+    /// Requests in flight per endpoint and host.
+    by_ep: HashMap<EpKey, usize>,
 }
 
 /// Shared by the fabric (producers: guest threads) and the uplink thread (consumer).
@@ -79,7 +84,8 @@ impl Outbox {
     /// is not a peer (or no uplink), `HostUnreach` for a peer that is down, `NoResources`
     /// past the in-flight bounds. On success the request counts as in flight until
     /// [`Outbox::finished`].
-    pub fn reserve(&self, host: u16, len: u64) -> Result<(), Status> {
+    pub fn reserve(&self, key: EpKey, len: u64) -> Result<(), Status> {
+        let host = key.2;
         let mut s = self.lock();
         match s.hosts.get(&host) {
             _ if !s.enabled => return Err(Status::AddrNotAvail),
@@ -94,7 +100,13 @@ impl Outbox {
         }
         s.inflight += 1;
         s.inflight_bytes = s.inflight_bytes.saturating_add(len);
+        *s.by_ep.entry(key).or_default() += 1;
         Ok(())
+    }
+
+    /// Whether requests of endpoint `key.1` of device `key.0` to host `key.2` are in flight.
+    pub fn busy(&self, key: EpKey) -> bool {
+        self.lock().by_ep.contains_key(&key)
     }
 
     /// Whether `host` is a peer of a running uplink.
@@ -104,10 +116,16 @@ impl Outbox {
     }
 
     /// A request reserved with `len` bytes completed (or never went out).
-    pub fn finished(&self, len: u64) {
+    pub fn finished(&self, key: EpKey, len: u64) {
         let mut s = self.lock();
         s.inflight = s.inflight.saturating_sub(1);
         s.inflight_bytes = s.inflight_bytes.saturating_sub(len);
+        if let Some(c) = s.by_ep.get_mut(&key) {
+            *c -= 1;
+            if *c == 0 {
+                s.by_ep.remove(&key);
+            }
+        }
     }
 
     pub fn push(&self, m: Outbound) {
@@ -151,22 +169,36 @@ mod tests {
 
     #[test]
     fn reservations_follow_peer_state_and_bounds() {
+        const K2: EpKey = (0, 1, 2);
         let o = Outbox::default();
-        assert_eq!(o.reserve(2, 8), Err(Status::AddrNotAvail), "no uplink");
+        assert_eq!(o.reserve(K2, 8), Err(Status::AddrNotAvail), "no uplink");
         o.set_hosts([(2, true), (3, false)].into_iter());
-        assert_eq!(o.reserve(4, 8), Err(Status::AddrNotAvail), "not a peer");
-        assert_eq!(o.reserve(3, 8), Err(Status::HostUnreach), "peer down");
+        assert_eq!(
+            o.reserve((0, 1, 4), 8),
+            Err(Status::AddrNotAvail),
+            "not a peer"
+        );
+        assert_eq!(
+            o.reserve((0, 1, 3), 8),
+            Err(Status::HostUnreach),
+            "peer down"
+        );
         // One request larger than the byte bound goes alone.
-        assert_eq!(o.reserve(2, MAX_INFLIGHT_BYTES * 2), Ok(()));
-        assert_eq!(o.reserve(2, 8), Err(Status::NoResources));
-        o.finished(MAX_INFLIGHT_BYTES * 2);
+        assert_eq!(o.reserve(K2, MAX_INFLIGHT_BYTES * 2), Ok(()));
+        assert_eq!(o.reserve(K2, 8), Err(Status::NoResources));
+        o.finished(K2, MAX_INFLIGHT_BYTES * 2);
         for _ in 0..MAX_INFLIGHT {
-            assert_eq!(o.reserve(2, 8), Ok(()));
+            assert_eq!(o.reserve(K2, 8), Ok(()));
         }
-        assert_eq!(o.reserve(2, 8), Err(Status::NoResources));
-        o.finished(8);
-        assert_eq!(o.reserve(2, 8), Ok(()));
+        assert_eq!(o.reserve(K2, 8), Err(Status::NoResources));
+        o.finished(K2, 8);
+        assert_eq!(o.reserve(K2, 8), Ok(()));
+        assert!(o.busy(K2) && !o.busy((0, 2, 2)) && !o.busy((1, 1, 2)));
+        for _ in 0..MAX_INFLIGHT {
+            o.finished(K2, 8);
+        }
+        assert!(!o.busy(K2), "nothing in flight for the endpoint any more");
         o.disable();
-        assert_eq!(o.reserve(2, 8), Err(Status::AddrNotAvail));
+        assert_eq!(o.reserve(K2, 8), Err(Status::AddrNotAvail));
     }
 }
