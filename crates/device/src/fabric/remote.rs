@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Messages across hosts, the fabric's side. A send to another host's address copies the
-//! guest's bytes out and hands the request to the uplink ([`Outbox`]); it completes when that
-//! host's daemon answers (TRANSMIT_COMPLETE: accepted by the remote device). A message that
-//! arrives from another host is matched here exactly as a local eager send would be (posted
-//! receive, else the unexpected queue within its bound, else held until a receive matches),
-//! and the verdict goes back to its sender.
+//! Requests across hosts, the fabric's side. A send, RMA or atomic request for another host's
+//! address copies what must travel out of the guest's chain and hands the request to the
+//! uplink ([`Outbox`]); it completes when that host's daemon answers (TRANSMIT_COMPLETE:
+//! accepted by the remote device). A message that arrives from another host is matched here
+//! exactly as a local eager send would be (posted receive, else the unexpected queue within its
+//! bound, else held until a receive matches); an RMA or atomic request is checked and executed
+//! as a local one; the verdict goes back to the initiator.
 //!
 //! [`Outbox`]: crate::uplink::remote::Outbox
 

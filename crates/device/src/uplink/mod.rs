@@ -8,11 +8,11 @@
 //! (anything else is refused and logged). Guests see the reachable hosts through QUERY_CAPS
 //! (`REMOTE_HOSTS`).
 //!
-//! Messages: guest sends to another host come from the fabric through the `remote::Outbox`;
-//! this thread sends them as DATA chunks and completes them with the target's REPLY, or with
-//! `HostUnreach` when the target is lost. DATA from a peer is reassembled and matched by the
-//! fabric (`Fabric::accept_remote`); the verdict goes back as REPLY. RMA and atomics do not
-//! cross hosts yet.
+//! Data: guest requests for another host (messages, RMA, atomics) come from the fabric through
+//! the `remote::Outbox`; this thread sends them as DATA chunks and completes them with the
+//! target's REPLY (with the bytes a read or fetching atomic returns), or with `HostUnreach` when
+//! the target is lost. DATA from a peer is reassembled and handed to the fabric
+//! (`Fabric::accept_remote`, `accept_remote_rma`); the verdict goes back as REPLY.
 
 mod fi;
 pub mod peers;
