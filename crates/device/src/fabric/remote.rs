@@ -730,10 +730,10 @@ impl Fabric {
         });
     }
 
-    /// Host `host` went away (or restarted): its held messages are dropped without a verdict
-    /// (their senders already completed `HostUnreach`). Returns how many.
-    pub(crate) fn purge_remote(&self, host: u16) -> usize {
-        let mut dropped = 0;
+    /// Host `host` went away (or restarted): its held messages are dropped. Returns their
+    /// request ids (the uplink tells their senders, in case they did not see us go).
+    pub(crate) fn purge_remote(&self, host: u16) -> Vec<u64> {
+        let mut dropped = Vec::new();
         for dev in 0..self.devs.len() {
             let mut d = self.dev(dev);
             for slot in d.eps.iter_mut() {
@@ -742,7 +742,7 @@ impl Fabric {
                     Body::Remote(h) if h.host == host => {
                         self.remote_held_bytes
                             .fetch_sub(h.bytes.len() as u64, Ordering::AcqRel);
-                        dropped += 1;
+                        dropped.push(h.req_id);
                         false
                     }
                     _ => true,
@@ -1003,8 +1003,8 @@ mod tests {
 
         // Held messages of a host that went away are dropped without a verdict.
         assert_eq!(accept(&w, incoming(5, b, None, &big)), None);
-        assert_eq!(w.fabric.purge_remote(3), 0, "another host's");
-        assert_eq!(w.fabric.purge_remote(2), 1);
+        assert!(w.fabric.purge_remote(3).is_empty(), "another host's");
+        assert_eq!(w.fabric.purge_remote(2), vec![5]);
         assert!(replies(&w).is_empty());
         assert_eq!(
             w.fabric

@@ -278,6 +278,14 @@ struct Pending {
     len: u64,
 }
 
+/// Why a DATA or REPLY is not acted on.
+enum Stale {
+    /// The sender is a known peer, down in our view: what it sent is stale.
+    Down,
+    /// The sender is not an introduced peer (logged).
+    Refused(String),
+}
+
 /// A message from a peer of which some chunks arrived.
 struct Partial {
     req_id: u64,
@@ -689,13 +697,46 @@ impl Worker {
             self.complete_pending(id, Some(host), Status::HostUnreach);
         }
         self.backlog.retain(|o| o.host != host);
-        self.partial.remove(&host);
         self.reply_partial.remove(&host);
-        let dropped = self.fabric.purge_remote(host);
-        if failed + dropped > 0 {
+        let mut dropped = self.fabric.purge_remote(host);
+        if let Some(p) = self.partial.remove(&host).filter(|p| !p.refused) {
+            dropped.push(p.req_id);
+        }
+        // The lost host may not have seen *us* go (a one-way loss): it still waits for verdicts
+        // on what it sent. They go out straight to its address; if it did see us go, it drops
+        // them as stale, and a restarted host knows none of the request ids.
+        let dest = self
+            .set
+            .peers
+            .iter()
+            .find(|p| p.host_id == host)
+            .and_then(|p| p.fi_addr);
+        if let Some(dest) = dest {
+            for req_id in &dropped {
+                let bytes = Message::Reply {
+                    fabric_id: self.set.fabric_id,
+                    host_id: self.set.host_id,
+                    req_id: *req_id,
+                    status: Status::HostUnreach,
+                    total_len: 0,
+                    offset: 0,
+                    chunk: &[],
+                }
+                .encode();
+                self.backlog.push_back(Outgoing {
+                    host,
+                    dest,
+                    bytes,
+                    req_id: None,
+                });
+            }
+        }
+        if failed + dropped.len() > 0 {
             warn!(
                 host,
-                failed, dropped, "uplink: requests to a lost host failed, its messages dropped"
+                failed,
+                dropped = dropped.len(),
+                "uplink: requests to a lost host failed, its requests dropped"
             );
         }
     }
@@ -762,10 +803,36 @@ impl Worker {
                 desc,
                 chunk,
             } => {
-                if let Err(why) = self.introduced(src, fabric_id, host_id) {
-                    return warn!("uplink: refusing data: {why}");
+                match self.introduced(src, fabric_id, host_id) {
+                    Ok(()) => self.chunk(host_id, desc, chunk),
+                    Err(Stale::Down) => {
+                        // Its sender may still count on a verdict (it did not see us go down):
+                        // tell it, once per request, straight to the address it came from.
+                        debug!(
+                            host = host_id,
+                            "uplink: stale data from a host that was down"
+                        );
+                        if u64::from(desc.offset) == 0 {
+                            let bytes = Message::Reply {
+                                fabric_id: self.set.fabric_id,
+                                host_id: self.set.host_id,
+                                req_id: desc.req_id.into(),
+                                status: Status::HostUnreach,
+                                total_len: 0,
+                                offset: 0,
+                                chunk: &[],
+                            }
+                            .encode();
+                            self.backlog.push_back(Outgoing {
+                                host: host_id,
+                                dest: src,
+                                bytes,
+                                req_id: None,
+                            });
+                        }
+                    }
+                    Err(Stale::Refused(why)) => warn!("uplink: refusing data: {why}"),
                 }
-                self.chunk(host_id, desc, chunk);
             }
             Message::Reply {
                 fabric_id,
@@ -776,8 +843,10 @@ impl Worker {
                 offset,
                 chunk,
             } => {
-                if let Err(why) = self.introduced(src, fabric_id, host_id) {
-                    return warn!("uplink: refusing a reply: {why}");
+                match self.introduced(src, fabric_id, host_id) {
+                    Ok(()) => {}
+                    Err(Stale::Down) => return debug!("uplink: a stale reply dropped"),
+                    Err(Stale::Refused(why)) => return warn!("uplink: refusing a reply: {why}"),
                 }
                 if total_len == 0 {
                     return self.complete_pending(req_id, Some(host_id), status);
@@ -841,16 +910,16 @@ impl Worker {
 
     /// Data and replies are taken only from a peer that introduced itself (HELLO) from its
     /// own address and is up: after a peer was declared down (its requests failed, its held
-    /// messages dropped), what it sent before is stale and dropped too, until its next HELLO
+    /// messages dropped), what it sent before is stale and not acted on, until its next HELLO
     /// (which the wire delivers after that stale data).
-    fn introduced(&mut self, src: u64, fabric_id: u32, host_id: u16) -> Result<(), String> {
+    fn introduced(&mut self, src: u64, fabric_id: u32, host_id: u16) -> Result<(), Stale> {
         let timeout = self.set.timeout;
         match self.set.admit(src, fabric_id, host_id) {
-            Err(why) => Err(why.to_string()),
-            Ok(p) if p.epoch.is_none() => Err(format!("host {host_id} did not introduce itself")),
-            Ok(p) if !p.is_up(Instant::now(), timeout) => {
-                Err(format!("host {host_id} is down (stale data)"))
-            }
+            Err(why) => Err(Stale::Refused(why.to_string())),
+            Ok(p) if p.epoch.is_none() => Err(Stale::Refused(format!(
+                "host {host_id} did not introduce itself"
+            ))),
+            Ok(p) if !p.is_up(Instant::now(), timeout) => Err(Stale::Down),
             Ok(_) => Ok(()),
         }
     }
