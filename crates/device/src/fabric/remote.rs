@@ -134,8 +134,9 @@ impl Fabric {
         })));
     }
 
-    /// The status of an RMA or atomic request for `to`, which names no device here: such
-    /// requests do not cross hosts yet (`Unsupported` for a peer host's address).
+    /// The status of an RMA or atomic request for `to`, which names no device here:
+    /// `Unsupported` marks a peer host's address (`op_rma`/`op_atomic` then send the request
+    /// across instead of failing it), anything else is `AddrNotAvail`.
     pub(super) fn not_here(&self, to: FabricAddr) -> Status {
         if to.fabric() == self.fabric_id
             && to.host() != self.host_id
