@@ -8,6 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use vfabric::fi;
+use vfabric::{
+    AddressVector, BindFlags, CompletionQueue, CqAttr, CqEntry, CqErrEntry, Domain, DomainAttr,
+    Endpoint, EpAttr, Error as VfError, FabricAddr, Status,
+};
 use virtio_fabric_tests::{bin, info_json, run_with_timeout, wait_for};
 
 const FABRIC: &str = "0x5eed";
@@ -173,9 +178,10 @@ impl HostDaemon {
             + &std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default()
     }
 
-    /// `(host id, devices, up)` of every remote host device 0 reports.
+    /// `(host id, devices, up)` of every remote host device 1 reports (the tests' guests use
+    /// device 0, and a device serves one frontend at a time).
     fn remote_hosts(&self) -> Vec<(u64, u64, bool)> {
-        let v = info_json(&self.sockets[0]);
+        let v = info_json(&self.sockets[1]);
         let mut hosts: Vec<_> = v[0]["remote_hosts"]
             .as_array()
             .expect("remote_hosts")
@@ -324,4 +330,495 @@ fn impostors_strangers_and_other_fabrics_are_refused() {
     drop(stranger);
     // None of them made it into host 1's view.
     assert_eq!(h1.remote_hosts(), vec![(2, 2, true), (3, 0, false)]);
+}
+
+/// A guest endpoint driven from the test process (unix sockets are not network-namespaced:
+/// the test opens devices of every host's daemon directly).
+struct Guest {
+    dom: Domain,
+    cq: CompletionQueue,
+    av: AddressVector,
+    ep: Endpoint,
+}
+
+impl Guest {
+    fn open(device: &Path) -> Self {
+        let dom = Domain::open(
+            device,
+            DomainAttr {
+                mem_bytes: 32 << 20,
+                ..Default::default()
+            },
+        )
+        .expect("open domain");
+        let cq = dom.cq_open(CqAttr::default()).unwrap();
+        let av = dom.av_open().unwrap();
+        let ep = dom.endpoint(EpAttr::default()).unwrap();
+        ep.bind_cq(&cq, BindFlags::BOTH).unwrap();
+        ep.bind_av(&av).unwrap();
+        ep.enable().unwrap();
+        Self { dom, cq, av, ep }
+    }
+
+    /// The next completion, or the error entry; panics after `within`.
+    fn next_within(&self, within: Duration) -> Result<CqEntry, CqErrEntry> {
+        let deadline = Instant::now() + within;
+        let mut v = Vec::new();
+        loop {
+            match self.cq.read(&mut v, 1) {
+                Ok(_) => return Ok(v.pop().unwrap()),
+                Err(VfError::Again) => {}
+                Err(VfError::Avail) => return Err(self.cq.readerr().expect("error entry")),
+                Err(e) => panic!("cq read: {e}"),
+            }
+            assert!(Instant::now() < deadline, "no completion within {within:?}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn next(&self) -> CqEntry {
+        self.next_within(OP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("error completion: {e:?}"))
+    }
+
+    fn next_err(&self) -> CqErrEntry {
+        match self.next_within(OP_TIMEOUT) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e,
+        }
+    }
+}
+
+const OP_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed as usize * 131 + i * 7 + i / 251) as u8)
+        .collect()
+}
+
+/// Two hosts up and seeing each other.
+fn two_hosts(dir: &Path, lan: &Lan) -> Vec<HostDaemon> {
+    let d: Vec<HostDaemon> = (0..2)
+        .map(|i| HostDaemon::start(lan, dir, i, i as u16 + 1, &uplink_args(2, i, &[])))
+        .collect();
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    d[1].wait_hosts(&[(1, 2, true)], Duration::from_secs(10));
+    d
+}
+
+/// Send `msgs` from `a` to `b` (posting receives for the first half before, the rest after,
+/// so both posted and unexpected matching run) and check every byte.
+fn exchange(a: &Guest, b: &Guest, sizes: &[usize], seed: u32) {
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let half = sizes.len() / 2;
+    for (i, &len) in sizes.iter().enumerate().take(half) {
+        b.ep.recv_vec(len, 1000 + i as u64).unwrap();
+    }
+    for (i, &len) in sizes.iter().enumerate() {
+        a.ep.send(&pattern(seed + i as u32, len), to_b, i as u64)
+            .unwrap();
+    }
+    for (i, &len) in sizes.iter().enumerate().skip(half) {
+        b.ep.recv_vec(len, 1000 + i as u64).unwrap();
+    }
+    for (i, &len) in sizes.iter().enumerate() {
+        let c = b.next();
+        assert_eq!(c.context, 1000 + i as u64, "in order");
+        assert_eq!(c.len, len);
+        assert_eq!(
+            c.src,
+            Some(a.ep.name()),
+            "source is the other host's endpoint"
+        );
+        assert!(
+            c.buf.as_deref() == Some(pattern(seed + i as u32, len).as_slice()),
+            "message {i} of {len} bytes differs"
+        );
+    }
+    // Every send completes once (an eager one behind a held one may complete first, as on
+    // one host).
+    let mut sent: Vec<u64> = (0..sizes.len()).map(|_| a.next().context).collect();
+    sent.sort();
+    assert_eq!(sent, (0..sizes.len() as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn messages_cross_hosts_both_ways_with_matching_and_errors() {
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = two_hosts(dir.path(), &lan);
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[1]);
+    assert_eq!(a.ep.name().host(), 1);
+    assert_eq!(b.ep.name().host(), 2);
+
+    // Untagged, both directions: empty, small (eager), above the eager threshold (held at the
+    // target until its receive is posted), and several wire chunks.
+    let sizes = [0, 8, 1000, 8192, 20_000, 300_000, 8, 64 << 10];
+    exchange(&a, &b, &sizes, 1);
+    exchange(&b, &a, &sizes, 100);
+
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    // Tagged with ignore bits, and a tag that must not match (it waits instead).
+    b.ep.trecv_vec(64, 0x1200, 0xff, 7).unwrap();
+    a.ep.tsend(b"tagged", to_b, 0x5634, 70).unwrap();
+    a.ep.tsend(b"tagged!", to_b, 0x1234, 71).unwrap();
+    let c = b.next();
+    assert_eq!((c.context, c.tag), (7, 0x1234));
+    assert_eq!(c.buf.as_deref(), Some(&b"tagged!"[..]));
+    for _ in 0..2 {
+        assert!([70, 71].contains(&a.next().context));
+    }
+    b.ep.trecv_vec(64, 0x5634, 0, 8).unwrap();
+    assert_eq!(b.next().buf.as_deref(), Some(&b"tagged"[..]));
+
+    // Remote CQ data and inject.
+    b.ep.recv_vec(64, 9).unwrap();
+    a.ep.senddata(b"with data", 0xdada, to_b, 90).unwrap();
+    let c = b.next();
+    assert_eq!((c.context, c.data), (9, 0xdada));
+    assert_ne!(c.flags & vfabric::fi::REMOTE_CQ_DATA, 0);
+    assert_eq!(a.next().context, 90);
+    a.ep.inject(b"injected", to_b).unwrap();
+    b.ep.recv_vec(64, 10).unwrap();
+    let c = b.next();
+    assert_eq!(c.buf.as_deref(), Some(&b"injected"[..]));
+
+    // Truncation is reported at the receiver; the sender's message was accepted.
+    b.ep.recv_vec(4, 11).unwrap();
+    a.ep.send(b"truncated", to_b, 110).unwrap();
+    let e = b.next_err();
+    assert_eq!(
+        (e.context, e.status, e.len, e.olen),
+        (11, Status::Truncated, 4, 5)
+    );
+    assert_eq!(a.next().context, 110);
+
+    // A closed endpoint on the other host: the sender learns AddrNotAvail from that host.
+    let gone = Guest::open(&d[1].sockets[0]);
+    let gone_addr = gone.ep.name();
+    drop(gone);
+    let to_gone = a.av.insert(gone_addr).unwrap();
+    a.ep.send(b"nobody", to_gone, 120).unwrap();
+    let e = a.next_err();
+    assert_eq!((e.context, e.status), (120, Status::AddrNotAvail));
+    // A host that is not a peer: refused at once.
+    let stranger = FabricAddr::new(
+        FabricAddr::node_of(b.ep.name().fabric(), 9, 0),
+        0,
+        b.ep.name().generation,
+    );
+    let to_stranger = a.av.insert(stranger).unwrap();
+    a.ep.send(b"stranger", to_stranger, 130).unwrap();
+    assert_eq!(a.next_err().status, Status::AddrNotAvail);
+
+    // The link still works after the errors.
+    exchange(&a, &b, &[16, 40_000], 200);
+}
+
+#[test]
+fn a_lost_host_fails_pending_sends_promptly_and_works_again_after_restart() {
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = two_hosts(dir.path(), &lan);
+    let a = Guest::open(&d[0].sockets[0]);
+    // A guest on the other host that dies: its peers see what they see on one host.
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    a.ep.send(&pattern(0, 100_000), to_b, 900).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(b);
+    let e = a.next_err();
+    assert_eq!((e.context, e.status), (900, Status::PeerGone));
+
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    // Messages above the eager threshold that B never receives: held at host 2, their
+    // senders waiting for host 2's verdict.
+    const HELD: u64 = 5;
+    for i in 0..HELD {
+        a.ep.send(&pattern(i as u32, 100_000), to_b, i).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        matches!(a.cq.read(&mut Vec::new(), 1), Err(VfError::Again)),
+        "held sends completed before any receive"
+    );
+    // Host 2's daemon dies: every pending send fails HostUnreach within the peer timeout
+    // (1.5 s here) and some slack.
+    let t = Instant::now();
+    drop(d.remove(1));
+    let mut failed = Vec::new();
+    for _ in 0..HELD {
+        let e = a.next_err();
+        assert_eq!(e.status, Status::HostUnreach, "{e:?}");
+        assert_eq!(e.err, 113, "FI_EHOSTUNREACH");
+        failed.push(e.context);
+    }
+    failed.sort();
+    assert_eq!(failed, (0..HELD).collect::<Vec<_>>());
+    let took = t.elapsed();
+    println!("pending sends failed after {took:?}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    // A new send to the down host fails at once.
+    let t = Instant::now();
+    a.ep.send(b"down", to_b, 50).unwrap();
+    assert_eq!(a.next_err().status, Status::HostUnreach);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // Host 2 comes back: new operations work without restarting host 1 or its guest.
+    d.insert(
+        1,
+        HostDaemon::start(&lan, dir.path(), 1, 2, &uplink_args(2, 1, &[])),
+    );
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    drop(b);
+    let b = Guest::open(&d[1].sockets[0]);
+    exchange(&a, &b, &[8, 100_000], 300);
+    exchange(&b, &a, &[8, 100_000], 400);
+}
+
+#[test]
+fn a_pulled_link_fails_pending_sends_and_traffic_resumes_when_it_is_back() {
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = two_hosts(dir.path(), &lan);
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    exchange(&a, &b, &[8, 50_000], 1);
+    // Held at host 2 (no receive posted), then the cable is pulled.
+    for i in 0..3 {
+        a.ep.send(&pattern(i, 100_000), to_b, i as u64).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    lan.link(1, false);
+    for _ in 0..3 {
+        assert_eq!(a.next_err().status, Status::HostUnreach);
+    }
+    let took = t.elapsed();
+    println!("pending sends failed after {took:?}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    a.ep.send(b"down", to_b, 50).unwrap();
+    assert_eq!(a.next_err().status, Status::HostUnreach);
+
+    // Cable back: both hosts see each other again and traffic resumes; nothing of what failed
+    // shows up at B (its held copies were dropped when host 1 went down).
+    lan.link(1, true);
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    d[1].wait_hosts(&[(1, 2, true)], Duration::from_secs(10));
+    exchange(&a, &b, &[8, 100_000, 30], 500);
+    exchange(&b, &a, &[8, 100_000], 600);
+}
+
+/// `vfabric pingpong`/`bw` (guest processes) with the server on host 1 and the client on
+/// host 2, every byte verified.
+fn cli_across_hosts(d: &[HostDaemon], dir: &Path, kind: &str, sizes: &str) -> serde_json::Value {
+    let addr = dir.join(format!("{kind}.addr"));
+    let common = |c: &mut Command| {
+        c.args(["--verify", "--timeout-s", "20", "--sizes", sizes])
+            .args(["--iters", "40", "--warmup", "2", "--addr-file"])
+            .arg(&addr);
+    };
+    let mut server = Command::new(bin("vfabric"));
+    server
+        .args([kind, "--server", "--quiet", "--device"])
+        .arg(&d[0].sockets[0]);
+    common(&mut server);
+    let mut server = server
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let mut client = Command::new(bin("vfabric"));
+    client
+        .args([kind, "--json", "--device"])
+        .arg(&d[1].sockets[0]);
+    common(&mut client);
+    let out = run_with_timeout(&mut client, Duration::from_secs(90));
+    let server_ok = wait_for(Duration::from_secs(20), || {
+        server.try_wait().ok().flatten().is_some()
+    });
+    if !server_ok {
+        let _ = server.kill();
+    }
+    let status = server.wait().expect("server wait");
+    assert!(
+        out.status.success(),
+        "client failed: {}\nhost 1 log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d[0].log()
+    );
+    assert!(status.success(), "server failed");
+    serde_json::from_slice(&out.stdout).expect("client JSON")
+}
+
+#[test]
+fn cli_pingpong_and_bw_across_hosts_verify_every_byte() {
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = two_hosts(dir.path(), &lan);
+    for kind in ["pingpong", "bw"] {
+        let v = cli_across_hosts(&d, dir.path(), kind, "8,4k,64k,1m");
+        let results = v["results"].as_array().expect("results");
+        assert_eq!(results.len(), 4, "{v}");
+        for r in results {
+            assert_eq!(r["verified"], true, "{r}");
+        }
+        println!("{kind} across hosts: {v}");
+    }
+}
+
+#[test]
+fn rma_across_hosts_is_checked_by_the_target_device() {
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = two_hosts(dir.path(), &lan);
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    const LEN: usize = 300_000;
+    let target = b.dom.alloc_buffer(LEN).unwrap();
+    let rw = b
+        .dom
+        .register(&target, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
+        .unwrap();
+    let mut ro_buf = b.dom.alloc_buffer(64).unwrap();
+    ro_buf.get_mut().unwrap().copy_from_slice(&pattern(9, 64));
+    let ro = b.dom.register(&ro_buf, fi::REMOTE_READ, None).unwrap();
+
+    // A large zero-copy write (many wire chunks) and a small one by value at an offset.
+    let mut src = a.dom.alloc_buffer(LEN).unwrap();
+    let mut want = pattern(7, LEN);
+    src.get_mut().unwrap().copy_from_slice(&want);
+    a.ep.write_buf(&src, 0..LEN, to_b, rw.base(), rw.key(), 1)
+        .unwrap();
+    let c = a.next();
+    assert_eq!((c.context, c.len), (1, LEN));
+    a.ep.write(b"hello", to_b, rw.base() + 10, rw.key(), 2)
+        .unwrap();
+    assert_eq!(a.next().context, 2);
+    want[10..15].copy_from_slice(b"hello");
+    // SAFETY: no operation on B's region is in flight (A's writes completed, A is idle).
+    assert!(
+        unsafe { target.as_slice() } == want.as_slice(),
+        "target bytes"
+    );
+
+    // Read it all back into another buffer of A; and the read-only region.
+    let mut dst = a.dom.alloc_buffer(LEN).unwrap();
+    a.ep.read_buf(&dst, 0..LEN, to_b, rw.base(), rw.key(), 3)
+        .unwrap();
+    let c = a.next();
+    assert_eq!((c.context, c.len), (3, LEN));
+    assert!(dst.get().unwrap() == want.as_slice(), "read back");
+    a.ep.read_buf(&dst, 0..64, to_b, ro.base(), ro.key(), 4)
+        .unwrap();
+    assert_eq!(a.next().context, 4);
+    assert_eq!(&dst.get().unwrap()[..64], pattern(9, 64).as_slice());
+
+    // The protection matrix holds at the target: a read-only region, a wrong key, a range past
+    // the region's end, an address before it.
+    for (ctx, addr, key, len) in [
+        (5, ro.base(), ro.key(), 1),
+        (6, rw.base(), rw.key() ^ 1, 1),
+        (7, rw.base() + LEN as u64 - 4, rw.key(), 8),
+        (8, rw.base().wrapping_sub(1), rw.key(), 1),
+    ] {
+        a.ep.write(&vec![1u8; len], to_b, addr, key, ctx).unwrap();
+        let e = a.next_err();
+        assert_eq!((e.context, e.status), (ctx, Status::Access), "{e:?}");
+        assert_eq!(e.err, 13, "FI_EACCES");
+    }
+    a.ep.read_buf(&dst, 0..8, to_b, rw.base(), rw.key() ^ 1, 9)
+        .unwrap();
+    assert_eq!(a.next_err().status, Status::Access);
+    // SAFETY: as above: the refused writes changed nothing.
+    assert!(
+        unsafe { target.as_slice() } == want.as_slice(),
+        "refused writes left no trace"
+    );
+    drop((rw, ro));
+}
+
+#[test]
+fn atomics_across_hosts_run_at_the_target_device() {
+    use vfabric::proto::{atomic_op as op, datatype as dt};
+    use vfabric::AtomicMsg;
+    if !can_run() {
+        return;
+    }
+    let lan = Lan::new(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = two_hosts(dir.path(), &lan);
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let mut cell = b.dom.alloc_buffer(64).unwrap();
+    cell.get_mut().unwrap()[..8].copy_from_slice(&100u64.to_le_bytes());
+    let rw = b
+        .dom
+        .register(&cell, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
+        .unwrap();
+    let ro_cell = b.dom.alloc_buffer(8).unwrap();
+    let ro = b.dom.register(&ro_cell, fi::REMOTE_READ, None).unwrap();
+    let msg = |operands: &'static [u8], addr: u64, key: u64, o: u8, ctx: u64| AtomicMsg {
+        operands,
+        addr: to_b,
+        remote_addr: addr,
+        key,
+        datatype: dt::UINT64,
+        op: o,
+        count: 1,
+        context: ctx,
+    };
+    const FIVE: [u8; 8] = 5u64.to_le_bytes();
+    // Fetch-and-add: the old value comes back, the target holds the sum.
+    a.ep.fetch_atomic(&msg(&FIVE, rw.base(), rw.key(), op::SUM, 1), &[])
+        .unwrap();
+    let c = a.next();
+    assert_eq!(c.context, 1);
+    assert_eq!(c.buf.as_deref(), Some(&100u64.to_le_bytes()[..]));
+    // A non-fetching add, then compare-and-swap 110 -> 7.
+    a.ep.atomic(&msg(&FIVE, rw.base(), rw.key(), op::SUM, 2))
+        .unwrap();
+    assert_eq!(a.next().context, 2);
+    const SEVEN: [u8; 8] = 7u64.to_le_bytes();
+    a.ep.compare_atomic(
+        &msg(&SEVEN, rw.base(), rw.key(), op::CSWAP, 3),
+        &110u64.to_le_bytes(),
+        &[],
+    )
+    .unwrap();
+    let c = a.next();
+    assert_eq!(c.buf.as_deref(), Some(&110u64.to_le_bytes()[..]));
+    // An atomic read sees it.
+    a.ep.fetch_atomic(&msg(&[], rw.base(), rw.key(), op::ATOMIC_READ, 4), &[])
+        .unwrap();
+    assert_eq!(a.next().buf.as_deref(), Some(&7u64.to_le_bytes()[..]));
+    // Protection at the target: a read-only region, a wrong key.
+    a.ep.atomic(&msg(&FIVE, ro.base(), ro.key(), op::SUM, 5))
+        .unwrap();
+    assert_eq!(a.next_err().status, Status::Access);
+    a.ep.fetch_atomic(&msg(&FIVE, rw.base(), rw.key() ^ 1, op::SUM, 6), &[])
+        .unwrap();
+    assert_eq!(a.next_err().status, Status::Access);
+    drop((rw, ro));
 }

@@ -163,7 +163,7 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
                 config.fabric_id,
                 config.host_id,
                 config.sockets.len() as u16,
-                fabric.remote_hosts(),
+                fabric.clone(),
             )
             .map_err(Error::Uplink)?,
         );

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vfabric_proto::Status;
 
-/// Number of `Status` codes (0..=14).
-const NUM_STATUS: usize = 15;
+/// Number of `Status` codes (0..=15).
+const NUM_STATUS: usize = 16;
 
 /// Live counters of one device.
 #[derive(Debug, Default)]

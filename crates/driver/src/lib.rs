@@ -191,6 +191,7 @@ pub fn status_errno(status: Status) -> i32 {
         Status::TooLarge => fi::EMSGSIZE,
         Status::KeyInUse => fi::ENOKEY,
         Status::BadChain => fi::EIO,
+        Status::HostUnreach => fi::EHOSTUNREACH,
     }
 }
 
@@ -343,6 +344,7 @@ mod tests {
         assert_eq!(data_status_errno(Status::NoResources), 11);
         assert_eq!(status_errno(Status::KeyInUse), 266);
         assert_eq!(status_errno(Status::BadChain), 5);
+        assert_eq!(status_errno(Status::HostUnreach), 113);
         assert_eq!(Error::TooSmall { needed: 16 }.errno(), 257);
         assert_eq!(Error::BadState("x".into()).errno(), 258);
         assert_eq!(Error::NoCq.errno(), 263);

@@ -615,6 +615,9 @@ pub enum Status {
     KeyInUse = 13,
     /// Descriptor chain shape wrong for the opcode (e.g. writable before readable, no completion).
     BadChain = 14,
+    /// The target's host is unreachable: its daemon is down, restarted or not answering within
+    /// the peer timeout (several hosts only).
+    HostUnreach = 15,
 }
 
 impl Status {
@@ -636,6 +639,7 @@ impl Status {
             12 => TooLarge,
             13 => KeyInUse,
             14 => BadChain,
+            15 => HostUnreach,
             _ => return None,
         })
     }
@@ -657,6 +661,7 @@ impl Status {
             TooLarge => "message too long",
             KeyInUse => "key in use",
             BadChain => "malformed descriptor chain",
+            HostUnreach => "host unreachable",
         }
     }
 }

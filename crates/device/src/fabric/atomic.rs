@@ -127,7 +127,7 @@ pub(super) fn execute(
 /// back with cross-memory attach under the process's atomics lock, so the device's atomics on
 /// it are atomic with respect to each other, not to the application's own CPU accesses.
 #[allow(clippy::too_many_arguments)]
-fn execute_in_process(
+pub(super) fn execute_in_process(
     process: &PeerProcess,
     target: &Segs,
     ty: u8,
@@ -200,6 +200,8 @@ impl Fabric {
     pub(super) fn op_atomic(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
         let (me, ddev, dep) = match self.rma_peer(dev, &req) {
             Ok(x) => x,
+            // A peer host's address: the target's device executes it.
+            Err(Status::Unsupported) => return self.atomic_remote(dev, port, req, n),
             Err(s) => return self.fail(dev, port, &req, s, n),
         };
         let r = req.req;

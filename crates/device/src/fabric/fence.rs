@@ -44,7 +44,8 @@ impl Fabric {
 
     /// Whether a FENCE request of `dev` must wait: an earlier send of its endpoint to the same
     /// peer is still held, or (for DELIVERY_COMPLETE) still buffered unreceived at the peer.
-    /// RMA and atomics complete synchronously, so only sends can be outstanding.
+    /// RMA and atomics complete synchronously on one host, so only sends can be outstanding;
+    /// towards another host any request waiting for its verdict blocks.
     fn fence_blocked(&self, dev: usize, req: &Req) -> bool {
         let r = &req.req;
         let Some((gen, _)) = self.ep_info(dev, r.ep) else {
@@ -52,7 +53,7 @@ impl Fabric {
         };
         let me = FabricAddr::new(self.node_addr(dev), r.ep, gen);
         let Some((ddev, dep)) = self.locate(r.peer) else {
-            return false;
+            return self.remote_fence_blocked(dev, r.ep, r.peer);
         };
         let strong = r.flags & (flags::DELIVERY_COMPLETE | flags::COMMIT_COMPLETE) != 0;
         self.dev(ddev)

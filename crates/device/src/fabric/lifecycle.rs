@@ -214,18 +214,37 @@ impl Fabric {
         cookie: u64,
         n: &mut Notify,
     ) {
-        let located = self.locate(src);
-        let open = located.and_then(|(sdev, sep)| {
-            // Read before the look: a close after it bumps the count past what is remembered.
-            let closes = self.devs[sdev].ep_closes.load(Ordering::Acquire);
-            self.dev(sdev).live_ep(sep, src.generation).map(|_| closes)
-        });
+        let Some(located) = self.locate(src) else {
+            // Another host's endpoint (a peer of the uplink) cannot be looked at from here: the
+            // receive stays posted. Anything else names nothing and fails below.
+            if self.not_here(src) == Status::Unsupported {
+                return;
+            }
+            return self.fail_directed(dev, port, ep, src, cookie, n);
+        };
+        let (sdev, sep) = located;
+        // Read before the look: a close after it bumps the count past what is remembered.
+        let closes = self.devs[sdev].ep_closes.load(Ordering::Acquire);
+        let open = self.dev(sdev).live_ep(sep, src.generation).map(|_| closes);
         if let Some(closes) = open {
             if let Some(e) = self.dev(dev).ep_mut(ep) {
                 e.live_src = Some((src, closes));
             }
             return;
         }
+        self.fail_directed(dev, port, ep, src, cookie, n);
+    }
+
+    /// Fail `PeerGone` the receive `cookie` of `ep`, directed at `src`, if still posted.
+    fn fail_directed(
+        &self,
+        dev: usize,
+        port: &Port,
+        ep: usize,
+        src: FabricAddr,
+        cookie: u64,
+        n: &mut Notify,
+    ) {
         let taken = self.dev(dev).ep_mut(ep).and_then(|e| {
             let at = e
                 .posted

@@ -34,7 +34,7 @@ enum Delivered {
 }
 
 /// Take the first posted receive of `e` that matches `meta`, with its position.
-fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize, Req)> {
+pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize, Req)> {
     let e = d.ep_mut(ep)?;
     let i = e.posted.iter().position(|x| recv_matches(&x.req, meta))?;
     Some((i, e.posted.remove(i)?))
@@ -51,7 +51,8 @@ impl Fabric {
             return self.fail(dev, port, &req, Status::Invalid, n);
         }
         let Some((ddev, dep)) = self.locate(r.peer) else {
-            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+            // Another host's address (or nothing): the one comparison the local path pays.
+            return self.send_remote(dev, port, req, sgen, skind, n);
         };
         let dgen = r.peer.generation;
         let meta = Meta {
@@ -324,6 +325,20 @@ impl Fabric {
                 self.received(rdev, rport, &rreq, &m.meta, placed, n);
                 Delivered::Done
             }
+            Body::Remote(held) => {
+                let placed = m.meta.len.min(rreq.data.len);
+                let bytes = held.bytes.get(..placed as usize).unwrap_or(&held.bytes);
+                if rreq.data.write_at(&rport.mem.memory(), 0, bytes).is_err() {
+                    self.fail(rdev, rport, &rreq, Status::Fault, n);
+                    return Delivered::Requeue(Msg {
+                        body: Body::Remote(held),
+                        ..m
+                    });
+                }
+                self.received(rdev, rport, &rreq, &m.meta, placed, n);
+                self.reply_remote(held, Status::Ok);
+                Delivered::Done
+            }
             Body::Held(sreq, sport) => {
                 match self.transfer(m.src_dev, &sport, sreq, &m.meta, rdev, rport, rreq, n) {
                     Survivor::None => Delivered::Done,
@@ -340,12 +355,16 @@ impl Fabric {
     /// Drop message `m` (out of its queue, eager bytes returned): a held sender completes
     /// with `status`.
     pub(super) fn release(&self, m: Msg, status: Status, n: &mut Notify) {
-        if let Body::Held(sreq, sport) = m.body {
-            if status == Status::Ok {
-                self.sent(m.src_dev, &sport, &sreq, m.meta.len, n);
-            } else {
-                self.fail(m.src_dev, &sport, &sreq, status, n);
+        match m.body {
+            Body::Held(sreq, sport) => {
+                if status == Status::Ok {
+                    self.sent(m.src_dev, &sport, &sreq, m.meta.len, n);
+                } else {
+                    self.fail(m.src_dev, &sport, &sreq, status, n);
+                }
             }
+            Body::Remote(held) => self.reply_remote(held, status),
+            Body::Eager(_) => {}
         }
     }
 
@@ -367,7 +386,7 @@ impl Fabric {
         let mut d = self.dev(dev);
         let cost = match &m.body {
             Body::Eager(buf) => eager_cost(buf.len() as u64),
-            Body::Held(..) => 0,
+            Body::Held(..) | Body::Remote(_) => 0,
         };
         if d.ep(ep).is_some_and(|e| e.generation == gen) {
             d.unexpected_bytes += cost;

@@ -55,7 +55,10 @@ mod fence;
 mod lifecycle;
 mod matching;
 mod pmem;
+mod remote;
 mod rma;
+
+pub(crate) use remote::Incoming;
 
 /// Where completions of one device go: its used rings.
 pub(crate) trait CompletionSink: Send + Sync {
@@ -151,6 +154,8 @@ enum Body {
     Eager(Vec<u8>),
     /// The sender's chain and port, completed when matched.
     Held(Req, Port),
+    /// A message from another host held until matched; its sender's REPLY waits for that.
+    Remote(remote::HeldRemote),
 }
 
 struct Msg {
@@ -318,6 +323,10 @@ pub(crate) struct Fabric {
     stripes: atomic::Stripes,
     /// Other hosts of the fabric as the uplink sees them (empty on one host).
     remote_hosts: Arc<crate::uplink::RemoteHosts>,
+    /// Requests to and verdicts for other hosts, taken by the uplink thread.
+    outbox: Arc<crate::uplink::remote::Outbox>,
+    /// Bytes of messages from other hosts held in unexpected queues.
+    remote_held_bytes: AtomicU64,
 }
 
 impl Fabric {
@@ -342,6 +351,8 @@ impl Fabric {
             fenced_total: AtomicUsize::new(0),
             stripes: atomic::Stripes::new(),
             remote_hosts: crate::uplink::RemoteHosts::new(),
+            outbox: Default::default(),
+            remote_held_bytes: AtomicU64::new(0),
         }
     }
 
@@ -360,6 +371,11 @@ impl Fabric {
     /// The table of other hosts the uplink keeps and QUERY_CAPS reports.
     pub fn remote_hosts(&self) -> Arc<crate::uplink::RemoteHosts> {
         self.remote_hosts.clone()
+    }
+
+    /// Where requests for other hosts go (the uplink thread takes them).
+    pub fn outbox(&self) -> Arc<crate::uplink::remote::Outbox> {
+        self.outbox.clone()
     }
 
     pub fn node_addr(&self, dev: usize) -> u64 {

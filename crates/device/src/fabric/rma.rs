@@ -369,7 +369,7 @@ impl Fabric {
         if kind == ep_open::TYPE_DGRAM {
             return Err(Status::Invalid);
         }
-        let (ddev, dep) = self.locate(r.peer).ok_or(Status::AddrNotAvail)?;
+        let (ddev, dep) = self.locate(r.peer).ok_or_else(|| self.not_here(r.peer))?;
         Ok((FabricAddr::new(self.node_addr(dev), r.ep, gen), ddev, dep))
     }
 
@@ -396,6 +396,8 @@ impl Fabric {
     pub(super) fn op_rma(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
         let (me, ddev, dep) = match self.rma_peer(dev, &req) {
             Ok(x) => x,
+            // A peer host's address: the request crosses hosts.
+            Err(Status::Unsupported) => return self.rma_remote(dev, port, req, n),
             Err(s) => return self.fail(dev, port, &req, s, n),
         };
         let r = req.req;

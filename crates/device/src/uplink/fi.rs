@@ -20,6 +20,13 @@ pub struct FiError {
     pub errno: i32,
 }
 
+impl FiError {
+    /// The provider has no room now: try again after progress.
+    pub fn is_again(&self) -> bool {
+        self.errno == sys::FI_EAGAIN as i32
+    }
+}
+
 fn strerror(errno: i32) -> String {
     // SAFETY: fi_strerror returns a pointer to a static NUL-terminated string.
     unsafe { CStr::from_ptr(sys::fi_strerror(errno)) }
@@ -73,6 +80,10 @@ impl Info {
             }
             (*hints).caps = u64::from(sys::FI_MSG) | sys::FI_SOURCE;
             (*(*hints).ep_attr).type_ = sys::fi_ep_type_FI_EP_RDM;
+            // Messages between two hosts arrive in the order they were sent: the chunks of
+            // one guest message, and guest messages of one pair.
+            (*(*hints).tx_attr).msg_order = u64::from(sys::FI_ORDER_SAS);
+            (*(*hints).rx_attr).msg_order = u64::from(sys::FI_ORDER_SAS);
             (*(*hints).fabric_attr).prov_name = libc::strdup(prov.as_ptr());
             (*(*hints).domain_attr).mr_mode =
                 (sys::FI_MR_VIRT_ADDR | sys::FI_MR_ALLOCATED | sys::FI_MR_PROV_KEY) as i32;

@@ -2,18 +2,24 @@
 //! Several hosts: the daemons of one fabric reach each other through the host's own libfabric
 //! (`--uplink PROVIDER`, `tcp;ofi_rxm` by default), never a home-made transport.
 //!
-//! Today the uplink does membership and discovery: each daemon opens one RDM endpoint bound to
-//! `--listen`, resolves its configured peers (`--peer ID=ADDR[:PORT]`), and greets them with
-//! HELLO until they answer; a HELLO is admitted only from a configured peer's own address
-//! claiming that peer's id on our fabric (anything else is refused and logged). Guests see the
-//! reachable hosts through QUERY_CAPS (`REMOTE_HOSTS`). Guest traffic to another host is not
-//! carried yet: such a request completes with AddrNotAvail, as any address that names no
-//! endpoint here.
+//! Membership: each daemon opens one RDM endpoint bound to `--listen`, resolves its configured
+//! peers (`--peer ID=ADDR[:PORT]`), and greets them with HELLO until they answer; a HELLO is
+//! admitted only from a configured peer's own address claiming that peer's id on our fabric
+//! (anything else is refused and logged). Guests see the reachable hosts through QUERY_CAPS
+//! (`REMOTE_HOSTS`).
+//!
+//! Data: guest requests for another host (messages, RMA, atomics) come from the fabric through
+//! the `remote::Outbox`; this thread sends them as DATA chunks and completes them with the
+//! target's REPLY (with the bytes a read or fetching atomic returns), or with `HostUnreach` when
+//! the target is lost. DATA from a peer is reassembled and handed to the fabric
+//! (`Fabric::accept_remote`, `accept_remote_rma`); the verdict goes back as REPLY.
 
 mod fi;
 pub mod peers;
+pub(crate) mod remote;
 pub mod wire;
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,9 +30,13 @@ use tracing::{debug, info, warn};
 pub use fi::FiError;
 pub use peers::{RemoteHost, RemoteHosts};
 
+use vfabric_proto::Status;
+
+use crate::fabric::{Fabric, Incoming, Notify};
 use fi::{Info, RdmEndpoint};
 use peers::{Peer, PeerSet};
-use wire::{Message, MAX_MESSAGE};
+use remote::{Outbound, Outbox};
+use wire::{Message, MAX_CHUNK, MAX_MESSAGE, MAX_REPLY_CHUNK};
 
 /// Default uplink port.
 pub const DEFAULT_PORT: u16 = 9229;
@@ -37,6 +47,8 @@ pub const DEFAULT_PROVIDER: &str = "tcp;ofi_rxm";
 const RECV_BUFFERS: usize = 16;
 /// How often an unanswered peer is greeted again, and an answered one kept alive.
 const HELLO_INTERVAL: Duration = Duration::from_millis(300);
+/// How long the uplink thread keeps polling after its last traffic before it sleeps.
+const BUSY_POLL: Duration = Duration::from_millis(2);
 /// Context values of sends (receives use their buffer index).
 const SEND_CONTEXT: u64 = 1 << 32;
 
@@ -144,12 +156,12 @@ pub struct Uplink {
 impl Uplink {
     /// Open the endpoint (errors here stop the daemon from starting: a configured uplink that
     /// cannot open is a configuration error) and start the uplink thread.
-    pub fn start(
+    pub(crate) fn start(
         cfg: &UplinkConfig,
         fabric_id: u32,
         host_id: u16,
         num_devices: u16,
-        hosts: Arc<RemoteHosts>,
+        fabric: Arc<Fabric>,
     ) -> Result<Self, String> {
         let (host, port) = split_addr(&cfg.listen)?;
         let info = Info::rdm(&cfg.provider, &host, &port.to_string(), true).map_err(|e| {
@@ -176,17 +188,33 @@ impl Uplink {
             host_id,
             timeout: cfg.peer_timeout,
         };
-        set.publish(&hosts, Instant::now());
+        let now = Instant::now();
+        let hosts = fabric.remote_hosts();
+        let outbox = fabric.outbox();
+        set.publish(&hosts, now);
+        outbox.set_hosts(set.peers.iter().map(|p| (p.host_id, false)));
         let stop = Arc::new(AtomicBool::new(false));
+        let epoch = epoch();
         let worker = Worker {
             ep,
             provider: cfg.provider.clone(),
             set,
             hosts,
+            outbox,
+            fabric,
             num_devices,
-            epoch: epoch(),
+            epoch,
             bufs: (0..RECV_BUFFERS).map(|_| vec![0u8; MAX_MESSAGE]).collect(),
-            sends: Vec::new(),
+            sends: HashMap::new(),
+            next_send: 0,
+            backlog: VecDeque::new(),
+            pending: HashMap::new(),
+            // Request ids differ between starts, so a late REPLY meant for our previous life
+            // matches nothing.
+            next_req: epoch,
+            partial: HashMap::new(),
+            reply_partial: HashMap::new(),
+            notify: Notify::default(),
             stop: stop.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -223,16 +251,75 @@ fn epoch() -> u64 {
     t ^ u64::from(std::process::id()) << 48
 }
 
+/// Sends handed to the provider and not completed yet, at most.
+const MAX_SENDS: usize = 256;
+
+/// A wire message waiting for room at the provider.
+struct Outgoing {
+    host: u16,
+    dest: u64,
+    bytes: Vec<u8>,
+    /// The guest request a DATA message carries (failed if the message cannot go).
+    req_id: Option<u64>,
+}
+
+/// A message handed to the provider: its bytes stay here until the send completes.
+struct InFlight {
+    _bytes: Vec<u8>,
+    req_id: Option<u64>,
+}
+
+/// A guest's send to another host waiting for that host's REPLY.
+struct Pending {
+    host: u16,
+    dev: usize,
+    port: crate::fabric::Port,
+    req: crate::chain::Req,
+    len: u64,
+}
+
+/// Why a DATA or REPLY is not acted on.
+enum Stale {
+    /// The sender is a known peer, down in our view: what it sent is stale.
+    Down,
+    /// The sender is not an introduced peer (logged).
+    Refused(String),
+}
+
+/// A message from a peer of which some chunks arrived.
+struct Partial {
+    req_id: u64,
+    /// Its description with `offset` 0 (every chunk must carry the same).
+    desc: wire::Data,
+    bytes: Vec<u8>,
+    /// Refused already (its sender has its verdict): later chunks are only counted.
+    refused: bool,
+    got: u64,
+}
+
 struct Worker {
     ep: RdmEndpoint,
     provider: String,
     set: PeerSet,
     hosts: Arc<RemoteHosts>,
+    outbox: Arc<Outbox>,
+    fabric: Arc<Fabric>,
     num_devices: u16,
     epoch: u64,
     bufs: Vec<Vec<u8>>,
-    /// Messages in flight (kept until their send completes): (context, bytes).
-    sends: Vec<(u64, Vec<u8>)>,
+    /// Messages in flight, by send context.
+    sends: HashMap<u64, InFlight>,
+    next_send: u64,
+    /// Wire messages waiting for room, in order (per peer order is kept).
+    backlog: VecDeque<Outgoing>,
+    /// Guest sends to other hosts waiting for their REPLY, by request id.
+    pending: HashMap<u64, Pending>,
+    next_req: u64,
+    /// Per peer, the message whose chunks are arriving.
+    partial: HashMap<u16, Partial>,
+    /// Per peer, the read reply whose chunks are arriving: (request id, bytes so far).
+    reply_partial: HashMap<u16, (u64, Vec<u8>)>,
+    notify: Notify,
     stop: Arc<AtomicBool>,
 }
 
@@ -241,8 +328,9 @@ impl Worker {
         for i in 0..self.bufs.len() {
             self.repost(i);
         }
-        let mut next_send = 0u64;
         let mut was_up: Vec<bool> = vec![false; self.set.peers.len()];
+        let mut last_busy = Instant::now();
+        let mut last_publish = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
             self.resolve_peers();
@@ -260,16 +348,16 @@ impl Worker {
                     continue;
                 }
                 self.set.peers[i].last_hello = Some(now);
-                next_send += 1;
-                self.send(dest, self.hello(false), SEND_CONTEXT + next_send);
+                self.send_now(dest, self.hello(false));
             }
-            let mut idle = true;
+            let mut idle = self.take_outbox();
+            self.flush_backlog();
             for _ in 0..64 {
                 match self.ep.poll() {
                     Ok(None) => break,
                     Ok(Some(c)) => {
                         idle = false;
-                        self.completion(c, &mut next_send);
+                        self.completion(c);
                     }
                     Err((ctx, e)) => {
                         idle = false;
@@ -278,22 +366,71 @@ impl Worker {
                 }
             }
             let now = Instant::now();
-            for (i, p) in self.set.peers.iter().enumerate() {
+            let mut lost = Vec::new();
+            let mut changed = false;
+            for (p, was) in self.set.peers.iter().zip(was_up.iter_mut()) {
                 let up = p.is_up(now, self.set.timeout);
-                if up != was_up[i] {
+                if up != *was {
+                    changed = true;
                     if up {
                         info!(host = p.host_id, devices = p.num_devices, addr = %p.addr, "uplink peer up");
                     } else {
                         warn!(host = p.host_id, addr = %p.addr, "uplink peer down (no answer within {:?})", self.set.timeout);
+                        lost.push(p.host_id);
                     }
-                    was_up[i] = up;
+                    *was = up;
                 }
             }
-            self.set.publish(&self.hosts, now);
-            if idle {
-                std::thread::sleep(Duration::from_millis(2));
+            // The views of who is up change on a transition; republished on an interval too
+            // (a peer's device count), not on every turn of a busy loop.
+            if changed || now.duration_since(last_publish) >= HELLO_INTERVAL {
+                last_publish = now;
+                self.set.publish(&self.hosts, now);
+                self.outbox.set_hosts(
+                    self.set
+                        .peers
+                        .iter()
+                        .map(|p| (p.host_id, p.is_up(now, self.set.timeout))),
+                );
+            }
+            for host in lost {
+                self.host_lost(host);
+            }
+            // Requests fenced behind ones that completed here may start now.
+            self.fabric.remote_unfence(&mut self.notify);
+            self.notify.flush();
+            // Traffic comes in bursts: poll on (yielding the CPU) for a while after the last
+            // message, sleep only once the link has been quiet (the provider makes progress
+            // only when polled).
+            if !idle || !self.backlog.is_empty() {
+                last_busy = Instant::now();
+            }
+            if idle && last_busy.elapsed() < BUSY_POLL {
+                std::thread::yield_now();
+            } else if idle {
+                self.outbox.wait(Duration::from_millis(1));
             }
         }
+        // Stopping: nothing leaves any more, and every guest request waiting here completes.
+        for m in self.outbox.disable() {
+            if let Outbound::Send(s) = m {
+                self.outbox.finished((s.dev, s.req.req.ep, s.host), s.len);
+                self.fabric.complete_remote(
+                    s.dev,
+                    &s.port,
+                    &s.req,
+                    0,
+                    Status::HostUnreach,
+                    &[],
+                    &mut self.notify,
+                );
+            }
+        }
+        let hosts: Vec<u16> = self.set.peers.iter().map(|p| p.host_id).collect();
+        for h in hosts {
+            self.host_lost(h);
+        }
+        self.notify.flush();
     }
 
     fn hello(&self, ack: bool) -> Vec<u8> {
@@ -339,18 +476,268 @@ impl Worker {
         }
     }
 
-    fn send(&mut self, dest: u64, msg: Vec<u8>, ctx: u64) {
-        // Bounded: a peer that never completes our sends cannot make us hoard buffers.
-        if self.sends.len() >= 256 {
+    /// The fi_addr of `host` if it is a peer that is up now.
+    fn dest_of(&self, host: u16) -> Option<u64> {
+        let now = Instant::now();
+        self.set
+            .peers
+            .iter()
+            .find(|p| p.host_id == host && p.is_up(now, self.set.timeout))
+            .and_then(|p| p.fi_addr)
+    }
+
+    /// Hand `msg` to the provider now; `Err` gives it back when the provider has no room.
+    fn post(&mut self, dest: u64, msg: Vec<u8>, req_id: Option<u64>) -> Result<(), Vec<u8>> {
+        if self.sends.len() >= MAX_SENDS {
+            return Err(msg);
+        }
+        self.next_send += 1;
+        let ctx = SEND_CONTEXT + self.next_send;
+        // SAFETY: the buffer moves into `self.sends` below (a Vec's heap data does not move
+        // with it) and stays there until the send's completion removes it.
+        match unsafe { self.ep.send(&msg, dest, ctx) } {
+            Ok(()) => {
+                self.sends.insert(
+                    ctx,
+                    InFlight {
+                        _bytes: msg,
+                        req_id,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) if e.is_again() => Err(msg),
+            Err(e) => {
+                debug!("uplink send: {e}");
+                if let Some(id) = req_id {
+                    self.complete_pending(id, None, Status::HostUnreach);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A HELLO: sent now or not at all (the next interval sends another).
+    fn send_now(&mut self, dest: u64, msg: Vec<u8>) {
+        let _ = self.post(dest, msg, None);
+    }
+
+    /// Send waiting wire messages, in order, while the provider takes them.
+    fn flush_backlog(&mut self) {
+        while let Some(o) = self.backlog.pop_front() {
+            if let Err(bytes) = self.post(o.dest, o.bytes, o.req_id) {
+                self.backlog.push_front(Outgoing { bytes, ..o });
+                return;
+            }
+        }
+    }
+
+    /// Take the fabric's requests for other hosts into the backlog. Returns whether there
+    /// were none.
+    fn take_outbox(&mut self) -> bool {
+        let queued = self.outbox.take();
+        let idle = queued.is_empty();
+        for m in queued {
+            match m {
+                Outbound::Send(s) => {
+                    let len = s.len;
+                    let Some(dest) = self.dest_of(s.host) else {
+                        self.outbox.finished((s.dev, s.req.req.ep, s.host), len);
+                        self.fabric.complete_remote(
+                            s.dev,
+                            &s.port,
+                            &s.req,
+                            len,
+                            Status::HostUnreach,
+                            &[],
+                            &mut self.notify,
+                        );
+                        continue;
+                    };
+                    let req_id = self.next_req;
+                    self.next_req = self.next_req.wrapping_add(1);
+                    let mut desc = s.desc;
+                    desc.req_id = req_id.into();
+                    let mut off = 0;
+                    loop {
+                        let end = (off + MAX_CHUNK).min(s.payload.len());
+                        desc.offset = (off as u64).into();
+                        let bytes = Message::Data {
+                            fabric_id: self.set.fabric_id,
+                            host_id: self.set.host_id,
+                            desc,
+                            chunk: &s.payload[off..end],
+                        }
+                        .encode();
+                        self.backlog.push_back(Outgoing {
+                            host: s.host,
+                            dest,
+                            bytes,
+                            req_id: Some(req_id),
+                        });
+                        off = end;
+                        if off >= s.payload.len() {
+                            break;
+                        }
+                    }
+                    self.pending.insert(
+                        req_id,
+                        Pending {
+                            host: s.host,
+                            dev: s.dev,
+                            port: s.port,
+                            req: s.req,
+                            len,
+                        },
+                    );
+                }
+                Outbound::Reply {
+                    host,
+                    req_id,
+                    status,
+                } => self.reply(host, req_id, status, &[]),
+            }
+        }
+        idle
+    }
+
+    /// Queue our verdict on request `req_id` of `host`, with the bytes an RMA read read, in
+    /// chunks (dropped if the host is down: it completed the request `HostUnreach` itself).
+    fn reply(&mut self, host: u16, req_id: u64, status: Status, read: &[u8]) {
+        let Some(dest) = self.dest_of(host) else {
+            return;
+        };
+        let mut off = 0;
+        loop {
+            let end = (off + MAX_REPLY_CHUNK).min(read.len());
+            let bytes = Message::Reply {
+                fabric_id: self.set.fabric_id,
+                host_id: self.set.host_id,
+                req_id,
+                status,
+                total_len: read.len() as u64,
+                offset: off as u64,
+                chunk: &read[off..end],
+            }
+            .encode();
+            self.backlog.push_back(Outgoing {
+                host,
+                dest,
+                bytes,
+                req_id: None,
+            });
+            off = end;
+            if off >= read.len() {
+                break;
+            }
+        }
+    }
+
+    /// Complete guest request `req_id` (if still pending, and from `host` if given).
+    fn complete_pending(&mut self, req_id: u64, host: Option<u16>, status: Status) {
+        self.complete_pending_with(req_id, host, status, &[]);
+    }
+
+    /// [`Worker::complete_pending`] with the bytes an RMA read brought back: exactly the
+    /// length asked, or the request fails `Invalid` (the peer broke the protocol).
+    fn complete_pending_with(
+        &mut self,
+        req_id: u64,
+        host: Option<u16>,
+        mut status: Status,
+        read: &[u8],
+    ) {
+        // A verdict from a host for a request we sent another is not taken.
+        let ours = |p: &Pending| host.is_none_or(|h| h == p.host);
+        if !self.pending.get(&req_id).is_some_and(ours) {
+            debug!(req_id, ?host, "uplink: a verdict for no request of ours");
             return;
         }
-        self.sends.push((ctx, msg));
-        let buf = &self.sends.last().expect("just pushed").1;
-        // SAFETY: the buffer stays in `self.sends` (a Vec's heap data does not move when the
-        // outer Vec reallocates) until its completion removes it.
-        if let Err(e) = unsafe { self.ep.send(buf, dest, ctx) } {
-            debug!("uplink send: {e}");
-            self.sends.pop();
+        let Some(p) = self.pending.remove(&req_id) else {
+            return;
+        };
+        self.outbox.finished((p.dev, p.req.req.ep, p.host), p.len);
+        let is_read = remote::returns_bytes(p.req.req.opcode);
+        let want = if status == Status::Ok && is_read {
+            p.len
+        } else {
+            0
+        };
+        if read.len() as u64 != want {
+            warn!(
+                req_id,
+                got = read.len(),
+                want,
+                "uplink: a reply with the wrong bytes"
+            );
+            status = Status::Invalid;
+        }
+        self.fabric.complete_remote(
+            p.dev,
+            &p.port,
+            &p.req,
+            p.len,
+            status,
+            read,
+            &mut self.notify,
+        );
+    }
+
+    /// `host` is down or restarted: our requests to it complete `HostUnreach`, what it sent
+    /// us and nobody took yet is dropped.
+    fn host_lost(&mut self, host: u16) {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.host == host)
+            .map(|(id, _)| *id)
+            .collect();
+        let failed = ids.len();
+        for id in ids {
+            self.complete_pending(id, Some(host), Status::HostUnreach);
+        }
+        self.backlog.retain(|o| o.host != host);
+        self.reply_partial.remove(&host);
+        let mut dropped = self.fabric.purge_remote(host);
+        if let Some(p) = self.partial.remove(&host).filter(|p| !p.refused) {
+            dropped.push(p.req_id);
+        }
+        // The lost host may not have seen *us* go (a one-way loss): it still waits for verdicts
+        // on what it sent. They go out straight to its address; if it did see us go, it drops
+        // them as stale, and a restarted host knows none of the request ids.
+        let dest = self
+            .set
+            .peers
+            .iter()
+            .find(|p| p.host_id == host)
+            .and_then(|p| p.fi_addr);
+        if let Some(dest) = dest {
+            for req_id in &dropped {
+                let bytes = Message::Reply {
+                    fabric_id: self.set.fabric_id,
+                    host_id: self.set.host_id,
+                    req_id: *req_id,
+                    status: Status::HostUnreach,
+                    total_len: 0,
+                    offset: 0,
+                    chunk: &[],
+                }
+                .encode();
+                self.backlog.push_back(Outgoing {
+                    host,
+                    dest,
+                    bytes,
+                    req_id: None,
+                });
+            }
+        }
+        if failed + dropped.len() > 0 {
+            warn!(
+                host,
+                failed,
+                dropped = dropped.len(),
+                "uplink: requests to a lost host failed, its requests dropped"
+            );
         }
     }
 
@@ -362,50 +749,283 @@ impl Worker {
         }
     }
 
-    fn completion(&mut self, c: fi::Completion, next_send: &mut u64) {
+    fn completion(&mut self, c: fi::Completion) {
         if c.context >= SEND_CONTEXT {
-            self.sends.retain(|(ctx, _)| *ctx != c.context);
+            self.sends.remove(&c.context);
             return;
         }
         let i = c.context as usize;
         if i >= self.bufs.len() {
             return;
         }
-        let len = c.len.min(MAX_MESSAGE);
-        let parsed = Message::parse(&self.bufs[i][..len]);
-        self.repost(i);
-        match parsed {
+        // Out of the table while we read it (its heap bytes stay put); reposted after.
+        let buf = std::mem::take(&mut self.bufs[i]);
+        let len = c.len.min(buf.len());
+        match Message::parse(&buf[..len]) {
             Err(e) => warn!(src = c.src, "uplink: refusing a malformed message: {e}"),
-            Ok(Message::Hello {
+            Ok(m) => self.message(c.src, m),
+        }
+        self.bufs[i] = buf;
+        self.repost(i);
+    }
+
+    fn message(&mut self, src: u64, m: Message<'_>) {
+        match m {
+            Message::Hello {
                 ack,
                 fabric_id,
                 host_id,
                 num_devices,
                 epoch,
-            }) => match self.set.admit(c.src, fabric_id, host_id) {
-                Err(why) => warn!("uplink: refusing a host: {why}"),
-                Ok(peer) => {
-                    if peer.epoch.is_some_and(|e| e != epoch) {
-                        info!(host = host_id, "uplink peer restarted");
-                    }
+            } => {
+                let restarted = match self.set.admit(src, fabric_id, host_id) {
+                    Err(why) => return warn!("uplink: refusing a host: {why}"),
+                    Ok(peer) => peer.epoch.is_some_and(|e| e != epoch),
+                };
+                if restarted {
+                    info!(host = host_id, "uplink peer restarted");
+                    // Whatever we had in flight with its previous life is lost.
+                    self.host_lost(host_id);
+                }
+                if let Ok(peer) = self.set.admit(src, fabric_id, host_id) {
                     peer.epoch = Some(epoch);
                     peer.num_devices = num_devices;
                     peer.last_heard = Some(Instant::now());
-                    if !ack {
-                        let dest = c.src;
-                        *next_send += 1;
-                        let reply = self.hello(true);
-                        self.send(dest, reply, SEND_CONTEXT + *next_send);
-                    }
                 }
-            },
+                if !ack {
+                    let reply = self.hello(true);
+                    self.send_now(src, reply);
+                }
+            }
+            Message::Data {
+                fabric_id,
+                host_id,
+                desc,
+                chunk,
+            } => {
+                match self.introduced(src, fabric_id, host_id) {
+                    Ok(()) => self.chunk(host_id, desc, chunk),
+                    Err(Stale::Down) => {
+                        // Its sender may still count on a verdict (it did not see us go down):
+                        // tell it, once per request, straight to the address it came from.
+                        debug!(
+                            host = host_id,
+                            "uplink: stale data from a host that was down"
+                        );
+                        if u64::from(desc.offset) == 0 {
+                            let bytes = Message::Reply {
+                                fabric_id: self.set.fabric_id,
+                                host_id: self.set.host_id,
+                                req_id: desc.req_id.into(),
+                                status: Status::HostUnreach,
+                                total_len: 0,
+                                offset: 0,
+                                chunk: &[],
+                            }
+                            .encode();
+                            self.backlog.push_back(Outgoing {
+                                host: host_id,
+                                dest: src,
+                                bytes,
+                                req_id: None,
+                            });
+                        }
+                    }
+                    Err(Stale::Refused(why)) => warn!("uplink: refusing data: {why}"),
+                }
+            }
+            Message::Reply {
+                fabric_id,
+                host_id,
+                req_id,
+                status,
+                total_len,
+                offset,
+                chunk,
+            } => {
+                match self.introduced(src, fabric_id, host_id) {
+                    Ok(()) => {}
+                    Err(Stale::Down) => return debug!("uplink: a stale reply dropped"),
+                    Err(Stale::Refused(why)) => return warn!("uplink: refusing a reply: {why}"),
+                }
+                if total_len == 0 {
+                    return self.complete_pending(req_id, Some(host_id), status);
+                }
+                self.reply_chunk(host_id, req_id, status, total_len, offset, chunk);
+            }
+        }
+    }
+
+    /// One chunk of a read's reply from `host`: the whole reply completes the request. Only
+    /// a pending read of that host, asking exactly `total` bytes, collects one.
+    fn reply_chunk(
+        &mut self,
+        host: u16,
+        req_id: u64,
+        status: Status,
+        total: u64,
+        offset: u64,
+        chunk: &[u8],
+    ) {
+        let expected = self.pending.get(&req_id).is_some_and(|p| {
+            p.host == host && p.len == total && remote::returns_bytes(p.req.req.opcode)
+        });
+        if offset == 0 {
+            // A reply left incomplete (the wire keeps order): its request fails.
+            if let Some((old, _)) = self.reply_partial.remove(&host) {
+                self.complete_pending(old, Some(host), Status::Invalid);
+            }
+            if !expected {
+                warn!(host, req_id, total, "uplink: read data for no such read");
+                return self.complete_pending(req_id, Some(host), Status::Invalid);
+            }
+            if chunk.len() as u64 == total {
+                return self.complete_pending_with(req_id, Some(host), status, chunk);
+            }
+            self.reply_partial.insert(host, (req_id, chunk.to_vec()));
+            return;
+        }
+        let fits = self
+            .reply_partial
+            .get(&host)
+            .is_some_and(|(id, b)| *id == req_id && b.len() as u64 == offset);
+        if !fits {
+            warn!(host, req_id, offset, "uplink: a reply chunk out of order");
+            if let Some((old, _)) = self.reply_partial.remove(&host) {
+                self.complete_pending(old, Some(host), Status::Invalid);
+            }
+            return self.complete_pending(req_id, Some(host), Status::Invalid);
+        }
+        let Some((_, bytes)) = self.reply_partial.get_mut(&host) else {
+            return;
+        };
+        bytes.extend_from_slice(chunk);
+        if (bytes.len() as u64) < total {
+            return;
+        }
+        if let Some((id, bytes)) = self.reply_partial.remove(&host) {
+            self.complete_pending_with(id, Some(host), status, &bytes);
+        }
+    }
+
+    /// Data and replies are taken only from a peer that introduced itself (HELLO) from its
+    /// own address and is up: after a peer was declared down (its requests failed, its held
+    /// messages dropped), what it sent before is stale and not acted on, until its next HELLO
+    /// (which the wire delivers after that stale data).
+    fn introduced(&mut self, src: u64, fabric_id: u32, host_id: u16) -> Result<(), Stale> {
+        let timeout = self.set.timeout;
+        match self.set.admit(src, fabric_id, host_id) {
+            Err(why) => Err(Stale::Refused(why.to_string())),
+            Ok(p) if p.epoch.is_none() => Err(Stale::Refused(format!(
+                "host {host_id} did not introduce itself"
+            ))),
+            Ok(p) if !p.is_up(Instant::now(), timeout) => Err(Stale::Down),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// One chunk of a message from `host`: a whole message goes to the fabric.
+    fn chunk(&mut self, host: u16, desc: wire::Data, chunk: &[u8]) {
+        let req_id = u64::from(desc.req_id);
+        let (offset, total) = (u64::from(desc.offset), u64::from(desc.total_len));
+        let mut same = desc;
+        same.offset = 0.into();
+        if offset == 0 {
+            if let Some(old) = self.partial.remove(&host) {
+                if !old.refused {
+                    // Its remaining chunks never came (the wire keeps order): refuse it.
+                    self.reply(host, old.req_id, Status::Invalid, &[]);
+                }
+            }
+            // A message, or an RMA request's ranges and bytes.
+            let most = self.fabric.limits().max_msg_size
+                + u64::from(wire::MAX_RANGES) * vfabric_proto::RMA_IOV_LEN as u64;
+            let refused = total > most;
+            if refused {
+                self.reply(host, req_id, Status::TooLarge, &[]);
+            }
+            if chunk.len() as u64 == total {
+                if !refused {
+                    self.deliver(host, req_id, desc, chunk.to_vec());
+                }
+                return;
+            }
+            self.partial.insert(
+                host,
+                Partial {
+                    req_id,
+                    desc: same,
+                    bytes: if refused { Vec::new() } else { chunk.to_vec() },
+                    refused,
+                    got: chunk.len() as u64,
+                },
+            );
+            return;
+        }
+        let fits = self
+            .partial
+            .get(&host)
+            .is_some_and(|p| p.req_id == req_id && p.desc == same && p.got == offset);
+        if !fits {
+            warn!(
+                host,
+                req_id, offset, "uplink: a chunk out of order, message refused"
+            );
+            if let Some(old) = self.partial.remove(&host) {
+                if !old.refused {
+                    self.reply(host, old.req_id, Status::Invalid, &[]);
+                }
+            }
+            if self.partial.get(&host).is_none_or(|p| p.req_id != req_id) {
+                self.reply(host, req_id, Status::Invalid, &[]);
+            }
+            return;
+        }
+        let Some(p) = self.partial.get_mut(&host) else {
+            return;
+        };
+        p.got += chunk.len() as u64;
+        if !p.refused {
+            p.bytes.extend_from_slice(chunk);
+        }
+        if p.got < total {
+            return;
+        }
+        let Some(p) = self.partial.remove(&host) else {
+            return;
+        };
+        if !p.refused {
+            self.deliver(host, p.req_id, p.desc, p.bytes);
+        }
+    }
+
+    fn deliver(&mut self, host: u16, req_id: u64, desc: wire::Data, bytes: Vec<u8>) {
+        let rma = u32::from(desc.count) != 0;
+        let incoming = Incoming {
+            host,
+            req_id,
+            desc,
+            bytes,
+        };
+        if rma {
+            let (status, read) = self.fabric.accept_remote_rma(incoming, &mut self.notify);
+            self.reply(host, req_id, status, &read);
+        } else if let Some(status) = self.fabric.accept_remote(incoming, &mut self.notify) {
+            self.reply(host, req_id, status, &[]);
         }
     }
 
     fn failed(&mut self, ctx: u64, e: FiError) {
         if ctx >= SEND_CONTEXT {
-            self.sends.retain(|(c, _)| *c != ctx);
-            debug!("uplink send failed: {e}");
+            if let Some(InFlight {
+                req_id: Some(id), ..
+            }) = self.sends.remove(&ctx)
+            {
+                debug!("uplink send of request {id} failed: {e}");
+                self.complete_pending(id, None, Status::HostUnreach);
+            } else {
+                debug!("uplink send failed: {e}");
+            }
         } else if (ctx as usize) < self.bufs.len() {
             debug!("uplink receive failed: {e}");
             self.repost(ctx as usize);

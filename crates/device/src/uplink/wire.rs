@@ -4,7 +4,7 @@
 //! checked like a guest's descriptors: a message that does not parse is refused with an error,
 //! never acted on.
 
-use vfabric_proto::{ByteValued, Le16, Le32, Le64};
+use vfabric_proto::{ep_open, ByteValued, Le16, Le32, Le64, Opcode, Status, RMA_IOV_LEN};
 
 /// "VFUL" little-endian.
 pub const MAGIC: u32 = 0x4c55_4656;
@@ -17,6 +17,21 @@ pub mod kind {
     pub const HELLO: u16 = 1;
     /// The answer to a HELLO: the same body.
     pub const HELLO_ACK: u16 = 2;
+    /// A guest's message or RMA request (or one chunk of it) for an endpoint of the receiving
+    /// host.
+    pub const DATA: u16 = 3;
+    /// The receiving host's verdict on a DATA request: the status its sender completes with
+    /// (and, for an RMA read, the bytes read, in chunks).
+    pub const REPLY: u16 = 4;
+}
+
+/// Flags of a DATA message (any other bit is refused).
+pub mod data_flags {
+    /// `data` is remote CQ data for the receive completion.
+    pub const REMOTE_CQ_DATA: u32 = 1 << 0;
+    /// Reply only once the message is placed in a receive buffer (never buffered eagerly).
+    pub const DELIVERY_COMPLETE: u32 = 1 << 1;
+    pub const ALL: u32 = REMOTE_CQ_DATA | DELIVERY_COMPLETE;
 }
 
 /// Header of every uplink message: 24 bytes, little-endian.
@@ -53,19 +68,94 @@ pub struct Hello {
 // SAFETY: plain-old-data, repr(C), no padding (16 bytes).
 unsafe impl ByteValued for Hello {}
 
-pub const HEADER_LEN: usize = std::mem::size_of::<Header>();
-/// Largest message the uplink receives (and so sends).
-pub const MAX_MESSAGE: usize = 4096;
+/// Body of DATA before the chunk's bytes: 72 bytes. A guest message of `total_len` bytes
+/// travels as consecutive chunks (`offset` 0, then each following on), all with the same
+/// description; the receiving host acts on it once the last chunk arrived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Data {
+    /// The sender's id of this request, echoed by the REPLY.
+    pub req_id: Le64,
+    pub total_len: Le64,
+    /// Where this chunk's bytes go in the message.
+    pub offset: Le64,
+    pub tag: Le64,
+    /// Remote CQ data (with [`data_flags::REMOTE_CQ_DATA`]).
+    pub data: Le64,
+    pub src_ep: Le32,
+    pub src_gen: Le32,
+    pub dst_ep: Le32,
+    pub dst_gen: Le32,
+    /// The sender's device on its host (the source address is the sender's host and this).
+    pub src_dev: Le16,
+    /// The destination device on the receiving host.
+    pub dst_dev: Le16,
+    /// `Opcode::Send`, `TSend`, `RmaWrite`, `RmaRead`, `Atomic`, `FetchAtomic` or
+    /// `CompareAtomic`.
+    pub opcode: Le16,
+    /// Endpoint type of the sender (`ep_open::TYPE_*`): only the same type receives it.
+    pub ep_kind: Le16,
+    pub flags: Le32,
+    /// RMA and atomics: the message starts with this many `RmaIov` ranges (then, for a write,
+    /// the bytes to write; for an atomic, its one range, then the operands and the compare
+    /// values, with `tag` = `atomic_op | datatype << 8`); 0 for sends.
+    pub count: Le32,
+}
+// SAFETY: plain-old-data, repr(C), no padding (72 bytes, every field naturally aligned).
+unsafe impl ByteValued for Data {}
 
-/// A parsed message.
+/// Body of REPLY before its bytes (an RMA read's data, in chunks like DATA): 32 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub req_id: Le64,
+    /// A `vfabric_proto::Status`.
+    pub status: Le32,
+    pub reserved: Le32,
+    /// Bytes the reply carries in all its chunks (0 but for an RMA read).
+    pub total_len: Le64,
+    pub offset: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding (32 bytes).
+unsafe impl ByteValued for Reply {}
+
+pub const HEADER_LEN: usize = std::mem::size_of::<Header>();
+pub const DATA_LEN: usize = std::mem::size_of::<Data>();
+pub const REPLY_LEN: usize = std::mem::size_of::<Reply>();
+/// Largest RMA scatter list one DATA request carries.
+pub const MAX_RANGES: u32 = 256;
+/// Largest message the uplink receives (and so sends). Small enough to stay below the
+/// eager size of `ofi_rxm` (16 KiB), whose eager messages keep their order.
+pub const MAX_MESSAGE: usize = 8192;
+/// Most guest bytes one DATA message carries.
+pub const MAX_CHUNK: usize = MAX_MESSAGE - HEADER_LEN - DATA_LEN;
+/// Most read bytes one REPLY carries.
+pub const MAX_REPLY_CHUNK: usize = MAX_MESSAGE - HEADER_LEN - REPLY_LEN;
+
+/// A parsed message (a DATA message borrows its bytes from the receive buffer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Message {
+pub enum Message<'a> {
     Hello {
         ack: bool,
         fabric_id: u32,
         host_id: u16,
         num_devices: u16,
         epoch: u64,
+    },
+    Data {
+        fabric_id: u32,
+        host_id: u16,
+        desc: Data,
+        chunk: &'a [u8],
+    },
+    Reply {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        status: Status,
+        total_len: u64,
+        offset: u64,
+        chunk: &'a [u8],
     },
 }
 
@@ -83,41 +173,99 @@ pub enum WireError {
     Reserved,
     #[error("unknown message kind {0}")]
     Kind(u16),
+    #[error("DATA opcode {0:#x} is not a send")]
+    Opcode(u16),
+    #[error("DATA endpoint type {0} unknown")]
+    EpKind(u16),
+    #[error("DATA flags {0:#x} unknown")]
+    Flags(u32),
+    #[error("DATA chunk at {offset} of {len} bytes overruns the message of {total} bytes")]
+    Chunk { offset: u64, len: usize, total: u64 },
+    #[error("REPLY status {0} unknown")]
+    Status(u32),
+    #[error("DATA with {count} RMA ranges for opcode {opcode:#x}")]
+    Ranges { count: u32, opcode: u16 },
 }
 
-impl Message {
+fn header(kind: u16, fabric_id: u32, host_id: u16, body_len: usize) -> Header {
+    Header {
+        magic: MAGIC.into(),
+        version: VERSION.into(),
+        kind: kind.into(),
+        fabric_id: fabric_id.into(),
+        host_id: host_id.into(),
+        reserved0: 0.into(),
+        len: (body_len as u32).into(),
+        reserved1: 0.into(),
+    }
+}
+
+impl<'a> Message<'a> {
     /// Encode into a message buffer.
     pub fn encode(&self) -> Vec<u8> {
-        let Message::Hello {
-            ack,
-            fabric_id,
-            host_id,
-            num_devices,
-            epoch,
-        } = *self;
-        let body = Hello {
-            num_devices: num_devices.into(),
-            reserved: 0.into(),
-            caps: 0.into(),
-            epoch: epoch.into(),
-        };
-        let h = Header {
-            magic: MAGIC.into(),
-            version: VERSION.into(),
-            kind: if ack { kind::HELLO_ACK } else { kind::HELLO }.into(),
-            fabric_id: fabric_id.into(),
-            host_id: host_id.into(),
-            reserved0: 0.into(),
-            len: (std::mem::size_of::<Hello>() as u32).into(),
-            reserved1: 0.into(),
-        };
-        let mut v = h.as_slice().to_vec();
-        v.extend_from_slice(body.as_slice());
-        v
+        match *self {
+            Message::Hello {
+                ack,
+                fabric_id,
+                host_id,
+                num_devices,
+                epoch,
+            } => {
+                let body = Hello {
+                    num_devices: num_devices.into(),
+                    reserved: 0.into(),
+                    caps: 0.into(),
+                    epoch: epoch.into(),
+                };
+                let k = if ack { kind::HELLO_ACK } else { kind::HELLO };
+                let mut v = header(k, fabric_id, host_id, body.as_slice().len())
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v
+            }
+            Message::Data {
+                fabric_id,
+                host_id,
+                desc,
+                chunk,
+            } => {
+                let mut v = Vec::with_capacity(HEADER_LEN + DATA_LEN + chunk.len());
+                v.extend_from_slice(
+                    header(kind::DATA, fabric_id, host_id, DATA_LEN + chunk.len()).as_slice(),
+                );
+                v.extend_from_slice(desc.as_slice());
+                v.extend_from_slice(chunk);
+                v
+            }
+            Message::Reply {
+                fabric_id,
+                host_id,
+                req_id,
+                status,
+                total_len,
+                offset,
+                chunk,
+            } => {
+                let body = Reply {
+                    req_id: req_id.into(),
+                    status: (status as u32).into(),
+                    reserved: 0.into(),
+                    total_len: total_len.into(),
+                    offset: offset.into(),
+                };
+                let mut v = header(kind::REPLY, fabric_id, host_id, REPLY_LEN + chunk.len())
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v.extend_from_slice(chunk);
+                v
+            }
+        }
     }
 
     /// Parse one received message (all of it: trailing bytes are an error).
-    pub fn parse(b: &[u8]) -> Result<Self, WireError> {
+    pub fn parse(b: &'a [u8]) -> Result<Self, WireError> {
         let h = b
             .get(..HEADER_LEN)
             .and_then(Header::from_slice)
@@ -156,6 +304,101 @@ impl Message {
                     host_id: h.host_id.into(),
                     num_devices: hello.num_devices.into(),
                     epoch: hello.epoch.into(),
+                })
+            }
+            kind::DATA => {
+                let short = WireError::Length {
+                    field: len,
+                    got: body.len(),
+                };
+                let desc = *body
+                    .get(..DATA_LEN)
+                    .and_then(Data::from_slice)
+                    .ok_or(short)?;
+                let chunk = &body[DATA_LEN..];
+                let op = u16::from(desc.opcode);
+                let rma = [
+                    Opcode::RmaWrite,
+                    Opcode::RmaRead,
+                    Opcode::Atomic,
+                    Opcode::FetchAtomic,
+                    Opcode::CompareAtomic,
+                ]
+                .iter()
+                .any(|o| *o as u16 == op);
+                if op != Opcode::Send as u16 && op != Opcode::TSend as u16 && !rma {
+                    return Err(WireError::Opcode(op));
+                }
+                // Sends carry no ranges; RMA requests 1..=MAX_RANGES, all in the message.
+                let count = u32::from(desc.count);
+                if (rma && (count == 0 || count > MAX_RANGES))
+                    || (!rma && count != 0)
+                    || u64::from(desc.total_len) < u64::from(count) * RMA_IOV_LEN as u64
+                {
+                    return Err(WireError::Ranges { count, opcode: op });
+                }
+                let ep_kind = u16::from(desc.ep_kind);
+                if !matches!(
+                    u64::from(ep_kind),
+                    ep_open::TYPE_RDM | ep_open::TYPE_DGRAM | ep_open::TYPE_MSG
+                ) {
+                    return Err(WireError::EpKind(ep_kind));
+                }
+                let flags = u32::from(desc.flags);
+                if flags & !data_flags::ALL != 0 {
+                    return Err(WireError::Flags(flags));
+                }
+                let (offset, total) = (u64::from(desc.offset), u64::from(desc.total_len));
+                let fits = offset
+                    .checked_add(chunk.len() as u64)
+                    .is_some_and(|end| end <= total);
+                // Only an empty message has an empty chunk: every chunk moves the offset on.
+                if !fits || (chunk.is_empty() && total != 0) {
+                    return Err(WireError::Chunk {
+                        offset,
+                        len: chunk.len(),
+                        total,
+                    });
+                }
+                Ok(Message::Data {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    desc,
+                    chunk,
+                })
+            }
+            kind::REPLY => {
+                let r = *body.get(..REPLY_LEN).and_then(Reply::from_slice).ok_or(
+                    WireError::Length {
+                        field: len,
+                        got: body.len(),
+                    },
+                )?;
+                let chunk = &body[REPLY_LEN..];
+                if u32::from(r.reserved) != 0 {
+                    return Err(WireError::Reserved);
+                }
+                let raw = u32::from(r.status);
+                let status = Status::from_u32(raw).ok_or(WireError::Status(raw))?;
+                let (offset, total) = (u64::from(r.offset), u64::from(r.total_len));
+                let fits = offset
+                    .checked_add(chunk.len() as u64)
+                    .is_some_and(|end| end <= total);
+                if !fits || (chunk.is_empty() && total != 0) {
+                    return Err(WireError::Chunk {
+                        offset,
+                        len: chunk.len(),
+                        total,
+                    });
+                }
+                Ok(Message::Reply {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id: r.req_id.into(),
+                    status,
+                    total_len: total,
+                    offset,
+                    chunk,
                 })
             }
             k => Err(WireError::Kind(k)),
@@ -201,10 +444,220 @@ mod tests {
         assert_eq!(Message::parse(&bad), Err(WireError::Reserved));
     }
 
+    fn data_desc(total: u64, offset: u64) -> Data {
+        Data {
+            req_id: 77.into(),
+            total_len: total.into(),
+            offset: offset.into(),
+            tag: 0x1234.into(),
+            data: 0xdada.into(),
+            src_ep: 1.into(),
+            src_gen: 2.into(),
+            dst_ep: 3.into(),
+            dst_gen: 4.into(),
+            src_dev: 0.into(),
+            dst_dev: 1.into(),
+            opcode: (Opcode::TSend as u16).into(),
+            ep_kind: (ep_open::TYPE_RDM as u16).into(),
+            flags: data_flags::REMOTE_CQ_DATA.into(),
+            count: 0.into(),
+        }
+    }
+
+    fn data(desc: Data, chunk: &[u8]) -> Vec<u8> {
+        Message::Data {
+            fabric_id: 0x5eed,
+            host_id: 2,
+            desc,
+            chunk,
+        }
+        .encode()
+    }
+
+    /// Byte offset of field `at` of the DATA body in an encoded message.
+    const fn body(at: usize) -> usize {
+        HEADER_LEN + at
+    }
+
+    #[test]
+    fn data_round_trips_and_bad_descriptions_are_refused() {
+        assert_eq!(DATA_LEN, 72);
+        const { assert!(MAX_CHUNK > 0 && HEADER_LEN + DATA_LEN + MAX_CHUNK == MAX_MESSAGE) };
+        let chunk = [5u8; 100];
+        let b = data(data_desc(1000, 200), &chunk);
+        assert_eq!(b.len(), HEADER_LEN + DATA_LEN + 100);
+        assert_eq!(
+            Message::parse(&b),
+            Ok(Message::Data {
+                fabric_id: 0x5eed,
+                host_id: 2,
+                desc: data_desc(1000, 200),
+                chunk: &chunk,
+            })
+        );
+        // An empty message is one empty chunk.
+        assert!(Message::parse(&data(data_desc(0, 0), &[])).is_ok());
+        let refused = |d: Data, chunk: &[u8]| Message::parse(&data(d, chunk)).map(|_| ());
+        // A chunk past the message's end, or an empty chunk of a non-empty message.
+        assert!(matches!(
+            refused(data_desc(1000, 950), &chunk),
+            Err(WireError::Chunk { .. })
+        ));
+        assert!(matches!(
+            refused(data_desc(u64::MAX, u64::MAX - 10), &chunk),
+            Err(WireError::Chunk { .. })
+        ));
+        assert!(matches!(
+            refused(data_desc(10, 0), &[]),
+            Err(WireError::Chunk { .. })
+        ));
+        let mut d = data_desc(100, 0);
+        d.opcode = (Opcode::MrReg as u16).into();
+        assert_eq!(
+            refused(d, &chunk),
+            Err(WireError::Opcode(Opcode::MrReg as u16))
+        );
+        let mut d = data_desc(100, 0);
+        d.ep_kind = 9.into();
+        assert_eq!(refused(d, &chunk), Err(WireError::EpKind(9)));
+        let mut d = data_desc(100, 0);
+        d.flags = (1 << 7).into();
+        assert_eq!(refused(d, &chunk), Err(WireError::Flags(1 << 7)));
+        // Ranges: none for a send, 1..=MAX_RANGES inside the message for RMA.
+        let mut d = data_desc(100, 0);
+        d.count = 1.into();
+        assert!(matches!(refused(d, &chunk), Err(WireError::Ranges { .. })));
+        let mut d = data_desc(100, 0);
+        d.opcode = (Opcode::RmaRead as u16).into();
+        assert!(matches!(refused(d, &chunk), Err(WireError::Ranges { .. })));
+        d.count = 4.into();
+        assert!(refused(d, &chunk).is_ok());
+        d.count = 5.into();
+        assert!(
+            matches!(refused(d, &chunk), Err(WireError::Ranges { .. })),
+            "past the message"
+        );
+        d.count = (MAX_RANGES + 1).into();
+        d.total_len = u64::MAX.into();
+        assert!(matches!(refused(d, &chunk), Err(WireError::Ranges { .. })));
+        // Shorter than its description, and a length field that lies.
+        let b = data(data_desc(100, 0), &chunk);
+        let mut short = b[..HEADER_LEN + 40].to_vec();
+        short[16..20].copy_from_slice(&40u32.to_le_bytes());
+        assert!(matches!(
+            Message::parse(&short),
+            Err(WireError::Length { .. })
+        ));
+        let mut lying = b.clone();
+        lying[16] ^= 1;
+        assert!(matches!(
+            Message::parse(&lying),
+            Err(WireError::Length { .. })
+        ));
+        // Fields land where the layout says (the receiver reads them there).
+        assert_eq!(b[body(60)..body(62)], (Opcode::TSend as u16).to_le_bytes());
+    }
+
+    #[test]
+    fn reply_round_trips_and_unknown_statuses_are_refused() {
+        let m = Message::Reply {
+            fabric_id: 0x5eed,
+            host_id: 1,
+            req_id: u64::MAX,
+            status: Status::HostUnreach,
+            total_len: 0,
+            offset: 0,
+            chunk: &[],
+        };
+        let b = m.encode();
+        assert_eq!(b.len(), HEADER_LEN + 32);
+        assert_eq!(Message::parse(&b), Ok(m));
+        // Read data in chunks: each inside the total, never empty.
+        let read = Message::Reply {
+            fabric_id: 0x5eed,
+            host_id: 1,
+            req_id: 5,
+            status: Status::Ok,
+            total_len: 100,
+            offset: 90,
+            chunk: &[1; 10],
+        };
+        assert_eq!(Message::parse(&read.encode()), Ok(read));
+        let reply = |offset: u64, chunk: &'static [u8]| Message::Reply {
+            fabric_id: 0x5eed,
+            host_id: 1,
+            req_id: 5,
+            status: Status::Ok,
+            total_len: 100,
+            offset,
+            chunk,
+        };
+        let past = reply(91, &[1; 10]);
+        assert!(matches!(
+            Message::parse(&past.encode()),
+            Err(WireError::Chunk { .. })
+        ));
+        let empty = reply(90, &[]);
+        assert!(matches!(
+            Message::parse(&empty.encode()),
+            Err(WireError::Chunk { .. })
+        ));
+        let mut bad = b.clone();
+        bad[body(8)] = 200;
+        assert_eq!(Message::parse(&bad), Err(WireError::Status(200)));
+        let mut bad = b.clone();
+        bad[body(12)] = 1;
+        assert_eq!(Message::parse(&bad), Err(WireError::Reserved));
+        let mut bad = b;
+        bad.truncate(HEADER_LEN + 20);
+        bad[16..20].copy_from_slice(&20u32.to_le_bytes());
+        assert!(matches!(
+            Message::parse(&bad),
+            Err(WireError::Length { .. })
+        ));
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
             let _ = Message::parse(&bytes);
+        }
+
+        /// Valid messages of every kind with bytes changed anywhere: parsed or refused, and
+        /// whatever parses describes a chunk inside its message.
+        #[test]
+        fn mutated_messages_never_panic(
+            kind in 0usize..3,
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+            cut in proptest::option::of(any::<usize>()),
+        ) {
+            let mut b = match kind {
+                0 => Message::Hello { ack: false, fabric_id: 1, host_id: 2, num_devices: 3, epoch: 4 }
+                    .encode(),
+                1 => data(data_desc(300, 100), &[9u8; 50]),
+                _ => Message::Reply {
+                    fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok,
+                    total_len: 20, offset: 10, chunk: &[3; 10],
+                }
+                .encode(),
+            };
+            for (at, x) in flips {
+                let i = at % b.len();
+                b[i] ^= x;
+            }
+            if let Some(c) = cut {
+                b.truncate(c % (b.len() + 1));
+            }
+            match Message::parse(&b) {
+                Ok(Message::Data { desc, chunk, .. }) => {
+                    let end = u64::from(desc.offset) + chunk.len() as u64;
+                    prop_assert!(end <= u64::from(desc.total_len));
+                }
+                Ok(Message::Reply { total_len, offset, chunk, .. }) => {
+                    prop_assert!(offset + chunk.len() as u64 <= total_len);
+                }
+                _ => {}
+            }
         }
     }
 }

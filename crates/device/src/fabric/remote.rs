@@ -1,0 +1,1053 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Requests across hosts, the fabric's side. A send, RMA or atomic request for another host's
+//! address copies what must travel out of the guest's chain and hands the request to the
+//! uplink ([`Outbox`]); it completes when that host's daemon answers (TRANSMIT_COMPLETE:
+//! accepted by the remote device). A message that arrives from another host is matched here
+//! exactly as a local eager send would be (posted receive, else the unexpected queue within its
+//! bound, else held until a receive matches); an RMA or atomic request is checked and executed
+//! as a local one; the verdict goes back to the initiator.
+//!
+//! [`Outbox`]: crate::uplink::remote::Outbox
+
+use std::sync::atomic::Ordering;
+
+use tracing::debug;
+use vfabric_proto::{
+    atomic_op as aop, datatype as dt, ep_open, flags, mr_flags, ByteValued, FabricAddr, Opcode,
+    RmaIov, Status, RMA_IOV_LEN, VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+};
+use vm_memory::GuestAddressSpace;
+
+use super::atomic::{self, ATOMIC_TYPES, MAX_ATOMIC_COUNT};
+use super::matching::take_posted;
+use super::{eager_cost, Body, Fabric, Meta, Msg, Notify, Port};
+use crate::chain::{completion, Req};
+use crate::stats::Counters;
+use crate::uplink::remote::{returns_bytes, Outbound, RemoteSend};
+use crate::uplink::wire::{self, data_flags};
+
+/// The `src_dev` of queued messages from another host (no local device sent them).
+const REMOTE_SRC_DEV: usize = usize::MAX;
+
+/// The checks of an atomic request every device applies (the local path's, in the same
+/// order): the element size, or the status that refuses it.
+fn atomic_check(opcode: Opcode, op: u8, ty: u8, count: u32) -> Result<usize, Status> {
+    let size = dt::size(ty).ok_or(Status::Unsupported)?;
+    if op >= aop::COUNT || ATOMIC_TYPES & (1 << ty) == 0 || !atomic::op_supported_for(op, ty) {
+        return Err(Status::Unsupported);
+    }
+    if !aop::allowed(opcode, op) || count == 0 || count > MAX_ATOMIC_COUNT {
+        return Err(Status::Invalid);
+    }
+    Ok(size)
+}
+
+/// A message from another host waiting in an unexpected queue for a receive.
+pub(crate) struct HeldRemote {
+    host: u16,
+    req_id: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A whole message from another host, as the uplink reassembled it (its description checked
+/// by the wire parser; addresses and limits are checked here).
+pub(crate) struct Incoming {
+    pub host: u16,
+    pub req_id: u64,
+    pub desc: wire::Data,
+    pub bytes: Vec<u8>,
+}
+
+impl Fabric {
+    /// The remote seam of [`Fabric::op_send`]: `req` names no device of this host. Kept out
+    /// of line: the local path pays only the branch to it.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn send_remote(
+        &self,
+        dev: usize,
+        port: &Port,
+        req: Req,
+        sgen: u32,
+        skind: u64,
+        n: &mut Notify,
+    ) {
+        let r = req.req;
+        let to = r.peer;
+        if to.fabric() != self.fabric_id || to.host() == self.host_id {
+            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+        }
+        let len = req.payload.len;
+        if len > self.limits.max_msg_size {
+            return self.fail(dev, port, &req, Status::TooLarge, n);
+        }
+        let key = (dev, r.ep, to.host());
+        if let Err(status) = self.outbox.reserve(key, len) {
+            return self.fail(dev, port, &req, status, n);
+        }
+        let mut payload = vec![0u8; len as usize];
+        if req
+            .payload
+            .read_at(&port.mem.memory(), 0, &mut payload)
+            .is_err()
+        {
+            self.outbox.finished(key, len);
+            return self.fail(dev, port, &req, Status::Fault, n);
+        }
+        let mut wire_flags = 0;
+        if r.flags & flags::REMOTE_CQ_DATA != 0 {
+            wire_flags |= data_flags::REMOTE_CQ_DATA;
+        }
+        if r.flags & flags::DELIVERY_COMPLETE != 0 {
+            wire_flags |= data_flags::DELIVERY_COMPLETE;
+        }
+        let desc = wire::Data {
+            req_id: 0.into(),
+            total_len: len.into(),
+            offset: 0.into(),
+            tag: r.tag.into(),
+            data: if wire_flags & data_flags::REMOTE_CQ_DATA != 0 {
+                r.data
+            } else {
+                0
+            }
+            .into(),
+            src_ep: r.ep.into(),
+            src_gen: sgen.into(),
+            dst_ep: to.ep.into(),
+            dst_gen: to.generation.into(),
+            src_dev: (dev as u16).into(),
+            dst_dev: to.device().into(),
+            opcode: (r.opcode as u16).into(),
+            ep_kind: (skind as u16).into(),
+            flags: wire_flags.into(),
+            count: 0.into(),
+        };
+        self.outbox.push(Outbound::Send(Box::new(RemoteSend {
+            host: to.host(),
+            dev,
+            port: port.clone(),
+            req,
+            desc,
+            payload,
+            len,
+        })));
+    }
+
+    /// The status of an RMA or atomic request for `to`, which names no device here:
+    /// `Unsupported` marks a peer host's address (`op_rma`/`op_atomic` then send the request
+    /// across instead of failing it), anything else is `AddrNotAvail`.
+    pub(super) fn not_here(&self, to: FabricAddr) -> Status {
+        if to.fabric() == self.fabric_id
+            && to.host() != self.host_id
+            && self.outbox.is_peer(to.host())
+        {
+            Status::Unsupported
+        } else {
+            Status::AddrNotAvail
+        }
+    }
+
+    /// Complete a send to another host with the verdict its daemon sent back (or
+    /// `HostUnreach` when that host went away first).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn complete_remote(
+        &self,
+        dev: usize,
+        port: &Port,
+        req: &Req,
+        len: u64,
+        status: Status,
+        read: &[u8],
+        n: &mut Notify,
+    ) {
+        if status != Status::Ok {
+            return self.fail(dev, port, req, status, n);
+        }
+        match req.req.opcode {
+            Opcode::RmaWrite
+            | Opcode::RmaRead
+            | Opcode::Atomic
+            | Opcode::FetchAtomic
+            | Opcode::CompareAtomic => {
+                let is_read = returns_bytes(req.req.opcode);
+                // The target read exactly what was asked (checked by the uplink).
+                if is_read && req.data.write_at(&port.mem.memory(), 0, read).is_err() {
+                    return self.fail(dev, port, req, Status::Fault, n);
+                }
+                if let Some(c) = self.counters.get(dev) {
+                    Counters::add(&c.bytes_copied, len);
+                }
+                let mut c = completion(Status::Ok, req.req.cookie);
+                c.len = len.into();
+                self.done(dev, port, req, &c, if is_read { len } else { 0 }, n);
+            }
+            _ => self.sent(dev, port, req, len, n),
+        }
+    }
+
+    /// The remote seam of [`Fabric::op_rma`]: an RMA request for a peer host's endpoint.
+    /// The ranges and (for a write) the bytes go to the target host, whose device checks keys,
+    /// ranges and access as for a local initiator; a read's bytes come back with the verdict.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn rma_remote(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let r = req.req;
+        let Some((sgen, _)) = self.ep_info(dev, r.ep) else {
+            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+        };
+        let write = r.opcode == Opcode::RmaWrite;
+        let list_len = u64::from(r.count) * RMA_IOV_LEN as u64;
+        let (list, src_data) = req.payload.split_at(list_len);
+        let local = if write { src_data.len } else { req.data.len };
+        let mem = port.mem.memory();
+        let mut ranges: Vec<RmaIov> = Vec::new();
+        if r.count == 0 {
+            ranges.push(RmaIov {
+                addr: r.remote_addr.into(),
+                len: local.into(),
+                key: r.remote_key.into(),
+            });
+        } else {
+            for i in 0..u64::from(r.count) {
+                let mut e = RmaIov::default();
+                if list
+                    .read_at(&mem, i * RMA_IOV_LEN as u64, e.as_mut_slice())
+                    .is_err()
+                {
+                    return self.fail(dev, port, &req, Status::Fault, n);
+                }
+                ranges.push(e);
+            }
+        }
+        if ranges.len() > wire::MAX_RANGES as usize {
+            return self.fail(dev, port, &req, Status::Invalid, n);
+        }
+        let total = ranges
+            .iter()
+            .try_fold(0u64, |a, e| a.checked_add(u64::from(e.len)));
+        let Some(total) = total else {
+            return self.fail(dev, port, &req, Status::Invalid, n);
+        };
+        if (write && total != local) || (!write && total > local) {
+            return self.fail(dev, port, &req, Status::Invalid, n);
+        }
+        if total > self.max_rma_size() {
+            return self.fail(dev, port, &req, Status::TooLarge, n);
+        }
+        let to = r.peer;
+        let key = (dev, r.ep, to.host());
+        if let Err(status) = self.outbox.reserve(key, total) {
+            return self.fail(dev, port, &req, status, n);
+        }
+        let mut bytes = Vec::with_capacity(ranges.len() * RMA_IOV_LEN + total as usize);
+        for e in &ranges {
+            bytes.extend_from_slice(e.as_slice());
+        }
+        if write {
+            let at = bytes.len();
+            bytes.resize(at + total as usize, 0);
+            if src_data.read_at(&mem, 0, &mut bytes[at..]).is_err() {
+                self.outbox.finished(key, total);
+                return self.fail(dev, port, &req, Status::Fault, n);
+            }
+        }
+        drop(mem);
+        let cq_data = write && r.flags & flags::REMOTE_CQ_DATA != 0;
+        let desc = wire::Data {
+            req_id: 0.into(),
+            total_len: (bytes.len() as u64).into(),
+            offset: 0.into(),
+            tag: 0.into(),
+            data: if cq_data { r.data } else { 0 }.into(),
+            src_ep: r.ep.into(),
+            src_gen: sgen.into(),
+            dst_ep: to.ep.into(),
+            dst_gen: to.generation.into(),
+            src_dev: (dev as u16).into(),
+            dst_dev: to.device().into(),
+            opcode: (r.opcode as u16).into(),
+            ep_kind: (ep_open::TYPE_RDM as u16).into(),
+            flags: if cq_data {
+                data_flags::REMOTE_CQ_DATA
+            } else {
+                0
+            }
+            .into(),
+            count: (ranges.len() as u32).into(),
+        };
+        self.outbox.push(Outbound::Send(Box::new(RemoteSend {
+            host: to.host(),
+            dev,
+            port: port.clone(),
+            req,
+            desc,
+            payload: bytes,
+            len: total,
+        })));
+    }
+
+    /// Execute an RMA request from another host at its target endpoint, with the checks of a
+    /// local one (endpoint, keys, ranges, access rights). Returns the verdict and, for a read,
+    /// the bytes read.
+    pub(crate) fn accept_remote_rma(&self, m: Incoming, n: &mut Notify) -> (Status, Vec<u8>) {
+        let desc = m.desc;
+        let opcode = Opcode::from_u16(desc.opcode.into());
+        if matches!(
+            opcode,
+            Some(Opcode::Atomic | Opcode::FetchAtomic | Opcode::CompareAtomic)
+        ) {
+            return self.accept_remote_atomic(m, n);
+        }
+        let write = u16::from(desc.opcode) == Opcode::RmaWrite as u16;
+        let count = u32::from(desc.count) as usize;
+        let list_len = count * RMA_IOV_LEN;
+        let Some((list, data)) = (m.bytes.len() >= list_len).then(|| m.bytes.split_at(list_len))
+        else {
+            return (Status::Invalid, Vec::new());
+        };
+        let ranges: Vec<(u64, u64, u64)> = list
+            .chunks_exact(RMA_IOV_LEN)
+            .filter_map(RmaIov::from_slice)
+            .map(|e| (e.addr.into(), e.len.into(), e.key.into()))
+            .collect();
+        let total = ranges
+            .iter()
+            .try_fold(0u64, |a, &(_, l, _)| a.checked_add(l));
+        let Some(total) = total else {
+            return (Status::Invalid, Vec::new());
+        };
+        if (write && total != data.len() as u64) || (!write && !data.is_empty()) {
+            return (Status::Invalid, Vec::new());
+        }
+        if total > self.max_rma_size() {
+            return (Status::TooLarge, Vec::new());
+        }
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return (Status::AddrNotAvail, Vec::new());
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let src = FabricAddr::new(
+            FabricAddr::node_of(self.fabric_id, m.host, desc.src_dev.into()),
+            desc.src_ep.into(),
+            desc.src_gen.into(),
+        );
+        let need = if write {
+            mr_flags::REMOTE_WRITE
+        } else {
+            mr_flags::REMOTE_READ
+        };
+        let (targets, dport) = match self.targets_of(ddev, dep, dgen, &ranges, need) {
+            Ok(x) => x,
+            Err(s) => {
+                debug!(
+                    ddev,
+                    host = m.host,
+                    ?s,
+                    "remote access from another host refused"
+                );
+                return (s, Vec::new());
+            }
+        };
+        let meta = Meta {
+            src,
+            tagged: false,
+            tag: 0,
+            cq_data: Some(desc.data.into()),
+            len: 0,
+            rma_len: Some(total),
+        };
+        let mut notify = false;
+        if write && u32::from(desc.flags) & data_flags::REMOTE_CQ_DATA != 0 {
+            let mut d = self.dev(ddev);
+            if d.acked & vfabric_proto::bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
+                if !self.reserve_notification(&mut d, dep, &meta) {
+                    return (Status::NoResources, Vec::new());
+                }
+                notify = true;
+            }
+        }
+        let undo = |f: &Self| {
+            if notify {
+                f.dev(ddev).unexpected_bytes -= eager_cost(0);
+            }
+        };
+        // Every range must still be registered before any byte moves.
+        let accesses: Option<Vec<_>> = targets.iter().map(|t| t.mr.enter()).collect();
+        let Some(accesses) = accesses else {
+            undo(self);
+            return (Status::Access, Vec::new());
+        };
+        let rmem = dport.mem.memory();
+        let mut read = if write {
+            Vec::new()
+        } else {
+            vec![0u8; total as usize]
+        };
+        let mut pos = 0usize;
+        let mut ok = true;
+        for t in targets.iter() {
+            let len = t.len as usize;
+            let res = match (&t.mr.process, write) {
+                (Some(p), true) => p.write(&t.segs, 0, &data[pos..pos + len]).is_ok(),
+                (Some(p), false) => p.read(&t.segs, 0, &mut read[pos..pos + len]).is_ok(),
+                (None, true) => t.segs.write_at(&rmem, 0, &data[pos..pos + len]).is_ok(),
+                (None, false) => t.segs.read_at(&rmem, 0, &mut read[pos..pos + len]).is_ok(),
+            };
+            if !res {
+                ok = false;
+                break;
+            }
+            pos += len;
+        }
+        drop((rmem, accesses));
+        if !ok {
+            undo(self);
+            return (Status::Fault, Vec::new());
+        }
+        if notify {
+            self.notify_write(REMOTE_SRC_DEV, ddev, dep, &dport, meta, n);
+        }
+        self.record_events(ddev, dep, src, write, &targets, n);
+        (Status::Ok, read)
+    }
+
+    /// The remote seam of [`Fabric::op_atomic`]: the operation, its range and operands go to
+    /// the target host, whose device checks and executes it (atomically with its local
+    /// operations on the same memory); fetched values come back with the verdict.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn atomic_remote(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let r = req.req;
+        let Some((sgen, _)) = self.ep_info(dev, r.ep) else {
+            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+        };
+        let (op, ty) = (r.atomic_op, r.datatype);
+        let status = atomic_check(r.opcode, op, ty, r.count);
+        let Ok(size) = status else {
+            return self.fail(dev, port, &req, status.unwrap_err(), n);
+        };
+        let nbytes = r.count as usize * size;
+        let is_cmp = r.opcode == Opcode::CompareAtomic;
+        let fetch = r.opcode != Opcode::Atomic;
+        if fetch && req.data.len != nbytes as u64 {
+            return self.fail(dev, port, &req, Status::BadChain, n);
+        }
+        let mut bytes = RmaIov {
+            addr: r.remote_addr.into(),
+            len: (nbytes as u64).into(),
+            key: r.remote_key.into(),
+        }
+        .as_slice()
+        .to_vec();
+        // Operands (and compare values), as the local path reads them.
+        if op == aop::ATOMIC_READ {
+            if req.payload.len != 0 {
+                return self.fail(dev, port, &req, Status::Invalid, n);
+            }
+        } else if req.payload.len == 0 && r.count == 1 && size <= 8 {
+            bytes.extend_from_slice(&r.data.to_le_bytes()[..size]);
+            if is_cmp {
+                bytes.extend_from_slice(&r.compare.to_le_bytes()[..size]);
+            }
+        } else if req.payload.len == (nbytes * if is_cmp { 2 } else { 1 }) as u64 {
+            let at = bytes.len();
+            bytes.resize(at + req.payload.len as usize, 0);
+            if req
+                .payload
+                .read_at(&port.mem.memory(), 0, &mut bytes[at..])
+                .is_err()
+            {
+                return self.fail(dev, port, &req, Status::Fault, n);
+            }
+        } else {
+            return self.fail(dev, port, &req, Status::Invalid, n);
+        }
+        let to = r.peer;
+        if let Err(status) = self.outbox.reserve((dev, r.ep, to.host()), nbytes as u64) {
+            return self.fail(dev, port, &req, status, n);
+        }
+        let desc = wire::Data {
+            req_id: 0.into(),
+            total_len: (bytes.len() as u64).into(),
+            offset: 0.into(),
+            tag: (u64::from(op) | u64::from(ty) << 8).into(),
+            data: 0.into(),
+            src_ep: r.ep.into(),
+            src_gen: sgen.into(),
+            dst_ep: to.ep.into(),
+            dst_gen: to.generation.into(),
+            src_dev: (dev as u16).into(),
+            dst_dev: to.device().into(),
+            opcode: (r.opcode as u16).into(),
+            ep_kind: (ep_open::TYPE_RDM as u16).into(),
+            flags: 0.into(),
+            count: 1.into(),
+        };
+        self.outbox.push(Outbound::Send(Box::new(RemoteSend {
+            host: to.host(),
+            dev,
+            port: port.clone(),
+            req,
+            desc,
+            payload: bytes,
+            len: nbytes as u64,
+        })));
+    }
+
+    /// Execute an atomic request from another host with the checks of a local one. Returns
+    /// the verdict and, for fetching atomics, the values before the operation.
+    fn accept_remote_atomic(&self, m: Incoming, n: &mut Notify) -> (Status, Vec<u8>) {
+        let desc = m.desc;
+        let refuse = |s: Status| (s, Vec::new());
+        let Some(opcode) = Opcode::from_u16(desc.opcode.into()) else {
+            return refuse(Status::Invalid);
+        };
+        let tag = u64::from(desc.tag);
+        if u32::from(desc.count) != 1 || tag >> 16 != 0 || m.bytes.len() < RMA_IOV_LEN {
+            return refuse(Status::Invalid);
+        }
+        let (op, ty) = (tag as u8, (tag >> 8) as u8);
+        let (range, rest) = m.bytes.split_at(RMA_IOV_LEN);
+        let Some(range) = RmaIov::from_slice(range) else {
+            return refuse(Status::Invalid);
+        };
+        let Ok(size) = dt::size(ty).ok_or(Status::Unsupported) else {
+            return refuse(Status::Unsupported);
+        };
+        let nbytes = u64::from(range.len);
+        if nbytes == 0 || nbytes % size as u64 != 0 {
+            return refuse(Status::Invalid);
+        }
+        let count = (nbytes / size as u64).min(u64::from(u32::MAX)) as u32;
+        if let Err(s) = atomic_check(opcode, op, ty, count) {
+            return refuse(s);
+        }
+        let nbytes = nbytes as usize;
+        let is_cmp = opcode == Opcode::CompareAtomic;
+        let want = match (op, is_cmp) {
+            (aop::ATOMIC_READ, _) => 0,
+            (_, true) => 2 * nbytes,
+            _ => nbytes,
+        };
+        if rest.len() != want {
+            return refuse(Status::Invalid);
+        }
+        let zeros = vec![0u8; nbytes];
+        let (operands, compares): (&[u8], &[u8]) = match (op, is_cmp) {
+            (aop::ATOMIC_READ, _) => (&zeros, &zeros),
+            (_, true) => rest.split_at(nbytes),
+            _ => (rest, &zeros),
+        };
+        let need = match (opcode, op) {
+            (Opcode::Atomic, _) => mr_flags::REMOTE_WRITE,
+            (Opcode::FetchAtomic, aop::ATOMIC_READ) => mr_flags::REMOTE_READ,
+            _ => mr_flags::REMOTE_READ | mr_flags::REMOTE_WRITE,
+        };
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return refuse(Status::AddrNotAvail);
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let ranges = [(u64::from(range.addr), nbytes as u64, u64::from(range.key))];
+        let (t, dport) = match self.targets_of(ddev, dep, dgen, &ranges, need) {
+            Ok((mut ts, p)) => (ts.pop(), p),
+            Err(s) => return refuse(s),
+        };
+        let Some(t) = t else {
+            return refuse(Status::Access);
+        };
+        let Some(access) = t.mr.enter() else {
+            return refuse(Status::Access);
+        };
+        let mut old = vec![0u8; nbytes];
+        let rmem = dport.mem.memory();
+        let res = match &t.mr.process {
+            Some(p) => {
+                atomic::execute_in_process(p, &t.segs, ty, op, size, operands, compares, &mut old)
+            }
+            None => atomic::execute(
+                &self.stripes,
+                &rmem,
+                &t.segs,
+                ty,
+                op,
+                size,
+                operands,
+                compares,
+                &mut old,
+            ),
+        };
+        drop((access, rmem));
+        if res.is_err() {
+            return refuse(Status::Fault);
+        }
+        let src = FabricAddr::new(
+            FabricAddr::node_of(self.fabric_id, m.host, desc.src_dev.into()),
+            desc.src_ep.into(),
+            desc.src_gen.into(),
+        );
+        self.record_events(
+            ddev,
+            dep,
+            src,
+            op != aop::ATOMIC_READ,
+            std::slice::from_ref(&t),
+            n,
+        );
+        if opcode == Opcode::Atomic {
+            old.clear();
+        }
+        (Status::Ok, old)
+    }
+
+    /// FENCE towards another host: an earlier request of the endpoint to that host is still
+    /// waiting for its verdict.
+    pub(super) fn remote_fence_blocked(&self, dev: usize, ep: u32, to: FabricAddr) -> bool {
+        to.fabric() == self.fabric_id
+            && to.host() != self.host_id
+            && self.outbox.busy((dev, ep, to.host()))
+    }
+
+    /// A request to another host completed: fenced requests waiting for it may start (the
+    /// uplink thread calls this after completions).
+    pub(crate) fn remote_unfence(&self, n: &mut Notify) {
+        if self.fenced_total.load(Ordering::Acquire) > 0 {
+            self.run_fenced(n);
+        }
+    }
+
+    /// Most bytes of messages from other hosts held in unexpected queues at once.
+    fn remote_held_limit(&self) -> u64 {
+        self.limits
+            .max_unexpected_bytes
+            .saturating_mul(16)
+            .max(self.limits.max_msg_size)
+    }
+
+    /// Match a message from another host at its destination endpoint. Returns the verdict for
+    /// its sender, or `None` when the message is held (the verdict follows through the outbox
+    /// when a receive takes it, or its endpoint closes).
+    pub(crate) fn accept_remote(&self, m: Incoming, n: &mut Notify) -> Option<Status> {
+        let desc = m.desc;
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return Some(Status::AddrNotAvail);
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let kind = u64::from(u16::from(desc.ep_kind));
+        let wire_flags = u32::from(desc.flags);
+        let len = m.bytes.len() as u64;
+        if len > self.limits.max_msg_size {
+            return Some(Status::TooLarge);
+        }
+        let tagged = u16::from(desc.opcode) == Opcode::TSend as u16;
+        let meta = Meta {
+            src: FabricAddr::new(
+                FabricAddr::node_of(self.fabric_id, m.host, desc.src_dev.into()),
+                desc.src_ep.into(),
+                desc.src_gen.into(),
+            ),
+            tagged,
+            tag: desc.tag.into(),
+            cq_data: (wire_flags & data_flags::REMOTE_CQ_DATA != 0).then_some(desc.data.into()),
+            len,
+            rma_len: None,
+        };
+        let delivery_complete = wire_flags & data_flags::DELIVERY_COMPLETE != 0;
+        if delivery_complete && kind == ep_open::TYPE_DGRAM {
+            return Some(Status::Invalid);
+        }
+        loop {
+            let mut d = self.dev(ddev);
+            let Some(dport) = d.port.clone() else {
+                return Some(Status::AddrNotAvail);
+            };
+            match d.live_ep(dep, dgen) {
+                Some(dst) if dst.kind == kind => {}
+                _ => return Some(Status::AddrNotAvail),
+            }
+            if let Some((_, rv)) = take_posted(&mut d, dep, &meta) {
+                drop(d);
+                let placed = len.min(rv.data.len);
+                let bytes = &m.bytes[..placed as usize];
+                if rv.data.write_at(&dport.mem.memory(), 0, bytes).is_err() {
+                    // The receiver's memory faulted (its receive failed): match the next one.
+                    self.fail(ddev, &dport, &rv, Status::Fault, n);
+                    continue;
+                }
+                self.received(ddev, &dport, &rv, &meta, placed, n);
+                return Some(Status::Ok);
+            }
+            if kind == ep_open::TYPE_DGRAM {
+                drop(d);
+                if let Some(c) = self.counters.get(ddev) {
+                    Counters::inc(&c.dgram_drops);
+                }
+                return Some(Status::Ok);
+            }
+            let cost = eager_cost(len);
+            let eager = len <= self.limits.eager_threshold
+                && !delivery_complete
+                && d.unexpected_bytes.saturating_add(cost) <= self.limits.max_unexpected_bytes;
+            let body = if eager {
+                d.unexpected_bytes += cost;
+                Body::Eager(m.bytes)
+            } else {
+                // Held here, its sender waiting for the verdict: backpressure without loss,
+                // bounded so that a peer cannot fill this daemon's memory.
+                let held = self.remote_held_bytes.load(Ordering::Acquire);
+                if held.saturating_add(len) > self.remote_held_limit() {
+                    return Some(Status::NoResources);
+                }
+                self.remote_held_bytes.fetch_add(len, Ordering::AcqRel);
+                Body::Remote(HeldRemote {
+                    host: m.host,
+                    req_id: m.req_id,
+                    bytes: m.bytes,
+                })
+            };
+            if let Some(e) = d.ep_mut(dep) {
+                e.unexpected.push_back(Msg {
+                    meta,
+                    src_dev: REMOTE_SRC_DEV,
+                    claimed: None,
+                    body,
+                });
+            }
+            return if eager { Some(Status::Ok) } else { None };
+        }
+    }
+
+    /// A held message from another host left its queue: its sender learns `status`.
+    pub(super) fn reply_remote(&self, held: HeldRemote, status: Status) {
+        self.remote_held_bytes
+            .fetch_sub(held.bytes.len() as u64, Ordering::AcqRel);
+        self.outbox.push(Outbound::Reply {
+            host: held.host,
+            req_id: held.req_id,
+            status,
+        });
+    }
+
+    /// Host `host` went away (or restarted): its held messages are dropped. Returns their
+    /// request ids (the uplink tells their senders, in case they did not see us go).
+    pub(crate) fn purge_remote(&self, host: u16) -> Vec<u64> {
+        let mut dropped = Vec::new();
+        for dev in 0..self.devs.len() {
+            let mut d = self.dev(dev);
+            for slot in d.eps.iter_mut() {
+                let Some(e) = slot.ep.as_mut() else { continue };
+                e.unexpected.retain(|m| match &m.body {
+                    Body::Remote(h) if h.host == host => {
+                        self.remote_held_bytes
+                            .fetch_sub(h.bytes.len() as u64, Ordering::AcqRel);
+                        dropped.push(h.req_id);
+                        false
+                    }
+                    _ => true,
+                });
+            }
+        }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vfabric_proto::{
+        comp_flags, ep_open, flags, ByteValued, FabricAddr, Opcode, Request, Status,
+    };
+
+    use super::super::{eager_cost, Notify};
+    use super::Incoming;
+    use crate::config::Limits;
+    use crate::testutil::{World, TEST_FABRIC};
+    use crate::uplink::remote::Outbound;
+    use crate::uplink::wire::{self, data_flags};
+
+    const RDM: u64 = ep_open::TYPE_RDM;
+
+    fn limits() -> Limits {
+        Limits {
+            eager_threshold: 200,
+            max_unexpected_bytes: 2 * eager_cost(150),
+            ..Limits::default()
+        }
+    }
+
+    /// A message of request `req_id` from endpoint 5 (generation 6) of device 1 of host 2.
+    fn incoming(req_id: u64, to: FabricAddr, tag: Option<u64>, bytes: &[u8]) -> Incoming {
+        Incoming {
+            host: 2,
+            req_id,
+            desc: wire::Data {
+                req_id: req_id.into(),
+                total_len: (bytes.len() as u64).into(),
+                offset: 0.into(),
+                tag: tag.unwrap_or(0).into(),
+                data: 0.into(),
+                src_ep: 5.into(),
+                src_gen: 6.into(),
+                dst_ep: to.ep.into(),
+                dst_gen: to.generation.into(),
+                src_dev: 1.into(),
+                dst_dev: to.device().into(),
+                opcode: (if tag.is_some() {
+                    Opcode::TSend
+                } else {
+                    Opcode::Send
+                } as u16)
+                    .into(),
+                ep_kind: (RDM as u16).into(),
+                flags: 0.into(),
+                count: 0.into(),
+            },
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    fn accept(w: &World, m: Incoming) -> Option<Status> {
+        let mut n = Notify::default();
+        w.fabric.accept_remote(m, &mut n)
+    }
+
+    fn replies(w: &World) -> Vec<(u16, u64, Status)> {
+        w.fabric
+            .outbox
+            .take()
+            .into_iter()
+            .filter_map(|m| match m {
+                Outbound::Reply {
+                    host,
+                    req_id,
+                    status,
+                } => Some((host, req_id, status)),
+                Outbound::Send(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sends_to_another_host_go_out_or_fail_at_once() {
+        let mut w = World::new(1, Limits::default());
+        let a = w.open(0, RDM);
+        let there = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 1), 3, 4);
+        let s = w.send(0, a, there, None, 0, 1, b"x");
+        assert_eq!(w.status(&s), Some(Status::AddrNotAvail), "no uplink");
+        w.fabric.outbox.set_hosts([(2, false)].into_iter());
+        let s = w.send(0, a, there, None, 0, 2, b"x");
+        assert_eq!(w.status(&s), Some(Status::HostUnreach), "host down");
+        // RMA to a down host fails as a send does.
+        let mut rd = Request::new(Opcode::RmaRead);
+        rd.ep = a.ep;
+        rd.peer = there;
+        let h = w.submit(0, rd, &[], 8);
+        assert_eq!(w.status(&h), Some(Status::HostUnreach));
+        let other_fabric = FabricAddr::new(FabricAddr::node_of(0xbad, 2, 1), 3, 4);
+        let s = w.send(0, a, other_fabric, None, 0, 3, b"x");
+        assert_eq!(w.status(&s), Some(Status::AddrNotAvail));
+
+        w.fabric.outbox.set_hosts([(2, true)].into_iter());
+        let mut r = Request::new(Opcode::TSend);
+        r.ep = a.ep;
+        r.peer = there;
+        r.tag = 0x77;
+        r.data = 0x55;
+        r.flags = flags::REMOTE_CQ_DATA;
+        r.cookie = 4;
+        let s = w.submit(0, r, b"payload", 0);
+        assert!(w.result(&s).is_none(), "waits for the other host's verdict");
+        let mut out: Vec<_> = w.fabric.outbox.take().into();
+        assert_eq!(out.len(), 1);
+        let Some(Outbound::Send(send)) = out.pop() else {
+            panic!("not a send");
+        };
+        let d = send.desc;
+        assert_eq!(send.host, 2);
+        assert_eq!(send.payload, b"payload");
+        assert_eq!(u64::from(d.total_len), 7);
+        assert_eq!((u64::from(d.tag), u64::from(d.data)), (0x77, 0x55));
+        assert_eq!(u32::from(d.flags), data_flags::REMOTE_CQ_DATA);
+        assert_eq!(u16::from(d.opcode), Opcode::TSend as u16);
+        assert_eq!(
+            (u32::from(d.src_ep), u32::from(d.src_gen)),
+            (a.ep, a.generation)
+        );
+        assert_eq!((u16::from(d.dst_dev), u32::from(d.dst_ep)), (1, 3));
+        assert_eq!(u32::from(d.dst_gen), 4);
+        let mut n = Notify::default();
+        w.fabric
+            .complete_remote(send.dev, &send.port, &send.req, 7, Status::Ok, &[], &mut n);
+        drop(n);
+        assert_eq!(w.status(&s), Some(Status::Ok));
+        assert_eq!(u64::from(w.comp(&s).len), 7);
+
+        // An RMA read: its range goes out, the bytes that come back land in the data area.
+        let mut rd = Request::new(Opcode::RmaRead);
+        rd.ep = a.ep;
+        rd.peer = there;
+        rd.remote_addr = 0x1000;
+        rd.remote_key = 9;
+        rd.cookie = 5;
+        let h = w.submit(0, rd, &[], 6);
+        let Some(Outbound::Send(send)) = w.fabric.outbox.take().pop_front() else {
+            panic!("no RMA request went out");
+        };
+        assert_eq!(u32::from(send.desc.count), 1);
+        assert_eq!(u16::from(send.desc.opcode), Opcode::RmaRead as u16);
+        let range = vfabric_proto::RmaIov::from_slice(&send.payload).unwrap();
+        assert_eq!(
+            (
+                u64::from(range.addr),
+                u64::from(range.len),
+                u64::from(range.key)
+            ),
+            (0x1000, 6, 9)
+        );
+        let mut n = Notify::default();
+        w.fabric.complete_remote(
+            send.dev,
+            &send.port,
+            &send.req,
+            6,
+            Status::Ok,
+            b"remote",
+            &mut n,
+        );
+        drop(n);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        assert_eq!(w.data(&h, 6), b"remote");
+    }
+
+    #[test]
+    fn a_fence_towards_another_host_waits_for_earlier_verdicts() {
+        let mut w = World::new(1, Limits::default());
+        let a = w.open(0, RDM);
+        let there = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 0), 1, 1);
+        w.fabric.outbox.set_hosts([(2, true)].into_iter());
+        let first = w.send(0, a, there, None, 0, 1, b"first");
+        let fenced = w.send(0, a, there, None, flags::FENCE, 2, b"fenced");
+        let mut out: Vec<_> = w.fabric.outbox.take().into();
+        assert_eq!(out.len(), 1, "the fenced send waits");
+        let Some(Outbound::Send(s)) = out.pop() else {
+            panic!("not a send");
+        };
+        assert_eq!(s.payload, b"first");
+        // Its verdict arrives: the fenced send goes out.
+        let mut n = Notify::default();
+        w.fabric.outbox.finished((0, a.ep, 2), s.len);
+        w.fabric
+            .complete_remote(s.dev, &s.port, &s.req, s.len, Status::Ok, &[], &mut n);
+        w.fabric.remote_unfence(&mut n);
+        drop(n);
+        assert_eq!(w.status(&first), Some(Status::Ok));
+        assert!(w.result(&fenced).is_none());
+        let mut out: Vec<_> = w.fabric.outbox.take().into();
+        let Some(Outbound::Send(s)) = out.pop() else {
+            panic!("the fenced send did not start");
+        };
+        assert_eq!(s.payload, b"fenced");
+    }
+
+    #[test]
+    fn messages_from_another_host_match_like_local_ones() {
+        let mut w = World::new(1, limits());
+        let b = w.open(0, RDM);
+        let src = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 1), 5, 6);
+
+        // Into a posted receive, truncated.
+        let r = w.recv(0, b, None, 0, 1, 0, 4);
+        assert_eq!(
+            accept(&w, incoming(1, b, None, b"0123456789")),
+            Some(Status::Ok)
+        );
+        let c = w.comp(&r);
+        assert_eq!(w.status(&r), Some(Status::Truncated));
+        assert_eq!((u64::from(c.len), u64::from(c.olen)), (4, 6));
+        assert_eq!(FabricAddr::from_wire(&c.src), src);
+        assert_eq!(w.data(&r, 4), b"0123");
+
+        // Unexpected (eager, within the bound), tagged, matched later with ignore bits.
+        assert_eq!(
+            accept(&w, incoming(2, b, Some(0x1234), b"tagged")),
+            Some(Status::Ok)
+        );
+        assert_eq!(w.fabric.unexpected_bytes(0), eager_cost(6));
+        let r = w.recv(0, b, Some((0x1200, 0xff)), 0, 2, 0, 64);
+        assert_eq!(w.data(&r, 6), b"tagged");
+        assert_ne!(u32::from(w.comp(&r).flags) & comp_flags::TAGGED, 0);
+        assert_eq!(w.fabric.unexpected_bytes(0), 0);
+
+        // Above the eager threshold: held, its verdict sent when a receive takes it.
+        let big = vec![7u8; 1000];
+        assert_eq!(accept(&w, incoming(3, b, None, &big)), None);
+        assert!(replies(&w).is_empty());
+        let r = w.recv(0, b, None, 0, 3, 0, 2000);
+        assert_eq!(w.data(&r, 1000), big);
+        assert_eq!(replies(&w), vec![(2, 3, Status::Ok)]);
+
+        // A directed receive for another source does not take it.
+        let other = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 3, 1), 5, 6);
+        let mut rq = Request::new(Opcode::Recv);
+        rq.ep = b.ep;
+        rq.peer = other;
+        rq.flags = flags::DIRECTED;
+        rq.cookie = 4;
+        let directed = w.submit(0, rq, &[], 64);
+        assert_eq!(
+            accept(&w, incoming(4, b, None, b"not yours")),
+            Some(Status::Ok)
+        );
+        assert!(w.result(&directed).is_none());
+
+        // Held messages of a host that went away are dropped without a verdict.
+        assert_eq!(accept(&w, incoming(5, b, None, &big)), None);
+        assert!(w.fabric.purge_remote(3).is_empty(), "another host's");
+        assert_eq!(w.fabric.purge_remote(2), vec![5]);
+        assert!(replies(&w).is_empty());
+        assert_eq!(
+            w.fabric
+                .remote_held_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+
+        // A held message whose endpoint closes: its sender learns PeerGone.
+        assert_eq!(accept(&w, incoming(6, b, None, &big)), None);
+        let mut cl = Request::new(Opcode::EpClose);
+        cl.ep = b.ep;
+        let h = w.submit(0, cl, &[], 0);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        assert_eq!(replies(&w), vec![(2, 6, Status::PeerGone)]);
+
+        // A closed endpoint, a stale generation, a device that does not exist, a mismatched
+        // endpoint type: AddrNotAvail, as for a local sender.
+        assert_eq!(
+            accept(&w, incoming(7, b, None, b"x")),
+            Some(Status::AddrNotAvail)
+        );
+        let b2 = w.open(0, RDM);
+        let stale = FabricAddr::new(b2.node, b2.ep, b2.generation + 1);
+        assert_eq!(
+            accept(&w, incoming(8, stale, None, b"x")),
+            Some(Status::AddrNotAvail)
+        );
+        let nowhere = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 0, 9), b2.ep, b2.generation);
+        assert_eq!(
+            accept(&w, incoming(9, nowhere, None, b"x")),
+            Some(Status::AddrNotAvail)
+        );
+        let mut dgram = incoming(10, b2, None, b"x");
+        dgram.desc.ep_kind = (ep_open::TYPE_DGRAM as u16).into();
+        assert_eq!(accept(&w, dgram), Some(Status::AddrNotAvail));
+        // Delivery complete is never buffered eagerly.
+        let mut dc = incoming(11, b2, None, b"x");
+        dc.desc.flags = data_flags::DELIVERY_COMPLETE.into();
+        assert_eq!(accept(&w, dc), None);
+        let r = w.recv(0, b2, None, 0, 11, 0, 8);
+        assert_eq!(w.data(&r, 1), b"x");
+        assert_eq!(replies(&w), vec![(2, 11, Status::Ok)]);
+    }
+}

@@ -1,0 +1,204 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The seam between the fabric and the uplink thread: guest requests for another host go out
+//! through the [`Outbox`], and so do the verdicts on requests that arrived from another host
+//! and were held until a receive matched them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use vfabric_proto::Status;
+
+use super::wire;
+use crate::chain::Req;
+use crate::fabric::Port;
+
+/// Requests to other hosts queued or waiting for their REPLY, at most.
+pub(crate) const MAX_INFLIGHT: usize = 1024;
+/// Bytes of requests to other hosts queued or waiting for their REPLY, at most (a single
+/// larger request is let through alone).
+pub(crate) const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
+
+/// A guest's send to an endpoint of another host, with what completes it later: the sender's
+/// port and chain (exactly as a held send carries them).
+pub(crate) struct RemoteSend {
+    pub host: u16,
+    pub dev: usize,
+    pub port: Port,
+    pub req: Req,
+    /// The DATA description (its `req_id` and `offset` are filled in by the uplink).
+    pub desc: wire::Data,
+    /// The request's bytes: a send's payload; an RMA request's ranges and, for a write,
+    /// the bytes to write.
+    pub payload: Vec<u8>,
+    /// Bytes the request moves (a send's length, an RMA transfer's total), as reserved.
+    pub len: u64,
+}
+
+pub(crate) enum Outbound {
+    Send(Box<RemoteSend>),
+    /// The verdict on request `req_id` of `host` (held here until now).
+    Reply {
+        host: u16,
+        req_id: u64,
+        status: Status,
+    },
+}
+
+/// Whether a request of `opcode` gets bytes back with its verdict (RMA read, fetching
+/// atomics).
+pub(crate) fn returns_bytes(opcode: vfabric_proto::Opcode) -> bool {
+    use vfabric_proto::Opcode::*;
+    matches!(opcode, RmaRead | FetchAtomic | CompareAtomic)
+}
+
+/// Whose requests to which host: `(device, endpoint, host)` (FENCE waits on it).
+pub(crate) type EpKey = (usize, u32, u16);
+
+#[derive(Default)]
+struct State {
+    /// An uplink runs: other hosts' addresses lead somewhere.
+    enabled: bool,
+    /// Configured peers and whether each is up now.
+    hosts: HashMap<u16, bool>,
+    queue: VecDeque<Outbound>,
+    inflight: usize,
+    inflight_bytes: u64,
+    /// Requests in flight per endpoint and host.
+    by_ep: HashMap<EpKey, usize>,
+}
+
+/// Shared by the fabric (producers: guest threads) and the uplink thread (consumer).
+#[derive(Default)]
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a send of `len` bytes to `host` may go out now: `AddrNotAvail` for a host that
+    /// is not a peer (or no uplink), `HostUnreach` for a peer that is down, `NoResources`
+    /// past the in-flight bounds. On success the request counts as in flight until
+    /// [`Outbox::finished`].
+    pub fn reserve(&self, key: EpKey, len: u64) -> Result<(), Status> {
+        let host = key.2;
+        let mut s = self.lock();
+        match s.hosts.get(&host) {
+            _ if !s.enabled => return Err(Status::AddrNotAvail),
+            None => return Err(Status::AddrNotAvail),
+            Some(false) => return Err(Status::HostUnreach),
+            Some(true) => {}
+        }
+        if s.inflight >= MAX_INFLIGHT
+            || (s.inflight > 0 && s.inflight_bytes.saturating_add(len) > MAX_INFLIGHT_BYTES)
+        {
+            return Err(Status::NoResources);
+        }
+        s.inflight += 1;
+        s.inflight_bytes = s.inflight_bytes.saturating_add(len);
+        *s.by_ep.entry(key).or_default() += 1;
+        Ok(())
+    }
+
+    /// Whether requests of endpoint `key.1` of device `key.0` to host `key.2` are in flight.
+    pub fn busy(&self, key: EpKey) -> bool {
+        self.lock().by_ep.contains_key(&key)
+    }
+
+    /// Whether `host` is a peer of a running uplink.
+    pub fn is_peer(&self, host: u16) -> bool {
+        let s = self.lock();
+        s.enabled && s.hosts.contains_key(&host)
+    }
+
+    /// A request reserved with `len` bytes completed (or never went out).
+    pub fn finished(&self, key: EpKey, len: u64) {
+        let mut s = self.lock();
+        s.inflight = s.inflight.saturating_sub(1);
+        s.inflight_bytes = s.inflight_bytes.saturating_sub(len);
+        if let Some(c) = s.by_ep.get_mut(&key) {
+            *c -= 1;
+            if *c == 0 {
+                s.by_ep.remove(&key);
+            }
+        }
+    }
+
+    pub fn push(&self, m: Outbound) {
+        self.lock().queue.push_back(m);
+        self.wake.notify_one();
+    }
+
+    /// Everything queued so far.
+    pub fn take(&self) -> VecDeque<Outbound> {
+        std::mem::take(&mut self.lock().queue)
+    }
+
+    /// Sleep until something is queued or `timeout` passed.
+    pub fn wait(&self, timeout: Duration) {
+        let s = self.lock();
+        if s.queue.is_empty() {
+            let _ = self.wake.wait_timeout(s, timeout);
+        }
+    }
+
+    /// The uplink's view of its peers (called whenever it may have changed).
+    pub fn set_hosts(&self, hosts: impl Iterator<Item = (u16, bool)>) {
+        let mut s = self.lock();
+        s.enabled = true;
+        s.hosts.clear();
+        s.hosts.extend(hosts);
+    }
+
+    /// The uplink stopped: nothing leaves any more.
+    pub fn disable(&self) -> VecDeque<Outbound> {
+        let mut s = self.lock();
+        s.enabled = false;
+        s.hosts.clear();
+        std::mem::take(&mut s.queue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_follow_peer_state_and_bounds() {
+        const K2: EpKey = (0, 1, 2);
+        let o = Outbox::default();
+        assert_eq!(o.reserve(K2, 8), Err(Status::AddrNotAvail), "no uplink");
+        o.set_hosts([(2, true), (3, false)].into_iter());
+        assert_eq!(
+            o.reserve((0, 1, 4), 8),
+            Err(Status::AddrNotAvail),
+            "not a peer"
+        );
+        assert_eq!(
+            o.reserve((0, 1, 3), 8),
+            Err(Status::HostUnreach),
+            "peer down"
+        );
+        // One request larger than the byte bound goes alone.
+        assert_eq!(o.reserve(K2, MAX_INFLIGHT_BYTES * 2), Ok(()));
+        assert_eq!(o.reserve(K2, 8), Err(Status::NoResources));
+        o.finished(K2, MAX_INFLIGHT_BYTES * 2);
+        for _ in 0..MAX_INFLIGHT {
+            assert_eq!(o.reserve(K2, 8), Ok(()));
+        }
+        assert_eq!(o.reserve(K2, 8), Err(Status::NoResources));
+        o.finished(K2, 8);
+        assert_eq!(o.reserve(K2, 8), Ok(()));
+        assert!(o.busy(K2) && !o.busy((0, 2, 2)) && !o.busy((1, 1, 2)));
+        for _ in 0..MAX_INFLIGHT {
+            o.finished(K2, 8);
+        }
+        assert!(!o.busy(K2), "nothing in flight for the endpoint any more");
+        o.disable();
+        assert_eq!(o.reserve(K2, 8), Err(Status::AddrNotAvail));
+    }
+}
