@@ -88,7 +88,9 @@ fn a_stale_socket_is_replaced() {
     let p = dir.path().join("vf.sock");
     // A socket file nobody listens on, as a killed daemon leaves it.
     drop(UnixListener::bind(&p).unwrap());
-    assert!(UnixStream::connect(&p).is_err());
+    // Another test's fork may hold the listener for the moment until its exec closes it
+    // (CLOEXEC): wait for the socket to be dead rather than assume it at once.
+    assert!(wait_for(Duration::from_secs(5), || UnixStream::connect(&p).is_err()));
     let mut child = vfabricd().arg("--socket-path").arg(&p).spawn().unwrap();
     let up = wait_for(Duration::from_secs(10), || UnixStream::connect(&p).is_ok());
     let o = if up { Some(info(&p)) } else { None };
