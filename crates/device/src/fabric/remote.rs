@@ -988,7 +988,11 @@ mod tests {
         assert_eq!(w.data(&r, 1000), big);
         assert_eq!(replies(&w), vec![(2, 3, Status::Ok)]);
 
-        // A directed receive for another source does not take it.
+        // A directed receive for another source (on another peer host, so it stays posted)
+        // does not take it.
+        w.fabric
+            .outbox
+            .set_hosts([(2, true), (3, true)].into_iter());
         let other = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 3, 1), 5, 6);
         let mut rq = Request::new(Opcode::Recv);
         rq.ep = b.ep;
