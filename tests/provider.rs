@@ -350,6 +350,16 @@ fn c_test_binary() -> &'static PathBuf {
     BIN.get_or_init(|| compile_c("vf_provider_test"))
 }
 
+fn ext_test_binary() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| compile_c("vf_ext_test"))
+}
+
+fn log_test_binary() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| compile_c("vf_log_test"))
+}
+
 /// tests/c/`name`.c compiled against the installed headers, linked with -lfabric.
 fn compile_c(name: &str) -> PathBuf {
     {
@@ -390,8 +400,7 @@ fn compile_c(name: &str) -> PathBuf {
 /// and device counters that move with traffic; unknown names are `-FI_ENOSYS`.
 #[test]
 fn c_vendor_ops() {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    let bin = BIN.get_or_init(|| compile_c("vf_ext_test"));
+    let bin = ext_test_binary();
     let d = DaemonProcess::start(1, &[]);
     let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
     let o = run_with_timeout(&mut fi_cmd(bin, &socks), Duration::from_secs(60));
@@ -418,15 +427,11 @@ fn c_pmem() {
 /// hands logging back to the core.
 #[test]
 fn c_log_import() {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    let bin = BIN.get_or_init(|| compile_c("vf_log_test"));
+    let bin = log_test_binary();
     let d = DaemonProcess::start(1, &[]);
     let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
     for level in ["warn", "info", "debug"] {
-        let o = run_with_timeout(
-            fi_cmd(bin, &socks).env("FI_LOG_LEVEL", level).arg(level),
-            Duration::from_secs(60),
-        );
+        let o = run_with_timeout(fi_cmd(bin, &socks).arg(level), Duration::from_secs(60));
         assert!(o.status.success(), "FI_LOG_LEVEL={level}: {}", text(&o));
         assert!(String::from_utf8_lossy(&o.stdout).contains("log: ok"));
     }
@@ -585,6 +590,12 @@ fn c_rma_event_two_devices() {
 /// VF_TEST_VALGRIND=1 page-aligns the heap buffers the C program registers (see its header).
 /// valgrind is installed by scripts/setup.sh; a suite takes a few seconds under it.
 fn c_suite_valgrind(suite: &str, devices: u32) {
+    under_valgrind(c_test_binary(), suite, devices, &format!("{suite}: ok"));
+}
+
+/// Runs C test `bin` with argument `arg` under memcheck, `devices` devices of one daemon in
+/// VFABRIC_DEVICES; it must pass, print `ok_line` and leak nothing definitely.
+fn under_valgrind(bin: &Path, arg: &str, devices: u32, ok_line: &str) {
     let d = DaemonProcess::start(devices, &[]);
     let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
     let mut c = fi_cmd("valgrind", &socks);
@@ -593,16 +604,27 @@ fn c_suite_valgrind(suite: &str, devices: u32) {
         "--errors-for-leak-kinds=definite",
         "--error-exitcode=99",
     ])
-    .arg(c_test_binary())
-    .arg(suite)
+    .arg(bin)
+    .arg(arg)
     .env("VF_TEST_VALGRIND", "1");
     let o = run_with_timeout(&mut c, Duration::from_secs(120));
     assert!(
         o.status.success(),
-        "suite {suite} under valgrind: {}",
+        "{} {arg} under valgrind: {}",
+        bin.display(),
         text(&o)
     );
-    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{suite}: ok")));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(ok_line));
+}
+
+#[test]
+fn c_vendor_ops_under_valgrind() {
+    under_valgrind(ext_test_binary(), "", 1, "ext: ok");
+}
+
+#[test]
+fn c_log_import_under_valgrind() {
+    under_valgrind(log_test_binary(), "warn", 1, "log: ok");
 }
 
 #[test]

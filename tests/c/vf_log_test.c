@@ -4,9 +4,9 @@
  * messages (provider name, level, subsystem, function, line, text), FI_LOG_LEVEL filtering
  * still applies (the logger leaves `enabled` to the core), and closing the import restores the
  * core's own logging. Built and run by tests/provider.rs with FI_PROVIDER_PATH and
- * VFABRIC_DEVICES set; FI_LOG_LEVEL is set by the caller.
+ * VFABRIC_DEVICES set.
  *
- *   vf_log_test <FI_LOG_LEVEL the run was given: warn | info | debug>
+ *   vf_log_test <warn | info | debug>   (set as FI_LOG_LEVEL before libfabric starts)
  *
  * Messages provoked: an address of another fabric inserted into an AV (warn, av), a domain
  * opened (info, domain), a send to an fi_addr that is not in the AV (debug, ep_data).
@@ -130,6 +130,8 @@ int main(int argc, char **argv)
 	const char *level = argv[1];
 	int want_info = !strcmp(level, "info") || !strcmp(level, "debug");
 	int want_debug = !strcmp(level, "debug");
+	/* The level this run checks, before libfabric initialises (it reads it once). */
+	setenv("FI_LOG_LEVEL", level, 1);
 
 	CHECK(fi_import_log(FI_VERSION(1, 17), 0, &logger) == 0);
 	provoke();
