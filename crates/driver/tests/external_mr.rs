@@ -4,59 +4,20 @@
 //! cross-memory attach (nothing is copied or remapped). An embedded `vfabricd` and driver domains in this process; every wait has a
 //! timeout.
 
-use std::path::PathBuf;
-
 use vfabric::proto::{atomic_op as op, datatype as dt};
-use vfabric::{
-    fi, AddressVector, AtomicMsg, BindFlags, CompletionQueue, CqAttr, Domain, DomainAttr, Endpoint,
-    EpAttr, FiAddr, Iov, MrAttr, Status, WaitMode,
-};
+use vfabric::{fi, AtomicMsg, Domain, Iov, MrAttr, Status};
 
 mod common;
 use common::*;
 
 const RW: u64 = fi::REMOTE_READ | fi::REMOTE_WRITE;
 
-struct Ep {
-    ep: Endpoint,
-    tx: CompletionQueue,
-    _rx: CompletionQueue,
-    av: AddressVector,
-}
-
-fn open_domain(path: &PathBuf) -> Domain {
-    Domain::open(
-        path,
-        DomainAttr {
-            mem_bytes: 16 << 20,
-            ..Default::default()
-        },
-    )
-    .expect("open domain")
+fn open_domain(path: &std::path::Path) -> Domain {
+    open_domain_mb(path, 16)
 }
 
 fn endpoint(domain: &Domain) -> Ep {
-    let cq = || {
-        domain
-            .cq_open(CqAttr {
-                size: 256,
-                wait: WaitMode::None,
-            })
-            .unwrap()
-    };
-    let (tx, rx) = (cq(), cq());
-    let av = domain.av_open().unwrap();
-    let ep = domain.endpoint(EpAttr::default()).unwrap();
-    ep.bind_cq(&tx, BindFlags::TRANSMIT).unwrap();
-    ep.bind_cq(&rx, BindFlags::RECV).unwrap();
-    ep.bind_av(&av).unwrap();
-    ep.enable().unwrap();
-    Ep {
-        ep,
-        tx,
-        _rx: rx,
-        av,
-    }
+    rdm_endpoint(domain, 256)
 }
 
 /// The application's view of bytes the device wrote behind the compiler's back.
@@ -68,27 +29,8 @@ fn view(p: *const u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-struct Pair {
-    da: Domain,
-    db: Domain,
-    a: Ep,
-    b_addr: FiAddr,
-    _b: Ep,
-}
-
 fn pair(r: &Rig) -> Pair {
-    let da = open_domain(&r.paths[0]);
-    let db = open_domain(&r.paths[1]);
-    let a = endpoint(&da);
-    let b = endpoint(&db);
-    let b_addr = a.av.insert(b.ep.name()).unwrap();
-    Pair {
-        da,
-        db,
-        a,
-        b_addr,
-        _b: b,
-    }
+    rdm_pair(r, 16, 256)
 }
 
 fn attr(access: u64) -> MrAttr {

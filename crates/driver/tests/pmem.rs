@@ -10,74 +10,15 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use vfabric::proto::{atomic_op as op, datatype as dt};
-use vfabric::{
-    fi, AddressVector, AtomicMsg, BindFlags, CompletionQueue, CqAttr, Domain, DomainAttr, Endpoint,
-    EpAttr, Error, FiAddr, Iov, MrAttr, RmaIov, RmaMsg, Status, WaitMode,
-};
+use vfabric::{fi, AtomicMsg, Domain, Error, Iov, MrAttr, RmaIov, RmaMsg, Status};
 
 mod common;
 use common::*;
 
 const RW: u64 = fi::REMOTE_READ | fi::REMOTE_WRITE;
 
-struct Ep {
-    ep: Endpoint,
-    tx: CompletionQueue,
-    rx: CompletionQueue,
-    av: AddressVector,
-}
-
-fn open_domain(path: &PathBuf) -> Domain {
-    Domain::open(
-        path,
-        DomainAttr {
-            mem_bytes: 16 << 20,
-            ..Default::default()
-        },
-    )
-    .expect("open domain")
-}
-
-fn endpoint(domain: &Domain) -> Ep {
-    let cq = || {
-        domain
-            .cq_open(CqAttr {
-                size: 256,
-                wait: WaitMode::None,
-            })
-            .unwrap()
-    };
-    let (tx, rx) = (cq(), cq());
-    let av = domain.av_open().unwrap();
-    let ep = domain.endpoint(EpAttr::default()).unwrap();
-    ep.bind_cq(&tx, BindFlags::TRANSMIT).unwrap();
-    ep.bind_cq(&rx, BindFlags::RECV).unwrap();
-    ep.bind_av(&av).unwrap();
-    ep.enable().unwrap();
-    Ep { ep, tx, rx, av }
-}
-
-struct Pair {
-    da: Domain,
-    db: Domain,
-    a: Ep,
-    b: Ep,
-    b_addr: FiAddr,
-}
-
 fn pair(r: &Rig) -> Pair {
-    let da = open_domain(&r.paths[0]);
-    let db = open_domain(&r.paths[1]);
-    let a = endpoint(&da);
-    let b = endpoint(&db);
-    let b_addr = a.av.insert(b.ep.name()).unwrap();
-    Pair {
-        da,
-        db,
-        a,
-        b,
-        b_addr,
-    }
+    rdm_pair(r, 16, 256)
 }
 
 /// A file of `len` zero bytes in the rig's directory.

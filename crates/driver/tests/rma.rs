@@ -2,15 +2,13 @@
 //! RMA, atomics, memory registration and counters end to end: an embedded `vfabricd` and
 //! driver domains in this process. Every wait has a timeout.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vfabric::proto::{atomic_op as op, datatype as dt};
 use vfabric::{
-    fi, AddressVector, AtomicMsg, BindFlags, CompletionQueue, CqAttr, CqErrEntry, Domain,
-    DomainAttr, Endpoint, EpAttr, Error, FiAddr, Iov, MemoryRegion, MrAttr, RmaIov, RmaMsg,
-    SharedBuf, Status, WaitMode,
+    fi, AtomicMsg, CqErrEntry, Domain, Endpoint, Error, FiAddr, Iov, MemoryRegion, MrAttr, RmaIov,
+    RmaMsg, SharedBuf, Status,
 };
 
 mod common;
@@ -18,68 +16,16 @@ use common::*;
 
 const RW: u64 = fi::REMOTE_READ | fi::REMOTE_WRITE;
 
-struct Ep {
-    ep: Endpoint,
-    tx: CompletionQueue,
-    rx: CompletionQueue,
-    av: AddressVector,
-}
-
-fn open_domain(path: &PathBuf) -> Domain {
-    Domain::open(
-        path,
-        DomainAttr {
-            mem_bytes: 48 << 20,
-            ..Default::default()
-        },
-    )
-    .expect("open domain")
+fn open_domain(path: &std::path::Path) -> Domain {
+    open_domain_mb(path, 48)
 }
 
 fn endpoint(domain: &Domain) -> Ep {
-    let tx = domain
-        .cq_open(CqAttr {
-            size: 512,
-            wait: WaitMode::None,
-        })
-        .unwrap();
-    let rx = domain
-        .cq_open(CqAttr {
-            size: 512,
-            wait: WaitMode::None,
-        })
-        .unwrap();
-    let av = domain.av_open().unwrap();
-    let ep = domain.endpoint(EpAttr::default()).unwrap();
-    ep.bind_cq(&tx, BindFlags::TRANSMIT).unwrap();
-    ep.bind_cq(&rx, BindFlags::RECV).unwrap();
-    ep.bind_av(&av).unwrap();
-    ep.enable().unwrap();
-    Ep { ep, tx, rx, av }
-}
-
-/// Two devices: initiator `a` on device 0, target `b` on device 1 with `b_addr` in a's AV.
-struct Pair {
-    da: Domain,
-    db: Domain,
-    a: Ep,
-    b: Ep,
-    b_addr: FiAddr,
+    rdm_endpoint(domain, 512)
 }
 
 fn pair(r: &Rig) -> Pair {
-    let da = open_domain(&r.paths[0]);
-    let db = open_domain(&r.paths[1]);
-    let a = endpoint(&da);
-    let b = endpoint(&db);
-    let b_addr = a.av.insert(b.ep.name()).unwrap();
-    Pair {
-        da,
-        db,
-        a,
-        b,
-        b_addr,
-    }
+    rdm_pair(r, 48, 512)
 }
 
 fn region(d: &Domain, len: usize, access: u64) -> (SharedBuf, MemoryRegion) {

@@ -42,6 +42,39 @@ static DOMAIN_OPS: DomainOpsV1 = DomainOpsV1 {
     counters,
 };
 
+/// The body of an `fi_open_ops` entry point: `fid` must be one of our objects of class
+/// `class` (type `T`), and `name` the one versioned name `want`; then `*ops` = `table`.
+/// Another name is `-FI_ENOSYS` (fi_open_ops(3)).
+///
+/// # Safety
+/// `fid` is NULL or a valid fid, `name` NULL or a NUL-terminated string, `ops` NULL or
+/// writable for one pointer.
+pub unsafe fn open_ops<T, O>(
+    fid: *mut sys::fid,
+    class: u32,
+    name: *const c_char,
+    ops: *mut *mut c_void,
+    want: &CStr,
+    table: &'static O,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the consumer passes one of our objects (checked by class).
+        if let Err(e) = unsafe { obj::<T>(fid, class) } {
+            return -e;
+        }
+        if name.is_null() || ops.is_null() {
+            return -fi::EINVAL;
+        }
+        // SAFETY: a NUL-terminated name per the caller's contract.
+        if unsafe { CStr::from_ptr(name) } != want {
+            return -fi::ENOSYS;
+        }
+        // SAFETY: `ops` is writable (checked non-NULL); the table is static and never written.
+        unsafe { *ops = (table as *const O).cast_mut().cast() };
+        0
+    })
+}
+
 /// `fi_open_ops` on a domain.
 pub unsafe extern "C" fn domain_ops_open(
     fid: *mut sys::fid,
@@ -50,22 +83,17 @@ pub unsafe extern "C" fn domain_ops_open(
     ops: *mut *mut c_void,
     _context: *mut c_void,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: the consumer passes one of our domains (checked by class).
-        if let Err(e) = unsafe { obj::<DomainObj>(fid, sys::FI_CLASS_DOMAIN) } {
-            return -e;
-        }
-        if name.is_null() || ops.is_null() {
-            return -fi::EINVAL;
-        }
-        // SAFETY: a NUL-terminated name per fi_open_ops(3).
-        if unsafe { CStr::from_ptr(name) } != DOMAIN_OPS_V1 {
-            return -fi::ENOSYS;
-        }
-        // SAFETY: `ops` is writable (checked non-NULL); the table is static and never written.
-        unsafe { *ops = (&DOMAIN_OPS as *const DomainOpsV1).cast_mut().cast() };
-        0
-    })
+    // SAFETY: libfabric's fi_open_ops arguments, as `open_ops` requires.
+    unsafe {
+        open_ops::<DomainObj, _>(
+            fid,
+            sys::FI_CLASS_DOMAIN,
+            name,
+            ops,
+            DOMAIN_OPS_V1,
+            &DOMAIN_OPS,
+        )
+    }
 }
 
 /// Copy `s` into a fixed C string field (truncated, always NUL-terminated).

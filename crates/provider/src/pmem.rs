@@ -122,22 +122,10 @@ pub unsafe extern "C" fn ep_ops_open(
     ops: *mut *mut c_void,
     _context: *mut c_void,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: the consumer passes one of our endpoints (checked by class).
-        if let Err(e) = unsafe { obj::<EpObj>(fid, sys::FI_CLASS_EP) } {
-            return -e;
-        }
-        if name.is_null() || ops.is_null() {
-            return -fi::EINVAL;
-        }
-        // SAFETY: a NUL-terminated name per fi_open_ops(3).
-        if unsafe { CStr::from_ptr(name) } != EP_OPS_V1 {
-            return -fi::ENOSYS;
-        }
-        // SAFETY: `ops` is writable (checked non-NULL); the table is static and never written.
-        unsafe { *ops = (&EP_OPS as *const EpOpsV1).cast_mut().cast() };
-        0
-    })
+    // SAFETY: libfabric's fi_open_ops arguments, as `open_ops` requires.
+    unsafe {
+        crate::ext::open_ops::<EpObj, _>(fid, sys::FI_CLASS_EP, name, ops, EP_OPS_V1, &EP_OPS)
+    }
 }
 
 unsafe extern "C" fn commit(

@@ -99,3 +99,68 @@ pub fn checksum(b: &[u8]) -> u64 {
         (h ^ u64::from(x)).wrapping_mul(0x100000001b3)
     })
 }
+
+/// An enabled RDM endpoint with its transmit and receive CQs and its AV.
+pub struct Ep {
+    pub ep: vfabric::Endpoint,
+    pub tx: CompletionQueue,
+    pub rx: CompletionQueue,
+    pub av: vfabric::AddressVector,
+}
+
+/// A domain on device `path` with `mem_mb` MiB of shared memory.
+pub fn open_domain_mb(path: &std::path::Path, mem_mb: usize) -> vfabric::Domain {
+    vfabric::Domain::open(
+        path,
+        vfabric::DomainAttr {
+            mem_bytes: mem_mb << 20,
+            ..Default::default()
+        },
+    )
+    .expect("open domain")
+}
+
+/// An enabled RDM endpoint of `domain` whose CQs hold `cq_size` entries.
+pub fn rdm_endpoint(domain: &vfabric::Domain, cq_size: usize) -> Ep {
+    let cq = || {
+        domain
+            .cq_open(vfabric::CqAttr {
+                size: cq_size,
+                wait: vfabric::WaitMode::None,
+            })
+            .unwrap()
+    };
+    let (tx, rx) = (cq(), cq());
+    let av = domain.av_open().unwrap();
+    let ep = domain.endpoint(vfabric::EpAttr::default()).unwrap();
+    ep.bind_cq(&tx, vfabric::BindFlags::TRANSMIT).unwrap();
+    ep.bind_cq(&rx, vfabric::BindFlags::RECV).unwrap();
+    ep.bind_av(&av).unwrap();
+    ep.enable().unwrap();
+    Ep { ep, tx, rx, av }
+}
+
+/// Two devices: initiator `a` on device 0, target `b` on device 1 with `b_addr` in a's AV.
+pub struct Pair {
+    pub da: vfabric::Domain,
+    pub db: vfabric::Domain,
+    pub a: Ep,
+    pub b: Ep,
+    pub b_addr: vfabric::FiAddr,
+}
+
+/// A [`Pair`] on devices 0 and 1 of `r` (`mem_mb` MiB per domain, CQs of `cq_size`).
+pub fn rdm_pair(r: &Rig, mem_mb: usize, cq_size: usize) -> Pair {
+    let da = open_domain_mb(&r.paths[0], mem_mb);
+    let db = open_domain_mb(&r.paths[1], mem_mb);
+    let a = rdm_endpoint(&da, cq_size);
+    let b = rdm_endpoint(&db, cq_size);
+    let b_addr = a.av.insert(b.ep.name()).unwrap();
+    Pair {
+        da,
+        db,
+        a,
+        b,
+        b_addr,
+    }
+}
