@@ -8,7 +8,7 @@ use vfabric_proto::{
 
 use super::{eager_cost, Notify, Teardown, EAGER_OVERHEAD};
 use crate::config::Limits;
-use crate::testutil::{World, ALL_FEATURES, TEST_FABRIC};
+use crate::testutil::{World, ALL_FEATURES, H, TEST_FABRIC};
 
 const RDM: u64 = ep_open::TYPE_RDM;
 
@@ -472,20 +472,24 @@ fn query_caps_lists_limits_and_vendor_attrs() {
     assert_eq!(granularity, Some(CapValue::U64(2)), "page granularity");
 }
 
+/// A receive on device `dev`'s endpoint `at` directed at `from`.
+fn directed_recv(w: &mut World, dev: usize, at: FabricAddr, from: FabricAddr, cookie: u64) -> H {
+    let mut r = Request::new(Opcode::Recv);
+    r.ep = at.ep;
+    r.flags = flags::DIRECTED;
+    r.peer = from;
+    r.cookie = cookie;
+    w.submit(dev, r, &[], 64)
+}
+
 #[test]
 fn directed_receives_fail_when_their_source_goes() {
     let mut w = World::new(3, small_limits());
     let a = w.open(0, RDM);
     let c = w.open(2, RDM);
     let b = w.open(1, RDM);
-    let directed = |w: &mut World, from: FabricAddr, cookie: u64| {
-        let mut r = Request::new(Opcode::Recv);
-        r.ep = b.ep;
-        r.flags = flags::DIRECTED;
-        r.peer = from;
-        r.cookie = cookie;
-        w.submit(1, r, &[], 64)
-    };
+    let directed =
+        |w: &mut World, from: FabricAddr, cookie: u64| directed_recv(w, 1, b, from, cookie);
     let from_a = directed(&mut w, a, 1);
     let from_c = directed(&mut w, c, 2);
     let any = w.recv(1, b, None, 0, 3, 0, 64);
@@ -517,14 +521,8 @@ fn a_remembered_live_source_is_rechecked_after_its_device_closes_an_endpoint() {
     let a = w.open(0, RDM);
     let a2 = w.open(0, RDM);
     let b = w.open(1, RDM);
-    let directed = |w: &mut World, from: FabricAddr, cookie: u64| {
-        let mut r = Request::new(Opcode::Recv);
-        r.ep = b.ep;
-        r.flags = flags::DIRECTED;
-        r.peer = from;
-        r.cookie = cookie;
-        w.submit(1, r, &[], 64)
-    };
+    let directed =
+        |w: &mut World, from: FabricAddr, cookie: u64| directed_recv(w, 1, b, from, cookie);
     // Two receives from A: the second is served by what the first found.
     let r1 = directed(&mut w, a, 1);
     let r2 = directed(&mut w, a, 2);
