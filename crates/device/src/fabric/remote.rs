@@ -101,28 +101,13 @@ impl Fabric {
         if r.flags & flags::DELIVERY_COMPLETE != 0 {
             wire_flags |= data_flags::DELIVERY_COMPLETE;
         }
-        let desc = wire::Data {
-            req_id: 0.into(),
-            total_len: len.into(),
-            offset: 0.into(),
-            tag: r.tag.into(),
-            data: if wire_flags & data_flags::REMOTE_CQ_DATA != 0 {
-                r.data
-            } else {
-                0
-            }
-            .into(),
-            src_ep: r.ep.into(),
-            src_gen: sgen.into(),
-            dst_ep: to.ep.into(),
-            dst_gen: to.generation.into(),
-            src_dev: (dev as u16).into(),
-            dst_dev: to.device().into(),
-            opcode: (r.opcode as u16).into(),
-            ep_kind: (skind as u16).into(),
-            flags: wire_flags.into(),
-            count: 0.into(),
-        };
+        let mut desc = describe(&r, dev, sgen, to, len);
+        desc.tag = r.tag.into();
+        if wire_flags & data_flags::REMOTE_CQ_DATA != 0 {
+            desc.data = r.data.into();
+        }
+        desc.ep_kind = (skind as u16).into();
+        desc.flags = wire_flags.into();
         self.outbox.push(Outbound::Send(Box::new(RemoteSend {
             host: to.host(),
             dev,
@@ -254,28 +239,12 @@ impl Fabric {
         }
         drop(mem);
         let cq_data = write && r.flags & flags::REMOTE_CQ_DATA != 0;
-        let desc = wire::Data {
-            req_id: 0.into(),
-            total_len: (bytes.len() as u64).into(),
-            offset: 0.into(),
-            tag: 0.into(),
-            data: if cq_data { r.data } else { 0 }.into(),
-            src_ep: r.ep.into(),
-            src_gen: sgen.into(),
-            dst_ep: to.ep.into(),
-            dst_gen: to.generation.into(),
-            src_dev: (dev as u16).into(),
-            dst_dev: to.device().into(),
-            opcode: (r.opcode as u16).into(),
-            ep_kind: (ep_open::TYPE_RDM as u16).into(),
-            flags: if cq_data {
-                data_flags::REMOTE_CQ_DATA
-            } else {
-                0
-            }
-            .into(),
-            count: (ranges.len() as u32).into(),
-        };
+        let mut desc = describe(&r, dev, sgen, to, bytes.len() as u64);
+        if cq_data {
+            desc.data = r.data.into();
+            desc.flags = data_flags::REMOTE_CQ_DATA.into();
+        }
+        desc.count = (ranges.len() as u32).into();
         self.outbox.push(Outbound::Send(Box::new(RemoteSend {
             host: to.host(),
             dev,
@@ -468,23 +437,9 @@ impl Fabric {
         if let Err(status) = self.outbox.reserve((dev, r.ep, to.host()), nbytes as u64) {
             return self.fail(dev, port, &req, status, n);
         }
-        let desc = wire::Data {
-            req_id: 0.into(),
-            total_len: (bytes.len() as u64).into(),
-            offset: 0.into(),
-            tag: (u64::from(op) | u64::from(ty) << 8).into(),
-            data: 0.into(),
-            src_ep: r.ep.into(),
-            src_gen: sgen.into(),
-            dst_ep: to.ep.into(),
-            dst_gen: to.generation.into(),
-            src_dev: (dev as u16).into(),
-            dst_dev: to.device().into(),
-            opcode: (r.opcode as u16).into(),
-            ep_kind: (ep_open::TYPE_RDM as u16).into(),
-            flags: 0.into(),
-            count: 1.into(),
-        };
+        let mut desc = describe(&r, dev, sgen, to, bytes.len() as u64);
+        desc.tag = (u64::from(op) | u64::from(ty) << 8).into();
+        desc.count = 1.into();
         self.outbox.push(Outbound::Send(Box::new(RemoteSend {
             host: to.host(),
             dev,
@@ -751,6 +706,35 @@ impl Fabric {
             }
         }
         dropped
+    }
+}
+
+/// The DATA description of request `r` of endpoint `r.ep` (generation `sgen`) of device `dev`
+/// for `to`, carrying `total_len` bytes: an RDM request with no tag, data, flags or ranges; the
+/// caller sets what its operation adds.
+fn describe(
+    r: &vfabric_proto::Request,
+    dev: usize,
+    sgen: u32,
+    to: FabricAddr,
+    total_len: u64,
+) -> wire::Data {
+    wire::Data {
+        req_id: 0.into(),
+        total_len: total_len.into(),
+        offset: 0.into(),
+        tag: 0.into(),
+        data: 0.into(),
+        src_ep: r.ep.into(),
+        src_gen: sgen.into(),
+        dst_ep: to.ep.into(),
+        dst_gen: to.generation.into(),
+        src_dev: (dev as u16).into(),
+        dst_dev: to.device().into(),
+        opcode: (r.opcode as u16).into(),
+        ep_kind: (ep_open::TYPE_RDM as u16).into(),
+        flags: 0.into(),
+        count: 0.into(),
     }
 }
 
