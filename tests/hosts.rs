@@ -398,6 +398,27 @@ fn pattern(seed: u32, len: usize) -> Vec<u8> {
 }
 
 /// Two hosts up and seeing each other.
+/// Two hosts on one segment, each running `vfabricd` (fields drop daemons first, then the
+/// directory, then the namespaces).
+struct TwoHosts {
+    lan: Lan,
+    dir: tempfile::TempDir,
+    d: Vec<HostDaemon>,
+}
+
+impl TwoHosts {
+    /// `None` where the test cannot run (not root, no `ip`).
+    fn start() -> Option<Self> {
+        if !can_run() {
+            return None;
+        }
+        let lan = Lan::new(2);
+        let dir = tempfile::tempdir().unwrap();
+        let d = two_hosts(dir.path(), &lan);
+        Some(Self { lan, dir, d })
+    }
+}
+
 fn two_hosts(dir: &Path, lan: &Lan) -> Vec<HostDaemon> {
     let d: Vec<HostDaemon> = (0..2)
         .map(|i| HostDaemon::start(lan, dir, i, i as u16 + 1, &uplink_args(2, i, &[])))
@@ -445,12 +466,14 @@ fn exchange(a: &Guest, b: &Guest, sizes: &[usize], seed: u32) {
 
 #[test]
 fn messages_cross_hosts_both_ways_with_matching_and_errors() {
-    if !can_run() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
         return;
-    }
-    let lan = Lan::new(2);
-    let dir = tempfile::tempdir().unwrap();
-    let d = two_hosts(dir.path(), &lan);
+    };
     let a = Guest::open(&d[0].sockets[0]);
     let b = Guest::open(&d[1].sockets[1]);
     assert_eq!(a.ep.name().host(), 1);
@@ -522,12 +545,9 @@ fn messages_cross_hosts_both_ways_with_matching_and_errors() {
 
 #[test]
 fn a_lost_host_fails_pending_sends_promptly_and_works_again_after_restart() {
-    if !can_run() {
+    let Some(TwoHosts { lan, dir, mut d }) = TwoHosts::start() else {
         return;
-    }
-    let lan = Lan::new(2);
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = two_hosts(dir.path(), &lan);
+    };
     let a = Guest::open(&d[0].sockets[0]);
     // A guest on the other host that dies: its peers see what they see on one host.
     let b = Guest::open(&d[1].sockets[0]);
@@ -587,12 +607,9 @@ fn a_lost_host_fails_pending_sends_promptly_and_works_again_after_restart() {
 
 #[test]
 fn a_pulled_link_fails_pending_sends_and_traffic_resumes_when_it_is_back() {
-    if !can_run() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
         return;
-    }
-    let lan = Lan::new(2);
-    let dir = tempfile::tempdir().unwrap();
-    let d = two_hosts(dir.path(), &lan);
+    };
     let a = Guest::open(&d[0].sockets[0]);
     let b = Guest::open(&d[1].sockets[0]);
     let to_b = a.av.insert(b.ep.name()).unwrap();
@@ -666,12 +683,9 @@ fn cli_across_hosts(d: &[HostDaemon], dir: &Path, kind: &str, sizes: &str) -> se
 
 #[test]
 fn cli_pingpong_and_bw_across_hosts_verify_every_byte() {
-    if !can_run() {
+    let Some(TwoHosts { lan: _lan, dir, d }) = TwoHosts::start() else {
         return;
-    }
-    let lan = Lan::new(2);
-    let dir = tempfile::tempdir().unwrap();
-    let d = two_hosts(dir.path(), &lan);
+    };
     for kind in ["pingpong", "bw"] {
         let v = cli_across_hosts(&d, dir.path(), kind, "8,4k,64k,1m");
         let results = v["results"].as_array().expect("results");
@@ -685,12 +699,14 @@ fn cli_pingpong_and_bw_across_hosts_verify_every_byte() {
 
 #[test]
 fn rma_across_hosts_is_checked_by_the_target_device() {
-    if !can_run() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
         return;
-    }
-    let lan = Lan::new(2);
-    let dir = tempfile::tempdir().unwrap();
-    let d = two_hosts(dir.path(), &lan);
+    };
     let a = Guest::open(&d[0].sockets[0]);
     let b = Guest::open(&d[1].sockets[0]);
     let to_b = a.av.insert(b.ep.name()).unwrap();
@@ -762,12 +778,14 @@ fn rma_across_hosts_is_checked_by_the_target_device() {
 fn atomics_across_hosts_run_at_the_target_device() {
     use vfabric::proto::{atomic_op as op, datatype as dt};
     use vfabric::AtomicMsg;
-    if !can_run() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
         return;
-    }
-    let lan = Lan::new(2);
-    let dir = tempfile::tempdir().unwrap();
-    let d = two_hosts(dir.path(), &lan);
+    };
     let a = Guest::open(&d[0].sockets[0]);
     let b = Guest::open(&d[1].sockets[0]);
     let to_b = a.av.insert(b.ep.name()).unwrap();
