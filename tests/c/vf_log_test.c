@@ -11,23 +11,8 @@
  * Messages provoked: an address of another fabric inserted into an AV (warn, av), a domain
  * opened (info, domain), a send to an fi_addr that is not in the AV (debug, ep_data).
  */
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <rdma/fabric.h>
-#include <rdma/fi_cm.h>
-#include <rdma/fi_domain.h>
-#include <rdma/fi_endpoint.h>
-#include <rdma/fi_errno.h>
 #include <rdma/fi_ext.h>
-
-#define CHECK(cond)                                                                  \
-	do {                                                                         \
-		if (!(cond)) {                                                       \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-			exit(1);                                                     \
-		}                                                                    \
-	} while (0)
+#include "vf_test_rdm.h"
 
 struct seen {
 	enum fi_log_level level;
@@ -81,47 +66,23 @@ static int count(enum fi_log_level level, enum fi_log_subsys subsys, const char 
 
 static void provoke(void)
 {
-	struct fi_info *hints = fi_allocinfo(), *info = NULL;
-	struct fid_fabric *fabric;
-	struct fid_domain *domain;
-	struct fid_av *av;
-	struct fid_cq *cq;
-	struct fid_ep *ep;
-	CHECK(hints);
-	hints->ep_attr->type = FI_EP_RDM;
-	hints->caps = FI_MSG;
-	hints->fabric_attr->prov_name = strdup("vfabric");
-	CHECK(fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &info) == 0);
-	fi_freeinfo(hints);
-	CHECK(fi_fabric(info->fabric_attr, &fabric, NULL) == 0);
-	CHECK(fi_domain(fabric, info, &domain, NULL) == 0);
-	struct fi_av_attr av_attr = { .type = FI_AV_TABLE };
-	CHECK(fi_av_open(domain, &av_attr, &av, NULL) == 0);
-	struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_CONTEXT, .size = 16 };
-	CHECK(fi_cq_open(domain, &cq_attr, &cq, NULL) == 0);
-	CHECK(fi_endpoint(domain, info, &ep, NULL) == 0);
-	CHECK(fi_ep_bind(ep, &av->fid, 0) == 0);
-	CHECK(fi_ep_bind(ep, &cq->fid, FI_TRANSMIT | FI_RECV) == 0);
-	CHECK(fi_enable(ep) == 0);
+	struct rdm r;
+	rdm_open_domain(&r);
+	rdm_open_ep(&r);
 
 	/* Our own address with the fabric id (bytes 4..7 of the node) changed. */
 	unsigned char name[16];
 	size_t len = sizeof(name);
-	CHECK(fi_getname(&ep->fid, name, &len) == 0 && len == 16);
+	CHECK(fi_getname(&r.ep->fid, name, &len) == 0 && len == 16);
 	name[4] ^= 0x5a;
 	fi_addr_t fa = 0;
-	CHECK(fi_av_insert(av, name, 1, &fa, 0, NULL) == 0);
+	CHECK(fi_av_insert(r.av, name, 1, &fa, 0, NULL) == 0);
 	CHECK(fa == FI_ADDR_NOTAVAIL);
 
 	char buf[8] = "payload";
-	CHECK(fi_send(ep, buf, sizeof(buf), NULL, 12345, NULL) == -FI_EINVAL);
+	CHECK(fi_send(r.ep, buf, sizeof(buf), NULL, 12345, NULL) == -FI_EINVAL);
 
-	fi_close(&ep->fid);
-	fi_close(&cq->fid);
-	fi_close(&av->fid);
-	fi_close(&domain->fid);
-	fi_close(&fabric->fid);
-	fi_freeinfo(info);
+	rdm_close(&r);
 }
 
 int main(int argc, char **argv)
