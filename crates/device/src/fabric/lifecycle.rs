@@ -172,7 +172,7 @@ impl Fabric {
 
     /// Complete `PeerGone` every posted receive, on any device but `skip`, directed at an
     /// address `gone` says is closed: they can never match now.
-    fn fail_directed_at(
+    pub(super) fn fail_directed_at(
         &self,
         gone: impl Fn(FabricAddr) -> bool,
         skip: Option<usize>,

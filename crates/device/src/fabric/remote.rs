@@ -688,7 +688,16 @@ impl Fabric {
 
     /// Host `host` went away (or restarted): its held messages are dropped. Returns their
     /// request ids (the uplink tells their senders, in case they did not see us go).
-    pub(crate) fn purge_remote(&self, host: u16) -> Vec<u64> {
+    /// `host` is lost: receives posted here that are directed at one of its endpoints fail
+    /// PEER_GONE (that source can send nothing more); returns the ids of the messages of
+    /// `host` that were held here, now dropped.
+    pub(crate) fn purge_remote(&self, host: u16, n: &mut Notify) -> Vec<u64> {
+        let fabric = self.fabric_id;
+        self.fail_directed_at(
+            |peer| peer.fabric() == fabric && peer.host() == host,
+            None,
+            n,
+        );
         let mut dropped = Vec::new();
         for dev in 0..self.devs.len() {
             let mut d = self.dev(dev);
@@ -992,8 +1001,16 @@ mod tests {
 
         // Held messages of a host that went away are dropped without a verdict.
         assert_eq!(accept(&w, incoming(5, b, None, &big)), None);
-        assert!(w.fabric.purge_remote(3).is_empty(), "another host's");
-        assert_eq!(w.fabric.purge_remote(2), vec![5]);
+        let mut n = Notify::default();
+        assert!(w.result(&directed).is_none());
+        assert!(
+            w.fabric.purge_remote(3, &mut n).is_empty(),
+            "another host's"
+        );
+        // The receive directed at host 3's endpoint can never be satisfied now.
+        assert_eq!(w.status(&directed), Some(Status::PeerGone));
+        assert_eq!(w.fabric.purge_remote(2, &mut n), vec![5]);
+        drop(n);
         assert!(replies(&w).is_empty());
         assert_eq!(
             w.fabric

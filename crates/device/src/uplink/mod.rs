@@ -698,7 +698,7 @@ impl Worker {
         }
         self.backlog.retain(|o| o.host != host);
         self.reply_partial.remove(&host);
-        let mut dropped = self.fabric.purge_remote(host);
+        let mut dropped = self.fabric.purge_remote(host, &mut self.notify);
         if let Some(p) = self.partial.remove(&host).filter(|p| !p.refused) {
             dropped.push(p.req_id);
         }
