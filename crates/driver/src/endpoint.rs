@@ -684,11 +684,7 @@ impl Endpoint {
             ));
         }
         let inject = a.flags & fi::INJECT != 0;
-        let no_completion = a.flags & INJECT_CALL != 0;
-        let tx_cq = b.tx.as_ref();
-        if tx_cq.is_none() && !no_completion {
-            return Err(Error::NoCq);
-        }
+        let (report_success, report_errors) = tx_reporting(b.tx.as_ref(), a.flags)?;
         let peer = Self::resolve(b, a.dest)?;
 
         let len = match &a.src {
@@ -789,8 +785,6 @@ impl Endpoint {
             }
         }
 
-        let selective = tx_cq.is_some_and(|(_, s)| *s);
-        let report_success = !no_completion && (!selective || a.flags & fi::COMPLETION != 0);
         let tx = if len <= INLINE_TX_MAX {
             TxData::Inline(inline)
         } else {
@@ -817,7 +811,7 @@ impl Endpoint {
                         peek: false,
                         record_claim: false,
                         report_success,
-                        report_errors: !no_completion,
+                        report_errors,
                     })
                 },
             )
@@ -1576,6 +1570,17 @@ fn class_reported(device_caps: Option<u64>, op: Opcode) -> bool {
 /// libfabric 1.17 leaves unused (below FI_PROV_SPECIFIC), so a C consumer's flags must have it
 /// cleared before they reach a `*msg` call (the provider does).
 pub const INJECT_CALL: u64 = 1 << 62;
+
+/// How a transmit operation reports to its consumer: `(success, errors)`. An `fi_inject*` call
+/// ([`INJECT_CALL`]) reports nothing; under FI_SELECTIVE_COMPLETION (the CQ's `bool`) success
+/// is reported only with FI_COMPLETION. `NoCq` when it must report and no CQ is bound.
+pub(crate) fn tx_reporting<T>(tx_cq: Option<&(T, bool)>, flags: u64) -> Result<(bool, bool)> {
+    if flags & INJECT_CALL != 0 {
+        return Ok((false, false));
+    }
+    let (_, selective) = tx_cq.ok_or(Error::NoCq)?;
+    Ok((!selective || flags & fi::COMPLETION != 0, true))
+}
 
 /// libfabric op flags that change a send's request flags (or are refused).
 const SEND_FLAG_MASK: u64 = fi::INJECT

@@ -15,7 +15,9 @@ use vfabric_proto::{
     self as proto, atomic_op, datatype, flags as pflags, ByteValued, Opcode, Request,
 };
 
-use super::{check_range, iov_bytes, iov_region, Endpoint, Iov, IovKind, INJECT_CALL};
+use super::{
+    check_range, iov_bytes, iov_region, tx_reporting, Endpoint, Iov, IovKind, INJECT_CALL,
+};
 use crate::av::FiAddr;
 use crate::memory::SharedBuf;
 use crate::virtqueue::{
@@ -755,11 +757,7 @@ impl Endpoint {
     ) -> Result<()> {
         let b = self.active()?;
         let domain = &self.domain;
-        let no_completion = flags & INJECT_CALL != 0;
-        let tx_cq = b.tx.as_ref();
-        if tx_cq.is_none() && !no_completion {
-            return Err(Error::NoCq);
-        }
+        let (report_success, report_errors) = tx_reporting(b.tx.as_ref(), flags)?;
         req.ep = self.shared.id;
         req.peer = Self::resolve(b, dest)?;
         self.check_request(&req)?;
@@ -860,8 +858,6 @@ impl Endpoint {
             copy_out = target;
         }
 
-        let selective = tx_cq.is_some_and(|(_, s)| *s);
-        let report_success = !no_completion && (!selective || flags & fi::COMPLETION != 0);
         let tx = if total == 0 {
             TxData::None
         } else if total <= INLINE_TX_MAX {
@@ -892,7 +888,7 @@ impl Endpoint {
                     peek: false,
                     record_claim: false,
                     report_success,
-                    report_errors: !no_completion,
+                    report_errors,
                 })
             })
             .map(|_| ())
