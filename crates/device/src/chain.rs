@@ -459,6 +459,8 @@ pub(crate) fn implemented(op: Opcode) -> bool {
             | MrReg
             | MrDereg
             | MrEvent
+            | CommitEvent
+            | CommitReply
             | RmaWrite
             | RmaRead
             | Atomic

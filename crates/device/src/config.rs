@@ -195,7 +195,16 @@ pub struct Config {
     /// silent or stalled connection cannot hold the device. Zero: no deadline (a VMM such as
     /// QEMU connects at VM start but starts rings only when the guest's driver loads).
     pub handshake_timeout: Duration,
+    /// How long a commit to a region with a commit handler waits for the target driver's
+    /// verdict before it completes TIMED_OUT at its initiator (spec §6.17.3).
+    pub commit_timeout: Duration,
 }
+
+/// Default [`Config::commit_timeout`].
+pub const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds of [`Config::commit_timeout`].
+pub const MIN_COMMIT_TIMEOUT: Duration = Duration::from_millis(10);
+pub const MAX_COMMIT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Config {
     /// Defaults for the given sockets.
@@ -214,6 +223,7 @@ impl Config {
             socket_mode: None,
             socket_group: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            commit_timeout: DEFAULT_COMMIT_TIMEOUT,
         }
     }
 
@@ -305,6 +315,12 @@ impl Config {
             return Err(Error::Config(format!(
                 "handshake_timeout {:?} out of range {MIN_HANDSHAKE_TIMEOUT:?}..={MAX_HANDSHAKE_TIMEOUT:?} (0: off)",
                 self.handshake_timeout
+            )));
+        }
+        if !(MIN_COMMIT_TIMEOUT..=MAX_COMMIT_TIMEOUT).contains(&self.commit_timeout) {
+            return Err(Error::Config(format!(
+                "commit_timeout {:?} out of range {MIN_COMMIT_TIMEOUT:?}..={MAX_COMMIT_TIMEOUT:?}",
+                self.commit_timeout
             )));
         }
         if let Some(u) = &self.uplink {

@@ -193,6 +193,23 @@ pub fn start(config: Config) -> Result<DaemonHandle, Error> {
         handshake_timeout = ?config.handshake_timeout,
         "starting vfabricd"
     );
+    {
+        // The commit timer: handled commits past their deadline complete TIMED_OUT (§6.17.3).
+        let (fabric, shared) = (fabric.clone(), shared.clone());
+        let tick =
+            (config.commit_timeout / 8).clamp(Duration::from_millis(5), Duration::from_millis(100));
+        let t = std::thread::Builder::new()
+            .name("vfabric-commit".into())
+            .spawn(move || {
+                while !shared.stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(tick);
+                    let mut n = crate::fabric::Notify::default();
+                    fabric.expire_commits(Instant::now(), &mut n);
+                }
+            })
+            .map_err(Error::Thread)?;
+        handle.threads.push(t);
+    }
     for (dev, listener) in listeners.into_iter().enumerate() {
         let poller = handle.pollers[dev % handle.pollers.len()].clone();
         let (fabric, shared) = (fabric.clone(), shared.clone());

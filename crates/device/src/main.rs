@@ -39,6 +39,10 @@ struct Args {
     /// that connects long before its guest's driver starts the rings).
     #[arg(long, value_parser = |s: &str| parse_duration(s).map_err(|e| e.to_string()))]
     handshake_timeout: Option<std::time::Duration>,
+    /// Milliseconds a commit to a region with a target commit handler waits for the target's
+    /// verdict before its initiator gets TIMED_OUT (default 5000; 10..=3600000).
+    #[arg(long)]
+    commit_timeout_ms: Option<u64>,
     /// TOML file with the same settings (command-line options override it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -163,6 +167,9 @@ impl TryFrom<Args> for Config {
             c.socket_group = a.socket_group;
         }
         set!(c.handshake_timeout, a.handshake_timeout);
+        if let Some(ms) = a.commit_timeout_ms {
+            c.commit_timeout = std::time::Duration::from_millis(ms);
+        }
         let l = &mut c.limits;
         set!(l.num_queue_pairs, a.num_queue_pairs);
         set!(l.max_endpoints, a.max_endpoints);

@@ -494,6 +494,8 @@ pub(crate) fn complete(domain: &DomainInner, f: Finished<'_>) {
         PendingOp::Data(_) => complete_data(f),
         PendingOp::Control { .. } => crate::control::complete_control(domain, f),
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
+        PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),
+        PendingOp::CommitReply => crate::commit::complete_reply(f),
         PendingOp::Idle => {}
     }
 }
@@ -577,7 +579,8 @@ fn complete_data(f: Finished<'_>) {
     if cflags & comp_flags::CLAIMED != 0 {
         flags |= fi::CLAIM;
     }
-    let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+    // A refused commit carries the target handler's value (spec §6.17.3).
+    let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 || status == Status::CommitRefused {
         c.data.into()
     } else {
         0

@@ -273,6 +273,31 @@ impl Domain {
         self.inner.progress()
     }
 
+    /// Install (`Some`) or remove (`None`) the target commit handler (spec §6.17.3; the
+    /// `fi_eq_event_handler` of ofiwg/libfabric#5874). Persistent regions registered
+    /// ([`Domain::register_pmem`]) while a handler is installed are *handled*: a commit or
+    /// save at COMMIT_COMPLETE to one of them is persisted by the device and then waits for
+    /// the handler, which runs from this domain's progress (CQ and counter reads, waits, or
+    /// [`Domain::progress`]) on the thread that drives it, one event at a time. Its value
+    /// decides the initiator's completion: 0 success, anything else an error completion with
+    /// status [`crate::Status::CommitRefused`] and the value in `data`. A target that does not
+    /// progress within the device's commit timeout (`vfabricd --commit-timeout-ms`) makes
+    /// the initiator's commit complete [`crate::Status::TimedOut`]. Regions registered before the
+    /// handler was installed are not handled; events of handled regions that arrive while
+    /// no handler is installed are accepted.
+    pub fn set_commit_handler(&self, handler: Option<crate::commit::CommitHandler>) {
+        self.inner.commit.set_handler(handler);
+    }
+
+    /// Send a COMMIT_REPLY for event `id` directly and return the device's status: `Ok` if
+    /// the event was waiting for this domain's verdict, `Invalid` otherwise (unknown, already
+    /// answered, expired, or another device's). For tests of the device's checks; an
+    /// application answers through its handler.
+    #[doc(hidden)]
+    pub fn commit_reply_raw(&self, id: u64, value: i64) -> Result<crate::Status> {
+        self.inner.commit_reply_sync(id, value)
+    }
+
     /// ADDR_CHECK: is `addr` an open endpoint on the fabric?
     pub fn addr_check(&self, addr: &FabricAddr) -> Result<bool> {
         self.inner.addr_check(addr)
@@ -458,6 +483,8 @@ pub(crate) struct DomainInner {
     pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
     /// Counters and remote-event state (memory regions, FI_RMA_EVENT).
     pub(crate) rma: crate::rma::RmaState,
+    /// The target commit handler and its COMMIT_EVENT requests (spec §6.17.3).
+    pub(crate) commit: crate::commit::CommitState,
 }
 
 /// Why progress stopped: the device hung up, or broke a ring (converted to an [`Error`] only
@@ -593,6 +620,7 @@ impl DomainInner {
             broken_queue: AtomicU32::new(u32::MAX),
             poll_template,
             rma: Default::default(),
+            commit: Default::default(),
             external: Mutex::new(Vec::new()),
         });
         let caps = inner.query_caps()?;
@@ -779,6 +807,10 @@ impl DomainInner {
         if self.rma.events_wanted() {
             self.post_events();
         }
+        if self.commit.events_wanted() {
+            self.post_commit_events();
+        }
+        self.run_commit_handlers();
     }
 
     /// Non-blocking check of the vhost-user socket for a hang-up.

@@ -67,6 +67,7 @@ pub use vfabric_proto as proto;
 pub use vfabric_proto::{CapEntry, CapValue, FabricAddr, Status};
 
 pub mod av;
+pub mod commit;
 mod control;
 pub mod cq;
 pub mod domain;
@@ -82,6 +83,7 @@ mod transport;
 mod virtqueue;
 
 pub use av::{AddressVector, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
+pub use commit::{CommitEvent, CommitHandler};
 pub use cq::{CompletionQueue, CqAttr, CqEntry, CqErrEntry, WaitMode};
 pub use domain::{DeviceCounters, Domain, DomainAttr, DomainStats, Fabric};
 pub use endpoint::INJECT_CALL;
@@ -192,6 +194,8 @@ pub fn status_errno(status: Status) -> i32 {
         Status::KeyInUse => fi::ENOKEY,
         Status::BadChain => fi::EIO,
         Status::HostUnreach => fi::EHOSTUNREACH,
+        Status::CommitRefused => fi::EIO,
+        Status::TimedOut => fi::ETIMEDOUT,
     }
 }
 

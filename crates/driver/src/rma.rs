@@ -198,6 +198,8 @@ pub struct MemoryRegion {
     len: usize,
     remote: bool,
     rma_event: bool,
+    /// Registered with COMMIT_EVENT (commits wait for the domain's commit handler).
+    commit_event: bool,
     /// Store granularity of a persistent region (0 byte, 1 cache line, 2 page).
     pmem_granularity: Option<u8>,
     _keep: Option<Arc<Allocation>>,
@@ -274,6 +276,9 @@ impl MemoryRegion {
             self.domain.rma.mr_cntrs.lock().unwrap().remove(&self.key);
             self.domain.rma.event_mrs.fetch_sub(1, Ordering::AcqRel);
         }
+        if self.commit_event {
+            self.domain.commit.region_removed();
+        }
         let mut req = Request::new(Opcode::MrDereg);
         req.remote_key = self.key;
         let r = self.domain.control(req, 0)?;
@@ -335,6 +340,7 @@ impl DomainInner {
                 len,
                 remote: false,
                 rma_event: false,
+                commit_event: false,
                 pmem_granularity: None,
                 _keep: keep,
             });
@@ -380,6 +386,9 @@ impl DomainInner {
                 ));
             }
             flags |= mr_flags::PMEM;
+            if self.commit.has_handler() {
+                flags |= mr_flags::COMMIT_EVENT;
+            }
             req.tag = b.fd as u64;
             req.data = b.offset;
         }
@@ -408,6 +417,11 @@ impl DomainInner {
             self.rma.event_mrs.fetch_add(1, Ordering::AcqRel);
             self.post_events();
         }
+        let commit_event = flags & mr_flags::COMMIT_EVENT != 0;
+        if commit_event {
+            self.commit.region_added();
+            self.post_commit_events();
+        }
         Ok(MemoryRegion {
             domain: self.clone(),
             key,
@@ -416,6 +430,7 @@ impl DomainInner {
             len,
             remote: true,
             rma_event: attr.rma_event,
+            commit_event,
             pmem_granularity: attr.pmem.map(|_| u64::from(r.completion.olen).min(2) as u8),
             _keep: keep,
         })

@@ -262,6 +262,12 @@ pub(crate) enum PendingOp {
     Data(DataOp),
     /// A posted MR_EVENT (remote-access report, no buffers).
     MrEvent,
+    /// A posted COMMIT_EVENT and the data area the device writes the event into.
+    CommitEvent {
+        area: Option<Allocation>,
+    },
+    /// A COMMIT_REPLY nobody waits for.
+    CommitReply,
 }
 
 /// The driver's record of the request in flight on one head id, kept in place from post to

@@ -284,6 +284,8 @@ pub enum Opcode {
     MrDereg = 0x0005,
     Cancel = 0x0006,
     AddrCheck = 0x0007,
+    /// The target driver's verdict on a commit event (spec §6.17.3).
+    CommitReply = 0x0008,
     // TX queue
     Send = 0x0101,
     TSend = 0x0102,
@@ -297,6 +299,8 @@ pub enum Opcode {
     Recv = 0x0181,
     TRecv = 0x0182,
     MrEvent = 0x0183,
+    /// Receives the commit events of regions registered with `mr_flags::COMMIT_EVENT`.
+    CommitEvent = 0x0184,
 }
 
 impl Opcode {
@@ -310,6 +314,7 @@ impl Opcode {
             0x0005 => MrDereg,
             0x0006 => Cancel,
             0x0007 => AddrCheck,
+            0x0008 => CommitReply,
             0x0101 => Send,
             0x0102 => TSend,
             0x0201 => RmaWrite,
@@ -321,6 +326,7 @@ impl Opcode {
             0x0181 => Recv,
             0x0182 => TRecv,
             0x0183 => MrEvent,
+            0x0184 => CommitEvent,
             _ => return None,
         })
     }
@@ -339,7 +345,7 @@ impl Opcode {
             TSend | TRecv => VIRTIO_FABRIC_F_TAGGED,
             MrReg | MrDereg | RmaWrite | RmaRead | MrEvent => VIRTIO_FABRIC_F_RMA,
             Atomic | FetchAtomic | CompareAtomic => VIRTIO_FABRIC_F_ATOMIC,
-            Flush => VIRTIO_FABRIC_F_RMA_PMEM,
+            Flush | CommitEvent | CommitReply => VIRTIO_FABRIC_F_RMA_PMEM,
             _ => VIRTIO_FABRIC_F_MSG,
         }
     }
@@ -479,8 +485,11 @@ pub mod mr_flags {
     /// reaches by cross-memory attach rather than through guest memory. Only for a frontend
     /// whose address space is the guest address space (a userspace driver); spec §6.8.4.
     pub const PROCESS_MEMORY: u64 = 1 << 5;
+    /// With PMEM: commits to the region wait for the target driver's verdict (a COMMIT_EVENT
+    /// round trip, spec §6.17.3).
+    pub const COMMIT_EVENT: u64 = 1 << 6;
     /// Every defined flag.
-    pub const ALL: u64 = (1 << 6) - 1;
+    pub const ALL: u64 = (1 << 7) - 1;
 }
 
 /// MR_REG payload element: one guest memory segment of a region.
@@ -505,6 +514,96 @@ pub struct RmaIov {
 // SAFETY: plain-old-data, repr(C), no padding.
 unsafe impl ByteValued for RmaIov {}
 pub const RMA_IOV_LEN: usize = std::mem::size_of::<RmaIov>();
+
+/// The record a COMMIT_EVENT's data area receives (spec §6.17.3): this header, then `count`
+/// [`RmaIov`] ranges. 48 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitEventRecord {
+    /// The event's id: COMMIT_REPLY names it in `data`.
+    pub event_id: Le64,
+    /// The FLUSH's request flags (SAVE, COMMIT_COMPLETE, FENCE, REMOTE_CQ_DATA).
+    pub flags: Le64,
+    /// The initiator.
+    pub initiator: WireAddr,
+    /// The target endpoint (an endpoint ID of the driver's device).
+    pub ep: Le32,
+    /// Ranges after this header.
+    pub count: Le32,
+    /// Remote CQ data the FLUSH carried (with REMOTE_CQ_DATA), else 0.
+    pub data: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding (size 48, every field naturally aligned).
+unsafe impl ByteValued for CommitEventRecord {}
+pub const COMMIT_EVENT_RECORD_LEN: usize = std::mem::size_of::<CommitEventRecord>();
+
+/// Smallest COMMIT_EVENT data area a device with `max_sge` accepts: a record with `max_sge`
+/// ranges.
+pub const fn commit_event_area_len(max_sge: u32) -> u64 {
+    COMMIT_EVENT_RECORD_LEN as u64 + max_sge as u64 * RMA_IOV_LEN as u64
+}
+
+/// A commit event parsed from a COMMIT_EVENT data area (driver side; the device is trusted
+/// no more than it must be: lengths are checked).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitEventMsg {
+    pub event_id: u64,
+    pub flags: u64,
+    pub initiator: FabricAddr,
+    pub ep: u32,
+    pub data: u64,
+    pub ranges: Vec<RmaIov>,
+}
+
+impl CommitEventMsg {
+    /// Parse the first `len` bytes of a data area.
+    pub fn parse(b: &[u8]) -> Result<Self, ProtoError> {
+        let short = |need| ProtoError::Short {
+            what: "commit event",
+            need,
+            got: b.len(),
+        };
+        let h = b
+            .get(..COMMIT_EVENT_RECORD_LEN)
+            .and_then(CommitEventRecord::from_slice)
+            .ok_or(short(COMMIT_EVENT_RECORD_LEN))?;
+        let count = u32::from(h.count) as usize;
+        let need = count
+            .checked_mul(RMA_IOV_LEN)
+            .and_then(|l| l.checked_add(COMMIT_EVENT_RECORD_LEN))
+            .ok_or(short(usize::MAX))?;
+        let list = b.get(COMMIT_EVENT_RECORD_LEN..need).ok_or(short(need))?;
+        Ok(Self {
+            event_id: h.event_id.into(),
+            flags: h.flags.into(),
+            initiator: FabricAddr::from_wire(&h.initiator),
+            ep: h.ep.into(),
+            data: h.data.into(),
+            ranges: list
+                .chunks_exact(RMA_IOV_LEN)
+                .filter_map(RmaIov::from_slice)
+                .copied()
+                .collect(),
+        })
+    }
+
+    /// The wire form (header then ranges).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let h = CommitEventRecord {
+            event_id: self.event_id.into(),
+            flags: self.flags.into(),
+            initiator: self.initiator.to_wire(),
+            ep: self.ep.into(),
+            count: (self.ranges.len() as u32).into(),
+            data: self.data.into(),
+        };
+        let mut v = h.as_slice().to_vec();
+        for r in &self.ranges {
+            v.extend_from_slice(r.as_slice());
+        }
+        v
+    }
+}
 
 /// libfabric `enum fi_op` values (spec §6.11).
 pub mod atomic_op {
@@ -618,6 +717,10 @@ pub enum Status {
     /// The target's host is unreachable: its daemon is down, restarted or not answering within
     /// the peer timeout (several hosts only).
     HostUnreach = 15,
+    /// The target's commit handler refused the commit; the completion's `data` holds its value.
+    CommitRefused = 16,
+    /// The target driver did not answer a commit event within the device's commit timeout.
+    TimedOut = 17,
 }
 
 impl Status {
@@ -640,6 +743,8 @@ impl Status {
             13 => KeyInUse,
             14 => BadChain,
             15 => HostUnreach,
+            16 => CommitRefused,
+            17 => TimedOut,
             _ => return None,
         })
     }
@@ -662,6 +767,8 @@ impl Status {
             KeyInUse => "key in use",
             BadChain => "malformed descriptor chain",
             HostUnreach => "host unreachable",
+            CommitRefused => "commit refused by the target's handler",
+            TimedOut => "the target did not answer the commit in time",
         }
     }
 }
@@ -839,14 +946,14 @@ pub fn allowed_flags(op: Opcode) -> u64 {
         Send => REMOTE_CQ_DATA | INJECT | completion | FENCE,
         TSend => REMOTE_CQ_DATA | INJECT | completion | FENCE,
         Recv => MULTI_RECV | DIRECTED,
-        MrEvent => 0,
+        MrEvent | CommitEvent => 0,
         TRecv => PEEK | CLAIM | DISCARD | DIRECTED,
         RmaWrite => REMOTE_CQ_DATA | INJECT | completion | COMMIT_COMPLETE | FENCE,
         RmaRead => FENCE | DELIVERY_COMPLETE,
         Atomic => INJECT | completion | COMMIT_COMPLETE | FENCE,
         FetchAtomic | CompareAtomic => FENCE | DELIVERY_COMPLETE | COMMIT_COMPLETE,
         Flush => SAVE | DELIVERY_COMPLETE | COMMIT_COMPLETE | REMOTE_CQ_DATA | FENCE,
-        QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck => 0,
+        QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck | CommitReply => 0,
     }
 }
 
@@ -879,6 +986,67 @@ mod tests {
         assert_eq!(std::mem::size_of::<WireAddr>(), 16);
         assert_eq!(MEM_SEG_LEN, 16);
         assert_eq!(RMA_IOV_LEN, 24);
+        assert_eq!(COMMIT_EVENT_RECORD_LEN, 48);
+        assert_eq!(commit_event_area_len(64), 48 + 64 * 24);
+    }
+
+    #[test]
+    fn commit_opcodes_parse_on_their_queues_only() {
+        assert_eq!(Opcode::from_u16(0x0008), Some(Opcode::CommitReply));
+        assert_eq!(Opcode::from_u16(0x0184), Some(Opcode::CommitEvent));
+        assert_eq!(Opcode::CommitReply.queue_class(), QueueClass::Control);
+        assert_eq!(Opcode::CommitEvent.queue_class(), QueueClass::Rx);
+        for op in [Opcode::CommitReply, Opcode::CommitEvent] {
+            assert_eq!(op.required_feature(), VIRTIO_FABRIC_F_RMA_PMEM);
+            let mut r = Request::new(op);
+            r.data = 7;
+            assert_eq!(Request::parse(&r.to_header(), op.queue_class()), Ok(r));
+            assert_eq!(
+                Request::parse(&r.to_header(), QueueClass::Tx),
+                Err(ProtoError::WrongQueue(op))
+            );
+            // No flag is defined for either.
+            r.flags = flags::COMMIT_COMPLETE;
+            assert!(matches!(
+                Request::parse(&r.to_header(), op.queue_class()),
+                Err(ProtoError::BadFlags(..))
+            ));
+        }
+        assert_eq!(Status::from_u32(16), Some(Status::CommitRefused));
+        assert_eq!(Status::from_u32(17), Some(Status::TimedOut));
+        assert_eq!(Status::from_u32(18), None);
+    }
+
+    #[test]
+    fn commit_event_record_roundtrip_and_short_input() {
+        let m = CommitEventMsg {
+            event_id: 0x1122_3344_5566_7788,
+            flags: flags::SAVE | flags::COMMIT_COMPLETE,
+            initiator: FabricAddr::new(FabricAddr::node_of(1, 2, 3), 4, 5),
+            ep: 9,
+            data: 0xabc,
+            ranges: vec![
+                RmaIov {
+                    addr: 0x1000.into(),
+                    len: 17.into(),
+                    key: 0x55.into(),
+                },
+                RmaIov::default(),
+            ],
+        };
+        let b = m.to_bytes();
+        assert_eq!(b.len(), 48 + 2 * 24);
+        assert_eq!(&b[..8], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(CommitEventMsg::parse(&b), Ok(m.clone()));
+        // Trailing bytes of the area are ignored; a cut record is refused.
+        let mut longer = b.clone();
+        longer.extend_from_slice(&[0xff; 30]);
+        assert_eq!(CommitEventMsg::parse(&longer), Ok(m));
+        assert!(CommitEventMsg::parse(&b[..b.len() - 1]).is_err());
+        assert!(CommitEventMsg::parse(&b[..47]).is_err());
+        let mut huge = b.clone();
+        huge[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(CommitEventMsg::parse(&huge).is_err());
     }
 
     #[test]
@@ -961,6 +1129,7 @@ mod tests {
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), q in 0u8..3) {
             let q = [QueueClass::Control, QueueClass::Tx, QueueClass::Rx][q as usize];
             let _ = Request::parse_bytes(&bytes, q);
+            let _ = CommitEventMsg::parse(&bytes);
         }
 
         #[test]

@@ -56,9 +56,10 @@ impl Fabric {
             return self.remote_fence_blocked(dev, r.ep, r.peer);
         };
         let strong = r.flags & (flags::DELIVERY_COMPLETE | flags::COMMIT_COMPLETE) != 0;
-        self.dev(ddev)
-            .live_ep(dep, r.peer.generation)
-            .is_some_and(|e| {
+        let d = self.dev(ddev);
+        // A commit of this endpoint waiting for the target's verdict has not completed either.
+        d.commits.waiting_from(me)
+            || d.live_ep(dep, r.peer.generation).is_some_and(|e| {
                 e.unexpected.iter().any(|m| {
                     m.src_dev == dev
                         && m.meta.src == me

@@ -53,6 +53,7 @@ impl Fabric {
         // Every endpoint of the device is closed: one pass for peers' directed receives.
         let node = self.node_addr(dev);
         self.fail_directed_at(|peer| peer.node == node, Some(dev), n);
+        self.commits_teardown(dev, mode == Teardown::Cancel, n);
         // The device's regions go with it: later accesses complete ACCESS at their initiator.
         let (mrs, events, port) = {
             let mut d = self.dev(dev);
@@ -104,6 +105,7 @@ impl Fabric {
                 d.mr_events.drain(..).partition(|r| r.queue == queue);
             d.mr_events = keep;
             victims.extend(gone);
+            victims.extend(Self::commits_stop_queue(&mut d, queue));
             self.unfence(dev, unfenced);
             port
         };
@@ -157,6 +159,8 @@ impl Fabric {
             }
             self.release(m, Status::PeerGone, n);
         }
+        // Commits waiting for this endpoint's verdict can never get it now.
+        self.commits_target_closed(dev, ep, n);
         let generation = e.generation;
         let held = self.take_held_all(|m, _| {
             m.src_dev == dev && m.meta.src.ep as usize == ep && m.meta.src.generation == generation

@@ -51,6 +51,7 @@ use crate::stats::Counters;
 
 mod atomic;
 mod caps;
+mod commit;
 mod fence;
 mod lifecycle;
 mod matching;
@@ -207,6 +208,8 @@ pub(crate) struct Dev {
     pending_events: rma::PendingEvents,
     /// Provider-key generator.
     keys: rma::KeyGen,
+    /// Posted COMMIT_EVENT requests and commits waiting for this device's verdict (§6.17.3).
+    commits: commit::Commits,
 }
 
 impl Dev {
@@ -220,6 +223,7 @@ impl Dev {
             mr_events: VecDeque::new(),
             pending_events: Default::default(),
             keys: rma::KeyGen::new(),
+            commits: Default::default(),
         }
     }
 
@@ -327,6 +331,10 @@ pub(crate) struct Fabric {
     outbox: Arc<crate::uplink::remote::Outbox>,
     /// Bytes of messages from other hosts held in unexpected queues.
     remote_held_bytes: AtomicU64,
+    /// Next commit event id (fabric-wide: an id is never handed out twice).
+    next_commit_id: AtomicU64,
+    /// How long a handled commit waits for its target's verdict.
+    commit_timeout: std::time::Duration,
 }
 
 impl Fabric {
@@ -353,6 +361,8 @@ impl Fabric {
             remote_hosts: crate::uplink::RemoteHosts::new(),
             outbox: Default::default(),
             remote_held_bytes: AtomicU64::new(0),
+            next_commit_id: AtomicU64::new(1),
+            commit_timeout: config.commit_timeout,
         }
     }
 
@@ -572,6 +582,8 @@ impl Fabric {
             Opcode::MrReg => self.op_mr_reg(dev, port, req, n),
             Opcode::MrDereg => self.op_mr_dereg(dev, port, req, n),
             Opcode::MrEvent => self.op_mr_event(dev, port, req, n),
+            Opcode::CommitEvent => self.op_commit_event(dev, port, req, n),
+            Opcode::CommitReply => self.op_commit_reply(dev, port, req, n),
             Opcode::Recv | Opcode::TRecv => self.op_recv(dev, port, req, n),
             Opcode::Send
             | Opcode::TSend

@@ -171,6 +171,10 @@ impl Fabric {
         if notify {
             self.notify_write(dev, ddev, dep, &dport, meta, n);
         }
+        // A region with a commit handler: the verdict is the target driver's (§6.17.3).
+        if commit && targets.iter().any(|t| t.mr.commit_event) {
+            return self.start_commit(dev, port, req, me, ddev, dep, &targets, n);
+        }
         self.done(dev, port, &req, &completion(Status::Ok, r.cookie), 0, n);
     }
 }

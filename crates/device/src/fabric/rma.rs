@@ -39,6 +39,8 @@ pub(crate) struct Mr {
     segs: Segs,
     access: u64,
     rma_event: bool,
+    /// Commits to the region wait for the target driver's verdict (`mr_flags::COMMIT_EVENT`).
+    pub(super) commit_event: bool,
     /// The segments are addresses of this process (`mr_flags::PROCESS_MEMORY`), not guest memory.
     pub(super) process: Option<Arc<PeerProcess>>,
     /// The region is persistent memory (`mr_flags::PMEM`): the file behind it (§6.17).
@@ -157,6 +159,7 @@ impl Fabric {
             || r.count > self.limits.max_sge
             || req.payload.len != u64::from(r.count) * MEM_SEG_LEN as u64
             || (fl & mr_flags::PROV_KEY != 0 && r.remote_key != 0)
+            || (fl & mr_flags::COMMIT_EVENT != 0 && fl & mr_flags::PMEM == 0)
         {
             return self.fail(dev, port, &req, Status::Invalid, n);
         }
@@ -257,6 +260,7 @@ impl Fabric {
                 segs,
                 access: fl & (mr_flags::REMOTE_READ | mr_flags::REMOTE_WRITE),
                 rma_event: fl & mr_flags::RMA_EVENT != 0,
+                commit_event: fl & mr_flags::COMMIT_EVENT != 0,
                 process,
                 pmem,
                 inflight: AtomicU32::new(0),

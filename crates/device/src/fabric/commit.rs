@@ -1,0 +1,335 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The target commit handler round trip (spec §6.17.3): a FLUSH at COMMIT_COMPLETE to a region
+//! registered with `mr_flags::COMMIT_EVENT` is persisted as any other, then handed to the
+//! target's driver as a commit event (the record is written into a posted COMMIT_EVENT
+//! request) and waits, with a deadline, in the target device's table until that driver's
+//! COMMIT_REPLY gives the verdict that completes the initiator's FLUSH.
+//!
+//! Every pending commit lives in the table of its *target* device, under that device's lock,
+//! so a reply can only ever reach commits of the device that sends it. Event ids come from one
+//! fabric-wide counter: an id is never handed out twice, so a reply naming an id that expired,
+//! was already answered or belongs to another device finds nothing (INVALID).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tracing::debug;
+use vfabric_proto::{commit_event_area_len, CommitEventMsg, FabricAddr, RmaIov, Status};
+use vm_memory::GuestAddressSpace;
+
+use super::rma::Target;
+use super::{Dev, Fabric, Notify, Port};
+use crate::chain::{completion, Req};
+
+/// Commits waiting for a verdict per target device: beyond it a handled commit completes
+/// NO_RESOURCES (the data is durable already; the initiator may retry).
+pub(crate) const MAX_PENDING_COMMITS: usize = 256;
+
+/// A commit waiting for its target driver's verdict.
+pub(super) struct PendingCommit {
+    /// The initiator's device, its port (completions go to its rings of the time) and FLUSH.
+    src_dev: usize,
+    src_port: Port,
+    req: Req,
+    /// Initiator and target addresses (FENCE looks at them).
+    src: FabricAddr,
+    target_ep: usize,
+    /// The event record the target driver receives.
+    record: Vec<u8>,
+    deadline: Instant,
+    /// Written into a COMMIT_EVENT: a reply may name it now.
+    delivered: bool,
+}
+
+/// A device's side of the round trip.
+#[derive(Default)]
+pub(super) struct Commits {
+    /// Posted COMMIT_EVENT requests, in posting order.
+    posted: VecDeque<Req>,
+    /// Commits targeting this device's regions, by event id (ids grow: oldest first).
+    pending: BTreeMap<u64, PendingCommit>,
+}
+
+impl Commits {
+    /// Whether initiator `src` has a commit waiting here (a FENCE after it must wait).
+    pub(super) fn waiting_from(&self, src: FabricAddr) -> bool {
+        self.pending.values().any(|p| p.src == src)
+    }
+}
+
+/// What a failed or answered commit completes with at its initiator.
+struct Verdict {
+    status: Status,
+    value: u64,
+}
+
+impl Fabric {
+    /// COMMIT_EVENT: keep the request until a commit event fills its data area.
+    pub(super) fn op_commit_event(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        if req.data.len < commit_event_area_len(self.limits.max_sge) {
+            return self.fail(dev, port, &req, Status::BadChain, n);
+        }
+        let mut d = self.dev(dev);
+        d.commits.posted.push_back(req);
+        self.deliver_commits(dev, &mut d, n);
+    }
+
+    /// Write undelivered commit events of `dev` (locked as `d`) into its posted COMMIT_EVENT
+    /// requests, oldest first.
+    fn deliver_commits(&self, dev: usize, d: &mut Dev, n: &mut Notify) {
+        let Some(port) = d.port.clone() else {
+            return;
+        };
+        while !d.commits.posted.is_empty() {
+            let Some((&id, p)) = d.commits.pending.iter_mut().find(|(_, p)| !p.delivered) else {
+                break;
+            };
+            let Some(req) = d.commits.posted.pop_front() else {
+                break;
+            };
+            if req.data.write_at(&port.mem.memory(), 0, &p.record).is_err() {
+                // This request's area is bad, not the event: the next request gets it.
+                self.fail(dev, &port, &req, Status::Fault, n);
+                continue;
+            }
+            p.delivered = true;
+            let mut c = completion(Status::Ok, req.req.cookie);
+            c.data = id.into();
+            c.len = (p.record.len() as u64).into();
+            c.tag = (p.target_ep as u64).into();
+            c.src = p.src.to_wire();
+            self.done(dev, &port, &req, &c, p.record.len() as u64, n);
+        }
+    }
+
+    /// A FLUSH at COMMIT_COMPLETE reached regions of which one has a commit handler: its
+    /// ranges are durable; queue the event for the target driver and keep the FLUSH pending.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_commit(
+        &self,
+        src_dev: usize,
+        src_port: &Port,
+        req: Req,
+        src: FabricAddr,
+        ddev: usize,
+        dep: usize,
+        targets: &[Target],
+        n: &mut Notify,
+    ) {
+        let msg = CommitEventMsg {
+            event_id: self.next_commit_id.fetch_add(1, Ordering::Relaxed),
+            flags: req.req.flags,
+            initiator: src,
+            ep: dep as u32,
+            data: if req.req.flags & vfabric_proto::flags::REMOTE_CQ_DATA != 0 {
+                req.req.data
+            } else {
+                0
+            },
+            ranges: targets
+                .iter()
+                .map(|t| RmaIov {
+                    addr: (t.mr.base().wrapping_add(t.off)).into(),
+                    len: t.len.into(),
+                    key: t.key.into(),
+                })
+                .collect(),
+        };
+        let mut d = self.dev(ddev);
+        if d.live_ep(dep, req.req.peer.generation).is_none() {
+            drop(d);
+            return self.fail(src_dev, src_port, &req, Status::PeerGone, n);
+        }
+        if d.commits.pending.len() >= MAX_PENDING_COMMITS {
+            drop(d);
+            debug!(ddev, "commit table full");
+            return self.fail(src_dev, src_port, &req, Status::NoResources, n);
+        }
+        debug!(
+            ddev,
+            id = msg.event_id,
+            ranges = msg.ranges.len(),
+            "commit waits for the target's handler"
+        );
+        d.commits.pending.insert(
+            msg.event_id,
+            PendingCommit {
+                src_dev,
+                src_port: src_port.clone(),
+                req,
+                src,
+                target_ep: dep,
+                record: msg.to_bytes(),
+                deadline: Instant::now() + self.commit_timeout,
+                delivered: false,
+            },
+        );
+        self.deliver_commits(ddev, &mut d, n);
+    }
+
+    /// COMMIT_REPLY: the target driver's verdict on event `data`; `tag` is its handler's value
+    /// (0 success; anything else refuses the commit and reaches the initiator).
+    pub(super) fn op_commit_reply(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let id = req.req.data;
+        let taken = {
+            let mut d = self.dev(dev);
+            match d.commits.pending.get(&id) {
+                Some(p) if p.delivered => d.commits.pending.remove(&id),
+                _ => None,
+            }
+        };
+        let Some(p) = taken else {
+            debug!(dev, id, "reply for no commit event of this device");
+            return self.fail(dev, port, &req, Status::Invalid, n);
+        };
+        let value = req.req.tag;
+        let verdict = if value == 0 {
+            Verdict {
+                status: Status::Ok,
+                value: 0,
+            }
+        } else {
+            Verdict {
+                status: Status::CommitRefused,
+                value,
+            }
+        };
+        self.finish_commit(p, verdict, n);
+        self.fail(dev, port, &req, Status::Ok, n);
+    }
+
+    fn finish_commit(&self, p: PendingCommit, v: Verdict, n: &mut Notify) {
+        let mut c = completion(v.status, p.req.req.cookie);
+        c.data = v.value.into();
+        self.done(p.src_dev, &p.src_port, &p.req, &c, 0, n);
+    }
+
+    /// Take the commits of every device that `pred` selects and complete them with `status`
+    /// (`None`: forget them, their initiator's rings are gone).
+    fn take_commits(
+        &self,
+        devs: impl Iterator<Item = usize>,
+        pred: impl Fn(&PendingCommit) -> bool,
+        status: Option<Status>,
+        n: &mut Notify,
+    ) {
+        for dev in devs {
+            let gone: Vec<PendingCommit> = {
+                let mut d = self.dev(dev);
+                if d.commits.pending.is_empty() {
+                    continue;
+                }
+                let ids: Vec<u64> = d
+                    .commits
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| pred(p))
+                    .map(|(&id, _)| id)
+                    .collect();
+                ids.iter()
+                    .filter_map(|id| d.commits.pending.remove(id))
+                    .collect()
+            };
+            if let Some(status) = status {
+                for p in gone {
+                    self.finish_commit(p, Verdict { status, value: 0 }, n);
+                }
+            }
+        }
+    }
+
+    /// Commits whose deadline passed complete TIMED_OUT; returns how many. Called by the
+    /// daemon's commit timer.
+    pub fn expire_commits(&self, now: Instant, n: &mut Notify) -> usize {
+        let mut expired = 0;
+        for dev in 0..self.devs.len() {
+            let gone: Vec<PendingCommit> = {
+                let mut d = self.dev(dev);
+                let ids: Vec<u64> = d
+                    .commits
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| p.deadline <= now)
+                    .map(|(&id, _)| id)
+                    .collect();
+                ids.iter()
+                    .filter_map(|id| d.commits.pending.remove(id))
+                    .collect()
+            };
+            for p in gone {
+                debug!(dev, src = %p.src, "commit timed out at the target");
+                expired += 1;
+                self.finish_commit(
+                    p,
+                    Verdict {
+                        status: Status::TimedOut,
+                        value: 0,
+                    },
+                    n,
+                );
+            }
+        }
+        if expired > 0 && self.fenced_total.load(Ordering::Acquire) > 0 {
+            self.run_fenced(n);
+        }
+        expired
+    }
+
+    /// Target endpoint `ep` of `dev` closed: its commits complete PEER_GONE.
+    pub(super) fn commits_target_closed(&self, dev: usize, ep: usize, n: &mut Notify) {
+        self.take_commits(
+            std::iter::once(dev),
+            |p| p.target_ep == ep,
+            Some(Status::PeerGone),
+            n,
+        );
+    }
+
+    /// Device `dev` is torn down: commits it waits for as initiator are completed CANCELED
+    /// (`cancel`) or forgotten (its rings are gone); its posted COMMIT_EVENT requests go the
+    /// same way. (Its endpoints' closes already failed the commits targeting it.)
+    pub(super) fn commits_teardown(&self, dev: usize, cancel: bool, n: &mut Notify) {
+        self.take_commits(
+            0..self.devs.len(),
+            |p| p.src_dev == dev,
+            cancel.then_some(Status::Canceled),
+            n,
+        );
+        let (posted, port) = {
+            let mut d = self.dev(dev);
+            let posted: Vec<Req> = d.commits.posted.drain(..).collect();
+            // Whatever still targets the device (endpoints are closed: nothing should).
+            let rest: Vec<PendingCommit> = std::mem::take(&mut d.commits.pending)
+                .into_values()
+                .collect();
+            let port = d.port.clone();
+            drop(d);
+            for p in rest {
+                self.finish_commit(
+                    p,
+                    Verdict {
+                        status: Status::PeerGone,
+                        value: 0,
+                    },
+                    n,
+                );
+            }
+            (posted, port)
+        };
+        if let (true, Some(p)) = (cancel, port) {
+            for r in &posted {
+                self.fail(dev, &p, r, Status::Canceled, n);
+            }
+        }
+    }
+
+    /// Queue `queue` of `dev` stops: its posted COMMIT_EVENT requests leave (the caller
+    /// completes them CANCELED). Events already delivered stay answerable.
+    pub(super) fn commits_stop_queue(d: &mut Dev, queue: u16) -> Vec<Req> {
+        let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
+            d.commits.posted.drain(..).partition(|r| r.queue == queue);
+        d.commits.posted = keep;
+        gone.into_iter().collect()
+    }
+}
