@@ -360,3 +360,50 @@ fn regions_registered_without_a_handler_commit_without_one() {
     assert_eq!(calls.load(Ordering::Acquire), 0);
     drop(region);
 }
+
+#[test]
+fn commits_waiting_at_one_device_are_bounded() {
+    // vfabricd keeps at most 256 handled commits waiting per target device.
+    const LIMIT: usize = 256;
+    let r = rig_with_timeout(2, Duration::from_secs(2));
+    let attr = vfabric::DomainAttr {
+        mem_bytes: 16 << 20,
+        queue_size: 1024,
+        ..Default::default()
+    };
+    let da = Domain::open(&r.paths[0], attr.clone()).unwrap();
+    let db = open_domain_mb(&r.paths[1], 16);
+    let a = rdm_endpoint(&da, 2048);
+    let b = rdm_endpoint(&db, 64);
+    let b_addr = a.av.insert(b.ep.name()).unwrap();
+    // The target never progresses: its handler never runs.
+    db.set_commit_handler(Some(Arc::new(|_: &CommitEvent| 0)));
+    let f = pmem_file(&r, "h7", 4096);
+    let region = db.register_pmem(&f, 0, 4096, RW).unwrap();
+    // Empty ranges: no msync each, so all of them are in before the first deadline.
+    let range = [RmaIov {
+        addr: region.base(),
+        len: 0,
+        key: region.key(),
+    }];
+    for i in 0..=LIMIT {
+        a.ep.commit(&range, b_addr, 0, i as u64).unwrap();
+    }
+    // The one beyond the bound is refused at once; the others time out.
+    let mut refused = 0;
+    let mut timed_out = 0;
+    for _ in 0..=LIMIT {
+        let e = next_err(&a.tx);
+        match e.status {
+            Status::NoResources => {
+                refused += 1;
+                assert_eq!(e.context, LIMIT as u64);
+                assert_eq!(e.err, fi::EAGAIN);
+            }
+            Status::TimedOut => timed_out += 1,
+            s => panic!("unexpected {s:?}"),
+        }
+    }
+    assert_eq!((refused, timed_out), (1, LIMIT));
+    drop(region);
+}

@@ -682,3 +682,53 @@ fn empty_eager_messages_are_bounded_too() {
     assert!(sends.iter().all(|s| w.status(s) == Some(Status::Ok)));
     assert_eq!(w.fabric.unexpected_bytes(1), 0);
 }
+
+#[test]
+fn commit_event_needs_a_full_record_area_and_is_cancelled_by_reset() {
+    let limits = Limits::default();
+    let full = vfabric_proto::commit_event_area_len(limits.max_sge);
+    let mut w = World::new(1, limits);
+    let r = Request::new(Opcode::CommitEvent);
+    let short = w.submit(0, r, &[], full - 1);
+    assert_eq!(w.status(&short), Some(Status::BadChain));
+    let posted = w.submit(0, r, &[], full);
+    assert!(w.result(&posted).is_none(), "waits for a commit event");
+    let mut n = Notify::default();
+    w.fabric.reset(0, Teardown::Cancel, &mut n);
+    assert_eq!(w.status(&posted), Some(Status::Canceled));
+}
+
+#[test]
+fn commit_reply_for_no_waiting_event_is_invalid() {
+    let mut w = World::new(2, Limits::default());
+    for id in [0, 1, 2, u64::MAX] {
+        let mut r = Request::new(Opcode::CommitReply);
+        r.data = id;
+        r.tag = 0;
+        let h = w.submit(1, r, &[], 0);
+        assert_eq!(w.status(&h), Some(Status::Invalid), "event {id}");
+    }
+    // Nothing waits, so the timer has nothing to expire.
+    let mut n = Notify::default();
+    assert_eq!(
+        w.fabric.expire_commits(
+            std::time::Instant::now() + std::time::Duration::from_secs(3600),
+            &mut n
+        ),
+        0
+    );
+}
+
+#[test]
+fn commit_event_registration_flag_needs_pmem() {
+    use vfabric_proto::mr_flags;
+    let mut w = World::new(1, Limits::default());
+    let mut r = Request::new(Opcode::MrReg);
+    r.count = 1;
+    r.compare = mr_flags::REMOTE_WRITE | mr_flags::PROV_KEY | mr_flags::COMMIT_EVENT;
+    let seg = w.guests[0].alloc(64);
+    let mut payload = seg.to_le_bytes().to_vec();
+    payload.extend_from_slice(&64u64.to_le_bytes());
+    let h = w.submit(0, r, &payload, 0);
+    assert_eq!(w.status(&h), Some(Status::Invalid));
+}
