@@ -422,6 +422,30 @@ fn c_pmem() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("pmem: ok"));
 }
 
+fn commit_handler_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| compile_c("vf_commit_handler_test"))
+}
+
+/// The target commit handler through the provider (`FI_VFABRIC_EP_OPS_V2`): the handler sees
+/// each commit, its value decides the initiator's completion (tests/c/vf_commit_handler_test.c).
+#[test]
+fn c_commit_handler() {
+    let d = DaemonProcess::start(1, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    let o = run_with_timeout(
+        &mut fi_cmd(commit_handler_binary(), &socks),
+        Duration::from_secs(60),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("commit handler: ok"));
+}
+
+#[test]
+fn c_commit_handler_under_valgrind() {
+    under_valgrind(commit_handler_binary(), "", 1, "commit handler: ok");
+}
+
 /// A logger imported with `fi_import_log` receives the provider's messages with their level,
 /// subsystem, function and line, `FI_LOG_LEVEL` still filters them, and closing the import
 /// hands logging back to the core.

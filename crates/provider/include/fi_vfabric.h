@@ -100,6 +100,51 @@ struct fi_vfabric_ep_ops_v1 {
 			  fi_addr_t dest_addr, uint64_t flags, void *context);
 };
 
+/* Endpoint ops, version 2: version 1's commit, then the target commit handler (docs/spec.md
+ * §6.17.3; the fi_eq_event_handler idea of ofiwg/libfabric#5874, which published no signature).
+ *   struct fi_vfabric_ep_ops_v2 *ops;
+ *   fi_open_ops(&ep->fid, FI_VFABRIC_EP_OPS_V2, 0, (void **)&ops, NULL);
+ * FI_VFABRIC_EP_OPS_V1 keeps answering the version 1 struct. */
+#define FI_VFABRIC_EP_OPS_V2 "fi_vfabric_ep_ops_v2"
+
+/* One commit (fi_commit, or fi_writemsg with FI_SAVE | FI_COMMIT_COMPLETE) an initiator made
+ * to persistent regions of this domain. The ranges are durable when the handler runs. Valid for
+ * the duration of the call only. */
+struct fi_vfabric_commit_event {
+	uint64_t flags;                   /* FI_COMMIT_COMPLETE; FI_SAVE, FI_REMOTE_CQ_DATA,
+					   * FI_FENCE as the initiator set them */
+	uint64_t data;                    /* remote CQ data (with FI_REMOTE_CQ_DATA), else 0 */
+	size_t count;                     /* entries of rma_iov */
+	const struct fi_rma_iov *rma_iov; /* the committed ranges: addr, len, key */
+	uint8_t src_addr[16];             /* the initiator (fi_getname format: fi_av_insert it) */
+	size_t src_addrlen;               /* 16 */
+	uint64_t event_id;                /* the device's id of the event (informative) */
+};
+
+/* Returns 0 to accept the commit. Any other value refuses it: the initiator's completion fails
+ * with err FI_EIO, prov_errno 16 (VIRTIO_FABRIC_S_COMMIT_REFUSED) and the value, sign-extended,
+ * in fi_cq_err_entry.data. */
+typedef int (*fi_vfabric_commit_handler)(const struct fi_vfabric_commit_event *event,
+					 void *context);
+
+struct fi_vfabric_ep_ops_v2 {
+	size_t size; /* sizeof(struct fi_vfabric_ep_ops_v2) */
+	ssize_t (*commit)(struct fid_ep *ep, const struct fi_rma_iov *rma_iov, size_t count,
+			  fi_addr_t dest_addr, uint64_t flags, void *context); /* as in v1 */
+	/* Install (handler NULL: remove) the commit handler of ep's domain. Regions registered
+	 * with FI_RMA_PMEM on the domain afterwards are handled: a commit at FI_COMMIT_COMPLETE to
+	 * one of them is persisted by the device, then waits until the handler has run — from the
+	 * domain's progress (fi_cq_read and the like, on any of the domain's objects), on the
+	 * thread that drives it, one event at a time — and completes with the handler's verdict.
+	 * If the target does not progress within vfabricd's --commit-timeout-ms (default 5000),
+	 * the initiator's completion fails with FI_ETIMEDOUT (prov_errno 17); if the target
+	 * endpoint closes or its process dies first, with FI_EHOSTUNREACH (PEER_GONE). Events of
+	 * handled regions arriving while no handler is installed are accepted. Needs FI_RMA_PMEM
+	 * in the endpoint's caps (else -FI_EOPNOTSUPP). Returns 0 or a negative error. */
+	int (*set_commit_handler)(struct fid_ep *ep, fi_vfabric_commit_handler handler,
+				  void *context);
+};
+
 #ifdef __cplusplus
 }
 #endif

@@ -1324,6 +1324,9 @@ pub fn status_text(prov_errno: i32) -> &'static std::ffi::CStr {
         12 => c"vfabric: message larger than max_msg_size (TOO_LARGE)",
         13 => c"vfabric: requested key in use (KEY_IN_USE)",
         14 => c"vfabric: malformed descriptor chain (BAD_CHAIN)",
+        15 => c"vfabric: the destination's host is unreachable (HOST_UNREACH)",
+        16 => c"vfabric: the target's commit handler refused the commit; its value is in data (COMMIT_REFUSED)",
+        17 => c"vfabric: the target did not answer the commit in time (TIMED_OUT)",
         _ => c"vfabric: unknown device status",
     }
 }

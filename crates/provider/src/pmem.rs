@@ -114,7 +114,47 @@ static EP_OPS: EpOpsV1 = EpOpsV1 {
     commit,
 };
 
-/// `fi_open_ops` on an endpoint.
+/// `FI_VFABRIC_EP_OPS_V2`.
+const EP_OPS_V2: &CStr = c"fi_vfabric_ep_ops_v2";
+
+/// `struct fi_vfabric_commit_event`.
+#[repr(C)]
+pub struct CommitEventC {
+    flags: u64,
+    data: u64,
+    count: usize,
+    rma_iov: *const sys::fi_rma_iov,
+    src_addr: [u8; vfabric::proto::ADDR_LEN],
+    src_addrlen: usize,
+    event_id: u64,
+}
+
+/// `fi_vfabric_commit_handler`.
+type CommitHandlerC = unsafe extern "C" fn(*const CommitEventC, *mut c_void) -> c_int;
+
+/// `struct fi_vfabric_ep_ops_v2`: version 1's fields, then the commit handler.
+#[repr(C)]
+pub struct EpOpsV2 {
+    size: usize,
+    commit: unsafe extern "C" fn(
+        *mut sys::fid_ep,
+        *const sys::fi_rma_iov,
+        usize,
+        u64,
+        u64,
+        *mut c_void,
+    ) -> isize,
+    set_commit_handler:
+        unsafe extern "C" fn(*mut sys::fid_ep, Option<CommitHandlerC>, *mut c_void) -> c_int,
+}
+
+static EP_OPS2: EpOpsV2 = EpOpsV2 {
+    size: std::mem::size_of::<EpOpsV2>(),
+    commit,
+    set_commit_handler,
+};
+
+/// `fi_open_ops` on an endpoint: version 2, or version 1 (unchanged) for older consumers.
 pub unsafe extern "C" fn ep_ops_open(
     fid: *mut sys::fid,
     name: *const c_char,
@@ -122,10 +162,77 @@ pub unsafe extern "C" fn ep_ops_open(
     ops: *mut *mut c_void,
     _context: *mut c_void,
 ) -> c_int {
+    // SAFETY: a NUL-terminated name per fi_open_ops' contract (NULL is refused by open_ops).
+    let v2 = !name.is_null() && unsafe { CStr::from_ptr(name) } == EP_OPS_V2;
     // SAFETY: libfabric's fi_open_ops arguments, as `open_ops` requires.
     unsafe {
-        crate::ext::open_ops::<EpObj, _>(fid, sys::FI_CLASS_EP, name, ops, EP_OPS_V1, &EP_OPS)
+        if v2 {
+            crate::ext::open_ops::<EpObj, _>(fid, sys::FI_CLASS_EP, name, ops, EP_OPS_V2, &EP_OPS2)
+        } else {
+            crate::ext::open_ops::<EpObj, _>(fid, sys::FI_CLASS_EP, name, ops, EP_OPS_V1, &EP_OPS)
+        }
     }
+}
+
+/// The consumer's handler and context, called from the domain's progress.
+struct CHandler {
+    f: CommitHandlerC,
+    context: usize,
+}
+
+/// `set_commit_handler` of `FI_VFABRIC_EP_OPS_V2`: install (or, with NULL, remove) the commit
+/// handler of the endpoint's domain. Persistent regions registered afterwards are handled.
+unsafe extern "C" fn set_commit_handler(
+    ep: *mut sys::fid_ep,
+    handler: Option<CommitHandlerC>,
+    context: *mut c_void,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the consumer passes one of our endpoints (checked by class).
+        let e = match unsafe { obj::<EpObj>(ep.cast(), sys::FI_CLASS_EP) } {
+            Ok(e) => e,
+            Err(x) => return -x,
+        };
+        if e.caps & fi::RMA_PMEM == 0 {
+            return -(sys::FI_EOPNOTSUPP as c_int);
+        }
+        // SAFETY: the domain outlives its endpoints (ParentRef).
+        let dom = unsafe { &(*e.domain).dom };
+        let Some(f) = handler else {
+            dom.set_commit_handler(None);
+            return 0;
+        };
+        let h = CHandler {
+            f,
+            context: context as usize,
+        };
+        dom.set_commit_handler(Some(std::sync::Arc::new(
+            move |ev: &vfabric::CommitEvent| -> i32 {
+                let iov: Vec<sys::fi_rma_iov> = ev
+                    .ranges
+                    .iter()
+                    .map(|r| sys::fi_rma_iov {
+                        addr: r.addr,
+                        len: r.len as usize,
+                        key: r.key,
+                    })
+                    .collect();
+                let c = CommitEventC {
+                    flags: ev.flags,
+                    data: ev.data.unwrap_or(0),
+                    count: iov.len(),
+                    rma_iov: iov.as_ptr(),
+                    src_addr: ev.initiator.to_bytes(),
+                    src_addrlen: vfabric::proto::ADDR_LEN,
+                    event_id: ev.id,
+                };
+                // SAFETY: the consumer's handler, with an event valid for the call and the
+                // context it registered (its lifetime is the consumer's contract).
+                unsafe { (h.f)(&c, h.context as *mut c_void) }
+            },
+        )));
+        0
+    })
 }
 
 unsafe extern "C" fn commit(
