@@ -8,6 +8,9 @@
 //!   opened afresh, holds every committed byte (several sizes and offsets, page-straddling).
 //! * The persistence primitive: the daemon runs under `strace`, and its `msync` calls are
 //!   exactly the committed ranges (pmem2 rounds the start down to a page).
+//! * The target commit handler (spec §6.17.3): a target process with a handler that dies
+//!   (SIGKILL) while a commit waits for it fails the commit (PEER_GONE), and the daemon goes on
+//!   serving a new target's handled commits.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -34,8 +37,19 @@ impl Drop for Killed {
 
 /// Start `vfabric pmem target` on `device` for `file`; its endpoint address, region base, key.
 fn start_target(device: &Path, file: &Path, addr_file: &Path) -> (Killed, String, u64, u64) {
+    start_target_with(device, file, addr_file, &[])
+}
+
+/// [`start_target`] with more `vfabric pmem target` options.
+fn start_target_with(
+    device: &Path,
+    file: &Path,
+    addr_file: &Path,
+    extra: &[&str],
+) -> (Killed, String, u64, u64) {
     let child = Command::new(bin("vfabric"))
         .args(["pmem", "target", "--timeout-s", "60"])
+        .args(extra)
         .arg("--device")
         .arg(device)
         .arg("--file")
@@ -350,4 +364,65 @@ fn the_daemon_msyncs_exactly_the_committed_ranges() {
         !text.contains("fdatasync(") && !text.contains("fsync("),
         "the region covers whole pages of the file: no fdatasync\n{text}"
     );
+}
+
+/// A target process whose commit handler never runs (it does not progress) is killed while a
+/// commit waits for it: the initiator's commit completes PEER_GONE, and the daemon serves the
+/// next target's handled commits.
+#[test]
+fn a_target_dying_while_its_handler_is_awaited_fails_the_commit() {
+    let daemon = DaemonProcess::start(2, &["--commit-timeout-ms", "60000"]);
+    let file: PathBuf = daemon.path("pmem-handled.file");
+    let addr_file = daemon.path("target-handled.addr");
+    let (mut target, name, base, key) =
+        start_target_with(&daemon.sockets[0], &file, &addr_file, &["--commit-handler"]);
+    let ini = initiator(&daemon.sockets[1], &name);
+    let range = [RmaIov {
+        addr: base,
+        len: 64,
+        key,
+    }];
+    ini.ep.commit(&range, ini.peer, 0, 7).unwrap();
+    // The commit waits for a handler that never runs (the long timeout cannot end it).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut v = Vec::new();
+    assert!(matches!(ini.tx.read(&mut v, 1), Err(Error::Again)));
+    let _ = target.0.kill();
+    let _ = target.0.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let e = loop {
+        match ini.tx.read(&mut v, 1) {
+            Err(Error::Avail) => break ini.tx.readerr().unwrap(),
+            Err(Error::Again) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no completion after the target died"
+        );
+        std::thread::yield_now();
+    };
+    assert_eq!((e.context, e.status), (7, vfabric::Status::PeerGone));
+    // A new target (progressing, accepting) on the same device: the daemon goes on.
+    let addr_file = daemon.path("target-handled2.addr");
+    let (_target, name, base, key) = start_target_with(
+        &daemon.sockets[0],
+        &file,
+        &addr_file,
+        &["--commit-handler", "--progress"],
+    );
+    let peer = ini._av.insert_str(&name).unwrap();
+    ini.ep
+        .commit(
+            &[RmaIov {
+                addr: base,
+                len: 64,
+                key,
+            }],
+            peer,
+            0,
+            8,
+        )
+        .unwrap();
+    ini.wait_ok();
 }

@@ -48,6 +48,13 @@ pub struct TargetArgs {
     addr_file: PathBuf,
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
+    /// Install a target commit handler (accepting every commit) before registering, so
+    /// commits to the region wait for it (spec §6.17.3).
+    #[arg(long)]
+    commit_handler: bool,
+    /// Drive the domain's progress while waiting (without it a handler never runs).
+    #[arg(long)]
+    progress: bool,
 }
 
 #[derive(Args, Debug)]
@@ -122,6 +129,9 @@ fn target(a: &TargetArgs) -> Result<(), CliError> {
     let domain = Domain::open(&a.device, DomainAttr::default())?;
     let s = side(&domain)?;
     let file = open_file(&a.file, a.len)?;
+    if a.commit_handler {
+        domain.set_commit_handler(Some(std::sync::Arc::new(|_: &vfabric::CommitEvent| 0)));
+    }
     let region = domain.register_pmem(&file, 0, a.len, fi::REMOTE_READ | fi::REMOTE_WRITE)?;
     let tmp = a.addr_file.with_extension("tmp");
     std::fs::write(
@@ -131,7 +141,12 @@ fn target(a: &TargetArgs) -> Result<(), CliError> {
     std::fs::rename(&tmp, &a.addr_file)?;
     let until = Instant::now() + Duration::from_secs(a.timeout_s);
     while Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(20));
+        if a.progress {
+            domain.progress()?;
+            std::thread::sleep(Duration::from_millis(1));
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     drop(region);
     Ok(())
