@@ -407,3 +407,45 @@ fn commits_waiting_at_one_device_are_bounded() {
     assert_eq!((refused, timed_out), (1, LIMIT));
     drop(region);
 }
+
+#[test]
+fn a_fenced_request_waits_for_an_earlier_commit_verdict() {
+    let r = rig(2);
+    let p = rdm_pair(&r, 16, 64);
+    p.db.set_commit_handler(Some(Arc::new(|_: &CommitEvent| 0)));
+    let f = pmem_file(&r, "h8", 4096);
+    let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
+    let range = [RmaIov {
+        addr: region.base(),
+        len: 8,
+        key: region.key(),
+    }];
+    p.a.ep.commit(&range, p.b_addr, 0, 1).unwrap();
+    let src = [9u8; 16];
+    p.a.ep
+        .writemsg(
+            &vfabric::RmaMsg {
+                iov: &[vfabric::Iov::bytes(&src)],
+                addr: p.b_addr,
+                rma_iov: &[RmaIov {
+                    addr: region.base() + 64,
+                    len: 16,
+                    key: region.key(),
+                }],
+                context: 2,
+                data: 0,
+            },
+            fi::FENCE,
+        )
+        .unwrap();
+    // The target has not progressed: neither the commit nor the write behind its fence is done.
+    assert_quiet(&p.a.tx, Duration::from_millis(200));
+    std::thread::scope(|s| {
+        let (stop, h) = progress_thread(s, &p.db);
+        assert_eq!(next_ok(&p.a.tx).context, 1);
+        assert_eq!(next_ok(&p.a.tx).context, 2);
+        stop.store(true, Ordering::Release);
+        h.join().unwrap();
+    });
+    drop(region);
+}
