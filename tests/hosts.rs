@@ -840,3 +840,48 @@ fn atomics_across_hosts_run_at_the_target_device() {
     assert_eq!(a.next_err().status, Status::Access);
     drop((rw, ro));
 }
+
+/// FLUSH does not cross hosts in this version (spec §6.17): a commit — to a region with a
+/// target commit handler or not — to another host's endpoint completes UNSUPPORTED at once,
+/// and the handler is never asked.
+#[test]
+fn commits_to_another_hosts_regions_are_unsupported() {
+    let Some(TwoHosts { lan: _lan, dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c2 = calls.clone();
+    b.dom.set_commit_handler(Some(std::sync::Arc::new(
+        move |_: &vfabric::CommitEvent| {
+            c2.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            0
+        },
+    )));
+    let path = dir.path().join("pmem-remote");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(4096).unwrap();
+    let region = b
+        .dom
+        .register_pmem(&f, 0, 4096, fi::REMOTE_READ | fi::REMOTE_WRITE)
+        .unwrap();
+    let range = [vfabric::RmaIov {
+        addr: region.base(),
+        len: 8,
+        key: region.key(),
+    }];
+    a.ep.commit(&range, to_b, 0, 1).unwrap();
+    let e = a.next_err();
+    assert_eq!((e.context, e.status), (1, Status::Unsupported), "{e:?}");
+    b.dom.progress().unwrap();
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Acquire), 0);
+    drop(region);
+}
