@@ -3,7 +3,8 @@
 //!
 //! * `vfabric pmem target`: register a file as a persistent region on a device and wait (the
 //!   target side of the crash-consistency test, which kills it with SIGKILL).
-//! * `vfabric pmem bench`: write + commit latency against a local `msync` of the same range,
+//! * `vfabric pmem bench`: write + commit latency (also with a target commit handler, spec
+//!   §6.17.3) against a local `msync` of the same range,
 //!   with an embedded daemon and two guests in this process.
 
 use std::fs::OpenOptions;
@@ -183,6 +184,8 @@ struct Row {
     save_us: f64,
     write_us: f64,
     msync_us: f64,
+    /// Write, then a commit waiting for a target commit handler (spec §6.17.3).
+    handled_us: f64,
 }
 
 fn bench(a: &PmemBenchArgs) -> Result<(), CliError> {
@@ -199,8 +202,9 @@ fn bench(a: &PmemBenchArgs) -> Result<(), CliError> {
             .map(|r| {
                 format!(
                     "{{\"size\":{},\"write_commit_us\":{:.2},\"write_save_us\":{:.2},\
-                     \"write_us\":{:.2},\"local_msync_us\":{:.2}}}",
-                    r.size, r.commit_us, r.save_us, r.write_us, r.msync_us
+                     \"write_handled_commit_us\":{:.2},\"write_us\":{:.2},\
+                     \"local_msync_us\":{:.2}}}",
+                    r.size, r.commit_us, r.save_us, r.handled_us, r.write_us, r.msync_us
                 )
             })
             .collect();
@@ -211,15 +215,21 @@ fn bench(a: &PmemBenchArgs) -> Result<(), CliError> {
         );
     } else {
         println!(
-            "{:>8}  {:>16}  {:>16}  {:>12}  {:>14}",
-            "size", "write+commit us", "write+save us", "write us", "local msync us"
+            "{:>8}  {:>16}  {:>16}  {:>18}  {:>12}  {:>14}",
+            "size",
+            "write+commit us",
+            "write+save us",
+            "write+handled us",
+            "write us",
+            "local msync us"
         );
         for r in &rows {
             println!(
-                "{:>8}  {:>16.2}  {:>16.2}  {:>12.2}  {:>14.2}",
+                "{:>8}  {:>16.2}  {:>16.2}  {:>18.2}  {:>12.2}  {:>14.2}",
                 size_label(r.size),
                 r.commit_us,
                 r.save_us,
+                r.handled_us,
                 r.write_us,
                 r.msync_us
             );
@@ -245,6 +255,40 @@ fn bench_on(
     });
     let file = open_file(&path, max)?;
     let region = dt.register_pmem(&file, 0, max, fi::REMOTE_WRITE)?;
+    // A second registration of the file, with a target commit handler that accepts.
+    dt.set_commit_handler(Some(std::sync::Arc::new(|_: &vfabric::CommitEvent| 0)));
+    let handled = dt.register_pmem(&file, 0, max, fi::REMOTE_WRITE)?;
+    dt.set_commit_handler(None);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let rows = std::thread::scope(|s| {
+        // The target application's progress, which runs the handler.
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = dt.progress();
+                std::thread::yield_now();
+            }
+        });
+        let r = bench_sizes(a, sizes, max, &i, peer, &region, &handled);
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        r
+    })?;
+    drop(handled);
+    drop(region);
+    if a.file.is_none() {
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(rows)
+}
+
+fn bench_sizes(
+    a: &PmemBenchArgs,
+    sizes: &[usize],
+    max: usize,
+    i: &Side,
+    peer: FiAddr,
+    region: &vfabric::PmemRegion,
+    handled: &vfabric::PmemRegion,
+) -> Result<Vec<Row>, CliError> {
     let src = vec![0x5au8; max];
     let iters = a.iters.max(1);
     let mut rows = Vec::new();
@@ -265,6 +309,19 @@ fn bench_on(
         let mut save = Vec::with_capacity(iters);
         let mut write = Vec::with_capacity(iters);
         let mut msync = Vec::with_capacity(iters);
+        let mut handled_us = Vec::with_capacity(iters);
+        let hrange = [RmaIov {
+            addr: handled.base(),
+            len: size as u64,
+            key: handled.key(),
+        }];
+        let hmsg = RmaMsg {
+            iov: &[Iov::bytes(&src[..size])],
+            addr: peer,
+            rma_iov: &hrange,
+            context: 0,
+            data: 0,
+        };
         for _ in 0..iters {
             let t0 = Instant::now();
             i.ep.writemsg(&msg, fi::COMMIT_COMPLETE)?;
@@ -279,6 +336,13 @@ fn bench_on(
             wait(&i.tx)?;
             save.push(t0.elapsed().as_secs_f64() * 1e6);
 
+            let t0 = Instant::now();
+            i.ep.writemsg(&hmsg, 0)?;
+            wait(&i.tx)?;
+            i.ep.commit(&hrange, peer, 0, 0)?;
+            wait(&i.tx)?;
+            handled_us.push(t0.elapsed().as_secs_f64() * 1e6);
+
             // The floor: the same bytes stored locally and msync'ed.
             let t0 = Instant::now();
             region.write(0, &src[..size])?;
@@ -291,11 +355,8 @@ fn bench_on(
             save_us: median(&mut save),
             write_us: median(&mut write),
             msync_us: median(&mut msync),
+            handled_us: median(&mut handled_us),
         });
-    }
-    drop(region);
-    if a.file.is_none() {
-        let _ = std::fs::remove_file(&path);
     }
     Ok(rows)
 }
