@@ -449,3 +449,70 @@ fn a_fenced_request_waits_for_an_earlier_commit_verdict() {
     });
     drop(region);
 }
+
+#[test]
+fn an_initiator_going_away_withdraws_its_waiting_commits() {
+    let r = rig(2);
+    let p = rdm_pair(&r, 16, 64);
+    let (entered_tx, entered) = mpsc::channel::<u64>();
+    let (release, released) = mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let entered_tx = Mutex::new(entered_tx);
+    p.db.set_commit_handler(Some(Arc::new(move |ev: &CommitEvent| {
+        entered_tx.lock().unwrap().send(ev.id).unwrap();
+        let _ = released
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(20));
+        0
+    })));
+    let f = pmem_file(&r, "h9", 4096);
+    let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
+    let range = [RmaIov {
+        addr: region.base(),
+        len: 8,
+        key: region.key(),
+    }];
+    let Pair {
+        da,
+        db,
+        a,
+        b,
+        b_addr,
+    } = p;
+    std::thread::scope(|s| {
+        let (stop, h) = progress_thread(s, &db);
+        a.ep.commit(&range, b_addr, 0, 1).unwrap();
+        let id = entered.recv_timeout(TIMEOUT).expect("the handler runs");
+        // The initiator's process leaves (its device disconnects) while the verdict is awaited.
+        drop(a);
+        drop(da);
+        // Once the daemon has torn the initiator's device down, its commit is withdrawn: a
+        // verdict has nothing left to complete.
+        let deadline = Instant::now() + TIMEOUT;
+        while r.daemon.as_ref().unwrap().stats().devices[0].connected {
+            assert!(
+                Instant::now() < deadline,
+                "the initiator's device stays connected"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(db.commit_reply_raw(id, 0).unwrap(), Status::Invalid);
+        release.send(()).unwrap();
+        stop.store(true, Ordering::Release);
+        h.join().unwrap();
+    });
+    // The target goes on with a new initiator.
+    let da = open_domain_mb(&r.paths[0], 16);
+    let a = rdm_endpoint(&da, 64);
+    let b_addr = a.av.insert(b.ep.name()).unwrap();
+    db.set_commit_handler(Some(Arc::new(|_: &CommitEvent| 0)));
+    std::thread::scope(|s| {
+        let (stop, h) = progress_thread(s, &db);
+        a.ep.commit(&range, b_addr, 0, 2).unwrap();
+        assert_eq!(next_ok(&a.tx).context, 2);
+        stop.store(true, Ordering::Release);
+        h.join().unwrap();
+    });
+    drop(region);
+}

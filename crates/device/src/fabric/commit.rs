@@ -171,6 +171,9 @@ impl Fabric {
     /// COMMIT_REPLY: the target driver's verdict on event `data`; `tag` is its handler's value
     /// (0 success; anything else refuses the commit and reaches the initiator).
     pub(super) fn op_commit_reply(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        if req.data.len != 0 {
+            return self.fail(dev, port, &req, Status::BadChain, n);
+        }
         let id = req.req.data;
         let taken = {
             let mut d = self.dev(dev);
@@ -322,6 +325,17 @@ impl Fabric {
                 self.fail(dev, &p, r, Status::Canceled, n);
             }
         }
+    }
+
+    /// TX queue `queue` of `dev` stops: its FLUSHes waiting for a verdict complete CANCELED
+    /// before the ring does.
+    pub(super) fn commits_queue_stopped(&self, dev: usize, queue: u16, n: &mut Notify) {
+        self.take_commits(
+            0..self.devs.len(),
+            |p| p.src_dev == dev && p.req.queue == queue,
+            Some(Status::Canceled),
+            n,
+        );
     }
 
     /// Queue `queue` of `dev` stops: its posted COMMIT_EVENT requests leave (the caller

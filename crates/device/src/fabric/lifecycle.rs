@@ -46,6 +46,9 @@ impl Fabric {
     }
 
     fn teardown(&self, dev: usize, mode: Teardown, n: &mut Notify) {
+        // First, so that commits this device waits for as initiator are dropped with its rings
+        // (Silent) rather than completed into them by the endpoint closes below.
+        self.commits_teardown(dev, mode == Teardown::Cancel, n);
         let eps = self.dev(dev).eps.len();
         for ep in 0..eps {
             self.close_ep(dev, ep, mode, n);
@@ -53,7 +56,6 @@ impl Fabric {
         // Every endpoint of the device is closed: one pass for peers' directed receives.
         let node = self.node_addr(dev);
         self.fail_directed_at(|peer| peer.node == node, Some(dev), n);
-        self.commits_teardown(dev, mode == Teardown::Cancel, n);
         // The device's regions go with it: later accesses complete ACCESS at their initiator.
         let (mrs, events, port) = {
             let mut d = self.dev(dev);
@@ -110,6 +112,8 @@ impl Fabric {
             port
         };
         victims.extend(self.take_held_all(|m, r| m.src_dev == dev && r.queue == queue));
+        // Its FLUSHes waiting for a target's verdict are in flight on this ring too.
+        self.commits_queue_stopped(dev, queue, n);
         for r in victims {
             let c = completion(Status::Canceled, r.req.cookie);
             self.done(dev, &port, &r, &c, 0, n);
