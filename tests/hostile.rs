@@ -1990,7 +1990,7 @@ fn unknown_opcodes() {
         let mut n = 0;
         for q in [CTRL, TX, RX, TX1, RX1] {
             for op in [
-                0x0000u16, 0x0008, 0x00ff, 0x0103, 0x0180, 0x0184, 0x01ff, 0x7777, 0xffff,
+                0x0000u16, 0x0009, 0x00ff, 0x0103, 0x0180, 0x0185, 0x01ff, 0x7777, 0xffff,
             ] {
                 let hd = h.raw_hdr(op, me.ep);
                 let s = h.request(q, hd, &[], 0);
@@ -2038,10 +2038,77 @@ fn persistence_needs_rma_pmem() {
         hd.flags = flags::COMMIT_COMPLETE.into();
         let s = h.request(TX, hd, b"x", 0);
         h.expect_status(&s, Status::Unsupported, hd.cookie.into(), "COMMIT_COMPLETE");
+        let hd = h.hdr(Opcode::CommitEvent, 0);
+        let s = h.request(RX, hd, &[], 48 + 64 * 24);
+        h.expect_status(&s, Status::Unsupported, hd.cookie.into(), "COMMIT_EVENT");
+        let hd = h.hdr(Opcode::CommitReply, 0);
+        let s = h.request(CTRL, hd, &[], 0);
+        h.expect_status(&s, Status::Unsupported, hd.cookie.into(), "COMMIT_REPLY");
         let st = w.rig.stats(HOSTILE);
         assert!(st.connected && st.ring_errors == 0, "still served: {st:?}");
-        assert_eq!(st.errors(Status::Unsupported), 2, "{st:?}");
+        assert_eq!(st.errors(Status::Unsupported), 4, "{st:?}");
         w.check_service();
+    });
+}
+
+/// Malformed commit-handler requests (spec §6.17.3) fail alone: COMMIT_EVENT with a payload,
+/// flags or an area too small for a record of `max_sge` ranges; COMMIT_REPLY with a payload or
+/// a data area, or naming no event of this device (random, zero, all ones). The device goes on.
+#[test]
+fn malformed_commit_handler_requests() {
+    bounded("malformed_commit_handler_requests", || {
+        let mut w = World::new();
+        let mut h = w.hostile();
+        let full = vfabric::proto::commit_event_area_len(MAX_SGE) as u32;
+        let mut cases: Vec<(usize, ReqHeader, Vec<u8>, u32, Status, &str)> = Vec::new();
+        let hd = h.hdr(Opcode::CommitEvent, 0);
+        cases.push((
+            RX,
+            hd,
+            b"payload".to_vec(),
+            full,
+            Status::Invalid,
+            "event + payload",
+        ));
+        let mut hd = h.hdr(Opcode::CommitEvent, 0);
+        hd.flags = flags::COMMIT_COMPLETE.into();
+        cases.push((RX, hd, vec![], full, Status::Invalid, "event + flags"));
+        let hd = h.hdr(Opcode::CommitEvent, 0);
+        cases.push((
+            RX,
+            hd,
+            vec![],
+            full - 1,
+            Status::BadChain,
+            "event area short",
+        ));
+        let hd = h.hdr(Opcode::CommitEvent, 0);
+        cases.push((RX, hd, vec![], 0, Status::BadChain, "event without area"));
+        let hd = h.hdr(Opcode::CommitReply, 0);
+        cases.push((
+            CTRL,
+            hd,
+            b"x".to_vec(),
+            0,
+            Status::Invalid,
+            "reply + payload",
+        ));
+        let hd = h.hdr(Opcode::CommitReply, 0);
+        cases.push((CTRL, hd, vec![], 64, Status::BadChain, "reply + area"));
+        for id in [0u64, 1, 0x1234_5678_9abc_def0, u64::MAX] {
+            let mut hd = h.hdr(Opcode::CommitReply, 0);
+            hd.data = id.into();
+            hd.tag = 5u64.into();
+            cases.push((CTRL, hd, vec![], 0, Status::Invalid, "reply for no event"));
+        }
+        for (q, hd, payload, cap, want, what) in cases {
+            let s = h.request(q, hd, &payload, cap);
+            h.expect_status(&s, want, hd.cookie.into(), what);
+        }
+        let st = w.rig.stats(HOSTILE);
+        assert!(st.connected && st.ring_errors == 0, "still served: {st:?}");
+        w.check_service();
+        w.hostile_works(&mut h);
     });
 }
 
