@@ -420,6 +420,8 @@ struct FileConfig {
     socket_group: Option<toml::Value>,
     /// "5s", "500ms", or an integer number of seconds.
     handshake_timeout: Option<toml::Value>,
+    /// Milliseconds a handled commit waits for its target's verdict.
+    commit_timeout_ms: Option<u64>,
     limits: Limits,
     uplink: Option<FileUplink>,
     peers: Vec<FilePeer>,
@@ -623,6 +625,9 @@ impl FileConfig {
                 )))
             }
         }
+        if let Some(ms) = self.commit_timeout_ms {
+            c.commit_timeout = Duration::from_millis(ms);
+        }
         if self.replace_vendor_attrs {
             c.vendor_attrs.clear();
         }
@@ -743,6 +748,17 @@ mod tests {
         assert!(c.validate().is_err());
         assert!(Config::from_toml_str("socket_mode = true").is_err());
         assert!(Config::from_toml_str("handshake_timeout = \"soon\"").is_err());
+        let c = Config::from_toml_str("commit_timeout_ms = 250").unwrap();
+        assert_eq!(c.commit_timeout, Duration::from_millis(250));
+        assert_eq!(
+            Config::from_toml_str("").unwrap().commit_timeout,
+            DEFAULT_COMMIT_TIMEOUT
+        );
+        let mut c = Config::new(vec![PathBuf::from("/tmp/a.sock")]);
+        c.commit_timeout = Duration::from_millis(1);
+        assert!(c.validate().is_err(), "below 10 ms");
+        c.commit_timeout = Duration::from_secs(3601);
+        assert!(c.validate().is_err(), "above an hour");
         let mut c = Config::new(vec!["/tmp/x.sock".into()]);
         c.handshake_timeout = Duration::from_millis(1);
         assert!(c
