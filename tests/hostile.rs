@@ -2060,7 +2060,9 @@ fn malformed_commit_handler_requests() {
         let mut w = World::new();
         let mut h = w.hostile();
         let full = vfabric::proto::commit_event_area_len(MAX_SGE) as u32;
-        let mut cases: Vec<(usize, ReqHeader, Vec<u8>, u32, Status, &str)> = Vec::new();
+        /// Queue, header, payload, data area, expected status, what.
+        type Case = (usize, ReqHeader, Vec<u8>, u32, Status, &'static str);
+        let mut cases: Vec<Case> = Vec::new();
         let hd = h.hdr(Opcode::CommitEvent, 0);
         cases.push((
             RX,
