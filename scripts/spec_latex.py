@@ -440,25 +440,63 @@ class Renderer:
         for r in body:
             if len(r) != ncol:
                 raise SpecError(f"line {self.line + 1}: table row with {len(r)} cells, header has {ncol}")
-        # The widest column (by text) stretches (X); the others keep their natural width.
-        widths = [max(len(r[c]) for r in [header] + body) for c in range(ncol)]
-        total = sum(widths)
-        spec = []
-        for c in range(ncol):
-            spec.append("X" if widths[c] >= 30 or widths[c] * 3 >= total else "l")
+        # Short columns keep their natural width (l); the others stretch (X), weighted by how much
+        # text they hold, so names stay on one line and descriptions wrap.
+        widths = [max(len(r[c].strip()) for r in [header] + body) for c in range(ncol)]
+        spec = ["l" if w <= 12 else "X" for w in widths]
         if "X" not in spec:
             spec[widths.index(max(widths))] = "X"
-        out = ["\\begin{tabularx}{\\textwidth}{|" + "|".join(spec) + "|}", "\\hline"]
-        out.append(" & ".join(self.inline(h.strip()) for h in header) + " \\\\")
-        out.append("\\hline \\hline")
+        xcols = [c for c in range(ncol) if spec[c] == "X"]
+        # Each stretched column gets room for its longest word (identifiers do not break), and the
+        # rest of the line in proportion to its text.
+        free = max(20, LINE_CHARS - sum(widths[c] + 3 for c in range(ncol) if spec[c] == "l"))
+        longest = {c: max(len(w) for r in [header] + body for w in (r[c].split() or [""])) for c in xcols}
+        base = {c: min(longest[c] + 2, free / len(xcols) * 1.6) for c in xcols}
+        spare = max(0.0, free - sum(base.values()))
+        text = {c: min(widths[c], 80) for c in xcols}
+        weight = {c: base[c] + spare * text[c] / sum(text.values()) for c in xcols}
+        wsum = sum(weight.values())
+        colspec = []
+        for c in range(ncol):
+            if spec[c] == "l":
+                colspec.append("l")
+            else:
+                factor = weight[c] * len(xcols) / wsum
+                colspec.append(f">{{\\hsize={factor:.2f}\\hsize}}X" if len(xcols) > 1 else "X")
+        # A tabularx never breaks across pages: cut long tables into several, each with the header
+        # row, at an estimated height that fits a page.
+        per_line = {c: max(8, free * weight[c] / wsum) for c in xcols}
+
+        def height(row: list[str]) -> float:
+            return 0.6 + max(1, *(-(-len(row[c].strip()) // int(per_line[c])) for c in xcols))
+
+        chunks: list[list[list[str]]] = [[]]
+        used = height(header)
         for r in body:
-            out.append(" & ".join(self.inline(c.strip()) for c in r) + " \\\\")
+            h = height(r)
+            if chunks[-1] and used + h > TABLE_LINES:
+                chunks.append([])
+                used = height(header)
+            chunks[-1].append(r)
+            used += h
+        out = []
+        for chunk in chunks:
+            out.append("\\begin{tabularx}{\\textwidth}{|" + "|".join(colspec) + "|}")
             out.append("\\hline")
-        out.append("\\end{tabularx}")
-        return "\n".join(out)
+            out.append(" & ".join(self.inline(h.strip()) for h in header) + " \\\\")
+            out.append("\\hline \\hline")
+            for r in chunk:
+                out.append(" & ".join(self.inline(c.strip()) for c in r) + " \\\\")
+                out.append("\\hline")
+            out.append("\\end{tabularx}")
+            out.append("")
+        return "\n".join(out).rstrip("\n")
 
 
 LIST_ITEM = re.compile(r"^( *)([*-]|\d+\.) +\S")
+# Characters of body text on one line of the page, and the text lines one table part may take.
+LINE_CHARS = 75
+TABLE_LINES = 34
 
 
 def _dedent(line: str, indent: int) -> str:
