@@ -21,7 +21,7 @@ docs/virtio-spec/README.md).
     list;
   * a normative key word (MUST, SHOULD, MAY, ...) appears outside a requirements section, except in
     sections marked *(informative)* and in the key-word paragraph itself;
-  * a reference (§N) names no section, or a skipped one;
+  * a reference (§N) names no section, or a skipped one, or two sections have the same number;
   * braces or \\begin/\\end environments of a generated file do not balance.
 
 Markdown conventions the generator relies on:
@@ -64,7 +64,8 @@ UNICODE = {
     "“": "``", "”": "''", "‘": "`", "’": "'", "§": "\\S{}", "≈": "$\\approx$", "µ": "$\\mu$",
     "±": "$\\pm$", "∞": "$\\infty$", "⁶": "$^6$", "²": "$^2$", "é": "\\'e", "ä": "\\\"a", "ö": "\\\"o",
     "ü": "\\\"u", "\u00a0": "~", "∈": "$\\in$", "⊆": "$\\subseteq$", "∪": "$\\cup$", "∩": "$\\cap$",
-    "⇒": "$\\Rightarrow$", "↔": "$\\leftrightarrow$", "≡": "$\\equiv$", "°": "$^\\circ$",
+    "⇒": "$\\Rightarrow$", "⇔": "$\\Leftrightarrow$", "✗": "no", "≪": "$\\ll$", "≫": "$\\gg$",
+    "′": "'", "″": "''", "√": "$\\surd$", "¹": "$^1$", "³": "$^3$", "½": "1/2", "€": "EUR", "↔": "$\\leftrightarrow$", "≡": "$\\equiv$", "°": "$^\\circ$",
 }
 
 
@@ -265,6 +266,14 @@ class Renderer:
         return "\\ref{" + s.label + "}"
 
     def inline(self, text: str) -> str:
+        try:
+            return self._inline(text)
+        except SpecError as e:
+            if str(e).startswith("line "):
+                raise
+            raise SpecError(f"line {self.line + 1}: {e}") from None
+
+    def _inline(self, text: str) -> str:
         text = text.replace("\\|", "|")
         out = []
         pos = 0
@@ -676,6 +685,12 @@ def check_markdown(text: str, files: dict[str, str]) -> list[str]:
     doc = load(text)
     desc = files.get("description.tex", "")
     reqs = doc.requirements()
+    numbers: dict[str, int] = {}
+    for s in doc.sections:
+        if s.number in numbers:
+            problems.append(f"line {s.line + 1}: section number {s.number} is used twice (also line {numbers[s.number] + 1})")
+        elif s.number:
+            numbers[s.number] = s.line
     for s in reqs:
         if s.is_skipped():
             problems.append(f"line {s.line + 1}: requirements section {s.plain_title!r} sits in a section left out of the LaTeX chapter")

@@ -141,6 +141,11 @@ class Checks(unittest.TestCase):
         problems = sl.check_markdown(md, sl.generate(md))
         self.assertTrue(any("key word MUST outside a requirements section (§1 Device ID)" in p for p in problems))
 
+    def test_duplicate_section_number(self):
+        md = MINI.replace("## 3. Notes", "### 2.1 Also two point one\n\n## 3. Notes")
+        problems = sl.check_markdown(md, sl.generate(md))
+        self.assertTrue(any("section number 2.1 is used twice" in p for p in problems))
+
     def test_unbalanced(self):
         self.assertTrue(sl.check_balanced("x", "\\textbf{a"))
         self.assertTrue(sl.check_balanced("x", "a}"))
