@@ -572,7 +572,9 @@ def generate(text: str) -> dict[str, str]:
     drv = [s for s in doc.requirements() if s.requirement[0] == "driver" and not s.is_skipped()]
 
     def clause(kind: str, items: list[Section]) -> str:
-        title = f"{DEVICE_NAME} {kind} Conformance"
+        # "Fabric Device Conformance", "Fabric Driver Conformance" (as the specification names
+        # the clauses of every device type).
+        title = f"{DEVICE_NAME.removesuffix(' Device')} {kind} Conformance"
         target = "device" if kind == "Device" else "driver"
         out = [HEADER,
                f"\\conformance{{\\subsection}}{{{title}}}\\label{{sec:Conformance / {kind} Conformance / {title}}}\n",

@@ -68,7 +68,9 @@ class Generate(unittest.TestCase):
                       files["device-conformance.tex"])
         self.assertIn("\\item \\ref{drivernormative:Device Types / Fabric Device / Feature bits}",
                       files["driver-conformance.tex"])
-        self.assertIn("\\conformance{\\subsection}{Fabric Device Device Conformance}", files["device-conformance.tex"])
+        self.assertIn("\\conformance{\\subsection}{Fabric Device Conformance}", files["device-conformance.tex"])
+        self.assertIn("\\label{sec:Conformance / Driver Conformance / Fabric Driver Conformance}",
+                      files["driver-conformance.tex"])
 
     def test_markup(self):
         desc = sl.generate(MINI)["description.tex"]
