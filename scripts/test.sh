@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export CARGO_TERM_COLOR=never
 cargo fmt --all -- --check
+# The spec's LaTeX chapter (docs/virtio-spec) is current and consistent; the generator's own tests.
+python3 scripts/spec_latex.py --check
+python3 scripts/test_spec_latex.py
 cargo clippy --workspace --all-targets -q -- -D warnings
 # Binaries used by the cross-process tests (vfabricd and the vfabric CLI).
 cargo build --workspace --bins -q

@@ -289,8 +289,12 @@ unsafe fn guest_copy(dst: *mut u8, src: *const u8, n: usize) {
 pub(crate) const COPY_CHUNK: u64 = 64 << 10;
 
 /// Copy the first `len` bytes of `src` (in `src_mem`) to the start of `dst` (in `dst_mem`): the
-/// one copy of the fabric, straight from one guest's memory into another's. The two memories may
-/// be the same and the ranges may overlap (the copy is a memmove).
+/// one copy of the fabric, straight from one guest's memory into another's. The copy goes piece by
+/// piece (each piece the overlap of a source and a destination segment, copied with `ptr::copy`,
+/// i.e. a memmove within the piece), front to back. The two memories may be the same; ranges that
+/// overlap across pieces (a guest sending to itself from and into the same bytes) get the result
+/// of that forward piecewise copy, not of one memmove over the whole range: only that guest's own
+/// data is affected.
 pub(crate) fn copy_stream(
     src_mem: &GuestMemoryMmap,
     src: &Segs,

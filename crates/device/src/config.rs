@@ -35,7 +35,7 @@ pub struct Limits {
     pub num_queue_pairs: u16,
     /// Endpoints one guest may have open at once.
     pub max_endpoints: u32,
-    /// Memory regions one guest may register (advertised; MR_REG is not implemented yet).
+    /// Memory regions one guest may have registered at once (MR_REG beyond it: NoResources).
     pub max_mrs: u32,
     /// Largest ring size the device accepts (power of two, 2..=32768).
     pub max_queue_size: u16,
@@ -170,7 +170,9 @@ pub struct Config {
     pub fabric_id: u32,
     /// Host id within the fabric (bits 31..16 of every node address).
     pub host_id: u16,
-    /// Virtio device id reported by `--print-capabilities` consumers (default 56).
+    /// Virtio device id the frontend is expected to expose (default 56, provisional). vhost-user
+    /// does not carry it (the frontend sets it, e.g. QEMU's `virtio-id=`): the daemon only logs it
+    /// and reports it as the vendor attribute `virtio_device_id`, so tools can compare the two.
     pub device_id: u32,
     /// Bounded spin (microseconds) re-checking the avail rings after work was found; 0 = none.
     pub poll_us: u64,

@@ -72,7 +72,8 @@ struct Args {
     /// Milliseconds of silence after which a peer host is reported down (default 3000).
     #[arg(long, requires = "uplink")]
     peer_timeout_ms: Option<u64>,
-    /// Virtio device id (default 56).
+    /// Virtio device id the frontend exposes (default 56, provisional; QEMU 8.2-11.1 need a
+    /// stand-in such as 38). Only logged and reported (vendor attribute `virtio_device_id`).
     #[arg(long)]
     device_id: Option<u32>,
     /// Spin budget in microseconds after work was found (0 disables polling).

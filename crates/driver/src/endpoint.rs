@@ -1516,9 +1516,11 @@ const CANCEL_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_milli
 
 impl Drop for Endpoint {
     /// EP_CLOSE, then wait (bounded) until the device has returned every request of the
-    /// endpoint. The wait keeps the device from attributing a request it had not fetched yet
-    /// to a later endpoint that reuses the id (vfabricd handles the control queue before the
-    /// data queues, so EP_CLOSE can overtake requests posted before it).
+    /// endpoint. The device fetches every data request made available before EP_CLOSE first
+    /// (spec §6.8.3, §6.8.8: it reads the control queue's avail index, drains the data queues,
+    /// then takes the control requests), and completes the endpoint's held requests before
+    /// EP_CLOSE; the wait collects those completions, so no slot of this endpoint is still
+    /// outstanding when a later endpoint reuses the id.
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
         self.domain.rma.unbind_ep(self.shared.id);

@@ -17,7 +17,10 @@
 //! Module map: [`memory`] (memfd region, allocator, bounce pool, [`SharedBuf`]), `ring` (driver
 //! side of the split ring, EVENT_IDX), `transport` (vhost-user frontend handshake), `virtqueue`
 //! (a ring plus its request slots and in-flight table), `control` (control-queue requests),
-//! [`info`] (`getinfo`), [`domain`], [`endpoint`], [`cq`], [`av`].
+//! [`info`] (`getinfo`), [`domain`], [`endpoint`], [`cq`], [`av`], [`rma`] (memory registration,
+//! RMA, atomics and remote-access events), [`pmem`] (persistent-memory regions), `external`
+//! (sharing memory outside the domain's shared region with the device), `lock` (the data path's
+//! spin lock).
 //!
 //! Contexts are plain `u64`s so a C provider can pass `void *context` through unchanged; flags
 //! use libfabric's bit values ([`fi`]) so they can be passed through too.

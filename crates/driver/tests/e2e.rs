@@ -1208,11 +1208,6 @@ fn fi_more_batches_kicks() {
     }
 }
 
-/// Spec §6.8.3 step 1: EP_CLOSE must first fetch every request made available before it, so a
-/// receive posted just before closing is never attributed to a later endpoint with the same id.
-/// vfabricd handles the control queue before the data queues (and at most 64 chains per queue
-/// per pass), so the driver waits in `Endpoint::drop` until the device returned every request
-/// of the closed endpoint; without that wait this test loses about 1 message in 50 rounds.
 #[test]
 fn batch_posts_ring_the_doorbell_once() {
     let r = rig(2);
@@ -1310,6 +1305,12 @@ fn sread_into_waits_and_times_out() {
     drop(sender.join().unwrap());
 }
 
+/// Spec §6.8.3 step 1 and §6.8.8: the device fetches every request made available before an
+/// EP_CLOSE first (vfabricd reads the control queue's avail index, drains the data queues, then
+/// takes the control requests that index announced), so a receive posted just before closing is
+/// cancelled with its endpoint and never attributed to a later endpoint with the same id; the
+/// driver also waits in `Endpoint::drop` until the device returned every request of the closed
+/// endpoint.
 #[test]
 fn receive_posted_before_close_never_reaches_a_reopened_id() {
     let r = rig(2);
