@@ -69,6 +69,7 @@ pub use vfabric_proto::{CapEntry, CapValue, FabricAddr, Status};
 pub mod av;
 mod control;
 pub mod cq;
+pub mod device_id;
 pub mod domain;
 pub mod endpoint;
 mod external;
@@ -83,6 +84,7 @@ mod virtqueue;
 
 pub use av::{AddressVector, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
 pub use cq::{CompletionQueue, CqAttr, CqEntry, CqErrEntry, WaitMode};
+pub use device_id::{announced_device_id, configured_device_id};
 pub use domain::{DeviceCounters, Domain, DomainAttr, DomainStats, Fabric};
 pub use endpoint::INJECT_CALL;
 pub use endpoint::{
