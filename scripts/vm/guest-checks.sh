@@ -149,4 +149,43 @@ elif needs_pci fi-pingpong-vm-vm; then
     rc=$?
     if [ "$rc" = 0 ]; then vm_pass "fi-pingpong-vm-vm (-e rdm -c, 4 KiB)"; else vm_fail "fi-pingpong-vm-vm (status $rc: $(tail -2 /tmp/fipp.out | tr '\n' ' '))"; fi
 fi
+
+# Last: guest 1 is killed (SIGKILL to its QEMU), mid-transfer when the pci transport is there.
+# Guest 0's transfer must end in an error, not hang, and the daemon must go on serving it.
+if [ "$VFABRIC_VM" = 1 ]; then
+    if [ "$PCI_OK" = 1 ] && addr=$(vm_get bw-addr 90) && [ -n "$addr" ]; then
+        echo "$addr" >/tmp/bw.addr
+        vfabric bw --device "$pci_device" --addr-file /tmp/bw.addr --sizes 64k --iters 1000000 \
+            --fixed-iters --quiet >/tmp/bw.out 2>&1 &
+        sleep 3
+    fi
+    vm_kill_me
+fi
+if needs_pci vm-killed-mid-transfer; then
+    rm -f /tmp/bw.addr
+    timeout 150 vfabric bw --device "$pci_device" --server --addr-file /tmp/bw.addr --sizes 64k \
+        --iters 1000000 --fixed-iters --timeout-s 20 --quiet >/tmp/bw.out 2>&1 &
+    bw=$!
+    i=0
+    while [ ! -s /tmp/bw.addr ] && [ "$i" -lt 300 ]; do sleep 0.2; i=$((i + 1)); done
+    vm_put bw-addr "$(cat /tmp/bw.addr 2>/dev/null)"
+    vm_get killed1 120 >/dev/null
+    wait "$bw"
+    rc=$?
+    case $rc in
+        0) vm_fail "vm-killed-mid-transfer (the transfer to the killed guest succeeded)" ;;
+        124 | 137 | 143) vm_fail "vm-killed-mid-transfer (the server hung after its peer died)" ;;
+        *) vm_pass "vm-killed-mid-transfer (server failed with status $rc: $(tail -1 /tmp/bw.out | cut -c1-120))" ;;
+    esac
+fi
+if vm_get killed1 120 >/dev/null; then
+    fabric=$(devcfg_u32 "$dev" 44)
+    if [ "$fabric" = "$VFABRIC_FABRIC_ID" ]; then
+        vm_pass "peer-killed (vm1's QEMU was SIGKILLed; this device still answers: fabric_id $(printf '%#x' "$fabric"))"
+    else
+        vm_fail "peer-killed (device config after vm1 died: fabric_id '$fabric')"
+    fi
+else
+    vm_fail "peer-killed (no word of vm1's death within 120 s)"
+fi
 exit 0

@@ -32,6 +32,13 @@ vm_get() {
     return 1
 }
 
+# vm_kill_me: the host SIGKILLs this guest's QEMU (a VM dying mid-run, as the device sees it);
+# the other guest's vm_get "killedN" then answers. Never returns; the host expects no DONE line.
+vm_kill_me() {
+    echo "VFABRIC-VM: KILL-ME"
+    sleep 3600
+}
+
 # net_up: bring eth0 up as 169.254.38.(VFABRIC_VM+1)/24 (two guests only).
 net_up() {
     ip link set lo up
