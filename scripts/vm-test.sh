@@ -29,7 +29,7 @@ Options:
                       guests' VFABRIC_DEVICE_ID [default: 38, QEMU's stand-in; QEMU 8.2-11.1
                       abort on the provisional 56]
   --fabric-id ID      vfabricd --fabric-id, checked in the guests' device config [0x5eed1e55]
-  --timeout SECONDS   hard limit for the guests' run (boot to power-off) [default: 240]
+  --timeout SECONDS   hard limit for the guests' run (boot to power-off) [default: 300]
   --mem MB            guest memory per VM [default: 512]
   --cache DIR         download/unpack cache [default: $VFABRIC_VM_CACHE or /var/cache/vfabric-vm]
   --refresh           fetch the packages again even if the cache has them
@@ -52,7 +52,7 @@ GUEST_SCRIPT=$ROOT/scripts/vm/guest-checks.sh
 VMS=2
 DEVICE_ID=38
 FABRIC_ID=0x5eed1e55
-TIMEOUT=240
+TIMEOUT=300
 MEM_MB=512
 CACHE=${VFABRIC_VM_CACHE:-/var/cache/vfabric-vm}
 REFRESH=0
@@ -370,6 +370,8 @@ while :; do
     for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && running=1; done
     if [ "$VMS" = 2 ]; then
         for ((i = 0; i < VMS; i++)); do
+            # Hold the messages until the receiving guest reads its mailbox.
+            grep -q '^VFABRIC-VM: MAILBOX-READY' "$WORK"/vm$((1 - i)).log 2>/dev/null || continue
             n=$(grep -c '^VFABRIC-VM: PUT ' "$WORK"/vm$i.log 2>/dev/null || true)
             while [ "${RELAYED[$i]:-0}" -lt "${n:-0}" ]; do
                 RELAYED[$i]=$((${RELAYED[$i]:-0} + 1))
@@ -394,6 +396,7 @@ while :; do
             kill -9 "${PIDS[$i]}" 2>/dev/null || true
             wait "${PIDS[$i]}" 2>/dev/null || true
             log "vm$i killed (SIGKILL to its QEMU) as it asked"
+            # (after the guest's own lines, which it printed first)
             if [ "$VMS" = 2 ]; then fd_var=MBOX_FD_$((1 - i)); echo "killed$i yes" >&"${!fd_var}"; fi
         fi
     done

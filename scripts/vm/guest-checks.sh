@@ -51,18 +51,18 @@ fi
 if [ "$VFABRIC_VMS" = 2 ]; then
     vm_put "node$VFABRIC_VM" "$node"
     other=$((1 - VFABRIC_VM))
-    if peer_node=$(vm_get "node$other" 90); then
+    if peer_node=$(vm_get "node$other" 180); then
         if [ "$peer_node" = $(((VFABRIC_FABRIC_ID << 32) | (1 << 16) | other)) ]; then
             vm_pass "peer-device (vm$other reads node $(printf '%#x' "$peer_node") from its own device)"
         else
             vm_fail "peer-device (vm$other read node '$peer_node')"
         fi
     else
-        vm_fail "peer-device (nothing from vm$other within 90 s)"
+        vm_fail "peer-device (nothing from vm$other within 180 s)"
     fi
     if net_up; then
         vm_put "net$VFABRIC_VM" up
-        if vm_get "net$other" 60 >/dev/null && ping -c 1 -W 10 "$(peer_ip)" >/dev/null 2>&1; then
+        if vm_get "net$other" 180 >/dev/null && ping -c 1 -w 30 "$(peer_ip)" >/dev/null 2>&1; then
             vm_pass "guest-link ($(peer_ip) answers)"
         else
             vm_fail "guest-link (no answer from $(peer_ip))"
@@ -121,7 +121,7 @@ if needs_pci pingpong-vm-vm; then
         vm_put pp-addr "$(cat /tmp/pp.addr 2>/dev/null)"
         if wait "$pp"; then vm_pass "pingpong-vm-vm (server, --verify)"; else vm_fail "pingpong-vm-vm (server: $(tail -2 /tmp/pp.out | tr '\n' ' '))"; fi
     else
-        if addr=$(vm_get pp-addr 90) && [ -n "$addr" ]; then
+        if addr=$(vm_get pp-addr 180) && [ -n "$addr" ]; then
             echo "$addr" >/tmp/pp.addr
             if timeout 120 vfabric pingpong --device "$pci_device" --addr-file /tmp/pp.addr \
                 --sizes 8,4k,64k,1m --iters 200 --verify --quiet >/tmp/pp.out 2>&1; then
@@ -143,7 +143,7 @@ elif needs_pci fi-pingpong-vm-vm; then
         vm_put fi-pp-server ready
         timeout 120 fi_pingpong -p vfabric -e rdm -c -S 4096 -I 100 >/tmp/fipp.out 2>&1
     else
-        vm_get fi-pp-server 90 >/dev/null && sleep 1
+        vm_get fi-pp-server 180 >/dev/null && sleep 1
         timeout 120 fi_pingpong -p vfabric -e rdm -c -S 4096 -I 100 "$(peer_ip)" >/tmp/fipp.out 2>&1
     fi
     rc=$?
@@ -153,7 +153,7 @@ fi
 # Last: guest 1 is killed (SIGKILL to its QEMU), mid-transfer when the pci transport is there.
 # Guest 0's transfer must end in an error, not hang, and the daemon must go on serving it.
 if [ "$VFABRIC_VM" = 1 ]; then
-    if [ "$PCI_OK" = 1 ] && addr=$(vm_get bw-addr 90) && [ -n "$addr" ]; then
+    if [ "$PCI_OK" = 1 ] && addr=$(vm_get bw-addr 180) && [ -n "$addr" ]; then
         echo "$addr" >/tmp/bw.addr
         vfabric bw --device "$pci_device" --addr-file /tmp/bw.addr --sizes 64k --iters 1000000 \
             --fixed-iters --quiet >/tmp/bw.out 2>&1 &
@@ -169,7 +169,7 @@ if needs_pci vm-killed-mid-transfer; then
     i=0
     while [ ! -s /tmp/bw.addr ] && [ "$i" -lt 300 ]; do sleep 0.2; i=$((i + 1)); done
     vm_put bw-addr "$(cat /tmp/bw.addr 2>/dev/null)"
-    vm_get killed1 120 >/dev/null
+    vm_get killed1 180 >/dev/null
     wait "$bw"
     rc=$?
     case $rc in
@@ -178,7 +178,7 @@ if needs_pci vm-killed-mid-transfer; then
         *) vm_pass "vm-killed-mid-transfer (server failed with status $rc: $(tail -1 /tmp/bw.out | cut -c1-120))" ;;
     esac
 fi
-if vm_get killed1 120 >/dev/null; then
+if vm_get killed1 180 >/dev/null; then
     fabric=$(devcfg_u32 "$dev" 44)
     if [ "$fabric" = "$VFABRIC_FABRIC_ID" ]; then
         vm_pass "peer-killed (vm1's QEMU was SIGKILLed; this device still answers: fabric_id $(printf '%#x' "$fabric"))"
@@ -186,6 +186,6 @@ if vm_get killed1 120 >/dev/null; then
         vm_fail "peer-killed (device config after vm1 died: fabric_id '$fabric')"
     fi
 else
-    vm_fail "peer-killed (no word of vm1's death within 120 s)"
+    vm_fail "peer-killed (no word of vm1's death within 180 s)"
 fi
 exit 0
