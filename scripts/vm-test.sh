@@ -162,7 +162,7 @@ fetch_qemu() {
         { tail -20 "$d"/download.log >&2; die "apt-get download (sid) failed"; }
     rm -rf "$q" && mkdir -p "$q"
     for deb in "$d"/debs/*.deb; do dpkg -x "$deb" "$q"; done
-    rm -f "$d"/debs/*.deb
+    rm -rf "$d"/debs/*.deb "$d"/state/lists "$d"/cache # ~150 MB of package lists, not needed again
     echo "$(echo "$pkgs" | wc -w) packages" >"$q"/.fetched
 }
 
@@ -187,7 +187,7 @@ fetch_guest() {
         './lib/modules/*/kernel/drivers/vfio/*.ko' \
         './lib/modules/*/kernel/virt/lib/irqbypass.ko' \
         './lib/modules/*/kernel/drivers/net/ethernet/intel/e1000/e1000.ko'
-    rm -f "$d"/debs/*.deb
+    rm -rf "$d"/debs/*.deb "$d"/state/lists "$d"/cache
     echo "$kpkg" >"$k"/.fetched
 }
 
