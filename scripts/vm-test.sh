@@ -243,7 +243,6 @@ cleanup() {
     for p in "${PIDS[@]}" $DAEMON_PID; do kill "$p" 2>/dev/null || true; done
     sleep 0.2
     for p in "${PIDS[@]}" $DAEMON_PID; do kill -9 "$p" 2>/dev/null || true; done
-    exec 7>&- 8>&- 2>/dev/null || true
     if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
     exit "$rc"
 }
