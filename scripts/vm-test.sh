@@ -238,11 +238,12 @@ if [ -z "$WORK" ]; then WORK=$(mktemp -d /tmp/vfabric-vm.XXXXXX); else mkdir -p 
 WORK=$(cd "$WORK" && pwd)
 PIDS=()
 DAEMON_PID=""
+NATIVE_PID=""
 cleanup() {
     local rc=$?
-    for p in "${PIDS[@]}" $DAEMON_PID; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}" $NATIVE_PID $DAEMON_PID; do kill "$p" 2>/dev/null || true; done
     sleep 0.2
-    for p in "${PIDS[@]}" $DAEMON_PID; do kill -9 "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}" $NATIVE_PID $DAEMON_PID; do kill -9 "$p" 2>/dev/null || true; done
     if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
     exit "$rc"
 }
@@ -321,16 +322,18 @@ log "initramfs $(du -h "$WORK"/initramfs.gz | cut -f1) (${#MODULES[@]} modules: 
 T0=$(date +%s.%N)
 mkdir -p "$WORK"/sock
 # shellcheck disable=SC2086
-"$BINS"/vfabricd --socket-dir "$WORK"/sock --devices "$VMS" --device-id "$DEVICE_ID" \
+# One device per guest, and one more (vfabric$VMS.sock) for a native process on the host.
+"$BINS"/vfabricd --socket-dir "$WORK"/sock --devices $((VMS + 1)) --device-id "$DEVICE_ID" \
     --fabric-id "$FABRIC_ID" --num-queue-pairs "$NUM_QUEUE_PAIRS" --handshake-timeout 0 \
     ${VFABRIC_VM_DAEMON_ARGS:-} >"$WORK"/vfabricd.log 2>&1 &
 DAEMON_PID=$!
 for _ in $(seq 100); do
-    [ -S "$WORK"/sock/vfabric$((VMS - 1)).sock ] && break
+    [ -S "$WORK"/sock/vfabric$VMS.sock ] && break
     kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$WORK"/vfabricd.log >&2; die "vfabricd exited"; }
     sleep 0.1
 done
-[ -S "$WORK"/sock/vfabric$((VMS - 1)).sock ] || die "vfabricd did not create its sockets"
+[ -S "$WORK"/sock/vfabric$VMS.sock ] || die "vfabricd did not create its sockets"
+NATIVE_SOCK=$WORK/sock/vfabric$VMS.sock
 
 NUM_VQS=$((1 + 2 * NUM_QUEUE_PAIRS))
 for ((i = 0; i < VMS; i++)); do
@@ -362,6 +365,9 @@ done
 # Wait for the guests to power off, relaying "VFABRIC-VM: PUT key value" lines to the other
 # guest's mailbox, within the hard deadline.
 declare -A RELAYED AT_INIT AT_DONE KILLED
+NATIVE_VM="" NATIVE_ADDR_SENT=""
+# Must match the guest's client (scripts/vm/guest-checks.sh).
+NATIVE_SIZES=8,4k,64k
 deadline=$(($(date +%s) + TIMEOUT))
 TIMED_OUT=0
 while :; do
@@ -399,6 +405,23 @@ while :; do
             if [ "$VMS" = 2 ]; then fd_var=MBOX_FD_$((1 - i)); echo "killed$i yes" >&"${!fd_var}"; fi
         fi
     done
+    # A guest asking for a native peer ("VFABRIC-VM: NATIVE pingpong") gets a vfabric pingpong
+    # server on the host's own device (vhost-user driver), its address through the mailbox.
+    for ((i = 0; i < VMS; i++)); do
+        if [ -z "$NATIVE_PID" ] && grep -q '^VFABRIC-VM: NATIVE pingpong' "$WORK"/vm$i.log 2>/dev/null; then
+            NATIVE_VM=$i
+            "$BINS"/vfabric pingpong --device "$NATIVE_SOCK" --server --addr-file "$WORK"/native.addr \
+                --sizes "$NATIVE_SIZES" --iters 200 --fixed-iters --verify --quiet --timeout-s 60 \
+                >"$WORK"/native.log 2>&1 &
+            NATIVE_PID=$!
+            log "vm$i asked for a native peer: vfabric pingpong server on $NATIVE_SOCK"
+        fi
+    done
+    if [ -n "$NATIVE_PID" ] && [ -z "$NATIVE_ADDR_SENT" ] && [ -s "$WORK"/native.addr ]; then
+        fd_var=MBOX_FD_$NATIVE_VM
+        echo "native-addr $(cat "$WORK"/native.addr)" >&"${!fd_var}"
+        NATIVE_ADDR_SENT=1
+    fi
     [ "$running" = 0 ] && break
     if [ "$(date +%s)" -ge "$deadline" ]; then
         TIMED_OUT=1
@@ -435,6 +458,23 @@ for ((i = 0; i < VMS; i++)); do
     [ "$f" = 0 ] || FAILED=1
 done
 [ "$TIMED_OUT" = 0 ] || FAILED=1
+# The host's side of a guest-native exchange: one more check, counted like the guests'.
+if [ -n "$NATIVE_PID" ]; then
+    echo "--- host (native vfabric on $NATIVE_SOCK, peer vm$NATIVE_VM)"
+    native_why=""
+    if kill -0 "$NATIVE_PID" 2>/dev/null; then
+        native_why="still waiting for its peer when the guests had finished"
+        kill "$NATIVE_PID" 2>/dev/null || true
+    fi
+    if wait "$NATIVE_PID" 2>/dev/null && [ -z "$native_why" ]; then
+        echo "VFABRIC-VM: PASS native-pingpong-host (server on the host, --verify, sizes $NATIVE_SIZES)"
+        pass=$((pass + 1))
+    else
+        echo "VFABRIC-VM: FAIL native-pingpong-host (${native_why:-$(tail -2 "$WORK"/native.log | tr '\n' ' ')})"
+        fail=$((fail + 1))
+        FAILED=1
+    fi
+fi
 if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
     echo "vfabricd died during the run:"; tail -20 "$WORK"/vfabricd.log
     FAILED=1

@@ -105,6 +105,23 @@ if needs_pci vfabric-info; then
     fi
 fi
 
+# A guest and a native process on the host (vhost-user driver) on one vfabricd: guest 0 is the
+# client of a host-side `vfabric pingpong --server --verify` (same sizes as the host's).
+if [ "$VFABRIC_VM" = 0 ] && needs_pci native-pingpong; then
+    vm_native_pingpong_server
+    if addr=$(vm_get native-addr 120) && [ -n "$addr" ]; then
+        echo "$addr" >/tmp/native.addr
+        if timeout 120 vfabric pingpong --device "$pci_device" --addr-file /tmp/native.addr \
+            --sizes 8,4k,64k --iters 200 --fixed-iters --verify --quiet >/tmp/native.out 2>&1; then
+            vm_pass "native-pingpong (guest client, host server, --verify)"
+        else
+            vm_fail "native-pingpong ($(tail -2 /tmp/native.out | tr '\n' ' '))"
+        fi
+    else
+        vm_fail "native-pingpong (no address from the host's native server)"
+    fi
+fi
+
 [ "$VFABRIC_VMS" = 2 ] || exit 0
 other=$((1 - VFABRIC_VM))
 

@@ -39,6 +39,11 @@ vm_kill_me() {
     sleep 3600
 }
 
+# vm_native_pingpong_server: the host starts `vfabric pingpong --server --verify` on its own
+# device of the same vfabricd (a native process, vhost-user driver) and puts its address under
+# "native-addr" (vm_get native-addr); the host reports its side as native-pingpong-host.
+vm_native_pingpong_server() { echo "VFABRIC-VM: NATIVE pingpong"; }
+
 # net_up: bring eth0 up as 169.254.38.(VFABRIC_VM+1)/24 (two guests only).
 net_up() {
     ip link set lo up
