@@ -2,11 +2,14 @@
 # Installs what virtio-fabric needs on a fresh Debian machine, only when missing.
 # Debian packages: libfabric (headers, library and the fi_* tools used as baselines and by the
 # provider tests), libclang (bindgen), valgrind (callgrind cost figures), iproute2 (netns tests),
-# libpmem2 (vfabricd persists persistent-memory regions with it), strace (a pmem test traces msync).
+# libpmem2 (vfabricd persists persistent-memory regions with it), strace (a pmem test traces msync),
+# debian-archive-keyring and xz-utils (scripts/vm-test.sh checks the packages it fetches against
+# the archive keys and unpacks the guest kernel with xz; both are on most Debian systems).
 set -euo pipefail
 
 need=()
-for pkg in libfabric-dev libfabric-bin libclang-dev valgrind iproute2 pkg-config libpmem2-dev strace; do
+for pkg in libfabric-dev libfabric-bin libclang-dev valgrind iproute2 pkg-config libpmem2-dev strace \
+    debian-archive-keyring xz-utils; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
         need+=("$pkg")
     fi
