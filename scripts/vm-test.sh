@@ -292,7 +292,9 @@ stage_bin() { # SRC DEST
     stage_closure "$1"
 }
 stage_bin "$BINS"/vfabric /opt/vfabric/bin/vfabric
-for t in "$BINS"/vf_*_test; do [ -x "$t" ] && stage_bin "$t" "/opt/vfabric/bin/${t##*/}"; done
+for t in "$BINS"/vf_*_test; do
+    if [ -x "$t" ]; then stage_bin "$t" "/opt/vfabric/bin/${t##*/}"; fi
+done
 PROVIDER=""
 if [ -f "$BINS"/prov/libvfabric-fi.so ]; then
     stage_bin "$BINS"/prov/libvfabric-fi.so /opt/vfabric/prov/libvfabric-fi.so
