@@ -3,11 +3,14 @@
 # Debian packages: libfabric (headers, library and the fi_* tools used as baselines and by the
 # provider tests), libclang (bindgen), valgrind (callgrind cost figures), iproute2 (netns tests),
 # libpmem2 (vfabricd persists persistent-memory regions with it), strace (a pmem test traces msync),
-# python3 (scripts/spec_latex.py checks the spec's LaTeX chapter; standard library only).
+# python3 (scripts/spec_latex.py checks the spec's LaTeX chapter; standard library only),
+# debian-archive-keyring and xz-utils (scripts/vm-test.sh checks the packages it fetches against
+# the archive keys and unpacks the guest kernel with xz; both are on most Debian systems).
 set -euo pipefail
 
 need=()
-for pkg in libfabric-dev libfabric-bin libclang-dev valgrind iproute2 pkg-config libpmem2-dev strace python3; do
+for pkg in libfabric-dev libfabric-bin libclang-dev valgrind iproute2 pkg-config libpmem2-dev strace python3 \
+    debian-archive-keyring xz-utils; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
         need+=("$pkg")
     fi

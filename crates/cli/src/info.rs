@@ -54,10 +54,14 @@ fn print_info(i: &Info, verbose: bool) {
     println!("    device: {}", i.device_path.display());
     println!("    version: {}", env!("CARGO_PKG_VERSION"));
     println!("    type: {}", i.ep_type.name());
-    println!(
-        "    protocol: FI_PROTO_VFABRIC (virtio device id {})",
-        vfabric::proto::VIRTIO_ID_FABRIC
-    );
+    // The id the daemon announces (`vfabricd --device-id`), else what this driver binds to.
+    match vfabric::announced_device_id(&i.vendor_attrs) {
+        Some(id) => println!("    protocol: FI_PROTO_VFABRIC (virtio device id {id})"),
+        None => println!(
+            "    protocol: FI_PROTO_VFABRIC (virtio device id {}, configured)",
+            vfabric::configured_device_id().map_or_else(|e| e.to_string(), |id| id.to_string())
+        ),
+    }
     println!(
         "    fabric id: {:x}  node: {:#018x}  vendor: {:#06x}",
         i.fabric_id, i.node_addr, i.vendor_id

@@ -170,9 +170,9 @@ pub struct Config {
     pub fabric_id: u32,
     /// Host id within the fabric (bits 31..16 of every node address).
     pub host_id: u16,
-    /// Virtio device id the frontend is expected to expose (default 56, provisional). vhost-user
-    /// does not carry it (the frontend sets it, e.g. QEMU's `virtio-id=`): the daemon only logs it
-    /// and reports it as the vendor attribute `virtio_device_id`, so tools can compare the two.
+    /// Virtio device id announced in QUERY_CAPS (vendor attribute `virtio_device_id`) for the
+    /// frontend and the guest driver to match (default 56; 1..=63, the ids virtio-pci can
+    /// express).
     pub device_id: u32,
     /// Bounded spin (microseconds) re-checking the avail rings after work was found; 0 = none.
     pub poll_us: u64,
@@ -256,7 +256,7 @@ impl Config {
     /// devices = 2                     # with socket_dir: vfabric0.sock, vfabric1.sock
     /// fabric_id = 0x5eed              # default: drawn at random at start
     /// host_id = 1
-    /// device_id = 56
+    /// device_id = 56                  # 38 behind QEMU (docs/spec.md §1)
     /// poll_us = 50
     /// socket_mode = "0660"            # octal string (or 0o660); default: per umask
     /// socket_group = "kvm"            # group name or numeric id
@@ -332,6 +332,13 @@ impl Config {
             return Err(Error::Config(
                 "fabric_id 0 is reserved (the unspecified address)".into(),
             ));
+        }
+        if vfabric_proto::virtio_pci_device_id(self.device_id).is_none() {
+            return Err(Error::Config(format!(
+                "device_id {} out of range 1..={} (the ids virtio-pci can express)",
+                self.device_id,
+                vfabric_proto::MAX_PCI_VIRTIO_ID
+            )));
         }
         for (i, a) in self.sockets.iter().enumerate() {
             if self.sockets[..i].contains(a) {
@@ -653,6 +660,21 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.limits.num_queues(), 5);
         assert_eq!(c.device_id, VIRTIO_ID_FABRIC);
+    }
+
+    #[test]
+    fn device_ids_outside_virtio_pci_are_refused() {
+        let mut c = Config::new(vec!["/tmp/x.sock".into()]);
+        c.device_id = vfabric_proto::VIRTIO_ID_FABRIC_QEMU_STANDIN;
+        c.validate().unwrap();
+        for bad in [0, 64, 65535] {
+            c.device_id = bad;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("device_id"), "{bad}: {e}");
+        }
+        let t = Config::from_toml_str("socket_path = \"/tmp/x\"\ndevice_id = 38\n").unwrap();
+        assert_eq!(t.device_id, 38);
+        t.validate().unwrap();
     }
 
     #[test]

@@ -72,9 +72,10 @@ struct Args {
     /// Milliseconds of silence after which a peer host is reported down (default 3000).
     #[arg(long, requires = "uplink")]
     peer_timeout_ms: Option<u64>,
-    /// Virtio device id the frontend exposes (default 56, provisional; QEMU 8.2-11.1 need a
-    /// stand-in such as 38). Only logged and reported (vendor attribute `virtio_device_id`).
-    #[arg(long)]
+    /// Virtio device id, 1..=63 (default 56, the provisional id; QEMU 8.2-11.1 abort on 56, so
+    /// behind QEMU's generic vhost-user device use the stand-in 38 and set the same number as its
+    /// virtio-id and as the guest driver's VFABRIC_DEVICE_ID).
+    #[arg(long, value_parser = vfabric_proto::parse_device_id)]
     device_id: Option<u32>,
     /// Spin budget in microseconds after work was found (0 disables polling).
     #[arg(long)]

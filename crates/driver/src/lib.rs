@@ -73,6 +73,7 @@ pub mod av;
 pub mod commit;
 mod control;
 pub mod cq;
+pub mod device_id;
 pub mod domain;
 pub mod endpoint;
 mod external;
@@ -88,6 +89,7 @@ mod virtqueue;
 pub use av::{AddressVector, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
 pub use commit::{CommitEvent, CommitHandler};
 pub use cq::{CompletionQueue, CqAttr, CqEntry, CqErrEntry, WaitMode};
+pub use device_id::{announced_device_id, configured_device_id};
 pub use domain::{DeviceCounters, Domain, DomainAttr, DomainStats, Fabric};
 pub use endpoint::INJECT_CALL;
 pub use endpoint::{

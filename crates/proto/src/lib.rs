@@ -13,8 +13,54 @@ pub use vm_memory::{ByteValued, Le16, Le32, Le64};
 pub mod caps;
 pub use caps::{CapEntry, CapValue, CapsBuilder, CapsParser};
 
-/// Provisional virtio device ID of the fabric device (free range 50–63, PCI-expressible).
+/// Provisional virtio device ID of the fabric device (free range 50–63, PCI-expressible): the
+/// id to register with the virtio technical committee, and the default of `vfabricd
+/// --device-id` and of drivers ([`DEVICE_ID_ENV`]). See docs/spec.md §1.
 pub const VIRTIO_ID_FABRIC: u32 = 56;
+
+/// Stand-in device ID for running the device behind QEMU's generic vhost-user device:
+/// QEMU 8.2–11.1 abort on a virtio id missing from their name table, 56 among them. 38 is
+/// QEMU's "virtio-param-serv", which no Linux driver claims (PCI id 1af4:1066). Daemon and
+/// drivers must then both be configured with it (`vfabricd --device-id 38`,
+/// `VFABRIC_DEVICE_ID=38`).
+pub const VIRTIO_ID_FABRIC_QEMU_STANDIN: u32 = 38;
+
+/// Environment variable naming the virtio device id a driver binds to (decimal or 0x-hex,
+/// 1..=[`MAX_PCI_VIRTIO_ID`]; default [`VIRTIO_ID_FABRIC`]).
+pub const DEVICE_ID_ENV: &str = "VFABRIC_DEVICE_ID";
+
+/// PCI vendor id of virtio devices.
+pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
+
+/// Largest virtio device id a modern virtio-pci device can carry (PCI device ids
+/// 0x1040..=0x107f).
+pub const MAX_PCI_VIRTIO_ID: u32 = 0x3f;
+
+/// The modern virtio-pci device id (`0x1040 + id`) of virtio device id `virtio_id`, `None`
+/// if virtio-pci cannot express it.
+pub fn virtio_pci_device_id(virtio_id: u32) -> Option<u16> {
+    match virtio_id {
+        1..=MAX_PCI_VIRTIO_ID => u16::try_from(0x1040 + virtio_id).ok(),
+        _ => None,
+    }
+}
+
+/// Parse a virtio device id as configured (`vfabricd --device-id`, [`DEVICE_ID_ENV`]):
+/// decimal or 0x-hex, 1..=[`MAX_PCI_VIRTIO_ID`] (the ids virtio-pci can express).
+pub fn parse_device_id(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse::<u32>(),
+    };
+    match parsed {
+        Ok(id) if virtio_pci_device_id(id).is_some() => Ok(id),
+        _ => Err(format!(
+            "virtio device id {s:?}: expected 1..={MAX_PCI_VIRTIO_ID} (decimal or 0x-hex; \
+             virtio-pci ids end at 0x107f = 0x1040 + {MAX_PCI_VIRTIO_ID})"
+        )),
+    }
+}
 
 /// Vendor id this implementation reports by default (ASCII "VF").
 pub const VENDOR_ID_VFABRIC: u32 = 0x5646;
@@ -1122,6 +1168,35 @@ mod tests {
         assert!(!tag_matches(0x10, 0, 0x11));
         assert!(tag_matches(0x10, 0xf, 0x1f));
         assert!(!tag_matches(0x10, 0xf, 0x20));
+    }
+
+    #[test]
+    fn device_ids_map_onto_virtio_pci() {
+        assert_eq!(virtio_pci_device_id(VIRTIO_ID_FABRIC), Some(0x1078));
+        assert_eq!(
+            virtio_pci_device_id(VIRTIO_ID_FABRIC_QEMU_STANDIN),
+            Some(0x1066)
+        );
+        assert_eq!(virtio_pci_device_id(MAX_PCI_VIRTIO_ID), Some(0x107f));
+        assert_eq!(virtio_pci_device_id(0), None);
+        assert_eq!(virtio_pci_device_id(64), None);
+        assert_eq!(parse_device_id("38"), Ok(38));
+        assert_eq!(parse_device_id(" 0x26 "), Ok(38));
+        assert_eq!(parse_device_id("0X3f"), Ok(63));
+        for bad in [
+            "0",
+            "64",
+            "65535",
+            "-1",
+            "",
+            "0x",
+            "x26",
+            "38a",
+            "4294967334",
+        ] {
+            let e = parse_device_id(bad).unwrap_err();
+            assert!(e.contains("1..=63"), "{bad:?}: {e}");
+        }
     }
 
     proptest! {

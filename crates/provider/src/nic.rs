@@ -117,7 +117,10 @@ pub fn nic_of(dev: &Info) -> *mut sys::fid_nic {
     let node = vfabric::FabricAddr::new(dev.node_addr, 0, 0);
     nic_new(NicFields {
         name: dev.domain_name.clone(),
-        device_id: "virtio-fabric (56)".into(),
+        device_id: match vfabric::announced_device_id(&dev.vendor_attrs) {
+            Some(id) => format!("virtio-fabric ({id})"),
+            None => "virtio-fabric".into(),
+        },
         device_version: format!("features {}", dev.feature_names.join(",")),
         vendor_id: format!("{:#x}", dev.vendor_id),
         driver: "vfabric".into(),
