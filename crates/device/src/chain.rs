@@ -452,6 +452,8 @@ pub(crate) fn implemented(op: Opcode) -> bool {
             | EpClose
             | Cancel
             | AddrCheck
+            | SvcBind
+            | SvcResolve
             | Send
             | TSend
             | Recv

@@ -284,6 +284,8 @@ pub enum Opcode {
     MrDereg = 0x0005,
     Cancel = 0x0006,
     AddrCheck = 0x0007,
+    SvcBind = 0x0008,
+    SvcResolve = 0x0009,
     // TX queue
     Send = 0x0101,
     TSend = 0x0102,
@@ -310,6 +312,8 @@ impl Opcode {
             0x0005 => MrDereg,
             0x0006 => Cancel,
             0x0007 => AddrCheck,
+            0x0008 => SvcBind,
+            0x0009 => SvcResolve,
             0x0101 => Send,
             0x0102 => TSend,
             0x0201 => RmaWrite,
@@ -618,6 +622,8 @@ pub enum Status {
     /// The target's host is unreachable: its daemon is down, restarted or not answering within
     /// the peer timeout (several hosts only).
     HostUnreach = 15,
+    /// SVC_BIND: the service is bound to another open endpoint.
+    AddrInUse = 16,
 }
 
 impl Status {
@@ -640,6 +646,7 @@ impl Status {
             13 => KeyInUse,
             14 => BadChain,
             15 => HostUnreach,
+            16 => AddrInUse,
             _ => return None,
         })
     }
@@ -662,6 +669,7 @@ impl Status {
             KeyInUse => "key in use",
             BadChain => "malformed descriptor chain",
             HostUnreach => "host unreachable",
+            AddrInUse => "address in use",
         }
     }
 }
@@ -846,7 +854,8 @@ pub fn allowed_flags(op: Opcode) -> u64 {
         Atomic => INJECT | completion | COMMIT_COMPLETE | FENCE,
         FetchAtomic | CompareAtomic => FENCE | DELIVERY_COMPLETE | COMMIT_COMPLETE,
         Flush => SAVE | DELIVERY_COMPLETE | COMMIT_COMPLETE | REMOTE_CQ_DATA | FENCE,
-        QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck => 0,
+        QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck | SvcBind
+        | SvcResolve => 0,
     }
 }
 
@@ -858,6 +867,15 @@ pub mod ep_open {
     pub const TYPE_DGRAM: u64 = 1;
     /// Connected (FI_EP_MSG): RDM plus a peer fixed by the driver's connection manager.
     pub const TYPE_MSG: u64 = 2;
+}
+
+/// The service table (SVC_BIND, SVC_RESOLVE): services name endpoints of one host, as ports
+/// do on an IP host.
+pub mod service {
+    /// Largest service number (services are 1..=MAX, as TCP/UDP ports).
+    pub const MAX: u64 = 65535;
+    /// First service SVC_BIND picks when asked for "any" (`data` = 0).
+    pub const EPHEMERAL_FIRST: u16 = 49152;
 }
 
 /// Tag matching rule shared by device and tests: libfabric's
@@ -935,6 +953,12 @@ mod tests {
         assert!(Request::parse(&r.to_header(), QueueClass::Tx).is_err());
         r.flags = flags::TRANSMIT_COMPLETE | flags::DELIVERY_COMPLETE;
         assert!(Request::parse(&r.to_header(), QueueClass::Tx).is_err());
+        for op in [Opcode::SvcBind, Opcode::SvcResolve] {
+            let mut c = Request::new(op);
+            assert!(Request::parse(&c.to_header(), QueueClass::Control).is_ok());
+            c.flags = flags::INJECT;
+            assert!(Request::parse(&c.to_header(), QueueClass::Control).is_err());
+        }
         r.flags = 1 << 40;
         assert!(matches!(
             Request::parse(&r.to_header(), QueueClass::Tx),

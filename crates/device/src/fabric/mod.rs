@@ -57,6 +57,7 @@ mod matching;
 mod pmem;
 mod remote;
 mod rma;
+mod service;
 
 pub(crate) use remote::Incoming;
 
@@ -327,6 +328,8 @@ pub(crate) struct Fabric {
     outbox: Arc<crate::uplink::remote::Outbox>,
     /// Bytes of messages from other hosts held in unexpected queues.
     remote_held_bytes: AtomicU64,
+    /// This host's service table (SVC_BIND / SVC_RESOLVE); a leaf lock.
+    services: Mutex<service::Services>,
 }
 
 impl Fabric {
@@ -353,6 +356,7 @@ impl Fabric {
             remote_hosts: crate::uplink::RemoteHosts::new(),
             outbox: Default::default(),
             remote_held_bytes: AtomicU64::new(0),
+            services: Mutex::new(service::Services::default()),
         }
     }
 
@@ -569,6 +573,8 @@ impl Fabric {
                 };
                 self.fail(dev, port, &req, s, n);
             }
+            Opcode::SvcBind => self.op_svc_bind(dev, port, req, n),
+            Opcode::SvcResolve => self.op_svc_resolve(dev, port, req, n),
             Opcode::MrReg => self.op_mr_reg(dev, port, req, n),
             Opcode::MrDereg => self.op_mr_dereg(dev, port, req, n),
             Opcode::MrEvent => self.op_mr_event(dev, port, req, n),
