@@ -147,7 +147,8 @@ pub fn decode(f: Format, b: &[u8]) -> Option<Addr> {
             match family {
                 libc::AF_INET if f != Format::In6 && b.len() >= SIN_LEN => {
                     // SAFETY: `b` holds at least a sockaddr_in; read unaligned.
-                    let sin: libc::sockaddr_in = unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) };
+                    let sin: libc::sockaddr_in =
+                        unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) };
                     let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
                     Some(Addr::Host(SocketAddr::new(
                         IpAddr::V4(ip),
@@ -281,7 +282,9 @@ fn interface_addrs() -> Vec<IpAddr> {
             if fam == libc::AF_INET {
                 // SAFETY: as above.
                 let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-                out.push(IpAddr::V4(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes())));
+                out.push(IpAddr::V4(Ipv4Addr::from(
+                    sin.sin_addr.s_addr.to_ne_bytes(),
+                )));
             } else if fam == libc::AF_INET6 {
                 // SAFETY: as above.
                 let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };

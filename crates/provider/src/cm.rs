@@ -420,10 +420,7 @@ pub unsafe extern "C" fn ep_connect(
         }
         // SAFETY: `addr` is an address of the endpoint's format (fi_connect contract).
         let b = unsafe {
-            std::slice::from_raw_parts(
-                addr.cast::<u8>(),
-                crate::addr::len_at(e.addr_format, addr),
-            )
+            std::slice::from_raw_parts(addr.cast::<u8>(), crate::addr::len_at(e.addr_format, addr))
         };
         let Some(a) = crate::addr::decode(e.addr_format, b) else {
             return -fi::EINVAL;

@@ -459,7 +459,8 @@ unsafe extern "C" fn av_insertsvc(
             Err(e) => return -e,
         };
         // SAFETY: NULL or C strings.
-        let (Some(node), service) = (unsafe { (crate::util::c_str(node), crate::util::c_str(service)) })
+        let (Some(node), service) =
+            (unsafe { (crate::util::c_str(node), crate::util::c_str(service)) })
         else {
             return -fi::EINVAL;
         };
@@ -495,8 +496,7 @@ unsafe extern "C" fn av_insertsvc(
 /// under the name of the domain's format.
 fn insertsvc_host(a: &AvObj, node: &str, service: Option<&str>) -> Result<u64, String> {
     let service = service.ok_or("a host needs a service")?;
-    let svc =
-        crate::addr::parse_service(service).ok_or_else(|| format!("service {service:?}"))?;
+    let svc = crate::addr::parse_service(service).ok_or_else(|| format!("service {service:?}"))?;
     let host = crate::addr::lookup_host(node, svc)
         .into_iter()
         .next()
@@ -544,10 +544,7 @@ unsafe extern "C" fn av_remove(
             if let Err(e) = a.av.remove(x) {
                 rc = -e.errno();
             }
-            a.names
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&x);
+            a.names.lock().unwrap_or_else(|e| e.into_inner()).remove(&x);
         }
         rc
     })
@@ -629,8 +626,10 @@ unsafe extern "C" fn av_straddr(
             let b = unsafe {
                 std::slice::from_raw_parts(addr.cast::<u8>(), crate::addr::len_at(format, addr))
             };
-            crate::addr::decode(format, b)
-                .map_or_else(|| "(invalid address)".into(), |x| crate::addr::to_string(&x))
+            crate::addr::decode(format, b).map_or_else(
+                || "(invalid address)".into(),
+                |x| crate::addr::to_string(&x),
+            )
         };
         // SAFETY: `buf` writable for *len bytes.
         unsafe { copy_str_out(&text, buf, len) };

@@ -64,7 +64,12 @@ impl EpObj {
 
     /// The endpoint's name in its address format (`fi_getname`).
     pub fn name_bytes(&self) -> Result<Vec<u8>, i32> {
-        name_in(self.addr_format, self.src, self.ep.name(), self.ensure_service()?)
+        name_in(
+            self.addr_format,
+            self.src,
+            self.ep.name(),
+            self.ensure_service()?,
+        )
     }
 }
 
@@ -78,7 +83,9 @@ pub fn name_in(
     let a = if format.is_host() {
         let like = match src {
             Some(Addr::Host(s)) => Some(s.ip()),
-            _ if format == Format::In6 => Some(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+            _ if format == Format::In6 => {
+                Some(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+            }
             _ => None,
         };
         Addr::Host(crate::addr::local_name(like, service))

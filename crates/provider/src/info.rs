@@ -265,9 +265,10 @@ const MR_SCALABLE: i32 = sys::fi_mr_mode_FI_MR_SCALABLE as i32;
 
 /// Message ordering the device gives (`msg_order`).
 fn msg_order_of(info: &Info) -> u64 {
-    info.limits
-        .msg_order
-        .map_or(fi::ORDER_SAS, |o| if o & 1 != 0 { fi::ORDER_SAS } else { 0 })
+    info.limits.msg_order.map_or(
+        fi::ORDER_SAS,
+        |o| if o & 1 != 0 { fi::ORDER_SAS } else { 0 },
+    )
 }
 
 /// The `mr_mode` of an answer to hints `h` (`None`: the hints' value cannot be honoured).
@@ -331,8 +332,7 @@ fn mismatch(h: &CHints, info: &Info, ep_type: EpType) -> Option<String> {
     if h.av_type > sys::fi_av_type_FI_AV_TABLE {
         return Some("av_type".into());
     }
-    let cq_data = if info.device_features & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0
-    {
+    let cq_data = if info.device_features & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
         info.limits.max_cq_data_size.unwrap_or(8).min(8) as usize
     } else {
         0
@@ -431,10 +431,9 @@ fn resolve_addresses(
     if let Some(n) = node {
         let a = if n.trim().starts_with("vfab://") || n.trim().starts_with("fi_") {
             match addr::parse_str(n) {
-                Some(Addr::Host(s)) => Addr::Host(std::net::SocketAddr::new(
-                    s.ip(),
-                    svc.unwrap_or(s.port()),
-                )),
+                Some(Addr::Host(s)) => {
+                    Addr::Host(std::net::SocketAddr::new(s.ip(), svc.unwrap_or(s.port())))
+                }
                 Some(a) => a,
                 None => return Err(format!("node {n:?} is no address")),
             }
@@ -445,7 +444,7 @@ fn resolve_addresses(
                 .find(|a| (!want_v6 || a.is_ipv6()) && (!want_v4 || a.is_ipv4()))
                 .or_else(|| all.iter().find(|a| want_v6 && a.is_ipv4()))
                 .copied()
-                .ok_or_else(|| format!("node {n:?} does not resolve"))?;
+                .ok_or_else(|| format!("node {n:?} has no address of the format asked for"))?;
             Addr::Host(pick)
         };
         if flags & fi::SOURCE != 0 {
@@ -469,8 +468,7 @@ fn resolve_addresses(
         .find(|a| matches!(a, Addr::Host(_)))
         .copied();
     let format = match (asked, host) {
-        (Format::Native, Some(a)) | (Format::Sockaddr, Some(a)) => asked.concrete_for(&a),
-        (Format::Sockaddr, None) => Format::In,
+        (Format::Native, Some(a)) => asked.concrete_for(&a),
         (f, _) => f,
     };
     for a in [&h.src, &h.dest].into_iter().flatten() {
