@@ -493,6 +493,11 @@ static void addr_suite(void)
 	CHECK_RC(fi_getinfo(V, "192.0.2.1", port, 0, h, &none), -FI_ENODATA);
 	CHECK_RC(fi_getinfo(V, "127.0.0.1", "no-such-service-name", 0, h, &none), -FI_ENODATA);
 	CHECK_RC(fi_getinfo(V, "no-such-host.invalid", port, 0, h, &none), -FI_ENODATA);
+	/* FI_NUMERICHOST: a numeric address is taken, a name is not looked up. */
+	CHECK_RC(fi_getinfo(V, "localhost", port, FI_NUMERICHOST, h, &none), -FI_ENODATA);
+	OK(fi_getinfo(V, "127.0.0.1", port, FI_NUMERICHOST, h, &none));
+	fi_freeinfo(none);
+	none = NULL;
 	h->addr_format = FI_SOCKADDR_IB;
 	CHECK_RC(fi_getinfo(V, "127.0.0.1", port, 0, h, &none), -FI_ENODATA);
 	h->addr_format = FI_SOCKADDR_IN;
@@ -606,8 +611,18 @@ static void hints_suite(void)
 		OK(getinfo_checked(V, h, &i));
 		if (!(caps[k] & FI_SEND) && !(caps[k] & FI_RECV))
 			CHECK((i->caps & (FI_SEND | FI_RECV)) == (FI_SEND | FI_RECV));
+		/* Primary capabilities (and their modifiers) not selected are not enabled. */
+		uint64_t primary = FI_MSG | FI_TAGGED | FI_RMA | FI_ATOMIC | FI_DIRECTED_RECV |
+				   FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE;
+		for (struct fi_info *x = i; x; x = x->next)
+			CHECK((x->caps & primary & ~(caps[k] | FI_SEND | FI_RECV)) == 0);
 		fi_freeinfo(i);
 	}
+	/* RMA with one modifier: that direction only. */
+	h->caps = FI_RMA | FI_REMOTE_WRITE;
+	OK(getinfo_checked(V, h, &i));
+	CHECK((i->caps & (FI_READ | FI_WRITE | FI_REMOTE_READ | FI_REMOTE_WRITE)) == FI_REMOTE_WRITE);
+	fi_freeinfo(i);
 	/* Caps the provider does not have: no answer at all. */
 	uint64_t missing[] = { FI_MSG | FI_TRIGGER, FI_MSG | FI_NAMED_RX_CTX, FI_MSG | FI_SHARED_AV,
 			       FI_MSG | FI_HMEM, FI_COLLECTIVE | FI_MSG, FI_MSG | FI_SOURCE_ERR,

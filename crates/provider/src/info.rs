@@ -429,6 +429,14 @@ fn resolve_addresses(
     let want_v6 = asked == Format::In6;
     let want_v4 = asked == Format::In;
     if let Some(n) = node {
+        let numeric = n.trim().trim_start_matches('[').trim_end_matches(']');
+        if flags & sys::FI_NUMERICHOST != 0
+            && numeric.parse::<std::net::IpAddr>().is_err()
+            && !n.trim().starts_with("vfab://")
+            && !n.trim().starts_with("fi_")
+        {
+            return Err(format!("FI_NUMERICHOST with node {n:?}"));
+        }
         let a = if n.trim().starts_with("vfab://") || n.trim().starts_with("fi_") {
             match addr::parse_str(n) {
                 Some(Addr::Host(s)) => {
@@ -639,6 +647,14 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         out_caps = (out_caps & !(fi::SEND | fi::RECV)) | (h.caps & (fi::SEND | fi::RECV));
     } else {
         out_caps |= caps & (fi::SEND | fi::RECV);
+    }
+    // The RMA/atomic modifiers (primary modifiers, fi_getinfo(3)) go with RMA or atomics
+    // only: the ones asked for, else both directions of both.
+    let rma_mods = fi::READ | fi::WRITE | fi::REMOTE_READ | fi::REMOTE_WRITE;
+    if out_caps & (fi::RMA | fi::ATOMIC) == 0 {
+        out_caps &= !(rma_mods | fi::RMA_EVENT | fi::RMA_PMEM);
+    } else if h.caps & rma_mods != 0 {
+        out_caps = (out_caps & !rma_mods) | (h.caps & rma_mods);
     }
     if h.caps & fi::SOURCE == 0 && h.caps != 0 {
         out_caps &= !fi::SOURCE;
