@@ -710,6 +710,7 @@ fn c_getinfo_hint_rules() {
 /// the server runs under memcheck (the RDM side's addressing is under memcheck in the `addr`
 /// suite).
 fn client_server_by_host_and_port(ep: &str, host: &str, valgrind: bool) {
+    let _one = valgrind.then(one_memcheck_at_a_time);
     let d = DaemonProcess::start(2, &[]);
     let port = "9228";
     let server_mode = format!("{ep}-server");
@@ -797,9 +798,17 @@ fn c_suite_valgrind(suite: &str, devices: u32) {
     under_valgrind(c_test_binary(), suite, devices, &format!("{suite}: ok"));
 }
 
+/// Memcheck runs one at a time: several at once on a small machine slow each one enough for
+/// a device probe (2 s deadline) to miss.
+fn one_memcheck_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static MEMCHECK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    MEMCHECK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs C test `bin` with argument `arg` under memcheck, `devices` devices of one daemon in
 /// VFABRIC_DEVICES; it must pass, print `ok_line` and leak nothing definitely.
 fn under_valgrind(bin: &Path, arg: &str, devices: u32, ok_line: &str) {
+    let _one = one_memcheck_at_a_time();
     let d = DaemonProcess::start(devices, &[]);
     let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
     let mut c = fi_cmd("valgrind", &socks);
