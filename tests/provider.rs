@@ -779,6 +779,36 @@ fn c_msg_server_by_host_and_port_under_valgrind() {
     client_server_by_host_and_port("msg", "127.0.0.1", true);
 }
 
+/// Several hosts: each host's uplink address names it (QUERY_CAPS HOST_ADDRS); a daemon with an
+/// uplink on 127.0.0.1 and a (silent) peer host at 127.0.0.2 (tests/c/vf_addr_test.c `hosts`).
+#[test]
+fn c_uplink_addresses_name_hosts() {
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let d = DaemonProcess::start(
+        1,
+        &[
+            "--uplink",
+            "tcp;ofi_rxm",
+            "--listen",
+            &listen,
+            "--peer",
+            "2=127.0.0.2",
+        ],
+    );
+    let o = run_with_timeout(
+        fi_cmd(addr_test_binary(), &[&d.sockets[0]])
+            .env("FI_LOG_LEVEL", "warn")
+            .args(["hosts", "127.0.0.2"]),
+        Duration::from_secs(60),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hosts: ok"));
+    // The refusal says why.
+    assert!(t.contains("resolution is local-only"), "{t}");
+}
+
 #[test]
 fn c_addressing_under_valgrind() {
     under_valgrind(addr_test_binary(), "addr", 1, "addr: ok");

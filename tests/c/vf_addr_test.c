@@ -9,6 +9,8 @@
  *   vf_addr_test msg-client HOST PORT     MSG client: fi_connect(info->dest_addr), CM data
  *   vf_addr_test addr                     one process: formats, names, services, errors
  *   vf_addr_test hints                    one process: fi_getinfo(3) hint rules
+ *   vf_addr_test hosts OTHER_IP           daemon with an uplink on 127.0.0.1 and a peer host
+ *                                         at OTHER_IP: uplink addresses name hosts
  *
  * The client and server exchange ROUNDS messages each way and check every byte. Each prints
  * "<mode>: ok" on success; a failed check prints file:line and exits 1.
@@ -543,6 +545,36 @@ static void addr_suite(void)
 	printf("addr: ok\n");
 }
 
+/* ---- Several hosts: uplink addresses name hosts ----------------------------------------- */
+
+/* The device's daemon listens on 127.0.0.1 (host 1) and has a peer host at `other`. */
+static void hosts_suite(const char *other)
+{
+	struct fi_info *h = hints_of(FI_EP_RDM), *i = NULL;
+	/* This host's uplink address names this host: a local service resolves. */
+	struct side a = { 0 };
+	OK(fi_getinfo(V, "127.0.0.1", "47200", FI_SOURCE, h, &a.info));
+	open_fabric(&a, a.info);
+	open_ep(&a, a.info);
+	fi_addr_t x;
+	CHECK_RC(fi_av_insertsvc(a.av, "127.0.0.1", "47200", &x, 0, NULL), 1);
+	/* The peer's uplink address names the peer host: fi_getinfo answers with it... */
+	OK(fi_getinfo(V, other, "47200", 0, h, &i));
+	char want[64];
+	snprintf(want, sizeof(want), "%s", other);
+	check_sin(i->dest_addr, i->dest_addrlen, want, 47200);
+	/* ...but its services are not resolved by this version (local-only): not inserted. */
+	CHECK_RC(fi_av_insert(a.av, i->dest_addr, 1, &x, 0, NULL), 0);
+	CHECK(x == FI_ADDR_NOTAVAIL);
+	fi_freeinfo(i);
+	/* Another host's address is no source address here; an address of no host is nothing. */
+	CHECK_RC(fi_getinfo(V, other, "47201", FI_SOURCE, h, &i), -FI_ENODATA);
+	CHECK_RC(fi_getinfo(V, "192.0.2.1", "47200", 0, h, &i), -FI_ENODATA);
+	close_side(&a);
+	fi_freeinfo(h);
+	printf("hosts: ok\n");
+}
+
 /* ---- fi_getinfo(3) hint rules -------------------------------------------------------------- */
 
 /* fi_getinfo with hints `h`: every answer must honour them; returns the rc. */
@@ -768,9 +800,11 @@ int main(int argc, char **argv)
 		addr_suite();
 	else if (argc == 2 && strcmp(argv[1], "hints") == 0)
 		hints_suite();
+	else if (argc == 3 && strcmp(argv[1], "hosts") == 0)
+		hosts_suite(argv[2]);
 	else {
 		fprintf(stderr, "usage: %s rdm-server PORT | rdm-client HOST PORT | msg-server PORT |"
-				" msg-client HOST PORT | addr | hints\n",
+				" msg-client HOST PORT | addr | hints | hosts OTHER_IP\n",
 			argv[0]);
 		return 2;
 	}

@@ -263,6 +263,19 @@ pub fn is_local(ip: IpAddr) -> bool {
     interface_addrs().contains(&ip)
 }
 
+/// The fabric host an IP address names on the device of `info`: a host's uplink address
+/// (QUERY_CAPS `HOST_ADDRS`) names that host, any other address of this machine the local host.
+pub fn host_of(info: &vfabric::Info, ip: IpAddr) -> Option<u16> {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    if let Some(e) = info.host_addrs.iter().find(|e| e.addr == ip) {
+        return Some(e.host_id);
+    }
+    is_local(ip).then_some((info.node_addr >> 16) as u16)
+}
+
 /// The addresses of this machine's interfaces.
 fn interface_addrs() -> Vec<IpAddr> {
     let mut out = Vec::new();
@@ -311,16 +324,21 @@ pub fn local_name(like: Option<IpAddr>, service: u16) -> SocketAddr {
 }
 
 /// The device endpoint `a` names, resolving a host address through `dom`'s device.
-/// `-FI_EADDRNOTAVAIL` if the host is not one this provider resolves (not this machine) or no
-/// endpoint is bound to the service.
+/// `-FI_EADDRNOTAVAIL` if the address names no host of the fabric or no endpoint is bound to
+/// the service; `-FI_ENOSYS` for a service of another host (resolution is local-only).
 pub fn resolve(dom: &vfabric::Domain, a: &Addr) -> Result<FabricAddr, i32> {
     match a {
         Addr::Native(n) => Ok(*n),
         Addr::Host(s) => {
-            if s.port() == 0 || !is_local(s.ip()) {
+            let info = dom.info();
+            let Some(host_id) = host_of(info, s.ip()) else {
+                return Err(fi::EADDRNOTAVAIL);
+            };
+            if s.port() == 0 {
                 return Err(fi::EADDRNOTAVAIL);
             }
-            let host = dom.info().node_addr & !0xffff;
+            let host = FabricAddr::node_of((info.node_addr >> 32) as u32, host_id, 0);
+            // Another host's services: the device answers UNSUPPORTED (-FI_ENOSYS).
             match dom.resolve_service(host, s.port()) {
                 Ok(Some(n)) => Ok(n),
                 Ok(None) => Err(fi::EADDRNOTAVAIL),

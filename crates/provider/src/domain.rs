@@ -279,13 +279,7 @@ impl AvObj {
         }
         let a = crate::addr::decode(d.addr_format, bytes)
             .ok_or_else(|| format!("not a {:?} address", d.addr_format))?;
-        let n = crate::addr::resolve(&d.dom, &a).map_err(|e| match e {
-            fi::EADDRNOTAVAIL => format!(
-                "{}: no endpoint bound to it on this host",
-                crate::addr::to_string(&a)
-            ),
-            e => format!("{}: error {e}", crate::addr::to_string(&a)),
-        })?;
+        let n = crate::addr::resolve(&d.dom, &a).map_err(|e| resolve_error(&a, e))?;
         let x = self.av.insert(n).map_err(|e| e.to_string())?;
         self.names
             .lock()
@@ -492,6 +486,19 @@ unsafe extern "C" fn av_insertsvc(
     })
 }
 
+/// Why a host address could not be resolved, for the log.
+fn resolve_error(a: &crate::addr::Addr, errno: i32) -> String {
+    let what = crate::addr::to_string(a);
+    match errno {
+        fi::EADDRNOTAVAIL => format!("{what}: no host of the fabric, or nothing bound to it"),
+        fi::ENOSYS => format!(
+            "{what}: a service of another host (resolution is local-only: use that host's \
+             endpoint addresses)"
+        ),
+        e => format!("{what}: error {e}"),
+    }
+}
+
 /// `fi_av_insertsvc` of a host and a service: the endpoint bound to the service, recorded
 /// under the name of the domain's format.
 fn insertsvc_host(a: &AvObj, node: &str, service: Option<&str>) -> Result<u64, String> {
@@ -503,8 +510,7 @@ fn insertsvc_host(a: &AvObj, node: &str, service: Option<&str>) -> Result<u64, S
         .ok_or_else(|| format!("node {node:?} does not resolve"))?;
     let host = crate::addr::Addr::Host(host);
     let d = a.dom();
-    let n = crate::addr::resolve(&d.dom, &host)
-        .map_err(|_| format!("{node}:{service}: no endpoint bound to it on this host"))?;
+    let n = crate::addr::resolve(&d.dom, &host).map_err(|e| resolve_error(&host, e))?;
     let x = a.av.insert(n).map_err(|e| e.to_string())?;
     let format = if d.addr_format.is_host() {
         d.addr_format.concrete_for(&host)

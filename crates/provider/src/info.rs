@@ -387,6 +387,20 @@ fn mismatch(h: &CHints, info: &Info, ep_type: EpType) -> Option<String> {
             return Some("src_addr on another device".into());
         }
     }
+    let this_host = (info.node_addr >> 16) as u16;
+    if let Some(Addr::Host(s)) = &h.src {
+        if addr::host_of(info, s.ip()) != Some(this_host) {
+            return Some(format!("source host {} is not this host", s.ip()));
+        }
+    }
+    if let Some(Addr::Host(d)) = &h.dest {
+        if addr::host_of(info, d.ip()).is_none() {
+            return Some(format!(
+                "host {} is neither this machine nor an uplink address of the fabric",
+                d.ip()
+            ));
+        }
+    }
     None
 }
 
@@ -482,14 +496,6 @@ fn resolve_addresses(
     for a in [&h.src, &h.dest].into_iter().flatten() {
         if addr::encode(format, a).is_none() {
             return Err(format!("{a:?} cannot be given as {format:?}"));
-        }
-        if let Addr::Host(s) = a {
-            if !addr::is_local(s.ip()) {
-                return Err(format!(
-                    "host {} is not this machine (services of other hosts are not resolved)",
-                    s.ip()
-                ));
-            }
         }
     }
     if format.is_host() && h.src.is_none() {

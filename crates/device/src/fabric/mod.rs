@@ -330,6 +330,9 @@ pub(crate) struct Fabric {
     remote_held_bytes: AtomicU64,
     /// This host's service table (SVC_BIND / SVC_RESOLVE); a leaf lock.
     services: Mutex<service::Services>,
+    /// IP addresses naming hosts of the fabric (QUERY_CAPS `HOST_ADDRS`): each host's uplink
+    /// address, resolved at start (empty on one host).
+    host_addrs: Vec<vfabric_proto::caps::HostAddrEntry>,
 }
 
 impl Fabric {
@@ -357,6 +360,7 @@ impl Fabric {
             outbox: Default::default(),
             remote_held_bytes: AtomicU64::new(0),
             services: Mutex::new(service::Services::default()),
+            host_addrs: service::host_addrs(config),
         }
     }
 

@@ -9,7 +9,9 @@
 //! with a bind.
 
 use std::collections::HashMap;
+use std::net::ToSocketAddrs;
 
+use vfabric_proto::caps::HostAddrEntry;
 use vfabric_proto::{service, FabricAddr, Status};
 
 use super::{Fabric, Notify, Port};
@@ -21,7 +23,40 @@ pub(crate) struct Services {
     by_service: HashMap<u16, (FabricAddr, u64)>,
 }
 
+/// The IP addresses of each host's uplink (this host's `listen`, each peer's address), as
+/// QUERY_CAPS `HOST_ADDRS` reports them so that a driver maps a host address to a host id.
+/// Names are resolved once, at start; one that does not resolve is left out (and logged).
+pub(crate) fn host_addrs(config: &crate::config::Config) -> Vec<HostAddrEntry> {
+    let Some(up) = &config.uplink else {
+        return Vec::new();
+    };
+    let mut out: Vec<HostAddrEntry> = Vec::new();
+    let hosts = std::iter::once((config.host_id, up.listen.as_str()))
+        .chain(up.peers.iter().map(|(id, a)| (*id, a.as_str())));
+    for (host_id, addr) in hosts {
+        let Ok((host, _)) = crate::uplink::split_addr(addr) else {
+            continue;
+        };
+        match (host.as_str(), 0u16).to_socket_addrs() {
+            Ok(ips) => {
+                for ip in ips.map(|a| a.ip()) {
+                    if !ip.is_unspecified() && !out.iter().any(|e| e.addr == ip) {
+                        out.push(HostAddrEntry { host_id, addr: ip });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(host_id, addr, %e, "host address does not resolve"),
+        }
+    }
+    out
+}
+
 impl Fabric {
+    /// IP addresses naming hosts of the fabric (QUERY_CAPS `HOST_ADDRS`).
+    pub(super) fn host_addrs(&self) -> &[HostAddrEntry] {
+        &self.host_addrs
+    }
+
     fn services(&self) -> std::sync::MutexGuard<'_, Services> {
         self.services.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -118,5 +153,46 @@ impl Fabric {
     /// Endpoints `gone` says are closed give up their services.
     pub(super) fn release_services(&self, gone: impl Fn(FabricAddr) -> bool) {
         self.services().by_service.retain(|_, (a, _)| !gone(*a));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_addrs_name_every_uplink() {
+        let mut c = crate::config::Config::new(vec!["/t0".into()]);
+        assert!(host_addrs(&c).is_empty(), "one host: none");
+        c.host_id = 1;
+        let mut up = crate::uplink::UplinkConfig::new("tcp", "127.0.0.1:9229");
+        up.peers = vec![
+            (2, "127.0.0.2".into()),
+            (3, "[::1]:9229".into()),
+            (4, "no-such-host.invalid".into()),
+        ];
+        c.uplink = Some(up);
+        let a = host_addrs(&c);
+        let has = |id: u16, ip: &str| {
+            a.iter()
+                .any(|e| e.host_id == id && e.addr == ip.parse::<std::net::IpAddr>().unwrap())
+        };
+        assert!(
+            has(1, "127.0.0.1") && has(2, "127.0.0.2") && has(3, "::1"),
+            "{a:?}"
+        );
+        assert!(
+            a.iter().all(|e| e.host_id != 4),
+            "unresolvable names are left out"
+        );
+        // The QUERY_CAPS encoding round-trips; a bad family or length is refused.
+        let mut v = Vec::new();
+        for e in &a {
+            e.encode(&mut v);
+        }
+        assert_eq!(HostAddrEntry::decode_all(&v).unwrap(), a);
+        assert!(HostAddrEntry::decode_all(&v[..v.len() - 1]).is_none());
+        v[2] = 5;
+        assert!(HostAddrEntry::decode_all(&v).is_none());
     }
 }
