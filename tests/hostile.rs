@@ -1990,7 +1990,7 @@ fn unknown_opcodes() {
         let mut n = 0;
         for q in [CTRL, TX, RX, TX1, RX1] {
             for op in [
-                0x0000u16, 0x0009, 0x00ff, 0x0103, 0x0180, 0x0185, 0x01ff, 0x7777, 0xffff,
+                0x0000u16, 0x000b, 0x00ff, 0x0103, 0x0180, 0x0185, 0x01ff, 0x7777, 0xffff,
             ] {
                 let hd = h.raw_hdr(op, me.ep);
                 let s = h.request(q, hd, &[], 0);

@@ -146,20 +146,26 @@ fn listening(port: u16) -> bool {
     })
 }
 
-/// fi_pingpong server on device 0 and client on device 1, every size, data verified.
+/// fi_pingpong server on device 0 and client on device 1, every size, data verified; the
+/// client addresses the server by host and control port (`-P PORT 127.0.0.1`).
 fn pingpong(ep: &str, extra: &[&str]) {
+    pingpong_to(ep, extra, "127.0.0.1")
+}
+
+/// As [`pingpong`], the client naming the server's host as `host` (`::1` with `-6`).
+fn pingpong_to(ep: &str, extra: &[&str], host: &str) {
     if ep == "dgram" {
         // Datagrams are unreliable by definition: the device drops one that finds no posted
         // receive, and fi_pingpong does not retransmit, so a rare race can stall a run.
         // One retry on a fresh daemon keeps the test about the provider, not the race.
-        if std::panic::catch_unwind(|| pingpong_once(ep, extra)).is_ok() {
+        if std::panic::catch_unwind(|| pingpong_once(ep, extra, host)).is_ok() {
             return;
         }
     }
-    pingpong_once(ep, extra)
+    pingpong_once(ep, extra, host)
 }
 
-fn pingpong_once(ep: &str, extra: &[&str]) {
+fn pingpong_once(ep: &str, extra: &[&str], host: &str) {
     let d = DaemonProcess::start(2, &[]);
     let port = free_port().to_string();
     let mut server = fi_cmd("timeout", &[&d.sockets[0]])
@@ -201,7 +207,7 @@ fn pingpong_once(ep: &str, extra: &[&str]) {
                 &port,
             ])
             .args(extra)
-            .arg("127.0.0.1"),
+            .arg(host),
         Duration::from_secs(60),
     );
     let srv = {
@@ -248,6 +254,90 @@ fn fi_pingpong_dgram() {
 #[test]
 fn fi_pingpong_msg() {
     pingpong("msg", &[]);
+}
+
+#[test]
+fn fi_pingpong_dgram_tagged() {
+    pingpong("dgram", &["-m", "tagged"]);
+}
+
+/// Every endpoint type with the control channel over IPv6 (`-6`, the client naming `::1`).
+#[test]
+fn fi_pingpong_rdm_tagged_ipv6() {
+    pingpong_to("rdm", &["-m", "tagged", "-6"], "::1");
+}
+
+#[test]
+fn fi_pingpong_dgram_ipv6() {
+    pingpong_to("dgram", &["-6"], "::1");
+}
+
+#[test]
+fn fi_pingpong_msg_ipv6() {
+    pingpong_to("msg", &["-6"], "::1");
+}
+
+/// `-e msg -m tagged` runs when the provider offers FI_TAGGED on MSG endpoints; until then
+/// fi_getinfo must refuse it (-FI_ENODATA), never offer the capability and fail later.
+#[test]
+fn fi_pingpong_msg_tagged_or_refused() {
+    let d = DaemonProcess::start(1, &[]);
+    let o = run_with_timeout(
+        fi_cmd("fi_info", &[&d.sockets[0]]).args([
+            "-p",
+            "vfabric",
+            "-t",
+            "FI_EP_MSG",
+            "-c",
+            "FI_TAGGED",
+        ]),
+        Duration::from_secs(30),
+    );
+    if o.status.success() {
+        drop(d);
+        return pingpong("msg", &["-m", "tagged"]);
+    }
+    // fi_pingpong sets up its control connection first, then asks fi_getinfo.
+    let port = free_port().to_string();
+    let pp = |extra: &[&str]| {
+        let mut c = fi_cmd("timeout", &[&d.sockets[0]]);
+        c.args([
+            "30",
+            "fi_pingpong",
+            "-p",
+            "vfabric",
+            "-e",
+            "msg",
+            "-m",
+            "tagged",
+        ])
+        .args(extra);
+        c
+    };
+    let mut server = pp(&["-B", &port])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fi_pingpong server");
+    let port_n: u16 = port.parse().expect("port");
+    let up = virtio_fabric_tests::wait_for(Duration::from_secs(20), || {
+        listening(port_n) || !matches!(server.try_wait(), Ok(None))
+    });
+    assert!(up, "fi_pingpong server did not start");
+    let o = run_with_timeout(
+        pp(&["-P", &port, "127.0.0.1"]).stdin(Stdio::null()),
+        Duration::from_secs(40),
+    );
+    let _ = server.kill();
+    let srv = server.wait_with_output().expect("server output");
+    // The MSG server asks first (for its passive endpoint); the client then sees it go.
+    let t = format!("client: {}\nserver: {}", text(&o), text(&srv));
+    assert!(!o.status.success() && !srv.status.success(), "{t}");
+    assert!(
+        t.contains("fi_getinfo(): util/pingpong.c") && t.contains("ret=-61"),
+        "{t}"
+    );
 }
 
 /// A long fi_pingpong (64-byte messages, effectively endless) on `device`: the client of the
@@ -608,6 +698,151 @@ fn c_rma_event_two_devices() {
     c_suite_on("rma_event", 2);
 }
 
+/// tests/c/vf_addr_test.c: standard addressing and fi_getinfo's hint rules.
+fn addr_test_binary() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| compile_c("vf_addr_test"))
+}
+
+/// Formats, names, services and their errors in one process (tests/c/vf_addr_test.c `addr`).
+#[test]
+fn c_addressing_formats_and_services() {
+    let d = DaemonProcess::start(1, &[]);
+    let o = run_with_timeout(
+        fi_cmd(addr_test_binary(), &[&d.sockets[0]]).arg("addr"),
+        Duration::from_secs(60),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("addr: ok"));
+}
+
+/// fi_getinfo(3)'s rules on caps, mode, ordering, op_flags, mr_mode (FI_MR_UNSPEC for 1.0
+/// callers), addr_format and version (tests/c/vf_addr_test.c `hints`).
+#[test]
+fn c_getinfo_hint_rules() {
+    let d = DaemonProcess::start(1, &[]);
+    let o = run_with_timeout(
+        fi_cmd(addr_test_binary(), &[&d.sockets[0]]).arg("hints"),
+        Duration::from_secs(60),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hints: ok"));
+}
+
+/// A server process on device 0 bound to a service, a client process on device 1 that knows
+/// only `host` and the port (`ep`: `rdm` or `msg`); both check every byte. With `valgrind`,
+/// the server runs under memcheck (the RDM side's addressing is under memcheck in the `addr`
+/// suite).
+fn client_server_by_host_and_port(ep: &str, host: &str, valgrind: bool) {
+    let _one = valgrind.then(one_memcheck_at_a_time);
+    let d = DaemonProcess::start(2, &[]);
+    let port = "9228";
+    let server_mode = format!("{ep}-server");
+    let mut server = if valgrind {
+        let mut c = fi_cmd("valgrind", &[&d.sockets[0]]);
+        c.args([
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+            "--error-exitcode=99",
+        ])
+        .arg(addr_test_binary());
+        c
+    } else {
+        fi_cmd(addr_test_binary(), &[&d.sockets[0]])
+    };
+    // Warnings (a failed device probe, a refused address) explain a failure.
+    let mut server = server
+        .env("FI_LOG_LEVEL", "warn")
+        .args([server_mode.as_str(), port])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    // The client retries until the server's service is bound (it may start first).
+    let client = run_with_timeout(
+        fi_cmd(addr_test_binary(), &[&d.sockets[1]])
+            .env("FI_LOG_LEVEL", "warn")
+            .args([&format!("{ep}-client"), host, port]),
+        Duration::from_secs(90),
+    );
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while matches!(server.try_wait(), Ok(None)) && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = server.kill();
+    let srv = server.wait_with_output().expect("server output");
+    assert!(
+        client.status.success(),
+        "client: {}\nserver: {}",
+        text(&client),
+        text(&srv)
+    );
+    assert!(srv.status.success(), "server: {}", text(&srv));
+    assert!(String::from_utf8_lossy(&srv.stdout).contains(&format!("{ep}-server: ok")));
+    assert!(String::from_utf8_lossy(&client.stdout).contains(&format!("{ep}-client: ok")));
+}
+
+#[test]
+fn c_rdm_client_server_by_127_0_0_1_and_port() {
+    client_server_by_host_and_port("rdm", "127.0.0.1", false);
+}
+
+#[test]
+fn c_rdm_client_server_by_host_name_and_port() {
+    client_server_by_host_and_port("rdm", "localhost", false);
+}
+
+#[test]
+fn c_msg_client_connects_with_only_host_and_port() {
+    client_server_by_host_and_port("msg", "127.0.0.1", false);
+}
+
+#[test]
+fn c_msg_server_by_host_and_port_under_valgrind() {
+    client_server_by_host_and_port("msg", "127.0.0.1", true);
+}
+
+/// Several hosts: each host's uplink address names it (QUERY_CAPS HOST_ADDRS); a daemon with an
+/// uplink on 127.0.0.1 and a (silent) peer host at 127.0.0.2 (tests/c/vf_addr_test.c `hosts`).
+#[test]
+fn c_uplink_addresses_name_hosts() {
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let d = DaemonProcess::start(
+        1,
+        &[
+            "--uplink",
+            "tcp;ofi_rxm",
+            "--listen",
+            &listen,
+            "--peer",
+            "2=127.0.0.2",
+        ],
+    );
+    let o = run_with_timeout(
+        fi_cmd(addr_test_binary(), &[&d.sockets[0]])
+            .env("FI_LOG_LEVEL", "warn")
+            .args(["hosts", "127.0.0.2"]),
+        Duration::from_secs(60),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hosts: ok"));
+    // The refusal says why.
+    assert!(t.contains("resolution is local-only"), "{t}");
+}
+
+#[test]
+fn c_addressing_under_valgrind() {
+    under_valgrind(addr_test_binary(), "addr", 1, "addr: ok");
+}
+
+#[test]
+fn c_getinfo_hint_rules_under_valgrind() {
+    under_valgrind(addr_test_binary(), "hints", 1, "hints: ok");
+}
+
 /// Runs `suite` under valgrind's memcheck: any memory error, or a definite leak, fails it
 /// (exit 99). No suppressions: the provider is linked `-z nodelete` (crates/provider/build.rs),
 /// so libfabric's dlclose leaves the heap owned by its statics reachable, and
@@ -617,9 +852,17 @@ fn c_suite_valgrind(suite: &str, devices: u32) {
     under_valgrind(c_test_binary(), suite, devices, &format!("{suite}: ok"));
 }
 
+/// Memcheck runs one at a time: several at once on a small machine slow each one enough for
+/// a device probe (2 s deadline) to miss.
+fn one_memcheck_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static MEMCHECK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    MEMCHECK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs C test `bin` with argument `arg` under memcheck, `devices` devices of one daemon in
 /// VFABRIC_DEVICES; it must pass, print `ok_line` and leak nothing definitely.
 fn under_valgrind(bin: &Path, arg: &str, devices: u32, ok_line: &str) {
+    let _one = one_memcheck_at_a_time();
     let d = DaemonProcess::start(devices, &[]);
     let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
     let mut c = fi_cmd("valgrind", &socks);

@@ -146,7 +146,7 @@ static void suite_errors(void)
 	hints->caps = FI_MSG | FI_COLLECTIVE;
 	CHECK_RC(fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &out), -FI_ENODATA);
 	hints->caps = FI_MSG;
-	hints->addr_format = FI_SOCKADDR_IN;
+	hints->addr_format = FI_SOCKADDR_IB;
 	CHECK_RC(fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &out), -FI_ENODATA);
 	hints->addr_format = FI_FORMAT_UNSPEC;
 	hints->domain_attr->name = strdup("no-such-device");

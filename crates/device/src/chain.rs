@@ -456,6 +456,8 @@ pub(crate) fn implemented(op: Opcode) -> bool {
             | EpClose
             | Cancel
             | AddrCheck
+            | SvcBind
+            | SvcResolve
             | Send
             | TSend
             | Recv

@@ -315,6 +315,8 @@ const OPCODES: &[Opcode] = &[
     Opcode::EpClose,
     Opcode::QueryCaps,
     Opcode::AddrCheck,
+    Opcode::SvcBind,
+    Opcode::SvcResolve,
     Opcode::Cancel,
     Opcode::MrReg,
     Opcode::MrDereg,

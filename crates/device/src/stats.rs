@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vfabric_proto::Status;
 
-/// Number of `Status` codes (0..=15).
-const NUM_STATUS: usize = 16;
+/// Number of `Status` codes (0..=16).
+const NUM_STATUS: usize = Status::AddrInUse as usize + 1;
 
 /// Live counters of one device.
 #[derive(Debug, Default)]

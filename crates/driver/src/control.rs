@@ -238,6 +238,39 @@ impl DomainInner {
     }
 }
 
+impl DomainInner {
+    /// SVC_BIND: bind `service` (0: any free one) to endpoint `ep`; the service bound.
+    pub(crate) fn svc_bind(&self, ep: u32, service: u16) -> Result<u16> {
+        let mut req = Request::new(Opcode::SvcBind);
+        req.ep = ep;
+        req.data = service.into();
+        let r = self.control_ok(req, 0)?;
+        u16::try_from(u64::from(r.completion.data))
+            .ok()
+            .filter(|s| *s != 0 && (service == 0 || *s == service))
+            .ok_or_else(|| {
+                Error::Transport(format!(
+                    "SVC_BIND of {service} answered {:?}",
+                    r.completion.data
+                ))
+            })
+    }
+
+    /// SVC_RESOLVE: the endpoint bound to `service` on the host of node address `host`
+    /// (`None`: nothing is bound to it).
+    pub(crate) fn svc_resolve(&self, host: u64, service: u16) -> Result<Option<FabricAddr>> {
+        let mut req = Request::new(Opcode::SvcResolve);
+        req.peer = FabricAddr::new(host, 0, 0);
+        req.data = service.into();
+        let r = self.control(req, 0)?;
+        match r.status {
+            Status::Ok => Ok(Some(FabricAddr::from_wire(&r.completion.src))),
+            Status::AddrNotAvail => Ok(None),
+            s => Err(Error::Device(s)),
+        }
+    }
+}
+
 /// EP_OPEN type code for an endpoint type.
 pub(crate) fn ep_type_code(t: crate::endpoint::EpType) -> Result<u64> {
     use crate::endpoint::EpType;

@@ -298,6 +298,13 @@ impl Domain {
         self.inner.commit_reply_sync(id, value)
     }
 
+    /// SVC_RESOLVE: the endpoint bound to `service` on the host that node address `host`
+    /// names (`Ok(None)`: no endpoint is bound to it; `Err(Device(Unsupported))`: the device
+    /// does not resolve that host's services).
+    pub fn resolve_service(&self, host: u64, service: u16) -> Result<Option<FabricAddr>> {
+        self.inner.svc_resolve(host, service)
+    }
+
     /// ADDR_CHECK: is `addr` an open endpoint on the fabric?
     pub fn addr_check(&self, addr: &FabricAddr) -> Result<bool> {
         self.inner.addr_check(addr)

@@ -397,6 +397,13 @@ impl Endpoint {
         self.shared.id
     }
 
+    /// SVC_BIND: bind `service` (0: any free one) of this host's service table to this
+    /// endpoint until it closes; the service bound. `Err(Device(AddrInUse))` if another
+    /// endpoint holds it (`-FI_EADDRINUSE`).
+    pub fn bind_service(&self, service: u16) -> Result<u16> {
+        self.domain.svc_bind(self.shared.id, service)
+    }
+
     fn check_same_domain(&self, other: &Arc<DomainInner>) -> Result<()> {
         if !Arc::ptr_eq(&self.domain, other) {
             return Err(Error::InvalidArgument("object of another domain".into()));

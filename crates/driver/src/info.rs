@@ -80,6 +80,9 @@ pub struct Info {
     /// Other hosts of the fabric the device reaches (QUERY_CAPS `REMOTE_HOSTS`; empty on one
     /// host).
     pub remote_hosts: Vec<proto::caps::RemoteHostEntry>,
+    /// IP addresses naming hosts of the fabric (QUERY_CAPS `HOST_ADDRS`: each host's uplink
+    /// address; empty on one host).
+    pub host_addrs: Vec<proto::caps::HostAddrEntry>,
     pub vendor_id: u32,
     /// Feature bits the device offers.
     pub device_features: u64,
@@ -193,6 +196,15 @@ impl Info {
                 .find_map(|c| match (&c.value, c.vendor, c.key) {
                     (CapValue::Bytes(b), 0, key::REMOTE_HOSTS) => {
                         proto::caps::RemoteHostEntry::decode_all(b)
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default(),
+            host_addrs: e
+                .iter()
+                .find_map(|c| match (&c.value, c.vendor, c.key) {
+                    (CapValue::Bytes(b), 0, key::HOST_ADDRS) => {
+                        proto::caps::HostAddrEntry::decode_all(b)
                     }
                     _ => None,
                 })

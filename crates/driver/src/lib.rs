@@ -161,6 +161,7 @@ pub mod fi {
     pub const ENOMSG: i32 = 42;
     pub const ENODATA: i32 = 61;
     pub const EMSGSIZE: i32 = 90;
+    pub const EADDRINUSE: i32 = 98;
     pub const EADDRNOTAVAIL: i32 = 99;
     pub const ESHUTDOWN: i32 = 108;
     pub const ETIMEDOUT: i32 = 110;
@@ -201,6 +202,7 @@ pub fn status_errno(status: Status) -> i32 {
         Status::HostUnreach => fi::EHOSTUNREACH,
         Status::CommitRefused => fi::EIO,
         Status::TimedOut => fi::ETIMEDOUT,
+        Status::AddrInUse => fi::EADDRINUSE,
     }
 }
 

@@ -82,6 +82,10 @@ pub mod key {
     /// Other hosts of the fabric the device can reach (several hosts): BYTES, one
     /// [`RemoteHostEntry`](crate::caps::RemoteHostEntry) (8 bytes) per host. Absent on one host.
     pub const REMOTE_HOSTS: u16 = 25;
+    /// The IP addresses that name hosts of the fabric (several hosts: each host's uplink
+    /// address): BYTES, one [`HostAddrEntry`](crate::caps::HostAddrEntry) (20 bytes) per
+    /// address. Absent on one host.
+    pub const HOST_ADDRS: u16 = 26;
     /// With VIRTIO_FABRIC_F_RMA_PMEM: the coarsest store granularity of the device's persistent
     /// regions (U64: 0 byte, 1 cache line, 2 page); each PMEM MR_REG reports its own (§6.17).
     pub const PMEM_GRANULARITY: u16 = 40;
@@ -148,6 +152,55 @@ impl RemoteHostEntry {
                 })
                 .collect(),
         )
+    }
+}
+
+/// One entry of the `HOST_ADDRS` capability: 20 bytes, little-endian: `le16 host_id`,
+/// `le16 family` (4 or 6), 16 address bytes (an IPv4 address in the first 4, network order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostAddrEntry {
+    pub host_id: u16,
+    pub addr: std::net::IpAddr,
+}
+
+impl HostAddrEntry {
+    pub const LEN: usize = 20;
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.host_id.to_le_bytes());
+        let mut a = [0u8; 16];
+        let family: u16 = match self.addr {
+            std::net::IpAddr::V4(v4) => {
+                a[..4].copy_from_slice(&v4.octets());
+                4
+            }
+            std::net::IpAddr::V6(v6) => {
+                a.copy_from_slice(&v6.octets());
+                6
+            }
+        };
+        out.extend_from_slice(&family.to_le_bytes());
+        out.extend_from_slice(&a);
+    }
+
+    /// Decode a whole `HOST_ADDRS` value (None if its length is not a multiple of 20 or an
+    /// entry has an unknown family).
+    pub fn decode_all(b: &[u8]) -> Option<Vec<Self>> {
+        if !b.len().is_multiple_of(Self::LEN) {
+            return None;
+        }
+        b.chunks_exact(Self::LEN)
+            .map(|c| {
+                let host_id = u16::from_le_bytes([c[0], c[1]]);
+                let a: [u8; 16] = c[4..20].try_into().ok()?;
+                let addr = match u16::from_le_bytes([c[2], c[3]]) {
+                    4 => std::net::IpAddr::from([a[0], a[1], a[2], a[3]]),
+                    6 => std::net::IpAddr::from(a),
+                    _ => return None,
+                };
+                Some(Self { host_id, addr })
+            })
+            .collect()
     }
 }
 

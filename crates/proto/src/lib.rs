@@ -332,6 +332,8 @@ pub enum Opcode {
     AddrCheck = 0x0007,
     /// The target driver's verdict on a commit event (spec §6.17.3).
     CommitReply = 0x0008,
+    SvcBind = 0x0009,
+    SvcResolve = 0x000a,
     // TX queue
     Send = 0x0101,
     TSend = 0x0102,
@@ -361,6 +363,8 @@ impl Opcode {
             0x0006 => Cancel,
             0x0007 => AddrCheck,
             0x0008 => CommitReply,
+            0x0009 => SvcBind,
+            0x000a => SvcResolve,
             0x0101 => Send,
             0x0102 => TSend,
             0x0201 => RmaWrite,
@@ -767,6 +771,8 @@ pub enum Status {
     CommitRefused = 16,
     /// The target driver did not answer a commit event within the device's commit timeout.
     TimedOut = 17,
+    /// SVC_BIND: the service is bound to another open endpoint.
+    AddrInUse = 18,
 }
 
 impl Status {
@@ -791,6 +797,7 @@ impl Status {
             15 => HostUnreach,
             16 => CommitRefused,
             17 => TimedOut,
+            18 => AddrInUse,
             _ => return None,
         })
     }
@@ -815,6 +822,7 @@ impl Status {
             HostUnreach => "host unreachable",
             CommitRefused => "commit refused by the target's handler",
             TimedOut => "the target did not answer the commit in time",
+            AddrInUse => "address in use",
         }
     }
 }
@@ -999,7 +1007,8 @@ pub fn allowed_flags(op: Opcode) -> u64 {
         Atomic => INJECT | completion | COMMIT_COMPLETE | FENCE,
         FetchAtomic | CompareAtomic => FENCE | DELIVERY_COMPLETE | COMMIT_COMPLETE,
         Flush => SAVE | DELIVERY_COMPLETE | COMMIT_COMPLETE | REMOTE_CQ_DATA | FENCE,
-        QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck | CommitReply => 0,
+        QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck | CommitReply | SvcBind
+        | SvcResolve => 0,
     }
 }
 
@@ -1011,6 +1020,15 @@ pub mod ep_open {
     pub const TYPE_DGRAM: u64 = 1;
     /// Connected (FI_EP_MSG): RDM plus a peer fixed by the driver's connection manager.
     pub const TYPE_MSG: u64 = 2;
+}
+
+/// The service table (SVC_BIND, SVC_RESOLVE): services name endpoints of one host, as ports
+/// do on an IP host.
+pub mod service {
+    /// Largest service number (services are 1..=MAX, as TCP/UDP ports).
+    pub const MAX: u64 = 65535;
+    /// First service SVC_BIND picks when asked for "any" (`data` = 0).
+    pub const EPHEMERAL_FIRST: u16 = 49152;
 }
 
 /// Tag matching rule shared by device and tests: libfabric's
@@ -1149,6 +1167,12 @@ mod tests {
         assert!(Request::parse(&r.to_header(), QueueClass::Tx).is_err());
         r.flags = flags::TRANSMIT_COMPLETE | flags::DELIVERY_COMPLETE;
         assert!(Request::parse(&r.to_header(), QueueClass::Tx).is_err());
+        for op in [Opcode::SvcBind, Opcode::SvcResolve] {
+            let mut c = Request::new(op);
+            assert!(Request::parse(&c.to_header(), QueueClass::Control).is_ok());
+            c.flags = flags::INJECT;
+            assert!(Request::parse(&c.to_header(), QueueClass::Control).is_err());
+        }
         r.flags = 1 << 40;
         assert!(matches!(
             Request::parse(&r.to_header(), QueueClass::Tx),

@@ -27,6 +27,7 @@ use vfabric::{
     FabricAddr,
 };
 
+use crate::addr::{Addr, Format};
 use crate::domain::DomainObj;
 use crate::ep::EpObj;
 use crate::fabric::{eq_cm_bytes, eq_entry_bytes, ops_ptr, EqEvent, EqObj, EqSource, FabricObj};
@@ -52,13 +53,23 @@ struct CmMsg {
     kind: u32,
     data_addr: FabricAddr,
     cm_addr: FabricAddr,
+    /// The sender's data endpoint's service (0: none), for addresses of host formats.
+    service: u16,
     payload: Vec<u8>,
 }
 
-fn encode(kind: u32, data_addr: FabricAddr, cm_addr: FabricAddr, payload: &[u8]) -> Vec<u8> {
+/// Header: `le32 kind`, `le16 payload length`, `le16 service`, data address, CM address.
+fn encode(
+    kind: u32,
+    data_addr: FabricAddr,
+    cm_addr: FabricAddr,
+    service: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut v = Vec::with_capacity(HDR + payload.len());
     v.extend_from_slice(&kind.to_le_bytes());
-    v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    v.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+    v.extend_from_slice(&service.to_le_bytes());
     v.extend_from_slice(&data_addr.to_bytes());
     v.extend_from_slice(&cm_addr.to_bytes());
     v.extend_from_slice(payload);
@@ -70,7 +81,8 @@ fn decode(b: &[u8]) -> Option<CmMsg> {
         return None;
     }
     let kind = u32::from_le_bytes(b[0..4].try_into().ok()?);
-    let len = u32::from_le_bytes(b[4..8].try_into().ok()?) as usize;
+    let len = u16::from_le_bytes(b[4..6].try_into().ok()?) as usize;
+    let service = u16::from_le_bytes(b[6..8].try_into().ok()?);
     let data_addr = FabricAddr::from_bytes(&b[8..24]).ok()?;
     let cm_addr = FabricAddr::from_bytes(&b[24..40]).ok()?;
     let payload = b.get(HDR..HDR + len)?.to_vec();
@@ -78,6 +90,7 @@ fn decode(b: &[u8]) -> Option<CmMsg> {
         kind,
         data_addr,
         cm_addr,
+        service,
         payload,
     })
 }
@@ -178,8 +191,10 @@ struct ConnInner {
     /// Peer's data and CM endpoints once known.
     peer: Option<(FabricAddr, FabricAddr)>,
     peer_fi_addr: Option<u64>,
-    /// Server side: the request being accepted (peer data and CM addresses).
-    pending: Option<(FabricAddr, FabricAddr)>,
+    /// The peer's service (host formats' `fi_getpeer`).
+    peer_service: u16,
+    /// Server side: the request being accepted (peer data and CM addresses, service).
+    pending: Option<(FabricAddr, FabricAddr, u16)>,
     /// The CONNREQ handle this endpoint was opened with; freed by accept or close.
     handle: SendPtr<ConnReq>,
     connected: bool,
@@ -214,7 +229,7 @@ impl Conn {
             // SAFETY: a non-NULL handle of an fi_info for FI_EP_MSG is the connreq fid we
             // created in pep progress (class checked).
             let r = unsafe { obj::<ConnReq>(info.handle, sys::FI_CLASS_CONNREQ) }?;
-            inner.pending = Some((r.data_addr, r.cm_addr));
+            inner.pending = Some((r.data_addr, r.cm_addr, r.service));
             inner.handle = SendPtr(info.handle.cast());
         }
         Ok(Conn {
@@ -276,6 +291,7 @@ impl Conn {
                 KIND_SHUTDOWN,
                 self.state.data_addr,
                 self.state.cm.ep.name(),
+                0,
                 &[],
             );
             let _ = self.state.cm.send_to(cm, &m, CTX_SEND);
@@ -312,6 +328,7 @@ impl EqSource for ConnState {
                         continue;
                     };
                     g.peer = Some((m.data_addr, m.cm_addr));
+                    g.peer_service = m.service;
                     g.peer_fi_addr = Some(a);
                     g.connected = true;
                     self.cm.watch(m.cm_addr);
@@ -401,10 +418,23 @@ pub unsafe extern "C" fn ep_connect(
         if !c.state.bound.load(Ordering::Acquire) {
             return -(sys::FI_ENOEQ as i32);
         }
-        // SAFETY: a vfabric address is 16 bytes.
-        let b = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), crate::info::ADDR_LEN) };
-        let Ok(to) = FabricAddr::from_bytes(b) else {
+        // SAFETY: `addr` is an address of the endpoint's format (fi_connect contract).
+        let b = unsafe {
+            std::slice::from_raw_parts(addr.cast::<u8>(), crate::addr::len_at(e.addr_format, addr))
+        };
+        let Some(a) = crate::addr::decode(e.addr_format, b) else {
             return -fi::EINVAL;
+        };
+        // SAFETY: the domain outlives its endpoints (ParentRef).
+        let dom = unsafe { &(*e.domain).dom };
+        // A host and a service: the passive endpoint bound to it, through the device.
+        let to = match crate::addr::resolve(dom, &a) {
+            Ok(t) => t,
+            Err(err) => return -err,
+        };
+        let service = match e.ensure_service() {
+            Ok(s) => s,
+            Err(err) => return -err,
         };
         let data = match private_data(e, param, paramlen) {
             Ok(d) => d,
@@ -416,7 +446,13 @@ pub unsafe extern "C" fn ep_connect(
                 return -fi::EINVAL;
             }
         }
-        let m = encode(KIND_CONNREQ, c.state.data_addr, c.state.cm.ep.name(), &data);
+        let m = encode(
+            KIND_CONNREQ,
+            c.state.data_addr,
+            c.state.cm.ep.name(),
+            service,
+            &data,
+        );
         match c.state.cm.send_to(to, &m, CTX_CONNREQ) {
             Ok(()) => 0,
             Err(err) => -err,
@@ -443,13 +479,23 @@ pub unsafe extern "C" fn ep_accept(
             Ok(d) => d,
             Err(err) => return -err,
         };
+        let service = match e.ensure_service() {
+            Ok(s) => s,
+            Err(err) => return -err,
+        };
         let mut g = c.lock();
-        let Some((peer_data, peer_cm)) = g.pending.take() else {
+        let Some((peer_data, peer_cm, peer_service)) = g.pending.take() else {
             return -fi::EINVAL;
         };
-        let m = encode(KIND_ACCEPT, c.state.data_addr, c.state.cm.ep.name(), &data);
+        let m = encode(
+            KIND_ACCEPT,
+            c.state.data_addr,
+            c.state.cm.ep.name(),
+            service,
+            &data,
+        );
         if let Err(err) = c.state.cm.send_to(peer_cm, &m, CTX_SEND) {
-            g.pending = Some((peer_data, peer_cm));
+            g.pending = Some((peer_data, peer_cm, peer_service));
             return -err;
         }
         let a = match c.state.data_av.insert(peer_data) {
@@ -458,6 +504,7 @@ pub unsafe extern "C" fn ep_accept(
         };
         Conn::free_handle(&mut g);
         g.peer = Some((peer_data, peer_cm));
+        g.peer_service = peer_service;
         g.peer_fi_addr = Some(a);
         g.connected = true;
         c.state.cm.watch(peer_cm);
@@ -499,45 +546,44 @@ pub unsafe extern "C" fn ep_getpeer(
             return -fi::EINVAL;
         }
         // SAFETY: consumer passes one of our endpoints.
-        let (_, c) = match unsafe { msg_ep(ep) } {
+        let (e, c) = match unsafe { msg_ep(ep) } {
             Ok(x) => x,
             Err(err) => return -err,
         };
-        let Some((peer, _)) = c.lock().peer else {
-            return -(sys::FI_ENOTCONN as i32);
+        let (peer, service) = {
+            let g = c.lock();
+            let Some((peer, _)) = g.peer else {
+                return -(sys::FI_ENOTCONN as i32);
+            };
+            (peer, g.peer_service)
         };
-        let b = peer.to_bytes();
+        let b = match crate::ep::name_in(e.addr_format, e.src, peer, service) {
+            Ok(b) => b,
+            Err(err) => return -err,
+        };
         // SAFETY: `addrlen` valid; `addr` writable for *addrlen bytes when large enough.
-        unsafe {
-            let cap = *addrlen;
-            *addrlen = b.len();
-            if cap < b.len() || addr.is_null() {
-                return -fi::ETOOSMALL;
-            }
-            std::ptr::copy_nonoverlapping(b.as_ptr(), addr.cast::<u8>(), b.len());
-        }
-        0
+        unsafe { crate::addr::copy_out(&b, addr, addrlen) }
     })
 }
 
-/// Local address of an endpoint or passive endpoint (`fi_getname`).
+/// Local address of an endpoint or passive endpoint (`fi_getname`), in its address format.
 ///
 /// # Safety
 /// `fid` is NULL or one of our endpoints / passive endpoints.
-pub unsafe fn local_name(fid: *mut sys::fid) -> Result<FabricAddr, i32> {
+pub unsafe fn local_name(fid: *mut sys::fid) -> Result<Vec<u8>, i32> {
     if fid.is_null() {
         return Err(fi::EINVAL);
     }
     // SAFETY: non-NULL fid.
     match unsafe { (*fid).fclass } as u32 {
         // SAFETY: class checked.
-        sys::FI_CLASS_EP => Ok(unsafe { obj::<EpObj>(fid, sys::FI_CLASS_EP) }?.ep.name()),
-        // SAFETY: class checked.
-        sys::FI_CLASS_PEP => Ok(unsafe { obj::<PepObj>(fid, sys::FI_CLASS_PEP) }?
-            .state
-            .cm
-            .ep
-            .name()),
+        sys::FI_CLASS_EP => unsafe { obj::<EpObj>(fid, sys::FI_CLASS_EP) }?.name_bytes(),
+        sys::FI_CLASS_PEP => {
+            // SAFETY: class checked.
+            let p = unsafe { obj::<PepObj>(fid, sys::FI_CLASS_PEP) }?;
+            let st = &p.state;
+            crate::ep::name_in(st.format, st.src, st.cm.ep.name(), st.service)
+        }
         _ => Err(fi::EINVAL),
     }
 }
@@ -552,6 +598,7 @@ pub struct ConnReq {
     fid: sys::fid,
     data_addr: FabricAddr,
     cm_addr: FabricAddr,
+    service: u16,
 }
 
 static CONNREQ_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
@@ -578,6 +625,11 @@ unsafe extern "C" fn connreq_close(fid: *mut sys::fid) -> c_int {
 
 struct PepState {
     cm: CmEndpoint,
+    /// Address format and source address of the info it was opened with, and the service its
+    /// CM endpoint is bound to (0: none, native format).
+    format: Format,
+    src: Option<Addr>,
+    service: u16,
     device: std::path::PathBuf,
     /// Template for CONNREQ infos (fi_dupinfo'd at open; freed with the pep).
     info: SendPtr<sys::fi_info>,
@@ -617,8 +669,11 @@ impl EqSource for PepState {
                 },
                 data_addr: m.data_addr,
                 cm_addr: m.cm_addr,
+                service: m.service,
             }));
-            let dest = m.data_addr.to_bytes();
+            // The client's address in the listener's format (`info->dest_addr`).
+            let dest = crate::ep::name_in(self.format, self.src, m.data_addr, m.service)
+                .unwrap_or_else(|_| m.data_addr.to_bytes().to_vec());
             // SAFETY: `info` is a fresh fi_dupinfo copy we own; dest_addr is replaced by a
             // malloc'd copy (fi_freeinfo frees it).
             unsafe {
@@ -731,14 +786,41 @@ pub unsafe extern "C" fn passive_ep_open(
                 return -e;
             }
         };
+        let format = Format::from_fi(i.addr_format).unwrap_or(Format::Native);
+        // SAFETY: fi_info's src_addr is valid for src_addrlen bytes.
+        let src = (!i.src_addr.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(i.src_addr.cast::<u8>(), i.src_addrlen) })
+            .and_then(|b| crate::addr::decode(format, b));
+        // A listener of a host format takes its service now, so that its name is known at
+        // once and a taken service fails here (-FI_EADDRINUSE).
+        let service = if format.is_host() {
+            let want = match src {
+                Some(Addr::Host(s)) => s.port(),
+                _ => 0,
+            };
+            match cm.ep.bind_service(want) {
+                Ok(s) => s,
+                Err(e) => {
+                    drop(cm);
+                    crate::domain::release(&dev.device_path);
+                    return -errno_of(&e, sys::fi_log_subsys_FI_LOG_EP_CTRL);
+                }
+            }
+        } else {
+            0
+        };
         // SAFETY: valid consumer info.
         let tmpl = unsafe { sys::fi_dupinfo(info) };
         if tmpl.is_null() {
+            drop(cm);
             crate::domain::release(&dev.device_path);
             return -fi::ENOMEM;
         }
         let state = Arc::new(PepState {
             cm,
+            format,
+            src,
+            service,
             device: dev.device_path.clone(),
             info: SendPtr(tmpl),
             listening: AtomicBool::new(false),
@@ -860,6 +942,7 @@ unsafe extern "C" fn pep_reject(
             KIND_REJECT,
             FabricAddr::default(),
             p.state.cm.ep.name(),
+            0,
             &data,
         );
         let rc = match p.state.cm.send_to(r.cm_addr, &m, CTX_SEND) {

@@ -30,6 +30,9 @@ pub struct DomainObj {
     pub info: Info,
     pub av_type: u32,
     pub mr_mode: i32,
+    /// Address format of the `fi_info` the domain was opened with: the format of the
+    /// addresses its AVs take and give.
+    pub addr_format: crate::addr::Format,
     /// The domain was opened with FI_RMA_EVENT in its caps: regions with remote access count
     /// remote accesses (a counter may be bound with `fi_mr_bind`).
     pub rma_event: bool,
@@ -147,6 +150,8 @@ pub unsafe extern "C" fn domain_open(
             info: dev,
             av_type: da.av_type,
             mr_mode: da.mr_mode,
+            addr_format: crate::addr::Format::from_fi(i.addr_format)
+                .unwrap_or(crate::addr::Format::Native),
             rma_event: i.caps & fi::RMA_EVENT != 0,
             next_key: AtomicU64::new(1),
             multi: Default::default(),
@@ -254,7 +259,34 @@ pub struct AvObj {
     pub domain: *const DomainObj,
     pub av: AddressVector,
     pub av_type: u32,
+    /// Names inserted in a host format, by `fi_addr` (what `fi_av_lookup` gives back).
+    names: Mutex<std::collections::HashMap<u64, Vec<u8>>>,
     pub refs: Refs,
+}
+
+impl AvObj {
+    fn dom(&self) -> &DomainObj {
+        // SAFETY: the domain outlives its AVs (ParentRef).
+        unsafe { &*self.domain }
+    }
+
+    /// Insert one address of the domain's format (a host format's through the device's
+    /// service table).
+    fn insert_one(&self, bytes: &[u8]) -> Result<u64, String> {
+        let d = self.dom();
+        if d.addr_format == crate::addr::Format::Native {
+            return self.av.insert_bytes(bytes).map_err(|e| e.to_string());
+        }
+        let a = crate::addr::decode(d.addr_format, bytes)
+            .ok_or_else(|| format!("not a {:?} address", d.addr_format))?;
+        let n = crate::addr::resolve(&d.dom, &a).map_err(|e| resolve_error(&a, e))?;
+        let x = self.av.insert(n).map_err(|e| e.to_string())?;
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(x, bytes.to_vec());
+        Ok(x)
+    }
 }
 
 static AV_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
@@ -322,6 +354,7 @@ unsafe extern "C" fn av_open(
             domain: d,
             av: handle,
             av_type,
+            names: Mutex::new(Default::default()),
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer.
@@ -366,26 +399,28 @@ unsafe extern "C" fn av_insert(
         if flags & !(fi::MORE | SYNC_ERR) != 0 {
             return -fi::EBADFLAGS;
         }
+        let format = a.dom().addr_format;
         let mut n = 0;
+        let mut at = addr.cast::<u8>();
         for k in 0..count {
-            // SAFETY: `addr` holds `count` addresses of ADDR_LEN bytes each.
+            // SAFETY: `addr` holds `count` addresses of the domain's format, one after the
+            // other.
             let b = unsafe {
-                std::slice::from_raw_parts(
-                    addr.cast::<u8>().add(k * crate::info::ADDR_LEN),
-                    crate::info::ADDR_LEN,
-                )
+                let len = crate::addr::len_at(format, at.cast());
+                let b = std::slice::from_raw_parts(at, len);
+                at = at.add(len);
+                b
             };
-            let r = a.av.insert_bytes(b);
+            let r = a.insert_one(b);
             match &r {
                 // Say why: the count returned only says that some address was refused.
                 Err(e) => crate::util::warn(
                     sys::fi_log_subsys_FI_LOG_AV,
                     &format!("fi_av_insert: address {k} refused: {e}"),
                 ),
-                Ok(_) => {
-                    if let Ok(peer) = vfabric::FabricAddr::from_bytes(b) {
-                        // SAFETY: the domain outlives its AVs (ParentRef).
-                        if let Some(w) = unsafe { &*a.domain }.watch() {
+                Ok(x) => {
+                    if let Ok(peer) = a.av.lookup(*x) {
+                        if let Some(w) = a.dom().watch() {
                             w.watch(peer);
                         }
                     }
@@ -406,7 +441,7 @@ unsafe extern "C" fn av_insert(
 unsafe extern "C" fn av_insertsvc(
     av: *mut sys::fid_av,
     node: *const c_char,
-    _service: *const c_char,
+    service: *const c_char,
     fi_addr: *mut u64,
     _flags: u64,
     _context: *mut c_void,
@@ -417,11 +452,18 @@ unsafe extern "C" fn av_insertsvc(
             Ok(a) => a,
             Err(e) => return -e,
         };
-        // SAFETY: NULL or a C string.
-        let Some(node) = (unsafe { crate::util::c_str(node) }) else {
+        // SAFETY: NULL or C strings.
+        let (Some(node), service) =
+            (unsafe { (crate::util::c_str(node), crate::util::c_str(service)) })
+        else {
             return -fi::EINVAL;
         };
-        match a.av.insert_str(&node) {
+        let r = if service.is_none() && node.trim().starts_with("vfab://") {
+            a.av.insert_str(&node).map_err(|e| e.to_string())
+        } else {
+            insertsvc_host(a, &node, service.as_deref())
+        };
+        match r {
             Ok(x) => {
                 if !fi_addr.is_null() {
                     // SAFETY: room for one entry.
@@ -434,10 +476,56 @@ unsafe extern "C" fn av_insertsvc(
                     sys::fi_log_subsys_FI_LOG_AV,
                     &format!("fi_av_insertsvc: {e}"),
                 );
+                if !fi_addr.is_null() {
+                    // SAFETY: room for one entry.
+                    unsafe { *fi_addr = vfabric::FI_ADDR_NOTAVAIL };
+                }
                 0
             }
         }
     })
+}
+
+/// Why a host address could not be resolved, for the log.
+fn resolve_error(a: &crate::addr::Addr, errno: i32) -> String {
+    let what = crate::addr::to_string(a);
+    match errno {
+        fi::EADDRNOTAVAIL => format!("{what}: no host of the fabric, or nothing bound to it"),
+        fi::ENOSYS => format!(
+            "{what}: a service of another host (resolution is local-only: use that host's \
+             endpoint addresses)"
+        ),
+        e => format!("{what}: error {e}"),
+    }
+}
+
+/// `fi_av_insertsvc` of a host and a service: the endpoint bound to the service, recorded
+/// under the name of the domain's format.
+fn insertsvc_host(a: &AvObj, node: &str, service: Option<&str>) -> Result<u64, String> {
+    let service = service.ok_or("a host needs a service")?;
+    let svc = crate::addr::parse_service(service).ok_or_else(|| format!("service {service:?}"))?;
+    let host = crate::addr::lookup_host(node, svc)
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("node {node:?} does not resolve"))?;
+    let host = crate::addr::Addr::Host(host);
+    let d = a.dom();
+    let n = crate::addr::resolve(&d.dom, &host).map_err(|e| resolve_error(&host, e))?;
+    let x = a.av.insert(n).map_err(|e| e.to_string())?;
+    let format = if d.addr_format.is_host() {
+        d.addr_format.concrete_for(&host)
+    } else {
+        crate::addr::Format::Native
+    };
+    if format.is_host() {
+        if let Some(b) = crate::addr::encode(format, &host) {
+            a.names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(x, b);
+        }
+    }
+    Ok(x)
 }
 
 unsafe extern "C" fn av_remove(
@@ -462,6 +550,7 @@ unsafe extern "C" fn av_remove(
             if let Err(e) = a.av.remove(x) {
                 rc = -e.errno();
             }
+            a.names.lock().unwrap_or_else(|e| e.into_inner()).remove(&x);
         }
         rc
     })
@@ -486,7 +575,13 @@ unsafe extern "C" fn av_lookup(
             Ok(x) => x,
             Err(_) => return -fi::ENOENT,
         };
-        let bytes = x.to_bytes();
+        let named = a
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fi_addr)
+            .cloned();
+        let bytes = named.unwrap_or_else(|| x.to_bytes().to_vec());
         // SAFETY: `addrlen` valid; `addr` NULL or writable for *addrlen bytes.
         unsafe {
             let n = (*addrlen).min(bytes.len());
@@ -516,7 +611,7 @@ pub unsafe fn addr_string(addr: *const c_void) -> String {
 }
 
 unsafe extern "C" fn av_straddr(
-    _av: *mut sys::fid_av,
+    av: *mut sys::fid_av,
     addr: *const c_void,
     buf: *mut c_char,
     len: *mut usize,
@@ -525,9 +620,25 @@ unsafe extern "C" fn av_straddr(
         return std::ptr::null();
     }
     let r = std::panic::catch_unwind(|| {
-        // SAFETY: `addr` is one of our addresses (16 bytes) per the fi_av_straddr contract;
-        // `buf` writable for *len bytes.
-        unsafe { copy_str_out(&addr_string(addr), buf, len) };
+        // SAFETY: consumer passes one of our AVs (NULL: the native format).
+        let format = unsafe { obj::<AvObj>(av.cast(), sys::FI_CLASS_AV) }
+            .map_or(crate::addr::Format::Native, |a| a.dom().addr_format);
+        let text = if format == crate::addr::Format::Native || addr.is_null() {
+            // SAFETY: `addr` is one of our addresses (16 bytes) per the fi_av_straddr
+            // contract.
+            unsafe { addr_string(addr) }
+        } else {
+            // SAFETY: `addr` is an address of the domain's format.
+            let b = unsafe {
+                std::slice::from_raw_parts(addr.cast::<u8>(), crate::addr::len_at(format, addr))
+            };
+            crate::addr::decode(format, b).map_or_else(
+                || "(invalid address)".into(),
+                |x| crate::addr::to_string(&x),
+            )
+        };
+        // SAFETY: `buf` writable for *len bytes.
+        unsafe { copy_str_out(&text, buf, len) };
     });
     if r.is_err() {
         return std::ptr::null();

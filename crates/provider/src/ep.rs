@@ -3,11 +3,12 @@
 //! `sendmsg`/`tsendmsg`/`recvmsg`/`trecvmsg`; the RMA and atomic tables are in `rma`.
 
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 use vfabric::{fi, BindFlags, Endpoint, EpAttr, EpType, Iov, Msg, TaggedMsg, FI_ADDR_UNSPEC};
 
+use crate::addr::{Addr, Format};
 use crate::domain::{AvObj, CqObj, DomainObj};
 use crate::fabric::ops_ptr;
 use crate::sys;
@@ -32,7 +33,66 @@ pub struct EpObj {
     pub cm_data_size: AtomicUsize,
     /// Connection state of an FI_EP_MSG endpoint.
     pub conn: Option<crate::cm::Conn>,
+    /// Address format of the `fi_info` the endpoint was created from.
+    pub addr_format: Format,
+    /// Its source address (a host format's: the service to bind, 0 for any).
+    pub src: Option<Addr>,
+    /// The service bound in the host's service table (0: none yet).
+    pub service: AtomicU16,
     pub refs: Refs,
+}
+
+impl EpObj {
+    /// Bind the endpoint's service if its format names services and it has none yet: its
+    /// source service, or any free one. The service bound.
+    pub fn ensure_service(&self) -> Result<u16, i32> {
+        let have = self.service.load(Ordering::Acquire);
+        if have != 0 || !self.addr_format.is_host() {
+            return Ok(have);
+        }
+        let want = match self.src {
+            Some(Addr::Host(s)) => s.port(),
+            _ => 0,
+        };
+        let got = self
+            .ep
+            .bind_service(want)
+            .map_err(|e| errno_of(&e, sys::fi_log_subsys_FI_LOG_EP_CTRL))?;
+        self.service.store(got, Ordering::Release);
+        Ok(got)
+    }
+
+    /// The endpoint's name in its address format (`fi_getname`).
+    pub fn name_bytes(&self) -> Result<Vec<u8>, i32> {
+        name_in(
+            self.addr_format,
+            self.src,
+            self.ep.name(),
+            self.ensure_service()?,
+        )
+    }
+}
+
+/// The name of an endpoint (device address `native`, bound to `service`) in `format`.
+pub fn name_in(
+    format: Format,
+    src: Option<Addr>,
+    native: vfabric::FabricAddr,
+    service: u16,
+) -> Result<Vec<u8>, i32> {
+    let a = if format.is_host() {
+        let like = match src {
+            Some(Addr::Host(s)) => Some(s.ip()),
+            _ if format == Format::In6 => {
+                Some(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+            }
+            _ => None,
+        };
+        Addr::Host(crate::addr::local_name(like, service))
+    } else {
+        Addr::Native(native)
+    };
+    crate::addr::encode(format, &a).ok_or(fi::EINVAL)
 }
 
 static EP_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
@@ -205,6 +265,19 @@ pub unsafe extern "C" fn endpoint_open(
         } else {
             None
         };
+        let addr_format = Format::from_fi(i.addr_format).unwrap_or(Format::Native);
+        // SAFETY: fi_info's src_addr is valid for src_addrlen bytes.
+        let src = (!i.src_addr.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(i.src_addr.cast::<u8>(), i.src_addrlen) })
+            .and_then(|b| crate::addr::decode(addr_format, b))
+            .map(|a| match a {
+                // An endpoint accepting a connection request shares the listener's source
+                // address; the service stays the listener's, the endpoint takes any other.
+                Addr::Host(h) if !i.handle.is_null() => {
+                    Addr::Host(std::net::SocketAddr::new(h.ip(), 0))
+                }
+                a => a,
+            });
         let obj = Box::new(EpObj {
             fid: ep_fid(context),
             // SAFETY: the domain refuses to close while this count is held.
@@ -219,6 +292,9 @@ pub unsafe extern "C" fn endpoint_open(
             min_multi_recv: AtomicUsize::new(DEFAULT_MIN_MULTI_RECV),
             cm_data_size: AtomicUsize::new(crate::info::CM_DATA_SIZE),
             conn,
+            addr_format,
+            src,
+            service: AtomicU16::new(0),
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer; the consumer owns the box until fi_close.
@@ -330,7 +406,12 @@ unsafe extern "C" fn ep_control(fid: *mut sys::fid, cmd: c_int, arg: *mut c_void
         };
         match cmd as u32 {
             sys::FI_ENABLE => match e.ep.enable() {
-                Ok(()) => 0,
+                // An endpoint of a host format takes its service now (-FI_EADDRINUSE if
+                // another endpoint holds it).
+                Ok(()) => match e.ensure_service() {
+                    Ok(_) => 0,
+                    Err(err) => -err,
+                },
                 Err(err) => -errno_of(&err, sys::fi_log_subsys_FI_LOG_EP_CTRL),
             },
             sys::FI_GETOPSFLAG | sys::FI_SETOPSFLAG => {
@@ -462,21 +543,12 @@ pub unsafe extern "C" fn ep_getname(
             return -fi::EINVAL;
         }
         // SAFETY: fid is an endpoint or passive endpoint of ours.
-        let name = match unsafe { crate::cm::local_name(fid) } {
+        let b = match unsafe { crate::cm::local_name(fid) } {
             Ok(n) => n,
             Err(e) => return -e,
         };
-        let b = name.to_bytes();
         // SAFETY: `addrlen` valid; `addr` writable for *addrlen bytes when large enough.
-        unsafe {
-            let cap = *addrlen;
-            *addrlen = b.len();
-            if cap < b.len() || addr.is_null() {
-                return -fi::ETOOSMALL;
-            }
-            std::ptr::copy_nonoverlapping(b.as_ptr(), addr.cast::<u8>(), b.len());
-        }
-        0
+        unsafe { crate::addr::copy_out(&b, addr, addrlen) }
     })
 }
 
@@ -488,7 +560,7 @@ pub unsafe extern "C" fn ep_setname(
     addrlen: usize,
 ) -> c_int {
     guard(|| {
-        if addr.is_null() || addrlen != crate::info::ADDR_LEN {
+        if addr.is_null() || addrlen == 0 {
             return -fi::EINVAL;
         }
         // SAFETY: fid is an endpoint or passive endpoint of ours.
@@ -498,7 +570,7 @@ pub unsafe extern "C" fn ep_setname(
         };
         // SAFETY: `addr` readable for `addrlen` bytes.
         let b = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), addrlen) };
-        if b == name.to_bytes() {
+        if b == name.as_slice() {
             0
         } else {
             -fi::EINVAL

@@ -8,7 +8,9 @@
 use std::ffi::c_void;
 use std::path::PathBuf;
 
-use vfabric::{fi, proto, EpType, FabricAddr, Hints, Info};
+use vfabric::{fi, proto, EpType, Hints, Info};
+
+use crate::addr::{self, Addr, Format};
 
 use crate::sys;
 use crate::util::{c_str, c_strdup, debug, warn};
@@ -103,16 +105,28 @@ struct CHints {
     caps: u64,
     mode: u64,
     addr_format: u32,
-    src: Option<FabricAddr>,
-    dest: Option<Vec<u8>>,
+    /// Source and destination addresses as given (decoded once the format is known).
+    src_raw: Option<Vec<u8>>,
+    dest_raw: Option<Vec<u8>>,
+    /// Decoded addresses (hints, then node/service).
+    src: Option<Addr>,
+    dest: Option<Addr>,
     ep_type: u32,
+    protocol: u32,
     max_msg_size: usize,
+    mem_tag_format: u64,
+    ep_ctx_cnt: usize,
+    max_order_size: usize,
+    auth_key: bool,
     inject_size: usize,
     domain_name: Option<String>,
     fabric_name: Option<String>,
     mr_mode: i32,
+    mr_key_size: usize,
+    domain_caps: u64,
     av_type: u32,
     threading: u32,
+    resource_mgmt: u32,
     data_progress: u32,
     control_progress: u32,
     tx_size: usize,
@@ -120,12 +134,25 @@ struct CHints {
     tx_iov_limit: usize,
     rx_iov_limit: usize,
     cq_data_size: usize,
-    bad: bool,
+    msg_order: u64,
+    comp_order: u64,
+    tx_op_flags: u64,
+    rx_op_flags: u64,
+    /// The API version the consumer asked for.
+    version: u32,
+    /// The address format of the answer.
+    format: Option<Format>,
 }
 
-/// Parse a node string as a vfabric address (`vfab://FABRIC.HOST.DEV/EP.GEN`).
-fn parse_node(s: &str) -> Option<FabricAddr> {
-    s.trim().parse().ok()
+/// # Safety
+/// `p` is NULL or readable for `len` bytes.
+unsafe fn raw_addr(p: *const c_void, len: usize) -> Option<Vec<u8>> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: per the contract (a consumer's address of `len` bytes); bounded so a bogus
+    // length cannot make us read far.
+    Some(unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len.min(4096)) }.to_vec())
 }
 
 /// # Safety
@@ -140,35 +167,24 @@ unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
     h.caps = hi.caps;
     h.mode = hi.mode;
     h.addr_format = hi.addr_format;
-    if !hi.src_addr.is_null() {
-        if hi.src_addrlen != ADDR_LEN {
-            h.bad = true;
-        } else {
-            // SAFETY: src_addr is valid for src_addrlen (= 16) bytes.
-            let b = unsafe { std::slice::from_raw_parts(hi.src_addr.cast::<u8>(), ADDR_LEN) };
-            match FabricAddr::from_bytes(b) {
-                Ok(a) => h.src = Some(a),
-                Err(_) => h.bad = true,
-            }
-        }
-    }
-    if !hi.dest_addr.is_null() {
-        if hi.dest_addrlen != ADDR_LEN {
-            h.bad = true;
-        } else {
-            // SAFETY: dest_addr is valid for dest_addrlen (= 16) bytes.
-            let b = unsafe { std::slice::from_raw_parts(hi.dest_addr.cast::<u8>(), ADDR_LEN) };
-            if FabricAddr::from_bytes(b).is_err() {
-                h.bad = true;
-            }
-            h.dest = Some(b.to_vec());
-        }
+    // SAFETY: fi_info's address pointers are valid for their lengths.
+    unsafe {
+        h.src_raw = raw_addr(hi.src_addr, hi.src_addrlen);
+        h.dest_raw = raw_addr(hi.dest_addr, hi.dest_addrlen);
     }
     if !hi.ep_attr.is_null() {
         // SAFETY: non-NULL attribute of a valid fi_info.
         let ep = unsafe { &*hi.ep_attr };
         h.ep_type = ep.type_;
+        h.protocol = ep.protocol;
         h.max_msg_size = ep.max_msg_size;
+        h.mem_tag_format = ep.mem_tag_format;
+        h.ep_ctx_cnt = ep.tx_ctx_cnt.max(ep.rx_ctx_cnt);
+        h.max_order_size = ep
+            .max_order_raw_size
+            .max(ep.max_order_war_size)
+            .max(ep.max_order_waw_size);
+        h.auth_key = !ep.auth_key.is_null() || ep.auth_key_size > 0;
     }
     if !hi.tx_attr.is_null() {
         // SAFETY: as above.
@@ -177,6 +193,9 @@ unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
         h.inject_size = tx.inject_size;
         h.tx_size = tx.size;
         h.tx_iov_limit = tx.iov_limit;
+        h.msg_order |= tx.msg_order;
+        h.comp_order |= tx.comp_order;
+        h.tx_op_flags = tx.op_flags;
     }
     if !hi.rx_attr.is_null() {
         // SAFETY: as above.
@@ -184,6 +203,9 @@ unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
         h.caps |= rx.caps;
         h.rx_size = rx.size;
         h.rx_iov_limit = rx.iov_limit;
+        h.msg_order |= rx.msg_order;
+        h.comp_order |= rx.comp_order;
+        h.rx_op_flags = rx.op_flags;
     }
     if !hi.domain_attr.is_null() {
         // SAFETY: as above; `name` is NULL or a C string.
@@ -191,8 +213,11 @@ unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
         // SAFETY: `name` is NULL or a NUL-terminated string of the consumer's hints.
         h.domain_name = unsafe { c_str(d.name) };
         h.mr_mode = d.mr_mode;
+        h.mr_key_size = d.mr_key_size;
+        h.domain_caps = d.caps;
         h.av_type = d.av_type;
         h.threading = d.threading;
+        h.resource_mgmt = d.resource_mgmt;
         h.data_progress = d.data_progress;
         h.control_progress = d.control_progress;
         h.cq_data_size = d.cq_data_size;
@@ -223,17 +248,67 @@ fn ep_type_fi(t: EpType) -> u32 {
     }
 }
 
+/// `FI_VERSION(1, 5)`: from this version on `mr_mode` is a bit mask (before, an enum).
+const FI_VERSION_1_5: u32 = (1 << 16) | 5;
+/// Operation flags a consumer may make the default of an endpoint's transmit / receive side.
+const TX_OP_FLAGS: u64 = fi::COMPLETION
+    | fi::INJECT
+    | fi::INJECT_COMPLETE
+    | fi::TRANSMIT_COMPLETE
+    | fi::DELIVERY_COMPLETE
+    | fi::COMMIT_COMPLETE
+    | fi::FENCE;
+const RX_OP_FLAGS: u64 = fi::COMPLETION | fi::MULTI_RECV;
+/// The legacy `mr_mode` values (an enum before 1.5, still accepted alone afterwards).
+const MR_BASIC: i32 = sys::fi_mr_mode_FI_MR_BASIC as i32;
+const MR_SCALABLE: i32 = sys::fi_mr_mode_FI_MR_SCALABLE as i32;
+
+/// Message ordering the device gives (`msg_order`).
+fn msg_order_of(info: &Info) -> u64 {
+    info.limits.msg_order.map_or(
+        fi::ORDER_SAS,
+        |o| if o & 1 != 0 { fi::ORDER_SAS } else { 0 },
+    )
+}
+
+/// The `mr_mode` of an answer to hints `h` (`None`: the hints' value cannot be honoured).
+fn mr_mode_of(h: &CHints, caps: u64) -> Option<i32> {
+    let m = h.mr_mode;
+    if h.version < FI_VERSION_1_5 {
+        // An enum: FI_MR_UNSPEC lets the provider choose. Requested keys and offsets work, so
+        // the scalable model needs nothing of the consumer.
+        return match m {
+            0 => Some(MR_SCALABLE),
+            MR_BASIC | MR_SCALABLE => Some(m),
+            _ => None,
+        };
+    }
+    if m == MR_BASIC || m == MR_SCALABLE {
+        return Some(m);
+    }
+    if m & (MR_BASIC | MR_SCALABLE) != 0 {
+        // The legacy values do not combine with the bit mask.
+        return None;
+    }
+    // No mode bit is required (messaging needs no registration; RMA regions may use requested
+    // keys and offsets). FI_MR_PROV_KEY and FI_MR_VIRT_ADDR are honoured when the consumer
+    // offers them (device-chosen keys, virtual addresses), so they are echoed; so is
+    // FI_MR_LOCAL (descriptors stay optional, large registered buffers avoid bounce copies).
+    Some(if caps & (fi::RMA | fi::ATOMIC) != 0 {
+        m & (sys::FI_MR_LOCAL | sys::FI_MR_PROV_KEY | sys::FI_MR_VIRT_ADDR) as i32
+    } else {
+        m & sys::FI_MR_LOCAL as i32
+    })
+}
+
 /// Why `info`/`ep_type` does not fit `h` (None: it fits).
 fn mismatch(h: &CHints, info: &Info, ep_type: EpType) -> Option<String> {
     let caps = caps_of(info, ep_type);
     if h.caps & !caps != 0 {
         return Some(format!("caps {:#x} not offered", h.caps & !caps));
     }
-    if h.addr_format != sys::FI_FORMAT_UNSPEC {
-        return Some(format!(
-            "addr_format {} (only FI_FORMAT_UNSPEC)",
-            h.addr_format
-        ));
+    if h.domain_caps & !(fi::LOCAL_COMM | fi::REMOTE_COMM) != 0 {
+        return Some("domain caps".into());
     }
     if h.max_msg_size as u64 > info.limits.max_msg_size {
         return Some("max_msg_size".into());
@@ -257,8 +332,49 @@ fn mismatch(h: &CHints, info: &Info, ep_type: EpType) -> Option<String> {
     if h.av_type > sys::fi_av_type_FI_AV_TABLE {
         return Some("av_type".into());
     }
-    if h.cq_data_size > 8 {
+    let cq_data = if info.device_features & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
+        info.limits.max_cq_data_size.unwrap_or(8).min(8) as usize
+    } else {
+        0
+    };
+    if h.cq_data_size > cq_data {
         return Some("cq_data_size".into());
+    }
+    if h.msg_order & !msg_order_of(info) != 0 {
+        return Some(format!(
+            "msg_order {:#x} not given",
+            h.msg_order & !msg_order_of(info)
+        ));
+    }
+    if h.comp_order != 0 {
+        return Some("comp_order (completions are unordered: FI_ORDER_NONE)".into());
+    }
+    if h.tx_op_flags & !TX_OP_FLAGS != 0 || h.rx_op_flags & !RX_OP_FLAGS != 0 {
+        return Some("op_flags".into());
+    }
+    if h.tx_op_flags & fi::COMMIT_COMPLETE != 0 && caps & fi::RMA_PMEM == 0 {
+        return Some("FI_COMMIT_COMPLETE without FI_RMA_PMEM".into());
+    }
+    if mr_mode_of(h, caps).is_none() {
+        return Some(format!("mr_mode {:#x}", h.mr_mode));
+    }
+    if h.mr_key_size > 8 {
+        return Some("mr_key_size".into());
+    }
+    if h.protocol != sys::FI_PROTO_UNSPEC {
+        return Some("protocol".into());
+    }
+    if h.mem_tag_format & !tag_format_of(info, caps) != 0 {
+        return Some("mem_tag_format".into());
+    }
+    if h.ep_ctx_cnt > 1 {
+        return Some("several or shared tx/rx contexts".into());
+    }
+    if h.max_order_size > 0 {
+        return Some("max_order_*_size".into());
+    }
+    if h.auth_key {
+        return Some("auth_key".into());
     }
     if h.fabric_name
         .as_ref()
@@ -266,12 +382,139 @@ fn mismatch(h: &CHints, info: &Info, ep_type: EpType) -> Option<String> {
     {
         return Some("fabric name".into());
     }
-    if let Some(src) = &h.src {
+    if let Some(Addr::Native(src)) = &h.src {
         if src.node != info.node_addr {
             return Some("src_addr on another device".into());
         }
     }
+    let this_host = (info.node_addr >> 16) as u16;
+    if let Some(Addr::Host(s)) = &h.src {
+        if addr::host_of(info, s.ip()) != Some(this_host) {
+            return Some(format!("source host {} is not this host", s.ip()));
+        }
+    }
+    if let Some(Addr::Host(d)) = &h.dest {
+        if addr::host_of(info, d.ip()).is_none() {
+            return Some(format!(
+                "host {} is neither this machine nor an uplink address of the fabric",
+                d.ip()
+            ));
+        }
+    }
     None
+}
+
+/// The tag bits of a device (`mem_tag_format`).
+fn tag_format_of(info: &Info, caps: u64) -> u64 {
+    if caps & fi::TAGGED == 0 {
+        return 0;
+    }
+    match info.limits.tag_bits {
+        Some(b) if b < 64 => (1u64 << b) - 1,
+        _ => u64::MAX,
+    }
+}
+
+/// Decode the hints' addresses and apply `node`/`service`: fills `h.src`, `h.dest` and
+/// `h.format`. `Err` with the reason when the request cannot be answered (-FI_ENODATA).
+fn resolve_addresses(
+    h: &mut CHints,
+    node: Option<&str>,
+    service: Option<&str>,
+    flags: u64,
+) -> Result<(), String> {
+    let asked = Format::from_fi(h.addr_format)
+        .ok_or_else(|| format!("addr_format {} not supported", h.addr_format))?;
+    let decode = |raw: &Option<Vec<u8>>, what: &str| -> Result<Option<Addr>, String> {
+        match raw {
+            None => Ok(None),
+            Some(b) => addr::decode(asked, b)
+                .map(Some)
+                .ok_or_else(|| format!("{what} is not a {asked:?} address")),
+        }
+    };
+    h.src = decode(&h.src_raw, "hints->src_addr")?;
+    h.dest = decode(&h.dest_raw, "hints->dest_addr")?;
+    let svc = match service {
+        Some(s) => Some(addr::parse_service(s).ok_or_else(|| format!("service {s:?}"))?),
+        None => None,
+    };
+    // The family a host name resolves to: the one the format asks for, else IPv4 first.
+    let want_v6 = asked == Format::In6;
+    let want_v4 = asked == Format::In;
+    if let Some(n) = node {
+        let numeric = n.trim().trim_start_matches('[').trim_end_matches(']');
+        if flags & sys::FI_NUMERICHOST != 0
+            && numeric.parse::<std::net::IpAddr>().is_err()
+            && !n.trim().starts_with("vfab://")
+            && !n.trim().starts_with("fi_")
+        {
+            return Err(format!("FI_NUMERICHOST with node {n:?}"));
+        }
+        let a = if n.trim().starts_with("vfab://") || n.trim().starts_with("fi_") {
+            match addr::parse_str(n) {
+                Some(Addr::Host(s)) => {
+                    Addr::Host(std::net::SocketAddr::new(s.ip(), svc.unwrap_or(s.port())))
+                }
+                Some(a) => a,
+                None => return Err(format!("node {n:?} is no address")),
+            }
+        } else {
+            let all = addr::lookup_host(n, svc.unwrap_or(0));
+            let pick = all
+                .iter()
+                .find(|a| (!want_v6 || a.is_ipv6()) && (!want_v4 || a.is_ipv4()))
+                .or_else(|| all.iter().find(|a| want_v6 && a.is_ipv4()))
+                .copied()
+                .ok_or_else(|| format!("node {n:?} has no address of the format asked for"))?;
+            Addr::Host(pick)
+        };
+        if flags & fi::SOURCE != 0 {
+            h.src = Some(a);
+        } else {
+            h.dest = Some(a);
+        }
+    } else if let Some(s) = svc {
+        // A service alone names a local service: the source, as for FI_SOURCE.
+        let like = if want_v6 {
+            Some(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+        } else {
+            None
+        };
+        h.src = Some(Addr::Host(addr::local_name(like, s)));
+    }
+    // The answer's format: the one asked for, or the one the addresses came in.
+    let host = [&h.src, &h.dest]
+        .into_iter()
+        .flatten()
+        .find(|a| matches!(a, Addr::Host(_)))
+        .copied();
+    let format = match (asked, host) {
+        (Format::Native, Some(a)) => asked.concrete_for(&a),
+        (f, _) => f,
+    };
+    for a in [&h.src, &h.dest].into_iter().flatten() {
+        if addr::encode(format, a).is_none() {
+            return Err(format!("{a:?} cannot be given as {format:?}"));
+        }
+    }
+    if format.is_host() && h.src.is_none() {
+        // A source address of the format: this host, any service (bound when enabled).
+        let like = match h.dest {
+            Some(Addr::Host(d)) => Some(if d.is_ipv6() {
+                std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            } else {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            }),
+            _ if format == Format::In6 => {
+                Some(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+            }
+            _ => None,
+        };
+        h.src = Some(Addr::Host(addr::local_name(like, 0)));
+    }
+    h.format = Some(format);
+    Ok(())
 }
 
 /// `fi_getinfo` body.
@@ -310,34 +553,12 @@ pub unsafe fn getinfo(
     }
     // SAFETY: per the caller's contract.
     let mut h = unsafe { read_hints(hints) };
-    if h.bad {
-        debug(
-            sys::fi_log_subsys_FI_LOG_CORE,
-            "hints: address of unknown format",
-        );
-        return Err(fi::ENODATA);
-    }
+    h.version = version;
     // SAFETY: NULL or C strings.
     let (node, service) = unsafe { (c_str(node), c_str(service)) };
-    if let Some(n) = &node {
-        match parse_node(n) {
-            Some(a) if flags & fi::SOURCE != 0 => h.src = Some(a),
-            Some(a) => h.dest = Some(a.to_bytes().to_vec()),
-            None => {
-                debug(
-                    sys::fi_log_subsys_FI_LOG_CORE,
-                    &format!("node {n:?} is not a vfab:// address"),
-                );
-                return Err(fi::ENODATA);
-            }
-        }
-    }
-    if service.is_some() && node.is_none() && flags & fi::SOURCE == 0 {
-        // A service alone names a local port: vfabric has no ports.
-        debug(
-            sys::fi_log_subsys_FI_LOG_CORE,
-            "service without node ignored",
-        );
+    if let Err(why) = resolve_addresses(&mut h, node.as_deref(), service.as_deref(), flags) {
+        debug(sys::fi_log_subsys_FI_LOG_CORE, &why);
+        return Err(fi::ENODATA);
     }
     let types: Vec<EpType> = match h.ep_type {
         sys::fi_ep_type_FI_EP_UNSPEC => vec![EpType::Rdm, EpType::Dgram, EpType::Msg],
@@ -433,6 +654,14 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
     } else {
         out_caps |= caps & (fi::SEND | fi::RECV);
     }
+    // The RMA/atomic modifiers (primary modifiers, fi_getinfo(3)) go with RMA or atomics
+    // only: the ones asked for, else both directions of both.
+    let rma_mods = fi::READ | fi::WRITE | fi::REMOTE_READ | fi::REMOTE_WRITE;
+    if out_caps & (fi::RMA | fi::ATOMIC) == 0 {
+        out_caps &= !(rma_mods | fi::RMA_EVENT | fi::RMA_PMEM);
+    } else if h.caps & rma_mods != 0 {
+        out_caps = (out_caps & !rma_mods) | (h.caps & rma_mods);
+    }
     if h.caps & fi::SOURCE == 0 && h.caps != 0 {
         out_caps &= !fi::SOURCE;
     }
@@ -450,27 +679,26 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
     }
     i.caps = out_caps;
     i.mode = 0;
-    i.addr_format = sys::FI_FORMAT_UNSPEC;
-    if let Some(src) = &h.src {
-        i.src_addr = malloc_copy(&src.to_bytes());
-        i.src_addrlen = if i.src_addr.is_null() { 0 } else { ADDR_LEN };
+    let format = h.format.unwrap_or(Format::Native);
+    i.addr_format = format.to_fi();
+    // Addresses were checked to be expressible in `format` (resolve_addresses).
+    if let Some(b) = h.src.as_ref().and_then(|a| addr::encode(format, a)) {
+        i.src_addr = malloc_copy(&b);
+        i.src_addrlen = if i.src_addr.is_null() { 0 } else { b.len() };
     }
-    if let Some(d) = &h.dest {
-        i.dest_addr = malloc_copy(d);
-        i.dest_addrlen = if i.dest_addr.is_null() { 0 } else { d.len() };
+    if let Some(b) = h.dest.as_ref().and_then(|a| addr::encode(format, a)) {
+        i.dest_addr = malloc_copy(&b);
+        i.dest_addrlen = if i.dest_addr.is_null() { 0 } else { b.len() };
     }
     let qsize = l.max_queue_size.clamp(1, 1 << 16) as usize;
     let sge = l.max_sge.max(1) as usize;
-    let order = l.msg_order.map_or(
-        fi::ORDER_SAS,
-        |o| if o & 1 != 0 { fi::ORDER_SAS } else { 0 },
-    );
+    let order = msg_order_of(dev);
     // SAFETY: checked non-NULL above; allocated by fi_dupinfo.
     unsafe {
         let tx = &mut *i.tx_attr;
         tx.caps = out_caps & !(fi::RECV | fi::DIRECTED_RECV | fi::MULTI_RECV);
         tx.mode = 0;
-        tx.op_flags = 0;
+        tx.op_flags = h.tx_op_flags;
         tx.msg_order = order;
         tx.comp_order = 0;
         tx.inject_size = l.inject_size as usize;
@@ -480,7 +708,7 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         let rx = &mut *i.rx_attr;
         rx.caps = out_caps & !fi::SEND;
         rx.mode = 0;
-        rx.op_flags = 0;
+        rx.op_flags = h.rx_op_flags;
         rx.msg_order = order;
         rx.comp_order = 0;
         rx.total_buffered_recv = l.max_unexpected_bytes.unwrap_or(0) as usize;
@@ -492,42 +720,35 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         ep.protocol_version = 1;
         ep.max_msg_size = l.max_msg_size as usize;
         ep.msg_prefix_size = 0;
-        ep.mem_tag_format = if caps & fi::TAGGED != 0 {
-            match l.tag_bits {
-                Some(b) if b < 64 => (1u64 << b) - 1,
-                _ => u64::MAX,
-            }
+        // The consumer's tag format when it asked for one (checked to fit the device's).
+        ep.mem_tag_format = if h.mem_tag_format != 0 {
+            h.mem_tag_format
         } else {
-            0
+            tag_format_of(dev, caps)
         };
         ep.tx_ctx_cnt = 1;
         ep.rx_ctx_cnt = 1;
         let d = &mut *i.domain_attr;
         d.name = c_strdup(&dev.domain_name);
-        d.threading = sys::fi_threading_FI_THREAD_SAFE;
+        // Every object is thread safe, which meets any level the consumer asks for.
+        d.threading = if h.threading != sys::fi_threading_FI_THREAD_UNSPEC {
+            h.threading
+        } else {
+            sys::fi_threading_FI_THREAD_SAFE
+        };
         d.control_progress = sys::fi_progress_FI_PROGRESS_MANUAL;
         d.data_progress = sys::fi_progress_FI_PROGRESS_MANUAL;
-        d.resource_mgmt = sys::fi_resource_mgmt_FI_RM_ENABLED;
+        d.resource_mgmt = if h.resource_mgmt != sys::fi_resource_mgmt_FI_RM_UNSPEC {
+            h.resource_mgmt
+        } else {
+            sys::fi_resource_mgmt_FI_RM_ENABLED
+        };
         d.av_type = if h.av_type == sys::fi_av_type_FI_AV_UNSPEC {
             sys::fi_av_type_FI_AV_UNSPEC
         } else {
             h.av_type
         };
-        // No mode bit is required (messaging needs no registration; RMA regions may use
-        // requested keys and offsets). FI_MR_PROV_KEY and FI_MR_VIRT_ADDR are honoured when
-        // asked for (device-chosen keys, virtual addresses), so they are echoed, as are the
-        // legacy BASIC/SCALABLE values; so is FI_MR_LOCAL (descriptors stay optional).
-        d.mr_mode = if h.mr_mode == sys::fi_mr_mode_FI_MR_BASIC as i32
-            || h.mr_mode == sys::fi_mr_mode_FI_MR_SCALABLE as i32
-        {
-            h.mr_mode
-        } else if out_caps & (fi::RMA | fi::ATOMIC) != 0 {
-            h.mr_mode & (sys::FI_MR_LOCAL | sys::FI_MR_PROV_KEY | sys::FI_MR_VIRT_ADDR) as i32
-        } else {
-            // FI_MR_LOCAL is echoed when offered: the consumer then registers its buffers,
-            // and large registered buffers are shared with the device (no bounce copies).
-            h.mr_mode & sys::FI_MR_LOCAL as i32
-        };
+        d.mr_mode = mr_mode_of(h, out_caps).unwrap_or(0);
         d.mr_key_size = 8;
         d.cq_data_size =
             if dev.device_features & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
@@ -553,7 +774,12 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         f.name = c_strdup(vfabric::FABRIC_NAME);
         f.prov_name = std::ptr::null_mut();
         f.prov_version = crate::PROVIDER_VERSION;
-        f.api_version = crate::FI_VERSION_1_17;
+        // fi_getinfo(3): the version the consumer asked for.
+        f.api_version = if h.version != 0 {
+            h.version
+        } else {
+            crate::FI_VERSION_1_17
+        };
     }
     i.nic = crate::nic::nic_of(dev);
     p

@@ -19,6 +19,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod addr;
 mod cm;
 mod domain;
 mod ep;

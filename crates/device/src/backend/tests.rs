@@ -629,6 +629,48 @@ fn backend_memory_replacement_resets_endpoints() {
     assert_eq!(u32::from(c.status), Status::AddrNotAvail as u32);
 }
 
+/// SVC_BIND / SVC_RESOLVE through the rings: a payload or a flag makes them invalid before
+/// they reach the service table; a well-formed pair binds and resolves.
+#[test]
+fn backend_service_requests_are_checked() {
+    let d = dev();
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    let mut at = 0u16;
+    let mut run = |req: Request, payload: Option<u32>| -> Completion {
+        d.mem.write_obj(req.to_header(), GuestAddress(HDR)).unwrap();
+        match payload {
+            Some(n) => chain(&vq0, at, &[(HDR, 96, R), (DATA, n, R), (COMP, 64, W)]),
+            None => chain(&vq0, at, &[(HDR, 96, R), (COMP, 64, W)]),
+        }
+        at += 2;
+        d.backend
+            .handle_event(0, EventSet::IN, &d.vrings, 0)
+            .unwrap();
+        d.mem.read_obj(GuestAddress(COMP)).unwrap()
+    };
+    let c = run(ep_open_req(), None);
+    assert_eq!(u32::from(c.status), Status::Ok as u32);
+    let me = vfabric_proto::FabricAddr::from_wire(&c.src);
+    let mut bind = Request::new(Opcode::SvcBind);
+    bind.ep = me.ep;
+    bind.data = 4242;
+    let c = run(bind, Some(8));
+    assert_eq!(u32::from(c.status), Status::Invalid as u32, "payload");
+    let mut flagged = bind;
+    flagged.flags = vfabric_proto::flags::FENCE;
+    let c = run(flagged, None);
+    assert_eq!(u32::from(c.status), Status::Invalid as u32, "flags");
+    let c = run(bind, None);
+    assert_eq!(u32::from(c.status), Status::Ok as u32);
+    assert_eq!(u64::from(c.data), 4242);
+    let mut resolve = Request::new(Opcode::SvcResolve);
+    resolve.peer = vfabric_proto::FabricAddr::new(me.node, 0, 0);
+    resolve.data = 4242;
+    let c = run(resolve, None);
+    assert_eq!(u32::from(c.status), Status::Ok as u32);
+    assert_eq!(vfabric_proto::FabricAddr::from_wire(&c.src), me);
+}
+
 mod hostile {
     use proptest::prelude::*;
 
@@ -641,6 +683,8 @@ mod hostile {
             Opcode::EpClose,
             Opcode::Cancel,
             Opcode::AddrCheck,
+            Opcode::SvcBind,
+            Opcode::SvcResolve,
             Opcode::Send,
             Opcode::TSend,
             Opcode::Recv,

@@ -3,10 +3,10 @@
 //! attribute list (spec §6.3, §6.5).
 
 use vfabric_proto::{
-    bit, caps::key, caps::RemoteHostEntry, flags, CapValue, CapsBuilder, FabricConfig,
-    VENDOR_ID_VFABRIC, VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_MSG,
-    VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA, VIRTIO_FABRIC_F_RMA_PMEM,
-    VIRTIO_FABRIC_F_TAGGED, VIRTIO_FABRIC_F_VENDOR_CAPS,
+    bit, caps::key, caps::HostAddrEntry, caps::RemoteHostEntry, flags, CapValue, CapsBuilder,
+    FabricConfig, VENDOR_ID_VFABRIC, VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_MQ,
+    VIRTIO_FABRIC_F_MSG, VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA,
+    VIRTIO_FABRIC_F_RMA_PMEM, VIRTIO_FABRIC_F_TAGGED, VIRTIO_FABRIC_F_VENDOR_CAPS,
 };
 
 use super::atomic;
@@ -198,6 +198,13 @@ impl Fabric {
                 .encode(&mut v);
             }
             b.push(0, key::REMOTE_HOSTS, "remote_hosts", CapValue::Bytes(v));
+        }
+        if !self.host_addrs().is_empty() {
+            let mut v = Vec::with_capacity(self.host_addrs().len() * HostAddrEntry::LEN);
+            for e in self.host_addrs() {
+                e.encode(&mut v);
+            }
+            b.push(0, key::HOST_ADDRS, "host_addrs", CapValue::Bytes(v));
         }
         if acked & bit(VIRTIO_FABRIC_F_VENDOR_CAPS) != 0 {
             if acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) != 0 {

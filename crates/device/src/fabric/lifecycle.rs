@@ -56,6 +56,7 @@ impl Fabric {
         // Every endpoint of the device is closed: one pass for peers' directed receives.
         let node = self.node_addr(dev);
         self.fail_directed_at(|peer| peer.node == node, Some(dev), n);
+        self.release_services(|a| a.node == node);
         // The device's regions go with it: later accesses complete ACCESS at their initiator.
         let (mrs, events, port) = {
             let mut d = self.dev(dev);
@@ -344,6 +345,7 @@ impl Fabric {
         self.close_ep(dev, req.req.ep as usize, Teardown::Cancel, n);
         let gone = FabricAddr::new(self.node_addr(dev), req.req.ep, generation);
         self.fail_directed_at(|peer| peer == gone, None, n);
+        self.release_services(|a| a == gone);
         self.fail(dev, port, &req, Status::Ok, n);
     }
 

@@ -58,6 +58,7 @@ mod matching;
 mod pmem;
 mod remote;
 mod rma;
+mod service;
 
 pub(crate) use remote::Incoming;
 
@@ -335,6 +336,11 @@ pub(crate) struct Fabric {
     next_commit_id: AtomicU64,
     /// How long a handled commit waits for its target's verdict.
     commit_timeout: std::time::Duration,
+    /// This host's service table (SVC_BIND / SVC_RESOLVE); a leaf lock.
+    services: Mutex<service::Services>,
+    /// IP addresses naming hosts of the fabric (QUERY_CAPS `HOST_ADDRS`): each host's uplink
+    /// address, resolved at start (empty on one host).
+    host_addrs: Vec<vfabric_proto::caps::HostAddrEntry>,
 }
 
 impl Fabric {
@@ -363,6 +369,8 @@ impl Fabric {
             remote_held_bytes: AtomicU64::new(0),
             next_commit_id: AtomicU64::new(1),
             commit_timeout: config.commit_timeout,
+            services: Mutex::new(service::Services::default()),
+            host_addrs: service::host_addrs(config),
         }
     }
 
@@ -579,6 +587,8 @@ impl Fabric {
                 };
                 self.fail(dev, port, &req, s, n);
             }
+            Opcode::SvcBind => self.op_svc_bind(dev, port, req, n),
+            Opcode::SvcResolve => self.op_svc_resolve(dev, port, req, n),
             Opcode::MrReg => self.op_mr_reg(dev, port, req, n),
             Opcode::MrDereg => self.op_mr_dereg(dev, port, req, n),
             Opcode::MrEvent => self.op_mr_event(dev, port, req, n),

@@ -732,3 +732,80 @@ fn commit_event_registration_flag_needs_pmem() {
     let h = w.submit(0, r, &payload, 0);
     assert_eq!(w.status(&h), Some(Status::Invalid));
 }
+
+fn svc_bind(w: &mut World, dev: usize, ep: FabricAddr, svc: u64) -> (Status, u64) {
+    let mut r = Request::new(Opcode::SvcBind);
+    r.ep = ep.ep;
+    r.data = svc;
+    let h = w.submit(dev, r, &[], 0);
+    (w.status(&h).unwrap(), u64::from(w.comp(&h).data))
+}
+
+fn svc_resolve(w: &mut World, dev: usize, host: u64, svc: u64) -> (Status, FabricAddr) {
+    let mut r = Request::new(Opcode::SvcResolve);
+    r.peer = FabricAddr::new(host, 0, 0);
+    r.data = svc;
+    let h = w.submit(dev, r, &[], 0);
+    (
+        w.status(&h).unwrap(),
+        FabricAddr::from_wire(&w.comp(&h).src),
+    )
+}
+
+#[test]
+fn services_bind_resolve_and_release() {
+    let mut w = World::new(2, Limits::default());
+    let a = w.open(0, RDM);
+    let b = w.open(1, RDM);
+    let host = FabricAddr::node_of(TEST_FABRIC, a.host(), 0);
+    assert_eq!(svc_bind(&mut w, 0, a, 9228), (Status::Ok, 9228));
+    // Any device of the host resolves it, to the endpoint's full address.
+    assert_eq!(svc_resolve(&mut w, 1, host, 9228), (Status::Ok, a));
+    assert_eq!(svc_resolve(&mut w, 0, host | 7, 9228), (Status::Ok, a));
+    // Taken by another endpoint; a second service for the same endpoint is refused.
+    assert_eq!(svc_bind(&mut w, 1, b, 9228).0, Status::AddrInUse);
+    assert_eq!(svc_bind(&mut w, 0, a, 9229).0, Status::Invalid);
+    assert_eq!(svc_bind(&mut w, 0, a, 9228), (Status::Ok, 9228));
+    // "Any service": an ephemeral one.
+    let (s, eph) = svc_bind(&mut w, 1, b, 0);
+    assert_eq!(s, Status::Ok);
+    assert!(eph >= 49152, "{eph}");
+    assert_eq!(svc_resolve(&mut w, 0, host, eph), (Status::Ok, b));
+    // EP_CLOSE releases the service; another endpoint may take it.
+    let mut cl = Request::new(Opcode::EpClose);
+    cl.ep = a.ep;
+    let h = w.submit(0, cl, &[], 0);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    assert_eq!(svc_resolve(&mut w, 1, host, 9228).0, Status::AddrNotAvail);
+    let c = w.open(0, RDM);
+    assert_eq!(svc_bind(&mut w, 0, c, 9228), (Status::Ok, 9228));
+    // Device reset releases its endpoints' services.
+    let mut n = Notify::default();
+    w.fabric.reset(0, Teardown::Cancel, &mut n);
+    drop(n);
+    assert_eq!(svc_resolve(&mut w, 1, host, 9228).0, Status::AddrNotAvail);
+    assert_eq!(svc_resolve(&mut w, 1, host, eph), (Status::Ok, b));
+}
+
+#[test]
+fn services_refuse_bad_input() {
+    let mut w = World::new(1, Limits::default());
+    let a = w.open(0, RDM);
+    let host = FabricAddr::node_of(TEST_FABRIC, a.host(), 0);
+    // Service out of range, endpoint not open.
+    assert_eq!(svc_bind(&mut w, 0, a, 65536).0, Status::Invalid);
+    assert_eq!(svc_bind(&mut w, 0, a, u64::MAX).0, Status::Invalid);
+    let ghost = FabricAddr::new(a.node, 77, 1);
+    assert_eq!(svc_bind(&mut w, 0, ghost, 5).0, Status::BadEndpoint);
+    // Resolve: service 0 or out of range, another fabric, another host (local-only).
+    assert_eq!(svc_resolve(&mut w, 0, host, 0).0, Status::Invalid);
+    assert_eq!(svc_resolve(&mut w, 0, host, 70000).0, Status::Invalid);
+    let other_fabric = FabricAddr::node_of(TEST_FABRIC + 1, a.host(), 0);
+    assert_eq!(
+        svc_resolve(&mut w, 0, other_fabric, 5).0,
+        Status::AddrNotAvail
+    );
+    let other_host = FabricAddr::node_of(TEST_FABRIC, a.host() + 2, 0);
+    assert_eq!(svc_resolve(&mut w, 0, other_host, 5).0, Status::Unsupported);
+    assert_eq!(svc_resolve(&mut w, 0, host, 5).0, Status::AddrNotAvail);
+}
