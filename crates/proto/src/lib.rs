@@ -1007,8 +1007,8 @@ pub fn allowed_flags(op: Opcode) -> u64 {
         Atomic => INJECT | completion | COMMIT_COMPLETE | FENCE,
         FetchAtomic | CompareAtomic => FENCE | DELIVERY_COMPLETE | COMMIT_COMPLETE,
         Flush => SAVE | DELIVERY_COMPLETE | COMMIT_COMPLETE | REMOTE_CQ_DATA | FENCE,
-        QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck | CommitReply | SvcBind
-        | SvcResolve => 0,
+        QueryCaps | EpOpen | EpClose | MrReg | MrDereg | Cancel | AddrCheck | CommitReply
+        | SvcBind | SvcResolve => 0,
     }
 }
 
