@@ -1078,7 +1078,8 @@ mod tests {
         }
         assert_eq!(Status::from_u32(16), Some(Status::CommitRefused));
         assert_eq!(Status::from_u32(17), Some(Status::TimedOut));
-        assert_eq!(Status::from_u32(18), None);
+        assert_eq!(Status::from_u32(18), Some(Status::AddrInUse));
+        assert_eq!(Status::from_u32(19), None);
     }
 
     #[test]
