@@ -210,8 +210,14 @@ impl Info {
     /// Probe one device socket (a device busy with another frontend fails after
     /// [`PROBE_TIMEOUT`]).
     pub fn probe(path: impl AsRef<Path>) -> Result<Info> {
+        Self::probe_within(path, PROBE_TIMEOUT)
+    }
+
+    /// Probe one device socket, giving up after `timeout` if the device serves another
+    /// frontend (`Error::Busy`).
+    pub fn probe_within(path: impl AsRef<Path>, timeout: std::time::Duration) -> Result<Info> {
         let attr = DomainAttr {
-            control_timeout: PROBE_TIMEOUT,
+            control_timeout: timeout,
             ..DomainAttr::default()
         };
         let inner = DomainInner::connect(path.as_ref(), &attr, true)?;

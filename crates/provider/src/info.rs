@@ -7,6 +7,7 @@
 
 use std::ffi::c_void;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use vfabric::{fi, proto, EpType, FabricAddr, Hints, Info};
 
@@ -33,6 +34,14 @@ pub const PROVIDER_CAPS: u64 = fi::MSG
     | fi::REMOTE_COMM;
 /// Capabilities of the MSG endpoint type (built by the provider).
 pub const MSG_EP_CAPS: u64 = fi::MSG | fi::SEND | fi::RECV | fi::LOCAL_COMM | fi::REMOTE_COMM;
+/// Default transmit operation flags an endpoint takes from its `fi_info` (`tx_attr->op_flags`).
+const TX_OP_FLAGS: u64 = fi::COMPLETION
+    | fi::INJECT
+    | fi::INJECT_COMPLETE
+    | fi::TRANSMIT_COMPLETE
+    | fi::DELIVERY_COMPLETE;
+/// Default receive operation flags (`rx_attr->op_flags`).
+const RX_OP_FLAGS: u64 = fi::COMPLETION;
 /// `OFI_CORE_PROV_ONLY` (libfabric-internal `getinfo` flag, bit 59): set when a utility
 /// provider queries the cores it could stack on.
 const OFI_CORE_PROV_ONLY: u64 = 1 << 59;
@@ -41,15 +50,6 @@ pub const CM_DATA_SIZE: usize = 256;
 /// Tag bits reserved by the provider: none (CM runs on separate internal endpoints), so
 /// `mem_tag_format` is the device's.
 pub const ADDR_LEN: usize = proto::ADDR_LEN;
-
-/// Find the device of a domain name (for `fi_domain`).
-pub fn device_info(domain_name: &str) -> Result<Info, i32> {
-    let infos = probe_all(&Hints {
-        domain_name: Some(domain_name.to_string()),
-        ..Hints::default()
-    })?;
-    infos.into_iter().next().ok_or(fi::ENODATA)
-}
 
 fn devices_param() -> Option<Vec<PathBuf>> {
     let v = crate::param_str(c"devices")?;
@@ -61,7 +61,39 @@ fn devices_param() -> Option<Vec<PathBuf>> {
     (!list.is_empty()).then_some(list)
 }
 
-/// One `Info` per reachable device matching the domain name.
+/// Every device socket this process may use (FI_VFABRIC_DEVICES, VFABRIC_DEVICES or the
+/// default directory).
+pub fn all_device_paths() -> Vec<PathBuf> {
+    vfabric::info::device_paths(&Hints {
+        devices: devices_param(),
+        ..Hints::default()
+    })
+}
+
+/// Deadline of the first, parallel round of probes: a free device answers at once, one that
+/// serves another guest not until that guest leaves.
+const QUICK_PROBE: Duration = Duration::from_millis(250);
+
+/// Probe `paths` in parallel, each within `timeout`.
+fn probe_parallel(paths: &[&PathBuf], timeout: Duration) -> Vec<vfabric::Result<Info>> {
+    std::thread::scope(|s| {
+        let probes: Vec<_> = paths
+            .iter()
+            .map(|p| s.spawn(move || Info::probe_within(p, timeout)))
+            .collect();
+        probes
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(vfabric::Error::Transport("probe panicked".into())))
+            })
+            .collect()
+    })
+}
+
+/// One `Info` per reachable device matching the domain name. Devices are probed in parallel
+/// within [`QUICK_PROBE`]; a busy device is left out. Only when no device answered in time are
+/// the busy ones probed again with the driver's full deadline (a loaded host may accept late).
 fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
     let mut h = hints.clone();
     h.devices = devices_param();
@@ -76,25 +108,57 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
             ),
         );
     }
-    let mut out = Vec::new();
-    for p in paths {
-        let name = vfabric::info::domain_name_of(&p);
-        if h.domain_name.as_ref().is_some_and(|d| *d != name) {
-            continue;
-        }
-        if let Some(i) = crate::domain::open_info(&p) {
-            out.push(i);
-            continue;
-        }
-        match Info::probe(&p) {
-            Ok(i) => out.push(i),
-            Err(e) => warn(
-                sys::fi_log_subsys_FI_LOG_CORE,
-                &format!("probe of {} failed: {e}", p.display()),
-            ),
-        }
+    let wanted: Vec<&PathBuf> = paths
+        .iter()
+        .filter(|p| {
+            h.domain_name
+                .as_ref()
+                .is_none_or(|d| *d == vfabric::info::domain_name_of(p))
+        })
+        .collect();
+    let mut found: Vec<Option<Info>> = wanted.iter().map(|p| crate::domain::open_info(p)).collect();
+    let to_probe: Vec<usize> = (0..wanted.len()).filter(|&k| found[k].is_none()).collect();
+    let mut busy = Vec::new();
+    let probe_round =
+        |ks: &[usize], timeout: Duration, found: &mut Vec<Option<Info>>, busy: &mut Vec<usize>| {
+            let targets: Vec<&PathBuf> = ks.iter().map(|&k| wanted[k]).collect();
+            for (&k, r) in ks.iter().zip(probe_parallel(&targets, timeout)) {
+                match r {
+                    Ok(i) => {
+                        crate::domain::note_fabric(&i);
+                        found[k] = Some(i);
+                    }
+                    Err(vfabric::Error::Busy { .. }) => busy.push(k),
+                    Err(e) => warn(
+                        sys::fi_log_subsys_FI_LOG_CORE,
+                        &format!("probe of {} failed: {e}", wanted[k].display()),
+                    ),
+                }
+            }
+        };
+    probe_round(&to_probe, QUICK_PROBE, &mut found, &mut busy);
+    let waited = found.iter().all(Option::is_none) && !busy.is_empty();
+    if waited {
+        let again = std::mem::take(&mut busy);
+        probe_round(&again, vfabric::info::PROBE_TIMEOUT, &mut found, &mut busy);
     }
-    Ok(out)
+    for &k in &busy {
+        // Busy devices are expected where several processes share a fabric (one MPI rank per
+        // device): a warning only when no device was free at all.
+        crate::util::log(
+            if waited {
+                sys::fi_log_level_FI_LOG_WARN
+            } else {
+                sys::fi_log_level_FI_LOG_DEBUG
+            },
+            sys::fi_log_subsys_FI_LOG_CORE,
+            &format!(
+                "probe of {} failed: the device is busy (it serves another guest)",
+                wanted[k].display()
+            ),
+        );
+    }
+    Ok(found.into_iter().flatten().collect())
 }
 
 /// The hints, read from C.
@@ -119,6 +183,8 @@ struct CHints {
     rx_size: usize,
     tx_iov_limit: usize,
     rx_iov_limit: usize,
+    tx_op_flags: u64,
+    rx_op_flags: u64,
     cq_data_size: usize,
     bad: bool,
 }
@@ -177,6 +243,7 @@ unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
         h.inject_size = tx.inject_size;
         h.tx_size = tx.size;
         h.tx_iov_limit = tx.iov_limit;
+        h.tx_op_flags = tx.op_flags;
     }
     if !hi.rx_attr.is_null() {
         // SAFETY: as above.
@@ -184,6 +251,7 @@ unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
         h.caps |= rx.caps;
         h.rx_size = rx.size;
         h.rx_iov_limit = rx.iov_limit;
+        h.rx_op_flags = rx.op_flags;
     }
     if !hi.domain_attr.is_null() {
         // SAFETY: as above; `name` is NULL or a C string.
@@ -470,7 +538,9 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         let tx = &mut *i.tx_attr;
         tx.caps = out_caps & !(fi::RECV | fi::DIRECTED_RECV | fi::MULTI_RECV);
         tx.mode = 0;
-        tx.op_flags = 0;
+        // The hints' default operation flags become the endpoint's (fi_getinfo(3)): Open MPI
+        // binds its CQ with FI_SELECTIVE_COMPLETION and asks for FI_COMPLETION here.
+        tx.op_flags = h.tx_op_flags & TX_OP_FLAGS;
         tx.msg_order = order;
         tx.comp_order = 0;
         tx.inject_size = l.inject_size as usize;
@@ -480,7 +550,7 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         let rx = &mut *i.rx_attr;
         rx.caps = out_caps & !fi::SEND;
         rx.mode = 0;
-        rx.op_flags = 0;
+        rx.op_flags = h.rx_op_flags & RX_OP_FLAGS;
         rx.msg_order = order;
         rx.comp_order = 0;
         rx.total_buffered_recv = l.max_unexpected_bytes.unwrap_or(0) as usize;
