@@ -2,11 +2,12 @@
 # Installs what virtio-fabric needs on a fresh Debian machine, only when missing.
 # Debian packages: libfabric (headers, library and the fi_* tools used as baselines and by the
 # provider tests), libclang (bindgen), valgrind (callgrind cost figures), iproute2 (netns tests),
-# libpmem2 (vfabricd persists persistent-memory regions with it), strace (a pmem test traces msync).
+# libpmem2 (vfabricd persists persistent-memory regions with it), strace (a pmem test traces msync),
+# Open MPI (openmpi-bin, libopenmpi-dev: the MPI job over the provider in tests/provider.rs).
 set -euo pipefail
 
 need=()
-for pkg in libfabric-dev libfabric-bin libclang-dev valgrind iproute2 pkg-config libpmem2-dev strace; do
+for pkg in libfabric-dev libfabric-bin libclang-dev valgrind iproute2 pkg-config libpmem2-dev strace openmpi-bin libopenmpi-dev; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
         need+=("$pkg")
     fi

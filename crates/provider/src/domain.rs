@@ -30,6 +30,8 @@ pub struct DomainObj {
     pub info: Info,
     pub av_type: u32,
     pub mr_mode: i32,
+    /// Remote CQ data was granted (`cq_data_size` > 0 in the consumer's info).
+    pub remote_cq_data: bool,
     /// The domain was opened with FI_RMA_EVENT in its caps: regions with remote access count
     /// remote accesses (a counter may be bound with `fi_mr_bind`).
     pub rma_event: bool,
@@ -45,7 +47,12 @@ pub struct DomainObj {
 impl DomainObj {
     fn watch(&self) -> Option<&crate::watch::PeerWatch> {
         self.watch
-            .get_or_init(|| crate::watch::PeerWatch::open(&self.dom).ok())
+            .get_or_init(|| {
+                if crate::param_bool(c"peer_watch") == Some(false) {
+                    return None;
+                }
+                crate::watch::PeerWatch::open(&self.dom).ok()
+            })
             .as_ref()
     }
 }
@@ -144,6 +151,7 @@ pub unsafe extern "C" fn domain_open(
             info: dev,
             av_type: da.av_type,
             mr_mode: da.mr_mode,
+            remote_cq_data: da.cq_data_size > 0,
             rma_event: i.caps & fi::RMA_EVENT != 0,
             next_key: AtomicU64::new(1),
             multi: Default::default(),

@@ -7,7 +7,6 @@
 
 use std::ffi::c_void;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use vfabric::{fi, proto, EpType, FabricAddr, Hints, Info};
 
@@ -70,30 +69,8 @@ pub fn all_device_paths() -> Vec<PathBuf> {
     })
 }
 
-/// Deadline of the first, parallel round of probes: a free device answers at once, one that
-/// serves another guest not until that guest leaves.
-const QUICK_PROBE: Duration = Duration::from_millis(250);
-
-/// Probe `paths` in parallel, each within `timeout`.
-fn probe_parallel(paths: &[&PathBuf], timeout: Duration) -> Vec<vfabric::Result<Info>> {
-    std::thread::scope(|s| {
-        let probes: Vec<_> = paths
-            .iter()
-            .map(|p| s.spawn(move || Info::probe_within(p, timeout)))
-            .collect();
-        probes
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(vfabric::Error::Transport("probe panicked".into())))
-            })
-            .collect()
-    })
-}
-
-/// One `Info` per reachable device matching the domain name. Devices are probed in parallel
-/// within [`QUICK_PROBE`]; a busy device is left out. Only when no device answered in time are
-/// the busy ones probed again with the driver's full deadline (a loaded host may accept late).
+/// One `Info` per reachable device matching the domain name (a device busy with another
+/// guest fails its probe after the driver's `PROBE_TIMEOUT` and is left out).
 fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
     let mut h = hints.clone();
     h.devices = devices_param();
@@ -108,57 +85,28 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
             ),
         );
     }
-    let wanted: Vec<&PathBuf> = paths
-        .iter()
-        .filter(|p| {
-            h.domain_name
-                .as_ref()
-                .is_none_or(|d| *d == vfabric::info::domain_name_of(p))
-        })
-        .collect();
-    let mut found: Vec<Option<Info>> = wanted.iter().map(|p| crate::domain::open_info(p)).collect();
-    let to_probe: Vec<usize> = (0..wanted.len()).filter(|&k| found[k].is_none()).collect();
-    let mut busy = Vec::new();
-    let probe_round =
-        |ks: &[usize], timeout: Duration, found: &mut Vec<Option<Info>>, busy: &mut Vec<usize>| {
-            let targets: Vec<&PathBuf> = ks.iter().map(|&k| wanted[k]).collect();
-            for (&k, r) in ks.iter().zip(probe_parallel(&targets, timeout)) {
-                match r {
-                    Ok(i) => {
-                        crate::domain::note_fabric(&i);
-                        found[k] = Some(i);
-                    }
-                    Err(vfabric::Error::Busy { .. }) => busy.push(k),
-                    Err(e) => warn(
-                        sys::fi_log_subsys_FI_LOG_CORE,
-                        &format!("probe of {} failed: {e}", wanted[k].display()),
-                    ),
-                }
+    let mut out = Vec::new();
+    for p in paths {
+        let name = vfabric::info::domain_name_of(&p);
+        if h.domain_name.as_ref().is_some_and(|d| *d != name) {
+            continue;
+        }
+        if let Some(i) = crate::domain::open_info(&p) {
+            out.push(i);
+            continue;
+        }
+        match Info::probe(&p) {
+            Ok(i) => {
+                crate::domain::note_fabric(&i);
+                out.push(i)
             }
-        };
-    probe_round(&to_probe, QUICK_PROBE, &mut found, &mut busy);
-    let waited = found.iter().all(Option::is_none) && !busy.is_empty();
-    if waited {
-        let again = std::mem::take(&mut busy);
-        probe_round(&again, vfabric::info::PROBE_TIMEOUT, &mut found, &mut busy);
-    }
-    for &k in &busy {
-        // Busy devices are expected where several processes share a fabric (one MPI rank per
-        // device): a warning only when no device was free at all.
-        crate::util::log(
-            if waited {
-                sys::fi_log_level_FI_LOG_WARN
-            } else {
-                sys::fi_log_level_FI_LOG_DEBUG
-            },
-            sys::fi_log_subsys_FI_LOG_CORE,
-            &format!(
-                "probe of {} failed: the device is busy (it serves another guest)",
-                wanted[k].display()
+            Err(e) => warn(
+                sys::fi_log_subsys_FI_LOG_CORE,
+                &format!("probe of {} failed: {e}", p.display()),
             ),
-        );
+        }
     }
-    Ok(found.into_iter().flatten().collect())
+    Ok(out)
 }
 
 /// The hints, read from C.
@@ -186,6 +134,8 @@ struct CHints {
     tx_op_flags: u64,
     rx_op_flags: u64,
     cq_data_size: usize,
+    /// No hints at all: every mode bit is acceptable.
+    no_hints: bool,
     bad: bool,
 }
 
@@ -199,6 +149,7 @@ fn parse_node(s: &str) -> Option<FabricAddr> {
 unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
     let mut h = CHints::default();
     if hints.is_null() {
+        h.no_hints = true;
         return h;
     }
     // SAFETY: non-NULL and valid per the caller's contract.
@@ -599,12 +550,24 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
             h.mr_mode & sys::FI_MR_LOCAL as i32
         };
         d.mr_key_size = 8;
-        d.cq_data_size =
-            if dev.device_features & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
-                l.max_cq_data_size.unwrap_or(8).min(8) as usize
-            } else {
-                0
-            };
+        // Remote CQ data of an RMA write consumes a posted receive at the target (spec
+        // §6.10.3): that is FI_RX_CQ_DATA mode. A consumer that does not accept the mode gets
+        // no remote CQ data with RMA (cq_data_size 0, writedata refused) rather than writes
+        // that take the receives meant for its messages (its replies then never match).
+        let rma_cq_data = out_caps & (fi::RMA | fi::WRITE | fi::REMOTE_WRITE) != 0;
+        let rx_cq_data_ok = h.no_hints || h.mode & sys::FI_RX_CQ_DATA as u64 != 0;
+        d.cq_data_size = if dev.device_features & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
+            == 0
+            || (rma_cq_data && !rx_cq_data_ok)
+        {
+            0
+        } else {
+            l.max_cq_data_size.unwrap_or(8).min(8) as usize
+        };
+        if rma_cq_data && d.cq_data_size > 0 {
+            i.mode |= sys::FI_RX_CQ_DATA as u64;
+            rx.mode |= sys::FI_RX_CQ_DATA as u64;
+        }
         d.cq_cnt = 1024;
         d.ep_cnt = l.max_endpoints as usize;
         d.tx_ctx_cnt = l.max_endpoints as usize;
