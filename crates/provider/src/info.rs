@@ -555,7 +555,7 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         // no remote CQ data with RMA (cq_data_size 0, writedata refused) rather than writes
         // that take the receives meant for its messages (its replies then never match).
         let rma_cq_data = out_caps & (fi::RMA | fi::WRITE | fi::REMOTE_WRITE) != 0;
-        let rx_cq_data_ok = h.no_hints || h.mode & sys::FI_RX_CQ_DATA as u64 != 0;
+        let rx_cq_data_ok = h.no_hints || h.mode & sys::FI_RX_CQ_DATA != 0;
         d.cq_data_size = if dev.device_features & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
             == 0
             || (rma_cq_data && !rx_cq_data_ok)
@@ -565,8 +565,8 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
             l.max_cq_data_size.unwrap_or(8).min(8) as usize
         };
         if rma_cq_data && d.cq_data_size > 0 {
-            i.mode |= sys::FI_RX_CQ_DATA as u64;
-            rx.mode |= sys::FI_RX_CQ_DATA as u64;
+            i.mode |= sys::FI_RX_CQ_DATA;
+            rx.mode |= sys::FI_RX_CQ_DATA;
         }
         d.cq_cnt = 1024;
         d.ep_cnt = l.max_endpoints as usize;

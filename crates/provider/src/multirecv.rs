@@ -77,7 +77,7 @@ impl Buffers {
             return failed;
         };
         q.retain(|k| *k != key);
-        while was_posted {
+        while was_posted && !q.is_empty() {
             let Some(&next) = q.front() else { break };
             let Some(r) = self.all.get_mut(&next) else {
                 q.pop_front();
