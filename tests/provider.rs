@@ -757,6 +757,13 @@ fn c_zero_length_tagged() {
     semantics_suite("zero_len");
 }
 
+/// The default operation flags the hints ask for (FI_COMPLETION) become the endpoint's, so
+/// receives complete under FI_SELECTIVE_COMPLETION (Open MPI's set-up).
+#[test]
+fn c_default_op_flags() {
+    semantics_suite("op_flags");
+}
+
 #[test]
 fn c_semantics_under_valgrind() {
     for suite in ["multi_recv", "writedata"] {

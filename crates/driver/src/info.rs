@@ -213,11 +213,16 @@ impl Info {
         Self::probe_within(path, PROBE_TIMEOUT)
     }
 
-    /// Probe one device socket, giving up after `timeout` if the device serves another
-    /// frontend (`Error::Busy`).
-    pub fn probe_within(path: impl AsRef<Path>, timeout: std::time::Duration) -> Result<Info> {
+    /// Probe one device socket, reporting it busy (`Error::Busy`) if it has not accepted the
+    /// connection within `accept_timeout` (it serves another frontend); a device that accepted
+    /// gets [`PROBE_TIMEOUT`] for the rest.
+    pub fn probe_within(
+        path: impl AsRef<Path>,
+        accept_timeout: std::time::Duration,
+    ) -> Result<Info> {
         let attr = DomainAttr {
-            control_timeout: timeout,
+            control_timeout: PROBE_TIMEOUT,
+            accept_timeout: Some(accept_timeout),
             ..DomainAttr::default()
         };
         let inner = DomainInner::connect(path.as_ref(), &attr, true)?;

@@ -196,8 +196,9 @@ pub fn note_fabric(dev: &Info) {
         .insert(dev.domain_name.clone(), dev.fabric_id);
 }
 
-/// Connect deadline of `fi_domain`'s first attempts: a free device accepts at once.
-const QUICK_CONNECT: Duration = Duration::from_millis(250);
+/// Accept deadline of `fi_domain`'s first attempts: a free device accepts at once (the rest of
+/// the set-up then has the driver's full deadline).
+const QUICK_CONNECT: Duration = Duration::from_millis(500);
 
 /// The device session for the domain named `name` (an `fi_info`'s `domain_attr->name`). A
 /// device is one guest's at a time, and another process may have taken it since `fi_getinfo`:
@@ -251,7 +252,7 @@ pub fn open_device(name: &str) -> Result<Domain, i32> {
 }
 
 /// Open (or share) the device session of the socket `path`, waiting at most `timeout` (the
-/// driver's default if `None`) for a device that serves another guest.
+/// driver's default if `None`) for a device that serves another guest to accept.
 pub fn acquire(path: &Path, timeout: Option<Duration>) -> Result<Domain, i32> {
     let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
     let m = g.get_or_insert_with(HashMap::new);
@@ -259,10 +260,10 @@ pub fn acquire(path: &Path, timeout: Option<Duration>) -> Result<Domain, i32> {
         *n += 1;
         return Ok(d.clone());
     }
-    let mut attr = DomainAttr::default();
-    if let Some(t) = timeout {
-        attr.control_timeout = t;
-    }
+    let mut attr = DomainAttr {
+        accept_timeout: timeout,
+        ..DomainAttr::default()
+    };
     // Read as text, not with fi_param_get: "0", "abc" or an overflowing size must be reported,
     // not silently replaced by the default.
     match vfabric::memory::env_mem_bytes("FI_VFABRIC_MEM_MB") {

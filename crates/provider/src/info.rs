@@ -7,6 +7,7 @@
 
 use std::ffi::c_void;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use vfabric::{fi, proto, EpType, FabricAddr, Hints, Info};
 
@@ -69,8 +70,31 @@ pub fn all_device_paths() -> Vec<PathBuf> {
     })
 }
 
-/// One `Info` per reachable device matching the domain name (a device busy with another
-/// guest fails its probe after the driver's `PROBE_TIMEOUT` and is left out).
+/// How long a probed device may leave the connection unaccepted before it counts as busy (it
+/// serves another guest): a free device accepts at once, however slow this process is.
+const ACCEPT_DEADLINE: Duration = Duration::from_millis(500);
+
+/// Probe `paths` in parallel, each reported busy if not accepted within `accept`.
+fn probe_parallel(paths: &[&PathBuf], accept: Duration) -> Vec<vfabric::Result<Info>> {
+    std::thread::scope(|s| {
+        let probes: Vec<_> = paths
+            .iter()
+            .map(|p| s.spawn(move || Info::probe_within(p, accept)))
+            .collect();
+        probes
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(vfabric::Error::Transport("probe panicked".into())))
+            })
+            .collect()
+    })
+}
+
+/// One `Info` per reachable device matching the domain name. Devices are probed in parallel,
+/// and one that does not accept within [`ACCEPT_DEADLINE`] (busy with another guest) is left
+/// out, so busy devices cost at most that once, not the driver's probe deadline each. Only when
+/// no device answered are the busy ones probed again, one by one, with the full deadline.
 fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
     let mut h = hints.clone();
     h.devices = devices_param();
@@ -85,28 +109,66 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
             ),
         );
     }
-    let mut out = Vec::new();
-    for p in paths {
-        let name = vfabric::info::domain_name_of(&p);
-        if h.domain_name.as_ref().is_some_and(|d| *d != name) {
+    let wanted: Vec<&PathBuf> = paths
+        .iter()
+        .filter(|p| {
+            h.domain_name
+                .as_ref()
+                .is_none_or(|d| *d == vfabric::info::domain_name_of(p))
+        })
+        .collect();
+    let mut found: Vec<Option<Info>> = wanted.iter().map(|p| crate::domain::open_info(p)).collect();
+    let to_probe: Vec<&PathBuf> = wanted
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| f.is_none())
+        .map(|(p, _)| *p)
+        .collect();
+    let mut busy = Vec::new();
+    let mut results = probe_parallel(&to_probe, ACCEPT_DEADLINE).into_iter();
+    for (k, f) in found.iter_mut().enumerate() {
+        if f.is_some() {
             continue;
         }
-        if let Some(i) = crate::domain::open_info(&p) {
-            out.push(i);
-            continue;
-        }
-        match Info::probe(&p) {
-            Ok(i) => {
-                crate::domain::note_fabric(&i);
-                out.push(i)
-            }
-            Err(e) => warn(
+        match results.next() {
+            Some(Ok(i)) => *f = Some(i),
+            Some(Err(vfabric::Error::Busy { .. })) => busy.push(k),
+            Some(Err(e)) => warn(
                 sys::fi_log_subsys_FI_LOG_CORE,
-                &format!("probe of {} failed: {e}", p.display()),
+                &format!("probe of {} failed: {e}", wanted[k].display()),
             ),
+            None => {}
         }
     }
-    Ok(out)
+    let none_free = found.iter().all(Option::is_none);
+    for k in busy {
+        if none_free {
+            match Info::probe(wanted[k]) {
+                Ok(i) => {
+                    found[k] = Some(i);
+                    continue;
+                }
+                Err(e) => warn(
+                    sys::fi_log_subsys_FI_LOG_CORE,
+                    &format!("probe of {} failed: {e}", wanted[k].display()),
+                ),
+            }
+        } else {
+            // Expected where processes share a fabric (one MPI rank per device).
+            crate::util::log(
+                sys::fi_log_level_FI_LOG_DEBUG,
+                sys::fi_log_subsys_FI_LOG_CORE,
+                &format!(
+                    "{} is busy (it serves another guest): skipped",
+                    wanted[k].display()
+                ),
+            );
+        }
+    }
+    for i in found.iter().flatten() {
+        crate::domain::note_fabric(i);
+    }
+    Ok(found.into_iter().flatten().collect())
 }
 
 /// The hints, read from C.
