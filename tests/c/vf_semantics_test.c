@@ -538,6 +538,22 @@ static void zero_len_side(int me)
 			CHECK((e.flags & FI_REMOTE_CQ_DATA) && e.data == (uint64_t)!me);
 		}
 	}
+	/* The msg forms with no iov at all (iov_count 0). */
+	struct fi_msg_tagged rm = { .msg_iov = NULL, .iov_count = 0, .addr = FI_ADDR_UNSPEC, .tag = 0x99,
+				    .ignore = 0, .context = (void *)8 };
+	struct fi_msg_tagged sm = { .msg_iov = NULL, .iov_count = 0, .addr = s.peer, .tag = 0x99,
+				    .context = (void *)9 };
+	struct fi_cq_tagged_entry e;
+	OK(fi_trecvmsg(s.ep, &rm, FI_COMPLETION));
+	OK(fi_tsendmsg(s.ep, &sm, FI_COMPLETION));
+	for (int got = 0; got < 2; got++) {
+		wait_cq(s.cq, &e);
+		CHECK(e.op_context == (void *)8 || e.op_context == (void *)9);
+		CHECK(e.len == 0);
+	}
+	char go = 1;
+	put(&go, 1);
+	get(&go, 1);
 	side_close(&s);
 }
 

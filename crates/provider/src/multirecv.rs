@@ -133,10 +133,12 @@ impl Registry {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue error entries on the receive CQs of their endpoints.
-    fn report(failed: Vec<(SendPtr<EpObj>, CqErrEntry)>) {
+    /// Queue error entries on the receive CQs of their endpoints. Called with the registry
+    /// locked (`_held`): `fi_close` of an endpoint forgets its buffers under that lock before
+    /// freeing it, so the endpoints are alive here.
+    fn report(_held: &Buffers, failed: Vec<(SendPtr<EpObj>, CqErrEntry)>) {
         for (ep, e) in failed {
-            // SAFETY: the endpoint is alive while its records are registered (see `post`).
+            // SAFETY: see above; the records came from the registry under this lock.
             unsafe { &*ep.0 }.push_rx_error(e);
         }
     }
@@ -199,8 +201,7 @@ impl Registry {
             let ep = r.ep.0 as usize;
             failed = g.release(ep, key);
         }
-        drop(g);
-        Self::report(failed);
+        Self::report(&g, failed);
         at
     }
 
@@ -214,8 +215,7 @@ impl Registry {
         e.context = r.user_ctx;
         e.flags |= fi::MULTI_RECV;
         let failed = g.release(ep, key);
-        drop(g);
-        Self::report(failed);
+        Self::report(&g, failed);
     }
 
     /// The internal context of `ep`'s buffer posted with `user_ctx` (for `fi_cancel`).
@@ -241,11 +241,10 @@ impl Registry {
         };
         let entry = g.all.get(&key).map(|r| released_entry(r, fi::ECANCELED));
         let failed = g.release(ep as usize, key);
-        drop(g);
         if let Some(entry) = entry {
-            Self::report(vec![(SendPtr(ep.cast_mut()), entry)]);
+            Self::report(&g, vec![(SendPtr(ep.cast_mut()), entry)]);
         }
-        Self::report(failed);
+        Self::report(&g, failed);
         true
     }
 
