@@ -94,7 +94,7 @@ fn probe_parallel(paths: &[&PathBuf], accept: Duration) -> Vec<vfabric::Result<I
 /// One `Info` per reachable device matching the domain name. Devices are probed in parallel,
 /// and one that does not accept within [`ACCEPT_DEADLINE`] (busy with another guest) is left
 /// out, so busy devices cost at most that once, not the driver's probe deadline each. Only when
-/// no device answered are the busy ones probed again, one by one, with the full deadline.
+/// no device answered are the others probed again, one by one, with the full deadline.
 fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
     let mut h = hints.clone();
     h.devices = devices_param();
@@ -132,11 +132,15 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
         }
         match results.next() {
             Some(Ok(i)) => *f = Some(i),
-            Some(Err(vfabric::Error::Busy { .. })) => busy.push(k),
-            Some(Err(e)) => warn(
-                sys::fi_log_subsys_FI_LOG_CORE,
-                &format!("probe of {} failed: {e}", wanted[k].display()),
-            ),
+            // Busy, or a set-up that failed under load: looked at again if nothing answered.
+            Some(Err(e)) => {
+                crate::util::log(
+                    sys::fi_log_level_FI_LOG_DEBUG,
+                    sys::fi_log_subsys_FI_LOG_CORE,
+                    &format!("probe of {}: {e}", wanted[k].display()),
+                );
+                busy.push(k)
+            }
             None => {}
         }
     }
