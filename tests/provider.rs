@@ -967,3 +967,123 @@ fn invalid_fi_vfabric_mem_mb_is_refused_by_name() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Semantics libfabric programs rely on (tests/c/vf_semantics_test.c, two processes)
+// ---------------------------------------------------------------------------------------------
+
+fn semantics_binary() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| compile_c("vf_semantics_test"))
+}
+
+/// Runs `suite` of vf_semantics_test on two devices of one daemon.
+fn semantics_suite(suite: &str) {
+    let d = DaemonProcess::start(2, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    let o = run_with_timeout(
+        fi_cmd(semantics_binary(), &socks).arg(suite),
+        Duration::from_secs(120),
+    );
+    assert!(o.status.success(), "suite {suite}: {}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{suite}: ok")));
+}
+
+/// FI_MULTI_RECV: messages fill one posted buffer back to back before the next; each
+/// completion's `buf` points where its message landed; the releasing one has FI_MULTI_RECV.
+#[test]
+fn c_multi_recv_fills_buffers_in_order() {
+    semantics_suite("multi_recv");
+}
+
+/// A stream of fi_writedata then a message and a reply: notifications take receives only under
+/// FI_RX_CQ_DATA (offered in `mode`); without it no remote CQ data is granted with RMA.
+#[test]
+fn c_writedata_stream_then_reply() {
+    semantics_suite("writedata");
+}
+
+/// Without FI_MR_PROV_KEY the key requested in fi_mr_reg is the region's key, and the peer
+/// writes with it.
+#[test]
+fn c_requested_keys() {
+    semantics_suite("keys");
+}
+
+/// fi_domain on an info whose device another process took opens a free device of the same
+/// fabric; fi_getinfo skips busy devices without waiting for each.
+#[test]
+fn c_domain_falls_back_to_a_free_device() {
+    semantics_suite("fallback");
+}
+
+/// Zero-byte tagged messages with remote CQ data, injected or not, to directed receives (what
+/// Open MPI's barrier sends).
+#[test]
+fn c_zero_length_tagged() {
+    semantics_suite("zero_len");
+}
+
+/// The default operation flags the hints ask for (FI_COMPLETION) become the endpoint's, so
+/// receives complete under FI_SELECTIVE_COMPLETION (Open MPI's set-up).
+#[test]
+fn c_default_op_flags() {
+    semantics_suite("op_flags");
+}
+
+#[test]
+fn c_semantics_under_valgrind() {
+    for suite in ["multi_recv", "writedata"] {
+        under_valgrind(semantics_binary(), suite, 2, &format!("{suite}: ok"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MPI (Open MPI's OFI MTL over the provider)
+// ---------------------------------------------------------------------------------------------
+
+/// tests/mpi/vf_mpi_test.c on `ranks` ranks, one device each, through
+/// `mpirun --mca pml cm --mca mtl ofi --mca mtl_ofi_provider_include vfabric`: point-to-point
+/// (blocking, non-blocking, any-source, 0 B to 4 MiB), barriers and collectives, every byte
+/// checked. Open MPI's MTL dereferences the context of every CQ error entry, so the provider's
+/// gone-peer entries (NULL context) are turned off (FI_VFABRIC_PEER_WATCH=0).
+fn mpi_job(ranks: u32) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin = bin_dir().join("vf_mpi_test");
+    let o = run_with_timeout(
+        Command::new("mpicc")
+            .args(["-Wall", "-Wextra", "-Werror", "-O1", "-o"])
+            .arg(&bin)
+            .arg(root.join("tests/mpi/vf_mpi_test.c")),
+        Duration::from_secs(120),
+    );
+    assert!(o.status.success(), "mpicc: {}", text(&o));
+    let d = DaemonProcess::start(ranks, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    let mut c = fi_cmd("mpirun", &socks);
+    c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
+        .arg(ranks.to_string())
+        .args(["-x", "FI_PROVIDER_PATH", "-x", "VFABRIC_DEVICES"])
+        .args(["-x", "FI_VFABRIC_PEER_WATCH"])
+        .env("FI_VFABRIC_PEER_WATCH", "0")
+        .args(["--mca", "pml", "cm", "--mca", "mtl", "ofi"])
+        .args(["--mca", "mtl_ofi_provider_include", "vfabric"])
+        .arg(&bin);
+    let o = run_with_timeout(&mut c, Duration::from_secs(240));
+    assert!(o.status.success(), "mpirun: {}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("mpi: ok ({ranks} ranks)")),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn mpi_two_ranks() {
+    mpi_job(2);
+}
+
+#[test]
+fn mpi_four_ranks() {
+    mpi_job(4);
+}

@@ -935,6 +935,8 @@ static void rma_setup(void)
 	CHECK(hints);
 	hints->ep_attr->type = FI_EP_RDM;
 	hints->caps = FI_MSG | FI_RMA | FI_ATOMIC | rma_extra_caps;
+	/* fi_writedata's notification takes a posted receive at the target. */
+	hints->mode = FI_RX_CQ_DATA;
 	hints->fabric_attr->prov_name = strdup("vfabric");
 	hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_VIRT_ADDR;
 	OK(fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &rinfo));

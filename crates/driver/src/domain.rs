@@ -41,6 +41,9 @@ pub struct DomainAttr {
     pub queue_pairs: Option<u16>,
     /// Timeout of control-queue requests and of each vhost-user reply while connecting.
     pub control_timeout: Duration,
+    /// How long a device may leave the connection unaccepted (it serves another guest) before
+    /// it is reported `Error::Busy` (default: `control_timeout`).
+    pub accept_timeout: Option<Duration>,
 }
 
 impl Default for DomainAttr {
@@ -50,6 +53,7 @@ impl Default for DomainAttr {
             queue_size: DEFAULT_QUEUE_SIZE,
             queue_pairs: None,
             control_timeout: Duration::from_secs(10),
+            accept_timeout: None,
         }
     }
 }
@@ -526,7 +530,11 @@ impl DomainInner {
     /// queue (enough for QUERY_CAPS).
     pub(crate) fn connect(path: &Path, attr: &DomainAttr, probe: bool) -> Result<Arc<Self>> {
         crate::memory::check_mem_env()?;
-        let mut transport = Transport::connect(path, attr.control_timeout)?;
+        let mut transport = Transport::connect_within(
+            path,
+            attr.accept_timeout.unwrap_or(attr.control_timeout),
+            attr.control_timeout,
+        )?;
         let mem_bytes = if probe {
             PROBE_MEM_BYTES
         } else {

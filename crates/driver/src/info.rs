@@ -222,8 +222,19 @@ impl Info {
     /// Probe one device socket (a device busy with another frontend fails after
     /// [`PROBE_TIMEOUT`]).
     pub fn probe(path: impl AsRef<Path>) -> Result<Info> {
+        Self::probe_within(path, PROBE_TIMEOUT)
+    }
+
+    /// Probe one device socket, reporting it busy (`Error::Busy`) if it has not accepted the
+    /// connection within `accept_timeout` (it serves another frontend); a device that accepted
+    /// gets [`PROBE_TIMEOUT`] for the rest.
+    pub fn probe_within(
+        path: impl AsRef<Path>,
+        accept_timeout: std::time::Duration,
+    ) -> Result<Info> {
         let attr = DomainAttr {
             control_timeout: PROBE_TIMEOUT,
+            accept_timeout: Some(accept_timeout),
             ..DomainAttr::default()
         };
         let inner = DomainInner::connect(path.as_ref(), &attr, true)?;

@@ -118,25 +118,44 @@ impl Transport {
     /// shuts the socket down if the handshake is not finished (`handshake_done`) within
     /// `timeout`: a device serving another frontend accepts the connection only later, and
     /// that must be reported rather than waited for forever.
-    pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
+    ///
+    /// A device that has not accepted the connection (answered its first message) within
+    /// `accept_timeout` is reported busy; once it has, the rest of the handshake gets `timeout`.
+    /// A free device accepts at once, however slow the frontend, so a short `accept_timeout`
+    /// tells busy devices from slow set-ups.
+    pub fn connect_within(
+        path: &Path,
+        accept_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self> {
         let stream = connect_socket(path)?;
-        let watchdog = Watchdog::arm(stream.as_fd(), timeout)?;
+        let accept_watchdog = Watchdog::arm(stream.as_fd(), accept_timeout)?;
+        let watch_fd = stream.try_clone()?;
         let frontend = Frontend::from_stream(stream, VHOST_USER_MAX_VRINGS);
         // The first reply comes once the device accepted us: while it serves another guest
         // this connection waits in the socket's backlog.
         let device_features = match frontend.get_features() {
             Ok(f) => f,
             Err(e) => {
-                return Err(if watchdog.disarm() {
+                return Err(if accept_watchdog.disarm() {
                     Error::Busy {
                         path: path.to_path_buf(),
-                        waited: timeout,
+                        waited: accept_timeout,
                     }
                 } else {
                     vhost_err("GET_FEATURES", e)
                 })
             }
         };
+        if accept_watchdog.disarm() {
+            // It fired just as the answer came: the socket is shut down.
+            return Err(Error::Busy {
+                path: path.to_path_buf(),
+                waited: accept_timeout,
+            });
+        }
+        let watchdog = Watchdog::arm(watch_fd.as_fd(), timeout)?;
+        drop(watch_fd);
         let result = Self::negotiate(path, frontend, device_features);
         match result {
             Ok(mut t) => {

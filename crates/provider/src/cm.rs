@@ -771,14 +771,11 @@ pub unsafe extern "C" fn passive_ep_open(
         let Some(name) = (unsafe { crate::util::c_str((*i.domain_attr).name) }) else {
             return -fi::EINVAL;
         };
-        let dev = match crate::info::device_info(&name) {
+        let d = match crate::domain::open_device(&name) {
             Ok(d) => d,
             Err(e) => return -e,
         };
-        let d = match crate::domain::acquire(&dev) {
-            Ok(d) => d,
-            Err(e) => return -e,
-        };
+        let dev = d.info().clone();
         let cm = match CmEndpoint::open(&d) {
             Ok(c) => c,
             Err(e) => {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -33,6 +33,8 @@ pub struct DomainObj {
     /// Address format of the `fi_info` the domain was opened with: the format of the
     /// addresses its AVs take and give.
     pub addr_format: crate::addr::Format,
+    /// Remote CQ data was granted (`cq_data_size` > 0 in the consumer's info).
+    pub remote_cq_data: bool,
     /// The domain was opened with FI_RMA_EVENT in its caps: regions with remote access count
     /// remote accesses (a counter may be bound with `fi_mr_bind`).
     pub rma_event: bool,
@@ -48,7 +50,12 @@ pub struct DomainObj {
 impl DomainObj {
     fn watch(&self) -> Option<&crate::watch::PeerWatch> {
         self.watch
-            .get_or_init(|| crate::watch::PeerWatch::open(&self.dom).ok())
+            .get_or_init(|| {
+                if crate::param_bool(c"peer_watch") == Some(false) {
+                    return None;
+                }
+                crate::watch::PeerWatch::open(&self.dom).ok()
+            })
             .as_ref()
     }
 }
@@ -126,14 +133,11 @@ pub unsafe extern "C" fn domain_open(
         let Some(name) = (unsafe { crate::util::c_str(da.name) }) else {
             return -fi::EINVAL;
         };
-        let dev = match crate::info::device_info(&name) {
+        let d = match open_device(&name) {
             Ok(d) => d,
             Err(e) => return -e,
         };
-        let d = match acquire(&dev) {
-            Ok(d) => d,
-            Err(e) => return -e,
-        };
+        let dev = d.info().clone();
         let obj = Box::new(DomainObj {
             fid: sys::fid_domain {
                 fid: sys::fid {
@@ -152,6 +156,7 @@ pub unsafe extern "C" fn domain_open(
             mr_mode: da.mr_mode,
             addr_format: crate::addr::Format::from_fi(i.addr_format)
                 .unwrap_or(crate::addr::Format::Native),
+            remote_cq_data: da.cq_data_size > 0,
             rma_event: i.caps & fi::RMA_EVENT != 0,
             next_key: AtomicU64::new(1),
             multi: Default::default(),
@@ -185,15 +190,85 @@ unsafe extern "C" fn domain_close(fid: *mut sys::fid) -> c_int {
 /// `fi_domain` and passive endpoint on the same device shares one `vfabric::Domain`.
 static OPEN: Mutex<Option<HashMap<PathBuf, (Domain, usize)>>> = Mutex::new(None);
 
-/// Open (or share) the device session of `dev`.
-pub fn acquire(dev: &Info) -> Result<Domain, i32> {
+/// Fabric id of each device by domain name, as `fi_getinfo` found them: `fi_domain` falls back
+/// only to devices of the same fabric.
+static FABRIC_OF: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+
+/// Remember the fabric of a probed device.
+pub fn note_fabric(dev: &Info) {
+    let mut g = FABRIC_OF.lock().unwrap_or_else(|e| e.into_inner());
+    g.get_or_insert_with(HashMap::new)
+        .insert(dev.domain_name.clone(), dev.fabric_id);
+}
+
+/// Accept deadline of `fi_domain`'s first attempts: a free device accepts at once (the rest of
+/// the set-up then has the driver's full deadline).
+const QUICK_CONNECT: Duration = Duration::from_millis(500);
+
+/// The device session for the domain named `name` (an `fi_info`'s `domain_attr->name`). A
+/// device is one guest's at a time, and another process may have taken it since `fi_getinfo`:
+/// then the first free device of the same fabric is opened instead (the info names the fabric
+/// and its resources, not one socket). Only if none is free is the named device waited for
+/// with the driver's full deadline.
+pub fn open_device(name: &str) -> Result<Domain, i32> {
+    let paths = crate::info::all_device_paths();
+    let Some(named) = paths
+        .iter()
+        .find(|p| vfabric::info::domain_name_of(p) == name)
+    else {
+        crate::util::warn(
+            sys::fi_log_subsys_FI_LOG_DOMAIN,
+            &format!("no device for domain {name:?}"),
+        );
+        return Err(fi::ENODATA);
+    };
+    match acquire(named, Some(QUICK_CONNECT)) {
+        Err(e) if e == fi::EBUSY => {}
+        r => return r,
+    }
+    let fabric = FABRIC_OF
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(name).copied());
+    if let Some(fabric) = fabric {
+        for p in paths
+            .iter()
+            .filter(|p| *p != named && open_info(p).is_none())
+        {
+            let Ok(d) = acquire(p, Some(QUICK_CONNECT)) else {
+                continue;
+            };
+            if d.info().fabric_id == fabric {
+                crate::util::info(
+                    sys::fi_log_subsys_FI_LOG_DOMAIN,
+                    &format!(
+                        "{name} is busy (another guest took it): opened {} of the same fabric",
+                        d.info().domain_name
+                    ),
+                );
+                return Ok(d);
+            }
+            drop(d);
+            release(p);
+        }
+    }
+    acquire(named, None)
+}
+
+/// Open (or share) the device session of the socket `path`, waiting at most `timeout` (the
+/// driver's default if `None`) for a device that serves another guest to accept.
+pub fn acquire(path: &Path, timeout: Option<Duration>) -> Result<Domain, i32> {
     let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
     let m = g.get_or_insert_with(HashMap::new);
-    if let Some((d, n)) = m.get_mut(&dev.device_path) {
+    if let Some((d, n)) = m.get_mut(path) {
         *n += 1;
         return Ok(d.clone());
     }
-    let mut attr = DomainAttr::default();
+    let mut attr = DomainAttr {
+        accept_timeout: timeout,
+        ..DomainAttr::default()
+    };
     // Read as text, not with fi_param_get: "0", "abc" or an overflowing size must be reported,
     // not silently replaced by the default.
     match vfabric::memory::env_mem_bytes("FI_VFABRIC_MEM_MB") {
@@ -205,23 +280,32 @@ pub fn acquire(dev: &Info) -> Result<Domain, i32> {
         }
     }
     let mem_mb = attr.mem_bytes >> 20;
-    match Domain::open(&dev.device_path, attr) {
+    match Domain::open(path, attr) {
         Ok(d) => {
+            note_fabric(d.info());
             crate::util::info(
                 sys::fi_log_subsys_FI_LOG_DOMAIN,
                 &format!(
                     "domain open: {} on {} ({mem_mb} MiB shared memory)",
-                    dev.domain_name,
-                    dev.device_path.display()
+                    d.info().domain_name,
+                    path.display()
                 ),
             );
-            m.insert(dev.device_path.clone(), (d.clone(), 1));
+            m.insert(path.to_path_buf(), (d.clone(), 1));
             Ok(d)
+        }
+        Err(e @ vfabric::Error::Busy { .. }) if timeout.is_some() => {
+            crate::util::log(
+                sys::fi_log_level_FI_LOG_DEBUG,
+                sys::fi_log_subsys_FI_LOG_DOMAIN,
+                &format!("device {}: {e}", path.display()),
+            );
+            Err(fi::EBUSY)
         }
         Err(e) => {
             crate::util::warn(
                 sys::fi_log_subsys_FI_LOG_DOMAIN,
-                &format!("device {}: {e}", dev.device_path.display()),
+                &format!("device {}: {e}", path.display()),
             );
             Err(errno_of(&e, sys::fi_log_subsys_FI_LOG_DOMAIN).max(1))
         }

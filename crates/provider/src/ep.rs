@@ -29,6 +29,8 @@ pub struct EpObj {
     tx_flags: AtomicU64,
     rx_flags: AtomicU64,
     bound: Mutex<Vec<ParentRef>>,
+    /// The CQ bound for FI_RECV (for entries the provider makes itself: multirecv.rs).
+    rx_cq: Mutex<Option<std::sync::Arc<vfabric::CompletionQueue>>>,
     min_multi_recv: AtomicUsize,
     pub cm_data_size: AtomicUsize,
     /// Connection state of an FI_EP_MSG endpoint.
@@ -289,6 +291,7 @@ pub unsafe extern "C" fn endpoint_open(
             tx_flags: AtomicU64::new(tx_flags),
             rx_flags: AtomicU64::new(rx_flags),
             bound: Mutex::new(Vec::new()),
+            rx_cq: Mutex::new(None),
             min_multi_recv: AtomicUsize::new(DEFAULT_MIN_MULTI_RECV),
             cm_data_size: AtomicUsize::new(crate::info::CM_DATA_SIZE),
             conn,
@@ -347,8 +350,11 @@ unsafe extern "C" fn ep_bind(fid: *mut sys::fid, bfid: *mut sys::fid, flags: u64
                 if flags & (fi::TRANSMIT | fi::RECV) == 0 {
                     return -fi::EBADFLAGS;
                 }
-                e.ep.bind_cq(&c.cq, BindFlags::from_fi(flags))
-                    .map(|_| &c.refs)
+                let r = e.ep.bind_cq(&c.cq, BindFlags::from_fi(flags));
+                if r.is_ok() && flags & fi::RECV != 0 {
+                    *e.rx_cq.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.cq.clone());
+                }
+                r.map(|_| &c.refs)
             }
             sys::FI_CLASS_AV => {
                 if e.ep_type == EpType::Msg {
@@ -441,6 +447,16 @@ unsafe extern "C" fn ep_control(fid: *mut sys::fid, cmd: c_int, arg: *mut c_void
     })
 }
 
+impl EpObj {
+    /// Queue an error entry made by the provider on the endpoint's receive CQ (dropped if none
+    /// is bound: there is nobody to tell).
+    pub fn push_rx_error(&self, e: vfabric::CqErrEntry) {
+        if let Some(cq) = &*self.rx_cq.lock().unwrap_or_else(|p| p.into_inner()) {
+            cq.push_error(e);
+        }
+    }
+}
+
 unsafe extern "C" fn ep_cancel(fid: *mut sys::fid, context: *mut c_void) -> isize {
     guard(|| {
         // SAFETY: consumer passes one of our endpoints.
@@ -450,6 +466,9 @@ unsafe extern "C" fn ep_cancel(fid: *mut sys::fid, context: *mut c_void) -> isiz
         };
         // SAFETY: the domain outlives its endpoints (ParentRef).
         let multi = unsafe { &(*e.domain).multi };
+        if multi.cancel_waiting(e, context as u64) {
+            return 0;
+        }
         let ctx = multi
             .internal_ctx(e, context as u64)
             .unwrap_or(context as u64);

@@ -7,6 +7,7 @@
 
 use std::ffi::c_void;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use vfabric::{fi, proto, EpType, Hints, Info};
 
@@ -44,15 +45,6 @@ pub const CM_DATA_SIZE: usize = 256;
 /// `mem_tag_format` is the device's.
 pub const ADDR_LEN: usize = proto::ADDR_LEN;
 
-/// Find the device of a domain name (for `fi_domain`).
-pub fn device_info(domain_name: &str) -> Result<Info, i32> {
-    let infos = probe_all(&Hints {
-        domain_name: Some(domain_name.to_string()),
-        ..Hints::default()
-    })?;
-    infos.into_iter().next().ok_or(fi::ENODATA)
-}
-
 fn devices_param() -> Option<Vec<PathBuf>> {
     let v = crate::param_str(c"devices")?;
     let list: Vec<PathBuf> = v
@@ -63,7 +55,40 @@ fn devices_param() -> Option<Vec<PathBuf>> {
     (!list.is_empty()).then_some(list)
 }
 
-/// One `Info` per reachable device matching the domain name.
+/// Every device socket this process may use (FI_VFABRIC_DEVICES, VFABRIC_DEVICES or the
+/// default directory).
+pub fn all_device_paths() -> Vec<PathBuf> {
+    vfabric::info::device_paths(&Hints {
+        devices: devices_param(),
+        ..Hints::default()
+    })
+}
+
+/// How long a probed device may leave the connection unaccepted before it counts as busy (it
+/// serves another guest): a free device accepts at once, however slow this process is.
+const ACCEPT_DEADLINE: Duration = Duration::from_millis(500);
+
+/// Probe `paths` in parallel, each reported busy if not accepted within `accept`.
+fn probe_parallel(paths: &[&PathBuf], accept: Duration) -> Vec<vfabric::Result<Info>> {
+    std::thread::scope(|s| {
+        let probes: Vec<_> = paths
+            .iter()
+            .map(|p| s.spawn(move || Info::probe_within(p, accept)))
+            .collect();
+        probes
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(vfabric::Error::Transport("probe panicked".into())))
+            })
+            .collect()
+    })
+}
+
+/// One `Info` per reachable device matching the domain name. Devices are probed in parallel,
+/// and one that does not accept within [`ACCEPT_DEADLINE`] (busy with another guest) is left
+/// out, so busy devices cost at most that once, not the driver's probe deadline each. Only when
+/// no device answered are the others probed again, one by one, with the full deadline.
 fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
     let mut h = hints.clone();
     h.devices = devices_param();
@@ -78,25 +103,70 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
             ),
         );
     }
-    let mut out = Vec::new();
-    for p in paths {
-        let name = vfabric::info::domain_name_of(&p);
-        if h.domain_name.as_ref().is_some_and(|d| *d != name) {
+    let wanted: Vec<&PathBuf> = paths
+        .iter()
+        .filter(|p| {
+            h.domain_name
+                .as_ref()
+                .is_none_or(|d| *d == vfabric::info::domain_name_of(p))
+        })
+        .collect();
+    let mut found: Vec<Option<Info>> = wanted.iter().map(|p| crate::domain::open_info(p)).collect();
+    let to_probe: Vec<&PathBuf> = wanted
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| f.is_none())
+        .map(|(p, _)| *p)
+        .collect();
+    let mut busy = Vec::new();
+    let mut results = probe_parallel(&to_probe, ACCEPT_DEADLINE).into_iter();
+    for (k, f) in found.iter_mut().enumerate() {
+        if f.is_some() {
             continue;
         }
-        if let Some(i) = crate::domain::open_info(&p) {
-            out.push(i);
-            continue;
-        }
-        match Info::probe(&p) {
-            Ok(i) => out.push(i),
-            Err(e) => warn(
-                sys::fi_log_subsys_FI_LOG_CORE,
-                &format!("probe of {} failed: {e}", p.display()),
-            ),
+        match results.next() {
+            Some(Ok(i)) => *f = Some(i),
+            // Busy, or a set-up that failed under load: looked at again if nothing answered.
+            Some(Err(e)) => {
+                crate::util::log(
+                    sys::fi_log_level_FI_LOG_DEBUG,
+                    sys::fi_log_subsys_FI_LOG_CORE,
+                    &format!("probe of {}: {e}", wanted[k].display()),
+                );
+                busy.push(k)
+            }
+            None => {}
         }
     }
-    Ok(out)
+    let none_free = found.iter().all(Option::is_none);
+    for k in busy {
+        if none_free {
+            match Info::probe(wanted[k]) {
+                Ok(i) => {
+                    found[k] = Some(i);
+                    continue;
+                }
+                Err(e) => warn(
+                    sys::fi_log_subsys_FI_LOG_CORE,
+                    &format!("probe of {} failed: {e}", wanted[k].display()),
+                ),
+            }
+        } else {
+            // Expected where processes share a fabric (one MPI rank per device).
+            crate::util::log(
+                sys::fi_log_level_FI_LOG_DEBUG,
+                sys::fi_log_subsys_FI_LOG_CORE,
+                &format!(
+                    "{} is busy (it serves another guest): skipped",
+                    wanted[k].display()
+                ),
+            );
+        }
+    }
+    for i in found.iter().flatten() {
+        crate::domain::note_fabric(i);
+    }
+    Ok(found.into_iter().flatten().collect())
 }
 
 /// The hints, read from C.
@@ -133,15 +203,17 @@ struct CHints {
     rx_size: usize,
     tx_iov_limit: usize,
     rx_iov_limit: usize,
+    tx_op_flags: u64,
+    rx_op_flags: u64,
     cq_data_size: usize,
     msg_order: u64,
     comp_order: u64,
-    tx_op_flags: u64,
-    rx_op_flags: u64,
     /// The API version the consumer asked for.
     version: u32,
     /// The address format of the answer.
     format: Option<Format>,
+    /// No hints at all: every mode bit is acceptable.
+    no_hints: bool,
 }
 
 /// # Safety
@@ -160,6 +232,7 @@ unsafe fn raw_addr(p: *const c_void, len: usize) -> Option<Vec<u8>> {
 unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
     let mut h = CHints::default();
     if hints.is_null() {
+        h.no_hints = true;
         return h;
     }
     // SAFETY: non-NULL and valid per the caller's contract.
@@ -698,7 +771,9 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         let tx = &mut *i.tx_attr;
         tx.caps = out_caps & !(fi::RECV | fi::DIRECTED_RECV | fi::MULTI_RECV);
         tx.mode = 0;
-        tx.op_flags = h.tx_op_flags;
+        // The hints' default operation flags become the endpoint's (fi_getinfo(3)): Open MPI
+        // binds its CQ with FI_SELECTIVE_COMPLETION and asks for FI_COMPLETION here.
+        tx.op_flags = h.tx_op_flags & TX_OP_FLAGS;
         tx.msg_order = order;
         tx.comp_order = 0;
         tx.inject_size = l.inject_size as usize;
@@ -708,7 +783,7 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         let rx = &mut *i.rx_attr;
         rx.caps = out_caps & !fi::SEND;
         rx.mode = 0;
-        rx.op_flags = h.rx_op_flags;
+        rx.op_flags = h.rx_op_flags & RX_OP_FLAGS;
         rx.msg_order = order;
         rx.comp_order = 0;
         rx.total_buffered_recv = l.max_unexpected_bytes.unwrap_or(0) as usize;
@@ -750,12 +825,24 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
         };
         d.mr_mode = mr_mode_of(h, out_caps).unwrap_or(0);
         d.mr_key_size = 8;
-        d.cq_data_size =
-            if dev.device_features & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
-                l.max_cq_data_size.unwrap_or(8).min(8) as usize
-            } else {
-                0
-            };
+        // Remote CQ data of an RMA write consumes a posted receive at the target (spec
+        // §6.10.3): that is FI_RX_CQ_DATA mode. A consumer that does not accept the mode gets
+        // no remote CQ data with RMA (cq_data_size 0, writedata refused) rather than writes
+        // that take the receives meant for its messages (its replies then never match).
+        let rma_cq_data = out_caps & (fi::RMA | fi::WRITE | fi::REMOTE_WRITE) != 0;
+        let rx_cq_data_ok = h.no_hints || h.mode & sys::FI_RX_CQ_DATA != 0;
+        d.cq_data_size = if dev.device_features & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
+            == 0
+            || (rma_cq_data && !rx_cq_data_ok)
+        {
+            0
+        } else {
+            l.max_cq_data_size.unwrap_or(8).min(8) as usize
+        };
+        if rma_cq_data && d.cq_data_size > 0 {
+            i.mode |= sys::FI_RX_CQ_DATA;
+            rx.mode |= sys::FI_RX_CQ_DATA;
+        }
         d.cq_cnt = 1024;
         d.ep_cnt = l.max_endpoints as usize;
         d.tx_ctx_cnt = l.max_endpoints as usize;

@@ -66,7 +66,7 @@ pub fn provider_ptr() -> *mut sys::fi_provider {
 pub extern "C" fn fi_prov_ini() -> *mut sys::fi_provider {
     let p = PROVIDER.0.get();
     // Parameters (listed by `fi_info -e`, read from FI_VFABRIC_*).
-    let params: [(&CStr, sys::fi_param_type, &CStr); 2] = [
+    let params: [(&CStr, sys::fi_param_type, &CStr); 3] = [
         (
             c"devices",
             sys::fi_param_type_FI_PARAM_STRING,
@@ -76,6 +76,11 @@ pub extern "C" fn fi_prov_ini() -> *mut sys::fi_provider {
             c"mem_mb",
             sys::fi_param_type_FI_PARAM_SIZE_T,
             c"Shared memory region per domain in MiB (default: VFABRIC_MEM_MB, else 64)",
+        ),
+        (
+            c"peer_watch",
+            sys::fi_param_type_FI_PARAM_BOOL,
+            c"Report each remote peer of an RDM domain that goes away as a CQ error entry with a NULL op_context (default: 1; 0 for consumers that dereference every entry's context, as Open MPI's OFI MTL does)",
         ),
     ];
     for (name, ty, help) in params {
@@ -105,6 +110,15 @@ pub fn param_str(name: &CStr) -> Option<String> {
     }
     // SAFETY: the core returned a NUL-terminated environment string.
     unsafe { util::c_str(v) }
+}
+
+/// `fi_param_get` of a boolean parameter.
+pub fn param_bool(name: &CStr) -> Option<bool> {
+    let mut v: c_int = 0;
+    // SAFETY: `name` is NUL-terminated; for a bool parameter the core stores an `int`.
+    let r =
+        unsafe { sys::fi_param_get(provider_ptr(), name.as_ptr(), (&mut v as *mut c_int).cast()) };
+    (r == 0).then_some(v != 0)
 }
 
 /// `fi_param_get` of a size parameter.

@@ -86,6 +86,12 @@ fn rma(
     if e.caps & fi::RMA == 0 {
         return -(sys::FI_EOPNOTSUPP as isize);
     }
+    // SAFETY: the domain outlives its endpoints (ParentRef).
+    if write && flags & fi::REMOTE_CQ_DATA != 0 && !unsafe { &*e.domain }.remote_cq_data {
+        // The consumer did not accept FI_RX_CQ_DATA, so its info granted no remote CQ data
+        // (info.rs): the notification would take one of its receives.
+        return -(fi::EINVAL as isize);
+    }
     let addr = match peer(e, addr) {
         Ok(a) => a,
         Err(x) => return x,
