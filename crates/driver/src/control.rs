@@ -103,7 +103,7 @@ impl DomainInner {
             } else {
                 None
             };
-            let descs = area.as_ref().map(|a| [(a.addr(), data_len as u32)]);
+            let descs = area.as_ref().map(|a| [(a.device_addr(), data_len as u32)]);
             let rx = match &descs {
                 Some(d) => RxData::Descs(d),
                 None => RxData::None,

@@ -365,6 +365,13 @@ impl DomainInner {
             flags |= mr_flags::RMA_EVENT;
         }
         if process_memory {
+            if !self.transport.reaches_process_memory() {
+                return Err(Error::Unsupported(format!(
+                    "device {}: remote access to memory outside the domain's shared region \
+                     needs a vhost-user device on this host (register a SharedBuf instead)",
+                    self.transport.locator()
+                )));
+            }
             flags |= mr_flags::PROCESS_MEMORY;
         }
         let mut req = Request::new(Opcode::MrReg);
@@ -389,9 +396,24 @@ impl DomainInner {
         }
         req.compare = flags;
         req.remote_addr = base;
-        req.count = segs.len() as u32;
-        let mut payload = Vec::with_capacity(segs.len() * std::mem::size_of::<MemSeg>());
+        // The device sees device addresses: shared memory is translated (and split where it
+        // is not contiguous for the device); process memory keeps its process addresses.
+        let mut device_segs = Vec::with_capacity(segs.len());
         for &(p, l) in segs {
+            match self.mem.device_ranges(p as *const u8, l) {
+                Some(ranges) if !process_memory => device_segs.extend(ranges),
+                _ => device_segs.push((p, l)),
+            }
+        }
+        if device_segs.len() > MAX_MR_SEGMENTS {
+            return Err(Error::InvalidArgument(format!(
+                "the region is {} pieces of device memory (at most {MAX_MR_SEGMENTS})",
+                device_segs.len()
+            )));
+        }
+        req.count = device_segs.len() as u32;
+        let mut payload = Vec::with_capacity(device_segs.len() * std::mem::size_of::<MemSeg>());
+        for &(p, l) in &device_segs {
             let seg = MemSeg {
                 addr: p.into(),
                 len: (l as u64).into(),

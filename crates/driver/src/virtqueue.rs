@@ -21,12 +21,13 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfabric_proto::{ByteValued, Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::endpoint::{iov_bytes, EpShared, Iov};
 use crate::lock::{SpinGuard, SpinLock};
 use crate::memory::{Allocation, SharedMemory};
 use crate::ring::{arm_value, park_value, RingError, RingLayout, SplitRing, UsedElem};
+use crate::transport::{Notifier, QueueHandles, RingAddrs};
 use crate::{Error, Result};
 
 pub(crate) const SLOT_STRIDE: usize = 384;
@@ -354,9 +355,12 @@ pub(crate) struct Virtqueue {
     busy_bit: u64,
     broken: AtomicBool,
     slots: *mut u8,
-    pub kick: EventFd,
-    pub call: EventFd,
-    kick_fd: RawFd,
+    /// Device address of the slot area (contiguous for the device, as every allocation).
+    slots_device_addr: u64,
+    /// How to kick the device (set when the transport starts the queue).
+    notifier: Notifier,
+    /// The eventfd the device calls, where the transport has one per queue (vhost-user).
+    call: Option<EventFd>,
     size: u16,
     pub(crate) counters: QueueCounters,
     _ring_mem: Allocation,
@@ -390,7 +394,6 @@ impl Virtqueue {
         let ring = unsafe { SplitRing::new(ring_mem.ptr(), layout, event_idx) };
         let used_idx = ring.used_idx_ptr();
         let call_control = ring.call_control_ptr();
-        let kick = EventFd::new(EFD_NONBLOCK)?;
         Ok(Self {
             index,
             used_idx,
@@ -402,9 +405,9 @@ impl Virtqueue {
             busy_bit: if index < 64 { 1 << index } else { 0 },
             broken: AtomicBool::new(false),
             slots: slot_mem.ptr(),
-            kick_fd: kick.as_raw_fd(),
-            kick,
-            call: EventFd::new(EFD_NONBLOCK)?,
+            slots_device_addr: slot_mem.device_addr(),
+            notifier: Notifier::Unset,
+            call: None,
             size,
             counters: QueueCounters::default(),
             state: SpinLock::new(QueueState { ring, seq: 1 }),
@@ -427,14 +430,27 @@ impl Virtqueue {
         self.size
     }
 
-    /// Ring addresses for SET_VRING_ADDR: (descriptor table, avail ring, used ring).
-    pub fn ring_addrs(&self) -> (u64, u64, u64) {
-        let st = self.lock();
-        (
-            st.ring.desc_addr(),
-            st.ring.avail_addr(),
-            st.ring.used_addr(),
-        )
+    /// Device addresses of the ring's parts (the ring allocation is contiguous for the
+    /// device).
+    pub fn ring_addrs(&self) -> RingAddrs {
+        let layout = self.lock().ring.layout();
+        let base = self._ring_mem.device_addr();
+        RingAddrs {
+            desc: base + layout.desc as u64,
+            avail: base + layout.avail as u64,
+            used: base + layout.used as u64,
+        }
+    }
+
+    /// Take what the transport gave the queue when it started it.
+    pub fn attach(&mut self, handles: QueueHandles) {
+        self.notifier = handles.notifier;
+        self.call = handles.call;
+    }
+
+    /// The eventfd the device calls, if the transport has one per queue.
+    pub fn call_fd(&self) -> Option<RawFd> {
+        self.call.as_ref().map(|c| c.as_raw_fd())
     }
 
     fn lock(&self) -> SpinGuard<'_, QueueState> {
@@ -518,7 +534,7 @@ impl Virtqueue {
         debug_assert!(matches!(record.op, PendingOp::Idle));
         // SAFETY: the record of a free head is idle (nothing to drop): write in place.
         unsafe { std::ptr::write(&mut record.op, op()) };
-        let slot_addr = slot as u64;
+        let slot_addr = self.slots_device_addr + u64::from(head) * SLOT_STRIDE as u64;
         // Counted before the device can see it (a drainer subtracts what it takes).
         if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
             self.signals.busy.fetch_or(self.busy_bit, Ordering::SeqCst);
@@ -565,7 +581,7 @@ impl Virtqueue {
 
     fn notify(&self) {
         self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = signal_eventfd(self.kick_fd) {
+        if let Err(e) = self.notifier.notify() {
             tracing::warn!(queue = self.index, error = %e, "kick failed");
         }
     }

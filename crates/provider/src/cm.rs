@@ -578,7 +578,7 @@ unsafe extern "C" fn connreq_close(fid: *mut sys::fid) -> c_int {
 
 struct PepState {
     cm: CmEndpoint,
-    device: std::path::PathBuf,
+    device: vfabric::DeviceLocator,
     /// Template for CONNREQ infos (fi_dupinfo'd at open; freed with the pep).
     info: SendPtr<sys::fi_info>,
     listening: AtomicBool,
@@ -727,19 +727,19 @@ pub unsafe extern "C" fn passive_ep_open(
         let cm = match CmEndpoint::open(&d) {
             Ok(c) => c,
             Err(e) => {
-                crate::domain::release(&dev.device_path);
+                crate::domain::release(&dev.device);
                 return -e;
             }
         };
         // SAFETY: valid consumer info.
         let tmpl = unsafe { sys::fi_dupinfo(info) };
         if tmpl.is_null() {
-            crate::domain::release(&dev.device_path);
+            crate::domain::release(&dev.device);
             return -fi::ENOMEM;
         }
         let state = Arc::new(PepState {
             cm,
-            device: dev.device_path.clone(),
+            device: dev.device.clone(),
             info: SendPtr(tmpl),
             listening: AtomicBool::new(false),
             fid: Mutex::new(SendPtr(std::ptr::null_mut())),

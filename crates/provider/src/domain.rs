@@ -3,14 +3,13 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use vfabric::{
-    fi, AddressVector, CompletionQueue, CqAttr, CqEntry, Domain, DomainAttr, FabricAddr, Info,
-    WaitMode,
+    fi, AddressVector, CompletionQueue, CqAttr, CqEntry, DeviceLocator, Domain, DomainAttr,
+    FabricAddr, Info, WaitMode,
 };
 
 use crate::fabric::{ops_ptr, FabricObj};
@@ -171,20 +170,20 @@ unsafe extern "C" fn domain_close(fid: *mut sys::fid) -> c_int {
         }
         // SAFETY: created by Box::into_raw in domain_open; no child references it.
         let b = unsafe { Box::from_raw(fid.cast::<DomainObj>()) };
-        release(&b.info.device_path);
+        release(&b.info.device);
         0
     })
 }
 
 /// Device sessions of this process: a device serves one frontend at a time, so every
 /// `fi_domain` and passive endpoint on the same device shares one `vfabric::Domain`.
-static OPEN: Mutex<Option<HashMap<PathBuf, (Domain, usize)>>> = Mutex::new(None);
+static OPEN: Mutex<Option<HashMap<DeviceLocator, (Domain, usize)>>> = Mutex::new(None);
 
 /// Open (or share) the device session of `dev`.
 pub fn acquire(dev: &Info) -> Result<Domain, i32> {
     let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
     let m = g.get_or_insert_with(HashMap::new);
-    if let Some((d, n)) = m.get_mut(&dev.device_path) {
+    if let Some((d, n)) = m.get_mut(&dev.device) {
         *n += 1;
         return Ok(d.clone());
     }
@@ -200,23 +199,22 @@ pub fn acquire(dev: &Info) -> Result<Domain, i32> {
         }
     }
     let mem_mb = attr.mem_bytes >> 20;
-    match Domain::open(&dev.device_path, attr) {
+    match Domain::open(&dev.device, attr) {
         Ok(d) => {
             crate::util::info(
                 sys::fi_log_subsys_FI_LOG_DOMAIN,
                 &format!(
                     "domain open: {} on {} ({mem_mb} MiB shared memory)",
-                    dev.domain_name,
-                    dev.device_path.display()
+                    dev.domain_name, dev.device
                 ),
             );
-            m.insert(dev.device_path.clone(), (d.clone(), 1));
+            m.insert(dev.device.clone(), (d.clone(), 1));
             Ok(d)
         }
         Err(e) => {
             crate::util::warn(
                 sys::fi_log_subsys_FI_LOG_DOMAIN,
-                &format!("device {}: {e}", dev.device_path.display()),
+                &format!("device {}: {e}", dev.device),
             );
             Err(errno_of(&e, sys::fi_log_subsys_FI_LOG_DOMAIN).max(1))
         }
@@ -224,21 +222,21 @@ pub fn acquire(dev: &Info) -> Result<Domain, i32> {
 }
 
 /// Drop one user of a device session.
-pub fn release(path: &PathBuf) {
+pub fn release(device: &DeviceLocator) {
     let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
     let m = g.get_or_insert_with(HashMap::new);
-    if let Some((_, n)) = m.get_mut(path) {
+    if let Some((_, n)) = m.get_mut(device) {
         *n -= 1;
         if *n == 0 {
-            m.remove(path);
+            m.remove(device);
         }
     }
 }
 
 /// Description of a device this process holds open (it cannot be probed a second time).
-pub fn open_info(path: &PathBuf) -> Option<Info> {
+pub fn open_info(device: &DeviceLocator) -> Option<Info> {
     let g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-    g.as_ref()?.get(path).map(|(d, _)| d.info().clone())
+    g.as_ref()?.get(device).map(|(d, _)| d.info().clone())
 }
 
 // ---------------------------------------------------------------------------------------------

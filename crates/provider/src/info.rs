@@ -6,7 +6,6 @@
 //! `-FI_ENODATA`, so utility providers (ofi_rxm, ofi_rxd) do not stack on us.
 
 use std::ffi::c_void;
-use std::path::PathBuf;
 
 use vfabric::{fi, proto, EpType, FabricAddr, Hints, Info};
 
@@ -51,13 +50,9 @@ pub fn device_info(domain_name: &str) -> Result<Info, i32> {
     infos.into_iter().next().ok_or(fi::ENODATA)
 }
 
-fn devices_param() -> Option<Vec<PathBuf>> {
+fn devices_param() -> Option<Vec<vfabric::DeviceLocator>> {
     let v = crate::param_str(c"devices")?;
-    let list: Vec<PathBuf> = v
-        .split(':')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| PathBuf::from(s.trim()))
-        .collect();
+    let list = vfabric::info::parse_device_list(&v);
     (!list.is_empty()).then_some(list)
 }
 
@@ -65,12 +60,13 @@ fn devices_param() -> Option<Vec<PathBuf>> {
 fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
     let mut h = hints.clone();
     h.devices = devices_param();
-    let paths = vfabric::info::device_paths(&h);
+    let paths = vfabric::info::device_locators(&h);
     if paths.is_empty() {
         warn(
             sys::fi_log_subsys_FI_LOG_CORE,
             &format!(
-                "no vfabric devices: FI_VFABRIC_DEVICES and {} are unset and {} holds no *.sock",
+                "no vfabric devices: FI_VFABRIC_DEVICES and {} are unset, {} holds no *.sock \
+                 and no virtio-pci fabric device was found",
                 vfabric::info::DEVICES_ENV,
                 vfabric::info::DEFAULT_SOCKET_DIR
             ),
@@ -78,7 +74,7 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
     }
     let mut out = Vec::new();
     for p in paths {
-        let name = vfabric::info::domain_name_of(&p);
+        let name = p.domain_name();
         if h.domain_name.as_ref().is_some_and(|d| *d != name) {
             continue;
         }
@@ -90,7 +86,7 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
             Ok(i) => out.push(i),
             Err(e) => warn(
                 sys::fi_log_subsys_FI_LOG_CORE,
-                &format!("probe of {} failed: {e}", p.display()),
+                &format!("probe of {p} failed: {e}"),
             ),
         }
     }

@@ -1,0 +1,1283 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A modern virtio-pci device inside a guest, driven from userspace (as DPDK's virtio PCI
+//! driver does; virtio 1.x §4.1).
+//!
+//! * The device is found in sysfs (`/sys/bus/pci/devices/<bdf>`): vendor 0x1af4, device
+//!   0x1040 + the fabric's virtio device id ([`configured_device_id`]).
+//! * Its virtio capabilities are walked in PCI config space (`config`, which only root reads
+//!   past byte 64); the common, notify, ISR and device-specific structures are found in BARs
+//!   mapped through `resourceN`.
+//! * DMA memory: the domain's region is locked, populated memory — 2 MiB huge pages when the
+//!   guest has them (`/proc/sys/vm/nr_hugepages`), else 4 KiB pages — and its guest-physical
+//!   addresses are read from `/proc/self/pagemap` (needs CAP_SYS_ADMIN). Physical contiguity
+//!   across pages is not given: each physically contiguous run becomes a segment of the region
+//!   and the allocator never places an object across two segments, so a ring, a slot area or
+//!   a buffer is always one physical range (one descriptor). With huge pages every segment is
+//!   at least 2 MiB; with 4 KiB pages an object larger than the longest run cannot be placed
+//!   and the domain fails to open (or a large buffer fails with `OutOfMemory`).
+//! * Kicks: a 16-bit MMIO write of the queue index to the queue's notify address.
+//! * Calls: polled, and when the device is bound to `uio_pci_generic` the legacy interrupt
+//!   through `/dev/uioN` (the ISR read acknowledges it). MSI-X is left disabled.
+//! * The device keeps no memory of ours after a reset, which is how the transport closes.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vfabric_proto::{self as proto, bit, ByteValued, FabricConfig};
+
+use super::{DeviceLocator, Notifier, QueueHandles, RingAddrs, Transport, WaitKind};
+use crate::memory::{DmaSegment, SharedMemory};
+use crate::{Error, Result};
+
+/// PCI vendor id of virtio devices.
+pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
+/// Modern virtio-pci device ids are this plus the virtio device id.
+pub const VIRTIO_PCI_MODERN_DEVICE_BASE: u16 = 0x1040;
+/// Environment variable naming the virtio device id the fabric device uses (decimal or 0x
+/// hex); default the provisional [`proto::VIRTIO_ID_FABRIC`]. It must match `vfabricd
+/// --device-id` (QEMU cannot carry the provisional id: the VM tests use 38).
+pub const DEVICE_ID_ENV: &str = "VFABRIC_DEVICE_ID";
+/// Where the kernel lists PCI devices.
+pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
+
+/// The virtio device id to look for: `VFABRIC_DEVICE_ID`, else the provisional id.
+pub fn configured_device_id() -> Result<u32> {
+    match std::env::var(DEVICE_ID_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(proto::VIRTIO_ID_FABRIC),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "{DEVICE_ID_ENV} is not valid UTF-8"
+        ))),
+        Ok(v) => parse_device_id(&v),
+    }
+}
+
+fn parse_device_id(v: &str) -> Result<u32> {
+    let t = v.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => t.parse(),
+    };
+    match parsed {
+        // 0x1040 + id must be a 16-bit PCI device id.
+        Ok(id) if id > 0 && id <= u32::from(u16::MAX - VIRTIO_PCI_MODERN_DEVICE_BASE) => Ok(id),
+        _ => Err(Error::InvalidArgument(format!(
+            "{DEVICE_ID_ENV}={v:?}: not a virtio device id (1..={})",
+            u16::MAX - VIRTIO_PCI_MODERN_DEVICE_BASE
+        ))),
+    }
+}
+
+/// A PCI function address (`domain:bus:device.function`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PciAddress {
+    pub domain: u16,
+    pub bus: u8,
+    pub device: u8,
+    pub function: u8,
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
+    }
+}
+
+impl FromStr for PciAddress {
+    type Err = Error;
+    /// `DDDD:BB:DD.F`, or `BB:DD.F` in domain 0 (hexadecimal, as `lspci` prints them).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidArgument(format!("{s:?} is not a PCI address DDDD:BB:DD.F"));
+        let parts: Vec<&str> = s.split(':').collect();
+        let (domain, bus, rest) = match parts.as_slice() {
+            [d, b, r] if d.len() == 4 => (*d, *b, *r),
+            [b, r] => ("0000", *b, *r),
+            _ => return Err(bad()),
+        };
+        let (dev, func) = rest.split_once('.').ok_or_else(bad)?;
+        let hex = |t: &str, max: u32, width: usize| {
+            if t.is_empty() || t.len() > width {
+                return None;
+            }
+            u32::from_str_radix(t, 16).ok().filter(|v| *v <= max)
+        };
+        Ok(PciAddress {
+            domain: hex(domain, 0xffff, 4).ok_or_else(bad)? as u16,
+            bus: hex(bus, 0xff, 2).ok_or_else(bad)? as u8,
+            device: hex(dev, 0x1f, 2).ok_or_else(bad)? as u8,
+            function: hex(func, 7, 1).ok_or_else(bad)? as u8,
+        })
+    }
+}
+
+/// The sysfs directory of a PCI function.
+pub(crate) fn sysfs_device_dir(bdf: &PciAddress) -> PathBuf {
+    Path::new(SYSFS_PCI_DEVICES).join(bdf.to_string())
+}
+
+fn read_hex_file(path: &Path) -> Option<u32> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let t = s.trim();
+    u32::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16).ok()
+}
+
+/// PCI functions under `root` (a `/sys/bus/pci/devices`-shaped directory) that are modern
+/// virtio devices with virtio device id `device_id`, sorted.
+pub fn discover_in(root: &Path, device_id: u32) -> Vec<PciAddress> {
+    let want = u32::from(VIRTIO_PCI_MODERN_DEVICE_BASE) + device_id;
+    let mut found: Vec<PciAddress> = std::fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let bdf: PciAddress = e.file_name().to_str()?.parse().ok()?;
+                    let dir = e.path();
+                    (read_hex_file(&dir.join("vendor"))? == u32::from(VIRTIO_PCI_VENDOR_ID)
+                        && read_hex_file(&dir.join("device"))? == want)
+                        .then_some(bdf)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Fabric devices of this machine (see [`discover_in`]), with the configured device id.
+pub fn discover() -> Result<Vec<PciAddress>> {
+    Ok(discover_in(
+        Path::new(SYSFS_PCI_DEVICES),
+        configured_device_id()?,
+    ))
+}
+
+// ---- PCI config space and virtio capabilities ----------------------------------------------
+
+const PCI_STATUS: usize = 0x06;
+const PCI_STATUS_CAP_LIST: u8 = 0x10;
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 0x2;
+const PCI_COMMAND_MASTER: u16 = 0x4;
+const PCI_CAPABILITY_LIST: usize = 0x34;
+const PCI_CAP_ID_VNDR: u8 = 0x09;
+/// Standard config header: capabilities live after it.
+const PCI_HEADER_LEN: usize = 0x40;
+/// More capabilities than fit in 256 bytes means a loop.
+const MAX_CAPS: usize = 48;
+
+pub(crate) const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
+pub(crate) const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
+pub(crate) const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
+pub(crate) const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
+
+/// Size of `struct virtio_pci_common_cfg` up to and including `queue_device`.
+const COMMON_CFG_MIN_LEN: u32 = 0x38;
+
+/// Where one virtio structure is: BAR, offset and length inside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapLocation {
+    pub bar: u8,
+    pub offset: u32,
+    pub length: u32,
+}
+
+/// The virtio structures of a modern virtio-pci device (the first capability of each type,
+/// as the spec tells drivers to use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioPciCaps {
+    pub common: CapLocation,
+    pub notify: CapLocation,
+    pub notify_off_multiplier: u32,
+    pub isr: Option<CapLocation>,
+    pub device: CapLocation,
+}
+
+/// Walk the capability list of a PCI config space image and find the virtio structures.
+/// Nothing in `config` is trusted: every pointer and length is checked, loops end.
+pub fn parse_virtio_caps(config: &[u8]) -> Result<VirtioPciCaps> {
+    let bad = |why: String| Error::Transport(format!("PCI config space: {why}"));
+    if config.len() < PCI_HEADER_LEN + 4 {
+        return Err(bad(format!(
+            "{} bytes readable: capabilities need more (reading past byte 64 of a sysfs \
+             config file needs root)",
+            config.len()
+        )));
+    }
+    if config[PCI_STATUS] & PCI_STATUS_CAP_LIST == 0 {
+        return Err(bad("no capability list".into()));
+    }
+    let le32 = |at: usize| {
+        u32::from_le_bytes([config[at], config[at + 1], config[at + 2], config[at + 3]])
+    };
+    let (mut common, mut notify, mut isr, mut device) = (None, None, None, None);
+    let mut ptr = usize::from(config[PCI_CAPABILITY_LIST] & 0xfc);
+    let mut seen = 0;
+    while ptr != 0 {
+        seen += 1;
+        if seen > MAX_CAPS {
+            return Err(bad("capability list loops".into()));
+        }
+        if ptr < PCI_HEADER_LEN || ptr + 2 > config.len() {
+            return Err(bad(format!("capability pointer {ptr:#x} out of range")));
+        }
+        let id = config[ptr];
+        let next = usize::from(config[ptr + 1] & 0xfc);
+        if id == PCI_CAP_ID_VNDR && ptr + 16 <= config.len() {
+            let cap_len = usize::from(config[ptr + 2]);
+            let cfg_type = config[ptr + 3];
+            let location = CapLocation {
+                bar: config[ptr + 4],
+                offset: le32(ptr + 8),
+                length: le32(ptr + 12),
+            };
+            // BARs 0..=5 only; a capability too short for its fields is skipped.
+            let usable = cap_len >= 16 && location.bar <= 5;
+            match cfg_type {
+                VIRTIO_PCI_CAP_COMMON_CFG if usable && common.is_none() => common = Some(location),
+                VIRTIO_PCI_CAP_NOTIFY_CFG
+                    if usable && cap_len >= 20 && ptr + 20 <= config.len() && notify.is_none() =>
+                {
+                    notify = Some((location, le32(ptr + 16)))
+                }
+                VIRTIO_PCI_CAP_ISR_CFG if usable && isr.is_none() => isr = Some(location),
+                VIRTIO_PCI_CAP_DEVICE_CFG if usable && device.is_none() => device = Some(location),
+                _ => {}
+            }
+        }
+        ptr = next;
+    }
+    let common = common.ok_or_else(|| bad("no virtio common configuration capability".into()))?;
+    if common.length < COMMON_CFG_MIN_LEN {
+        return Err(bad(format!(
+            "common configuration of {} bytes (needs {COMMON_CFG_MIN_LEN})",
+            common.length
+        )));
+    }
+    let (notify, notify_off_multiplier) =
+        notify.ok_or_else(|| bad("no virtio notification capability".into()))?;
+    let device = device.ok_or_else(|| bad("no virtio device configuration capability".into()))?;
+    Ok(VirtioPciCaps {
+        common,
+        notify,
+        notify_off_multiplier,
+        isr,
+        device,
+    })
+}
+
+// ---- BARs ------------------------------------------------------------------------------
+
+/// One BAR mapped from sysfs `resourceN`.
+pub(crate) struct BarMap {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this object for its life and only accessed with volatile
+// reads and writes of device registers, which any thread may do.
+unsafe impl Send for BarMap {}
+// SAFETY: see `Send`.
+unsafe impl Sync for BarMap {}
+
+impl BarMap {
+    fn map(path: &Path) -> Result<Arc<Self>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::Transport(format!("{}: {e}", path.display())))?;
+        let len = file.metadata()?.len() as usize;
+        if len == 0 {
+            return Err(Error::Transport(format!(
+                "{}: empty BAR (not a memory BAR?)",
+                path.display()
+            )));
+        }
+        // SAFETY: mapping a sysfs resource (or, in tests, a regular) file of `len` bytes; the
+        // result is checked. The mapping outlives the file descriptor.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::Transport(format!("mmap {}: {e}", path.display())));
+        }
+        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::Transport("mmap".into()))?;
+        Ok(Arc::new(Self { base, len }))
+    }
+}
+
+impl Drop for BarMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in `map`; every user holds an `Arc` to us.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A register window inside a mapped BAR; accesses are volatile and bounds-checked.
+#[derive(Clone)]
+pub(crate) struct Mmio {
+    bar: Arc<BarMap>,
+    offset: usize,
+    len: usize,
+}
+
+impl Mmio {
+    fn new(bars: &[Option<Arc<BarMap>>; 6], at: &CapLocation, what: &str) -> Result<Self> {
+        let bar = bars[usize::from(at.bar)]
+            .clone()
+            .ok_or_else(|| Error::Transport(format!("{what}: BAR {} not mapped", at.bar)))?;
+        let (offset, len) = (at.offset as usize, at.length as usize);
+        if offset.checked_add(len).is_none_or(|end| end > bar.len) {
+            return Err(Error::Transport(format!(
+                "{what}: {offset:#x}+{len:#x} outside BAR {} of {:#x} bytes",
+                at.bar, bar.len
+            )));
+        }
+        Ok(Self { bar, offset, len })
+    }
+
+    fn ptr<T>(&self, at: usize) -> *mut T {
+        assert!(
+            at + std::mem::size_of::<T>() <= self.len,
+            "register {at:#x} outside a {:#x}-byte window",
+            self.len
+        );
+        // SAFETY: offset + at + size ≤ offset + len ≤ the BAR's length (checked in `new` and
+        // above), so the pointer stays inside the mapping.
+        unsafe { self.bar.base.as_ptr().add(self.offset + at).cast() }
+    }
+
+    fn read8(&self, at: usize) -> u8 {
+        // SAFETY: `ptr` checked the bounds; device registers are read volatile.
+        unsafe { self.ptr::<u8>(at).read_volatile() }
+    }
+    fn read16(&self, at: usize) -> u16 {
+        // SAFETY: as in `read8`; virtio registers are naturally aligned.
+        u16::from_le(unsafe { self.ptr::<u16>(at).read_volatile() })
+    }
+    fn read32(&self, at: usize) -> u32 {
+        // SAFETY: as in `read16`.
+        u32::from_le(unsafe { self.ptr::<u32>(at).read_volatile() })
+    }
+    fn write8(&self, at: usize, v: u8) {
+        // SAFETY: as in `read8`.
+        unsafe { self.ptr::<u8>(at).write_volatile(v) }
+    }
+    fn write16(&self, at: usize, v: u16) {
+        // SAFETY: as in `read16`.
+        unsafe { self.ptr::<u16>(at).write_volatile(v.to_le()) }
+    }
+    fn write32(&self, at: usize, v: u32) {
+        // SAFETY: as in `read16`.
+        unsafe { self.ptr::<u32>(at).write_volatile(v.to_le()) }
+    }
+    /// A 64-bit register as two 32-bit writes, low half first (virtio 1.x §4.1.3.1).
+    fn write64(&self, at: usize, v: u64) {
+        self.write32(at, v as u32);
+        self.write32(at + 4, (v >> 32) as u32);
+    }
+}
+
+/// `struct virtio_pci_common_cfg` offsets.
+mod common {
+    pub const DEVICE_FEATURE_SELECT: usize = 0x00;
+    pub const DEVICE_FEATURE: usize = 0x04;
+    pub const DRIVER_FEATURE_SELECT: usize = 0x08;
+    pub const DRIVER_FEATURE: usize = 0x0c;
+    pub const MSIX_CONFIG: usize = 0x10;
+    pub const NUM_QUEUES: usize = 0x12;
+    pub const DEVICE_STATUS: usize = 0x14;
+    pub const CONFIG_GENERATION: usize = 0x15;
+    pub const QUEUE_SELECT: usize = 0x16;
+    pub const QUEUE_SIZE: usize = 0x18;
+    pub const QUEUE_MSIX_VECTOR: usize = 0x1a;
+    pub const QUEUE_ENABLE: usize = 0x1c;
+    pub const QUEUE_NOTIFY_OFF: usize = 0x1e;
+    pub const QUEUE_DESC: usize = 0x20;
+    pub const QUEUE_DRIVER: usize = 0x28;
+    pub const QUEUE_DEVICE: usize = 0x30;
+}
+
+/// Device status bits (virtio 1.x §2.1).
+mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+/// No MSI-X vector: interrupts (if any) are the legacy INTx line with the ISR.
+const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+/// The notify address of one queue.
+pub(crate) struct NotifyAddr {
+    window: Mmio,
+    at: usize,
+    value: u16,
+}
+
+impl NotifyAddr {
+    #[inline]
+    pub fn notify(&self) {
+        self.window.write16(self.at, self.value);
+    }
+}
+
+/// Feature bits this driver takes from a virtio-pci device: the vhost-user driver's set
+/// without the vhost-user protocol bit (QEMU never shows it to a guest).
+fn pci_driver_features() -> u64 {
+    super::vhost_user::DRIVER_FEATURES & !bit(proto::VHOST_USER_F_PROTOCOL_FEATURES)
+}
+
+/// A modern virtio-pci fabric device driven from this process.
+pub(crate) struct PciTransport {
+    locator: DeviceLocator,
+    dir: PathBuf,
+    common: Mmio,
+    notify: Mmio,
+    notify_off_multiplier: u32,
+    isr: Option<Mmio>,
+    device_cfg: Mmio,
+    /// `/dev/uioN` when the device is bound to `uio_pci_generic` (interrupts).
+    uio: Option<Mutex<File>>,
+    uio_fd: Option<RawFd>,
+    device_features: u64,
+    features: u64,
+    num_queues: u16,
+    max_queue_size: u16,
+    timeout: Duration,
+    /// Set once DRIVER_OK was written: the device may use our memory until reset.
+    started: bool,
+}
+
+impl PciTransport {
+    /// Map the device in sysfs directory `dir`, reset it and negotiate features. The queues
+    /// are set up afterwards; [`Transport::activate`] sets DRIVER_OK.
+    pub fn open(dir: &Path, locator: DeviceLocator, timeout: Duration) -> Result<Self> {
+        let cfg_path = dir.join("config");
+        let cfg_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cfg_path)
+            .map_err(|e| {
+                Error::Transport(format!(
+                    "{}: {e} (driving a PCI device from userspace needs root)",
+                    cfg_path.display()
+                ))
+            })?;
+        let mut config = Vec::with_capacity(256);
+        (&cfg_file).take(256).read_to_end(&mut config)?;
+        let caps = parse_virtio_caps(&config)?;
+        // Memory decoding and bus mastering (uio_pci_generic enables the device but not bus
+        // mastering; the device's DMA into our memory needs it).
+        let mut cmd = [0u8; 2];
+        cfg_file.read_exact_at(&mut cmd, PCI_COMMAND)?;
+        let want = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        cfg_file.write_all_at(&want.to_le_bytes(), PCI_COMMAND)?;
+
+        let mut bars: [Option<Arc<BarMap>>; 6] = Default::default();
+        let used = [
+            Some(caps.common),
+            Some(caps.notify),
+            caps.isr,
+            Some(caps.device),
+        ];
+        for c in used.iter().flatten() {
+            let i = usize::from(c.bar);
+            if bars[i].is_none() {
+                bars[i] = Some(BarMap::map(&dir.join(format!("resource{i}")))?);
+            }
+        }
+        let common = Mmio::new(&bars, &caps.common, "common configuration")?;
+        let notify = Mmio::new(&bars, &caps.notify, "notification area")?;
+        let isr = caps
+            .isr
+            .map(|c| Mmio::new(&bars, &c, "ISR status"))
+            .transpose()?;
+        let device_cfg = Mmio::new(&bars, &caps.device, "device configuration")?;
+        let (uio, uio_fd) = match open_uio(dir) {
+            Some(f) => {
+                let fd = f.as_raw_fd();
+                (Some(Mutex::new(f)), Some(fd))
+            }
+            None => (None, None),
+        };
+        let mut t = Self {
+            locator,
+            dir: dir.to_path_buf(),
+            common,
+            notify,
+            notify_off_multiplier: caps.notify_off_multiplier,
+            isr,
+            device_cfg,
+            uio,
+            uio_fd,
+            device_features: 0,
+            features: 0,
+            num_queues: 0,
+            max_queue_size: 0,
+            timeout,
+            started: false,
+        };
+        t.negotiate()?;
+        Ok(t)
+    }
+
+    fn status(&self) -> u8 {
+        self.common.read8(common::DEVICE_STATUS)
+    }
+
+    fn set_status(&self, bits: u8) {
+        let s = self.status();
+        self.common.write8(common::DEVICE_STATUS, s | bits);
+    }
+
+    /// Write 0 to the status and wait until the device reads back 0: it then no longer uses
+    /// any memory we gave it.
+    fn reset(&self) -> Result<()> {
+        self.common.write8(common::DEVICE_STATUS, 0);
+        let deadline = Instant::now() + self.timeout;
+        while self.status() != 0 {
+            if Instant::now() > deadline {
+                return Err(Error::Transport(format!(
+                    "device {} did not finish its reset within {:?}",
+                    self.locator, self.timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn negotiate(&mut self) -> Result<()> {
+        self.reset()?;
+        self.set_status(status::ACKNOWLEDGE);
+        self.set_status(status::DRIVER);
+        let mut offered = 0u64;
+        for half in 0..2u32 {
+            self.common.write32(common::DEVICE_FEATURE_SELECT, half);
+            offered |= u64::from(self.common.read32(common::DEVICE_FEATURE)) << (32 * half);
+        }
+        self.device_features = offered;
+        if offered & proto::REQUIRED_FEATURES != proto::REQUIRED_FEATURES {
+            self.set_status(status::FAILED);
+            return Err(Error::Unsupported(format!(
+                "device {} lacks required features (offers {offered:#x}, needs {:#x})",
+                self.locator,
+                proto::REQUIRED_FEATURES
+            )));
+        }
+        let features = offered & pci_driver_features();
+        for half in 0..2u32 {
+            self.common.write32(common::DRIVER_FEATURE_SELECT, half);
+            self.common
+                .write32(common::DRIVER_FEATURE, (features >> (32 * half)) as u32);
+        }
+        self.set_status(status::FEATURES_OK);
+        if self.status() & status::FEATURES_OK == 0 {
+            self.set_status(status::FAILED);
+            return Err(Error::Unsupported(format!(
+                "device {} refused features {features:#x}",
+                self.locator
+            )));
+        }
+        self.features = features;
+        self.common
+            .write16(common::MSIX_CONFIG, VIRTIO_MSI_NO_VECTOR);
+        self.num_queues = self.common.read16(common::NUM_QUEUES);
+        // The smallest queue limit over all queues (QEMU: the same for all, 64 by default).
+        let mut max = u16::MAX;
+        for q in 0..self.num_queues {
+            self.common.write16(common::QUEUE_SELECT, q);
+            let n = self.common.read16(common::QUEUE_SIZE);
+            if n != 0 {
+                max = max.min(n);
+            }
+        }
+        self.max_queue_size = if max == u16::MAX { 0 } else { max };
+        tracing::debug!(
+            device = %self.locator,
+            offered = format_args!("{offered:#x}"),
+            features = format_args!("{features:#x}"),
+            num_queues = self.num_queues,
+            max_queue_size = self.max_queue_size,
+            interrupts = self.uio.is_some(),
+            "virtio-pci device initialised"
+        );
+        Ok(())
+    }
+}
+
+/// `/dev/uioN` of a device bound to a uio driver, with its interrupt enabled.
+fn open_uio(dir: &Path) -> Option<File> {
+    let name = std::fs::read_dir(dir.join("uio"))
+        .ok()?
+        .flatten()
+        .find_map(|e| e.file_name().to_str().map(str::to_owned))?;
+    let dev = Path::new("/dev").join(&name);
+    let mut f = OpenOptions::new().read(true).write(true).open(&dev).ok()?;
+    // uio_pci_generic masks INTx after each interrupt; writing 1 unmasks it.
+    f.write_all(&1u32.to_ne_bytes()).ok()?;
+    tracing::debug!(uio = %dev.display(), "device interrupts through uio");
+    Some(f)
+}
+
+impl Transport for PciTransport {
+    fn locator(&self) -> &DeviceLocator {
+        &self.locator
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device_features
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn max_queues(&self) -> u64 {
+        u64::from(self.num_queues)
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.max_queue_size
+    }
+
+    fn map_memory(&mut self, len: usize) -> Result<Arc<SharedMemory>> {
+        dma_region(len)
+    }
+
+    fn get_config(&self) -> Result<FabricConfig> {
+        let size = std::mem::size_of::<FabricConfig>();
+        if self.device_cfg.len < size {
+            return Err(Error::Transport(format!(
+                "device {}: configuration space of {} bytes (needs {size})",
+                self.locator, self.device_cfg.len
+            )));
+        }
+        // Re-read until the generation is stable (virtio 1.x §4.1.4.3.1).
+        for _ in 0..100 {
+            let before = self.common.read8(common::CONFIG_GENERATION);
+            let mut cfg = FabricConfig::default();
+            for (i, b) in cfg.as_mut_slice().iter_mut().enumerate() {
+                *b = self.device_cfg.read8(i);
+            }
+            if self.common.read8(common::CONFIG_GENERATION) == before {
+                return Ok(cfg);
+            }
+        }
+        Err(Error::Transport(format!(
+            "device {}: configuration keeps changing",
+            self.locator
+        )))
+    }
+
+    fn setup_queue(&self, index: u16, size: u16, rings: RingAddrs) -> Result<QueueHandles> {
+        if index >= self.num_queues {
+            return Err(Error::Unsupported(format!(
+                "queue {index} beyond the device's {} queues",
+                self.num_queues
+            )));
+        }
+        let c = &self.common;
+        c.write16(common::QUEUE_SELECT, index);
+        let max = c.read16(common::QUEUE_SIZE);
+        if max == 0 || size > max || !size.is_power_of_two() {
+            return Err(Error::Unsupported(format!(
+                "device {}: queue {index} of {size} entries (the device allows {max})",
+                self.locator
+            )));
+        }
+        c.write16(common::QUEUE_SIZE, size);
+        c.write64(common::QUEUE_DESC, rings.desc);
+        c.write64(common::QUEUE_DRIVER, rings.avail);
+        c.write64(common::QUEUE_DEVICE, rings.used);
+        c.write16(common::QUEUE_MSIX_VECTOR, VIRTIO_MSI_NO_VECTOR);
+        let off = usize::from(c.read16(common::QUEUE_NOTIFY_OFF));
+        let at = off
+            .checked_mul(self.notify_off_multiplier as usize)
+            .filter(|a| a.checked_add(2).is_some_and(|end| end <= self.notify.len))
+            .ok_or_else(|| {
+                Error::Transport(format!(
+                    "device {}: notify offset {off} × {} outside the {}-byte notification area",
+                    self.locator, self.notify_off_multiplier, self.notify.len
+                ))
+            })?;
+        c.write16(common::QUEUE_ENABLE, 1);
+        Ok(QueueHandles {
+            notifier: Notifier::Mmio(NotifyAddr {
+                window: self.notify.clone(),
+                at,
+                value: index,
+            }),
+            call: None,
+        })
+    }
+
+    fn activate(&mut self) -> Result<()> {
+        self.set_status(status::DRIVER_OK);
+        self.started = true;
+        let s = self.status();
+        if s & (status::NEEDS_RESET | status::FAILED) != 0 || s & status::DRIVER_OK == 0 {
+            return Err(Error::Transport(format!(
+                "device {} did not start (status {s:#x})",
+                self.locator
+            )));
+        }
+        Ok(())
+    }
+
+    fn wait_sources(&self) -> Vec<(RawFd, i16, WaitKind)> {
+        self.uio_fd
+            .map(|fd| (fd, libc::POLLIN, WaitKind::Interrupt))
+            .into_iter()
+            .collect()
+    }
+
+    fn ack_interrupt(&self) {
+        let Some(uio) = &self.uio else { return };
+        let mut f = uio.lock().unwrap();
+        let mut count = [0u8; 4];
+        // Non-blocking: poll said it is readable; another waiter may have taken it already.
+        let mut p = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        if unsafe { libc::poll(&mut p, 1, 0) } > 0 {
+            let _ = f.read(&mut count);
+        }
+        // Reading the ISR lowers the interrupt line; then unmask INTx again.
+        if let Some(isr) = &self.isr {
+            isr.read8(0);
+        }
+        let _ = f.write_all(&1u32.to_ne_bytes());
+    }
+
+    fn is_alive(&self) -> bool {
+        let s = self.status();
+        s & status::NEEDS_RESET == 0 && (!self.started || s & status::DRIVER_OK != 0)
+    }
+}
+
+impl Drop for PciTransport {
+    /// Reset the device: once it reads back 0 it uses none of our memory, which the domain
+    /// frees after us.
+    fn drop(&mut self) {
+        if let Err(e) = self.reset() {
+            tracing::warn!(device = %self.locator, dir = %self.dir.display(), error = %e, "reset on close");
+        }
+        tracing::debug!(device = %self.locator, "virtio-pci device reset");
+    }
+}
+
+// ---- DMA memory ------------------------------------------------------------------------
+
+const PAGE_SIZE: usize = 4096;
+const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// Guest-physical address of every 4 KiB page of `[base, base+len)` from `/proc/self/pagemap`
+/// (each must be present; PFNs are shown to CAP_SYS_ADMIN only).
+fn physical_pages(base: *const u8, len: usize) -> Result<Vec<u64>> {
+    let pages = len / PAGE_SIZE;
+    let f = File::open("/proc/self/pagemap")?;
+    let mut raw = vec![0u8; pages * 8];
+    f.read_exact_at(&mut raw, (base as usize / PAGE_SIZE * 8) as u64)?;
+    raw.chunks_exact(8)
+        .enumerate()
+        .map(|(i, c)| {
+            let e = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            let present = e & (1 << 63) != 0;
+            let pfn = e & ((1 << 55) - 1);
+            if !present {
+                return Err(Error::Transport(format!(
+                    "DMA page {i} is not resident (pagemap {e:#x})"
+                )));
+            }
+            if pfn == 0 {
+                return Err(Error::Unsupported(
+                    "physical addresses are hidden in /proc/self/pagemap: the pci transport \
+                     needs root (CAP_SYS_ADMIN)"
+                        .into(),
+                ));
+            }
+            Ok(pfn * PAGE_SIZE as u64)
+        })
+        .collect()
+}
+
+/// Physically contiguous runs of pages (`phys[i]` is page `i`'s address) as region segments.
+pub(crate) fn segments_of(phys: &[u64]) -> Vec<DmaSegment> {
+    let mut out: Vec<DmaSegment> = Vec::new();
+    for (i, &pa) in phys.iter().enumerate() {
+        match out.last_mut() {
+            Some(s) if s.device_addr + s.len as u64 == pa => s.len += PAGE_SIZE,
+            _ => out.push(DmaSegment {
+                offset: i * PAGE_SIZE,
+                len: PAGE_SIZE,
+                device_addr: pa,
+            }),
+        }
+    }
+    out
+}
+
+/// Locked, populated anonymous memory: huge pages if the system has enough, else 4 KiB pages.
+/// Returns the mapping, its length and whether it is made of huge pages.
+fn map_locked(len: usize) -> Result<(NonNull<u8>, usize, bool)> {
+    let base_flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_LOCKED | libc::MAP_POPULATE;
+    for huge in [true, false] {
+        let (flags, size) = if huge {
+            (
+                base_flags | libc::MAP_HUGETLB,
+                len.next_multiple_of(HUGE_PAGE_SIZE),
+            )
+        } else {
+            (base_flags, len.next_multiple_of(PAGE_SIZE))
+        };
+        // SAFETY: a fresh anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            if huge {
+                tracing::debug!(error = %e, "no huge pages for DMA memory; using 4 KiB pages");
+                continue;
+            }
+            return Err(Error::Transport(format!(
+                "locked DMA memory of {size} bytes: {e} (raise the memlock limit?)"
+            )));
+        }
+        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::Transport("mmap".into()))?;
+        return Ok((base, size, huge));
+    }
+    unreachable!("the 4 KiB attempt returns")
+}
+
+/// The domain's region for a virtio-pci device: locked pages with their guest-physical
+/// addresses as segments (see the module documentation).
+pub(crate) fn dma_region(len: usize) -> Result<Arc<SharedMemory>> {
+    let (base, size, huge) = map_locked(len.max(1 << 16))?;
+    let unmap = || {
+        // SAFETY: unmapping the mapping just made, which nothing else refers to.
+        unsafe { libc::munmap(base.as_ptr().cast(), size) };
+    };
+    // Touch every page so it is resident even where MAP_POPULATE was partial.
+    for off in (0..size).step_by(PAGE_SIZE) {
+        // SAFETY: `off` < size: inside the fresh mapping.
+        unsafe { base.as_ptr().add(off).write_volatile(0) };
+    }
+    let segments = match physical_pages(base.as_ptr(), size) {
+        Ok(phys) => segments_of(&phys),
+        Err(e) => {
+            unmap();
+            return Err(e);
+        }
+    };
+    tracing::debug!(
+        size,
+        huge,
+        segments = segments.len(),
+        largest = segments.iter().map(|s| s.len).max().unwrap_or(0),
+        "DMA memory mapped"
+    );
+    // SAFETY: the mapping is ours, locked (MAP_LOCKED; huge pages are not migrated by
+    // compaction), and the segments come from its pagemap.
+    match unsafe { SharedMemory::from_dma_mapping(base, size, segments) } {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            unmap();
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A synthetic modern virtio-pci function: config space with the capability chain QEMU
+    /// builds (MSI-X, then common/ISR/device/notify/pci-cfg), and BAR 4 as a file.
+    struct FakeDevice {
+        dir: tempfile::TempDir,
+    }
+
+    const BAR_LEN: usize = 0x4000;
+
+    fn vndr_cap(cfg: &mut [u8], at: usize, next: u8, cfg_type: u8, bar: u8, off: u32, len: u32) {
+        cfg[at] = PCI_CAP_ID_VNDR;
+        cfg[at + 1] = next;
+        cfg[at + 2] = if cfg_type == VIRTIO_PCI_CAP_NOTIFY_CFG {
+            20
+        } else {
+            16
+        };
+        cfg[at + 3] = cfg_type;
+        cfg[at + 4] = bar;
+        cfg[at + 8..at + 12].copy_from_slice(&off.to_le_bytes());
+        cfg[at + 12..at + 16].copy_from_slice(&len.to_le_bytes());
+    }
+
+    fn qemu_like_config() -> Vec<u8> {
+        let mut cfg = vec![0u8; 256];
+        cfg[0..2].copy_from_slice(&VIRTIO_PCI_VENDOR_ID.to_le_bytes());
+        cfg[2..4].copy_from_slice(&0x1066u16.to_le_bytes());
+        cfg[PCI_STATUS] = PCI_STATUS_CAP_LIST;
+        cfg[PCI_CAPABILITY_LIST] = 0x98;
+        // MSI-X (id 0x11) first, as QEMU puts it.
+        cfg[0x98] = 0x11;
+        cfg[0x99] = 0x84;
+        vndr_cap(&mut cfg, 0x84, 0x70, 5, 0, 0, 0); // PCI cfg access: ignored
+        vndr_cap(
+            &mut cfg,
+            0x70,
+            0x60,
+            VIRTIO_PCI_CAP_NOTIFY_CFG,
+            4,
+            0x3000,
+            0x1000,
+        );
+        cfg[0x70 + 16..0x70 + 20].copy_from_slice(&4u32.to_le_bytes());
+        vndr_cap(
+            &mut cfg,
+            0x60,
+            0x50,
+            VIRTIO_PCI_CAP_DEVICE_CFG,
+            4,
+            0x2000,
+            0x1000,
+        );
+        vndr_cap(
+            &mut cfg,
+            0x50,
+            0x40,
+            VIRTIO_PCI_CAP_ISR_CFG,
+            4,
+            0x1000,
+            0x1000,
+        );
+        vndr_cap(
+            &mut cfg,
+            0x40,
+            0x00,
+            VIRTIO_PCI_CAP_COMMON_CFG,
+            4,
+            0x0000,
+            0x1000,
+        );
+        cfg
+    }
+
+    impl FakeDevice {
+        fn new(cfg: &[u8]) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("config"), cfg).unwrap();
+            let mut bar = vec![0u8; BAR_LEN];
+            // Common configuration: features VERSION_1 | MSG | TAGGED | EVENT_IDX in both
+            // halves (a file cannot switch on the select register), 5 queues of 64.
+            let f = bit(proto::VIRTIO_FABRIC_F_MSG)
+                | bit(proto::VIRTIO_FABRIC_F_TAGGED)
+                | bit(proto::VIRTIO_RING_F_EVENT_IDX);
+            let word = (f as u32) | 1; // bit 0 of the high half: VERSION_1
+            bar[common::DEVICE_FEATURE..common::DEVICE_FEATURE + 4]
+                .copy_from_slice(&word.to_le_bytes());
+            bar[common::NUM_QUEUES..common::NUM_QUEUES + 2].copy_from_slice(&5u16.to_le_bytes());
+            bar[common::QUEUE_SIZE..common::QUEUE_SIZE + 2].copy_from_slice(&64u16.to_le_bytes());
+            bar[common::QUEUE_NOTIFY_OFF..common::QUEUE_NOTIFY_OFF + 2]
+                .copy_from_slice(&3u16.to_le_bytes());
+            // Device configuration: a FabricConfig.
+            let mut fc = FabricConfig::default();
+            fc.num_queue_pairs = 2u32.into();
+            fc.max_queue_size = 64u32.into();
+            fc.node_addr = 0x5eed_0000_0001u64.into();
+            fc.fabric_id = 0x5eedu32.into();
+            bar[0x2000..0x2000 + 48].copy_from_slice(fc.as_slice());
+            std::fs::write(dir.path().join("resource4"), &bar).unwrap();
+            Self { dir }
+        }
+        fn bar(&self) -> Vec<u8> {
+            std::fs::read(self.dir.path().join("resource4")).unwrap()
+        }
+    }
+
+    #[test]
+    fn capability_walk_finds_the_virtio_structures() {
+        let caps = parse_virtio_caps(&qemu_like_config()).unwrap();
+        assert_eq!(
+            caps.common,
+            CapLocation {
+                bar: 4,
+                offset: 0,
+                length: 0x1000
+            }
+        );
+        assert_eq!(caps.isr.unwrap().offset, 0x1000);
+        assert_eq!(caps.device.offset, 0x2000);
+        assert_eq!(caps.notify.offset, 0x3000);
+        assert_eq!(caps.notify_off_multiplier, 4);
+    }
+
+    #[test]
+    fn capability_walk_rejects_bad_config_spaces() {
+        // Only 64 bytes readable (a non-root reader of sysfs `config`).
+        let short = &qemu_like_config()[..64];
+        assert!(parse_virtio_caps(short)
+            .unwrap_err()
+            .to_string()
+            .contains("root"));
+        // No capability list.
+        let mut c = qemu_like_config();
+        c[PCI_STATUS] = 0;
+        assert!(parse_virtio_caps(&c).is_err());
+        // A loop: the last capability points back at the first.
+        let mut c = qemu_like_config();
+        c[0x41] = 0x98;
+        c[0x40 + 3] = 0x7f; // and no common cfg is ever found
+        assert!(parse_virtio_caps(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("loops"));
+        // A pointer into the header or past the end.
+        let mut c = qemu_like_config();
+        c[PCI_CAPABILITY_LIST] = 0x10;
+        assert!(parse_virtio_caps(&c).is_err());
+        let mut c = qemu_like_config();
+        c[0x99] = 0xfc;
+        assert!(parse_virtio_caps(&c).is_err());
+        // A BAR number beyond 5 makes the capability unusable: no common cfg.
+        let mut c = qemu_like_config();
+        c[0x40 + 4] = 6;
+        assert!(parse_virtio_caps(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("common"));
+        // A common cfg too short for the queue registers.
+        let mut c = qemu_like_config();
+        c[0x40 + 12..0x40 + 16].copy_from_slice(&0x20u32.to_le_bytes());
+        assert!(parse_virtio_caps(&c).is_err());
+        // A notify capability without its multiplier is skipped: no notify structure.
+        let mut c = qemu_like_config();
+        c[0x70 + 2] = 16;
+        assert!(parse_virtio_caps(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("notification"));
+        // Random bytes never panic.
+        let mut x = 0x1234_5678u32;
+        for _ in 0..2000 {
+            let mut c = qemu_like_config();
+            for _ in 0..8 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                c[(x as usize) % 256] = (x >> 8) as u8;
+            }
+            let _ = parse_virtio_caps(&c);
+        }
+    }
+
+    #[test]
+    fn synthetic_device_opens_reads_config_and_notifies() {
+        let dev = FakeDevice::new(&qemu_like_config());
+        let loc = DeviceLocator::Pci("0000:00:04.0".parse().unwrap());
+        let mut t = PciTransport::open(dev.dir.path(), loc, Duration::from_secs(1)).unwrap();
+        assert_ne!(t.device_features & bit(proto::VIRTIO_F_VERSION_1), 0);
+        assert_ne!(t.features() & bit(proto::VIRTIO_FABRIC_F_TAGGED), 0);
+        assert_eq!(t.features() & bit(proto::VHOST_USER_F_PROTOCOL_FEATURES), 0);
+        assert_eq!(t.max_queues(), 5);
+        assert_eq!(t.max_queue_size(), 64);
+        let cfg = t.get_config().unwrap();
+        assert_eq!(u32::from(cfg.fabric_id), 0x5eed);
+        assert_eq!(u32::from(cfg.num_queue_pairs), 2);
+        // Queue 2: addresses land in the common cfg, the kick at 0x3000 + 3 × 4.
+        let rings = RingAddrs {
+            desc: 0x1_2345_6000,
+            avail: 0x1_2345_7000,
+            used: 0x1_2345_8000,
+        };
+        let h = t.setup_queue(2, 64, rings).unwrap();
+        assert!(h.call.is_none());
+        h.notifier.notify().unwrap();
+        let bar = dev.bar();
+        let rd64 = |at: usize| u64::from_le_bytes(bar[at..at + 8].try_into().unwrap());
+        assert_eq!(rd64(common::QUEUE_DESC), rings.desc);
+        assert_eq!(rd64(common::QUEUE_DRIVER), rings.avail);
+        assert_eq!(rd64(common::QUEUE_DEVICE), rings.used);
+        assert_eq!(&bar[0x3000 + 12..0x3000 + 14], &2u16.to_le_bytes());
+        // Bigger than the device allows, or beyond its queues: refused.
+        assert!(t.setup_queue(1, 128, rings).is_err());
+        assert!(t.setup_queue(5, 64, rings).is_err());
+        t.activate().unwrap();
+        assert!(t.is_alive());
+        // A device asking for a reset is gone.
+        t.common.write8(
+            common::DEVICE_STATUS,
+            status::DRIVER_OK | status::NEEDS_RESET,
+        );
+        assert!(!t.is_alive());
+    }
+
+    #[test]
+    fn notify_offsets_outside_the_area_are_refused() {
+        let dev = FakeDevice::new(&qemu_like_config());
+        let mut bar = dev.bar();
+        bar[common::QUEUE_NOTIFY_OFF..common::QUEUE_NOTIFY_OFF + 2]
+            .copy_from_slice(&0x400u16.to_le_bytes());
+        std::fs::write(dev.dir.path().join("resource4"), &bar).unwrap();
+        let loc = DeviceLocator::Pci("0000:00:04.0".parse().unwrap());
+        let t = PciTransport::open(dev.dir.path(), loc, Duration::from_secs(1)).unwrap();
+        let rings = RingAddrs {
+            desc: 0,
+            avail: 0,
+            used: 0,
+        };
+        assert!(t.setup_queue(0, 64, rings).is_err());
+    }
+
+    #[test]
+    fn structures_outside_their_bar_are_refused() {
+        let mut c = qemu_like_config();
+        // Device cfg at 0x3f00 + 0x1000 runs past the 16 KiB BAR.
+        c[0x60 + 8..0x60 + 12].copy_from_slice(&0x3f00u32.to_le_bytes());
+        let dev = FakeDevice::new(&c);
+        let loc = DeviceLocator::Pci("0000:00:04.0".parse().unwrap());
+        let e = PciTransport::open(dev.dir.path(), loc, Duration::from_secs(1)).err();
+        assert!(e.unwrap().to_string().contains("outside BAR"));
+    }
+
+    #[test]
+    fn missing_required_features_fail() {
+        let dev = FakeDevice::new(&qemu_like_config());
+        let mut bar = dev.bar();
+        bar[common::DEVICE_FEATURE..common::DEVICE_FEATURE + 4]
+            .copy_from_slice(&0u32.to_le_bytes());
+        std::fs::write(dev.dir.path().join("resource4"), &bar).unwrap();
+        let loc = DeviceLocator::Pci("0000:00:04.0".parse().unwrap());
+        let e = PciTransport::open(dev.dir.path(), loc, Duration::from_secs(1)).err();
+        assert!(matches!(e, Some(Error::Unsupported(_))));
+    }
+
+    #[test]
+    fn discovery_matches_vendor_and_device_id() {
+        let root = tempfile::tempdir().unwrap();
+        let add = |name: &str, vendor: &str, device: &str| {
+            let d = root.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("vendor"), vendor).unwrap();
+            std::fs::write(d.join("device"), device).unwrap();
+        };
+        add("0000:00:05.0", "0x1af4\n", "0x1066\n"); // id 38
+        add("0000:00:03.0", "0x1af4\n", "0x1066\n");
+        add("0000:00:04.0", "0x1af4\n", "0x1078\n"); // id 56
+        add("0000:00:06.0", "0x8086\n", "0x1066\n"); // other vendor
+        add("not-a-bdf", "0x1af4\n", "0x1066\n");
+        let found = discover_in(root.path(), 38);
+        let names: Vec<String> = found.iter().map(|a| a.to_string()).collect();
+        assert_eq!(names, ["0000:00:03.0", "0000:00:05.0"]);
+        assert_eq!(discover_in(root.path(), 56).len(), 1);
+        assert!(discover_in(Path::new("/nonexistent"), 56).is_empty());
+    }
+
+    #[test]
+    fn device_ids_and_addresses_parse() {
+        assert_eq!(parse_device_id("38").unwrap(), 38);
+        assert_eq!(parse_device_id(" 0x26 ").unwrap(), 38);
+        for bad in ["", "0", "abc", "-1", "65000", "0x"] {
+            assert!(parse_device_id(bad).is_err(), "{bad:?}");
+        }
+        let a: PciAddress = "00:03.0".parse().unwrap();
+        assert_eq!(a.to_string(), "0000:00:03.0");
+        for bad in [
+            "0000:00:03",
+            "0000:00:03.",
+            "00000:00:03.0",
+            "0000:100:03.0",
+            "x",
+        ] {
+            assert!(bad.parse::<PciAddress>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn contiguous_pages_merge_into_segments() {
+        let p = PAGE_SIZE as u64;
+        let phys = [10 * p, 11 * p, 12 * p, 40 * p, 7 * p, 8 * p];
+        let s = segments_of(&phys);
+        assert_eq!(
+            s,
+            vec![
+                DmaSegment {
+                    offset: 0,
+                    len: 3 * PAGE_SIZE,
+                    device_addr: 10 * p
+                },
+                DmaSegment {
+                    offset: 3 * PAGE_SIZE,
+                    len: PAGE_SIZE,
+                    device_addr: 40 * p
+                },
+                DmaSegment {
+                    offset: 4 * PAGE_SIZE,
+                    len: 2 * PAGE_SIZE,
+                    device_addr: 7 * p
+                },
+            ]
+        );
+    }
+
+    /// With root (pagemap shows frame numbers), DMA memory translates through its pagemap.
+    #[test]
+    fn dma_region_translates_through_pagemap() {
+        let mem = match dma_region(1 << 20) {
+            Ok(m) => m,
+            Err(Error::Unsupported(why)) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let phys = physical_pages(mem.base(), mem.len()).unwrap();
+        for (i, &pa) in phys.iter().enumerate() {
+            // SAFETY: page `i` is inside the region.
+            let p = unsafe { mem.base().add(i * PAGE_SIZE + 8) };
+            assert_eq!(mem.device_addr(p, 8), Some(pa + 8));
+        }
+        // The region splits where it is not physically contiguous; an allocation as large as
+        // the longest run fits in it and is one device range.
+        let runs = mem.device_ranges(mem.base(), mem.len()).unwrap();
+        assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), mem.len());
+        let longest = runs.iter().map(|r| r.1).max().unwrap();
+        let a = mem.alloc(longest, 64).unwrap();
+        let r = mem.device_ranges(a.ptr(), a.capacity()).unwrap();
+        assert_eq!(r, vec![(a.device_addr(), a.capacity())]);
+    }
+}
