@@ -968,14 +968,13 @@ impl DomainInner {
                 continue;
             }
             match self.wait_kinds.get(i - self.call_fds) {
-                Some(WaitKind::Hangup) => {
-                    if !self.closed.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            device = %self.transport.locator(),
-                            "device closed the vhost-user connection"
-                        );
-                    }
+                Some(WaitKind::Hangup) if !self.closed.swap(true, Ordering::Relaxed) => {
+                    tracing::warn!(
+                        device = %self.transport.locator(),
+                        "device closed the vhost-user connection"
+                    );
                 }
+                Some(WaitKind::Hangup) => {}
                 Some(WaitKind::RingError) => {
                     tracing::error!("device signalled a virtqueue error");
                     crate::virtqueue::drain_eventfd(p.fd);

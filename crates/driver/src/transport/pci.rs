@@ -22,7 +22,7 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -168,6 +168,7 @@ const PCI_STATUS_CAP_LIST: u8 = 0x10;
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 0x2;
 const PCI_COMMAND_MASTER: u16 = 0x4;
+const PCI_COMMAND_INTX_DISABLE: u16 = 0x400;
 const PCI_CAPABILITY_LIST: usize = 0x34;
 const PCI_CAP_ID_VNDR: u8 = 0x09;
 /// Standard config header: capabilities live after it.
@@ -458,7 +459,12 @@ pub(crate) struct PciTransport {
     notify_off_multiplier: u32,
     isr: Option<Mmio>,
     device_cfg: Mmio,
-    /// `/dev/uioN` when the device is bound to `uio_pci_generic` (interrupts).
+    /// The device's sysfs `config`, held open (and `flock`ed: one driving process per
+    /// device) for the transport's life; INTx is re-enabled through its command register.
+    config: File,
+    /// `/dev/uioN` when the device is bound to `uio_pci_generic` and has an interrupt line.
+    /// Held open until after the reset: closing it clears bus mastering, which makes QEMU
+    /// drop DRIVER_OK.
     uio: Option<Mutex<File>>,
     uio_fd: Option<RawFd>,
     device_features: u64,
@@ -485,14 +491,26 @@ impl PciTransport {
                     cfg_path.display()
                 ))
             })?;
+        lock_device(&cfg_file, &locator, timeout)?;
         let mut config = Vec::with_capacity(256);
         (&cfg_file).take(256).read_to_end(&mut config)?;
         let caps = parse_virtio_caps(&config)?;
+        // Open uio before enabling bus mastering: its release clears bus mastering.
+        let (uio, uio_fd) = match open_uio(dir) {
+            Some(f) => {
+                let fd = f.as_raw_fd();
+                (Some(Mutex::new(f)), Some(fd))
+            }
+            None => (None, None),
+        };
         // Memory decoding and bus mastering (uio_pci_generic enables the device but not bus
-        // mastering; the device's DMA into our memory needs it).
+        // mastering; QEMU stops a virtio device without it), INTx on when we take interrupts.
         let mut cmd = [0u8; 2];
         cfg_file.read_exact_at(&mut cmd, PCI_COMMAND)?;
-        let want = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        let mut want = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        if uio.is_some() {
+            want &= !PCI_COMMAND_INTX_DISABLE;
+        }
         cfg_file.write_all_at(&want.to_le_bytes(), PCI_COMMAND)?;
 
         let mut bars: [Option<Arc<BarMap>>; 6] = Default::default();
@@ -515,13 +533,6 @@ impl PciTransport {
             .map(|c| Mmio::new(&bars, &c, "ISR status"))
             .transpose()?;
         let device_cfg = Mmio::new(&bars, &caps.device, "device configuration")?;
-        let (uio, uio_fd) = match open_uio(dir) {
-            Some(f) => {
-                let fd = f.as_raw_fd();
-                (Some(Mutex::new(f)), Some(fd))
-            }
-            None => (None, None),
-        };
         let mut t = Self {
             locator,
             dir: dir.to_path_buf(),
@@ -530,6 +541,7 @@ impl PciTransport {
             notify_off_multiplier: caps.notify_off_multiplier,
             isr,
             device_cfg,
+            config: cfg_file,
             uio,
             uio_fd,
             device_features: 0,
@@ -628,17 +640,44 @@ impl PciTransport {
     }
 }
 
-/// `/dev/uioN` of a device bound to a uio driver, with its interrupt enabled.
+/// Take the device for this process: an exclusive `flock` on its config file, waited for up
+/// to `timeout` (another process driving the device would otherwise be reset under its feet).
+fn lock_device(config: &File, locator: &DeviceLocator, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: flock on a file descriptor we own; no memory is passed.
+        if unsafe { libc::flock(config.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(Error::Transport(format!("device {locator}: flock: {e}")));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Transport(format!(
+                "device {locator} is busy: another process of this machine drives it (one \
+                 driving process per device); waited {timeout:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `/dev/uioN` of a device bound to a uio driver that has an interrupt line. (uio_pci_generic
+/// masks INTx after each interrupt; the transport unmasks it in the command register.)
 fn open_uio(dir: &Path) -> Option<File> {
+    let irq = std::fs::read_to_string(dir.join("irq")).ok()?;
+    if irq.trim().parse::<u32>().ok()? == 0 {
+        tracing::debug!("device has no interrupt line: completions are polled");
+        return None;
+    }
     let name = std::fs::read_dir(dir.join("uio"))
         .ok()?
         .flatten()
         .find_map(|e| e.file_name().to_str().map(str::to_owned))?;
     let dev = Path::new("/dev").join(&name);
-    let mut f = OpenOptions::new().read(true).write(true).open(&dev).ok()?;
-    // uio_pci_generic masks INTx after each interrupt; writing 1 unmasks it.
-    f.write_all(&1u32.to_ne_bytes()).ok()?;
-    tracing::debug!(uio = %dev.display(), "device interrupts through uio");
+    let f = OpenOptions::new().read(true).write(true).open(&dev).ok()?;
+    tracing::debug!(uio = %dev.display(), irq = irq.trim(), "device interrupts through uio");
     Some(f)
 }
 
@@ -768,16 +807,25 @@ impl Transport for PciTransport {
         if unsafe { libc::poll(&mut p, 1, 0) } > 0 {
             let _ = f.read(&mut count);
         }
-        // Reading the ISR lowers the interrupt line; then unmask INTx again.
+        // Reading the ISR lowers the interrupt line; then unmask INTx again (the uio handler
+        // masked it), as DPDK does for uio_pci_generic.
         if let Some(isr) = &self.isr {
             isr.read8(0);
         }
-        let _ = f.write_all(&1u32.to_ne_bytes());
+        let mut cmd = [0u8; 2];
+        if self.config.read_exact_at(&mut cmd, PCI_COMMAND).is_ok() {
+            let v = u16::from_le_bytes(cmd) & !PCI_COMMAND_INTX_DISABLE;
+            let _ = self.config.write_all_at(&v.to_le_bytes(), PCI_COMMAND);
+        }
     }
 
     fn is_alive(&self) -> bool {
         let s = self.status();
-        s & status::NEEDS_RESET == 0 && (!self.started || s & status::DRIVER_OK != 0)
+        let alive = s & status::NEEDS_RESET == 0 && (!self.started || s & status::DRIVER_OK != 0);
+        if !alive {
+            tracing::warn!(device = %self.locator, status = format_args!("{s:#x}"), "device status: not running");
+        }
+        alive
     }
 }
 
@@ -1015,11 +1063,13 @@ mod tests {
             bar[common::QUEUE_NOTIFY_OFF..common::QUEUE_NOTIFY_OFF + 2]
                 .copy_from_slice(&3u16.to_le_bytes());
             // Device configuration: a FabricConfig.
-            let mut fc = FabricConfig::default();
-            fc.num_queue_pairs = 2u32.into();
-            fc.max_queue_size = 64u32.into();
-            fc.node_addr = 0x5eed_0000_0001u64.into();
-            fc.fabric_id = 0x5eedu32.into();
+            let fc = FabricConfig {
+                num_queue_pairs: 2u32.into(),
+                max_queue_size: 64u32.into(),
+                node_addr: 0x5eed_0000_0001u64.into(),
+                fabric_id: 0x5eedu32.into(),
+                ..Default::default()
+            };
             bar[0x2000..0x2000 + 48].copy_from_slice(fc.as_slice());
             std::fs::write(dir.path().join("resource4"), &bar).unwrap();
             Self { dir }
@@ -1144,6 +1194,18 @@ mod tests {
             status::DRIVER_OK | status::NEEDS_RESET,
         );
         assert!(!t.is_alive());
+    }
+
+    #[test]
+    fn one_process_drives_a_device_at_a_time() {
+        let dev = FakeDevice::new(&qemu_like_config());
+        let loc = DeviceLocator::Pci("0000:00:04.0".parse().unwrap());
+        let first =
+            PciTransport::open(dev.dir.path(), loc.clone(), Duration::from_secs(1)).unwrap();
+        let e = PciTransport::open(dev.dir.path(), loc.clone(), Duration::from_millis(50)).err();
+        assert!(e.unwrap().to_string().contains("busy"));
+        drop(first);
+        PciTransport::open(dev.dir.path(), loc, Duration::from_secs(1)).unwrap();
     }
 
     #[test]
