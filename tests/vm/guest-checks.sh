@@ -51,26 +51,6 @@ fi
 other=$((1 - VFABRIC_VM))
 device="pci:$bdf"
 
-# With vfabric.native=1 on the kernel command line (vm-test.sh --append), guest 0 talks to a
-# native host process instead of guest 1: guest 1 has its QEMU killed at once, freeing device 1
-# of the daemon, which tests/vm/native-peer.sh (run on the host next to vm-test.sh) then takes
-# as a vhost-user frontend and serves vf_exchange_test from; its address arrives in guest 0's
-# mailbox.
-if grep -q 'vfabric\.native=1' /proc/cmdline; then
-    [ "$VFABRIC_VM" = 1 ] && vm_kill_me
-    if addr=$(vm_get native-addr 180) && [ -n "$addr" ]; then
-        echo "$addr" | tr , ' ' >/tmp/n.addr
-        if timeout 150 vf_exchange_test client "$device" /tmp/n.addr >/tmp/n.out 2>&1; then
-            vm_pass "pci-exchange-vm-native (guest over virtio-pci, host process over vhost-user: $(tail -1 /tmp/n.out))"
-        else
-            vm_fail "pci-exchange-vm-native ($(tail -2 /tmp/n.out | tr '\n' ' ' | cut -c1-200))"
-        fi
-    else
-        vm_fail "pci-exchange-vm-native (no address from the host's native-peer.sh within 180 s)"
-    fi
-    exit 0
-fi
-
 # Messages, tagged messages, RMA read and write between the guests, every byte verified. The
 # server's address line travels through the mailbox (spaces as commas).
 if ! command -v vf_exchange_test >/dev/null; then

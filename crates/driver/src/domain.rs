@@ -19,6 +19,7 @@ use crate::cq::{CompletionQueue, CqAttr};
 use crate::endpoint::{Endpoint, EpAttr};
 use crate::info::Info;
 use crate::memory::{default_mem_bytes, SharedBuf, SharedMemory};
+use crate::request::Queue;
 use crate::transport::{DeviceLocator, Transport, WaitKind};
 use crate::virtqueue::{DomainSignals, Virtqueue};
 use crate::{Error, Result};
@@ -433,7 +434,7 @@ pub(crate) struct DomainInner {
     /// First field: dropped first, so rings stop before anything else goes away.
     pub(crate) transport: Box<dyn Transport>,
     pub(crate) mem: Arc<SharedMemory>,
-    pub(crate) queues: Vec<Virtqueue>,
+    pub(crate) queues: Vec<Queue>,
     pub(crate) num_queue_pairs: u16,
     pub(crate) features: u64,
     pub(crate) config: FabricConfig,
@@ -769,7 +770,7 @@ impl DomainInner {
     }
 
     #[inline(always)]
-    fn drain_queue(&self, q: &Virtqueue) -> usize {
+    fn drain_queue(&self, q: &Queue) -> usize {
         if !q.needs_drain() {
             return 0;
         }

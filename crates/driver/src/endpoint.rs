@@ -18,10 +18,8 @@ use crate::av::{AddressVector, AvShared, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPE
 use crate::cq::{CompletionQueue, CqShared};
 use crate::domain::DomainInner;
 use crate::memory::SharedBuf;
-use crate::virtqueue::{
-    CopyOut, DataOp, DescList, Keepalive, Payload, PendingOp, RxData, Targets, TxData,
-    INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS,
-};
+use crate::request::{CopyOut, DataOp, Keepalive, Payload, PendingOp, Targets, Tx as TxData};
+use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
 use crate::{fi, Error, Result};
 
 mod rma_ops;
@@ -1268,7 +1266,7 @@ impl Endpoint {
     /// short while as long as the request is still in flight.
     pub fn cancel(&self, context: u64) -> Result<()> {
         let me = &self.shared;
-        let pred = |p: &crate::virtqueue::RequestSlot| matches!(&p.op, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
+        let pred = |p: &crate::virtqueue::RequestSlot<PendingOp>| matches!(&p.op, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
         let find = || {
             self.domain.queues[self.rx_queue]
                 .find_cookie(pred)
@@ -1544,7 +1542,7 @@ impl Drop for Endpoint {
             return;
         }
         let me = &self.shared;
-        let mine = |p: &crate::virtqueue::RequestSlot| matches!(&p.op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
+        let mine = |p: &crate::virtqueue::RequestSlot<PendingOp>| matches!(&p.op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();

@@ -18,7 +18,8 @@
 //!
 //! Module map: [`memory`] (the region, its device addresses, allocator, bounce pool,
 //! [`SharedBuf`]), `ring` (driver side of the split ring, EVENT_IDX), [`transport`] (the
-//! `Transport` trait; vhost-user frontend; userspace virtio-pci), `virtqueue`
+//! `Transport` trait; vhost-user frontend; userspace virtio-pci), `request` (what a request in
+//! flight carries: the opaque record the virtqueue keeps), `virtqueue`
 //! (a ring plus its request slots and in-flight table), `control` (control-queue requests),
 //! [`info`] (`getinfo`), [`domain`], [`endpoint`], [`cq`], [`av`].
 //!
@@ -80,6 +81,7 @@ pub mod info;
 mod lock;
 pub mod memory;
 pub mod pmem;
+mod request;
 mod ring;
 pub mod rma;
 pub mod transport;

@@ -19,7 +19,8 @@ use vfabric_proto::{comp_flags, mr_flags, ByteValued, MemSeg, Opcode, Request, S
 
 use crate::domain::DomainInner;
 use crate::memory::{Allocation, SharedBuf};
-use crate::virtqueue::{Finished, PendingOp, RxData, TxData};
+use crate::request::{Done, PendingOp, Tx as TxData};
+use crate::virtqueue::RxData;
 use crate::{fi, Error, Result};
 
 /// Most segments of one registration (its MR_REG payload travels in the header descriptor).
@@ -470,7 +471,7 @@ impl DomainInner {
 
 /// An MR_EVENT request finished: feed the counters. Progress posts the replacement once the
 /// drain has freed the chain ([`RmaState::events_wanted`]).
-pub(crate) fn complete_event(domain: &DomainInner, f: Finished<'_>) {
+pub(crate) fn complete_event(domain: &DomainInner, f: Done<'_>) {
     domain.rma.events_posted.fetch_sub(1, Ordering::AcqRel);
     let Some(c) = f.completion.filter(|_| !f.device_fault) else {
         return;

@@ -20,10 +20,8 @@ use super::{
 };
 use crate::av::FiAddr;
 use crate::memory::SharedBuf;
-use crate::virtqueue::{
-    CopyOut, DataOp, DescList, Keepalive, Payload, PendingOp, RxData, Targets, TxData,
-    INLINE_RX_MAX, INLINE_TX_MAX,
-};
+use crate::request::{CopyOut, DataOp, Keepalive, Payload, PendingOp, Targets, Tx as TxData};
+use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX};
 use crate::{fi, Error, Result};
 
 /// A remote range (`fi_rma_iov`): address in the target region's address space (its virtual
