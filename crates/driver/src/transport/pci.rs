@@ -41,6 +41,8 @@ use crate::{Error, Result};
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern virtio-pci device ids are this plus the virtio device id.
 pub const VIRTIO_PCI_MODERN_DEVICE_BASE: u16 = 0x1040;
+/// Largest virtio device id a modern virtio-pci device carries (device id 0x107f).
+pub const MAX_PCI_VIRTIO_ID: u32 = 0x3f;
 /// Environment variable naming the virtio device id the fabric device uses (decimal or 0x
 /// hex); default the provisional [`proto::VIRTIO_ID_FABRIC`]. It must match `vfabricd
 /// --device-id` (QEMU cannot carry the provisional id: the VM tests use 38).
@@ -66,11 +68,11 @@ fn parse_device_id(v: &str) -> Result<u32> {
         None => t.parse(),
     };
     match parsed {
-        // 0x1040 + id must be a 16-bit PCI device id.
-        Ok(id) if id > 0 && id <= u32::from(u16::MAX - VIRTIO_PCI_MODERN_DEVICE_BASE) => Ok(id),
+        // Modern virtio-pci device ids are 0x1040..=0x107f.
+        Ok(id) if (1..=MAX_PCI_VIRTIO_ID).contains(&id) => Ok(id),
         _ => Err(Error::InvalidArgument(format!(
-            "{DEVICE_ID_ENV}={v:?}: not a virtio device id (1..={})",
-            u16::MAX - VIRTIO_PCI_MODERN_DEVICE_BASE
+            "{DEVICE_ID_ENV}={v:?}: not a virtio device id virtio-pci can carry \
+             (1..={MAX_PCI_VIRTIO_ID}, decimal or 0x-hex)"
         ))),
     }
 }
@@ -1273,7 +1275,8 @@ mod tests {
     fn device_ids_and_addresses_parse() {
         assert_eq!(parse_device_id("38").unwrap(), 38);
         assert_eq!(parse_device_id(" 0x26 ").unwrap(), 38);
-        for bad in ["", "0", "abc", "-1", "65000", "0x"] {
+        assert_eq!(parse_device_id("63").unwrap(), 63);
+        for bad in ["", "0", "abc", "-1", "64", "65000", "0x"] {
             assert!(parse_device_id(bad).is_err(), "{bad:?}");
         }
         let a: PciAddress = "00:03.0".parse().unwrap();
