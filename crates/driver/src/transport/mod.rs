@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::memory::SharedMemory;
 use crate::{Error, Result};
 
-pub(crate) mod pci;
+pub mod pci;
 pub(crate) mod vhost_user;
 
 pub use pci::PciAddress;
