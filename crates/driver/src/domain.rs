@@ -910,13 +910,17 @@ impl DomainInner {
         // short while and let the caller look at the rings again.
         let polling = self.poll_template.is_empty();
         let mut timeout = timeout;
-        let mut nap = crate::cq::timespec_of(Duration::from_micros(POLL_SLEEP_US));
-        let nap_len = match &timeout {
-            Some(t) if polling && duration_of(t) < duration_of(&nap) => duration_of(t),
-            _ => duration_of(&nap),
+        let mut nap = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
         };
-        nap = crate::cq::timespec_of(nap_len);
+        let mut nap_len = Duration::ZERO;
         let tp = if polling {
+            nap_len = Duration::from_micros(POLL_SLEEP_US);
+            if let Some(t) = &timeout {
+                nap_len = nap_len.min(duration_of(t));
+            }
+            nap = crate::cq::timespec_of(nap_len);
             &mut nap as *mut libc::timespec
         } else {
             timeout
