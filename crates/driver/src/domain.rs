@@ -491,6 +491,20 @@ const LIVENESS_CHECK_EVERY: u32 = 4096;
 /// How long a sleeper naps between looks at the rings when nothing can wake it.
 const POLL_SLEEP_US: u64 = 200;
 
+/// A queue that does not fit DMA memory made of short physical runs (4 KiB pages, no huge
+/// pages reserved) says what to do about it.
+fn no_room_for_queue(device: &DeviceLocator, mem: &SharedMemory, e: Error) -> Error {
+    match e {
+        Error::OutOfMemory { requested } if mem.file().is_none() => Error::Unsupported(format!(
+            "device {device}: a queue needs {requested} physically contiguous bytes and the DMA \
+             memory's longest run is {} bytes: reserve huge pages (echo 64 > \
+             /proc/sys/vm/nr_hugepages)",
+            mem.largest_segment()
+        )),
+        e => e,
+    }
+}
+
 fn duration_of(t: &libc::timespec) -> Duration {
     Duration::new(
         t.tv_sec.max(0) as u64,
@@ -564,7 +578,8 @@ impl DomainInner {
             } else {
                 data_size
             };
-            let mut vq = Virtqueue::new(&mem, index, size, event_idx, signals.clone())?;
+            let mut vq = Virtqueue::new(&mem, index, size, event_idx, signals.clone())
+                .map_err(|e| no_room_for_queue(device, &mem, e))?;
             vq.attach(transport.setup_queue(index, size, vq.ring_addrs())?);
             queues.push(vq);
         }
@@ -1003,5 +1018,59 @@ impl Drop for DomainInner {
             in_flight,
             "domain closing"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ptr::NonNull;
+
+    use super::*;
+    use crate::memory::DmaSegment;
+
+    #[test]
+    fn queue_too_large_for_short_physical_runs_names_huge_pages() {
+        // DMA memory of four 4 KiB runs: a 64-entry queue's 24 KiB slot area cannot be placed.
+        let len = 4 * 4096;
+        // SAFETY: a fresh anonymous mapping, handed to the region which unmaps it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let segs = (0..4)
+            .map(|i| DmaSegment {
+                offset: i * 4096,
+                len: 4096,
+                device_addr: 0x10_0000 * (4 - i as u64),
+            })
+            .collect();
+        // SAFETY: the mapping above, owned by nothing else.
+        let mem =
+            unsafe { SharedMemory::from_dma_mapping(NonNull::new(p.cast()).unwrap(), len, segs) }
+                .unwrap();
+        let device: DeviceLocator = "pci:0000:00:01.0".parse().unwrap();
+        let e = Virtqueue::<crate::request::PendingOp>::new(
+            &mem,
+            1,
+            64,
+            true,
+            Arc::new(DomainSignals::default()),
+        )
+        .err()
+        .map(|e| no_room_for_queue(&device, &mem, e))
+        .unwrap();
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+        assert!(e.to_string().contains("huge pages"), "{e}");
+        // Under vhost-user (memfd) the error stays what it was.
+        let shared = SharedMemory::new("vfabric-test", 1 << 16).unwrap();
+        let e = no_room_for_queue(&device, &shared, Error::OutOfMemory { requested: 1 });
+        assert!(matches!(e, Error::OutOfMemory { .. }));
     }
 }

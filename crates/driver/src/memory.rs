@@ -400,6 +400,11 @@ impl SharedMemory {
         &self.segments[i]
     }
 
+    /// Length of the longest device-contiguous piece: the largest object the region can hold.
+    pub fn largest_segment(&self) -> usize {
+        self.segments.iter().map(|s| s.len).max().unwrap_or(0)
+    }
+
     /// `[ptr, ptr+len)` as device ranges (address, length), split where the region stops being
     /// contiguous for the device; `None` if the range is not inside the region.
     pub fn device_ranges(&self, ptr: *const u8, len: usize) -> Option<Vec<(u64, usize)>> {

@@ -119,6 +119,14 @@ pub(crate) fn dma_region(len: usize) -> Result<Arc<SharedMemory>> {
             return Err(e);
         }
     };
+    if !huge {
+        tracing::warn!(
+            size,
+            largest_run = segments.iter().map(|s| s.len).max().unwrap_or(0),
+            "DMA memory in 4 KiB pages (no huge pages reserved): no object larger than the \
+             longest physically contiguous run fits"
+        );
+    }
     tracing::debug!(
         size,
         huge,
