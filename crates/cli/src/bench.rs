@@ -135,7 +135,11 @@ pub struct Side {
 }
 
 impl Side {
-    pub fn open(device: &Path, max_size: usize, params: &RunParams) -> Result<Self, CliError> {
+    pub fn open(
+        device: impl Into<vfabric::DeviceLocator>,
+        max_size: usize,
+        params: &RunParams,
+    ) -> Result<Self, CliError> {
         if params.mode == Mode::Block && std::env::var_os(vfabric::cq::SPIN_ENV).is_none() {
             std::env::set_var(vfabric::cq::SPIN_ENV, "0");
         }
@@ -458,7 +462,7 @@ pub fn size_label(s: usize) -> String {
 /// Run one side of `kind`. The client returns the measurements; the server returns them empty.
 pub fn run_side(
     kind: Kind,
-    device: &Path,
+    device: &vfabric::DeviceLocator,
     addr_file: &Path,
     server: bool,
     params: &RunParams,
@@ -657,12 +661,12 @@ pub fn run_pair(
             if let Some(cpu) = cpu {
                 vfabric_device::pin_current_thread(cpu);
             }
-            run_side(kind, &server_dev, &af, true, &server_params)
+            run_side(kind, &server_dev.into(), &af, true, &server_params)
         })?;
     if let Some(cpu) = cpu {
         vfabric_device::pin_current_thread(cpu);
     }
-    let client = run_side(kind, &client_dev, &addr_file, false, params);
+    let client = run_side(kind, &client_dev.into(), &addr_file, false, params);
     let server = server
         .join()
         .map_err(|_| CliError::Run("server thread panicked".into()))?;

@@ -1,18 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vfabric info`: like `fi_info`, for virtio-fabric devices.
 
-use std::path::PathBuf;
-
 use clap::Args;
-use vfabric::{getinfo, Hints, Info};
+use vfabric::{getinfo, DeviceLocator, Hints, Info};
 
 use crate::CliError;
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// Device sockets to probe (repeatable). Default: $VFABRIC_DEVICES, else /run/vfabric/*.sock.
+    /// Devices to probe (repeatable): a socket path or pci:DDDD:BB:DD.F. Default:
+    /// $VFABRIC_DEVICES, else /run/vfabric/*.sock and the virtio-pci fabric devices (vendor
+    /// 0x1af4, device 0x1040 + $VFABRIC_DEVICE_ID, default 56).
     #[arg(long = "device")]
-    devices: Vec<PathBuf>,
+    devices: Vec<DeviceLocator>,
     /// Every capability entry and limit.
     #[arg(short, long)]
     verbose: bool,
@@ -51,7 +51,7 @@ fn print_info(i: &Info, verbose: bool) {
     println!("provider: vfabric");
     println!("    fabric: {}", i.fabric_name);
     println!("    domain: {}", i.domain_name);
-    println!("    device: {}", i.device_path.display());
+    println!("    device: {}", i.device);
     println!("    version: {}", env!("CARGO_PKG_VERSION"));
     println!("    type: {}", i.ep_type.name());
     // The id the daemon announces (`vfabricd --device-id`), else what this driver binds to.
@@ -125,7 +125,7 @@ pub fn run(args: &InfoArgs) -> Result<(), CliError> {
             .iter()
             .map(|i| {
                 serde_json::json!({
-                    "domain": i.domain_name, "device": i.device_path, "ep_type": i.ep_type.name(),
+                    "domain": i.domain_name, "device": i.device.to_string(), "ep_type": i.ep_type.name(),
                     "node": i.node_addr, "fabric_id": i.fabric_id,
                     "remote_hosts": i.remote_hosts.iter().map(|h| serde_json::json!({
                         "host_id": h.host_id, "devices": h.num_devices, "up": h.up

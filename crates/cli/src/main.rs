@@ -71,10 +71,10 @@ enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Device socket of this side. Without it, runs both sides in this process on an
-    /// embedded daemon.
+    /// Device of this side: a socket path, or pci:DDDD:BB:DD.F inside a guest. Without it,
+    /// runs both sides in this process on an embedded daemon.
     #[arg(long)]
-    device: Option<PathBuf>,
+    device: Option<vfabric::DeviceLocator>,
     /// Act as the server (writes its address to --addr-file and answers).
     #[arg(long)]
     server: bool,

@@ -18,7 +18,8 @@ use vfabric_proto::{flags, CommitEventMsg, FabricAddr, Opcode, Request, Status};
 
 use crate::domain::DomainInner;
 use crate::memory::Allocation;
-use crate::virtqueue::{Finished, PendingOp, RxData, TxData};
+use crate::request::{Done, PendingOp, Tx as TxData};
+use crate::virtqueue::RxData;
 use crate::{fi, Result, RmaIov};
 
 /// COMMIT_EVENT requests kept posted while a handled region exists.
@@ -206,7 +207,7 @@ impl DomainInner {
 }
 
 /// A COMMIT_EVENT finished: queue its event for the handler. Progress posts the replacement.
-pub(crate) fn complete_event(domain: &DomainInner, f: Finished<'_>) {
+pub(crate) fn complete_event(domain: &DomainInner, f: Done<'_>) {
     domain.commit.posted.fetch_sub(1, Ordering::AcqRel);
     let PendingOp::CommitEvent { area } = f.op else {
         return;
@@ -254,7 +255,7 @@ pub(crate) fn complete_event(domain: &DomainInner, f: Finished<'_>) {
 
 /// A COMMIT_REPLY finished: nothing waits for it; a refusal means the event was gone (expired,
 /// or its initiator left).
-pub(crate) fn complete_reply(f: Finished<'_>) {
+pub(crate) fn complete_reply(f: Done<'_>) {
     if let Some(c) = f.completion {
         let s = Status::from_u32(c.status.into());
         if s != Some(Status::Ok) {

@@ -10,7 +10,8 @@ use vfabric_proto::{
 };
 
 use crate::domain::DomainInner;
-use crate::virtqueue::{Finished, Payload, PendingOp, RxData, TxData};
+use crate::request::{Done, Payload, PendingOp, Tx as TxData};
+use crate::virtqueue::RxData;
 use crate::{Error, Result};
 
 /// First QUERY_CAPS buffer size; grown on `Truncated`.
@@ -31,7 +32,7 @@ pub(crate) struct CtrlResult {
 }
 
 /// Dispatch a finished control request (called from progress).
-pub(crate) fn complete_control(domain: &DomainInner, f: Finished<'_>) {
+pub(crate) fn complete_control(domain: &DomainInner, f: Done<'_>) {
     let cookie = f.cookie;
     let PendingOp::Control { data } = f.op else {
         return;
@@ -103,7 +104,7 @@ impl DomainInner {
             } else {
                 None
             };
-            let descs = area.as_ref().map(|a| [(a.addr(), data_len as u32)]);
+            let descs = area.as_ref().map(|a| [(a.device_addr(), data_len as u32)]);
             let rx = match &descs {
                 Some(d) => RxData::Descs(d),
                 None => RxData::None,

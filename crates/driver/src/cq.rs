@@ -19,7 +19,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::av::{FiAddr, FI_ADDR_NOTAVAIL};
 use crate::domain::DomainInner;
 use crate::lock::SpinLock;
-use crate::virtqueue::{drain_eventfd, signal_eventfd, CopyOut, DataOp, Finished, PendingOp};
+use crate::request::{CopyOut, DataOp, Done, PendingOp};
+use crate::virtqueue::{drain_eventfd, signal_eventfd, Finished};
 use crate::{data_status_errno, fi, Error, Result};
 
 /// Environment variable fixing the `sread` spin budget in microseconds (0: block at once).
@@ -489,7 +490,7 @@ impl CompletionQueue {
 }
 
 /// Deliver a finished request (called by progress, in used-ring order per queue).
-pub(crate) fn complete(domain: &DomainInner, f: Finished<'_>) {
+pub(crate) fn complete(domain: &DomainInner, f: Done<'_>) {
     match f.op {
         PendingOp::Data(_) => complete_data(f),
         PendingOp::Control { .. } => crate::control::complete_control(domain, f),
@@ -500,7 +501,7 @@ pub(crate) fn complete(domain: &DomainInner, f: Finished<'_>) {
     }
 }
 
-fn complete_data(f: Finished<'_>) {
+fn complete_data(f: Done<'_>) {
     let Finished {
         cookie,
         op,

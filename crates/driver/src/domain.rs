@@ -1,17 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Fabric and Domain: a domain is one vhost-user session with one device, its shared memory,
-//! its virtqueues, and the progress engine that moves completions from used rings to CQs.
+//! Fabric and Domain: a domain is one transport session with one device (vhost-user or
+//! virtio-pci), its shared memory, its virtqueues, and the progress engine that moves
+//! completions from used rings to CQs.
 
 use std::collections::{HashMap, HashSet};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use vfabric_proto::{self as proto, FabricAddr, FabricConfig};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::av::AddressVector;
 use crate::control::CtrlResult;
@@ -19,7 +19,8 @@ use crate::cq::{CompletionQueue, CqAttr};
 use crate::endpoint::{Endpoint, EpAttr};
 use crate::info::Info;
 use crate::memory::{default_mem_bytes, SharedBuf, SharedMemory};
-use crate::transport::Transport;
+use crate::request::Queue;
+use crate::transport::{DeviceLocator, Transport, WaitKind};
 use crate::virtqueue::{DomainSignals, Virtqueue};
 use crate::{Error, Result};
 
@@ -88,7 +89,7 @@ impl Fabric {
     }
 
     pub fn domain_with_attr(&self, info: &Info, attr: DomainAttr) -> Result<Domain> {
-        Domain::open(&info.device_path, attr)
+        Domain::open(&info.device, attr)
     }
 }
 
@@ -102,17 +103,23 @@ pub struct Domain {
 impl std::fmt::Debug for Domain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Domain")
-            .field("device", &self.inner.transport.path())
+            .field("device", self.inner.transport.locator())
             .field("queue_pairs", &self.inner.num_queue_pairs)
             .finish()
     }
 }
 
 impl Domain {
-    /// Connect to the device socket at `path`.
-    pub fn open(path: impl AsRef<Path>, attr: DomainAttr) -> Result<Domain> {
-        let inner = DomainInner::connect(path.as_ref(), &attr, false)?;
+    /// Connect to a device: a `vfabricd` socket path, or a virtio-pci device of this guest
+    /// (`"pci:0000:00:04.0"`, a [`DeviceLocator`]).
+    pub fn open(device: impl Into<DeviceLocator>, attr: DomainAttr) -> Result<Domain> {
+        let inner = DomainInner::connect(&device.into(), &attr, false)?;
         Ok(Domain { inner })
+    }
+
+    /// The device this domain drives.
+    pub fn device(&self) -> &DeviceLocator {
+        self.inner.transport.locator()
     }
 
     /// Device description (config space + QUERY_CAPS) read when the domain opened.
@@ -134,12 +141,10 @@ impl Domain {
         self.inner.queues.get(1).map_or(0, |q| q.size())
     }
 
-    /// vhost-user protocol features: (offered by the device, acknowledged).
+    /// vhost-user protocol features: (offered by the device, acknowledged); (0, 0) over
+    /// virtio-pci.
     pub fn vhost_protocol_features(&self) -> (u64, u64) {
-        (
-            self.inner.transport.device_protocol_features,
-            self.inner.transport.protocol_features,
-        )
+        self.inner.transport.protocol_features()
     }
 
     /// Counters of the domain (requests, kicks, sleeps, calls).
@@ -463,15 +468,13 @@ pub struct DeviceCounters {
 
 pub(crate) struct DomainInner {
     /// First field: dropped first, so rings stop before anything else goes away.
-    pub(crate) transport: Transport,
+    pub(crate) transport: Box<dyn Transport>,
     pub(crate) mem: Arc<SharedMemory>,
-    pub(crate) queues: Vec<Virtqueue>,
+    pub(crate) queues: Vec<Queue>,
     pub(crate) num_queue_pairs: u16,
     pub(crate) features: u64,
     pub(crate) config: FabricConfig,
     info: OnceLock<Info>,
-    /// The device's error eventfd (polled through `poll_template`).
-    _err_fd: EventFd,
     pub(crate) ctrl_lock: Mutex<()>,
     pub(crate) ctrl_results: Mutex<HashMap<u64, CtrlResult>>,
     pub(crate) ctrl_abandoned: Mutex<HashSet<u64>>,
@@ -487,9 +490,13 @@ pub(crate) struct DomainInner {
     signals: Arc<DomainSignals>,
     /// Index of the first queue found broken (`u32::MAX`: none).
     broken_queue: AtomicU32,
-    /// What `block` sleeps on, in this order: every queue's call eventfd, the error eventfd,
-    /// the device socket (hang-up).
+    /// What `block` sleeps on: every queue's call eventfd (vhost-user), then the transport's
+    /// sources (`wait_kinds`, in the same order). Empty: nothing wakes a sleeper, it polls.
     poll_template: Box<[libc::pollfd]>,
+    /// Meaning of the entries of `poll_template` after the call eventfds.
+    wait_kinds: Box<[WaitKind]>,
+    /// Entries of `poll_template` that are call eventfds.
+    call_fds: usize,
     /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::share_raw`]).
     pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
     /// Counters and remote-event state (memory regions, FI_RMA_EVENT).
@@ -517,8 +524,31 @@ impl From<Stalled> for Error {
     }
 }
 
-/// Empty progress passes between two liveness checks of the device socket (power of two).
+/// Empty progress passes between two liveness checks of the device (power of two).
 const LIVENESS_CHECK_EVERY: u32 = 4096;
+/// How long a sleeper naps between looks at the rings when nothing can wake it.
+const POLL_SLEEP_US: u64 = 200;
+
+/// A queue that does not fit DMA memory made of short physical runs (4 KiB pages, no huge
+/// pages reserved) says what to do about it.
+fn no_room_for_queue(device: &DeviceLocator, mem: &SharedMemory, e: Error) -> Error {
+    match e {
+        Error::OutOfMemory { requested } if mem.file().is_none() => Error::Unsupported(format!(
+            "device {device}: a queue needs {requested} physically contiguous bytes and the DMA \
+             memory's longest run is {} bytes: reserve huge pages (echo 64 > \
+             /proc/sys/vm/nr_hugepages)",
+            mem.largest_segment()
+        )),
+        e => e,
+    }
+}
+
+fn duration_of(t: &libc::timespec) -> Duration {
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
 
 impl DomainInner {
     /// The fabric the device belongs to (config space; also bits 63..32 of its node address).
@@ -528,10 +558,14 @@ impl DomainInner {
 
     /// Connect, share memory, read config, start the rings. A probe only starts the control
     /// queue (enough for QUERY_CAPS).
-    pub(crate) fn connect(path: &Path, attr: &DomainAttr, probe: bool) -> Result<Arc<Self>> {
+    pub(crate) fn connect(
+        device: &DeviceLocator,
+        attr: &DomainAttr,
+        probe: bool,
+    ) -> Result<Arc<Self>> {
         crate::memory::check_mem_env()?;
-        let mut transport = Transport::connect_within(
-            path,
+        let mut transport = crate::transport::open(
+            device,
             attr.accept_timeout.unwrap_or(attr.control_timeout),
             attr.control_timeout,
         )?;
@@ -540,16 +574,17 @@ impl DomainInner {
         } else {
             attr.mem_bytes
         };
-        let mem = SharedMemory::new("vfabric", mem_bytes)?;
-        transport.set_mem_table(&mem)?;
+        let mem = transport.map_memory(mem_bytes)?;
         let config = transport.get_config()?;
+        let features = transport.features();
+        let has_feature = |b: u32| features & proto::bit(b) != 0;
 
-        let device_qp = if transport.has_feature(proto::VIRTIO_FABRIC_F_MQ) {
+        let device_qp = if has_feature(proto::VIRTIO_FABRIC_F_MQ) {
             u32::from(config.num_queue_pairs).max(1)
         } else {
             1
         };
-        let transport_qp = ((transport.max_queues.saturating_sub(1)) / 2).max(1);
+        let transport_qp = ((transport.max_queues().saturating_sub(1)) / 2).max(1);
         let mut qp = device_qp.min(transport_qp as u32).min(u16::MAX as u32 / 2) as u16;
         if let Some(want) = attr.queue_pairs {
             qp = qp.min(want.max(1));
@@ -560,7 +595,8 @@ impl DomainInner {
         let max_size = match u32::from(config.max_queue_size) {
             0 => 32768,
             n => n.min(32768),
-        };
+        }
+        .min(u32::from(transport.max_queue_size()));
         let pow2_floor = |v: u32| {
             if v == 0 {
                 0
@@ -575,8 +611,7 @@ impl DomainInner {
                 "device max_queue_size {max_size} is too small (need >= 4)"
             )));
         }
-        let event_idx = transport.event_idx();
-        let err_fd = EventFd::new(EFD_NONBLOCK)?;
+        let event_idx = has_feature(proto::VIRTIO_RING_F_EVENT_IDX);
         let signals = Arc::new(DomainSignals::default());
         let mut queues = Vec::with_capacity(1 + 2 * qp as usize);
         for index in 0..(1 + 2 * qp) {
@@ -585,34 +620,25 @@ impl DomainInner {
             } else {
                 data_size
             };
-            let vq = Virtqueue::new(&mem, index, size, event_idx, signals.clone())?;
-            transport.setup_queue(
-                index as usize,
-                size,
-                vq.ring_addrs(),
-                &vq.call,
-                &vq.kick,
-                &err_fd,
-            )?;
+            let mut vq = Virtqueue::new(&mem, index, size, event_idx, signals.clone())
+                .map_err(|e| no_room_for_queue(device, &mem, e))?;
+            vq.attach(transport.setup_queue(index, size, vq.ring_addrs())?);
             queues.push(vq);
         }
-        transport.handshake_done()?;
-        let features = transport.features;
-        let poll_template: Box<[libc::pollfd]> = queues
+        transport.activate()?;
+        let sources = transport.wait_sources();
+        let call_fds: Vec<RawFd> = queues.iter().filter_map(|q| q.call_fd()).collect();
+        let poll_template: Box<[libc::pollfd]> = call_fds
             .iter()
-            .map(|q| q.call.as_raw_fd())
-            .chain([err_fd.as_raw_fd()])
-            .map(|fd| libc::pollfd {
+            .map(|&fd| (fd, libc::POLLIN))
+            .chain(sources.iter().map(|&(fd, events, _)| (fd, events)))
+            .map(|(fd, events)| libc::pollfd {
                 fd,
-                events: libc::POLLIN,
+                events,
                 revents: 0,
             })
-            .chain([libc::pollfd {
-                fd: transport.socket_fd(),
-                events: libc::POLLRDHUP,
-                revents: 0,
-            }])
             .collect();
+        let wait_kinds = sources.iter().map(|s| s.2).collect();
         let inner = Arc::new(DomainInner {
             transport,
             mem,
@@ -621,7 +647,6 @@ impl DomainInner {
             features,
             config,
             info: OnceLock::new(),
-            _err_fd: err_fd,
             ctrl_lock: Mutex::new(()),
             ctrl_results: Mutex::new(HashMap::new()),
             ctrl_abandoned: Mutex::new(HashSet::new()),
@@ -634,15 +659,22 @@ impl DomainInner {
             signals,
             broken_queue: AtomicU32::new(u32::MAX),
             poll_template,
+            wait_kinds,
+            call_fds: call_fds.len(),
             rma: Default::default(),
             commit: Default::default(),
             external: Mutex::new(Vec::new()),
         });
         let caps = inner.query_caps()?;
-        let info = Info::build(path, &inner.config, inner.transport.device_features, caps);
+        let info = Info::build(
+            device,
+            &inner.config,
+            inner.transport.device_features(),
+            caps,
+        );
         let _ = inner.info.set(info);
         tracing::info!(
-            device = %path.display(),
+            device = %device,
             queue_pairs = qp,
             queue_size = data_size,
             mem = inner.mem.len(),
@@ -656,6 +688,17 @@ impl DomainInner {
     pub(crate) fn is_shared(&self, p: u64, l: usize) -> bool {
         self.mem.contains(p as *const u8, l)
             || crate::external::covered(&self.external.lock().unwrap(), p as usize, l)
+    }
+
+    /// Device address of `[p, p+l)` if the device reaches it as one contiguous range (inside
+    /// one segment of the shared region, or an added range: those are vhost-user memory with
+    /// device address == process address).
+    #[inline]
+    pub(crate) fn device_addr(&self, p: *const u8, l: usize) -> Option<u64> {
+        self.mem.device_addr(p, l).or_else(|| {
+            crate::external::covered(&self.external.lock().unwrap(), p as usize, l)
+                .then_some(p as u64)
+        })
     }
 
     /// Move the pages of `[ptr, ptr+len)` onto a memfd (or find them moved already) and add
@@ -693,7 +736,7 @@ impl DomainInner {
                 )));
             }
             self.transport
-                .add_mem_region(r.start as u64, r.len as u64, &r.file)?;
+                .add_external_memory(r.start as u64, r.len as u64, &r.file)?;
             tracing::debug!(
                 start = format_args!("{:#x}", r.start),
                 len = r.len,
@@ -756,7 +799,7 @@ impl DomainInner {
             // `block`, where hang-ups are otherwise noticed).
             let idle = self.idle_polls.fetch_add(1, Ordering::Relaxed);
             if idle & (LIVENESS_CHECK_EVERY - 1) == LIVENESS_CHECK_EVERY - 1 {
-                self.check_socket();
+                self.check_alive();
             }
             if self.is_closed() {
                 return Err(Stalled::Closed);
@@ -785,7 +828,7 @@ impl DomainInner {
     }
 
     #[inline(always)]
-    fn drain_queue(&self, q: &Virtqueue) -> usize {
+    fn drain_queue(&self, q: &Queue) -> usize {
         if !q.needs_drain() {
             return 0;
         }
@@ -801,7 +844,7 @@ impl DomainInner {
         if !self.failed.swap(true, Ordering::Relaxed) {
             self.broken_queue.store(u32::from(index), Ordering::Relaxed);
             tracing::error!(
-                device = %self.transport.path().display(),
+                device = %self.transport.locator(),
                 queue = index,
                 "device wrote an invalid used entry: the domain stops using it"
             );
@@ -828,20 +871,11 @@ impl DomainInner {
         self.run_commit_handlers();
     }
 
-    /// Non-blocking check of the vhost-user socket for a hang-up.
-    fn check_socket(&self) {
-        let mut p = libc::pollfd {
-            fd: self.transport.socket_fd(),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, zero timeout.
-        let rc = unsafe { libc::poll(&mut p, 1, 0) };
-        if rc > 0 && p.revents != 0 && !self.closed.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                device = %self.transport.path().display(),
-                "device closed the vhost-user connection"
-            );
+    /// Non-blocking check that the device is still there (vhost-user: the socket did not
+    /// hang up; PCI: the device did not ask for a reset).
+    fn check_alive(&self) {
+        if !self.transport.is_alive() && !self.closed.swap(true, Ordering::Relaxed) {
+            tracing::warn!(device = %self.transport.locator(), "device went away");
         }
     }
 
@@ -934,7 +968,27 @@ impl DomainInner {
             };
         }
         self.sleeps.fetch_add(1, Ordering::Relaxed);
-        let tp = timeout.map_or(std::ptr::null_mut(), |t| t as *mut libc::timespec);
+        // Nothing of the device's can wake us (a PCI device without a uio binding): nap a
+        // short while and let the caller look at the rings again.
+        let polling = self.poll_template.is_empty();
+        let mut timeout = timeout;
+        let mut nap = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let mut nap_len = Duration::ZERO;
+        let tp = if polling {
+            nap_len = Duration::from_micros(POLL_SLEEP_US);
+            if let Some(t) = &timeout {
+                nap_len = nap_len.min(duration_of(t));
+            }
+            nap = crate::cq::timespec_of(nap_len);
+            &mut nap as *mut libc::timespec
+        } else {
+            timeout
+                .as_deref_mut()
+                .map_or(std::ptr::null_mut(), |t| t as *mut libc::timespec)
+        };
         // SAFETY: `fds` is a valid array of `fds.len()` pollfds; `tp` is null or points to a
         // live timespec, which the raw system call (unlike libc's wrapper) updates with the
         // time left; no signal mask is passed.
@@ -948,6 +1002,13 @@ impl DomainInner {
                 std::mem::size_of::<libc::sigset_t>(),
             )
         };
+        if polling {
+            if let Some(t) = timeout {
+                let slept = nap_len.saturating_sub(duration_of(&nap));
+                *t = crate::cq::timespec_of(duration_of(t).saturating_sub(slept));
+            }
+            self.check_alive();
+        }
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -958,8 +1019,6 @@ impl DomainInner {
         if rc == 0 {
             return Ok(());
         }
-        let err_at = self.queues.len();
-        let sock_at = err_at + 1;
         let mut pending = rc;
         for (i, p) in fds.iter().enumerate() {
             if pending == 0 {
@@ -969,22 +1028,30 @@ impl DomainInner {
                 continue;
             }
             pending -= 1;
-            if i == sock_at {
-                if !self.closed.swap(true, Ordering::Relaxed) {
+            if i < self.call_fds {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                // Reset the eventfd (non-blocking; nothing to read if another waiter got it).
+                crate::virtqueue::drain_eventfd(p.fd);
+                continue;
+            }
+            match self.wait_kinds.get(i - self.call_fds) {
+                Some(WaitKind::Hangup) if !self.closed.swap(true, Ordering::Relaxed) => {
                     tracing::warn!(
-                        device = %self.transport.path().display(),
+                        device = %self.transport.locator(),
                         "device closed the vhost-user connection"
                     );
                 }
-                continue;
+                Some(WaitKind::Hangup) => {}
+                Some(WaitKind::RingError) => {
+                    tracing::error!("device signalled a virtqueue error");
+                    crate::virtqueue::drain_eventfd(p.fd);
+                }
+                Some(WaitKind::Interrupt) => {
+                    self.calls.fetch_add(1, Ordering::Relaxed);
+                    self.transport.ack_interrupt();
+                }
+                None => {}
             }
-            if i == err_at {
-                tracing::error!("device signalled a virtqueue error");
-            } else if i < err_at {
-                self.calls.fetch_add(1, Ordering::Relaxed);
-            }
-            // Reset the eventfd (non-blocking; nothing to read if another waiter got it).
-            crate::virtqueue::drain_eventfd(p.fd);
         }
         Ok(())
     }
@@ -994,9 +1061,63 @@ impl Drop for DomainInner {
     fn drop(&mut self) {
         let in_flight: usize = self.queues.iter().map(|q| q.in_flight()).sum();
         tracing::debug!(
-            device = %self.transport.path().display(),
+            device = %self.transport.locator(),
             in_flight,
             "domain closing"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ptr::NonNull;
+
+    use super::*;
+    use crate::memory::DmaSegment;
+
+    #[test]
+    fn queue_too_large_for_short_physical_runs_names_huge_pages() {
+        // DMA memory of four 4 KiB runs: a 64-entry queue's 24 KiB slot area cannot be placed.
+        let len = 4 * 4096;
+        // SAFETY: a fresh anonymous mapping, handed to the region which unmaps it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let segs = (0..4)
+            .map(|i| DmaSegment {
+                offset: i * 4096,
+                len: 4096,
+                device_addr: 0x10_0000 * (4 - i as u64),
+            })
+            .collect();
+        // SAFETY: the mapping above, owned by nothing else.
+        let mem =
+            unsafe { SharedMemory::from_dma_mapping(NonNull::new(p.cast()).unwrap(), len, segs) }
+                .unwrap();
+        let device: DeviceLocator = "pci:0000:00:01.0".parse().unwrap();
+        let e = Virtqueue::<crate::request::PendingOp>::new(
+            &mem,
+            1,
+            64,
+            true,
+            Arc::new(DomainSignals::default()),
+        )
+        .err()
+        .map(|e| no_room_for_queue(&device, &mem, e))
+        .unwrap();
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+        assert!(e.to_string().contains("huge pages"), "{e}");
+        // Under vhost-user (memfd) the error stays what it was.
+        let shared = SharedMemory::new("vfabric-test", 1 << 16).unwrap();
+        let e = no_room_for_queue(&device, &shared, Error::OutOfMemory { requested: 1 });
+        assert!(matches!(e, Error::OutOfMemory { .. }));
     }
 }

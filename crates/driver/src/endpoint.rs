@@ -18,10 +18,8 @@ use crate::av::{AddressVector, AvShared, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPE
 use crate::cq::{CompletionQueue, CqShared};
 use crate::domain::DomainInner;
 use crate::memory::SharedBuf;
-use crate::virtqueue::{
-    CopyOut, DataOp, DescList, Keepalive, Payload, PendingOp, RxData, Targets, TxData,
-    INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS,
-};
+use crate::request::{CopyOut, DataOp, Keepalive, Payload, PendingOp, Targets, Tx as TxData};
+use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
 use crate::{fi, Error, Result};
 
 mod rma_ops;
@@ -758,7 +756,7 @@ impl Endpoint {
         } else {
             match &a.src {
                 SendSrc::Shared(buf, r) if Arc::ptr_eq(buf.memory(), mem) => {
-                    descs.push(buf.addr() + r.start as u64, r.len() as u32)?;
+                    descs.push(buf.device_addr() + r.start as u64, r.len() as u32)?;
                     keepalive.push(buf.keepalive());
                 }
                 SendSrc::Iov(iov)
@@ -766,7 +764,7 @@ impl Endpoint {
                         && iov.iter().all(|v| self.zero_copy(v)) =>
                 {
                     for v in iov.iter().filter(|v| !v.is_empty()) {
-                        let (addr, l) = iov_region(v);
+                        let (addr, l) = self.iov_device_region(v)?;
                         descs.push(addr, l as u32)?;
                         if let IovKind::Shared(buf, _) = &v.kind {
                             keepalive.push(buf.keepalive());
@@ -786,7 +784,7 @@ impl Endpoint {
                         SendSrc::Shared(buf, r) => put(unsafe { &buf.as_slice()[r.clone()] }),
                         SendSrc::Iov(iov) => iov.iter().for_each(|v| put(iov_bytes(v))),
                     }
-                    descs.push(bb.addr(), len as u32)?;
+                    descs.push(bb.device_addr(), len as u32)?;
                     bounce = Some(bb);
                 }
             }
@@ -881,14 +879,28 @@ impl Endpoint {
         self.limits.max_data_descs
     }
 
+    /// Device address and length of an iov the device reaches in place (see
+    /// [`Endpoint::zero_copy`]).
+    fn iov_device_region(&self, v: &Iov<'_>) -> Result<(u64, usize)> {
+        match &v.kind {
+            IovKind::Shared(buf, r) => Ok((buf.device_addr() + r.start as u64, r.len())),
+            IovKind::Raw(p, l) => self
+                .domain
+                .device_addr(*p, *l)
+                .map(|a| (a, *l))
+                .ok_or_else(|| Error::InvalidArgument("buffer not reachable by the device".into())),
+            IovKind::Bytes(_) => Err(Error::InvalidArgument(
+                "Iov::bytes is never placed in place".into(),
+            )),
+        }
+    }
+
     fn zero_copy(&self, v: &Iov<'_>) -> bool {
         match &v.kind {
             IovKind::Shared(buf, _) => Arc::ptr_eq(buf.memory(), &self.domain.mem),
             // In the shared region, or in application memory shared with the device earlier
             // (a local registration, `Domain::share_raw`): no bounce.
-            IovKind::Raw(p, l) => {
-                self.domain.mem.contains(*p, *l) || self.domain.is_shared(*p as u64, *l)
-            }
+            IovKind::Raw(p, l) => self.domain.device_addr(*p, *l).is_some(),
             IovKind::Bytes(_) => false,
         }
     }
@@ -1148,14 +1160,14 @@ impl Endpoint {
                         ));
                     }
                     if !r.is_empty() {
-                        descs.push(buf.addr() + r.start as u64, r.len() as u32)?;
+                        descs.push(buf.device_addr() + r.start as u64, r.len() as u32)?;
                     }
                     keepalive.push(buf.keepalive());
                     rx_len = r.len();
                 }
-                RecvDst::Raw(p, l) if mem.contains(*p, *l) || domain.is_shared(*p as u64, *l) => {
-                    if *l > 0 {
-                        descs.push(*p as u64, *l as u32)?;
+                RecvDst::Raw(p, l) if domain.device_addr(*p, *l).is_some() => {
+                    if let (Some(dev), true) = (domain.device_addr(*p, *l), *l > 0) {
+                        descs.push(dev, *l as u32)?;
                     }
                     rx_len = *l;
                 }
@@ -1186,7 +1198,7 @@ impl Endpoint {
                     for v in iov.iter().filter(|v| !v.is_empty()) {
                         let (addr, l) = iov_region(v);
                         if in_place {
-                            descs.push(addr, l as u32)?;
+                            descs.push(self.iov_device_region(v)?.0, l as u32)?;
                         } else {
                             targets.push(addr as usize, l);
                         }
@@ -1208,7 +1220,7 @@ impl Endpoint {
                     inline_len = rx_len;
                 } else if rx_len > 0 {
                     let bb = mem.alloc_bounce(rx_len)?;
-                    descs.push(bb.addr(), rx_len as u32)?;
+                    descs.push(bb.device_addr(), rx_len as u32)?;
                     bounce = Some(bb);
                 }
                 copy_out = target;
@@ -1261,7 +1273,7 @@ impl Endpoint {
     /// short while as long as the request is still in flight.
     pub fn cancel(&self, context: u64) -> Result<()> {
         let me = &self.shared;
-        let pred = |p: &crate::virtqueue::RequestSlot| matches!(&p.op, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
+        let pred = |p: &crate::virtqueue::RequestSlot<PendingOp>| matches!(&p.op, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
         let find = || {
             self.domain.queues[self.rx_queue]
                 .find_cookie(pred)
@@ -1539,7 +1551,7 @@ impl Drop for Endpoint {
             return;
         }
         let me = &self.shared;
-        let mine = |p: &crate::virtqueue::RequestSlot| matches!(&p.op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
+        let mine = |p: &crate::virtqueue::RequestSlot<PendingOp>| matches!(&p.op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();

@@ -1,19 +1,23 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `getinfo`: find devices, probe them (config space + QUERY_CAPS), filter on hints.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use vfabric_proto::caps::key;
 use vfabric_proto::{self as proto, bit, CapEntry, CapValue, FabricConfig};
 
 use crate::domain::{DomainAttr, DomainInner};
 use crate::endpoint::EpType;
+use crate::transport::{pci, DeviceLocator};
 use crate::{fi, Error, Result};
 
 /// Where `vfabricd` puts its device sockets by default.
 pub const DEFAULT_SOCKET_DIR: &str = "/run/vfabric";
-/// Colon-separated list of device socket paths, overriding the directory scan.
+/// Colon-separated list of devices (socket paths, `pci:DDDD:BB:DD.F`), overriding discovery.
+/// (A PCI address contains colons: give it with its `pci:` prefix, e.g.
+/// `VFABRIC_DEVICES=pci:0000:00:04.0`.)
 pub const DEVICES_ENV: &str = "VFABRIC_DEVICES";
+pub use crate::transport::pci::DEVICE_ID_ENV;
 /// `fabric_attr->name`.
 pub const FABRIC_NAME: &str = "vfabric";
 /// How long `getinfo` waits for a device's answers.
@@ -22,16 +26,16 @@ pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2)
 /// Filter for [`getinfo`]. `Default` matches every device.
 #[derive(Clone, Debug, Default)]
 pub struct Hints {
-    /// Device sockets to probe (else `VFABRIC_DEVICES`, else `*.sock` in
-    /// [`DEFAULT_SOCKET_DIR`]).
-    pub devices: Option<Vec<PathBuf>>,
+    /// Devices to probe (else `VFABRIC_DEVICES`, else `*.sock` in [`DEFAULT_SOCKET_DIR`]
+    /// and the virtio-pci fabric devices of this machine).
+    pub devices: Option<Vec<DeviceLocator>>,
     /// libfabric capabilities needed (`fi::MSG | fi::TAGGED`, ...).
     pub caps: u64,
     /// virtio-fabric feature bits the device must offer (`proto::bit(F_*)`).
     pub features: u64,
     /// Endpoint type; `None` returns one `Info` per supported type (RDM, then DGRAM).
     pub ep_type: Option<EpType>,
-    /// Domain name (socket file stem, e.g. `"vfabric0"`).
+    /// Domain name (socket file stem, e.g. `"vfabric0"`, or `"pci-0000:00:04.0"`).
     pub domain_name: Option<String>,
     /// Smallest acceptable `max_msg_size`.
     pub min_max_msg_size: Option<u64>,
@@ -67,9 +71,10 @@ pub struct Limits {
 pub struct Info {
     /// `"vfabric"`.
     pub fabric_name: String,
-    /// Socket file stem, e.g. `"vfabric0"`.
+    /// Socket file stem, e.g. `"vfabric0"`, or `pci-<bdf>`.
     pub domain_name: String,
-    pub device_path: PathBuf,
+    /// The device: a socket path or a PCI address.
+    pub device: DeviceLocator,
     pub ep_type: EpType,
     /// libfabric capabilities usable through this driver on this device.
     pub caps: u64,
@@ -106,16 +111,9 @@ fn std_u64(entries: &[CapEntry], k: u16) -> Option<u64> {
         })
 }
 
-/// Domain name of a socket path: its file stem.
-pub fn domain_name_of(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
-
 impl Info {
     pub(crate) fn build(
-        path: &Path,
+        device: &DeviceLocator,
         config: &FabricConfig,
         device_features: u64,
         cap_entries: Vec<CapEntry>,
@@ -185,8 +183,8 @@ impl Info {
             .collect();
         Info {
             fabric_name: FABRIC_NAME.to_string(),
-            domain_name: domain_name_of(path),
-            device_path: path.to_path_buf(),
+            domain_name: device.domain_name(),
+            device: device.clone(),
             ep_type: EpType::Rdm,
             caps,
             node_addr: config.node_addr.into(),
@@ -219,17 +217,17 @@ impl Info {
         }
     }
 
-    /// Probe one device socket (a device busy with another frontend fails after
+    /// Probe one device (a device busy with another frontend fails after
     /// [`PROBE_TIMEOUT`]).
-    pub fn probe(path: impl AsRef<Path>) -> Result<Info> {
-        Self::probe_within(path, PROBE_TIMEOUT)
+    pub fn probe(device: impl Into<DeviceLocator>) -> Result<Info> {
+        Self::probe_within(device, PROBE_TIMEOUT)
     }
 
-    /// Probe one device socket, reporting it busy (`Error::Busy`) if it has not accepted the
+    /// Probe one device, reporting it busy (`Error::Busy`) if it has not accepted the
     /// connection within `accept_timeout` (it serves another frontend); a device that accepted
     /// gets [`PROBE_TIMEOUT`] for the rest.
     pub fn probe_within(
-        path: impl AsRef<Path>,
+        device: impl Into<DeviceLocator>,
         accept_timeout: std::time::Duration,
     ) -> Result<Info> {
         let attr = DomainAttr {
@@ -237,7 +235,7 @@ impl Info {
             accept_timeout: Some(accept_timeout),
             ..DomainAttr::default()
         };
-        let inner = DomainInner::connect(path.as_ref(), &attr, true)?;
+        let inner = DomainInner::connect(&device.into(), &attr, true)?;
         let info = inner.info().clone();
         drop(inner);
         Ok(info)
@@ -268,17 +266,45 @@ impl Info {
     }
 }
 
-/// Device sockets to probe, per the hints / environment / default directory.
-pub fn device_paths(hints: &Hints) -> Vec<PathBuf> {
+/// Parse a `VFABRIC_DEVICES` list: entries separated by `:`, where `pci:` starts a PCI address
+/// (which itself contains two colons).
+pub fn parse_device_list(list: &str) -> Vec<DeviceLocator> {
+    let mut out = Vec::new();
+    let mut parts = list.split(':').map(str::trim).peekable();
+    while let Some(p) = parts.next() {
+        if p.is_empty() {
+            continue;
+        }
+        if p == "pci" {
+            // pci:DDDD:BB:DD.F or pci:BB:DD.F
+            let mut bdf: Vec<&str> = Vec::new();
+            while let Some(next) = parts.peek() {
+                bdf.push(next);
+                parts.next();
+                if bdf.last().is_some_and(|s| s.contains('.')) {
+                    break;
+                }
+            }
+            match bdf.join(":").parse::<pci::PciAddress>() {
+                Ok(a) => out.push(DeviceLocator::Pci(a)),
+                Err(e) => tracing::warn!(error = %e, "{DEVICES_ENV}: entry ignored"),
+            }
+            continue;
+        }
+        out.push(DeviceLocator::Socket(PathBuf::from(p)));
+    }
+    out
+}
+
+/// Devices to probe, per the hints / environment / discovery: `*.sock` in the default
+/// directory, then the virtio-pci fabric devices of this machine (vendor 0x1af4, device
+/// 0x1040 + [`pci::configured_device_id`]).
+pub fn device_locators(hints: &Hints) -> Vec<DeviceLocator> {
     if let Some(d) = &hints.devices {
         return d.clone();
     }
     if let Ok(list) = std::env::var(DEVICES_ENV) {
-        let v: Vec<PathBuf> = list
-            .split(':')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| PathBuf::from(s.trim()))
-            .collect();
+        let v = parse_device_list(&list);
         if !v.is_empty() {
             return v;
         }
@@ -292,7 +318,12 @@ pub fn device_paths(hints: &Hints) -> Vec<PathBuf> {
         })
         .unwrap_or_default();
     v.sort();
-    v
+    let mut out: Vec<DeviceLocator> = v.into_iter().map(DeviceLocator::Socket).collect();
+    match pci::discover() {
+        Ok(found) => out.extend(found.into_iter().map(DeviceLocator::Pci)),
+        Err(e) => tracing::warn!(error = %e, "PCI discovery skipped"),
+    }
+    out
 }
 
 /// `fi_getinfo`: probe every device and return one [`Info`] per match (per endpoint type).
@@ -306,15 +337,15 @@ pub fn getinfo(hints: &Hints) -> Result<Vec<Info>> {
     };
     let mut out = Vec::new();
     let mut first_err = None;
-    for path in device_paths(hints) {
+    for device in device_locators(hints) {
         if hints
             .domain_name
             .as_ref()
-            .is_some_and(|d| *d != domain_name_of(&path))
+            .is_some_and(|d| *d != device.domain_name())
         {
             continue;
         }
-        match Info::probe(&path) {
+        match Info::probe(&device) {
             Ok(info) => {
                 if info.matches(hints) {
                     for t in &types {
@@ -325,7 +356,7 @@ pub fn getinfo(hints: &Hints) -> Result<Vec<Info>> {
                 }
             }
             Err(e) => {
-                tracing::warn!(device = %path.display(), error = %e, "probe failed");
+                tracing::warn!(device = %device, error = %e, "probe failed");
                 first_err.get_or_insert(e);
             }
         }

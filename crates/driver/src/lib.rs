@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vfabric`: the userspace driver of virtio-fabric.
 //!
-//! The driver is a vhost-user *frontend* (like DPDK's virtio-user): it shares one memfd with the
-//! device daemon (`vfabricd`), lays split virtqueues out in it, and drives them itself. On top of
-//! the rings it exposes a libfabric-shaped API:
+//! The driver reaches a device through a [`transport`]: as a vhost-user *frontend* in a host
+//! process (like DPDK's virtio-user: one memfd shared with the device daemon `vfabricd`), or as
+//! a userspace virtio-pci driver inside a guest (like DPDK's virtio PCI driver). Either way it
+//! lays split virtqueues out in memory the device reaches and drives them itself. On top of the
+//! rings it exposes a libfabric-shaped API:
 //!
 //! ```text
 //! getinfo(&Hints) -> Vec<Info>
@@ -14,8 +16,10 @@
 //! CompletionQueue -> read / read_into / readerr / sread / sread_into
 //! ```
 //!
-//! Module map: [`memory`] (memfd region, allocator, bounce pool, [`SharedBuf`]), `ring` (driver
-//! side of the split ring, EVENT_IDX), `transport` (vhost-user frontend handshake), `virtqueue`
+//! Module map: [`memory`] (the region, its device addresses, allocator, bounce pool,
+//! [`SharedBuf`]), `ring` (driver side of the split ring, EVENT_IDX), [`transport`] (the
+//! `Transport` trait; vhost-user frontend; userspace virtio-pci), `request` (what a request in
+//! flight carries: the opaque record the virtqueue keeps), `virtqueue`
 //! (a ring plus its request slots and in-flight table), `control` (control-queue requests),
 //! [`info`] (`getinfo`), [`domain`], [`endpoint`], [`cq`], [`av`], [`rma`] (memory registration,
 //! RMA, atomics and remote-access events), [`pmem`] (persistent-memory regions), `external`
@@ -32,7 +36,8 @@
 //! use vfabric::{BindFlags, CqAttr, Domain, DomainAttr, EpAttr, Error, WaitMode};
 //!
 //! # fn main() -> vfabric::Result<()> {
-//! // A domain straight from a socket path (or: getinfo(&Hints) -> Fabric::open -> domain).
+//! // A domain straight from a socket path or "pci:0000:00:04.0" inside a guest
+//! // (or: getinfo(&Hints) -> Fabric::open -> domain).
 //! let domain = Domain::open("/run/vfabric/vfabric0.sock", DomainAttr::default())?;
 //! let cq = domain.cq_open(CqAttr { size: 1024, wait: WaitMode::Blocking })?;
 //! let av = domain.av_open()?;
@@ -81,9 +86,10 @@ pub mod info;
 mod lock;
 pub mod memory;
 pub mod pmem;
+mod request;
 mod ring;
 pub mod rma;
-mod transport;
+pub mod transport;
 mod virtqueue;
 
 pub use av::{AddressVector, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
@@ -99,6 +105,7 @@ pub use info::{getinfo, Hints, Info, Limits, DEFAULT_SOCKET_DIR, FABRIC_NAME};
 pub use memory::SharedBuf;
 pub use pmem::{PmemBacking, PmemRegion};
 pub use rma::{Counter, MemoryRegion, MrAttr};
+pub use transport::{DeviceLocator, PciAddress};
 
 /// libfabric constants (values from `rdma/fabric.h`, `rdma/fi_errno.h`, libfabric 1.17) so the
 /// C provider can pass flags and error numbers through unchanged.
@@ -304,12 +311,6 @@ impl Error {
             Error::Closed => fi::ESHUTDOWN,
             Error::ForeignFabric { .. } => fi::EADDRNOTAVAIL,
         }
-    }
-}
-
-impl From<vhost::Error> for Error {
-    fn from(e: vhost::Error) -> Self {
-        Error::Transport(e.to_string())
     }
 }
 

@@ -1,8 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The shared memory region of a domain: one memfd, mapped `MAP_SHARED`, registered with the
-//! device with guest address == our virtual address. Everything the device touches (rings,
-//! request headers, completions, bounce buffers, [`SharedBuf`]s) is carved out of it by a
-//! thread-safe first-fit allocator; a size-class cache on top recycles bounce buffers.
+//! The shared memory region of a domain. Everything the device touches (rings, request
+//! headers, completions, bounce buffers, [`SharedBuf`]s) is carved out of it by a thread-safe
+//! first-fit allocator; a size-class cache on top recycles bounce buffers.
+//!
+//! How the device reaches the region depends on the transport, and is kept in one place: the
+//! region's *segments*, each a range that is contiguous for the device, with its device
+//! address. [`SharedMemory::device_addr`] is the one hook that turns a process address into a
+//! device address; rings, requests and endpoints all go through it.
+//!
+//! * vhost-user: one memfd mapped `MAP_SHARED` and registered with the device with device
+//!   (guest) address == our virtual address: one segment, identity translation.
+//! * virtio-pci in a guest: locked (preferably huge) pages whose guest-physical addresses come
+//!   from `/proc/self/pagemap`; each physically contiguous run is a segment. The allocator
+//!   never lets an allocation cross a segment boundary, so every object the device reads or
+//!   writes (a ring, a request slot area, a bounce buffer, a shared buffer) is physically
+//!   contiguous and needs one descriptor.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -80,24 +92,50 @@ fn round_up(v: usize, align: usize) -> usize {
 /// [`ALLOC_GRANULE`].
 #[derive(Debug)]
 pub(crate) struct FreeList {
-    /// start offset -> length of each free range; ranges never touch (they are merged).
+    /// start offset -> length of each free range; ranges never touch (they are merged) unless
+    /// a segment boundary lies between them.
     free: BTreeMap<usize, usize>,
+    /// Starts of segments after the first: free ranges are never merged across them, so no
+    /// allocation spans two segments.
+    boundaries: Vec<usize>,
     total: usize,
     in_use: usize,
 }
 
 impl FreeList {
     pub(crate) fn new(total: usize) -> Self {
-        let total = total & !(ALLOC_GRANULE - 1);
+        Self::with_segments(&[(0, total)])
+    }
+
+    /// A free list over consecutive segments `(offset, len)` (sorted, adjacent, the first at
+    /// 0, offsets and lengths multiples of [`ALLOC_GRANULE`]); no allocation crosses a
+    /// segment boundary.
+    pub(crate) fn with_segments(segments: &[(usize, usize)]) -> Self {
         let mut free = BTreeMap::new();
-        if total > 0 {
-            free.insert(0, total);
+        let mut boundaries = Vec::new();
+        let mut total = 0;
+        for &(start, len) in segments {
+            debug_assert_eq!(start, total, "segments must be adjacent");
+            let len = len & !(ALLOC_GRANULE - 1);
+            if len == 0 {
+                continue;
+            }
+            if start > 0 {
+                boundaries.push(start);
+            }
+            free.insert(start, len);
+            total = start + len;
         }
         Self {
             free,
+            boundaries,
             total,
             in_use: 0,
         }
+    }
+
+    fn is_boundary(&self, offset: usize) -> bool {
+        self.boundaries.binary_search(&offset).is_ok()
     }
 
     /// Allocate `size` bytes aligned to `align` (a power of two). Returns the offset and the
@@ -134,15 +172,17 @@ impl FreeList {
                 prev_start + prev_len <= offset,
                 "double free at {offset:#x}"
             );
-            if prev_start + prev_len == offset {
+            if prev_start + prev_len == offset && !self.is_boundary(offset) {
                 self.free.remove(&prev_start);
                 start = prev_start;
                 len += prev_len;
             }
         }
         if let Some(&next_len) = self.free.get(&(offset + size)) {
-            self.free.remove(&(offset + size));
-            len += next_len;
+            if !self.is_boundary(offset + size) {
+                self.free.remove(&(offset + size));
+                len += next_len;
+            }
         }
         self.free.insert(start, len);
         self.in_use -= size;
@@ -176,11 +216,25 @@ const POOL_CLASSES: usize = (POOL_MAX_SHIFT - POOL_MIN_SHIFT + 1) as usize;
 /// Bytes of idle buffers a class keeps before giving them back to the allocator.
 const POOL_CLASS_CACHE_BYTES: usize = 8 << 20;
 
-/// One memfd mapped shared into this process.
+/// A range of the region that is contiguous for the device: region offset, length, and the
+/// device address of its first byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DmaSegment {
+    pub offset: usize,
+    pub len: usize,
+    pub device_addr: u64,
+}
+
+/// The domain's region: mapped into this process and reachable by the device.
 pub(crate) struct SharedMemory {
-    file: File,
+    /// The memfd shared with a vhost-user device (`None` for guest DMA memory).
+    file: Option<File>,
     base: NonNull<u8>,
     len: usize,
+    /// Device-contiguous pieces, sorted by offset, covering `[0, len)`.
+    segments: Box<[DmaSegment]>,
+    /// Device address == process address (vhost-user): translation is a bounds check.
+    identity: bool,
     allocator: Mutex<FreeList>,
     pool: [Mutex<Vec<usize>>; POOL_CLASSES],
     /// Bytes of bounce buffers lent to operations in flight: they come back, so a shortage
@@ -251,9 +305,15 @@ impl SharedMemory {
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(Error::Io(io::Error::other("mmap")))?;
         tracing::debug!(len, base = ?base, "shared memory mapped");
         Ok(Arc::new(Self {
-            file,
+            file: Some(file),
             base,
             len,
+            segments: Box::new([DmaSegment {
+                offset: 0,
+                len,
+                device_addr: base.as_ptr() as u64,
+            }]),
+            identity: true,
             allocator: Mutex::new(FreeList::new(len)),
             pool: std::array::from_fn(|_| Mutex::new(Vec::new())),
             bounce_lent: AtomicUsize::new(0),
@@ -261,8 +321,110 @@ impl SharedMemory {
         }))
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
+    /// Take over a mapping of `len` bytes at `base` whose device addresses are given by
+    /// `segments` (sorted, adjacent, covering `[0, len)`, page-aligned); it is unmapped when
+    /// the region is dropped.
+    ///
+    /// # Safety
+    /// `base..base+len` must be a mapping made with `mmap` that nothing else uses or unmaps,
+    /// and stays resident at the given device addresses (locked, not migrated).
+    pub unsafe fn from_dma_mapping(
+        base: NonNull<u8>,
+        len: usize,
+        segments: Vec<DmaSegment>,
+    ) -> Result<Arc<Self>> {
+        let mut at = 0;
+        for s in &segments {
+            if s.offset != at || s.len == 0 || s.len % ALLOC_GRANULE != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "DMA segments must be adjacent granule multiples (at {at:#x}: {s:?})"
+                )));
+            }
+            at += s.len;
+        }
+        if at != len {
+            return Err(Error::InvalidArgument(format!(
+                "DMA segments cover {at:#x} of {len:#x} bytes"
+            )));
+        }
+        let ranges: Vec<(usize, usize)> = segments.iter().map(|s| (s.offset, s.len)).collect();
+        Ok(Arc::new(Self {
+            file: None,
+            base,
+            len,
+            segments: segments.into_boxed_slice(),
+            identity: false,
+            allocator: Mutex::new(FreeList::with_segments(&ranges)),
+            pool: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            bounce_lent: AtomicUsize::new(0),
+            warned_too_small: AtomicBool::new(false),
+        }))
+    }
+
+    /// The memfd behind the region (vhost-user), `None` for guest DMA memory.
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
+    /// Device address of `[ptr, ptr+len)` if it lies inside the region and is contiguous for
+    /// the device (inside one segment); `None` otherwise. The one translation hook from
+    /// process to device addresses.
+    #[inline]
+    pub fn device_addr(&self, ptr: *const u8, len: usize) -> Option<u64> {
+        let offset = (ptr as usize).checked_sub(self.base.as_ptr() as usize)?;
+        if offset.checked_add(len)? > self.len {
+            return None;
+        }
+        if self.identity {
+            return Some(ptr as u64);
+        }
+        let s = self.segment_of(offset);
+        (offset + len <= s.offset + s.len).then(|| s.device_addr + (offset - s.offset) as u64)
+    }
+
+    /// Device address of the byte at `offset` (< len).
+    #[inline]
+    fn device_addr_of_offset(&self, offset: usize) -> u64 {
+        if self.identity {
+            return self.base.as_ptr() as u64 + offset as u64;
+        }
+        let s = self.segment_of(offset);
+        s.device_addr + (offset - s.offset) as u64
+    }
+
+    fn segment_of(&self, offset: usize) -> &DmaSegment {
+        let i = self
+            .segments
+            .partition_point(|s| s.offset <= offset)
+            .saturating_sub(1);
+        &self.segments[i]
+    }
+
+    /// Length of the longest device-contiguous piece: the largest object the region can hold.
+    pub fn largest_segment(&self) -> usize {
+        self.segments.iter().map(|s| s.len).max().unwrap_or(0)
+    }
+
+    /// `[ptr, ptr+len)` as device ranges (address, length), split where the region stops being
+    /// contiguous for the device; `None` if the range is not inside the region.
+    pub fn device_ranges(&self, ptr: *const u8, len: usize) -> Option<Vec<(u64, usize)>> {
+        let mut offset = (ptr as usize).checked_sub(self.base.as_ptr() as usize)?;
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        let mut out = Vec::new();
+        while offset < end {
+            let s = self.segment_of(offset);
+            let n = (s.offset + s.len).min(end) - offset;
+            let dev = s.device_addr + (offset - s.offset) as u64;
+            match out.last_mut() {
+                Some((a, l)) if *a + *l as u64 == dev => *l += n,
+                _ => out.push((dev, n)),
+            }
+            offset += n;
+        }
+        Some(out)
     }
     #[allow(clippy::len_without_is_empty)] // a region is never empty
     pub fn len(&self) -> usize {
@@ -271,7 +433,7 @@ impl SharedMemory {
     pub fn base(&self) -> *mut u8 {
         self.base.as_ptr()
     }
-    /// Guest address of the region start (= our virtual address).
+    /// Process address of the region start.
     pub fn guest_base(&self) -> u64 {
         self.base.as_ptr() as u64
     }
@@ -429,9 +591,15 @@ impl Allocation {
         // SAFETY: offset < mem.len by construction of the allocator.
         unsafe { self.mem.base().add(self.offset) }
     }
-    /// Guest address of the allocation (= virtual address).
+    /// Process address of the allocation.
     pub fn addr(&self) -> u64 {
         self.ptr() as u64
+    }
+    /// Device address of the allocation (it is contiguous for the device: allocations never
+    /// cross a segment boundary).
+    #[inline]
+    pub fn device_addr(&self) -> u64 {
+        self.mem.device_addr_of_offset(self.offset)
     }
     /// Usable bytes (the request rounded up).
     pub fn capacity(&self) -> usize {
@@ -521,9 +689,14 @@ impl SharedBuf {
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.alloc.ptr()
     }
-    /// Guest (= virtual) address of the first byte.
+    /// Process (virtual) address of the first byte: the address to use for the buffer in
+    /// RMA with virtual addressing.
     pub fn addr(&self) -> u64 {
         self.alloc.addr()
+    }
+    /// Device address of the first byte (the buffer is contiguous for the device).
+    pub(crate) fn device_addr(&self) -> u64 {
+        self.alloc.device_addr()
     }
     /// The buffer's bytes, if no operation on it is in flight and it is not registered
     /// (nothing but this handle refers to the memory, and `&mut self` keeps new operations
@@ -610,6 +783,88 @@ mod tests {
     }
 
     #[test]
+    fn freelist_never_crosses_segments() {
+        let segs = [(0, 4096), (4096, 8192), (12288, 4096)];
+        let mut fl = FreeList::with_segments(&segs);
+        // Larger than every segment: no room, although 16 KiB are free in total.
+        assert!(fl.alloc(8192 + 64, 64).is_none());
+        let (a, sa) = fl.alloc(6000, 64).unwrap();
+        assert_eq!(a, 4096, "only the middle segment holds 6000 bytes");
+        let (b, sb) = fl.alloc(4096, 4096).unwrap();
+        assert!(b == 0 || b == 12288);
+        fl.free(a, sa);
+        fl.free(b, sb);
+        // Freed ranges coalesce within a segment, never across its boundaries.
+        assert_eq!(fl.ranges(), segs.to_vec());
+        assert_eq!(fl.in_use(), 0);
+    }
+
+    #[test]
+    fn dma_segments_translate_per_segment() {
+        // A private mapping standing in for DMA memory, with made-up device addresses.
+        let len = 4 * 4096;
+        // SAFETY: a fresh anonymous mapping, handed to the region which unmaps it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = NonNull::new(p.cast::<u8>()).unwrap();
+        let segs = vec![
+            DmaSegment {
+                offset: 0,
+                len: 8192,
+                device_addr: 0x10_0000,
+            },
+            DmaSegment {
+                offset: 8192,
+                len: 8192,
+                device_addr: 0x5000,
+            },
+        ];
+        // SAFETY: the mapping above, owned by nothing else.
+        let mem = unsafe { SharedMemory::from_dma_mapping(base, len, segs) }.unwrap();
+        let b = mem.base();
+        // SAFETY: offsets below are inside the mapping.
+        let at = |o: usize| unsafe { b.add(o) } as *const u8;
+        assert_eq!(mem.device_addr(at(100), 10), Some(0x10_0000 + 100));
+        assert_eq!(mem.device_addr(at(8192 + 8), 8), Some(0x5008));
+        // Across the boundary: not one device range; split by device_ranges.
+        assert_eq!(mem.device_addr(at(8000), 400), None);
+        assert_eq!(
+            mem.device_ranges(at(8000), 400).unwrap(),
+            vec![(0x10_0000 + 8000, 192), (0x5000, 208)]
+        );
+        assert_eq!(mem.device_addr(at(0), len + 1), None);
+        assert_eq!(mem.device_addr(std::ptr::null(), 1), None);
+        assert!(mem.file().is_none());
+        // Allocations stay inside one segment and carry its device address.
+        let a = mem.alloc(6000, 64).unwrap();
+        let c = mem.alloc(6000, 64).unwrap();
+        for x in [&a, &c] {
+            assert_eq!(
+                mem.device_ranges(x.ptr(), x.capacity()).unwrap(),
+                vec![(x.device_addr(), x.capacity())]
+            );
+        }
+        assert!(mem.alloc(8192 + 64, 64).is_err());
+        // Segments must tile the mapping.
+        let bad = vec![DmaSegment {
+            offset: 0,
+            len: 4096,
+            device_addr: 0,
+        }];
+        // SAFETY: rejected before taking ownership (the Err path never unmaps).
+        assert!(unsafe { SharedMemory::from_dma_mapping(base, len, bad) }.is_err());
+    }
+
+    #[test]
     fn region_is_shared_and_contains() {
         let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();
         let a = mem.alloc(4096, 4096).unwrap();
@@ -627,7 +882,7 @@ mod tests {
                 mem.len(),
                 libc::PROT_READ,
                 libc::MAP_SHARED,
-                mem.file().as_raw_fd(),
+                mem.file().unwrap().as_raw_fd(),
                 0,
             )
         };
@@ -645,11 +900,14 @@ mod tests {
         // vfabricd refuses guest memory whose file could shrink under its mapping.
         let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();
         // SAFETY: fcntl(F_GET_SEALS) on the memfd the region owns.
-        let seals = unsafe { libc::fcntl(mem.file().as_raw_fd(), libc::F_GET_SEALS) };
+        let seals = unsafe { libc::fcntl(mem.file().unwrap().as_raw_fd(), libc::F_GET_SEALS) };
         assert!(seals >= 0);
         assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
         assert_ne!(seals & libc::F_SEAL_GROW, 0);
-        assert!(mem.file().set_len(4096).is_err(), "shrinking must fail");
+        assert!(
+            mem.file().unwrap().set_len(4096).is_err(),
+            "shrinking must fail"
+        );
     }
 
     #[test]

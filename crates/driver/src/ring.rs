@@ -213,15 +213,22 @@ impl SplitRing {
     pub fn num_free(&self) -> u16 {
         self.num_free
     }
-    pub fn base_addr(&self) -> u64 {
+    #[cfg(test)]
+    fn base_addr(&self) -> u64 {
         self.base.as_ptr() as u64
     }
+    pub fn layout(&self) -> RingLayout {
+        self.layout
+    }
+    #[cfg(test)]
     pub fn desc_addr(&self) -> u64 {
         self.base_addr() + self.layout.desc as u64
     }
+    #[cfg(test)]
     pub fn avail_addr(&self) -> u64 {
         self.base_addr() + self.layout.avail as u64
     }
+    #[cfg(test)]
     pub fn used_addr(&self) -> u64 {
         self.base_addr() + self.layout.used as u64
     }
@@ -585,7 +592,7 @@ mod tests {
         let ring_mem = mem.alloc(layout.total, 4096).unwrap();
         // SAFETY: `ring_mem` is a fresh allocation of `layout.total` bytes, kept in the harness.
         let ring = unsafe { SplitRing::new(ring_mem.ptr(), layout, event_idx) };
-        let file = mem.file().try_clone().unwrap();
+        let file = mem.file().unwrap().try_clone().unwrap();
         let dev_mem = GuestMemoryMmap::from_ranges_with_files(&[(
             GuestAddress(mem.guest_base()),
             mem.len(),

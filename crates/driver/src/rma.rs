@@ -19,7 +19,8 @@ use vfabric_proto::{comp_flags, mr_flags, ByteValued, MemSeg, Opcode, Request, S
 
 use crate::domain::DomainInner;
 use crate::memory::{Allocation, SharedBuf};
-use crate::virtqueue::{Finished, PendingOp, RxData, TxData};
+use crate::request::{Done, PendingOp, Tx as TxData};
+use crate::virtqueue::RxData;
 use crate::{fi, Error, Result};
 
 /// Most segments of one registration (its MR_REG payload travels in the header descriptor).
@@ -371,6 +372,13 @@ impl DomainInner {
             flags |= mr_flags::RMA_EVENT;
         }
         if process_memory {
+            if !self.transport.reaches_process_memory() {
+                return Err(Error::Unsupported(format!(
+                    "device {}: remote access to memory outside the domain's shared region \
+                     needs a vhost-user device on this host (register a SharedBuf instead)",
+                    self.transport.locator()
+                )));
+            }
             flags |= mr_flags::PROCESS_MEMORY;
         }
         let mut req = Request::new(Opcode::MrReg);
@@ -398,9 +406,24 @@ impl DomainInner {
         }
         req.compare = flags;
         req.remote_addr = base;
-        req.count = segs.len() as u32;
-        let mut payload = Vec::with_capacity(segs.len() * std::mem::size_of::<MemSeg>());
+        // The device sees device addresses: shared memory is translated (and split where it
+        // is not contiguous for the device); process memory keeps its process addresses.
+        let mut device_segs = Vec::with_capacity(segs.len());
         for &(p, l) in segs {
+            match self.mem.device_ranges(p as *const u8, l) {
+                Some(ranges) if !process_memory => device_segs.extend(ranges),
+                _ => device_segs.push((p, l)),
+            }
+        }
+        if device_segs.len() > MAX_MR_SEGMENTS {
+            return Err(Error::InvalidArgument(format!(
+                "the region is {} pieces of device memory (at most {MAX_MR_SEGMENTS})",
+                device_segs.len()
+            )));
+        }
+        req.count = device_segs.len() as u32;
+        let mut payload = Vec::with_capacity(device_segs.len() * std::mem::size_of::<MemSeg>());
+        for &(p, l) in &device_segs {
             let seg = MemSeg {
                 addr: p.into(),
                 len: (l as u64).into(),
@@ -463,7 +486,7 @@ impl DomainInner {
 
 /// An MR_EVENT request finished: feed the counters. Progress posts the replacement once the
 /// drain has freed the chain ([`RmaState::events_wanted`]).
-pub(crate) fn complete_event(domain: &DomainInner, f: Finished<'_>) {
+pub(crate) fn complete_event(domain: &DomainInner, f: Done<'_>) {
     domain.rma.events_posted.fetch_sub(1, Ordering::AcqRel);
     let Some(c) = f.completion.filter(|_| !f.device_fault) else {
         return;

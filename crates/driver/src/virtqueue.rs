@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfabric_proto::{ByteValued, Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::endpoint::{iov_bytes, EpShared, Iov};
 use crate::lock::{SpinGuard, SpinLock};
 use crate::memory::{Allocation, SharedMemory};
 use crate::ring::{arm_value, park_value, RingError, RingLayout, SplitRing, UsedElem};
+use crate::transport::{Notifier, QueueHandles, RingAddrs};
 use crate::{Error, Result};
 
 pub(crate) const SLOT_STRIDE: usize = 384;
@@ -41,83 +41,28 @@ pub(crate) const MAX_DATA_DESCS: usize = 16;
 /// Used entries taken per lock hold while draining.
 const DRAIN_BATCH: usize = 32;
 
-/// Bytes copied into the header descriptor after the request header.
-#[derive(Clone, Copy)]
-pub(crate) enum Payload<'a> {
-    /// One contiguous piece (the common case).
-    Bytes(&'a [u8]),
-    /// `prefix` (e.g. an RMA scatter list), then the bytes of every iov, in order.
-    Gather {
-        prefix: &'a [u8],
-        iov: &'a [Iov<'a>],
-    },
-}
-
-impl Payload<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            Payload::Bytes(b) => b.len(),
-            Payload::Gather { prefix, iov } => {
-                prefix.len() + iov.iter().map(|v| v.len()).sum::<usize>()
-            }
-        }
-    }
-    /// Copy the pieces to `dst` (which has room for `self.len()` bytes).
+/// Bytes a request carries inline, copied into its slot after the header.
+pub(crate) trait InlinePayload {
+    fn len(&self) -> usize;
+    /// Copy the bytes to `dst`.
     ///
     /// # Safety
     /// `dst` must be valid for writes of `self.len()` bytes.
-    #[inline(always)]
-    unsafe fn copy_to(&self, dst: *mut u8) {
-        match self {
-            // SAFETY: the caller guarantees room for the bytes.
-            Payload::Bytes(b) => unsafe { copy_bytes(b, dst) },
-            Payload::Gather { prefix, iov } => {
-                // SAFETY: the caller guarantees room for every piece, in order.
-                unsafe { copy_bytes(prefix, dst) };
-                let mut at = prefix.len();
-                for v in iov.iter() {
-                    let p = iov_bytes(v);
-                    // SAFETY: as above.
-                    unsafe { copy_bytes(p, dst.add(at)) };
-                    at += p.len();
-                }
-            }
-        }
-    }
+    unsafe fn copy_to(&self, dst: *mut u8);
 }
 
-/// Copy `src` to `dst`; small copies (the common inline payloads) without a `memcpy` call.
-///
-/// # Safety
-/// `dst` must be valid for writes of `src.len()` bytes and not overlap `src`.
-#[inline(always)]
-unsafe fn copy_bytes(src: &[u8], dst: *mut u8) {
-    let n = src.len();
-    let s = src.as_ptr();
-    // SAFETY: every access below stays inside `src[..n]` and `dst[..n]` (overlapping head and
-    // tail words for lengths between one and two words).
-    unsafe {
-        if (8..=16).contains(&n) {
-            let head = std::ptr::read_unaligned(s.cast::<u64>());
-            let tail = std::ptr::read_unaligned(s.add(n - 8).cast::<u64>());
-            std::ptr::write_unaligned(dst.cast::<u64>(), head);
-            std::ptr::write_unaligned(dst.add(n - 8).cast::<u64>(), tail);
-        } else if (4..8).contains(&n) {
-            let head = std::ptr::read_unaligned(s.cast::<u32>());
-            let tail = std::ptr::read_unaligned(s.add(n - 4).cast::<u32>());
-            std::ptr::write_unaligned(dst.cast::<u32>(), head);
-            std::ptr::write_unaligned(dst.add(n - 4).cast::<u32>(), tail);
-        } else if n > 0 {
-            std::ptr::copy_nonoverlapping(s, dst, n);
-        }
-    }
+/// What the queue keeps per request in flight, opaque to it (the driver's request record).
+pub(crate) trait Record {
+    /// The record of a head with no request.
+    const IDLE: Self;
+    fn is_idle(&self) -> bool;
 }
 
 /// Payload of a request (readable bytes after the header).
-pub(crate) enum TxData<'a> {
+pub(crate) enum TxData<'a, P> {
     None,
     /// Copied into the slot right after the header (total ≤ [`INLINE_TX_MAX`]).
-    Inline(Payload<'a>),
+    Inline(P),
     /// Buffers already in the shared region (address, length).
     Descs(&'a [(u64, u32)]),
 }
@@ -129,65 +74,6 @@ pub(crate) enum RxData<'a> {
     Inline(usize),
     /// Buffers in the shared region (address, length).
     Descs(&'a [(u64, u32)]),
-}
-
-/// Destinations of a bounced receive, in order: one needs no allocation.
-#[derive(Default)]
-pub(crate) struct Targets {
-    first: Option<(usize, usize)>,
-    more: Vec<(usize, usize)>,
-}
-
-impl Targets {
-    pub fn push(&mut self, addr: usize, len: usize) {
-        match self.first {
-            None => self.first = Some((addr, len)),
-            Some(first) => {
-                if self.more.is_empty() {
-                    self.more.push(first);
-                }
-                self.more.push((addr, len));
-            }
-        }
-    }
-    /// The copy-out for these destinations.
-    pub fn into_copy_out(self) -> CopyOut {
-        match self.first {
-            None => CopyOut::None,
-            Some((addr, len)) if self.more.is_empty() => CopyOut::Raw(addr, len),
-            Some(_) => CopyOut::Scatter(self.more),
-        }
-    }
-}
-
-/// Where received bytes go once the request completes (bounce copy-out).
-pub(crate) enum CopyOut {
-    /// Nothing to copy (zero-copy buffer, send, or no data).
-    None,
-    /// Into caller memory outside the region (`recv_raw`, one bounced iov): address, length.
-    Raw(usize, usize),
-    /// Into several caller buffers, in order (receive iovs).
-    Scatter(Vec<(usize, usize)>),
-    /// Into a fresh `Vec<u8>` handed back in the CQ entry (`recv_vec`).
-    Vec,
-}
-
-/// Shared buffers a request keeps alive while the device may use them (one inline, more in
-/// a vector, so the common case does not allocate).
-#[derive(Default)]
-pub(crate) struct Keepalive {
-    first: Option<Arc<Allocation>>,
-    rest: Vec<Arc<Allocation>>,
-}
-
-impl Keepalive {
-    pub fn push(&mut self, a: Arc<Allocation>) {
-        if self.first.is_none() {
-            self.first = Some(a);
-        } else {
-            self.rest.push(a);
-        }
-    }
 }
 
 /// Fixed-capacity list of (address, length) data descriptors of one request.
@@ -226,64 +112,20 @@ impl DescList {
     }
 }
 
-/// What a data request completes into.
-pub(crate) struct DataOp {
-    /// The endpoint; its bindings name the CQ (transmit or receive side by `is_recv`).
-    pub ep: Arc<EpShared>,
-    pub context: u64,
-    /// libfabric flags of the CQ entry (`fi::SEND | fi::MSG`, ...).
-    pub fi_flags: u64,
-    /// Receive capacity posted (bytes).
-    pub rx_len: usize,
-    pub copy_out: CopyOut,
-    /// Bounce buffer holding the payload or the received bytes.
-    pub bounce: Option<Allocation>,
-    /// Keeps `SharedBuf`s alive while the device may use them.
-    pub _keepalive: Keepalive,
-    pub is_recv: bool,
-    /// TRECV PEEK: the entry reports the message length, no data moved.
-    pub peek: bool,
-    /// TRECV PEEK|CLAIM: remember the cookie for a later CLAIM with the same context.
-    pub record_claim: bool,
-    /// A success produces a CQ entry (not for inject, nor unselected operations of a
-    /// selective-completion binding).
-    pub report_success: bool,
-    /// An error produces an error entry (inject errors are only logged).
-    pub report_errors: bool,
-}
-
-pub(crate) enum PendingOp {
-    /// No request (the head is free, or its request was dispatched).
-    Idle,
-    Control {
-        /// Data area of the control request (e.g. the QUERY_CAPS answer).
-        data: Option<Allocation>,
-    },
-    Data(DataOp),
-    /// A posted MR_EVENT (remote-access report, no buffers).
-    MrEvent,
-    /// A posted COMMIT_EVENT and the data area the device writes the event into.
-    CommitEvent {
-        area: Option<Allocation>,
-    },
-    /// A COMMIT_REPLY nobody waits for.
-    CommitReply,
-}
-
 /// The driver's record of the request in flight on one head id, kept in place from post to
 /// dispatch (no moves, no allocation).
-pub(crate) struct RequestSlot {
+pub(crate) struct RequestSlot<R> {
     pub cookie: u64,
     /// Inline RX length posted (needed to find the data in the slot).
     inline_rx: u16,
-    pub op: PendingOp,
+    pub op: R,
 }
 
 /// A request the device returned, handed to dispatch by reference to its slot.
-pub(crate) struct Finished<'a> {
+pub(crate) struct Finished<'a, R> {
     pub cookie: u64,
     /// The request; dispatch may take parts of it, the rest is dropped afterwards.
-    pub op: &'a mut PendingOp,
+    pub op: &'a mut R,
     /// `None` if the device returned the chain with used length 0 (failed request, no
     /// completion written), or wrote an unreadable one.
     pub completion: Option<&'a Completion>,
@@ -336,7 +178,7 @@ pub(crate) fn drain_eventfd(fd: RawFd) {
     unsafe { libc::syscall(libc::SYS_read, fd, &mut value as *mut u64, 8usize) };
 }
 
-pub(crate) struct Virtqueue {
+pub(crate) struct Virtqueue<R> {
     pub index: u16,
     /// The ring (avail side, free list, used-entry validation) and the cookie sequence.
     state: SpinLock<QueueState>,
@@ -344,7 +186,7 @@ pub(crate) struct Virtqueue {
     /// order, and owns the request slots of returned chains while they are dispatched.
     progress: SpinLock<()>,
     /// One request record per head id; see the `Sync` impl for who may touch which.
-    requests: Box<[UnsafeCell<RequestSlot>]>,
+    requests: Box<[UnsafeCell<RequestSlot<R>>]>,
     used_idx: *const AtomicU16,
     /// `used_event` (EVENT_IDX) or the avail flags: armed and parked without the state lock.
     call_control: *const AtomicU16,
@@ -360,9 +202,12 @@ pub(crate) struct Virtqueue {
     busy_bit: u64,
     broken: AtomicBool,
     slots: *mut u8,
-    pub kick: EventFd,
-    pub call: EventFd,
-    kick_fd: RawFd,
+    /// Device address of the slot area (contiguous for the device, as every allocation).
+    slots_device_addr: u64,
+    /// How to kick the device (set when the transport starts the queue).
+    notifier: Notifier,
+    /// The eventfd the device calls, where the transport has one per queue (vhost-user).
+    call: Option<EventFd>,
     size: u16,
     pub(crate) counters: QueueCounters,
     _ring_mem: Allocation,
@@ -375,11 +220,11 @@ pub(crate) struct Virtqueue {
 // `state`) from the moment the ring hands it out until it is published, then the drainer
 // (holding `progress`) from the moment the device returns it until `release` under `state`;
 // `find_cookie`/`in_flight` read records only while holding both locks.
-unsafe impl Send for Virtqueue {}
+unsafe impl<R: Send> Send for Virtqueue<R> {}
 // SAFETY: see `Send`.
-unsafe impl Sync for Virtqueue {}
+unsafe impl<R: Send> Sync for Virtqueue<R> {}
 
-impl Virtqueue {
+impl<R: Record> Virtqueue<R> {
     pub fn new(
         mem: &Arc<SharedMemory>,
         index: u16,
@@ -396,7 +241,6 @@ impl Virtqueue {
         let ring = unsafe { SplitRing::new(ring_mem.ptr(), layout, event_idx) };
         let used_idx = ring.used_idx_ptr();
         let call_control = ring.call_control_ptr();
-        let kick = EventFd::new(EFD_NONBLOCK)?;
         Ok(Self {
             index,
             used_idx,
@@ -408,9 +252,9 @@ impl Virtqueue {
             busy_bit: if index < 64 { 1 << index } else { 0 },
             broken: AtomicBool::new(false),
             slots: slot_mem.ptr(),
-            kick_fd: kick.as_raw_fd(),
-            kick,
-            call: EventFd::new(EFD_NONBLOCK)?,
+            slots_device_addr: slot_mem.device_addr(),
+            notifier: Notifier::Unset,
+            call: None,
             size,
             counters: QueueCounters::default(),
             state: SpinLock::new(QueueState { ring, seq: 1 }),
@@ -420,7 +264,7 @@ impl Virtqueue {
                     UnsafeCell::new(RequestSlot {
                         cookie: 0,
                         inline_rx: 0,
-                        op: PendingOp::Idle,
+                        op: R::IDLE,
                     })
                 })
                 .collect(),
@@ -433,14 +277,27 @@ impl Virtqueue {
         self.size
     }
 
-    /// Ring addresses for SET_VRING_ADDR: (descriptor table, avail ring, used ring).
-    pub fn ring_addrs(&self) -> (u64, u64, u64) {
-        let st = self.lock();
-        (
-            st.ring.desc_addr(),
-            st.ring.avail_addr(),
-            st.ring.used_addr(),
-        )
+    /// Device addresses of the ring's parts (the ring allocation is contiguous for the
+    /// device).
+    pub fn ring_addrs(&self) -> RingAddrs {
+        let layout = self.lock().ring.layout();
+        let base = self._ring_mem.device_addr();
+        RingAddrs {
+            desc: base + layout.desc as u64,
+            avail: base + layout.avail as u64,
+            used: base + layout.used as u64,
+        }
+    }
+
+    /// Take what the transport gave the queue when it started it.
+    pub fn attach(&mut self, handles: QueueHandles) {
+        self.notifier = handles.notifier;
+        self.call = handles.call;
+    }
+
+    /// The eventfd the device calls, if the transport has one per queue.
+    pub fn call_fd(&self) -> Option<RawFd> {
+        self.call.as_ref().map(|c| c.as_raw_fd())
     }
 
     fn lock(&self) -> SpinGuard<'_, QueueState> {
@@ -467,13 +324,13 @@ impl Virtqueue {
     /// decision is left to a later post without it (or [`Virtqueue::flush`]), which covers
     /// every chain published since. `op` builds the request record, straight into its slot
     /// (not called if the post fails before).
-    pub fn post(
+    pub fn post<P: InlinePayload>(
         &self,
         header: &mut ReqHeader,
-        tx: TxData<'_>,
+        tx: TxData<'_, P>,
         rx: RxData<'_>,
         more: bool,
-        op: impl FnOnce() -> PendingOp,
+        op: impl FnOnce() -> R,
     ) -> Result<u64> {
         let (inline_tx_len, tx_descs): (usize, &[(u64, u32)]) = match &tx {
             TxData::None => (0, &[]),
@@ -521,10 +378,10 @@ impl Virtqueue {
         let record = unsafe { &mut *self.requests[head as usize].get() };
         record.cookie = cookie;
         record.inline_rx = inline_rx_len as u16;
-        debug_assert!(matches!(record.op, PendingOp::Idle));
+        debug_assert!(record.op.is_idle());
         // SAFETY: the record of a free head is idle (nothing to drop): write in place.
         unsafe { std::ptr::write(&mut record.op, op()) };
-        let slot_addr = slot as u64;
+        let slot_addr = self.slots_device_addr + u64::from(head) * SLOT_STRIDE as u64;
         // Counted before the device can see it (a drainer subtracts what it takes).
         if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
             self.signals.busy.fetch_or(self.busy_bit, Ordering::SeqCst);
@@ -541,7 +398,7 @@ impl Virtqueue {
         if let Err(e) = added {
             // Not published: the record goes back to idle (dropping the request's buffers).
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            record.op = PendingOp::Idle;
+            record.op = R::IDLE;
             return Err(match e {
                 RingError::Full => Error::Again,
                 other => Error::Transport(other.to_string()),
@@ -571,7 +428,7 @@ impl Virtqueue {
 
     fn notify(&self) {
         self.counters.kicks.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = signal_eventfd(self.kick_fd) {
+        if let Err(e) = self.notifier.notify() {
             tracing::warn!(queue = self.index, error = %e, "kick failed");
         }
     }
@@ -592,7 +449,7 @@ impl Virtqueue {
 
     /// Drain the used ring and hand every finished request to `dispatch`, in ring order.
     /// Returns how many were drained. If another thread is draining this queue, returns 0.
-    pub fn drain(&self, mut dispatch: impl FnMut(Finished<'_>)) -> usize {
+    pub fn drain(&self, mut dispatch: impl FnMut(Finished<'_, R>)) -> usize {
         let Some(_draining) = self.progress.try_lock() else {
             return 0;
         };
@@ -677,11 +534,11 @@ impl Virtqueue {
     }
 
     /// Read the completion of a taken chain and dispatch it; the record goes back to idle.
-    fn finish(&self, u: &UsedElem, dispatch: &mut impl FnMut(Finished<'_>)) {
+    fn finish(&self, u: &UsedElem, dispatch: &mut impl FnMut(Finished<'_, R>)) {
         // SAFETY: the device returned this head and it is not released yet, so no post can
         // reuse it; we hold `progress`, the only other way to reach a returned head's record.
         let record = unsafe { &mut *self.requests[u.head as usize].get() };
-        if matches!(record.op, PendingOp::Idle) {
+        if record.op.is_idle() {
             // Cannot happen (the ring only returns published heads); nothing to deliver.
             return;
         }
@@ -725,7 +582,7 @@ impl Virtqueue {
             device_fault,
             inline_data,
         });
-        record.op = PendingOp::Idle;
+        record.op = R::IDLE;
     }
 
     /// Arm (see [`Virtqueue::arm`]) if requests are in flight; returns whether it did. A queue
@@ -755,14 +612,14 @@ impl Virtqueue {
     }
 
     /// Record of the first in-flight request matching `pred`, in posting order: its cookie.
-    pub fn find_cookie(&self, mut pred: impl FnMut(&RequestSlot) -> bool) -> Option<u64> {
+    pub fn find_cookie(&self, mut pred: impl FnMut(&RequestSlot<R>) -> bool) -> Option<u64> {
         let _draining = self.progress.lock();
         let _st = self.lock();
         self.requests
             .iter()
             // SAFETY: with both locks held no poster and no drainer touches any record.
             .map(|r| unsafe { &*r.get() })
-            .filter(|r| !matches!(r.op, PendingOp::Idle) && pred(r))
+            .filter(|r| !r.op.is_idle() && pred(r))
             .map(|r| r.cookie)
             .min_by_key(|c| c >> 24)
     }
@@ -774,7 +631,7 @@ impl Virtqueue {
         self.requests
             .iter()
             // SAFETY: with both locks held no poster and no drainer touches any record.
-            .filter(|r| !matches!(unsafe { &(*r.get()).op }, PendingOp::Idle))
+            .filter(|r| !unsafe { &(*r.get()).op }.is_idle())
             .count()
     }
 }

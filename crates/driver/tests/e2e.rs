@@ -122,7 +122,7 @@ fn addresses_of_another_fabric_are_refused() {
 fn getinfo_probes_and_leaves_devices_free() {
     let r = rig(2);
     let hints = Hints {
-        devices: Some(r.paths.clone()),
+        devices: Some(r.paths.iter().map(Into::into).collect()),
         ..Default::default()
     };
     let infos = getinfo(&hints).expect("getinfo");
@@ -144,7 +144,7 @@ fn getinfo_probes_and_leaves_devices_free() {
 
     // Filters.
     let tagged_dgram = getinfo(&Hints {
-        devices: Some(r.paths.clone()),
+        devices: Some(r.paths.iter().map(Into::into).collect()),
         caps: fi::TAGGED,
         ep_type: Some(EpType::Dgram),
         domain_name: Some("vfabric1".into()),
@@ -155,7 +155,7 @@ fn getinfo_probes_and_leaves_devices_free() {
     assert_eq!(tagged_dgram[0].domain_name, "vfabric1");
     assert!(matches!(
         getinfo(&Hints {
-            devices: Some(r.paths.clone()),
+            devices: Some(r.paths.iter().map(Into::into).collect()),
             min_max_msg_size: Some(1 << 40),
             ..Default::default()
         }),
@@ -163,7 +163,7 @@ fn getinfo_probes_and_leaves_devices_free() {
     ));
     // Persistent memory is offered (spec §6.17).
     let pmem = getinfo(&Hints {
-        devices: Some(r.paths.clone()),
+        devices: Some(r.paths.iter().map(Into::into).collect()),
         caps: fi::RMA_PMEM,
         ..Default::default()
     })
@@ -184,7 +184,7 @@ fn getinfo_probes_and_leaves_devices_free() {
 fn getinfo_reports_unreachable_device() {
     let dir = tempfile::tempdir().unwrap();
     let r = getinfo(&Hints {
-        devices: Some(vec![dir.path().join("nothing.sock")]),
+        devices: Some(vec![dir.path().join("nothing.sock").into()]),
         ..Default::default()
     });
     assert!(matches!(r, Err(Error::Transport(_))), "{r:?}");

@@ -630,7 +630,7 @@ struct PepState {
     format: Format,
     src: Option<Addr>,
     service: u16,
-    device: std::path::PathBuf,
+    device: vfabric::DeviceLocator,
     /// Template for CONNREQ infos (fi_dupinfo'd at open; freed with the pep).
     info: SendPtr<sys::fi_info>,
     listening: AtomicBool,
@@ -779,7 +779,7 @@ pub unsafe extern "C" fn passive_ep_open(
         let cm = match CmEndpoint::open(&d) {
             Ok(c) => c,
             Err(e) => {
-                crate::domain::release(&dev.device_path);
+                crate::domain::release(&dev.device);
                 return -e;
             }
         };
@@ -799,7 +799,7 @@ pub unsafe extern "C" fn passive_ep_open(
                 Ok(s) => s,
                 Err(e) => {
                     drop(cm);
-                    crate::domain::release(&dev.device_path);
+                    crate::domain::release(&dev.device);
                     return -errno_of(&e, sys::fi_log_subsys_FI_LOG_EP_CTRL);
                 }
             }
@@ -810,7 +810,7 @@ pub unsafe extern "C" fn passive_ep_open(
         let tmpl = unsafe { sys::fi_dupinfo(info) };
         if tmpl.is_null() {
             drop(cm);
-            crate::domain::release(&dev.device_path);
+            crate::domain::release(&dev.device);
             return -fi::ENOMEM;
         }
         let state = Arc::new(PepState {
@@ -818,7 +818,7 @@ pub unsafe extern "C" fn passive_ep_open(
             format,
             src,
             service,
-            device: dev.device_path.clone(),
+            device: dev.device.clone(),
             info: SendPtr(tmpl),
             listening: AtomicBool::new(false),
             fid: Mutex::new(SendPtr(std::ptr::null_mut())),

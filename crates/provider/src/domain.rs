@@ -3,14 +3,13 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use vfabric::{
-    fi, AddressVector, CompletionQueue, CqAttr, CqEntry, Domain, DomainAttr, FabricAddr, Info,
-    WaitMode,
+    fi, AddressVector, CompletionQueue, CqAttr, CqEntry, DeviceLocator, Domain, DomainAttr,
+    FabricAddr, Info, WaitMode,
 };
 
 use crate::fabric::{ops_ptr, FabricObj};
@@ -181,14 +180,14 @@ unsafe extern "C" fn domain_close(fid: *mut sys::fid) -> c_int {
         }
         // SAFETY: created by Box::into_raw in domain_open; no child references it.
         let b = unsafe { Box::from_raw(fid.cast::<DomainObj>()) };
-        release(&b.info.device_path);
+        release(&b.info.device);
         0
     })
 }
 
 /// Device sessions of this process: a device serves one frontend at a time, so every
 /// `fi_domain` and passive endpoint on the same device shares one `vfabric::Domain`.
-static OPEN: Mutex<Option<HashMap<PathBuf, (Domain, usize)>>> = Mutex::new(None);
+static OPEN: Mutex<Option<HashMap<DeviceLocator, (Domain, usize)>>> = Mutex::new(None);
 
 /// Fabric id of each device by domain name, as `fi_getinfo` found them: `fi_domain` falls back
 /// only to devices of the same fabric.
@@ -211,11 +210,8 @@ const QUICK_CONNECT: Duration = Duration::from_millis(500);
 /// and its resources, not one socket). Only if none is free is the named device waited for
 /// with the driver's full deadline.
 pub fn open_device(name: &str) -> Result<Domain, i32> {
-    let paths = crate::info::all_device_paths();
-    let Some(named) = paths
-        .iter()
-        .find(|p| vfabric::info::domain_name_of(p) == name)
-    else {
+    let paths = crate::info::all_devices();
+    let Some(named) = paths.iter().find(|p| p.domain_name() == name) else {
         crate::util::warn(
             sys::fi_log_subsys_FI_LOG_DOMAIN,
             &format!("no device for domain {name:?}"),
@@ -258,7 +254,7 @@ pub fn open_device(name: &str) -> Result<Domain, i32> {
 
 /// Open (or share) the device session of the socket `path`, waiting at most `timeout` (the
 /// driver's default if `None`) for a device that serves another guest to accept.
-pub fn acquire(path: &Path, timeout: Option<Duration>) -> Result<Domain, i32> {
+pub fn acquire(path: &DeviceLocator, timeout: Option<Duration>) -> Result<Domain, i32> {
     let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
     let m = g.get_or_insert_with(HashMap::new);
     if let Some((d, n)) = m.get_mut(path) {
@@ -288,24 +284,24 @@ pub fn acquire(path: &Path, timeout: Option<Duration>) -> Result<Domain, i32> {
                 &format!(
                     "domain open: {} on {} ({mem_mb} MiB shared memory)",
                     d.info().domain_name,
-                    path.display()
+                    path
                 ),
             );
-            m.insert(path.to_path_buf(), (d.clone(), 1));
+            m.insert(path.clone(), (d.clone(), 1));
             Ok(d)
         }
         Err(e @ vfabric::Error::Busy { .. }) if timeout.is_some() => {
             crate::util::log(
                 sys::fi_log_level_FI_LOG_DEBUG,
                 sys::fi_log_subsys_FI_LOG_DOMAIN,
-                &format!("device {}: {e}", path.display()),
+                &format!("device {}: {e}", path),
             );
             Err(fi::EBUSY)
         }
         Err(e) => {
             crate::util::warn(
                 sys::fi_log_subsys_FI_LOG_DOMAIN,
-                &format!("device {}: {e}", path.display()),
+                &format!("device {}: {e}", path),
             );
             Err(errno_of(&e, sys::fi_log_subsys_FI_LOG_DOMAIN).max(1))
         }
@@ -313,21 +309,21 @@ pub fn acquire(path: &Path, timeout: Option<Duration>) -> Result<Domain, i32> {
 }
 
 /// Drop one user of a device session.
-pub fn release(path: &PathBuf) {
+pub fn release(device: &DeviceLocator) {
     let mut g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
     let m = g.get_or_insert_with(HashMap::new);
-    if let Some((_, n)) = m.get_mut(path) {
+    if let Some((_, n)) = m.get_mut(device) {
         *n -= 1;
         if *n == 0 {
-            m.remove(path);
+            m.remove(device);
         }
     }
 }
 
 /// Description of a device this process holds open (it cannot be probed a second time).
-pub fn open_info(path: &PathBuf) -> Option<Info> {
+pub fn open_info(device: &DeviceLocator) -> Option<Info> {
     let g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
-    g.as_ref()?.get(path).map(|(d, _)| d.info().clone())
+    g.as_ref()?.get(device).map(|(d, _)| d.info().clone())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,10 +6,9 @@
 //! `-FI_ENODATA`, so utility providers (ofi_rxm, ofi_rxd) do not stack on us.
 
 use std::ffi::c_void;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use vfabric::{fi, proto, EpType, Hints, Info};
+use vfabric::{fi, proto, DeviceLocator, EpType, Hints, Info};
 
 use crate::addr::{self, Addr, Format};
 
@@ -45,20 +44,16 @@ pub const CM_DATA_SIZE: usize = 256;
 /// `mem_tag_format` is the device's.
 pub const ADDR_LEN: usize = proto::ADDR_LEN;
 
-fn devices_param() -> Option<Vec<PathBuf>> {
+fn devices_param() -> Option<Vec<DeviceLocator>> {
     let v = crate::param_str(c"devices")?;
-    let list: Vec<PathBuf> = v
-        .split(':')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| PathBuf::from(s.trim()))
-        .collect();
+    let list = vfabric::info::parse_device_list(&v);
     (!list.is_empty()).then_some(list)
 }
 
-/// Every device socket this process may use (FI_VFABRIC_DEVICES, VFABRIC_DEVICES or the
-/// default directory).
-pub fn all_device_paths() -> Vec<PathBuf> {
-    vfabric::info::device_paths(&Hints {
+/// Every device this process may use (FI_VFABRIC_DEVICES, VFABRIC_DEVICES, the default socket
+/// directory and virtio-pci fabric devices).
+pub fn all_devices() -> Vec<DeviceLocator> {
+    vfabric::info::device_locators(&Hints {
         devices: devices_param(),
         ..Hints::default()
     })
@@ -69,11 +64,11 @@ pub fn all_device_paths() -> Vec<PathBuf> {
 const ACCEPT_DEADLINE: Duration = Duration::from_millis(500);
 
 /// Probe `paths` in parallel, each reported busy if not accepted within `accept`.
-fn probe_parallel(paths: &[&PathBuf], accept: Duration) -> Vec<vfabric::Result<Info>> {
+fn probe_parallel(paths: &[&DeviceLocator], accept: Duration) -> Vec<vfabric::Result<Info>> {
     std::thread::scope(|s| {
         let probes: Vec<_> = paths
             .iter()
-            .map(|p| s.spawn(move || Info::probe_within(p, accept)))
+            .map(|p| s.spawn(move || Info::probe_within((*p).clone(), accept)))
             .collect();
         probes
             .into_iter()
@@ -92,27 +87,24 @@ fn probe_parallel(paths: &[&PathBuf], accept: Duration) -> Vec<vfabric::Result<I
 fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
     let mut h = hints.clone();
     h.devices = devices_param();
-    let paths = vfabric::info::device_paths(&h);
+    let paths = vfabric::info::device_locators(&h);
     if paths.is_empty() {
         warn(
             sys::fi_log_subsys_FI_LOG_CORE,
             &format!(
-                "no vfabric devices: FI_VFABRIC_DEVICES and {} are unset and {} holds no *.sock",
+                "no vfabric devices: FI_VFABRIC_DEVICES and {} are unset, {} holds no *.sock \
+                 and no virtio-pci fabric device was found",
                 vfabric::info::DEVICES_ENV,
                 vfabric::info::DEFAULT_SOCKET_DIR
             ),
         );
     }
-    let wanted: Vec<&PathBuf> = paths
+    let wanted: Vec<&DeviceLocator> = paths
         .iter()
-        .filter(|p| {
-            h.domain_name
-                .as_ref()
-                .is_none_or(|d| *d == vfabric::info::domain_name_of(p))
-        })
+        .filter(|p| h.domain_name.as_ref().is_none_or(|d| *d == p.domain_name()))
         .collect();
     let mut found: Vec<Option<Info>> = wanted.iter().map(|p| crate::domain::open_info(p)).collect();
-    let to_probe: Vec<&PathBuf> = wanted
+    let to_probe: Vec<&DeviceLocator> = wanted
         .iter()
         .zip(&found)
         .filter(|(_, f)| f.is_none())
@@ -131,7 +123,7 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
                 crate::util::log(
                     sys::fi_log_level_FI_LOG_DEBUG,
                     sys::fi_log_subsys_FI_LOG_CORE,
-                    &format!("probe of {}: {e}", wanted[k].display()),
+                    &format!("probe of {}: {e}", wanted[k]),
                 );
                 busy.push(k)
             }
@@ -148,7 +140,7 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
                 }
                 Err(e) => warn(
                     sys::fi_log_subsys_FI_LOG_CORE,
-                    &format!("probe of {} failed: {e}", wanted[k].display()),
+                    &format!("probe of {} failed: {e}", wanted[k]),
                 ),
             }
         } else {
@@ -156,10 +148,7 @@ fn probe_all(hints: &Hints) -> Result<Vec<Info>, i32> {
             crate::util::log(
                 sys::fi_log_level_FI_LOG_DEBUG,
                 sys::fi_log_subsys_FI_LOG_CORE,
-                &format!(
-                    "{} is busy (it serves another guest): skipped",
-                    wanted[k].display()
-                ),
+                &format!("{} is busy (it serves another guest): skipped", wanted[k]),
             );
         }
     }

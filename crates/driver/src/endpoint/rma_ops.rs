@@ -20,10 +20,8 @@ use super::{
 };
 use crate::av::FiAddr;
 use crate::memory::SharedBuf;
-use crate::virtqueue::{
-    CopyOut, DataOp, DescList, Keepalive, Payload, PendingOp, RxData, Targets, TxData,
-    INLINE_RX_MAX, INLINE_TX_MAX,
-};
+use crate::request::{CopyOut, DataOp, Keepalive, Payload, PendingOp, Targets, Tx as TxData};
+use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX};
 use crate::{fi, Error, Result};
 
 /// A remote range (`fi_rma_iov`): address in the target region's address space (its virtual
@@ -780,7 +778,7 @@ impl Endpoint {
             if !list.is_empty() {
                 let lb = mem.alloc_bounce(list.len())?;
                 lb.write_at(0, list);
-                tx_descs.push(lb.addr(), list.len() as u32)?;
+                tx_descs.push(lb.device_addr(), list.len() as u32)?;
                 keepalive.push(Arc::new(lb));
             }
             let room = self
@@ -789,7 +787,7 @@ impl Endpoint {
             let nonempty = src_iov.iter().filter(|v| !v.is_empty()).count();
             if nonempty <= room && src_iov.iter().all(|v| v.is_empty() || self.zero_copy(v)) {
                 for v in src_iov.iter().filter(|v| !v.is_empty()) {
-                    let (addr, l) = iov_region(v);
+                    let (addr, l) = self.iov_device_region(v)?;
                     tx_descs.push(addr, l as u32)?;
                     if let IovKind::Shared(buf, _) = &v.kind {
                         keepalive.push(buf.keepalive());
@@ -803,7 +801,7 @@ impl Endpoint {
                     bb.write_at(off, p);
                     off += p.len();
                 }
-                tx_descs.push(bb.addr(), src_len as u32)?;
+                tx_descs.push(bb.device_addr(), src_len as u32)?;
                 keepalive.push(Arc::new(bb));
             }
         }
@@ -834,7 +832,7 @@ impl Endpoint {
                 for v in iov.iter().filter(|v| !v.is_empty()) {
                     let (addr, l) = iov_region(v);
                     if in_place {
-                        rx_descs.push(addr, l as u32)?;
+                        rx_descs.push(self.iov_device_region(v)?.0, l as u32)?;
                     } else {
                         targets.push(addr as usize, l);
                     }
@@ -852,7 +850,7 @@ impl Endpoint {
                 inline_len = rx_len;
             } else if rx_len > 0 {
                 let bb = mem.alloc_bounce(rx_len)?;
-                rx_descs.push(bb.addr(), rx_len as u32)?;
+                rx_descs.push(bb.device_addr(), rx_len as u32)?;
                 bounce = Some(bb);
             }
             copy_out = target;

@@ -2,10 +2,10 @@
 //! vhost-user frontend: connect to a device socket, negotiate features, share memory, read
 //! config space, and hand rings plus eventfds to the device.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vfabric_proto::{self as proto, bit, ByteValued, FabricConfig};
@@ -15,8 +15,9 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::{DeviceLocator, Notifier, QueueHandles, RingAddrs, Transport, WaitKind};
 use crate::memory::SharedMemory;
 use crate::{Error, Result};
 
@@ -42,9 +43,12 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 }
 
 /// An established vhost-user session with one device.
-pub(crate) struct Transport {
+pub(crate) struct VhostUserTransport {
     frontend: Mutex<Frontend>,
     path: PathBuf,
+    locator: DeviceLocator,
+    /// The device's error eventfd (one for every queue; polled by sleepers).
+    err_fd: EventFd,
     /// Feature bits the device offered.
     pub device_features: u64,
     /// Feature bits negotiated.
@@ -113,7 +117,7 @@ fn connect_socket(path: &Path) -> Result<UnixStream> {
     }
 }
 
-impl Transport {
+impl VhostUserTransport {
     /// Connect and negotiate; the session is owned (SET_OWNER) when this returns. A watchdog
     /// shuts the socket down if the handshake is not finished (`handshake_done`) within
     /// `timeout`: a device serving another frontend accepts the connection only later, and
@@ -241,6 +245,8 @@ impl Transport {
         Ok(Self {
             frontend: Mutex::new(frontend),
             path: path.to_path_buf(),
+            locator: DeviceLocator::Socket(path.to_path_buf()),
+            err_fd: EventFd::new(EFD_NONBLOCK)?,
             device_features,
             features,
             device_protocol_features: offered.bits(),
@@ -251,25 +257,16 @@ impl Transport {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The vhost-user socket (polled for hang-up while blocking).
-    pub fn socket_fd(&self) -> std::os::fd::RawFd {
+    fn socket_fd(&self) -> RawFd {
         self.frontend.lock().unwrap().as_raw_fd()
     }
 
-    pub fn has_feature(&self, b: u32) -> bool {
-        self.features & bit(b) != 0
-    }
-
-    pub fn event_idx(&self) -> bool {
-        self.has_feature(proto::VIRTIO_RING_F_EVENT_IDX)
-    }
-
     /// Register the region with guest address == our virtual address.
-    pub fn set_mem_table(&self, mem: &SharedMemory) -> Result<()> {
+    fn set_mem_table(&self, mem: &SharedMemory) -> Result<()> {
+        let file = mem
+            .file()
+            .ok_or_else(|| Error::Transport("vhost-user needs memfd-backed memory".into()))?;
         // `..Default::default()` covers the extra fields of vhost's `xen` feature.
         #[allow(clippy::needless_update)]
         let region = VhostUserMemoryRegionInfo {
@@ -277,7 +274,7 @@ impl Transport {
             memory_size: mem.len() as u64,
             userspace_addr: mem.guest_base(),
             mmap_offset: 0,
-            mmap_handle: mem.file().as_raw_fd(),
+            mmap_handle: file.as_raw_fd(),
             ..Default::default()
         };
         self.frontend
@@ -287,10 +284,68 @@ impl Transport {
             .map_err(|e| vhost_err("SET_MEM_TABLE", e))?;
         Ok(())
     }
+}
+
+impl Transport for VhostUserTransport {
+    fn locator(&self) -> &DeviceLocator {
+        &self.locator
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device_features
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn max_queues(&self) -> u64 {
+        self.max_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        32768
+    }
+
+    fn protocol_features(&self) -> (u64, u64) {
+        (self.device_protocol_features, self.protocol_features)
+    }
+
+    fn map_memory(&mut self, len: usize) -> Result<Arc<SharedMemory>> {
+        let mem = SharedMemory::new("vfabric", len)?;
+        self.set_mem_table(&mem)?;
+        Ok(mem)
+    }
+
+    fn reaches_process_memory(&self) -> bool {
+        true
+    }
+
+    fn activate(&mut self) -> Result<()> {
+        self.handshake_done()
+    }
+
+    fn wait_sources(&self) -> Vec<(RawFd, i16, WaitKind)> {
+        vec![
+            (self.err_fd.as_raw_fd(), libc::POLLIN, WaitKind::RingError),
+            (self.socket_fd(), libc::POLLRDHUP, WaitKind::Hangup),
+        ]
+    }
+
+    fn is_alive(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.socket_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let rc = unsafe { libc::poll(&mut p, 1, 0) };
+        !(rc > 0 && p.revents != 0)
+    }
 
     /// ADD_MEM_REG: share one more memfd-backed range with the device (guest address = our
     /// virtual address). Needs the CONFIGURE_MEM_SLOTS protocol feature.
-    pub fn add_mem_region(&self, addr: u64, len: u64, file: &std::fs::File) -> Result<()> {
+    fn add_external_memory(&self, addr: u64, len: u64, file: &std::fs::File) -> Result<()> {
         if self.protocol_features & VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS.bits() == 0 {
             return Err(Error::Unsupported(format!(
                 "device {} does not offer CONFIGURE_MEM_SLOTS (needed to share memory outside \
@@ -317,7 +372,7 @@ impl Transport {
     }
 
     /// Read the device configuration space.
-    pub fn get_config(&self) -> Result<FabricConfig> {
+    fn get_config(&self) -> Result<FabricConfig> {
         let size = std::mem::size_of::<FabricConfig>();
         let buf = vec![0u8; size];
         let (_, data) = self
@@ -332,15 +387,11 @@ impl Transport {
     }
 
     /// Hand one ring to the device and enable it.
-    pub fn setup_queue(
-        &self,
-        index: usize,
-        size: u16,
-        (desc, avail, used): (u64, u64, u64),
-        call: &EventFd,
-        kick: &EventFd,
-        err: &EventFd,
-    ) -> Result<()> {
+    fn setup_queue(&self, index: u16, size: u16, rings: RingAddrs) -> Result<QueueHandles> {
+        let index = usize::from(index);
+        let call = EventFd::new(EFD_NONBLOCK)?;
+        let kick = EventFd::new(EFD_NONBLOCK)?;
+        let err = &self.err_fd;
         if index as u64 >= self.max_queues {
             return Err(Error::Unsupported(format!(
                 "queue {index} beyond the device's {} queues",
@@ -357,29 +408,32 @@ impl Transport {
                 queue_max_size: size,
                 queue_size: size,
                 flags: 0,
-                desc_table_addr: desc,
-                used_ring_addr: used,
-                avail_ring_addr: avail,
+                desc_table_addr: rings.desc,
+                used_ring_addr: rings.used,
+                avail_ring_addr: rings.avail,
                 log_addr: None,
             },
         )
         .map_err(|e| q("SET_VRING_ADDR", e))?;
         fe.set_vring_base(index, 0)
             .map_err(|e| q("SET_VRING_BASE", e))?;
-        fe.set_vring_call(index, call)
+        fe.set_vring_call(index, &call)
             .map_err(|e| q("SET_VRING_CALL", e))?;
-        fe.set_vring_kick(index, kick)
+        fe.set_vring_kick(index, &kick)
             .map_err(|e| q("SET_VRING_KICK", e))?;
         fe.set_vring_err(index, err)
             .map_err(|e| q("SET_VRING_ERR", e))?;
         fe.set_vring_enable(index, true)
             .map_err(|e| q("SET_VRING_ENABLE", e))?;
         self.started.lock().unwrap().push(index);
-        Ok(())
+        Ok(QueueHandles {
+            notifier: Notifier::EventFd(kick),
+            call: Some(call),
+        })
     }
 }
 
-impl Drop for Transport {
+impl Drop for VhostUserTransport {
     /// Stop every ring (GET_VRING_BASE) before the socket closes, so the device stops touching
     /// our memory in an orderly way and is free for the next frontend.
     fn drop(&mut self) {

@@ -1,0 +1,202 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! What the driver's requests carry: the record kept per request in flight ([`PendingOp`]:
+//! where its completion goes, the buffers it keeps alive, where received bytes are copied to)
+//! and the bytes copied inline into a request ([`Payload`]). The virtqueue holds these as opaque
+//! records ([`crate::virtqueue::Record`], [`crate::virtqueue::InlinePayload`]); the ring layer
+//! knows nothing of endpoints or completion queues.
+
+use std::sync::Arc;
+
+use crate::endpoint::{iov_bytes, EpShared, Iov};
+use crate::memory::Allocation;
+use crate::virtqueue::{Finished, InlinePayload, Record, TxData, Virtqueue};
+
+/// A transmit data area whose inline bytes are a [`Payload`].
+pub(crate) type Tx<'a> = TxData<'a, Payload<'a>>;
+/// A virtqueue of the driver: its records are [`PendingOp`]s.
+pub(crate) type Queue = Virtqueue<PendingOp>;
+/// A request of the driver's that the device returned.
+pub(crate) type Done<'a> = Finished<'a, PendingOp>;
+
+/// Bytes copied into the header descriptor after the request header.
+#[derive(Clone, Copy)]
+pub(crate) enum Payload<'a> {
+    /// One contiguous piece (the common case).
+    Bytes(&'a [u8]),
+    /// `prefix` (e.g. an RMA scatter list), then the bytes of every iov, in order.
+    Gather {
+        prefix: &'a [u8],
+        iov: &'a [Iov<'a>],
+    },
+}
+
+impl InlinePayload for Payload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(b) => b.len(),
+            Payload::Gather { prefix, iov } => {
+                prefix.len() + iov.iter().map(|v| v.len()).sum::<usize>()
+            }
+        }
+    }
+    /// Copy the pieces to `dst` (which has room for `self.len()` bytes).
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `self.len()` bytes.
+    #[inline(always)]
+    unsafe fn copy_to(&self, dst: *mut u8) {
+        match self {
+            // SAFETY: the caller guarantees room for the bytes.
+            Payload::Bytes(b) => unsafe { copy_bytes(b, dst) },
+            Payload::Gather { prefix, iov } => {
+                // SAFETY: the caller guarantees room for every piece, in order.
+                unsafe { copy_bytes(prefix, dst) };
+                let mut at = prefix.len();
+                for v in iov.iter() {
+                    let p = iov_bytes(v);
+                    // SAFETY: as above.
+                    unsafe { copy_bytes(p, dst.add(at)) };
+                    at += p.len();
+                }
+            }
+        }
+    }
+}
+
+/// Copy `src` to `dst`; small copies (the common inline payloads) without a `memcpy` call.
+///
+/// # Safety
+/// `dst` must be valid for writes of `src.len()` bytes and not overlap `src`.
+#[inline(always)]
+unsafe fn copy_bytes(src: &[u8], dst: *mut u8) {
+    let n = src.len();
+    let s = src.as_ptr();
+    // SAFETY: every access below stays inside `src[..n]` and `dst[..n]` (overlapping head and
+    // tail words for lengths between one and two words).
+    unsafe {
+        if (8..=16).contains(&n) {
+            let head = std::ptr::read_unaligned(s.cast::<u64>());
+            let tail = std::ptr::read_unaligned(s.add(n - 8).cast::<u64>());
+            std::ptr::write_unaligned(dst.cast::<u64>(), head);
+            std::ptr::write_unaligned(dst.add(n - 8).cast::<u64>(), tail);
+        } else if (4..8).contains(&n) {
+            let head = std::ptr::read_unaligned(s.cast::<u32>());
+            let tail = std::ptr::read_unaligned(s.add(n - 4).cast::<u32>());
+            std::ptr::write_unaligned(dst.cast::<u32>(), head);
+            std::ptr::write_unaligned(dst.add(n - 4).cast::<u32>(), tail);
+        } else if n > 0 {
+            std::ptr::copy_nonoverlapping(s, dst, n);
+        }
+    }
+}
+
+/// Destinations of a bounced receive, in order: one needs no allocation.
+#[derive(Default)]
+pub(crate) struct Targets {
+    first: Option<(usize, usize)>,
+    more: Vec<(usize, usize)>,
+}
+
+impl Targets {
+    pub fn push(&mut self, addr: usize, len: usize) {
+        match self.first {
+            None => self.first = Some((addr, len)),
+            Some(first) => {
+                if self.more.is_empty() {
+                    self.more.push(first);
+                }
+                self.more.push((addr, len));
+            }
+        }
+    }
+    /// The copy-out for these destinations.
+    pub fn into_copy_out(self) -> CopyOut {
+        match self.first {
+            None => CopyOut::None,
+            Some((addr, len)) if self.more.is_empty() => CopyOut::Raw(addr, len),
+            Some(_) => CopyOut::Scatter(self.more),
+        }
+    }
+}
+
+/// Where received bytes go once the request completes (bounce copy-out).
+pub(crate) enum CopyOut {
+    /// Nothing to copy (zero-copy buffer, send, or no data).
+    None,
+    /// Into caller memory outside the region (`recv_raw`, one bounced iov): address, length.
+    Raw(usize, usize),
+    /// Into several caller buffers, in order (receive iovs).
+    Scatter(Vec<(usize, usize)>),
+    /// Into a fresh `Vec<u8>` handed back in the CQ entry (`recv_vec`).
+    Vec,
+}
+
+/// Shared buffers a request keeps alive while the device may use them (one inline, more in
+/// a vector, so the common case does not allocate).
+#[derive(Default)]
+pub(crate) struct Keepalive {
+    first: Option<Arc<Allocation>>,
+    rest: Vec<Arc<Allocation>>,
+}
+
+impl Keepalive {
+    pub fn push(&mut self, a: Arc<Allocation>) {
+        if self.first.is_none() {
+            self.first = Some(a);
+        } else {
+            self.rest.push(a);
+        }
+    }
+}
+
+/// What a data request completes into.
+pub(crate) struct DataOp {
+    /// The endpoint; its bindings name the CQ (transmit or receive side by `is_recv`).
+    pub ep: Arc<EpShared>,
+    pub context: u64,
+    /// libfabric flags of the CQ entry (`fi::SEND | fi::MSG`, ...).
+    pub fi_flags: u64,
+    /// Receive capacity posted (bytes).
+    pub rx_len: usize,
+    pub copy_out: CopyOut,
+    /// Bounce buffer holding the payload or the received bytes.
+    pub bounce: Option<Allocation>,
+    /// Keeps `SharedBuf`s alive while the device may use them.
+    pub _keepalive: Keepalive,
+    pub is_recv: bool,
+    /// TRECV PEEK: the entry reports the message length, no data moved.
+    pub peek: bool,
+    /// TRECV PEEK|CLAIM: remember the cookie for a later CLAIM with the same context.
+    pub record_claim: bool,
+    /// A success produces a CQ entry (not for inject, nor unselected operations of a
+    /// selective-completion binding).
+    pub report_success: bool,
+    /// An error produces an error entry (inject errors are only logged).
+    pub report_errors: bool,
+}
+
+pub(crate) enum PendingOp {
+    /// No request (the head is free, or its request was dispatched).
+    Idle,
+    Control {
+        /// Data area of the control request (e.g. the QUERY_CAPS answer).
+        data: Option<Allocation>,
+    },
+    Data(DataOp),
+    /// A posted MR_EVENT (remote-access report, no buffers).
+    MrEvent,
+    /// A posted COMMIT_EVENT and the data area the device writes the event into.
+    CommitEvent {
+        area: Option<Allocation>,
+    },
+    /// A COMMIT_REPLY nobody waits for.
+    CommitReply,
+}
+
+impl Record for PendingOp {
+    const IDLE: Self = PendingOp::Idle;
+    #[inline]
+    fn is_idle(&self) -> bool {
+        matches!(self, PendingOp::Idle)
+    }
+}
