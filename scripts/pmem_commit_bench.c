@@ -29,13 +29,7 @@
 #include <rdma/fi_rma.h>
 #include <rdma/fi_eq.h>
 
-#define CHECK(cond)                                                                        \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-			exit(1);                                                           \
-		}                                                                          \
-	} while (0)
+#include "../tests/c/vf_check.h"
 
 static struct fid_cq *cq_i, *cq_t;
 

@@ -29,23 +29,7 @@
 #include <rdma/fi_eq.h>
 #include <rdma/fi_errno.h>
 
-#define CHECK(cond)                                                                  \
-	do {                                                                         \
-		if (!(cond)) {                                                       \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-			exit(1);                                                     \
-		}                                                                    \
-	} while (0)
-#define CHECK_RC(expr, want)                                                         \
-	do {                                                                         \
-		long _r = (long)(expr);                                              \
-		if (_r != (long)(want)) {                                            \
-			fprintf(stderr, "%s:%d: %s = %ld (%s), want %ld\n", __FILE__, __LINE__, #expr, _r, \
-				fi_strerror((int)-_r), (long)(want));                \
-			exit(1);                                                     \
-		}                                                                    \
-	} while (0)
-#define OK(expr) CHECK_RC(expr, 0)
+#include "vf_check.h"
 
 #define V FI_VERSION(1, 17)
 #define ROUNDS 20

@@ -23,13 +23,7 @@
 #include <rdma/fi_rma.h>
 #include "fi_vfabric.h"
 
-#define CHECK(cond)                                                                  \
-	do {                                                                         \
-		if (!(cond)) {                                                       \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-			exit(1);                                                     \
-		}                                                                    \
-	} while (0)
+#include "vf_check.h"
 
 #define FILE_LEN (4 * 4096)
 

@@ -35,23 +35,7 @@
 #include <rdma/fi_tagged.h>
 #include <rdma/fi_collective.h>
 
-#define CHECK(cond)                                                                  \
-	do {                                                                         \
-		if (!(cond)) {                                                       \
-			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-			exit(1);                                                     \
-		}                                                                    \
-	} while (0)
-#define CHECK_RC(expr, want)                                                         \
-	do {                                                                         \
-		long _r = (long)(expr);                                              \
-		if (_r != (long)(want)) {                                            \
-			fprintf(stderr, "%s:%d: %s = %ld (%s), want %ld\n", __FILE__, __LINE__, #expr, _r, \
-				fi_strerror((int)-_r), (long)(want));                \
-			exit(1);                                                     \
-		}                                                                    \
-	} while (0)
-#define OK(expr) CHECK_RC(expr, 0)
+#include "vf_check.h"
 
 /* A heap buffer to register for remote access (see VF_TEST_VALGRIND above). */
 static void *reg_alloc(size_t len)

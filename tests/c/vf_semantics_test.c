@@ -32,24 +32,8 @@
 
 static const char *who = "parent";
 
-#define CHECK(cond)                                                                        \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			fprintf(stderr, "%s: %s:%d: check failed: %s\n", who, __FILE__, __LINE__, \
-				#cond);                                                    \
-			exit(1);                                                           \
-		}                                                                          \
-	} while (0)
-#define CHECK_RC(expr, want)                                                               \
-	do {                                                                               \
-		long _r = (long)(expr);                                                    \
-		if (_r != (long)(want)) {                                                  \
-			fprintf(stderr, "%s: %s:%d: %s = %ld (%s), want %ld\n", who, __FILE__, \
-				__LINE__, #expr, _r, fi_strerror((int)-_r), (long)(want)); \
-			exit(1);                                                           \
-		}                                                                          \
-	} while (0)
-#define OK(expr) CHECK_RC(expr, 0)
+#define VF_WHO who
+#include "vf_check.h"
 
 /* VFABRIC_DEVICES as the test started (each side narrows its own copy to one device). */
 static const char *all_devices;

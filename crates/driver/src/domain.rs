@@ -1070,8 +1070,6 @@ impl Drop for DomainInner {
 
 #[cfg(test)]
 mod tests {
-    use std::ptr::NonNull;
-
     use super::*;
     use crate::memory::DmaSegment;
 
@@ -1079,18 +1077,6 @@ mod tests {
     fn queue_too_large_for_short_physical_runs_names_huge_pages() {
         // DMA memory of four 4 KiB runs: a 64-entry queue's 24 KiB slot area cannot be placed.
         let len = 4 * 4096;
-        // SAFETY: a fresh anonymous mapping, handed to the region which unmaps it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
         let segs = (0..4)
             .map(|i| DmaSegment {
                 offset: i * 4096,
@@ -1098,10 +1084,7 @@ mod tests {
                 device_addr: 0x10_0000 * (4 - i as u64),
             })
             .collect();
-        // SAFETY: the mapping above, owned by nothing else.
-        let mem =
-            unsafe { SharedMemory::from_dma_mapping(NonNull::new(p.cast()).unwrap(), len, segs) }
-                .unwrap();
+        let mem = crate::memory::test_dma_memory(len, segs);
         let device: DeviceLocator = "pci:0000:00:01.0".parse().unwrap();
         let e = Virtqueue::<crate::request::PendingOp>::new(
             &mem,

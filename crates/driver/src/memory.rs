@@ -745,6 +745,27 @@ impl SharedBuf {
     }
 }
 
+/// Memory standing in for DMA memory in tests: a fresh private mapping of `len` bytes, cut into
+/// `segs` with made-up device addresses, owned (and unmapped) by the region.
+#[cfg(test)]
+pub(crate) fn test_dma_memory(len: usize, segs: Vec<DmaSegment>) -> Arc<SharedMemory> {
+    // SAFETY: a fresh anonymous mapping, handed to the region which unmaps it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let base = std::ptr::NonNull::new(p.cast::<u8>()).unwrap();
+    // SAFETY: the mapping above, owned by nothing else.
+    unsafe { SharedMemory::from_dma_mapping(base, len, segs) }.unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -803,19 +824,6 @@ mod tests {
     fn dma_segments_translate_per_segment() {
         // A private mapping standing in for DMA memory, with made-up device addresses.
         let len = 4 * 4096;
-        // SAFETY: a fresh anonymous mapping, handed to the region which unmaps it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let base = NonNull::new(p.cast::<u8>()).unwrap();
         let segs = vec![
             DmaSegment {
                 offset: 0,
@@ -828,8 +836,7 @@ mod tests {
                 device_addr: 0x5000,
             },
         ];
-        // SAFETY: the mapping above, owned by nothing else.
-        let mem = unsafe { SharedMemory::from_dma_mapping(base, len, segs) }.unwrap();
+        let mem = test_dma_memory(len, segs);
         let b = mem.base();
         // SAFETY: offsets below are inside the mapping.
         let at = |o: usize| unsafe { b.add(o) } as *const u8;
@@ -860,6 +867,7 @@ mod tests {
             len: 4096,
             device_addr: 0,
         }];
+        let base = NonNull::new(mem.base()).unwrap();
         // SAFETY: rejected before taking ownership (the Err path never unmaps).
         assert!(unsafe { SharedMemory::from_dma_mapping(base, len, bad) }.is_err());
     }

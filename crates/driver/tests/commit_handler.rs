@@ -61,6 +61,24 @@ fn progress_thread<'s>(
     (stop, h)
 }
 
+/// Install a handler that reports each event's id on the first channel and then blocks until the
+/// test sends on the second (bounded, so a failing test cannot hang); its verdict is success.
+fn install_blocking_handler(db: &Domain) -> (mpsc::Receiver<u64>, mpsc::Sender<()>) {
+    let (entered_tx, entered) = mpsc::channel::<u64>();
+    let (release, released) = mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let entered_tx = Mutex::new(entered_tx);
+    db.set_commit_handler(Some(Arc::new(move |ev: &CommitEvent| {
+        entered_tx.lock().unwrap().send(ev.id).unwrap();
+        let _ = released
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(20));
+        0
+    })));
+    (entered, release)
+}
+
 #[test]
 fn handler_sees_the_commit_and_its_success_completes_the_initiator() {
     let r = rig(2);
@@ -177,19 +195,7 @@ fn handler_refusal_reaches_the_initiator_with_its_value() {
 fn a_handler_that_never_returns_times_the_commit_out() {
     let r = rig_with_timeout(2, Duration::from_millis(300));
     let p = rdm_pair(&r, 16, 64);
-    let (entered_tx, entered) = mpsc::channel::<u64>();
-    let (release, released) = mpsc::channel::<()>();
-    let released = Mutex::new(released);
-    let entered_tx = Mutex::new(entered_tx);
-    p.db.set_commit_handler(Some(Arc::new(move |ev: &CommitEvent| {
-        entered_tx.lock().unwrap().send(ev.id).unwrap();
-        // Blocks until the test lets it go (bounded, so a failing test cannot hang).
-        let _ = released
-            .lock()
-            .unwrap()
-            .recv_timeout(Duration::from_secs(20));
-        0
-    })));
+    let (entered, release) = install_blocking_handler(&p.db);
     let f = pmem_file(&r, "h2", 4096);
     let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
     let range = [RmaIov {
@@ -226,18 +232,7 @@ fn a_handler_that_never_returns_times_the_commit_out() {
 fn the_target_endpoint_closing_fails_waiting_commits_peer_gone() {
     let r = rig(2);
     let p = rdm_pair(&r, 16, 64);
-    let (entered_tx, entered) = mpsc::channel::<u64>();
-    let (release, released) = mpsc::channel::<()>();
-    let released = Mutex::new(released);
-    let entered_tx = Mutex::new(entered_tx);
-    p.db.set_commit_handler(Some(Arc::new(move |ev: &CommitEvent| {
-        entered_tx.lock().unwrap().send(ev.id).unwrap();
-        let _ = released
-            .lock()
-            .unwrap()
-            .recv_timeout(Duration::from_secs(20));
-        0
-    })));
+    let (entered, release) = install_blocking_handler(&p.db);
     let f = pmem_file(&r, "h3", 4096);
     let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
     let range = [RmaIov {
@@ -454,18 +449,7 @@ fn a_fenced_request_waits_for_an_earlier_commit_verdict() {
 fn an_initiator_going_away_withdraws_its_waiting_commits() {
     let r = rig(2);
     let p = rdm_pair(&r, 16, 64);
-    let (entered_tx, entered) = mpsc::channel::<u64>();
-    let (release, released) = mpsc::channel::<()>();
-    let released = Mutex::new(released);
-    let entered_tx = Mutex::new(entered_tx);
-    p.db.set_commit_handler(Some(Arc::new(move |ev: &CommitEvent| {
-        entered_tx.lock().unwrap().send(ev.id).unwrap();
-        let _ = released
-            .lock()
-            .unwrap()
-            .recv_timeout(Duration::from_secs(20));
-        0
-    })));
+    let (entered, release) = install_blocking_handler(&p.db);
     let f = pmem_file(&r, "h9", 4096);
     let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
     let range = [RmaIov {
