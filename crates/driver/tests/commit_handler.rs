@@ -43,6 +43,19 @@ fn pmem_file(r: &Rig, name: &str, len: u64) -> File {
     f
 }
 
+/// A 4 KiB persistent region of `db` on a fresh file `name`, and its first 8 bytes as a commit
+/// range.
+fn handled_range(r: &Rig, db: &Domain, name: &str) -> (vfabric::PmemRegion, [RmaIov; 1]) {
+    let f = pmem_file(r, name, 4096);
+    let region = db.register_pmem(&f, 0, 4096, RW).unwrap();
+    let range = [RmaIov {
+        addr: region.base(),
+        len: 8,
+        key: region.key(),
+    }];
+    (region, range)
+}
+
 /// Drive `d`'s progress on another thread (the target application's progress) until the
 /// returned flag is set.
 fn progress_thread<'s>(
@@ -196,13 +209,7 @@ fn a_handler_that_never_returns_times_the_commit_out() {
     let r = rig_with_timeout(2, Duration::from_millis(300));
     let p = rdm_pair(&r, 16, 64);
     let (entered, release) = install_blocking_handler(&p.db);
-    let f = pmem_file(&r, "h2", 4096);
-    let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
-    let range = [RmaIov {
-        addr: region.base(),
-        len: 8,
-        key: region.key(),
-    }];
+    let (region, range) = handled_range(&r, &p.db, "h2");
     std::thread::scope(|s| {
         let (stop, h) = progress_thread(s, &p.db);
         p.a.ep.commit(&range, p.b_addr, 0, 1).unwrap();
@@ -233,13 +240,7 @@ fn the_target_endpoint_closing_fails_waiting_commits_peer_gone() {
     let r = rig(2);
     let p = rdm_pair(&r, 16, 64);
     let (entered, release) = install_blocking_handler(&p.db);
-    let f = pmem_file(&r, "h3", 4096);
-    let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
-    let range = [RmaIov {
-        addr: region.base(),
-        len: 8,
-        key: region.key(),
-    }];
+    let (region, range) = handled_range(&r, &p.db, "h3");
     let Pair {
         da,
         db,
@@ -303,13 +304,7 @@ fn replies_for_unknown_answered_or_foreign_events_are_invalid() {
             .push(o2.commit_reply_raw(ev.id, 0).unwrap());
         7
     })));
-    let f = pmem_file(&r, "h5", 4096);
-    let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
-    let range = [RmaIov {
-        addr: region.base(),
-        len: 8,
-        key: region.key(),
-    }];
+    let (region, range) = handled_range(&r, &p.db, "h5");
     // Never handed out.
     assert_eq!(p.db.commit_reply_raw(u64::MAX, 0).unwrap(), Status::Invalid);
     assert_eq!(p.db.commit_reply_raw(0, 0).unwrap(), Status::Invalid);
@@ -408,13 +403,7 @@ fn a_fenced_request_waits_for_an_earlier_commit_verdict() {
     let r = rig(2);
     let p = rdm_pair(&r, 16, 64);
     p.db.set_commit_handler(Some(Arc::new(|_: &CommitEvent| 0)));
-    let f = pmem_file(&r, "h8", 4096);
-    let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
-    let range = [RmaIov {
-        addr: region.base(),
-        len: 8,
-        key: region.key(),
-    }];
+    let (region, range) = handled_range(&r, &p.db, "h8");
     p.a.ep.commit(&range, p.b_addr, 0, 1).unwrap();
     let src = [9u8; 16];
     p.a.ep
@@ -450,13 +439,7 @@ fn an_initiator_going_away_withdraws_its_waiting_commits() {
     let r = rig(2);
     let p = rdm_pair(&r, 16, 64);
     let (entered, release) = install_blocking_handler(&p.db);
-    let f = pmem_file(&r, "h9", 4096);
-    let region = p.db.register_pmem(&f, 0, 4096, RW).unwrap();
-    let range = [RmaIov {
-        addr: region.base(),
-        len: 8,
-        key: region.key(),
-    }];
+    let (region, range) = handled_range(&r, &p.db, "h9");
     let Pair {
         da,
         db,
