@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <pthread.h>
 #include <time.h>
 #include <unistd.h>
@@ -1256,10 +1258,12 @@ static void suite_cm_peer_death_client(void)
 	_exit(0); /* no fi_shutdown, no fi_close: as if killed */
 }
 
-/* Two devices: domain 0's AV names an endpoint of domain 1, which then closes. Every CQ of
- * domain 0 reports it once as an error entry with no op_context (err FI_EHOSTUNREACH,
- * prov_errno PEER_GONE = 10) — to a consumer blocked in fi_cq_sread and to one sleeping in
- * poll(2) on a FI_WAIT_FD CQ — while the FI_ADDR_UNSPEC receive stays posted. */
+/* Two devices: domain 0's AV names two endpoints of a child process on domain 1. The child
+ * closes the first in order (fi_close: no error, as a connection shut down in order is none),
+ * then dies (SIGKILL) with the second open. Every CQ of domain 0 reports the lost peer once as
+ * an error entry with no op_context (err FI_EHOSTUNREACH, prov_errno PEER_GONE = 10) — to a
+ * consumer blocked in fi_cq_sread and to one sleeping in poll(2) on a FI_WAIT_FD CQ — while the
+ * FI_ADDR_UNSPEC receive stays posted. */
 static void check_peer_gone(struct fid_cq *c)
 {
 	struct fi_cq_err_entry err = { 0 };
@@ -1267,6 +1271,49 @@ static void check_peer_gone(struct fid_cq *c)
 	CHECK(err.op_context == NULL && err.err == FI_EHOSTUNREACH && err.prov_errno == 10);
 	struct fi_cq_entry e;
 	CHECK_RC(fi_cq_read(c, &e, 1), -FI_EAGAIN);
+}
+
+/* Open fabric, domain, AV, CQ and an enabled endpoint of `info`. */
+static void peer_gone_open(struct fi_info *info, struct fid_fabric **fab, struct fid_domain **dom,
+			   struct fid_av **av, struct fid_cq **cq, struct fid_ep **ep, int neps)
+{
+	OK(fi_fabric(info->fabric_attr, fab, NULL));
+	OK(fi_domain(*fab, info, dom, NULL));
+	struct fi_av_attr av_attr = { .type = FI_AV_TABLE };
+	OK(fi_av_open(*dom, &av_attr, av, NULL));
+	struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_CONTEXT, .wait_obj = FI_WAIT_UNSPEC };
+	OK(fi_cq_open(*dom, &cq_attr, cq, NULL));
+	for (int k = 0; k < neps; k++) {
+		OK(fi_endpoint(*dom, info, &ep[k], NULL));
+		OK(fi_ep_bind(ep[k], &(*av)->fid, 0));
+		OK(fi_ep_bind(ep[k], &(*cq)->fid, FI_TRANSMIT | FI_RECV));
+		OK(fi_enable(ep[k]));
+	}
+}
+
+/* The child: two endpoints on `info`'s device, their names to the parent, the first closed in
+ * order when the parent says so, then wait to be killed. */
+static void peer_gone_child(struct fi_info *info, int to_parent, int to_child)
+{
+	struct fid_fabric *fab;
+	struct fid_domain *dom;
+	struct fid_av *av;
+	struct fid_cq *cq;
+	struct fid_ep *ep[2];
+	peer_gone_open(info, &fab, &dom, &av, &cq, ep, 2);
+	char names[2][16];
+	for (int k = 0; k < 2; k++) {
+		size_t len = sizeof(names[k]);
+		OK(fi_getname(&ep[k]->fid, names[k], &len));
+		CHECK(len == sizeof(names[k]));
+	}
+	CHECK(write(to_parent, names, sizeof(names)) == (ssize_t)sizeof(names));
+	char c;
+	CHECK(read(to_child, &c, 1) == 1);
+	OK(fi_close(&ep[0]->fid));
+	CHECK(write(to_parent, "c", 1) == 1);
+	for (;;)
+		pause();
 }
 
 static void suite_peer_gone(void)
@@ -1286,58 +1333,61 @@ static void suite_peer_gone(void)
 			break;
 		}
 	CHECK(di[1]);
-	struct fid_fabric *fab[2];
-	struct fid_domain *dom[2];
-	struct fid_av *pav[2];
-	struct fid_cq *pcq[2], *fdcq;
-	struct fid_ep *pep[2];
-	for (int k = 0; k < 2; k++) {
-		OK(fi_fabric(di[k]->fabric_attr, &fab[k], NULL));
-		OK(fi_domain(fab[k], di[k], &dom[k], NULL));
-		struct fi_av_attr av_attr = { .type = FI_AV_TABLE };
-		OK(fi_av_open(dom[k], &av_attr, &pav[k], NULL));
-		struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_CONTEXT, .wait_obj = FI_WAIT_UNSPEC };
-		OK(fi_cq_open(dom[k], &cq_attr, &pcq[k], NULL));
-		OK(fi_endpoint(dom[k], di[k], &pep[k], NULL));
-		OK(fi_ep_bind(pep[k], &pav[k]->fid, 0));
-		OK(fi_ep_bind(pep[k], &pcq[k]->fid, FI_TRANSMIT | FI_RECV));
-		OK(fi_enable(pep[k]));
-	}
+	int to_parent[2], to_child[2];
+	CHECK(pipe(to_parent) == 0 && pipe(to_child) == 0);
+	pid_t child = fork();
+	CHECK(child >= 0);
+	if (child == 0)
+		peer_gone_child(di[1], to_parent[1], to_child[0]);
+	struct fid_fabric *fab;
+	struct fid_domain *dom;
+	struct fid_av *pav;
+	struct fid_cq *pcq, *fdcq;
+	struct fid_ep *pep;
+	peer_gone_open(di[0], &fab, &dom, &pav, &pcq, &pep, 1);
 	struct fi_cq_attr fd_attr = { .format = FI_CQ_FORMAT_CONTEXT, .wait_obj = FI_WAIT_FD };
-	OK(fi_cq_open(dom[0], &fd_attr, &fdcq, NULL));
+	OK(fi_cq_open(dom, &fd_attr, &fdcq, NULL));
 	int fd = -1;
 	OK(fi_control(&fdcq->fid, FI_GETWAIT, &fd));
-	char name[64];
-	size_t len = sizeof(name);
-	OK(fi_getname(&pep[1]->fid, name, &len));
-	fi_addr_t peer;
-	CHECK_RC(fi_av_insert(pav[0], name, 1, &peer, 0, NULL), 1);
+	char names[2][16];
+	CHECK(read(to_parent[0], names, sizeof(names)) == (ssize_t)sizeof(names));
+	fi_addr_t peer[2];
+	CHECK_RC(fi_av_insert(pav, names, 2, peer, 0, NULL), 2);
 	char rx[16];
-	OK(fi_recv(pep[0], rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)1));
+	OK(fi_recv(pep, rx, sizeof(rx), NULL, FI_ADDR_UNSPEC, (void *)1));
 	struct fi_cq_entry e;
-	CHECK_RC(fi_cq_read(pcq[0], &e, 1), -FI_EAGAIN);
-	/* The peer's endpoint goes. */
-	OK(fi_close(&pep[1]->fid));
+	CHECK_RC(fi_cq_read(pcq, &e, 1), -FI_EAGAIN);
+	/* The first peer endpoint is closed in order: nothing to report. */
+	char c;
+	CHECK(write(to_child[1], "x", 1) == 1);
+	CHECK(read(to_parent[0], &c, 1) == 1);
+	CHECK_RC(fi_cq_read(pcq, &e, 1), -FI_EAGAIN);
+	CHECK_RC(fi_cq_read(fdcq, &e, 1), -FI_EAGAIN);
+	/* The peer process dies with the second open. */
+	CHECK(kill(child, SIGKILL) == 0);
+	CHECK(waitpid(child, NULL, 0) == child);
 	/* No timeout: only the report can end this wait (the test harness bounds the run). */
-	CHECK_RC(fi_cq_sread(pcq[0], &e, 1, NULL, -1), -FI_EAVAIL);
-	check_peer_gone(pcq[0]);
+	CHECK_RC(fi_cq_sread(pcq, &e, 1, NULL, -1), -FI_EAVAIL);
+	check_peer_gone(pcq);
 	struct pollfd p = { .fd = fd, .events = POLLIN };
 	CHECK(poll(&p, 1, 5000) == 1 && (p.revents & POLLIN));
 	CHECK_RC(fi_cq_read(fdcq, &e, 1), -FI_EAVAIL);
 	check_peer_gone(fdcq);
 	/* The receive for any source is still posted: it is cancelled at close. */
-	OK(fi_cancel(&pep[0]->fid, (void *)1));
+	OK(fi_cancel(&pep->fid, (void *)1));
 	struct fi_cq_err_entry err = { 0 };
-	CHECK_RC(fi_cq_sread(pcq[0], &e, 1, NULL, 5000), -FI_EAVAIL);
-	CHECK_RC(fi_cq_readerr(pcq[0], &err, 0), 1);
+	CHECK_RC(fi_cq_sread(pcq, &e, 1, NULL, 5000), -FI_EAVAIL);
+	CHECK_RC(fi_cq_readerr(pcq, &err, 0), 1);
 	CHECK(err.op_context == (void *)1 && err.err == FI_ECANCELED);
-	OK(fi_close(&pep[0]->fid));
+	OK(fi_close(&pep->fid));
 	OK(fi_close(&fdcq->fid));
+	OK(fi_close(&pcq->fid));
+	OK(fi_close(&pav->fid));
+	OK(fi_close(&dom->fid));
+	OK(fi_close(&fab->fid));
 	for (int k = 0; k < 2; k++) {
-		OK(fi_close(&pcq[k]->fid));
-		OK(fi_close(&pav[k]->fid));
-		OK(fi_close(&dom[k]->fid));
-		OK(fi_close(&fab[k]->fid));
+		close(to_parent[k]);
+		close(to_child[k]);
 	}
 	fi_freeinfo(list);
 }

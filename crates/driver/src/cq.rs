@@ -580,8 +580,11 @@ fn complete_data(f: Done<'_>) {
     if cflags & comp_flags::CLAIMED != 0 {
         flags |= fi::CLAIM;
     }
-    // A refused commit carries the target handler's value (spec §6.17.3).
-    let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 || status == Status::CommitRefused {
+    // A refused commit carries the target handler's value (spec §6.17.3); a gone peer of a
+    // directed receive says whether it was closed in order (`proto::PEER_CLOSED`, §6.9.1).
+    let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0
+        || matches!(status, Status::CommitRefused | Status::PeerGone)
+    {
         c.data.into()
     } else {
         0

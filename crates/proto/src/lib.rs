@@ -775,6 +775,11 @@ pub enum Status {
     AddrInUse = 18,
 }
 
+/// `data` of the PEER_GONE completion of a DIRECTED receive whose source endpoint was closed by
+/// its own driver (EP_CLOSE); 0 when the source was lost (its device reset or disconnected, its
+/// host lost). Spec §6.9.1.
+pub const PEER_CLOSED: u64 = 1;
+
 impl Status {
     pub fn from_u32(v: u32) -> Option<Self> {
         use Status::*;

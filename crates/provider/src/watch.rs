@@ -8,8 +8,11 @@
 //! one ever sends to; the device completes it PEER_GONE when the peer's endpoint closes or its
 //! device goes away. Each CQ of the domain then reports every gone peer once, as an error
 //! entry not tied to an operation (`op_context` NULL, `err` FI_EHOSTUNREACH, `prov_errno`
-//! PEER_GONE) — as rxm does when a connection to a peer fails. Peers on the domain's own device
-//! and peers beyond [`MAX_WATCHED`] are not watched.
+//! PEER_GONE) — as rxm does when a connection to a peer fails. A peer that closed its endpoint
+//! in order (the device marks that PEER_GONE with `data` = PEER_CLOSED) is not reported: an
+//! orderly close is no error (Open MPI's ranks close theirs in `MPI_Finalize` while others
+//! still poll). Peers on the domain's own device and peers beyond [`MAX_WATCHED`] are not
+//! watched.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -93,7 +96,11 @@ impl PeerWatch {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&e.context);
-                    if let (Some(peer), Status::PeerGone) = (peer, e.status) {
+                    // A peer that closed its endpoint in order (EP_CLOSE) is no error, as a
+                    // connection shut down in order is none for rxm: only lost peers are told.
+                    let lost =
+                        e.status == Status::PeerGone && e.data != vfabric::proto::PEER_CLOSED;
+                    if let (Some(peer), true) = (peer, lost) {
                         self.gone
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tracing::debug;
-use vfabric_proto::{ep_open, flags, FabricAddr, Status};
+use vfabric_proto::{ep_open, flags, FabricAddr, Status, PEER_CLOSED};
 
 use super::{eager_cost, Body, Endpoint, Fabric, Msg, Notify, Port, Slot, Teardown};
 use crate::chain::{completion, Req};
@@ -55,7 +55,7 @@ impl Fabric {
         }
         // Every endpoint of the device is closed: one pass for peers' directed receives.
         let node = self.node_addr(dev);
-        self.fail_directed_at(|peer| peer.node == node, Some(dev), n);
+        self.fail_directed_at(|peer| peer.node == node, Some(dev), false, n);
         self.release_services(|a| a.node == node);
         // The device's regions go with it: later accesses complete ACCESS at their initiator.
         let (mrs, events, port) = {
@@ -181,10 +181,15 @@ impl Fabric {
 
     /// Complete `PeerGone` every posted receive, on any device but `skip`, directed at an
     /// address `gone` says is closed: they can never match now.
+    ///
+    /// `closed`: the source's own driver closed it (EP_CLOSE): the completions carry
+    /// `data` = [`PEER_CLOSED`], telling an orderly close from a lost peer (reset, disconnect, a
+    /// lost host: `data` = 0).
     pub(super) fn fail_directed_at(
         &self,
         gone: impl Fn(FabricAddr) -> bool,
         skip: Option<usize>,
+        closed: bool,
         n: &mut Notify,
     ) {
         for dev in (0..self.devs.len()).filter(|&d| Some(d) != skip) {
@@ -206,7 +211,11 @@ impl Fabric {
                 (victims, port)
             };
             for r in &victims {
-                self.fail(dev, &port, r, Status::PeerGone, n);
+                let mut c = completion(Status::PeerGone, r.req.cookie);
+                if closed {
+                    c.data = PEER_CLOSED.into();
+                }
+                self.done(dev, &port, r, &c, 0, n);
             }
         }
     }
@@ -344,7 +353,7 @@ impl Fabric {
         let generation = self.ep_info(dev, req.req.ep).map_or(0, |(g, _)| g);
         self.close_ep(dev, req.req.ep as usize, Teardown::Cancel, n);
         let gone = FabricAddr::new(self.node_addr(dev), req.req.ep, generation);
-        self.fail_directed_at(|peer| peer == gone, None, n);
+        self.fail_directed_at(|peer| peer == gone, None, true, n);
         self.release_services(|a| a == gone);
         self.fail(dev, port, &req, Status::Ok, n);
     }

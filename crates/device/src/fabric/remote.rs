@@ -696,6 +696,7 @@ impl Fabric {
         self.fail_directed_at(
             |peer| peer.fabric() == fabric && peer.host() == host,
             None,
+            false,
             n,
         );
         let mut dropped = Vec::new();

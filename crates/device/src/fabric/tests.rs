@@ -498,6 +498,8 @@ fn directed_receives_fail_when_their_source_goes() {
     w.fabric.disconnect(0, &mut n);
     drop(n);
     assert_eq!(w.status(&from_a), Some(Status::PeerGone));
+    // A lost source: `data` 0.
+    assert_eq!(u64::from(w.comp(&from_a).data), 0);
     assert!(w.result(&from_c).is_none());
     assert!(w.result(&any).is_none());
     // A receive directed at an address that is already gone fails at once.
@@ -509,6 +511,8 @@ fn directed_receives_fail_when_their_source_goes() {
     let h = w.submit(2, cl, &[], 0);
     assert_eq!(w.status(&h), Some(Status::Ok));
     assert_eq!(w.status(&from_c), Some(Status::PeerGone));
+    // Closed by its own driver: an orderly close, told apart from a lost source.
+    assert_eq!(u64::from(w.comp(&from_c).data), vfabric_proto::PEER_CLOSED);
     assert!(w.result(&any).is_none());
     // B last found C open (and remembers it): C's close must still be noticed at once.
     let late_c = directed(&mut w, c, 5);
