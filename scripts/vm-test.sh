@@ -17,7 +17,8 @@ and no check failed (SKIPs are reported, not failures); 1 otherwise; 2 on bad us
 
 Options:
   --bins DIR          the project's binaries: DIR/vfabric (required), DIR/vfabricd (host daemon,
-                      required), DIR/vf_*_test and DIR/prov/libvfabric-fi.so (optional)
+                      required), DIR/vf_*_test, DIR/examples/vf_exchange_test and
+                      DIR/prov/libvfabric-fi.so (optional; their checks FAIL without them)
                       [default: <repo>/target/debug]
   --guest-script FILE guest-side script run in every guest instead of the default checks
                       (scripts/vm/guest-checks.sh); it may source /etc/vfabric/lib.sh (vm_pass,
@@ -198,6 +199,13 @@ qemu_run() { # runs the unpacked QEMU through its own loader and libraries
     "$lib"/ld-linux-x86-64.so.2 --library-path "$lib" "$QEMU_ROOT"/usr/bin/qemu-system-x86_64 \
         -L "$QEMU_ROOT"/usr/share/qemu -L "$QEMU_ROOT"/usr/share/seabios "$@"
 }
+# The same, replacing the calling (sub)shell: `qemu_exec ... &` makes $! QEMU's own pid (the
+# loader runs QEMU in its process), so a signal to it reaches QEMU, not a wrapper shell.
+qemu_exec() {
+    local lib=$QEMU_ROOT/usr/lib/x86_64-linux-gnu
+    exec "$lib"/ld-linux-x86-64.so.2 --library-path "$lib" "$QEMU_ROOT"/usr/bin/qemu-system-x86_64 \
+        -L "$QEMU_ROOT"/usr/share/qemu -L "$QEMU_ROOT"/usr/share/seabios "$@"
+}
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE"/.lock
@@ -292,7 +300,9 @@ stage_bin() { # SRC DEST
     stage_closure "$1"
 }
 stage_bin "$BINS"/vfabric /opt/vfabric/bin/vfabric
-for t in "$BINS"/vf_*_test; do
+# The C test programs (DIR/vf_*_test) and the driver's example vf_exchange_test (cargo build
+# --examples puts it in DIR/examples).
+for t in "$BINS"/vf_*_test "$BINS"/examples/vf_exchange_test; do
     if [ -x "$t" ]; then stage_bin "$t" "/opt/vfabric/bin/${t##*/}"; fi
 done
 PROVIDER=""
@@ -368,7 +378,7 @@ for ((i = 0; i < VMS; i++)); do
         net=(-netdev "dgram,id=n0,local.type=unix,local.path=$WORK/net$i,remote.type=unix,remote.path=$WORK/net$((1 - i))"
             -device "e1000,netdev=n0,mac=52:54:00:00:00:0$((i + 1))")
     fi
-    qemu_run -machine q35,accel=tcg -cpu max -smp 1 -m "$MEM_MB"M \
+    qemu_exec -machine q35,accel=tcg -cpu max -smp 1 -m "$MEM_MB"M \
         -object memory-backend-memfd,id=mem,size="$MEM_MB"M,share=on -numa node,memdev=mem \
         -nodefaults -no-user-config -display none -no-reboot \
         -chardev file,id=con,path="$WORK"/vm$i.log -serial chardev:con \
@@ -376,7 +386,7 @@ for ((i = 0; i < VMS; i++)); do
         -chardev socket,id=vf,path="$WORK"/sock/vfabric$i.sock \
         -device "$VHOST_DEVICE",chardev=vf,virtio-id="$DEVICE_ID",num_vqs="$NUM_VQS",config_size=48 \
         "${net[@]}" \
-        -kernel "$KERNEL" -initrd "$WORK"/initramfs.gz \
+        -kernel "$KERNEL" -initrd "$WORK"/initramfs.gz -pidfile "$WORK"/qemu$i.pid \
         -append "console=ttyS0 panic=-1 quiet loglevel=4 vfabric.vm=$i $APPEND" \
         >"$WORK"/qemu$i.log 2>&1 &
     PIDS+=($!)
@@ -418,9 +428,13 @@ while :; do
     for ((i = 0; i < VMS; i++)); do
         if [ -z "${KILLED[$i]:-}" ] && grep -q '^VFABRIC-VM: KILL-ME' "$WORK"/vm$i.log 2>/dev/null; then
             KILLED[$i]=1
-            kill -9 "${PIDS[$i]}" 2>/dev/null || true
+            # PIDS[i] is QEMU itself (qemu_exec); -pidfile is QEMU's own word for it.
+            qpid=$(cat "$WORK"/qemu$i.pid 2>/dev/null || true)
+            [ "${qpid:-${PIDS[$i]}}" = "${PIDS[$i]}" ] ||
+                log "vm$i: QEMU's pid file says ${qpid}, the runner started ${PIDS[$i]}"
+            kill -9 "${PIDS[$i]}" ${qpid:+"$qpid"} 2>/dev/null || true
             wait "${PIDS[$i]}" 2>/dev/null || true
-            log "vm$i killed (SIGKILL to its QEMU) as it asked"
+            log "vm$i killed (SIGKILL to its QEMU, pid ${PIDS[$i]}) as it asked"
             # (after the guest's own lines, which it printed first)
             if [ "$VMS" = 2 ]; then fd_var=MBOX_FD_$((1 - i)); echo "killed$i yes" >&"${!fd_var}"; fi
         fi

@@ -12,10 +12,12 @@
 # With two guests, eth0 links them (guest N is 169.254.38.(N+1)/24 after net_up) and
 # vm_put/vm_get pass short strings (addresses) from one guest to the other through the host.
 
-vm_pass() { echo "VFABRIC-VM: PASS $*"; }
-vm_fail() { echo "VFABRIC-VM: FAIL $*"; }
+# Each result line ends with the guest's uptime in seconds ("@12.3s"): where a run's time goes.
+vm_uptime() { cut -d' ' -f1 /proc/uptime; }
+vm_pass() { echo "VFABRIC-VM: PASS $* @$(vm_uptime)s"; }
+vm_fail() { echo "VFABRIC-VM: FAIL $* @$(vm_uptime)s"; }
 # vm_skip NAME REASON: a check that could not run. Never a pass.
-vm_skip() { echo "VFABRIC-VM: SKIP $1 ($2)"; }
+vm_skip() { echo "VFABRIC-VM: SKIP $1 ($2) @$(vm_uptime)s"; }
 vm_info() { echo "VFABRIC-VM: INFO $*"; }
 
 # vm_put KEY VALUE: make VALUE available to the other guest's vm_get KEY.

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Two processes on any two devices of one fabric (two VMs over virtio-pci, a VM and a host
 //! process over vhost-user, or two host processes) exchange messages, tagged messages and RMA
-//! reads and writes, verifying every byte. Used by the VM test (tests/vm/guest-checks.sh).
+//! reads and writes, verifying every byte. Used by the VM test (scripts/vm/guest-checks.sh).
 //!
 //! ```text
 //! vf_exchange_test server DEVICE ADDR_FILE   # writes "ADDRESS KEY REGION_ADDR" to ADDR_FILE

@@ -38,11 +38,13 @@ use crate::{Error, Result};
 mod config;
 mod dma;
 
+pub use crate::device_id::{
+    configured_device_id, DEVICE_ID_ENV, MAX_PCI_VIRTIO_ID, VIRTIO_PCI_VENDOR_ID,
+};
 pub(crate) use config::sysfs_device_dir;
 pub use config::{
-    configured_device_id, discover, discover_in, parse_virtio_caps, CapLocation, PciAddress,
-    VirtioPciCaps, DEVICE_ID_ENV, MAX_PCI_VIRTIO_ID, SYSFS_PCI_DEVICES,
-    VIRTIO_PCI_MODERN_DEVICE_BASE, VIRTIO_PCI_VENDOR_ID,
+    discover, discover_in, parse_virtio_caps, CapLocation, PciAddress, VirtioPciCaps,
+    SYSFS_PCI_DEVICES,
 };
 use config::{PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 pub(crate) use dma::dma_region;

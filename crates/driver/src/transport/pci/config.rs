@@ -6,49 +6,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use vfabric_proto as proto;
-
+// The device id, its environment variable and the virtio-pci ids are proto's and
+// crate::device_id's: one definition for the daemon, the driver and the CLI.
+use crate::device_id::{configured_device_id, virtio_pci_device_id, VIRTIO_PCI_VENDOR_ID};
 use crate::{Error, Result};
 
-/// PCI vendor id of virtio devices.
-pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
-/// Modern virtio-pci device ids are this plus the virtio device id.
-pub const VIRTIO_PCI_MODERN_DEVICE_BASE: u16 = 0x1040;
-/// Largest virtio device id a modern virtio-pci device carries (device id 0x107f).
-pub const MAX_PCI_VIRTIO_ID: u32 = 0x3f;
-/// Environment variable naming the virtio device id the fabric device uses (decimal or 0x
-/// hex); default the provisional [`proto::VIRTIO_ID_FABRIC`]. It must match `vfabricd
-/// --device-id` (QEMU cannot carry the provisional id: the VM tests use 38).
-pub const DEVICE_ID_ENV: &str = "VFABRIC_DEVICE_ID";
 /// Where the kernel lists PCI devices.
 pub const SYSFS_PCI_DEVICES: &str = "/sys/bus/pci/devices";
-
-/// The virtio device id to look for: `VFABRIC_DEVICE_ID`, else the provisional id.
-pub fn configured_device_id() -> Result<u32> {
-    match std::env::var(DEVICE_ID_ENV) {
-        Err(std::env::VarError::NotPresent) => Ok(proto::VIRTIO_ID_FABRIC),
-        Err(_) => Err(Error::InvalidArgument(format!(
-            "{DEVICE_ID_ENV} is not valid UTF-8"
-        ))),
-        Ok(v) => parse_device_id(&v),
-    }
-}
-
-fn parse_device_id(v: &str) -> Result<u32> {
-    let t = v.trim();
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(h) => u32::from_str_radix(h, 16),
-        None => t.parse(),
-    };
-    match parsed {
-        // Modern virtio-pci device ids are 0x1040..=0x107f.
-        Ok(id) if (1..=MAX_PCI_VIRTIO_ID).contains(&id) => Ok(id),
-        _ => Err(Error::InvalidArgument(format!(
-            "{DEVICE_ID_ENV}={v:?}: not a virtio device id virtio-pci can carry \
-             (1..={MAX_PCI_VIRTIO_ID}, decimal or 0x-hex)"
-        ))),
-    }
-}
 
 /// A PCI function address (`domain:bus:device.function`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,7 +74,10 @@ fn read_hex_file(path: &Path) -> Option<u32> {
 /// PCI functions under `root` (a `/sys/bus/pci/devices`-shaped directory) that are modern
 /// virtio devices with virtio device id `device_id`, sorted.
 pub fn discover_in(root: &Path, device_id: u32) -> Vec<PciAddress> {
-    let want = u32::from(VIRTIO_PCI_MODERN_DEVICE_BASE) + device_id;
+    // An id virtio-pci cannot carry matches no function.
+    let Some(want) = virtio_pci_device_id(device_id).map(u32::from) else {
+        return Vec::new();
+    };
     let mut found: Vec<PciAddress> = std::fs::read_dir(root)
         .map(|rd| {
             rd.flatten()
@@ -426,16 +393,14 @@ mod tests {
         assert_eq!(names, ["0000:00:03.0", "0000:00:05.0"]);
         assert_eq!(discover_in(root.path(), 56).len(), 1);
         assert!(discover_in(Path::new("/nonexistent"), 56).is_empty());
+        // Ids virtio-pci cannot carry match nothing (0x1040 + 0 is no modern device).
+        add("0000:00:07.0", "0x1af4\n", "0x1040\n");
+        assert!(discover_in(root.path(), 0).is_empty());
+        assert!(discover_in(root.path(), 64).is_empty());
     }
 
     #[test]
-    fn device_ids_and_addresses_parse() {
-        assert_eq!(parse_device_id("38").unwrap(), 38);
-        assert_eq!(parse_device_id(" 0x26 ").unwrap(), 38);
-        assert_eq!(parse_device_id("63").unwrap(), 63);
-        for bad in ["", "0", "abc", "-1", "64", "65000", "0x"] {
-            assert!(parse_device_id(bad).is_err(), "{bad:?}");
-        }
+    fn pci_addresses_parse() {
         let a: PciAddress = "00:03.0".parse().unwrap();
         assert_eq!(a.to_string(), "0000:00:03.0");
         for bad in [
