@@ -43,6 +43,9 @@ pub struct DomainObj {
     /// Remote peers of this domain's AVs, watched for disappearance (opened at the first
     /// insert; `None` if the private endpoint could not be opened).
     pub watch: std::sync::OnceLock<Option<crate::watch::PeerWatch>>,
+    /// Peers are watched: not for a domain opened for DGRAM endpoints, whose peers come and go
+    /// without a connection (a datagram peer's exit is no error).
+    watch_peers: bool,
     pub refs: Refs,
 }
 
@@ -50,7 +53,7 @@ impl DomainObj {
     fn watch(&self) -> Option<&crate::watch::PeerWatch> {
         self.watch
             .get_or_init(|| {
-                if crate::param_bool(c"peer_watch") == Some(false) {
+                if !self.watch_peers || crate::param_bool(c"peer_watch") == Some(false) {
                     return None;
                 }
                 crate::watch::PeerWatch::open(&self.dom).ok()
@@ -160,6 +163,9 @@ pub unsafe extern "C" fn domain_open(
             next_key: AtomicU64::new(1),
             multi: Default::default(),
             watch: Default::default(),
+            // SAFETY: `ep_attr` is NULL or valid in the consumer's fi_info.
+            watch_peers: unsafe { i.ep_attr.as_ref() }
+                .is_none_or(|ep| ep.type_ != sys::fi_ep_type_FI_EP_DGRAM),
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer; the consumer owns the box until fi_close.
