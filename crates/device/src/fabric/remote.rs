@@ -1246,4 +1246,135 @@ mod tests {
         assert_eq!(w.data(&r, 1), b"x");
         assert_eq!(replies(&w), vec![(2, 11, Status::Ok)]);
     }
+    /// A plain (not persistent) region of 64 bytes at address `base` of device 0 with remote
+    /// read and write access: its key.
+    fn plain_region(w: &mut World, base: u64) -> u64 {
+        let mut r = Request::new(Opcode::MrReg);
+        r.count = 1;
+        r.remote_addr = base;
+        r.compare = vfabric_proto::mr_flags::REMOTE_READ
+            | vfabric_proto::mr_flags::REMOTE_WRITE
+            | vfabric_proto::mr_flags::PROV_KEY;
+        let seg = w.guests[0].alloc(64);
+        let mut payload = seg.to_le_bytes().to_vec();
+        payload.extend_from_slice(&64u64.to_le_bytes());
+        let h = w.submit(0, r, &payload, 0);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        u64::from(w.comp(&h).data)
+    }
+
+    /// A FLUSH (or, with `data`, an RMA write) from host 2 to `to` with `ranges` and wire
+    /// `flags`.
+    fn flush_from_host(
+        to: FabricAddr,
+        ranges: &[(u64, u64, u64)],
+        data: &[u8],
+        flags: u32,
+    ) -> Incoming {
+        let mut bytes: Vec<u8> = ranges
+            .iter()
+            .flat_map(|&(addr, len, key)| {
+                vfabric_proto::RmaIov {
+                    addr: addr.into(),
+                    len: len.into(),
+                    key: key.into(),
+                }
+                .as_slice()
+                .to_vec()
+            })
+            .collect();
+        bytes.extend_from_slice(data);
+        let mut m = incoming(1, to, None, &bytes);
+        let opcode = if data.is_empty() {
+            Opcode::Flush
+        } else {
+            Opcode::RmaWrite
+        };
+        m.desc.opcode = (opcode as u16).into();
+        m.desc.count = (ranges.len() as u32).into();
+        m.desc.flags = flags.into();
+        m
+    }
+
+    #[test]
+    fn flushes_from_another_host_are_checked_like_local_ones() {
+        let mut w = World::new(1, Limits::default());
+        let b = w.open(0, RDM);
+        const BASE: u64 = 0x10_0000;
+        let key = plain_region(&mut w, BASE);
+        let verdict = |w: &World, m: Incoming| {
+            let mut n = Notify::default();
+            w.fabric
+                .accept_remote_rma(m, &mut n)
+                .map(|(s, _)| s)
+                .expect("no handled region: an answer at once")
+        };
+        let commit = data_flags::COMMIT_COMPLETE;
+        let whole = data_flags::WHOLE_REGION;
+        // A visibility flush of a plain region works; a persistent one is refused.
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 8, key)], &[], 0)),
+            Status::Ok
+        );
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 8, key)], &[], commit)),
+            Status::Access
+        );
+        // So is a COMMIT_COMPLETE write to it, before any byte moves.
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 4, key)], b"abcd", commit)),
+            Status::Access
+        );
+        let read4 = |w: &mut World| {
+            let mut rd = Request::new(Opcode::RmaRead);
+            rd.ep = b.ep;
+            rd.peer = b;
+            rd.remote_addr = BASE;
+            rd.remote_key = key;
+            let h = w.submit(0, rd, &[], 4);
+            assert_eq!(w.status(&h), Some(Status::Ok));
+            w.data(&h, 4)
+        };
+        assert_eq!(read4(&mut w), [0u8; 4], "the refused write left no trace");
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 4, key)], b"abcd", 0)),
+            Status::Ok
+        );
+        assert_eq!(read4(&mut w), *b"abcd", "a plain write lands");
+        // Out of range, a wrong key, an unknown device.
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE + 60, 8, key)], &[], 0)),
+            Status::Access
+        );
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 8, key ^ 1)], &[], 0)),
+            Status::Access
+        );
+        let mut m = flush_from_host(b, &[(BASE, 8, key)], &[], 0);
+        m.desc.dst_dev = 9.into();
+        assert_eq!(verdict(&w, m), Status::AddrNotAvail);
+        // A whole region names a key only; an unknown key is refused.
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(0, 0, key)], &[], whole)),
+            Status::Ok
+        );
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 0, key)], &[], whole)),
+            Status::Invalid
+        );
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(0, 0, key ^ 1)], &[], whole)),
+            Status::Access
+        );
+        // Bytes beyond the ranges (the parser refuses them too): refused, not read.
+        let mut m = flush_from_host(b, &[(BASE, 8, key)], &[], 0);
+        m.bytes.push(0);
+        assert_eq!(verdict(&w, m), Status::Invalid);
+        // A stale generation of the target endpoint.
+        let stale = FabricAddr::new(b.node, b.ep, b.generation + 1);
+        assert_eq!(
+            verdict(&w, flush_from_host(stale, &[(BASE, 8, key)], &[], 0)),
+            Status::AddrNotAvail
+        );
+    }
 }
