@@ -34,7 +34,7 @@ pub(super) enum CommitOrigin {
     Local {
         src_dev: usize,
         src_port: Port,
-        req: Req,
+        req: Box<Req>,
     },
     /// A FLUSH from another host: the verdict goes back as the REPLY to its request.
     Remote { host: u16, req_id: u64 },
@@ -55,7 +55,7 @@ pub(super) struct PendingCommit {
 
 impl PendingCommit {
     /// Whether the FLUSH waiting is local device `dev`'s (on TX queue `queue`, if given).
-    fn from_dev(&self, dev: usize, queue: Option<u16>) -> bool {
+    fn waited_by_dev(&self, dev: usize, queue: Option<u16>) -> bool {
         matches!(&self.origin, CommitOrigin::Local { src_dev, req, .. }
             if *src_dev == dev && queue.is_none_or(|q| q == req.queue))
     }
@@ -344,7 +344,7 @@ impl Fabric {
     pub(super) fn commits_teardown(&self, dev: usize, cancel: bool, n: &mut Notify) {
         self.take_commits(
             0..self.devs.len(),
-            |p| p.from_dev(dev, None),
+            |p| p.waited_by_dev(dev, None),
             cancel.then_some(Status::Canceled),
             n,
         );
@@ -381,7 +381,7 @@ impl Fabric {
     pub(super) fn commits_queue_stopped(&self, dev: usize, queue: u16, n: &mut Notify) {
         self.take_commits(
             0..self.devs.len(),
-            |p| p.from_dev(dev, Some(queue)),
+            |p| p.waited_by_dev(dev, Some(queue)),
             Some(Status::Canceled),
             n,
         );

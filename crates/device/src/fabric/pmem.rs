@@ -132,7 +132,7 @@ impl Fabric {
             let origin = CommitOrigin::Local {
                 src_dev: dev,
                 src_port: port.clone(),
-                req,
+                req: Box::new(req),
             };
             return self.start_commit(origin, &at, r.flags, cq_data, &targets, n);
         }
