@@ -8,8 +8,9 @@ use vfabric_proto::{ep_open, ByteValued, Le16, Le32, Le64, Opcode, Status, RMA_I
 
 /// "VFUL" little-endian.
 pub const MAGIC: u32 = 0x4c55_4656;
-/// Version of this wire format.
-pub const VERSION: u16 = 1;
+/// Version of this wire format. 2: FLUSH and the COMMIT_COMPLETE/WHOLE_REGION flags (a daemon
+/// of version 1 would drop a FLUSH unanswered, so the two never admit each other).
+pub const VERSION: u16 = 2;
 
 /// Message kinds.
 pub mod kind {
