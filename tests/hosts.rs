@@ -875,17 +875,17 @@ fn persisted(g: &Guest) -> (u64, u64) {
     (c.persisted_ranges, c.persisted_bytes)
 }
 
-/// Drive `g`'s progress (where its commit handler runs) on another thread until the flag is set.
+/// Drive `dom`'s progress (where its commit handler runs) on another thread until the flag is set.
 fn progress_thread<'s>(
     s: &'s std::thread::Scope<'s, '_>,
-    g: &'s Guest,
+    dom: &'s Domain,
 ) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     s.spawn(move || {
         let until = Instant::now() + OP_TIMEOUT;
         while !flag.load(Ordering::Acquire) && Instant::now() < until {
-            let _ = g.dom.progress();
+            let _ = dom.progress();
             std::thread::sleep(Duration::from_micros(200));
         }
     });
@@ -1143,7 +1143,7 @@ fn the_target_commit_handler_answers_commits_from_another_host() {
     }];
     let before = persisted(&b);
     std::thread::scope(|s| {
-        let stop = progress_thread(s, &b);
+        let stop = progress_thread(s, &b.dom);
         a.ep.commit(&ranges, to_b, 0, 1).unwrap();
         assert_eq!(a.next().context, 1);
         let evs = seen.lock().unwrap().clone();
@@ -1181,10 +1181,10 @@ fn the_target_commit_handler_answers_commits_from_another_host() {
     drop(region);
 }
 
-/// A commit waiting at another host for its handler's verdict fails HOST_UNREACH when that
-/// host's daemon dies.
+/// A commit waiting at another host for its handler's verdict fails PEER_GONE when the target
+/// process dies, and HOST_UNREACH when that host's daemon dies.
 #[test]
-fn a_lost_host_fails_a_waiting_commit_host_unreach() {
+fn a_lost_target_or_host_fails_a_waiting_commit() {
     use vfabric::{CommitEvent, RmaIov};
     let Some(TwoHosts {
         lan: _lan,
@@ -1195,6 +1195,46 @@ fn a_lost_host_fails_a_waiting_commit_host_unreach() {
         return;
     };
     let a = Guest::open(&d[0].sockets[0]);
+    // The target application closes its endpoint while its handler is stuck on the commit:
+    // PEER_GONE travels back.
+    {
+        use std::sync::{mpsc, Arc, Mutex};
+        let Guest {
+            dom,
+            cq: _cq,
+            av: _av,
+            ep,
+        } = Guest::open(&d[1].sockets[0]);
+        let to_b = a.av.insert(ep.name()).unwrap();
+        let (entered_tx, entered) = mpsc::channel::<()>();
+        let (release, released) = mpsc::channel::<()>();
+        let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
+        dom.set_commit_handler(Some(Arc::new(move |_: &CommitEvent| {
+            let _ = entered_tx.lock().unwrap().send(());
+            let _ = released.lock().unwrap().recv_timeout(OP_TIMEOUT);
+            0
+        })));
+        let (f, _path) = pmem_file(dir.path(), "pmem-gone", 4096);
+        let region = dom
+            .register_pmem(&f, 0, 4096, fi::REMOTE_READ | fi::REMOTE_WRITE)
+            .unwrap();
+        let range = [RmaIov {
+            addr: region.base(),
+            len: 64,
+            key: region.key(),
+        }];
+        std::thread::scope(|s| {
+            let stop = progress_thread(s, &dom);
+            a.ep.commit(&range, to_b, 0, 100).unwrap();
+            entered.recv_timeout(OP_TIMEOUT).expect("the handler runs");
+            drop(ep);
+            let e = a.next_err();
+            assert_eq!((e.context, e.status), (100, Status::PeerGone), "{e:?}");
+            release.send(()).unwrap();
+            stop.store(true, Ordering::Release);
+        });
+        drop(region);
+    }
     let b = Guest::open(&d[1].sockets[0]);
     let to_b = a.av.insert(b.ep.name()).unwrap();
     // A handled region whose target never drives progress: the commit waits (the commit
