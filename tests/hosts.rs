@@ -409,19 +409,24 @@ struct TwoHosts {
 impl TwoHosts {
     /// `None` where the test cannot run (not root, no `ip`).
     fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`TwoHosts::start`] with `extra` daemon arguments on both hosts.
+    fn start_with(extra: &[&str]) -> Option<Self> {
         if !can_run() {
             return None;
         }
         let lan = Lan::new(2);
         let dir = tempfile::tempdir().unwrap();
-        let d = two_hosts(dir.path(), &lan);
+        let d = two_hosts(dir.path(), &lan, extra);
         Some(Self { lan, dir, d })
     }
 }
 
-fn two_hosts(dir: &Path, lan: &Lan) -> Vec<HostDaemon> {
+fn two_hosts(dir: &Path, lan: &Lan, extra: &[&str]) -> Vec<HostDaemon> {
     let d: Vec<HostDaemon> = (0..2)
-        .map(|i| HostDaemon::start(lan, dir, i, i as u16 + 1, &uplink_args(2, i, &[])))
+        .map(|i| HostDaemon::start(lan, dir, i, i as u16 + 1, &uplink_args(2, i, extra)))
         .collect();
     d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
     d[1].wait_hosts(&[(1, 2, true)], Duration::from_secs(10));
@@ -841,26 +846,9 @@ fn atomics_across_hosts_run_at_the_target_device() {
     drop((rw, ro));
 }
 
-/// FLUSH does not cross hosts in this version (spec §6.17): a commit — to a region with a
-/// target commit handler or not — to another host's endpoint completes UNSUPPORTED at once,
-/// and the handler is never asked.
-#[test]
-fn commits_to_another_hosts_regions_are_unsupported() {
-    let Some(TwoHosts { lan: _lan, dir, d }) = TwoHosts::start() else {
-        return;
-    };
-    let a = Guest::open(&d[0].sockets[0]);
-    let b = Guest::open(&d[1].sockets[0]);
-    let to_b = a.av.insert(b.ep.name()).unwrap();
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let c2 = calls.clone();
-    b.dom.set_commit_handler(Some(std::sync::Arc::new(
-        move |_: &vfabric::CommitEvent| {
-            c2.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            0
-        },
-    )));
-    let path = dir.path().join("pmem-remote");
+/// A file of `len` zero bytes in `dir`.
+fn pmem_file(dir: &Path, name: &str, len: u64) -> (std::fs::File, PathBuf) {
+    let path = dir.join(name);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -868,20 +856,415 @@ fn commits_to_another_hosts_regions_are_unsupported() {
         .truncate(true)
         .open(&path)
         .unwrap();
-    f.set_len(4096).unwrap();
+    f.set_len(len).unwrap();
+    (f, path)
+}
+
+fn file_bytes(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    let mut v = vec![0u8; len];
+    f.read_exact(&mut v).unwrap();
+    v
+}
+
+/// Persistence counters of a guest's device (ranges, bytes): what the target daemon persisted.
+fn persisted(g: &Guest) -> (u64, u64) {
+    let c = g.dom.device_counters().unwrap();
+    (c.persisted_ranges, c.persisted_bytes)
+}
+
+/// Drive `dom`'s progress (where its commit handler runs) on another thread until the flag is set.
+fn progress_thread<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    dom: &'s Domain,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    s.spawn(move || {
+        let until = Instant::now() + OP_TIMEOUT;
+        while !flag.load(Ordering::Acquire) && Instant::now() < until {
+            let _ = dom.progress();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    });
+    stop
+}
+
+/// Writes with FI_COMMIT_COMPLETE, saves and commits from another host persist at the target
+/// daemon exactly the named ranges (its persistence counters) before the initiator completes,
+/// and the bytes are in the file after the target's daemon is SIGKILLed.
+#[test]
+fn commits_saves_and_commit_complete_writes_persist_across_hosts() {
+    use vfabric::proto::{atomic_op as op, datatype as dt};
+    use vfabric::{AtomicMsg, Iov, RmaIov, RmaMsg};
+    let Some(TwoHosts {
+        lan: _lan,
+        dir,
+        mut d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    const LEN: u64 = 1 << 18;
+    let (f, path) = pmem_file(dir.path(), "pmem-across", LEN + 100);
+    // A region starting inside a page of the file.
+    let region = b
+        .dom
+        .register_pmem(&f, 100, LEN as usize, fi::REMOTE_READ | fi::REMOTE_WRITE)
+        .unwrap();
+    let range = |off: u64, len: u64| RmaIov {
+        addr: region.base() + off,
+        len,
+        key: region.key(),
+    };
+    let mut want = vec![0u8; LEN as usize];
+    let mut expect = persisted(&b);
+    // COMMIT_COMPLETE writes of several sizes and offsets, some straddling pages, one of many
+    // wire chunks.
+    for (i, &(off, n)) in [
+        (0u64, 1usize),
+        (7, 64),
+        (3996, 200),
+        (8100, 4188),
+        (20_000, 100_000),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let bytes = pattern(i as u32 + 50, n);
+        a.ep.writemsg(
+            &RmaMsg {
+                iov: &[Iov::bytes(&bytes)],
+                addr: to_b,
+                rma_iov: &[range(off, n as u64)],
+                context: 10 + i as u64,
+                data: 0,
+            },
+            fi::COMMIT_COMPLETE,
+        )
+        .unwrap();
+        let c = a.next();
+        assert_eq!((c.context, c.len), (10 + i as u64, n));
+        want[off as usize..off as usize + n].copy_from_slice(&bytes);
+        expect = (expect.0 + 1, expect.1 + n as u64);
+        assert_eq!(persisted(&b), expect, "persisted exactly the written range");
+    }
+    // A plain write persists nothing; a save of it (and another range) persists both.
+    a.ep.write(
+        &[0xaa; 5000],
+        to_b,
+        region.base() + 130_000,
+        region.key(),
+        20,
+    )
+    .unwrap();
+    assert_eq!(a.next().context, 20);
+    want[130_000..135_000].fill(0xaa);
+    assert_eq!(persisted(&b), expect, "plain writes are not persisted");
+    a.ep.save(
+        &[range(130_000, 5000), range(200_000, 10)],
+        to_b,
+        fi::COMMIT_COMPLETE,
+        None,
+        21,
+    )
+    .unwrap();
+    let c = a.next();
+    assert_eq!((c.context, c.len), (21, 0));
+    expect = (expect.0 + 2, expect.1 + 5010);
+    assert_eq!(persisted(&b), expect);
+    // A visibility save runs no persistence; a zero-length commit is valid and persists nothing.
+    a.ep.save(&[range(0, 16)], to_b, fi::DELIVERY_COMPLETE, None, 22)
+        .unwrap();
+    assert_eq!(a.next().context, 22);
+    a.ep.commit(&[range(50, 0)], to_b, 0, 23).unwrap();
+    assert_eq!(a.next().context, 23);
+    assert_eq!(persisted(&b), expect);
+    // The commit operation after a plain write.
+    a.ep.write(&[0xcc; 64], to_b, region.base() + 4090, region.key(), 24)
+        .unwrap();
+    a.next();
+    want[4090..4154].fill(0xcc);
+    a.ep.commit(&[range(4090, 64)], to_b, 0, 25).unwrap();
+    assert_eq!(a.next().context, 25);
+    expect = (expect.0 + 1, expect.1 + 64);
+    assert_eq!(persisted(&b), expect);
+    // A save with remote CQ data notifies the target once the ranges are durable.
+    b.ep.recv_vec(64, 500).unwrap();
+    a.ep.save(&[range(0, 8)], to_b, fi::COMMIT_COMPLETE, Some(0x5157), 26)
+        .unwrap();
+    assert_eq!(a.next().context, 26);
+    let t = b.next();
+    assert_eq!((t.context, t.data), (500, 0x5157));
+    expect = (expect.0 + 1, expect.1 + 8);
+    // An atomic with COMMIT_COMPLETE persists its result.
+    let operand = 41u64.to_le_bytes();
+    a.ep.atomicmsg(
+        &AtomicMsg {
+            operands: &operand,
+            addr: to_b,
+            remote_addr: region.base() + 240_000,
+            key: region.key(),
+            datatype: dt::UINT64,
+            op: op::SUM,
+            count: 1,
+            context: 27,
+        },
+        fi::COMMIT_COMPLETE,
+    )
+    .unwrap();
+    assert_eq!(a.next().context, 27);
+    want[240_000..240_008].copy_from_slice(&41u64.to_le_bytes());
+    expect = (expect.0 + 1, expect.1 + 8);
+    assert_eq!(persisted(&b), expect);
+
+    // The target's daemon dies (SIGKILL) with the guest still attached: the file, opened
+    // afresh, holds every committed byte.
+    drop(d.remove(1));
+    assert!(
+        file_bytes(&path, 100, LEN as usize) == want,
+        "the file differs from what was committed"
+    );
+    drop(region);
+}
+
+/// A FLUSH from another host is checked by the target's device as a local one: no FI_RMA_PMEM
+/// region, no remote write access, out of range, a wrong key, COMMIT_COMPLETE on a plain
+/// region — all ACCESS, nothing persisted; a visibility save to a plain region works.
+#[test]
+fn bad_commits_across_hosts_are_refused_by_the_target() {
+    use vfabric::{Iov, RmaIov, RmaMsg};
+    let Some(TwoHosts { lan: _lan, dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let (f, _path) = pmem_file(dir.path(), "pmem-bad", 8192);
+    let region = b
+        .dom
+        .register_pmem(&f, 0, 8192, fi::REMOTE_READ | fi::REMOTE_WRITE)
+        .unwrap();
+    let ro = b.dom.register_pmem(&f, 0, 4096, fi::REMOTE_READ).unwrap();
+    let plain_buf = b.dom.alloc_buffer(4096).unwrap();
+    let plain = b
+        .dom
+        .register(&plain_buf, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
+        .unwrap();
+    let before = persisted(&b);
+    let one = |addr, len, key| [RmaIov { addr, len, key }];
+    let access = |ctx: u64| {
+        let e = a.next_err();
+        assert_eq!((e.context, e.status), (ctx, Status::Access), "{e:?}");
+        assert_eq!(e.err, 13, "FI_EACCES");
+    };
+    a.ep.commit(&one(plain.base(), 8, plain.key()), to_b, 0, 1)
+        .unwrap();
+    access(1);
+    a.ep.commit(&one(ro.base(), 8, ro.key()), to_b, 0, 2)
+        .unwrap();
+    access(2);
+    a.ep.commit(&one(region.base() + 8000, 200, region.key()), to_b, 0, 3)
+        .unwrap();
+    access(3);
+    a.ep.commit(&one(region.base(), 8, region.key() ^ 0x5a5a), to_b, 0, 4)
+        .unwrap();
+    access(4);
+    a.ep.writemsg(
+        &RmaMsg {
+            iov: &[Iov::bytes(&[1u8; 8])],
+            addr: to_b,
+            rma_iov: &one(plain.base(), 8, plain.key()),
+            context: 5,
+            data: 0,
+        },
+        fi::COMMIT_COMPLETE,
+    )
+    .unwrap();
+    access(5);
+    // SAFETY: no operation on B's plain region is in flight (A's write was refused).
+    assert!(
+        unsafe { plain_buf.as_slice() }[..8] == [0u8; 8],
+        "a refused COMMIT_COMPLETE write wrote nothing"
+    );
+    a.ep.save(
+        &one(plain.base(), 8, plain.key()),
+        to_b,
+        fi::DELIVERY_COMPLETE,
+        None,
+        6,
+    )
+    .unwrap();
+    assert_eq!(a.next().context, 6);
+    assert_eq!(persisted(&b), before, "nothing was persisted");
+    // The link still works after the refusals.
+    exchange(&a, &b, &[16], 600);
+    drop((region, ro, plain));
+}
+
+/// The target commit handler across hosts (spec §6.17.3): a commit from another host to a
+/// handled region waits at the target's device for its driver's verdict, which travels back:
+/// success, a refusal with the handler's value, the commit timeout.
+#[test]
+fn the_target_commit_handler_answers_commits_from_another_host() {
+    use std::sync::atomic::AtomicI64;
+    use std::sync::{Arc, Mutex};
+    use vfabric::{CommitEvent, RmaIov};
+    let Some(TwoHosts { lan: _lan, dir, d }) =
+        TwoHosts::start_with(&["--commit-timeout-ms", "800"])
+    else {
+        return;
+    };
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let seen: Arc<Mutex<Vec<CommitEvent>>> = Arc::default();
+    let answer = Arc::new(AtomicI64::new(0));
+    let (log, value) = (seen.clone(), answer.clone());
+    b.dom
+        .set_commit_handler(Some(Arc::new(move |ev: &CommitEvent| {
+            log.lock().unwrap().push(ev.clone());
+            value.load(Ordering::Acquire) as i32
+        })));
+    let (f, _path) = pmem_file(dir.path(), "pmem-handled", 1 << 16);
+    let region = b
+        .dom
+        .register_pmem(&f, 0, 1 << 16, fi::REMOTE_READ | fi::REMOTE_WRITE)
+        .unwrap();
+    let ranges = [RmaIov {
+        addr: region.base() + 100,
+        len: 5000,
+        key: region.key(),
+    }];
+    let before = persisted(&b);
+    std::thread::scope(|s| {
+        let stop = progress_thread(s, &b.dom);
+        a.ep.commit(&ranges, to_b, 0, 1).unwrap();
+        assert_eq!(a.next().context, 1);
+        let evs = seen.lock().unwrap().clone();
+        assert_eq!(evs.len(), 1, "one event per commit");
+        let ev = &evs[0];
+        assert_eq!(ev.initiator, a.ep.name(), "the initiator on the other host");
+        assert_eq!(ev.target_ep, b.ep.name().ep);
+        assert_ne!(ev.flags & fi::COMMIT_COMPLETE, 0);
+        assert_ne!(ev.flags & fi::SAVE, 0);
+        assert_eq!(ev.ranges.len(), 1);
+        assert_eq!(
+            (ev.ranges[0].addr, ev.ranges[0].len, ev.ranges[0].key),
+            (ranges[0].addr, 5000, region.key())
+        );
+        // A refusal: the handler's value reaches the initiator (negative ones too).
+        for (ctx, v) in [(2u64, 42i64), (3, -5)] {
+            answer.store(v, Ordering::Release);
+            a.ep.commit(&ranges, to_b, 0, ctx).unwrap();
+            let e = a.next_err();
+            assert_eq!((e.context, e.status), (ctx, Status::CommitRefused), "{e:?}");
+            assert_eq!(e.err, fi::EIO);
+            assert_eq!(e.data as i64, v, "the handler's value");
+        }
+        answer.store(0, Ordering::Release);
+        stop.store(true, Ordering::Release);
+    });
+    // The ranges were persisted before each verdict.
+    let after = persisted(&b);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (3, 15_000));
+    // Nobody drives the target's progress now: the commit times out at the target's device.
+    a.ep.commit(&ranges, to_b, 0, 4).unwrap();
+    let e = a.next_err();
+    assert_eq!((e.context, e.status), (4, Status::TimedOut), "{e:?}");
+    assert_eq!(e.err, fi::ETIMEDOUT);
+    drop(region);
+}
+
+/// A commit waiting at another host for its handler's verdict fails PEER_GONE when the target
+/// process dies, and HOST_UNREACH when that host's daemon dies.
+#[test]
+fn a_lost_target_or_host_fails_a_waiting_commit() {
+    use vfabric::{CommitEvent, RmaIov};
+    let Some(TwoHosts {
+        lan: _lan,
+        dir,
+        mut d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let a = Guest::open(&d[0].sockets[0]);
+    // The target application closes its endpoint while its handler is stuck on the commit:
+    // PEER_GONE travels back.
+    {
+        use std::sync::{mpsc, Arc, Mutex};
+        let Guest {
+            dom,
+            cq: _cq,
+            av: _av,
+            ep,
+        } = Guest::open(&d[1].sockets[0]);
+        let to_b = a.av.insert(ep.name()).unwrap();
+        let (entered_tx, entered) = mpsc::channel::<()>();
+        let (release, released) = mpsc::channel::<()>();
+        let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
+        dom.set_commit_handler(Some(Arc::new(move |_: &CommitEvent| {
+            let _ = entered_tx.lock().unwrap().send(());
+            let _ = released.lock().unwrap().recv_timeout(OP_TIMEOUT);
+            0
+        })));
+        let (f, _path) = pmem_file(dir.path(), "pmem-gone", 4096);
+        let region = dom
+            .register_pmem(&f, 0, 4096, fi::REMOTE_READ | fi::REMOTE_WRITE)
+            .unwrap();
+        let range = [RmaIov {
+            addr: region.base(),
+            len: 64,
+            key: region.key(),
+        }];
+        std::thread::scope(|s| {
+            let stop = progress_thread(s, &dom);
+            a.ep.commit(&range, to_b, 0, 100).unwrap();
+            entered.recv_timeout(OP_TIMEOUT).expect("the handler runs");
+            drop(ep);
+            let e = a.next_err();
+            assert_eq!((e.context, e.status), (100, Status::PeerGone), "{e:?}");
+            release.send(()).unwrap();
+            stop.store(true, Ordering::Release);
+        });
+        drop(region);
+    }
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    // A handled region whose target never drives progress: the commit waits (the commit
+    // timeout is 5 s, above the peer timeout of 1.5 s).
+    b.dom
+        .set_commit_handler(Some(std::sync::Arc::new(|_: &CommitEvent| 0)));
+    let (f, _path) = pmem_file(dir.path(), "pmem-lost", 4096);
     let region = b
         .dom
         .register_pmem(&f, 0, 4096, fi::REMOTE_READ | fi::REMOTE_WRITE)
         .unwrap();
-    let range = [vfabric::RmaIov {
+    let range = [RmaIov {
         addr: region.base(),
-        len: 8,
+        len: 64,
         key: region.key(),
     }];
     a.ep.commit(&range, to_b, 0, 1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        matches!(a.cq.read(&mut Vec::new(), 1), Err(VfError::Again)),
+        "the commit completed before any verdict"
+    );
+    let t = Instant::now();
+    drop(d.remove(1));
     let e = a.next_err();
-    assert_eq!((e.context, e.status), (1, Status::Unsupported), "{e:?}");
-    b.dom.progress().unwrap();
-    assert_eq!(calls.load(std::sync::atomic::Ordering::Acquire), 0);
+    assert_eq!((e.context, e.status), (1, Status::HostUnreach), "{e:?}");
+    assert_eq!(e.err, 113, "FI_EHOSTUNREACH");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    // A new commit to the down host fails at once.
+    a.ep.commit(&range, to_b, 0, 2).unwrap();
+    assert_eq!(a.next_err().status, Status::HostUnreach);
     drop(region);
 }

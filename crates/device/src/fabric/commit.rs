@@ -18,20 +18,31 @@ use tracing::debug;
 use vfabric_proto::{commit_event_area_len, CommitEventMsg, FabricAddr, RmaIov, Status};
 use vm_memory::GuestAddressSpace;
 
+use super::pmem::FlushAt;
 use super::rma::Target;
 use super::{Dev, Fabric, Notify, Port};
 use crate::chain::{completion, Req};
+use crate::uplink::remote::Outbound;
 
 /// Commits waiting for a verdict per target device: beyond it a handled commit completes
 /// NO_RESOURCES (the data is durable already; the initiator may retry).
 pub(crate) const MAX_PENDING_COMMITS: usize = 256;
 
+/// Who waits for a commit's verdict.
+pub(super) enum CommitOrigin {
+    /// A FLUSH of a local device: completions go to its port (its rings of the time).
+    Local {
+        src_dev: usize,
+        src_port: Port,
+        req: Box<Req>,
+    },
+    /// A FLUSH from another host: the verdict goes back as the REPLY to its request.
+    Remote { host: u16, req_id: u64 },
+}
+
 /// A commit waiting for its target driver's verdict.
 pub(super) struct PendingCommit {
-    /// The initiator's device, its port (completions go to its rings of the time) and FLUSH.
-    src_dev: usize,
-    src_port: Port,
-    req: Req,
+    origin: CommitOrigin,
     /// Initiator and target addresses (FENCE looks at them).
     src: FabricAddr,
     target_ep: usize,
@@ -40,6 +51,14 @@ pub(super) struct PendingCommit {
     deadline: Instant,
     /// Written into a COMMIT_EVENT: a reply may name it now.
     delivered: bool,
+}
+
+impl PendingCommit {
+    /// Whether the FLUSH waiting is local device `dev`'s (on TX queue `queue`, if given).
+    fn waited_by_dev(&self, dev: usize, queue: Option<u16>) -> bool {
+        matches!(&self.origin, CommitOrigin::Local { src_dev, req, .. }
+            if *src_dev == dev && queue.is_none_or(|q| q == req.queue))
+    }
 }
 
 /// A device's side of the round trip.
@@ -104,29 +123,24 @@ impl Fabric {
     }
 
     /// A FLUSH at COMMIT_COMPLETE reached regions of which one has a commit handler: its
-    /// ranges are durable; queue the event for the target driver and keep the FLUSH pending.
-    #[allow(clippy::too_many_arguments)]
+    /// ranges are durable; queue the event for the target driver and keep the FLUSH pending
+    /// (its initiator a local device's request or another host's).
     pub(super) fn start_commit(
         &self,
-        src_dev: usize,
-        src_port: &Port,
-        req: Req,
-        src: FabricAddr,
-        ddev: usize,
-        dep: usize,
+        origin: CommitOrigin,
+        at: &FlushAt,
+        flush_flags: u64,
+        cq_data: Option<u64>,
         targets: &[Target],
         n: &mut Notify,
     ) {
+        let (ddev, dep) = (at.ddev, at.dep);
         let msg = CommitEventMsg {
             event_id: self.next_commit_id.fetch_add(1, Ordering::Relaxed),
-            flags: req.req.flags,
-            initiator: src,
+            flags: flush_flags,
+            initiator: at.src,
             ep: dep as u32,
-            data: if req.req.flags & vfabric_proto::flags::REMOTE_CQ_DATA != 0 {
-                req.req.data
-            } else {
-                0
-            },
+            data: cq_data.unwrap_or(0),
             ranges: targets
                 .iter()
                 .map(|t| RmaIov {
@@ -137,14 +151,17 @@ impl Fabric {
                 .collect(),
         };
         let mut d = self.dev(ddev);
-        if d.live_ep(dep, req.req.peer.generation).is_none() {
-            drop(d);
-            return self.fail(src_dev, src_port, &req, Status::PeerGone, n);
-        }
-        if d.commits.pending.len() >= MAX_PENDING_COMMITS {
-            drop(d);
+        let refused = if d.live_ep(dep, at.gen).is_none() {
+            Some(Status::PeerGone)
+        } else if d.commits.pending.len() >= MAX_PENDING_COMMITS {
             debug!(ddev, "commit table full");
-            return self.fail(src_dev, src_port, &req, Status::NoResources, n);
+            Some(Status::NoResources)
+        } else {
+            None
+        };
+        if let Some(status) = refused {
+            drop(d);
+            return self.finish_commit(origin, Verdict { status, value: 0 }, n);
         }
         debug!(
             ddev,
@@ -155,10 +172,8 @@ impl Fabric {
         d.commits.pending.insert(
             msg.event_id,
             PendingCommit {
-                src_dev,
-                src_port: src_port.clone(),
-                req,
-                src,
+                origin,
+                src: at.src,
                 target_ep: dep,
                 record: msg.to_bytes(),
                 deadline: Instant::now() + self.commit_timeout,
@@ -198,14 +213,48 @@ impl Fabric {
                 value,
             }
         };
-        self.finish_commit(p, verdict, n);
+        self.finish_commit(p.origin, verdict, n);
         self.fail(dev, port, &req, Status::Ok, n);
     }
 
-    fn finish_commit(&self, p: PendingCommit, v: Verdict, n: &mut Notify) {
-        let mut c = completion(v.status, p.req.req.cookie);
-        c.data = v.value.into();
-        self.done(p.src_dev, &p.src_port, &p.req, &c, 0, n);
+    /// Complete the FLUSH of `origin` with verdict `v`: a local request's completion carries
+    /// the handler's value in `data`; another host's REPLY carries it as 8 bytes (only with
+    /// COMMIT_REFUSED, the one status that has a value).
+    fn finish_commit(&self, origin: CommitOrigin, v: Verdict, n: &mut Notify) {
+        match origin {
+            CommitOrigin::Local {
+                src_dev,
+                src_port,
+                req,
+            } => {
+                let mut c = completion(v.status, req.req.cookie);
+                c.data = v.value.into();
+                self.done(src_dev, &src_port, &req, &c, 0, n);
+            }
+            CommitOrigin::Remote { host, req_id } => {
+                let bytes = if v.status == Status::CommitRefused {
+                    v.value.to_le_bytes().to_vec()
+                } else {
+                    Vec::new()
+                };
+                self.outbox.push(Outbound::Reply {
+                    host,
+                    req_id,
+                    status: v.status,
+                    bytes,
+                });
+            }
+        }
+    }
+
+    /// `host` is lost: commits it waits for are forgotten (nobody is left to answer).
+    pub(super) fn commits_host_lost(&self, host: u16, n: &mut Notify) {
+        self.take_commits(
+            0..self.devs.len(),
+            |p| matches!(p.origin, CommitOrigin::Remote { host: h, .. } if h == host),
+            None,
+            n,
+        );
     }
 
     /// Take the commits of every device that `pred` selects and complete them with `status`
@@ -236,7 +285,7 @@ impl Fabric {
             };
             if let Some(status) = status {
                 for p in gone {
-                    self.finish_commit(p, Verdict { status, value: 0 }, n);
+                    self.finish_commit(p.origin, Verdict { status, value: 0 }, n);
                 }
             }
         }
@@ -264,7 +313,7 @@ impl Fabric {
                 debug!(dev, src = %p.src, "commit timed out at the target");
                 expired += 1;
                 self.finish_commit(
-                    p,
+                    p.origin,
                     Verdict {
                         status: Status::TimedOut,
                         value: 0,
@@ -295,7 +344,7 @@ impl Fabric {
     pub(super) fn commits_teardown(&self, dev: usize, cancel: bool, n: &mut Notify) {
         self.take_commits(
             0..self.devs.len(),
-            |p| p.src_dev == dev,
+            |p| p.waited_by_dev(dev, None),
             cancel.then_some(Status::Canceled),
             n,
         );
@@ -310,7 +359,7 @@ impl Fabric {
             drop(d);
             for p in rest {
                 self.finish_commit(
-                    p,
+                    p.origin,
                     Verdict {
                         status: Status::PeerGone,
                         value: 0,
@@ -332,7 +381,7 @@ impl Fabric {
     pub(super) fn commits_queue_stopped(&self, dev: usize, queue: u16, n: &mut Notify) {
         self.take_commits(
             0..self.devs.len(),
-            |p| p.src_dev == dev && p.req.queue == queue,
+            |p| p.waited_by_dev(dev, Some(queue)),
             Some(Status::Canceled),
             n,
         );

@@ -12,11 +12,13 @@
 use smallvec::SmallVec;
 use tracing::debug;
 use vfabric_proto::{
-    flags, mr_flags, ByteValued, RmaIov, Status, RMA_IOV_LEN, VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+    flags, mr_flags, ByteValued, FabricAddr, RmaIov, Status, RMA_IOV_LEN,
+    VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
 };
 use vm_memory::GuestAddressSpace;
 
-use super::rma::{MrAccess, Target};
+use super::commit::CommitOrigin;
+use super::rma::{MrAccess, Target, Targets};
 use super::{eager_cost, Fabric, Meta, Notify, Port};
 use crate::chain::{completion, Req, Segs};
 use crate::pmem::PmemFile;
@@ -83,6 +85,8 @@ impl Fabric {
     pub(super) fn op_flush(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
         let (me, ddev, dep) = match self.rma_peer(dev, &req) {
             Ok(x) => x,
+            // Another host's endpoint: its daemon runs the same checks (remote.rs).
+            Err(Status::Unsupported) => return self.flush_remote(dev, port, req, n),
             Err(s) => return self.fail(dev, port, &req, s, n),
         };
         let r = req.req;
@@ -92,15 +96,10 @@ impl Fabric {
             if r.remote_addr != 0 {
                 return self.fail(dev, port, &req, Status::Invalid, n);
             }
-            let whole = self
-                .dev(ddev)
-                .mrs
-                .get(&r.remote_key)
-                .map(|m| (m.base(), m.len()));
-            let Some((base, len)) = whole else {
+            let Some(whole) = self.whole_region(ddev, r.remote_key) else {
                 return self.fail(dev, port, &req, Status::Access, n);
             };
-            ranges.push((base, len, r.remote_key));
+            ranges.push(whole);
         } else {
             let mem = port.mem.memory();
             for i in 0..u64::from(r.count) {
@@ -115,44 +114,84 @@ impl Fabric {
                 ranges.push((e.addr.into(), e.len.into(), e.key.into()));
             }
         }
-        let (targets, dport) = match self.targets_of(
+        let commit = r.flags & flags::COMMIT_COMPLETE != 0;
+        let cq_data = (r.flags & flags::REMOTE_CQ_DATA != 0).then_some(r.data);
+        let at = FlushAt {
+            src_dev: dev,
+            src: me,
             ddev,
             dep,
-            r.peer.generation,
-            &ranges,
-            mr_flags::REMOTE_WRITE,
-        ) {
-            Ok(x) => x,
-            Err(s) => {
-                debug!(dev, ddev, ?s, "flush refused");
-                return self.fail(dev, port, &req, s, n);
-            }
+            gen: r.peer.generation,
         };
-        let commit = r.flags & flags::COMMIT_COMPLETE != 0;
+        let targets = match self.flush_at(&at, &ranges, commit, cq_data, n) {
+            Ok(t) => t,
+            Err(s) => return self.fail(dev, port, &req, s, n),
+        };
+        // A region with a commit handler: the verdict is the target driver's (§6.17.3).
+        if commit && targets.iter().any(|t| t.mr.commit_event) {
+            let origin = CommitOrigin::Local {
+                src_dev: dev,
+                src_port: port.clone(),
+                req: Box::new(req),
+            };
+            return self.start_commit(origin, &at, r.flags, cq_data, &targets, n);
+        }
+        self.done(dev, port, &req, &completion(Status::Ok, r.cookie), 0, n);
+    }
+
+    /// The range (address, length, key) of the whole region `key` of `ddev`.
+    pub(super) fn whole_region(&self, ddev: usize, key: u64) -> Option<(u64, u64, u64)> {
+        self.dev(ddev)
+            .mrs
+            .get(&key)
+            .map(|m| (m.base(), m.len(), key))
+    }
+
+    /// The checks and work of a FLUSH at its target, for a local initiator or another host's
+    /// (§6.17): resolve `ranges` with remote write access, refuse non-persistent regions at
+    /// COMMIT_COMPLETE, persist, and notify the target of `cq_data`. Returns the targets (a
+    /// caller hands a commit to handled regions on to [`Fabric::start_commit`]).
+    pub(super) fn flush_at(
+        &self,
+        at: &FlushAt,
+        ranges: &[(u64, u64, u64)],
+        commit: bool,
+        cq_data: Option<u64>,
+        n: &mut Notify,
+    ) -> Result<Targets, Status> {
+        let FlushAt {
+            src_dev,
+            src,
+            ddev,
+            dep,
+            gen,
+        } = *at;
+        let (targets, dport) = self
+            .targets_of(ddev, dep, gen, ranges, mr_flags::REMOTE_WRITE)
+            .inspect_err(|s| debug!(src_dev, ddev, ?s, "flush refused"))?;
         if commit && targets.iter().any(|t| t.mr.pmem.is_none()) {
-            return self.fail(dev, port, &req, Status::Access, n);
+            return Err(Status::Access);
         }
         // Every range must still be registered (a deregistered one fails the flush).
         let held: Option<SmallVec<[MrAccess; 2]>> = targets.iter().map(|t| t.mr.enter()).collect();
         if held.is_none() {
-            return self.fail(dev, port, &req, Status::Access, n);
+            return Err(Status::Access);
         }
         drop(held);
         let meta = Meta {
-            src: me,
+            src,
             tagged: false,
             tag: 0,
-            cq_data: Some(r.data),
+            cq_data,
             len: 0,
             rma_len: Some(0),
         };
         let mut notify = false;
-        if r.flags & flags::REMOTE_CQ_DATA != 0 {
+        if cq_data.is_some() {
             let mut d = self.dev(ddev);
             if d.acked & vfabric_proto::bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
                 if !self.reserve_notification(&mut d, dep, &meta) {
-                    drop(d);
-                    return self.fail(dev, port, &req, Status::NoResources, n);
+                    return Err(Status::NoResources);
                 }
                 notify = true;
             }
@@ -166,15 +205,22 @@ impl Fabric {
             if notify {
                 self.dev(ddev).unexpected_bytes -= eager_cost(0);
             }
-            return self.fail(dev, port, &req, status, n);
+            return Err(status);
         }
         if notify {
-            self.notify_write(dev, ddev, dep, &dport, meta, n);
+            self.notify_write(src_dev, ddev, dep, &dport, meta, n);
         }
-        // A region with a commit handler: the verdict is the target driver's (§6.17.3).
-        if commit && targets.iter().any(|t| t.mr.commit_event) {
-            return self.start_commit(dev, port, req, me, ddev, dep, &targets, n);
-        }
-        self.done(dev, port, &req, &completion(Status::Ok, r.cookie), 0, n);
+        Ok(targets)
     }
+}
+
+/// Where a FLUSH acts: its initiator (`src_dev` is a local device, or the marker of another
+/// host's), the target device and endpoint, and the generation the initiator named.
+#[derive(Clone, Copy)]
+pub(super) struct FlushAt {
+    pub src_dev: usize,
+    pub src: FabricAddr,
+    pub ddev: usize,
+    pub dep: usize,
+    pub gen: u32,
 }

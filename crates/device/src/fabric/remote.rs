@@ -19,7 +19,9 @@ use vfabric_proto::{
 use vm_memory::GuestAddressSpace;
 
 use super::atomic::{self, ATOMIC_TYPES, MAX_ATOMIC_COUNT};
+use super::commit::CommitOrigin;
 use super::matching::take_posted;
+use super::pmem::FlushAt;
 use super::{eager_cost, Body, Fabric, Meta, Msg, Notify, Port};
 use crate::chain::{completion, Req};
 use crate::stats::Counters;
@@ -146,6 +148,18 @@ impl Fabric {
         read: &[u8],
         n: &mut Notify,
     ) {
+        if req.req.opcode == Opcode::Flush {
+            // A refusal by the target's commit handler carries the handler's value.
+            let mut c = completion(status, req.req.cookie);
+            if status == Status::CommitRefused {
+                let mut value = [0u8; 8];
+                if let Some(b) = read.get(..8) {
+                    value.copy_from_slice(b);
+                }
+                c.data = u64::from_le_bytes(value).into();
+            }
+            return self.done(dev, port, req, &c, 0, n);
+        }
         if status != Status::Ok {
             return self.fail(dev, port, req, status, n);
         }
@@ -240,10 +254,15 @@ impl Fabric {
         drop(mem);
         let cq_data = write && r.flags & flags::REMOTE_CQ_DATA != 0;
         let mut desc = describe(&r, dev, sgen, to, bytes.len() as u64);
+        let mut wire_flags = 0;
         if cq_data {
             desc.data = r.data.into();
-            desc.flags = data_flags::REMOTE_CQ_DATA.into();
+            wire_flags |= data_flags::REMOTE_CQ_DATA;
         }
+        if write && r.flags & flags::COMMIT_COMPLETE != 0 {
+            wire_flags |= data_flags::COMMIT_COMPLETE;
+        }
+        desc.flags = wire_flags.into();
         desc.count = (ranges.len() as u32).into();
         self.outbox.push(Outbound::Send(Box::new(RemoteSend {
             host: to.host(),
@@ -257,17 +276,27 @@ impl Fabric {
     }
 
     /// Execute an RMA request from another host at its target endpoint, with the checks of a
-    /// local one (endpoint, keys, ranges, access rights). Returns the verdict and, for a read,
-    /// the bytes read.
-    pub(crate) fn accept_remote_rma(&self, m: Incoming, n: &mut Notify) -> (Status, Vec<u8>) {
+    /// local one (endpoint, keys, ranges, access rights; at COMMIT_COMPLETE, persistence).
+    /// Returns the verdict and, for a read, the bytes read; `None` when a FLUSH waits for the
+    /// target's commit handler (its verdict goes back later).
+    pub(crate) fn accept_remote_rma(
+        &self,
+        m: Incoming,
+        n: &mut Notify,
+    ) -> Option<(Status, Vec<u8>)> {
         let desc = m.desc;
-        let opcode = Opcode::from_u16(desc.opcode.into());
-        if matches!(
-            opcode,
-            Some(Opcode::Atomic | Opcode::FetchAtomic | Opcode::CompareAtomic)
-        ) {
-            return self.accept_remote_atomic(m, n);
+        match Opcode::from_u16(desc.opcode.into()) {
+            Some(Opcode::Atomic | Opcode::FetchAtomic | Opcode::CompareAtomic) => {
+                Some(self.accept_remote_atomic(m, n))
+            }
+            Some(Opcode::Flush) => self.accept_remote_flush(m, n),
+            _ => Some(self.accept_remote_write_read(m, n)),
         }
+    }
+
+    /// An RMA write or read from another host.
+    fn accept_remote_write_read(&self, m: Incoming, n: &mut Notify) -> (Status, Vec<u8>) {
+        let desc = m.desc;
         let write = u16::from(desc.opcode) == Opcode::RmaWrite as u16;
         let count = u32::from(desc.count) as usize;
         let list_len = count * RMA_IOV_LEN;
@@ -319,6 +348,11 @@ impl Fabric {
                 return (s, Vec::new());
             }
         };
+        // COMMIT_COMPLETE needs every target to be persistent memory (§6.17).
+        let commit = u32::from(desc.flags) & data_flags::COMMIT_COMPLETE != 0;
+        if commit && targets.iter().any(|t| t.mr.pmem.is_none()) {
+            return (Status::Access, Vec::new());
+        }
         let meta = Meta {
             src,
             tagged: false,
@@ -374,6 +408,14 @@ impl Fabric {
         if !ok {
             undo(self);
             return (Status::Fault, Vec::new());
+        }
+        if commit {
+            // Durable before the reply, as for a local initiator.
+            let status = self.persist_targets(ddev, &targets);
+            if status != Status::Ok {
+                undo(self);
+                return (status, Vec::new());
+            }
         }
         if notify {
             self.notify_write(REMOTE_SRC_DEV, ddev, dep, &dport, meta, n);
@@ -440,6 +482,9 @@ impl Fabric {
         let mut desc = describe(&r, dev, sgen, to, bytes.len() as u64);
         desc.tag = (u64::from(op) | u64::from(ty) << 8).into();
         desc.count = 1.into();
+        if r.flags & flags::COMMIT_COMPLETE != 0 {
+            desc.flags = data_flags::COMMIT_COMPLETE.into();
+        }
         self.outbox.push(Outbound::Send(Box::new(RemoteSend {
             host: to.host(),
             dev,
@@ -513,6 +558,10 @@ impl Fabric {
         let Some(t) = t else {
             return refuse(Status::Access);
         };
+        let commit = u32::from(desc.flags) & data_flags::COMMIT_COMPLETE != 0;
+        if commit && t.mr.pmem.is_none() {
+            return refuse(Status::Access);
+        }
         let Some(access) = t.mr.enter() else {
             return refuse(Status::Access);
         };
@@ -538,6 +587,12 @@ impl Fabric {
         if res.is_err() {
             return refuse(Status::Fault);
         }
+        if commit {
+            let s = self.persist_targets(ddev, std::slice::from_ref(&t));
+            if s != Status::Ok {
+                return refuse(s);
+            }
+        }
         let src = FabricAddr::new(
             FabricAddr::node_of(self.fabric_id, m.host, desc.src_dev.into()),
             desc.src_ep.into(),
@@ -555,6 +610,139 @@ impl Fabric {
             old.clear();
         }
         (Status::Ok, old)
+    }
+
+    /// The remote seam of [`Fabric::op_flush`]: a FLUSH of another host's endpoint. Its
+    /// ranges (or the key of a whole region), level and remote CQ data go to that host, whose
+    /// daemon runs the checks and persistence of a local FLUSH and answers with the verdict
+    /// (after the target's commit handler, for a handled region).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn flush_remote(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let r = req.req;
+        let Some((sgen, _)) = self.ep_info(dev, r.ep) else {
+            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+        };
+        let mut wire_flags = 0;
+        let mut ranges: Vec<RmaIov> = Vec::new();
+        if r.count == 0 {
+            if r.remote_addr != 0 {
+                return self.fail(dev, port, &req, Status::Invalid, n);
+            }
+            wire_flags |= data_flags::WHOLE_REGION;
+            ranges.push(RmaIov {
+                addr: 0.into(),
+                len: 0.into(),
+                key: r.remote_key.into(),
+            });
+        } else {
+            if r.count > wire::MAX_RANGES {
+                return self.fail(dev, port, &req, Status::Invalid, n);
+            }
+            let mem = port.mem.memory();
+            for i in 0..u64::from(r.count) {
+                let mut e = RmaIov::default();
+                if req
+                    .payload
+                    .read_at(&mem, i * RMA_IOV_LEN as u64, e.as_mut_slice())
+                    .is_err()
+                {
+                    return self.fail(dev, port, &req, Status::Fault, n);
+                }
+                ranges.push(e);
+            }
+        }
+        let to = r.peer;
+        let key = (dev, r.ep, to.host());
+        if let Err(status) = self.outbox.reserve(key, 0) {
+            return self.fail(dev, port, &req, status, n);
+        }
+        let bytes: Vec<u8> = ranges.iter().flat_map(|e| e.as_slice().to_vec()).collect();
+        let mut desc = describe(&r, dev, sgen, to, bytes.len() as u64);
+        if r.flags & flags::COMMIT_COMPLETE != 0 {
+            wire_flags |= data_flags::COMMIT_COMPLETE;
+        }
+        if r.flags & flags::REMOTE_CQ_DATA != 0 {
+            wire_flags |= data_flags::REMOTE_CQ_DATA;
+            desc.data = r.data.into();
+        }
+        desc.flags = wire_flags.into();
+        desc.count = (ranges.len() as u32).into();
+        self.outbox.push(Outbound::Send(Box::new(RemoteSend {
+            host: to.host(),
+            dev,
+            port: port.clone(),
+            req,
+            desc,
+            payload: bytes,
+            len: 0,
+        })));
+    }
+
+    /// A FLUSH from another host at its target endpoint: the checks and persistence of a local
+    /// one ([`Fabric::flush_at`]). `None`: a commit to a region with a commit handler waits for
+    /// the target driver's verdict, which goes back as a REPLY (§6.17.3).
+    fn accept_remote_flush(&self, m: Incoming, n: &mut Notify) -> Option<(Status, Vec<u8>)> {
+        let desc = m.desc;
+        let refuse = |s: Status| Some((s, Vec::new()));
+        let wire_flags = u32::from(desc.flags);
+        let count = u32::from(desc.count) as usize;
+        // The parser checked the shape; the ranges are checked again as untrusted here.
+        if m.bytes.len() != count * RMA_IOV_LEN || count == 0 {
+            return refuse(Status::Invalid);
+        }
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return refuse(Status::AddrNotAvail);
+        }
+        let mut ranges: Vec<(u64, u64, u64)> = m
+            .bytes
+            .chunks_exact(RMA_IOV_LEN)
+            .filter_map(RmaIov::from_slice)
+            .map(|e| (e.addr.into(), e.len.into(), e.key.into()))
+            .collect();
+        if wire_flags & data_flags::WHOLE_REGION != 0 {
+            let [(0, 0, key)] = ranges[..] else {
+                return refuse(Status::Invalid);
+            };
+            let Some(whole) = self.whole_region(ddev, key) else {
+                return refuse(Status::Access);
+            };
+            ranges = vec![whole];
+        }
+        let commit = wire_flags & data_flags::COMMIT_COMPLETE != 0;
+        let cq_data = (wire_flags & data_flags::REMOTE_CQ_DATA != 0).then(|| desc.data.into());
+        let at = FlushAt {
+            src_dev: REMOTE_SRC_DEV,
+            src: FabricAddr::new(
+                FabricAddr::node_of(self.fabric_id, m.host, desc.src_dev.into()),
+                desc.src_ep.into(),
+                desc.src_gen.into(),
+            ),
+            ddev,
+            dep: u32::from(desc.dst_ep) as usize,
+            gen: desc.dst_gen.into(),
+        };
+        let targets = match self.flush_at(&at, &ranges, commit, cq_data, n) {
+            Ok(t) => t,
+            Err(s) => {
+                debug!(ddev, host = m.host, ?s, "flush from another host refused");
+                return refuse(s);
+            }
+        };
+        if commit && targets.iter().any(|t| t.mr.commit_event) {
+            let origin = CommitOrigin::Remote {
+                host: m.host,
+                req_id: m.req_id,
+            };
+            let mut level = flags::SAVE | flags::COMMIT_COMPLETE;
+            if cq_data.is_some() {
+                level |= flags::REMOTE_CQ_DATA;
+            }
+            self.start_commit(origin, &at, level, cq_data, &targets, n);
+            return None;
+        }
+        refuse(Status::Ok)
     }
 
     /// FENCE towards another host: an earlier request of the endpoint to that host is still
@@ -683,6 +871,7 @@ impl Fabric {
             host: held.host,
             req_id: held.req_id,
             status,
+            bytes: Vec::new(),
         });
     }
 
@@ -693,6 +882,7 @@ impl Fabric {
     /// `host` that were held here, now dropped.
     pub(crate) fn purge_remote(&self, host: u16, n: &mut Notify) -> Vec<u64> {
         let fabric = self.fabric_id;
+        self.commits_host_lost(host, n);
         self.fail_directed_at(
             |peer| peer.fabric() == fabric && peer.host() == host,
             None,
@@ -817,6 +1007,7 @@ mod tests {
                     host,
                     req_id,
                     status,
+                    ..
                 } => Some((host, req_id, status)),
                 Outbound::Send(_) => None,
             })
@@ -1055,5 +1246,136 @@ mod tests {
         let r = w.recv(0, b2, None, 0, 11, 0, 8);
         assert_eq!(w.data(&r, 1), b"x");
         assert_eq!(replies(&w), vec![(2, 11, Status::Ok)]);
+    }
+    /// A plain (not persistent) region of 64 bytes at address `base` of device 0 with remote
+    /// read and write access: its key.
+    fn plain_region(w: &mut World, base: u64) -> u64 {
+        let mut r = Request::new(Opcode::MrReg);
+        r.count = 1;
+        r.remote_addr = base;
+        r.compare = vfabric_proto::mr_flags::REMOTE_READ
+            | vfabric_proto::mr_flags::REMOTE_WRITE
+            | vfabric_proto::mr_flags::PROV_KEY;
+        let seg = w.guests[0].alloc(64);
+        let mut payload = seg.to_le_bytes().to_vec();
+        payload.extend_from_slice(&64u64.to_le_bytes());
+        let h = w.submit(0, r, &payload, 0);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        u64::from(w.comp(&h).data)
+    }
+
+    /// A FLUSH (or, with `data`, an RMA write) from host 2 to `to` with `ranges` and wire
+    /// `flags`.
+    fn flush_from_host(
+        to: FabricAddr,
+        ranges: &[(u64, u64, u64)],
+        data: &[u8],
+        flags: u32,
+    ) -> Incoming {
+        let mut bytes: Vec<u8> = ranges
+            .iter()
+            .flat_map(|&(addr, len, key)| {
+                vfabric_proto::RmaIov {
+                    addr: addr.into(),
+                    len: len.into(),
+                    key: key.into(),
+                }
+                .as_slice()
+                .to_vec()
+            })
+            .collect();
+        bytes.extend_from_slice(data);
+        let mut m = incoming(1, to, None, &bytes);
+        let opcode = if data.is_empty() {
+            Opcode::Flush
+        } else {
+            Opcode::RmaWrite
+        };
+        m.desc.opcode = (opcode as u16).into();
+        m.desc.count = (ranges.len() as u32).into();
+        m.desc.flags = flags.into();
+        m
+    }
+
+    #[test]
+    fn flushes_from_another_host_are_checked_like_local_ones() {
+        let mut w = World::new(1, Limits::default());
+        let b = w.open(0, RDM);
+        const BASE: u64 = 0x10_0000;
+        let key = plain_region(&mut w, BASE);
+        let verdict = |w: &World, m: Incoming| {
+            let mut n = Notify::default();
+            w.fabric
+                .accept_remote_rma(m, &mut n)
+                .map(|(s, _)| s)
+                .expect("no handled region: an answer at once")
+        };
+        let commit = data_flags::COMMIT_COMPLETE;
+        let whole = data_flags::WHOLE_REGION;
+        // A visibility flush of a plain region works; a persistent one is refused.
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 8, key)], &[], 0)),
+            Status::Ok
+        );
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 8, key)], &[], commit)),
+            Status::Access
+        );
+        // So is a COMMIT_COMPLETE write to it, before any byte moves.
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 4, key)], b"abcd", commit)),
+            Status::Access
+        );
+        let read4 = |w: &mut World| {
+            let mut rd = Request::new(Opcode::RmaRead);
+            rd.ep = b.ep;
+            rd.peer = b;
+            rd.remote_addr = BASE;
+            rd.remote_key = key;
+            let h = w.submit(0, rd, &[], 4);
+            assert_eq!(w.status(&h), Some(Status::Ok));
+            w.data(&h, 4)
+        };
+        assert_eq!(read4(&mut w), [0u8; 4], "the refused write left no trace");
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 4, key)], b"abcd", 0)),
+            Status::Ok
+        );
+        assert_eq!(read4(&mut w), *b"abcd", "a plain write lands");
+        // Out of range, a wrong key, an unknown device.
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE + 60, 8, key)], &[], 0)),
+            Status::Access
+        );
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 8, key ^ 1)], &[], 0)),
+            Status::Access
+        );
+        let mut m = flush_from_host(b, &[(BASE, 8, key)], &[], 0);
+        m.desc.dst_dev = 9.into();
+        assert_eq!(verdict(&w, m), Status::AddrNotAvail);
+        // A whole region names a key only; an unknown key is refused.
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(0, 0, key)], &[], whole)),
+            Status::Ok
+        );
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(BASE, 0, key)], &[], whole)),
+            Status::Invalid
+        );
+        assert_eq!(
+            verdict(&w, flush_from_host(b, &[(0, 0, key ^ 1)], &[], whole)),
+            Status::Access
+        );
+        // Bytes beyond the ranges (the parser refuses them too): refused, not read.
+        let mut m = flush_from_host(b, &[(BASE, 8, key)], &[], 0);
+        m.bytes.push(0);
+        assert_eq!(verdict(&w, m), Status::Invalid);
+        // A stale generation of the target endpoint.
+        let stale = FabricAddr::new(b.node, b.ep, b.generation + 1);
+        assert_eq!(
+            verdict(&w, flush_from_host(stale, &[(BASE, 8, key)], &[], 0)),
+            Status::AddrNotAvail
+        );
     }
 }

@@ -595,7 +595,8 @@ impl Worker {
                     host,
                     req_id,
                     status,
-                } => self.reply(host, req_id, status, &[]),
+                    bytes,
+                } => self.reply(host, req_id, status, &bytes),
             }
         }
         idle
@@ -657,12 +658,7 @@ impl Worker {
             return;
         };
         self.outbox.finished((p.dev, p.req.req.ep, p.host), p.len);
-        let is_read = remote::returns_bytes(p.req.req.opcode);
-        let want = if status == Status::Ok && is_read {
-            p.len
-        } else {
-            0
-        };
+        let want = remote::reply_len(p.req.req.opcode, status, p.len);
         if read.len() as u64 != want {
             warn!(
                 req_id,
@@ -868,7 +864,7 @@ impl Worker {
         chunk: &[u8],
     ) {
         let expected = self.pending.get(&req_id).is_some_and(|p| {
-            p.host == host && p.len == total && remote::returns_bytes(p.req.req.opcode)
+            p.host == host && remote::reply_len(p.req.req.opcode, status, p.len) == total
         });
         if offset == 0 {
             // A reply left incomplete (the wire keeps order): its request fails.
@@ -1008,8 +1004,12 @@ impl Worker {
             bytes,
         };
         if rma {
-            let (status, read) = self.fabric.accept_remote_rma(incoming, &mut self.notify);
-            self.reply(host, req_id, status, &read);
+            // None: a commit waits for the target's handler; its verdict comes as an
+            // Outbound::Reply.
+            if let Some((status, read)) = self.fabric.accept_remote_rma(incoming, &mut self.notify)
+            {
+                self.reply(host, req_id, status, &read);
+            }
         } else if let Some(status) = self.fabric.accept_remote(incoming, &mut self.notify) {
             self.reply(host, req_id, status, &[]);
         }

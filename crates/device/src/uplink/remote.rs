@@ -37,11 +37,13 @@ pub(crate) struct RemoteSend {
 
 pub(crate) enum Outbound {
     Send(Box<RemoteSend>),
-    /// The verdict on request `req_id` of `host` (held here until now).
+    /// The verdict on request `req_id` of `host` (held here until now), with the bytes it
+    /// returns (a refused commit's handler value; else none).
     Reply {
         host: u16,
         req_id: u64,
         status: Status,
+        bytes: Vec<u8>,
     },
 }
 
@@ -50,6 +52,17 @@ pub(crate) enum Outbound {
 pub(crate) fn returns_bytes(opcode: vfabric_proto::Opcode) -> bool {
     use vfabric_proto::Opcode::*;
     matches!(opcode, RmaRead | FetchAtomic | CompareAtomic)
+}
+
+/// Bytes a verdict of `status` on a request of `opcode` moving `len` bytes carries: a read's
+/// bytes on success; a FLUSH refused by the target's commit handler, the handler's value (8
+/// bytes); nothing else.
+pub(crate) fn reply_len(opcode: vfabric_proto::Opcode, status: Status, len: u64) -> u64 {
+    match (opcode, status) {
+        (op, Status::Ok) if returns_bytes(op) => len,
+        (vfabric_proto::Opcode::Flush, Status::CommitRefused) => 8,
+        _ => 0,
+    }
 }
 
 /// Whose requests to which host: `(device, endpoint, host)` (FENCE waits on it).

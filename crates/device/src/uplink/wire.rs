@@ -8,8 +8,9 @@ use vfabric_proto::{ep_open, ByteValued, Le16, Le32, Le64, Opcode, Status, RMA_I
 
 /// "VFUL" little-endian.
 pub const MAGIC: u32 = 0x4c55_4656;
-/// Version of this wire format.
-pub const VERSION: u16 = 1;
+/// Version of this wire format. 2: FLUSH and the COMMIT_COMPLETE/WHOLE_REGION flags (a daemon
+/// of version 1 would drop a FLUSH unanswered, so the two never admit each other).
+pub const VERSION: u16 = 2;
 
 /// Message kinds.
 pub mod kind {
@@ -31,7 +32,12 @@ pub mod data_flags {
     pub const REMOTE_CQ_DATA: u32 = 1 << 0;
     /// Reply only once the message is placed in a receive buffer (never buffered eagerly).
     pub const DELIVERY_COMPLETE: u32 = 1 << 1;
-    pub const ALL: u32 = REMOTE_CQ_DATA | DELIVERY_COMPLETE;
+    /// RMA writes, atomics and FLUSH: reply only once the target ranges are persistent
+    /// (§6.17); a FLUSH without it is a visibility flush.
+    pub const COMMIT_COMPLETE: u32 = 1 << 2;
+    /// FLUSH only: its one range names a whole region by key (address and length 0).
+    pub const WHOLE_REGION: u32 = 1 << 3;
+    pub const ALL: u32 = REMOTE_CQ_DATA | DELIVERY_COMPLETE | COMMIT_COMPLETE | WHOLE_REGION;
 }
 
 /// Header of every uplink message: 24 bytes, little-endian.
@@ -90,8 +96,8 @@ pub struct Data {
     pub src_dev: Le16,
     /// The destination device on the receiving host.
     pub dst_dev: Le16,
-    /// `Opcode::Send`, `TSend`, `RmaWrite`, `RmaRead`, `Atomic`, `FetchAtomic` or
-    /// `CompareAtomic`.
+    /// `Opcode::Send`, `TSend`, `RmaWrite`, `RmaRead`, `Atomic`, `FetchAtomic`,
+    /// `CompareAtomic` or `Flush` (its ranges only, no bytes).
     pub opcode: Le16,
     /// Endpoint type of the sender (`ep_open::TYPE_*`): only the same type receives it.
     pub ep_kind: Le16,
@@ -185,6 +191,8 @@ pub enum WireError {
     Status(u32),
     #[error("DATA with {count} RMA ranges for opcode {opcode:#x}")]
     Ranges { count: u32, opcode: u16 },
+    #[error("DATA flags {flags:#x} do not apply to opcode {opcode:#x}")]
+    FlagsForOpcode { flags: u32, opcode: u16 },
 }
 
 fn header(kind: u16, fabric_id: u32, host_id: u16, body_len: usize) -> Header {
@@ -323,9 +331,11 @@ impl<'a> Message<'a> {
                     Opcode::Atomic,
                     Opcode::FetchAtomic,
                     Opcode::CompareAtomic,
+                    Opcode::Flush,
                 ]
                 .iter()
                 .any(|o| *o as u16 == op);
+                let flush = op == Opcode::Flush as u16;
                 if op != Opcode::Send as u16 && op != Opcode::TSend as u16 && !rma {
                     return Err(WireError::Opcode(op));
                 }
@@ -334,6 +344,7 @@ impl<'a> Message<'a> {
                 if (rma && (count == 0 || count > MAX_RANGES))
                     || (!rma && count != 0)
                     || u64::from(desc.total_len) < u64::from(count) * RMA_IOV_LEN as u64
+                    || (flush && u64::from(desc.total_len) != u64::from(count) * RMA_IOV_LEN as u64)
                 {
                     return Err(WireError::Ranges { count, opcode: op });
                 }
@@ -347,6 +358,22 @@ impl<'a> Message<'a> {
                 let flags = u32::from(desc.flags);
                 if flags & !data_flags::ALL != 0 {
                     return Err(WireError::Flags(flags));
+                }
+                // Persistence only where there is something to persist; a whole region is
+                // one range of a FLUSH.
+                let persists = flush
+                    || [
+                        Opcode::RmaWrite,
+                        Opcode::Atomic,
+                        Opcode::FetchAtomic,
+                        Opcode::CompareAtomic,
+                    ]
+                    .iter()
+                    .any(|o| *o as u16 == op);
+                if (flags & data_flags::COMMIT_COMPLETE != 0 && !persists)
+                    || (flags & data_flags::WHOLE_REGION != 0 && !(flush && count == 1))
+                {
+                    return Err(WireError::FlagsForOpcode { flags, opcode: op });
                 }
                 let (offset, total) = (u64::from(desc.offset), u64::from(desc.total_len));
                 let fits = offset
@@ -540,6 +567,63 @@ mod tests {
         d.count = (MAX_RANGES + 1).into();
         d.total_len = u64::MAX.into();
         assert!(matches!(refused(d, &chunk), Err(WireError::Ranges { .. })));
+        // FLUSH: ranges only (no bytes), COMMIT_COMPLETE and WHOLE_REGION where they apply.
+        let mut f = data_desc(2 * RMA_IOV_LEN as u64, 0);
+        f.opcode = (Opcode::Flush as u16).into();
+        f.count = 2.into();
+        f.flags = data_flags::COMMIT_COMPLETE.into();
+        let ranges = [0u8; 2 * RMA_IOV_LEN];
+        assert!(refused(f, &ranges).is_ok());
+        let mut extra = f;
+        extra.total_len = (2 * RMA_IOV_LEN as u64 + 1).into();
+        assert!(
+            matches!(
+                refused(extra, &[0u8; 2 * RMA_IOV_LEN + 1]),
+                Err(WireError::Ranges { .. })
+            ),
+            "a FLUSH carries no bytes"
+        );
+        let mut none = f;
+        none.count = 0.into();
+        assert!(matches!(
+            refused(none, &ranges),
+            Err(WireError::Ranges { .. })
+        ));
+        let mut whole = f;
+        whole.flags = (data_flags::WHOLE_REGION | data_flags::COMMIT_COMPLETE).into();
+        assert!(
+            matches!(
+                refused(whole, &ranges),
+                Err(WireError::FlagsForOpcode { .. })
+            ),
+            "a whole region is one range"
+        );
+        whole.count = 1.into();
+        whole.total_len = (RMA_IOV_LEN as u64).into();
+        assert!(refused(whole, &ranges[..RMA_IOV_LEN]).is_ok());
+        // Persistence and whole regions mean nothing for sends and reads.
+        let mut send = data_desc(100, 0);
+        send.flags = data_flags::COMMIT_COMPLETE.into();
+        assert!(matches!(
+            refused(send, &chunk),
+            Err(WireError::FlagsForOpcode { .. })
+        ));
+        let mut rd = data_desc(100, 0);
+        rd.opcode = (Opcode::RmaRead as u16).into();
+        rd.count = 1.into();
+        rd.flags = data_flags::COMMIT_COMPLETE.into();
+        assert!(matches!(
+            refused(rd, &chunk),
+            Err(WireError::FlagsForOpcode { .. })
+        ));
+        let mut wr = rd;
+        wr.opcode = (Opcode::RmaWrite as u16).into();
+        assert!(refused(wr, &chunk).is_ok());
+        wr.flags = data_flags::WHOLE_REGION.into();
+        assert!(matches!(
+            refused(wr, &chunk),
+            Err(WireError::FlagsForOpcode { .. })
+        ));
         // Shorter than its description, and a length field that lies.
         let b = data(data_desc(100, 0), &chunk);
         let mut short = b[..HEADER_LEN + 40].to_vec();
