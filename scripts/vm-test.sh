@@ -407,10 +407,11 @@ while :; do
         for ((i = 0; i < VMS; i++)); do
             # Hold the messages until the receiving guest reads its mailbox.
             grep -q '^VFABRIC-VM: MAILBOX-READY' "$WORK"/vm$((1 - i)).log 2>/dev/null || continue
-            n=$(grep -c '^VFABRIC-VM: PUT ' "$WORK"/vm$i.log 2>/dev/null || true)
+            # Complete lines only (they end with " ."): the console log may hold half a line.
+            n=$(grep -c '^VFABRIC-VM: PUT .* \.[[:cntrl:]]*$' "$WORK"/vm$i.log 2>/dev/null || true)
             while [ "${RELAYED[$i]:-0}" -lt "${n:-0}" ]; do
                 RELAYED[$i]=$((${RELAYED[$i]:-0} + 1))
-                line=$(grep '^VFABRIC-VM: PUT ' "$WORK"/vm$i.log | sed -n "${RELAYED[$i]}p" | tr -d '\r')
+                line=$(grep '^VFABRIC-VM: PUT .* \.[[:cntrl:]]*$' "$WORK"/vm$i.log | sed -n "${RELAYED[$i]}p" | tr -d '\r')
                 fd_var=MBOX_FD_$((1 - i))
                 echo "${line#VFABRIC-VM: PUT }" >&"${!fd_var}"
             done
@@ -436,7 +437,7 @@ while :; do
             wait "${PIDS[$i]}" 2>/dev/null || true
             log "vm$i killed (SIGKILL to its QEMU, pid ${PIDS[$i]}) as it asked"
             # (after the guest's own lines, which it printed first)
-            if [ "$VMS" = 2 ]; then fd_var=MBOX_FD_$((1 - i)); echo "killed$i yes" >&"${!fd_var}"; fi
+            if [ "$VMS" = 2 ]; then fd_var=MBOX_FD_$((1 - i)); echo "killed$i yes ." >&"${!fd_var}"; fi
         fi
     done
     # A guest asking for a native peer ("VFABRIC-VM: NATIVE pingpong") gets a vfabric pingpong
@@ -453,7 +454,7 @@ while :; do
     done
     if [ -n "$NATIVE_PID" ] && [ -z "$NATIVE_ADDR_SENT" ] && [ -s "$WORK"/native.addr ]; then
         fd_var=MBOX_FD_$NATIVE_VM
-        echo "native-addr $(cat "$WORK"/native.addr)" >&"${!fd_var}"
+        echo "native-addr $(cat "$WORK"/native.addr) ." >&"${!fd_var}"
         NATIVE_ADDR_SENT=1
     fi
     [ "$running" = 0 ] && break

@@ -20,13 +20,14 @@ vm_fail() { echo "VFABRIC-VM: FAIL $* @$(vm_uptime)s"; }
 vm_skip() { echo "VFABRIC-VM: SKIP $1 ($2) @$(vm_uptime)s"; }
 vm_info() { echo "VFABRIC-VM: INFO $*"; }
 
-# vm_put KEY VALUE: make VALUE available to the other guest's vm_get KEY.
-vm_put() { echo "VFABRIC-VM: PUT $1 $2"; }
+# vm_put KEY VALUE: make VALUE available to the other guest's vm_get KEY. Every mailbox line ends
+# with " ." so that a line still arriving (serial lines come in pieces) is never taken whole.
+vm_put() { echo "VFABRIC-VM: PUT $1 $2 ."; }
 # vm_get KEY [SECONDS]: print the VALUE the other guest put under KEY; status 1 on timeout.
 vm_get() {
     local i=0 limit=$((${2:-60} * 5)) v
     while [ "$i" -lt "$limit" ]; do
-        v=$(tr -d '\r' </tmp/mailbox | sed -n "s/^$1 //p" | tail -1)
+        v=$(tr -d '\r' </tmp/mailbox | sed -n "s/^$1 \(.*\) \.\$/\1/p" | tail -1)
         if [ -n "$v" ]; then echo "$v"; return 0; fi
         sleep 0.2
         i=$((i + 1))
