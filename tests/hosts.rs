@@ -400,6 +400,14 @@ fn pattern(seed: u32, len: usize) -> Vec<u8> {
 /// Two hosts up and seeing each other.
 /// Two hosts on one segment, each running `vfabricd` (fields drop daemons first, then the
 /// directory, then the namespaces).
+/// A guest on the first device of each host, and the second's address in the first's AV.
+fn guests_on(d: &[HostDaemon]) -> (Guest, Guest, vfabric::FiAddr) {
+    let a = Guest::open(&d[0].sockets[0]);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    (a, b, to_b)
+}
+
 struct TwoHosts {
     lan: Lan,
     dir: tempfile::TempDir,
@@ -615,9 +623,7 @@ fn a_pulled_link_fails_pending_sends_and_traffic_resumes_when_it_is_back() {
     let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
         return;
     };
-    let a = Guest::open(&d[0].sockets[0]);
-    let b = Guest::open(&d[1].sockets[0]);
-    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let (a, b, to_b) = guests_on(&d);
     exchange(&a, &b, &[8, 50_000], 1);
     // Held at host 2 (no receive posted), then the cable is pulled.
     for i in 0..3 {
@@ -712,9 +718,7 @@ fn rma_across_hosts_is_checked_by_the_target_device() {
     else {
         return;
     };
-    let a = Guest::open(&d[0].sockets[0]);
-    let b = Guest::open(&d[1].sockets[0]);
-    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let (a, b, to_b) = guests_on(&d);
     const LEN: usize = 300_000;
     let target = b.dom.alloc_buffer(LEN).unwrap();
     let rw = b
@@ -791,9 +795,7 @@ fn atomics_across_hosts_run_at_the_target_device() {
     else {
         return;
     };
-    let a = Guest::open(&d[0].sockets[0]);
-    let b = Guest::open(&d[1].sockets[0]);
-    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let (a, b, to_b) = guests_on(&d);
     let mut cell = b.dom.alloc_buffer(64).unwrap();
     cell.get_mut().unwrap()[..8].copy_from_slice(&100u64.to_le_bytes());
     let rw = b
@@ -907,9 +909,7 @@ fn commits_saves_and_commit_complete_writes_persist_across_hosts() {
     else {
         return;
     };
-    let a = Guest::open(&d[0].sockets[0]);
-    let b = Guest::open(&d[1].sockets[0]);
-    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let (a, b, to_b) = guests_on(&d);
     const LEN: u64 = 1 << 18;
     let (f, path) = pmem_file(dir.path(), "pmem-across", LEN + 100);
     // A region starting inside a page of the file.
@@ -1042,9 +1042,7 @@ fn bad_commits_across_hosts_are_refused_by_the_target() {
     let Some(TwoHosts { lan: _lan, dir, d }) = TwoHosts::start() else {
         return;
     };
-    let a = Guest::open(&d[0].sockets[0]);
-    let b = Guest::open(&d[1].sockets[0]);
-    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let (a, b, to_b) = guests_on(&d);
     let (f, _path) = pmem_file(dir.path(), "pmem-bad", 8192);
     let region = b
         .dom
@@ -1120,9 +1118,7 @@ fn the_target_commit_handler_answers_commits_from_another_host() {
     else {
         return;
     };
-    let a = Guest::open(&d[0].sockets[0]);
-    let b = Guest::open(&d[1].sockets[0]);
-    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let (a, b, to_b) = guests_on(&d);
     let seen: Arc<Mutex<Vec<CommitEvent>>> = Arc::default();
     let answer = Arc::new(AtomicI64::new(0));
     let (log, value) = (seen.clone(), answer.clone());

@@ -22,7 +22,7 @@
 #include <rdma/fi_rma.h>
 #include "fi_vfabric.h"
 
-#include "vf_check.h"
+#include "vf_test_rdm.h"
 
 #define FILE_LEN (4 * 4096)
 
@@ -54,21 +54,10 @@ static void file_bytes(int fd, off_t off, void *buf, size_t n)
 
 int main(void)
 {
-	struct fi_info *hints = fi_allocinfo(), *info = NULL;
-	struct fid_fabric *fabric;
-	struct fid_domain *domain;
-	struct fid_av *av;
-	struct fid_ep *ep;
-	CHECK(hints);
-	hints->ep_attr->type = FI_EP_RDM;
-	hints->caps = FI_MSG | FI_RMA | FI_RMA_PMEM;
-	hints->domain_attr->mr_mode = FI_MR_PROV_KEY | FI_MR_VIRT_ADDR;
-	hints->fabric_attr->prov_name = strdup("vfabric");
-	CHECK(fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &info) == 0);
-	fi_freeinfo(hints);
-	CHECK(info->caps & FI_RMA_PMEM);
-	CHECK(fi_fabric(info->fabric_attr, &fabric, NULL) == 0);
-	CHECK(fi_domain(fabric, info, &domain, NULL) == 0);
+	struct rdm r;
+	rdm_open_domain_with(&r, FI_MSG | FI_RMA | FI_RMA_PMEM, FI_MR_PROV_KEY | FI_MR_VIRT_ADDR);
+	CHECK(r.info->caps & FI_RMA_PMEM);
+	struct fid_domain *domain = r.domain;
 	struct fi_vfabric_domain_ops_v1 *dops = NULL;
 	CHECK(fi_open_ops(&domain->fid, FI_VFABRIC_DOMAIN_OPS_V1, 0, (void **)&dops, NULL) == 0);
 
@@ -82,19 +71,10 @@ int main(void)
 			seen = !strcmp(attrs[i].text, "page");
 	CHECK(seen);
 
-	struct fi_av_attr av_attr = { .type = FI_AV_TABLE };
-	CHECK(fi_av_open(domain, &av_attr, &av, NULL) == 0);
-	struct fi_cq_attr cq_attr = { .format = FI_CQ_FORMAT_CONTEXT, .size = 16 };
-	CHECK(fi_cq_open(domain, &cq_attr, &cq, NULL) == 0);
-	CHECK(fi_endpoint(domain, info, &ep, NULL) == 0);
-	CHECK(fi_ep_bind(ep, &av->fid, 0) == 0);
-	CHECK(fi_ep_bind(ep, &cq->fid, FI_TRANSMIT | FI_RECV) == 0);
-	CHECK(fi_enable(ep) == 0);
-	char name[64];
-	size_t len = sizeof(name);
-	fi_addr_t me;
-	CHECK(fi_getname(&ep->fid, name, &len) == 0);
-	CHECK(fi_av_insert(av, name, 1, &me, 0, NULL) == 1);
+	rdm_open_ep(&r);
+	struct fid_ep *ep = r.ep;
+	cq = r.cq;
+	fi_addr_t me = rdm_self(&r);
 
 	/* The persistent file. */
 	char path[] = "/tmp/vf_pmem_test.XXXXXX";
@@ -179,12 +159,7 @@ int main(void)
 
 	fi_close(&mr->fid);
 	fi_close(&plain->fid);
-	fi_close(&ep->fid);
-	fi_close(&cq->fid);
-	fi_close(&av->fid);
-	fi_close(&domain->fid);
-	fi_close(&fabric->fid);
-	fi_freeinfo(info);
+	rdm_close(&r);
 	munmap(map, FILE_LEN);
 	munmap(anon, 4096);
 	close(fd);
