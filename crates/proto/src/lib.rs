@@ -806,6 +806,31 @@ impl Status {
             _ => return None,
         })
     }
+    /// The status's name as the spec writes it (`TRUNCATED`, `PEER_GONE`, ...).
+    pub fn name(self) -> &'static str {
+        use Status::*;
+        match self {
+            Ok => "OK",
+            Invalid => "INVALID",
+            Unsupported => "UNSUPPORTED",
+            BadEndpoint => "BAD_ENDPOINT",
+            AddrNotAvail => "ADDR_NOT_AVAIL",
+            Truncated => "TRUNCATED",
+            Canceled => "CANCELED",
+            Access => "ACCESS",
+            NoResources => "NO_RESOURCES",
+            Fault => "FAULT",
+            PeerGone => "PEER_GONE",
+            NoMessage => "NO_MESSAGE",
+            TooLarge => "TOO_LARGE",
+            KeyInUse => "KEY_IN_USE",
+            BadChain => "BAD_CHAIN",
+            HostUnreach => "HOST_UNREACH",
+            CommitRefused => "COMMIT_REFUSED",
+            TimedOut => "TIMED_OUT",
+            AddrInUse => "ADDR_IN_USE",
+        }
+    }
     pub fn describe(self) -> &'static str {
         use Status::*;
         match self {

@@ -20,7 +20,7 @@
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
 use vfabric::{
     fi, AddressVector, BindFlags, CompletionQueue, CqAttr, Domain, Endpoint, EpAttr, EpType,
@@ -30,9 +30,13 @@ use vfabric::{
 use crate::addr::{Addr, Format};
 use crate::domain::DomainObj;
 use crate::ep::EpObj;
-use crate::fabric::{eq_cm_bytes, eq_entry_bytes, ops_ptr, EqEvent, EqObj, EqSource, FabricObj};
+use crate::eq::{eq_cm_bytes, eq_entry_bytes, EqEvent, EqObj, EqSource};
+use crate::fabric::FabricObj;
 use crate::sys;
-use crate::util::{errno_of, guard, nosys, obj, ParentRef, Refs, SendPtr};
+use crate::util::{
+    check, ffi_fns, fid_object, ops_ptr, ops_table, FidObject, OrErrno, ParentRef, Refs, Res,
+    SendPtr,
+};
 
 const KIND_CONNREQ: u32 = 1;
 const KIND_ACCEPT: u32 = 2;
@@ -62,7 +66,7 @@ struct CmMsg {
 fn encode(
     kind: u32,
     data_addr: FabricAddr,
-    cm_addr: FabricAddr,
+    cm: &CmEndpoint,
     service: u16,
     payload: &[u8],
 ) -> Vec<u8> {
@@ -71,7 +75,7 @@ fn encode(
     v.extend_from_slice(&(payload.len() as u16).to_le_bytes());
     v.extend_from_slice(&service.to_le_bytes());
     v.extend_from_slice(&data_addr.to_bytes());
-    v.extend_from_slice(&cm_addr.to_bytes());
+    v.extend_from_slice(&cm.ep.name().to_bytes());
     v.extend_from_slice(payload);
     v
 }
@@ -228,7 +232,7 @@ impl Conn {
         if !info.handle.is_null() {
             // SAFETY: a non-NULL handle of an fi_info for FI_EP_MSG is the connreq fid we
             // created in pep progress (class checked).
-            let r = unsafe { obj::<ConnReq>(info.handle, sys::FI_CLASS_CONNREQ) }?;
+            let r = unsafe { ConnReq::from_fid(info.handle) }?;
             inner.pending = Some((r.data_addr, r.cm_addr, r.service));
             inner.handle = SendPtr(info.handle.cast());
         }
@@ -287,17 +291,22 @@ impl Conn {
             p
         };
         if let Some((_, cm)) = peer {
-            let m = encode(
-                KIND_SHUTDOWN,
-                self.state.data_addr,
-                self.state.cm.ep.name(),
-                0,
-                &[],
-            );
+            let m = encode(KIND_SHUTDOWN, self.state.data_addr, &self.state.cm, 0, &[]);
             let _ = self.state.cm.send_to(cm, &m, CTX_SEND);
             // Let the send leave before the endpoint closes.
             let _ = self.state.cm.cq.read(&mut Vec::new(), 4);
         }
+    }
+}
+
+impl ConnState {
+    /// The connection is up: the peer's data and CM endpoints, its service and `fi_addr`.
+    fn connected(&self, g: &mut ConnInner, data: FabricAddr, cm: FabricAddr, svc: u16, a: u64) {
+        g.peer = Some((data, cm));
+        g.peer_service = svc;
+        g.peer_fi_addr = Some(a);
+        g.connected = true;
+        self.cm.watch(cm);
     }
 }
 
@@ -312,12 +321,11 @@ impl EqSource for ConnState {
         let context = g.context.0;
         for ctx in failed {
             if ctx == CTX_CONNREQ {
-                eq.push(EqEvent {
-                    event: sys::FI_CONNECTED,
-                    bytes: eq_entry_bytes(fid, context, 0),
-                    err: Some((sys::FI_ECONNREFUSED as i32, 0, Vec::new())),
-                    info: SendPtr(std::ptr::null_mut()),
-                });
+                eq.push(EqEvent::with_err(
+                    sys::FI_CONNECTED,
+                    eq_entry_bytes(fid, context, 0),
+                    Some((sys::FI_ECONNREFUSED as i32, 0, Vec::new())),
+                ));
             }
         }
         for m in msgs {
@@ -327,34 +335,25 @@ impl EqSource for ConnState {
                     let Ok(a) = self.data_av.insert(m.data_addr) else {
                         continue;
                     };
-                    g.peer = Some((m.data_addr, m.cm_addr));
-                    g.peer_service = m.service;
-                    g.peer_fi_addr = Some(a);
-                    g.connected = true;
-                    self.cm.watch(m.cm_addr);
-                    eq.push(EqEvent {
-                        event: sys::FI_CONNECTED,
-                        bytes: eq_cm_bytes(fid, std::ptr::null_mut(), &m.payload),
-                        err: None,
-                        info: SendPtr(std::ptr::null_mut()),
-                    });
+                    self.connected(&mut g, m.data_addr, m.cm_addr, m.service, a);
+                    eq.push(EqEvent::new(
+                        sys::FI_CONNECTED,
+                        eq_cm_bytes(fid, std::ptr::null_mut(), &m.payload),
+                    ));
                 }
                 KIND_REJECT => {
-                    eq.push(EqEvent {
-                        event: sys::FI_CONNECTED,
-                        bytes: eq_entry_bytes(fid, context, 0),
-                        err: Some((sys::FI_ECONNREFUSED as i32, 0, m.payload)),
-                        info: SendPtr(std::ptr::null_mut()),
-                    });
+                    eq.push(EqEvent::with_err(
+                        sys::FI_CONNECTED,
+                        eq_entry_bytes(fid, context, 0),
+                        Some((sys::FI_ECONNREFUSED as i32, 0, m.payload)),
+                    ));
                 }
                 KIND_SHUTDOWN if g.connected && g.peer.is_some_and(|(_, cm)| cm == m.cm_addr) => {
                     g.connected = false;
-                    eq.push(EqEvent {
-                        event: sys::FI_SHUTDOWN,
-                        bytes: eq_entry_bytes(fid, context, 0),
-                        err: None,
-                        info: SendPtr(std::ptr::null_mut()),
-                    });
+                    eq.push(EqEvent::new(
+                        sys::FI_SHUTDOWN,
+                        eq_entry_bytes(fid, context, 0),
+                    ));
                 }
                 _ => {}
             }
@@ -362,152 +361,83 @@ impl EqSource for ConnState {
         if peer_gone && g.connected {
             // The peer's endpoint or device went away without a SHUTDOWN message.
             g.connected = false;
-            eq.push(EqEvent {
-                event: sys::FI_SHUTDOWN,
-                bytes: eq_entry_bytes(fid, context, 0),
-                err: None,
-                info: SendPtr(std::ptr::null_mut()),
-            });
+            eq.push(EqEvent::new(
+                sys::FI_SHUTDOWN,
+                eq_entry_bytes(fid, context, 0),
+            ));
         }
     }
 }
 
 /// The `EpObj` of an MSG endpoint.
-///
-/// # Safety
-/// `ep` is NULL or one of our endpoints.
-unsafe fn msg_ep<'a>(ep: *mut sys::fid_ep) -> Result<(&'a EpObj, &'a Conn), i32> {
-    // SAFETY: per the contract.
-    let e = unsafe { obj::<EpObj>(ep.cast(), sys::FI_CLASS_EP) }?;
-    match &e.conn {
-        Some(c) => Ok((e, c)),
-        None => Err(sys::FI_EOPNOTSUPP as i32),
-    }
+fn msg_ep<'a>(ep: *mut sys::fid_ep) -> Res<(&'a EpObj, &'a Conn)> {
+    // SAFETY: consumer passes one of our endpoints (class checked).
+    let e = unsafe { EpObj::from_fid(ep) }?;
+    let c = e.conn.as_ref().ok_or(sys::FI_EOPNOTSUPP as i32)?;
+    Ok((e, c))
 }
 
-fn private_data(e: &EpObj, param: *const c_void, len: usize) -> Result<Vec<u8>, i32> {
-    if len > e.cm_data_size.load(Ordering::Relaxed) {
-        return Err(fi::EINVAL);
+/// A connected MSG endpoint bound to an EQ.
+fn bound_msg_ep<'a>(ep: *mut sys::fid_ep) -> Res<(&'a EpObj, &'a Conn)> {
+    let (e, c) = msg_ep(ep)?;
+    if !c.state.bound.load(Ordering::Acquire) {
+        return Err(sys::FI_ENOEQ as i32);
     }
-    if len == 0 {
-        return Ok(Vec::new());
-    }
-    if param.is_null() {
-        return Err(fi::EINVAL);
-    }
-    // SAFETY: `param` readable for `len` bytes (fi_connect/fi_accept contract).
-    Ok(unsafe { std::slice::from_raw_parts(param.cast::<u8>(), len) }.to_vec())
+    Ok((e, c))
 }
 
-/// `fi_connect`.
-pub unsafe extern "C" fn ep_connect(
-    ep: *mut sys::fid_ep,
-    addr: *const c_void,
-    param: *const c_void,
-    paramlen: usize,
-) -> c_int {
-    guard(|| {
-        // SAFETY: consumer passes one of our endpoints.
-        let (e, c) = match unsafe { msg_ep(ep) } {
-            Ok(x) => x,
-            Err(err) => return -err,
-        };
-        if addr.is_null() {
-            return -fi::EINVAL;
-        }
+/// The consumer's connection data (at most `max` bytes).
+fn private_data(max: usize, param: *const c_void, len: usize) -> Res<Vec<u8>> {
+    check(len <= max)?;
+    // SAFETY: `param` readable for `len` bytes (fi_connect/fi_accept/fi_reject contract).
+    Ok(unsafe { crate::util::slice(param.cast::<u8>(), len) }?.to_vec())
+}
+
+ffi_fns! {
+    /// `fi_connect`.
+    pub fn ep_connect(ep: *mut sys::fid_ep, addr: *const c_void, param: *const c_void, paramlen: usize) -> c_int {
+        let (e, c) = msg_ep(ep)?;
+        check(!addr.is_null())?;
         if !c.state.bound.load(Ordering::Acquire) {
-            return -(sys::FI_ENOEQ as i32);
+            return Err(sys::FI_ENOEQ as i32);
         }
         // SAFETY: `addr` is an address of the endpoint's format (fi_connect contract).
         let b = unsafe {
             std::slice::from_raw_parts(addr.cast::<u8>(), crate::addr::len_at(e.addr_format, addr))
         };
-        let Some(a) = crate::addr::decode(e.addr_format, b) else {
-            return -fi::EINVAL;
-        };
-        // SAFETY: the domain outlives its endpoints (ParentRef).
-        let dom = unsafe { &(*e.domain).dom };
+        let a = crate::addr::decode(e.addr_format, b).ok_or(fi::EINVAL)?;
         // A host and a service: the passive endpoint bound to it, through the device.
-        let to = match crate::addr::resolve(dom, &a) {
-            Ok(t) => t,
-            Err(err) => return -err,
-        };
-        let service = match e.ensure_service() {
-            Ok(s) => s,
-            Err(err) => return -err,
-        };
-        let data = match private_data(e, param, paramlen) {
-            Ok(d) => d,
-            Err(err) => return -err,
-        };
+        let to = crate::addr::resolve(&e.dom().dom, &a)?;
+        let service = e.ensure_service()?;
+        let data = private_data(e.cm_data_size.load(Ordering::Relaxed), param, paramlen)?;
         {
             let g = c.lock();
-            if g.connected || g.pending.is_some() {
-                return -fi::EINVAL;
-            }
+            check(!g.connected && g.pending.is_none())?;
         }
-        let m = encode(
-            KIND_CONNREQ,
-            c.state.data_addr,
-            c.state.cm.ep.name(),
-            service,
-            &data,
-        );
-        match c.state.cm.send_to(to, &m, CTX_CONNREQ) {
-            Ok(()) => 0,
-            Err(err) => -err,
-        }
-    })
-}
+        let m = encode(KIND_CONNREQ, c.state.data_addr, &c.state.cm, service, &data);
+        c.state.cm.send_to(to, &m, CTX_CONNREQ)?;
+        Ok(0)
+    }
 
-/// `fi_accept`.
-pub unsafe extern "C" fn ep_accept(
-    ep: *mut sys::fid_ep,
-    param: *const c_void,
-    paramlen: usize,
-) -> c_int {
-    guard(|| {
-        // SAFETY: consumer passes one of our endpoints.
-        let (e, c) = match unsafe { msg_ep(ep) } {
-            Ok(x) => x,
-            Err(err) => return -err,
-        };
-        if !c.state.bound.load(Ordering::Acquire) {
-            return -(sys::FI_ENOEQ as i32);
-        }
-        let data = match private_data(e, param, paramlen) {
-            Ok(d) => d,
-            Err(err) => return -err,
-        };
-        let service = match e.ensure_service() {
-            Ok(s) => s,
-            Err(err) => return -err,
-        };
+    /// `fi_accept`.
+    pub fn ep_accept(ep: *mut sys::fid_ep, param: *const c_void, paramlen: usize) -> c_int {
+        let (e, c) = bound_msg_ep(ep)?;
+        let data = private_data(e.cm_data_size.load(Ordering::Relaxed), param, paramlen)?;
+        let service = e.ensure_service()?;
         let mut g = c.lock();
-        let Some((peer_data, peer_cm, peer_service)) = g.pending.take() else {
-            return -fi::EINVAL;
-        };
-        let m = encode(
-            KIND_ACCEPT,
-            c.state.data_addr,
-            c.state.cm.ep.name(),
-            service,
-            &data,
-        );
+        let (peer_data, peer_cm, peer_service) = g.pending.take().ok_or(fi::EINVAL)?;
+        let m = encode(KIND_ACCEPT, c.state.data_addr, &c.state.cm, service, &data);
         if let Err(err) = c.state.cm.send_to(peer_cm, &m, CTX_SEND) {
             g.pending = Some((peer_data, peer_cm, peer_service));
-            return -err;
+            return Err(err);
         }
-        let a = match c.state.data_av.insert(peer_data) {
-            Ok(a) => a,
-            Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_EP_CTRL),
-        };
+        let a = c
+            .state
+            .data_av
+            .insert(peer_data)
+            .or_errno(sys::fi_log_subsys_FI_LOG_EP_CTRL)?;
         Conn::free_handle(&mut g);
-        g.peer = Some((peer_data, peer_cm));
-        g.peer_service = peer_service;
-        g.peer_fi_addr = Some(a);
-        g.connected = true;
-        c.state.cm.watch(peer_cm);
+        c.state.connected(&mut g, peer_data, peer_cm, peer_service, a);
         let bytes = eq_cm_bytes(g.fid.0, std::ptr::null_mut(), &[]);
         g.queued.push(EqEvent {
             event: sys::FI_CONNECTED,
@@ -515,72 +445,47 @@ pub unsafe extern "C" fn ep_accept(
             err: None,
             info: SendPtr(std::ptr::null_mut()),
         });
-        0
-    })
-}
+        Ok(0)
+    }
 
-/// `fi_shutdown`.
-pub unsafe extern "C" fn ep_shutdown(ep: *mut sys::fid_ep, _flags: u64) -> c_int {
-    guard(|| {
-        // SAFETY: consumer passes one of our endpoints.
-        let (_, c) = match unsafe { msg_ep(ep) } {
-            Ok(x) => x,
-            Err(err) => return -err,
-        };
+    /// `fi_shutdown`.
+    pub fn ep_shutdown(ep: *mut sys::fid_ep, _flags: u64) -> c_int {
+        let (_, c) = msg_ep(ep)?;
         if c.lock().peer.is_none() {
-            return -(sys::FI_ENOTCONN as i32);
+            return Err(sys::FI_ENOTCONN as i32);
         }
         c.close();
-        0
-    })
-}
+        Ok(0)
+    }
 
-/// `fi_getpeer`.
-pub unsafe extern "C" fn ep_getpeer(
-    ep: *mut sys::fid_ep,
-    addr: *mut c_void,
-    addrlen: *mut usize,
-) -> c_int {
-    guard(|| {
-        if addrlen.is_null() {
-            return -fi::EINVAL;
-        }
-        // SAFETY: consumer passes one of our endpoints.
-        let (e, c) = match unsafe { msg_ep(ep) } {
-            Ok(x) => x,
-            Err(err) => return -err,
-        };
+    /// `fi_getpeer`.
+    pub fn ep_getpeer(ep: *mut sys::fid_ep, addr: *mut c_void, addrlen: *mut usize) -> c_int {
+        check(!addrlen.is_null())?;
+        let (e, c) = msg_ep(ep)?;
         let (peer, service) = {
             let g = c.lock();
-            let Some((peer, _)) = g.peer else {
-                return -(sys::FI_ENOTCONN as i32);
-            };
+            let (peer, _) = g.peer.ok_or(sys::FI_ENOTCONN as i32)?;
             (peer, g.peer_service)
         };
-        let b = match crate::ep::name_in(e.addr_format, e.src, peer, service) {
-            Ok(b) => b,
-            Err(err) => return -err,
-        };
+        let b = crate::ep::name_in(e.addr_format, e.src, peer, service)?;
         // SAFETY: `addrlen` valid; `addr` writable for *addrlen bytes when large enough.
-        unsafe { crate::addr::copy_out(&b, addr, addrlen) }
-    })
+        Ok(unsafe { crate::addr::copy_out(&b, addr, addrlen) })
+    }
 }
 
 /// Local address of an endpoint or passive endpoint (`fi_getname`), in its address format.
 ///
 /// # Safety
 /// `fid` is NULL or one of our endpoints / passive endpoints.
-pub unsafe fn local_name(fid: *mut sys::fid) -> Result<Vec<u8>, i32> {
-    if fid.is_null() {
-        return Err(fi::EINVAL);
-    }
+pub unsafe fn local_name(fid: *mut sys::fid) -> Res<Vec<u8>> {
+    check(!fid.is_null())?;
     // SAFETY: non-NULL fid.
     match unsafe { (*fid).fclass } as u32 {
         // SAFETY: class checked.
-        sys::FI_CLASS_EP => unsafe { obj::<EpObj>(fid, sys::FI_CLASS_EP) }?.name_bytes(),
+        sys::FI_CLASS_EP => unsafe { EpObj::from_fid(fid) }?.name_bytes(),
         sys::FI_CLASS_PEP => {
             // SAFETY: class checked.
-            let p = unsafe { obj::<PepObj>(fid, sys::FI_CLASS_PEP) }?;
+            let p = unsafe { PepObj::from_fid(fid) }?;
             let st = &p.state;
             crate::ep::name_in(st.format, st.src, st.cm.ep.name(), st.service)
         }
@@ -601,27 +506,7 @@ pub struct ConnReq {
     service: u16,
 }
 
-static CONNREQ_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
-    size: std::mem::size_of::<sys::fi_ops>(),
-    close: Some(connreq_close),
-    bind: nosys(),
-    control: nosys(),
-    ops_open: nosys(),
-    tostr: nosys(),
-    ops_set: nosys(),
-});
-
-unsafe extern "C" fn connreq_close(fid: *mut sys::fid) -> c_int {
-    guard(|| {
-        // SAFETY: consumer passes a connreq handle of ours.
-        if let Err(e) = unsafe { obj::<ConnReq>(fid, sys::FI_CLASS_CONNREQ) } {
-            return -e;
-        }
-        // SAFETY: created by Box::into_raw in pep progress.
-        drop(unsafe { Box::from_raw(fid.cast::<ConnReq>()) });
-        0
-    })
-}
+fid_object!(ConnReq, FI_CLASS_CONNREQ);
 
 struct PepState {
     cm: CmEndpoint,
@@ -662,11 +547,7 @@ impl EqSource for PepState {
                 continue;
             }
             let req = Box::into_raw(Box::new(ConnReq {
-                fid: sys::fid {
-                    fclass: sys::FI_CLASS_CONNREQ as usize,
-                    context: std::ptr::null_mut(),
-                    ops: ops_ptr(&*CONNREQ_FI_OPS),
-                },
+                fid: ConnReq::fid(std::ptr::null_mut()),
                 data_addr: m.data_addr,
                 cm_addr: m.cm_addr,
                 service: m.service,
@@ -708,38 +589,28 @@ pub struct PepObj {
     pub refs: Refs,
 }
 
-static PEP_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
-    size: std::mem::size_of::<sys::fi_ops>(),
-    close: Some(pep_close),
-    bind: Some(pep_bind),
-    control: nosys(),
-    ops_open: nosys(),
-    tostr: nosys(),
-    ops_set: nosys(),
+fid_object!(PepObj, FI_CLASS_PEP, fi_ops { bind: pep_bind });
+
+ops_table!(PEP_EP_OPS: fi_ops_ep {
+    cancel,
+    getopt,
+    setopt,
+    tx_ctx,
+    rx_ctx,
+    rx_size_left,
+    tx_size_left,
 });
 
-static PEP_EP_OPS: LazyLock<sys::fi_ops_ep> = LazyLock::new(|| sys::fi_ops_ep {
-    size: std::mem::size_of::<sys::fi_ops_ep>(),
-    cancel: nosys(),
-    getopt: nosys(),
-    setopt: nosys(),
-    tx_ctx: nosys(),
-    rx_ctx: nosys(),
-    rx_size_left: nosys(),
-    tx_size_left: nosys(),
-});
-
-static PEP_CM_OPS: LazyLock<sys::fi_ops_cm> = LazyLock::new(|| sys::fi_ops_cm {
-    size: std::mem::size_of::<sys::fi_ops_cm>(),
-    setname: Some(crate::ep::ep_setname),
-    getname: Some(pep_getname),
-    getpeer: nosys(),
-    connect: nosys(),
-    listen: Some(pep_listen),
-    accept: nosys(),
-    reject: Some(pep_reject),
-    shutdown: nosys(),
-    join: nosys(),
+ops_table!(PEP_CM_OPS: fi_ops_cm {
+    setname = crate::ep::ep_setname,
+    getname = crate::ep::ep_getname,
+    getpeer,
+    connect,
+    listen = pep_listen,
+    accept,
+    reject = pep_reject,
+    shutdown,
+    join,
 });
 
 /// `fi_passive_ep`.
@@ -749,205 +620,122 @@ pub unsafe extern "C" fn passive_ep_open(
     pep: *mut *mut sys::fid_pep,
     context: *mut c_void,
 ) -> c_int {
-    guard(|| {
-        if info.is_null() || pep.is_null() {
-            return -fi::EINVAL;
-        }
+    crate::util::ffi(|| {
+        check(!info.is_null() && !pep.is_null())?;
         // SAFETY: consumer passes its fabric.
-        let f = match unsafe { obj::<FabricObj>(fabric.cast(), sys::FI_CLASS_FABRIC) } {
-            Ok(f) => f,
-            Err(e) => return -e,
-        };
+        let f = unsafe { FabricObj::from_fid(fabric) }?;
         // SAFETY: non-NULL consumer info; attributes NULL or valid.
         let i = unsafe { &*info };
-        if i.domain_attr.is_null() || i.ep_attr.is_null() {
-            return -fi::EINVAL;
-        }
-        // SAFETY: non-NULL attribute.
-        if unsafe { (*i.ep_attr).type_ } != sys::fi_ep_type_FI_EP_MSG {
-            return -fi::EINVAL;
-        }
+        // SAFETY: as above.
+        let (da, ep) = unsafe { (i.domain_attr.as_ref(), i.ep_attr.as_ref()) };
+        let (da, ep) = da.zip(ep).ok_or(fi::EINVAL)?;
+        check(ep.type_ == sys::fi_ep_type_FI_EP_MSG)?;
         // SAFETY: NULL or a C string.
-        let Some(name) = (unsafe { crate::util::c_str((*i.domain_attr).name) }) else {
-            return -fi::EINVAL;
-        };
-        let d = match crate::domain::open_device(&name) {
-            Ok(d) => d,
-            Err(e) => return -e,
-        };
-        let dev = d.info().clone();
-        let cm = match CmEndpoint::open(&d) {
-            Ok(c) => c,
-            Err(e) => {
-                crate::domain::release(&dev.device);
-                return -e;
-            }
-        };
-        let format = Format::from_fi(i.addr_format).unwrap_or(Format::Native);
-        // SAFETY: fi_info's src_addr is valid for src_addrlen bytes.
-        let src = (!i.src_addr.is_null())
-            .then(|| unsafe { std::slice::from_raw_parts(i.src_addr.cast::<u8>(), i.src_addrlen) })
-            .and_then(|b| crate::addr::decode(format, b));
-        // A listener of a host format takes its service now, so that its name is known at
-        // once and a taken service fails here (-FI_EADDRINUSE).
-        let service = if format.is_host() {
-            let want = match src {
-                Some(Addr::Host(s)) => s.port(),
-                _ => 0,
-            };
-            match cm.ep.bind_service(want) {
-                Ok(s) => s,
-                Err(e) => {
-                    drop(cm);
-                    crate::domain::release(&dev.device);
-                    return -errno_of(&e, sys::fi_log_subsys_FI_LOG_EP_CTRL);
-                }
-            }
-        } else {
-            0
-        };
-        // SAFETY: valid consumer info.
-        let tmpl = unsafe { sys::fi_dupinfo(info) };
-        if tmpl.is_null() {
-            drop(cm);
-            crate::domain::release(&dev.device);
-            return -fi::ENOMEM;
-        }
-        let state = Arc::new(PepState {
-            cm,
-            format,
-            src,
-            service,
-            device: dev.device.clone(),
-            info: SendPtr(tmpl),
-            listening: AtomicBool::new(false),
-            fid: Mutex::new(SendPtr(std::ptr::null_mut())),
-        });
-        let p = Box::into_raw(Box::new(PepObj {
+        let name = unsafe { crate::util::c_str(da.name) }.ok_or(fi::EINVAL)?;
+        let d = crate::domain::open_device(&name)?;
+        let device = d.info().device.clone();
+        // The device session is released with the state (PepState's Drop) or here on failure.
+        let state = pep_state(&d, i, info, device.clone()).inspect_err(|_| {
+            crate::domain::release(&device);
+        })?;
+        let p = PepObj {
             fid: sys::fid_pep {
-                fid: sys::fid {
-                    fclass: sys::FI_CLASS_PEP as usize,
-                    context,
-                    ops: ops_ptr(&*PEP_FI_OPS),
-                },
-                ops: ops_ptr(&*PEP_EP_OPS),
-                cm: ops_ptr(&*PEP_CM_OPS),
+                fid: PepObj::fid(context),
+                ops: ops_ptr(&PEP_EP_OPS),
+                cm: ops_ptr(&PEP_CM_OPS),
             },
             // SAFETY: the fabric refuses to close while this count is held.
             _fabric: unsafe { ParentRef::new(&f.refs) },
-            state,
+            state: Arc::new(state),
             bound: Mutex::new(None),
             refs: Refs::default(),
-        }));
-        // SAFETY: `p` is our fresh allocation; `pep` a valid out pointer.
-        unsafe {
-            let obj = &*p;
-            *obj.state.fid.lock().unwrap_or_else(|e| e.into_inner()) = SendPtr(p.cast());
-            *pep = p.cast();
         }
-        0
+        .install(pep)?;
+        // SAFETY: `p` is the object just installed.
+        let obj = unsafe { &*p };
+        *obj.state.fid.lock().unwrap_or_else(|e| e.into_inner()) = SendPtr(p.cast());
+        Ok(0)
     })
 }
 
-unsafe extern "C" fn pep_close(fid: *mut sys::fid) -> c_int {
-    guard(|| {
-        // SAFETY: consumer passes one of our passive endpoints.
-        if let Err(e) = unsafe { obj::<PepObj>(fid, sys::FI_CLASS_PEP) } {
-            return -e;
-        }
-        // SAFETY: created by Box::into_raw in passive_ep_open.
-        drop(unsafe { Box::from_raw(fid.cast::<PepObj>()) });
-        0
-    })
-}
-
-unsafe extern "C" fn pep_bind(fid: *mut sys::fid, bfid: *mut sys::fid, _flags: u64) -> c_int {
-    guard(|| {
-        // SAFETY: consumer passes one of our passive endpoints.
-        let p = match unsafe { obj::<PepObj>(fid, sys::FI_CLASS_PEP) } {
-            Ok(p) => p,
-            Err(e) => return -e,
+/// The listening state of a passive endpoint on device session `d`.
+fn pep_state(
+    d: &Domain,
+    i: &sys::fi_info,
+    info: *mut sys::fi_info,
+    device: vfabric::DeviceLocator,
+) -> Res<PepState> {
+    let cm = CmEndpoint::open(d)?;
+    let format = Format::from_fi(i.addr_format).unwrap_or(Format::Native);
+    // SAFETY: fi_info's src_addr is valid for src_addrlen bytes.
+    let src = (!i.src_addr.is_null())
+        .then(|| unsafe { std::slice::from_raw_parts(i.src_addr.cast::<u8>(), i.src_addrlen) })
+        .and_then(|b| crate::addr::decode(format, b));
+    // A listener of a host format takes its service now, so that its name is known at
+    // once and a taken service fails here (-FI_EADDRINUSE).
+    let service = if format.is_host() {
+        let want = match src {
+            Some(Addr::Host(s)) => s.port(),
+            _ => 0,
         };
+        cm.ep
+            .bind_service(want)
+            .or_errno(sys::fi_log_subsys_FI_LOG_EP_CTRL)?
+    } else {
+        0
+    };
+    // SAFETY: valid consumer info.
+    let tmpl = unsafe { sys::fi_dupinfo(info) };
+    if tmpl.is_null() {
+        return Err(fi::ENOMEM);
+    }
+    Ok(PepState {
+        cm,
+        format,
+        src,
+        service,
+        device,
+        info: SendPtr(tmpl),
+        listening: AtomicBool::new(false),
+        fid: Mutex::new(SendPtr(std::ptr::null_mut())),
+    })
+}
+
+ffi_fns! {
+    fn pep_bind(fid: *mut sys::fid, bfid: *mut sys::fid, _flags: u64) -> c_int {
+        // SAFETY: consumer passes one of our passive endpoints.
+        let p = unsafe { PepObj::from_fid(fid) }?;
         // SAFETY: consumer passes one of our EQs.
-        let q = match unsafe { obj::<EqObj>(bfid, sys::FI_CLASS_EQ) } {
-            Ok(q) => q,
-            Err(e) => return -e,
-        };
+        let q = unsafe { EqObj::from_fid(bfid) }?;
         let mut b = p.bound.lock().unwrap_or_else(|e| e.into_inner());
-        if b.is_some() {
-            return -fi::EINVAL;
-        }
+        check(b.is_none())?;
         // SAFETY: the EQ refuses to close while this count is held.
         *b = Some(unsafe { ParentRef::new(&q.refs) });
         let s: Arc<dyn EqSource> = p.state.clone();
         q.add_source(Arc::downgrade(&s));
-        0
-    })
-}
+        Ok(0)
+    }
 
-unsafe extern "C" fn pep_listen(pep: *mut sys::fid_pep) -> c_int {
-    guard(|| {
+    fn pep_listen(pep: *mut sys::fid_pep) -> c_int {
         // SAFETY: consumer passes one of our passive endpoints.
-        let p = match unsafe { obj::<PepObj>(pep.cast(), sys::FI_CLASS_PEP) } {
-            Ok(p) => p,
-            Err(e) => return -e,
-        };
+        let p = unsafe { PepObj::from_fid(pep) }?;
         if p.bound.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
-            return -(sys::FI_ENOEQ as i32);
+            return Err(sys::FI_ENOEQ as i32);
         }
         p.state.listening.store(true, Ordering::Release);
-        0
-    })
-}
+        Ok(0)
+    }
 
-unsafe extern "C" fn pep_getname(
-    fid: *mut sys::fid,
-    addr: *mut c_void,
-    addrlen: *mut usize,
-) -> c_int {
-    // SAFETY: same contract as the endpoint's fi_getname (it handles both classes).
-    unsafe { crate::ep::ep_getname(fid, addr, addrlen) }
-}
-
-unsafe extern "C" fn pep_reject(
-    pep: *mut sys::fid_pep,
-    handle: *mut sys::fid,
-    param: *const c_void,
-    paramlen: usize,
-) -> c_int {
-    guard(|| {
+    fn pep_reject(pep: *mut sys::fid_pep, handle: *mut sys::fid, param: *const c_void, paramlen: usize) -> c_int {
         // SAFETY: consumer passes one of our passive endpoints.
-        let p = match unsafe { obj::<PepObj>(pep.cast(), sys::FI_CLASS_PEP) } {
-            Ok(p) => p,
-            Err(e) => return -e,
-        };
+        let p = unsafe { PepObj::from_fid(pep) }?;
         // SAFETY: consumer passes the handle of a CONNREQ event.
-        let r = match unsafe { obj::<ConnReq>(handle, sys::FI_CLASS_CONNREQ) } {
-            Ok(r) => r,
-            Err(e) => return -e,
-        };
-        if paramlen > crate::info::CM_DATA_SIZE || (paramlen > 0 && param.is_null()) {
-            return -fi::EINVAL;
-        }
-        let data = if paramlen == 0 {
-            Vec::new()
-        } else {
-            // SAFETY: `param` readable for `paramlen` bytes.
-            unsafe { std::slice::from_raw_parts(param.cast::<u8>(), paramlen) }.to_vec()
-        };
-        let m = encode(
-            KIND_REJECT,
-            FabricAddr::default(),
-            p.state.cm.ep.name(),
-            0,
-            &data,
-        );
-        let rc = match p.state.cm.send_to(r.cm_addr, &m, CTX_SEND) {
-            Ok(()) => 0,
-            Err(e) => -e,
-        };
+        let r = unsafe { ConnReq::from_fid(handle) }?;
+        let data = private_data(crate::info::CM_DATA_SIZE, param, paramlen)?;
+        let m = encode(KIND_REJECT, FabricAddr::default(), &p.state.cm, 0, &data);
+        let rc = p.state.cm.send_to(r.cm_addr, &m, CTX_SEND);
         // SAFETY: the handle is consumed by fi_reject (created by Box::into_raw).
         drop(unsafe { Box::from_raw(handle.cast::<ConnReq>()) });
-        rc
-    })
+        rc.map(|()| 0)
+    }
 }

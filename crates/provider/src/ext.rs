@@ -9,7 +9,7 @@ use vfabric::{fi, CapValue};
 
 use crate::domain::DomainObj;
 use crate::sys;
-use crate::util::{errno_of, guard, obj};
+use crate::util::{check, ffi_fns, FidObject, OrErrno, Res};
 
 /// `FI_VFABRIC_DOMAIN_OPS_V1`.
 const DOMAIN_OPS_V1: &CStr = c"fi_vfabric_domain_ops_v1";
@@ -42,58 +42,30 @@ static DOMAIN_OPS: DomainOpsV1 = DomainOpsV1 {
     counters,
 };
 
-/// The body of an `fi_open_ops` entry point: `fid` must be one of our objects of class
-/// `class` (type `T`), and `name` the one versioned name `want`; then `*ops` = `table`.
-/// Another name is `-FI_ENOSYS` (fi_open_ops(3)).
+/// The body of an `fi_open_ops` entry point: `fid` must be one of our objects of type `T`,
+/// and `name` the one versioned name `want`; then `*ops` = `table`. Another name is
+/// `-FI_ENOSYS` (fi_open_ops(3)).
 ///
 /// # Safety
 /// `fid` is NULL or a valid fid, `name` NULL or a NUL-terminated string, `ops` NULL or
 /// writable for one pointer.
-pub unsafe fn open_ops<T, O>(
+pub unsafe fn open_ops<T: FidObject, O>(
     fid: *mut sys::fid,
-    class: u32,
     name: *const c_char,
     ops: *mut *mut c_void,
     want: &CStr,
     table: &'static O,
-) -> c_int {
-    guard(|| {
-        // SAFETY: the consumer passes one of our objects (checked by class).
-        if let Err(e) = unsafe { obj::<T>(fid, class) } {
-            return -e;
-        }
-        if name.is_null() || ops.is_null() {
-            return -fi::EINVAL;
-        }
-        // SAFETY: a NUL-terminated name per the caller's contract.
-        if unsafe { CStr::from_ptr(name) } != want {
-            return -fi::ENOSYS;
-        }
-        // SAFETY: `ops` is writable (checked non-NULL); the table is static and never written.
-        unsafe { *ops = (table as *const O).cast_mut().cast() };
-        0
-    })
-}
-
-/// `fi_open_ops` on a domain.
-pub unsafe extern "C" fn domain_ops_open(
-    fid: *mut sys::fid,
-    name: *const c_char,
-    _flags: u64,
-    ops: *mut *mut c_void,
-    _context: *mut c_void,
-) -> c_int {
-    // SAFETY: libfabric's fi_open_ops arguments, as `open_ops` requires.
-    unsafe {
-        open_ops::<DomainObj, _>(
-            fid,
-            sys::FI_CLASS_DOMAIN,
-            name,
-            ops,
-            DOMAIN_OPS_V1,
-            &DOMAIN_OPS,
-        )
+) -> Res<c_int> {
+    // SAFETY: the consumer passes one of our objects (checked by class).
+    unsafe { T::from_fid(fid) }?;
+    check(!name.is_null() && !ops.is_null())?;
+    // SAFETY: a NUL-terminated name per the caller's contract.
+    if unsafe { CStr::from_ptr(name) } != want {
+        return Err(fi::ENOSYS);
     }
+    // SAFETY: `ops` is writable (checked non-NULL); the table is static and never written.
+    unsafe { *ops = (table as *const O).cast_mut().cast() };
+    Ok(0)
 }
 
 /// Copy `s` into a fixed C string field (truncated, always NUL-terminated).
@@ -105,30 +77,25 @@ fn fill(dst: &mut [c_char], s: &str) {
     dst[n] = 0;
 }
 
-unsafe extern "C" fn vendor_attrs(
-    domain: *mut sys::fid_domain,
-    attrs: *mut VendorAttr,
-    count: *mut usize,
-) -> c_int {
-    guard(|| {
+ffi_fns! {
+    /// `fi_open_ops` on a domain.
+    pub fn domain_ops_open(
+        fid: *mut sys::fid, name: *const c_char, _flags: u64, ops: *mut *mut c_void,
+        _context: *mut c_void,
+    ) -> c_int {
+        // SAFETY: libfabric's fi_open_ops arguments, as `open_ops` requires.
+        unsafe { open_ops::<DomainObj, _>(fid, name, ops, DOMAIN_OPS_V1, &DOMAIN_OPS) }
+    }
+
+    fn vendor_attrs(domain: *mut sys::fid_domain, attrs: *mut VendorAttr, count: *mut usize) -> c_int {
         // SAFETY: the consumer passes one of our domains (checked by class).
-        let d = match unsafe { obj::<DomainObj>(domain.cast(), sys::FI_CLASS_DOMAIN) } {
-            Ok(d) => d,
-            Err(e) => return -e,
-        };
-        if count.is_null() {
-            return -fi::EINVAL;
-        }
-        let list = match d.dom.vendor_attrs() {
-            Ok(l) => l,
-            Err(e) => return -errno_of(&e, sys::fi_log_subsys_FI_LOG_DOMAIN),
-        };
+        let d = unsafe { DomainObj::from_fid(domain) }?;
+        check(!count.is_null())?;
+        let list = d.dom.vendor_attrs().or_errno(sys::fi_log_subsys_FI_LOG_DOMAIN)?;
         // SAFETY: `count` is readable and writable (checked non-NULL).
-        let room = unsafe { *count };
-        // SAFETY: as above.
-        unsafe { *count = list.len() };
+        let room = unsafe { std::mem::replace(&mut *count, list.len()) };
         if list.len() > room || (attrs.is_null() && !list.is_empty()) {
-            return -fi::ETOOSMALL;
+            return Err(fi::ETOOSMALL);
         }
         for (i, e) in list.iter().enumerate() {
             let mut a = VendorAttr {
@@ -142,10 +109,7 @@ unsafe extern "C" fn vendor_attrs(
             fill(&mut a.name, &e.name);
             match &e.value {
                 CapValue::U64(v) => a.value = *v,
-                CapValue::Bool(b) => {
-                    a.kind = 1;
-                    a.value = u64::from(*b);
-                }
+                CapValue::Bool(b) => (a.kind, a.value) = (1, u64::from(*b)),
                 CapValue::Str(s) => {
                     a.kind = 2;
                     fill(&mut a.text, s);
@@ -159,27 +123,16 @@ unsafe extern "C" fn vendor_attrs(
             // SAFETY: `attrs` has room for `room` >= list.len() entries (the caller's count).
             unsafe { attrs.add(i).write(a) };
         }
-        0
-    })
-}
+        Ok(0)
+    }
 
-unsafe extern "C" fn counters(domain: *mut sys::fid_domain, out: *mut Counters) -> c_int {
-    guard(|| {
+    fn counters(domain: *mut sys::fid_domain, out: *mut Counters) -> c_int {
         // SAFETY: the consumer passes one of our domains (checked by class).
-        let d = match unsafe { obj::<DomainObj>(domain.cast(), sys::FI_CLASS_DOMAIN) } {
-            Ok(d) => d,
-            Err(e) => return -e,
-        };
-        if out.is_null() {
-            return -fi::EINVAL;
-        }
-        match d.dom.device_counters() {
-            Ok(c) => {
-                // SAFETY: `out` is writable for one struct (checked non-NULL).
-                unsafe { out.write(c) };
-                0
-            }
-            Err(e) => -errno_of(&e, sys::fi_log_subsys_FI_LOG_DOMAIN),
-        }
-    })
+        let d = unsafe { DomainObj::from_fid(domain) }?;
+        check(!out.is_null())?;
+        let c = d.dom.device_counters().or_errno(sys::fi_log_subsys_FI_LOG_DOMAIN)?;
+        // SAFETY: `out` is writable for one struct (checked non-NULL).
+        unsafe { out.write(c) };
+        Ok(0)
+    }
 }

@@ -6,38 +6,48 @@
 //! `libvfabric-fi.so`; cargo builds `libvfabric_provider.so`, and `scripts/provider-link.sh`
 //! places the correctly named link in `target/<profile>/prov/` (scripts/test.sh runs it).
 //!
-//! Objects are `#[repr(C)]` structs whose first field is the libfabric `fid_*` structure, so a
-//! `struct fid *` handed back by the consumer is cast to our object after its `fclass` is
-//! checked. Every entry point is wrapped in [`util::guard`] (no panic crosses into C), checks
-//! its pointer arguments, and every op-table slot we do not implement is a `-FI_ENOSYS` stub.
+//! Organised as libfabric's own providers are: one file per object. Objects are `#[repr(C)]`
+//! structs whose first field is the libfabric `fid_*` structure and implement
+//! [`util::FidObject`], which gives every class the same class-checked cast, open, install
+//! and close. Entry points are written with [`util::ffi_fns`]: their bodies return
+//! `Result<_, errno>` and run inside [`util::guard`] (no panic crosses into C). Op tables are
+//! `const` ([`util::ops_table`]): unimplemented slots are `-FI_ENOSYS` stubs.
 //!
-//! Module map: `info` (`fi_getinfo`), `nic` (`fi_info->nic`), `fabric` (fabric, EQ),
-//! `domain` (domain, AV, MR, CQ, counter), `ep` (endpoints: msg/tagged tables; the collective
-//! table is `-FI_ENOSYS`), `rma` (RMA and atomic tables), `cm` (FI_EP_MSG: passive endpoints and the connection
-//! handshake), `multirecv` (FI_MULTI_RECV emulation), `ext` (`fi_open_ops` extensions of
-//! `include/fi_vfabric.h`), `util` (stubs, guards, logging).
+//! Module map: `info` (`fi_getinfo`), `nic` (`fi_info->nic`), `fabric`, `eq`, `domain`
+//! (and the process's device sessions), `av`, `mr`, `cq`, `cntr`, `ep` (endpoint object and
+//! control), `cm` (FI_EP_MSG: passive endpoints and the connection handshake), `ops/`
+//! (data path: `msg`, `tagged`, `rma`, `atomic`, each call normalised into its `*msg`
+//! form), `multirecv` (FI_MULTI_RECV emulation), `pmem`, `ext` (`fi_open_ops` extensions
+//! of `include/fi_vfabric.h`), `util` (the FFI plumbing), `consts` (compile-time checks of
+//! the driver's libfabric constants against bindgen's).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod addr;
+mod av;
 mod cm;
+mod cntr;
+mod cq;
 mod domain;
 mod ep;
+mod eq;
 mod ext;
 mod fabric;
 mod info;
+mod mr;
 mod multirecv;
 mod nic;
+mod ops;
 mod pmem;
-mod rma;
 /// The libfabric bindings (bindgen, shared with the daemon's uplink).
 pub use vfabric_fi_sys as sys;
+mod consts;
 mod util;
 mod watch;
 
 use std::ffi::{c_char, c_int, CStr};
 
-use util::{guard, Static};
+use util::Static;
 
 /// `FI_VERSION(1, 17)`.
 pub const FI_VERSION_1_17: u32 = (1 << 16) | 17;
@@ -93,41 +103,29 @@ pub extern "C" fn fi_prov_ini() -> *mut sys::fi_provider {
     p
 }
 
+/// `fi_param_get` of a parameter whose value the core stores as a `T`.
+fn param_get<T>(name: &CStr, mut v: T) -> Option<T> {
+    // SAFETY: `name` is NUL-terminated; the core writes one value of the parameter's type
+    // (`char *`, `int`, `size_t`), which the callers below match.
+    let r = unsafe { sys::fi_param_get(provider_ptr(), name.as_ptr(), (&mut v as *mut T).cast()) };
+    (r == 0).then_some(v)
+}
+
 /// `fi_param_get` of a string parameter.
 pub fn param_str(name: &CStr) -> Option<String> {
-    let mut v: *mut c_char = std::ptr::null_mut();
-    // SAFETY: `name` is NUL-terminated; for a string parameter the core stores a `char *`
-    // pointing at the environment value (not to be freed) into `v`.
-    let r = unsafe {
-        sys::fi_param_get(
-            provider_ptr(),
-            name.as_ptr(),
-            (&mut v as *mut *mut c_char).cast(),
-        )
-    };
-    if r != 0 || v.is_null() {
-        return None;
-    }
-    // SAFETY: the core returned a NUL-terminated environment string.
+    let v = param_get::<*mut c_char>(name, std::ptr::null_mut())?;
+    // SAFETY: NULL or the core's NUL-terminated environment string (not to be freed).
     unsafe { util::c_str(v) }
 }
 
 /// `fi_param_get` of a boolean parameter.
 pub fn param_bool(name: &CStr) -> Option<bool> {
-    let mut v: c_int = 0;
-    // SAFETY: `name` is NUL-terminated; for a bool parameter the core stores an `int`.
-    let r =
-        unsafe { sys::fi_param_get(provider_ptr(), name.as_ptr(), (&mut v as *mut c_int).cast()) };
-    (r == 0).then_some(v != 0)
+    param_get::<c_int>(name, 0).map(|v| v != 0)
 }
 
 /// `fi_param_get` of a size parameter.
 pub fn param_size(name: &CStr) -> Option<usize> {
-    let mut v: usize = 0;
-    // SAFETY: for FI_PARAM_SIZE_T the core writes one `size_t` into `v`.
-    let r =
-        unsafe { sys::fi_param_get(provider_ptr(), name.as_ptr(), (&mut v as *mut usize).cast()) };
-    (r == 0).then_some(v)
+    param_get::<usize>(name, 0)
 }
 
 unsafe extern "C" fn prov_getinfo(
@@ -138,13 +136,8 @@ unsafe extern "C" fn prov_getinfo(
     hints: *const sys::fi_info,
     info: *mut *mut sys::fi_info,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: arguments as passed by the core's fi_getinfo (NULL-checked inside).
-        match unsafe { info::getinfo(version, node, service, flags, hints, info) } {
-            Ok(()) => 0,
-            Err(e) => -e,
-        }
-    })
+    // SAFETY: arguments as passed by the core's fi_getinfo (NULL-checked inside).
+    util::ffi(|| unsafe { info::getinfo(version, node, service, flags, hints, info) }.map(|()| 0))
 }
 
 unsafe extern "C" fn prov_cleanup() {}

@@ -4,13 +4,10 @@
 //! `fi_control(FI_DUP)` and frees it with `fi_close`, both ours.
 
 use std::ffi::{c_int, c_void, CString};
-use std::sync::LazyLock;
-
 use vfabric::{fi, Info};
 
-use crate::fabric::ops_ptr;
 use crate::sys;
-use crate::util::{guard, nosys, obj};
+use crate::util::{ffi_fns, fid_object, FidObject};
 
 /// Plain values of a NIC description.
 #[derive(Clone)]
@@ -36,15 +33,13 @@ struct NicObj {
     _strings: Vec<CString>,
 }
 
-static NIC_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
-    size: std::mem::size_of::<sys::fi_ops>(),
-    close: Some(nic_close),
-    bind: nosys(),
-    control: Some(nic_control),
-    ops_open: nosys(),
-    tostr: nosys(),
-    ops_set: nosys(),
-});
+fid_object!(
+    NicObj,
+    FI_CLASS_NIC,
+    fi_ops {
+        control: nic_control
+    }
+);
 
 fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', " ")).unwrap_or_default()
@@ -67,11 +62,7 @@ fn nic_new(f: NicFields) -> *mut sys::fid_nic {
     let p = |i: usize| strings[i].as_ptr().cast_mut();
     let mut b = Box::new(NicObj {
         fid: sys::fid_nic {
-            fid: sys::fid {
-                fclass: sys::FI_CLASS_NIC as usize,
-                context: std::ptr::null_mut(),
-                ops: ops_ptr(&*NIC_FI_OPS),
-            },
+            fid: NicObj::fid(std::ptr::null_mut()),
             device_attr: std::ptr::null_mut(),
             bus_attr: std::ptr::null_mut(),
             link_attr: std::ptr::null_mut(),
@@ -140,30 +131,15 @@ pub fn nic_of(dev: &Info) -> *mut sys::fid_nic {
     })
 }
 
-unsafe extern "C" fn nic_close(fid: *mut sys::fid) -> c_int {
-    guard(|| {
-        // SAFETY: the core closes the nic of an fi_info we built (class checked).
-        if let Err(e) = unsafe { obj::<NicObj>(fid, sys::FI_CLASS_NIC) } {
-            return -e;
-        }
-        // SAFETY: created by Box::into_raw in nic_new.
-        drop(unsafe { Box::from_raw(fid.cast::<NicObj>()) });
-        0
-    })
-}
-
-unsafe extern "C" fn nic_control(fid: *mut sys::fid, cmd: c_int, arg: *mut c_void) -> c_int {
-    guard(|| {
+ffi_fns! {
+    fn nic_control(fid: *mut sys::fid, cmd: c_int, arg: *mut c_void) -> c_int {
         // SAFETY: the core passes the nic of an fi_info we built (class checked).
-        let n = match unsafe { obj::<NicObj>(fid, sys::FI_CLASS_NIC) } {
-            Ok(n) => n,
-            Err(e) => return -e,
-        };
+        let n = unsafe { NicObj::from_fid(fid) }?;
         if cmd as u32 != sys::FI_DUP || arg.is_null() {
-            return -fi::ENOSYS;
+            return Err(fi::ENOSYS);
         }
         // SAFETY: for FI_DUP, `arg` is a `struct fid_nic **` receiving the copy.
         unsafe { *arg.cast::<*mut sys::fid_nic>() = nic_new(n.fields.clone()) };
-        0
-    })
+        Ok(0)
+    }
 }

@@ -9,11 +9,11 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 
-use vfabric::{fi, RmaIov};
+use vfabric::fi;
 
 use crate::ep::EpObj;
 use crate::sys;
-use crate::util::{errno_of, guard, obj};
+use crate::util::{check, ffi_fns, OrErrno};
 
 /// The file behind `len` bytes at `addr` of this process and the file offset of `addr`: the
 /// range must lie in shared mappings of one regular file at consecutive offsets.
@@ -154,53 +154,42 @@ static EP_OPS2: EpOpsV2 = EpOpsV2 {
     set_commit_handler,
 };
 
-/// `fi_open_ops` on an endpoint: version 2, or version 1 (unchanged) for older consumers.
-pub unsafe extern "C" fn ep_ops_open(
-    fid: *mut sys::fid,
-    name: *const c_char,
-    _flags: u64,
-    ops: *mut *mut c_void,
-    _context: *mut c_void,
-) -> c_int {
-    // SAFETY: a NUL-terminated name per fi_open_ops' contract (NULL is refused by open_ops).
-    let v2 = !name.is_null() && unsafe { CStr::from_ptr(name) } == EP_OPS_V2;
-    // SAFETY: libfabric's fi_open_ops arguments, as `open_ops` requires.
-    unsafe {
-        if v2 {
-            crate::ext::open_ops::<EpObj, _>(fid, sys::FI_CLASS_EP, name, ops, EP_OPS_V2, &EP_OPS2)
-        } else {
-            crate::ext::open_ops::<EpObj, _>(fid, sys::FI_CLASS_EP, name, ops, EP_OPS_V1, &EP_OPS)
-        }
-    }
-}
-
 /// The consumer's handler and context, called from the domain's progress.
 struct CHandler {
     f: CommitHandlerC,
     context: usize,
 }
 
-/// `set_commit_handler` of `FI_VFABRIC_EP_OPS_V2`: install (or, with NULL, remove) the commit
-/// handler of the endpoint's domain. Persistent regions registered afterwards are handled.
-unsafe extern "C" fn set_commit_handler(
-    ep: *mut sys::fid_ep,
-    handler: Option<CommitHandlerC>,
-    context: *mut c_void,
-) -> c_int {
-    guard(|| {
-        // SAFETY: the consumer passes one of our endpoints (checked by class).
-        let e = match unsafe { obj::<EpObj>(ep.cast(), sys::FI_CLASS_EP) } {
-            Ok(e) => e,
-            Err(x) => return -x,
-        };
-        if e.caps & fi::RMA_PMEM == 0 {
-            return -(sys::FI_EOPNOTSUPP as c_int);
+ffi_fns! {
+    /// `fi_open_ops` on an endpoint: version 2, or version 1 (unchanged) for older consumers.
+    pub fn ep_ops_open(
+        fid: *mut sys::fid, name: *const c_char, _flags: u64, ops: *mut *mut c_void,
+        _context: *mut c_void,
+    ) -> c_int {
+        // SAFETY: a NUL-terminated name per fi_open_ops' contract (NULL is refused by open_ops).
+        let v2 = !name.is_null() && unsafe { CStr::from_ptr(name) } == EP_OPS_V2;
+        // SAFETY: libfabric's fi_open_ops arguments, as `open_ops` requires.
+        unsafe {
+            if v2 {
+                crate::ext::open_ops::<EpObj, _>(fid, name, ops, EP_OPS_V2, &EP_OPS2)
+            } else {
+                crate::ext::open_ops::<EpObj, _>(fid, name, ops, EP_OPS_V1, &EP_OPS)
+            }
         }
-        // SAFETY: the domain outlives its endpoints (ParentRef).
-        let dom = unsafe { &(*e.domain).dom };
+    }
+
+    /// `set_commit_handler` of `FI_VFABRIC_EP_OPS_V2`: install (or, with NULL, remove) the
+    /// commit handler of the endpoint's domain. Persistent regions registered afterwards are
+    /// handled.
+    fn set_commit_handler(ep: *mut sys::fid_ep, handler: Option<CommitHandlerC>, context: *mut c_void) -> c_int {
+        let e = crate::ops::ep_of(ep)?;
+        if e.caps & fi::RMA_PMEM == 0 {
+            return Err(sys::FI_EOPNOTSUPP as i32);
+        }
+        let dom = &e.dom().dom;
         let Some(f) = handler else {
             dom.set_commit_handler(None);
-            return 0;
+            return Ok(0);
         };
         let h = CHandler {
             f,
@@ -231,51 +220,24 @@ unsafe extern "C" fn set_commit_handler(
                 unsafe { (h.f)(&c, h.context as *mut c_void) }
             },
         )));
-        0
-    })
-}
+        Ok(0)
+    }
 
-unsafe extern "C" fn commit(
-    ep: *mut sys::fid_ep,
-    rma_iov: *const sys::fi_rma_iov,
-    count: usize,
-    dest: u64,
-    flags: u64,
-    context: *mut c_void,
-) -> isize {
-    guard(|| -> isize {
-        // SAFETY: the consumer passes one of our endpoints (checked by class).
-        let e = match unsafe { obj::<EpObj>(ep.cast(), sys::FI_CLASS_EP) } {
-            Ok(e) => e,
-            Err(x) => return -(x as isize),
-        };
+    fn commit(
+        ep: *mut sys::fid_ep, rma_iov: *const sys::fi_rma_iov, count: usize, dest: u64, flags: u64,
+        context: *mut c_void,
+    ) -> isize {
+        let e = crate::ops::ep_of(ep)?;
         if e.caps & fi::RMA == 0 {
-            return -(sys::FI_EOPNOTSUPP as isize);
+            return Err(sys::FI_EOPNOTSUPP as i32);
         }
-        if rma_iov.is_null() || count == 0 {
-            return -(fi::EINVAL as isize);
-        }
-        let ranges: Vec<RmaIov> = (0..count)
-            .map(|k| {
-                // SAFETY: `rma_iov` holds `count` entries (the caller's contract).
-                let r = unsafe { &*rma_iov.add(k) };
-                RmaIov {
-                    addr: r.addr,
-                    len: r.len as u64,
-                    key: r.key,
-                }
-            })
-            .collect();
-        let dest = match &e.conn {
-            Some(c) => match c.peer_fi_addr() {
-                Some(a) => a,
-                None => return -(sys::FI_ENOTCONN as isize),
-            },
-            None => dest,
-        };
-        match e.ep.commit(&ranges, dest, flags, context as u64) {
-            Ok(()) => 0,
-            Err(err) => -(errno_of(&err, sys::fi_log_subsys_FI_LOG_EP_DATA) as isize),
-        }
-    })
+        check(count > 0)?;
+        // SAFETY: `rma_iov` holds `count` entries (the caller's contract).
+        let ranges = unsafe { crate::ops::rma::rma_iovs(rma_iov, count) }?;
+        let dest = crate::ops::peer(e, dest)?;
+        e.ep
+            .commit(&ranges, dest, flags, context as u64)
+            .or_errno(sys::fi_log_subsys_FI_LOG_EP_DATA)?;
+        Ok(0)
+    }
 }

@@ -2,7 +2,7 @@
 //! FFI plumbing: return conventions, `-FI_ENOSYS` stubs for every op-table slot, panic guards,
 //! logging through the core's `fi_log`, and small C string helpers.
 
-use std::ffi::{c_char, c_int, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use vfabric::fi;
@@ -29,44 +29,90 @@ impl Ret for isize {
 /// A function-pointer type with a `-FI_ENOSYS` implementation (for the slots we do not
 /// implement: a consumer calling them gets an error, never a NULL call).
 pub trait Enosys: Sized {
-    fn enosys() -> Self;
+    const ENOSYS: Self;
 }
 
 macro_rules! impl_enosys {
-    ($($a:ident),*) => {
-        impl<$($a,)* R: Ret> Enosys for unsafe extern "C" fn($($a),*) -> R {
-            fn enosys() -> Self {
+    () => {};
+    ($a0:ident $(, $a:ident)*) => {
+        impl<$a0, $($a,)* R: Ret> Enosys for unsafe extern "C" fn($a0, $($a),*) -> R {
+            const ENOSYS: Self = {
                 #[allow(non_snake_case)]
-                unsafe extern "C" fn stub<$($a,)* R: Ret>($(_: $a),*) -> R {
+                unsafe extern "C" fn stub<$a0, $($a,)* R: Ret>(_: $a0, $(_: $a),*) -> R {
                     R::err(fi::ENOSYS)
                 }
-                stub::<$($a,)* R>
-            }
+                stub::<$a0, $($a,)* R>
+            };
         }
+        impl_enosys!($($a),*);
     };
 }
 
-impl_enosys!(A);
-impl_enosys!(A, B);
-impl_enosys!(A, B, C);
-impl_enosys!(A, B, C, D);
-impl_enosys!(A, B, C, D, E);
-impl_enosys!(A, B, C, D, E, F);
-impl_enosys!(A, B, C, D, E, F, G);
-impl_enosys!(A, B, C, D, E, F, G, H);
-impl_enosys!(A, B, C, D, E, F, G, H, I);
-impl_enosys!(A, B, C, D, E, F, G, H, I, J);
-impl_enosys!(A, B, C, D, E, F, G, H, I, J, K);
-impl_enosys!(A, B, C, D, E, F, G, H, I, J, K, L);
-impl_enosys!(A, B, C, D, E, F, G, H, I, J, K, L, M);
-impl_enosys!(A, B, C, D, E, F, G, H, I, J, K, L, M, N);
-impl_enosys!(A, B, C, D, E, F, G, H, I, J, K, L, M, N, O);
-impl_enosys!(A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P);
+// Every arity of libfabric's op-table slots (up to 17 arguments).
 impl_enosys!(A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P, Q);
 
 /// `Some(stub)` for an op-table slot we do not implement.
-pub fn nosys<T: Enosys>() -> Option<T> {
-    Some(T::enosys())
+pub const fn nosys<T: Enosys>() -> Option<T> {
+    Some(T::ENOSYS)
+}
+
+/// A `const` libfabric op table: `size` filled in, listed slots implemented, slots listed
+/// without a function `-FI_ENOSYS`; `[a, b]` implements each slot by the function of its name.
+macro_rules! ops_table {
+    ($vis:vis $name:ident: $ty:ident { $($slot:ident $(= $f:expr)?),* $(,)? }) => {
+        $vis static $name: $crate::sys::$ty = $crate::sys::$ty {
+            size: std::mem::size_of::<$crate::sys::$ty>(),
+            $($slot: ops_table!(@slot $($f)?),)*
+        };
+    };
+    ($vis:vis $name:ident: $ty:ident [$($slot:ident),* $(,)?]) => {
+        ops_table!($vis $name: $ty { $($slot = $slot),* });
+    };
+    (@slot) => { $crate::util::nosys() };
+    (@slot $f:expr) => { Some($f) };
+}
+pub(crate) use ops_table;
+
+/// `extern "C"` entry points whose bodies return [`Res`]: `?` propagates errnos, a panic
+/// becomes `-FI_EOTHER` (see [`ffi`]).
+macro_rules! ffi_fns {
+    ($($(#[$m:meta])* $vis:vis fn $name:ident($($a:tt: $t:ty),* $(,)?) -> $r:ty $body:block)*) => {$(
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments, clippy::missing_safety_doc)]
+        $vis unsafe extern "C" fn $name($($a: $t),*) -> $r {
+            $crate::util::ffi(|| -> $crate::util::Res<$r> { $body })
+        }
+    )*};
+}
+pub(crate) use ffi_fns;
+
+/// A positive libfabric errno on failure.
+pub type Res<T = ()> = Result<T, i32>;
+
+/// An entry point's body: `Err(errno)` becomes `-errno`, a panic `-FI_EOTHER`.
+pub fn ffi<R: Ret>(f: impl FnOnce() -> Res<R>) -> R {
+    guard(|| f().unwrap_or_else(R::err))
+}
+
+/// Driver results to errnos (logged as [`errno_of`] does).
+pub trait OrErrno<T> {
+    fn or_errno(self, subsys: sys::fi_log_subsys) -> Res<T>;
+}
+
+impl<T> OrErrno<T> for vfabric::Result<T> {
+    #[track_caller]
+    fn or_errno(self, subsys: sys::fi_log_subsys) -> Res<T> {
+        self.map_err(|e| errno_of(&e, subsys))
+    }
+}
+
+/// `Err(EINVAL)` unless `ok`.
+pub fn check(ok: bool) -> Res {
+    if ok {
+        Ok(())
+    } else {
+        Err(fi::EINVAL)
+    }
 }
 
 /// Run an entry point's body; a panic becomes `-FI_EOTHER` instead of unwinding into C.
@@ -288,4 +334,143 @@ impl<T> Default for SendPtr<T> {
     fn default() -> Self {
         Self(std::ptr::null_mut())
     }
+}
+
+/// Pointer to a static op table (the core never writes through it).
+pub const fn ops_ptr<T>(t: &'static T) -> *mut T {
+    (t as *const T).cast_mut()
+}
+
+/// A provider object handed to the consumer as a `struct fid_*`: one generic open, install
+/// and close for every class.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]` with their `fid_*` structure (which starts with `struct fid`)
+/// as the first field, and are created with `fclass == CLASS` (through [`FidObject::fid`]).
+pub unsafe trait FidObject: Sized {
+    const CLASS: u32;
+    /// The class's `fi_ops` (close, bind, control, ...).
+    const FI_OPS: &'static sys::fi_ops;
+
+    /// Objects opened under or bound to this one: closing while any is open is `-FI_EBUSY`.
+    fn refs(&self) -> Option<&Refs> {
+        None
+    }
+
+    /// Work before `fi_close` frees the object.
+    fn closing(&self) {}
+
+    /// The `struct fid` header of a new object.
+    fn fid(context: *mut c_void) -> sys::fid {
+        sys::fid {
+            fclass: Self::CLASS as usize,
+            context,
+            ops: ops_ptr(Self::FI_OPS),
+        }
+    }
+
+    /// Our object behind a consumer's fid pointer (class checked).
+    ///
+    /// # Safety
+    /// `fid` is NULL or a live fid (the consumer contract of every libfabric call); the
+    /// reference must not outlive the object.
+    unsafe fn from_fid<'a, F>(fid: *const F) -> Res<&'a Self> {
+        // SAFETY: per this function's contract.
+        unsafe { obj(fid.cast(), Self::CLASS) }
+    }
+
+    /// Hand the object to the consumer (`*out`, owned until `fi_close`).
+    fn install<F>(self, out: *mut *mut F) -> Res<*mut Self> {
+        check(!out.is_null())?;
+        let p = Box::into_raw(Box::new(self));
+        // SAFETY: `out` is the consumer's non-NULL out pointer.
+        unsafe { *out = p.cast() };
+        Ok(p)
+    }
+}
+
+/// An `fi_ops` whose `close` is [`close::<T>`] and every other slot `-FI_ENOSYS` (override
+/// slots with struct update syntax).
+pub const fn fi_ops<T: FidObject>() -> sys::fi_ops {
+    sys::fi_ops {
+        size: std::mem::size_of::<sys::fi_ops>(),
+        close: Some(close::<T>),
+        bind: nosys(),
+        control: nosys(),
+        ops_open: nosys(),
+        tostr: nosys(),
+        ops_set: nosys(),
+    }
+}
+
+/// `unsafe impl FidObject` for a `#[repr(C)]` object whose first field is its `fid_*`:
+/// `fid_object!(Type, FI_CLASS_X [, refs: field] [, closing: fn(&Type)] [, fi_ops { slot: f, .. }])`.
+macro_rules! fid_object {
+    ($t:ident, $class:ident $(, refs: $refs:ident)? $(, closing: $closing:expr)?
+     $(, fi_ops { $($slot:ident: $f:expr),* $(,)? })?) => {
+        // SAFETY: `$t` is repr(C) with its `fid_*` structure first, and is created through
+        // `FidObject::fid`.
+        unsafe impl $crate::util::FidObject for $t {
+            const CLASS: u32 = $crate::sys::$class;
+            const FI_OPS: &'static $crate::sys::fi_ops = &$crate::sys::fi_ops {
+                $($($slot: Some($f),)*)?
+                ..$crate::util::fi_ops::<$t>()
+            };
+            $(fn refs(&self) -> Option<&$crate::util::Refs> {
+                Some(&self.$refs)
+            })?
+            $(fn closing(&self) {
+                ($closing)(self)
+            })?
+        }
+    };
+}
+pub(crate) use fid_object;
+
+/// The generic opener: check the out pointer, find the parent (class checked) and the
+/// attributes, build the object and install it. `parent`, `attr` and `out` are the
+/// consumer's (NULL, or a live fid, valid attributes and a writable pointer: the contract of
+/// every libfabric open call); a NULL is `-FI_EINVAL`.
+pub fn open<P: FidObject, A, T: FidObject, F, G>(
+    parent: *mut G,
+    attr: *const A,
+    out: *mut *mut F,
+    make: impl FnOnce(&P, &A) -> Res<T>,
+) -> c_int {
+    ffi(|| {
+        check(!out.is_null())?;
+        // SAFETY: the consumer's parent fid and attributes (see above).
+        let (p, a) = unsafe { (P::from_fid(parent)?, attr.as_ref().ok_or(fi::EINVAL)?) };
+        make(p, a)?.install(out)?;
+        Ok(0)
+    })
+}
+
+/// `fi_close` of any of our classes: refused while children are open, else the object is
+/// freed (its `Drop` releases what it holds).
+pub unsafe extern "C" fn close<T: FidObject>(fid: *mut sys::fid) -> c_int {
+    ffi(|| {
+        // SAFETY: consumer passes one of our objects (class checked).
+        let o = unsafe { T::from_fid(fid) }?;
+        if o.refs().is_some_and(Refs::busy) {
+            return Err(fi::EBUSY);
+        }
+        o.closing();
+        // SAFETY: created by `install` (Box::into_raw); nothing references it any more.
+        drop(unsafe { Box::from_raw(fid.cast::<T>()) });
+        Ok(0)
+    })
+}
+
+/// A consumer's C array as a slice (NULL with `n == 0` is empty).
+///
+/// # Safety
+/// `p` is NULL or valid for reads of `n` elements for `'a`.
+pub unsafe fn slice<'a, T>(p: *const T, n: usize) -> Res<&'a [T]> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    check(!p.is_null())?;
+    // SAFETY: per this function's contract.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
 }
