@@ -490,12 +490,16 @@ fn compile_c(name: &str) -> PathBuf {
 /// and device counters that move with traffic; unknown names are `-FI_ENOSYS`.
 #[test]
 fn c_vendor_ops() {
-    let bin = ext_test_binary();
+    c_program(ext_test_binary(), "ext: ok");
+}
+
+/// Runs C test `bin` on one device of a fresh daemon; it must pass and print `ok_line`.
+fn c_program(bin: &Path, ok_line: &str) {
     let d = DaemonProcess::start(1, &[]);
     let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
     let o = run_with_timeout(&mut fi_cmd(bin, &socks), Duration::from_secs(60));
     assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("ext: ok"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(ok_line));
 }
 
 /// Persistent memory through the provider: a file mmap'ed MAP_SHARED registered with
@@ -504,12 +508,7 @@ fn c_vendor_ops() {
 #[test]
 fn c_pmem() {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    let bin = BIN.get_or_init(|| compile_c("vf_pmem_test"));
-    let d = DaemonProcess::start(1, &[]);
-    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
-    let o = run_with_timeout(&mut fi_cmd(bin, &socks), Duration::from_secs(60));
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("pmem: ok"));
+    c_program(BIN.get_or_init(|| compile_c("vf_pmem_test")), "pmem: ok");
 }
 
 fn commit_handler_binary() -> &'static Path {
@@ -521,14 +520,7 @@ fn commit_handler_binary() -> &'static Path {
 /// each commit, its value decides the initiator's completion (tests/c/vf_commit_handler_test.c).
 #[test]
 fn c_commit_handler() {
-    let d = DaemonProcess::start(1, &[]);
-    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
-    let o = run_with_timeout(
-        &mut fi_cmd(commit_handler_binary(), &socks),
-        Duration::from_secs(60),
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("commit handler: ok"));
+    c_program(commit_handler_binary(), "commit handler: ok");
 }
 
 #[test]
@@ -857,6 +849,25 @@ fn c_suite_valgrind(suite: &str, devices: u32) {
 fn one_memcheck_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static MEMCHECK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     MEMCHECK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn hmem_test_binary() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| compile_c("vf_hmem_test"))
+}
+
+/// HMEM copy overrides (`fi_set_ops(FI_SET_OPS_HMEM_OVERRIDE)`): "device memory" the process
+/// cannot touch (PROT_NONE) except in the test's own copy functions, which count their calls;
+/// sends, receives, inject, tagged, RMA and atomics move every byte through them, and a device
+/// iface cannot be registered before they are installed (tests/c/vf_hmem_test.c).
+#[test]
+fn c_hmem_overrides() {
+    c_program(hmem_test_binary(), "hmem: ok");
+}
+
+#[test]
+fn c_hmem_overrides_under_valgrind() {
+    under_valgrind(hmem_test_binary(), "", 1, "hmem: ok");
 }
 
 /// Runs C test `bin` with argument `arg` under memcheck, `devices` devices of one daemon in

@@ -234,8 +234,11 @@ fn cq_read_common(
     let ret = match r {
         Ok(n) => {
             // SAFETY: the domain outlives its CQs (ParentRef).
-            let multi = unsafe { &(*c.domain).multi };
+            let d = unsafe { &*c.domain };
+            let multi = &d.multi;
             for (k, e) in v.iter_mut().enumerate() {
+                // Device memory: the bounce buffer's bytes reach it now (hmem.rs).
+                d.hmem.complete(e);
                 let at = if e.flags & fi::RECV != 0 {
                     multi.complete(e)
                 } else {
@@ -383,7 +386,9 @@ ffi_fns! {
         let c = unsafe { CqObj::from_fid(cq) }?;
         let mut e = c.cq.readerr().ok_or(fi::EAGAIN)?;
         // SAFETY: the domain outlives its CQs (ParentRef).
-        unsafe { &(*c.domain).multi }.complete_err(&mut e);
+        let d = unsafe { &*c.domain };
+        d.multi.complete_err(&mut e);
+        d.hmem.complete_err(&mut e);
         // SAFETY: non-NULL consumer entry.
         let out = unsafe { &mut *buf };
         out.op_context = e.context as *mut c_void;

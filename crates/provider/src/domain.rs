@@ -34,6 +34,10 @@ pub struct DomainObj {
     pub next_key: AtomicU64,
     /// FI_MULTI_RECV buffers posted on this domain's endpoints.
     pub multi: crate::multirecv::Registry,
+    /// The consumer's HMEM copy functions (`fi_set_ops(FI_SET_OPS_HMEM_OVERRIDE)`), and the
+    /// incoming operations into device memory waiting for their completions.
+    pub hmem_ops: Mutex<Option<std::sync::Arc<dyn crate::hmem::HmemCopy>>>,
+    pub hmem: crate::hmem::Registry,
     /// Remote peers of this domain's AVs, watched for disappearance (opened at the first
     /// insert; `None` if the private endpoint could not be opened).
     pub watch: std::sync::OnceLock<Option<crate::watch::PeerWatch>>,
@@ -57,7 +61,7 @@ impl DomainObj {
 }
 
 fid_object!(DomainObj, FI_CLASS_DOMAIN, refs: refs, closing: |d: &DomainObj| release(&d.info.device),
-    fi_ops { ops_open: crate::ext::domain_ops_open });
+    fi_ops { ops_open: crate::ext::domain_ops_open, ops_set: crate::ext::domain_ops_set });
 
 ops_table!(DOMAIN_OPS: fi_ops_domain {
     av_open = crate::av::av_open,
@@ -120,6 +124,8 @@ pub unsafe extern "C" fn domain_open(
             rma_event: i.caps & fi::RMA_EVENT != 0,
             next_key: AtomicU64::new(1),
             multi: Default::default(),
+            hmem_ops: Mutex::new(None),
+            hmem: Default::default(),
             watch: Default::default(),
             // SAFETY: `ep_attr` is NULL or valid in the consumer's fi_info.
             watch_peers: unsafe { i.ep_attr.as_ref() }

@@ -136,3 +136,38 @@ ffi_fns! {
         Ok(0)
     }
 }
+
+ffi_fns! {
+    /// `fi_set_ops` on a domain: `FI_SET_OPS_HMEM_OVERRIDE` installs the consumer's HMEM copy
+    /// functions (both required; `size` at least libfabric 1.17's struct), which memory
+    /// registered afterwards with a non-system iface uses. Another name is `-FI_ENOSYS`.
+    pub fn domain_ops_set(fid: *mut sys::fid, name: *const c_char, flags: u64, ops: *mut c_void, _context: *mut c_void) -> c_int {
+        // SAFETY: the consumer passes one of our domains (checked by class).
+        let d = unsafe { DomainObj::from_fid(fid) }?;
+        check(!name.is_null())?;
+        // SAFETY: a NUL-terminated name per fi_set_ops' contract.
+        if unsafe { CStr::from_ptr(name) }.to_bytes_with_nul() != sys::FI_SET_OPS_HMEM_OVERRIDE {
+            return Err(fi::ENOSYS);
+        }
+        if flags != 0 {
+            return Err(fi::EBADFLAGS);
+        }
+        let o = ops.cast::<sys::fi_hmem_override_ops>();
+        check(!o.is_null())?;
+        // SAFETY: the table starts with its size; the rest is read only once the size says
+        // the consumer's struct holds it.
+        let size = unsafe { o.cast::<usize>().read_unaligned() };
+        if size < std::mem::size_of::<sys::fi_hmem_override_ops>() {
+            let want = std::mem::size_of::<sys::fi_hmem_override_ops>();
+            crate::util::warn(
+                sys::fi_log_subsys_FI_LOG_DOMAIN,
+                &format!("fi_set_ops(hmem_override_ops): size {size}, want at least {want}"),
+            );
+            return Err(fi::EINVAL);
+        }
+        // SAFETY: as above (size checked).
+        let c = crate::hmem::COps::new(unsafe { &o.read_unaligned() })?;
+        *d.hmem_ops.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(c));
+        Ok(0)
+    }
+}

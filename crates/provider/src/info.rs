@@ -33,6 +33,9 @@ pub const PROVIDER_CAPS: u64 = fi::MSG
     | fi::DIRECTED_RECV
     | fi::LOCAL_COMM
     | fi::REMOTE_COMM;
+/// FI_HMEM: device memory through the consumer's copy functions (hmem.rs); offered only to
+/// hints that ask for it, with FI_MR_HMEM.
+pub const HMEM: u64 = sys::FI_HMEM;
 /// Capabilities of the MSG endpoint type (built by the provider).
 pub const MSG_EP_CAPS: u64 = fi::MSG | fi::SEND | fi::RECV | fi::LOCAL_COMM | fi::REMOTE_COMM;
 /// `OFI_CORE_PROV_ONLY` (libfabric-internal `getinfo` flag, bit 59): set when a utility
@@ -297,8 +300,8 @@ unsafe fn read_hints(hints: *const sys::fi_info) -> CHints {
 pub fn caps_of(info: &Info, ep_type: EpType) -> u64 {
     match ep_type {
         // FI_MULTI_RECV is emulated by the provider (multirecv.rs).
-        EpType::Msg => (MSG_EP_CAPS & info.caps) | fi::MSG | fi::MULTI_RECV,
-        _ => (info.caps & PROVIDER_CAPS) | fi::MULTI_RECV,
+        EpType::Msg => (MSG_EP_CAPS & info.caps) | fi::MSG | fi::MULTI_RECV | HMEM,
+        _ => (info.caps & PROVIDER_CAPS) | fi::MULTI_RECV | HMEM,
     }
 }
 
@@ -356,11 +359,18 @@ fn mr_mode_of(h: &CHints, caps: u64) -> Option<i32> {
     // keys and offsets). FI_MR_PROV_KEY and FI_MR_VIRT_ADDR are honoured when the consumer
     // offers them (device-chosen keys, virtual addresses), so they are echoed; so is
     // FI_MR_LOCAL (descriptors stay optional, large registered buffers avoid bounce copies).
-    Some(if caps & (fi::RMA | fi::ATOMIC) != 0 {
-        m & (sys::FI_MR_LOCAL | sys::FI_MR_PROV_KEY | sys::FI_MR_VIRT_ADDR) as i32
+    let hmem = if caps & HMEM != 0 {
+        m & sys::FI_MR_HMEM as i32
     } else {
-        m & sys::FI_MR_LOCAL as i32
-    })
+        0
+    };
+    Some(
+        hmem | if caps & (fi::RMA | fi::ATOMIC) != 0 {
+            m & (sys::FI_MR_LOCAL | sys::FI_MR_PROV_KEY | sys::FI_MR_VIRT_ADDR) as i32
+        } else {
+            m & sys::FI_MR_LOCAL as i32
+        },
+    )
 }
 
 /// Why `info`/`ep_type` does not fit `h` (None: it fits).
@@ -419,6 +429,11 @@ fn mismatch(h: &CHints, info: &Info, ep_type: EpType) -> Option<String> {
     }
     if mr_mode_of(h, caps).is_none() {
         return Some(format!("mr_mode {:#x}", h.mr_mode));
+    }
+    if h.caps & HMEM != 0 && (h.version < FI_VERSION_1_5 || h.mr_mode & sys::FI_MR_HMEM as i32 == 0)
+    {
+        // Device memory is known by its registration (the descriptor names iface and device).
+        return Some("FI_HMEM without FI_MR_HMEM in mr_mode".into());
     }
     if h.mr_key_size > 8 {
         return Some("mr_key_size".into());
@@ -738,6 +753,9 @@ fn build(dev: &Info, t: EpType, h: &CHints) -> *mut sys::fi_info {
     // FI_RMA_PMEM is a primary capability: only when asked for.
     if h.caps & fi::RMA_PMEM == 0 && h.caps != 0 {
         out_caps &= !fi::RMA_PMEM;
+    }
+    if h.caps & HMEM == 0 {
+        out_caps &= !HMEM;
     }
     i.caps = out_caps;
     i.mode = 0;

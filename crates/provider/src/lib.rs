@@ -17,7 +17,8 @@
 //! (and the process's device sessions), `av`, `mr`, `cq`, `cntr`, `ep` (endpoint object and
 //! control), `cm` (FI_EP_MSG: passive endpoints and the connection handshake), `ops/`
 //! (data path: `msg`, `tagged`, `rma`, `atomic`, each call normalised into its `*msg`
-//! form), `multirecv` (FI_MULTI_RECV emulation), `pmem`, `ext` (`fi_open_ops` extensions
+//! form), `multirecv` (FI_MULTI_RECV emulation), `hmem` (device memory through the
+//! consumer's copy functions), `pmem`, `ext` (`fi_open_ops`/`fi_set_ops` extensions
 //! of `include/fi_vfabric.h`), `util` (the FFI plumbing), `consts` (compile-time checks of
 //! the driver's libfabric constants against bindgen's).
 
@@ -33,12 +34,16 @@ mod ep;
 mod eq;
 mod ext;
 mod fabric;
+mod hmem;
 mod info;
 mod mr;
 mod multirecv;
 mod nic;
 mod ops;
 mod pmem;
+/// The copies between host and device memory (FI_HMEM): the Rust form of
+/// `struct fi_hmem_override_ops`, which the consumer's C functions implement (`hmem.rs`).
+pub use hmem::HmemCopy;
 /// The libfabric bindings (bindgen, shared with the daemon's uplink).
 pub use vfabric_fi_sys as sys;
 mod consts;

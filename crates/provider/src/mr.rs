@@ -31,6 +31,10 @@ pub struct MrObj {
     pub access: u64,
     /// The device registration of a region with remote access.
     pub region: Option<vfabric::MemoryRegion>,
+    /// Device memory (a non-system iface): reached only through the consumer's copy functions;
+    /// the domain that knows its range.
+    pub hmem: Option<crate::hmem::Hmem>,
+    domain: *const DomainObj,
     /// Counters bound with `fi_mr_bind` (they refuse to close while bound). Declared after
     /// `region` so the registration goes first.
     bound: Mutex<Vec<ParentRef>>,
@@ -39,15 +43,30 @@ pub struct MrObj {
 fid_object!(
     MrObj,
     FI_CLASS_MR,
+    closing: MrObj::forget_hmem,
     fi_ops {
         bind: mr_bind,
         control: mr_control
     }
 );
 
+impl MrObj {
+    /// Device memory is no longer known to the domain once its region closes.
+    fn forget_hmem(&self) {
+        if self.hmem.is_some() {
+            // SAFETY: the domain outlives its regions (ParentRef).
+            unsafe { &*self.domain }
+                .hmem
+                .remove_region(self as *const MrObj as usize);
+        }
+    }
+}
+
 ops_table!(pub MR_OPS: fi_ops_mr { reg = mr_reg, regv = mr_regv, regattr = mr_regattr });
 
-/// Build the region of `iov` (`(address, length)` pairs) registered on `d`.
+/// Build the region of `iov` (`(address, length)` pairs) registered on `d` (device memory if
+/// `hmem`).
+#[allow(clippy::too_many_arguments)]
 pub fn mr_create(
     d: &DomainObj,
     iov: &[(usize, usize)],
@@ -55,6 +74,7 @@ pub fn mr_create(
     requested_key: u64,
     flags: u64,
     context: *mut c_void,
+    hmem: Option<crate::hmem::Hmem>,
 ) -> Res<MrObj> {
     if flags & !(fi::RMA_EVENT | fi::RMA_PMEM) != 0 {
         return Err(fi::EBADFLAGS);
@@ -62,6 +82,15 @@ pub fn mr_create(
     let remote = access & (fi::REMOTE_READ | fi::REMOTE_WRITE) != 0;
     // FI_RMA_EVENT as a registration flag, or in the domain's caps for remote-access regions.
     let rma_event = flags & fi::RMA_EVENT != 0 || (d.rma_event && remote);
+    if hmem.is_some() && (remote || flags != 0) {
+        // Peers reach a region through the device, which cannot reach device memory.
+        crate::util::warn(
+            sys::fi_log_subsys_FI_LOG_MR,
+            "device memory (FI_HMEM) is registered for local access only: no FI_REMOTE_READ, \
+             FI_REMOTE_WRITE, FI_RMA_EVENT or FI_RMA_PMEM",
+        );
+        return Err(fi::EINVAL);
+    }
     let prov_key = d.mr_mode & sys::FI_MR_PROV_KEY as i32 != 0
         || d.mr_mode == sys::fi_mr_mode_FI_MR_BASIC as i32;
     let (addr, len) = iov.first().copied().unwrap_or((0, 0));
@@ -109,7 +138,8 @@ pub fn mr_create(
         // A large local registration under FI_MR_LOCAL: share the buffer with the device so
         // that sends and receives on it skip the bounce buffers. Memory that cannot be shared
         // (file-backed, stack, ...) keeps working through the bounce buffers.
-        if d.mr_mode & sys::FI_MR_LOCAL as i32 != 0 && len >= SHARE_LOCAL_MIN && addr != 0 {
+        let host = hmem.is_none();
+        if host && d.mr_mode & sys::FI_MR_LOCAL as i32 != 0 && len >= SHARE_LOCAL_MIN && addr != 0 {
             if let Err(e) = d.dom.share_raw(addr as *const u8, len) {
                 crate::util::debug(
                     sys::fi_log_subsys_FI_LOG_MR,
@@ -131,7 +161,31 @@ pub fn mr_create(
         len,
         access,
         region,
+        hmem,
+        domain: d,
         bound: Mutex::new(Vec::new()),
+    })
+}
+
+/// The device memory of a registration with a non-system iface: `-FI_ENOSYS` unless the
+/// consumer installed its copy functions (the provider has no device runtime).
+fn device_memory(d: &DomainObj, a: &sys::fi_mr_attr) -> Res<crate::hmem::Hmem> {
+    let ops = d.hmem_ops.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(ops) = ops else {
+        crate::util::warn(
+            sys::fi_log_subsys_FI_LOG_MR,
+            &format!(
+                "fi_mr_regattr: iface {} needs the consumer's copy functions \
+                 (fi_set_ops(FI_SET_OPS_HMEM_OVERRIDE)): the provider has no device runtime",
+                a.iface
+            ),
+        );
+        return Err(fi::ENOSYS);
+    };
+    Ok(crate::hmem::Hmem {
+        iface: a.iface,
+        device: crate::hmem::device_of(a),
+        ops,
     })
 }
 
@@ -147,9 +201,6 @@ pub unsafe fn regattr(
 ) -> Res<c_int> {
     // SAFETY: NULL or the consumer's attribute.
     let a = unsafe { attr.as_ref() }.ok_or(fi::EINVAL)?;
-    if a.iface != sys::fi_hmem_iface_FI_HMEM_SYSTEM {
-        return Err(fi::ENOSYS);
-    }
     // SAFETY: `mr_iov` holds `iov_count` entries.
     let v: Vec<(usize, usize)> = unsafe { slice(a.mr_iov, a.iov_count) }?
         .iter()
@@ -158,10 +209,21 @@ pub unsafe fn regattr(
     check(!mr.is_null())?;
     // SAFETY: consumer passes its domain.
     let d = unsafe { DomainObj::from_fid(domain) }?;
-    let m = mr_create(d, &v, a.access, a.requested_key, flags, a.context)?;
+    let hmem = if a.iface == sys::fi_hmem_iface_FI_HMEM_SYSTEM {
+        None
+    } else {
+        Some(device_memory(d, a)?)
+    };
+    let m = mr_create(d, &v, a.access, a.requested_key, flags, a.context, hmem)?;
     let p = m.install(mr)?;
     // SAFETY: `p` is the object just installed; mem_desc points at the MR itself.
-    unsafe { (*p).fid.mem_desc = p.cast() };
+    let m = unsafe {
+        (*p).fid.mem_desc = p.cast();
+        &*p
+    };
+    if let Some(h) = &m.hmem {
+        d.hmem.add_region(p as usize, m.addr, m.len, h.clone());
+    }
     Ok(0)
 }
 

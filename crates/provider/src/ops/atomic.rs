@@ -9,6 +9,8 @@ use vfabric::proto::{atomic_op, datatype};
 use vfabric::{fi, AtomicMsg, Iov};
 
 use super::{ep_of, peer, raw_iov, Ctx, Desc, Descs, Ep, Flags};
+use crate::ep::EpObj;
+use crate::hmem::Staged;
 use crate::sys;
 use crate::util::{check, ffi_fns, ops_table, slice, OrErrno, Res};
 
@@ -35,6 +37,7 @@ fn ioc(p: *const c_void, count: usize) -> Ioc {
 #[allow(clippy::too_many_arguments)]
 fn msg(
     iov: &[Ioc],
+    desc: Descs,
     dest: u64,
     rma: &sys::fi_rma_ioc,
     dt: sys::fi_datatype,
@@ -43,7 +46,7 @@ fn msg(
 ) -> sys::fi_msg_atomic {
     sys::fi_msg_atomic {
         msg_iov: iov.as_ptr(),
-        desc: std::ptr::null_mut(),
+        desc,
         iov_count: iov.len(),
         addr: dest,
         rma_iov: rma,
@@ -60,35 +63,94 @@ fn remote(addr: u64, count: usize, key: u64) -> sys::fi_rma_ioc {
     sys::fi_rma_ioc { addr, count, key }
 }
 
-/// The concatenated elements of `iov`, and their count.
-///
-/// # Safety
-/// Each entry is valid for reads of its elements.
-unsafe fn ioc_bytes(iov: &[Ioc], size: usize) -> Res<(Vec<u8>, usize)> {
-    let mut out = Vec::new();
-    let mut count = 0;
-    for v in iov {
-        let n = v.count.checked_mul(size).ok_or(fi::EINVAL)?;
-        // SAFETY: per this function's contract.
-        out.extend_from_slice(unsafe { slice(v.addr.cast::<u8>(), n) }?);
-        count += v.count;
-    }
-    Ok((out, count))
+/// Addresses and byte lengths of buffers, their descriptors, and the element count.
+type Spans = (Vec<(*mut u8, usize)>, Vec<*mut c_void>, usize);
+
+/// `fi_ioc` buffers with their descriptors (`desc` NULL: none).
+#[derive(Clone, Copy)]
+struct Bufs<'a> {
+    iov: &'a [Ioc],
+    desc: Descs,
 }
 
-/// Result buffers of `iov`.
-///
-/// # Safety
-/// Each entry is valid for writes of its elements until the operation completes.
-unsafe fn ioc_results<'a>(iov: &[Ioc], size: usize) -> Res<Vec<Iov<'a>>> {
-    iov.iter()
-        .map(|v| {
-            let len = v.count.checked_mul(size).ok_or(fi::EINVAL)?;
-            check(!v.addr.is_null() || len == 0)?;
+const NONE: Bufs<'static> = Bufs {
+    iov: &[],
+    desc: std::ptr::null_mut(),
+};
+
+impl Bufs<'_> {
+    /// Addresses and byte lengths, with the descriptors, and the element count.
+    ///
+    /// # Safety
+    /// `desc` is NULL or holds an entry per buffer.
+    unsafe fn spans(&self, size: usize) -> Res<Spans> {
+        let spans = self
+            .iov
+            .iter()
+            .map(|v| {
+                Ok((
+                    v.addr.cast::<u8>(),
+                    v.count.checked_mul(size).ok_or(fi::EINVAL)?,
+                ))
+            })
+            .collect::<Res<Vec<_>>>()?;
+        let n = if self.desc.is_null() {
+            0
+        } else {
+            self.iov.len()
+        };
+        // SAFETY: per this function's contract.
+        let descs = unsafe { slice(self.desc, n) }?.to_vec();
+        Ok((spans, descs, self.iov.iter().map(|v| v.count).sum()))
+    }
+
+    /// The concatenated elements (device memory through the consumer's copy functions), and
+    /// their count.
+    ///
+    /// # Safety
+    /// Each buffer is valid for reads of its elements; `desc` as for [`Bufs::spans`].
+    unsafe fn bytes(&self, e: &EpObj, size: usize) -> Res<(Vec<u8>, usize)> {
+        // SAFETY: per this function's contract.
+        let (spans, descs, count) = unsafe { self.spans(size) }?;
+        if let Some(segs) = e.dom().hmem.segs(&spans, &descs) {
+            return Ok((crate::hmem::gather(&segs)?, count));
+        }
+        let mut out = Vec::new();
+        for (p, n) in spans {
             // SAFETY: per this function's contract.
-            Ok(unsafe { raw_iov(v.addr, len) })
-        })
-        .collect()
+            out.extend_from_slice(unsafe { slice(p, n) }?);
+        }
+        Ok((out, count))
+    }
+
+    /// Result buffers, and the bounce buffer standing in for device memory (its context
+    /// replaces the operation's).
+    ///
+    /// # Safety
+    /// Each buffer is valid for writes of its elements until the operation completes; `desc`
+    /// as for [`Bufs::spans`].
+    unsafe fn results<'e>(
+        &self,
+        e: &'e EpObj,
+        size: usize,
+        ctx: u64,
+    ) -> Res<(Vec<Iov<'static>>, Option<Staged<'e>>)> {
+        // SAFETY: per this function's contract.
+        let (spans, descs, _) = unsafe { self.spans(size) }?;
+        if let Some(segs) = e.dom().hmem.segs(&spans, &descs) {
+            let s = e.dom().hmem.stage(e, ctx, crate::hmem::Kind::Whole, segs);
+            return Ok((vec![s.iov.clone()], Some(s)));
+        }
+        let iov = spans
+            .into_iter()
+            .map(|(p, len)| {
+                check(!p.is_null() || len == 0)?;
+                // SAFETY: per this function's contract.
+                Ok(unsafe { raw_iov(p.cast(), len) })
+            })
+            .collect::<Res<_>>()?;
+        Ok((iov, None))
+    }
 }
 
 /// The one body of every atomic.
@@ -100,8 +162,8 @@ unsafe fn atomic_msg(
     ep: Ep,
     kind: Kind,
     msg: *const sys::fi_msg_atomic,
-    compare: &[Ioc],
-    result: &[Ioc],
+    compare: Bufs<'_>,
+    result: Bufs<'_>,
     flags: Flags,
 ) -> Res<isize> {
     // SAFETY: per this function's contract.
@@ -114,14 +176,19 @@ unsafe fn atomic_msg(
     check(!m.rma_iov.is_null() && m.rma_iov_count == 1)?;
     // SAFETY: one entry (checked above).
     let r = unsafe { *m.rma_iov };
-    // SAFETY: per this function's contract.
-    let (ops, count) = unsafe { ioc_bytes(slice(m.msg_iov, m.iov_count)?, size) }?;
-    // SAFETY: as above.
-    let (cmp, _) = unsafe { ioc_bytes(compare, size) }?;
-    // SAFETY: as above.
-    let res = unsafe { ioc_results(result, size) }?;
-    let count = if count == 0 { r.count } else { count };
     let e = ep_of(ep)?;
+    let operands = Bufs {
+        // SAFETY: per this function's contract.
+        iov: unsafe { slice(m.msg_iov, m.iov_count) }?,
+        desc: m.desc,
+    };
+    // SAFETY: as above.
+    let (ops, count) = unsafe { operands.bytes(e, size) }?;
+    // SAFETY: as above.
+    let (cmp, _) = unsafe { compare.bytes(e, size) }?;
+    // SAFETY: as above.
+    let (res, staged) = unsafe { result.results(e, size, m.context as u64) }?;
+    let count = if count == 0 { r.count } else { count };
     let flags = flags.resolve(e, true);
     if e.caps & fi::ATOMIC == 0 {
         return Err(sys::FI_EOPNOTSUPP as i32);
@@ -144,7 +211,7 @@ unsafe fn atomic_msg(
         datatype,
         op,
         count,
-        context: m.context as u64,
+        context: staged.as_ref().map_or(m.context as u64, |s| s.key),
     };
     match kind {
         Kind::Write => e.ep.atomicmsg(&a, flags),
@@ -152,6 +219,9 @@ unsafe fn atomic_msg(
         Kind::Compare => e.ep.compare_atomicmsg(&a, &cmp, &res, flags),
     }
     .or_errno(sys::fi_log_subsys_FI_LOG_EP_DATA)?;
+    if let Some(s) = staged {
+        s.posted();
+    }
     Ok(0)
 }
 
@@ -160,107 +230,123 @@ fn elems(iov: &[Ioc]) -> usize {
     iov.iter().map(|v| v.count).sum()
 }
 
+/// One buffer with its descriptor, as the plain calls pass them.
+fn one<'a>(ioc: &'a Ioc, desc: &'a mut Desc) -> Bufs<'a> {
+    Bufs {
+        iov: std::slice::from_ref(ioc),
+        desc,
+    }
+}
+
 // SAFETY (every call below): buffers and `fi_ioc` arrays follow the libfabric data-transfer
-// contract (valid until completion; inject buffers during the call).
+// contract (valid until completion; inject buffers during the call); descriptor arrays hold
+// an entry per buffer.
 ffi_fns! {
     fn writemsg(ep: Ep, msg: *const sys::fi_msg_atomic, flags: u64) -> isize {
         // SAFETY: see above.
-        unsafe { atomic_msg(ep, Kind::Write, msg, &[], &[], Flags::Msg(flags)) }
+        unsafe { atomic_msg(ep, Kind::Write, msg, NONE, NONE, Flags::Msg(flags)) }
     }
 
     fn readwritemsg(
-        ep: Ep, msg: *const sys::fi_msg_atomic, resultv: *mut Ioc, _result_desc: Descs,
+        ep: Ep, msg: *const sys::fi_msg_atomic, resultv: *mut Ioc, result_desc: Descs,
         result_count: usize, flags: u64,
     ) -> isize {
         // SAFETY: see above.
         unsafe {
-            let res = slice(resultv, result_count)?;
-            atomic_msg(ep, Kind::Fetch, msg, &[], res, Flags::Msg(flags))
+            let res = Bufs { iov: slice(resultv, result_count)?, desc: result_desc };
+            atomic_msg(ep, Kind::Fetch, msg, NONE, res, Flags::Msg(flags))
         }
     }
 
     fn compwritemsg(
-        ep: Ep, msg: *const sys::fi_msg_atomic, comparev: *const Ioc, _compare_desc: Descs,
-        compare_count: usize, resultv: *mut Ioc, _result_desc: Descs, result_count: usize,
+        ep: Ep, msg: *const sys::fi_msg_atomic, comparev: *const Ioc, compare_desc: Descs,
+        compare_count: usize, resultv: *mut Ioc, result_desc: Descs, result_count: usize,
         flags: u64,
     ) -> isize {
         // SAFETY: see above.
         unsafe {
-            let (cmp, res) = (slice(comparev, compare_count)?, slice(resultv, result_count)?);
+            let cmp = Bufs { iov: slice(comparev, compare_count)?, desc: compare_desc };
+            let res = Bufs { iov: slice(resultv, result_count)?, desc: result_desc };
             atomic_msg(ep, Kind::Compare, msg, cmp, res, Flags::Msg(flags))
         }
     }
 
     fn write(
-        ep: Ep, buf: *const c_void, count: usize, _desc: Desc, dest: u64, addr: u64, key: u64,
+        ep: Ep, buf: *const c_void, count: usize, desc: Desc, dest: u64, addr: u64, key: u64,
         dt: sys::fi_datatype, op: sys::fi_op, ctx: Ctx,
     ) -> isize {
-        let m = msg(&[ioc(buf, count)], dest, &remote(addr, count, key), dt, op, ctx);
+        let mut d = desc;
+        let m = msg(&[ioc(buf, count)], &mut d, dest, &remote(addr, count, key), dt, op, ctx);
         // SAFETY: see above.
-        unsafe { atomic_msg(ep, Kind::Write, &m, &[], &[], Flags::Op) }
+        unsafe { atomic_msg(ep, Kind::Write, &m, NONE, NONE, Flags::Op) }
     }
 
     fn inject(
         ep: Ep, buf: *const c_void, count: usize, dest: u64, addr: u64, key: u64,
         dt: sys::fi_datatype, op: sys::fi_op,
     ) -> isize {
-        let m = msg(&[ioc(buf, count)], dest, &remote(addr, count, key), dt, op, std::ptr::null_mut());
+        let (r, null) = (remote(addr, count, key), std::ptr::null_mut());
+        let m = msg(&[ioc(buf, count)], std::ptr::null_mut(), dest, &r, dt, op, null);
         // SAFETY: see above.
-        unsafe { atomic_msg(ep, Kind::Write, &m, &[], &[], Flags::Inject) }
+        unsafe { atomic_msg(ep, Kind::Write, &m, NONE, NONE, Flags::Inject) }
     }
 
     fn writev(
-        ep: Ep, iov: *const Ioc, _desc: Descs, n: usize, dest: u64, addr: u64, key: u64,
+        ep: Ep, iov: *const Ioc, desc: Descs, n: usize, dest: u64, addr: u64, key: u64,
         dt: sys::fi_datatype, op: sys::fi_op, ctx: Ctx,
     ) -> isize {
         // SAFETY: see above.
         let iov = unsafe { slice(iov, n) }?;
-        let m = msg(iov, dest, &remote(addr, elems(iov), key), dt, op, ctx);
+        let m = msg(iov, desc, dest, &remote(addr, elems(iov), key), dt, op, ctx);
         // SAFETY: see above.
-        unsafe { atomic_msg(ep, Kind::Write, &m, &[], &[], Flags::Op) }
+        unsafe { atomic_msg(ep, Kind::Write, &m, NONE, NONE, Flags::Op) }
     }
 
     fn readwrite(
-        ep: Ep, buf: *const c_void, count: usize, _desc: Desc, result: *mut c_void,
-        _result_desc: Desc, dest: u64, addr: u64, key: u64, dt: sys::fi_datatype, op: sys::fi_op,
+        ep: Ep, buf: *const c_void, count: usize, desc: Desc, result: *mut c_void,
+        result_desc: Desc, dest: u64, addr: u64, key: u64, dt: sys::fi_datatype, op: sys::fi_op,
         ctx: Ctx,
     ) -> isize {
         check(!result.is_null() && count > 0)?;
         // A NULL `buf` is allowed for FI_ATOMIC_READ (no operands).
         let ops = ioc(buf, if buf.is_null() { 0 } else { count });
-        let m = msg(&[ops], dest, &remote(addr, count, key), dt, op, ctx);
+        let (mut d, mut rd, res) = (desc, result_desc, ioc(result, count));
+        let m = msg(&[ops], &mut d, dest, &remote(addr, count, key), dt, op, ctx);
         // SAFETY: see above.
-        unsafe { atomic_msg(ep, Kind::Fetch, &m, &[], &[ioc(result, count)], Flags::Op) }
+        unsafe { atomic_msg(ep, Kind::Fetch, &m, NONE, one(&res, &mut rd), Flags::Op) }
     }
 
     fn readwritev(
-        ep: Ep, iov: *const Ioc, _desc: Descs, n: usize, resultv: *mut Ioc, _result_desc: Descs,
+        ep: Ep, iov: *const Ioc, desc: Descs, n: usize, resultv: *mut Ioc, result_desc: Descs,
         result_count: usize, dest: u64, addr: u64, key: u64, dt: sys::fi_datatype, op: sys::fi_op,
         ctx: Ctx,
     ) -> isize {
         // SAFETY: see above.
         let (iov, res) = unsafe { (slice(iov, n)?, slice(resultv, result_count)?) };
         // Without operands (FI_ATOMIC_READ) the results give the count.
-        let m = msg(iov, dest, &remote(addr, elems(res), key), dt, op, ctx);
+        let m = msg(iov, desc, dest, &remote(addr, elems(res), key), dt, op, ctx);
+        let res = Bufs { iov: res, desc: result_desc };
         // SAFETY: see above.
-        unsafe { atomic_msg(ep, Kind::Fetch, &m, &[], res, Flags::Op) }
+        unsafe { atomic_msg(ep, Kind::Fetch, &m, NONE, res, Flags::Op) }
     }
 
     fn compwrite(
-        ep: Ep, buf: *const c_void, count: usize, _desc: Desc, compare: *const c_void,
-        _compare_desc: Desc, result: *mut c_void, _result_desc: Desc, dest: u64, addr: u64,
+        ep: Ep, buf: *const c_void, count: usize, desc: Desc, compare: *const c_void,
+        compare_desc: Desc, result: *mut c_void, result_desc: Desc, dest: u64, addr: u64,
         key: u64, dt: sys::fi_datatype, op: sys::fi_op, ctx: Ctx,
     ) -> isize {
         check(!result.is_null() && count > 0)?;
-        let m = msg(&[ioc(buf, count)], dest, &remote(addr, count, key), dt, op, ctx);
-        let (cmp, res) = ([ioc(compare, count)], [ioc(result, count)]);
+        let (mut d, mut cd, mut rd) = (desc, compare_desc, result_desc);
+        let m = msg(&[ioc(buf, count)], &mut d, dest, &remote(addr, count, key), dt, op, ctx);
+        let (cmp, res) = (ioc(compare, count), ioc(result, count));
+        let (cmp, res) = (one(&cmp, &mut cd), one(&res, &mut rd));
         // SAFETY: see above.
-        unsafe { atomic_msg(ep, Kind::Compare, &m, &cmp, &res, Flags::Op) }
+        unsafe { atomic_msg(ep, Kind::Compare, &m, cmp, res, Flags::Op) }
     }
 
     fn compwritev(
-        ep: Ep, iov: *const Ioc, _desc: Descs, n: usize, comparev: *const Ioc,
-        _compare_desc: Descs, compare_count: usize, resultv: *mut Ioc, _result_desc: Descs,
+        ep: Ep, iov: *const Ioc, desc: Descs, n: usize, comparev: *const Ioc,
+        compare_desc: Descs, compare_count: usize, resultv: *mut Ioc, result_desc: Descs,
         result_count: usize, dest: u64, addr: u64, key: u64, dt: sys::fi_datatype, op: sys::fi_op,
         ctx: Ctx,
     ) -> isize {
@@ -268,7 +354,8 @@ ffi_fns! {
         let (iov, cmp, res) = unsafe {
             (slice(iov, n)?, slice(comparev, compare_count)?, slice(resultv, result_count)?)
         };
-        let m = msg(iov, dest, &remote(addr, elems(iov), key), dt, op, ctx);
+        let m = msg(iov, desc, dest, &remote(addr, elems(iov), key), dt, op, ctx);
+        let (cmp, res) = (Bufs { iov: cmp, desc: compare_desc }, Bufs { iov: res, desc: result_desc });
         // SAFETY: see above.
         unsafe { atomic_msg(ep, Kind::Compare, &m, cmp, res, Flags::Op) }
     }

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use vfabric::{fi, Iov, Msg, TaggedMsg, FI_ADDR_UNSPEC};
 
 use crate::ep::EpObj;
+use crate::hmem::{Kind, Staged};
 use crate::sys;
 use crate::util::{check, slice, FidObject, OrErrno, Res};
 
@@ -82,8 +83,9 @@ pub unsafe fn raw_iov<'a>(buf: *const c_void, len: usize) -> Iov<'a> {
 /// A message or RMA transfer in its normalised (`*msg`) form.
 pub struct Xfer<'a> {
     pub iov: Vec<Iov<'a>>,
-    /// The single buffer of a one-element transfer (for FI_MULTI_RECV).
-    pub raw: Option<(*mut u8, usize)>,
+    /// The consumer's buffers and their descriptors (none if it passed no descriptor array).
+    pub bufs: Vec<(*mut u8, usize)>,
+    pub descs: Vec<*mut c_void>,
     pub addr: u64,
     pub tag: u64,
     pub ignore: u64,
@@ -92,12 +94,18 @@ pub struct Xfer<'a> {
 }
 
 impl<'a> Xfer<'a> {
-    /// A transfer of `count` C iovecs.
+    /// A transfer of `count` C iovecs with their descriptors (`desc` NULL: none).
     ///
     /// # Safety
     /// `iov` is NULL with `count == 0`, or holds `count` entries each satisfying
-    /// [`raw_iov`]'s contract.
-    pub unsafe fn iov(iov: *const sys::iovec, count: usize, addr: u64, ctx: Ctx) -> Res<Self> {
+    /// [`raw_iov`]'s contract; `desc` is NULL or holds `count` entries.
+    pub unsafe fn iov(
+        iov: *const sys::iovec,
+        desc: Descs,
+        count: usize,
+        addr: u64,
+        ctx: Ctx,
+    ) -> Res<Self> {
         // SAFETY: per this function's contract.
         let v = unsafe { slice(iov, count) }?;
         Ok(Xfer {
@@ -106,7 +114,9 @@ impl<'a> Xfer<'a> {
                 .iter()
                 .map(|v| unsafe { raw_iov(v.iov_base, v.iov_len) })
                 .collect(),
-            raw: (count == 1).then(|| (v[0].iov_base.cast(), v[0].iov_len)),
+            bufs: v.iter().map(|v| (v.iov_base.cast(), v.iov_len)).collect(),
+            // SAFETY: as above.
+            descs: unsafe { slice(desc, if desc.is_null() { 0 } else { count }) }?.to_vec(),
             addr,
             tag: 0,
             ignore: 0,
@@ -115,17 +125,18 @@ impl<'a> Xfer<'a> {
         })
     }
 
-    /// A transfer of one buffer.
+    /// A transfer of one buffer with its descriptor.
     ///
     /// # Safety
     /// As [`raw_iov`].
-    pub unsafe fn buf(buf: *const c_void, len: usize, addr: u64, ctx: Ctx) -> Self {
+    pub unsafe fn buf(buf: *const c_void, len: usize, desc: Desc, addr: u64, ctx: Ctx) -> Self {
         let v = sys::iovec {
             iov_base: buf.cast_mut(),
             iov_len: len,
         };
+        let mut d = desc;
         // SAFETY: one entry, per this function's contract.
-        unsafe { Self::iov(&v, 1, addr, ctx) }.expect("one entry")
+        unsafe { Self::iov(&v, &mut d, 1, addr, ctx) }.expect("one entry")
     }
 
     /// An `fi_msg`.
@@ -136,7 +147,7 @@ impl<'a> Xfer<'a> {
         // SAFETY: per this function's contract.
         let m = unsafe { m.as_ref() }.ok_or(fi::EINVAL)?;
         // SAFETY: as above.
-        let x = unsafe { Self::iov(m.msg_iov, m.iov_count, m.addr, m.context) }?;
+        let x = unsafe { Self::iov(m.msg_iov, m.desc, m.iov_count, m.addr, m.context) }?;
         Ok(x.with_data(m.data))
     }
 
@@ -148,7 +159,7 @@ impl<'a> Xfer<'a> {
         // SAFETY: per this function's contract.
         let m = unsafe { m.as_ref() }.ok_or(fi::EINVAL)?;
         // SAFETY: as above.
-        let x = unsafe { Self::iov(m.msg_iov, m.iov_count, m.addr, m.context) }?;
+        let x = unsafe { Self::iov(m.msg_iov, m.desc, m.iov_count, m.addr, m.context) }?;
         Ok(x.with_data(m.data).with_tag(m.tag, m.ignore))
     }
 
@@ -167,6 +178,32 @@ impl<'a> Xfer<'a> {
     pub fn len(&self) -> usize {
         self.iov.iter().map(|v| v.len()).sum()
     }
+}
+
+/// The host buffers of a transfer touching device memory (FI_HMEM): outgoing bytes gathered
+/// now (returned: they must live until the post returns), incoming ones received into a bounce
+/// buffer scattered when the completion is read (the posting's context becomes the bounce
+/// buffer's; see `hmem.rs`).
+pub fn stage<'e>(
+    e: &'e EpObj,
+    x: &mut Xfer<'_>,
+    out: bool,
+    kind: Kind,
+) -> Res<(Vec<u8>, Option<Staged<'e>>)> {
+    let Some(segs) = e.dom().hmem.segs(&x.bufs, &x.descs) else {
+        return Ok((Vec::new(), None));
+    };
+    if out {
+        let b = crate::hmem::gather(&segs)?;
+        // SAFETY: the gathered bytes outlive the post, which reads them (copied at post time:
+        // inject, or the driver's bounce buffer).
+        x.iov = vec![unsafe { raw_iov(b.as_ptr().cast(), b.len()) }];
+        return Ok((b, None));
+    }
+    let s = e.dom().hmem.stage(e, x.context, kind, segs);
+    x.iov = vec![s.iov.clone()];
+    x.context = s.key;
+    Ok((Vec::new(), Some(s)))
 }
 
 /// The one body of every send and receive, tagged or not.
@@ -189,15 +226,19 @@ pub fn post(ep: Ep, send: bool, tagged: bool, x: Xfer<'_>, flags: Flags) -> Res<
         addr = FI_ADDR_UNSPEC;
     }
     if !send && flags & fi::MULTI_RECV != 0 {
-        // Emulated (the device has no MULTI_RECV): one contiguous buffer, untagged.
-        check(!tagged)?;
-        let (base, len) = x.raw.ok_or(fi::EINVAL)?;
+        // Emulated (the device has no MULTI_RECV): one contiguous buffer, untagged, in host
+        // memory.
+        check(!tagged && x.bufs.len() == 1)?;
+        check(e.dom().hmem.segs(&x.bufs, &x.descs).is_none())?;
+        let (base, len) = x.bufs[0];
         let min = e.min_multi_recv.load(Ordering::Relaxed);
         e.dom()
             .multi
             .post(e, base, len, min, addr, x.context, flags)?;
         return Ok(0);
     }
+    let mut x = x;
+    let (_gathered, staged) = stage(e, &mut x, send, Kind::Recv)?;
     // A receive's data is the sender's, not the consumer's.
     let data = if send { x.data } else { 0 };
     let r = if tagged {
@@ -228,5 +269,8 @@ pub fn post(ep: Ep, send: bool, tagged: bool, x: Xfer<'_>, flags: Flags) -> Res<
         }
     };
     r.or_errno(sys::fi_log_subsys_FI_LOG_EP_DATA)?;
+    if let Some(s) = staged {
+        s.posted();
+    }
     Ok(0)
 }

@@ -17,14 +17,14 @@ ffi_fns! {
         post(ep, false, false, unsafe { Xfer::msg(msg) }?, Flags::Msg(flags))
     }
 
-    fn recv(ep: Ep, buf: *mut c_void, len: usize, _desc: Desc, src: u64, ctx: Ctx) -> isize {
+    fn recv(ep: Ep, buf: *mut c_void, len: usize, desc: Desc, src: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        post(ep, false, false, unsafe { Xfer::buf(buf, len, src, ctx) }, Flags::Op)
+        post(ep, false, false, unsafe { Xfer::buf(buf, len, desc, src, ctx) }, Flags::Op)
     }
 
-    fn recvv(ep: Ep, iov: *const sys::iovec, _desc: Descs, count: usize, src: u64, ctx: Ctx) -> isize {
+    fn recvv(ep: Ep, iov: *const sys::iovec, desc: Descs, count: usize, src: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        post(ep, false, false, unsafe { Xfer::iov(iov, count, src, ctx) }?, Flags::Op)
+        post(ep, false, false, unsafe { Xfer::iov(iov, desc, count, src, ctx) }?, Flags::Op)
     }
 
     fn sendmsg(ep: Ep, msg: *const sys::fi_msg, flags: u64) -> isize {
@@ -32,31 +32,31 @@ ffi_fns! {
         post(ep, true, false, unsafe { Xfer::msg(msg) }?, Flags::Msg(flags))
     }
 
-    fn send(ep: Ep, buf: *const c_void, len: usize, _desc: Desc, dest: u64, ctx: Ctx) -> isize {
+    fn send(ep: Ep, buf: *const c_void, len: usize, desc: Desc, dest: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        post(ep, true, false, unsafe { Xfer::buf(buf, len, dest, ctx) }, Flags::Op)
+        post(ep, true, false, unsafe { Xfer::buf(buf, len, desc, dest, ctx) }, Flags::Op)
     }
 
-    fn sendv(ep: Ep, iov: *const sys::iovec, _desc: Descs, count: usize, dest: u64, ctx: Ctx) -> isize {
+    fn sendv(ep: Ep, iov: *const sys::iovec, desc: Descs, count: usize, dest: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        post(ep, true, false, unsafe { Xfer::iov(iov, count, dest, ctx) }?, Flags::Op)
+        post(ep, true, false, unsafe { Xfer::iov(iov, desc, count, dest, ctx) }?, Flags::Op)
     }
 
-    fn senddata(ep: Ep, buf: *const c_void, len: usize, _desc: Desc, data: u64, dest: u64, ctx: Ctx) -> isize {
+    fn senddata(ep: Ep, buf: *const c_void, len: usize, desc: Desc, data: u64, dest: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, dest, ctx) }.with_data(data);
+        let x = unsafe { Xfer::buf(buf, len, desc, dest, ctx) }.with_data(data);
         post(ep, true, false, x, Flags::OpData)
     }
 
     fn inject(ep: Ep, buf: *const c_void, len: usize, dest: u64) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, dest, std::ptr::null_mut()) };
+        let x = unsafe { Xfer::buf(buf, len, std::ptr::null_mut(), dest, std::ptr::null_mut()) };
         post(ep, true, false, x, Flags::Inject)
     }
 
     fn injectdata(ep: Ep, buf: *const c_void, len: usize, data: u64, dest: u64) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, dest, std::ptr::null_mut()) }.with_data(data);
+        let x = unsafe { Xfer::buf(buf, len, std::ptr::null_mut(), dest, std::ptr::null_mut()) }.with_data(data);
         post(ep, true, false, x, Flags::InjectData)
     }
 }

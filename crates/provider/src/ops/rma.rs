@@ -24,6 +24,8 @@ fn rma(ep: Ep, write: bool, x: Xfer<'_>, rma_iov: &[RmaIov], flags: Flags) -> Re
         // (info.rs): the notification would take one of its receives.
         return Err(fi::EINVAL);
     }
+    let mut x = x;
+    let (_gathered, staged) = super::stage(e, &mut x, write, crate::hmem::Kind::Whole)?;
     let m = RmaMsg {
         iov: &x.iov,
         addr: peer(e, x.addr)?,
@@ -37,6 +39,9 @@ fn rma(ep: Ep, write: bool, x: Xfer<'_>, rma_iov: &[RmaIov], flags: Flags) -> Re
         e.ep.readmsg(&m, flags)
     }
     .or_errno(sys::fi_log_subsys_FI_LOG_EP_DATA)?;
+    if let Some(s) = staged {
+        s.posted();
+    }
     Ok(0)
 }
 
@@ -69,7 +74,8 @@ unsafe fn rma_msg(ep: Ep, write: bool, msg: *const sys::fi_msg_rma, flags: u64) 
     // SAFETY: per this function's contract.
     let m = unsafe { msg.as_ref() }.ok_or(fi::EINVAL)?;
     // SAFETY: as above.
-    let x = unsafe { Xfer::iov(m.msg_iov, m.iov_count, m.addr, m.context) }?.with_data(m.data);
+    let x =
+        unsafe { Xfer::iov(m.msg_iov, m.desc, m.iov_count, m.addr, m.context) }?.with_data(m.data);
     // SAFETY: as above.
     let r = unsafe { rma_iovs(m.rma_iov, m.rma_iov_count) }?;
     rma(ep, write, x, &r, Flags::Msg(flags))
@@ -88,55 +94,55 @@ ffi_fns! {
         unsafe { rma_msg(ep, true, msg, flags) }
     }
 
-    fn read(ep: Ep, buf: *mut c_void, len: usize, _desc: Desc, src: u64, addr: u64, key: u64, ctx: Ctx) -> isize {
+    fn read(ep: Ep, buf: *mut c_void, len: usize, desc: Desc, src: u64, addr: u64, key: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        let (x, r) = to(unsafe { Xfer::buf(buf, len, src, ctx) }, addr, key);
+        let (x, r) = to(unsafe { Xfer::buf(buf, len, desc, src, ctx) }, addr, key);
         rma(ep, false, x, &r, Flags::Op)
     }
 
     fn readv(
-        ep: Ep, iov: *const sys::iovec, _desc: Descs, count: usize, src: u64, addr: u64, key: u64,
+        ep: Ep, iov: *const sys::iovec, desc: Descs, count: usize, src: u64, addr: u64, key: u64,
         ctx: Ctx,
     ) -> isize {
         // SAFETY: see above.
-        let (x, r) = to(unsafe { Xfer::iov(iov, count, src, ctx) }?, addr, key);
+        let (x, r) = to(unsafe { Xfer::iov(iov, desc, count, src, ctx) }?, addr, key);
         rma(ep, false, x, &r, Flags::Op)
     }
 
-    fn write(ep: Ep, buf: *const c_void, len: usize, _desc: Desc, dest: u64, addr: u64, key: u64, ctx: Ctx) -> isize {
+    fn write(ep: Ep, buf: *const c_void, len: usize, desc: Desc, dest: u64, addr: u64, key: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        let (x, r) = to(unsafe { Xfer::buf(buf, len, dest, ctx) }, addr, key);
+        let (x, r) = to(unsafe { Xfer::buf(buf, len, desc, dest, ctx) }, addr, key);
         rma(ep, true, x, &r, Flags::Op)
     }
 
     fn writev(
-        ep: Ep, iov: *const sys::iovec, _desc: Descs, count: usize, dest: u64, addr: u64, key: u64,
+        ep: Ep, iov: *const sys::iovec, desc: Descs, count: usize, dest: u64, addr: u64, key: u64,
         ctx: Ctx,
     ) -> isize {
         // SAFETY: see above.
-        let (x, r) = to(unsafe { Xfer::iov(iov, count, dest, ctx) }?, addr, key);
+        let (x, r) = to(unsafe { Xfer::iov(iov, desc, count, dest, ctx) }?, addr, key);
         rma(ep, true, x, &r, Flags::Op)
     }
 
     fn writedata(
-        ep: Ep, buf: *const c_void, len: usize, _desc: Desc, data: u64, dest: u64, addr: u64,
+        ep: Ep, buf: *const c_void, len: usize, desc: Desc, data: u64, dest: u64, addr: u64,
         key: u64, ctx: Ctx,
     ) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, dest, ctx) }.with_data(data);
+        let x = unsafe { Xfer::buf(buf, len, desc, dest, ctx) }.with_data(data);
         let (x, r) = to(x, addr, key);
         rma(ep, true, x, &r, Flags::OpData)
     }
 
     fn inject(ep: Ep, buf: *const c_void, len: usize, dest: u64, addr: u64, key: u64) -> isize {
         // SAFETY: see above.
-        let (x, r) = to(unsafe { Xfer::buf(buf, len, dest, std::ptr::null_mut()) }, addr, key);
+        let (x, r) = to(unsafe { Xfer::buf(buf, len, std::ptr::null_mut(), dest, std::ptr::null_mut()) }, addr, key);
         rma(ep, true, x, &r, Flags::Inject)
     }
 
     fn injectdata(ep: Ep, buf: *const c_void, len: usize, data: u64, dest: u64, addr: u64, key: u64) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, dest, std::ptr::null_mut()) }.with_data(data);
+        let x = unsafe { Xfer::buf(buf, len, std::ptr::null_mut(), dest, std::ptr::null_mut()) }.with_data(data);
         let (x, r) = to(x, addr, key);
         rma(ep, true, x, &r, Flags::InjectData)
     }

@@ -17,18 +17,18 @@ ffi_fns! {
         post(ep, false, true, unsafe { Xfer::tagged_msg(msg) }?, Flags::Msg(flags))
     }
 
-    fn recv(ep: Ep, buf: *mut c_void, len: usize, _desc: Desc, src: u64, tag: u64, ignore: u64, ctx: Ctx) -> isize {
+    fn recv(ep: Ep, buf: *mut c_void, len: usize, desc: Desc, src: u64, tag: u64, ignore: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, src, ctx) }.with_tag(tag, ignore);
+        let x = unsafe { Xfer::buf(buf, len, desc, src, ctx) }.with_tag(tag, ignore);
         post(ep, false, true, x, Flags::Op)
     }
 
     fn recvv(
-        ep: Ep, iov: *const sys::iovec, _desc: Descs, count: usize, src: u64, tag: u64,
+        ep: Ep, iov: *const sys::iovec, desc: Descs, count: usize, src: u64, tag: u64,
         ignore: u64, ctx: Ctx,
     ) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::iov(iov, count, src, ctx) }?.with_tag(tag, ignore);
+        let x = unsafe { Xfer::iov(iov, desc, count, src, ctx) }?.with_tag(tag, ignore);
         post(ep, false, true, x, Flags::Op)
     }
 
@@ -39,36 +39,36 @@ ffi_fns! {
         post(ep, true, true, x.with_tag(tag, 0), Flags::Msg(flags))
     }
 
-    fn send(ep: Ep, buf: *const c_void, len: usize, _desc: Desc, dest: u64, tag: u64, ctx: Ctx) -> isize {
+    fn send(ep: Ep, buf: *const c_void, len: usize, desc: Desc, dest: u64, tag: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, dest, ctx) }.with_tag(tag, 0);
+        let x = unsafe { Xfer::buf(buf, len, desc, dest, ctx) }.with_tag(tag, 0);
         post(ep, true, true, x, Flags::Op)
     }
 
-    fn sendv(ep: Ep, iov: *const sys::iovec, _desc: Descs, count: usize, dest: u64, tag: u64, ctx: Ctx) -> isize {
+    fn sendv(ep: Ep, iov: *const sys::iovec, desc: Descs, count: usize, dest: u64, tag: u64, ctx: Ctx) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::iov(iov, count, dest, ctx) }?.with_tag(tag, 0);
+        let x = unsafe { Xfer::iov(iov, desc, count, dest, ctx) }?.with_tag(tag, 0);
         post(ep, true, true, x, Flags::Op)
     }
 
     fn senddata(
-        ep: Ep, buf: *const c_void, len: usize, _desc: Desc, data: u64, dest: u64, tag: u64,
+        ep: Ep, buf: *const c_void, len: usize, desc: Desc, data: u64, dest: u64, tag: u64,
         ctx: Ctx,
     ) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, dest, ctx) }.with_tag(tag, 0).with_data(data);
+        let x = unsafe { Xfer::buf(buf, len, desc, dest, ctx) }.with_tag(tag, 0).with_data(data);
         post(ep, true, true, x, Flags::OpData)
     }
 
     fn inject(ep: Ep, buf: *const c_void, len: usize, dest: u64, tag: u64) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, dest, std::ptr::null_mut()) }.with_tag(tag, 0);
+        let x = unsafe { Xfer::buf(buf, len, std::ptr::null_mut(), dest, std::ptr::null_mut()) }.with_tag(tag, 0);
         post(ep, true, true, x, Flags::Inject)
     }
 
     fn injectdata(ep: Ep, buf: *const c_void, len: usize, data: u64, dest: u64, tag: u64) -> isize {
         // SAFETY: see above.
-        let x = unsafe { Xfer::buf(buf, len, dest, std::ptr::null_mut()) }
+        let x = unsafe { Xfer::buf(buf, len, std::ptr::null_mut(), dest, std::ptr::null_mut()) }
             .with_tag(tag, 0)
             .with_data(data);
         post(ep, true, true, x, Flags::InjectData)
