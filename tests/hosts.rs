@@ -343,10 +343,15 @@ struct Guest {
 
 impl Guest {
     fn open(device: &Path) -> Self {
+        Self::open_with(device, 32 << 20)
+    }
+
+    /// [`Guest::open`] with `mem_bytes` of shared memory.
+    fn open_with(device: &Path, mem_bytes: u64) -> Self {
         let dom = Domain::open(
             device,
             DomainAttr {
-                mem_bytes: 32 << 20,
+                mem_bytes: mem_bytes as _,
                 ..Default::default()
             },
         )
@@ -1263,4 +1268,272 @@ fn a_lost_target_or_host_fails_a_waiting_commit() {
     a.ep.commit(&range, to_b, 0, 2).unwrap();
     assert_eq!(a.next_err().status, Status::HostUnreach);
     drop(region);
+}
+
+/// A guest's EP_CLOSE withdraws its sends that wait for another host's verdict: they complete
+/// at once (the endpoint's close does not wait for the driver's control timeout), and the
+/// message held at the target host is dropped there, never delivered.
+#[test]
+fn an_endpoint_close_withdraws_its_sends_held_at_another_host() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    let a2 = Guest::open(&d[0].sockets[1]);
+    let a2_to_b = a2.av.insert(b.ep.name()).unwrap();
+    // Above the eager threshold, no receive posted: held at host 2, its sender waiting.
+    a2.ep.send(&pattern(7, 100_000), a2_to_b, 1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        matches!(a2.cq.read(&mut Vec::new(), 1), Err(VfError::Again)),
+        "the held send completed before any receive"
+    );
+    let t = Instant::now();
+    drop(a2);
+    let took = t.elapsed();
+    // The driver waits (up to its 10 s control timeout) for the endpoint's requests to come
+    // back: withdrawn, they come back with EP_CLOSE.
+    assert!(took < Duration::from_secs(5), "closing took {took:?}");
+    // Host 2 dropped the withdrawn message: B's receive gets A's next one.
+    b.ep.recv_vec(200_000, 10).unwrap();
+    a.ep.send(&pattern(8, 1000), to_b, 2).unwrap();
+    let c = b.next();
+    assert_eq!(c.context, 10);
+    assert_eq!(c.src, Some(a.ep.name()), "a withdrawn message was delivered");
+    assert_eq!(c.buf.as_deref(), Some(pattern(8, 1000).as_slice()));
+    assert_eq!(a.next().context, 2);
+    // Nothing else arrives.
+    b.ep.recv_vec(200_000, 11).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(matches!(b.cq.read(&mut Vec::new(), 1), Err(VfError::Again)));
+}
+
+/// A receive directed at an endpoint of another host fails PEER_GONE when that endpoint goes:
+/// `data` = PEER_CLOSED after its driver's EP_CLOSE, 0 when it was lost (its guest killed) or
+/// already closed when the receive was posted; as on one host.
+#[test]
+fn receives_directed_at_another_hosts_endpoint_fail_when_it_closes() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, _) = guests_on(&d);
+    let to_a = b.av.insert(a.ep.name()).unwrap();
+    // Orderly: A's driver closes its endpoint.
+    b.ep.recv_vec_from(64, to_a, 1).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let a_addr = a.ep.name();
+    drop(a);
+    let e = b.next_err();
+    assert_eq!((e.context, e.status, e.data), (1, Status::PeerGone, 1), "{e:?}");
+    // Already closed when the receive is posted: host 1 says so.
+    b.ep.recv_vec_from(64, to_a, 2).unwrap();
+    let e = b.next_err();
+    assert_eq!((e.context, e.status, e.data), (2, Status::PeerGone, 0), "{e:?}");
+    // A receive directed at an open endpoint stays posted and receives.
+    let a = Guest::open(&d[0].sockets[0]);
+    assert_ne!(a.ep.name(), a_addr);
+    let to_a = b.av.insert(a.ep.name()).unwrap();
+    b.ep.recv_vec_from(64, to_a, 3).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let a_to_b = a.av.insert(b.ep.name()).unwrap();
+    a.ep.send(b"directed", a_to_b, 30).unwrap();
+    let c = b.next();
+    assert_eq!((c.context, c.buf.as_deref()), (3, Some(&b"directed"[..])));
+    assert_eq!(a.next().context, 30);
+
+    // Lost: a guest process on host 1 is killed (its device disconnects, no EP_CLOSE).
+    let addr_file = dir.path().join("victim.addr");
+    let mut victim = Command::new(bin("vfabric"))
+        .args(["pingpong", "--server", "--quiet", "--timeout-s", "60"])
+        .args(["--sizes", "64", "--iters", "10", "--device"])
+        .arg(&d[0].sockets[1])
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn a guest");
+    assert!(
+        wait_for(Duration::from_secs(15), || addr_file.exists()),
+        "the victim guest did not start"
+    );
+    let victim_addr: FabricAddr = std::fs::read_to_string(&addr_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let to_victim = b.av.insert(victim_addr).unwrap();
+    b.ep.recv_vec_from(64, to_victim, 4).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(matches!(b.cq.read(&mut Vec::new(), 1), Err(VfError::Again)));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let e = b.next_err();
+    assert_eq!((e.context, e.status, e.data), (4, Status::PeerGone, 0), "{e:?}");
+}
+
+/// ADDR_CHECK of another host's address is answered by that host's device: open, closed, and
+/// HOST_UNREACH when the host is down.
+#[test]
+fn addr_check_across_hosts_asks_the_target_device() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        mut d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, _) = guests_on(&d);
+    assert_eq!(a.dom.addr_check(&b.ep.name()).ok(), Some(true));
+    let stale = FabricAddr::new(b.ep.name().node, b.ep.name().ep, b.ep.name().generation + 1);
+    assert_eq!(a.dom.addr_check(&stale).ok(), Some(false));
+    let b_addr = b.ep.name();
+    drop(b);
+    assert_eq!(a.dom.addr_check(&b_addr).ok(), Some(false));
+    let other_dev = FabricAddr::new(FabricAddr::node_of(b_addr.fabric(), 2, 1), 0, 1);
+    assert_eq!(a.dom.addr_check(&other_dev).ok(), Some(false), "nothing open there");
+    // A host that is not a peer names nothing.
+    let stranger = FabricAddr::new(FabricAddr::node_of(b_addr.fabric(), 9, 0), 0, 1);
+    assert_eq!(a.dom.addr_check(&stranger).ok(), Some(false));
+    // Host 2 down: HOST_UNREACH.
+    let b = Guest::open(&d[1].sockets[0]);
+    let b_addr = b.ep.name();
+    drop(b);
+    drop(d.remove(1));
+    d[0].wait_hosts(&[(2, 2, false)], Duration::from_secs(10));
+    match a.dom.addr_check(&b_addr) {
+        Err(VfError::Device(Status::HostUnreach)) => {}
+        r => panic!("ADDR_CHECK of a down host's address: {r:?}"),
+    }
+}
+
+/// Eight hosts, a guest on each, every guest sending to every other (sizes from one eager
+/// chunk to several wire chunks), every byte checked at its receiver. One thread drives all
+/// eight guests; bounded by a deadline. `HOSTS8_ROUNDS` (default 2) scales the traffic; the
+/// aggregate throughput is printed (scripts/bench-hosts8.sh).
+#[test]
+fn eight_hosts_all_to_all_with_verification() {
+    if !can_run() {
+        return;
+    }
+    const N: usize = 8;
+    let rounds: usize = std::env::var("HOSTS8_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let sizes: &[usize] = &[64, 4096, 20_000, 65_536];
+    let lan = Lan::new(N);
+    let dir = tempfile::tempdir().unwrap();
+    let d: Vec<HostDaemon> = (0..N)
+        .map(|i| HostDaemon::start(&lan, dir.path(), i, i as u16 + 1, &uplink_args(N, i, &[])))
+        .collect();
+    for (i, h) in d.iter().enumerate() {
+        let want: Vec<(u64, u64, bool)> = (0..N)
+            .filter(|j| *j != i)
+            .map(|j| (j as u64 + 1, 2, true))
+            .collect();
+        h.wait_hosts(&want, Duration::from_secs(30));
+    }
+    let g: Vec<Guest> = d
+        .iter()
+        .map(|h| Guest::open_with(&h.sockets[0], 16 << 20))
+        .collect();
+    let names: Vec<FabricAddr> = g.iter().map(|x| x.ep.name()).collect();
+    // to[i][j]: j's address in i's AV.
+    let to: Vec<Vec<vfabric::FiAddr>> = g
+        .iter()
+        .map(|x| names.iter().map(|n| x.av.insert(*n).unwrap()).collect())
+        .collect();
+    let per_pair = rounds * sizes.len();
+    let max = *sizes.iter().max().unwrap();
+    let seed = |from: usize, to: usize, k: usize| (from * 1000 + to * 100 + k) as u32;
+    let len_of = |k: usize| sizes[k % sizes.len()];
+    let t = Instant::now();
+    // Every receive posted first (direct placement; nothing waits on the budget), then
+    // every send, interleaved over destinations.
+    for x in &g {
+        for r in 0..(N - 1) * per_pair {
+            x.ep.recv_vec(max, r as u64).unwrap();
+        }
+    }
+    let send_ctx = 1u64 << 32;
+    for k in 0..per_pair {
+        for i in 0..N {
+            for j in (0..N).filter(|j| *j != i) {
+                let ctx = send_ctx + (j * per_pair + k) as u64;
+                g[i].ep
+                    .send(&pattern(seed(i, j, k), len_of(k)), to[i][j], ctx)
+                    .unwrap();
+            }
+        }
+    }
+    // Per receiver, per sender: the next message index (order per pair is kept).
+    let mut next = vec![vec![0usize; N]; N];
+    let (mut received, mut sent) = (vec![0usize; N], vec![0usize; N]);
+    let mut bytes = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let want = (N - 1) * per_pair;
+    let mut buf = Vec::new();
+    while received.iter().chain(sent.iter()).any(|&c| c < want) {
+        assert!(
+            Instant::now() < deadline,
+            "all-to-all not done within 60 s: received {received:?}, sent {sent:?}"
+        );
+        let mut idle = true;
+        for (j, x) in g.iter().enumerate() {
+            match x.cq.read(&mut buf, 16) {
+                Ok(_) => {}
+                Err(VfError::Again) => continue,
+                Err(VfError::Avail) => panic!("host {}: {:?}", j + 1, x.cq.readerr()),
+                Err(e) => panic!("cq read: {e}"),
+            }
+            idle = false;
+            for c in buf.drain(..) {
+                if c.context >= send_ctx {
+                    sent[j] += 1;
+                    continue;
+                }
+                let src = c.src.expect("source address");
+                let i = names.iter().position(|n| *n == src).expect("a known sender");
+                let k = next[j][i];
+                next[j][i] += 1;
+                let expect = pattern(seed(i, j, k), len_of(k));
+                assert_eq!(c.len, expect.len(), "host {} from {}: message {k}", j + 1, i + 1);
+                assert!(
+                    c.buf.as_deref() == Some(expect.as_slice()),
+                    "host {} from {}: message {k} differs",
+                    j + 1,
+                    i + 1
+                );
+                bytes += c.len as u64;
+                received[j] += 1;
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    let took = t.elapsed();
+    println!(
+        "8 hosts all-to-all: {} messages, {} bytes verified in {:?}: {:.1} MB/s aggregate",
+        N * want,
+        bytes,
+        took,
+        bytes as f64 / took.as_secs_f64() / 1e6
+    );
+    for h in &d {
+        let log = h.log();
+        assert!(!log.contains("refusing"), "{log}");
+    }
 }
