@@ -1304,7 +1304,11 @@ fn an_endpoint_close_withdraws_its_sends_held_at_another_host() {
     a.ep.send(&pattern(8, 1000), to_b, 2).unwrap();
     let c = b.next();
     assert_eq!(c.context, 10);
-    assert_eq!(c.src, Some(a.ep.name()), "a withdrawn message was delivered");
+    assert_eq!(
+        c.src,
+        Some(a.ep.name()),
+        "a withdrawn message was delivered"
+    );
     assert_eq!(c.buf.as_deref(), Some(pattern(8, 1000).as_slice()));
     assert_eq!(a.next().context, 2);
     // Nothing else arrives.
@@ -1318,12 +1322,7 @@ fn an_endpoint_close_withdraws_its_sends_held_at_another_host() {
 /// already closed when the receive was posted; as on one host.
 #[test]
 fn receives_directed_at_another_hosts_endpoint_fail_when_it_closes() {
-    let Some(TwoHosts {
-        lan: _lan,
-        dir,
-        d,
-    }) = TwoHosts::start()
-    else {
+    let Some(TwoHosts { lan: _lan, dir, d }) = TwoHosts::start() else {
         return;
     };
     let (a, b, _) = guests_on(&d);
@@ -1334,11 +1333,19 @@ fn receives_directed_at_another_hosts_endpoint_fail_when_it_closes() {
     let a_addr = a.ep.name();
     drop(a);
     let e = b.next_err();
-    assert_eq!((e.context, e.status, e.data), (1, Status::PeerGone, 1), "{e:?}");
+    assert_eq!(
+        (e.context, e.status, e.data),
+        (1, Status::PeerGone, 1),
+        "{e:?}"
+    );
     // Already closed when the receive is posted: host 1 says so.
     b.ep.recv_vec_from(64, to_a, 2).unwrap();
     let e = b.next_err();
-    assert_eq!((e.context, e.status, e.data), (2, Status::PeerGone, 0), "{e:?}");
+    assert_eq!(
+        (e.context, e.status, e.data),
+        (2, Status::PeerGone, 0),
+        "{e:?}"
+    );
     // A receive directed at an open endpoint stays posted and receives.
     let a = Guest::open(&d[0].sockets[0]);
     assert_ne!(a.ep.name(), a_addr);
@@ -1379,7 +1386,11 @@ fn receives_directed_at_another_hosts_endpoint_fail_when_it_closes() {
     victim.kill().unwrap();
     victim.wait().unwrap();
     let e = b.next_err();
-    assert_eq!((e.context, e.status, e.data), (4, Status::PeerGone, 0), "{e:?}");
+    assert_eq!(
+        (e.context, e.status, e.data),
+        (4, Status::PeerGone, 0),
+        "{e:?}"
+    );
 }
 
 /// ADDR_CHECK of another host's address is answered by that host's device: open, closed, and
@@ -1402,7 +1413,11 @@ fn addr_check_across_hosts_asks_the_target_device() {
     drop(b);
     assert_eq!(a.dom.addr_check(&b_addr).ok(), Some(false));
     let other_dev = FabricAddr::new(FabricAddr::node_of(b_addr.fabric(), 2, 1), 0, 1);
-    assert_eq!(a.dom.addr_check(&other_dev).ok(), Some(false), "nothing open there");
+    assert_eq!(
+        a.dom.addr_check(&other_dev).ok(),
+        Some(false),
+        "nothing open there"
+    );
     // A host that is not a peer names nothing.
     let stranger = FabricAddr::new(FabricAddr::node_of(b_addr.fabric(), 9, 0), 0, 1);
     assert_eq!(a.dom.addr_check(&stranger).ok(), Some(false));
@@ -1505,11 +1520,20 @@ fn eight_hosts_all_to_all_with_verification() {
                     continue;
                 }
                 let src = c.src.expect("source address");
-                let i = names.iter().position(|n| *n == src).expect("a known sender");
+                let i = names
+                    .iter()
+                    .position(|n| *n == src)
+                    .expect("a known sender");
                 let k = next[j][i];
                 next[j][i] += 1;
                 let expect = pattern(seed(i, j, k), len_of(k));
-                assert_eq!(c.len, expect.len(), "host {} from {}: message {k}", j + 1, i + 1);
+                assert_eq!(
+                    c.len,
+                    expect.len(),
+                    "host {} from {}: message {k}",
+                    j + 1,
+                    i + 1
+                );
                 assert!(
                     c.buf.as_deref() == Some(expect.as_slice()),
                     "host {} from {}: message {k} differs",

@@ -218,22 +218,19 @@ impl Outbox {
     pub fn take(&self) -> VecDeque<Outbound> {
         let mut s = self.lock();
         let mut queue = std::mem::take(&mut s.queue);
+        // (A guest's ADDR_CHECK entered the table when it was queued.)
         for m in queue.iter_mut() {
-            match m {
-                Outbound::Send(r) => {
-                    let id = s.new_req_id();
-                    r.desc.req_id = id.into();
-                    let p = Pending {
-                        host: r.host,
-                        dev: r.dev,
-                        port: r.port.clone(),
-                        req: r.req.clone(),
-                        len: r.len,
-                    };
-                    s.pending.insert(id, p);
-                }
-                // A guest's ADDR_CHECK entered the table when it was queued.
-                _ => {}
+            if let Outbound::Send(r) = m {
+                let id = s.new_req_id();
+                r.desc.req_id = id.into();
+                let p = Pending {
+                    host: r.host,
+                    dev: r.dev,
+                    port: r.port.clone(),
+                    req: r.req.clone(),
+                    len: r.len,
+                };
+                s.pending.insert(id, p);
             }
         }
         queue
