@@ -1435,8 +1435,8 @@ fn addr_check_across_hosts_asks_the_target_device() {
 
 /// Eight hosts, a guest on each, every guest sending to every other (sizes from one eager
 /// chunk to several wire chunks), every byte checked at its receiver. One thread drives all
-/// eight guests; bounded by a deadline. `HOSTS8_ROUNDS` (default 2) scales the traffic; the
-/// aggregate throughput is printed (scripts/bench-hosts8.sh).
+/// eight guests; bounded by a deadline. `HOSTS8_ROUNDS` (default 2) rounds of one message of
+/// each size per ordered pair; the aggregate throughput is printed (scripts/bench-hosts8.sh).
 #[test]
 fn eight_hosts_all_to_all_with_verification() {
     if !can_run() {
@@ -1470,88 +1470,86 @@ fn eight_hosts_all_to_all_with_verification() {
         .iter()
         .map(|x| names.iter().map(|n| x.av.insert(*n).unwrap()).collect())
         .collect();
-    let per_pair = rounds * sizes.len();
+    let per_pair = sizes.len();
     let max = *sizes.iter().max().unwrap();
-    let seed = |from: usize, to: usize, k: usize| (from * 1000 + to * 100 + k) as u32;
+    let seed = |round: usize, from: usize, to: usize, k: usize| {
+        (round * 100_000 + from * 1000 + to * 100 + k) as u32
+    };
     let len_of = |k: usize| sizes[k % sizes.len()];
-    let t = Instant::now();
-    // Every receive posted first (direct placement; nothing waits on the budget), then
-    // every send, interleaved over destinations.
-    for x in &g {
-        for r in 0..(N - 1) * per_pair {
-            x.ep.recv_vec(max, r as u64).unwrap();
-        }
-    }
     let send_ctx = 1u64 << 32;
-    for k in 0..per_pair {
-        for i in 0..N {
-            for j in (0..N).filter(|j| *j != i) {
-                let ctx = send_ctx + (j * per_pair + k) as u64;
-                g[i].ep
-                    .send(&pattern(seed(i, j, k), len_of(k)), to[i][j], ctx)
-                    .unwrap();
-            }
-        }
-    }
-    // Per receiver, per sender: the next message index (order per pair is kept).
-    let mut next = vec![vec![0usize; N]; N];
-    let (mut received, mut sent) = (vec![0usize; N], vec![0usize; N]);
-    let mut bytes = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(60);
     let want = (N - 1) * per_pair;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut bytes = 0u64;
     let mut buf = Vec::new();
-    while received.iter().chain(sent.iter()).any(|&c| c < want) {
-        assert!(
-            Instant::now() < deadline,
-            "all-to-all not done within 60 s: received {received:?}, sent {sent:?}"
-        );
-        let mut idle = true;
-        for (j, x) in g.iter().enumerate() {
-            match x.cq.read(&mut buf, 16) {
-                Ok(_) => {}
-                Err(VfError::Again) => continue,
-                Err(VfError::Avail) => panic!("host {}: {:?}", j + 1, x.cq.readerr()),
-                Err(e) => panic!("cq read: {e}"),
-            }
-            idle = false;
-            for c in buf.drain(..) {
-                if c.context >= send_ctx {
-                    sent[j] += 1;
-                    continue;
-                }
-                let src = c.src.expect("source address");
-                let i = names
-                    .iter()
-                    .position(|n| *n == src)
-                    .expect("a known sender");
-                let k = next[j][i];
-                next[j][i] += 1;
-                let expect = pattern(seed(i, j, k), len_of(k));
-                assert_eq!(
-                    c.len,
-                    expect.len(),
-                    "host {} from {}: message {k}",
-                    j + 1,
-                    i + 1
-                );
-                assert!(
-                    c.buf.as_deref() == Some(expect.as_slice()),
-                    "host {} from {}: message {k} differs",
-                    j + 1,
-                    i + 1
-                );
-                bytes += c.len as u64;
-                received[j] += 1;
+    let t = Instant::now();
+    for round in 0..rounds {
+        // Every receive of the round posted first (direct placement; nothing waits on the
+        // budget), then every send, interleaved over destinations.
+        for x in &g {
+            for r in 0..want {
+                x.ep.recv_vec(max, r as u64).unwrap();
             }
         }
-        if idle {
-            std::thread::sleep(Duration::from_micros(100));
+        for k in 0..per_pair {
+            for i in 0..N {
+                for j in (0..N).filter(|j| *j != i) {
+                    let ctx = send_ctx + (j * per_pair + k) as u64;
+                    g[i].ep
+                        .send(&pattern(seed(round, i, j, k), len_of(k)), to[i][j], ctx)
+                        .unwrap();
+                }
+            }
+        }
+        // Per receiver, per sender: the next message index (order per pair is kept).
+        let mut next = vec![vec![0usize; N]; N];
+        let (mut received, mut sent) = (vec![0usize; N], vec![0usize; N]);
+        while received.iter().chain(sent.iter()).any(|&c| c < want) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round} not done within 60 s: received {received:?}, sent {sent:?}"
+            );
+            let mut idle = true;
+            for (j, x) in g.iter().enumerate() {
+                match x.cq.read(&mut buf, 16) {
+                    Ok(_) => {}
+                    Err(VfError::Again) => continue,
+                    Err(VfError::Avail) => panic!("host {}: {:?}", j + 1, x.cq.readerr()),
+                    Err(e) => panic!("cq read: {e}"),
+                }
+                idle = false;
+                for c in buf.drain(..) {
+                    if c.context >= send_ctx {
+                        sent[j] += 1;
+                        continue;
+                    }
+                    let src = c.src.expect("source address");
+                    let i = names
+                        .iter()
+                        .position(|n| *n == src)
+                        .expect("a known sender");
+                    let k = next[j][i];
+                    next[j][i] += 1;
+                    let expect = pattern(seed(round, i, j, k), len_of(k));
+                    let at = format!(
+                        "host {} from {}: message {k} of round {round}",
+                        j + 1,
+                        i + 1
+                    );
+                    assert_eq!(c.len, expect.len(), "{at}");
+                    assert!(c.buf.as_deref() == Some(expect.as_slice()), "{at} differs");
+                    bytes += c.len as u64;
+                    received[j] += 1;
+                }
+            }
+            if idle {
+                std::thread::sleep(Duration::from_micros(100));
+            }
         }
     }
     let took = t.elapsed();
     println!(
         "8 hosts all-to-all: {} messages, {} bytes verified in {:?}: {:.1} MB/s aggregate",
-        N * want,
+        N * want * rounds,
         bytes,
         took,
         bytes as f64 / took.as_secs_f64() / 1e6
