@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -q -p vfabric-device
+cargo build --release -q -p vfabric-device -p vfabric-cli
 cargo test --release -q --test hosts --no-run
 
 RUNS=${RUNS:-3}
