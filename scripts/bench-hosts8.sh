@@ -8,15 +8,15 @@
 # Prints the median aggregate throughput (verified bytes received by all guests per second) of
 # RUNS runs. Needs root (ip netns); the test removes its namespaces, also on failure.
 #
-#   scripts/bench-hosts8.sh                # RUNS=3 ROUNDS=20
+#   scripts/bench-hosts8.sh                # RUNS=5 ROUNDS=100
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -q -p vfabric-device -p vfabric-cli
 cargo test --release -q --test hosts --no-run
 
-RUNS=${RUNS:-3}
-ROUNDS=${ROUNDS:-20}
+RUNS=${RUNS:-5}
+ROUNDS=${ROUNDS:-100}
 OUT=$(mktemp /tmp/vfabric-hosts8.XXXXXX)
 for _ in $(seq "$RUNS"); do
     HOSTS8_ROUNDS=$ROUNDS cargo test --release -q --test hosts -- \
