@@ -212,6 +212,7 @@ impl Uplink {
             next_send: 0,
             backlog: VecDeque::new(),
             probes: HashMap::new(),
+            asked: HashMap::new(),
             partial: HashMap::new(),
             reply_partial: HashMap::new(),
             notify: Notify::default(),
@@ -306,6 +307,9 @@ struct Worker {
     /// ADDR_QUERY probes for directed receives (no guest request waits on them): the endpoint
     /// asked about, by request id.
     probes: HashMap<u64, FabricAddr>,
+    /// When each ADDR_QUERY still unanswered (probe or guest ADDR_CHECK) went out: one
+    /// unanswered past the peer timeout fails (a guest's check) or is forgotten (a probe).
+    asked: HashMap<u64, Instant>,
     /// Per peer, the message whose chunks are arriving.
     partial: HashMap<u16, Partial>,
     /// Per peer, the read reply whose chunks are arriving: (request id, bytes so far).
@@ -387,6 +391,7 @@ impl Worker {
             for host in lost {
                 self.host_lost(host);
             }
+            self.expire_queries(now);
             // Requests fenced behind ones that completed here may start now.
             self.fabric.remote_unfence(&mut self.notify);
             self.notify.flush();
@@ -719,7 +724,10 @@ impl Worker {
             );
         }
         // What we knew of its endpoints is void; receives directed at them fail below.
-        self.probes.retain(|_, a| a.host() != host);
+        let probes = &mut self.probes;
+        self.asked
+            .retain(|id, _| probes.get(id).is_none_or(|a| a.host() != host));
+        probes.retain(|_, a| a.host() != host);
         self.outbox.forget(|a| a.host() == host);
         self.backlog.retain(|o| o.host != host);
         self.reply_partial.remove(&host);
@@ -980,6 +988,7 @@ impl Worker {
             self.probes.insert(id, addr);
             id
         };
+        self.asked.insert(id, Instant::now());
         let bytes = Message::AddrQuery {
             fabric_id: self.set.fabric_id,
             host_id: self.set.host_id,
@@ -992,8 +1001,32 @@ impl Worker {
         self.queue_to(host, dest, bytes);
     }
 
+    /// ADDR_QUERYs unanswered for longer than the peer timeout (a host that answers
+    /// keepalives but not these): a guest's ADDR_CHECK completes `HostUnreach`, a probe is
+    /// forgotten (a later directed receive asks again).
+    fn expire_queries(&mut self, now: Instant) {
+        let timeout = self.set.timeout;
+        if self.asked.is_empty() {
+            return;
+        }
+        let late: Vec<u64> = self
+            .asked
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.asked.remove(&id);
+            match self.probes.remove(&id) {
+                Some(addr) => self.outbox.forget(|a| a == addr),
+                None => self.complete_pending(id, None, Status::HostUnreach),
+            }
+        }
+    }
+
     /// `host` answered query `req_id`: whether its endpoint is open.
     fn addr_answer(&mut self, host: u16, req_id: u64, open: bool) {
+        self.asked.remove(&req_id);
         let probe = match self.probes.get(&req_id) {
             Some(a) if a.host() == host => self.probes.remove(&req_id),
             _ => None,
