@@ -27,14 +27,14 @@ pub mod kind {
     pub const REPLY: u16 = 4;
     /// The sender withdrew its DATA request `req_id` (its endpoint closed, its device reset):
     /// a message of it still held at the receiver is dropped, unanswered.
-    pub const CANCEL: u16 = 16;
+    pub const CANCEL: u16 = 32;
     /// An endpoint (or every endpoint of a device) of the sender is gone: receives directed at
     /// it fail PEER_GONE.
-    pub const EP_GONE: u16 = 17;
+    pub const EP_GONE: u16 = 33;
     /// Is this endpoint of the receiving host open? (ADDR_CHECK, directed receives.)
-    pub const ADDR_QUERY: u16 = 18;
+    pub const ADDR_QUERY: u16 = 34;
     /// The answer to an ADDR_QUERY.
-    pub const ADDR_ANSWER: u16 = 19;
+    pub const ADDR_ANSWER: u16 = 35;
 }
 
 /// `ep` of an EP_GONE that names every endpoint of its device (a reset or disconnection).
