@@ -884,6 +884,37 @@ fn under_valgrind(bin: &Path, arg: &str, devices: u32, ok_line: &str) {
     assert!(String::from_utf8_lossy(&o.stdout).contains(ok_line));
 }
 
+fn mr_cache_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| compile_c("vf_mr_cache_test"))
+}
+
+/// The registration cache and its monitors (tests/c/vf_mr_cache_test.c): repeated
+/// registrations hit (counted through `FI_VFABRIC_MR_CACHE_OPS_V1`); an unmapped and remapped
+/// buffer is never served from the stale registration (data checked both ways); an imported
+/// `fid_mem_monitor`'s subscribe/unsubscribe match the cache and its notify invalidates; the
+/// `FI_VFABRIC_MR_CACHE_MAX_*` bounds hold.
+#[test]
+fn c_mr_cache() {
+    let d = DaemonProcess::start(1, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    for part in ["hits", "unmap", "import", "bounded"] {
+        let o = run_with_timeout(
+            fi_cmd(mr_cache_binary(), &socks).arg(part),
+            Duration::from_secs(60),
+        );
+        assert!(o.status.success(), "{part}: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{part}: ok")));
+    }
+}
+
+/// The imported monitor's path under memcheck (the default monitor's userfaultfd is not
+/// something valgrind knows).
+#[test]
+fn c_mr_cache_under_valgrind() {
+    under_valgrind(mr_cache_binary(), "import", 1, "import: ok");
+}
+
 #[test]
 fn c_vendor_ops_under_valgrind() {
     under_valgrind(ext_test_binary(), "", 1, "ext: ok");

@@ -826,7 +826,17 @@ fn mr_create(
         // One plain range (no counters, no persistence): through the registration cache.
         if iov.len() == 1 && !rma_event && attr.pmem.is_none() {
             return match d.mr_cache.register(addr, len, access, Some(attr)) {
-                Ok(h) => new_mr(d, h.key().unwrap_or(0), addr, len, access, None, Some(h), mr, context),
+                Ok(h) => new_mr(
+                    d,
+                    h.key().unwrap_or(0),
+                    addr,
+                    len,
+                    access,
+                    None,
+                    Some(h),
+                    mr,
+                    context,
+                ),
                 Err(e) => -e,
             };
         }

@@ -70,8 +70,10 @@ static NOTIFY_OPS: FiOpsMemNotify = FiOpsMemNotify {
     notify: Some(notify),
 };
 
-/// Imported monitors and the caches that use each (a monitor may serve several domains).
-static IMPORTS: Mutex<Vec<(SendPtr<FidMemMonitor>, Vec<Weak<MrCache>>)>> = Mutex::new(Vec::new());
+/// An imported monitor and the caches that use it (a monitor may serve several domains).
+type Import = (SendPtr<FidMemMonitor>, Vec<Weak<MrCache>>);
+
+static IMPORTS: Mutex<Vec<Import>> = Mutex::new(Vec::new());
 
 /// A consumer's monitor as one cache uses it.
 pub struct Imported(SendPtr<FidMemMonitor>);
@@ -410,7 +412,8 @@ impl Uffd {
                 _ => break,
             };
             for m in buf[..n].chunks_exact(MSG_LEN) {
-                let word = |k: usize| u64::from_ne_bytes(m[8 + 8 * k..16 + 8 * k].try_into().unwrap());
+                let word =
+                    |k: usize| u64::from_ne_bytes(m[8 + 8 * k..16 + 8 * k].try_into().unwrap());
                 match m[0] {
                     // arg.remove: start, end.
                     UFFD_EVENT_UNMAP => gone.push((word(0) as usize, word(1) as usize)),

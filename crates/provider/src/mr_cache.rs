@@ -372,7 +372,10 @@ impl MrCache {
                 // SAFETY: libfabric's registration contract: the buffer stays valid while
                 // registered (the device reaches it by cross-memory attach); a cached region
                 // outlives the MR only while its monitor watches the memory.
-                match unsafe { self.dom.register_raw_iov(&[(addr as *const u8, len)], &attr) } {
+                match unsafe {
+                    self.dom
+                        .register_raw_iov(&[(addr as *const u8, len)], &attr)
+                } {
                     Ok(r) => reg.region = Some(r),
                     Err(e) => return Err(errno_of(&e, sys::fi_log_subsys_FI_LOG_MR)),
                 }
