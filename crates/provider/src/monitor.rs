@@ -172,8 +172,12 @@ pub unsafe extern "C" fn domain_bind(fid: *mut sys::fid, bfid: *mut sys::fid, fl
             return -fi::EINVAL;
         }
         let cache = &d.mr_cache;
-        let mut g = IMPORTS.lock().unwrap_or_else(|e| e.into_inner());
-        let first = !g.iter().any(|(p, _)| p.0 == m);
+        // No lock is held across the consumer's callbacks (they may call notify).
+        let first = !IMPORTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(p, _)| p.0 == m);
         if first {
             if let Some(start) = o.start {
                 // SAFETY: the consumer's callback with its own monitor.
@@ -194,6 +198,7 @@ pub unsafe extern "C" fn domain_bind(fid: *mut sys::fid, bfid: *mut sys::fid, fl
         }
         // SAFETY: the provider fills `import_ops` (fi_ext.h); the consumer reads it afterwards.
         unsafe { (*m).import_ops = (&NOTIFY_OPS as *const FiOpsMemNotify).cast_mut() };
+        let mut g = IMPORTS.lock().unwrap_or_else(|e| e.into_inner());
         match g.iter_mut().find(|(p, _)| p.0 == m) {
             Some((_, v)) => v.push(Arc::downgrade(cache)),
             None => g.push((SendPtr(m), vec![Arc::downgrade(cache)])),
