@@ -239,8 +239,10 @@ impl Domain {
     /// * After `fork()` parent and child share these pages (no copy-on-write), including any
     ///   allocator metadata on them.
     /// * If the application unmaps the pages (e.g. `free` of a large allocation), the device
-    ///   keeps its mapping of the old memfd; sharing whatever is mapped there later moves it
-    ///   afresh.
+    ///   keeps its mapping of the old memfd: call [`Domain::unshare_raw`] first (the provider
+    ///   does when the registration goes or its memory monitor reports the unmap), or a new
+    ///   mapping at that address is served from the old pages. After that, a new mapping there
+    ///   cannot be shared with this session (refused; it works through bounce buffers).
     pub fn share_raw(&self, ptr: *const u8, len: usize) -> Result<()> {
         self.inner.share_external(ptr as usize, len)
     }

@@ -823,8 +823,9 @@ fn mr_create(
                 offset: *offset,
             }),
         };
-        // One plain range (no counters, no persistence): through the registration cache.
-        if iov.len() == 1 && !rma_event && attr.pmem.is_none() {
+        // One plain range with a provider key (no counters, no persistence; a cached
+        // application key would stay taken): through the registration cache.
+        if iov.len() == 1 && !rma_event && attr.pmem.is_none() && attr.requested_key.is_none() {
             return match d.mr_cache.register(addr, len, access, Some(attr)) {
                 Ok(h) => new_mr(
                     d,

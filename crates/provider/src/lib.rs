@@ -15,7 +15,9 @@
 //! `domain` (domain, AV, MR, CQ, counter), `ep` (endpoints: msg/tagged tables; the collective
 //! table is `-FI_ENOSYS`), `rma` (RMA and atomic tables), `cm` (FI_EP_MSG: passive endpoints and the connection
 //! handshake), `multirecv` (FI_MULTI_RECV emulation), `ext` (`fi_open_ops` extensions of
-//! `include/fi_vfabric.h`), `util` (stubs, guards, logging).
+//! `include/fi_vfabric.h`), `mr_cache` (the registration cache), `monitor` (its memory
+//! monitors: userfaultfd, or the consumer's imported `fid_mem_monitor`), `util` (stubs, guards,
+//! logging).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 

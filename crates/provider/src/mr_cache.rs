@@ -9,9 +9,9 @@
 //! that an application registering the same buffers again and again pays once:
 //!
 //! * A local registration (no remote access) hits an entry with the same access flags whose
-//!   range contains it. A registration with remote access hits only an entry of the same
-//!   range, access and requested key: a larger region would let peers reach bytes the
-//!   application did not register.
+//!   range contains it. A registration with remote access (provider keys only: a cached
+//!   application key would stay taken) hits only an entry of the same range and access: a
+//!   larger region would let peers reach bytes the application did not register.
 //! * Entries are reference counted (an `fi_mr_reg` hit and the MR it returns share one
 //!   registration); unused entries are evicted least recently used first when an insertion
 //!   would pass `FI_VFABRIC_MR_CACHE_MAX_COUNT` entries or `FI_VFABRIC_MR_CACHE_MAX_SIZE`
