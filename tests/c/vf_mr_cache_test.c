@@ -12,9 +12,10 @@
  *            invalidates (also end to end after an unmap, which only notify reports).
  *   bounded  FI_VFABRIC_MR_CACHE_MAX_COUNT/MAX_SIZE bound the cache: LRU eviction of unused
  *            entries, in-use registrations beyond the bound are not cached.
- * No argument runs them all. Prints "mr cache: ok".
+ * No argument runs them all. Prints "mr cache: ok". "bench" measures (docs/perf.md).
  */
 #include <stdbool.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #include <rdma/fi_ext.h>
@@ -411,9 +412,47 @@ static void test_bounded(void)
 	printf("bounded: ok\n");
 }
 
+static int cmp_ns(const void *a, const void *b)
+{
+	long x = *(const long *)a, y = *(const long *)b;
+	return (x > y) - (x < y);
+}
+
+/* Not a test: median cost of fi_mr_reg + fi_close of the same 1 MiB buffer, local (shared with
+ * the device) and for remote access (docs/perf.md runs it with the cache on and off). */
+static void bench(void)
+{
+	enum { ROUNDS = 201, LEN = 1 << 20 };
+	static long ns[ROUNDS];
+	struct rdm r;
+	rdm_open_domain_with(&r, FI_MSG | FI_RMA, LOCAL);
+	char *buf = map(LEN);
+	memset(buf, 1, LEN);
+	const uint64_t acc[2] = { FI_SEND | FI_RECV, FI_REMOTE_READ | FI_REMOTE_WRITE };
+	for (int k = 0; k < 2; k++) {
+		for (int i = 0; i < ROUNDS; i++) {
+			struct timespec a, b;
+			clock_gettime(CLOCK_MONOTONIC, &a);
+			OK(fi_close(&reg(&r, buf, LEN, acc[k])->fid));
+			clock_gettime(CLOCK_MONOTONIC, &b);
+			ns[i] = (b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec);
+		}
+		qsort(ns, ROUNDS, sizeof(ns[0]), cmp_ns);
+		printf("bench %s: median %.2f us\n", k ? "remote" : "local", ns[ROUNDS / 2] / 1000.0);
+	}
+	munmap(buf, LEN);
+	fi_close(&r.domain->fid);
+	fi_close(&r.fabric->fid);
+	fi_freeinfo(r.info);
+}
+
 int main(int argc, char **argv)
 {
 	const char *which = argc > 1 ? argv[1] : "";
+	if (!strcmp(which, "bench")) {
+		bench();
+		return 0;
+	}
 	bool all = !*which;
 	if (all || !strcmp(which, "hits"))
 		test_hits();

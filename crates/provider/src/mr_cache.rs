@@ -291,7 +291,8 @@ impl MrCache {
                 });
             }
             // The consumer's monitor says the memory changed: drop the entry, look again.
-            self.remove_where(|r| Arc::ptr_eq(r, &reg), true);
+            let n = self.remove_where(|r| Arc::ptr_eq(r, &reg), true);
+            self.invalidations.fetch_add(n as u64, Ordering::Relaxed);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let reg = Arc::new(self.do_register(addr, len, access, requested, remote)?);
