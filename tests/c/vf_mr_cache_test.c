@@ -188,12 +188,21 @@ static void remap_and_check(struct rdm *r, fi_addr_t me, char *at, struct fid_me
 static void test_unmap(void)
 {
 	struct rdm r;
-	rdm_open_domain_with(&r, FI_MSG, LOCAL);
+	rdm_open_domain_with(&r, FI_MSG | FI_RMA, LOCAL);
 	rdm_open_ep(&r);
 	fi_addr_t me = rdm_self(&r);
 	char *at = map(BIG);
 	remap_and_check(&r, me, at, NULL);
 	munmap(at, BIG);
+	/* A cached region for remote access goes with its memory too (deregistered from the
+	 * monitor's thread), also when freed through the allocator. */
+	char *heap = malloc(4 << 20);
+	CHECK(heap);
+	OK(fi_close(&reg(&r, heap, 4 << 20, FI_REMOTE_READ)->fid));
+	struct fi_vfabric_mr_cache_stats s = stats(&r);
+	CHECK(s.entries == 1);
+	free(heap); /* glibc gives a 4 MiB block back with munmap */
+	CHECK(stats(&r).entries == 0 && stats(&r).invalidations == s.invalidations + 1);
 	rdm_close(&r);
 	printf("unmap: ok\n");
 }
