@@ -96,11 +96,15 @@ fn fi_info_lists_the_devices() {
     // Parameters are listed (fi_info -e) and FI_LOG_LEVEL reaches the provider's logging.
     let o = run_with_timeout(fi_cmd("fi_info", &socks).arg("-e"), Duration::from_secs(30));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        s.contains("FI_VFABRIC_DEVICES") && s.contains("FI_VFABRIC_MEM_MB"),
-        "{}",
-        text(&o)
-    );
+    for var in [
+        "FI_VFABRIC_DEVICES",
+        "FI_VFABRIC_MEM_MB",
+        "FI_VFABRIC_MR_CACHE_MAX_COUNT",
+        "FI_VFABRIC_MR_CACHE_MAX_SIZE",
+        "FI_VFABRIC_MR_CACHE_MONITOR",
+    ] {
+        assert!(s.contains(var), "{var}: {}", text(&o));
+    }
     let o = run_with_timeout(
         fi_cmd("fi_info", &socks)
             .args(["-p", "vfabric", "-d", "no-such-domain"])
