@@ -168,7 +168,7 @@ impl MrCache {
         let max_count = crate::param_size(c"mr_cache_max_count").unwrap_or(DEFAULT_MAX_COUNT);
         let max_size = crate::param_size(c"mr_cache_max_size").unwrap_or(DEFAULT_MAX_SIZE);
         let mon = match crate::param_str(c"mr_cache_monitor").as_deref() {
-            None | Some("userfaultfd") | Some("uffd") => MonState::Default,
+            None | Some("userfaultfd") => MonState::Default,
             Some("disabled") => MonState::Off,
             Some(other) => {
                 crate::util::warn(
