@@ -276,6 +276,59 @@ pub fn host_of(info: &vfabric::Info, ip: IpAddr) -> Option<u16> {
     is_local(ip).then_some((info.node_addr >> 16) as u16)
 }
 
+/// What the devices this process probed or opened said about their fabric's hosts, by fabric
+/// id: this host's id and the `HOST_ADDRS` entries (empty on one host). Names of endpoints of
+/// other hosts (`fi_getpeer`, a CONNREQ's `dest_addr`) and of our own endpoints, as other
+/// hosts must read them, come from here.
+static HOSTS: std::sync::Mutex<Vec<(u32, u16, Vec<vfabric::proto::caps::HostAddrEntry>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Remember the hosts of `info`'s fabric (called for every device probed or opened).
+pub fn note_hosts(info: &vfabric::Info) {
+    let fabric = (info.node_addr >> 32) as u32;
+    let host = (info.node_addr >> 16) as u16;
+    let mut g = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+    g.retain(|(f, _, _)| *f != fabric);
+    g.push((fabric, host, info.host_addrs.clone()));
+}
+
+/// The host address other hosts know `native`'s host by, in the family of `like` (IPv4
+/// first), if its fabric has several hosts; `local` says whether that is this host.
+fn uplink_ip(native: FabricAddr, like: Option<IpAddr>) -> Option<(IpAddr, bool)> {
+    let g = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, this_host, entries) = g.iter().find(|(f, _, _)| *f == native.fabric())?;
+    let mine: Vec<IpAddr> = entries
+        .iter()
+        .filter(|e| e.host_id == native.host())
+        .map(|e| e.addr)
+        .collect();
+    let v6 = matches!(like, Some(IpAddr::V6(_)));
+    let ip = mine
+        .iter()
+        .find(|a| a.is_ipv6() == v6)
+        .or_else(|| mine.first())
+        .copied()?;
+    let ip = match ip {
+        IpAddr::V4(v4) if v6 => IpAddr::V6(v4.to_ipv6_mapped()),
+        ip => ip,
+    };
+    Some((ip, native.host() == *this_host))
+}
+
+/// The host address endpoint `native`, bound to `service`, is named by: with several hosts,
+/// its host's uplink address (an address that names the same host on every host of the
+/// fabric: loopback names each reader's own host), unless it is one of ours and `like` (the
+/// source address it was created with) names one interface of this machine; on one host,
+/// [`local_name`].
+pub fn name_of(like: Option<IpAddr>, native: FabricAddr, service: u16) -> SocketAddr {
+    let specific = like.filter(|ip| !ip.is_unspecified() && !ip.is_loopback());
+    match uplink_ip(native, like) {
+        Some((_, true)) if specific.is_some() => local_name(like, service),
+        Some((ip, _)) => SocketAddr::new(ip, service),
+        None => local_name(like, service),
+    }
+}
+
 /// The addresses of this machine's interfaces.
 fn interface_addrs() -> Vec<IpAddr> {
     let mut out = Vec::new();
@@ -325,7 +378,8 @@ pub fn local_name(like: Option<IpAddr>, service: u16) -> SocketAddr {
 
 /// The device endpoint `a` names, resolving a host address through `dom`'s device.
 /// `-FI_EADDRNOTAVAIL` if the address names no host of the fabric or no endpoint is bound to
-/// the service; `-FI_ENOSYS` for a service of another host (resolution is local-only).
+/// the service; `-FI_EHOSTUNREACH` if the host is another one that is down or does not answer
+/// (its device is asked through the uplink, within the peer timeout).
 pub fn resolve(dom: &vfabric::Domain, a: &Addr) -> Result<FabricAddr, i32> {
     match a {
         Addr::Native(n) => Ok(*n),
@@ -338,7 +392,6 @@ pub fn resolve(dom: &vfabric::Domain, a: &Addr) -> Result<FabricAddr, i32> {
                 return Err(fi::EADDRNOTAVAIL);
             }
             let host = FabricAddr::node_of((info.node_addr >> 32) as u32, host_id, 0);
-            // Another host's services: the device answers UNSUPPORTED (-FI_ENOSYS).
             match dom.resolve_service(host, s.port()) {
                 Ok(Some(n)) => Ok(n),
                 Ok(None) => Err(fi::EADDRNOTAVAIL),

@@ -801,7 +801,7 @@ fn services_refuse_bad_input() {
     assert_eq!(svc_bind(&mut w, 0, a, u64::MAX).0, Status::Invalid);
     let ghost = FabricAddr::new(a.node, 77, 1);
     assert_eq!(svc_bind(&mut w, 0, ghost, 5).0, Status::BadEndpoint);
-    // Resolve: service 0 or out of range, another fabric, another host (local-only).
+    // Resolve: service 0 or out of range, another fabric, another host that is no peer.
     assert_eq!(svc_resolve(&mut w, 0, host, 0).0, Status::Invalid);
     assert_eq!(svc_resolve(&mut w, 0, host, 70000).0, Status::Invalid);
     let other_fabric = FabricAddr::node_of(TEST_FABRIC + 1, a.host(), 0);
@@ -811,7 +811,10 @@ fn services_refuse_bad_input() {
     );
     // Another host that is no uplink peer is no host of the fabric.
     let other_host = FabricAddr::node_of(TEST_FABRIC, a.host() + 2, 0);
-    assert_eq!(svc_resolve(&mut w, 0, other_host, 5).0, Status::AddrNotAvail);
+    assert_eq!(
+        svc_resolve(&mut w, 0, other_host, 5).0,
+        Status::AddrNotAvail
+    );
     assert_eq!(svc_resolve(&mut w, 0, host, 5).0, Status::AddrNotAvail);
 }
 

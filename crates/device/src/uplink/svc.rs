@@ -262,7 +262,11 @@ impl Worker {
             .get(&req_id)
             .is_some_and(|w| w.host == host_id)
         {
-            return debug!(req_id, host = host_id, "uplink: an answer to no query of ours");
+            return debug!(
+                req_id,
+                host = host_id,
+                "uplink: an answer to no query of ours"
+            );
         }
         let Some(w) = self.svc.waiting.remove(&req_id) else {
             return;
@@ -275,7 +279,11 @@ impl Worker {
             .map_or(0, |p| p.num_devices);
         let result = match found {
             Ok(f) if f.dev >= devices => {
-                warn!(host = host_id, dev = f.dev, "uplink: an answer naming no device of its host");
+                warn!(
+                    host = host_id,
+                    dev = f.dev,
+                    "uplink: an answer naming no device of its host"
+                );
                 Err(Status::Invalid)
             }
             Ok(f) => Ok((
