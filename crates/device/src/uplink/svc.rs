@@ -256,11 +256,11 @@ impl Worker {
             Err(Stale::Down) => return debug!(host = host_id, "uplink: a stale answer dropped"),
             Err(Stale::Refused(why)) => return warn!("uplink: refusing an answer: {why}"),
         }
-        if !self
+        if self
             .svc
             .waiting
             .get(&req_id)
-            .is_some_and(|w| w.host == host_id)
+            .is_none_or(|w| w.host != host_id)
         {
             return debug!(
                 req_id,
