@@ -1434,25 +1434,33 @@ fn c_client_server_by_ip_and_port_across_hosts() {
     addr_client_server(&t, "msg", "9230");
 }
 
-/// A service of a host that is down fails -FI_EHOSTUNREACH at once (logged as such; the RDM
-/// client of vf_addr_test retries, so it is cut short here), and once the host's daemon is
-/// back, its services resolve again without restarting anyone else.
+/// A service nobody bound on another host is not found there (-FI_EADDRNOTAVAIL); one of a
+/// host that is down fails -FI_EHOSTUNREACH at once (each logged as such; the RDM client of
+/// vf_addr_test retries, so it is cut short here); once the host's daemon is back, its
+/// services resolve again without restarting anyone else.
 #[test]
 fn c_services_of_a_lost_host_fail_host_unreachable_until_it_returns() {
     let Some(mut t) = TwoHosts::start() else {
         return;
     };
+    let client = |t: &TwoHosts, secs: u32| {
+        let o = run_with_timeout(
+            fi_on(&t.lan, 0, &[&t.d[0].sockets[0]], secs, addr_test_binary())
+                .env("FI_LOG_LEVEL", "warn")
+                .env("VF_PEER_IP", Lan::addr(1))
+                .args(["rdm-client", &Lan::addr(1), "9228"]),
+            Duration::from_secs(30),
+        );
+        assert!(!o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    // Host 2 is up but nothing is bound to the service: host 2's device says so.
+    let out = client(&t, 4);
+    assert!(out.contains("nothing bound to it"), "{out}");
+    assert!(!out.contains("is down or did not answer"), "{out}");
     drop(t.d.remove(1));
     t.d[0].wait_hosts(&[(2, 2, false)], Duration::from_secs(10));
-    let o = run_with_timeout(
-        fi_on(&t.lan, 0, &[&t.d[0].sockets[0]], 8, addr_test_binary())
-            .env("FI_LOG_LEVEL", "warn")
-            .env("VF_PEER_IP", Lan::addr(1))
-            .args(["rdm-client", &Lan::addr(1), "9228"]),
-        Duration::from_secs(30),
-    );
-    let out = text(&o);
-    assert!(!o.status.success(), "{out}");
+    let out = client(&t, 8);
     // Each attempt is answered (not left to the driver's 10 s control timeout).
     let refusals = out.matches("is down or did not answer").count();
     assert!(refusals >= 2, "{refusals} refusals in 8 s: {out}");
