@@ -2,7 +2,8 @@
 //! Services of other hosts (SVC_RESOLVE, docs/spec.md §6.8.10): a guest's SVC_RESOLVE for a
 //! host that is an uplink peer goes out as SVC_QUERY; the peer looks the service up in its own
 //! table and answers SVC_ANSWER, with which the guest's request completes. A query unanswered
-//! within the peer timeout, or to a peer that is (or goes) down, completes `HostUnreach`.
+//! within the peer timeout (at most 5 s), or to a peer that is (or goes) down, completes
+//! `HostUnreach`.
 //!
 //! ```text
 //! host A: SVC_RESOLVE(host B, 9228) ─▶ uplink A ── SVC_QUERY{req_id, 9228} ──▶ uplink B
@@ -11,7 +12,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use vfabric_proto::{ep_open, ByteValued, FabricAddr, Le16, Le32, Le64, Status};
@@ -20,6 +21,10 @@ use super::wire::{Message, WireError};
 use super::{Outgoing, Stale, Worker};
 use crate::chain::Req;
 use crate::fabric::Port;
+
+/// Longest wait for an answer (the peer timeout, if shorter): well inside the driver's control
+/// timeout (10 s), so the guest hears HostUnreach rather than giving up on the request.
+const MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// Body of SVC_QUERY: 16 bytes.
 #[repr(C)]
@@ -197,7 +202,7 @@ impl Worker {
                 dev: r.dev,
                 port: r.port,
                 req: r.req,
-                deadline: Instant::now() + self.set.timeout,
+                deadline: Instant::now() + self.set.timeout.min(MAX_WAIT),
             },
         );
     }
