@@ -201,6 +201,7 @@ static FABRIC_OF: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
 
 /// Remember the fabric of a probed device.
 pub fn note_fabric(dev: &Info) {
+    crate::addr::note_hosts(dev);
     let mut g = FABRIC_OF.lock().unwrap_or_else(|e| e.into_inner());
     g.get_or_insert_with(HashMap::new)
         .insert(dev.domain_name.clone(), dev.fabric_id);
@@ -577,9 +578,9 @@ fn resolve_error(a: &crate::addr::Addr, errno: i32) -> String {
     let what = crate::addr::to_string(a);
     match errno {
         fi::EADDRNOTAVAIL => format!("{what}: no host of the fabric, or nothing bound to it"),
-        fi::ENOSYS => format!(
-            "{what}: a service of another host (resolution is local-only: use that host's \
-             endpoint addresses)"
+        fi::EHOSTUNREACH => format!(
+            "{what}: a host of the fabric that is down or did not answer (its uplink peer \
+             timeout)"
         ),
         e => format!("{what}: error {e}"),
     }

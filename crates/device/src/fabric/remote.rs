@@ -1009,7 +1009,7 @@ mod tests {
                     status,
                     ..
                 } => Some((host, req_id, status)),
-                Outbound::Send(_) => None,
+                Outbound::Send(_) | Outbound::SvcResolve(_) => None,
             })
             .collect()
     }

@@ -24,6 +24,11 @@ pub mod kind {
     /// The receiving host's verdict on a DATA request: the status its sender completes with
     /// (and, for an RMA read, the bytes read, in chunks).
     pub const REPLY: u16 = 4;
+    /// Which endpoint of the receiving host a service names (`super::svc`). 16 and up: kept
+    /// apart from the data path's kinds.
+    pub const SVC_QUERY: u16 = 16;
+    /// The answer to an SVC_QUERY.
+    pub const SVC_ANSWER: u16 = 17;
 }
 
 /// Flags of a DATA message (any other bit is refused).
@@ -163,6 +168,20 @@ pub enum Message<'a> {
         offset: u64,
         chunk: &'a [u8],
     },
+    /// The endpoint bound to `service` on the receiving host, please (`super::svc`).
+    SvcQuery {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        service: u16,
+    },
+    /// The answer to SVC_QUERY `req_id`: the endpoint, or `AddrNotAvail`.
+    SvcAnswer {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        found: Result<super::svc::Found, Status>,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -193,6 +212,8 @@ pub enum WireError {
     Ranges { count: u32, opcode: u16 },
     #[error("DATA flags {flags:#x} do not apply to opcode {opcode:#x}")]
     FlagsForOpcode { flags: u32, opcode: u16 },
+    #[error("SVC_QUERY for service 0")]
+    Service,
 }
 
 fn header(kind: u16, fabric_id: u32, host_id: u16, body_len: usize) -> Header {
@@ -267,6 +288,36 @@ impl<'a> Message<'a> {
                     .to_vec();
                 v.extend_from_slice(body.as_slice());
                 v.extend_from_slice(chunk);
+                v
+            }
+            Message::SvcQuery {
+                fabric_id,
+                host_id,
+                req_id,
+                service,
+            } => {
+                let body = super::svc::SvcQuery {
+                    req_id: req_id.into(),
+                    service: service.into(),
+                    ..Default::default()
+                };
+                let mut v = header(kind::SVC_QUERY, fabric_id, host_id, body.as_slice().len())
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v
+            }
+            Message::SvcAnswer {
+                fabric_id,
+                host_id,
+                req_id,
+                found,
+            } => {
+                let body = super::svc::answer_body(req_id, &found);
+                let mut v = header(kind::SVC_ANSWER, fabric_id, host_id, body.as_slice().len())
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
                 v
             }
         }
@@ -426,6 +477,24 @@ impl<'a> Message<'a> {
                     total_len: total,
                     offset,
                     chunk,
+                })
+            }
+            kind::SVC_QUERY => {
+                let (req_id, service) = super::svc::parse_query(body)?;
+                Ok(Message::SvcQuery {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id,
+                    service,
+                })
+            }
+            kind::SVC_ANSWER => {
+                let (req_id, found) = super::svc::parse_answer(body)?;
+                Ok(Message::SvcAnswer {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id,
+                    found,
                 })
             }
             k => Err(WireError::Kind(k)),
