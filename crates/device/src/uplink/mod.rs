@@ -17,6 +17,7 @@
 mod fi;
 pub mod peers;
 pub(crate) mod remote;
+mod svc;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -145,6 +146,23 @@ pub fn split_addr(s: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// The outbound form of a guest's SVC_RESOLVE for `service` on peer `host`.
+pub(crate) fn svc_resolve(
+    host: u16,
+    service: u16,
+    dev: usize,
+    port: crate::fabric::Port,
+    req: crate::chain::Req,
+) -> Outbound {
+    Outbound::SvcResolve(Box::new(svc::Resolve {
+        host,
+        service,
+        dev,
+        port,
+        req,
+    }))
+}
+
 /// The running uplink: stopped and joined on drop.
 pub struct Uplink {
     stop: Arc<AtomicBool>,
@@ -215,6 +233,7 @@ impl Uplink {
             asked: HashMap::new(),
             partial: HashMap::new(),
             reply_partial: HashMap::new(),
+            svc: svc::Queries::default(),
             notify: Notify::default(),
             stop: stop.clone(),
         };
@@ -314,6 +333,8 @@ struct Worker {
     partial: HashMap<u16, Partial>,
     /// Per peer, the read reply whose chunks are arriving: (request id, bytes so far).
     reply_partial: HashMap<u16, (u64, Vec<u8>)>,
+    /// Service queries to other hosts waiting for their answer.
+    svc: svc::Queries,
     notify: Notify,
     stop: Arc<AtomicBool>,
 }
@@ -392,6 +413,7 @@ impl Worker {
                 self.host_lost(host);
             }
             self.expire_queries(now);
+            self.svc_expire(None, false);
             // Requests fenced behind ones that completed here may start now.
             self.fabric.remote_unfence(&mut self.notify);
             self.notify.flush();
@@ -421,7 +443,15 @@ impl Worker {
             );
         }
         for m in queued {
-            if let Outbound::Send(s) = m {
+            if let Outbound::SvcResolve(r) = m {
+                self.fabric.complete_svc_resolve(
+                    r.dev,
+                    &r.port,
+                    &r.req,
+                    Err(Status::HostUnreach),
+                    &mut self.notify,
+                );
+            } else if let Outbound::Send(s) = m {
                 self.outbox.finished((s.dev, s.req.req.ep, s.host), s.len);
                 self.fabric.complete_remote(
                     s.dev,
@@ -438,6 +468,7 @@ impl Worker {
         for h in hosts {
             self.host_lost(h);
         }
+        self.svc_expire(None, true);
         self.notify.flush();
     }
 
@@ -629,6 +660,7 @@ impl Worker {
                         self.queue_to(host, dest, bytes.clone());
                     }
                 }
+                Outbound::SvcResolve(r) => self.svc_out(*r),
             }
         }
         idle
@@ -731,6 +763,7 @@ impl Worker {
         self.outbox.forget(|a| a.host() == host);
         self.backlog.retain(|o| o.host != host);
         self.reply_partial.remove(&host);
+        self.svc_expire(Some(host), false);
         let mut dropped = self.fabric.purge_remote(host, &mut self.notify);
         if let Some(p) = self.partial.remove(&host).filter(|p| !p.refused) {
             dropped.push(p.req_id);
@@ -886,6 +919,18 @@ impl Worker {
                 }
                 self.reply_chunk(host_id, req_id, status, total_len, offset, chunk);
             }
+            Message::SvcQuery {
+                fabric_id,
+                host_id,
+                req_id,
+                service,
+            } => self.svc_query_in(src, fabric_id, host_id, req_id, service),
+            Message::SvcAnswer {
+                fabric_id,
+                host_id,
+                req_id,
+                found,
+            } => self.svc_answer_in(src, fabric_id, host_id, req_id, found),
             Message::Cancel {
                 fabric_id,
                 host_id,

@@ -92,6 +92,8 @@ pub(crate) enum Outbound {
         status: Status,
         bytes: Vec<u8>,
     },
+    /// A guest's SVC_RESOLVE for a service of another host.
+    SvcResolve(Box<super::svc::Resolve>),
 }
 
 /// Whether a request of `opcode` gets bytes back with its verdict (RMA read, fetching

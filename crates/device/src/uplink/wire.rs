@@ -35,6 +35,11 @@ pub mod kind {
     pub const ADDR_QUERY: u16 = 34;
     /// The answer to an ADDR_QUERY.
     pub const ADDR_ANSWER: u16 = 35;
+    /// Which endpoint of the receiving host a service names (`super::svc`). 16 and up: kept
+    /// apart from the data path's kinds.
+    pub const SVC_QUERY: u16 = 16;
+    /// The answer to an SVC_QUERY.
+    pub const SVC_ANSWER: u16 = 17;
 }
 
 /// `ep` of an EP_GONE that names every endpoint of its device (a reset or disconnection).
@@ -238,6 +243,20 @@ pub enum Message<'a> {
         req_id: u64,
         open: bool,
     },
+    /// The endpoint bound to `service` on the receiving host, please (`super::svc`).
+    SvcQuery {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        service: u16,
+    },
+    /// The answer to SVC_QUERY `req_id`: the endpoint, or `AddrNotAvail`.
+    SvcAnswer {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        found: Result<super::svc::Found, Status>,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -270,6 +289,8 @@ pub enum WireError {
     FlagsForOpcode { flags: u32, opcode: u16 },
     #[error("endpoint state {0} unknown")]
     State(u16),
+    #[error("SVC_QUERY for service 0")]
+    Service,
 }
 
 fn header(kind: u16, fabric_id: u32, host_id: u16, body_len: usize) -> Header {
@@ -387,6 +408,36 @@ impl<'a> Message<'a> {
             } => {
                 let body = ep_state(req_id, 0, u16::from(open), 0, 0);
                 with_body(kind::ADDR_ANSWER, fabric_id, host_id, body.as_slice())
+            }
+            Message::SvcQuery {
+                fabric_id,
+                host_id,
+                req_id,
+                service,
+            } => {
+                let body = super::svc::SvcQuery {
+                    req_id: req_id.into(),
+                    service: service.into(),
+                    ..Default::default()
+                };
+                let mut v = header(kind::SVC_QUERY, fabric_id, host_id, body.as_slice().len())
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v
+            }
+            Message::SvcAnswer {
+                fabric_id,
+                host_id,
+                req_id,
+                found,
+            } => {
+                let body = super::svc::answer_body(req_id, &found);
+                let mut v = header(kind::SVC_ANSWER, fabric_id, host_id, body.as_slice().len())
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v
             }
         }
     }
@@ -599,6 +650,24 @@ impl<'a> Message<'a> {
                         req_id: e.req_id.into(),
                         open: flag,
                     },
+                })
+            }
+            kind::SVC_QUERY => {
+                let (req_id, service) = super::svc::parse_query(body)?;
+                Ok(Message::SvcQuery {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id,
+                    service,
+                })
+            }
+            kind::SVC_ANSWER => {
+                let (req_id, found) = super::svc::parse_answer(body)?;
+                Ok(Message::SvcAnswer {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id,
+                    found,
                 })
             }
             k => Err(WireError::Kind(k)),
