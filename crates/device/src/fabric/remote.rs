@@ -1421,6 +1421,20 @@ mod tests {
         assert_eq!(w.status(&flush), Some(Status::Canceled));
         assert_eq!(w.status(&check), Some(Status::Canceled));
         assert!(!w.fabric.outbox.busy((0, a.ep, 2)), "reservations released");
+
+        // A reset whose rings are gone (RESET_DEVICE, disconnection): forgotten, not completed,
+        // and the target is still told.
+        let c = w.open(0, RDM);
+        let lost = w.send(0, c, there, None, 0, 7, b"lost");
+        let (_, ids) = outgoing(&w);
+        let mut n = Notify::default();
+        w.fabric.reset(0, Teardown::Silent, &mut n);
+        drop(n);
+        assert!(w.result(&lost).is_none(), "no completion into a gone ring");
+        let (cancels, _) = outgoing(&w);
+        assert_eq!(cancels, vec![(2, ids[0])]);
+        assert!(w.fabric.outbox.take_pending(ids[0], None).is_none());
+        assert!(!w.fabric.outbox.busy((0, c.ep, 2)));
     }
 
     #[test]
