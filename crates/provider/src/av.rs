@@ -92,9 +92,9 @@ fn resolve_error(a: &Addr, errno: i32) -> String {
     let what = crate::addr::to_string(a);
     match errno {
         fi::EADDRNOTAVAIL => format!("{what}: no host of the fabric, or nothing bound to it"),
-        fi::ENOSYS => format!(
-            "{what}: a service of another host (resolution is local-only: use that host's \
-             endpoint addresses)"
+        fi::EHOSTUNREACH => format!(
+            "{what}: a host of the fabric that is down or did not answer (its uplink peer \
+             timeout)"
         ),
         e => format!("{what}: error {e}"),
     }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vfabric::{fi, DeviceLocator, Domain, DomainAttr, Info};
@@ -44,6 +44,8 @@ pub struct DomainObj {
     /// Peers are watched: not for a domain opened for DGRAM endpoints, whose peers come and go
     /// without a connection (a datagram peer's exit is no error).
     watch_peers: bool,
+    /// The registration cache (crate::mr_cache) and its memory monitor.
+    pub mr_cache: Arc<crate::mr_cache::MrCache>,
     pub refs: Refs,
 }
 
@@ -60,8 +62,20 @@ impl DomainObj {
     }
 }
 
-fid_object!(DomainObj, FI_CLASS_DOMAIN, refs: refs, closing: |d: &DomainObj| release(&d.info.device),
-    fi_ops { ops_open: crate::ext::domain_ops_open, ops_set: crate::ext::domain_ops_set });
+fid_object!(DomainObj, FI_CLASS_DOMAIN, refs: refs, closing: DomainObj::closing_session,
+fi_ops {
+    bind: crate::monitor::domain_bind,
+    ops_open: crate::ext::domain_ops_open,
+    ops_set: crate::ext::domain_ops_set,
+});
+
+impl DomainObj {
+    /// Before the domain goes: its registration cache, then its share of the device session.
+    fn closing_session(&self) {
+        self.mr_cache.close();
+        release(&self.info.device);
+    }
+}
 
 ops_table!(DOMAIN_OPS: fi_ops_domain {
     av_open = crate::av::av_open,
@@ -114,7 +128,7 @@ pub unsafe extern "C" fn domain_open(
             },
             // SAFETY: the fabric refuses to close while this count is held.
             _fabric: unsafe { ParentRef::new(&f.refs) },
-            dom: d,
+            dom: d.clone(),
             info: dev,
             av_type: da.av_type,
             mr_mode: da.mr_mode,
@@ -130,6 +144,7 @@ pub unsafe extern "C" fn domain_open(
             // SAFETY: `ep_attr` is NULL or valid in the consumer's fi_info.
             watch_peers: unsafe { i.ep_attr.as_ref() }
                 .is_none_or(|ep| ep.type_ != sys::fi_ep_type_FI_EP_DGRAM),
+            mr_cache: crate::mr_cache::MrCache::new(d.clone()),
             refs: Refs::default(),
         })
     })
@@ -145,6 +160,7 @@ static FABRIC_OF: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
 
 /// Remember the fabric of a probed device.
 pub fn note_fabric(dev: &Info) {
+    crate::addr::note_hosts(dev);
     let mut g = FABRIC_OF.lock().unwrap_or_else(|e| e.into_inner());
     g.get_or_insert_with(HashMap::new)
         .insert(dev.domain_name.clone(), dev.fabric_id);

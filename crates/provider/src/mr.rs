@@ -17,10 +17,6 @@ use crate::util::{
     check, ffi_fns, fid_object, ops_table, slice, FidObject, OrErrno, ParentRef, Res,
 };
 
-/// Local registrations (FI_MR_LOCAL) from this size up are shared with the device: below it a
-/// bounce copy costs less than moving the pages.
-const SHARE_LOCAL_MIN: usize = 64 << 10;
-
 /// `fid_mr`.
 #[repr(C)]
 pub struct MrObj {
@@ -31,6 +27,8 @@ pub struct MrObj {
     pub access: u64,
     /// The device registration of a region with remote access.
     pub region: Option<vfabric::MemoryRegion>,
+    /// The registration from the domain's cache (crate::mr_cache) the MR stands on.
+    cached: Option<crate::mr_cache::Handle>,
     /// Device memory (a non-system iface): reached only through the consumer's copy functions;
     /// the domain that knows its range.
     pub hmem: Option<crate::hmem::Hmem>,
@@ -94,7 +92,7 @@ pub fn mr_create(
     let prov_key = d.mr_mode & sys::FI_MR_PROV_KEY as i32 != 0
         || d.mr_mode == sys::fi_mr_mode_FI_MR_BASIC as i32;
     let (addr, len) = iov.first().copied().unwrap_or((0, 0));
-    let (key, region) = if remote || rma_event {
+    let (key, region, cached) = if remote || rma_event {
         check(!iov.iter().any(|&(p, l)| p == 0 && l > 0))?;
         // FI_RMA_PMEM: the buffer must be a shared mapping of a file, which the device
         // persists (held open until the device has its own handle).
@@ -122,12 +120,21 @@ pub fn mr_create(
                 offset: *offset,
             }),
         };
-        let segs: Vec<(*const u8, usize)> = iov.iter().map(|&(p, l)| (p as *const u8, l)).collect();
-        // SAFETY: libfabric's registration contract: the buffers stay valid while registered
-        // (the device reaches them by cross-memory attach, see `Domain::register_external`).
-        let r = unsafe { d.dom.register_raw_iov(&segs, &attr) }
-            .or_errno(sys::fi_log_subsys_FI_LOG_MR)?;
-        (r.key(), Some(r))
+        // One plain range with a provider key (no counters, no persistence; a cached
+        // application key would stay taken): through the registration cache.
+        if iov.len() == 1 && !rma_event && attr.pmem.is_none() && attr.requested_key.is_none() {
+            let h = d.mr_cache.register(addr, len, access, Some(attr))?;
+            (h.key().unwrap_or(0), None, Some(h))
+        } else {
+            let segs: Vec<(*const u8, usize)> =
+                iov.iter().map(|&(p, l)| (p as *const u8, l)).collect();
+            // SAFETY: libfabric's registration contract: the buffers stay valid while
+            // registered (the device reaches them by cross-memory attach, see
+            // `Domain::register_external`).
+            let r = unsafe { d.dom.register_raw_iov(&segs, &attr) }
+                .or_errno(sys::fi_log_subsys_FI_LOG_MR)?;
+            (r.key(), Some(r), None)
+        }
     } else {
         check(iov.len() <= 1)?;
         let key = if prov_key {
@@ -136,18 +143,19 @@ pub fn mr_create(
             requested_key
         };
         // A large local registration under FI_MR_LOCAL: share the buffer with the device so
-        // that sends and receives on it skip the bounce buffers. Memory that cannot be shared
-        // (file-backed, stack, ...) keeps working through the bounce buffers.
-        let host = hmem.is_none();
-        if host && d.mr_mode & sys::FI_MR_LOCAL as i32 != 0 && len >= SHARE_LOCAL_MIN && addr != 0 {
-            if let Err(e) = d.dom.share_raw(addr as *const u8, len) {
-                crate::util::debug(
-                    sys::fi_log_subsys_FI_LOG_MR,
-                    &format!("local registration stays bounced: {e}"),
-                );
-            }
-        }
-        (key, None)
+        // that sends and receives on it skip the bounce buffers (through the registration
+        // cache, which also takes the pages back when the registration goes). Never device
+        // memory (FI_HMEM).
+        let cached = if hmem.is_none()
+            && d.mr_mode & sys::FI_MR_LOCAL as i32 != 0
+            && len >= crate::mr_cache::SHARE_LOCAL_MIN
+            && addr != 0
+        {
+            Some(d.mr_cache.register(addr, len, access, None)?)
+        } else {
+            None
+        };
+        (key, None, cached)
     };
     Ok(MrObj {
         fid: sys::fid_mr {
@@ -161,6 +169,7 @@ pub fn mr_create(
         len,
         access,
         region,
+        cached,
         hmem,
         domain: d,
         bound: Mutex::new(Vec::new()),
