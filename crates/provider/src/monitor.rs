@@ -33,7 +33,7 @@ use vfabric::fi;
 
 use crate::mr_cache::MrCache;
 use crate::sys;
-use crate::util::{guard, obj, SendPtr};
+use crate::util::{FidObject, SendPtr};
 
 // ---------------------------------------------------------------------------------------------
 // The consumer's monitor (fi_ext.h, libfabric 1.17)
@@ -140,28 +140,21 @@ unsafe extern "C" fn notify(monitor: *mut FidMemMonitor, addr: *const c_void, le
 /// domain already imported one or holds registrations in use; `-FI_EINVAL` for a short or
 /// incomplete `export_ops`; other classes are `-FI_ENOSYS`.
 pub unsafe extern "C" fn domain_bind(fid: *mut sys::fid, bfid: *mut sys::fid, flags: u64) -> c_int {
-    guard(|| {
+    crate::util::ffi(|| {
         // SAFETY: the consumer passes one of our domains (checked by class).
-        let d = match unsafe { obj::<crate::domain::DomainObj>(fid, sys::FI_CLASS_DOMAIN) } {
-            Ok(d) => d,
-            Err(e) => return -e,
-        };
-        if bfid.is_null() {
-            return -fi::EINVAL;
-        }
+        let d = unsafe { crate::domain::DomainObj::from_fid(fid) }?;
+        crate::util::check(!bfid.is_null())?;
         // SAFETY: a non-NULL fid of the consumer; its class says what it is.
         if unsafe { (*bfid).fclass } != sys::FI_CLASS_MEM_MONITOR as usize {
-            return -fi::ENOSYS;
+            return Err(fi::ENOSYS);
         }
         if flags != 0 {
-            return -fi::EBADFLAGS;
+            return Err(fi::EBADFLAGS);
         }
         let m = bfid.cast::<FidMemMonitor>();
         // SAFETY: class FI_CLASS_MEM_MONITOR: a `struct fid_mem_monitor` of the consumer.
         let ops = unsafe { (*m).export_ops };
-        if ops.is_null() {
-            return -fi::EINVAL;
-        }
+        crate::util::check(!ops.is_null())?;
         // SAFETY: non-NULL; `size` says how much of it the consumer filled.
         let o = unsafe { &*ops };
         if o.size < std::mem::size_of::<FiOpsMemMonitor>()
@@ -169,7 +162,7 @@ pub unsafe extern "C" fn domain_bind(fid: *mut sys::fid, bfid: *mut sys::fid, fl
             || o.unsubscribe.is_none()
             || o.valid.is_none()
         {
-            return -fi::EINVAL;
+            return Err(fi::EINVAL);
         }
         let cache = &d.mr_cache;
         // No lock is held across the consumer's callbacks (they may call notify).
@@ -183,7 +176,7 @@ pub unsafe extern "C" fn domain_bind(fid: *mut sys::fid, bfid: *mut sys::fid, fl
                 // SAFETY: the consumer's callback with its own monitor.
                 let r = unsafe { start(m) };
                 if r != 0 {
-                    return if r < 0 { r } else { -r };
+                    return Err(r.abs());
                 }
             }
         }
@@ -194,7 +187,7 @@ pub unsafe extern "C" fn domain_bind(fid: *mut sys::fid, bfid: *mut sys::fid, fl
                     unsafe { stop(m) };
                 }
             }
-            return -e;
+            return Err(e);
         }
         // SAFETY: the provider fills `import_ops` (fi_ext.h); the consumer reads it afterwards.
         unsafe { (*m).import_ops = (&NOTIFY_OPS as *const FiOpsMemNotify).cast_mut() };
@@ -203,7 +196,7 @@ pub unsafe extern "C" fn domain_bind(fid: *mut sys::fid, bfid: *mut sys::fid, fl
             Some((_, v)) => v.push(Arc::downgrade(cache)),
             None => g.push((SendPtr(m), vec![Arc::downgrade(cache)])),
         }
-        0
+        Ok(0)
     })
 }
 

@@ -37,7 +37,7 @@ use vfabric::fi;
 use crate::domain::DomainObj;
 use crate::monitor::{Imported, Uffd};
 use crate::sys;
-use crate::util::{errno_of, guard, obj};
+use crate::util::{check, errno_of, ffi_fns, FidObject};
 
 /// Local registrations (FI_MR_LOCAL) from this size up are shared with the device: below it a
 /// bounce copy costs less than moving the pages.
@@ -373,13 +373,11 @@ impl MrCache {
                 // SAFETY: libfabric's registration contract: the buffer stays valid while
                 // registered (the device reaches it by cross-memory attach); a cached region
                 // outlives the MR only while its monitor watches the memory.
-                match unsafe {
+                let r = unsafe {
                     self.dom
                         .register_raw_iov(&[(addr as *const u8, len)], &attr)
-                } {
-                    Ok(r) => reg.region = Some(r),
-                    Err(e) => return Err(errno_of(&e, sys::fi_log_subsys_FI_LOG_MR)),
-                }
+                };
+                reg.region = Some(r.map_err(|e| errno_of(&e, sys::fi_log_subsys_FI_LOG_MR))?);
             }
             None => match self.dom.share_raw(addr as *const u8, len) {
                 Ok(()) => reg.share = Some(self.dom.clone()),
@@ -537,32 +535,21 @@ pub unsafe fn open_ops(
     })
 }
 
-unsafe extern "C" fn ops_stats(domain: *mut sys::fid_domain, out: *mut Stats) -> c_int {
-    guard(|| {
+ffi_fns! {
+    fn ops_stats(domain: *mut sys::fid_domain, out: *mut Stats) -> c_int {
         // SAFETY: the consumer passes one of our domains (checked by class).
-        let d = match unsafe { obj::<DomainObj>(domain.cast(), sys::FI_CLASS_DOMAIN) } {
-            Ok(d) => d,
-            Err(e) => return -e,
-        };
-        if out.is_null() {
-            return -fi::EINVAL;
-        }
+        let d = unsafe { DomainObj::from_fid(domain) }?;
+        check(!out.is_null())?;
         d.mr_cache.drain();
         // SAFETY: `out` is writable for one struct (checked non-NULL).
         unsafe { out.write(d.mr_cache.stats()) };
-        0
-    })
-}
+        Ok(0)
+    }
 
-unsafe extern "C" fn ops_flush(domain: *mut sys::fid_domain) -> isize {
-    guard(|| {
+    fn ops_flush(domain: *mut sys::fid_domain) -> isize {
         // SAFETY: the consumer passes one of our domains (checked by class).
-        match unsafe { obj::<DomainObj>(domain.cast(), sys::FI_CLASS_DOMAIN) } {
-            Ok(d) => {
-                d.mr_cache.drain();
-                d.mr_cache.flush() as isize
-            }
-            Err(e) => -(e as isize),
-        }
-    })
+        let d = unsafe { DomainObj::from_fid(domain) }?;
+        d.mr_cache.drain();
+        Ok(d.mr_cache.flush() as isize)
+    }
 }
