@@ -95,18 +95,21 @@ pub fn backing_file(addr: usize, len: usize) -> Result<(File, u64), String> {
 /// `FI_VFABRIC_EP_OPS_V1`.
 const EP_OPS_V1: &CStr = c"fi_vfabric_ep_ops_v1";
 
+/// The `commit` operation of `fi_vfabric_ep_ops_v1`/`_v2` (ofiwg/libfabric PR #5875).
+type CommitFn = unsafe extern "C" fn(
+    *mut sys::fid_ep,
+    *const sys::fi_rma_iov,
+    usize,
+    u64,
+    u64,
+    *mut c_void,
+) -> isize;
+
 /// `struct fi_vfabric_ep_ops_v1`.
 #[repr(C)]
 pub struct EpOpsV1 {
     size: usize,
-    commit: unsafe extern "C" fn(
-        *mut sys::fid_ep,
-        *const sys::fi_rma_iov,
-        usize,
-        u64,
-        u64,
-        *mut c_void,
-    ) -> isize,
+    commit: CommitFn,
 }
 
 static EP_OPS: EpOpsV1 = EpOpsV1 {
@@ -136,14 +139,7 @@ type CommitHandlerC = unsafe extern "C" fn(*const CommitEventC, *mut c_void) -> 
 #[repr(C)]
 pub struct EpOpsV2 {
     size: usize,
-    commit: unsafe extern "C" fn(
-        *mut sys::fid_ep,
-        *const sys::fi_rma_iov,
-        usize,
-        u64,
-        u64,
-        *mut c_void,
-    ) -> isize,
+    commit: CommitFn,
     set_commit_handler:
         unsafe extern "C" fn(*mut sys::fid_ep, Option<CommitHandlerC>, *mut c_void) -> c_int,
 }
