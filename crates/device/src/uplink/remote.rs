@@ -4,7 +4,9 @@
 //! and were held until a receive matched them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Condvar, Mutex};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use vfabric_proto::Status;
@@ -86,6 +88,11 @@ struct State {
 pub(crate) struct Outbox {
     state: Mutex<State>,
     wake: Condvar,
+    /// An eventfd that wakes the uplink thread from its sleep in the kernel (beside the
+    /// provider's wait fd), made when the uplink first asks for it.
+    wake_fd: OnceLock<Option<OwnedFd>>,
+    /// The uplink thread sleeps on `wake_fd`: a push must write it.
+    sleeping: AtomicBool,
 }
 
 impl Outbox {
@@ -144,6 +151,50 @@ impl Outbox {
     pub fn push(&self, m: Outbound) {
         self.lock().queue.push_back(m);
         self.wake.notify_one();
+        // After the queue's lock: an uplink that announced its sleep before we queued either
+        // saw the message or is told here.
+        if self.sleeping.load(Ordering::SeqCst) {
+            if let Some(Some(fd)) = self.wake_fd.get() {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: writing 8 bytes from a live buffer to our own eventfd.
+                let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+            }
+        }
+    }
+
+    /// The eventfd that [`Outbox::push`] writes while the uplink sleeps (`None` if the
+    /// kernel refused one: the uplink then polls).
+    pub fn wake_fd(&self) -> Option<RawFd> {
+        self.wake_fd
+            .get_or_init(|| {
+                // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+                // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+                (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+            })
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+    }
+
+    /// The uplink is about to sleep on [`Outbox::wake_fd`]: `false` (do not sleep) if
+    /// something is queued already.
+    pub fn sleep_begin(&self) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.lock().queue.is_empty() {
+            return true;
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+        false
+    }
+
+    /// The uplink woke up: pushes need not write the eventfd any more (it is drained).
+    pub fn sleep_end(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        if let Some(Some(fd)) = self.wake_fd.get() {
+            let mut b = [0u8; 8];
+            // SAFETY: reading at most 8 bytes into a live buffer from our non-blocking eventfd.
+            let _ = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+        }
     }
 
     /// Everything queued so far.

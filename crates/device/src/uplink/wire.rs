@@ -9,8 +9,10 @@ use vfabric_proto::{ep_open, ByteValued, Le16, Le32, Le64, Opcode, Status, RMA_I
 /// "VFUL" little-endian.
 pub const MAGIC: u32 = 0x4c55_4656;
 /// Version of this wire format. 2: FLUSH and the COMMIT_COMPLETE/WHOLE_REGION flags (a daemon
-/// of version 1 would drop a FLUSH unanswered, so the two never admit each other).
-pub const VERSION: u16 = 2;
+/// of version 1 would drop a FLUSH unanswered, so the two never admit each other). 3: the
+/// rendezvous kinds RDV_DATA and RDV_REPLY and HELLO's `caps` (a version-2 daemon would refuse
+/// an RDV_DATA as an unknown kind and leave its sender waiting).
+pub const VERSION: u16 = 3;
 
 /// Message kinds.
 pub mod kind {
@@ -24,7 +26,52 @@ pub mod kind {
     /// The receiving host's verdict on a DATA request: the status its sender completes with
     /// (and, for an RMA read, the bytes read, in chunks).
     pub const REPLY: u16 = 4;
+    // 5..=15 are left to other additions; the rendezvous kinds start at 16.
+    /// Rendezvous: a DATA whose bytes stay in the sender's registered buffer for the receiving
+    /// host to read with the uplink's RMA (`RdvDesc::SOURCE`), and/or a request whose returned
+    /// bytes (an RMA read's) the receiving host writes into the sender's buffer
+    /// (`RdvDesc::SINK`).
+    pub const RDV_DATA: u16 = 16;
+    /// The verdict on an RDV_DATA with a sink whose bytes were written into the sink: a REPLY
+    /// body without bytes, `total_len` the bytes written.
+    pub const RDV_REPLY: u16 = 17;
 }
+
+/// Capability bits of HELLO's `caps`.
+pub mod caps {
+    /// The sender's uplink moves data with RMA (FI_RMA): it reads and writes rendezvous
+    /// buffers, and may send RDV_DATA.
+    pub const RMA: u32 = 1 << 0;
+    pub const ALL: u32 = RMA;
+}
+
+/// Flags of [`RdvDesc`].
+pub mod rdv_flags {
+    /// The request's `total_len` bytes are at `src_addr`/`src_key` (the DATA chunk is empty).
+    pub const SOURCE: u32 = 1 << 0;
+    /// The bytes the verdict returns (an RMA read's, `sink_len` of them) go to
+    /// `sink_addr`/`sink_key`, written before the RDV_REPLY.
+    pub const SINK: u32 = 1 << 1;
+    pub const ALL: u32 = SOURCE | SINK;
+}
+
+/// Body of RDV_DATA after the [`Data`] description (then the inline bytes, if not SOURCE):
+/// 48 bytes. Addresses and keys are the sender's uplink registrations (the provider's
+/// `fi_mr_key`; the address is virtual or an offset as the provider's FI_MR_VIRT_ADDR says).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RdvDesc {
+    pub flags: Le32,
+    pub reserved: Le32,
+    pub src_addr: Le64,
+    pub src_key: Le64,
+    pub sink_addr: Le64,
+    pub sink_key: Le64,
+    pub sink_len: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding (48 bytes, every field naturally aligned).
+unsafe impl ByteValued for RdvDesc {}
+pub const RDV_LEN: usize = std::mem::size_of::<RdvDesc>();
 
 /// Flags of a DATA message (any other bit is refused).
 pub mod data_flags {
@@ -147,6 +194,8 @@ pub enum Message<'a> {
         host_id: u16,
         num_devices: u16,
         epoch: u64,
+        /// [`caps`] bits.
+        caps: u32,
     },
     Data {
         fabric_id: u32,
@@ -162,6 +211,30 @@ pub enum Message<'a> {
         total_len: u64,
         offset: u64,
         chunk: &'a [u8],
+    },
+    /// Rendezvous (kinds 16 and 17), kept apart from the eager kinds above.
+    Rdv(Rdv<'a>),
+}
+
+/// The rendezvous messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rdv<'a> {
+    /// A DATA request (`offset` 0, whole) with a rendezvous description: with SOURCE its
+    /// bytes are to be read from the sender (`chunk` empty), else `chunk` is all of them.
+    Data {
+        fabric_id: u32,
+        host_id: u16,
+        desc: Data,
+        rdv: RdvDesc,
+        chunk: &'a [u8],
+    },
+    /// The verdict on an RDV_DATA with SINK: `written` bytes are in the sink.
+    Reply {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        status: Status,
+        written: u64,
     },
 }
 
@@ -193,6 +266,10 @@ pub enum WireError {
     Ranges { count: u32, opcode: u16 },
     #[error("DATA flags {flags:#x} do not apply to opcode {opcode:#x}")]
     FlagsForOpcode { flags: u32, opcode: u16 },
+    #[error("HELLO capabilities {0:#x} unknown")]
+    Caps(u32),
+    #[error("RDV_DATA: {0}")]
+    Rdv(&'static str),
 }
 
 fn header(kind: u16, fabric_id: u32, host_id: u16, body_len: usize) -> Header {
@@ -218,11 +295,12 @@ impl<'a> Message<'a> {
                 host_id,
                 num_devices,
                 epoch,
+                caps,
             } => {
                 let body = Hello {
                     num_devices: num_devices.into(),
                     reserved: 0.into(),
-                    caps: 0.into(),
+                    caps: caps.into(),
                     epoch: epoch.into(),
                 };
                 let k = if ack { kind::HELLO_ACK } else { kind::HELLO };
@@ -269,6 +347,41 @@ impl<'a> Message<'a> {
                 v.extend_from_slice(chunk);
                 v
             }
+            Message::Rdv(Rdv::Data {
+                fabric_id,
+                host_id,
+                desc,
+                rdv,
+                chunk,
+            }) => {
+                let len = DATA_LEN + RDV_LEN + chunk.len();
+                let mut v = Vec::with_capacity(HEADER_LEN + len);
+                v.extend_from_slice(header(kind::RDV_DATA, fabric_id, host_id, len).as_slice());
+                v.extend_from_slice(desc.as_slice());
+                v.extend_from_slice(rdv.as_slice());
+                v.extend_from_slice(chunk);
+                v
+            }
+            Message::Rdv(Rdv::Reply {
+                fabric_id,
+                host_id,
+                req_id,
+                status,
+                written,
+            }) => {
+                let body = Reply {
+                    req_id: req_id.into(),
+                    status: (status as u32).into(),
+                    reserved: 0.into(),
+                    total_len: written.into(),
+                    offset: 0.into(),
+                };
+                let mut v = header(kind::RDV_REPLY, fabric_id, host_id, REPLY_LEN)
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v
+            }
         }
     }
 
@@ -303,8 +416,12 @@ impl<'a> Message<'a> {
                     field: len,
                     got: body.len(),
                 })?;
-                if u16::from(hello.reserved) != 0 || u32::from(hello.caps) != 0 {
+                if u16::from(hello.reserved) != 0 {
                     return Err(WireError::Reserved);
+                }
+                let caps = u32::from(hello.caps);
+                if caps & !caps::ALL != 0 {
+                    return Err(WireError::Caps(caps));
                 }
                 Ok(Message::Hello {
                     ack: k == kind::HELLO_ACK,
@@ -312,6 +429,7 @@ impl<'a> Message<'a> {
                     host_id: h.host_id.into(),
                     num_devices: hello.num_devices.into(),
                     epoch: hello.epoch.into(),
+                    caps,
                 })
             }
             kind::DATA => {
@@ -324,75 +442,83 @@ impl<'a> Message<'a> {
                     .and_then(Data::from_slice)
                     .ok_or(short)?;
                 let chunk = &body[DATA_LEN..];
-                let op = u16::from(desc.opcode);
-                let rma = [
-                    Opcode::RmaWrite,
-                    Opcode::RmaRead,
-                    Opcode::Atomic,
-                    Opcode::FetchAtomic,
-                    Opcode::CompareAtomic,
-                    Opcode::Flush,
-                ]
-                .iter()
-                .any(|o| *o as u16 == op);
-                let flush = op == Opcode::Flush as u16;
-                if op != Opcode::Send as u16 && op != Opcode::TSend as u16 && !rma {
-                    return Err(WireError::Opcode(op));
-                }
-                // Sends carry no ranges; RMA requests 1..=MAX_RANGES, all in the message.
-                let count = u32::from(desc.count);
-                if (rma && (count == 0 || count > MAX_RANGES))
-                    || (!rma && count != 0)
-                    || u64::from(desc.total_len) < u64::from(count) * RMA_IOV_LEN as u64
-                    || (flush && u64::from(desc.total_len) != u64::from(count) * RMA_IOV_LEN as u64)
-                {
-                    return Err(WireError::Ranges { count, opcode: op });
-                }
-                let ep_kind = u16::from(desc.ep_kind);
-                if !matches!(
-                    u64::from(ep_kind),
-                    ep_open::TYPE_RDM | ep_open::TYPE_DGRAM | ep_open::TYPE_MSG
-                ) {
-                    return Err(WireError::EpKind(ep_kind));
-                }
-                let flags = u32::from(desc.flags);
-                if flags & !data_flags::ALL != 0 {
-                    return Err(WireError::Flags(flags));
-                }
-                // Persistence only where there is something to persist; a whole region is
-                // one range of a FLUSH.
-                let persists = flush
-                    || [
-                        Opcode::RmaWrite,
-                        Opcode::Atomic,
-                        Opcode::FetchAtomic,
-                        Opcode::CompareAtomic,
-                    ]
-                    .iter()
-                    .any(|o| *o as u16 == op);
-                if (flags & data_flags::COMMIT_COMPLETE != 0 && !persists)
-                    || (flags & data_flags::WHOLE_REGION != 0 && !(flush && count == 1))
-                {
-                    return Err(WireError::FlagsForOpcode { flags, opcode: op });
-                }
-                let (offset, total) = (u64::from(desc.offset), u64::from(desc.total_len));
-                let fits = offset
-                    .checked_add(chunk.len() as u64)
-                    .is_some_and(|end| end <= total);
-                // Only an empty message has an empty chunk: every chunk moves the offset on.
-                if !fits || (chunk.is_empty() && total != 0) {
-                    return Err(WireError::Chunk {
-                        offset,
-                        len: chunk.len(),
-                        total,
-                    });
-                }
+                check_data(&desc, chunk.len())?;
                 Ok(Message::Data {
                     fabric_id: h.fabric_id.into(),
                     host_id: h.host_id.into(),
                     desc,
                     chunk,
                 })
+            }
+            kind::RDV_DATA => {
+                let short = || WireError::Length {
+                    field: len,
+                    got: body.len(),
+                };
+                let desc = *body
+                    .get(..DATA_LEN)
+                    .and_then(Data::from_slice)
+                    .ok_or_else(short)?;
+                let rdv = *body
+                    .get(DATA_LEN..DATA_LEN + RDV_LEN)
+                    .and_then(RdvDesc::from_slice)
+                    .ok_or_else(short)?;
+                let chunk = &body[DATA_LEN + RDV_LEN..];
+                let flags = u32::from(rdv.flags);
+                if u32::from(rdv.reserved) != 0 {
+                    return Err(WireError::Reserved);
+                }
+                if flags & !rdv_flags::ALL != 0 || flags == 0 {
+                    return Err(WireError::Rdv("unknown or no flags"));
+                }
+                // A rendezvous request is one whole message.
+                if u64::from(desc.offset) != 0 {
+                    return Err(WireError::Rdv("offset not 0"));
+                }
+                let total = u64::from(desc.total_len);
+                if flags & rdv_flags::SOURCE != 0 {
+                    if !chunk.is_empty() || total == 0 {
+                        return Err(WireError::Rdv("a source with inline bytes or none"));
+                    }
+                    let whole = usize::try_from(total).map_err(|_| WireError::Rdv("too long"))?;
+                    check_data(&desc, whole)?;
+                } else {
+                    if chunk.len() as u64 != total {
+                        return Err(WireError::Rdv("inline bytes not the whole message"));
+                    }
+                    check_data(&desc, chunk.len())?;
+                }
+                let sink = flags & rdv_flags::SINK != 0;
+                if sink != (u64::from(rdv.sink_len) != 0)
+                    || (sink && u16::from(desc.opcode) != Opcode::RmaRead as u16)
+                {
+                    return Err(WireError::Rdv("a sink only for an RMA read, never empty"));
+                }
+                Ok(Message::Rdv(Rdv::Data {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    desc,
+                    rdv,
+                    chunk,
+                }))
+            }
+            kind::RDV_REPLY => {
+                let r = *Reply::from_slice(body).ok_or(WireError::Length {
+                    field: len,
+                    got: body.len(),
+                })?;
+                if u32::from(r.reserved) != 0 || u64::from(r.offset) != 0 {
+                    return Err(WireError::Reserved);
+                }
+                let raw = u32::from(r.status);
+                let status = Status::from_u32(raw).ok_or(WireError::Status(raw))?;
+                Ok(Message::Rdv(Rdv::Reply {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id: r.req_id.into(),
+                    status,
+                    written: r.total_len.into(),
+                }))
             }
             kind::REPLY => {
                 let r = *body.get(..REPLY_LEN).and_then(Reply::from_slice).ok_or(
@@ -433,6 +559,75 @@ impl<'a> Message<'a> {
     }
 }
 
+/// The checks of a DATA description with a chunk of `chunk_len` bytes (shared by DATA and
+/// RDV_DATA).
+fn check_data(desc: &Data, chunk_len: usize) -> Result<(), WireError> {
+    let op = u16::from(desc.opcode);
+    let rma = [
+        Opcode::RmaWrite,
+        Opcode::RmaRead,
+        Opcode::Atomic,
+        Opcode::FetchAtomic,
+        Opcode::CompareAtomic,
+        Opcode::Flush,
+    ]
+    .iter()
+    .any(|o| *o as u16 == op);
+    let flush = op == Opcode::Flush as u16;
+    if op != Opcode::Send as u16 && op != Opcode::TSend as u16 && !rma {
+        return Err(WireError::Opcode(op));
+    }
+    // Sends carry no ranges; RMA requests 1..=MAX_RANGES, all in the message.
+    let count = u32::from(desc.count);
+    if (rma && (count == 0 || count > MAX_RANGES))
+        || (!rma && count != 0)
+        || u64::from(desc.total_len) < u64::from(count) * RMA_IOV_LEN as u64
+        || (flush && u64::from(desc.total_len) != u64::from(count) * RMA_IOV_LEN as u64)
+    {
+        return Err(WireError::Ranges { count, opcode: op });
+    }
+    let ep_kind = u16::from(desc.ep_kind);
+    if !matches!(
+        u64::from(ep_kind),
+        ep_open::TYPE_RDM | ep_open::TYPE_DGRAM | ep_open::TYPE_MSG
+    ) {
+        return Err(WireError::EpKind(ep_kind));
+    }
+    let flags = u32::from(desc.flags);
+    if flags & !data_flags::ALL != 0 {
+        return Err(WireError::Flags(flags));
+    }
+    // Persistence only where there is something to persist; a whole region is
+    // one range of a FLUSH.
+    let persists = flush
+        || [
+            Opcode::RmaWrite,
+            Opcode::Atomic,
+            Opcode::FetchAtomic,
+            Opcode::CompareAtomic,
+        ]
+        .iter()
+        .any(|o| *o as u16 == op);
+    if (flags & data_flags::COMMIT_COMPLETE != 0 && !persists)
+        || (flags & data_flags::WHOLE_REGION != 0 && !(flush && count == 1))
+    {
+        return Err(WireError::FlagsForOpcode { flags, opcode: op });
+    }
+    let (offset, total) = (u64::from(desc.offset), u64::from(desc.total_len));
+    let fits = offset
+        .checked_add(chunk_len as u64)
+        .is_some_and(|end| end <= total);
+    // Only an empty message has an empty chunk: every chunk moves the offset on.
+    if !fits || (chunk_len == 0 && total != 0) {
+        return Err(WireError::Chunk {
+            offset,
+            len: chunk_len,
+            total,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,6 +641,7 @@ mod tests {
             host_id: 3,
             num_devices: 2,
             epoch: 99,
+            caps: caps::RMA,
         };
         let b = m.encode();
         assert_eq!(b.len(), HEADER_LEN + 16);
@@ -716,7 +912,7 @@ mod tests {
             cut in proptest::option::of(any::<usize>()),
         ) {
             let mut b = match kind {
-                0 => Message::Hello { ack: false, fabric_id: 1, host_id: 2, num_devices: 3, epoch: 4 }
+                0 => Message::Hello { ack: false, fabric_id: 1, host_id: 2, num_devices: 3, epoch: 4, caps: 0 }
                     .encode(),
                 1 => data(data_desc(300, 100), &[9u8; 50]),
                 _ => Message::Reply {
