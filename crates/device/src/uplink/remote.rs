@@ -265,4 +265,40 @@ mod tests {
         o.disable();
         assert_eq!(o.reserve(K2, 8), Err(Status::AddrNotAvail));
     }
+
+    #[test]
+    fn a_push_wakes_a_sleeping_uplink_through_its_eventfd() {
+        let o = Outbox::default();
+        let fd = o.wake_fd().expect("eventfd");
+        let readable = || {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no waiting.
+            unsafe { libc::poll(&mut p, 1, 0) == 1 }
+        };
+        // Not sleeping: a push leaves the fd alone.
+        o.push(Outbound::Reply {
+            host: 2,
+            req_id: 1,
+            status: Status::Ok,
+            bytes: Vec::new(),
+        });
+        assert!(!readable());
+        assert!(!o.sleep_begin(), "something is queued: no sleep");
+        assert_eq!(o.take().len(), 1);
+        assert!(o.sleep_begin());
+        assert!(!readable());
+        o.push(Outbound::Reply {
+            host: 2,
+            req_id: 2,
+            status: Status::Ok,
+            bytes: Vec::new(),
+        });
+        assert!(readable(), "a push while asleep wakes");
+        o.sleep_end();
+        assert!(!readable(), "drained on waking");
+    }
 }

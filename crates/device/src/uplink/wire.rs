@@ -897,6 +897,149 @@ mod tests {
         ));
     }
 
+    fn rdv(desc: Data, flags: u32, sink_len: u64, chunk: &[u8]) -> Vec<u8> {
+        Message::Rdv(Rdv::Data {
+            fabric_id: 1,
+            host_id: 2,
+            desc,
+            rdv: RdvDesc {
+                flags: flags.into(),
+                src_addr: 0x1000.into(),
+                src_key: 0xfeed.into(),
+                sink_addr: 0x2000.into(),
+                sink_key: 0xbeef.into(),
+                sink_len: sink_len.into(),
+                ..Default::default()
+            },
+            chunk,
+        })
+        .encode()
+    }
+
+    #[test]
+    fn rendezvous_messages_round_trip_and_bad_ones_are_refused() {
+        // A large send whose bytes the target reads.
+        let d = data_desc(1 << 20, 0);
+        let b = rdv(d, rdv_flags::SOURCE, 0, &[]);
+        let Ok(Message::Rdv(Rdv::Data {
+            desc,
+            rdv: r,
+            chunk,
+            ..
+        })) = Message::parse(&b)
+        else {
+            panic!("{:?}", Message::parse(&b));
+        };
+        assert_eq!((desc, chunk.len()), (d, 0));
+        assert_eq!(
+            (u64::from(r.src_addr), u64::from(r.src_key)),
+            (0x1000, 0xfeed)
+        );
+        // An RMA read with a sink, its ranges inline.
+        let mut read = data_desc(RMA_IOV_LEN as u64, 0);
+        read.opcode = (Opcode::RmaRead as u16).into();
+        read.count = 1.into();
+        read.flags = 0.into();
+        let ranges = [5u8; RMA_IOV_LEN];
+        assert!(Message::parse(&rdv(read, rdv_flags::SINK, 1 << 20, &ranges)).is_ok());
+        // Both: large ranges from the source, bytes back into the sink.
+        let mut big_read = read;
+        big_read.count = 2.into();
+        big_read.total_len = (2 * RMA_IOV_LEN as u64).into();
+        assert!(
+            Message::parse(&rdv(big_read, rdv_flags::SOURCE | rdv_flags::SINK, 64, &[])).is_ok()
+        );
+        let refused = |b: Vec<u8>| Message::parse(&b).map(|_| ());
+        assert!(
+            matches!(refused(rdv(d, 0, 0, &[])), Err(WireError::Rdv(_))),
+            "no flags"
+        );
+        assert!(matches!(
+            refused(rdv(d, 1 << 7, 0, &[])),
+            Err(WireError::Rdv(_))
+        ));
+        assert!(
+            matches!(
+                refused(rdv(d, rdv_flags::SOURCE, 0, &[1])),
+                Err(WireError::Rdv(_))
+            ),
+            "a source with inline bytes"
+        );
+        assert!(
+            matches!(
+                refused(rdv(data_desc(0, 0), rdv_flags::SOURCE, 0, &[])),
+                Err(WireError::Rdv(_))
+            ),
+            "an empty source"
+        );
+        assert!(
+            matches!(
+                refused(rdv(data_desc(1 << 20, 8), rdv_flags::SOURCE, 0, &[])),
+                Err(WireError::Rdv(_))
+            ),
+            "a source at an offset"
+        );
+        assert!(
+            matches!(
+                refused(rdv(d, rdv_flags::SOURCE | rdv_flags::SINK, 64, &[])),
+                Err(WireError::Rdv(_))
+            ),
+            "a sink for a send"
+        );
+        assert!(
+            matches!(
+                refused(rdv(read, rdv_flags::SINK, 0, &ranges)),
+                Err(WireError::Rdv(_))
+            ),
+            "an empty sink"
+        );
+        assert!(
+            matches!(
+                refused(rdv(read, rdv_flags::SINK, 64, &ranges[..10])),
+                Err(WireError::Rdv(_))
+            ),
+            "inline bytes not the whole message"
+        );
+        // The DATA checks apply: an unknown opcode under a rendezvous is refused too.
+        let mut bad = d;
+        bad.opcode = 0x77.into();
+        assert_eq!(
+            refused(rdv(bad, rdv_flags::SOURCE, 0, &[])),
+            Err(WireError::Opcode(0x77))
+        );
+        let mut b = rdv(d, rdv_flags::SOURCE, 0, &[]);
+        b.truncate(b.len() - 1);
+        assert!(matches!(Message::parse(&b), Err(WireError::Length { .. })));
+
+        let reply = Message::Rdv(Rdv::Reply {
+            fabric_id: 1,
+            host_id: 2,
+            req_id: 9,
+            status: Status::Ok,
+            written: 1 << 20,
+        });
+        assert_eq!(Message::parse(&reply.encode()), Ok(reply));
+        let mut bad = reply.encode();
+        bad[HEADER_LEN + 24] = 1; // offset
+        assert_eq!(Message::parse(&bad), Err(WireError::Reserved));
+        let mut bad = reply.encode();
+        bad.push(0);
+        assert!(Message::parse(&bad).is_err());
+        // HELLO capabilities: known bits only.
+        let mut h = Message::Hello {
+            ack: false,
+            fabric_id: 1,
+            host_id: 2,
+            num_devices: 1,
+            epoch: 3,
+            caps: caps::RMA,
+        }
+        .encode();
+        assert!(Message::parse(&h).is_ok());
+        h[HEADER_LEN + 4] = 0x80;
+        assert_eq!(Message::parse(&h), Err(WireError::Caps(0x80)));
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
@@ -907,7 +1050,7 @@ mod tests {
         /// whatever parses describes a chunk inside its message.
         #[test]
         fn mutated_messages_never_panic(
-            kind in 0usize..3,
+            kind in 0usize..5,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             cut in proptest::option::of(any::<usize>()),
         ) {
@@ -915,6 +1058,11 @@ mod tests {
                 0 => Message::Hello { ack: false, fabric_id: 1, host_id: 2, num_devices: 3, epoch: 4, caps: 0 }
                     .encode(),
                 1 => data(data_desc(300, 100), &[9u8; 50]),
+                2 => rdv(data_desc(1 << 20, 0), rdv_flags::SOURCE, 0, &[]),
+                3 => Message::Rdv(Rdv::Reply {
+                    fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok, written: 64,
+                })
+                .encode(),
                 _ => Message::Reply {
                     fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok,
                     total_len: 20, offset: 10, chunk: &[3; 10],
@@ -935,6 +1083,18 @@ mod tests {
                 }
                 Ok(Message::Reply { total_len, offset, chunk, .. }) => {
                     prop_assert!(offset + chunk.len() as u64 <= total_len);
+                }
+                // A rendezvous parses only as one whole message: inline bytes are all of it,
+                // a source carries none, a sink only for a read.
+                Ok(Message::Rdv(Rdv::Data { desc, rdv, chunk, .. })) => {
+                    let flags = u32::from(rdv.flags);
+                    prop_assert_eq!(u64::from(desc.offset), 0);
+                    if flags & rdv_flags::SOURCE != 0 {
+                        prop_assert!(chunk.is_empty() && u64::from(desc.total_len) > 0);
+                    } else {
+                        prop_assert_eq!(chunk.len() as u64, u64::from(desc.total_len));
+                    }
+                    prop_assert_eq!(flags & rdv_flags::SINK != 0, u64::from(rdv.sink_len) != 0);
                 }
                 _ => {}
             }
