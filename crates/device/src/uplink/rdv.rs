@@ -127,7 +127,7 @@ impl Worker {
         &mut self,
         dest: u64,
         req_id: u64,
-        s: Box<RemoteSend>,
+        mut s: Box<RemoteSend>,
         desc: wire::Data,
     ) -> Option<Box<RemoteSend>> {
         let is_read = s.req.req.opcode == Opcode::RmaRead;
@@ -142,7 +142,9 @@ impl Worker {
         let mut flags = 0;
         let mut staged_src = None;
         if source {
-            let buf = s.payload.clone();
+            // The request's own bytes are registered (no copy); given back if they go in
+            // chunks after all.
+            let buf = std::mem::take(&mut s.payload);
             // SAFETY: the buffer moves into `Staged` with its registration (a Vec's heap
             // bytes do not move) and is freed only after the registration is closed.
             match unsafe { self.ep.register(&buf, u64::from(sys::FI_REMOTE_READ)) } {
@@ -154,6 +156,7 @@ impl Worker {
                 }
                 Err(e) => {
                     debug!("uplink: rendezvous source not registered, sending chunks: {e}");
+                    s.payload = buf;
                     return Some(s);
                 }
             }
@@ -172,6 +175,9 @@ impl Worker {
                 }
                 Err(e) => {
                     debug!("uplink: rendezvous sink not registered, sending chunks: {e}");
+                    if let Some(st) = staged_src {
+                        s.payload = st.into_bytes();
+                    }
                     return Some(s);
                 }
             }
