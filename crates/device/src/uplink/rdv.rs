@@ -32,6 +32,11 @@ use super::{Outgoing, Stale, Worker};
 pub(super) const RDV_THRESHOLD: usize = 16 << 10;
 /// Rendezvous reads in flight per peer; later ones wait (in order) for a slot.
 const MAX_READS_PER_HOST: usize = 4;
+/// Messages of one peer waiting behind a rendezvous, at most (a well-behaved peer has at most
+/// `remote::MAX_INFLIGHT` requests out, in all).
+const MAX_QUEUED_PER_HOST: usize = super::remote::MAX_INFLIGHT;
+/// Bytes of whole messages of one peer waiting behind a rendezvous, at most.
+const MAX_QUEUED_BYTES_PER_HOST: u64 = super::remote::MAX_INFLIGHT_BYTES;
 /// Context values of RMA operations (sends use `SEND_CONTEXT` and up, receives their index).
 pub(super) const RMA_CONTEXT: u64 = 1 << 62;
 
@@ -107,6 +112,23 @@ impl Rendezvous {
     /// RMA operations in flight.
     pub fn in_flight(&self) -> usize {
         self.ops.len()
+    }
+
+    /// Whether `host`'s queue has room for one more message of `len` bytes held here (0 for
+    /// one still at the peer): a peer that ignores its own bounds gets NoResources, not our
+    /// memory.
+    fn has_room(&self, host: u16, len: u64) -> bool {
+        let Some(q) = self.inbound.get(&host) else {
+            return true;
+        };
+        let held: u64 = q
+            .iter()
+            .map(|i| match i {
+                Inbound::Ready { bytes, .. } => bytes.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        q.len() < MAX_QUEUED_PER_HOST && held.saturating_add(len) <= MAX_QUEUED_BYTES_PER_HOST
     }
 }
 
@@ -271,6 +293,10 @@ impl Worker {
                         ),
                     );
                 }
+                if !self.rdv.has_room(host_id, chunk.len() as u64) {
+                    self.rdv.peer_sinks.remove(&(host_id, req_id));
+                    return self.reply(host_id, req_id, Status::NoResources, &[]);
+                }
                 let item = if flags & rdv_flags::SOURCE != 0 {
                     Inbound::Fetch {
                         req_id,
@@ -325,13 +351,18 @@ impl Worker {
 
     /// A whole message from `host` for the fabric: now, or behind the ones still being read.
     pub(super) fn inbound(&mut self, host: u16, req_id: u64, desc: wire::Data, bytes: Vec<u8>) {
-        match self.rdv.inbound.get_mut(&host) {
-            Some(q) if !q.is_empty() => q.push_back(Inbound::Ready {
+        if self.rdv.inbound.get(&host).is_none_or(VecDeque::is_empty) {
+            return self.deliver(host, req_id, desc, bytes);
+        }
+        if !self.rdv.has_room(host, bytes.len() as u64) {
+            return self.reply(host, req_id, Status::NoResources, &[]);
+        }
+        if let Some(q) = self.rdv.inbound.get_mut(&host) {
+            q.push_back(Inbound::Ready {
                 req_id,
                 desc,
                 bytes,
-            }),
-            _ => self.deliver(host, req_id, desc, bytes),
+            });
         }
     }
 
