@@ -2,18 +2,25 @@
 # Several hosts, side by side (issue 9's benchmark): two network namespaces joined by veth
 # pairs on a bridge, each a "host" running its own vfabricd with an uplink over the host's
 # libfabric (tcp;ofi_rxm); a guest on each host (the `vfabric` CLI on that host's device)
-# runs pingpong and bw across, and `fi_pingpong -p "tcp;ofi_rxm" -e rdm` runs directly
-# between the same two namespaces. Prints a markdown table (medians of RUNS runs, ratios).
-# Needs root (ip netns). Namespaces are removed on exit, also on failure.
+# runs pingpong and bw across, `fi_pingpong -p vfabric -e rdm` runs between the two hosts over
+# the provider (the client naming the server by its IP address), and
+# `fi_pingpong -p "tcp;ofi_rxm" -e rdm` runs directly between the same two namespaces. Prints
+# markdown tables (medians of RUNS runs, ratios). Needs root (ip netns). Namespaces are
+# removed on exit, also on failure.
 #
 #   scripts/bench-hosts.sh                 # RUNS=3 SIZES="8 4096 65536 1048576"
+#   BENCHES="fi_vfabric tcp" scripts/bench-hosts.sh   # a subset (vfabric fi_vfabric tcp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-[ -n "${NO_BUILD:-}" ] || cargo build --release -q -p vfabric-cli -p vfabric-device
+if [ -z "${NO_BUILD:-}" ]; then
+    cargo build --release -q -p vfabric-cli -p vfabric-device -p vfabric-provider
+    scripts/provider-link.sh release
+fi
 
 RUNS=${RUNS:-3}
 SIZES=${SIZES:-"8 4096 65536 1048576"}
+BENCHES=${BENCHES:-"vfabric fi_vfabric tcp"}
 VFABRIC=${VFABRIC:-$PWD/target/release/vfabric}
 VFABRICD=${VFABRICD:-$PWD/target/release/vfabricd}
 TAG=vfb$$
@@ -101,12 +108,38 @@ fi_run() { # size iters run
     wait "$s" 2>/dev/null || true
 }
 
+# fi_pingpong over the provider: each side in its host's namespace on its host's device; the
+# client names the server by its IP address, which names host 1 (its uplink address).
+fi_vf_run() { # size iters run
+    local size=$1 iters=$2 port=$((47900 + $3))
+    local env=(env FI_PROVIDER_PATH="$PWD/target/release/prov")
+    timeout 120 ip netns exec "${TAG}h0" "${env[@]}" VFABRIC_DEVICES="$OUT/host0/vfabric0.sock" \
+        fi_pingpong -p vfabric -e rdm -I "$iters" -S "$size" -B "$port" >"$OUT/vsrv.txt" 2>&1 &
+    local s=$!
+    sleep 0.5
+    if timeout 120 ip netns exec "${TAG}h1" "${env[@]}" VFABRIC_DEVICES="$OUT/host1/vfabric0.sock" \
+        fi_pingpong -p vfabric -e rdm -I "$iters" -S "$size" -P "$port" 10.78.0.1 >"$OUT/vcli.txt" 2>&1; then
+        awk -v s="$size" 'NF >= 8 && $1 ~ /^[0-9]+[km]?$/ {
+                n = $1 + 0; if ($1 ~ /k$/) n *= 1024; if ($1 ~ /m$/) n *= 1048576
+                if (n == s) printf "{\"bench\":\"fi_pingpong vfabric\",\"size\":%s,\"one_way_us\":%s,\"mb_s\":%s}\n", s, $7, $6
+            }' "$OUT/vcli.txt" >>"$RAW"
+    else
+        echo "bench-hosts: fi_pingpong -p vfabric size $size failed: $(tail -2 "$OUT/vcli.txt" | tr '\n' ' ')" >&2
+    fi
+    wait "$s" 2>/dev/null || true
+}
+
+has() { [[ " $BENCHES " == *" $1 "* ]]; }
+
 for run in $(seq "$RUNS"); do
     for size in $SIZES; do
         it=$(iters_for "$size")
-        vf_run pingpong "$size" "$it" "$run"
-        vf_run bw "$size" "$it" "$run"
-        fi_run "$size" "$it" "$run"
+        if has vfabric; then
+            vf_run pingpong "$size" "$it" "$run"
+            vf_run bw "$size" "$it" "$run"
+        fi
+        if has fi_vfabric; then fi_vf_run "$size" "$it" "$run"; fi
+        if has tcp; then fi_run "$size" "$it" "$run"; fi
     done
 done
 
@@ -124,6 +157,16 @@ fmt = lambda x: "—" if x is None else f"{x:.1f}"
 for s in sizes:
     vl, tl = med("vfabric pingpong", s, "one_way_us"), med("fi_pingpong tcp;ofi_rxm", s, "one_way_us")
     vb, tb = med("vfabric bw", s, "mb_s"), med("fi_pingpong tcp;ofi_rxm", s, "mb_s")
+    rl = f"{vl / tl:.2f}×" if vl and tl else "—"
+    rb = f"{vb / tb:.2f}×" if vb and tb else "—"
+    print(f"| {s} B | {fmt(vl)} | {fmt(tl)} | {rl} | {fmt(vb)} | {fmt(tb)} | {rb} |")
+print("\nfi_pingpong -e rdm between the same two hosts, over the provider (`-p vfabric`, guest to")
+print("guest through both daemons and their uplink) and directly (`-p \"tcp;ofi_rxm\"`):\n")
+print("| size | vfabric one-way µs | tcp;ofi_rxm one-way µs | ratio | vfabric MB/s | tcp;ofi_rxm MB/s | ratio |")
+print("|---|---|---|---|---|---|---|")
+for s in sizes:
+    vl, tl = med("fi_pingpong vfabric", s, "one_way_us"), med("fi_pingpong tcp;ofi_rxm", s, "one_way_us")
+    vb, tb = med("fi_pingpong vfabric", s, "mb_s"), med("fi_pingpong tcp;ofi_rxm", s, "mb_s")
     rl = f"{vl / tl:.2f}×" if vl and tl else "—"
     rb = f"{vb / tb:.2f}×" if vb and tb else "—"
     print(f"| {s} B | {fmt(vl)} | {fmt(tl)} | {rl} | {fmt(vb)} | {fmt(tb)} | {rb} |")

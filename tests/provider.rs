@@ -14,24 +14,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use virtio_fabric_tests::{bin_dir, output_text as text, run_with_timeout, DaemonProcess};
-
-/// A directory holding `libvfabric-fi.so` (a link to cargo's `libvfabric_provider.so`).
-fn provider_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let so = bin_dir().join("libvfabric_provider.so");
-        assert!(
-            so.exists(),
-            "{} not built: run `cargo build -p vfabric-provider` (scripts/test.sh does)",
-            so.display()
-        );
-        let d = tempfile::tempdir().expect("tempdir");
-        std::os::unix::fs::symlink(&so, d.path().join("libvfabric-fi.so")).expect("symlink");
-        d
-    })
-    .path()
-}
+use virtio_fabric_tests::{
+    bin_dir, compile_c, output_text as text, provider_dir, run_with_timeout, DaemonProcess,
+};
 
 /// A libfabric command using our provider on `devices`.
 fn fi_cmd(program: impl AsRef<std::ffi::OsStr>, devices: &[&Path]) -> Command {
@@ -96,11 +81,15 @@ fn fi_info_lists_the_devices() {
     // Parameters are listed (fi_info -e) and FI_LOG_LEVEL reaches the provider's logging.
     let o = run_with_timeout(fi_cmd("fi_info", &socks).arg("-e"), Duration::from_secs(30));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        s.contains("FI_VFABRIC_DEVICES") && s.contains("FI_VFABRIC_MEM_MB"),
-        "{}",
-        text(&o)
-    );
+    for var in [
+        "FI_VFABRIC_DEVICES",
+        "FI_VFABRIC_MEM_MB",
+        "FI_VFABRIC_MR_CACHE_MAX_COUNT",
+        "FI_VFABRIC_MR_CACHE_MAX_SIZE",
+        "FI_VFABRIC_MR_CACHE_MONITOR",
+    ] {
+        assert!(s.contains(var), "{var}: {}", text(&o));
+    }
     let o = run_with_timeout(
         fi_cmd("fi_info", &socks)
             .args(["-p", "vfabric", "-d", "no-such-domain"])
@@ -450,42 +439,6 @@ fn log_test_binary() -> &'static PathBuf {
     BIN.get_or_init(|| compile_c("vf_log_test"))
 }
 
-/// tests/c/`name`.c compiled against the installed headers, linked with -lfabric.
-fn compile_c(name: &str) -> PathBuf {
-    {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let src = root.join(format!("tests/c/{name}.c"));
-        let out = bin_dir().join(name);
-        let o = run_with_timeout(
-            Command::new("cc")
-                // The provider's extension header (fi_vfabric.h).
-                .arg(format!(
-                    "-I{}",
-                    root.join("crates/provider/include").display()
-                ))
-                .args([
-                    "-Wall",
-                    "-Wextra",
-                    "-Werror",
-                    "-Wno-unused-parameter",
-                    "-O1",
-                    "-o",
-                ])
-                .arg(&out)
-                .arg(&src)
-                .args(["-lfabric", "-lpthread"]),
-            Duration::from_secs(120),
-        );
-        assert!(
-            o.status.success(),
-            "compiling {}: {}",
-            src.display(),
-            text(&o)
-        );
-        out
-    }
-}
-
 /// The domain's vendor ops (`fi_open_ops` with `FI_VFABRIC_DOMAIN_OPS_V1`): vendor attributes
 /// and device counters that move with traffic; unknown names are `-FI_ENOSYS`.
 #[test]
@@ -829,8 +782,8 @@ fn c_uplink_addresses_name_hosts() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("hosts: ok"));
-    // The refusal says why.
-    assert!(t.contains("resolution is local-only"), "{t}");
+    // The refusal says why: the peer host is down.
+    assert!(t.contains("is down or did not answer"), "{t}");
 }
 
 #[test]
@@ -882,6 +835,37 @@ fn under_valgrind(bin: &Path, arg: &str, devices: u32, ok_line: &str) {
         text(&o)
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains(ok_line));
+}
+
+fn mr_cache_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| compile_c("vf_mr_cache_test"))
+}
+
+/// The registration cache and its monitors (tests/c/vf_mr_cache_test.c): repeated
+/// registrations hit (counted through `FI_VFABRIC_MR_CACHE_OPS_V1`); an unmapped and remapped
+/// buffer is never served from the stale registration (data checked both ways); an imported
+/// `fid_mem_monitor`'s subscribe/unsubscribe match the cache and its notify invalidates; the
+/// `FI_VFABRIC_MR_CACHE_MAX_*` bounds hold.
+#[test]
+fn c_mr_cache() {
+    let d = DaemonProcess::start(1, &[]);
+    let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
+    for part in ["hits", "unmap", "import", "bounded"] {
+        let o = run_with_timeout(
+            fi_cmd(mr_cache_binary(), &socks).arg(part),
+            Duration::from_secs(60),
+        );
+        assert!(o.status.success(), "{part}: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("{part}: ok")));
+    }
+}
+
+/// The imported monitor's path under memcheck (the default monitor's userfaultfd is not
+/// something valgrind knows).
+#[test]
+fn c_mr_cache_under_valgrind() {
+    under_valgrind(mr_cache_binary(), "import", 1, "import: ok");
 }
 
 #[test]

@@ -12,6 +12,10 @@
  *   vf_addr_test hosts OTHER_IP           daemon with an uplink on 127.0.0.1 and a peer host
  *                                         at OTHER_IP: uplink addresses name hosts
  *
+ * VF_SELF_IP and VF_PEER_IP (default 127.0.0.1): the address the client or server expects its
+ * own endpoint to be named by, and its peer's (with several hosts, each host's uplink address:
+ * tests/hosts.rs runs the two on two hosts).
+ *
  * The client and server exchange ROUNDS messages each way and check every byte. Each prints
  * "<mode>: ok" on success; a failed check prints file:line and exits 1.
  */
@@ -36,6 +40,13 @@
 #define MSG_LEN 4000
 /* How long a side waits for its peer before it fails (the test harness also times out). */
 #define WAIT_SECONDS 30
+
+/* The address `var` names (VF_SELF_IP, VF_PEER_IP), 127.0.0.1 by default. */
+static const char *ip_of(const char *var)
+{
+	const char *v = getenv(var);
+	return v && *v ? v : "127.0.0.1";
+}
 
 static double now(void)
 {
@@ -198,7 +209,7 @@ static void rdm_server(const char *port)
 	CHECK_RC(fi_getname(&s.ep->fid, &name, &len), -FI_ETOOSMALL);
 	CHECK(len == sizeof(name));
 	OK(fi_getname(&s.ep->fid, &name, &len));
-	check_sin(&name, len, "127.0.0.1", atoi(port));
+	check_sin(&name, len, ip_of("VF_SELF_IP"), atoi(port));
 	printf("rdm-server: listening\n");
 	fflush(stdout);
 	/* The client's first message is its name (a sockaddr_in). */
@@ -206,7 +217,7 @@ static void rdm_server(const char *port)
 	OK(fi_recv(s.ep, &peer, sizeof(peer), NULL, FI_ADDR_UNSPEC, NULL));
 	struct fi_cq_msg_entry e = wait_cq(&s);
 	CHECK(e.flags & FI_RECV && e.len == sizeof(peer));
-	check_sin(&peer, sizeof(peer), "127.0.0.1", -1);
+	check_sin(&peer, sizeof(peer), ip_of("VF_PEER_IP"), -1);
 	CHECK_RC(fi_av_insert(s.av, &peer, 1, &s.peer, 0, NULL), 1);
 	exchange(&s, 0);
 	close_side(&s);
@@ -220,7 +231,7 @@ static void rdm_client(const char *host, const char *port)
 	OK(fi_getinfo(V, host, port, 0, h, &s.info));
 	fi_freeinfo(h);
 	CHECK(s.info->addr_format == FI_SOCKADDR_IN);
-	check_sin(s.info->dest_addr, s.info->dest_addrlen, "127.0.0.1", atoi(port));
+	check_sin(s.info->dest_addr, s.info->dest_addrlen, ip_of("VF_PEER_IP"), atoi(port));
 	/* A source address of the same format is filled in, with its length. */
 	CHECK(s.info->src_addr && s.info->src_addrlen == sizeof(struct sockaddr_in));
 	open_fabric(&s, s.info);
@@ -240,7 +251,7 @@ static void rdm_client(const char *host, const char *port)
 	size_t blen = sizeof(buf);
 	CHECK(fi_av_straddr(s.av, s.info->dest_addr, buf, &blen) == buf);
 	char want[64];
-	snprintf(want, sizeof(want), "fi_sockaddr_in://127.0.0.1:%s", port);
+	snprintf(want, sizeof(want), "fi_sockaddr_in://%s:%s", ip_of("VF_PEER_IP"), port);
 	CHECK(strcmp(buf, want) == 0);
 	struct sockaddr_in back;
 	size_t back_len = sizeof(back);
@@ -250,7 +261,7 @@ static void rdm_client(const char *host, const char *port)
 	struct sockaddr_in name;
 	size_t len = sizeof(name);
 	OK(fi_getname(&s.ep->fid, &name, &len));
-	check_sin(&name, len, "127.0.0.1", -1);
+	check_sin(&name, len, ip_of("VF_SELF_IP"), -1);
 	CHECK(ntohs(name.sin_port) != 0 && ntohs(name.sin_port) != atoi(port));
 	OK(fi_send(s.ep, &name, sizeof(name), NULL, s.peer, NULL));
 	CHECK(wait_cq(&s).flags & FI_SEND);
@@ -293,7 +304,7 @@ static void msg_server(const char *port)
 	struct sockaddr_in name;
 	size_t len = sizeof(name);
 	OK(fi_getname(&s.pep->fid, &name, &len));
-	check_sin(&name, len, "127.0.0.1", atoi(port));
+	check_sin(&name, len, ip_of("VF_SELF_IP"), atoi(port));
 	printf("msg-server: listening\n");
 	fflush(stdout);
 	struct {
@@ -304,7 +315,7 @@ static void msg_server(const char *port)
 	CHECK(strcmp(ev.data, hello) == 0);
 	struct fi_info *ci = ev.e.info;
 	CHECK(ci->addr_format == FI_SOCKADDR_IN && ci->handle);
-	check_sin(ci->dest_addr, ci->dest_addrlen, "127.0.0.1", -1);
+	check_sin(ci->dest_addr, ci->dest_addrlen, ip_of("VF_PEER_IP"), -1);
 	open_ep(&s, ci);
 	OK(fi_accept(s.ep, welcome, sizeof(welcome)));
 	wait_eq(&s, FI_CONNECTED, &ev.e, sizeof(ev));
@@ -327,7 +338,7 @@ static void msg_client(const char *host, const char *port)
 	OK(fi_getinfo(V, host, port, 0, h, &s.info));
 	fi_freeinfo(h);
 	CHECK(s.info->addr_format == FI_SOCKADDR_IN);
-	check_sin(s.info->dest_addr, s.info->dest_addrlen, "127.0.0.1", atoi(port));
+	check_sin(s.info->dest_addr, s.info->dest_addrlen, ip_of("VF_PEER_IP"), atoi(port));
 	open_fabric(&s, s.info);
 	open_ep(&s, s.info);
 	struct {
@@ -350,7 +361,7 @@ static void msg_client(const char *host, const char *port)
 	struct sockaddr_in peer;
 	size_t len = sizeof(peer);
 	OK(fi_getpeer(s.ep, &peer, &len));
-	check_sin(&peer, len, "127.0.0.1", -1);
+	check_sin(&peer, len, ip_of("VF_PEER_IP"), -1);
 	s.peer = FI_ADDR_UNSPEC;
 	exchange(&s, 1);
 	close_side(&s);
@@ -547,7 +558,8 @@ static void hosts_suite(const char *other)
 	char want[64];
 	snprintf(want, sizeof(want), "%s", other);
 	check_sin(i->dest_addr, i->dest_addrlen, want, 47200);
-	/* ...but its services are not resolved by this version (local-only): not inserted. */
+	/* ...its services are asked of it through the uplink; a silent peer (down) answers
+	 * nothing, so nothing is inserted (-FI_EHOSTUNREACH, logged). */
 	CHECK_RC(fi_av_insert(a.av, i->dest_addr, 1, &x, 0, NULL), 0);
 	CHECK(x == FI_ADDR_NOTAVAIL);
 	fi_freeinfo(i);

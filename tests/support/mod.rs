@@ -174,3 +174,55 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::process::O
 pub fn exists(path: &Path) -> bool {
     path.exists()
 }
+
+/// A directory holding `libvfabric-fi.so` (a link to cargo's `libvfabric_provider.so`), for
+/// libfabric's `FI_PROVIDER_PATH`.
+pub fn provider_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let so = bin_dir().join("libvfabric_provider.so");
+        assert!(
+            so.exists(),
+            "{} not built: run `cargo build -p vfabric-provider` (scripts/test.sh does)",
+            so.display()
+        );
+        let d = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(&so, d.path().join("libvfabric-fi.so")).expect("symlink");
+        d
+    })
+    .path()
+}
+
+/// tests/c/`name`.c compiled against the installed libfabric headers (and the provider's
+/// extension header), linked with -lfabric, into the binary directory.
+pub fn compile_c(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join(format!("tests/c/{name}.c"));
+    let out = bin_dir().join(name);
+    let o = run_with_timeout(
+        Command::new("cc")
+            .arg(format!(
+                "-I{}",
+                root.join("crates/provider/include").display()
+            ))
+            .args([
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-Wno-unused-parameter",
+                "-O1",
+                "-o",
+            ])
+            .arg(&out)
+            .arg(&src)
+            .args(["-lfabric", "-lpthread"]),
+        Duration::from_secs(120),
+    );
+    assert!(
+        o.status.success(),
+        "compiling {}: {}",
+        src.display(),
+        output_text(&o)
+    );
+    out
+}

@@ -310,41 +310,63 @@ fn peer_cred_pid(fd: i32) -> Option<libc::pid_t> {
     (r == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
-/// Does process `pid` map every region of `mem` (by file and inode) at the region's guest
-/// address? Then guest addresses are its virtual addresses.
+/// Does process `pid` map the regions of `mem` (by file and inode) at their guest addresses?
+/// Then guest addresses are its virtual addresses. A region whose file the process no longer
+/// maps at all is skipped (memory it shared and unmapped since: the device keeps the region,
+/// see the driver's `Domain::unshare_raw`), but at least one region must be found, and a region
+/// mapped anywhere but at its guest address (a VMM's guest RAM) disqualifies the process.
 fn same_address_space(pid: libc::pid_t, mem: &GuestMemoryMmap) -> Result<(), String> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| format!("/proc/{pid}/maps: {e}"))?;
-    let mapped: Vec<(u64, u64)> = maps
+    // (start, file offset, inode) of each mapping.
+    let mapped: Vec<(u64, u64, u64)> = maps
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             let start = it.next()?.split_once('-')?.0;
-            let inode = it.nth(3)?;
-            Some((u64::from_str_radix(start, 16).ok()?, inode.parse().ok()?))
+            let offset = it.nth(1)?;
+            let inode = it.nth(1)?;
+            Some((
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(offset, 16).ok()?,
+                inode.parse().ok()?,
+            ))
         })
         .collect();
-    let mut regions = 0;
+    let mut found = 0;
     for r in mem.iter() {
-        regions += 1;
         let gpa = r.start_addr().0;
-        let file: &File = r
+        let fo = r
             .file_offset()
-            .ok_or_else(|| format!("region at {gpa:#x} has no file"))?
-            .file();
+            .ok_or_else(|| format!("region at {gpa:#x} has no file"))?;
+        let file: &File = fo.file();
         let ino = file
             .metadata()
             .map_err(|e| format!("fstat of fd {}: {e}", file.as_raw_fd()))?
             .ino();
-        if !mapped.contains(&(gpa, ino)) {
+        let views: Vec<(u64, u64)> = mapped
+            .iter()
+            .filter(|m| m.2 == ino)
+            .map(|m| (m.0, m.1))
+            .collect();
+        if views.is_empty() {
+            continue;
+        }
+        // A mapping of the region's file where guest address = virtual address.
+        let len = r.len();
+        let identity = views.iter().any(|&(start, off)| {
+            start >= gpa && start - gpa < len && off.checked_sub(fo.start()) == Some(start - gpa)
+        });
+        if !identity {
             return Err(format!(
                 "process {pid} does not map guest memory at its guest address {gpa:#x}: its \
                  address space is not the guest's"
             ));
         }
+        found += 1;
     }
-    if regions == 0 {
-        return Err("no guest memory".into());
+    if found == 0 {
+        return Err(format!("process {pid} maps none of the guest memory"));
     }
     Ok(())
 }

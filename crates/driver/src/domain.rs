@@ -239,10 +239,37 @@ impl Domain {
     /// * After `fork()` parent and child share these pages (no copy-on-write), including any
     ///   allocator metadata on them.
     /// * If the application unmaps the pages (e.g. `free` of a large allocation), the device
-    ///   keeps its mapping of the old memfd; sharing whatever is mapped there later moves it
-    ///   afresh.
+    ///   keeps its mapping of the old memfd: call [`Domain::unshare_raw`] first (the provider
+    ///   does when the registration goes or its memory monitor reports the unmap), or a new
+    ///   mapping at that address is served from the old pages. After that, a new mapping there
+    ///   cannot be shared with this session (refused; it works through bounce buffers).
     pub fn share_raw(&self, ptr: *const u8, len: usize) -> Result<()> {
         self.inner.share_external(ptr as usize, len)
+    }
+
+    /// Stop using the pages of `[ptr, ptr+len)` for zero-copy: every range added by
+    /// [`Domain::share_raw`] that overlaps them goes back to bounce buffers (the provider calls
+    /// this when the last registration of the memory goes, or the memory is unmapped, so that
+    /// a new mapping at the same address is never served from the device's view of the old
+    /// pages). The device keeps its mapping (vhost-user REM_MEM_REG would make vfabricd reset
+    /// the guest); sharing the same, still mapped pages again takes them back without a new
+    /// ADD_MEM_REG, while a new mapping there stays bounced. Returns how many ranges were
+    /// taken back.
+    pub fn unshare_raw(&self, ptr: *const u8, len: usize) -> usize {
+        let Ok((start, plen)) = crate::external::page_range(ptr as usize, len) else {
+            return 0;
+        };
+        let mut ext = self.inner.external.lock().unwrap();
+        let mut retired = self.inner.retired.lock().unwrap();
+        let before = ext.len();
+        ext.retain(|r| {
+            let hit = r.start < start + plen && start < r.start + r.len;
+            if hit {
+                retired.push(r.clone());
+            }
+            !hit
+        });
+        before - ext.len()
     }
 
     /// Page ranges outside the shared region added to the device by [`Domain::share_raw`]:
@@ -499,6 +526,9 @@ pub(crate) struct DomainInner {
     call_fds: usize,
     /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::share_raw`]).
     pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
+    /// Ranges taken back with [`Domain::unshare_raw`]: still in the device's memory table (a
+    /// removal would make the device reset the guest) but no longer used for zero-copy.
+    pub(crate) retired: Mutex<Vec<Arc<crate::external::Remapped>>>,
     /// Counters and remote-event state (memory regions, FI_RMA_EVENT).
     pub(crate) rma: crate::rma::RmaState,
     /// The target commit handler and its COMMIT_EVENT requests (spec §6.17.3).
@@ -664,6 +694,7 @@ impl DomainInner {
             rma: Default::default(),
             commit: Default::default(),
             external: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
         });
         let caps = inner.query_caps()?;
         let info = Info::build(
@@ -718,12 +749,19 @@ impl DomainInner {
         if crate::external::covered(&added, start, plen) {
             return Ok(());
         }
+        let mut retired = self.retired.lock().unwrap();
         for r in crate::external::remap(start, plen)? {
             if added.iter().any(|o| Arc::ptr_eq(o, &r)) {
                 continue;
             }
+            // The same pages, taken back earlier and still mapped: the device still has them.
+            if let Some(k) = retired.iter().position(|o| Arc::ptr_eq(o, &r)) {
+                added.push(retired.swap_remove(k));
+                continue;
+            }
             if let Some(o) = added
                 .iter()
+                .chain(retired.iter())
                 .find(|o| o.start < r.start + r.len && r.start < o.start + o.len)
             {
                 return Err(Error::InvalidArgument(format!(

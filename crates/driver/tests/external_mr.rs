@@ -421,3 +421,70 @@ fn shared_buffer_is_borrowed_only_when_the_device_cannot_write_it() {
     drop(mr);
     assert_eq!(&buf.get().expect("registration dropped")[..4], b"peer");
 }
+
+/// `Domain::unshare_raw`: shared pages go back to bounce buffers; the same pages, still mapped,
+/// can be shared again, but a new mapping at the same address is never served from the
+/// device's view of the old pages (the data sent from it is the new mapping's).
+#[test]
+fn unshared_pages_are_never_served_from_a_stale_mapping() {
+    const LEN: usize = 256 << 10;
+    let r = rig(2);
+    let p = pair(&r);
+    let anon = |hint: *mut libc::c_void, flags: i32| {
+        // SAFETY: a fresh anonymous mapping; with MAP_FIXED_NOREPLACE it never replaces one.
+        let m = unsafe {
+            libc::mmap(
+                hint,
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(m, libc::MAP_FAILED);
+        m.cast::<u8>()
+    };
+    let send_from = |at: *const u8, seed: u8| {
+        // SAFETY: `at..at+LEN` is this test's live mapping; nothing else writes it meanwhile.
+        let s = unsafe { std::slice::from_raw_parts_mut(at.cast_mut(), LEN) };
+        for (i, b) in s.iter_mut().enumerate() {
+            *b = seed.wrapping_add((i * 7) as u8);
+        }
+        p.b.ep.recv_vec(LEN, 2).unwrap();
+        // From the application's memory, as the provider posts it (zero-copy when shared).
+        // SAFETY: `s` stays valid and unwritten until the send completes below.
+        let iov = [unsafe { vfabric::Iov::raw(s.as_mut_ptr(), LEN) }];
+        let msg = vfabric::Msg {
+            iov: &iov,
+            addr: p.b_addr,
+            context: 1,
+            data: 0,
+        };
+        p.a.ep.sendmsg(&msg, 0).unwrap();
+        next_ok(&p.a.tx);
+        assert!(next_ok(&p.b.rx).buf.unwrap() == *s, "seed {seed}");
+    };
+    let at = anon(std::ptr::null_mut(), 0);
+    p.da.share_raw(at, LEN).unwrap();
+    assert_eq!(p.da.external_regions().len(), 1);
+    send_from(at, 1);
+    assert_eq!(p.da.unshare_raw(at, LEN), 1);
+    assert!(p.da.external_regions().is_empty());
+    send_from(at, 2);
+    // The same pages again: taken back (no new device slot).
+    p.da.share_raw(at, LEN).unwrap();
+    assert_eq!(p.da.external_regions().len(), 1);
+    send_from(at, 3);
+    assert_eq!(p.da.unshare_raw(at, LEN), 1);
+    // SAFETY: the test's own mapping, no longer shared or used.
+    assert_eq!(unsafe { libc::munmap(at.cast(), LEN) }, 0);
+    let again = anon(at.cast(), libc::MAP_FIXED_NOREPLACE);
+    assert_eq!(again, at);
+    // The device still maps the old pages there: refused, so the new ones stay bounced.
+    assert!(p.da.share_raw(at, LEN).is_err());
+    assert!(p.da.external_regions().is_empty());
+    send_from(at, 4);
+    // SAFETY: as above.
+    unsafe { libc::munmap(at.cast(), LEN) };
+}

@@ -145,6 +145,39 @@ struct fi_vfabric_ep_ops_v2 {
 				  void *context);
 };
 
+/* Registration cache of a domain (docs/fi_vfabric.7.md, "Registration cache"):
+ *   struct fi_vfabric_mr_cache_ops_v1 *ops;
+ *   fi_open_ops(&domain->fid, FI_VFABRIC_MR_CACHE_OPS_V1, 0, (void **)&ops, NULL);
+ * Its memory monitor is the provider's userfaultfd monitor, or the application's
+ * struct fid_mem_monitor (rdma/fi_ext.h) imported with
+ *   fi_import_fid(&domain->fid, &monitor->fid, 0);
+ * before the domain holds registrations in use (-FI_EBUSY otherwise, or when one was imported
+ * already; -FI_EINVAL for a short export_ops or one without subscribe, unsubscribe, valid).
+ * The provider fills monitor->import_ops; the application calls
+ * monitor->import_ops->notify(monitor, addr, len) when memory is unmapped or freed. */
+#define FI_VFABRIC_MR_CACHE_OPS_V1 "fi_vfabric_mr_cache_ops_v1"
+
+struct fi_vfabric_mr_cache_stats {
+	uint64_t hits;          /* registrations served from the cache */
+	uint64_t misses;        /* cacheable registrations made with the device */
+	uint64_t entries;       /* entries now */
+	uint64_t bytes;         /* bytes of the entries now */
+	uint64_t in_use;        /* entries now held by open MRs */
+	uint64_t evictions;     /* unused entries evicted for room (LRU) */
+	uint64_t invalidations; /* entries dropped because their memory was unmapped/freed */
+	uint64_t uncached;      /* misses not kept (cache off, memory not watchable, all in use) */
+	uint64_t max_count;     /* FI_VFABRIC_MR_CACHE_MAX_COUNT in effect */
+	uint64_t max_size;      /* FI_VFABRIC_MR_CACHE_MAX_SIZE in effect */
+};
+
+struct fi_vfabric_mr_cache_ops_v1 {
+	size_t size; /* sizeof(struct fi_vfabric_mr_cache_ops_v1) */
+	/* Read the counters (pending monitor events are processed first). 0 or -FI_EINVAL. */
+	int (*stats)(struct fid_domain *domain, struct fi_vfabric_mr_cache_stats *stats);
+	/* Drop every entry no MR holds; returns how many. */
+	ssize_t (*flush)(struct fid_domain *domain);
+};
+
 #ifdef __cplusplus
 }
 #endif

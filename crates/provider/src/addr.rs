@@ -276,6 +276,81 @@ pub fn host_of(info: &vfabric::Info, ip: IpAddr) -> Option<u16> {
     is_local(ip).then_some((info.node_addr >> 16) as u16)
 }
 
+/// What the devices this process probed or opened said about their fabric's hosts, by fabric
+/// id: this host's id and the `HOST_ADDRS` entries (empty on one host). Names of endpoints of
+/// other hosts (`fi_getpeer`, a CONNREQ's `dest_addr`) and of our own endpoints, as other
+/// hosts must read them, come from here.
+static HOSTS: std::sync::Mutex<Vec<(u32, u16, Vec<vfabric::proto::caps::HostAddrEntry>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Remember the hosts of `info`'s fabric (called for every device probed or opened).
+pub fn note_hosts(info: &vfabric::Info) {
+    note(
+        (info.node_addr >> 32) as u32,
+        (info.node_addr >> 16) as u16,
+        info.host_addrs.clone(),
+    );
+}
+
+fn note(fabric: u32, host: u16, entries: Vec<vfabric::proto::caps::HostAddrEntry>) {
+    let mut g = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+    g.retain(|(f, _, _)| *f != fabric);
+    g.push((fabric, host, entries));
+}
+
+/// The host address other hosts know `native`'s host by, in the family of `like` (IPv4
+/// first), if its fabric has several hosts; `local` says whether that is this host.
+fn uplink_ip(native: FabricAddr, like: Option<IpAddr>) -> Option<(IpAddr, bool)> {
+    let g = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, this_host, entries) = g.iter().find(|(f, _, _)| *f == native.fabric())?;
+    let local = native.host() == *this_host;
+    let mut mine: Vec<IpAddr> = entries
+        .iter()
+        .filter(|e| e.host_id == native.host())
+        .map(|e| e.addr)
+        .collect();
+    if mine.is_empty() && local && !entries.is_empty() {
+        // Several hosts, but ours listens on no one address (`--listen 0.0.0.0`): any address
+        // of this machine others can reach names it.
+        mine = interface_addrs()
+            .into_iter()
+            .filter(|a| !a.is_loopback() && !a.is_unspecified() && !is_link_local(*a))
+            .collect();
+    }
+    let v6 = matches!(like, Some(IpAddr::V6(_)));
+    let ip = mine
+        .iter()
+        .find(|a| a.is_ipv6() == v6)
+        .or_else(|| mine.first())
+        .copied()?;
+    let ip = match ip {
+        IpAddr::V4(v4) if v6 => IpAddr::V6(v4.to_ipv6_mapped()),
+        ip => ip,
+    };
+    Some((ip, local))
+}
+
+fn is_link_local(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// The host address endpoint `native`, bound to `service`, is named by: with several hosts,
+/// its host's uplink address (an address that names the same host on every host of the
+/// fabric: loopback names each reader's own host), unless it is one of ours and `like` (the
+/// source address it was created with) names one interface of this machine; on one host,
+/// [`local_name`].
+pub fn name_of(like: Option<IpAddr>, native: FabricAddr, service: u16) -> SocketAddr {
+    let specific = like.filter(|ip| !ip.is_unspecified() && !ip.is_loopback());
+    match uplink_ip(native, like) {
+        Some((_, true)) if specific.is_some() => local_name(like, service),
+        Some((ip, _)) => SocketAddr::new(ip, service),
+        None => local_name(like, service),
+    }
+}
+
 /// The addresses of this machine's interfaces.
 fn interface_addrs() -> Vec<IpAddr> {
     let mut out = Vec::new();
@@ -325,7 +400,8 @@ pub fn local_name(like: Option<IpAddr>, service: u16) -> SocketAddr {
 
 /// The device endpoint `a` names, resolving a host address through `dom`'s device.
 /// `-FI_EADDRNOTAVAIL` if the address names no host of the fabric or no endpoint is bound to
-/// the service; `-FI_ENOSYS` for a service of another host (resolution is local-only).
+/// the service; `-FI_EHOSTUNREACH` if the host is another one that is down or does not answer
+/// (its device is asked through the uplink, within the peer timeout).
 pub fn resolve(dom: &vfabric::Domain, a: &Addr) -> Result<FabricAddr, i32> {
     match a {
         Addr::Native(n) => Ok(*n),
@@ -338,7 +414,6 @@ pub fn resolve(dom: &vfabric::Domain, a: &Addr) -> Result<FabricAddr, i32> {
                 return Err(fi::EADDRNOTAVAIL);
             }
             let host = FabricAddr::node_of((info.node_addr >> 32) as u32, host_id, 0);
-            // Another host's services: the device answers UNSUPPORTED (-FI_ENOSYS).
             match dom.resolve_service(host, s.port()) {
                 Ok(Some(n)) => Ok(n),
                 Ok(None) => Err(fi::EADDRNOTAVAIL),
@@ -398,6 +473,59 @@ mod tests {
         assert_eq!(decode(Format::In, &encode(Format::In6, &v6).unwrap()), None);
         assert_eq!(decode(Format::Str, b"fi_sockaddr_in://nonsense\0"), None);
         assert_eq!(decode(Format::Native, &[0; 15]), None);
+    }
+
+    #[test]
+    fn names_across_hosts_are_uplink_addresses() {
+        use vfabric::proto::caps::HostAddrEntry;
+        let (fabric, me, peer) = (0x7e57_u32, 1u16, 2u16);
+        let ep = |host| FabricAddr::new(FabricAddr::node_of(fabric, host, 0), 3, 1);
+        let v4 = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // One host (no entries): the loopback address, or the interface asked for.
+        note(fabric, me, Vec::new());
+        assert_eq!(name_of(None, ep(me), 9), "127.0.0.1:9".parse().unwrap());
+        assert_eq!(
+            name_of(v4("192.0.2.7"), ep(me), 9),
+            "192.0.2.7:9".parse().unwrap()
+        );
+        note(
+            fabric,
+            me,
+            vec![
+                HostAddrEntry {
+                    host_id: me,
+                    addr: "10.9.0.1".parse().unwrap(),
+                },
+                HostAddrEntry {
+                    host_id: peer,
+                    addr: "10.9.0.2".parse().unwrap(),
+                },
+            ],
+        );
+        // Several hosts: our endpoints by our uplink address (not loopback, which names each
+        // reader's own host), unless created on one interface; a peer's by its.
+        assert_eq!(name_of(None, ep(me), 9), "10.9.0.1:9".parse().unwrap());
+        assert_eq!(
+            name_of(v4("127.0.0.1"), ep(me), 9),
+            "10.9.0.1:9".parse().unwrap()
+        );
+        assert_eq!(
+            name_of(v4("192.0.2.7"), ep(me), 9),
+            "192.0.2.7:9".parse().unwrap()
+        );
+        assert_eq!(
+            name_of(v4("127.0.0.1"), ep(peer), 5),
+            "10.9.0.2:5".parse().unwrap()
+        );
+        // In IPv6 form: the mapped address.
+        let any6 = Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        assert_eq!(
+            name_of(any6, ep(peer), 5),
+            "[::ffff:10.9.0.2]:5".parse().unwrap()
+        );
+        // Another fabric's endpoint: nothing known, the local rule.
+        let other = FabricAddr::new(FabricAddr::node_of(fabric + 1, peer, 0), 3, 1);
+        assert_eq!(name_of(None, other, 5), "127.0.0.1:5".parse().unwrap());
     }
 
     #[test]

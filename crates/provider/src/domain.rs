@@ -16,10 +16,6 @@ use crate::fabric::{ops_ptr, FabricObj};
 use crate::sys;
 use crate::util::{copy_str_out, errno_of, guard, nosys, obj, ParentRef, Refs, SendPtr};
 
-/// Local registrations (FI_MR_LOCAL) from this size up are shared with the device: below it a
-/// bounce copy costs less than moving the pages.
-const SHARE_LOCAL_MIN: usize = 64 << 10;
-
 /// `fid_domain`.
 #[repr(C)]
 pub struct DomainObj {
@@ -46,6 +42,8 @@ pub struct DomainObj {
     /// Peers are watched: not for a domain opened for DGRAM endpoints, whose peers come and go
     /// without a connection (a datagram peer's exit is no error).
     watch_peers: bool,
+    /// The registration cache (crate::mr_cache) and its memory monitor.
+    pub mr_cache: Arc<crate::mr_cache::MrCache>,
     pub refs: Refs,
 }
 
@@ -65,7 +63,7 @@ impl DomainObj {
 static DOMAIN_FI_OPS: LazyLock<sys::fi_ops> = LazyLock::new(|| sys::fi_ops {
     size: std::mem::size_of::<sys::fi_ops>(),
     close: Some(domain_close),
-    bind: nosys(),
+    bind: Some(crate::monitor::domain_bind),
     control: nosys(),
     ops_open: Some(crate::ext::domain_ops_open),
     tostr: nosys(),
@@ -152,7 +150,7 @@ pub unsafe extern "C" fn domain_open(
             },
             // SAFETY: the fabric refuses to close while this count is held.
             _fabric: unsafe { ParentRef::new(&f.refs) },
-            dom: d,
+            dom: d.clone(),
             info: dev,
             av_type: da.av_type,
             mr_mode: da.mr_mode,
@@ -166,6 +164,7 @@ pub unsafe extern "C" fn domain_open(
             // SAFETY: `ep_attr` is NULL or valid in the consumer's fi_info.
             watch_peers: unsafe { i.ep_attr.as_ref() }
                 .is_none_or(|ep| ep.type_ != sys::fi_ep_type_FI_EP_DGRAM),
+            mr_cache: crate::mr_cache::MrCache::new(d.clone()),
             refs: Refs::default(),
         });
         // SAFETY: valid out pointer; the consumer owns the box until fi_close.
@@ -186,6 +185,7 @@ unsafe extern "C" fn domain_close(fid: *mut sys::fid) -> c_int {
         }
         // SAFETY: created by Box::into_raw in domain_open; no child references it.
         let b = unsafe { Box::from_raw(fid.cast::<DomainObj>()) };
+        b.mr_cache.close();
         release(&b.info.device);
         0
     })
@@ -201,6 +201,7 @@ static FABRIC_OF: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
 
 /// Remember the fabric of a probed device.
 pub fn note_fabric(dev: &Info) {
+    crate::addr::note_hosts(dev);
     let mut g = FABRIC_OF.lock().unwrap_or_else(|e| e.into_inner());
     g.get_or_insert_with(HashMap::new)
         .insert(dev.domain_name.clone(), dev.fabric_id);
@@ -577,9 +578,9 @@ fn resolve_error(a: &crate::addr::Addr, errno: i32) -> String {
     let what = crate::addr::to_string(a);
     match errno {
         fi::EADDRNOTAVAIL => format!("{what}: no host of the fabric, or nothing bound to it"),
-        fi::ENOSYS => format!(
-            "{what}: a service of another host (resolution is local-only: use that host's \
-             endpoint addresses)"
+        fi::EHOSTUNREACH => format!(
+            "{what}: a host of the fabric that is down or did not answer (its uplink peer \
+             timeout)"
         ),
         e => format!("{what}: error {e}"),
     }
@@ -746,6 +747,8 @@ pub struct MrObj {
     pub access: u64,
     /// The device registration of a region with remote access.
     pub region: Option<vfabric::MemoryRegion>,
+    /// The registration from the domain's cache (crate::mr_cache) the MR stands on.
+    cached: Option<crate::mr_cache::Handle>,
     /// Counters bound with `fi_mr_bind` (they refuse to close while bound). Declared after
     /// `region` so the registration goes first.
     bound: Mutex<Vec<ParentRef>>,
@@ -821,6 +824,24 @@ fn mr_create(
                 offset: *offset,
             }),
         };
+        // One plain range with a provider key (no counters, no persistence; a cached
+        // application key would stay taken): through the registration cache.
+        if iov.len() == 1 && !rma_event && attr.pmem.is_none() && attr.requested_key.is_none() {
+            return match d.mr_cache.register(addr, len, access, Some(attr)) {
+                Ok(h) => new_mr(
+                    d,
+                    h.key().unwrap_or(0),
+                    addr,
+                    len,
+                    access,
+                    None,
+                    Some(h),
+                    mr,
+                    context,
+                ),
+                Err(e) => -e,
+            };
+        }
         let segs: Vec<(*const u8, usize)> = iov.iter().map(|&(p, l)| (p as *const u8, l)).collect();
         // SAFETY: libfabric's registration contract: the buffers stay valid while registered
         // (the device reaches them by cross-memory attach, see `Domain::register_external`).
@@ -838,19 +859,34 @@ fn mr_create(
             requested_key
         };
         // A large local registration under FI_MR_LOCAL: share the buffer with the device so
-        // that sends and receives on it skip the bounce buffers. Memory that cannot be shared
-        // (file-backed, stack, ...) keeps working through the bounce buffers.
-        if d.mr_mode & sys::FI_MR_LOCAL as i32 != 0 && len >= SHARE_LOCAL_MIN && addr != 0 {
-            if let Err(e) = d.dom.share_raw(addr as *const u8, len) {
-                crate::util::log(
-                    sys::fi_log_level_FI_LOG_DEBUG,
-                    sys::fi_log_subsys_FI_LOG_MR,
-                    &format!("local registration stays bounced: {e}"),
-                );
-            }
+        // that sends and receives on it skip the bounce buffers (through the registration
+        // cache, which also takes the pages back when the registration goes).
+        if d.mr_mode & sys::FI_MR_LOCAL as i32 != 0
+            && len >= crate::mr_cache::SHARE_LOCAL_MIN
+            && addr != 0
+        {
+            return match d.mr_cache.register(addr, len, access, None) {
+                Ok(h) => new_mr(d, key, addr, len, access, None, Some(h), mr, context),
+                Err(e) => -e,
+            };
         }
         (key, None)
     };
+    new_mr(d, key, addr, len, access, region, None, mr, context)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_mr(
+    d: &DomainObj,
+    key: u64,
+    addr: usize,
+    len: usize,
+    access: u64,
+    region: Option<vfabric::MemoryRegion>,
+    cached: Option<crate::mr_cache::Handle>,
+    mr: *mut *mut sys::fid_mr,
+    context: *mut c_void,
+) -> c_int {
     let obj = Box::new(MrObj {
         fid: sys::fid_mr {
             fid: sys::fid {
@@ -867,6 +903,7 @@ fn mr_create(
         len,
         access,
         region,
+        cached,
         bound: Mutex::new(Vec::new()),
     });
     let p = Box::into_raw(obj);

@@ -90,7 +90,7 @@ pub fn name_in(
             }
             _ => None,
         };
-        Addr::Host(crate::addr::local_name(like, service))
+        Addr::Host(crate::addr::name_of(like, native, service))
     } else {
         Addr::Native(native)
     };

@@ -84,6 +84,10 @@ pub unsafe extern "C" fn domain_ops_open(
     _context: *mut c_void,
 ) -> c_int {
     // SAFETY: libfabric's fi_open_ops arguments, as `open_ops` requires.
+    if let Some(r) = unsafe { crate::mr_cache::open_ops(fid, name, ops) } {
+        return r;
+    }
+    // SAFETY: as above.
     unsafe {
         open_ops::<DomainObj, _>(
             fid,

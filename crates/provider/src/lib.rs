@@ -15,7 +15,9 @@
 //! `domain` (domain, AV, MR, CQ, counter), `ep` (endpoints: msg/tagged tables; the collective
 //! table is `-FI_ENOSYS`), `rma` (RMA and atomic tables), `cm` (FI_EP_MSG: passive endpoints and the connection
 //! handshake), `multirecv` (FI_MULTI_RECV emulation), `ext` (`fi_open_ops` extensions of
-//! `include/fi_vfabric.h`), `util` (stubs, guards, logging).
+//! `include/fi_vfabric.h`), `mr_cache` (the registration cache), `monitor` (its memory
+//! monitors: userfaultfd, or the consumer's imported `fid_mem_monitor`), `util` (stubs, guards,
+//! logging).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -26,6 +28,8 @@ mod ep;
 mod ext;
 mod fabric;
 mod info;
+mod monitor;
+mod mr_cache;
 mod multirecv;
 mod nic;
 mod pmem;
@@ -66,7 +70,7 @@ pub fn provider_ptr() -> *mut sys::fi_provider {
 pub extern "C" fn fi_prov_ini() -> *mut sys::fi_provider {
     let p = PROVIDER.0.get();
     // Parameters (listed by `fi_info -e`, read from FI_VFABRIC_*).
-    let params: [(&CStr, sys::fi_param_type, &CStr); 3] = [
+    let params: [(&CStr, sys::fi_param_type, &CStr); 6] = [
         (
             c"devices",
             sys::fi_param_type_FI_PARAM_STRING,
@@ -81,6 +85,21 @@ pub extern "C" fn fi_prov_ini() -> *mut sys::fi_provider {
             c"peer_watch",
             sys::fi_param_type_FI_PARAM_BOOL,
             c"Report each remote peer of an RDM domain that goes away as a CQ error entry with a NULL op_context (default: 1; 0 for consumers that dereference every entry's context, as Open MPI's OFI MTL does)",
+        ),
+        (
+            c"mr_cache_max_count",
+            sys::fi_param_type_FI_PARAM_SIZE_T,
+            c"Registrations a domain's registration cache keeps (default: 1024; 0 turns the cache off); unused ones are evicted least recently used first",
+        ),
+        (
+            c"mr_cache_max_size",
+            sys::fi_param_type_FI_PARAM_SIZE_T,
+            c"Bytes of registered memory a domain's registration cache keeps (default: 1073741824; 0 turns the cache off)",
+        ),
+        (
+            c"mr_cache_monitor",
+            sys::fi_param_type_FI_PARAM_STRING,
+            c"Memory monitor of the registration cache: userfaultfd (default) or disabled (no cache unless the application imports a monitor with fi_import_fid)",
         ),
     ];
     for (name, ty, help) in params {

@@ -53,9 +53,14 @@ impl Fabric {
         for ep in 0..eps {
             self.close_ep(dev, ep, mode, n);
         }
-        // Every endpoint of the device is closed: one pass for peers' directed receives.
+        // Whatever else it still waits for from other hosts (FLUSHes, ADDR_CHECKs) goes too.
+        self.withdraw_remote_of(dev, |_| true, mode == Teardown::Silent, n);
+        // Every endpoint of the device is closed: one pass for peers' directed receives, here
+        // and on other hosts.
         let node = self.node_addr(dev);
         self.fail_directed_at(|peer| peer.node == node, Some(dev), false, n);
+        self.outbox
+            .ep_gone(FabricAddr::new(node, 0, 0), true, false);
         self.release_services(|a| a.node == node);
         // The device's regions go with it: later accesses complete ACCESS at their initiator.
         let (mrs, events, port) = {
@@ -113,8 +118,10 @@ impl Fabric {
             port
         };
         victims.extend(self.take_held_all(|m, r| m.src_dev == dev && r.queue == queue));
-        // Its FLUSHes waiting for a target's verdict are in flight on this ring too.
+        // Its FLUSHes waiting for a target's verdict are in flight on this ring too, and so
+        // are its requests waiting for another host's verdict.
         self.commits_queue_stopped(dev, queue, n);
+        self.withdraw_remote_of(dev, |r| r.queue == queue, false, n);
         for r in victims {
             let c = completion(Status::Canceled, r.req.cookie);
             self.done(dev, &port, &r, &c, 0, n);
@@ -177,6 +184,14 @@ impl Fabric {
                 }
             }
         }
+        // Its requests waiting for another host's verdict are its held sends there. A FLUSH
+        // stays: the initiator's EP_CLOSE leaves its commits pending (§6.17.3).
+        self.withdraw_remote_of(
+            dev,
+            |r| r.req.ep as usize == ep && r.req.opcode != vfabric_proto::Opcode::Flush,
+            mode == Teardown::Silent,
+            n,
+        );
     }
 
     /// Complete `PeerGone` every posted receive, on any device but `skip`, directed at an
@@ -233,9 +248,11 @@ impl Fabric {
         n: &mut Notify,
     ) {
         let Some(located) = self.locate(src) else {
-            // Another host's endpoint (a peer of the uplink) cannot be looked at from here: the
-            // receive stays posted. Anything else names nothing and fails below.
-            if self.not_here(src) == Status::Unsupported {
+            // Another host's endpoint (a peer of the uplink that is up): the receive stays
+            // posted, and that host is asked whether it is open unless that is known (a "gone"
+            // answer, or its EP_GONE later, fails it). Anything else names nothing and fails
+            // below.
+            if self.not_here(src) == Status::Unsupported && self.outbox.watch(src) {
                 return;
             }
             return self.fail_directed(dev, port, ep, src, cookie, n);
@@ -354,6 +371,7 @@ impl Fabric {
         self.close_ep(dev, req.req.ep as usize, Teardown::Cancel, n);
         let gone = FabricAddr::new(self.node_addr(dev), req.req.ep, generation);
         self.fail_directed_at(|peer| peer == gone, None, true, n);
+        self.outbox.ep_gone(gone, false, true);
         self.release_services(|a| a == gone);
         self.fail(dev, port, &req, Status::Ok, n);
     }

@@ -579,6 +579,9 @@ impl Fabric {
             Opcode::EpOpen => self.op_ep_open(dev, port, req, n),
             Opcode::EpClose => self.op_ep_close(dev, port, req, n),
             Opcode::Cancel => self.op_cancel(dev, port, req, n),
+            Opcode::AddrCheck if self.not_here(req.req.peer) == Status::Unsupported => {
+                self.addr_check_remote(dev, port, req, n)
+            }
             Opcode::AddrCheck => {
                 let s = if self.addr_live(req.req.peer) {
                     Status::Ok

@@ -148,6 +148,10 @@ impl Fabric {
         read: &[u8],
         n: &mut Notify,
     ) {
+        if req.req.opcode == Opcode::AddrCheck {
+            // OK, ADDR_NOT_AVAIL, or HOST_UNREACH when the host went away first.
+            return self.fail(dev, port, req, status, n);
+        }
         if req.req.opcode == Opcode::Flush {
             // A refusal by the target's commit handler carries the handler's value.
             let mut c = completion(status, req.req.cookie);
@@ -863,6 +867,93 @@ impl Fabric {
         }
     }
 
+    /// ADDR_CHECK of `req.req.peer`, an endpoint of another host: that host's device answers
+    /// (through the uplink); `HostUnreach` at once when it is down.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn addr_check_remote(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+        let host = req.req.peer.host();
+        if let Err((req, status)) = self.outbox.push_addr_check(host, dev, port.clone(), req) {
+            self.fail(dev, port, &req, status, n);
+        }
+    }
+
+    /// Whether `addr` names an open endpoint of this host (another host's ADDR_QUERY).
+    pub(crate) fn endpoint_open(&self, addr: FabricAddr) -> bool {
+        self.addr_live(addr)
+    }
+
+    /// Requests of endpoint `ep` of `dev` (every request of `dev` with `None`; with
+    /// `flushes`, FLUSHes too) that wait for another host's verdict leave: completed
+    /// `Canceled`, or forgotten when `silent` (the device's rings are gone). Their targets are
+    /// told (CANCEL), so that a message still held there is dropped; a late verdict finds
+    /// nothing.
+    pub(super) fn withdraw_remote_of(
+        &self,
+        dev: usize,
+        hit: impl Fn(&Req) -> bool,
+        silent: bool,
+        n: &mut Notify,
+    ) {
+        let victims = self.outbox.withdraw(dev, hit);
+        if victims.is_empty() {
+            return;
+        }
+        debug!(
+            dev,
+            count = victims.len(),
+            "requests to other hosts withdrawn"
+        );
+        if silent {
+            return;
+        }
+        for p in victims {
+            self.fail(p.dev, &p.port, &p.req, Status::Canceled, n);
+        }
+    }
+
+    /// Host `host` withdrew its request `req_id` (CANCEL): a message of it held here is
+    /// dropped without a verdict (its sender completed it already).
+    pub(crate) fn withdraw_remote(&self, host: u16, req_id: u64) {
+        for dev in 0..self.devs.len() {
+            let mut d = self.dev(dev);
+            for slot in d.eps.iter_mut() {
+                let Some(e) = slot.ep.as_mut() else { continue };
+                let at = e.unexpected.iter().position(
+                    |m| matches!(&m.body, Body::Remote(h) if h.host == host && h.req_id == req_id),
+                );
+                if let Some(Msg {
+                    body: Body::Remote(h),
+                    ..
+                }) = at.and_then(|i| e.unexpected.remove(i))
+                {
+                    self.remote_held_bytes
+                        .fetch_sub(h.bytes.len() as u64, Ordering::AcqRel);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Endpoint `one` (`(ep, generation)`; every endpoint with `None`) of device `node` of
+    /// another host is gone, `closed` by its driver or lost: receives directed at it fail
+    /// PEER_GONE (`data` = PEER_CLOSED when closed).
+    pub(crate) fn remote_ep_gone(
+        &self,
+        node: u64,
+        one: Option<(u32, u32)>,
+        closed: bool,
+        n: &mut Notify,
+    ) {
+        let gone = |a: FabricAddr| {
+            a.node == node
+                && one.is_none_or(|(ep, generation)| a.ep == ep && a.generation == generation)
+        };
+        // Forgotten first: a receive directed at it posted from now on asks again.
+        self.outbox.forget(gone);
+        self.fail_directed_at(gone, None, closed, n);
+    }
+
     /// A held message from another host left its queue: its sender learns `status`.
     pub(super) fn reply_remote(&self, held: HeldRemote, status: Status) {
         self.remote_held_bytes
@@ -944,7 +1035,7 @@ mod tests {
         comp_flags, ep_open, flags, ByteValued, FabricAddr, Opcode, Request, Status,
     };
 
-    use super::super::{eager_cost, Notify};
+    use super::super::{eager_cost, Notify, Teardown};
     use super::Incoming;
     use crate::config::Limits;
     use crate::testutil::{World, TEST_FABRIC};
@@ -1009,7 +1100,7 @@ mod tests {
                     status,
                     ..
                 } => Some((host, req_id, status)),
-                Outbound::Send(_) => None,
+                _ => None,
             })
             .collect()
     }
@@ -1247,6 +1338,241 @@ mod tests {
         assert_eq!(w.data(&r, 1), b"x");
         assert_eq!(replies(&w), vec![(2, 11, Status::Ok)]);
     }
+    /// What the outbox holds for the uplink: `(kind, host, request id)` of every CANCEL, and
+    /// the request ids of the DATA requests (which enter the pending table here).
+    fn outgoing(w: &World) -> (Vec<(u16, u64)>, Vec<u64>) {
+        let (mut cancels, mut sends) = (Vec::new(), Vec::new());
+        for m in w.fabric.outbox.take() {
+            match m {
+                Outbound::Cancel { host, req_id } => cancels.push((host, req_id)),
+                Outbound::Send(s) => sends.push(u64::from(s.desc.req_id)),
+                _ => {}
+            }
+        }
+        (cancels, sends)
+    }
+
+    #[test]
+    fn an_endpoint_close_withdraws_its_requests_to_other_hosts() {
+        let mut w = World::new(1, Limits::default());
+        let a = w.open(0, RDM);
+        let other = w.open(0, RDM);
+        let there = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 1), 3, 4);
+        w.fabric.outbox.set_hosts([(2, true)].into_iter());
+        // Two sends and a read out on the wire (waiting for host 2's verdict), a FLUSH out too,
+        // a send of another endpoint, then a send still queued here.
+        let sent = w.send(0, a, there, None, 0, 1, b"sent");
+        let mut rd = Request::new(Opcode::RmaRead);
+        rd.ep = a.ep;
+        rd.peer = there;
+        rd.cookie = 2;
+        let read = w.submit(0, rd, &[], 8);
+        let mut fl = Request::new(Opcode::Flush);
+        fl.ep = a.ep;
+        fl.peer = there;
+        fl.remote_key = 9;
+        fl.cookie = 3;
+        let flush = w.submit(0, fl, &[], 0);
+        let theirs = w.send(0, other, there, None, 0, 4, b"theirs");
+        let (_, ids) = outgoing(&w);
+        assert_eq!(ids.len(), 4);
+        let queued = w.send(0, a, there, None, 0, 5, b"queued");
+
+        let mut cl = Request::new(Opcode::EpClose);
+        cl.ep = a.ep;
+        let h = w.submit(0, cl, &[], 0);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        for (x, what) in [(&sent, "sent"), (&read, "read"), (&queued, "queued")] {
+            assert_eq!(w.status(x), Some(Status::Canceled), "{what}");
+        }
+        assert!(
+            w.result(&flush).is_none(),
+            "EP_CLOSE leaves a FLUSH pending"
+        );
+        assert!(w.result(&theirs).is_none(), "another endpoint's send stays");
+        // The targets are told about what went out (not the queued send, which never left).
+        let (mut cancels, sends) = outgoing(&w);
+        cancels.sort();
+        assert_eq!(cancels, vec![(2, ids[0]), (2, ids[1])]);
+        assert!(sends.is_empty(), "the queued send never leaves");
+        // Late verdicts find nothing (the uplink drops them); the others are still there.
+        assert!(w.fabric.outbox.take_pending(ids[0], Some(2)).is_none());
+        assert!(w.fabric.outbox.take_pending(ids[1], Some(2)).is_none());
+        let p = w
+            .fabric
+            .outbox
+            .take_pending(ids[3], Some(2))
+            .expect("theirs");
+        let mut n = Notify::default();
+        w.fabric
+            .complete_remote(p.dev, &p.port, &p.req, p.len, Status::Ok, &[], &mut n);
+        drop(n);
+        assert_eq!(w.status(&theirs), Some(Status::Ok));
+
+        // A reset whose rings survive cancels the FLUSH too, and a pending ADDR_CHECK.
+        let mut ck = Request::new(Opcode::AddrCheck);
+        ck.peer = there;
+        ck.cookie = 6;
+        let check = w.submit(0, ck, &[], 0);
+        assert!(w.result(&check).is_none(), "asks host 2");
+        let mut n = Notify::default();
+        w.fabric.reset(0, Teardown::Cancel, &mut n);
+        drop(n);
+        assert_eq!(w.status(&flush), Some(Status::Canceled));
+        assert_eq!(w.status(&check), Some(Status::Canceled));
+        assert!(!w.fabric.outbox.busy((0, a.ep, 2)), "reservations released");
+
+        // A reset whose rings are gone (RESET_DEVICE, disconnection): forgotten, not completed,
+        // and the target is still told.
+        let c = w.open(0, RDM);
+        let lost = w.send(0, c, there, None, 0, 7, b"lost");
+        let (_, ids) = outgoing(&w);
+        let mut n = Notify::default();
+        w.fabric.reset(0, Teardown::Silent, &mut n);
+        drop(n);
+        assert!(w.result(&lost).is_none(), "no completion into a gone ring");
+        let (cancels, _) = outgoing(&w);
+        assert_eq!(cancels, vec![(2, ids[0])]);
+        assert!(w.fabric.outbox.take_pending(ids[0], None).is_none());
+        assert!(!w.fabric.outbox.busy((0, c.ep, 2)));
+    }
+
+    #[test]
+    fn a_cancel_from_the_sender_drops_its_held_message() {
+        let mut w = World::new(1, limits());
+        let b = w.open(0, RDM);
+        let big = vec![7u8; 1000];
+        assert_eq!(accept(&w, incoming(3, b, None, &big)), None, "held");
+        assert_eq!(accept(&w, incoming(4, b, None, &big)), None, "held");
+        w.fabric.withdraw_remote(2, 3);
+        w.fabric.withdraw_remote(3, 4); // another host's id: not its request
+        let r = w.recv(0, b, None, 0, 1, 0, 2000);
+        assert_eq!(w.status(&r), Some(Status::Ok));
+        assert_eq!(
+            replies(&w),
+            vec![(2, 4, Status::Ok)],
+            "request 3 never answered"
+        );
+        assert_eq!(
+            w.fabric
+                .remote_held_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        let r = w.recv(0, b, None, 0, 2, 0, 2000);
+        assert!(w.result(&r).is_none(), "the withdrawn message is gone");
+    }
+
+    #[test]
+    fn receives_directed_at_another_hosts_endpoint_fail_when_it_goes() {
+        let mut w = World::new(1, limits());
+        let b = w.open(0, RDM);
+        w.fabric
+            .outbox
+            .set_hosts([(2, true), (3, false)].into_iter());
+        let node = FabricAddr::node_of(TEST_FABRIC, 2, 1);
+        let (x, y) = (FabricAddr::new(node, 5, 6), FabricAddr::new(node, 7, 1));
+        let directed = |w: &mut World, at: FabricAddr, cookie: u64| {
+            let mut rq = Request::new(Opcode::Recv);
+            rq.ep = b.ep;
+            rq.peer = at;
+            rq.flags = flags::DIRECTED;
+            rq.cookie = cookie;
+            w.submit(0, rq, &[], 64)
+        };
+        let rx = directed(&mut w, x, 1);
+        let rx2 = directed(&mut w, x, 2);
+        let ry = directed(&mut w, y, 3);
+        assert!(w.result(&rx).is_none() && w.result(&ry).is_none());
+        // One query per endpoint asked about.
+        let queries: Vec<FabricAddr> = w
+            .fabric
+            .outbox
+            .take()
+            .into_iter()
+            .filter_map(|m| match m {
+                Outbound::AddrQuery {
+                    addr, req_id: 0, ..
+                } => Some(addr),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(queries, vec![x, y]);
+        // x's driver closes it: PEER_GONE with PEER_CLOSED; y stays.
+        let mut n = Notify::default();
+        w.fabric.remote_ep_gone(node, Some((5, 6)), true, &mut n);
+        drop(n);
+        for h in [&rx, &rx2] {
+            assert_eq!(w.status(h), Some(Status::PeerGone));
+            assert_eq!(u64::from(w.comp(h).data), vfabric_proto::PEER_CLOSED);
+        }
+        assert!(w.result(&ry).is_none());
+        // y is known open: no new query; then its device is reset (lost: data 0).
+        w.fabric.outbox.known_open(y);
+        let ry2 = directed(&mut w, y, 4);
+        assert!(
+            w.fabric.outbox.take().is_empty(),
+            "known open, not asked again"
+        );
+        let mut n = Notify::default();
+        w.fabric.remote_ep_gone(node, None, false, &mut n);
+        drop(n);
+        for h in [&ry, &ry2] {
+            assert_eq!(w.status(h), Some(Status::PeerGone));
+            assert_eq!(u64::from(w.comp(h).data), 0);
+        }
+        // Forgotten once gone: a new receive directed at it asks again.
+        let _ = directed(&mut w, y, 5);
+        assert_eq!(w.fabric.outbox.take().len(), 1);
+        // A host that is down: PEER_GONE at once.
+        let z = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 3, 0), 1, 1);
+        let rz = directed(&mut w, z, 6);
+        assert_eq!(w.status(&rz), Some(Status::PeerGone));
+        assert_eq!(u64::from(w.comp(&rz).data), 0);
+    }
+
+    /// A guest's ADDR_CHECK of another host's address is that host's to answer.
+    #[test]
+    fn addr_check_of_another_hosts_address_asks_that_host() {
+        let mut w = World::new(1, Limits::default());
+        w.fabric
+            .outbox
+            .set_hosts([(2, true), (3, false)].into_iter());
+        let check = |w: &mut World, at: FabricAddr| {
+            let mut ck = Request::new(Opcode::AddrCheck);
+            ck.peer = at;
+            w.submit(0, ck, &[], 0)
+        };
+        let x = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 1), 5, 6);
+        let h = check(&mut w, x);
+        assert!(w.result(&h).is_none(), "waits for host 2");
+        let Some(Outbound::AddrQuery {
+            host: 2,
+            addr,
+            req_id,
+        }) = w.fabric.outbox.take().pop_front()
+        else {
+            panic!("no query");
+        };
+        assert_eq!(addr, x);
+        let p = w
+            .fabric
+            .outbox
+            .take_pending(req_id, Some(2))
+            .expect("pending");
+        let mut n = Notify::default();
+        w.fabric
+            .complete_remote(p.dev, &p.port, &p.req, 0, Status::Ok, &[], &mut n);
+        drop(n);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        let down = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 3, 0), 1, 1);
+        let h = check(&mut w, down);
+        assert_eq!(w.status(&h), Some(Status::HostUnreach));
+        let stranger = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 9, 0), 1, 1);
+        let h = check(&mut w, stranger);
+        assert_eq!(w.status(&h), Some(Status::AddrNotAvail));
+    }
+
     /// A plain (not persistent) region of 64 bytes at address `base` of device 0 with remote
     /// read and write access: its key.
     fn plain_region(w: &mut World, base: u64) -> u64 {

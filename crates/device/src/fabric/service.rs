@@ -135,18 +135,43 @@ impl Fabric {
             return self.fail(dev, port, &req, Status::AddrNotAvail, n);
         }
         if host.host() != self.host_id {
-            // Services are resolved on their own host; this device does not ask other hosts.
-            return self.fail(dev, port, &req, Status::Unsupported, n);
+            // Services are resolved on their own host: an uplink peer is asked (its answer,
+            // or HostUnreach, completes the request later); any other host is no host of
+            // the fabric.
+            if !self.outbox.is_peer(host.host()) {
+                return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+            }
+            let r = crate::uplink::svc_resolve(host.host(), svc as u16, dev, port.clone(), req);
+            self.outbox.push(r);
+            return;
         }
-        let found = self.services().by_service.get(&(svc as u16)).copied();
+        let found = self.lookup_service(svc as u16).ok_or(Status::AddrNotAvail);
+        self.complete_svc_resolve(dev, port, &req, found, n);
+    }
+
+    /// The live endpoint bound to `svc` on this host, with its EP_OPEN type.
+    pub(crate) fn lookup_service(&self, svc: u16) -> Option<(FabricAddr, u64)> {
+        let found = self.services().by_service.get(&svc).copied();
+        found.filter(|(addr, _)| self.addr_live(*addr))
+    }
+
+    /// Complete SVC_RESOLVE `req` with the endpoint found (and its type) or a status.
+    pub(crate) fn complete_svc_resolve(
+        &self,
+        dev: usize,
+        port: &Port,
+        req: &Req,
+        found: Result<(FabricAddr, u64), Status>,
+        n: &mut Notify,
+    ) {
         match found {
-            Some((addr, kind)) if self.addr_live(addr) => {
+            Ok((addr, kind)) => {
                 let mut c = completion(Status::Ok, req.req.cookie);
                 c.src = addr.to_wire();
                 c.data = kind.into();
-                self.done(dev, port, &req, &c, 0, n);
+                self.done(dev, port, req, &c, 0, n);
             }
-            _ => self.fail(dev, port, &req, Status::AddrNotAvail, n),
+            Err(s) => self.fail(dev, port, req, s, n),
         }
     }
 

@@ -801,7 +801,7 @@ fn services_refuse_bad_input() {
     assert_eq!(svc_bind(&mut w, 0, a, u64::MAX).0, Status::Invalid);
     let ghost = FabricAddr::new(a.node, 77, 1);
     assert_eq!(svc_bind(&mut w, 0, ghost, 5).0, Status::BadEndpoint);
-    // Resolve: service 0 or out of range, another fabric, another host (local-only).
+    // Resolve: service 0 or out of range, another fabric, another host that is no peer.
     assert_eq!(svc_resolve(&mut w, 0, host, 0).0, Status::Invalid);
     assert_eq!(svc_resolve(&mut w, 0, host, 70000).0, Status::Invalid);
     let other_fabric = FabricAddr::node_of(TEST_FABRIC + 1, a.host(), 0);
@@ -809,7 +809,40 @@ fn services_refuse_bad_input() {
         svc_resolve(&mut w, 0, other_fabric, 5).0,
         Status::AddrNotAvail
     );
+    // Another host that is no uplink peer is no host of the fabric.
     let other_host = FabricAddr::node_of(TEST_FABRIC, a.host() + 2, 0);
-    assert_eq!(svc_resolve(&mut w, 0, other_host, 5).0, Status::Unsupported);
+    assert_eq!(
+        svc_resolve(&mut w, 0, other_host, 5).0,
+        Status::AddrNotAvail
+    );
     assert_eq!(svc_resolve(&mut w, 0, host, 5).0, Status::AddrNotAvail);
+}
+
+/// A service of an uplink peer is asked of that peer: the request waits in the outbox for the
+/// uplink (which completes it with the peer's answer), nothing completes it here.
+#[test]
+fn services_of_a_peer_host_go_to_the_uplink() {
+    let mut w = World::new(1, Limits::default());
+    let a = w.open(0, RDM);
+    let peer = a.host() + 2;
+    w.fabric.outbox.set_hosts([(peer, true)].into_iter());
+    let mut r = Request::new(Opcode::SvcResolve);
+    r.peer = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, peer, 0), 0, 0);
+    r.data = 9228;
+    let h = w.submit(0, r, &[], 0);
+    assert_eq!(w.status(&h), None, "waits for the peer's answer");
+    let out = w.fabric.outbox.take();
+    assert_eq!(out.len(), 1);
+    let Some(crate::uplink::remote::Outbound::SvcResolve(q)) = out.into_iter().next() else {
+        panic!("not a service query");
+    };
+    assert_eq!((q.host, q.service, q.dev), (peer, 9228, 0));
+    // The uplink's verdict completes it as a local lookup would.
+    let found = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, peer, 1), 4, 2);
+    let mut n = Notify::default();
+    w.fabric
+        .complete_svc_resolve(q.dev, &q.port, &q.req, Ok((found, RDM)), &mut n);
+    drop(n);
+    assert_eq!(w.status(&h), Some(Status::Ok));
+    assert_eq!(FabricAddr::from_wire(&w.comp(&h).src), found);
 }

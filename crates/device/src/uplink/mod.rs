@@ -18,6 +18,7 @@ mod fi;
 pub mod peers;
 mod rdv;
 pub(crate) mod remote;
+mod svc;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -31,7 +32,7 @@ use tracing::{debug, info, warn};
 pub use fi::FiError;
 pub use peers::{RemoteHost, RemoteHosts};
 
-use vfabric_proto::Status;
+use vfabric_proto::{FabricAddr, Opcode, Status};
 
 use crate::fabric::{Fabric, Incoming, Notify};
 use fi::{Info, RdmEndpoint};
@@ -151,6 +152,23 @@ pub fn split_addr(s: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// The outbound form of a guest's SVC_RESOLVE for `service` on peer `host`.
+pub(crate) fn svc_resolve(
+    host: u16,
+    service: u16,
+    dev: usize,
+    port: crate::fabric::Port,
+    req: crate::chain::Req,
+) -> Outbound {
+    Outbound::SvcResolve(Box::new(svc::Resolve {
+        host,
+        service,
+        dev,
+        port,
+        req,
+    }))
+}
+
 /// The running uplink: stopped and joined on drop.
 pub struct Uplink {
     stop: Arc<AtomicBool>,
@@ -203,9 +221,12 @@ impl Uplink {
         let hosts = fabric.remote_hosts();
         let outbox = fabric.outbox();
         set.publish(&hosts, now);
+        // Request ids differ between starts, so a late REPLY meant for our previous life
+        // matches nothing.
+        let epoch = epoch();
+        outbox.first_req_id(epoch);
         outbox.set_hosts(set.peers.iter().map(|p| (p.host_id, false)));
         let stop = Arc::new(AtomicBool::new(false));
-        let epoch = epoch();
         info!(
             rma = ep.rma(),
             "uplink data path (rma: large data by rendezvous)"
@@ -224,12 +245,11 @@ impl Uplink {
             sends: HashMap::new(),
             next_send: 0,
             backlog: VecDeque::new(),
-            pending: HashMap::new(),
-            // Request ids differ between starts, so a late REPLY meant for our previous life
-            // matches nothing.
-            next_req: epoch,
+            probes: HashMap::new(),
+            asked: HashMap::new(),
             partial: HashMap::new(),
             reply_partial: HashMap::new(),
+            svc: svc::Queries::default(),
             notify: Notify::default(),
             stop: stop.clone(),
         };
@@ -285,15 +305,6 @@ struct InFlight {
     req_id: Option<u64>,
 }
 
-/// A guest's send to another host waiting for that host's REPLY.
-struct Pending {
-    host: u16,
-    dev: usize,
-    port: crate::fabric::Port,
-    req: crate::chain::Req,
-    len: u64,
-}
-
 /// Why a DATA or REPLY is not acted on.
 enum Stale {
     /// The sender is a known peer, down in our view: what it sent is stale.
@@ -330,13 +341,18 @@ struct Worker {
     next_send: u64,
     /// Wire messages waiting for room, in order (per peer order is kept).
     backlog: VecDeque<Outgoing>,
-    /// Guest sends to other hosts waiting for their REPLY, by request id.
-    pending: HashMap<u64, Pending>,
-    next_req: u64,
+    /// ADDR_QUERY probes for directed receives (no guest request waits on them): the endpoint
+    /// asked about, by request id.
+    probes: HashMap<u64, FabricAddr>,
+    /// When each ADDR_QUERY still unanswered (probe or guest ADDR_CHECK) went out: one
+    /// unanswered past the peer timeout fails (a guest's check) or is forgotten (a probe).
+    asked: HashMap<u64, Instant>,
     /// Per peer, the message whose chunks are arriving.
     partial: HashMap<u16, Partial>,
     /// Per peer, the read reply whose chunks are arriving: (request id, bytes so far).
     reply_partial: HashMap<u16, (u64, Vec<u8>)>,
+    /// Service queries to other hosts waiting for their answer.
+    svc: svc::Queries,
     notify: Notify,
     stop: Arc<AtomicBool>,
 }
@@ -408,6 +424,7 @@ impl Worker {
             // (a peer's device count), not on every turn of a busy loop.
             if changed || now.duration_since(last_publish) >= HELLO_INTERVAL {
                 last_publish = now;
+                self.rdv_sweep();
                 self.set.publish(&self.hosts, now);
                 self.outbox.set_hosts(
                     self.set
@@ -419,6 +436,8 @@ impl Worker {
             for host in lost {
                 self.host_lost(host);
             }
+            self.expire_queries(now);
+            self.svc_expire(None, false);
             // Requests fenced behind ones that completed here may start now.
             self.fabric.remote_unfence(&mut self.notify);
             self.notify.flush();
@@ -440,8 +459,28 @@ impl Worker {
             }
         }
         // Stopping: nothing leaves any more, and every guest request waiting here completes.
-        for m in self.outbox.disable() {
-            if let Outbound::Send(s) = m {
+        let (queued, pending) = self.outbox.disable();
+        for p in pending {
+            self.fabric.complete_remote(
+                p.dev,
+                &p.port,
+                &p.req,
+                0,
+                Status::HostUnreach,
+                &[],
+                &mut self.notify,
+            );
+        }
+        for m in queued {
+            if let Outbound::SvcResolve(r) = m {
+                self.fabric.complete_svc_resolve(
+                    r.dev,
+                    &r.port,
+                    &r.req,
+                    Err(Status::HostUnreach),
+                    &mut self.notify,
+                );
+            } else if let Outbound::Send(s) = m {
                 self.outbox.finished((s.dev, s.req.req.ep, s.host), s.len);
                 self.fabric.complete_remote(
                     s.dev,
@@ -458,6 +497,7 @@ impl Worker {
         for h in hosts {
             self.host_lost(h);
         }
+        self.svc_expire(None, true);
         self.notify.flush();
     }
 
@@ -613,34 +653,13 @@ impl Worker {
         for m in queued {
             match m {
                 Outbound::Send(s) => {
-                    let len = s.len;
+                    // The outbox gave it its id and entered it in the pending table.
+                    let req_id = u64::from(s.desc.req_id);
                     let Some(dest) = self.dest_of(s.host) else {
-                        self.outbox.finished((s.dev, s.req.req.ep, s.host), len);
-                        self.fabric.complete_remote(
-                            s.dev,
-                            &s.port,
-                            &s.req,
-                            len,
-                            Status::HostUnreach,
-                            &[],
-                            &mut self.notify,
-                        );
+                        self.complete_pending(req_id, None, Status::HostUnreach);
                         continue;
                     };
-                    let req_id = self.next_req;
-                    self.next_req = self.next_req.wrapping_add(1);
                     let mut desc = s.desc;
-                    desc.req_id = req_id.into();
-                    self.pending.insert(
-                        req_id,
-                        Pending {
-                            host: s.host,
-                            dev: s.dev,
-                            port: s.port.clone(),
-                            req: s.req.clone(),
-                            len,
-                        },
-                    );
                     // Large data by rendezvous when both uplinks do RMA; else chunks.
                     let Some(s) = self.send_rdv(dest, req_id, s, desc) else {
                         continue;
@@ -674,6 +693,55 @@ impl Worker {
                     status,
                     bytes,
                 } => self.reply(host, req_id, status, &bytes),
+                Outbound::AddrQuery { host, addr, req_id } => self.addr_query(host, addr, req_id),
+                Outbound::Cancel { host, req_id } => {
+                    // Withdrawn: its rendezvous buffers go (a read of them now fails at the
+                    // target, which drops the request as CANCEL says).
+                    self.rdv_forget(req_id);
+                    // A host that is down dropped what we sent it already.
+                    if let Some(dest) = self.dest_of(host) {
+                        let bytes = Message::Cancel {
+                            fabric_id: self.set.fabric_id,
+                            host_id: self.set.host_id,
+                            req_id,
+                        }
+                        .encode();
+                        self.queue_to(host, dest, bytes);
+                    }
+                }
+                Outbound::EpGone {
+                    addr,
+                    whole_device,
+                    closed,
+                } => {
+                    let bytes = Message::EpGone {
+                        fabric_id: self.set.fabric_id,
+                        host_id: self.set.host_id,
+                        dev: addr.device(),
+                        ep: if whole_device {
+                            wire::EVERY_EP
+                        } else {
+                            addr.ep
+                        },
+                        generation: if whole_device { 0 } else { addr.generation },
+                        closed,
+                    }
+                    .encode();
+                    // Every peer that is up; one that is down learns nothing it needs (its
+                    // receives directed here failed when it lost us).
+                    let now = Instant::now();
+                    let to: Vec<(u16, u64)> = self
+                        .set
+                        .peers
+                        .iter()
+                        .filter(|p| p.is_up(now, self.set.timeout))
+                        .filter_map(|p| Some((p.host_id, p.fi_addr?)))
+                        .collect();
+                    for (host, dest) in to {
+                        self.queue_to(host, dest, bytes.clone());
+                    }
+                }
+                Outbound::SvcResolve(r) => self.svc_out(*r),
             }
         }
         idle
@@ -728,17 +796,13 @@ impl Worker {
         mut status: Status,
         read: &[u8],
     ) {
-        // A verdict from a host for a request we sent another is not taken.
-        let ours = |p: &Pending| host.is_none_or(|h| h == p.host);
-        if !self.pending.get(&req_id).is_some_and(ours) {
+        // A verdict from a host for a request we sent another is not taken; nor one for a
+        // request its guest withdrew (its endpoint closed: it completed CANCELED then).
+        let Some(p) = self.outbox.take_pending(req_id, host) else {
             debug!(req_id, ?host, "uplink: a verdict for no request of ours");
-            return;
-        }
-        let Some(p) = self.pending.remove(&req_id) else {
             return;
         };
         self.rdv_forget(req_id);
-        self.outbox.finished((p.dev, p.req.req.ep, p.host), p.len);
         let want = remote::reply_len(p.req.req.opcode, status, p.len);
         if read.len() as u64 != want {
             warn!(
@@ -763,18 +827,28 @@ impl Worker {
     /// `host` is down or restarted: our requests to it complete `HostUnreach`, what it sent
     /// us and nobody took yet is dropped.
     fn host_lost(&mut self, host: u16) {
-        let ids: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.host == host)
-            .map(|(id, _)| *id)
-            .collect();
-        let failed = ids.len();
-        for id in ids {
-            self.complete_pending(id, Some(host), Status::HostUnreach);
+        let lost = self.outbox.take_pending_of(host);
+        let failed = lost.len();
+        for p in lost {
+            self.fabric.complete_remote(
+                p.dev,
+                &p.port,
+                &p.req,
+                p.len,
+                Status::HostUnreach,
+                &[],
+                &mut self.notify,
+            );
         }
+        // What we knew of its endpoints is void; receives directed at them fail below.
+        let probes = &mut self.probes;
+        self.asked
+            .retain(|id, _| probes.get(id).is_none_or(|a| a.host() != host));
+        probes.retain(|_, a| a.host() != host);
+        self.outbox.forget(|a| a.host() == host);
         self.backlog.retain(|o| o.host != host);
         self.reply_partial.remove(&host);
+        self.svc_expire(Some(host), false);
         let mut dropped = self.fabric.purge_remote(host, &mut self.notify);
         if let Some(p) = self.partial.remove(&host).filter(|p| !p.refused) {
             dropped.push(p.req_id);
@@ -914,6 +988,193 @@ impl Worker {
                 self.reply_chunk(host_id, req_id, status, total_len, offset, chunk);
             }
             Message::Rdv(m) => self.rdv_message(src, m),
+            Message::SvcQuery {
+                fabric_id,
+                host_id,
+                req_id,
+                service,
+            } => self.svc_query_in(src, fabric_id, host_id, req_id, service),
+            Message::SvcAnswer {
+                fabric_id,
+                host_id,
+                req_id,
+                found,
+            } => self.svc_answer_in(src, fabric_id, host_id, req_id, found),
+            Message::Cancel {
+                fabric_id,
+                host_id,
+                req_id,
+            } => match self.introduced(src, fabric_id, host_id) {
+                Ok(()) => self.fabric.withdraw_remote(host_id, req_id),
+                Err(Stale::Down) => debug!("uplink: a stale cancel dropped"),
+                Err(Stale::Refused(why)) => warn!("uplink: refusing a cancel: {why}"),
+            },
+            Message::EpGone {
+                fabric_id,
+                host_id,
+                dev,
+                ep,
+                generation,
+                closed,
+            } => match self.introduced(src, fabric_id, host_id) {
+                Ok(()) => {
+                    let node = FabricAddr::node_of(fabric_id, host_id, dev);
+                    let one = (ep != wire::EVERY_EP).then_some((ep, generation));
+                    self.fabric
+                        .remote_ep_gone(node, one, closed, &mut self.notify);
+                }
+                Err(Stale::Down) => debug!("uplink: a stale EP_GONE dropped"),
+                Err(Stale::Refused(why)) => warn!("uplink: refusing EP_GONE: {why}"),
+            },
+            Message::AddrQuery {
+                fabric_id,
+                host_id,
+                req_id,
+                dev,
+                ep,
+                generation,
+            } => match self.introduced(src, fabric_id, host_id) {
+                Ok(()) => {
+                    // One of our endpoints; the answer goes after everything we sent the
+                    // asker before, and before its EP_GONE if it closes later.
+                    let node = FabricAddr::node_of(fabric_id, self.set.host_id, dev);
+                    let open = self
+                        .fabric
+                        .endpoint_open(FabricAddr::new(node, ep, generation));
+                    let bytes = Message::AddrAnswer {
+                        fabric_id: self.set.fabric_id,
+                        host_id: self.set.host_id,
+                        req_id,
+                        open,
+                    }
+                    .encode();
+                    if let Some(dest) = self.dest_of(host_id) {
+                        self.queue_to(host_id, dest, bytes);
+                    }
+                }
+                Err(Stale::Down) => debug!("uplink: a stale ADDR_QUERY dropped"),
+                Err(Stale::Refused(why)) => warn!("uplink: refusing ADDR_QUERY: {why}"),
+            },
+            Message::AddrAnswer {
+                fabric_id,
+                host_id,
+                req_id,
+                open,
+            } => match self.introduced(src, fabric_id, host_id) {
+                Ok(()) => self.addr_answer(host_id, req_id, open),
+                Err(Stale::Down) => debug!("uplink: a stale ADDR_ANSWER dropped"),
+                Err(Stale::Refused(why)) => warn!("uplink: refusing ADDR_ANSWER: {why}"),
+            },
+        }
+    }
+
+    /// Queue a wire message for `host` at `dest` (after everything queued for it before).
+    fn queue_to(&mut self, host: u16, dest: u64, bytes: Vec<u8>) {
+        self.backlog.push_back(Outgoing {
+            host,
+            dest,
+            bytes,
+            req_id: None,
+        });
+    }
+
+    /// Ask `host` about its endpoint `addr`: for a guest's ADDR_CHECK (`req_id` pending), or a
+    /// probe for receives directed at it (`req_id` 0).
+    fn addr_query(&mut self, host: u16, addr: FabricAddr, req_id: u64) {
+        let Some(dest) = self.dest_of(host) else {
+            if req_id != 0 {
+                return self.complete_pending(req_id, None, Status::HostUnreach);
+            }
+            // Down: receives directed at it cannot be satisfied (as when it was lost).
+            self.fabric.remote_ep_gone(
+                addr.node,
+                Some((addr.ep, addr.generation)),
+                false,
+                &mut self.notify,
+            );
+            return;
+        };
+        let id = if req_id != 0 {
+            req_id
+        } else {
+            // Probe ids come from the same counter as requests' (never 0).
+            let id = self.outbox.probe_id();
+            self.probes.insert(id, addr);
+            id
+        };
+        self.asked.insert(id, Instant::now());
+        let bytes = Message::AddrQuery {
+            fabric_id: self.set.fabric_id,
+            host_id: self.set.host_id,
+            req_id: id,
+            dev: addr.device(),
+            ep: addr.ep,
+            generation: addr.generation,
+        }
+        .encode();
+        self.queue_to(host, dest, bytes);
+    }
+
+    /// ADDR_QUERYs unanswered for longer than the peer timeout (a host that answers
+    /// keepalives but not these): a guest's ADDR_CHECK completes `HostUnreach`, a probe is
+    /// forgotten (a later directed receive asks again).
+    fn expire_queries(&mut self, now: Instant) {
+        let timeout = self.set.timeout;
+        if self.asked.is_empty() {
+            return;
+        }
+        let late: Vec<u64> = self
+            .asked
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.asked.remove(&id);
+            match self.probes.remove(&id) {
+                Some(addr) => self.outbox.forget(|a| a == addr),
+                None => self.complete_pending(id, None, Status::HostUnreach),
+            }
+        }
+    }
+
+    /// `host` answered query `req_id`: whether its endpoint is open.
+    fn addr_answer(&mut self, host: u16, req_id: u64, open: bool) {
+        self.asked.remove(&req_id);
+        let probe = match self.probes.get(&req_id) {
+            Some(a) if a.host() == host => self.probes.remove(&req_id),
+            _ => None,
+        };
+        let addr = probe.or_else(|| {
+            let mut a = None;
+            self.outbox.pending_is(req_id, host, |p| {
+                if p.req.req.opcode == Opcode::AddrCheck {
+                    a = Some(p.req.req.peer);
+                }
+                true
+            });
+            a
+        });
+        let Some(addr) = addr else {
+            return debug!(host, req_id, "uplink: an answer to no query of ours");
+        };
+        if open {
+            self.outbox.known_open(addr);
+        } else {
+            self.fabric.remote_ep_gone(
+                addr.node,
+                Some((addr.ep, addr.generation)),
+                false,
+                &mut self.notify,
+            );
+        }
+        if probe.is_none() {
+            let status = if open {
+                Status::Ok
+            } else {
+                Status::AddrNotAvail
+            };
+            self.complete_pending(req_id, Some(host), status);
         }
     }
 
@@ -967,13 +1228,17 @@ impl Worker {
         offset: u64,
         chunk: &[u8],
     ) {
-        let expected = self.pending.get(&req_id).is_some_and(|p| {
-            p.host == host && remote::reply_len(p.req.req.opcode, status, p.len) == total
+        let expected = self.outbox.pending_is(req_id, host, |p| {
+            remote::reply_len(p.req.req.opcode, status, p.len) == total
         });
         if offset == 0 {
             // A reply left incomplete (the wire keeps order): its request fails.
             if let Some((old, _)) = self.reply_partial.remove(&host) {
                 self.complete_pending(old, Some(host), Status::Invalid);
+            }
+            if !expected && !self.outbox.pending_is(req_id, host, |_| true) {
+                // Withdrawn meanwhile (its endpoint closed): its data goes nowhere.
+                return debug!(host, req_id, "uplink: read data for a withdrawn request");
             }
             if !expected {
                 warn!(host, req_id, total, "uplink: read data for no such read");
@@ -989,6 +1254,9 @@ impl Worker {
             .reply_partial
             .get(&host)
             .is_some_and(|(id, b)| *id == req_id && b.len() as u64 == offset);
+        if !fits && !self.outbox.pending_is(req_id, host, |_| true) {
+            return debug!(host, req_id, "uplink: read data for a withdrawn request");
+        }
         if !fits {
             warn!(host, req_id, offset, "uplink: a reply chunk out of order");
             if let Some((old, _)) = self.reply_partial.remove(&host) {

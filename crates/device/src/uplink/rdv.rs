@@ -93,10 +93,10 @@ enum Op {
 
 #[derive(Default)]
 pub(super) struct Rendezvous {
-    /// Our requests' bytes that peers read, by request id.
-    sources: HashMap<u64, Staged>,
-    /// Our RMA reads' sinks, by request id.
-    sinks: HashMap<u64, Staged>,
+    /// Our requests' bytes that peers read, by request id, with their host.
+    sources: HashMap<u64, (u16, Staged)>,
+    /// Our RMA reads' sinks, by request id, with their host.
+    sinks: HashMap<u64, (u16, Staged)>,
     /// Per peer, its messages in arrival order while one of them is being read.
     inbound: HashMap<u16, VecDeque<Inbound>>,
     ops: HashMap<u64, Op>,
@@ -221,10 +221,10 @@ impl Worker {
             req_id: Some(req_id),
         });
         if let Some(st) = staged_src {
-            self.rdv.sources.insert(req_id, st);
+            self.rdv.sources.insert(req_id, (s.host, st));
         }
         if let Some(st) = staged_sink {
-            self.rdv.sinks.insert(req_id, st);
+            self.rdv.sinks.insert(req_id, (s.host, st));
         }
         None
     }
@@ -243,11 +243,11 @@ impl Worker {
             .rdv
             .sinks
             .get(&req_id)
-            .is_some_and(|s| s.buf.len() as u64 == written);
+            .is_some_and(|(_, s)| s.buf.len() as u64 == written);
         if !fits {
             return None;
         }
-        self.rdv.sinks.remove(&req_id).map(Staged::into_bytes)
+        self.rdv.sinks.remove(&req_id).map(|(_, s)| s.into_bytes())
     }
 
     /// A rendezvous message from peer `src`.
@@ -329,7 +329,7 @@ impl Worker {
                     Err(Stale::Refused(why)) => return warn!("uplink: refusing a reply: {why}"),
                 }
                 // Only a pending read of that host with a sink of that size takes its bytes.
-                let ours = self.pending.get(&req_id).is_some_and(|p| p.host == host_id);
+                let ours = self.outbox.pending_is(req_id, host_id, |_| true);
                 if !ours {
                     return debug!(req_id, "uplink: a rendezvous verdict for no request");
                 }
@@ -625,6 +625,15 @@ impl Worker {
         }
     }
 
+    /// Registrations of requests no longer pending (withdrawn by their guest's endpoint close
+    /// or device reset on the guest's own thread) are closed: run on the uplink's interval.
+    pub(super) fn rdv_sweep(&mut self) {
+        let outbox = self.outbox.clone();
+        let live = |id: &u64, host: u16| outbox.pending_is(*id, host, |_| true);
+        self.rdv.sources.retain(|id, (h, _)| live(id, *h));
+        self.rdv.sinks.retain(|id, (h, _)| live(id, *h));
+    }
+
     /// Reads may have been refused for room: try the queues again.
     pub(super) fn rdv_retry(&mut self) {
         let waiting: Vec<u16> = self
@@ -646,6 +655,9 @@ impl Worker {
     /// returned for their verdicts); reads in flight keep their buffers until they complete.
     pub(super) fn rdv_host_lost(&mut self, host: u16) -> Vec<u64> {
         self.rdv.peer_sinks.retain(|(h, _), _| *h != host);
+        // Our requests to it failed (their pending entries went with the host).
+        self.rdv.sources.retain(|_, (h, _)| *h != host);
+        self.rdv.sinks.retain(|_, (h, _)| *h != host);
         self.rdv
             .inbound
             .remove(&host)

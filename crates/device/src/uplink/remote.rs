@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use vfabric_proto::Status;
+use vfabric_proto::{FabricAddr, Status};
 
 use super::wire;
 use crate::chain::Req;
@@ -37,8 +37,55 @@ pub(crate) struct RemoteSend {
     pub len: u64,
 }
 
+/// A guest's request to another host that went out (or is about to) and waits for that host's
+/// verdict. Kept here, not in the uplink thread, so that the guest's own thread can withdraw it
+/// when its endpoint closes or its device resets ([`Outbox::withdraw`]): whoever takes it out
+/// of the table completes it, exactly once.
+pub(crate) struct Pending {
+    pub host: u16,
+    pub dev: usize,
+    pub port: Port,
+    pub req: Req,
+    pub len: u64,
+}
+
+/// The endpoint of a guest's ADDR_CHECK (`None`: it names no endpoint, so no FENCE waits on it).
+pub(crate) const ADDR_CHECK_EP: u32 = u32::MAX;
+
+/// What this host knows about an endpoint of another host that a directed receive here names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Live {
+    /// An ADDR_QUERY about it is on its way.
+    Asking,
+    /// Its host said it is open; its EP_GONE (which the wire delivers after that answer) will
+    /// say when it is not.
+    Open,
+}
+
+/// Remote endpoints remembered at most (a full table is forgotten: they are asked again).
+const MAX_LIVE: usize = 4096;
+
 pub(crate) enum Outbound {
     Send(Box<RemoteSend>),
+    /// Ask `host` whether its endpoint `addr` is open: for a guest's ADDR_CHECK (`req` is in the
+    /// pending table under `req_id`) or, `req_id` 0, for receives directed at it.
+    AddrQuery {
+        host: u16,
+        addr: FabricAddr,
+        req_id: u64,
+    },
+    /// Withdraw request `req_id` from `host` (CANCEL).
+    Cancel {
+        host: u16,
+        req_id: u64,
+    },
+    /// Tell every peer that endpoint `addr` (every endpoint of its device with `whole_device`)
+    /// is gone, `closed` by its driver or lost.
+    EpGone {
+        addr: FabricAddr,
+        whole_device: bool,
+        closed: bool,
+    },
     /// The verdict on request `req_id` of `host` (held here until now), with the bytes it
     /// returns (a refused commit's handler value; else none).
     Reply {
@@ -47,6 +94,8 @@ pub(crate) enum Outbound {
         status: Status,
         bytes: Vec<u8>,
     },
+    /// A guest's SVC_RESOLVE for a service of another host.
+    SvcResolve(Box<super::svc::Resolve>),
 }
 
 /// Whether a request of `opcode` gets bytes back with its verdict (RMA read, fetching
@@ -70,6 +119,29 @@ pub(crate) fn reply_len(opcode: vfabric_proto::Opcode, status: Status, len: u64)
 /// Whose requests to which host: `(device, endpoint, host)` (FENCE waits on it).
 pub(crate) type EpKey = (usize, u32, u16);
 
+impl State {
+    fn release(&mut self, key: EpKey, len: u64) {
+        self.inflight = self.inflight.saturating_sub(1);
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(len);
+        if let Some(c) = self.by_ep.get_mut(&key) {
+            *c -= 1;
+            if *c == 0 {
+                self.by_ep.remove(&key);
+            }
+        }
+    }
+
+    /// A request id not in use (0 means "none" on the wire of ADDR_QUERY probes).
+    fn new_req_id(&mut self) -> u64 {
+        loop {
+            self.next_req = self.next_req.wrapping_add(1);
+            if self.next_req != 0 && !self.pending.contains_key(&self.next_req) {
+                return self.next_req;
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// An uplink runs: other hosts' addresses lead somewhere.
@@ -81,6 +153,11 @@ struct State {
     inflight_bytes: u64,
     /// Requests in flight per endpoint and host.
     by_ep: HashMap<EpKey, usize>,
+    /// Requests taken by the uplink and waiting for their verdict, by request id.
+    pending: HashMap<u64, Pending>,
+    next_req: u64,
+    /// Endpoints of other hosts that receives here are directed at.
+    live: HashMap<FabricAddr, Live>,
 }
 
 /// Shared by the fabric (producers: guest threads) and the uplink thread (consumer).
@@ -137,22 +214,20 @@ impl Outbox {
 
     /// A request reserved with `len` bytes completed (or never went out).
     pub fn finished(&self, key: EpKey, len: u64) {
-        let mut s = self.lock();
-        s.inflight = s.inflight.saturating_sub(1);
-        s.inflight_bytes = s.inflight_bytes.saturating_sub(len);
-        if let Some(c) = s.by_ep.get_mut(&key) {
-            *c -= 1;
-            if *c == 0 {
-                s.by_ep.remove(&key);
-            }
-        }
+        self.lock().release(key, len);
     }
 
     pub fn push(&self, m: Outbound) {
         self.lock().queue.push_back(m);
+        self.wake_uplink();
+    }
+
+    /// Something was queued: wake the uplink thread, whether it waits on the condvar or sleeps
+    /// in the kernel.
+    fn wake_uplink(&self) {
         self.wake.notify_one();
-        // After the queue's lock: an uplink that announced its sleep before we queued either
-        // saw the message or is told here.
+        // After queueing: an uplink that announced its sleep before we queued either saw the
+        // message or is told here.
         if self.sleeping.load(Ordering::SeqCst) {
             if let Some(Some(fd)) = self.wake_fd.get() {
                 let one = 1u64.to_ne_bytes();
@@ -197,9 +272,236 @@ impl Outbox {
         }
     }
 
-    /// Everything queued so far.
+    /// Everything queued so far. Requests that wait for a verdict enter the pending table here,
+    /// under the same lock, each with a new request id (`desc.req_id`, `req_id`).
     pub fn take(&self) -> VecDeque<Outbound> {
-        std::mem::take(&mut self.lock().queue)
+        let mut s = self.lock();
+        let mut queue = std::mem::take(&mut s.queue);
+        // (A guest's ADDR_CHECK entered the table when it was queued.)
+        for m in queue.iter_mut() {
+            if let Outbound::Send(r) = m {
+                let id = s.new_req_id();
+                r.desc.req_id = id.into();
+                let p = Pending {
+                    host: r.host,
+                    dev: r.dev,
+                    port: r.port.clone(),
+                    req: r.req.clone(),
+                    len: r.len,
+                };
+                s.pending.insert(id, p);
+            }
+        }
+        queue
+    }
+
+    /// Request ids start where the uplink says (a value drawn at its start, so that a late
+    /// verdict meant for a previous life of this daemon matches nothing).
+    pub fn first_req_id(&self, id: u64) {
+        self.lock().next_req = id;
+    }
+
+    /// Take request `req_id` out of the pending table, if it is there and (when `host` is
+    /// given) was sent to `host`: its taker completes it.
+    pub fn take_pending(&self, req_id: u64, host: Option<u16>) -> Option<Pending> {
+        let mut s = self.lock();
+        let ours = s
+            .pending
+            .get(&req_id)
+            .is_some_and(|p| host.is_none_or(|h| h == p.host));
+        if !ours {
+            return None;
+        }
+        let p = s.pending.remove(&req_id)?;
+        s.release((p.dev, p.req.req.ep, p.host), p.len);
+        Some(p)
+    }
+
+    /// Whether request `req_id` to `host` is pending and `f` holds for it.
+    pub fn pending_is(&self, req_id: u64, host: u16, f: impl FnOnce(&Pending) -> bool) -> bool {
+        self.lock()
+            .pending
+            .get(&req_id)
+            .is_some_and(|p| p.host == host && f(p))
+    }
+
+    /// Take every pending request to `host` out (that host is lost).
+    pub fn take_pending_of(&self, host: u16) -> Vec<Pending> {
+        let mut s = self.lock();
+        let ids: Vec<u64> = s
+            .pending
+            .iter()
+            .filter(|(_, p)| p.host == host)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| {
+                let p = s.pending.remove(&id)?;
+                s.release((p.dev, p.req.req.ep, p.host), p.len);
+                Some(p)
+            })
+            .collect()
+    }
+
+    /// Withdraw every request of device `dev` for which `hit` holds, wherever it is: still
+    /// queued here (it never leaves), or out and waiting for its verdict (a CANCEL follows it,
+    /// so that the target drops it if it still holds it, and its late verdict finds nothing).
+    /// The caller completes (or, for a device whose rings are gone, forgets) what is returned.
+    pub fn withdraw(&self, dev: usize, hit: impl Fn(&Req) -> bool) -> Vec<Pending> {
+        let mut s = self.lock();
+        let mut out = Vec::new();
+        let queue = std::mem::take(&mut s.queue);
+        for m in queue {
+            match m {
+                Outbound::Send(r) if r.dev == dev && hit(&r.req) => {
+                    s.release((r.dev, r.req.req.ep, r.host), r.len);
+                    out.push(Pending {
+                        host: r.host,
+                        dev: r.dev,
+                        port: r.port,
+                        req: r.req,
+                        len: r.len,
+                    });
+                }
+                Outbound::AddrQuery { req_id, .. }
+                    if req_id != 0
+                        && s.pending
+                            .get(&req_id)
+                            .is_some_and(|p| p.dev == dev && hit(&p.req)) =>
+                {
+                    if let Some(p) = s.pending.remove(&req_id) {
+                        s.release((p.dev, p.req.req.ep, p.host), p.len);
+                        out.push(p);
+                    }
+                }
+                m => s.queue.push_back(m),
+            }
+        }
+        let ids: Vec<u64> = s
+            .pending
+            .iter()
+            .filter(|(_, p)| p.dev == dev && hit(&p.req))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(p) = s.pending.remove(&id) else {
+                continue;
+            };
+            s.release((p.dev, p.req.req.ep, p.host), p.len);
+            if p.req.req.opcode != vfabric_proto::Opcode::AddrCheck {
+                s.queue.push_back(Outbound::Cancel {
+                    host: p.host,
+                    req_id: id,
+                });
+            }
+            out.push(p);
+        }
+        if !out.is_empty() {
+            drop(s);
+            self.wake_uplink();
+        }
+        out
+    }
+
+    /// A guest's ADDR_CHECK of `req.req.peer`, an endpoint of peer `host`: reserved like a
+    /// request (`AddrNotAvail`, `HostUnreach`, `NoResources` refuse it) and queued.
+    #[allow(clippy::result_large_err)]
+    pub fn push_addr_check(
+        &self,
+        host: u16,
+        dev: usize,
+        port: Port,
+        req: Req,
+    ) -> Result<(), (Req, Status)> {
+        if let Err(status) = self.reserve((dev, ADDR_CHECK_EP, host), 0) {
+            return Err((req, status));
+        }
+        let addr = req.req.peer;
+        let mut req = req;
+        // Its endpoint field is ignored by ADDR_CHECK: the pending table keys it apart.
+        req.req.ep = ADDR_CHECK_EP;
+        let mut s = self.lock();
+        let id = s.new_req_id();
+        s.pending.insert(
+            id,
+            Pending {
+                host,
+                dev,
+                port,
+                req,
+                len: 0,
+            },
+        );
+        s.queue.push_back(Outbound::AddrQuery {
+            host,
+            addr,
+            req_id: id,
+        });
+        drop(s);
+        self.wake_uplink();
+        Ok(())
+    }
+
+    /// A receive here was directed at `addr`, an endpoint of peer host `addr.host()`. Returns
+    /// false when that host is down (the receive fails PEER_GONE now); else the receive stays
+    /// posted and, unless `addr` is known open or being asked about, an ADDR_QUERY goes out
+    /// (a "gone" answer or a later EP_GONE fails it). The caller posted the receive first.
+    pub fn watch(&self, addr: FabricAddr) -> bool {
+        let host = addr.host();
+        let mut s = self.lock();
+        if !s.enabled || s.hosts.get(&host) != Some(&true) {
+            return false;
+        }
+        if s.live.contains_key(&addr) {
+            return true;
+        }
+        if s.live.len() >= MAX_LIVE {
+            s.live.clear();
+        }
+        s.live.insert(addr, Live::Asking);
+        s.queue.push_back(Outbound::AddrQuery {
+            host,
+            addr,
+            req_id: 0,
+        });
+        drop(s);
+        self.wake_uplink();
+        true
+    }
+
+    /// An id for an ADDR_QUERY probe (from the requests' counter: it names no request).
+    pub fn probe_id(&self) -> u64 {
+        self.lock().new_req_id()
+    }
+
+    /// `addr`'s host answered that it is open.
+    pub fn known_open(&self, addr: FabricAddr) {
+        let mut s = self.lock();
+        if s.live.len() >= MAX_LIVE && !s.live.contains_key(&addr) {
+            s.live.clear();
+        }
+        s.live.insert(addr, Live::Open);
+    }
+
+    /// Forget what is known of remote endpoints for which `gone` holds (before the receives
+    /// directed at them are failed, so that one posted meanwhile asks again).
+    pub fn forget(&self, gone: impl Fn(FabricAddr) -> bool) {
+        self.lock().live.retain(|a, _| !gone(*a));
+    }
+
+    /// Endpoint `addr` of this host is gone: tell the peers (if an uplink runs).
+    pub fn ep_gone(&self, addr: FabricAddr, whole_device: bool, closed: bool) {
+        let mut s = self.lock();
+        if !s.enabled || s.hosts.is_empty() {
+            return;
+        }
+        s.queue.push_back(Outbound::EpGone {
+            addr,
+            whole_device,
+            closed,
+        });
+        drop(s);
+        self.wake_uplink();
     }
 
     /// Sleep until something is queued or `timeout` passed.
@@ -218,12 +520,24 @@ impl Outbox {
         s.hosts.extend(hosts);
     }
 
-    /// The uplink stopped: nothing leaves any more.
-    pub fn disable(&self) -> VecDeque<Outbound> {
+    /// The uplink stopped: nothing leaves any more. Returns what was queued and every request
+    /// still waiting for a verdict (the caller completes them).
+    pub fn disable(&self) -> (VecDeque<Outbound>, Vec<Pending>) {
         let mut s = self.lock();
         s.enabled = false;
         s.hosts.clear();
-        std::mem::take(&mut s.queue)
+        s.live.clear();
+        let queue = std::mem::take(&mut s.queue);
+        let ids: Vec<u64> = s.pending.keys().copied().collect();
+        let pending = ids
+            .into_iter()
+            .filter_map(|id| {
+                let p = s.pending.remove(&id)?;
+                s.release((p.dev, p.req.req.ep, p.host), p.len);
+                Some(p)
+            })
+            .collect();
+        (queue, pending)
     }
 }
 

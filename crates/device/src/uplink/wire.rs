@@ -9,10 +9,11 @@ use vfabric_proto::{ep_open, ByteValued, Le16, Le32, Le64, Opcode, Status, RMA_I
 /// "VFUL" little-endian.
 pub const MAGIC: u32 = 0x4c55_4656;
 /// Version of this wire format. 2: FLUSH and the COMMIT_COMPLETE/WHOLE_REGION flags (a daemon
-/// of version 1 would drop a FLUSH unanswered, so the two never admit each other). 3: the
-/// rendezvous kinds RDV_DATA and RDV_REPLY and HELLO's `caps` (a version-2 daemon would refuse
-/// an RDV_DATA as an unknown kind and leave its sender waiting).
-pub const VERSION: u16 = 3;
+/// of version 1 would drop a FLUSH unanswered, so the two never admit each other). 3: CANCEL,
+/// EP_GONE, ADDR_QUERY and ADDR_ANSWER (endpoint lifecycle across hosts). 4: the rendezvous
+/// kinds RDV_DATA and RDV_REPLY and HELLO's `caps` (a version-3 daemon would refuse an RDV_DATA
+/// as an unknown kind and leave its sender waiting).
+pub const VERSION: u16 = 4;
 
 /// Message kinds.
 pub mod kind {
@@ -26,16 +27,34 @@ pub mod kind {
     /// The receiving host's verdict on a DATA request: the status its sender completes with
     /// (and, for an RMA read, the bytes read, in chunks).
     pub const REPLY: u16 = 4;
-    // 5..=15 are left to other additions; the rendezvous kinds start at 16.
+    /// The sender withdrew its DATA request `req_id` (its endpoint closed, its device reset):
+    /// a message of it still held at the receiver is dropped, unanswered.
+    pub const CANCEL: u16 = 32;
+    /// An endpoint (or every endpoint of a device) of the sender is gone: receives directed at
+    /// it fail PEER_GONE.
+    pub const EP_GONE: u16 = 33;
+    /// Is this endpoint of the receiving host open? (ADDR_CHECK, directed receives.)
+    pub const ADDR_QUERY: u16 = 34;
+    /// The answer to an ADDR_QUERY.
+    pub const ADDR_ANSWER: u16 = 35;
+    /// Which endpoint of the receiving host a service names (`super::svc`). 16 and up: kept
+    /// apart from the data path's kinds.
+    pub const SVC_QUERY: u16 = 16;
+    /// The answer to an SVC_QUERY.
+    pub const SVC_ANSWER: u16 = 17;
+    // Rendezvous: 48 and up, apart from the lifecycle (32..) and service (16..) kinds.
     /// Rendezvous: a DATA whose bytes stay in the sender's registered buffer for the receiving
     /// host to read with the uplink's RMA (`RdvDesc::SOURCE`), and/or a request whose returned
     /// bytes (an RMA read's) the receiving host writes into the sender's buffer
     /// (`RdvDesc::SINK`).
-    pub const RDV_DATA: u16 = 16;
+    pub const RDV_DATA: u16 = 48;
     /// The verdict on an RDV_DATA with a sink whose bytes were written into the sink: a REPLY
     /// body without bytes, `total_len` the bytes written.
-    pub const RDV_REPLY: u16 = 17;
+    pub const RDV_REPLY: u16 = 49;
 }
+
+/// `ep` of an EP_GONE that names every endpoint of its device (a reset or disconnection).
+pub const EVERY_EP: u32 = u32::MAX;
 
 /// Capability bits of HELLO's `caps`.
 pub mod caps {
@@ -172,6 +191,35 @@ pub struct Reply {
 // SAFETY: plain-old-data, repr(C), no padding (32 bytes).
 unsafe impl ByteValued for Reply {}
 
+/// Body of CANCEL: 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cancel {
+    pub req_id: Le64,
+    pub reserved: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding (16 bytes).
+unsafe impl ByteValued for Cancel {}
+
+/// Body of EP_GONE, ADDR_QUERY and ADDR_ANSWER: 24 bytes. The endpoint is one of the host that
+/// sends EP_GONE or receives ADDR_QUERY (device, endpoint, generation); `req_id` pairs a query
+/// with its answer (0 in EP_GONE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpState {
+    pub req_id: Le64,
+    pub dev: Le16,
+    /// EP_GONE: 1 = closed by its own driver (EP_CLOSE), 0 = lost. ADDR_ANSWER: 1 = open.
+    /// ADDR_QUERY: 0.
+    pub state: Le16,
+    /// [`EVERY_EP`] in an EP_GONE for a whole device.
+    pub ep: Le32,
+    pub generation: Le32,
+    pub reserved: Le32,
+}
+// SAFETY: plain-old-data, repr(C), no padding (24 bytes).
+unsafe impl ByteValued for EpState {}
+
 pub const HEADER_LEN: usize = std::mem::size_of::<Header>();
 pub const DATA_LEN: usize = std::mem::size_of::<Data>();
 pub const REPLY_LEN: usize = std::mem::size_of::<Reply>();
@@ -212,7 +260,53 @@ pub enum Message<'a> {
         offset: u64,
         chunk: &'a [u8],
     },
-    /// Rendezvous (kinds 16 and 17), kept apart from the eager kinds above.
+    /// CANCEL.
+    Cancel {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+    },
+    /// EP_GONE: endpoint `ep` (generation `generation`, or every endpoint with [`EVERY_EP`])
+    /// of device `dev` of the sender is gone, `closed` by its driver or lost.
+    EpGone {
+        fabric_id: u32,
+        host_id: u16,
+        dev: u16,
+        ep: u32,
+        generation: u32,
+        closed: bool,
+    },
+    /// ADDR_QUERY about the receiving host's endpoint `(dev, ep, generation)`.
+    AddrQuery {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        dev: u16,
+        ep: u32,
+        generation: u32,
+    },
+    /// ADDR_ANSWER to query `req_id`.
+    AddrAnswer {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        open: bool,
+    },
+    /// The endpoint bound to `service` on the receiving host, please (`super::svc`).
+    SvcQuery {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        service: u16,
+    },
+    /// The answer to SVC_QUERY `req_id`: the endpoint, or `AddrNotAvail`.
+    SvcAnswer {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        found: Result<super::svc::Found, Status>,
+    },
+    /// Rendezvous (kinds 48 and 49), kept apart from the eager kinds above.
     Rdv(Rdv<'a>),
 }
 
@@ -270,6 +364,10 @@ pub enum WireError {
     Caps(u32),
     #[error("RDV_DATA: {0}")]
     Rdv(&'static str),
+    #[error("endpoint state {0} unknown")]
+    State(u16),
+    #[error("SVC_QUERY for service 0")]
+    Service,
 }
 
 fn header(kind: u16, fabric_id: u32, host_id: u16, body_len: usize) -> Header {
@@ -377,6 +475,78 @@ impl<'a> Message<'a> {
                     offset: 0.into(),
                 };
                 let mut v = header(kind::RDV_REPLY, fabric_id, host_id, REPLY_LEN)
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v
+            }
+            Message::Cancel {
+                fabric_id,
+                host_id,
+                req_id,
+            } => {
+                let body = Cancel {
+                    req_id: req_id.into(),
+                    reserved: 0.into(),
+                };
+                with_body(kind::CANCEL, fabric_id, host_id, body.as_slice())
+            }
+            Message::EpGone {
+                fabric_id,
+                host_id,
+                dev,
+                ep,
+                generation,
+                closed,
+            } => {
+                let body = ep_state(0, dev, u16::from(closed), ep, generation);
+                with_body(kind::EP_GONE, fabric_id, host_id, body.as_slice())
+            }
+            Message::AddrQuery {
+                fabric_id,
+                host_id,
+                req_id,
+                dev,
+                ep,
+                generation,
+            } => {
+                let body = ep_state(req_id, dev, 0, ep, generation);
+                with_body(kind::ADDR_QUERY, fabric_id, host_id, body.as_slice())
+            }
+            Message::AddrAnswer {
+                fabric_id,
+                host_id,
+                req_id,
+                open,
+            } => {
+                let body = ep_state(req_id, 0, u16::from(open), 0, 0);
+                with_body(kind::ADDR_ANSWER, fabric_id, host_id, body.as_slice())
+            }
+            Message::SvcQuery {
+                fabric_id,
+                host_id,
+                req_id,
+                service,
+            } => {
+                let body = super::svc::SvcQuery {
+                    req_id: req_id.into(),
+                    service: service.into(),
+                    ..Default::default()
+                };
+                let mut v = header(kind::SVC_QUERY, fabric_id, host_id, body.as_slice().len())
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
+                v
+            }
+            Message::SvcAnswer {
+                fabric_id,
+                host_id,
+                req_id,
+                found,
+            } => {
+                let body = super::svc::answer_body(req_id, &found);
+                let mut v = header(kind::SVC_ANSWER, fabric_id, host_id, body.as_slice().len())
                     .as_slice()
                     .to_vec();
                 v.extend_from_slice(body.as_slice());
@@ -554,6 +724,78 @@ impl<'a> Message<'a> {
                     chunk,
                 })
             }
+            kind::CANCEL => {
+                let c = Cancel::from_slice(body).ok_or(WireError::Length {
+                    field: len,
+                    got: body.len(),
+                })?;
+                if u64::from(c.reserved) != 0 {
+                    return Err(WireError::Reserved);
+                }
+                Ok(Message::Cancel {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id: c.req_id.into(),
+                })
+            }
+            k @ (kind::EP_GONE | kind::ADDR_QUERY | kind::ADDR_ANSWER) => {
+                let e = EpState::from_slice(body).ok_or(WireError::Length {
+                    field: len,
+                    got: body.len(),
+                })?;
+                if u32::from(e.reserved) != 0 {
+                    return Err(WireError::Reserved);
+                }
+                let (fabric_id, host_id) = (h.fabric_id.into(), h.host_id.into());
+                let state = u16::from(e.state);
+                let flag = match (k, state) {
+                    (kind::ADDR_QUERY, 0) => false,
+                    (kind::EP_GONE | kind::ADDR_ANSWER, 0 | 1) => state == 1,
+                    _ => return Err(WireError::State(state)),
+                };
+                Ok(match k {
+                    kind::EP_GONE => Message::EpGone {
+                        fabric_id,
+                        host_id,
+                        dev: e.dev.into(),
+                        ep: e.ep.into(),
+                        generation: e.generation.into(),
+                        closed: flag,
+                    },
+                    kind::ADDR_QUERY => Message::AddrQuery {
+                        fabric_id,
+                        host_id,
+                        req_id: e.req_id.into(),
+                        dev: e.dev.into(),
+                        ep: e.ep.into(),
+                        generation: e.generation.into(),
+                    },
+                    _ => Message::AddrAnswer {
+                        fabric_id,
+                        host_id,
+                        req_id: e.req_id.into(),
+                        open: flag,
+                    },
+                })
+            }
+            kind::SVC_QUERY => {
+                let (req_id, service) = super::svc::parse_query(body)?;
+                Ok(Message::SvcQuery {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id,
+                    service,
+                })
+            }
+            kind::SVC_ANSWER => {
+                let (req_id, found) = super::svc::parse_answer(body)?;
+                Ok(Message::SvcAnswer {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id,
+                    found,
+                })
+            }
             k => Err(WireError::Kind(k)),
         }
     }
@@ -626,6 +868,26 @@ fn check_data(desc: &Data, chunk_len: usize) -> Result<(), WireError> {
         });
     }
     Ok(())
+}
+
+/// A message of `kind` with a fixed `body`.
+fn with_body(kind: u16, fabric_id: u32, host_id: u16, body: &[u8]) -> Vec<u8> {
+    let mut v = header(kind, fabric_id, host_id, body.len())
+        .as_slice()
+        .to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+fn ep_state(req_id: u64, dev: u16, state: u16, ep: u32, generation: u32) -> EpState {
+    EpState {
+        req_id: req_id.into(),
+        dev: dev.into(),
+        state: state.into(),
+        ep: ep.into(),
+        generation: generation.into(),
+        reserved: 0.into(),
+    }
 }
 
 #[cfg(test)]
@@ -1040,6 +1302,81 @@ mod tests {
         assert_eq!(Message::parse(&h), Err(WireError::Caps(0x80)));
     }
 
+    #[test]
+    fn lifecycle_messages_round_trip_and_bad_ones_are_refused() {
+        let msgs = [
+            Message::Cancel {
+                fabric_id: 0x5eed,
+                host_id: 2,
+                req_id: 77,
+            },
+            Message::EpGone {
+                fabric_id: 0x5eed,
+                host_id: 2,
+                dev: 1,
+                ep: EVERY_EP,
+                generation: 0,
+                closed: false,
+            },
+            Message::EpGone {
+                fabric_id: 0x5eed,
+                host_id: 2,
+                dev: 0,
+                ep: 3,
+                generation: 9,
+                closed: true,
+            },
+            Message::AddrQuery {
+                fabric_id: 0x5eed,
+                host_id: 2,
+                req_id: u64::MAX,
+                dev: 1,
+                ep: 4,
+                generation: 5,
+            },
+            Message::AddrAnswer {
+                fabric_id: 0x5eed,
+                host_id: 2,
+                req_id: 6,
+                open: true,
+            },
+        ];
+        for m in msgs {
+            let b = m.encode();
+            assert_eq!(Message::parse(&b), Ok(m));
+            // Reserved bits, a state out of range, a short or long body.
+            let mut bad = b.clone();
+            let last = bad.len() - 1;
+            bad[last] = 1;
+            assert_eq!(Message::parse(&bad), Err(WireError::Reserved), "{m:?}");
+            let mut long = b.clone();
+            long.push(0);
+            let n = (long.len() - HEADER_LEN) as u32;
+            long[16..20].copy_from_slice(&n.to_le_bytes());
+            assert!(matches!(
+                Message::parse(&long),
+                Err(WireError::Length { .. })
+            ));
+            let mut short = b[..b.len() - 1].to_vec();
+            let n = (short.len() - HEADER_LEN) as u32;
+            short[16..20].copy_from_slice(&n.to_le_bytes());
+            assert!(matches!(
+                Message::parse(&short),
+                Err(WireError::Length { .. })
+            ));
+        }
+        let mut q = msgs[3].encode();
+        q[body(10)] = 1;
+        assert_eq!(
+            Message::parse(&q),
+            Err(WireError::State(1)),
+            "a query has no state"
+        );
+        let mut g = msgs[1].encode();
+        g[body(10)] = 2;
+        assert_eq!(Message::parse(&g), Err(WireError::State(2)));
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
@@ -1050,7 +1387,7 @@ mod tests {
         /// whatever parses describes a chunk inside its message.
         #[test]
         fn mutated_messages_never_panic(
-            kind in 0usize..5,
+            kind in 0usize..7,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             cut in proptest::option::of(any::<usize>()),
         ) {
@@ -1058,8 +1395,13 @@ mod tests {
                 0 => Message::Hello { ack: false, fabric_id: 1, host_id: 2, num_devices: 3, epoch: 4, caps: 0 }
                     .encode(),
                 1 => data(data_desc(300, 100), &[9u8; 50]),
-                2 => rdv(data_desc(1 << 20, 0), rdv_flags::SOURCE, 0, &[]),
-                3 => Message::Rdv(Rdv::Reply {
+                3 => Message::Cancel { fabric_id: 1, host_id: 2, req_id: 3 }.encode(),
+                4 => Message::EpGone {
+                    fabric_id: 1, host_id: 2, dev: 3, ep: 4, generation: 5, closed: true,
+                }
+                .encode(),
+                5 => rdv(data_desc(1 << 20, 0), rdv_flags::SOURCE, 0, &[]),
+                6 => Message::Rdv(Rdv::Reply {
                     fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok, written: 64,
                 })
                 .encode(),
