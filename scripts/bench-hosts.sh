@@ -13,14 +13,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -q -p vfabric-cli -p vfabric-device -p vfabric-provider
-scripts/provider-link.sh release
+if [ -z "${NO_BUILD:-}" ]; then
+    cargo build --release -q -p vfabric-cli -p vfabric-device -p vfabric-provider
+    scripts/provider-link.sh release
+fi
 
 RUNS=${RUNS:-3}
 SIZES=${SIZES:-"8 4096 65536 1048576"}
 BENCHES=${BENCHES:-"vfabric fi_vfabric tcp"}
-VFABRIC=$PWD/target/release/vfabric
-VFABRICD=$PWD/target/release/vfabricd
+VFABRIC=${VFABRIC:-$PWD/target/release/vfabric}
+VFABRICD=${VFABRICD:-$PWD/target/release/vfabricd}
 TAG=vfb$$
 OUT=$(mktemp -d /tmp/vfabric-hosts.XXXXXX)
 RAW="$OUT/raw.jsonl"
@@ -53,7 +55,7 @@ for i in 0 1; do
     mkdir -p "$OUT/host$i"
     ip netns exec "${TAG}h$i" "$VFABRICD" --socket-dir "$OUT/host$i" --devices 1 --log-level warn \
         --fabric-id 0xbe4c --host-id $((i + 1)) --uplink "tcp;ofi_rxm" --listen "10.78.0.$((i + 1))" \
-        --peer "$((j + 1))=10.78.0.$((j + 1))" >"$OUT/host$i.log" 2>&1 &
+        --peer "$((j + 1))=10.78.0.$((j + 1))" ${VFABRICD_ARGS:-} >"$OUT/host$i.log" 2>&1 &
     PIDS+=($!)
 done
 for _ in $(seq 200); do

@@ -106,6 +106,22 @@ impl Lan {
         format!("10.77.0.{}", i + 1)
     }
 
+    /// Host `i`'s outgoing link limited to `rate` (tc's token bucket), or unlimited again.
+    fn throttle(&self, i: usize, rate: Option<&str>) {
+        let ns = &self.hosts[i];
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "tc", "qdisc"]);
+        match rate {
+            Some(r) => c.args([
+                "replace", "dev", "eth0", "root", "tbf", "rate", r, "burst", "32kbit", "latency",
+                "400ms",
+            ]),
+            None => c.args(["del", "dev", "eth0", "root"]),
+        };
+        let st = c.status().expect("tc");
+        assert!(st.success(), "tc qdisc on {ns}: {st}");
+    }
+
     /// Host `i`'s link down or up (as a cable pulled).
     fn link(&self, i: usize, up: bool) {
         ip(&[
@@ -139,6 +155,18 @@ struct HostDaemon {
 
 impl HostDaemon {
     fn start(lan: &Lan, dir: &Path, i: usize, host_id: u16, args: &[String]) -> Self {
+        Self::start_env(lan, dir, i, host_id, args, &[])
+    }
+
+    /// [`HostDaemon::start`] with environment variables for the daemon.
+    fn start_env(
+        lan: &Lan,
+        dir: &Path,
+        i: usize,
+        host_id: u16,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Self {
         let sock_dir = dir.join(format!("host{i}-{host_id}"));
         std::fs::create_dir_all(&sock_dir).unwrap();
         let log = dir.join(format!("host{i}-{host_id}.log"));
@@ -150,6 +178,7 @@ impl HostDaemon {
             .args(["--devices", "2", "--log-level", "info"])
             .args(["--host-id", &host_id.to_string()])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
@@ -1268,6 +1297,168 @@ fn a_lost_target_or_host_fails_a_waiting_commit() {
     a.ep.commit(&range, to_b, 0, 2).unwrap();
     assert_eq!(a.next_err().status, Status::HostUnreach);
     drop(region);
+}
+
+/// A 1 MiB RMA write and read of `a` into a fresh region of `b`, every byte checked.
+fn large_rma(a: &Guest, b: &Guest, seed: u32) {
+    const LEN: usize = 1 << 20;
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let target = b.dom.alloc_buffer(LEN).unwrap();
+    let mr = b
+        .dom
+        .register(&target, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
+        .unwrap();
+    let mut src = a.dom.alloc_buffer(LEN).unwrap();
+    let want = pattern(seed, LEN);
+    src.get_mut().unwrap().copy_from_slice(&want);
+    a.ep.write_buf(&src, 0..LEN, to_b, mr.base(), mr.key(), 1)
+        .unwrap();
+    assert_eq!(a.next().context, 1);
+    // SAFETY: A's write completed and nothing else touches B's region.
+    assert!(unsafe { target.as_slice() } == want.as_slice(), "written");
+    let mut dst = a.dom.alloc_buffer(LEN).unwrap();
+    a.ep.read_buf(&dst, 0..LEN, to_b, mr.base(), mr.key(), 2)
+        .unwrap();
+    let c = a.next();
+    assert_eq!((c.context, c.len), (2, LEN));
+    assert!(dst.get().unwrap() == want.as_slice(), "read back");
+    drop(mr);
+}
+
+#[test]
+fn large_data_crosses_by_rendezvous_and_by_chunks_alike() {
+    let Some(TwoHosts { lan, dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, _) = guests_on(&d);
+    let sizes = [20_000, 1 << 20, 8, 300_000, 17_000, 0, 64 << 10];
+    exchange(&a, &b, &sizes, 1);
+    exchange(&b, &a, &sizes, 50);
+    large_rma(&a, &b, 3);
+    // The large data went by RMA: host 2 read host 1's messages and wrote its read's bytes.
+    let log = d[1].log();
+    assert!(
+        log.contains("first rendezvous read from host 1")
+            && log.contains("first rendezvous write to host 1"),
+        "host 2 log:\n{log}"
+    );
+    assert!(
+        d[0].log().contains("first rendezvous read from host 2"),
+        "host 1 log:\n{}",
+        d[0].log()
+    );
+    drop((a, b, d));
+
+    // A host whose uplink does no RMA: both directions fall back to chunks, same results.
+    let d = vec![
+        HostDaemon::start_env(
+            &lan,
+            dir.path(),
+            0,
+            1,
+            &uplink_args(2, 0, &[]),
+            &[("VFABRIC_UPLINK_RMA", "0")],
+        ),
+        HostDaemon::start(&lan, dir.path(), 1, 2, &uplink_args(2, 1, &[])),
+    ];
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    d[1].wait_hosts(&[(1, 2, true)], Duration::from_secs(10));
+    let (a, b, _) = guests_on(&d);
+    exchange(&a, &b, &sizes, 100);
+    exchange(&b, &a, &sizes, 150);
+    large_rma(&a, &b, 4);
+    large_rma(&b, &a, 5);
+    for h in &d {
+        assert!(!h.log().contains("first rendezvous"), "{}", h.log());
+    }
+}
+
+#[test]
+fn a_lost_sender_or_a_closed_region_during_a_rendezvous_is_an_error_not_a_crash() {
+    let Some(TwoHosts { lan, dir, mut d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+
+    // B's region is deregistered while large writes into it are on their way: each write
+    // lands or is refused Access by B's device (its key is gone), never anything else.
+    let target = b.dom.alloc_buffer(LEN).unwrap();
+    let mr = b.dom.register(&target, fi::REMOTE_WRITE, None).unwrap();
+    let (base, key) = (mr.base(), mr.key());
+    let mut src = a.dom.alloc_buffer(LEN).unwrap();
+    src.get_mut().unwrap().copy_from_slice(&pattern(1, LEN));
+    for i in 0..4 {
+        a.ep.write_buf(&src, 0..LEN, to_b, base, key, i).unwrap();
+    }
+    drop(mr);
+    let mut refused = 0;
+    for _ in 0..4 {
+        match a.next_within(OP_TIMEOUT) {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.status, Status::Access, "{e:?}");
+                refused += 1;
+            }
+        }
+    }
+    println!("{refused} of 4 writes refused after the region closed");
+    a.ep.write_buf(&src, 0..8, to_b, base, key, 9).unwrap();
+    assert_eq!(a.next_err().status, Status::Access, "the key is gone");
+    exchange(&a, &b, &[8, 200_000], 10);
+
+    // Host 1's daemon dies while host 2 reads its large messages: host 2 keeps running, and
+    // what it delivers is whole.
+    // Host 1's link slowed to 50 Mbit/s: the 12 MiB take about two seconds, so host 1 dies
+    // (right after its guest posted them) with host 2's reads of its buffers in flight.
+    const N: u64 = 12;
+    lan.throttle(0, Some("50mbit"));
+    let t = Instant::now();
+    for i in 0..N {
+        b.ep.recv_vec(LEN, 100 + i).unwrap();
+    }
+    for i in 0..N {
+        a.ep.send(&pattern(20 + i as u32, LEN), to_b, i).unwrap();
+    }
+    println!("sends posted after {:?}", t.elapsed());
+    drop(d.remove(0));
+    drop(a);
+    lan.throttle(0, None);
+    // What host 2 delivers is whole; what did not arrive by the peer timeout never does.
+    let mut delivered = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut v = Vec::new();
+    while delivered < N && Instant::now() < deadline {
+        match b.cq.read(&mut v, 1) {
+            Ok(_) => {
+                let c = v.pop().unwrap();
+                let i = (c.context - 100) as u32;
+                assert!(
+                    c.buf.as_deref() == Some(pattern(20 + i, LEN).as_slice()),
+                    "message {i} is whole"
+                );
+                delivered += 1;
+            }
+            Err(VfError::Again) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => panic!("B: {e} {:?}", b.cq.readerr()),
+        }
+    }
+    println!("{delivered} of {N} large messages arrived before host 1 died");
+    assert!(delivered < N, "host 1 died with reads in flight");
+    assert!(d[0].child.try_wait().unwrap().is_none(), "host 2 runs on");
+    drop(b);
+
+    // Host 1 comes back: large data flows both ways again.
+    d.insert(
+        0,
+        HostDaemon::start(&lan, dir.path(), 0, 1, &uplink_args(2, 0, &[])),
+    );
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    d[1].wait_hosts(&[(1, 2, true)], Duration::from_secs(10));
+    let (a, b, _) = guests_on(&d);
+    exchange(&a, &b, &[LEN, 8, 40_000], 300);
+    exchange(&b, &a, &[LEN, 8], 400);
+    large_rma(&a, &b, 6);
 }
 
 /// A guest's EP_CLOSE withdraws its sends that wait for another host's verdict: they complete

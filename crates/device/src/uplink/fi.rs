@@ -64,7 +64,17 @@ pub struct Info(*mut sys::fi_info);
 impl Info {
     /// `fi_getinfo` for an RDM endpoint with untagged messages of provider `prov` at
     /// `node:service` (`source`: our own address to bind, with FI_SOURCE; else a destination).
-    pub fn rdm(prov: &str, node: &str, service: &str, source: bool) -> Result<Self, FiError> {
+    ///
+    /// With `rma` the endpoint is asked for RMA reads and writes too (rendezvous), and for
+    /// sends ordered after writes (an RDV_REPLY follows the bytes it announces); a provider
+    /// without them answers FI_ENODATA and the caller asks again without.
+    pub fn rdm(
+        prov: &str,
+        node: &str,
+        service: &str,
+        source: bool,
+        rma: bool,
+    ) -> Result<Self, FiError> {
         let (node, service) = (cstring(node)?, cstring(service)?);
         let prov = cstring(prov)?;
         // SAFETY: fi_dupinfo(NULL) allocates an empty fi_info with all attribute structs (what
@@ -79,14 +89,28 @@ impl Info {
                 });
             }
             (*hints).caps = u64::from(sys::FI_MSG) | sys::FI_SOURCE;
+            let mut order = u64::from(sys::FI_ORDER_SAS);
+            if rma {
+                (*hints).caps |= u64::from(
+                    sys::FI_RMA
+                        | sys::FI_READ
+                        | sys::FI_WRITE
+                        | sys::FI_REMOTE_READ
+                        | sys::FI_REMOTE_WRITE,
+                );
+                order |= u64::from(sys::FI_ORDER_SAW);
+            }
             (*(*hints).ep_attr).type_ = sys::fi_ep_type_FI_EP_RDM;
             // Messages between two hosts arrive in the order they were sent: the chunks of
             // one guest message, and guest messages of one pair.
-            (*(*hints).tx_attr).msg_order = u64::from(sys::FI_ORDER_SAS);
-            (*(*hints).rx_attr).msg_order = u64::from(sys::FI_ORDER_SAS);
+            (*(*hints).tx_attr).msg_order = order;
+            (*(*hints).rx_attr).msg_order = order;
             (*(*hints).fabric_attr).prov_name = libc::strdup(prov.as_ptr());
-            (*(*hints).domain_attr).mr_mode =
-                (sys::FI_MR_VIRT_ADDR | sys::FI_MR_ALLOCATED | sys::FI_MR_PROV_KEY) as i32;
+            // The registration modes the uplink handles (see `RdmEndpoint::register`).
+            (*(*hints).domain_attr).mr_mode = (sys::FI_MR_VIRT_ADDR
+                | sys::FI_MR_ALLOCATED
+                | sys::FI_MR_PROV_KEY
+                | sys::FI_MR_LOCAL) as i32;
             (*(*hints).domain_attr).threading = sys::fi_threading_FI_THREAD_DOMAIN;
             let mut info = ptr::null_mut();
             let rc = sys::fi_getinfo(
@@ -117,6 +141,16 @@ impl Info {
             (!i.dest_addr.is_null()).then(|| {
                 std::slice::from_raw_parts(i.dest_addr.cast::<u8>(), i.dest_addrlen).to_vec()
             })
+        }
+    }
+
+    /// Whether the first entry grants RMA reads and writes, and its registration mode.
+    fn rma_and_mr_mode(&self) -> (bool, u32) {
+        let want = u64::from(sys::FI_RMA | sys::FI_READ | sys::FI_REMOTE_READ | sys::FI_WRITE);
+        // SAFETY: `self.0` is a valid fi_info with a domain_attr.
+        unsafe {
+            let i = &*self.0;
+            (i.caps & want == want, (*i.domain_attr).mr_mode as u32)
         }
     }
 
@@ -154,6 +188,16 @@ fn cstring(s: &str) -> Result<CString, FiError> {
 /// One RDM endpoint with its fabric, domain, CQ and AV. Single-threaded use (FI_THREAD_DOMAIN):
 /// the uplink thread owns it.
 pub struct RdmEndpoint {
+    /// The CQ's wait fd (`FI_WAIT_FD`): readable when the provider has progress to make.
+    /// `None` when the provider offers no wait object (the caller then polls).
+    wait_fd: Option<i32>,
+    /// RMA granted (rendezvous possible).
+    rma: bool,
+    /// The domain's FI_MR_* mode bits.
+    mr_mode: u32,
+    /// Source of requested keys (FI_MR_PROV_KEY unset): unguessable by peers.
+    key_seed: u64,
+    next_key: std::cell::Cell<u64>,
     fabric: *mut sys::fid_fabric,
     domain: *mut sys::fid_domain,
     cq: *mut sys::fid_cq,
@@ -179,7 +223,13 @@ pub const ADDR_NOTAVAIL: u64 = u64::MAX;
 impl RdmEndpoint {
     /// Open fabric, domain, CQ, AV and endpoint for `info` and enable the endpoint.
     pub fn open(info: &Info) -> Result<Self, FiError> {
+        let (rma, mr_mode) = info.rma_and_mr_mode();
         let mut me = Self {
+            wait_fd: None,
+            rma,
+            mr_mode,
+            key_seed: random_u64(),
+            next_key: std::cell::Cell::new(1),
             fabric: ptr::null_mut(),
             domain: ptr::null_mut(),
             cq: ptr::null_mut(),
@@ -201,19 +251,32 @@ impl RdmEndpoint {
                     domain(me.fabric, i, &mut me.domain, ptr::null_mut())
                 ),
             )?;
-            let mut cq_attr = sys::fi_cq_attr {
-                size: 1024,
-                format: sys::fi_cq_format_FI_CQ_FORMAT_MSG,
-                wait_obj: sys::fi_wait_obj_FI_WAIT_NONE,
-                ..Default::default()
-            };
-            check(
-                "fi_cq_open",
-                op!(
+            // A CQ with a wait fd lets the uplink thread sleep in the kernel until data
+            // arrives instead of spinning (on a host with few cores a spinning thread takes
+            // the core the guests need); a provider without one is polled.
+            for wait_obj in [sys::fi_wait_obj_FI_WAIT_FD, sys::fi_wait_obj_FI_WAIT_NONE] {
+                let mut cq_attr = sys::fi_cq_attr {
+                    size: 1024,
+                    format: sys::fi_cq_format_FI_CQ_FORMAT_MSG,
+                    wait_obj,
+                    ..Default::default()
+                };
+                let rc = op!(
                     (*me.domain).ops,
                     cq_open(me.domain, &mut cq_attr, &mut me.cq, ptr::null_mut())
-                ),
-            )?;
+                );
+                if rc == 0 || wait_obj == sys::fi_wait_obj_FI_WAIT_NONE {
+                    check("fi_cq_open", rc)?;
+                    break;
+                }
+            }
+            let cq_fid = &mut (*me.cq).fid as *mut sys::fid;
+            let mut fd: i32 = -1;
+            let rc = op!(
+                (*cq_fid).ops,
+                control(cq_fid, sys::FI_GETWAIT as i32, (&mut fd as *mut i32).cast())
+            );
+            me.wait_fd = (rc == 0 && fd >= 0).then_some(fd);
             let mut av_attr = sys::fi_av_attr {
                 type_: sys::fi_av_type_FI_AV_TABLE,
                 ..Default::default()
@@ -349,6 +412,139 @@ impl RdmEndpoint {
         check("fi_send", rc)
     }
 
+    /// Whether the endpoint does RMA (rendezvous).
+    pub fn rma(&self) -> bool {
+        self.rma
+    }
+
+    /// `fi_mr_reg` of `buf` with `access` (FI_READ, FI_WRITE, FI_REMOTE_READ,
+    /// FI_REMOTE_WRITE). Keys are the provider's (FI_MR_PROV_KEY) or drawn from a per-start
+    /// random sequence, so a peer cannot guess another peer's key.
+    ///
+    /// # Safety
+    /// `buf` stays allocated and unmoved until the returned [`Mr`] is dropped, and the `Mr`
+    /// is dropped before this endpoint.
+    pub unsafe fn register(&self, buf: &[u8], access: u64) -> Result<Mr, FiError> {
+        let n = self.next_key.get();
+        self.next_key.set(n.wrapping_add(1));
+        let requested = splitmix64(self.key_seed.wrapping_add(n));
+        let mut mr: *mut sys::fid_mr = ptr::null_mut();
+        let dom = &mut (*self.domain).fid as *mut sys::fid;
+        // SAFETY: the domain is open; `buf` is valid per the caller's contract.
+        let rc = unsafe {
+            op!(
+                (*self.domain).mr,
+                reg(
+                    dom,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    access,
+                    0,
+                    requested,
+                    0,
+                    &mut mr,
+                    ptr::null_mut()
+                )
+            )
+        };
+        check("fi_mr_reg", rc)?;
+        // SAFETY: fi_mr_reg succeeded: `mr` is a valid fid_mr.
+        let (key, desc) = unsafe { ((*mr).key, (*mr).mem_desc) };
+        let addr = if self.mr_mode & sys::FI_MR_VIRT_ADDR != 0 {
+            buf.as_ptr() as u64
+        } else {
+            0
+        };
+        Ok(Mr {
+            mr,
+            key,
+            desc,
+            addr,
+        })
+    }
+
+    /// `fi_read` of `buf.len()` bytes at `addr`/`key` of peer `src` into `buf` (registered
+    /// as `mr`).
+    ///
+    /// # Safety
+    /// `buf` and `mr` live, unmoved, until a completion with `context` is read.
+    pub unsafe fn read(
+        &self,
+        buf: &mut [u8],
+        mr: &Mr,
+        src: u64,
+        addr: u64,
+        key: u64,
+        context: u64,
+    ) -> Result<(), FiError> {
+        // SAFETY: per the caller's contract; the endpoint is open.
+        let rc = unsafe {
+            op!(
+                (*self.ep).rma,
+                read(
+                    self.ep,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    mr.desc,
+                    src,
+                    addr,
+                    key,
+                    context as *mut c_void
+                )
+            )
+        };
+        check("fi_read", rc)
+    }
+
+    /// `fi_write` of `buf` (registered as `mr`) to `addr`/`key` of peer `dest`.
+    ///
+    /// # Safety
+    /// `buf` and `mr` live, unmoved and unmodified, until a completion with `context` is read.
+    pub unsafe fn write(
+        &self,
+        buf: &[u8],
+        mr: &Mr,
+        dest: u64,
+        addr: u64,
+        key: u64,
+        context: u64,
+    ) -> Result<(), FiError> {
+        // SAFETY: per the caller's contract; the endpoint is open.
+        let rc = unsafe {
+            op!(
+                (*self.ep).rma,
+                write(
+                    self.ep,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    mr.desc,
+                    dest,
+                    addr,
+                    key,
+                    context as *mut c_void
+                )
+            )
+        };
+        check("fi_write", rc)
+    }
+
+    /// The CQ's wait fd, if the provider gave one.
+    pub fn wait_fd(&self) -> Option<i32> {
+        self.wait_fd
+    }
+
+    /// `fi_trywait` on the CQ: whether blocking on [`RdmEndpoint::wait_fd`] now is safe (no
+    /// completion or progress is pending that the fd would not signal).
+    pub fn try_wait(&self) -> bool {
+        if self.wait_fd.is_none() {
+            return false;
+        }
+        let mut fid = self.cq.cast::<sys::fid>();
+        // SAFETY: the fabric and CQ are open; `fid` is an array of one CQ fid for the call.
+        let rc = unsafe { op!((*self.fabric).ops, trywait(self.fabric, &mut fid, 1)) };
+        rc == 0
+    }
+
     /// Reads at most one completion (`fi_cq_readfrom`); an error completion comes back as
     /// `Err` with its context.
     pub fn poll(&self) -> Result<Option<Completion>, (u64, FiError)> {
@@ -415,5 +611,51 @@ impl Drop for RdmEndpoint {
                 }
             }
         }
+    }
+}
+
+/// A memory registration with the uplink domain (closed on drop; drop it before the
+/// endpoint).
+pub struct Mr {
+    mr: *mut sys::fid_mr,
+    /// The key a peer names it by.
+    pub key: u64,
+    desc: *mut c_void,
+    /// The address a peer names its first byte by (virtual or 0, per FI_MR_VIRT_ADDR).
+    pub addr: u64,
+}
+
+// SAFETY: like the endpoint, a registration is used by the uplink thread only.
+unsafe impl Send for Mr {}
+
+impl Drop for Mr {
+    fn drop(&mut self) {
+        let fid = self.mr.cast::<sys::fid>();
+        // SAFETY: a registration from fi_mr_reg, closed once.
+        unsafe {
+            let _ = op!((*fid).ops, close(fid));
+        }
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// 64 random bits from the kernel (a time-derived value if it has none to give).
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into a live buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    if n == 8 {
+        u64::from_ne_bytes(b)
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
     }
 }

@@ -43,6 +43,8 @@ pub(super) struct Peer {
     /// Its fi_addr in the uplink AV (None while its address does not resolve).
     pub fi_addr: Option<u64>,
     pub num_devices: u16,
+    /// Its HELLO's `wire::caps` bits.
+    pub caps: u32,
     pub epoch: Option<u64>,
     pub last_heard: Option<Instant>,
     /// When we last sent it a HELLO.
@@ -56,6 +58,7 @@ impl Peer {
             addr,
             fi_addr: None,
             num_devices: 0,
+            caps: 0,
             epoch: None,
             last_heard: None,
             last_hello: None,

@@ -4,7 +4,9 @@
 //! and were held until a receive matched them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Condvar, Mutex};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use vfabric_proto::{FabricAddr, Status};
@@ -163,6 +165,11 @@ struct State {
 pub(crate) struct Outbox {
     state: Mutex<State>,
     wake: Condvar,
+    /// An eventfd that wakes the uplink thread from its sleep in the kernel (beside the
+    /// provider's wait fd), made when the uplink first asks for it.
+    wake_fd: OnceLock<Option<OwnedFd>>,
+    /// The uplink thread sleeps on `wake_fd`: a push must write it.
+    sleeping: AtomicBool,
 }
 
 impl Outbox {
@@ -212,7 +219,57 @@ impl Outbox {
 
     pub fn push(&self, m: Outbound) {
         self.lock().queue.push_back(m);
+        self.wake_uplink();
+    }
+
+    /// Something was queued: wake the uplink thread, whether it waits on the condvar or sleeps
+    /// in the kernel.
+    fn wake_uplink(&self) {
         self.wake.notify_one();
+        // After queueing: an uplink that announced its sleep before we queued either saw the
+        // message or is told here.
+        if self.sleeping.load(Ordering::SeqCst) {
+            if let Some(Some(fd)) = self.wake_fd.get() {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: writing 8 bytes from a live buffer to our own eventfd.
+                let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+            }
+        }
+    }
+
+    /// The eventfd that [`Outbox::push`] writes while the uplink sleeps (`None` if the
+    /// kernel refused one: the uplink then polls).
+    pub fn wake_fd(&self) -> Option<RawFd> {
+        self.wake_fd
+            .get_or_init(|| {
+                // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we own.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+                // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+                (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+            })
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+    }
+
+    /// The uplink is about to sleep on [`Outbox::wake_fd`]: `false` (do not sleep) if
+    /// something is queued already.
+    pub fn sleep_begin(&self) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.lock().queue.is_empty() {
+            return true;
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+        false
+    }
+
+    /// The uplink woke up: pushes need not write the eventfd any more (it is drained).
+    pub fn sleep_end(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        if let Some(Some(fd)) = self.wake_fd.get() {
+            let mut b = [0u8; 8];
+            // SAFETY: reading at most 8 bytes into a live buffer from our non-blocking eventfd.
+            let _ = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+        }
     }
 
     /// Everything queued so far. Requests that wait for a verdict enter the pending table here,
@@ -341,7 +398,7 @@ impl Outbox {
         }
         if !out.is_empty() {
             drop(s);
-            self.wake.notify_one();
+            self.wake_uplink();
         }
         out
     }
@@ -381,7 +438,7 @@ impl Outbox {
             req_id: id,
         });
         drop(s);
-        self.wake.notify_one();
+        self.wake_uplink();
         Ok(())
     }
 
@@ -408,7 +465,7 @@ impl Outbox {
             req_id: 0,
         });
         drop(s);
-        self.wake.notify_one();
+        self.wake_uplink();
         true
     }
 
@@ -444,7 +501,7 @@ impl Outbox {
             closed,
         });
         drop(s);
-        self.wake.notify_one();
+        self.wake_uplink();
     }
 
     /// Sleep until something is queued or `timeout` passed.
@@ -521,5 +578,41 @@ mod tests {
         assert!(!o.busy(K2), "nothing in flight for the endpoint any more");
         o.disable();
         assert_eq!(o.reserve(K2, 8), Err(Status::AddrNotAvail));
+    }
+
+    #[test]
+    fn a_push_wakes_a_sleeping_uplink_through_its_eventfd() {
+        let o = Outbox::default();
+        let fd = o.wake_fd().expect("eventfd");
+        let readable = || {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no waiting.
+            unsafe { libc::poll(&mut p, 1, 0) == 1 }
+        };
+        // Not sleeping: a push leaves the fd alone.
+        o.push(Outbound::Reply {
+            host: 2,
+            req_id: 1,
+            status: Status::Ok,
+            bytes: Vec::new(),
+        });
+        assert!(!readable());
+        assert!(!o.sleep_begin(), "something is queued: no sleep");
+        assert_eq!(o.take().len(), 1);
+        assert!(o.sleep_begin());
+        assert!(!readable());
+        o.push(Outbound::Reply {
+            host: 2,
+            req_id: 2,
+            status: Status::Ok,
+            bytes: Vec::new(),
+        });
+        assert!(readable(), "a push while asleep wakes");
+        o.sleep_end();
+        assert!(!readable(), "drained on waking");
     }
 }

@@ -10,8 +10,10 @@ use vfabric_proto::{ep_open, ByteValued, Le16, Le32, Le64, Opcode, Status, RMA_I
 pub const MAGIC: u32 = 0x4c55_4656;
 /// Version of this wire format. 2: FLUSH and the COMMIT_COMPLETE/WHOLE_REGION flags (a daemon
 /// of version 1 would drop a FLUSH unanswered, so the two never admit each other). 3: CANCEL,
-/// EP_GONE, ADDR_QUERY and ADDR_ANSWER (endpoint lifecycle across hosts).
-pub const VERSION: u16 = 3;
+/// EP_GONE, ADDR_QUERY and ADDR_ANSWER (endpoint lifecycle across hosts). 4: the rendezvous
+/// kinds RDV_DATA and RDV_REPLY and HELLO's `caps` (a version-3 daemon would refuse an RDV_DATA
+/// as an unknown kind and leave its sender waiting).
+pub const VERSION: u16 = 4;
 
 /// Message kinds.
 pub mod kind {
@@ -40,10 +42,55 @@ pub mod kind {
     pub const SVC_QUERY: u16 = 16;
     /// The answer to an SVC_QUERY.
     pub const SVC_ANSWER: u16 = 17;
+    // Rendezvous: 48 and up, apart from the lifecycle (32..) and service (16..) kinds.
+    /// Rendezvous: a DATA whose bytes stay in the sender's registered buffer for the receiving
+    /// host to read with the uplink's RMA (`RdvDesc::SOURCE`), and/or a request whose returned
+    /// bytes (an RMA read's) the receiving host writes into the sender's buffer
+    /// (`RdvDesc::SINK`).
+    pub const RDV_DATA: u16 = 48;
+    /// The verdict on an RDV_DATA with a sink whose bytes were written into the sink: a REPLY
+    /// body without bytes, `total_len` the bytes written.
+    pub const RDV_REPLY: u16 = 49;
 }
 
 /// `ep` of an EP_GONE that names every endpoint of its device (a reset or disconnection).
 pub const EVERY_EP: u32 = u32::MAX;
+
+/// Capability bits of HELLO's `caps`.
+pub mod caps {
+    /// The sender's uplink moves data with RMA (FI_RMA): it reads and writes rendezvous
+    /// buffers, and may send RDV_DATA.
+    pub const RMA: u32 = 1 << 0;
+    pub const ALL: u32 = RMA;
+}
+
+/// Flags of [`RdvDesc`].
+pub mod rdv_flags {
+    /// The request's `total_len` bytes are at `src_addr`/`src_key` (the DATA chunk is empty).
+    pub const SOURCE: u32 = 1 << 0;
+    /// The bytes the verdict returns (an RMA read's, `sink_len` of them) go to
+    /// `sink_addr`/`sink_key`, written before the RDV_REPLY.
+    pub const SINK: u32 = 1 << 1;
+    pub const ALL: u32 = SOURCE | SINK;
+}
+
+/// Body of RDV_DATA after the [`Data`] description (then the inline bytes, if not SOURCE):
+/// 48 bytes. Addresses and keys are the sender's uplink registrations (the provider's
+/// `fi_mr_key`; the address is virtual or an offset as the provider's FI_MR_VIRT_ADDR says).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RdvDesc {
+    pub flags: Le32,
+    pub reserved: Le32,
+    pub src_addr: Le64,
+    pub src_key: Le64,
+    pub sink_addr: Le64,
+    pub sink_key: Le64,
+    pub sink_len: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding (48 bytes, every field naturally aligned).
+unsafe impl ByteValued for RdvDesc {}
+pub const RDV_LEN: usize = std::mem::size_of::<RdvDesc>();
 
 /// Flags of a DATA message (any other bit is refused).
 pub mod data_flags {
@@ -195,6 +242,8 @@ pub enum Message<'a> {
         host_id: u16,
         num_devices: u16,
         epoch: u64,
+        /// [`caps`] bits.
+        caps: u32,
     },
     Data {
         fabric_id: u32,
@@ -257,6 +306,30 @@ pub enum Message<'a> {
         req_id: u64,
         found: Result<super::svc::Found, Status>,
     },
+    /// Rendezvous (kinds 48 and 49), kept apart from the eager kinds above.
+    Rdv(Rdv<'a>),
+}
+
+/// The rendezvous messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rdv<'a> {
+    /// A DATA request (`offset` 0, whole) with a rendezvous description: with SOURCE its
+    /// bytes are to be read from the sender (`chunk` empty), else `chunk` is all of them.
+    Data {
+        fabric_id: u32,
+        host_id: u16,
+        desc: Data,
+        rdv: RdvDesc,
+        chunk: &'a [u8],
+    },
+    /// The verdict on an RDV_DATA with SINK: `written` bytes are in the sink.
+    Reply {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+        status: Status,
+        written: u64,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -287,6 +360,10 @@ pub enum WireError {
     Ranges { count: u32, opcode: u16 },
     #[error("DATA flags {flags:#x} do not apply to opcode {opcode:#x}")]
     FlagsForOpcode { flags: u32, opcode: u16 },
+    #[error("HELLO capabilities {0:#x} unknown")]
+    Caps(u32),
+    #[error("RDV_DATA: {0}")]
+    Rdv(&'static str),
     #[error("endpoint state {0} unknown")]
     State(u16),
     #[error("SVC_QUERY for service 0")]
@@ -316,11 +393,12 @@ impl<'a> Message<'a> {
                 host_id,
                 num_devices,
                 epoch,
+                caps,
             } => {
                 let body = Hello {
                     num_devices: num_devices.into(),
                     reserved: 0.into(),
-                    caps: 0.into(),
+                    caps: caps.into(),
                     epoch: epoch.into(),
                 };
                 let k = if ack { kind::HELLO_ACK } else { kind::HELLO };
@@ -365,6 +443,41 @@ impl<'a> Message<'a> {
                     .to_vec();
                 v.extend_from_slice(body.as_slice());
                 v.extend_from_slice(chunk);
+                v
+            }
+            Message::Rdv(Rdv::Data {
+                fabric_id,
+                host_id,
+                desc,
+                rdv,
+                chunk,
+            }) => {
+                let len = DATA_LEN + RDV_LEN + chunk.len();
+                let mut v = Vec::with_capacity(HEADER_LEN + len);
+                v.extend_from_slice(header(kind::RDV_DATA, fabric_id, host_id, len).as_slice());
+                v.extend_from_slice(desc.as_slice());
+                v.extend_from_slice(rdv.as_slice());
+                v.extend_from_slice(chunk);
+                v
+            }
+            Message::Rdv(Rdv::Reply {
+                fabric_id,
+                host_id,
+                req_id,
+                status,
+                written,
+            }) => {
+                let body = Reply {
+                    req_id: req_id.into(),
+                    status: (status as u32).into(),
+                    reserved: 0.into(),
+                    total_len: written.into(),
+                    offset: 0.into(),
+                };
+                let mut v = header(kind::RDV_REPLY, fabric_id, host_id, REPLY_LEN)
+                    .as_slice()
+                    .to_vec();
+                v.extend_from_slice(body.as_slice());
                 v
             }
             Message::Cancel {
@@ -473,8 +586,12 @@ impl<'a> Message<'a> {
                     field: len,
                     got: body.len(),
                 })?;
-                if u16::from(hello.reserved) != 0 || u32::from(hello.caps) != 0 {
+                if u16::from(hello.reserved) != 0 {
                     return Err(WireError::Reserved);
+                }
+                let caps = u32::from(hello.caps);
+                if caps & !caps::ALL != 0 {
+                    return Err(WireError::Caps(caps));
                 }
                 Ok(Message::Hello {
                     ack: k == kind::HELLO_ACK,
@@ -482,6 +599,7 @@ impl<'a> Message<'a> {
                     host_id: h.host_id.into(),
                     num_devices: hello.num_devices.into(),
                     epoch: hello.epoch.into(),
+                    caps,
                 })
             }
             kind::DATA => {
@@ -494,75 +612,83 @@ impl<'a> Message<'a> {
                     .and_then(Data::from_slice)
                     .ok_or(short)?;
                 let chunk = &body[DATA_LEN..];
-                let op = u16::from(desc.opcode);
-                let rma = [
-                    Opcode::RmaWrite,
-                    Opcode::RmaRead,
-                    Opcode::Atomic,
-                    Opcode::FetchAtomic,
-                    Opcode::CompareAtomic,
-                    Opcode::Flush,
-                ]
-                .iter()
-                .any(|o| *o as u16 == op);
-                let flush = op == Opcode::Flush as u16;
-                if op != Opcode::Send as u16 && op != Opcode::TSend as u16 && !rma {
-                    return Err(WireError::Opcode(op));
-                }
-                // Sends carry no ranges; RMA requests 1..=MAX_RANGES, all in the message.
-                let count = u32::from(desc.count);
-                if (rma && (count == 0 || count > MAX_RANGES))
-                    || (!rma && count != 0)
-                    || u64::from(desc.total_len) < u64::from(count) * RMA_IOV_LEN as u64
-                    || (flush && u64::from(desc.total_len) != u64::from(count) * RMA_IOV_LEN as u64)
-                {
-                    return Err(WireError::Ranges { count, opcode: op });
-                }
-                let ep_kind = u16::from(desc.ep_kind);
-                if !matches!(
-                    u64::from(ep_kind),
-                    ep_open::TYPE_RDM | ep_open::TYPE_DGRAM | ep_open::TYPE_MSG
-                ) {
-                    return Err(WireError::EpKind(ep_kind));
-                }
-                let flags = u32::from(desc.flags);
-                if flags & !data_flags::ALL != 0 {
-                    return Err(WireError::Flags(flags));
-                }
-                // Persistence only where there is something to persist; a whole region is
-                // one range of a FLUSH.
-                let persists = flush
-                    || [
-                        Opcode::RmaWrite,
-                        Opcode::Atomic,
-                        Opcode::FetchAtomic,
-                        Opcode::CompareAtomic,
-                    ]
-                    .iter()
-                    .any(|o| *o as u16 == op);
-                if (flags & data_flags::COMMIT_COMPLETE != 0 && !persists)
-                    || (flags & data_flags::WHOLE_REGION != 0 && !(flush && count == 1))
-                {
-                    return Err(WireError::FlagsForOpcode { flags, opcode: op });
-                }
-                let (offset, total) = (u64::from(desc.offset), u64::from(desc.total_len));
-                let fits = offset
-                    .checked_add(chunk.len() as u64)
-                    .is_some_and(|end| end <= total);
-                // Only an empty message has an empty chunk: every chunk moves the offset on.
-                if !fits || (chunk.is_empty() && total != 0) {
-                    return Err(WireError::Chunk {
-                        offset,
-                        len: chunk.len(),
-                        total,
-                    });
-                }
+                check_data(&desc, chunk.len())?;
                 Ok(Message::Data {
                     fabric_id: h.fabric_id.into(),
                     host_id: h.host_id.into(),
                     desc,
                     chunk,
                 })
+            }
+            kind::RDV_DATA => {
+                let short = || WireError::Length {
+                    field: len,
+                    got: body.len(),
+                };
+                let desc = *body
+                    .get(..DATA_LEN)
+                    .and_then(Data::from_slice)
+                    .ok_or_else(short)?;
+                let rdv = *body
+                    .get(DATA_LEN..DATA_LEN + RDV_LEN)
+                    .and_then(RdvDesc::from_slice)
+                    .ok_or_else(short)?;
+                let chunk = &body[DATA_LEN + RDV_LEN..];
+                let flags = u32::from(rdv.flags);
+                if u32::from(rdv.reserved) != 0 {
+                    return Err(WireError::Reserved);
+                }
+                if flags & !rdv_flags::ALL != 0 || flags == 0 {
+                    return Err(WireError::Rdv("unknown or no flags"));
+                }
+                // A rendezvous request is one whole message.
+                if u64::from(desc.offset) != 0 {
+                    return Err(WireError::Rdv("offset not 0"));
+                }
+                let total = u64::from(desc.total_len);
+                if flags & rdv_flags::SOURCE != 0 {
+                    if !chunk.is_empty() || total == 0 {
+                        return Err(WireError::Rdv("a source with inline bytes or none"));
+                    }
+                    let whole = usize::try_from(total).map_err(|_| WireError::Rdv("too long"))?;
+                    check_data(&desc, whole)?;
+                } else {
+                    if chunk.len() as u64 != total {
+                        return Err(WireError::Rdv("inline bytes not the whole message"));
+                    }
+                    check_data(&desc, chunk.len())?;
+                }
+                let sink = flags & rdv_flags::SINK != 0;
+                if sink != (u64::from(rdv.sink_len) != 0)
+                    || (sink && u16::from(desc.opcode) != Opcode::RmaRead as u16)
+                {
+                    return Err(WireError::Rdv("a sink only for an RMA read, never empty"));
+                }
+                Ok(Message::Rdv(Rdv::Data {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    desc,
+                    rdv,
+                    chunk,
+                }))
+            }
+            kind::RDV_REPLY => {
+                let r = *Reply::from_slice(body).ok_or(WireError::Length {
+                    field: len,
+                    got: body.len(),
+                })?;
+                if u32::from(r.reserved) != 0 || u64::from(r.offset) != 0 {
+                    return Err(WireError::Reserved);
+                }
+                let raw = u32::from(r.status);
+                let status = Status::from_u32(raw).ok_or(WireError::Status(raw))?;
+                Ok(Message::Rdv(Rdv::Reply {
+                    fabric_id: h.fabric_id.into(),
+                    host_id: h.host_id.into(),
+                    req_id: r.req_id.into(),
+                    status,
+                    written: r.total_len.into(),
+                }))
             }
             kind::REPLY => {
                 let r = *body.get(..REPLY_LEN).and_then(Reply::from_slice).ok_or(
@@ -675,6 +801,75 @@ impl<'a> Message<'a> {
     }
 }
 
+/// The checks of a DATA description with a chunk of `chunk_len` bytes (shared by DATA and
+/// RDV_DATA).
+fn check_data(desc: &Data, chunk_len: usize) -> Result<(), WireError> {
+    let op = u16::from(desc.opcode);
+    let rma = [
+        Opcode::RmaWrite,
+        Opcode::RmaRead,
+        Opcode::Atomic,
+        Opcode::FetchAtomic,
+        Opcode::CompareAtomic,
+        Opcode::Flush,
+    ]
+    .iter()
+    .any(|o| *o as u16 == op);
+    let flush = op == Opcode::Flush as u16;
+    if op != Opcode::Send as u16 && op != Opcode::TSend as u16 && !rma {
+        return Err(WireError::Opcode(op));
+    }
+    // Sends carry no ranges; RMA requests 1..=MAX_RANGES, all in the message.
+    let count = u32::from(desc.count);
+    if (rma && (count == 0 || count > MAX_RANGES))
+        || (!rma && count != 0)
+        || u64::from(desc.total_len) < u64::from(count) * RMA_IOV_LEN as u64
+        || (flush && u64::from(desc.total_len) != u64::from(count) * RMA_IOV_LEN as u64)
+    {
+        return Err(WireError::Ranges { count, opcode: op });
+    }
+    let ep_kind = u16::from(desc.ep_kind);
+    if !matches!(
+        u64::from(ep_kind),
+        ep_open::TYPE_RDM | ep_open::TYPE_DGRAM | ep_open::TYPE_MSG
+    ) {
+        return Err(WireError::EpKind(ep_kind));
+    }
+    let flags = u32::from(desc.flags);
+    if flags & !data_flags::ALL != 0 {
+        return Err(WireError::Flags(flags));
+    }
+    // Persistence only where there is something to persist; a whole region is
+    // one range of a FLUSH.
+    let persists = flush
+        || [
+            Opcode::RmaWrite,
+            Opcode::Atomic,
+            Opcode::FetchAtomic,
+            Opcode::CompareAtomic,
+        ]
+        .iter()
+        .any(|o| *o as u16 == op);
+    if (flags & data_flags::COMMIT_COMPLETE != 0 && !persists)
+        || (flags & data_flags::WHOLE_REGION != 0 && !(flush && count == 1))
+    {
+        return Err(WireError::FlagsForOpcode { flags, opcode: op });
+    }
+    let (offset, total) = (u64::from(desc.offset), u64::from(desc.total_len));
+    let fits = offset
+        .checked_add(chunk_len as u64)
+        .is_some_and(|end| end <= total);
+    // Only an empty message has an empty chunk: every chunk moves the offset on.
+    if !fits || (chunk_len == 0 && total != 0) {
+        return Err(WireError::Chunk {
+            offset,
+            len: chunk_len,
+            total,
+        });
+    }
+    Ok(())
+}
+
 /// A message of `kind` with a fixed `body`.
 fn with_body(kind: u16, fabric_id: u32, host_id: u16, body: &[u8]) -> Vec<u8> {
     let mut v = header(kind, fabric_id, host_id, body.len())
@@ -708,6 +903,7 @@ mod tests {
             host_id: 3,
             num_devices: 2,
             epoch: 99,
+            caps: caps::RMA,
         };
         let b = m.encode();
         assert_eq!(b.len(), HEADER_LEN + 16);
@@ -963,6 +1159,149 @@ mod tests {
         ));
     }
 
+    fn rdv(desc: Data, flags: u32, sink_len: u64, chunk: &[u8]) -> Vec<u8> {
+        Message::Rdv(Rdv::Data {
+            fabric_id: 1,
+            host_id: 2,
+            desc,
+            rdv: RdvDesc {
+                flags: flags.into(),
+                src_addr: 0x1000.into(),
+                src_key: 0xfeed.into(),
+                sink_addr: 0x2000.into(),
+                sink_key: 0xbeef.into(),
+                sink_len: sink_len.into(),
+                ..Default::default()
+            },
+            chunk,
+        })
+        .encode()
+    }
+
+    #[test]
+    fn rendezvous_messages_round_trip_and_bad_ones_are_refused() {
+        // A large send whose bytes the target reads.
+        let d = data_desc(1 << 20, 0);
+        let b = rdv(d, rdv_flags::SOURCE, 0, &[]);
+        let Ok(Message::Rdv(Rdv::Data {
+            desc,
+            rdv: r,
+            chunk,
+            ..
+        })) = Message::parse(&b)
+        else {
+            panic!("{:?}", Message::parse(&b));
+        };
+        assert_eq!((desc, chunk.len()), (d, 0));
+        assert_eq!(
+            (u64::from(r.src_addr), u64::from(r.src_key)),
+            (0x1000, 0xfeed)
+        );
+        // An RMA read with a sink, its ranges inline.
+        let mut read = data_desc(RMA_IOV_LEN as u64, 0);
+        read.opcode = (Opcode::RmaRead as u16).into();
+        read.count = 1.into();
+        read.flags = 0.into();
+        let ranges = [5u8; RMA_IOV_LEN];
+        assert!(Message::parse(&rdv(read, rdv_flags::SINK, 1 << 20, &ranges)).is_ok());
+        // Both: large ranges from the source, bytes back into the sink.
+        let mut big_read = read;
+        big_read.count = 2.into();
+        big_read.total_len = (2 * RMA_IOV_LEN as u64).into();
+        assert!(
+            Message::parse(&rdv(big_read, rdv_flags::SOURCE | rdv_flags::SINK, 64, &[])).is_ok()
+        );
+        let refused = |b: Vec<u8>| Message::parse(&b).map(|_| ());
+        assert!(
+            matches!(refused(rdv(d, 0, 0, &[])), Err(WireError::Rdv(_))),
+            "no flags"
+        );
+        assert!(matches!(
+            refused(rdv(d, 1 << 7, 0, &[])),
+            Err(WireError::Rdv(_))
+        ));
+        assert!(
+            matches!(
+                refused(rdv(d, rdv_flags::SOURCE, 0, &[1])),
+                Err(WireError::Rdv(_))
+            ),
+            "a source with inline bytes"
+        );
+        assert!(
+            matches!(
+                refused(rdv(data_desc(0, 0), rdv_flags::SOURCE, 0, &[])),
+                Err(WireError::Rdv(_))
+            ),
+            "an empty source"
+        );
+        assert!(
+            matches!(
+                refused(rdv(data_desc(1 << 20, 8), rdv_flags::SOURCE, 0, &[])),
+                Err(WireError::Rdv(_))
+            ),
+            "a source at an offset"
+        );
+        assert!(
+            matches!(
+                refused(rdv(d, rdv_flags::SOURCE | rdv_flags::SINK, 64, &[])),
+                Err(WireError::Rdv(_))
+            ),
+            "a sink for a send"
+        );
+        assert!(
+            matches!(
+                refused(rdv(read, rdv_flags::SINK, 0, &ranges)),
+                Err(WireError::Rdv(_))
+            ),
+            "an empty sink"
+        );
+        assert!(
+            matches!(
+                refused(rdv(read, rdv_flags::SINK, 64, &ranges[..10])),
+                Err(WireError::Rdv(_))
+            ),
+            "inline bytes not the whole message"
+        );
+        // The DATA checks apply: an unknown opcode under a rendezvous is refused too.
+        let mut bad = d;
+        bad.opcode = 0x77.into();
+        assert_eq!(
+            refused(rdv(bad, rdv_flags::SOURCE, 0, &[])),
+            Err(WireError::Opcode(0x77))
+        );
+        let mut b = rdv(d, rdv_flags::SOURCE, 0, &[]);
+        b.truncate(b.len() - 1);
+        assert!(matches!(Message::parse(&b), Err(WireError::Length { .. })));
+
+        let reply = Message::Rdv(Rdv::Reply {
+            fabric_id: 1,
+            host_id: 2,
+            req_id: 9,
+            status: Status::Ok,
+            written: 1 << 20,
+        });
+        assert_eq!(Message::parse(&reply.encode()), Ok(reply));
+        let mut bad = reply.encode();
+        bad[HEADER_LEN + 24] = 1; // offset
+        assert_eq!(Message::parse(&bad), Err(WireError::Reserved));
+        let mut bad = reply.encode();
+        bad.push(0);
+        assert!(Message::parse(&bad).is_err());
+        // HELLO capabilities: known bits only.
+        let mut h = Message::Hello {
+            ack: false,
+            fabric_id: 1,
+            host_id: 2,
+            num_devices: 1,
+            epoch: 3,
+            caps: caps::RMA,
+        }
+        .encode();
+        assert!(Message::parse(&h).is_ok());
+        h[HEADER_LEN + 4] = 0x80;
+        assert_eq!(Message::parse(&h), Err(WireError::Caps(0x80)));
+    }
+
     #[test]
     fn lifecycle_messages_round_trip_and_bad_ones_are_refused() {
         let msgs = [
@@ -1048,18 +1387,23 @@ mod tests {
         /// whatever parses describes a chunk inside its message.
         #[test]
         fn mutated_messages_never_panic(
-            kind in 0usize..5,
+            kind in 0usize..7,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             cut in proptest::option::of(any::<usize>()),
         ) {
             let mut b = match kind {
-                0 => Message::Hello { ack: false, fabric_id: 1, host_id: 2, num_devices: 3, epoch: 4 }
+                0 => Message::Hello { ack: false, fabric_id: 1, host_id: 2, num_devices: 3, epoch: 4, caps: 0 }
                     .encode(),
                 1 => data(data_desc(300, 100), &[9u8; 50]),
                 3 => Message::Cancel { fabric_id: 1, host_id: 2, req_id: 3 }.encode(),
                 4 => Message::EpGone {
                     fabric_id: 1, host_id: 2, dev: 3, ep: 4, generation: 5, closed: true,
                 }
+                .encode(),
+                5 => rdv(data_desc(1 << 20, 0), rdv_flags::SOURCE, 0, &[]),
+                6 => Message::Rdv(Rdv::Reply {
+                    fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok, written: 64,
+                })
                 .encode(),
                 _ => Message::Reply {
                     fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok,
@@ -1081,6 +1425,18 @@ mod tests {
                 }
                 Ok(Message::Reply { total_len, offset, chunk, .. }) => {
                     prop_assert!(offset + chunk.len() as u64 <= total_len);
+                }
+                // A rendezvous parses only as one whole message: inline bytes are all of it,
+                // a source carries none, a sink only for a read.
+                Ok(Message::Rdv(Rdv::Data { desc, rdv, chunk, .. })) => {
+                    let flags = u32::from(rdv.flags);
+                    prop_assert_eq!(u64::from(desc.offset), 0);
+                    if flags & rdv_flags::SOURCE != 0 {
+                        prop_assert!(chunk.is_empty() && u64::from(desc.total_len) > 0);
+                    } else {
+                        prop_assert_eq!(chunk.len() as u64, u64::from(desc.total_len));
+                    }
+                    prop_assert_eq!(flags & rdv_flags::SINK != 0, u64::from(rdv.sink_len) != 0);
                 }
                 _ => {}
             }

@@ -1,0 +1,673 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Rendezvous: large data moves with the uplink's RMA instead of as DATA chunks.
+//!
+//! A request whose bytes are larger than [`RDV_THRESHOLD`] goes as one RDV_DATA naming the
+//! sender's registered copy of them (SOURCE); the receiving host reads them with `fi_read`
+//! and hands the whole message to its fabric exactly like a reassembled DATA message (keys,
+//! ranges and matching are checked there as for any message). An RMA read of more than
+//! [`RDV_THRESHOLD`] bytes names a registered sink (SINK): the target writes the bytes read
+//! with `fi_write` and then answers RDV_REPLY (sends are ordered after writes, FI_ORDER_SAW,
+//! and the reply leaves only after the write completed). Both sides use rendezvous only when
+//! both uplinks granted RMA (HELLO `caps`); otherwise data goes in chunks as before.
+//!
+//! Messages from one host reach the fabric in the order they arrived: a message behind a
+//! rendezvous still being read waits for it. Registrations are made per request with the
+//! access it needs (remote read of a source, remote write of a sink) and closed when the
+//! request completes or its host is lost; a buffer the provider may still be reading or
+//! writing stays allocated until that operation's completion.
+
+use std::collections::{HashMap, VecDeque};
+
+use tracing::{debug, warn};
+use vfabric_fi_sys as sys;
+use vfabric_proto::{Opcode, Status};
+
+use super::fi::Mr;
+use super::remote::RemoteSend;
+use super::wire::{self, rdv_flags, Message, Rdv, RdvDesc};
+use super::{Outgoing, Stale, Worker};
+
+/// Requests with more bytes than this (or reads returning more) go by rendezvous: beyond
+/// two DATA chunks one RMA transfer costs less than the chunks' copies and messages.
+pub(super) const RDV_THRESHOLD: usize = 16 << 10;
+/// Rendezvous reads in flight per peer; later ones wait (in order) for a slot.
+const MAX_READS_PER_HOST: usize = 4;
+/// Messages of one peer waiting behind a rendezvous, at most (a well-behaved peer has at most
+/// `remote::MAX_INFLIGHT` requests out, in all).
+const MAX_QUEUED_PER_HOST: usize = super::remote::MAX_INFLIGHT;
+/// Bytes of whole messages of one peer waiting behind a rendezvous, at most.
+const MAX_QUEUED_BYTES_PER_HOST: u64 = super::remote::MAX_INFLIGHT_BYTES;
+/// Context values of RMA operations (sends use `SEND_CONTEXT` and up, receives their index).
+pub(super) const RMA_CONTEXT: u64 = 1 << 62;
+
+/// A buffer and its registration; the registration is closed first.
+pub(super) struct Staged {
+    mr: Mr,
+    buf: Vec<u8>,
+}
+
+impl Staged {
+    fn into_bytes(self) -> Vec<u8> {
+        let Staged { mr, buf } = self;
+        drop(mr);
+        buf
+    }
+}
+
+/// A message from a peer that has not reached the fabric yet.
+enum Inbound {
+    /// Whole: delivered when it is at the front.
+    Ready {
+        req_id: u64,
+        desc: wire::Data,
+        bytes: Vec<u8>,
+    },
+    /// Its bytes are at the peer: read by `op` once started.
+    Fetch {
+        req_id: u64,
+        desc: wire::Data,
+        src: u64,
+        addr: u64,
+        key: u64,
+        op: Option<u64>,
+    },
+    /// Could not be read: its sender gets `status` when it is at the front.
+    Failed { req_id: u64, status: Status },
+}
+
+/// An RMA operation in flight; its buffer lives here until its completion.
+enum Op {
+    Read {
+        host: u16,
+        req_id: u64,
+        staged: Staged,
+    },
+    Write {
+        host: u16,
+        dest: u64,
+        req_id: u64,
+        written: u64,
+        _staged: Staged,
+    },
+}
+
+#[derive(Default)]
+pub(super) struct Rendezvous {
+    /// Our requests' bytes that peers read, by request id, with their host.
+    sources: HashMap<u64, (u16, Staged)>,
+    /// Our RMA reads' sinks, by request id, with their host.
+    sinks: HashMap<u64, (u16, Staged)>,
+    /// Per peer, its messages in arrival order while one of them is being read.
+    inbound: HashMap<u16, VecDeque<Inbound>>,
+    ops: HashMap<u64, Op>,
+    next_op: u64,
+    /// Sinks that peers named for their requests not answered yet: (host, req id) →
+    /// (address, key, length).
+    peer_sinks: HashMap<(u16, u64), (u64, u64, u64)>,
+    /// Rendezvous reads and writes done, per peer (the first of each is logged).
+    done: HashMap<(u16, bool), u64>,
+}
+
+impl Rendezvous {
+    /// RMA operations in flight.
+    pub fn in_flight(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether `host`'s queue has room for one more message of `len` bytes held here (0 for
+    /// one still at the peer): a peer that ignores its own bounds gets NoResources, not our
+    /// memory.
+    fn has_room(&self, host: u16, len: u64) -> bool {
+        let Some(q) = self.inbound.get(&host) else {
+            return true;
+        };
+        let held: u64 = q
+            .iter()
+            .map(|i| match i {
+                Inbound::Ready { bytes, .. } => bytes.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        q.len() < MAX_QUEUED_PER_HOST && held.saturating_add(len) <= MAX_QUEUED_BYTES_PER_HOST
+    }
+}
+
+impl Worker {
+    /// Whether requests to `host` may go by rendezvous.
+    fn rdv_with(&self, host: u16) -> bool {
+        self.ep.rma()
+            && self
+                .set
+                .peers
+                .iter()
+                .any(|p| p.host_id == host && p.caps & wire::caps::RMA != 0)
+    }
+
+    /// Send `s` (request `req_id`) as one RDV_DATA if it is large enough and both uplinks do
+    /// RMA. Returns it back when it goes as DATA chunks instead.
+    pub(super) fn send_rdv(
+        &mut self,
+        dest: u64,
+        req_id: u64,
+        mut s: Box<RemoteSend>,
+        desc: wire::Data,
+    ) -> Option<Box<RemoteSend>> {
+        let is_read = s.req.req.opcode == Opcode::RmaRead;
+        let sink_len = if is_read { s.len } else { 0 };
+        let inline_room = wire::MAX_MESSAGE - wire::HEADER_LEN - wire::DATA_LEN - wire::RDV_LEN;
+        let source = s.payload.len() > RDV_THRESHOLD.min(inline_room);
+        let sink = sink_len as usize > RDV_THRESHOLD;
+        if !(source || sink) || !self.rdv_with(s.host) {
+            return Some(s);
+        }
+        let mut rdv = RdvDesc::default();
+        let mut flags = 0;
+        let mut staged_src = None;
+        if source {
+            // The request's own bytes are registered (no copy); given back if they go in
+            // chunks after all.
+            let buf = std::mem::take(&mut s.payload);
+            // SAFETY: the buffer moves into `Staged` with its registration (a Vec's heap
+            // bytes do not move) and is freed only after the registration is closed.
+            match unsafe { self.ep.register(&buf, u64::from(sys::FI_REMOTE_READ)) } {
+                Ok(mr) => {
+                    rdv.src_addr = mr.addr.into();
+                    rdv.src_key = mr.key.into();
+                    flags |= rdv_flags::SOURCE;
+                    staged_src = Some(Staged { mr, buf });
+                }
+                Err(e) => {
+                    debug!("uplink: rendezvous source not registered, sending chunks: {e}");
+                    s.payload = buf;
+                    return Some(s);
+                }
+            }
+        }
+        let mut staged_sink = None;
+        if sink {
+            let buf = vec![0u8; sink_len as usize];
+            // SAFETY: as for the source.
+            match unsafe { self.ep.register(&buf, u64::from(sys::FI_REMOTE_WRITE)) } {
+                Ok(mr) => {
+                    rdv.sink_addr = mr.addr.into();
+                    rdv.sink_key = mr.key.into();
+                    rdv.sink_len = sink_len.into();
+                    flags |= rdv_flags::SINK;
+                    staged_sink = Some(Staged { mr, buf });
+                }
+                Err(e) => {
+                    debug!("uplink: rendezvous sink not registered, sending chunks: {e}");
+                    if let Some(st) = staged_src {
+                        s.payload = st.into_bytes();
+                    }
+                    return Some(s);
+                }
+            }
+        }
+        rdv.flags = flags.into();
+        let chunk: &[u8] = if source { &[] } else { &s.payload };
+        let bytes = Message::Rdv(Rdv::Data {
+            fabric_id: self.set.fabric_id,
+            host_id: self.set.host_id,
+            desc,
+            rdv,
+            chunk,
+        })
+        .encode();
+        self.backlog.push_back(Outgoing {
+            host: s.host,
+            dest,
+            bytes,
+            req_id: Some(req_id),
+        });
+        if let Some(st) = staged_src {
+            self.rdv.sources.insert(req_id, (s.host, st));
+        }
+        if let Some(st) = staged_sink {
+            self.rdv.sinks.insert(req_id, (s.host, st));
+        }
+        None
+    }
+
+    /// Request `req_id` completed: its rendezvous buffers go (a peer reading or writing them
+    /// late gets an error completion, never another request's bytes: keys are not reused).
+    pub(super) fn rdv_forget(&mut self, req_id: u64) {
+        self.rdv.sources.remove(&req_id);
+        self.rdv.sinks.remove(&req_id);
+    }
+
+    /// Take the bytes a peer wrote into the sink of our request `req_id`, if it has one of
+    /// exactly `written` bytes.
+    fn take_sink(&mut self, req_id: u64, written: u64) -> Option<Vec<u8>> {
+        let fits = self
+            .rdv
+            .sinks
+            .get(&req_id)
+            .is_some_and(|(_, s)| s.buf.len() as u64 == written);
+        if !fits {
+            return None;
+        }
+        self.rdv.sinks.remove(&req_id).map(|(_, s)| s.into_bytes())
+    }
+
+    /// A rendezvous message from peer `src`.
+    pub(super) fn rdv_message(&mut self, src: u64, m: Rdv<'_>) {
+        match m {
+            Rdv::Data {
+                fabric_id,
+                host_id,
+                desc,
+                rdv,
+                chunk,
+            } => {
+                let req_id = u64::from(desc.req_id);
+                match self.introduced(src, fabric_id, host_id) {
+                    Ok(()) => {}
+                    Err(Stale::Down) => return self.stale_data(host_id, src, req_id),
+                    Err(Stale::Refused(why)) => {
+                        return warn!("uplink: refusing rendezvous data: {why}")
+                    }
+                }
+                // A chunked message cut short by this one (the wire keeps order) is refused.
+                self.abandon_partial(host_id);
+                if !self.ep.rma() {
+                    // We never offered RMA: a peer that uses it breaks the protocol.
+                    warn!(
+                        host = host_id,
+                        "uplink: rendezvous from a peer we offered no RMA"
+                    );
+                    return self.reply(host_id, req_id, Status::Invalid, &[]);
+                }
+                let total = u64::from(desc.total_len);
+                if total > self.max_incoming() {
+                    return self.reply(host_id, req_id, Status::TooLarge, &[]);
+                }
+                let flags = u32::from(rdv.flags);
+                if flags & rdv_flags::SINK != 0 {
+                    self.rdv.peer_sinks.insert(
+                        (host_id, req_id),
+                        (
+                            rdv.sink_addr.into(),
+                            rdv.sink_key.into(),
+                            rdv.sink_len.into(),
+                        ),
+                    );
+                }
+                if !self.rdv.has_room(host_id, chunk.len() as u64) {
+                    self.rdv.peer_sinks.remove(&(host_id, req_id));
+                    return self.reply(host_id, req_id, Status::NoResources, &[]);
+                }
+                let item = if flags & rdv_flags::SOURCE != 0 {
+                    Inbound::Fetch {
+                        req_id,
+                        desc,
+                        src,
+                        addr: rdv.src_addr.into(),
+                        key: rdv.src_key.into(),
+                        op: None,
+                    }
+                } else {
+                    Inbound::Ready {
+                        req_id,
+                        desc,
+                        bytes: chunk.to_vec(),
+                    }
+                };
+                self.rdv.inbound.entry(host_id).or_default().push_back(item);
+                self.rdv_pump(host_id);
+            }
+            Rdv::Reply {
+                fabric_id,
+                host_id,
+                req_id,
+                status,
+                written,
+            } => {
+                match self.introduced(src, fabric_id, host_id) {
+                    Ok(()) => {}
+                    Err(Stale::Down) => return debug!("uplink: a stale reply dropped"),
+                    Err(Stale::Refused(why)) => return warn!("uplink: refusing a reply: {why}"),
+                }
+                // Only a pending read of that host with a sink of that size takes its bytes.
+                let ours = self.outbox.pending_is(req_id, host_id, |_| true);
+                if !ours {
+                    return debug!(req_id, "uplink: a rendezvous verdict for no request");
+                }
+                match self.take_sink(req_id, written) {
+                    Some(bytes) if status == Status::Ok => {
+                        self.complete_pending_with(req_id, Some(host_id), status, &bytes)
+                    }
+                    _ => {
+                        warn!(
+                            host = host_id,
+                            req_id, written, "uplink: a rendezvous reply that fits no sink"
+                        );
+                        self.complete_pending(req_id, Some(host_id), Status::Invalid)
+                    }
+                }
+            }
+        }
+    }
+
+    /// A whole message from `host` for the fabric: now, or behind the ones still being read.
+    pub(super) fn inbound(&mut self, host: u16, req_id: u64, desc: wire::Data, bytes: Vec<u8>) {
+        if self.rdv.inbound.get(&host).is_none_or(VecDeque::is_empty) {
+            return self.deliver(host, req_id, desc, bytes);
+        }
+        if !self.rdv.has_room(host, bytes.len() as u64) {
+            return self.reply(host, req_id, Status::NoResources, &[]);
+        }
+        if let Some(q) = self.rdv.inbound.get_mut(&host) {
+            q.push_back(Inbound::Ready {
+                req_id,
+                desc,
+                bytes,
+            });
+        }
+    }
+
+    /// Start the reads `host`'s queue has room for, then deliver its messages from the front
+    /// while they are whole.
+    fn rdv_pump(&mut self, host: u16) {
+        let Some(mut q) = self.rdv.inbound.remove(&host) else {
+            return;
+        };
+        let mut reading = q
+            .iter()
+            .filter(|i| matches!(i, Inbound::Fetch { op: Some(_), .. }))
+            .count();
+        for item in q.iter_mut() {
+            if reading >= MAX_READS_PER_HOST {
+                break;
+            }
+            let Inbound::Fetch {
+                req_id,
+                desc,
+                src,
+                addr,
+                key,
+                op: op @ None,
+            } = item
+            else {
+                continue;
+            };
+            let req_id = *req_id;
+            match self.start_read(host, req_id, desc.total_len.into(), *src, *addr, *key) {
+                Ok(Some(ctx)) => {
+                    *op = Some(ctx);
+                    reading += 1;
+                }
+                // No room at the provider now: the next turn tries again.
+                Ok(None) => break,
+                Err(status) => *item = Inbound::Failed { req_id, status },
+            }
+        }
+        while let Some(front) = q.front() {
+            match front {
+                Inbound::Fetch { .. } => break,
+                _ => match q.pop_front() {
+                    Some(Inbound::Ready {
+                        req_id,
+                        desc,
+                        bytes,
+                    }) => self.deliver(host, req_id, desc, bytes),
+                    Some(Inbound::Failed { req_id, status }) => {
+                        self.rdv.peer_sinks.remove(&(host, req_id));
+                        self.reply(host, req_id, status, &[]);
+                    }
+                    _ => {}
+                },
+            }
+        }
+        if !q.is_empty() {
+            self.rdv.inbound.insert(host, q);
+        }
+    }
+
+    /// Post the read of a peer's source: `Ok(None)` when the provider has no room now.
+    fn start_read(
+        &mut self,
+        host: u16,
+        req_id: u64,
+        len: u64,
+        src: u64,
+        addr: u64,
+        key: u64,
+    ) -> Result<Option<u64>, Status> {
+        let Ok(len) = usize::try_from(len) else {
+            return Err(Status::TooLarge);
+        };
+        let buf = vec![0u8; len];
+        // SAFETY: the buffer moves into `Staged` in `self.rdv.ops` below (its heap bytes stay
+        // put) and stays there until the read's completion.
+        let mr = match unsafe { self.ep.register(&buf, u64::from(sys::FI_READ)) } {
+            Ok(mr) => mr,
+            Err(e) => {
+                warn!(
+                    host,
+                    req_id, "uplink: cannot register a rendezvous buffer: {e}"
+                );
+                return Err(Status::NoResources);
+            }
+        };
+        let mut staged = Staged { mr, buf };
+        self.rdv.next_op += 1;
+        let ctx = RMA_CONTEXT + self.rdv.next_op;
+        // SAFETY: `staged` (buffer and registration) is kept in `self.rdv.ops` until the
+        // completion with `ctx`; the endpoint outlives it (see `Worker`'s field order).
+        let rc = unsafe {
+            self.ep
+                .read(&mut staged.buf, &staged.mr, src, addr, key, ctx)
+        };
+        match rc {
+            Ok(()) => {
+                self.rdv.ops.insert(
+                    ctx,
+                    Op::Read {
+                        host,
+                        req_id,
+                        staged,
+                    },
+                );
+                Ok(Some(ctx))
+            }
+            Err(e) if e.is_again() => Ok(None),
+            Err(e) => {
+                debug!(host, req_id, "uplink: rendezvous read not posted: {e}");
+                Err(Status::HostUnreach)
+            }
+        }
+    }
+
+    /// The verdict on request `req_id` of `host` when it named a sink: the bytes go by
+    /// `fi_write`, the verdict after them (RDV_REPLY). Returns `false` when the verdict is to
+    /// go as an ordinary REPLY.
+    pub(super) fn reply_to_sink(
+        &mut self,
+        host: u16,
+        dest: u64,
+        req_id: u64,
+        status: Status,
+        read: &[u8],
+    ) -> bool {
+        let Some((addr, key, len)) = self.rdv.peer_sinks.remove(&(host, req_id)) else {
+            return false;
+        };
+        if status != Status::Ok || read.len() as u64 != len || read.is_empty() {
+            return false;
+        }
+        let buf = read.to_vec();
+        // SAFETY: as in `start_read`: kept in `self.rdv.ops` until the write's completion.
+        let mr = match unsafe { self.ep.register(&buf, u64::from(sys::FI_WRITE)) } {
+            Ok(mr) => mr,
+            Err(e) => {
+                debug!("uplink: rendezvous reply not registered, replying in chunks: {e}");
+                return false;
+            }
+        };
+        let staged = Staged { mr, buf };
+        self.rdv.next_op += 1;
+        let ctx = RMA_CONTEXT + self.rdv.next_op;
+        // SAFETY: see above.
+        match unsafe { self.ep.write(&staged.buf, &staged.mr, dest, addr, key, ctx) } {
+            Ok(()) => {
+                self.rdv.ops.insert(
+                    ctx,
+                    Op::Write {
+                        host,
+                        dest,
+                        req_id,
+                        written: len,
+                        _staged: staged,
+                    },
+                );
+                true
+            }
+            Err(e) => {
+                debug!("uplink: rendezvous write not posted, replying in chunks: {e}");
+                false
+            }
+        }
+    }
+
+    /// Completion (or error, `err`) of RMA operation `ctx`.
+    pub(super) fn rdv_completion(&mut self, ctx: u64, err: Option<super::FiError>) {
+        let Some(op) = self.rdv.ops.remove(&ctx) else {
+            return;
+        };
+        match op {
+            Op::Read {
+                host,
+                req_id,
+                staged,
+            } => {
+                if let Some(e) = &err {
+                    debug!(host, req_id, "uplink: rendezvous read failed: {e}");
+                }
+                if err.is_none() {
+                    self.rdv_done(host, false);
+                }
+                // The host may have been lost meanwhile: then its queue is gone.
+                let Some(item) = self.rdv.inbound.get_mut(&host).and_then(|q| {
+                    q.iter_mut().find(|i| {
+                        matches!(i, Inbound::Fetch { req_id: r, op: Some(o), .. } if *r == req_id && *o == ctx)
+                    })
+                }) else {
+                    return;
+                };
+                let Inbound::Fetch { desc, .. } = *item else {
+                    return;
+                };
+                *item = match err {
+                    None => Inbound::Ready {
+                        req_id,
+                        desc,
+                        bytes: staged.into_bytes(),
+                    },
+                    // The sender's buffer is gone or the link broke: the data cannot come.
+                    Some(_) => Inbound::Failed {
+                        req_id,
+                        status: Status::HostUnreach,
+                    },
+                };
+                self.rdv_pump(host);
+            }
+            Op::Write {
+                host,
+                dest,
+                req_id,
+                written,
+                ..
+            } => {
+                if err.is_none() {
+                    self.rdv_done(host, true);
+                }
+                let bytes = match err {
+                    None => Message::Rdv(Rdv::Reply {
+                        fabric_id: self.set.fabric_id,
+                        host_id: self.set.host_id,
+                        req_id,
+                        status: Status::Ok,
+                        written,
+                    })
+                    .encode(),
+                    Some(e) => {
+                        debug!(host, req_id, "uplink: rendezvous write failed: {e}");
+                        Message::Reply {
+                            fabric_id: self.set.fabric_id,
+                            host_id: self.set.host_id,
+                            req_id,
+                            status: Status::HostUnreach,
+                            total_len: 0,
+                            offset: 0,
+                            chunk: &[],
+                        }
+                        .encode()
+                    }
+                };
+                self.backlog.push_back(Outgoing {
+                    host,
+                    dest,
+                    bytes,
+                    req_id: None,
+                });
+            }
+        }
+    }
+
+    /// Count a rendezvous read (`write` false) or write with `host`; the first is logged.
+    fn rdv_done(&mut self, host: u16, write: bool) {
+        let n = self.rdv.done.entry((host, write)).or_default();
+        *n += 1;
+        if *n == 1 {
+            let what = if write { "write to" } else { "read from" };
+            tracing::info!(host, "uplink: first rendezvous {what} host {host}");
+        }
+    }
+
+    /// Registrations of requests no longer pending (withdrawn by their guest's endpoint close
+    /// or device reset on the guest's own thread) are closed: run on the uplink's interval.
+    pub(super) fn rdv_sweep(&mut self) {
+        let outbox = self.outbox.clone();
+        let live = |id: &u64, host: u16| outbox.pending_is(*id, host, |_| true);
+        self.rdv.sources.retain(|id, (h, _)| live(id, *h));
+        self.rdv.sinks.retain(|id, (h, _)| live(id, *h));
+    }
+
+    /// Reads may have been refused for room: try the queues again.
+    pub(super) fn rdv_retry(&mut self) {
+        let waiting: Vec<u16> = self
+            .rdv
+            .inbound
+            .iter()
+            .filter(|(_, q)| {
+                q.iter()
+                    .any(|i| matches!(i, Inbound::Fetch { op: None, .. }))
+            })
+            .map(|(h, _)| *h)
+            .collect();
+        for h in waiting {
+            self.rdv_pump(h);
+        }
+    }
+
+    /// `host` is lost: what it sent and we did not deliver is dropped (its request ids are
+    /// returned for their verdicts); reads in flight keep their buffers until they complete.
+    pub(super) fn rdv_host_lost(&mut self, host: u16) -> Vec<u64> {
+        self.rdv.peer_sinks.retain(|(h, _), _| *h != host);
+        // Our requests to it failed (their pending entries went with the host).
+        self.rdv.sources.retain(|_, (h, _)| *h != host);
+        self.rdv.sinks.retain(|_, (h, _)| *h != host);
+        self.rdv
+            .inbound
+            .remove(&host)
+            .into_iter()
+            .flatten()
+            .map(|i| match i {
+                Inbound::Ready { req_id, .. }
+                | Inbound::Fetch { req_id, .. }
+                | Inbound::Failed { req_id, .. } => req_id,
+            })
+            .collect()
+    }
+}
