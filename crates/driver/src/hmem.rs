@@ -87,8 +87,13 @@ impl HmemIface {
 /// turns the completion being read into an error entry (`EIO`, incoming data).
 pub trait HmemCopy: Send + Sync {
     /// Fill `dst` from device memory at `src` (`dst.len()` bytes) of `iface`/`device`.
-    fn copy_from(&self, dst: &mut [u8], iface: HmemIface, device: u64, src: *const u8)
-        -> Result<()>;
+    fn copy_from(
+        &self,
+        dst: &mut [u8],
+        iface: HmemIface,
+        device: u64,
+        src: *const u8,
+    ) -> Result<()>;
     /// Write `src` to device memory at `dst` (`src.len()` bytes) of `iface`/`device`.
     fn copy_to(&self, dst: *mut u8, iface: HmemIface, device: u64, src: &[u8]) -> Result<()>;
 }

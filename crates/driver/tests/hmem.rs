@@ -86,7 +86,11 @@ impl Dev {
     }
 
     fn offset(&self, p: usize, n: usize, iface: HmemIface, device: u64) -> usize {
-        assert_eq!((iface, device), (IFACE, DEVICE), "iface/device of the region");
+        assert_eq!(
+            (iface, device),
+            (IFACE, DEVICE),
+            "iface/device of the region"
+        );
         assert!(
             p >= self.base && p + n <= self.base + self.len,
             "copy outside the device memory"
@@ -95,7 +99,10 @@ impl Dev {
     }
 
     fn calls(&self) -> (usize, usize) {
-        (self.from.load(Ordering::SeqCst), self.to.load(Ordering::SeqCst))
+        (
+            self.from.load(Ordering::SeqCst),
+            self.to.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -261,7 +268,10 @@ fn inject_and_mixed_receive() {
     deva.fill(10, b"0123456789abcdef");
     let mut host = vec![0u8; 6];
     // SAFETY: `host` outlives the receive, which is read below.
-    let dst = [unsafe { Iov::raw(host.as_mut_ptr(), 6) }, Iov::hmem(&hb, 0..64)];
+    let dst = [
+        unsafe { Iov::raw(host.as_mut_ptr(), 6) },
+        Iov::hmem(&hb, 0..64),
+    ];
     p.b.ep
         .recvmsg(
             &Msg {
@@ -298,10 +308,9 @@ fn rma_through_copy_functions() {
     let deva = Dev::new(64 << 10);
     let ha = device_memory(&p.da, &deva);
     let tbuf = p.db.alloc_buffer(32 << 10).unwrap();
-    let mr = p
-        .db
-        .register(&tbuf, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
-        .unwrap();
+    let mr =
+        p.db.register(&tbuf, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
+            .unwrap();
     let n = 24_000;
     let data = pattern(n, 9);
     deva.fill(0, &data);
@@ -343,10 +352,9 @@ fn atomics_through_copy_functions() {
     let deva = Dev::new(4096);
     let ha = device_memory(&p.da, &deva);
     let tbuf = p.db.alloc_buffer(64).unwrap();
-    let mr = p
-        .db
-        .register(&tbuf, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
-        .unwrap();
+    let mr =
+        p.db.register(&tbuf, fi::REMOTE_READ | fi::REMOTE_WRITE, None)
+            .unwrap();
     let target = || -> u64 {
         // SAFETY: the operations on it completed.
         u64::from_ne_bytes(unsafe { tbuf.as_slice()[0..8].try_into().unwrap() })

@@ -653,7 +653,12 @@ impl Endpoint {
     /// [`Endpoint::atomicmsg`] with the operands in `operands` (device memory with
     /// [`Iov::hmem`], or host memory), gathered at post time; `msg.operands` must be empty.
     /// Flags as for [`Endpoint::atomicmsg`]; `fi::INJECT | INJECT_CALL` is `fi_inject_atomic`.
-    pub fn atomicmsg_iov(&self, msg: &AtomicMsg<'_>, operands: &[Iov<'_>], flags: u64) -> Result<()> {
+    pub fn atomicmsg_iov(
+        &self,
+        msg: &AtomicMsg<'_>,
+        operands: &[Iov<'_>],
+        flags: u64,
+    ) -> Result<()> {
         let ops = operand_bytes(msg, operands)?;
         let m = AtomicMsg {
             operands: &ops,
@@ -696,13 +701,7 @@ impl Endpoint {
             operands: &ops,
             ..msg.clone()
         };
-        self.post_atomic(
-            Opcode::CompareAtomic,
-            &m,
-            &cmp,
-            result_dst(result),
-            flags,
-        )
+        self.post_atomic(Opcode::CompareAtomic, &m, &cmp, result_dst(result), flags)
     }
 
     fn post_atomic(
