@@ -11,6 +11,7 @@
 //! getinfo(&Hints) -> Vec<Info>
 //! Fabric::open(&info) -> Fabric -> domain(&info) -> Domain
 //! Domain -> alloc_buffer / cq_open / av_open / endpoint
+//! Domain -> set_hmem_copy / register_hmem -> HmemRegion (device memory: Iov::hmem)
 //! Endpoint -> bind_cq / bind_av / enable -> send*/recv*/tsend*/trecv*/..msg/cancel
 //! Endpoint -> batch -> Batch (many posts, one device notification)
 //! CompletionQueue -> read / read_into / readerr / sread / sread_into

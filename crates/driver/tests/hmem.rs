@@ -472,3 +472,54 @@ fn truncation_and_copy_failure() {
     assert_eq!(devb.calls(), (0, 2));
     assert_ne!(devb.peek(0, 4), b"lost");
 }
+
+/// A receive into device memory whose success entry is suppressed (selective completion
+/// without `fi::COMPLETION`) has no read to wait for: its bytes are copied when it completes,
+/// before its counter moves.
+#[test]
+fn unreported_receive_is_copied_before_its_counter() {
+    let r = rig(2);
+    let da = open_domain_mb(&r.paths[0], 16);
+    let db = open_domain_mb(&r.paths[1], 16);
+    let a = rdm_endpoint(&da, 64);
+    let devb = Dev::new(4096);
+    let hb = device_memory(&db, &devb);
+    let cq = db
+        .cq_open(vfabric::CqAttr {
+            size: 64,
+            wait: vfabric::WaitMode::None,
+        })
+        .unwrap();
+    let cntr = db.cntr_open().unwrap();
+    let ep = db.endpoint(vfabric::EpAttr::default()).unwrap();
+    ep.bind_cq(
+        &cq,
+        vfabric::BindFlags {
+            transmit: true,
+            recv: true,
+            selective_completion: true,
+        },
+    )
+    .unwrap();
+    ep.bind_cntr(&cntr, fi::RECV).unwrap();
+    ep.bind_av(&db.av_open().unwrap()).unwrap();
+    ep.enable().unwrap();
+    let dst = [Iov::hmem(&hb, 0..64)];
+    ep.recvmsg(
+        &Msg {
+            iov: &dst,
+            addr: vfabric::FI_ADDR_UNSPEC,
+            context: 1,
+            data: 0,
+        },
+        0,
+    )
+    .unwrap();
+    let to = a.av.insert(ep.name()).unwrap();
+    a.ep.send(b"selective", to, 2).unwrap();
+    assert_eq!(next_ok(&a.tx).context, 2);
+    cntr.wait(1, Some(TIMEOUT)).unwrap();
+    assert_eq!(devb.calls(), (0, 1));
+    assert_eq!(devb.peek(0, 9), b"selective");
+    assert_quiet(&cq, std::time::Duration::from_millis(20));
+}
