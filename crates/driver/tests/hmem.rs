@@ -523,3 +523,39 @@ fn unreported_receive_is_copied_before_its_counter() {
     assert_eq!(devb.peek(0, 9), b"selective");
     assert_quiet(&cq, std::time::Duration::from_millis(20));
 }
+
+/// Ranges outside a region are refused at post time, and a cancelled receive into device
+/// memory completes `ECANCELED` with nothing copied.
+#[test]
+fn bad_ranges_and_cancel() {
+    let r = rig(2);
+    let p = rdm_pair(&r, 32, 64);
+    let (deva, devb) = (Dev::new(4096), Dev::new(4096));
+    let (ha, hb) = (device_memory(&p.da, &deva), device_memory(&p.db, &devb));
+    let m = |iov, addr, ctx| Msg {
+        iov,
+        addr,
+        context: ctx,
+        data: 0,
+    };
+    let out = [Iov::hmem(&ha, 4000..4100)];
+    assert!(matches!(
+        p.a.ep.sendmsg(&m(&out, p.b_addr, 1), 0),
+        Err(Error::InvalidArgument(_))
+    ));
+    let into = [Iov::hmem(&hb, 4090..4097)];
+    assert!(matches!(
+        p.b.ep.recvmsg(&m(&into, vfabric::FI_ADDR_UNSPEC, 2), 0),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!((deva.calls(), devb.calls()), ((0, 0), (0, 0)));
+
+    let into = [Iov::hmem(&hb, 0..64)];
+    p.b.ep
+        .recvmsg(&m(&into, vfabric::FI_ADDR_UNSPEC, 3), 0)
+        .unwrap();
+    p.b.ep.cancel(3).unwrap();
+    let e = next_err(&p.b.rx);
+    assert_eq!((e.context, e.err), (3, fi::ECANCELED));
+    assert_eq!(devb.calls(), (0, 0));
+}
