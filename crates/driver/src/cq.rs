@@ -688,6 +688,7 @@ fn complete_data(f: Done<'_>) {
     // Device-memory destinations: the bytes go there when the entry is read; with no entry
     // to read (unselected under selective completion) now, before counters move.
     let mut hmem = op.hmem.take();
+    let mut copied = true;
     let reported = if status == Status::Ok {
         cq.is_some() && op.report_success
     } else {
@@ -695,11 +696,13 @@ fn complete_data(f: Done<'_>) {
     };
     if let Some(sc) = hmem.as_ref().filter(|_| !reported && status == Status::Ok) {
         if let Err(err) = sc.run(buf.as_deref().unwrap_or_default()) {
+            // No entry to turn into an error: the counter's error count says it.
             tracing::warn!(context = op.context, %err, "device-memory copy failed");
+            copied = false;
         }
         hmem = None;
     }
-    op.ep.count(op.fi_flags, status == Status::Ok);
+    op.ep.count(op.fi_flags, status == Status::Ok && copied);
 
     if status == Status::Ok {
         if let (Some(cq), Some(sc)) = (cq.filter(|_| op.report_success), hmem) {

@@ -16,7 +16,7 @@
 //!   [`CompletionQueue::readerr`] for a truncated receive), in the reading thread — not during
 //!   progress, which any thread may drive. An operation that produces no CQ entry (selective
 //!   completion without `fi::COMPLETION`) has nothing to read: its bytes are copied when it
-//!   completes, before its counters move.
+//!   completes, before its counters move (a failed copy counts in the error count).
 //!
 //! Device memory is named in operations with [`Iov::hmem`] (a range of an [`HmemRegion`]); the
 //! atomics take their operands as iovs in [`Endpoint::atomicmsg_iov`],

@@ -521,6 +521,23 @@ fn unreported_receive_is_copied_before_its_counter() {
     cntr.wait(1, Some(TIMEOUT)).unwrap();
     assert_eq!(devb.calls(), (0, 1));
     assert_eq!(devb.peek(0, 9), b"selective");
+    // A failing copy has no entry to fail: the counter's error count moves instead.
+    devb.fail_to.store(true, Ordering::SeqCst);
+    ep.recvmsg(
+        &Msg {
+            iov: &dst,
+            addr: vfabric::FI_ADDR_UNSPEC,
+            context: 3,
+            data: 0,
+        },
+        0,
+    )
+    .unwrap();
+    a.ep.send(b"lost", to, 4).unwrap();
+    assert_eq!(next_ok(&a.tx).context, 4);
+    assert!(matches!(cntr.wait(2, Some(TIMEOUT)), Err(Error::Avail)));
+    assert_eq!((cntr.read(), cntr.readerr()), (1, 1));
+    assert_eq!(devb.calls(), (0, 2));
     assert_quiet(&cq, std::time::Duration::from_millis(20));
 }
 
