@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::av::{FiAddr, FI_ADDR_NOTAVAIL};
 use crate::domain::DomainInner;
+use crate::hmem::Scatter;
 use crate::lock::SpinLock;
 use crate::request::{CopyOut, DataOp, Done, PendingOp};
 use crate::virtqueue::{drain_eventfd, signal_eventfd, Finished};
@@ -128,6 +129,10 @@ enum CqEvent {
     Entry(CqEntry),
     /// Boxed: errors are rare, and a small event keeps the queue compact.
     Error(Box<CqErrEntry>),
+    /// A success entry whose bytes (staged in `buf`) go to device memory when it is read.
+    Staged(Box<(CqEntry, Box<Scatter>)>),
+    /// A truncated receive into device memory: its placed bytes go there when it is read.
+    StagedError(Box<(CqErrEntry, Box<Scatter>)>),
 }
 
 /// State shared between a CQ handle and the requests that complete into it.
@@ -279,7 +284,19 @@ impl CompletionQueue {
                         n += 1;
                     }
                 }
-                Some(CqEvent::Error(_)) if n == 0 => return Err(Error::Avail),
+                Some(CqEvent::Staged(_)) => {
+                    let Some(CqEvent::Staged(st)) = events.pop_front() else {
+                        unreachable!()
+                    };
+                    self.shared.queued.store(events.len(), Ordering::SeqCst);
+                    // The application's copy functions run outside the CQ lock (they may be
+                    // slow, or call into this driver).
+                    drop(events);
+                    return self.deliver_staged(*st, n, put);
+                }
+                Some(CqEvent::Error(_) | CqEvent::StagedError(_)) if n == 0 => {
+                    return Err(Error::Avail)
+                }
                 _ => break,
             }
         }
@@ -291,9 +308,65 @@ impl CompletionQueue {
         }
     }
 
+    /// Move the staged bytes of `e` to their device memory, then hand `e` to `put` (the
+    /// `n + 1`-th entry of this read). A failed copy turns it into an error entry at the head
+    /// (the copy function's errno, status `Fault`): the application learns its data is not
+    /// there.
+    fn deliver_staged(
+        &self,
+        (mut e, scatter): (CqEntry, Box<Scatter>),
+        n: usize,
+        mut put: impl FnMut(CqEntry),
+    ) -> Result<usize> {
+        let bytes = e.buf.take().unwrap_or_default();
+        match scatter.run(&bytes) {
+            Ok(()) => {
+                put(e);
+                Ok(n + 1)
+            }
+            Err(err) => {
+                tracing::warn!(context = e.context, %err, "device-memory copy of a completion failed");
+                let mut events = self.shared.events.lock();
+                events.push_front(CqEvent::Error(Box::new(CqErrEntry {
+                    context: e.context,
+                    flags: e.flags,
+                    len: 0,
+                    olen: 0,
+                    status: Status::Fault,
+                    err: err.errno(),
+                    prov_errno: Status::Fault as i32,
+                    data: e.data,
+                    tag: e.tag,
+                    src: e.src,
+                    buf: None,
+                })));
+                self.shared.queued.store(events.len(), Ordering::SeqCst);
+                if n == 0 {
+                    Err(Error::Avail)
+                } else {
+                    Ok(n)
+                }
+            }
+        }
+    }
+
     /// `fi_cq_readerr`: pop the error entry at the head, if any.
     pub fn readerr(&self) -> Option<CqErrEntry> {
         let mut events = self.shared.events.lock();
+        if let Some(CqEvent::StagedError(_)) = events.front() {
+            let Some(CqEvent::StagedError(st)) = events.pop_front() else {
+                unreachable!()
+            };
+            self.shared.queued.store(events.len(), Ordering::SeqCst);
+            drop(events);
+            let (mut e, scatter) = *st;
+            // A truncated receive delivers what was placed (outside the lock, as above).
+            let bytes = e.buf.take().unwrap_or_default();
+            if let Err(err) = scatter.run(&bytes) {
+                tracing::warn!(context = e.context, %err, "device-memory copy of a truncated receive failed");
+            }
+            return Some(e);
+        }
         if let Some(CqEvent::Error(_)) = events.front() {
             let Some(CqEvent::Error(e)) = events.pop_front() else {
                 unreachable!()
@@ -611,11 +684,42 @@ fn complete_data(f: Done<'_>) {
     if op.record_claim && status == Status::Ok {
         op.ep.record_claim(op.context, cookie);
     }
-    op.ep.count(op.fi_flags, status == Status::Ok);
-
     let cq = op.ep.cq(op.is_recv);
+    // Device-memory destinations: the bytes go there when the entry is read; with no entry
+    // to read (unselected under selective completion) now, before counters move.
+    let mut hmem = op.hmem.take();
+    let mut copied = true;
+    let reported = if status == Status::Ok {
+        cq.is_some() && op.report_success
+    } else {
+        cq.is_some() && op.report_errors
+    };
+    if let Some(sc) = hmem.as_ref().filter(|_| !reported && status == Status::Ok) {
+        if let Err(err) = sc.run(buf.as_deref().unwrap_or_default()) {
+            // No entry to turn into an error: the counter's error count says it.
+            tracing::warn!(context = op.context, %err, "device-memory copy failed");
+            copied = false;
+        }
+        hmem = None;
+    }
+    op.ep.count(op.fi_flags, status == Status::Ok && copied);
+
     if status == Status::Ok {
-        if let Some(cq) = cq.filter(|_| op.report_success) {
+        if let (Some(cq), Some(sc)) = (cq.filter(|_| op.report_success), hmem) {
+            cq.push(CqEvent::Staged(Box::new((
+                CqEntry {
+                    context: op.context,
+                    flags,
+                    len,
+                    data,
+                    tag,
+                    src,
+                    src_addr,
+                    buf,
+                },
+                sc,
+            ))));
+        } else if let Some(cq) = cq.filter(|_| op.report_success) {
             cq.push(CqEvent::Entry(CqEntry {
                 context: op.context,
                 flags,
@@ -628,7 +732,7 @@ fn complete_data(f: Done<'_>) {
             }));
         }
     } else if let Some(cq) = cq.filter(|_| op.report_errors) {
-        cq.push(CqEvent::Error(Box::new(CqErrEntry {
+        let e = CqErrEntry {
             context: op.context,
             flags,
             len: if status == Status::Truncated { len } else { 0 },
@@ -648,7 +752,14 @@ fn complete_data(f: Done<'_>) {
             tag,
             src,
             buf,
-        })));
+        };
+        match hmem {
+            // A truncated receive into device memory delivers what was placed when read.
+            Some(sc) if status == Status::Truncated && op.is_recv => {
+                cq.push(CqEvent::StagedError(Box::new((e, sc))))
+            }
+            _ => cq.push(CqEvent::Error(Box::new(e))),
+        }
     } else {
         tracing::warn!(
             ?status,

@@ -325,6 +325,56 @@ impl Domain {
         self.inner.commit.set_handler(handler);
     }
 
+    /// Install (or with `None` remove) the application's copy functions for device memory
+    /// (`fi_set_ops(FI_SET_OPS_HMEM_OVERRIDE)` in libfabric; see [`crate::hmem`]). Regions
+    /// registered before keep the functions they were registered with.
+    pub fn set_hmem_copy(&self, ops: Option<Arc<dyn crate::hmem::HmemCopy>>) {
+        *self
+            .inner
+            .hmem_copy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = ops;
+    }
+
+    /// Whether copy functions for device memory are installed.
+    pub fn has_hmem_copy(&self) -> bool {
+        self.inner
+            .hmem_copy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Register `len` bytes of device memory at `addr` of `iface`/`device`
+    /// (`fi_mr_regattr` with `iface != FI_HMEM_SYSTEM`) for local use in operations
+    /// ([`crate::Iov::hmem`]). The driver never dereferences `addr`: every byte goes through
+    /// the [`HmemCopy`](crate::HmemCopy) installed with [`Domain::set_hmem_copy`], and without
+    /// one this fails with `Error::Unsupported` (the driver has no device runtime).
+    /// `HmemIface::System` is refused (`InvalidArgument`: host memory is registered with
+    /// [`Domain::register`]).
+    pub fn register_hmem(
+        &self,
+        addr: *mut u8,
+        len: usize,
+        iface: crate::hmem::HmemIface,
+        device: u64,
+    ) -> Result<crate::hmem::HmemRegion> {
+        self.inner.check_usable()?;
+        let ops = self
+            .inner
+            .hmem_copy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "device memory ({iface:?}) without copy functions: install an HmemCopy \
+                     with Domain::set_hmem_copy first"
+                ))
+            })?;
+        crate::hmem::HmemRegion::new(ops, iface, device, addr as usize, len)
+    }
+
     /// Send a COMMIT_REPLY for event `id` directly and return the device's status: `Ok` if
     /// the event was waiting for this domain's verdict, `Invalid` otherwise (unknown, already
     /// answered, expired, or another device's). For tests of the device's checks; an
@@ -533,6 +583,8 @@ pub(crate) struct DomainInner {
     pub(crate) rma: crate::rma::RmaState,
     /// The target commit handler and its COMMIT_EVENT requests (spec §6.17.3).
     pub(crate) commit: crate::commit::CommitState,
+    /// The application's device-memory copy functions ([`Domain::set_hmem_copy`]).
+    hmem_copy: Mutex<Option<Arc<dyn crate::hmem::HmemCopy>>>,
 }
 
 /// Why progress stopped: the device hung up, or broke a ring (converted to an [`Error`] only
@@ -693,6 +745,7 @@ impl DomainInner {
             call_fds: call_fds.len(),
             rma: Default::default(),
             commit: Default::default(),
+            hmem_copy: Mutex::new(None),
             external: Mutex::new(Vec::new()),
             retired: Mutex::new(Vec::new()),
         });

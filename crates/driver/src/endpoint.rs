@@ -17,6 +17,7 @@ use vfabric_proto::{self as proto, flags as pflags, FabricAddr, Opcode, Request,
 use crate::av::{AddressVector, AvShared, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
 use crate::cq::{CompletionQueue, CqShared};
 use crate::domain::DomainInner;
+use crate::hmem::HmemRegion;
 use crate::memory::SharedBuf;
 use crate::request::{CopyOut, DataOp, Keepalive, Payload, PendingOp, Targets, Tx as TxData};
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
@@ -94,14 +95,17 @@ impl BindFlags {
 /// One element of a message's scatter/gather list.
 #[derive(Clone)]
 pub struct Iov<'a> {
-    kind: IovKind<'a>,
+    pub(crate) kind: IovKind<'a>,
 }
 
 #[derive(Clone)]
-enum IovKind<'a> {
+pub(crate) enum IovKind<'a> {
     Shared(&'a SharedBuf, Range<usize>),
     Bytes(&'a [u8]),
     Raw(*mut u8, usize),
+    /// Device memory: staged through host memory by the domain's copy functions (`hmem.rs`)
+    /// before any other code of the data path sees the operation.
+    Hmem(&'a HmemRegion, Range<usize>),
 }
 
 impl std::fmt::Debug for Iov<'_> {
@@ -110,6 +114,7 @@ impl std::fmt::Debug for Iov<'_> {
             IovKind::Shared(b, r) => write!(f, "Iov::Shared({:#x}, {r:?})", b.addr()),
             IovKind::Bytes(b) => write!(f, "Iov::Bytes({} B)", b.len()),
             IovKind::Raw(p, l) => write!(f, "Iov::Raw({p:?}, {l})"),
+            IovKind::Hmem(h, r) => write!(f, "Iov::Hmem({h:?}, {r:?})"),
         }
     }
 }
@@ -139,9 +144,17 @@ impl<'a> Iov<'a> {
             kind: IovKind::Raw(ptr, len),
         }
     }
+    /// A range of registered device memory ([`crate::hmem`]): every byte goes through the
+    /// domain's [`HmemCopy`](crate::HmemCopy), sources at post time, destinations when the
+    /// completion is read. Valid for sends, receives, RMA and atomics (see their `_iov` forms).
+    pub fn hmem(region: &'a HmemRegion, range: Range<usize>) -> Self {
+        Self {
+            kind: IovKind::Hmem(region, range),
+        }
+    }
     pub fn len(&self) -> usize {
         match &self.kind {
-            IovKind::Shared(_, r) => r.len(),
+            IovKind::Shared(_, r) | IovKind::Hmem(_, r) => r.len(),
             IovKind::Bytes(b) => b.len(),
             IovKind::Raw(_, l) => *l,
         }
@@ -678,6 +691,21 @@ impl Endpoint {
     }
 
     fn post_send(&self, a: SendArgs<'_>) -> Result<()> {
+        // Device memory: gathered into host bytes through the domain's copy functions now,
+        // then sent as bytes copied at post time (inject semantics hold).
+        if let SendSrc::Iov(iov) = a.src {
+            if crate::hmem::any(iov) {
+                let staged = crate::hmem::gather(iov)?;
+                return self.post_send_host(SendArgs {
+                    src: SendSrc::Bytes(&staged),
+                    ..a
+                });
+            }
+        }
+        self.post_send_host(a)
+    }
+
+    fn post_send_host(&self, a: SendArgs<'_>) -> Result<()> {
         let b = self.active()?;
         let domain = &self.domain;
         if a.tagged && !domain.has_feature(proto::VIRTIO_FABRIC_F_TAGGED) {
@@ -812,6 +840,7 @@ impl Endpoint {
                         copy_out: CopyOut::None,
                         bounce,
                         _keepalive: keepalive,
+                        hmem: None,
                         is_recv: false,
                         peek: false,
                         record_claim: false,
@@ -892,6 +921,9 @@ impl Endpoint {
             IovKind::Bytes(_) => Err(Error::InvalidArgument(
                 "Iov::bytes is never placed in place".into(),
             )),
+            IovKind::Hmem(..) => Err(Error::InvalidArgument(
+                "device memory is never reached by the device".into(),
+            )),
         }
     }
 
@@ -901,7 +933,7 @@ impl Endpoint {
             // In the shared region, or in application memory shared with the device earlier
             // (a local registration, `Domain::share_raw`): no bounce.
             IovKind::Raw(p, l) => self.domain.device_addr(*p, *l).is_some(),
-            IovKind::Bytes(_) => false,
+            IovKind::Bytes(_) | IovKind::Hmem(..) => false,
         }
     }
 
@@ -1147,6 +1179,7 @@ impl Endpoint {
         let mut descs = DescList::new();
         let mut inline_len = 0usize;
         let mut rx_len = 0usize;
+        let mut hmem = None;
         if !no_data {
             let mem = &domain.mem;
             // Where the bytes must be copied to if they cannot be received in place.
@@ -1179,6 +1212,18 @@ impl Endpoint {
                     needs_copy = Some(CopyOut::Vec);
                     rx_len = *l;
                 }
+                RecvDst::Iov(iov) if crate::hmem::any(iov) => {
+                    // Device memory: received into host memory, moved by the copy
+                    // functions when the completion is read (`hmem.rs`).
+                    for v in iov.iter() {
+                        if let IovKind::Shared(buf, r) = &v.kind {
+                            check_range(buf, r)?;
+                        }
+                    }
+                    rx_len = iov.iter().map(|v| v.len()).sum();
+                    hmem = Some(Box::new(crate::hmem::Scatter::of(iov)?));
+                    needs_copy = Some(CopyOut::Vec);
+                }
                 RecvDst::Iov(iov) => {
                     for v in iov.iter() {
                         match &v.kind {
@@ -1188,7 +1233,7 @@ impl Endpoint {
                                 ))
                             }
                             IovKind::Shared(buf, r) => check_range(buf, r)?,
-                            IovKind::Raw(..) => {}
+                            IovKind::Raw(..) | IovKind::Hmem(..) => {}
                         }
                     }
                     rx_len = iov.iter().map(|v| v.len()).sum();
@@ -1253,6 +1298,7 @@ impl Endpoint {
                         copy_out,
                         bounce,
                         _keepalive: keepalive,
+                        hmem,
                         is_recv: true,
                         peek,
                         record_claim: peek && claim,
@@ -1650,6 +1696,9 @@ pub(crate) fn iov_bytes<'a>(v: &'a Iov<'a>) -> &'a [u8] {
         IovKind::Raw(p, l) if *l == 0 || p.is_null() => &[],
         // SAFETY: `Iov::raw`'s contract makes `p` readable for `l` bytes while posting.
         IovKind::Raw(p, l) => unsafe { std::slice::from_raw_parts(*p, *l) },
+        // Never reached: device memory is gathered into host bytes (`hmem::gather`) before
+        // an operation is built; nothing here may read it.
+        IovKind::Hmem(..) => &[],
     }
 }
 
@@ -1658,5 +1707,6 @@ fn iov_region(v: &Iov<'_>) -> (u64, usize) {
         IovKind::Shared(buf, r) => (buf.addr() + r.start as u64, r.len()),
         IovKind::Bytes(b) => (b.as_ptr() as u64, b.len()),
         IovKind::Raw(p, l) => (*p as u64, *l),
+        IovKind::Hmem(h, r) => ((h.addr() + r.start) as u64, r.len()),
     }
 }

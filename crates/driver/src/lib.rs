@@ -11,6 +11,7 @@
 //! getinfo(&Hints) -> Vec<Info>
 //! Fabric::open(&info) -> Fabric -> domain(&info) -> Domain
 //! Domain -> alloc_buffer / cq_open / av_open / endpoint
+//! Domain -> set_hmem_copy / register_hmem -> HmemRegion (device memory: Iov::hmem)
 //! Endpoint -> bind_cq / bind_av / enable -> send*/recv*/tsend*/trecv*/..msg/cancel
 //! Endpoint -> batch -> Batch (many posts, one device notification)
 //! CompletionQueue -> read / read_into / readerr / sread / sread_into
@@ -23,8 +24,8 @@
 //! (a ring plus its request slots and in-flight table), `control` (control-queue requests),
 //! [`info`] (`getinfo`), [`domain`], [`endpoint`], [`cq`], [`av`], [`rma`] (memory registration,
 //! RMA, atomics and remote-access events), [`pmem`] (persistent-memory regions), `external`
-//! (sharing memory outside the domain's shared region with the device), `lock` (the data path's
-//! spin lock).
+//! (sharing memory outside the domain's shared region with the device), [`hmem`] (device
+//! memory through the application's [`HmemCopy`]), `lock` (the data path's spin lock).
 //!
 //! Contexts are plain `u64`s so a C provider can pass `void *context` through unchanged; flags
 //! use libfabric's bit values ([`fi`]) so they can be passed through too.
@@ -82,6 +83,7 @@ pub mod device_id;
 pub mod domain;
 pub mod endpoint;
 mod external;
+pub mod hmem;
 pub mod info;
 mod lock;
 pub mod memory;
@@ -101,6 +103,7 @@ pub use endpoint::INJECT_CALL;
 pub use endpoint::{
     AtomicMsg, Batch, BindFlags, Endpoint, EpAttr, EpType, Iov, Msg, RmaIov, RmaMsg, TaggedMsg,
 };
+pub use hmem::{HmemCopy, HmemIface, HmemRegion};
 pub use info::{getinfo, Hints, Info, Limits, DEFAULT_SOCKET_DIR, FABRIC_NAME};
 pub use memory::SharedBuf;
 pub use pmem::{PmemBacking, PmemRegion};

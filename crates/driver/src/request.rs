@@ -163,6 +163,9 @@ pub(crate) struct DataOp {
     pub bounce: Option<Allocation>,
     /// Keeps `SharedBuf`s alive while the device may use them.
     pub _keepalive: Keepalive,
+    /// Device-memory destinations: the bytes staged in `CopyOut::Vec` go there when the
+    /// completion is read (`hmem.rs`).
+    pub hmem: Option<Box<crate::hmem::Scatter>>,
     pub is_recv: bool,
     /// TRECV PEEK: the entry reports the message length, no data moved.
     pub peek: bool,

@@ -237,8 +237,6 @@ fn cq_read_common(
             let d = unsafe { &*c.domain };
             let multi = &d.multi;
             for (k, e) in v.iter_mut().enumerate() {
-                // Device memory: the bounce buffer's bytes reach it now (hmem.rs).
-                d.hmem.complete(e);
                 let at = if e.flags & fi::RECV != 0 {
                     multi.complete(e)
                 } else {
@@ -388,7 +386,6 @@ ffi_fns! {
         // SAFETY: the domain outlives its CQs (ParentRef).
         let d = unsafe { &*c.domain };
         d.multi.complete_err(&mut e);
-        d.hmem.complete_err(&mut e);
         // SAFETY: non-NULL consumer entry.
         let out = unsafe { &mut *buf };
         out.op_context = e.context as *mut c_void;

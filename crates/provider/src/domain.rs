@@ -34,9 +34,7 @@ pub struct DomainObj {
     pub next_key: AtomicU64,
     /// FI_MULTI_RECV buffers posted on this domain's endpoints.
     pub multi: crate::multirecv::Registry,
-    /// The consumer's HMEM copy functions (`fi_set_ops(FI_SET_OPS_HMEM_OVERRIDE)`), and the
-    /// incoming operations into device memory waiting for their completions.
-    pub hmem_ops: Mutex<Option<std::sync::Arc<dyn crate::hmem::HmemCopy>>>,
+    /// Registered device memory (the consumer's HMEM copy functions are installed on `dom`).
     pub hmem: crate::hmem::Registry,
     /// Remote peers of this domain's AVs, watched for disappearance (opened at the first
     /// insert; `None` if the private endpoint could not be opened).
@@ -138,7 +136,6 @@ pub unsafe extern "C" fn domain_open(
             rma_event: i.caps & fi::RMA_EVENT != 0,
             next_key: AtomicU64::new(1),
             multi: Default::default(),
-            hmem_ops: Mutex::new(None),
             hmem: Default::default(),
             watch: Default::default(),
             // SAFETY: `ep_attr` is NULL or valid in the consumer's fi_info.

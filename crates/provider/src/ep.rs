@@ -63,7 +63,6 @@ impl EpObj {
             c.close();
         }
         self.dom().multi.remove_ep(self);
-        self.dom().hmem.remove_ep(self);
     }
 
     pub fn dom(&self) -> &DomainObj {
@@ -362,7 +361,6 @@ ffi_fns! {
         }
         let ctx = multi
             .internal_ctx(e, context as u64)
-            .or_else(|| e.dom().hmem.internal_ctx(e, context as u64))
             .unwrap_or(context as u64);
         match e.ep.cancel(ctx) {
             Ok(()) => Ok(0),

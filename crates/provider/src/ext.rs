@@ -171,7 +171,7 @@ ffi_fns! {
         }
         // SAFETY: as above (size checked).
         let c = crate::hmem::COps::new(unsafe { &o.read_unaligned() })?;
-        *d.hmem_ops.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(c));
+        d.dom.set_hmem_copy(Some(std::sync::Arc::new(c)));
         Ok(0)
     }
 }

@@ -44,9 +44,9 @@ mod multirecv;
 mod nic;
 mod ops;
 mod pmem;
-/// The copies between host and device memory (FI_HMEM): the Rust form of
+/// The copies between host and device memory (FI_HMEM): the driver's trait, the Rust form of
 /// `struct fi_hmem_override_ops`, which the consumer's C functions implement (`hmem.rs`).
-pub use hmem::HmemCopy;
+pub use vfabric::HmemCopy;
 /// The libfabric bindings (bindgen, shared with the daemon's uplink).
 pub use vfabric_fi_sys as sys;
 mod consts;

@@ -31,7 +31,7 @@ pub struct MrObj {
     cached: Option<crate::mr_cache::Handle>,
     /// Device memory (a non-system iface): reached only through the consumer's copy functions;
     /// the domain that knows its range.
-    pub hmem: Option<crate::hmem::Hmem>,
+    pub hmem: Option<vfabric::HmemRegion>,
     domain: *const DomainObj,
     /// Counters bound with `fi_mr_bind` (they refuse to close while bound). Declared after
     /// `region` so the registration goes first.
@@ -72,7 +72,7 @@ pub fn mr_create(
     requested_key: u64,
     flags: u64,
     context: *mut c_void,
-    hmem: Option<crate::hmem::Hmem>,
+    hmem: Option<vfabric::HmemRegion>,
 ) -> Res<MrObj> {
     if flags & !(fi::RMA_EVENT | fi::RMA_PMEM) != 0 {
         return Err(fi::EBADFLAGS);
@@ -178,9 +178,12 @@ pub fn mr_create(
 
 /// The device memory of a registration with a non-system iface: `-FI_ENOSYS` unless the
 /// consumer installed its copy functions (the provider has no device runtime).
-fn device_memory(d: &DomainObj, a: &sys::fi_mr_attr) -> Res<crate::hmem::Hmem> {
-    let ops = d.hmem_ops.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let Some(ops) = ops else {
+fn device_memory(
+    d: &DomainObj,
+    a: &sys::fi_mr_attr,
+    v: &[(usize, usize)],
+) -> Res<vfabric::HmemRegion> {
+    if !d.dom.has_hmem_copy() {
         crate::util::warn(
             sys::fi_log_subsys_FI_LOG_MR,
             &format!(
@@ -190,12 +193,14 @@ fn device_memory(d: &DomainObj, a: &sys::fi_mr_attr) -> Res<crate::hmem::Hmem> {
             ),
         );
         return Err(fi::ENOSYS);
-    };
-    Ok(crate::hmem::Hmem {
-        iface: a.iface,
-        device: crate::hmem::device_of(a),
-        ops,
-    })
+    }
+    // One range (as every local registration).
+    check(v.len() <= 1)?;
+    let (addr, len) = v.first().copied().unwrap_or((0, 0));
+    let iface = vfabric::HmemIface::from_raw(a.iface).ok_or(fi::EINVAL)?;
+    d.dom
+        .register_hmem(addr as *mut u8, len, iface, crate::hmem::device_of(a))
+        .or_errno(sys::fi_log_subsys_FI_LOG_MR)
 }
 
 /// `fi_mr_regattr`, the one registration body.
@@ -221,7 +226,7 @@ pub unsafe fn regattr(
     let hmem = if a.iface == sys::fi_hmem_iface_FI_HMEM_SYSTEM {
         None
     } else {
-        Some(device_memory(d, a)?)
+        Some(device_memory(d, a, &v)?)
     };
     let m = mr_create(d, &v, a.access, a.requested_key, flags, a.context, hmem)?;
     let p = m.install(mr)?;
@@ -231,7 +236,7 @@ pub unsafe fn regattr(
         &*p
     };
     if let Some(h) = &m.hmem {
-        d.hmem.add_region(p as usize, m.addr, m.len, h.clone());
+        d.hmem.add_region(p as usize, h.clone());
     }
     Ok(0)
 }

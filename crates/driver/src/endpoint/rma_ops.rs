@@ -650,6 +650,60 @@ impl Endpoint {
         )
     }
 
+    /// [`Endpoint::atomicmsg`] with the operands in `operands` (device memory with
+    /// [`Iov::hmem`], or host memory), gathered at post time; `msg.operands` must be empty.
+    /// Flags as for [`Endpoint::atomicmsg`]; `fi::INJECT | INJECT_CALL` is `fi_inject_atomic`.
+    pub fn atomicmsg_iov(
+        &self,
+        msg: &AtomicMsg<'_>,
+        operands: &[Iov<'_>],
+        flags: u64,
+    ) -> Result<()> {
+        let ops = operand_bytes(msg, operands)?;
+        let m = AtomicMsg {
+            operands: &ops,
+            ..msg.clone()
+        };
+        self.post_atomic(Opcode::Atomic, &m, &[], Local::Iov(&[]), flags)
+    }
+
+    /// [`Endpoint::fetch_atomicmsg`] with the operands in `operands` (as for
+    /// [`Endpoint::atomicmsg_iov`]); `result` may name device memory, written when the
+    /// completion is read.
+    pub fn fetch_atomicmsg_iov(
+        &self,
+        msg: &AtomicMsg<'_>,
+        operands: &[Iov<'_>],
+        result: &[Iov<'_>],
+        flags: u64,
+    ) -> Result<()> {
+        let ops = operand_bytes(msg, operands)?;
+        let m = AtomicMsg {
+            operands: &ops,
+            ..msg.clone()
+        };
+        self.post_atomic(Opcode::FetchAtomic, &m, &[], result_dst(result), flags)
+    }
+
+    /// [`Endpoint::compare_atomicmsg`] with operands and compare values in iovs (device or
+    /// host memory, gathered at post time); results as for [`Endpoint::fetch_atomicmsg_iov`].
+    pub fn compare_atomicmsg_iov(
+        &self,
+        msg: &AtomicMsg<'_>,
+        operands: &[Iov<'_>],
+        compare: &[Iov<'_>],
+        result: &[Iov<'_>],
+        flags: u64,
+    ) -> Result<()> {
+        let ops = operand_bytes(msg, operands)?;
+        let cmp = crate::hmem::gather(compare)?;
+        let m = AtomicMsg {
+            operands: &ops,
+            ..msg.clone()
+        };
+        self.post_atomic(Opcode::CompareAtomic, &m, &cmp, result_dst(result), flags)
+    }
+
     fn post_atomic(
         &self,
         opcode: Opcode,
@@ -767,6 +821,16 @@ impl Endpoint {
             Src::None => (&[][..], 0),
             Src::Iov(i, l) => (i, l),
         };
+        // Device memory: gathered into host bytes through the domain's copy functions now.
+        let staged;
+        let staged_iov;
+        let src_iov = if crate::hmem::any(src_iov) {
+            staged = crate::hmem::gather(src_iov)?;
+            staged_iov = [Iov::bytes(&staged)];
+            &staged_iov[..]
+        } else {
+            src_iov
+        };
         let total = list.len() + src_len;
         let inline = Payload::Gather {
             prefix: list,
@@ -812,8 +876,20 @@ impl Endpoint {
         let mut copy_out = CopyOut::None;
         let rx_len = local_len(&local)?;
         let mut needs_copy = None;
+        let mut hmem = None;
         match &local {
             Local::Vec(_) => needs_copy = Some(CopyOut::Vec),
+            // Device memory: results land in host memory, moved by the copy functions when
+            // the completion is read (`hmem.rs`).
+            Local::Iov(iov) if crate::hmem::any(iov) => {
+                for v in iov.iter() {
+                    if let IovKind::Shared(buf, r) = &v.kind {
+                        check_range(buf, r)?;
+                    }
+                }
+                hmem = Some(Box::new(crate::hmem::Scatter::of(iov)?));
+                needs_copy = Some(CopyOut::Vec);
+            }
             Local::Iov(iov) => {
                 for v in iov.iter() {
                     match &v.kind {
@@ -823,7 +899,7 @@ impl Endpoint {
                             ))
                         }
                         IovKind::Shared(buf, r) => check_range(buf, r)?,
-                        IovKind::Raw(..) => {}
+                        IovKind::Raw(..) | IovKind::Hmem(..) => {}
                     }
                 }
                 let in_place =
@@ -882,6 +958,7 @@ impl Endpoint {
                     copy_out,
                     bounce,
                     _keepalive: keepalive,
+                    hmem,
                     is_recv: false,
                     peek: false,
                     record_claim: false,
@@ -905,6 +982,16 @@ fn one(addr: u64, len: usize, key: u64) -> RmaIov {
         len: len as u64,
         key,
     }
+}
+
+/// The operands of an `_iov` atomic in host bytes (device memory through the copy functions).
+fn operand_bytes(msg: &AtomicMsg<'_>, operands: &[Iov<'_>]) -> Result<Vec<u8>> {
+    if !msg.operands.is_empty() {
+        return Err(Error::InvalidArgument(
+            "operands are given as iovs: msg.operands must be empty".into(),
+        ));
+    }
+    crate::hmem::gather(operands)
 }
 
 fn result_dst<'a>(result: &'a [Iov<'a>]) -> Local<'a> {

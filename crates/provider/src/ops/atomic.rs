@@ -10,7 +10,7 @@ use vfabric::{fi, AtomicMsg, Iov};
 
 use super::{ep_of, peer, raw_iov, Ctx, Desc, Descs, Ep, Flags};
 use crate::ep::EpObj;
-use crate::hmem::Staged;
+use crate::hmem::{named, Held};
 use crate::sys;
 use crate::util::{check, ffi_fns, ops_table, slice, OrErrno, Res};
 
@@ -104,43 +104,16 @@ impl Bufs<'_> {
         Ok((spans, descs, self.iov.iter().map(|v| v.count).sum()))
     }
 
-    /// The concatenated elements (device memory through the consumer's copy functions), and
-    /// their count.
+    /// The buffers as driver iovs (host memory as raw iovs), the device memory under them,
+    /// and the element count.
     ///
     /// # Safety
-    /// Each buffer is valid for reads of its elements; `desc` as for [`Bufs::spans`].
-    unsafe fn bytes(&self, e: &EpObj, size: usize) -> Res<(Vec<u8>, usize)> {
+    /// Each buffer follows the libfabric buffer contract (readable while posting, writable
+    /// until completion for results); `desc` as for [`Bufs::spans`].
+    unsafe fn iovs(&self, e: &EpObj, size: usize) -> Res<(Vec<Iov<'static>>, Option<Held>, usize)> {
         // SAFETY: per this function's contract.
         let (spans, descs, count) = unsafe { self.spans(size) }?;
-        if let Some(segs) = e.dom().hmem.segs(&spans, &descs) {
-            return Ok((crate::hmem::gather(&segs)?, count));
-        }
-        let mut out = Vec::new();
-        for (p, n) in spans {
-            // SAFETY: per this function's contract.
-            out.extend_from_slice(unsafe { slice(p, n) }?);
-        }
-        Ok((out, count))
-    }
-
-    /// Result buffers, and the bounce buffer standing in for device memory (its context
-    /// replaces the operation's).
-    ///
-    /// # Safety
-    /// Each buffer is valid for writes of its elements until the operation completes; `desc`
-    /// as for [`Bufs::spans`].
-    unsafe fn results<'e>(
-        &self,
-        e: &'e EpObj,
-        size: usize,
-        ctx: u64,
-    ) -> Res<(Vec<Iov<'static>>, Option<Staged<'e>>)> {
-        // SAFETY: per this function's contract.
-        let (spans, descs, _) = unsafe { self.spans(size) }?;
-        if let Some(segs) = e.dom().hmem.segs(&spans, &descs) {
-            let s = e.dom().hmem.stage(e, ctx, crate::hmem::Kind::Whole, segs);
-            return Ok((vec![s.iov.clone()], Some(s)));
-        }
+        let held = e.dom().hmem.held(&spans, &descs);
         let iov = spans
             .into_iter()
             .map(|(p, len)| {
@@ -149,7 +122,7 @@ impl Bufs<'_> {
                 Ok(unsafe { raw_iov(p.cast(), len) })
             })
             .collect::<Res<_>>()?;
-        Ok((iov, None))
+        Ok((iov, held, count))
     }
 }
 
@@ -183,11 +156,17 @@ unsafe fn atomic_msg(
         desc: m.desc,
     };
     // SAFETY: as above.
-    let (ops, count) = unsafe { operands.bytes(e, size) }?;
+    let (ops, ops_held, count) = unsafe { operands.iovs(e, size) }?;
     // SAFETY: as above.
-    let (cmp, _) = unsafe { compare.bytes(e, size) }?;
+    let (cmp, cmp_held, _) = unsafe { compare.iovs(e, size) }?;
     // SAFETY: as above.
-    let (res, staged) = unsafe { result.results(e, size, m.context as u64) }?;
+    let (res, res_held, _) = unsafe { result.iovs(e, size) }?;
+    // Device memory: named as such; the driver stages it through the consumer's functions.
+    let (ops, cmp, res) = (
+        named(&ops, &ops_held),
+        named(&cmp, &cmp_held),
+        named(&res, &res_held),
+    );
     let count = if count == 0 { r.count } else { count };
     let flags = flags.resolve(e, true);
     if e.caps & fi::ATOMIC == 0 {
@@ -204,24 +183,21 @@ unsafe fn atomic_msg(
         &ops[..]
     };
     let a = AtomicMsg {
-        operands,
+        operands: &[],
         addr: dest,
         remote_addr: r.addr,
         key: r.key,
         datatype,
         op,
         count,
-        context: staged.as_ref().map_or(m.context as u64, |s| s.key),
+        context: m.context as u64,
     };
     match kind {
-        Kind::Write => e.ep.atomicmsg(&a, flags),
-        Kind::Fetch => e.ep.fetch_atomicmsg(&a, &res, flags),
-        Kind::Compare => e.ep.compare_atomicmsg(&a, &cmp, &res, flags),
+        Kind::Write => e.ep.atomicmsg_iov(&a, operands, flags),
+        Kind::Fetch => e.ep.fetch_atomicmsg_iov(&a, operands, &res, flags),
+        Kind::Compare => e.ep.compare_atomicmsg_iov(&a, operands, &cmp, &res, flags),
     }
     .or_errno(sys::fi_log_subsys_FI_LOG_EP_DATA)?;
-    if let Some(s) = staged {
-        s.posted();
-    }
     Ok(0)
 }
 

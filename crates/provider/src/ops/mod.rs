@@ -14,7 +14,6 @@ use std::sync::atomic::Ordering;
 use vfabric::{fi, Iov, Msg, TaggedMsg, FI_ADDR_UNSPEC};
 
 use crate::ep::EpObj;
-use crate::hmem::{Kind, Staged};
 use crate::sys;
 use crate::util::{check, slice, FidObject, OrErrno, Res};
 
@@ -180,32 +179,6 @@ impl<'a> Xfer<'a> {
     }
 }
 
-/// The host buffers of a transfer touching device memory (FI_HMEM): outgoing bytes gathered
-/// now (returned: they must live until the post returns), incoming ones received into a bounce
-/// buffer scattered when the completion is read (the posting's context becomes the bounce
-/// buffer's; see `hmem.rs`).
-pub fn stage<'e>(
-    e: &'e EpObj,
-    x: &mut Xfer<'_>,
-    out: bool,
-    kind: Kind,
-) -> Res<(Vec<u8>, Option<Staged<'e>>)> {
-    let Some(segs) = e.dom().hmem.segs(&x.bufs, &x.descs) else {
-        return Ok((Vec::new(), None));
-    };
-    if out {
-        let b = crate::hmem::gather(&segs)?;
-        // SAFETY: the gathered bytes outlive the post, which reads them (copied at post time:
-        // inject, or the driver's bounce buffer).
-        x.iov = vec![unsafe { raw_iov(b.as_ptr().cast(), b.len()) }];
-        return Ok((b, None));
-    }
-    let s = e.dom().hmem.stage(e, x.context, kind, segs);
-    x.iov = vec![s.iov.clone()];
-    x.context = s.key;
-    Ok((Vec::new(), Some(s)))
-}
-
 /// The one body of every send and receive, tagged or not.
 pub fn post(ep: Ep, send: bool, tagged: bool, x: Xfer<'_>, flags: Flags) -> Res<isize> {
     let e = ep_of(ep)?;
@@ -229,7 +202,7 @@ pub fn post(ep: Ep, send: bool, tagged: bool, x: Xfer<'_>, flags: Flags) -> Res<
         // Emulated (the device has no MULTI_RECV): one contiguous buffer, untagged, in host
         // memory.
         check(!tagged && x.bufs.len() == 1)?;
-        check(e.dom().hmem.segs(&x.bufs, &x.descs).is_none())?;
+        check(e.dom().hmem.held(&x.bufs, &x.descs).is_none())?;
         let (base, len) = x.bufs[0];
         let min = e.min_multi_recv.load(Ordering::Relaxed);
         e.dom()
@@ -237,13 +210,15 @@ pub fn post(ep: Ep, send: bool, tagged: bool, x: Xfer<'_>, flags: Flags) -> Res<
             .post(e, base, len, min, addr, x.context, flags)?;
         return Ok(0);
     }
-    let mut x = x;
-    let (_gathered, staged) = stage(e, &mut x, send, Kind::Recv)?;
+    // Device memory: named as such; the driver stages it through the consumer's functions.
+    let held = e.dom().hmem.held(&x.bufs, &x.descs);
+    let named = crate::hmem::named(&x.iov, &held);
+    let iov = &*named;
     // A receive's data is the sender's, not the consumer's.
     let data = if send { x.data } else { 0 };
     let r = if tagged {
         let m = TaggedMsg {
-            iov: &x.iov,
+            iov,
             addr,
             tag: x.tag,
             ignore: x.ignore,
@@ -257,7 +232,7 @@ pub fn post(ep: Ep, send: bool, tagged: bool, x: Xfer<'_>, flags: Flags) -> Res<
         }
     } else {
         let m = Msg {
-            iov: &x.iov,
+            iov,
             addr,
             context: x.context,
             data,
@@ -269,8 +244,5 @@ pub fn post(ep: Ep, send: bool, tagged: bool, x: Xfer<'_>, flags: Flags) -> Res<
         }
     };
     r.or_errno(sys::fi_log_subsys_FI_LOG_EP_DATA)?;
-    if let Some(s) = staged {
-        s.posted();
-    }
     Ok(0)
 }

@@ -24,10 +24,12 @@ fn rma(ep: Ep, write: bool, x: Xfer<'_>, rma_iov: &[RmaIov], flags: Flags) -> Re
         // (info.rs): the notification would take one of its receives.
         return Err(fi::EINVAL);
     }
-    let mut x = x;
-    let (_gathered, staged) = super::stage(e, &mut x, write, crate::hmem::Kind::Whole)?;
+    // Device memory: named as such; the driver stages it through the consumer's functions.
+    let held = e.dom().hmem.held(&x.bufs, &x.descs);
+    let named = crate::hmem::named(&x.iov, &held);
+    let iov = &*named;
     let m = RmaMsg {
-        iov: &x.iov,
+        iov,
         addr: peer(e, x.addr)?,
         rma_iov,
         context: x.context,
@@ -39,9 +41,6 @@ fn rma(ep: Ep, write: bool, x: Xfer<'_>, rma_iov: &[RmaIov], flags: Flags) -> Re
         e.ep.readmsg(&m, flags)
     }
     .or_errno(sys::fi_log_subsys_FI_LOG_EP_DATA)?;
-    if let Some(s) = staged {
-        s.posted();
-    }
     Ok(0)
 }
 
