@@ -146,6 +146,11 @@ impl Rendezvous {
     /// it is in flight when the registration and the mapping go.
     fn drop_source(&mut self, req_id: u64, host: u16, st: Staged) {
         if st.guest.is_some() {
+            tracing::info!(
+                req_id,
+                host,
+                "uplink: a withdrawn zero-copy source waits for its target's answer"
+            );
             self.draining.insert(req_id, (host, st, Instant::now()));
         }
     }
