@@ -1461,6 +1461,127 @@ fn a_lost_sender_or_a_closed_region_during_a_rendezvous_is_an_error_not_a_crash(
     large_rma(&a, &b, 6);
 }
 
+/// The last "rendezvous sources" line of a daemon's log: (bytes read from guest memory,
+/// bytes staged in a daemon buffer first).
+fn rdv_sources(log: &str) -> Option<(u64, u64)> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("uplink: rendezvous sources: "))?;
+    let rest = line.split("uplink: rendezvous sources: ").nth(1)?;
+    let mut n = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse::<u64>().unwrap());
+    Some((n.next()?, n.next()?))
+}
+
+/// Large sends and RMA writes leave the sender's daemon with no copy: the target reads them
+/// from the sending guest's memory (the sender counts every rendezvous source's bytes as
+/// read from guest memory, none as staged), and every byte arrives.
+#[test]
+fn large_sends_and_writes_are_read_from_guest_memory_with_no_staging_copy() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, _) = guests_on(&d);
+    let sizes = [1 << 20, 8, 300_000, 17_000, 4096, 2 << 20];
+    exchange(&a, &b, &sizes, 7);
+    large_rma(&a, &b, 8);
+    // Every send above the rendezvous threshold (16 KiB), and the 1 MiB write.
+    let want: u64 = sizes
+        .iter()
+        .filter(|&&l| l > 16 << 10)
+        .map(|&l| l as u64)
+        .sum::<u64>()
+        + (1 << 20);
+    let mut last = None;
+    let seen = wait_for(Duration::from_secs(5), || {
+        last = rdv_sources(&d[0].log());
+        last == Some((want, 0))
+    });
+    assert!(
+        seen,
+        "host 1 counts {last:?} (guest memory, staged), want ({want}, 0):\n{}",
+        d[0].log()
+    );
+}
+
+/// A guest whose daemon lets its peer read its large sends from its memory disconnects while
+/// those reads are in flight: its withdrawn sources stay registered (and its memory mapped in
+/// the daemon) until the target answered each CANCEL, the target delivers nothing partial,
+/// both daemons run on, and a new guest's large sends work.
+#[test]
+fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    const N: u64 = 12;
+    // Host 1's link at 50 Mbit/s: the 12 MiB take about two seconds, so the guest leaves
+    // with host 2's reads of its memory in flight.
+    lan.throttle(0, Some("50mbit"));
+    for i in 0..N {
+        b.ep.recv_vec(LEN, 100 + i).unwrap();
+    }
+    for i in 0..N {
+        a.ep.send(&pattern(40 + i as u32, LEN), to_b, i).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    drop(a);
+    // Host 1 keeps each withdrawn source until host 2 answered (its CANCEL, or the verdict
+    // that crossed it), never closing one under a read in flight.
+    let count = |what: &str| d[0].log().matches(what).count();
+    let (mut waited, mut closed) = (0, 0);
+    let fenced = wait_for(Duration::from_secs(15), || {
+        waited = count("a withdrawn zero-copy source waits for its target's answer");
+        closed = count("a withdrawn zero-copy source closed on its target's answer");
+        waited > 0 && closed == waited
+    });
+    lan.throttle(0, None);
+    assert!(
+        fenced,
+        "{waited} sources waited, {closed} closed; host 1 log:\n{}",
+        d[0].log()
+    );
+    // What host 2 delivered is whole.
+    let mut delivered = 0;
+    let mut v = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match b.cq.read(&mut v, 1) {
+            Ok(_) => {
+                let c = v.pop().unwrap();
+                let i = (c.context - 100) as u32;
+                assert!(
+                    c.buf.as_deref() == Some(pattern(40 + i, LEN).as_slice()),
+                    "message {i} is whole"
+                );
+                delivered += 1;
+            }
+            Err(VfError::Again) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => panic!("B: {e} {:?}", b.cq.readerr()),
+        }
+    }
+    println!("{delivered} of {N} large messages arrived before the guest left");
+    assert!(delivered < N, "the guest left with reads in flight");
+    for h in &d {
+        assert!(!h.log().contains("no answer to a CANCEL"), "{}", h.log());
+    }
+    drop(b);
+    // Both daemons run on; a new guest's large data goes both ways.
+    let (a, b, _) = guests_on(&d);
+    exchange(&a, &b, &[LEN, 8, 40_000], 300);
+    exchange(&b, &a, &[LEN, 8], 400);
+    large_rma(&a, &b, 9);
+}
+
 /// A guest's EP_CLOSE withdraws its sends that wait for another host's verdict: they complete
 /// at once (the endpoint's close does not wait for the driver's control timeout), and the
 /// message held at the target host is dropped there, never delivered.

@@ -25,7 +25,8 @@ use super::pmem::FlushAt;
 use super::{eager_cost, Body, Fabric, Meta, Msg, Notify, Port};
 use crate::chain::{completion, Req};
 use crate::stats::Counters;
-use crate::uplink::remote::{returns_bytes, Outbound, RemoteSend};
+use crate::uplink::rdv::RDV_THRESHOLD;
+use crate::uplink::remote::{returns_bytes, GuestBytes, Outbound, RemoteSend};
 use crate::uplink::wire::{self, data_flags};
 
 /// The `src_dev` of queued messages from another host (no local device sent them).
@@ -87,14 +88,24 @@ impl Fabric {
         if let Err(status) = self.outbox.reserve(key, len) {
             return self.fail(dev, port, &req, status, n);
         }
-        let mut payload = vec![0u8; len as usize];
-        if req
-            .payload
-            .read_at(&port.mem.memory(), 0, &mut payload)
-            .is_err()
-        {
-            self.outbox.finished(key, len);
-            return self.fail(dev, port, &req, Status::Fault, n);
+        // Large bytes in one guest range stay where they are: the uplink names them to the
+        // target as a rendezvous source, or copies them if they go in chunks.
+        let guest = if len as usize > RDV_THRESHOLD {
+            GuestBytes::new(port.mem.memory().into_inner(), &req.payload)
+        } else {
+            None
+        };
+        let mut payload = Vec::new();
+        if guest.is_none() {
+            payload.resize(len as usize, 0);
+            if req
+                .payload
+                .read_at(&port.mem.memory(), 0, &mut payload)
+                .is_err()
+            {
+                self.outbox.finished(key, len);
+                return self.fail(dev, port, &req, Status::Fault, n);
+            }
         }
         let mut wire_flags = 0;
         if r.flags & flags::REMOTE_CQ_DATA != 0 {
@@ -118,6 +129,7 @@ impl Fabric {
             desc,
             payload,
             len,
+            guest,
         })));
     }
 
@@ -247,7 +259,13 @@ impl Fabric {
         for e in &ranges {
             bytes.extend_from_slice(e.as_slice());
         }
-        if write {
+        // A large write's bytes in one guest range stay there (as a send's).
+        let guest = if write && total as usize > RDV_THRESHOLD {
+            GuestBytes::new(port.mem.memory().into_inner(), &src_data)
+        } else {
+            None
+        };
+        if write && guest.is_none() {
             let at = bytes.len();
             bytes.resize(at + total as usize, 0);
             if src_data.read_at(&mem, 0, &mut bytes[at..]).is_err() {
@@ -257,7 +275,8 @@ impl Fabric {
         }
         drop(mem);
         let cq_data = write && r.flags & flags::REMOTE_CQ_DATA != 0;
-        let mut desc = describe(&r, dev, sgen, to, bytes.len() as u64);
+        let wire_len = bytes.len() as u64 + guest.as_ref().map_or(0, |g| g.len() as u64);
+        let mut desc = describe(&r, dev, sgen, to, wire_len);
         let mut wire_flags = 0;
         if cq_data {
             desc.data = r.data.into();
@@ -276,6 +295,7 @@ impl Fabric {
             desc,
             payload: bytes,
             len: total,
+            guest,
         })));
     }
 
@@ -497,6 +517,7 @@ impl Fabric {
             desc,
             payload: bytes,
             len: nbytes as u64,
+            guest: None,
         })));
     }
 
@@ -680,6 +701,7 @@ impl Fabric {
             desc,
             payload: bytes,
             len: 0,
+            guest: None,
         })));
     }
 

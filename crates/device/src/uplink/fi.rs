@@ -425,19 +425,35 @@ impl RdmEndpoint {
     /// `buf` stays allocated and unmoved until the returned [`Mr`] is dropped, and the `Mr`
     /// is dropped before this endpoint.
     pub unsafe fn register(&self, buf: &[u8], access: u64) -> Result<Mr, FiError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.register_raw(buf.as_ptr(), buf.len(), access) }
+    }
+
+    /// [`RdmEndpoint::register`] of `len` bytes at `ptr` that are not a Rust slice (guest
+    /// memory, which the guest may write at any time).
+    ///
+    /// # Safety
+    /// The `len` bytes at `ptr` stay mapped until the returned [`Mr`] is dropped, and the
+    /// `Mr` is dropped before this endpoint.
+    pub unsafe fn register_raw(
+        &self,
+        ptr: *const u8,
+        len: usize,
+        access: u64,
+    ) -> Result<Mr, FiError> {
         let n = self.next_key.get();
         self.next_key.set(n.wrapping_add(1));
         let requested = splitmix64(self.key_seed.wrapping_add(n));
         let mut mr: *mut sys::fid_mr = ptr::null_mut();
         let dom = &mut (*self.domain).fid as *mut sys::fid;
-        // SAFETY: the domain is open; `buf` is valid per the caller's contract.
+        // SAFETY: the domain is open; the bytes are mapped per the caller's contract.
         let rc = unsafe {
             op!(
                 (*self.domain).mr,
                 reg(
                     dom,
-                    buf.as_ptr().cast(),
-                    buf.len(),
+                    ptr.cast(),
+                    len,
                     access,
                     0,
                     requested,
@@ -451,7 +467,7 @@ impl RdmEndpoint {
         // SAFETY: fi_mr_reg succeeded: `mr` is a valid fid_mr.
         let (key, desc) = unsafe { ((*mr).key, (*mr).mem_desc) };
         let addr = if self.mr_mode & sys::FI_MR_VIRT_ADDR != 0 {
-            buf.as_ptr() as u64
+            ptr as u64
         } else {
             0
         };

@@ -16,7 +16,7 @@
 
 mod fi;
 pub mod peers;
-mod rdv;
+pub(crate) mod rdv;
 pub(crate) mod remote;
 mod svc;
 pub mod wire;
@@ -697,7 +697,7 @@ impl Worker {
                 Outbound::Cancel { host, req_id } => {
                     // Withdrawn: its rendezvous buffers go (a read of them now fails at the
                     // target, which drops the request as CANCEL says).
-                    self.rdv_forget(req_id);
+                    self.rdv_withdraw(req_id);
                     // A host that is down dropped what we sent it already.
                     if let Some(dest) = self.dest_of(host) {
                         let bytes = Message::Cancel {
@@ -799,6 +799,8 @@ impl Worker {
         // A verdict from a host for a request we sent another is not taken; nor one for a
         // request its guest withdrew (its endpoint closed: it completed CANCELED then).
         let Some(p) = self.outbox.take_pending(req_id, host) else {
+            // A withdrawn request's answer: its target reads its source no more.
+            self.rdv_answered(req_id, host);
             debug!(req_id, ?host, "uplink: a verdict for no request of ours");
             return;
         };
@@ -1005,7 +1007,16 @@ impl Worker {
                 host_id,
                 req_id,
             } => match self.introduced(src, fabric_id, host_id) {
-                Ok(()) => self.fabric.withdraw_remote(host_id, req_id),
+                Ok(()) => {
+                    // A rendezvous not delivered yet is dropped here (answered once no read
+                    // of it is in flight); else the fabric drops it if it still holds it.
+                    // Either way the sender hears CANCELED: it may keep the source of a
+                    // zero-copy rendezvous registered until then.
+                    if !self.rdv_cancel(host_id, req_id) {
+                        self.fabric.withdraw_remote(host_id, req_id);
+                        self.reply(host_id, req_id, Status::Canceled, &[]);
+                    }
+                }
                 Err(Stale::Down) => debug!("uplink: a stale cancel dropped"),
                 Err(Stale::Refused(why)) => warn!("uplink: refusing a cancel: {why}"),
             },

@@ -17,19 +17,22 @@
 //! writing stays allocated until that operation's completion.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use vfabric_fi_sys as sys;
 use vfabric_proto::{Opcode, Status};
 
 use super::fi::Mr;
-use super::remote::RemoteSend;
+use super::remote::{GuestBytes, RemoteSend};
 use super::wire::{self, rdv_flags, Message, Rdv, RdvDesc};
 use super::{Outgoing, Stale, Worker};
 
 /// Requests with more bytes than this (or reads returning more) go by rendezvous: beyond
 /// two DATA chunks one RMA transfer costs less than the chunks' copies and messages.
-pub(super) const RDV_THRESHOLD: usize = 16 << 10;
+pub(crate) const RDV_THRESHOLD: usize = 16 << 10;
+/// Access of a rendezvous source: peers read it.
+const REMOTE_READ: u64 = sys::FI_REMOTE_READ as u64;
 /// Rendezvous reads in flight per peer; later ones wait (in order) for a slot.
 const MAX_READS_PER_HOST: usize = 4;
 /// Messages of one peer waiting behind a rendezvous, at most (a well-behaved peer has at most
@@ -40,19 +43,34 @@ const MAX_QUEUED_BYTES_PER_HOST: u64 = super::remote::MAX_INFLIGHT_BYTES;
 /// Context values of RMA operations (sends use `SEND_CONTEXT` and up, receives their index).
 pub(super) const RMA_CONTEXT: u64 = 1 << 62;
 
-/// A buffer and its registration; the registration is closed first.
+/// A buffer and its registration; the registration is closed first (fields drop in order).
 pub(super) struct Staged {
     mr: Mr,
     buf: Vec<u8>,
+    /// The registered bytes are in a guest's memory, not in `buf` (a zero-copy source): the
+    /// mapping stays alive until after the registration is closed.
+    guest: Option<GuestBytes>,
 }
 
 impl Staged {
+    fn own(mr: Mr, buf: Vec<u8>) -> Self {
+        Staged {
+            mr,
+            buf,
+            guest: None,
+        }
+    }
+
     fn into_bytes(self) -> Vec<u8> {
-        let Staged { mr, buf } = self;
+        let Staged { mr, buf, .. } = self;
         drop(mr);
         buf
     }
 }
+
+/// How long a withdrawn zero-copy source stays registered at most when its target does not
+/// answer the CANCEL (a misbehaving peer): then it is closed anyway.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// A message from a peer that has not reached the fabric yet.
 enum Inbound {
@@ -69,7 +87,12 @@ enum Inbound {
         src: u64,
         addr: u64,
         key: u64,
+        /// Its head, inline in the RDV_DATA (an RMA write's ranges); the read brings the rest.
+        head: Vec<u8>,
         op: Option<u64>,
+        /// Its sender withdrew it (CANCEL) while it was being read: dropped when the read
+        /// completes, and answered CANCELED then (the sender keeps its source until that).
+        canceled: bool,
     },
     /// Could not be read: its sender gets `status` when it is at the front.
     Failed { req_id: u64, status: Status },
@@ -106,9 +129,32 @@ pub(super) struct Rendezvous {
     peer_sinks: HashMap<(u16, u64), (u64, u64, u64)>,
     /// Rendezvous reads and writes done, per peer (the first of each is logged).
     done: HashMap<(u16, bool), u64>,
+    /// Zero-copy sources of withdrawn requests, kept registered (and their guest memory
+    /// mapped) until their target answers the CANCEL, which it does only once no read of
+    /// them is in flight; or until their host is lost and `DRAIN_LIMIT` passed.
+    draining: HashMap<u64, (u16, Staged, Instant)>,
+    /// Bytes of our rendezvous sources named in guest memory (no copy) and copied into a
+    /// daemon buffer first (staged), since the start; logged when they change.
+    pub zero_copy_bytes: u64,
+    pub staged_bytes: u64,
+    logged: (u64, u64),
 }
 
 impl Rendezvous {
+    /// A source whose request is over (or withdrawn): a daemon buffer closes now; guest
+    /// memory stays registered until its host answers (see `draining`), so that no read of
+    /// it is in flight when the registration and the mapping go.
+    fn drop_source(&mut self, req_id: u64, host: u16, st: Staged) {
+        if st.guest.is_some() {
+            tracing::info!(
+                req_id,
+                host,
+                "uplink: a withdrawn zero-copy source waits for its target's answer"
+            );
+            self.draining.insert(req_id, (host, st, Instant::now()));
+        }
+    }
+
     /// RMA operations in flight.
     pub fn in_flight(&self) -> usize {
         self.ops.len()
@@ -144,8 +190,28 @@ impl Worker {
     }
 
     /// Send `s` (request `req_id`) as one RDV_DATA if it is large enough and both uplinks do
-    /// RMA. Returns it back when it goes as DATA chunks instead.
+    /// RMA. Returns it back, its bytes all in `payload`, when it goes as DATA chunks instead
+    /// (`None` also when it failed: then it is completed).
     pub(super) fn send_rdv(
+        &mut self,
+        dest: u64,
+        req_id: u64,
+        s: Box<RemoteSend>,
+        desc: wire::Data,
+    ) -> Option<Box<RemoteSend>> {
+        let mut s = self.try_rdv(dest, req_id, s, desc)?;
+        // Chunks: bytes left in guest memory are copied now (the guest's request still
+        // waits for its verdict, so they are the bytes it posted).
+        if let Some(g) = s.guest.take() {
+            if g.copy_into(&mut s.payload).is_err() {
+                self.complete_pending(req_id, None, Status::Fault);
+                return None;
+            }
+        }
+        Some(s)
+    }
+
+    fn try_rdv(
         &mut self,
         dest: u64,
         req_id: u64,
@@ -155,7 +221,8 @@ impl Worker {
         let is_read = s.req.req.opcode == Opcode::RmaRead;
         let sink_len = if is_read { s.len } else { 0 };
         let inline_room = wire::MAX_MESSAGE - wire::HEADER_LEN - wire::DATA_LEN - wire::RDV_LEN;
-        let source = s.payload.len() > RDV_THRESHOLD.min(inline_room);
+        let data_len = s.payload.len() + s.guest.as_ref().map_or(0, GuestBytes::len);
+        let source = data_len > RDV_THRESHOLD.min(inline_room);
         let sink = sink_len as usize > RDV_THRESHOLD;
         if !(source || sink) || !self.rdv_with(s.host) {
             return Some(s);
@@ -164,21 +231,61 @@ impl Worker {
         let mut flags = 0;
         let mut staged_src = None;
         if source {
-            // The request's own bytes are registered (no copy); given back if they go in
-            // chunks after all.
-            let buf = std::mem::take(&mut s.payload);
-            // SAFETY: the buffer moves into `Staged` with its registration (a Vec's heap
-            // bytes do not move) and is freed only after the registration is closed.
-            match unsafe { self.ep.register(&buf, u64::from(sys::FI_REMOTE_READ)) } {
-                Ok(mr) => {
-                    rdv.src_addr = mr.addr.into();
-                    rdv.src_key = mr.key.into();
+            let reg = match s.guest.take() {
+                // The bytes in guest memory are registered where they are (no copy); what
+                // precedes them (an RMA write's ranges; nothing for a send) goes inline.
+                Some(g) if s.payload.len() <= inline_room => {
+                    // SAFETY: `g` keeps the guest mapping alive and moves into `Staged`
+                    // with the registration, which is closed before `g` drops.
+                    match unsafe { self.ep.register_raw(g.ptr(), g.len(), REMOTE_READ) } {
+                        Ok(mr) => Ok(Staged {
+                            mr,
+                            buf: Vec::new(),
+                            guest: Some(g),
+                        }),
+                        Err(e) => {
+                            s.guest = Some(g);
+                            Err(e)
+                        }
+                    }
+                }
+                g => {
+                    s.guest = g;
+                    if let Some(g) = s.guest.take() {
+                        if g.copy_into(&mut s.payload).is_err() {
+                            self.complete_pending(req_id, None, Status::Fault);
+                            return None;
+                        }
+                    }
+                    // The request's own bytes are registered (no further copy); given
+                    // back if they go in chunks after all.
+                    let buf = std::mem::take(&mut s.payload);
+                    // SAFETY: the buffer moves into `Staged` with its registration (a
+                    // Vec's heap bytes do not move) and is freed only after the
+                    // registration is closed.
+                    match unsafe { self.ep.register(&buf, REMOTE_READ) } {
+                        Ok(mr) => Ok(Staged::own(mr, buf)),
+                        Err(e) => {
+                            s.payload = buf;
+                            Err(e)
+                        }
+                    }
+                }
+            };
+            match reg {
+                Ok(st) => {
+                    rdv.src_addr = st.mr.addr.into();
+                    rdv.src_key = st.mr.key.into();
                     flags |= rdv_flags::SOURCE;
-                    staged_src = Some(Staged { mr, buf });
+                    // Only the bytes the peer reads count (not an inline head).
+                    match &st.guest {
+                        Some(g) => self.rdv.zero_copy_bytes += g.len() as u64,
+                        None => self.rdv.staged_bytes += st.buf.len() as u64,
+                    }
+                    staged_src = Some(st);
                 }
                 Err(e) => {
                     debug!("uplink: rendezvous source not registered, sending chunks: {e}");
-                    s.payload = buf;
                     return Some(s);
                 }
             }
@@ -193,19 +300,24 @@ impl Worker {
                     rdv.sink_key = mr.key.into();
                     rdv.sink_len = sink_len.into();
                     flags |= rdv_flags::SINK;
-                    staged_sink = Some(Staged { mr, buf });
+                    staged_sink = Some(Staged::own(mr, buf));
                 }
                 Err(e) => {
                     debug!("uplink: rendezvous sink not registered, sending chunks: {e}");
                     if let Some(st) = staged_src {
-                        s.payload = st.into_bytes();
+                        let Staged { mr, buf, guest } = st;
+                        drop(mr);
+                        s.payload = buf;
+                        s.guest = guest;
                     }
                     return Some(s);
                 }
             }
         }
         rdv.flags = flags.into();
-        let chunk: &[u8] = if source { &[] } else { &s.payload };
+        // With a source in daemon memory `payload` was moved into it (empty now); with one
+        // in guest memory `payload` is the inline head.
+        let chunk: &[u8] = &s.payload;
         let bytes = Message::Rdv(Rdv::Data {
             fabric_id: self.set.fabric_id,
             host_id: self.set.host_id,
@@ -234,6 +346,64 @@ impl Worker {
     pub(super) fn rdv_forget(&mut self, req_id: u64) {
         self.rdv.sources.remove(&req_id);
         self.rdv.sinks.remove(&req_id);
+    }
+
+    /// Request `req_id` was withdrawn (CANCEL): as [`Worker::rdv_forget`], but a zero-copy
+    /// source stays registered until its target answers (it may be reading it now).
+    pub(super) fn rdv_withdraw(&mut self, req_id: u64) {
+        if let Some((host, st)) = self.rdv.sources.remove(&req_id) {
+            self.rdv.drop_source(req_id, host, st);
+        }
+        self.rdv.sinks.remove(&req_id);
+    }
+
+    /// `host` answered request `req_id` (a verdict, or the answer to its CANCEL): no read
+    /// of its source is in flight there any more, so a withdrawn zero-copy source closes.
+    pub(super) fn rdv_answered(&mut self, req_id: u64, host: Option<u16>) {
+        if self
+            .rdv
+            .draining
+            .get(&req_id)
+            .is_some_and(|(h, ..)| host.is_none_or(|x| x == *h))
+        {
+            self.rdv.draining.remove(&req_id);
+            tracing::info!(
+                req_id,
+                ?host,
+                "uplink: a withdrawn zero-copy source closed on its target's answer"
+            );
+        }
+    }
+
+    /// CANCEL of `host`'s request `req_id`: a rendezvous of it not delivered yet is dropped
+    /// and answered CANCELED, once no read of it is in flight (a read in flight is let
+    /// complete first: the source it reads may be its sender's guest memory, which the
+    /// sender keeps registered until this answer). Returns `false` when it is not here.
+    pub(super) fn rdv_cancel(&mut self, host: u16, req_id: u64) -> bool {
+        let Some(q) = self.rdv.inbound.get_mut(&host) else {
+            return false;
+        };
+        let Some(item) = q.iter_mut().find(|i| {
+            matches!(i, Inbound::Ready { req_id: r, .. } | Inbound::Fetch { req_id: r, .. }
+                | Inbound::Failed { req_id: r, .. } if *r == req_id)
+        }) else {
+            return false;
+        };
+        match item {
+            Inbound::Fetch {
+                op: Some(_),
+                canceled,
+                ..
+            } => *canceled = true,
+            _ => {
+                *item = Inbound::Failed {
+                    req_id,
+                    status: Status::Canceled,
+                }
+            }
+        }
+        self.rdv_pump(host);
+        true
     }
 
     /// Take the bytes a peer wrote into the sink of our request `req_id`, if it has one of
@@ -304,7 +474,9 @@ impl Worker {
                         src,
                         addr: rdv.src_addr.into(),
                         key: rdv.src_key.into(),
+                        head: chunk.to_vec(),
                         op: None,
+                        canceled: false,
                     }
                 } else {
                     Inbound::Ready {
@@ -386,13 +558,16 @@ impl Worker {
                 src,
                 addr,
                 key,
+                head,
                 op: op @ None,
+                ..
             } = item
             else {
                 continue;
             };
             let req_id = *req_id;
-            match self.start_read(host, req_id, desc.total_len.into(), *src, *addr, *key) {
+            let total = desc.total_len.into();
+            match self.start_read(host, req_id, total, head, *src, *addr, *key) {
                 Ok(Some(ctx)) => {
                     *op = Some(ctx);
                     reading += 1;
@@ -424,12 +599,15 @@ impl Worker {
         }
     }
 
-    /// Post the read of a peer's source: `Ok(None)` when the provider has no room now.
+    /// Post the read of a peer's source (the `len` bytes of a request after its inline
+    /// `head`): `Ok(None)` when the provider has no room now.
+    #[allow(clippy::too_many_arguments)]
     fn start_read(
         &mut self,
         host: u16,
         req_id: u64,
         len: u64,
+        head: &[u8],
         src: u64,
         addr: u64,
         key: u64,
@@ -437,7 +615,12 @@ impl Worker {
         let Ok(len) = usize::try_from(len) else {
             return Err(Status::TooLarge);
         };
-        let buf = vec![0u8; len];
+        // The parser saw to it that the source holds at least one byte.
+        if head.len() >= len {
+            return Err(Status::Invalid);
+        }
+        let mut buf = vec![0u8; len];
+        buf[..head.len()].copy_from_slice(head);
         // SAFETY: the buffer moves into `Staged` in `self.rdv.ops` below (its heap bytes stay
         // put) and stays there until the read's completion.
         let mr = match unsafe { self.ep.register(&buf, u64::from(sys::FI_READ)) } {
@@ -450,14 +633,20 @@ impl Worker {
                 return Err(Status::NoResources);
             }
         };
-        let mut staged = Staged { mr, buf };
+        let mut staged = Staged::own(mr, buf);
         self.rdv.next_op += 1;
         let ctx = RMA_CONTEXT + self.rdv.next_op;
         // SAFETY: `staged` (buffer and registration) is kept in `self.rdv.ops` until the
         // completion with `ctx`; the endpoint outlives it (see `Worker`'s field order).
         let rc = unsafe {
-            self.ep
-                .read(&mut staged.buf, &staged.mr, src, addr, key, ctx)
+            self.ep.read(
+                &mut staged.buf[head.len()..],
+                &staged.mr,
+                src,
+                addr,
+                key,
+                ctx,
+            )
         };
         match rc {
             Ok(()) => {
@@ -505,7 +694,7 @@ impl Worker {
                 return false;
             }
         };
-        let staged = Staged { mr, buf };
+        let staged = Staged::own(mr, buf);
         self.rdv.next_op += 1;
         let ctx = RMA_CONTEXT + self.rdv.next_op;
         // SAFETY: see above.
@@ -555,10 +744,15 @@ impl Worker {
                 }) else {
                     return;
                 };
-                let Inbound::Fetch { desc, .. } = *item else {
+                let Inbound::Fetch { desc, canceled, .. } = *item else {
                     return;
                 };
                 *item = match err {
+                    // Withdrawn while it was read: dropped, and its sender told so now.
+                    _ if canceled => Inbound::Failed {
+                        req_id,
+                        status: Status::Canceled,
+                    },
                     None => Inbound::Ready {
                         req_id,
                         desc,
@@ -630,8 +824,40 @@ impl Worker {
     pub(super) fn rdv_sweep(&mut self) {
         let outbox = self.outbox.clone();
         let live = |id: &u64, host: u16| outbox.pending_is(*id, host, |_| true);
-        self.rdv.sources.retain(|id, (h, _)| live(id, *h));
+        let gone: Vec<u64> = self
+            .rdv
+            .sources
+            .iter()
+            .filter(|(id, (h, _))| !live(id, *h))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some((host, st)) = self.rdv.sources.remove(&id) {
+                self.rdv.drop_source(id, host, st);
+            }
+        }
         self.rdv.sinks.retain(|id, (h, _)| live(id, *h));
+        let now = Instant::now();
+        self.rdv.draining.retain(|id, (host, _, since)| {
+            let keep = now.duration_since(*since) < DRAIN_LIMIT;
+            if !keep {
+                warn!(
+                    host = *host,
+                    req_id = *id,
+                    "uplink: no answer to a CANCEL within {DRAIN_LIMIT:?}: closing its source"
+                );
+            }
+            keep
+        });
+        let counts = (self.rdv.zero_copy_bytes, self.rdv.staged_bytes);
+        if counts != self.rdv.logged {
+            self.rdv.logged = counts;
+            tracing::info!(
+                "uplink: rendezvous sources: {} bytes read from guest memory, {} bytes staged",
+                counts.0,
+                counts.1
+            );
+        }
     }
 
     /// Reads may have been refused for room: try the queues again.
@@ -655,8 +881,20 @@ impl Worker {
     /// returned for their verdicts); reads in flight keep their buffers until they complete.
     pub(super) fn rdv_host_lost(&mut self, host: u16) -> Vec<u64> {
         self.rdv.peer_sinks.retain(|(h, _), _| *h != host);
-        // Our requests to it failed (their pending entries went with the host).
-        self.rdv.sources.retain(|_, (h, _)| *h != host);
+        // Our requests to it failed (their pending entries went with the host). A zero-copy
+        // source drains: its link may still carry a read of it.
+        let gone: Vec<u64> = self
+            .rdv
+            .sources
+            .iter()
+            .filter(|(_, (h, _))| *h == host)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some((h, st)) = self.rdv.sources.remove(&id) {
+                self.rdv.drop_source(id, h, st);
+            }
+        }
         self.rdv.sinks.retain(|_, (h, _)| *h != host);
         self.rdv
             .inbound

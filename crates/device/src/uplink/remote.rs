@@ -6,13 +6,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use vfabric_proto::{FabricAddr, Status};
 
 use super::wire;
-use crate::chain::Req;
+use crate::chain::{GuestMemoryMmap, Req, Segs};
 use crate::fabric::Port;
 
 /// Requests to other hosts queued or waiting for their REPLY, at most.
@@ -35,6 +35,55 @@ pub(crate) struct RemoteSend {
     pub payload: Vec<u8>,
     /// Bytes the request moves (a send's length, an RMA transfer's total), as reserved.
     pub len: u64,
+    /// The request's bytes still in guest memory (then `payload` holds only what precedes
+    /// them: nothing for a send, the ranges of an RMA write): named to the target as a
+    /// rendezvous source with no copy, or copied into `payload` when they go in chunks.
+    pub guest: Option<GuestBytes>,
+}
+
+/// Bytes of a request left in the guest's memory: one range inside one memory region, with
+/// the mapping it lies in (kept mapped by this `Arc` whatever the memory table does, so a
+/// registration of these bytes never outlives their mapping).
+pub(crate) struct GuestBytes {
+    mem: Arc<GuestMemoryMmap>,
+    segs: Segs,
+    /// Host address of the first byte (in `mem`'s mapping).
+    ptr: usize,
+    len: usize,
+}
+
+impl GuestBytes {
+    /// The bytes of `segs` when they are one range of one memory region (else `None`: the
+    /// caller copies them).
+    pub fn new(mem: Arc<GuestMemoryMmap>, segs: &Segs) -> Option<Self> {
+        let [s] = segs.segs.as_slice() else {
+            return None;
+        };
+        let len = s.len as usize;
+        let ptr = crate::chain::host_ptr(&mem, s.addr, len)? as usize;
+        Some(GuestBytes {
+            mem,
+            segs: segs.clone(),
+            ptr,
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Host address of the first byte; mapped as long as `self` lives.
+    pub fn ptr(&self) -> *const u8 {
+        self.ptr as *const u8
+    }
+
+    /// Append a copy of the bytes to `out` (they go in chunks after all).
+    pub fn copy_into(&self, out: &mut Vec<u8>) -> Result<(), crate::chain::MemFault> {
+        let at = out.len();
+        out.resize(at + self.len, 0);
+        self.segs.read_at(&self.mem, 0, &mut out[at..])
+    }
 }
 
 /// A guest's request to another host that went out (or is about to) and waits for that host's

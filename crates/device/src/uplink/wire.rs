@@ -12,8 +12,11 @@ pub const MAGIC: u32 = 0x4c55_4656;
 /// of version 1 would drop a FLUSH unanswered, so the two never admit each other). 3: CANCEL,
 /// EP_GONE, ADDR_QUERY and ADDR_ANSWER (endpoint lifecycle across hosts). 4: the rendezvous
 /// kinds RDV_DATA and RDV_REPLY and HELLO's `caps` (a version-3 daemon would refuse an RDV_DATA
-/// as an unknown kind and leave its sender waiting).
-pub const VERSION: u16 = 4;
+/// as an unknown kind and leave its sender waiting). 5: a CANCEL is answered (a REPLY
+/// CANCELED, sent once no rendezvous read of that request is in flight: a sender keeps a
+/// source in its guest's memory registered until then) and an RDV_DATA with SOURCE may carry
+/// its head inline (an RMA write's ranges, the bytes in guest memory).
+pub const VERSION: u16 = 5;
 
 /// Message kinds.
 pub mod kind {
@@ -66,7 +69,8 @@ pub mod caps {
 
 /// Flags of [`RdvDesc`].
 pub mod rdv_flags {
-    /// The request's `total_len` bytes are at `src_addr`/`src_key` (the DATA chunk is empty).
+    /// The request's bytes after the inline ones (its head, e.g. an RMA write's ranges; often
+    /// none) are at `src_addr`/`src_key`: `total_len` minus the inline bytes, never none.
     pub const SOURCE: u32 = 1 << 0;
     /// The bytes the verdict returns (an RMA read's, `sink_len` of them) go to
     /// `sink_addr`/`sink_key`, written before the RDV_REPLY.
@@ -647,8 +651,10 @@ impl<'a> Message<'a> {
                 }
                 let total = u64::from(desc.total_len);
                 if flags & rdv_flags::SOURCE != 0 {
-                    if !chunk.is_empty() || total == 0 {
-                        return Err(WireError::Rdv("a source with inline bytes or none"));
+                    // Inline bytes with a source are the request's head (an RMA write's
+                    // ranges); the source holds the rest, never nothing.
+                    if chunk.len() as u64 >= total {
+                        return Err(WireError::Rdv("a source that holds no bytes"));
                     }
                     let whole = usize::try_from(total).map_err(|_| WireError::Rdv("too long"))?;
                     check_data(&desc, whole)?;
@@ -1220,12 +1226,20 @@ mod tests {
             refused(rdv(d, 1 << 7, 0, &[])),
             Err(WireError::Rdv(_))
         ));
+        // A source with its head inline (an RMA write's ranges).
+        let mut w = data_desc(RMA_IOV_LEN as u64 + (1 << 20), 0);
+        w.opcode = (Opcode::RmaWrite as u16).into();
+        w.count = 1.into();
+        w.flags = 0.into();
+        assert!(Message::parse(&rdv(w, rdv_flags::SOURCE, 0, &ranges)).is_ok());
+        let mut all_inline = w;
+        all_inline.total_len = (RMA_IOV_LEN as u64).into();
         assert!(
             matches!(
-                refused(rdv(d, rdv_flags::SOURCE, 0, &[1])),
+                refused(rdv(all_inline, rdv_flags::SOURCE, 0, &ranges)),
                 Err(WireError::Rdv(_))
             ),
-            "a source with inline bytes"
+            "a source with all its bytes inline"
         );
         assert!(
             matches!(
@@ -1427,12 +1441,12 @@ mod tests {
                     prop_assert!(offset + chunk.len() as u64 <= total_len);
                 }
                 // A rendezvous parses only as one whole message: inline bytes are all of it,
-                // a source carries none, a sink only for a read.
+                // or its head with a source holding at least one byte; a sink only for a read.
                 Ok(Message::Rdv(Rdv::Data { desc, rdv, chunk, .. })) => {
                     let flags = u32::from(rdv.flags);
                     prop_assert_eq!(u64::from(desc.offset), 0);
                     if flags & rdv_flags::SOURCE != 0 {
-                        prop_assert!(chunk.is_empty() && u64::from(desc.total_len) > 0);
+                        prop_assert!((chunk.len() as u64) < u64::from(desc.total_len));
                     } else {
                         prop_assert_eq!(chunk.len() as u64, u64::from(desc.total_len));
                     }
