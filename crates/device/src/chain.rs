@@ -142,6 +142,22 @@ impl Segs {
         (head, tail)
     }
 
+    /// The stream from byte `at` on (empty past its end): the second half of
+    /// [`Segs::split_at`] without building the first.
+    pub fn tail_from(&self, at: u64) -> Segs {
+        if let [s] = self.segs.as_slice() {
+            if at >= u64::from(s.len) {
+                return Segs::default();
+            }
+            // at < len <= u32::MAX: lossless.
+            return Segs::one(Seg {
+                addr: s.addr.wrapping_add(at),
+                len: s.len - at as u32,
+            });
+        }
+        self.split_at(at).1
+    }
+
     /// Volatile slices covering the first `len` bytes of the stream.
     fn slices<'m>(
         &self,
@@ -481,7 +497,7 @@ pub(crate) fn implemented(op: Opcode) -> bool {
 fn data_descriptors(count: usize, readable: &Segs, writable: &Segs) -> usize {
     let mut off = 0u64;
     let mut control = 0usize;
-    for seg in &readable.segs {
+    for seg in readable.segs.as_slice() {
         off += u64::from(seg.len);
         if seg.len > 0 && off <= REQ_HEADER_LEN as u64 {
             control += 1;
@@ -489,7 +505,7 @@ fn data_descriptors(count: usize, readable: &Segs, writable: &Segs) -> usize {
     }
     let comp_start = writable.len.saturating_sub(COMPLETION_LEN as u64);
     let mut off = 0u64;
-    for seg in &writable.segs {
+    for seg in writable.segs.as_slice() {
         if seg.len > 0 && off >= comp_start {
             control += 1;
         }
@@ -607,13 +623,13 @@ where
             desc.has_next(),
         );
     }
-    parse_walked(mem, w, queue, head, limits, acked, head_indirect)
+    parse_walked(mem, &w, queue, head, limits, acked, head_indirect)
 }
 
 /// Validate a walked chain (chain `head` of virtqueue `queue`) and parse its request.
 pub(crate) fn parse_walked(
     mem: &GuestMemoryMmap,
-    w: Walked,
+    w: &Walked,
     queue: u16,
     head: u16,
     limits: &Limits,
@@ -632,6 +648,8 @@ pub(crate) fn parse_walked(
         write_before_read,
         first_read: _,
     } = w;
+    let (count, last_has_next, fault, write_before_read) =
+        (*count, *last_has_next, *fault, *write_before_read);
     if count == 0 {
         return unusable("empty chain");
     }
@@ -667,7 +685,7 @@ pub(crate) fn parse_walked(
     if head_indirect && acked & bit(VIRTIO_RING_F_INDIRECT_DESC) == 0 {
         return reject(Status::BadChain, 0);
     }
-    if data_descriptors(count, &readable, &writable) > limits.max_sge as usize {
+    if data_descriptors(count, readable, writable) > limits.max_sge as usize {
         return reject(Status::BadChain, 0);
     }
     if readable.len < REQ_HEADER_LEN as u64 {
@@ -714,7 +732,7 @@ pub(crate) fn parse_walked(
         return reject(Status::Unsupported, cookie);
     }
 
-    let (_, payload) = readable.split_at(REQ_HEADER_LEN as u64);
+    let payload = readable.tail_from(REQ_HEADER_LEN as u64);
     match req.opcode {
         Opcode::Send | Opcode::TSend => {
             if payload.len > limits.max_msg_size {
@@ -812,6 +830,22 @@ mod tests {
         let (a, b) = s.split_at(99);
         assert_eq!(a.len, 30);
         assert_eq!(b.len, 0);
+    }
+
+    #[test]
+    fn tail_from_is_split_at_rest() {
+        let one = Segs::from_slice(&[Seg { addr: 50, len: 100 }]);
+        let many = Segs::from_slice(&[
+            Seg { addr: 0, len: 10 },
+            Seg { addr: 100, len: 0 },
+            Seg { addr: 200, len: 20 },
+        ]);
+        for s in [&one, &many, &Segs::default()] {
+            for at in [0, 1, 9, 10, 11, 29, 30, 31, 96, 99, 100, 101, u64::MAX] {
+                assert_eq!(s.tail_from(at), s.split_at(at).1, "at {at} of {s:?}");
+            }
+        }
+        assert_eq!(&one.tail_from(96).segs[..], [Seg { addr: 146, len: 4 }]);
     }
 
     #[test]
