@@ -637,8 +637,10 @@ pub(crate) fn parse_walked(
     head_indirect: bool,
 ) -> Parsed {
     let unusable = |why| Parsed::Unusable { queue, head, why };
-    let mut raw = [0u8; REQ_HEADER_LEN];
-    let head_read = w.read_head(mem, &mut raw).is_some();
+    // Read straight into the header: a byte array on the stack need not be aligned for
+    // `ReqHeader::from_slice` (which then refused a good header when the layout moved).
+    let mut hdr = ReqHeader::default();
+    let head_read = w.read_head(mem, hdr.as_mut_slice()).is_some();
     let Walked {
         readable,
         writable,
@@ -692,12 +694,10 @@ pub(crate) fn parse_walked(
         return reject(Status::BadChain, 0);
     }
 
-    if !head_read && readable.read_at(mem, 0, &mut raw).is_err() {
+    if !head_read && readable.read_at(mem, 0, hdr.as_mut_slice()).is_err() {
         return reject(Status::Fault, 0);
     }
-    let Some(hdr) = ReqHeader::from_slice(&raw) else {
-        return reject(Status::BadChain, 0);
-    };
+    let hdr = &hdr;
     let cookie = u64::from(hdr.cookie);
 
     if acked & bit(VIRTIO_F_VERSION_1) == 0 {
