@@ -262,11 +262,11 @@ impl RingView {
     }
 
     /// Walk chain `head` into `w` (a fresh one): its descriptors sorted into streams (see
-    /// [`Walked`]); returns whether the head descriptor is an indirect one. The walk follows virtio-queue's `DescriptorChain`
-    /// rule for rule (checked by a differential test): it stops at a loop (more descriptors
-    /// than the table has), a `next` out of range, a nested or malformed indirect table, an
-    /// unreadable indirect entry or 4 GiB of buffers; a chain cut short ends with
-    /// `last_has_next` set.
+    /// [`Walked`]); returns whether the head descriptor is an indirect one. The walk follows
+    /// virtio-queue's `DescriptorChain` rule for rule (checked by a differential test): it
+    /// stops at a loop (more descriptors than the table has), a `next` out of range, a nested
+    /// or malformed indirect table, an unreadable indirect entry or 4 GiB of buffers; a chain
+    /// cut short ends with `last_has_next` set.
     fn walk(&self, mem: &GuestMemoryMmap, head: u16, w: &mut Walked) -> bool {
         // The indirect table being walked (guest address), if any.
         let mut indirect: Option<u64> = None;
