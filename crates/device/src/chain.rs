@@ -402,6 +402,22 @@ pub(crate) struct Req {
     pub comp: Segs,
 }
 
+impl Req {
+    /// Move the request out of `self`, leaving its header and no streams behind: a handler
+    /// lent a request from a batch takes it this way when it keeps it.
+    pub fn take(&mut self) -> Req {
+        let rest = Req {
+            queue: self.queue,
+            head: self.head,
+            req: self.req,
+            payload: Segs::default(),
+            data: Segs::default(),
+            comp: Segs::default(),
+        };
+        std::mem::replace(self, rest)
+    }
+}
+
 /// Result of parsing one chain.
 // Parsed requests travel in a reused vector: boxing the large variant would cost an allocation
 // per request.

@@ -47,7 +47,9 @@ pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize,
 }
 
 impl Fabric {
-    pub(super) fn op_send(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+    /// Lent the request: only the paths that keep it (held for a receive, another host, a
+    /// large transfer) pay for a copy; the common eager send moves nothing.
+    pub(super) fn op_send(&self, dev: usize, port: &Port, req: &Req, n: &mut Notify) {
         let r = req.req;
         let Some((sgen, skind)) = self.ep_info(dev, r.ep) else {
             return self.fail(dev, port, &req, Status::BadEndpoint, n);
@@ -58,7 +60,7 @@ impl Fabric {
         }
         let Some((ddev, dep)) = self.locate(r.peer) else {
             // Another host's address (or nothing): the one comparison the local path pays.
-            return self.send_remote(dev, port, req, sgen, skind, n);
+            return self.send_remote(dev, port, req.clone(), sgen, skind, n);
         };
         let dgen = r.peer.generation;
         let meta = Meta {
@@ -107,7 +109,7 @@ impl Fabric {
             if let Some(buf) = early {
                 return self.place(dev, port, smem, &req, &meta, ddev, &dport, rv, buf, n);
             }
-            match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
+            match self.transfer(dev, port, req.clone(), &meta, ddev, &dport, rv, n) {
                 Survivor::None => {}
                 // Our memory faulted: the receive goes back where it was.
                 Survivor::Recv(rv) => {
@@ -116,7 +118,7 @@ impl Fabric {
                     }
                 }
                 // The receiver's memory faulted (its receive failed): match the next one.
-                Survivor::Send(req) => self.op_send(dev, port, req, n),
+                Survivor::Send(req) => self.op_send(dev, port, &req, n),
             }
             return;
         }
@@ -135,7 +137,7 @@ impl Fabric {
                 meta,
                 src_dev: dev,
                 claimed: None,
-                body: Body::Held(req, port.clone()),
+                body: Body::Held(req.clone(), port.clone()),
             };
             if let Some(e) = d.ep_mut(dep) {
                 e.unexpected.push_back(msg);
@@ -206,7 +208,7 @@ impl Fabric {
             drop(rmem);
             self.fail(rdev, rport, &rv, Status::Fault, n);
             // The message is not lost: try the next receive (or queue it).
-            return self.op_send(dev, port, req.clone(), n);
+            return self.op_send(dev, port, req, n);
         }
         self.received_in(rdev, rport, Some(&rmem), &rv, meta, placed, n);
         drop(rmem);
