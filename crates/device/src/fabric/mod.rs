@@ -602,7 +602,7 @@ impl Fabric {
             Opcode::MrEvent => self.op_mr_event(dev, port, req.take(), n),
             Opcode::CommitEvent => self.op_commit_event(dev, port, req.take(), n),
             Opcode::CommitReply => self.op_commit_reply(dev, port, req.take(), n),
-            Opcode::Recv | Opcode::TRecv => self.op_recv(dev, port, req.take(), n),
+            Opcode::Recv | Opcode::TRecv => self.op_recv(dev, port, req, n),
             Opcode::Send
             | Opcode::TSend
             | Opcode::RmaWrite
@@ -618,9 +618,9 @@ impl Fabric {
     fn start_tx(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
         match req.req.opcode {
             Opcode::Send | Opcode::TSend => self.op_send(dev, port, req, n),
-            Opcode::RmaWrite | Opcode::RmaRead => self.op_rma(dev, port, req.take(), n),
+            Opcode::RmaWrite | Opcode::RmaRead => self.op_rma(dev, port, req, n),
             Opcode::Flush => self.op_flush(dev, port, req.take(), n),
-            _ => self.op_atomic(dev, port, req.take(), n),
+            _ => self.op_atomic(dev, port, req, n),
         }
     }
 
