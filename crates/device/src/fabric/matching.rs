@@ -20,8 +20,8 @@ enum Survivor {
     None,
     /// The sender faulted: the receive is still to be matched.
     Recv(Req),
-    /// The receiver faulted: the held send is still to be matched.
-    Send(Req),
+    /// The receiver faulted: the send (the caller still has it) is still to be matched.
+    Send,
 }
 
 /// Outcome of delivering a queued message into a receive.
@@ -109,7 +109,7 @@ impl Fabric {
             if let Some(buf) = early {
                 return self.place(dev, port, smem, req, &meta, ddev, &dport, &rv, buf, n);
             }
-            match self.transfer(dev, port, req.clone(), &meta, ddev, &dport, rv, n) {
+            match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
                 Survivor::None => {}
                 // Our memory faulted: the receive goes back where it was.
                 Survivor::Recv(rv) => {
@@ -118,7 +118,7 @@ impl Fabric {
                     }
                 }
                 // The receiver's memory faulted (its receive failed): match the next one.
-                Survivor::Send(req) => self.op_send(dev, port, &req, n),
+                Survivor::Send => self.op_send(dev, port, req, n),
             }
             return;
         }
@@ -280,7 +280,7 @@ impl Fabric {
         &self,
         sdev: usize,
         sport: &Port,
-        sreq: Req,
+        sreq: &Req,
         meta: &Meta,
         rdev: usize,
         rport: &Port,
@@ -298,18 +298,18 @@ impl Fabric {
         match res {
             Ok(()) => {
                 self.received(rdev, rport, &rreq, meta, placed, n);
-                self.sent(sdev, sport, &sreq, meta.len, n);
+                self.sent(sdev, sport, sreq, meta.len, n);
                 Survivor::None
             }
             Err(CopyFault::Src) => {
                 debug!(sdev, rdev, "copy faulted in the sender's memory");
-                self.fail(sdev, sport, &sreq, Status::Fault, n);
+                self.fail(sdev, sport, sreq, Status::Fault, n);
                 Survivor::Recv(rreq)
             }
             Err(CopyFault::Dst) => {
                 debug!(sdev, rdev, "copy faulted in the receiver's memory");
                 self.fail(rdev, rport, &rreq, Status::Fault, n);
-                Survivor::Send(sreq)
+                Survivor::Send
             }
         }
     }
@@ -348,10 +348,10 @@ impl Fabric {
                 Delivered::Done
             }
             Body::Held(sreq, sport) => {
-                match self.transfer(m.src_dev, &sport, sreq, &m.meta, rdev, rport, rreq, n) {
+                match self.transfer(m.src_dev, &sport, &sreq, &m.meta, rdev, rport, rreq, n) {
                     Survivor::None => Delivered::Done,
                     Survivor::Recv(rreq) => Delivered::Rematch(rreq),
-                    Survivor::Send(sreq) => Delivered::Requeue(Msg {
+                    Survivor::Send => Delivered::Requeue(Msg {
                         body: Body::Held(sreq, sport),
                         ..m
                     }),
