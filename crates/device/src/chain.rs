@@ -98,6 +98,7 @@ impl Segs {
     }
 
     /// Split the stream at byte `at` (clamped to its length): `(first at bytes, rest)`.
+    #[inline]
     pub fn split_at(&self, at: u64) -> (Segs, Segs) {
         // One segment (most streams): no loop.
         if let [s] = self.segs.as_slice() {
@@ -140,6 +141,22 @@ impl Segs {
             }
         }
         (head, tail)
+    }
+
+    /// The stream from byte `at` on (empty past its end): the second half of
+    /// [`Segs::split_at`] without building the first.
+    pub fn tail_from(&self, at: u64) -> Segs {
+        if let [s] = self.segs.as_slice() {
+            if at >= u64::from(s.len) {
+                return Segs::default();
+            }
+            // at < len <= u32::MAX: lossless.
+            return Segs::one(Seg {
+                addr: s.addr.wrapping_add(at),
+                len: s.len - at as u32,
+            });
+        }
+        self.split_at(at).1
     }
 
     /// Volatile slices covering the first `len` bytes of the stream.
@@ -205,6 +222,7 @@ impl Segs {
 
     /// The host address of `len` bytes at stream offset `off` when they lie in the first
     /// segment and one memory region: the common case of every small access.
+    #[inline]
     fn first_seg_ptr(&self, mem: &GuestMemoryMmap, off: u64, len: usize) -> Option<*mut u8> {
         let s = self.segs.first()?;
         if off.checked_add(len as u64)? > u64::from(s.len) {
@@ -256,6 +274,7 @@ impl Segs {
 
 /// Host address of `len` bytes at guest address `addr`, if they lie inside one region: one
 /// region lookup, no slice or bitmap machinery (the small accesses of every request).
+#[inline]
 pub(crate) fn host_ptr(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Option<*mut u8> {
     let r = mem.find_region(GuestAddress(addr))?;
     let off = addr - r.start_addr().0;
@@ -386,6 +405,22 @@ pub(crate) struct Req {
     pub comp: Segs,
 }
 
+impl Req {
+    /// Move the request out of `self`, leaving its header and no streams behind: a handler
+    /// lent a request from a batch takes it this way when it keeps it.
+    pub fn take(&mut self) -> Req {
+        let rest = Req {
+            queue: self.queue,
+            head: self.head,
+            req: self.req,
+            payload: Segs::default(),
+            data: Segs::default(),
+            comp: Segs::default(),
+        };
+        std::mem::replace(self, rest)
+    }
+}
+
 /// Result of parsing one chain.
 // Parsed requests travel in a reused vector: boxing the large variant would cost an allocation
 // per request.
@@ -481,7 +516,7 @@ pub(crate) fn implemented(op: Opcode) -> bool {
 fn data_descriptors(count: usize, readable: &Segs, writable: &Segs) -> usize {
     let mut off = 0u64;
     let mut control = 0usize;
-    for seg in &readable.segs {
+    for seg in readable.segs.as_slice() {
         off += u64::from(seg.len);
         if seg.len > 0 && off <= REQ_HEADER_LEN as u64 {
             control += 1;
@@ -489,7 +524,7 @@ fn data_descriptors(count: usize, readable: &Segs, writable: &Segs) -> usize {
     }
     let comp_start = writable.len.saturating_sub(COMPLETION_LEN as u64);
     let mut off = 0u64;
-    for seg in &writable.segs {
+    for seg in writable.segs.as_slice() {
         if seg.len > 0 && off >= comp_start {
             control += 1;
         }
@@ -535,6 +570,9 @@ pub(crate) struct Walked {
 
 impl Walked {
     /// Add one descriptor.
+    // Inlined into the ring's walk (its only caller on the data path): a call per descriptor
+    // cost more than the work.
+    #[inline]
     pub fn add(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u32, write: bool, next: bool) {
         self.count += 1;
         self.last_has_next = next;
@@ -607,13 +645,13 @@ where
             desc.has_next(),
         );
     }
-    parse_walked(mem, w, queue, head, limits, acked, head_indirect)
+    parse_walked(mem, &w, queue, head, limits, acked, head_indirect)
 }
 
 /// Validate a walked chain (chain `head` of virtqueue `queue`) and parse its request.
 pub(crate) fn parse_walked(
     mem: &GuestMemoryMmap,
-    w: Walked,
+    w: &Walked,
     queue: u16,
     head: u16,
     limits: &Limits,
@@ -621,8 +659,10 @@ pub(crate) fn parse_walked(
     head_indirect: bool,
 ) -> Parsed {
     let unusable = |why| Parsed::Unusable { queue, head, why };
-    let mut raw = [0u8; REQ_HEADER_LEN];
-    let head_read = w.read_head(mem, &mut raw).is_some();
+    // Read straight into the header: a byte array on the stack need not be aligned for
+    // `ReqHeader::from_slice` (which then refused a good header when the layout moved).
+    let mut hdr = ReqHeader::default();
+    let head_read = w.read_head(mem, hdr.as_mut_slice()).is_some();
     let Walked {
         readable,
         writable,
@@ -632,6 +672,8 @@ pub(crate) fn parse_walked(
         write_before_read,
         first_read: _,
     } = w;
+    let (count, last_has_next, fault, write_before_read) =
+        (*count, *last_has_next, *fault, *write_before_read);
     if count == 0 {
         return unusable("empty chain");
     }
@@ -667,19 +709,21 @@ pub(crate) fn parse_walked(
     if head_indirect && acked & bit(VIRTIO_RING_F_INDIRECT_DESC) == 0 {
         return reject(Status::BadChain, 0);
     }
-    if data_descriptors(count, &readable, &writable) > limits.max_sge as usize {
+    // Only header and completion descriptors are exempt, so a chain of at most `max_sge`
+    // descriptors passes without counting them.
+    if count > limits.max_sge as usize
+        && data_descriptors(count, readable, writable) > limits.max_sge as usize
+    {
         return reject(Status::BadChain, 0);
     }
     if readable.len < REQ_HEADER_LEN as u64 {
         return reject(Status::BadChain, 0);
     }
 
-    if !head_read && readable.read_at(mem, 0, &mut raw).is_err() {
+    if !head_read && readable.read_at(mem, 0, hdr.as_mut_slice()).is_err() {
         return reject(Status::Fault, 0);
     }
-    let Some(hdr) = ReqHeader::from_slice(&raw) else {
-        return reject(Status::BadChain, 0);
-    };
+    let hdr = &hdr;
     let cookie = u64::from(hdr.cookie);
 
     if acked & bit(VIRTIO_F_VERSION_1) == 0 {
@@ -714,7 +758,7 @@ pub(crate) fn parse_walked(
         return reject(Status::Unsupported, cookie);
     }
 
-    let (_, payload) = readable.split_at(REQ_HEADER_LEN as u64);
+    let payload = readable.tail_from(REQ_HEADER_LEN as u64);
     match req.opcode {
         Opcode::Send | Opcode::TSend => {
             if payload.len > limits.max_msg_size {
@@ -812,6 +856,22 @@ mod tests {
         let (a, b) = s.split_at(99);
         assert_eq!(a.len, 30);
         assert_eq!(b.len, 0);
+    }
+
+    #[test]
+    fn tail_from_is_split_at_rest() {
+        let one = Segs::from_slice(&[Seg { addr: 50, len: 100 }]);
+        let many = Segs::from_slice(&[
+            Seg { addr: 0, len: 10 },
+            Seg { addr: 100, len: 0 },
+            Seg { addr: 200, len: 20 },
+        ]);
+        for s in [&one, &many, &Segs::default()] {
+            for at in [0, 1, 9, 10, 11, 29, 30, 31, 96, 99, 100, 101, u64::MAX] {
+                assert_eq!(s.tail_from(at), s.split_at(at).1, "at {at} of {s:?}");
+            }
+        }
+        assert_eq!(&one.tail_from(96).segs[..], [Seg { addr: 146, len: 4 }]);
     }
 
     #[test]

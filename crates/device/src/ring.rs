@@ -220,7 +220,7 @@ impl RingView {
         next_avail: &mut u16,
         mem: &GuestMemoryMmap,
         max: usize,
-        mut each: impl FnMut(u16, Walked, bool),
+        mut each: impl FnMut(u16, &Walked, bool),
     ) -> Result<usize, RingError> {
         let avail = Wrapping(self.avail_idx());
         let mut next = Wrapping(*next_avail);
@@ -237,8 +237,10 @@ impl RingView {
                     size: self.size,
                 });
             }
-            let (walked, indirect) = self.walk(mem, head);
-            each(head, walked, indirect);
+            // Walked in place and lent: the chain's streams are not moved (a few hundred bytes).
+            let mut walked = Walked::default();
+            let indirect = self.walk(mem, head, &mut walked);
+            each(head, &walked, indirect);
             next += Wrapping(1);
         }
         *next_avail = next.0;
@@ -259,14 +261,13 @@ impl RingView {
         }
     }
 
-    /// Walk chain `head`: its descriptors sorted into streams (see [`Walked`]), and whether the
-    /// head descriptor is an indirect one. The walk follows virtio-queue's `DescriptorChain`
-    /// rule for rule (checked by a differential test): it stops at a loop (more descriptors
-    /// than the table has), a `next` out of range, a nested or malformed indirect table, an
-    /// unreadable indirect entry or 4 GiB of buffers; a chain cut short ends with
-    /// `last_has_next` set.
-    fn walk(&self, mem: &GuestMemoryMmap, head: u16) -> (Walked, bool) {
-        let mut w = Walked::default();
+    /// Walk chain `head` into `w` (a fresh one): its descriptors sorted into streams (see
+    /// [`Walked`]); returns whether the head descriptor is an indirect one. The walk follows
+    /// virtio-queue's `DescriptorChain` rule for rule (checked by a differential test): it
+    /// stops at a loop (more descriptors than the table has), a `next` out of range, a nested
+    /// or malformed indirect table, an unreadable indirect entry or 4 GiB of buffers; a chain
+    /// cut short ends with `last_has_next` set.
+    fn walk(&self, mem: &GuestMemoryMmap, head: u16, w: &mut Walked) -> bool {
         // The indirect table being walked (guest address), if any.
         let mut indirect: Option<u64> = None;
         let mut entries = self.size;
@@ -288,7 +289,7 @@ impl RingView {
                                 |x: &[u8]| u64::from_le_bytes(x.try_into().unwrap_or([0; 8]));
                             (word(a), word(b))
                         }
-                        _ => return (w, head_indirect),
+                        _ => return head_indirect,
                     }
                 }
             };
@@ -297,7 +298,7 @@ impl RingView {
             let next = (rest >> 48) as u16;
             if flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 if indirect.is_some() || !len.is_multiple_of(16) || len / 16 > u32::from(u16::MAX) {
-                    return (w, head_indirect);
+                    return head_indirect;
                 }
                 if w.count == 0 {
                     head_indirect = true;
@@ -308,22 +309,22 @@ impl RingView {
                 indirect = Some(addr);
                 i = 0;
                 if entries == 0 {
-                    return (w, head_indirect);
+                    return head_indirect;
                 }
                 continue;
             }
             let Some(total) = bytes.checked_add(len) else {
-                return (w, head_indirect);
+                return head_indirect;
             };
             bytes = total;
             let has_next = flags & VIRTQ_DESC_F_NEXT != 0;
             w.add(mem, addr, len, flags & VIRTQ_DESC_F_WRITE != 0, has_next);
             if !has_next {
-                return (w, head_indirect);
+                return head_indirect;
             }
             ttl -= 1;
             if ttl == 0 || next >= entries {
-                return (w, head_indirect);
+                return head_indirect;
             }
             i = next;
         }

@@ -1012,12 +1012,11 @@ impl Request {
                 got: b.len(),
             });
         }
-        let h = ReqHeader::from_slice(&b[..REQ_HEADER_LEN]).ok_or(ProtoError::Short {
-            what: "request header",
-            need: REQ_HEADER_LEN,
-            got: b.len(),
-        })?;
-        Self::parse(h, queue)
+        // Copied into an aligned header: `from_slice` refuses a slice that is not aligned for
+        // `ReqHeader`, whatever its bytes.
+        let mut h = ReqHeader::default();
+        h.as_mut_slice().copy_from_slice(&b[..REQ_HEADER_LEN]);
+        Self::parse(&h, queue)
     }
 }
 
@@ -1071,6 +1070,19 @@ pub const fn tag_matches(recv_tag: u64, ignore: u64, send_tag: u64) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn parse_bytes_takes_a_header_at_any_alignment() {
+        let mut r = Request::new(Opcode::Send);
+        r.cookie = 7;
+        // Two adjacent offsets: at least one is not aligned for the header.
+        let mut buf = [0u8; REQ_HEADER_LEN + 1];
+        for off in [0, 1] {
+            buf[off..off + REQ_HEADER_LEN].copy_from_slice(r.to_header().as_slice());
+            let got = Request::parse_bytes(&buf[off..off + REQ_HEADER_LEN], QueueClass::Tx);
+            assert_eq!(got.ok(), Some(r), "header at offset {off}");
+        }
+    }
 
     #[test]
     fn sizes_are_fixed() {

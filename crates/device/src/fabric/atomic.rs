@@ -197,23 +197,24 @@ unsafe fn cpu_rmw(p: *mut u8, size: usize, ty: u8, op: u8, o: &[u8], c: &[u8], o
 }
 
 impl Fabric {
-    pub(super) fn op_atomic(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
-        let (me, ddev, dep) = match self.rma_peer(dev, &req) {
+    /// Lent the request (as [`Fabric::op_send`]); taken only when it crosses hosts.
+    pub(super) fn op_atomic(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
+        let (me, ddev, dep) = match self.rma_peer(dev, req) {
             Ok(x) => x,
             // A peer host's address: the target's device executes it.
-            Err(Status::Unsupported) => return self.atomic_remote(dev, port, req, n),
-            Err(s) => return self.fail(dev, port, &req, s, n),
+            Err(Status::Unsupported) => return self.atomic_remote(dev, port, req.take(), n),
+            Err(s) => return self.fail(dev, port, req, s, n),
         };
         let r = req.req;
         let (op, ty) = (r.atomic_op, r.datatype);
         let Some(size) = dt::size(ty) else {
-            return self.fail(dev, port, &req, Status::Unsupported, n);
+            return self.fail(dev, port, req, Status::Unsupported, n);
         };
         if op >= aop::COUNT || ATOMIC_TYPES & (1 << ty) == 0 || !op_supported_for(op, ty) {
-            return self.fail(dev, port, &req, Status::Unsupported, n);
+            return self.fail(dev, port, req, Status::Unsupported, n);
         }
         if !aop::allowed(r.opcode, op) || r.count == 0 || r.count > MAX_ATOMIC_COUNT {
-            return self.fail(dev, port, &req, Status::Invalid, n);
+            return self.fail(dev, port, req, Status::Invalid, n);
         }
         let count = r.count as usize;
         let nbytes = count * size;
@@ -225,7 +226,7 @@ impl Fabric {
         let mut heap = Vec::new();
         let (operands, compares): (&[u8], &[u8]) = if op == aop::ATOMIC_READ {
             if req.payload.len != 0 {
-                return self.fail(dev, port, &req, Status::Invalid, n);
+                return self.fail(dev, port, req, Status::Invalid, n);
             }
             heap.resize(nbytes, 0);
             (&heap, &heap)
@@ -239,14 +240,14 @@ impl Fabric {
             heap.resize(2 * nbytes, 0);
             let want = if is_cmp { 2 * nbytes } else { nbytes };
             if req.payload.read_at(&mem, 0, &mut heap[..want]).is_err() {
-                return self.fail(dev, port, &req, Status::Fault, n);
+                return self.fail(dev, port, req, Status::Fault, n);
             }
             heap.split_at(nbytes)
         } else {
-            return self.fail(dev, port, &req, Status::Invalid, n);
+            return self.fail(dev, port, req, Status::Invalid, n);
         };
         if fetch && req.data.len != nbytes as u64 {
-            return self.fail(dev, port, &req, Status::BadChain, n);
+            return self.fail(dev, port, req, Status::BadChain, n);
         }
         let need = match (r.opcode, op) {
             (Opcode::Atomic, _) => mr_flags::REMOTE_WRITE,
@@ -261,16 +262,16 @@ impl Fabric {
             need,
         ) {
             Ok((mut ts, p)) => (ts.pop(), p),
-            Err(s) => return self.fail(dev, port, &req, s, n),
+            Err(s) => return self.fail(dev, port, req, s, n),
         };
         let Some(t) = t else {
-            return self.fail(dev, port, &req, Status::Access, n);
+            return self.fail(dev, port, req, Status::Access, n);
         };
         if r.flags & flags::COMMIT_COMPLETE != 0 && t.mr.pmem.is_none() {
-            return self.fail(dev, port, &req, Status::Access, n);
+            return self.fail(dev, port, req, Status::Access, n);
         }
         let Some(access) = t.mr.enter() else {
-            return self.fail(dev, port, &req, Status::Access, n);
+            return self.fail(dev, port, req, Status::Access, n);
         };
         let mut old_inline = [0u8; 16];
         let mut old_heap = Vec::new();
@@ -297,30 +298,23 @@ impl Fabric {
         };
         drop(access);
         if res.is_err() {
-            return self.fail(dev, port, &req, Status::Fault, n);
+            return self.fail(dev, port, req, Status::Fault, n);
         }
         if r.flags & flags::COMMIT_COMPLETE != 0 {
             let s = self.persist_targets(ddev, std::slice::from_ref(&t));
             if s != Status::Ok {
-                return self.fail(dev, port, &req, s, n);
+                return self.fail(dev, port, req, s, n);
             }
         }
         if fetch && req.data.write_at(&mem, 0, old).is_err() {
-            return self.fail(dev, port, &req, Status::Fault, n);
+            return self.fail(dev, port, req, Status::Fault, n);
         }
         drop((mem, rmem));
         let write = op != aop::ATOMIC_READ;
         self.record_events(ddev, dep, me, write, std::slice::from_ref(&t), n);
         let mut c = completion(Status::Ok, r.cookie);
         c.len = (nbytes as u64).into();
-        self.done(
-            dev,
-            port,
-            &req,
-            &c,
-            if fetch { nbytes as u64 } else { 0 },
-            n,
-        );
+        self.done(dev, port, req, &c, if fetch { nbytes as u64 } else { 0 }, n);
     }
 }
 

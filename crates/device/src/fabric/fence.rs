@@ -18,7 +18,7 @@ impl Fabric {
     /// A TX request: deferred if its endpoint has deferred requests not yet started or it is
     /// itself fenced behind unfinished earlier requests, otherwise started.
     #[inline]
-    pub(super) fn op_tx(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+    pub(super) fn op_tx(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
         // Nothing deferred on this device (only this device's own thread defers its requests)
         // and no fence asked: start at once, without looking at the endpoint's queue.
         if req.req.flags & flags::FENCE == 0 && self.devs[dev].fenced.load(Ordering::Acquire) == 0 {
@@ -27,12 +27,12 @@ impl Fabric {
         let ep = req.req.ep as usize;
         let waiting = self.dev(dev).ep(ep).map(|e| e.fence_pending > 0);
         let Some(waiting) = waiting else {
-            return self.fail(dev, port, &req, vfabric_proto::Status::BadEndpoint, n);
+            return self.fail(dev, port, req, vfabric_proto::Status::BadEndpoint, n);
         };
-        if waiting || (req.req.flags & flags::FENCE != 0 && self.fence_blocked(dev, &req)) {
+        if waiting || (req.req.flags & flags::FENCE != 0 && self.fence_blocked(dev, req)) {
             let mut d = self.dev(dev);
             if let Some(e) = d.ep_mut(ep) {
-                e.fenced.push_back(req);
+                e.fenced.push_back(req.take());
                 e.fence_pending += 1;
                 self.devs[dev].fenced.fetch_add(1, Ordering::AcqRel);
                 self.fenced_total.fetch_add(1, Ordering::AcqRel);
@@ -132,8 +132,8 @@ impl Fabric {
                         _ => None,
                     }
                 };
-                let Some(req) = req else { break };
-                self.start_tx(dev, &port, req, n);
+                let Some(mut req) = req else { break };
+                self.start_tx(dev, &port, &mut req, n);
                 let mut d = self.dev(dev);
                 if let Some(e) = d.ep_mut(ep).filter(|e| e.generation == gen) {
                     e.fence_pending = e.fence_pending.saturating_sub(1);

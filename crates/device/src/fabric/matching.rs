@@ -16,12 +16,14 @@ use crate::stats::Counters;
 const EARLY_READ: u64 = 64;
 
 /// What is left of a transfer whose copy faulted on one side.
+// Returned on the stack once per transfer: boxing the receive would allocate.
+#[allow(clippy::large_enum_variant)]
 enum Survivor {
     None,
     /// The sender faulted: the receive is still to be matched.
     Recv(Req),
-    /// The receiver faulted: the held send is still to be matched.
-    Send(Req),
+    /// The receiver faulted: the send (the caller still has it) is still to be matched.
+    Send,
 }
 
 /// Outcome of delivering a queued message into a receive.
@@ -37,22 +39,30 @@ enum Delivered {
 pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize, Req)> {
     let e = d.ep_mut(ep)?;
     let i = e.posted.iter().position(|x| recv_matches(&x.req, meta))?;
-    Some((i, e.posted.remove(i)?))
+    // The oldest receive matches most often: no shifting of the queue for it.
+    let rv = if i == 0 {
+        e.posted.pop_front()
+    } else {
+        e.posted.remove(i)
+    };
+    Some((i, rv?))
 }
 
 impl Fabric {
-    pub(super) fn op_send(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+    /// Lent the request: only the paths that keep it (held for a receive, another host, a
+    /// large transfer) pay for a copy; the common eager send moves nothing.
+    pub(super) fn op_send(&self, dev: usize, port: &Port, req: &Req, n: &mut Notify) {
         let r = req.req;
         let Some((sgen, skind)) = self.ep_info(dev, r.ep) else {
-            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+            return self.fail(dev, port, req, Status::BadEndpoint, n);
         };
         if skind == ep_open::TYPE_DGRAM && r.flags & flags::DELIVERY_COMPLETE != 0 {
             // A datagram is never "delivered" in the reliable sense (spec: DGRAM endpoints).
-            return self.fail(dev, port, &req, Status::Invalid, n);
+            return self.fail(dev, port, req, Status::Invalid, n);
         }
         let Some((ddev, dep)) = self.locate(r.peer) else {
             // Another host's address (or nothing): the one comparison the local path pays.
-            return self.send_remote(dev, port, req, sgen, skind, n);
+            return self.send_remote(dev, port, req.clone(), sgen, skind, n);
         };
         let dgen = r.peer.generation;
         let meta = Meta {
@@ -76,7 +86,7 @@ impl Fabric {
             let smem = smem_guard.insert(port.mem.memory());
             let buf = &mut early_buf[..meta.len as usize];
             if req.payload.read_at(smem, 0, buf).is_err() {
-                return self.fail(dev, port, &req, Status::Fault, n);
+                return self.fail(dev, port, req, Status::Fault, n);
             }
             early = Some(buf);
         }
@@ -85,21 +95,21 @@ impl Fabric {
         let mut d = self.dev(ddev);
         let Some(dport) = d.port.clone() else {
             drop(d);
-            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+            return self.fail(dev, port, req, Status::AddrNotAvail, n);
         };
         let Some(dst) = d.live_ep(dep, dgen) else {
             drop(d);
-            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+            return self.fail(dev, port, req, Status::AddrNotAvail, n);
         };
         if dst.kind != skind {
             // Reliable and datagram endpoints do not talk to each other.
             drop(d);
-            return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+            return self.fail(dev, port, req, Status::AddrNotAvail, n);
         }
         if let Some((at, rv)) = take_posted(&mut d, dep, &meta) {
             drop(d);
             if let Some(buf) = early {
-                return self.place(dev, port, smem, &req, &meta, ddev, &dport, rv, buf, n);
+                return self.place(dev, port, smem, req, &meta, ddev, &dport, &rv, buf, n);
             }
             match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
                 Survivor::None => {}
@@ -110,7 +120,7 @@ impl Fabric {
                     }
                 }
                 // The receiver's memory faulted (its receive failed): match the next one.
-                Survivor::Send(req) => self.op_send(dev, port, req, n),
+                Survivor::Send => self.op_send(dev, port, req, n),
             }
             return;
         }
@@ -119,7 +129,7 @@ impl Fabric {
             if let Some(c) = self.counters.get(ddev) {
                 Counters::inc(&c.dgram_drops);
             }
-            return self.sent(dev, port, &req, meta.len, n);
+            return self.sent(dev, port, req, meta.len, n);
         }
         let cost = eager_cost(meta.len);
         let eager = may_be_eager
@@ -129,7 +139,7 @@ impl Fabric {
                 meta,
                 src_dev: dev,
                 claimed: None,
-                body: Body::Held(req, port.clone()),
+                body: Body::Held(req.clone(), port.clone()),
             };
             if let Some(e) = d.ep_mut(dep) {
                 e.unexpected.push_back(msg);
@@ -150,17 +160,17 @@ impl Fabric {
                 if read.is_err() {
                     d.unexpected_bytes -= cost;
                     drop(d);
-                    return self.fail(dev, port, &req, Status::Fault, n);
+                    return self.fail(dev, port, req, Status::Fault, n);
                 }
                 if d.live_ep(dep, dgen).is_none() {
                     d.unexpected_bytes -= cost;
                     drop(d);
-                    return self.fail(dev, port, &req, Status::AddrNotAvail, n);
+                    return self.fail(dev, port, req, Status::AddrNotAvail, n);
                 }
                 if let Some((_, rv)) = take_posted(&mut d, dep, &meta) {
                     d.unexpected_bytes -= cost;
                     drop(d);
-                    return self.place(dev, port, smem, &req, &meta, ddev, &dport, rv, &buf, n);
+                    return self.place(dev, port, smem, req, &meta, ddev, &dport, &rv, &buf, n);
                 }
                 buf
             }
@@ -174,7 +184,7 @@ impl Fabric {
             });
         }
         drop(d);
-        self.sent_in(dev, port, smem, &req, meta.len, n);
+        self.sent_in(dev, port, smem, req, meta.len, n);
     }
 
     /// Deliver bytes the device already holds (`buf`, from send `req` of `dev`) into receive
@@ -189,7 +199,7 @@ impl Fabric {
         meta: &Meta,
         rdev: usize,
         rport: &Port,
-        rv: Req,
+        rv: &Req,
         buf: &[u8],
         n: &mut Notify,
     ) {
@@ -198,11 +208,11 @@ impl Fabric {
         let rmem = rport.mem.memory();
         if rv.data.write_at(&rmem, 0, bytes).is_err() {
             drop(rmem);
-            self.fail(rdev, rport, &rv, Status::Fault, n);
+            self.fail(rdev, rport, rv, Status::Fault, n);
             // The message is not lost: try the next receive (or queue it).
-            return self.op_send(dev, port, req.clone(), n);
+            return self.op_send(dev, port, req, n);
         }
-        self.received_in(rdev, rport, Some(&rmem), &rv, meta, placed, n);
+        self.received_in(rdev, rport, Some(&rmem), rv, meta, placed, n);
         drop(rmem);
         self.sent_in(dev, port, smem, req, meta.len, n);
     }
@@ -272,7 +282,7 @@ impl Fabric {
         &self,
         sdev: usize,
         sport: &Port,
-        sreq: Req,
+        sreq: &Req,
         meta: &Meta,
         rdev: usize,
         rport: &Port,
@@ -290,18 +300,18 @@ impl Fabric {
         match res {
             Ok(()) => {
                 self.received(rdev, rport, &rreq, meta, placed, n);
-                self.sent(sdev, sport, &sreq, meta.len, n);
+                self.sent(sdev, sport, sreq, meta.len, n);
                 Survivor::None
             }
             Err(CopyFault::Src) => {
                 debug!(sdev, rdev, "copy faulted in the sender's memory");
-                self.fail(sdev, sport, &sreq, Status::Fault, n);
+                self.fail(sdev, sport, sreq, Status::Fault, n);
                 Survivor::Recv(rreq)
             }
             Err(CopyFault::Dst) => {
                 debug!(sdev, rdev, "copy faulted in the receiver's memory");
                 self.fail(rdev, rport, &rreq, Status::Fault, n);
-                Survivor::Send(sreq)
+                Survivor::Send
             }
         }
     }
@@ -340,10 +350,10 @@ impl Fabric {
                 Delivered::Done
             }
             Body::Held(sreq, sport) => {
-                match self.transfer(m.src_dev, &sport, sreq, &m.meta, rdev, rport, rreq, n) {
+                match self.transfer(m.src_dev, &sport, &sreq, &m.meta, rdev, rport, rreq, n) {
                     Survivor::None => Delivered::Done,
                     Survivor::Recv(rreq) => Delivered::Rematch(rreq),
-                    Survivor::Send(sreq) => Delivered::Requeue(Msg {
+                    Survivor::Send => Delivered::Requeue(Msg {
                         body: Body::Held(sreq, sport),
                         ..m
                     }),
@@ -399,13 +409,14 @@ impl Fabric {
         self.release(m, Status::PeerGone, n);
     }
 
-    pub(super) fn op_recv(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+    /// Lent the request (as [`Fabric::op_send`]): it is taken only when posted or delivered.
+    pub(super) fn op_recv(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
         let r = req.req;
         let ep = r.ep as usize;
         let mut d = self.dev(dev);
         let Some(e) = d.ep_mut(ep) else {
             drop(d);
-            return self.fail(dev, port, &req, Status::BadEndpoint, n);
+            return self.fail(dev, port, req, Status::BadEndpoint, n);
         };
         let gen = e.generation;
 
@@ -416,23 +427,23 @@ impl Fabric {
                 .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta));
             let Some(at) = found else {
                 drop(d);
-                return self.fail(dev, port, &req, Status::NoMessage, n);
+                return self.fail(dev, port, req, Status::NoMessage, n);
             };
             if r.flags & flags::DISCARD != 0 {
                 // PEEK | DISCARD (fi_tagged(3)): report the match as PEEK would, and drop it.
                 let m = self.take_unexpected(&mut d, ep, at);
                 drop(d);
                 let Some(m) = m else {
-                    return self.fail(dev, port, &req, Status::NoMessage, n);
+                    return self.fail(dev, port, req, Status::NoMessage, n);
                 };
                 let meta = m.meta;
                 self.release(m, Status::Ok, n);
                 let c = recv_completion(&r, &meta, meta.len);
-                return self.done(dev, port, &req, &c, 0, n);
+                return self.done(dev, port, req, &c, 0, n);
             }
             let Some(m) = e.unexpected.get_mut(at) else {
                 drop(d);
-                return self.fail(dev, port, &req, Status::NoMessage, n);
+                return self.fail(dev, port, req, Status::NoMessage, n);
             };
             if r.flags & flags::CLAIM != 0 {
                 m.claimed = Some(r.cookie);
@@ -440,7 +451,7 @@ impl Fabric {
             let mut c = recv_completion(&r, &m.meta, m.meta.len);
             drop(d);
             c.flags = (u32::from(c.flags) | comp_flags::CLAIMED).into();
-            return self.done(dev, port, &req, &c, 0, n);
+            return self.done(dev, port, req, &c, 0, n);
         }
 
         if r.flags & flags::CLAIM != 0 {
@@ -448,7 +459,7 @@ impl Fabric {
             let m = at.and_then(|i| self.take_unexpected(&mut d, ep, i));
             drop(d);
             let (Some(at), Some(m)) = (at, m) else {
-                return self.fail(dev, port, &req, Status::NoMessage, n);
+                return self.fail(dev, port, req, Status::NoMessage, n);
             };
             if r.flags & flags::DISCARD != 0 {
                 let meta = m.meta;
@@ -457,9 +468,9 @@ impl Fabric {
                 c.status = (Status::Ok as u32).into();
                 c.olen = 0.into();
                 c.flags = (u32::from(c.flags) | comp_flags::CLAIMED).into();
-                return self.done(dev, port, &req, &c, 0, n);
+                return self.done(dev, port, req, &c, 0, n);
             }
-            match self.deliver(dev, port, req, m, n) {
+            match self.deliver(dev, port, req.take(), m, n) {
                 Delivered::Done => {}
                 Delivered::Requeue(m) => self.requeue(dev, ep, gen, at, m, n),
                 // The claimed message's sender faulted (and failed): nothing left to claim.
@@ -476,7 +487,7 @@ impl Fabric {
             let directed = (r.flags & flags::DIRECTED != 0)
                 .then_some(r.peer)
                 .filter(|src| !self.known_live(e, *src));
-            e.posted.push_back(req);
+            e.posted.push_back(req.take());
             if let Some(src) = directed {
                 drop(d);
                 self.check_directed_source(dev, port, ep, src, r.cookie, n);
@@ -486,13 +497,13 @@ impl Fabric {
         let m = self.take_unexpected(&mut d, ep, at);
         drop(d);
         let Some(m) = m else {
-            return self.fail(dev, port, &req, Status::NoMessage, n);
+            return self.fail(dev, port, req, Status::NoMessage, n);
         };
-        match self.deliver(dev, port, req, m, n) {
+        match self.deliver(dev, port, req.take(), m, n) {
             Delivered::Done => {}
             Delivered::Requeue(m) => self.requeue(dev, ep, gen, at, m, n),
             // The sender's memory faulted (its send failed): try the next message.
-            Delivered::Rematch(req) => self.op_recv(dev, port, req, n),
+            Delivered::Rematch(mut req) => self.op_recv(dev, port, &mut req, n),
         }
     }
 }

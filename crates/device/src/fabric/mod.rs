@@ -451,9 +451,10 @@ impl Fabric {
             d.acked = acked;
             port
         };
-        for p in parsed.drain(..) {
+        // Requests are lent from the batch (cleared below), not moved out of it.
+        for p in parsed.iter_mut() {
             match p {
-                Parsed::Unusable { queue, head, why } => {
+                &mut Parsed::Unusable { queue, head, why } => {
                     debug!(dev, queue, head, why, "chain returned with length 0");
                     if let Some(c) = self.counters.get(dev) {
                         Counters::inc(&c.bad_chains);
@@ -468,13 +469,15 @@ impl Fabric {
                     status,
                     cookie,
                 } => {
+                    let (queue, head, status) = (*queue, *head, *status);
                     debug!(dev, queue, head, ?status, "request rejected");
-                    let c = completion(status, cookie);
-                    self.finish(dev, &port, queue, head, &comp, &c, 0, n);
+                    let c = completion(status, *cookie);
+                    self.finish(dev, &port, queue, head, comp, &c, 0, n);
                 }
                 Parsed::Req(req) => self.dispatch(dev, &port, req, acked, n),
             }
         }
+        parsed.clear();
         // Not from inside a yield point: a request suspended mid-copy below us must complete
         // before its fenced successors start. The next batch anywhere runs them.
         if self.fenced_total.load(Ordering::Acquire) > 0 && !crate::poller::in_yield() {
@@ -573,14 +576,16 @@ impl Fabric {
     }
 
     #[inline]
-    fn dispatch(&self, dev: usize, port: &Port, req: Req, acked: u64, n: &mut Notify) {
+    /// `req` is lent from the pass's batch: a handler that keeps the request takes it
+    /// ([`Req::take`]), the eager send path only reads it.
+    fn dispatch(&self, dev: usize, port: &Port, req: &mut Req, acked: u64, n: &mut Notify) {
         match req.req.opcode {
-            Opcode::QueryCaps => self.op_query_caps(dev, port, req, acked, n),
-            Opcode::EpOpen => self.op_ep_open(dev, port, req, n),
-            Opcode::EpClose => self.op_ep_close(dev, port, req, n),
-            Opcode::Cancel => self.op_cancel(dev, port, req, n),
+            Opcode::QueryCaps => self.op_query_caps(dev, port, req.take(), acked, n),
+            Opcode::EpOpen => self.op_ep_open(dev, port, req.take(), n),
+            Opcode::EpClose => self.op_ep_close(dev, port, req.take(), n),
+            Opcode::Cancel => self.op_cancel(dev, port, req.take(), n),
             Opcode::AddrCheck if self.not_here(req.req.peer) == Status::Unsupported => {
-                self.addr_check_remote(dev, port, req, n)
+                self.addr_check_remote(dev, port, req.take(), n)
             }
             Opcode::AddrCheck => {
                 let s = if self.addr_live(req.req.peer) {
@@ -588,15 +593,15 @@ impl Fabric {
                 } else {
                     Status::AddrNotAvail
                 };
-                self.fail(dev, port, &req, s, n);
+                self.fail(dev, port, req, s, n);
             }
-            Opcode::SvcBind => self.op_svc_bind(dev, port, req, n),
-            Opcode::SvcResolve => self.op_svc_resolve(dev, port, req, n),
-            Opcode::MrReg => self.op_mr_reg(dev, port, req, n),
-            Opcode::MrDereg => self.op_mr_dereg(dev, port, req, n),
-            Opcode::MrEvent => self.op_mr_event(dev, port, req, n),
-            Opcode::CommitEvent => self.op_commit_event(dev, port, req, n),
-            Opcode::CommitReply => self.op_commit_reply(dev, port, req, n),
+            Opcode::SvcBind => self.op_svc_bind(dev, port, req.take(), n),
+            Opcode::SvcResolve => self.op_svc_resolve(dev, port, req.take(), n),
+            Opcode::MrReg => self.op_mr_reg(dev, port, req.take(), n),
+            Opcode::MrDereg => self.op_mr_dereg(dev, port, req.take(), n),
+            Opcode::MrEvent => self.op_mr_event(dev, port, req.take(), n),
+            Opcode::CommitEvent => self.op_commit_event(dev, port, req.take(), n),
+            Opcode::CommitReply => self.op_commit_reply(dev, port, req.take(), n),
             Opcode::Recv | Opcode::TRecv => self.op_recv(dev, port, req, n),
             Opcode::Send
             | Opcode::TSend
@@ -610,11 +615,11 @@ impl Fabric {
     }
 
     #[inline]
-    fn start_tx(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
+    fn start_tx(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
         match req.req.opcode {
             Opcode::Send | Opcode::TSend => self.op_send(dev, port, req, n),
             Opcode::RmaWrite | Opcode::RmaRead => self.op_rma(dev, port, req, n),
-            Opcode::Flush => self.op_flush(dev, port, req, n),
+            Opcode::Flush => self.op_flush(dev, port, req.take(), n),
             _ => self.op_atomic(dev, port, req, n),
         }
     }

@@ -397,12 +397,13 @@ impl Fabric {
         Ok((targets, port))
     }
 
-    pub(super) fn op_rma(&self, dev: usize, port: &Port, req: Req, n: &mut Notify) {
-        let (me, ddev, dep) = match self.rma_peer(dev, &req) {
+    /// Lent the request (as [`Fabric::op_send`]); taken only when it crosses hosts.
+    pub(super) fn op_rma(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
+        let (me, ddev, dep) = match self.rma_peer(dev, req) {
             Ok(x) => x,
             // A peer host's address: the request crosses hosts.
-            Err(Status::Unsupported) => return self.rma_remote(dev, port, req, n),
-            Err(s) => return self.fail(dev, port, &req, s, n),
+            Err(Status::Unsupported) => return self.rma_remote(dev, port, req.take(), n),
+            Err(s) => return self.fail(dev, port, req, s, n),
         };
         let r = req.req;
         let write = r.opcode == Opcode::RmaWrite;
@@ -421,7 +422,7 @@ impl Fabric {
                     .read_at(&mem, i * RMA_IOV_LEN as u64, e.as_mut_slice())
                     .is_err()
                 {
-                    return self.fail(dev, port, &req, Status::Fault, n);
+                    return self.fail(dev, port, req, Status::Fault, n);
                 }
                 ranges.push((e.addr.into(), e.len.into(), e.key.into()));
             }
@@ -430,13 +431,13 @@ impl Fabric {
             .iter()
             .try_fold(0u64, |a, &(_, l, _)| a.checked_add(l));
         let Some(total) = total else {
-            return self.fail(dev, port, &req, Status::Invalid, n);
+            return self.fail(dev, port, req, Status::Invalid, n);
         };
         if (write && total != local) || (!write && total > local) {
-            return self.fail(dev, port, &req, Status::Invalid, n);
+            return self.fail(dev, port, req, Status::Invalid, n);
         }
         if total > self.max_rma_size() {
-            return self.fail(dev, port, &req, Status::TooLarge, n);
+            return self.fail(dev, port, req, Status::TooLarge, n);
         }
         let need = if write {
             mr_flags::REMOTE_WRITE
@@ -457,13 +458,13 @@ impl Fabric {
                     Ok(x) => x,
                     Err(s) => {
                         debug!(dev, ddev, ?s, "remote access refused");
-                        return self.fail(dev, port, &req, s, n);
+                        return self.fail(dev, port, req, s, n);
                     }
                 };
             // COMMIT_COMPLETE needs every target to be persistent memory (§6.17).
             if r.flags & flags::COMMIT_COMPLETE != 0 && targets.iter().any(|t| t.mr.pmem.is_none())
             {
-                return self.fail(dev, port, &req, Status::Access, n);
+                return self.fail(dev, port, req, Status::Access, n);
             }
             let mut notify = false;
             if write && r.flags & flags::REMOTE_CQ_DATA != 0 {
@@ -472,7 +473,7 @@ impl Fabric {
                     // Reserve the notification's room now: nothing is written if it has none.
                     if !self.reserve_notification(&mut d, dep, &meta) {
                         drop(d);
-                        return self.fail(dev, port, &req, Status::NoResources, n);
+                        return self.fail(dev, port, req, Status::NoResources, n);
                     }
                     notify = true;
                 }
@@ -486,7 +487,7 @@ impl Fabric {
             if notify {
                 self.dev(ddev).unexpected_bytes -= eager_cost(0);
             }
-            return self.fail(dev, port, &req, Status::Access, n);
+            return self.fail(dev, port, req, Status::Access, n);
         };
         let lmem = port.mem.memory();
         let rmem = dport.mem.memory();
@@ -547,7 +548,7 @@ impl Fabric {
             if notify {
                 self.dev(ddev).unexpected_bytes -= eager_cost(0);
             }
-            return self.fail(dev, port, &req, status, n);
+            return self.fail(dev, port, req, status, n);
         }
         if let Some(c) = self.counters.get(dev) {
             crate::stats::Counters::add(&c.bytes_copied, total);
@@ -558,7 +559,7 @@ impl Fabric {
         self.record_events(ddev, dep, me, write, &targets, n);
         let mut c = completion(Status::Ok, r.cookie);
         c.len = total.into();
-        self.done(dev, port, &req, &c, if write { 0 } else { total }, n);
+        self.done(dev, port, req, &c, if write { 0 } else { total }, n);
     }
 
     /// Reserve room for a writedata notification to endpoint `dep` of the locked device `d`:
