@@ -225,36 +225,10 @@ pub(crate) fn remap(start: usize, len: usize) -> Result<Vec<Arc<Remapped>>> {
 /// Mappings a moved range may span (kept on the stack while the pages are away).
 const MAX_PIECES: usize = 16;
 
-// userfaultfd ABI (linux/userfaultfd.h); the libc crate does not define it.
-const UFFD_API: u64 = 0xaa;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-/// `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-/// `_IOWR(0xaa, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-/// `_IOR(0xaa, 0x02, struct uffdio_range)`.
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
+use crate::uffd::{
+    UffdioApi, UffdioRange, UffdioRegister, UFFDIO_API, UFFDIO_REGISTER,
+    UFFDIO_REGISTER_MODE_MISSING, UFFDIO_WAKE, UFFD_API,
+};
 
 fn os_err(what: &str) -> Error {
     let e = io::Error::last_os_error();

@@ -92,6 +92,8 @@ mod request;
 mod ring;
 pub mod rma;
 pub mod transport;
+#[doc(hidden)]
+pub mod uffd;
 mod virtqueue;
 
 pub use av::{AddressVector, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};

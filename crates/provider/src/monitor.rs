@@ -204,46 +204,21 @@ pub unsafe extern "C" fn domain_bind(fid: *mut sys::fid, bfid: *mut sys::fid, fl
 // The default monitor: userfaultfd
 // ---------------------------------------------------------------------------------------------
 
-// userfaultfd ABI (linux/userfaultfd.h); the libc crate does not define it.
-const UFFD_API: u64 = 0xaa;
+// userfaultfd ABI (linux/userfaultfd.h): the part the driver also needs is in `vfabric::uffd`.
+use vfabric::uffd::{
+    UffdioApi, UffdioRange, UffdioRegister, UFFDIO_API, UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_WP,
+    UFFDIO_UNREGISTER, UFFD_API,
+};
 const UFFD_USER_MODE_ONLY: c_int = 1;
 const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 /// Lets shmem (the memfd pages `Domain::share_raw` moved buffers onto) be registered in
 /// write-protect mode.
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFD_EVENT_REMAP: u8 = 0x14;
 const UFFD_EVENT_UNMAP: u8 = 0x16;
-/// `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-/// `_IOWR(0xaa, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-/// `_IOR(0xaa, 0x01, struct uffdio_range)`.
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
 /// `sizeof(struct uffd_msg)`.
 const MSG_LEN: usize = 32;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
 
 /// A userfaultfd with the API handshake done for `features` (0: ask which are supported).
 fn uffd_open(features: u64) -> std::io::Result<(File, u64)> {
