@@ -1218,14 +1218,11 @@ mod tests {
             Message::parse(&rdv(big_read, rdv_flags::SOURCE | rdv_flags::SINK, 64, &[])).is_ok()
         );
         let refused = |b: Vec<u8>| Message::parse(&b).map(|_| ());
-        assert!(
-            matches!(refused(rdv(d, 0, 0, &[])), Err(WireError::Rdv(_))),
-            "no flags"
-        );
-        assert!(matches!(
-            refused(rdv(d, 1 << 7, 0, &[])),
-            Err(WireError::Rdv(_))
-        ));
+        let rdv_refused = |b: Vec<u8>, why: &str| {
+            assert!(matches!(refused(b), Err(WireError::Rdv(_))), "{why}");
+        };
+        rdv_refused(rdv(d, 0, 0, &[]), "no flags");
+        rdv_refused(rdv(d, 1 << 7, 0, &[]), "an unknown flag");
         // A source with its head inline (an RMA write's ranges).
         let mut w = data_desc(RMA_IOV_LEN as u64 + (1 << 20), 0);
         w.opcode = (Opcode::RmaWrite as u16).into();
@@ -1234,47 +1231,26 @@ mod tests {
         assert!(Message::parse(&rdv(w, rdv_flags::SOURCE, 0, &ranges)).is_ok());
         let mut all_inline = w;
         all_inline.total_len = (RMA_IOV_LEN as u64).into();
-        assert!(
-            matches!(
-                refused(rdv(all_inline, rdv_flags::SOURCE, 0, &ranges)),
-                Err(WireError::Rdv(_))
-            ),
-            "a source with all its bytes inline"
+        rdv_refused(
+            rdv(all_inline, rdv_flags::SOURCE, 0, &ranges),
+            "a source with all its bytes inline",
         );
-        assert!(
-            matches!(
-                refused(rdv(data_desc(0, 0), rdv_flags::SOURCE, 0, &[])),
-                Err(WireError::Rdv(_))
-            ),
-            "an empty source"
+        rdv_refused(
+            rdv(data_desc(0, 0), rdv_flags::SOURCE, 0, &[]),
+            "an empty source",
         );
-        assert!(
-            matches!(
-                refused(rdv(data_desc(1 << 20, 8), rdv_flags::SOURCE, 0, &[])),
-                Err(WireError::Rdv(_))
-            ),
-            "a source at an offset"
+        rdv_refused(
+            rdv(data_desc(1 << 20, 8), rdv_flags::SOURCE, 0, &[]),
+            "a source at an offset",
         );
-        assert!(
-            matches!(
-                refused(rdv(d, rdv_flags::SOURCE | rdv_flags::SINK, 64, &[])),
-                Err(WireError::Rdv(_))
-            ),
-            "a sink for a send"
+        rdv_refused(
+            rdv(d, rdv_flags::SOURCE | rdv_flags::SINK, 64, &[]),
+            "a sink for a send",
         );
-        assert!(
-            matches!(
-                refused(rdv(read, rdv_flags::SINK, 0, &ranges)),
-                Err(WireError::Rdv(_))
-            ),
-            "an empty sink"
-        );
-        assert!(
-            matches!(
-                refused(rdv(read, rdv_flags::SINK, 64, &ranges[..10])),
-                Err(WireError::Rdv(_))
-            ),
-            "inline bytes not the whole message"
+        rdv_refused(rdv(read, rdv_flags::SINK, 0, &ranges), "an empty sink");
+        rdv_refused(
+            rdv(read, rdv_flags::SINK, 64, &ranges[..10]),
+            "inline bytes not the whole message",
         );
         // The DATA checks apply: an unknown opcode under a rendezvous is refused too.
         let mut bad = d;
