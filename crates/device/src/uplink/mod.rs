@@ -747,6 +747,20 @@ impl Worker {
         idle
     }
 
+    /// An empty `HOST_UNREACH` reply to `req_id` (the sender learns the request is lost).
+    fn unreach_reply(&self, req_id: u64) -> Vec<u8> {
+        Message::Reply {
+            fabric_id: self.set.fabric_id,
+            host_id: self.set.host_id,
+            req_id,
+            status: Status::HostUnreach,
+            total_len: 0,
+            offset: 0,
+            chunk: &[],
+        }
+        .encode()
+    }
+
     /// Queue our verdict on request `req_id` of `host`, with the bytes an RMA read read, in
     /// chunks (dropped if the host is down: it completed the request `HostUnreach` itself).
     fn reply(&mut self, host: u16, req_id: u64, status: Status, read: &[u8]) {
@@ -867,16 +881,7 @@ impl Worker {
             .and_then(|p| p.fi_addr);
         if let Some(dest) = dest {
             for req_id in &dropped {
-                let bytes = Message::Reply {
-                    fabric_id: self.set.fabric_id,
-                    host_id: self.set.host_id,
-                    req_id: *req_id,
-                    status: Status::HostUnreach,
-                    total_len: 0,
-                    offset: 0,
-                    chunk: &[],
-                }
-                .encode();
+                let bytes = self.unreach_reply(*req_id);
                 self.backlog.push_back(Outgoing {
                     host,
                     dest,
@@ -1193,16 +1198,7 @@ impl Worker {
     /// not see us go down): tell it, once per request, straight to the address it came from.
     fn stale_data(&mut self, host: u16, src: u64, req_id: u64) {
         debug!(host, "uplink: stale data from a host that was down");
-        let bytes = Message::Reply {
-            fabric_id: self.set.fabric_id,
-            host_id: self.set.host_id,
-            req_id,
-            status: Status::HostUnreach,
-            total_len: 0,
-            offset: 0,
-            chunk: &[],
-        }
-        .encode();
+        let bytes = self.unreach_reply(req_id);
         self.backlog.push_back(Outgoing {
             host,
             dest: src,

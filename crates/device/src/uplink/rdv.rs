@@ -787,16 +787,7 @@ impl Worker {
                     .encode(),
                     Some(e) => {
                         debug!(host, req_id, "uplink: rendezvous write failed: {e}");
-                        Message::Reply {
-                            fabric_id: self.set.fabric_id,
-                            host_id: self.set.host_id,
-                            req_id,
-                            status: Status::HostUnreach,
-                            total_len: 0,
-                            offset: 0,
-                            chunk: &[],
-                        }
-                        .encode()
+                        self.unreach_reply(req_id)
                     }
                 };
                 self.backlog.push_back(Outgoing {
