@@ -1425,24 +1425,7 @@ fn a_lost_sender_or_a_closed_region_during_a_rendezvous_is_an_error_not_a_crash(
     drop(a);
     lan.throttle(0, None);
     // What host 2 delivers is whole; what did not arrive by the peer timeout never does.
-    let mut delivered = 0;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut v = Vec::new();
-    while delivered < N && Instant::now() < deadline {
-        match b.cq.read(&mut v, 1) {
-            Ok(_) => {
-                let c = v.pop().unwrap();
-                let i = (c.context - 100) as u32;
-                assert!(
-                    c.buf.as_deref() == Some(pattern(20 + i, LEN).as_slice()),
-                    "message {i} is whole"
-                );
-                delivered += 1;
-            }
-            Err(VfError::Again) => std::thread::sleep(Duration::from_millis(1)),
-            Err(e) => panic!("B: {e} {:?}", b.cq.readerr()),
-        }
-    }
+    let delivered = whole_messages(&b, 20, LEN, N, Duration::from_secs(10));
     println!("{delivered} of {N} large messages arrived before host 1 died");
     assert!(delivered < N, "host 1 died with reads in flight");
     assert!(d[0].child.try_wait().unwrap().is_none(), "host 2 runs on");
@@ -1459,6 +1442,31 @@ fn a_lost_sender_or_a_closed_region_during_a_rendezvous_is_an_error_not_a_crash(
     exchange(&a, &b, &[LEN, 8, 40_000], 300);
     exchange(&b, &a, &[LEN, 8], 400);
     large_rma(&a, &b, 6);
+}
+
+/// Read B's completions of messages sent with contexts `100 + i` and bytes
+/// `pattern(seed + i, len)`, checking each is whole, until `stop_at` arrived or `wait` passed;
+/// how many arrived.
+fn whole_messages(b: &Guest, seed: u32, len: usize, stop_at: u64, wait: Duration) -> u64 {
+    let mut delivered = 0;
+    let deadline = Instant::now() + wait;
+    let mut v = Vec::new();
+    while delivered < stop_at && Instant::now() < deadline {
+        match b.cq.read(&mut v, 1) {
+            Ok(_) => {
+                let c = v.pop().unwrap();
+                let i = (c.context - 100) as u32;
+                assert!(
+                    c.buf.as_deref() == Some(pattern(seed + i, len).as_slice()),
+                    "message {i} is whole"
+                );
+                delivered += 1;
+            }
+            Err(VfError::Again) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => panic!("B: {e} {:?}", b.cq.readerr()),
+        }
+    }
+    delivered
 }
 
 /// The last "rendezvous sources" line of a daemon's log: (bytes read from guest memory,
@@ -1551,24 +1559,7 @@ fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers(
         d[0].log()
     );
     // What host 2 delivered is whole.
-    let mut delivered = 0;
-    let mut v = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        match b.cq.read(&mut v, 1) {
-            Ok(_) => {
-                let c = v.pop().unwrap();
-                let i = (c.context - 100) as u32;
-                assert!(
-                    c.buf.as_deref() == Some(pattern(40 + i, LEN).as_slice()),
-                    "message {i} is whole"
-                );
-                delivered += 1;
-            }
-            Err(VfError::Again) => std::thread::sleep(Duration::from_millis(1)),
-            Err(e) => panic!("B: {e} {:?}", b.cq.readerr()),
-        }
-    }
+    let delivered = whole_messages(&b, 40, LEN, u64::MAX, Duration::from_secs(3));
     println!("{delivered} of {N} large messages arrived before the guest left");
     assert!(delivered < N, "the guest left with reads in flight");
     for h in &d {
