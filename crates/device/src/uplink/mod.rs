@@ -984,10 +984,8 @@ impl Worker {
                 offset,
                 chunk,
             } => {
-                match self.introduced(src, fabric_id, host_id) {
-                    Ok(()) => {}
-                    Err(Stale::Down) => return debug!("uplink: a stale reply dropped"),
-                    Err(Stale::Refused(why)) => return warn!("uplink: refusing a reply: {why}"),
+                if !self.reply_introduced(src, fabric_id, host_id) {
+                    return;
                 }
                 if total_len == 0 {
                     return self.complete_pending(req_id, Some(host_id), status);
@@ -1280,6 +1278,22 @@ impl Worker {
         }
         if let Some((id, bytes)) = self.reply_partial.remove(&host) {
             self.complete_pending_with(id, Some(host), status, &bytes);
+        }
+    }
+
+    /// [`Worker::introduced`] for a REPLY (plain or rendezvous): whether to act on it; a
+    /// stale or refused one is logged here.
+    fn reply_introduced(&mut self, src: u64, fabric_id: u32, host_id: u16) -> bool {
+        match self.introduced(src, fabric_id, host_id) {
+            Ok(()) => true,
+            Err(Stale::Down) => {
+                debug!("uplink: a stale reply dropped");
+                false
+            }
+            Err(Stale::Refused(why)) => {
+                warn!("uplink: refusing a reply: {why}");
+                false
+            }
         }
     }
 

@@ -495,10 +495,8 @@ impl Worker {
                 status,
                 written,
             } => {
-                match self.introduced(src, fabric_id, host_id) {
-                    Ok(()) => {}
-                    Err(Stale::Down) => return debug!("uplink: a stale reply dropped"),
-                    Err(Stale::Refused(why)) => return warn!("uplink: refusing a reply: {why}"),
+                if !self.reply_introduced(src, fabric_id, host_id) {
+                    return;
                 }
                 // Only a pending read of that host with a sink of that size takes its bytes.
                 let ours = self.outbox.pending_is(req_id, host_id, |_| true);
