@@ -146,7 +146,11 @@ pub fn info_json(device: &Path) -> serde_json::Value {
 
 /// Run a command with a deadline; kills it and panics on timeout. Returns its output.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    // Its own process group: whatever it leaves behind (a forked child of a failed check)
+    // is killed with it, so reading its output to the end cannot hang.
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -155,10 +159,13 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::process::O
     let end = Instant::now() + timeout;
     loop {
         match child.try_wait() {
-            Ok(Some(_)) => return child.wait_with_output().expect("output"),
+            Ok(Some(_)) => {
+                kill_group(child.id());
+                return child.wait_with_output().expect("output");
+            }
             Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
             _ => {
-                let _ = child.kill();
+                kill_group(child.id());
                 let out = child.wait_with_output().expect("output");
                 panic!(
                     "{:?} timed out after {timeout:?}; stderr: {}",
@@ -166,6 +173,16 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::process::O
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
+        }
+    }
+}
+
+/// SIGKILL to the process group `pgid` (a child started with `process_group(0)`).
+fn kill_group(pgid: u32) {
+    if let Ok(pgid) = i32::try_from(pgid) {
+        // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
         }
     }
 }

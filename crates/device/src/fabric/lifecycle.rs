@@ -255,29 +255,37 @@ impl Fabric {
             if self.not_here(src) == Status::Unsupported && self.outbox.watch(src) {
                 return;
             }
-            return self.fail_directed(dev, port, ep, src, cookie, n);
+            return self.fail_directed((dev, port, ep), src, cookie, false, n);
         };
         let (sdev, sep) = located;
         // Read before the look: a close after it bumps the count past what is remembered.
         let closes = self.devs[sdev].ep_closes.load(Ordering::Acquire);
-        let open = self.dev(sdev).live_ep(sep, src.generation).map(|_| closes);
+        let (open, closed) = {
+            let d = self.dev(sdev);
+            let open = d.live_ep(sep, src.generation).map(|_| closes);
+            // Closed by its own driver before this receive came: as orderly as a close after.
+            let closed = d.eps.get(sep).is_some_and(|s| {
+                s.ep.is_none() && s.closed_in_order && s.generation == src.generation
+            });
+            (open, closed)
+        };
         if let Some(closes) = open {
             if let Some(e) = self.dev(dev).ep_mut(ep) {
                 e.live_src = Some((src, closes));
             }
             return;
         }
-        self.fail_directed(dev, port, ep, src, cookie, n);
+        self.fail_directed((dev, port, ep), src, cookie, closed, n);
     }
 
-    /// Fail `PeerGone` the receive `cookie` of `ep`, directed at `src`, if still posted.
+    /// Fail `PeerGone` the receive `cookie` of `ep`, directed at `src`, if still posted
+    /// (`data` = [`PEER_CLOSED`] when `closed`: `src` was closed by its own driver).
     fn fail_directed(
         &self,
-        dev: usize,
-        port: &Port,
-        ep: usize,
+        (dev, port, ep): (usize, &Port, usize),
         src: FabricAddr,
         cookie: u64,
+        closed: bool,
         n: &mut Notify,
     ) {
         let taken = self.dev(dev).ep_mut(ep).and_then(|e| {
@@ -288,7 +296,11 @@ impl Fabric {
             e.posted.remove(at)
         });
         if let Some(r) = taken {
-            self.fail(dev, port, &r, Status::PeerGone, n);
+            let mut c = completion(Status::PeerGone, r.req.cookie);
+            if closed {
+                c.data = PEER_CLOSED.into();
+            }
+            self.done(dev, port, &r, &c, 0, n);
         }
     }
 
@@ -345,6 +357,7 @@ impl Fabric {
         };
         let slot = &mut eps[id];
         slot.generation = slot.generation.wrapping_add(1).max(1);
+        slot.closed_in_order = false;
         slot.ep = Some(Endpoint {
             kind,
             generation: slot.generation,
@@ -369,6 +382,9 @@ impl Fabric {
         }
         let generation = self.ep_info(dev, req.req.ep).map_or(0, |(g, _)| g);
         self.close_ep(dev, req.req.ep as usize, Teardown::Cancel, n);
+        if let Some(slot) = self.dev(dev).eps.get_mut(req.req.ep as usize) {
+            slot.closed_in_order = slot.ep.is_none() && slot.generation == generation;
+        }
         let gone = FabricAddr::new(self.node_addr(dev), req.req.ep, generation);
         self.fail_directed_at(|peer| peer == gone, None, true, n);
         self.outbox.ep_gone(gone, false, true);

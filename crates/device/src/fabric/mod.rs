@@ -189,6 +189,9 @@ struct Slot {
     /// Generation of the last endpoint opened in this slot.
     generation: u32,
     ep: Option<Endpoint>,
+    /// That endpoint was closed by its own driver (EP_CLOSE), not lost: a receive directed at
+    /// it later still learns PEER_CLOSED.
+    closed_in_order: bool,
 }
 
 /// The state of one device, behind its own lock.

@@ -505,6 +505,11 @@ fn directed_receives_fail_when_their_source_goes() {
     // A receive directed at an address that is already gone fails at once.
     let late = directed(&mut w, a, 4);
     assert_eq!(w.status(&late), Some(Status::PeerGone));
+    assert_eq!(
+        u64::from(w.comp(&late).data),
+        0,
+        "lost before the receive came"
+    );
     // C closes its endpoint (EP_CLOSE): same.
     let mut cl = Request::new(Opcode::EpClose);
     cl.ep = c.ep;
@@ -517,6 +522,15 @@ fn directed_receives_fail_when_their_source_goes() {
     // B last found C open (and remembers it): C's close must still be noticed at once.
     let late_c = directed(&mut w, c, 5);
     assert_eq!(w.status(&late_c), Some(Status::PeerGone));
+    // Closed in order before this receive came (a watch posted late): still PEER_CLOSED.
+    assert_eq!(u64::from(w.comp(&late_c).data), vfabric_proto::PEER_CLOSED);
+    // The slot reused by a new endpoint: the old address is still closed, the new one open.
+    let c2 = w.open(2, RDM);
+    assert_eq!(c2.ep, c.ep);
+    let late_c_again = directed(&mut w, c, 6);
+    assert_eq!(w.status(&late_c_again), Some(Status::PeerGone));
+    let from_c2 = directed(&mut w, c2, 7);
+    assert!(w.result(&from_c2).is_none());
 }
 
 #[test]
