@@ -13,7 +13,9 @@ use vfabric::{
     AddressVector, BindFlags, CompletionQueue, CqAttr, CqEntry, CqErrEntry, Domain, DomainAttr,
     Endpoint, EpAttr, Error as VfError, FabricAddr, Status,
 };
-use virtio_fabric_tests::{bin, info_json, output_text as text, run_with_timeout, wait_for};
+use virtio_fabric_tests::{
+    bin, info_json, listening_in, output_text as text, run_with_timeout, wait_for,
+};
 
 const FABRIC: &str = "0x5eed";
 const PROVIDER: &str = "tcp;ofi_rxm";
@@ -1882,24 +1884,6 @@ fn fi_on(lan: &Lan, i: usize, devices: &[&Path], secs: u32, program: &Path) -> C
     c
 }
 
-/// Whether process `pid` (in its own namespace) has a TCP socket listening on `port`.
-fn listening_in(pid: u32, port: u16) -> bool {
-    ["tcp", "tcp6"].iter().any(|f| {
-        std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).is_ok_and(|t| {
-            t.lines().skip(1).any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3
-                    && cols[3] == "0A"
-                    && cols[1]
-                        .rsplit(':')
-                        .next()
-                        .and_then(|p| u16::from_str_radix(p, 16).ok())
-                        == Some(port)
-            })
-        })
-    })
-}
-
 /// Wait for `server` to exit (bounded), kill it if it did not, and return its output.
 fn finish(mut server: Child, within: Duration) -> std::process::Output {
     let _ = wait_for(within, || !matches!(server.try_wait(), Ok(None)));
@@ -1923,7 +1907,9 @@ fn fi_pingpong_across(t: &TwoHosts, ep: &str, port: u16) -> Result<String, Strin
         .spawn()
         .expect("spawn fi_pingpong server");
     let pid = server.id();
-    let up = wait_for(Duration::from_secs(30), || listening_in(pid, port));
+    let up = wait_for(Duration::from_secs(30), || {
+        listening_in(&pid.to_string(), port)
+    });
     if !up {
         let srv = finish(server, Duration::ZERO);
         return Err(format!("server did not start: {}", text(&srv)));

@@ -15,7 +15,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use virtio_fabric_tests::{
-    bin_dir, compile_c, output_text as text, provider_dir, run_with_timeout, DaemonProcess,
+    bin_dir, compile_c, listening_in, output_text as text, provider_dir, run_with_timeout,
+    DaemonProcess,
 };
 
 /// A libfabric command using our provider on `devices`.
@@ -117,24 +118,6 @@ fn free_port() -> u16 {
     }
 }
 
-/// Whether a TCP socket listens on `port` (IPv4 or IPv6).
-fn listening(port: u16) -> bool {
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f).is_ok_and(|t| {
-            t.lines().skip(1).any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3
-                    && cols[3] == "0A"
-                    && cols[1]
-                        .rsplit(':')
-                        .next()
-                        .and_then(|p| u16::from_str_radix(p, 16).ok())
-                        == Some(port)
-            })
-        })
-    })
-}
-
 /// fi_pingpong server on device 0 and client on device 1, every size, data verified; the
 /// client addresses the server by host and control port (`-P PORT 127.0.0.1`).
 fn pingpong(ep: &str, extra: &[&str]) {
@@ -179,7 +162,7 @@ fn pingpong_once(ep: &str, extra: &[&str], host: &str) {
     // connection would be taken for the client, so look at /proc/net/tcp instead).
     let port_n: u16 = port.parse().expect("port");
     let up = virtio_fabric_tests::wait_for(Duration::from_secs(20), || {
-        listening(port_n) || !matches!(server.try_wait(), Ok(None))
+        listening_in("self", port_n) || !matches!(server.try_wait(), Ok(None))
     });
     assert!(up, "fi_pingpong server did not start");
     let client = run_with_timeout(
@@ -311,7 +294,7 @@ fn fi_pingpong_msg_tagged_or_refused() {
         .expect("spawn fi_pingpong server");
     let port_n: u16 = port.parse().expect("port");
     let up = virtio_fabric_tests::wait_for(Duration::from_secs(20), || {
-        listening(port_n) || !matches!(server.try_wait(), Ok(None))
+        listening_in("self", port_n) || !matches!(server.try_wait(), Ok(None))
     });
     assert!(up, "fi_pingpong server did not start");
     let o = run_with_timeout(
@@ -368,7 +351,7 @@ fn pingpong_peer_death_once(ep: &str, kill_server: bool) -> bool {
     let mut server = endless_pingpong(ep, &d.sockets[0], &port, false);
     let port_n: u16 = port.parse().expect("port");
     let up = virtio_fabric_tests::wait_for(Duration::from_secs(20), || {
-        listening(port_n) || !matches!(server.try_wait(), Ok(None))
+        listening_in("self", port_n) || !matches!(server.try_wait(), Ok(None))
     });
     assert!(up, "fi_pingpong server did not start");
     let mut client = endless_pingpong(ep, &d.sockets[1], &port, true);

@@ -243,3 +243,22 @@ pub fn compile_c(name: &str) -> PathBuf {
     );
     out
 }
+
+/// Whether process `proc` (a pid, or "self"; its network namespace's view) has a TCP socket
+/// listening on `port`, IPv4 or IPv6.
+pub fn listening_in(proc: &str, port: u16) -> bool {
+    ["tcp", "tcp6"].iter().any(|f| {
+        std::fs::read_to_string(format!("/proc/{proc}/net/{f}")).is_ok_and(|t| {
+            t.lines().skip(1).any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3
+                    && cols[3] == "0A"
+                    && cols[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+            })
+        })
+    })
+}
