@@ -494,10 +494,13 @@ impl FabricBackend {
         let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
         let limits = self.fabric.limits();
-        let order = (1..vrings.len())
-            .chain(std::iter::once(0))
-            .filter(|q| only.is_none_or(|o| o == *q));
-        for q in order {
+        // Data queues 1.. first, then the control queue (index `len` stands for 0); or `only`.
+        let (first, end) = match only {
+            Some(q) => (q, q + 1),
+            None => (1, vrings.len() + 1),
+        };
+        for i in first..end {
+            let q = if i == vrings.len() { 0 } else { i };
             let Some(vr) = vrings.get(q) else {
                 continue;
             };

@@ -159,6 +159,52 @@ impl Segs {
         self.split_at(at).1
     }
 
+    /// Cut the last `n` bytes (at most the stream's length, checked by the caller) off the
+    /// stream and return them: in place when the last segment holds them (a request's
+    /// completion has a descriptor of its own or ends the data area's).
+    pub fn split_off_tail(&mut self, n: u64) -> Segs {
+        if let Some(last) = self.segs.last_mut() {
+            if u64::from(last.len) >= n {
+                // n <= last.len <= u32::MAX: lossless.
+                let keep = last.len - n as u32;
+                let tail = Segs::one(Seg {
+                    addr: last.addr.wrapping_add(u64::from(keep)),
+                    len: n as u32,
+                });
+                if keep == 0 {
+                    self.segs.pop();
+                } else {
+                    last.len = keep;
+                }
+                self.len -= n;
+                return tail;
+            }
+        }
+        let (head, tail) = self.split_at(self.len.saturating_sub(n));
+        *self = head;
+        tail
+    }
+
+    /// Drop the first `n` bytes of the stream (all of it if shorter): in place when the first
+    /// segment holds them (a request's header has a descriptor of its own or starts the
+    /// payload's).
+    pub fn drop_front(&mut self, n: u64) {
+        if let Some(first) = self.segs.first_mut() {
+            if u64::from(first.len) > n {
+                // n < first.len <= u32::MAX: lossless.
+                first.addr = first.addr.wrapping_add(n);
+                first.len -= n as u32;
+                self.len -= n;
+                return;
+            }
+            if u64::from(first.len) == n && self.segs.len() == 1 {
+                *self = Segs::default();
+                return;
+            }
+        }
+        *self = self.tail_from(n);
+    }
+
     /// Volatile slices covering the first `len` bytes of the stream.
     fn slices<'m>(
         &self,
@@ -282,6 +328,45 @@ pub(crate) fn host_ptr(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Option<*
         return None;
     }
     r.get_host_address(MemoryRegionAddress(off)).ok()
+}
+
+/// The region a walk found its last descriptor in: `(guest start, length, host base)`. The
+/// descriptors of one chain lie in one region almost always, so a walk looks the region up once.
+#[derive(Clone, Copy)]
+struct RegionHint {
+    start: u64,
+    len: u64,
+    base: *mut u8,
+}
+
+/// [`host_ptr`] trying `hint` (a region of the same `mem`) before the region lookup, and
+/// remembering the region found.
+#[inline]
+fn host_ptr_hinted(
+    mem: &GuestMemoryMmap,
+    hint: &mut Option<RegionHint>,
+    addr: u64,
+    len: usize,
+) -> Option<*mut u8> {
+    let h = match *hint {
+        Some(h) if addr >= h.start && addr - h.start < h.len => h,
+        _ => {
+            let r = mem.find_region(GuestAddress(addr))?;
+            let h = RegionHint {
+                start: r.start_addr().0,
+                len: r.len(),
+                base: r.get_host_address(MemoryRegionAddress(0)).ok()?,
+            };
+            *hint = Some(h);
+            h
+        }
+    };
+    let off = addr - h.start;
+    if off.checked_add(len as u64)? > h.len {
+        return None;
+    }
+    // off + len <= the region's length: inside its mapping (no access is made here).
+    Some(h.base.wrapping_add(off as usize))
 }
 
 /// Copy `n` bytes between guest memory and the daemon's own memory the way vm-memory's volatile
@@ -566,6 +651,8 @@ pub(crate) struct Walked {
     /// memory table at the second address (where the walk found it): the header is read
     /// from there without a second lookup.
     first_read: Option<(*const u8, *const GuestMemoryMmap)>,
+    /// The region of the last descriptor (of the `mem` the walk is given).
+    hint: Option<RegionHint>,
 }
 
 impl Walked {
@@ -582,7 +669,7 @@ impl Walked {
         let host = if len == 0 {
             None
         } else {
-            host_ptr(mem, addr, len as usize)
+            host_ptr_hinted(mem, &mut self.hint, addr, len as usize)
         };
         let inside = len == 0
             || host.is_some()
@@ -645,13 +732,15 @@ where
             desc.has_next(),
         );
     }
-    parse_walked(mem, &w, queue, head, limits, acked, head_indirect)
+    parse_walked(mem, &mut w, queue, head, limits, acked, head_indirect)
 }
 
-/// Validate a walked chain (chain `head` of virtqueue `queue`) and parse its request.
+/// Validate a walked chain (chain `head` of virtqueue `queue`) and parse its request. The
+/// chain's streams are moved out of `w` (split in place into header/payload and data/completion:
+/// no stream is rebuilt for the common shapes).
 pub(crate) fn parse_walked(
     mem: &GuestMemoryMmap,
-    w: &Walked,
+    w: &mut Walked,
     queue: u16,
     head: u16,
     limits: &Limits,
@@ -663,27 +752,23 @@ pub(crate) fn parse_walked(
     // `ReqHeader::from_slice` (which then refused a good header when the layout moved).
     let mut hdr = ReqHeader::default();
     let head_read = w.read_head(mem, hdr.as_mut_slice()).is_some();
-    let Walked {
-        readable,
-        writable,
-        count,
-        last_has_next,
-        fault,
-        write_before_read,
-        first_read: _,
-    } = w;
     let (count, last_has_next, fault, write_before_read) =
-        (*count, *last_has_next, *fault, *write_before_read);
+        (w.count, w.last_has_next, w.fault, w.write_before_read);
     if count == 0 {
         return unusable("empty chain");
     }
     if last_has_next {
         return unusable("chain cannot be walked to its end (loop, bad next, overflow)");
     }
-    if writable.len < COMPLETION_LEN as u64 {
+    if w.writable.len < COMPLETION_LEN as u64 {
         return unusable("no room for a completion");
     }
-    let (data, comp) = writable.split_at(writable.len - COMPLETION_LEN as u64);
+    // Only header and completion descriptors are exempt, so a chain of at most `max_sge`
+    // descriptors passes without counting them (counted on the whole streams, before the split).
+    let too_many_sge = count > limits.max_sge as usize
+        && data_descriptors(count, &w.readable, &w.writable) > limits.max_sge as usize;
+    let mut data = std::mem::take(&mut w.writable);
+    let comp = data.split_off_tail(COMPLETION_LEN as u64);
     // Without a fault every descriptor, so every part of one, lies inside guest memory.
     let comp_ok = !fault
         || comp
@@ -693,41 +778,44 @@ pub(crate) fn parse_walked(
     if !comp_ok {
         return unusable("completion area outside guest memory");
     }
-    let reject = |status, cookie| Parsed::Reject {
-        queue,
-        head,
-        comp: comp.clone(),
-        status,
-        cookie,
-    };
+    // A macro, not a closure: the completion stream moves into the rejection, or into the
+    // request below.
+    macro_rules! reject {
+        ($status:expr, $cookie:expr) => {
+            Parsed::Reject {
+                queue,
+                head,
+                comp,
+                status: $status,
+                cookie: $cookie,
+            }
+        };
+    }
     if fault {
-        return reject(Status::Fault, 0);
+        return reject!(Status::Fault, 0);
     }
     if write_before_read {
-        return reject(Status::BadChain, 0);
+        return reject!(Status::BadChain, 0);
     }
     if head_indirect && acked & bit(VIRTIO_RING_F_INDIRECT_DESC) == 0 {
-        return reject(Status::BadChain, 0);
+        return reject!(Status::BadChain, 0);
     }
-    // Only header and completion descriptors are exempt, so a chain of at most `max_sge`
-    // descriptors passes without counting them.
-    if count > limits.max_sge as usize
-        && data_descriptors(count, readable, writable) > limits.max_sge as usize
-    {
-        return reject(Status::BadChain, 0);
+    if too_many_sge {
+        return reject!(Status::BadChain, 0);
     }
+    let readable = &mut w.readable;
     if readable.len < REQ_HEADER_LEN as u64 {
-        return reject(Status::BadChain, 0);
+        return reject!(Status::BadChain, 0);
     }
 
     if !head_read && readable.read_at(mem, 0, hdr.as_mut_slice()).is_err() {
-        return reject(Status::Fault, 0);
+        return reject!(Status::Fault, 0);
     }
     let hdr = &hdr;
     let cookie = u64::from(hdr.cookie);
 
     if acked & bit(VIRTIO_F_VERSION_1) == 0 {
-        return reject(Status::Unsupported, cookie);
+        return reject!(Status::Unsupported, cookie);
     }
     let (class, qp) = match queue_kind(queue) {
         QueueKind::Control => (QueueClass::Control, 0),
@@ -735,37 +823,38 @@ pub(crate) fn parse_walked(
         QueueKind::Rx(qp) => (QueueClass::Rx, qp),
     };
     if qp >= limits.num_queue_pairs {
-        return reject(Status::Unsupported, cookie);
+        return reject!(Status::Unsupported, cookie);
     }
     let req = match Request::parse(hdr, class) {
         Ok(r) => r,
-        Err(e) => return reject(e.status(), cookie),
+        Err(e) => return reject!(e.status(), cookie),
     };
     if acked & bit(req.opcode.required_feature()) == 0 || !implemented(req.opcode) {
-        return reject(Status::Unsupported, cookie);
+        return reject!(Status::Unsupported, cookie);
     }
     if qp > 0 && acked & bit(VIRTIO_FABRIC_F_MQ) == 0 {
-        return reject(Status::Unsupported, cookie);
+        return reject!(Status::Unsupported, cookie);
     }
     if req.flags & flags::REMOTE_CQ_DATA != 0 && acked & bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0 {
-        return reject(Status::Unsupported, cookie);
+        return reject!(Status::Unsupported, cookie);
     }
     // Specified but not implemented by this device yet.
     if req.flags & flags::MULTI_RECV != 0 {
-        return reject(Status::Unsupported, cookie);
+        return reject!(Status::Unsupported, cookie);
     }
     if req.flags & flags::COMMIT_COMPLETE != 0 && acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) == 0 {
-        return reject(Status::Unsupported, cookie);
+        return reject!(Status::Unsupported, cookie);
     }
 
-    let payload = readable.tail_from(REQ_HEADER_LEN as u64);
+    let mut payload = std::mem::take(readable);
+    payload.drop_front(REQ_HEADER_LEN as u64);
     match req.opcode {
         Opcode::Send | Opcode::TSend => {
             if payload.len > limits.max_msg_size {
-                return reject(Status::TooLarge, cookie);
+                return reject!(Status::TooLarge, cookie);
             }
             if req.flags & flags::INJECT != 0 && payload.len > u64::from(limits.inject_size) {
-                return reject(Status::Invalid, cookie);
+                return reject!(Status::Invalid, cookie);
             }
         }
         Opcode::MrReg => {
@@ -773,43 +862,43 @@ pub(crate) fn parse_walked(
                 || req.count > limits.max_sge
                 || payload.len != u64::from(req.count) * MEM_SEG_LEN as u64
             {
-                return reject(Status::Invalid, cookie);
+                return reject!(Status::Invalid, cookie);
             }
         }
         Opcode::RmaWrite | Opcode::RmaRead => {
             let list = u64::from(req.count) * RMA_IOV_LEN as u64;
             let write = req.opcode == Opcode::RmaWrite;
             if req.count > limits.max_sge || payload.len < list || (!write && payload.len != list) {
-                return reject(Status::Invalid, cookie);
+                return reject!(Status::Invalid, cookie);
             }
             let local = if write { payload.len - list } else { data.len };
             if local > limits.max_msg_size {
-                return reject(Status::TooLarge, cookie);
+                return reject!(Status::TooLarge, cookie);
             }
             if req.flags & flags::INJECT != 0 && local > u64::from(limits.inject_size) {
-                return reject(Status::Invalid, cookie);
+                return reject!(Status::Invalid, cookie);
             }
         }
         Opcode::Flush => {
             if req.count > limits.max_sge
                 || payload.len != u64::from(req.count) * RMA_IOV_LEN as u64
             {
-                return reject(Status::Invalid, cookie);
+                return reject!(Status::Invalid, cookie);
             }
         }
         Opcode::Atomic | Opcode::FetchAtomic | Opcode::CompareAtomic => {
             // Operands (and compare values) of at most MAX_ATOMIC_COUNT 16-byte elements; the
             // exact length is checked against the datatype by the fabric.
             if payload.len > 2 * 16 * 4096 {
-                return reject(Status::Invalid, cookie);
+                return reject!(Status::Invalid, cookie);
             }
             if req.flags & flags::INJECT != 0 && payload.len > u64::from(limits.inject_size) {
-                return reject(Status::Invalid, cookie);
+                return reject!(Status::Invalid, cookie);
             }
         }
         _ => {
             if payload.len != 0 {
-                return reject(Status::Invalid, cookie);
+                return reject!(Status::Invalid, cookie);
             }
         }
     }

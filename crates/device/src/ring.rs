@@ -220,7 +220,7 @@ impl RingView {
         next_avail: &mut u16,
         mem: &GuestMemoryMmap,
         max: usize,
-        mut each: impl FnMut(u16, &Walked, bool),
+        mut each: impl FnMut(u16, &mut Walked, bool),
     ) -> Result<usize, RingError> {
         let avail = Wrapping(self.avail_idx());
         let mut next = Wrapping(*next_avail);
@@ -240,7 +240,7 @@ impl RingView {
             // Walked in place and lent: the chain's streams are not moved (a few hundred bytes).
             let mut walked = Walked::default();
             let indirect = self.walk(mem, head, &mut walked);
-            each(head, &walked, indirect);
+            each(head, &mut walked, indirect);
             next += Wrapping(1);
         }
         *next_avail = next.0;
