@@ -149,6 +149,7 @@ impl VringSink {
 }
 
 impl CompletionSink for VringSink {
+    #[inline]
     fn complete(&self, queue: u16, head: u16, len: u32) {
         let q = usize::from(queue);
         let Some(state) = self.rings.get(q) else {
@@ -198,6 +199,7 @@ impl CompletionSink for VringSink {
 
 /// `signal_used_queue` with the `write` system call made directly: the libc wrapper's
 /// cancellation-point bookkeeping costs more user-space instructions than the call itself.
+#[inline]
 fn signal_call(vr: &VringRwLock) -> io::Result<()> {
     let st = vr.get_ref();
     let Some(call) = st.get_call() else {

@@ -36,6 +36,7 @@ enum Delivered {
 }
 
 /// Take the first posted receive of `e` that matches `meta`, with its position.
+#[inline]
 pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize, Req)> {
     let e = d.ep_mut(ep)?;
     let i = e.posted.iter().position(|x| recv_matches(&x.req, meta))?;
@@ -190,6 +191,7 @@ impl Fabric {
     /// Deliver bytes the device already holds (`buf`, from send `req` of `dev`) into receive
     /// `rv` of `rdev`; both complete. A fault in the receiver's memory fails the receive only.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     fn place(
         &self,
         dev: usize,
@@ -222,6 +224,7 @@ impl Fabric {
     }
 
     /// [`Fabric::sent`] with the sender's memory already loaded, if the caller has it.
+    #[inline]
     fn sent_in(
         &self,
         dev: usize,
@@ -252,6 +255,7 @@ impl Fabric {
 
     /// [`Fabric::received`] with the receiver's memory already loaded, if the caller has it.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     fn received_in(
         &self,
         rdev: usize,

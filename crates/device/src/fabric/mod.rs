@@ -88,6 +88,7 @@ pub(crate) struct Notify {
 }
 
 impl Notify {
+    #[inline]
     pub fn touch(&mut self, s: &Arc<dyn CompletionSink>) {
         let same = |x: &Arc<dyn CompletionSink>| {
             std::ptr::eq(Arc::as_ptr(x) as *const (), Arc::as_ptr(s) as *const ())
@@ -280,6 +281,7 @@ fn recv_matches(r: &Request, m: &Meta) -> bool {
         && (r.flags & vfabric_proto::flags::DIRECTED == 0 || r.peer == m.src)
 }
 
+#[inline]
 fn recv_completion(r: &Request, m: &Meta, placed: u64) -> Completion {
     let status = if placed < m.len {
         Status::Truncated
@@ -310,6 +312,7 @@ fn recv_completion(r: &Request, m: &Meta, placed: u64) -> Completion {
     c
 }
 
+#[inline]
 fn send_ok(r: &Request, len: u64) -> Completion {
     let mut c = completion(Status::Ok, r.cookie);
     c.len = len.into();
@@ -490,6 +493,7 @@ impl Fabric {
 
     /// Write completion `c` of a chain of `dev` and put the chain in its used ring.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     fn finish(
         &self,
         dev: usize,
@@ -517,6 +521,7 @@ impl Fabric {
     /// [`Fabric::finish`] with `port`'s guest memory already loaded (`mem`): a caller that
     /// touched the guest's memory for the same request saves a second load.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     fn finish_in(
         &self,
         dev: usize,
@@ -549,12 +554,14 @@ impl Fabric {
         n.touch(&port.sink);
     }
 
+    #[inline]
     fn done(&self, dev: usize, port: &Port, r: &Req, c: &Completion, written: u64, n: &mut Notify) {
         self.finish(dev, port, r.queue, r.head, &r.comp, c, written, n);
     }
 
     /// [`Fabric::done`] with `port`'s guest memory already loaded, if the caller has it.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     fn done_in(
         &self,
         dev: usize,
