@@ -32,7 +32,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::chain::{parse_walked, GuestMemoryMmap, Parsed, RingError};
+use crate::chain::{parse_popped, GuestMemoryMmap, Parsed, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::{Polled, Poller};
 use crate::ring::{RingState, RingView};
@@ -526,10 +526,8 @@ impl FabricBackend {
                 max = max.min(usize::from(announced));
             }
             let popped = self.sink.with_ring(vr, q, Some(mem), |next_avail, view| {
-                let k = view.pop(next_avail, mem, max, |head, walked, indirect| {
-                    parsed.push(parse_walked(
-                        mem, walked, q as u16, head, limits, acked, indirect,
-                    ));
+                let k = view.pop(next_avail, mem, max, |head, chain| {
+                    parsed.push(parse_popped(mem, chain, q as u16, head, limits, acked));
                 })?;
                 let arrived = rearm && k < max && view.set_notification(*next_avail, true);
                 Ok::<_, RingError>((k, arrived))

@@ -79,7 +79,7 @@ impl Segs {
     }
 
     /// The stream of one range (empty if `s` is).
-    fn one(s: Seg) -> Self {
+    pub(crate) fn one(s: Seg) -> Self {
         if s.len == 0 {
             return Segs::default();
         }
@@ -333,7 +333,7 @@ pub(crate) fn host_ptr(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Option<*
 /// The region a walk found its last descriptor in: `(guest start, length, host base)`. The
 /// descriptors of one chain lie in one region almost always, so a walk looks the region up once.
 #[derive(Clone, Copy)]
-struct RegionHint {
+pub(crate) struct RegionHint {
     start: u64,
     len: u64,
     base: *mut u8,
@@ -342,7 +342,7 @@ struct RegionHint {
 /// [`host_ptr`] trying `hint` (a region of the same `mem`) before the region lookup, and
 /// remembering the region found.
 #[inline]
-fn host_ptr_hinted(
+pub(crate) fn host_ptr_hinted(
     mem: &GuestMemoryMmap,
     hint: &mut Option<RegionHint>,
     addr: u64,
@@ -811,7 +811,109 @@ pub(crate) fn parse_walked(
     if !head_read && readable.read_at(mem, 0, hdr.as_mut_slice()).is_err() {
         return reject!(Status::Fault, 0);
     }
-    let hdr = &hdr;
+    let mut payload = std::mem::take(readable);
+    payload.drop_front(REQ_HEADER_LEN as u64);
+    parse_header(&hdr, queue, head, limits, acked, payload, data, comp)
+}
+
+/// Parse a chain of the common shape that [`crate::ring::RingView`]'s walk recognised
+/// ([`SimpleChain`]): every check of [`parse_walked`] before the header holds for it by
+/// construction, so only the header is read and checked.
+fn parse_simple(
+    c: SimpleChain<'_>,
+    queue: u16,
+    head: u16,
+    limits: &Limits,
+    acked: u64,
+) -> Parsed {
+    // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
+    // the header's when it is exactly 96 bytes, the completion's when exactly 64.
+    let count = usize::from(c.count);
+    if count > limits.max_sge as usize && count - usize::from(c.control) > limits.max_sge as usize {
+        return Parsed::Reject {
+            queue,
+            head,
+            comp: c.comp,
+            status: Status::BadChain,
+            cookie: 0,
+        };
+    }
+    let mut hdr = ReqHeader::default();
+    // SAFETY: the walk found the whole first descriptor (at least REQ_HEADER_LEN bytes) at
+    // `c.header` inside one region of the memory table the chain's lifetime borrows, so the
+    // mapping is alive; `hdr` is our own; guest memory is only copied from.
+    unsafe { guest_copy(hdr.as_mut_slice().as_mut_ptr(), c.header, REQ_HEADER_LEN) };
+    parse_header(&hdr, queue, head, limits, acked, c.payload, c.data, c.comp)
+}
+
+/// A chain of the shape drivers post (a readable header descriptor of at least 96 bytes, at
+/// most one more readable descriptor, one or two writable ones, the last holding the whole
+/// completion; no indirect table; each descriptor inside one memory region, none empty),
+/// already split into its streams by the ring's walk.
+pub(crate) struct SimpleChain<'m> {
+    /// Host address of the header (the first 96 bytes of the first descriptor).
+    pub header: *const u8,
+    pub payload: Segs,
+    pub data: Segs,
+    pub comp: Segs,
+    /// Descriptors in the chain (2 or 3).
+    pub count: u8,
+    /// Of those, the ones holding only the header or only the completion.
+    pub control: u8,
+    /// The memory table `header` points into.
+    pub mem: std::marker::PhantomData<&'m GuestMemoryMmap>,
+}
+
+/// One chain popped from a ring by [`crate::ring::RingView::pop`].
+pub(crate) enum Popped<'w, 'm> {
+    /// The general walk, and whether the head descriptor is an indirect one.
+    Walked(&'w mut Walked, bool),
+    /// A chain of the common shape.
+    Simple(SimpleChain<'m>),
+}
+
+/// Parse a chain popped from virtqueue `queue` (head `head`), walked in `mem`.
+#[inline]
+pub(crate) fn parse_popped(
+    mem: &GuestMemoryMmap,
+    chain: Popped<'_, '_>,
+    queue: u16,
+    head: u16,
+    limits: &Limits,
+    acked: u64,
+) -> Parsed {
+    match chain {
+        Popped::Walked(w, indirect) => parse_walked(mem, w, queue, head, limits, acked, indirect),
+        Popped::Simple(c) => parse_simple(c, queue, head, limits, acked),
+    }
+}
+
+/// Check a request header read from chain `head` of virtqueue `queue` and build the request
+/// from its streams.
+#[allow(clippy::too_many_arguments)]
+fn parse_header(
+    hdr: &ReqHeader,
+    queue: u16,
+    head: u16,
+    limits: &Limits,
+    acked: u64,
+    payload: Segs,
+    data: Segs,
+    comp: Segs,
+) -> Parsed {
+    // A macro, not a closure: the completion stream moves into the rejection, or into the
+    // request below.
+    macro_rules! reject {
+        ($status:expr, $cookie:expr) => {
+            Parsed::Reject {
+                queue,
+                head,
+                comp,
+                status: $status,
+                cookie: $cookie,
+            }
+        };
+    }
     let cookie = u64::from(hdr.cookie);
 
     if acked & bit(VIRTIO_F_VERSION_1) == 0 {
@@ -846,8 +948,6 @@ pub(crate) fn parse_walked(
         return reject!(Status::Unsupported, cookie);
     }
 
-    let mut payload = std::mem::take(readable);
-    payload.drop_front(REQ_HEADER_LEN as u64);
     match req.opcode {
         Opcode::Send | Opcode::TSend => {
             if payload.len > limits.max_msg_size {

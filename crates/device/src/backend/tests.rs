@@ -750,9 +750,14 @@ mod hostile {
             let view = crate::ring::RingView::build(mem.clone(), 0, &fast_q).unwrap();
             let mut fast = Vec::new();
             let mut fast_next = fast_q.next_avail();
-            let fast_res = view.pop(&mut fast_next, &mem, 64, |head, w, indirect| {
-                fast.push(crate::chain::parse_walked(
-                    &mem, w, queue, head, &rig.limits, acked, indirect,
+            let fast_res = view.pop(&mut fast_next, &mem, 64, |head, chain| {
+                fast.push(crate::chain::parse_popped(
+                    &mem,
+                    chain,
+                    queue,
+                    head,
+                    &rig.limits,
+                    acked,
                 ));
             });
             fast_q.set_next_avail(fast_next);
