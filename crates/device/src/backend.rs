@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use tracing::{debug, error, info, warn};
 use vfabric_proto::{
@@ -48,7 +48,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The used rings of one connection: where the fabric puts completions.
 pub(crate) struct VringSink {
-    vrings: RwLock<Vec<VringRwLock>>,
+    /// The rings vhost-user-backend handed over with the first event (the same for the whole
+    /// connection): set once, read without a lock.
+    vrings: OnceLock<Vec<VringRwLock>>,
     /// Fast-path state of each ring (lock order: after the ring's `VringRwLock`).
     rings: Vec<Mutex<RingState>>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -63,7 +65,7 @@ pub(crate) struct VringSink {
 impl VringSink {
     fn new(num_queues: usize, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
         Self {
-            vrings: RwLock::new(Vec::new()),
+            vrings: OnceLock::new(),
             rings: (0..num_queues)
                 .map(|_| Mutex::new(RingState::default()))
                 .collect(),
@@ -75,17 +77,14 @@ impl VringSink {
     }
 
     fn set_vrings(&self, vrings: &[VringRwLock]) {
-        let known = !self
-            .vrings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty();
-        if !known {
-            let mut w = self.vrings.write().unwrap_or_else(|p| p.into_inner());
-            if w.is_empty() {
-                *w = vrings.to_vec();
-            }
+        if self.vrings.get().is_none() {
+            let _ = self.vrings.set(vrings.to_vec());
         }
+    }
+
+    /// The rings (empty before the first event).
+    fn rings_list(&self) -> &[VringRwLock] {
+        self.vrings.get().map_or(&[], Vec::as_slice)
     }
 
     /// Run `f` on ring `q`'s next avail index and view, under the ring's `VringRwLock` (read:
@@ -117,7 +116,7 @@ impl VringSink {
     /// Build ring `q`'s view under its `VringRwLock` whatever the ring's state (completions go
     /// to a stopped ring too: a ring being stopped gets its cancelled requests back).
     fn build_view(&self, q: usize) -> Result<(), RingError> {
-        let v = self.vrings.read().unwrap_or_else(|p| p.into_inner());
+        let v = self.rings_list();
         let (Some(vr), Some(state)) = (v.get(q), self.rings.get(q)) else {
             return Err(RingError::Invalid);
         };
@@ -140,7 +139,7 @@ impl VringSink {
     /// Ring `q` is stopping (GET_VRING_BASE): its configuration may change before it runs
     /// again, so the next use re-reads it.
     fn stop_ring(&self, q: usize) {
-        let v = self.vrings.read().unwrap_or_else(|p| p.into_inner());
+        let v = self.rings_list();
         if let (Some(vr), Some(state)) = (v.get(q), self.rings.get(q)) {
             let mut st = vr.get_mut();
             lock(state).reset(st.get_queue_mut());
@@ -178,7 +177,7 @@ impl CompletionSink for VringSink {
         if bits == 0 {
             return;
         }
-        let v = self.vrings.read().unwrap_or_else(|p| p.into_inner());
+        let v = self.rings_list();
         let mut left = bits;
         while left != 0 {
             let q = left.trailing_zeros() as usize;
@@ -673,20 +672,16 @@ impl FabricBackend {
     }
 
     /// The rings the vring worker handed us (empty before the first kick).
-    fn vrings(&self) -> Vec<VringRwLock> {
-        self.sink
-            .vrings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn vrings(&self) -> &[VringRwLock] {
+        self.sink.rings_list()
     }
 }
 
 impl Polled for FabricBackend {
     fn poll_once(&self) -> bool {
-        let v = self.sink.vrings.read().unwrap_or_else(|p| p.into_inner());
+        let v = self.sink.rings_list();
         let mut n = Notify::default();
-        self.drain(&v, &mut n)
+        self.drain(v, &mut n)
     }
 
     fn try_park(&self) -> bool {
@@ -694,9 +689,9 @@ impl Polled for FabricBackend {
         // (which then covers it) or wholly after `polled` is cleared (and re-arms itself).
         let _work = self.work_lock();
         let vrings = self.vrings();
-        match self.set_notifications(&vrings, true) {
+        match self.set_notifications(vrings, true) {
             Ok(true) if !self.is_broken() => {
-                if self.event_idx() || self.set_notifications(&vrings, false).is_ok() {
+                if self.event_idx() || self.set_notifications(vrings, false).is_ok() {
                     return false;
                 }
                 self.polled.store(false, Ordering::Release);
@@ -731,9 +726,9 @@ impl Polled for FabricBackend {
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return false,
         };
-        let v = self.sink.vrings.read().unwrap_or_else(|p| p.into_inner());
+        let v = self.sink.rings_list();
         let mut n = Notify::default();
-        let (found, _) = self.pass_locked(&mut work, &v, None, &mut n);
+        let (found, _) = self.pass_locked(&mut work, v, None, &mut n);
         if found {
             self.nested_work.store(true, Ordering::Release);
         }
