@@ -819,13 +819,7 @@ pub(crate) fn parse_walked(
 /// Parse a chain of the common shape that [`crate::ring::RingView`]'s walk recognised
 /// ([`SimpleChain`]): every check of [`parse_walked`] before the header holds for it by
 /// construction, so only the header is read and checked.
-fn parse_simple(
-    c: SimpleChain<'_>,
-    queue: u16,
-    head: u16,
-    limits: &Limits,
-    acked: u64,
-) -> Parsed {
+fn parse_simple(c: SimpleChain<'_>, queue: u16, head: u16, limits: &Limits, acked: u64) -> Parsed {
     // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
     // the header's when it is exactly 96 bytes, the completion's when exactly 64.
     let count = usize::from(c.count);
