@@ -671,6 +671,142 @@ fn backend_service_requests_are_checked() {
     assert_eq!(vfabric_proto::FabricAddr::from_wire(&c.src), me);
 }
 
+/// The ring walk's fast path (chains of the shape drivers post) parses every chain exactly as
+/// virtio-queue's iterator and the general parser do, and is taken for those shapes only: the
+/// edges of the shape (header or completion exactly filling its descriptor, a payload or data
+/// descriptor of its own, one descriptor too many, a chain longer than the ring, `max_sge`
+/// counting, descriptors outside memory, empty or indirect ones) are all here.
+#[test]
+fn simple_chains_parse_as_the_general_walk() {
+    use crate::chain::Popped;
+    use crate::testutil::MEM_SIZE;
+    const R: u16 = 0;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const IND: u16 = 4;
+    let (comp, data, pay) = (0x20000u64, 0x21000u64, 0x30000u64);
+    // (descriptors as (address, length, flags), ring size, max_sge, fast path expected)
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(Vec<(u64, u32, u16)>, u16, u32, bool)> = vec![
+        (vec![(HDR, 96, R), (comp, 64, W)], 16, 8, true),
+        (vec![(HDR, 104, R), (comp, 72, W)], 16, 8, true),
+        (vec![(HDR, 96, R), (pay, 8, R), (comp, 64, W)], 16, 8, true),
+        (
+            vec![(HDR, 100, R), (pay, 8, R), (comp, 100, W)],
+            16,
+            8,
+            true,
+        ),
+        (vec![(HDR, 96, R), (data, 8, W), (comp, 64, W)], 16, 8, true),
+        (vec![(HDR, 96, R), (data, 8, W), (comp, 80, W)], 16, 8, true),
+        // max_sge: header and completion descriptors do not count, the others do.
+        (vec![(HDR, 96, R), (comp, 64, W)], 16, 1, true),
+        (vec![(HDR, 104, R), (comp, 72, W)], 16, 1, true),
+        (vec![(HDR, 96, R), (data, 8, W), (comp, 64, W)], 16, 1, true),
+        (vec![(HDR, 96, R), (pay, 8, R), (data, 8, W)], 16, 1, false),
+        (
+            vec![(HDR, 104, R), (data, 8, W), (comp, 72, W)],
+            16,
+            2,
+            true,
+        ),
+        // Not the shape: the general walk.
+        (
+            vec![(HDR, 100, R), (pay, 8, R), (data, 8, W), (comp, 64, W)],
+            16,
+            8,
+            false,
+        ),
+        (
+            vec![(HDR, 96, R), (pay, 8, R), (pay, 8, R), (comp, 64, W)],
+            16,
+            8,
+            false,
+        ),
+        (vec![(HDR, 95, R), (pay, 8, R), (comp, 64, W)], 16, 8, false),
+        (vec![(HDR, 96, R), (comp, 63, W)], 16, 8, false),
+        (
+            vec![(HDR, 96, R), (data, 8, W), (comp, 63, W)],
+            16,
+            8,
+            false,
+        ),
+        (vec![(HDR, 96, W), (comp, 64, W)], 16, 8, false),
+        (vec![(HDR, 96, R), (comp, 64, W), (pay, 8, R)], 16, 8, false),
+        (
+            vec![(HDR, 96, R), (data, 0, W), (comp, 64, W)],
+            16,
+            8,
+            false,
+        ),
+        (vec![(HDR, 96, R), (comp, 64, W | IND)], 16, 8, false),
+        (vec![(HDR, 96, R | IND), (comp, 64, W)], 16, 8, false),
+        (vec![(HDR, 96, R), (MEM_SIZE - 32, 64, W)], 16, 8, false),
+        (vec![(HDR, 96, R), (u64::MAX - 7, 64, W)], 16, 8, false),
+        (vec![(MEM_SIZE - 64, 96, R), (comp, 64, W)], 16, 8, false),
+        // Three descriptors on a ring of two (the third is the head again): cut short.
+        (vec![(HDR, 96, R), (data, 8, W), (comp, 64, W)], 2, 8, false),
+        (vec![(HDR, 96, R), (comp, 64, W)], 2, 8, true),
+    ];
+    for (queue, op) in [(1u16, Opcode::Send), (2, Opcode::Recv)] {
+        for (i, (descs, size, max_sge, simple)) in cases.iter().enumerate() {
+            let rig = Rig::new(Limits {
+                max_sge: *max_sge,
+                ..Limits::default()
+            });
+            let mut r = Request::new(op);
+            r.cookie = 7;
+            rig.header(r);
+            let vq = MockSplitQueue::new(rig.mem(), *size);
+            // On a ring smaller than the chain, the last `next` wraps to the head: a loop.
+            for (k, (a, l, f)) in descs.iter().enumerate().take(usize::from(*size)) {
+                let (flags, next) = if k + 1 < descs.len() {
+                    (*f | VRING_DESC_F_NEXT as u16, (k as u16 + 1) % *size)
+                } else {
+                    (*f, 0)
+                };
+                vq.desc_table()
+                    .store(
+                        k as u16,
+                        RawDescriptor::from(SplitDescriptor::new(*a, *l, flags, next)),
+                    )
+                    .unwrap();
+            }
+            vq.avail().ring().ref_at(0).unwrap().store(0);
+            vq.avail().idx().store(1);
+            let q: Queue = vq.create_queue().unwrap();
+            let mem = Arc::new(rig.mem().clone());
+            let view = crate::ring::RingView::build(mem.clone(), 0, &q).unwrap();
+            let mut next = q.next_avail();
+            let mut fast = Vec::new();
+            let mut took_simple = Vec::new();
+            view.pop(&mut next, &mem, 64, |head, chain| {
+                took_simple.push(matches!(chain, Popped::Simple(_)));
+                fast.push(crate::chain::parse_popped(
+                    &mem,
+                    chain,
+                    queue,
+                    head,
+                    &rig.limits,
+                    ALL_FEATURES,
+                ));
+            })
+            .unwrap();
+            let mut slow_q: Queue = vq.create_queue().unwrap();
+            let desc_table = slow_q.desc_table();
+            let slow: Vec<Parsed> = pop_chains(&mut slow_q, rig.mem(), 64)
+                .unwrap()
+                .into_iter()
+                .map(|c| {
+                    let indirect = head_is_indirect(rig.mem(), desc_table, c.head_index());
+                    parse_chain(rig.mem(), c, queue, &rig.limits, ALL_FEATURES, indirect)
+                })
+                .collect();
+            assert_eq!(fast, slow, "case {i} ({op:?}): {descs:?}");
+            assert_eq!(took_simple, [*simple], "case {i} ({op:?}): {descs:?}");
+        }
+    }
+}
+
 mod hostile {
     use proptest::prelude::*;
 
