@@ -994,11 +994,21 @@ impl DomainInner {
         // Count ourselves before arming: a drainer that moves a ring on then re-arms it, and a
         // post to a queue we leave idle arms it.
         self.signals.blockers.fetch_add(1, Ordering::SeqCst);
+        // Only queues with requests in flight can be called. A post to a queue outside the
+        // busy mask sets its bit after counting the request and then sees our `blockers`
+        // count (all SeqCst) and arms it itself.
         let mut armed = 0u64;
-        for (i, q) in self.queues.iter().enumerate() {
-            if q.arm_if_busy() {
-                armed |= 1 << (i % 64);
+        let mut busy = self.signals.busy.load(Ordering::SeqCst);
+        let lower = self.queues.len().min(64);
+        while busy != 0 {
+            let i = busy.trailing_zeros() as usize;
+            busy &= busy - 1;
+            if i < lower && self.queues[i].arm_if_busy() {
+                armed |= 1 << i;
             }
+        }
+        for q in self.queues.iter().skip(64) {
+            q.arm_if_busy();
         }
         // The arming stores must be visible before we re-check the used indices.
         fence(Ordering::SeqCst);
