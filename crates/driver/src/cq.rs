@@ -160,6 +160,31 @@ impl From<Empty> for Error {
 
 type ReadResult = std::result::Result<usize, Empty>;
 
+/// A reader's buffer that progress fills directly: a success entry for the reader's CQ is
+/// written into `out` instead of being queued, as long as the CQ has nothing queued (so every
+/// entry queued before it, from the same virtqueue or not, has been read) and `out` has room.
+/// Entries of one virtqueue are dispatched by one drainer at a time, in ring order, so the
+/// order per virtqueue holds: once one of them is queued, the ones after it are queued too.
+pub(crate) struct Direct<'a> {
+    cq: *const CqShared,
+    out: &'a mut [CqEntry],
+    at: usize,
+}
+
+impl Direct<'_> {
+    /// Deliver `e` (bound for `cq`) into the reader's buffer, or hand it back.
+    #[inline]
+    fn put(&mut self, cq: &CqShared, e: CqEntry) -> std::result::Result<(), CqEntry> {
+        if std::ptr::eq(cq, self.cq) && self.at < self.out.len() && cq.is_empty() {
+            self.out[self.at] = e;
+            self.at += 1;
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+}
+
 /// State shared between a CQ handle and the requests that complete into it.
 pub(crate) struct CqShared {
     events: SpinLock<VecDeque<CqEvent>>,
@@ -282,13 +307,22 @@ impl CompletionQueue {
 
     #[inline]
     fn try_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
-        let progressed = self.domain.progress_fast();
-        let mut at = 0;
-        let taken = self.take(out.len(), |e| {
-            out[at] = e;
-            at += 1;
+        let mut direct = Direct {
+            cq: Arc::as_ptr(&self.shared),
+            out,
+            at: 0,
+        };
+        let progressed = self.domain.progress_into(Some(&mut direct));
+        let Direct { out, at, .. } = direct;
+        let mut n = at;
+        let taken = self.take(out.len() - at, |e| {
+            out[n] = e;
+            n += 1;
         });
         match taken {
+            Ok(k) => Ok(at + k),
+            // Entries delivered directly come before an error entry queued after them.
+            Err(Empty::Again | Empty::Avail) if at > 0 => Ok(at),
             Err(Empty::Again) => Err(progressed.map_or_else(Empty::Stalled, |_| Empty::Again)),
             r => r,
         }
@@ -597,9 +631,9 @@ impl CompletionQueue {
 }
 
 /// Deliver a finished request (called by progress, in used-ring order per queue).
-pub(crate) fn complete(domain: &DomainInner, f: Done<'_>) {
+pub(crate) fn complete(domain: &DomainInner, f: Done<'_>, direct: Option<&mut Direct<'_>>) {
     match f.op {
-        PendingOp::Data(_) => complete_data(f),
+        PendingOp::Data(_) => complete_data(f, direct),
         PendingOp::Control { .. } => crate::control::complete_control(domain, f),
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
         PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),
@@ -608,7 +642,7 @@ pub(crate) fn complete(domain: &DomainInner, f: Done<'_>) {
     }
 }
 
-fn complete_data(f: Done<'_>) {
+fn complete_data(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
     let Finished {
         cookie,
         op,
@@ -754,7 +788,7 @@ fn complete_data(f: Done<'_>) {
                 sc,
             ))));
         } else if let Some(cq) = cq.filter(|_| op.report_success) {
-            cq.push(CqEvent::Entry(CqEntry {
+            let e = CqEntry {
                 context: op.context,
                 flags,
                 len,
@@ -763,7 +797,14 @@ fn complete_data(f: Done<'_>) {
                 src,
                 src_addr,
                 buf,
-            }));
+            };
+            let queued = match direct {
+                Some(d) => d.put(cq, e),
+                None => Err(e),
+            };
+            if let Err(e) = queued {
+                cq.push(CqEvent::Entry(e));
+            }
         }
     } else if let Some(cq) = cq.filter(|_| op.report_errors) {
         let e = CqErrEntry {

@@ -877,7 +877,17 @@ impl DomainInner {
 
     /// [`DomainInner::progress`] with a plain error (nothing to drop on the hot path).
     pub(crate) fn progress_fast(&self) -> std::result::Result<usize, Stalled> {
-        let n = self.drain_busy();
+        self.progress_into(None)
+    }
+
+    /// [`DomainInner::progress_fast`] for a CQ reader: success entries for the reader's CQ go
+    /// straight into its buffer while that CQ has nothing queued (see [`crate::cq::Direct`]).
+    #[inline]
+    pub(crate) fn progress_into(
+        &self,
+        direct: Option<&mut crate::cq::Direct<'_>>,
+    ) -> std::result::Result<usize, Stalled> {
+        let n = self.drain_busy(direct);
         if n > 0 {
             self.after_completions();
         }
@@ -901,7 +911,7 @@ impl DomainInner {
 
     /// Drain the queues with requests in flight (the busy mask, plus every queue from 64 on)
     /// and dispatch their completions. A queue found broken stops the domain (spec §6.14.2).
-    fn drain_busy(&self) -> usize {
+    fn drain_busy(&self, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         let mut n = 0;
         let mut busy = self.signals.busy.load(Ordering::Relaxed);
         let lower = self.queues.len().min(64);
@@ -909,21 +919,21 @@ impl DomainInner {
             let i = busy.trailing_zeros() as usize;
             busy &= busy - 1;
             if i < lower {
-                n += self.drain_queue(&self.queues[i]);
+                n += self.drain_queue(&self.queues[i], direct.as_deref_mut());
             }
         }
         for q in self.queues.iter().skip(64) {
-            n += self.drain_queue(q);
+            n += self.drain_queue(q, direct.as_deref_mut());
         }
         n
     }
 
     #[inline(always)]
-    fn drain_queue(&self, q: &Queue) -> usize {
+    fn drain_queue(&self, q: &Queue, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         if !q.needs_drain() {
             return 0;
         }
-        let n = q.drain(|f| crate::cq::complete(self, f));
+        let n = q.drain(|f| crate::cq::complete(self, f, direct.as_deref_mut()));
         if q.is_broken() {
             self.queue_broke(q.index);
         }
@@ -945,7 +955,7 @@ impl DomainInner {
     /// Progress for control waiters: errors of data queues are reported to their users, not
     /// to the control caller.
     pub(crate) fn progress_quiet(&self) {
-        if self.drain_busy() > 0 {
+        if self.drain_busy(None) > 0 {
             self.after_completions();
         }
     }
