@@ -1645,7 +1645,10 @@ pub(crate) fn tx_reporting<T>(tx_cq: Option<&(T, bool)>, flags: u64) -> Result<(
     if flags & INJECT_CALL != 0 {
         return Ok((false, false));
     }
-    let (_, selective) = tx_cq.ok_or(Error::NoCq)?;
+    // Not `ok_or`: that builds (and drops) an `Error` on every send.
+    let Some((_, selective)) = tx_cq else {
+        return Err(Error::NoCq);
+    };
     Ok((!selective || flags & fi::COMPLETION != 0, true))
 }
 
