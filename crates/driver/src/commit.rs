@@ -182,10 +182,8 @@ impl DomainInner {
             if st.running.swap(true, Ordering::AcqRel) {
                 return;
             }
-            loop {
-                let Some(ev) = st.pop_ready() else {
-                    break;
-                };
+            // (`pop_*` release their lock before returning: none is held across the loop body.)
+            while let Some(ev) = st.pop_ready() {
                 let handler = st.handler.lock().unwrap().clone();
                 // No handler any more (cleared after the region was registered): the ranges
                 // are durable, which is all the commit asked for.
@@ -193,10 +191,7 @@ impl DomainInner {
                 st.push_unsent((ev.id, i64::from(value)));
             }
             let mut stalled = false;
-            loop {
-                let Some((id, value)) = st.pop_unsent() else {
-                    break;
-                };
+            while let Some((id, value)) = st.pop_unsent() {
                 if let Err(e) = self.post_commit_reply(id, value) {
                     tracing::debug!(%e, id, "COMMIT_REPLY not posted now");
                     st.push_unsent_front((id, value));

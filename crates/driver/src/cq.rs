@@ -172,15 +172,15 @@ pub(crate) struct Direct<'a> {
 }
 
 impl Direct<'_> {
-    /// Deliver `e` (bound for `cq`) into the reader's buffer, or hand it back.
+    /// The reader's next entry, to be filled in place with an entry bound for `cq`, or `None`
+    /// if that entry must be queued.
     #[inline]
-    fn put(&mut self, cq: &CqShared, e: CqEntry) -> std::result::Result<(), CqEntry> {
+    fn slot_for(&mut self, cq: &CqShared) -> Option<&mut CqEntry> {
         if std::ptr::eq(cq, self.cq) && self.at < self.out.len() && cq.is_empty() {
-            self.out[self.at] = e;
             self.at += 1;
-            Ok(())
+            Some(&mut self.out[self.at - 1])
         } else {
-            Err(e)
+            None
         }
     }
 }
@@ -490,9 +490,13 @@ impl CompletionQueue {
                 "sread on a CQ opened with WaitMode::None".into(),
             ));
         }
-        match attempt(self) {
-            Err(Empty::Again) => {}
-            r => return r.map_err(Error::from),
+        // A full read only if something may be there: a wait usually starts before its
+        // completion exists, and the blocking path below re-checks the rings after arming.
+        if !self.shared.is_empty() || self.domain.may_progress() {
+            match attempt(self) {
+                Err(Empty::Again) => {}
+                r => return r.map_err(Error::from),
+            }
         }
         let mut left = timeout.map(timespec_of);
         // Phase 1: poll.
@@ -788,22 +792,28 @@ fn complete_data(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
                 sc,
             ))));
         } else if let Some(cq) = cq.filter(|_| op.report_success) {
-            let e = CqEntry {
-                context: op.context,
-                flags,
-                len,
-                data,
-                tag,
-                src,
-                src_addr,
-                buf,
-            };
-            let queued = match direct {
-                Some(d) => d.put(cq, e),
-                None => Err(e),
-            };
-            if let Err(e) = queued {
-                cq.push(CqEvent::Entry(e));
+            match direct.and_then(|d| d.slot_for(cq)) {
+                // Written in place: no entry built and moved.
+                Some(e) => {
+                    e.context = op.context;
+                    e.flags = flags;
+                    e.len = len;
+                    e.data = data;
+                    e.tag = tag;
+                    e.src = src;
+                    e.src_addr = src_addr;
+                    e.buf = buf;
+                }
+                None => cq.push(CqEvent::Entry(CqEntry {
+                    context: op.context,
+                    flags,
+                    len,
+                    data,
+                    tag,
+                    src,
+                    src_addr,
+                    buf,
+                })),
             }
         }
     } else if let Some(cq) = cq.filter(|_| op.report_errors) {

@@ -909,6 +909,24 @@ impl DomainInner {
         Ok(n)
     }
 
+    /// Could progress deliver anything now (a used entry on a queue with requests in flight, a
+    /// broken queue, a device gone)? Reads a few indices, takes no lock, drains nothing.
+    pub(crate) fn may_progress(&self) -> bool {
+        if self.broken_queue.load(Ordering::Relaxed) != u32::MAX || self.is_closed() {
+            return true;
+        }
+        let mut busy = self.signals.busy.load(Ordering::Relaxed);
+        let lower = self.queues.len().min(64);
+        while busy != 0 {
+            let i = busy.trailing_zeros() as usize;
+            busy &= busy - 1;
+            if i < lower && self.queues[i].needs_drain() {
+                return true;
+            }
+        }
+        self.queues.len() > 64 && self.queues[64..].iter().any(|q| q.needs_drain())
+    }
+
     /// Drain the queues with requests in flight (the busy mask, plus every queue from 64 on)
     /// and dispatch their completions. A queue found broken stops the domain (spec §6.14.2).
     fn drain_busy(&self, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
@@ -922,8 +940,10 @@ impl DomainInner {
                 n += self.drain_queue(&self.queues[i], direct.as_deref_mut());
             }
         }
-        for q in self.queues.iter().skip(64) {
-            n += self.drain_queue(q, direct.as_deref_mut());
+        if self.queues.len() > 64 {
+            for q in &self.queues[64..] {
+                n += self.drain_queue(q, direct.as_deref_mut());
+            }
         }
         n
     }
@@ -1017,8 +1037,10 @@ impl DomainInner {
                 armed |= 1 << i;
             }
         }
-        for q in self.queues.iter().skip(64) {
-            q.arm_if_busy();
+        if self.queues.len() > 64 {
+            for q in &self.queues[64..] {
+                q.arm_if_busy();
+            }
         }
         // The arming stores must be visible before we re-check the used indices.
         fence(Ordering::SeqCst);

@@ -468,7 +468,8 @@ fn entries_queued_by_other_progress_come_first() {
     let (a, b, to_b, _) = pair(&r);
     let rbuf = b.domain.alloc_buffer(4 * 64).unwrap();
     for i in 0..4usize {
-        b.ep.recv_buf(&rbuf, i * 64..(i + 1) * 64, i as u64).unwrap();
+        b.ep.recv_buf(&rbuf, i * 64..(i + 1) * 64, i as u64)
+            .unwrap();
     }
     let send = |i: u8| {
         post_retry(|| a.ep.send(&[i; 16], to_b, u64::from(i)), &a.domain);
