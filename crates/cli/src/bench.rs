@@ -234,6 +234,14 @@ impl Side {
         out: &mut [CqEntry],
         what: &str,
     ) -> Result<usize, CliError> {
+        if self.mode != Mode::Poll {
+            // `sread` does the waiting (and keeps the timeout) itself.
+            match cq.sread_into(out, Some(self.timeout)) {
+                Ok(n) => return Ok(n),
+                Err(vfabric::Error::Again) => {}
+                Err(e) => return Err(self.read_error(cq, e, what)),
+            }
+        }
         let mut deadline = None;
         let mut polls = 0u32;
         loop {
@@ -244,9 +252,7 @@ impl Side {
             match r {
                 Ok(n) => return Ok(n),
                 Err(vfabric::Error::Again) => {}
-                Err(vfabric::Error::Timeout) => return Err(self.no_completion(what)),
-                Err(vfabric::Error::Avail) => return Err(error_completion(what, cq.readerr())),
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(self.read_error(cq, e, what)),
             }
             polls = polls.wrapping_add(1);
             if polls.is_multiple_of(CLOCK_EVERY) {
@@ -261,6 +267,16 @@ impl Side {
             } else {
                 std::hint::spin_loop();
             }
+        }
+    }
+
+    /// The error of a read that returned neither entries nor `Again`.
+    #[cold]
+    fn read_error(&self, cq: &CompletionQueue, e: vfabric::Error, what: &str) -> CliError {
+        match e {
+            vfabric::Error::Timeout => self.no_completion(what),
+            vfabric::Error::Avail => error_completion(what, cq.readerr()),
+            e => e.into(),
         }
     }
 
