@@ -22,7 +22,7 @@ use super::atomic::{self, ATOMIC_TYPES, MAX_ATOMIC_COUNT};
 use super::commit::CommitOrigin;
 use super::matching::take_posted;
 use super::pmem::FlushAt;
-use super::{eager_cost, Body, Fabric, Meta, Msg, Notify, Port};
+use super::{eager_cost, Body, Dev, Fabric, Meta, Msg, Notify, Port};
 use crate::chain::{completion, Req};
 use crate::stats::Counters;
 use crate::uplink::rdv::RDV_THRESHOLD;
@@ -45,12 +45,62 @@ fn atomic_check(opcode: Opcode, op: u8, ty: u8, count: u32) -> Result<usize, Sta
     Ok(size)
 }
 
-/// A message from another host waiting in an unexpected queue for a receive.
+/// A message from another host waiting in an unexpected queue for a receive: with its bytes,
+/// or only a stub of it (its description; the bytes stay at its sender, whose request stays
+/// outstanding until a receive here matches the stub and asks for them with PULL).
 pub(crate) struct HeldRemote {
     host: u16,
     req_id: u64,
-    pub bytes: Vec<u8>,
+    /// `None`: a stub.
+    pub bytes: Option<Vec<u8>>,
 }
+
+impl HeldRemote {
+    pub fn is_stub(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    /// Bytes it holds here (counted in `remote_held_bytes`).
+    fn held_len(&self) -> u64 {
+        self.bytes.as_ref().map_or(0, |b| b.len() as u64)
+    }
+}
+
+/// A receive that matched the stub of `host`'s message `req_id`, waiting (at its endpoint)
+/// for the bytes its sender sends again.
+pub(super) struct Pulling {
+    host: u16,
+    req_id: u64,
+    rreq: Req,
+    meta: Meta,
+}
+
+impl Pulling {
+    /// The virtqueue of its receive.
+    pub(super) fn queue(&self) -> u16 {
+        self.rreq.queue
+    }
+
+    /// Back to a stub (its receive was stopped), with the receive.
+    pub(super) fn unpull(self) -> (Msg, Req) {
+        let m = Msg {
+            meta: self.meta,
+            src_dev: REMOTE_SRC_DEV,
+            claimed: None,
+            body: Body::Remote(HeldRemote {
+                host: self.host,
+                req_id: self.req_id,
+                bytes: None,
+            }),
+        };
+        (m, self.rreq)
+    }
+}
+
+/// Stubs of one host's messages held here at most (queued or being pulled): a sender has at
+/// most this many requests out to other hosts in all, so a peer that keeps its own bound never
+/// meets it; one that does not gets NoResources, not this daemon's memory.
+const MAX_STUBS_PER_HOST: usize = crate::uplink::remote::MAX_INFLIGHT;
 
 /// A whole message from another host, as the uplink reassembled it (its description checked
 /// by the wire parser; addresses and limits are checked here).
@@ -828,6 +878,15 @@ impl Fabric {
         if delivery_complete && kind == ep_open::TYPE_DGRAM {
             return Some(Status::Invalid);
         }
+        let m = if wire_flags & data_flags::PULLED != 0 {
+            match self.accept_pulled(ddev, dep, dgen, m, n) {
+                Ok(status) => return status,
+                // The receive's memory faulted: matched again as a new message.
+                Err(m) => m,
+            }
+        } else {
+            m
+        };
         loop {
             let mut d = self.dev(ddev);
             let Some(dport) = d.port.clone() else {
@@ -857,24 +916,39 @@ impl Fabric {
                 return Some(Status::Ok);
             }
             let cost = eager_cost(len);
+            // Behind a stub, a message is a stub too: receives then complete in order.
+            let behind_stub = d
+                .ep(dep)
+                .and_then(|e| e.unexpected.back())
+                .is_some_and(Msg::is_stub);
             let eager = len <= self.limits.eager_threshold
                 && !delivery_complete
+                && !behind_stub
                 && d.unexpected_bytes.saturating_add(cost) <= self.limits.max_unexpected_bytes;
+            let held = self.remote_held_bytes.load(Ordering::Acquire);
             let body = if eager {
                 d.unexpected_bytes += cost;
                 Body::Eager(m.bytes)
-            } else {
-                // Held here, its sender waiting for the verdict: backpressure without loss,
-                // bounded so that a peer cannot fill this daemon's memory.
-                let held = self.remote_held_bytes.load(Ordering::Acquire);
-                if held.saturating_add(len) > self.remote_held_limit() {
-                    return Some(Status::NoResources);
-                }
+            } else if !behind_stub && held.saturating_add(len) <= self.remote_held_limit() {
+                // Held here with its bytes, its sender waiting for the verdict.
                 self.remote_held_bytes.fetch_add(len, Ordering::AcqRel);
                 Body::Remote(HeldRemote {
                     host: m.host,
                     req_id: m.req_id,
-                    bytes: m.bytes,
+                    bytes: Some(m.bytes),
+                })
+            } else {
+                // Past the bound: only a stub stays, the bytes go back to being the sender's
+                // (its request stays outstanding, its guest's chain with it, as a held send
+                // waits in its TX ring); a receive that matches the stub pulls them. Stubs
+                // are bounded per host by what its sender may have outstanding.
+                if !self.stub_reserve(m.host) {
+                    return Some(Status::NoResources);
+                }
+                Body::Remote(HeldRemote {
+                    host: m.host,
+                    req_id: m.req_id,
+                    bytes: None,
                 })
             };
             if let Some(e) = d.ep_mut(dep) {
@@ -935,12 +1009,13 @@ impl Fabric {
     }
 
     /// Host `host` withdrew its request `req_id` (CANCEL): a message of it held here is
-    /// dropped without a verdict (its sender completed it already).
-    pub(crate) fn withdraw_remote(&self, host: u16, req_id: u64) {
+    /// dropped without a verdict (its sender completed it already); a receive waiting for the
+    /// bytes of its stub is matched again.
+    pub(crate) fn withdraw_remote(&self, host: u16, req_id: u64, n: &mut Notify) {
         for dev in 0..self.devs.len() {
             let mut d = self.dev(dev);
-            for slot in d.eps.iter_mut() {
-                let Some(e) = slot.ep.as_mut() else { continue };
+            for ep in 0..d.eps.len() {
+                let Some(e) = d.ep_mut(ep) else { continue };
                 let at = e.unexpected.iter().position(
                     |m| matches!(&m.body, Body::Remote(h) if h.host == host && h.req_id == req_id),
                 );
@@ -950,8 +1025,198 @@ impl Fabric {
                 }) = at.and_then(|i| e.unexpected.remove(i))
                 {
                     self.remote_held_bytes
-                        .fetch_sub(h.bytes.len() as u64, Ordering::AcqRel);
+                        .fetch_sub(h.held_len(), Ordering::AcqRel);
+                    if h.is_stub() {
+                        self.stub_release(host);
+                    }
                     return;
+                }
+                let at = e
+                    .pulling
+                    .iter()
+                    .position(|p| p.host == host && p.req_id == req_id);
+                if let Some(p) = at.map(|i| e.pulling.remove(i)) {
+                    self.stub_release(host);
+                    drop(d);
+                    return self.rematch(dev, ep, p.rreq, n);
+                }
+            }
+        }
+    }
+
+    /// A receive of endpoint `ep` of `dev` that waited for a pulled message that will not come
+    /// is matched again: with a queued message if one matches, else back at the front of the
+    /// posted receives (it is older than those). Failed `Canceled` if its endpoint is gone.
+    fn rematch(&self, dev: usize, ep: usize, mut rreq: Req, n: &mut Notify) {
+        let mut d = self.dev(dev);
+        let Some(port) = d.port.clone() else {
+            return;
+        };
+        let Some(e) = d.ep_mut(ep) else {
+            drop(d);
+            return self.fail(dev, &port, &rreq, Status::Canceled, n);
+        };
+        let r = rreq.req;
+        let queued = e
+            .unexpected
+            .iter()
+            .any(|m| m.claimed.is_none() && super::recv_matches(&r, &m.meta));
+        if !queued {
+            e.posted.push_front(rreq);
+            return;
+        }
+        drop(d);
+        self.op_recv(dev, &port, &mut rreq, n);
+    }
+
+    /// Receive `rreq` matched the stub at `at` of endpoint `ep` (the caller holds `d`, the
+    /// device's lock): it waits at the endpoint for the bytes, which the stub's sender is asked
+    /// for (PULL, queued under the lock so that pulls leave in matching order). `Err` gives
+    /// the receive back if that is not a stub.
+    pub(super) fn pull_stub(&self, d: &mut Dev, ep: usize, at: usize, rreq: Req) -> Result<(), Req> {
+        let Some(e) = d.ep_mut(ep) else {
+            return Err(rreq);
+        };
+        let stub = e.unexpected.get(at).and_then(|m| match &m.body {
+            Body::Remote(h) if h.is_stub() => Some((h.host, h.req_id, m.meta)),
+            _ => None,
+        });
+        let Some((host, req_id, meta)) = stub else {
+            return Err(rreq);
+        };
+        e.unexpected.remove(at);
+        e.pulling.push(Pulling {
+            host,
+            req_id,
+            rreq,
+            meta,
+        });
+        self.outbox.push(Outbound::Pull { host, req_id });
+        Ok(())
+    }
+
+    /// The bytes of a stub's message, sent again for our PULL: placed in the receive that
+    /// matched the stub. `Err` gives the message back when that receive's memory faulted (it
+    /// failed): the message is then matched as a new one.
+    fn accept_pulled(
+        &self,
+        ddev: usize,
+        dep: usize,
+        dgen: u32,
+        m: Incoming,
+        n: &mut Notify,
+    ) -> Result<Option<Status>, Incoming> {
+        let mut d = self.dev(ddev);
+        let Some(dport) = d.port.clone() else {
+            return Ok(Some(Status::AddrNotAvail));
+        };
+        let Some(e) = d.live_ep_mut(dep, dgen) else {
+            // Closed meanwhile: its sender heard PEER_GONE then.
+            return Ok(Some(Status::AddrNotAvail));
+        };
+        let at = e
+            .pulling
+            .iter()
+            .position(|p| p.host == m.host && p.req_id == m.req_id);
+        let Some(p) = at.map(|i| e.pulling.remove(i)) else {
+            // Its receive was stopped meanwhile and the stub queued again (it is pulled again
+            // when matched), or the peer sent what nobody asked for.
+            let stub = e.unexpected.iter().any(
+                |q| matches!(&q.body, Body::Remote(h) if h.host == m.host && h.req_id == m.req_id),
+            );
+            return Ok((!stub).then_some(Status::Invalid));
+        };
+        drop(d);
+        self.stub_release(m.host);
+        let len = m.bytes.len() as u64;
+        if len != p.meta.len {
+            debug!(host = m.host, req_id = m.req_id, "a pulled message changed its length");
+            self.rematch(ddev, dep, p.rreq, n);
+            return Ok(Some(Status::Invalid));
+        }
+        let placed = len.min(p.rreq.data.len);
+        if p
+            .rreq
+            .data
+            .write_at(&dport.mem.memory(), 0, &m.bytes[..placed as usize])
+            .is_err()
+        {
+            self.fail(ddev, &dport, &p.rreq, Status::Fault, n);
+            return Err(m);
+        }
+        self.received(ddev, &dport, &p.rreq, &p.meta, placed, n);
+        Ok(Some(Status::Ok))
+    }
+
+    /// Another stub of `host`'s messages, if it has fewer than [`MAX_STUBS_PER_HOST`].
+    fn stub_reserve(&self, host: u16) -> bool {
+        let mut s = self.remote_stubs.lock().unwrap_or_else(|p| p.into_inner());
+        let c = s.entry(host).or_default();
+        if *c >= MAX_STUBS_PER_HOST {
+            return false;
+        }
+        *c += 1;
+        true
+    }
+
+    fn stub_release(&self, host: u16) {
+        let mut s = self.remote_stubs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = s.get_mut(&host) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                s.remove(&host);
+            }
+        }
+    }
+
+    /// Stubs of `host`'s messages held here (queued or being pulled).
+    #[cfg(test)]
+    pub(crate) fn stubs_of(&self, host: u16) -> usize {
+        let s = self.remote_stubs.lock().unwrap_or_else(|p| p.into_inner());
+        s.get(&host).copied().unwrap_or(0)
+    }
+
+    /// Receives of a closed endpoint that waited for pulled messages: they complete
+    /// `Canceled` (forgotten when `silent`), and the messages' senders learn PEER_GONE, as
+    /// for a message held at a closing endpoint.
+    pub(super) fn pulling_closed(
+        &self,
+        dev: usize,
+        port: Option<&Port>,
+        pulling: Vec<Pulling>,
+        silent: bool,
+        n: &mut Notify,
+    ) {
+        for p in pulling {
+            self.stub_release(p.host);
+            if let (false, Some(port)) = (silent, port) {
+                self.fail(dev, port, &p.rreq, Status::Canceled, n);
+            }
+            self.outbox.push(Outbound::Reply {
+                host: p.host,
+                req_id: p.req_id,
+                status: Status::PeerGone,
+                bytes: Vec::new(),
+            });
+        }
+    }
+
+    /// A message of `host` (request `req_id`) was answered `status` by the uplink before it
+    /// reached us (its pulled bytes could not be read, or were refused): a receive waiting for
+    /// them is matched again.
+    pub(crate) fn pull_failed(&self, host: u16, req_id: u64, n: &mut Notify) {
+        for dev in 0..self.devs.len() {
+            let mut d = self.dev(dev);
+            for ep in 0..d.eps.len() {
+                let Some(e) = d.ep_mut(ep) else { continue };
+                let at = e
+                    .pulling
+                    .iter()
+                    .position(|p| p.host == host && p.req_id == req_id);
+                if let Some(p) = at.map(|i| e.pulling.remove(i)) {
+                    drop(d);
+                    self.stub_release(host);
+                    return self.rematch(dev, ep, p.rreq, n);
                 }
             }
         }
@@ -979,7 +1244,10 @@ impl Fabric {
     /// A held message from another host left its queue: its sender learns `status`.
     pub(super) fn reply_remote(&self, held: HeldRemote, status: Status) {
         self.remote_held_bytes
-            .fetch_sub(held.bytes.len() as u64, Ordering::AcqRel);
+            .fetch_sub(held.held_len(), Ordering::AcqRel);
+        if held.is_stub() {
+            self.stub_release(held.host);
+        }
         self.outbox.push(Outbound::Reply {
             host: held.host,
             req_id: held.req_id,
@@ -1003,20 +1271,40 @@ impl Fabric {
             n,
         );
         let mut dropped = Vec::new();
+        let mut rematch = Vec::new();
         for dev in 0..self.devs.len() {
             let mut d = self.dev(dev);
-            for slot in d.eps.iter_mut() {
+            for (ep, slot) in d.eps.iter_mut().enumerate() {
                 let Some(e) = slot.ep.as_mut() else { continue };
                 e.unexpected.retain(|m| match &m.body {
                     Body::Remote(h) if h.host == host => {
                         self.remote_held_bytes
-                            .fetch_sub(h.bytes.len() as u64, Ordering::AcqRel);
+                            .fetch_sub(h.held_len(), Ordering::AcqRel);
                         dropped.push(h.req_id);
                         false
                     }
                     _ => true,
                 });
+                // Receives waiting for its pulled messages: those will not come.
+                let mut i = 0;
+                while i < e.pulling.len() {
+                    if e.pulling[i].host == host {
+                        let p = e.pulling.remove(i);
+                        dropped.push(p.req_id);
+                        rematch.push((dev, ep, p.rreq));
+                    } else {
+                        i += 1;
+                    }
+                }
             }
+        }
+        self.remote_stubs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&host);
+        // Oldest first, so that each goes back in front of the receives posted after it.
+        for (dev, ep, rreq) in rematch.into_iter().rev() {
+            self.rematch(dev, ep, rreq, n);
         }
         dropped
     }
@@ -1466,8 +1754,10 @@ mod tests {
         let big = vec![7u8; 1000];
         assert_eq!(accept(&w, incoming(3, b, None, &big)), None, "held");
         assert_eq!(accept(&w, incoming(4, b, None, &big)), None, "held");
-        w.fabric.withdraw_remote(2, 3);
-        w.fabric.withdraw_remote(3, 4); // another host's id: not its request
+        let mut n = Notify::default();
+        w.fabric.withdraw_remote(2, 3, &mut n);
+        w.fabric.withdraw_remote(3, 4, &mut n); // another host's id: not its request
+        drop(n);
         let r = w.recv(0, b, None, 0, 1, 0, 2000);
         assert_eq!(w.status(&r), Some(Status::Ok));
         assert_eq!(
