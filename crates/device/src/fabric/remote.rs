@@ -1648,6 +1648,194 @@ mod tests {
         assert_eq!(w.data(&r, 1), b"x");
         assert_eq!(replies(&w), vec![(2, 11, Status::Ok)]);
     }
+    /// Limits where three 1000-byte messages fill the held-bytes bound.
+    fn stub_limits() -> Limits {
+        Limits {
+            eager_threshold: 200,
+            max_unexpected_bytes: 200,
+            max_msg_size: 3000,
+            ..Limits::default()
+        }
+    }
+
+    /// The PULLs the outbox holds for the uplink (host, request id), in order; other
+    /// messages are returned apart.
+    fn pulls(w: &World) -> (Vec<(u16, u64)>, Vec<(u16, u64, Status)>) {
+        let (mut pulls, mut replies) = (Vec::new(), Vec::new());
+        for m in w.fabric.outbox.take() {
+            match m {
+                Outbound::Pull { host, req_id } => pulls.push((host, req_id)),
+                Outbound::Reply {
+                    host,
+                    req_id,
+                    status,
+                    ..
+                } => replies.push((host, req_id, status)),
+                _ => {}
+            }
+        }
+        (pulls, replies)
+    }
+
+    fn pulled(req_id: u64, to: FabricAddr, bytes: &[u8]) -> Incoming {
+        let mut m = incoming(req_id, to, None, bytes);
+        m.desc.flags = data_flags::PULLED.into();
+        m
+    }
+
+    fn held_bytes(w: &World) -> u64 {
+        w.fabric
+            .remote_held_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[test]
+    fn past_the_bound_messages_from_another_host_are_stubs_that_receives_pull() {
+        let mut w = World::new(1, stub_limits());
+        let b = w.open(0, RDM);
+        let msg = |i: u64| vec![i as u8; 1000];
+        // Ten messages, none refused: three held with their bytes, then stubs (and a small
+        // one behind a stub is a stub too, not eager).
+        for i in 1..=10 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None, "{i}");
+        }
+        assert_eq!(accept(&w, incoming(11, b, None, b"small")), None);
+        assert_eq!(held_bytes(&w), 3000);
+        assert_eq!(w.fabric.stubs_of(2), 8);
+        assert_eq!(w.fabric.unexpected_bytes(0), 0);
+        // Receives take the held ones at once and pull the stubs, in order.
+        let rs: Vec<_> = (1..=11).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        for (i, r) in rs.iter().enumerate().take(3) {
+            assert_eq!(w.data(r, 1000), msg(i as u64 + 1));
+        }
+        assert!(rs[3..].iter().all(|r| w.result(r).is_none()));
+        let (p, r) = pulls(&w);
+        assert_eq!(p, (4..=11).map(|i| (2, i)).collect::<Vec<_>>());
+        assert_eq!(r, vec![(2, 1, Status::Ok), (2, 2, Status::Ok), (2, 3, Status::Ok)]);
+        // The bytes come (in any order); each lands in its receive.
+        for i in (4..=10).rev() {
+            assert_eq!(accept(&w, pulled(i, b, &msg(i))), Some(Status::Ok));
+            assert_eq!(w.data(&rs[i as usize - 1], 1000), msg(i));
+        }
+        // Bytes of another length than the stub said: refused, the receive matched again.
+        assert_eq!(accept(&w, pulled(11, b, b"longer")), Some(Status::Invalid));
+        assert!(w.result(&rs[10]).is_none());
+        assert_eq!(accept(&w, incoming(12, b, None, b"next")), Some(Status::Ok));
+        assert_eq!(w.data(&rs[10], 4), b"next");
+        // Bytes nobody asked for.
+        assert_eq!(accept(&w, pulled(4, b, &msg(4))), Some(Status::Invalid));
+        assert_eq!(w.fabric.stubs_of(2), 0);
+        assert_eq!(held_bytes(&w), 0);
+
+        // Stubs of one host are bounded by what a sender may have outstanding.
+        let c = w.open(0, RDM);
+        for i in 0..3 {
+            assert_eq!(accept(&w, incoming(100 + i, c, None, &msg(1))), None);
+        }
+        let max = crate::uplink::remote::MAX_INFLIGHT as u64;
+        for i in 0..max {
+            let bytes = if i == 0 { msg(1) } else { Vec::new() };
+            assert_eq!(accept(&w, incoming(200 + i, c, None, &bytes)), None);
+        }
+        assert_eq!(
+            accept(&w, incoming(200 + max, c, None, b"")),
+            Some(Status::NoResources)
+        );
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.purge_remote(2, &mut n).len() as u64, 3 + max);
+        drop(n);
+        assert_eq!(w.fabric.stubs_of(2), 0);
+    }
+
+    #[test]
+    fn stubs_end_cleanly_on_cancel_close_and_a_lost_host() {
+        let mut w = World::new(1, stub_limits());
+        let b = w.open(0, RDM);
+        let msg = |i: u64| vec![i as u8; 1000];
+        for i in 1..=3 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
+        }
+        // A queued stub withdrawn by its sender: gone, unanswered.
+        assert_eq!(accept(&w, incoming(4, b, None, &msg(4))), None);
+        assert_eq!(w.fabric.stubs_of(2), 1);
+        let mut n = Notify::default();
+        w.fabric.withdraw_remote(2, 4, &mut n);
+        drop(n);
+        assert_eq!(w.fabric.stubs_of(2), 0);
+        // A stub being pulled, withdrawn: its receive goes back in front of later ones.
+        assert_eq!(accept(&w, incoming(5, b, None, &msg(5))), None);
+        let _ = pulls(&w);
+        let held: Vec<_> = (1..=3).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        let r5 = w.recv(0, b, None, 0, 5, 0, 2000);
+        let (p, _) = pulls(&w);
+        assert_eq!(p, vec![(2, 5)]);
+        assert!(held.iter().all(|r| w.status(r) == Some(Status::Ok)));
+        let later = w.recv(0, b, None, 0, 6, 0, 2000);
+        let mut n = Notify::default();
+        w.fabric.withdraw_remote(2, 5, &mut n);
+        drop(n);
+        assert!(w.result(&r5).is_none());
+        assert_eq!(accept(&w, incoming(6, b, None, b"six")), Some(Status::Ok));
+        assert_eq!(w.data(&r5, 3), b"six", "the older receive first");
+        assert!(w.result(&later).is_none());
+        // Its late bytes find nothing.
+        assert_eq!(accept(&w, pulled(5, b, &msg(5))), Some(Status::Invalid));
+
+        // A stub being pulled when its sender's host is lost: the receive waits for another
+        // message, the stub's id is among the dropped.
+        assert_eq!(accept(&w, incoming(7, b, None, &msg(7))), Some(Status::Ok));
+        assert_eq!(w.data(&later, 1000), msg(7));
+        for i in 8..=11 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
+        }
+        let _ = pulls(&w);
+        let rs: Vec<_> = (8..=11).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        for (i, r) in rs.iter().enumerate().take(3) {
+            assert_eq!(w.data(r, 1000), msg(i as u64 + 8));
+        }
+        assert_eq!(pulls(&w).0, vec![(2, 11)]);
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.purge_remote(2, &mut n), vec![11]);
+        drop(n);
+        assert!(w.result(&rs[3]).is_none(), "posted again");
+        assert_eq!(w.fabric.stubs_of(2), 0);
+        assert_eq!(accept(&w, incoming(12, b, None, b"twelve")), Some(Status::Ok));
+        assert_eq!(w.data(&rs[3], 6), b"twelve");
+
+        // The receiver's endpoint closes with one stub queued and one being pulled: the
+        // receive completes CANCELED, both senders learn PEER_GONE, late bytes are refused.
+        for i in 13..=17 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
+        }
+        let rs: Vec<_> = (13..=16).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        assert_eq!(pulls(&w).0, vec![(2, 16)]);
+        let mut cl = Request::new(Opcode::EpClose);
+        cl.ep = b.ep;
+        let h = w.submit(0, cl, &[], 0);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        assert_eq!(w.status(&rs[3]), Some(Status::Canceled));
+        let (_, mut r) = pulls(&w);
+        r.sort_by_key(|x| x.1);
+        assert_eq!(r, vec![(2, 16, Status::PeerGone), (2, 17, Status::PeerGone)]);
+        assert_eq!(accept(&w, pulled(16, b, &msg(16))), Some(Status::AddrNotAvail));
+        assert_eq!(w.fabric.stubs_of(2), 0);
+
+        // A device reset (its rings gone) with a stub being pulled: forgotten, PEER_GONE.
+        let c = w.open(0, RDM);
+        for i in 20..=23 {
+            assert_eq!(accept(&w, incoming(i, c, None, &msg(i))), None);
+        }
+        let rs: Vec<_> = (20..=23).map(|i| w.recv(0, c, None, 0, i, 0, 2000)).collect();
+        assert!(w.result(&rs[3]).is_none());
+        let _ = pulls(&w);
+        let mut n = Notify::default();
+        w.fabric.reset(0, Teardown::Silent, &mut n);
+        drop(n);
+        assert!(w.result(&rs[3]).is_none(), "no completion into a gone ring");
+        assert_eq!(pulls(&w).1, vec![(2, 23, Status::PeerGone)]);
+        assert_eq!(w.fabric.stubs_of(2), 0);
+    }
+
     /// What the outbox holds for the uplink: `(kind, host, request id)` of every CANCEL, and
     /// the request ids of the DATA requests (which enter the pending table here).
     fn outgoing(w: &World) -> (Vec<(u16, u64)>, Vec<u64>) {
