@@ -464,7 +464,9 @@ impl Fabric {
 
         if r.flags & flags::CLAIM != 0 {
             let at = e.unexpected.iter().position(|m| m.claimed == Some(r.data));
-            let stub = at.and_then(|i| e.unexpected.get(i)).is_some_and(Msg::is_stub);
+            let stub = at
+                .and_then(|i| e.unexpected.get(i))
+                .is_some_and(Msg::is_stub);
             if let (Some(i), true, 0) = (at, stub, r.flags & flags::DISCARD) {
                 // Its bytes are at its sender: the receive waits for them.
                 if let Err(back) = self.pull_stub(&mut d, ep, i, req.take()) {

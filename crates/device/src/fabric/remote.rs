@@ -1073,7 +1073,13 @@ impl Fabric {
     /// device's lock): it waits at the endpoint for the bytes, which the stub's sender is asked
     /// for (PULL, queued under the lock so that pulls leave in matching order). `Err` gives
     /// the receive back if that is not a stub.
-    pub(super) fn pull_stub(&self, d: &mut Dev, ep: usize, at: usize, rreq: Req) -> Result<(), Req> {
+    pub(super) fn pull_stub(
+        &self,
+        d: &mut Dev,
+        ep: usize,
+        at: usize,
+        rreq: Req,
+    ) -> Result<(), Req> {
         let Some(e) = d.ep_mut(ep) else {
             return Err(rreq);
         };
@@ -1130,13 +1136,16 @@ impl Fabric {
         self.stub_release(m.host);
         let len = m.bytes.len() as u64;
         if len != p.meta.len {
-            debug!(host = m.host, req_id = m.req_id, "a pulled message changed its length");
+            debug!(
+                host = m.host,
+                req_id = m.req_id,
+                "a pulled message changed its length"
+            );
             self.rematch(ddev, dep, p.rreq, n);
             return Ok(Some(Status::Invalid));
         }
         let placed = len.min(p.rreq.data.len);
-        if p
-            .rreq
+        if p.rreq
             .data
             .write_at(&dport.mem.memory(), 0, &m.bytes[..placed as usize])
             .is_err()
@@ -1156,6 +1165,12 @@ impl Fabric {
             return false;
         }
         *c += 1;
+        if *c == 1 {
+            tracing::info!(
+                host,
+                "past the held-bytes bound: messages from host {host} wait at their sender (stubs)"
+            );
+        }
         true
     }
 
@@ -1704,14 +1719,19 @@ mod tests {
         assert_eq!(w.fabric.stubs_of(2), 8);
         assert_eq!(w.fabric.unexpected_bytes(0), 0);
         // Receives take the held ones at once and pull the stubs, in order.
-        let rs: Vec<_> = (1..=11).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        let rs: Vec<_> = (1..=11)
+            .map(|i| w.recv(0, b, None, 0, i, 0, 2000))
+            .collect();
         for (i, r) in rs.iter().enumerate().take(3) {
             assert_eq!(w.data(r, 1000), msg(i as u64 + 1));
         }
         assert!(rs[3..].iter().all(|r| w.result(r).is_none()));
         let (p, r) = pulls(&w);
         assert_eq!(p, (4..=11).map(|i| (2, i)).collect::<Vec<_>>());
-        assert_eq!(r, vec![(2, 1, Status::Ok), (2, 2, Status::Ok), (2, 3, Status::Ok)]);
+        assert_eq!(
+            r,
+            vec![(2, 1, Status::Ok), (2, 2, Status::Ok), (2, 3, Status::Ok)]
+        );
         // The bytes come (in any order); each lands in its receive.
         for i in (4..=10).rev() {
             assert_eq!(accept(&w, pulled(i, b, &msg(i))), Some(Status::Ok));
@@ -1789,7 +1809,9 @@ mod tests {
             assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
         }
         let _ = pulls(&w);
-        let rs: Vec<_> = (8..=11).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        let rs: Vec<_> = (8..=11)
+            .map(|i| w.recv(0, b, None, 0, i, 0, 2000))
+            .collect();
         for (i, r) in rs.iter().enumerate().take(3) {
             assert_eq!(w.data(r, 1000), msg(i as u64 + 8));
         }
@@ -1799,7 +1821,10 @@ mod tests {
         drop(n);
         assert!(w.result(&rs[3]).is_none(), "posted again");
         assert_eq!(w.fabric.stubs_of(2), 0);
-        assert_eq!(accept(&w, incoming(12, b, None, b"twelve")), Some(Status::Ok));
+        assert_eq!(
+            accept(&w, incoming(12, b, None, b"twelve")),
+            Some(Status::Ok)
+        );
         assert_eq!(w.data(&rs[3], 6), b"twelve");
 
         // The receiver's endpoint closes with one stub queued and one being pulled: the
@@ -1807,7 +1832,9 @@ mod tests {
         for i in 13..=17 {
             assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
         }
-        let rs: Vec<_> = (13..=16).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        let rs: Vec<_> = (13..=16)
+            .map(|i| w.recv(0, b, None, 0, i, 0, 2000))
+            .collect();
         assert_eq!(pulls(&w).0, vec![(2, 16)]);
         let mut cl = Request::new(Opcode::EpClose);
         cl.ep = b.ep;
@@ -1816,8 +1843,14 @@ mod tests {
         assert_eq!(w.status(&rs[3]), Some(Status::Canceled));
         let (_, mut r) = pulls(&w);
         r.sort_by_key(|x| x.1);
-        assert_eq!(r, vec![(2, 16, Status::PeerGone), (2, 17, Status::PeerGone)]);
-        assert_eq!(accept(&w, pulled(16, b, &msg(16))), Some(Status::AddrNotAvail));
+        assert_eq!(
+            r,
+            vec![(2, 16, Status::PeerGone), (2, 17, Status::PeerGone)]
+        );
+        assert_eq!(
+            accept(&w, pulled(16, b, &msg(16))),
+            Some(Status::AddrNotAvail)
+        );
         assert_eq!(w.fabric.stubs_of(2), 0);
 
         // A device reset (its rings gone) with a stub being pulled: forgotten, PEER_GONE.
@@ -1825,7 +1858,9 @@ mod tests {
         for i in 20..=23 {
             assert_eq!(accept(&w, incoming(i, c, None, &msg(i))), None);
         }
-        let rs: Vec<_> = (20..=23).map(|i| w.recv(0, c, None, 0, i, 0, 2000)).collect();
+        let rs: Vec<_> = (20..=23)
+            .map(|i| w.recv(0, c, None, 0, i, 0, 2000))
+            .collect();
         assert!(w.result(&rs[3]).is_none());
         let _ = pulls(&w);
         let mut n = Notify::default();
