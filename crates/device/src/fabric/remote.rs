@@ -1073,6 +1073,7 @@ impl Fabric {
     /// device's lock): it waits at the endpoint for the bytes, which the stub's sender is asked
     /// for (PULL, queued under the lock so that pulls leave in matching order). `Err` gives
     /// the receive back if that is not a stub.
+    #[allow(clippy::result_large_err)]
     pub(super) fn pull_stub(
         &self,
         d: &mut Dev,
@@ -1675,7 +1676,9 @@ mod tests {
 
     /// The PULLs the outbox holds for the uplink (host, request id), in order; other
     /// messages are returned apart.
-    fn pulls(w: &World) -> (Vec<(u16, u64)>, Vec<(u16, u64, Status)>) {
+    type Verdicts = Vec<(u16, u64, Status)>;
+
+    fn pulls(w: &World) -> (Vec<(u16, u64)>, Verdicts) {
         let (mut pulls, mut replies) = (Vec::new(), Vec::new());
         for m in w.fabric.outbox.take() {
             match m {
