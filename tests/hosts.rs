@@ -1663,7 +1663,7 @@ fn a_receiver_past_its_bound_holds_remote_senders_without_loss() {
     };
     let (a, b, to_b) = guests_on(&d);
     const N: usize = 64;
-    let len = |i: usize| if i % 4 == 0 { 3000 } else { 60_000 };
+    let len = |i: usize| if i.is_multiple_of(4) { 3000 } else { 60_000 };
     for i in 0..N {
         a.ep.send(&pattern(500 + i as u32, len(i)), to_b, i as u64)
             .unwrap();
