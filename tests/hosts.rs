@@ -1774,6 +1774,57 @@ fn stubs_end_cleanly_when_the_receiver_goes_or_its_host_is_lost() {
     exchange(&a, &a2, &[8, 60_000], 700);
 }
 
+/// A sender's host that is lost while the receiver holds its messages (17 with their bytes,
+/// 7 as stubs): the receiver's daemon drops them all, delivers none of them, and goes on.
+#[test]
+fn stubs_of_a_lost_sender_host_are_dropped_and_the_receiver_goes_on() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        mut d,
+    }) = TwoHosts::start_with(SMALL_BOUND)
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const N: u64 = 24;
+    for i in 0..N {
+        a.ep.send(&pattern(i as u32, 60_000), to_b, i).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(completed_now(&a).is_empty(), "a send completed unreceived");
+    assert!(d[1]
+        .log()
+        .contains("messages from host 1 wait at their sender"));
+    drop(d.remove(0));
+    drop(a);
+    let dropped = format!("dropped={N}");
+    let lost = wait_for(Duration::from_secs(10), || {
+        d[0].log()
+            .lines()
+            .any(|l| l.contains("requests to a lost host failed") && l.contains(&dropped))
+    });
+    assert!(
+        lost,
+        "host 2 did not drop host 1's {N} messages: {}",
+        d[0].log()
+    );
+    // Nothing of the lost host arrives; a local sender's message takes the receive.
+    b.ep.recv_vec(60_000, 77).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        completed_now(&b).is_empty(),
+        "a lost host's message arrived"
+    );
+    let b2 = Guest::open(&d[0].sockets[1]);
+    let b2_to_b = b2.av.insert(b.ep.name()).unwrap();
+    b2.ep.send(b"local", b2_to_b, 1).unwrap();
+    let c = b.next();
+    assert_eq!((c.context, c.src), (77, Some(b2.ep.name())));
+    assert_eq!(c.buf.as_deref(), Some(&b"local"[..]));
+    assert_eq!(b2.next().context, 1);
+}
+
 /// A receive directed at an endpoint of another host fails PEER_GONE when that endpoint goes:
 /// `data` = PEER_CLOSED after its driver's EP_CLOSE, 0 when it was lost (its guest killed) or
 /// already closed when the receive was posted; as on one host.
