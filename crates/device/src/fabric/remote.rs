@@ -1874,6 +1874,76 @@ mod tests {
         assert_eq!(w.fabric.stubs_of(2), 0);
     }
 
+    /// The sender's side of a PULL: only a message pending at the pulling host, at most
+    /// `MAX_PULLS` times; a message sent again keeps its id, goes only while it is pending, and
+    /// a withdrawal drops it (its pending entry gets the CANCEL).
+    #[test]
+    fn a_pulled_message_is_sent_again_only_while_pending() {
+        use crate::uplink::remote::MAX_PULLS;
+        let mut w = World::new(1, Limits::default());
+        let a = w.open(0, RDM);
+        let there = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 1), 3, 4);
+        w.fabric
+            .outbox
+            .set_hosts([(2, true), (3, true)].into_iter());
+        let _ = w.send(0, a, there, None, 0, 1, b"pull me");
+        let mut rd = Request::new(Opcode::RmaRead);
+        rd.ep = a.ep;
+        rd.peer = there;
+        let _read = w.submit(0, rd, &[], 8);
+        let (_, ids) = outgoing(&w);
+        let (send_id, read_id) = (ids[0], ids[1]);
+        assert!(
+            w.fabric.outbox.pulled(read_id, 2).is_none(),
+            "not a message"
+        );
+        assert!(
+            w.fabric.outbox.pulled(send_id, 3).is_none(),
+            "another host's"
+        );
+        let again = |w: &World, send_id: u64| {
+            let (dev, port, req, mut desc, len) = w.fabric.outbox.pulled(send_id, 2)?;
+            desc.flags = (u32::from(desc.flags) | data_flags::PULLED).into();
+            w.fabric.outbox.push(Outbound::Send(Box::new(
+                crate::uplink::remote::RemoteSend {
+                    host: 2,
+                    dev,
+                    port,
+                    req,
+                    desc,
+                    payload: b"pull me".to_vec(),
+                    len,
+                    guest: None,
+                },
+            )));
+            Some(())
+        };
+        for _ in 0..MAX_PULLS {
+            assert!(again(&w, send_id).is_some());
+        }
+        assert!(again(&w, send_id).is_none(), "pulled too often");
+        // Sent again under its own id, not entered twice.
+        let (_, ids) = outgoing(&w);
+        assert_eq!(ids, vec![send_id; MAX_PULLS as usize]);
+        // Withdrawn (its endpoint closes) with a resend still queued: the resend never
+        // leaves, the pending entry completes CANCELED and its CANCEL goes.
+        let mut w = World::new(1, Limits::default());
+        let a = w.open(0, RDM);
+        w.fabric.outbox.set_hosts([(2, true)].into_iter());
+        let s2 = w.send(0, a, there, None, 0, 1, b"pull me");
+        let (_, ids) = outgoing(&w);
+        let send_id = ids[0];
+        assert!(again(&w, send_id).is_some());
+        let mut cl = Request::new(Opcode::EpClose);
+        cl.ep = a.ep;
+        let h = w.submit(0, cl, &[], 0);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        assert_eq!(w.status(&s2), Some(Status::Canceled));
+        let (cancels, sends) = outgoing(&w);
+        assert_eq!((cancels, sends), (vec![(2, send_id)], vec![]));
+        assert!(!w.fabric.outbox.busy((0, a.ep, 2)), "released once");
+    }
+
     /// What the outbox holds for the uplink: `(kind, host, request id)` of every CANCEL, and
     /// the request ids of the DATA requests (which enter the pending table here).
     fn outgoing(w: &World) -> (Vec<(u16, u64)>, Vec<u64>) {

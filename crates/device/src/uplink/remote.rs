@@ -99,7 +99,14 @@ pub(crate) struct Pending {
     /// The DATA description it went with (a message is sent again with it when its target
     /// kept only a stub and asks for the bytes: PULL).
     pub desc: wire::Data,
+    /// PULLs answered for it so far (bounded: see [`MAX_PULLS`]).
+    pub pulls: u8,
 }
+
+/// Times one message is sent again for its target's PULLs, at most: a target pulls a message
+/// once per receive that matches its stub (again only when that receive's queue was stopped
+/// meanwhile); a peer that pulls more gets nothing more than this from our memory and link.
+pub(crate) const MAX_PULLS: u8 = 8;
 
 /// The endpoint of a guest's ADDR_CHECK (`None`: it names no endpoint, so no FENCE waits on it).
 pub(crate) const ADDR_CHECK_EP: u32 = u32::MAX;
@@ -361,6 +368,7 @@ impl Outbox {
                     req: r.req.clone(),
                     len: r.len,
                     desc: r.desc,
+                    pulls: 0,
                 };
                 s.pending.insert(id, p);
             }
@@ -392,13 +400,17 @@ impl Outbox {
 
     /// What a message sent again for `host`'s PULL of request `req_id` needs: its device, port,
     /// chain, description and length, if it is a message pending at `host` (a peer may pull
-    /// only its own messages; anything else is ignored).
+    /// only its own messages, each at most [`MAX_PULLS`] times; anything else is ignored).
     pub fn pulled(&self, req_id: u64, host: u16) -> Option<(usize, Port, Req, wire::Data, u64)> {
         use vfabric_proto::Opcode;
-        let s = self.lock();
-        let p = s.pending.get(&req_id)?;
+        let mut s = self.lock();
+        let p = s.pending.get_mut(&req_id)?;
         let message = matches!(p.req.req.opcode, Opcode::Send | Opcode::TSend);
-        (p.host == host && message).then(|| (p.dev, p.port.clone(), p.req.clone(), p.desc, p.len))
+        if p.host != host || !message || p.pulls >= MAX_PULLS {
+            return None;
+        }
+        p.pulls += 1;
+        Some((p.dev, p.port.clone(), p.req.clone(), p.desc, p.len))
     }
 
     /// Whether request `req_id` to `host` is pending and `f` holds for it.
@@ -448,6 +460,7 @@ impl Outbox {
                         req: r.req,
                         len: r.len,
                         desc: r.desc,
+                        pulls: 0,
                     });
                 }
                 Outbound::AddrQuery { req_id, .. }
@@ -518,6 +531,7 @@ impl Outbox {
                 req,
                 len: 0,
                 desc: wire::Data::default(),
+                pulls: 0,
             },
         );
         s.queue.push_back(Outbound::AddrQuery {

@@ -1428,7 +1428,7 @@ mod tests {
         /// whatever parses describes a chunk inside its message.
         #[test]
         fn mutated_messages_never_panic(
-            kind in 0usize..7,
+            kind in 0usize..8,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             cut in proptest::option::of(any::<usize>()),
         ) {
@@ -1437,6 +1437,7 @@ mod tests {
                     .encode(),
                 1 => data(data_desc(300, 100), &[9u8; 50]),
                 3 => Message::Cancel { fabric_id: 1, host_id: 2, req_id: 3 }.encode(),
+                7 => Message::Pull { fabric_id: 1, host_id: 2, req_id: 3 }.encode(),
                 4 => Message::EpGone {
                     fabric_id: 1, host_id: 2, dev: 3, ep: 4, generation: 5, closed: true,
                 }
