@@ -1716,6 +1716,10 @@ fn a_receiver_past_its_bound_holds_remote_senders_without_loss() {
         log.contains("messages from host 1 wait at their sender"),
         "host 2 never kept a stub: {log}"
     );
+    assert!(
+        log.contains("a rendezvous from host 1 left unread"),
+        "every stub's bytes crossed twice: {log}"
+    );
 }
 
 /// Stubs end cleanly: a receiver whose guest goes (EP_CLOSE, disconnection) fails its

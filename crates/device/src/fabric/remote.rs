@@ -845,6 +845,78 @@ impl Fabric {
             .max(self.limits.max_msg_size)
     }
 
+    /// What a receive matches a message of `len` bytes from `host` described by `desc` on.
+    fn remote_meta(&self, host: u16, desc: &wire::Data, len: u64) -> Meta {
+        let wire_flags = u32::from(desc.flags);
+        Meta {
+            src: FabricAddr::new(
+                FabricAddr::node_of(self.fabric_id, host, desc.src_dev.into()),
+                desc.src_ep.into(),
+                desc.src_gen.into(),
+            ),
+            tagged: u16::from(desc.opcode) == Opcode::TSend as u16,
+            tag: desc.tag.into(),
+            cq_data: (wire_flags & data_flags::REMOTE_CQ_DATA != 0).then_some(desc.data.into()),
+            len,
+            rma_len: None,
+        }
+    }
+
+    /// A rendezvous message from `host` (request `req_id`, described by `desc`) not read yet,
+    /// with every earlier message of its host already matched: if it would be a stub once
+    /// read (no posted receive matches it, and the held bytes are past their bound or it
+    /// would queue behind a stub), it becomes one now, so that its bytes cross the wire only
+    /// when a receive pulls them. `false`: read it and hand it to [`Fabric::accept_remote`]
+    /// as usual (which also answers anything this does not check).
+    pub(crate) fn stub_unread(&self, host: u16, req_id: u64, desc: &wire::Data) -> bool {
+        let op = u16::from(desc.opcode);
+        let kind = u64::from(u16::from(desc.ep_kind));
+        let len = u64::from(desc.total_len);
+        let plain = op == Opcode::Send as u16 || op == Opcode::TSend as u16;
+        if !plain
+            || u32::from(desc.flags) & data_flags::PULLED != 0
+            || kind == ep_open::TYPE_DGRAM
+            || len > self.limits.max_msg_size
+        {
+            return false;
+        }
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return false;
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let meta = self.remote_meta(host, desc, len);
+        let mut d = self.dev(ddev);
+        if d.port.is_none() {
+            return false;
+        }
+        let Some(e) = d.live_ep_mut(dep, dgen) else {
+            return false;
+        };
+        if e.kind != kind || e.posted.iter().any(|r| super::recv_matches(&r.req, &meta)) {
+            return false;
+        }
+        let behind_stub = e.unexpected.back().is_some_and(Msg::is_stub);
+        let held = self.remote_held_bytes.load(Ordering::Acquire);
+        if !behind_stub && held.saturating_add(len) <= self.remote_held_limit() {
+            return false;
+        }
+        if !self.stub_reserve(host) {
+            return false;
+        }
+        e.unexpected.push_back(Msg {
+            meta,
+            src_dev: REMOTE_SRC_DEV,
+            claimed: None,
+            body: Body::Remote(HeldRemote {
+                host,
+                req_id,
+                bytes: None,
+            }),
+        });
+        true
+    }
+
     /// Match a message from another host at its destination endpoint. Returns the verdict for
     /// its sender, or `None` when the message is held (the verdict follows through the outbox
     /// when a receive takes it, or its endpoint closes).
@@ -861,19 +933,7 @@ impl Fabric {
         if len > self.limits.max_msg_size {
             return Some(Status::TooLarge);
         }
-        let tagged = u16::from(desc.opcode) == Opcode::TSend as u16;
-        let meta = Meta {
-            src: FabricAddr::new(
-                FabricAddr::node_of(self.fabric_id, m.host, desc.src_dev.into()),
-                desc.src_ep.into(),
-                desc.src_gen.into(),
-            ),
-            tagged,
-            tag: desc.tag.into(),
-            cq_data: (wire_flags & data_flags::REMOTE_CQ_DATA != 0).then_some(desc.data.into()),
-            len,
-            rma_len: None,
-        };
+        let meta = self.remote_meta(m.host, &desc, len);
         let delivery_complete = wire_flags & data_flags::DELIVERY_COMPLETE != 0;
         if delivery_complete && kind == ep_open::TYPE_DGRAM {
             return Some(Status::Invalid);
@@ -1767,6 +1827,48 @@ mod tests {
         let mut n = Notify::default();
         assert_eq!(w.fabric.purge_remote(2, &mut n).len() as u64, 3 + max);
         drop(n);
+        assert_eq!(w.fabric.stubs_of(2), 0);
+    }
+
+    /// A rendezvous message not read yet is a stub at once when it would be one once read.
+    #[test]
+    fn an_unread_rendezvous_message_past_the_bound_is_a_stub_without_its_bytes() {
+        let mut w = World::new(1, stub_limits());
+        let b = w.open(0, RDM);
+        let msg = |i: u64| vec![i as u8; 1000];
+        let unread = |w: &World, i: u64| {
+            let m = incoming(i, b, None, &msg(i));
+            w.fabric.stub_unread(2, i, &m.desc)
+        };
+        assert!(!unread(&w, 1), "within the bound: read it");
+        for i in 1..=3 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
+        }
+        // A posted receive that matches: read it (it goes straight there).
+        let mut tagged = Request::new(Opcode::TRecv);
+        tagged.ep = b.ep;
+        tagged.tag = 9;
+        let other = w.submit(0, tagged, &[], 2000);
+        assert!(w.result(&other).is_none());
+        assert!(unread(&w, 4), "past the bound, no receive for it");
+        assert_eq!(w.fabric.stubs_of(2), 1);
+        let mut pulled_flag = incoming(5, b, None, &msg(5));
+        pulled_flag.desc.flags = data_flags::PULLED.into();
+        assert!(!w.fabric.stub_unread(2, 5, &pulled_flag.desc));
+        let mut dgram = incoming(5, b, None, &msg(5));
+        dgram.desc.ep_kind = (ep_open::TYPE_DGRAM as u16).into();
+        assert!(!w.fabric.stub_unread(2, 5, &dgram.desc));
+        let mut t = incoming(5, b, Some(9), &msg(5));
+        t.desc.opcode = (Opcode::TSend as u16).into();
+        assert!(
+            !w.fabric.stub_unread(2, 5, &t.desc),
+            "the tagged receive takes it"
+        );
+        // Receives take the held three, then pull the stub made unread.
+        let rs: Vec<_> = (1..=4).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        assert_eq!(pulls(&w).0, vec![(2, 4)]);
+        assert_eq!(accept(&w, pulled(4, b, &msg(4))), Some(Status::Ok));
+        assert_eq!(w.data(&rs[3], 1000), msg(4));
         assert_eq!(w.fabric.stubs_of(2), 0);
     }
 
