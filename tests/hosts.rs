@@ -1622,6 +1622,213 @@ fn an_endpoint_close_withdraws_its_sends_held_at_another_host() {
     assert!(matches!(b.cq.read(&mut Vec::new(), 1), Err(VfError::Again)));
 }
 
+/// Daemon arguments that make host 2 hold at most 1 MiB of other hosts' messages with their
+/// bytes (16 × 64 KiB, at least one 1 MiB message) before it keeps only stubs.
+const SMALL_BOUND: &[&str] = &[
+    "--max-unexpected-bytes",
+    "65536",
+    "--max-msg-size",
+    "1048576",
+];
+
+/// Every completion `g` has now (none may be an error), by context.
+fn completed_now(g: &Guest) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut v = Vec::new();
+    loop {
+        match g.cq.read(&mut v, 1) {
+            Ok(_) => out.push(v.pop().unwrap().context),
+            Err(VfError::Again) => return out,
+            Err(VfError::Avail) => panic!("error completion: {:?}", g.cq.readerr()),
+            Err(e) => panic!("cq read: {e}"),
+        }
+    }
+}
+
+/// End-to-end backpressure: a receiver past its bound holds remote senders without loss.
+/// Host 2 holds at most 1 MiB of messages with their bytes; A streams about 3 MiB at B,
+/// which posts no receive until everything was sent. Past the bound host 2 keeps only stubs
+/// and the senders' requests stay outstanding; B's receives then pull every message, in order
+/// and whole, and no send fails (before stubs, the sends past the bound failed NoResources).
+/// A stub whose sender's endpoint closes (CANCEL) is dropped, never delivered.
+#[test]
+fn a_receiver_past_its_bound_holds_remote_senders_without_loss() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start_with(SMALL_BOUND)
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const N: usize = 64;
+    let len = |i: usize| if i.is_multiple_of(4) { 3000 } else { 60_000 };
+    for i in 0..N {
+        a.ep.send(&pattern(500 + i as u32, len(i)), to_b, i as u64)
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // Only what host 2 took (eagerly, or held with its bytes) may have completed: Ok.
+    let mut sent = completed_now(&a);
+    assert!(sent.len() < N, "every send completed before any receive");
+    // Another endpoint's message, behind the stubs, withdrawn by its endpoint's close.
+    let a2 = Guest::open(&d[0].sockets[1]);
+    let a2_to_b = a2.av.insert(b.ep.name()).unwrap();
+    a2.ep.send(&pattern(9, 60_000), a2_to_b, 1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    drop(a2);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    for i in 0..N {
+        b.ep.recv_vec(60_000, 1000 + i as u64).unwrap();
+    }
+    for i in 0..N {
+        let c = b.next();
+        assert_eq!(c.context, 1000 + i as u64, "in order");
+        assert_eq!(c.src, Some(a.ep.name()));
+        assert!(
+            c.buf.as_deref() == Some(pattern(500 + i as u32, len(i)).as_slice()),
+            "message {i} differs"
+        );
+    }
+    let deadline = Instant::now() + OP_TIMEOUT;
+    while sent.len() < N && Instant::now() < deadline {
+        sent.extend(completed_now(&a));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    sent.sort();
+    assert_eq!(
+        sent,
+        (0..N as u64).collect::<Vec<_>>(),
+        "every send, once, Ok"
+    );
+    // The withdrawn message never arrives: the next receive gets A's next message.
+    b.ep.recv_vec(60_000, 2000).unwrap();
+    a.ep.send(b"last", to_b, 99).unwrap();
+    let c = b.next();
+    assert_eq!((c.context, c.src), (2000, Some(a.ep.name())));
+    assert_eq!(c.buf.as_deref(), Some(&b"last"[..]));
+    assert_eq!(a.next().context, 99);
+    let log = d[1].log();
+    assert!(
+        log.contains("messages from host 1 wait at their sender"),
+        "host 2 never kept a stub: {log}"
+    );
+    assert!(
+        log.contains("a rendezvous from host 1 left unread"),
+        "every stub's bytes crossed twice: {log}"
+    );
+}
+
+/// Stubs end cleanly: a receiver whose guest goes (EP_CLOSE, disconnection) fails its
+/// senders' held and stubbed messages PEER_GONE; a receiver host that is lost fails them
+/// HOST_UNREACH; the sender's host keeps working.
+#[test]
+fn stubs_end_cleanly_when_the_receiver_goes_or_its_host_is_lost() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        mut d,
+    }) = TwoHosts::start_with(SMALL_BOUND)
+    else {
+        return;
+    };
+    let a = Guest::open(&d[0].sockets[0]);
+    const N: u64 = 24;
+    let stream = |to: vfabric::FiAddr, base: u64| {
+        for i in 0..N {
+            a.ep.send(&pattern(i as u32, 60_000), to, base + i).unwrap();
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(completed_now(&a).is_empty(), "a send completed unreceived");
+    };
+    let fails = |want: Status| {
+        let mut got: Vec<u64> = (0..N)
+            .map(|_| {
+                let e = a.next_err();
+                assert_eq!(e.status, want, "{e:?}");
+                e.context
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    // 24 × 60 kB: 17 held with their bytes, then stubs.
+    let b = Guest::open(&d[1].sockets[1]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    stream(to_b, 0);
+    drop(b);
+    assert_eq!(fails(Status::PeerGone), (0..N).collect::<Vec<_>>());
+
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    stream(to_b, 100);
+    let t = Instant::now();
+    drop(d.remove(1));
+    assert_eq!(
+        fails(Status::HostUnreach),
+        (100..100 + N).collect::<Vec<_>>()
+    );
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    drop(b);
+    // Host 1 is fine: a local exchange works.
+    let a2 = Guest::open(&d[0].sockets[1]);
+    exchange(&a, &a2, &[8, 60_000], 700);
+}
+
+/// A sender's host that is lost while the receiver holds its messages (17 with their bytes,
+/// 7 as stubs): the receiver's daemon drops them all, delivers none of them, and goes on.
+#[test]
+fn stubs_of_a_lost_sender_host_are_dropped_and_the_receiver_goes_on() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        mut d,
+    }) = TwoHosts::start_with(SMALL_BOUND)
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const N: u64 = 24;
+    for i in 0..N {
+        a.ep.send(&pattern(i as u32, 60_000), to_b, i).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(completed_now(&a).is_empty(), "a send completed unreceived");
+    assert!(d[1]
+        .log()
+        .contains("messages from host 1 wait at their sender"));
+    drop(d.remove(0));
+    drop(a);
+    let dropped = format!("dropped={N}");
+    let lost = wait_for(Duration::from_secs(10), || {
+        d[0].log()
+            .lines()
+            .any(|l| l.contains("requests to a lost host failed") && l.contains(&dropped))
+    });
+    assert!(
+        lost,
+        "host 2 did not drop host 1's {N} messages: {}",
+        d[0].log()
+    );
+    // Nothing of the lost host arrives; a local sender's message takes the receive.
+    b.ep.recv_vec(60_000, 77).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        completed_now(&b).is_empty(),
+        "a lost host's message arrived"
+    );
+    let b2 = Guest::open(&d[0].sockets[1]);
+    let b2_to_b = b2.av.insert(b.ep.name()).unwrap();
+    b2.ep.send(b"local", b2_to_b, 1).unwrap();
+    let c = b.next();
+    assert_eq!((c.context, c.src), (77, Some(b2.ep.name())));
+    assert_eq!(c.buf.as_deref(), Some(&b"local"[..]));
+    assert_eq!(b2.next().context, 1);
+}
+
 /// A receive directed at an endpoint of another host fails PEER_GONE when that endpoint goes:
 /// `data` = PEER_CLOSED after its driver's EP_CLOSE, 0 when it was lost (its guest killed) or
 /// already closed when the receive was posted; as on one host.

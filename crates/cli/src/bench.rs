@@ -192,11 +192,22 @@ impl Side {
         self.ep.name()
     }
 
-    fn wait(&self, cq: &CompletionQueue, what: &str) -> Result<CqEntry, CliError> {
+    /// Wait for one completion on `cq`; returns its length (bytes received or sent).
+    fn wait(&self, cq: &CompletionQueue, what: &str) -> Result<usize, CliError> {
         let mut one = [CqEntry::default()];
         self.read_some(cq, &mut one, what)?;
-        let [e] = one;
-        Ok(e)
+        Ok(one[0].len)
+    }
+
+    /// Wait for a receive of `size` bytes on `cq`; a shorter or longer one is an error.
+    fn wait_recv(&self, cq: &CompletionQueue, size: usize, what: &str) -> Result<(), CliError> {
+        let len = self.wait(cq, what)?;
+        if len != size {
+            return Err(CliError::Run(format!(
+                "{what}: received {len} bytes, expected {size}"
+            )));
+        }
+        Ok(())
     }
 
     /// Wait for `n` completions on `cq`, reading them in bulk through `scratch`.
@@ -223,6 +234,14 @@ impl Side {
         out: &mut [CqEntry],
         what: &str,
     ) -> Result<usize, CliError> {
+        if self.mode != Mode::Poll {
+            // `sread` does the waiting (and keeps the timeout) itself.
+            match cq.sread_into(out, Some(self.timeout)) {
+                Ok(n) => return Ok(n),
+                Err(vfabric::Error::Again) => {}
+                Err(e) => return Err(self.read_error(cq, e, what)),
+            }
+        }
         let mut deadline = None;
         let mut polls = 0u32;
         loop {
@@ -233,9 +252,7 @@ impl Side {
             match r {
                 Ok(n) => return Ok(n),
                 Err(vfabric::Error::Again) => {}
-                Err(vfabric::Error::Timeout) => return Err(self.no_completion(what)),
-                Err(vfabric::Error::Avail) => return Err(error_completion(what, cq.readerr())),
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(self.read_error(cq, e, what)),
             }
             polls = polls.wrapping_add(1);
             if polls.is_multiple_of(CLOCK_EVERY) {
@@ -250,6 +267,16 @@ impl Side {
             } else {
                 std::hint::spin_loop();
             }
+        }
+    }
+
+    /// The error of a read that returned neither entries nor `Again`.
+    #[cold]
+    fn read_error(&self, cq: &CompletionQueue, e: vfabric::Error, what: &str) -> CliError {
+        match e {
+            vfabric::Error::Timeout => self.no_completion(what),
+            vfabric::Error::Avail => error_completion(what, cq.readerr()),
+            e => e.into(),
         }
     }
 
@@ -394,9 +421,9 @@ fn server_handshake(side: &Side, addr_file: &Path) -> Result<FiAddr, CliError> {
     std::fs::write(&tmp, side.name().to_string())?;
     std::fs::rename(&tmp, addr_file)?;
     side.post_recv(64, 1)?;
-    let e = side.wait(&side.rx_cq, "hello")?;
+    let len = side.wait(&side.rx_cq, "hello")?;
     // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
-    let text = String::from_utf8_lossy(&unsafe { side.rbuf.as_slice() }[..e.len]).into_owned();
+    let text = String::from_utf8_lossy(&unsafe { side.rbuf.as_slice() }[..len]).into_owned();
     let addr: FabricAddr = text
         .trim()
         .parse()
@@ -518,7 +545,7 @@ fn pingpong_size(
     if server {
         side.post_recv(size, 2)?;
         for i in 0..n {
-            side.wait(&side.rx_cq, "pingpong recv")?;
+            side.wait_recv(&side.rx_cq, size, "pingpong recv")?;
             if params.verify {
                 side.check(size, (size * 31 + i) as u64)?;
             }
@@ -543,7 +570,7 @@ fn pingpong_size(
         }
         side.post_send(size, peer, 3)?;
         side.wait(&side.tx_cq, "pingpong send")?;
-        side.wait(&side.rx_cq, "pingpong recv")?;
+        side.wait_recv(&side.rx_cq, size, "pingpong recv")?;
         if params.verify {
             side.check(size, (size * 37 + i) as u64)?;
         }
@@ -717,9 +744,9 @@ fn rma_side(
         return Ok(Vec::new());
     }
     side.post_recv(64, 10)?;
-    let e = side.wait(&side.rx_cq, "region info")?;
+    let len = side.wait(&side.rx_cq, "region info")?;
     // SAFETY: nothing writes the buffer while the slice lives: operations on it are not posted yet or have completed.
-    let text = String::from_utf8_lossy(&unsafe { side.rbuf.as_slice() }[..e.len]).into_owned();
+    let text = String::from_utf8_lossy(&unsafe { side.rbuf.as_slice() }[..len]).into_owned();
     let mut it = text.split_whitespace().map(str::parse::<u64>);
     let (Some(Ok(key)), Some(Ok(base))) = (it.next(), it.next()) else {
         return Err(CliError::Run(format!("bad region info {text:?}")));

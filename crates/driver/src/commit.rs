@@ -59,6 +59,9 @@ pub(crate) struct CommitState {
     ready: Mutex<VecDeque<CommitEvent>>,
     /// Verdicts not yet posted (the control ring was full): (event id, value).
     unsent: Mutex<VecDeque<(u64, i64)>>,
+    /// Entries of `ready` and `unsent` together, changed under their locks: progress checks
+    /// it after every drain without taking either lock.
+    queued: AtomicUsize,
     /// A thread is running handlers (they never run concurrently, nor nested in a handler's
     /// own progress calls).
     running: AtomicBool,
@@ -82,8 +85,37 @@ impl CommitState {
         self.handled_mrs.load(Ordering::Acquire) > 0
             && self.posted.load(Ordering::Acquire) < COMMIT_EVENT_DEPTH
     }
+    fn push_ready(&self, ev: CommitEvent) {
+        let mut ready = self.ready.lock().unwrap();
+        ready.push_back(ev);
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+    fn pop_ready(&self) -> Option<CommitEvent> {
+        let mut ready = self.ready.lock().unwrap();
+        let ev = ready.pop_front()?;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        Some(ev)
+    }
+    fn push_unsent(&self, verdict: (u64, i64)) {
+        let mut unsent = self.unsent.lock().unwrap();
+        unsent.push_back(verdict);
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+    fn push_unsent_front(&self, verdict: (u64, i64)) {
+        let mut unsent = self.unsent.lock().unwrap();
+        unsent.push_front(verdict);
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+    fn pop_unsent(&self) -> Option<(u64, i64)> {
+        let mut unsent = self.unsent.lock().unwrap();
+        let v = unsent.pop_front()?;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        Some(v)
+    }
+    /// Events or verdicts waiting (one atomic load: called after every drain).
+    #[inline]
     fn has_work(&self) -> bool {
-        !self.ready.lock().unwrap().is_empty() || !self.unsent.lock().unwrap().is_empty()
+        self.queued.load(Ordering::Acquire) > 0
     }
 }
 
@@ -150,27 +182,19 @@ impl DomainInner {
             if st.running.swap(true, Ordering::AcqRel) {
                 return;
             }
-            loop {
-                let Some(ev) = st.ready.lock().unwrap().pop_front() else {
-                    break;
-                };
+            // (`pop_*` release their lock before returning: none is held across the loop body.)
+            while let Some(ev) = st.pop_ready() {
                 let handler = st.handler.lock().unwrap().clone();
                 // No handler any more (cleared after the region was registered): the ranges
                 // are durable, which is all the commit asked for.
                 let value = handler.map_or(0, |h| h(&ev));
-                st.unsent
-                    .lock()
-                    .unwrap()
-                    .push_back((ev.id, i64::from(value)));
+                st.push_unsent((ev.id, i64::from(value)));
             }
             let mut stalled = false;
-            loop {
-                let Some((id, value)) = st.unsent.lock().unwrap().pop_front() else {
-                    break;
-                };
+            while let Some((id, value)) = st.pop_unsent() {
                 if let Err(e) = self.post_commit_reply(id, value) {
                     tracing::debug!(%e, id, "COMMIT_REPLY not posted now");
-                    st.unsent.lock().unwrap().push_front((id, value));
+                    st.push_unsent_front((id, value));
                     stalled = true;
                     break;
                 }
@@ -231,11 +255,11 @@ pub(crate) fn complete_event(domain: &DomainInner, f: Done<'_>) {
             tracing::warn!(?other, "device wrote a malformed commit event");
             // Refuse it rather than leave the initiator to the timeout.
             let refusal = (u64::from(c.data), -i64::from(fi::EIO));
-            domain.commit.unsent.lock().unwrap().push_back(refusal);
+            domain.commit.push_unsent(refusal);
             return;
         }
     };
-    domain.commit.ready.lock().unwrap().push_back(CommitEvent {
+    domain.commit.push_ready(CommitEvent {
         id: msg.event_id,
         target_ep: msg.ep,
         initiator: msg.initiator,

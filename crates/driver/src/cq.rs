@@ -17,7 +17,7 @@ use vfabric_proto::{comp_flags, FabricAddr, Status};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::av::{FiAddr, FI_ADDR_NOTAVAIL};
-use crate::domain::DomainInner;
+use crate::domain::{DomainInner, Stalled};
 use crate::hmem::Scatter;
 use crate::lock::SpinLock;
 use crate::request::{CopyOut, DataOp, Done, PendingOp};
@@ -135,6 +135,56 @@ enum CqEvent {
     StagedError(Box<(CqErrEntry, Box<Scatter>)>),
 }
 
+/// Why a read returned no entry, as plain data (an [`Error`] is built only when a caller
+/// outside this module sees it: nothing to drop on the empty polls of a wait).
+#[derive(Clone, Copy, Debug)]
+enum Empty {
+    /// Nothing queued (`Error::Again`).
+    Again,
+    /// An error entry is at the head (`Error::Avail`).
+    Avail,
+    /// Progress stopped (the device went away or broke a ring).
+    Stalled(Stalled),
+}
+
+impl From<Empty> for Error {
+    #[cold]
+    fn from(e: Empty) -> Self {
+        match e {
+            Empty::Again => Error::Again,
+            Empty::Avail => Error::Avail,
+            Empty::Stalled(s) => s.into(),
+        }
+    }
+}
+
+type ReadResult = std::result::Result<usize, Empty>;
+
+/// A reader's buffer that progress fills directly: a success entry for the reader's CQ is
+/// written into `out` instead of being queued, as long as the CQ has nothing queued (so every
+/// entry queued before it, from the same virtqueue or not, has been read) and `out` has room.
+/// Entries of one virtqueue are dispatched by one drainer at a time, in ring order, so the
+/// order per virtqueue holds: once one of them is queued, the ones after it are queued too.
+pub(crate) struct Direct<'a> {
+    cq: *const CqShared,
+    out: &'a mut [CqEntry],
+    at: usize,
+}
+
+impl Direct<'_> {
+    /// The reader's next entry, to be filled in place with an entry bound for `cq`, or `None`
+    /// if that entry must be queued.
+    #[inline]
+    fn slot_for(&mut self, cq: &CqShared) -> Option<&mut CqEntry> {
+        if std::ptr::eq(cq, self.cq) && self.at < self.out.len() && cq.is_empty() {
+            self.at += 1;
+            Some(&mut self.out[self.at - 1])
+        } else {
+            None
+        }
+    }
+}
+
 /// State shared between a CQ handle and the requests that complete into it.
 pub(crate) struct CqShared {
     events: SpinLock<VecDeque<CqEvent>>,
@@ -237,10 +287,14 @@ impl CompletionQueue {
     /// `fi_cq_read`: drive progress, then move up to `max` entries to `out`. `Err(Again)` if
     /// none, `Err(Avail)` if an error entry is at the head (call [`CompletionQueue::readerr`]).
     pub fn read(&self, out: &mut Vec<CqEntry>, max: usize) -> Result<usize> {
+        self.try_read(out, max).map_err(Error::from)
+    }
+
+    fn try_read(&self, out: &mut Vec<CqEntry>, max: usize) -> ReadResult {
         let progressed = self.domain.progress_fast();
         match self.take(max, |e| out.push(e)) {
             // Entries already delivered are returned before a transport error.
-            Err(Error::Again) => Err(progressed.map_or_else(Error::from, |_| Error::Again)),
+            Err(Empty::Again) => Err(progressed.map_or_else(Empty::Stalled, |_| Empty::Again)),
             r => r,
         }
     }
@@ -248,14 +302,28 @@ impl CompletionQueue {
     /// `fi_cq_read` into a slice: fills `out[..n]`, returns `n` (errors as for `read`).
     /// Allocates nothing.
     pub fn read_into(&self, out: &mut [CqEntry]) -> Result<usize> {
-        let progressed = self.domain.progress_fast();
-        let mut at = 0;
-        let taken = self.take(out.len(), |e| {
-            out[at] = e;
-            at += 1;
+        self.try_read_into(out).map_err(Error::from)
+    }
+
+    #[inline]
+    fn try_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
+        let mut direct = Direct {
+            cq: Arc::as_ptr(&self.shared),
+            out,
+            at: 0,
+        };
+        let progressed = self.domain.progress_into(Some(&mut direct));
+        let Direct { out, at, .. } = direct;
+        let mut n = at;
+        let taken = self.take(out.len() - at, |e| {
+            out[n] = e;
+            n += 1;
         });
         match taken {
-            Err(Error::Again) => Err(progressed.map_or_else(Error::from, |_| Error::Again)),
+            Ok(k) => Ok(at + k),
+            // Entries delivered directly come before an error entry queued after them.
+            Err(Empty::Again | Empty::Avail) if at > 0 => Ok(at),
+            Err(Empty::Again) => Err(progressed.map_or_else(Empty::Stalled, |_| Empty::Again)),
             r => r,
         }
     }
@@ -269,10 +337,10 @@ impl CompletionQueue {
     }
 
     /// Move up to `max` queued entries to `put`, stopping at an error entry.
-    fn take(&self, max: usize, mut put: impl FnMut(CqEntry)) -> Result<usize> {
+    fn take(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
         if max == 0 || self.shared.queued.load(Ordering::Relaxed) == 0 {
             // Nothing queued as of our own progress: no lock.
-            return Err(Error::Again);
+            return Err(Empty::Again);
         }
         let mut events = self.shared.events.lock();
         let mut n = 0;
@@ -295,14 +363,14 @@ impl CompletionQueue {
                     return self.deliver_staged(*st, n, put);
                 }
                 Some(CqEvent::Error(_) | CqEvent::StagedError(_)) if n == 0 => {
-                    return Err(Error::Avail)
+                    return Err(Empty::Avail)
                 }
                 _ => break,
             }
         }
         self.shared.queued.store(events.len(), Ordering::SeqCst);
         if n == 0 {
-            Err(Error::Again)
+            Err(Empty::Again)
         } else {
             Ok(n)
         }
@@ -317,7 +385,7 @@ impl CompletionQueue {
         (mut e, scatter): (CqEntry, Box<Scatter>),
         n: usize,
         mut put: impl FnMut(CqEntry),
-    ) -> Result<usize> {
+    ) -> ReadResult {
         let bytes = e.buf.take().unwrap_or_default();
         match scatter.run(&bytes) {
             Ok(()) => {
@@ -342,7 +410,7 @@ impl CompletionQueue {
                 })));
                 self.shared.queued.store(events.len(), Ordering::SeqCst);
                 if n == 0 {
-                    Err(Error::Avail)
+                    Err(Empty::Avail)
                 } else {
                     Ok(n)
                 }
@@ -399,13 +467,13 @@ impl CompletionQueue {
         max: usize,
         timeout: Option<Duration>,
     ) -> Result<usize> {
-        self.wait_for(timeout, |cq| cq.read(out, max))
+        self.wait_for(timeout, |cq| cq.try_read(out, max))
     }
 
     /// `fi_cq_sread` into a slice (as [`CompletionQueue::read_into`]; waits as
     /// [`CompletionQueue::sread`]). Allocates nothing.
     pub fn sread_into(&self, out: &mut [CqEntry], timeout: Option<Duration>) -> Result<usize> {
-        self.wait_for(timeout, |cq| cq.read_into(out))
+        self.wait_for(timeout, |cq| cq.try_read_into(out))
     }
 
     /// Repeat `attempt` until it returns something other than `Again`: spin for the budget,
@@ -415,16 +483,20 @@ impl CompletionQueue {
     fn wait_for(
         &self,
         timeout: Option<Duration>,
-        mut attempt: impl FnMut(&Self) -> Result<usize>,
+        mut attempt: impl FnMut(&Self) -> ReadResult,
     ) -> Result<usize> {
         if self.attr.wait != WaitMode::Blocking {
             return Err(Error::Unsupported(
                 "sread on a CQ opened with WaitMode::None".into(),
             ));
         }
-        match attempt(self) {
-            Err(Error::Again) => {}
-            r => return r,
+        // A full read only if something may be there: a wait usually starts before its
+        // completion exists, and the blocking path below re-checks the rings after arming.
+        if !self.shared.is_empty() || self.domain.may_progress() {
+            match attempt(self) {
+                Err(Empty::Again) => {}
+                r => return r.map_err(Error::from),
+            }
         }
         let mut left = timeout.map(timespec_of);
         // Phase 1: poll.
@@ -438,8 +510,8 @@ impl CompletionQueue {
             let mut polls = 0u32;
             loop {
                 match attempt(self) {
-                    Err(Error::Again) => {}
-                    r => return r,
+                    Err(Empty::Again) => {}
+                    r => return r.map_err(Error::from),
                 }
                 polls = polls.wrapping_add(1);
                 if polls.is_multiple_of(SPIN_POLLS_PER_CLOCK) && start.elapsed() >= spin {
@@ -475,12 +547,12 @@ impl CompletionQueue {
             self.shared.waiters.fetch_sub(1, Ordering::SeqCst);
             let slept = r?;
             match attempt(self) {
-                Err(Error::Again) => {}
+                Err(Empty::Again) => {}
                 r => {
                     if let Some(b) = blocked_at {
                         self.adapt_spin(b.elapsed());
                     }
-                    return r;
+                    return r.map_err(Error::from);
                 }
             }
             if slept {
@@ -563,9 +635,9 @@ impl CompletionQueue {
 }
 
 /// Deliver a finished request (called by progress, in used-ring order per queue).
-pub(crate) fn complete(domain: &DomainInner, f: Done<'_>) {
+pub(crate) fn complete(domain: &DomainInner, f: Done<'_>, direct: Option<&mut Direct<'_>>) {
     match f.op {
-        PendingOp::Data(_) => complete_data(f),
+        PendingOp::Data(_) => complete_data(f, direct),
         PendingOp::Control { .. } => crate::control::complete_control(domain, f),
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
         PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),
@@ -574,7 +646,7 @@ pub(crate) fn complete(domain: &DomainInner, f: Done<'_>) {
     }
 }
 
-fn complete_data(f: Done<'_>) {
+fn complete_data(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
     let Finished {
         cookie,
         op,
@@ -720,16 +792,29 @@ fn complete_data(f: Done<'_>) {
                 sc,
             ))));
         } else if let Some(cq) = cq.filter(|_| op.report_success) {
-            cq.push(CqEvent::Entry(CqEntry {
-                context: op.context,
-                flags,
-                len,
-                data,
-                tag,
-                src,
-                src_addr,
-                buf,
-            }));
+            match direct.and_then(|d| d.slot_for(cq)) {
+                // Written in place: no entry built and moved.
+                Some(e) => {
+                    e.context = op.context;
+                    e.flags = flags;
+                    e.len = len;
+                    e.data = data;
+                    e.tag = tag;
+                    e.src = src;
+                    e.src_addr = src_addr;
+                    e.buf = buf;
+                }
+                None => cq.push(CqEvent::Entry(CqEntry {
+                    context: op.context,
+                    flags,
+                    len,
+                    data,
+                    tag,
+                    src,
+                    src_addr,
+                    buf,
+                })),
+            }
         }
     } else if let Some(cq) = cq.filter(|_| op.report_errors) {
         let e = CqErrEntry {

@@ -877,7 +877,17 @@ impl DomainInner {
 
     /// [`DomainInner::progress`] with a plain error (nothing to drop on the hot path).
     pub(crate) fn progress_fast(&self) -> std::result::Result<usize, Stalled> {
-        let n = self.drain_busy();
+        self.progress_into(None)
+    }
+
+    /// [`DomainInner::progress_fast`] for a CQ reader: success entries for the reader's CQ go
+    /// straight into its buffer while that CQ has nothing queued (see [`crate::cq::Direct`]).
+    #[inline]
+    pub(crate) fn progress_into(
+        &self,
+        direct: Option<&mut crate::cq::Direct<'_>>,
+    ) -> std::result::Result<usize, Stalled> {
+        let n = self.drain_busy(direct);
         if n > 0 {
             self.after_completions();
         }
@@ -899,9 +909,27 @@ impl DomainInner {
         Ok(n)
     }
 
+    /// Could progress deliver anything now (a used entry on a queue with requests in flight, a
+    /// broken queue, a device gone)? Reads a few indices, takes no lock, drains nothing.
+    pub(crate) fn may_progress(&self) -> bool {
+        if self.broken_queue.load(Ordering::Relaxed) != u32::MAX || self.is_closed() {
+            return true;
+        }
+        let mut busy = self.signals.busy.load(Ordering::Relaxed);
+        let lower = self.queues.len().min(64);
+        while busy != 0 {
+            let i = busy.trailing_zeros() as usize;
+            busy &= busy - 1;
+            if i < lower && self.queues[i].needs_drain() {
+                return true;
+            }
+        }
+        self.queues.len() > 64 && self.queues[64..].iter().any(|q| q.needs_drain())
+    }
+
     /// Drain the queues with requests in flight (the busy mask, plus every queue from 64 on)
     /// and dispatch their completions. A queue found broken stops the domain (spec §6.14.2).
-    fn drain_busy(&self) -> usize {
+    fn drain_busy(&self, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         let mut n = 0;
         let mut busy = self.signals.busy.load(Ordering::Relaxed);
         let lower = self.queues.len().min(64);
@@ -909,21 +937,23 @@ impl DomainInner {
             let i = busy.trailing_zeros() as usize;
             busy &= busy - 1;
             if i < lower {
-                n += self.drain_queue(&self.queues[i]);
+                n += self.drain_queue(&self.queues[i], direct.as_deref_mut());
             }
         }
-        for q in self.queues.iter().skip(64) {
-            n += self.drain_queue(q);
+        if self.queues.len() > 64 {
+            for q in &self.queues[64..] {
+                n += self.drain_queue(q, direct.as_deref_mut());
+            }
         }
         n
     }
 
     #[inline(always)]
-    fn drain_queue(&self, q: &Queue) -> usize {
+    fn drain_queue(&self, q: &Queue, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         if !q.needs_drain() {
             return 0;
         }
-        let n = q.drain(|f| crate::cq::complete(self, f));
+        let n = q.drain(|f| crate::cq::complete(self, f, direct.as_deref_mut()));
         if q.is_broken() {
             self.queue_broke(q.index);
         }
@@ -945,7 +975,7 @@ impl DomainInner {
     /// Progress for control waiters: errors of data queues are reported to their users, not
     /// to the control caller.
     pub(crate) fn progress_quiet(&self) {
-        if self.drain_busy() > 0 {
+        if self.drain_busy(None) > 0 {
             self.after_completions();
         }
     }
@@ -994,10 +1024,22 @@ impl DomainInner {
         // Count ourselves before arming: a drainer that moves a ring on then re-arms it, and a
         // post to a queue we leave idle arms it.
         self.signals.blockers.fetch_add(1, Ordering::SeqCst);
+        // Only queues with requests in flight can be called. A post to a queue outside the
+        // busy mask sets its bit after counting the request and then sees our `blockers`
+        // count (all SeqCst) and arms it itself.
         let mut armed = 0u64;
-        for (i, q) in self.queues.iter().enumerate() {
-            if q.arm_if_busy() {
-                armed |= 1 << (i % 64);
+        let mut busy = self.signals.busy.load(Ordering::SeqCst);
+        let lower = self.queues.len().min(64);
+        while busy != 0 {
+            let i = busy.trailing_zeros() as usize;
+            busy &= busy - 1;
+            if i < lower && self.queues[i].arm_if_busy() {
+                armed |= 1 << i;
+            }
+        }
+        if self.queues.len() > 64 {
+            for q in &self.queues[64..] {
+                q.arm_if_busy();
             }
         }
         // The arming stores must be visible before we re-check the used indices.

@@ -853,10 +853,14 @@ impl Endpoint {
     }
 
     /// Spec §3.2/§5.1.4/§6.9.9: use only flags and operations the device reported.
-    #[inline]
+    #[inline(always)]
     fn check_request(&self, req: &Request) -> Result<()> {
-        // A plain message request (no flags) needs only its capability class: precomputed.
-        if req.flags == 0 {
+        // A message request whose flags the device reports, and none of which needs a check
+        // of its own (remote CQ data, completion levels), needs only its capability class:
+        // precomputed. (The CLI's directed receives take this path.)
+        const CHECKED_APART: u64 =
+            pflags::REMOTE_CQ_DATA | pflags::DELIVERY_COMPLETE | pflags::COMMIT_COMPLETE;
+        if req.flags & !self.limits.allowed_flags == 0 && req.flags & CHECKED_APART == 0 {
             let plain = match req.opcode {
                 Opcode::Send | Opcode::Recv => Some(self.limits.msg_ok),
                 Opcode::TSend | Opcode::TRecv => Some(self.limits.tagged_ok),
@@ -1645,7 +1649,10 @@ pub(crate) fn tx_reporting<T>(tx_cq: Option<&(T, bool)>, flags: u64) -> Result<(
     if flags & INJECT_CALL != 0 {
         return Ok((false, false));
     }
-    let (_, selective) = tx_cq.ok_or(Error::NoCq)?;
+    // Not `ok_or`: that builds (and drops) an `Error` on every send.
+    let Some((_, selective)) = tx_cq else {
+        return Err(Error::NoCq);
+    };
     Ok((!selective || flags & fi::COMPLETION != 0, true))
 }
 

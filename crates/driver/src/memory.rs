@@ -459,7 +459,9 @@ impl SharedMemory {
         if got.is_none() && self.flush_bounce_cache() > 0 {
             got = self.allocator.lock().unwrap().alloc(len, align);
         }
-        let (offset, cap) = got.ok_or(Error::OutOfMemory { requested: len })?;
+        let Some((offset, cap)) = got else {
+            return Err(Error::OutOfMemory { requested: len });
+        };
         Ok(Allocation {
             mem: self.clone(),
             offset,

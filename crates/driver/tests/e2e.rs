@@ -459,6 +459,53 @@ fn tagged_matching() {
     ));
 }
 
+/// A reader's own completions may skip the CQ's queue, but never overtake entries another
+/// call's progress queued first: receives drained while reading the transmit CQ are read before
+/// receives that complete later, whatever the reader's buffer size.
+#[test]
+fn entries_queued_by_other_progress_come_first() {
+    let r = rig(2);
+    let (a, b, to_b, _) = pair(&r);
+    let rbuf = b.domain.alloc_buffer(4 * 64).unwrap();
+    for i in 0..4usize {
+        b.ep.recv_buf(&rbuf, i * 64..(i + 1) * 64, i as u64)
+            .unwrap();
+    }
+    let send = |i: u8| {
+        post_retry(|| a.ep.send(&[i; 16], to_b, u64::from(i)), &a.domain);
+        next_ok(&a.tx);
+    };
+    send(0);
+    send(1);
+    // Progress from b's transmit CQ drains the two receives into b's receive CQ.
+    let deadline = Instant::now() + TIMEOUT;
+    while b.rx.queued() < 2 {
+        assert!(matches!(b.tx.read_one(), Err(Error::Again)));
+        assert!(Instant::now() < deadline, "receives not delivered");
+        std::thread::yield_now();
+    }
+    send(2);
+    send(3);
+    // Let the device complete the last two receives before b reads: the first read then
+    // drains them with entries 0 and 1 still queued.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut one = [vfabric::CqEntry::default()];
+    for want in 0..4u64 {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match b.rx.read_into(&mut one) {
+                Ok(1) => break,
+                Ok(n) => panic!("read_into returned {n} entries for a slice of one"),
+                Err(Error::Again) => assert!(Instant::now() < deadline, "receive {want} missing"),
+                Err(e) => panic!("read_into: {e}"),
+            }
+        }
+        assert_eq!(one[0].context, want, "receives complete in posting order");
+        assert_eq!(one[0].len, 16);
+    }
+    assert!(matches!(b.rx.read_one(), Err(Error::Again)));
+}
+
 #[test]
 fn ordering_per_pair() {
     let r = rig(2);

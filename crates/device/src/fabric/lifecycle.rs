@@ -109,6 +109,21 @@ impl Fabric {
                     victims.extend(gone);
                 }
             }
+            // A receive waiting for a pulled message goes; the message is a stub again,
+            // at the front (it is older than what is queued), pulled again when matched.
+            for slot in d.eps.iter_mut() {
+                if let Some(e) = slot.ep.as_mut() {
+                    let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut e.pulling)
+                        .into_iter()
+                        .partition(|p| p.queue() == queue);
+                    e.pulling = keep;
+                    for p in gone.into_iter().rev() {
+                        let (m, r) = p.unpull();
+                        e.unexpected.push_front(m);
+                        victims.push(r);
+                    }
+                }
+            }
             let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
                 d.mr_events.drain(..).partition(|r| r.queue == queue);
             d.mr_events = keep;
@@ -140,7 +155,7 @@ impl Fabric {
     /// (completing `Canceled` unless `Silent`), messages queued at it are dropped (held senders
     /// complete `PeerGone`).
     pub(super) fn close_ep(&self, dev: usize, ep: usize, mode: Teardown, n: &mut Notify) {
-        let (e, port) = {
+        let (mut e, port) = {
             let mut d = self.dev(dev);
             let Some(e) = d.eps.get_mut(ep).and_then(|s| s.ep.take()) else {
                 return;
@@ -165,6 +180,8 @@ impl Fabric {
                 }
             }
         }
+        let pulling = std::mem::take(&mut e.pulling);
+        self.pulling_closed(dev, port.as_deref(), pulling, mode == Teardown::Silent, n);
         for m in e.unexpected {
             if m.src_dev == dev && mode == Teardown::Silent {
                 continue;
@@ -366,6 +383,7 @@ impl Fabric {
             fenced: VecDeque::new(),
             fence_pending: 0,
             live_src: None,
+            pulling: Vec::new(),
         });
         let addr = FabricAddr::new(node, id as u32, slot.generation);
         drop(d);

@@ -340,8 +340,16 @@ impl Fabric {
                 Delivered::Done
             }
             Body::Remote(held) => {
+                let Some(buf) = held.bytes.as_deref() else {
+                    // A stub is pulled by `op_recv`, never delivered from here.
+                    self.fail(rdev, rport, &rreq, Status::NoMessage, n);
+                    return Delivered::Requeue(Msg {
+                        body: Body::Remote(held),
+                        ..m
+                    });
+                };
                 let placed = m.meta.len.min(rreq.data.len);
-                let bytes = held.bytes.get(..placed as usize).unwrap_or(&held.bytes);
+                let bytes = buf.get(..placed as usize).unwrap_or(buf);
                 if rreq.data.write_at(&rport.mem.memory(), 0, bytes).is_err() {
                     self.fail(rdev, rport, &rreq, Status::Fault, n);
                     return Delivered::Requeue(Msg {
@@ -460,6 +468,17 @@ impl Fabric {
 
         if r.flags & flags::CLAIM != 0 {
             let at = e.unexpected.iter().position(|m| m.claimed == Some(r.data));
+            let stub = at
+                .and_then(|i| e.unexpected.get(i))
+                .is_some_and(Msg::is_stub);
+            if let (Some(i), true, 0) = (at, stub, r.flags & flags::DISCARD) {
+                // Its bytes are at its sender: the receive waits for them.
+                if let Err(back) = self.pull_stub(&mut d, ep, i, req.take()) {
+                    *req = back;
+                } else {
+                    return;
+                }
+            }
             let m = at.and_then(|i| self.take_unexpected(&mut d, ep, i));
             drop(d);
             let (Some(at), Some(m)) = (at, m) else {
@@ -498,6 +517,13 @@ impl Fabric {
             }
             return;
         };
+        if e.unexpected.get(at).is_some_and(Msg::is_stub) {
+            // Its bytes are at its sender: the receive waits for them.
+            match self.pull_stub(&mut d, ep, at, req.take()) {
+                Ok(()) => return,
+                Err(back) => *req = back,
+            }
+        }
         let m = self.take_unexpected(&mut d, ep, at);
         drop(d);
         let Some(m) = m else {

@@ -157,8 +157,16 @@ enum Body {
     Eager(Vec<u8>),
     /// The sender's chain and port, completed when matched.
     Held(Req, Port),
-    /// A message from another host held until matched; its sender's REPLY waits for that.
+    /// A message from another host held until matched (with its bytes, or only a stub of it
+    /// past the held-bytes bound); its sender's REPLY waits for that.
     Remote(remote::HeldRemote),
+}
+
+impl Msg {
+    /// A stub of a message from another host: its bytes are still at its sender.
+    fn is_stub(&self) -> bool {
+        matches!(&self.body, Body::Remote(h) if h.is_stub())
+    }
 }
 
 struct Msg {
@@ -183,6 +191,8 @@ struct Endpoint {
     /// while that count is unchanged the source is still open, so the next directed receive
     /// from it needs no look at the source device (a lock of another device).
     live_src: Option<(FabricAddr, u64)>,
+    /// Receives matched to stubs of messages from other hosts, waiting for their bytes.
+    pulling: Vec<remote::Pulling>,
 }
 
 #[derive(Default)]
@@ -338,6 +348,8 @@ pub(crate) struct Fabric {
     outbox: Arc<crate::uplink::remote::Outbox>,
     /// Bytes of messages from other hosts held in unexpected queues.
     remote_held_bytes: AtomicU64,
+    /// Stubs (queued or being pulled) of messages from each other host; a leaf lock.
+    remote_stubs: Mutex<HashMap<u16, usize>>,
     /// Next commit event id (fabric-wide: an id is never handed out twice).
     next_commit_id: AtomicU64,
     /// How long a handled commit waits for its target's verdict.
@@ -373,6 +385,7 @@ impl Fabric {
             remote_hosts: crate::uplink::RemoteHosts::new(),
             outbox: Default::default(),
             remote_held_bytes: AtomicU64::new(0),
+            remote_stubs: Mutex::new(HashMap::new()),
             next_commit_id: AtomicU64::new(1),
             commit_timeout: config.commit_timeout,
             services: Mutex::new(service::Services::default()),

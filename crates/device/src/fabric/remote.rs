@@ -22,7 +22,7 @@ use super::atomic::{self, ATOMIC_TYPES, MAX_ATOMIC_COUNT};
 use super::commit::CommitOrigin;
 use super::matching::take_posted;
 use super::pmem::FlushAt;
-use super::{eager_cost, Body, Fabric, Meta, Msg, Notify, Port};
+use super::{eager_cost, Body, Dev, Fabric, Meta, Msg, Notify, Port};
 use crate::chain::{completion, Req};
 use crate::stats::Counters;
 use crate::uplink::rdv::RDV_THRESHOLD;
@@ -45,12 +45,62 @@ fn atomic_check(opcode: Opcode, op: u8, ty: u8, count: u32) -> Result<usize, Sta
     Ok(size)
 }
 
-/// A message from another host waiting in an unexpected queue for a receive.
+/// A message from another host waiting in an unexpected queue for a receive: with its bytes,
+/// or only a stub of it (its description; the bytes stay at its sender, whose request stays
+/// outstanding until a receive here matches the stub and asks for them with PULL).
 pub(crate) struct HeldRemote {
     host: u16,
     req_id: u64,
-    pub bytes: Vec<u8>,
+    /// `None`: a stub.
+    pub bytes: Option<Vec<u8>>,
 }
+
+impl HeldRemote {
+    pub fn is_stub(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    /// Bytes it holds here (counted in `remote_held_bytes`).
+    fn held_len(&self) -> u64 {
+        self.bytes.as_ref().map_or(0, |b| b.len() as u64)
+    }
+}
+
+/// A receive that matched the stub of `host`'s message `req_id`, waiting (at its endpoint)
+/// for the bytes its sender sends again.
+pub(super) struct Pulling {
+    host: u16,
+    req_id: u64,
+    rreq: Req,
+    meta: Meta,
+}
+
+impl Pulling {
+    /// The virtqueue of its receive.
+    pub(super) fn queue(&self) -> u16 {
+        self.rreq.queue
+    }
+
+    /// Back to a stub (its receive was stopped), with the receive.
+    pub(super) fn unpull(self) -> (Msg, Req) {
+        let m = Msg {
+            meta: self.meta,
+            src_dev: REMOTE_SRC_DEV,
+            claimed: None,
+            body: Body::Remote(HeldRemote {
+                host: self.host,
+                req_id: self.req_id,
+                bytes: None,
+            }),
+        };
+        (m, self.rreq)
+    }
+}
+
+/// Stubs of one host's messages held here at most (queued or being pulled): a sender has at
+/// most this many requests out to other hosts in all, so a peer that keeps its own bound never
+/// meets it; one that does not gets NoResources, not this daemon's memory.
+const MAX_STUBS_PER_HOST: usize = crate::uplink::remote::MAX_INFLIGHT;
 
 /// A whole message from another host, as the uplink reassembled it (its description checked
 /// by the wire parser; addresses and limits are checked here).
@@ -795,6 +845,78 @@ impl Fabric {
             .max(self.limits.max_msg_size)
     }
 
+    /// What a receive matches a message of `len` bytes from `host` described by `desc` on.
+    fn remote_meta(&self, host: u16, desc: &wire::Data, len: u64) -> Meta {
+        let wire_flags = u32::from(desc.flags);
+        Meta {
+            src: FabricAddr::new(
+                FabricAddr::node_of(self.fabric_id, host, desc.src_dev.into()),
+                desc.src_ep.into(),
+                desc.src_gen.into(),
+            ),
+            tagged: u16::from(desc.opcode) == Opcode::TSend as u16,
+            tag: desc.tag.into(),
+            cq_data: (wire_flags & data_flags::REMOTE_CQ_DATA != 0).then_some(desc.data.into()),
+            len,
+            rma_len: None,
+        }
+    }
+
+    /// A rendezvous message from `host` (request `req_id`, described by `desc`) not read yet,
+    /// with every earlier message of its host already matched: if it would be a stub once
+    /// read (no posted receive matches it, and the held bytes are past their bound or it
+    /// would queue behind a stub), it becomes one now, so that its bytes cross the wire only
+    /// when a receive pulls them. `false`: read it and hand it to [`Fabric::accept_remote`]
+    /// as usual (which also answers anything this does not check).
+    pub(crate) fn stub_unread(&self, host: u16, req_id: u64, desc: &wire::Data) -> bool {
+        let op = u16::from(desc.opcode);
+        let kind = u64::from(u16::from(desc.ep_kind));
+        let len = u64::from(desc.total_len);
+        let plain = op == Opcode::Send as u16 || op == Opcode::TSend as u16;
+        if !plain
+            || u32::from(desc.flags) & data_flags::PULLED != 0
+            || kind == ep_open::TYPE_DGRAM
+            || len > self.limits.max_msg_size
+        {
+            return false;
+        }
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return false;
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let meta = self.remote_meta(host, desc, len);
+        let mut d = self.dev(ddev);
+        if d.port.is_none() {
+            return false;
+        }
+        let Some(e) = d.live_ep_mut(dep, dgen) else {
+            return false;
+        };
+        if e.kind != kind || e.posted.iter().any(|r| super::recv_matches(&r.req, &meta)) {
+            return false;
+        }
+        let behind_stub = e.unexpected.back().is_some_and(Msg::is_stub);
+        let held = self.remote_held_bytes.load(Ordering::Acquire);
+        if !behind_stub && held.saturating_add(len) <= self.remote_held_limit() {
+            return false;
+        }
+        if !self.stub_reserve(host) {
+            return false;
+        }
+        e.unexpected.push_back(Msg {
+            meta,
+            src_dev: REMOTE_SRC_DEV,
+            claimed: None,
+            body: Body::Remote(HeldRemote {
+                host,
+                req_id,
+                bytes: None,
+            }),
+        });
+        true
+    }
+
     /// Match a message from another host at its destination endpoint. Returns the verdict for
     /// its sender, or `None` when the message is held (the verdict follows through the outbox
     /// when a receive takes it, or its endpoint closes).
@@ -811,23 +933,20 @@ impl Fabric {
         if len > self.limits.max_msg_size {
             return Some(Status::TooLarge);
         }
-        let tagged = u16::from(desc.opcode) == Opcode::TSend as u16;
-        let meta = Meta {
-            src: FabricAddr::new(
-                FabricAddr::node_of(self.fabric_id, m.host, desc.src_dev.into()),
-                desc.src_ep.into(),
-                desc.src_gen.into(),
-            ),
-            tagged,
-            tag: desc.tag.into(),
-            cq_data: (wire_flags & data_flags::REMOTE_CQ_DATA != 0).then_some(desc.data.into()),
-            len,
-            rma_len: None,
-        };
+        let meta = self.remote_meta(m.host, &desc, len);
         let delivery_complete = wire_flags & data_flags::DELIVERY_COMPLETE != 0;
         if delivery_complete && kind == ep_open::TYPE_DGRAM {
             return Some(Status::Invalid);
         }
+        let m = if wire_flags & data_flags::PULLED != 0 {
+            match self.accept_pulled(ddev, dep, dgen, m, n) {
+                Ok(status) => return status,
+                // The receive's memory faulted: matched again as a new message.
+                Err(m) => m,
+            }
+        } else {
+            m
+        };
         loop {
             let mut d = self.dev(ddev);
             let Some(dport) = d.port.clone() else {
@@ -857,24 +976,39 @@ impl Fabric {
                 return Some(Status::Ok);
             }
             let cost = eager_cost(len);
+            // Behind a stub, a message is a stub too: receives then complete in order.
+            let behind_stub = d
+                .ep(dep)
+                .and_then(|e| e.unexpected.back())
+                .is_some_and(Msg::is_stub);
             let eager = len <= self.limits.eager_threshold
                 && !delivery_complete
+                && !behind_stub
                 && d.unexpected_bytes.saturating_add(cost) <= self.limits.max_unexpected_bytes;
+            let held = self.remote_held_bytes.load(Ordering::Acquire);
             let body = if eager {
                 d.unexpected_bytes += cost;
                 Body::Eager(m.bytes)
-            } else {
-                // Held here, its sender waiting for the verdict: backpressure without loss,
-                // bounded so that a peer cannot fill this daemon's memory.
-                let held = self.remote_held_bytes.load(Ordering::Acquire);
-                if held.saturating_add(len) > self.remote_held_limit() {
-                    return Some(Status::NoResources);
-                }
+            } else if !behind_stub && held.saturating_add(len) <= self.remote_held_limit() {
+                // Held here with its bytes, its sender waiting for the verdict.
                 self.remote_held_bytes.fetch_add(len, Ordering::AcqRel);
                 Body::Remote(HeldRemote {
                     host: m.host,
                     req_id: m.req_id,
-                    bytes: m.bytes,
+                    bytes: Some(m.bytes),
+                })
+            } else {
+                // Past the bound: only a stub stays, the bytes go back to being the sender's
+                // (its request stays outstanding, its guest's chain with it, as a held send
+                // waits in its TX ring); a receive that matches the stub pulls them. Stubs
+                // are bounded per host by what its sender may have outstanding.
+                if !self.stub_reserve(m.host) {
+                    return Some(Status::NoResources);
+                }
+                Body::Remote(HeldRemote {
+                    host: m.host,
+                    req_id: m.req_id,
+                    bytes: None,
                 })
             };
             if let Some(e) = d.ep_mut(dep) {
@@ -935,12 +1069,13 @@ impl Fabric {
     }
 
     /// Host `host` withdrew its request `req_id` (CANCEL): a message of it held here is
-    /// dropped without a verdict (its sender completed it already).
-    pub(crate) fn withdraw_remote(&self, host: u16, req_id: u64) {
+    /// dropped without a verdict (its sender completed it already); a receive waiting for the
+    /// bytes of its stub is matched again.
+    pub(crate) fn withdraw_remote(&self, host: u16, req_id: u64, n: &mut Notify) {
         for dev in 0..self.devs.len() {
             let mut d = self.dev(dev);
-            for slot in d.eps.iter_mut() {
-                let Some(e) = slot.ep.as_mut() else { continue };
+            for ep in 0..d.eps.len() {
+                let Some(e) = d.ep_mut(ep) else { continue };
                 let at = e.unexpected.iter().position(
                     |m| matches!(&m.body, Body::Remote(h) if h.host == host && h.req_id == req_id),
                 );
@@ -950,8 +1085,214 @@ impl Fabric {
                 }) = at.and_then(|i| e.unexpected.remove(i))
                 {
                     self.remote_held_bytes
-                        .fetch_sub(h.bytes.len() as u64, Ordering::AcqRel);
+                        .fetch_sub(h.held_len(), Ordering::AcqRel);
+                    if h.is_stub() {
+                        self.stub_release(host);
+                    }
                     return;
+                }
+                let at = e
+                    .pulling
+                    .iter()
+                    .position(|p| p.host == host && p.req_id == req_id);
+                if let Some(p) = at.map(|i| e.pulling.remove(i)) {
+                    self.stub_release(host);
+                    drop(d);
+                    return self.rematch(dev, ep, p.rreq, n);
+                }
+            }
+        }
+    }
+
+    /// A receive of endpoint `ep` of `dev` that waited for a pulled message that will not come
+    /// is matched again: with a queued message if one matches, else back at the front of the
+    /// posted receives (it is older than those). Failed `Canceled` if its endpoint is gone.
+    fn rematch(&self, dev: usize, ep: usize, mut rreq: Req, n: &mut Notify) {
+        let mut d = self.dev(dev);
+        let Some(port) = d.port.clone() else {
+            return;
+        };
+        let Some(e) = d.ep_mut(ep) else {
+            drop(d);
+            return self.fail(dev, &port, &rreq, Status::Canceled, n);
+        };
+        let r = rreq.req;
+        let queued = e
+            .unexpected
+            .iter()
+            .any(|m| m.claimed.is_none() && super::recv_matches(&r, &m.meta));
+        if !queued {
+            e.posted.push_front(rreq);
+            return;
+        }
+        drop(d);
+        self.op_recv(dev, &port, &mut rreq, n);
+    }
+
+    /// Receive `rreq` matched the stub at `at` of endpoint `ep` (the caller holds `d`, the
+    /// device's lock): it waits at the endpoint for the bytes, which the stub's sender is asked
+    /// for (PULL, queued under the lock so that pulls leave in matching order). `Err` gives
+    /// the receive back if that is not a stub.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn pull_stub(
+        &self,
+        d: &mut Dev,
+        ep: usize,
+        at: usize,
+        rreq: Req,
+    ) -> Result<(), Req> {
+        let Some(e) = d.ep_mut(ep) else {
+            return Err(rreq);
+        };
+        let stub = e.unexpected.get(at).and_then(|m| match &m.body {
+            Body::Remote(h) if h.is_stub() => Some((h.host, h.req_id, m.meta)),
+            _ => None,
+        });
+        let Some((host, req_id, meta)) = stub else {
+            return Err(rreq);
+        };
+        e.unexpected.remove(at);
+        e.pulling.push(Pulling {
+            host,
+            req_id,
+            rreq,
+            meta,
+        });
+        self.outbox.push(Outbound::Pull { host, req_id });
+        Ok(())
+    }
+
+    /// The bytes of a stub's message, sent again for our PULL: placed in the receive that
+    /// matched the stub. `Err` gives the message back when that receive's memory faulted (it
+    /// failed): the message is then matched as a new one.
+    fn accept_pulled(
+        &self,
+        ddev: usize,
+        dep: usize,
+        dgen: u32,
+        m: Incoming,
+        n: &mut Notify,
+    ) -> Result<Option<Status>, Incoming> {
+        let mut d = self.dev(ddev);
+        let Some(dport) = d.port.clone() else {
+            return Ok(Some(Status::AddrNotAvail));
+        };
+        let Some(e) = d.live_ep_mut(dep, dgen) else {
+            // Closed meanwhile: its sender heard PEER_GONE then.
+            return Ok(Some(Status::AddrNotAvail));
+        };
+        let at = e
+            .pulling
+            .iter()
+            .position(|p| p.host == m.host && p.req_id == m.req_id);
+        let Some(p) = at.map(|i| e.pulling.remove(i)) else {
+            // Its receive was stopped meanwhile and the stub queued again (it is pulled again
+            // when matched), or the peer sent what nobody asked for.
+            let stub = e.unexpected.iter().any(
+                |q| matches!(&q.body, Body::Remote(h) if h.host == m.host && h.req_id == m.req_id),
+            );
+            return Ok((!stub).then_some(Status::Invalid));
+        };
+        drop(d);
+        self.stub_release(m.host);
+        let len = m.bytes.len() as u64;
+        if len != p.meta.len {
+            debug!(
+                host = m.host,
+                req_id = m.req_id,
+                "a pulled message changed its length"
+            );
+            self.rematch(ddev, dep, p.rreq, n);
+            return Ok(Some(Status::Invalid));
+        }
+        let placed = len.min(p.rreq.data.len);
+        if p.rreq
+            .data
+            .write_at(&dport.mem.memory(), 0, &m.bytes[..placed as usize])
+            .is_err()
+        {
+            self.fail(ddev, &dport, &p.rreq, Status::Fault, n);
+            return Err(m);
+        }
+        self.received(ddev, &dport, &p.rreq, &p.meta, placed, n);
+        Ok(Some(Status::Ok))
+    }
+
+    /// Another stub of `host`'s messages, if it has fewer than [`MAX_STUBS_PER_HOST`].
+    fn stub_reserve(&self, host: u16) -> bool {
+        let mut s = self.remote_stubs.lock().unwrap_or_else(|p| p.into_inner());
+        let c = s.entry(host).or_default();
+        if *c >= MAX_STUBS_PER_HOST {
+            return false;
+        }
+        *c += 1;
+        if *c == 1 {
+            tracing::info!(
+                host,
+                "past the held-bytes bound: messages from host {host} wait at their sender (stubs)"
+            );
+        }
+        true
+    }
+
+    fn stub_release(&self, host: u16) {
+        let mut s = self.remote_stubs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = s.get_mut(&host) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                s.remove(&host);
+            }
+        }
+    }
+
+    /// Stubs of `host`'s messages held here (queued or being pulled).
+    #[cfg(test)]
+    pub(crate) fn stubs_of(&self, host: u16) -> usize {
+        let s = self.remote_stubs.lock().unwrap_or_else(|p| p.into_inner());
+        s.get(&host).copied().unwrap_or(0)
+    }
+
+    /// Receives of a closed endpoint that waited for pulled messages: they complete
+    /// `Canceled` (forgotten when `silent`), and the messages' senders learn PEER_GONE, as
+    /// for a message held at a closing endpoint.
+    pub(super) fn pulling_closed(
+        &self,
+        dev: usize,
+        port: Option<&Port>,
+        pulling: Vec<Pulling>,
+        silent: bool,
+        n: &mut Notify,
+    ) {
+        for p in pulling {
+            self.stub_release(p.host);
+            if let (false, Some(port)) = (silent, port) {
+                self.fail(dev, port, &p.rreq, Status::Canceled, n);
+            }
+            self.outbox.push(Outbound::Reply {
+                host: p.host,
+                req_id: p.req_id,
+                status: Status::PeerGone,
+                bytes: Vec::new(),
+            });
+        }
+    }
+
+    /// A message of `host` (request `req_id`) was answered `status` by the uplink before it
+    /// reached us (its pulled bytes could not be read, or were refused): a receive waiting for
+    /// them is matched again.
+    pub(crate) fn pull_failed(&self, host: u16, req_id: u64, n: &mut Notify) {
+        for dev in 0..self.devs.len() {
+            let mut d = self.dev(dev);
+            for ep in 0..d.eps.len() {
+                let Some(e) = d.ep_mut(ep) else { continue };
+                let at = e
+                    .pulling
+                    .iter()
+                    .position(|p| p.host == host && p.req_id == req_id);
+                if let Some(p) = at.map(|i| e.pulling.remove(i)) {
+                    drop(d);
+                    self.stub_release(host);
+                    return self.rematch(dev, ep, p.rreq, n);
                 }
             }
         }
@@ -979,7 +1320,10 @@ impl Fabric {
     /// A held message from another host left its queue: its sender learns `status`.
     pub(super) fn reply_remote(&self, held: HeldRemote, status: Status) {
         self.remote_held_bytes
-            .fetch_sub(held.bytes.len() as u64, Ordering::AcqRel);
+            .fetch_sub(held.held_len(), Ordering::AcqRel);
+        if held.is_stub() {
+            self.stub_release(held.host);
+        }
         self.outbox.push(Outbound::Reply {
             host: held.host,
             req_id: held.req_id,
@@ -1003,20 +1347,40 @@ impl Fabric {
             n,
         );
         let mut dropped = Vec::new();
+        let mut rematch = Vec::new();
         for dev in 0..self.devs.len() {
             let mut d = self.dev(dev);
-            for slot in d.eps.iter_mut() {
+            for (ep, slot) in d.eps.iter_mut().enumerate() {
                 let Some(e) = slot.ep.as_mut() else { continue };
                 e.unexpected.retain(|m| match &m.body {
                     Body::Remote(h) if h.host == host => {
                         self.remote_held_bytes
-                            .fetch_sub(h.bytes.len() as u64, Ordering::AcqRel);
+                            .fetch_sub(h.held_len(), Ordering::AcqRel);
                         dropped.push(h.req_id);
                         false
                     }
                     _ => true,
                 });
+                // Receives waiting for its pulled messages: those will not come.
+                let mut i = 0;
+                while i < e.pulling.len() {
+                    if e.pulling[i].host == host {
+                        let p = e.pulling.remove(i);
+                        dropped.push(p.req_id);
+                        rematch.push((dev, ep, p.rreq));
+                    } else {
+                        i += 1;
+                    }
+                }
             }
+        }
+        self.remote_stubs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&host);
+        // Oldest first, so that each goes back in front of the receives posted after it.
+        for (dev, ep, rreq) in rematch.into_iter().rev() {
+            self.rematch(dev, ep, rreq, n);
         }
         dropped
     }
@@ -1360,6 +1724,328 @@ mod tests {
         assert_eq!(w.data(&r, 1), b"x");
         assert_eq!(replies(&w), vec![(2, 11, Status::Ok)]);
     }
+    /// Limits where three 1000-byte messages fill the held-bytes bound.
+    fn stub_limits() -> Limits {
+        Limits {
+            eager_threshold: 200,
+            max_unexpected_bytes: 200,
+            max_msg_size: 3000,
+            ..Limits::default()
+        }
+    }
+
+    /// The PULLs the outbox holds for the uplink (host, request id), in order; other
+    /// messages are returned apart.
+    type Verdicts = Vec<(u16, u64, Status)>;
+
+    fn pulls(w: &World) -> (Vec<(u16, u64)>, Verdicts) {
+        let (mut pulls, mut replies) = (Vec::new(), Vec::new());
+        for m in w.fabric.outbox.take() {
+            match m {
+                Outbound::Pull { host, req_id } => pulls.push((host, req_id)),
+                Outbound::Reply {
+                    host,
+                    req_id,
+                    status,
+                    ..
+                } => replies.push((host, req_id, status)),
+                _ => {}
+            }
+        }
+        (pulls, replies)
+    }
+
+    fn pulled(req_id: u64, to: FabricAddr, bytes: &[u8]) -> Incoming {
+        let mut m = incoming(req_id, to, None, bytes);
+        m.desc.flags = data_flags::PULLED.into();
+        m
+    }
+
+    fn held_bytes(w: &World) -> u64 {
+        w.fabric
+            .remote_held_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[test]
+    fn past_the_bound_messages_from_another_host_are_stubs_that_receives_pull() {
+        let mut w = World::new(1, stub_limits());
+        let b = w.open(0, RDM);
+        let msg = |i: u64| vec![i as u8; 1000];
+        // Ten messages, none refused: three held with their bytes, then stubs (and a small
+        // one behind a stub is a stub too, not eager).
+        for i in 1..=10 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None, "{i}");
+        }
+        assert_eq!(accept(&w, incoming(11, b, None, b"small")), None);
+        assert_eq!(held_bytes(&w), 3000);
+        assert_eq!(w.fabric.stubs_of(2), 8);
+        assert_eq!(w.fabric.unexpected_bytes(0), 0);
+        // Receives take the held ones at once and pull the stubs, in order.
+        let rs: Vec<_> = (1..=11)
+            .map(|i| w.recv(0, b, None, 0, i, 0, 2000))
+            .collect();
+        for (i, r) in rs.iter().enumerate().take(3) {
+            assert_eq!(w.data(r, 1000), msg(i as u64 + 1));
+        }
+        assert!(rs[3..].iter().all(|r| w.result(r).is_none()));
+        let (p, r) = pulls(&w);
+        assert_eq!(p, (4..=11).map(|i| (2, i)).collect::<Vec<_>>());
+        assert_eq!(
+            r,
+            vec![(2, 1, Status::Ok), (2, 2, Status::Ok), (2, 3, Status::Ok)]
+        );
+        // The bytes come (in any order); each lands in its receive.
+        for i in (4..=10).rev() {
+            assert_eq!(accept(&w, pulled(i, b, &msg(i))), Some(Status::Ok));
+            assert_eq!(w.data(&rs[i as usize - 1], 1000), msg(i));
+        }
+        // Bytes of another length than the stub said: refused, the receive matched again.
+        assert_eq!(accept(&w, pulled(11, b, b"longer")), Some(Status::Invalid));
+        assert!(w.result(&rs[10]).is_none());
+        assert_eq!(accept(&w, incoming(12, b, None, b"next")), Some(Status::Ok));
+        assert_eq!(w.data(&rs[10], 4), b"next");
+        // Bytes nobody asked for.
+        assert_eq!(accept(&w, pulled(4, b, &msg(4))), Some(Status::Invalid));
+        assert_eq!(w.fabric.stubs_of(2), 0);
+        assert_eq!(held_bytes(&w), 0);
+
+        // Stubs of one host are bounded by what a sender may have outstanding.
+        let c = w.open(0, RDM);
+        for i in 0..3 {
+            assert_eq!(accept(&w, incoming(100 + i, c, None, &msg(1))), None);
+        }
+        let max = crate::uplink::remote::MAX_INFLIGHT as u64;
+        for i in 0..max {
+            let bytes = if i == 0 { msg(1) } else { Vec::new() };
+            assert_eq!(accept(&w, incoming(200 + i, c, None, &bytes)), None);
+        }
+        assert_eq!(
+            accept(&w, incoming(200 + max, c, None, b"")),
+            Some(Status::NoResources)
+        );
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.purge_remote(2, &mut n).len() as u64, 3 + max);
+        drop(n);
+        assert_eq!(w.fabric.stubs_of(2), 0);
+    }
+
+    /// A rendezvous message not read yet is a stub at once when it would be one once read.
+    #[test]
+    fn an_unread_rendezvous_message_past_the_bound_is_a_stub_without_its_bytes() {
+        let mut w = World::new(1, stub_limits());
+        let b = w.open(0, RDM);
+        let msg = |i: u64| vec![i as u8; 1000];
+        let unread = |w: &World, i: u64| {
+            let m = incoming(i, b, None, &msg(i));
+            w.fabric.stub_unread(2, i, &m.desc)
+        };
+        assert!(!unread(&w, 1), "within the bound: read it");
+        for i in 1..=3 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
+        }
+        // A posted receive that matches: read it (it goes straight there).
+        let mut tagged = Request::new(Opcode::TRecv);
+        tagged.ep = b.ep;
+        tagged.tag = 9;
+        let other = w.submit(0, tagged, &[], 2000);
+        assert!(w.result(&other).is_none());
+        assert!(unread(&w, 4), "past the bound, no receive for it");
+        assert_eq!(w.fabric.stubs_of(2), 1);
+        let mut pulled_flag = incoming(5, b, None, &msg(5));
+        pulled_flag.desc.flags = data_flags::PULLED.into();
+        assert!(!w.fabric.stub_unread(2, 5, &pulled_flag.desc));
+        let mut dgram = incoming(5, b, None, &msg(5));
+        dgram.desc.ep_kind = (ep_open::TYPE_DGRAM as u16).into();
+        assert!(!w.fabric.stub_unread(2, 5, &dgram.desc));
+        let mut t = incoming(5, b, Some(9), &msg(5));
+        t.desc.opcode = (Opcode::TSend as u16).into();
+        assert!(
+            !w.fabric.stub_unread(2, 5, &t.desc),
+            "the tagged receive takes it"
+        );
+        // Receives take the held three, then pull the stub made unread.
+        let rs: Vec<_> = (1..=4).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        assert_eq!(pulls(&w).0, vec![(2, 4)]);
+        assert_eq!(accept(&w, pulled(4, b, &msg(4))), Some(Status::Ok));
+        assert_eq!(w.data(&rs[3], 1000), msg(4));
+        assert_eq!(w.fabric.stubs_of(2), 0);
+    }
+
+    #[test]
+    fn stubs_end_cleanly_on_cancel_close_and_a_lost_host() {
+        let mut w = World::new(1, stub_limits());
+        let b = w.open(0, RDM);
+        let msg = |i: u64| vec![i as u8; 1000];
+        for i in 1..=3 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
+        }
+        // A queued stub withdrawn by its sender: gone, unanswered.
+        assert_eq!(accept(&w, incoming(4, b, None, &msg(4))), None);
+        assert_eq!(w.fabric.stubs_of(2), 1);
+        let mut n = Notify::default();
+        w.fabric.withdraw_remote(2, 4, &mut n);
+        drop(n);
+        assert_eq!(w.fabric.stubs_of(2), 0);
+        // A stub being pulled, withdrawn: its receive goes back in front of later ones.
+        assert_eq!(accept(&w, incoming(5, b, None, &msg(5))), None);
+        let _ = pulls(&w);
+        let held: Vec<_> = (1..=3).map(|i| w.recv(0, b, None, 0, i, 0, 2000)).collect();
+        let r5 = w.recv(0, b, None, 0, 5, 0, 2000);
+        let (p, _) = pulls(&w);
+        assert_eq!(p, vec![(2, 5)]);
+        assert!(held.iter().all(|r| w.status(r) == Some(Status::Ok)));
+        let later = w.recv(0, b, None, 0, 6, 0, 2000);
+        let mut n = Notify::default();
+        w.fabric.withdraw_remote(2, 5, &mut n);
+        drop(n);
+        assert!(w.result(&r5).is_none());
+        assert_eq!(accept(&w, incoming(6, b, None, b"six")), Some(Status::Ok));
+        assert_eq!(w.data(&r5, 3), b"six", "the older receive first");
+        assert!(w.result(&later).is_none());
+        // Its late bytes find nothing.
+        assert_eq!(accept(&w, pulled(5, b, &msg(5))), Some(Status::Invalid));
+
+        // A stub being pulled when its sender's host is lost: the receive waits for another
+        // message, the stub's id is among the dropped.
+        assert_eq!(accept(&w, incoming(7, b, None, &msg(7))), Some(Status::Ok));
+        assert_eq!(w.data(&later, 1000), msg(7));
+        for i in 8..=11 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
+        }
+        let _ = pulls(&w);
+        let rs: Vec<_> = (8..=11)
+            .map(|i| w.recv(0, b, None, 0, i, 0, 2000))
+            .collect();
+        for (i, r) in rs.iter().enumerate().take(3) {
+            assert_eq!(w.data(r, 1000), msg(i as u64 + 8));
+        }
+        assert_eq!(pulls(&w).0, vec![(2, 11)]);
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.purge_remote(2, &mut n), vec![11]);
+        drop(n);
+        assert!(w.result(&rs[3]).is_none(), "posted again");
+        assert_eq!(w.fabric.stubs_of(2), 0);
+        assert_eq!(
+            accept(&w, incoming(12, b, None, b"twelve")),
+            Some(Status::Ok)
+        );
+        assert_eq!(w.data(&rs[3], 6), b"twelve");
+
+        // The receiver's endpoint closes with one stub queued and one being pulled: the
+        // receive completes CANCELED, both senders learn PEER_GONE, late bytes are refused.
+        for i in 13..=17 {
+            assert_eq!(accept(&w, incoming(i, b, None, &msg(i))), None);
+        }
+        let rs: Vec<_> = (13..=16)
+            .map(|i| w.recv(0, b, None, 0, i, 0, 2000))
+            .collect();
+        assert_eq!(pulls(&w).0, vec![(2, 16)]);
+        let mut cl = Request::new(Opcode::EpClose);
+        cl.ep = b.ep;
+        let h = w.submit(0, cl, &[], 0);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        assert_eq!(w.status(&rs[3]), Some(Status::Canceled));
+        let (_, mut r) = pulls(&w);
+        r.sort_by_key(|x| x.1);
+        assert_eq!(
+            r,
+            vec![(2, 16, Status::PeerGone), (2, 17, Status::PeerGone)]
+        );
+        assert_eq!(
+            accept(&w, pulled(16, b, &msg(16))),
+            Some(Status::AddrNotAvail)
+        );
+        assert_eq!(w.fabric.stubs_of(2), 0);
+
+        // A device reset (its rings gone) with a stub being pulled: forgotten, PEER_GONE.
+        let c = w.open(0, RDM);
+        for i in 20..=23 {
+            assert_eq!(accept(&w, incoming(i, c, None, &msg(i))), None);
+        }
+        let rs: Vec<_> = (20..=23)
+            .map(|i| w.recv(0, c, None, 0, i, 0, 2000))
+            .collect();
+        assert!(w.result(&rs[3]).is_none());
+        let _ = pulls(&w);
+        let mut n = Notify::default();
+        w.fabric.reset(0, Teardown::Silent, &mut n);
+        drop(n);
+        assert!(w.result(&rs[3]).is_none(), "no completion into a gone ring");
+        assert_eq!(pulls(&w).1, vec![(2, 23, Status::PeerGone)]);
+        assert_eq!(w.fabric.stubs_of(2), 0);
+    }
+
+    /// The sender's side of a PULL: only a message pending at the pulling host, at most
+    /// `MAX_PULLS` times; a message sent again keeps its id, goes only while it is pending, and
+    /// a withdrawal drops it (its pending entry gets the CANCEL).
+    #[test]
+    fn a_pulled_message_is_sent_again_only_while_pending() {
+        use crate::uplink::remote::MAX_PULLS;
+        let mut w = World::new(1, Limits::default());
+        let a = w.open(0, RDM);
+        let there = FabricAddr::new(FabricAddr::node_of(TEST_FABRIC, 2, 1), 3, 4);
+        w.fabric
+            .outbox
+            .set_hosts([(2, true), (3, true)].into_iter());
+        let _ = w.send(0, a, there, None, 0, 1, b"pull me");
+        let mut rd = Request::new(Opcode::RmaRead);
+        rd.ep = a.ep;
+        rd.peer = there;
+        let _read = w.submit(0, rd, &[], 8);
+        let (_, ids) = outgoing(&w);
+        let (send_id, read_id) = (ids[0], ids[1]);
+        assert!(
+            w.fabric.outbox.pulled(read_id, 2).is_none(),
+            "not a message"
+        );
+        assert!(
+            w.fabric.outbox.pulled(send_id, 3).is_none(),
+            "another host's"
+        );
+        let again = |w: &World, send_id: u64| {
+            let (dev, port, req, mut desc, len) = w.fabric.outbox.pulled(send_id, 2)?;
+            desc.flags = (u32::from(desc.flags) | data_flags::PULLED).into();
+            w.fabric.outbox.push(Outbound::Send(Box::new(
+                crate::uplink::remote::RemoteSend {
+                    host: 2,
+                    dev,
+                    port,
+                    req,
+                    desc,
+                    payload: b"pull me".to_vec(),
+                    len,
+                    guest: None,
+                },
+            )));
+            Some(())
+        };
+        for _ in 0..MAX_PULLS {
+            assert!(again(&w, send_id).is_some());
+        }
+        assert!(again(&w, send_id).is_none(), "pulled too often");
+        // Sent again under its own id, not entered twice.
+        let (_, ids) = outgoing(&w);
+        assert_eq!(ids, vec![send_id; MAX_PULLS as usize]);
+        // Withdrawn (its endpoint closes) with a resend still queued: the resend never
+        // leaves, the pending entry completes CANCELED and its CANCEL goes.
+        let mut w = World::new(1, Limits::default());
+        let a = w.open(0, RDM);
+        w.fabric.outbox.set_hosts([(2, true)].into_iter());
+        let s2 = w.send(0, a, there, None, 0, 1, b"pull me");
+        let (_, ids) = outgoing(&w);
+        let send_id = ids[0];
+        assert!(again(&w, send_id).is_some());
+        let mut cl = Request::new(Opcode::EpClose);
+        cl.ep = a.ep;
+        let h = w.submit(0, cl, &[], 0);
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        assert_eq!(w.status(&s2), Some(Status::Canceled));
+        let (cancels, sends) = outgoing(&w);
+        assert_eq!((cancels, sends), (vec![(2, send_id)], vec![]));
+        assert!(!w.fabric.outbox.busy((0, a.ep, 2)), "released once");
+    }
+
     /// What the outbox holds for the uplink: `(kind, host, request id)` of every CANCEL, and
     /// the request ids of the DATA requests (which enter the pending table here).
     fn outgoing(w: &World) -> (Vec<(u16, u64)>, Vec<u64>) {
@@ -1466,8 +2152,10 @@ mod tests {
         let big = vec![7u8; 1000];
         assert_eq!(accept(&w, incoming(3, b, None, &big)), None, "held");
         assert_eq!(accept(&w, incoming(4, b, None, &big)), None, "held");
-        w.fabric.withdraw_remote(2, 3);
-        w.fabric.withdraw_remote(3, 4); // another host's id: not its request
+        let mut n = Notify::default();
+        w.fabric.withdraw_remote(2, 3, &mut n);
+        w.fabric.withdraw_remote(3, 4, &mut n); // another host's id: not its request
+        drop(n);
         let r = w.recv(0, b, None, 0, 1, 0, 2000);
         assert_eq!(w.status(&r), Some(Status::Ok));
         assert_eq!(

@@ -16,6 +16,7 @@
 
 mod fi;
 pub mod peers;
+mod pull;
 pub(crate) mod rdv;
 pub(crate) mod remote;
 mod svc;
@@ -694,6 +695,7 @@ impl Worker {
                     bytes,
                 } => self.reply(host, req_id, status, &bytes),
                 Outbound::AddrQuery { host, addr, req_id } => self.addr_query(host, addr, req_id),
+                Outbound::Pull { host, req_id } => self.pull_out(host, req_id),
                 Outbound::Cancel { host, req_id } => {
                     // Withdrawn: its rendezvous buffers go (a read of them now fails at the
                     // target, which drops the request as CANCEL says).
@@ -764,6 +766,10 @@ impl Worker {
     /// Queue our verdict on request `req_id` of `host`, with the bytes an RMA read read, in
     /// chunks (dropped if the host is down: it completed the request `HostUnreach` itself).
     fn reply(&mut self, host: u16, req_id: u64, status: Status, read: &[u8]) {
+        if status != Status::Ok {
+            // Pulled bytes that will not reach the fabric: their receive is matched again.
+            self.fabric.pull_failed(host, req_id, &mut self.notify);
+        }
         let Some(dest) = self.dest_of(host) else {
             return;
         };
@@ -1015,13 +1021,24 @@ impl Worker {
                     // of it is in flight); else the fabric drops it if it still holds it.
                     // Either way the sender hears CANCELED: it may keep the source of a
                     // zero-copy rendezvous registered until then.
-                    if !self.rdv_cancel(host_id, req_id) {
-                        self.fabric.withdraw_remote(host_id, req_id);
+                    let in_rdv = self.rdv_cancel(host_id, req_id);
+                    self.fabric
+                        .withdraw_remote(host_id, req_id, &mut self.notify);
+                    if !in_rdv {
                         self.reply(host_id, req_id, Status::Canceled, &[]);
                     }
                 }
                 Err(Stale::Down) => debug!("uplink: a stale cancel dropped"),
                 Err(Stale::Refused(why)) => warn!("uplink: refusing a cancel: {why}"),
+            },
+            Message::Pull {
+                fabric_id,
+                host_id,
+                req_id,
+            } => match self.introduced(src, fabric_id, host_id) {
+                Ok(()) => self.pull_in(host_id, req_id),
+                Err(Stale::Down) => debug!("uplink: a stale PULL dropped"),
+                Err(Stale::Refused(why)) => warn!("uplink: refusing a PULL: {why}"),
             },
             Message::EpGone {
                 fabric_id,

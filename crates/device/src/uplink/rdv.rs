@@ -129,6 +129,8 @@ pub(super) struct Rendezvous {
     peer_sinks: HashMap<(u16, u64), (u64, u64, u64)>,
     /// Rendezvous reads and writes done, per peer (the first of each is logged).
     done: HashMap<(u16, bool), u64>,
+    /// Rendezvous messages per peer made stubs before they were read (the first is logged).
+    unread: HashMap<u16, u64>,
     /// Zero-copy sources of withdrawn requests, kept registered (and their guest memory
     /// mapped) until their target answers the CANCEL, which it does only once no read of
     /// them is in flight; or until their host is lost and `DRAIN_LIMIT` passed.
@@ -542,6 +544,29 @@ impl Worker {
         let Some(mut q) = self.rdv.inbound.remove(&host) else {
             return;
         };
+        // A message at the front not read yet that the target would keep only as a stub (past
+        // its bound) becomes one unread: its bytes stay at the sender until a receive pulls them.
+        while let Some(Inbound::Fetch {
+            req_id,
+            desc,
+            head,
+            op: None,
+            ..
+        }) = q.front()
+        {
+            if !head.is_empty() || !self.fabric.stub_unread(host, *req_id, desc) {
+                break;
+            }
+            q.pop_front();
+            let n = self.rdv.unread.entry(host).or_default();
+            *n += 1;
+            if *n == 1 {
+                tracing::info!(
+                    host,
+                    "uplink: a rendezvous from host {host} left unread (a stub)"
+                );
+            }
+        }
         let mut reading = q
             .iter()
             .filter(|i| matches!(i, Inbound::Fetch { op: Some(_), .. }))

@@ -96,7 +96,17 @@ pub(crate) struct Pending {
     pub port: Port,
     pub req: Req,
     pub len: u64,
+    /// The DATA description it went with (a message is sent again with it when its target
+    /// kept only a stub and asks for the bytes: PULL).
+    pub desc: wire::Data,
+    /// PULLs answered for it so far (bounded: see [`MAX_PULLS`]).
+    pub pulls: u8,
 }
+
+/// Times one message is sent again for its target's PULLs, at most: a target pulls a message
+/// once per receive that matches its stub (again only when that receive's queue was stopped
+/// meanwhile); a peer that pulls more gets nothing more than this from our memory and link.
+pub(crate) const MAX_PULLS: u8 = 8;
 
 /// The endpoint of a guest's ADDR_CHECK (`None`: it names no endpoint, so no FENCE waits on it).
 pub(crate) const ADDR_CHECK_EP: u32 = u32::MAX;
@@ -128,6 +138,11 @@ pub(crate) enum Outbound {
         host: u16,
         req_id: u64,
     },
+    /// A receive here matched the stub of `host`'s message `req_id`: ask for its bytes (PULL).
+    Pull {
+        host: u16,
+        req_id: u64,
+    },
     /// Tell every peer that endpoint `addr` (every endpoint of its device with `whole_device`)
     /// is gone, `closed` by its driver or lost.
     EpGone {
@@ -145,6 +160,12 @@ pub(crate) enum Outbound {
     },
     /// A guest's SVC_RESOLVE for a service of another host.
     SvcResolve(Box<super::svc::Resolve>),
+}
+
+/// Whether `r` is a message sent again for its target's PULL (its request id is set, and it is
+/// in the pending table already).
+fn is_pulled(r: &RemoteSend) -> bool {
+    u32::from(r.desc.flags) & wire::data_flags::PULLED != 0
 }
 
 /// Whether a request of `opcode` gets bytes back with its verdict (RMA read, fetching
@@ -326,9 +347,18 @@ impl Outbox {
     pub fn take(&self) -> VecDeque<Outbound> {
         let mut s = self.lock();
         let mut queue = std::mem::take(&mut s.queue);
+        // A message sent again for its target's PULL keeps its id, and goes only while it is
+        // still pending (not answered or withdrawn meanwhile).
+        queue.retain(|m| match m {
+            Outbound::Send(r) if is_pulled(r) => s.pending.contains_key(&r.desc.req_id.into()),
+            _ => true,
+        });
         // (A guest's ADDR_CHECK entered the table when it was queued.)
         for m in queue.iter_mut() {
             if let Outbound::Send(r) = m {
+                if is_pulled(r) {
+                    continue;
+                }
                 let id = s.new_req_id();
                 r.desc.req_id = id.into();
                 let p = Pending {
@@ -337,6 +367,8 @@ impl Outbox {
                     port: r.port.clone(),
                     req: r.req.clone(),
                     len: r.len,
+                    desc: r.desc,
+                    pulls: 0,
                 };
                 s.pending.insert(id, p);
             }
@@ -364,6 +396,21 @@ impl Outbox {
         let p = s.pending.remove(&req_id)?;
         s.release((p.dev, p.req.req.ep, p.host), p.len);
         Some(p)
+    }
+
+    /// What a message sent again for `host`'s PULL of request `req_id` needs: its device, port,
+    /// chain, description and length, if it is a message pending at `host` (a peer may pull
+    /// only its own messages, each at most [`MAX_PULLS`] times; anything else is ignored).
+    pub fn pulled(&self, req_id: u64, host: u16) -> Option<(usize, Port, Req, wire::Data, u64)> {
+        use vfabric_proto::Opcode;
+        let mut s = self.lock();
+        let p = s.pending.get_mut(&req_id)?;
+        let message = matches!(p.req.req.opcode, Opcode::Send | Opcode::TSend);
+        if p.host != host || !message || p.pulls >= MAX_PULLS {
+            return None;
+        }
+        p.pulls += 1;
+        Some((p.dev, p.port.clone(), p.req.clone(), p.desc, p.len))
     }
 
     /// Whether request `req_id` to `host` is pending and `f` holds for it.
@@ -402,6 +449,8 @@ impl Outbox {
         let queue = std::mem::take(&mut s.queue);
         for m in queue {
             match m {
+                // Its pending entry (withdrawn below) stands for it.
+                Outbound::Send(r) if is_pulled(&r) && r.dev == dev && hit(&r.req) => {}
                 Outbound::Send(r) if r.dev == dev && hit(&r.req) => {
                     s.release((r.dev, r.req.req.ep, r.host), r.len);
                     out.push(Pending {
@@ -410,6 +459,8 @@ impl Outbox {
                         port: r.port,
                         req: r.req,
                         len: r.len,
+                        desc: r.desc,
+                        pulls: 0,
                     });
                 }
                 Outbound::AddrQuery { req_id, .. }
@@ -479,6 +530,8 @@ impl Outbox {
                 port,
                 req,
                 len: 0,
+                desc: wire::Data::default(),
+                pulls: 0,
             },
         );
         s.queue.push_back(Outbound::AddrQuery {

@@ -15,8 +15,10 @@ pub const MAGIC: u32 = 0x4c55_4656;
 /// as an unknown kind and leave its sender waiting). 5: a CANCEL is answered (a REPLY
 /// CANCELED, sent once no rendezvous read of that request is in flight: a sender keeps a
 /// source in its guest's memory registered until then) and an RDV_DATA with SOURCE may carry
-/// its head inline (an RMA write's ranges, the bytes in guest memory).
-pub const VERSION: u16 = 5;
+/// its head inline (an RMA write's ranges, the bytes in guest memory). 6: PULL and the PULLED
+/// flag (a receiver past its bound keeps only a stub of a message and asks for its bytes when a
+/// receive matches it; a version-5 daemon would never answer the PULL).
+pub const VERSION: u16 = 6;
 
 /// Message kinds.
 pub mod kind {
@@ -40,6 +42,9 @@ pub mod kind {
     pub const ADDR_QUERY: u16 = 34;
     /// The answer to an ADDR_QUERY.
     pub const ADDR_ANSWER: u16 = 35;
+    /// A receive matched the stub of the receiving host's message `req_id` (its bytes were not
+    /// kept): send it again, with [`super::data_flags::PULLED`].
+    pub const PULL: u16 = 36;
     /// Which endpoint of the receiving host a service names (`super::svc`). 16 and up: kept
     /// apart from the data path's kinds.
     pub const SVC_QUERY: u16 = 16;
@@ -107,7 +112,11 @@ pub mod data_flags {
     pub const COMMIT_COMPLETE: u32 = 1 << 2;
     /// FLUSH only: its one range names a whole region by key (address and length 0).
     pub const WHOLE_REGION: u32 = 1 << 3;
-    pub const ALL: u32 = REMOTE_CQ_DATA | DELIVERY_COMPLETE | COMMIT_COMPLETE | WHOLE_REGION;
+    /// SEND/TSEND only: the bytes of a message sent before, for the receive that matched its
+    /// stub (asked for with PULL; same request id).
+    pub const PULLED: u32 = 1 << 4;
+    pub const ALL: u32 =
+        REMOTE_CQ_DATA | DELIVERY_COMPLETE | COMMIT_COMPLETE | WHOLE_REGION | PULLED;
 }
 
 /// Header of every uplink message: 24 bytes, little-endian.
@@ -266,6 +275,12 @@ pub enum Message<'a> {
     },
     /// CANCEL.
     Cancel {
+        fabric_id: u32,
+        host_id: u16,
+        req_id: u64,
+    },
+    /// PULL: send request `req_id` again (a receive matched its stub).
+    Pull {
         fabric_id: u32,
         host_id: u16,
         req_id: u64,
@@ -494,6 +509,17 @@ impl<'a> Message<'a> {
                     reserved: 0.into(),
                 };
                 with_body(kind::CANCEL, fabric_id, host_id, body.as_slice())
+            }
+            Message::Pull {
+                fabric_id,
+                host_id,
+                req_id,
+            } => {
+                let body = Cancel {
+                    req_id: req_id.into(),
+                    reserved: 0.into(),
+                };
+                with_body(kind::PULL, fabric_id, host_id, body.as_slice())
             }
             Message::EpGone {
                 fabric_id,
@@ -730,7 +756,7 @@ impl<'a> Message<'a> {
                     chunk,
                 })
             }
-            kind::CANCEL => {
+            k @ (kind::CANCEL | kind::PULL) => {
                 let c = Cancel::from_slice(body).ok_or(WireError::Length {
                     field: len,
                     got: body.len(),
@@ -738,10 +764,20 @@ impl<'a> Message<'a> {
                 if u64::from(c.reserved) != 0 {
                     return Err(WireError::Reserved);
                 }
-                Ok(Message::Cancel {
-                    fabric_id: h.fabric_id.into(),
-                    host_id: h.host_id.into(),
-                    req_id: c.req_id.into(),
+                let (fabric_id, host_id, req_id) =
+                    (h.fabric_id.into(), h.host_id.into(), c.req_id.into());
+                Ok(if k == kind::PULL {
+                    Message::Pull {
+                        fabric_id,
+                        host_id,
+                        req_id,
+                    }
+                } else {
+                    Message::Cancel {
+                        fabric_id,
+                        host_id,
+                        req_id,
+                    }
                 })
             }
             k @ (kind::EP_GONE | kind::ADDR_QUERY | kind::ADDR_ANSWER) => {
@@ -856,8 +892,10 @@ fn check_data(desc: &Data, chunk_len: usize) -> Result<(), WireError> {
         ]
         .iter()
         .any(|o| *o as u16 == op);
+    let send = op == Opcode::Send as u16 || op == Opcode::TSend as u16;
     if (flags & data_flags::COMMIT_COMPLETE != 0 && !persists)
         || (flags & data_flags::WHOLE_REGION != 0 && !(flush && count == 1))
+        || (flags & data_flags::PULLED != 0 && !send)
     {
         return Err(WireError::FlagsForOpcode { flags, opcode: op });
     }
@@ -1084,6 +1122,14 @@ mod tests {
         wr.opcode = (Opcode::RmaWrite as u16).into();
         assert!(refused(wr, &chunk).is_ok());
         wr.flags = data_flags::WHOLE_REGION.into();
+        assert!(matches!(
+            refused(wr, &chunk),
+            Err(WireError::FlagsForOpcode { .. })
+        ));
+        // PULLED: the bytes of a message only.
+        send.flags = data_flags::PULLED.into();
+        assert!(refused(send, &chunk).is_ok());
+        wr.flags = data_flags::PULLED.into();
         assert!(matches!(
             refused(wr, &chunk),
             Err(WireError::FlagsForOpcode { .. })
@@ -1330,6 +1376,11 @@ mod tests {
                 req_id: 6,
                 open: true,
             },
+            Message::Pull {
+                fabric_id: 0x5eed,
+                host_id: 2,
+                req_id: 78,
+            },
         ];
         for m in msgs {
             let b = m.encode();
@@ -1377,7 +1428,7 @@ mod tests {
         /// whatever parses describes a chunk inside its message.
         #[test]
         fn mutated_messages_never_panic(
-            kind in 0usize..7,
+            kind in 0usize..8,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             cut in proptest::option::of(any::<usize>()),
         ) {
@@ -1386,6 +1437,7 @@ mod tests {
                     .encode(),
                 1 => data(data_desc(300, 100), &[9u8; 50]),
                 3 => Message::Cancel { fabric_id: 1, host_id: 2, req_id: 3 }.encode(),
+                7 => Message::Pull { fabric_id: 1, host_id: 2, req_id: 3 }.encode(),
                 4 => Message::EpGone {
                     fabric_id: 1, host_id: 2, dev: 3, ep: 4, generation: 5, closed: true,
                 }
