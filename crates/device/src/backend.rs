@@ -604,6 +604,8 @@ impl FabricBackend {
     /// stay off while the guest is busy) or, without polling, re-enable notifications and
     /// re-check before sleeping.
     fn process(&self, vrings: &[VringRwLock]) {
+        // Requests for other hosts leave from this thread when the pass is over (no lock held).
+        let _assist = self.fabric.assist_scope();
         let mut n = Notify::default();
         if self.is_broken() {
             return;
@@ -653,6 +655,7 @@ impl FabricBackend {
     /// armed and report their own requests; the control queue (whose requests must not overtake
     /// earlier data requests) takes the all-queue path of [`Self::process`].
     fn process_queue(&self, vrings: &[VringRwLock], q: usize) {
+        let _assist = self.fabric.assist_scope();
         let mut n = Notify::default();
         loop {
             if self.is_broken() {
@@ -681,6 +684,8 @@ impl FabricBackend {
 
 impl Polled for FabricBackend {
     fn poll_once(&self) -> bool {
+        // Dropped last: requests for other hosts leave once the rings' lock is released.
+        let _assist = self.fabric.assist_scope();
         let v = self.sink.vrings.read().unwrap_or_else(|p| p.into_inner());
         let mut n = Notify::default();
         self.drain(&v, &mut n)

@@ -219,6 +219,35 @@ pub(crate) struct Outbox {
     wake_fd: OnceLock<Option<OwnedFd>>,
     /// The uplink thread sleeps on `wake_fd`: a push must write it.
     sleeping: AtomicBool,
+    /// The uplink's worker while its thread runs: what [`Outbox::assist`] drives.
+    driver: Mutex<Option<super::SharedWorker>>,
+}
+
+thread_local! {
+    /// The outbox whose pushes on this thread are posted by the thread itself at the end of
+    /// its pass ([`Outbox::assist_scope`]), and whether one was made.
+    static ASSIST: std::cell::Cell<(*const Outbox, bool)> =
+        const { std::cell::Cell::new((std::ptr::null(), false)) };
+}
+
+/// While it lives, requests this thread queues in its outbox wait for the end of its pass
+/// (no uplink thread is woken for them); dropped, the thread posts them to the wire itself
+/// ([`Outbox::assist`]). Hold it only where no device or ring lock is held at its end.
+pub(crate) struct AssistScope<'a> {
+    outbox: &'a Outbox,
+    outer: bool,
+}
+
+impl Drop for AssistScope<'_> {
+    fn drop(&mut self) {
+        if self.outer {
+            return;
+        }
+        let (_, pushed) = ASSIST.with(|a| a.replace((std::ptr::null(), false)));
+        if pushed {
+            self.outbox.assist();
+        }
+    }
 }
 
 impl Outbox {
@@ -268,7 +297,74 @@ impl Outbox {
 
     pub fn push(&self, m: Outbound) {
         self.lock().queue.push_back(m);
-        self.wake_uplink();
+        self.queued();
+    }
+
+    /// Something was queued: posted at the end of this thread's pass if it is in an
+    /// [`AssistScope`] of this outbox, else the uplink thread is woken for it.
+    fn queued(&self) {
+        let mine = ASSIST.with(|a| {
+            let (o, _) = a.get();
+            let mine = std::ptr::eq(o, self);
+            if mine {
+                a.set((o, true));
+            }
+            mine
+        });
+        if !mine {
+            self.wake_uplink();
+        }
+    }
+
+    /// See [`AssistScope`]. Nested scopes are one (the outermost posts).
+    pub fn assist_scope(&self) -> AssistScope<'_> {
+        let outer = ASSIST.with(|a| {
+            let (o, pushed) = a.get();
+            if o.is_null() {
+                a.set((self, false));
+                false
+            } else {
+                // Inside another scope (of this outbox, or of another fabric's: then pushes
+                // here wake the uplink thread as without a scope).
+                let _ = pushed;
+                true
+            }
+        });
+        AssistScope {
+            outbox: self,
+            outer,
+        }
+    }
+
+    /// Post what is queued from this thread, when nobody drives the uplink's endpoint right
+    /// now (the lock on its worker is free): the request leaves without waking the uplink
+    /// thread and waiting for it to be scheduled. Otherwise (or when the provider had no room
+    /// for everything) the uplink thread is woken, as for any push; a holder of the lock
+    /// looks at the queue again before it sleeps.
+    pub fn assist(&self) {
+        let driver = self
+            .driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(driver) = driver else {
+            return self.wake_uplink();
+        };
+        let more = match driver.try_lock() {
+            Ok(mut g) => g.as_mut().is_none_or(|w| w.assist()),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                p.into_inner().as_mut().is_none_or(|w| w.assist())
+            }
+            Err(std::sync::TryLockError::WouldBlock) => true,
+        };
+        if more {
+            self.wake_uplink();
+        }
+    }
+
+    /// The uplink thread runs with `driver` (`None`: it stopped).
+    pub(super) fn set_driver(&self, driver: Option<super::SharedWorker>) {
+        *self.driver.lock().unwrap_or_else(|p| p.into_inner()) = driver;
     }
 
     /// Something was queued: wake the uplink thread, whether it waits on the condvar or sleeps
@@ -447,7 +543,7 @@ impl Outbox {
         }
         if !out.is_empty() {
             drop(s);
-            self.wake_uplink();
+            self.queued();
         }
         out
     }
@@ -487,7 +583,7 @@ impl Outbox {
             req_id: id,
         });
         drop(s);
-        self.wake_uplink();
+        self.queued();
         Ok(())
     }
 
@@ -514,7 +610,7 @@ impl Outbox {
             req_id: 0,
         });
         drop(s);
-        self.wake_uplink();
+        self.queued();
         true
     }
 
@@ -550,7 +646,7 @@ impl Outbox {
             closed,
         });
         drop(s);
-        self.wake_uplink();
+        self.queued();
     }
 
     /// Sleep until something is queued or `timeout` passed.
