@@ -51,7 +51,6 @@ const RECV_BUFFERS: usize = 16;
 const HELLO_INTERVAL: Duration = Duration::from_millis(300);
 /// How long the uplink thread keeps polling after its last traffic before it sleeps.
 const BUSY_POLL: Duration = Duration::from_millis(2);
-static XBUSY: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| std::env::var("XBUSY_US").ok().and_then(|v| v.parse().ok()).map_or(BUSY_POLL, Duration::from_micros));
 /// Longest sleep of an idle uplink thread (its HELLOs and peer timeouts run on wake-ups), and
 /// the longest while its own sends are in flight (a provider whose wait fd does not signal
 /// send progress still makes it).
@@ -401,7 +400,16 @@ fn run(shared: SharedWorker, stop: Arc<AtomicBool>) {
     let mut last_busy = Instant::now();
     while !stop.load(Ordering::Acquire) {
         let next = {
-            let mut g = lock_worker(&shared);
+            // A device thread driving the endpoint now does this thread's work: yield to it
+            // rather than sleep on the lock (and be woken when it lets go).
+            let mut g = match shared.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::yield_now();
+                    continue;
+                }
+            };
             let Some(w) = g.as_mut() else { break };
             let idle = w.turn();
             if !idle || !w.backlog.is_empty() {
@@ -409,7 +417,7 @@ fn run(shared: SharedWorker, stop: Arc<AtomicBool>) {
             }
             if !idle {
                 Next::Again
-            } else if last_busy.elapsed() < *XBUSY {
+            } else if last_busy.elapsed() < BUSY_POLL {
                 Next::Yield
             } else {
                 w.sleep_plan()

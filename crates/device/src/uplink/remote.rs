@@ -318,17 +318,14 @@ impl Outbox {
 
     /// See [`AssistScope`]. Nested scopes are one (the outermost posts).
     pub fn assist_scope(&self) -> AssistScope<'_> {
+        // Inside another scope (of this outbox; or of another fabric's, and then pushes here
+        // wake the uplink thread as without a scope), this one adds nothing.
         let outer = ASSIST.with(|a| {
-            let (o, pushed) = a.get();
-            if o.is_null() {
+            let nested = !a.get().0.is_null();
+            if !nested {
                 a.set((self, false));
-                false
-            } else {
-                // Inside another scope (of this outbox, or of another fabric's: then pushes
-                // here wake the uplink thread as without a scope).
-                let _ = pushed;
-                true
             }
+            nested
         });
         AssistScope {
             outbox: self,
@@ -759,5 +756,57 @@ mod tests {
         assert!(readable(), "a push while asleep wakes");
         o.sleep_end();
         assert!(!readable(), "drained on waking");
+    }
+
+    #[test]
+    fn a_push_in_an_assist_scope_is_left_to_the_end_of_the_pass() {
+        let reply = |req_id| Outbound::Reply {
+            host: 2,
+            req_id,
+            status: Status::Ok,
+            bytes: Vec::new(),
+        };
+        let o = Outbox::default();
+        let other = Outbox::default();
+        let fd = o.wake_fd().expect("eventfd");
+        let other_fd = other.wake_fd().expect("eventfd");
+        let readable = |fd| {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no waiting.
+            unsafe { libc::poll(&mut p, 1, 0) == 1 }
+        };
+        assert!(o.sleep_begin() && other.sleep_begin());
+        {
+            let _pass = o.assist_scope();
+            {
+                let _nested = o.assist_scope();
+                o.push(reply(1));
+            }
+            assert!(
+                !readable(fd),
+                "the end of a nested scope is not the pass's end"
+            );
+            o.push(reply(2));
+            // Another outbox's push is not this pass's to post: it wakes its uplink at once.
+            other.push(reply(3));
+            assert!(readable(other_fd));
+            assert!(
+                !readable(fd),
+                "the pass posts its pushes itself when it ends"
+            );
+        }
+        // No worker to drive (no uplink thread): the end of the pass wakes the uplink thread
+        // instead, once, for both.
+        assert!(readable(fd));
+        assert_eq!(o.take().len(), 2);
+        o.sleep_end();
+        // Outside a scope a push wakes at once, as before.
+        assert!(o.sleep_begin());
+        o.push(reply(4));
+        assert!(readable(fd));
     }
 }
