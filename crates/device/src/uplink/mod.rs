@@ -9,10 +9,16 @@
 //! (`REMOTE_HOSTS`).
 //!
 //! Data: guest requests for another host (messages, RMA, atomics) come from the fabric through
-//! the `remote::Outbox`; this thread sends them as DATA chunks and completes them with the
+//! the `remote::Outbox`; they are sent as DATA chunks (or by rendezvous) and completed with the
 //! target's REPLY (with the bytes a read or fetching atomic returns), or with `HostUnreach` when
 //! the target is lost. DATA from a peer is reassembled and handed to the fabric
 //! (`Fabric::accept_remote`, `accept_remote_rma`); the verdict goes back as REPLY.
+//!
+//! Threads: the [`Worker`] (endpoint and all wire state) is shared under one lock
+//! ([`SharedWorker`]). The uplink thread drives it in turns (and alone for greetings, timeouts
+//! and shutdown); a device thread that queued requests in its pass over the rings drives it
+//! itself when the pass ends, if the lock is free ([`remote::Outbox::assist`]), so a request
+//! leaves without waking the uplink thread.
 
 mod fi;
 pub mod peers;
