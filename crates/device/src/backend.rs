@@ -606,6 +606,8 @@ impl FabricBackend {
     /// stay off while the guest is busy) or, without polling, re-enable notifications and
     /// re-check before sleeping.
     fn process(&self, vrings: &[VringRwLock]) {
+        // Requests for other hosts leave from this thread when the pass is over (no lock held).
+        let _assist = self.fabric.assist_scope();
         let mut n = Notify::default();
         if self.is_broken() {
             return;
@@ -655,6 +657,7 @@ impl FabricBackend {
     /// armed and report their own requests; the control queue (whose requests must not overtake
     /// earlier data requests) takes the all-queue path of [`Self::process`].
     fn process_queue(&self, vrings: &[VringRwLock], q: usize) {
+        let _assist = self.fabric.assist_scope();
         let mut n = Notify::default();
         loop {
             if self.is_broken() {
@@ -679,6 +682,8 @@ impl FabricBackend {
 
 impl Polled for FabricBackend {
     fn poll_once(&self) -> bool {
+        // Dropped last: requests for other hosts leave once the pass is over.
+        let _assist = self.fabric.assist_scope();
         let v = self.sink.rings_list();
         let mut n = Notify::default();
         self.drain(v, &mut n)

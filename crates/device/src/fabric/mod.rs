@@ -411,6 +411,12 @@ impl Fabric {
     }
 
     /// Where requests for other hosts go (the uplink thread takes them).
+    /// See [`crate::uplink::remote::AssistScope`]: a device thread's pass over its rings
+    /// posts the requests for other hosts it queued itself, at the end of the pass.
+    pub(crate) fn assist_scope(&self) -> crate::uplink::remote::AssistScope<'_> {
+        self.outbox.assist_scope()
+    }
+
     pub fn outbox(&self) -> Arc<crate::uplink::remote::Outbox> {
         self.outbox.clone()
     }

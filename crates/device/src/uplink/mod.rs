@@ -9,10 +9,16 @@
 //! (`REMOTE_HOSTS`).
 //!
 //! Data: guest requests for another host (messages, RMA, atomics) come from the fabric through
-//! the `remote::Outbox`; this thread sends them as DATA chunks and completes them with the
+//! the `remote::Outbox`; they are sent as DATA chunks (or by rendezvous) and completed with the
 //! target's REPLY (with the bytes a read or fetching atomic returns), or with `HostUnreach` when
 //! the target is lost. DATA from a peer is reassembled and handed to the fabric
 //! (`Fabric::accept_remote`, `accept_remote_rma`); the verdict goes back as REPLY.
+//!
+//! Threads: the [`Worker`] (endpoint and all wire state) is shared under one lock
+//! ([`SharedWorker`]). The uplink thread drives it in turns (and alone for greetings, timeouts
+//! and shutdown); a device thread that queued requests in its pass over the rings drives it
+//! itself when the pass ends, if the lock is free ([`remote::Outbox::assist`]), so a request
+//! leaves without waking the uplink thread.
 
 mod fi;
 pub mod peers;
@@ -253,10 +259,14 @@ impl Uplink {
             svc: svc::Queries::default(),
             notify: Notify::default(),
             stop: stop.clone(),
+            was_up: vec![false; cfg.peers.len()],
+            last_publish: Instant::now(),
         };
+        let shared: SharedWorker = Arc::new(std::sync::Mutex::new(Some(worker)));
+        let stop_flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("vfabric-uplink".into())
-            .spawn(move || worker.run())
+            .spawn(move || run(shared, stop_flag))
             .map_err(|e| format!("uplink thread: {e}"))?;
         Ok(Self {
             stop,
@@ -325,7 +335,7 @@ struct Partial {
     got: u64,
 }
 
-struct Worker {
+pub(crate) struct Worker {
     /// Rendezvous buffers and registrations: declared (so dropped) before the endpoint.
     rdv: rdv::Rendezvous,
     ep: RdmEndpoint,
@@ -356,110 +366,224 @@ struct Worker {
     svc: svc::Queries,
     notify: Notify,
     stop: Arc<AtomicBool>,
+    /// Per peer, whether it was up at the last turn (transitions are logged and acted on).
+    was_up: Vec<bool>,
+    /// When the peers' state was last published to the fabric.
+    last_publish: Instant,
+}
+
+/// What the uplink thread does after a turn.
+enum Next {
+    /// It found work: another turn at once.
+    Again,
+    /// Quiet for less than [`BUSY_POLL`]: another turn after yielding the CPU.
+    Yield,
+    /// Sleep in the kernel on the provider's wait fd and the outbox's eventfd (the lock on
+    /// the worker released) for at most this long.
+    Sleep { cq: i32, ev: i32, max: Duration },
+    /// A provider without a wait fd: a short condvar wait on the outbox.
+    Wait,
+}
+
+/// The uplink's state: the uplink thread holds it for each of its turns, and a device thread
+/// that queued a request for another host posts it itself when the lock is free
+/// ([`remote::Outbox::assist`]), so that a request does not wait for the uplink thread to be
+/// woken and scheduled. `None` once the uplink thread stopped.
+pub(crate) type SharedWorker = Arc<std::sync::Mutex<Option<Worker>>>;
+
+fn lock_worker(w: &SharedWorker) -> std::sync::MutexGuard<'_, Option<Worker>> {
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The uplink thread's body: turns of the worker until stopped, then its shutdown.
+fn run(shared: SharedWorker, stop: Arc<AtomicBool>) {
+    let Some(outbox) = lock_worker(&shared).as_mut().map(|w| {
+        w.begin();
+        w.outbox.clone()
+    }) else {
+        return;
+    };
+    outbox.set_driver(Some(shared.clone()));
+    let mut last_busy = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        let next = {
+            // A device thread driving the endpoint now does this thread's work: yield to it
+            // rather than sleep on the lock (and be woken when it lets go).
+            let mut g = match shared.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::yield_now();
+                    continue;
+                }
+            };
+            let Some(w) = g.as_mut() else { break };
+            let idle = w.turn();
+            if !idle || !w.backlog.is_empty() {
+                last_busy = Instant::now();
+            }
+            if !idle {
+                Next::Again
+            } else if last_busy.elapsed() < BUSY_POLL {
+                Next::Yield
+            } else {
+                w.sleep_plan()
+            }
+        };
+        match next {
+            Next::Again => {}
+            Next::Yield => std::thread::yield_now(),
+            Next::Wait => outbox.wait(Duration::from_millis(1)),
+            Next::Sleep { cq, ev, max } => {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: cq,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: ev,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: max.as_nanos() as libc::c_long,
+                };
+                // SAFETY: two valid pollfds, a valid timespec, no signal mask. The fds stay
+                // open: the endpoint and the outbox outlive this thread's loop.
+                let _ = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+                outbox.sleep_end();
+            }
+        }
+    }
+    // No device thread drives the endpoint any more; the worker shuts down on this thread.
+    outbox.set_driver(None);
+    let worker = lock_worker(&shared).take();
+    if let Some(w) = worker {
+        w.shutdown();
+    }
 }
 
 impl Worker {
-    fn run(mut self) {
+    /// Post the receive buffers.
+    fn begin(&mut self) {
         for i in 0..self.bufs.len() {
             self.repost(i);
         }
-        let mut was_up: Vec<bool> = vec![false; self.set.peers.len()];
-        let mut last_busy = Instant::now();
-        let mut last_publish = Instant::now();
-        while !self.stop.load(Ordering::Acquire) {
-            let now = Instant::now();
-            self.resolve_peers();
-            // Greet every resolved peer on its interval (keepalive once it answered).
-            for i in 0..self.set.peers.len() {
-                let p = &self.set.peers[i];
-                let (Some(dest), due) = (
-                    p.fi_addr,
-                    p.last_hello
-                        .is_none_or(|t| now.duration_since(t) >= HELLO_INTERVAL),
-                ) else {
-                    continue;
-                };
-                if !due {
-                    continue;
-                }
-                self.set.peers[i].last_hello = Some(now);
-                self.send_now(dest, self.hello(false));
+    }
+
+    /// One turn of the uplink thread: greetings, requests from the fabric, completions,
+    /// peer state, timeouts. Returns whether it found nothing to do.
+    fn turn(&mut self) -> bool {
+        let now = Instant::now();
+        self.resolve_peers();
+        // Greet every resolved peer on its interval (keepalive once it answered).
+        for i in 0..self.set.peers.len() {
+            let p = &self.set.peers[i];
+            let (Some(dest), due) = (
+                p.fi_addr,
+                p.last_hello
+                    .is_none_or(|t| now.duration_since(t) >= HELLO_INTERVAL),
+            ) else {
+                continue;
+            };
+            if !due {
+                continue;
             }
-            let mut idle = self.take_outbox();
-            self.rdv_retry();
+            self.set.peers[i].last_hello = Some(now);
+            self.send_now(dest, self.hello(false));
+        }
+        let mut idle = self.take_outbox();
+        self.rdv_retry();
+        self.flush_backlog();
+        idle &= !self.poll_cq();
+        // Verdicts on what just arrived leave in this turn, not the next.
+        if !idle {
             self.flush_backlog();
-            for _ in 0..64 {
-                match self.ep.poll() {
-                    Ok(None) => break,
-                    Ok(Some(c)) => {
-                        idle = false;
-                        self.completion(c);
-                    }
-                    Err((ctx, e)) => {
-                        idle = false;
-                        self.failed(ctx, e);
-                    }
-                }
-            }
-            // Verdicts on what just arrived leave in this turn, not the next.
-            if !idle {
-                self.flush_backlog();
-            }
-            let now = Instant::now();
-            let mut lost = Vec::new();
-            let mut changed = false;
-            for (p, was) in self.set.peers.iter().zip(was_up.iter_mut()) {
-                let up = p.is_up(now, self.set.timeout);
-                if up != *was {
-                    changed = true;
-                    if up {
-                        info!(host = p.host_id, devices = p.num_devices, addr = %p.addr, "uplink peer up");
-                    } else {
-                        warn!(host = p.host_id, addr = %p.addr, "uplink peer down (no answer within {:?})", self.set.timeout);
-                        lost.push(p.host_id);
-                    }
-                    *was = up;
-                }
-            }
-            // The views of who is up change on a transition; republished on an interval too
-            // (a peer's device count), not on every turn of a busy loop.
-            if changed || now.duration_since(last_publish) >= HELLO_INTERVAL {
-                last_publish = now;
-                self.rdv_sweep();
-                self.set.publish(&self.hosts, now);
-                self.outbox.set_hosts(
-                    self.set
-                        .peers
-                        .iter()
-                        .map(|p| (p.host_id, p.is_up(now, self.set.timeout))),
-                );
-            }
-            for host in lost {
-                self.host_lost(host);
-            }
-            self.expire_queries(now);
-            self.svc_expire(None, false);
-            // Requests fenced behind ones that completed here may start now.
-            self.fabric.remote_unfence(&mut self.notify);
-            self.notify.flush();
-            // Traffic comes in bursts: poll on (yielding the CPU) for a while after the last
-            // message, then sleep in the kernel on the provider's wait fd and the outbox's
-            // eventfd, so that a quiet link wakes at once for the next message (it used to
-            // sleep up to 1 ms on a condvar that only the fabric signalled). Sleeping sooner
-            // was measured slower on a loaded 2-core host: each wake-up then waits for a core.
-            if !idle || !self.backlog.is_empty() {
-                last_busy = Instant::now();
-            }
-            if idle {
-                let quiet = last_busy.elapsed();
-                if quiet < BUSY_POLL {
-                    std::thread::yield_now();
+        }
+        let now = Instant::now();
+        let mut lost = Vec::new();
+        let mut changed = false;
+        for (p, was) in self.set.peers.iter().zip(self.was_up.iter_mut()) {
+            let up = p.is_up(now, self.set.timeout);
+            if up != *was {
+                changed = true;
+                if up {
+                    info!(host = p.host_id, devices = p.num_devices, addr = %p.addr, "uplink peer up");
                 } else {
-                    self.sleep();
+                    warn!(host = p.host_id, addr = %p.addr, "uplink peer down (no answer within {:?})", self.set.timeout);
+                    lost.push(p.host_id);
+                }
+                *was = up;
+            }
+        }
+        // The views of who is up change on a transition; republished on an interval too
+        // (a peer's device count), not on every turn of a busy loop.
+        if changed || now.duration_since(self.last_publish) >= HELLO_INTERVAL {
+            self.last_publish = now;
+            self.rdv_sweep();
+            self.set.publish(&self.hosts, now);
+            self.outbox.set_hosts(
+                self.set
+                    .peers
+                    .iter()
+                    .map(|p| (p.host_id, p.is_up(now, self.set.timeout))),
+            );
+        }
+        for host in lost {
+            self.host_lost(host);
+        }
+        self.expire_queries(now);
+        self.svc_expire(None, false);
+        // Requests fenced behind ones that completed here may start now.
+        self.fabric.remote_unfence(&mut self.notify);
+        self.notify.flush();
+        idle
+    }
+
+    /// Read the completions there are (at most a bounded number, so a busy link does not
+    /// starve the rest of a turn); whether there were any.
+    fn poll_cq(&mut self) -> bool {
+        let mut any = false;
+        for _ in 0..64 {
+            match self.ep.poll() {
+                Ok(None) => break,
+                Ok(Some(c)) => {
+                    any = true;
+                    self.completion(c);
+                }
+                Err((ctx, e)) => {
+                    any = true;
+                    self.failed(ctx, e);
                 }
             }
         }
-        // Stopping: nothing leaves any more, and every guest request waiting here completes.
+        any
+    }
+
+    /// A device thread's share of the work, right after it queued requests for another host
+    /// (with the lock on the worker, taken without waiting): hand them to the provider now,
+    /// which also makes its progress (the bytes leave in this call), and take the
+    /// completions that are there. Whether the uplink thread must still look (the provider
+    /// had no room for everything).
+    pub(crate) fn assist(&mut self) -> bool {
+        if self.stop.load(Ordering::Acquire) {
+            return true;
+        }
+        self.take_outbox();
+        self.flush_backlog();
+        if self.poll_cq() {
+            self.flush_backlog();
+        }
+        self.fabric.remote_unfence(&mut self.notify);
+        self.notify.flush();
+        !self.backlog.is_empty()
+    }
+
+    /// Stopping: nothing leaves any more, and every guest request waiting here completes.
+    fn shutdown(mut self) {
         let (queued, pending) = self.outbox.disable();
         for p in pending {
             self.fabric.complete_remote(
@@ -502,42 +626,27 @@ impl Worker {
         self.notify.flush();
     }
 
-    /// Sleep until the provider has something for us, the fabric queued a request, or a
-    /// bounded time passed. Without wait fds (a provider without FI_WAIT_FD), a short
-    /// condvar wait.
-    fn sleep(&mut self) {
+    /// How to wait for the next event when idle: sleep in the kernel until the provider has
+    /// something for us, the fabric queued a request, or a bounded time passed. Traffic comes
+    /// in bursts: the caller polls on (yielding the CPU) for a while after the last message
+    /// first, so that a quiet link wakes at once for the next message.
+    fn sleep_plan(&mut self) -> Next {
         let (Some(cq), Some(ev)) = (self.ep.wait_fd(), self.outbox.wake_fd()) else {
-            return self.outbox.wait(Duration::from_millis(1));
+            return Next::Wait;
         };
         if !self.outbox.sleep_begin() {
-            return;
+            return Next::Again;
         }
-        if self.ep.try_wait() {
-            let max = if self.sends.is_empty() && self.rdv.in_flight() == 0 {
-                MAX_SLEEP
-            } else {
-                MAX_SLEEP_SENDING
-            };
-            let mut fds = [
-                libc::pollfd {
-                    fd: cq,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: ev,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            let ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: max.as_nanos() as libc::c_long,
-            };
-            // SAFETY: two valid pollfds, a valid timespec, no signal mask.
-            let _ = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+        if !self.ep.try_wait() {
+            self.outbox.sleep_end();
+            return Next::Again;
         }
-        self.outbox.sleep_end();
+        let max = if self.sends.is_empty() && self.rdv.in_flight() == 0 {
+            MAX_SLEEP
+        } else {
+            MAX_SLEEP_SENDING
+        };
+        Next::Sleep { cq, ev, max }
     }
 
     fn hello(&self, ack: bool) -> Vec<u8> {

@@ -240,6 +240,35 @@ pub(crate) struct Outbox {
     wake_fd: OnceLock<Option<OwnedFd>>,
     /// The uplink thread sleeps on `wake_fd`: a push must write it.
     sleeping: AtomicBool,
+    /// The uplink's worker while its thread runs: what [`Outbox::assist`] drives.
+    driver: Mutex<Option<super::SharedWorker>>,
+}
+
+thread_local! {
+    /// The outbox whose pushes on this thread are posted by the thread itself at the end of
+    /// its pass ([`Outbox::assist_scope`]), and whether one was made.
+    static ASSIST: std::cell::Cell<(*const Outbox, bool)> =
+        const { std::cell::Cell::new((std::ptr::null(), false)) };
+}
+
+/// While it lives, requests this thread queues in its outbox wait for the end of its pass
+/// (no uplink thread is woken for them); dropped, the thread posts them to the wire itself
+/// ([`Outbox::assist`]). Hold it only where no device or ring lock is held at its end.
+pub(crate) struct AssistScope<'a> {
+    outbox: &'a Outbox,
+    outer: bool,
+}
+
+impl Drop for AssistScope<'_> {
+    fn drop(&mut self) {
+        if self.outer {
+            return;
+        }
+        let (_, pushed) = ASSIST.with(|a| a.replace((std::ptr::null(), false)));
+        if pushed {
+            self.outbox.assist();
+        }
+    }
 }
 
 impl Outbox {
@@ -289,7 +318,71 @@ impl Outbox {
 
     pub fn push(&self, m: Outbound) {
         self.lock().queue.push_back(m);
-        self.wake_uplink();
+        self.queued();
+    }
+
+    /// Something was queued: posted at the end of this thread's pass if it is in an
+    /// [`AssistScope`] of this outbox, else the uplink thread is woken for it.
+    fn queued(&self) {
+        let mine = ASSIST.with(|a| {
+            let (o, _) = a.get();
+            let mine = std::ptr::eq(o, self);
+            if mine {
+                a.set((o, true));
+            }
+            mine
+        });
+        if !mine {
+            self.wake_uplink();
+        }
+    }
+
+    /// See [`AssistScope`]. Nested scopes are one (the outermost posts).
+    pub fn assist_scope(&self) -> AssistScope<'_> {
+        // Inside another scope (of this outbox; or of another fabric's, and then pushes here
+        // wake the uplink thread as without a scope), this one adds nothing.
+        let outer = ASSIST.with(|a| {
+            let nested = !a.get().0.is_null();
+            if !nested {
+                a.set((self, false));
+            }
+            nested
+        });
+        AssistScope {
+            outbox: self,
+            outer,
+        }
+    }
+
+    /// Post what is queued from this thread, when nobody drives the uplink's endpoint right
+    /// now (the lock on its worker is free): the request leaves without waking the uplink
+    /// thread and waiting for it to be scheduled. Otherwise (or when the provider had no room
+    /// for everything) the uplink thread is woken, as for any push; a holder of the lock
+    /// looks at the queue again before it sleeps.
+    pub fn assist(&self) {
+        let driver = self
+            .driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(driver) = driver else {
+            return self.wake_uplink();
+        };
+        let more = match driver.try_lock() {
+            Ok(mut g) => g.as_mut().is_none_or(|w| w.assist()),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                p.into_inner().as_mut().is_none_or(|w| w.assist())
+            }
+            Err(std::sync::TryLockError::WouldBlock) => true,
+        };
+        if more {
+            self.wake_uplink();
+        }
+    }
+
+    /// The uplink thread runs with `driver` (`None`: it stopped).
+    pub(super) fn set_driver(&self, driver: Option<super::SharedWorker>) {
+        *self.driver.lock().unwrap_or_else(|p| p.into_inner()) = driver;
     }
 
     /// Something was queued: wake the uplink thread, whether it waits on the condvar or sleeps
@@ -498,7 +591,7 @@ impl Outbox {
         }
         if !out.is_empty() {
             drop(s);
-            self.wake_uplink();
+            self.queued();
         }
         out
     }
@@ -540,7 +633,7 @@ impl Outbox {
             req_id: id,
         });
         drop(s);
-        self.wake_uplink();
+        self.queued();
         Ok(())
     }
 
@@ -567,7 +660,7 @@ impl Outbox {
             req_id: 0,
         });
         drop(s);
-        self.wake_uplink();
+        self.queued();
         true
     }
 
@@ -603,7 +696,7 @@ impl Outbox {
             closed,
         });
         drop(s);
-        self.wake_uplink();
+        self.queued();
     }
 
     /// Sleep until something is queued or `timeout` passed.
@@ -716,5 +809,57 @@ mod tests {
         assert!(readable(), "a push while asleep wakes");
         o.sleep_end();
         assert!(!readable(), "drained on waking");
+    }
+
+    #[test]
+    fn a_push_in_an_assist_scope_is_left_to_the_end_of_the_pass() {
+        let reply = |req_id| Outbound::Reply {
+            host: 2,
+            req_id,
+            status: Status::Ok,
+            bytes: Vec::new(),
+        };
+        let o = Outbox::default();
+        let other = Outbox::default();
+        let fd = o.wake_fd().expect("eventfd");
+        let other_fd = other.wake_fd().expect("eventfd");
+        let readable = |fd| {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no waiting.
+            unsafe { libc::poll(&mut p, 1, 0) == 1 }
+        };
+        assert!(o.sleep_begin() && other.sleep_begin());
+        {
+            let _pass = o.assist_scope();
+            {
+                let _nested = o.assist_scope();
+                o.push(reply(1));
+            }
+            assert!(
+                !readable(fd),
+                "the end of a nested scope is not the pass's end"
+            );
+            o.push(reply(2));
+            // Another outbox's push is not this pass's to post: it wakes its uplink at once.
+            other.push(reply(3));
+            assert!(readable(other_fd));
+            assert!(
+                !readable(fd),
+                "the pass posts its pushes itself when it ends"
+            );
+        }
+        // No worker to drive (no uplink thread): the end of the pass wakes the uplink thread
+        // instead, once, for both.
+        assert!(readable(fd));
+        assert_eq!(o.take().len(), 2);
+        o.sleep_end();
+        // Outside a scope a push wakes at once, as before.
+        assert!(o.sleep_begin());
+        o.push(reply(4));
+        assert!(readable(fd));
     }
 }
