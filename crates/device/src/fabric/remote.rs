@@ -10,6 +10,7 @@
 //! [`Outbox`]: crate::uplink::remote::Outbox
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use tracing::debug;
 use vfabric_proto::{
@@ -95,6 +96,86 @@ impl Pulling {
         };
         (m, self.rreq)
     }
+}
+
+/// The end of an uplink read that writes straight into a guest's receive buffer. Whoever
+/// hands that receive back to its guest (completed, CANCELED, or forgotten with its rings)
+/// waits for it first: the guest never sees its buffer returned while the wire may still
+/// write it. Ended by the uplink when the read completes (successfully or not), when the
+/// read's host is lost and its connection closed (no operation to it can write after
+/// that), or when the uplink stops.
+pub(crate) struct ReadFence {
+    ended: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl ReadFence {
+    fn new() -> Arc<Self> {
+        Arc::new(ReadFence {
+            ended: std::sync::Mutex::new(false),
+            cv: std::sync::Condvar::new(),
+        })
+    }
+
+    /// The read is over: nothing writes the buffer any more.
+    pub(crate) fn end(&self) {
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn has_ended(&self) -> bool {
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait until the read is over. Bounded by the uplink: a read ends with its completion,
+    /// or when its host is declared down (peer timeout) and the uplink closed the connection.
+    fn wait(&self) {
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let since = std::time::Instant::now();
+        let mut warned = false;
+        while !*ended {
+            let (g, _) = self
+                .cv
+                .wait_timeout(ended, std::time::Duration::from_millis(500))
+                .unwrap_or_else(|p| p.into_inner());
+            ended = g;
+            if !warned && since.elapsed() > std::time::Duration::from_secs(5) {
+                warned = true;
+                tracing::warn!("a receive waits for an uplink read into its buffer for over 5 s");
+            }
+        }
+    }
+}
+
+/// A receive that matched a rendezvous message of `host` (request `req_id`) before its bytes
+/// were read: the uplink reads them straight into the receive's buffer, and the receive waits
+/// here (at its endpoint) until the read is over.
+pub(super) struct DirectRecv {
+    host: u16,
+    req_id: u64,
+    rreq: Req,
+    meta: Meta,
+    fence: Arc<ReadFence>,
+}
+
+impl DirectRecv {
+    /// The virtqueue of its receive.
+    pub(super) fn queue(&self) -> u16 {
+        self.rreq.queue
+    }
+}
+
+/// Where the uplink reads a rendezvous message of `len` bytes: the first `len` bytes of
+/// `bytes` (a receive's buffer, one range of one guest memory region), for the receive of
+/// endpoint `ep` (generation `generation`) of `dev`.
+pub(crate) struct DirectDest {
+    /// Taken by the uplink for the read's registration.
+    pub bytes: Option<GuestBytes>,
+    pub len: usize,
+    pub fence: Arc<ReadFence>,
+    pub dev: usize,
+    pub ep: usize,
+    pub generation: u32,
 }
 
 /// Stubs of one host's messages held here at most (queued or being pulled): a sender has at
@@ -1216,6 +1297,140 @@ impl Fabric {
         }
         self.received(ddev, &dport, &p.rreq, &p.meta, placed, n);
         Ok(Some(Status::Ok))
+    }
+
+    /// A rendezvous message of `host` (request `req_id`, described by `desc`), every earlier
+    /// message of its host already matched, about to be read: if it is a plain message that a
+    /// posted receive matches and that receive's buffer is one range of one guest memory
+    /// region, the receive is taken now (matching order is arrival order) and waits at its
+    /// endpoint while the uplink reads the bytes straight into it. `None`: read into a daemon
+    /// buffer and hand it to [`Fabric::accept_remote`] as usual.
+    pub(crate) fn claim_direct(
+        &self,
+        host: u16,
+        req_id: u64,
+        desc: &wire::Data,
+    ) -> Option<DirectDest> {
+        let op = u16::from(desc.opcode);
+        let kind = u64::from(u16::from(desc.ep_kind));
+        let len = u64::from(desc.total_len);
+        let plain = op == Opcode::Send as u16 || op == Opcode::TSend as u16;
+        if !plain
+            || u32::from(desc.flags) & data_flags::PULLED != 0
+            || kind == ep_open::TYPE_DGRAM
+            || len == 0
+            || len > self.limits.max_msg_size
+        {
+            return None;
+        }
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return None;
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let meta = self.remote_meta(host, desc, len);
+        let mut d = self.dev(ddev);
+        let port = d.port.clone()?;
+        let e = d.live_ep_mut(dep, dgen)?;
+        if e.kind != kind {
+            return None;
+        }
+        let i = e
+            .posted
+            .iter()
+            .position(|r| super::recv_matches(&r.req, &meta))?;
+        let placed = len.min(e.posted[i].data.len) as usize;
+        if placed == 0 {
+            return None;
+        }
+        let bytes = GuestBytes::new(port.mem.memory().into_inner(), &e.posted[i].data)?;
+        let rreq = e.posted.remove(i)?;
+        let fence = ReadFence::new();
+        e.direct.push(DirectRecv {
+            host,
+            req_id,
+            rreq,
+            meta,
+            fence: fence.clone(),
+        });
+        Some(DirectDest {
+            bytes: Some(bytes),
+            len: placed,
+            fence,
+            dev: ddev,
+            ep: dep,
+            generation: dgen,
+        })
+    }
+
+    /// The receive `dest` claimed for `host`'s message `req_id`, out of its endpoint's table
+    /// (`None`: its endpoint closed or its queue stopped meanwhile, and that completed it).
+    fn take_direct(&self, host: u16, req_id: u64, dest: &DirectDest) -> Option<DirectRecv> {
+        let mut d = self.dev(dest.dev);
+        let e = d.live_ep_mut(dest.ep, dest.generation)?;
+        let at = e
+            .direct
+            .iter()
+            .position(|r| r.host == host && r.req_id == req_id)?;
+        Some(e.direct.remove(at))
+    }
+
+    /// The uplink's read into `dest` (for `host`'s message `req_id`) is over and its bytes are
+    /// all there: the receive completes as if the message had been placed by
+    /// [`Fabric::accept_remote`]. Returns the verdict for the sender (PEER_GONE when the
+    /// receive was taken back meanwhile by its endpoint's close or its queue's stop).
+    pub(crate) fn direct_placed(
+        &self,
+        host: u16,
+        req_id: u64,
+        dest: &DirectDest,
+        n: &mut Notify,
+    ) -> Status {
+        let Some(r) = self.take_direct(host, req_id, dest) else {
+            return Status::PeerGone;
+        };
+        let Some(port) = self.dev(dest.dev).port.clone() else {
+            return Status::PeerGone;
+        };
+        self.received(dest.dev, &port, &r.rreq, &r.meta, dest.len as u64, n);
+        Status::Ok
+    }
+
+    /// The message read into `dest` will not be delivered (its read failed, or its sender
+    /// withdrew it): the receive is matched again, as a pulling receive whose bytes will not
+    /// come. The read must be over.
+    pub(crate) fn direct_unclaim(&self, host: u16, req_id: u64, dest: &DirectDest, n: &mut Notify) {
+        if let Some(r) = self.take_direct(host, req_id, dest) {
+            self.rematch(dest.dev, dest.ep, r.rreq, n);
+        }
+    }
+
+    /// Receives of a closing endpoint (or a stopping queue) that wait for uplink reads into
+    /// their buffers: each is handed back (completed `Canceled`, or forgotten when `silent`)
+    /// only once its read is over. The message's sender hears PEER_GONE from the uplink when
+    /// the read ends (see [`Fabric::direct_placed`]).
+    pub(super) fn direct_closed(
+        &self,
+        dev: usize,
+        port: Option<&Port>,
+        direct: Vec<DirectRecv>,
+        silent: bool,
+        n: &mut Notify,
+    ) {
+        for r in direct {
+            if !r.fence.has_ended() {
+                debug!(
+                    dev,
+                    host = r.host,
+                    req_id = r.req_id,
+                    "a closing receive waits for the uplink read into its buffer"
+                );
+            }
+            r.fence.wait();
+            if let (false, Some(port)) = (silent, port) {
+                self.fail(dev, port, &r.rreq, Status::Canceled, n);
+            }
+        }
     }
 
     /// Another stub of `host`'s messages, if it has fewer than [`MAX_STUBS_PER_HOST`].

@@ -25,6 +25,7 @@ use vfabric_proto::{Opcode, Status};
 
 use super::fi::Mr;
 use super::remote::{GuestBytes, RemoteSend};
+use crate::fabric::DirectDest;
 use super::wire::{self, rdv_flags, Message, Rdv, RdvDesc};
 use super::{Outgoing, Stale, Worker};
 
@@ -93,7 +94,12 @@ enum Inbound {
         /// Its sender withdrew it (CANCEL) while it was being read: dropped when the read
         /// completes, and answered CANCELED then (the sender keeps its source until that).
         canceled: bool,
+        /// Its read lands straight in the receive it matched (the op holds where).
+        direct: bool,
     },
+    /// Read straight into the receive it matched: that receive completes when it is at the
+    /// front (receives complete in arrival order).
+    Placed { req_id: u64, dest: DirectDest },
     /// Could not be read: its sender gets `status` when it is at the front.
     Failed { req_id: u64, status: Status },
 }
@@ -103,7 +109,10 @@ enum Op {
     Read {
         host: u16,
         req_id: u64,
+        /// For a direct read, the registration of the receive's buffer (no daemon buffer).
         staged: Staged,
+        /// The receive it reads into; its fence ends when the read is over.
+        direct: Option<DirectDest>,
     },
     Write {
         host: u16,
@@ -140,6 +149,27 @@ pub(super) struct Rendezvous {
     pub zero_copy_bytes: u64,
     pub staged_bytes: u64,
     logged: (u64, u64),
+    /// Bytes of messages read at this end straight into the receive they matched, and read
+    /// into a daemon buffer that the fabric then copies, since the start; logged when they
+    /// change.
+    pub placed_bytes: u64,
+    pub copied_bytes: u64,
+    logged_reads: (u64, u64),
+}
+
+impl Drop for Rendezvous {
+    /// The uplink stops (the daemon exits): no progress call is made after this, so nothing
+    /// writes into a receive's buffer any more; receives waiting for their reads go.
+    fn drop(&mut self) {
+        for op in self.ops.values() {
+            if let Op::Read {
+                direct: Some(d), ..
+            } = op
+            {
+                d.fence.end();
+            }
+        }
+    }
 }
 
 impl Rendezvous {
@@ -387,7 +417,8 @@ impl Worker {
         };
         let Some(item) = q.iter_mut().find(|i| {
             matches!(i, Inbound::Ready { req_id: r, .. } | Inbound::Fetch { req_id: r, .. }
-                | Inbound::Failed { req_id: r, .. } if *r == req_id)
+                | Inbound::Failed { req_id: r, .. } | Inbound::Placed { req_id: r, .. }
+                if *r == req_id)
         }) else {
             return false;
         };
@@ -398,9 +429,17 @@ impl Worker {
                 ..
             } => *canceled = true,
             _ => {
-                *item = Inbound::Failed {
-                    req_id,
-                    status: Status::Canceled,
+                let was = std::mem::replace(
+                    item,
+                    Inbound::Failed {
+                        req_id,
+                        status: Status::Canceled,
+                    },
+                );
+                // Its bytes are in the receive, which was not completed: matched again.
+                if let Inbound::Placed { dest, .. } = was {
+                    self.fabric
+                        .direct_unclaim(host, req_id, &dest, &mut self.notify);
                 }
             }
         }
@@ -479,6 +518,7 @@ impl Worker {
                         head: chunk.to_vec(),
                         op: None,
                         canceled: false,
+                        direct: false,
                     }
                 } else {
                     Inbound::Ready {
@@ -571,11 +611,14 @@ impl Worker {
             .iter()
             .filter(|i| matches!(i, Inbound::Fetch { op: Some(_), .. }))
             .count();
+        // Every message ahead has matched its receive already (read straight into it): this
+        // one may match now too, so matching keeps arrival order.
+        let mut matched_ahead = true;
         for item in q.iter_mut() {
             if reading >= MAX_READS_PER_HOST {
                 break;
             }
-            let Inbound::Fetch {
+            if let Inbound::Fetch {
                 req_id,
                 desc,
                 src,
@@ -583,22 +626,27 @@ impl Worker {
                 key,
                 head,
                 op: op @ None,
+                direct,
                 ..
             } = item
-            else {
-                continue;
-            };
-            let req_id = *req_id;
-            let total = desc.total_len.into();
-            match self.start_read(host, req_id, total, head, *src, *addr, *key) {
-                Ok(Some(ctx)) => {
-                    *op = Some(ctx);
-                    reading += 1;
+            {
+                let req_id = *req_id;
+                let claim = (matched_ahead && head.is_empty()).then_some(&*desc);
+                match self.start_read(host, req_id, claim, desc.total_len.into(), head, *src, *addr, *key) {
+                    Ok(Some((ctx, d))) => {
+                        *op = Some(ctx);
+                        *direct = d;
+                        reading += 1;
+                    }
+                    // No room at the provider now: the next turn tries again.
+                    Ok(None) => break,
+                    Err(status) => *item = Inbound::Failed { req_id, status },
                 }
-                // No room at the provider now: the next turn tries again.
-                Ok(None) => break,
-                Err(status) => *item = Inbound::Failed { req_id, status },
             }
+            matched_ahead &= matches!(
+                item,
+                Inbound::Fetch { direct: true, .. } | Inbound::Placed { .. }
+            );
         }
         while let Some(front) = q.front() {
             match front {
@@ -613,6 +661,12 @@ impl Worker {
                         self.rdv.peer_sinks.remove(&(host, req_id));
                         self.reply(host, req_id, status, &[]);
                     }
+                    Some(Inbound::Placed { req_id, dest }) => {
+                        let status =
+                            self.fabric
+                                .direct_placed(host, req_id, &dest, &mut self.notify);
+                        self.reply(host, req_id, status, &[]);
+                    }
                     _ => {}
                 },
             }
@@ -624,23 +678,38 @@ impl Worker {
 
     /// Post the read of a peer's source (the `len` bytes of a request after its inline
     /// `head`): `Ok(None)` when the provider has no room now.
+    ///
+    /// With `claim` (the message's description; every earlier message of `host` matched
+    /// already), a plain message that a posted receive with a one-range buffer matches is read
+    /// straight into that buffer: `Ok(Some((ctx, true)))`.
     #[allow(clippy::too_many_arguments)]
     fn start_read(
         &mut self,
         host: u16,
         req_id: u64,
+        claim: Option<&wire::Data>,
         len: u64,
         head: &[u8],
         src: u64,
         addr: u64,
         key: u64,
-    ) -> Result<Option<u64>, Status> {
+    ) -> Result<Option<(u64, bool)>, Status> {
         let Ok(len) = usize::try_from(len) else {
             return Err(Status::TooLarge);
         };
         // The parser saw to it that the source holds at least one byte.
         if head.len() >= len {
             return Err(Status::Invalid);
+        }
+        if let Some(desc) = claim.filter(|_| self.direct_reads_fenced()) {
+            if let Some(dest) = self.fabric.claim_direct(host, req_id, desc) {
+                match self.start_direct_read(host, req_id, dest, src, addr, key) {
+                    Ok(ctx) => return Ok(Some((ctx, true))),
+                    // Read into a daemon buffer instead (the receive was matched again).
+                    Err(again) if again => return Ok(None),
+                    Err(_) => {}
+                }
+            }
         }
         let mut buf = vec![0u8; len];
         buf[..head.len()].copy_from_slice(head);
@@ -679,9 +748,10 @@ impl Worker {
                         host,
                         req_id,
                         staged,
+                        direct: None,
                     },
                 );
-                Ok(Some(ctx))
+                Ok(Some((ctx, false)))
             }
             Err(e) if e.is_again() => Ok(None),
             Err(e) => {
@@ -689,6 +759,81 @@ impl Worker {
                 Err(Status::HostUnreach)
             }
         }
+    }
+
+    /// Register the first `dest.len` bytes of a claimed receive's buffer and post the read of
+    /// the peer's source into them. `Err(again)`: not posted, and the receive was matched
+    /// again (`again`: the provider had no room, try later; else read into a daemon buffer).
+    fn start_direct_read(
+        &mut self,
+        host: u16,
+        req_id: u64,
+        mut dest: DirectDest,
+        src: u64,
+        addr: u64,
+        key: u64,
+    ) -> Result<u64, bool> {
+        let Some(g) = dest.bytes.take() else {
+            self.fabric
+                .direct_unclaim(host, req_id, &dest, &mut self.notify);
+            return Err(false);
+        };
+        // SAFETY: `g` keeps the guest mapping alive and moves into `Staged` with the
+        // registration, which is closed before `g` drops; the receive it names is the
+        // fabric's no more until the fence ends (after the read).
+        let mr = match unsafe { self.ep.register_raw(g.ptr(), dest.len, u64::from(sys::FI_READ)) }
+        {
+            Ok(mr) => mr,
+            Err(e) => {
+                debug!(host, req_id, "uplink: a receive's buffer not registered: {e}");
+                dest.fence.end();
+                self.fabric
+                    .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                return Err(false);
+            }
+        };
+        self.rdv.next_op += 1;
+        let ctx = RMA_CONTEXT + self.rdv.next_op;
+        // SAFETY: the buffer (`dest.len` bytes at `g.ptr()`, inside the receive's one guest
+        // range) stays mapped through `g`, which the op keeps with the registration until the
+        // completion with `ctx` (or until the connection to `src` is closed); the guest does
+        // not get the receive back before the op's fence ends.
+        let rc = unsafe { self.ep.read_raw(g.ptr_mut(), dest.len, &mr, src, addr, key, ctx) };
+        match rc {
+            Ok(()) => {
+                self.rdv.ops.insert(
+                    ctx,
+                    Op::Read {
+                        host,
+                        req_id,
+                        staged: Staged {
+                            mr,
+                            buf: Vec::new(),
+                            guest: Some(g),
+                        },
+                        direct: Some(dest),
+                    },
+                );
+                Ok(ctx)
+            }
+            Err(e) => {
+                drop((mr, g));
+                dest.fence.end();
+                self.fabric
+                    .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                if !e.is_again() {
+                    debug!(host, req_id, "uplink: direct rendezvous read not posted: {e}");
+                }
+                Err(e.is_again())
+            }
+        }
+    }
+
+    /// Whether a read into a guest's receive can be fenced within a bound: the link to a
+    /// lost host can be closed so that no operation to it still writes (the AV removes the
+    /// peer and with it its connection; see `close_lost_link`).
+    fn direct_reads_fenced(&self) -> bool {
+        self.ep.rma() && std::env::var_os("VFABRIC_UPLINK_DIRECT").is_none_or(|v| v != "0")
     }
 
     /// The verdict on request `req_id` of `host` when it named a sink: the bytes go by
@@ -752,6 +897,55 @@ impl Worker {
                 host,
                 req_id,
                 staged,
+                direct: Some(dest),
+            } => {
+                // The read is over: nothing writes the receive's buffer any more.
+                drop(staged);
+                dest.fence.end();
+                if let Some(e) = &err {
+                    debug!(host, req_id, "uplink: direct rendezvous read failed: {e}");
+                } else {
+                    self.rdv_done(host, false);
+                }
+                let item = self.rdv.inbound.get_mut(&host).and_then(|q| {
+                    q.iter_mut().find(|i| {
+                        matches!(i, Inbound::Fetch { req_id: r, op: Some(o), .. } if *r == req_id && *o == ctx)
+                    })
+                });
+                let Some(item) = item else {
+                    // Its host was lost meanwhile: the receive is matched again.
+                    return self
+                        .fabric
+                        .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                };
+                let Inbound::Fetch { canceled, .. } = *item else {
+                    return;
+                };
+                *item = match err {
+                    None if !canceled => {
+                        self.rdv.placed_bytes += dest.len as u64;
+                        Inbound::Placed { req_id, dest }
+                    }
+                    _ => {
+                        self.fabric
+                            .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                        Inbound::Failed {
+                            req_id,
+                            status: if canceled {
+                                Status::Canceled
+                            } else {
+                                Status::HostUnreach
+                            },
+                        }
+                    }
+                };
+                self.rdv_pump(host);
+            }
+            Op::Read {
+                host,
+                req_id,
+                staged,
+                direct: None,
             } => {
                 if let Some(e) = &err {
                     debug!(host, req_id, "uplink: rendezvous read failed: {e}");
@@ -776,11 +970,15 @@ impl Worker {
                         req_id,
                         status: Status::Canceled,
                     },
-                    None => Inbound::Ready {
-                        req_id,
-                        desc,
-                        bytes: staged.into_bytes(),
-                    },
+                    None => {
+                        // The fabric copies these into the receive or target region.
+                        self.rdv.copied_bytes += staged.buf.len() as u64;
+                        Inbound::Ready {
+                            req_id,
+                            desc,
+                            bytes: staged.into_bytes(),
+                        }
+                    }
                     // The sender's buffer is gone or the link broke: the data cannot come.
                     Some(_) => Inbound::Failed {
                         req_id,
@@ -863,6 +1061,15 @@ impl Worker {
             }
             keep
         });
+        let reads = (self.rdv.placed_bytes, self.rdv.copied_bytes);
+        if reads != self.rdv.logged_reads {
+            self.rdv.logged_reads = reads;
+            tracing::info!(
+                "uplink: rendezvous reads: {} bytes placed in guest memory, {} bytes copied",
+                reads.0,
+                reads.1
+            );
+        }
         let counts = (self.rdv.zero_copy_bytes, self.rdv.staged_bytes);
         if counts != self.rdv.logged {
             self.rdv.logged = counts;
@@ -919,6 +1126,12 @@ impl Worker {
                 Inbound::Ready { req_id, .. }
                 | Inbound::Fetch { req_id, .. }
                 | Inbound::Failed { req_id, .. } => req_id,
+                Inbound::Placed { req_id, dest } => {
+                    // Read, not completed: the receive is matched again.
+                    self.fabric
+                        .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                    req_id
+                }
             })
             .collect()
     }

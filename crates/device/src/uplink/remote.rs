@@ -78,6 +78,11 @@ impl GuestBytes {
         self.ptr as *const u8
     }
 
+    /// The same address, for a read that lands there (a receive's buffer).
+    pub fn ptr_mut(&self) -> *mut u8 {
+        self.ptr as *mut u8
+    }
+
     /// Append a copy of the bytes to `out` (they go in chunks after all).
     pub fn copy_into(&self, out: &mut Vec<u8>) -> Result<(), crate::chain::MemFault> {
         let at = out.len();
