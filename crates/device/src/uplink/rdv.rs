@@ -833,7 +833,59 @@ impl Worker {
     /// lost host can be closed so that no operation to it still writes (the AV removes the
     /// peer and with it its connection; see `close_lost_link`).
     fn direct_reads_fenced(&self) -> bool {
-        self.ep.rma() && std::env::var_os("VFABRIC_UPLINK_DIRECT").is_none_or(|v| v != "0")
+        let on = |var: &str, default: bool| {
+            std::env::var(var).map_or(default, |v| v == "1" || v.eq_ignore_ascii_case("true"))
+        };
+        self.ep.rma() && on("FI_AV_REMOVE_CLEANUP", false) && on("VFABRIC_UPLINK_DIRECT", true)
+    }
+
+    /// `host` is lost while reads into guests' receives are in flight from it: its link is
+    /// closed (removed from the AV, which closes its connection: nothing of it writes any
+    /// more) and the peer entered again at once (a new connection when it is back), and
+    /// those reads are over: their receives are matched again.
+    fn close_lost_link(&mut self, host: u16) {
+        let reads: Vec<u64> = self
+            .rdv
+            .ops
+            .iter()
+            .filter(|(_, op)| matches!(op, Op::Read { host: h, direct: Some(_), .. } if *h == host))
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        if reads.is_empty() {
+            return;
+        }
+        let Some(peer) = self.set.peers.iter_mut().find(|p| p.host_id == host) else {
+            return;
+        };
+        let Some(fi_addr) = peer.fi_addr else {
+            return;
+        };
+        if let Err(e) = self.ep.remove(fi_addr) {
+            // The reads stay: their receives wait for the reads' own completions.
+            return warn!(host, "uplink: a lost host's link not closed: {e}");
+        }
+        peer.fi_addr = None;
+        peer.last_hello = None;
+        tracing::info!(
+            host,
+            reads = reads.len(),
+            "uplink: a lost host's link closed: its reads into receives are over"
+        );
+        for ctx in reads {
+            if let Some(Op::Read {
+                req_id,
+                staged,
+                direct: Some(dest),
+                ..
+            }) = self.rdv.ops.remove(&ctx)
+            {
+                drop(staged);
+                dest.fence.end();
+                self.fabric
+                    .direct_unclaim(host, req_id, &dest, &mut self.notify);
+            }
+        }
+        self.resolve_peers();
     }
 
     /// The verdict on request `req_id` of `host` when it named a sink: the bytes go by
@@ -1101,6 +1153,7 @@ impl Worker {
     /// `host` is lost: what it sent and we did not deliver is dropped (its request ids are
     /// returned for their verdicts); reads in flight keep their buffers until they complete.
     pub(super) fn rdv_host_lost(&mut self, host: u16) -> Vec<u64> {
+        self.close_lost_link(host);
         self.rdv.peer_sinks.retain(|(h, _), _| *h != host);
         // Our requests to it failed (their pending entries went with the host). A zero-copy
         // source drains: its link may still carry a read of it.
