@@ -176,6 +176,27 @@ pub(crate) struct DirectDest {
     pub dev: usize,
     pub ep: usize,
     pub generation: u32,
+    /// An RMA write's target (`None`: a receive's buffer).
+    write: Option<DirectWrite>,
+}
+
+impl Drop for DirectDest {
+    /// It goes only once its read is over (or was never posted): a receive waiting for it
+    /// is free to go (a safety net; the uplink ends the fence when the read completes).
+    fn drop(&mut self) {
+        self.fence.end();
+    }
+}
+
+/// An RMA write from another host read straight into its target region: checked (key,
+/// range, access) before the read; the region's deregistration waits for `access`, which
+/// lives until the write is done (the read over).
+struct DirectWrite {
+    targets: super::rma::Targets,
+    src: FabricAddr,
+    /// A REMOTE_CQ_DATA notification reserved for it (delivered once the bytes are there).
+    notify: Option<Meta>,
+    _access: super::rma::MrAccess,
 }
 
 /// Stubs of one host's messages held here at most (queued or being pulled): a sender has at
@@ -1360,6 +1381,90 @@ impl Fabric {
             dev: ddev,
             ep: dep,
             generation: dgen,
+            write: None,
+        })
+    }
+
+    /// An RMA write from `host` (described by `desc`, its ranges in `head`), every earlier
+    /// message of its host matched already, about to be read: if it targets one range of one
+    /// region in guest memory that it may write (the checks of
+    /// [`Fabric::accept_remote_rma`]), and needs no commit, the region is entered now and the
+    /// uplink reads the bytes straight into it. `None`: read into a daemon buffer and handed
+    /// to `accept_remote_rma` as usual (which also gives any error verdict).
+    pub(crate) fn claim_direct_write(
+        &self,
+        host: u16,
+        desc: &wire::Data,
+        head: &[u8],
+    ) -> Option<DirectDest> {
+        let wire_flags = u32::from(desc.flags);
+        if u16::from(desc.opcode) != Opcode::RmaWrite as u16
+            || u32::from(desc.count) != 1
+            || head.len() != RMA_IOV_LEN
+            || wire_flags & data_flags::COMMIT_COMPLETE != 0
+        {
+            return None;
+        }
+        let e = RmaIov::from_slice(head)?;
+        let (addr, len, key) = (u64::from(e.addr), u64::from(e.len), u64::from(e.key));
+        if len == 0
+            || len > self.max_rma_size()
+            || len.checked_add(head.len() as u64)? != u64::from(desc.total_len)
+        {
+            return None;
+        }
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return None;
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let (targets, dport) = self
+            .targets_of(ddev, dep, dgen, &[(addr, len, key)], mr_flags::REMOTE_WRITE)
+            .ok()?;
+        let [t] = targets.as_slice() else {
+            return None;
+        };
+        if t.mr.process.is_some() || t.len != len {
+            return None;
+        }
+        let bytes = GuestBytes::new(dport.mem.memory().into_inner(), &t.segs)?;
+        let access = t.mr.enter()?;
+        let src = FabricAddr::new(
+            FabricAddr::node_of(self.fabric_id, host, desc.src_dev.into()),
+            desc.src_ep.into(),
+            desc.src_gen.into(),
+        );
+        let meta = Meta {
+            src,
+            tagged: false,
+            tag: 0,
+            cq_data: Some(desc.data.into()),
+            len: 0,
+            rma_len: Some(len),
+        };
+        let mut notify = None;
+        if wire_flags & data_flags::REMOTE_CQ_DATA != 0 {
+            let mut d = self.dev(ddev);
+            if d.acked & vfabric_proto::bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
+                if !self.reserve_notification(&mut d, dep, &meta) {
+                    return None;
+                }
+                notify = Some(meta);
+            }
+        }
+        Some(DirectDest {
+            bytes: Some(bytes),
+            len: len as usize,
+            fence: ReadFence::new(),
+            dev: ddev,
+            ep: dep,
+            generation: dgen,
+            write: Some(DirectWrite {
+                targets,
+                src,
+                notify,
+                _access: access,
+            }),
         })
     }
 
@@ -1383,10 +1488,24 @@ impl Fabric {
         &self,
         host: u16,
         req_id: u64,
-        dest: &DirectDest,
+        mut dest: DirectDest,
         n: &mut Notify,
     ) -> Status {
-        let Some(r) = self.take_direct(host, req_id, dest) else {
+        if let Some(w) = dest.write.take() {
+            // What `accept_remote_write_read` does once the bytes are there.
+            if let Some(meta) = w.notify {
+                let port = self.dev(dest.dev).port.clone();
+                match port {
+                    Some(port) => {
+                        self.notify_write(REMOTE_SRC_DEV, dest.dev, dest.ep, &port, meta, n)
+                    }
+                    None => self.unreserve_notification(dest.dev),
+                }
+            }
+            self.record_events(dest.dev, dest.ep, w.src, true, &w.targets, n);
+            return Status::Ok;
+        }
+        let Some(r) = self.take_direct(host, req_id, &dest) else {
             return Status::PeerGone;
         };
         let Some(port) = self.dev(dest.dev).port.clone() else {
@@ -1399,10 +1518,28 @@ impl Fabric {
     /// The message read into `dest` will not be delivered (its read failed, or its sender
     /// withdrew it): the receive is matched again, as a pulling receive whose bytes will not
     /// come. The read must be over.
-    pub(crate) fn direct_unclaim(&self, host: u16, req_id: u64, dest: &DirectDest, n: &mut Notify) {
-        if let Some(r) = self.take_direct(host, req_id, dest) {
+    pub(crate) fn direct_unclaim(
+        &self,
+        host: u16,
+        req_id: u64,
+        mut dest: DirectDest,
+        n: &mut Notify,
+    ) {
+        if let Some(w) = dest.write.take() {
+            if w.notify.is_some() {
+                self.unreserve_notification(dest.dev);
+            }
+            return;
+        }
+        if let Some(r) = self.take_direct(host, req_id, &dest) {
             self.rematch(dest.dev, dest.ep, r.rreq, n);
         }
+    }
+
+    /// A notification reserved by [`Fabric::reserve_notification`] that will not be made.
+    fn unreserve_notification(&self, dev: usize) {
+        let mut d = self.dev(dev);
+        d.unexpected_bytes = d.unexpected_bytes.saturating_sub(eager_cost(0));
     }
 
     /// Receives of a closing endpoint (or a stopping queue) that wait for uplink reads into

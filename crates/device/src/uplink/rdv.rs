@@ -439,7 +439,7 @@ impl Worker {
                 // Its bytes are in the receive, which was not completed: matched again.
                 if let Inbound::Placed { dest, .. } = was {
                     self.fabric
-                        .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                        .direct_unclaim(host, req_id, dest, &mut self.notify);
                 }
             }
         }
@@ -631,7 +631,7 @@ impl Worker {
             } = item
             {
                 let req_id = *req_id;
-                let claim = (matched_ahead && head.is_empty()).then_some(&*desc);
+                let claim = matched_ahead.then_some(&*desc);
                 match self.start_read(host, req_id, claim, desc.total_len.into(), head, *src, *addr, *key) {
                     Ok(Some((ctx, d))) => {
                         *op = Some(ctx);
@@ -664,7 +664,7 @@ impl Worker {
                     Some(Inbound::Placed { req_id, dest }) => {
                         let status =
                             self.fabric
-                                .direct_placed(host, req_id, &dest, &mut self.notify);
+                                .direct_placed(host, req_id, dest, &mut self.notify);
                         self.reply(host, req_id, status, &[]);
                     }
                     _ => {}
@@ -702,7 +702,12 @@ impl Worker {
             return Err(Status::Invalid);
         }
         if let Some(desc) = claim.filter(|_| self.direct_reads_fenced()) {
-            if let Some(dest) = self.fabric.claim_direct(host, req_id, desc) {
+            let dest = if head.is_empty() {
+                self.fabric.claim_direct(host, req_id, desc)
+            } else {
+                self.fabric.claim_direct_write(host, desc, head)
+            };
+            if let Some(dest) = dest {
                 match self.start_direct_read(host, req_id, dest, src, addr, key) {
                     Ok(ctx) => return Ok(Some((ctx, true))),
                     // Read into a daemon buffer instead (the receive was matched again).
@@ -775,9 +780,29 @@ impl Worker {
     ) -> Result<u64, bool> {
         let Some(g) = dest.bytes.take() else {
             self.fabric
-                .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                .direct_unclaim(host, req_id, dest, &mut self.notify);
             return Err(false);
         };
+        // Writes of one peer land in order: bytes that overlap those of a read still in
+        // flight go through a daemon buffer, copied when their turn comes.
+        let (lo, hi) = (g.ptr() as usize, g.ptr() as usize + dest.len);
+        let overlaps = self.rdv.ops.values().any(|op| match op {
+            Op::Read {
+                staged:
+                    Staged {
+                        guest: Some(o), ..
+                    },
+                direct: Some(_),
+                ..
+            } => (o.ptr() as usize) < hi && lo < o.ptr() as usize + o.len(),
+            _ => false,
+        });
+        if overlaps {
+            dest.fence.end();
+            self.fabric
+                .direct_unclaim(host, req_id, dest, &mut self.notify);
+            return Err(false);
+        }
         // SAFETY: `g` keeps the guest mapping alive and moves into `Staged` with the
         // registration, which is closed before `g` drops; the receive it names is the
         // fabric's no more until the fence ends (after the read).
@@ -788,7 +813,7 @@ impl Worker {
                 debug!(host, req_id, "uplink: a receive's buffer not registered: {e}");
                 dest.fence.end();
                 self.fabric
-                    .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                    .direct_unclaim(host, req_id, dest, &mut self.notify);
                 return Err(false);
             }
         };
@@ -820,7 +845,7 @@ impl Worker {
                 drop((mr, g));
                 dest.fence.end();
                 self.fabric
-                    .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                    .direct_unclaim(host, req_id, dest, &mut self.notify);
                 if !e.is_again() {
                     debug!(host, req_id, "uplink: direct rendezvous read not posted: {e}");
                 }
@@ -882,7 +907,7 @@ impl Worker {
                 drop(staged);
                 dest.fence.end();
                 self.fabric
-                    .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                    .direct_unclaim(host, req_id, dest, &mut self.notify);
             }
         }
         self.resolve_peers();
@@ -968,7 +993,7 @@ impl Worker {
                     // Its host was lost meanwhile: the receive is matched again.
                     return self
                         .fabric
-                        .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                        .direct_unclaim(host, req_id, dest, &mut self.notify);
                 };
                 let Inbound::Fetch { canceled, .. } = *item else {
                     return;
@@ -980,7 +1005,7 @@ impl Worker {
                     }
                     _ => {
                         self.fabric
-                            .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                            .direct_unclaim(host, req_id, dest, &mut self.notify);
                         Inbound::Failed {
                             req_id,
                             status: if canceled {
@@ -1182,7 +1207,7 @@ impl Worker {
                 Inbound::Placed { req_id, dest } => {
                     // Read, not completed: the receive is matched again.
                     self.fabric
-                        .direct_unclaim(host, req_id, &dest, &mut self.notify);
+                        .direct_unclaim(host, req_id, dest, &mut self.notify);
                     req_id
                 }
             })
