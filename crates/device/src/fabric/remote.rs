@@ -1556,14 +1556,20 @@ impl Fabric {
     ) {
         for r in direct {
             if !r.fence.has_ended() {
-                debug!(
+                tracing::info!(
                     dev,
                     host = r.host,
                     req_id = r.req_id,
                     "a closing receive waits for the uplink read into its buffer"
                 );
+                r.fence.wait();
+                tracing::info!(
+                    dev,
+                    host = r.host,
+                    req_id = r.req_id,
+                    "a closing receive handed back after its read"
+                );
             }
-            r.fence.wait();
             if let (false, Some(port)) = (silent, port) {
                 self.fail(dev, port, &r.rreq, Status::Canceled, n);
             }
