@@ -1575,6 +1575,15 @@ fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers(
     large_rma(&a, &b, 9);
 }
 
+/// The `req_id=N` field of a log line.
+fn req_id_of(line: &str) -> u64 {
+    let rest = line.split("req_id=").nth(1).expect("a req_id field");
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|w| w.parse().ok())
+        .expect("a request id")
+}
+
 /// The last "rendezvous reads" line of a daemon's log: (bytes read straight into guest
 /// memory, bytes read into a daemon buffer and copied).
 fn rdv_reads(log: &str) -> Option<(u64, u64)> {
@@ -1701,6 +1710,21 @@ fn a_guest_closing_during_direct_reads_into_its_receives_gets_them_back_after_th
     println!("closing took {took:?}: {waited} receives waited for their reads, {delivered} delivered before");
     assert!(waited > 0, "no receive had a read in flight:\n{log}");
     assert_eq!(waited, handed, "{log}");
+    // Each receive was handed back only after the uplink saw its read end.
+    for line in log
+        .lines()
+        .filter(|l| l.contains("a closing receive handed back after its read"))
+    {
+        let id = req_id_of(line);
+        let ended = log.find(&format!(
+            "a read into a closing receive ended host=1 req_id={id}"
+        ));
+        let handed = log.find(line).unwrap();
+        assert!(
+            ended.is_some_and(|e| e < handed),
+            "request {id} handed back before its read ended:\n{log}"
+        );
+    }
     assert!(took < Duration::from_secs(10), "closing took {took:?}");
     // Every send gets its verdict (OK for those delivered, an error for the others).
     let mut verdicts = 0;

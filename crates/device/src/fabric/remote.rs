@@ -105,40 +105,55 @@ impl Pulling {
 /// read's host is lost and its connection closed (no operation to it can write after
 /// that), or when the uplink stops.
 pub(crate) struct ReadFence {
-    ended: std::sync::Mutex<bool>,
+    /// (ended, someone waits for the end)
+    state: std::sync::Mutex<(bool, bool)>,
     cv: std::sync::Condvar,
+    /// The message read (for the log).
+    host: u16,
+    req_id: u64,
 }
 
 impl ReadFence {
-    fn new() -> Arc<Self> {
+    fn new(host: u16, req_id: u64) -> Arc<Self> {
         Arc::new(ReadFence {
-            ended: std::sync::Mutex::new(false),
+            state: std::sync::Mutex::new((false, false)),
             cv: std::sync::Condvar::new(),
+            host,
+            req_id,
         })
     }
 
     /// The read is over: nothing writes the buffer any more.
     pub(crate) fn end(&self) {
-        *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.0 && st.1 {
+            tracing::info!(
+                host = self.host,
+                req_id = self.req_id,
+                "uplink: a read into a closing receive ended"
+            );
+        }
+        st.0 = true;
         self.cv.notify_all();
     }
 
     pub(crate) fn has_ended(&self) -> bool {
-        *self.ended.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
     }
 
     /// Wait until the read is over. Bounded by the uplink: a read ends with its completion,
     /// or when its host is declared down (peer timeout) and the uplink closed the connection.
     fn wait(&self) {
-        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 = true;
         let since = std::time::Instant::now();
         let mut warned = false;
-        while !*ended {
+        while !st.0 {
             let (g, _) = self
                 .cv
-                .wait_timeout(ended, std::time::Duration::from_millis(500))
+                .wait_timeout(st, std::time::Duration::from_millis(500))
                 .unwrap_or_else(|p| p.into_inner());
-            ended = g;
+            st = g;
             if !warned && since.elapsed() > std::time::Duration::from_secs(5) {
                 warned = true;
                 tracing::warn!("a receive waits for an uplink read into its buffer for over 5 s");
@@ -1366,7 +1381,7 @@ impl Fabric {
         }
         let bytes = GuestBytes::new(port.mem.memory().into_inner(), &e.posted[i].data)?;
         let rreq = e.posted.remove(i)?;
-        let fence = ReadFence::new();
+        let fence = ReadFence::new(host, req_id);
         e.direct.push(DirectRecv {
             host,
             req_id,
@@ -1455,7 +1470,7 @@ impl Fabric {
         Some(DirectDest {
             bytes: Some(bytes),
             len: len as usize,
-            fence: ReadFence::new(),
+            fence: ReadFence::new(host, u64::from(desc.req_id)),
             dev: ddev,
             ep: dep,
             generation: dgen,
