@@ -1752,6 +1752,68 @@ fn a_guest_closing_during_direct_reads_into_its_receives_gets_them_back_after_th
     large_rma(&a, &b, 11);
 }
 
+/// Host 1's cable is pulled while host 2 reads large messages from it straight into B's
+/// receives: the reads cannot end by themselves (TCP just waits), so host 2, once host 1 is
+/// declared lost (peer timeout), revokes them (cuts their mapping of B's pages: nothing the
+/// provider still writes for them reaches B) and matches the receives again. B's endpoint then closes without
+/// waiting, no partial message is delivered, and once the cable is back large data flows both
+/// ways again, straight into the receives.
+#[test]
+fn reads_into_receives_from_a_host_whose_cable_is_pulled_are_revoked_at_the_peer_timeout() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    const N: u64 = 6;
+    lan.throttle(0, Some("20mbit"));
+    for i in 0..N {
+        b.ep.recv_vec(LEN, 100 + i).unwrap();
+    }
+    for i in 0..N {
+        a.ep.send(&pattern(80 + i as u32, LEN), to_b, i).unwrap();
+    }
+    let started = wait_for(Duration::from_secs(5), || {
+        d[1].log().contains("first rendezvous read from host 1")
+    });
+    assert!(started, "{}", d[1].log());
+    let t = Instant::now();
+    lan.link(0, false);
+    let closed = wait_for(Duration::from_secs(8), || {
+        d[1].log().lines().any(|l| {
+            l.contains("reads into guest memory from a lost host revoked") && l.ends_with("kept=0")
+        })
+    });
+    let took = t.elapsed();
+    println!("host 2 revoked the lost host's reads after {took:?}");
+    assert!(closed, "{}", d[1].log());
+    // Whatever B got before is whole; the rest of its receives wait again, so its endpoint
+    // closes at once.
+    let delivered = whole_messages(&b, 80, LEN, u64::MAX, Duration::from_millis(300));
+    assert!(delivered < N, "the cable was pulled with reads in flight");
+    let t = Instant::now();
+    drop(b);
+    let close = t.elapsed();
+    assert!(close < Duration::from_secs(2), "closing took {close:?}");
+    drop(a);
+    lan.throttle(0, None);
+    lan.link(0, true);
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    d[1].wait_hosts(&[(1, 2, true)], Duration::from_secs(10));
+    for h in &d {
+        assert!(!h.log().contains("panicked"), "{}", h.log());
+    }
+    let (a, b, _) = guests_on(&d);
+    let before = rdv_reads(&d[1].log()).unwrap_or((0, 0));
+    exchange(&a, &b, &[8, LEN, 40_000], 700);
+    exchange(&b, &a, &[LEN, 8], 800);
+    large_rma(&a, &b, 12);
+    let placed = wait_for(Duration::from_secs(5), || {
+        rdv_reads(&d[1].log()).is_some_and(|(p, _)| p > before.0)
+    });
+    assert!(placed, "{}", d[1].log());
+}
+
 /// A guest's EP_CLOSE withdraws its sends that wait for another host's verdict: they complete
 /// at once (the endpoint's close does not wait for the driver's control timeout), and the
 /// message held at the target host is dropped there, never delivered.

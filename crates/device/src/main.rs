@@ -222,17 +222,7 @@ fn wait_signal(set: &libc::sigset_t) -> io::Result<i32> {
     Ok(sig)
 }
 
-/// libfabric's parameter: `fi_av_remove` closes the removed peer's connections (rxm).
-const AV_REMOVE_CLEANUP: &str = "FI_AV_REMOVE_CLEANUP";
-
 fn main() -> ExitCode {
-    // Before any thread and before libfabric reads its parameters: removing a peer from the
-    // uplink's AV then closes its connection, which is what bounds the wait of a receive for
-    // an uplink read into its buffer when that peer is lost (docs/design.md, "Zero-copy at
-    // the target"). An explicit setting is left alone (0 turns those reads off).
-    if std::env::var_os(AV_REMOVE_CLEANUP).is_none() {
-        std::env::set_var(AV_REMOVE_CLEANUP, "1");
-    }
     let args = Args::parse();
     if args.print_capabilities {
         println!("{}", capabilities_json());

@@ -368,16 +368,6 @@ impl RdmEndpoint {
         Ok(out)
     }
 
-    /// `fi_av_remove` of one address. With `FI_AV_REMOVE_CLEANUP` set (`ofi_rxm`), the
-    /// peer's connection is closed with it: no operation to it writes into our memory after
-    /// this returns.
-    pub fn remove(&self, fi_addr: u64) -> Result<(), FiError> {
-        let mut addr = fi_addr;
-        // SAFETY: the AV is open; `addr` is one fi_addr.
-        let rc = unsafe { op!((*self.av).ops, remove(self.av, &mut addr, 1, 0)) };
-        check("fi_av_remove", rc)
-    }
-
     /// `fi_recv` into `buf` (which must stay valid and untouched until its completion).
     ///
     /// # Safety

@@ -25,9 +25,9 @@ use vfabric_proto::{Opcode, Status};
 
 use super::fi::Mr;
 use super::remote::{GuestBytes, RemoteSend};
-use crate::fabric::DirectDest;
 use super::wire::{self, rdv_flags, Message, Rdv, RdvDesc};
 use super::{Outgoing, Stale, Worker};
+use crate::fabric::DirectDest;
 
 /// Requests with more bytes than this (or reads returning more) go by rendezvous: beyond
 /// two DATA chunks one RMA transfer costs less than the chunks' copies and messages.
@@ -66,6 +66,85 @@ impl Staged {
         let Staged { mr, buf, .. } = self;
         drop(mr);
         buf
+    }
+}
+
+/// A mapping of its own, for one read, of the guest pages a read into a receive or target
+/// region writes (the same pages as the device's mapping: the bytes land in guest memory with
+/// no copy). It can be *revoked*: mapped over with private anonymous memory, after which
+/// nothing the provider still writes for that read reaches the guest (a socket's late bytes
+/// land in the daemon's throw-away pages), so the receive can be handed back at once, whatever
+/// the provider does with the operation. Unmapped when the op goes.
+struct Shadow {
+    base: usize,
+    map_len: usize,
+    /// Address of the first byte to write (inside the mapping).
+    at: usize,
+    revoked: bool,
+}
+
+impl Shadow {
+    /// Map the `len` bytes of `g` (their file and offset) once more; `None` when they have no
+    /// file or cannot be mapped (then the read goes through a daemon buffer).
+    fn new(g: &GuestBytes, len: usize) -> Option<Shadow> {
+        let (fd, off) = g.file_at()?;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+        let delta = (off % page as u64) as usize;
+        let map_len = (delta + len).div_ceil(page) * page;
+        let file_off = libc::off_t::try_from(off - delta as u64).ok()?;
+        // SAFETY: a new shared mapping of the guest's file at an address the kernel picks;
+        // nothing else refers to it. MAP_POPULATE faults the pages in now (not one by one
+        // under the read).
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                file_off,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            debug!(
+                "uplink: no mapping of a receive's pages: {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        Some(Shadow {
+            base: base as usize,
+            map_len,
+            at: base as usize + delta,
+            revoked: false,
+        })
+    }
+
+    /// Cut the mapping from the guest's pages (see the type). Returns whether it held.
+    fn revoke(&mut self) -> bool {
+        // SAFETY: replaces exactly our own mapping (MAP_FIXED over `base..base + map_len`)
+        // with anonymous memory, atomically for any thread writing it meanwhile.
+        let p = unsafe {
+            libc::mmap(
+                self.base as *mut libc::c_void,
+                self.map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        self.revoked = p as usize == self.base;
+        self.revoked
+    }
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; the op that wrote it is over (or its registration closed
+        // and its connection's late bytes go nowhere we care about: revoked).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.map_len) };
     }
 }
 
@@ -111,8 +190,11 @@ enum Op {
         req_id: u64,
         /// For a direct read, the registration of the receive's buffer (no daemon buffer).
         staged: Staged,
-        /// The receive it reads into; its fence ends when the read is over.
+        /// The receive it reads into; its fence ends when the read is over (or when the
+        /// read is revoked: then `None` with `shadow` still there).
         direct: Option<DirectDest>,
+        /// The read's own mapping of the guest pages it writes (direct reads only).
+        shadow: Option<Shadow>,
     },
     Write {
         host: u16,
@@ -632,7 +714,16 @@ impl Worker {
             {
                 let req_id = *req_id;
                 let claim = matched_ahead.then_some(&*desc);
-                match self.start_read(host, req_id, claim, desc.total_len.into(), head, *src, *addr, *key) {
+                match self.start_read(
+                    host,
+                    req_id,
+                    claim,
+                    desc.total_len.into(),
+                    head,
+                    *src,
+                    *addr,
+                    *key,
+                ) {
                     Ok(Some((ctx, d))) => {
                         *op = Some(ctx);
                         *direct = d;
@@ -701,7 +792,7 @@ impl Worker {
         if head.len() >= len {
             return Err(Status::Invalid);
         }
-        if let Some(desc) = claim.filter(|_| self.direct_reads_fenced()) {
+        if let Some(desc) = claim.filter(|_| self.direct_reads_on()) {
             let dest = if head.is_empty() {
                 self.fabric.claim_direct(host, req_id, desc)
             } else {
@@ -754,6 +845,7 @@ impl Worker {
                         req_id,
                         staged,
                         direct: None,
+                        shadow: None,
                     },
                 );
                 Ok(Some((ctx, false)))
@@ -788,10 +880,7 @@ impl Worker {
         let (lo, hi) = (g.ptr() as usize, g.ptr() as usize + dest.len);
         let overlaps = self.rdv.ops.values().any(|op| match op {
             Op::Read {
-                staged:
-                    Staged {
-                        guest: Some(o), ..
-                    },
+                staged: Staged { guest: Some(o), .. },
                 direct: Some(_),
                 ..
             } => (o.ptr() as usize) < hi && lo < o.ptr() as usize + o.len(),
@@ -803,14 +892,25 @@ impl Worker {
                 .direct_unclaim(host, req_id, dest, &mut self.notify);
             return Err(false);
         }
-        // SAFETY: `g` keeps the guest mapping alive and moves into `Staged` with the
-        // registration, which is closed before `g` drops; the receive it names is the
-        // fabric's no more until the fence ends (after the read).
-        let mr = match unsafe { self.ep.register_raw(g.ptr(), dest.len, u64::from(sys::FI_READ)) }
-        {
+        let Some(shadow) = Shadow::new(&g, dest.len) else {
+            dest.fence.end();
+            self.fabric
+                .direct_unclaim(host, req_id, dest, &mut self.notify);
+            return Err(false);
+        };
+        // SAFETY: the shadow mapping lives in the op with the registration, which is closed
+        // before it is unmapped; the receive it names is the fabric's no more until the fence
+        // ends (after the read, or its revocation).
+        let mr = match unsafe {
+            self.ep
+                .register_raw(shadow.at as *const u8, dest.len, u64::from(sys::FI_READ))
+        } {
             Ok(mr) => mr,
             Err(e) => {
-                debug!(host, req_id, "uplink: a receive's buffer not registered: {e}");
+                debug!(
+                    host,
+                    req_id, "uplink: a receive's buffer not registered: {e}"
+                );
                 dest.fence.end();
                 self.fabric
                     .direct_unclaim(host, req_id, dest, &mut self.notify);
@@ -819,11 +919,14 @@ impl Worker {
         };
         self.rdv.next_op += 1;
         let ctx = RMA_CONTEXT + self.rdv.next_op;
-        // SAFETY: the buffer (`dest.len` bytes at `g.ptr()`, inside the receive's one guest
-        // range) stays mapped through `g`, which the op keeps with the registration until the
-        // completion with `ctx` (or until the connection to `src` is closed); the guest does
-        // not get the receive back before the op's fence ends.
-        let rc = unsafe { self.ep.read_raw(g.ptr_mut(), dest.len, &mr, src, addr, key, ctx) };
+        // SAFETY: the `dest.len` bytes at `shadow.at` (the receive's guest pages, mapped once
+        // more) stay mapped, in the op with the registration, until the completion with
+        // `ctx`; the guest does not get the receive back before the op's fence ends, which is
+        // after the read or after `shadow` was revoked (then the read writes throw-away pages).
+        let rc = unsafe {
+            self.ep
+                .read_raw(shadow.at as *mut u8, dest.len, &mr, src, addr, key, ctx)
+        };
         match rc {
             Ok(()) => {
                 self.rdv.ops.insert(
@@ -837,38 +940,42 @@ impl Worker {
                             guest: Some(g),
                         },
                         direct: Some(dest),
+                        shadow: Some(shadow),
                     },
                 );
                 Ok(ctx)
             }
             Err(e) => {
-                drop((mr, g));
+                drop((mr, g, shadow));
                 dest.fence.end();
                 self.fabric
                     .direct_unclaim(host, req_id, dest, &mut self.notify);
                 if !e.is_again() {
-                    debug!(host, req_id, "uplink: direct rendezvous read not posted: {e}");
+                    debug!(
+                        host,
+                        req_id, "uplink: direct rendezvous read not posted: {e}"
+                    );
                 }
                 Err(e.is_again())
             }
         }
     }
 
-    /// Whether a read into a guest's receive can be fenced within a bound: the link to a
-    /// lost host can be closed so that no operation to it still writes (the AV removes the
-    /// peer and with it its connection; see `close_lost_link`).
-    fn direct_reads_fenced(&self) -> bool {
-        let on = |var: &str, default: bool| {
-            std::env::var(var).map_or(default, |v| v == "1" || v.eq_ignore_ascii_case("true"))
-        };
-        self.ep.rma() && on("FI_AV_REMOVE_CLEANUP", false) && on("VFABRIC_UPLINK_DIRECT", true)
+    /// Whether reads land in guests' receives and regions (`VFABRIC_UPLINK_DIRECT=0` in the
+    /// environment turns them off: everything goes through daemon buffers, as before).
+    fn direct_reads_on(&self) -> bool {
+        self.ep.rma() && std::env::var("VFABRIC_UPLINK_DIRECT").map_or(true, |v| v != "0")
     }
 
-    /// `host` is lost while reads into guests' receives are in flight from it: its link is
-    /// closed (removed from the AV, which closes its connection: nothing of it writes any
-    /// more) and the peer entered again at once (a new connection when it is back), and
-    /// those reads are over: their receives are matched again.
-    fn close_lost_link(&mut self, host: u16) {
+    /// `host` is lost (peer timeout) while reads from it into guests' receives or regions are
+    /// in flight: a silent link never ends them by itself (TCP waits for minutes), so each
+    /// is revoked (its mapping of the guest pages cut: whatever the provider still writes for
+    /// it lands in throw-away pages) and its receive handed back to be matched again, its
+    /// region access ended. The op stays until the provider completes it (or forever: a few
+    /// pages of address space).
+    fn revoke_lost_reads(&mut self, host: u16) {
+        let mut revoked = 0;
+        let mut kept = 0;
         let reads: Vec<u64> = self
             .rdv
             .ops
@@ -876,41 +983,37 @@ impl Worker {
             .filter(|(_, op)| matches!(op, Op::Read { host: h, direct: Some(_), .. } if *h == host))
             .map(|(ctx, _)| *ctx)
             .collect();
-        if reads.is_empty() {
-            return;
-        }
-        let Some(peer) = self.set.peers.iter_mut().find(|p| p.host_id == host) else {
-            return;
-        };
-        let Some(fi_addr) = peer.fi_addr else {
-            return;
-        };
-        if let Err(e) = self.ep.remove(fi_addr) {
-            // The reads stay: their receives wait for the reads' own completions.
-            return warn!(host, "uplink: a lost host's link not closed: {e}");
-        }
-        peer.fi_addr = None;
-        peer.last_hello = None;
-        tracing::info!(
-            host,
-            reads = reads.len(),
-            "uplink: a lost host's link closed: its reads into receives are over"
-        );
         for ctx in reads {
-            if let Some(Op::Read {
+            let Some(Op::Read {
                 req_id,
-                staged,
-                direct: Some(dest),
+                direct,
+                shadow: Some(shadow),
                 ..
-            }) = self.rdv.ops.remove(&ctx)
-            {
-                drop(staged);
+            }) = self.rdv.ops.get_mut(&ctx)
+            else {
+                continue;
+            };
+            if !shadow.revoke() {
+                // Still the guest's pages: the receive waits for the read's own end.
+                kept += 1;
+                continue;
+            }
+            let req_id = *req_id;
+            if let Some(dest) = direct.take() {
                 dest.fence.end();
                 self.fabric
                     .direct_unclaim(host, req_id, dest, &mut self.notify);
             }
+            revoked += 1;
         }
-        self.resolve_peers();
+        if revoked + kept > 0 {
+            tracing::info!(
+                host,
+                revoked,
+                kept,
+                "uplink: reads into guest memory from a lost host revoked"
+            );
+        }
     }
 
     /// The verdict on request `req_id` of `host` when it named a sink: the bytes go by
@@ -970,14 +1073,21 @@ impl Worker {
             return;
         };
         match op {
+            // Revoked (its host was lost): its receive was handed back then.
+            Op::Read {
+                direct: None,
+                shadow: Some(_),
+                ..
+            } => {}
             Op::Read {
                 host,
                 req_id,
                 staged,
                 direct: Some(dest),
+                shadow,
             } => {
                 // The read is over: nothing writes the receive's buffer any more.
-                drop(staged);
+                drop((staged, shadow));
                 dest.fence.end();
                 if let Some(e) = &err {
                     debug!(host, req_id, "uplink: direct rendezvous read failed: {e}");
@@ -1023,6 +1133,7 @@ impl Worker {
                 req_id,
                 staged,
                 direct: None,
+                shadow: None,
             } => {
                 if let Some(e) = &err {
                     debug!(host, req_id, "uplink: rendezvous read failed: {e}");
@@ -1178,7 +1289,7 @@ impl Worker {
     /// `host` is lost: what it sent and we did not deliver is dropped (its request ids are
     /// returned for their verdicts); reads in flight keep their buffers until they complete.
     pub(super) fn rdv_host_lost(&mut self, host: u16) -> Vec<u64> {
-        self.close_lost_link(host);
+        self.revoke_lost_reads(host);
         self.rdv.peer_sinks.retain(|(h, _), _| *h != host);
         // Our requests to it failed (their pending entries went with the host). A zero-copy
         // source drains: its link may still carry a read of it.
