@@ -1346,7 +1346,7 @@ impl Fabric {
         host: u16,
         req_id: u64,
         desc: &wire::Data,
-    ) -> Option<DirectDest> {
+    ) -> Option<Box<DirectDest>> {
         let op = u16::from(desc.opcode);
         let kind = u64::from(u16::from(desc.ep_kind));
         let len = u64::from(desc.total_len);
@@ -1389,7 +1389,7 @@ impl Fabric {
             meta,
             fence: fence.clone(),
         });
-        Some(DirectDest {
+        Some(Box::new(DirectDest {
             bytes: Some(bytes),
             len: placed,
             fence,
@@ -1397,7 +1397,7 @@ impl Fabric {
             ep: dep,
             generation: dgen,
             write: None,
-        })
+        }))
     }
 
     /// An RMA write from `host` (described by `desc`, its ranges in `head`), every earlier
@@ -1411,7 +1411,7 @@ impl Fabric {
         host: u16,
         desc: &wire::Data,
         head: &[u8],
-    ) -> Option<DirectDest> {
+    ) -> Option<Box<DirectDest>> {
         let wire_flags = u32::from(desc.flags);
         if u16::from(desc.opcode) != Opcode::RmaWrite as u16
             || u32::from(desc.count) != 1
@@ -1467,7 +1467,7 @@ impl Fabric {
                 notify = Some(meta);
             }
         }
-        Some(DirectDest {
+        Some(Box::new(DirectDest {
             bytes: Some(bytes),
             len: len as usize,
             fence: ReadFence::new(host, u64::from(desc.req_id)),
@@ -1480,7 +1480,7 @@ impl Fabric {
                 notify,
                 _access: access,
             }),
-        })
+        }))
     }
 
     /// The receive `dest` claimed for `host`'s message `req_id`, out of its endpoint's table
@@ -1503,7 +1503,7 @@ impl Fabric {
         &self,
         host: u16,
         req_id: u64,
-        mut dest: DirectDest,
+        mut dest: Box<DirectDest>,
         n: &mut Notify,
     ) -> Status {
         if let Some(w) = dest.write.take() {
@@ -1537,7 +1537,7 @@ impl Fabric {
         &self,
         host: u16,
         req_id: u64,
-        mut dest: DirectDest,
+        mut dest: Box<DirectDest>,
         n: &mut Notify,
     ) {
         if let Some(w) = dest.write.take() {

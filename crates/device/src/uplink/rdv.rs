@@ -178,7 +178,7 @@ enum Inbound {
     },
     /// Read straight into the receive it matched: that receive completes when it is at the
     /// front (receives complete in arrival order).
-    Placed { req_id: u64, dest: DirectDest },
+    Placed { req_id: u64, dest: Box<DirectDest> },
     /// Could not be read: its sender gets `status` when it is at the front.
     Failed { req_id: u64, status: Status },
 }
@@ -192,7 +192,7 @@ enum Op {
         staged: Staged,
         /// The receive it reads into; its fence ends when the read is over (or when the
         /// read is revoked: then `None` with `shadow` still there).
-        direct: Option<DirectDest>,
+        direct: Option<Box<DirectDest>>,
         /// The read's own mapping of the guest pages it writes (direct reads only).
         shadow: Option<Shadow>,
     },
@@ -865,7 +865,7 @@ impl Worker {
         &mut self,
         host: u16,
         req_id: u64,
-        mut dest: DirectDest,
+        mut dest: Box<DirectDest>,
         src: u64,
         addr: u64,
         key: u64,
