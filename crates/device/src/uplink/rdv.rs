@@ -76,6 +76,9 @@ impl Staged {
 /// land in the daemon's throw-away pages), so the receive can be handed back at once, whatever
 /// the provider does with the operation. Unmapped when the op goes.
 struct Shadow {
+    /// The file bytes it maps: kept (idle) after its read for the next read of the same bytes
+    /// (a receive buffer posted again), since mapping costs about what the copy it saves does.
+    key: ShadowKey,
     base: usize,
     map_len: usize,
     /// Address of the first byte to write (inside the mapping).
@@ -83,11 +86,33 @@ struct Shadow {
     revoked: bool,
 }
 
+/// Which file bytes a shadow maps: the file's device and inode (the mapping keeps the file,
+/// so its inode is not reused meanwhile), the offset of the first byte, the length.
+type ShadowKey = (u64, u64, u64, usize);
+
+/// Idle shadows kept at most, and how long one is kept unused (it keeps the guest's memory
+/// file open: a guest that left is freed within this).
+const MAX_IDLE_SHADOWS: usize = 64;
+const SHADOW_IDLE: Duration = Duration::from_secs(2);
+
 impl Shadow {
-    /// Map the `len` bytes of `g` (their file and offset) once more; `None` when they have no
-    /// file or cannot be mapped (then the read goes through a daemon buffer).
-    fn new(g: &GuestBytes, len: usize) -> Option<Shadow> {
+    /// The file, key and offset of the `len` bytes of `g`.
+    fn locate(g: &GuestBytes, len: usize) -> Option<(std::os::fd::RawFd, ShadowKey)> {
         let (fd, off) = g.file_at()?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `fd` is open (the guest memory in `g` holds it); `st` is room for a stat.
+        if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: fstat succeeded and filled it.
+        let st = unsafe { st.assume_init() };
+        Some((fd, (st.st_dev, st.st_ino, off, len)))
+    }
+
+    /// Map the bytes `key` names (of file `fd`) once more; `None` when they cannot be mapped
+    /// (then the read goes through a daemon buffer).
+    fn new(fd: std::os::fd::RawFd, key: ShadowKey) -> Option<Shadow> {
+        let (_, _, off, len) = key;
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
         let delta = (off % page as u64) as usize;
@@ -114,6 +139,7 @@ impl Shadow {
             return None;
         }
         Some(Shadow {
+            key,
             base: base as usize,
             map_len,
             at: base as usize + delta,
@@ -237,6 +263,11 @@ pub(super) struct Rendezvous {
     pub placed_bytes: u64,
     pub copied_bytes: u64,
     logged_reads: (u64, u64),
+    /// Shadows no read uses now, with when they were last used (most recent last).
+    idle_shadows: Vec<(Shadow, Instant)>,
+    /// Shadows mapped for reads, and reads that used an idle one again (logged with the reads).
+    shadows_mapped: u64,
+    shadows_reused: u64,
 }
 
 impl Drop for Rendezvous {
@@ -255,6 +286,33 @@ impl Drop for Rendezvous {
 }
 
 impl Rendezvous {
+    /// A mapping of the `len` bytes of `g` for a read: an idle one of the same bytes, or new.
+    fn take_shadow(&mut self, g: &GuestBytes, len: usize) -> Option<Shadow> {
+        let (fd, key) = Shadow::locate(g, len)?;
+        match self.idle_shadows.iter().rposition(|(s, _)| s.key == key) {
+            Some(i) => {
+                self.shadows_reused += 1;
+                Some(self.idle_shadows.remove(i).0)
+            }
+            None => {
+                let s = Shadow::new(fd, key)?;
+                self.shadows_mapped += 1;
+                Some(s)
+            }
+        }
+    }
+
+    /// A shadow whose read is over (not revoked) is kept for the next read of its bytes.
+    fn keep_shadow(&mut self, s: Shadow) {
+        if s.revoked {
+            return;
+        }
+        if self.idle_shadows.len() >= MAX_IDLE_SHADOWS {
+            self.idle_shadows.remove(0);
+        }
+        self.idle_shadows.push((s, Instant::now()));
+    }
+
     /// A source whose request is over (or withdrawn): a daemon buffer closes now; guest
     /// memory stays registered until its host answers (see `draining`), so that no read of
     /// it is in flight when the registration and the mapping go.
@@ -892,7 +950,7 @@ impl Worker {
                 .direct_unclaim(host, req_id, dest, &mut self.notify);
             return Err(false);
         }
-        let Some(shadow) = Shadow::new(&g, dest.len) else {
+        let Some(shadow) = self.rdv.take_shadow(&g, dest.len) else {
             dest.fence.end();
             self.fabric
                 .direct_unclaim(host, req_id, dest, &mut self.notify);
@@ -946,7 +1004,8 @@ impl Worker {
                 Ok(ctx)
             }
             Err(e) => {
-                drop((mr, g, shadow));
+                drop((mr, g));
+                self.rdv.keep_shadow(shadow);
                 dest.fence.end();
                 self.fabric
                     .direct_unclaim(host, req_id, dest, &mut self.notify);
@@ -1087,7 +1146,10 @@ impl Worker {
                 shadow,
             } => {
                 // The read is over: nothing writes the receive's buffer any more.
-                drop((staged, shadow));
+                drop(staged);
+                if let Some(sh) = shadow {
+                    self.rdv.keep_shadow(sh);
+                }
                 dest.fence.end();
                 if let Some(e) = &err {
                     debug!(host, req_id, "uplink: direct rendezvous read failed: {e}");
@@ -1249,10 +1311,16 @@ impl Worker {
             }
             keep
         });
+        let now = Instant::now();
+        self.rdv
+            .idle_shadows
+            .retain(|(_, since)| now.duration_since(*since) < SHADOW_IDLE);
         let reads = (self.rdv.placed_bytes, self.rdv.copied_bytes);
         if reads != self.rdv.logged_reads {
             self.rdv.logged_reads = reads;
             tracing::info!(
+                mapped = self.rdv.shadows_mapped,
+                reused = self.rdv.shadows_reused,
                 "uplink: rendezvous reads: {} bytes placed in guest memory, {} bytes copied",
                 reads.0,
                 reads.1
