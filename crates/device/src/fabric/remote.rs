@@ -2204,6 +2204,85 @@ mod tests {
     }
 
     /// A rendezvous message not read yet is a stub at once when it would be one once read.
+    /// Write `bytes` where a direct read of `dest` lands (what the uplink's `fi_read` does).
+    fn land(dest: &super::DirectDest, bytes: &[u8]) {
+        let g = dest.bytes.as_ref().unwrap();
+        assert!(bytes.len() <= dest.len && dest.len <= g.len());
+        // SAFETY: the receive's buffer, mapped through `g`, claimed for this read.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), g.ptr().cast_mut(), bytes.len()) };
+    }
+
+    #[test]
+    fn a_receive_read_into_directly_completes_once_and_only_after_its_read() {
+        let mut w = World::new(1, limits());
+        let b = w.open(0, RDM);
+        let msg = |i: u8, len: usize| vec![i; len];
+        // Claimed before the read, completed when placed, as accept_remote would.
+        let r1 = w.recv(0, b, None, 0, 1, 0, 60_000);
+        let m1 = incoming(1, b, None, &msg(1, 50_000));
+        let d1 = w
+            .fabric
+            .claim_direct(2, 1, &m1.desc)
+            .expect("a posted receive");
+        assert_eq!(d1.len, 50_000);
+        assert!(w.result(&r1).is_none());
+        // A later message does not find the claimed receive: it is buffered.
+        assert_eq!(accept(&w, incoming(2, b, None, b"two")), Some(Status::Ok));
+        land(&d1, &msg(1, 50_000));
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.direct_placed(2, 1, d1, &mut n), Status::Ok);
+        drop(n);
+        assert_eq!(w.data(&r1, 50_000), msg(1, 50_000));
+        let r2 = w.recv(0, b, None, 0, 2, 0, 100);
+        assert_eq!(w.data(&r2, 3), b"two");
+        // No posted receive: not claimed.
+        let m3 = incoming(3, b, None, &msg(3, 50_000));
+        assert!(w.fabric.claim_direct(2, 3, &m3.desc).is_none());
+
+        // A failed read gives the receive back to matching, in front of later receives.
+        let r4 = w.recv(0, b, None, 0, 4, 0, 60_000);
+        let d4 = w.fabric.claim_direct(2, 4, &m3.desc).expect("claimed");
+        let r5 = w.recv(0, b, None, 0, 5, 0, 60_000);
+        let mut n = Notify::default();
+        w.fabric.direct_unclaim(2, 4, d4, &mut n);
+        drop(n);
+        assert_eq!(accept(&w, incoming(6, b, None, b"six")), Some(Status::Ok));
+        assert_eq!(w.data(&r4, 3), b"six", "the older receive first");
+        assert!(w.result(&r5).is_none());
+
+        // EP_CLOSE with a read in flight: the close waits for the read's end, then the receive
+        // completes CANCELED; the late placement finds nothing (its sender hears PEER_GONE).
+        let d7 = w.fabric.claim_direct(2, 7, &m3.desc).expect("claimed");
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            land(&d7, &msg(7, 50_000));
+            let at = std::time::Instant::now();
+            d7.fence.end();
+            (d7, at)
+        });
+        let mut cl = Request::new(Opcode::EpClose);
+        cl.ep = b.ep;
+        let h = w.submit(0, cl, &[], 0);
+        let closed = std::time::Instant::now();
+        let (d7, ended) = reader.join().unwrap();
+        assert!(ended <= closed, "EP_CLOSE completed before the read ended");
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        assert_eq!(w.status(&r5), Some(Status::Canceled));
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.direct_placed(2, 7, d7, &mut n), Status::PeerGone);
+        drop(n);
+
+        // A reset with a read in flight whose destination was dropped (the uplink stopped):
+        // the fence ends with it, the reset does not hang.
+        let c = w.open(0, RDM);
+        let _r8 = w.recv(0, c, None, 0, 8, 0, 60_000);
+        let m8 = incoming(8, c, None, &msg(8, 50_000));
+        let d8 = w.fabric.claim_direct(2, 8, &m8.desc).expect("claimed");
+        drop(d8);
+        let mut n = Notify::default();
+        w.fabric.reset(0, Teardown::Silent, &mut n);
+    }
+
     #[test]
     fn an_unread_rendezvous_message_past_the_bound_is_a_stub_without_its_bytes() {
         let mut w = World::new(1, stub_limits());
