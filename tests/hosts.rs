@@ -1575,6 +1575,252 @@ fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers(
     large_rma(&a, &b, 9);
 }
 
+/// The `req_id=N` field of a log line.
+fn req_id_of(line: &str) -> u64 {
+    let rest = line.split("req_id=").nth(1).expect("a req_id field");
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|w| w.parse().ok())
+        .expect("a request id")
+}
+
+/// The last "rendezvous reads" line of a daemon's log: (bytes read straight into guest
+/// memory, bytes read into a daemon buffer and copied).
+fn rdv_reads(log: &str) -> Option<(u64, u64)> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("uplink: rendezvous reads: "))?;
+    let rest = line.split("uplink: rendezvous reads: ").nth(1)?;
+    let mut n = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse::<u64>().unwrap());
+    Some((n.next()?, n.next()?))
+}
+
+/// Large messages that find their receive posted, and large RMA writes, land in the target
+/// guest's memory with no copy in the target's daemon either: host 2 counts every byte it
+/// read as placed in guest memory and none as copied, and every byte arrives (a truncated
+/// receive gets the message's head).
+#[test]
+fn large_receives_and_writes_land_in_guest_memory_with_no_copy_at_the_target() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    let sizes = [1 << 20, 8, 300_000, 17_000, 4096, 2 << 20, 100_000];
+    // Receives posted first (the last one shorter than its message: truncated).
+    for (i, &len) in sizes.iter().enumerate() {
+        let room = if i == sizes.len() - 1 { 40_000 } else { len };
+        b.ep.recv_vec(room, 1000 + i as u64).unwrap();
+    }
+    for (i, &len) in sizes.iter().enumerate() {
+        a.ep.send(&pattern(20 + i as u32, len), to_b, i as u64)
+            .unwrap();
+    }
+    for (i, &len) in sizes.iter().enumerate().take(sizes.len() - 1) {
+        let c = b.next();
+        assert_eq!(c.context, 1000 + i as u64, "in order");
+        let got = c.buf.as_deref().unwrap();
+        assert!(
+            got == pattern(20 + i as u32, len).as_slice(),
+            "message {i} of {len} bytes differs"
+        );
+    }
+    // The truncated one: an error completion with the head that fits.
+    let e = b.next_err();
+    assert_eq!(
+        (e.context, e.status, e.len, e.olen),
+        (1006, Status::Truncated, 40_000, 60_000)
+    );
+    assert!(
+        e.buf.as_deref() == Some(&pattern(26, 100_000)[..40_000]),
+        "the truncated message's head differs"
+    );
+    let mut sent: Vec<u64> = (0..sizes.len()).map(|_| a.next().context).collect();
+    sent.sort();
+    assert_eq!(sent, (0..sizes.len() as u64).collect::<Vec<_>>());
+    large_rma(&a, &b, 10);
+    // Every rendezvous send (more than 16 KiB; the truncated one's 40 000 bytes), and the
+    // 1 MiB write.
+    let want: u64 = sizes
+        .iter()
+        .take(sizes.len() - 1)
+        .filter(|&&l| l > 16 << 10)
+        .map(|&l| l as u64)
+        .sum::<u64>()
+        + 40_000
+        + (1 << 20);
+    let mut last = None;
+    let seen = wait_for(Duration::from_secs(5), || {
+        last = rdv_reads(&d[1].log());
+        last == Some((want, 0))
+    });
+    assert!(
+        seen,
+        "host 2 counts {last:?} (placed, copied), want ({want}, 0):\n{}",
+        d[1].log()
+    );
+}
+
+/// A guest closes its endpoint while host 2 reads large messages straight into its posted
+/// receives (host 1's link throttled, so the reads take seconds): the close waits for each
+/// read in flight and hands its receive back only after it (every wait logged is followed by
+/// its hand-back), no message is delivered partially, the senders hear a verdict for every
+/// message, and both daemons go on.
+#[test]
+fn a_guest_closing_during_direct_reads_into_its_receives_gets_them_back_after_the_reads() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    const N: u64 = 8;
+    lan.throttle(0, Some("50mbit"));
+    for i in 0..N {
+        b.ep.recv_vec(LEN, 100 + i).unwrap();
+    }
+    for i in 0..N {
+        a.ep.send(&pattern(60 + i as u32, LEN), to_b, i).unwrap();
+    }
+    // The first reads are under way (at 50 Mbit/s each MiB takes about 170 ms).
+    let started = wait_for(Duration::from_secs(5), || {
+        d[1].log().contains("first rendezvous read from host 1")
+    });
+    assert!(started, "{}", d[1].log());
+    std::thread::sleep(Duration::from_millis(100));
+    let delivered = whole_messages(&b, 60, LEN, u64::MAX, Duration::from_millis(1));
+    let t = Instant::now();
+    drop(b);
+    let took = t.elapsed();
+    lan.throttle(0, None);
+    let log = d[1].log();
+    let waited = log
+        .matches("a closing receive waits for the uplink read into its buffer")
+        .count();
+    let handed = log
+        .matches("a closing receive handed back after its read")
+        .count();
+    println!("closing took {took:?}: {waited} receives waited for their reads, {delivered} delivered before");
+    assert!(waited > 0, "no receive had a read in flight:\n{log}");
+    assert_eq!(waited, handed, "{log}");
+    // Each receive was handed back only after the uplink saw its read end.
+    for line in log
+        .lines()
+        .filter(|l| l.contains("a closing receive handed back after its read"))
+    {
+        let id = req_id_of(line);
+        let ended = log.find(&format!(
+            "a read into a closing receive ended host=1 req_id={id}"
+        ));
+        let handed = log.find(line).unwrap();
+        assert!(
+            ended.is_some_and(|e| e < handed),
+            "request {id} handed back before its read ended:\n{log}"
+        );
+    }
+    assert!(took < Duration::from_secs(10), "closing took {took:?}");
+    // Every send gets its verdict (OK for those delivered, an error for the others).
+    let mut verdicts = 0;
+    let mut v = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while verdicts < N && Instant::now() < deadline {
+        match a.cq.read(&mut v, 1) {
+            Ok(_) => verdicts += 1,
+            Err(VfError::Avail) => {
+                let _ = a.cq.readerr();
+                verdicts += 1;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    assert_eq!(verdicts, N, "every send has its verdict");
+    for h in &d {
+        assert!(!h.log().contains("panicked"), "{}", h.log());
+    }
+    drop(a);
+    // Both daemons go on: large data both ways, straight into the receives again.
+    let (a, b, _) = guests_on(&d);
+    exchange(&a, &b, &[LEN, 8, 40_000], 300);
+    exchange(&b, &a, &[LEN, 8], 400);
+    large_rma(&a, &b, 11);
+}
+
+/// Host 1's cable is pulled while host 2 reads large messages from it straight into B's
+/// receives: the reads cannot end by themselves (TCP just waits), so host 2, once host 1 is
+/// declared lost (peer timeout), revokes them (cuts their mapping of B's pages: nothing the
+/// provider still writes for them reaches B) and matches the receives again. B's endpoint then
+/// closes without waiting, no partial message is delivered, and with host 1 back (restarted)
+/// large data flows both ways again, straight into the receives.
+#[test]
+fn reads_into_receives_from_a_host_whose_cable_is_pulled_are_revoked_at_the_peer_timeout() {
+    let Some(TwoHosts { lan, dir, mut d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    const N: u64 = 6;
+    lan.throttle(0, Some("20mbit"));
+    for i in 0..N {
+        b.ep.recv_vec(LEN, 100 + i).unwrap();
+    }
+    for i in 0..N {
+        a.ep.send(&pattern(80 + i as u32, LEN), to_b, i).unwrap();
+    }
+    let started = wait_for(Duration::from_secs(5), || {
+        d[1].log().contains("first rendezvous read from host 1")
+    });
+    assert!(started, "{}", d[1].log());
+    let t = Instant::now();
+    lan.link(0, false);
+    let closed = wait_for(Duration::from_secs(8), || {
+        d[1].log().lines().any(|l| {
+            l.contains("reads into guest memory from a lost host revoked") && l.ends_with("kept=0")
+        })
+    });
+    let took = t.elapsed();
+    println!("host 2 revoked the lost host's reads after {took:?}");
+    assert!(closed, "{}", d[1].log());
+    // Whatever B got before is whole; the rest of its receives wait again, so its endpoint
+    // closes at once.
+    let delivered = whole_messages(&b, 80, LEN, u64::MAX, Duration::from_millis(300));
+    assert!(delivered < N, "the cable was pulled with reads in flight");
+    let t = Instant::now();
+    drop(b);
+    let close = t.elapsed();
+    assert!(close < Duration::from_secs(2), "closing took {close:?}");
+    drop(a);
+    lan.throttle(0, None);
+    lan.link(0, true);
+    // Host 1 comes back restarted: whether the old TCP connection, with megabytes of read
+    // answers queued behind a retransmission backoff, recovers in a bounded time is not what
+    // this test is about (it sometimes does not within 30 s, with reads into daemon buffers
+    // too). Host 2's daemon goes on with the revoked reads still at its provider.
+    drop(d.remove(0));
+    d.insert(
+        0,
+        HostDaemon::start(&lan, dir.path(), 0, 1, &uplink_args(2, 0, &[])),
+    );
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    d[1].wait_hosts(&[(1, 2, true)], Duration::from_secs(10));
+    assert!(!d[1].log().contains("panicked"), "{}", d[1].log());
+    let (a, b, _) = guests_on(&d);
+    let before = rdv_reads(&d[1].log()).unwrap_or((0, 0));
+    exchange(&a, &b, &[8, LEN, 40_000], 700);
+    exchange(&b, &a, &[LEN, 8], 800);
+    large_rma(&a, &b, 12);
+    let placed = wait_for(Duration::from_secs(5), || {
+        rdv_reads(&d[1].log()).is_some_and(|(p, _)| p > before.0)
+    });
+    assert!(placed, "{}", d[1].log());
+}
+
 /// A guest's EP_CLOSE withdraws its sends that wait for another host's verdict: they complete
 /// at once (the endpoint's close does not wait for the driver's control timeout), and the
 /// message held at the target host is dropped there, never delivered.

@@ -89,6 +89,7 @@ impl Fabric {
             return;
         }
         let mut victims = Vec::new();
+        let mut direct = Vec::new();
         let port = {
             let mut d = self.dev(dev);
             let Some(port) = d.port.clone() else {
@@ -124,6 +125,16 @@ impl Fabric {
                     }
                 }
             }
+            // A receive the uplink reads into goes once its read is over (below).
+            for slot in d.eps.iter_mut() {
+                if let Some(e) = slot.ep.as_mut() {
+                    let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut e.direct)
+                        .into_iter()
+                        .partition(|r| r.queue() == queue);
+                    e.direct = keep;
+                    direct.extend(gone);
+                }
+            }
             let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
                 d.mr_events.drain(..).partition(|r| r.queue == queue);
             d.mr_events = keep;
@@ -137,6 +148,7 @@ impl Fabric {
         // are its requests waiting for another host's verdict.
         self.commits_queue_stopped(dev, queue, n);
         self.withdraw_remote_of(dev, |r| r.queue == queue, false, n);
+        self.direct_closed(dev, Some(&port), direct, false, n);
         for r in victims {
             let c = completion(Status::Canceled, r.req.cookie);
             self.done(dev, &port, &r, &c, 0, n);
@@ -182,6 +194,8 @@ impl Fabric {
         }
         let pulling = std::mem::take(&mut e.pulling);
         self.pulling_closed(dev, port.as_deref(), pulling, mode == Teardown::Silent, n);
+        let direct = std::mem::take(&mut e.direct);
+        self.direct_closed(dev, port.as_deref(), direct, mode == Teardown::Silent, n);
         for m in e.unexpected {
             if m.src_dev == dev && mode == Teardown::Silent {
                 continue;
@@ -384,6 +398,7 @@ impl Fabric {
             fence_pending: 0,
             live_src: None,
             pulling: Vec::new(),
+            direct: Vec::new(),
         });
         let addr = FabricAddr::new(node, id as u32, slot.generation);
         drop(d);

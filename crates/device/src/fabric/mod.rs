@@ -60,7 +60,7 @@ mod remote;
 mod rma;
 mod service;
 
-pub(crate) use remote::Incoming;
+pub(crate) use remote::{DirectDest, Incoming};
 
 /// Where completions of one device go: its used rings.
 pub(crate) trait CompletionSink: Send + Sync {
@@ -193,6 +193,9 @@ struct Endpoint {
     live_src: Option<(FabricAddr, u64)>,
     /// Receives matched to stubs of messages from other hosts, waiting for their bytes.
     pulling: Vec<remote::Pulling>,
+    /// Receives matched to messages from other hosts that the uplink is reading straight
+    /// into their buffers; each leaves only once its read is over.
+    direct: Vec<remote::DirectRecv>,
 }
 
 #[derive(Default)]

@@ -10,6 +10,7 @@
 //! [`Outbox`]: crate::uplink::remote::Outbox
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use tracing::debug;
 use vfabric_proto::{
@@ -95,6 +96,122 @@ impl Pulling {
         };
         (m, self.rreq)
     }
+}
+
+/// The end of an uplink read that writes straight into a guest's receive buffer. Whoever
+/// hands that receive back to its guest (completed, CANCELED, or forgotten with its rings)
+/// waits for it first: the guest never sees its buffer returned while the wire may still
+/// write it. Ended by the uplink when the read completes (successfully or not), when the
+/// read's host is lost and its connection closed (no operation to it can write after
+/// that), or when the uplink stops.
+pub(crate) struct ReadFence {
+    /// (ended, someone waits for the end)
+    state: std::sync::Mutex<(bool, bool)>,
+    cv: std::sync::Condvar,
+    /// The message read (for the log).
+    host: u16,
+    req_id: u64,
+}
+
+impl ReadFence {
+    fn new(host: u16, req_id: u64) -> Arc<Self> {
+        Arc::new(ReadFence {
+            state: std::sync::Mutex::new((false, false)),
+            cv: std::sync::Condvar::new(),
+            host,
+            req_id,
+        })
+    }
+
+    /// The read is over: nothing writes the buffer any more.
+    pub(crate) fn end(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.0 && st.1 {
+            tracing::info!(
+                host = self.host,
+                req_id = self.req_id,
+                "uplink: a read into a closing receive ended"
+            );
+        }
+        st.0 = true;
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn has_ended(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// Wait until the read is over. Bounded by the uplink: a read ends with its completion,
+    /// or when its host is declared down (peer timeout) and the uplink closed the connection.
+    fn wait(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 = true;
+        let since = std::time::Instant::now();
+        let mut warned = false;
+        while !st.0 {
+            let (g, _) = self
+                .cv
+                .wait_timeout(st, std::time::Duration::from_millis(500))
+                .unwrap_or_else(|p| p.into_inner());
+            st = g;
+            if !warned && since.elapsed() > std::time::Duration::from_secs(5) {
+                warned = true;
+                tracing::warn!("a receive waits for an uplink read into its buffer for over 5 s");
+            }
+        }
+    }
+}
+
+/// A receive that matched a rendezvous message of `host` (request `req_id`) before its bytes
+/// were read: the uplink reads them straight into the receive's buffer, and the receive waits
+/// here (at its endpoint) until the read is over.
+pub(super) struct DirectRecv {
+    host: u16,
+    req_id: u64,
+    rreq: Req,
+    meta: Meta,
+    fence: Arc<ReadFence>,
+}
+
+impl DirectRecv {
+    /// The virtqueue of its receive.
+    pub(super) fn queue(&self) -> u16 {
+        self.rreq.queue
+    }
+}
+
+/// Where the uplink reads a rendezvous message of `len` bytes: the first `len` bytes of
+/// `bytes` (a receive's buffer, one range of one guest memory region), for the receive of
+/// endpoint `ep` (generation `generation`) of `dev`.
+pub(crate) struct DirectDest {
+    /// Taken by the uplink for the read's registration.
+    pub bytes: Option<GuestBytes>,
+    pub len: usize,
+    pub fence: Arc<ReadFence>,
+    pub dev: usize,
+    pub ep: usize,
+    pub generation: u32,
+    /// An RMA write's target (`None`: a receive's buffer).
+    write: Option<DirectWrite>,
+}
+
+impl Drop for DirectDest {
+    /// It goes only once its read is over (or was never posted): a receive waiting for it
+    /// is free to go (a safety net; the uplink ends the fence when the read completes).
+    fn drop(&mut self) {
+        self.fence.end();
+    }
+}
+
+/// An RMA write from another host read straight into its target region: checked (key,
+/// range, access) before the read; the region's deregistration waits for `access`, which
+/// lives until the write is done (the read over).
+struct DirectWrite {
+    targets: super::rma::Targets,
+    src: FabricAddr,
+    /// A REMOTE_CQ_DATA notification reserved for it (delivered once the bytes are there).
+    notify: Option<Meta>,
+    _access: super::rma::MrAccess,
 }
 
 /// Stubs of one host's messages held here at most (queued or being pulled): a sender has at
@@ -1218,6 +1335,262 @@ impl Fabric {
         Ok(Some(Status::Ok))
     }
 
+    /// A rendezvous message of `host` (request `req_id`, described by `desc`), every earlier
+    /// message of its host already matched, about to be read: if it is a plain message that a
+    /// posted receive matches and that receive's buffer is one range of one guest memory
+    /// region, the receive is taken now (matching order is arrival order) and waits at its
+    /// endpoint while the uplink reads the bytes straight into it. `None`: read into a daemon
+    /// buffer and hand it to [`Fabric::accept_remote`] as usual.
+    pub(crate) fn claim_direct(
+        &self,
+        host: u16,
+        req_id: u64,
+        desc: &wire::Data,
+    ) -> Option<Box<DirectDest>> {
+        let op = u16::from(desc.opcode);
+        let kind = u64::from(u16::from(desc.ep_kind));
+        let len = u64::from(desc.total_len);
+        let plain = op == Opcode::Send as u16 || op == Opcode::TSend as u16;
+        if !plain
+            || u32::from(desc.flags) & data_flags::PULLED != 0
+            || kind == ep_open::TYPE_DGRAM
+            || len == 0
+            || len > self.limits.max_msg_size
+        {
+            return None;
+        }
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return None;
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let meta = self.remote_meta(host, desc, len);
+        let mut d = self.dev(ddev);
+        let port = d.port.clone()?;
+        let e = d.live_ep_mut(dep, dgen)?;
+        if e.kind != kind {
+            return None;
+        }
+        let i = e
+            .posted
+            .iter()
+            .position(|r| super::recv_matches(&r.req, &meta))?;
+        let placed = len.min(e.posted[i].data.len) as usize;
+        if placed == 0 {
+            return None;
+        }
+        let bytes = GuestBytes::new(port.mem.memory().into_inner(), &e.posted[i].data)?;
+        let rreq = e.posted.remove(i)?;
+        let fence = ReadFence::new(host, req_id);
+        e.direct.push(DirectRecv {
+            host,
+            req_id,
+            rreq,
+            meta,
+            fence: fence.clone(),
+        });
+        Some(Box::new(DirectDest {
+            bytes: Some(bytes),
+            len: placed,
+            fence,
+            dev: ddev,
+            ep: dep,
+            generation: dgen,
+            write: None,
+        }))
+    }
+
+    /// An RMA write from `host` (described by `desc`, its ranges in `head`), every earlier
+    /// message of its host matched already, about to be read: if it targets one range of one
+    /// region in guest memory that it may write (the checks of
+    /// [`Fabric::accept_remote_rma`]), and needs no commit, the region is entered now and the
+    /// uplink reads the bytes straight into it. `None`: read into a daemon buffer and handed
+    /// to `accept_remote_rma` as usual (which also gives any error verdict).
+    pub(crate) fn claim_direct_write(
+        &self,
+        host: u16,
+        desc: &wire::Data,
+        head: &[u8],
+    ) -> Option<Box<DirectDest>> {
+        let wire_flags = u32::from(desc.flags);
+        if u16::from(desc.opcode) != Opcode::RmaWrite as u16
+            || u32::from(desc.count) != 1
+            || head.len() != RMA_IOV_LEN
+            || wire_flags & data_flags::COMMIT_COMPLETE != 0
+        {
+            return None;
+        }
+        let e = RmaIov::from_slice(head)?;
+        let (addr, len, key) = (u64::from(e.addr), u64::from(e.len), u64::from(e.key));
+        if len == 0
+            || len > self.max_rma_size()
+            || len.checked_add(head.len() as u64)? != u64::from(desc.total_len)
+        {
+            return None;
+        }
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return None;
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let (targets, dport) = self
+            .targets_of(ddev, dep, dgen, &[(addr, len, key)], mr_flags::REMOTE_WRITE)
+            .ok()?;
+        let [t] = targets.as_slice() else {
+            return None;
+        };
+        if t.mr.process.is_some() || t.len != len {
+            return None;
+        }
+        let bytes = GuestBytes::new(dport.mem.memory().into_inner(), &t.segs)?;
+        let access = t.mr.enter()?;
+        let src = FabricAddr::new(
+            FabricAddr::node_of(self.fabric_id, host, desc.src_dev.into()),
+            desc.src_ep.into(),
+            desc.src_gen.into(),
+        );
+        let meta = Meta {
+            src,
+            tagged: false,
+            tag: 0,
+            cq_data: Some(desc.data.into()),
+            len: 0,
+            rma_len: Some(len),
+        };
+        let mut notify = None;
+        if wire_flags & data_flags::REMOTE_CQ_DATA != 0 {
+            let mut d = self.dev(ddev);
+            if d.acked & vfabric_proto::bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) != 0 {
+                if !self.reserve_notification(&mut d, dep, &meta) {
+                    return None;
+                }
+                notify = Some(meta);
+            }
+        }
+        Some(Box::new(DirectDest {
+            bytes: Some(bytes),
+            len: len as usize,
+            fence: ReadFence::new(host, u64::from(desc.req_id)),
+            dev: ddev,
+            ep: dep,
+            generation: dgen,
+            write: Some(DirectWrite {
+                targets,
+                src,
+                notify,
+                _access: access,
+            }),
+        }))
+    }
+
+    /// The receive `dest` claimed for `host`'s message `req_id`, out of its endpoint's table
+    /// (`None`: its endpoint closed or its queue stopped meanwhile, and that completed it).
+    fn take_direct(&self, host: u16, req_id: u64, dest: &DirectDest) -> Option<DirectRecv> {
+        let mut d = self.dev(dest.dev);
+        let e = d.live_ep_mut(dest.ep, dest.generation)?;
+        let at = e
+            .direct
+            .iter()
+            .position(|r| r.host == host && r.req_id == req_id)?;
+        Some(e.direct.remove(at))
+    }
+
+    /// The uplink's read into `dest` (for `host`'s message `req_id`) is over and its bytes are
+    /// all there: the receive completes as if the message had been placed by
+    /// [`Fabric::accept_remote`]. Returns the verdict for the sender (PEER_GONE when the
+    /// receive was taken back meanwhile by its endpoint's close or its queue's stop).
+    pub(crate) fn direct_placed(
+        &self,
+        host: u16,
+        req_id: u64,
+        mut dest: Box<DirectDest>,
+        n: &mut Notify,
+    ) -> Status {
+        if let Some(w) = dest.write.take() {
+            // What `accept_remote_write_read` does once the bytes are there.
+            if let Some(meta) = w.notify {
+                let port = self.dev(dest.dev).port.clone();
+                match port {
+                    Some(port) => {
+                        self.notify_write(REMOTE_SRC_DEV, dest.dev, dest.ep, &port, meta, n)
+                    }
+                    None => self.unreserve_notification(dest.dev),
+                }
+            }
+            self.record_events(dest.dev, dest.ep, w.src, true, &w.targets, n);
+            return Status::Ok;
+        }
+        let Some(r) = self.take_direct(host, req_id, &dest) else {
+            return Status::PeerGone;
+        };
+        let Some(port) = self.dev(dest.dev).port.clone() else {
+            return Status::PeerGone;
+        };
+        self.received(dest.dev, &port, &r.rreq, &r.meta, dest.len as u64, n);
+        Status::Ok
+    }
+
+    /// The message read into `dest` will not be delivered (its read failed, or its sender
+    /// withdrew it): the receive is matched again, as a pulling receive whose bytes will not
+    /// come. The read must be over.
+    pub(crate) fn direct_unclaim(
+        &self,
+        host: u16,
+        req_id: u64,
+        mut dest: Box<DirectDest>,
+        n: &mut Notify,
+    ) {
+        if let Some(w) = dest.write.take() {
+            if w.notify.is_some() {
+                self.unreserve_notification(dest.dev);
+            }
+            return;
+        }
+        if let Some(r) = self.take_direct(host, req_id, &dest) {
+            self.rematch(dest.dev, dest.ep, r.rreq, n);
+        }
+    }
+
+    /// A notification reserved by [`Fabric::reserve_notification`] that will not be made.
+    fn unreserve_notification(&self, dev: usize) {
+        let mut d = self.dev(dev);
+        d.unexpected_bytes = d.unexpected_bytes.saturating_sub(eager_cost(0));
+    }
+
+    /// Receives of a closing endpoint (or a stopping queue) that wait for uplink reads into
+    /// their buffers: each is handed back (completed `Canceled`, or forgotten when `silent`)
+    /// only once its read is over. The message's sender hears PEER_GONE from the uplink when
+    /// the read ends (see [`Fabric::direct_placed`]).
+    pub(super) fn direct_closed(
+        &self,
+        dev: usize,
+        port: Option<&Port>,
+        direct: Vec<DirectRecv>,
+        silent: bool,
+        n: &mut Notify,
+    ) {
+        for r in direct {
+            if !r.fence.has_ended() {
+                tracing::info!(
+                    dev,
+                    host = r.host,
+                    req_id = r.req_id,
+                    "a closing receive waits for the uplink read into its buffer"
+                );
+                r.fence.wait();
+                tracing::info!(
+                    dev,
+                    host = r.host,
+                    req_id = r.req_id,
+                    "a closing receive handed back after its read"
+                );
+            }
+            if let (false, Some(port)) = (silent, port) {
+                self.fail(dev, port, &r.rreq, Status::Canceled, n);
+            }
+        }
+    }
+
     /// Another stub of `host`'s messages, if it has fewer than [`MAX_STUBS_PER_HOST`].
     fn stub_reserve(&self, host: u16) -> bool {
         let mut s = self.remote_stubs.lock().unwrap_or_else(|p| p.into_inner());
@@ -1831,6 +2204,85 @@ mod tests {
     }
 
     /// A rendezvous message not read yet is a stub at once when it would be one once read.
+    /// Write `bytes` where a direct read of `dest` lands (what the uplink's `fi_read` does).
+    fn land(dest: &super::DirectDest, bytes: &[u8]) {
+        let g = dest.bytes.as_ref().unwrap();
+        assert!(bytes.len() <= dest.len && dest.len <= g.len());
+        // SAFETY: the receive's buffer, mapped through `g`, claimed for this read.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), g.ptr().cast_mut(), bytes.len()) };
+    }
+
+    #[test]
+    fn a_receive_read_into_directly_completes_once_and_only_after_its_read() {
+        let mut w = World::new(1, limits());
+        let b = w.open(0, RDM);
+        let msg = |i: u8, len: usize| vec![i; len];
+        // Claimed before the read, completed when placed, as accept_remote would.
+        let r1 = w.recv(0, b, None, 0, 1, 0, 60_000);
+        let m1 = incoming(1, b, None, &msg(1, 50_000));
+        let d1 = w
+            .fabric
+            .claim_direct(2, 1, &m1.desc)
+            .expect("a posted receive");
+        assert_eq!(d1.len, 50_000);
+        assert!(w.result(&r1).is_none());
+        // A later message does not find the claimed receive: it is buffered.
+        assert_eq!(accept(&w, incoming(2, b, None, b"two")), Some(Status::Ok));
+        land(&d1, &msg(1, 50_000));
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.direct_placed(2, 1, d1, &mut n), Status::Ok);
+        drop(n);
+        assert_eq!(w.data(&r1, 50_000), msg(1, 50_000));
+        let r2 = w.recv(0, b, None, 0, 2, 0, 100);
+        assert_eq!(w.data(&r2, 3), b"two");
+        // No posted receive: not claimed.
+        let m3 = incoming(3, b, None, &msg(3, 50_000));
+        assert!(w.fabric.claim_direct(2, 3, &m3.desc).is_none());
+
+        // A failed read gives the receive back to matching, in front of later receives.
+        let r4 = w.recv(0, b, None, 0, 4, 0, 60_000);
+        let d4 = w.fabric.claim_direct(2, 4, &m3.desc).expect("claimed");
+        let r5 = w.recv(0, b, None, 0, 5, 0, 60_000);
+        let mut n = Notify::default();
+        w.fabric.direct_unclaim(2, 4, d4, &mut n);
+        drop(n);
+        assert_eq!(accept(&w, incoming(6, b, None, b"six")), Some(Status::Ok));
+        assert_eq!(w.data(&r4, 3), b"six", "the older receive first");
+        assert!(w.result(&r5).is_none());
+
+        // EP_CLOSE with a read in flight: the close waits for the read's end, then the receive
+        // completes CANCELED; the late placement finds nothing (its sender hears PEER_GONE).
+        let d7 = w.fabric.claim_direct(2, 7, &m3.desc).expect("claimed");
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            land(&d7, &msg(7, 50_000));
+            let at = std::time::Instant::now();
+            d7.fence.end();
+            (d7, at)
+        });
+        let mut cl = Request::new(Opcode::EpClose);
+        cl.ep = b.ep;
+        let h = w.submit(0, cl, &[], 0);
+        let closed = std::time::Instant::now();
+        let (d7, ended) = reader.join().unwrap();
+        assert!(ended <= closed, "EP_CLOSE completed before the read ended");
+        assert_eq!(w.status(&h), Some(Status::Ok));
+        assert_eq!(w.status(&r5), Some(Status::Canceled));
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.direct_placed(2, 7, d7, &mut n), Status::PeerGone);
+        drop(n);
+
+        // A reset with a read in flight whose destination was dropped (the uplink stopped):
+        // the fence ends with it, the reset does not hang.
+        let c = w.open(0, RDM);
+        let _r8 = w.recv(0, c, None, 0, 8, 0, 60_000);
+        let m8 = incoming(8, c, None, &msg(8, 50_000));
+        let d8 = w.fabric.claim_direct(2, 8, &m8.desc).expect("claimed");
+        drop(d8);
+        let mut n = Notify::default();
+        w.fabric.reset(0, Teardown::Silent, &mut n);
+    }
+
     #[test]
     fn an_unread_rendezvous_message_past_the_bound_is_a_stub_without_its_bytes() {
         let mut w = World::new(1, stub_limits());

@@ -512,6 +512,41 @@ impl RdmEndpoint {
         check("fi_read", rc)
     }
 
+    /// `fi_read` of `len` bytes into `dst` (registered as `mr`) from `addr`/`key` of `src`.
+    ///
+    /// # Safety
+    /// `dst..dst + len` stays mapped and is written by nobody else, and `mr` lives, until a
+    /// completion with `context` is read or the connection to `src` is closed.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn read_raw(
+        &self,
+        dst: *mut u8,
+        len: usize,
+        mr: &Mr,
+        src: u64,
+        addr: u64,
+        key: u64,
+        context: u64,
+    ) -> Result<(), FiError> {
+        // SAFETY: per the caller's contract; the endpoint is open.
+        let rc = unsafe {
+            op!(
+                (*self.ep).rma,
+                read(
+                    self.ep,
+                    dst.cast(),
+                    len,
+                    mr.desc,
+                    src,
+                    addr,
+                    key,
+                    context as *mut c_void
+                )
+            )
+        };
+        check("fi_read", rc)
+    }
+
     /// `fi_write` of `buf` (registered as `mr`) to `addr`/`key` of peer `dest`.
     ///
     /// # Safety

@@ -27,6 +27,7 @@ use super::fi::Mr;
 use super::remote::{GuestBytes, RemoteSend};
 use super::wire::{self, rdv_flags, Message, Rdv, RdvDesc};
 use super::{Outgoing, Stale, Worker};
+use crate::fabric::DirectDest;
 
 /// Requests with more bytes than this (or reads returning more) go by rendezvous: beyond
 /// two DATA chunks one RMA transfer costs less than the chunks' copies and messages.
@@ -68,6 +69,111 @@ impl Staged {
     }
 }
 
+/// A mapping of its own, for one read, of the guest pages a read into a receive or target
+/// region writes (the same pages as the device's mapping: the bytes land in guest memory with
+/// no copy). It can be *revoked*: mapped over with private anonymous memory, after which
+/// nothing the provider still writes for that read reaches the guest (a socket's late bytes
+/// land in the daemon's throw-away pages), so the receive can be handed back at once, whatever
+/// the provider does with the operation. Unmapped when the op goes.
+struct Shadow {
+    /// The file bytes it maps: kept (idle) after its read for the next read of the same bytes
+    /// (a receive buffer posted again), since mapping costs about what the copy it saves does.
+    key: ShadowKey,
+    base: usize,
+    map_len: usize,
+    /// Address of the first byte to write (inside the mapping).
+    at: usize,
+    revoked: bool,
+}
+
+/// Which file bytes a shadow maps: the file's device and inode (the mapping keeps the file,
+/// so its inode is not reused meanwhile), the offset of the first byte, the length.
+type ShadowKey = (u64, u64, u64, usize);
+
+/// Idle shadows kept at most, and how long one is kept unused (it keeps the guest's memory
+/// file open: a guest that left is freed within this).
+const MAX_IDLE_SHADOWS: usize = 64;
+const SHADOW_IDLE: Duration = Duration::from_secs(2);
+
+impl Shadow {
+    /// The file, key and offset of the `len` bytes of `g`.
+    fn locate(g: &GuestBytes, len: usize) -> Option<(std::os::fd::RawFd, ShadowKey)> {
+        let (fd, off) = g.file_at()?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `fd` is open (the guest memory in `g` holds it); `st` is room for a stat.
+        if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: fstat succeeded and filled it.
+        let st = unsafe { st.assume_init() };
+        Some((fd, (st.st_dev, st.st_ino, off, len)))
+    }
+
+    /// Map the bytes `key` names (of file `fd`) once more; `None` when they cannot be mapped
+    /// (then the read goes through a daemon buffer).
+    fn new(fd: std::os::fd::RawFd, key: ShadowKey) -> Option<Shadow> {
+        let (_, _, off, len) = key;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+        let delta = (off % page as u64) as usize;
+        let map_len = (delta + len).div_ceil(page) * page;
+        let file_off = libc::off_t::try_from(off - delta as u64).ok()?;
+        // SAFETY: a new shared mapping of the guest's file at an address the kernel picks;
+        // nothing else refers to it. MAP_POPULATE faults the pages in now (not one by one
+        // under the read).
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                file_off,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            debug!(
+                "uplink: no mapping of a receive's pages: {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        Some(Shadow {
+            key,
+            base: base as usize,
+            map_len,
+            at: base as usize + delta,
+            revoked: false,
+        })
+    }
+
+    /// Cut the mapping from the guest's pages (see the type). Returns whether it held.
+    fn revoke(&mut self) -> bool {
+        // SAFETY: replaces exactly our own mapping (MAP_FIXED over `base..base + map_len`)
+        // with anonymous memory, atomically for any thread writing it meanwhile.
+        let p = unsafe {
+            libc::mmap(
+                self.base as *mut libc::c_void,
+                self.map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        self.revoked = p as usize == self.base;
+        self.revoked
+    }
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; the op that wrote it is over (or its registration closed
+        // and its connection's late bytes go nowhere we care about: revoked).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.map_len) };
+    }
+}
+
 /// How long a withdrawn zero-copy source stays registered at most when its target does not
 /// answer the CANCEL (a misbehaving peer): then it is closed anyway.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -93,7 +199,12 @@ enum Inbound {
         /// Its sender withdrew it (CANCEL) while it was being read: dropped when the read
         /// completes, and answered CANCELED then (the sender keeps its source until that).
         canceled: bool,
+        /// Its read lands straight in the receive it matched (the op holds where).
+        direct: bool,
     },
+    /// Read straight into the receive it matched: that receive completes when it is at the
+    /// front (receives complete in arrival order).
+    Placed { req_id: u64, dest: Box<DirectDest> },
     /// Could not be read: its sender gets `status` when it is at the front.
     Failed { req_id: u64, status: Status },
 }
@@ -103,7 +214,13 @@ enum Op {
     Read {
         host: u16,
         req_id: u64,
+        /// For a direct read, the registration of the receive's buffer (no daemon buffer).
         staged: Staged,
+        /// The receive it reads into; its fence ends when the read is over (or when the
+        /// read is revoked: then `None` with `shadow` still there).
+        direct: Option<Box<DirectDest>>,
+        /// The read's own mapping of the guest pages it writes (direct reads only).
+        shadow: Option<Shadow>,
     },
     Write {
         host: u16,
@@ -140,9 +257,62 @@ pub(super) struct Rendezvous {
     pub zero_copy_bytes: u64,
     pub staged_bytes: u64,
     logged: (u64, u64),
+    /// Bytes of messages read at this end straight into the receive they matched, and read
+    /// into a daemon buffer that the fabric then copies, since the start; logged when they
+    /// change.
+    pub placed_bytes: u64,
+    pub copied_bytes: u64,
+    logged_reads: (u64, u64),
+    /// Shadows no read uses now, with when they were last used (most recent last).
+    idle_shadows: Vec<(Shadow, Instant)>,
+    /// Shadows mapped for reads, and reads that used an idle one again (logged with the reads).
+    shadows_mapped: u64,
+    shadows_reused: u64,
+}
+
+impl Drop for Rendezvous {
+    /// The uplink stops (the daemon exits): no progress call is made after this, so nothing
+    /// writes into a receive's buffer any more; receives waiting for their reads go.
+    fn drop(&mut self) {
+        for op in self.ops.values() {
+            if let Op::Read {
+                direct: Some(d), ..
+            } = op
+            {
+                d.fence.end();
+            }
+        }
+    }
 }
 
 impl Rendezvous {
+    /// A mapping of the `len` bytes of `g` for a read: an idle one of the same bytes, or new.
+    fn take_shadow(&mut self, g: &GuestBytes, len: usize) -> Option<Shadow> {
+        let (fd, key) = Shadow::locate(g, len)?;
+        match self.idle_shadows.iter().rposition(|(s, _)| s.key == key) {
+            Some(i) => {
+                self.shadows_reused += 1;
+                Some(self.idle_shadows.remove(i).0)
+            }
+            None => {
+                let s = Shadow::new(fd, key)?;
+                self.shadows_mapped += 1;
+                Some(s)
+            }
+        }
+    }
+
+    /// A shadow whose read is over (not revoked) is kept for the next read of its bytes.
+    fn keep_shadow(&mut self, s: Shadow) {
+        if s.revoked {
+            return;
+        }
+        if self.idle_shadows.len() >= MAX_IDLE_SHADOWS {
+            self.idle_shadows.remove(0);
+        }
+        self.idle_shadows.push((s, Instant::now()));
+    }
+
     /// A source whose request is over (or withdrawn): a daemon buffer closes now; guest
     /// memory stays registered until its host answers (see `draining`), so that no read of
     /// it is in flight when the registration and the mapping go.
@@ -387,7 +557,8 @@ impl Worker {
         };
         let Some(item) = q.iter_mut().find(|i| {
             matches!(i, Inbound::Ready { req_id: r, .. } | Inbound::Fetch { req_id: r, .. }
-                | Inbound::Failed { req_id: r, .. } if *r == req_id)
+                | Inbound::Failed { req_id: r, .. } | Inbound::Placed { req_id: r, .. }
+                if *r == req_id)
         }) else {
             return false;
         };
@@ -398,9 +569,17 @@ impl Worker {
                 ..
             } => *canceled = true,
             _ => {
-                *item = Inbound::Failed {
-                    req_id,
-                    status: Status::Canceled,
+                let was = std::mem::replace(
+                    item,
+                    Inbound::Failed {
+                        req_id,
+                        status: Status::Canceled,
+                    },
+                );
+                // Its bytes are in the receive, which was not completed: matched again.
+                if let Inbound::Placed { dest, .. } = was {
+                    self.fabric
+                        .direct_unclaim(host, req_id, dest, &mut self.notify);
                 }
             }
         }
@@ -479,6 +658,7 @@ impl Worker {
                         head: chunk.to_vec(),
                         op: None,
                         canceled: false,
+                        direct: false,
                     }
                 } else {
                     Inbound::Ready {
@@ -571,11 +751,14 @@ impl Worker {
             .iter()
             .filter(|i| matches!(i, Inbound::Fetch { op: Some(_), .. }))
             .count();
+        // Every message ahead has matched its receive already (read straight into it): this
+        // one may match now too, so matching keeps arrival order.
+        let mut matched_ahead = true;
         for item in q.iter_mut() {
             if reading >= MAX_READS_PER_HOST {
                 break;
             }
-            let Inbound::Fetch {
+            if let Inbound::Fetch {
                 req_id,
                 desc,
                 src,
@@ -583,22 +766,36 @@ impl Worker {
                 key,
                 head,
                 op: op @ None,
+                direct,
                 ..
             } = item
-            else {
-                continue;
-            };
-            let req_id = *req_id;
-            let total = desc.total_len.into();
-            match self.start_read(host, req_id, total, head, *src, *addr, *key) {
-                Ok(Some(ctx)) => {
-                    *op = Some(ctx);
-                    reading += 1;
+            {
+                let req_id = *req_id;
+                let claim = matched_ahead.then_some(&*desc);
+                match self.start_read(
+                    host,
+                    req_id,
+                    claim,
+                    desc.total_len.into(),
+                    head,
+                    *src,
+                    *addr,
+                    *key,
+                ) {
+                    Ok(Some((ctx, d))) => {
+                        *op = Some(ctx);
+                        *direct = d;
+                        reading += 1;
+                    }
+                    // No room at the provider now: the next turn tries again.
+                    Ok(None) => break,
+                    Err(status) => *item = Inbound::Failed { req_id, status },
                 }
-                // No room at the provider now: the next turn tries again.
-                Ok(None) => break,
-                Err(status) => *item = Inbound::Failed { req_id, status },
             }
+            matched_ahead &= matches!(
+                item,
+                Inbound::Fetch { direct: true, .. } | Inbound::Placed { .. }
+            );
         }
         while let Some(front) = q.front() {
             match front {
@@ -613,6 +810,12 @@ impl Worker {
                         self.rdv.peer_sinks.remove(&(host, req_id));
                         self.reply(host, req_id, status, &[]);
                     }
+                    Some(Inbound::Placed { req_id, dest }) => {
+                        let status =
+                            self.fabric
+                                .direct_placed(host, req_id, dest, &mut self.notify);
+                        self.reply(host, req_id, status, &[]);
+                    }
                     _ => {}
                 },
             }
@@ -624,23 +827,43 @@ impl Worker {
 
     /// Post the read of a peer's source (the `len` bytes of a request after its inline
     /// `head`): `Ok(None)` when the provider has no room now.
+    ///
+    /// With `claim` (the message's description; every earlier message of `host` matched
+    /// already), a plain message that a posted receive with a one-range buffer matches is read
+    /// straight into that buffer: `Ok(Some((ctx, true)))`.
     #[allow(clippy::too_many_arguments)]
     fn start_read(
         &mut self,
         host: u16,
         req_id: u64,
+        claim: Option<&wire::Data>,
         len: u64,
         head: &[u8],
         src: u64,
         addr: u64,
         key: u64,
-    ) -> Result<Option<u64>, Status> {
+    ) -> Result<Option<(u64, bool)>, Status> {
         let Ok(len) = usize::try_from(len) else {
             return Err(Status::TooLarge);
         };
         // The parser saw to it that the source holds at least one byte.
         if head.len() >= len {
             return Err(Status::Invalid);
+        }
+        if let Some(desc) = claim.filter(|_| self.direct_reads_on()) {
+            let dest = if head.is_empty() {
+                self.fabric.claim_direct(host, req_id, desc)
+            } else {
+                self.fabric.claim_direct_write(host, desc, head)
+            };
+            if let Some(dest) = dest {
+                match self.start_direct_read(host, req_id, dest, src, addr, key) {
+                    Ok(ctx) => return Ok(Some((ctx, true))),
+                    // Read into a daemon buffer instead (the receive was matched again).
+                    Err(again) if again => return Ok(None),
+                    Err(_) => {}
+                }
+            }
         }
         let mut buf = vec![0u8; len];
         buf[..head.len()].copy_from_slice(head);
@@ -679,15 +902,176 @@ impl Worker {
                         host,
                         req_id,
                         staged,
+                        direct: None,
+                        shadow: None,
                     },
                 );
-                Ok(Some(ctx))
+                Ok(Some((ctx, false)))
             }
             Err(e) if e.is_again() => Ok(None),
             Err(e) => {
                 debug!(host, req_id, "uplink: rendezvous read not posted: {e}");
                 Err(Status::HostUnreach)
             }
+        }
+    }
+
+    /// Register the first `dest.len` bytes of a claimed receive's buffer and post the read of
+    /// the peer's source into them. `Err(again)`: not posted, and the receive was matched
+    /// again (`again`: the provider had no room, try later; else read into a daemon buffer).
+    fn start_direct_read(
+        &mut self,
+        host: u16,
+        req_id: u64,
+        mut dest: Box<DirectDest>,
+        src: u64,
+        addr: u64,
+        key: u64,
+    ) -> Result<u64, bool> {
+        let Some(g) = dest.bytes.take() else {
+            self.fabric
+                .direct_unclaim(host, req_id, dest, &mut self.notify);
+            return Err(false);
+        };
+        // Writes of one peer land in order: bytes that overlap those of a read still in
+        // flight go through a daemon buffer, copied when their turn comes.
+        let (lo, hi) = (g.ptr() as usize, g.ptr() as usize + dest.len);
+        let overlaps = self.rdv.ops.values().any(|op| match op {
+            Op::Read {
+                staged: Staged { guest: Some(o), .. },
+                direct: Some(_),
+                ..
+            } => (o.ptr() as usize) < hi && lo < o.ptr() as usize + o.len(),
+            _ => false,
+        });
+        if overlaps {
+            dest.fence.end();
+            self.fabric
+                .direct_unclaim(host, req_id, dest, &mut self.notify);
+            return Err(false);
+        }
+        let Some(shadow) = self.rdv.take_shadow(&g, dest.len) else {
+            dest.fence.end();
+            self.fabric
+                .direct_unclaim(host, req_id, dest, &mut self.notify);
+            return Err(false);
+        };
+        // SAFETY: the shadow mapping lives in the op with the registration, which is closed
+        // before it is unmapped; the receive it names is the fabric's no more until the fence
+        // ends (after the read, or its revocation).
+        let mr = match unsafe {
+            self.ep
+                .register_raw(shadow.at as *const u8, dest.len, u64::from(sys::FI_READ))
+        } {
+            Ok(mr) => mr,
+            Err(e) => {
+                debug!(
+                    host,
+                    req_id, "uplink: a receive's buffer not registered: {e}"
+                );
+                dest.fence.end();
+                self.fabric
+                    .direct_unclaim(host, req_id, dest, &mut self.notify);
+                return Err(false);
+            }
+        };
+        self.rdv.next_op += 1;
+        let ctx = RMA_CONTEXT + self.rdv.next_op;
+        // SAFETY: the `dest.len` bytes at `shadow.at` (the receive's guest pages, mapped once
+        // more) stay mapped, in the op with the registration, until the completion with
+        // `ctx`; the guest does not get the receive back before the op's fence ends, which is
+        // after the read or after `shadow` was revoked (then the read writes throw-away pages).
+        let rc = unsafe {
+            self.ep
+                .read_raw(shadow.at as *mut u8, dest.len, &mr, src, addr, key, ctx)
+        };
+        match rc {
+            Ok(()) => {
+                self.rdv.ops.insert(
+                    ctx,
+                    Op::Read {
+                        host,
+                        req_id,
+                        staged: Staged {
+                            mr,
+                            buf: Vec::new(),
+                            guest: Some(g),
+                        },
+                        direct: Some(dest),
+                        shadow: Some(shadow),
+                    },
+                );
+                Ok(ctx)
+            }
+            Err(e) => {
+                drop((mr, g));
+                self.rdv.keep_shadow(shadow);
+                dest.fence.end();
+                self.fabric
+                    .direct_unclaim(host, req_id, dest, &mut self.notify);
+                if !e.is_again() {
+                    debug!(
+                        host,
+                        req_id, "uplink: direct rendezvous read not posted: {e}"
+                    );
+                }
+                Err(e.is_again())
+            }
+        }
+    }
+
+    /// Whether reads land in guests' receives and regions (`VFABRIC_UPLINK_DIRECT=0` in the
+    /// environment turns them off: everything goes through daemon buffers, as before).
+    fn direct_reads_on(&self) -> bool {
+        self.ep.rma() && std::env::var("VFABRIC_UPLINK_DIRECT").map_or(true, |v| v != "0")
+    }
+
+    /// `host` is lost (peer timeout) while reads from it into guests' receives or regions are
+    /// in flight: a silent link never ends them by itself (TCP waits for minutes), so each
+    /// is revoked (its mapping of the guest pages cut: whatever the provider still writes for
+    /// it lands in throw-away pages) and its receive handed back to be matched again, its
+    /// region access ended. The op stays until the provider completes it (or forever: a few
+    /// pages of address space).
+    fn revoke_lost_reads(&mut self, host: u16) {
+        let mut revoked = 0;
+        let mut kept = 0;
+        let reads: Vec<u64> = self
+            .rdv
+            .ops
+            .iter()
+            .filter(|(_, op)| matches!(op, Op::Read { host: h, direct: Some(_), .. } if *h == host))
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in reads {
+            let Some(Op::Read {
+                req_id,
+                direct,
+                shadow: Some(shadow),
+                ..
+            }) = self.rdv.ops.get_mut(&ctx)
+            else {
+                continue;
+            };
+            if !shadow.revoke() {
+                // Still the guest's pages: the receive waits for the read's own end.
+                kept += 1;
+                continue;
+            }
+            let req_id = *req_id;
+            if let Some(dest) = direct.take() {
+                dest.fence.end();
+                self.fabric
+                    .direct_unclaim(host, req_id, dest, &mut self.notify);
+            }
+            revoked += 1;
+        }
+        if revoked + kept > 0 {
+            tracing::info!(
+                host,
+                revoked,
+                kept,
+                "uplink: reads into guest memory from a lost host revoked"
+            );
         }
     }
 
@@ -748,10 +1132,70 @@ impl Worker {
             return;
         };
         match op {
+            // Revoked (its host was lost): its receive was handed back then.
+            Op::Read {
+                direct: None,
+                shadow: Some(_),
+                ..
+            } => {}
             Op::Read {
                 host,
                 req_id,
                 staged,
+                direct: Some(dest),
+                shadow,
+            } => {
+                // The read is over: nothing writes the receive's buffer any more.
+                drop(staged);
+                if let Some(sh) = shadow {
+                    self.rdv.keep_shadow(sh);
+                }
+                dest.fence.end();
+                if let Some(e) = &err {
+                    debug!(host, req_id, "uplink: direct rendezvous read failed: {e}");
+                } else {
+                    self.rdv_done(host, false);
+                }
+                let item = self.rdv.inbound.get_mut(&host).and_then(|q| {
+                    q.iter_mut().find(|i| {
+                        matches!(i, Inbound::Fetch { req_id: r, op: Some(o), .. } if *r == req_id && *o == ctx)
+                    })
+                });
+                let Some(item) = item else {
+                    // Its host was lost meanwhile: the receive is matched again.
+                    return self
+                        .fabric
+                        .direct_unclaim(host, req_id, dest, &mut self.notify);
+                };
+                let Inbound::Fetch { canceled, .. } = *item else {
+                    return;
+                };
+                *item = match err {
+                    None if !canceled => {
+                        self.rdv.placed_bytes += dest.len as u64;
+                        Inbound::Placed { req_id, dest }
+                    }
+                    _ => {
+                        self.fabric
+                            .direct_unclaim(host, req_id, dest, &mut self.notify);
+                        Inbound::Failed {
+                            req_id,
+                            status: if canceled {
+                                Status::Canceled
+                            } else {
+                                Status::HostUnreach
+                            },
+                        }
+                    }
+                };
+                self.rdv_pump(host);
+            }
+            Op::Read {
+                host,
+                req_id,
+                staged,
+                direct: None,
+                shadow: None,
             } => {
                 if let Some(e) = &err {
                     debug!(host, req_id, "uplink: rendezvous read failed: {e}");
@@ -776,11 +1220,15 @@ impl Worker {
                         req_id,
                         status: Status::Canceled,
                     },
-                    None => Inbound::Ready {
-                        req_id,
-                        desc,
-                        bytes: staged.into_bytes(),
-                    },
+                    None => {
+                        // The fabric copies these into the receive or target region.
+                        self.rdv.copied_bytes += staged.buf.len() as u64;
+                        Inbound::Ready {
+                            req_id,
+                            desc,
+                            bytes: staged.into_bytes(),
+                        }
+                    }
                     // The sender's buffer is gone or the link broke: the data cannot come.
                     Some(_) => Inbound::Failed {
                         req_id,
@@ -863,6 +1311,21 @@ impl Worker {
             }
             keep
         });
+        let now = Instant::now();
+        self.rdv
+            .idle_shadows
+            .retain(|(_, since)| now.duration_since(*since) < SHADOW_IDLE);
+        let reads = (self.rdv.placed_bytes, self.rdv.copied_bytes);
+        if reads != self.rdv.logged_reads {
+            self.rdv.logged_reads = reads;
+            tracing::info!(
+                mapped = self.rdv.shadows_mapped,
+                reused = self.rdv.shadows_reused,
+                "uplink: rendezvous reads: {} bytes placed in guest memory, {} bytes copied",
+                reads.0,
+                reads.1
+            );
+        }
         let counts = (self.rdv.zero_copy_bytes, self.rdv.staged_bytes);
         if counts != self.rdv.logged {
             self.rdv.logged = counts;
@@ -894,6 +1357,7 @@ impl Worker {
     /// `host` is lost: what it sent and we did not deliver is dropped (its request ids are
     /// returned for their verdicts); reads in flight keep their buffers until they complete.
     pub(super) fn rdv_host_lost(&mut self, host: u16) -> Vec<u64> {
+        self.revoke_lost_reads(host);
         self.rdv.peer_sinks.retain(|(h, _), _| *h != host);
         // Our requests to it failed (their pending entries went with the host). A zero-copy
         // source drains: its link may still carry a read of it.
@@ -919,6 +1383,12 @@ impl Worker {
                 Inbound::Ready { req_id, .. }
                 | Inbound::Fetch { req_id, .. }
                 | Inbound::Failed { req_id, .. } => req_id,
+                Inbound::Placed { req_id, dest } => {
+                    // Read, not completed: the receive is matched again.
+                    self.fabric
+                        .direct_unclaim(host, req_id, dest, &mut self.notify);
+                    req_id
+                }
             })
             .collect()
     }

@@ -78,6 +78,19 @@ impl GuestBytes {
         self.ptr as *const u8
     }
 
+    /// The file behind the bytes (a vhost-user frontend shares each memory region as one)
+    /// and the offset of their first byte in it; open as long as `self` lives.
+    pub fn file_at(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+        let s = self.segs.segs.first()?;
+        let r = self.mem.find_region(GuestAddress(s.addr))?;
+        let fo = r.file_offset()?;
+        Some((
+            fo.file().as_raw_fd(),
+            fo.start().checked_add(s.addr - r.start_addr().0)?,
+        ))
+    }
+
     /// Append a copy of the bytes to `out` (they go in chunks after all).
     pub fn copy_into(&self, out: &mut Vec<u8>) -> Result<(), crate::chain::MemFault> {
         let at = out.len();
