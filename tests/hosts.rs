@@ -1534,10 +1534,14 @@ fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers(
     let (a, b, to_b) = guests_on(&d);
     const LEN: usize = 1 << 20;
     const N: u64 = 12;
-    // Host 1's link at 50 Mbit/s: the 12 MiB take about two seconds, so the guest leaves
-    // with host 2's reads of its memory in flight.
+    // Host 1's link at 50 Mbit/s, and receives for only the first RECEIVED messages: those
+    // are read (about 0.7 s on that link), so the guest leaves with host 2's reads of its
+    // memory in flight, and the others wait as rendezvous at host 2. However slowly this test
+    // is scheduled, at most RECEIVED messages can arrive, and the link is never so full that
+    // the hosts' greetings miss the peer timeout.
+    const RECEIVED: u64 = 4;
     lan.throttle(0, Some("50mbit"));
-    for i in 0..N {
+    for i in 0..RECEIVED {
         b.ep.recv_vec(LEN, 100 + i).unwrap();
     }
     for i in 0..N {
@@ -1563,7 +1567,10 @@ fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers(
     // What host 2 delivered is whole.
     let delivered = whole_messages(&b, 40, LEN, u64::MAX, Duration::from_secs(3));
     println!("{delivered} of {N} large messages arrived before the guest left");
-    assert!(delivered < N, "the guest left with reads in flight");
+    assert!(
+        delivered <= RECEIVED,
+        "only {RECEIVED} receives were posted"
+    );
     for h in &d {
         assert!(!h.log().contains("no answer to a CANCEL"), "{}", h.log());
     }
