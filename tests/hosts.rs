@@ -1582,6 +1582,37 @@ fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers(
     large_rma(&a, &b, 9);
 }
 
+/// A link kept full by large reads for longer than the peer timeout (1.5 s here): the reads'
+/// completions prove the peer alive even while its greetings wait behind the data, so neither
+/// host declares the other lost, and every message arrives whole.
+#[test]
+fn a_link_busy_with_reads_past_the_peer_timeout_keeps_its_peer_up() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    const N: u64 = 12;
+    // 12 MiB at 20 Mbit/s: about five seconds of data from host 1 to host 2.
+    lan.throttle(0, Some("20mbit"));
+    for i in 0..N {
+        b.ep.recv_vec(LEN, 100 + i).unwrap();
+    }
+    for i in 0..N {
+        a.ep.send(&pattern(70 + i as u32, LEN), to_b, i).unwrap();
+    }
+    let delivered = whole_messages(&b, 70, LEN, N, Duration::from_secs(40));
+    lan.throttle(0, None);
+    for i in 0..N {
+        let c = a.next();
+        assert!(c.context < N, "send {i} completes OK");
+    }
+    assert_eq!(delivered, N);
+    for h in &d {
+        assert!(!h.log().contains("uplink peer down"), "{}", h.log());
+    }
+}
+
 /// The `req_id=N` field of a log line.
 fn req_id_of(line: &str) -> u64 {
     let rest = line.split("req_id=").nth(1).expect("a req_id field");

@@ -1435,7 +1435,28 @@ impl Worker {
                 "host {host_id} did not introduce itself"
             ))),
             Ok(p) if !p.is_up(Instant::now(), timeout) => Err(Stale::Down),
-            Ok(_) => Ok(()),
+            Ok(p) => {
+                // Any message from a peer that is up proves it alive: a link busy with bulk
+                // data may hold its HELLOs back past the timeout.
+                p.last_heard = Some(Instant::now());
+                Ok(())
+            }
+        }
+    }
+
+    /// An RMA operation with `host` completed: it is alive (a link full of read data may hold
+    /// its HELLOs back past the timeout). A peer already declared down is not revived by
+    /// this; only its HELLO does that.
+    pub(super) fn heard_from(&mut self, host: u16) {
+        let now = Instant::now();
+        let timeout = self.set.timeout;
+        if let Some(p) = self
+            .set
+            .peers
+            .iter_mut()
+            .find(|p| p.host_id == host && p.is_up(now, timeout))
+        {
+            p.last_heard = Some(now);
         }
     }
 

@@ -1131,6 +1131,10 @@ impl Worker {
         let Some(op) = self.rdv.ops.remove(&ctx) else {
             return;
         };
+        if err.is_none() {
+            let (Op::Read { host, .. } | Op::Write { host, .. }) = op;
+            self.heard_from(host);
+        }
         match op {
             // Revoked (its host was lost): its receive was handed back then.
             Op::Read {
