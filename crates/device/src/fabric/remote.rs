@@ -27,7 +27,7 @@ use super::{eager_cost, Body, Dev, Fabric, Meta, Msg, Notify, Port};
 use crate::chain::{completion, Req};
 use crate::stats::Counters;
 use crate::uplink::rdv::RDV_THRESHOLD;
-use crate::uplink::remote::{returns_bytes, GuestBytes, Outbound, RemoteSend};
+use crate::uplink::remote::{returns_bytes, send_payload, GuestBytes, Outbound, RemoteSend};
 use crate::uplink::wire::{self, data_flags};
 
 /// The `src_dev` of queued messages from another host (no local device sent them).
@@ -255,25 +255,10 @@ impl Fabric {
         if let Err(status) = self.outbox.reserve(key, len) {
             return self.fail(dev, port, &req, status, n);
         }
-        // Large bytes in one guest range stay where they are: the uplink names them to the
-        // target as a rendezvous source, or copies them if they go in chunks.
-        let guest = if len as usize > RDV_THRESHOLD {
-            GuestBytes::new(port.mem.memory().into_inner(), &req.payload)
-        } else {
-            None
+        let Some((guest, payload)) = send_payload(port, &req.payload, len) else {
+            self.outbox.finished(key, len);
+            return self.fail(dev, port, &req, Status::Fault, n);
         };
-        let mut payload = Vec::new();
-        if guest.is_none() {
-            payload.resize(len as usize, 0);
-            if req
-                .payload
-                .read_at(&port.mem.memory(), 0, &mut payload)
-                .is_err()
-            {
-                self.outbox.finished(key, len);
-                return self.fail(dev, port, &req, Status::Fault, n);
-            }
-        }
         let mut wire_flags = 0;
         if r.flags & flags::REMOTE_CQ_DATA != 0 {
             wire_flags |= data_flags::REMOTE_CQ_DATA;

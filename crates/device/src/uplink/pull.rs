@@ -11,10 +11,8 @@
 
 use tracing::debug;
 use vfabric_proto::Status;
-use vm_memory::GuestAddressSpace;
 
-use super::rdv::RDV_THRESHOLD;
-use super::remote::{GuestBytes, Outbound, RemoteSend};
+use super::remote::{send_payload, Outbound, RemoteSend};
 use super::wire::{data_flags, Message};
 use super::Worker;
 
@@ -42,26 +40,13 @@ impl Worker {
             return debug!(host, req_id, "uplink: a PULL for no message of ours");
         };
         // Large bytes in one guest range are named to the target where they are (no copy).
-        let guest = if len as usize > RDV_THRESHOLD {
-            GuestBytes::new(port.mem.memory().into_inner(), &req.payload)
-        } else {
-            None
+        let Some((guest, payload)) = send_payload(&port, &req.payload, len) else {
+            // The guest's memory went: the message fails, and the CANCEL lets the target
+            // match its receive again.
+            self.complete_pending(req_id, Some(host), Status::Fault);
+            self.outbox.push(Outbound::Cancel { host, req_id });
+            return;
         };
-        let mut payload = Vec::new();
-        if guest.is_none() {
-            payload.resize(len as usize, 0);
-            if req
-                .payload
-                .read_at(&port.mem.memory(), 0, &mut payload)
-                .is_err()
-            {
-                // The guest's memory went: the message fails, and the CANCEL lets the target
-                // match its receive again.
-                self.complete_pending(req_id, Some(host), Status::Fault);
-                self.outbox.push(Outbound::Cancel { host, req_id });
-                return;
-            }
-        }
         desc.req_id = req_id.into();
         desc.flags = (u32::from(desc.flags) | data_flags::PULLED).into();
         self.outbox.push(Outbound::Send(Box::new(RemoteSend {

@@ -52,6 +52,28 @@ pub(crate) struct GuestBytes {
     len: usize,
 }
 
+/// A send's bytes as they leave: large bytes in one guest range stay in guest memory (the
+/// uplink names them to the target as a rendezvous source, or copies them if they go in
+/// chunks); any others are copied now. `None` when the guest's memory faulted.
+pub(crate) fn send_payload(
+    port: &Port,
+    payload: &Segs,
+    len: u64,
+) -> Option<(Option<GuestBytes>, Vec<u8>)> {
+    use vm_memory::GuestAddressSpace;
+    let guest = if len as usize > super::rdv::RDV_THRESHOLD {
+        GuestBytes::new(port.mem.memory().into_inner(), payload)
+    } else {
+        None
+    };
+    let mut bytes = Vec::new();
+    if guest.is_none() {
+        bytes.resize(len as usize, 0);
+        payload.read_at(&port.mem.memory(), 0, &mut bytes).ok()?;
+    }
+    Some((guest, bytes))
+}
+
 impl GuestBytes {
     /// The bytes of `segs` when they are one range of one memory region (else `None`: the
     /// caller copies them).
