@@ -1613,6 +1613,40 @@ fn a_link_busy_with_reads_past_the_peer_timeout_keeps_its_peer_up() {
     }
 }
 
+/// A window of large sends to another host larger than the daemon's in-flight byte bound
+/// (64 MiB): their bytes stay in the sending guest's memory (read by the target), so they cost
+/// the sending daemon nothing and none is refused; every message arrives whole, as on one host.
+#[test]
+fn a_window_of_large_sends_past_the_in_flight_bound_is_not_refused() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let a = Guest::open_with(&d[0].sockets[0], 256 << 20);
+    let b = Guest::open_with(&d[1].sockets[0], 256 << 20);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    const LEN: usize = 4 << 20;
+    const N: u64 = 20;
+    // Sent before any receive is posted: nothing can complete, so all 80 MiB are in flight
+    // at once.
+    for i in 0..N {
+        a.ep.send(&pattern(90 + i as u32, LEN), to_b, i).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..N {
+        b.ep.recv_vec(LEN, 100 + i).unwrap();
+    }
+    for i in 0..N {
+        let c = a.next();
+        assert!(c.context < N, "send {i} completes OK");
+    }
+    assert_eq!(whole_messages(&b, 90, LEN, N, Duration::from_secs(30)), N);
+}
+
 /// The `req_id=N` field of a log line.
 fn req_id_of(line: &str) -> u64 {
     let rest = line.split("req_id=").nth(1).expect("a req_id field");

@@ -252,13 +252,15 @@ impl Fabric {
             return self.fail(dev, port, &req, Status::TooLarge, n);
         }
         let key = (dev, r.ep, to.host());
-        if let Err(status) = self.outbox.reserve(key, len) {
-            return self.fail(dev, port, &req, status, n);
-        }
         let Some((guest, payload)) = send_payload(port, &req.payload, len) else {
-            self.outbox.finished(key, len);
             return self.fail(dev, port, &req, Status::Fault, n);
         };
+        // Only copied bytes count against the in-flight bound: bytes left in guest memory
+        // cost this daemon nothing (a window of large sends waits for no one).
+        let charged = payload.len() as u64;
+        if let Err(status) = self.outbox.reserve(key, charged) {
+            return self.fail(dev, port, &req, status, n);
+        }
         let mut wire_flags = 0;
         if r.flags & flags::REMOTE_CQ_DATA != 0 {
             wire_flags |= data_flags::REMOTE_CQ_DATA;
@@ -281,6 +283,7 @@ impl Fabric {
             desc,
             payload,
             len,
+            charged,
             guest,
         })));
     }
@@ -404,9 +407,6 @@ impl Fabric {
         }
         let to = r.peer;
         let key = (dev, r.ep, to.host());
-        if let Err(status) = self.outbox.reserve(key, total) {
-            return self.fail(dev, port, &req, status, n);
-        }
         let mut bytes = Vec::with_capacity(ranges.len() * RMA_IOV_LEN + total as usize);
         for e in &ranges {
             bytes.extend_from_slice(e.as_slice());
@@ -421,11 +421,15 @@ impl Fabric {
             let at = bytes.len();
             bytes.resize(at + total as usize, 0);
             if src_data.read_at(&mem, 0, &mut bytes[at..]).is_err() {
-                self.outbox.finished(key, total);
                 return self.fail(dev, port, &req, Status::Fault, n);
             }
         }
         drop(mem);
+        // What this daemon holds in flight: the copied bytes, and a read's sink.
+        let charged = bytes.len() as u64 + if write { 0 } else { total };
+        if let Err(status) = self.outbox.reserve(key, charged) {
+            return self.fail(dev, port, &req, status, n);
+        }
         let cq_data = write && r.flags & flags::REMOTE_CQ_DATA != 0;
         let wire_len = bytes.len() as u64 + guest.as_ref().map_or(0, |g| g.len() as u64);
         let mut desc = describe(&r, dev, sgen, to, wire_len);
@@ -447,6 +451,7 @@ impl Fabric {
             desc,
             payload: bytes,
             len: total,
+            charged,
             guest,
         })));
     }
@@ -669,6 +674,7 @@ impl Fabric {
             desc,
             payload: bytes,
             len: nbytes as u64,
+            charged: nbytes as u64,
             guest: None,
         })));
     }
@@ -853,6 +859,7 @@ impl Fabric {
             desc,
             payload: bytes,
             len: 0,
+            charged: 0,
             guest: None,
         })));
     }
@@ -1957,7 +1964,7 @@ mod tests {
         assert_eq!(s.payload, b"first");
         // Its verdict arrives: the fenced send goes out.
         let mut n = Notify::default();
-        w.fabric.outbox.finished((0, a.ep, 2), s.len);
+        w.fabric.outbox.finished((0, a.ep, 2), s.charged);
         w.fabric
             .complete_remote(s.dev, &s.port, &s.req, s.len, Status::Ok, &[], &mut n);
         w.fabric.remote_unfence(&mut n);
@@ -2452,6 +2459,7 @@ mod tests {
                     desc,
                     payload: b"pull me".to_vec(),
                     len,
+                    charged: 0,
                     guest: None,
                 },
             )));

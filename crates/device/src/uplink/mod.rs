@@ -606,7 +606,8 @@ impl Worker {
                     &mut self.notify,
                 );
             } else if let Outbound::Send(s) = m {
-                self.outbox.finished((s.dev, s.req.req.ep, s.host), s.len);
+                self.outbox
+                    .finished((s.dev, s.req.req.ep, s.host), s.charged);
                 self.fabric.complete_remote(
                     s.dev,
                     &s.port,

@@ -57,6 +57,8 @@ impl Worker {
             desc,
             payload,
             len,
+            // Its reservation stays with its pending entry.
+            charged: 0,
             guest,
         })));
     }

@@ -33,8 +33,11 @@ pub(crate) struct RemoteSend {
     /// The request's bytes: a send's payload; an RMA request's ranges and, for a write,
     /// the bytes to write.
     pub payload: Vec<u8>,
-    /// Bytes the request moves (a send's length, an RMA transfer's total), as reserved.
+    /// Bytes the request moves (a send's length, an RMA transfer's total).
     pub len: u64,
+    /// Bytes of this daemon's memory it holds while in flight (what [`Outbox::reserve`]
+    /// charged): its copied bytes, and an RMA read's sink; 0 for bytes left in guest memory.
+    pub charged: u64,
     /// The request's bytes still in guest memory (then `payload` holds only what precedes
     /// them: nothing for a send, the ranges of an RMA write): named to the target as a
     /// rendezvous source with no copy, or copied into `payload` when they go in chunks.
@@ -131,6 +134,8 @@ pub(crate) struct Pending {
     pub port: Port,
     pub req: Req,
     pub len: u64,
+    /// What it holds of the in-flight byte bound ([`RemoteSend::charged`]).
+    pub charged: u64,
     /// The DATA description it went with (a message is sent again with it when its target
     /// kept only a stub and asks for the bytes: PULL).
     pub desc: wire::Data,
@@ -495,6 +500,7 @@ impl Outbox {
                     port: r.port.clone(),
                     req: r.req.clone(),
                     len: r.len,
+                    charged: r.charged,
                     desc: r.desc,
                     pulls: 0,
                 };
@@ -522,7 +528,7 @@ impl Outbox {
             return None;
         }
         let p = s.pending.remove(&req_id)?;
-        s.release((p.dev, p.req.req.ep, p.host), p.len);
+        s.release((p.dev, p.req.req.ep, p.host), p.charged);
         Some(p)
     }
 
@@ -561,7 +567,7 @@ impl Outbox {
         ids.into_iter()
             .filter_map(|id| {
                 let p = s.pending.remove(&id)?;
-                s.release((p.dev, p.req.req.ep, p.host), p.len);
+                s.release((p.dev, p.req.req.ep, p.host), p.charged);
                 Some(p)
             })
             .collect()
@@ -580,13 +586,14 @@ impl Outbox {
                 // Its pending entry (withdrawn below) stands for it.
                 Outbound::Send(r) if is_pulled(&r) && r.dev == dev && hit(&r.req) => {}
                 Outbound::Send(r) if r.dev == dev && hit(&r.req) => {
-                    s.release((r.dev, r.req.req.ep, r.host), r.len);
+                    s.release((r.dev, r.req.req.ep, r.host), r.charged);
                     out.push(Pending {
                         host: r.host,
                         dev: r.dev,
                         port: r.port,
                         req: r.req,
                         len: r.len,
+                        charged: r.charged,
                         desc: r.desc,
                         pulls: 0,
                     });
@@ -598,7 +605,7 @@ impl Outbox {
                             .is_some_and(|p| p.dev == dev && hit(&p.req)) =>
                 {
                     if let Some(p) = s.pending.remove(&req_id) {
-                        s.release((p.dev, p.req.req.ep, p.host), p.len);
+                        s.release((p.dev, p.req.req.ep, p.host), p.charged);
                         out.push(p);
                     }
                 }
@@ -615,7 +622,7 @@ impl Outbox {
             let Some(p) = s.pending.remove(&id) else {
                 continue;
             };
-            s.release((p.dev, p.req.req.ep, p.host), p.len);
+            s.release((p.dev, p.req.req.ep, p.host), p.charged);
             if p.req.req.opcode != vfabric_proto::Opcode::AddrCheck {
                 s.queue.push_back(Outbound::Cancel {
                     host: p.host,
@@ -658,6 +665,7 @@ impl Outbox {
                 port,
                 req,
                 len: 0,
+                charged: 0,
                 desc: wire::Data::default(),
                 pulls: 0,
             },
@@ -763,7 +771,7 @@ impl Outbox {
             .into_iter()
             .filter_map(|id| {
                 let p = s.pending.remove(&id)?;
-                s.release((p.dev, p.req.req.ep, p.host), p.len);
+                s.release((p.dev, p.req.req.ep, p.host), p.charged);
                 Some(p)
             })
             .collect();
