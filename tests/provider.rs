@@ -15,8 +15,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use virtio_fabric_tests::{
-    bin_dir, compile_c, listening_in, output_text as text, provider_dir, run_with_timeout,
-    DaemonProcess,
+    bin_dir, compile_c, listening_in, output_text as text, private_path, provider_dir, publish,
+    run_with_timeout, DaemonProcess,
 };
 
 /// A libfabric command using our provider on `devices`.
@@ -1029,14 +1029,16 @@ fn c_semantics_under_valgrind() {
 fn mpi_job(ranks: u32) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bin = bin_dir().join("vf_mpi_test");
+    let tmp = private_path(&bin);
     let o = run_with_timeout(
         Command::new("mpicc")
             .args(["-Wall", "-Wextra", "-Werror", "-O1", "-o"])
-            .arg(&bin)
+            .arg(&tmp)
             .arg(root.join("tests/mpi/vf_mpi_test.c")),
         Duration::from_secs(120),
     );
     assert!(o.status.success(), "mpicc: {}", text(&o));
+    publish(&tmp, &bin);
     let d = DaemonProcess::start(ranks, &[]);
     let socks: Vec<&Path> = d.sockets.iter().map(|p| p.as_path()).collect();
     let mut c = fi_cmd("mpirun", &socks);

@@ -216,6 +216,7 @@ pub fn compile_c(name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let src = root.join(format!("tests/c/{name}.c"));
     let out = bin_dir().join(name);
+    let tmp = private_path(&out);
     let o = run_with_timeout(
         Command::new("cc")
             .arg(format!(
@@ -230,7 +231,7 @@ pub fn compile_c(name: &str) -> PathBuf {
                 "-O1",
                 "-o",
             ])
-            .arg(&out)
+            .arg(&tmp)
             .arg(&src)
             .args(["-lfabric", "-lpthread"]),
         Duration::from_secs(120),
@@ -241,7 +242,26 @@ pub fn compile_c(name: &str) -> PathBuf {
         src.display(),
         output_text(&o)
     );
+    publish(&tmp, &out);
     out
+}
+
+/// A file name next to `out` that no other test (thread or process) compiles into at the same
+/// time: tests that build the same program run in parallel, and one must not replace the file
+/// under another's feet while that one starts it.
+pub fn private_path(out: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = out.file_name().expect("a file name").to_os_string();
+    name.push(format!(".{}.{n}.tmp", std::process::id()));
+    out.with_file_name(name)
+}
+
+/// Move a freshly built `tmp` to `out` in one step (rename): a process already running the
+/// old `out` keeps its file, a new one gets the whole new file, never a half-written one.
+pub fn publish(tmp: &Path, out: &Path) {
+    std::fs::rename(tmp, out)
+        .unwrap_or_else(|e| panic!("rename {} to {}: {e}", tmp.display(), out.display()));
 }
 
 /// Whether process `proc` (a pid, or "self"; its network namespace's view) has a TCP socket
