@@ -971,13 +971,12 @@ impl Fabric {
         }
     }
 
-    /// A rendezvous message from `host` (request `req_id`, described by `desc`) not read yet,
-    /// with every earlier message of its host already matched: if it would be a stub once
-    /// read (no posted receive matches it, and the held bytes are past their bound or it
-    /// would queue behind a stub), it becomes one now, so that its bytes cross the wire only
-    /// when a receive pulls them. `false`: read it and hand it to [`Fabric::accept_remote`]
-    /// as usual (which also answers anything this does not check).
-    pub(crate) fn stub_unread(&self, host: u16, req_id: u64, desc: &wire::Data) -> bool {
+    /// Where a rendezvous message of `host` not read yet goes, if the paths that act before
+    /// reading it ([`Fabric::stub_unread`], [`Fabric::claim_direct`]) may take it: a plain send
+    /// or tagged send (not a PULLed resend, not DGRAM, within `max_msg_size`) to a device of
+    /// this host: its device, endpoint and generation, and what a receive matches on. `None`:
+    /// it is read and handed to [`Fabric::accept_remote`], which checks everything.
+    fn unread_target(&self, host: u16, desc: &wire::Data) -> Option<(usize, usize, u32, Meta)> {
         let op = u16::from(desc.opcode);
         let kind = u64::from(u16::from(desc.ep_kind));
         let len = u64::from(desc.total_len);
@@ -987,14 +986,27 @@ impl Fabric {
             || kind == ep_open::TYPE_DGRAM
             || len > self.limits.max_msg_size
         {
-            return false;
+            return None;
         }
         let ddev = usize::from(u16::from(desc.dst_dev));
         if ddev >= self.devs.len() {
-            return false;
+            return None;
         }
         let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
-        let meta = self.remote_meta(host, desc, len);
+        Some((ddev, dep, dgen, self.remote_meta(host, desc, len)))
+    }
+
+    /// A rendezvous message from `host` (request `req_id`, described by `desc`) not read yet,
+    /// with every earlier message of its host already matched: if it would be a stub once
+    /// read (no posted receive matches it, and the held bytes are past their bound or it
+    /// would queue behind a stub), it becomes one now, so that its bytes cross the wire only
+    /// when a receive pulls them. `false`: read it and hand it to [`Fabric::accept_remote`]
+    /// as usual (which also answers anything this does not check).
+    pub(crate) fn stub_unread(&self, host: u16, req_id: u64, desc: &wire::Data) -> bool {
+        let Some((ddev, dep, dgen, meta)) = self.unread_target(host, desc) else {
+            return false;
+        };
+        let (len, kind) = (meta.len, u64::from(u16::from(desc.ep_kind)));
         let mut d = self.dev(ddev);
         if d.port.is_none() {
             return false;
@@ -1339,24 +1351,11 @@ impl Fabric {
         req_id: u64,
         desc: &wire::Data,
     ) -> Option<Box<DirectDest>> {
-        let op = u16::from(desc.opcode);
-        let kind = u64::from(u16::from(desc.ep_kind));
-        let len = u64::from(desc.total_len);
-        let plain = op == Opcode::Send as u16 || op == Opcode::TSend as u16;
-        if !plain
-            || u32::from(desc.flags) & data_flags::PULLED != 0
-            || kind == ep_open::TYPE_DGRAM
-            || len == 0
-            || len > self.limits.max_msg_size
-        {
+        let (ddev, dep, dgen, meta) = self.unread_target(host, desc)?;
+        let (len, kind) = (meta.len, u64::from(u16::from(desc.ep_kind)));
+        if len == 0 {
             return None;
         }
-        let ddev = usize::from(u16::from(desc.dst_dev));
-        if ddev >= self.devs.len() {
-            return None;
-        }
-        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
-        let meta = self.remote_meta(host, desc, len);
         let mut d = self.dev(ddev);
         let port = d.port.clone()?;
         let e = d.live_ep_mut(dep, dgen)?;
