@@ -1893,6 +1893,326 @@ fn reads_into_receives_from_a_host_whose_cable_is_pulled_are_revoked_at_the_peer
     assert!(placed, "{}", d[1].log());
 }
 
+/// The two numbers of the last line of a daemon's log that contains `what`.
+fn last_counts(log: &str, what: &str) -> Option<(u64, u64)> {
+    let line = log.lines().rev().find(|l| l.contains(what))?;
+    let rest = line.split(what).nth(1)?;
+    let mut n = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse::<u64>().unwrap());
+    Some((n.next()?, n.next()?))
+}
+
+const READ_SINKS: &str = "uplink: rendezvous read sinks: ";
+const READ_REPLIES: &str = "uplink: rendezvous read replies: ";
+
+/// A region of `len` bytes of `g` holding `pattern(seed, len)`, registered for remote read.
+fn readable_region(
+    g: &Guest,
+    len: usize,
+    seed: u32,
+) -> (vfabric::SharedBuf, vfabric::MemoryRegion) {
+    let mut buf = g.dom.alloc_buffer(len).unwrap();
+    buf.get_mut().unwrap().copy_from_slice(&pattern(seed, len));
+    let mr = g.dom.register(&buf, fi::REMOTE_READ, None).unwrap();
+    (buf, mr)
+}
+
+/// Wait until `what`'s last counts in `h`'s log are `want`; panics with the log otherwise.
+fn wait_counts(h: &HostDaemon, what: &str, want: (u64, u64)) {
+    let mut last = None;
+    let seen = wait_for(Duration::from_secs(5), || {
+        last = last_counts(&h.log(), what);
+        last == Some(want)
+    });
+    assert!(seen, "{what}{last:?}, want {want:?}:\n{}", h.log());
+}
+
+/// Large RMA reads move guest memory → wire → guest memory with no copy in either daemon:
+/// host 2 writes the bytes from B's region (its own mapping of those pages) straight into
+/// A's destination buffer (host 1's mapping of A's pages, registered as the read's sink).
+/// Several sizes and unaligned offsets at both ends, every byte checked; both daemons count
+/// every byte as not copied.
+#[test]
+fn large_rma_reads_go_from_guest_memory_to_guest_memory_with_no_copy_in_the_daemons() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const ROOM: usize = (4 << 20) + 8192;
+    let (_region, mr) = readable_region(&b, ROOM, 5);
+    let want = pattern(5, ROOM);
+    let mut dst = a.dom.alloc_buffer(ROOM).unwrap();
+    // (length, offset in B's region, offset in A's buffer)
+    let reads = [
+        (64 << 10, 0, 0),
+        (1 << 20, 3, 5),
+        (4 << 20, 4095, 1),
+        (100_000, 17, 4093),
+        (4 << 20, 8192, 8192),
+    ];
+    for (i, &(len, roff, loff)) in reads.iter().enumerate() {
+        dst.get_mut().unwrap().fill(0xEE);
+        a.ep.read_buf(
+            &dst,
+            loff..loff + len,
+            to_b,
+            mr.base() + roff as u64,
+            mr.key(),
+            i as u64,
+        )
+        .unwrap();
+        let c = a.next();
+        assert_eq!((c.context, c.len), (i as u64, len));
+        let got = dst.get().unwrap();
+        assert!(
+            got[loff..loff + len] == want[roff..roff + len],
+            "read {i} of {len} bytes differs"
+        );
+        assert!(
+            got[..loff]
+                .iter()
+                .chain(&got[loff + len..])
+                .all(|&x| x == 0xEE),
+            "read {i} wrote outside its range"
+        );
+    }
+    let total: u64 = reads.iter().map(|r| r.0 as u64).sum();
+    wait_counts(&d[0], READ_SINKS, (total, 0));
+    wait_counts(&d[1], READ_REPLIES, (total, 0));
+}
+
+/// A's endpoint closes while host 2 writes its large reads' bytes into A's buffers (host 2's
+/// link throttled, so the writes take a second): the reads complete CANCELED only after their
+/// sinks were cut from A's pages (revoked), so nothing the wire still carries for them reaches
+/// A's buffer, which A fills with a sentinel right after; every withdrawn sink closes on host
+/// 2's answer, and both daemons go on.
+#[test]
+fn an_initiator_closing_during_reads_into_its_memory_gets_its_buffers_back_fenced() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    const N: usize = 6;
+    let (_region, mr) = readable_region(&b, LEN, 7);
+    let mut dst = a.dom.alloc_buffer(N * LEN).unwrap();
+    // 6 MiB at 50 Mbit/s: about a second of writes from host 2 to host 1.
+    lan.throttle(1, Some("50mbit"));
+    for i in 0..N {
+        a.ep.read_buf(
+            &dst,
+            i * LEN..(i + 1) * LEN,
+            to_b,
+            mr.base(),
+            mr.key(),
+            i as u64,
+        )
+        .unwrap();
+    }
+    let writing = wait_for(Duration::from_secs(5), || {
+        last_counts(&d[1].log(), READ_REPLIES).is_some_and(|(w, _)| w > 0)
+    });
+    assert!(writing, "{}", d[1].log());
+    std::thread::sleep(Duration::from_millis(150));
+    let Guest { dom, cq, av, ep } = a;
+    drop(ep);
+    // Handed back: the sentinel goes in at once.
+    dst.get_mut()
+        .expect("the reads were handed back")
+        .fill(0xEE);
+    let log = d[0].log();
+    let revoked = log.matches("a read's sink in guest memory revoked").count();
+    println!("{revoked} of {N} reads were revoked at the close");
+    assert!(revoked > 0, "no read into A's memory was in flight:\n{log}");
+    lan.throttle(1, None);
+    // Host 2 answers every CANCEL after the write it had posted: each drained sink closes.
+    let count = |what: &str| d[0].log().matches(what).count();
+    let (mut waited, mut closed) = (0, 0);
+    let drained = wait_for(Duration::from_secs(15), || {
+        waited = count("a withdrawn read's sink in guest memory waits for its target's answer");
+        closed = count("a withdrawn read's sink in guest memory closed on its target's answer");
+        waited > 0 && closed == waited
+    });
+    assert!(
+        drained,
+        "{waited} sinks waited, {closed} closed:\n{}",
+        d[0].log()
+    );
+    assert!(
+        dst.get().unwrap().iter().all(|&x| x == 0xEE),
+        "the wire wrote A's buffer after the reads were handed back"
+    );
+    for h in &d {
+        assert!(!h.log().contains("panicked"), "{}", h.log());
+    }
+    drop((cq, av, dom, mr, b));
+    // Both daemons go on.
+    let (a, b, _) = guests_on(&d);
+    large_rma(&a, &b, 13);
+    exchange(&a, &b, &[LEN, 8], 500);
+}
+
+/// B deregisters its region while host 2 writes large reads of it to host 1 straight from
+/// B's memory (host 2's link throttled): MR_DEREG waits until those writes are over, so B,
+/// which fills the buffer with other bytes as soon as the deregistration returned, never has
+/// those bytes read: each read gets the region's bytes or fails (Access, for a read that came
+/// after), never B's later ones. Host 2 copied nothing.
+#[test]
+fn a_region_deregistered_during_reads_from_its_memory_waits_for_them() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    const N: usize = 4;
+    let (mut region, mr) = readable_region(&b, LEN, 9);
+    let want = pattern(9, LEN);
+    let mut dst = a.dom.alloc_buffer(N * LEN).unwrap();
+    lan.throttle(1, Some("50mbit"));
+    for i in 0..N {
+        a.ep.read_buf(
+            &dst,
+            i * LEN..(i + 1) * LEN,
+            to_b,
+            mr.base(),
+            mr.key(),
+            i as u64,
+        )
+        .unwrap();
+    }
+    let writing = wait_for(Duration::from_secs(5), || {
+        last_counts(&d[1].log(), READ_REPLIES).is_some_and(|(w, _)| w > 0)
+    });
+    assert!(writing, "{}", d[1].log());
+    let t = Instant::now();
+    mr.close().unwrap();
+    let took = t.elapsed();
+    region.get_mut().expect("deregistered").fill(0x55);
+    println!("MR_DEREG took {took:?}");
+    lan.throttle(1, None);
+    let mut answered = Vec::new();
+    for _ in 0..N {
+        match a.next_within(OP_TIMEOUT) {
+            Ok(c) => answered.push(c.context as usize),
+            Err(e) => assert_eq!(e.status, Status::Access, "{e:?}"),
+        }
+    }
+    let got = dst.get().unwrap();
+    for &i in &answered {
+        assert!(
+            got[i * LEN..(i + 1) * LEN] == want[..],
+            "read {i} carries bytes B wrote after MR_DEREG (which took {took:?})"
+        );
+    }
+    println!(
+        "{} of {N} reads were answered before the deregistration",
+        answered.len()
+    );
+    assert!(
+        !answered.is_empty(),
+        "no read was under way at the deregistration"
+    );
+    let (w, copied) = last_counts(&d[1].log(), READ_REPLIES).unwrap();
+    assert!(w > 0 && copied == 0, "host 2 wrote {w}, copied {copied}");
+}
+
+/// Host 2's cable is pulled while it writes large reads' bytes from B's memory into A's:
+/// neither write can end by itself (TCP waits), so at the peer timeout host 1 revokes A's
+/// sinks and fails the reads HOST_UNREACH, and host 2 revokes its writes from B's memory, so
+/// B's MR_DEREG returns at once. With the cable back, whatever the wire still carries does
+/// not reach A's buffers; host 1 restarted, large reads go guest to guest again.
+#[test]
+fn reads_across_a_pulled_cable_are_revoked_at_both_ends_at_the_peer_timeout() {
+    let Some(TwoHosts { lan, dir, mut d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    const N: usize = 6;
+    let (_region, mr) = readable_region(&b, LEN, 11);
+    let mut dst = a.dom.alloc_buffer(N * LEN).unwrap();
+    lan.throttle(1, Some("20mbit"));
+    for i in 0..N {
+        a.ep.read_buf(
+            &dst,
+            i * LEN..(i + 1) * LEN,
+            to_b,
+            mr.base(),
+            mr.key(),
+            i as u64,
+        )
+        .unwrap();
+    }
+    let writing = wait_for(Duration::from_secs(5), || {
+        last_counts(&d[1].log(), READ_REPLIES).is_some_and(|(w, _)| w > 0)
+    });
+    assert!(writing, "{}", d[1].log());
+    lan.link(1, false);
+    let t = Instant::now();
+    let mut unreach = 0;
+    for _ in 0..N {
+        match a.next_within(Duration::from_secs(8)) {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.status, Status::HostUnreach, "{e:?}");
+                unreach += 1;
+            }
+        }
+    }
+    println!("{unreach} of {N} reads failed after {:?}", t.elapsed());
+    assert!(unreach > 0, "the cable was pulled with reads in flight");
+    assert!(
+        d[0].log().contains("a read's sink in guest memory revoked"),
+        "{}",
+        d[0].log()
+    );
+    dst.get_mut()
+        .expect("the reads were handed back")
+        .fill(0xEE);
+    let revoked = wait_for(Duration::from_secs(8), || {
+        d[1].log().lines().any(|l| {
+            l.contains("writes from guest memory to a lost host revoked") && l.ends_with("kept=0")
+        })
+    });
+    assert!(revoked, "{}", d[1].log());
+    // B's deregistration waits for no write any more (it would wait for TCP; the driver's
+    // control timeout, 10 s, bounds it here).
+    let t = Instant::now();
+    mr.close().expect("MR_DEREG");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "MR_DEREG took {took:?}");
+    // The cable back: what the link still carries for the revoked sinks lands elsewhere.
+    lan.throttle(1, None);
+    lan.link(1, true);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        dst.get().unwrap().iter().all(|&x| x == 0xEE),
+        "the wire wrote A's buffer after its reads failed"
+    );
+    drop((a, b, dst));
+    drop(d.remove(0));
+    d.insert(
+        0,
+        HostDaemon::start(&lan, dir.path(), 0, 1, &uplink_args(2, 0, &[])),
+    );
+    d[0].wait_hosts(&[(2, 2, true)], Duration::from_secs(10));
+    d[1].wait_hosts(&[(1, 2, true)], Duration::from_secs(10));
+    assert!(!d[1].log().contains("panicked"), "{}", d[1].log());
+    let (a, b, _) = guests_on(&d);
+    large_rma(&a, &b, 14);
+    let placed = wait_for(Duration::from_secs(5), || {
+        last_counts(&d[0].log(), READ_SINKS).is_some_and(|(p, _)| p > 0)
+    });
+    assert!(placed, "{}", d[0].log());
+}
+
 /// A guest's EP_CLOSE withdraws its sends that wait for another host's verdict: they complete
 /// at once (the endpoint's close does not wait for the driver's control timeout), and the
 /// message held at the target host is dropped there, never delivered.

@@ -60,7 +60,7 @@ mod remote;
 mod rma;
 mod service;
 
-pub(crate) use remote::{DirectDest, Incoming};
+pub(crate) use remote::{DirectDest, DirectSource, Incoming};
 
 /// Where completions of one device go: its used rings.
 pub(crate) trait CompletionSink: Send + Sync {

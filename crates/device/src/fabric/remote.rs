@@ -214,6 +214,28 @@ struct DirectWrite {
     _access: super::rma::MrAccess,
 }
 
+/// An RMA read from another host answered straight from its source: one range of one region
+/// in guest memory, checked as [`Fabric::accept_remote_rma`] checks it, and the region entered
+/// (its deregistration waits) until the uplink's write of the bytes is over or revoked.
+pub(crate) struct DirectSource {
+    /// Taken by the uplink to map the range.
+    pub bytes: Option<GuestBytes>,
+    pub len: usize,
+    dev: usize,
+    ep: usize,
+    src: FabricAddr,
+    targets: super::rma::Targets,
+    access: Option<super::rma::MrAccess>,
+}
+
+impl DirectSource {
+    /// The uplink no longer reads the region's pages (the write was revoked): its
+    /// deregistration waits no more.
+    pub(crate) fn release(&mut self) {
+        self.access = None;
+    }
+}
+
 /// Stubs of one host's messages held here at most (queued or being pulled): a sender has at
 /// most this many requests out to other hosts in all, so a peer that keeps its own bound never
 /// meets it; one that does not gets NoResources, not this daemon's memory.
@@ -285,6 +307,7 @@ impl Fabric {
             len,
             charged,
             guest,
+            sink: None,
         })));
     }
 
@@ -341,8 +364,12 @@ impl Fabric {
             | Opcode::FetchAtomic
             | Opcode::CompareAtomic => {
                 let is_read = returns_bytes(req.req.opcode);
-                // The target read exactly what was asked (checked by the uplink).
-                if is_read && req.data.write_at(&port.mem.memory(), 0, read).is_err() {
+                // The target read exactly what was asked (checked by the uplink); none for
+                // a read whose bytes the target wrote straight into guest memory (its sink).
+                if is_read
+                    && !read.is_empty()
+                    && req.data.write_at(&port.mem.memory(), 0, read).is_err()
+                {
                     return self.fail(dev, port, req, Status::Fault, n);
                 }
                 if let Some(c) = self.counters.get(dev) {
@@ -417,6 +444,13 @@ impl Fabric {
         } else {
             None
         };
+        // A large read's destination in one guest range may take the bytes straight from the
+        // wire (its first `total` bytes: the uplink's sink).
+        let sink = if !write && total as usize > RDV_THRESHOLD {
+            GuestBytes::new(port.mem.memory().into_inner(), &req.data)
+        } else {
+            None
+        };
         if write && guest.is_none() {
             let at = bytes.len();
             bytes.resize(at + total as usize, 0);
@@ -453,6 +487,7 @@ impl Fabric {
             len: total,
             charged,
             guest,
+            sink,
         })));
     }
 
@@ -676,6 +711,7 @@ impl Fabric {
             len: nbytes as u64,
             charged: nbytes as u64,
             guest: None,
+            sink: None,
         })));
     }
 
@@ -861,6 +897,7 @@ impl Fabric {
             len: 0,
             charged: 0,
             guest: None,
+            sink: None,
         })));
     }
 
@@ -1472,6 +1509,62 @@ impl Fabric {
                 _access: access,
             }),
         }))
+    }
+
+    /// An RMA read from another host (`m`, whose sink the uplink knows) that reads one range
+    /// of one region in guest memory it may read (the checks of
+    /// [`Fabric::accept_remote_rma`]): the region is entered now and the uplink writes the
+    /// bytes to the sink straight from guest memory. `None`: executed by `accept_remote_rma`
+    /// as usual (which also gives any error verdict).
+    pub(crate) fn claim_direct_source(&self, m: &Incoming) -> Option<Box<DirectSource>> {
+        let desc = &m.desc;
+        if u16::from(desc.opcode) != Opcode::RmaRead as u16
+            || u32::from(desc.count) != 1
+            || m.bytes.len() != RMA_IOV_LEN
+        {
+            return None;
+        }
+        let e = RmaIov::from_slice(&m.bytes)?;
+        let (addr, len, key) = (u64::from(e.addr), u64::from(e.len), u64::from(e.key));
+        if len == 0 || len > self.max_rma_size() {
+            return None;
+        }
+        let ddev = usize::from(u16::from(desc.dst_dev));
+        if ddev >= self.devs.len() {
+            return None;
+        }
+        let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
+        let (targets, dport) = self
+            .targets_of(ddev, dep, dgen, &[(addr, len, key)], mr_flags::REMOTE_READ)
+            .ok()?;
+        let [t] = targets.as_slice() else {
+            return None;
+        };
+        if t.mr.process.is_some() || t.len != len {
+            return None;
+        }
+        let bytes = GuestBytes::new(dport.mem.memory().into_inner(), &t.segs)?;
+        let access = t.mr.enter()?;
+        let src = FabricAddr::new(
+            FabricAddr::node_of(self.fabric_id, m.host, desc.src_dev.into()),
+            desc.src_ep.into(),
+            desc.src_gen.into(),
+        );
+        Some(Box::new(DirectSource {
+            bytes: Some(bytes),
+            len: len as usize,
+            dev: ddev,
+            ep: dep,
+            src,
+            targets,
+            access: Some(access),
+        }))
+    }
+
+    /// The uplink's write of the bytes of `s` is over: the access is recorded (remote-access
+    /// events, as `accept_remote_rma` does once it read) and the region let go.
+    pub(crate) fn direct_source_done(&self, s: Box<DirectSource>, n: &mut Notify) {
+        self.record_events(s.dev, s.ep, s.src, false, &s.targets, n);
     }
 
     /// The receive `dest` claimed for `host`'s message `req_id`, out of its endpoint's table
@@ -2460,6 +2553,7 @@ mod tests {
                     len,
                     charged: 0,
                     guest: None,
+                    sink: None,
                 },
             )));
             Some(())

@@ -560,14 +560,35 @@ impl RdmEndpoint {
         key: u64,
         context: u64,
     ) -> Result<(), FiError> {
+        // SAFETY: the caller's contract.
+        unsafe { self.write_raw(buf.as_ptr(), buf.len(), mr, dest, addr, key, context) }
+    }
+
+    /// `fi_write` of the `len` bytes at `src` (registered as `mr`; not a Rust slice: guest
+    /// memory, which its guest may write meanwhile) to `addr`/`key` of peer `dest`.
+    ///
+    /// # Safety
+    /// `src..src + len` stays mapped, and `mr` lives, until a completion with `context` is
+    /// read or the connection to `dest` is closed.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn write_raw(
+        &self,
+        src: *const u8,
+        len: usize,
+        mr: &Mr,
+        dest: u64,
+        addr: u64,
+        key: u64,
+        context: u64,
+    ) -> Result<(), FiError> {
         // SAFETY: per the caller's contract; the endpoint is open.
         let rc = unsafe {
             op!(
                 (*self.ep).rma,
                 write(
                     self.ep,
-                    buf.as_ptr().cast(),
-                    buf.len(),
+                    src.cast(),
+                    len,
                     mr.desc,
                     dest,
                     addr,

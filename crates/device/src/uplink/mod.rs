@@ -1537,6 +1537,10 @@ impl Worker {
             bytes,
         };
         if rma {
+            // A large read answered straight from guest memory: its verdict follows the write.
+            if self.reply_from_guest(host, req_id, &incoming) {
+                return;
+            }
             // None: a commit waits for the target's handler; its verdict comes as an
             // Outbound::Reply.
             if let Some((status, read)) = self.fabric.accept_remote_rma(incoming, &mut self.notify)

@@ -17,6 +17,7 @@
 //! writing stays allocated until that operation's completion.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -27,7 +28,8 @@ use super::fi::Mr;
 use super::remote::{GuestBytes, RemoteSend};
 use super::wire::{self, rdv_flags, Message, Rdv, RdvDesc};
 use super::{Outgoing, Stale, Worker};
-use crate::fabric::DirectDest;
+
+use crate::fabric::{DirectDest, DirectSource, Incoming};
 
 /// Requests with more bytes than this (or reads returning more) go by rendezvous: beyond
 /// two DATA chunks one RMA transfer costs less than the chunks' copies and messages.
@@ -51,6 +53,8 @@ pub(super) struct Staged {
     /// The registered bytes are in a guest's memory, not in `buf` (a zero-copy source): the
     /// mapping stays alive until after the registration is closed.
     guest: Option<GuestBytes>,
+    /// The registered bytes are a read's sink in its guest's memory (a shadow of its pages).
+    sink: Option<Arc<GuestSink>>,
 }
 
 impl Staged {
@@ -59,6 +63,16 @@ impl Staged {
             mr,
             buf,
             guest: None,
+            sink: None,
+        }
+    }
+
+    /// Bytes registered.
+    fn len(&self) -> usize {
+        match (&self.guest, &self.sink) {
+            (Some(g), _) => g.len(),
+            (None, Some(s)) => s.len,
+            (None, None) => self.buf.len(),
         }
     }
 
@@ -84,6 +98,49 @@ struct Shadow {
     /// Address of the first byte to write (inside the mapping).
     at: usize,
     revoked: bool,
+    /// Left mapped when dropped (a revoked sink whose target never answered: a write the
+    /// provider took in before the link went silent may still land in it, however late).
+    leak: bool,
+}
+
+/// A read's sink in its initiator guest's memory: a shadow of the destination pages,
+/// registered for remote write, so that the target's `fi_write` lands in guest memory and the
+/// RDV_REPLY completes the read with no copy. Shared by the uplink and the request's pending
+/// entry: whoever completes the request other than with its placed bytes (its guest withdrew
+/// it, on the guest's thread; it failed; its host was lost) revokes it first, so the guest
+/// never gets its buffer back while the wire may still write it.
+pub(crate) struct GuestSink {
+    shadow: Mutex<Shadow>,
+    len: usize,
+    req_id: u64,
+}
+
+impl GuestSink {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shadow> {
+        self.shadow.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cut the shadow from the guest's pages: whatever the target still writes for this read
+    /// lands in throw-away pages.
+    pub(crate) fn revoke(&self) {
+        let mut s = self.lock();
+        if s.revoked {
+            return;
+        }
+        if s.revoke() {
+            tracing::info!(
+                req_id = self.req_id,
+                "uplink: a read's sink in guest memory revoked"
+            );
+        } else {
+            // Not expected (a MAP_FIXED over our own mapping); the log says it happened.
+            warn!(
+                req_id = self.req_id,
+                "uplink: a read's sink in guest memory could not be revoked: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 /// Which file bytes a shadow maps: the file's device and inode (the mapping keeps the file,
@@ -144,6 +201,7 @@ impl Shadow {
             map_len,
             at: base as usize + delta,
             revoked: false,
+            leak: false,
         })
     }
 
@@ -168,6 +226,9 @@ impl Shadow {
 
 impl Drop for Shadow {
     fn drop(&mut self) {
+        if self.leak {
+            return;
+        }
         // SAFETY: our own mapping; the op that wrote it is over (or its registration closed
         // and its connection's late bytes go nowhere we care about: revoked).
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.map_len) };
@@ -227,7 +288,10 @@ enum Op {
         dest: u64,
         req_id: u64,
         written: u64,
-        _staged: Staged,
+        staged: Staged,
+        /// Written straight from the source region (its region entered until the write is
+        /// over) through the write's own mapping of its pages, revoked if the host is lost.
+        source: Option<(Box<DirectSource>, Shadow)>,
     },
 }
 
@@ -248,9 +312,11 @@ pub(super) struct Rendezvous {
     done: HashMap<(u16, bool), u64>,
     /// Rendezvous messages per peer made stubs before they were read (the first is logged).
     unread: HashMap<u16, u64>,
-    /// Zero-copy sources of withdrawn requests, kept registered (and their guest memory
-    /// mapped) until their target answers the CANCEL, which it does only once no read of
-    /// them is in flight; or until their host is lost and `DRAIN_LIMIT` passed.
+    /// Zero-copy sources and sinks in guest memory of withdrawn requests (or of requests
+    /// to a lost host), kept registered (and mapped) until their target answers the CANCEL,
+    /// which it does only once no read of them is in flight (and, for a sink, after the
+    /// write into it: the answer follows the write on the wire); or until `DRAIN_LIMIT`
+    /// passed.
     draining: HashMap<u64, (u16, Staged, Instant)>,
     /// Bytes of our rendezvous sources named in guest memory (no copy) and copied into a
     /// daemon buffer first (staged), since the start; logged when they change.
@@ -263,6 +329,16 @@ pub(super) struct Rendezvous {
     pub placed_bytes: u64,
     pub copied_bytes: u64,
     logged_reads: (u64, u64),
+    /// Bytes of our RMA reads' rendezvous sinks written by the target straight into guest
+    /// memory, and into a daemon buffer then copied, since the start; logged when they change.
+    pub sink_placed_bytes: u64,
+    pub sink_copied_bytes: u64,
+    logged_sinks: (u64, u64),
+    /// Bytes of peers' RMA reads written to their sinks straight from guest memory, and
+    /// copied into a daemon buffer first, since the start; logged when they change.
+    pub reply_direct_bytes: u64,
+    pub reply_copied_bytes: u64,
+    logged_replies: (u64, u64),
     /// Shadows no read uses now, with when they were last used (most recent last).
     idle_shadows: Vec<(Shadow, Instant)>,
     /// Shadows mapped for reads, and reads that used an idle one again (logged with the reads).
@@ -313,18 +389,26 @@ impl Rendezvous {
         self.idle_shadows.push((s, Instant::now()));
     }
 
-    /// A source whose request is over (or withdrawn): a daemon buffer closes now; guest
-    /// memory stays registered until its host answers (see `draining`), so that no read of
-    /// it is in flight when the registration and the mapping go.
-    fn drop_source(&mut self, req_id: u64, host: u16, st: Staged) {
+    /// A source or sink whose request is withdrawn (or whose host is lost): a daemon buffer
+    /// closes now; guest memory stays registered until its host answers (see `draining`), so
+    /// that no read or write of it is in flight when the registration and the mapping go.
+    fn drain(&mut self, req_id: u64, host: u16, st: Staged) {
         if st.guest.is_some() {
             tracing::info!(
                 req_id,
                 host,
                 "uplink: a withdrawn zero-copy source waits for its target's answer"
             );
-            self.draining.insert(req_id, (host, st, Instant::now()));
+        } else if st.sink.is_some() {
+            tracing::info!(
+                req_id,
+                host,
+                "uplink: a withdrawn read's sink in guest memory waits for its target's answer"
+            );
+        } else {
+            return;
         }
+        self.draining.insert(req_id, (host, st, Instant::now()));
     }
 
     /// RMA operations in flight.
@@ -414,6 +498,7 @@ impl Worker {
                             mr,
                             buf: Vec::new(),
                             guest: Some(g),
+                            sink: None,
                         }),
                         Err(e) => {
                             s.guest = Some(g);
@@ -463,7 +548,19 @@ impl Worker {
             }
         }
         let mut staged_sink = None;
-        if sink {
+        let in_guest = match s.sink.take() {
+            Some(g) if sink && self.direct_reads_on() => {
+                self.guest_sink(req_id, &g, sink_len as usize)
+            }
+            _ => None,
+        };
+        if let Some(st) = in_guest {
+            rdv.sink_addr = st.mr.addr.into();
+            rdv.sink_key = st.mr.key.into();
+            rdv.sink_len = sink_len.into();
+            flags |= rdv_flags::SINK;
+            staged_sink = Some(st);
+        } else if sink {
             let buf = vec![0u8; sink_len as usize];
             // SAFETY: as for the source.
             match unsafe { self.ep.register(&buf, u64::from(sys::FI_REMOTE_WRITE)) } {
@@ -477,7 +574,7 @@ impl Worker {
                 Err(e) => {
                     debug!("uplink: rendezvous sink not registered, sending chunks: {e}");
                     if let Some(st) = staged_src {
-                        let Staged { mr, buf, guest } = st;
+                        let Staged { mr, buf, guest, .. } = st;
                         drop(mr);
                         s.payload = buf;
                         s.guest = guest;
@@ -513,6 +610,47 @@ impl Worker {
         None
     }
 
+    /// A sink of `len` bytes for read `req_id` in its guest's memory (`g`, the read's
+    /// destination): a shadow of those pages registered for remote write, attached to the
+    /// pending request (whose completer revokes it). `None` (a daemon buffer is the sink):
+    /// no file behind them, the mapping or registration failed, or the request was withdrawn
+    /// meanwhile.
+    fn guest_sink(&mut self, req_id: u64, g: &GuestBytes, len: usize) -> Option<Staged> {
+        let shadow = self.rdv.take_shadow(g, len)?;
+        // SAFETY: the shadow mapping lives in the `GuestSink` with the registration, which is
+        // closed before the last `Arc` of it (so the mapping) goes.
+        let mr = match unsafe {
+            self.ep
+                .register_raw(shadow.at as *const u8, len, u64::from(sys::FI_REMOTE_WRITE))
+        } {
+            Ok(mr) => mr,
+            Err(e) => {
+                debug!(req_id, "uplink: a read's destination not registered: {e}");
+                self.rdv.keep_shadow(shadow);
+                return None;
+            }
+        };
+        let sink = Arc::new(GuestSink {
+            shadow: Mutex::new(shadow),
+            len,
+            req_id,
+        });
+        if !self.outbox.attach_sink(req_id, &sink) {
+            drop(mr);
+            if let Ok(gs) = Arc::try_unwrap(sink) {
+                self.rdv
+                    .keep_shadow(gs.shadow.into_inner().unwrap_or_else(|p| p.into_inner()));
+            }
+            return None;
+        }
+        Some(Staged {
+            mr,
+            buf: Vec::new(),
+            guest: None,
+            sink: Some(sink),
+        })
+    }
+
     /// Request `req_id` completed: its rendezvous buffers go (a peer reading or writing them
     /// late gets an error completion, never another request's bytes: keys are not reused).
     pub(super) fn rdv_forget(&mut self, req_id: u64) {
@@ -524,9 +662,11 @@ impl Worker {
     /// source stays registered until its target answers (it may be reading it now).
     pub(super) fn rdv_withdraw(&mut self, req_id: u64) {
         if let Some((host, st)) = self.rdv.sources.remove(&req_id) {
-            self.rdv.drop_source(req_id, host, st);
+            self.rdv.drain(req_id, host, st);
         }
-        self.rdv.sinks.remove(&req_id);
+        if let Some((host, st)) = self.rdv.sinks.remove(&req_id) {
+            self.rdv.drain(req_id, host, st);
+        }
     }
 
     /// `host` answered request `req_id` (a verdict, or the answer to its CANCEL): no read
@@ -538,11 +678,20 @@ impl Worker {
             .get(&req_id)
             .is_some_and(|(h, ..)| host.is_none_or(|x| x == *h))
         {
-            self.rdv.draining.remove(&req_id);
+            let sink = self
+                .rdv
+                .draining
+                .remove(&req_id)
+                .is_some_and(|(_, st, _)| st.sink.is_some());
+            let what = if sink {
+                "read's sink in guest memory"
+            } else {
+                "zero-copy source"
+            };
             tracing::info!(
                 req_id,
                 ?host,
-                "uplink: a withdrawn zero-copy source closed on its target's answer"
+                "uplink: a withdrawn {what} closed on its target's answer"
             );
         }
     }
@@ -594,11 +743,69 @@ impl Worker {
             .rdv
             .sinks
             .get(&req_id)
-            .is_some_and(|(_, s)| s.buf.len() as u64 == written);
+            .is_some_and(|(_, s)| s.sink.is_none() && s.buf.len() as u64 == written);
         if !fits {
             return None;
         }
-        self.rdv.sinks.remove(&req_id).map(|(_, s)| s.into_bytes())
+        let bytes = self.rdv.sinks.remove(&req_id)?.1.into_bytes();
+        self.rdv.sink_copied_bytes += bytes.len() as u64;
+        Some(bytes)
+    }
+
+    /// `host` wrote `written` bytes into the sink in guest memory of our read `req_id` and
+    /// answered `status` (RDV_REPLY, after the write): with all of them there the read
+    /// completes with no copy; otherwise the sink is revoked and the read fails `Invalid`.
+    fn sink_written(&mut self, host: u16, req_id: u64, status: Status, written: u64) {
+        let Some((_, st)) = self.rdv.sinks.remove(&req_id) else {
+            return;
+        };
+        let Some(mut p) = self.outbox.take_placed(req_id, Some(host)) else {
+            // Withdrawn meanwhile (its withdrawer revoked the sink): this is its answer, after
+            // the write.
+            drop(st);
+            return self.rdv_answered(req_id, Some(host));
+        };
+        let len = st.len() as u64;
+        let Staged { mr, sink, .. } = st;
+        // The write is over: nothing names the guest's pages any more.
+        drop(mr);
+        p.sink = None;
+        match sink {
+            Some(sink) if status == Status::Ok && written == len => {
+                self.rdv.sink_placed_bytes += len;
+                self.fabric.complete_remote(
+                    p.dev,
+                    &p.port,
+                    &p.req,
+                    p.len,
+                    Status::Ok,
+                    &[],
+                    &mut self.notify,
+                );
+                if let Ok(gs) = Arc::try_unwrap(sink) {
+                    self.rdv
+                        .keep_shadow(gs.shadow.into_inner().unwrap_or_else(|p| p.into_inner()));
+                }
+            }
+            sink => {
+                if let Some(sink) = sink {
+                    sink.revoke();
+                }
+                warn!(
+                    host,
+                    req_id, written, "uplink: a rendezvous reply that fits no sink"
+                );
+                self.fabric.complete_remote(
+                    p.dev,
+                    &p.port,
+                    &p.req,
+                    p.len,
+                    Status::Invalid,
+                    &[],
+                    &mut self.notify,
+                );
+            }
+        }
     }
 
     /// A rendezvous message from peer `src`.
@@ -683,7 +890,17 @@ impl Worker {
                 // Only a pending read of that host with a sink of that size takes its bytes.
                 let ours = self.outbox.pending_is(req_id, host_id, |_| true);
                 if !ours {
+                    // A withdrawn read's answer: its target writes its sink no more.
+                    self.rdv_answered(req_id, Some(host_id));
                     return debug!(req_id, "uplink: a rendezvous verdict for no request");
+                }
+                let in_guest = self
+                    .rdv
+                    .sinks
+                    .get(&req_id)
+                    .is_some_and(|(h, s)| *h == host_id && s.sink.is_some());
+                if in_guest {
+                    return self.sink_written(host_id, req_id, status, written);
                 }
                 match self.take_sink(req_id, written) {
                     Some(bytes) if status == Status::Ok => {
@@ -996,6 +1213,7 @@ impl Worker {
                             mr,
                             buf: Vec::new(),
                             guest: Some(g),
+                            sink: None,
                         },
                         direct: Some(dest),
                         shadow: Some(shadow),
@@ -1073,6 +1291,113 @@ impl Worker {
                 "uplink: reads into guest memory from a lost host revoked"
             );
         }
+        // Writes to it from guest memory: their regions are let go at once (MR_DEREG waits
+        // for nothing more); what the provider still sends for them is zeros.
+        let (mut revoked, mut kept) = (0, 0);
+        for op in self.rdv.ops.values_mut() {
+            let Op::Write {
+                host: h,
+                source: Some((src, shadow)),
+                ..
+            } = op
+            else {
+                continue;
+            };
+            if *h != host || shadow.revoked {
+                continue;
+            }
+            if shadow.revoke() {
+                src.release();
+                revoked += 1;
+            } else {
+                kept += 1;
+            }
+        }
+        if revoked + kept > 0 {
+            tracing::info!(
+                host,
+                revoked,
+                kept,
+                "uplink: writes from guest memory to a lost host revoked"
+            );
+        }
+    }
+
+    /// An RMA read of `host` (request `req_id`, `m`) that named a sink, answered straight
+    /// from guest memory: when its source is one range of one region with a file, that
+    /// region is entered (its deregistration waits for the write), a mapping of the range's
+    /// pages of its own is registered and `fi_write`n to the sink, and the verdict follows
+    /// the write (RDV_REPLY). `false`: not done (the fabric executes it as usual, copying).
+    pub(super) fn reply_from_guest(&mut self, host: u16, req_id: u64, m: &Incoming) -> bool {
+        if u16::from(m.desc.opcode) != Opcode::RmaRead as u16 || !self.direct_reads_on() {
+            return false;
+        }
+        let Some(&(addr, key, len)) = self.rdv.peer_sinks.get(&(host, req_id)) else {
+            return false;
+        };
+        let Some(dest) = self.dest_of(host) else {
+            return false;
+        };
+        let Some(mut src) = self.fabric.claim_direct_source(m) else {
+            return false;
+        };
+        let Some(g) = src.bytes.take().filter(|_| src.len as u64 == len) else {
+            return false;
+        };
+        let Some(shadow) = self.rdv.take_shadow(&g, src.len) else {
+            return false;
+        };
+        drop(g);
+        // SAFETY: the shadow mapping lives in the op with the registration, which is closed
+        // before it is unmapped.
+        let mr = match unsafe {
+            self.ep
+                .register_raw(shadow.at as *const u8, src.len, u64::from(sys::FI_WRITE))
+        } {
+            Ok(mr) => mr,
+            Err(e) => {
+                debug!(host, req_id, "uplink: a read's source not registered: {e}");
+                self.rdv.keep_shadow(shadow);
+                return false;
+            }
+        };
+        self.rdv.next_op += 1;
+        let ctx = RMA_CONTEXT + self.rdv.next_op;
+        // SAFETY: the `src.len` bytes at `shadow.at` (the source range's guest pages, mapped
+        // once more) stay mapped, with the registration, in the op until the completion with
+        // `ctx` (if the host is lost they are revoked: anonymous pages, still mapped).
+        let rc = unsafe {
+            self.ep
+                .write_raw(shadow.at as *const u8, src.len, &mr, dest, addr, key, ctx)
+        };
+        if let Err(e) = rc {
+            debug!(
+                host,
+                req_id, "uplink: a write from guest memory not posted: {e}"
+            );
+            drop(mr);
+            self.rdv.keep_shadow(shadow);
+            return false;
+        }
+        self.rdv.peer_sinks.remove(&(host, req_id));
+        self.rdv.reply_direct_bytes += len;
+        self.rdv.ops.insert(
+            ctx,
+            Op::Write {
+                host,
+                dest,
+                req_id,
+                written: len,
+                staged: Staged {
+                    mr,
+                    buf: Vec::new(),
+                    guest: None,
+                    sink: None,
+                },
+                source: Some((src, shadow)),
+            },
+        );
+        true
     }
 
     /// The verdict on request `req_id` of `host` when it named a sink: the bytes go by
@@ -1093,6 +1418,7 @@ impl Worker {
             return false;
         }
         let buf = read.to_vec();
+        self.rdv.reply_copied_bytes += len;
         // SAFETY: as in `start_read`: kept in `self.rdv.ops` until the write's completion.
         let mr = match unsafe { self.ep.register(&buf, u64::from(sys::FI_WRITE)) } {
             Ok(mr) => mr,
@@ -1114,7 +1440,8 @@ impl Worker {
                         dest,
                         req_id,
                         written: len,
-                        _staged: staged,
+                        staged,
+                        source: None,
                     },
                 );
                 true
@@ -1246,8 +1573,18 @@ impl Worker {
                 dest,
                 req_id,
                 written,
-                ..
+                staged,
+                source,
             } => {
+                // The write is over: nothing reads the source's pages any more.
+                drop(staged);
+                if let Some((src, shadow)) = source {
+                    // Revoked (its host was lost): it read zeros, and its region was let go.
+                    if err.is_none() && !shadow.revoked {
+                        self.fabric.direct_source_done(src, &mut self.notify);
+                    }
+                    self.rdv.keep_shadow(shadow);
+                }
                 if err.is_none() {
                     self.rdv_done(host, true);
                 }
@@ -1299,12 +1636,23 @@ impl Worker {
             .collect();
         for id in gone {
             if let Some((host, st)) = self.rdv.sources.remove(&id) {
-                self.rdv.drop_source(id, host, st);
+                self.rdv.drain(id, host, st);
             }
         }
-        self.rdv.sinks.retain(|id, (h, _)| live(id, *h));
+        let gone: Vec<u64> = self
+            .rdv
+            .sinks
+            .iter()
+            .filter(|(id, (h, _))| !live(id, *h))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some((host, st)) = self.rdv.sinks.remove(&id) {
+                self.rdv.drain(id, host, st);
+            }
+        }
         let now = Instant::now();
-        self.rdv.draining.retain(|id, (host, _, since)| {
+        self.rdv.draining.retain(|id, (host, st, since)| {
             let keep = now.duration_since(*since) < DRAIN_LIMIT;
             if !keep {
                 warn!(
@@ -1312,6 +1660,11 @@ impl Worker {
                     req_id = *id,
                     "uplink: no answer to a CANCEL within {DRAIN_LIMIT:?}: closing its source"
                 );
+                // A revoked sink stays mapped (throw-away pages) for a write the provider
+                // may still finish into it; only its registration closes.
+                if let Some(sink) = &st.sink {
+                    sink.lock().leak = true;
+                }
             }
             keep
         });
@@ -1328,6 +1681,24 @@ impl Worker {
                 "uplink: rendezvous reads: {} bytes placed in guest memory, {} bytes copied",
                 reads.0,
                 reads.1
+            );
+        }
+        let sinks = (self.rdv.sink_placed_bytes, self.rdv.sink_copied_bytes);
+        if sinks != self.rdv.logged_sinks {
+            self.rdv.logged_sinks = sinks;
+            tracing::info!(
+                "uplink: rendezvous read sinks: {} bytes placed in guest memory, {} bytes copied",
+                sinks.0,
+                sinks.1
+            );
+        }
+        let replies = (self.rdv.reply_direct_bytes, self.rdv.reply_copied_bytes);
+        if replies != self.rdv.logged_replies {
+            self.rdv.logged_replies = replies;
+            tracing::info!(
+                "uplink: rendezvous read replies: {} bytes written from guest memory, {} bytes copied",
+                replies.0,
+                replies.1
             );
         }
         let counts = (self.rdv.zero_copy_bytes, self.rdv.staged_bytes);
@@ -1374,10 +1745,23 @@ impl Worker {
             .collect();
         for id in gone {
             if let Some((h, st)) = self.rdv.sources.remove(&id) {
-                self.rdv.drop_source(id, h, st);
+                self.rdv.drain(id, h, st);
             }
         }
-        self.rdv.sinks.retain(|_, (h, _)| *h != host);
+        // Our reads' sinks in guest memory were revoked when their requests failed; they drain
+        // too (the link may still carry a write into one).
+        let gone: Vec<u64> = self
+            .rdv
+            .sinks
+            .iter()
+            .filter(|(_, (h, _))| *h == host)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some((h, st)) = self.rdv.sinks.remove(&id) {
+                self.rdv.drain(id, h, st);
+            }
+        }
         self.rdv
             .inbound
             .remove(&host)

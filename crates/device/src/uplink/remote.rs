@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use vfabric_proto::{FabricAddr, Status};
 
+use super::rdv::GuestSink;
 use super::wire;
 use crate::chain::{GuestMemoryMmap, Req, Segs};
 use crate::fabric::Port;
@@ -42,6 +43,10 @@ pub(crate) struct RemoteSend {
     /// them: nothing for a send, the ranges of an RMA write): named to the target as a
     /// rendezvous source with no copy, or copied into `payload` when they go in chunks.
     pub guest: Option<GuestBytes>,
+    /// An RMA read's destination when it is one range of one guest memory region: the uplink
+    /// may name (a mapping of) those pages to the target as the read's sink, so that the
+    /// target's `fi_write` lands in guest memory with no copy.
+    pub sink: Option<GuestBytes>,
 }
 
 /// Bytes of a request left in the guest's memory: one range inside one memory region, with
@@ -141,6 +146,21 @@ pub(crate) struct Pending {
     pub desc: wire::Data,
     /// PULLs answered for it so far (bounded: see [`MAX_PULLS`]).
     pub pulls: u8,
+    /// An RMA read's sink in its guest's memory (the target writes it): revoked by whoever
+    /// takes the request out of the table to complete it, before the guest gets its buffer
+    /// back, unless its bytes were all placed ([`Outbox::take_placed`]).
+    pub sink: Option<Arc<GuestSink>>,
+}
+
+/// Cut the sinks in guest memory of requests about to complete other than with their placed
+/// bytes (withdrawn, failed, their host lost): whatever the wire still writes for them lands
+/// in the daemon's throw-away pages.
+fn revoke_sinks<'a>(ps: impl IntoIterator<Item = &'a Pending>) {
+    for p in ps {
+        if let Some(s) = &p.sink {
+            s.revoke();
+        }
+    }
 }
 
 /// Times one message is sent again for its target's PULLs, at most: a target pulls a message
@@ -503,6 +523,7 @@ impl Outbox {
                     charged: r.charged,
                     desc: r.desc,
                     pulls: 0,
+                    sink: None,
                 };
                 s.pending.insert(id, p);
             }
@@ -519,6 +540,14 @@ impl Outbox {
     /// Take request `req_id` out of the pending table, if it is there and (when `host` is
     /// given) was sent to `host`: its taker completes it.
     pub fn take_pending(&self, req_id: u64, host: Option<u16>) -> Option<Pending> {
+        let p = self.take_placed(req_id, host)?;
+        revoke_sinks([&p]);
+        Some(p)
+    }
+
+    /// [`Outbox::take_pending`] of a read whose bytes the target wrote, all of them, into its
+    /// sink in guest memory (left as it is).
+    pub fn take_placed(&self, req_id: u64, host: Option<u16>) -> Option<Pending> {
         let mut s = self.lock();
         let ours = s
             .pending
@@ -564,13 +593,28 @@ impl Outbox {
             .filter(|(_, p)| p.host == host)
             .map(|(id, _)| *id)
             .collect();
-        ids.into_iter()
+        let lost: Vec<Pending> = ids
+            .into_iter()
             .filter_map(|id| {
                 let p = s.pending.remove(&id)?;
                 s.release((p.dev, p.req.req.ep, p.host), p.charged);
                 Some(p)
             })
-            .collect()
+            .collect();
+        drop(s);
+        revoke_sinks(&lost);
+        lost
+    }
+
+    /// Request `req_id`'s read writes into `sink` in its guest's memory from now on, if it is
+    /// still pending (`false`: withdrawn meanwhile; the sink is not to be named).
+    pub fn attach_sink(&self, req_id: u64, sink: &Arc<GuestSink>) -> bool {
+        let mut s = self.lock();
+        let Some(p) = s.pending.get_mut(&req_id) else {
+            return false;
+        };
+        p.sink = Some(sink.clone());
+        true
     }
 
     /// Withdraw every request of device `dev` for which `hit` holds, wherever it is: still
@@ -596,6 +640,7 @@ impl Outbox {
                         charged: r.charged,
                         desc: r.desc,
                         pulls: 0,
+                        sink: None,
                     });
                 }
                 Outbound::AddrQuery { req_id, .. }
@@ -631,8 +676,9 @@ impl Outbox {
             }
             out.push(p);
         }
+        drop(s);
         if !out.is_empty() {
-            drop(s);
+            revoke_sinks(&out);
             self.queued();
         }
         out
@@ -668,6 +714,7 @@ impl Outbox {
                 charged: 0,
                 desc: wire::Data::default(),
                 pulls: 0,
+                sink: None,
             },
         );
         s.queue.push_back(Outbound::AddrQuery {
@@ -767,7 +814,7 @@ impl Outbox {
         s.live.clear();
         let queue = std::mem::take(&mut s.queue);
         let ids: Vec<u64> = s.pending.keys().copied().collect();
-        let pending = ids
+        let pending: Vec<Pending> = ids
             .into_iter()
             .filter_map(|id| {
                 let p = s.pending.remove(&id)?;
@@ -775,6 +822,8 @@ impl Outbox {
                 Some(p)
             })
             .collect();
+        drop(s);
+        revoke_sinks(&pending);
         (queue, pending)
     }
 }
