@@ -10,6 +10,7 @@
 #
 #   scripts/bench-hosts.sh                 # RUNS=3 SIZES="8 4096 65536 1048576"
 #   BENCHES="fi_vfabric tcp" scripts/bench-hosts.sh   # a subset (vfabric fi_vfabric tcp)
+#   BW_ARGS="--op read" BENCHES=vfabric scripts/bench-hosts.sh   # `vfabric bw` of RMA reads
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -72,10 +73,12 @@ iters_for() {
 
 vf_run() { # kind size iters run
     local kind=$1 size=$2 iters=$3 run=$4 addr="$OUT/addr-$1-$2-$4"
-    timeout 120 "$VFABRIC" "$kind" --device "$OUT/host0/vfabric0.sock" --server --addr-file "$addr" \
+    local extra=()
+    if [ "$kind" = bw ]; then read -r -a extra <<<"${BW_ARGS:-}"; fi
+    timeout 120 "$VFABRIC" "$kind" "${extra[@]}" --device "$OUT/host0/vfabric0.sock" --server --addr-file "$addr" \
         --sizes "$size" --iters "$iters" --mode poll --quiet --verify >/dev/null 2>"$OUT/srv.err" &
     local s=$!
-    if timeout 120 "$VFABRIC" "$kind" --device "$OUT/host1/vfabric0.sock" --addr-file "$addr" \
+    if timeout 120 "$VFABRIC" "$kind" "${extra[@]}" --device "$OUT/host1/vfabric0.sock" --addr-file "$addr" \
         --sizes "$size" --iters "$iters" --mode poll --quiet --json --verify >"$OUT/out.json" 2>"$OUT/cli.err"; then
         python3 - "vfabric $kind" "$OUT/out.json" >>"$RAW" <<'PY'
 import json, sys

@@ -2213,6 +2213,49 @@ fn reads_across_a_pulled_cable_are_revoked_at_both_ends_at_the_peer_timeout() {
     assert!(placed, "{}", d[0].log());
 }
 
+/// A window of large RMA reads from another host larger than the daemon's in-flight byte bound
+/// (64 MiB): their sinks are the reading guest's own memory, so they cost its daemon nothing
+/// and none is refused (the 17th 4 MiB read got NO_RESOURCES while every read's sink was
+/// charged); every byte arrives.
+#[test]
+fn a_window_of_large_reads_past_the_in_flight_bound_is_not_refused() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let a = Guest::open_with(&d[0].sockets[0], 256 << 20);
+    let b = Guest::open(&d[1].sockets[0]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    const LEN: usize = 4 << 20;
+    const N: usize = 20;
+    let (_region, mr) = readable_region(&b, LEN, 15);
+    let mut dst = a.dom.alloc_buffer(N * LEN).unwrap();
+    for i in 0..N {
+        a.ep.read_buf(
+            &dst,
+            i * LEN..(i + 1) * LEN,
+            to_b,
+            mr.base(),
+            mr.key(),
+            i as u64,
+        )
+        .unwrap();
+    }
+    for _ in 0..N {
+        let c = a.next();
+        assert!(c.context < N as u64);
+    }
+    let want = pattern(15, LEN);
+    let got = dst.get().unwrap();
+    for i in 0..N {
+        assert!(got[i * LEN..(i + 1) * LEN] == want[..], "read {i} differs");
+    }
+}
+
 /// A guest's EP_CLOSE withdraws its sends that wait for another host's verdict: they complete
 /// at once (the endpoint's close does not wait for the driver's control timeout), and the
 /// message held at the target host is dropped there, never delivered.

@@ -444,13 +444,15 @@ impl Fabric {
         } else {
             None
         };
-        // A large read's destination in one guest range may take the bytes straight from the
-        // wire (its first `total` bytes: the uplink's sink).
-        let sink = if !write && total as usize > RDV_THRESHOLD {
-            GuestBytes::new(port.mem.memory().into_inner(), &req.data)
-        } else {
-            None
-        };
+        // A large read's destination in one guest range with a file may take the bytes
+        // straight from the wire (its first `total` bytes: the uplink's sink).
+        let sink =
+            if !write && total as usize > RDV_THRESHOLD && crate::uplink::rdv::direct_allowed() {
+                GuestBytes::new(port.mem.memory().into_inner(), &req.data)
+                    .filter(|g| g.file_at().is_some())
+            } else {
+                None
+            };
         if write && guest.is_none() {
             let at = bytes.len();
             bytes.resize(at + total as usize, 0);
@@ -459,8 +461,9 @@ impl Fabric {
             }
         }
         drop(mem);
-        // What this daemon holds in flight: the copied bytes, and a read's sink.
-        let charged = bytes.len() as u64 + if write { 0 } else { total };
+        // What this daemon holds in flight: the copied bytes, and a read's sink unless it is
+        // the guest's own memory (a window of large reads then waits for no one).
+        let charged = bytes.len() as u64 + if write || sink.is_some() { 0 } else { total };
         if let Err(status) = self.outbox.reserve(key, charged) {
             return self.fail(dev, port, &req, status, n);
         }

@@ -235,6 +235,12 @@ impl Drop for Shadow {
     }
 }
 
+/// Whether rendezvous data may land in and leave from guest memory directly
+/// (`VFABRIC_UPLINK_DIRECT=0` in the environment turns it off).
+pub(crate) fn direct_allowed() -> bool {
+    std::env::var("VFABRIC_UPLINK_DIRECT").map_or(true, |v| v != "0")
+}
+
 /// How long a withdrawn zero-copy source stays registered at most when its target does not
 /// answer the CANCEL (a misbehaving peer): then it is closed anyway.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -1241,7 +1247,7 @@ impl Worker {
     /// Whether reads land in guests' receives and regions (`VFABRIC_UPLINK_DIRECT=0` in the
     /// environment turns them off: everything goes through daemon buffers, as before).
     fn direct_reads_on(&self) -> bool {
-        self.ep.rma() && std::env::var("VFABRIC_UPLINK_DIRECT").map_or(true, |v| v != "0")
+        self.ep.rma() && direct_allowed()
     }
 
     /// `host` is lost (peer timeout) while reads from it into guests' receives or regions are
