@@ -642,7 +642,6 @@ pub(crate) fn complete(domain: &DomainInner, f: Done<'_>, direct: Option<&mut Di
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
         PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),
         PendingOp::CommitReply => crate::commit::complete_reply(f),
-        PendingOp::Idle => {}
     }
 }
 

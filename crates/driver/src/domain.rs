@@ -155,9 +155,10 @@ impl Domain {
             ..Default::default()
         };
         for q in &self.inner.queues {
-            st.posted += q.counters.posted.load(Ordering::Relaxed);
-            st.completed += q.counters.completed.load(Ordering::Relaxed);
-            st.kicks += q.counters.kicks.load(Ordering::Relaxed);
+            let c = q.counters();
+            st.posted += c.posted;
+            st.completed += c.completed;
+            st.kicks += c.kicks;
         }
         st
     }

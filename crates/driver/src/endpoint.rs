@@ -1323,7 +1323,7 @@ impl Endpoint {
     /// short while as long as the request is still in flight.
     pub fn cancel(&self, context: u64) -> Result<()> {
         let me = &self.shared;
-        let pred = |p: &crate::virtqueue::RequestSlot<PendingOp>| matches!(&p.op, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
+        let pred = |p: &PendingOp| matches!(p, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
         let find = || {
             self.domain.queues[self.rx_queue]
                 .find_cookie(pred)
@@ -1601,7 +1601,7 @@ impl Drop for Endpoint {
             return;
         }
         let me = &self.shared;
-        let mine = |p: &crate::virtqueue::RequestSlot<PendingOp>| matches!(&p.op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
+        let mine = |p: &PendingOp| matches!(p, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();

@@ -2,14 +2,14 @@
 //! What the driver's requests carry: the record kept per request in flight ([`PendingOp`]:
 //! where its completion goes, the buffers it keeps alive, where received bytes are copied to)
 //! and the bytes copied inline into a request ([`Payload`]). The virtqueue holds these as opaque
-//! records ([`crate::virtqueue::Record`], [`crate::virtqueue::InlinePayload`]); the ring layer
-//! knows nothing of endpoints or completion queues.
+//! records (and [`crate::virtqueue::InlinePayload`]s); the ring layer knows nothing of endpoints
+//! or completion queues.
 
 use std::sync::Arc;
 
 use crate::endpoint::{iov_bytes, EpShared, Iov};
 use crate::memory::Allocation;
-use crate::virtqueue::{Finished, InlinePayload, Record, TxData, Virtqueue};
+use crate::virtqueue::{Finished, InlinePayload, TxData, Virtqueue};
 
 /// A transmit data area whose inline bytes are a [`Payload`].
 pub(crate) type Tx<'a> = TxData<'a, Payload<'a>>;
@@ -179,8 +179,6 @@ pub(crate) struct DataOp {
 }
 
 pub(crate) enum PendingOp {
-    /// No request (the head is free, or its request was dispatched).
-    Idle,
     Control {
         /// Data area of the control request (e.g. the QUERY_CAPS answer).
         data: Option<Allocation>,
@@ -194,12 +192,4 @@ pub(crate) enum PendingOp {
     },
     /// A COMMIT_REPLY nobody waits for.
     CommitReply,
-}
-
-impl Record for PendingOp {
-    const IDLE: Self = PendingOp::Idle;
-    #[inline]
-    fn is_idle(&self) -> bool {
-        matches!(self, PendingOp::Idle)
-    }
 }
