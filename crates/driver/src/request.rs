@@ -176,6 +176,22 @@ pub(crate) struct DataOp {
     pub report_success: bool,
     /// An error produces an error entry (inject errors are only logged).
     pub report_errors: bool,
+    /// A send, or a receive into memory the device writes in place (no copy-out, no device
+    /// memory, no PEEK/CLAIM bookkeeping): its success needs only the CQ entry.
+    pub plain: bool,
+}
+
+impl DataOp {
+    /// The record with [`DataOp::plain`] worked out (once, when the request is posted).
+    pub fn with_plain(mut self) -> Self {
+        self.plain = matches!(self.copy_out, CopyOut::None)
+            && self.bounce.is_none()
+            && self.hmem.is_none()
+            && !self.peek
+            && !self.record_claim
+            && (self.is_recv || self.rx_len == 0);
+        self
+    }
 }
 
 pub(crate) enum PendingOp {

@@ -445,7 +445,8 @@ impl<R> Virtqueue<R> {
         );
         st.counters.posted += 1;
         let in_flight = st.ring.chains_in_flight();
-        self.in_flight.store(u32::from(in_flight), Ordering::Relaxed);
+        self.in_flight
+            .store(u32::from(in_flight), Ordering::Relaxed);
         if in_flight == 1 && self.signals.busy.load(Ordering::Relaxed) & self.busy_bit == 0 {
             // Busy again: back into the progress scan (a drainer clears the bit under the
             // same lock when the queue goes idle, so no update is lost).
@@ -555,7 +556,8 @@ impl<R> Virtqueue<R> {
             if taken > 0 {
                 st.counters.completed += taken as u64;
                 let in_flight = st.ring.chains_in_flight();
-                self.in_flight.store(u32::from(in_flight), Ordering::Relaxed);
+                self.in_flight
+                    .store(u32::from(in_flight), Ordering::Relaxed);
                 if in_flight == 0 {
                     // Idle: out of the scan (a post sets the bit again under this lock).
                     self.signals
