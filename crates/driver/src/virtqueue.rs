@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One virtqueue of a domain: the split ring, a request slot per descriptor id (header, inline
-//! payload, completion), the table of in-flight requests, and the kick/call eventfds.
+//! payload, completion), the table of in-flight requests, and how to kick the device.
 //!
 //! Slot layout (`SLOT_STRIDE` bytes per head id, so a slot is busy exactly while its chain is):
 //!
@@ -16,17 +16,16 @@
 
 use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfabric_proto::{ByteValued, Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::lock::{SpinGuard, SpinLock};
 use crate::memory::{Allocation, SharedMemory};
 use crate::ring::{arm_value, park_value, RingLayout, SplitRing, UsedElem};
-use crate::transport::{Notifier, QueueHandles, RingAddrs};
+use crate::transport::{Notifier, RingAddrs};
 use crate::{Error, Result};
 
 pub(crate) const SLOT_STRIDE: usize = 384;
@@ -246,8 +245,6 @@ pub(crate) struct Virtqueue<R> {
     slots_device_addr: u64,
     /// How to kick the device (set when the transport starts the queue).
     notifier: Notifier,
-    /// The eventfd the device calls, where the transport has one per queue (vhost-user).
-    call: Option<EventFd>,
     size: u16,
     _ring_mem: Allocation,
     _slot_mem: Allocation,
@@ -293,7 +290,6 @@ impl<R> Virtqueue<R> {
             slots: slot_mem.ptr(),
             slots_device_addr: slot_mem.device_addr(),
             notifier: Notifier::Unset,
-            call: None,
             size,
             state: SpinLock::new(QueueState {
                 ring,
@@ -328,15 +324,9 @@ impl<R> Virtqueue<R> {
         }
     }
 
-    /// Take what the transport gave the queue when it started it.
-    pub fn attach(&mut self, handles: QueueHandles) {
-        self.notifier = handles.notifier;
-        self.call = handles.call;
-    }
-
-    /// The eventfd the device calls, if the transport has one per queue.
-    pub fn call_fd(&self) -> Option<RawFd> {
-        self.call.as_ref().map(|c| c.as_raw_fd())
+    /// Take the transport's way to kick the queue once it started it.
+    pub fn attach(&mut self, notifier: Notifier) {
+        self.notifier = notifier;
     }
 
     fn lock(&self) -> SpinGuard<'_, QueueState> {
