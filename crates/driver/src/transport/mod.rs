@@ -151,7 +151,6 @@ impl Notifier {
     }
 }
 
-
 /// Device addresses of one split ring's parts.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RingAddrs {
