@@ -642,11 +642,99 @@ pub(crate) fn complete(domain: &DomainInner, f: Done<'_>, direct: Option<&mut Di
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
         PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),
         PendingOp::CommitReply => crate::commit::complete_reply(f),
-        PendingOp::Idle => {}
     }
 }
 
+#[inline(always)]
 fn complete_data(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
+    let PendingOp::Data(op) = &*f.op else {
+        return;
+    };
+    if op.ep.is_closed() {
+        // fi_close semantics: the endpoint's outstanding operations are discarded, and its
+        // buffers may already be gone, so nothing is copied out.
+        return;
+    }
+    match f.completion {
+        Some(c) if !f.device_fault && op.plain && is_plain_success(op, c) => {
+            complete_plain(op, c, direct)
+        }
+        _ => complete_data_general(f, direct),
+    }
+}
+
+/// Does `c` complete the plain request `op` (see [`DataOp::plain`]) successfully, with
+/// nothing to copy, check or remember beyond the CQ entry itself?
+#[inline(always)]
+fn is_plain_success(op: &DataOp, c: &vfabric_proto::Completion) -> bool {
+    u32::from(c.status) == Status::Ok as u32
+        && u32::from(c.flags) & comp_flags::REMOTE_WRITE == 0
+        && (!op.is_recv || u64::from(c.len) as usize <= op.rx_len)
+}
+
+/// The common completion: a plain send or receive that succeeded. Same entry as
+/// [`complete_data_general`] gives for it, with none of the checks that cannot apply.
+#[inline(always)]
+fn complete_plain(op: &DataOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
+    let cflags = u32::from(c.flags);
+    let mut flags = op.fi_flags;
+    if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) != 0 {
+        if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+            flags |= fi::REMOTE_CQ_DATA;
+        }
+        if cflags & comp_flags::TAGGED != 0 {
+            flags |= fi::TAGGED;
+        }
+        if cflags & comp_flags::CLAIMED != 0 {
+            flags |= fi::CLAIM;
+        }
+    }
+    let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+        c.data.into()
+    } else {
+        0
+    };
+    let (src, src_addr) = if op.is_recv {
+        let s = FabricAddr::from_wire(&c.src);
+        (Some(s), op.ep.reverse_lookup(&s))
+    } else {
+        (None, FI_ADDR_NOTAVAIL)
+    };
+    op.ep.count(op.fi_flags, true);
+    let Some(cq) = op.ep.cq(op.is_recv).filter(|_| op.report_success) else {
+        return;
+    };
+    let len = u64::from(c.len) as usize;
+    let tag = u64::from(c.tag);
+    match direct.and_then(|d| d.slot_for(cq)) {
+        // Written in place: no entry built and moved.
+        Some(e) => {
+            e.context = op.context;
+            e.flags = flags;
+            e.len = len;
+            e.data = data;
+            e.tag = tag;
+            e.src = src;
+            e.src_addr = src_addr;
+            e.buf = None;
+        }
+        None => cq.push(CqEvent::Entry(CqEntry {
+            context: op.context,
+            flags,
+            len,
+            data,
+            tag,
+            src,
+            src_addr,
+            buf: None,
+        })),
+    }
+}
+
+/// Any data completion: errors, device faults, copy-outs, device memory, claims.
+#[cold]
+#[inline(never)]
+fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
     let Finished {
         cookie,
         op,
@@ -657,11 +745,6 @@ fn complete_data(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
     let PendingOp::Data(op) = op else {
         return;
     };
-    if op.ep.is_closed() {
-        // fi_close semantics: the endpoint's outstanding operations are discarded, and its
-        // buffers may already be gone, so nothing is copied out.
-        return;
-    }
     let none;
     let c = match completion {
         Some(c) => c,

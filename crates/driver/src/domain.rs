@@ -155,9 +155,10 @@ impl Domain {
             ..Default::default()
         };
         for q in &self.inner.queues {
-            st.posted += q.counters.posted.load(Ordering::Relaxed);
-            st.completed += q.counters.completed.load(Ordering::Relaxed);
-            st.kicks += q.counters.kicks.load(Ordering::Relaxed);
+            let c = q.counters();
+            st.posted += c.posted;
+            st.completed += c.completed;
+            st.kicks += c.kicks;
         }
         st
     }
@@ -567,13 +568,11 @@ pub(crate) struct DomainInner {
     signals: Arc<DomainSignals>,
     /// Index of the first queue found broken (`u32::MAX`: none).
     broken_queue: AtomicU32,
-    /// What `block` sleeps on: every queue's call eventfd (vhost-user), then the transport's
-    /// sources (`wait_kinds`, in the same order). Empty: nothing wakes a sleeper, it polls.
+    /// What `block` sleeps on: the transport's sources (vhost-user: the call eventfd all
+    /// queues share, the error eventfd, the socket). Empty: nothing wakes a sleeper, it polls.
     poll_template: Box<[libc::pollfd]>,
-    /// Meaning of the entries of `poll_template` after the call eventfds.
+    /// Meaning of the entries of `poll_template`, in the same order.
     wait_kinds: Box<[WaitKind]>,
-    /// Entries of `poll_template` that are call eventfds.
-    call_fds: usize,
     /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::share_raw`]).
     pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
     /// Ranges taken back with [`Domain::unshare_raw`]: still in the device's memory table (a
@@ -709,12 +708,9 @@ impl DomainInner {
         }
         transport.activate()?;
         let sources = transport.wait_sources();
-        let call_fds: Vec<RawFd> = queues.iter().filter_map(|q| q.call_fd()).collect();
-        let poll_template: Box<[libc::pollfd]> = call_fds
+        let poll_template: Box<[libc::pollfd]> = sources
             .iter()
-            .map(|&fd| (fd, libc::POLLIN))
-            .chain(sources.iter().map(|&(fd, events, _)| (fd, events)))
-            .map(|(fd, events)| libc::pollfd {
+            .map(|&(fd, events, _)| libc::pollfd {
                 fd,
                 events,
                 revents: 0,
@@ -742,7 +738,6 @@ impl DomainInner {
             broken_queue: AtomicU32::new(u32::MAX),
             poll_template,
             wait_kinds,
-            call_fds: call_fds.len(),
             rma: Default::default(),
             commit: Default::default(),
             hmem_copy: Mutex::new(None),
@@ -1161,13 +1156,13 @@ impl DomainInner {
                 continue;
             }
             pending -= 1;
-            if i < self.call_fds {
-                self.calls.fetch_add(1, Ordering::Relaxed);
-                // Reset the eventfd (non-blocking; nothing to read if another waiter got it).
-                crate::virtqueue::drain_eventfd(p.fd);
-                continue;
-            }
-            match self.wait_kinds.get(i - self.call_fds) {
+            match self.wait_kinds.get(i) {
+                Some(WaitKind::Call) => {
+                    self.calls.fetch_add(1, Ordering::Relaxed);
+                    // Reset the eventfd (non-blocking; nothing to read if another waiter got
+                    // it).
+                    crate::virtqueue::drain_eventfd(p.fd);
+                }
                 Some(WaitKind::Hangup) if !self.closed.swap(true, Ordering::Relaxed) => {
                     tracing::warn!(
                         device = %self.transport.locator(),

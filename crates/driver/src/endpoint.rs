@@ -832,21 +832,25 @@ impl Endpoint {
                 RxData::None,
                 a.flags & fi::MORE != 0,
                 || {
-                    PendingOp::Data(DataOp {
-                        ep: ep.clone(),
-                        context: a.context,
-                        fi_flags: fi::SEND | if a.tagged { fi::TAGGED } else { fi::MSG },
-                        rx_len: 0,
-                        copy_out: CopyOut::None,
-                        bounce,
-                        _keepalive: keepalive,
-                        hmem: None,
-                        is_recv: false,
-                        peek: false,
-                        record_claim: false,
-                        report_success,
-                        report_errors,
-                    })
+                    PendingOp::Data(
+                        DataOp {
+                            ep: ep.clone(),
+                            context: a.context,
+                            fi_flags: fi::SEND | if a.tagged { fi::TAGGED } else { fi::MSG },
+                            rx_len: 0,
+                            copy_out: CopyOut::None,
+                            bounce,
+                            _keepalive: keepalive,
+                            hmem: None,
+                            is_recv: false,
+                            peek: false,
+                            record_claim: false,
+                            report_success,
+                            report_errors,
+                            plain: false,
+                        }
+                        .with_plain(),
+                    )
                 },
             )
             .map(|_| ())
@@ -1294,21 +1298,25 @@ impl Endpoint {
                 rx,
                 a.flags & fi::MORE != 0,
                 || {
-                    PendingOp::Data(DataOp {
-                        ep: ep.clone(),
-                        context: a.context,
-                        fi_flags: fi::RECV | if a.tagged { fi::TAGGED } else { fi::MSG },
-                        rx_len,
-                        copy_out,
-                        bounce,
-                        _keepalive: keepalive,
-                        hmem,
-                        is_recv: true,
-                        peek,
-                        record_claim: peek && claim,
-                        report_success,
-                        report_errors: true,
-                    })
+                    PendingOp::Data(
+                        DataOp {
+                            ep: ep.clone(),
+                            context: a.context,
+                            fi_flags: fi::RECV | if a.tagged { fi::TAGGED } else { fi::MSG },
+                            rx_len,
+                            copy_out,
+                            bounce,
+                            _keepalive: keepalive,
+                            hmem,
+                            is_recv: true,
+                            peek,
+                            record_claim: peek && claim,
+                            report_success,
+                            report_errors: true,
+                            plain: false,
+                        }
+                        .with_plain(),
+                    )
                 },
             )
             .map(|_| ())
@@ -1323,7 +1331,7 @@ impl Endpoint {
     /// short while as long as the request is still in flight.
     pub fn cancel(&self, context: u64) -> Result<()> {
         let me = &self.shared;
-        let pred = |p: &crate::virtqueue::RequestSlot<PendingOp>| matches!(&p.op, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
+        let pred = |p: &PendingOp| matches!(p, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
         let find = || {
             self.domain.queues[self.rx_queue]
                 .find_cookie(pred)
@@ -1601,7 +1609,7 @@ impl Drop for Endpoint {
             return;
         }
         let me = &self.shared;
-        let mine = |p: &crate::virtqueue::RequestSlot<PendingOp>| matches!(&p.op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
+        let mine = |p: &PendingOp| matches!(p, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();

@@ -2,14 +2,14 @@
 //! What the driver's requests carry: the record kept per request in flight ([`PendingOp`]:
 //! where its completion goes, the buffers it keeps alive, where received bytes are copied to)
 //! and the bytes copied inline into a request ([`Payload`]). The virtqueue holds these as opaque
-//! records ([`crate::virtqueue::Record`], [`crate::virtqueue::InlinePayload`]); the ring layer
-//! knows nothing of endpoints or completion queues.
+//! records (and [`crate::virtqueue::InlinePayload`]s); the ring layer knows nothing of endpoints
+//! or completion queues.
 
 use std::sync::Arc;
 
 use crate::endpoint::{iov_bytes, EpShared, Iov};
 use crate::memory::Allocation;
-use crate::virtqueue::{Finished, InlinePayload, Record, TxData, Virtqueue};
+use crate::virtqueue::{Finished, InlinePayload, TxData, Virtqueue};
 
 /// A transmit data area whose inline bytes are a [`Payload`].
 pub(crate) type Tx<'a> = TxData<'a, Payload<'a>>;
@@ -176,11 +176,25 @@ pub(crate) struct DataOp {
     pub report_success: bool,
     /// An error produces an error entry (inject errors are only logged).
     pub report_errors: bool,
+    /// A send, or a receive into memory the device writes in place (no copy-out, no device
+    /// memory, no PEEK/CLAIM bookkeeping): its success needs only the CQ entry.
+    pub plain: bool,
+}
+
+impl DataOp {
+    /// The record with [`DataOp::plain`] worked out (once, when the request is posted).
+    pub fn with_plain(mut self) -> Self {
+        self.plain = matches!(self.copy_out, CopyOut::None)
+            && self.bounce.is_none()
+            && self.hmem.is_none()
+            && !self.peek
+            && !self.record_claim
+            && (self.is_recv || self.rx_len == 0);
+        self
+    }
 }
 
 pub(crate) enum PendingOp {
-    /// No request (the head is free, or its request was dispatched).
-    Idle,
     Control {
         /// Data area of the control request (e.g. the QUERY_CAPS answer).
         data: Option<Allocation>,
@@ -194,12 +208,4 @@ pub(crate) enum PendingOp {
     },
     /// A COMMIT_REPLY nobody waits for.
     CommitReply,
-}
-
-impl Record for PendingOp {
-    const IDLE: Self = PendingOp::Idle;
-    #[inline]
-    fn is_idle(&self) -> bool {
-        matches!(self, PendingOp::Idle)
-    }
 }

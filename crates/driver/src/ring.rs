@@ -101,11 +101,11 @@ pub(crate) struct UsedElem {
     pub len_ok: bool,
 }
 
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum RingError {
     #[error("ring full")]
     Full,
-    #[cfg(test)]
     #[error("bad chain: {0}")]
     BadChain(&'static str),
     #[error("device corrupted the used ring: {0}")]
@@ -238,9 +238,15 @@ impl SplitRing {
     pub fn last_used(&self) -> u16 {
         self.last_used.0
     }
-    /// Head id the next chain of `n` descriptors will get, if it fits.
+    /// Head id the next chain of `n` (> 0) descriptors will get, if it fits and the ring is not
+    /// broken.
+    #[inline]
     pub fn next_head(&self, n: usize) -> Option<u16> {
-        (n <= self.num_free as usize && n > 0).then_some(self.free_head)
+        (n <= self.num_free as usize && self.broken.is_none()).then_some(self.free_head)
+    }
+    /// Chains published and not yet taken back with [`SplitRing::take_used`].
+    pub fn chains_in_flight(&self) -> u16 {
+        self.chains_in_flight
     }
 
     fn ptr_at(&self, off: usize) -> *mut u8 {
@@ -314,24 +320,20 @@ impl SplitRing {
     }
 
     /// Add a request chain: `header` (readable), `tx` (readable), `rx` (writable), `tail`
-    /// (writable), and publish it. The shape is right by construction, so only room is checked.
-    /// Returns the head id.
+    /// (writable), and publish it. The caller got `head` from [`SplitRing::next_head`] for
+    /// exactly these `2 + tx.len() + rx.len()` descriptors (so the ring has room and is not
+    /// broken), and the shape is right by construction: nothing is checked again.
     #[inline(always)]
     pub fn add_request(
         &mut self,
+        head: u16,
         header: (u64, u32),
         tx: &[(u64, u32)],
         rx: &[(u64, u32)],
         tail: (u64, u32),
-    ) -> Result<u16, RingError> {
-        if let Some(b) = &self.broken {
-            return Err(RingError::Corrupt(b.clone()));
-        }
+    ) {
         let n = 2 + tx.len() + rx.len();
-        if n > self.num_free as usize {
-            return Err(RingError::Full);
-        }
-        let head = self.free_head;
+        debug_assert!(head == self.free_head && n <= self.num_free as usize);
         let mut w = ChainWriter {
             idx: head,
             writable: 0,
@@ -345,7 +347,6 @@ impl SplitRing {
         }
         self.put(&mut w, tail.0, tail.1, true, true);
         self.publish(head, n, w.writable);
-        Ok(head)
     }
 
     /// Write one descriptor of a chain at `w.idx` and move `w` along the free list.
@@ -403,15 +404,24 @@ impl SplitRing {
 
     /// Decide whether the device must be kicked for the chains published since the last call.
     pub fn needs_kick(&mut self) -> bool {
-        let new = self.next_avail;
-        let old = self.kicked_avail;
-        if new == old {
+        if self.next_avail == self.kicked_avail {
             // Nothing published since the last decision: no fence, no device read.
             return false;
         }
-        self.kicked_avail = new;
         // Our avail index store must be ordered before reading the device's suppression state.
         fence(Ordering::SeqCst);
+        self.needs_kick_fenced()
+    }
+
+    /// [`SplitRing::needs_kick`] for a caller that fenced (`SeqCst`) after its last publish.
+    #[inline]
+    pub fn needs_kick_fenced(&mut self) -> bool {
+        let new = self.next_avail;
+        let old = self.kicked_avail;
+        if new == old {
+            return false;
+        }
+        self.kicked_avail = new;
         if self.event_idx {
             let event = Wrapping(u16::from_le(
                 self.avail_event_field().load(Ordering::Relaxed),

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One virtqueue of a domain: the split ring, a request slot per descriptor id (header, inline
-//! payload, completion), the table of in-flight requests, and the kick/call eventfds.
+//! payload, completion), the table of in-flight requests, and how to kick the device.
 //!
 //! Slot layout (`SLOT_STRIDE` bytes per head id, so a slot is busy exactly while its chain is):
 //!
@@ -16,17 +16,16 @@
 
 use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::os::fd::RawFd;
+use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vfabric_proto::{ByteValued, Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::lock::{SpinGuard, SpinLock};
 use crate::memory::{Allocation, SharedMemory};
-use crate::ring::{arm_value, park_value, RingError, RingLayout, SplitRing, UsedElem};
-use crate::transport::{Notifier, QueueHandles, RingAddrs};
+use crate::ring::{arm_value, park_value, RingLayout, SplitRing, UsedElem};
+use crate::transport::{Notifier, RingAddrs};
 use crate::{Error, Result};
 
 pub(crate) const SLOT_STRIDE: usize = 384;
@@ -49,13 +48,6 @@ pub(crate) trait InlinePayload {
     /// # Safety
     /// `dst` must be valid for writes of `self.len()` bytes.
     unsafe fn copy_to(&self, dst: *mut u8);
-}
-
-/// What the queue keeps per request in flight, opaque to it (the driver's request record).
-pub(crate) trait Record {
-    /// The record of a head with no request.
-    const IDLE: Self;
-    fn is_idle(&self) -> bool;
 }
 
 /// Payload of a request (readable bytes after the header).
@@ -113,12 +105,38 @@ impl DescList {
 }
 
 /// The driver's record of the request in flight on one head id, kept in place from post to
-/// dispatch (no moves, no allocation).
+/// dispatch (no moves, no allocation). `op` (opaque to the queue) is initialised exactly while
+/// `busy`: a post writes it, a dispatch drops it in place.
 pub(crate) struct RequestSlot<R> {
-    pub cookie: u64,
+    cookie: u64,
     /// Inline RX length posted (needed to find the data in the slot).
     inline_rx: u16,
-    pub op: R,
+    busy: bool,
+    op: MaybeUninit<R>,
+}
+
+impl<R> RequestSlot<R> {
+    const IDLE: Self = Self {
+        cookie: 0,
+        inline_rx: 0,
+        busy: false,
+        op: MaybeUninit::uninit(),
+    };
+
+    /// The request, if one is in flight on this head.
+    fn op(&self) -> Option<&R> {
+        // SAFETY: `op` is initialised while `busy`.
+        self.busy.then(|| unsafe { self.op.assume_init_ref() })
+    }
+}
+
+impl<R> Drop for RequestSlot<R> {
+    fn drop(&mut self) {
+        if self.busy {
+            // SAFETY: initialised while `busy`; dropped once (the slot goes away).
+            unsafe { self.op.assume_init_drop() };
+        }
+    }
 }
 
 /// A request the device returned, handed to dispatch by reference to its slot.
@@ -146,17 +164,37 @@ pub(crate) struct DomainSignals {
     pub busy: AtomicU64,
 }
 
-/// Per-queue event counters (relaxed; for diagnostics).
-#[derive(Default)]
+/// Per-queue event counters (for diagnostics), kept under the ring lock.
+#[derive(Clone, Copy, Default)]
 pub(crate) struct QueueCounters {
-    pub posted: AtomicU64,
-    pub completed: AtomicU64,
-    pub kicks: AtomicU64,
+    pub posted: u64,
+    pub completed: u64,
+    pub kicks: u64,
 }
 
 struct QueueState {
     ring: SplitRing,
     seq: u64,
+    counters: QueueCounters,
+}
+
+impl QueueState {
+    /// Give the heads a drain kept back to the ring.
+    #[inline]
+    fn release_all(&mut self, returned: &mut Returned) {
+        for &head in &returned.heads[..returned.len] {
+            self.ring.release(head);
+        }
+        returned.len = 0;
+    }
+}
+
+/// Heads the drainer dispatched and has not given back to the ring yet: they go back at the
+/// start of the next drain (or when a post finds the ring full), so a drain takes the ring lock
+/// once. Owned by whoever holds `progress`.
+struct Returned {
+    heads: [u16; DRAIN_BATCH],
+    len: usize,
 }
 
 /// Write 1 to an eventfd. A raw system call: no libc cancellation-point bookkeeping on the
@@ -182,9 +220,9 @@ pub(crate) struct Virtqueue<R> {
     pub index: u16,
     /// The ring (avail side, free list, used-entry validation) and the cookie sequence.
     state: SpinLock<QueueState>,
-    /// Serialises draining (take + dispatch + release) so completions reach CQs in used-ring
-    /// order, and owns the request slots of returned chains while they are dispatched.
-    progress: SpinLock<()>,
+    /// Serialises draining (take + dispatch) so completions reach CQs in used-ring order, and
+    /// owns the request slots of returned chains from dispatch until they are released.
+    progress: SpinLock<Returned>,
     /// One request record per head id; see the `Sync` impl for who may touch which.
     requests: Box<[UnsafeCell<RequestSlot<R>>]>,
     used_idx: *const AtomicU16,
@@ -194,7 +232,8 @@ pub(crate) struct Virtqueue<R> {
     /// Used index up to which we have taken entries (mirror of the ring's, for lock-free
     /// peeks and arming).
     last_used: AtomicU16,
-    /// Chains published and not yet taken back: a sleeper arms only busy queues.
+    /// Chains published and not yet taken back (the ring's count, stored under its lock): a
+    /// sleeper arms only busy queues.
     in_flight: AtomicU32,
     /// Shared with the domain (see [`Virtqueue::arm`] and [`DomainSignals::busy`]).
     signals: Arc<DomainSignals>,
@@ -206,10 +245,7 @@ pub(crate) struct Virtqueue<R> {
     slots_device_addr: u64,
     /// How to kick the device (set when the transport starts the queue).
     notifier: Notifier,
-    /// The eventfd the device calls, where the transport has one per queue (vhost-user).
-    call: Option<EventFd>,
     size: u16,
-    pub(crate) counters: QueueCounters,
     _ring_mem: Allocation,
     _slot_mem: Allocation,
 }
@@ -224,7 +260,7 @@ unsafe impl<R: Send> Send for Virtqueue<R> {}
 // SAFETY: see `Send`.
 unsafe impl<R: Send> Sync for Virtqueue<R> {}
 
-impl<R: Record> Virtqueue<R> {
+impl<R> Virtqueue<R> {
     pub fn new(
         mem: &Arc<SharedMemory>,
         index: u16,
@@ -254,19 +290,18 @@ impl<R: Record> Virtqueue<R> {
             slots: slot_mem.ptr(),
             slots_device_addr: slot_mem.device_addr(),
             notifier: Notifier::Unset,
-            call: None,
             size,
-            counters: QueueCounters::default(),
-            state: SpinLock::new(QueueState { ring, seq: 1 }),
-            progress: SpinLock::new(()),
+            state: SpinLock::new(QueueState {
+                ring,
+                seq: 1,
+                counters: QueueCounters::default(),
+            }),
+            progress: SpinLock::new(Returned {
+                heads: [0; DRAIN_BATCH],
+                len: 0,
+            }),
             requests: (0..size)
-                .map(|_| {
-                    UnsafeCell::new(RequestSlot {
-                        cookie: 0,
-                        inline_rx: 0,
-                        op: R::IDLE,
-                    })
-                })
+                .map(|_| UnsafeCell::new(RequestSlot::IDLE))
                 .collect(),
             _ring_mem: ring_mem,
             _slot_mem: slot_mem,
@@ -289,15 +324,9 @@ impl<R: Record> Virtqueue<R> {
         }
     }
 
-    /// Take what the transport gave the queue when it started it.
-    pub fn attach(&mut self, handles: QueueHandles) {
-        self.notifier = handles.notifier;
-        self.call = handles.call;
-    }
-
-    /// The eventfd the device calls, if the transport has one per queue.
-    pub fn call_fd(&self) -> Option<RawFd> {
-        self.call.as_ref().map(|c| c.as_raw_fd())
+    /// Take the transport's way to kick the queue once it started it.
+    pub fn attach(&mut self, notifier: Notifier) {
+        self.notifier = notifier;
     }
 
     fn lock(&self) -> SpinGuard<'_, QueueState> {
@@ -324,6 +353,11 @@ impl<R: Record> Virtqueue<R> {
     /// decision is left to a later post without it (or [`Virtqueue::flush`]), which covers
     /// every chain published since. `op` builds the request record, straight into its slot
     /// (not called if the post fails before).
+    ///
+    /// One ring-lock hold: the header and descriptors are written, the avail index is stored
+    /// once (release), and a single full fence orders it (and the in-flight count) before the
+    /// two reads that follow it, the device's kick suppression and the domain's sleepers.
+    #[inline]
     pub fn post<P: InlinePayload>(
         &self,
         header: &mut ReqHeader,
@@ -342,6 +376,7 @@ impl<R: Record> Virtqueue<R> {
             RxData::Inline(n) => (*n, &[]),
             RxData::Descs(d) => (0, d),
         };
+        // The slot writes below rely on these bounds.
         if inline_tx_len > INLINE_TX_MAX
             || inline_rx_len > INLINE_RX_MAX
             || tx_descs.len() > MAX_DATA_DESCS
@@ -354,11 +389,16 @@ impl<R: Record> Virtqueue<R> {
         let n = 2 + tx_descs.len() + rx_descs.len();
 
         let mut st = self.lock();
-        if let Some(why) = st.ring.broken() {
-            return Err(Error::Transport(format!("virtqueue {}: {why}", self.index)));
-        }
-        let Some(head) = st.ring.next_head(n) else {
-            return Err(Error::Again);
+        let head = match st.ring.next_head(n) {
+            Some(head) => head,
+            None => {
+                drop(st);
+                st = self.reclaim_for(n)?;
+                match st.ring.next_head(n) {
+                    Some(head) => head,
+                    None => return Err(Error::Again),
+                }
+            }
         };
         let cookie = (st.seq << 24) | ((self.index as u64) << 16) | head as u64;
         st.seq += 1;
@@ -376,17 +416,15 @@ impl<R: Record> Virtqueue<R> {
         }
         // SAFETY: as above, the record of a free head is ours until the chain is published.
         let record = unsafe { &mut *self.requests[head as usize].get() };
+        debug_assert!(!record.busy);
         record.cookie = cookie;
         record.inline_rx = inline_rx_len as u16;
-        debug_assert!(record.op.is_idle());
-        // SAFETY: the record of a free head is idle (nothing to drop): write in place.
-        unsafe { std::ptr::write(&mut record.op, op()) };
+        // The record of a free head is idle (nothing to drop): written in place.
+        record.op.write(op());
+        record.busy = true;
         let slot_addr = self.slots_device_addr + u64::from(head) * SLOT_STRIDE as u64;
-        // Counted before the device can see it (a drainer subtracts what it takes).
-        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
-            self.signals.busy.fetch_or(self.busy_bit, Ordering::SeqCst);
-        }
-        let added = st.ring.add_request(
+        st.ring.add_request(
+            head,
             (slot_addr, (REQ_HEADER_LEN + inline_tx_len) as u32),
             tx_descs,
             rx_descs,
@@ -395,20 +433,24 @@ impl<R: Record> Virtqueue<R> {
                 (inline_rx_len + COMPLETION_LEN) as u32,
             ),
         );
-        if let Err(e) = added {
-            // Not published: the record goes back to idle (dropping the request's buffers).
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            record.op = R::IDLE;
-            return Err(match e {
-                RingError::Full => Error::Again,
-                other => Error::Transport(other.to_string()),
-            });
+        st.counters.posted += 1;
+        let in_flight = st.ring.chains_in_flight();
+        self.in_flight
+            .store(u32::from(in_flight), Ordering::Relaxed);
+        if in_flight == 1 && self.signals.busy.load(Ordering::Relaxed) & self.busy_bit == 0 {
+            // Busy again: back into the progress scan (a drainer clears the bit under the
+            // same lock when the queue goes idle, so no update is lost).
+            self.signals.busy.fetch_or(self.busy_bit, Ordering::Relaxed);
         }
-        let kick = !more && st.ring.needs_kick();
+        // The avail index and the in-flight count before the reads below.
+        fence(Ordering::SeqCst);
+        let kick = !more && st.ring.needs_kick_fenced();
+        if kick {
+            st.counters.kicks += 1;
+        }
         drop(st);
-        self.counters.posted.fetch_add(1, Ordering::Relaxed);
         // A thread already asleep may not have armed this queue (it was idle): arm for it.
-        if self.signals.blockers.load(Ordering::SeqCst) > 0 {
+        if self.signals.blockers.load(Ordering::Relaxed) > 0 {
             self.arm();
         }
         if kick {
@@ -417,20 +459,49 @@ impl<R: Record> Virtqueue<R> {
         Ok(cookie)
     }
 
+    /// The ring had no room for `n` descriptors: give back the heads the last drain kept, if
+    /// no drainer holds them now, and return the ring locked. `Again` if nothing more can be
+    /// had, the ring's error if it is broken.
+    #[cold]
+    fn reclaim_for(&self, n: usize) -> Result<SpinGuard<'_, QueueState>> {
+        if let Some(mut returned) = self.progress.try_lock() {
+            let mut st = self.lock();
+            st.release_all(&mut returned);
+            return Ok(st);
+        }
+        let st = self.lock();
+        if let Some(why) = st.ring.broken() {
+            return Err(Error::Transport(format!("virtqueue {}: {why}", self.index)));
+        }
+        if st.ring.next_head(n).is_none() {
+            return Err(Error::Again);
+        }
+        Ok(st)
+    }
+
     /// Kick the device for chains published with `more` and not yet covered by a kick
     /// decision (the doorbell of a batch).
     pub fn flush(&self) {
-        let kick = self.lock().ring.needs_kick();
+        let mut st = self.lock();
+        let kick = st.ring.needs_kick();
+        if kick {
+            st.counters.kicks += 1;
+        }
+        drop(st);
         if kick {
             self.notify();
         }
     }
 
     fn notify(&self) {
-        self.counters.kicks.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.notifier.notify() {
             tracing::warn!(queue = self.index, error = %e, "kick failed");
         }
+    }
+
+    /// Posts, completions and kicks so far.
+    pub fn counters(&self) -> QueueCounters {
+        self.lock().counters
     }
 
     /// Lock-free check for used entries we have not consumed.
@@ -449,23 +520,22 @@ impl<R: Record> Virtqueue<R> {
 
     /// Drain the used ring and hand every finished request to `dispatch`, in ring order.
     /// Returns how many were drained. If another thread is draining this queue, returns 0.
+    ///
+    /// One ring-lock hold per batch: it gives back the heads dispatched by the drain before,
+    /// takes the new used entries and updates the in-flight state; dispatch then runs without
+    /// the ring lock (posts, also from dispatch itself, proceed), and the dispatched heads
+    /// stay ours until the next drain gives them back.
     pub fn drain(&self, mut dispatch: impl FnMut(Finished<'_, R>)) -> usize {
-        let Some(_draining) = self.progress.try_lock() else {
+        let Some(mut returned) = self.progress.try_lock() else {
             return 0;
         };
         // Uninitialised: only `batch[..taken]` is ever read.
         let mut batch = [MaybeUninit::<UsedElem>::uninit(); DRAIN_BATCH];
-        let mut taken = 0;
         let mut total = 0;
-        let mut broken = None;
-        let mut st = self.lock();
         loop {
-            // The chains dispatched last round go back to the free list; then take new ones.
-            for u in &batch[..taken] {
-                // SAFETY: the first `taken` entries were written below in the last round.
-                st.ring.release(unsafe { u.assume_init_ref() }.head);
-            }
-            taken = 0;
+            let mut st = self.lock();
+            st.release_all(&mut returned);
+            let mut taken = 0;
             while taken < DRAIN_BATCH {
                 let Some(u) = st.ring.take_used() else {
                     break;
@@ -473,116 +543,132 @@ impl<R: Record> Virtqueue<R> {
                 batch[taken].write(u);
                 taken += 1;
             }
-            if let Some(why) = st.ring.broken() {
-                broken = Some(why.to_owned());
-            }
-            if taken == 0 {
-                break;
-            }
-            if self.in_flight.fetch_sub(taken as u32, Ordering::SeqCst) == taken as u32 {
-                // Idle now: out of the scan, unless a post got in between (it sets the bit
-                // after counting, so one of us leaves it set).
-                self.signals
-                    .busy
-                    .fetch_and(!self.busy_bit, Ordering::SeqCst);
-                if self.in_flight.load(Ordering::SeqCst) != 0 {
-                    self.signals.busy.fetch_or(self.busy_bit, Ordering::SeqCst);
+            if taken > 0 {
+                st.counters.completed += taken as u64;
+                let in_flight = st.ring.chains_in_flight();
+                self.in_flight
+                    .store(u32::from(in_flight), Ordering::Relaxed);
+                if in_flight == 0 {
+                    // Idle: out of the scan (a post sets the bit again under this lock).
+                    self.signals
+                        .busy
+                        .fetch_and(!self.busy_bit, Ordering::Relaxed);
                 }
+                self.after_take(st.ring.last_used());
             }
-            self.after_take(st.ring.last_used());
-            // Dispatch without the ring lock: posts (also from dispatch itself) proceed, and
-            // the taken heads stay ours until released above.
+            let broken = st.ring.broken().is_some();
+            if broken {
+                self.mark_broken(&st);
+            }
             drop(st);
             for u in &batch[..taken] {
                 // SAFETY: written above in this round.
-                self.finish(unsafe { u.assume_init_ref() }, &mut dispatch);
+                let u = unsafe { u.assume_init_ref() };
+                self.finish(u, &mut dispatch);
+                let at = returned.len;
+                returned.heads[at] = u.head;
+                returned.len = at + 1;
             }
             total += taken;
-            st = self.lock();
-        }
-        drop(st);
-        if let Some(why) = broken {
-            if !self.broken.swap(true, Ordering::Relaxed) {
-                tracing::error!(queue = self.index, %why, "virtqueue broken");
+            if taken < DRAIN_BATCH || broken {
+                return total;
             }
         }
-        if total > 0 {
-            self.counters
-                .completed
-                .fetch_add(total as u64, Ordering::Relaxed);
+    }
+
+    #[cold]
+    fn mark_broken(&self, st: &QueueState) {
+        if !self.broken.swap(true, Ordering::Relaxed) {
+            tracing::error!(queue = self.index, why = ?st.ring.broken(), "virtqueue broken");
         }
-        total
     }
 
     /// Publish the new consumption point and set the call suppression for it: armed if a
     /// thread of the domain sleeps for calls, parked otherwise. Pairs with [`Virtqueue::arm`]
-    /// (all `SeqCst`): either the sleeper sees our `last_used` and arms at it, or we see the
-    /// sleeper and arm for it.
+    /// (a sleeper counts itself, fences, reads `last_used` and arms there, then re-reads it):
+    /// either the sleeper sees our `last_used` and arms at it, or our fenced read of
+    /// `blockers` sees the sleeper and we arm for it.
+    #[inline]
     fn after_take(&self, last_used: u16) {
-        let blockers = &self.signals.blockers;
-        self.last_used.store(last_used, Ordering::SeqCst);
-        if blockers.load(Ordering::SeqCst) == 0 {
-            self.call_control()
-                .store(park_value(self.event_idx, last_used), Ordering::SeqCst);
-            // A sleeper that armed before our park store still needs its call.
-            if blockers.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-        }
+        self.last_used.store(last_used, Ordering::Relaxed);
         self.call_control()
-            .store(arm_value(self.event_idx, last_used), Ordering::SeqCst);
+            .store(park_value(self.event_idx, last_used), Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.signals.blockers.load(Ordering::Relaxed) > 0 {
+            self.call_control()
+                .store(arm_value(self.event_idx, last_used), Ordering::SeqCst);
+        }
     }
 
     /// Read the completion of a taken chain and dispatch it; the record goes back to idle.
+    #[inline(always)]
     fn finish(&self, u: &UsedElem, dispatch: &mut impl FnMut(Finished<'_, R>)) {
         // SAFETY: the device returned this head and it is not released yet, so no post can
         // reuse it; we hold `progress`, the only other way to reach a returned head's record.
         let record = unsafe { &mut *self.requests[u.head as usize].get() };
-        if record.op.is_idle() {
+        if !record.busy {
             // Cannot happen (the ring only returns published heads); nothing to deliver.
             return;
         }
         let slot = self.slot(u.head);
-        let mut device_fault = !u.len_ok;
-        let completion = if u.len == 0 {
-            None
-        } else if (u.len as usize) < COMPLETION_LEN {
-            device_fault = true;
-            None
-        } else {
-            // SAFETY: the completion lies inside the slot of a chain the device returned; we
-            // copy it out once and validate the copy, never re-reading device memory.
-            let c: Completion =
-                unsafe { std::ptr::read_unaligned(slot.add(SLOT_COMPLETION) as *const Completion) };
-            if u64::from(c.cookie) != record.cookie {
-                tracing::warn!(
-                    queue = self.index,
-                    expected = record.cookie,
-                    got = u64::from(c.cookie),
-                    "completion cookie mismatch"
+        let mut completion = MaybeUninit::<Completion>::uninit();
+        let (has_completion, device_fault) = if (u.len as usize) >= COMPLETION_LEN {
+            // SAFETY: the completion lies inside the slot of a chain the device returned (64
+            // bytes at a 64-aligned offset); we copy it out once and validate the copy, never
+            // re-reading device memory.
+            let c = unsafe {
+                std::ptr::copy_nonoverlapping(
+                    slot.add(SLOT_COMPLETION) as *const Completion,
+                    completion.as_mut_ptr(),
+                    1,
                 );
-                device_fault = true;
+                completion.assume_init_ref()
+            };
+            let mismatch = u64::from(c.cookie) != record.cookie;
+            if mismatch {
+                self.cookie_mismatch(record.cookie, u64::from(c.cookie));
             }
-            Some(c)
+            (true, mismatch || !u.len_ok)
+        } else {
+            // Length 0: the device failed the chain without a completion; anything else
+            // shorter than a completion is a fault.
+            (false, u.len != 0 || !u.len_ok)
         };
+        // SAFETY: initialised above when `has_completion`.
+        let completion = has_completion.then(|| unsafe { completion.assume_init_ref() });
         let inline_rx = record.inline_rx as usize;
-        let placed = match &completion {
-            Some(c) if inline_rx > 0 => (u64::from(c.len) as usize).min(inline_rx),
-            _ => 0,
+        let inline_data: &[u8] = match completion {
+            Some(c) if inline_rx > 0 => {
+                let placed = (u64::from(c.len) as usize).min(inline_rx);
+                // SAFETY: the inline area [320 - inline_rx, 320) is inside the slot and
+                // `placed` ≤ inline_rx; the head stays ours (not reposted) until it is
+                // released after dispatch. The device is done with it; bytes a misbehaving
+                // device changes meanwhile are only copied.
+                unsafe { std::slice::from_raw_parts(slot.add(SLOT_COMPLETION - inline_rx), placed) }
+            }
+            _ => &[],
         };
-        // SAFETY: the inline area [320 - inline_rx, 320) is inside the slot and `placed` ≤
-        // inline_rx; the head stays ours (not reposted) until dispatch returns. The device
-        // is done with it; bytes a misbehaving device changes meanwhile are only copied.
-        let inline_data =
-            unsafe { std::slice::from_raw_parts(slot.add(SLOT_COMPLETION - inline_rx), placed) };
         dispatch(Finished {
             cookie: record.cookie,
-            op: &mut record.op,
-            completion: completion.as_ref(),
+            // SAFETY: initialised while `busy`.
+            op: unsafe { record.op.assume_init_mut() },
+            completion,
             device_fault,
             inline_data,
         });
-        record.op = R::IDLE;
+        record.busy = false;
+        // SAFETY: initialised until now; `busy` is already cleared, so it is dropped once.
+        unsafe { record.op.assume_init_drop() };
+    }
+
+    #[cold]
+    fn cookie_mismatch(&self, expected: u64, got: u64) {
+        tracing::warn!(
+            queue = self.index,
+            expected,
+            got,
+            "completion cookie mismatch"
+        );
     }
 
     /// Arm (see [`Virtqueue::arm`]) if requests are in flight; returns whether it did. A queue
@@ -612,14 +698,14 @@ impl<R: Record> Virtqueue<R> {
     }
 
     /// Record of the first in-flight request matching `pred`, in posting order: its cookie.
-    pub fn find_cookie(&self, mut pred: impl FnMut(&RequestSlot<R>) -> bool) -> Option<u64> {
+    pub fn find_cookie(&self, mut pred: impl FnMut(&R) -> bool) -> Option<u64> {
         let _draining = self.progress.lock();
         let _st = self.lock();
         self.requests
             .iter()
             // SAFETY: with both locks held no poster and no drainer touches any record.
             .map(|r| unsafe { &*r.get() })
-            .filter(|r| !r.op.is_idle() && pred(r))
+            .filter(|r| r.op().is_some_and(&mut pred))
             .map(|r| r.cookie)
             .min_by_key(|c| c >> 24)
     }
@@ -631,7 +717,7 @@ impl<R: Record> Virtqueue<R> {
         self.requests
             .iter()
             // SAFETY: with both locks held no poster and no drainer touches any record.
-            .filter(|r| !unsafe { &(*r.get()).op }.is_idle())
+            .filter(|r| unsafe { &*r.get() }.busy)
             .count()
     }
 }

@@ -859,6 +859,41 @@ fn ring_full_returns_again_and_close_discards() {
     assert_eq!(rx.queued(), 0);
 }
 
+/// A drain keeps the heads it dispatched until the next drain; a post that finds the ring full
+/// takes them back itself, so a ring emptied by completions is whole again at once.
+#[test]
+fn a_full_ring_takes_back_the_heads_its_last_drain_kept() {
+    let r = rig(2);
+    let attr = DomainAttr {
+        queue_size: 16,
+        mem_bytes: 16 << 20,
+        ..Default::default()
+    };
+    let a = node(&r.paths[0]);
+    let b = node_with(&r.paths[1], WaitMode::None, EpType::Rdm, attr);
+    let b_addr = a.av.insert(b.ep.name()).unwrap();
+    for round in 0..3u64 {
+        // Eight two-descriptor receives fill the 16-entry ring, right after the drain of the
+        // round before.
+        for i in 0..8 {
+            b.ep.recv_vec(64, round * 8 + i)
+                .unwrap_or_else(|e| panic!("round {round}, receive {i}: {e}"));
+        }
+        assert!(matches!(b.ep.recv_vec(64, 99), Err(Error::Again)));
+        for i in 0..8u64 {
+            post_retry(|| a.ep.send(&[i as u8; 8], b_addr, i), &a.domain);
+        }
+        for i in 0..8u64 {
+            let e = next_ok(&b.rx);
+            assert_eq!(e.context, round * 8 + i);
+            assert_eq!(e.buf.as_deref(), Some(&[i as u8; 8][..]));
+        }
+        for _ in 0..8 {
+            next_ok(&a.tx);
+        }
+    }
+}
+
 #[test]
 fn selective_completion_and_errors_without_av() {
     let r = rig(2);

@@ -950,21 +950,25 @@ impl Endpoint {
         let ep = &self.shared;
         domain.queues[self.tx_queue]
             .post(&mut header, tx, rx, flags & fi::MORE != 0, || {
-                PendingOp::Data(DataOp {
-                    ep: ep.clone(),
-                    context,
-                    fi_flags,
-                    rx_len,
-                    copy_out,
-                    bounce,
-                    _keepalive: keepalive,
-                    hmem,
-                    is_recv: false,
-                    peek: false,
-                    record_claim: false,
-                    report_success,
-                    report_errors,
-                })
+                PendingOp::Data(
+                    DataOp {
+                        ep: ep.clone(),
+                        context,
+                        fi_flags,
+                        rx_len,
+                        copy_out,
+                        bounce,
+                        _keepalive: keepalive,
+                        hmem,
+                        is_recv: false,
+                        peek: false,
+                        record_claim: false,
+                        report_success,
+                        report_errors,
+                        plain: false,
+                    }
+                    .with_plain(),
+                )
             })
             .map(|_| ())
     }

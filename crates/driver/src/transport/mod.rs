@@ -151,13 +151,6 @@ impl Notifier {
     }
 }
 
-/// What the transport gives a queue it started: how to kick, and the eventfd the device calls
-/// (vhost-user; `None` where calls arrive another way, see [`Transport::wait_sources`]).
-pub(crate) struct QueueHandles {
-    pub notifier: Notifier,
-    pub call: Option<EventFd>,
-}
-
 /// Device addresses of one split ring's parts.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RingAddrs {
@@ -169,6 +162,9 @@ pub(crate) struct RingAddrs {
 /// What a file descriptor a sleeping thread waits on means when it fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum WaitKind {
+    /// The device used a ring (vhost-user: the call eventfd every queue of the session
+    /// shares).
+    Call,
     /// The device signalled a ring error (vhost-user error eventfd).
     RingError,
     /// The connection to the device ended (vhost-user socket hang-up).
@@ -214,11 +210,11 @@ pub(crate) trait Transport: Send + Sync {
     /// Read the device configuration space.
     fn get_config(&self) -> Result<FabricConfig>;
     /// Give ring `index` of `size` entries to the device and enable it.
-    fn setup_queue(&self, index: u16, size: u16, rings: RingAddrs) -> Result<QueueHandles>;
+    fn setup_queue(&self, index: u16, size: u16, rings: RingAddrs) -> Result<Notifier>;
     /// Every queue is set up: the device may start (DRIVER_OK; vhost-user: the connect
     /// watchdog stops). Fails if the device refused or went away meanwhile.
     fn activate(&mut self) -> Result<()>;
-    /// File descriptors besides the queues' call eventfds that a sleeping thread waits on.
+    /// File descriptors a sleeping thread waits on (the device's calls, errors, hang-up).
     /// Empty: the transport has no way to wake a sleeper, which then polls.
     fn wait_sources(&self) -> Vec<(RawFd, i16, WaitKind)>;
     /// Acknowledge a [`WaitKind::Interrupt`] so the next one can arrive.

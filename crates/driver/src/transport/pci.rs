@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use vfabric_proto::{self as proto, bit, ByteValued, FabricConfig};
 
-use super::{DeviceLocator, Notifier, QueueHandles, RingAddrs, Transport, WaitKind};
+use super::{DeviceLocator, Notifier, RingAddrs, Transport, WaitKind};
 use crate::memory::SharedMemory;
 use crate::{Error, Result};
 
@@ -504,7 +504,7 @@ impl Transport for PciTransport {
         )))
     }
 
-    fn setup_queue(&self, index: u16, size: u16, rings: RingAddrs) -> Result<QueueHandles> {
+    fn setup_queue(&self, index: u16, size: u16, rings: RingAddrs) -> Result<Notifier> {
         if index >= self.num_queues {
             return Err(Error::Unsupported(format!(
                 "queue {index} beyond the device's {} queues",
@@ -536,14 +536,11 @@ impl Transport for PciTransport {
                 ))
             })?;
         c.write16(common::QUEUE_ENABLE, 1);
-        Ok(QueueHandles {
-            notifier: Notifier::Mmio(NotifyAddr {
-                window: self.notify.clone(),
-                at,
-                value: index,
-            }),
-            call: None,
-        })
+        Ok(Notifier::Mmio(NotifyAddr {
+            window: self.notify.clone(),
+            at,
+            value: index,
+        }))
     }
 
     fn activate(&mut self) -> Result<()> {
@@ -679,9 +676,8 @@ mod tests {
             avail: 0x1_2345_7000,
             used: 0x1_2345_8000,
         };
-        let h = t.setup_queue(2, 64, rings).unwrap();
-        assert!(h.call.is_none());
-        h.notifier.notify().unwrap();
+        let notifier = t.setup_queue(2, 64, rings).unwrap();
+        notifier.notify().unwrap();
         let bar = dev.bar();
         let rd64 = |at: usize| u64::from_le_bytes(bar[at..at + 8].try_into().unwrap());
         assert_eq!(rd64(common::QUEUE_DESC), rings.desc);

@@ -17,7 +17,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{DeviceLocator, Notifier, QueueHandles, RingAddrs, Transport, WaitKind};
+use super::{DeviceLocator, Notifier, RingAddrs, Transport, WaitKind};
 use crate::memory::SharedMemory;
 use crate::{Error, Result};
 
@@ -49,6 +49,9 @@ pub(crate) struct VhostUserTransport {
     locator: DeviceLocator,
     /// The device's error eventfd (one for every queue; polled by sleepers).
     err_fd: EventFd,
+    /// The eventfd the device calls, one for every queue: a sleeper polls one fd and reads it
+    /// once, whichever queues moved.
+    call_fd: EventFd,
     /// Feature bits the device offered.
     pub device_features: u64,
     /// Feature bits negotiated.
@@ -247,6 +250,7 @@ impl VhostUserTransport {
             path: path.to_path_buf(),
             locator: DeviceLocator::Socket(path.to_path_buf()),
             err_fd: EventFd::new(EFD_NONBLOCK)?,
+            call_fd: EventFd::new(EFD_NONBLOCK)?,
             device_features,
             features,
             device_protocol_features: offered.bits(),
@@ -327,6 +331,7 @@ impl Transport for VhostUserTransport {
 
     fn wait_sources(&self) -> Vec<(RawFd, i16, WaitKind)> {
         vec![
+            (self.call_fd.as_raw_fd(), libc::POLLIN, WaitKind::Call),
             (self.err_fd.as_raw_fd(), libc::POLLIN, WaitKind::RingError),
             (self.socket_fd(), libc::POLLRDHUP, WaitKind::Hangup),
         ]
@@ -387,9 +392,8 @@ impl Transport for VhostUserTransport {
     }
 
     /// Hand one ring to the device and enable it.
-    fn setup_queue(&self, index: u16, size: u16, rings: RingAddrs) -> Result<QueueHandles> {
+    fn setup_queue(&self, index: u16, size: u16, rings: RingAddrs) -> Result<Notifier> {
         let index = usize::from(index);
-        let call = EventFd::new(EFD_NONBLOCK)?;
         let kick = EventFd::new(EFD_NONBLOCK)?;
         let err = &self.err_fd;
         if index as u64 >= self.max_queues {
@@ -417,7 +421,7 @@ impl Transport for VhostUserTransport {
         .map_err(|e| q("SET_VRING_ADDR", e))?;
         fe.set_vring_base(index, 0)
             .map_err(|e| q("SET_VRING_BASE", e))?;
-        fe.set_vring_call(index, &call)
+        fe.set_vring_call(index, &self.call_fd)
             .map_err(|e| q("SET_VRING_CALL", e))?;
         fe.set_vring_kick(index, &kick)
             .map_err(|e| q("SET_VRING_KICK", e))?;
@@ -426,10 +430,7 @@ impl Transport for VhostUserTransport {
         fe.set_vring_enable(index, true)
             .map_err(|e| q("SET_VRING_ENABLE", e))?;
         self.started.lock().unwrap().push(index);
-        Ok(QueueHandles {
-            notifier: Notifier::EventFd(kick),
-            call: Some(call),
-        })
+        Ok(Notifier::EventFd(kick))
     }
 }
 
