@@ -26,6 +26,7 @@ mod pull;
 pub(crate) mod rdv;
 pub(crate) mod remote;
 mod svc;
+mod tcp;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -492,6 +493,9 @@ impl Worker {
             if !due {
                 continue;
             }
+            if !self.was_up[i] {
+                self.abort_stuck(i);
+            }
             self.set.peers[i].last_hello = Some(now);
             self.send_now(dest, self.hello(false));
         }
@@ -686,17 +690,41 @@ impl Worker {
                     errno: 61,
                 })
             })
-            .and_then(|a| self.ep.insert(&a))
+            .and_then(|a| Ok((self.ep.insert(&a)?, tcp::ip_of_provider_addr(&a))))
             {
-                Ok(a) => {
+                Ok((a, ip)) => {
                     debug!(host = p.host_id, addr = %p.addr, fi_addr = a, "uplink peer resolved");
                     p.fi_addr = Some(a);
+                    p.ip = ip;
                     p.last_hello = None;
                 }
                 Err(e) => {
                     debug!(host = p.host_id, addr = %p.addr, "uplink peer does not resolve yet: {e}")
                 }
             }
+        }
+    }
+
+    /// Peer `i` is down (lost, or not up yet): its connections that the kernel sees stuck are
+    /// aborted (see `tcp`), so that the provider connects again when it is back, not behind a
+    /// retransmission backoff and what was queued before.
+    fn abort_stuck(&mut self, i: usize) {
+        let p = &self.set.peers[i];
+        let Some(ip) = p.ip else { return };
+        let done = tcp::abort_stuck(ip, HELLO_INTERVAL * 2);
+        if done.stuck > 0 {
+            info!(
+                host = p.host_id,
+                connections = done.stuck,
+                "uplink: stuck connections to a host that is down aborted"
+            );
+        }
+        if done.connecting > 0 {
+            debug!(
+                host = p.host_id,
+                attempts = done.connecting,
+                "uplink: unanswered connection attempts to a host that is down aborted"
+            );
         }
     }
 

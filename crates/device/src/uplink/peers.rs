@@ -42,6 +42,8 @@ pub(super) struct Peer {
     pub addr: String,
     /// Its fi_addr in the uplink AV (None while its address does not resolve).
     pub fi_addr: Option<u64>,
+    /// Its IP address, when the provider's addresses are IP socket addresses.
+    pub ip: Option<std::net::IpAddr>,
     pub num_devices: u16,
     /// Its HELLO's `wire::caps` bits.
     pub caps: u32,
@@ -57,6 +59,7 @@ impl Peer {
             host_id,
             addr,
             fi_addr: None,
+            ip: None,
             num_devices: 0,
             caps: 0,
             epoch: None,
