@@ -1619,6 +1619,55 @@ fn a_link_busy_with_reads_past_the_peer_timeout_keeps_its_peer_up() {
     }
 }
 
+/// Large RMA reads over a slow link (4 MiB each at 20 Mbit/s from host 2 to host 1, about 1.7 s
+/// per read, past the 1.5 s peer timeout): host 2 writes their bytes into host 1's sinks, which
+/// completes nothing at host 1 until each read's reply. Host 1 must not declare host 2 lost
+/// meanwhile (an earlier note feared it would): every read completes with the right bytes and
+/// neither daemon logs a peer down. A regression test; it passes on the code it came with.
+#[test]
+fn a_link_busy_with_rma_read_answers_past_the_peer_timeout_keeps_its_peer_up() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 4 << 20;
+    const N: usize = 3;
+    let (_region, mr) = readable_region(&b, LEN, 9);
+    let mut dst = a.dom.alloc_buffer(N * LEN).unwrap();
+    dst.get_mut().unwrap().fill(0);
+    // 12 MiB at 20 Mbit/s: about five seconds of data from host 2 to host 1, each read
+    // taking longer than the peer timeout.
+    lan.throttle(1, Some("20mbit"));
+    for i in 0..N {
+        a.ep.read_buf(
+            &dst,
+            i * LEN..(i + 1) * LEN,
+            to_b,
+            mr.base(),
+            mr.key(),
+            i as u64,
+        )
+        .unwrap();
+    }
+    let mut done = Vec::new();
+    for _ in 0..N {
+        let c = a.next();
+        assert_eq!(c.len, LEN, "read {} completes OK", c.context);
+        done.push(c.context);
+    }
+    lan.throttle(1, None);
+    done.sort_unstable();
+    assert_eq!(done, (0..N as u64).collect::<Vec<_>>());
+    let want = pattern(9, LEN);
+    let got = dst.get().unwrap();
+    for i in 0..N {
+        assert!(got[i * LEN..(i + 1) * LEN] == want[..], "read {i} differs");
+    }
+    for h in &d {
+        assert!(!h.log().contains("uplink peer down"), "{}", h.log());
+    }
+}
+
 /// A window of large sends to another host larger than the daemon's in-flight byte bound
 /// (64 MiB): their bytes stay in the sending guest's memory (read by the target), so they cost
 /// the sending daemon nothing and none is refused; every message arrives whole, as on one host.
