@@ -154,6 +154,20 @@ impl Info {
         }
     }
 
+    /// The provider's name (`tcp;ofi_rxm`, `verbs;ofi_rxm`, ...) of the first entry.
+    fn prov_name(&self) -> String {
+        // SAFETY: a valid fi_info from fi_getinfo has a valid fabric_attr; its prov_name is a
+        // C string or NULL.
+        unsafe {
+            let p = (*(*self.0).fabric_attr).prov_name;
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        }
+    }
+
     /// `provider (fabric name)` of the first entry, for logs.
     pub fn describe(&self) -> String {
         // SAFETY: a valid fi_info from fi_getinfo has valid fabric_attr strings (or NULL).
@@ -169,6 +183,13 @@ impl Info {
             format!("{} ({})", s(f.prov_name), s(f.name))
         }
     }
+}
+
+/// Whether provider `name` (a layered name like `tcp;ofi_rxm`: the core provider comes first)
+/// writes received data with the CPU through our page tables, so that remapping a destination
+/// stops late writes into it.
+fn revocable_provider(name: &str) -> bool {
+    matches!(name.split(';').next(), Some("tcp" | "sockets"))
 }
 
 impl Drop for Info {
@@ -195,6 +216,9 @@ pub struct RdmEndpoint {
     rma: bool,
     /// The domain's FI_MR_* mode bits.
     mr_mode: u32,
+    /// Whether a mapping that the provider writes through can be cut under it (see
+    /// [`RdmEndpoint::writes_revocable`]).
+    writes_revocable: bool,
     /// Source of requested keys (FI_MR_PROV_KEY unset): unguessable by peers.
     key_seed: u64,
     next_key: std::cell::Cell<u64>,
@@ -228,6 +252,7 @@ impl RdmEndpoint {
             wait_fd: None,
             rma,
             mr_mode,
+            writes_revocable: revocable_provider(&info.prov_name()),
             key_seed: random_u64(),
             next_key: std::cell::Cell::new(1),
             fabric: ptr::null_mut(),
@@ -415,6 +440,15 @@ impl RdmEndpoint {
     /// Whether the endpoint does RMA (rendezvous).
     pub fn rma(&self) -> bool {
         self.rma
+    }
+
+    /// Whether data the provider is still writing into our memory can be cut off by mapping
+    /// other pages over the destination: true for providers that write with the CPU through
+    /// this process's page tables (`tcp`, `sockets`). A NIC that pinned the pages at
+    /// registration (`verbs`, `efa`, ...) would go on writing the guest's pages, so reads into
+    /// guest memory stay off there.
+    pub fn writes_revocable(&self) -> bool {
+        self.writes_revocable
     }
 
     /// `fi_mr_reg` of `buf` with `access` (FI_READ, FI_WRITE, FI_REMOTE_READ,
@@ -729,5 +763,21 @@ fn random_u64() -> u64 {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::revocable_provider;
+
+    #[test]
+    fn only_providers_writing_through_our_page_tables_are_revocable() {
+        assert!(revocable_provider("tcp;ofi_rxm"));
+        assert!(revocable_provider("tcp"));
+        assert!(revocable_provider("sockets"));
+        assert!(!revocable_provider("verbs;ofi_rxm"));
+        assert!(!revocable_provider("efa"));
+        assert!(!revocable_provider("ofi_rxm;tcp"));
+        assert!(!revocable_provider(""));
     }
 }

@@ -215,6 +215,12 @@ impl Uplink {
             peers = cfg.peers.len(),
             "uplink open"
         );
+        if ep.rma() && !ep.writes_revocable() {
+            info!(
+                provider = %info.describe(),
+                "uplink: large receives, RMA writes and read answers go through daemon buffers (this provider's late writes into guest memory could not be cut off)"
+            );
+        }
         let set = PeerSet {
             peers: cfg
                 .peers

@@ -1245,9 +1245,10 @@ impl Worker {
     }
 
     /// Whether reads land in guests' receives and regions (`VFABRIC_UPLINK_DIRECT=0` in the
-    /// environment turns them off: everything goes through daemon buffers, as before).
+    /// environment turns them off: everything goes through daemon buffers, as before). Only on
+    /// a provider whose late writes revocation can cut off (`RdmEndpoint::writes_revocable`).
     fn direct_reads_on(&self) -> bool {
-        self.ep.rma() && direct_allowed()
+        self.ep.rma() && self.ep.writes_revocable() && direct_allowed()
     }
 
     /// `host` is lost (peer timeout) while reads from it into guests' receives or regions are
