@@ -32,7 +32,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::chain::{parse_popped, GuestMemoryMmap, Parsed, RingError};
+use crate::chain::{parse_popped, GuestMemoryMmap, Req, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::{Polled, Poller};
 use crate::ring::{RingState, RingView};
@@ -111,6 +111,34 @@ impl VringSink {
                 .unwrap_or_else(|| self.mem.memory().into_inner())
         })?;
         Ok(Some(f(next_avail, view)))
+    }
+
+    /// Ring `q`'s view and next avail index for a pass (see [`RingState::view_for_pass`]);
+    /// `None` if the ring is not running.
+    fn pass_view(
+        &self,
+        vr: &VringRwLock,
+        q: usize,
+        mem: &Arc<GuestMemoryMmap>,
+    ) -> Result<Option<(Arc<RingView>, u16)>, RingError> {
+        let Some(state) = self.rings.get(q) else {
+            return Ok(None);
+        };
+        let st = vr.get_ref();
+        if !st.is_enabled() || !st.get_queue().ready() {
+            return Ok(None);
+        }
+        let generation = self.mem_generation.load(Ordering::Acquire);
+        lock(state)
+            .view_for_pass(generation, st.get_queue(), || mem.clone())
+            .map(Some)
+    }
+
+    /// A pass over ring `q` (through `view`) took the chains before avail index `next`.
+    fn set_next_avail(&self, q: usize, view: &RingView, next: u16) {
+        if let Some(state) = self.rings.get(q) {
+            lock(state).set_next_avail(view, next);
+        }
     }
 
     /// Build ring `q`'s view under its `VringRwLock` whatever the ring's state (completions go
@@ -278,8 +306,6 @@ struct PassState {
     /// lock and clears this; a pass in between still uses the table it had, as ring views do
     /// until their generation moves on (its mappings stay alive through the `Arc`).
     mem: Option<Arc<GuestMemoryMmap>>,
-    /// Parsed requests of one queue on their way to the fabric (reused: no allocation per pass).
-    parsed: Vec<Parsed>,
 }
 
 /// The vhost-user backend of one device connection.
@@ -346,10 +372,7 @@ impl FabricBackend {
             process: socket.map(|s| Arc::new(PeerProcess::new(s, mem.clone()))),
             mem,
             acked: AtomicU64::new(0),
-            work: Mutex::new(PassState {
-                mem: None,
-                parsed: Vec::with_capacity(BATCH),
-            }),
+            work: Mutex::new(PassState { mem: None }),
             control_waiting: AtomicUsize::new(0),
             regions: Mutex::new(Vec::new()),
             exit_event: Mutex::new(Some(exit)),
@@ -491,7 +514,7 @@ impl FabricBackend {
     ) -> (bool, bool) {
         let rearm = only.is_some();
         let (mut found, mut more) = (false, false);
-        let PassState { mem, parsed } = work;
+        let PassState { mem } = work;
         let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
         let limits = self.fabric.limits();
@@ -524,27 +547,42 @@ impl FabricBackend {
                 }
                 max = max.min(usize::from(announced));
             }
-            let popped = self.sink.with_ring(vr, q, Some(mem), |next_avail, view| {
-                let k = view.pop(next_avail, mem, max, |head, chain| {
-                    parsed.push(parse_popped(mem, chain, q as u16, head, limits, acked));
-                })?;
-                let arrived = rearm && k < max && view.set_notification(*next_avail, true);
-                Ok::<_, RingError>((k, arrived))
-            });
-            match popped {
-                Ok(Some(Ok((0, arrived)))) => {
-                    more |= arrived;
-                    continue;
-                }
+            let (view, mut next_avail) = match self.sink.pass_view(vr, q, mem) {
+                Ok(Some(v)) => v,
                 Ok(None) => continue,
-                Ok(Some(Ok((k, arrived)))) => more |= k == BATCH || arrived,
-                Ok(Some(Err(e))) | Err(e) => {
+                Err(e) => {
                     self.ring_error(q, &e);
                     return (found, false);
                 }
+            };
+            // Each chain is parsed into this slot and handed to the fabric at once, without the
+            // ring's lock (its completions take it): nothing is moved or batched per request.
+            let mut slot = Req::blank(q as u16, 0);
+            // The port, looked up with the first chain.
+            let mut port: Option<Option<Arc<Port>>> = None;
+            let popped = view.pop(&mut next_avail, mem, max, |head, chain| {
+                slot.head = head;
+                let v = parse_popped(mem, chain, limits, acked, &mut slot);
+                let port = port.get_or_insert_with(|| self.fabric.begin(self.dev, acked));
+                if let Some(port) = port {
+                    self.fabric
+                        .handle_one(self.dev, port, mem, &mut slot, v, acked, n);
+                }
+            });
+            if port.is_some() {
+                self.fabric.end_batch(n);
             }
-            found = true;
-            self.fabric.handle(self.dev, parsed, acked, n);
+            let k = match popped {
+                Ok(k) => k,
+                Err(e) => {
+                    self.ring_error(q, &e);
+                    return (found, false);
+                }
+            };
+            self.sink.set_next_avail(q, &view, next_avail);
+            let arrived = rearm && k < max && view.set_notification(next_avail, true);
+            more |= k == BATCH || arrived;
+            found |= k > 0;
         }
         (found, more)
     }

@@ -27,7 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::chain::{
-    host_ptr_hinted, GuestMemoryMmap, Popped, RegionHint, RingError, Seg, Segs, SimpleChain, Walked,
+    host_ptr_hinted, GuestMemoryMmap, Popped, RegionHint, RingError, Seg, SimpleChain, Walked,
 };
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -93,6 +93,14 @@ impl RingView {
             used,
             event_idx: q.event_idx_enabled(),
         })
+    }
+
+    /// Whether this view and `other` are of the same ring parts.
+    fn same_parts(&self, other: &RingView) -> bool {
+        self.size == other.size
+            && self.desc_gpa == other.desc_gpa
+            && self.avail_gpa == other.avail_gpa
+            && self.used_gpa == other.used_gpa
     }
 
     /// Whether this view is of the same ring parts as `q` describes.
@@ -244,7 +252,7 @@ impl RingView {
                 });
             }
             if let Some(c) = self.simple(mem, head, &mut hint) {
-                each(head, Popped::Simple(c));
+                each(head, Popped::Simple(&c));
             } else {
                 // Walked in place and lent: the chain's streams are not moved (a few hundred
                 // bytes).
@@ -322,35 +330,12 @@ impl RingView {
         if nr == 0 || total > u64::from(u32::MAX) || (last.len as usize) < COMPLETION_LEN {
             return None;
         }
-        let mut payload = Segs::default();
-        payload.push(Seg {
-            addr: rd[0].addr.wrapping_add(REQ_HEADER_LEN as u64),
-            len: rd[0].len - REQ_HEADER_LEN as u32,
-        });
-        if nr == 2 {
-            payload.push(rd[1]);
-        }
-        let mut data = Segs::default();
-        if nw == 2 {
-            data.push(wr[0]);
-        }
-        let keep = last.len - COMPLETION_LEN as u32;
-        data.push(Seg {
-            addr: last.addr,
-            len: keep,
-        });
-        let comp = Segs::one(Seg {
-            addr: last.addr.wrapping_add(u64::from(keep)),
-            len: COMPLETION_LEN as u32,
-        });
-        let control = u8::from(rd[0].len as usize == REQ_HEADER_LEN) + u8::from(keep == 0);
         Some(SimpleChain {
             header,
-            payload,
-            data,
-            comp,
-            count: k as u8,
-            control,
+            rd,
+            nr: nr as u8,
+            wr,
+            nw: nw as u8,
             mem: std::marker::PhantomData,
         })
     }
@@ -444,7 +429,9 @@ impl RingView {
 /// the `Queue` when the ring stops), and the used index at the last notification decision.
 #[derive(Default)]
 pub(crate) struct RingState {
-    view: Option<RingView>,
+    /// Shared with a pass in progress, which pops and hands its chains to the fabric without
+    /// this state's lock (their completions take it).
+    view: Option<Arc<RingView>>,
     next_avail: u16,
     next_used: u16,
     /// `next_used` when the driver was last considered for a notification.
@@ -483,10 +470,32 @@ impl RingState {
                 self.next_used = q.next_used();
                 self.notified_upto = self.next_used;
             }
-            self.view = Some(view);
+            self.view = Some(Arc::new(view));
         }
-        let view = self.view.as_ref().ok_or(RingError::Invalid)?;
+        let view = self.view.as_deref().ok_or(RingError::Invalid)?;
         Ok((view, &mut self.next_avail))
+    }
+
+    /// [`RingState::view_and_avail`] for a pass: the view shared (the pass pops without this
+    /// lock) and a copy of the next avail index, which the pass hands back with
+    /// [`RingState::set_next_avail`]. Only passes advance it, one at a time (the pass lock).
+    pub fn view_for_pass(
+        &mut self,
+        generation: u64,
+        q: &Queue,
+        mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
+    ) -> Result<(Arc<RingView>, u16), RingError> {
+        self.view_and_avail(generation, q, mem)?;
+        let view = self.view.clone().ok_or(RingError::Invalid)?;
+        Ok((view, self.next_avail))
+    }
+
+    /// A pass over `view` took the chains before avail index `next`. Dropped if the ring was
+    /// stopped or configured anew meanwhile (its indices come from its `Queue` then).
+    pub fn set_next_avail(&mut self, view: &RingView, next: u16) {
+        if self.view.as_ref().is_some_and(|v| v.same_parts(view)) {
+            self.next_avail = next;
+        }
     }
 
     /// Publish a used element through the current view, if it was built for memory-table

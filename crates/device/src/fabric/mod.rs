@@ -45,7 +45,9 @@ use vfabric_proto::{
 };
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::chain::{completion, GuestMemoryMmap, Parsed, Req, Segs};
+#[cfg(test)]
+use crate::chain::Parsed;
+use crate::chain::{completion, GuestMemoryMmap, Req, Segs, Verdict};
 use crate::config::{Config, Limits, VendorAttr};
 use crate::stats::Counters;
 
@@ -463,54 +465,70 @@ impl Fabric {
             .is_some_and(|(d, ep)| self.dev(d).live_ep(ep, a.generation).is_some())
     }
 
-    /// Process (and take out of `parsed`) parsed chains of device `dev` whose driver acked
-    /// `acked`.
-    pub fn handle(&self, dev: usize, parsed: &mut Vec<Parsed>, acked: u64, n: &mut Notify) {
-        if dev >= self.devs.len() {
-            parsed.clear();
-            return;
-        }
-        let port = {
-            let mut d = self.dev(dev);
-            let Some(port) = d.port.clone() else {
-                parsed.clear();
-                return;
-            };
-            d.acked = acked;
-            port
-        };
-        // Requests are lent from the batch (cleared below), not moved out of it.
-        for p in parsed.iter_mut() {
-            match p {
-                &mut Parsed::Unusable { queue, head, why } => {
-                    debug!(dev, queue, head, why, "chain returned with length 0");
-                    if let Some(c) = self.counters.get(dev) {
-                        Counters::inc(&c.bad_chains);
-                    }
-                    port.sink.complete(queue, head, 0);
-                    n.touch(&port.sink);
+    /// Start handing chains of device `dev`, whose driver acked `acked`, to the fabric: the
+    /// device's port, or `None` when it is not connected (its chains are dropped).
+    pub fn begin(&self, dev: usize, acked: u64) -> Option<Arc<Port>> {
+        let mut d = self.devs.get(dev)?.state.lock().unwrap_or_else(|p| p.into_inner());
+        d.acked = acked;
+        d.port.clone()
+    }
+
+    /// Handle one chain of device `dev` (its port from [`Fabric::begin`]) parsed into `req`
+    /// with verdict `v`; `mem` is the guest memory table it was parsed in. The request is lent:
+    /// a handler that keeps it takes it ([`Req::take`]).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn handle_one(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: &GuestMemoryMmap,
+        req: &mut Req,
+        v: Verdict,
+        acked: u64,
+        n: &mut Notify,
+    ) {
+        match v {
+            Verdict::Req => self.dispatch(dev, port, Some(mem), req, acked, n),
+            Verdict::Reject { status, cookie } => {
+                debug!(dev, req.queue, req.head, ?status, "request rejected");
+                let c = completion(status, cookie);
+                self.finish_in(dev, port, mem, req.queue, req.head, &req.comp, &c, 0, n);
+            }
+            Verdict::Unusable(why) => {
+                debug!(dev, req.queue, req.head, why, "chain returned with length 0");
+                if let Some(c) = self.counters.get(dev) {
+                    Counters::inc(&c.bad_chains);
                 }
-                Parsed::Reject {
-                    queue,
-                    head,
-                    comp,
-                    status,
-                    cookie,
-                } => {
-                    let (queue, head, status) = (*queue, *head, *status);
-                    debug!(dev, queue, head, ?status, "request rejected");
-                    let c = completion(status, *cookie);
-                    self.finish(dev, &port, queue, head, comp, &c, 0, n);
-                }
-                Parsed::Req(req) => self.dispatch(dev, &port, req, acked, n),
+                port.sink.complete(req.queue, req.head, 0);
+                n.touch(&port.sink);
             }
         }
-        parsed.clear();
+    }
+
+    /// The chains of one batch have been handled: start deferred requests whose fence may be
+    /// satisfied now.
+    pub fn end_batch(&self, n: &mut Notify) {
         // Not from inside a yield point: a request suspended mid-copy below us must complete
         // before its fenced successors start. The next batch anywhere runs them.
         if self.fenced_total.load(Ordering::Acquire) > 0 && !crate::poller::in_yield() {
             self.run_fenced(n);
         }
+    }
+
+    /// Process parsed chains of device `dev` whose driver acked `acked` as one batch.
+    #[cfg(test)]
+    pub fn handle(&self, dev: usize, parsed: &mut Vec<Parsed>, acked: u64, n: &mut Notify) {
+        let Some(port) = self.begin(dev, acked) else {
+            parsed.clear();
+            return;
+        };
+        let mem = port.mem.memory();
+        for p in parsed.drain(..) {
+            let (mut req, v) = p.split();
+            self.handle_one(dev, &port, &mem, &mut req, v, acked, n);
+        }
+        self.end_batch(n);
     }
 
     /// Write completion `c` of a chain of `dev` and put the chain in its used ring.
@@ -610,7 +628,15 @@ impl Fabric {
     #[inline]
     /// `req` is lent from the pass's batch: a handler that keeps the request takes it
     /// ([`Req::take`]), the eager send path only reads it.
-    fn dispatch(&self, dev: usize, port: &Port, req: &mut Req, acked: u64, n: &mut Notify) {
+    fn dispatch(
+        &self,
+        dev: usize,
+        port: &Port,
+        smem: Option<&GuestMemoryMmap>,
+        req: &mut Req,
+        acked: u64,
+        n: &mut Notify,
+    ) {
         match req.req.opcode {
             Opcode::QueryCaps => self.op_query_caps(dev, port, req.take(), acked, n),
             Opcode::EpOpen => self.op_ep_open(dev, port, req.take(), n),
@@ -642,14 +668,21 @@ impl Fabric {
             | Opcode::Atomic
             | Opcode::FetchAtomic
             | Opcode::CompareAtomic
-            | Opcode::Flush => self.op_tx(dev, port, req, n),
+            | Opcode::Flush => self.op_tx(dev, port, smem, req, n),
         }
     }
 
     #[inline]
-    fn start_tx(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
+    fn start_tx(
+        &self,
+        dev: usize,
+        port: &Port,
+        smem: Option<&GuestMemoryMmap>,
+        req: &mut Req,
+        n: &mut Notify,
+    ) {
         match req.req.opcode {
-            Opcode::Send | Opcode::TSend => self.op_send(dev, port, req, n),
+            Opcode::Send | Opcode::TSend => self.op_send(dev, port, smem, req, n),
             Opcode::RmaWrite | Opcode::RmaRead => self.op_rma(dev, port, req, n),
             Opcode::Flush => self.op_flush(dev, port, req.take(), n),
             _ => self.op_atomic(dev, port, req, n),
