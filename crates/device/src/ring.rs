@@ -171,23 +171,26 @@ impl RingView {
             .store(v.to_le(), Ordering::Release);
     }
 
-    /// Publish used element `(head, len)` at used index `*next_used` and advance it.
-    fn push_used(&self, next_used: &mut u16, head: u16, len: u32) {
-        let idx = *next_used;
-        let slot = usize::from(idx & (self.size - 1));
-        // SAFETY: element `slot` (8 bytes at 4 + 8 * slot) lies inside the used ring; it is
-        // 4-aligned (used ring base is 4-aligned). The driver reads it only after the index
-        // store below (release).
-        unsafe {
-            let elem = self.used.add(4 + 8 * slot);
-            std::ptr::write_volatile(elem as *mut u32, u32::from(head).to_le());
-            std::ptr::write_volatile(elem.add(4) as *mut u32, len.to_le());
+    /// Publish used elements `(head, len)` from used index `*next_used` on and advance it past
+    /// them, with one index update.
+    fn push_used(&self, next_used: &mut u16, used: &[(u16, u32)]) {
+        let mut idx = *next_used;
+        for &(head, len) in used {
+            let slot = usize::from(idx & (self.size - 1));
+            // SAFETY: element `slot` (8 bytes at 4 + 8 * slot) lies inside the used ring; it
+            // is 4-aligned (used ring base is 4-aligned). The driver reads it only after the
+            // index store below (release).
+            unsafe {
+                let elem = self.used.add(4 + 8 * slot);
+                std::ptr::write_volatile(elem as *mut u32, u32::from(head).to_le());
+                std::ptr::write_volatile(elem.add(4) as *mut u32, len.to_le());
+            }
+            idx = idx.wrapping_add(1);
         }
-        let next = idx.wrapping_add(1);
         // SAFETY: offset 2 lies inside the used ring.
         self.atomic_u16(unsafe { self.used.add(2) })
-            .store(next.to_le(), Ordering::Release);
-        *next_used = next;
+            .store(idx.to_le(), Ordering::Release);
+        *next_used = idx;
     }
 
     /// Whether the driver wants a notification now that the used index is `next_used`, for
@@ -498,25 +501,19 @@ impl RingState {
         }
     }
 
-    /// Publish a used element through the current view, if it was built for memory-table
-    /// `generation`. `false`: no usable view (the caller builds one under the ring's lock).
-    pub fn push_used(&mut self, generation: u64, head: u16, len: u32) -> bool {
+    /// Publish used elements through the current view, if it was built for memory-table
+    /// `generation`, and decide whether the driver wants a notification for them. `None`: no
+    /// usable view (the caller builds one under the ring's lock).
+    pub fn publish(&mut self, generation: u64, used: &[(u16, u32)]) -> Option<bool> {
         match &self.view {
             Some(v) if v.generation == generation => {
-                v.push_used(&mut self.next_used, head, len);
-                true
+                v.push_used(&mut self.next_used, used);
+                let n = v.needs_notification(self.next_used, self.notified_upto);
+                self.notified_upto = self.next_used;
+                Some(n)
             }
-            _ => false,
+            _ => None,
         }
-    }
-
-    /// Whether the driver wants a notification for the entries published since the last
-    /// decision (`None`: no view, notify to be safe).
-    pub fn needs_notification(&mut self) -> Option<bool> {
-        let v = self.view.as_ref()?;
-        let n = v.needs_notification(self.next_used, self.notified_upto);
-        self.notified_upto = self.next_used;
-        Some(n)
     }
 
     /// The device was reset: forget the view and the indices without handing them back (the

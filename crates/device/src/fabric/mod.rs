@@ -43,6 +43,7 @@ use tracing::debug;
 use vfabric_proto::{
     comp_flags, tag_matches, Completion, FabricAddr, Opcode, Request, Status, COMPLETION_LEN,
 };
+use smallvec::SmallVec;
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 
 #[cfg(test)]
@@ -66,10 +67,9 @@ pub(crate) use remote::{DirectDest, Incoming};
 
 /// Where completions of one device go: its used rings.
 pub(crate) trait CompletionSink: Send + Sync {
-    /// Put chain `head` of virtqueue `queue` in the used ring with `len` bytes written.
-    fn complete(&self, queue: u16, head: u16, len: u32);
-    /// Signal the guest for queues completed since the last flush, as EVENT_IDX allows.
-    fn flush(&self);
+    /// Put chains of virtqueue `queue` in its used ring, `(head, bytes written)` each, with one
+    /// index update, and signal the guest if it asked for it (EVENT_IDX).
+    fn publish(&self, queue: u16, used: &[(u16, u32)]);
 }
 
 /// A connected device: its guest memory and its used rings.
@@ -81,46 +81,48 @@ pub(crate) struct Port {
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
 }
 
-/// Sinks that got completions and must be flushed after a batch. The first few live inline:
-/// a batch touches one or two devices, and this runs for every request.
+/// The completions of one batch for one ring.
+struct RingBatch {
+    sink: Arc<dyn CompletionSink>,
+    queue: u16,
+    /// `(head, bytes written)`, in completion order.
+    used: SmallVec<[(u16, u32); 8]>,
+}
+
+/// Completions of a batch on their way to their used rings: each ring gets its completions of
+/// the batch with one index update and at most one notification when the batch is flushed
+/// (explicitly or on drop). A batch touches one or two rings, so everything lives inline.
 #[derive(Default)]
 pub(crate) struct Notify {
-    inline: [Option<Arc<dyn CompletionSink>>; 4],
-    more: Vec<Arc<dyn CompletionSink>>,
+    rings: SmallVec<[RingBatch; 4]>,
 }
 
 impl Notify {
+    /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
     #[inline]
-    pub fn touch(&mut self, s: &Arc<dyn CompletionSink>) {
-        let same = |x: &Arc<dyn CompletionSink>| {
-            std::ptr::eq(Arc::as_ptr(x) as *const (), Arc::as_ptr(s) as *const ())
+    pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
+        let same = |b: &&mut RingBatch| {
+            b.queue == queue
+                && std::ptr::eq(Arc::as_ptr(&b.sink) as *const (), Arc::as_ptr(sink) as *const ())
         };
-        for slot in self.inline.iter_mut() {
-            match slot {
-                Some(x) if same(x) => return,
-                Some(_) => {}
-                None => {
-                    *slot = Some(s.clone());
-                    return;
-                }
+        match self.rings.iter_mut().find(same) {
+            Some(b) => b.used.push((head, len)),
+            None => {
+                let mut used = SmallVec::new();
+                used.push((head, len));
+                self.rings.push(RingBatch {
+                    sink: sink.clone(),
+                    queue,
+                    used,
+                });
             }
-        }
-        if !self.more.iter().any(same) {
-            self.more.push(s.clone());
         }
     }
 
+    /// Publish the completions, ring by ring.
     pub fn flush(&mut self) {
-        // Slots fill in order and `more` only once they are full: nothing touched, nothing to do
-        // (the common case of a drop after an explicit flush).
-        if self.inline[0].is_none() {
-            return;
-        }
-        for s in self.inline.iter_mut().filter_map(Option::take) {
-            s.flush();
-        }
-        for s in self.more.drain(..) {
-            s.flush();
+        for b in self.rings.drain(..) {
+            b.sink.publish(b.queue, &b.used);
         }
     }
 }
@@ -500,8 +502,7 @@ impl Fabric {
                 if let Some(c) = self.counters.get(dev) {
                     Counters::inc(&c.bad_chains);
                 }
-                port.sink.complete(req.queue, req.head, 0);
-                n.touch(&port.sink);
+                n.complete(&port.sink, req.queue, req.head, 0);
             }
         }
     }
@@ -516,7 +517,8 @@ impl Fabric {
         }
     }
 
-    /// Process parsed chains of device `dev` whose driver acked `acked` as one batch.
+    /// Process parsed chains of device `dev` whose driver acked `acked` as one batch, and
+    /// publish their completions.
     #[cfg(test)]
     pub fn handle(&self, dev: usize, parsed: &mut Vec<Parsed>, acked: u64, n: &mut Notify) {
         let Some(port) = self.begin(dev, acked) else {
@@ -529,6 +531,7 @@ impl Fabric {
             self.handle_one(dev, &port, &mem, &mut req, v, acked, n);
         }
         self.end_batch(n);
+        n.flush();
     }
 
     /// Write completion `c` of a chain of `dev` and put the chain in its used ring.
@@ -590,8 +593,7 @@ impl Fabric {
                 Counters::inc(&cn.bad_chains);
             }
         }
-        port.sink.complete(queue, head, used);
-        n.touch(&port.sink);
+        n.complete(&port.sink, queue, head, used);
     }
 
     #[inline]

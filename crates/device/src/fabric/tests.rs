@@ -620,14 +620,17 @@ fn reset_with_cancel_and_stop_queue() {
     let s = w.send(1, b, a, None, 0, 2, &pattern(1000, 1)); // held at A
     let mut n = Notify::default();
     w.fabric.stop_queue(1, 2, &mut n);
+    n.flush();
     assert_eq!(w.status(&r), Some(Status::Canceled));
     assert!(w.result(&s).is_none(), "TX queue 1 not stopped");
     w.fabric.stop_queue(1, 1, &mut n);
+    n.flush();
     assert_eq!(w.status(&s), Some(Status::Canceled));
 
     let s2 = w.send(0, a, b, None, 0, 3, &pattern(1000, 2)); // held at B
     let r2 = w.recv(1, b, Some((0, 0)), 0, 4, 0, 64);
     w.fabric.reset(1, Teardown::Cancel, &mut n);
+    n.flush();
     assert_eq!(w.status(&r2), Some(Status::Canceled));
     assert_eq!(w.status(&s2), Some(Status::PeerGone));
     let s3 = w.send(0, a, b, None, 0, 5, b"x");
@@ -713,6 +716,7 @@ fn commit_event_needs_a_full_record_area_and_is_cancelled_by_reset() {
     assert!(w.result(&posted).is_none(), "waits for a commit event");
     let mut n = Notify::default();
     w.fabric.reset(0, Teardown::Cancel, &mut n);
+    n.flush();
     assert_eq!(w.status(&posted), Some(Status::Canceled));
 }
 
