@@ -836,12 +836,11 @@ pub(crate) fn parse_walked(
     out.data = std::mem::take(&mut w.writable);
     out.comp = out.data.split_off_tail(COMPLETION_LEN as u64);
     // Without a fault every descriptor, so every part of one, lies inside guest memory.
-    let comp_ok = !fault
-        || out
-            .comp
-            .segs
-            .iter()
-            .all(|c| GuestMemoryBackend::check_range(mem, GuestAddress(c.addr), c.len as usize));
+    let comp_ok =
+        !fault
+            || out.comp.segs.iter().all(|c| {
+                GuestMemoryBackend::check_range(mem, GuestAddress(c.addr), c.len as usize)
+            });
     if !comp_ok {
         return Verdict::Unusable("completion area outside guest memory");
     }
@@ -867,6 +866,7 @@ pub(crate) fn parse_walked(
 /// Parse a chain of the common shape that [`crate::ring::RingView`]'s walk recognised
 /// ([`SimpleChain`]) into `out`: every check of [`parse_walked`] before the header holds for
 /// it by construction, so only the header is read and checked.
+#[inline(always)]
 fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req) -> Verdict {
     let nr = usize::from(c.nr);
     let nw = usize::from(c.nw);
@@ -955,7 +955,7 @@ pub(crate) fn parse_popped(
 
 /// Check a request header read from chain `out` names and, if it is valid, put it in `out`
 /// (whose streams are set).
-#[inline]
+#[inline(always)]
 fn parse_header(hdr: &ReqHeader, limits: &Limits, acked: u64, out: &mut Req) -> Verdict {
     let cookie = u64::from(hdr.cookie);
     let reject = |status| Verdict::Reject { status, cookie };
@@ -1025,8 +1025,7 @@ fn parse_header(hdr: &ReqHeader, limits: &Limits, acked: u64, out: &mut Req) -> 
             }
         }
         Opcode::Flush => {
-            if req.count > limits.max_sge || payload != u64::from(req.count) * RMA_IOV_LEN as u64
-            {
+            if req.count > limits.max_sge || payload != u64::from(req.count) * RMA_IOV_LEN as u64 {
                 return reject(Status::Invalid);
             }
         }

@@ -786,7 +786,8 @@ fn simple_chains_parse_as_the_general_walk() {
             view.pop(&mut next, &mem, 64, |head, chain| {
                 took_simple.push(matches!(chain, Popped::Simple(_)));
                 slot.head = head;
-                let v = crate::chain::parse_popped(&mem, chain, &rig.limits, ALL_FEATURES, &mut slot);
+                let v =
+                    crate::chain::parse_popped(&mem, chain, &rig.limits, ALL_FEATURES, &mut slot);
                 fast.push(Parsed::new(slot.clone(), v));
             })
             .unwrap();

@@ -39,11 +39,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use smallvec::SmallVec;
 use tracing::debug;
 use vfabric_proto::{
     comp_flags, tag_matches, Completion, FabricAddr, Opcode, Request, Status, COMPLETION_LEN,
 };
-use smallvec::SmallVec;
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 
 #[cfg(test)]
@@ -103,7 +103,10 @@ impl Notify {
     pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
         let same = |b: &&mut RingBatch| {
             b.queue == queue
-                && std::ptr::eq(Arc::as_ptr(&b.sink) as *const (), Arc::as_ptr(sink) as *const ())
+                && std::ptr::eq(
+                    Arc::as_ptr(&b.sink) as *const (),
+                    Arc::as_ptr(sink) as *const (),
+                )
         };
         match self.rings.iter_mut().find(same) {
             Some(b) => b.used.push((head, len)),
@@ -121,9 +124,14 @@ impl Notify {
 
     /// Publish the completions, ring by ring.
     pub fn flush(&mut self) {
-        for b in self.rings.drain(..) {
+        if self.rings.is_empty() {
+            return;
+        }
+        // In place: a batch is not moved out to be published.
+        for b in &self.rings {
             b.sink.publish(b.queue, &b.used);
         }
+        self.rings.clear();
     }
 }
 
@@ -470,7 +478,12 @@ impl Fabric {
     /// Start handing chains of device `dev`, whose driver acked `acked`, to the fabric: the
     /// device's port, or `None` when it is not connected (its chains are dropped).
     pub fn begin(&self, dev: usize, acked: u64) -> Option<Arc<Port>> {
-        let mut d = self.devs.get(dev)?.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = self
+            .devs
+            .get(dev)?
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         d.acked = acked;
         d.port.clone()
     }
@@ -498,7 +511,10 @@ impl Fabric {
                 self.finish_in(dev, port, mem, req.queue, req.head, &req.comp, &c, 0, n);
             }
             Verdict::Unusable(why) => {
-                debug!(dev, req.queue, req.head, why, "chain returned with length 0");
+                debug!(
+                    dev,
+                    req.queue, req.head, why, "chain returned with length 0"
+                );
                 if let Some(c) = self.counters.get(dev) {
                     Counters::inc(&c.bad_chains);
                 }
