@@ -29,6 +29,8 @@ pub(crate) const MEM_SIZE: u64 = 8 << 20;
 #[derive(Default)]
 pub(crate) struct RecSink {
     pub used: Mutex<Vec<(u16, u16, u32)>>,
+    /// Publish calls (one per ring per flushed batch).
+    pub publishes: std::sync::atomic::AtomicUsize,
 }
 
 impl RecSink {
@@ -49,6 +51,8 @@ impl RecSink {
 
 impl CompletionSink for RecSink {
     fn publish(&self, queue: u16, used: &[(u16, u32)]) {
+        self.publishes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut u = self.used.lock().unwrap();
         u.extend(used.iter().map(|&(head, len)| (queue, head, len)));
     }

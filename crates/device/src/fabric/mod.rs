@@ -27,13 +27,14 @@
 //! `GuestMemoryAtomic` snapshots it holds, a held send carries its sender's [`Port`] (so a
 //! disconnect or reconnect of the sender only sends the completion to the old, dead rings), and
 //! remote accesses hold their memory region ([`rma::Mr::enter`]) so deregistration waits for
-//! them. Completions (`add_used`) take only the target ring's own lock; guest notifications
-//! ([`Notify::flush`]) happen after a batch. Lock order, never acquired in the other direction:
+//! them. Completions gather in a [`Notify`] and are published ring by ring when it is flushed
+//! after a batch, each taking only the target ring's own lock. Lock order, never acquired in
+//! the other direction:
 //!
 //! 1. the per-device pass lock (`FabricBackend::work`),
 //! 2. one device lock (`Fabric::dev`) — never two at once,
-//! 3. a sink's vring list (`VringSink::vrings`, read lock),
-//! 4. one vring's state lock (`VringRwLock`), taken and released per `add_used`.
+//! 3. one vring's `VringRwLock` (read),
+//! 4. that ring's state lock (`VringSink::rings`), taken and released per publish.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -6,7 +6,9 @@ use vfabric_proto::{
     Status, VENDOR_ID_VFABRIC,
 };
 
-use super::{eager_cost, Notify, Teardown, EAGER_OVERHEAD};
+use std::sync::Arc;
+
+use super::{eager_cost, CompletionSink, Notify, Teardown, EAGER_OVERHEAD};
 use crate::config::Limits;
 use crate::testutil::{World, ALL_FEATURES, H, TEST_FABRIC};
 
@@ -863,4 +865,41 @@ fn services_of_a_peer_host_go_to_the_uplink() {
     drop(n);
     assert_eq!(w.status(&h), Some(Status::Ok));
     assert_eq!(FabricAddr::from_wire(&w.comp(&h).src), found);
+}
+
+#[test]
+fn a_batch_publishes_each_ring_once_in_completion_order() {
+    let w = World::new(2, Limits::default());
+    let (a, b): (Arc<dyn CompletionSink>, Arc<dyn CompletionSink>) =
+        (w.guests[0].sink.clone(), w.guests[1].sink.clone());
+    let mut n = Notify::default();
+    n.complete(&a, 1, 10, 64);
+    n.complete(&b, 2, 20, 72);
+    n.complete(&a, 1, 11, 0);
+    n.complete(&a, 2, 12, 64);
+    n.complete(&b, 2, 21, 64);
+    assert_eq!(w.guests[0].sink.count(), 0, "published before the flush");
+    n.flush();
+    let publishes = |g: usize| {
+        w.guests[g]
+            .sink
+            .publishes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Guest 0: rings 1 and 2; guest 1: ring 2.
+    assert_eq!((publishes(0), publishes(1)), (2, 1));
+    assert_eq!(
+        *w.guests[0].sink.used.lock().unwrap(),
+        vec![(1, 10, 64), (1, 11, 0), (2, 12, 64)]
+    );
+    assert_eq!(
+        *w.guests[1].sink.used.lock().unwrap(),
+        vec![(2, 20, 72), (2, 21, 64)]
+    );
+    n.flush();
+    assert_eq!(
+        (publishes(0), publishes(1)),
+        (2, 1),
+        "nothing left to publish"
+    );
 }
