@@ -32,7 +32,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::chain::{parse_popped, GuestMemoryMmap, Parsed, RingError};
+use crate::chain::{parse_popped, GuestMemoryMmap, Req, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::{Polled, Poller};
 use crate::ring::{RingState, RingView};
@@ -56,8 +56,6 @@ pub(crate) struct VringSink {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// Bumped on every memory-table change: ring views of older tables are rebuilt.
     mem_generation: AtomicU64,
-    /// Bit q: queue q got used entries since the last flush.
-    pending: AtomicU64,
     /// A ring could not be written: it is corrupt.
     broken: AtomicBool,
 }
@@ -71,7 +69,6 @@ impl VringSink {
                 .collect(),
             mem,
             mem_generation: AtomicU64::new(0),
-            pending: AtomicU64::new(0),
             broken: AtomicBool::new(false),
         }
     }
@@ -113,6 +110,34 @@ impl VringSink {
         Ok(Some(f(next_avail, view)))
     }
 
+    /// Ring `q`'s view and next avail index for a pass (see [`RingState::view_for_pass`]);
+    /// `None` if the ring is not running.
+    fn pass_view(
+        &self,
+        vr: &VringRwLock,
+        q: usize,
+        mem: &Arc<GuestMemoryMmap>,
+    ) -> Result<Option<(Arc<RingView>, u16)>, RingError> {
+        let Some(state) = self.rings.get(q) else {
+            return Ok(None);
+        };
+        let st = vr.get_ref();
+        if !st.is_enabled() || !st.get_queue().ready() {
+            return Ok(None);
+        }
+        let generation = self.mem_generation.load(Ordering::Acquire);
+        lock(state)
+            .view_for_pass(generation, st.get_queue(), || mem.clone())
+            .map(Some)
+    }
+
+    /// A pass over ring `q` (through `view`) took the chains before avail index `next`.
+    fn set_next_avail(&self, q: usize, view: &RingView, next: u16) {
+        if let Some(state) = self.rings.get(q) {
+            lock(state).set_next_avail(view, next);
+        }
+    }
+
     /// Build ring `q`'s view under its `VringRwLock` whatever the ring's state (completions go
     /// to a stopped ring too: a ring being stopped gets its cancelled requests back).
     fn build_view(&self, q: usize) -> Result<(), RingError> {
@@ -149,49 +174,32 @@ impl VringSink {
 
 impl CompletionSink for VringSink {
     #[inline]
-    fn complete(&self, queue: u16, head: u16, len: u32) {
+    fn publish(&self, queue: u16, used: &[(u16, u32)]) {
         let q = usize::from(queue);
         let Some(state) = self.rings.get(q) else {
-            warn!(queue, "completion for an unknown queue dropped");
+            warn!(queue, "completions for an unknown queue dropped");
             return;
         };
         let generation = self.mem_generation.load(Ordering::Acquire);
         // The fast path takes only the ring's state lock; the first completion after a
         // (re)configuration builds the view under the ring's VringRwLock.
-        let mut done = lock(state).push_used(generation, head, len);
-        if !done {
+        let mut notify = lock(state).publish(generation, used);
+        if notify.is_none() {
             match self.build_view(q) {
-                Ok(()) => done = lock(state).push_used(generation, head, len),
-                Err(e) => warn!(queue, head, "used ring not writable: {e}"),
+                Ok(()) => notify = lock(state).publish(generation, used),
+                Err(e) => warn!(queue, "used ring not writable: {e}"),
             }
         }
-        if done {
-            self.pending.fetch_or(1u64 << queue, Ordering::AcqRel);
-        } else {
-            self.broken.store(true, Ordering::Release);
-        }
-    }
-
-    fn flush(&self) {
-        let bits = self.pending.swap(0, Ordering::AcqRel);
-        if bits == 0 {
-            return;
-        }
-        let v = self.rings_list();
-        let mut left = bits;
-        while left != 0 {
-            let q = left.trailing_zeros() as usize;
-            left &= left - 1;
-            let Some(vr) = v.get(q) else {
-                continue;
-            };
-            let notify = self.rings.get(q).and_then(|s| lock(s).needs_notification());
-            // A ring without a view is treated as "notify".
-            if notify != Some(false) {
-                if let Err(e) = signal_call(vr) {
-                    debug!(q, "cannot signal the guest: {e}");
+        match notify {
+            Some(false) => {}
+            Some(true) => {
+                if let Some(vr) = self.rings_list().get(q) {
+                    if let Err(e) = signal_call(vr) {
+                        debug!(q, "cannot signal the guest: {e}");
+                    }
                 }
             }
+            None => self.broken.store(true, Ordering::Release),
         }
     }
 }
@@ -278,8 +286,12 @@ struct PassState {
     /// lock and clears this; a pass in between still uses the table it had, as ring views do
     /// until their generation moves on (its mappings stay alive through the `Arc`).
     mem: Option<Arc<GuestMemoryMmap>>,
-    /// Parsed requests of one queue on their way to the fabric (reused: no allocation per pass).
-    parsed: Vec<Parsed>,
+    /// This device's fabric port and the features it was last handed with ([`Fabric::begin`]
+    /// runs again when they change). The port is the connection's for the backend's whole life
+    /// (connected before the first ring runs, disconnected after the backend is retired).
+    port: Option<(Arc<Port>, u64)>,
+    /// The request each chain is parsed into and handed to the fabric from.
+    slot: Req,
 }
 
 /// The vhost-user backend of one device connection.
@@ -348,7 +360,8 @@ impl FabricBackend {
             acked: AtomicU64::new(0),
             work: Mutex::new(PassState {
                 mem: None,
-                parsed: Vec::with_capacity(BATCH),
+                port: None,
+                slot: Req::blank(0, 0),
             }),
             control_waiting: AtomicUsize::new(0),
             regions: Mutex::new(Vec::new()),
@@ -491,7 +504,7 @@ impl FabricBackend {
     ) -> (bool, bool) {
         let rearm = only.is_some();
         let (mut found, mut more) = (false, false);
-        let PassState { mem, parsed } = work;
+        let PassState { mem, port, slot } = work;
         let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
         let limits = self.fabric.limits();
@@ -524,27 +537,43 @@ impl FabricBackend {
                 }
                 max = max.min(usize::from(announced));
             }
-            let popped = self.sink.with_ring(vr, q, Some(mem), |next_avail, view| {
-                let k = view.pop(next_avail, mem, max, |head, chain| {
-                    parsed.push(parse_popped(mem, chain, q as u16, head, limits, acked));
-                })?;
-                let arrived = rearm && k < max && view.set_notification(*next_avail, true);
-                Ok::<_, RingError>((k, arrived))
-            });
-            match popped {
-                Ok(Some(Ok((0, arrived)))) => {
-                    more |= arrived;
-                    continue;
-                }
+            let (view, mut next_avail) = match self.sink.pass_view(vr, q, mem) {
+                Ok(Some(v)) => v,
                 Ok(None) => continue,
-                Ok(Some(Ok((k, arrived)))) => more |= k == BATCH || arrived,
-                Ok(Some(Err(e))) | Err(e) => {
+                Err(e) => {
                     self.ring_error(q, &e);
                     return (found, false);
                 }
+            };
+            // Each chain is parsed into the slot and handed to the fabric at once, without the
+            // ring's lock (its completions take it): nothing is moved or batched per request.
+            slot.queue = q as u16;
+            let popped = view.pop(&mut next_avail, mem, max, |head, chain| {
+                slot.head = head;
+                let v = parse_popped(mem, chain, limits, acked, slot);
+                if port.as_ref().is_none_or(|(_, a)| *a != acked) {
+                    *port = self.fabric.begin(self.dev, acked).map(|p| (p, acked));
+                }
+                // Not connected (yet): the chain is dropped.
+                if let Some((port, _)) = port {
+                    self.fabric
+                        .handle_one(self.dev, port, mem, slot, v, acked, n);
+                }
+            });
+            if popped.as_ref().is_ok_and(|k| *k > 0) {
+                self.fabric.end_batch(n);
             }
-            found = true;
-            self.fabric.handle(self.dev, parsed, acked, n);
+            let k = match popped {
+                Ok(k) => k,
+                Err(e) => {
+                    self.ring_error(q, &e);
+                    return (found, false);
+                }
+            };
+            self.sink.set_next_avail(q, &view, next_avail);
+            let arrived = rearm && k < max && view.set_notification(next_avail, true);
+            more |= k == BATCH || arrived;
+            found |= k > 0;
         }
         (found, more)
     }
@@ -789,6 +818,7 @@ impl VhostUserBackend for FabricBackend {
         self.acked.store(0, Ordering::Release);
         let mut n = Notify::default();
         self.fabric.reset(self.dev, Teardown::Silent, &mut n);
+        n.flush();
         // The rings are set up again (SET_VRING_ADDR, SET_VRING_BASE) before they run: the
         // indices the data path kept are stale.
         self.sink.forget_rings();

@@ -491,6 +491,19 @@ pub(crate) struct Req {
 }
 
 impl Req {
+    /// A request of chain `head` of virtqueue `queue` with no streams yet (the slot a chain is
+    /// parsed into).
+    pub fn blank(queue: u16, head: u16) -> Req {
+        Req {
+            queue,
+            head,
+            req: Request::new(Opcode::QueryCaps),
+            payload: Segs::default(),
+            data: Segs::default(),
+            comp: Segs::default(),
+        }
+    }
+
     /// Move the request out of `self`, leaving its header and no streams behind: a handler
     /// lent a request from a batch takes it this way when it keeps it.
     pub fn take(&mut self) -> Req {
@@ -506,14 +519,25 @@ impl Req {
     }
 }
 
-/// Result of parsing one chain.
-// Parsed requests travel in a reused vector: boxing the large variant would cost an allocation
-// per request.
+/// What parsing made of a chain. Its streams (and, for a request, the header) are in the
+/// [`Req`] it was parsed into: the chain is parsed in place, not moved around.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// A valid request.
+    Req,
+    /// Malformed or refused request with room for a completion (the `Req`'s `comp`): complete
+    /// it with `status`.
+    Reject { status: Status, cookie: u64 },
+    /// No usable completion area (or a chain that cannot be walked): used length 0.
+    Unusable(&'static str),
+}
+
+#[cfg(test)]
+/// Result of parsing one chain, by value (tests compare parsers with it).
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Parsed {
     Req(Req),
-    /// Malformed or refused request with room for a completion: complete it with `status`.
     Reject {
         queue: u16,
         head: u16,
@@ -521,12 +545,54 @@ pub(crate) enum Parsed {
         status: Status,
         cookie: u64,
     },
-    /// No usable completion area (or a chain that cannot be walked): used length 0.
     Unusable {
         queue: u16,
         head: u16,
         why: &'static str,
     },
+}
+
+#[cfg(test)]
+impl Parsed {
+    /// The request `r` parsed into with verdict `v`.
+    pub fn new(r: Req, v: Verdict) -> Self {
+        match v {
+            Verdict::Req => Parsed::Req(r),
+            Verdict::Reject { status, cookie } => Parsed::Reject {
+                queue: r.queue,
+                head: r.head,
+                comp: r.comp,
+                status,
+                cookie,
+            },
+            Verdict::Unusable(why) => Parsed::Unusable {
+                queue: r.queue,
+                head: r.head,
+                why,
+            },
+        }
+    }
+
+    /// Back into a request and its verdict.
+    pub fn split(self) -> (Req, Verdict) {
+        match self {
+            Parsed::Req(r) => (r, Verdict::Req),
+            Parsed::Reject {
+                queue,
+                head,
+                comp,
+                status,
+                cookie,
+            } => {
+                let mut r = Req::blank(queue, head);
+                r.comp = comp;
+                (r, Verdict::Reject { status, cookie })
+            }
+            Parsed::Unusable { queue, head, why } => {
+                (Req::blank(queue, head), Verdict::Unusable(why))
+            }
+        }
+    }
 }
 
 /// The ring itself is corrupt: the guest is disconnected.
@@ -732,22 +798,22 @@ where
             desc.has_next(),
         );
     }
-    parse_walked(mem, &mut w, queue, head, limits, acked, head_indirect)
+    let mut r = Req::blank(queue, head);
+    let v = parse_walked(mem, &mut w, limits, acked, head_indirect, &mut r);
+    Parsed::new(r, v)
 }
 
-/// Validate a walked chain (chain `head` of virtqueue `queue`) and parse its request. The
-/// chain's streams are moved out of `w` (split in place into header/payload and data/completion:
-/// no stream is rebuilt for the common shapes).
+/// Validate a walked chain and parse its request into `out` (whose `queue` and `head` name the
+/// chain). The chain's streams are moved out of `w` (split in place into header/payload and
+/// data/completion: no stream is rebuilt for the common shapes).
 pub(crate) fn parse_walked(
     mem: &GuestMemoryMmap,
     w: &mut Walked,
-    queue: u16,
-    head: u16,
     limits: &Limits,
     acked: u64,
     head_indirect: bool,
-) -> Parsed {
-    let unusable = |why| Parsed::Unusable { queue, head, why };
+    out: &mut Req,
+) -> Verdict {
     // Read straight into the header: a byte array on the stack need not be aligned for
     // `ReqHeader::from_slice` (which then refused a good header when the layout moved).
     let mut hdr = ReqHeader::default();
@@ -755,105 +821,110 @@ pub(crate) fn parse_walked(
     let (count, last_has_next, fault, write_before_read) =
         (w.count, w.last_has_next, w.fault, w.write_before_read);
     if count == 0 {
-        return unusable("empty chain");
+        return Verdict::Unusable("empty chain");
     }
     if last_has_next {
-        return unusable("chain cannot be walked to its end (loop, bad next, overflow)");
+        return Verdict::Unusable("chain cannot be walked to its end (loop, bad next, overflow)");
     }
     if w.writable.len < COMPLETION_LEN as u64 {
-        return unusable("no room for a completion");
+        return Verdict::Unusable("no room for a completion");
     }
     // Only header and completion descriptors are exempt, so a chain of at most `max_sge`
     // descriptors passes without counting them (counted on the whole streams, before the split).
     let too_many_sge = count > limits.max_sge as usize
         && data_descriptors(count, &w.readable, &w.writable) > limits.max_sge as usize;
-    let mut data = std::mem::take(&mut w.writable);
-    let comp = data.split_off_tail(COMPLETION_LEN as u64);
+    out.data = std::mem::take(&mut w.writable);
+    out.comp = out.data.split_off_tail(COMPLETION_LEN as u64);
     // Without a fault every descriptor, so every part of one, lies inside guest memory.
-    let comp_ok = !fault
-        || comp
-            .segs
-            .iter()
-            .all(|c| GuestMemoryBackend::check_range(mem, GuestAddress(c.addr), c.len as usize));
+    let comp_ok =
+        !fault
+            || out.comp.segs.iter().all(|c| {
+                GuestMemoryBackend::check_range(mem, GuestAddress(c.addr), c.len as usize)
+            });
     if !comp_ok {
-        return unusable("completion area outside guest memory");
+        return Verdict::Unusable("completion area outside guest memory");
     }
-    // A macro, not a closure: the completion stream moves into the rejection, or into the
-    // request below.
-    macro_rules! reject {
-        ($status:expr, $cookie:expr) => {
-            Parsed::Reject {
-                queue,
-                head,
-                comp,
-                status: $status,
-                cookie: $cookie,
-            }
-        };
-    }
+    let reject = |status| Verdict::Reject { status, cookie: 0 };
     if fault {
-        return reject!(Status::Fault, 0);
+        return reject(Status::Fault);
     }
-    if write_before_read {
-        return reject!(Status::BadChain, 0);
+    if write_before_read
+        || (head_indirect && acked & bit(VIRTIO_RING_F_INDIRECT_DESC) == 0)
+        || too_many_sge
+        || w.readable.len < REQ_HEADER_LEN as u64
+    {
+        return reject(Status::BadChain);
     }
-    if head_indirect && acked & bit(VIRTIO_RING_F_INDIRECT_DESC) == 0 {
-        return reject!(Status::BadChain, 0);
+    if !head_read && w.readable.read_at(mem, 0, hdr.as_mut_slice()).is_err() {
+        return reject(Status::Fault);
     }
-    if too_many_sge {
-        return reject!(Status::BadChain, 0);
-    }
-    let readable = &mut w.readable;
-    if readable.len < REQ_HEADER_LEN as u64 {
-        return reject!(Status::BadChain, 0);
-    }
-
-    if !head_read && readable.read_at(mem, 0, hdr.as_mut_slice()).is_err() {
-        return reject!(Status::Fault, 0);
-    }
-    let mut payload = std::mem::take(readable);
-    payload.drop_front(REQ_HEADER_LEN as u64);
-    parse_header(&hdr, queue, head, limits, acked, payload, data, comp)
+    out.payload = std::mem::take(&mut w.readable);
+    out.payload.drop_front(REQ_HEADER_LEN as u64);
+    parse_header(&hdr, limits, acked, out)
 }
 
 /// Parse a chain of the common shape that [`crate::ring::RingView`]'s walk recognised
-/// ([`SimpleChain`]): every check of [`parse_walked`] before the header holds for it by
-/// construction, so only the header is read and checked.
-fn parse_simple(c: SimpleChain<'_>, queue: u16, head: u16, limits: &Limits, acked: u64) -> Parsed {
+/// ([`SimpleChain`]) into `out`: every check of [`parse_walked`] before the header holds for
+/// it by construction, so only the header is read and checked.
+#[inline(always)]
+fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req) -> Verdict {
+    let nr = usize::from(c.nr);
+    let nw = usize::from(c.nw);
+    // The walk guarantees 1..=2 of each and a last writable descriptor holding the completion.
+    let last = c.wr[nw - 1];
+    let keep = last.len - COMPLETION_LEN as u32;
+    out.comp = Segs::one(Seg {
+        addr: last.addr.wrapping_add(u64::from(keep)),
+        len: COMPLETION_LEN as u32,
+    });
     // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
     // the header's when it is exactly 96 bytes, the completion's when exactly 64.
-    let count = usize::from(c.count);
-    if count > limits.max_sge as usize && count - usize::from(c.control) > limits.max_sge as usize {
-        return Parsed::Reject {
-            queue,
-            head,
-            comp: c.comp,
+    let count = nr + nw;
+    let control = usize::from(c.rd[0].len as usize == REQ_HEADER_LEN) + usize::from(keep == 0);
+    if count > limits.max_sge as usize && count - control > limits.max_sge as usize {
+        return Verdict::Reject {
             status: Status::BadChain,
             cookie: 0,
         };
+    }
+    out.payload = Segs::one(Seg {
+        addr: c.rd[0].addr.wrapping_add(REQ_HEADER_LEN as u64),
+        len: c.rd[0].len - REQ_HEADER_LEN as u32,
+    });
+    if nr == 2 {
+        out.payload.push(c.rd[1]);
+    }
+    let tail = Seg {
+        addr: last.addr,
+        len: keep,
+    };
+    if nw == 2 {
+        out.data = Segs::one(c.wr[0]);
+        out.data.push(tail);
+    } else {
+        out.data = Segs::one(tail);
     }
     let mut hdr = ReqHeader::default();
     // SAFETY: the walk found the whole first descriptor (at least REQ_HEADER_LEN bytes) at
     // `c.header` inside one region of the memory table the chain's lifetime borrows, so the
     // mapping is alive; `hdr` is our own; guest memory is only copied from.
     unsafe { guest_copy(hdr.as_mut_slice().as_mut_ptr(), c.header, REQ_HEADER_LEN) };
-    parse_header(&hdr, queue, head, limits, acked, c.payload, c.data, c.comp)
+    parse_header(&hdr, limits, acked, out)
 }
 
 /// A chain of the shape drivers post (a readable header descriptor of at least 96 bytes, at
 /// most one more readable descriptor, one or two writable ones, the last holding the whole
-/// completion; no indirect table; each descriptor inside one memory region, none empty),
-/// already split into its streams by the ring's walk.
+/// completion; no indirect table; each descriptor inside one memory region, none empty), as
+/// the ring's walk found it: [`parse_simple`] splits it into its streams.
 pub(crate) struct SimpleChain<'m> {
     /// Host address of the header (the first 96 bytes of the first descriptor).
     pub header: *const u8,
-    pub payload: Segs,
-    pub data: Segs,
-    pub comp: Segs,
-    /// Descriptors in the chain (2 or 3).
-    pub count: u8,
-    /// Of those, the ones holding only the header or only the completion.
-    pub control: u8,
+    /// The readable descriptors (`nr` of them, 1 or 2; the first holds the header).
+    pub rd: [Seg; 2],
+    pub nr: u8,
+    /// The writable descriptors (`nw` of them, 1 or 2; the last holds the completion).
+    pub wr: [Seg; 2],
+    pub nw: u8,
     /// The memory table `header` points into.
     pub mem: std::marker::PhantomData<&'m GuestMemoryMmap>,
 }
@@ -863,147 +934,118 @@ pub(crate) enum Popped<'w, 'm> {
     /// The general walk, and whether the head descriptor is an indirect one.
     Walked(&'w mut Walked, bool),
     /// A chain of the common shape.
-    Simple(SimpleChain<'m>),
+    Simple(&'w SimpleChain<'m>),
 }
 
-/// Parse a chain popped from virtqueue `queue` (head `head`), walked in `mem`.
+/// Parse a chain popped from a ring (walked in `mem`) into `out`, whose `queue` and `head`
+/// name the chain.
 #[inline]
 pub(crate) fn parse_popped(
     mem: &GuestMemoryMmap,
     chain: Popped<'_, '_>,
-    queue: u16,
-    head: u16,
     limits: &Limits,
     acked: u64,
-) -> Parsed {
+    out: &mut Req,
+) -> Verdict {
     match chain {
-        Popped::Walked(w, indirect) => parse_walked(mem, w, queue, head, limits, acked, indirect),
-        Popped::Simple(c) => parse_simple(c, queue, head, limits, acked),
+        Popped::Walked(w, indirect) => parse_walked(mem, w, limits, acked, indirect, out),
+        Popped::Simple(c) => parse_simple(c, limits, acked, out),
     }
 }
 
-/// Check a request header read from chain `head` of virtqueue `queue` and build the request
-/// from its streams.
-#[allow(clippy::too_many_arguments)]
-fn parse_header(
-    hdr: &ReqHeader,
-    queue: u16,
-    head: u16,
-    limits: &Limits,
-    acked: u64,
-    payload: Segs,
-    data: Segs,
-    comp: Segs,
-) -> Parsed {
-    // A macro, not a closure: the completion stream moves into the rejection, or into the
-    // request below.
-    macro_rules! reject {
-        ($status:expr, $cookie:expr) => {
-            Parsed::Reject {
-                queue,
-                head,
-                comp,
-                status: $status,
-                cookie: $cookie,
-            }
-        };
-    }
+/// Check a request header read from chain `out` names and, if it is valid, put it in `out`
+/// (whose streams are set).
+#[inline(always)]
+fn parse_header(hdr: &ReqHeader, limits: &Limits, acked: u64, out: &mut Req) -> Verdict {
     let cookie = u64::from(hdr.cookie);
+    let reject = |status| Verdict::Reject { status, cookie };
 
     if acked & bit(VIRTIO_F_VERSION_1) == 0 {
-        return reject!(Status::Unsupported, cookie);
+        return reject(Status::Unsupported);
     }
-    let (class, qp) = match queue_kind(queue) {
+    let (class, qp) = match queue_kind(out.queue) {
         QueueKind::Control => (QueueClass::Control, 0),
         QueueKind::Tx(qp) => (QueueClass::Tx, qp),
         QueueKind::Rx(qp) => (QueueClass::Rx, qp),
     };
     if qp >= limits.num_queue_pairs {
-        return reject!(Status::Unsupported, cookie);
+        return reject(Status::Unsupported);
     }
-    let req = match Request::parse(hdr, class) {
-        Ok(r) => r,
-        Err(e) => return reject!(e.status(), cookie),
-    };
+    if let Err(e) = out.req.parse_from(hdr, class) {
+        return reject(e.status());
+    }
+    let req = &out.req;
+    let payload = out.payload.len;
     if acked & bit(req.opcode.required_feature()) == 0 || !implemented(req.opcode) {
-        return reject!(Status::Unsupported, cookie);
+        return reject(Status::Unsupported);
     }
     if qp > 0 && acked & bit(VIRTIO_FABRIC_F_MQ) == 0 {
-        return reject!(Status::Unsupported, cookie);
+        return reject(Status::Unsupported);
     }
     if req.flags & flags::REMOTE_CQ_DATA != 0 && acked & bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0 {
-        return reject!(Status::Unsupported, cookie);
+        return reject(Status::Unsupported);
     }
     // Specified but not implemented by this device yet.
     if req.flags & flags::MULTI_RECV != 0 {
-        return reject!(Status::Unsupported, cookie);
+        return reject(Status::Unsupported);
     }
     if req.flags & flags::COMMIT_COMPLETE != 0 && acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) == 0 {
-        return reject!(Status::Unsupported, cookie);
+        return reject(Status::Unsupported);
     }
 
     match req.opcode {
         Opcode::Send | Opcode::TSend => {
-            if payload.len > limits.max_msg_size {
-                return reject!(Status::TooLarge, cookie);
+            if payload > limits.max_msg_size {
+                return reject(Status::TooLarge);
             }
-            if req.flags & flags::INJECT != 0 && payload.len > u64::from(limits.inject_size) {
-                return reject!(Status::Invalid, cookie);
+            if req.flags & flags::INJECT != 0 && payload > u64::from(limits.inject_size) {
+                return reject(Status::Invalid);
             }
         }
         Opcode::MrReg => {
             if req.count == 0
                 || req.count > limits.max_sge
-                || payload.len != u64::from(req.count) * MEM_SEG_LEN as u64
+                || payload != u64::from(req.count) * MEM_SEG_LEN as u64
             {
-                return reject!(Status::Invalid, cookie);
+                return reject(Status::Invalid);
             }
         }
         Opcode::RmaWrite | Opcode::RmaRead => {
             let list = u64::from(req.count) * RMA_IOV_LEN as u64;
             let write = req.opcode == Opcode::RmaWrite;
-            if req.count > limits.max_sge || payload.len < list || (!write && payload.len != list) {
-                return reject!(Status::Invalid, cookie);
+            if req.count > limits.max_sge || payload < list || (!write && payload != list) {
+                return reject(Status::Invalid);
             }
-            let local = if write { payload.len - list } else { data.len };
+            let local = if write { payload - list } else { out.data.len };
             if local > limits.max_msg_size {
-                return reject!(Status::TooLarge, cookie);
+                return reject(Status::TooLarge);
             }
             if req.flags & flags::INJECT != 0 && local > u64::from(limits.inject_size) {
-                return reject!(Status::Invalid, cookie);
+                return reject(Status::Invalid);
             }
         }
         Opcode::Flush => {
-            if req.count > limits.max_sge
-                || payload.len != u64::from(req.count) * RMA_IOV_LEN as u64
-            {
-                return reject!(Status::Invalid, cookie);
+            if req.count > limits.max_sge || payload != u64::from(req.count) * RMA_IOV_LEN as u64 {
+                return reject(Status::Invalid);
             }
         }
         Opcode::Atomic | Opcode::FetchAtomic | Opcode::CompareAtomic => {
             // Operands (and compare values) of at most MAX_ATOMIC_COUNT 16-byte elements; the
             // exact length is checked against the datatype by the fabric.
-            if payload.len > 2 * 16 * 4096 {
-                return reject!(Status::Invalid, cookie);
+            if payload > 2 * 16 * 4096 {
+                return reject(Status::Invalid);
             }
-            if req.flags & flags::INJECT != 0 && payload.len > u64::from(limits.inject_size) {
-                return reject!(Status::Invalid, cookie);
+            if req.flags & flags::INJECT != 0 && payload > u64::from(limits.inject_size) {
+                return reject(Status::Invalid);
             }
         }
         _ => {
-            if payload.len != 0 {
-                return reject!(Status::Invalid, cookie);
+            if payload != 0 {
+                return reject(Status::Invalid);
             }
         }
     }
-    Parsed::Req(Req {
-        queue,
-        head,
-        req,
-        payload,
-        data,
-        comp,
-    })
+    Verdict::Req
 }
 
 /// A completion with `status` for a request with `cookie`.

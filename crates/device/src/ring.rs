@@ -27,7 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::chain::{
-    host_ptr_hinted, GuestMemoryMmap, Popped, RegionHint, RingError, Seg, Segs, SimpleChain, Walked,
+    host_ptr_hinted, GuestMemoryMmap, Popped, RegionHint, RingError, Seg, SimpleChain, Walked,
 };
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -93,6 +93,14 @@ impl RingView {
             used,
             event_idx: q.event_idx_enabled(),
         })
+    }
+
+    /// Whether this view and `other` are of the same ring parts.
+    fn same_parts(&self, other: &RingView) -> bool {
+        self.size == other.size
+            && self.desc_gpa == other.desc_gpa
+            && self.avail_gpa == other.avail_gpa
+            && self.used_gpa == other.used_gpa
     }
 
     /// Whether this view is of the same ring parts as `q` describes.
@@ -163,23 +171,26 @@ impl RingView {
             .store(v.to_le(), Ordering::Release);
     }
 
-    /// Publish used element `(head, len)` at used index `*next_used` and advance it.
-    fn push_used(&self, next_used: &mut u16, head: u16, len: u32) {
-        let idx = *next_used;
-        let slot = usize::from(idx & (self.size - 1));
-        // SAFETY: element `slot` (8 bytes at 4 + 8 * slot) lies inside the used ring; it is
-        // 4-aligned (used ring base is 4-aligned). The driver reads it only after the index
-        // store below (release).
-        unsafe {
-            let elem = self.used.add(4 + 8 * slot);
-            std::ptr::write_volatile(elem as *mut u32, u32::from(head).to_le());
-            std::ptr::write_volatile(elem.add(4) as *mut u32, len.to_le());
+    /// Publish used elements `(head, len)` from used index `*next_used` on and advance it past
+    /// them, with one index update.
+    fn push_used(&self, next_used: &mut u16, used: &[(u16, u32)]) {
+        let mut idx = *next_used;
+        for &(head, len) in used {
+            let slot = usize::from(idx & (self.size - 1));
+            // SAFETY: element `slot` (8 bytes at 4 + 8 * slot) lies inside the used ring; it
+            // is 4-aligned (used ring base is 4-aligned). The driver reads it only after the
+            // index store below (release).
+            unsafe {
+                let elem = self.used.add(4 + 8 * slot);
+                std::ptr::write_volatile(elem as *mut u32, u32::from(head).to_le());
+                std::ptr::write_volatile(elem.add(4) as *mut u32, len.to_le());
+            }
+            idx = idx.wrapping_add(1);
         }
-        let next = idx.wrapping_add(1);
         // SAFETY: offset 2 lies inside the used ring.
         self.atomic_u16(unsafe { self.used.add(2) })
-            .store(next.to_le(), Ordering::Release);
-        *next_used = next;
+            .store(idx.to_le(), Ordering::Release);
+        *next_used = idx;
     }
 
     /// Whether the driver wants a notification now that the used index is `next_used`, for
@@ -244,7 +255,7 @@ impl RingView {
                 });
             }
             if let Some(c) = self.simple(mem, head, &mut hint) {
-                each(head, Popped::Simple(c));
+                each(head, Popped::Simple(&c));
             } else {
                 // Walked in place and lent: the chain's streams are not moved (a few hundred
                 // bytes).
@@ -322,35 +333,12 @@ impl RingView {
         if nr == 0 || total > u64::from(u32::MAX) || (last.len as usize) < COMPLETION_LEN {
             return None;
         }
-        let mut payload = Segs::default();
-        payload.push(Seg {
-            addr: rd[0].addr.wrapping_add(REQ_HEADER_LEN as u64),
-            len: rd[0].len - REQ_HEADER_LEN as u32,
-        });
-        if nr == 2 {
-            payload.push(rd[1]);
-        }
-        let mut data = Segs::default();
-        if nw == 2 {
-            data.push(wr[0]);
-        }
-        let keep = last.len - COMPLETION_LEN as u32;
-        data.push(Seg {
-            addr: last.addr,
-            len: keep,
-        });
-        let comp = Segs::one(Seg {
-            addr: last.addr.wrapping_add(u64::from(keep)),
-            len: COMPLETION_LEN as u32,
-        });
-        let control = u8::from(rd[0].len as usize == REQ_HEADER_LEN) + u8::from(keep == 0);
         Some(SimpleChain {
             header,
-            payload,
-            data,
-            comp,
-            count: k as u8,
-            control,
+            rd,
+            nr: nr as u8,
+            wr,
+            nw: nw as u8,
             mem: std::marker::PhantomData,
         })
     }
@@ -444,7 +432,9 @@ impl RingView {
 /// the `Queue` when the ring stops), and the used index at the last notification decision.
 #[derive(Default)]
 pub(crate) struct RingState {
-    view: Option<RingView>,
+    /// Shared with a pass in progress, which pops and hands its chains to the fabric without
+    /// this state's lock (their completions take it).
+    view: Option<Arc<RingView>>,
     next_avail: u16,
     next_used: u16,
     /// `next_used` when the driver was last considered for a notification.
@@ -483,31 +473,47 @@ impl RingState {
                 self.next_used = q.next_used();
                 self.notified_upto = self.next_used;
             }
-            self.view = Some(view);
+            self.view = Some(Arc::new(view));
         }
-        let view = self.view.as_ref().ok_or(RingError::Invalid)?;
+        let view = self.view.as_deref().ok_or(RingError::Invalid)?;
         Ok((view, &mut self.next_avail))
     }
 
-    /// Publish a used element through the current view, if it was built for memory-table
-    /// `generation`. `false`: no usable view (the caller builds one under the ring's lock).
-    pub fn push_used(&mut self, generation: u64, head: u16, len: u32) -> bool {
-        match &self.view {
-            Some(v) if v.generation == generation => {
-                v.push_used(&mut self.next_used, head, len);
-                true
-            }
-            _ => false,
+    /// [`RingState::view_and_avail`] for a pass: the view shared (the pass pops without this
+    /// lock) and a copy of the next avail index, which the pass hands back with
+    /// [`RingState::set_next_avail`]. Only passes advance it, one at a time (the pass lock).
+    pub fn view_for_pass(
+        &mut self,
+        generation: u64,
+        q: &Queue,
+        mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
+    ) -> Result<(Arc<RingView>, u16), RingError> {
+        self.view_and_avail(generation, q, mem)?;
+        let view = self.view.clone().ok_or(RingError::Invalid)?;
+        Ok((view, self.next_avail))
+    }
+
+    /// A pass over `view` took the chains before avail index `next`. Dropped if the ring was
+    /// stopped or configured anew meanwhile (its indices come from its `Queue` then).
+    pub fn set_next_avail(&mut self, view: &RingView, next: u16) {
+        if self.view.as_ref().is_some_and(|v| v.same_parts(view)) {
+            self.next_avail = next;
         }
     }
 
-    /// Whether the driver wants a notification for the entries published since the last
-    /// decision (`None`: no view, notify to be safe).
-    pub fn needs_notification(&mut self) -> Option<bool> {
-        let v = self.view.as_ref()?;
-        let n = v.needs_notification(self.next_used, self.notified_upto);
-        self.notified_upto = self.next_used;
-        Some(n)
+    /// Publish used elements through the current view, if it was built for memory-table
+    /// `generation`, and decide whether the driver wants a notification for them. `None`: no
+    /// usable view (the caller builds one under the ring's lock).
+    pub fn publish(&mut self, generation: u64, used: &[(u16, u32)]) -> Option<bool> {
+        match &self.view {
+            Some(v) if v.generation == generation => {
+                v.push_used(&mut self.next_used, used);
+                let n = v.needs_notification(self.next_used, self.notified_upto);
+                self.notified_upto = self.next_used;
+                Some(n)
+            }
+            _ => None,
+        }
     }
 
     /// The device was reset: forget the view and the indices without handing them back (the

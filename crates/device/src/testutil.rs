@@ -3,7 +3,6 @@
 //! fabric can be driven without vhost-user.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vfabric_proto::{
@@ -30,7 +29,8 @@ pub(crate) const MEM_SIZE: u64 = 8 << 20;
 #[derive(Default)]
 pub(crate) struct RecSink {
     pub used: Mutex<Vec<(u16, u16, u32)>>,
-    pub flushes: AtomicUsize,
+    /// Publish calls (one per ring per flushed batch).
+    pub publishes: std::sync::atomic::AtomicUsize,
 }
 
 impl RecSink {
@@ -50,11 +50,11 @@ impl RecSink {
 }
 
 impl CompletionSink for RecSink {
-    fn complete(&self, queue: u16, head: u16, len: u32) {
-        self.used.lock().unwrap().push((queue, head, len));
-    }
-    fn flush(&self) {
-        self.flushes.fetch_add(1, Ordering::Relaxed);
+    fn publish(&self, queue: u16, used: &[(u16, u32)]) {
+        self.publishes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut u = self.used.lock().unwrap();
+        u.extend(used.iter().map(|&(head, len)| (queue, head, len)));
     }
 }
 

@@ -962,6 +962,15 @@ impl Request {
 
     /// Validate a raw header read from a queue of class `queue`.
     pub fn parse(h: &ReqHeader, queue: QueueClass) -> Result<Self, ProtoError> {
+        let mut r = Self::new(Opcode::QueryCaps);
+        r.parse_from(h, queue)?;
+        Ok(r)
+    }
+
+    /// [`Request::parse`] into `self` (left as it was on an error): a device parses each
+    /// request into the slot it is handled from, without moving it.
+    #[inline]
+    pub fn parse_from(&mut self, h: &ReqHeader, queue: QueueClass) -> Result<(), ProtoError> {
         let raw_op: u16 = h.opcode.into();
         let opcode = Opcode::from_u16(raw_op).ok_or(ProtoError::UnknownOpcode(raw_op))?;
         if opcode.queue_class() != queue {
@@ -985,7 +994,7 @@ impl Request {
         if fl & flags::DISCARD != 0 && fl & (flags::CLAIM | flags::PEEK) == 0 {
             return Err(ProtoError::BadFlags(fl, opcode));
         }
-        Ok(Self {
+        *self = Self {
             opcode,
             ep: h.ep.into(),
             flags: fl,
@@ -1000,7 +1009,8 @@ impl Request {
             datatype: h.datatype,
             count: h.count.into(),
             compare: h.compare.into(),
-        })
+        };
+        Ok(())
     }
 
     /// Parse a header from raw bytes (the fuzz target's entry point).

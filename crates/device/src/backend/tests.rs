@@ -20,7 +20,9 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
 use super::FabricBackend;
-use crate::chain::{head_is_indirect, parse_chain, pop_chains, GuestMemoryMmap, Parsed, RingError};
+use crate::chain::{
+    head_is_indirect, parse_chain, pop_chains, GuestMemoryMmap, Parsed, Req, RingError,
+};
 use crate::config::{Config, Limits};
 use crate::fabric::{Fabric, Notify};
 use crate::testutil::{Guest, ALL_FEATURES};
@@ -779,16 +781,14 @@ fn simple_chains_parse_as_the_general_walk() {
             let mut next = q.next_avail();
             let mut fast = Vec::new();
             let mut took_simple = Vec::new();
+            // One slot for every chain, as the data path parses them.
+            let mut slot = Req::blank(queue, 0);
             view.pop(&mut next, &mem, 64, |head, chain| {
                 took_simple.push(matches!(chain, Popped::Simple(_)));
-                fast.push(crate::chain::parse_popped(
-                    &mem,
-                    chain,
-                    queue,
-                    head,
-                    &rig.limits,
-                    ALL_FEATURES,
-                ));
+                slot.head = head;
+                let v =
+                    crate::chain::parse_popped(&mem, chain, &rig.limits, ALL_FEATURES, &mut slot);
+                fast.push(Parsed::new(slot.clone(), v));
             })
             .unwrap();
             let mut slow_q: Queue = vq.create_queue().unwrap();
@@ -886,15 +886,11 @@ mod hostile {
             let view = crate::ring::RingView::build(mem.clone(), 0, &fast_q).unwrap();
             let mut fast = Vec::new();
             let mut fast_next = fast_q.next_avail();
+            let mut slot = Req::blank(queue, 0);
             let fast_res = view.pop(&mut fast_next, &mem, 64, |head, chain| {
-                fast.push(crate::chain::parse_popped(
-                    &mem,
-                    chain,
-                    queue,
-                    head,
-                    &rig.limits,
-                    acked,
-                ));
+                slot.head = head;
+                let v = crate::chain::parse_popped(&mem, chain, &rig.limits, acked, &mut slot);
+                fast.push(Parsed::new(slot.clone(), v));
             });
             fast_q.set_next_avail(fast_next);
             let mut q: Queue = vq.create_queue().unwrap();

@@ -12,17 +12,24 @@ use std::sync::atomic::Ordering;
 use vfabric_proto::{flags, FabricAddr};
 
 use super::{Body, Fabric, Notify, Port};
-use crate::chain::Req;
+use crate::chain::{GuestMemoryMmap, Req};
 
 impl Fabric {
     /// A TX request: deferred if its endpoint has deferred requests not yet started or it is
     /// itself fenced behind unfinished earlier requests, otherwise started.
     #[inline]
-    pub(super) fn op_tx(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
+    pub(super) fn op_tx(
+        &self,
+        dev: usize,
+        port: &Port,
+        smem: Option<&GuestMemoryMmap>,
+        req: &mut Req,
+        n: &mut Notify,
+    ) {
         // Nothing deferred on this device (only this device's own thread defers its requests)
         // and no fence asked: start at once, without looking at the endpoint's queue.
         if req.req.flags & flags::FENCE == 0 && self.devs[dev].fenced.load(Ordering::Acquire) == 0 {
-            return self.start_tx(dev, port, req, n);
+            return self.start_tx(dev, port, smem, req, n);
         }
         let ep = req.req.ep as usize;
         let waiting = self.dev(dev).ep(ep).map(|e| e.fence_pending > 0);
@@ -39,7 +46,7 @@ impl Fabric {
             }
             return;
         }
-        self.start_tx(dev, port, req, n);
+        self.start_tx(dev, port, smem, req, n);
     }
 
     /// Whether a FENCE request of `dev` must wait: an earlier send of its endpoint to the same
@@ -133,7 +140,7 @@ impl Fabric {
                     }
                 };
                 let Some(mut req) = req else { break };
-                self.start_tx(dev, &port, &mut req, n);
+                self.start_tx(dev, &port, None, &mut req, n);
                 let mut d = self.dev(dev);
                 if let Some(e) = d.ep_mut(ep).filter(|e| e.generation == gen) {
                     e.fence_pending = e.fence_pending.saturating_sub(1);

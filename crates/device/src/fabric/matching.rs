@@ -52,7 +52,15 @@ pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize,
 impl Fabric {
     /// Lent the request: only the paths that keep it (held for a receive, another host, a
     /// large transfer) pay for a copy; the common eager send moves nothing.
-    pub(super) fn op_send(&self, dev: usize, port: &Port, req: &Req, n: &mut Notify) {
+    /// `smem` is the sender's guest memory, if the caller has it loaded.
+    pub(super) fn op_send(
+        &self,
+        dev: usize,
+        port: &Port,
+        smem: Option<&GuestMemoryMmap>,
+        req: &Req,
+        n: &mut Notify,
+    ) {
         let r = req.req;
         let Some((sgen, skind)) = self.ep_info(dev, r.ep) else {
             return self.fail(dev, port, req, Status::BadEndpoint, n);
@@ -81,17 +89,25 @@ impl Fabric {
         // it has to wait in the unexpected queue.
         let mut early_buf = [0u8; EARLY_READ as usize];
         let mut early: Option<&[u8]> = None;
-        // Loaded for the early read, the sender's memory serves its completion too.
-        let mut smem_guard = None;
+        // Loaded for the early read (unless the caller has it), the sender's memory serves its
+        // completion too.
+        let loaded;
+        let mut smem = smem;
         if may_be_eager && meta.len <= EARLY_READ {
-            let smem = smem_guard.insert(port.mem.memory());
+            let m = match smem {
+                Some(m) => m,
+                None => {
+                    loaded = port.mem.memory();
+                    &*loaded
+                }
+            };
             let buf = &mut early_buf[..meta.len as usize];
-            if req.payload.read_at(smem, 0, buf).is_err() {
+            if req.payload.read_at(m, 0, buf).is_err() {
                 return self.fail(dev, port, req, Status::Fault, n);
             }
             early = Some(buf);
+            smem = Some(m);
         }
-        let smem = smem_guard.as_deref();
 
         let mut d = self.dev(ddev);
         let Some(dport) = d.port.clone() else {
@@ -121,7 +137,7 @@ impl Fabric {
                     }
                 }
                 // The receiver's memory faulted (its receive failed): match the next one.
-                Survivor::Send => self.op_send(dev, port, req, n),
+                Survivor::Send => self.op_send(dev, port, smem, req, n),
             }
             return;
         }
@@ -212,7 +228,7 @@ impl Fabric {
             drop(rmem);
             self.fail(rdev, rport, rv, Status::Fault, n);
             // The message is not lost: try the next receive (or queue it).
-            return self.op_send(dev, port, req, n);
+            return self.op_send(dev, port, smem, req, n);
         }
         self.received_in(rdev, rport, Some(&rmem), rv, meta, placed, n);
         drop(rmem);

@@ -27,25 +27,29 @@
 //! `GuestMemoryAtomic` snapshots it holds, a held send carries its sender's [`Port`] (so a
 //! disconnect or reconnect of the sender only sends the completion to the old, dead rings), and
 //! remote accesses hold their memory region ([`rma::Mr::enter`]) so deregistration waits for
-//! them. Completions (`add_used`) take only the target ring's own lock; guest notifications
-//! ([`Notify::flush`]) happen after a batch. Lock order, never acquired in the other direction:
+//! them. Completions gather in a [`Notify`] and are published ring by ring when it is flushed
+//! after a batch, each taking only the target ring's own lock. Lock order, never acquired in
+//! the other direction:
 //!
 //! 1. the per-device pass lock (`FabricBackend::work`),
 //! 2. one device lock (`Fabric::dev`) — never two at once,
-//! 3. a sink's vring list (`VringSink::vrings`, read lock),
-//! 4. one vring's state lock (`VringRwLock`), taken and released per `add_used`.
+//! 3. one vring's `VringRwLock` (read),
+//! 4. that ring's state lock (`VringSink::rings`), taken and released per publish.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use smallvec::SmallVec;
 use tracing::debug;
 use vfabric_proto::{
     comp_flags, tag_matches, Completion, FabricAddr, Opcode, Request, Status, COMPLETION_LEN,
 };
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::chain::{completion, GuestMemoryMmap, Parsed, Req, Segs};
+#[cfg(test)]
+use crate::chain::Parsed;
+use crate::chain::{completion, GuestMemoryMmap, Req, Segs, Verdict};
 use crate::config::{Config, Limits, VendorAttr};
 use crate::stats::Counters;
 
@@ -64,10 +68,9 @@ pub(crate) use remote::{DirectDest, DirectSource, Incoming};
 
 /// Where completions of one device go: its used rings.
 pub(crate) trait CompletionSink: Send + Sync {
-    /// Put chain `head` of virtqueue `queue` in the used ring with `len` bytes written.
-    fn complete(&self, queue: u16, head: u16, len: u32);
-    /// Signal the guest for queues completed since the last flush, as EVENT_IDX allows.
-    fn flush(&self);
+    /// Put chains of virtqueue `queue` in its used ring, `(head, bytes written)` each, with one
+    /// index update, and signal the guest if it asked for it (EVENT_IDX).
+    fn publish(&self, queue: u16, used: &[(u16, u32)]);
 }
 
 /// A connected device: its guest memory and its used rings.
@@ -79,47 +82,57 @@ pub(crate) struct Port {
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
 }
 
-/// Sinks that got completions and must be flushed after a batch. The first few live inline:
-/// a batch touches one or two devices, and this runs for every request.
+/// The completions of one batch for one ring.
+struct RingBatch {
+    sink: Arc<dyn CompletionSink>,
+    queue: u16,
+    /// `(head, bytes written)`, in completion order.
+    used: SmallVec<[(u16, u32); 8]>,
+}
+
+/// Completions of a batch on their way to their used rings: each ring gets its completions of
+/// the batch with one index update and at most one notification when the batch is flushed
+/// (explicitly or on drop). A batch touches one or two rings, so everything lives inline.
 #[derive(Default)]
 pub(crate) struct Notify {
-    inline: [Option<Arc<dyn CompletionSink>>; 4],
-    more: Vec<Arc<dyn CompletionSink>>,
+    rings: SmallVec<[RingBatch; 4]>,
 }
 
 impl Notify {
+    /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
     #[inline]
-    pub fn touch(&mut self, s: &Arc<dyn CompletionSink>) {
-        let same = |x: &Arc<dyn CompletionSink>| {
-            std::ptr::eq(Arc::as_ptr(x) as *const (), Arc::as_ptr(s) as *const ())
+    pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
+        let same = |b: &&mut RingBatch| {
+            b.queue == queue
+                && std::ptr::eq(
+                    Arc::as_ptr(&b.sink) as *const (),
+                    Arc::as_ptr(sink) as *const (),
+                )
         };
-        for slot in self.inline.iter_mut() {
-            match slot {
-                Some(x) if same(x) => return,
-                Some(_) => {}
-                None => {
-                    *slot = Some(s.clone());
-                    return;
-                }
+        match self.rings.iter_mut().find(same) {
+            Some(b) => b.used.push((head, len)),
+            None => {
+                let mut used = SmallVec::new();
+                used.push((head, len));
+                self.rings.push(RingBatch {
+                    sink: sink.clone(),
+                    queue,
+                    used,
+                });
             }
-        }
-        if !self.more.iter().any(same) {
-            self.more.push(s.clone());
         }
     }
 
+    /// Publish the completions, ring by ring.
     pub fn flush(&mut self) {
-        // Slots fill in order and `more` only once they are full: nothing touched, nothing to do
-        // (the common case of a drop after an explicit flush).
-        if self.inline[0].is_none() {
+        if self.rings.is_empty() {
             return;
         }
-        for s in self.inline.iter_mut().filter_map(Option::take) {
-            s.flush();
+        // In place: a batch is not moved out to be published.
+        for b in &self.rings {
+            b.sink.publish(b.queue, &b.used);
         }
-        for s in self.more.drain(..) {
-            s.flush();
-        }
+        self.rings.clear();
     }
 }
 
@@ -463,54 +476,79 @@ impl Fabric {
             .is_some_and(|(d, ep)| self.dev(d).live_ep(ep, a.generation).is_some())
     }
 
-    /// Process (and take out of `parsed`) parsed chains of device `dev` whose driver acked
-    /// `acked`.
-    pub fn handle(&self, dev: usize, parsed: &mut Vec<Parsed>, acked: u64, n: &mut Notify) {
-        if dev >= self.devs.len() {
-            parsed.clear();
-            return;
-        }
-        let port = {
-            let mut d = self.dev(dev);
-            let Some(port) = d.port.clone() else {
-                parsed.clear();
-                return;
-            };
-            d.acked = acked;
-            port
-        };
-        // Requests are lent from the batch (cleared below), not moved out of it.
-        for p in parsed.iter_mut() {
-            match p {
-                &mut Parsed::Unusable { queue, head, why } => {
-                    debug!(dev, queue, head, why, "chain returned with length 0");
-                    if let Some(c) = self.counters.get(dev) {
-                        Counters::inc(&c.bad_chains);
-                    }
-                    port.sink.complete(queue, head, 0);
-                    n.touch(&port.sink);
+    /// Start handing chains of device `dev`, whose driver acked `acked`, to the fabric: the
+    /// device's port, or `None` when it is not connected (its chains are dropped).
+    pub fn begin(&self, dev: usize, acked: u64) -> Option<Arc<Port>> {
+        let mut d = self
+            .devs
+            .get(dev)?
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        d.acked = acked;
+        d.port.clone()
+    }
+
+    /// Handle one chain of device `dev` (its port from [`Fabric::begin`]) parsed into `req`
+    /// with verdict `v`; `mem` is the guest memory table it was parsed in. The request is lent:
+    /// a handler that keeps it takes it ([`Req::take`]).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn handle_one(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: &GuestMemoryMmap,
+        req: &mut Req,
+        v: Verdict,
+        acked: u64,
+        n: &mut Notify,
+    ) {
+        match v {
+            Verdict::Req => self.dispatch(dev, port, Some(mem), req, acked, n),
+            Verdict::Reject { status, cookie } => {
+                debug!(dev, req.queue, req.head, ?status, "request rejected");
+                let c = completion(status, cookie);
+                self.finish_in(dev, port, mem, req.queue, req.head, &req.comp, &c, 0, n);
+            }
+            Verdict::Unusable(why) => {
+                debug!(
+                    dev,
+                    req.queue, req.head, why, "chain returned with length 0"
+                );
+                if let Some(c) = self.counters.get(dev) {
+                    Counters::inc(&c.bad_chains);
                 }
-                Parsed::Reject {
-                    queue,
-                    head,
-                    comp,
-                    status,
-                    cookie,
-                } => {
-                    let (queue, head, status) = (*queue, *head, *status);
-                    debug!(dev, queue, head, ?status, "request rejected");
-                    let c = completion(status, *cookie);
-                    self.finish(dev, &port, queue, head, comp, &c, 0, n);
-                }
-                Parsed::Req(req) => self.dispatch(dev, &port, req, acked, n),
+                n.complete(&port.sink, req.queue, req.head, 0);
             }
         }
-        parsed.clear();
+    }
+
+    /// The chains of one batch have been handled: start deferred requests whose fence may be
+    /// satisfied now.
+    pub fn end_batch(&self, n: &mut Notify) {
         // Not from inside a yield point: a request suspended mid-copy below us must complete
         // before its fenced successors start. The next batch anywhere runs them.
         if self.fenced_total.load(Ordering::Acquire) > 0 && !crate::poller::in_yield() {
             self.run_fenced(n);
         }
+    }
+
+    /// Process parsed chains of device `dev` whose driver acked `acked` as one batch, and
+    /// publish their completions.
+    #[cfg(test)]
+    pub fn handle(&self, dev: usize, parsed: &mut Vec<Parsed>, acked: u64, n: &mut Notify) {
+        let Some(port) = self.begin(dev, acked) else {
+            parsed.clear();
+            return;
+        };
+        let mem = port.mem.memory();
+        for p in parsed.drain(..) {
+            let (mut req, v) = p.split();
+            self.handle_one(dev, &port, &mem, &mut req, v, acked, n);
+        }
+        self.end_batch(n);
+        n.flush();
     }
 
     /// Write completion `c` of a chain of `dev` and put the chain in its used ring.
@@ -572,8 +610,7 @@ impl Fabric {
                 Counters::inc(&cn.bad_chains);
             }
         }
-        port.sink.complete(queue, head, used);
-        n.touch(&port.sink);
+        n.complete(&port.sink, queue, head, used);
     }
 
     #[inline]
@@ -610,7 +647,15 @@ impl Fabric {
     #[inline]
     /// `req` is lent from the pass's batch: a handler that keeps the request takes it
     /// ([`Req::take`]), the eager send path only reads it.
-    fn dispatch(&self, dev: usize, port: &Port, req: &mut Req, acked: u64, n: &mut Notify) {
+    fn dispatch(
+        &self,
+        dev: usize,
+        port: &Port,
+        smem: Option<&GuestMemoryMmap>,
+        req: &mut Req,
+        acked: u64,
+        n: &mut Notify,
+    ) {
         match req.req.opcode {
             Opcode::QueryCaps => self.op_query_caps(dev, port, req.take(), acked, n),
             Opcode::EpOpen => self.op_ep_open(dev, port, req.take(), n),
@@ -642,14 +687,21 @@ impl Fabric {
             | Opcode::Atomic
             | Opcode::FetchAtomic
             | Opcode::CompareAtomic
-            | Opcode::Flush => self.op_tx(dev, port, req, n),
+            | Opcode::Flush => self.op_tx(dev, port, smem, req, n),
         }
     }
 
     #[inline]
-    fn start_tx(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
+    fn start_tx(
+        &self,
+        dev: usize,
+        port: &Port,
+        smem: Option<&GuestMemoryMmap>,
+        req: &mut Req,
+        n: &mut Notify,
+    ) {
         match req.req.opcode {
-            Opcode::Send | Opcode::TSend => self.op_send(dev, port, req, n),
+            Opcode::Send | Opcode::TSend => self.op_send(dev, port, smem, req, n),
             Opcode::RmaWrite | Opcode::RmaRead => self.op_rma(dev, port, req, n),
             Opcode::Flush => self.op_flush(dev, port, req.take(), n),
             _ => self.op_atomic(dev, port, req, n),

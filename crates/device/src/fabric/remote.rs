@@ -2136,6 +2136,7 @@ mod tests {
             w.fabric.purge_remote(3, &mut n).is_empty(),
             "another host's"
         );
+        n.flush();
         // The receive directed at host 3's endpoint can never be satisfied now.
         assert_eq!(w.status(&directed), Some(Status::PeerGone));
         assert_eq!(w.fabric.purge_remote(2, &mut n), vec![5]);

@@ -6,7 +6,9 @@ use vfabric_proto::{
     Status, VENDOR_ID_VFABRIC,
 };
 
-use super::{eager_cost, Notify, Teardown, EAGER_OVERHEAD};
+use std::sync::Arc;
+
+use super::{eager_cost, CompletionSink, Notify, Teardown, EAGER_OVERHEAD};
 use crate::config::Limits;
 use crate::testutil::{World, ALL_FEATURES, H, TEST_FABRIC};
 
@@ -620,14 +622,17 @@ fn reset_with_cancel_and_stop_queue() {
     let s = w.send(1, b, a, None, 0, 2, &pattern(1000, 1)); // held at A
     let mut n = Notify::default();
     w.fabric.stop_queue(1, 2, &mut n);
+    n.flush();
     assert_eq!(w.status(&r), Some(Status::Canceled));
     assert!(w.result(&s).is_none(), "TX queue 1 not stopped");
     w.fabric.stop_queue(1, 1, &mut n);
+    n.flush();
     assert_eq!(w.status(&s), Some(Status::Canceled));
 
     let s2 = w.send(0, a, b, None, 0, 3, &pattern(1000, 2)); // held at B
     let r2 = w.recv(1, b, Some((0, 0)), 0, 4, 0, 64);
     w.fabric.reset(1, Teardown::Cancel, &mut n);
+    n.flush();
     assert_eq!(w.status(&r2), Some(Status::Canceled));
     assert_eq!(w.status(&s2), Some(Status::PeerGone));
     let s3 = w.send(0, a, b, None, 0, 5, b"x");
@@ -713,6 +718,7 @@ fn commit_event_needs_a_full_record_area_and_is_cancelled_by_reset() {
     assert!(w.result(&posted).is_none(), "waits for a commit event");
     let mut n = Notify::default();
     w.fabric.reset(0, Teardown::Cancel, &mut n);
+    n.flush();
     assert_eq!(w.status(&posted), Some(Status::Canceled));
 }
 
@@ -859,4 +865,41 @@ fn services_of_a_peer_host_go_to_the_uplink() {
     drop(n);
     assert_eq!(w.status(&h), Some(Status::Ok));
     assert_eq!(FabricAddr::from_wire(&w.comp(&h).src), found);
+}
+
+#[test]
+fn a_batch_publishes_each_ring_once_in_completion_order() {
+    let w = World::new(2, Limits::default());
+    let (a, b): (Arc<dyn CompletionSink>, Arc<dyn CompletionSink>) =
+        (w.guests[0].sink.clone(), w.guests[1].sink.clone());
+    let mut n = Notify::default();
+    n.complete(&a, 1, 10, 64);
+    n.complete(&b, 2, 20, 72);
+    n.complete(&a, 1, 11, 0);
+    n.complete(&a, 2, 12, 64);
+    n.complete(&b, 2, 21, 64);
+    assert_eq!(w.guests[0].sink.count(), 0, "published before the flush");
+    n.flush();
+    let publishes = |g: usize| {
+        w.guests[g]
+            .sink
+            .publishes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Guest 0: rings 1 and 2; guest 1: ring 2.
+    assert_eq!((publishes(0), publishes(1)), (2, 1));
+    assert_eq!(
+        *w.guests[0].sink.used.lock().unwrap(),
+        vec![(1, 10, 64), (1, 11, 0), (2, 12, 64)]
+    );
+    assert_eq!(
+        *w.guests[1].sink.used.lock().unwrap(),
+        vec![(2, 20, 72), (2, 21, 64)]
+    );
+    n.flush();
+    assert_eq!(
+        (publishes(0), publishes(1)),
+        (2, 1),
+        "nothing left to publish"
+    );
 }
