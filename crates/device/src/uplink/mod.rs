@@ -514,6 +514,7 @@ impl Worker {
             self.flush_backlog();
         }
         let now = Instant::now();
+        self.hear_busy_links(now);
         let mut lost = Vec::new();
         let mut changed = false;
         for (p, was) in self.set.peers.iter().zip(self.was_up.iter_mut()) {
@@ -706,6 +707,35 @@ impl Worker {
                 }
                 Err(e) => {
                     debug!(host = p.host_id, addr = %p.addr, "uplink peer does not resolve yet: {e}")
+                }
+            }
+        }
+    }
+
+    /// A peer that is up but has not been heard from within the timeout is not lost while
+    /// its connection still brings data: the link may be full of its bulk data (its answers to
+    /// our large RMA reads are written into our sinks and complete nothing here until their
+    /// replies, which wait behind them with its greetings). Its last data counts as hearing
+    /// from it, as a completed operation does. A cable pulled brings nothing, a dead daemon's
+    /// connection is reset, and a stopped one's kernel sends at most what it had queued.
+    fn hear_busy_links(&mut self, now: Instant) {
+        let timeout = self.set.timeout;
+        for (p, &was) in self.set.peers.iter_mut().zip(self.was_up.iter()) {
+            if !was || p.is_up(now, timeout) {
+                continue;
+            }
+            let Some(ago) = p.ip.and_then(tcp::last_data_from) else {
+                continue;
+            };
+            if ago < timeout {
+                let heard = now.checked_sub(ago).unwrap_or(now);
+                if p.last_heard.is_none_or(|t| t < heard) {
+                    debug!(
+                        host = p.host_id,
+                        ago_ms = ago.as_millis() as u64,
+                        "uplink: a busy link's data counts as hearing from its peer"
+                    );
+                    p.last_heard = Some(heard);
                 }
             }
         }

@@ -42,44 +42,18 @@ const TCP_SYN_SENT: u8 = 2;
 /// documentation).
 pub(super) fn abort_stuck(ip: IpAddr, silent: Duration) -> Aborted {
     let mut done = Aborted::default();
-    let candidates: HashMap<u64, Connection> = ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|table| {
-            table
-                .lines()
-                .skip(1)
-                .filter_map(connection)
-                .filter(|c| c.remote == ip && matches!(c.state, TCP_ESTABLISHED | TCP_SYN_SENT))
-                .map(|c| (c.inode, c))
-                .collect::<Vec<_>>()
-        })
+    let candidates: HashMap<u64, Connection> = own_connections(ip)
+        .filter(|c| matches!(c.state, TCP_ESTABLISHED | TCP_SYN_SENT))
+        .map(|c| (c.inode, c))
         .collect();
     if candidates.is_empty() {
         return done;
     }
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return done;
-    };
     let silent_ms = u32::try_from(silent.as_millis()).unwrap_or(u32::MAX);
-    for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+    for (fd, inode) in socket_fds() {
+        let Some(conn) = candidates.get(&inode) else {
             continue;
         };
-        let conn = std::fs::read_link(entry.path()).ok().and_then(|l| {
-            let inode: u64 = l
-                .to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()?;
-            candidates.get(&inode)
-        });
-        let Some(conn) = conn else { continue };
         let Some(info) = tcp_info(fd) else { continue };
         // Bytes queued, sent or not (a link that went down may hold them unsent), and no ACK
         // for the silence asked; or a SYN that had to be sent again.
@@ -95,6 +69,61 @@ pub(super) fn abort_stuck(ip: IpAddr, silent: Duration) -> Aborted {
         }
     }
     done
+}
+
+/// How long ago this process last received data on a TCP connection to `ip` (the least over
+/// its established connections), if it has one. A link full of one peer's bulk data (an RMA
+/// read's answer written into our sink, which completes nothing here until its reply) holds
+/// that peer's greetings behind the data: its connection still receiving says it is alive.
+pub(super) fn last_data_from(ip: IpAddr) -> Option<Duration> {
+    let inodes: Vec<u64> = own_connections(ip)
+        .filter(|c| c.state == TCP_ESTABLISHED)
+        .map(|c| c.inode)
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    socket_fds()
+        .filter(|(_, inode)| inodes.contains(inode))
+        .filter_map(|(fd, _)| tcp_info(fd))
+        .filter(|i| i.tcpi_state == TCP_ESTABLISHED)
+        .map(|i| i.tcpi_last_data_recv)
+        .min()
+        .map(|ms| Duration::from_millis(ms.into()))
+}
+
+/// The connections to `ip` in this process's network namespace (`/proc/self/net/tcp`, `tcp6`).
+fn own_connections(ip: IpAddr) -> impl Iterator<Item = Connection> {
+    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+        .into_iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(move |table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(connection)
+                .filter(|c| c.remote == ip)
+                .collect::<Vec<_>>()
+        })
+}
+
+/// This process's socket descriptors with their inodes.
+fn socket_fds() -> impl Iterator<Item = (i32, u64)> {
+    std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let fd = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let link = std::fs::read_link(entry.path()).ok()?;
+            let inode = link
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
+            Some((fd, inode))
+        })
 }
 
 /// One line of `/proc/net/tcp` or `tcp6`.
