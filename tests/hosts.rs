@@ -2281,6 +2281,120 @@ fn large_rma_reads_go_from_guest_memory_to_guest_memory_with_no_copy_in_the_daem
     wait_counts(&d[1], READ_REPLIES, (total, 0));
 }
 
+/// Two large RMA reads in flight at once into overlapping bytes of A's buffer land in the
+/// order A made them, as on one host: the second one's sink is a daemon buffer, copied when
+/// its reply comes (which, sends ordered after writes, is after the first one's write landed),
+/// not a second mapping of the same pages that the wire may write in either order. A read into
+/// other bytes meanwhile still lands with no copy. Host 1 counts exactly the second read's
+/// bytes as copied (it counted none before the overlap check).
+#[test]
+fn overlapping_rma_reads_in_flight_land_in_order() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 2 << 20;
+    const AT: usize = (1 << 20) + 3;
+    let (_r1, mr1) = readable_region(&b, LEN, 11);
+    let (_r2, mr2) = readable_region(&b, LEN, 12);
+    let mut dst = a.dom.alloc_buffer(AT + LEN + 5).unwrap();
+    dst.get_mut().unwrap().fill(0xEE);
+    let mut other = a.dom.alloc_buffer(LEN).unwrap();
+    // Host 2's link slow: the reads are in flight together (each takes about 170 ms).
+    lan.throttle(1, Some("100mbit"));
+    a.ep.read_buf(&dst, 0..LEN, to_b, mr1.base(), mr1.key(), 1)
+        .unwrap();
+    a.ep.read_buf(&dst, AT..AT + LEN, to_b, mr2.base(), mr2.key(), 2)
+        .unwrap();
+    a.ep.read_buf(&other, 0..LEN, to_b, mr1.base(), mr1.key(), 3)
+        .unwrap();
+    let mut done: Vec<u64> = (0..3)
+        .map(|_| a.next_within(Duration::from_secs(30)).unwrap().context)
+        .collect();
+    lan.throttle(1, None);
+    done.sort();
+    assert_eq!(done, [1, 2, 3]);
+    let got = dst.get().unwrap();
+    assert!(
+        got[..AT] == pattern(11, LEN)[..AT],
+        "the first read's own bytes"
+    );
+    assert!(
+        got[AT..AT + LEN] == pattern(12, LEN)[..],
+        "the second read last"
+    );
+    assert!(
+        got[AT + LEN..].iter().all(|&x| x == 0xEE),
+        "nothing past it"
+    );
+    assert!(other.get().unwrap() == pattern(11, LEN).as_slice());
+    wait_counts(&d[0], READ_SINKS, (2 * LEN as u64, LEN as u64));
+}
+
+/// A large RMA read whose source is ranges of two of B's regions is still copied at the
+/// target (the read's reply buffer, written to the sink straight from it), but lands in A's
+/// memory with no copy at host 1: every byte arrives and nothing outside the range; host 2
+/// counts its bytes as copied, host 1 as placed.
+#[test]
+fn a_large_rma_read_from_several_ranges_is_copied_at_the_target_only() {
+    use vfabric::{Iov, RmaIov, RmaMsg};
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    let (_r1, mr1) = readable_region(&b, LEN, 13);
+    let (_r2, mr2) = readable_region(&b, LEN, 14);
+    let (n1, n2) = (300_001, 500_000);
+    let total = n1 + n2;
+    let mut dst = a.dom.alloc_buffer(total + 10).unwrap();
+    dst.get_mut().unwrap().fill(0xEE);
+    a.ep.readmsg(
+        &RmaMsg {
+            iov: &[Iov::shared(&dst, 5..5 + total)],
+            addr: to_b,
+            rma_iov: &[
+                RmaIov {
+                    addr: mr1.base() + 7,
+                    len: n1 as u64,
+                    key: mr1.key(),
+                },
+                RmaIov {
+                    addr: mr2.base() + 4095,
+                    len: n2 as u64,
+                    key: mr2.key(),
+                },
+            ],
+            context: 1,
+            data: 0,
+        },
+        0,
+    )
+    .unwrap();
+    let c = a.next();
+    assert_eq!((c.context, c.len), (1, total));
+    let got = dst.get().unwrap();
+    assert!(
+        got[5..5 + n1] == pattern(13, LEN)[7..7 + n1],
+        "the first range"
+    );
+    assert!(
+        got[5 + n1..5 + total] == pattern(14, LEN)[4095..4095 + n2],
+        "the second range"
+    );
+    assert!(
+        got[..5].iter().chain(&got[5 + total..]).all(|&x| x == 0xEE),
+        "nothing outside"
+    );
+    wait_counts(&d[1], READ_REPLIES, (0, total as u64));
+    wait_counts(&d[0], READ_SINKS, (total as u64, 0));
+}
+
 /// A's endpoint closes while host 2 writes its large reads' bytes into A's buffers (host 2's
 /// link throttled, so the writes take a second): the reads complete CANCELED only after their
 /// sinks were cut from A's pages (revoked), so nothing the wire still carries for them reaches

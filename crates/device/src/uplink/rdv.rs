@@ -16,6 +16,7 @@
 //! request completes or its host is lost; a buffer the provider may still be reading or
 //! writing stays allocated until that operation's completion.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -111,6 +112,9 @@ struct Shadow {
 /// never gets its buffer back while the wire may still write it.
 pub(crate) struct GuestSink {
     shadow: Mutex<Shadow>,
+    /// The file bytes its shadow maps (the destination's), for the overlap check of later
+    /// reads.
+    key: ShadowKey,
     len: usize,
     req_id: u64,
 }
@@ -146,6 +150,17 @@ impl GuestSink {
 /// Which file bytes a shadow maps: the file's device and inode (the mapping keeps the file,
 /// so its inode is not reused meanwhile), the offset of the first byte, the length.
 type ShadowKey = (u64, u64, u64, usize);
+
+/// Whether the file bytes `a` and `b` name share a byte.
+fn keys_overlap(a: &ShadowKey, b: &ShadowKey) -> bool {
+    let (&(ad, ai, ao, al), &(bd, bi, bo, bl)) = (a, b);
+    let end = |o: u64, l: usize| u128::from(o) + l as u128;
+    (ad, ai) == (bd, bi)
+        && al > 0
+        && bl > 0
+        && u128::from(ao) < end(bo, bl)
+        && u128::from(bo) < end(ao, al)
+}
 
 /// Idle shadows kept at most, and how long one is kept unused (it keeps the guest's memory
 /// file open: a guest that left is freed within this).
@@ -656,6 +671,21 @@ impl Worker {
     /// no file behind them, the mapping or registration failed, or the request was withdrawn
     /// meanwhile.
     fn guest_sink(&mut self, req_id: u64, g: &GuestBytes, len: usize) -> Option<Staged> {
+        // Reads of one guest land in the order they were made (as on one host): bytes that
+        // overlap a sink in flight go to a daemon buffer, copied when their reply comes.
+        let (_, key) = Shadow::locate(g, len)?;
+        let overlaps = self
+            .rdv
+            .sinks
+            .values()
+            .any(|(_, st)| st.sink.as_ref().is_some_and(|s| keys_overlap(&s.key, &key)));
+        if overlaps {
+            debug!(
+                req_id,
+                "uplink: a read's destination overlaps a read in flight"
+            );
+            return None;
+        }
         let shadow = self.rdv.take_shadow(g, len)?;
         // SAFETY: the shadow mapping lives in the `GuestSink` with the registration, which is
         // closed before the last `Arc` of it (so the mapping) goes.
@@ -671,6 +701,7 @@ impl Worker {
             }
         };
         let sink = Arc::new(GuestSink {
+            key: shadow.key,
             shadow: Mutex::new(shadow),
             len,
             req_id,
@@ -1473,30 +1504,31 @@ impl Worker {
     }
 
     /// The verdict on request `req_id` of `host` when it named a sink: the bytes go by
-    /// `fi_write`, the verdict after them (RDV_REPLY). Returns `false` when the verdict is to
-    /// go as an ordinary REPLY.
-    pub(super) fn reply_to_sink(
+    /// `fi_write` (from `read` itself when the caller gave it up, else from a copy), the
+    /// verdict after them (RDV_REPLY). Gives `read` back when the verdict is to go as an
+    /// ordinary REPLY.
+    pub(super) fn reply_to_sink<'a>(
         &mut self,
         host: u16,
         dest: u64,
         req_id: u64,
         status: Status,
-        read: &[u8],
-    ) -> bool {
+        read: Cow<'a, [u8]>,
+    ) -> Result<(), Cow<'a, [u8]>> {
         let Some((addr, key, len)) = self.rdv.peer_sinks.remove(&(host, req_id)) else {
-            return false;
+            return Err(read);
         };
         if status != Status::Ok || read.len() as u64 != len || read.is_empty() {
-            return false;
+            return Err(read);
         }
-        let buf = read.to_vec();
+        let buf = read.into_owned();
         self.rdv.reply_copied_bytes += len;
         // SAFETY: as in `start_read`: kept in `self.rdv.ops` until the write's completion.
         let mr = match unsafe { self.ep.register(&buf, u64::from(sys::FI_WRITE)) } {
             Ok(mr) => mr,
             Err(e) => {
                 debug!("uplink: rendezvous reply not registered, replying in chunks: {e}");
-                return false;
+                return Err(Cow::Owned(buf));
             }
         };
         let staged = Staged::own(mr, buf);
@@ -1516,11 +1548,11 @@ impl Worker {
                         source: None,
                     },
                 );
-                true
+                Ok(())
             }
             Err(e) => {
                 debug!("uplink: rendezvous write not posted, replying in chunks: {e}");
-                false
+                Err(Cow::Owned(staged.into_bytes()))
             }
         }
     }
@@ -1846,7 +1878,23 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::spans_overlap;
+    use super::{keys_overlap, spans_overlap};
+
+    #[test]
+    fn keys_overlap_only_for_shared_bytes_of_one_file() {
+        let k = (1, 7, 4096, 100);
+        assert!(keys_overlap(&k, &(1, 7, 4195, 1)), "the last byte");
+        assert!(keys_overlap(&k, &(1, 7, 0, 5000)), "around");
+        assert!(!keys_overlap(&k, &(1, 7, 4196, 10)), "just after");
+        assert!(!keys_overlap(&k, &(1, 7, 0, 4096)), "just before");
+        assert!(!keys_overlap(&k, &(1, 8, 4096, 100)), "another file");
+        assert!(!keys_overlap(&k, &(2, 7, 4096, 100)), "another device");
+        assert!(!keys_overlap(&k, &(1, 7, 4100, 0)), "empty");
+        assert!(
+            keys_overlap(&(1, 7, u64::MAX - 1, 5), &(1, 7, u64::MAX, 1)),
+            "no overflow"
+        );
+    }
 
     #[test]
     fn spans_overlap_when_any_range_shares_a_byte_with_any_other() {
