@@ -1837,21 +1837,7 @@ fn a_guest_closing_during_direct_reads_into_its_receives_gets_them_back_after_th
     println!("closing took {took:?}: {waited} receives waited for their reads, {delivered} delivered before");
     assert!(waited > 0, "no receive had a read in flight:\n{log}");
     assert_eq!(waited, handed, "{log}");
-    // Each receive was handed back only after the uplink saw its read end.
-    for line in log
-        .lines()
-        .filter(|l| l.contains("a closing receive handed back after its read"))
-    {
-        let id = req_id_of(line);
-        let ended = log.find(&format!(
-            "a read into a closing receive ended host=1 req_id={id}"
-        ));
-        let handed = log.find(line).unwrap();
-        assert!(
-            ended.is_some_and(|e| e < handed),
-            "request {id} handed back before its read ended:\n{log}"
-        );
-    }
+    each_receive_handed_back_after_its_read(&log);
     assert!(took < Duration::from_secs(10), "closing took {took:?}");
     // Every send gets its verdict (OK for those delivered, an error for the others).
     let mut verdicts = 0;
@@ -1877,6 +1863,258 @@ fn a_guest_closing_during_direct_reads_into_its_receives_gets_them_back_after_th
     exchange(&a, &b, &[LEN, 8, 40_000], 300);
     exchange(&b, &a, &[LEN, 8], 400);
     large_rma(&a, &b, 11);
+}
+
+/// Each receive that a closing endpoint handed back after waiting for its read (host 2's
+/// `log`) was handed back only after the uplink saw that read end.
+fn each_receive_handed_back_after_its_read(log: &str) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains("a closing receive handed back after its read"))
+    {
+        let id = req_id_of(line);
+        let ended = log.find(&format!(
+            "a read into a closing receive ended host=1 req_id={id}"
+        ));
+        let handed = log.find(line).unwrap();
+        assert!(
+            ended.is_some_and(|e| e < handed),
+            "request {id} handed back before its read ended:\n{log}"
+        );
+    }
+}
+
+/// Buffers of `g`, one per (offset, length) of `ranges`, each `off + len + 4099` bytes filled
+/// with 0xEE, and the iov naming `off..off + len` of each.
+fn ranges_of(g: &Guest, ranges: &[(usize, usize)]) -> Vec<vfabric::SharedBuf> {
+    ranges
+        .iter()
+        .map(|&(off, len)| {
+            let mut b = g.dom.alloc_buffer(off + len + 4099).unwrap();
+            b.get_mut().unwrap().fill(0xEE);
+            b
+        })
+        .collect()
+}
+
+/// The bytes of `ranges` of `bufs` in order, after checking that everything else in them is
+/// still 0xEE.
+fn gather(bufs: &mut [vfabric::SharedBuf], ranges: &[(usize, usize)], what: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, (b, &(off, len))) in bufs.iter_mut().zip(ranges).enumerate() {
+        let got = b
+            .get()
+            .unwrap_or_else(|| panic!("{what}: buffer {i} still busy"));
+        assert!(
+            got[..off]
+                .iter()
+                .chain(&got[off + len..])
+                .all(|&x| x == 0xEE),
+            "{what}: written outside range {i}"
+        );
+        out.extend_from_slice(&got[off..off + len]);
+    }
+    out
+}
+
+/// Large receives whose buffer is several ranges (2 to 4 buffers, at unaligned offsets) and
+/// large RMA writes into ranges of several regions land in the target guest's memory with no
+/// copy at the target: host 2 reads each message with one read into all of its ranges (a
+/// shadow of each). Every byte checked, nothing outside the ranges written, a message shorter
+/// than its receive fills only the ranges it needs; host 2 counts every byte as placed in
+/// guest memory and none as copied but those of a receive of more ranges than the uplink's
+/// `iov_limit` (with `VFABRIC_UPLINK_DIRECT=0`, or before several ranges were read into
+/// directly, it copied them all).
+#[test]
+fn large_receives_and_writes_into_several_ranges_land_in_guest_memory_with_no_copy() {
+    use vfabric::{Iov, Msg, RmaIov, RmaMsg};
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    // Per receive: (offset, length) of each range, and the message's length.
+    let recvs: [(&[(usize, usize)], usize); 5] = [
+        (&[(3, 100_000), (4093, 200_000)], 300_000),
+        (&[(1, 5000), (17, 1 << 20), (0, 40_000)], 1_085_000),
+        (
+            &[(4095, 30_000), (8, 1), (100, 500_000), (5, 70_000)],
+            600_001,
+        ),
+        // Shorter than the receive: its last range stays untouched.
+        (&[(7, 20_000), (4096, 30_000), (1, 50_000)], 35_000),
+        // More ranges than one read of `tcp;ofi_rxm` names (its iov_limit is 4): copied.
+        (
+            &[(1, 9000), (2, 9000), (3, 9000), (4, 9000), (5, 9000)],
+            45_000,
+        ),
+    ];
+    const COPIED: u64 = 45_000;
+    let mut bufs: Vec<Vec<vfabric::SharedBuf>> = Vec::new();
+    for (i, (ranges, _)) in recvs.iter().enumerate() {
+        let bs = ranges_of(&b, ranges);
+        let iov: Vec<Iov> = bs
+            .iter()
+            .zip(ranges.iter())
+            .map(|(buf, &(off, len))| Iov::shared(buf, off..off + len))
+            .collect();
+        b.ep.recvmsg(
+            &Msg {
+                iov: &iov,
+                addr: vfabric::FI_ADDR_UNSPEC,
+                context: 1000 + i as u64,
+                data: 0,
+            },
+            0,
+        )
+        .unwrap();
+        bufs.push(bs);
+    }
+    for (i, &(_, len)) in recvs.iter().enumerate() {
+        a.ep.send(&pattern(30 + i as u32, len), to_b, i as u64)
+            .unwrap();
+    }
+    for (i, &(ranges, len)) in recvs.iter().enumerate() {
+        let c = b.next();
+        assert_eq!((c.context, c.len), (1000 + i as u64, len), "in order");
+        let got = gather(&mut bufs[i], ranges, &format!("receive {i}"));
+        let want = pattern(30 + i as u32, len);
+        assert!(got[..len] == want[..], "message {i} of {len} bytes differs");
+        assert!(
+            got[len..].iter().all(|&x| x == 0xEE),
+            "message {i} wrote past its length"
+        );
+    }
+    let mut sent: Vec<u64> = (0..recvs.len()).map(|_| a.next().context).collect();
+    sent.sort();
+    assert_eq!(sent, (0..recvs.len() as u64).collect::<Vec<_>>());
+
+    // RMA writes: per write, (offset, length) in each of its regions.
+    let writes: [&[(usize, usize)]; 3] = [
+        &[(3, 100_000), (4095, 300_000)],
+        &[(1, 60_000), (0, 1 << 20), (4097, 7)],
+        &[(5, 20_000), (8191, 20_000), (2, 1), (64, 250_000)],
+    ];
+    let mut placed = recvs.iter().map(|r| r.1 as u64).sum::<u64>() - COPIED;
+    for (i, ranges) in writes.iter().enumerate() {
+        let mut regions = ranges_of(&b, ranges);
+        let mrs: Vec<vfabric::MemoryRegion> = regions
+            .iter()
+            .map(|r| b.dom.register(r, fi::REMOTE_WRITE, None).unwrap())
+            .collect();
+        let rma_iov: Vec<RmaIov> = mrs
+            .iter()
+            .zip(ranges.iter())
+            .map(|(mr, &(off, len))| RmaIov {
+                addr: mr.base() + off as u64,
+                len: len as u64,
+                key: mr.key(),
+            })
+            .collect();
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        let want = pattern(40 + i as u32, total);
+        let mut src = a.dom.alloc_buffer(total + 3).unwrap();
+        src.get_mut().unwrap()[3..].copy_from_slice(&want);
+        a.ep.writemsg(
+            &RmaMsg {
+                iov: &[Iov::shared(&src, 3..3 + total)],
+                addr: to_b,
+                rma_iov: &rma_iov,
+                context: 50 + i as u64,
+                data: 0,
+            },
+            0,
+        )
+        .unwrap();
+        let c = a.next();
+        assert_eq!(c.context, 50 + i as u64);
+        drop(mrs);
+        let got = gather(&mut regions, ranges, &format!("write {i}"));
+        assert!(got == want, "write {i} of {total} bytes differs");
+        placed += total as u64;
+    }
+    wait_counts(&d[1], READS, (placed, COPIED));
+}
+
+/// B's endpoint closes while host 2 reads large messages straight into its receives of
+/// several ranges each (host 1's link throttled): the close waits for each read in flight and
+/// hands its receive back only after it, whatever number of ranges the read writes; no
+/// message is delivered partially and both daemons go on. (Before several ranges were read
+/// into directly no receive waited: they were copied.)
+#[test]
+fn a_guest_closing_during_direct_reads_into_receives_of_several_ranges_waits_for_them() {
+    use vfabric::{Iov, Msg};
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const N: u64 = 6;
+    // (offset, length) of each range of every receive: 1 MiB in three pieces.
+    const RANGES: [(usize, usize); 3] = [(5, 300_000), (4095, 500_000), (1, 248_576)];
+    const LEN: usize = 1 << 20;
+    lan.throttle(0, Some("50mbit"));
+    let mut bufs = Vec::new();
+    for i in 0..N {
+        let bs = ranges_of(&b, &RANGES);
+        let iov: Vec<Iov> = bs
+            .iter()
+            .zip(RANGES)
+            .map(|(buf, (off, len))| Iov::shared(buf, off..off + len))
+            .collect();
+        b.ep.recvmsg(
+            &Msg {
+                iov: &iov,
+                addr: vfabric::FI_ADDR_UNSPEC,
+                context: 100 + i,
+                data: 0,
+            },
+            0,
+        )
+        .unwrap();
+        bufs.push(bs);
+    }
+    for i in 0..N {
+        a.ep.send(&pattern(70 + i as u32, LEN), to_b, i).unwrap();
+    }
+    let started = wait_for(Duration::from_secs(5), || {
+        d[1].log().contains("first rendezvous read from host 1")
+    });
+    assert!(started, "{}", d[1].log());
+    std::thread::sleep(Duration::from_millis(100));
+    // Whatever arrived before the close is whole.
+    let mut v = Vec::new();
+    while b.cq.read(&mut v, 1).is_ok() {
+        let c = v.pop().unwrap();
+        let i = (c.context - 100) as usize;
+        let got = gather(&mut bufs[i], &RANGES, &format!("receive {i}"));
+        assert!(got == pattern(70 + i as u32, LEN), "message {i} is whole");
+    }
+    let t = Instant::now();
+    drop(b);
+    let took = t.elapsed();
+    lan.throttle(0, None);
+    let log = d[1].log();
+    let waited = log
+        .matches("a closing receive waits for the uplink read into its buffer")
+        .count();
+    let handed = log
+        .matches("a closing receive handed back after its read")
+        .count();
+    println!("closing took {took:?}: {waited} receives waited for their reads");
+    assert!(waited > 0, "no receive had a read in flight:\n{log}");
+    assert_eq!(waited, handed, "{log}");
+    each_receive_handed_back_after_its_read(&log);
+    assert!(took < Duration::from_secs(10), "closing took {took:?}");
+    for h in &d {
+        assert!(!h.log().contains("panicked"), "{}", h.log());
+    }
+    drop((a, bufs));
+    let (a, b, _) = guests_on(&d);
+    exchange(&a, &b, &[LEN, 8, 40_000], 310);
 }
 
 /// Host 1's cable is pulled while host 2 reads large messages from it straight into B's
@@ -1959,6 +2197,7 @@ fn last_counts(log: &str, what: &str) -> Option<(u64, u64)> {
 }
 
 const READ_SINKS: &str = "uplink: rendezvous read sinks: ";
+const READS: &str = "uplink: rendezvous reads: ";
 const READ_REPLIES: &str = "uplink: rendezvous read replies: ";
 
 /// A region of `len` bytes of `g` holding `pattern(seed, len)`, registered for remote read.
@@ -2040,6 +2279,120 @@ fn large_rma_reads_go_from_guest_memory_to_guest_memory_with_no_copy_in_the_daem
     let total: u64 = reads.iter().map(|r| r.0 as u64).sum();
     wait_counts(&d[0], READ_SINKS, (total, 0));
     wait_counts(&d[1], READ_REPLIES, (total, 0));
+}
+
+/// Two large RMA reads in flight at once into overlapping bytes of A's buffer land in the
+/// order A made them, as on one host: the second one's sink is a daemon buffer, copied when
+/// its reply comes (which, sends ordered after writes, is after the first one's write landed),
+/// not a second mapping of the same pages that the wire may write in either order. A read into
+/// other bytes meanwhile still lands with no copy. Host 1 counts exactly the second read's
+/// bytes as copied (it counted none before the overlap check).
+#[test]
+fn overlapping_rma_reads_in_flight_land_in_order() {
+    let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 2 << 20;
+    const AT: usize = (1 << 20) + 3;
+    let (_r1, mr1) = readable_region(&b, LEN, 11);
+    let (_r2, mr2) = readable_region(&b, LEN, 12);
+    let mut dst = a.dom.alloc_buffer(AT + LEN + 5).unwrap();
+    dst.get_mut().unwrap().fill(0xEE);
+    let mut other = a.dom.alloc_buffer(LEN).unwrap();
+    // Host 2's link slow: the reads are in flight together (each takes about 170 ms).
+    lan.throttle(1, Some("100mbit"));
+    a.ep.read_buf(&dst, 0..LEN, to_b, mr1.base(), mr1.key(), 1)
+        .unwrap();
+    a.ep.read_buf(&dst, AT..AT + LEN, to_b, mr2.base(), mr2.key(), 2)
+        .unwrap();
+    a.ep.read_buf(&other, 0..LEN, to_b, mr1.base(), mr1.key(), 3)
+        .unwrap();
+    let mut done: Vec<u64> = (0..3)
+        .map(|_| a.next_within(Duration::from_secs(30)).unwrap().context)
+        .collect();
+    lan.throttle(1, None);
+    done.sort();
+    assert_eq!(done, [1, 2, 3]);
+    let got = dst.get().unwrap();
+    assert!(
+        got[..AT] == pattern(11, LEN)[..AT],
+        "the first read's own bytes"
+    );
+    assert!(
+        got[AT..AT + LEN] == pattern(12, LEN)[..],
+        "the second read last"
+    );
+    assert!(
+        got[AT + LEN..].iter().all(|&x| x == 0xEE),
+        "nothing past it"
+    );
+    assert!(other.get().unwrap() == pattern(11, LEN).as_slice());
+    wait_counts(&d[0], READ_SINKS, (2 * LEN as u64, LEN as u64));
+}
+
+/// A large RMA read whose source is ranges of two of B's regions is still copied at the
+/// target (the read's reply buffer, written to the sink straight from it), but lands in A's
+/// memory with no copy at host 1: every byte arrives and nothing outside the range; host 2
+/// counts its bytes as copied, host 1 as placed.
+#[test]
+fn a_large_rma_read_from_several_ranges_is_copied_at_the_target_only() {
+    use vfabric::{Iov, RmaIov, RmaMsg};
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 1 << 20;
+    let (_r1, mr1) = readable_region(&b, LEN, 13);
+    let (_r2, mr2) = readable_region(&b, LEN, 14);
+    let (n1, n2) = (300_001, 500_000);
+    let total = n1 + n2;
+    let mut dst = a.dom.alloc_buffer(total + 10).unwrap();
+    dst.get_mut().unwrap().fill(0xEE);
+    a.ep.readmsg(
+        &RmaMsg {
+            iov: &[Iov::shared(&dst, 5..5 + total)],
+            addr: to_b,
+            rma_iov: &[
+                RmaIov {
+                    addr: mr1.base() + 7,
+                    len: n1 as u64,
+                    key: mr1.key(),
+                },
+                RmaIov {
+                    addr: mr2.base() + 4095,
+                    len: n2 as u64,
+                    key: mr2.key(),
+                },
+            ],
+            context: 1,
+            data: 0,
+        },
+        0,
+    )
+    .unwrap();
+    let c = a.next();
+    assert_eq!((c.context, c.len), (1, total));
+    let got = dst.get().unwrap();
+    assert!(
+        got[5..5 + n1] == pattern(13, LEN)[7..7 + n1],
+        "the first range"
+    );
+    assert!(
+        got[5 + n1..5 + total] == pattern(14, LEN)[4095..4095 + n2],
+        "the second range"
+    );
+    assert!(
+        got[..5].iter().chain(&got[5 + total..]).all(|&x| x == 0xEE),
+        "nothing outside"
+    );
+    wait_counts(&d[1], READ_REPLIES, (0, total as u64));
+    wait_counts(&d[0], READ_SINKS, (total as u64, 0));
 }
 
 /// A's endpoint closes while host 2 writes its large reads' bytes into A's buffers (host 2's

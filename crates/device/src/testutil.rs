@@ -126,6 +126,20 @@ impl World {
     }
 
     pub fn submit(&mut self, dev: usize, r: Request, payload: &[u8], cap: u64) -> H {
+        let data = self.guests[dev].alloc(cap);
+        self.submit_into(
+            dev,
+            r,
+            payload,
+            &[Seg {
+                addr: data,
+                len: cap as u32,
+            }],
+        )
+    }
+
+    /// [`World::submit`] with a data area of the ranges `data` (`H::data` is the first's).
+    pub fn submit_into(&mut self, dev: usize, r: Request, payload: &[u8], data: &[Seg]) -> H {
         let g = &mut self.guests[dev];
         let queue = match r.opcode.queue_class() {
             QueueClass::Control => 0,
@@ -136,7 +150,6 @@ impl World {
         g.next_head = g.next_head.wrapping_add(1);
         let pay = g.alloc(payload.len() as u64);
         g.mem.write_slice(payload, GuestAddress(pay)).unwrap();
-        let data = g.alloc(cap);
         let comp = g.alloc(64);
         // Poison the completion so a missing write shows.
         g.mem.write_slice(&[0xee; 64], GuestAddress(comp)).unwrap();
@@ -148,10 +161,7 @@ impl World {
                 addr: pay,
                 len: payload.len() as u32,
             }]),
-            data: Segs::from_slice(&[Seg {
-                addr: data,
-                len: cap as u32,
-            }]),
+            data: Segs::from_slice(data),
             comp: Segs::from_slice(&[Seg {
                 addr: comp,
                 len: 64,
@@ -165,7 +175,7 @@ impl World {
             queue,
             head,
             comp,
-            data,
+            data: data.first().map_or(0, |s| s.addr),
         }
     }
 

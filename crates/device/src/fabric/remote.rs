@@ -180,12 +180,13 @@ impl DirectRecv {
     }
 }
 
-/// Where the uplink reads a rendezvous message of `len` bytes: the first `len` bytes of
-/// `bytes` (a receive's buffer, one range of one guest memory region), for the receive of
-/// endpoint `ep` (generation `generation`) of `dev`.
+/// Where the uplink reads a rendezvous message of `len` bytes: `bytes` (the first `len` bytes
+/// of a receive's buffer or of an RMA write's targets, each range in one guest memory region),
+/// for the receive of endpoint `ep` (generation `generation`) of `dev`.
 pub(crate) struct DirectDest {
-    /// Taken by the uplink for the read's registration.
-    pub bytes: Option<GuestBytes>,
+    /// The ranges, in order (`len` bytes in all); taken by the uplink for the read's
+    /// registrations.
+    pub bytes: Vec<GuestBytes>,
     pub len: usize,
     pub fence: Arc<ReadFence>,
     pub dev: usize,
@@ -203,15 +204,15 @@ impl Drop for DirectDest {
     }
 }
 
-/// An RMA write from another host read straight into its target region: checked (key,
-/// range, access) before the read; the region's deregistration waits for `access`, which
-/// lives until the write is done (the read over).
+/// An RMA write from another host read straight into its target regions: checked (key,
+/// range, access) before the read; each region's deregistration waits for its `access`,
+/// which lives until the write is done (the read over).
 struct DirectWrite {
     targets: super::rma::Targets,
     src: FabricAddr,
     /// A REMOTE_CQ_DATA notification reserved for it (delivered once the bytes are there).
     notify: Option<Meta>,
-    _access: super::rma::MrAccess,
+    _access: Vec<super::rma::MrAccess>,
 }
 
 /// An RMA read from another host answered straight from its source: one range of one region
@@ -1381,15 +1382,17 @@ impl Fabric {
 
     /// A rendezvous message of `host` (request `req_id`, described by `desc`), every earlier
     /// message of its host already matched, about to be read: if it is a plain message that a
-    /// posted receive matches and that receive's buffer is one range of one guest memory
-    /// region, the receive is taken now (matching order is arrival order) and waits at its
-    /// endpoint while the uplink reads the bytes straight into it. `None`: read into a daemon
-    /// buffer and hand it to [`Fabric::accept_remote`] as usual.
+    /// posted receive matches and the part of that receive's buffer it fills is at most
+    /// `max_ranges` ranges, each in one guest memory region, the receive is taken now
+    /// (matching order is arrival order) and waits at its endpoint while the uplink reads the
+    /// bytes straight into it. `None`: read into a daemon buffer and hand it to
+    /// [`Fabric::accept_remote`] as usual.
     pub(crate) fn claim_direct(
         &self,
         host: u16,
         req_id: u64,
         desc: &wire::Data,
+        max_ranges: usize,
     ) -> Option<Box<DirectDest>> {
         let (ddev, dep, dgen, meta) = self.unread_target(host, desc)?;
         let (len, kind) = (meta.len, u64::from(u16::from(desc.ep_kind)));
@@ -1410,7 +1413,12 @@ impl Fabric {
         if placed == 0 {
             return None;
         }
-        let bytes = GuestBytes::new(port.mem.memory().into_inner(), &e.posted[i].data)?;
+        let bytes = GuestBytes::ranges(
+            port.mem.memory().into_inner(),
+            &e.posted[i].data,
+            placed as u64,
+            max_ranges,
+        )?;
         let rreq = e.posted.remove(i)?;
         let fence = ReadFence::new(host, req_id);
         e.direct.push(DirectRecv {
@@ -1421,7 +1429,7 @@ impl Fabric {
             fence: fence.clone(),
         });
         Some(Box::new(DirectDest {
-            bytes: Some(bytes),
+            bytes,
             len: placed,
             fence,
             dev: ddev,
@@ -1432,27 +1440,36 @@ impl Fabric {
     }
 
     /// An RMA write from `host` (described by `desc`, its ranges in `head`), every earlier
-    /// message of its host matched already, about to be read: if it targets one range of one
-    /// region in guest memory that it may write (the checks of
-    /// [`Fabric::accept_remote_rma`]), and needs no commit, the region is entered now and the
-    /// uplink reads the bytes straight into it. `None`: read into a daemon buffer and handed
-    /// to `accept_remote_rma` as usual (which also gives any error verdict).
+    /// message of its host matched already, about to be read: if it targets regions in guest
+    /// memory that it may write (the checks of [`Fabric::accept_remote_rma`]), at most
+    /// `max_ranges` ranges in all, each in one guest memory region, and needs no commit, the
+    /// regions are entered now and the uplink reads the bytes straight into them. `None`: read
+    /// into a daemon buffer and handed to `accept_remote_rma` as usual (which also gives any
+    /// error verdict).
     pub(crate) fn claim_direct_write(
         &self,
         host: u16,
         desc: &wire::Data,
         head: &[u8],
+        max_ranges: usize,
     ) -> Option<Box<DirectDest>> {
         let wire_flags = u32::from(desc.flags);
+        let count = u32::from(desc.count) as usize;
         if u16::from(desc.opcode) != Opcode::RmaWrite as u16
-            || u32::from(desc.count) != 1
-            || head.len() != RMA_IOV_LEN
+            || count == 0
+            || count > max_ranges
+            || head.len() != count * RMA_IOV_LEN
             || wire_flags & data_flags::COMMIT_COMPLETE != 0
         {
             return None;
         }
-        let e = RmaIov::from_slice(head)?;
-        let (addr, len, key) = (u64::from(e.addr), u64::from(e.len), u64::from(e.key));
+        let ranges: Vec<(u64, u64, u64)> = head
+            .chunks_exact(RMA_IOV_LEN)
+            .map(|c| RmaIov::from_slice(c).map(|e| (e.addr.into(), e.len.into(), e.key.into())))
+            .collect::<Option<_>>()?;
+        let len = ranges
+            .iter()
+            .try_fold(0u64, |a, &(_, l, _)| a.checked_add(l))?;
         if len == 0
             || len > self.max_rma_size()
             || len.checked_add(head.len() as u64)? != u64::from(desc.total_len)
@@ -1465,16 +1482,26 @@ impl Fabric {
         }
         let (dep, dgen) = (u32::from(desc.dst_ep) as usize, u32::from(desc.dst_gen));
         let (targets, dport) = self
-            .targets_of(ddev, dep, dgen, &[(addr, len, key)], mr_flags::REMOTE_WRITE)
+            .targets_of(ddev, dep, dgen, &ranges, mr_flags::REMOTE_WRITE)
             .ok()?;
-        let [t] = targets.as_slice() else {
-            return None;
-        };
-        if t.mr.process.is_some() || t.len != len {
-            return None;
+        let mem = dport.mem.memory().into_inner();
+        let mut bytes = Vec::new();
+        for (t, &(_, l, _)) in targets.iter().zip(&ranges) {
+            if t.mr.process.is_some() || t.len != l {
+                return None;
+            }
+            if l == 0 {
+                continue;
+            }
+            bytes.extend(GuestBytes::ranges(mem.clone(), &t.segs, l, max_ranges)?);
+            if bytes.len() > max_ranges {
+                return None;
+            }
         }
-        let bytes = GuestBytes::new(dport.mem.memory().into_inner(), &t.segs)?;
-        let access = t.mr.enter()?;
+        let access = targets
+            .iter()
+            .map(|t| t.mr.enter())
+            .collect::<Option<Vec<_>>>()?;
         let src = FabricAddr::new(
             FabricAddr::node_of(self.fabric_id, host, desc.src_dev.into()),
             desc.src_ep.into(),
@@ -1499,7 +1526,7 @@ impl Fabric {
             }
         }
         Some(Box::new(DirectDest {
-            bytes: Some(bytes),
+            bytes,
             len: len as usize,
             fence: ReadFence::new(host, u64::from(desc.req_id)),
             dev: ddev,
@@ -1878,7 +1905,7 @@ fn describe(
 #[cfg(test)]
 mod tests {
     use vfabric_proto::{
-        comp_flags, ep_open, flags, ByteValued, FabricAddr, Opcode, Request, Status,
+        comp_flags, ep_open, flags, ByteValued, FabricAddr, Opcode, Request, Status, RMA_IOV_LEN,
     };
 
     use super::super::{eager_cost, Notify, Teardown};
@@ -2294,10 +2321,15 @@ mod tests {
     /// A rendezvous message not read yet is a stub at once when it would be one once read.
     /// Write `bytes` where a direct read of `dest` lands (what the uplink's `fi_read` does).
     fn land(dest: &super::DirectDest, bytes: &[u8]) {
-        let g = dest.bytes.as_ref().unwrap();
-        assert!(bytes.len() <= dest.len && dest.len <= g.len());
-        // SAFETY: the receive's buffer, mapped through `g`, claimed for this read.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), g.ptr().cast_mut(), bytes.len()) };
+        let room: usize = dest.bytes.iter().map(|g| g.len()).sum();
+        assert!(bytes.len() <= dest.len && dest.len == room);
+        let mut left = bytes;
+        for g in &dest.bytes {
+            let n = left.len().min(g.len());
+            // SAFETY: the receive's buffer, mapped through `g`, claimed for this read.
+            unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), g.ptr().cast_mut(), n) };
+            left = &left[n..];
+        }
     }
 
     #[test]
@@ -2310,7 +2342,7 @@ mod tests {
         let m1 = incoming(1, b, None, &msg(1, 50_000));
         let d1 = w
             .fabric
-            .claim_direct(2, 1, &m1.desc)
+            .claim_direct(2, 1, &m1.desc, 4)
             .expect("a posted receive");
         assert_eq!(d1.len, 50_000);
         assert!(w.result(&r1).is_none());
@@ -2325,11 +2357,11 @@ mod tests {
         assert_eq!(w.data(&r2, 3), b"two");
         // No posted receive: not claimed.
         let m3 = incoming(3, b, None, &msg(3, 50_000));
-        assert!(w.fabric.claim_direct(2, 3, &m3.desc).is_none());
+        assert!(w.fabric.claim_direct(2, 3, &m3.desc, 4).is_none());
 
         // A failed read gives the receive back to matching, in front of later receives.
         let r4 = w.recv(0, b, None, 0, 4, 0, 60_000);
-        let d4 = w.fabric.claim_direct(2, 4, &m3.desc).expect("claimed");
+        let d4 = w.fabric.claim_direct(2, 4, &m3.desc, 4).expect("claimed");
         let r5 = w.recv(0, b, None, 0, 5, 0, 60_000);
         let mut n = Notify::default();
         w.fabric.direct_unclaim(2, 4, d4, &mut n);
@@ -2340,7 +2372,7 @@ mod tests {
 
         // EP_CLOSE with a read in flight: the close waits for the read's end, then the receive
         // completes CANCELED; the late placement finds nothing (its sender hears PEER_GONE).
-        let d7 = w.fabric.claim_direct(2, 7, &m3.desc).expect("claimed");
+        let d7 = w.fabric.claim_direct(2, 7, &m3.desc, 4).expect("claimed");
         let reader = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(300));
             land(&d7, &msg(7, 50_000));
@@ -2365,10 +2397,111 @@ mod tests {
         let c = w.open(0, RDM);
         let _r8 = w.recv(0, c, None, 0, 8, 0, 60_000);
         let m8 = incoming(8, c, None, &msg(8, 50_000));
-        let d8 = w.fabric.claim_direct(2, 8, &m8.desc).expect("claimed");
+        let d8 = w.fabric.claim_direct(2, 8, &m8.desc, 4).expect("claimed");
         drop(d8);
         let mut n = Notify::default();
         w.fabric.reset(0, Teardown::Silent, &mut n);
+    }
+
+    /// A receive whose buffer is several ranges is read into directly, one range per piece of
+    /// it the message fills (a shorter message, fewer), when the uplink can read into that
+    /// many at once; more ranges than that are left to the daemon buffer's copy.
+    #[test]
+    fn a_receive_in_several_ranges_is_read_into_range_by_range() {
+        use crate::chain::Seg;
+        let mut w = World::new(1, limits());
+        let b = w.open(0, RDM);
+        let segs: Vec<Seg> = [3000u32, 5, 7000, 20_000]
+            .iter()
+            .map(|&len| Seg {
+                addr: w.guests[0].alloc(u64::from(len) + 100) + 3,
+                len,
+            })
+            .collect();
+        let recv = |w: &mut World, cookie: u64| {
+            let mut r = Request::new(Opcode::Recv);
+            r.ep = b.ep;
+            r.cookie = cookie;
+            w.submit_into(0, r, &[], &segs)
+        };
+        let msg: Vec<u8> = (0..9_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let m = incoming(1, b, None, &msg);
+        // Three ranges hold the message's 9 000 bytes: more than the uplink's limit of two.
+        let r1 = recv(&mut w, 1);
+        assert!(w.fabric.claim_direct(2, 1, &m.desc, 2).is_none());
+        assert!(w.result(&r1).is_none(), "still posted");
+        let d = w.fabric.claim_direct(2, 1, &m.desc, 3).expect("claimed");
+        let lens: Vec<usize> = d.bytes.iter().map(|g| g.len()).collect();
+        assert_eq!((d.len, lens), (9_000, vec![3000, 5, 5995]));
+        land(&d, &msg);
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.direct_placed(2, 1, d, &mut n), Status::Ok);
+        drop(n);
+        assert_eq!(w.status(&r1), Some(Status::Ok));
+        use vm_memory::Bytes;
+        let mut got = Vec::new();
+        for s in &segs {
+            let mut v = vec![0u8; s.len as usize];
+            w.guests[0]
+                .mem
+                .read_slice(&mut v, vm_memory::GuestAddress(s.addr))
+                .unwrap();
+            got.extend(v);
+        }
+        assert_eq!(&got[..msg.len()], msg.as_slice());
+        assert!(got[msg.len()..].iter().all(|&x| x == 0), "nothing past it");
+    }
+
+    /// An RMA write from another host into ranges of two regions is read straight into both
+    /// (one range each), both regions entered until the write is over; past the uplink's
+    /// limit of ranges, or with a bad key among them, it is left to `accept_remote_rma`.
+    #[test]
+    fn a_remote_write_into_several_regions_is_read_into_each() {
+        let mut w = World::new(1, Limits::default());
+        let b = w.open(0, RDM);
+        const B1: u64 = 0x10_0000;
+        const B2: u64 = 0x20_0000;
+        let k1 = plain_region(&mut w, B1);
+        let k2 = plain_region(&mut w, B2);
+        let data: Vec<u8> = (0..50u8).collect();
+        let ranges = [(B1 + 3, 20, k1), (B2 + 1, 30, k2)];
+        let m = flush_from_host(b, &ranges, &data, 0);
+        let head = &m.bytes[..2 * RMA_IOV_LEN];
+        assert!(w.fabric.claim_direct_write(2, &m.desc, head, 1).is_none());
+        let bad = flush_from_host(b, &[ranges[0], (B2 + 1, 30, k2 ^ 1)], &data, 0);
+        let bad_head = &bad.bytes[..2 * RMA_IOV_LEN];
+        assert!(w
+            .fabric
+            .claim_direct_write(2, &bad.desc, bad_head, 2)
+            .is_none());
+        let d = w
+            .fabric
+            .claim_direct_write(2, &m.desc, head, 2)
+            .expect("claimed");
+        let lens: Vec<usize> = d.bytes.iter().map(|g| g.len()).collect();
+        assert_eq!((d.len, lens), (50, vec![20, 30]));
+        land(&d, &data);
+        let mut n = Notify::default();
+        assert_eq!(w.fabric.direct_placed(2, 1, d, &mut n), Status::Ok);
+        drop(n);
+        let read = |w: &mut World, addr: u64, key: u64, len: u64| {
+            let mut rd = Request::new(Opcode::RmaRead);
+            rd.ep = b.ep;
+            rd.peer = b;
+            rd.remote_addr = addr;
+            rd.remote_key = key;
+            let h = w.submit(0, rd, &[], len);
+            assert_eq!(w.status(&h), Some(Status::Ok));
+            w.data(&h, len as usize)
+        };
+        let mut want = vec![0u8; 3];
+        want.extend_from_slice(&data[..20]);
+        want.resize(64, 0);
+        assert_eq!(read(&mut w, B1, k1, 64), want);
+        let mut want = vec![0u8; 1];
+        want.extend_from_slice(&data[20..]);
+        want.resize(64, 0);
+        assert_eq!(read(&mut w, B2, k2, 64), want);
     }
 
     #[test]

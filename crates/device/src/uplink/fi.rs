@@ -168,6 +168,12 @@ impl Info {
         }
     }
 
+    /// Local buffers one operation may name at most (the first entry's `tx_attr->iov_limit`).
+    fn iov_limit(&self) -> usize {
+        // SAFETY: `self.0` is a valid fi_info with a tx_attr.
+        unsafe { (*(*self.0).tx_attr).iov_limit }
+    }
+
     /// `provider (fabric name)` of the first entry, for logs.
     pub fn describe(&self) -> String {
         // SAFETY: a valid fi_info from fi_getinfo has valid fabric_attr strings (or NULL).
@@ -219,6 +225,8 @@ pub struct RdmEndpoint {
     /// Whether a mapping that the provider writes through can be cut under it (see
     /// [`RdmEndpoint::writes_revocable`]).
     writes_revocable: bool,
+    /// Local buffers one operation may name at most (`tx_attr->iov_limit`, at least 1).
+    iov_limit: usize,
     /// Source of requested keys (FI_MR_PROV_KEY unset): unguessable by peers.
     key_seed: u64,
     next_key: std::cell::Cell<u64>,
@@ -253,6 +261,7 @@ impl RdmEndpoint {
             rma,
             mr_mode,
             writes_revocable: revocable_provider(&info.prov_name()),
+            iov_limit: info.iov_limit().max(1),
             key_seed: random_u64(),
             next_key: std::cell::Cell::new(1),
             fabric: ptr::null_mut(),
@@ -546,39 +555,58 @@ impl RdmEndpoint {
         check("fi_read", rc)
     }
 
-    /// `fi_read` of `len` bytes into `dst` (registered as `mr`) from `addr`/`key` of `src`.
+    /// Local buffers one operation may name at most (see [`RdmEndpoint::read_raw_iov`]).
+    pub fn iov_limit(&self) -> usize {
+        self.iov_limit
+    }
+
+    /// `fi_readmsg` of the `addr`/`key` bytes of `src` (as many as `dst` names in all) into
+    /// the buffers `dst`, in order, each registered as the `Mr` beside it; at most
+    /// [`RdmEndpoint::iov_limit`] of them.
     ///
     /// # Safety
-    /// `dst..dst + len` stays mapped and is written by nobody else, and `mr` lives, until a
-    /// completion with `context` is read or the connection to `src` is closed.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn read_raw(
+    /// Each `ptr..ptr + len` of `dst` stays mapped and is written by nobody else, and each `Mr`
+    /// lives, until a completion with `context` is read or the connection to `src` is closed.
+    pub unsafe fn read_raw_iov(
         &self,
-        dst: *mut u8,
-        len: usize,
-        mr: &Mr,
+        dst: &[(*mut u8, usize, &Mr)],
         src: u64,
         addr: u64,
         key: u64,
         context: u64,
     ) -> Result<(), FiError> {
-        // SAFETY: per the caller's contract; the endpoint is open.
+        let iov: Vec<sys::iovec> = dst
+            .iter()
+            .map(|&(p, len, _)| sys::iovec {
+                iov_base: p.cast(),
+                iov_len: len,
+            })
+            .collect();
+        let mut desc: Vec<*mut c_void> = dst.iter().map(|(_, _, mr)| mr.desc).collect();
+        let rma_iov = sys::fi_rma_iov {
+            addr,
+            len: dst.iter().map(|d| d.1).sum(),
+            key,
+        };
+        let msg = sys::fi_msg_rma {
+            msg_iov: iov.as_ptr(),
+            desc: desc.as_mut_ptr(),
+            iov_count: iov.len(),
+            addr: src,
+            rma_iov: &rma_iov,
+            rma_iov_count: 1,
+            context: context as *mut c_void,
+            data: 0,
+        };
+        // SAFETY: per the caller's contract; `msg` and the arrays it points at live for the
+        // call (the provider copies what it keeps); the endpoint is open.
         let rc = unsafe {
             op!(
                 (*self.ep).rma,
-                read(
-                    self.ep,
-                    dst.cast(),
-                    len,
-                    mr.desc,
-                    src,
-                    addr,
-                    key,
-                    context as *mut c_void
-                )
+                readmsg(self.ep, &msg, u64::from(sys::FI_COMPLETION))
             )
         };
-        check("fi_read", rc)
+        check("fi_readmsg", rc)
     }
 
     /// `fi_write` of `buf` (registered as `mr`) to `addr`/`key` of peer `dest`.

@@ -867,7 +867,7 @@ impl Worker {
                     req_id,
                     status,
                     bytes,
-                } => self.reply(host, req_id, status, &bytes),
+                } => self.reply_owned(host, req_id, status, bytes),
                 Outbound::AddrQuery { host, addr, req_id } => self.addr_query(host, addr, req_id),
                 Outbound::Pull { host, req_id } => self.pull_out(host, req_id),
                 Outbound::Cancel { host, req_id } => {
@@ -940,6 +940,16 @@ impl Worker {
     /// Queue our verdict on request `req_id` of `host`, with the bytes an RMA read read, in
     /// chunks (dropped if the host is down: it completed the request `HostUnreach` itself).
     fn reply(&mut self, host: u16, req_id: u64, status: Status, read: &[u8]) {
+        self.reply_cow(host, req_id, status, std::borrow::Cow::Borrowed(read));
+    }
+
+    /// [`Worker::reply`] with bytes the caller gives up: an RMA read's sink is written from
+    /// them, not from a copy.
+    fn reply_owned(&mut self, host: u16, req_id: u64, status: Status, read: Vec<u8>) {
+        self.reply_cow(host, req_id, status, std::borrow::Cow::Owned(read));
+    }
+
+    fn reply_cow(&mut self, host: u16, req_id: u64, status: Status, read: std::borrow::Cow<[u8]>) {
         if status != Status::Ok {
             // Pulled bytes that will not reach the fabric: their receive is matched again.
             self.fabric.pull_failed(host, req_id, &mut self.notify);
@@ -947,9 +957,9 @@ impl Worker {
         let Some(dest) = self.dest_of(host) else {
             return;
         };
-        if self.reply_to_sink(host, dest, req_id, status, read) {
+        let Err(read) = self.reply_to_sink(host, dest, req_id, status, read) else {
             return;
-        }
+        };
         let mut off = 0;
         loop {
             let end = (off + MAX_REPLY_CHUNK).min(read.len());
@@ -1609,7 +1619,7 @@ impl Worker {
             // Outbound::Reply.
             if let Some((status, read)) = self.fabric.accept_remote_rma(incoming, &mut self.notify)
             {
-                self.reply(host, req_id, status, &read);
+                self.reply_owned(host, req_id, status, read);
             }
         } else if let Some(status) = self.fabric.accept_remote(incoming, &mut self.notify) {
             self.reply(host, req_id, status, &[]);

@@ -16,6 +16,7 @@
 //! request completes or its host is lost; a buffer the provider may still be reading or
 //! writing stays allocated until that operation's completion.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -111,6 +112,9 @@ struct Shadow {
 /// never gets its buffer back while the wire may still write it.
 pub(crate) struct GuestSink {
     shadow: Mutex<Shadow>,
+    /// The file bytes its shadow maps (the destination's), for the overlap check of later
+    /// reads.
+    key: ShadowKey,
     len: usize,
     req_id: u64,
 }
@@ -146,6 +150,17 @@ impl GuestSink {
 /// Which file bytes a shadow maps: the file's device and inode (the mapping keeps the file,
 /// so its inode is not reused meanwhile), the offset of the first byte, the length.
 type ShadowKey = (u64, u64, u64, usize);
+
+/// Whether the file bytes `a` and `b` name share a byte.
+fn keys_overlap(a: &ShadowKey, b: &ShadowKey) -> bool {
+    let (&(ad, ai, ao, al), &(bd, bi, bo, bl)) = (a, b);
+    let end = |o: u64, l: usize| u128::from(o) + l as u128;
+    (ad, ai) == (bd, bi)
+        && al > 0
+        && bl > 0
+        && u128::from(ao) < end(bo, bl)
+        && u128::from(bo) < end(ao, al)
+}
 
 /// Idle shadows kept at most, and how long one is kept unused (it keeps the guest's memory
 /// file open: a guest that left is freed within this).
@@ -276,18 +291,52 @@ enum Inbound {
     Failed { req_id: u64, status: Status },
 }
 
+/// The guest ranges a direct read writes (one `fi_readmsg` into all of them, in order): the
+/// read's own mapping of each range's pages, each registered.
+struct Landing {
+    /// One per shadow, closed before the shadows are unmapped (fields drop in order).
+    mrs: Vec<Mr>,
+    shadows: Vec<Shadow>,
+    /// The same ranges in the device's mapping (kept mapped with them), for the overlap
+    /// check of later reads.
+    guest: Vec<GuestBytes>,
+}
+
+impl Landing {
+    /// (first byte, length) of each range in the device's mapping.
+    fn spans(&self) -> impl Iterator<Item = (usize, usize)> + Clone + '_ {
+        self.guest.iter().map(|g| (g.ptr() as usize, g.len()))
+    }
+}
+
+/// Whether any of the (first byte, length) spans of `a` shares a byte with one of `b`.
+fn spans_overlap(
+    a: &[(usize, usize)],
+    b: impl IntoIterator<Item = (usize, usize)> + Clone,
+) -> bool {
+    a.iter().any(|&(lo, len)| {
+        b.clone().into_iter().any(|(o, olen)| {
+            len > 0 && olen > 0 && o < lo.saturating_add(len) && lo < o.saturating_add(olen)
+        })
+    })
+}
+
 /// An RMA operation in flight; its buffer lives here until its completion.
 enum Op {
+    /// A read into a daemon buffer.
     Read {
         host: u16,
         req_id: u64,
-        /// For a direct read, the registration of the receive's buffer (no daemon buffer).
         staged: Staged,
-        /// The receive it reads into; its fence ends when the read is over (or when the
-        /// read is revoked: then `None` with `shadow` still there).
+    },
+    /// A read straight into a receive's buffer or an RMA write's target regions.
+    DirectRead {
+        host: u16,
+        req_id: u64,
+        landing: Landing,
+        /// The receive (or write) it reads into; its fence ends when the read is over (or
+        /// when the read is revoked: then `None`, with the revoked `landing` still there).
         direct: Option<Box<DirectDest>>,
-        /// The read's own mapping of the guest pages it writes (direct reads only).
-        shadow: Option<Shadow>,
     },
     Write {
         host: u16,
@@ -357,7 +406,7 @@ impl Drop for Rendezvous {
     /// writes into a receive's buffer any more; receives waiting for their reads go.
     fn drop(&mut self) {
         for op in self.ops.values() {
-            if let Op::Read {
+            if let Op::DirectRead {
                 direct: Some(d), ..
             } = op
             {
@@ -622,6 +671,21 @@ impl Worker {
     /// no file behind them, the mapping or registration failed, or the request was withdrawn
     /// meanwhile.
     fn guest_sink(&mut self, req_id: u64, g: &GuestBytes, len: usize) -> Option<Staged> {
+        // Reads of one guest land in the order they were made (as on one host): bytes that
+        // overlap a sink in flight go to a daemon buffer, copied when their reply comes.
+        let (_, key) = Shadow::locate(g, len)?;
+        let overlaps = self
+            .rdv
+            .sinks
+            .values()
+            .any(|(_, st)| st.sink.as_ref().is_some_and(|s| keys_overlap(&s.key, &key)));
+        if overlaps {
+            debug!(
+                req_id,
+                "uplink: a read's destination overlaps a read in flight"
+            );
+            return None;
+        }
         let shadow = self.rdv.take_shadow(g, len)?;
         // SAFETY: the shadow mapping lives in the `GuestSink` with the registration, which is
         // closed before the last `Arc` of it (so the mapping) goes.
@@ -637,6 +701,7 @@ impl Worker {
             }
         };
         let sink = Arc::new(GuestSink {
+            key: shadow.key,
             shadow: Mutex::new(shadow),
             len,
             req_id,
@@ -1074,10 +1139,11 @@ impl Worker {
             return Err(Status::Invalid);
         }
         if let Some(desc) = claim.filter(|_| self.direct_reads_on()) {
+            let max_ranges = self.ep.iov_limit();
             let dest = if head.is_empty() {
-                self.fabric.claim_direct(host, req_id, desc)
+                self.fabric.claim_direct(host, req_id, desc, max_ranges)
             } else {
-                self.fabric.claim_direct_write(host, desc, head)
+                self.fabric.claim_direct_write(host, desc, head, max_ranges)
             };
             if let Some(dest) = dest {
                 match self.start_direct_read(host, req_id, dest, src, addr, key) {
@@ -1125,8 +1191,6 @@ impl Worker {
                         host,
                         req_id,
                         staged,
-                        direct: None,
-                        shadow: None,
                     },
                 );
                 Ok(Some((ctx, false)))
@@ -1139,9 +1203,10 @@ impl Worker {
         }
     }
 
-    /// Register the first `dest.len` bytes of a claimed receive's buffer and post the read of
-    /// the peer's source into them. `Err(again)`: not posted, and the receive was matched
-    /// again (`again`: the provider had no room, try later; else read into a daemon buffer).
+    /// Register the ranges of a claimed receive's buffer (or write's targets), a shadow of
+    /// each, and post one read of the peer's source into all of them. `Err(again)`: not
+    /// posted, and the receive was matched again (`again`: the provider had no room, try
+    /// later; else read into a daemon buffer).
     fn start_direct_read(
         &mut self,
         host: u16,
@@ -1151,85 +1216,45 @@ impl Worker {
         addr: u64,
         key: u64,
     ) -> Result<u64, bool> {
-        let Some(g) = dest.bytes.take() else {
-            self.fabric
-                .direct_unclaim(host, req_id, dest, &mut self.notify);
-            return Err(false);
-        };
-        // Writes of one peer land in order: bytes that overlap those of a read still in
-        // flight go through a daemon buffer, copied when their turn comes.
-        let (lo, hi) = (g.ptr() as usize, g.ptr() as usize + dest.len);
-        let overlaps = self.rdv.ops.values().any(|op| match op {
-            Op::Read {
-                staged: Staged { guest: Some(o), .. },
-                direct: Some(_),
-                ..
-            } => (o.ptr() as usize) < hi && lo < o.ptr() as usize + o.len(),
-            _ => false,
-        });
-        if overlaps {
+        let guest = std::mem::take(&mut dest.bytes);
+        let landing = self.land(host, req_id, guest);
+        let Some(landing) = landing else {
             dest.fence.end();
             self.fabric
                 .direct_unclaim(host, req_id, dest, &mut self.notify);
             return Err(false);
-        }
-        let Some(shadow) = self.rdv.take_shadow(&g, dest.len) else {
-            dest.fence.end();
-            self.fabric
-                .direct_unclaim(host, req_id, dest, &mut self.notify);
-            return Err(false);
-        };
-        // SAFETY: the shadow mapping lives in the op with the registration, which is closed
-        // before it is unmapped; the receive it names is the fabric's no more until the fence
-        // ends (after the read, or its revocation).
-        let mr = match unsafe {
-            self.ep
-                .register_raw(shadow.at as *const u8, dest.len, u64::from(sys::FI_READ))
-        } {
-            Ok(mr) => mr,
-            Err(e) => {
-                debug!(
-                    host,
-                    req_id, "uplink: a receive's buffer not registered: {e}"
-                );
-                dest.fence.end();
-                self.fabric
-                    .direct_unclaim(host, req_id, dest, &mut self.notify);
-                return Err(false);
-            }
         };
         self.rdv.next_op += 1;
         let ctx = RMA_CONTEXT + self.rdv.next_op;
-        // SAFETY: the `dest.len` bytes at `shadow.at` (the receive's guest pages, mapped once
-        // more) stay mapped, in the op with the registration, until the completion with
+        let iov: Vec<(*mut u8, usize, &Mr)> = landing
+            .shadows
+            .iter()
+            .zip(&landing.guest)
+            .zip(&landing.mrs)
+            .map(|((sh, g), mr)| (sh.at as *mut u8, g.len(), mr))
+            .collect();
+        // SAFETY: each range's bytes at its shadow (the receive's guest pages, mapped once
+        // more) stay mapped, in the op with the registrations, until the completion with
         // `ctx`; the guest does not get the receive back before the op's fence ends, which is
-        // after the read or after `shadow` was revoked (then the read writes throw-away pages).
-        let rc = unsafe {
-            self.ep
-                .read_raw(shadow.at as *mut u8, dest.len, &mr, src, addr, key, ctx)
-        };
+        // after the read or after every shadow was revoked (then the read writes throw-away
+        // pages).
+        let rc = unsafe { self.ep.read_raw_iov(&iov, src, addr, key, ctx) };
+        drop(iov);
         match rc {
             Ok(()) => {
                 self.rdv.ops.insert(
                     ctx,
-                    Op::Read {
+                    Op::DirectRead {
                         host,
                         req_id,
-                        staged: Staged {
-                            mr,
-                            buf: Vec::new(),
-                            guest: Some(g),
-                            sink: None,
-                        },
+                        landing,
                         direct: Some(dest),
-                        shadow: Some(shadow),
                     },
                 );
                 Ok(ctx)
             }
             Err(e) => {
-                drop((mr, g));
-                self.rdv.keep_shadow(shadow);
+                self.unland(landing);
                 dest.fence.end();
                 self.fabric
                     .direct_unclaim(host, req_id, dest, &mut self.notify);
@@ -1242,6 +1267,70 @@ impl Worker {
                 Err(e.is_again())
             }
         }
+    }
+
+    /// A shadow of each of the `guest` ranges, registered for a read into it. `None` (the
+    /// read goes through a daemon buffer): a range overlaps one that a direct read in flight
+    /// writes (writes of one peer land in order: the later one is copied when its turn
+    /// comes), has no file behind it, or could not be mapped or registered.
+    fn land(&mut self, host: u16, req_id: u64, guest: Vec<GuestBytes>) -> Option<Landing> {
+        let spans: Vec<(usize, usize)> =
+            guest.iter().map(|g| (g.ptr() as usize, g.len())).collect();
+        let overlaps = self.rdv.ops.values().any(|op| match op {
+            Op::DirectRead {
+                landing,
+                direct: Some(_),
+                ..
+            } => spans_overlap(&spans, landing.spans()),
+            _ => false,
+        });
+        if guest.is_empty() || overlaps {
+            return None;
+        }
+        let mut landing = Landing {
+            mrs: Vec::with_capacity(guest.len()),
+            shadows: Vec::with_capacity(guest.len()),
+            guest: Vec::new(),
+        };
+        for g in &guest {
+            let shadow = self.rdv.take_shadow(g, g.len());
+            let Some(shadow) = shadow else {
+                return self.unland(landing);
+            };
+            // SAFETY: the shadow mapping lives in the op with the registration, which is
+            // closed before it is unmapped; the receive it names is the fabric's no more until
+            // the fence ends (after the read, or its revocation).
+            let mr = unsafe {
+                self.ep
+                    .register_raw(shadow.at as *const u8, g.len(), u64::from(sys::FI_READ))
+            };
+            match mr {
+                Ok(mr) => {
+                    landing.mrs.push(mr);
+                    landing.shadows.push(shadow);
+                }
+                Err(e) => {
+                    debug!(
+                        host,
+                        req_id, "uplink: a receive's buffer not registered: {e}"
+                    );
+                    self.rdv.keep_shadow(shadow);
+                    return self.unland(landing);
+                }
+            }
+        }
+        landing.guest = guest;
+        Some(landing)
+    }
+
+    /// A landing not used after all: its registrations close, its shadows go idle.
+    fn unland(&mut self, landing: Landing) -> Option<Landing> {
+        let Landing { mrs, shadows, .. } = landing;
+        drop(mrs);
+        for sh in shadows {
+            self.rdv.keep_shadow(sh);
+        }
+        None
     }
 
     /// Whether reads land in guests' receives and regions (`VFABRIC_UPLINK_DIRECT=0` in the
@@ -1264,21 +1353,28 @@ impl Worker {
             .rdv
             .ops
             .iter()
-            .filter(|(_, op)| matches!(op, Op::Read { host: h, direct: Some(_), .. } if *h == host))
+            .filter(|(_, op)| {
+                matches!(op, Op::DirectRead { host: h, direct: Some(_), .. } if *h == host)
+            })
             .map(|(ctx, _)| *ctx)
             .collect();
         for ctx in reads {
-            let Some(Op::Read {
+            let Some(Op::DirectRead {
                 req_id,
                 direct,
-                shadow: Some(shadow),
+                landing,
                 ..
             }) = self.rdv.ops.get_mut(&ctx)
             else {
                 continue;
             };
-            if !shadow.revoke() {
-                // Still the guest's pages: the receive waits for the read's own end.
+            // Every range is cut (one that fails to is still the guest's pages: the receive
+            // waits for the read's own end).
+            let mut cut = true;
+            for sh in landing.shadows.iter_mut().filter(|sh| !sh.revoked) {
+                cut &= sh.revoke();
+            }
+            if !cut {
                 kept += 1;
                 continue;
             }
@@ -1408,30 +1504,31 @@ impl Worker {
     }
 
     /// The verdict on request `req_id` of `host` when it named a sink: the bytes go by
-    /// `fi_write`, the verdict after them (RDV_REPLY). Returns `false` when the verdict is to
-    /// go as an ordinary REPLY.
-    pub(super) fn reply_to_sink(
+    /// `fi_write` (from `read` itself when the caller gave it up, else from a copy), the
+    /// verdict after them (RDV_REPLY). Gives `read` back when the verdict is to go as an
+    /// ordinary REPLY.
+    pub(super) fn reply_to_sink<'a>(
         &mut self,
         host: u16,
         dest: u64,
         req_id: u64,
         status: Status,
-        read: &[u8],
-    ) -> bool {
+        read: Cow<'a, [u8]>,
+    ) -> Result<(), Cow<'a, [u8]>> {
         let Some((addr, key, len)) = self.rdv.peer_sinks.remove(&(host, req_id)) else {
-            return false;
+            return Err(read);
         };
         if status != Status::Ok || read.len() as u64 != len || read.is_empty() {
-            return false;
+            return Err(read);
         }
-        let buf = read.to_vec();
+        let buf = read.into_owned();
         self.rdv.reply_copied_bytes += len;
         // SAFETY: as in `start_read`: kept in `self.rdv.ops` until the write's completion.
         let mr = match unsafe { self.ep.register(&buf, u64::from(sys::FI_WRITE)) } {
             Ok(mr) => mr,
             Err(e) => {
                 debug!("uplink: rendezvous reply not registered, replying in chunks: {e}");
-                return false;
+                return Err(Cow::Owned(buf));
             }
         };
         let staged = Staged::own(mr, buf);
@@ -1451,11 +1548,11 @@ impl Worker {
                         source: None,
                     },
                 );
-                true
+                Ok(())
             }
             Err(e) => {
                 debug!("uplink: rendezvous write not posted, replying in chunks: {e}");
-                false
+                Err(Cow::Owned(staged.into_bytes()))
             }
         }
     }
@@ -1466,28 +1563,20 @@ impl Worker {
             return;
         };
         if err.is_none() {
-            let (Op::Read { host, .. } | Op::Write { host, .. }) = op;
+            let (Op::Read { host, .. } | Op::DirectRead { host, .. } | Op::Write { host, .. }) = op;
             self.heard_from(host);
         }
         match op {
             // Revoked (its host was lost): its receive was handed back then.
-            Op::Read {
-                direct: None,
-                shadow: Some(_),
-                ..
-            } => {}
-            Op::Read {
+            Op::DirectRead { direct: None, .. } => {}
+            Op::DirectRead {
                 host,
                 req_id,
-                staged,
+                landing,
                 direct: Some(dest),
-                shadow,
             } => {
                 // The read is over: nothing writes the receive's buffer any more.
-                drop(staged);
-                if let Some(sh) = shadow {
-                    self.rdv.keep_shadow(sh);
-                }
+                self.unland(landing);
                 dest.fence.end();
                 if let Some(e) = &err {
                     debug!(host, req_id, "uplink: direct rendezvous read failed: {e}");
@@ -1532,8 +1621,6 @@ impl Worker {
                 host,
                 req_id,
                 staged,
-                direct: None,
-                shadow: None,
             } => {
                 if let Some(e) = &err {
                     debug!(host, req_id, "uplink: rendezvous read failed: {e}");
@@ -1786,5 +1873,47 @@ impl Worker {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{keys_overlap, spans_overlap};
+
+    #[test]
+    fn keys_overlap_only_for_shared_bytes_of_one_file() {
+        let k = (1, 7, 4096, 100);
+        assert!(keys_overlap(&k, &(1, 7, 4195, 1)), "the last byte");
+        assert!(keys_overlap(&k, &(1, 7, 0, 5000)), "around");
+        assert!(!keys_overlap(&k, &(1, 7, 4196, 10)), "just after");
+        assert!(!keys_overlap(&k, &(1, 7, 0, 4096)), "just before");
+        assert!(!keys_overlap(&k, &(1, 8, 4096, 100)), "another file");
+        assert!(!keys_overlap(&k, &(2, 7, 4096, 100)), "another device");
+        assert!(!keys_overlap(&k, &(1, 7, 4100, 0)), "empty");
+        assert!(
+            keys_overlap(&(1, 7, u64::MAX - 1, 5), &(1, 7, u64::MAX, 1)),
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn spans_overlap_when_any_range_shares_a_byte_with_any_other() {
+        let inflight = [(1000, 100), (5000, 10)];
+        assert!(
+            !spans_overlap(&[(900, 100), (1100, 50)], inflight),
+            "touching only"
+        );
+        assert!(spans_overlap(&[(900, 101)], inflight), "the last byte");
+        assert!(
+            spans_overlap(&[(0, 10), (5009, 1)], inflight),
+            "a later range"
+        );
+        assert!(spans_overlap(&[(1050, 1)], inflight), "inside");
+        assert!(
+            spans_overlap(&[(0, usize::MAX)], inflight),
+            "around, no overflow"
+        );
+        assert!(!spans_overlap(&[(2000, 0)], [(1990, 20)]), "empty");
+        assert!(!spans_overlap(&[], inflight));
     }
 }

@@ -99,6 +99,28 @@ impl GuestBytes {
         })
     }
 
+    /// The first `len` bytes of `segs` (at least one, at most all) as one [`GuestBytes`] per
+    /// range, in order, when there are at most `max` ranges and each lies in one memory
+    /// region (else `None`: the caller copies them).
+    pub fn ranges(
+        mem: Arc<GuestMemoryMmap>,
+        segs: &Segs,
+        len: u64,
+        max: usize,
+    ) -> Option<Vec<Self>> {
+        if len == 0 || len > segs.len {
+            return None;
+        }
+        let (head, _) = segs.split_at(len);
+        if head.segs.len() > max {
+            return None;
+        }
+        head.segs
+            .iter()
+            .map(|&s| Self::new(mem.clone(), &Segs::one(s)))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -831,6 +853,66 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first `len` bytes of a stream as one piece per range: cut at `len`, at most `max`
+    /// pieces, each inside one memory region.
+    #[test]
+    fn guest_bytes_ranges_cut_the_stream_at_its_length() {
+        use crate::chain::Seg;
+        use vm_memory::GuestAddress;
+        let mem = Arc::new(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 0x10000),
+                (GuestAddress(0x20000), 0x10000),
+            ])
+            .unwrap(),
+        );
+        let segs = Segs::from_slice(&[
+            Seg {
+                addr: 0x100,
+                len: 10,
+            },
+            Seg {
+                addr: 0x20003,
+                len: 20,
+            },
+            Seg {
+                addr: 0x500,
+                len: 30,
+            },
+        ]);
+        let lens = |len, max| {
+            GuestBytes::ranges(mem.clone(), &segs, len, max).map(|v| {
+                v.iter()
+                    .map(|g| (g.ptr() as usize - mem_ptr(&mem, g), g.len()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            lens(60, 3),
+            Some(vec![(0x100, 10), (0x20003, 20), (0x500, 30)])
+        );
+        assert_eq!(lens(25, 3), Some(vec![(0x100, 10), (0x20003, 15)]));
+        assert_eq!(lens(10, 1), Some(vec![(0x100, 10)]));
+        assert_eq!(lens(11, 1), None, "past the limit");
+        assert_eq!(lens(61, 3), None, "past the stream");
+        assert_eq!(lens(0, 3), None);
+        // A range across the end of a region is not one range of guest memory.
+        let across = Segs::from_slice(&[Seg {
+            addr: 0xfff0,
+            len: 0x20,
+        }]);
+        assert!(GuestBytes::ranges(mem.clone(), &across, 0x20, 4).is_none());
+    }
+
+    /// The guest address of `g` (its host address minus its region's host base, plus the
+    /// region's guest start).
+    fn mem_ptr(mem: &GuestMemoryMmap, g: &GuestBytes) -> usize {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        let s = g.segs.segs[0];
+        let r = mem.find_region(vm_memory::GuestAddress(s.addr)).unwrap();
+        r.get_host_address(MemoryRegionAddress(0)).unwrap() as usize - r.start_addr().0 as usize
+    }
 
     #[test]
     fn reservations_follow_peer_state_and_bounds() {
