@@ -441,12 +441,19 @@ impl Endpoint {
         }
         let mut b = self.bindings()?;
         let entry = (cq.shared.clone(), flags.selective_completion);
+        // Transmit operations complete on the TX queue, receives on the RX queue: a sleeper
+        // on the CQ arms those. (A binding replaced later leaves its bit: an extra queue
+        // armed costs a wakeup at most.)
+        let mut feeders = 0;
         if flags.transmit {
             b.tx = Some(entry.clone());
+            feeders |= crate::domain::queue_bit(self.tx_queue);
         }
         if flags.recv {
             b.rx = Some(entry);
+            feeders |= crate::domain::queue_bit(self.rx_queue);
         }
+        cq.shared.feeders.fetch_or(feeders, Ordering::Relaxed);
         Ok(())
     }
 
