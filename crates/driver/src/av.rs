@@ -3,13 +3,12 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vfabric_proto::FabricAddr;
 
 use crate::domain::DomainInner;
-use crate::lock::SpinLock;
 use crate::{Error, Result};
 
 /// An index into an [`AddressVector`] (`fi_addr_t`).
@@ -59,15 +58,81 @@ pub(crate) struct AvShared {
     /// Bumped (under the table's write lock) by every insert and remove: a remembered answer
     /// is valid while this is unchanged.
     generation: AtomicU64,
-    /// The last forward and reverse answers (a sender talks to one peer for a while, a
-    /// receiver hears from one): one compare instead of a read lock and a lookup.
-    recent: SpinLock<Recent>,
+    /// The last forward answer (generation, fi_addr, address) and the last reverse answer
+    /// (generation, address, index or `FI_ADDR_NOTAVAIL`): a sender talks to one peer for a
+    /// while, a receiver hears from one, so a few loads and compares, no lock, usually answer.
+    forward: Memo,
+    reverse: Memo,
 }
 
-#[derive(Default)]
-struct Recent {
-    forward: Option<(u64, FiAddr, FabricAddr)>,
-    reverse: Option<(u64, FabricAddr, Option<FiAddr>)>,
+/// One remembered answer of four words, read and written without a lock (a sequence lock: a
+/// reader that overlaps a writer gets `None` and asks the table; a writer that finds another
+/// one active leaves the memo to it).
+struct Memo {
+    /// Odd while a writer is at work.
+    seq: AtomicU64,
+    words: [AtomicU64; 4],
+}
+
+/// First word of an empty memo: no generation reaches it.
+const NO_GENERATION: u64 = u64::MAX;
+
+impl Memo {
+    fn new() -> Self {
+        Self {
+            seq: AtomicU64::new(0),
+            words: [
+                AtomicU64::new(NO_GENERATION),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+            ],
+        }
+    }
+
+    #[inline]
+    fn read(&self) -> Option<[u64; 4]> {
+        let before = self.seq.load(Ordering::Acquire);
+        if before & 1 != 0 {
+            return None;
+        }
+        let w = [
+            self.words[0].load(Ordering::Relaxed),
+            self.words[1].load(Ordering::Relaxed),
+            self.words[2].load(Ordering::Relaxed),
+            self.words[3].load(Ordering::Relaxed),
+        ];
+        // The words before the second look at `seq`.
+        fence(Ordering::Acquire);
+        (self.seq.load(Ordering::Relaxed) == before).then_some(w)
+    }
+
+    fn write(&self, w: [u64; 4]) {
+        let before = self.seq.load(Ordering::Relaxed);
+        if before & 1 != 0
+            || self
+                .seq
+                .compare_exchange(before, before + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        // `seq` odd before any word changes.
+        fence(Ordering::Release);
+        for (slot, v) in self.words.iter().zip(w) {
+            slot.store(v, Ordering::Relaxed);
+        }
+        self.seq.store(before + 2, Ordering::Release);
+    }
+}
+
+/// An address as two memo words.
+fn addr_words(a: &FabricAddr) -> [u64; 2] {
+    [a.node, u64::from(a.ep) | (u64::from(a.generation) << 32)]
+}
+
+fn addr_of_words(node: u64, rest: u64) -> FabricAddr {
+    FabricAddr::new(node, rest as u32, (rest >> 32) as u32)
 }
 
 impl AvShared {
@@ -75,17 +140,26 @@ impl AvShared {
         Self {
             table: RwLock::new(AvTable::default()),
             generation: AtomicU64::new(0),
-            recent: SpinLock::new(Recent::default()),
+            forward: Memo::new(),
+            reverse: Memo::new(),
         }
     }
 
+    #[inline]
     pub(crate) fn lookup(&self, fi_addr: FiAddr) -> Result<FabricAddr> {
         let now = self.generation.load(Ordering::Acquire);
-        if let Some((generation, key, addr)) = self.recent.lock().forward {
+        if let Some([generation, key, node, rest]) = self.forward.read() {
             if generation == now && key == fi_addr {
-                return Ok(addr);
+                return Ok(addr_of_words(node, rest));
             }
         }
+        self.lookup_table(fi_addr)
+    }
+
+    /// [`AvShared::lookup`] in the table (and remembered).
+    #[cold]
+    #[inline(never)]
+    fn lookup_table(&self, fi_addr: FiAddr) -> Result<FabricAddr> {
         let table = self.table.read().unwrap();
         // Read under the table lock: consistent with what the table says now.
         let generation = self.generation.load(Ordering::Acquire);
@@ -93,22 +167,34 @@ impl AvShared {
         drop(table);
         let addr =
             addr.ok_or_else(|| Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV")))?;
-        self.recent.lock().forward = Some((generation, fi_addr, addr));
+        let [node, rest] = addr_words(&addr);
+        self.forward.write([generation, fi_addr, node, rest]);
         Ok(addr)
     }
 
+    #[inline]
     pub(crate) fn reverse_lookup(&self, addr: &FabricAddr) -> Option<FiAddr> {
         let now = self.generation.load(Ordering::Acquire);
-        if let Some((generation, key, found)) = self.recent.lock().reverse {
-            if generation == now && key == *addr {
-                return found;
+        let [node, rest] = addr_words(addr);
+        if let Some([generation, n, r, found]) = self.reverse.read() {
+            if generation == now && n == node && r == rest {
+                return (found != FI_ADDR_NOTAVAIL).then_some(found);
             }
         }
+        self.reverse_lookup_table(addr)
+    }
+
+    /// [`AvShared::reverse_lookup`] in the table (and remembered).
+    #[cold]
+    #[inline(never)]
+    fn reverse_lookup_table(&self, addr: &FabricAddr) -> Option<FiAddr> {
+        let [node, rest] = addr_words(addr);
         let table = self.table.read().unwrap();
         let generation = self.generation.load(Ordering::Acquire);
         let found = table.reverse.get(addr).copied();
         drop(table);
-        self.recent.lock().reverse = Some((generation, *addr, found));
+        self.reverse
+            .write([generation, node, rest, found.unwrap_or(FI_ADDR_NOTAVAIL)]);
         found
     }
 
@@ -234,6 +320,31 @@ mod tests {
             t.reverse.entry(a).or_insert(idx);
             idx
         })
+    }
+
+    /// A reader never sees a memo half written: every answer it gets is one a writer wrote
+    /// whole (all four words equal here), however the two threads interleave.
+    #[test]
+    fn a_memo_is_read_whole_or_not_at_all() {
+        let memo = Memo::new();
+        memo.write([0; 4]);
+        let rounds = 200_000u64;
+        let mut whole = 0u64;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for v in 1..=rounds {
+                    memo.write([v; 4]);
+                }
+            });
+            for _ in 0..rounds {
+                if let Some(w) = memo.read() {
+                    assert!(w.iter().all(|x| *x == w[0]), "torn memo {w:?}");
+                    whole += 1;
+                }
+            }
+        });
+        assert!(whole > 0);
+        assert_eq!(memo.read(), Some([rounds; 4]));
     }
 
     #[test]

@@ -154,9 +154,8 @@ impl DomainInner {
                 }
             };
             let descs = [(area.addr(), len as u32)];
-            let mut header = Request::new(Opcode::CommitEvent).to_header();
             match self.queues[q].post(
-                &mut header,
+                || Request::new(Opcode::CommitEvent).to_header(),
                 TxData::None,
                 RxData::Descs(&descs),
                 false,
@@ -213,10 +212,13 @@ impl DomainInner {
         let mut req = Request::new(Opcode::CommitReply);
         req.data = id;
         req.tag = value as u64;
-        let mut header = req.to_header();
-        self.queues[0].post(&mut header, TxData::None, RxData::None, false, || {
-            PendingOp::CommitReply
-        })?;
+        self.queues[0].post(
+            || req.to_header(),
+            TxData::None,
+            RxData::None,
+            false,
+            || PendingOp::CommitReply,
+        )?;
         Ok(())
     }
 

@@ -95,7 +95,7 @@ impl DomainInner {
         self.check_usable()?;
         let _serial = self.ctrl_lock.lock().unwrap();
         let deadline = Instant::now() + self.ctrl_timeout;
-        let mut header = req.to_header();
+        let header = req.to_header();
         let cookie = loop {
             let area = if data_len > 0 {
                 let a = self.mem.alloc(data_len, 64)?;
@@ -114,9 +114,13 @@ impl DomainInner {
             } else {
                 TxData::Inline(Payload::Bytes(payload))
             };
-            match self.queues[0].post(&mut header, tx, rx, false, || PendingOp::Control {
-                data: area,
-            }) {
+            match self.queues[0].post(
+                || header,
+                tx,
+                rx,
+                false,
+                || PendingOp::Control { data: area },
+            ) {
                 Ok(c) => break c,
                 // Ring full of abandoned requests: let the device drain it.
                 Err(Error::Again) if Instant::now() < deadline => {

@@ -3,9 +3,10 @@
 //! dispatches each finished request to the CQ its endpoint bound for that direction.
 //!
 //! `sread` follows "poll first, block adaptively": it spins for a budget of the order of a
-//! cross-core wakeup, then arms EVENT_IDX notifications on every ring of the domain and blocks
-//! in `ppoll(2)` on their call eventfds plus the CQ's own signal eventfd (another thread's
-//! progress may deliver our entries), re-checking after arming so no wakeup is lost.
+//! cross-core wakeup, then arms EVENT_IDX notifications on the rings that feed the CQ (the
+//! queues of the endpoints bound to it, in the directions bound) and blocks in `ppoll(2)` on
+//! the call eventfd plus the CQ's own signal eventfd (another thread's progress may deliver
+//! our entries), re-checking after arming so no wakeup is lost.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -194,6 +195,9 @@ pub(crate) struct CqShared {
     signal_fd: RawFd,
     _signal: EventFd,
     waiters: AtomicUsize,
+    /// Queues whose completions can come here (bit `i`: queue `i`, set by
+    /// `Endpoint::bind_cq`): the only ones a sleeper on this CQ arms.
+    pub(crate) feeders: AtomicU64,
 }
 
 impl CqShared {
@@ -272,6 +276,7 @@ impl CompletionQueue {
                 signal_fd: signal.as_raw_fd(),
                 _signal: signal,
                 waiters: AtomicUsize::new(0),
+                feeders: AtomicU64::new(0),
             }),
             attr,
             spin_ns: AtomicU64::new(initial_spin_ns),
@@ -492,7 +497,8 @@ impl CompletionQueue {
         }
         // A full read only if something may be there: a wait usually starts before its
         // completion exists, and the blocking path below re-checks the rings after arming.
-        if !self.shared.is_empty() || self.domain.may_progress() {
+        let feeders = self.shared.feeders.load(Ordering::Relaxed);
+        if !self.shared.is_empty() || self.domain.may_progress(feeders) {
             match attempt(self) {
                 Err(Empty::Again) => {}
                 r => return r.map_err(Error::from),
@@ -540,7 +546,7 @@ impl CompletionQueue {
             let blocked_at = adaptive.then(Instant::now);
             let r = if self.shared.is_empty() {
                 self.domain
-                    .block_for(left.as_mut(), Some(self.shared.signal_fd))
+                    .block_for(left.as_mut(), Some(self.shared.signal_fd), feeders)
             } else {
                 Ok(false)
             };
@@ -621,7 +627,8 @@ impl CompletionQueue {
     /// then drive progress (for a provider progress thread behind `FI_WAIT_FD`).
     pub fn wait_device(&self, timeout: Duration) -> Result<()> {
         let mut left = timespec_of(timeout);
-        self.domain.block_for(Some(&mut left), None)?;
+        self.domain
+            .block_for(Some(&mut left), None, crate::domain::ALL_QUEUES)?;
         self.domain.progress().map(|_| ())
     }
 

@@ -605,6 +605,18 @@ impl From<Stalled> for Error {
     }
 }
 
+/// A queue mask naming every queue of the domain (those from 64 on too).
+pub(crate) const ALL_QUEUES: u64 = u64::MAX;
+
+/// Queue-mask bit of queue `index` ([`ALL_QUEUES`] from 64 on: masks have 64 bits).
+pub(crate) fn queue_bit(index: usize) -> u64 {
+    if index < 64 {
+        1 << index
+    } else {
+        ALL_QUEUES
+    }
+}
+
 /// Empty progress passes between two liveness checks of the device (power of two).
 const LIVENESS_CHECK_EVERY: u32 = 4096;
 /// How long a sleeper naps between looks at the rings when nothing can wake it.
@@ -906,11 +918,13 @@ impl DomainInner {
 
     /// Could progress deliver anything now (a used entry on a queue with requests in flight, a
     /// broken queue, a device gone)? Reads a few indices, takes no lock, drains nothing.
-    pub(crate) fn may_progress(&self) -> bool {
+    /// Only the queues in `queues` (bit `i`: queue `i`; [`ALL_QUEUES`] also covers every
+    /// queue from 64 on) are looked at.
+    pub(crate) fn may_progress(&self, queues: u64) -> bool {
         if self.broken_queue.load(Ordering::Relaxed) != u32::MAX || self.is_closed() {
             return true;
         }
-        let mut busy = self.signals.busy.load(Ordering::Relaxed);
+        let mut busy = self.signals.busy.load(Ordering::Relaxed) & queues;
         let lower = self.queues.len().min(64);
         while busy != 0 {
             let i = busy.trailing_zeros() as usize;
@@ -919,7 +933,9 @@ impl DomainInner {
                 return true;
             }
         }
-        self.queues.len() > 64 && self.queues[64..].iter().any(|q| q.needs_drain())
+        queues == ALL_QUEUES
+            && self.queues.len() > 64
+            && self.queues[64..].iter().any(|q| q.needs_drain())
     }
 
     /// Drain the queues with requests in flight (the busy mask, plus every queue from 64 on)
@@ -1001,17 +1017,23 @@ impl DomainInner {
     pub(crate) fn block(&self, deadline: Option<Instant>, extra: Option<&EventFd>) -> Result<()> {
         let mut left =
             deadline.map(|d| crate::cq::timespec_of(d.saturating_duration_since(Instant::now())));
-        self.block_for(left.as_mut(), extra.map(|e| e.as_raw_fd()))
+        self.block_for(left.as_mut(), extra.map(|e| e.as_raw_fd()), ALL_QUEUES)
             .map(|_| ())
     }
 
     /// [`DomainInner::block`] with a relative timeout, which the kernel decreases by the time
     /// slept (`ppoll` semantics), so a caller looping over wakeups needs no clock. Returns
     /// whether it slept (false: something was pending already).
+    ///
+    /// Only the queues in `queues` (bit `i`: queue `i`; [`ALL_QUEUES`]: every queue) are armed
+    /// and re-checked: a CQ reader passes the queues that feed its CQ, so completions of other
+    /// queues (which go to other CQs) do not wake it. Entries that another thread's progress
+    /// queues for the caller reach it through `extra` (the CQ's signal eventfd).
     pub(crate) fn block_for(
         &self,
         timeout: Option<&mut libc::timespec>,
         extra: Option<RawFd>,
+        queues: u64,
     ) -> Result<bool> {
         if self.is_closed() {
             return Err(Error::Closed);
@@ -1023,7 +1045,7 @@ impl DomainInner {
         // busy mask sets its bit after counting the request and then sees our `blockers`
         // count (all SeqCst) and arms it itself.
         let mut armed = 0u64;
-        let mut busy = self.signals.busy.load(Ordering::SeqCst);
+        let mut busy = self.signals.busy.load(Ordering::SeqCst) & queues;
         let lower = self.queues.len().min(64);
         while busy != 0 {
             let i = busy.trailing_zeros() as usize;
@@ -1032,24 +1054,21 @@ impl DomainInner {
                 armed |= 1 << i;
             }
         }
-        if self.queues.len() > 64 {
+        let high = queues == ALL_QUEUES && self.queues.len() > 64;
+        if high {
             for q in &self.queues[64..] {
                 q.arm_if_busy();
             }
         }
         // The arming stores must be visible before we re-check the used indices.
         fence(Ordering::SeqCst);
-        let ready = if self.queues.len() <= 64 {
-            let mut ready = false;
-            while armed != 0 && !ready {
-                let i = armed.trailing_zeros() as usize;
-                armed &= armed - 1;
-                ready = self.queues[i].has_used();
-            }
-            ready
-        } else {
-            self.queues.iter().any(|q| q.has_used())
-        };
+        let mut ready = false;
+        while armed != 0 && !ready {
+            let i = armed.trailing_zeros() as usize;
+            armed &= armed - 1;
+            ready = self.queues[i].has_used();
+        }
+        let ready = ready || (high && self.queues[64..].iter().any(|q| q.has_used()));
         let result = if ready {
             Ok(false)
         } else {

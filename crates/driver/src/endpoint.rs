@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use vfabric_proto::{self as proto, flags as pflags, FabricAddr, Opcode, Request, ADDR_LEN};
+use vfabric_proto::{self as proto, flags as pflags, FabricAddr, Opcode, ReqHeader, ADDR_LEN};
 
 use crate::av::{AddressVector, AvShared, FiAddr, FI_ADDR_NOTAVAIL, FI_ADDR_UNSPEC};
 use crate::cq::{CompletionQueue, CqShared};
@@ -333,6 +333,30 @@ struct RecvArgs<'a> {
     flags: u64,
 }
 
+/// The header of a message request (SEND/TSEND/RECV/TRECV), built where it is written (the
+/// request's slot): the fields a message uses, every other one zero.
+#[inline(always)]
+fn msg_header(
+    opcode: Opcode,
+    ep: u32,
+    flags: u64,
+    peer: FabricAddr,
+    tag: u64,
+    ignore: u64,
+    data: u64,
+) -> ReqHeader {
+    ReqHeader {
+        opcode: (opcode as u16).into(),
+        ep: ep.into(),
+        flags: flags.into(),
+        peer: peer.to_wire(),
+        tag: tag.into(),
+        ignore: ignore.into(),
+        data: data.into(),
+        ..ReqHeader::default()
+    }
+}
+
 fn check_range(buf: &SharedBuf, range: &Range<usize>) -> Result<()> {
     if range.start > range.end || range.end > buf.len() {
         return Err(Error::InvalidArgument(format!(
@@ -441,12 +465,19 @@ impl Endpoint {
         }
         let mut b = self.bindings()?;
         let entry = (cq.shared.clone(), flags.selective_completion);
+        // Transmit operations complete on the TX queue, receives on the RX queue: a sleeper
+        // on the CQ arms those. (A binding replaced later leaves its bit: an extra queue
+        // armed costs a wakeup at most.)
+        let mut feeders = 0;
         if flags.transmit {
             b.tx = Some(entry.clone());
+            feeders |= crate::domain::queue_bit(self.tx_queue);
         }
         if flags.recv {
             b.rx = Some(entry);
+            feeders |= crate::domain::queue_bit(self.rx_queue);
         }
+        cq.shared.feeders.fetch_or(feeders, Ordering::Relaxed);
         Ok(())
     }
 
@@ -749,24 +780,24 @@ impl Endpoint {
             )));
         }
 
-        let mut req = Request::new(if a.tagged {
+        let opcode = if a.tagged {
             Opcode::TSend
         } else {
             Opcode::Send
-        });
-        req.ep = self.shared.id;
-        req.peer = peer;
-        req.tag = a.tag;
-        req.flags = if a.flags & SEND_FLAG_MASK == 0 {
+        };
+        let mut flags = if a.flags & SEND_FLAG_MASK == 0 {
             0
         } else {
             send_flags(a.flags)?
         };
-        if let Some(d) = a.data {
-            req.data = d;
-            req.flags |= pflags::REMOTE_CQ_DATA;
-        }
-        self.check_request(&req)?;
+        let data = match a.data {
+            Some(d) => {
+                flags |= pflags::REMOTE_CQ_DATA;
+                d
+            }
+            None => 0,
+        };
+        self.check_request(opcode, flags)?;
 
         let mem = &domain.mem;
         let mut keepalive = Keepalive::default();
@@ -823,11 +854,10 @@ impl Endpoint {
         } else {
             TxData::Descs(descs.as_slice())
         };
-        let mut header = req.to_header();
         let ep = &self.shared;
         domain.queues[self.tx_queue]
             .post(
-                &mut header,
+                || msg_header(opcode, ep.id, flags, peer, a.tag, 0, data),
                 tx,
                 RxData::None,
                 a.flags & fi::MORE != 0,
@@ -858,14 +888,14 @@ impl Endpoint {
 
     /// Spec §3.2/§5.1.4/§6.9.9: use only flags and operations the device reported.
     #[inline(always)]
-    fn check_request(&self, req: &Request) -> Result<()> {
+    fn check_request(&self, opcode: Opcode, flags: u64) -> Result<()> {
         // A message request whose flags the device reports, and none of which needs a check
         // of its own (remote CQ data, completion levels), needs only its capability class:
         // precomputed. (The CLI's directed receives take this path.)
         const CHECKED_APART: u64 =
             pflags::REMOTE_CQ_DATA | pflags::DELIVERY_COMPLETE | pflags::COMMIT_COMPLETE;
-        if req.flags & !self.limits.allowed_flags == 0 && req.flags & CHECKED_APART == 0 {
-            let plain = match req.opcode {
+        if flags & !self.limits.allowed_flags == 0 && flags & CHECKED_APART == 0 {
+            let plain = match opcode {
                 Opcode::Send | Opcode::Recv => Some(self.limits.msg_ok),
                 Opcode::TSend | Opcode::TRecv => Some(self.limits.tagged_ok),
                 _ => None,
@@ -874,27 +904,27 @@ impl Endpoint {
                 return Ok(());
             }
         }
-        self.check_request_full(req)
+        self.check_request_full(opcode, flags)
     }
 
-    fn check_request_full(&self, req: &Request) -> Result<()> {
+    fn check_request_full(&self, opcode: Opcode, flags: u64) -> Result<()> {
         let limits = &self.limits;
         let allowed = limits.allowed_flags;
-        if req.flags & !allowed != 0 {
+        if flags & !allowed != 0 {
             return Err(Error::Unsupported(format!(
                 "request flags {:#x} are not reported by the device (FLAGS = {allowed:#x})",
-                req.flags & !allowed
+                flags & !allowed
             )));
         }
         if let Some(caps) = limits.device_caps {
-            let class = req.opcode.required_feature();
+            let class = opcode.required_feature();
             if caps & proto::bit(class) == 0 {
                 return Err(Error::Unsupported(format!(
                     "{:?} needs capability class {class}, not reported by the device",
-                    req.opcode
+                    opcode
                 )));
             }
-            if req.flags & pflags::REMOTE_CQ_DATA != 0
+            if flags & pflags::REMOTE_CQ_DATA != 0
                 && caps & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0
             {
                 return Err(Error::Unsupported(
@@ -903,7 +933,7 @@ impl Endpoint {
             }
         }
         if self.ep_type == EpType::Dgram
-            && req.flags & (pflags::DELIVERY_COMPLETE | pflags::COMMIT_COMPLETE) != 0
+            && flags & (pflags::DELIVERY_COMPLETE | pflags::COMMIT_COMPLETE) != 0
         {
             return Err(Error::InvalidArgument(
                 "DELIVERY_COMPLETE is defined for reliable endpoints only".into(),
@@ -1142,27 +1172,27 @@ impl Endpoint {
             return Err(Error::InvalidArgument("DISCARD needs CLAIM or PEEK".into()));
         }
 
-        let mut req = Request::new(if a.tagged {
+        let opcode = if a.tagged {
             Opcode::TRecv
         } else {
             Opcode::Recv
-        });
-        req.ep = self.shared.id;
-        req.tag = a.tag;
-        req.ignore = a.ignore;
+        };
+        let mut flags = 0;
+        let mut peer = FabricAddr::default();
         if a.src != FI_ADDR_UNSPEC {
-            req.peer = Self::resolve(b, a.src)?;
-            req.flags |= pflags::DIRECTED;
+            peer = Self::resolve(b, a.src)?;
+            flags |= pflags::DIRECTED;
         }
         if peek {
-            req.flags |= pflags::PEEK;
+            flags |= pflags::PEEK;
         }
         if claim {
-            req.flags |= pflags::CLAIM;
+            flags |= pflags::CLAIM;
         }
         if discard {
-            req.flags |= pflags::DISCARD;
+            flags |= pflags::DISCARD;
         }
+        let mut data = 0;
         if claim && !peek {
             let cookie = self
                 .shared
@@ -1176,10 +1206,10 @@ impl Endpoint {
                         a.context
                     ))
                 })?;
-            req.data = cookie;
+            data = cookie;
         }
 
-        self.check_request(&req)?;
+        self.check_request(opcode, flags)?;
         let no_data = peek || discard;
         let mut keepalive = Keepalive::default();
         let mut bounce = None;
@@ -1289,11 +1319,10 @@ impl Endpoint {
         } else {
             RxData::Descs(descs.as_slice())
         };
-        let mut header = req.to_header();
         let ep = &self.shared;
         domain.queues[self.rx_queue]
             .post(
-                &mut header,
+                || msg_header(opcode, ep.id, flags, peer, a.tag, a.ignore, data),
                 TxData::None,
                 rx,
                 a.flags & fi::MORE != 0,

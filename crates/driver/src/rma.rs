@@ -468,8 +468,8 @@ impl DomainInner {
         while self.rma.event_mrs.load(Ordering::Acquire) > 0
             && self.rma.events_posted.load(Ordering::Acquire) < EVENT_DEPTH
         {
-            let mut header = Request::new(Opcode::MrEvent).to_header();
-            match self.queues[q].post(&mut header, TxData::None, RxData::None, false, || {
+            let header = || Request::new(Opcode::MrEvent).to_header();
+            match self.queues[q].post(header, TxData::None, RxData::None, false, || {
                 PendingOp::MrEvent
             }) {
                 Ok(_) => {

@@ -20,7 +20,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vfabric_proto::{ByteValued, Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
+use vfabric_proto::{Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
 
 use crate::lock::{SpinGuard, SpinLock};
 use crate::memory::{Allocation, SharedMemory};
@@ -348,7 +348,8 @@ impl<R> Virtqueue<R> {
         self.broken.load(Ordering::Relaxed)
     }
 
-    /// Post one request. `header.cookie` is assigned here. Returns the cookie.
+    /// Post one request. `header` builds the request header straight into the slot once the
+    /// ring has room; its cookie is assigned here. Returns the cookie.
     /// `Err(Error::Again)` if the ring has no room. With `more` (libfabric `FI_MORE`) the kick
     /// decision is left to a later post without it (or [`Virtqueue::flush`]), which covers
     /// every chain published since. `op` builds the request record, straight into its slot
@@ -360,7 +361,7 @@ impl<R> Virtqueue<R> {
     #[inline]
     pub fn post<P: InlinePayload>(
         &self,
-        header: &mut ReqHeader,
+        header: impl FnOnce() -> ReqHeader,
         tx: TxData<'_, P>,
         rx: RxData<'_>,
         more: bool,
@@ -402,14 +403,16 @@ impl<R> Virtqueue<R> {
         };
         let cookie = (st.seq << 24) | ((self.index as u64) << 16) | head as u64;
         st.seq += 1;
-        header.cookie = cookie.into();
         let slot = self.slot(head);
         // SAFETY: the slot of a free head belongs to us until the chain is published; all
-        // writes below stay inside the SLOT_STRIDE bytes of the slot (the payload is at most
-        // INLINE_TX_MAX bytes, checked above). The completion area is not cleared: a stale
-        // completion carries an older cookie and is rejected as a mismatch.
+        // writes below stay inside the SLOT_STRIDE bytes of the slot (the header is at its
+        // start, which is 128-aligned; the payload is at most INLINE_TX_MAX bytes, checked
+        // above). The completion area is not cleared: a stale completion carries an older
+        // cookie and is rejected as a mismatch.
         unsafe {
-            std::ptr::copy_nonoverlapping(header.as_slice().as_ptr(), slot, REQ_HEADER_LEN);
+            let h = slot.cast::<ReqHeader>();
+            h.write(header());
+            (*h).cookie = cookie.into();
             if let TxData::Inline(p) = &tx {
                 p.copy_to(slot.add(SLOT_INLINE_TX));
             }

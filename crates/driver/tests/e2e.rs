@@ -738,6 +738,59 @@ fn blocking_sread() {
     ));
 }
 
+/// A thread sleeping on the RX CQ arms only the queue that feeds it: a send completing on the
+/// TX queue meanwhile does not wake it (before, every busy queue was armed and the sleeper
+/// woke, found nothing for its CQ and slept again).
+#[test]
+fn a_receive_sleeper_is_not_woken_by_send_completions() {
+    let r = rig(2);
+    let a = node_with(&r.paths[0], WaitMode::Blocking, EpType::Rdm, small_attr());
+    let b = node_with(&r.paths[1], WaitMode::Blocking, EpType::Rdm, small_attr());
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let to_a = b.av.insert(a.ep.name()).unwrap();
+    let mut v = Vec::new();
+    // A first exchange each way, so both of A's queues have been drained (parked) once.
+    b.ep.recv_vec(64, 1).unwrap();
+    a.ep.send(b"warm", to_b, 1).unwrap();
+    a.tx.sread(&mut v, 1, Some(TIMEOUT)).unwrap();
+    b.rx.sread(&mut v, 1, Some(TIMEOUT)).unwrap();
+    a.ep.recv_vec(64, 2).unwrap();
+    b.ep.send(b"warm", to_a, 2).unwrap();
+    b.tx.sread(&mut v, 1, Some(TIMEOUT)).unwrap();
+    a.rx.sread(&mut v, 1, Some(TIMEOUT)).unwrap();
+
+    // A held send (above the eager threshold, no receive at B yet) and a receive in flight.
+    let len = 256 << 10;
+    let sbuf = a.domain.alloc_buffer(len).unwrap();
+    let rbuf = b.domain.alloc_buffer(len).unwrap();
+    a.ep.recv_vec(64, 3).unwrap();
+    a.ep.send_buf(&sbuf, 0..len, to_b, 3).unwrap();
+    let sleeps_before = a.domain.stats().sleeps;
+    let a_rx = &a.rx;
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut v = Vec::new();
+            a_rx.sread(&mut v, 1, Some(TIMEOUT)).unwrap();
+            v
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        // The send completes at A while its reader sleeps on the RX CQ.
+        b.ep.recv_buf(&rbuf, 0..len, 4).unwrap();
+        b.rx.sread(&mut Vec::new(), 1, Some(TIMEOUT)).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        b.ep.send(b"reply", to_a, 5).unwrap();
+        let got = reader.join().unwrap();
+        assert_eq!(got[0].buf.as_deref(), Some(&b"reply"[..]));
+    });
+    assert_eq!(
+        a.domain.stats().sleeps - sleeps_before,
+        1,
+        "the receive sleeper woke for the send completion"
+    );
+    a.tx.sread(&mut v, 1, Some(TIMEOUT)).unwrap();
+    assert_eq!(v.last().unwrap().context, 3);
+}
+
 #[test]
 fn directed_receive_and_addr_check() {
     let r = rig(3);

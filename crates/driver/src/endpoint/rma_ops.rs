@@ -812,7 +812,7 @@ impl Endpoint {
         let (report_success, report_errors) = tx_reporting(b.tx.as_ref(), flags)?;
         req.ep = self.shared.id;
         req.peer = Self::resolve(b, dest)?;
-        self.check_request(&req)?;
+        self.check_request(req.opcode, req.flags)?;
 
         let mem = &domain.mem;
         let mut keepalive = Keepalive::default();
@@ -946,30 +946,35 @@ impl Endpoint {
         } else {
             RxData::Descs(rx_descs.as_slice())
         };
-        let mut header = req.to_header();
         let ep = &self.shared;
         domain.queues[self.tx_queue]
-            .post(&mut header, tx, rx, flags & fi::MORE != 0, || {
-                PendingOp::Data(
-                    DataOp {
-                        ep: ep.clone(),
-                        context,
-                        fi_flags,
-                        rx_len,
-                        copy_out,
-                        bounce,
-                        _keepalive: keepalive,
-                        hmem,
-                        is_recv: false,
-                        peek: false,
-                        record_claim: false,
-                        report_success,
-                        report_errors,
-                        plain: false,
-                    }
-                    .with_plain(),
-                )
-            })
+            .post(
+                || req.to_header(),
+                tx,
+                rx,
+                flags & fi::MORE != 0,
+                || {
+                    PendingOp::Data(
+                        DataOp {
+                            ep: ep.clone(),
+                            context,
+                            fi_flags,
+                            rx_len,
+                            copy_out,
+                            bounce,
+                            _keepalive: keepalive,
+                            hmem,
+                            is_recv: false,
+                            peek: false,
+                            record_claim: false,
+                            report_success,
+                            report_errors,
+                            plain: false,
+                        }
+                        .with_plain(),
+                    )
+                },
+            )
             .map(|_| ())
     }
 }
