@@ -488,7 +488,36 @@ pub(crate) struct Req {
     pub data: Segs,
     /// The last 64 writable bytes.
     pub comp: Segs,
+    /// Host addresses the parse resolved, while the request is in its pass's slot.
+    pub resolved: Resolved,
 }
+
+/// Host addresses of a request's payload start and completion area, as the ring's walk
+/// resolved them (0: not resolved) in the memory table of the pass that parsed the chain.
+/// Valid only while the request is in that pass's slot during that pass (which holds the
+/// table): a request taken out of the slot ([`Req::take`]) or cloned has none, and every
+/// parse sets them anew. They save the region lookup of the commonest accesses: an eager
+/// send's payload read and the completion of a request finished in its own pass.
+#[derive(Debug, Default)]
+pub(crate) struct Resolved {
+    payload: usize,
+    comp: usize,
+}
+
+impl Clone for Resolved {
+    fn clone(&self) -> Self {
+        Resolved::default()
+    }
+}
+
+impl PartialEq for Resolved {
+    /// Host addresses are a cache, not part of a request's value.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Resolved {}
 
 impl Req {
     /// A request of chain `head` of virtqueue `queue` with no streams yet (the slot a chain is
@@ -501,7 +530,42 @@ impl Req {
             payload: Segs::default(),
             data: Segs::default(),
             comp: Segs::default(),
+            resolved: Resolved::default(),
         }
+    }
+
+    /// Read the first `buf.len()` bytes of the payload.
+    #[inline]
+    pub fn read_payload(&self, mem: &GuestMemoryMmap, buf: &mut [u8]) -> Result<(), MemFault> {
+        let at = self.resolved.payload;
+        if at != 0
+            && self
+                .payload
+                .segs
+                .first()
+                .is_some_and(|s| buf.len() as u64 <= u64::from(s.len))
+        {
+            // SAFETY: `at` is the host address of the payload's first segment in the memory
+            // table of the pass this request is being handled in (see `Resolved`), which keeps
+            // it mapped; the segment holds `buf.len()` bytes; `buf` is our own.
+            unsafe { guest_copy(buf.as_mut_ptr(), at as *const u8, buf.len()) };
+            return Ok(());
+        }
+        self.payload.read_at(mem, 0, buf)
+    }
+
+    /// Write `c` (a completion) into the completion area.
+    #[inline]
+    pub fn write_comp(&self, mem: &GuestMemoryMmap, c: &[u8]) -> Result<(), MemFault> {
+        let at = self.resolved.comp;
+        if at != 0 && c.len() <= COMPLETION_LEN {
+            // SAFETY: `at` is the host address of the completion area (one segment of
+            // COMPLETION_LEN bytes) in the memory table of the pass this request is being
+            // handled in (see `Resolved`), which keeps it mapped; `c` is our own.
+            unsafe { guest_copy(at as *mut u8, c.as_ptr(), c.len()) };
+            return Ok(());
+        }
+        self.comp.write_at(mem, 0, c)
     }
 
     /// Move the request out of `self`, leaving its header and no streams behind: a handler
@@ -514,8 +578,11 @@ impl Req {
             payload: Segs::default(),
             data: Segs::default(),
             comp: Segs::default(),
+            resolved: Resolved::default(),
         };
-        std::mem::replace(self, rest)
+        let mut kept = std::mem::replace(self, rest);
+        kept.resolved = Resolved::default();
+        kept
     }
 }
 
@@ -877,6 +944,7 @@ fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req)
         addr: last.addr.wrapping_add(u64::from(keep)),
         len: COMPLETION_LEN as u32,
     });
+    out.resolved.comp = c.wr_host[nw - 1] as usize + keep as usize;
     // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
     // the header's when it is exactly 96 bytes, the completion's when exactly 64.
     let count = nr + nw;
@@ -891,6 +959,13 @@ fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req)
         addr: c.rd[0].addr.wrapping_add(REQ_HEADER_LEN as u64),
         len: c.rd[0].len - REQ_HEADER_LEN as u32,
     });
+    out.resolved.payload = if out.payload.len > 0 {
+        c.header as usize + REQ_HEADER_LEN
+    } else if nr == 2 {
+        c.rd_host[1] as usize
+    } else {
+        0
+    };
     if nr == 2 {
         out.payload.push(c.rd[1]);
     }
@@ -921,9 +996,13 @@ pub(crate) struct SimpleChain<'m> {
     pub header: *const u8,
     /// The readable descriptors (`nr` of them, 1 or 2; the first holds the header).
     pub rd: [Seg; 2],
+    /// Their host addresses.
+    pub rd_host: [*const u8; 2],
     pub nr: u8,
     /// The writable descriptors (`nw` of them, 1 or 2; the last holds the completion).
     pub wr: [Seg; 2],
+    /// Their host addresses.
+    pub wr_host: [*mut u8; 2],
     pub nw: u8,
     /// The memory table `header` points into.
     pub mem: std::marker::PhantomData<&'m GuestMemoryMmap>,
@@ -947,6 +1026,8 @@ pub(crate) fn parse_popped(
     acked: u64,
     out: &mut Req,
 ) -> Verdict {
+    // Host addresses of the previous chain are not this one's.
+    out.resolved = Resolved::default();
     match chain {
         Popped::Walked(w, indirect) => parse_walked(mem, w, limits, acked, indirect, out),
         Popped::Simple(c) => parse_simple(c, limits, acked, out),

@@ -275,6 +275,8 @@ impl RingView {
         const NONE: Seg = Seg { addr: 0, len: 0 };
         let (mut rd, mut nr) = ([NONE; 2], 0usize);
         let (mut wr, mut nw) = ([NONE; 2], 0usize);
+        let mut rd_host = [std::ptr::null(); 2];
+        let mut wr_host = [std::ptr::null_mut(); 2];
         let mut header: *const u8 = std::ptr::null();
         let mut total = 0u64;
         let mut i = head;
@@ -296,6 +298,7 @@ impl RingView {
             let seg = Seg { addr, len };
             if flags & VIRTQ_DESC_F_WRITE != 0 {
                 *wr.get_mut(nw)? = seg;
+                *wr_host.get_mut(nw)? = host;
                 nw += 1;
             } else {
                 // Readable after writable, or a third readable: the general walk.
@@ -309,6 +312,7 @@ impl RingView {
                     header = host;
                 }
                 *rd.get_mut(nr)? = seg;
+                *rd_host.get_mut(nr)? = host as *const u8;
                 nr += 1;
             }
             k += 1;
@@ -328,8 +332,10 @@ impl RingView {
         Some(SimpleChain {
             header,
             rd,
+            rd_host,
             nr: nr as u8,
             wr,
+            wr_host,
             nw: nw as u8,
             mem: std::marker::PhantomData,
         })

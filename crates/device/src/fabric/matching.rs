@@ -102,7 +102,7 @@ impl Fabric {
                 }
             };
             let buf = &mut early_buf[..meta.len as usize];
-            if req.payload.read_at(m, 0, buf).is_err() {
+            if req.read_payload(m, buf).is_err() {
                 return self.fail(dev, port, req, Status::Fault, n);
             }
             early = Some(buf);
