@@ -534,6 +534,25 @@ impl Req {
         }
     }
 
+    /// Whether every host address the parse resolved is that of its stream's first byte, and
+    /// how many were resolved.
+    #[cfg(test)]
+    pub fn resolved_agree(&self, mem: &GuestMemoryMmap) -> (bool, usize) {
+        let check = |at: usize, s: &Segs| {
+            let first = s
+                .segs
+                .first()
+                .and_then(|f| host_ptr(mem, f.addr, f.len as usize));
+            (
+                at == 0 || first == Some(at as *mut u8),
+                usize::from(at != 0),
+            )
+        };
+        let (p, np) = check(self.resolved.payload, &self.payload);
+        let (c, nc) = check(self.resolved.comp, &self.comp);
+        (p && c, np + nc)
+    }
+
     /// Read the first `buf.len()` bytes of the payload.
     #[inline]
     pub fn read_payload(&self, mem: &GuestMemoryMmap, buf: &mut [u8]) -> Result<(), MemFault> {

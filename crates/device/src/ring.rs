@@ -3,7 +3,7 @@
 //!
 //! virtio-queue's `Queue` (inside vhost-user-backend's `VringRwLock`) stays the owner of a
 //! ring's configuration and indices — vhost-user-backend reads and sets them on SET_VRING_* and
-//! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`RingState`] (so a
+//! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`Ring`] (so a
 //! pass holds the `VringRwLock` only for reading, and never blocks a peer's notification); they
 //! go back to the `Queue` when the ring stops, before GET_VRING_BASE reads them (and are
 //! forgotten on RESET_DEVICE, the frontend setting them anew). What this module replaces is the
@@ -542,5 +542,30 @@ impl RingState {
             q.set_next_used(self.next_used);
         }
         restart(&avail.avail, idx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_that_overlapped_a_restart_drops_its_index() {
+        let ring = Ring::default();
+        let seen = ring.avail();
+        // The ring is stopped (or configured anew) while the pass pops: its index is the
+        // Queue's from then on, and the pass's is dropped.
+        restart(&ring.avail, 7);
+        assert!(!ring.set_next_avail(seen, 3));
+        assert_eq!(avail_index(ring.avail()), 7);
+        // A pass from the new epoch hands its index back.
+        let seen = ring.avail();
+        assert!(ring.set_next_avail(seen, 9));
+        assert_eq!(avail_index(ring.avail()), 9);
+        // A reset forgets the index without moving it, but a pass that overlapped it is dropped.
+        let seen = ring.avail();
+        RingState::default().forget(&ring);
+        assert!(!ring.set_next_avail(seen, 12));
+        assert_eq!(avail_index(ring.avail()), 9);
     }
 }
