@@ -16,6 +16,7 @@
 
 #[cfg(test)]
 use std::ops::Deref;
+use std::sync::Arc;
 
 use smallvec::SmallVec;
 
@@ -488,25 +489,32 @@ pub(crate) struct Req {
     pub data: Segs,
     /// The last 64 writable bytes.
     pub comp: Segs,
-    /// Host addresses the parse resolved, while the request is in its pass's slot.
+    /// Host addresses the parse resolved, with the memory table they lie in.
     pub resolved: Resolved,
 }
 
-/// Host addresses of a request's payload start and completion area, as the ring's walk
-/// resolved them (0: not resolved) in the memory table of the pass that parsed the chain.
-/// Valid only while the request is in that pass's slot during that pass (which holds the
-/// table): a request taken out of the slot ([`Req::take`]) or cloned has none, and every
-/// parse sets them anew. They save the region lookup of the commonest accesses: an eager
-/// send's payload read and the completion of a request finished in its own pass.
-#[derive(Debug, Default)]
+/// Host addresses of a request's payload start, data area start and completion area as the
+/// ring's walk resolved them (0: not resolved), with the memory table they lie in, held (so
+/// its mappings stay alive as long as the request). An access through that same table uses
+/// them instead of a region lookup; through any other (the guest's table changed since) it
+/// looks its region up as usual. They serve the commonest accesses: an eager send's payload
+/// read, the placing of a message into a posted receive, and completions.
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Resolved {
+    table: Option<Arc<GuestMemoryMmap>>,
     payload: usize,
+    data: usize,
     comp: usize,
 }
 
-impl Clone for Resolved {
-    fn clone(&self) -> Self {
-        Resolved::default()
+impl Resolved {
+    /// `at` (one of ours) if it was resolved in `mem`.
+    #[inline]
+    fn in_table(&self, mem: &GuestMemoryMmap, at: usize) -> Option<usize> {
+        match &self.table {
+            Some(t) if at != 0 && std::ptr::eq(Arc::as_ptr(t), mem) => Some(at),
+            _ => None,
+        }
     }
 }
 
@@ -534,53 +542,73 @@ impl Req {
         }
     }
 
-    /// Whether every host address the parse resolved is that of its stream's first byte, and
-    /// how many were resolved.
+    /// Whether every host address the parse resolved is that of its stream's first byte in
+    /// the table it was resolved in, and how many of them an access through `mem` would use.
     #[cfg(test)]
     pub fn resolved_agree(&self, mem: &GuestMemoryMmap) -> (bool, usize) {
-        let check = |at: usize, s: &Segs| {
+        let r = &self.resolved;
+        let Some(table) = &r.table else {
+            return (true, 0);
+        };
+        let mut agree = true;
+        let mut usable = 0;
+        for (at, s) in [
+            (r.payload, &self.payload),
+            (r.data, &self.data),
+            (r.comp, &self.comp),
+        ] {
             let first = s
                 .segs
                 .first()
-                .and_then(|f| host_ptr(mem, f.addr, f.len as usize));
-            (
-                at == 0 || first == Some(at as *mut u8),
-                usize::from(at != 0),
-            )
-        };
-        let (p, np) = check(self.resolved.payload, &self.payload);
-        let (c, nc) = check(self.resolved.comp, &self.comp);
-        (p && c, np + nc)
+                .and_then(|f| host_ptr(table, f.addr, f.len as usize));
+            agree &= at == 0 || first == Some(at as *mut u8);
+            usable += usize::from(r.in_table(mem, at).is_some());
+        }
+        (agree, usable)
     }
 
     /// Read the first `buf.len()` bytes of the payload.
     #[inline]
     pub fn read_payload(&self, mem: &GuestMemoryMmap, buf: &mut [u8]) -> Result<(), MemFault> {
-        let at = self.resolved.payload;
-        if at != 0
-            && self
-                .payload
-                .segs
-                .first()
-                .is_some_and(|s| buf.len() as u64 <= u64::from(s.len))
-        {
-            // SAFETY: `at` is the host address of the payload's first segment in the memory
-            // table of the pass this request is being handled in (see `Resolved`), which keeps
-            // it mapped; the segment holds `buf.len()` bytes; `buf` is our own.
+        if let Some(at) = first_seg_at(
+            &self.resolved,
+            mem,
+            self.resolved.payload,
+            &self.payload,
+            buf.len(),
+        ) {
+            // SAFETY: `at` is the host address of the payload's first segment in `mem` (the
+            // table it was resolved in, which `mem` keeps mapped), and that segment holds
+            // `buf.len()` bytes; `buf` is our own.
             unsafe { guest_copy(buf.as_mut_ptr(), at as *const u8, buf.len()) };
             return Ok(());
         }
         self.payload.read_at(mem, 0, buf)
     }
 
+    /// Write `bytes` at the start of the data area.
+    #[inline]
+    pub fn write_data(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> Result<(), MemFault> {
+        if let Some(at) = first_seg_at(
+            &self.resolved,
+            mem,
+            self.resolved.data,
+            &self.data,
+            bytes.len(),
+        ) {
+            // SAFETY: as in `read_payload`, for the data area's first segment; `bytes` is ours.
+            unsafe { guest_copy(at as *mut u8, bytes.as_ptr(), bytes.len()) };
+            return Ok(());
+        }
+        self.data.write_at(mem, 0, bytes)
+    }
+
     /// Write `c` (a completion) into the completion area.
     #[inline]
     pub fn write_comp(&self, mem: &GuestMemoryMmap, c: &[u8]) -> Result<(), MemFault> {
-        let at = self.resolved.comp;
-        if at != 0 && c.len() <= COMPLETION_LEN {
-            // SAFETY: `at` is the host address of the completion area (one segment of
-            // COMPLETION_LEN bytes) in the memory table of the pass this request is being
-            // handled in (see `Resolved`), which keeps it mapped; `c` is our own.
+        if let Some(at) = first_seg_at(&self.resolved, mem, self.resolved.comp, &self.comp, c.len())
+        {
+            // SAFETY: as in `read_payload`, for the completion area; `c` is ours.
             unsafe { guest_copy(at as *mut u8, c.as_ptr(), c.len()) };
             return Ok(());
         }
@@ -599,10 +627,25 @@ impl Req {
             comp: Segs::default(),
             resolved: Resolved::default(),
         };
-        let mut kept = std::mem::replace(self, rest);
-        kept.resolved = Resolved::default();
-        kept
+        std::mem::replace(self, rest)
     }
+}
+
+/// Resolved address `at` of stream `s` if it was resolved in `mem` and `s`'s first segment
+/// holds `len` bytes.
+#[inline]
+fn first_seg_at(
+    r: &Resolved,
+    mem: &GuestMemoryMmap,
+    at: usize,
+    s: &Segs,
+    len: usize,
+) -> Option<usize> {
+    let first = s.segs.first()?;
+    if len as u64 > u64::from(first.len) {
+        return None;
+    }
+    r.in_table(mem, at)
 }
 
 /// What parsing made of a chain. Its streams (and, for a request, the header) are in the
@@ -953,7 +996,13 @@ pub(crate) fn parse_walked(
 /// ([`SimpleChain`]) into `out`: every check of [`parse_walked`] before the header holds for
 /// it by construction, so only the header is read and checked.
 #[inline(always)]
-fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req) -> Verdict {
+fn parse_simple(
+    mem: &Arc<GuestMemoryMmap>,
+    c: &SimpleChain<'_>,
+    limits: &Limits,
+    acked: u64,
+    out: &mut Req,
+) -> Verdict {
     let nr = usize::from(c.nr);
     let nw = usize::from(c.nw);
     // The walk guarantees 1..=2 of each and a last writable descriptor holding the completion.
@@ -963,6 +1012,7 @@ fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req)
         addr: last.addr.wrapping_add(u64::from(keep)),
         len: COMPLETION_LEN as u32,
     });
+    out.resolved.table = Some(mem.clone());
     out.resolved.comp = c.wr_host[nw - 1] as usize + keep as usize;
     // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
     // the header's when it is exactly 96 bytes, the completion's when exactly 64.
@@ -995,8 +1045,10 @@ fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req)
     if nw == 2 {
         out.data = Segs::one(c.wr[0]);
         out.data.push(tail);
+        out.resolved.data = c.wr_host[0] as usize;
     } else {
         out.data = Segs::one(tail);
+        out.resolved.data = if keep > 0 { c.wr_host[0] as usize } else { 0 };
     }
     let mut hdr = ReqHeader::default();
     // SAFETY: the walk found the whole first descriptor (at least REQ_HEADER_LEN bytes) at
@@ -1039,17 +1091,17 @@ pub(crate) enum Popped<'w, 'm> {
 /// name the chain.
 #[inline]
 pub(crate) fn parse_popped(
-    mem: &GuestMemoryMmap,
+    mem: &Arc<GuestMemoryMmap>,
     chain: Popped<'_, '_>,
     limits: &Limits,
     acked: u64,
     out: &mut Req,
 ) -> Verdict {
-    // Host addresses of the previous chain are not this one's.
+    // Host addresses of the previous chain are not this one's (nor is its table kept).
     out.resolved = Resolved::default();
     match chain {
         Popped::Walked(w, indirect) => parse_walked(mem, w, limits, acked, indirect, out),
-        Popped::Simple(c) => parse_simple(c, limits, acked, out),
+        Popped::Simple(c) => parse_simple(mem, c, limits, acked, out),
     }
 }
 
