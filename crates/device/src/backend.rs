@@ -35,7 +35,7 @@ use vmm_sys_util::event::{
 use crate::chain::{parse_popped, GuestMemoryMmap, Req, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::{Polled, Poller};
-use crate::ring::{RingState, RingView};
+use crate::ring::{avail_index, Ring, RingView};
 use crate::stats::Counters;
 use crate::xmem::PeerProcess;
 
@@ -52,7 +52,7 @@ pub(crate) struct VringSink {
     /// connection): set once, read without a lock.
     vrings: OnceLock<Vec<VringRwLock>>,
     /// Fast-path state of each ring (lock order: after the ring's `VringRwLock`).
-    rings: Vec<Mutex<RingState>>,
+    rings: Vec<Ring>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// Bumped on every memory-table change: ring views of older tables are rebuilt.
     mem_generation: AtomicU64,
@@ -64,9 +64,7 @@ impl VringSink {
     fn new(num_queues: usize, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
         Self {
             vrings: OnceLock::new(),
-            rings: (0..num_queues)
-                .map(|_| Mutex::new(RingState::default()))
-                .collect(),
+            rings: (0..num_queues).map(|_| Ring::default()).collect(),
             mem,
             mem_generation: AtomicU64::new(0),
             broken: AtomicBool::new(false),
@@ -84,41 +82,45 @@ impl VringSink {
         self.vrings.get().map_or(&[], Vec::as_slice)
     }
 
-    /// Run `f` on ring `q`'s next avail index and view, under the ring's `VringRwLock` (read:
-    /// the indices live in the ring's state, whose lock is taken next); `None` if the ring is
-    /// not running.
+    /// Run `f` on ring `q`'s next avail index and view, under the ring's `VringRwLock` (read)
+    /// and its state's lock; `None` if the ring is not running.
     fn with_ring<R>(
         &self,
         vr: &VringRwLock,
         q: usize,
         mem: Option<&Arc<GuestMemoryMmap>>,
-        f: impl FnOnce(&mut u16, &RingView) -> R,
+        f: impl FnOnce(u16, &RingView) -> R,
     ) -> Result<Option<R>, RingError> {
-        let Some(state) = self.rings.get(q) else {
+        let Some(ring) = self.rings.get(q) else {
             return Ok(None);
         };
         let st = vr.get_ref();
         if !st.is_enabled() || !st.get_queue().ready() {
             return Ok(None);
         }
-        let mut rs = lock(state);
+        let mut rs = lock(&ring.state);
         let generation = self.mem_generation.load(Ordering::Acquire);
-        let (view, next_avail) = rs.view_and_avail(generation, st.get_queue(), || {
+        let view = rs.view(ring, generation, st.get_queue(), || {
             mem.cloned()
                 .unwrap_or_else(|| self.mem.memory().into_inner())
         })?;
-        Ok(Some(f(next_avail, view)))
+        // Read after the view: building it may have taken the index from the ring's `Queue`.
+        Ok(Some(f(avail_index(ring.avail()), view)))
     }
 
-    /// Ring `q`'s view and next avail index for a pass (see [`RingState::view_for_pass`]);
-    /// `None` if the ring is not running.
+    /// Ring `q`'s avail word (index and epoch, see [`Ring::avail`]) for a pass, with `kept`
+    /// holding the view to pop through: the view an earlier pass kept, while the ring's epoch,
+    /// the memory table and the ring's configuration are unchanged (no lock of the ring's
+    /// state), else the ring's current view, taken under that lock. `None` if the ring is not
+    /// running.
     fn pass_view(
         &self,
         vr: &VringRwLock,
         q: usize,
         mem: &Arc<GuestMemoryMmap>,
-    ) -> Result<Option<(Arc<RingView>, u16)>, RingError> {
-        let Some(state) = self.rings.get(q) else {
+        kept: &mut Option<KeptView>,
+    ) -> Result<Option<u32>, RingError> {
+        let Some(ring) = self.rings.get(q) else {
             return Ok(None);
         };
         let st = vr.get_ref();
@@ -126,15 +128,31 @@ impl VringSink {
             return Ok(None);
         }
         let generation = self.mem_generation.load(Ordering::Acquire);
-        lock(state)
-            .view_for_pass(generation, st.get_queue(), || mem.clone())
-            .map(Some)
+        let seen = ring.avail();
+        if kept
+            .as_ref()
+            .is_some_and(|k| k.epoch == seen >> 16 && k.view.is_for(generation, st.get_queue()))
+        {
+            return Ok(Some(seen));
+        }
+        *kept = None;
+        let mut rs = lock(&ring.state);
+        let view = rs
+            .view(ring, generation, st.get_queue(), || mem.clone())?
+            .clone();
+        let seen = ring.avail();
+        *kept = Some(KeptView {
+            view,
+            epoch: seen >> 16,
+        });
+        Ok(Some(seen))
     }
 
-    /// A pass over ring `q` (through `view`) took the chains before avail index `next`.
-    fn set_next_avail(&self, q: usize, view: &RingView, next: u16) {
-        if let Some(state) = self.rings.get(q) {
-            lock(state).set_next_avail(view, next);
+    /// A pass over ring `q` that started from avail word `seen` took the chains before avail
+    /// index `next` (dropped if the ring's indices were reset meanwhile).
+    fn set_next_avail(&self, q: usize, seen: u32, next: u16) {
+        if let Some(ring) = self.rings.get(q) {
+            ring.set_next_avail(seen, next);
         }
     }
 
@@ -142,13 +160,13 @@ impl VringSink {
     /// to a stopped ring too: a ring being stopped gets its cancelled requests back).
     fn build_view(&self, q: usize) -> Result<(), RingError> {
         let v = self.rings_list();
-        let (Some(vr), Some(state)) = (v.get(q), self.rings.get(q)) else {
+        let (Some(vr), Some(ring)) = (v.get(q), self.rings.get(q)) else {
             return Err(RingError::Invalid);
         };
         let st = vr.get_ref();
         let generation = self.mem_generation.load(Ordering::Acquire);
-        lock(state)
-            .view(generation, st.get_queue(), || {
+        lock(&ring.state)
+            .view(ring, generation, st.get_queue(), || {
                 self.mem.memory().into_inner()
             })
             .map(|_| ())
@@ -156,8 +174,8 @@ impl VringSink {
 
     /// The device was reset: every ring's next use re-reads its configuration and indices.
     fn forget_rings(&self) {
-        for state in &self.rings {
-            lock(state).forget();
+        for ring in &self.rings {
+            lock(&ring.state).forget(ring);
         }
     }
 
@@ -165,9 +183,9 @@ impl VringSink {
     /// again, so the next use re-reads it.
     fn stop_ring(&self, q: usize) {
         let v = self.rings_list();
-        if let (Some(vr), Some(state)) = (v.get(q), self.rings.get(q)) {
+        if let (Some(vr), Some(ring)) = (v.get(q), self.rings.get(q)) {
             let mut st = vr.get_mut();
-            lock(state).reset(st.get_queue_mut());
+            lock(&ring.state).reset(ring, st.get_queue_mut());
         }
     }
 }
@@ -176,17 +194,17 @@ impl CompletionSink for VringSink {
     #[inline]
     fn publish(&self, queue: u16, used: &[(u16, u32)]) {
         let q = usize::from(queue);
-        let Some(state) = self.rings.get(q) else {
+        let Some(ring) = self.rings.get(q) else {
             warn!(queue, "completions for an unknown queue dropped");
             return;
         };
         let generation = self.mem_generation.load(Ordering::Acquire);
         // The fast path takes only the ring's state lock; the first completion after a
         // (re)configuration builds the view under the ring's VringRwLock.
-        let mut notify = lock(state).publish(generation, used);
+        let mut notify = lock(&ring.state).publish(generation, used);
         if notify.is_none() {
             match self.build_view(q) {
-                Ok(()) => notify = lock(state).publish(generation, used),
+                Ok(()) => notify = lock(&ring.state).publish(generation, used),
                 Err(e) => warn!(queue, "used ring not writable: {e}"),
             }
         }
@@ -292,6 +310,17 @@ struct PassState {
     port: Option<(Arc<Port>, u64)>,
     /// The request each chain is parsed into and handed to the fabric from.
     slot: Req,
+    /// Per queue, the ring view the last pass popped through, so the next one takes no lock of
+    /// the ring's state while it still applies ([`VringSink::pass_view`]). Dropped with `mem`
+    /// on control-path changes, so no old table is kept mapped through it.
+    views: Vec<Option<KeptView>>,
+}
+
+/// A ring view a pass keeps for the next pass over that ring.
+struct KeptView {
+    view: Arc<RingView>,
+    /// The epoch of the ring's avail word it was taken under ([`Ring::avail`]).
+    epoch: u32,
 }
 
 /// The vhost-user backend of one device connection.
@@ -362,6 +391,7 @@ impl FabricBackend {
                 mem: None,
                 port: None,
                 slot: Req::blank(0, 0),
+                views: (0..num_queues).map(|_| None).collect(),
             }),
             control_waiting: AtomicUsize::new(0),
             regions: Mutex::new(Vec::new()),
@@ -504,7 +534,12 @@ impl FabricBackend {
     ) -> (bool, bool) {
         let rearm = only.is_some();
         let (mut found, mut more) = (false, false);
-        let PassState { mem, port, slot } = work;
+        let PassState {
+            mem,
+            port,
+            slot,
+            views,
+        } = work;
         let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
         let limits = self.fabric.limits();
@@ -524,7 +559,7 @@ impl FabricBackend {
             let mut max = BATCH;
             if q == 0 {
                 let announced = self.sink.with_ring(vr, 0, Some(mem), |next_avail, view| {
-                    view.avail_idx().wrapping_sub(*next_avail)
+                    view.avail_idx().wrapping_sub(next_avail)
                 });
                 let announced = match announced {
                     Ok(Some(k)) if k > 0 => k,
@@ -537,14 +572,21 @@ impl FabricBackend {
                 }
                 max = max.min(usize::from(announced));
             }
-            let (view, mut next_avail) = match self.sink.pass_view(vr, q, mem) {
-                Ok(Some(v)) => v,
+            let Some(kept) = views.get_mut(q) else {
+                continue;
+            };
+            let seen = match self.sink.pass_view(vr, q, mem, kept) {
+                Ok(Some(seen)) => seen,
                 Ok(None) => continue,
                 Err(e) => {
                     self.ring_error(q, &e);
                     return (found, false);
                 }
             };
+            let Some(KeptView { view, .. }) = kept.as_ref() else {
+                continue;
+            };
+            let mut next_avail = avail_index(seen);
             // Each chain is parsed into the slot and handed to the fabric at once, without the
             // ring's lock (its completions take it): nothing is moved or batched per request.
             slot.queue = q as u16;
@@ -570,7 +612,7 @@ impl FabricBackend {
                     return (found, false);
                 }
             };
-            self.sink.set_next_avail(q, &view, next_avail);
+            self.sink.set_next_avail(q, seen, next_avail);
             let arrived = rearm && k < max && view.set_notification(next_avail, true);
             more |= k == BATCH || arrived;
             found |= k > 0;
@@ -608,7 +650,7 @@ impl FabricBackend {
             matches!(
                 self.sink
                     .with_ring(vr, first + i, Some(mem), |next_avail, view| {
-                        view.avail_idx() != *next_avail
+                        view.avail_idx() != next_avail
                     }),
                 Ok(Some(true))
             )
@@ -619,7 +661,7 @@ impl FabricBackend {
         let mut more = false;
         for (q, vr) in vrings.iter().enumerate() {
             match self.sink.with_ring(vr, q, None, |next_avail, view| {
-                view.set_notification(*next_avail, enable)
+                view.set_notification(next_avail, enable)
             }) {
                 Ok(m) => more |= m.unwrap_or(false),
                 Err(e) => {
@@ -813,7 +855,8 @@ impl VhostUserBackend for FabricBackend {
     }
 
     fn reset_device(&self) {
-        let _work = self.control_lock();
+        let mut work = self.control_lock();
+        work.views.fill_with(|| None);
         info!(dev = self.dev, "device reset");
         self.acked.store(0, Ordering::Release);
         let mut n = Notify::default();
@@ -854,8 +897,9 @@ impl VhostUserBackend for FabricBackend {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         let mut work = self.control_lock();
-        // The next pass loads the new table.
+        // The next pass loads the new table (and the ring views of it).
         work.mem = None;
+        work.views.fill_with(|| None);
         if let Err(why) = check_backing(&mem.memory()) {
             // Touching a page past the end of a region's file would kill the whole daemon with
             // SIGBUS: refuse the table and drop this guest before anything uses it.
@@ -895,7 +939,10 @@ impl VhostUserBackend for FabricBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        let _work = self.control_lock();
+        let mut work = self.control_lock();
+        if let Some(kept) = work.views.get_mut(queue_index as usize) {
+            *kept = None;
+        }
         let mut n = Notify::default();
         if let Ok(q) = u16::try_from(queue_index) {
             self.fabric.stop_queue(self.dev, q, &mut n);

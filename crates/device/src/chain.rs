@@ -16,6 +16,7 @@
 
 #[cfg(test)]
 use std::ops::Deref;
+use std::sync::Arc;
 
 use smallvec::SmallVec;
 
@@ -488,7 +489,43 @@ pub(crate) struct Req {
     pub data: Segs,
     /// The last 64 writable bytes.
     pub comp: Segs,
+    /// Host addresses the parse resolved, with the memory table they lie in.
+    pub resolved: Resolved,
 }
+
+/// Host addresses of a request's payload start, data area start and completion area as the
+/// ring's walk resolved them (0: not resolved), with the memory table they lie in, held (so
+/// its mappings stay alive as long as the request). An access through that same table uses
+/// them instead of a region lookup; through any other (the guest's table changed since) it
+/// looks its region up as usual. They serve the commonest accesses: an eager send's payload
+/// read, the placing of a message into a posted receive, and completions.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Resolved {
+    table: Option<Arc<GuestMemoryMmap>>,
+    payload: usize,
+    data: usize,
+    comp: usize,
+}
+
+impl Resolved {
+    /// `at` (one of ours) if it was resolved in `mem`.
+    #[inline]
+    fn in_table(&self, mem: &GuestMemoryMmap, at: usize) -> Option<usize> {
+        match &self.table {
+            Some(t) if at != 0 && std::ptr::eq(Arc::as_ptr(t), mem) => Some(at),
+            _ => None,
+        }
+    }
+}
+
+impl PartialEq for Resolved {
+    /// Host addresses are a cache, not part of a request's value.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Resolved {}
 
 impl Req {
     /// A request of chain `head` of virtqueue `queue` with no streams yet (the slot a chain is
@@ -501,7 +538,81 @@ impl Req {
             payload: Segs::default(),
             data: Segs::default(),
             comp: Segs::default(),
+            resolved: Resolved::default(),
         }
+    }
+
+    /// Whether every host address the parse resolved is that of its stream's first byte in
+    /// the table it was resolved in, and how many of them an access through `mem` would use.
+    #[cfg(test)]
+    pub fn resolved_agree(&self, mem: &GuestMemoryMmap) -> (bool, usize) {
+        let r = &self.resolved;
+        let Some(table) = &r.table else {
+            return (true, 0);
+        };
+        let mut agree = true;
+        let mut usable = 0;
+        for (at, s) in [
+            (r.payload, &self.payload),
+            (r.data, &self.data),
+            (r.comp, &self.comp),
+        ] {
+            let first = s
+                .segs
+                .first()
+                .and_then(|f| host_ptr(table, f.addr, f.len as usize));
+            agree &= at == 0 || first == Some(at as *mut u8);
+            usable += usize::from(r.in_table(mem, at).is_some());
+        }
+        (agree, usable)
+    }
+
+    /// Read the first `buf.len()` bytes of the payload.
+    #[inline]
+    pub fn read_payload(&self, mem: &GuestMemoryMmap, buf: &mut [u8]) -> Result<(), MemFault> {
+        if let Some(at) = first_seg_at(
+            &self.resolved,
+            mem,
+            self.resolved.payload,
+            &self.payload,
+            buf.len(),
+        ) {
+            // SAFETY: `at` is the host address of the payload's first segment in `mem` (the
+            // table it was resolved in, which `mem` keeps mapped), and that segment holds
+            // `buf.len()` bytes; `buf` is our own.
+            unsafe { guest_copy(buf.as_mut_ptr(), at as *const u8, buf.len()) };
+            return Ok(());
+        }
+        self.payload.read_at(mem, 0, buf)
+    }
+
+    /// Write `bytes` at the start of the data area.
+    #[inline]
+    pub fn write_data(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> Result<(), MemFault> {
+        if let Some(at) = first_seg_at(
+            &self.resolved,
+            mem,
+            self.resolved.data,
+            &self.data,
+            bytes.len(),
+        ) {
+            // SAFETY: as in `read_payload`, for the data area's first segment; `bytes` is ours.
+            unsafe { guest_copy(at as *mut u8, bytes.as_ptr(), bytes.len()) };
+            return Ok(());
+        }
+        self.data.write_at(mem, 0, bytes)
+    }
+
+    /// Write `c` (a completion) into the completion area.
+    #[inline]
+    pub fn write_comp(&self, mem: &GuestMemoryMmap, c: &[u8]) -> Result<(), MemFault> {
+        if let Some(at) = first_seg_at(&self.resolved, mem, self.resolved.comp, &self.comp, c.len())
+        {
+            // SAFETY: as in `read_payload`, for the completion area; `c` is ours.
+            unsafe { guest_copy(at as *mut u8, c.as_ptr(), c.len()) };
+            return Ok(());
+        }
+        self.comp.write_at(mem, 0, c)
     }
 
     /// Move the request out of `self`, leaving its header and no streams behind: a handler
@@ -514,9 +625,27 @@ impl Req {
             payload: Segs::default(),
             data: Segs::default(),
             comp: Segs::default(),
+            resolved: Resolved::default(),
         };
         std::mem::replace(self, rest)
     }
+}
+
+/// Resolved address `at` of stream `s` if it was resolved in `mem` and `s`'s first segment
+/// holds `len` bytes.
+#[inline]
+fn first_seg_at(
+    r: &Resolved,
+    mem: &GuestMemoryMmap,
+    at: usize,
+    s: &Segs,
+    len: usize,
+) -> Option<usize> {
+    let first = s.segs.first()?;
+    if len as u64 > u64::from(first.len) {
+        return None;
+    }
+    r.in_table(mem, at)
 }
 
 /// What parsing made of a chain. Its streams (and, for a request, the header) are in the
@@ -867,7 +996,13 @@ pub(crate) fn parse_walked(
 /// ([`SimpleChain`]) into `out`: every check of [`parse_walked`] before the header holds for
 /// it by construction, so only the header is read and checked.
 #[inline(always)]
-fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req) -> Verdict {
+fn parse_simple(
+    mem: &Arc<GuestMemoryMmap>,
+    c: &SimpleChain<'_>,
+    limits: &Limits,
+    acked: u64,
+    out: &mut Req,
+) -> Verdict {
     let nr = usize::from(c.nr);
     let nw = usize::from(c.nw);
     // The walk guarantees 1..=2 of each and a last writable descriptor holding the completion.
@@ -877,6 +1012,8 @@ fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req)
         addr: last.addr.wrapping_add(u64::from(keep)),
         len: COMPLETION_LEN as u32,
     });
+    out.resolved.table = Some(mem.clone());
+    out.resolved.comp = c.wr_host[nw - 1] as usize + keep as usize;
     // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
     // the header's when it is exactly 96 bytes, the completion's when exactly 64.
     let count = nr + nw;
@@ -891,6 +1028,13 @@ fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req)
         addr: c.rd[0].addr.wrapping_add(REQ_HEADER_LEN as u64),
         len: c.rd[0].len - REQ_HEADER_LEN as u32,
     });
+    out.resolved.payload = if out.payload.len > 0 {
+        c.header as usize + REQ_HEADER_LEN
+    } else if nr == 2 {
+        c.rd_host[1] as usize
+    } else {
+        0
+    };
     if nr == 2 {
         out.payload.push(c.rd[1]);
     }
@@ -901,8 +1045,10 @@ fn parse_simple(c: &SimpleChain<'_>, limits: &Limits, acked: u64, out: &mut Req)
     if nw == 2 {
         out.data = Segs::one(c.wr[0]);
         out.data.push(tail);
+        out.resolved.data = c.wr_host[0] as usize;
     } else {
         out.data = Segs::one(tail);
+        out.resolved.data = if keep > 0 { c.wr_host[0] as usize } else { 0 };
     }
     let mut hdr = ReqHeader::default();
     // SAFETY: the walk found the whole first descriptor (at least REQ_HEADER_LEN bytes) at
@@ -921,9 +1067,13 @@ pub(crate) struct SimpleChain<'m> {
     pub header: *const u8,
     /// The readable descriptors (`nr` of them, 1 or 2; the first holds the header).
     pub rd: [Seg; 2],
+    /// Their host addresses.
+    pub rd_host: [*const u8; 2],
     pub nr: u8,
     /// The writable descriptors (`nw` of them, 1 or 2; the last holds the completion).
     pub wr: [Seg; 2],
+    /// Their host addresses.
+    pub wr_host: [*mut u8; 2],
     pub nw: u8,
     /// The memory table `header` points into.
     pub mem: std::marker::PhantomData<&'m GuestMemoryMmap>,
@@ -941,15 +1091,17 @@ pub(crate) enum Popped<'w, 'm> {
 /// name the chain.
 #[inline]
 pub(crate) fn parse_popped(
-    mem: &GuestMemoryMmap,
+    mem: &Arc<GuestMemoryMmap>,
     chain: Popped<'_, '_>,
     limits: &Limits,
     acked: u64,
     out: &mut Req,
 ) -> Verdict {
+    // Host addresses of the previous chain are not this one's (nor is its table kept).
+    out.resolved = Resolved::default();
     match chain {
         Popped::Walked(w, indirect) => parse_walked(mem, w, limits, acked, indirect, out),
-        Popped::Simple(c) => parse_simple(c, limits, acked, out),
+        Popped::Simple(c) => parse_simple(mem, c, limits, acked, out),
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! virtio-queue's `Queue` (inside vhost-user-backend's `VringRwLock`) stays the owner of a
 //! ring's configuration and indices — vhost-user-backend reads and sets them on SET_VRING_* and
-//! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`RingState`] (so a
+//! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`Ring`] (so a
 //! pass holds the `VringRwLock` only for reading, and never blocks a peer's notification); they
 //! go back to the `Queue` when the ring stops, before GET_VRING_BASE reads them (and are
 //! forgotten on RESET_DEVICE, the frontend setting them anew). What this module replaces is the
@@ -18,7 +18,7 @@
 //! `next` indices are range-checked, walks are bounded by the table size.
 
 use std::num::Wrapping;
-use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vfabric_proto::{COMPLETION_LEN, REQ_HEADER_LEN};
@@ -93,14 +93,6 @@ impl RingView {
             used,
             event_idx: q.event_idx_enabled(),
         })
-    }
-
-    /// Whether this view and `other` are of the same ring parts.
-    fn same_parts(&self, other: &RingView) -> bool {
-        self.size == other.size
-            && self.desc_gpa == other.desc_gpa
-            && self.avail_gpa == other.avail_gpa
-            && self.used_gpa == other.used_gpa
     }
 
     /// Whether this view is of the same ring parts as `q` describes.
@@ -283,6 +275,8 @@ impl RingView {
         const NONE: Seg = Seg { addr: 0, len: 0 };
         let (mut rd, mut nr) = ([NONE; 2], 0usize);
         let (mut wr, mut nw) = ([NONE; 2], 0usize);
+        let mut rd_host = [std::ptr::null(); 2];
+        let mut wr_host = [std::ptr::null_mut(); 2];
         let mut header: *const u8 = std::ptr::null();
         let mut total = 0u64;
         let mut i = head;
@@ -304,6 +298,7 @@ impl RingView {
             let seg = Seg { addr, len };
             if flags & VIRTQ_DESC_F_WRITE != 0 {
                 *wr.get_mut(nw)? = seg;
+                *wr_host.get_mut(nw)? = host;
                 nw += 1;
             } else {
                 // Readable after writable, or a third readable: the general walk.
@@ -317,6 +312,7 @@ impl RingView {
                     header = host;
                 }
                 *rd.get_mut(nr)? = seg;
+                *rd_host.get_mut(nr)? = host as *const u8;
                 nr += 1;
             }
             k += 1;
@@ -336,8 +332,10 @@ impl RingView {
         Some(SimpleChain {
             header,
             rd,
+            rd_host,
             nr: nr as u8,
             wr,
+            wr_host,
             nw: nw as u8,
             mem: std::marker::PhantomData,
         })
@@ -427,78 +425,89 @@ impl RingView {
     }
 }
 
-/// A ring's fast-path state: its view, the avail and used indices (kept here so that passes
-/// take the ring's `VringRwLock` only for reading and completions not at all; they go back to
-/// the `Queue` when the ring stops), and the used index at the last notification decision.
+/// A ring's fast-path state: its view, the used index (kept here so that passes take the
+/// ring's `VringRwLock` only for reading and completions not at all; it goes back to the
+/// `Queue` when the ring stops), and the used index at the last notification decision. The
+/// avail index lives beside it, in [`Ring::avail`].
 #[derive(Default)]
 pub(crate) struct RingState {
     /// Shared with a pass in progress, which pops and hands its chains to the fabric without
     /// this state's lock (their completions take it).
     view: Option<Arc<RingView>>,
-    next_avail: u16,
     next_used: u16,
     /// `next_used` when the driver was last considered for a notification.
     notified_upto: u16,
 }
 
-impl RingState {
-    /// The view of `q` for memory-table `generation` (`mem` loads that table), rebuilt if the
-    /// table, the ring's addresses or its features changed. A rebuilt view takes the used index
-    /// from `q` (vhost-user-backend sets it when the ring is configured).
-    pub fn view(
-        &mut self,
-        generation: u64,
-        q: &Queue,
-        mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
-    ) -> Result<&RingView, RingError> {
-        self.view_and_avail(generation, q, mem).map(|(v, _)| v)
+/// One ring's fast-path state and its avail position.
+#[derive(Default)]
+pub(crate) struct Ring {
+    pub state: std::sync::Mutex<RingState>,
+    /// The next avail index (low 16 bits) and the epoch of the ring's indices (high 16 bits),
+    /// outside the state's lock: only passes advance the index, one at a time (the pass lock),
+    /// with a compare-and-swap that fails once the epoch moved on. The epoch moves (under the
+    /// state's lock) whenever the index is taken from the ring's `Queue` again or handed back
+    /// to it (or forgotten): a pass that overlapped that drops its index, and the view a pass
+    /// keeps between passes is looked up again.
+    avail: AtomicU32,
+}
+
+/// `avail` with the epoch moved on and the index set to `idx`.
+fn restart(avail: &AtomicU32, idx: u16) {
+    let _ = avail.fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+        Some(((a >> 16).wrapping_add(1) << 16) | u32::from(idx))
+    });
+}
+
+/// The avail index part of an [`Ring::avail`] word.
+pub(crate) fn avail_index(word: u32) -> u16 {
+    word as u16
+}
+
+impl Ring {
+    /// The next avail index and its epoch (see [`Ring::avail`]).
+    pub fn avail(&self) -> u32 {
+        self.avail.load(Ordering::Acquire)
     }
 
-    /// [`RingState::view`] and the ring's next avail index (which the view's `pop` advances).
-    pub fn view_and_avail(
+    /// A pass that started from `seen` (a [`Ring::avail`] word) took the chains before avail
+    /// index `next`. Dropped (`false`) if the ring's indices were reset or taken from its
+    /// `Queue` again meanwhile.
+    pub fn set_next_avail(&self, seen: u32, next: u16) -> bool {
+        let new = (seen & 0xffff_0000) | u32::from(next);
+        self.avail
+            .compare_exchange(seen, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+impl RingState {
+    /// The view of `q` for memory-table `generation` (`mem` loads that table), rebuilt if the
+    /// table, the ring's addresses or its features changed. A rebuilt view of a ring configured
+    /// anew takes the avail and used indices from `q` (vhost-user-backend sets them when the
+    /// ring is configured).
+    pub fn view(
         &mut self,
+        avail: &Ring,
         generation: u64,
         q: &Queue,
         mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
-    ) -> Result<(&RingView, &mut u16), RingError> {
+    ) -> Result<&Arc<RingView>, RingError> {
         let fresh = self.view.as_ref().is_some_and(|v| v.is_for(generation, q));
         if !fresh {
-            // Same ring in a new memory table (or with new features): our used index goes on.
-            // A ring configured anew starts from the index vhost-user-backend read from it.
+            // Same ring in a new memory table (or with new features): our indices go on.
+            // A ring configured anew starts from the indices vhost-user-backend read from it.
             let same_ring = self.view.as_ref().is_some_and(|v| v.same_ring(q));
             self.view = None;
             let view = RingView::build(mem(), generation, q)?;
             if !same_ring {
-                self.next_avail = q.next_avail();
+                restart(&avail.avail, q.next_avail());
                 self.next_used = q.next_used();
                 self.notified_upto = self.next_used;
             }
             self.view = Some(Arc::new(view));
         }
-        let view = self.view.as_deref().ok_or(RingError::Invalid)?;
-        Ok((view, &mut self.next_avail))
-    }
-
-    /// [`RingState::view_and_avail`] for a pass: the view shared (the pass pops without this
-    /// lock) and a copy of the next avail index, which the pass hands back with
-    /// [`RingState::set_next_avail`]. Only passes advance it, one at a time (the pass lock).
-    pub fn view_for_pass(
-        &mut self,
-        generation: u64,
-        q: &Queue,
-        mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
-    ) -> Result<(Arc<RingView>, u16), RingError> {
-        self.view_and_avail(generation, q, mem)?;
-        let view = self.view.clone().ok_or(RingError::Invalid)?;
-        Ok((view, self.next_avail))
-    }
-
-    /// A pass over `view` took the chains before avail index `next`. Dropped if the ring was
-    /// stopped or configured anew meanwhile (its indices come from its `Queue` then).
-    pub fn set_next_avail(&mut self, view: &RingView, next: u16) {
-        if self.view.as_ref().is_some_and(|v| v.same_parts(view)) {
-            self.next_avail = next;
-        }
+        self.view.as_ref().ok_or(RingError::Invalid)
     }
 
     /// Publish used elements through the current view, if it was built for memory-table
@@ -518,17 +527,45 @@ impl RingState {
 
     /// The device was reset: forget the view and the indices without handing them back (the
     /// frontend sets the ring up again, from new indices, before it runs).
-    pub fn forget(&mut self) {
+    pub fn forget(&mut self, avail: &Ring) {
         self.view = None;
+        restart(&avail.avail, avail_index(avail.avail()));
     }
 
     /// The ring is being stopped: hand the avail and used indices back to its `Queue` (where
     /// GET_VRING_BASE reads them) and forget the view, so that the next use re-reads the ring's
     /// configuration (and indices) from it.
-    pub fn reset(&mut self, q: &mut Queue) {
+    pub fn reset(&mut self, avail: &Ring, q: &mut Queue) {
+        let idx = avail_index(avail.avail());
         if self.view.take().is_some() {
-            q.set_next_avail(self.next_avail);
+            q.set_next_avail(idx);
             q.set_next_used(self.next_used);
         }
+        restart(&avail.avail, idx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_that_overlapped_a_restart_drops_its_index() {
+        let ring = Ring::default();
+        let seen = ring.avail();
+        // The ring is stopped (or configured anew) while the pass pops: its index is the
+        // Queue's from then on, and the pass's is dropped.
+        restart(&ring.avail, 7);
+        assert!(!ring.set_next_avail(seen, 3));
+        assert_eq!(avail_index(ring.avail()), 7);
+        // A pass from the new epoch hands its index back.
+        let seen = ring.avail();
+        assert!(ring.set_next_avail(seen, 9));
+        assert_eq!(avail_index(ring.avail()), 9);
+        // A reset forgets the index without moving it, but a pass that overlapped it is dropped.
+        let seen = ring.avail();
+        RingState::default().forget(&ring);
+        assert!(!ring.set_next_avail(seen, 12));
+        assert_eq!(avail_index(ring.avail()), 9);
     }
 }

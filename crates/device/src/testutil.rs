@@ -166,6 +166,7 @@ impl World {
                 addr: comp,
                 len: 64,
             }]),
+            resolved: Default::default(),
         };
         let mut n = Notify::default();
         self.fabric

@@ -788,7 +788,21 @@ fn simple_chains_parse_as_the_general_walk() {
                 slot.head = head;
                 let v =
                     crate::chain::parse_popped(&mem, chain, &rig.limits, ALL_FEATURES, &mut slot);
-                fast.push(Parsed::new(slot.clone(), v));
+                // Host addresses the walk resolved are those of the streams' first bytes (the
+                // completion's at least, on the fast path), used through that table only.
+                let (agree, usable) = slot.resolved_agree(&mem);
+                assert!(agree, "case {i}: resolved host addresses");
+                assert_eq!(usable > 0, *simple, "case {i}");
+                let other = Arc::new(rig.mem().clone());
+                assert_eq!(
+                    slot.resolved_agree(&other),
+                    (true, 0),
+                    "case {i}: other table"
+                );
+                let kept = slot.take();
+                assert_eq!(kept.resolved_agree(&mem), (true, usable), "case {i}: taken");
+                assert_eq!(slot.resolved_agree(&mem).1, 0, "case {i}: slot after take");
+                fast.push(Parsed::new(kept, v));
             })
             .unwrap();
             let mut slow_q: Queue = vq.create_queue().unwrap();
@@ -890,6 +904,8 @@ mod hostile {
             let fast_res = view.pop(&mut fast_next, &mem, 64, |head, chain| {
                 slot.head = head;
                 let v = crate::chain::parse_popped(&mem, chain, &rig.limits, acked, &mut slot);
+                // Resolved host addresses are those of the streams' first bytes.
+                assert!(slot.resolved_agree(&mem).0);
                 fast.push(Parsed::new(slot.clone(), v));
             });
             fast_q.set_next_avail(fast_next);

@@ -127,6 +127,7 @@ impl Fabric {
                         payload: Default::default(),
                         data: Default::default(),
                         comp: Default::default(),
+                        resolved: Default::default(),
                     };
                     if self.fence_blocked(dev, &probe) {
                         break;

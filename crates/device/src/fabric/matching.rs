@@ -102,7 +102,7 @@ impl Fabric {
                 }
             };
             let buf = &mut early_buf[..meta.len as usize];
-            if req.payload.read_at(m, 0, buf).is_err() {
+            if req.read_payload(m, buf).is_err() {
                 return self.fail(dev, port, req, Status::Fault, n);
             }
             early = Some(buf);
@@ -224,7 +224,7 @@ impl Fabric {
         let placed = meta.len.min(rv.data.len);
         let bytes = buf.get(..placed as usize).unwrap_or(buf);
         let rmem = rport.mem.memory();
-        if rv.data.write_at(&rmem, 0, bytes).is_err() {
+        if rv.write_data(&rmem, bytes).is_err() {
             drop(rmem);
             self.fail(rdev, rport, rv, Status::Fault, n);
             // The message is not lost: try the next receive (or queue it).
@@ -344,7 +344,7 @@ impl Fabric {
             Body::Eager(buf) => {
                 let placed = m.meta.len.min(rreq.data.len);
                 let bytes = buf.get(..placed as usize).unwrap_or(&buf);
-                if rreq.data.write_at(&rport.mem.memory(), 0, bytes).is_err() {
+                if rreq.write_data(&rport.mem.memory(), bytes).is_err() {
                     // The receiver's memory faulted: the message stays queued for the next one.
                     self.fail(rdev, rport, &rreq, Status::Fault, n);
                     return Delivered::Requeue(Msg {
@@ -366,7 +366,7 @@ impl Fabric {
                 };
                 let placed = m.meta.len.min(rreq.data.len);
                 let bytes = buf.get(..placed as usize).unwrap_or(buf);
-                if rreq.data.write_at(&rport.mem.memory(), 0, bytes).is_err() {
+                if rreq.write_data(&rport.mem.memory(), bytes).is_err() {
                     self.fail(rdev, rport, &rreq, Status::Fault, n);
                     return Delivered::Requeue(Msg {
                         body: Body::Remote(held),

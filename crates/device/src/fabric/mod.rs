@@ -49,7 +49,7 @@ use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 
 #[cfg(test)]
 use crate::chain::Parsed;
-use crate::chain::{completion, GuestMemoryMmap, Req, Segs, Verdict};
+use crate::chain::{completion, GuestMemoryMmap, Req, Verdict};
 use crate::config::{Config, Limits, VendorAttr};
 use crate::stats::Counters;
 
@@ -509,7 +509,7 @@ impl Fabric {
             Verdict::Reject { status, cookie } => {
                 debug!(dev, req.queue, req.head, ?status, "request rejected");
                 let c = completion(status, cookie);
-                self.finish_in(dev, port, mem, req.queue, req.head, &req.comp, &c, 0, n);
+                self.finish_in(dev, port, mem, req, &c, 0, n);
             }
             Verdict::Unusable(why) => {
                 debug!(
@@ -551,31 +551,18 @@ impl Fabric {
         n.flush();
     }
 
-    /// Write completion `c` of a chain of `dev` and put the chain in its used ring.
-    #[allow(clippy::too_many_arguments)]
+    /// Write completion `c` of request `r` of `dev` and put its chain in its used ring.
     #[inline]
     fn finish(
         &self,
         dev: usize,
         port: &Port,
-        queue: u16,
-        head: u16,
-        comp: &Segs,
+        r: &Req,
         c: &Completion,
         written: u64,
         n: &mut Notify,
     ) {
-        self.finish_in(
-            dev,
-            port,
-            &port.mem.memory(),
-            queue,
-            head,
-            comp,
-            c,
-            written,
-            n,
-        );
+        self.finish_in(dev, port, &port.mem.memory(), r, c, written, n);
     }
 
     /// [`Fabric::finish`] with `port`'s guest memory already loaded (`mem`): a caller that
@@ -587,9 +574,7 @@ impl Fabric {
         dev: usize,
         port: &Port,
         mem: &GuestMemoryMmap,
-        queue: u16,
-        head: u16,
-        comp: &Segs,
+        r: &Req,
         c: &Completion,
         written: u64,
         n: &mut Notify,
@@ -597,7 +582,7 @@ impl Fabric {
         let counters = self.counters.get(dev);
         let status = u32::from(c.status);
         let used = {
-            match comp.write_at(mem, 0, c.as_slice()) {
+            match r.write_comp(mem, c.as_slice()) {
                 Ok(()) => written
                     .saturating_add(COMPLETION_LEN as u64)
                     .min(u64::from(u32::MAX)) as u32,
@@ -610,12 +595,12 @@ impl Fabric {
                 Counters::inc(&cn.bad_chains);
             }
         }
-        n.complete(&port.sink, queue, head, used);
+        n.complete(&port.sink, r.queue, r.head, used);
     }
 
     #[inline]
     fn done(&self, dev: usize, port: &Port, r: &Req, c: &Completion, written: u64, n: &mut Notify) {
-        self.finish(dev, port, r.queue, r.head, &r.comp, c, written, n);
+        self.finish(dev, port, r, c, written, n);
     }
 
     /// [`Fabric::done`] with `port`'s guest memory already loaded, if the caller has it.
@@ -633,7 +618,7 @@ impl Fabric {
     ) {
         match mem {
             Some(mem) => {
-                self.finish_in(dev, port, mem, r.queue, r.head, &r.comp, c, written, n);
+                self.finish_in(dev, port, mem, r, c, written, n);
             }
             None => self.done(dev, port, r, c, written, n),
         }
