@@ -1528,6 +1528,109 @@ fn large_sends_and_writes_are_read_from_guest_memory_with_no_staging_copy() {
     );
 }
 
+/// A buffer of `g` per range of `ranges` (as [`ranges_of`]) holding, range after range, the
+/// bytes of `pattern(seed, total)`; and those bytes.
+fn filled_ranges(
+    g: &Guest,
+    ranges: &[(usize, usize)],
+    seed: u32,
+) -> (Vec<vfabric::SharedBuf>, Vec<u8>) {
+    let want = pattern(seed, ranges.iter().map(|r| r.1).sum());
+    let mut bufs = ranges_of(g, ranges);
+    let mut at = 0;
+    for (buf, &(off, len)) in bufs.iter_mut().zip(ranges) {
+        buf.get_mut().unwrap()[off..off + len].copy_from_slice(&want[at..at + len]);
+        at += len;
+    }
+    (bufs, want)
+}
+
+/// Large sends and RMA writes whose bytes are in several guest buffers (2 to 4, at unaligned
+/// offsets, one of a single byte) leave the sender's daemon with no copy either: its RDV_DATA
+/// names each range as a source and the target reads them all with one read. Every byte
+/// checked; host 1 counts every byte as read from guest memory, none as staged (before an
+/// RDV_DATA named several sources, it staged them all).
+#[test]
+fn large_sends_and_writes_from_several_guest_buffers_are_read_with_no_staging_copy() {
+    use vfabric::{Iov, Msg, RmaIov, RmaMsg};
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    // (offset, length) of each of a request's source ranges.
+    let requests: [&[(usize, usize)]; 3] = [
+        &[(3, 100_000), (4093, 200_000)],
+        &[(1, 5000), (17, 1 << 20), (0, 40_000)],
+        &[(4095, 30_000), (8, 1), (100, 500_000), (5, 70_000)],
+    ];
+    fn iov_of<'a>(bufs: &'a [vfabric::SharedBuf], ranges: &[(usize, usize)]) -> Vec<Iov<'a>> {
+        bufs.iter()
+            .zip(ranges)
+            .map(|(buf, &(off, len))| Iov::shared(buf, off..off + len))
+            .collect()
+    }
+    let mut read_in_place = 0u64;
+    for (i, ranges) in requests.iter().enumerate() {
+        let (bufs, want) = filled_ranges(&a, ranges, 60 + i as u32);
+        b.ep.recv_vec(want.len(), 1000 + i as u64).unwrap();
+        let msg = Msg {
+            iov: &iov_of(&bufs, ranges),
+            addr: to_b,
+            context: i as u64,
+            data: 0,
+        };
+        a.ep.sendmsg(&msg, 0).unwrap();
+        let c = b.next();
+        assert_eq!((c.context, c.len), (1000 + i as u64, want.len()));
+        assert!(
+            c.buf.as_deref() == Some(want.as_slice()),
+            "message {i} differs"
+        );
+        assert_eq!(a.next().context, i as u64);
+        read_in_place += want.len() as u64;
+    }
+    const ROOM: usize = 2 << 20;
+    let target = b.dom.alloc_buffer(ROOM).unwrap();
+    let mr = b.dom.register(&target, fi::REMOTE_WRITE, None).unwrap();
+    for (i, ranges) in requests.iter().enumerate() {
+        let (bufs, want) = filled_ranges(&a, ranges, 70 + i as u32);
+        let at = 7 + i;
+        let msg = RmaMsg {
+            iov: &iov_of(&bufs, ranges),
+            addr: to_b,
+            rma_iov: &[RmaIov {
+                addr: mr.base() + at as u64,
+                len: want.len() as u64,
+                key: mr.key(),
+            }],
+            context: 50 + i as u64,
+            data: 0,
+        };
+        a.ep.writemsg(&msg, 0).unwrap();
+        assert_eq!(a.next().context, 50 + i as u64);
+        // SAFETY: A's write completed and nothing else touches B's region.
+        let got = unsafe { &target.as_slice()[at..at + want.len()] };
+        assert!(got == want.as_slice(), "write {i} differs");
+        read_in_place += want.len() as u64;
+    }
+    drop(mr);
+    let mut last = None;
+    let seen = wait_for(Duration::from_secs(5), || {
+        last = rdv_sources(&d[0].log());
+        last == Some((read_in_place, 0))
+    });
+    assert!(
+        seen,
+        "host 1 counts {last:?} (guest memory, staged), want ({read_in_place}, 0):\n{}",
+        d[0].log()
+    );
+}
+
 /// A guest whose daemon lets its peer read its large sends from its memory disconnects while
 /// those reads are in flight: its withdrawn sources stay registered (and its memory mapped in
 /// the daemon) until the target answered each CANCEL, the target delivers nothing partial,
@@ -2279,6 +2382,67 @@ fn large_rma_reads_go_from_guest_memory_to_guest_memory_with_no_copy_in_the_daem
     let total: u64 = reads.iter().map(|r| r.0 as u64).sum();
     wait_counts(&d[0], READ_SINKS, (total, 0));
     wait_counts(&d[1], READ_REPLIES, (total, 0));
+}
+
+/// Large RMA reads whose local destination is several buffers (2 and 3, at unaligned offsets,
+/// one range of a single byte) take the bytes from the wire into A's memory with no copy at
+/// host 1: its RDV_DATA names a sink per range (a shadow of each range's pages) and host 2
+/// writes them all with one write. Every byte checked, nothing outside the ranges written;
+/// host 1 counts every byte as placed in guest memory and none as copied (before an RDV_DATA
+/// named several sinks, the sink was a daemon buffer, copied at the reply).
+#[test]
+fn large_rma_reads_into_several_buffers_land_in_guest_memory_with_no_copy_at_the_initiator() {
+    use vfabric::{Iov, RmaIov, RmaMsg};
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const ROOM: usize = (2 << 20) + 8192;
+    let (_region, mr) = readable_region(&b, ROOM, 6);
+    let want = pattern(6, ROOM);
+    // Per read: its offset in B's region, and (offset, length) of each of A's ranges.
+    let reads: [(usize, &[(usize, usize)]); 3] = [
+        (0, &[(3, 100_000), (4093, 200_000)]),
+        (4095, &[(1, 5000), (17, 1 << 20), (0, 40_000)]),
+        (17, &[(4095, 30_000), (8, 1), (100, 500_000)]),
+    ];
+    let mut placed = 0u64;
+    for (i, &(roff, ranges)) in reads.iter().enumerate() {
+        let mut bufs = ranges_of(&a, ranges);
+        let len: usize = ranges.iter().map(|r| r.1).sum();
+        let iov: Vec<Iov> = bufs
+            .iter()
+            .zip(ranges.iter())
+            .map(|(buf, &(off, l))| Iov::shared(buf, off..off + l))
+            .collect();
+        let msg = RmaMsg {
+            iov: &iov,
+            addr: to_b,
+            rma_iov: &[RmaIov {
+                addr: mr.base() + roff as u64,
+                len: len as u64,
+                key: mr.key(),
+            }],
+            context: i as u64,
+            data: 0,
+        };
+        a.ep.readmsg(&msg, 0).unwrap();
+        drop(iov);
+        let c = a.next();
+        assert_eq!(c.context, i as u64);
+        let got = gather(&mut bufs, ranges, &format!("read {i}"));
+        assert!(
+            got == want[roff..roff + len],
+            "read {i} of {len} bytes differs"
+        );
+        placed += len as u64;
+    }
+    wait_counts(&d[0], READ_SINKS, (placed, 0));
 }
 
 /// Two large RMA reads in flight at once into overlapping bytes of A's buffer land in the
