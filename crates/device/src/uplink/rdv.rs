@@ -323,6 +323,22 @@ fn rma_segs(segs: &[wire::RdvSeg]) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// The first `len` bytes of the sources `srcs` (address, key, length), in order: `None` when
+/// they hold fewer.
+fn rma_prefix(srcs: &[(u64, u64, u64)], len: u64) -> Option<Vec<(u64, u64, u64)>> {
+    let mut left = len;
+    let mut out = Vec::with_capacity(srcs.len());
+    for &(addr, key, l) in srcs {
+        if left == 0 {
+            break;
+        }
+        let take = l.min(left);
+        out.push((addr, key, take));
+        left -= take;
+    }
+    (left == 0).then_some(out)
+}
+
 /// Whether any of the (first byte, length) spans of `a` shares a byte with one of `b`.
 fn spans_overlap(
     a: &[(usize, usize)],
@@ -1297,16 +1313,14 @@ impl Worker {
         srcs: &[(u64, u64, u64)],
     ) -> Result<u64, bool> {
         let guest = std::mem::take(&mut dest.bytes);
-        // The sources hold what the ranges take (the parser saw to it that they hold the
-        // message after its head, as the claimed ranges do): checked, not assumed.
-        let landing = if guest.iter().map(|g| g.len() as u64).sum::<u64>()
-            == srcs.iter().map(|s| s.2).sum::<u64>()
-        {
-            self.land(host, req_id, guest)
-        } else {
-            None
+        // The sources' first bytes, as many as the ranges take (all of them, or a truncated
+        // receive's head).
+        let wanted = guest.iter().map(|g| g.len() as u64).sum::<u64>();
+        let landing = match rma_prefix(srcs, wanted) {
+            Some(rma) => self.land(host, req_id, guest).map(|l| (rma, l)),
+            None => None,
         };
-        let Some(landing) = landing else {
+        let Some((rma, landing)) = landing else {
             dest.fence.end();
             self.fabric
                 .direct_unclaim(host, req_id, dest, &mut self.notify);
@@ -1326,7 +1340,7 @@ impl Worker {
         // `ctx`; the guest does not get the receive back before the op's fence ends, which is
         // after the read or after every shadow was revoked (then the read writes throw-away
         // pages).
-        let rc = unsafe { self.ep.read_raw_iov(&iov, src, srcs, ctx) };
+        let rc = unsafe { self.ep.read_raw_iov(&iov, src, &rma, ctx) };
         drop(iov);
         match rc {
             Ok(()) => {
@@ -2004,6 +2018,18 @@ mod tests {
             keys_overlap(&(1, 7, u64::MAX - 1, 5), &(1, 7, u64::MAX, 1)),
             "no overflow"
         );
+    }
+
+    #[test]
+    fn a_read_of_fewer_bytes_takes_the_first_sources_and_cuts_the_last() {
+        let srcs = [(0x1000, 1, 100), (0x9000, 2, 50), (0x5000, 3, 10)];
+        assert_eq!(rma_prefix(&srcs, 160), Some(srcs.to_vec()));
+        assert_eq!(
+            rma_prefix(&srcs, 120),
+            Some(vec![(0x1000, 1, 100), (0x9000, 2, 20)])
+        );
+        assert_eq!(rma_prefix(&srcs, 100), Some(vec![(0x1000, 1, 100)]));
+        assert_eq!(rma_prefix(&srcs, 161), None);
     }
 
     #[test]
