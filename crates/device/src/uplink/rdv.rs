@@ -2002,7 +2002,7 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::{keys_overlap, spans_overlap};
+    use super::{keys_overlap, rma_prefix, spans_overlap};
 
     #[test]
     fn keys_overlap_only_for_shared_bytes_of_one_file() {
