@@ -2,12 +2,13 @@
 //! Rendezvous: large data moves with the uplink's RMA instead of as DATA chunks.
 //!
 //! A request whose bytes are larger than [`RDV_THRESHOLD`] goes as one RDV_DATA naming the
-//! sender's registered copy of them (SOURCE); the receiving host reads them with `fi_read`
-//! and hands the whole message to its fabric exactly like a reassembled DATA message (keys,
-//! ranges and matching are checked there as for any message). An RMA read of more than
-//! [`RDV_THRESHOLD`] bytes names a registered sink (SINK): the target writes the bytes read
-//! with `fi_write` and then answers RDV_REPLY (sends are ordered after writes, FI_ORDER_SAW,
-//! and the reply leaves only after the write completed). Both sides use rendezvous only when
+//! sender's registered copies of them (SOURCE, up to 4 ranges); the receiving host reads them
+//! with one `fi_readmsg` and hands the whole message to its fabric exactly like a reassembled
+//! DATA message (keys, ranges and matching are checked there as for any message). An RMA read
+//! of more than [`RDV_THRESHOLD`] bytes names registered sinks (SINK, up to 4): the target
+//! writes the bytes read with one `fi_writemsg` and then answers RDV_REPLY (sends are ordered
+//! after writes, FI_ORDER_SAW, and the reply leaves only after the write completed). Both
+//! sides use rendezvous only when
 //! both uplinks granted RMA (HELLO `caps`); otherwise data goes in chunks as before.
 //!
 //! Messages from one host reach the fabric in the order they arrived: a message behind a
@@ -100,9 +101,9 @@ struct Shadow {
     leak: bool,
 }
 
-/// A read's sink in its initiator guest's memory: a shadow of the destination pages,
-/// registered for remote write, so that the target's `fi_write` lands in guest memory and the
-/// RDV_REPLY completes the read with no copy. Shared by the uplink and the request's pending
+/// A read's sinks in its initiator guest's memory: a shadow of each destination range's
+/// pages, each registered for remote write, so that the target's `fi_writemsg` lands in guest
+/// memory and the RDV_REPLY completes the read with no copy. Shared by the uplink and the request's pending
 /// entry: whoever completes the request other than with its placed bytes (its guest withdrew
 /// it, on the guest's thread; it failed; its host was lost) revokes it first, so the guest
 /// never gets its buffer back while the wire may still write it.
@@ -126,7 +127,7 @@ impl GuestSink {
         self.shadows.into_inner().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Cut the shadow from the guest's pages: whatever the target still writes for this read
+    /// Cut every shadow from the guest's pages: whatever the target still writes for this read
     /// lands in throw-away pages.
     pub(crate) fn revoke(&self) {
         let mut shadows = self.lock();
@@ -134,10 +135,10 @@ impl GuestSink {
             return;
         }
         // Every range is cut (one that fails to is logged below).
-        let cut = shadows
-            .iter_mut()
-            .filter(|s| !s.revoked)
-            .fold(true, |cut, s| s.revoke() && cut);
+        let mut cut = true;
+        for s in shadows.iter_mut().filter(|s| !s.revoked) {
+            cut &= s.revoke();
+        }
         if cut {
             tracing::info!(
                 req_id = self.req_id,
@@ -280,8 +281,8 @@ enum Inbound {
         req_id: u64,
         desc: wire::Data,
         src: u64,
-        /// The sender's sources (address, key, length), in order.
-        srcs: Vec<(u64, u64, u64)>,
+        /// The sender's sources.
+        srcs: RmaSegs,
         /// Its head, inline in the RDV_DATA (an RMA write's ranges); the read brings the rest.
         head: Vec<u8>,
         op: Option<u64>,
@@ -316,8 +317,11 @@ impl Landing {
     }
 }
 
-/// (address, key, length) of each of a peer's sources or sinks.
-fn rma_segs(segs: &[wire::RdvSeg]) -> Vec<(u64, u64, u64)> {
+/// (address, key, length) of each of a peer's sources or sinks, in order.
+type RmaSegs = Vec<(u64, u64, u64)>;
+
+/// [`RmaSegs`] of the sources or sinks a peer named.
+fn rma_segs(segs: &[wire::RdvSeg]) -> RmaSegs {
     segs.iter()
         .map(|s| (s.addr.into(), s.key.into(), s.len.into()))
         .collect()
@@ -325,7 +329,7 @@ fn rma_segs(segs: &[wire::RdvSeg]) -> Vec<(u64, u64, u64)> {
 
 /// The first `len` bytes of the sources `srcs` (address, key, length), in order: `None` when
 /// they hold fewer.
-fn rma_prefix(srcs: &[(u64, u64, u64)], len: u64) -> Option<Vec<(u64, u64, u64)>> {
+fn rma_prefix(srcs: &[(u64, u64, u64)], len: u64) -> Option<RmaSegs> {
     let mut left = len;
     let mut out = Vec::with_capacity(srcs.len());
     for &(addr, key, l) in srcs {
@@ -393,7 +397,7 @@ pub(super) struct Rendezvous {
     next_op: u64,
     /// Sinks that peers named for their requests not answered yet: (host, req id) →
     /// (address, key, length) of each, in order.
-    peer_sinks: HashMap<(u16, u64), Vec<(u64, u64, u64)>>,
+    peer_sinks: HashMap<(u16, u64), RmaSegs>,
     /// Rendezvous reads and writes done, per peer (the first of each is logged).
     done: HashMap<(u16, bool), u64>,
     /// Rendezvous messages per peer made stubs before they were read (the first is logged).
@@ -585,9 +589,11 @@ impl Worker {
             // The bytes in guest memory are registered where they are, each range (no copy),
             // when the target reads them all in one operation; what precedes them (an RMA
             // write's ranges; nothing for a send) goes inline.
+            // (An empty range would be an empty source, which the target refuses.)
             let in_place = !guest.is_empty()
                 && s.payload.len() <= inline_room
-                && guest.len() <= self.ep.rma_iov_limit();
+                && guest.len() <= self.ep.rma_iov_limit()
+                && guest.iter().all(|g| g.len() > 0);
             let reg = if in_place {
                 self.register_sources(guest).map_err(|(g, e)| {
                     s.guest = g;
@@ -741,7 +747,9 @@ impl Worker {
         dest: &[GuestBytes],
         len: usize,
     ) -> Option<Vec<(Staged, usize)>> {
+        // (An empty range would be an empty sink, which the target refuses.)
         if dest.len() > self.ep.rma_iov_limit()
+            || dest.iter().any(|g| g.len() == 0)
             || dest.iter().map(GuestBytes::len).sum::<usize>() != len
         {
             return None;
@@ -1275,10 +1283,10 @@ impl Worker {
         let mut staged = Staged::own(mr, buf);
         self.rdv.next_op += 1;
         let ctx = RMA_CONTEXT + self.rdv.next_op;
-        // SAFETY: `staged` (buffer and registration) is kept in `self.rdv.ops` until the
-        // completion with `ctx`; the endpoint outlives it (see `Worker`'s field order).
         let dst = &mut staged.buf[head.len()..];
         let iov = [(dst.as_mut_ptr(), dst.len(), &staged.mr)];
+        // SAFETY: `staged` (buffer and registration) is kept in `self.rdv.ops` until the
+        // completion with `ctx`; the endpoint outlives it (see `Worker`'s field order).
         let rc = unsafe { self.ep.read_raw_iov(&iov, src, srcs, ctx) };
         match rc {
             Ok(()) => {

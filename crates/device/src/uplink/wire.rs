@@ -345,6 +345,9 @@ pub const MAX_CHUNK: usize = MAX_MESSAGE - HEADER_LEN - DATA_LEN;
 pub const MAX_REPLY_CHUNK: usize = MAX_MESSAGE - HEADER_LEN - REPLY_LEN;
 
 /// A parsed message (a DATA message borrows its bytes from the receive buffer).
+// A message lives for one call, on the stack: an RDV_DATA's 200-byte description is not worth
+// an allocation per message (and would cost `Copy`).
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Message<'a> {
     Hello {
@@ -428,6 +431,7 @@ pub enum Message<'a> {
 }
 
 /// The rendezvous messages.
+#[allow(clippy::large_enum_variant)] // As `Message`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rdv<'a> {
     /// A DATA request (`offset` 0, whole) with a rendezvous description: with SOURCE its
