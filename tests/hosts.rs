@@ -1547,9 +1547,11 @@ fn filled_ranges(
 
 /// Large sends and RMA writes whose bytes are in several guest buffers (2 to 4, at unaligned
 /// offsets, one of a single byte) leave the sender's daemon with no copy either: its RDV_DATA
-/// names each range as a source and the target reads them all with one read. Every byte
-/// checked; host 1 counts every byte as read from guest memory, none as staged (before an
-/// RDV_DATA named several sources, it staged them all).
+/// names each range as a source and the target reads them all with one read, straight into
+/// the receive or region (a receive shorter than the message reads the sources' first bytes).
+/// Every byte checked; host 1 counts every byte as read from guest memory, none as staged
+/// (before an RDV_DATA named several sources, it staged them all), host 2 every byte it read
+/// as placed in guest memory, none as copied.
 #[test]
 fn large_sends_and_writes_from_several_guest_buffers_are_read_with_no_staging_copy() {
     use vfabric::{Iov, Msg, RmaIov, RmaMsg};
@@ -1594,8 +1596,32 @@ fn large_sends_and_writes_from_several_guest_buffers_are_read_with_no_staging_co
         assert_eq!(a.next().context, i as u64);
         read_in_place += want.len() as u64;
     }
-    const ROOM: usize = 2 << 20;
-    let target = b.dom.alloc_buffer(ROOM).unwrap();
+    let mut placed = read_in_place;
+    // Into a shorter receive: its first source whole and the head of the second are read.
+    let ranges = requests[0];
+    let (bufs, want) = filled_ranges(&a, ranges, 69);
+    const ROOM: usize = 150_000;
+    b.ep.recv_vec(ROOM, 1009).unwrap();
+    let msg = Msg {
+        iov: &iov_of(&bufs, ranges),
+        addr: to_b,
+        context: 9,
+        data: 0,
+    };
+    a.ep.sendmsg(&msg, 0).unwrap();
+    let e = b.next_err();
+    assert_eq!(
+        (e.context, e.status, e.len, e.olen),
+        (1009, Status::Truncated, ROOM, want.len() - ROOM)
+    );
+    assert!(
+        e.buf.as_deref() == Some(&want[..ROOM]),
+        "the truncated message's head differs"
+    );
+    assert_eq!(a.next().context, 9);
+    read_in_place += want.len() as u64;
+    placed += ROOM as u64;
+    let target = b.dom.alloc_buffer(2 << 20).unwrap();
     let mr = b.dom.register(&target, fi::REMOTE_WRITE, None).unwrap();
     for (i, ranges) in requests.iter().enumerate() {
         let (bufs, want) = filled_ranges(&a, ranges, 70 + i as u32);
@@ -1617,6 +1643,7 @@ fn large_sends_and_writes_from_several_guest_buffers_are_read_with_no_staging_co
         let got = unsafe { &target.as_slice()[at..at + want.len()] };
         assert!(got == want.as_slice(), "write {i} differs");
         read_in_place += want.len() as u64;
+        placed += want.len() as u64;
     }
     drop(mr);
     let mut last = None;
@@ -1629,6 +1656,7 @@ fn large_sends_and_writes_from_several_guest_buffers_are_read_with_no_staging_co
         "host 1 counts {last:?} (guest memory, staged), want ({read_in_place}, 0):\n{}",
         d[0].log()
     );
+    wait_counts(&d[1], READS, (placed, 0));
 }
 
 /// A guest whose daemon lets its peer read its large sends from its memory disconnects while
