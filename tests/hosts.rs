@@ -1665,10 +1665,27 @@ fn large_sends_and_writes_from_several_guest_buffers_are_read_with_no_staging_co
 /// both daemons run on, and a new guest's large sends work.
 #[test]
 fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers() {
+    disconnect_during_zero_copy_reads(&[(0, 1 << 20)]);
+}
+
+/// As [`a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers`], with
+/// each send's bytes in three buffers (three sources, drained together). Before an RDV_DATA
+/// named several sources they were staged: no source waited.
+#[test]
+fn a_guest_disconnecting_during_zero_copy_reads_of_several_buffers_is_fenced_alike() {
+    disconnect_during_zero_copy_reads(&[(3, 300_000), (4093, 500_000), (1, 248_576)]);
+}
+
+/// Host 1's guest A sends large messages, each from the (offset, length) `ranges` of buffers
+/// of its own, and disconnects while host 2 reads them (see the tests above).
+fn disconnect_during_zero_copy_reads(ranges: &[(usize, usize)]) {
+    use vfabric::{Iov, Msg};
     let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
         return;
     };
     let (a, b, to_b) = guests_on(&d);
+    let len: usize = ranges.iter().map(|r| r.1).sum();
+    assert_eq!(len, 1 << 20);
     const LEN: usize = 1 << 20;
     const N: u64 = 12;
     // Host 1's link at 50 Mbit/s, and receives for only the first RECEIVED messages: those
@@ -1681,8 +1698,24 @@ fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers(
     for i in 0..RECEIVED {
         b.ep.recv_vec(LEN, 100 + i).unwrap();
     }
+    // The sends' buffers outlive the guest's endpoint (dropped with it).
+    let mut bufs = Vec::new();
     for i in 0..N {
-        a.ep.send(&pattern(40 + i as u32, LEN), to_b, i).unwrap();
+        let (bs, _) = filled_ranges(&a, ranges, 40 + i as u32);
+        let iov: Vec<Iov> = bs
+            .iter()
+            .zip(ranges)
+            .map(|(buf, &(off, l))| Iov::shared(buf, off..off + l))
+            .collect();
+        let msg = Msg {
+            iov: &iov,
+            addr: to_b,
+            context: i,
+            data: 0,
+        };
+        a.ep.sendmsg(&msg, 0).unwrap();
+        drop(iov);
+        bufs.push(bs);
     }
     std::thread::sleep(Duration::from_millis(200));
     drop(a);
