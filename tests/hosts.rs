@@ -2627,6 +2627,22 @@ fn a_large_rma_read_from_several_ranges_is_copied_at_the_target_only() {
 /// 2's answer, and both daemons go on.
 #[test]
 fn an_initiator_closing_during_reads_into_its_memory_gets_its_buffers_back_fenced() {
+    initiator_closing_during_reads(false);
+}
+
+/// As [`an_initiator_closing_during_reads_into_its_memory_gets_its_buffers_back_fenced`], each
+/// read into two ranges of A's buffer (its halves, swapped: two sinks, revoked and drained
+/// together). Before an RDV_DATA named several sinks, they were daemon buffers: nothing was
+/// revoked.
+#[test]
+fn an_initiator_closing_during_reads_into_several_buffers_gets_them_back_fenced() {
+    initiator_closing_during_reads(true);
+}
+
+/// A reads from B into its buffer (each read into one range, or with `split` into two) and
+/// closes its endpoint while host 2 writes them (see the tests above).
+fn initiator_closing_during_reads(split: bool) {
+    use vfabric::{Iov, RmaIov, RmaMsg};
     let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
         return;
     };
@@ -2638,15 +2654,27 @@ fn an_initiator_closing_during_reads_into_its_memory_gets_its_buffers_back_fence
     // 6 MiB at 50 Mbit/s: about a second of writes from host 2 to host 1.
     lan.throttle(1, Some("50mbit"));
     for i in 0..N {
-        a.ep.read_buf(
-            &dst,
-            i * LEN..(i + 1) * LEN,
-            to_b,
-            mr.base(),
-            mr.key(),
-            i as u64,
-        )
-        .unwrap();
+        let (at, half) = (i * LEN, LEN / 2);
+        let iov = if split {
+            vec![
+                Iov::shared(&dst, at + half..at + LEN),
+                Iov::shared(&dst, at..at + half),
+            ]
+        } else {
+            vec![Iov::shared(&dst, at..at + LEN)]
+        };
+        let msg = RmaMsg {
+            iov: &iov,
+            addr: to_b,
+            rma_iov: &[RmaIov {
+                addr: mr.base(),
+                len: LEN as u64,
+                key: mr.key(),
+            }],
+            context: i as u64,
+            data: 0,
+        };
+        a.ep.readmsg(&msg, 0).unwrap();
     }
     let writing = wait_for(Duration::from_secs(5), || {
         last_counts(&d[1].log(), READ_REPLIES).is_some_and(|(w, _)| w > 0)
