@@ -1528,16 +1528,164 @@ fn large_sends_and_writes_are_read_from_guest_memory_with_no_staging_copy() {
     );
 }
 
+/// A buffer of `g` per range of `ranges` (as [`ranges_of`]) holding, range after range, the
+/// bytes of `pattern(seed, total)`; and those bytes.
+fn filled_ranges(
+    g: &Guest,
+    ranges: &[(usize, usize)],
+    seed: u32,
+) -> (Vec<vfabric::SharedBuf>, Vec<u8>) {
+    let want = pattern(seed, ranges.iter().map(|r| r.1).sum());
+    let mut bufs = ranges_of(g, ranges);
+    let mut at = 0;
+    for (buf, &(off, len)) in bufs.iter_mut().zip(ranges) {
+        buf.get_mut().unwrap()[off..off + len].copy_from_slice(&want[at..at + len]);
+        at += len;
+    }
+    (bufs, want)
+}
+
+/// Large sends and RMA writes whose bytes are in several guest buffers (2 to 4, at unaligned
+/// offsets, one of a single byte) leave the sender's daemon with no copy either: its RDV_DATA
+/// names each range as a source and the target reads them all with one read, straight into
+/// the receive or region (a receive shorter than the message reads the sources' first bytes).
+/// Every byte checked; host 1 counts every byte as read from guest memory, none as staged
+/// (before an RDV_DATA named several sources, it staged them all), host 2 every byte it read
+/// as placed in guest memory, none as copied.
+#[test]
+fn large_sends_and_writes_from_several_guest_buffers_are_read_with_no_staging_copy() {
+    use vfabric::{Iov, Msg, RmaIov, RmaMsg};
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    // (offset, length) of each of a request's source ranges.
+    let requests: [&[(usize, usize)]; 3] = [
+        &[(3, 100_000), (4093, 200_000)],
+        &[(1, 5000), (17, 1 << 20), (0, 40_000)],
+        &[(4095, 30_000), (8, 1), (100, 500_000), (5, 70_000)],
+    ];
+    fn iov_of<'a>(bufs: &'a [vfabric::SharedBuf], ranges: &[(usize, usize)]) -> Vec<Iov<'a>> {
+        bufs.iter()
+            .zip(ranges)
+            .map(|(buf, &(off, len))| Iov::shared(buf, off..off + len))
+            .collect()
+    }
+    let mut read_in_place = 0u64;
+    for (i, ranges) in requests.iter().enumerate() {
+        let (bufs, want) = filled_ranges(&a, ranges, 60 + i as u32);
+        b.ep.recv_vec(want.len(), 1000 + i as u64).unwrap();
+        let msg = Msg {
+            iov: &iov_of(&bufs, ranges),
+            addr: to_b,
+            context: i as u64,
+            data: 0,
+        };
+        a.ep.sendmsg(&msg, 0).unwrap();
+        let c = b.next();
+        assert_eq!((c.context, c.len), (1000 + i as u64, want.len()));
+        assert!(
+            c.buf.as_deref() == Some(want.as_slice()),
+            "message {i} differs"
+        );
+        assert_eq!(a.next().context, i as u64);
+        read_in_place += want.len() as u64;
+    }
+    let mut placed = read_in_place;
+    // Into a shorter receive: its first source whole and the head of the second are read.
+    let ranges = requests[0];
+    let (bufs, want) = filled_ranges(&a, ranges, 69);
+    const ROOM: usize = 150_000;
+    b.ep.recv_vec(ROOM, 1009).unwrap();
+    let msg = Msg {
+        iov: &iov_of(&bufs, ranges),
+        addr: to_b,
+        context: 9,
+        data: 0,
+    };
+    a.ep.sendmsg(&msg, 0).unwrap();
+    let e = b.next_err();
+    assert_eq!(
+        (e.context, e.status, e.len, e.olen),
+        (1009, Status::Truncated, ROOM, want.len() - ROOM)
+    );
+    assert!(
+        e.buf.as_deref() == Some(&want[..ROOM]),
+        "the truncated message's head differs"
+    );
+    assert_eq!(a.next().context, 9);
+    read_in_place += want.len() as u64;
+    placed += ROOM as u64;
+    let target = b.dom.alloc_buffer(2 << 20).unwrap();
+    let mr = b.dom.register(&target, fi::REMOTE_WRITE, None).unwrap();
+    for (i, ranges) in requests.iter().enumerate() {
+        let (bufs, want) = filled_ranges(&a, ranges, 70 + i as u32);
+        let at = 7 + i;
+        let msg = RmaMsg {
+            iov: &iov_of(&bufs, ranges),
+            addr: to_b,
+            rma_iov: &[RmaIov {
+                addr: mr.base() + at as u64,
+                len: want.len() as u64,
+                key: mr.key(),
+            }],
+            context: 50 + i as u64,
+            data: 0,
+        };
+        a.ep.writemsg(&msg, 0).unwrap();
+        assert_eq!(a.next().context, 50 + i as u64);
+        // SAFETY: A's write completed and nothing else touches B's region.
+        let got = unsafe { &target.as_slice()[at..at + want.len()] };
+        assert!(got == want.as_slice(), "write {i} differs");
+        read_in_place += want.len() as u64;
+        placed += want.len() as u64;
+    }
+    drop(mr);
+    let mut last = None;
+    let seen = wait_for(Duration::from_secs(5), || {
+        last = rdv_sources(&d[0].log());
+        last == Some((read_in_place, 0))
+    });
+    assert!(
+        seen,
+        "host 1 counts {last:?} (guest memory, staged), want ({read_in_place}, 0):\n{}",
+        d[0].log()
+    );
+    wait_counts(&d[1], READS, (placed, 0));
+}
+
 /// A guest whose daemon lets its peer read its large sends from its memory disconnects while
 /// those reads are in flight: its withdrawn sources stay registered (and its memory mapped in
 /// the daemon) until the target answered each CANCEL, the target delivers nothing partial,
 /// both daemons run on, and a new guest's large sends work.
 #[test]
 fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers() {
+    disconnect_during_zero_copy_reads(&[(0, 1 << 20)]);
+}
+
+/// As [`a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers`], with
+/// each send's bytes in three buffers (three sources, drained together). Before an RDV_DATA
+/// named several sources they were staged: no source waited.
+#[test]
+fn a_guest_disconnecting_during_zero_copy_reads_of_several_buffers_is_fenced_alike() {
+    disconnect_during_zero_copy_reads(&[(3, 300_000), (4093, 500_000), (1, 248_576)]);
+}
+
+/// Host 1's guest A sends large messages, each from the (offset, length) `ranges` of buffers
+/// of its own, and disconnects while host 2 reads them (see the tests above).
+fn disconnect_during_zero_copy_reads(ranges: &[(usize, usize)]) {
+    use vfabric::{Iov, Msg};
     let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
         return;
     };
     let (a, b, to_b) = guests_on(&d);
+    let len: usize = ranges.iter().map(|r| r.1).sum();
+    assert_eq!(len, 1 << 20);
     const LEN: usize = 1 << 20;
     const N: u64 = 12;
     // Host 1's link at 50 Mbit/s, and receives for only the first RECEIVED messages: those
@@ -1550,8 +1698,24 @@ fn a_guest_disconnecting_during_zero_copy_reads_is_fenced_by_the_cancel_answers(
     for i in 0..RECEIVED {
         b.ep.recv_vec(LEN, 100 + i).unwrap();
     }
+    // The sends' buffers outlive the guest's endpoint (dropped with it).
+    let mut bufs = Vec::new();
     for i in 0..N {
-        a.ep.send(&pattern(40 + i as u32, LEN), to_b, i).unwrap();
+        let (bs, _) = filled_ranges(&a, ranges, 40 + i as u32);
+        let iov: Vec<Iov> = bs
+            .iter()
+            .zip(ranges)
+            .map(|(buf, &(off, l))| Iov::shared(buf, off..off + l))
+            .collect();
+        let msg = Msg {
+            iov: &iov,
+            addr: to_b,
+            context: i,
+            data: 0,
+        };
+        a.ep.sendmsg(&msg, 0).unwrap();
+        drop(iov);
+        bufs.push(bs);
     }
     std::thread::sleep(Duration::from_millis(200));
     drop(a);
@@ -2281,6 +2445,67 @@ fn large_rma_reads_go_from_guest_memory_to_guest_memory_with_no_copy_in_the_daem
     wait_counts(&d[1], READ_REPLIES, (total, 0));
 }
 
+/// Large RMA reads whose local destination is several buffers (2 and 3, at unaligned offsets,
+/// one range of a single byte) take the bytes from the wire into A's memory with no copy at
+/// host 1: its RDV_DATA names a sink per range (a shadow of each range's pages) and host 2
+/// writes them all with one write. Every byte checked, nothing outside the ranges written;
+/// host 1 counts every byte as placed in guest memory and none as copied (before an RDV_DATA
+/// named several sinks, the sink was a daemon buffer, copied at the reply).
+#[test]
+fn large_rma_reads_into_several_buffers_land_in_guest_memory_with_no_copy_at_the_initiator() {
+    use vfabric::{Iov, RmaIov, RmaMsg};
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start()
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const ROOM: usize = (2 << 20) + 8192;
+    let (_region, mr) = readable_region(&b, ROOM, 6);
+    let want = pattern(6, ROOM);
+    // Per read: its offset in B's region, and (offset, length) of each of A's ranges.
+    let reads: [(usize, &[(usize, usize)]); 3] = [
+        (0, &[(3, 100_000), (4093, 200_000)]),
+        (4095, &[(1, 5000), (17, 1 << 20), (0, 40_000)]),
+        (17, &[(4095, 30_000), (8, 1), (100, 500_000)]),
+    ];
+    let mut placed = 0u64;
+    for (i, &(roff, ranges)) in reads.iter().enumerate() {
+        let mut bufs = ranges_of(&a, ranges);
+        let len: usize = ranges.iter().map(|r| r.1).sum();
+        let iov: Vec<Iov> = bufs
+            .iter()
+            .zip(ranges.iter())
+            .map(|(buf, &(off, l))| Iov::shared(buf, off..off + l))
+            .collect();
+        let msg = RmaMsg {
+            iov: &iov,
+            addr: to_b,
+            rma_iov: &[RmaIov {
+                addr: mr.base() + roff as u64,
+                len: len as u64,
+                key: mr.key(),
+            }],
+            context: i as u64,
+            data: 0,
+        };
+        a.ep.readmsg(&msg, 0).unwrap();
+        drop(iov);
+        let c = a.next();
+        assert_eq!(c.context, i as u64);
+        let got = gather(&mut bufs, ranges, &format!("read {i}"));
+        assert!(
+            got == want[roff..roff + len],
+            "read {i} of {len} bytes differs"
+        );
+        placed += len as u64;
+    }
+    wait_counts(&d[0], READ_SINKS, (placed, 0));
+}
+
 /// Two large RMA reads in flight at once into overlapping bytes of A's buffer land in the
 /// order A made them, as on one host: the second one's sink is a daemon buffer, copied when
 /// its reply comes (which, sends ordered after writes, is after the first one's write landed),
@@ -2402,6 +2627,22 @@ fn a_large_rma_read_from_several_ranges_is_copied_at_the_target_only() {
 /// 2's answer, and both daemons go on.
 #[test]
 fn an_initiator_closing_during_reads_into_its_memory_gets_its_buffers_back_fenced() {
+    initiator_closing_during_reads(false);
+}
+
+/// As [`an_initiator_closing_during_reads_into_its_memory_gets_its_buffers_back_fenced`], each
+/// read into two ranges of A's buffer (its halves, swapped: two sinks, revoked and drained
+/// together). Before an RDV_DATA named several sinks, they were daemon buffers: nothing was
+/// revoked.
+#[test]
+fn an_initiator_closing_during_reads_into_several_buffers_gets_them_back_fenced() {
+    initiator_closing_during_reads(true);
+}
+
+/// A reads from B into its buffer (each read into one range, or with `split` into two) and
+/// closes its endpoint while host 2 writes them (see the tests above).
+fn initiator_closing_during_reads(split: bool) {
+    use vfabric::{Iov, RmaIov, RmaMsg};
     let Some(TwoHosts { lan, dir: _dir, d }) = TwoHosts::start() else {
         return;
     };
@@ -2413,15 +2654,27 @@ fn an_initiator_closing_during_reads_into_its_memory_gets_its_buffers_back_fence
     // 6 MiB at 50 Mbit/s: about a second of writes from host 2 to host 1.
     lan.throttle(1, Some("50mbit"));
     for i in 0..N {
-        a.ep.read_buf(
-            &dst,
-            i * LEN..(i + 1) * LEN,
-            to_b,
-            mr.base(),
-            mr.key(),
-            i as u64,
-        )
-        .unwrap();
+        let (at, half) = (i * LEN, LEN / 2);
+        let iov = if split {
+            vec![
+                Iov::shared(&dst, at + half..at + LEN),
+                Iov::shared(&dst, at..at + half),
+            ]
+        } else {
+            vec![Iov::shared(&dst, at..at + LEN)]
+        };
+        let msg = RmaMsg {
+            iov: &iov,
+            addr: to_b,
+            rma_iov: &[RmaIov {
+                addr: mr.base(),
+                len: LEN as u64,
+                key: mr.key(),
+            }],
+            context: i as u64,
+            data: 0,
+        };
+        a.ep.readmsg(&msg, 0).unwrap();
     }
     let writing = wait_for(Duration::from_secs(5), || {
         last_counts(&d[1].log(), READ_REPLIES).is_some_and(|(w, _)| w > 0)

@@ -308,7 +308,7 @@ impl Fabric {
             len,
             charged,
             guest,
-            sink: None,
+            sink: Vec::new(),
         })));
     }
 
@@ -439,22 +439,34 @@ impl Fabric {
         for e in &ranges {
             bytes.extend_from_slice(e.as_slice());
         }
-        // A large write's bytes in one guest range stay there (as a send's).
+        // A large write's bytes in a few guest ranges stay there (as a send's).
         let guest = if write && total as usize > RDV_THRESHOLD {
-            GuestBytes::new(port.mem.memory().into_inner(), &src_data)
+            GuestBytes::ranges(
+                port.mem.memory().into_inner(),
+                &src_data,
+                total,
+                wire::MAX_RDV_SEGS,
+            )
+            .unwrap_or_default()
         } else {
-            None
+            Vec::new()
         };
-        // A large read's destination in one guest range with a file may take the bytes
-        // straight from the wire (its first `total` bytes: the uplink's sink).
+        // A large read's destination in a few guest ranges with a file may take the bytes
+        // straight from the wire (its first `total` bytes: the uplink's sinks).
         let sink =
             if !write && total as usize > RDV_THRESHOLD && crate::uplink::rdv::direct_allowed() {
-                GuestBytes::new(port.mem.memory().into_inner(), &req.data)
-                    .filter(|g| g.file_at().is_some())
+                GuestBytes::ranges(
+                    port.mem.memory().into_inner(),
+                    &req.data,
+                    total,
+                    wire::MAX_RDV_SEGS,
+                )
+                .filter(|gs| gs.iter().all(|g| g.file_at().is_some()))
+                .unwrap_or_default()
             } else {
-                None
+                Vec::new()
             };
-        if write && guest.is_none() {
+        if write && guest.is_empty() {
             let at = bytes.len();
             bytes.resize(at + total as usize, 0);
             if src_data.read_at(&mem, 0, &mut bytes[at..]).is_err() {
@@ -464,12 +476,12 @@ impl Fabric {
         drop(mem);
         // What this daemon holds in flight: the copied bytes, and a read's sink unless it is
         // the guest's own memory (a window of large reads then waits for no one).
-        let charged = bytes.len() as u64 + if write || sink.is_some() { 0 } else { total };
+        let charged = bytes.len() as u64 + if write || !sink.is_empty() { 0 } else { total };
         if let Err(status) = self.outbox.reserve(key, charged) {
             return self.fail(dev, port, &req, status, n);
         }
         let cq_data = write && r.flags & flags::REMOTE_CQ_DATA != 0;
-        let wire_len = bytes.len() as u64 + guest.as_ref().map_or(0, |g| g.len() as u64);
+        let wire_len = bytes.len() as u64 + guest.iter().map(|g| g.len() as u64).sum::<u64>();
         let mut desc = describe(&r, dev, sgen, to, wire_len);
         let mut wire_flags = 0;
         if cq_data {
@@ -714,8 +726,8 @@ impl Fabric {
             payload: bytes,
             len: nbytes as u64,
             charged: nbytes as u64,
-            guest: None,
-            sink: None,
+            guest: Vec::new(),
+            sink: Vec::new(),
         })));
     }
 
@@ -900,8 +912,8 @@ impl Fabric {
             payload: bytes,
             len: 0,
             charged: 0,
-            guest: None,
-            sink: None,
+            guest: Vec::new(),
+            sink: Vec::new(),
         })));
     }
 
@@ -2689,8 +2701,8 @@ mod tests {
                     payload: b"pull me".to_vec(),
                     len,
                     charged: 0,
-                    guest: None,
-                    sink: None,
+                    guest: Vec::new(),
+                    sink: Vec::new(),
                 },
             )));
             Some(())

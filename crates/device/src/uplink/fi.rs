@@ -174,6 +174,12 @@ impl Info {
         unsafe { (*(*self.0).tx_attr).iov_limit }
     }
 
+    /// Remote buffers one RMA operation may name at most (`tx_attr->rma_iov_limit`).
+    fn rma_iov_limit(&self) -> usize {
+        // SAFETY: `self.0` is a valid fi_info with a tx_attr.
+        unsafe { (*(*self.0).tx_attr).rma_iov_limit }
+    }
+
     /// `provider (fabric name)` of the first entry, for logs.
     pub fn describe(&self) -> String {
         // SAFETY: a valid fi_info from fi_getinfo has valid fabric_attr strings (or NULL).
@@ -227,6 +233,9 @@ pub struct RdmEndpoint {
     writes_revocable: bool,
     /// Local buffers one operation may name at most (`tx_attr->iov_limit`, at least 1).
     iov_limit: usize,
+    /// Remote buffers one RMA operation may name at most (`tx_attr->rma_iov_limit`, at
+    /// least 1).
+    rma_iov_limit: usize,
     /// Source of requested keys (FI_MR_PROV_KEY unset): unguessable by peers.
     key_seed: u64,
     next_key: std::cell::Cell<u64>,
@@ -249,6 +258,18 @@ pub struct Completion {
     pub src: u64,
 }
 
+/// `fi_rma_iov`s of (address, key, length) triples.
+fn rma_iovs(rma: &[(u64, u64, u64)]) -> Vec<sys::fi_rma_iov> {
+    rma.iter()
+        .map(|&(addr, key, len)| sys::fi_rma_iov {
+            addr,
+            // Past the address space: a length the provider refuses, never a shorter one.
+            len: usize::try_from(len).unwrap_or(usize::MAX),
+            key,
+        })
+        .collect()
+}
+
 /// Not in the AV (`FI_ADDR_NOTAVAIL`).
 pub const ADDR_NOTAVAIL: u64 = u64::MAX;
 
@@ -262,6 +283,7 @@ impl RdmEndpoint {
             mr_mode,
             writes_revocable: revocable_provider(&info.prov_name()),
             iov_limit: info.iov_limit().max(1),
+            rma_iov_limit: info.rma_iov_limit().max(1),
             key_seed: random_u64(),
             next_key: std::cell::Cell::new(1),
             fabric: ptr::null_mut(),
@@ -522,47 +544,21 @@ impl RdmEndpoint {
         })
     }
 
-    /// `fi_read` of `buf.len()` bytes at `addr`/`key` of peer `src` into `buf` (registered
-    /// as `mr`).
-    ///
-    /// # Safety
-    /// `buf` and `mr` live, unmoved, until a completion with `context` is read.
-    pub unsafe fn read(
-        &self,
-        buf: &mut [u8],
-        mr: &Mr,
-        src: u64,
-        addr: u64,
-        key: u64,
-        context: u64,
-    ) -> Result<(), FiError> {
-        // SAFETY: per the caller's contract; the endpoint is open.
-        let rc = unsafe {
-            op!(
-                (*self.ep).rma,
-                read(
-                    self.ep,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    mr.desc,
-                    src,
-                    addr,
-                    key,
-                    context as *mut c_void
-                )
-            )
-        };
-        check("fi_read", rc)
-    }
-
     /// Local buffers one operation may name at most (see [`RdmEndpoint::read_raw_iov`]).
     pub fn iov_limit(&self) -> usize {
         self.iov_limit
     }
 
-    /// `fi_readmsg` of the `addr`/`key` bytes of `src` (as many as `dst` names in all) into
-    /// the buffers `dst`, in order, each registered as the `Mr` beside it; at most
-    /// [`RdmEndpoint::iov_limit`] of them.
+    /// Remote buffers one RMA operation may name at most (see
+    /// [`RdmEndpoint::read_raw_iov`]).
+    pub fn rma_iov_limit(&self) -> usize {
+        self.rma_iov_limit
+    }
+
+    /// `fi_readmsg` of the remote buffers `rma` (address, key, length) of `src`, in order,
+    /// into the buffers `dst`, in order, each registered as the `Mr` beside it: at most
+    /// [`RdmEndpoint::iov_limit`] of those and [`RdmEndpoint::rma_iov_limit`] of these, as
+    /// many bytes on each side.
     ///
     /// # Safety
     /// Each `ptr..ptr + len` of `dst` stays mapped and is written by nobody else, and each `Mr`
@@ -571,8 +567,7 @@ impl RdmEndpoint {
         &self,
         dst: &[(*mut u8, usize, &Mr)],
         src: u64,
-        addr: u64,
-        key: u64,
+        rma: &[(u64, u64, u64)],
         context: u64,
     ) -> Result<(), FiError> {
         let iov: Vec<sys::iovec> = dst
@@ -583,18 +578,14 @@ impl RdmEndpoint {
             })
             .collect();
         let mut desc: Vec<*mut c_void> = dst.iter().map(|(_, _, mr)| mr.desc).collect();
-        let rma_iov = sys::fi_rma_iov {
-            addr,
-            len: dst.iter().map(|d| d.1).sum(),
-            key,
-        };
+        let rma_iov = rma_iovs(rma);
         let msg = sys::fi_msg_rma {
             msg_iov: iov.as_ptr(),
             desc: desc.as_mut_ptr(),
             iov_count: iov.len(),
             addr: src,
-            rma_iov: &rma_iov,
-            rma_iov_count: 1,
+            rma_iov: rma_iov.as_ptr(),
+            rma_iov_count: rma_iov.len(),
             context: context as *mut c_void,
             data: 0,
         };
@@ -609,57 +600,48 @@ impl RdmEndpoint {
         check("fi_readmsg", rc)
     }
 
-    /// `fi_write` of `buf` (registered as `mr`) to `addr`/`key` of peer `dest`.
-    ///
-    /// # Safety
-    /// `buf` and `mr` live, unmoved and unmodified, until a completion with `context` is read.
-    pub unsafe fn write(
-        &self,
-        buf: &[u8],
-        mr: &Mr,
-        dest: u64,
-        addr: u64,
-        key: u64,
-        context: u64,
-    ) -> Result<(), FiError> {
-        // SAFETY: the caller's contract.
-        unsafe { self.write_raw(buf.as_ptr(), buf.len(), mr, dest, addr, key, context) }
-    }
-
-    /// `fi_write` of the `len` bytes at `src` (registered as `mr`; not a Rust slice: guest
-    /// memory, which its guest may write meanwhile) to `addr`/`key` of peer `dest`.
+    /// `fi_writemsg` of the `len` bytes at `src` (registered as `mr`; not a Rust slice: guest
+    /// memory, which its guest may write meanwhile) to the remote buffers `rma` (address,
+    /// key, length) of `dest`, in order: at most [`RdmEndpoint::rma_iov_limit`] of them,
+    /// `len` bytes in all.
     ///
     /// # Safety
     /// `src..src + len` stays mapped, and `mr` lives, until a completion with `context` is
     /// read or the connection to `dest` is closed.
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn write_raw(
         &self,
         src: *const u8,
         len: usize,
         mr: &Mr,
         dest: u64,
-        addr: u64,
-        key: u64,
+        rma: &[(u64, u64, u64)],
         context: u64,
     ) -> Result<(), FiError> {
-        // SAFETY: per the caller's contract; the endpoint is open.
+        let iov = sys::iovec {
+            iov_base: src.cast_mut().cast(),
+            iov_len: len,
+        };
+        let mut desc = mr.desc;
+        let rma_iov = rma_iovs(rma);
+        let msg = sys::fi_msg_rma {
+            msg_iov: &iov,
+            desc: &mut desc,
+            iov_count: 1,
+            addr: dest,
+            rma_iov: rma_iov.as_ptr(),
+            rma_iov_count: rma_iov.len(),
+            context: context as *mut c_void,
+            data: 0,
+        };
+        // SAFETY: per the caller's contract; `msg` and what it points at live for the call
+        // (the provider copies what it keeps); the endpoint is open.
         let rc = unsafe {
             op!(
                 (*self.ep).rma,
-                write(
-                    self.ep,
-                    src.cast(),
-                    len,
-                    mr.desc,
-                    dest,
-                    addr,
-                    key,
-                    context as *mut c_void
-                )
+                writemsg(self.ep, &msg, u64::from(sys::FI_COMPLETION))
             )
         };
-        check("fi_write", rc)
+        check("fi_writemsg", rc)
     }
 
     /// The CQ's wait fd, if the provider gave one.

@@ -60,7 +60,7 @@ impl Worker {
             // Its reservation stays with its pending entry.
             charged: 0,
             guest,
-            sink: None,
+            sink: Vec::new(),
         })));
     }
 }

@@ -2,12 +2,13 @@
 //! Rendezvous: large data moves with the uplink's RMA instead of as DATA chunks.
 //!
 //! A request whose bytes are larger than [`RDV_THRESHOLD`] goes as one RDV_DATA naming the
-//! sender's registered copy of them (SOURCE); the receiving host reads them with `fi_read`
-//! and hands the whole message to its fabric exactly like a reassembled DATA message (keys,
-//! ranges and matching are checked there as for any message). An RMA read of more than
-//! [`RDV_THRESHOLD`] bytes names a registered sink (SINK): the target writes the bytes read
-//! with `fi_write` and then answers RDV_REPLY (sends are ordered after writes, FI_ORDER_SAW,
-//! and the reply leaves only after the write completed). Both sides use rendezvous only when
+//! sender's registered copies of them (SOURCE, up to 4 ranges); the receiving host reads them
+//! with one `fi_readmsg` and hands the whole message to its fabric exactly like a reassembled
+//! DATA message (keys, ranges and matching are checked there as for any message). An RMA read
+//! of more than [`RDV_THRESHOLD`] bytes names registered sinks (SINK, up to 4): the target
+//! writes the bytes read with one `fi_writemsg` and then answers RDV_REPLY (sends are ordered
+//! after writes, FI_ORDER_SAW, and the reply leaves only after the write completed). Both
+//! sides use rendezvous only when
 //! both uplinks granted RMA (HELLO `caps`); otherwise data goes in chunks as before.
 //!
 //! Messages from one host reach the fabric in the order they arrived: a message behind a
@@ -68,13 +69,9 @@ impl Staged {
         }
     }
 
-    /// Bytes registered.
-    fn len(&self) -> usize {
-        match (&self.guest, &self.sink) {
-            (Some(g), _) => g.len(),
-            (None, Some(s)) => s.len,
-            (None, None) => self.buf.len(),
-        }
+    /// Bytes of a source: its range of guest memory, or its buffer.
+    fn source_len(&self) -> usize {
+        self.guest.as_ref().map_or(self.buf.len(), GuestBytes::len)
     }
 
     fn into_bytes(self) -> Vec<u8> {
@@ -104,34 +101,45 @@ struct Shadow {
     leak: bool,
 }
 
-/// A read's sink in its initiator guest's memory: a shadow of the destination pages,
-/// registered for remote write, so that the target's `fi_write` lands in guest memory and the
-/// RDV_REPLY completes the read with no copy. Shared by the uplink and the request's pending
+/// A read's sinks in its initiator guest's memory: a shadow of each destination range's
+/// pages, each registered for remote write, so that the target's `fi_writemsg` lands in guest
+/// memory and the RDV_REPLY completes the read with no copy. Shared by the uplink and the request's pending
 /// entry: whoever completes the request other than with its placed bytes (its guest withdrew
 /// it, on the guest's thread; it failed; its host was lost) revokes it first, so the guest
 /// never gets its buffer back while the wire may still write it.
 pub(crate) struct GuestSink {
-    shadow: Mutex<Shadow>,
-    /// The file bytes its shadow maps (the destination's), for the overlap check of later
+    /// One per range of the destination, in order.
+    shadows: Mutex<Vec<Shadow>>,
+    /// The file bytes each shadow maps (the destination's), for the overlap check of later
     /// reads.
-    key: ShadowKey,
+    keys: Vec<ShadowKey>,
     len: usize,
     req_id: u64,
 }
 
 impl GuestSink {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Shadow> {
-        self.shadow.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Shadow>> {
+        self.shadows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Cut the shadow from the guest's pages: whatever the target still writes for this read
+    /// Its shadows, once no one else holds it.
+    fn into_shadows(self) -> Vec<Shadow> {
+        self.shadows.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cut every shadow from the guest's pages: whatever the target still writes for this read
     /// lands in throw-away pages.
     pub(crate) fn revoke(&self) {
-        let mut s = self.lock();
-        if s.revoked {
+        let mut shadows = self.lock();
+        if shadows.iter().all(|s| s.revoked) {
             return;
         }
-        if s.revoke() {
+        // Every range is cut (one that fails to is logged below).
+        let mut cut = true;
+        for s in shadows.iter_mut().filter(|s| !s.revoked) {
+            cut &= s.revoke();
+        }
+        if cut {
             tracing::info!(
                 req_id = self.req_id,
                 "uplink: a read's sink in guest memory revoked"
@@ -273,8 +281,8 @@ enum Inbound {
         req_id: u64,
         desc: wire::Data,
         src: u64,
-        addr: u64,
-        key: u64,
+        /// The sender's sources.
+        srcs: RmaSegs,
         /// Its head, inline in the RDV_DATA (an RMA write's ranges); the read brings the rest.
         head: Vec<u8>,
         op: Option<u64>,
@@ -307,6 +315,32 @@ impl Landing {
     fn spans(&self) -> impl Iterator<Item = (usize, usize)> + Clone + '_ {
         self.guest.iter().map(|g| (g.ptr() as usize, g.len()))
     }
+}
+
+/// (address, key, length) of each of a peer's sources or sinks, in order.
+type RmaSegs = Vec<(u64, u64, u64)>;
+
+/// [`RmaSegs`] of the sources or sinks a peer named.
+fn rma_segs(segs: &[wire::RdvSeg]) -> RmaSegs {
+    segs.iter()
+        .map(|s| (s.addr.into(), s.key.into(), s.len.into()))
+        .collect()
+}
+
+/// The first `len` bytes of the sources `srcs` (address, key, length), in order: `None` when
+/// they hold fewer.
+fn rma_prefix(srcs: &[(u64, u64, u64)], len: u64) -> Option<RmaSegs> {
+    let mut left = len;
+    let mut out = Vec::with_capacity(srcs.len());
+    for &(addr, key, l) in srcs {
+        if left == 0 {
+            break;
+        }
+        let take = l.min(left);
+        out.push((addr, key, take));
+        left -= take;
+    }
+    (left == 0).then_some(out)
 }
 
 /// Whether any of the (first byte, length) spans of `a` shares a byte with one of `b`.
@@ -352,17 +386,18 @@ enum Op {
 
 #[derive(Default)]
 pub(super) struct Rendezvous {
-    /// Our requests' bytes that peers read, by request id, with their host.
-    sources: HashMap<u64, (u16, Staged)>,
-    /// Our RMA reads' sinks, by request id, with their host.
-    sinks: HashMap<u64, (u16, Staged)>,
+    /// Our requests' bytes that peers read (one registration per source), by request id,
+    /// with their host.
+    sources: HashMap<u64, (u16, Vec<Staged>)>,
+    /// Our RMA reads' sinks (one registration per sink), by request id, with their host.
+    sinks: HashMap<u64, (u16, Vec<Staged>)>,
     /// Per peer, its messages in arrival order while one of them is being read.
     inbound: HashMap<u16, VecDeque<Inbound>>,
     ops: HashMap<u64, Op>,
     next_op: u64,
     /// Sinks that peers named for their requests not answered yet: (host, req id) →
-    /// (address, key, length).
-    peer_sinks: HashMap<(u16, u64), (u64, u64, u64)>,
+    /// (address, key, length) of each, in order.
+    peer_sinks: HashMap<(u16, u64), RmaSegs>,
     /// Rendezvous reads and writes done, per peer (the first of each is logged).
     done: HashMap<(u16, bool), u64>,
     /// Rendezvous messages per peer made stubs before they were read (the first is logged).
@@ -372,7 +407,7 @@ pub(super) struct Rendezvous {
     /// which it does only once no read of them is in flight (and, for a sink, after the
     /// write into it: the answer follows the write on the wire); or until `DRAIN_LIMIT`
     /// passed.
-    draining: HashMap<u64, (u16, Staged, Instant)>,
+    draining: HashMap<u64, (u16, Vec<Staged>, Instant)>,
     /// Bytes of our rendezvous sources named in guest memory (no copy) and copied into a
     /// daemon buffer first (staged), since the start; logged when they change.
     pub zero_copy_bytes: u64,
@@ -447,23 +482,32 @@ impl Rendezvous {
     /// A source or sink whose request is withdrawn (or whose host is lost): a daemon buffer
     /// closes now; guest memory stays registered until its host answers (see `draining`), so
     /// that no read or write of it is in flight when the registration and the mapping go.
-    fn drain(&mut self, req_id: u64, host: u16, st: Staged) {
+    fn drain(&mut self, req_id: u64, host: u16, staged: Vec<Staged>) {
+        let held: Vec<Staged> = staged
+            .into_iter()
+            .filter(|st| st.guest.is_some() || st.sink.is_some())
+            .collect();
+        let Some(st) = held.first() else {
+            return;
+        };
         if st.guest.is_some() {
             tracing::info!(
                 req_id,
                 host,
                 "uplink: a withdrawn zero-copy source waits for its target's answer"
             );
-        } else if st.sink.is_some() {
+        } else {
             tracing::info!(
                 req_id,
                 host,
                 "uplink: a withdrawn read's sink in guest memory waits for its target's answer"
             );
-        } else {
-            return;
         }
-        self.draining.insert(req_id, (host, st, Instant::now()));
+        self.draining
+            .entry(req_id)
+            .or_insert_with(|| (host, Vec::new(), Instant::now()))
+            .1
+            .extend(held);
     }
 
     /// RMA operations in flight.
@@ -513,7 +557,7 @@ impl Worker {
         let mut s = self.try_rdv(dest, req_id, s, desc)?;
         // Chunks: bytes left in guest memory are copied now (the guest's request still
         // waits for its verdict, so they are the bytes it posted).
-        if let Some(g) = s.guest.take() {
+        for g in std::mem::take(&mut s.guest) {
             if g.copy_into(&mut s.payload).is_err() {
                 self.complete_pending(req_id, None, Status::Fault);
                 return None;
@@ -532,69 +576,60 @@ impl Worker {
         let is_read = s.req.req.opcode == Opcode::RmaRead;
         let sink_len = if is_read { s.len } else { 0 };
         let inline_room = wire::MAX_MESSAGE - wire::HEADER_LEN - wire::DATA_LEN - wire::RDV_LEN;
-        let data_len = s.payload.len() + s.guest.as_ref().map_or(0, GuestBytes::len);
+        let data_len = s.payload.len() + s.guest.iter().map(GuestBytes::len).sum::<usize>();
         let source = data_len > RDV_THRESHOLD.min(inline_room);
         let sink = sink_len as usize > RDV_THRESHOLD;
         if !(source || sink) || !self.rdv_with(s.host) {
             return Some(s);
         }
         let mut rdv = RdvDesc::default();
-        let mut flags = 0;
         let mut staged_src = None;
         if source {
-            let reg = match s.guest.take() {
-                // The bytes in guest memory are registered where they are (no copy); what
-                // precedes them (an RMA write's ranges; nothing for a send) goes inline.
-                Some(g) if s.payload.len() <= inline_room => {
-                    // SAFETY: `g` keeps the guest mapping alive and moves into `Staged`
-                    // with the registration, which is closed before `g` drops.
-                    match unsafe { self.ep.register_raw(g.ptr(), g.len(), REMOTE_READ) } {
-                        Ok(mr) => Ok(Staged {
-                            mr,
-                            buf: Vec::new(),
-                            guest: Some(g),
-                            sink: None,
-                        }),
-                        Err(e) => {
-                            s.guest = Some(g);
-                            Err(e)
-                        }
+            let guest = std::mem::take(&mut s.guest);
+            // The bytes in guest memory are registered where they are, each range (no copy),
+            // when the target reads them all in one operation; what precedes them (an RMA
+            // write's ranges; nothing for a send) goes inline.
+            // (An empty range would be an empty source, which the target refuses.)
+            let in_place = !guest.is_empty()
+                && s.payload.len() <= inline_room
+                && guest.len() <= self.ep.rma_iov_limit()
+                && guest.iter().all(|g| g.len() > 0);
+            let reg = if in_place {
+                self.register_sources(guest).map_err(|(g, e)| {
+                    s.guest = g;
+                    e
+                })
+            } else {
+                for g in guest {
+                    if g.copy_into(&mut s.payload).is_err() {
+                        self.complete_pending(req_id, None, Status::Fault);
+                        return None;
                     }
                 }
-                g => {
-                    s.guest = g;
-                    if let Some(g) = s.guest.take() {
-                        if g.copy_into(&mut s.payload).is_err() {
-                            self.complete_pending(req_id, None, Status::Fault);
-                            return None;
-                        }
-                    }
-                    // The request's own bytes are registered (no further copy); given
-                    // back if they go in chunks after all.
-                    let buf = std::mem::take(&mut s.payload);
-                    // SAFETY: the buffer moves into `Staged` with its registration (a
-                    // Vec's heap bytes do not move) and is freed only after the
-                    // registration is closed.
-                    match unsafe { self.ep.register(&buf, REMOTE_READ) } {
-                        Ok(mr) => Ok(Staged::own(mr, buf)),
-                        Err(e) => {
-                            s.payload = buf;
-                            Err(e)
-                        }
+                // The request's own bytes are registered (no further copy); given back if
+                // they go in chunks after all.
+                let buf = std::mem::take(&mut s.payload);
+                // SAFETY: the buffer moves into `Staged` with its registration (a Vec's heap
+                // bytes do not move) and is freed only after the registration is closed.
+                match unsafe { self.ep.register(&buf, REMOTE_READ) } {
+                    Ok(mr) => Ok(vec![Staged::own(mr, buf)]),
+                    Err(e) => {
+                        s.payload = buf;
+                        Err(e)
                     }
                 }
             };
             match reg {
-                Ok(st) => {
-                    rdv.src_addr = st.mr.addr.into();
-                    rdv.src_key = st.mr.key.into();
-                    flags |= rdv_flags::SOURCE;
-                    // Only the bytes the peer reads count (not an inline head).
-                    match &st.guest {
-                        Some(g) => self.rdv.zero_copy_bytes += g.len() as u64,
-                        None => self.rdv.staged_bytes += st.buf.len() as u64,
+                Ok(srcs) => {
+                    for st in &srcs {
+                        rdv.push_source(st.mr.addr, st.mr.key, st.source_len() as u64);
+                        // Only the bytes the peer reads count (not an inline head).
+                        match &st.guest {
+                            Some(g) => self.rdv.zero_copy_bytes += g.len() as u64,
+                            None => self.rdv.staged_bytes += st.buf.len() as u64,
+                        }
                     }
-                    staged_src = Some(st);
+                    staged_src = Some(srcs);
                 }
                 Err(e) => {
                     debug!("uplink: rendezvous source not registered, sending chunks: {e}");
@@ -603,42 +638,40 @@ impl Worker {
             }
         }
         let mut staged_sink = None;
-        let in_guest = match s.sink.take() {
-            Some(g) if sink && self.direct_reads_on() => {
-                self.guest_sink(req_id, &g, sink_len as usize)
-            }
-            _ => None,
+        let read_dest = std::mem::take(&mut s.sink);
+        let in_guest = if sink && !read_dest.is_empty() && self.direct_reads_on() {
+            self.guest_sink(req_id, &read_dest, sink_len as usize)
+        } else {
+            None
         };
-        if let Some(st) = in_guest {
-            rdv.sink_addr = st.mr.addr.into();
-            rdv.sink_key = st.mr.key.into();
-            rdv.sink_len = sink_len.into();
-            flags |= rdv_flags::SINK;
-            staged_sink = Some(st);
+        drop(read_dest);
+        if let Some(sinks) = in_guest {
+            for (st, len) in &sinks {
+                rdv.push_sink(st.mr.addr, st.mr.key, *len as u64);
+            }
+            staged_sink = Some(sinks.into_iter().map(|(st, _)| st).collect());
         } else if sink {
             let buf = vec![0u8; sink_len as usize];
             // SAFETY: as for the source.
             match unsafe { self.ep.register(&buf, u64::from(sys::FI_REMOTE_WRITE)) } {
                 Ok(mr) => {
-                    rdv.sink_addr = mr.addr.into();
-                    rdv.sink_key = mr.key.into();
-                    rdv.sink_len = sink_len.into();
-                    flags |= rdv_flags::SINK;
-                    staged_sink = Some(Staged::own(mr, buf));
+                    rdv.push_sink(mr.addr, mr.key, sink_len);
+                    staged_sink = Some(vec![Staged::own(mr, buf)]);
                 }
                 Err(e) => {
                     debug!("uplink: rendezvous sink not registered, sending chunks: {e}");
-                    if let Some(st) = staged_src {
+                    for st in staged_src.into_iter().flatten() {
                         let Staged { mr, buf, guest, .. } = st;
                         drop(mr);
-                        s.payload = buf;
-                        s.guest = guest;
+                        match guest {
+                            Some(g) => s.guest.push(g),
+                            None => s.payload = buf,
+                        }
                     }
                     return Some(s);
                 }
             }
         }
-        rdv.flags = flags.into();
         // With a source in daemon memory `payload` was moved into it (empty now); with one
         // in guest memory `payload` is the inline head.
         let chunk: &[u8] = &s.payload;
@@ -665,20 +698,75 @@ impl Worker {
         None
     }
 
-    /// A sink of `len` bytes for read `req_id` in its guest's memory (`g`, the read's
-    /// destination): a shadow of those pages registered for remote write, attached to the
-    /// pending request (whose completer revokes it). `None` (a daemon buffer is the sink):
-    /// no file behind them, the mapping or registration failed, or the request was withdrawn
-    /// meanwhile.
-    fn guest_sink(&mut self, req_id: u64, g: &GuestBytes, len: usize) -> Option<Staged> {
+    /// Each of the `guest` ranges registered for the target's read (a zero-copy source each),
+    /// or all of them given back with the error.
+    #[allow(clippy::type_complexity)]
+    fn register_sources(
+        &mut self,
+        guest: Vec<GuestBytes>,
+    ) -> Result<Vec<Staged>, (Vec<GuestBytes>, super::FiError)> {
+        let mut srcs = Vec::with_capacity(guest.len());
+        let mut rest = guest.into_iter();
+        while let Some(g) = rest.next() {
+            // SAFETY: `g` keeps the guest mapping alive and moves into `Staged` with the
+            // registration, which is closed before `g` drops.
+            match unsafe { self.ep.register_raw(g.ptr(), g.len(), REMOTE_READ) } {
+                Ok(mr) => srcs.push(Staged {
+                    mr,
+                    buf: Vec::new(),
+                    guest: Some(g),
+                    sink: None,
+                }),
+                Err(e) => {
+                    let mut back: Vec<GuestBytes> = srcs
+                        .into_iter()
+                        .filter_map(|st| {
+                            let Staged { mr, guest, .. } = st;
+                            drop(mr);
+                            guest
+                        })
+                        .collect();
+                    back.push(g);
+                    back.extend(rest);
+                    return Err((back, e));
+                }
+            }
+        }
+        Ok(srcs)
+    }
+
+    /// The sinks of read `req_id` in its guest's memory (`dest`, the ranges of the read's
+    /// first `len` bytes): a shadow of each range's pages registered for remote write, with
+    /// its length, all attached to the pending request as one [`GuestSink`] (whose completer
+    /// revokes it). `None` (a daemon buffer is the sink): more ranges than one write may
+    /// name, no file behind them, the mapping or a registration failed, or the request was
+    /// withdrawn meanwhile.
+    fn guest_sink(
+        &mut self,
+        req_id: u64,
+        dest: &[GuestBytes],
+        len: usize,
+    ) -> Option<Vec<(Staged, usize)>> {
+        // (An empty range would be an empty sink, which the target refuses.)
+        if dest.len() > self.ep.rma_iov_limit()
+            || dest.iter().any(|g| g.len() == 0)
+            || dest.iter().map(GuestBytes::len).sum::<usize>() != len
+        {
+            return None;
+        }
+        let keys: Vec<ShadowKey> = dest
+            .iter()
+            .map(|g| Shadow::locate(g, g.len()).map(|(_, key)| key))
+            .collect::<Option<_>>()?;
         // Reads of one guest land in the order they were made (as on one host): bytes that
         // overlap a sink in flight go to a daemon buffer, copied when their reply comes.
-        let (_, key) = Shadow::locate(g, len)?;
-        let overlaps = self
-            .rdv
-            .sinks
-            .values()
-            .any(|(_, st)| st.sink.as_ref().is_some_and(|s| keys_overlap(&s.key, &key)));
+        let overlaps = self.rdv.sinks.values().flat_map(|(_, sts)| sts).any(|st| {
+            st.sink.as_ref().is_some_and(|s| {
+                s.keys
+                    .iter()
+                    .any(|a| keys.iter().any(|b| keys_overlap(a, b)))
+            })
+        });
         if overlaps {
             debug!(
                 req_id,
@@ -686,40 +774,67 @@ impl Worker {
             );
             return None;
         }
-        let shadow = self.rdv.take_shadow(g, len)?;
-        // SAFETY: the shadow mapping lives in the `GuestSink` with the registration, which is
-        // closed before the last `Arc` of it (so the mapping) goes.
-        let mr = match unsafe {
-            self.ep
-                .register_raw(shadow.at as *const u8, len, u64::from(sys::FI_REMOTE_WRITE))
-        } {
-            Ok(mr) => mr,
-            Err(e) => {
-                debug!(req_id, "uplink: a read's destination not registered: {e}");
-                self.rdv.keep_shadow(shadow);
-                return None;
+        let mut mrs = Vec::with_capacity(dest.len());
+        let mut shadows = Vec::with_capacity(dest.len());
+        for g in dest {
+            let Some(shadow) = self.rdv.take_shadow(g, g.len()) else {
+                break;
+            };
+            // SAFETY: the shadow mapping lives in the `GuestSink` with the registration,
+            // which is closed before the last `Arc` of it (so the mapping) goes.
+            match unsafe {
+                self.ep.register_raw(
+                    shadow.at as *const u8,
+                    g.len(),
+                    u64::from(sys::FI_REMOTE_WRITE),
+                )
+            } {
+                Ok(mr) => {
+                    mrs.push((mr, g.len()));
+                    shadows.push(shadow);
+                }
+                Err(e) => {
+                    debug!(req_id, "uplink: a read's destination not registered: {e}");
+                    self.rdv.keep_shadow(shadow);
+                    break;
+                }
             }
-        };
+        }
+        if shadows.len() < dest.len() {
+            drop(mrs);
+            for sh in shadows {
+                self.rdv.keep_shadow(sh);
+            }
+            return None;
+        }
         let sink = Arc::new(GuestSink {
-            key: shadow.key,
-            shadow: Mutex::new(shadow),
+            keys,
+            shadows: Mutex::new(shadows),
             len,
             req_id,
         });
         if !self.outbox.attach_sink(req_id, &sink) {
-            drop(mr);
+            drop(mrs);
             if let Ok(gs) = Arc::try_unwrap(sink) {
-                self.rdv
-                    .keep_shadow(gs.shadow.into_inner().unwrap_or_else(|p| p.into_inner()));
+                for sh in gs.into_shadows() {
+                    self.rdv.keep_shadow(sh);
+                }
             }
             return None;
         }
-        Some(Staged {
-            mr,
-            buf: Vec::new(),
-            guest: None,
-            sink: Some(sink),
-        })
+        Some(
+            mrs.into_iter()
+                .map(|(mr, len)| {
+                    let st = Staged {
+                        mr,
+                        buf: Vec::new(),
+                        guest: None,
+                        sink: Some(sink.clone()),
+                    };
+                    (st, len)
+                })
+                .collect(),
+        )
     }
 
     /// Request `req_id` completed: its rendezvous buffers go (a peer reading or writing them
@@ -753,7 +868,7 @@ impl Worker {
                 .rdv
                 .draining
                 .remove(&req_id)
-                .is_some_and(|(_, st, _)| st.sink.is_some());
+                .is_some_and(|(_, st, _)| st.iter().any(|st| st.sink.is_some()));
             let what = if sink {
                 "read's sink in guest memory"
             } else {
@@ -814,11 +929,13 @@ impl Worker {
             .rdv
             .sinks
             .get(&req_id)
-            .is_some_and(|(_, s)| s.sink.is_none() && s.buf.len() as u64 == written);
+            .is_some_and(|(_, sts)| {
+                matches!(sts.as_slice(), [s] if s.sink.is_none() && s.buf.len() as u64 == written)
+            });
         if !fits {
             return None;
         }
-        let bytes = self.rdv.sinks.remove(&req_id)?.1.into_bytes();
+        let bytes = self.rdv.sinks.remove(&req_id)?.1.pop()?.into_bytes();
         self.rdv.sink_copied_bytes += bytes.len() as u64;
         Some(bytes)
     }
@@ -827,22 +944,22 @@ impl Worker {
     /// answered `status` (RDV_REPLY, after the write): with all of them there the read
     /// completes with no copy; otherwise the sink is revoked and the read fails `Invalid`.
     fn sink_written(&mut self, host: u16, req_id: u64, status: Status, written: u64) {
-        let Some((_, st)) = self.rdv.sinks.remove(&req_id) else {
+        let Some((_, sts)) = self.rdv.sinks.remove(&req_id) else {
             return;
         };
         let Some(mut p) = self.outbox.take_placed(req_id, Some(host)) else {
             // Withdrawn meanwhile (its withdrawer revoked the sink): this is its answer, after
             // the write.
-            drop(st);
+            drop(sts);
             return self.rdv_answered(req_id, Some(host));
         };
-        let len = st.len() as u64;
-        let Staged { mr, sink, .. } = st;
+        let sink = sts.first().and_then(|st| st.sink.clone());
         // The write is over: nothing names the guest's pages any more.
-        drop(mr);
+        drop(sts);
         p.sink = None;
         match sink {
-            Some(sink) if status == Status::Ok && written == len => {
+            Some(sink) if status == Status::Ok && written == sink.len as u64 => {
+                let len = written;
                 self.rdv.sink_placed_bytes += len;
                 self.fabric.complete_remote(
                     p.dev,
@@ -854,8 +971,9 @@ impl Worker {
                     &mut self.notify,
                 );
                 if let Ok(gs) = Arc::try_unwrap(sink) {
-                    self.rdv
-                        .keep_shadow(gs.shadow.into_inner().unwrap_or_else(|p| p.into_inner()));
+                    for sh in gs.into_shadows() {
+                        self.rdv.keep_shadow(sh);
+                    }
                 }
             }
             sink => {
@@ -913,14 +1031,9 @@ impl Worker {
                 }
                 let flags = u32::from(rdv.flags);
                 if flags & rdv_flags::SINK != 0 {
-                    self.rdv.peer_sinks.insert(
-                        (host_id, req_id),
-                        (
-                            rdv.sink_addr.into(),
-                            rdv.sink_key.into(),
-                            rdv.sink_len.into(),
-                        ),
-                    );
+                    self.rdv
+                        .peer_sinks
+                        .insert((host_id, req_id), rma_segs(rdv.sinks()));
                 }
                 if !self.rdv.has_room(host_id, chunk.len() as u64) {
                     self.rdv.peer_sinks.remove(&(host_id, req_id));
@@ -931,8 +1044,7 @@ impl Worker {
                         req_id,
                         desc,
                         src,
-                        addr: rdv.src_addr.into(),
-                        key: rdv.src_key.into(),
+                        srcs: rma_segs(rdv.sources()),
                         head: chunk.to_vec(),
                         op: None,
                         canceled: false,
@@ -965,11 +1077,10 @@ impl Worker {
                     self.rdv_answered(req_id, Some(host_id));
                     return debug!(req_id, "uplink: a rendezvous verdict for no request");
                 }
-                let in_guest = self
-                    .rdv
-                    .sinks
-                    .get(&req_id)
-                    .is_some_and(|(h, s)| *h == host_id && s.sink.is_some());
+                let in_guest =
+                    self.rdv.sinks.get(&req_id).is_some_and(|(h, sts)| {
+                        *h == host_id && sts.iter().any(|s| s.sink.is_some())
+                    });
                 if in_guest {
                     return self.sink_written(host_id, req_id, status, written);
                 }
@@ -1050,8 +1161,7 @@ impl Worker {
                 req_id,
                 desc,
                 src,
-                addr,
-                key,
+                srcs,
                 head,
                 op: op @ None,
                 direct,
@@ -1060,16 +1170,8 @@ impl Worker {
             {
                 let req_id = *req_id;
                 let claim = matched_ahead.then_some(&*desc);
-                match self.start_read(
-                    host,
-                    req_id,
-                    claim,
-                    desc.total_len.into(),
-                    head,
-                    *src,
-                    *addr,
-                    *key,
-                ) {
+                match self.start_read(host, req_id, claim, desc.total_len.into(), head, *src, srcs)
+                {
                     Ok(Some((ctx, d))) => {
                         *op = Some(ctx);
                         *direct = d;
@@ -1128,14 +1230,24 @@ impl Worker {
         len: u64,
         head: &[u8],
         src: u64,
-        addr: u64,
-        key: u64,
+        srcs: &[(u64, u64, u64)],
     ) -> Result<Option<(u64, bool)>, Status> {
         let Ok(len) = usize::try_from(len) else {
             return Err(Status::TooLarge);
         };
         // The parser saw to it that the source holds at least one byte.
         if head.len() >= len {
+            return Err(Status::Invalid);
+        }
+        // One operation reads them all: more than our provider takes come only from a peer
+        // that ignores it (both ends run the uplink's one provider).
+        if srcs.len() > self.ep.rma_iov_limit() {
+            warn!(
+                host,
+                req_id,
+                sources = srcs.len(),
+                "uplink: a rendezvous with more sources than one read may name"
+            );
             return Err(Status::Invalid);
         }
         if let Some(desc) = claim.filter(|_| self.direct_reads_on()) {
@@ -1146,7 +1258,7 @@ impl Worker {
                 self.fabric.claim_direct_write(host, desc, head, max_ranges)
             };
             if let Some(dest) = dest {
-                match self.start_direct_read(host, req_id, dest, src, addr, key) {
+                match self.start_direct_read(host, req_id, dest, src, srcs) {
                     Ok(ctx) => return Ok(Some((ctx, true))),
                     // Read into a daemon buffer instead (the receive was matched again).
                     Err(again) if again => return Ok(None),
@@ -1171,18 +1283,11 @@ impl Worker {
         let mut staged = Staged::own(mr, buf);
         self.rdv.next_op += 1;
         let ctx = RMA_CONTEXT + self.rdv.next_op;
+        let dst = &mut staged.buf[head.len()..];
+        let iov = [(dst.as_mut_ptr(), dst.len(), &staged.mr)];
         // SAFETY: `staged` (buffer and registration) is kept in `self.rdv.ops` until the
         // completion with `ctx`; the endpoint outlives it (see `Worker`'s field order).
-        let rc = unsafe {
-            self.ep.read(
-                &mut staged.buf[head.len()..],
-                &staged.mr,
-                src,
-                addr,
-                key,
-                ctx,
-            )
-        };
+        let rc = unsafe { self.ep.read_raw_iov(&iov, src, srcs, ctx) };
         match rc {
             Ok(()) => {
                 self.rdv.ops.insert(
@@ -1213,12 +1318,17 @@ impl Worker {
         req_id: u64,
         mut dest: Box<DirectDest>,
         src: u64,
-        addr: u64,
-        key: u64,
+        srcs: &[(u64, u64, u64)],
     ) -> Result<u64, bool> {
         let guest = std::mem::take(&mut dest.bytes);
-        let landing = self.land(host, req_id, guest);
-        let Some(landing) = landing else {
+        // The sources' first bytes, as many as the ranges take (all of them, or a truncated
+        // receive's head).
+        let wanted = guest.iter().map(|g| g.len() as u64).sum::<u64>();
+        let landing = match rma_prefix(srcs, wanted) {
+            Some(rma) => self.land(host, req_id, guest).map(|l| (rma, l)),
+            None => None,
+        };
+        let Some((rma, landing)) = landing else {
             dest.fence.end();
             self.fabric
                 .direct_unclaim(host, req_id, dest, &mut self.notify);
@@ -1238,7 +1348,7 @@ impl Worker {
         // `ctx`; the guest does not get the receive back before the op's fence ends, which is
         // after the read or after every shadow was revoked (then the read writes throw-away
         // pages).
-        let rc = unsafe { self.ep.read_raw_iov(&iov, src, addr, key, ctx) };
+        let rc = unsafe { self.ep.read_raw_iov(&iov, src, &rma, ctx) };
         drop(iov);
         match rc {
             Ok(()) => {
@@ -1435,9 +1545,16 @@ impl Worker {
         if u16::from(m.desc.opcode) != Opcode::RmaRead as u16 || !self.direct_reads_on() {
             return false;
         }
-        let Some(&(addr, key, len)) = self.rdv.peer_sinks.get(&(host, req_id)) else {
+        let Some(sinks) = self
+            .rdv
+            .peer_sinks
+            .get(&(host, req_id))
+            .filter(|s| s.len() <= self.ep.rma_iov_limit())
+            .cloned()
+        else {
             return false;
         };
+        let len: u64 = sinks.iter().map(|s| s.2).sum();
         let Some(dest) = self.dest_of(host) else {
             return false;
         };
@@ -1471,7 +1588,7 @@ impl Worker {
         // `ctx` (if the host is lost they are revoked: anonymous pages, still mapped).
         let rc = unsafe {
             self.ep
-                .write_raw(shadow.at as *const u8, src.len, &mr, dest, addr, key, ctx)
+                .write_raw(shadow.at as *const u8, src.len, &mr, dest, &sinks, ctx)
         };
         if let Err(e) = rc {
             debug!(
@@ -1515,10 +1632,15 @@ impl Worker {
         status: Status,
         read: Cow<'a, [u8]>,
     ) -> Result<(), Cow<'a, [u8]>> {
-        let Some((addr, key, len)) = self.rdv.peer_sinks.remove(&(host, req_id)) else {
+        let Some(sinks) = self.rdv.peer_sinks.remove(&(host, req_id)) else {
             return Err(read);
         };
-        if status != Status::Ok || read.len() as u64 != len || read.is_empty() {
+        let len: u64 = sinks.iter().map(|s| s.2).sum();
+        if status != Status::Ok
+            || read.len() as u64 != len
+            || read.is_empty()
+            || sinks.len() > self.ep.rma_iov_limit()
+        {
             return Err(read);
         }
         let buf = read.into_owned();
@@ -1535,7 +1657,17 @@ impl Worker {
         self.rdv.next_op += 1;
         let ctx = RMA_CONTEXT + self.rdv.next_op;
         // SAFETY: see above.
-        match unsafe { self.ep.write(&staged.buf, &staged.mr, dest, addr, key, ctx) } {
+        let rc = unsafe {
+            self.ep.write_raw(
+                staged.buf.as_ptr(),
+                staged.buf.len(),
+                &staged.mr,
+                dest,
+                &sinks,
+                ctx,
+            )
+        };
+        match rc {
             Ok(()) => {
                 self.rdv.ops.insert(
                     ctx,
@@ -1756,8 +1888,8 @@ impl Worker {
                 );
                 // A revoked sink stays mapped (throw-away pages) for a write the provider
                 // may still finish into it; only its registration closes.
-                if let Some(sink) = &st.sink {
-                    sink.lock().leak = true;
+                for sink in st.iter().filter_map(|st| st.sink.as_ref()) {
+                    sink.lock().iter_mut().for_each(|sh| sh.leak = true);
                 }
             }
             keep
@@ -1878,7 +2010,7 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::{keys_overlap, spans_overlap};
+    use super::{keys_overlap, rma_prefix, spans_overlap};
 
     #[test]
     fn keys_overlap_only_for_shared_bytes_of_one_file() {
@@ -1894,6 +2026,18 @@ mod tests {
             keys_overlap(&(1, 7, u64::MAX - 1, 5), &(1, 7, u64::MAX, 1)),
             "no overflow"
         );
+    }
+
+    #[test]
+    fn a_read_of_fewer_bytes_takes_the_first_sources_and_cuts_the_last() {
+        let srcs = [(0x1000, 1, 100), (0x9000, 2, 50), (0x5000, 3, 10)];
+        assert_eq!(rma_prefix(&srcs, 160), Some(srcs.to_vec()));
+        assert_eq!(
+            rma_prefix(&srcs, 120),
+            Some(vec![(0x1000, 1, 100), (0x9000, 2, 20)])
+        );
+        assert_eq!(rma_prefix(&srcs, 100), Some(vec![(0x1000, 1, 100)]));
+        assert_eq!(rma_prefix(&srcs, 161), None);
     }
 
     #[test]

@@ -39,14 +39,16 @@ pub(crate) struct RemoteSend {
     /// Bytes of this daemon's memory it holds while in flight (what [`Outbox::reserve`]
     /// charged): its copied bytes, and an RMA read's sink; 0 for bytes left in guest memory.
     pub charged: u64,
-    /// The request's bytes still in guest memory (then `payload` holds only what precedes
-    /// them: nothing for a send, the ranges of an RMA write): named to the target as a
-    /// rendezvous source with no copy, or copied into `payload` when they go in chunks.
-    pub guest: Option<GuestBytes>,
-    /// An RMA read's destination when it is one range of one guest memory region: the uplink
-    /// may name (a mapping of) those pages to the target as the read's sink, so that the
-    /// target's `fi_write` lands in guest memory with no copy.
-    pub sink: Option<GuestBytes>,
+    /// The request's bytes still in guest memory, one entry per guest range (none: all in
+    /// `payload`; else `payload` holds only what precedes them: nothing for a send, the
+    /// ranges of an RMA write): named to the target as rendezvous sources with no copy, or
+    /// copied into `payload` when they go in chunks.
+    pub guest: Vec<GuestBytes>,
+    /// An RMA read's destination when it is a few ranges of guest memory, one entry per
+    /// range (none: the read's bytes come back to a daemon buffer): the uplink may name (a
+    /// mapping of) those pages to the target as the read's sinks, so that the target's
+    /// `fi_write` lands in guest memory with no copy.
+    pub sink: Vec<GuestBytes>,
 }
 
 /// Bytes of a request left in the guest's memory: one range inside one memory region, with
@@ -60,22 +62,29 @@ pub(crate) struct GuestBytes {
     len: usize,
 }
 
-/// A send's bytes as they leave: large bytes in one guest range stay in guest memory (the
-/// uplink names them to the target as a rendezvous source, or copies them if they go in
-/// chunks); any others are copied now. `None` when the guest's memory faulted.
+/// A send's bytes as they leave: large bytes in at most [`wire::MAX_RDV_SEGS`] guest ranges
+/// stay in guest memory (the uplink names them to the target as rendezvous sources, or copies
+/// them if they go in chunks); any others are copied now. `None` when the guest's memory
+/// faulted.
 pub(crate) fn send_payload(
     port: &Port,
     payload: &Segs,
     len: u64,
-) -> Option<(Option<GuestBytes>, Vec<u8>)> {
+) -> Option<(Vec<GuestBytes>, Vec<u8>)> {
     use vm_memory::GuestAddressSpace;
     let guest = if len as usize > super::rdv::RDV_THRESHOLD {
-        GuestBytes::new(port.mem.memory().into_inner(), payload)
+        GuestBytes::ranges(
+            port.mem.memory().into_inner(),
+            payload,
+            len,
+            wire::MAX_RDV_SEGS,
+        )
+        .unwrap_or_default()
     } else {
-        None
+        Vec::new()
     };
     let mut bytes = Vec::new();
-    if guest.is_none() {
+    if guest.is_empty() {
         bytes.resize(len as usize, 0);
         payload.read_at(&port.mem.memory(), 0, &mut bytes).ok()?;
     }

@@ -17,8 +17,11 @@ pub const MAGIC: u32 = 0x4c55_4656;
 /// source in its guest's memory registered until then) and an RDV_DATA with SOURCE may carry
 /// its head inline (an RMA write's ranges, the bytes in guest memory). 6: PULL and the PULLED
 /// flag (a receiver past its bound keeps only a stub of a message and asks for its bytes when a
-/// receive matches it; a version-5 daemon would never answer the PULL).
-pub const VERSION: u16 = 6;
+/// receive matches it; a version-5 daemon would never answer the PULL). 7: an RDV_DATA names up
+/// to [`MAX_RDV_SEGS`] sources and sinks, each with its length (a large request whose bytes are
+/// in several guest ranges is read from them where they are; a version-6 daemon would read
+/// the old fixed fields of the description).
+pub const VERSION: u16 = 7;
 
 /// Message kinds.
 pub mod kind {
@@ -75,30 +78,125 @@ pub mod caps {
 /// Flags of [`RdvDesc`].
 pub mod rdv_flags {
     /// The request's bytes after the inline ones (its head, e.g. an RMA write's ranges; often
-    /// none) are at `src_addr`/`src_key`: `total_len` minus the inline bytes, never none.
+    /// none) are in the sources, in order: `total_len` minus the inline bytes, never none.
     pub const SOURCE: u32 = 1 << 0;
-    /// The bytes the verdict returns (an RMA read's, `sink_len` of them) go to
-    /// `sink_addr`/`sink_key`, written before the RDV_REPLY.
+    /// The bytes the verdict returns (an RMA read's, as many as the sinks hold) go to the
+    /// sinks, in order, written before the RDV_REPLY.
     pub const SINK: u32 = 1 << 1;
     pub const ALL: u32 = SOURCE | SINK;
 }
 
-/// Body of RDV_DATA after the [`Data`] description (then the inline bytes, if not SOURCE):
-/// 48 bytes. Addresses and keys are the sender's uplink registrations (the provider's
-/// `fi_mr_key`; the address is virtual or an offset as the provider's FI_MR_VIRT_ADDR says).
+/// Sources or sinks one RDV_DATA names at most (the iov limit of `tcp;ofi_rxm`'s RMA: one
+/// `fi_readmsg` or `fi_writemsg` moves them all).
+pub const MAX_RDV_SEGS: usize = 4;
+
+/// One registered buffer of the sender's, read or written by the receiving host's RMA: the
+/// provider's `fi_mr_key` and address (virtual or an offset as FI_MR_VIRT_ADDR says).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RdvSeg {
+    pub addr: Le64,
+    pub key: Le64,
+    pub len: Le64,
+}
+// SAFETY: plain-old-data, repr(C), no padding (24 bytes, every field naturally aligned).
+unsafe impl ByteValued for RdvSeg {}
+
+/// Body of RDV_DATA after the [`Data`] description (then the inline bytes): 200 bytes. The
+/// first `src_count` of `src` (SOURCE) and `sink_count` of `sink` (SINK) are used, none
+/// empty; the others are zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RdvDesc {
     pub flags: Le32,
-    pub reserved: Le32,
-    pub src_addr: Le64,
-    pub src_key: Le64,
-    pub sink_addr: Le64,
-    pub sink_key: Le64,
-    pub sink_len: Le64,
+    pub src_count: Le16,
+    pub sink_count: Le16,
+    pub src: [RdvSeg; MAX_RDV_SEGS],
+    pub sink: [RdvSeg; MAX_RDV_SEGS],
 }
-// SAFETY: plain-old-data, repr(C), no padding (48 bytes, every field naturally aligned).
+// SAFETY: plain-old-data, repr(C), no padding (200 bytes, every field naturally aligned).
 unsafe impl ByteValued for RdvDesc {}
+
+impl RdvDesc {
+    /// The sources named (none past [`MAX_RDV_SEGS`], whatever the count says).
+    pub fn sources(&self) -> &[RdvSeg] {
+        &self.src[..usize::from(u16::from(self.src_count)).min(MAX_RDV_SEGS)]
+    }
+
+    /// The sinks named (none past [`MAX_RDV_SEGS`], whatever the count says).
+    pub fn sinks(&self) -> &[RdvSeg] {
+        &self.sink[..usize::from(u16::from(self.sink_count)).min(MAX_RDV_SEGS)]
+    }
+
+    /// Name one more source (SOURCE); `false` when all are used.
+    pub fn push_source(&mut self, addr: u64, key: u64, len: u64) -> bool {
+        push_seg(
+            &mut self.src,
+            &mut self.src_count,
+            addr,
+            key,
+            len,
+            &mut self.flags,
+            rdv_flags::SOURCE,
+        )
+    }
+
+    /// Name one more sink (SINK); `false` when all are used.
+    pub fn push_sink(&mut self, addr: u64, key: u64, len: u64) -> bool {
+        push_seg(
+            &mut self.sink,
+            &mut self.sink_count,
+            addr,
+            key,
+            len,
+            &mut self.flags,
+            rdv_flags::SINK,
+        )
+    }
+}
+
+fn push_seg(
+    segs: &mut [RdvSeg; MAX_RDV_SEGS],
+    count: &mut Le16,
+    addr: u64,
+    key: u64,
+    len: u64,
+    flags: &mut Le32,
+    flag: u32,
+) -> bool {
+    let n = usize::from(u16::from(*count));
+    let Some(seg) = segs.get_mut(n) else {
+        return false;
+    };
+    *seg = RdvSeg {
+        addr: addr.into(),
+        key: key.into(),
+        len: len.into(),
+    };
+    *count = (n as u16 + 1).into();
+    *flags = (u32::from(*flags) | flag).into();
+    true
+}
+
+/// The bytes `segs` hold in all (`None` past `u64`), if the first `count` are none empty and
+/// the rest all zero.
+fn seg_bytes(segs: &[RdvSeg; MAX_RDV_SEGS], count: u16) -> Result<u64, WireError> {
+    let n = usize::from(count);
+    if n > MAX_RDV_SEGS {
+        return Err(WireError::Rdv("more than 4 sources or sinks"));
+    }
+    if segs[n..].iter().any(|s| *s != RdvSeg::default()) {
+        return Err(WireError::Reserved);
+    }
+    segs[..n].iter().try_fold(0u64, |sum, s| {
+        let len = u64::from(s.len);
+        if len == 0 {
+            return Err(WireError::Rdv("an empty source or sink"));
+        }
+        sum.checked_add(len).ok_or(WireError::Rdv("too long"))
+    })
+}
+
 pub const RDV_LEN: usize = std::mem::size_of::<RdvDesc>();
 
 /// Flags of a DATA message (any other bit is refused).
@@ -247,6 +345,9 @@ pub const MAX_CHUNK: usize = MAX_MESSAGE - HEADER_LEN - DATA_LEN;
 pub const MAX_REPLY_CHUNK: usize = MAX_MESSAGE - HEADER_LEN - REPLY_LEN;
 
 /// A parsed message (a DATA message borrows its bytes from the receive buffer).
+// A message lives for one call, on the stack: an RDV_DATA's 200-byte description is not worth
+// an allocation per message (and would cost `Copy`).
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Message<'a> {
     Hello {
@@ -330,6 +431,7 @@ pub enum Message<'a> {
 }
 
 /// The rendezvous messages.
+#[allow(clippy::large_enum_variant)] // As `Message`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rdv<'a> {
     /// A DATA request (`offset` 0, whole) with a rendezvous description: with SOURCE its
@@ -665,9 +767,6 @@ impl<'a> Message<'a> {
                     .ok_or_else(short)?;
                 let chunk = &body[DATA_LEN + RDV_LEN..];
                 let flags = u32::from(rdv.flags);
-                if u32::from(rdv.reserved) != 0 {
-                    return Err(WireError::Reserved);
-                }
                 if flags & !rdv_flags::ALL != 0 || flags == 0 {
                     return Err(WireError::Rdv("unknown or no flags"));
                 }
@@ -675,12 +774,26 @@ impl<'a> Message<'a> {
                 if u64::from(desc.offset) != 0 {
                     return Err(WireError::Rdv("offset not 0"));
                 }
+                let source = flags & rdv_flags::SOURCE != 0;
+                let sink = flags & rdv_flags::SINK != 0;
+                let src_count = u16::from(rdv.src_count);
+                let sink_count = u16::from(rdv.sink_count);
+                if source != (src_count != 0) || sink != (sink_count != 0) {
+                    return Err(WireError::Rdv("sources or sinks not as the flags say"));
+                }
+                let src_bytes = seg_bytes(&rdv.src, src_count)?;
+                seg_bytes(&rdv.sink, sink_count)?;
                 let total = u64::from(desc.total_len);
-                if flags & rdv_flags::SOURCE != 0 {
+                if source {
                     // Inline bytes with a source are the request's head (an RMA write's
-                    // ranges); the source holds the rest, never nothing.
+                    // ranges); the sources hold the rest, never nothing.
                     if chunk.len() as u64 >= total {
                         return Err(WireError::Rdv("a source that holds no bytes"));
+                    }
+                    if chunk.len() as u64 + src_bytes != total {
+                        return Err(WireError::Rdv(
+                            "sources not the bytes after the inline ones",
+                        ));
                     }
                     let whole = usize::try_from(total).map_err(|_| WireError::Rdv("too long"))?;
                     check_data(&desc, whole)?;
@@ -690,11 +803,8 @@ impl<'a> Message<'a> {
                     }
                     check_data(&desc, chunk.len())?;
                 }
-                let sink = flags & rdv_flags::SINK != 0;
-                if sink != (u64::from(rdv.sink_len) != 0)
-                    || (sink && u16::from(desc.opcode) != Opcode::RmaRead as u16)
-                {
-                    return Err(WireError::Rdv("a sink only for an RMA read, never empty"));
+                if sink && u16::from(desc.opcode) != Opcode::RmaRead as u16 {
+                    return Err(WireError::Rdv("a sink only for an RMA read"));
                 }
                 Ok(Message::Rdv(Rdv::Data {
                     fabric_id: h.fabric_id.into(),
@@ -1216,18 +1326,112 @@ mod tests {
             fabric_id: 1,
             host_id: 2,
             desc,
-            rdv: RdvDesc {
-                flags: flags.into(),
-                src_addr: 0x1000.into(),
-                src_key: 0xfeed.into(),
-                sink_addr: 0x2000.into(),
-                sink_key: 0xbeef.into(),
-                sink_len: sink_len.into(),
-                ..Default::default()
-            },
+            rdv: rdv_desc(&desc, flags, sink_len, chunk.len()),
             chunk,
         })
         .encode()
+    }
+
+    /// One source of the bytes after the inline ones (with SOURCE), one sink of `sink_len`
+    /// bytes (with SINK and `sink_len`), `flags` as given.
+    fn rdv_desc(desc: &Data, flags: u32, sink_len: u64, inline: usize) -> RdvDesc {
+        let mut r = RdvDesc::default();
+        if flags & rdv_flags::SOURCE != 0 {
+            let len = u64::from(desc.total_len).saturating_sub(inline as u64);
+            r.push_source(0x1000, 0xfeed, len);
+        }
+        if flags & rdv_flags::SINK != 0 && sink_len != 0 {
+            r.push_sink(0x2000, 0xbeef, sink_len);
+        }
+        r.flags = flags.into();
+        r
+    }
+
+    fn rdv_with(desc: Data, r: RdvDesc) -> Vec<u8> {
+        Message::Rdv(Rdv::Data {
+            fabric_id: 1,
+            host_id: 2,
+            desc,
+            rdv: r,
+            chunk: &[],
+        })
+        .encode()
+    }
+
+    #[test]
+    fn a_rendezvous_names_up_to_four_sources_and_sinks_that_hold_its_bytes() {
+        let d = data_desc(1 << 20, 0);
+        let mut r = RdvDesc::default();
+        for (i, len) in [1u64 << 18, 1 << 19, 1 << 17, 1 << 17]
+            .into_iter()
+            .enumerate()
+        {
+            assert!(r.push_source(0x1000 * i as u64, 7 + i as u64, len));
+        }
+        assert!(!r.push_source(0, 0, 1), "a fifth source");
+        let Ok(Message::Rdv(Rdv::Data { rdv: got, .. })) = Message::parse(&rdv_with(d, r)) else {
+            panic!("four sources refused");
+        };
+        assert_eq!(got.sources().len(), 4);
+        assert_eq!(u64::from(got.sources()[3].key), 10);
+        let refused = |r: RdvDesc| Message::parse(&rdv_with(d, r)).map(|_| ());
+        let mut short = r;
+        short.src[3].len = (1u64 << 16).into();
+        assert!(
+            matches!(refused(short), Err(WireError::Rdv(_))),
+            "sources short of the bytes"
+        );
+        let mut empty = r;
+        empty.src[1].len = 0.into();
+        empty.src[2].len = (1u64 << 18).into();
+        assert!(
+            matches!(refused(empty), Err(WireError::Rdv(_))),
+            "an empty source"
+        );
+        let mut five = r;
+        five.src_count = 5.into();
+        assert!(
+            matches!(refused(five), Err(WireError::Rdv(_))),
+            "a count past 4"
+        );
+        let mut stray = RdvDesc::default();
+        stray.push_source(0x1000, 7, 1 << 20);
+        stray.src[2].key = 9.into();
+        assert_eq!(
+            refused(stray),
+            Err(WireError::Reserved),
+            "an unused source not zero"
+        );
+        let mut uncounted = r;
+        uncounted.src_count = 0.into();
+        assert!(
+            matches!(refused(uncounted), Err(WireError::Rdv(_))),
+            "SOURCE with none"
+        );
+        // A read whose bytes come back into three sinks.
+        let mut read = data_desc(RMA_IOV_LEN as u64, 0);
+        read.opcode = (Opcode::RmaRead as u16).into();
+        read.count = 1.into();
+        read.flags = 0.into();
+        let mut sinks = RdvDesc::default();
+        for i in 0..3u64 {
+            sinks.push_sink(0x2000 * i, i, 1 << 16);
+        }
+        let b = Message::Rdv(Rdv::Data {
+            fabric_id: 1,
+            host_id: 2,
+            desc: read,
+            rdv: sinks,
+            chunk: &[5u8; RMA_IOV_LEN],
+        })
+        .encode();
+        let Ok(Message::Rdv(Rdv::Data { rdv: got, .. })) = Message::parse(&b) else {
+            panic!("three sinks refused");
+        };
+        assert_eq!(
+            got.sinks().iter().map(|s| u64::from(s.len)).sum::<u64>(),
+            3 << 16
+        );
     }
 
     #[test]
@@ -1246,8 +1450,12 @@ mod tests {
         };
         assert_eq!((desc, chunk.len()), (d, 0));
         assert_eq!(
-            (u64::from(r.src_addr), u64::from(r.src_key)),
-            (0x1000, 0xfeed)
+            r.sources(),
+            &[RdvSeg {
+                addr: 0x1000.into(),
+                key: 0xfeed.into(),
+                len: (1u64 << 20).into()
+            }]
         );
         // An RMA read with a sink, its ranges inline.
         let mut read = data_desc(RMA_IOV_LEN as u64, 0);
@@ -1428,7 +1636,7 @@ mod tests {
         /// whatever parses describes a chunk inside its message.
         #[test]
         fn mutated_messages_never_panic(
-            kind in 0usize..8,
+            kind in 0usize..9,
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             cut in proptest::option::of(any::<usize>()),
         ) {
@@ -1443,6 +1651,13 @@ mod tests {
                 }
                 .encode(),
                 5 => rdv(data_desc(1 << 20, 0), rdv_flags::SOURCE, 0, &[]),
+                8 => {
+                    let mut r = RdvDesc::default();
+                    for i in 0..3u64 {
+                        r.push_source(0x1000 * i, i, [1 << 19, 1 << 18, 1 << 18][i as usize]);
+                    }
+                    rdv_with(data_desc(1 << 20, 0), r)
+                }
                 6 => Message::Rdv(Rdv::Reply {
                     fabric_id: 1, host_id: 2, req_id: 3, status: Status::Ok, written: 64,
                 })
@@ -1478,7 +1693,14 @@ mod tests {
                     } else {
                         prop_assert_eq!(chunk.len() as u64, u64::from(desc.total_len));
                     }
-                    prop_assert_eq!(flags & rdv_flags::SINK != 0, u64::from(rdv.sink_len) != 0);
+                    let src: u64 = rdv.sources().iter().map(|s| u64::from(s.len)).sum();
+                    if flags & rdv_flags::SOURCE != 0 {
+                        prop_assert_eq!(chunk.len() as u64 + src, u64::from(desc.total_len));
+                    } else {
+                        prop_assert_eq!(src, 0);
+                    }
+                    prop_assert_eq!(flags & rdv_flags::SINK != 0, !rdv.sinks().is_empty());
+                    prop_assert!(rdv.sources().iter().chain(rdv.sinks()).all(|s| u64::from(s.len) != 0));
                 }
                 _ => {}
             }
