@@ -192,19 +192,27 @@ impl VringSink {
 
 impl CompletionSink for VringSink {
     #[inline]
-    fn publish(&self, queue: u16, used: &[(u16, u32)]) {
+    fn stage(&self, queue: u16, head: u16, len: u32) {
+        match self.rings.get(usize::from(queue)) {
+            Some(ring) => lock(&ring.state).stage(head, len),
+            None => warn!(queue, "a completion for an unknown queue dropped"),
+        }
+    }
+
+    #[inline]
+    fn publish(&self, queue: u16) {
         let q = usize::from(queue);
         let Some(ring) = self.rings.get(q) else {
-            warn!(queue, "completions for an unknown queue dropped");
             return;
         };
         let generation = self.mem_generation.load(Ordering::Acquire);
         // The fast path takes only the ring's state lock; the first completion after a
-        // (re)configuration builds the view under the ring's VringRwLock.
-        let mut notify = lock(&ring.state).publish(generation, used);
+        // (re)configuration builds the view under the ring's VringRwLock (the completions stay
+        // staged meanwhile, ahead of any staged later).
+        let mut notify = lock(&ring.state).publish_staged(generation);
         if notify.is_none() {
             match self.build_view(q) {
-                Ok(()) => notify = lock(&ring.state).publish(generation, used),
+                Ok(()) => notify = lock(&ring.state).publish_staged(generation),
                 Err(e) => warn!(queue, "used ring not writable: {e}"),
             }
         }
@@ -217,7 +225,10 @@ impl CompletionSink for VringSink {
                     }
                 }
             }
-            None => self.broken.store(true, Ordering::Release),
+            None => {
+                lock(&ring.state).drop_staged();
+                self.broken.store(true, Ordering::Release)
+            }
         }
     }
 }

@@ -437,6 +437,11 @@ pub(crate) struct RingState {
     next_used: u16,
     /// `next_used` when the driver was last considered for a notification.
     notified_upto: u16,
+    /// Completions staged for the used ring, in completion order, not yet published. Shared by
+    /// every thread that completes chains of this ring (each publishes what is staged when its
+    /// batch ends), so a completion is never published after a later one of the same ring that
+    /// another thread completed (a receive's CQ order is its used ring's order).
+    staged: Vec<(u16, u32)>,
 }
 
 /// One ring's fast-path state and its avail position.
@@ -510,13 +515,23 @@ impl RingState {
         self.view.as_ref().ok_or(RingError::Invalid)
     }
 
-    /// Publish used elements through the current view, if it was built for memory-table
-    /// `generation`, and decide whether the driver wants a notification for them. `None`: no
-    /// usable view (the caller builds one under the ring's lock).
-    pub fn publish(&mut self, generation: u64, used: &[(u16, u32)]) -> Option<bool> {
+    /// Stage a completion (see [`RingState::staged`]).
+    pub fn stage(&mut self, head: u16, len: u32) {
+        self.staged.push((head, len));
+    }
+
+    /// Publish the staged completions through the current view, if it was built for
+    /// memory-table `generation`, and decide whether the driver wants a notification for them.
+    /// `Some(false)` when nothing is staged (another thread published them). `None`: no usable
+    /// view (the caller builds one under the ring's lock; the completions stay staged).
+    pub fn publish_staged(&mut self, generation: u64) -> Option<bool> {
+        if self.staged.is_empty() {
+            return Some(false);
+        }
         match &self.view {
             Some(v) if v.generation == generation => {
-                v.push_used(&mut self.next_used, used);
+                v.push_used(&mut self.next_used, &self.staged);
+                self.staged.clear();
                 let n = v.needs_notification(self.next_used, self.notified_upto);
                 self.notified_upto = self.next_used;
                 Some(n)
@@ -525,10 +540,16 @@ impl RingState {
         }
     }
 
+    /// Drop the staged completions (their used ring cannot be written).
+    pub fn drop_staged(&mut self) {
+        self.staged.clear();
+    }
+
     /// The device was reset: forget the view and the indices without handing them back (the
     /// frontend sets the ring up again, from new indices, before it runs).
     pub fn forget(&mut self, avail: &Ring) {
         self.view = None;
+        self.staged.clear();
         restart(&avail.avail, avail_index(avail.avail()));
     }
 
@@ -537,10 +558,13 @@ impl RingState {
     /// configuration (and indices) from it.
     pub fn reset(&mut self, avail: &Ring, q: &mut Queue) {
         let idx = avail_index(avail.avail());
-        if self.view.take().is_some() {
+        if let Some(v) = self.view.take() {
+            // Completions staged before the stop go out with the indices handed back.
+            v.push_used(&mut self.next_used, &self.staged);
             q.set_next_avail(idx);
             q.set_next_used(self.next_used);
         }
+        self.staged.clear();
         restart(&avail.avail, idx);
     }
 }

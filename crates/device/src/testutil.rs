@@ -29,6 +29,8 @@ pub(crate) const MEM_SIZE: u64 = 8 << 20;
 #[derive(Default)]
 pub(crate) struct RecSink {
     pub used: Mutex<Vec<(u16, u16, u32)>>,
+    /// Completed, not yet published: (queue, head, len).
+    pub staged: Mutex<Vec<(u16, u16, u32)>>,
     /// Publish calls (one per ring per flushed batch).
     pub publishes: std::sync::atomic::AtomicUsize,
 }
@@ -50,11 +52,20 @@ impl RecSink {
 }
 
 impl CompletionSink for RecSink {
-    fn publish(&self, queue: u16, used: &[(u16, u32)]) {
+    fn stage(&self, queue: u16, head: u16, len: u32) {
+        self.staged.lock().unwrap().push((queue, head, len));
+    }
+
+    fn publish(&self, queue: u16) {
+        let mut staged = self.staged.lock().unwrap();
+        if !staged.iter().any(|(q, _, _)| *q == queue) {
+            return;
+        }
         self.publishes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut u = self.used.lock().unwrap();
-        u.extend(used.iter().map(|&(head, len)| (queue, head, len)));
+        u.extend(staged.iter().filter(|(q, _, _)| *q == queue).copied());
+        staged.retain(|(q, _, _)| *q != queue);
     }
 }
 

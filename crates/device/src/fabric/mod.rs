@@ -68,9 +68,12 @@ pub(crate) use remote::{DirectDest, DirectSource, Incoming};
 
 /// Where completions of one device go: its used rings.
 pub(crate) trait CompletionSink: Send + Sync {
-    /// Put chains of virtqueue `queue` in its used ring, `(head, bytes written)` each, with one
-    /// index update, and signal the guest if it asked for it (EVENT_IDX).
-    fn publish(&self, queue: u16, used: &[(u16, u32)]);
+    /// Chain `head` of virtqueue `queue` is done, `len` bytes written: staged for its used
+    /// ring in completion order, shared with every other thread completing chains of that ring.
+    fn stage(&self, queue: u16, head: u16, len: u32);
+    /// Put what is staged for virtqueue `queue` (by any thread) in its used ring with one index
+    /// update, and signal the guest if it asked for it (EVENT_IDX).
+    fn publish(&self, queue: u16);
 }
 
 /// A connected device: its guest memory and its used rings.
@@ -82,17 +85,18 @@ pub(crate) struct Port {
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
 }
 
-/// The completions of one batch for one ring.
+/// A ring a batch completed chains of.
 struct RingBatch {
     sink: Arc<dyn CompletionSink>,
     queue: u16,
-    /// `(head, bytes written)`, in completion order.
-    used: SmallVec<[(u16, u32); 8]>,
 }
 
-/// Completions of a batch on their way to their used rings: each ring gets its completions of
-/// the batch with one index update and at most one notification when the batch is flushed
-/// (explicitly or on drop). A batch touches one or two rings, so everything lives inline.
+/// Completions of a batch on their way to their used rings. Each completion is staged in its
+/// ring at once (so completions of one ring are published in the order they happened, whichever
+/// thread made them: a receive completed by the sender's pass is never published after a later
+/// receive completed by the receiver's own pass); the ring gets what is staged with one index
+/// update and at most one notification when the batch is flushed (explicitly or on drop). A
+/// batch touches one or two rings, so everything lives inline.
 #[derive(Default)]
 pub(crate) struct Notify {
     rings: SmallVec<[RingBatch; 4]>,
@@ -102,37 +106,27 @@ impl Notify {
     /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
     #[inline]
     pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
-        let same = |b: &&mut RingBatch| {
+        sink.stage(queue, head, len);
+        let same = |b: &RingBatch| {
             b.queue == queue
                 && std::ptr::eq(
                     Arc::as_ptr(&b.sink) as *const (),
                     Arc::as_ptr(sink) as *const (),
                 )
         };
-        match self.rings.iter_mut().find(same) {
-            Some(b) => b.used.push((head, len)),
-            None => {
-                let mut used = SmallVec::new();
-                used.push((head, len));
-                self.rings.push(RingBatch {
-                    sink: sink.clone(),
-                    queue,
-                    used,
-                });
-            }
+        if !self.rings.iter().any(same) {
+            self.rings.push(RingBatch {
+                sink: sink.clone(),
+                queue,
+            });
         }
     }
 
     /// Publish the completions, ring by ring.
     pub fn flush(&mut self) {
-        if self.rings.is_empty() {
-            return;
+        for b in self.rings.drain(..) {
+            b.sink.publish(b.queue);
         }
-        // In place: a batch is not moved out to be published.
-        for b in &self.rings {
-            b.sink.publish(b.queue, &b.used);
-        }
-        self.rings.clear();
     }
 }
 
