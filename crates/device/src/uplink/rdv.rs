@@ -1909,33 +1909,24 @@ impl Worker {
                 reads.1
             );
         }
-        let sinks = (self.rdv.sink_placed_bytes, self.rdv.sink_copied_bytes);
-        if sinks != self.rdv.logged_sinks {
-            self.rdv.logged_sinks = sinks;
-            tracing::info!(
-                "uplink: rendezvous read sinks: {} bytes placed in guest memory, {} bytes copied",
-                sinks.0,
-                sinks.1
-            );
-        }
-        let replies = (self.rdv.reply_direct_bytes, self.rdv.reply_copied_bytes);
-        if replies != self.rdv.logged_replies {
-            self.rdv.logged_replies = replies;
-            tracing::info!(
-                "uplink: rendezvous read replies: {} bytes written from guest memory, {} bytes copied",
-                replies.0,
-                replies.1
-            );
-        }
-        let counts = (self.rdv.zero_copy_bytes, self.rdv.staged_bytes);
-        if counts != self.rdv.logged {
-            self.rdv.logged = counts;
-            tracing::info!(
-                "uplink: rendezvous sources: {} bytes read from guest memory, {} bytes staged",
-                counts.0,
-                counts.1
-            );
-        }
+        log_counts(
+            (self.rdv.sink_placed_bytes, self.rdv.sink_copied_bytes),
+            &mut self.rdv.logged_sinks,
+            "rendezvous read sinks",
+            ("placed in guest memory", "copied"),
+        );
+        log_counts(
+            (self.rdv.reply_direct_bytes, self.rdv.reply_copied_bytes),
+            &mut self.rdv.logged_replies,
+            "rendezvous read replies",
+            ("written from guest memory", "copied"),
+        );
+        log_counts(
+            (self.rdv.zero_copy_bytes, self.rdv.staged_bytes),
+            &mut self.rdv.logged,
+            "rendezvous sources",
+            ("read from guest memory", "staged"),
+        );
     }
 
     /// Reads may have been refused for room: try the queues again.
@@ -2005,6 +1996,21 @@ impl Worker {
                 }
             })
             .collect()
+    }
+}
+
+/// Log a pair of byte counters (`uplink: WHAT: N bytes FIRST, M bytes SECOND`, which tests
+/// read) when they changed since they were last logged.
+fn log_counts(counts: (u64, u64), logged: &mut (u64, u64), what: &str, words: (&str, &str)) {
+    if counts != *logged {
+        *logged = counts;
+        tracing::info!(
+            "uplink: {what}: {} bytes {}, {} bytes {}",
+            counts.0,
+            words.0,
+            counts.1,
+            words.1
+        );
     }
 }
 
