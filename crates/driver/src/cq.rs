@@ -186,6 +186,16 @@ impl Direct<'_> {
     }
 }
 
+/// Deliver success entry `e` to `cq`: straight into the reader's next entry when `direct`
+/// allows it (see [`Direct::slot_for`]), else queued.
+#[inline(always)]
+fn deliver(cq: &CqShared, direct: Option<&mut Direct<'_>>, e: CqEntry) {
+    match direct.and_then(|d| d.slot_for(cq)) {
+        Some(slot) => *slot = e,
+        None => cq.push(CqEvent::Entry(e)),
+    }
+}
+
 /// State shared between a CQ handle and the requests that complete into it.
 pub(crate) struct CqShared {
     events: SpinLock<VecDeque<CqEvent>>,
@@ -713,19 +723,10 @@ fn complete_plain(op: &DataOp, c: &vfabric_proto::Completion, direct: Option<&mu
     };
     let len = u64::from(c.len) as usize;
     let tag = u64::from(c.tag);
-    match direct.and_then(|d| d.slot_for(cq)) {
-        // Written in place: no entry built and moved.
-        Some(e) => {
-            e.context = op.context;
-            e.flags = flags;
-            e.len = len;
-            e.data = data;
-            e.tag = tag;
-            e.src = src;
-            e.src_addr = src_addr;
-            e.buf = None;
-        }
-        None => cq.push(CqEvent::Entry(CqEntry {
+    deliver(
+        cq,
+        direct,
+        CqEntry {
             context: op.context,
             flags,
             len,
@@ -734,8 +735,8 @@ fn complete_plain(op: &DataOp, c: &vfabric_proto::Completion, direct: Option<&mu
             src,
             src_addr,
             buf: None,
-        })),
-    }
+        },
+    );
 }
 
 /// Any data completion: errors, device faults, copy-outs, device memory, claims.
@@ -882,19 +883,10 @@ fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
                 sc,
             ))));
         } else if let Some(cq) = cq.filter(|_| op.report_success) {
-            match direct.and_then(|d| d.slot_for(cq)) {
-                // Written in place: no entry built and moved.
-                Some(e) => {
-                    e.context = op.context;
-                    e.flags = flags;
-                    e.len = len;
-                    e.data = data;
-                    e.tag = tag;
-                    e.src = src;
-                    e.src_addr = src_addr;
-                    e.buf = buf;
-                }
-                None => cq.push(CqEvent::Entry(CqEntry {
+            deliver(
+                cq,
+                direct,
+                CqEntry {
                     context: op.context,
                     flags,
                     len,
@@ -903,8 +895,8 @@ fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
                     src,
                     src_addr,
                     buf,
-                })),
-            }
+                },
+            );
         }
     } else if let Some(cq) = cq.filter(|_| op.report_errors) {
         let e = CqErrEntry {

@@ -1853,29 +1853,21 @@ impl Worker {
     pub(super) fn rdv_sweep(&mut self) {
         let outbox = self.outbox.clone();
         let live = |id: &u64, host: u16| outbox.pending_is(*id, host, |_| true);
-        let gone: Vec<u64> = self
-            .rdv
-            .sources
-            .iter()
-            .filter(|(id, (h, _))| !live(id, *h))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            if let Some((host, st)) = self.rdv.sources.remove(&id) {
-                self.rdv.drain(id, host, st);
-            }
-        }
-        let gone: Vec<u64> = self
-            .rdv
-            .sinks
-            .iter()
-            .filter(|(id, (h, _))| !live(id, *h))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            if let Some((host, st)) = self.rdv.sinks.remove(&id) {
-                self.rdv.drain(id, host, st);
-            }
+        let rdv = &mut self.rdv;
+        let gone = |m: &mut HashMap<u64, (u16, Vec<Staged>)>| -> Vec<(u64, u16, Vec<Staged>)> {
+            let ids: Vec<u64> = m
+                .iter()
+                .filter(|(id, (h, _))| !live(id, *h))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| m.remove(&id).map(|(h, st)| (id, h, st)))
+                .collect()
+        };
+        let mut closed = gone(&mut rdv.sources);
+        closed.extend(gone(&mut rdv.sinks));
+        for (id, host, st) in closed {
+            rdv.drain(id, host, st);
         }
         let now = Instant::now();
         self.rdv.draining.retain(|id, (host, st, since)| {
