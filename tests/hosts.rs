@@ -429,6 +429,16 @@ impl Guest {
             Err(e) => e,
         }
     }
+
+    /// Returns once the device has taken every request this guest made available so far (its
+    /// receives are posted at the device): a control request never overtakes data requests
+    /// made available before it (spec §6.8), so a QUERY_CAPS answered is a barrier. Without
+    /// it a message from another host can reach the device before a receive posted just
+    /// before it was sent (then it is read into a daemon buffer, correctly, and a test
+    /// counting copies sees one now and then on a loaded machine).
+    fn settled(&self) {
+        self.dom.vendor_attrs().expect("QUERY_CAPS");
+    }
 }
 
 const OP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -1425,6 +1435,7 @@ fn a_lost_sender_or_a_closed_region_during_a_rendezvous_is_an_error_not_a_crash(
     for i in 0..N {
         b.ep.recv_vec(LEN, 100 + i).unwrap();
     }
+    b.settled();
     for i in 0..N {
         a.ep.send(&pattern(20 + i as u32, LEN), to_b, i).unwrap();
     }
@@ -1580,6 +1591,7 @@ fn large_sends_and_writes_from_several_guest_buffers_are_read_with_no_staging_co
     for (i, ranges) in requests.iter().enumerate() {
         let (bufs, want) = filled_ranges(&a, ranges, 60 + i as u32);
         b.ep.recv_vec(want.len(), 1000 + i as u64).unwrap();
+        b.settled();
         let msg = Msg {
             iov: &iov_of(&bufs, ranges),
             addr: to_b,
@@ -1606,6 +1618,7 @@ fn large_sends_and_writes_from_several_guest_buffers_are_read_with_no_staging_co
     let (bufs, want) = filled_ranges(&a, ranges, 69);
     const ROOM: usize = 150_000;
     b.ep.recv_vec(ROOM, 1009).unwrap();
+    b.settled();
     let msg = Msg {
         iov: &iov_of(&bufs, ranges),
         addr: to_b,
@@ -1774,6 +1787,7 @@ fn a_link_busy_with_reads_past_the_peer_timeout_keeps_its_peer_up() {
     for i in 0..N {
         b.ep.recv_vec(LEN, 100 + i).unwrap();
     }
+    b.settled();
     for i in 0..N {
         a.ep.send(&pattern(70 + i as u32, LEN), to_b, i).unwrap();
     }
@@ -1917,6 +1931,7 @@ fn large_receives_and_writes_land_in_guest_memory_with_no_copy_at_the_target() {
         let room = if i == sizes.len() - 1 { 40_000 } else { len };
         b.ep.recv_vec(room, 1000 + i as u64).unwrap();
     }
+    b.settled();
     for (i, &len) in sizes.iter().enumerate() {
         a.ep.send(&pattern(20 + i as u32, len), to_b, i as u64)
             .unwrap();
@@ -1983,6 +1998,7 @@ fn a_guest_closing_during_direct_reads_into_its_receives_gets_them_back_after_th
     for i in 0..N {
         b.ep.recv_vec(LEN, 100 + i).unwrap();
     }
+    b.settled();
     for i in 0..N {
         a.ep.send(&pattern(60 + i as u32, LEN), to_b, i).unwrap();
     }
@@ -2144,6 +2160,7 @@ fn large_receives_and_writes_into_several_ranges_land_in_guest_memory_with_no_co
         .unwrap();
         bufs.push(bs);
     }
+    b.settled();
     for (i, &(_, len)) in recvs.iter().enumerate() {
         a.ep.send(&pattern(30 + i as u32, len), to_b, i as u64)
             .unwrap();
@@ -2247,6 +2264,7 @@ fn a_guest_closing_during_direct_reads_into_receives_of_several_ranges_waits_for
         .unwrap();
         bufs.push(bs);
     }
+    b.settled();
     for i in 0..N {
         a.ep.send(&pattern(70 + i as u32, LEN), to_b, i).unwrap();
     }
@@ -2305,6 +2323,7 @@ fn reads_into_receives_from_a_host_whose_cable_is_pulled_are_revoked_at_the_peer
     for i in 0..N {
         b.ep.recv_vec(LEN, 100 + i).unwrap();
     }
+    b.settled();
     for i in 0..N {
         a.ep.send(&pattern(80 + i as u32, LEN), to_b, i).unwrap();
     }
