@@ -247,3 +247,123 @@ fn several_devices_with_several_endpoints_each() {
     let total: u64 = st.devices.iter().map(|s| s.messages_received).sum();
     assert_eq!(total, (n * (n - 1)) as u64);
 }
+
+/// One guest: domain, CQ, AV and an enabled RDM endpoint on device `path`.
+struct LazyGuest {
+    dom: Domain,
+    cq: CompletionQueue,
+    av: vfabric::AddressVector,
+    ep: vfabric::Endpoint,
+}
+
+fn lazy_guest(path: &PathBuf) -> LazyGuest {
+    let dom = domain(path);
+    let cq = dom.cq_open(CqAttr::default()).unwrap();
+    let av = dom.av_open().unwrap();
+    let ep = dom.endpoint(EpAttr::default()).unwrap();
+    ep.bind_cq(&cq, BindFlags::BOTH).unwrap();
+    ep.bind_av(&av).unwrap();
+    ep.enable().unwrap();
+    LazyGuest { dom, cq, av, ep }
+}
+
+/// The next entry, which must be an error entry; panics after [`TIMEOUT`].
+fn next_err(cq: &CompletionQueue) -> vfabric::CqErrEntry {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut v = Vec::new();
+    loop {
+        match cq.read(&mut v, 1) {
+            Ok(_) => panic!("expected an error entry, got {:?}", v.pop()),
+            Err(Error::Again) => {}
+            Err(Error::Avail) => return cq.readerr().expect("error entry"),
+            Err(e) => panic!("cq read: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for an error entry"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// LAZY_RX, with a blocking device (no poller) and with a poller: plain receives are posted
+/// without a kick (the device leaves its RX notifications off while it holds nothing
+/// unexpected) and taken when a message needs them — a message that finds them untaken wakes
+/// the device, which takes them and matches it, in order. Receives that complete by
+/// themselves still reach the device at once: a PEEK with no message answers NoMessage, and a
+/// directed receive whose source closes fails (the close wakes the device to take it).
+#[test]
+fn plain_receives_need_no_kick_and_are_taken_when_a_message_needs_them() {
+    for poll_us in [0, 50] {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Config::socket_dir_paths(dir.path(), 2);
+        let mut config = Config::new(paths.clone());
+        config.poll_us = poll_us;
+        let _d = vfabric_device::start(config).expect("start vfabricd");
+        let (a, b) = (lazy_guest(&paths[0]), lazy_guest(&paths[1]));
+        assert!(
+            b.dom.negotiated_features()
+                & vfabric_proto::bit(vfabric_proto::VIRTIO_FABRIC_F_LAZY_RX)
+                != 0,
+            "LAZY_RX negotiated"
+        );
+        let to_b = a.av.insert(b.ep.name()).unwrap();
+        let to_a = b.av.insert(a.ep.name()).unwrap();
+        // Round one: the rings start (the first receive may kick once).
+        b.ep.recv_vec(64, 1).unwrap();
+        a.ep.send(b"first", to_b, 100).unwrap();
+        assert_eq!(next(&b.cq).buf.as_deref(), Some(&b"first"[..]));
+        next(&a.cq);
+        // Three receives: no kick for any of them.
+        let kicks = b.dom.stats().kicks;
+        for i in 0..3 {
+            b.ep.recv_vec(64, 10 + i).unwrap();
+        }
+        assert_eq!(
+            b.dom.stats().kicks,
+            kicks,
+            "poll_us={poll_us}: plain receives kicked the device"
+        );
+        // Their messages find them (taken on the first message's wake-up), in order.
+        for i in 0..3u64 {
+            a.ep.send(format!("m{i}").as_bytes(), to_b, 200 + i)
+                .unwrap();
+        }
+        for i in 0..3u64 {
+            let c = next(&b.cq);
+            assert_eq!(c.context, 10 + i, "poll_us={poll_us}: in order");
+            assert_eq!(c.buf.as_deref(), Some(format!("m{i}").as_bytes()));
+        }
+        for _ in 0..3 {
+            next(&a.cq);
+        }
+        // A message sent before its receive is posted waits unexpected: the receive kicks
+        // (the device keeps RX notifications on while it holds the message) and gets it.
+        a.ep.send(b"early", to_b, 300).unwrap();
+        next(&a.cq);
+        std::thread::sleep(Duration::from_millis(20));
+        b.ep.recv_vec(64, 30).unwrap();
+        let c = next(&b.cq);
+        assert_eq!((c.context, c.buf.as_deref()), (30, Some(&b"early"[..])));
+        // A PEEK with nothing to find answers at once.
+        b.ep.trecvmsg_vec(64, vfabric::FI_ADDR_UNSPEC, 7, 0, 40, vfabric::fi::PEEK)
+            .unwrap();
+        let e = next_err(&b.cq);
+        assert_eq!(
+            (e.context, e.status),
+            (40, vfabric::Status::NoMessage),
+            "poll_us={poll_us}"
+        );
+        // B answers A once (its device takes its RX ring), then posts a receive directed at
+        // A's endpoint and leaves it; A closes that endpoint: the receive fails.
+        b.ep.recv_vec_from(64, to_a, 50).unwrap();
+        let a_name = a.ep.name();
+        drop(a);
+        let e = next_err(&b.cq);
+        assert_eq!(
+            (e.context, e.status),
+            (50, vfabric::Status::PeerGone),
+            "poll_us={poll_us}: the directed receive names {a_name:?}"
+        );
+    }
+}

@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use tracing::{debug, error, info, warn};
 use vfabric_proto::{
-    bit, feature_names, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    bit, feature_names, queue_kind, QueueKind, VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_FABRIC_F_LAZY_RX, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_SIZE};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
@@ -58,16 +59,23 @@ pub(crate) struct VringSink {
     mem_generation: AtomicU64,
     /// A ring could not be written: it is corrupt.
     broken: AtomicBool,
+    /// Wakes the device's vring worker to look at its RX rings ([`CompletionSink::wake_rx`]).
+    wake: EventNotifier,
 }
 
 impl VringSink {
-    fn new(num_queues: usize, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+    fn new(
+        num_queues: usize,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        wake: EventNotifier,
+    ) -> Self {
         Self {
             vrings: OnceLock::new(),
             rings: (0..num_queues).map(|_| Ring::default()).collect(),
             mem,
             mem_generation: AtomicU64::new(0),
             broken: AtomicBool::new(false),
+            wake,
         }
     }
 
@@ -231,6 +239,15 @@ impl CompletionSink for VringSink {
             }
         }
     }
+
+    fn wake_rx(&self) {
+        // A full counter (EAGAIN) is a wake-up already pending.
+        if let Err(e) = self.wake.notify() {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                warn!("cannot wake the device for its RX rings: {e}");
+            }
+        }
+    }
 }
 
 /// `signal_used_queue` with the `write` system call made directly: the libc wrapper's
@@ -362,6 +379,9 @@ pub(crate) struct FabricBackend {
     control_waiting: AtomicUsize,
     regions: Mutex<Vec<RegionKey>>,
     exit_event: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    /// The wake-up [`CompletionSink::wake_rx`] sends (registered with the vring worker's epoll
+    /// as event [`FabricBackend::wake_event`]).
+    wake: EventConsumer,
     /// Raw fd of the exit consumer handed to vhost-user-backend (it leaks it; we close it).
     exit_fd: Mutex<Option<RawFd>>,
     shutdown: Mutex<Option<ShutdownHandle>>,
@@ -384,6 +404,8 @@ impl FabricBackend {
             .cloned()
             .ok_or_else(|| io::Error::other("device index out of range"))?;
         let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let (wake, wake_notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
         let num_queues = fabric.limits().num_queues();
         let backend = Arc::new(Self {
             dev,
@@ -394,7 +416,8 @@ impl FabricBackend {
             me: Mutex::new(Weak::new()),
             polled: AtomicBool::new(false),
             nested_work: AtomicBool::new(false),
-            sink: Arc::new(VringSink::new(num_queues, mem.clone())),
+            sink: Arc::new(VringSink::new(num_queues, mem.clone(), wake_notifier)),
+            wake,
             process: socket.map(|s| Arc::new(PeerProcess::new(s, mem.clone()))),
             mem,
             acked: AtomicU64::new(0),
@@ -465,6 +488,21 @@ impl FabricBackend {
 
     fn acked(&self) -> u64 {
         self.acked.load(Ordering::Acquire)
+    }
+
+    /// The driver acked LAZY_RX: its plain receives may be taken without a notification.
+    fn lazy_rx(&self) -> bool {
+        self.acked() & bit(VIRTIO_FABRIC_F_LAZY_RX) != 0
+    }
+
+    /// The fd of the RX wake-up, for the vring worker's epoll (event [`Self::wake_event`]).
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    /// The epoll event id of the RX wake-up: past the queues and the exit event.
+    pub fn wake_event(&self) -> u64 {
+        self.num_queues as u64 + 1
     }
 
     /// EVENT_IDX is in use: disabling notifications is implicit (the driver kicks only when it
@@ -559,7 +597,18 @@ impl FabricBackend {
             Some(q) => (q, q + 1),
             None => (1, vrings.len() + 1),
         };
-        for i in first..end {
+        // With LAZY_RX a kicked TX ring's pass takes its RX ring's receives first: the
+        // guest's receives posted before its sends are then in place for the answers.
+        let lazy = self.lazy_rx();
+        let rx_first = match only {
+            Some(q) if lazy && matches!(queue_kind(q as u16), QueueKind::Tx(_)) => {
+                Some(q + 1).filter(|&r| r < vrings.len())
+            }
+            _ => None,
+        };
+        // Whether RX rings re-armed in this pass get their notifications on (asked once).
+        let mut rx_on: Option<bool> = None;
+        for i in rx_first.into_iter().chain(first..end) {
             let q = if i == vrings.len() { 0 } else { i };
             let Some(vr) = vrings.get(q) else {
                 continue;
@@ -624,7 +673,11 @@ impl FabricBackend {
                 }
             };
             self.sink.set_next_avail(q, seen, next_avail);
-            let arrived = rearm && k < max && view.set_notification(next_avail, true);
+            let mut arm = rearm && k < max;
+            if arm && lazy && matches!(queue_kind(q as u16), QueueKind::Rx(_)) {
+                arm = *rx_on.get_or_insert_with(|| self.fabric.rx_needs_notify(self.dev));
+            }
+            let arrived = arm && view.set_notification(next_avail, true);
             more |= k == BATCH || arrived;
             found |= k > 0;
         }
@@ -666,6 +719,27 @@ impl FabricBackend {
                 Ok(Some(true))
             )
         })
+    }
+
+    /// Turn every ring's notifications on, except the RX rings' while the device may take
+    /// receives lazily (LAZY_RX, nothing held unexpected: [`Fabric::rx_needs_notify`]; the
+    /// fabric wakes the device if that changes). Returns whether requests arrived meanwhile.
+    fn arm(&self, vrings: &[VringRwLock]) -> Result<bool, ()> {
+        let quiet_rx = self.lazy_rx() && !self.fabric.rx_needs_notify(self.dev);
+        let mut more = false;
+        for (q, vr) in vrings.iter().enumerate() {
+            let on = !(quiet_rx && matches!(queue_kind(q as u16), QueueKind::Rx(_)));
+            match self.sink.with_ring(vr, q, None, |next_avail, view| {
+                view.set_notification(next_avail, on)
+            }) {
+                Ok(m) => more |= m.unwrap_or(false),
+                Err(e) => {
+                    self.ring_error(q, &e);
+                    return Err(());
+                }
+            }
+        }
+        Ok(more)
     }
 
     fn set_notifications(&self, vrings: &[VringRwLock], enable: bool) -> Result<bool, ()> {
@@ -723,7 +797,7 @@ impl FabricBackend {
                 }
                 return;
             }
-            match self.set_notifications(vrings, true) {
+            match self.arm(vrings) {
                 Ok(false) | Err(()) => return,
                 Ok(true) => {
                     if !self.event_idx() && self.set_notifications(vrings, false).is_err() {
@@ -776,7 +850,7 @@ impl Polled for FabricBackend {
         // (which then covers it) or wholly after `polled` is cleared (and re-arms itself).
         let _work = self.work_lock();
         let vrings = self.vrings();
-        match self.set_notifications(vrings, true) {
+        match self.arm(vrings) {
             Ok(true) if !self.is_broken() => {
                 if self.event_idx() || self.set_notifications(vrings, false).is_ok() {
                     return false;
@@ -971,6 +1045,14 @@ impl VhostUserBackend for FabricBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         if device_event as usize >= self.num_queues {
+            if u64::from(device_event) == self.wake_event() {
+                // The fabric queued a message unexpected while the RX rings were quiet.
+                let _ = self.wake.consume();
+                if self.any_ring_started.load(Ordering::Acquire) {
+                    self.sink.set_vrings(vrings);
+                    self.process(vrings);
+                }
+            }
             return Ok(());
         }
         if !self.any_ring_started.load(Ordering::Relaxed)

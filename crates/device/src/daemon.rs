@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::FabricBackend;
@@ -384,6 +385,16 @@ fn serve(
                     continue;
                 }
             };
+        // The fabric wakes the device through this when it may have receives to take (LAZY_RX).
+        let wake = daemon.get_epoll_handlers().iter().try_for_each(|h| {
+            h.register_listener(backend.wake_fd(), EventSet::IN, backend.wake_event())
+        });
+        if let Err(e) = wake {
+            error!(dev, "cannot register the device's wake-up: {e}");
+            backend.close_exit_fd();
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         let handshake = Arc::new(Handshake::default());
         let started = handshake.clone();
         backend.on_ring_started(Box::new(move || started.ring_started()));

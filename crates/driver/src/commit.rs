@@ -159,6 +159,7 @@ impl DomainInner {
                 TxData::None,
                 RxData::Descs(&descs),
                 false,
+                self.has_feature(vfabric_proto::VIRTIO_FABRIC_F_LAZY_RX),
                 || PendingOp::CommitEvent { area: Some(area) },
             ) {
                 Ok(_) => {
@@ -216,6 +217,7 @@ impl DomainInner {
             || req.to_header(),
             TxData::None,
             RxData::None,
+            false,
             false,
             || PendingOp::CommitReply,
         )?;

@@ -119,6 +119,7 @@ impl DomainInner {
                 tx,
                 rx,
                 false,
+                false,
                 || PendingOp::Control { data: area },
             ) {
                 Ok(c) => break c,

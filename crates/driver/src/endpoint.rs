@@ -861,6 +861,7 @@ impl Endpoint {
                 tx,
                 RxData::None,
                 a.flags & fi::MORE != 0,
+                false,
                 || {
                     PendingOp::Data(
                         DataOp {
@@ -1319,6 +1320,11 @@ impl Endpoint {
         } else {
             RxData::Descs(descs.as_slice())
         };
+        // Under LAZY_RX the device may take a plain receive only when a message needs it; one
+        // that completes by itself (PEEK, CLAIM, DISCARD) or whose message would be dropped
+        // unmatched (DGRAM) must reach it now.
+        let urgent = domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX)
+            && (peek || claim || discard || self.ep_type == EpType::Dgram);
         let ep = &self.shared;
         domain.queues[self.rx_queue]
             .post(
@@ -1326,6 +1332,7 @@ impl Endpoint {
                 TxData::None,
                 rx,
                 a.flags & fi::MORE != 0,
+                urgent,
                 || {
                     PendingOp::Data(
                         DataOp {

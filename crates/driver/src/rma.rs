@@ -469,7 +469,8 @@ impl DomainInner {
             && self.rma.events_posted.load(Ordering::Acquire) < EVENT_DEPTH
         {
             let header = || Request::new(Opcode::MrEvent).to_header();
-            match self.queues[q].post(header, TxData::None, RxData::None, false, || {
+            let urgent = self.has_feature(vfabric_proto::VIRTIO_FABRIC_F_LAZY_RX);
+            match self.queues[q].post(header, TxData::None, RxData::None, false, urgent, || {
                 PendingOp::MrEvent
             }) {
                 Ok(_) => {

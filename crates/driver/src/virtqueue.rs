@@ -176,6 +176,9 @@ struct QueueState {
     ring: SplitRing,
     seq: u64,
     counters: QueueCounters,
+    /// A request published since the last kick must reach the device now, whatever its
+    /// notification suppression says (an RX request other than a plain receive, LAZY_RX).
+    urgent: bool,
 }
 
 impl QueueState {
@@ -295,6 +298,7 @@ impl<R> Virtqueue<R> {
                 ring,
                 seq: 1,
                 counters: QueueCounters::default(),
+                urgent: false,
             }),
             progress: SpinLock::new(Returned {
                 heads: [0; DRAIN_BATCH],
@@ -352,8 +356,10 @@ impl<R> Virtqueue<R> {
     /// ring has room; its cookie is assigned here. Returns the cookie.
     /// `Err(Error::Again)` if the ring has no room. With `more` (libfabric `FI_MORE`) the kick
     /// decision is left to a later post without it (or [`Virtqueue::flush`]), which covers
-    /// every chain published since. `op` builds the request record, straight into its slot
-    /// (not called if the post fails before).
+    /// every chain published since. With `urgent` that kick happens even if the device
+    /// suppressed notifications (it may leave an RX ring's off under LAZY_RX, taking plain
+    /// receives when it needs them; other RX requests must not wait). `op` builds the request
+    /// record, straight into its slot (not called if the post fails before).
     ///
     /// One ring-lock hold: the header and descriptors are written, the avail index is stored
     /// once (release), and a single full fence orders it (and the in-flight count) before the
@@ -365,6 +371,7 @@ impl<R> Virtqueue<R> {
         tx: TxData<'_, P>,
         rx: RxData<'_>,
         more: bool,
+        urgent: bool,
         op: impl FnOnce() -> R,
     ) -> Result<u64> {
         let (inline_tx_len, tx_descs): (usize, &[(u64, u32)]) = match &tx {
@@ -447,7 +454,9 @@ impl<R> Virtqueue<R> {
         }
         // The avail index and the in-flight count before the reads below.
         fence(Ordering::SeqCst);
-        let kick = !more && st.ring.needs_kick_fenced();
+        st.urgent |= urgent;
+        // `|`, not `||`: the kick decision records what it covers.
+        let kick = !more && (st.ring.needs_kick_fenced() | std::mem::take(&mut st.urgent));
         if kick {
             st.counters.kicks += 1;
         }
@@ -486,7 +495,7 @@ impl<R> Virtqueue<R> {
     /// decision (the doorbell of a batch).
     pub fn flush(&self) {
         let mut st = self.lock();
-        let kick = st.ring.needs_kick();
+        let kick = st.ring.needs_kick() | std::mem::take(&mut st.urgent);
         if kick {
             st.counters.kicks += 1;
         }

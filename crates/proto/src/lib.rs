@@ -85,6 +85,11 @@ pub const VIRTIO_FABRIC_F_MQ: u32 = 5;
 pub const VIRTIO_FABRIC_F_VENDOR_CAPS: u32 = 6;
 /// Remote CQ data (SENDDATA, WRITEDATA) is delivered to the target.
 pub const VIRTIO_FABRIC_F_REMOTE_CQ_DATA: u32 = 7;
+/// Plain receives (RECV, TRECV without PEEK/CLAIM/DISCARD, on RDM and MSG endpoints) may be
+/// made available without a notification: the device may keep RX notifications suppressed
+/// while it holds no unexpected message and takes such receives when it next needs them. The
+/// driver notifies for every other RX request whatever the suppression says.
+pub const VIRTIO_FABRIC_F_LAZY_RX: u32 = 8;
 
 /// Generic virtio feature bits used by the fabric device.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
@@ -112,6 +117,7 @@ pub fn feature_names(features: u64) -> Vec<&'static str> {
         (VIRTIO_FABRIC_F_MQ, "MQ"),
         (VIRTIO_FABRIC_F_VENDOR_CAPS, "VENDOR_CAPS"),
         (VIRTIO_FABRIC_F_REMOTE_CQ_DATA, "REMOTE_CQ_DATA"),
+        (VIRTIO_FABRIC_F_LAZY_RX, "LAZY_RX"),
         (VIRTIO_RING_F_INDIRECT_DESC, "RING_INDIRECT_DESC"),
         (VIRTIO_RING_F_EVENT_IDX, "RING_EVENT_IDX"),
         (

@@ -4,8 +4,8 @@
 
 use vfabric_proto::{
     bit, caps::key, caps::HostAddrEntry, caps::RemoteHostEntry, flags, CapValue, CapsBuilder,
-    FabricConfig, VENDOR_ID_VFABRIC, VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_MQ,
-    VIRTIO_FABRIC_F_MSG, VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA,
+    FabricConfig, VENDOR_ID_VFABRIC, VIRTIO_FABRIC_F_ATOMIC, VIRTIO_FABRIC_F_LAZY_RX,
+    VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_MSG, VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA,
     VIRTIO_FABRIC_F_RMA_PMEM, VIRTIO_FABRIC_F_TAGGED, VIRTIO_FABRIC_F_VENDOR_CAPS,
 };
 
@@ -34,6 +34,7 @@ impl Fabric {
             | bit(VIRTIO_FABRIC_F_TAGGED)
             | bit(VIRTIO_FABRIC_F_VENDOR_CAPS)
             | bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA)
+            | bit(VIRTIO_FABRIC_F_LAZY_RX)
             | bit(VIRTIO_FABRIC_F_RMA)
             | bit(VIRTIO_FABRIC_F_ATOMIC)
             | bit(VIRTIO_FABRIC_F_RMA_PMEM);

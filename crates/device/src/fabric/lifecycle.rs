@@ -18,7 +18,10 @@ impl Fabric {
         if dev >= self.devs.len() {
             return;
         }
-        self.dev(dev).port = Some(Arc::new(port));
+        let mut d = self.dev(dev);
+        d.port = Some(Arc::new(port));
+        d.rx_quiet = false;
+        drop(d);
         if let Some(c) = self.counters.get(dev) {
             c.connected.store(true, Ordering::Relaxed);
         }
@@ -123,6 +126,7 @@ impl Fabric {
                         e.unexpected.push_front(m);
                         victims.push(r);
                     }
+                    // (This device's own queue is stopping: it arms its rings when it runs again.)
                 }
             }
             // A receive the uplink reads into goes once its read is over (below).
@@ -242,6 +246,8 @@ impl Fabric {
             let (victims, port) = {
                 let mut d = self.dev(dev);
                 let Some(port) = d.port.clone() else { continue };
+                // Directed receives not taken yet (LAZY_RX) fail when the device takes them.
+                d.look_at_rx();
                 let mut victims = Vec::new();
                 for slot in d.eps.iter_mut() {
                     let Some(e) = slot.ep.as_mut() else { continue };

@@ -160,6 +160,7 @@ impl Fabric {
             };
             if let Some(e) = d.ep_mut(dep) {
                 e.unexpected.push_back(msg);
+                d.look_at_rx();
             }
             return;
         }
@@ -199,6 +200,7 @@ impl Fabric {
                 claimed: None,
                 body: Body::Eager(buf),
             });
+            d.look_at_rx();
         }
         drop(d);
         self.sent_in(dev, port, smem, req, meta.len, n);
@@ -430,6 +432,7 @@ impl Fabric {
             d.unexpected_bytes += cost;
             if let Some(e) = d.ep_mut(ep) {
                 e.unexpected.insert(at.min(e.unexpected.len()), m);
+                d.look_at_rx();
             }
             return;
         }

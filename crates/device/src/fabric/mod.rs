@@ -74,6 +74,9 @@ pub(crate) trait CompletionSink: Send + Sync {
     /// Put what is staged for virtqueue `queue` (by any thread) in its used ring with one index
     /// update, and signal the guest if it asked for it (EVENT_IDX).
     fn publish(&self, queue: u16);
+    /// Make the device look at its RX rings soon (from any thread, under a device's lock: it
+    /// must not block): they may hold receives it has not taken (LAZY_RX).
+    fn wake_rx(&self) {}
 }
 
 /// A connected device: its guest memory and its used rings.
@@ -235,6 +238,9 @@ pub(crate) struct Dev {
     keys: rma::KeyGen,
     /// Posted COMMIT_EVENT requests and commits waiting for this device's verdict (§6.17.3).
     commits: commit::Commits,
+    /// The device left its RX notifications off (LAZY_RX, nothing held unexpected): receives
+    /// may wait in its RX rings untaken, so a message queued unexpected must wake it.
+    rx_quiet: bool,
 }
 
 impl Dev {
@@ -249,6 +255,20 @@ impl Dev {
             pending_events: Default::default(),
             keys: rma::KeyGen::new(),
             commits: Default::default(),
+            rx_quiet: false,
+        }
+    }
+
+    /// A message was just queued unexpected at one of this device's endpoints, or a peer that
+    /// directed receives may name is gone. If the device left its RX notifications off,
+    /// receives its driver made available since may not be taken yet: wake the device, which
+    /// takes them (one may match the message, or fail for the peer) and keeps its RX
+    /// notifications on while it holds a message unexpected.
+    fn look_at_rx(&mut self) {
+        if std::mem::take(&mut self.rx_quiet) {
+            if let Some(p) = &self.port {
+                p.sink.wake_rx();
+            }
         }
     }
 
@@ -443,6 +463,24 @@ impl Fabric {
             .state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether device `dev` (whose driver acked LAZY_RX) must keep its RX notifications on:
+    /// only while a message waits unexpected at one of its endpoints, for a new receive may
+    /// match it. Otherwise they may stay off, recorded so that the next message queued
+    /// unexpected wakes the device ([`CompletionSink::wake_rx`]); decided under the device's
+    /// lock, which every queueing holds, so no message slips between the two.
+    pub(crate) fn rx_needs_notify(&self, dev: usize) -> bool {
+        let Some(slot) = self.devs.get(dev) else {
+            return true;
+        };
+        let mut d = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+        let holds = d
+            .eps
+            .iter()
+            .any(|s| s.ep.as_ref().is_some_and(|e| !e.unexpected.is_empty()));
+        d.rx_quiet = !holds;
+        holds
     }
 
     /// `(device, endpoint)` an address names on this fabric, if the device exists. Whether the

@@ -1088,6 +1088,7 @@ impl Fabric {
                 bytes: None,
             }),
         });
+        d.look_at_rx();
         true
     }
 
@@ -1192,6 +1193,7 @@ impl Fabric {
                     claimed: None,
                     body,
                 });
+                d.look_at_rx();
             }
             return if eager { Some(Status::Ok) } else { None };
         }

@@ -610,6 +610,7 @@ impl Fabric {
             claimed: None,
             body: Body::Eager(Vec::new()),
         });
+        d.look_at_rx();
     }
 }
 

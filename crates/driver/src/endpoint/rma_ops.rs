@@ -953,6 +953,7 @@ impl Endpoint {
                 tx,
                 rx,
                 flags & fi::MORE != 0,
+                false,
                 || {
                     PendingOp::Data(
                         DataOp {
