@@ -290,8 +290,9 @@ fn next_err(cq: &CompletionQueue) -> vfabric::CqErrEntry {
 /// without a kick (the device leaves its RX notifications off while it holds nothing
 /// unexpected) and taken when a message needs them — a message that finds them untaken wakes
 /// the device, which takes them and matches it, in order. Receives that complete by
-/// themselves still reach the device at once: a PEEK with no message answers NoMessage, and a
-/// directed receive whose source closes fails (the close wakes the device to take it).
+/// themselves still reach the device: a PEEK with no message answers NoMessage at once, a
+/// directed receive whose source closes fails (the close wakes the device to take it), and so
+/// does one posted after its source closed (the device looks at quiet RX rings again soon).
 #[test]
 fn plain_receives_need_no_kick_and_are_taken_when_a_message_needs_them() {
     for poll_us in [0, 50] {
@@ -364,6 +365,16 @@ fn plain_receives_need_no_kick_and_are_taken_when_a_message_needs_them() {
             (e.context, e.status),
             (50, vfabric::Status::PeerGone),
             "poll_us={poll_us}: the directed receive names {a_name:?}"
+        );
+        // A receive directed at the source already closed completes by itself, though nothing
+        // else happens: the device looks at its quiet RX ring again after a few milliseconds.
+        std::thread::sleep(Duration::from_millis(50));
+        b.ep.recv_vec_from(64, to_a, 60).unwrap();
+        let e = next_err(&b.cq);
+        assert_eq!(
+            (e.context, e.status),
+            (60, vfabric::Status::PeerGone),
+            "poll_us={poll_us}: a receive directed at a closed source"
         );
     }
 }

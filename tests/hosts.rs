@@ -1910,6 +1910,51 @@ fn rdv_reads(log: &str) -> Option<(u64, u64)> {
     Some((n.next()?, n.next()?))
 }
 
+/// LAZY_RX across hosts: B's receives are posted without a kick (but the first) and not taken
+/// by its device yet (B's device holds nothing unexpected, so its RX ring is quiet) when A's
+/// large messages arrive from host 1. Host 2 does not read them into daemon buffers for want of a taken
+/// receive: it wakes B's device, which takes them, and reads each message straight into its
+/// receive on a later turn. Every byte checked; host 2 counts none copied.
+#[test]
+fn large_messages_find_receives_posted_without_a_kick() {
+    let Some(TwoHosts {
+        lan: _lan,
+        dir: _dir,
+        d,
+    }) = TwoHosts::start_with(&["--poll-us", "0"])
+    else {
+        return;
+    };
+    let (a, b, to_b) = guests_on(&d);
+    const LEN: usize = 300_000;
+    // The hosts' link is up and warm (a cold one would let B's RX check take the receives).
+    exchange(&a, &b, &[LEN, 8], 900);
+    wait_counts(&d[1], READS, (LEN as u64, 0));
+    // The first receive may kick (B's RX ring starts); the device takes it and, with no
+    // polling, leaves the ring quiet. The next two do not kick, and B's device has not taken
+    // them when A's messages arrive (it would after 20 ms, its RX check).
+    let kicks = b.dom.stats().kicks;
+    b.ep.recv_vec(LEN, 100).unwrap();
+    std::thread::sleep(Duration::from_millis(3));
+    for i in 1..3u64 {
+        b.ep.recv_vec(LEN, 100 + i).unwrap();
+    }
+    assert!(b.dom.stats().kicks <= kicks + 1, "plain receives kicked");
+    for i in 0..3u64 {
+        a.ep.send(&pattern(40 + i as u32, LEN), to_b, i).unwrap();
+    }
+    for i in 0..3u64 {
+        let c = b.next();
+        assert_eq!(c.context, 100 + i, "in order");
+        assert!(
+            c.buf.as_deref() == Some(pattern(40 + i as u32, LEN).as_slice()),
+            "message {i} differs"
+        );
+        assert_eq!(a.next().context, i);
+    }
+    wait_counts(&d[1], READS, (4 * LEN as u64, 0));
+}
+
 /// Large messages that find their receive posted, and large RMA writes, land in the target
 /// guest's memory with no copy in the target's daemon either: host 2 counts every byte it
 /// read as placed in guest memory and none as copied, and every byte arrives (a truncated

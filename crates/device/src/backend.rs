@@ -32,6 +32,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::{parse_popped, GuestMemoryMmap, Req, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
@@ -42,6 +43,8 @@ use crate::xmem::PeerProcess;
 
 /// Chains popped from one queue before they are handed to the fabric.
 const BATCH: usize = 64;
+/// How long RX rings stay quiet (LAZY_RX) before the device looks at them again.
+const RX_CHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -382,6 +385,11 @@ pub(crate) struct FabricBackend {
     /// The wake-up [`CompletionSink::wake_rx`] sends (registered with the vring worker's epoll
     /// as event [`FabricBackend::wake_event`]).
     wake: EventConsumer,
+    /// Fires [`RX_CHECK`] after the RX rings went quiet (event `wake_event() + 1`).
+    rx_check: Mutex<TimerFd>,
+    rx_check_armed: AtomicBool,
+    /// The last RX check found the RX rings empty: the next decision turns them on.
+    rx_idle: AtomicBool,
     /// Raw fd of the exit consumer handed to vhost-user-backend (it leaks it; we close it).
     exit_fd: Mutex<Option<RawFd>>,
     shutdown: Mutex<Option<ShutdownHandle>>,
@@ -418,6 +426,9 @@ impl FabricBackend {
             nested_work: AtomicBool::new(false),
             sink: Arc::new(VringSink::new(num_queues, mem.clone(), wake_notifier)),
             wake,
+            rx_check: Mutex::new(TimerFd::new()?),
+            rx_check_armed: AtomicBool::new(false),
+            rx_idle: AtomicBool::new(false),
             process: socket.map(|s| Arc::new(PeerProcess::new(s, mem.clone()))),
             mem,
             acked: AtomicU64::new(0),
@@ -495,9 +506,54 @@ impl FabricBackend {
         self.acked() & bit(VIRTIO_FABRIC_F_LAZY_RX) != 0
     }
 
+    /// Whether the RX rings get their notifications on now ([`Fabric::rx_needs_notify`]).
+    /// Quiet rings are looked at again after [`RX_CHECK`]: a receive that completes by itself
+    /// without the driver knowing (one directed at a source already closed) is not left
+    /// untaken for good, and rings found empty then get their notifications back, so an idle
+    /// device costs no periodic wake-ups.
+    fn rx_notify_decision(&self) -> bool {
+        let idle = self.rx_idle.swap(false, Ordering::AcqRel);
+        let on = self.fabric.rx_needs_notify(self.dev, idle);
+        if !on && !self.rx_check_armed.swap(true, Ordering::AcqRel) {
+            if let Err(e) = lock(&self.rx_check).reset(RX_CHECK, None) {
+                warn!(dev = self.dev, "cannot arm the RX check timer: {e}");
+                self.rx_check_armed.store(false, Ordering::Release);
+                // Without the timer the rings cannot stay quiet.
+                return self.fabric.rx_needs_notify(self.dev, true);
+            }
+        }
+        on
+    }
+
+    /// The RX check timer fired: take whatever the RX rings hold, or, if they hold nothing,
+    /// turn their notifications back on (the device is idle on the receive side).
+    fn rx_check(&self, vrings: &[VringRwLock]) {
+        let _ = lock(&self.rx_check).wait();
+        self.rx_check_armed.store(false, Ordering::Release);
+        let mem = self.mem.memory().into_inner();
+        let rx_pending = vrings.iter().enumerate().any(|(q, vr)| {
+            matches!(queue_kind(q as u16), QueueKind::Rx(_))
+                && matches!(
+                    self.sink.with_ring(vr, q, Some(&mem), |next_avail, view| {
+                        view.avail_idx() != next_avail
+                    }),
+                    Ok(Some(true))
+                )
+        });
+        if !rx_pending {
+            self.rx_idle.store(true, Ordering::Release);
+        }
+        self.process(vrings);
+    }
+
     /// The fd of the RX wake-up, for the vring worker's epoll (event [`Self::wake_event`]).
     pub fn wake_fd(&self) -> RawFd {
         self.wake.as_raw_fd()
+    }
+
+    /// The fd of the RX check timer, for the vring worker's epoll (event `wake_event() + 1`).
+    pub fn rx_check_fd(&self) -> RawFd {
+        lock(&self.rx_check).as_raw_fd()
     }
 
     /// The epoll event id of the RX wake-up: past the queues and the exit event.
@@ -675,7 +731,7 @@ impl FabricBackend {
             self.sink.set_next_avail(q, seen, next_avail);
             let mut arm = rearm && k < max;
             if arm && lazy && matches!(queue_kind(q as u16), QueueKind::Rx(_)) {
-                arm = *rx_on.get_or_insert_with(|| self.fabric.rx_needs_notify(self.dev));
+                arm = *rx_on.get_or_insert_with(|| self.rx_notify_decision());
             }
             let arrived = arm && view.set_notification(next_avail, true);
             more |= k == BATCH || arrived;
@@ -725,7 +781,7 @@ impl FabricBackend {
     /// receives lazily (LAZY_RX, nothing held unexpected: [`Fabric::rx_needs_notify`]; the
     /// fabric wakes the device if that changes). Returns whether requests arrived meanwhile.
     fn arm(&self, vrings: &[VringRwLock]) -> Result<bool, ()> {
-        let quiet_rx = self.lazy_rx() && !self.fabric.rx_needs_notify(self.dev);
+        let quiet_rx = self.lazy_rx() && !self.rx_notify_decision();
         let mut more = false;
         for (q, vr) in vrings.iter().enumerate() {
             let on = !(quiet_rx && matches!(queue_kind(q as u16), QueueKind::Rx(_)));
@@ -1052,6 +1108,11 @@ impl VhostUserBackend for FabricBackend {
                     self.sink.set_vrings(vrings);
                     self.process(vrings);
                 }
+                self.fabric.rx_woken(self.dev);
+            } else if u64::from(device_event) == self.wake_event() + 1 {
+                // Armed only by a pass, so the rings have started.
+                self.sink.set_vrings(vrings);
+                self.rx_check(vrings);
             }
             return Ok(());
         }

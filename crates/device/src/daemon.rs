@@ -387,7 +387,12 @@ fn serve(
             };
         // The fabric wakes the device through this when it may have receives to take (LAZY_RX).
         let wake = daemon.get_epoll_handlers().iter().try_for_each(|h| {
-            h.register_listener(backend.wake_fd(), EventSet::IN, backend.wake_event())
+            h.register_listener(backend.wake_fd(), EventSet::IN, backend.wake_event())?;
+            h.register_listener(
+                backend.rx_check_fd(),
+                EventSet::IN,
+                backend.wake_event() + 1,
+            )
         });
         if let Err(e) = wake {
             error!(dev, "cannot register the device's wake-up: {e}");

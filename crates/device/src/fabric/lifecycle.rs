@@ -21,6 +21,7 @@ impl Fabric {
         let mut d = self.dev(dev);
         d.port = Some(Arc::new(port));
         d.rx_quiet = false;
+        d.rx_waking = false;
         drop(d);
         if let Some(c) = self.counters.get(dev) {
             c.connected.store(true, Ordering::Relaxed);
@@ -34,7 +35,10 @@ impl Fabric {
             return;
         }
         self.teardown(dev, Teardown::Silent, n);
-        self.dev(dev).port = None;
+        let mut d = self.dev(dev);
+        d.port = None;
+        d.rx_waking = false;
+        drop(d);
         if let Some(c) = self.counters.get(dev) {
             c.connected.store(false, Ordering::Relaxed);
         }

@@ -241,6 +241,8 @@ pub(crate) struct Dev {
     /// The device left its RX notifications off (LAZY_RX, nothing held unexpected): receives
     /// may wait in its RX rings untaken, so a message queued unexpected must wake it.
     rx_quiet: bool,
+    /// Woken for its RX rings and not back from the pass that takes them yet.
+    rx_waking: bool,
 }
 
 impl Dev {
@@ -256,6 +258,7 @@ impl Dev {
             keys: rma::KeyGen::new(),
             commits: Default::default(),
             rx_quiet: false,
+            rx_waking: false,
         }
     }
 
@@ -267,6 +270,7 @@ impl Dev {
     fn look_at_rx(&mut self) {
         if std::mem::take(&mut self.rx_quiet) {
             if let Some(p) = &self.port {
+                self.rx_waking = true;
                 p.sink.wake_rx();
             }
         }
@@ -470,17 +474,28 @@ impl Fabric {
     /// match it. Otherwise they may stay off, recorded so that the next message queued
     /// unexpected wakes the device ([`CompletionSink::wake_rx`]); decided under the device's
     /// lock, which every queueing holds, so no message slips between the two.
-    pub(crate) fn rx_needs_notify(&self, dev: usize) -> bool {
+    /// With `idle` (the device found its RX rings empty on its last check) they go on as well.
+    pub(crate) fn rx_needs_notify(&self, dev: usize, idle: bool) -> bool {
         let Some(slot) = self.devs.get(dev) else {
             return true;
         };
         let mut d = slot.state.lock().unwrap_or_else(|p| p.into_inner());
-        let holds = d
-            .eps
-            .iter()
-            .any(|s| s.ep.as_ref().is_some_and(|e| !e.unexpected.is_empty()));
-        d.rx_quiet = !holds;
-        holds
+        let on = idle
+            || d.eps
+                .iter()
+                .any(|s| s.ep.as_ref().is_some_and(|e| !e.unexpected.is_empty()));
+        d.rx_quiet = !on;
+        on
+    }
+
+    /// Device `dev` has taken its RX rings after a [`CompletionSink::wake_rx`].
+    pub(crate) fn rx_woken(&self, dev: usize) {
+        if let Some(slot) = self.devs.get(dev) {
+            slot.state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .rx_waking = false;
+        }
     }
 
     /// `(device, endpoint)` an address names on this fabric, if the device exists. Whether the

@@ -1453,6 +1453,18 @@ impl Fabric {
         }))
     }
 
+    /// The destination device of a message from `host` that [`Fabric::claim_direct`] found no
+    /// receive for may hold receives it has not taken (LAZY_RX): it is woken to take them
+    /// (`true`: try the claim again shortly, rather than read the message into a buffer).
+    pub(crate) fn receives_untaken(&self, host: u16, desc: &wire::Data) -> bool {
+        let Some((ddev, ..)) = self.unread_target(host, desc) else {
+            return false;
+        };
+        let mut d = self.dev(ddev);
+        d.look_at_rx();
+        d.rx_waking
+    }
+
     /// An RMA write from `host` (described by `desc`, its ranges in `head`), every earlier
     /// message of its host matched already, about to be read: if it targets regions in guest
     /// memory that it may write (the checks of [`Fabric::accept_remote_rma`]), at most

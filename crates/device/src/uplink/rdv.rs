@@ -1257,13 +1257,23 @@ impl Worker {
             } else {
                 self.fabric.claim_direct_write(host, desc, head, max_ranges)
             };
-            if let Some(dest) = dest {
-                match self.start_direct_read(host, req_id, dest, src, srcs) {
+            match dest {
+                Some(dest) => match self.start_direct_read(host, req_id, dest, src, srcs) {
                     Ok(ctx) => return Ok(Some((ctx, true))),
                     // Read into a daemon buffer instead (the receive was matched again).
                     Err(again) if again => return Ok(None),
                     Err(_) => {}
+                },
+                // Its receive may be posted but not taken by the device yet: the next turn
+                // tries again, once the device has taken its RX rings.
+                None if head.is_empty() && self.fabric.receives_untaken(host, desc) => {
+                    debug!(
+                        host,
+                        req_id, "uplink: a message waits for its device to take receives"
+                    );
+                    return Ok(None);
                 }
+                None => {}
             }
         }
         let mut buf = vec![0u8; len];
