@@ -1932,7 +1932,7 @@ fn large_messages_find_receives_posted_without_a_kick() {
     wait_counts(&d[1], READS, (LEN as u64, 0));
     // The first receive may kick (B's RX ring starts); the device takes it and, with no
     // polling, leaves the ring quiet. The next two do not kick, and B's device has not taken
-    // them when A's messages arrive (it would after 20 ms, its RX check).
+    // them when A's messages arrive (it would after 100 ms, its RX check).
     let kicks = b.dom.stats().kicks;
     b.ep.recv_vec(LEN, 100).unwrap();
     std::thread::sleep(Duration::from_millis(3));

@@ -44,7 +44,7 @@ use crate::xmem::PeerProcess;
 /// Chains popped from one queue before they are handed to the fabric.
 const BATCH: usize = 64;
 /// How long RX rings stay quiet (LAZY_RX) before the device looks at them again.
-const RX_CHECK: std::time::Duration = std::time::Duration::from_millis(20);
+const RX_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -388,8 +388,6 @@ pub(crate) struct FabricBackend {
     /// Fires [`RX_CHECK`] after the RX rings went quiet (event `wake_event() + 1`).
     rx_check: Mutex<TimerFd>,
     rx_check_armed: AtomicBool,
-    /// The last RX check found the RX rings empty: the next decision turns them on.
-    rx_idle: AtomicBool,
     /// Raw fd of the exit consumer handed to vhost-user-backend (it leaks it; we close it).
     exit_fd: Mutex<Option<RawFd>>,
     shutdown: Mutex<Option<ShutdownHandle>>,
@@ -428,7 +426,6 @@ impl FabricBackend {
             wake,
             rx_check: Mutex::new(TimerFd::new()?),
             rx_check_armed: AtomicBool::new(false),
-            rx_idle: AtomicBool::new(false),
             process: socket.map(|s| Arc::new(PeerProcess::new(s, mem.clone()))),
             mem,
             acked: AtomicU64::new(0),
@@ -512,8 +509,7 @@ impl FabricBackend {
     /// untaken for good, and rings found empty then get their notifications back, so an idle
     /// device costs no periodic wake-ups.
     fn rx_notify_decision(&self) -> bool {
-        let idle = self.rx_idle.swap(false, Ordering::AcqRel);
-        let on = self.fabric.rx_needs_notify(self.dev, idle);
+        let on = self.fabric.rx_needs_notify(self.dev, false);
         if !on && !self.rx_check_armed.swap(true, Ordering::AcqRel) {
             if let Err(e) = lock(&self.rx_check).reset(RX_CHECK, None) {
                 warn!(dev = self.dev, "cannot arm the RX check timer: {e}");
@@ -540,10 +536,26 @@ impl FabricBackend {
                     Ok(Some(true))
                 )
         });
-        if !rx_pending {
-            self.rx_idle.store(true, Ordering::Release);
+        if rx_pending {
+            return self.process(vrings);
         }
-        self.process(vrings);
+        // Idle on the receive side: notifications back on (recorded first, so that nothing
+        // queued unexpected meanwhile waits for a wake-up that is not sent).
+        self.fabric.rx_needs_notify(self.dev, true);
+        let mut arrived = false;
+        for (q, vr) in vrings.iter().enumerate() {
+            if matches!(queue_kind(q as u16), QueueKind::Rx(_)) {
+                match self.sink.with_ring(vr, q, Some(&mem), |next_avail, view| {
+                    view.set_notification(next_avail, true)
+                }) {
+                    Ok(a) => arrived |= a.unwrap_or(false),
+                    Err(e) => return self.ring_error(q, &e),
+                }
+            }
+        }
+        if arrived {
+            self.process(vrings);
+        }
     }
 
     /// The fd of the RX wake-up, for the vring worker's epoll (event [`Self::wake_event`]).
