@@ -505,10 +505,15 @@ impl CompletionQueue {
                 "sread on a CQ opened with WaitMode::None".into(),
             ));
         }
-        // A full read only if something may be there: a wait usually starts before its
-        // completion exists, and the blocking path below re-checks the rings after arming.
         let feeders = self.shared.feeders.load(Ordering::Relaxed);
-        if !self.shared.is_empty() || self.domain.may_progress(feeders) {
+        let budget = self
+            .fixed_spin_ns
+            .unwrap_or_else(|| self.spin_ns.load(Ordering::Relaxed));
+        // A read before the phases below only for entries already queued or a stopped domain
+        // (whose error it returns): polling starts with a read anyway, and a wait usually
+        // starts before its completion exists — the blocking path arms the rings and then
+        // re-checks them, so a completion already there costs no sleep, only the arming.
+        if !self.shared.is_empty() || self.domain.is_stalled() {
             match attempt(self) {
                 Err(Empty::Again) => {}
                 r => return r.map_err(Error::from),
@@ -516,9 +521,6 @@ impl CompletionQueue {
         }
         let mut left = timeout.map(timespec_of);
         // Phase 1: poll.
-        let budget = self
-            .fixed_spin_ns
-            .unwrap_or_else(|| self.spin_ns.load(Ordering::Relaxed));
         if budget > 0 {
             let start = Instant::now();
             let spin = Duration::from_nanos(budget);
@@ -651,7 +653,9 @@ impl CompletionQueue {
     }
 }
 
-/// Deliver a finished request (called by progress, in used-ring order per queue).
+/// Deliver a finished request (called by progress, in used-ring order per queue). Inlined
+/// into the drain loop: the request's fields are read where the drain has them.
+#[inline(always)]
 pub(crate) fn complete(domain: &DomainInner, f: Done<'_>, direct: Option<&mut Direct<'_>>) {
     match f.op {
         PendingOp::Data(_) => complete_data(f, direct),

@@ -104,6 +104,21 @@ impl DescList {
     }
 }
 
+/// A request record as a queue keeps it: opaque to the queue, except for how it is dropped
+/// once dispatched.
+pub(crate) trait Record: Sized {
+    /// Drop a dispatched record in place. The default is its drop glue; a record type can do
+    /// better for records it knows own little (the glue calls into every field's).
+    ///
+    /// # Safety
+    /// As [`std::ptr::drop_in_place`]: `this` is valid and initialised, and not used again.
+    #[inline(always)]
+    unsafe fn drop_dispatched(this: *mut Self) {
+        // SAFETY: the caller's guarantee.
+        unsafe { std::ptr::drop_in_place(this) }
+    }
+}
+
 /// The driver's record of the request in flight on one head id, kept in place from post to
 /// dispatch (no moves, no allocation). `op` (opaque to the queue) is initialised exactly while
 /// `busy`: a post writes it, a dispatch drops it in place.
@@ -528,7 +543,10 @@ impl<R> Virtqueue<R> {
     /// takes the new used entries and updates the in-flight state; dispatch then runs without
     /// the ring lock (posts, also from dispatch itself, proceed), and the dispatched heads
     /// stay ours until the next drain gives them back.
-    pub fn drain(&self, mut dispatch: impl FnMut(Finished<'_, R>)) -> usize {
+    pub fn drain(&self, mut dispatch: impl FnMut(Finished<'_, R>)) -> usize
+    where
+        R: Record,
+    {
         let Some(mut returned) = self.progress.try_lock() else {
             return 0;
         };
@@ -538,14 +556,7 @@ impl<R> Virtqueue<R> {
         loop {
             let mut st = self.lock();
             st.release_all(&mut returned);
-            let mut taken = 0;
-            while taken < DRAIN_BATCH {
-                let Some(u) = st.ring.take_used() else {
-                    break;
-                };
-                batch[taken].write(u);
-                taken += 1;
-            }
+            let taken = st.ring.take_used_into(&mut batch);
             if taken > 0 {
                 st.counters.completed += taken as u64;
                 let in_flight = st.ring.chains_in_flight();
@@ -605,7 +616,10 @@ impl<R> Virtqueue<R> {
 
     /// Read the completion of a taken chain and dispatch it; the record goes back to idle.
     #[inline(always)]
-    fn finish(&self, u: &UsedElem, dispatch: &mut impl FnMut(Finished<'_, R>)) {
+    fn finish(&self, u: &UsedElem, dispatch: &mut impl FnMut(Finished<'_, R>))
+    where
+        R: Record,
+    {
         // SAFETY: the device returned this head and it is not released yet, so no post can
         // reuse it; we hold `progress`, the only other way to reach a returned head's record.
         let record = unsafe { &mut *self.requests[u.head as usize].get() };
@@ -661,7 +675,7 @@ impl<R> Virtqueue<R> {
         });
         record.busy = false;
         // SAFETY: initialised until now; `busy` is already cleared, so it is dropped once.
-        unsafe { record.op.assume_init_drop() };
+        unsafe { R::drop_dispatched(record.op.as_mut_ptr()) };
     }
 
     #[cold]
