@@ -657,8 +657,19 @@ impl CompletionQueue {
 /// into the drain loop: the request's fields are read where the drain has them.
 #[inline(always)]
 pub(crate) fn complete(domain: &DomainInner, f: Done<'_>, direct: Option<&mut Direct<'_>>) {
+    if let PendingOp::Data(_) = f.op {
+        complete_data(f, direct)
+    } else {
+        complete_other(domain, f)
+    }
+}
+
+/// Control, MR_EVENT and commit requests: rare, kept out of the drain loop.
+#[cold]
+#[inline(never)]
+fn complete_other(domain: &DomainInner, f: Done<'_>) {
     match f.op {
-        PendingOp::Data(_) => complete_data(f, direct),
+        PendingOp::Data(_) => {}
         PendingOp::Control { .. } => crate::control::complete_control(domain, f),
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
         PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),
