@@ -352,11 +352,19 @@ impl CompletionQueue {
     }
 
     /// Move up to `max` queued entries to `put`, stopping at an error entry.
-    fn take(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
+    #[inline(always)]
+    fn take(&self, max: usize, put: impl FnMut(CqEntry)) -> ReadResult {
         if max == 0 || self.shared.queued.load(Ordering::Relaxed) == 0 {
             // Nothing queued as of our own progress: no lock.
             return Err(Empty::Again);
         }
+        self.take_queued(max, put)
+    }
+
+    /// [`CompletionQueue::take`] once entries are queued: out of line, so a read that
+    /// progress filled directly carries none of it.
+    #[inline(never)]
+    fn take_queued(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
         let mut events = self.shared.events.lock();
         let mut n = 0;
         while n < max {
