@@ -271,6 +271,22 @@ fn is_elapsed(t: &libc::timespec) -> bool {
     t.tv_sec <= 0 && t.tv_nsec <= 0
 }
 
+/// A blocking pass of `sread` returned without sleeping (entries pending for another
+/// consumer): the kernel did not count time then, so the clock does (from the first such
+/// pass, `awake_since`), and the thread yields before the next pass.
+#[cold]
+fn count_awake(left: Option<&mut libc::timespec>, awake_since: &mut Option<(Instant, Duration)>) {
+    if let Some(l) = left {
+        match *awake_since {
+            None => *awake_since = Some((Instant::now(), duration_of(l))),
+            Some((since, at_start)) => {
+                *l = timespec_of(at_start.saturating_sub(since.elapsed()));
+            }
+        }
+    }
+    std::thread::yield_now();
+}
+
 /// Polls between clock reads while spinning in `sread`.
 const SPIN_POLLS_PER_CLOCK: u32 = 16;
 
@@ -530,27 +546,8 @@ impl CompletionQueue {
         let mut left = timeout.map(timespec_of);
         // Phase 1: poll.
         if budget > 0 {
-            let start = Instant::now();
-            let spin = Duration::from_nanos(budget);
-            let spin = timeout.map_or(spin, |t| t.min(spin));
-            let mut polls = 0u32;
-            loop {
-                match attempt(self) {
-                    Err(Empty::Again) => {}
-                    r => return r.map_err(Error::from),
-                }
-                polls = polls.wrapping_add(1);
-                if polls.is_multiple_of(SPIN_POLLS_PER_CLOCK) && start.elapsed() >= spin {
-                    break;
-                }
-                if polls & (SPIN_POLLS_PER_YIELD - 1) == 0 {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
-            if let Some(t) = timeout {
-                left = Some(timespec_of(t.saturating_sub(start.elapsed())));
+            if let Some(r) = self.spin(budget, timeout, &mut left, &mut attempt) {
+                return r;
             }
         }
         // Phase 2: block.
@@ -583,18 +580,47 @@ impl CompletionQueue {
             }
             if slept {
                 awake_since = None;
-            } else if let Some(l) = left.as_mut() {
-                match awake_since {
-                    None => awake_since = Some((Instant::now(), duration_of(l))),
-                    Some((since, at_start)) => {
-                        *l = timespec_of(at_start.saturating_sub(since.elapsed()));
-                    }
-                }
-                std::thread::yield_now();
             } else {
-                std::thread::yield_now();
+                count_awake(left.as_mut(), &mut awake_since);
             }
         }
+    }
+
+    /// Phase 1 of [`CompletionQueue::wait_for`]: repeat `attempt` for `budget` ns (or up to
+    /// `timeout`), reading the clock every few polls; `None` once the budget is spent, with
+    /// `left` set to the time that remains. Out of line: with no budget (two CPUs or fewer) it
+    /// is never run.
+    #[inline(never)]
+    fn spin(
+        &self,
+        budget: u64,
+        timeout: Option<Duration>,
+        left: &mut Option<libc::timespec>,
+        attempt: &mut impl FnMut(&Self) -> ReadResult,
+    ) -> Option<Result<usize>> {
+        let start = Instant::now();
+        let spin = Duration::from_nanos(budget);
+        let spin = timeout.map_or(spin, |t| t.min(spin));
+        let mut polls = 0u32;
+        loop {
+            match attempt(self) {
+                Err(Empty::Again) => {}
+                r => return Some(r.map_err(Error::from)),
+            }
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(SPIN_POLLS_PER_CLOCK) && start.elapsed() >= spin {
+                break;
+            }
+            if polls & (SPIN_POLLS_PER_YIELD - 1) == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        if let Some(t) = timeout {
+            *left = Some(timespec_of(t.saturating_sub(start.elapsed())));
+        }
+        None
     }
 
     /// Grow the spin budget when the event arrived soon after we blocked (spinning a little
