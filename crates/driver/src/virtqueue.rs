@@ -556,7 +556,10 @@ impl<R> Virtqueue<R> {
         loop {
             let mut st = self.lock();
             st.release_all(&mut returned);
+            // One read of the used index per batch: entries the device publishes after it
+            // are left for the next batch or drain (see the end of the loop).
             let taken = st.ring.take_used_into(&mut batch);
+            let mut rearmed = false;
             if taken > 0 {
                 st.counters.completed += taken as u64;
                 let in_flight = st.ring.chains_in_flight();
@@ -568,7 +571,7 @@ impl<R> Virtqueue<R> {
                         .busy
                         .fetch_and(!self.busy_bit, Ordering::Relaxed);
                 }
-                self.after_take(st.ring.last_used());
+                rearmed = self.after_take(st.ring.last_used());
             }
             let broken = st.ring.broken().is_some();
             if broken {
@@ -584,7 +587,9 @@ impl<R> Virtqueue<R> {
                 returned.len = at + 1;
             }
             total += taken;
-            if taken < DRAIN_BATCH || broken {
+            // Armed for a sleeper: entries published before the arming raise no call of their
+            // own, so they are taken now (the sleeper may be asleep already).
+            if broken || (taken < DRAIN_BATCH && !(rearmed && self.has_used())) {
                 return total;
             }
         }
@@ -601,9 +606,12 @@ impl<R> Virtqueue<R> {
     /// thread of the domain sleeps for calls, parked otherwise. Pairs with [`Virtqueue::arm`]
     /// (a sleeper counts itself, fences, reads `last_used` and arms there, then re-reads it):
     /// either the sleeper sees our `last_used` and arms at it, or our fenced read of
-    /// `blockers` sees the sleeper and we arm for it.
+    /// `blockers` sees the sleeper and we arm for it. Returns whether we armed for a sleeper:
+    /// the caller must then take the entries the device published before the arming (it
+    /// calls only for entries after it, and the sleeper's call may have gone to a thread that
+    /// woke with it).
     #[inline]
-    fn after_take(&self, last_used: u16) {
+    fn after_take(&self, last_used: u16) -> bool {
         self.last_used.store(last_used, Ordering::Relaxed);
         self.call_control()
             .store(park_value(self.event_idx, last_used), Ordering::Relaxed);
@@ -611,7 +619,9 @@ impl<R> Virtqueue<R> {
         if self.signals.blockers.load(Ordering::Relaxed) > 0 {
             self.call_control()
                 .store(arm_value(self.event_idx, last_used), Ordering::SeqCst);
+            return true;
         }
+        false
     }
 
     /// Read the completion of a taken chain and dispatch it; the record goes back to idle.
