@@ -865,6 +865,50 @@ mod tests {
     }
 
     #[test]
+    fn used_entries_are_taken_in_batches_up_to_an_invalid_one() {
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let heads: Vec<u16> = (0..3)
+            .map(|_| h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap())
+            .collect();
+        for &head in &heads {
+            h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+            h.queue.add_used(&h.dev_mem, head, 64).unwrap();
+        }
+        // Three published, room for two: the first two, in ring order, then the third.
+        let mut out = [std::mem::MaybeUninit::uninit(); 2];
+        assert_eq!(h.ring.take_used_into(&mut out), 2);
+        // SAFETY: the first two were written.
+        let taken: Vec<u16> = out
+            .iter()
+            .map(|u| unsafe { u.assume_init() }.head)
+            .collect();
+        assert_eq!(taken, heads[..2]);
+        assert_eq!(h.ring.take_used_into(&mut out), 1);
+        // SAFETY: the first was written.
+        assert_eq!(unsafe { out[0].assume_init() }.head, heads[2]);
+        assert_eq!(h.ring.take_used_into(&mut out), 0);
+        assert_eq!(h.ring.chains_in_flight(), 0);
+
+        // A batch stops at an invalid entry: the ones before it are taken, the ring breaks.
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let a = h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        let b = h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        // A third chain in flight: three used entries are not too many by count.
+        h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        h.queue.add_used(&h.dev_mem, a, 64).unwrap();
+        h.queue.add_used(&h.dev_mem, a, 64).unwrap();
+        h.queue.add_used(&h.dev_mem, b, 64).unwrap();
+        let mut out = [std::mem::MaybeUninit::uninit(); 4];
+        assert_eq!(h.ring.take_used_into(&mut out), 1);
+        // SAFETY: the first was written.
+        assert_eq!(unsafe { out[0].assume_init() }.head, a);
+        assert!(h.ring.broken().is_some());
+        assert_eq!(h.ring.take_used_into(&mut out), 0);
+    }
+
+    #[test]
     fn device_scribbling_on_descriptors_does_not_confuse_free_list() {
         let mut h = harness(8, true);
         let buf = h.mem.alloc(64, 64).unwrap();
