@@ -227,7 +227,9 @@ impl Side {
 
     /// Read at least one entry into `out` (up to its length), waiting as the mode says. No
     /// allocation; the clock is read only every `CLOCK_EVERY` empty polls (poll mode) — the
-    /// blocking modes hand the timeout to `sread`.
+    /// blocking modes hand the timeout to `sread`. Inline: in the ping-pong it is the caller's
+    /// whole wait.
+    #[inline(always)]
     fn read_some(
         &self,
         cq: &CompletionQueue,

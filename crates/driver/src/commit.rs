@@ -81,6 +81,7 @@ impl CommitState {
         self.handled_mrs.fetch_sub(1, Ordering::AcqRel);
     }
     /// Fewer COMMIT_EVENT requests posted than handled regions need.
+    #[inline]
     pub(crate) fn events_wanted(&self) -> bool {
         self.handled_mrs.load(Ordering::Acquire) > 0
             && self.posted.load(Ordering::Acquire) < COMMIT_EVENT_DEPTH
@@ -114,7 +115,7 @@ impl CommitState {
     }
     /// Events or verdicts waiting (one atomic load: called after every drain).
     #[inline]
-    fn has_work(&self) -> bool {
+    pub(crate) fn has_work(&self) -> bool {
         self.queued.load(Ordering::Acquire) > 0
     }
 }

@@ -271,6 +271,22 @@ fn is_elapsed(t: &libc::timespec) -> bool {
     t.tv_sec <= 0 && t.tv_nsec <= 0
 }
 
+/// A blocking pass of `sread` returned without sleeping (entries pending for another
+/// consumer): the kernel did not count time then, so the clock does (from the first such
+/// pass, `awake_since`), and the thread yields before the next pass.
+#[cold]
+fn count_awake(left: Option<&mut libc::timespec>, awake_since: &mut Option<(Instant, Duration)>) {
+    if let Some(l) = left {
+        match *awake_since {
+            None => *awake_since = Some((Instant::now(), duration_of(l))),
+            Some((since, at_start)) => {
+                *l = timespec_of(at_start.saturating_sub(since.elapsed()));
+            }
+        }
+    }
+    std::thread::yield_now();
+}
+
 /// Polls between clock reads while spinning in `sread`.
 const SPIN_POLLS_PER_CLOCK: u32 = 16;
 
@@ -352,11 +368,19 @@ impl CompletionQueue {
     }
 
     /// Move up to `max` queued entries to `put`, stopping at an error entry.
-    fn take(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
+    #[inline(always)]
+    fn take(&self, max: usize, put: impl FnMut(CqEntry)) -> ReadResult {
         if max == 0 || self.shared.queued.load(Ordering::Relaxed) == 0 {
             // Nothing queued as of our own progress: no lock.
             return Err(Empty::Again);
         }
+        self.take_queued(max, put)
+    }
+
+    /// [`CompletionQueue::take`] once entries are queued: out of line, so a read that
+    /// progress filled directly carries none of it.
+    #[inline(never)]
+    fn take_queued(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
         let mut events = self.shared.events.lock();
         let mut n = 0;
         while n < max {
@@ -505,10 +529,15 @@ impl CompletionQueue {
                 "sread on a CQ opened with WaitMode::None".into(),
             ));
         }
-        // A full read only if something may be there: a wait usually starts before its
-        // completion exists, and the blocking path below re-checks the rings after arming.
         let feeders = self.shared.feeders.load(Ordering::Relaxed);
-        if !self.shared.is_empty() || self.domain.may_progress(feeders) {
+        let budget = self
+            .fixed_spin_ns
+            .unwrap_or_else(|| self.spin_ns.load(Ordering::Relaxed));
+        // A read before the phases below only for entries already queued or a stopped domain
+        // (whose error it returns): polling starts with a read anyway, and a wait usually
+        // starts before its completion exists — the blocking path arms the rings and then
+        // re-checks them, so a completion already there costs no sleep, only the arming.
+        if !self.shared.is_empty() || self.domain.is_stalled() {
             match attempt(self) {
                 Err(Empty::Again) => {}
                 r => return r.map_err(Error::from),
@@ -516,31 +545,9 @@ impl CompletionQueue {
         }
         let mut left = timeout.map(timespec_of);
         // Phase 1: poll.
-        let budget = self
-            .fixed_spin_ns
-            .unwrap_or_else(|| self.spin_ns.load(Ordering::Relaxed));
         if budget > 0 {
-            let start = Instant::now();
-            let spin = Duration::from_nanos(budget);
-            let spin = timeout.map_or(spin, |t| t.min(spin));
-            let mut polls = 0u32;
-            loop {
-                match attempt(self) {
-                    Err(Empty::Again) => {}
-                    r => return r.map_err(Error::from),
-                }
-                polls = polls.wrapping_add(1);
-                if polls.is_multiple_of(SPIN_POLLS_PER_CLOCK) && start.elapsed() >= spin {
-                    break;
-                }
-                if polls & (SPIN_POLLS_PER_YIELD - 1) == 0 {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
-            if let Some(t) = timeout {
-                left = Some(timespec_of(t.saturating_sub(start.elapsed())));
+            if let Some(r) = self.spin(budget, timeout, &mut left, &mut attempt) {
+                return r;
             }
         }
         // Phase 2: block.
@@ -573,18 +580,47 @@ impl CompletionQueue {
             }
             if slept {
                 awake_since = None;
-            } else if let Some(l) = left.as_mut() {
-                match awake_since {
-                    None => awake_since = Some((Instant::now(), duration_of(l))),
-                    Some((since, at_start)) => {
-                        *l = timespec_of(at_start.saturating_sub(since.elapsed()));
-                    }
-                }
-                std::thread::yield_now();
             } else {
-                std::thread::yield_now();
+                count_awake(left.as_mut(), &mut awake_since);
             }
         }
+    }
+
+    /// Phase 1 of [`CompletionQueue::wait_for`]: repeat `attempt` for `budget` ns (or up to
+    /// `timeout`), reading the clock every few polls; `None` once the budget is spent, with
+    /// `left` set to the time that remains. Out of line: with no budget (two CPUs or fewer) it
+    /// is never run.
+    #[inline(never)]
+    fn spin(
+        &self,
+        budget: u64,
+        timeout: Option<Duration>,
+        left: &mut Option<libc::timespec>,
+        attempt: &mut impl FnMut(&Self) -> ReadResult,
+    ) -> Option<Result<usize>> {
+        let start = Instant::now();
+        let spin = Duration::from_nanos(budget);
+        let spin = timeout.map_or(spin, |t| t.min(spin));
+        let mut polls = 0u32;
+        loop {
+            match attempt(self) {
+                Err(Empty::Again) => {}
+                r => return Some(r.map_err(Error::from)),
+            }
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(SPIN_POLLS_PER_CLOCK) && start.elapsed() >= spin {
+                break;
+            }
+            if polls & (SPIN_POLLS_PER_YIELD - 1) == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        if let Some(t) = timeout {
+            *left = Some(timespec_of(t.saturating_sub(start.elapsed())));
+        }
+        None
     }
 
     /// Grow the spin budget when the event arrived soon after we blocked (spinning a little
@@ -651,10 +687,23 @@ impl CompletionQueue {
     }
 }
 
-/// Deliver a finished request (called by progress, in used-ring order per queue).
+/// Deliver a finished request (called by progress, in used-ring order per queue). Inlined
+/// into the drain loop: the request's fields are read where the drain has them.
+#[inline(always)]
 pub(crate) fn complete(domain: &DomainInner, f: Done<'_>, direct: Option<&mut Direct<'_>>) {
+    if let PendingOp::Data(_) = f.op {
+        complete_data(f, direct)
+    } else {
+        complete_other(domain, f)
+    }
+}
+
+/// Control, MR_EVENT and commit requests: rare, kept out of the drain loop.
+#[cold]
+#[inline(never)]
+fn complete_other(domain: &DomainInner, f: Done<'_>) {
     match f.op {
-        PendingOp::Data(_) => complete_data(f, direct),
+        PendingOp::Data(_) => {}
         PendingOp::Control { .. } => crate::control::complete_control(domain, f),
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
         PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),

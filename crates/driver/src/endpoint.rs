@@ -201,6 +201,19 @@ pub(crate) struct EpShared {
 }
 
 impl EpShared {
+    /// An endpoint record with no bindings, for tests of what requests hold.
+    #[cfg(test)]
+    pub(crate) fn for_test() -> Arc<Self> {
+        Arc::new(Self {
+            id: 0,
+            addr: FabricAddr::default(),
+            closed: AtomicBool::new(false),
+            claims: Mutex::new(HashMap::new()),
+            active: OnceLock::new(),
+            cntrs: Mutex::new(Vec::new()),
+            has_cntrs: AtomicBool::new(false),
+        })
+    }
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }

@@ -244,7 +244,7 @@ impl SplitRing {
     pub fn next_head(&self, n: usize) -> Option<u16> {
         (n <= self.num_free as usize && self.broken.is_none()).then_some(self.free_head)
     }
-    /// Chains published and not yet taken back with [`SplitRing::take_used`].
+    /// Chains published and not yet taken back with [`SplitRing::take_used_into`].
     pub fn chains_in_flight(&self) -> u16 {
         self.chains_in_flight
     }
@@ -440,15 +440,25 @@ impl SplitRing {
         u16::from_le(self.used_idx_field().load(Ordering::Acquire)) != self.last_used.0
     }
 
-    /// Take the next used entry, validated against our own state, without freeing its
-    /// descriptors: the chain stays ours (its request slot untouched by new posts) until
-    /// [`SplitRing::release`]. `None` when there is nothing new, or the ring is broken (see
-    /// [`SplitRing::broken`]; an invalid entry breaks it).
-    #[inline]
+    /// Take the next used entry (see [`SplitRing::take_used_into`]).
+    #[cfg(test)]
     pub fn take_used(&mut self) -> Option<UsedElem> {
+        let mut one = [std::mem::MaybeUninit::uninit()];
+        // SAFETY: `take_used_into` initialised the first `n` entries.
+        (self.take_used_into(&mut one) == 1).then(|| unsafe { one[0].assume_init() })
+    }
+
+    /// Take the used entries the device published (as of one read of the used index), up to
+    /// `out.len()`, validated against our own state, without freeing their descriptors: each
+    /// chain stays ours (its request slot untouched by new posts) until
+    /// [`SplitRing::release`]. Returns how many were written to the start of `out`: 0 when
+    /// there is nothing new or the ring is broken (see [`SplitRing::broken`]; an invalid entry
+    /// breaks it, and the entries before it are returned).
+    #[inline]
+    pub fn take_used_into(&mut self, out: &mut [std::mem::MaybeUninit<UsedElem>]) -> usize {
         let used_idx = Wrapping(u16::from_le(self.used_idx_field().load(Ordering::Acquire)));
         if used_idx == self.last_used || self.broken.is_some() {
-            return None;
+            return 0;
         }
         let new_entries = (used_idx - self.last_used).0;
         if new_entries > self.chains_in_flight {
@@ -456,8 +466,23 @@ impl SplitRing {
                 "used index {} is {} ahead of {} with only {} chains in flight",
                 used_idx.0, new_entries, self.last_used.0, self.chains_in_flight
             ));
-            return None;
+            return 0;
         }
+        let n = out.len().min(usize::from(new_entries));
+        for (i, slot) in out[..n].iter_mut().enumerate() {
+            match self.take_published() {
+                Some(u) => {
+                    slot.write(u);
+                }
+                None => return i,
+            }
+        }
+        n
+    }
+
+    /// Take the used entry at `last_used`, which the device has published.
+    #[inline(always)]
+    fn take_published(&mut self) -> Option<UsedElem> {
         let slot = (self.last_used.0 & self.mask) as usize;
         let off = self.layout.used + 4 + 8 * slot;
         // SAFETY: the used element at `slot` is 8 bytes inside the allocation; read once.
@@ -488,7 +513,7 @@ impl SplitRing {
         })
     }
 
-    /// Give the descriptors of a chain returned by [`SplitRing::take_used`] back to the free
+    /// Give the descriptors of a chain returned by [`SplitRing::take_used_into`] back to the free
     /// list. Ignores a head that is not returned (nothing to free).
     pub fn release(&mut self, head: u16) {
         let Some(chain) = self.chains.get_mut(head as usize) else {
@@ -837,6 +862,50 @@ mod tests {
         h.queue.add_used(&h.dev_mem, head, 64).unwrap();
         assert!(h.ring.pop_used().unwrap().is_some());
         assert!(matches!(h.ring.pop_used(), Err(RingError::Corrupt(_))));
+    }
+
+    #[test]
+    fn used_entries_are_taken_in_batches_up_to_an_invalid_one() {
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let heads: Vec<u16> = (0..3)
+            .map(|_| h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap())
+            .collect();
+        for &head in &heads {
+            h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+            h.queue.add_used(&h.dev_mem, head, 64).unwrap();
+        }
+        // Three published, room for two: the first two, in ring order, then the third.
+        let mut out = [std::mem::MaybeUninit::uninit(); 2];
+        assert_eq!(h.ring.take_used_into(&mut out), 2);
+        // SAFETY: the first two were written.
+        let taken: Vec<u16> = out
+            .iter()
+            .map(|u| unsafe { u.assume_init() }.head)
+            .collect();
+        assert_eq!(taken, heads[..2]);
+        assert_eq!(h.ring.take_used_into(&mut out), 1);
+        // SAFETY: the first was written.
+        assert_eq!(unsafe { out[0].assume_init() }.head, heads[2]);
+        assert_eq!(h.ring.take_used_into(&mut out), 0);
+        assert_eq!(h.ring.chains_in_flight(), 0);
+
+        // A batch stops at an invalid entry: the ones before it are taken, the ring breaks.
+        let mut h = harness(8, true);
+        let buf = h.mem.alloc(64, 64).unwrap();
+        let a = h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        let b = h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        // A third chain in flight: three used entries are not too many by count.
+        h.ring.add(&[rd(&buf, 8), wr(&buf, 64)]).unwrap();
+        h.queue.add_used(&h.dev_mem, a, 64).unwrap();
+        h.queue.add_used(&h.dev_mem, a, 64).unwrap();
+        h.queue.add_used(&h.dev_mem, b, 64).unwrap();
+        let mut out = [std::mem::MaybeUninit::uninit(); 4];
+        assert_eq!(h.ring.take_used_into(&mut out), 1);
+        // SAFETY: the first was written.
+        assert_eq!(unsafe { out[0].assume_init() }.head, a);
+        assert!(h.ring.broken().is_some());
+        assert_eq!(h.ring.take_used_into(&mut out), 0);
     }
 
     #[test]

@@ -170,6 +170,7 @@ pub(crate) struct RmaState {
 
 impl RmaState {
     /// Fewer MR_EVENT requests posted than RMA_EVENT regions need.
+    #[inline]
     pub(crate) fn events_wanted(&self) -> bool {
         self.event_mrs.load(Ordering::Acquire) > 0
             && self.events_posted.load(Ordering::Acquire) < EVENT_DEPTH

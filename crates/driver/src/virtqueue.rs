@@ -104,6 +104,21 @@ impl DescList {
     }
 }
 
+/// A request record as a queue keeps it: opaque to the queue, except for how it is dropped
+/// once dispatched.
+pub(crate) trait Record: Sized {
+    /// Drop a dispatched record in place. The default is its drop glue; a record type can do
+    /// better for records it knows own little (the glue calls into every field's).
+    ///
+    /// # Safety
+    /// As [`std::ptr::drop_in_place`]: `this` is valid and initialised, and not used again.
+    #[inline(always)]
+    unsafe fn drop_dispatched(this: *mut Self) {
+        // SAFETY: the caller's guarantee.
+        unsafe { std::ptr::drop_in_place(this) }
+    }
+}
+
 /// The driver's record of the request in flight on one head id, kept in place from post to
 /// dispatch (no moves, no allocation). `op` (opaque to the queue) is initialised exactly while
 /// `busy`: a post writes it, a dispatch drops it in place.
@@ -537,7 +552,10 @@ impl<R> Virtqueue<R> {
     /// takes the new used entries and updates the in-flight state; dispatch then runs without
     /// the ring lock (posts, also from dispatch itself, proceed), and the dispatched heads
     /// stay ours until the next drain gives them back.
-    pub fn drain(&self, mut dispatch: impl FnMut(Finished<'_, R>)) -> usize {
+    pub fn drain(&self, mut dispatch: impl FnMut(Finished<'_, R>)) -> usize
+    where
+        R: Record,
+    {
         let Some(mut returned) = self.progress.try_lock() else {
             return 0;
         };
@@ -547,14 +565,10 @@ impl<R> Virtqueue<R> {
         loop {
             let mut st = self.lock();
             st.release_all(&mut returned);
-            let mut taken = 0;
-            while taken < DRAIN_BATCH {
-                let Some(u) = st.ring.take_used() else {
-                    break;
-                };
-                batch[taken].write(u);
-                taken += 1;
-            }
+            // One read of the used index per batch: entries the device publishes after it
+            // are left for the next batch or drain (see the end of the loop).
+            let taken = st.ring.take_used_into(&mut batch);
+            let mut rearmed = false;
             if taken > 0 {
                 st.counters.completed += taken as u64;
                 let in_flight = st.ring.chains_in_flight();
@@ -566,7 +580,7 @@ impl<R> Virtqueue<R> {
                         .busy
                         .fetch_and(!self.busy_bit, Ordering::Relaxed);
                 }
-                self.after_take(st.ring.last_used());
+                rearmed = self.after_take(st.ring.last_used());
             }
             let broken = st.ring.broken().is_some();
             if broken {
@@ -582,7 +596,9 @@ impl<R> Virtqueue<R> {
                 returned.len = at + 1;
             }
             total += taken;
-            if taken < DRAIN_BATCH || broken {
+            // Armed for a sleeper: entries published before the arming raise no call of their
+            // own, so they are taken now (the sleeper may be asleep already).
+            if broken || (taken < DRAIN_BATCH && !(rearmed && self.has_used())) {
                 return total;
             }
         }
@@ -599,9 +615,12 @@ impl<R> Virtqueue<R> {
     /// thread of the domain sleeps for calls, parked otherwise. Pairs with [`Virtqueue::arm`]
     /// (a sleeper counts itself, fences, reads `last_used` and arms there, then re-reads it):
     /// either the sleeper sees our `last_used` and arms at it, or our fenced read of
-    /// `blockers` sees the sleeper and we arm for it.
+    /// `blockers` sees the sleeper and we arm for it. Returns whether we armed for a sleeper:
+    /// the caller must then take the entries the device published before the arming (it
+    /// calls only for entries after it, and the sleeper's call may have gone to a thread that
+    /// woke with it).
     #[inline]
-    fn after_take(&self, last_used: u16) {
+    fn after_take(&self, last_used: u16) -> bool {
         self.last_used.store(last_used, Ordering::Relaxed);
         self.call_control()
             .store(park_value(self.event_idx, last_used), Ordering::Relaxed);
@@ -609,12 +628,17 @@ impl<R> Virtqueue<R> {
         if self.signals.blockers.load(Ordering::Relaxed) > 0 {
             self.call_control()
                 .store(arm_value(self.event_idx, last_used), Ordering::SeqCst);
+            return true;
         }
+        false
     }
 
     /// Read the completion of a taken chain and dispatch it; the record goes back to idle.
     #[inline(always)]
-    fn finish(&self, u: &UsedElem, dispatch: &mut impl FnMut(Finished<'_, R>)) {
+    fn finish(&self, u: &UsedElem, dispatch: &mut impl FnMut(Finished<'_, R>))
+    where
+        R: Record,
+    {
         // SAFETY: the device returned this head and it is not released yet, so no post can
         // reuse it; we hold `progress`, the only other way to reach a returned head's record.
         let record = unsafe { &mut *self.requests[u.head as usize].get() };
@@ -670,7 +694,7 @@ impl<R> Virtqueue<R> {
         });
         record.busy = false;
         // SAFETY: initialised until now; `busy` is already cleared, so it is dropped once.
-        unsafe { record.op.assume_init_drop() };
+        unsafe { R::drop_dispatched(record.op.as_mut_ptr()) };
     }
 
     #[cold]
