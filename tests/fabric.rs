@@ -378,3 +378,62 @@ fn plain_receives_need_no_kick_and_are_taken_when_a_message_needs_them() {
         );
     }
 }
+
+/// A thread sleeping in `sread` on a CQ whose entry another thread's progress delivered (the
+/// CQ's signal eventfd woke it) sleeps for real the next time: the signal is reset when it
+/// wakes a sleeper, so a later `sread` with nothing to come does not return from every sleep
+/// at once and spin until its timeout.
+#[test]
+fn a_cq_signal_that_woke_a_sleeper_does_not_end_its_later_sleeps() {
+    let (_dir, _d, paths) = daemon(2, Limits::default());
+    let a = domain(&paths[0]);
+    let b = lazy_guest(&paths[1]);
+    let tx_cq = a
+        .cq_open(CqAttr {
+            wait: vfabric::WaitMode::Blocking,
+            ..Default::default()
+        })
+        .unwrap();
+    let rx_cq = a.cq_open(CqAttr::default()).unwrap();
+    let av = a.av_open().unwrap();
+    let ep = a.endpoint(EpAttr::default()).unwrap();
+    ep.bind_cq(&tx_cq, BindFlags::TRANSMIT).unwrap();
+    ep.bind_cq(&rx_cq, BindFlags::RECV).unwrap();
+    ep.bind_av(&av).unwrap();
+    ep.enable().unwrap();
+    let to_b = av.insert(b.ep.name()).unwrap();
+    // Another thread keeps driving the domain's progress through the RX CQ, so the sends'
+    // completions often reach the TX CQ through its queue and signal, not its own drain.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinner = {
+        let (stop, rx_cq) = (stop.clone(), rx_cq);
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = rx_cq.read(&mut v, 16);
+                std::thread::yield_now();
+            }
+        })
+    };
+    let mut worst = 0;
+    for i in 0..20u64 {
+        b.ep.recv_vec(64, i).unwrap();
+        ep.send(b"ping", to_b, i).unwrap();
+        let mut v = Vec::new();
+        tx_cq
+            .sread(&mut v, 1, Some(TIMEOUT))
+            .expect("the send's completion");
+        next(&b.cq);
+        // Nothing more comes: 50 ms of sleep, in a few sleeps at most.
+        let before = a.stats().sleeps;
+        let r = tx_cq.sread(&mut v, 1, Some(Duration::from_millis(50)));
+        assert!(matches!(r, Err(Error::Timeout)), "{r:?}");
+        worst = worst.max(a.stats().sleeps - before);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spinner.join().unwrap();
+    assert!(
+        worst <= 5,
+        "a 50 ms sread slept {worst} times (its signal eventfd stayed readable)"
+    );
+}

@@ -563,7 +563,7 @@ impl CompletionQueue {
             let blocked_at = adaptive.then(Instant::now);
             let r = if self.shared.is_empty() {
                 self.domain
-                    .block_for(left.as_mut(), Some(self.shared.signal_fd), feeders)
+                    .block_for(left.as_mut(), Some(self.signal_extra()), feeders)
             } else {
                 Ok(false)
             };
@@ -654,6 +654,15 @@ impl CompletionQueue {
             self.shared.waiters.fetch_add(1, Ordering::SeqCst);
         }
         self.shared.signal_fd
+    }
+
+    /// The signal eventfd for a sleeper: reset when it wakes it, unless an `FI_WAIT_FD`
+    /// consumer owns it (it resets it itself, and wants it readable while entries wait).
+    fn signal_extra(&self) -> crate::domain::Extra {
+        crate::domain::Extra {
+            fd: self.shared.signal_fd,
+            reset: !self.always_signal.load(Ordering::Relaxed),
+        }
     }
 
     /// Consume pending signal writes (call before `read`; re-signals if entries remain queued

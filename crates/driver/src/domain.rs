@@ -509,6 +509,14 @@ impl Domain {
     }
 }
 
+/// An eventfd a sleeper watches besides the domain's own (a CQ's signal, a wait object).
+#[derive(Clone, Copy)]
+pub(crate) struct Extra {
+    pub fd: RawFd,
+    /// Reset it when it fires.
+    pub reset: bool,
+}
+
 /// Driver-side counters of a domain. In steady-state polled operation `kicks` and `calls`
 /// should grow much slower than `posted` (EVENT_IDX suppression).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1027,8 +1035,11 @@ impl DomainInner {
     pub(crate) fn block(&self, deadline: Option<Instant>, extra: Option<&EventFd>) -> Result<()> {
         let mut left =
             deadline.map(|d| crate::cq::timespec_of(d.saturating_duration_since(Instant::now())));
-        self.block_for(left.as_mut(), extra.map(|e| e.as_raw_fd()), ALL_QUEUES)
-            .map(|_| ())
+        let extra = extra.map(|e| Extra {
+            fd: e.as_raw_fd(),
+            reset: false,
+        });
+        self.block_for(left.as_mut(), extra, ALL_QUEUES).map(|_| ())
     }
 
     /// [`DomainInner::block`] with a relative timeout, which the kernel decreases by the time
@@ -1042,7 +1053,7 @@ impl DomainInner {
     pub(crate) fn block_for(
         &self,
         timeout: Option<&mut libc::timespec>,
-        extra: Option<RawFd>,
+        extra: Option<Extra>,
         queues: u64,
     ) -> Result<bool> {
         if self.is_closed() {
@@ -1089,10 +1100,10 @@ impl DomainInner {
         result
     }
 
-    fn poll_fds(&self, timeout: Option<&mut libc::timespec>, extra: Option<RawFd>) -> Result<()> {
+    fn poll_fds(&self, timeout: Option<&mut libc::timespec>, extra: Option<Extra>) -> Result<()> {
         let mut fds = self.poll_template;
         let mut total = self.poll_len;
-        if let Some(fd) = extra {
+        if let Some(Extra { fd, .. }) = extra {
             fds[total] = libc::pollfd {
                 fd,
                 events: libc::POLLIN,
@@ -1152,6 +1163,13 @@ impl DomainInner {
         }
         if rc == 0 {
             return Ok(());
+        }
+        // The extra eventfd is reset when its owner asks (a CQ's signal with no FI_WAIT_FD
+        // consumer): left readable, it would end every later sleep at once.
+        if let Some(Extra { fd, reset: true }) = extra {
+            if fds.get(self.poll_len).is_some_and(|p| p.revents != 0) {
+                crate::virtqueue::drain_eventfd(fd);
+            }
         }
         let mut pending = rc;
         for (i, p) in fds.iter().enumerate() {
