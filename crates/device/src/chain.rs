@@ -615,6 +615,13 @@ impl Req {
         self.comp.write_at(mem, 0, c)
     }
 
+    /// The memory table the request's host addresses were resolved in (the one its chain was
+    /// parsed in), if any.
+    #[inline]
+    pub fn table(&self) -> Option<&GuestMemoryMmap> {
+        self.resolved.table.as_deref()
+    }
+
     /// Move the request out of `self`, leaving its header and no streams behind: a handler
     /// lent a request from a batch takes it this way when it keeps it.
     pub fn take(&mut self) -> Req {

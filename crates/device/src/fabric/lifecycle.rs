@@ -20,7 +20,7 @@ impl Fabric {
         }
         let mut d = self.dev(dev);
         d.port = Some(Arc::new(port));
-        d.rx_quiet = false;
+        d.rx_quiet.store(false, Ordering::Release);
         d.rx_waking = false;
         drop(d);
         if let Some(c) = self.counters.get(dev) {
@@ -130,9 +130,11 @@ impl Fabric {
                         e.unexpected.push_front(m);
                         victims.push(r);
                     }
-                    // (This device's own queue is stopping: it arms its rings when it runs again.)
                 }
             }
+            // This device's own queue is stopping: it arms its rings when it runs again, and
+            // decides anew then (a message is unexpected again).
+            d.rx_quiet.store(false, Ordering::Release);
             // A receive the uplink reads into goes once its read is over (below).
             for slot in d.eps.iter_mut() {
                 if let Some(e) = slot.ep.as_mut() {

@@ -39,14 +39,16 @@ enum Delivered {
 #[inline]
 pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize, Req)> {
     let e = d.ep_mut(ep)?;
-    let i = e.posted.iter().position(|x| recv_matches(&x.req, meta))?;
-    // The oldest receive matches most often: no shifting of the queue for it.
-    let rv = if i == 0 {
-        e.posted.pop_front()
-    } else {
-        e.posted.remove(i)
-    };
-    Some((i, rv?))
+    // The oldest receive matches most often: no search and no shifting of the queue for it.
+    if e.posted.front().is_some_and(|x| recv_matches(&x.req, meta)) {
+        return e.posted.pop_front().map(|rv| (0, rv));
+    }
+    let i = 1 + e
+        .posted
+        .iter()
+        .skip(1)
+        .position(|x| recv_matches(&x.req, meta))?;
+    Some((i, e.posted.remove(i)?))
 }
 
 impl Fabric {
@@ -225,15 +227,24 @@ impl Fabric {
     ) {
         let placed = meta.len.min(rv.data.len);
         let bytes = buf.get(..placed as usize).unwrap_or(buf);
-        let rmem = rport.mem.memory();
-        if rv.write_data(&rmem, bytes).is_err() {
-            drop(rmem);
+        // The memory table the receive was parsed in (the request holds it) serves as the
+        // receiver's, as the table a pass loaded serves its chains: a table that replaced
+        // regions since has cancelled the receives posted in the old one (`update_memory`).
+        // That saves loading the receiver's table per message.
+        let loaded;
+        let rmem: &GuestMemoryMmap = match rv.table() {
+            Some(t) => t,
+            None => {
+                loaded = rport.mem.memory();
+                &loaded
+            }
+        };
+        if rv.write_data(rmem, bytes).is_err() {
             self.fail(rdev, rport, rv, Status::Fault, n);
             // The message is not lost: try the next receive (or queue it).
             return self.op_send(dev, port, smem, req, n);
         }
-        self.received_in(rdev, rport, Some(&rmem), rv, meta, placed, n);
-        drop(rmem);
+        self.received_in(rdev, rport, Some(rmem), rv, meta, placed, n);
         self.sent_in(dev, port, smem, req, meta.len, n);
     }
 
@@ -521,10 +532,14 @@ impl Fabric {
             return;
         }
 
-        let at = e
-            .unexpected
-            .iter()
-            .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta));
+        // Nothing waits unexpected most of the time: no search then.
+        let at = if e.unexpected.is_empty() {
+            None
+        } else {
+            e.unexpected
+                .iter()
+                .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta))
+        };
         let Some(at) = at else {
             let directed = (r.flags & flags::DIRECTED != 0)
                 .then_some(r.peer)
