@@ -82,6 +82,7 @@ impl VringSink {
         }
     }
 
+    #[inline]
     fn set_vrings(&self, vrings: &[VringRwLock]) {
         if self.vrings.get().is_none() {
             let _ = self.vrings.set(vrings.to_vec());

@@ -1019,13 +1019,25 @@ fn parse_simple(
         addr: last.addr.wrapping_add(u64::from(keep)),
         len: COMPLETION_LEN as u32,
     });
-    out.resolved.table = Some(mem.clone());
+    // Mostly the previous chain's table (a request kept is taken with its own): kept then,
+    // without a reference count round trip.
+    if !out
+        .resolved
+        .table
+        .as_ref()
+        .is_some_and(|t| Arc::ptr_eq(t, mem))
+    {
+        out.resolved.table = Some(mem.clone());
+    }
     out.resolved.comp = c.wr_host[nw - 1] as usize + keep as usize;
     // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
     // the header's when it is exactly 96 bytes, the completion's when exactly 64.
     let count = nr + nw;
     let control = usize::from(c.rd[0].len as usize == REQ_HEADER_LEN) + usize::from(keep == 0);
     if count > limits.max_sge as usize && count - control > limits.max_sge as usize {
+        // Only the completion area is this chain's.
+        out.resolved.payload = 0;
+        out.resolved.data = 0;
         return Verdict::Reject {
             status: Status::BadChain,
             cookie: 0,
@@ -1086,6 +1098,23 @@ pub(crate) struct SimpleChain<'m> {
     pub mem: std::marker::PhantomData<&'m GuestMemoryMmap>,
 }
 
+impl SimpleChain<'_> {
+    /// A chain of no descriptors, for [`crate::ring::RingView::pop`] to fill.
+    pub fn empty() -> Self {
+        const NONE: Seg = Seg { addr: 0, len: 0 };
+        SimpleChain {
+            header: std::ptr::null(),
+            rd: [NONE; 2],
+            rd_host: [std::ptr::null(); 2],
+            nr: 0,
+            wr: [NONE; 2],
+            wr_host: [std::ptr::null_mut(); 2],
+            nw: 0,
+            mem: std::marker::PhantomData,
+        }
+    }
+}
+
 /// One chain popped from a ring by [`crate::ring::RingView::pop`].
 pub(crate) enum Popped<'w, 'm> {
     /// The general walk, and whether the head descriptor is an indirect one.
@@ -1104,10 +1133,13 @@ pub(crate) fn parse_popped(
     acked: u64,
     out: &mut Req,
 ) -> Verdict {
-    // Host addresses of the previous chain are not this one's (nor is its table kept).
-    out.resolved = Resolved::default();
     match chain {
-        Popped::Walked(w, indirect) => parse_walked(mem, w, limits, acked, indirect, out),
+        Popped::Walked(w, indirect) => {
+            // Host addresses of the previous chain are not this one's (nor is its table kept).
+            out.resolved = Resolved::default();
+            parse_walked(mem, w, limits, acked, indirect, out)
+        }
+        // Sets every host address (and the table) anew.
         Popped::Simple(c) => parse_simple(mem, c, limits, acked, out),
     }
 }

@@ -154,8 +154,12 @@ impl Notify {
 }
 
 impl Drop for Notify {
+    #[inline]
     fn drop(&mut self) {
-        self.flush();
+        // Rings fill `first` before any other.
+        if self.first.is_some() {
+            self.flush();
+        }
     }
 }
 
@@ -508,6 +512,7 @@ impl Fabric {
     /// takes `rx_quiet` back, under the lock, and wakes the device), it is repeated without the
     /// lock: a queueing that races with that read wakes the device as it would after a locked
     /// decision.
+    #[inline]
     pub(crate) fn rx_needs_notify(&self, dev: usize, idle: bool) -> bool {
         let Some(slot) = self.devs.get(dev) else {
             return true;
@@ -515,6 +520,12 @@ impl Fabric {
         if !idle && slot.rx_quiet.load(Ordering::Acquire) {
             return false;
         }
+        Self::rx_decide(slot, idle)
+    }
+
+    /// [`Fabric::rx_needs_notify`] under the device's lock.
+    #[inline(never)]
+    fn rx_decide(slot: &DevCell, idle: bool) -> bool {
         let d = slot.state.lock().unwrap_or_else(|p| p.into_inner());
         let on = idle
             || d.eps
