@@ -182,6 +182,7 @@ impl Fabric {
             let Some(e) = d.eps.get_mut(ep).and_then(|s| s.ep.take()) else {
                 return;
             };
+            self.set_ep_word(dev, ep, None);
             // Under the lock: a directed receive's source found open before this is re-checked.
             self.devs[dev].ep_closes.fetch_add(1, Ordering::AcqRel);
             for m in &e.unexpected {
@@ -413,6 +414,7 @@ impl Fabric {
             direct: Vec::new(),
         });
         let addr = FabricAddr::new(node, id as u32, slot.generation);
+        self.set_ep_word(dev, id, Some((slot.generation, kind)));
         drop(d);
         debug!(dev, %addr, kind, "endpoint opened");
         let mut c = completion(Status::Ok, req.req.cookie);

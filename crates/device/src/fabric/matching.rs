@@ -36,7 +36,7 @@ enum Delivered {
 }
 
 /// Take the first posted receive of `e` that matches `meta`, with its position.
-#[inline]
+#[inline(always)]
 pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize, Req)> {
     let e = d.ep_mut(ep)?;
     // The oldest receive matches most often: no search and no shifting of the queue for it.

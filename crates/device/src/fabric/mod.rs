@@ -335,6 +335,15 @@ struct DevCell {
     ep_closes: AtomicU64,
     /// [`Dev::rx_quiet`], readable without the lock.
     rx_quiet: Arc<AtomicBool>,
+    /// Per endpoint slot, the open endpoint's generation and kind ([`ep_word`]; 0: none),
+    /// written under the device lock when one opens or closes, read without it
+    /// ([`Fabric::ep_info`]): a request's own endpoint is looked up without the lock.
+    ep_words: Box<[AtomicU64]>,
+}
+
+/// The [`DevCell::ep_words`] entry of an open endpoint: never 0 (generations start at 1).
+fn ep_word(generation: u32, kind: u64) -> u64 {
+    u64::from(generation) << 8 | (kind & 0xff)
 }
 
 /// Bytes charged per eagerly buffered message on top of its payload, so that even empty
@@ -438,6 +447,9 @@ impl Fabric {
                     let dev = Dev::new();
                     DevCell {
                         rx_quiet: dev.rx_quiet.clone(),
+                        ep_words: (0..config.limits.max_endpoints)
+                            .map(|_| AtomicU64::new(0))
+                            .collect(),
                         state: Mutex::new(dev),
                         fence_runner: Mutex::new(()),
                         fence_dirty: AtomicBool::new(false),
@@ -557,11 +569,26 @@ impl Fabric {
         (d < self.devs.len()).then_some((d, a.ep as usize))
     }
 
-    /// `(generation, kind)` of open endpoint `ep` of `dev`.
+    /// `(generation, kind)` of open endpoint `ep` of `dev`, without the device's lock: the
+    /// answer the lock would give at some moment during the call (an endpoint may close right
+    /// after either way).
+    #[inline]
     fn ep_info(&self, dev: usize, ep: u32) -> Option<(u32, u64)> {
-        self.dev(dev)
-            .ep(ep as usize)
-            .map(|e| (e.generation, e.kind))
+        let w = self
+            .devs
+            .get(dev)?
+            .ep_words
+            .get(ep as usize)?
+            .load(Ordering::Acquire);
+        (w != 0).then_some(((w >> 8) as u32, w & 0xff))
+    }
+
+    /// Record endpoint slot `ep` of `dev` as open (`Some((generation, kind))`) or closed, under
+    /// the device's lock (for [`Fabric::ep_info`]).
+    fn set_ep_word(&self, dev: usize, ep: usize, open: Option<(u32, u64)>) {
+        if let Some(w) = self.devs.get(dev).and_then(|c| c.ep_words.get(ep)) {
+            w.store(open.map_or(0, |(g, k)| ep_word(g, k)), Ordering::Release);
+        }
     }
 
     /// Whether `a` is an open endpoint of a connected device.
