@@ -372,17 +372,23 @@ pub(crate) fn host_ptr_hinted(
 
 /// Copy `n` bytes between guest memory and the daemon's own memory the way vm-memory's volatile
 /// slices do (the guest may write the bytes at the same time: they are data, never references):
-/// volatile byte accesses up to a word, a plain copy beyond.
+/// volatile byte accesses below a word, a plain copy from a word on (a word as one move of a
+/// constant size, not a call of `memcpy`).
 ///
 /// # Safety
 /// `src` must be valid for reads and `dst` for writes of `n` bytes, and the ranges must not
 /// overlap.
+#[inline(always)]
 unsafe fn guest_copy(dst: *mut u8, src: *const u8, n: usize) {
-    if n <= std::mem::size_of::<usize>() {
+    const WORD: usize = std::mem::size_of::<usize>();
+    if n < WORD {
         for i in 0..n {
             // SAFETY: i < n, within both ranges (caller's contract).
             unsafe { std::ptr::write_volatile(dst.add(i), std::ptr::read_volatile(src.add(i))) };
         }
+    } else if n == WORD {
+        // SAFETY: the caller's contract, for n = WORD.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, WORD) };
     } else {
         // SAFETY: the caller's contract.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
@@ -1251,6 +1257,26 @@ pub(crate) fn completion(status: Status, cookie: u64) -> Completion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_copy_copies_exactly_n_bytes_at_odd_offsets() {
+        for n in 0..=20 {
+            for off in 0..3 {
+                let src: Vec<u8> = (1..=32).collect();
+                let mut dst = vec![0xeeu8; 32];
+                // SAFETY: `n + off` <= 23 bytes of both 32-byte buffers, which do not overlap.
+                unsafe { guest_copy(dst.as_mut_ptr().add(off), src.as_ptr().add(off), n) };
+                for (i, b) in dst.iter().enumerate() {
+                    let want = if (off..off + n).contains(&i) {
+                        src[i]
+                    } else {
+                        0xee
+                    };
+                    assert_eq!(*b, want, "n {n}, offset {off}, byte {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn split_at_boundaries() {
