@@ -35,20 +35,24 @@ enum Delivered {
     Rematch(Req),
 }
 
-/// Take the first posted receive of `e` that matches `meta`, with its position.
+/// Take the first posted receive of endpoint `ep` that matches `meta`; `at` is set to its
+/// position. (The receive is returned alone: a tuple with it would cost the caller one more
+/// copy of the request.)
 #[inline(always)]
-pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize, Req)> {
+pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta, at: &mut usize) -> Option<Req> {
     let e = d.ep_mut(ep)?;
     // The oldest receive matches most often: no search and no shifting of the queue for it.
     if e.posted.front().is_some_and(|x| recv_matches(&x.req, meta)) {
-        return e.posted.pop_front().map(|rv| (0, rv));
+        *at = 0;
+        return e.posted.pop_front();
     }
     let i = 1 + e
         .posted
         .iter()
         .skip(1)
         .position(|x| recv_matches(&x.req, meta))?;
-    Some((i, e.posted.remove(i)?))
+    *at = i;
+    e.posted.remove(i)
 }
 
 impl Fabric {
@@ -125,11 +129,15 @@ impl Fabric {
             drop(d);
             return self.fail(dev, port, req, Status::AddrNotAvail, n);
         }
-        if let Some((at, rv)) = take_posted(&mut d, dep, &meta) {
+        let mut at = 0;
+        // Placed from where it was taken to (not moved once more into a binding of its own).
+        let taken = take_posted(&mut d, dep, &meta, &mut at);
+        if taken.is_some() {
             drop(d);
-            if let Some(buf) = early {
-                return self.place(dev, port, smem, req, &meta, ddev, &dport, &rv, buf, n);
+            if let (Some(buf), Some(rv)) = (early, taken.as_ref()) {
+                return self.place(dev, port, smem, req, &meta, ddev, &dport, rv, buf, n);
             }
+            let Some(rv) = taken else { return };
             match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
                 Survivor::None => {}
                 // Our memory faulted: the receive goes back where it was.
@@ -187,7 +195,7 @@ impl Fabric {
                     drop(d);
                     return self.fail(dev, port, req, Status::AddrNotAvail, n);
                 }
-                if let Some((_, rv)) = take_posted(&mut d, dep, &meta) {
+                if let Some(rv) = take_posted(&mut d, dep, &meta, &mut 0) {
                     d.unexpected_bytes -= cost;
                     drop(d);
                     return self.place(dev, port, smem, req, &meta, ddev, &dport, &rv, &buf, n);
