@@ -202,6 +202,44 @@ impl VringSink {
     }
 }
 
+impl VringSink {
+    /// Signal the guest for ring `q`.
+    #[inline]
+    fn signal(&self, q: usize) {
+        if let Some(vr) = self.rings_list().get(q) {
+            if let Err(e) = signal_call(vr) {
+                debug!(q, "cannot signal the guest: {e}");
+            }
+        }
+    }
+
+    /// [`CompletionSink::publish`] of ring `q` without a view of memory-table `generation`:
+    /// the first completion after a (re)configuration builds it under the ring's VringRwLock
+    /// (the completions stay staged meanwhile, ahead of any staged later).
+    #[cold]
+    #[inline(never)]
+    fn publish_rebuilt(&self, q: usize, generation: u64) {
+        let Some(ring) = self.rings.get(q) else {
+            return;
+        };
+        let notify = match self.build_view(q) {
+            Ok(()) => lock(&ring.state).publish_staged(generation),
+            Err(e) => {
+                warn!(q, "used ring not writable: {e}");
+                None
+            }
+        };
+        match notify {
+            Some(false) => {}
+            Some(true) => self.signal(q),
+            None => {
+                lock(&ring.state).drop_staged();
+                self.broken.store(true, Ordering::Release)
+            }
+        }
+    }
+}
+
 impl CompletionSink for VringSink {
     #[inline]
     fn stage(&self, queue: u16, head: u16, len: u32) {
@@ -218,32 +256,14 @@ impl CompletionSink for VringSink {
             return;
         };
         let generation = self.mem_generation.load(Ordering::Acquire);
-        // The fast path takes only the ring's state lock; the first completion after a
-        // (re)configuration builds the view under the ring's VringRwLock (the completions stay
-        // staged meanwhile, ahead of any staged later).
-        let mut notify = lock(&ring.state).publish_staged(generation);
-        if notify.is_none() {
-            match self.build_view(q) {
-                Ok(()) => notify = lock(&ring.state).publish_staged(generation),
-                Err(e) => warn!(queue, "used ring not writable: {e}"),
-            }
-        }
+        // The fast path takes only the ring's state lock (released before signalling).
+        let notify = lock(&ring.state).publish_staged(generation);
         match notify {
             Some(false) => {}
-            Some(true) => {
-                if let Some(vr) = self.rings_list().get(q) {
-                    if let Err(e) = signal_call(vr) {
-                        debug!(q, "cannot signal the guest: {e}");
-                    }
-                }
-            }
-            None => {
-                lock(&ring.state).drop_staged();
-                self.broken.store(true, Ordering::Release)
-            }
+            Some(true) => self.signal(q),
+            None => self.publish_rebuilt(q, generation),
         }
     }
-
     fn wake_rx(&self) {
         // A full counter (EAGAIN) is a wake-up already pending.
         if let Err(e) = self.wake.notify() {
