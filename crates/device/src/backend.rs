@@ -85,8 +85,15 @@ impl VringSink {
     #[inline]
     fn set_vrings(&self, vrings: &[VringRwLock]) {
         if self.vrings.get().is_none() {
-            let _ = self.vrings.set(vrings.to_vec());
+            self.keep_vrings(vrings);
         }
+    }
+
+    /// Once per connection: out of [`VringSink::set_vrings`]'s inlined check.
+    #[cold]
+    #[inline(never)]
+    fn keep_vrings(&self, vrings: &[VringRwLock]) {
+        let _ = self.vrings.set(vrings.to_vec());
     }
 
     /// The rings (empty before the first event).
@@ -532,18 +539,27 @@ impl FabricBackend {
     /// without the driver knowing (one directed at a source already closed) is not left
     /// untaken for good, and rings found empty then get their notifications back, so an idle
     /// device costs no periodic wake-ups.
+    #[inline]
     fn rx_notify_decision(&self) -> bool {
         let idle = self.rx_idle.swap(false, Ordering::AcqRel);
         let on = self.fabric.rx_needs_notify(self.dev, idle);
         if !on && !self.rx_check_armed.swap(true, Ordering::AcqRel) {
-            if let Err(e) = lock(&self.rx_check).reset(RX_CHECK, None) {
-                warn!(dev = self.dev, "cannot arm the RX check timer: {e}");
-                self.rx_check_armed.store(false, Ordering::Release);
-                // Without the timer the rings cannot stay quiet.
-                return self.fabric.rx_needs_notify(self.dev, true);
-            }
+            return self.arm_rx_check();
         }
         on
+    }
+
+    /// Arm the RX check timer for rings just left quiet; returns the decision that then
+    /// stands (on if the timer cannot be armed: without it the rings cannot stay quiet).
+    #[cold]
+    #[inline(never)]
+    fn arm_rx_check(&self) -> bool {
+        if let Err(e) = lock(&self.rx_check).reset(RX_CHECK, None) {
+            warn!(dev = self.dev, "cannot arm the RX check timer: {e}");
+            self.rx_check_armed.store(false, Ordering::Release);
+            return self.fabric.rx_needs_notify(self.dev, true);
+        }
+        false
     }
 
     /// The RX check timer fired: take whatever the RX rings hold, or, if they hold nothing,
