@@ -18,9 +18,9 @@
 //! There is no fabric-wide lock. Each device's state (its endpoints with their queues, its
 //! memory regions, its eager byte count) sits behind that device's own mutex, [`Fabric::dev`].
 //! A thread holds **at most one device lock at a time** and never holds one while it copies
-//! bytes: a send locks its own device to read its endpoint, releases it, locks the destination
-//! device to match, takes the matched receive (or held send) out of the queue, releases the
-//! lock, and only then copies. Messages from one source endpoint stay in order because one
+//! bytes: a send reads its own endpoint's generation and kind without a lock
+//! ([`DevCell::ep_words`]), locks the destination device to match, takes the matched receive
+//! (or held send) out of the queue, releases the lock, and only then copies. Messages from one source endpoint stay in order because one
 //! device's requests are handled by one thread at a time (the backend's pass lock).
 //!
 //! While a copy runs without a lock, the guest memories stay mapped through the
