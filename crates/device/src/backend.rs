@@ -82,10 +82,18 @@ impl VringSink {
         }
     }
 
+    #[inline]
     fn set_vrings(&self, vrings: &[VringRwLock]) {
         if self.vrings.get().is_none() {
-            let _ = self.vrings.set(vrings.to_vec());
+            self.keep_vrings(vrings);
         }
+    }
+
+    /// Once per connection: out of [`VringSink::set_vrings`]'s inlined check.
+    #[cold]
+    #[inline(never)]
+    fn keep_vrings(&self, vrings: &[VringRwLock]) {
+        let _ = self.vrings.set(vrings.to_vec());
     }
 
     /// The rings (empty before the first event).
@@ -201,6 +209,44 @@ impl VringSink {
     }
 }
 
+impl VringSink {
+    /// Signal the guest for ring `q`.
+    #[inline]
+    fn signal(&self, q: usize) {
+        if let Some(vr) = self.rings_list().get(q) {
+            if let Err(e) = signal_call(vr) {
+                debug!(q, "cannot signal the guest: {e}");
+            }
+        }
+    }
+
+    /// [`CompletionSink::publish`] of ring `q` without a view of memory-table `generation`:
+    /// the first completion after a (re)configuration builds it under the ring's VringRwLock
+    /// (the completions stay staged meanwhile, ahead of any staged later).
+    #[cold]
+    #[inline(never)]
+    fn publish_rebuilt(&self, q: usize, generation: u64) {
+        let Some(ring) = self.rings.get(q) else {
+            return;
+        };
+        let notify = match self.build_view(q) {
+            Ok(()) => lock(&ring.state).publish_staged(generation),
+            Err(e) => {
+                warn!(q, "used ring not writable: {e}");
+                None
+            }
+        };
+        match notify {
+            Some(false) => {}
+            Some(true) => self.signal(q),
+            None => {
+                lock(&ring.state).drop_staged();
+                self.broken.store(true, Ordering::Release)
+            }
+        }
+    }
+}
+
 impl CompletionSink for VringSink {
     #[inline]
     fn stage(&self, queue: u16, head: u16, len: u32) {
@@ -217,32 +263,14 @@ impl CompletionSink for VringSink {
             return;
         };
         let generation = self.mem_generation.load(Ordering::Acquire);
-        // The fast path takes only the ring's state lock; the first completion after a
-        // (re)configuration builds the view under the ring's VringRwLock (the completions stay
-        // staged meanwhile, ahead of any staged later).
-        let mut notify = lock(&ring.state).publish_staged(generation);
-        if notify.is_none() {
-            match self.build_view(q) {
-                Ok(()) => notify = lock(&ring.state).publish_staged(generation),
-                Err(e) => warn!(queue, "used ring not writable: {e}"),
-            }
-        }
+        // The fast path takes only the ring's state lock (released before signalling).
+        let notify = lock(&ring.state).publish_staged(generation);
         match notify {
             Some(false) => {}
-            Some(true) => {
-                if let Some(vr) = self.rings_list().get(q) {
-                    if let Err(e) = signal_call(vr) {
-                        debug!(q, "cannot signal the guest: {e}");
-                    }
-                }
-            }
-            None => {
-                lock(&ring.state).drop_staged();
-                self.broken.store(true, Ordering::Release)
-            }
+            Some(true) => self.signal(q),
+            None => self.publish_rebuilt(q, generation),
         }
     }
-
     fn wake_rx(&self) {
         // A full counter (EAGAIN) is a wake-up already pending.
         if let Err(e) = self.wake.notify() {
@@ -508,17 +536,26 @@ impl FabricBackend {
     /// without the driver knowing (one directed at a source already closed) is not left
     /// untaken for good, and rings found empty then get their notifications back, so an idle
     /// device costs no periodic wake-ups.
+    #[inline]
     fn rx_notify_decision(&self) -> bool {
         let on = self.fabric.rx_needs_notify(self.dev, false);
         if !on && !self.rx_check_armed.swap(true, Ordering::AcqRel) {
-            if let Err(e) = lock(&self.rx_check).reset(RX_CHECK, None) {
-                warn!(dev = self.dev, "cannot arm the RX check timer: {e}");
-                self.rx_check_armed.store(false, Ordering::Release);
-                // Without the timer the rings cannot stay quiet.
-                return self.fabric.rx_needs_notify(self.dev, true);
-            }
+            return self.arm_rx_check();
         }
         on
+    }
+
+    /// Arm the RX check timer for rings just left quiet; returns the decision that then
+    /// stands (on if the timer cannot be armed: without it the rings cannot stay quiet).
+    #[cold]
+    #[inline(never)]
+    fn arm_rx_check(&self) -> bool {
+        if let Err(e) = lock(&self.rx_check).reset(RX_CHECK, None) {
+            warn!(dev = self.dev, "cannot arm the RX check timer: {e}");
+            self.rx_check_armed.store(false, Ordering::Release);
+            return self.fabric.rx_needs_notify(self.dev, true);
+        }
+        false
     }
 
     /// The RX check timer fired: take whatever the RX rings hold, or, if they hold nothing,

@@ -372,17 +372,23 @@ pub(crate) fn host_ptr_hinted(
 
 /// Copy `n` bytes between guest memory and the daemon's own memory the way vm-memory's volatile
 /// slices do (the guest may write the bytes at the same time: they are data, never references):
-/// volatile byte accesses up to a word, a plain copy beyond.
+/// volatile byte accesses below a word, a plain copy from a word on (a word as one move of a
+/// constant size, not a call of `memcpy`).
 ///
 /// # Safety
 /// `src` must be valid for reads and `dst` for writes of `n` bytes, and the ranges must not
 /// overlap.
+#[inline(always)]
 unsafe fn guest_copy(dst: *mut u8, src: *const u8, n: usize) {
-    if n <= std::mem::size_of::<usize>() {
+    const WORD: usize = std::mem::size_of::<usize>();
+    if n < WORD {
         for i in 0..n {
             // SAFETY: i < n, within both ranges (caller's contract).
             unsafe { std::ptr::write_volatile(dst.add(i), std::ptr::read_volatile(src.add(i))) };
         }
+    } else if n == WORD {
+        // SAFETY: the caller's contract, for n = WORD.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, WORD) };
     } else {
         // SAFETY: the caller's contract.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
@@ -613,6 +619,13 @@ impl Req {
             return Ok(());
         }
         self.comp.write_at(mem, 0, c)
+    }
+
+    /// The memory table the request's host addresses were resolved in (the one its chain was
+    /// parsed in), if any.
+    #[inline]
+    pub fn table(&self) -> Option<&GuestMemoryMmap> {
+        self.resolved.table.as_deref()
     }
 
     /// Move the request out of `self`, leaving its header and no streams behind: a handler
@@ -1012,13 +1025,25 @@ fn parse_simple(
         addr: last.addr.wrapping_add(u64::from(keep)),
         len: COMPLETION_LEN as u32,
     });
-    out.resolved.table = Some(mem.clone());
+    // Mostly the previous chain's table (a request kept is taken with its own): kept then,
+    // without a reference count round trip.
+    if !out
+        .resolved
+        .table
+        .as_ref()
+        .is_some_and(|t| Arc::ptr_eq(t, mem))
+    {
+        out.resolved.table = Some(mem.clone());
+    }
     out.resolved.comp = c.wr_host[nw - 1] as usize + keep as usize;
     // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
     // the header's when it is exactly 96 bytes, the completion's when exactly 64.
     let count = nr + nw;
     let control = usize::from(c.rd[0].len as usize == REQ_HEADER_LEN) + usize::from(keep == 0);
     if count > limits.max_sge as usize && count - control > limits.max_sge as usize {
+        // Only the completion area is this chain's.
+        out.resolved.payload = 0;
+        out.resolved.data = 0;
         return Verdict::Reject {
             status: Status::BadChain,
             cookie: 0,
@@ -1079,6 +1104,23 @@ pub(crate) struct SimpleChain<'m> {
     pub mem: std::marker::PhantomData<&'m GuestMemoryMmap>,
 }
 
+impl SimpleChain<'_> {
+    /// A chain of no descriptors, for [`crate::ring::RingView::pop`] to fill.
+    pub fn empty() -> Self {
+        const NONE: Seg = Seg { addr: 0, len: 0 };
+        SimpleChain {
+            header: std::ptr::null(),
+            rd: [NONE; 2],
+            rd_host: [std::ptr::null(); 2],
+            nr: 0,
+            wr: [NONE; 2],
+            wr_host: [std::ptr::null_mut(); 2],
+            nw: 0,
+            mem: std::marker::PhantomData,
+        }
+    }
+}
+
 /// One chain popped from a ring by [`crate::ring::RingView::pop`].
 pub(crate) enum Popped<'w, 'm> {
     /// The general walk, and whether the head descriptor is an indirect one.
@@ -1097,10 +1139,13 @@ pub(crate) fn parse_popped(
     acked: u64,
     out: &mut Req,
 ) -> Verdict {
-    // Host addresses of the previous chain are not this one's (nor is its table kept).
-    out.resolved = Resolved::default();
     match chain {
-        Popped::Walked(w, indirect) => parse_walked(mem, w, limits, acked, indirect, out),
+        Popped::Walked(w, indirect) => {
+            // Host addresses of the previous chain are not this one's (nor is its table kept).
+            out.resolved = Resolved::default();
+            parse_walked(mem, w, limits, acked, indirect, out)
+        }
+        // Sets every host address (and the table) anew.
         Popped::Simple(c) => parse_simple(mem, c, limits, acked, out),
     }
 }
@@ -1212,6 +1257,26 @@ pub(crate) fn completion(status: Status, cookie: u64) -> Completion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_copy_copies_exactly_n_bytes_at_odd_offsets() {
+        for n in 0..=20 {
+            for off in 0..3 {
+                let src: Vec<u8> = (1..=32).collect();
+                let mut dst = vec![0xeeu8; 32];
+                // SAFETY: `n + off` <= 23 bytes of both 32-byte buffers, which do not overlap.
+                unsafe { guest_copy(dst.as_mut_ptr().add(off), src.as_ptr().add(off), n) };
+                for (i, b) in dst.iter().enumerate() {
+                    let want = if (off..off + n).contains(&i) {
+                        src[i]
+                    } else {
+                        0xee
+                    };
+                    assert_eq!(*b, want, "n {n}, offset {off}, byte {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn split_at_boundaries() {

@@ -238,6 +238,8 @@ impl RingView {
         let take = usize::from(pending).min(max);
         // The region of the last descriptor seen: chains mostly lie in one region.
         let mut hint = None;
+        // Filled in place for each chain of the common shape (not built and moved per chain).
+        let mut c = SimpleChain::empty();
         for _ in 0..take {
             let head = self.avail_entry(next.0);
             if head >= self.size {
@@ -246,7 +248,7 @@ impl RingView {
                     size: self.size,
                 });
             }
-            if let Some(c) = self.simple(mem, head, &mut hint) {
+            if self.simple(mem, head, &mut hint, &mut c).is_some() {
                 each(head, Popped::Simple(&c));
             } else {
                 // Walked in place and lent: the chain's streams are not moved (a few hundred
@@ -261,23 +263,19 @@ impl RingView {
         Ok(take)
     }
 
-    /// Chain `head` if it has the shape drivers post (see [`SimpleChain`]), split into its
-    /// streams; `None` sends it to the general [`RingView::walk`], which finds the same streams
-    /// for such a chain (the differential test checks both against virtio-queue) and handles
-    /// every other shape and error.
+    /// Chain `head` into `c` if it has the shape drivers post (see [`SimpleChain`]), split
+    /// into its streams; `None` (with `c` left partly filled) sends it to the general
+    /// [`RingView::walk`], which finds the same streams for such a chain (the differential test
+    /// checks both against virtio-queue) and handles every other shape and error.
     #[inline]
     fn simple<'m>(
         &self,
         mem: &'m GuestMemoryMmap,
         head: u16,
         hint: &mut Option<RegionHint>,
-    ) -> Option<SimpleChain<'m>> {
-        const NONE: Seg = Seg { addr: 0, len: 0 };
-        let (mut rd, mut nr) = ([NONE; 2], 0usize);
-        let (mut wr, mut nw) = ([NONE; 2], 0usize);
-        let mut rd_host = [std::ptr::null(); 2];
-        let mut wr_host = [std::ptr::null_mut(); 2];
-        let mut header: *const u8 = std::ptr::null();
+        c: &mut SimpleChain<'m>,
+    ) -> Option<()> {
+        let (mut nr, mut nw) = (0usize, 0usize);
         let mut total = 0u64;
         let mut i = head;
         let mut k = 0u16;
@@ -297,8 +295,8 @@ impl RingView {
             total += u64::from(len);
             let seg = Seg { addr, len };
             if flags & VIRTQ_DESC_F_WRITE != 0 {
-                *wr.get_mut(nw)? = seg;
-                *wr_host.get_mut(nw)? = host;
+                *c.wr.get_mut(nw)? = seg;
+                *c.wr_host.get_mut(nw)? = host;
                 nw += 1;
             } else {
                 // Readable after writable, or a third readable: the general walk.
@@ -309,10 +307,10 @@ impl RingView {
                     if (len as usize) < REQ_HEADER_LEN {
                         return None;
                     }
-                    header = host;
+                    c.header = host;
                 }
-                *rd.get_mut(nr)? = seg;
-                *rd_host.get_mut(nr)? = host as *const u8;
+                *c.rd.get_mut(nr)? = seg;
+                *c.rd_host.get_mut(nr)? = host as *const u8;
                 nr += 1;
             }
             k += 1;
@@ -325,20 +323,13 @@ impl RingView {
             i = next;
         }
         // The general walk stops at 4 GiB of buffers.
-        let last = *wr.get(nw.checked_sub(1)?)?;
+        let last = *c.wr.get(nw.checked_sub(1)?)?;
         if nr == 0 || total > u64::from(u32::MAX) || (last.len as usize) < COMPLETION_LEN {
             return None;
         }
-        Some(SimpleChain {
-            header,
-            rd,
-            rd_host,
-            nr: nr as u8,
-            wr,
-            wr_host,
-            nw: nw as u8,
-            mem: std::marker::PhantomData,
-        })
+        c.nr = nr as u8;
+        c.nw = nw as u8;
+        Some(())
     }
 
     /// Descriptor `i` of the ring's own table (`i` < size, checked by the caller) as

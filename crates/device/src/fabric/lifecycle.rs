@@ -20,7 +20,7 @@ impl Fabric {
         }
         let mut d = self.dev(dev);
         d.port = Some(Arc::new(port));
-        d.rx_quiet = false;
+        d.rx_quiet.store(false, Ordering::Release);
         d.rx_waking = false;
         drop(d);
         if let Some(c) = self.counters.get(dev) {
@@ -130,9 +130,11 @@ impl Fabric {
                         e.unexpected.push_front(m);
                         victims.push(r);
                     }
-                    // (This device's own queue is stopping: it arms its rings when it runs again.)
                 }
             }
+            // This device's own queue is stopping: it arms its rings when it runs again, and
+            // decides anew then (a message is unexpected again).
+            d.rx_quiet.store(false, Ordering::Release);
             // A receive the uplink reads into goes once its read is over (below).
             for slot in d.eps.iter_mut() {
                 if let Some(e) = slot.ep.as_mut() {
@@ -180,6 +182,7 @@ impl Fabric {
             let Some(e) = d.eps.get_mut(ep).and_then(|s| s.ep.take()) else {
                 return;
             };
+            self.set_ep_word(dev, ep, None);
             // Under the lock: a directed receive's source found open before this is re-checked.
             self.devs[dev].ep_closes.fetch_add(1, Ordering::AcqRel);
             for m in &e.unexpected {
@@ -411,6 +414,7 @@ impl Fabric {
             direct: Vec::new(),
         });
         let addr = FabricAddr::new(node, id as u32, slot.generation);
+        self.set_ep_word(dev, id, Some((slot.generation, kind)));
         drop(d);
         debug!(dev, %addr, kind, "endpoint opened");
         let mut c = completion(Status::Ok, req.req.cookie);

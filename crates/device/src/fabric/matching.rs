@@ -35,18 +35,24 @@ enum Delivered {
     Rematch(Req),
 }
 
-/// Take the first posted receive of `e` that matches `meta`, with its position.
-#[inline]
-pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta) -> Option<(usize, Req)> {
+/// Take the first posted receive of endpoint `ep` that matches `meta`; `at` is set to its
+/// position. (The receive is returned alone: a tuple with it would cost the caller one more
+/// copy of the request.)
+#[inline(always)]
+pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta, at: &mut usize) -> Option<Req> {
     let e = d.ep_mut(ep)?;
-    let i = e.posted.iter().position(|x| recv_matches(&x.req, meta))?;
-    // The oldest receive matches most often: no shifting of the queue for it.
-    let rv = if i == 0 {
-        e.posted.pop_front()
-    } else {
-        e.posted.remove(i)
-    };
-    Some((i, rv?))
+    // The oldest receive matches most often: no search and no shifting of the queue for it.
+    if e.posted.front().is_some_and(|x| recv_matches(&x.req, meta)) {
+        *at = 0;
+        return e.posted.pop_front();
+    }
+    let i = 1 + e
+        .posted
+        .iter()
+        .skip(1)
+        .position(|x| recv_matches(&x.req, meta))?;
+    *at = i;
+    e.posted.remove(i)
 }
 
 impl Fabric {
@@ -123,11 +129,15 @@ impl Fabric {
             drop(d);
             return self.fail(dev, port, req, Status::AddrNotAvail, n);
         }
-        if let Some((at, rv)) = take_posted(&mut d, dep, &meta) {
+        let mut at = 0;
+        // Placed from where it was taken to (not moved once more into a binding of its own).
+        let taken = take_posted(&mut d, dep, &meta, &mut at);
+        if taken.is_some() {
             drop(d);
-            if let Some(buf) = early {
-                return self.place(dev, port, smem, req, &meta, ddev, &dport, &rv, buf, n);
+            if let (Some(buf), Some(rv)) = (early, taken.as_ref()) {
+                return self.place(dev, port, smem, req, &meta, ddev, &dport, rv, buf, n);
             }
+            let Some(rv) = taken else { return };
             match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
                 Survivor::None => {}
                 // Our memory faulted: the receive goes back where it was.
@@ -185,7 +195,7 @@ impl Fabric {
                     drop(d);
                     return self.fail(dev, port, req, Status::AddrNotAvail, n);
                 }
-                if let Some((_, rv)) = take_posted(&mut d, dep, &meta) {
+                if let Some(rv) = take_posted(&mut d, dep, &meta, &mut 0) {
                     d.unexpected_bytes -= cost;
                     drop(d);
                     return self.place(dev, port, smem, req, &meta, ddev, &dport, &rv, &buf, n);
@@ -225,15 +235,24 @@ impl Fabric {
     ) {
         let placed = meta.len.min(rv.data.len);
         let bytes = buf.get(..placed as usize).unwrap_or(buf);
-        let rmem = rport.mem.memory();
-        if rv.write_data(&rmem, bytes).is_err() {
-            drop(rmem);
+        // The memory table the receive was parsed in (the request holds it) serves as the
+        // receiver's, as the table a pass loaded serves its chains: a table that replaced
+        // regions since has cancelled the receives posted in the old one (`update_memory`).
+        // That saves loading the receiver's table per message.
+        let loaded;
+        let rmem: &GuestMemoryMmap = match rv.table() {
+            Some(t) => t,
+            None => {
+                loaded = rport.mem.memory();
+                &loaded
+            }
+        };
+        if rv.write_data(rmem, bytes).is_err() {
             self.fail(rdev, rport, rv, Status::Fault, n);
             // The message is not lost: try the next receive (or queue it).
             return self.op_send(dev, port, smem, req, n);
         }
-        self.received_in(rdev, rport, Some(&rmem), rv, meta, placed, n);
-        drop(rmem);
+        self.received_in(rdev, rport, Some(rmem), rv, meta, placed, n);
         self.sent_in(dev, port, smem, req, meta.len, n);
     }
 
@@ -521,10 +540,14 @@ impl Fabric {
             return;
         }
 
-        let at = e
-            .unexpected
-            .iter()
-            .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta));
+        // Nothing waits unexpected most of the time: no search then.
+        let at = if e.unexpected.is_empty() {
+            None
+        } else {
+            e.unexpected
+                .iter()
+                .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta))
+        };
         let Some(at) = at else {
             let directed = (r.flags & flags::DIRECTED != 0)
                 .then_some(r.peer)

@@ -18,9 +18,9 @@
 //! There is no fabric-wide lock. Each device's state (its endpoints with their queues, its
 //! memory regions, its eager byte count) sits behind that device's own mutex, [`Fabric::dev`].
 //! A thread holds **at most one device lock at a time** and never holds one while it copies
-//! bytes: a send locks its own device to read its endpoint, releases it, locks the destination
-//! device to match, takes the matched receive (or held send) out of the queue, releases the
-//! lock, and only then copies. Messages from one source endpoint stay in order because one
+//! bytes: a send reads its own endpoint's generation and kind without a lock
+//! ([`DevCell::ep_words`]), locks the destination device to match, takes the matched receive
+//! (or held send) out of the queue, releases the lock, and only then copies. Messages from one source endpoint stay in order because one
 //! device's requests are handled by one thread at a time (the backend's pass lock).
 //!
 //! While a copy runs without a lock, the guest memories stay mapped through the
@@ -40,7 +40,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use smallvec::SmallVec;
 use tracing::debug;
 use vfabric_proto::{
     comp_flags, tag_matches, Completion, FabricAddr, Opcode, Request, Status, COMPLETION_LEN,
@@ -99,10 +98,14 @@ struct RingBatch {
 /// thread made them: a receive completed by the sender's pass is never published after a later
 /// receive completed by the receiver's own pass); the ring gets what is staged with one index
 /// update and at most one notification when the batch is flushed (explicitly or on drop). A
-/// batch touches one or two rings, so everything lives inline.
+/// batch mostly touches one or two rings: they have fields of their own (no list to search,
+/// grow or drain), filled in that order and emptied together.
 #[derive(Default)]
 pub(crate) struct Notify {
-    rings: SmallVec<[RingBatch; 4]>,
+    first: Option<RingBatch>,
+    second: Option<RingBatch>,
+    /// Rings after the first two, in the order they were first completed.
+    more: Vec<RingBatch>,
 }
 
 impl Notify {
@@ -117,25 +120,46 @@ impl Notify {
                     Arc::as_ptr(sink) as *const (),
                 )
         };
-        if !self.rings.iter().any(same) {
-            self.rings.push(RingBatch {
-                sink: sink.clone(),
-                queue,
-            });
+        if self.first.as_ref().is_some_and(same) || self.second.as_ref().is_some_and(same) {
+            return;
+        }
+        let b = RingBatch {
+            sink: sink.clone(),
+            queue,
+        };
+        if self.first.is_none() {
+            self.first = Some(b);
+        } else if self.second.is_none() {
+            self.second = Some(b);
+        } else if !self.more.iter().any(same) {
+            self.more.push(b);
         }
     }
 
     /// Publish the completions, ring by ring.
+    #[inline]
     pub fn flush(&mut self) {
-        for b in self.rings.drain(..) {
+        if let Some(b) = self.first.take() {
             b.sink.publish(b.queue);
+        }
+        if let Some(b) = self.second.take() {
+            b.sink.publish(b.queue);
+        }
+        if !self.more.is_empty() {
+            for b in self.more.drain(..) {
+                b.sink.publish(b.queue);
+            }
         }
     }
 }
 
 impl Drop for Notify {
+    #[inline]
     fn drop(&mut self) {
-        self.flush();
+        // Rings fill `first` before any other.
+        if self.first.is_some() {
+            self.flush();
+        }
     }
 }
 
@@ -239,8 +263,10 @@ pub(crate) struct Dev {
     /// Posted COMMIT_EVENT requests and commits waiting for this device's verdict (§6.17.3).
     commits: commit::Commits,
     /// The device left its RX notifications off (LAZY_RX, nothing held unexpected): receives
-    /// may wait in its RX rings untaken, so a message queued unexpected must wake it.
-    rx_quiet: bool,
+    /// may wait in its RX rings untaken, so a message queued unexpected must wake it. Written
+    /// under this lock only; shared with [`DevCell::rx_quiet`], where the device's next
+    /// decision reads it without the lock ([`Fabric::rx_needs_notify`]).
+    rx_quiet: Arc<AtomicBool>,
     /// Woken for its RX rings and not back from the pass that takes them yet.
     rx_waking: bool,
 }
@@ -257,7 +283,7 @@ impl Dev {
             pending_events: Default::default(),
             keys: rma::KeyGen::new(),
             commits: Default::default(),
-            rx_quiet: false,
+            rx_quiet: Arc::new(AtomicBool::new(false)),
             rx_waking: false,
         }
     }
@@ -268,7 +294,7 @@ impl Dev {
     /// takes them (one may match the message, or fail for the peer) and keeps its RX
     /// notifications on while it holds a message unexpected.
     fn look_at_rx(&mut self) {
-        if std::mem::take(&mut self.rx_quiet) {
+        if self.rx_quiet.swap(false, Ordering::AcqRel) {
             if let Some(p) = &self.port {
                 self.rx_waking = true;
                 p.sink.wake_rx();
@@ -307,6 +333,17 @@ struct DevCell {
     fenced: AtomicUsize,
     /// Endpoints of this device closed so far (bumped under the device lock when one closes).
     ep_closes: AtomicU64,
+    /// [`Dev::rx_quiet`], readable without the lock.
+    rx_quiet: Arc<AtomicBool>,
+    /// Per endpoint slot, the open endpoint's generation and kind ([`ep_word`]; 0: none),
+    /// written under the device lock when one opens or closes, read without it
+    /// ([`Fabric::ep_info`]): a request's own endpoint is looked up without the lock.
+    ep_words: Box<[AtomicU64]>,
+}
+
+/// The [`DevCell::ep_words`] entry of an open endpoint: never 0 (generations start at 1).
+fn ep_word(generation: u32, kind: u64) -> u64 {
+    u64::from(generation) << 8 | (kind & 0xff)
 }
 
 /// Bytes charged per eagerly buffered message on top of its payload, so that even empty
@@ -406,12 +443,19 @@ impl Fabric {
             vendor_attrs: config.vendor_attrs.clone(),
             counters: (0..n).map(|_| Arc::new(Counters::default())).collect(),
             devs: (0..n)
-                .map(|_| DevCell {
-                    state: Mutex::new(Dev::new()),
-                    fence_runner: Mutex::new(()),
-                    fence_dirty: AtomicBool::new(false),
-                    fenced: AtomicUsize::new(0),
-                    ep_closes: AtomicU64::new(0),
+                .map(|_| {
+                    let dev = Dev::new();
+                    DevCell {
+                        rx_quiet: dev.rx_quiet.clone(),
+                        ep_words: (0..config.limits.max_endpoints)
+                            .map(|_| AtomicU64::new(0))
+                            .collect(),
+                        state: Mutex::new(dev),
+                        fence_runner: Mutex::new(()),
+                        fence_dirty: AtomicBool::new(false),
+                        fenced: AtomicUsize::new(0),
+                        ep_closes: AtomicU64::new(0),
+                    }
                 })
                 .collect(),
             fenced_total: AtomicUsize::new(0),
@@ -475,16 +519,31 @@ impl Fabric {
     /// unexpected wakes the device ([`CompletionSink::wake_rx`]); decided under the device's
     /// lock, which every queueing holds, so no message slips between the two.
     /// With `idle` (the device found its RX rings empty on its last check) they go on as well.
+    ///
+    /// While the last decision's "off" stands (nothing queued unexpected since: every queueing
+    /// takes `rx_quiet` back, under the lock, and wakes the device), it is repeated without the
+    /// lock: a queueing that races with that read wakes the device as it would after a locked
+    /// decision.
+    #[inline]
     pub(crate) fn rx_needs_notify(&self, dev: usize, idle: bool) -> bool {
         let Some(slot) = self.devs.get(dev) else {
             return true;
         };
-        let mut d = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !idle && slot.rx_quiet.load(Ordering::Acquire) {
+            return false;
+        }
+        Self::rx_decide(slot, idle)
+    }
+
+    /// [`Fabric::rx_needs_notify`] under the device's lock.
+    #[inline(never)]
+    fn rx_decide(slot: &DevCell, idle: bool) -> bool {
+        let d = slot.state.lock().unwrap_or_else(|p| p.into_inner());
         let on = idle
             || d.eps
                 .iter()
                 .any(|s| s.ep.as_ref().is_some_and(|e| !e.unexpected.is_empty()));
-        d.rx_quiet = !on;
+        d.rx_quiet.store(!on, Ordering::Release);
         on
     }
 
@@ -510,11 +569,26 @@ impl Fabric {
         (d < self.devs.len()).then_some((d, a.ep as usize))
     }
 
-    /// `(generation, kind)` of open endpoint `ep` of `dev`.
+    /// `(generation, kind)` of open endpoint `ep` of `dev`, without the device's lock: the
+    /// answer the lock would give at some moment during the call (an endpoint may close right
+    /// after either way).
+    #[inline]
     fn ep_info(&self, dev: usize, ep: u32) -> Option<(u32, u64)> {
-        self.dev(dev)
-            .ep(ep as usize)
-            .map(|e| (e.generation, e.kind))
+        let w = self
+            .devs
+            .get(dev)?
+            .ep_words
+            .get(ep as usize)?
+            .load(Ordering::Acquire);
+        (w != 0).then_some(((w >> 8) as u32, w & 0xff))
+    }
+
+    /// Record endpoint slot `ep` of `dev` as open (`Some((generation, kind))`) or closed, under
+    /// the device's lock (for [`Fabric::ep_info`]).
+    fn set_ep_word(&self, dev: usize, ep: usize, open: Option<(u32, u64)>) {
+        if let Some(w) = self.devs.get(dev).and_then(|c| c.ep_words.get(ep)) {
+            w.store(open.map_or(0, |(g, k)| ep_word(g, k)), Ordering::Release);
+        }
     }
 
     /// Whether `a` is an open endpoint of a connected device.

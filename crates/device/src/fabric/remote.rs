@@ -1131,7 +1131,7 @@ impl Fabric {
                 Some(dst) if dst.kind == kind => {}
                 _ => return Some(Status::AddrNotAvail),
             }
-            if let Some((_, rv)) = take_posted(&mut d, dep, &meta) {
+            if let Some(rv) = take_posted(&mut d, dep, &meta, &mut 0) {
                 drop(d);
                 let placed = len.min(rv.data.len);
                 let bytes = &m.bytes[..placed as usize];
