@@ -370,14 +370,21 @@ fn msg_header(
     }
 }
 
+#[inline]
 fn check_range(buf: &SharedBuf, range: &Range<usize>) -> Result<()> {
     if range.start > range.end || range.end > buf.len() {
-        return Err(Error::InvalidArgument(format!(
-            "range {range:?} outside a buffer of {} bytes",
-            buf.len()
-        )));
+        return Err(range_outside(buf, range));
     }
     Ok(())
+}
+
+/// Out of line: the check is inlined into every post, the message never is.
+#[cold]
+fn range_outside(buf: &SharedBuf, range: &Range<usize>) -> Error {
+    Error::InvalidArgument(format!(
+        "range {range:?} outside a buffer of {} bytes",
+        buf.len()
+    ))
 }
 
 impl Endpoint {
@@ -875,6 +882,7 @@ impl Endpoint {
                 RxData::None,
                 a.flags & fi::MORE != 0,
                 false,
+                #[inline(always)]
                 || {
                     PendingOp::Data(
                         DataOp {
@@ -1346,6 +1354,7 @@ impl Endpoint {
                 rx,
                 a.flags & fi::MORE != 0,
                 urgent,
+                #[inline(always)]
                 || {
                     PendingOp::Data(
                         DataOp {

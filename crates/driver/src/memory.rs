@@ -697,6 +697,7 @@ impl SharedBuf {
         self.alloc.addr()
     }
     /// Device address of the first byte (the buffer is contiguous for the device).
+    #[inline]
     pub(crate) fn device_addr(&self) -> u64 {
         self.alloc.device_addr()
     }
@@ -739,9 +740,11 @@ impl SharedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.alloc.ptr(), self.len) }
     }
     /// Keeps the memory alive while the device uses it.
+    #[inline]
     pub(crate) fn keepalive(&self) -> Arc<Allocation> {
         self.alloc.clone()
     }
+    #[inline]
     pub(crate) fn memory(&self) -> &Arc<SharedMemory> {
         self.alloc.memory()
     }

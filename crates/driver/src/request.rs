@@ -31,6 +31,7 @@ pub(crate) enum Payload<'a> {
 }
 
 impl InlinePayload for Payload<'_> {
+    #[inline(always)]
     fn len(&self) -> usize {
         match self {
             Payload::Bytes(b) => b.len(),
@@ -140,6 +141,7 @@ pub(crate) struct Keepalive {
 }
 
 impl Keepalive {
+    #[inline(always)]
     pub fn push(&mut self, a: Arc<Allocation>) {
         if self.first.is_none() {
             self.first = Some(a);

@@ -414,7 +414,7 @@ impl SplitRing {
     }
 
     /// [`SplitRing::needs_kick`] for a caller that fenced (`SeqCst`) after its last publish.
-    #[inline]
+    #[inline(always)]
     pub fn needs_kick_fenced(&mut self) -> bool {
         let new = self.next_avail;
         let old = self.kicked_avail;

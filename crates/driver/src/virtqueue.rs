@@ -87,10 +87,11 @@ impl DescList {
             list.assume_init()
         }
     }
+    #[inline]
     pub fn push(&mut self, addr: u64, len: u32) -> Result<()> {
-        let slot = self.items.get_mut(self.len).ok_or_else(|| {
-            Error::InvalidArgument(format!("more than {MAX_DATA_DESCS} data buffers"))
-        })?;
+        let Some(slot) = self.items.get_mut(self.len) else {
+            return Err(too_many_descs());
+        };
         slot.write((addr, len));
         self.len += 1;
         Ok(())
@@ -102,6 +103,18 @@ impl DescList {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+// The errors of posting are built out of line, so the posting path stays small enough to
+// inline.
+#[cold]
+fn too_many_descs() -> Error {
+    Error::InvalidArgument(format!("more than {MAX_DATA_DESCS} data buffers"))
+}
+
+#[cold]
+fn too_big_for_a_chain() -> Error {
+    Error::InvalidArgument("request does not fit a chain".into())
 }
 
 /// A request record as a queue keeps it: opaque to the queue, except for how it is dropped
@@ -348,6 +361,7 @@ impl<R> Virtqueue<R> {
         self.notifier = notifier;
     }
 
+    #[inline(always)]
     fn lock(&self) -> SpinGuard<'_, QueueState> {
         self.state.lock()
     }
@@ -379,7 +393,8 @@ impl<R> Virtqueue<R> {
     /// One ring-lock hold: the header and descriptors are written, the avail index is stored
     /// once (release), and a single full fence orders it (and the in-flight count) before the
     /// two reads that follow it, the device's kick suppression and the domain's sleepers.
-    #[inline]
+    /// Inlined into each of its few callers: their closures and known data shapes fold in.
+    #[inline(always)]
     pub fn post<P: InlinePayload>(
         &self,
         header: impl FnOnce() -> ReqHeader,
@@ -405,9 +420,7 @@ impl<R> Virtqueue<R> {
             || tx_descs.len() > MAX_DATA_DESCS
             || rx_descs.len() > MAX_DATA_DESCS
         {
-            return Err(Error::InvalidArgument(
-                "request does not fit a chain".into(),
-            ));
+            return Err(too_big_for_a_chain());
         }
         let n = 2 + tx_descs.len() + rx_descs.len();
 
