@@ -46,6 +46,11 @@ const BATCH: usize = 64;
 /// How long RX rings stay quiet (LAZY_RX) before the device looks at them again.
 const RX_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Virtqueue `q` is an RX queue.
+fn is_rx(q: usize) -> bool {
+    matches!(queue_kind(q as u16), QueueKind::Rx(_))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -565,7 +570,7 @@ impl FabricBackend {
         self.rx_check_armed.store(false, Ordering::Release);
         let mem = self.mem.memory().into_inner();
         let rx_pending = vrings.iter().enumerate().any(|(q, vr)| {
-            matches!(queue_kind(q as u16), QueueKind::Rx(_))
+            is_rx(q)
                 && matches!(
                     self.sink.with_ring(vr, q, Some(&mem), |next_avail, view| {
                         view.avail_idx() != next_avail
@@ -579,18 +584,7 @@ impl FabricBackend {
         // Idle on the receive side: notifications back on (recorded first, so that nothing
         // queued unexpected meanwhile waits for a wake-up that is not sent).
         self.fabric.rx_needs_notify(self.dev, true);
-        let mut arrived = false;
-        for (q, vr) in vrings.iter().enumerate() {
-            if matches!(queue_kind(q as u16), QueueKind::Rx(_)) {
-                match self.sink.with_ring(vr, q, Some(&mem), |next_avail, view| {
-                    view.set_notification(next_avail, true)
-                }) {
-                    Ok(a) => arrived |= a.unwrap_or(false),
-                    Err(e) => return self.ring_error(q, &e),
-                }
-            }
-        }
-        if arrived {
+        if self.set_notifications_by(vrings, |q| is_rx(q).then_some(true)) == Ok(true) {
             self.process(vrings);
         }
     }
@@ -779,7 +773,7 @@ impl FabricBackend {
             };
             self.sink.set_next_avail(q, seen, next_avail);
             let mut arm = rearm && k < max;
-            if arm && lazy && matches!(queue_kind(q as u16), QueueKind::Rx(_)) {
+            if arm && lazy && is_rx(q) {
                 arm = *rx_on.get_or_insert_with(|| self.rx_notify_decision());
             }
             let arrived = arm && view.set_notification(next_avail, true);
@@ -831,25 +825,26 @@ impl FabricBackend {
     /// fabric wakes the device if that changes). Returns whether requests arrived meanwhile.
     fn arm(&self, vrings: &[VringRwLock]) -> Result<bool, ()> {
         let quiet_rx = self.lazy_rx() && !self.rx_notify_decision();
-        let mut more = false;
-        for (q, vr) in vrings.iter().enumerate() {
-            let on = !(quiet_rx && matches!(queue_kind(q as u16), QueueKind::Rx(_)));
-            match self.sink.with_ring(vr, q, None, |next_avail, view| {
-                view.set_notification(next_avail, on)
-            }) {
-                Ok(m) => more |= m.unwrap_or(false),
-                Err(e) => {
-                    self.ring_error(q, &e);
-                    return Err(());
-                }
-            }
-        }
-        Ok(more)
+        self.set_notifications_by(vrings, |q| Some(!(quiet_rx && is_rx(q))))
     }
 
     fn set_notifications(&self, vrings: &[VringRwLock], enable: bool) -> Result<bool, ()> {
+        self.set_notifications_by(vrings, |_| Some(enable))
+    }
+
+    /// Turn each ring's notifications on or off as `which(queue)` says (`None`: leave it).
+    /// Returns whether requests arrived on a ring turned on; a ring that cannot be read breaks
+    /// the connection (`Err`).
+    fn set_notifications_by(
+        &self,
+        vrings: &[VringRwLock],
+        which: impl Fn(usize) -> Option<bool>,
+    ) -> Result<bool, ()> {
         let mut more = false;
         for (q, vr) in vrings.iter().enumerate() {
+            let Some(enable) = which(q) else {
+                continue;
+            };
             match self.sink.with_ring(vr, q, None, |next_avail, view| {
                 view.set_notification(next_avail, enable)
             }) {
