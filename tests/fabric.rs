@@ -315,27 +315,30 @@ fn plain_receives_need_no_kick_and_are_taken_when_a_message_needs_them() {
         a.ep.send(b"first", to_b, 100).unwrap();
         assert_eq!(next(&b.cq).buf.as_deref(), Some(&b"first"[..]));
         next(&a.cq);
-        // Three receives: no kick for any of them.
+        // Four receives, a pause after each (time for a device to take a receive and re-arm
+        // its ring, after which, without LAZY_RX, the next receive would kick): no kick for
+        // them (one at most, if the device's RX check found its ring idle just before and
+        // turned its notifications back on).
         let kicks = b.dom.stats().kicks;
-        for i in 0..3 {
+        for i in 0..4 {
             b.ep.recv_vec(64, 10 + i).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
         }
-        assert_eq!(
-            b.dom.stats().kicks,
-            kicks,
+        assert!(
+            b.dom.stats().kicks <= kicks + 1,
             "poll_us={poll_us}: plain receives kicked the device"
         );
         // Their messages find them (taken on the first message's wake-up), in order.
-        for i in 0..3u64 {
+        for i in 0..4u64 {
             a.ep.send(format!("m{i}").as_bytes(), to_b, 200 + i)
                 .unwrap();
         }
-        for i in 0..3u64 {
+        for i in 0..4u64 {
             let c = next(&b.cq);
             assert_eq!(c.context, 10 + i, "poll_us={poll_us}: in order");
             assert_eq!(c.buf.as_deref(), Some(format!("m{i}").as_bytes()));
         }
-        for _ in 0..3 {
+        for _ in 0..4 {
             next(&a.cq);
         }
         // A message sent before its receive is posted waits unexpected: the receive kicks

@@ -1930,16 +1930,18 @@ fn large_messages_find_receives_posted_without_a_kick() {
     // The hosts' link is up and warm (a cold one would let B's RX check take the receives).
     exchange(&a, &b, &[LEN, 8], 900);
     wait_counts(&d[1], READS, (LEN as u64, 0));
-    // The first receive may kick (B's RX ring starts); the device takes it and, with no
-    // polling, leaves the ring quiet. The next two do not kick, and B's device has not taken
-    // them when A's messages arrive (it would after 100 ms, its RX check).
+    // The first receive may kick (it crosses where B's RX ring was last armed); the device
+    // takes it and, with no polling, leaves the ring quiet. The next two do not kick (one may,
+    // if the device's RX check found the ring idle just before and turned its notifications
+    // back on), and B's device has not taken them when A's messages arrive (it would after
+    // 100 ms, its RX check).
     let kicks = b.dom.stats().kicks;
     b.ep.recv_vec(LEN, 100).unwrap();
     std::thread::sleep(Duration::from_millis(3));
     for i in 1..3u64 {
         b.ep.recv_vec(LEN, 100 + i).unwrap();
     }
-    assert!(b.dom.stats().kicks <= kicks + 1, "plain receives kicked");
+    assert!(b.dom.stats().kicks <= kicks + 2, "plain receives kicked");
     for i in 0..3u64 {
         a.ep.send(&pattern(40 + i as u32, LEN), to_b, i).unwrap();
     }
