@@ -42,6 +42,17 @@ fn domain(path: &PathBuf) -> Domain {
     .expect("open domain")
 }
 
+/// An enabled RDM endpoint of `dom` with its own CQ (both directions) and AV.
+fn endpoint_on(dom: &Domain) -> (CompletionQueue, vfabric::AddressVector, vfabric::Endpoint) {
+    let cq = dom.cq_open(CqAttr::default()).unwrap();
+    let av = dom.av_open().unwrap();
+    let ep = dom.endpoint(EpAttr::default()).unwrap();
+    ep.bind_cq(&cq, BindFlags::BOTH).unwrap();
+    ep.bind_av(&av).unwrap();
+    ep.enable().unwrap();
+    (cq, av, ep)
+}
+
 /// Poll until an entry arrives; an error entry fails the test.
 fn next(cq: &CompletionQueue) -> CqEntry {
     let deadline = Instant::now() + TIMEOUT;
@@ -189,12 +200,7 @@ fn several_devices_with_several_endpoints_each() {
     let mut eps: Vec<(usize, Ep)> = Vec::new();
     for (di, dom) in domains.iter().enumerate() {
         for _ in 0..EPS {
-            let cq = dom.cq_open(CqAttr::default()).unwrap();
-            let av = dom.av_open().unwrap();
-            let ep = dom.endpoint(EpAttr::default()).unwrap();
-            ep.bind_cq(&cq, BindFlags::BOTH).unwrap();
-            ep.bind_av(&av).unwrap();
-            ep.enable().unwrap();
+            let (cq, av, ep) = endpoint_on(dom);
             eps.push((di, Ep { ep, cq, av }));
         }
     }
@@ -258,12 +264,7 @@ struct LazyGuest {
 
 fn lazy_guest(path: &PathBuf) -> LazyGuest {
     let dom = domain(path);
-    let cq = dom.cq_open(CqAttr::default()).unwrap();
-    let av = dom.av_open().unwrap();
-    let ep = dom.endpoint(EpAttr::default()).unwrap();
-    ep.bind_cq(&cq, BindFlags::BOTH).unwrap();
-    ep.bind_av(&av).unwrap();
-    ep.enable().unwrap();
+    let (cq, av, ep) = endpoint_on(&dom);
     LazyGuest { dom, cq, av, ep }
 }
 
