@@ -583,15 +583,75 @@ impl Endpoint {
         dest: FiAddr,
         context: u64,
     ) -> Result<()> {
-        self.post_send(SendArgs {
-            tagged: false,
-            src: SendSrc::Shared(buf, range),
-            dest,
-            tag: 0,
-            data: None,
-            context,
-            flags: 0,
-        })
+        let domain = &self.domain;
+        let b = self.active()?;
+        let (report_success, report_errors) = tx_reporting(b.tx.as_ref(), 0)?;
+        let peer = Self::resolve(b, dest)?;
+        check_range(buf, &range)?;
+        let len = range.len();
+        if len > INLINE_TX_MAX && !Arc::ptr_eq(buf.memory(), &domain.mem) {
+            // Bounced: the general path.
+            return self.post_send(SendArgs {
+                tagged: false,
+                src: SendSrc::Shared(buf, range),
+                dest,
+                tag: 0,
+                data: None,
+                context,
+                flags: 0,
+            });
+        }
+        // What `post_send_host` does for a plain send from a buffer of this domain (no flags,
+        // no tag, no data), without the choices that cannot apply: the bytes are copied into
+        // the header descriptor, or the buffer is the one data descriptor.
+        let limits = &self.limits;
+        if len as u64 > limits.max_msg_size || len > u32::MAX as usize {
+            return Err(Error::TooLarge {
+                len,
+                max: limits.max_msg_size,
+            });
+        }
+        self.check_request(Opcode::Send, 0)?;
+        let desc;
+        let mut keepalive = Keepalive::default();
+        let tx = if len <= INLINE_TX_MAX {
+            // SAFETY: as for `SendSrc::Shared` in `post_send_host`.
+            TxData::Inline(Payload::Bytes(unsafe { &buf.as_slice()[range] }))
+        } else {
+            desc = [(buf.device_addr() + range.start as u64, len as u32)];
+            keepalive.push(buf.keepalive());
+            TxData::Descs(&desc)
+        };
+        let ep = &self.shared;
+        domain.queues[self.tx_queue]
+            .post(
+                || msg_header(Opcode::Send, ep.id, 0, peer, 0, 0, 0),
+                tx,
+                RxData::None,
+                false,
+                false,
+                #[inline(always)]
+                || {
+                    PendingOp::Data(DataOp {
+                        ep: ep.clone(),
+                        context,
+                        fi_flags: fi::SEND | fi::MSG,
+                        rx_len: 0,
+                        copy_out: CopyOut::None,
+                        bounce: None,
+                        _keepalive: keepalive,
+                        hmem: None,
+                        is_recv: false,
+                        peek: false,
+                        record_claim: false,
+                        report_success,
+                        report_errors,
+                        // What `DataOp::with_plain` finds for it.
+                        plain: true,
+                    })
+                },
+            )
+            .map(|_| ())
     }
 
     /// `fi_senddata`.
@@ -1015,15 +1075,70 @@ impl Endpoint {
         src: FiAddr,
         context: u64,
     ) -> Result<()> {
-        self.post_recv(RecvArgs {
-            tagged: false,
-            dst: RecvDst::Shared(buf, range),
-            src,
-            tag: 0,
-            ignore: 0,
-            context,
-            flags: 0,
-        })
+        // What `post_recv` does for a plain receive (no flags, no tag) into a shared buffer,
+        // with the same checks in the same order, without the choices that cannot apply.
+        let b = self.active()?;
+        let domain = &self.domain;
+        let Some(rx_cq) = b.rx.as_ref() else {
+            return Err(Error::NoCq);
+        };
+        let (flags, peer) = if src != FI_ADDR_UNSPEC {
+            (pflags::DIRECTED, Self::resolve(b, src)?)
+        } else {
+            (0, FabricAddr::default())
+        };
+        self.check_request(Opcode::Recv, flags)?;
+        check_range(buf, &range)?;
+        if !Arc::ptr_eq(buf.memory(), &domain.mem) {
+            return Err(Error::InvalidArgument(
+                "shared buffer of another domain".into(),
+            ));
+        }
+        let rx_len = range.len();
+        if rx_len > u32::MAX as usize {
+            return Err(Error::InvalidArgument("receive buffer over 4 GiB".into()));
+        }
+        let desc = [(buf.device_addr() + range.start as u64, rx_len as u32)];
+        let rx = if rx_len == 0 {
+            RxData::None
+        } else {
+            RxData::Descs(&desc)
+        };
+        let report_success = !rx_cq.1;
+        let urgent =
+            domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX) && self.ep_type == EpType::Dgram;
+        let mut keepalive = Keepalive::default();
+        keepalive.push(buf.keepalive());
+        let ep = &self.shared;
+        domain.queues[self.rx_queue]
+            .post(
+                || msg_header(Opcode::Recv, ep.id, flags, peer, 0, 0, 0),
+                TxData::None,
+                rx,
+                false,
+                urgent,
+                #[inline(always)]
+                || {
+                    PendingOp::Data(DataOp {
+                        ep: ep.clone(),
+                        context,
+                        fi_flags: fi::RECV | fi::MSG,
+                        rx_len,
+                        copy_out: CopyOut::None,
+                        bounce: None,
+                        _keepalive: keepalive,
+                        hmem: None,
+                        is_recv: true,
+                        peek: false,
+                        record_claim: false,
+                        report_success,
+                        report_errors: true,
+                        // What `DataOp::with_plain` finds for it.
+                        plain: true,
+                    })
+                },
+            )
+            .map(|_| ())
     }
 
     /// `fi_recv` into caller memory: zero-copy if inside the shared region, otherwise bounced
