@@ -192,7 +192,9 @@ impl Side {
         self.ep.name()
     }
 
-    /// Wait for one completion on `cq`; returns its length (bytes received or sent).
+    /// Wait for one completion on `cq`; returns its length (bytes received or sent). Inline:
+    /// in the ping-pong it is the whole wait.
+    #[inline(always)]
     fn wait(&self, cq: &CompletionQueue, what: &str) -> Result<usize, CliError> {
         let mut one = [CqEntry::default()];
         self.read_some(cq, &mut one, what)?;
@@ -292,6 +294,7 @@ impl Side {
     }
 
     /// Post with retry while the ring is full (driving progress meanwhile).
+    #[inline(never)]
     pub(crate) fn retry<F: FnMut() -> vfabric::Result<()>>(
         &self,
         mut post: F,
@@ -314,12 +317,25 @@ impl Side {
         }
     }
 
+    /// Post a receive of `size` bytes into `rbuf`. Inline, with the retry out of line: in the
+    /// ping-pong this is the whole post.
+    #[inline(always)]
     pub(crate) fn post_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
-        self.retry(|| self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx))
+        let post = || self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx);
+        match post() {
+            Err(vfabric::Error::Again) => self.retry(post),
+            r => r.map_err(CliError::from),
+        }
     }
 
+    /// Post a send of `size` bytes from `sbuf` (inline, as [`Side::post_recv`]).
+    #[inline(always)]
     pub(crate) fn post_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
-        self.retry(|| self.ep.send_buf(&self.sbuf, 0..size, dest, ctx))
+        let post = || self.ep.send_buf(&self.sbuf, 0..size, dest, ctx);
+        match post() {
+            Err(vfabric::Error::Again) => self.retry(post),
+            r => r.map_err(CliError::from),
+        }
     }
 
     fn fill(&mut self, size: usize, seed: u64) {

@@ -384,27 +384,29 @@ impl CompletionQueue {
         let mut events = self.shared.events.lock();
         let mut n = 0;
         while n < max {
-            match events.front() {
-                Some(CqEvent::Entry(_)) => {
-                    if let Some(CqEvent::Entry(e)) = events.pop_front() {
-                        put(e);
-                        n += 1;
-                    }
+            // Popped and matched once: the entry moves straight to `put`.
+            match events.pop_front() {
+                Some(CqEvent::Entry(e)) => {
+                    put(e);
+                    n += 1;
                 }
-                Some(CqEvent::Staged(_)) => {
-                    let Some(CqEvent::Staged(st)) = events.pop_front() else {
-                        unreachable!()
-                    };
+                Some(CqEvent::Staged(st)) => {
                     self.shared.queued.store(events.len(), Ordering::SeqCst);
                     // The application's copy functions run outside the CQ lock (they may be
                     // slow, or call into this driver).
                     drop(events);
                     return self.deliver_staged(*st, n, put);
                 }
-                Some(CqEvent::Error(_) | CqEvent::StagedError(_)) if n == 0 => {
-                    return Err(Empty::Avail)
+                Some(error) => {
+                    // Error entries stay at the head for `readerr` (the deque keeps the room
+                    // the pop freed: no allocation).
+                    events.push_front(error);
+                    if n == 0 {
+                        return Err(Empty::Avail);
+                    }
+                    break;
                 }
-                _ => break,
+                None => break,
             }
         }
         self.shared.queued.store(events.len(), Ordering::SeqCst);

@@ -129,6 +129,8 @@ struct ChainInfo {
     state: ChainState,
     /// Descriptors in the chain.
     len: u16,
+    /// Its last descriptor: `release` links it to the free list without walking the chain.
+    tail: u16,
     /// Writable bytes of the chain.
     writable: u64,
 }
@@ -190,6 +192,7 @@ impl SplitRing {
                 ChainInfo {
                     state: ChainState::Idle,
                     len: 0,
+                    tail: 0,
                     writable: 0,
                 };
                 n
@@ -315,7 +318,7 @@ impl SplitRing {
         for (i, b) in bufs.iter().enumerate() {
             self.put(&mut w, b.addr, b.len, b.writable, i + 1 == bufs.len());
         }
-        self.publish(head, bufs.len(), w.writable);
+        self.publish(head, w.idx, bufs.len(), w.writable);
         Ok(head)
     }
 
@@ -346,7 +349,7 @@ impl SplitRing {
             self.put(&mut w, addr, len, true, false);
         }
         self.put(&mut w, tail.0, tail.1, true, true);
-        self.publish(head, n, w.writable);
+        self.publish(head, w.idx, n, w.writable);
     }
 
     /// Write one descriptor of a chain at `w.idx` and move `w` along the free list.
@@ -377,14 +380,16 @@ impl SplitRing {
         }
     }
 
-    /// Record a written chain of `n` descriptors and make it visible to the device.
+    /// Record a written chain of `n` descriptors from `head` to `tail` and make it visible to
+    /// the device.
     #[inline(always)]
-    fn publish(&mut self, head: u16, n: usize, writable: u64) {
+    fn publish(&mut self, head: u16, tail: u16, n: usize, writable: u64) {
         self.num_free -= n as u16;
         self.chains_in_flight += 1;
         self.chains[head as usize] = ChainInfo {
             state: ChainState::InFlight,
             len: n as u16,
+            tail,
             writable,
         };
 
@@ -523,16 +528,13 @@ impl SplitRing {
             debug_assert!(false, "release of head {head} in state {:?}", chain.state);
             return;
         }
-        let n = chain.len;
+        let (n, tail) = (chain.len, chain.tail);
         *chain = ChainInfo {
             state: ChainState::Idle,
             len: 0,
+            tail: 0,
             writable: 0,
         };
-        let mut tail = head;
-        for _ in 1..n {
-            tail = self.links[tail as usize];
-        }
         self.links[tail as usize] = self.free_head;
         self.free_head = head;
         self.num_free += n;
