@@ -1022,6 +1022,108 @@ fn selective_completion_and_errors_without_av() {
     assert!(av.lookup(1).is_err());
 }
 
+/// `send_buf` and `recv_buf(_from)` post through a path of their own (the ping-pong's) that
+/// keeps every rule of the general one: under FI_SELECTIVE_COMPLETION neither reports success
+/// (their counters move); a directed receive reports its source; a zero-length receive takes a
+/// zero-length message; a send from a buffer of another domain is copied; bad ranges, a
+/// receive buffer of another domain and posts before enable or without a receive CQ are
+/// refused.
+#[test]
+fn shared_buffer_posts_keep_the_general_rules() {
+    let r = rig(2);
+    let a = node(&r.paths[0]);
+    let db = Domain::open(&r.paths[1], small_attr()).unwrap();
+    let cq = db.cq_open(CqAttr::default()).unwrap();
+    let (rx_cntr, tx_cntr) = (db.cntr_open().unwrap(), db.cntr_open().unwrap());
+    let ep = db.endpoint(EpAttr::default()).unwrap();
+    let b_av = db.av_open().unwrap();
+    ep.bind_cq(
+        &cq,
+        BindFlags {
+            transmit: true,
+            recv: true,
+            selective_completion: true,
+        },
+    )
+    .unwrap();
+    ep.bind_cntr(&rx_cntr, fi::RECV).unwrap();
+    ep.bind_cntr(&tx_cntr, fi::SEND).unwrap();
+    ep.bind_av(&b_av).unwrap();
+    let mut abuf = a.domain.alloc_buffer(512).unwrap();
+    let mut bbuf = db.alloc_buffer(512).unwrap();
+    assert!(matches!(
+        ep.send_buf(&bbuf, 0..1, 0, 1),
+        Err(Error::BadState(_))
+    ));
+    ep.enable().unwrap();
+    let to_b = a.av.insert(ep.name()).unwrap();
+    let to_a = b_av.insert(a.ep.name()).unwrap();
+    // SAFETY: no operation on either buffer is in flight.
+    unsafe {
+        abuf.as_mut_slice()[..5].copy_from_slice(b"hello");
+        bbuf.as_mut_slice()[128..133].copy_from_slice(b"world");
+    }
+
+    // Selective completion: B's receive and send move their counters and report nothing.
+    ep.recv_buf_from(&bbuf, 0..64, to_a, 1).unwrap();
+    a.ep.send_buf(&abuf, 0..5, to_b, 2).unwrap();
+    let e = next_ok(&a.tx);
+    assert_eq!((e.context, e.len, e.flags), (2, 5, fi::SEND | fi::MSG));
+    rx_cntr.wait(1, Some(TIMEOUT)).unwrap();
+    // SAFETY: the receive completed.
+    assert_eq!(&unsafe { bbuf.as_slice() }[..5], b"hello");
+    // A directed receive reports where the message came from.
+    a.ep.recv_buf_from(&abuf, 64..128, to_b, 3).unwrap();
+    ep.send_buf(&bbuf, 128..133, to_a, 4).unwrap();
+    let e = next_ok(&a.rx);
+    assert_eq!(
+        (e.context, e.len, e.flags, e.src_addr),
+        (3, 5, fi::RECV | fi::MSG, to_b)
+    );
+    // SAFETY: the receive completed.
+    assert_eq!(&unsafe { abuf.as_slice() }[64..69], b"world");
+    tx_cntr.wait(1, Some(TIMEOUT)).unwrap();
+    assert_quiet(&cq, Duration::from_millis(30));
+
+    // A zero-length receive, and a send (longer than the inline limit) from a buffer of the
+    // other domain, which is copied.
+    a.ep.recv_buf(&abuf, 0..0, 5).unwrap();
+    ep.send_buf(&bbuf, 0..0, to_a, 6).unwrap();
+    assert_eq!(next_ok(&a.rx).context, 5);
+    let foreign = a.domain.alloc_buffer(300).unwrap();
+    a.ep.recv_buf(&abuf, 0..512, 7).unwrap();
+    ep.send_buf(&foreign, 0..300, to_a, 8).unwrap();
+    let e = next_ok(&a.rx);
+    assert_eq!((e.context, e.len), (7, 300));
+    tx_cntr.wait(3, Some(TIMEOUT)).unwrap();
+
+    // Refused.
+    assert!(matches!(
+        a.ep.send_buf(&abuf, 500..513, to_b, 9),
+        Err(Error::InvalidArgument(_))
+    ));
+    #[allow(clippy::reversed_empty_ranges)]
+    let backwards = 10..5;
+    assert!(matches!(
+        a.ep.recv_buf(&abuf, backwards, 10),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        a.ep.recv_buf(&bbuf, 0..8, 11),
+        Err(Error::InvalidArgument(_))
+    ));
+    let tx_only = a.domain.endpoint(EpAttr::default()).unwrap();
+    tx_only.bind_cq(&a.tx, BindFlags::TRANSMIT).unwrap();
+    tx_only.bind_av(&a.av).unwrap();
+    tx_only.enable().unwrap();
+    assert!(matches!(
+        tx_only.recv_buf(&abuf, 0..8, 12),
+        Err(Error::NoCq)
+    ));
+    assert_quiet(&a.rx, Duration::from_millis(10));
+    assert_quiet(&cq, Duration::from_millis(10));
+}
+
 #[test]
 fn concurrent_threads_share_a_domain() {
     let r = rig(2);
