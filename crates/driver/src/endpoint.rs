@@ -613,13 +613,12 @@ impl Endpoint {
         }
         self.check_request(Opcode::Send, 0)?;
         let desc;
-        let mut keepalive = Keepalive::default();
-        let tx = if len <= INLINE_TX_MAX {
+        let inline = len <= INLINE_TX_MAX;
+        let tx = if inline {
             // SAFETY: as for `SendSrc::Shared` in `post_send_host`.
             TxData::Inline(Payload::Bytes(unsafe { &buf.as_slice()[range] }))
         } else {
             desc = [(buf.device_addr() + range.start as u64, len as u32)];
-            keepalive.push(buf.keepalive());
             TxData::Descs(&desc)
         };
         let ep = &self.shared;
@@ -639,7 +638,13 @@ impl Endpoint {
                         rx_len: 0,
                         copy_out: CopyOut::None,
                         bounce: None,
-                        _keepalive: keepalive,
+                        // Built in the record: the bytes of an inline send are copied, a
+                        // buffer the device reads in place must outlive the request.
+                        _keepalive: if inline {
+                            Keepalive::default()
+                        } else {
+                            Keepalive::one(buf.keepalive())
+                        },
                         hmem: None,
                         is_recv: false,
                         peek: false,
@@ -1107,8 +1112,6 @@ impl Endpoint {
         let report_success = !rx_cq.1;
         let urgent =
             domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX) && self.ep_type == EpType::Dgram;
-        let mut keepalive = Keepalive::default();
-        keepalive.push(buf.keepalive());
         let ep = &self.shared;
         domain.queues[self.rx_queue]
             .post(
@@ -1126,7 +1129,8 @@ impl Endpoint {
                         rx_len,
                         copy_out: CopyOut::None,
                         bounce: None,
-                        _keepalive: keepalive,
+                        // Built in the record (no move of it through the post).
+                        _keepalive: Keepalive::one(buf.keepalive()),
                         hmem: None,
                         is_recv: true,
                         peek: false,

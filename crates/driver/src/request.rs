@@ -141,6 +141,15 @@ pub(crate) struct Keepalive {
 }
 
 impl Keepalive {
+    /// One buffer kept alive.
+    #[inline(always)]
+    pub fn one(a: Arc<Allocation>) -> Self {
+        Self {
+            first: Some(a),
+            rest: Vec::new(),
+        }
+    }
+
     #[inline(always)]
     pub fn push(&mut self, a: Arc<Allocation>) {
         if self.first.is_none() {
