@@ -294,7 +294,6 @@ impl Side {
     }
 
     /// Post with retry while the ring is full (driving progress meanwhile).
-    #[inline(never)]
     pub(crate) fn retry<F: FnMut() -> vfabric::Result<()>>(
         &self,
         mut post: F,
@@ -317,13 +316,21 @@ impl Side {
         }
     }
 
+    /// [`Side::retry`] for a post that found the ring full: out of line, so the posts below
+    /// stay small.
+    #[cold]
+    #[inline(never)]
+    fn retry_full<F: FnMut() -> vfabric::Result<()>>(&self, post: F) -> Result<(), CliError> {
+        self.retry(post)
+    }
+
     /// Post a receive of `size` bytes into `rbuf`. Inline, with the retry out of line: in the
     /// ping-pong this is the whole post.
     #[inline(always)]
     pub(crate) fn post_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
         let post = || self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx);
         match post() {
-            Err(vfabric::Error::Again) => self.retry(post),
+            Err(vfabric::Error::Again) => self.retry_full(post),
             r => r.map_err(CliError::from),
         }
     }
@@ -333,7 +340,7 @@ impl Side {
     pub(crate) fn post_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
         let post = || self.ep.send_buf(&self.sbuf, 0..size, dest, ctx);
         match post() {
-            Err(vfabric::Error::Again) => self.retry(post),
+            Err(vfabric::Error::Again) => self.retry_full(post),
             r => r.map_err(CliError::from),
         }
     }
