@@ -507,8 +507,10 @@ fn pingpong_client(
         let t = Instant::now();
         side.post_recv(size, CTX_PP_RECV)?;
         side.post_send(size, peer, CTX_PP_SEND)?;
-        wait(&side.tx_cq, mode, "pingpong send", deadline, sh)?;
+        // The reply first, then the send's completion (written before the reply could be):
+        // one sleep per round trip, as in `bench::pingpong_size`.
         wait(&side.rx_cq, mode, "pingpong recv", deadline, sh)?;
+        wait(&side.tx_cq, mode, "pingpong send", deadline, sh)?;
         if i >= warmup {
             one_way.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
             if one_way.len().is_multiple_of(PP_PROGRESS_EVERY) {
@@ -531,10 +533,16 @@ fn pingpong_server(
     side.post_recv(size, CTX_PP_RECV)?;
     for i in 0..rounds {
         wait(&side.rx_cq, mode, "pingpong recv", deadline, sh)?;
+        // The previous reply's completion, written before this message could arrive.
+        if i > 0 {
+            wait(&side.tx_cq, mode, "pingpong send", deadline, sh)?;
+        }
         if i + 1 < rounds {
             side.post_recv(size, CTX_PP_RECV)?;
         }
         side.post_send(size, peer, CTX_PP_SEND)?;
+    }
+    if rounds > 0 {
         wait(&side.tx_cq, mode, "pingpong send", deadline, sh)?;
     }
     Ok(())
