@@ -73,6 +73,12 @@ pub(crate) trait CompletionSink: Send + Sync {
     /// Put what is staged for virtqueue `queue` (by any thread) in its used ring with one index
     /// update, and signal the guest if it asked for it (EVENT_IDX).
     fn publish(&self, queue: u16);
+    /// [`CompletionSink::stage`] then [`CompletionSink::publish`], as one step (a sink may do
+    /// both under one lock).
+    fn stage_and_publish(&self, queue: u16, head: u16, len: u32) {
+        self.stage(queue, head, len);
+        self.publish(queue);
+    }
     /// Make the device look at its RX rings soon (from any thread, under a device's lock: it
     /// must not block): they may hold receives it has not taken (LAZY_RX).
     fn wake_rx(&self) {}
@@ -89,17 +95,28 @@ pub(crate) struct Port {
 
 /// A ring a batch completed chains of.
 struct RingBatch {
-    sink: Arc<dyn CompletionSink>,
+    /// The ring's sink, by address: identity only (no reference held for it).
+    sink: usize,
     queue: u16,
+    /// The sink, once the batch staged a second completion in this ring: its flush publishes
+    /// them.
+    staged: Option<Arc<dyn CompletionSink>>,
 }
 
-/// Completions of a batch on their way to their used rings. Each completion is staged in its
-/// ring at once (so completions of one ring are published in the order they happened, whichever
-/// thread made them: a receive completed by the sender's pass is never published after a later
-/// receive completed by the receiver's own pass); the ring gets what is staged with one index
-/// update and at most one notification when the batch is flushed (explicitly or on drop). A
-/// batch mostly touches one or two rings: they have fields of their own (no list to search,
-/// grow or drain), filled in that order and emptied together.
+/// The address identifying `sink` in a [`RingBatch`].
+fn sink_id(sink: &Arc<dyn CompletionSink>) -> usize {
+    Arc::as_ptr(sink) as *const () as usize
+}
+
+/// Completions of a batch on their way to their used rings, in the order they happened
+/// whichever thread made them (a receive completed by the sender's pass is never published
+/// after a later receive completed by the receiver's own pass). A ring's first completion of
+/// the batch is published at once (staged and published under one lock of the ring: most
+/// batches complete one chain per ring, a ping-pong's always); the ones after it are staged in
+/// the ring at once and get one index update and at most one more notification when the batch
+/// is flushed (explicitly or on drop). A batch mostly touches one or two rings: they have
+/// fields of their own (no list to search, grow or drain), filled in that order and emptied
+/// together.
 #[derive(Default)]
 pub(crate) struct Notify {
     first: Option<RingBatch>,
@@ -112,43 +129,59 @@ impl Notify {
     /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
     #[inline]
     pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
-        sink.stage(queue, head, len);
-        let same = |b: &RingBatch| {
-            b.queue == queue
-                && std::ptr::eq(
-                    Arc::as_ptr(&b.sink) as *const (),
-                    Arc::as_ptr(sink) as *const (),
-                )
+        let id = sink_id(sink);
+        let same = |b: &&mut RingBatch| b.sink == id && b.queue == queue;
+        let seen = match self.first.as_mut().filter(same) {
+            Some(b) => Some(b),
+            None => match self.second.as_mut().filter(same) {
+                Some(b) => Some(b),
+                None => self.more.iter_mut().find(|b| same(b)),
+            },
         };
-        if self.first.as_ref().is_some_and(same) || self.second.as_ref().is_some_and(same) {
+        if let Some(b) = seen {
+            sink.stage(queue, head, len);
+            if b.staged.is_none() {
+                b.staged = Some(sink.clone());
+            }
             return;
         }
+        sink.stage_and_publish(queue, head, len);
         let b = RingBatch {
-            sink: sink.clone(),
+            sink: id,
             queue,
+            staged: None,
         };
         if self.first.is_none() {
             self.first = Some(b);
         } else if self.second.is_none() {
             self.second = Some(b);
-        } else if !self.more.iter().any(same) {
+        } else {
             self.more.push(b);
         }
     }
 
-    /// Publish the completions, ring by ring.
+    /// Publish the completions staged since each ring's first, ring by ring.
     #[inline]
     pub fn flush(&mut self) {
         if let Some(b) = self.first.take() {
-            b.sink.publish(b.queue);
+            b.publish();
         }
         if let Some(b) = self.second.take() {
-            b.sink.publish(b.queue);
+            b.publish();
         }
         if !self.more.is_empty() {
             for b in self.more.drain(..) {
-                b.sink.publish(b.queue);
+                b.publish();
             }
+        }
+    }
+}
+
+impl RingBatch {
+    #[inline]
+    fn publish(self) {
+        if let Some(sink) = self.staged {
+            sink.publish(self.queue);
         }
     }
 }
@@ -691,6 +724,23 @@ impl Fabric {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     fn finish_in(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: &GuestMemoryMmap,
+        r: &Req,
+        c: &Completion,
+        written: u64,
+        n: &mut Notify,
+    ) {
+        self.write_completion(dev, port, mem, r, c, written, n);
+    }
+
+    /// [`Fabric::finish_in`] inlined, for the eager send's placement (`matching::place`), which
+    /// completes two requests in a row.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn write_completion(
         &self,
         dev: usize,
         port: &Port,
