@@ -93,19 +93,21 @@ pub(crate) struct Port {
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
 }
 
-/// A ring a batch completed chains of.
-struct RingBatch {
-    /// The ring's sink, by address: identity only (no reference held for it).
+/// A ring a batch completed chains of: its sink, by address (identity only, no reference
+/// held), and its queue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct RingId {
     sink: usize,
     queue: u16,
-    /// The sink, once the batch staged a second completion in this ring: its flush publishes
-    /// them.
-    staged: Option<Arc<dyn CompletionSink>>,
 }
 
-/// The address identifying `sink` in a [`RingBatch`].
-fn sink_id(sink: &Arc<dyn CompletionSink>) -> usize {
-    Arc::as_ptr(sink) as *const () as usize
+impl RingId {
+    fn of(sink: &Arc<dyn CompletionSink>, queue: u16) -> Self {
+        Self {
+            sink: Arc::as_ptr(sink) as *const () as usize,
+            queue,
+        }
+    }
 }
 
 /// Completions of a batch on their way to their used rings, in the order they happened
@@ -119,69 +121,60 @@ fn sink_id(sink: &Arc<dyn CompletionSink>) -> usize {
 /// together.
 #[derive(Default)]
 pub(crate) struct Notify {
-    first: Option<RingBatch>,
-    second: Option<RingBatch>,
+    first: Option<RingId>,
+    second: Option<RingId>,
     /// Rings after the first two, in the order they were first completed.
-    more: Vec<RingBatch>,
+    more: Vec<RingId>,
+    /// Rings with completions staged after their first, for the flush to publish.
+    staged: Vec<(Arc<dyn CompletionSink>, u16)>,
 }
 
 impl Notify {
     /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
-    #[inline]
+    #[inline(always)]
     pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
-        let id = sink_id(sink);
-        let same = |b: &&mut RingBatch| b.sink == id && b.queue == queue;
-        let seen = match self.first.as_mut().filter(same) {
-            Some(b) => Some(b),
-            None => match self.second.as_mut().filter(same) {
-                Some(b) => Some(b),
-                None => self.more.iter_mut().find(|b| same(b)),
-            },
+        let ring = RingId::of(sink, queue);
+        // A batch's first ring, and its second (a message's two completions): inline.
+        let free = match (self.first, self.second) {
+            (None, _) => &mut self.first,
+            (Some(f), None) if f != ring => &mut self.second,
+            _ => return self.complete_more(sink, ring, head, len),
         };
-        if let Some(b) = seen {
-            sink.stage(queue, head, len);
-            if b.staged.is_none() {
-                b.staged = Some(sink.clone());
-            }
-            return;
-        }
         sink.stage_and_publish(queue, head, len);
-        let b = RingBatch {
-            sink: id,
-            queue,
-            staged: None,
-        };
-        if self.first.is_none() {
-            self.first = Some(b);
-        } else if self.second.is_none() {
-            self.second = Some(b);
-        } else {
-            self.more.push(b);
+        *free = Some(ring);
+    }
+
+    /// [`Notify::complete`] with both ring fields filled.
+    #[inline(never)]
+    fn complete_more(&mut self, sink: &Arc<dyn CompletionSink>, ring: RingId, head: u16, len: u32) {
+        let seen =
+            self.first == Some(ring) || self.second == Some(ring) || self.more.contains(&ring);
+        if !seen {
+            sink.stage_and_publish(ring.queue, head, len);
+            return self.more.push(ring);
+        }
+        sink.stage(ring.queue, head, len);
+        if !self.staged.iter().any(|(s, q)| RingId::of(s, *q) == ring) {
+            self.staged.push((sink.clone(), ring.queue));
         }
     }
 
-    /// Publish the completions staged since each ring's first, ring by ring.
+    /// Publish the completions staged since each ring's first, ring by ring, and start a new
+    /// batch.
     #[inline]
     pub fn flush(&mut self) {
-        if let Some(b) = self.first.take() {
-            b.publish();
+        if !self.staged.is_empty() {
+            self.publish_staged();
         }
-        if let Some(b) = self.second.take() {
-            b.publish();
-        }
-        if !self.more.is_empty() {
-            for b in self.more.drain(..) {
-                b.publish();
-            }
-        }
+        self.first = None;
+        self.second = None;
+        self.more.clear();
     }
-}
 
-impl RingBatch {
-    #[inline]
-    fn publish(self) {
-        if let Some(sink) = self.staged {
-            sink.publish(self.queue);
+    #[inline(never)]
+    fn publish_staged(&mut self) {
+        for (sink, queue) in self.staged.drain(..) {
+            sink.publish(queue);
         }
     }
 }
@@ -189,9 +182,8 @@ impl RingBatch {
 impl Drop for Notify {
     #[inline]
     fn drop(&mut self) {
-        // Rings fill `first` before any other.
-        if self.first.is_some() {
-            self.flush();
+        if !self.staged.is_empty() {
+            self.publish_staged();
         }
     }
 }
@@ -388,6 +380,7 @@ pub(crate) const fn eager_cost(len: u64) -> u64 {
     len.saturating_add(EAGER_OVERHEAD)
 }
 
+#[inline]
 fn recv_matches(r: &Request, m: &Meta) -> bool {
     let tagged = r.opcode == Opcode::TRecv;
     tagged == m.tagged
@@ -424,6 +417,18 @@ fn recv_completion(r: &Request, m: &Meta, placed: u64) -> Completion {
     c.src = m.src.to_wire();
     c.olen = (m.len - placed).into();
     c
+}
+
+/// The used length of a chain whose completion was written (`wrote`) after `written` bytes of
+/// its data area: 0 (a broken chain) if the completion could not be.
+#[inline]
+fn completion_used(wrote: Result<(), crate::chain::MemFault>, written: u64) -> u32 {
+    match wrote {
+        Ok(()) => written
+            .saturating_add(COMPLETION_LEN as u64)
+            .min(u64::from(u32::MAX)) as u32,
+        Err(_) => 0,
+    }
 }
 
 #[inline]
@@ -750,23 +755,32 @@ impl Fabric {
         written: u64,
         n: &mut Notify,
     ) {
-        let counters = self.counters.get(dev);
-        let status = u32::from(c.status);
-        let used = {
-            match r.write_comp(mem, c.as_slice()) {
-                Ok(()) => written
-                    .saturating_add(COMPLETION_LEN as u64)
-                    .min(u64::from(u32::MAX)) as u32,
-                Err(_) => 0,
-            }
-        };
-        if let Some(cn) = counters {
+        let used = completion_used(r.write_comp(mem, c.as_slice()), written);
+        self.completed(dev, port, r.queue, r.head, u32::from(c.status), used, n);
+    }
+
+    /// Chain `head` of virtqueue `queue` of `dev` is done: its completion (raw status
+    /// `status`) written if `used` > 0 (see [`completion_used`]); counted and put in its used
+    /// ring.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn completed(
+        &self,
+        dev: usize,
+        port: &Port,
+        queue: u16,
+        head: u16,
+        status: u32,
+        used: u32,
+        n: &mut Notify,
+    ) {
+        if let Some(cn) = self.counters.get(dev) {
             cn.completion(status);
             if used == 0 || status == Status::BadChain as u32 {
                 Counters::inc(&cn.bad_chains);
             }
         }
-        n.complete(&port.sink, r.queue, r.head, used);
+        n.complete(&port.sink, queue, head, used);
     }
 
     #[inline]
