@@ -83,8 +83,9 @@ enum Front {
 /// The commonest send, under device `d`'s lock: a small payload already read (`buf`, of the
 /// message `meta`) and the oldest posted receive of endpoint `ep` matching it. The bytes and the
 /// receive's completion (64 + 64 at most: no long copy under the lock) are written straight
-/// into the receive where it waits (`rport`'s memory), and it is dropped from its queue in
-/// place: the request never moves out of the queue.
+/// into the receive where it waits (`rport`'s memory), through the host addresses its parse
+/// resolved, and then it leaves its queue; what is left (counters, the two rings) is done by
+/// [`Fabric::placed_front`] after the lock.
 #[inline(always)]
 fn place_front(d: &mut Dev, ep: usize, meta: &Meta, buf: &[u8], rport: &Port) -> Front {
     let Some(e) = d.ep_mut(ep) else {

@@ -20,15 +20,19 @@
 //! A thread holds **at most one device lock at a time** and never holds one while it copies
 //! bytes: a send reads its own endpoint's generation and kind without a lock
 //! ([`DevCell::ep_words`]), locks the destination device to match, takes the matched receive
-//! (or held send) out of the queue, releases the lock, and only then copies. Messages from one source endpoint stay in order because one
-//! device's requests are handled by one thread at a time (the backend's pass lock).
+//! (or held send) out of the queue, releases the lock, and only then copies. The one exception
+//! is bounded: an eager payload of at most 64 bytes, read before the lock, is written with its
+//! completion straight into the oldest receive if that one takes it (`matching::place_front`).
+//! Messages from one source endpoint stay in order because one device's requests are handled
+//! by one thread at a time (the backend's pass lock).
 //!
 //! While a copy runs without a lock, the guest memories stay mapped through the
 //! `GuestMemoryAtomic` snapshots it holds, a held send carries its sender's [`Port`] (so a
 //! disconnect or reconnect of the sender only sends the completion to the old, dead rings), and
 //! remote accesses hold their memory region ([`rma::Mr::enter`]) so deregistration waits for
-//! them. Completions gather in a [`Notify`] and are published ring by ring when it is flushed
-//! after a batch, each taking only the target ring's own lock. Lock order, never acquired in
+//! them. Completions are staged in their rings at once and published by a [`Notify`] (a
+//! ring's first of a batch at once, the rest when it is flushed), each taking only the target
+//! ring's own lock. Lock order, never acquired in
 //! the other direction:
 //!
 //! 1. the per-device pass lock (`FabricBackend::work`),
