@@ -220,7 +220,7 @@ impl VringSink {
     fn signal(&self, q: usize) {
         if let Some(vr) = self.rings_list().get(q) {
             if let Err(e) = signal_call(vr) {
-                debug!(q, "cannot signal the guest: {e}");
+                signal_failed(q, &e);
             }
         }
     }
@@ -252,12 +252,25 @@ impl VringSink {
     }
 }
 
+impl VringSink {
+    /// After ring `q`'s staged completions were published (`notify`: whether to signal the
+    /// guest), or could not be for want of a view of memory-table `generation` (`None`).
+    #[inline]
+    fn published(&self, q: usize, notify: Option<bool>, generation: u64) {
+        match notify {
+            Some(false) => {}
+            Some(true) => self.signal(q),
+            None => self.publish_rebuilt(q, generation),
+        }
+    }
+}
+
 impl CompletionSink for VringSink {
     #[inline]
     fn stage(&self, queue: u16, head: u16, len: u32) {
         match self.rings.get(usize::from(queue)) {
             Some(ring) => lock(&ring.state).stage(head, len),
-            None => warn!(queue, "a completion for an unknown queue dropped"),
+            None => unknown_queue(queue),
         }
     }
 
@@ -270,12 +283,24 @@ impl CompletionSink for VringSink {
         let generation = self.mem_generation.load(Ordering::Acquire);
         // The fast path takes only the ring's state lock (released before signalling).
         let notify = lock(&ring.state).publish_staged(generation);
-        match notify {
-            Some(false) => {}
-            Some(true) => self.signal(q),
-            None => self.publish_rebuilt(q, generation),
-        }
+        self.published(q, notify, generation);
     }
+
+    #[inline]
+    fn stage_and_publish(&self, queue: u16, head: u16, len: u32) {
+        let q = usize::from(queue);
+        let Some(ring) = self.rings.get(q) else {
+            return unknown_queue(queue);
+        };
+        let generation = self.mem_generation.load(Ordering::Acquire);
+        let notify = {
+            let mut st = lock(&ring.state);
+            st.stage(head, len);
+            st.publish_staged(generation)
+        };
+        self.published(q, notify, generation);
+    }
+
     fn wake_rx(&self) {
         // A full counter (EAGAIN) is a wake-up already pending.
         if let Err(e) = self.wake.notify() {
@@ -284,6 +309,21 @@ impl CompletionSink for VringSink {
             }
         }
     }
+}
+
+/// Out of the inlined [`VringSink::signal`], for the same reason as [`unknown_queue`].
+#[cold]
+#[inline(never)]
+fn signal_failed(q: usize, e: &io::Error) {
+    debug!(q, "cannot signal the guest: {e}");
+}
+
+/// A completion for a queue the device does not have: out of the inlined [`VringSink::stage`]
+/// (whose frame it would otherwise widen).
+#[cold]
+#[inline(never)]
+fn unknown_queue(queue: u16) {
+    warn!(queue, "a completion for an unknown queue dropped");
 }
 
 /// `signal_used_queue` with the `write` system call made directly: the libc wrapper's

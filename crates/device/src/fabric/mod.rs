@@ -20,15 +20,19 @@
 //! A thread holds **at most one device lock at a time** and never holds one while it copies
 //! bytes: a send reads its own endpoint's generation and kind without a lock
 //! ([`DevCell::ep_words`]), locks the destination device to match, takes the matched receive
-//! (or held send) out of the queue, releases the lock, and only then copies. Messages from one source endpoint stay in order because one
-//! device's requests are handled by one thread at a time (the backend's pass lock).
+//! (or held send) out of the queue, releases the lock, and only then copies. The one exception
+//! is bounded: an eager payload of at most 64 bytes, read before the lock, is written with its
+//! completion straight into the oldest receive if that one takes it (`matching::place_front`).
+//! Messages from one source endpoint stay in order because one device's requests are handled
+//! by one thread at a time (the backend's pass lock).
 //!
 //! While a copy runs without a lock, the guest memories stay mapped through the
 //! `GuestMemoryAtomic` snapshots it holds, a held send carries its sender's [`Port`] (so a
 //! disconnect or reconnect of the sender only sends the completion to the old, dead rings), and
 //! remote accesses hold their memory region ([`rma::Mr::enter`]) so deregistration waits for
-//! them. Completions gather in a [`Notify`] and are published ring by ring when it is flushed
-//! after a batch, each taking only the target ring's own lock. Lock order, never acquired in
+//! them. Completions are staged in their rings at once and published by a [`Notify`] (a
+//! ring's first of a batch at once, the rest when it is flushed), each taking only the target
+//! ring's own lock. Lock order, never acquired in
 //! the other direction:
 //!
 //! 1. the per-device pass lock (`FabricBackend::work`),
@@ -73,6 +77,12 @@ pub(crate) trait CompletionSink: Send + Sync {
     /// Put what is staged for virtqueue `queue` (by any thread) in its used ring with one index
     /// update, and signal the guest if it asked for it (EVENT_IDX).
     fn publish(&self, queue: u16);
+    /// [`CompletionSink::stage`] then [`CompletionSink::publish`], as one step (a sink may do
+    /// both under one lock).
+    fn stage_and_publish(&self, queue: u16, head: u16, len: u32) {
+        self.stage(queue, head, len);
+        self.publish(queue);
+    }
     /// Make the device look at its RX rings soon (from any thread, under a device's lock: it
     /// must not block): they may hold receives it has not taken (LAZY_RX).
     fn wake_rx(&self) {}
@@ -87,68 +97,88 @@ pub(crate) struct Port {
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
 }
 
-/// A ring a batch completed chains of.
-struct RingBatch {
-    sink: Arc<dyn CompletionSink>,
+/// A ring a batch completed chains of: its sink, by address (identity only, no reference
+/// held), and its queue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct RingId {
+    sink: usize,
     queue: u16,
 }
 
-/// Completions of a batch on their way to their used rings. Each completion is staged in its
-/// ring at once (so completions of one ring are published in the order they happened, whichever
-/// thread made them: a receive completed by the sender's pass is never published after a later
-/// receive completed by the receiver's own pass); the ring gets what is staged with one index
-/// update and at most one notification when the batch is flushed (explicitly or on drop). A
-/// batch mostly touches one or two rings: they have fields of their own (no list to search,
-/// grow or drain), filled in that order and emptied together.
+impl RingId {
+    fn of(sink: &Arc<dyn CompletionSink>, queue: u16) -> Self {
+        Self {
+            sink: Arc::as_ptr(sink) as *const () as usize,
+            queue,
+        }
+    }
+}
+
+/// Completions of a batch on their way to their used rings, in the order they happened
+/// whichever thread made them (a receive completed by the sender's pass is never published
+/// after a later receive completed by the receiver's own pass). A ring's first completion of
+/// the batch is published at once (staged and published under one lock of the ring: most
+/// batches complete one chain per ring, a ping-pong's always); the ones after it are staged in
+/// the ring at once and get one index update and at most one more notification when the batch
+/// is flushed (explicitly or on drop). A batch mostly touches one or two rings: they have
+/// fields of their own (no list to search, grow or drain), filled in that order and emptied
+/// together.
 #[derive(Default)]
 pub(crate) struct Notify {
-    first: Option<RingBatch>,
-    second: Option<RingBatch>,
+    first: Option<RingId>,
+    second: Option<RingId>,
     /// Rings after the first two, in the order they were first completed.
-    more: Vec<RingBatch>,
+    more: Vec<RingId>,
+    /// Rings with completions staged after their first, for the flush to publish.
+    staged: Vec<(Arc<dyn CompletionSink>, u16)>,
 }
 
 impl Notify {
     /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
-    #[inline]
+    #[inline(always)]
     pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
-        sink.stage(queue, head, len);
-        let same = |b: &RingBatch| {
-            b.queue == queue
-                && std::ptr::eq(
-                    Arc::as_ptr(&b.sink) as *const (),
-                    Arc::as_ptr(sink) as *const (),
-                )
+        let ring = RingId::of(sink, queue);
+        // A batch's first ring, and its second (a message's two completions): inline.
+        let free = match (self.first, self.second) {
+            (None, _) => &mut self.first,
+            (Some(f), None) if f != ring => &mut self.second,
+            _ => return self.complete_more(sink, ring, head, len),
         };
-        if self.first.as_ref().is_some_and(same) || self.second.as_ref().is_some_and(same) {
-            return;
+        sink.stage_and_publish(queue, head, len);
+        *free = Some(ring);
+    }
+
+    /// [`Notify::complete`] with both ring fields filled.
+    #[inline(never)]
+    fn complete_more(&mut self, sink: &Arc<dyn CompletionSink>, ring: RingId, head: u16, len: u32) {
+        let seen =
+            self.first == Some(ring) || self.second == Some(ring) || self.more.contains(&ring);
+        if !seen {
+            sink.stage_and_publish(ring.queue, head, len);
+            return self.more.push(ring);
         }
-        let b = RingBatch {
-            sink: sink.clone(),
-            queue,
-        };
-        if self.first.is_none() {
-            self.first = Some(b);
-        } else if self.second.is_none() {
-            self.second = Some(b);
-        } else if !self.more.iter().any(same) {
-            self.more.push(b);
+        sink.stage(ring.queue, head, len);
+        if !self.staged.iter().any(|(s, q)| RingId::of(s, *q) == ring) {
+            self.staged.push((sink.clone(), ring.queue));
         }
     }
 
-    /// Publish the completions, ring by ring.
+    /// Publish the completions staged since each ring's first, ring by ring, and start a new
+    /// batch.
     #[inline]
     pub fn flush(&mut self) {
-        if let Some(b) = self.first.take() {
-            b.sink.publish(b.queue);
+        if !self.staged.is_empty() {
+            self.publish_staged();
         }
-        if let Some(b) = self.second.take() {
-            b.sink.publish(b.queue);
-        }
-        if !self.more.is_empty() {
-            for b in self.more.drain(..) {
-                b.sink.publish(b.queue);
-            }
+        self.first = None;
+        self.second = None;
+        self.more.clear();
+    }
+
+    #[inline(never)]
+    fn publish_staged(&mut self) {
+        for (sink, queue) in self.staged.drain(..) {
+            sink.publish(queue);
         }
     }
 }
@@ -156,9 +186,8 @@ impl Notify {
 impl Drop for Notify {
     #[inline]
     fn drop(&mut self) {
-        // Rings fill `first` before any other.
-        if self.first.is_some() {
-            self.flush();
+        if !self.staged.is_empty() {
+            self.publish_staged();
         }
     }
 }
@@ -355,6 +384,7 @@ pub(crate) const fn eager_cost(len: u64) -> u64 {
     len.saturating_add(EAGER_OVERHEAD)
 }
 
+#[inline]
 fn recv_matches(r: &Request, m: &Meta) -> bool {
     let tagged = r.opcode == Opcode::TRecv;
     tagged == m.tagged
@@ -391,6 +421,18 @@ fn recv_completion(r: &Request, m: &Meta, placed: u64) -> Completion {
     c.src = m.src.to_wire();
     c.olen = (m.len - placed).into();
     c
+}
+
+/// The used length of a chain whose completion was written (`wrote`) after `written` bytes of
+/// its data area: 0 (a broken chain) if the completion could not be.
+#[inline]
+fn completion_used(wrote: Result<(), crate::chain::MemFault>, written: u64) -> u32 {
+    match wrote {
+        Ok(()) => written
+            .saturating_add(COMPLETION_LEN as u64)
+            .min(u64::from(u32::MAX)) as u32,
+        Err(_) => 0,
+    }
 }
 
 #[inline]
@@ -700,23 +742,49 @@ impl Fabric {
         written: u64,
         n: &mut Notify,
     ) {
-        let counters = self.counters.get(dev);
-        let status = u32::from(c.status);
-        let used = {
-            match r.write_comp(mem, c.as_slice()) {
-                Ok(()) => written
-                    .saturating_add(COMPLETION_LEN as u64)
-                    .min(u64::from(u32::MAX)) as u32,
-                Err(_) => 0,
-            }
-        };
-        if let Some(cn) = counters {
+        self.write_completion(dev, port, mem, r, c, written, n);
+    }
+
+    /// [`Fabric::finish_in`] inlined, for the eager send's placement (`matching::place`), which
+    /// completes two requests in a row.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn write_completion(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: &GuestMemoryMmap,
+        r: &Req,
+        c: &Completion,
+        written: u64,
+        n: &mut Notify,
+    ) {
+        let used = completion_used(r.write_comp(mem, c.as_slice()), written);
+        self.completed(dev, port, r.queue, r.head, u32::from(c.status), used, n);
+    }
+
+    /// Chain `head` of virtqueue `queue` of `dev` is done: its completion (raw status
+    /// `status`) written if `used` > 0 (see [`completion_used`]); counted and put in its used
+    /// ring.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn completed(
+        &self,
+        dev: usize,
+        port: &Port,
+        queue: u16,
+        head: u16,
+        status: u32,
+        used: u32,
+        n: &mut Notify,
+    ) {
+        if let Some(cn) = self.counters.get(dev) {
             cn.completion(status);
             if used == 0 || status == Status::BadChain as u32 {
                 Counters::inc(&cn.bad_chains);
             }
         }
-        n.complete(&port.sink, r.queue, r.head, used);
+        n.complete(&port.sink, queue, head, used);
     }
 
     #[inline]

@@ -867,30 +867,39 @@ fn services_of_a_peer_host_go_to_the_uplink() {
     assert_eq!(FabricAddr::from_wire(&w.comp(&h).src), found);
 }
 
+/// A ring's first completion of a batch is published at once (staged and published in one
+/// step); the ones after it are staged and published together by the flush.
 #[test]
-fn a_batch_publishes_each_ring_once_in_completion_order() {
+fn a_batch_publishes_a_rings_first_completion_at_once_and_the_rest_on_flush() {
     let w = World::new(2, Limits::default());
     let (a, b): (Arc<dyn CompletionSink>, Arc<dyn CompletionSink>) =
         (w.guests[0].sink.clone(), w.guests[1].sink.clone());
-    let mut n = Notify::default();
-    n.complete(&a, 1, 10, 64);
-    n.complete(&b, 2, 20, 72);
-    n.complete(&a, 1, 11, 0);
-    n.complete(&a, 2, 12, 64);
-    n.complete(&b, 2, 21, 64);
-    assert_eq!(w.guests[0].sink.count(), 0, "published before the flush");
-    n.flush();
     let publishes = |g: usize| {
         w.guests[g]
             .sink
             .publishes
             .load(std::sync::atomic::Ordering::Relaxed)
     };
-    // Guest 0: rings 1 and 2; guest 1: ring 2.
+    let mut n = Notify::default();
+    n.complete(&a, 1, 10, 64);
+    n.complete(&b, 2, 20, 72);
+    n.complete(&a, 1, 11, 0);
+    n.complete(&a, 2, 12, 64);
+    n.complete(&b, 2, 21, 64);
+    n.complete(&a, 1, 13, 64);
+    // Guest 0: the first of ring 1 and of ring 2; guest 1: the first of ring 2.
     assert_eq!((publishes(0), publishes(1)), (2, 1));
     assert_eq!(
         *w.guests[0].sink.used.lock().unwrap(),
-        vec![(1, 10, 64), (1, 11, 0), (2, 12, 64)]
+        vec![(1, 10, 64), (2, 12, 64)]
+    );
+    assert_eq!(*w.guests[1].sink.used.lock().unwrap(), vec![(2, 20, 72)]);
+    n.flush();
+    // Ring 1 of guest 0 and ring 2 of guest 1 had more: one publish each.
+    assert_eq!((publishes(0), publishes(1)), (3, 2));
+    assert_eq!(
+        *w.guests[0].sink.used.lock().unwrap(),
+        vec![(1, 10, 64), (2, 12, 64), (1, 11, 0), (1, 13, 64)]
     );
     assert_eq!(
         *w.guests[1].sink.used.lock().unwrap(),
@@ -899,9 +908,12 @@ fn a_batch_publishes_each_ring_once_in_completion_order() {
     n.flush();
     assert_eq!(
         (publishes(0), publishes(1)),
-        (2, 1),
+        (3, 2),
         "nothing left to publish"
     );
+    // A new batch publishes a ring's first completion at once again.
+    n.complete(&a, 1, 14, 64);
+    assert_eq!(publishes(0), 4);
 }
 
 /// Two threads' batches complete chains of one ring: the sender's pass places a message into
@@ -915,12 +927,15 @@ fn completions_of_one_ring_from_two_batches_are_published_in_completion_order() 
     let w = World::new(1, Limits::default());
     let sink: Arc<dyn CompletionSink> = w.guests[0].sink.clone();
     let (mut a, mut b) = (Notify::default(), Notify::default());
+    // Batch `a`'s first completion of the ring is published at once; 15 waits for its flush.
+    a.complete(&sink, 2, 14, 64);
     a.complete(&sink, 2, 15, 64);
     b.complete(&sink, 2, 16, 64);
+    b.complete(&sink, 2, 17, 64);
     b.flush();
     a.flush();
     assert_eq!(
         *w.guests[0].sink.used.lock().unwrap(),
-        vec![(2, 15, 64), (2, 16, 64)]
+        vec![(2, 14, 64), (2, 15, 64), (2, 16, 64), (2, 17, 64)]
     );
 }
