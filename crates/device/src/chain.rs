@@ -379,7 +379,7 @@ pub(crate) fn host_ptr_hinted(
 /// `src` must be valid for reads and `dst` for writes of `n` bytes, and the ranges must not
 /// overlap.
 #[inline(always)]
-unsafe fn guest_copy(dst: *mut u8, src: *const u8, n: usize) {
+pub(crate) unsafe fn guest_copy(dst: *mut u8, src: *const u8, n: usize) {
     const WORD: usize = std::mem::size_of::<usize>();
     if n < WORD {
         for i in 0..n {
@@ -626,6 +626,15 @@ impl Req {
     #[inline]
     pub fn table(&self) -> Option<&GuestMemoryMmap> {
         self.resolved.table.as_deref()
+    }
+
+    /// Move out the memory table the parse resolved host addresses in, with the host addresses
+    /// of the data area's and the completion area's first bytes (0: not resolved): a posted
+    /// receive keeps these instead of the whole request (`fabric::posted`).
+    #[inline]
+    pub fn take_rx_resolved(&mut self) -> (Option<Arc<GuestMemoryMmap>>, usize, usize) {
+        let r = std::mem::take(&mut self.resolved);
+        (r.table, r.data, r.comp)
     }
 
     /// Move the request out of `self`, leaving its header and no streams behind: a handler

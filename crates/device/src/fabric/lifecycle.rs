@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tracing::debug;
 use vfabric_proto::{ep_open, flags, FabricAddr, Status, PEER_CLOSED};
 
+use super::posted::Posted;
 use super::{eager_cost, Body, Endpoint, Fabric, Msg, Notify, Port, Slot, Teardown};
 use crate::chain::{completion, Req};
 
@@ -105,10 +106,10 @@ impl Fabric {
             let mut unfenced = 0;
             for slot in d.eps.iter_mut() {
                 if let Some(e) = slot.ep.as_mut() {
-                    let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
+                    let (gone, keep): (VecDeque<Posted>, VecDeque<Posted>) =
                         e.posted.drain(..).partition(|r| r.queue == queue);
                     e.posted = keep;
-                    victims.extend(gone);
+                    victims.extend(gone.into_iter().map(Posted::into_req));
                     let (gone, keep): (VecDeque<Req>, VecDeque<Req>) =
                         e.fenced.drain(..).partition(|r| r.queue == queue);
                     e.fenced = keep;
@@ -198,7 +199,10 @@ impl Fabric {
         debug!(dev, ep, generation = e.generation, ?mode, "endpoint closed");
         if mode == Teardown::Cancel {
             if let Some(p) = &port {
-                for r in e.posted.iter().chain(e.fenced.iter()) {
+                for r in &e.posted {
+                    self.fail_posted(dev, p, r, Status::Canceled, n);
+                }
+                for r in &e.fenced {
                     self.fail(dev, p, r, Status::Canceled, n);
                 }
             }
@@ -258,11 +262,11 @@ impl Fabric {
                 let mut victims = Vec::new();
                 for slot in d.eps.iter_mut() {
                     let Some(e) = slot.ep.as_mut() else { continue };
-                    let hit = |r: &Req| r.req.flags & flags::DIRECTED != 0 && gone(r.req.peer);
+                    let hit = |r: &Posted| r.flags & flags::DIRECTED != 0 && gone(r.peer);
                     if !e.posted.iter().any(hit) {
                         continue;
                     }
-                    let (hit, keep): (VecDeque<Req>, VecDeque<Req>) =
+                    let (hit, keep): (VecDeque<Posted>, VecDeque<Posted>) =
                         e.posted.drain(..).partition(hit);
                     e.posted = keep;
                     victims.extend(hit);
@@ -270,11 +274,11 @@ impl Fabric {
                 (victims, port)
             };
             for r in &victims {
-                let mut c = completion(Status::PeerGone, r.req.cookie);
+                let mut c = completion(Status::PeerGone, r.cookie);
                 if closed {
                     c.data = PEER_CLOSED.into();
                 }
-                self.done(dev, &port, r, &c, 0, n);
+                self.done_posted(dev, &port, r, &c, n);
             }
         }
     }
@@ -336,15 +340,15 @@ impl Fabric {
             let at = e
                 .posted
                 .iter()
-                .rposition(|r| r.req.cookie == cookie && directed_at(r, src))?;
+                .rposition(|r| r.cookie == cookie && r.directed_at(src))?;
             e.posted.remove(at)
         });
         if let Some(r) = taken {
-            let mut c = completion(Status::PeerGone, r.req.cookie);
+            let mut c = completion(Status::PeerGone, r.cookie);
             if closed {
                 c.data = PEER_CLOSED.into();
             }
-            self.done(dev, port, &r, &c, 0, n);
+            self.done_posted(dev, port, &r, &c, n);
         }
     }
 
@@ -452,8 +456,9 @@ impl Fabric {
             let posted = e
                 .posted
                 .iter()
-                .position(|r| r.req.cookie == cookie)
-                .and_then(|i| e.posted.remove(i));
+                .position(|r| r.cookie == cookie)
+                .and_then(|i| e.posted.remove(i))
+                .map(Posted::into_req);
             posted.ok_or(generation)
         };
         let victim = victim.or_else(|generation| {
@@ -477,7 +482,6 @@ impl Fabric {
     }
 }
 
-/// Whether posted receive `r` takes messages from `src` only.
 impl Fabric {
     /// Whether `src` is known open without looking at its device: the receiving endpoint `e`
     /// found it open and no endpoint of its device closed since.
@@ -490,8 +494,4 @@ impl Fabric {
                 self.devs[sdev].ep_closes.load(Ordering::Acquire) == closes
             })
     }
-}
-
-fn directed_at(r: &Req, src: FabricAddr) -> bool {
-    r.req.flags & flags::DIRECTED != 0 && r.req.peer == src
 }

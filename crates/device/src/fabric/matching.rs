@@ -5,6 +5,7 @@ use tracing::debug;
 use vfabric_proto::{comp_flags, ep_open, flags, FabricAddr, Opcode, Status};
 use vm_memory::{ByteValued, GuestAddressSpace};
 
+use super::posted::Posted;
 use super::{
     completion_used, eager_cost, recv_completion, recv_matches, send_ok, Body, Dev, Fabric, Meta,
     Msg, Notify, Port,
@@ -37,13 +38,12 @@ enum Delivered {
 }
 
 /// Take the first posted receive of endpoint `ep` that matches `meta`; `at` is set to its
-/// position. (The receive is returned alone: a tuple with it would cost the caller one more
-/// copy of the request.)
+/// position.
 #[inline(always)]
-pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta, at: &mut usize) -> Option<Req> {
+pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta, at: &mut usize) -> Option<Posted> {
     let e = d.ep_mut(ep)?;
     // The oldest receive matches most often: no search and no shifting of the queue for it.
-    if e.posted.front().is_some_and(|x| recv_matches(&x.req, meta)) {
+    if e.posted.front().is_some_and(|x| x.matches(meta)) {
         *at = 0;
         return e.posted.pop_front();
     }
@@ -51,7 +51,7 @@ pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta, at: &mut usize) -
         .posted
         .iter()
         .skip(1)
-        .position(|x| recv_matches(&x.req, meta))?;
+        .position(|x| x.matches(meta))?;
     *at = i;
     e.posted.remove(i)
 }
@@ -77,7 +77,7 @@ enum Front {
     /// The message and the receive's completion are written, and the receive left its queue.
     Placed(Placed),
     /// The receive's data area faulted: out of its queue, to be failed.
-    Faulted(Req),
+    Faulted(Posted),
 }
 
 /// The commonest send, under device `d`'s lock: a small payload already read (`buf`, of the
@@ -92,10 +92,10 @@ fn place_front(d: &mut Dev, ep: usize, meta: &Meta, buf: &[u8], rport: &Port) ->
         return Front::NoMatch;
     };
     let rv = match e.posted.front() {
-        Some(rv) if recv_matches(&rv.req, meta) => rv,
+        Some(rv) if rv.matches(meta) => rv,
         _ => return Front::NoMatch,
     };
-    let placed = meta.len.min(rv.data.len);
+    let placed = meta.len.min(rv.data_len());
     let bytes = buf.get(..placed as usize).unwrap_or(buf);
     // As in `Fabric::place`: the table the receive was parsed in serves as the receiver's.
     let loaded;
@@ -109,7 +109,7 @@ fn place_front(d: &mut Dev, ep: usize, meta: &Meta, buf: &[u8], rport: &Port) ->
     if rv.write_data(rmem, bytes).is_err() {
         return e.posted.pop_front().map_or(Front::NoMatch, Front::Faulted);
     }
-    let c = recv_completion(&rv.req, meta, placed);
+    let c = rv.completion(meta, placed);
     let p = Placed {
         queue: rv.queue,
         head: rv.head,
@@ -205,7 +205,7 @@ impl Fabric {
                 }
                 Front::Faulted(rv) => {
                     drop(d);
-                    self.fail(ddev, &dport, &rv, Status::Fault, n);
+                    self.fail_posted(ddev, &dport, &rv, Status::Fault, n);
                     // The message is not lost: try the next receive (or queue it).
                     return self.op_send(dev, port, smem, req, n);
                 }
@@ -220,12 +220,12 @@ impl Fabric {
                 return self.place(dev, port, smem, req, &meta, ddev, &dport, rv, buf, n);
             }
             let Some(rv) = taken else { return };
-            match self.transfer(dev, port, req, &meta, ddev, &dport, rv, n) {
+            match self.transfer(dev, port, req, &meta, ddev, &dport, rv.into_req(), n) {
                 Survivor::None => {}
                 // Our memory faulted: the receive goes back where it was.
-                Survivor::Recv(rv) => {
+                Survivor::Recv(mut rv) => {
                     if let Some(e) = self.dev(ddev).live_ep_mut(dep, dgen) {
-                        e.posted.insert(at.min(e.posted.len()), rv);
+                        e.posted.insert(at.min(e.posted.len()), Posted::new(&mut rv));
                     }
                 }
                 // The receiver's memory faulted (its receive failed): match the next one.
@@ -345,11 +345,11 @@ impl Fabric {
         meta: &Meta,
         rdev: usize,
         rport: &Port,
-        rv: &Req,
+        rv: &Posted,
         buf: &[u8],
         n: &mut Notify,
     ) {
-        let placed = meta.len.min(rv.data.len);
+        let placed = meta.len.min(rv.data_len());
         let bytes = buf.get(..placed as usize).unwrap_or(buf);
         // The memory table the receive was parsed in (the request holds it) serves as the
         // receiver's, as the table a pass loaded serves its chains: a table that replaced
@@ -364,7 +364,7 @@ impl Fabric {
             }
         };
         if rv.write_data(rmem, bytes).is_err() {
-            self.fail(rdev, rport, rv, Status::Fault, n);
+            self.fail_posted(rdev, rport, rv, Status::Fault, n);
             // The message is not lost: try the next receive (or queue it).
             return self.op_send(dev, port, smem, req, n);
         }
@@ -375,8 +375,8 @@ impl Fabric {
             Counters::inc(&c.messages_received);
             Counters::add(&c.bytes_copied, placed);
         }
-        let c = recv_completion(&rv.req, meta, placed);
-        self.write_completion(rdev, rport, rmem, rv, &c, placed, n);
+        let c = rv.completion(meta, placed);
+        self.write_posted(rdev, rport, rmem, rv, &c, placed, n);
         if let Some(c) = self.counters.get(dev) {
             Counters::inc(&c.messages_sent);
         }
@@ -687,7 +687,7 @@ impl Fabric {
             let directed = (r.flags & flags::DIRECTED != 0)
                 .then_some(r.peer)
                 .filter(|src| !self.known_live(e, *src));
-            e.posted.push_back(req.take());
+            e.posted.push_back(Posted::new(req));
             if let Some(src) = directed {
                 drop(d);
                 self.check_directed_source(dev, port, ep, src, r.cookie, n);

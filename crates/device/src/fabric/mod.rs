@@ -63,6 +63,7 @@ mod fence;
 mod lifecycle;
 mod matching;
 mod pmem;
+mod posted;
 mod remote;
 mod rma;
 mod service;
@@ -243,7 +244,8 @@ struct Msg {
 struct Endpoint {
     kind: u64,
     generation: u32,
-    posted: VecDeque<Req>,
+    /// Posted receives, as compact records.
+    posted: VecDeque<posted::Posted>,
     unexpected: VecDeque<Msg>,
     /// TX requests deferred by FENCE (spec §6.12.2), in arrival order.
     fenced: VecDeque<Req>,
@@ -394,12 +396,19 @@ fn recv_matches(r: &Request, m: &Meta) -> bool {
 
 #[inline]
 fn recv_completion(r: &Request, m: &Meta, placed: u64) -> Completion {
+    rx_completion(r.cookie, r.opcode == Opcode::TRecv, m, placed)
+}
+
+/// The completion of receive `cookie` (a TRECV if `tagged`) for message `m`, `placed` bytes of
+/// it placed.
+#[inline]
+fn rx_completion(cookie: u64, tagged: bool, m: &Meta, placed: u64) -> Completion {
     let status = if placed < m.len {
         Status::Truncated
     } else {
         Status::Ok
     };
-    let mut c = completion(status, r.cookie);
+    let mut c = completion(status, cookie);
     let mut f = 0;
     if let Some(written) = m.rma_len {
         c.flags = (comp_flags::REMOTE_WRITE | comp_flags::REMOTE_CQ_DATA).into();
@@ -408,7 +417,7 @@ fn recv_completion(r: &Request, m: &Meta, placed: u64) -> Completion {
         c.src = m.src.to_wire();
         return c;
     }
-    if r.opcode == Opcode::TRecv {
+    if tagged {
         f |= comp_flags::TAGGED;
     }
     if let Some(d) = m.cq_data {
@@ -816,6 +825,33 @@ impl Fabric {
     fn fail(&self, dev: usize, port: &Port, r: &Req, status: Status, n: &mut Notify) {
         let c = completion(status, r.req.cookie);
         self.done(dev, port, r, &c, 0, n);
+    }
+
+    /// [`Fabric::fail`] for a posted receive.
+    fn fail_posted(&self, dev: usize, port: &Port, r: &posted::Posted, status: Status, n: &mut Notify) {
+        self.done_posted(dev, port, r, &completion(status, r.cookie), n);
+    }
+
+    /// Complete posted receive `r` of `dev` with `c` (no bytes placed).
+    fn done_posted(&self, dev: usize, port: &Port, r: &posted::Posted, c: &Completion, n: &mut Notify) {
+        self.write_posted(dev, port, &port.mem.memory(), r, c, 0, n);
+    }
+
+    /// [`Fabric::write_completion`] for a posted receive.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn write_posted(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: &GuestMemoryMmap,
+        r: &posted::Posted,
+        c: &Completion,
+        written: u64,
+        n: &mut Notify,
+    ) {
+        let used = completion_used(r.write_comp(mem, c.as_slice()), written);
+        self.completed(dev, port, r.queue, r.head, u32::from(c.status), used, n);
     }
 
     #[inline]

@@ -1067,7 +1067,7 @@ impl Fabric {
         let Some(e) = d.live_ep_mut(dep, dgen) else {
             return false;
         };
-        if e.kind != kind || e.posted.iter().any(|r| super::recv_matches(&r.req, &meta)) {
+        if e.kind != kind || e.posted.iter().any(|r| r.matches(&meta)) {
             return false;
         }
         let behind_stub = e.unexpected.back().is_some_and(Msg::is_stub);
@@ -1133,6 +1133,7 @@ impl Fabric {
             }
             if let Some(rv) = take_posted(&mut d, dep, &meta, &mut 0) {
                 drop(d);
+                let rv = rv.into_req();
                 let placed = len.min(rv.data.len);
                 let bytes = &m.bytes[..placed as usize];
                 if rv.data.write_at(&dport.mem.memory(), 0, bytes).is_err() {
@@ -1298,7 +1299,7 @@ impl Fabric {
             .iter()
             .any(|m| m.claimed.is_none() && super::recv_matches(&r, &m.meta));
         if !queued {
-            e.posted.push_front(rreq);
+            e.posted.push_front(super::posted::Posted::new(&mut rreq));
             return;
         }
         drop(d);
@@ -1422,18 +1423,18 @@ impl Fabric {
         let i = e
             .posted
             .iter()
-            .position(|r| super::recv_matches(&r.req, &meta))?;
-        let placed = len.min(e.posted[i].data.len) as usize;
+            .position(|r| r.matches(&meta))?;
+        let placed = len.min(e.posted[i].data_len()) as usize;
         if placed == 0 {
             return None;
         }
         let bytes = GuestBytes::ranges(
             port.mem.memory().into_inner(),
-            &e.posted[i].data,
+            &e.posted[i].data(),
             placed as u64,
             max_ranges,
         )?;
-        let rreq = e.posted.remove(i)?;
+        let rreq = e.posted.remove(i)?.into_req();
         let fence = ReadFence::new(host, req_id);
         e.direct.push(DirectRecv {
             host,

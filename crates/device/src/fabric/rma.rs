@@ -24,7 +24,7 @@ use vfabric_proto::{
 };
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
-use super::{eager_cost, recv_matches, Body, Dev, Fabric, Meta, Msg, Notify, Port};
+use super::{eager_cost, Body, Dev, Fabric, Meta, Msg, Notify, Port};
 use crate::chain::{
     completion, copy_stream, CopyFault, GuestMemoryMmap, Req, Seg, Segs, COPY_CHUNK,
 };
@@ -568,7 +568,7 @@ impl Fabric {
         let Some(e) = d.eps.get(dep).and_then(|s| s.ep.as_ref()) else {
             return false;
         };
-        let posted = e.posted.iter().any(|x| recv_matches(&x.req, meta));
+        let posted = e.posted.iter().any(|x| x.matches(meta));
         let room =
             d.unexpected_bytes.saturating_add(eager_cost(0)) <= self.limits.max_unexpected_bytes;
         if !posted && !room {
@@ -597,12 +597,12 @@ impl Fabric {
         let posted = e
             .posted
             .iter()
-            .position(|x| recv_matches(&x.req, &meta))
+            .position(|x| x.matches(&meta))
             .and_then(|i| e.posted.remove(i));
         if let Some(rv) = posted {
             d.unexpected_bytes -= eager_cost(0);
             drop(d);
-            return self.received(ddev, dport, &rv, &meta, 0, n);
+            return self.received(ddev, dport, &rv.into_req(), &meta, 0, n);
         }
         e.unexpected.push_back(Msg {
             meta,

@@ -1,0 +1,226 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Posted receives as compact records: what matching and placement need, not the parsed
+//! request (≈280 bytes, moved into the queue and out of it once per message otherwise).
+
+use std::sync::Arc;
+
+use vfabric_proto::{flags, tag_matches, Completion, FabricAddr, Opcode, Request, COMPLETION_LEN};
+
+use super::{rx_completion, Meta};
+use crate::chain::{guest_copy, GuestMemoryMmap, MemFault, Req, Seg, Segs};
+
+/// A receive waiting in its endpoint's posted queue: its chain, the header fields matching
+/// and completion read, and where its bytes and completion go.
+pub(super) struct Posted {
+    pub queue: u16,
+    pub head: u16,
+    /// A TRECV (tag matching).
+    pub tagged: bool,
+    pub ep: u32,
+    pub flags: u64,
+    pub cookie: u64,
+    /// The source of a DIRECTED receive.
+    pub peer: FabricAddr,
+    pub tag: u64,
+    pub ignore: u64,
+    area: Area,
+}
+
+/// Where a posted receive's bytes and completion go.
+enum Area {
+    /// The shape drivers post: a data area of at most one range and a completion area of
+    /// one, with the host addresses the parse resolved in `table`.
+    One(OneRange),
+    /// Any other shape: the request as parsed (boxed, so the common record stays small).
+    Full(Box<Req>),
+}
+
+struct OneRange {
+    data: Seg,
+    /// Guest address of the completion area (`COMPLETION_LEN` bytes).
+    comp: u64,
+    /// The memory table the host addresses were resolved in (the one the chain was parsed
+    /// in), held so its mappings stay alive.
+    table: Arc<GuestMemoryMmap>,
+    /// Host addresses of the data area's and the completion area's first bytes (0: none).
+    data_at: usize,
+    comp_at: usize,
+}
+
+impl OneRange {
+    /// `at` if it was resolved in `mem` (the record's table).
+    #[inline(always)]
+    fn in_table(&self, mem: &GuestMemoryMmap, at: usize) -> Option<usize> {
+        (at != 0 && std::ptr::eq(Arc::as_ptr(&self.table), mem)).then_some(at)
+    }
+}
+
+impl Posted {
+    /// The record of receive `req` (lent from a batch): its host addresses and memory table
+    /// are moved out of it, its streams copied (one range each) or, for another shape, the
+    /// request itself taken.
+    #[inline]
+    pub fn new(req: &mut Req) -> Posted {
+        let r = req.req;
+        let one = req.data.segs.len() <= 1
+            && req.comp.segs.len() == 1
+            && req.comp.len == COMPLETION_LEN as u64;
+        let area = match one.then(|| req.take_rx_resolved()) {
+            Some((Some(table), data_at, comp_at)) => Area::One(OneRange {
+                data: req
+                    .data
+                    .segs
+                    .first()
+                    .copied()
+                    .unwrap_or(Seg { addr: 0, len: 0 }),
+                comp: req.comp.segs[0].addr,
+                table,
+                data_at,
+                comp_at,
+            }),
+            _ => Area::Full(Box::new(req.take())),
+        };
+        Posted {
+            queue: req.queue,
+            head: req.head,
+            tagged: r.opcode == Opcode::TRecv,
+            ep: r.ep,
+            flags: r.flags,
+            cookie: r.cookie,
+            peer: r.peer,
+            tag: r.tag,
+            ignore: r.ignore,
+            area,
+        }
+    }
+
+    /// The receive as a request again, for the paths that work on requests (large transfers,
+    /// other hosts, teardown). A one-range record's host addresses are not carried over: its
+    /// accesses look their regions up.
+    pub fn into_req(self) -> Req {
+        match self.area {
+            Area::Full(req) => *req,
+            Area::One(o) => {
+                let mut req = Request::new(if self.tagged {
+                    Opcode::TRecv
+                } else {
+                    Opcode::Recv
+                });
+                req.ep = self.ep;
+                req.flags = self.flags;
+                req.cookie = self.cookie;
+                req.peer = self.peer;
+                req.tag = self.tag;
+                req.ignore = self.ignore;
+                let mut r = Req::blank(self.queue, self.head);
+                r.req = req;
+                r.data = Segs::one(o.data);
+                r.comp = Segs::one(Seg {
+                    addr: o.comp,
+                    len: COMPLETION_LEN as u32,
+                });
+                r
+            }
+        }
+    }
+
+    /// Whether a message `m` matches this receive.
+    #[inline(always)]
+    pub fn matches(&self, m: &Meta) -> bool {
+        self.tagged == m.tagged
+            && (!self.tagged || tag_matches(self.tag, self.ignore, m.tag))
+            && (self.flags & flags::DIRECTED == 0 || self.peer == m.src)
+    }
+
+    /// Whether this is a receive directed at `src`.
+    pub fn directed_at(&self, src: FabricAddr) -> bool {
+        self.flags & flags::DIRECTED != 0 && self.peer == src
+    }
+
+    /// The completion of message `m`, `placed` bytes of it placed here.
+    #[inline(always)]
+    pub fn completion(&self, m: &Meta, placed: u64) -> Completion {
+        rx_completion(self.cookie, self.tagged, m, placed)
+    }
+
+    /// Bytes the data area holds.
+    #[inline(always)]
+    pub fn data_len(&self) -> u64 {
+        match &self.area {
+            Area::One(o) => u64::from(o.data.len),
+            Area::Full(r) => r.data.len,
+        }
+    }
+
+    /// The data area as a stream.
+    pub fn data(&self) -> Segs {
+        match &self.area {
+            Area::One(o) => Segs::one(o.data),
+            Area::Full(r) => r.data.clone(),
+        }
+    }
+
+    /// The memory table the receive's host addresses were resolved in, if any.
+    #[inline(always)]
+    pub fn table(&self) -> Option<&GuestMemoryMmap> {
+        match &self.area {
+            Area::One(o) => Some(&o.table),
+            Area::Full(r) => r.table(),
+        }
+    }
+
+    /// Write `bytes` at the start of the data area.
+    #[inline(always)]
+    pub fn write_data(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> Result<(), MemFault> {
+        match &self.area {
+            Area::One(o) => {
+                if bytes.len() as u64 <= u64::from(o.data.len) {
+                    if let Some(at) = o.in_table(mem, o.data_at) {
+                        // SAFETY: `at` is the host address of the data area's one range in
+                        // `mem` (the table it was resolved in, which the record keeps mapped),
+                        // and that range holds `bytes.len()` bytes; `bytes` is ours.
+                        unsafe { guest_copy(at as *mut u8, bytes.as_ptr(), bytes.len()) };
+                        return Ok(());
+                    }
+                }
+                Segs::one(o.data).write_at(mem, 0, bytes)
+            }
+            Area::Full(r) => r.write_data(mem, bytes),
+        }
+    }
+
+    /// Write `c` (a completion) into the completion area.
+    #[inline(always)]
+    pub fn write_comp(&self, mem: &GuestMemoryMmap, c: &[u8]) -> Result<(), MemFault> {
+        match &self.area {
+            Area::One(o) => {
+                if c.len() <= COMPLETION_LEN {
+                    if let Some(at) = o.in_table(mem, o.comp_at) {
+                        // SAFETY: as in `write_data`, for the completion area (COMPLETION_LEN
+                        // bytes at `at`); `c` is ours.
+                        unsafe { guest_copy(at as *mut u8, c.as_ptr(), c.len()) };
+                        return Ok(());
+                    }
+                }
+                let comp = Seg {
+                    addr: o.comp,
+                    len: COMPLETION_LEN as u32,
+                };
+                Segs::one(comp).write_at(mem, 0, c)
+            }
+            Area::Full(r) => r.write_comp(mem, c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record a message's path moves into the posted queue and out of it stays small
+    /// (the parsed request is ≈280 bytes): two cache lines at most.
+    #[test]
+    fn posted_record_is_compact() {
+        assert!(std::mem::size_of::<Posted>() <= 128);
+    }
+}
