@@ -118,7 +118,9 @@ fn place_front(d: &mut Dev, ep: usize, meta: &Meta, buf: &[u8], rport: &Port) ->
         placed,
         len: meta.len,
     };
-    e.posted.pop_front();
+    if let Some(rv) = e.posted.pop_front() {
+        rv.discard();
+    }
     Front::Placed(p)
 }
 
@@ -596,8 +598,8 @@ impl Fabric {
 
     /// Lent the request (as [`Fabric::op_send`]): it is taken only when posted or delivered.
     pub(super) fn op_recv(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
-        let r = req.req;
-        let ep = r.ep as usize;
+        // Not the whole header: a copy of it costs as much as the rest of a post.
+        let (ep, rflags) = (req.req.ep as usize, req.req.flags);
         let mut d = self.dev(dev);
         let Some(e) = d.ep_mut(ep) else {
             drop(d);
@@ -605,7 +607,8 @@ impl Fabric {
         };
         let gen = e.generation;
 
-        if r.flags & flags::PEEK != 0 {
+        if rflags & flags::PEEK != 0 {
+            let r = req.req;
             let found = e
                 .unexpected
                 .iter()
@@ -639,7 +642,8 @@ impl Fabric {
             return self.done(dev, port, req, &c, 0, n);
         }
 
-        if r.flags & flags::CLAIM != 0 {
+        if rflags & flags::CLAIM != 0 {
+            let r = req.req;
             let at = e.unexpected.iter().position(|m| m.claimed == Some(r.data));
             let stub = at
                 .and_then(|i| e.unexpected.get(i))
@@ -681,16 +685,17 @@ impl Fabric {
         } else {
             e.unexpected
                 .iter()
-                .position(|m| m.claimed.is_none() && recv_matches(&r, &m.meta))
+                .position(|m| m.claimed.is_none() && recv_matches(&req.req, &m.meta))
         };
         let Some(at) = at else {
-            let directed = (r.flags & flags::DIRECTED != 0)
-                .then_some(r.peer)
+            let directed = (rflags & flags::DIRECTED != 0)
+                .then_some(req.req.peer)
                 .filter(|src| !self.known_live(e, *src));
+            let cookie = req.req.cookie;
             e.posted.push_back(Posted::new(req));
             if let Some(src) = directed {
                 drop(d);
-                self.check_directed_source(dev, port, ep, src, r.cookie, n);
+                self.check_directed_source(dev, port, ep, src, cookie, n);
             }
             return;
         };
