@@ -47,11 +47,7 @@ pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta, at: &mut usize) -
         *at = 0;
         return e.posted.pop_front();
     }
-    let i = 1 + e
-        .posted
-        .iter()
-        .skip(1)
-        .position(|x| x.matches(meta))?;
+    let i = 1 + e.posted.iter().skip(1).position(|x| x.matches(meta))?;
     *at = i;
     e.posted.remove(i)
 }
@@ -227,7 +223,8 @@ impl Fabric {
                 // Our memory faulted: the receive goes back where it was.
                 Survivor::Recv(mut rv) => {
                     if let Some(e) = self.dev(ddev).live_ep_mut(dep, dgen) {
-                        e.posted.insert(at.min(e.posted.len()), Posted::new(&mut rv));
+                        e.posted
+                            .insert(at.min(e.posted.len()), Posted::new(&mut rv));
                     }
                 }
                 // The receiver's memory faulted (its receive failed): match the next one.

@@ -847,12 +847,26 @@ impl Fabric {
     }
 
     /// [`Fabric::fail`] for a posted receive.
-    fn fail_posted(&self, dev: usize, port: &Port, r: &posted::Posted, status: Status, n: &mut Notify) {
+    fn fail_posted(
+        &self,
+        dev: usize,
+        port: &Port,
+        r: &posted::Posted,
+        status: Status,
+        n: &mut Notify,
+    ) {
         self.done_posted(dev, port, r, &completion(status, r.cookie), n);
     }
 
     /// Complete posted receive `r` of `dev` with `c` (no bytes placed).
-    fn done_posted(&self, dev: usize, port: &Port, r: &posted::Posted, c: &Completion, n: &mut Notify) {
+    fn done_posted(
+        &self,
+        dev: usize,
+        port: &Port,
+        r: &posted::Posted,
+        c: &Completion,
+        n: &mut Notify,
+    ) {
         self.write_posted(dev, port, &port.mem.memory(), r, c, 0, n);
     }
 

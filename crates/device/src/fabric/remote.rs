@@ -1420,10 +1420,7 @@ impl Fabric {
         if e.kind != kind {
             return None;
         }
-        let i = e
-            .posted
-            .iter()
-            .position(|r| r.matches(&meta))?;
+        let i = e.posted.iter().position(|r| r.matches(&meta))?;
         let placed = len.min(e.posted[i].data_len()) as usize;
         if placed == 0 {
             return None;

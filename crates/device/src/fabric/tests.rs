@@ -939,3 +939,15 @@ fn completions_of_one_ring_from_two_batches_are_published_in_completion_order() 
         vec![(2, 14, 64), (2, 15, 64), (2, 16, 64), (2, 17, 64)]
     );
 }
+
+/// A message's path moves its receive into the posted queue and out of it: the queue holds
+/// compact records (two cache lines at most, moved without a call of `memcpy`), not the
+/// ≈280-byte parsed request.
+#[test]
+fn posted_queue_holds_compact_records() {
+    fn element_size<T>(_: fn(&super::Endpoint) -> &std::collections::VecDeque<T>) -> usize {
+        std::mem::size_of::<T>()
+    }
+    let size = element_size(|e| &e.posted);
+    assert!(size <= 128, "a posted receive takes {size} bytes");
+}
