@@ -319,7 +319,7 @@ impl Fabric {
         };
         if let Some(closes) = open {
             if let Some(e) = self.dev(dev).ep_mut(ep) {
-                e.live_src = Some((src, closes));
+                e.live_src = Some((src, sdev, closes));
             }
             return;
         }
@@ -486,12 +486,14 @@ impl Fabric {
     /// Whether `src` is known open without looking at its device: the receiving endpoint `e`
     /// found it open and no endpoint of its device closed since.
     pub(super) fn known_live(&self, e: &Endpoint, src: FabricAddr) -> bool {
-        let Some((a, closes)) = e.live_src else {
+        let Some((a, sdev, closes)) = e.live_src else {
             return false;
         };
+        // `sdev` is where `a` was found (`locate`): no need to locate it again.
         a == src
-            && self.locate(src).is_some_and(|(sdev, _)| {
-                self.devs[sdev].ep_closes.load(Ordering::Acquire) == closes
-            })
+            && self
+                .devs
+                .get(sdev)
+                .is_some_and(|d| d.ep_closes.load(Ordering::Acquire) == closes)
     }
 }

@@ -271,10 +271,10 @@ struct Endpoint {
     /// Deferred TX requests not yet started (those in `fenced` and one being started): a new
     /// TX request of this endpoint queues behind them.
     fence_pending: usize,
-    /// The last source of a directed receive found open, and its device's `ep_closes` then:
-    /// while that count is unchanged the source is still open, so the next directed receive
-    /// from it needs no look at the source device (a lock of another device).
-    live_src: Option<(FabricAddr, u64)>,
+    /// The last source of a directed receive found open, its device, and that device's
+    /// `ep_closes` then: while that count is unchanged the source is still open, so the next
+    /// directed receive from it needs no look at the source device (a lock of another device).
+    live_src: Option<(FabricAddr, usize, u64)>,
     /// Receives matched to stubs of messages from other hosts, waiting for their bytes.
     pulling: Vec<remote::Pulling>,
     /// Receives matched to messages from other hosts that the uplink is reading straight
