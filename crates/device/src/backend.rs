@@ -34,7 +34,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::chain::{parse_popped, GuestMemoryMmap, Req, RingError};
+use crate::chain::{GuestMemoryMmap, ParseCtx, Req, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::{Polled, Poller};
 use crate::ring::{avail_index, Ring, RingView};
@@ -690,7 +690,10 @@ impl FabricBackend {
         } = work;
         let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
-        let limits = self.fabric.limits();
+        let ctx = ParseCtx {
+            limits: self.fabric.limits(),
+            acked,
+        };
         // Data queues 1.. first, then the control queue (index `len` stands for 0); or `only`.
         let (first, end) = match only {
             Some(q) => (q, q + 1),
@@ -749,9 +752,7 @@ impl FabricBackend {
             // Each chain is parsed into the slot and handed to the fabric at once, without the
             // ring's lock (its completions take it): nothing is moved or batched per request.
             slot.queue = q as u16;
-            let popped = view.pop(&mut next_avail, mem, max, |head, chain| {
-                slot.head = head;
-                let v = parse_popped(mem, chain, limits, acked, slot);
+            let popped = view.pop(&mut next_avail, mem, max, &ctx, slot, |slot, v| {
                 if port.as_ref().is_none_or(|(_, a)| *a != acked) {
                     *port = self.fabric.begin(self.dev, acked).map(|p| (p, acked));
                 }
