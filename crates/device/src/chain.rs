@@ -1170,20 +1170,22 @@ fn parse_header(hdr: &ReqHeader, limits: &Limits, acked: u64, out: &mut Req) -> 
     }
     let req = &out.req;
     let payload = out.payload.len;
-    if acked & bit(req.opcode.required_feature()) == 0 || !implemented(req.opcode) {
-        return reject(Status::Unsupported);
-    }
-    if qp > 0 && acked & bit(VIRTIO_FABRIC_F_MQ) == 0 {
-        return reject(Status::Unsupported);
-    }
-    if req.flags & flags::REMOTE_CQ_DATA != 0 && acked & bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0 {
-        return reject(Status::Unsupported);
-    }
-    // Specified but not implemented by this device yet.
-    if req.flags & flags::MULTI_RECV != 0 {
-        return reject(Status::Unsupported);
-    }
-    if req.flags & flags::COMMIT_COMPLETE != 0 && acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) == 0 {
+    // Every feature the request needs (its opcode's, a queue pair past the first's, its
+    // flags'), checked at once.
+    let need = |on: bool, feature: u32| if on { bit(feature) } else { 0 };
+    let needed = bit(req.opcode.required_feature())
+        | need(qp > 0, VIRTIO_FABRIC_F_MQ)
+        | need(
+            req.flags & flags::REMOTE_CQ_DATA != 0,
+            VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+        )
+        | need(
+            req.flags & flags::COMMIT_COMPLETE != 0,
+            VIRTIO_FABRIC_F_RMA_PMEM,
+        );
+    // MULTI_RECV: specified but not implemented by this device yet.
+    if acked & needed != needed || !implemented(req.opcode) || req.flags & flags::MULTI_RECV != 0
+    {
         return reject(Status::Unsupported);
     }
 
