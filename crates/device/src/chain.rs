@@ -91,6 +91,7 @@ impl Segs {
         }
     }
 
+    #[inline]
     pub fn push(&mut self, s: Seg) {
         if s.len > 0 {
             self.segs.push(s);
