@@ -1085,12 +1085,13 @@ pub(crate) fn parse_simple(
     out.resolved.comp = c.comp.host as usize + keep as usize;
     // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
     // the header's when it is exactly 96 bytes, the completion's when exactly 64.
+    // Such a chain has three descriptors at most: only a `max_sge` below that can refuse it.
     let max_sge = ctx.limits.max_sge as usize;
-    let count = 2 + usize::from(c.payload.seg.len > 0) + usize::from(c.data.seg.len > 0);
-    if count > max_sge {
+    if max_sge < 3 {
+        let count = 2 + usize::from(c.payload.seg.len > 0) + usize::from(c.data.seg.len > 0);
         let control =
             usize::from(c.header.seg.len as usize == REQ_HEADER_LEN) + usize::from(keep == 0);
-        if count - control > max_sge {
+        if count > max_sge && count - control > max_sge {
             // Only the completion area is this chain's.
             out.resolved.payload = 0;
             out.resolved.data = 0;
