@@ -1186,8 +1186,7 @@ fn parse_header(hdr: &ReqHeader, limits: &Limits, acked: u64, out: &mut Req) -> 
             VIRTIO_FABRIC_F_RMA_PMEM,
         );
     // MULTI_RECV: specified but not implemented by this device yet.
-    if acked & needed != needed || !implemented(req.opcode) || req.flags & flags::MULTI_RECV != 0
-    {
+    if acked & needed != needed || !implemented(req.opcode) || req.flags & flags::MULTI_RECV != 0 {
         return reject(Status::Unsupported);
     }
 
