@@ -751,7 +751,7 @@ impl Fabric {
         self.done(dev, port, r, &c, 0, n);
     }
 
-    #[inline]
+    #[inline(always)]
     /// `req` is lent from the pass's batch: a handler that keeps the request takes it
     /// ([`Req::take`]), the eager send path only reads it.
     fn dispatch(
