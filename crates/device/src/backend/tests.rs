@@ -733,6 +733,9 @@ fn simple_chains_parse_as_the_general_walk() {
             false,
         ),
         (vec![(HDR, 96, W), (comp, 64, W)], 16, 8, false),
+        // No writable descriptor, the last readable one large enough for a completion.
+        (vec![(HDR, 96, R), (comp, 64, R)], 16, 8, false),
+        (vec![(HDR, 96, R), (pay, 8, R), (comp, 64, R)], 16, 8, false),
         (vec![(HDR, 96, R), (comp, 64, W), (pay, 8, R)], 16, 8, false),
         (
             vec![(HDR, 96, R), (data, 0, W), (comp, 64, W)],
