@@ -34,7 +34,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::chain::{parse_popped, GuestMemoryMmap, Req, RingError};
+use crate::chain::{GuestMemoryMmap, ParseCtx, Req, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::{Polled, Poller};
 use crate::ring::{avail_index, Ring, RingView};
@@ -132,21 +132,19 @@ impl VringSink {
         Ok(Some(f(avail_index(ring.avail()), view)))
     }
 
-    /// Ring `q`'s avail word (index and epoch, see [`Ring::avail`]) for a pass, with `kept`
+    /// Ring `ring`'s avail word (index and epoch, see [`Ring::avail`]) for a pass, with `kept`
     /// holding the view to pop through: the view an earlier pass kept, while the ring's epoch,
-    /// the memory table and the ring's configuration are unchanged (no lock of the ring's
-    /// state), else the ring's current view, taken under that lock. `None` if the ring is not
-    /// running.
+    /// the memory table and the ring's configuration (read under `vr`, its `VringRwLock`) are
+    /// unchanged (no lock of the ring's state), else the ring's current view, taken under that
+    /// lock. `None` if the ring is not running.
+    #[inline(always)]
     fn pass_view(
         &self,
         vr: &VringRwLock,
-        q: usize,
+        ring: &Ring,
         mem: &Arc<GuestMemoryMmap>,
         kept: &mut Option<KeptView>,
     ) -> Result<Option<u32>, RingError> {
-        let Some(ring) = self.rings.get(q) else {
-            return Ok(None);
-        };
         let st = vr.get_ref();
         if !st.is_enabled() || !st.get_queue().ready() {
             return Ok(None);
@@ -160,8 +158,7 @@ impl VringSink {
             return Ok(Some(seen));
         }
         *kept = None;
-        let mut rs = lock(&ring.state);
-        let view = rs
+        let view = lock(&ring.state)
             .view(ring, generation, st.get_queue(), || mem.clone())?
             .clone();
         let seen = ring.avail();
@@ -170,14 +167,6 @@ impl VringSink {
             epoch: seen >> 16,
         });
         Ok(Some(seen))
-    }
-
-    /// A pass over ring `q` that started from avail word `seen` took the chains before avail
-    /// index `next` (dropped if the ring's indices were reset meanwhile).
-    fn set_next_avail(&self, q: usize, seen: u32, next: u16) {
-        if let Some(ring) = self.rings.get(q) {
-            ring.set_next_avail(seen, next);
-        }
     }
 
     /// Build ring `q`'s view under its `VringRwLock` whatever the ring's state (completions go
@@ -702,6 +691,7 @@ impl FabricBackend {
     /// [`Self::pass`] over every queue (`only` = `None`) or over data queue `only`, which is
     /// then also re-armed in the same visit once empty (the blocking fast path: notification
     /// on, re-checked, so `more` says whether requests arrived meanwhile).
+    #[inline]
     fn pass_some(
         &self,
         vrings: &[VringRwLock],
@@ -720,7 +710,35 @@ impl FabricBackend {
         only: Option<usize>,
         n: &mut Notify,
     ) -> (bool, bool) {
-        let rearm = only.is_some();
+        match only {
+            Some(q) => {
+                // With LAZY_RX a kicked TX ring's pass takes its RX ring's receives first: the
+                // guest's receives posted before its sends are then in place for the answers.
+                let rx = (self.lazy_rx() && matches!(queue_kind(q as u16), QueueKind::Tx(_)))
+                    .then_some(q + 1)
+                    .filter(|&r| r < vrings.len());
+                let rings = rx.into_iter().chain(std::iter::once(q));
+                self.pass_rings(work, vrings, rings, true, n)
+            }
+            // Data queues 1.. first, then the control queue.
+            None => {
+                let rings = (1..vrings.len()).chain(std::iter::once(0));
+                self.pass_rings(work, vrings, rings, false, n)
+            }
+        }
+    }
+
+    /// [`Self::pass_locked`] over `rings` (queue indices, in order), re-arming each once empty
+    /// if `rearm`. Monomorphic per order of rings, so that stepping through them costs next to
+    /// nothing.
+    fn pass_rings(
+        &self,
+        work: &mut PassState,
+        vrings: &[VringRwLock],
+        rings: impl Iterator<Item = usize>,
+        rearm: bool,
+        n: &mut Notify,
+    ) -> (bool, bool) {
         let (mut found, mut more) = (false, false);
         let PassState {
             mem,
@@ -730,26 +748,17 @@ impl FabricBackend {
         } = work;
         let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
-        let limits = self.fabric.limits();
-        // Data queues 1.. first, then the control queue (index `len` stands for 0); or `only`.
-        let (first, end) = match only {
-            Some(q) => (q, q + 1),
-            None => (1, vrings.len() + 1),
+        let ctx = ParseCtx {
+            limits: self.fabric.limits(),
+            acked,
         };
-        // With LAZY_RX a kicked TX ring's pass takes its RX ring's receives first: the
-        // guest's receives posted before its sends are then in place for the answers.
         let lazy = self.lazy_rx();
-        let rx_first = match only {
-            Some(q) if lazy && matches!(queue_kind(q as u16), QueueKind::Tx(_)) => {
-                Some(q + 1).filter(|&r| r < vrings.len())
-            }
-            _ => None,
-        };
         // Whether RX rings re-armed in this pass get their notifications on (asked once).
         let mut rx_on: Option<bool> = None;
-        for i in rx_first.into_iter().chain(first..end) {
-            let q = if i == vrings.len() { 0 } else { i };
-            let Some(vr) = vrings.get(q) else {
+        for q in rings {
+            let (Some(vr), Some(ring), Some(kept)) =
+                (vrings.get(q), self.sink.rings.get(q), views.get_mut(q))
+            else {
                 continue;
             };
             if self.is_broken() {
@@ -771,10 +780,7 @@ impl FabricBackend {
                 }
                 max = max.min(usize::from(announced));
             }
-            let Some(kept) = views.get_mut(q) else {
-                continue;
-            };
-            let seen = match self.sink.pass_view(vr, q, mem, kept) {
+            let seen = match self.sink.pass_view(vr, ring, mem, kept) {
                 Ok(Some(seen)) => seen,
                 Ok(None) => continue,
                 Err(e) => {
@@ -789,9 +795,7 @@ impl FabricBackend {
             // Each chain is parsed into the slot and handed to the fabric at once, without the
             // ring's lock (its completions take it): nothing is moved or batched per request.
             slot.queue = q as u16;
-            let popped = view.pop(&mut next_avail, mem, max, |head, chain| {
-                slot.head = head;
-                let v = parse_popped(mem, chain, limits, acked, slot);
+            let popped = view.pop(&mut next_avail, mem, max, &ctx, slot, |slot, v| {
                 if port.as_ref().is_none_or(|(_, a)| *a != acked) {
                     *port = self.fabric.begin(self.dev, acked).map(|p| (p, acked));
                 }
@@ -801,9 +805,6 @@ impl FabricBackend {
                         .handle_one(self.dev, port, mem, slot, v, acked, n);
                 }
             });
-            if popped.as_ref().is_ok_and(|k| *k > 0) {
-                self.fabric.end_batch(n);
-            }
             let k = match popped {
                 Ok(k) => k,
                 Err(e) => {
@@ -811,7 +812,10 @@ impl FabricBackend {
                     return (found, false);
                 }
             };
-            self.sink.set_next_avail(q, seen, next_avail);
+            if k > 0 {
+                self.fabric.end_batch(n);
+            }
+            ring.set_next_avail(seen, next_avail);
             let mut arm = rearm && k < max;
             if arm && lazy && is_rx(q) {
                 arm = *rx_on.get_or_insert_with(|| self.rx_notify_decision());

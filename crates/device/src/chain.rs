@@ -91,6 +91,7 @@ impl Segs {
         }
     }
 
+    #[inline]
     pub fn push(&mut self, s: Seg) {
         if s.len > 0 {
             self.segs.push(s);
@@ -340,6 +341,18 @@ pub(crate) struct RegionHint {
     base: *mut u8,
 }
 
+impl RegionHint {
+    /// The region of `mem` holding guest address `addr`.
+    pub(crate) fn of(mem: &GuestMemoryMmap, addr: u64) -> Option<RegionHint> {
+        let r = mem.find_region(GuestAddress(addr))?;
+        Some(RegionHint {
+            start: r.start_addr().0,
+            len: r.len(),
+            base: r.get_host_address(MemoryRegionAddress(0)).ok()?,
+        })
+    }
+}
+
 /// [`host_ptr`] trying `hint` (a region of the same `mem`) before the region lookup, and
 /// remembering the region found.
 #[inline]
@@ -352,12 +365,7 @@ pub(crate) fn host_ptr_hinted(
     let h = match *hint {
         Some(h) if addr >= h.start && addr - h.start < h.len => h,
         _ => {
-            let r = mem.find_region(GuestAddress(addr))?;
-            let h = RegionHint {
-                start: r.start_addr().0,
-                len: r.len(),
-                base: r.get_host_address(MemoryRegionAddress(0)).ok()?,
-            };
+            let h = RegionHint::of(mem, addr)?;
             *hint = Some(h);
             h
         }
@@ -1014,21 +1022,60 @@ pub(crate) fn parse_walked(
     parse_header(&hdr, limits, acked, out)
 }
 
-/// Parse a chain of the common shape that [`crate::ring::RingView`]'s walk recognised
-/// ([`SimpleChain`]) into `out`: every check of [`parse_walked`] before the header holds for
-/// it by construction, so only the header is read and checked.
+// `parse_simple` reads the header as one `ReqHeader`.
+const _: () = assert!(std::mem::size_of::<ReqHeader>() == REQ_HEADER_LEN);
+
+/// What a chain is parsed against: the device's limits and the features its driver acked
+/// (the same for every chain of a pass).
+#[derive(Clone, Copy)]
+pub(crate) struct ParseCtx<'a> {
+    pub limits: &'a Limits,
+    pub acked: u64,
+}
+
+/// One descriptor of a [`SimpleChain`] and its host address (`len` 0: no such descriptor).
+#[derive(Clone, Copy)]
+pub(crate) struct HostSeg {
+    pub seg: Seg,
+    pub host: *mut u8,
+}
+
+impl HostSeg {
+    /// No descriptor.
+    pub const NONE: HostSeg = HostSeg {
+        seg: Seg { addr: 0, len: 0 },
+        host: std::ptr::null_mut(),
+    };
+}
+
+/// A chain of the shape drivers post, as the ring's walk found it
+/// ([`crate::ring::RingView::pop`]): a readable header descriptor of at least 96 bytes, at most
+/// one more descriptor before the last, which is writable and holds the whole completion; no
+/// indirect table; each descriptor inside one memory region, none empty. [`parse_simple`]
+/// splits it into its streams.
+#[derive(Clone, Copy)]
+pub(crate) struct SimpleChain {
+    /// The first descriptor: the header (its first 96 bytes), then payload.
+    pub header: HostSeg,
+    /// A second readable descriptor (payload), or none.
+    pub payload: HostSeg,
+    /// A writable descriptor before the last (data area), or none.
+    pub data: HostSeg,
+    /// The last descriptor: data area, then the completion (its last 64 bytes).
+    pub comp: HostSeg,
+}
+
+/// Parse a chain of the common shape into `out`: every check of [`parse_walked`] before the
+/// header holds for it by construction, so only the header is read and checked. `mem` is the
+/// memory table the walk found the host addresses in (alive while it is borrowed).
 #[inline(always)]
-fn parse_simple(
+pub(crate) fn parse_simple(
     mem: &Arc<GuestMemoryMmap>,
-    c: &SimpleChain<'_>,
-    limits: &Limits,
-    acked: u64,
+    c: &SimpleChain,
+    ctx: &ParseCtx<'_>,
     out: &mut Req,
 ) -> Verdict {
-    let nr = usize::from(c.nr);
-    let nw = usize::from(c.nw);
-    // The walk guarantees 1..=2 of each and a last writable descriptor holding the completion.
-    let last = c.wr[nw - 1];
+    let last = c.comp.seg;
     let keep = last.len - COMPLETION_LEN as u32;
     out.comp = Segs::one(Seg {
         addr: last.addr.wrapping_add(u64::from(keep)),
@@ -1044,119 +1091,71 @@ fn parse_simple(
     {
         out.resolved.table = Some(mem.clone());
     }
-    out.resolved.comp = c.wr_host[nw - 1] as usize + keep as usize;
+    out.resolved.comp = c.comp.host as usize + keep as usize;
     // Only header and completion descriptors are exempt from `max_sge` (as in `parse_walked`):
     // the header's when it is exactly 96 bytes, the completion's when exactly 64.
-    let count = nr + nw;
-    let control = usize::from(c.rd[0].len as usize == REQ_HEADER_LEN) + usize::from(keep == 0);
-    if count > limits.max_sge as usize && count - control > limits.max_sge as usize {
-        // Only the completion area is this chain's.
-        out.resolved.payload = 0;
-        out.resolved.data = 0;
-        return Verdict::Reject {
-            status: Status::BadChain,
-            cookie: 0,
-        };
+    // Such a chain has three descriptors at most: only a `max_sge` below that can refuse it.
+    let max_sge = ctx.limits.max_sge as usize;
+    if max_sge < 3 {
+        let count = 2 + usize::from(c.payload.seg.len > 0) + usize::from(c.data.seg.len > 0);
+        let control =
+            usize::from(c.header.seg.len as usize == REQ_HEADER_LEN) + usize::from(keep == 0);
+        if count > max_sge && count - control > max_sge {
+            // Only the completion area is this chain's.
+            out.resolved.payload = 0;
+            out.resolved.data = 0;
+            return Verdict::Reject {
+                status: Status::BadChain,
+                cookie: 0,
+            };
+        }
     }
-    out.payload = Segs::one(Seg {
-        addr: c.rd[0].addr.wrapping_add(REQ_HEADER_LEN as u64),
-        len: c.rd[0].len - REQ_HEADER_LEN as u32,
-    });
-    out.resolved.payload = if out.payload.len > 0 {
-        c.header as usize + REQ_HEADER_LEN
-    } else if nr == 2 {
-        c.rd_host[1] as usize
+    let hdr = c.header;
+    let rest = hdr.seg.len - REQ_HEADER_LEN as u32;
+    if rest > 0 {
+        out.payload = Segs::one(Seg {
+            addr: hdr.seg.addr.wrapping_add(REQ_HEADER_LEN as u64),
+            len: rest,
+        });
+        out.payload.push(c.payload.seg);
+        out.resolved.payload = hdr.host as usize + REQ_HEADER_LEN;
     } else {
-        0
-    };
-    if nr == 2 {
-        out.payload.push(c.rd[1]);
+        // Empty (and host address 0) without a payload descriptor.
+        out.payload = Segs::one(c.payload.seg);
+        out.resolved.payload = c.payload.host as usize;
     }
     let tail = Seg {
         addr: last.addr,
         len: keep,
     };
-    if nw == 2 {
-        out.data = Segs::one(c.wr[0]);
+    if c.data.seg.len > 0 {
+        out.data = Segs::one(c.data.seg);
         out.data.push(tail);
-        out.resolved.data = c.wr_host[0] as usize;
+        out.resolved.data = c.data.host as usize;
     } else {
         out.data = Segs::one(tail);
-        out.resolved.data = if keep > 0 { c.wr_host[0] as usize } else { 0 };
+        out.resolved.data = if keep > 0 { c.comp.host as usize } else { 0 };
     }
-    let mut hdr = ReqHeader::default();
-    // SAFETY: the walk found the whole first descriptor (at least REQ_HEADER_LEN bytes) at
-    // `c.header` inside one region of the memory table the chain's lifetime borrows, so the
-    // mapping is alive; `hdr` is our own; guest memory is only copied from.
-    unsafe { guest_copy(hdr.as_mut_slice().as_mut_ptr(), c.header, REQ_HEADER_LEN) };
-    parse_header(&hdr, limits, acked, out)
+    // SAFETY: the walk found the whole first descriptor (at least REQ_HEADER_LEN bytes, the
+    // size of `ReqHeader`) at `hdr.host` inside one region of `mem`, which the caller's borrow
+    // keeps mapped. The bytes are copied (as `guest_copy` copies from a word on), never
+    // referenced, and any bytes are a valid `ReqHeader` (plain little-endian integers).
+    let h: ReqHeader = unsafe { std::ptr::read_unaligned(hdr.host as *const ReqHeader) };
+    parse_header(&h, ctx.limits, ctx.acked, out)
 }
 
-/// A chain of the shape drivers post (a readable header descriptor of at least 96 bytes, at
-/// most one more readable descriptor, one or two writable ones, the last holding the whole
-/// completion; no indirect table; each descriptor inside one memory region, none empty), as
-/// the ring's walk found it: [`parse_simple`] splits it into its streams.
-pub(crate) struct SimpleChain<'m> {
-    /// Host address of the header (the first 96 bytes of the first descriptor).
-    pub header: *const u8,
-    /// The readable descriptors (`nr` of them, 1 or 2; the first holds the header).
-    pub rd: [Seg; 2],
-    /// Their host addresses.
-    pub rd_host: [*const u8; 2],
-    pub nr: u8,
-    /// The writable descriptors (`nw` of them, 1 or 2; the last holds the completion).
-    pub wr: [Seg; 2],
-    /// Their host addresses.
-    pub wr_host: [*mut u8; 2],
-    pub nw: u8,
-    /// The memory table `header` points into.
-    pub mem: std::marker::PhantomData<&'m GuestMemoryMmap>,
-}
-
-impl SimpleChain<'_> {
-    /// A chain of no descriptors, for [`crate::ring::RingView::pop`] to fill.
-    pub fn empty() -> Self {
-        const NONE: Seg = Seg { addr: 0, len: 0 };
-        SimpleChain {
-            header: std::ptr::null(),
-            rd: [NONE; 2],
-            rd_host: [std::ptr::null(); 2],
-            nr: 0,
-            wr: [NONE; 2],
-            wr_host: [std::ptr::null_mut(); 2],
-            nw: 0,
-            mem: std::marker::PhantomData,
-        }
-    }
-}
-
-/// One chain popped from a ring by [`crate::ring::RingView::pop`].
-pub(crate) enum Popped<'w, 'm> {
-    /// The general walk, and whether the head descriptor is an indirect one.
-    Walked(&'w mut Walked, bool),
-    /// A chain of the common shape.
-    Simple(&'w SimpleChain<'m>),
-}
-
-/// Parse a chain popped from a ring (walked in `mem`) into `out`, whose `queue` and `head`
-/// name the chain.
-#[inline]
-pub(crate) fn parse_popped(
-    mem: &Arc<GuestMemoryMmap>,
-    chain: Popped<'_, '_>,
-    limits: &Limits,
-    acked: u64,
+/// Parse a chain the general walk took (walked in `mem`) into `out`, whose `queue` and `head`
+/// name the chain; `head_indirect`: its head descriptor is an indirect one.
+pub(crate) fn parse_general(
+    mem: &GuestMemoryMmap,
+    w: &mut Walked,
+    head_indirect: bool,
+    ctx: &ParseCtx<'_>,
     out: &mut Req,
 ) -> Verdict {
-    match chain {
-        Popped::Walked(w, indirect) => {
-            // Host addresses of the previous chain are not this one's (nor is its table kept).
-            out.resolved = Resolved::default();
-            parse_walked(mem, w, limits, acked, indirect, out)
-        }
-        // Sets every host address (and the table) anew.
-        Popped::Simple(c) => parse_simple(mem, c, limits, acked, out),
-    }
+    // Host addresses of the previous chain are not this one's (nor is its table kept).
+    out.resolved = Resolved::default();
+    parse_walked(mem, w, ctx.limits, ctx.acked, head_indirect, out)
 }
 
 /// Check a request header read from chain `out` names and, if it is valid, put it in `out`
@@ -1182,20 +1181,21 @@ fn parse_header(hdr: &ReqHeader, limits: &Limits, acked: u64, out: &mut Req) -> 
     }
     let req = &out.req;
     let payload = out.payload.len;
-    if acked & bit(req.opcode.required_feature()) == 0 || !implemented(req.opcode) {
-        return reject(Status::Unsupported);
-    }
-    if qp > 0 && acked & bit(VIRTIO_FABRIC_F_MQ) == 0 {
-        return reject(Status::Unsupported);
-    }
-    if req.flags & flags::REMOTE_CQ_DATA != 0 && acked & bit(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0 {
-        return reject(Status::Unsupported);
-    }
-    // Specified but not implemented by this device yet.
-    if req.flags & flags::MULTI_RECV != 0 {
-        return reject(Status::Unsupported);
-    }
-    if req.flags & flags::COMMIT_COMPLETE != 0 && acked & bit(VIRTIO_FABRIC_F_RMA_PMEM) == 0 {
+    // Every feature the request needs (its opcode's, a queue pair past the first's, its
+    // flags'), checked at once.
+    let need = |on: bool, feature: u32| if on { bit(feature) } else { 0 };
+    let needed = bit(req.opcode.required_feature())
+        | need(qp > 0, VIRTIO_FABRIC_F_MQ)
+        | need(
+            req.flags & flags::REMOTE_CQ_DATA != 0,
+            VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+        )
+        | need(
+            req.flags & flags::COMMIT_COMPLETE != 0,
+            VIRTIO_FABRIC_F_RMA_PMEM,
+        );
+    // MULTI_RECV: specified but not implemented by this device yet.
+    if acked & needed != needed || !implemented(req.opcode) || req.flags & flags::MULTI_RECV != 0 {
         return reject(Status::Unsupported);
     }
 

@@ -27,7 +27,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::chain::{
-    host_ptr_hinted, GuestMemoryMmap, Popped, RegionHint, RingError, Seg, SimpleChain, Walked,
+    host_ptr_hinted, parse_general, parse_simple, GuestMemoryMmap, HostSeg, ParseCtx, RegionHint,
+    Req, RingError, Seg, SimpleChain, Verdict, Walked,
 };
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -52,6 +53,9 @@ pub(crate) struct RingView {
     /// VIRTIO_RING_F_EVENT_IDX was negotiated when the view was built (views are rebuilt when
     /// it changes).
     event_idx: bool,
+    /// The region of `_mem` holding the descriptor table: a walk through that same table
+    /// starts from it (the buffers of a chain mostly lie in the ring's region).
+    region: Option<RegionHint>,
 }
 
 // SAFETY: the raw pointers point into mappings owned by `_mem` (an `Arc`), which lives as long
@@ -81,7 +85,9 @@ impl RingView {
         let desc = host_range(&mem, q.desc_table(), 16 * n, 16).ok_or(RingError::Invalid)?;
         let avail = host_range(&mem, q.avail_ring(), 6 + 2 * n, 2).ok_or(RingError::Invalid)?;
         let used = host_range(&mem, q.used_ring(), 6 + 8 * n, 4).ok_or(RingError::Invalid)?;
+        let region = RegionHint::of(&mem, q.desc_table());
         Ok(Self {
+            region,
             _mem: mem,
             generation,
             desc_gpa: q.desc_table(),
@@ -219,15 +225,22 @@ impl RingView {
         self.avail_idx() != next_avail
     }
 
-    /// Pop up to `max` chains from avail index `*next_avail` on (advanced past them) into `out`
-    /// as `(head, walked chain, head is indirect)`. Fails on a corrupt ring (avail index more
-    /// than a ring ahead, head out of range).
+    /// Pop up to `max` chains from avail index `*next_avail` on (advanced past them), parse
+    /// each into `out` (whose `queue` names this ring; its `head` is set per chain) and hand it
+    /// to `each` with its verdict. Fails on a corrupt ring (avail index more than a ring ahead,
+    /// head out of range).
+    // Inlined into the pass (its one caller on the data path): a call per ring visit cost
+    // more, in setting up its arguments and the closure's and in saving registers, than
+    // the pop of one chain.
+    #[inline(always)]
     pub fn pop(
         &self,
         next_avail: &mut u16,
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         max: usize,
-        mut each: impl FnMut(u16, Popped<'_, '_>),
+        ctx: &ParseCtx<'_>,
+        out: &mut Req,
+        mut each: impl FnMut(&mut Req, Verdict),
     ) -> Result<usize, RingError> {
         let avail = Wrapping(self.avail_idx());
         let mut next = Wrapping(*next_avail);
@@ -236,10 +249,14 @@ impl RingView {
             return Err(RingError::Avail(virtio_queue::Error::InvalidAvailRingIndex));
         }
         let take = usize::from(pending).min(max);
-        // The region of the last descriptor seen: chains mostly lie in one region.
-        let mut hint = None;
-        // Filled in place for each chain of the common shape (not built and moved per chain).
-        let mut c = SimpleChain::empty();
+        // The region of the last descriptor seen: chains mostly lie in one region, and in
+        // the ring's one. Only a region of `mem` itself serves (the host addresses found are
+        // kept as `mem`'s).
+        let mut hint = if std::ptr::eq(Arc::as_ptr(&self._mem), Arc::as_ptr(mem)) {
+            self.region
+        } else {
+            None
+        };
         for _ in 0..take {
             let head = self.avail_entry(next.0);
             if head >= self.size {
@@ -248,88 +265,117 @@ impl RingView {
                     size: self.size,
                 });
             }
-            if self.simple(mem, head, &mut hint, &mut c).is_some() {
-                each(head, Popped::Simple(&c));
-            } else {
-                // Walked in place and lent: the chain's streams are not moved (a few hundred
-                // bytes).
-                let mut walked = Walked::default();
-                let indirect = self.walk(mem, head, &mut walked);
-                each(head, Popped::Walked(&mut walked, indirect));
-            }
+            out.head = head;
+            // The common shape is split into its streams straight from the descriptors.
+            let v = match self.simple(mem, head, &mut hint) {
+                Some(c) => parse_simple(mem, &c, ctx, out),
+                None => self.walk_and_parse(mem, head, ctx, out),
+            };
+            each(out, v);
             next += Wrapping(1);
         }
         *next_avail = next.0;
         Ok(take)
     }
 
-    /// Chain `head` into `c` if it has the shape drivers post (see [`SimpleChain`]), split
-    /// into its streams; `None` (with `c` left partly filled) sends it to the general
-    /// [`RingView::walk`], which finds the same streams for such a chain (the differential test
-    /// checks both against virtio-queue) and handles every other shape and error.
-    #[inline]
-    fn simple<'m>(
+    /// Chain `head` if it has the shape drivers post (see [`SimpleChain`]: two or three
+    /// descriptors); `None` sends it to the general [`RingView::walk`], which finds the same
+    /// streams for such a chain (the differential test checks both against virtio-queue) and
+    /// handles every other shape and error.
+    #[inline(always)]
+    fn simple(
         &self,
-        mem: &'m GuestMemoryMmap,
+        mem: &GuestMemoryMmap,
         head: u16,
         hint: &mut Option<RegionHint>,
-        c: &mut SimpleChain<'m>,
-    ) -> Option<()> {
-        let (mut nr, mut nw) = (0usize, 0usize);
-        let mut total = 0u64;
-        let mut i = head;
-        let mut k = 0u16;
-        loop {
-            // The general walk cuts a chain longer than the table short.
-            if k >= self.size || k == 3 {
-                return None;
-            }
-            let (addr, rest) = self.ring_desc(i);
-            let len = rest as u32;
-            let flags = (rest >> 32) as u16;
-            let next = (rest >> 48) as u16;
-            if flags & VIRTQ_DESC_F_INDIRECT != 0 || len == 0 {
-                return None;
-            }
-            let host = host_ptr_hinted(mem, hint, addr, len as usize)?;
-            total += u64::from(len);
-            let seg = Seg { addr, len };
-            if flags & VIRTQ_DESC_F_WRITE != 0 {
-                *c.wr.get_mut(nw)? = seg;
-                *c.wr_host.get_mut(nw)? = host;
-                nw += 1;
-            } else {
-                // Readable after writable, or a third readable: the general walk.
-                if nw > 0 {
-                    return None;
-                }
-                if nr == 0 {
-                    if (len as usize) < REQ_HEADER_LEN {
-                        return None;
-                    }
-                    c.header = host;
-                }
-                *c.rd.get_mut(nr)? = seg;
-                *c.rd_host.get_mut(nr)? = host as *const u8;
-                nr += 1;
-            }
-            k += 1;
-            if flags & VIRTQ_DESC_F_NEXT == 0 {
-                break;
-            }
-            if next >= self.size {
-                return None;
-            }
-            i = next;
-        }
-        // The general walk stops at 4 GiB of buffers.
-        let last = *c.wr.get(nw.checked_sub(1)?)?;
-        if nr == 0 || total > u64::from(u32::MAX) || (last.len as usize) < COMPLETION_LEN {
+    ) -> Option<SimpleChain> {
+        let (header, f0, n0) = self.simple_desc(mem, head, hint)?;
+        // The general walk cuts a chain longer than the table short: the second descriptor
+        // needs a table of two, the third one of three.
+        if f0 & (VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT) != VIRTQ_DESC_F_NEXT
+            || (header.seg.len as usize) < REQ_HEADER_LEN
+            || self.size < 2
+            || n0 >= self.size
+        {
             return None;
         }
-        c.nr = nr as u8;
-        c.nw = nw as u8;
-        Some(())
+        let (second, f1, n1) = self.simple_desc(mem, n0, hint)?;
+        let (payload, data, comp) = if f1 & VIRTQ_DESC_F_NEXT == 0 {
+            // Header, completion.
+            if f1 & VIRTQ_DESC_F_WRITE == 0 {
+                return None;
+            }
+            (HostSeg::NONE, HostSeg::NONE, second)
+        } else {
+            if self.size < 3 || n1 >= self.size {
+                return None;
+            }
+            // The last: writable (nothing readable after a writable one), no fourth.
+            let (third, f2, _) = self.simple_desc(mem, n1, hint)?;
+            if f2 & (VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT) != VIRTQ_DESC_F_WRITE {
+                return None;
+            }
+            if f1 & VIRTQ_DESC_F_WRITE != 0 {
+                (HostSeg::NONE, second, third)
+            } else {
+                (second, HostSeg::NONE, third)
+            }
+        };
+        // The general walk stops at 4 GiB of buffers.
+        let total = u64::from(header.seg.len)
+            + u64::from(payload.seg.len)
+            + u64::from(data.seg.len)
+            + u64::from(comp.seg.len);
+        if (comp.seg.len as usize) < COMPLETION_LEN || total > u64::from(u32::MAX) {
+            return None;
+        }
+        Some(SimpleChain {
+            header,
+            payload,
+            data,
+            comp,
+        })
+    }
+
+    /// Descriptor `i` (< size) of the ring's table for [`RingView::simple`], with its flags and
+    /// `next`; `None` if it is indirect, empty or not inside one memory region.
+    #[inline(always)]
+    fn simple_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        i: u16,
+        hint: &mut Option<RegionHint>,
+    ) -> Option<(HostSeg, u16, u16)> {
+        let (addr, rest) = self.ring_desc(i);
+        let len = rest as u32;
+        let flags = (rest >> 32) as u16;
+        let next = (rest >> 48) as u16;
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 || len == 0 {
+            return None;
+        }
+        let host = host_ptr_hinted(mem, hint, addr, len as usize)?;
+        Some((
+            HostSeg {
+                seg: Seg { addr, len },
+                host,
+            },
+            flags,
+            next,
+        ))
+    }
+
+    /// Any chain [`RingView::simple`] did not take: walked in full, then parsed.
+    #[inline(never)]
+    fn walk_and_parse(
+        &self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        ctx: &ParseCtx<'_>,
+        out: &mut Req,
+    ) -> Verdict {
+        let mut walked = Walked::default();
+        let indirect = self.walk(mem, head, &mut walked);
+        parse_general(mem, &mut walked, indirect, ctx, out)
     }
 
     /// Descriptor `i` of the ring's own table (`i` < size, checked by the caller) as

@@ -680,7 +680,7 @@ fn backend_service_requests_are_checked() {
 /// counting, descriptors outside memory, empty or indirect ones) are all here.
 #[test]
 fn simple_chains_parse_as_the_general_walk() {
-    use crate::chain::Popped;
+    use crate::chain::ParseCtx;
     use crate::testutil::MEM_SIZE;
     const R: u16 = 0;
     const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -733,6 +733,9 @@ fn simple_chains_parse_as_the_general_walk() {
             false,
         ),
         (vec![(HDR, 96, W), (comp, 64, W)], 16, 8, false),
+        // No writable descriptor, the last readable one large enough for a completion.
+        (vec![(HDR, 96, R), (comp, 64, R)], 16, 8, false),
+        (vec![(HDR, 96, R), (pay, 8, R), (comp, 64, R)], 16, 8, false),
         (vec![(HDR, 96, R), (comp, 64, W), (pay, 8, R)], 16, 8, false),
         (
             vec![(HDR, 96, R), (data, 0, W), (comp, 64, W)],
@@ -783,16 +786,17 @@ fn simple_chains_parse_as_the_general_walk() {
             let mut took_simple = Vec::new();
             // One slot for every chain, as the data path parses them.
             let mut slot = Req::blank(queue, 0);
-            view.pop(&mut next, &mem, 64, |head, chain| {
-                took_simple.push(matches!(chain, Popped::Simple(_)));
-                slot.head = head;
-                let v =
-                    crate::chain::parse_popped(&mem, chain, &rig.limits, ALL_FEATURES, &mut slot);
+            let ctx = ParseCtx {
+                limits: &rig.limits,
+                acked: ALL_FEATURES,
+            };
+            view.pop(&mut next, &mem, 64, &ctx, &mut slot, |slot, v| {
                 // Host addresses the walk resolved are those of the streams' first bytes (the
-                // completion's at least, on the fast path), used through that table only.
+                // completion's at least, on the fast path, and none on the general walk), used
+                // through that table only.
                 let (agree, usable) = slot.resolved_agree(&mem);
                 assert!(agree, "case {i}: resolved host addresses");
-                assert_eq!(usable > 0, *simple, "case {i}");
+                took_simple.push(usable > 0);
                 let other = Arc::new(rig.mem().clone());
                 assert_eq!(
                     slot.resolved_agree(&other),
@@ -901,9 +905,8 @@ mod hostile {
             let mut fast = Vec::new();
             let mut fast_next = fast_q.next_avail();
             let mut slot = Req::blank(queue, 0);
-            let fast_res = view.pop(&mut fast_next, &mem, 64, |head, chain| {
-                slot.head = head;
-                let v = crate::chain::parse_popped(&mem, chain, &rig.limits, acked, &mut slot);
+            let ctx = crate::chain::ParseCtx { limits: &rig.limits, acked };
+            let fast_res = view.pop(&mut fast_next, &mem, 64, &ctx, &mut slot, |slot, v| {
                 // Resolved host addresses are those of the streams' first bytes.
                 assert!(slot.resolved_agree(&mem).0);
                 fast.push(Parsed::new(slot.clone(), v));

@@ -684,7 +684,7 @@ impl Fabric {
     /// with verdict `v`; `mem` is the guest memory table it was parsed in. The request is lent:
     /// a handler that keeps it takes it ([`Req::take`]).
     #[allow(clippy::too_many_arguments)]
-    #[inline]
+    #[inline(always)]
     pub fn handle_one(
         &self,
         dev: usize,
@@ -717,6 +717,7 @@ impl Fabric {
 
     /// The chains of one batch have been handled: start deferred requests whose fence may be
     /// satisfied now.
+    #[inline]
     pub fn end_batch(&self, n: &mut Notify) {
         // Not from inside a yield point: a request suspended mid-copy below us must complete
         // before its fenced successors start. The next batch anywhere runs them.
@@ -887,7 +888,7 @@ impl Fabric {
         self.completed(dev, port, r.queue, r.head, u32::from(c.status), used, n);
     }
 
-    #[inline]
+    #[inline(always)]
     /// `req` is lent from the pass's batch: a handler that keeps the request takes it
     /// ([`Req::take`]), the eager send path only reads it.
     fn dispatch(
