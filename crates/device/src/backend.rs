@@ -282,11 +282,7 @@ impl CompletionSink for VringSink {
             return unknown_queue(queue);
         };
         let generation = self.mem_generation.load(Ordering::Acquire);
-        let notify = {
-            let mut st = lock(&ring.state);
-            st.stage(head, len);
-            st.publish_staged(generation)
-        };
+        let notify = lock(&ring.state).stage_and_publish(head, len, generation);
         self.published(q, notify, generation);
     }
 

@@ -577,6 +577,23 @@ impl RingState {
         }
     }
 
+    /// [`RingState::stage`] then [`RingState::publish_staged`]: with nothing else staged (a
+    /// batch's first completion of the ring, mostly) the completion goes to the used ring
+    /// without passing through the staged list.
+    #[inline]
+    pub fn stage_and_publish(&mut self, head: u16, len: u32, generation: u64) -> Option<bool> {
+        if self.staged.is_empty() {
+            if let Some(v) = self.view.as_ref().filter(|v| v.generation == generation) {
+                v.push_used(&mut self.next_used, &[(head, len)]);
+                let n = v.needs_notification(self.next_used, self.notified_upto);
+                self.notified_upto = self.next_used;
+                return Some(n);
+            }
+        }
+        self.stage(head, len);
+        self.publish_staged(generation)
+    }
+
     /// Drop the staged completions (their used ring cannot be written).
     pub fn drop_staged(&mut self) {
         self.staged.clear();
