@@ -330,12 +330,14 @@ impl RingView {
                 (second, HostSeg::NONE, third)
             }
         };
-        // The general walk stops at 4 GiB of buffers.
-        let total = u64::from(header.seg.len)
-            + u64::from(payload.seg.len)
-            + u64::from(data.seg.len)
-            + u64::from(comp.seg.len);
-        if (comp.seg.len as usize) < COMPLETION_LEN || total > u64::from(u32::MAX) {
+        // The general walk stops at 4 GiB of buffers (a 32-bit total that would overflow).
+        // One of `payload` and `data` is empty.
+        let total = header
+            .seg
+            .len
+            .checked_add(payload.seg.len | data.seg.len)
+            .and_then(|t| t.checked_add(comp.seg.len));
+        if (comp.seg.len as usize) < COMPLETION_LEN || total.is_none() {
             return None;
         }
         Some(SimpleChain {
