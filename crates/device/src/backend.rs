@@ -12,7 +12,7 @@ use std::fmt::Display;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use tracing::{debug, error, info, warn};
@@ -282,11 +282,7 @@ impl CompletionSink for VringSink {
             return unknown_queue(queue);
         };
         let generation = self.mem_generation.load(Ordering::Acquire);
-        let notify = {
-            let mut st = lock(&ring.state);
-            st.stage(head, len);
-            st.publish_staged(generation)
-        };
+        let notify = lock(&ring.state).stage_and_publish(head, len, generation);
         self.published(q, notify, generation);
     }
 
@@ -452,6 +448,9 @@ pub(crate) struct FabricBackend {
     rx_check_armed: AtomicBool,
     /// Raw fd of the exit consumer handed to vhost-user-backend (it leaks it; we close it).
     exit_fd: Mutex<Option<RawFd>>,
+    /// The vring worker's epoll fd (-1 until the daemon hands it over), where a ring's kick is
+    /// re-registered as one of our own events ([`FabricBackend::redirect_kick`]).
+    worker_epoll: AtomicI32,
     shutdown: Mutex<Option<ShutdownHandle>>,
     broken: AtomicBool,
     /// Called once, when the first ring runs (see [`FabricBackend::on_ring_started`]).
@@ -501,6 +500,7 @@ impl FabricBackend {
             regions: Mutex::new(Vec::new()),
             exit_event: Mutex::new(Some(exit)),
             exit_fd: Mutex::new(None),
+            worker_epoll: AtomicI32::new(-1),
             shutdown: Mutex::new(None),
             broken: AtomicBool::new(false),
             ring_started: Mutex::new(None),
@@ -631,6 +631,95 @@ impl FabricBackend {
     /// The epoll event id of the RX wake-up: past the queues and the exit event.
     pub fn wake_event(&self) -> u64 {
         self.num_queues as u64 + 1
+    }
+
+    /// Hand over the vring worker's epoll fd (its only thread's: [`Self::queues_per_thread`]),
+    /// so that kicks can be taken as our own events ([`Self::redirect_kick`]).
+    pub fn set_worker_epoll(&self, fd: RawFd) {
+        self.worker_epoll.store(fd, Ordering::Release);
+    }
+
+    /// The epoll event id ring `q`'s kick is re-registered under: past the RX wake-up and the
+    /// RX check timer.
+    fn kick_event(&self, q: usize) -> u64 {
+        self.wake_event() + 2 + q as u64
+    }
+
+    /// The ring whose kick event `device_event` is, if it is one ([`Self::kick_event`]).
+    fn kicked_ring(&self, device_event: u16) -> Option<usize> {
+        let q = u64::from(device_event).checked_sub(self.kick_event(0))?;
+        (q < self.num_queues as u64).then_some(q as usize)
+    }
+
+    /// Re-register ring `q`'s kick fd in the worker's epoll under [`Self::kick_event`] instead
+    /// of the ring's index. vhost-user-backend's worker registers each ring's kick under the
+    /// ring's index and, for such an event, consumes the kick (a read lock of the ring, then
+    /// libc's cancellable `read` through `EventConsumer`) before calling `handle_event`; an event
+    /// past its reserved range goes to `handle_event` as is, and [`Self::consume_kick`] reads
+    /// the kick with one plain `read` system call. vhost-user-backend removes the fd by fd
+    /// (`EPOLL_CTL_DEL`, whatever its event id) when it stops the ring or the frontend replaces
+    /// the kick (closing the old fd removes it too), and registers the new one under the
+    /// ring's index again, whose first event comes back here. Best effort: if the fd is not
+    /// registered (any more), the kick stays vhost-user-backend's.
+    #[cold]
+    fn redirect_kick(&self, vr: &VringRwLock, q: usize) {
+        let epfd = self.worker_epoll.load(Ordering::Acquire);
+        if epfd < 0 {
+            return;
+        }
+        // Under the ring's read lock: the fd cannot be replaced (and closed) meanwhile.
+        let st = vr.get_ref();
+        let Some(kick) = st.get_kick() else {
+            return;
+        };
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: self.kick_event(q),
+        };
+        // SAFETY: `epfd` is the worker's epoll (this runs on the worker, inside its loop, so it
+        // is open) and `kick`'s fd is open while the read lock is held; `ev` is a valid event.
+        let r = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, kick.as_raw_fd(), &mut ev) };
+        if r != 0 {
+            debug!(
+                dev = self.dev,
+                q,
+                "kick not re-registered: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Consume ring `q`'s kick (taken as our own event, [`Self::redirect_kick`]) as
+    /// vhost-user-backend would: read the eventfd, then say whether the ring is enabled (a
+    /// disabled ring is not processed).
+    fn consume_kick(&self, vr: &VringRwLock) -> io::Result<bool> {
+        let st = vr.get_ref();
+        if let Some(kick) = st.get_kick() {
+            let mut count = 0u64;
+            // SAFETY: the fd is open while the ring's read lock is held (it is replaced only
+            // under its write lock); `count` is 8 writable bytes. A plain system call: glibc's
+            // `read` is a cancellation point and costs its bookkeeping on every kick.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_read,
+                    kick.as_raw_fd(),
+                    std::ptr::addr_of_mut!(count),
+                    8usize,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                // Nothing to read (another reader was first) or interrupted: the epoll is
+                // level-triggered, a kick still pending is reported again.
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(st.is_enabled())
     }
 
     /// EVENT_IDX is in use: disabling notifications is implicit (the driver kicks only when it
@@ -1188,22 +1277,23 @@ impl VhostUserBackend for FabricBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if device_event as usize >= self.num_queues {
-            if u64::from(device_event) == self.wake_event() {
-                // The fabric queued a message unexpected while the RX rings were quiet.
-                let _ = self.wake.consume();
-                if self.any_ring_started.load(Ordering::Acquire) {
-                    self.sink.set_vrings(vrings);
-                    self.process(vrings);
-                }
-                self.fabric.rx_woken(self.dev);
-            } else if u64::from(device_event) == self.wake_event() + 1 {
-                // Armed only by a pass, so the rings have started.
-                self.sink.set_vrings(vrings);
-                self.rx_check(vrings);
+        let q = if (device_event as usize) < self.num_queues {
+            // A kick vhost-user-backend consumed (or a ring enabled): the next ones are ours.
+            let q = usize::from(device_event);
+            if let Some(vr) = vrings.get(q) {
+                self.redirect_kick(vr, q);
             }
+            q
+        } else if let Some(q) = self.kicked_ring(device_event) {
+            // A kick taken as our own event: consumed here, not by vhost-user-backend.
+            match vrings.get(q) {
+                Some(vr) if self.consume_kick(vr)? => q,
+                _ => return Ok(()),
+            }
+        } else {
+            self.device_event(device_event, vrings);
             return Ok(());
-        }
+        };
         if !self.any_ring_started.load(Ordering::Relaxed)
             && !self.any_ring_started.swap(true, Ordering::AcqRel)
         {
@@ -1212,13 +1302,32 @@ impl VhostUserBackend for FabricBackend {
             }
         }
         self.sink.set_vrings(vrings);
-        let q = usize::from(device_event);
         if q == 0 || self.poller.enabled() || self.polled.load(Ordering::Acquire) {
             self.process(vrings);
         } else {
             self.process_queue(vrings, q);
         }
         Ok(())
+    }
+}
+
+impl FabricBackend {
+    /// An event of the device's own other than a kick: the RX wake-up or the RX check timer.
+    #[cold]
+    fn device_event(&self, device_event: u16, vrings: &[VringRwLock]) {
+        if u64::from(device_event) == self.wake_event() {
+            // The fabric queued a message unexpected while the RX rings were quiet.
+            let _ = self.wake.consume();
+            if self.any_ring_started.load(Ordering::Acquire) {
+                self.sink.set_vrings(vrings);
+                self.process(vrings);
+            }
+            self.fabric.rx_woken(self.dev);
+        } else if u64::from(device_event) == self.wake_event() + 1 {
+            // Armed only by a pass, so the rings have started.
+            self.sink.set_vrings(vrings);
+            self.rx_check(vrings);
+        }
     }
 }
 

@@ -1176,15 +1176,16 @@ fn parse_header(hdr: &ReqHeader, limits: &Limits, acked: u64, out: &mut Req) -> 
     if qp >= limits.num_queue_pairs {
         return reject(Status::Unsupported);
     }
-    if let Err(e) = out.req.parse_from(hdr, class) {
-        return reject(e.status());
-    }
+    let info = match out.req.parse_op(hdr, class) {
+        Ok(info) => info,
+        Err(e) => return reject(e.status()),
+    };
     let req = &out.req;
     let payload = out.payload.len;
     // Every feature the request needs (its opcode's, a queue pair past the first's, its
     // flags'), checked at once.
     let need = |on: bool, feature: u32| if on { bit(feature) } else { 0 };
-    let needed = bit(req.opcode.required_feature())
+    let needed = info.features
         | need(qp > 0, VIRTIO_FABRIC_F_MQ)
         | need(
             req.flags & flags::REMOTE_CQ_DATA != 0,

@@ -387,6 +387,7 @@ fn serve(
             };
         // The fabric wakes the device through this when it may have receives to take (LAZY_RX).
         let wake = daemon.get_epoll_handlers().iter().try_for_each(|h| {
+            backend.set_worker_epoll(h.as_raw_fd());
             h.register_listener(backend.wake_fd(), EventSet::IN, backend.wake_event())?;
             h.register_listener(
                 backend.rx_check_fd(),

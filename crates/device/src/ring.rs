@@ -289,10 +289,14 @@ impl RingView {
         head: u16,
         hint: &mut Option<RegionHint>,
     ) -> Option<SimpleChain> {
+        const SHAPE: u16 = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT;
+        // Each descriptor's flags are checked with one mask: the header readable, not indirect,
+        // with a next; the last writable, not indirect, without one. The header's and the
+        // last one's lengths (at least 96 and 64 bytes) are checked below, so neither is empty.
         let (header, f0, n0) = self.simple_desc(mem, head, hint)?;
         // The general walk cuts a chain longer than the table short: the second descriptor
         // needs a table of two, the third one of three.
-        if f0 & (VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT) != VIRTQ_DESC_F_NEXT
+        if f0 & SHAPE != VIRTQ_DESC_F_NEXT
             || (header.seg.len as usize) < REQ_HEADER_LEN
             || self.size < 2
             || n0 >= self.size
@@ -302,17 +306,22 @@ impl RingView {
         let (second, f1, n1) = self.simple_desc(mem, n0, hint)?;
         let (payload, data, comp) = if f1 & VIRTQ_DESC_F_NEXT == 0 {
             // Header, completion.
-            if f1 & VIRTQ_DESC_F_WRITE == 0 {
+            if f1 & SHAPE != VIRTQ_DESC_F_WRITE {
                 return None;
             }
             (HostSeg::NONE, HostSeg::NONE, second)
         } else {
-            if self.size < 3 || n1 >= self.size {
+            // A descriptor between: not indirect, not empty.
+            if f1 & VIRTQ_DESC_F_INDIRECT != 0
+                || second.seg.len == 0
+                || self.size < 3
+                || n1 >= self.size
+            {
                 return None;
             }
             // The last: writable (nothing readable after a writable one), no fourth.
             let (third, f2, _) = self.simple_desc(mem, n1, hint)?;
-            if f2 & (VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT) != VIRTQ_DESC_F_WRITE {
+            if f2 & SHAPE != VIRTQ_DESC_F_WRITE {
                 return None;
             }
             if f1 & VIRTQ_DESC_F_WRITE != 0 {
@@ -321,12 +330,14 @@ impl RingView {
                 (second, HostSeg::NONE, third)
             }
         };
-        // The general walk stops at 4 GiB of buffers.
-        let total = u64::from(header.seg.len)
-            + u64::from(payload.seg.len)
-            + u64::from(data.seg.len)
-            + u64::from(comp.seg.len);
-        if (comp.seg.len as usize) < COMPLETION_LEN || total > u64::from(u32::MAX) {
+        // The general walk stops at 4 GiB of buffers (a 32-bit total that would overflow).
+        // One of `payload` and `data` is empty.
+        let total = header
+            .seg
+            .len
+            .checked_add(payload.seg.len | data.seg.len)
+            .and_then(|t| t.checked_add(comp.seg.len));
+        if (comp.seg.len as usize) < COMPLETION_LEN || total.is_none() {
             return None;
         }
         Some(SimpleChain {
@@ -338,7 +349,8 @@ impl RingView {
     }
 
     /// Descriptor `i` (< size) of the ring's table for [`RingView::simple`], with its flags and
-    /// `next`; `None` if it is indirect, empty or not inside one memory region.
+    /// `next`; `None` if it is not inside one memory region. Its flags and length are the
+    /// caller's to check.
     #[inline(always)]
     fn simple_desc(
         &self,
@@ -350,9 +362,6 @@ impl RingView {
         let len = rest as u32;
         let flags = (rest >> 32) as u16;
         let next = (rest >> 48) as u16;
-        if flags & VIRTQ_DESC_F_INDIRECT != 0 || len == 0 {
-            return None;
-        }
         let host = host_ptr_hinted(mem, hint, addr, len as usize)?;
         Some((
             HostSeg {
@@ -575,6 +584,23 @@ impl RingState {
             }
             _ => None,
         }
+    }
+
+    /// [`RingState::stage`] then [`RingState::publish_staged`]: with nothing else staged (a
+    /// batch's first completion of the ring, mostly) the completion goes to the used ring
+    /// without passing through the staged list.
+    #[inline]
+    pub fn stage_and_publish(&mut self, head: u16, len: u32, generation: u64) -> Option<bool> {
+        if self.staged.is_empty() {
+            if let Some(v) = self.view.as_ref().filter(|v| v.generation == generation) {
+                v.push_used(&mut self.next_used, &[(head, len)]);
+                let n = v.needs_notification(self.next_used, self.notified_upto);
+                self.notified_upto = self.next_used;
+                return Some(n);
+            }
+        }
+        self.stage(head, len);
+        self.publish_staged(generation)
     }
 
     /// Drop the staged completions (their used ring cannot be written).

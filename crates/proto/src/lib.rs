@@ -387,7 +387,7 @@ impl Opcode {
         })
     }
     /// Which kind of queue may carry this opcode.
-    pub fn queue_class(self) -> QueueClass {
+    pub const fn queue_class(self) -> QueueClass {
         match self as u16 {
             0x0001..=0x00ff => QueueClass::Control,
             0x0181..=0x01ff => QueueClass::Rx,
@@ -395,7 +395,7 @@ impl Opcode {
         }
     }
     /// Feature bit that must be negotiated before this opcode is used.
-    pub fn required_feature(self) -> u32 {
+    pub const fn required_feature(self) -> u32 {
         use Opcode::*;
         match self {
             TSend | TRecv => VIRTIO_FABRIC_F_TAGGED,
@@ -412,6 +412,104 @@ pub enum QueueClass {
     Control,
     Tx,
     Rx,
+}
+
+/// What a device checks of an opcode, found by its wire value at once ([`OpInfo::of`]): a
+/// header is checked with one table lookup instead of a `match` per property.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpInfo {
+    pub opcode: Opcode,
+    /// [`Opcode::queue_class`].
+    pub class: QueueClass,
+    /// [`allowed_flags`].
+    pub allowed: u64,
+    /// [`Opcode::required_feature`], as a feature mask ([`bit`]).
+    pub features: u64,
+}
+
+/// Every opcode.
+const OPCODES: [Opcode; 22] = {
+    use Opcode::*;
+    [
+        QueryCaps,
+        EpOpen,
+        EpClose,
+        MrReg,
+        MrDereg,
+        Cancel,
+        AddrCheck,
+        CommitReply,
+        SvcBind,
+        SvcResolve,
+        Send,
+        TSend,
+        RmaWrite,
+        RmaRead,
+        Atomic,
+        FetchAtomic,
+        CompareAtomic,
+        Flush,
+        Recv,
+        TRecv,
+        MrEvent,
+        CommitEvent,
+    ]
+};
+
+/// The slot of wire opcode `raw` in [`OP_SLOTS`]: opcodes are `0xHLL` with `H` (`raw >> 7`)
+/// below 9 and `LL & 0x7f` below 16, so `(raw >> 7, raw & 0xf)` is a key of 144 values.
+const fn op_slot(raw: u16) -> Option<usize> {
+    if raw >> 7 < 9 && raw & 0x70 == 0 {
+        Some(((raw >> 7) << 4 | (raw & 0xf)) as usize)
+    } else {
+        None
+    }
+}
+
+/// Per [`op_slot`], 1 + the opcode's index in [`OPCODES`] and [`OP_INFO`]; 0: no opcode.
+static OP_SLOTS: [u8; 144] = {
+    let mut t = [0u8; 144];
+    let mut i = 0;
+    while i < OPCODES.len() {
+        match op_slot(OPCODES[i] as u16) {
+            Some(s) if t[s] == 0 => t[s] = i as u8 + 1,
+            // Two opcodes in one slot, or one outside the key: the build fails.
+            _ => panic!("opcode outside the slot key"),
+        }
+        i += 1;
+    }
+    t
+};
+
+/// [`OpInfo`] of each of [`OPCODES`].
+static OP_INFO: [OpInfo; 22] = {
+    let mut t = [OpInfo {
+        opcode: Opcode::QueryCaps,
+        class: QueueClass::Control,
+        allowed: 0,
+        features: 0,
+    }; 22];
+    let mut i = 0;
+    while i < OPCODES.len() {
+        let op = OPCODES[i];
+        t[i] = OpInfo {
+            opcode: op,
+            class: op.queue_class(),
+            allowed: allowed_flags(op),
+            features: bit(op.required_feature()),
+        };
+        i += 1;
+    }
+    t
+};
+
+impl OpInfo {
+    /// The opcode with wire value `raw`, if there is one.
+    #[inline]
+    pub fn of(raw: u16) -> Option<&'static OpInfo> {
+        let i = *OP_SLOTS.get(op_slot(raw)?)?;
+        OP_INFO.get(usize::from(i).checked_sub(1)?)
+    }
 }
 
 /// Request flags (`ReqHeader::flags`).
@@ -977,9 +1075,21 @@ impl Request {
     /// request into the slot it is handled from, without moving it.
     #[inline]
     pub fn parse_from(&mut self, h: &ReqHeader, queue: QueueClass) -> Result<(), ProtoError> {
+        self.parse_op(h, queue).map(|_| ())
+    }
+
+    /// [`Request::parse_from`], returning what the opcode needs of the device
+    /// ([`OpInfo`]: its feature mask).
+    #[inline]
+    pub fn parse_op(
+        &mut self,
+        h: &ReqHeader,
+        queue: QueueClass,
+    ) -> Result<&'static OpInfo, ProtoError> {
         let raw_op: u16 = h.opcode.into();
-        let opcode = Opcode::from_u16(raw_op).ok_or(ProtoError::UnknownOpcode(raw_op))?;
-        if opcode.queue_class() != queue {
+        let info = OpInfo::of(raw_op).ok_or(ProtoError::UnknownOpcode(raw_op))?;
+        let opcode = info.opcode;
+        if info.class != queue {
             return Err(ProtoError::WrongQueue(opcode));
         }
         if u16::from(h.reserved0) != 0 || u16::from(h.reserved1) != 0 {
@@ -992,8 +1102,7 @@ impl Request {
         if (fl & flags::COMPLETION_LEVELS).count_ones() > 1 {
             return Err(ProtoError::BadFlags(fl, opcode));
         }
-        let allowed = allowed_flags(opcode);
-        if fl & !allowed != 0 {
+        if fl & !info.allowed != 0 {
             return Err(ProtoError::BadFlags(fl, opcode));
         }
         // DISCARD drops a claimed message (with CLAIM) or the peeked one (with PEEK).
@@ -1016,7 +1125,7 @@ impl Request {
             count: h.count.into(),
             compare: h.compare.into(),
         };
-        Ok(())
+        Ok(info)
     }
 
     /// Parse a header from raw bytes (the fuzz target's entry point).
@@ -1037,7 +1146,7 @@ impl Request {
 }
 
 /// Flags each opcode accepts.
-pub fn allowed_flags(op: Opcode) -> u64 {
+pub const fn allowed_flags(op: Opcode) -> u64 {
     use flags::*;
     use Opcode::*;
     let completion = INJECT_COMPLETE | TRANSMIT_COMPLETE | DELIVERY_COMPLETE;
@@ -1086,6 +1195,19 @@ pub const fn tag_matches(recv_tag: u64, ignore: u64, send_tag: u64) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn op_info_of_every_wire_value_is_the_opcode_s() {
+        for raw in 0..=u16::MAX {
+            let want = Opcode::from_u16(raw).map(|op| OpInfo {
+                opcode: op,
+                class: op.queue_class(),
+                allowed: allowed_flags(op),
+                features: bit(op.required_feature()),
+            });
+            assert_eq!(OpInfo::of(raw).copied(), want, "opcode {raw:#x}");
+        }
+    }
 
     #[test]
     fn parse_bytes_takes_a_header_at_any_alignment() {

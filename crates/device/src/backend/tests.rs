@@ -506,6 +506,99 @@ fn backend_processes_all_queues_after_a_kick() {
     assert_eq!(d.vrings[2].queue_next_avail(), 1);
 }
 
+/// Ring `q`'s kick: a non-blocking eventfd set on the ring, and a second fd to kick through.
+fn set_kick(vr: &VringRwLock) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain system calls; each fd returned is checked and then owned by one `File`.
+    unsafe {
+        let fd = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        assert!(fd >= 0);
+        let kicker = libc::dup(fd);
+        assert!(kicker >= 0);
+        vr.set_kick(Some(std::fs::File::from_raw_fd(fd)));
+        std::fs::File::from_raw_fd(kicker)
+    }
+}
+
+/// The event ids `epfd` reports now (level-triggered: pending ones, not consumed).
+fn ready_events(epfd: &std::os::fd::OwnedFd) -> Vec<u64> {
+    use std::os::fd::AsRawFd;
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+    // SAFETY: `evs` holds 8 events; the epoll fd is open.
+    let n = unsafe { libc::epoll_wait(epfd.as_raw_fd(), evs.as_mut_ptr(), 8, 0) };
+    assert!(n >= 0);
+    evs[..n as usize].iter().map(|e| e.u64).collect()
+}
+
+#[test]
+fn kicks_are_taken_as_the_device_s_own_events() {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let d = dev();
+    let mut kicker = set_kick(&d.vrings[0]);
+    // The vring worker's epoll, with the kick registered under the ring's index as
+    // vhost-user-backend registers it.
+    // SAFETY: plain system calls on fds this test owns.
+    let epfd = unsafe { OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC)) };
+    let kick_fd = d.vrings[0]
+        .get_ref()
+        .get_kick()
+        .as_ref()
+        .unwrap()
+        .as_raw_fd();
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
+    // SAFETY: both fds are open; `ev` is a valid event.
+    let r = unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, kick_fd, &mut ev) };
+    assert_eq!(r, 0);
+    d.backend.set_worker_epoll(epfd.as_raw_fd());
+
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    d.mem
+        .write_obj(ep_open_req().to_header(), GuestAddress(HDR))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    // The first kick comes as vhost-user-backend's (which consumed it): the kick is then
+    // re-registered as the device's own event.
+    kicker.write_all(&1u64.to_le_bytes()).unwrap();
+    assert_eq!(ready_events(&epfd), [0]);
+    let mut count = [0u8; 8];
+    kicker.read_exact(&mut count).unwrap();
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 1);
+    let own = d.backend.kick_event(0);
+    assert!(own > d.backend.wake_event() + 1);
+    kicker.write_all(&1u64.to_le_bytes()).unwrap();
+    assert_eq!(ready_events(&epfd), [own]);
+
+    // The next kick, as the device's own event: consumed by the device, and its ring served.
+    d.mem
+        .write_obj(
+            Request::new(Opcode::AddrCheck).to_header(),
+            GuestAddress(HDR + 0x200),
+        )
+        .unwrap();
+    chain(&vq0, 2, &[(HDR + 0x200, 96, R), (COMP + 128, 64, W)]);
+    d.backend
+        .handle_event(own as u16, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 2);
+    assert_eq!(ready_events(&epfd), [] as [u64; 0]);
+    // A kick of a disabled ring is consumed, the ring not served.
+    d.vrings[0].set_enabled(false);
+    chain(&vq0, 4, &[(HDR + 0x200, 96, R), (COMP + 192, 64, W)]);
+    kicker.write_all(&1u64.to_le_bytes()).unwrap();
+    d.backend
+        .handle_event(own as u16, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(ready_events(&epfd), [] as [u64; 0]);
+    assert_eq!(vq0.used().idx().load(), 2);
+}
+
 #[test]
 fn backend_reset_device_takes_the_new_ring_indices() {
     let d = dev();
