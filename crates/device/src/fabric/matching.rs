@@ -93,15 +93,8 @@ fn place_front(d: &mut Dev, ep: usize, meta: &Meta, buf: &[u8], rport: &Port) ->
     };
     let placed = meta.len.min(rv.data_len());
     let bytes = buf.get(..placed as usize).unwrap_or(buf);
-    // As in `Fabric::place`: the table the receive was parsed in serves as the receiver's.
-    let loaded;
-    let rmem: &GuestMemoryMmap = match rv.table() {
-        Some(t) => t,
-        None => {
-            loaded = rport.mem.memory();
-            &loaded
-        }
-    };
+    let mut loaded = None;
+    let rmem = rv.placement_table(&rport.mem, &mut loaded);
     if rv.write_data(rmem, bytes).is_err() {
         return e.posted.pop_front().map_or(Front::NoMatch, Front::Faulted);
     }
@@ -350,18 +343,8 @@ impl Fabric {
     ) {
         let placed = meta.len.min(rv.data_len());
         let bytes = buf.get(..placed as usize).unwrap_or(buf);
-        // The memory table the receive was parsed in (the request holds it) serves as the
-        // receiver's, as the table a pass loaded serves its chains: a table that replaced
-        // regions since has cancelled the receives posted in the old one (`update_memory`).
-        // That saves loading the receiver's table per message.
-        let loaded;
-        let rmem: &GuestMemoryMmap = match rv.table() {
-            Some(t) => t,
-            None => {
-                loaded = rport.mem.memory();
-                &loaded
-            }
-        };
+        let mut loaded = None;
+        let rmem = rv.placement_table(&rport.mem, &mut loaded);
         if rv.write_data(rmem, bytes).is_err() {
             self.fail_posted(rdev, rport, rv, Status::Fault, n);
             // The message is not lost: try the next receive (or queue it).

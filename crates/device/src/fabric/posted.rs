@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use vfabric_proto::{flags, tag_matches, Completion, FabricAddr, Opcode, Request, COMPLETION_LEN};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 
 use super::{rx_completion, Meta};
 use crate::chain::{guest_copy, GuestMemoryMmap, MemFault, Req, Seg, Segs};
@@ -180,6 +181,22 @@ impl Posted {
         match &self.area {
             Area::One(o) => o.table.as_deref(),
             Area::Full(r) => r.table(),
+        }
+    }
+
+    /// The memory table a message is placed through: the one the receive was parsed in (it
+    /// holds it; a table that replaced regions since has cancelled the receives posted in the
+    /// old one, `update_memory`), else `receiver`'s current one, loaded into `loaded`. That
+    /// saves loading the receiver's table per message.
+    #[inline(always)]
+    pub fn placement_table<'a>(
+        &'a self,
+        receiver: &GuestMemoryAtomic<GuestMemoryMmap>,
+        loaded: &'a mut Option<GuestMemoryLoadGuard<GuestMemoryMmap>>,
+    ) -> &'a GuestMemoryMmap {
+        match self.table() {
+            Some(t) => t,
+            None => loaded.insert(receiver.memory()),
         }
     }
 
