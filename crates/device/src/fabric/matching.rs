@@ -310,18 +310,7 @@ impl Fabric {
             Counters::add(&c.bytes_copied, p.placed);
         }
         self.completed(rdev, rport, p.queue, p.head, p.status, p.used, n);
-        if let Some(c) = self.counters.get(dev) {
-            Counters::inc(&c.messages_sent);
-        }
-        let loaded;
-        let smem: &GuestMemoryMmap = match smem {
-            Some(m) => m,
-            None => {
-                loaded = port.mem.memory();
-                &loaded
-            }
-        };
-        self.write_completion(dev, port, smem, req, &send_ok(&req.req, p.len), 0, n);
+        self.sent_inline(dev, port, smem, req, p.len, n);
     }
 
     /// Deliver bytes the device already holds (`buf`, from send `req` of `dev`) into receive
@@ -359,6 +348,21 @@ impl Fabric {
         }
         let c = rv.completion(meta, placed);
         self.write_posted(rdev, rport, rmem, rv, &c, placed, n);
+        self.sent_inline(dev, port, smem, req, meta.len, n);
+    }
+
+    /// [`Fabric::sent_in`] inlined, for the eager placements (`place`, `placed_front`), which
+    /// complete the receive and then the send in a row.
+    #[inline(always)]
+    fn sent_inline(
+        &self,
+        dev: usize,
+        port: &Port,
+        smem: Option<&GuestMemoryMmap>,
+        req: &Req,
+        len: u64,
+        n: &mut Notify,
+    ) {
         if let Some(c) = self.counters.get(dev) {
             Counters::inc(&c.messages_sent);
         }
@@ -370,7 +374,7 @@ impl Fabric {
                 &loaded
             }
         };
-        self.write_completion(dev, port, smem, req, &send_ok(&req.req, meta.len), 0, n);
+        self.write_completion(dev, port, smem, req, &send_ok(&req.req, len), 0, n);
     }
 
     pub(super) fn sent(&self, dev: usize, port: &Port, req: &Req, len: u64, n: &mut Notify) {
