@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Sends and receives: matching under the destination device's lock, the copy outside it.
 
+use std::sync::Arc;
+
 use tracing::debug;
 use vfabric_proto::{comp_flags, ep_open, flags, FabricAddr, Opcode, Status};
 use vm_memory::{ByteValued, GuestAddressSpace};
@@ -50,67 +52,6 @@ pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta, at: &mut usize) -
     let i = 1 + e.posted.iter().skip(1).position(|x| x.matches(meta))?;
     *at = i;
     e.posted.remove(i)
-}
-
-/// A message placed into the receive at the front of its queue by [`place_front`]: the
-/// receive's chain, the used length and status of its completion (written), the bytes placed,
-/// and the message's length.
-struct Placed {
-    queue: u16,
-    head: u16,
-    used: u32,
-    status: u32,
-    placed: u64,
-    len: u64,
-}
-
-/// What [`place_front`] did.
-// Returned on the stack once per send, as `Survivor`.
-#[allow(clippy::large_enum_variant)]
-enum Front {
-    /// The oldest receive (if any) does not match: the queue is as it was.
-    NoMatch,
-    /// The message and the receive's completion are written, and the receive left its queue.
-    Placed(Placed),
-    /// The receive's data area faulted: out of its queue, to be failed.
-    Faulted(Posted),
-}
-
-/// The commonest send, under device `d`'s lock: a small payload already read (`buf`, of the
-/// message `meta`) and the oldest posted receive of endpoint `ep` matching it. The bytes and the
-/// receive's completion (64 + 64 at most: no long copy under the lock) are written straight
-/// into the receive where it waits (`rport`'s memory), through the host addresses its parse
-/// resolved, and then it leaves its queue; what is left (counters, the two rings) is done by
-/// [`Fabric::placed_front`] after the lock.
-#[inline(always)]
-fn place_front(d: &mut Dev, ep: usize, meta: &Meta, buf: &[u8], rport: &Port) -> Front {
-    let Some(e) = d.ep_mut(ep) else {
-        return Front::NoMatch;
-    };
-    let rv = match e.posted.front() {
-        Some(rv) if rv.matches(meta) => rv,
-        _ => return Front::NoMatch,
-    };
-    let placed = meta.len.min(rv.data_len());
-    let bytes = buf.get(..placed as usize).unwrap_or(buf);
-    let mut loaded = None;
-    let rmem = rv.placement_table(&rport.mem, &mut loaded);
-    if rv.write_data(rmem, bytes).is_err() {
-        return e.posted.pop_front().map_or(Front::NoMatch, Front::Faulted);
-    }
-    let c = rv.completion(meta, placed);
-    let p = Placed {
-        queue: rv.queue,
-        head: rv.head,
-        used: completion_used(rv.write_comp(rmem, c.as_slice()), placed),
-        status: u32::from(c.status),
-        placed,
-        len: meta.len,
-    };
-    if let Some(rv) = e.posted.pop_front() {
-        rv.discard();
-    }
-    Front::Placed(p)
 }
 
 impl Fabric {
@@ -174,34 +115,59 @@ impl Fabric {
         }
 
         let mut d = self.dev(ddev);
-        let Some(dport) = d.port.clone() else {
+        let dv = &mut *d;
+        let Some(dport) = dv.port.as_ref() else {
             drop(d);
             return self.fail(dev, port, req, Status::AddrNotAvail, n);
         };
-        let Some(dst) = d.live_ep(dep, dgen) else {
+        let Some(dst) = dv.eps.get_mut(dep).and_then(|s| s.ep.as_mut()) else {
             drop(d);
             return self.fail(dev, port, req, Status::AddrNotAvail, n);
         };
-        if dst.kind != skind {
-            // Reliable and datagram endpoints do not talk to each other.
+        if dst.generation != dgen || dst.kind != skind {
+            // Gone, or another kind: reliable and datagram endpoints do not talk to each other.
             drop(d);
             return self.fail(dev, port, req, Status::AddrNotAvail, n);
         }
         if let Some(buf) = early {
-            match place_front(&mut d, dep, &meta, buf, &dport) {
-                Front::NoMatch => {}
-                Front::Placed(p) => {
+            if let Some(rv) = dst.posted.front().filter(|rv| rv.matches(&meta)) {
+                // The commonest send, straight through: the bytes and the receive's completion
+                // (64 + 64 at most: no long copy under the lock) go into the oldest receive
+                // where it waits, through the host addresses its parse resolved; it leaves its
+                // queue and its chain goes to its used ring before the lock is released (lock
+                // order: a device, then a ring), so the receiver's port is not cloned.
+                let placed = meta.len.min(rv.data_len());
+                let bytes = buf.get(..placed as usize).unwrap_or(buf);
+                let mut loaded = None;
+                let rmem = rv.placement_table(&dport.mem, &mut loaded);
+                if rv.write_data(rmem, bytes).is_ok() {
+                    let c = rv.completion(&meta, placed);
+                    let used = completion_used(rv.write_comp(rmem, c.as_slice()), placed);
+                    let (queue, head) = (rv.queue, rv.head);
+                    drop(loaded);
+                    if let Some(rv) = dst.posted.pop_front() {
+                        rv.discard();
+                    }
+                    if let Some(cn) = self.counters.get(ddev) {
+                        Counters::inc(&cn.messages_received);
+                        Counters::add(&cn.bytes_copied, placed);
+                    }
+                    self.completed(ddev, dport, queue, head, u32::from(c.status), used, n);
                     drop(d);
-                    return self.placed_front(dev, port, smem, req, ddev, &dport, p, n);
+                    return self.sent_inline(dev, port, smem, req, meta.len, n);
                 }
-                Front::Faulted(rv) => {
-                    drop(d);
+                drop(loaded);
+                let rv = dst.posted.pop_front();
+                let dport = Arc::clone(dport);
+                drop(d);
+                if let Some(rv) = rv {
                     self.fail_posted(ddev, &dport, &rv, Status::Fault, n);
-                    // The message is not lost: try the next receive (or queue it).
-                    return self.op_send(dev, port, smem, req, n);
                 }
+                // The message is not lost: try the next receive (or queue it).
+                return self.op_send(dev, port, smem, req, n);
             }
         }
+        let dport = Arc::clone(dport);
         let mut at = 0;
         // Placed from where it was taken to (not moved once more into a binding of its own).
         let taken = take_posted(&mut d, dep, &meta, &mut at);
@@ -290,29 +256,6 @@ impl Fabric {
         self.sent_in(dev, port, smem, req, meta.len, n);
     }
 
-    /// Complete both sides of a message [`place_front`] placed (`p`): the receive of `rdev`
-    /// (whose completion is written) and send `req` of `dev`.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    fn placed_front(
-        &self,
-        dev: usize,
-        port: &Port,
-        smem: Option<&GuestMemoryMmap>,
-        req: &Req,
-        rdev: usize,
-        rport: &Port,
-        p: Placed,
-        n: &mut Notify,
-    ) {
-        if let Some(c) = self.counters.get(rdev) {
-            Counters::inc(&c.messages_received);
-            Counters::add(&c.bytes_copied, p.placed);
-        }
-        self.completed(rdev, rport, p.queue, p.head, p.status, p.used, n);
-        self.sent_inline(dev, port, smem, req, p.len, n);
-    }
-
     /// Deliver bytes the device already holds (`buf`, from send `req` of `dev`) into receive
     /// `rv` of `rdev`; both complete. A fault in the receiver's memory fails the receive only.
     #[allow(clippy::too_many_arguments)]
@@ -351,7 +294,7 @@ impl Fabric {
         self.sent_inline(dev, port, smem, req, meta.len, n);
     }
 
-    /// [`Fabric::sent_in`] inlined, for the eager placements (`place`, `placed_front`), which
+    /// [`Fabric::sent_in`] inlined, for the eager placements (`place`, `op_send`'s straight path), which
     /// complete the receive and then the send in a row.
     #[inline(always)]
     fn sent_inline(

@@ -22,7 +22,9 @@
 //! ([`DevCell::ep_words`]), locks the destination device to match, takes the matched receive
 //! (or held send) out of the queue, releases the lock, and only then copies. The one exception
 //! is bounded: an eager payload of at most 64 bytes, read before the lock, is written with its
-//! completion straight into the oldest receive if that one takes it (`matching::place_front`).
+//! completion straight into the oldest receive if that one takes it, and that receive's chain
+//! goes to its used ring before the lock is released (`Fabric::op_send`: no reference to the
+//! receiver's port is taken for it).
 //! Messages from one source endpoint stay in order because one device's requests are handled
 //! by one thread at a time (the backend's pass lock).
 //!
