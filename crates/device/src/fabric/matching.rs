@@ -133,9 +133,9 @@ impl Fabric {
             if let Some(rv) = dst.posted.front().filter(|rv| rv.matches(&meta)) {
                 // The commonest send, straight through: the bytes and the receive's completion
                 // (64 + 64 at most: no long copy under the lock) go into the oldest receive
-                // where it waits, through the host addresses its parse resolved; it leaves its
-                // queue and its chain goes to its used ring before the lock is released (lock
-                // order: a device, then a ring), so the receiver's port is not cloned.
+                // where it waits, through the host addresses its parse resolved, and it leaves
+                // its queue. Its chain goes to its used ring after the lock: publishing may
+                // signal the receiver's guest, whose next receive would find the lock held.
                 let placed = meta.len.min(rv.data_len());
                 let bytes = buf.get(..placed as usize).unwrap_or(buf);
                 let mut loaded = None;
@@ -148,12 +148,13 @@ impl Fabric {
                     if let Some(rv) = dst.posted.pop_front() {
                         rv.discard();
                     }
+                    let dport = Arc::clone(dport);
+                    drop(d);
                     if let Some(cn) = self.counters.get(ddev) {
                         Counters::inc(&cn.messages_received);
                         Counters::add(&cn.bytes_copied, placed);
                     }
-                    self.completed(ddev, dport, queue, head, u32::from(c.status), used, n);
-                    drop(d);
+                    self.completed(ddev, &dport, queue, head, u32::from(c.status), used, n);
                     return self.sent_inline(dev, port, smem, req, meta.len, n);
                 }
                 drop(loaded);

@@ -22,9 +22,7 @@
 //! ([`DevCell::ep_words`]), locks the destination device to match, takes the matched receive
 //! (or held send) out of the queue, releases the lock, and only then copies. The one exception
 //! is bounded: an eager payload of at most 64 bytes, read before the lock, is written with its
-//! completion straight into the oldest receive if that one takes it, and that receive's chain
-//! goes to its used ring before the lock is released (`Fabric::op_send`: no reference to the
-//! receiver's port is taken for it).
+//! completion straight into the oldest receive if that one takes it (`Fabric::op_send`).
 //! Messages from one source endpoint stay in order because one device's requests are handled
 //! by one thread at a time (the backend's pass lock).
 //!
@@ -45,7 +43,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tracing::debug;
 use vfabric_proto::{
@@ -58,12 +56,14 @@ use crate::chain::Parsed;
 use crate::chain::{completion, GuestMemoryMmap, Req, Verdict};
 use crate::config::{Config, Limits, VendorAttr};
 use crate::stats::Counters;
+use lock::{DevGuard, DevLock};
 
 mod atomic;
 mod caps;
 mod commit;
 mod fence;
 mod lifecycle;
+mod lock;
 mod matching;
 mod pmem;
 mod posted;
@@ -376,7 +376,7 @@ impl Dev {
 
 /// One device slot of the fabric.
 struct DevCell {
-    state: Mutex<Dev>,
+    state: DevLock<Dev>,
     /// Held by the one thread that starts this device's deferred (fenced) requests.
     fence_runner: Mutex<()>,
     /// Deferred requests of this device may have become startable.
@@ -522,7 +522,7 @@ impl Fabric {
                         ep_words: (0..config.limits.max_endpoints)
                             .map(|_| AtomicU64::new(0))
                             .collect(),
-                        state: Mutex::new(dev),
+                        state: DevLock::new(dev),
                         fence_runner: Mutex::new(()),
                         fence_dirty: AtomicBool::new(false),
                         fenced: AtomicUsize::new(0),
@@ -576,13 +576,11 @@ impl Fabric {
     }
 
     /// The lock of device `dev` (`dev` < `num_devices()`, checked by every caller: device
-    /// indices come from the daemon or from [`Fabric::locate`]). Poisoning is ignored: the
+    /// indices come from the daemon or from [`Fabric::locate`]). It does not poison: the
     /// state is only mutated by code that does not panic. Hold at most one at a time.
-    fn dev(&self, dev: usize) -> MutexGuard<'_, Dev> {
-        self.devs[dev]
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    #[inline]
+    fn dev(&self, dev: usize) -> DevGuard<'_, Dev> {
+        self.devs[dev].state.lock()
     }
 
     /// Whether device `dev` (whose driver acked LAZY_RX) must keep its RX notifications on:
@@ -610,7 +608,7 @@ impl Fabric {
     /// [`Fabric::rx_needs_notify`] under the device's lock.
     #[inline(never)]
     fn rx_decide(slot: &DevCell, idle: bool) -> bool {
-        let d = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+        let d = slot.state.lock();
         let on = idle
             || d.eps
                 .iter()
@@ -622,10 +620,7 @@ impl Fabric {
     /// Device `dev` has taken its RX rings after a [`CompletionSink::wake_rx`].
     pub(crate) fn rx_woken(&self, dev: usize) {
         if let Some(slot) = self.devs.get(dev) {
-            slot.state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .rx_waking = false;
+            slot.state.lock().rx_waking = false;
         }
     }
 
@@ -672,12 +667,7 @@ impl Fabric {
     /// Start handing chains of device `dev`, whose driver acked `acked`, to the fabric: the
     /// device's port, or `None` when it is not connected (its chains are dropped).
     pub fn begin(&self, dev: usize, acked: u64) -> Option<Arc<Port>> {
-        let mut d = self
-            .devs
-            .get(dev)?
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut d = self.devs.get(dev)?.state.lock();
         d.acked = acked;
         d.port.clone()
     }
