@@ -617,6 +617,20 @@ impl Req {
         self.data.write_at(mem, 0, bytes)
     }
 
+    /// Host address of the whole completion area, if the parse resolved it in `mem`: a hot
+    /// writer stores a completion there directly (`fabric::store_completion`).
+    #[inline(always)]
+    pub fn comp_at(&self, mem: &GuestMemoryMmap) -> Option<*mut u8> {
+        first_seg_at(
+            &self.resolved,
+            mem,
+            self.resolved.comp,
+            &self.comp,
+            COMPLETION_LEN,
+        )
+        .map(|at| at as *mut u8)
+    }
+
     /// Write `c` (a completion) into the completion area.
     #[inline]
     pub fn write_comp(&self, mem: &GuestMemoryMmap, c: &[u8]) -> Result<(), MemFault> {

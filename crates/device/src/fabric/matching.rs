@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use tracing::debug;
 use vfabric_proto::{comp_flags, ep_open, flags, FabricAddr, Opcode, Status};
-use vm_memory::{ByteValued, GuestAddressSpace};
+use vm_memory::GuestAddressSpace;
 
 use super::posted::Posted;
 use super::{
-    completion_used, eager_cost, recv_completion, recv_matches, send_ok, Body, Dev, Fabric, Meta,
-    Msg, Notify, Port,
+    completion_bytes, completion_used, eager_cost, msg_completion_words, recv_completion,
+    recv_matches, send_ok, store_completion, Body, CompWords, Dev, Fabric, Meta, Msg, Notify, Port,
 };
 use crate::chain::{copy_stream_yielding, CopyFault, GuestMemoryMmap, Req};
 use crate::stats::Counters;
@@ -141,8 +141,8 @@ impl Fabric {
                 let mut loaded = None;
                 let rmem = rv.placement_table(&dport.mem, &mut loaded);
                 if rv.write_data(rmem, bytes).is_ok() {
-                    let c = rv.completion(&meta, placed);
-                    let used = completion_used(rv.write_comp(rmem, c.as_slice()), placed);
+                    let (c, status) = msg_completion_words(rv.cookie, rv.tagged, &meta, placed);
+                    let used = completion_used(rv.write_comp_words(rmem, &c), placed);
                     let (queue, head) = (rv.queue, rv.head);
                     drop(loaded);
                     if let Some(rv) = dst.posted.pop_front() {
@@ -154,7 +154,7 @@ impl Fabric {
                         Counters::inc(&cn.messages_received);
                         Counters::add(&cn.bytes_copied, placed);
                     }
-                    self.completed(ddev, &dport, queue, head, u32::from(c.status), used, n);
+                    self.completed(ddev, &dport, queue, head, status, used, n);
                     return self.sent_inline(dev, port, smem, req, meta.len, n);
                 }
                 drop(loaded);
@@ -318,7 +318,20 @@ impl Fabric {
                 &loaded
             }
         };
-        self.write_completion(dev, port, smem, req, &send_ok(&req.req, len), 0, n);
+        // Status OK, no flags, the cookie and the length: stored straight into the completion
+        // area where the parse resolved it.
+        let w: CompWords = [0, req.req.cookie, len, 0, 0, 0, 0, 0];
+        let wrote = match req.comp_at(smem) {
+            Some(at) => {
+                // SAFETY: `at` is the host address of the request's whole completion area in
+                // `smem`, the table it was resolved in (which the request keeps mapped).
+                unsafe { store_completion(at, &w) };
+                Ok(())
+            }
+            None => req.write_comp(smem, &completion_bytes(&w)),
+        };
+        let used = completion_used(wrote, 0);
+        self.completed(dev, port, req.queue, req.head, Status::Ok as u32, used, n);
     }
 
     pub(super) fn sent(&self, dev: usize, port: &Port, req: &Req, len: u64, n: &mut Notify) {

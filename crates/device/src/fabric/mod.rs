@@ -453,6 +453,69 @@ fn rx_completion(cookie: u64, tagged: bool, m: &Meta, placed: u64) -> Completion
     c
 }
 
+/// A completion as its eight 64-bit words (host order), for the hot writers that store it
+/// straight into the completion area instead of building a [`Completion`] and copying it.
+type CompWords = [u64; COMPLETION_LEN / 8];
+
+// The word layout `msg_completion_words` and `CompWords` assume.
+const _: () = {
+    use std::mem::offset_of;
+    assert!(COMPLETION_LEN == 64);
+    assert!(offset_of!(Completion, status) == 0 && offset_of!(Completion, flags) == 4);
+    assert!(offset_of!(Completion, cookie) == 8 && offset_of!(Completion, len) == 16);
+    assert!(offset_of!(Completion, data) == 24 && offset_of!(Completion, tag) == 32);
+    assert!(offset_of!(Completion, src) == 40 && offset_of!(Completion, olen) == 56);
+};
+
+/// [`rx_completion`] as words, for a message (not a writedata notification: `m.rma_len` is
+/// `None`), with its raw status.
+#[inline(always)]
+fn msg_completion_words(cookie: u64, tagged: bool, m: &Meta, placed: u64) -> (CompWords, u32) {
+    debug_assert!(m.rma_len.is_none());
+    let status = if placed < m.len {
+        Status::Truncated as u32
+    } else {
+        Status::Ok as u32
+    };
+    let mut f = if tagged { comp_flags::TAGGED } else { 0 };
+    if m.cq_data.is_some() {
+        f |= comp_flags::REMOTE_CQ_DATA;
+    }
+    let words = [
+        u64::from(status) | u64::from(f) << 32,
+        cookie,
+        placed,
+        m.cq_data.unwrap_or(0),
+        m.tag,
+        m.src.node,
+        u64::from(m.src.ep) | u64::from(m.src.generation) << 32,
+        m.len - placed,
+    ];
+    (words, status)
+}
+
+/// Store completion `w` at `at`, word by word (little-endian, as the wire struct).
+///
+/// # Safety
+/// `at` must be valid for writes of `COMPLETION_LEN` bytes.
+#[inline(always)]
+unsafe fn store_completion(at: *mut u8, w: &CompWords) {
+    for (i, x) in w.iter().enumerate() {
+        // SAFETY: word `i` < 8 lies within the `COMPLETION_LEN` bytes at `at` (the caller's
+        // contract); unaligned stores, as guest memory may be.
+        unsafe { at.cast::<u64>().add(i).write_unaligned(x.to_le()) };
+    }
+}
+
+/// Completion `w` as the bytes of the wire struct.
+fn completion_bytes(w: &CompWords) -> [u8; COMPLETION_LEN] {
+    let mut b = [0u8; COMPLETION_LEN];
+    for (chunk, x) in b.chunks_exact_mut(8).zip(w) {
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    b
+}
+
 /// The used length of a chain whose completion was written (`wrote`) after `written` bytes of
 /// its data area: 0 (a broken chain) if the completion could not be.
 #[inline]

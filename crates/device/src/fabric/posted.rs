@@ -7,7 +7,7 @@ use std::sync::Arc;
 use vfabric_proto::{flags, tag_matches, Completion, FabricAddr, Opcode, Request, COMPLETION_LEN};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 
-use super::{rx_completion, Meta};
+use super::{completion_bytes, rx_completion, store_completion, CompWords, Meta};
 use crate::chain::{guest_copy, GuestMemoryMmap, MemFault, Req, Seg, Segs};
 
 /// A receive waiting in its endpoint's posted queue: its chain, the header fields matching
@@ -218,6 +218,21 @@ impl Posted {
             }
             Area::Full(r) => r.write_data(mem, bytes),
         }
+    }
+
+    /// Write completion `w` into the completion area: stored straight into it through the
+    /// host address the parse resolved, if it is in `mem`.
+    #[inline(always)]
+    pub fn write_comp_words(&self, mem: &GuestMemoryMmap, w: &CompWords) -> Result<(), MemFault> {
+        if let Area::One(o) = &self.area {
+            if let Some(at) = o.in_table(mem, o.comp_at) {
+                // SAFETY: `at` is the host address of the completion area (COMPLETION_LEN bytes)
+                // in `mem`, the table it was resolved in, which the record keeps mapped.
+                unsafe { store_completion(at as *mut u8, w) };
+                return Ok(());
+            }
+        }
+        self.write_comp(mem, &completion_bytes(w))
     }
 
     /// Write `c` (a completion) into the completion area.

@@ -951,3 +951,35 @@ fn posted_queue_holds_compact_records() {
     let size = element_size(|e| &e.posted);
     assert!(size <= 128, "a posted receive takes {size} bytes");
 }
+
+/// The completion the straight send stores word by word is the one `rx_completion` builds,
+/// byte for byte: tagged or not, with and without remote CQ data, whole and truncated.
+#[test]
+fn message_completion_words_match_the_built_completion() {
+    use super::{completion_bytes, msg_completion_words, rx_completion, Meta};
+    use vfabric_proto::FabricAddr;
+    use vm_memory::ByteValued;
+    for tagged in [false, true] {
+        for cq_data in [None, Some(0x0102_0304_0506_0708)] {
+            for (len, placed) in [(8, 8), (64, 5), (0, 0)] {
+                let m = Meta {
+                    src: FabricAddr::new(0xaabb_ccdd_0011_2233, 0x4455_6677, 0x8899_aabb),
+                    tagged,
+                    tag: 0xfeed_f00d_1234_5678,
+                    cq_data,
+                    len,
+                    rma_len: None,
+                };
+                let built = rx_completion(0xc00c_1e00_dead_beef, tagged, &m, placed);
+                let (words, status) =
+                    msg_completion_words(0xc00c_1e00_dead_beef, tagged, &m, placed);
+                assert_eq!(
+                    &completion_bytes(&words)[..],
+                    built.as_slice(),
+                    "{m:?} {placed}"
+                );
+                assert_eq!(status, u32::from(built.status));
+            }
+        }
+    }
+}
