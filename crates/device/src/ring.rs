@@ -17,14 +17,17 @@
 //! every value read is treated as untrusted: indices are reduced modulo the ring size, head and
 //! `next` indices are range-checked, walks are bounded by the table size.
 
+use std::fs::File;
+use std::io;
 use std::num::Wrapping;
-use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 
 use vfabric_proto::{COMPLETION_LEN, REQ_HEADER_LEN};
 
+use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::chain::{
     host_ptr_hinted, parse_general, parse_simple, GuestMemoryMmap, HostSeg, ParseCtx, RegionHint,
@@ -490,10 +493,16 @@ pub(crate) struct RingState {
     staged: Vec<(u16, u32)>,
 }
 
-/// One ring's fast-path state and its avail position.
+/// One ring's fast-path state, its avail position and its configuration's generation.
 #[derive(Default)]
 pub(crate) struct Ring {
     pub state: std::sync::Mutex<RingState>,
+    /// Moves on (after the change) whenever the frontend changes anything of the ring (every
+    /// setter of [`Vring`]), its memory table changes, or the device is reset: a view of an
+    /// older generation is not used. So a pass that finds the generation it kept a view for
+    /// pops through that view without reading the ring's configuration (nor taking its
+    /// `VringRwLock`).
+    config: AtomicU64,
     /// The next avail index (low 16 bits) and the epoch of the ring's indices (high 16 bits),
     /// outside the state's lock: only passes advance the index, one at a time (the pass lock),
     /// with a compare-and-swap that fails once the epoch moved on. The epoch moves (under the
@@ -516,6 +525,18 @@ pub(crate) fn avail_index(word: u32) -> u16 {
 }
 
 impl Ring {
+    /// The generation of the ring's configuration (see [`Ring::config`]). Read before the
+    /// configuration itself: a view built from it is then never newer than its generation.
+    #[inline]
+    pub fn config(&self) -> u64 {
+        self.config.load(Ordering::Acquire)
+    }
+
+    /// The ring's configuration (or memory table) changed: views of it are rebuilt.
+    pub fn changed(&self) {
+        self.config.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The next avail index and its epoch (see [`Ring::avail`]).
     pub fn avail(&self) -> u32 {
         self.avail.load(Ordering::Acquire)
@@ -629,6 +650,144 @@ impl RingState {
         }
         self.staged.clear();
         restart(&avail.avail, idx);
+    }
+}
+
+/// The guest memory as vhost-user-backend hands it to rings.
+type RingMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// A ring as vhost-user-backend keeps it (its `VringRwLock`: the `Queue` with the frontend's
+/// configuration and indices, kick and call) with the device's [`Ring`] beside it. Every
+/// change vhost-user-backend makes through it moves the ring's [`Ring::config`] generation on,
+/// which is how the device learns of SET_VRING_NUM/ADDR/BASE/KICK/CALL/ENABLE, GET_VRING_BASE
+/// and the event index feature without re-reading the configuration on every pass.
+#[derive(Clone)]
+pub(crate) struct Vring {
+    inner: VringRwLock,
+    ring: Arc<Ring>,
+}
+
+impl Vring {
+    /// The device's state of this ring.
+    #[inline]
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+}
+
+impl<'a> VringStateGuard<'a, RingMem> for Vring {
+    type G = RwLockReadGuard<'a, VringState<RingMem>>;
+}
+
+impl<'a> VringStateMutGuard<'a, RingMem> for Vring {
+    type G = RwLockWriteGuard<'a, VringState<RingMem>>;
+}
+
+impl VringT<RingMem> for Vring {
+    fn new(mem: RingMem, max_queue_size: u16) -> Result<Self, virtio_queue::Error> {
+        Ok(Self {
+            inner: VringRwLock::new(mem, max_queue_size)?,
+            ring: Arc::default(),
+        })
+    }
+
+    fn get_ref(&self) -> RwLockReadGuard<'_, VringState<RingMem>> {
+        self.inner.get_ref()
+    }
+
+    /// The generation moves on while the guard is held: a pass that sees it reads the ring's
+    /// configuration once the change is over.
+    fn get_mut(&self) -> RwLockWriteGuard<'_, VringState<RingMem>> {
+        let g = self.inner.get_mut();
+        self.ring.changed();
+        g
+    }
+
+    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), virtio_queue::Error> {
+        self.inner.add_used(desc_index, len)
+    }
+
+    fn signal_used_queue(&self) -> io::Result<()> {
+        self.inner.signal_used_queue()
+    }
+
+    fn enable_notification(&self) -> Result<bool, virtio_queue::Error> {
+        self.inner.enable_notification()
+    }
+
+    fn disable_notification(&self) -> Result<(), virtio_queue::Error> {
+        self.inner.disable_notification()
+    }
+
+    fn needs_notification(&self) -> Result<bool, virtio_queue::Error> {
+        self.inner.needs_notification()
+    }
+
+    fn set_enabled(&self, enabled: bool) {
+        self.inner.set_enabled(enabled);
+        self.ring.changed();
+    }
+
+    fn set_queue_info(
+        &self,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Result<(), virtio_queue::Error> {
+        let r = self.inner.set_queue_info(desc_table, avail_ring, used_ring);
+        self.ring.changed();
+        r
+    }
+
+    fn queue_next_avail(&self) -> u16 {
+        self.inner.queue_next_avail()
+    }
+
+    fn set_queue_next_avail(&self, base: u16) {
+        self.inner.set_queue_next_avail(base);
+        self.ring.changed();
+    }
+
+    fn set_queue_next_used(&self, idx: u16) {
+        self.inner.set_queue_next_used(idx);
+        self.ring.changed();
+    }
+
+    fn queue_used_idx(&self) -> Result<u16, virtio_queue::Error> {
+        self.inner.queue_used_idx()
+    }
+
+    fn set_queue_size(&self, num: u16) {
+        self.inner.set_queue_size(num);
+        self.ring.changed();
+    }
+
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.inner.set_queue_event_idx(enabled);
+        self.ring.changed();
+    }
+
+    fn set_queue_ready(&self, ready: bool) {
+        self.inner.set_queue_ready(ready);
+        self.ring.changed();
+    }
+
+    fn set_kick(&self, file: Option<File>) {
+        self.inner.set_kick(file);
+        self.ring.changed();
+    }
+
+    fn read_kick(&self) -> io::Result<bool> {
+        self.inner.read_kick()
+    }
+
+    fn set_call(&self, file: Option<File>) {
+        self.inner.set_call(file);
+        self.ring.changed();
+    }
+
+    fn set_err(&self, file: Option<File>) {
+        self.inner.set_err(file);
     }
 }
 

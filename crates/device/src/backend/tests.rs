@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Chain parsing and validation against hostile guests, on `virtio_queue::mock::MockSplitQueue`,
-//! and the backend's queue processing on real `VringRwLock`s (no socket).
+//! and the backend's queue processing on real `Vring`s (no socket).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -11,7 +11,7 @@ use vfabric_proto::{
     bit, ep_open, flags, Completion, FabricConfig, Opcode, Request, Status, VIRTIO_FABRIC_F_MSG,
     VIRTIO_F_VERSION_1,
 };
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -25,6 +25,7 @@ use crate::chain::{
 };
 use crate::config::{Config, Limits};
 use crate::fabric::{Fabric, Notify};
+use crate::ring::Vring;
 use crate::testutil::{Guest, ALL_FEATURES};
 
 const QSIZE: u16 = 16;
@@ -400,7 +401,7 @@ fn corrupt_rings_are_detected() {
 
 struct Dev {
     backend: Arc<FabricBackend>,
-    vrings: Vec<VringRwLock>,
+    vrings: Vec<Vring>,
     mem: GuestMemoryMmap,
     fabric: Arc<Fabric>,
 }
@@ -428,11 +429,11 @@ fn dev() -> Dev {
     )
     .unwrap();
     fabric.connect(0, backend.port());
-    let vrings: Vec<VringRwLock> = QBASE
+    let vrings: Vec<Vring> = QBASE
         .iter()
         .map(|base| {
             let vq = MockSplitQueue::create(&mem, GuestAddress(*base), QSIZE);
-            let v = VringRwLock::new(atomic.clone(), QSIZE).unwrap();
+            let v = Vring::new(atomic.clone(), QSIZE).unwrap();
             v.set_queue_size(QSIZE);
             v.set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
                 .unwrap();
@@ -507,7 +508,7 @@ fn backend_processes_all_queues_after_a_kick() {
 }
 
 /// Ring `q`'s kick: a non-blocking eventfd set on the ring, and a second fd to kick through.
-fn set_kick(vr: &VringRwLock) -> std::fs::File {
+fn set_kick(vr: &Vring) -> std::fs::File {
     use std::os::fd::FromRawFd;
     // SAFETY: plain system calls; each fd returned is checked and then owned by one `File`.
     unsafe {
