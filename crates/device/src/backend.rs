@@ -37,7 +37,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::chain::{GuestMemoryMmap, ParseCtx, Req, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::{Polled, Poller};
-use crate::ring::{avail_index, Ring, RingView, Vring};
+use crate::ring::{avail_index, eventfd_signal, Ring, RingState, RingView, Vring};
 use crate::stats::Counters;
 use crate::xmem::PeerProcess;
 
@@ -112,7 +112,7 @@ impl VringSink {
         }
     }
 
-    /// Run `f` on ring `q`'s next avail index and view, under the ring's `Vring` (read)
+    /// Run `f` on ring `q`'s next avail index and view, under the ring's `VringRwLock` (read)
     /// and its state's lock; `None` if the ring is not running.
     fn with_ring<R>(
         &self,
@@ -127,7 +127,7 @@ impl VringSink {
             return Ok(None);
         }
         let mut rs = lock(&ring.state);
-        let view = rs.view(ring, generation, st.get_queue(), || {
+        let view = rs.view(ring, generation, &st, || {
             mem.cloned()
                 .unwrap_or_else(|| self.mem.memory().into_inner())
         })?;
@@ -177,7 +177,7 @@ impl VringSink {
             return Ok(None);
         }
         let view = lock(&ring.state)
-            .view(ring, generation, st.get_queue(), || mem.clone())?
+            .view(ring, generation, &st, || mem.clone())?
             .clone();
         let seen = ring.avail();
         *kept = Some(KeptView {
@@ -186,22 +186,6 @@ impl VringSink {
             generation,
         });
         Ok(Some(seen))
-    }
-
-    /// Build ring `q`'s view under its `Vring` whatever the ring's state (completions go
-    /// to a stopped ring too: a ring being stopped gets its cancelled requests back).
-    fn build_view(&self, q: usize) -> Result<(), RingError> {
-        let Some(vr) = self.rings_list().get(q) else {
-            return Err(RingError::Invalid);
-        };
-        let ring = vr.ring();
-        let generation = ring.config();
-        let st = vr.get_ref();
-        lock(&ring.state)
-            .view(ring, generation, st.get_queue(), || {
-                self.mem.memory().into_inner()
-            })
-            .map(|_| ())
     }
 
     /// The device was reset: every ring's next use re-reads its configuration and indices.
@@ -225,9 +209,11 @@ impl VringSink {
 }
 
 impl VringSink {
-    /// Signal the guest for ring `q`.
-    #[inline]
-    fn signal(&self, q: usize) {
+    /// Signal the guest for ring `q` through its `VringRwLock` (the view's own eventfd could
+    /// not be made).
+    #[cold]
+    #[inline(never)]
+    fn signal_shared(&self, q: usize) {
         if let Some(vr) = self.rings_list().get(q) {
             if let Err(e) = signal_call(vr) {
                 signal_failed(q, &e);
@@ -235,42 +221,66 @@ impl VringSink {
         }
     }
 
-    /// [`CompletionSink::publish`] of ring `q` without a view of memory-table `generation`:
-    /// the first completion after a (re)configuration builds it under the ring's Vring
-    /// (the completions stay staged meanwhile, ahead of any staged later).
-    #[cold]
-    #[inline(never)]
-    fn publish_rebuilt(&self, q: usize, generation: u64) {
-        let Some(ring) = self.ring(q) else {
-            return;
-        };
-        let notify = match self.build_view(q) {
-            Ok(()) => lock(&ring.state).publish_staged(generation),
-            Err(e) => {
-                warn!(q, "used ring not writable: {e}");
-                None
+    /// Signal the guest for ring `q` whose state `st` is, under its lock: a new call eventfd
+    /// waits for that lock ([`Vring::set_call`]).
+    #[inline]
+    fn signal(&self, q: usize, st: MutexGuard<'_, RingState>) {
+        match st.signal() {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(st);
+                self.signal_shared(q);
             }
-        };
-        match notify {
-            Some(false) => {}
-            Some(true) => self.signal(q),
-            None => {
-                lock(&ring.state).drop_staged();
-                self.broken.store(true, Ordering::Release)
-            }
+            Err(e) => signal_failed(q, &e),
         }
     }
-}
 
-impl VringSink {
+    /// [`CompletionSink::publish`] of ring `q` without a view of its current generation: the
+    /// first completion after a (re)configuration builds it under the ring's `VringRwLock` (the
+    /// completions stay staged meanwhile, ahead of any staged later). A change racing with
+    /// the rebuild is retried; a ring whose configuration keeps changing under its
+    /// completions, or cannot be read, has its completions dropped and breaks.
+    #[cold]
+    #[inline(never)]
+    fn publish_rebuilt(&self, q: usize) {
+        let Some(vr) = self.rings_list().get(q) else {
+            return;
+        };
+        let ring = vr.ring();
+        for _ in 0..4 {
+            let generation = ring.config();
+            let built = {
+                let st = vr.get_ref();
+                lock(&ring.state)
+                    .view(ring, generation, &st, || self.mem.memory().into_inner())
+                    .map(|_| ())
+            };
+            if let Err(e) = built {
+                warn!(q, "used ring not writable: {e}");
+                break;
+            }
+            let mut st = lock(&ring.state);
+            match st.publish_staged(ring.config()) {
+                Some(false) => return,
+                Some(true) => return self.signal(q, st),
+                None => continue,
+            }
+        }
+        lock(&ring.state).drop_staged();
+        self.broken.store(true, Ordering::Release)
+    }
+
     /// After ring `q`'s staged completions were published (`notify`: whether to signal the
-    /// guest), or could not be for want of a view of memory-table `generation` (`None`).
+    /// guest), or could not be for want of a view of the current generation (`None`).
     #[inline]
-    fn published(&self, q: usize, notify: Option<bool>, generation: u64) {
+    fn published(&self, q: usize, st: MutexGuard<'_, RingState>, notify: Option<bool>) {
         match notify {
             Some(false) => {}
-            Some(true) => self.signal(q),
-            None => self.publish_rebuilt(q, generation),
+            Some(true) => self.signal(q, st),
+            None => {
+                drop(st);
+                self.publish_rebuilt(q)
+            }
         }
     }
 }
@@ -290,10 +300,11 @@ impl CompletionSink for VringSink {
         let Some(ring) = self.ring(q) else {
             return;
         };
-        let generation = ring.config();
-        // The fast path takes only the ring's state lock (released before signalling).
-        let notify = lock(&ring.state).publish_staged(generation);
-        self.published(q, notify, generation);
+        // The fast path takes only the ring's state lock, and reads the generation under it
+        // (see `Vring::set_call`).
+        let mut st = lock(&ring.state);
+        let notify = st.publish_staged(ring.config());
+        self.published(q, st, notify);
     }
 
     #[inline]
@@ -302,9 +313,9 @@ impl CompletionSink for VringSink {
         let Some(ring) = self.ring(q) else {
             return unknown_queue(queue);
         };
-        let generation = ring.config();
-        let notify = lock(&ring.state).stage_and_publish(head, len, generation);
-        self.published(q, notify, generation);
+        let mut st = lock(&ring.state);
+        let notify = st.stage_and_publish(head, len, ring.config());
+        self.published(q, st, notify);
     }
 
     fn wake_rx(&self) {
@@ -332,30 +343,15 @@ fn unknown_queue(queue: u16) {
     warn!(queue, "a completion for an unknown queue dropped");
 }
 
-/// `signal_used_queue` with the `write` system call made directly: the libc wrapper's
-/// cancellation-point bookkeeping costs more user-space instructions than the call itself.
-#[inline]
+/// `signal_used_queue` through [`eventfd_signal`].
 fn signal_call(vr: &Vring) -> io::Result<()> {
     let st = vr.get_ref();
-    let Some(call) = st.get_call() else {
-        return Ok(());
-    };
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live local to the ring's call eventfd, which stays open
-    // while we hold the ring's read lock (vhost-user-backend replaces it under the write lock);
-    // no memory of ours is retained.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_write,
-            call.as_raw_fd(),
-            &one as *const u64,
-            8usize,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+    match st.get_call() {
+        // The eventfd stays open while we hold the ring's read lock (vhost-user-backend
+        // replaces it under the write lock).
+        Some(call) => eventfd_signal(call.as_raw_fd()),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Identity of the guest memory regions, to tell additions from replacements.

@@ -19,6 +19,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
@@ -59,6 +60,33 @@ pub(crate) struct RingView {
     /// The region of `_mem` holding the descriptor table: a walk through that same table
     /// starts from it (the buffers of a chain mostly lie in the ring's region).
     region: Option<RegionHint>,
+    /// How the driver is signalled for this ring ([`RingState::signal`]).
+    call: Call,
+}
+
+/// How a [`RingView`] signals the driver.
+enum Call {
+    /// The ring has no call eventfd: nothing to signal.
+    None,
+    /// The view's own duplicate of the ring's call eventfd, taken when it was built: a
+    /// signal takes no lock of the ring's `VringRwLock`. A new call eventfd moves the ring's
+    /// generation on ([`Vring::set_call`]), so the view is rebuilt with it.
+    Own(OwnedFd),
+    /// The duplicate could not be made (no file descriptors left): through the `Vring`.
+    Shared,
+}
+
+/// Write 1 to eventfd `fd` with the `write` system call made directly: the libc wrapper's
+/// cancellation-point bookkeeping costs more user-space instructions than the call itself.
+pub(crate) fn eventfd_signal(fd: RawFd) -> io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local to `fd`, which the caller keeps open; no
+    // memory of ours is retained.
+    let rc = unsafe { libc::syscall(libc::SYS_write, fd, &one as *const u64, 8usize) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 // SAFETY: the raw pointers point into mappings owned by `_mem` (an `Arc`), which lives as long
@@ -101,7 +129,18 @@ impl RingView {
             avail,
             used,
             event_idx: q.event_idx_enabled(),
+            call: Call::None,
         })
+    }
+
+    /// The view signalling through (a duplicate of) `call`, the ring's call eventfd.
+    fn with_call(mut self, call: Option<BorrowedFd<'_>>) -> Self {
+        self.call = match call.map(|fd| fd.try_clone_to_owned()) {
+            None => Call::None,
+            Some(Ok(fd)) => Call::Own(fd),
+            Some(Err(_)) => Call::Shared,
+        };
+        self
     }
 
     /// Whether this view is of the same ring parts as `q` describes.
@@ -562,16 +601,23 @@ impl RingState {
         &mut self,
         avail: &Ring,
         generation: u64,
-        q: &Queue,
+        st: &VringState<RingMem>,
         mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
     ) -> Result<&Arc<RingView>, RingError> {
+        let q = st.get_queue();
         let fresh = self.view.as_ref().is_some_and(|v| v.is_for(generation, q));
         if !fresh {
             // Same ring in a new memory table (or with new features): our indices go on.
             // A ring configured anew starts from the indices vhost-user-backend read from it.
             let same_ring = self.view.as_ref().is_some_and(|v| v.same_ring(q));
             self.view = None;
-            let view = RingView::build(mem(), generation, q)?;
+            // SAFETY: the call eventfd stays open while `st` (the ring's state, read-locked by
+            // the caller) is borrowed; it is only duplicated here.
+            let call = st
+                .get_call()
+                .as_ref()
+                .map(|c| unsafe { BorrowedFd::borrow_raw(c.as_raw_fd()) });
+            let view = RingView::build(mem(), generation, q)?.with_call(call);
             if !same_ring {
                 restart(&avail.avail, q.next_avail());
                 self.next_used = q.next_used();
@@ -622,6 +668,17 @@ impl RingState {
         }
         self.stage(head, len);
         self.publish_staged(generation)
+    }
+
+    /// Signal the driver for this ring through the view's call eventfd. `Ok(false)`: the view
+    /// has no duplicate of its own ([`Call::Shared`]) and the caller signals through the
+    /// ring's `Vring` (after releasing this state's lock: lock order).
+    pub fn signal(&self) -> io::Result<bool> {
+        match self.view.as_deref().map(|v| &v.call) {
+            Some(Call::Own(fd)) => eventfd_signal(fd.as_raw_fd()).map(|()| true),
+            Some(Call::None) => Ok(true),
+            Some(Call::Shared) | None => Ok(false),
+        }
     }
 
     /// Drop the staged completions (their used ring cannot be written).
@@ -781,9 +838,13 @@ impl VringT<RingMem> for Vring {
         self.inner.read_kick()
     }
 
+    /// Then waits for a signal in progress (made under the ring state's lock, through the old
+    /// eventfd's duplicate, by a completion that read the older generation): once this
+    /// returns, every signal goes to the new eventfd.
     fn set_call(&self, file: Option<File>) {
         self.inner.set_call(file);
         self.ring.changed();
+        drop(self.ring.state.lock());
     }
 
     fn set_err(&self, file: Option<File>) {
