@@ -800,12 +800,7 @@ impl FabricBackend {
     /// then also re-armed in the same visit once empty (the blocking fast path: notification
     /// on, re-checked, so `more` says whether requests arrived meanwhile).
     #[inline]
-    fn pass_some(
-        &self,
-        vrings: &[Vring],
-        only: Option<usize>,
-        n: &mut Notify,
-    ) -> (bool, bool) {
+    fn pass_some(&self, vrings: &[Vring], only: Option<usize>, n: &mut Notify) -> (bool, bool) {
         let mut work = self.work_lock();
         self.pass_locked(&mut work, vrings, only, n)
     }
@@ -957,10 +952,9 @@ impl FabricBackend {
     fn any_pending_in(&self, vrings: &[Vring], mem: &Arc<GuestMemoryMmap>) -> bool {
         vrings.iter().any(|vr| {
             matches!(
-                self.sink
-                    .with_ring(vr, Some(mem), |next_avail, view| {
-                        view.avail_idx() != next_avail
-                    }),
+                self.sink.with_ring(vr, Some(mem), |next_avail, view| {
+                    view.avail_idx() != next_avail
+                }),
                 Ok(Some(true))
             )
         })

@@ -3,15 +3,18 @@
 //!
 //! virtio-queue's `Queue` (inside vhost-user-backend's `VringRwLock`) stays the owner of a
 //! ring's configuration and indices — vhost-user-backend reads and sets them on SET_VRING_* and
-//! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`Ring`] (so a
-//! pass holds the `VringRwLock` only for reading, and never blocks a peer's notification); they
-//! go back to the `Queue` when the ring stops, before GET_VRING_BASE reads them (and are
-//! forgotten on RESET_DEVICE, the frontend setting them anew). What this module replaces is the
-//! per-access path: there, every field read goes through a guest-memory region lookup and the
-//! whole ring is re-validated per pass. Here a [`RingView`] translates the three ring parts to
-//! host pointers once, checks them once (inside one memory region each, aligned), and is
-//! rebuilt only when the memory table or the ring's addresses change. Descriptor buffers are still checked one by one against guest
-//! memory when a chain is walked ([`Walked::add`]).
+//! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`Ring`] (so the
+//! data path never takes the `VringRwLock` for writing, and never blocks a peer's
+//! notification); they go back to the `Queue` when the ring stops, before GET_VRING_BASE reads
+//! them (and are forgotten on RESET_DEVICE, the frontend setting them anew). What this module
+//! replaces is the per-access path: there, every field read goes through a guest-memory region
+//! lookup and the whole ring is re-validated per pass. Here a [`RingView`] translates the three
+//! ring parts to host pointers once, checks them once (inside one memory region each, aligned),
+//! and is rebuilt only when the ring's generation moves on ([`Ring::config`]: the frontend
+//! changed the ring through its [`Vring`], or the memory table changed), so a pass neither
+//! takes the `VringRwLock` nor re-reads the configuration while it stands. Descriptor buffers
+//! are still checked one by one against guest memory when a chain is walked
+//! ([`Walked::add`]).
 //!
 //! The guest writes these rings concurrently, so every access is a volatile or atomic one and
 //! every value read is treated as untrusted: indices are reduced modulo the ring size, head and
@@ -19,8 +22,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::num::Wrapping;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 

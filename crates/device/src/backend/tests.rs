@@ -793,7 +793,11 @@ fn a_new_memory_table_reaches_the_next_pass() {
     // The guest goes on in the new mappings only.
     chain(&moved, 2, &[(HDR, 96, R), (COMP, 64, W)]);
     kick_tx(&d);
-    assert_eq!(moved.used().idx().load(), 2, "the rings were read in the old table");
+    assert_eq!(
+        moved.used().idx().load(),
+        2,
+        "the rings were read in the old table"
+    );
 }
 
 /// An eventfd set as ring 1's call, and a second fd to read it through.
@@ -835,7 +839,10 @@ fn completions_signal_the_call_eventfd_set_last() {
     chain(&vq1, 2, &[(HDR, 96, R), (COMP, 64, W)]);
     kick_tx(&d);
     assert_eq!(vq1.used().idx().load(), 2);
-    assert!(signalled(&mut second), "the new call eventfd was not signalled");
+    assert!(
+        signalled(&mut second),
+        "the new call eventfd was not signalled"
+    );
     assert!(!signalled(&mut first), "the old call eventfd was signalled");
 }
 
