@@ -596,10 +596,11 @@ impl Ring {
 }
 
 impl RingState {
-    /// The view of `q` for memory-table `generation` (`mem` loads that table), rebuilt if the
-    /// table, the ring's addresses or its features changed. A rebuilt view of a ring configured
-    /// anew takes the avail and used indices from `q` (vhost-user-backend sets them when the
-    /// ring is configured).
+    /// The view of the ring whose vhost-user-backend state `st` is (read-locked by the caller),
+    /// for generation `generation` ([`Ring::config`], read before `st`; `mem` loads the
+    /// current memory table), rebuilt if the generation moved on. A rebuilt view of a ring
+    /// configured anew (other addresses or size) takes the avail and used indices from its
+    /// `Queue` (vhost-user-backend sets them when the ring is configured).
     pub fn view(
         &mut self,
         avail: &Ring,
