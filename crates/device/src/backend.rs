@@ -223,7 +223,7 @@ impl VringSink {
 
     /// Signal the guest for ring `q` whose state `st` is, under its lock: a new call eventfd
     /// waits for that lock ([`Vring::set_call`]).
-    #[inline]
+    #[inline(always)]
     fn signal(&self, q: usize, st: MutexGuard<'_, RingState>) {
         match st.signal() {
             Ok(true) => {}
@@ -272,7 +272,7 @@ impl VringSink {
 
     /// After ring `q`'s staged completions were published (`notify`: whether to signal the
     /// guest), or could not be for want of a view of the current generation (`None`).
-    #[inline]
+    #[inline(always)]
     fn published(&self, q: usize, st: MutexGuard<'_, RingState>, notify: Option<bool>) {
         match notify {
             Some(false) => {}
