@@ -361,11 +361,24 @@ impl SplitRing {
             writable: 0,
         };
         self.put(&mut w, header.0, header.1, false, false);
-        for &(addr, len) in tx {
-            self.put(&mut w, addr, len, false, false);
+        // One data buffer (the common shape) without the loop's bookkeeping.
+        match tx {
+            [] => {}
+            &[(addr, len)] => self.put(&mut w, addr, len, false, false),
+            _ => {
+                for &(addr, len) in tx {
+                    self.put(&mut w, addr, len, false, false);
+                }
+            }
         }
-        for &(addr, len) in rx {
-            self.put(&mut w, addr, len, true, false);
+        match rx {
+            [] => {}
+            &[(addr, len)] => self.put(&mut w, addr, len, true, false),
+            _ => {
+                for &(addr, len) in rx {
+                    self.put(&mut w, addr, len, true, false);
+                }
+            }
         }
         self.put(&mut w, tail.0, tail.1, true, true);
         self.publish(head, w.idx, n, w.writable);

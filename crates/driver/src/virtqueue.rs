@@ -37,6 +37,9 @@ pub(crate) const INLINE_TX_MAX: usize = SLOT_COMPLETION - SLOT_INLINE_TX; // 224
 pub(crate) const INLINE_RX_MAX: usize = SLOT_COMPLETION - 128; // 192
 /// Most data descriptors the driver puts in one chain (per direction).
 pub(crate) const MAX_DATA_DESCS: usize = 16;
+/// One step of a cookie's sequence number (bits 24 and up; the queue index is in bits 16..24
+/// and the head id in 0..16).
+const COOKIE_SEQ_ONE: u64 = 1 << 24;
 /// Used entries taken per lock hold while draining.
 const DRAIN_BATCH: usize = 32;
 
@@ -202,7 +205,9 @@ pub(crate) struct QueueCounters {
 
 struct QueueState {
     ring: SplitRing,
-    seq: u64,
+    /// The next request's cookie without its head id: sequence number `<< 24`, queue index
+    /// `<< 16` (kept whole: a post only adds the head).
+    cookie_base: u64,
     counters: QueueCounters,
     /// A request published since the last kick must reach the device now, whatever its
     /// notification suppression says (an RX request other than a plain receive, LAZY_RX).
@@ -369,7 +374,7 @@ impl<R> Virtqueue<R> {
             size,
             state: SpinLock::new(QueueState {
                 ring,
-                seq: 1,
+                cookie_base: COOKIE_SEQ_ONE | (u64::from(index) << 16),
                 counters: QueueCounters::default(),
                 urgent: false,
             }),
@@ -481,8 +486,8 @@ impl<R> Virtqueue<R> {
                 }
             }
         };
-        let cookie = (st.seq << 24) | ((self.index as u64) << 16) | head as u64;
-        st.seq += 1;
+        let cookie = st.cookie_base | u64::from(head);
+        st.cookie_base += COOKIE_SEQ_ONE;
         let slot = self.slot(head);
         // SAFETY: the slot of a free head belongs to us until the chain is published; all
         // writes below stay inside the SLOT_STRIDE bytes of the slot (the header is at its
@@ -498,7 +503,8 @@ impl<R> Virtqueue<R> {
             }
         }
         // SAFETY: as above, the record of a free head is ours until the chain is published.
-        let record = unsafe { &mut *self.requests[head as usize].get() };
+        // A head is < size, the number of records.
+        let record = unsafe { &mut *self.requests.get_unchecked(head as usize).get() };
         debug_assert!(!record.busy);
         record.cookie = cookie;
         record.inline_rx = inline_rx_len as u16;
