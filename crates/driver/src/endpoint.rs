@@ -19,7 +19,9 @@ use crate::cq::{CompletionQueue, CqShared};
 use crate::domain::DomainInner;
 use crate::hmem::HmemRegion;
 use crate::memory::SharedBuf;
-use crate::request::{CopyOut, DataOp, Keepalive, Payload, PendingOp, Targets, Tx as TxData};
+use crate::request::{
+    CopyOut, DataOp, Keepalive, Payload, PendingOp, Queue, Targets, Tx as TxData,
+};
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
 use crate::{fi, Error, Result};
 
@@ -273,6 +275,9 @@ pub struct Endpoint {
 /// Device limits every post checks, read once when the endpoint opens.
 struct PostLimits {
     max_msg_size: u64,
+    /// Longest message a post accepts: `max_msg_size`, and at most what a descriptor's
+    /// 32-bit length holds (one comparison per post).
+    max_msg_len: usize,
     inject_size: u64,
     /// Request flags the device reported (spec §5.1.4), or all but DIRECTED and MULTI_RECV.
     allowed_flags: u64,
@@ -395,10 +400,18 @@ impl Endpoint {
         let code = crate::control::ep_type_code(attr.ep_type)?;
         let (id, addr) = domain.ep_open(code)?;
         let (tx_queue, rx_queue) = domain.queues_of_endpoint(id);
+        // `tx_q`/`rx_q` rely on this.
+        if tx_queue.max(rx_queue) >= domain.queues.len() {
+            return Err(Error::Transport(format!(
+                "endpoint {id} maps to queues {tx_queue}/{rx_queue} of {}",
+                domain.queues.len()
+            )));
+        }
         tracing::debug!(%addr, ?attr.ep_type, tx_queue, rx_queue, "endpoint open");
         let info = &domain.info().limits;
         let limits = PostLimits {
             max_msg_size: info.max_msg_size,
+            max_msg_len: info.max_msg_size.min(u64::from(u32::MAX)) as usize,
             inject_size: info.inject_size,
             allowed_flags: info
                 .request_flags
@@ -457,6 +470,20 @@ impl Endpoint {
     /// endpoint holds it (`-FI_EADDRINUSE`).
     pub fn bind_service(&self, service: u16) -> Result<u16> {
         self.domain.svc_bind(self.shared.id, service)
+    }
+
+    /// The endpoint's transmit queue.
+    #[inline(always)]
+    fn tx_q(&self) -> &Queue {
+        // SAFETY: checked against the domain's queues at open; they never change.
+        unsafe { self.domain.queues.get_unchecked(self.tx_queue) }
+    }
+
+    /// The endpoint's receive queue.
+    #[inline(always)]
+    fn rx_q(&self) -> &Queue {
+        // SAFETY: as for `tx_q`.
+        unsafe { self.domain.queues.get_unchecked(self.rx_queue) }
     }
 
     fn check_same_domain(&self, other: &Arc<DomainInner>) -> Result<()> {
@@ -605,7 +632,7 @@ impl Endpoint {
         // no tag, no data), without the choices that cannot apply: the bytes are copied into
         // the header descriptor, or the buffer is the one data descriptor.
         let limits = &self.limits;
-        if len as u64 > limits.max_msg_size || len > u32::MAX as usize {
+        if len > limits.max_msg_len {
             return Err(Error::TooLarge {
                 len,
                 max: limits.max_msg_size,
@@ -622,7 +649,7 @@ impl Endpoint {
             TxData::Descs(&desc)
         };
         let ep = &self.shared;
-        domain.queues[self.tx_queue]
+        self.tx_q()
             .post(
                 || msg_header(Opcode::Send, ep.id, 0, peer, 0, 0, 0),
                 tx,
@@ -852,7 +879,7 @@ impl Endpoint {
             }
         };
         let limits = &self.limits;
-        if len as u64 > limits.max_msg_size || len > u32::MAX as usize {
+        if len > limits.max_msg_len {
             return Err(Error::TooLarge {
                 len,
                 max: limits.max_msg_size,
@@ -940,7 +967,7 @@ impl Endpoint {
             TxData::Descs(descs.as_slice())
         };
         let ep = &self.shared;
-        domain.queues[self.tx_queue]
+        self.tx_q()
             .post(
                 || msg_header(opcode, ep.id, flags, peer, a.tag, 0, data),
                 tx,
@@ -1113,7 +1140,7 @@ impl Endpoint {
         let urgent =
             domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX) && self.ep_type == EpType::Dgram;
         let ep = &self.shared;
-        domain.queues[self.rx_queue]
+        self.rx_q()
             .post(
                 || msg_header(Opcode::Recv, ep.id, flags, peer, 0, 0, 0),
                 TxData::None,
@@ -1466,7 +1493,7 @@ impl Endpoint {
         let urgent = domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX)
             && (peek || claim || discard || self.ep_type == EpType::Dgram);
         let ep = &self.shared;
-        domain.queues[self.rx_queue]
+        self.rx_q()
             .post(
                 || msg_header(opcode, ep.id, flags, peer, a.tag, a.ignore, data),
                 TxData::None,
@@ -1510,9 +1537,9 @@ impl Endpoint {
         let me = &self.shared;
         let pred = |p: &PendingOp| matches!(p, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
         let find = || {
-            self.domain.queues[self.rx_queue]
+            self.rx_q()
                 .find_cookie(pred)
-                .or_else(|| self.domain.queues[self.tx_queue].find_cookie(pred))
+                .or_else(|| self.tx_q().find_cookie(pred))
         };
         let deadline = std::time::Instant::now() + CANCEL_RETRY_WINDOW;
         let mut cookie = find()
@@ -1790,12 +1817,8 @@ impl Drop for Endpoint {
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();
-            let outstanding = self.domain.queues[self.rx_queue]
-                .find_cookie(mine)
-                .is_some()
-                || self.domain.queues[self.tx_queue]
-                    .find_cookie(mine)
-                    .is_some();
+            let outstanding =
+                self.rx_q().find_cookie(mine).is_some() || self.tx_q().find_cookie(mine).is_some();
             if !outstanding {
                 break;
             }
