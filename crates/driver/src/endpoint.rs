@@ -290,6 +290,9 @@ struct PostLimits {
     msg_ok: bool,
     /// Plain TSEND/TRECV pass `check_request`.
     tagged_ok: bool,
+    /// A plain receive must reach the device at once: under LAZY_RX the device takes plain
+    /// receives only when a message needs one, and a DGRAM message finding none is dropped.
+    plain_recv_urgent: bool,
     /// The device's `ATOMIC_OPS` and `ATOMIC_TYPES` capability masks (0 if not reported).
     atomic_ops: u64,
     atomic_types: u64,
@@ -420,6 +423,8 @@ impl Endpoint {
             max_data_descs: (u32::from(domain.config.max_sge) as usize).clamp(1, MAX_DATA_DESCS),
             msg_ok: class_reported(info.device_caps, Opcode::Send),
             tagged_ok: class_reported(info.device_caps, Opcode::TSend),
+            plain_recv_urgent: domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX)
+                && attr.ep_type == EpType::Dgram,
             atomic_ops: std_cap(&domain.info().cap_entries, proto::caps::key::ATOMIC_OPS),
             atomic_types: std_cap(&domain.info().cap_entries, proto::caps::key::ATOMIC_TYPES),
         };
@@ -1137,8 +1142,7 @@ impl Endpoint {
             RxData::Descs(&desc)
         };
         let report_success = !rx_cq.1;
-        let urgent =
-            domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX) && self.ep_type == EpType::Dgram;
+        let urgent = self.limits.plain_recv_urgent;
         let ep = &self.shared;
         self.rx_q()
             .post(
@@ -1490,8 +1494,8 @@ impl Endpoint {
         // Under LAZY_RX the device may take a plain receive only when a message needs it; one
         // that completes by itself (PEEK, CLAIM, DISCARD) or whose message would be dropped
         // unmatched (DGRAM) must reach it now.
-        let urgent = domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX)
-            && (peek || claim || discard || self.ep_type == EpType::Dgram);
+        let urgent = self.limits.plain_recv_urgent
+            || (domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX) && (peek || claim || discard));
         let ep = &self.shared;
         self.rx_q()
             .post(

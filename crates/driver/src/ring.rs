@@ -420,7 +420,6 @@ impl SplitRing {
     #[inline(always)]
     fn publish(&mut self, head: u16, tail: u16, n: usize, writable: u64) {
         self.num_free -= n as u16;
-        self.chains_in_flight += 1;
         debug_assert!(head < self.layout.size);
         // SAFETY: a head is a descriptor id, < size, the length of `chains`.
         *unsafe { self.chains.get_unchecked_mut(head as usize) } = ChainInfo {
@@ -434,6 +433,7 @@ impl SplitRing {
         // SAFETY: slot < size; the avail ring entry is a u16 inside the allocation.
         unsafe { std::ptr::write_volatile(self.avail_ring.as_ptr().add(slot), head.to_le()) };
         self.next_avail += Wrapping(1);
+        self.chains_in_flight += 1;
         // Descriptors and the ring entry must be visible before the index.
         // SAFETY: the avail index field, inside the allocation (see `new`).
         unsafe { self.avail_idx.as_ref() }.store(self.next_avail.0.to_le(), Ordering::Release);
