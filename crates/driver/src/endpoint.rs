@@ -644,15 +644,41 @@ impl Endpoint {
             });
         }
         self.check_request(Opcode::Send, 0)?;
-        let desc;
-        let inline = len <= INLINE_TX_MAX;
-        let tx = if inline {
+        // Two posts, each of one shape known here (no choice between them made again inside).
+        if len <= INLINE_TX_MAX {
             // SAFETY: as for `SendSrc::Shared` in `post_send_host`.
-            TxData::Inline(Payload::Bytes(unsafe { &buf.as_slice()[range] }))
+            let bytes = unsafe { &buf.as_slice()[range] };
+            // The bytes are copied: nothing to keep alive.
+            self.post_plain_send(
+                peer,
+                TxData::Inline(Payload::Bytes(bytes)),
+                Keepalive::default,
+                context,
+                (report_success, report_errors),
+            )
         } else {
-            desc = [(buf.device_addr() + range.start as u64, len as u32)];
-            TxData::Descs(&desc)
-        };
+            let desc = [(buf.device_addr() + range.start as u64, len as u32)];
+            // The device reads the buffer in place: it must outlive the request.
+            self.post_plain_send(
+                peer,
+                TxData::Descs(&desc),
+                || Keepalive::one(buf.keepalive()),
+                context,
+                (report_success, report_errors),
+            )
+        }
+    }
+
+    /// Post a plain send (no flags, tag or data) of `tx`, checked by [`Endpoint::send_buf`].
+    #[inline(always)]
+    fn post_plain_send(
+        &self,
+        peer: FabricAddr,
+        tx: TxData<'_>,
+        keepalive: impl FnOnce() -> Keepalive,
+        context: u64,
+        (report_success, report_errors): (bool, bool),
+    ) -> Result<()> {
         let ep = &self.shared;
         self.tx_q()
             .post(
@@ -670,13 +696,8 @@ impl Endpoint {
                         rx_len: 0,
                         copy_out: CopyOut::None,
                         bounce: None,
-                        // Built in the record: the bytes of an inline send are copied, a
-                        // buffer the device reads in place must outlive the request.
-                        _keepalive: if inline {
-                            Keepalive::default()
-                        } else {
-                            Keepalive::one(buf.keepalive())
-                        },
+                        // Built in the record.
+                        _keepalive: keepalive(),
                         hmem: None,
                         is_recv: false,
                         peek: false,
