@@ -1156,13 +1156,31 @@ impl Endpoint {
         if rx_len > u32::MAX as usize {
             return Err(Error::InvalidArgument("receive buffer over 4 GiB".into()));
         }
-        let desc = [(buf.device_addr() + range.start as u64, rx_len as u32)];
-        let rx = if rx_len == 0 {
-            RxData::None
-        } else {
-            RxData::Descs(&desc)
-        };
         let report_success = !rx_cq.1;
+        // Two posts, each of one shape known here (as for `send_buf`).
+        if rx_len == 0 {
+            self.post_plain_recv(buf, flags, peer, RxData::None, 0, context, report_success)
+        } else {
+            let desc = [(buf.device_addr() + range.start as u64, rx_len as u32)];
+            let rx = RxData::Descs(&desc);
+            self.post_plain_recv(buf, flags, peer, rx, rx_len, context, report_success)
+        }
+    }
+
+    /// Post a plain receive (no flags but DIRECTED, no tag) into `buf`, checked by
+    /// [`Endpoint::recv_buf_from`].
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn post_plain_recv(
+        &self,
+        buf: &SharedBuf,
+        flags: u64,
+        peer: FabricAddr,
+        rx: RxData<'_>,
+        rx_len: usize,
+        context: u64,
+        report_success: bool,
+    ) -> Result<()> {
         let urgent = self.limits.plain_recv_urgent;
         let ep = &self.shared;
         self.rx_q()
