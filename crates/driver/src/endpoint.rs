@@ -290,12 +290,51 @@ struct PostLimits {
     msg_ok: bool,
     /// Plain TSEND/TRECV pass `check_request`.
     tagged_ok: bool,
+    /// A directed RECV (flag DIRECTED only) passes `check_request` (its answer, asked once).
+    directed_recv_ok: bool,
     /// A plain receive must reach the device at once: under LAZY_RX the device takes plain
     /// receives only when a message needs one, and a DGRAM message finding none is dropped.
     plain_recv_urgent: bool,
     /// The device's `ATOMIC_OPS` and `ATOMIC_TYPES` capability masks (0 if not reported).
     atomic_ops: u64,
     atomic_types: u64,
+}
+
+impl PostLimits {
+    /// Spec §3.2/§5.1.4/§6.9.9: may an endpoint of `ep_type` post `opcode` with `flags`?
+    fn check_request(&self, opcode: Opcode, flags: u64, ep_type: EpType) -> Result<()> {
+        let allowed = self.allowed_flags;
+        if flags & !allowed != 0 {
+            return Err(Error::Unsupported(format!(
+                "request flags {:#x} are not reported by the device (FLAGS = {allowed:#x})",
+                flags & !allowed
+            )));
+        }
+        if let Some(caps) = self.device_caps {
+            let class = opcode.required_feature();
+            if caps & proto::bit(class) == 0 {
+                return Err(Error::Unsupported(format!(
+                    "{:?} needs capability class {class}, not reported by the device",
+                    opcode
+                )));
+            }
+            if flags & pflags::REMOTE_CQ_DATA != 0
+                && caps & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0
+            {
+                return Err(Error::Unsupported(
+                    "remote CQ data not reported by the device".into(),
+                ));
+            }
+        }
+        if ep_type == EpType::Dgram
+            && flags & (pflags::DELIVERY_COMPLETE | pflags::COMMIT_COMPLETE) != 0
+        {
+            return Err(Error::InvalidArgument(
+                "DELIVERY_COMPLETE is defined for reliable endpoints only".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Standard (non-vendor) capability `key` as a number, 0 if the device did not report it.
@@ -423,10 +462,18 @@ impl Endpoint {
             max_data_descs: (u32::from(domain.config.max_sge) as usize).clamp(1, MAX_DATA_DESCS),
             msg_ok: class_reported(info.device_caps, Opcode::Send),
             tagged_ok: class_reported(info.device_caps, Opcode::TSend),
+            // Asked below, of these limits.
+            directed_recv_ok: false,
             plain_recv_urgent: domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX)
                 && attr.ep_type == EpType::Dgram,
             atomic_ops: std_cap(&domain.info().cap_entries, proto::caps::key::ATOMIC_OPS),
             atomic_types: std_cap(&domain.info().cap_entries, proto::caps::key::ATOMIC_TYPES),
+        };
+        let limits = PostLimits {
+            directed_recv_ok: limits
+                .check_request(Opcode::Recv, pflags::DIRECTED, attr.ep_type)
+                .is_ok(),
+            ..limits
         };
         Ok(Self {
             domain,
@@ -1048,38 +1095,7 @@ impl Endpoint {
     }
 
     fn check_request_full(&self, opcode: Opcode, flags: u64) -> Result<()> {
-        let limits = &self.limits;
-        let allowed = limits.allowed_flags;
-        if flags & !allowed != 0 {
-            return Err(Error::Unsupported(format!(
-                "request flags {:#x} are not reported by the device (FLAGS = {allowed:#x})",
-                flags & !allowed
-            )));
-        }
-        if let Some(caps) = limits.device_caps {
-            let class = opcode.required_feature();
-            if caps & proto::bit(class) == 0 {
-                return Err(Error::Unsupported(format!(
-                    "{:?} needs capability class {class}, not reported by the device",
-                    opcode
-                )));
-            }
-            if flags & pflags::REMOTE_CQ_DATA != 0
-                && caps & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0
-            {
-                return Err(Error::Unsupported(
-                    "remote CQ data not reported by the device".into(),
-                ));
-            }
-        }
-        if self.ep_type == EpType::Dgram
-            && flags & (pflags::DELIVERY_COMPLETE | pflags::COMMIT_COMPLETE) != 0
-        {
-            return Err(Error::InvalidArgument(
-                "DELIVERY_COMPLETE is defined for reliable endpoints only".into(),
-            ));
-        }
-        Ok(())
+        self.limits.check_request(opcode, flags, self.ep_type)
     }
 
     fn max_data_descs(&self) -> usize {
@@ -1140,12 +1156,16 @@ impl Endpoint {
         let Some(rx_cq) = b.rx.as_ref() else {
             return Err(Error::NoCq);
         };
-        let (flags, peer) = if src != FI_ADDR_UNSPEC {
-            (pflags::DIRECTED, Self::resolve(b, src)?)
+        let (flags, peer, passes) = if src != FI_ADDR_UNSPEC {
+            let peer = Self::resolve(b, src)?;
+            (pflags::DIRECTED, peer, self.limits.directed_recv_ok)
         } else {
-            (0, FabricAddr::default())
+            (0, FabricAddr::default(), self.limits.msg_ok)
         };
-        self.check_request(Opcode::Recv, flags)?;
+        // `check_request` with its answer for these two requests worked out at open.
+        if !passes {
+            self.check_request_full(Opcode::Recv, flags)?;
+        }
         check_range(buf, &range)?;
         if !Arc::ptr_eq(buf.memory(), &domain.mem) {
             return Err(Error::InvalidArgument(
