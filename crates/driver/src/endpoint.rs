@@ -442,8 +442,9 @@ impl Endpoint {
         let code = crate::control::ep_type_code(attr.ep_type)?;
         let (id, addr) = domain.ep_open(code)?;
         let (tx_queue, rx_queue) = domain.queues_of_endpoint(id);
-        // `tx_q`/`rx_q` rely on this.
+        // `tx_q`/`rx_q` rely on this (it holds: there is a queue pair for every `id % pairs`).
         if tx_queue.max(rx_queue) >= domain.queues.len() {
+            let _ = domain.ep_close(id);
             return Err(Error::Transport(format!(
                 "endpoint {id} maps to queues {tx_queue}/{rx_queue} of {}",
                 domain.queues.len()

@@ -174,9 +174,9 @@ pub(crate) struct SplitRing {
     broken: Option<String>,
 }
 
-// SAFETY: `base` points into the domain's shared mapping, kept alive by the owner of the ring
-// allocation (the `Virtqueue`); all mutation goes through `&mut self`, so moving the ring between
-// threads is fine.
+// SAFETY: `base` (and the parts located from it) point into the domain's shared mapping, kept
+// alive by the owner of the ring allocation (the `Virtqueue`); all mutation goes through
+// `&mut self`, so moving the ring between threads is fine.
 unsafe impl Send for SplitRing {}
 
 impl SplitRing {

@@ -487,7 +487,7 @@ impl<R> Virtqueue<R> {
             }
         };
         let cookie = st.cookie_base | u64::from(head);
-        st.cookie_base += COOKIE_SEQ_ONE;
+        st.cookie_base = st.cookie_base.wrapping_add(COOKIE_SEQ_ONE);
         let slot = self.slot(head);
         // SAFETY: the slot of a free head belongs to us until the chain is published; all
         // writes below stay inside the SLOT_STRIDE bytes of the slot (the header is at its
