@@ -22,7 +22,7 @@ use vfabric_proto::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VHOST_USER_CONFIG_SIZE};
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
     ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
@@ -37,7 +37,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::chain::{GuestMemoryMmap, ParseCtx, Req, RingError};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port, Teardown};
 use crate::poller::{Polled, Poller};
-use crate::ring::{avail_index, Ring, RingView};
+use crate::ring::{avail_index, eventfd_signal, Ring, RingState, RingView, Vring};
 use crate::stats::Counters;
 use crate::xmem::PeerProcess;
 
@@ -59,12 +59,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct VringSink {
     /// The rings vhost-user-backend handed over with the first event (the same for the whole
     /// connection): set once, read without a lock.
-    vrings: OnceLock<Vec<VringRwLock>>,
-    /// Fast-path state of each ring (lock order: after the ring's `VringRwLock`).
-    rings: Vec<Ring>,
+    /// Each with its fast-path state ([`Vring::ring`]; lock order: after the ring's
+    /// `VringRwLock`).
+    vrings: OnceLock<Vec<Vring>>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    /// Bumped on every memory-table change: ring views of older tables are rebuilt.
-    mem_generation: AtomicU64,
     /// A ring could not be written: it is corrupt.
     broken: AtomicBool,
     /// Wakes the device's vring worker to look at its RX rings ([`CompletionSink::wake_rx`]).
@@ -72,23 +70,17 @@ pub(crate) struct VringSink {
 }
 
 impl VringSink {
-    fn new(
-        num_queues: usize,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-        wake: EventNotifier,
-    ) -> Self {
+    fn new(mem: GuestMemoryAtomic<GuestMemoryMmap>, wake: EventNotifier) -> Self {
         Self {
             vrings: OnceLock::new(),
-            rings: (0..num_queues).map(|_| Ring::default()).collect(),
             mem,
-            mem_generation: AtomicU64::new(0),
             broken: AtomicBool::new(false),
             wake,
         }
     }
 
     #[inline]
-    fn set_vrings(&self, vrings: &[VringRwLock]) {
+    fn set_vrings(&self, vrings: &[Vring]) {
         if self.vrings.get().is_none() {
             self.keep_vrings(vrings);
         }
@@ -97,34 +89,45 @@ impl VringSink {
     /// Once per connection: out of [`VringSink::set_vrings`]'s inlined check.
     #[cold]
     #[inline(never)]
-    fn keep_vrings(&self, vrings: &[VringRwLock]) {
+    fn keep_vrings(&self, vrings: &[Vring]) {
         let _ = self.vrings.set(vrings.to_vec());
     }
 
     /// The rings (empty before the first event).
-    fn rings_list(&self) -> &[VringRwLock] {
+    fn rings_list(&self) -> &[Vring] {
         self.vrings.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// Ring `q`'s state (none before the first event: no chain was popped, so no completion
+    /// comes for it).
+    #[inline]
+    fn ring(&self, q: usize) -> Option<&Ring> {
+        self.vrings.get()?.get(q).map(Vring::ring)
+    }
+
+    /// The memory table or the notification scheme changed: every ring's view is rebuilt.
+    fn all_changed(&self) {
+        for vr in self.rings_list() {
+            vr.ring().changed();
+        }
     }
 
     /// Run `f` on ring `q`'s next avail index and view, under the ring's `VringRwLock` (read)
     /// and its state's lock; `None` if the ring is not running.
     fn with_ring<R>(
         &self,
-        vr: &VringRwLock,
-        q: usize,
+        vr: &Vring,
         mem: Option<&Arc<GuestMemoryMmap>>,
         f: impl FnOnce(u16, &RingView) -> R,
     ) -> Result<Option<R>, RingError> {
-        let Some(ring) = self.rings.get(q) else {
-            return Ok(None);
-        };
+        let ring = vr.ring();
+        let generation = ring.config();
         let st = vr.get_ref();
         if !st.is_enabled() || !st.get_queue().ready() {
             return Ok(None);
         }
         let mut rs = lock(&ring.state);
-        let generation = self.mem_generation.load(Ordering::Acquire);
-        let view = rs.view(ring, generation, st.get_queue(), || {
+        let view = rs.view(ring, generation, &st, || {
             mem.cloned()
                 .unwrap_or_else(|| self.mem.memory().into_inner())
         })?;
@@ -132,62 +135,64 @@ impl VringSink {
         Ok(Some(f(avail_index(ring.avail()), view)))
     }
 
-    /// Ring `ring`'s avail word (index and epoch, see [`Ring::avail`]) for a pass, with `kept`
-    /// holding the view to pop through: the view an earlier pass kept, while the ring's epoch,
-    /// the memory table and the ring's configuration (read under `vr`, its `VringRwLock`) are
-    /// unchanged (no lock of the ring's state), else the ring's current view, taken under that
-    /// lock. `None` if the ring is not running.
+    /// Ring `vr`'s avail word (index and epoch, see [`Ring::avail`]) for a pass, with `kept`
+    /// holding the view to pop through: the view an earlier pass kept, while the ring's epoch
+    /// and its configuration's generation ([`Ring::config`]: the frontend changed nothing of
+    /// the ring nor the memory table) are unchanged, which takes no lock at all; else the
+    /// ring's current view, read under its `VringRwLock` and its state's lock. `None` if the
+    /// ring is not running.
     #[inline(always)]
     fn pass_view(
         &self,
-        vr: &VringRwLock,
-        ring: &Ring,
+        vr: &Vring,
         mem: &Arc<GuestMemoryMmap>,
         kept: &mut Option<KeptView>,
     ) -> Result<Option<u32>, RingError> {
+        let ring = vr.ring();
+        let generation = ring.config();
+        let seen = ring.avail();
+        if kept
+            .as_ref()
+            .is_some_and(|k| k.epoch == seen >> 16 && k.generation == generation)
+        {
+            return Ok(Some(seen));
+        }
+        self.pass_view_rebuilt(vr, generation, mem, kept)
+    }
+
+    /// [`Self::pass_view`] of a ring whose kept view is missing or stale.
+    #[cold]
+    #[inline(never)]
+    fn pass_view_rebuilt(
+        &self,
+        vr: &Vring,
+        generation: u64,
+        mem: &Arc<GuestMemoryMmap>,
+        kept: &mut Option<KeptView>,
+    ) -> Result<Option<u32>, RingError> {
+        *kept = None;
+        let ring = vr.ring();
         let st = vr.get_ref();
         if !st.is_enabled() || !st.get_queue().ready() {
             return Ok(None);
         }
-        let generation = self.mem_generation.load(Ordering::Acquire);
-        let seen = ring.avail();
-        if kept
-            .as_ref()
-            .is_some_and(|k| k.epoch == seen >> 16 && k.view.is_for(generation, st.get_queue()))
-        {
-            return Ok(Some(seen));
-        }
-        *kept = None;
         let view = lock(&ring.state)
-            .view(ring, generation, st.get_queue(), || mem.clone())?
+            .view(ring, generation, &st, || mem.clone())?
             .clone();
         let seen = ring.avail();
         *kept = Some(KeptView {
             view,
             epoch: seen >> 16,
+            generation,
         });
         Ok(Some(seen))
     }
 
-    /// Build ring `q`'s view under its `VringRwLock` whatever the ring's state (completions go
-    /// to a stopped ring too: a ring being stopped gets its cancelled requests back).
-    fn build_view(&self, q: usize) -> Result<(), RingError> {
-        let v = self.rings_list();
-        let (Some(vr), Some(ring)) = (v.get(q), self.rings.get(q)) else {
-            return Err(RingError::Invalid);
-        };
-        let st = vr.get_ref();
-        let generation = self.mem_generation.load(Ordering::Acquire);
-        lock(&ring.state)
-            .view(ring, generation, st.get_queue(), || {
-                self.mem.memory().into_inner()
-            })
-            .map(|_| ())
-    }
-
     /// The device was reset: every ring's next use re-reads its configuration and indices.
     fn forget_rings(&self) {
-        for ring in &self.rings {
+        for vr in self.rings_list() {
+            let ring = vr.ring();
+            ring.changed();
             lock(&ring.state).forget(ring);
         }
     }
@@ -195,8 +200,8 @@ impl VringSink {
     /// Ring `q` is stopping (GET_VRING_BASE): its configuration may change before it runs
     /// again, so the next use re-reads it.
     fn stop_ring(&self, q: usize) {
-        let v = self.rings_list();
-        if let (Some(vr), Some(ring)) = (v.get(q), self.rings.get(q)) {
+        if let Some(vr) = self.rings_list().get(q) {
+            let ring = vr.ring();
             let mut st = vr.get_mut();
             lock(&ring.state).reset(ring, st.get_queue_mut());
         }
@@ -204,9 +209,11 @@ impl VringSink {
 }
 
 impl VringSink {
-    /// Signal the guest for ring `q`.
-    #[inline]
-    fn signal(&self, q: usize) {
+    /// Signal the guest for ring `q` through its `VringRwLock` (the view's own eventfd could
+    /// not be made).
+    #[cold]
+    #[inline(never)]
+    fn signal_shared(&self, q: usize) {
         if let Some(vr) = self.rings_list().get(q) {
             if let Err(e) = signal_call(vr) {
                 signal_failed(q, &e);
@@ -214,42 +221,66 @@ impl VringSink {
         }
     }
 
-    /// [`CompletionSink::publish`] of ring `q` without a view of memory-table `generation`:
-    /// the first completion after a (re)configuration builds it under the ring's VringRwLock
-    /// (the completions stay staged meanwhile, ahead of any staged later).
-    #[cold]
-    #[inline(never)]
-    fn publish_rebuilt(&self, q: usize, generation: u64) {
-        let Some(ring) = self.rings.get(q) else {
-            return;
-        };
-        let notify = match self.build_view(q) {
-            Ok(()) => lock(&ring.state).publish_staged(generation),
-            Err(e) => {
-                warn!(q, "used ring not writable: {e}");
-                None
+    /// Signal the guest for ring `q` whose state `st` is, under its lock: a new call eventfd
+    /// waits for that lock ([`Vring::set_call`]).
+    #[inline(always)]
+    fn signal(&self, q: usize, st: MutexGuard<'_, RingState>) {
+        match st.signal() {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(st);
+                self.signal_shared(q);
             }
-        };
-        match notify {
-            Some(false) => {}
-            Some(true) => self.signal(q),
-            None => {
-                lock(&ring.state).drop_staged();
-                self.broken.store(true, Ordering::Release)
-            }
+            Err(e) => signal_failed(q, &e),
         }
     }
-}
 
-impl VringSink {
+    /// [`CompletionSink::publish`] of ring `q` without a view of its current generation: the
+    /// first completion after a (re)configuration builds it under the ring's `VringRwLock` (the
+    /// completions stay staged meanwhile, ahead of any staged later). A change racing with
+    /// the rebuild is retried; a ring whose configuration keeps changing under its
+    /// completions, or cannot be read, has its completions dropped and breaks.
+    #[cold]
+    #[inline(never)]
+    fn publish_rebuilt(&self, q: usize) {
+        let Some(vr) = self.rings_list().get(q) else {
+            return;
+        };
+        let ring = vr.ring();
+        for _ in 0..4 {
+            let generation = ring.config();
+            let built = {
+                let st = vr.get_ref();
+                lock(&ring.state)
+                    .view(ring, generation, &st, || self.mem.memory().into_inner())
+                    .map(|_| ())
+            };
+            if let Err(e) = built {
+                warn!(q, "used ring not writable: {e}");
+                break;
+            }
+            let mut st = lock(&ring.state);
+            match st.publish_staged(ring.config()) {
+                Some(false) => return,
+                Some(true) => return self.signal(q, st),
+                None => continue,
+            }
+        }
+        lock(&ring.state).drop_staged();
+        self.broken.store(true, Ordering::Release)
+    }
+
     /// After ring `q`'s staged completions were published (`notify`: whether to signal the
-    /// guest), or could not be for want of a view of memory-table `generation` (`None`).
-    #[inline]
-    fn published(&self, q: usize, notify: Option<bool>, generation: u64) {
+    /// guest), or could not be for want of a view of the current generation (`None`).
+    #[inline(always)]
+    fn published(&self, q: usize, st: MutexGuard<'_, RingState>, notify: Option<bool>) {
         match notify {
             Some(false) => {}
-            Some(true) => self.signal(q),
-            None => self.publish_rebuilt(q, generation),
+            Some(true) => self.signal(q, st),
+            None => {
+                drop(st);
+                self.publish_rebuilt(q)
+            }
         }
     }
 }
@@ -257,7 +288,7 @@ impl VringSink {
 impl CompletionSink for VringSink {
     #[inline]
     fn stage(&self, queue: u16, head: u16, len: u32) {
-        match self.rings.get(usize::from(queue)) {
+        match self.ring(usize::from(queue)) {
             Some(ring) => lock(&ring.state).stage(head, len),
             None => unknown_queue(queue),
         }
@@ -266,24 +297,25 @@ impl CompletionSink for VringSink {
     #[inline]
     fn publish(&self, queue: u16) {
         let q = usize::from(queue);
-        let Some(ring) = self.rings.get(q) else {
+        let Some(ring) = self.ring(q) else {
             return;
         };
-        let generation = self.mem_generation.load(Ordering::Acquire);
-        // The fast path takes only the ring's state lock (released before signalling).
-        let notify = lock(&ring.state).publish_staged(generation);
-        self.published(q, notify, generation);
+        // The fast path takes only the ring's state lock, and reads the generation under it
+        // (see `Vring::set_call`).
+        let mut st = lock(&ring.state);
+        let notify = st.publish_staged(ring.config());
+        self.published(q, st, notify);
     }
 
     #[inline]
     fn stage_and_publish(&self, queue: u16, head: u16, len: u32) {
         let q = usize::from(queue);
-        let Some(ring) = self.rings.get(q) else {
+        let Some(ring) = self.ring(q) else {
             return unknown_queue(queue);
         };
-        let generation = self.mem_generation.load(Ordering::Acquire);
-        let notify = lock(&ring.state).stage_and_publish(head, len, generation);
-        self.published(q, notify, generation);
+        let mut st = lock(&ring.state);
+        let notify = st.stage_and_publish(head, len, ring.config());
+        self.published(q, st, notify);
     }
 
     fn wake_rx(&self) {
@@ -311,30 +343,15 @@ fn unknown_queue(queue: u16) {
     warn!(queue, "a completion for an unknown queue dropped");
 }
 
-/// `signal_used_queue` with the `write` system call made directly: the libc wrapper's
-/// cancellation-point bookkeeping costs more user-space instructions than the call itself.
-#[inline]
-fn signal_call(vr: &VringRwLock) -> io::Result<()> {
+/// `signal_used_queue` through [`eventfd_signal`].
+fn signal_call(vr: &Vring) -> io::Result<()> {
     let st = vr.get_ref();
-    let Some(call) = st.get_call() else {
-        return Ok(());
-    };
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live local to the ring's call eventfd, which stays open
-    // while we hold the ring's read lock (vhost-user-backend replaces it under the write lock);
-    // no memory of ours is retained.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_write,
-            call.as_raw_fd(),
-            &one as *const u64,
-            8usize,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+    match st.get_call() {
+        // The eventfd stays open while we hold the ring's read lock (vhost-user-backend
+        // replaces it under the write lock).
+        Some(call) => eventfd_signal(call.as_raw_fd()),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Identity of the guest memory regions, to tell additions from replacements.
@@ -410,6 +427,8 @@ struct KeptView {
     view: Arc<RingView>,
     /// The epoch of the ring's avail word it was taken under ([`Ring::avail`]).
     epoch: u32,
+    /// The ring's configuration generation it was taken under ([`Ring::config`]).
+    generation: u64,
 }
 
 /// The vhost-user backend of one device connection.
@@ -483,7 +502,7 @@ impl FabricBackend {
             me: Mutex::new(Weak::new()),
             polled: AtomicBool::new(false),
             nested_work: AtomicBool::new(false),
-            sink: Arc::new(VringSink::new(num_queues, mem.clone(), wake_notifier)),
+            sink: Arc::new(VringSink::new(mem.clone(), wake_notifier)),
             wake,
             rx_check: Mutex::new(TimerFd::new()?),
             rx_check_armed: AtomicBool::new(false),
@@ -594,14 +613,14 @@ impl FabricBackend {
 
     /// The RX check timer fired: take whatever the RX rings hold, or, if they hold nothing,
     /// turn their notifications back on (the device is idle on the receive side).
-    fn rx_check(&self, vrings: &[VringRwLock]) {
+    fn rx_check(&self, vrings: &[Vring]) {
         let _ = lock(&self.rx_check).wait();
         self.rx_check_armed.store(false, Ordering::Release);
         let mem = self.mem.memory().into_inner();
         let rx_pending = vrings.iter().enumerate().any(|(q, vr)| {
             is_rx(q)
                 && matches!(
-                    self.sink.with_ring(vr, q, Some(&mem), |next_avail, view| {
+                    self.sink.with_ring(vr, Some(&mem), |next_avail, view| {
                         view.avail_idx() != next_avail
                     }),
                     Ok(Some(true))
@@ -662,7 +681,7 @@ impl FabricBackend {
     /// ring's index again, whose first event comes back here. Best effort: if the fd is not
     /// registered (any more), the kick stays vhost-user-backend's.
     #[cold]
-    fn redirect_kick(&self, vr: &VringRwLock, q: usize) {
+    fn redirect_kick(&self, vr: &Vring, q: usize) {
         let epfd = self.worker_epoll.load(Ordering::Acquire);
         if epfd < 0 {
             return;
@@ -692,7 +711,7 @@ impl FabricBackend {
     /// Consume ring `q`'s kick (taken as our own event, [`Self::redirect_kick`]) as
     /// vhost-user-backend would: read the eventfd, then say whether the ring is enabled (a
     /// disabled ring is not processed).
-    fn consume_kick(&self, vr: &VringRwLock) -> io::Result<bool> {
+    fn consume_kick(&self, vr: &Vring) -> io::Result<bool> {
         let st = vr.get_ref();
         if let Some(kick) = st.get_kick() {
             let mut count = 0u64;
@@ -773,7 +792,7 @@ impl FabricBackend {
     /// an old receive). The control queue's avail index is read before the data queues are
     /// checked, and only the chains it announced are popped: a data request the driver made
     /// available before a control request is seen before it.
-    fn pass(&self, vrings: &[VringRwLock], n: &mut Notify) -> (bool, bool) {
+    fn pass(&self, vrings: &[Vring], n: &mut Notify) -> (bool, bool) {
         self.pass_some(vrings, None, n)
     }
 
@@ -781,12 +800,7 @@ impl FabricBackend {
     /// then also re-armed in the same visit once empty (the blocking fast path: notification
     /// on, re-checked, so `more` says whether requests arrived meanwhile).
     #[inline]
-    fn pass_some(
-        &self,
-        vrings: &[VringRwLock],
-        only: Option<usize>,
-        n: &mut Notify,
-    ) -> (bool, bool) {
+    fn pass_some(&self, vrings: &[Vring], only: Option<usize>, n: &mut Notify) -> (bool, bool) {
         let mut work = self.work_lock();
         self.pass_locked(&mut work, vrings, only, n)
     }
@@ -795,7 +809,7 @@ impl FabricBackend {
     fn pass_locked(
         &self,
         work: &mut PassState,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         only: Option<usize>,
         n: &mut Notify,
     ) -> (bool, bool) {
@@ -823,7 +837,7 @@ impl FabricBackend {
     fn pass_rings(
         &self,
         work: &mut PassState,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         rings: impl Iterator<Item = usize>,
         rearm: bool,
         n: &mut Notify,
@@ -845,31 +859,30 @@ impl FabricBackend {
         // Whether RX rings re-armed in this pass get their notifications on (asked once).
         let mut rx_on: Option<bool> = None;
         for q in rings {
-            let (Some(vr), Some(ring), Some(kept)) =
-                (vrings.get(q), self.sink.rings.get(q), views.get_mut(q))
-            else {
+            let (Some(vr), Some(kept)) = (vrings.get(q), views.get_mut(q)) else {
                 continue;
             };
+            let ring = vr.ring();
             if self.is_broken() {
                 return (found, false);
             }
             let mut max = BATCH;
             if q == 0 {
-                let announced = self.sink.with_ring(vr, 0, Some(mem), |next_avail, view| {
+                let announced = self.sink.with_ring(vr, Some(mem), |next_avail, view| {
                     view.avail_idx().wrapping_sub(next_avail)
                 });
                 let announced = match announced {
                     Ok(Some(k)) if k > 0 => k,
                     _ => continue,
                 };
-                if self.any_pending_in(vrings.get(1..).unwrap_or_default(), 1, mem) {
+                if self.any_pending_in(vrings.get(1..).unwrap_or_default(), mem) {
                     // Data requests are still waiting: the next pass takes them first.
                     more = true;
                     continue;
                 }
                 max = max.min(usize::from(announced));
             }
-            let seen = match self.sink.pass_view(vr, ring, mem, kept) {
+            let seen = match self.sink.pass_view(vr, mem, kept) {
                 Ok(Some(seen)) => seen,
                 Ok(None) => continue,
                 Err(e) => {
@@ -919,7 +932,7 @@ impl FabricBackend {
     /// Pass over the queues until none may hold more. Returns whether any chain was found.
     /// Requests that arrive after a queue's turn are found by the caller's re-check (the
     /// notification re-arm in `process`, the next sweep of the poller).
-    fn drain(&self, vrings: &[VringRwLock], n: &mut Notify) -> bool {
+    fn drain(&self, vrings: &[Vring], n: &mut Notify) -> bool {
         let mut found_any = false;
         loop {
             let (found, more) = self.pass(vrings, n);
@@ -934,20 +947,14 @@ impl FabricBackend {
         }
     }
 
-    /// Whether any of `vrings` (queue indices from `first`) has requests not popped yet. A ring
-    /// that cannot be read counts as empty here; the pass that pops it reports it.
-    fn any_pending_in(
-        &self,
-        vrings: &[VringRwLock],
-        first: usize,
-        mem: &Arc<GuestMemoryMmap>,
-    ) -> bool {
-        vrings.iter().enumerate().any(|(i, vr)| {
+    /// Whether any of `vrings` has requests not popped yet. A ring that cannot be read counts
+    /// as empty here; the pass that pops it reports it.
+    fn any_pending_in(&self, vrings: &[Vring], mem: &Arc<GuestMemoryMmap>) -> bool {
+        vrings.iter().any(|vr| {
             matches!(
-                self.sink
-                    .with_ring(vr, first + i, Some(mem), |next_avail, view| {
-                        view.avail_idx() != next_avail
-                    }),
+                self.sink.with_ring(vr, Some(mem), |next_avail, view| {
+                    view.avail_idx() != next_avail
+                }),
                 Ok(Some(true))
             )
         })
@@ -956,12 +963,12 @@ impl FabricBackend {
     /// Turn every ring's notifications on, except the RX rings' while the device may take
     /// receives lazily (LAZY_RX, nothing held unexpected: [`Fabric::rx_needs_notify`]; the
     /// fabric wakes the device if that changes). Returns whether requests arrived meanwhile.
-    fn arm(&self, vrings: &[VringRwLock]) -> Result<bool, ()> {
+    fn arm(&self, vrings: &[Vring]) -> Result<bool, ()> {
         let quiet_rx = self.lazy_rx() && !self.rx_notify_decision();
         self.set_notifications_by(vrings, |q| Some(!(quiet_rx && is_rx(q))))
     }
 
-    fn set_notifications(&self, vrings: &[VringRwLock], enable: bool) -> Result<bool, ()> {
+    fn set_notifications(&self, vrings: &[Vring], enable: bool) -> Result<bool, ()> {
         self.set_notifications_by(vrings, |_| Some(enable))
     }
 
@@ -970,7 +977,7 @@ impl FabricBackend {
     /// the connection (`Err`).
     fn set_notifications_by(
         &self,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         which: impl Fn(usize) -> Option<bool>,
     ) -> Result<bool, ()> {
         let mut more = false;
@@ -978,7 +985,7 @@ impl FabricBackend {
             let Some(enable) = which(q) else {
                 continue;
             };
-            match self.sink.with_ring(vr, q, None, |next_avail, view| {
+            match self.sink.with_ring(vr, None, |next_avail, view| {
                 view.set_notification(next_avail, enable)
             }) {
                 Ok(m) => more |= m.unwrap_or(false),
@@ -994,7 +1001,7 @@ impl FabricBackend {
     /// The fast path after a kick: drain, then hand the rings to the poller (notifications
     /// stay off while the guest is busy) or, without polling, re-enable notifications and
     /// re-check before sleeping.
-    fn process(&self, vrings: &[VringRwLock]) {
+    fn process(&self, vrings: &[Vring]) {
         // Requests for other hosts leave from this thread when the pass is over (no lock held).
         let _assist = self.fabric.assist_scope();
         let mut n = Notify::default();
@@ -1045,7 +1052,7 @@ impl FabricBackend {
     /// re-arm it in the same visit. Every queue has its own kick, so the other queues stay
     /// armed and report their own requests; the control queue (whose requests must not overtake
     /// earlier data requests) takes the all-queue path of [`Self::process`].
-    fn process_queue(&self, vrings: &[VringRwLock], q: usize) {
+    fn process_queue(&self, vrings: &[Vring], q: usize) {
         let _assist = self.fabric.assist_scope();
         let mut n = Notify::default();
         loop {
@@ -1064,7 +1071,7 @@ impl FabricBackend {
     }
 
     /// The rings the vring worker handed us (empty before the first kick).
-    fn vrings(&self) -> &[VringRwLock] {
+    fn vrings(&self) -> &[Vring] {
         self.sink.rings_list()
     }
 }
@@ -1136,7 +1143,7 @@ impl Polled for FabricBackend {
 
 impl VhostUserBackend for FabricBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.num_queues
@@ -1188,7 +1195,7 @@ impl VhostUserBackend for FabricBackend {
     fn set_event_idx(&self, enabled: bool) {
         debug!(dev = self.dev, enabled, "event idx");
         // Ring views carry the notification scheme: rebuild them.
-        self.sink.mem_generation.fetch_add(1, Ordering::AcqRel);
+        self.sink.all_changed();
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -1229,7 +1236,7 @@ impl VhostUserBackend for FabricBackend {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }
         // Ring views of the old table are rebuilt on their next use.
-        self.sink.mem_generation.fetch_add(1, Ordering::AcqRel);
+        self.sink.all_changed();
         let new = region_keys(&mem.memory());
         let mut old = lock(&self.regions);
         let replaced = old.iter().any(|r| !new.contains(r));
@@ -1274,7 +1281,7 @@ impl VhostUserBackend for FabricBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
         let q = if (device_event as usize) < self.num_queues {
@@ -1314,7 +1321,7 @@ impl VhostUserBackend for FabricBackend {
 impl FabricBackend {
     /// An event of the device's own other than a kick: the RX wake-up or the RX check timer.
     #[cold]
-    fn device_event(&self, device_event: u16, vrings: &[VringRwLock]) {
+    fn device_event(&self, device_event: u16, vrings: &[Vring]) {
         if u64::from(device_event) == self.wake_event() {
             // The fabric queued a message unexpected while the RX rings were quiet.
             let _ = self.wake.consume();

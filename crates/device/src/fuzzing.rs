@@ -3,7 +3,7 @@
 //! on a bounded set of pseudo-random inputs by the unit tests so they cannot rot.
 //!
 //! Both drive the real backend (`FabricBackend` as vhost-user-backend drives it: the same trait
-//! calls, the same `VringRwLock`s), the chain walker, the request parser and the fabric; nothing
+//! calls, the same `Vring`s), the chain walker, the request parser and the fabric; nothing
 //! is mocked. Every input must leave the device without a panic, with used rings that only ever
 //! advance by chains that were made available, and (when the guest broke a rule) with the guest
 //! marked broken rather than anything else going wrong.
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vfabric_proto::{bit, Opcode, Request, VIRTIO_FABRIC_F_MSG, VIRTIO_F_VERSION_1};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
@@ -27,6 +27,7 @@ use crate::chain::GuestMemoryMmap;
 use crate::config::{Config, Limits};
 use crate::fabric::Fabric;
 use crate::poller::Poller;
+use crate::ring::Vring;
 use crate::stats::DeviceStats;
 
 /// Guest memory of the chain-image target (the input is copied to its start).
@@ -71,7 +72,7 @@ struct Device {
     backend: Arc<FabricBackend>,
     fabric: Arc<Fabric>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    vrings: Vec<VringRwLock>,
+    vrings: Vec<Vring>,
 }
 
 impl Device {
@@ -97,7 +98,7 @@ impl Device {
         .expect("backend");
         fabric.connect(0, backend.port());
         let vrings = (0..NQ)
-            .map(|_| VringRwLock::new(mem.clone(), 256).expect("vring"))
+            .map(|_| Vring::new(mem.clone(), 256).expect("vring"))
             .collect();
         Self {
             backend,

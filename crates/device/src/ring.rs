@@ -3,28 +3,35 @@
 //!
 //! virtio-queue's `Queue` (inside vhost-user-backend's `VringRwLock`) stays the owner of a
 //! ring's configuration and indices — vhost-user-backend reads and sets them on SET_VRING_* and
-//! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`Ring`] (so a
-//! pass holds the `VringRwLock` only for reading, and never blocks a peer's notification); they
-//! go back to the `Queue` when the ring stops, before GET_VRING_BASE reads them (and are
-//! forgotten on RESET_DEVICE, the frontend setting them anew). What this module replaces is the
-//! per-access path: there, every field read goes through a guest-memory region lookup and the
-//! whole ring is re-validated per pass. Here a [`RingView`] translates the three ring parts to
-//! host pointers once, checks them once (inside one memory region each, aligned), and is
-//! rebuilt only when the memory table or the ring's addresses change. Descriptor buffers are still checked one by one against guest
-//! memory when a chain is walked ([`Walked::add`]).
+//! GET_VRING_BASE. While the ring runs, its avail and used indices live in [`Ring`] (so the
+//! data path never takes the `VringRwLock` for writing, and never blocks a peer's
+//! notification); they go back to the `Queue` when the ring stops, before GET_VRING_BASE reads
+//! them (and are forgotten on RESET_DEVICE, the frontend setting them anew). What this module
+//! replaces is the per-access path: there, every field read goes through a guest-memory region
+//! lookup and the whole ring is re-validated per pass. Here a [`RingView`] translates the three
+//! ring parts to host pointers once, checks them once (inside one memory region each, aligned),
+//! and is rebuilt only when the ring's generation moves on ([`Ring::config`]: the frontend
+//! changed the ring through its [`Vring`], or the memory table changed), so a pass neither
+//! takes the `VringRwLock` nor re-reads the configuration while it stands. Descriptor buffers
+//! are still checked one by one against guest memory when a chain is walked
+//! ([`Walked::add`]).
 //!
 //! The guest writes these rings concurrently, so every access is a volatile or atomic one and
 //! every value read is treated as untrusted: indices are reduced modulo the ring size, head and
 //! `next` indices are range-checked, walks are bounded by the table size.
 
+use std::fs::File;
+use std::io;
 use std::num::Wrapping;
-use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 
 use vfabric_proto::{COMPLETION_LEN, REQ_HEADER_LEN};
 
+use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::chain::{
     host_ptr_hinted, parse_general, parse_simple, GuestMemoryMmap, HostSeg, ParseCtx, RegionHint,
@@ -56,6 +63,33 @@ pub(crate) struct RingView {
     /// The region of `_mem` holding the descriptor table: a walk through that same table
     /// starts from it (the buffers of a chain mostly lie in the ring's region).
     region: Option<RegionHint>,
+    /// How the driver is signalled for this ring ([`RingState::signal`]).
+    call: Call,
+}
+
+/// How a [`RingView`] signals the driver.
+enum Call {
+    /// The ring has no call eventfd: nothing to signal.
+    None,
+    /// The view's own duplicate of the ring's call eventfd, taken when it was built: a
+    /// signal takes no lock of the ring's `VringRwLock`. A new call eventfd moves the ring's
+    /// generation on ([`Vring::set_call`]), so the view is rebuilt with it.
+    Own(OwnedFd),
+    /// The duplicate could not be made (no file descriptors left): through the `Vring`.
+    Shared,
+}
+
+/// Write 1 to eventfd `fd` with the `write` system call made directly: the libc wrapper's
+/// cancellation-point bookkeeping costs more user-space instructions than the call itself.
+pub(crate) fn eventfd_signal(fd: RawFd) -> io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local to `fd`, which the caller keeps open; no
+    // memory of ours is retained.
+    let rc = unsafe { libc::syscall(libc::SYS_write, fd, &one as *const u64, 8usize) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 // SAFETY: the raw pointers point into mappings owned by `_mem` (an `Arc`), which lives as long
@@ -98,7 +132,18 @@ impl RingView {
             avail,
             used,
             event_idx: q.event_idx_enabled(),
+            call: Call::None,
         })
+    }
+
+    /// The view signalling through (a duplicate of) `call`, the ring's call eventfd.
+    fn with_call(mut self, call: Option<BorrowedFd<'_>>) -> Self {
+        self.call = match call.map(|fd| fd.try_clone_to_owned()) {
+            None => Call::None,
+            Some(Ok(fd)) => Call::Own(fd),
+            Some(Err(_)) => Call::Shared,
+        };
+        self
     }
 
     /// Whether this view is of the same ring parts as `q` describes.
@@ -490,10 +535,16 @@ pub(crate) struct RingState {
     staged: Vec<(u16, u32)>,
 }
 
-/// One ring's fast-path state and its avail position.
+/// One ring's fast-path state, its avail position and its configuration's generation.
 #[derive(Default)]
 pub(crate) struct Ring {
     pub state: std::sync::Mutex<RingState>,
+    /// Moves on (after the change) whenever the frontend changes anything of the ring (every
+    /// setter of [`Vring`]), its memory table changes, or the device is reset: a view of an
+    /// older generation is not used. So a pass that finds the generation it kept a view for
+    /// pops through that view without reading the ring's configuration (nor taking its
+    /// `VringRwLock`).
+    config: AtomicU64,
     /// The next avail index (low 16 bits) and the epoch of the ring's indices (high 16 bits),
     /// outside the state's lock: only passes advance the index, one at a time (the pass lock),
     /// with a compare-and-swap that fails once the epoch moved on. The epoch moves (under the
@@ -516,6 +567,18 @@ pub(crate) fn avail_index(word: u32) -> u16 {
 }
 
 impl Ring {
+    /// The generation of the ring's configuration (see [`Ring::config`]). Read before the
+    /// configuration itself: a view built from it is then never newer than its generation.
+    #[inline]
+    pub fn config(&self) -> u64 {
+        self.config.load(Ordering::Acquire)
+    }
+
+    /// The ring's configuration (or memory table) changed: views of it are rebuilt.
+    pub fn changed(&self) {
+        self.config.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The next avail index and its epoch (see [`Ring::avail`]).
     pub fn avail(&self) -> u32 {
         self.avail.load(Ordering::Acquire)
@@ -533,24 +596,32 @@ impl Ring {
 }
 
 impl RingState {
-    /// The view of `q` for memory-table `generation` (`mem` loads that table), rebuilt if the
-    /// table, the ring's addresses or its features changed. A rebuilt view of a ring configured
-    /// anew takes the avail and used indices from `q` (vhost-user-backend sets them when the
-    /// ring is configured).
+    /// The view of the ring whose vhost-user-backend state `st` is (read-locked by the caller),
+    /// for generation `generation` ([`Ring::config`], read before `st`; `mem` loads the
+    /// current memory table), rebuilt if the generation moved on. A rebuilt view of a ring
+    /// configured anew (other addresses or size) takes the avail and used indices from its
+    /// `Queue` (vhost-user-backend sets them when the ring is configured).
     pub fn view(
         &mut self,
         avail: &Ring,
         generation: u64,
-        q: &Queue,
+        st: &VringState<RingMem>,
         mem: impl FnOnce() -> Arc<GuestMemoryMmap>,
     ) -> Result<&Arc<RingView>, RingError> {
+        let q = st.get_queue();
         let fresh = self.view.as_ref().is_some_and(|v| v.is_for(generation, q));
         if !fresh {
             // Same ring in a new memory table (or with new features): our indices go on.
             // A ring configured anew starts from the indices vhost-user-backend read from it.
             let same_ring = self.view.as_ref().is_some_and(|v| v.same_ring(q));
             self.view = None;
-            let view = RingView::build(mem(), generation, q)?;
+            // SAFETY: the call eventfd stays open while `st` (the ring's state, read-locked by
+            // the caller) is borrowed; it is only duplicated here.
+            let call = st
+                .get_call()
+                .as_ref()
+                .map(|c| unsafe { BorrowedFd::borrow_raw(c.as_raw_fd()) });
+            let view = RingView::build(mem(), generation, q)?.with_call(call);
             if !same_ring {
                 restart(&avail.avail, q.next_avail());
                 self.next_used = q.next_used();
@@ -603,6 +674,17 @@ impl RingState {
         self.publish_staged(generation)
     }
 
+    /// Signal the driver for this ring through the view's call eventfd. `Ok(false)`: the view
+    /// has no duplicate of its own ([`Call::Shared`]) and the caller signals through the
+    /// ring's `Vring` (after releasing this state's lock: lock order).
+    pub fn signal(&self) -> io::Result<bool> {
+        match self.view.as_deref().map(|v| &v.call) {
+            Some(Call::Own(fd)) => eventfd_signal(fd.as_raw_fd()).map(|()| true),
+            Some(Call::None) => Ok(true),
+            Some(Call::Shared) | None => Ok(false),
+        }
+    }
+
     /// Drop the staged completions (their used ring cannot be written).
     pub fn drop_staged(&mut self) {
         self.staged.clear();
@@ -629,6 +711,148 @@ impl RingState {
         }
         self.staged.clear();
         restart(&avail.avail, idx);
+    }
+}
+
+/// The guest memory as vhost-user-backend hands it to rings.
+type RingMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// A ring as vhost-user-backend keeps it (its `VringRwLock`: the `Queue` with the frontend's
+/// configuration and indices, kick and call) with the device's [`Ring`] beside it. Every
+/// change vhost-user-backend makes through it moves the ring's [`Ring::config`] generation on,
+/// which is how the device learns of SET_VRING_NUM/ADDR/BASE/KICK/CALL/ENABLE, GET_VRING_BASE
+/// and the event index feature without re-reading the configuration on every pass.
+#[derive(Clone)]
+pub(crate) struct Vring {
+    inner: VringRwLock,
+    ring: Arc<Ring>,
+}
+
+impl Vring {
+    /// The device's state of this ring.
+    #[inline]
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+}
+
+impl<'a> VringStateGuard<'a, RingMem> for Vring {
+    type G = RwLockReadGuard<'a, VringState<RingMem>>;
+}
+
+impl<'a> VringStateMutGuard<'a, RingMem> for Vring {
+    type G = RwLockWriteGuard<'a, VringState<RingMem>>;
+}
+
+impl VringT<RingMem> for Vring {
+    fn new(mem: RingMem, max_queue_size: u16) -> Result<Self, virtio_queue::Error> {
+        Ok(Self {
+            inner: VringRwLock::new(mem, max_queue_size)?,
+            ring: Arc::default(),
+        })
+    }
+
+    fn get_ref(&self) -> RwLockReadGuard<'_, VringState<RingMem>> {
+        self.inner.get_ref()
+    }
+
+    /// The generation moves on while the guard is held: a pass that sees it reads the ring's
+    /// configuration once the change is over.
+    fn get_mut(&self) -> RwLockWriteGuard<'_, VringState<RingMem>> {
+        let g = self.inner.get_mut();
+        self.ring.changed();
+        g
+    }
+
+    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), virtio_queue::Error> {
+        self.inner.add_used(desc_index, len)
+    }
+
+    fn signal_used_queue(&self) -> io::Result<()> {
+        self.inner.signal_used_queue()
+    }
+
+    fn enable_notification(&self) -> Result<bool, virtio_queue::Error> {
+        self.inner.enable_notification()
+    }
+
+    fn disable_notification(&self) -> Result<(), virtio_queue::Error> {
+        self.inner.disable_notification()
+    }
+
+    fn needs_notification(&self) -> Result<bool, virtio_queue::Error> {
+        self.inner.needs_notification()
+    }
+
+    fn set_enabled(&self, enabled: bool) {
+        self.inner.set_enabled(enabled);
+        self.ring.changed();
+    }
+
+    fn set_queue_info(
+        &self,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Result<(), virtio_queue::Error> {
+        let r = self.inner.set_queue_info(desc_table, avail_ring, used_ring);
+        self.ring.changed();
+        r
+    }
+
+    fn queue_next_avail(&self) -> u16 {
+        self.inner.queue_next_avail()
+    }
+
+    fn set_queue_next_avail(&self, base: u16) {
+        self.inner.set_queue_next_avail(base);
+        self.ring.changed();
+    }
+
+    fn set_queue_next_used(&self, idx: u16) {
+        self.inner.set_queue_next_used(idx);
+        self.ring.changed();
+    }
+
+    fn queue_used_idx(&self) -> Result<u16, virtio_queue::Error> {
+        self.inner.queue_used_idx()
+    }
+
+    fn set_queue_size(&self, num: u16) {
+        self.inner.set_queue_size(num);
+        self.ring.changed();
+    }
+
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.inner.set_queue_event_idx(enabled);
+        self.ring.changed();
+    }
+
+    fn set_queue_ready(&self, ready: bool) {
+        self.inner.set_queue_ready(ready);
+        self.ring.changed();
+    }
+
+    fn set_kick(&self, file: Option<File>) {
+        self.inner.set_kick(file);
+        self.ring.changed();
+    }
+
+    fn read_kick(&self) -> io::Result<bool> {
+        self.inner.read_kick()
+    }
+
+    /// Then waits for a signal in progress (made under the ring state's lock, through the old
+    /// eventfd's duplicate, by a completion that read the older generation): once this
+    /// returns, every signal goes to the new eventfd.
+    fn set_call(&self, file: Option<File>) {
+        self.inner.set_call(file);
+        self.ring.changed();
+        drop(self.ring.state.lock());
+    }
+
+    fn set_err(&self, file: Option<File>) {
+        self.inner.set_err(file);
     }
 }
 

@@ -55,74 +55,101 @@ struct AvTable {
 
 pub(crate) struct AvShared {
     table: RwLock<AvTable>,
-    /// Bumped (under the table's write lock) by every insert and remove: a remembered answer
-    /// is valid while this is unchanged.
-    generation: AtomicU64,
-    /// The last forward answer (generation, fi_addr, address) and the last reverse answer
-    /// (generation, address, index or `FI_ADDR_NOTAVAIL`): a sender talks to one peer for a
-    /// while, a receiver hears from one, so a few loads and compares, no lock, usually answer.
+    /// The last forward answer (fi_addr, address) and the last reverse answer (address, index
+    /// or `FI_ADDR_NOTAVAIL`): a sender talks to one peer for a while, a receiver hears from
+    /// one, so a few loads and compares, no lock, usually answer. Written only under the
+    /// table's lock (an answer under its read lock, so from the table as it is; emptied under
+    /// its write lock by every change), so a remembered answer is always the table's.
     forward: Memo,
     reverse: Memo,
 }
 
-/// One remembered answer of four words, read and written without a lock (a sequence lock: a
-/// reader that overlaps a writer gets `None` and asks the table; a writer that finds another
-/// one active leaves the memo to it).
+/// One remembered answer of three words, read and written without a lock of its own (a
+/// sequence lock: a reader that overlaps a writer gets `None` and asks the table; a writer
+/// that finds another one active leaves the memo to it, except [`Memo::clear`]).
 struct Memo {
-    /// Odd while a writer is at work.
+    /// Bit 0: a writer is at work; bit 1: empty (nothing remembered).
     seq: AtomicU64,
-    words: [AtomicU64; 4],
+    words: [AtomicU64; 3],
 }
 
-/// First word of an empty memo: no generation reaches it.
-const NO_GENERATION: u64 = u64::MAX;
+const MEMO_WRITING: u64 = 1;
+const MEMO_EMPTY: u64 = 2;
+/// What a write adds to `seq` (above the two flag bits).
+const MEMO_STEP: u64 = 4;
 
 impl Memo {
     fn new() -> Self {
         Self {
-            seq: AtomicU64::new(0),
-            words: [
-                AtomicU64::new(NO_GENERATION),
-                AtomicU64::new(0),
-                AtomicU64::new(0),
-                AtomicU64::new(0),
-            ],
+            seq: AtomicU64::new(MEMO_EMPTY),
+            words: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 
     #[inline]
-    fn read(&self) -> Option<[u64; 4]> {
+    fn read(&self) -> Option<[u64; 3]> {
         let before = self.seq.load(Ordering::Acquire);
-        if before & 1 != 0 {
+        if before & (MEMO_WRITING | MEMO_EMPTY) != 0 {
             return None;
         }
         let w = [
             self.words[0].load(Ordering::Relaxed),
             self.words[1].load(Ordering::Relaxed),
             self.words[2].load(Ordering::Relaxed),
-            self.words[3].load(Ordering::Relaxed),
         ];
         // The words before the second look at `seq`.
         fence(Ordering::Acquire);
         (self.seq.load(Ordering::Relaxed) == before).then_some(w)
     }
 
-    fn write(&self, w: [u64; 4]) {
+    /// Take the writer's bit if no other writer holds it: `seq` as it was.
+    fn begin(&self) -> Option<u64> {
         let before = self.seq.load(Ordering::Relaxed);
-        if before & 1 != 0
+        if before & MEMO_WRITING != 0
             || self
                 .seq
-                .compare_exchange(before, before + 1, Ordering::Acquire, Ordering::Relaxed)
+                .compare_exchange(
+                    before,
+                    before | MEMO_WRITING,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
                 .is_err()
         {
-            return;
+            return None;
         }
-        // `seq` odd before any word changes.
+        // The writer's bit set before any word changes.
         fence(Ordering::Release);
+        Some(before)
+    }
+
+    fn write(&self, w: [u64; 3]) {
+        let Some(before) = self.begin() else {
+            return;
+        };
         for (slot, v) in self.words.iter().zip(w) {
             slot.store(v, Ordering::Relaxed);
         }
-        self.seq.store(before + 2, Ordering::Release);
+        self.seq.store(
+            (before & !(MEMO_WRITING | MEMO_EMPTY)) + MEMO_STEP,
+            Ordering::Release,
+        );
+    }
+
+    /// Forget the answer. Called under the table's write lock, where no other writer (they
+    /// hold its read lock) can be at work; one that is (it cannot) would finish in a few
+    /// stores, so this waits for it rather than leave a stale answer.
+    fn clear(&self) {
+        let before = loop {
+            if let Some(before) = self.begin() {
+                break before;
+            }
+            std::hint::spin_loop();
+        };
+        self.seq.store(
+            ((before & !(MEMO_WRITING | MEMO_EMPTY)) + MEMO_STEP) | MEMO_EMPTY,
+            Ordering::Release,
+        );
     }
 }
 
@@ -139,7 +166,6 @@ impl AvShared {
     fn new() -> Self {
         Self {
             table: RwLock::new(AvTable::default()),
-            generation: AtomicU64::new(0),
             forward: Memo::new(),
             reverse: Memo::new(),
         }
@@ -147,9 +173,8 @@ impl AvShared {
 
     #[inline]
     pub(crate) fn lookup(&self, fi_addr: FiAddr) -> Result<FabricAddr> {
-        let now = self.generation.load(Ordering::Acquire);
-        if let Some([generation, key, node, rest]) = self.forward.read() {
-            if generation == now && key == fi_addr {
+        if let Some([key, node, rest]) = self.forward.read() {
+            if key == fi_addr {
                 return Ok(addr_of_words(node, rest));
             }
         }
@@ -161,23 +186,21 @@ impl AvShared {
     #[inline(never)]
     fn lookup_table(&self, fi_addr: FiAddr) -> Result<FabricAddr> {
         let table = self.table.read().unwrap();
-        // Read under the table lock: consistent with what the table says now.
-        let generation = self.generation.load(Ordering::Acquire);
         let addr = table.entries.get(fi_addr as usize).copied().flatten();
-        drop(table);
         let addr =
             addr.ok_or_else(|| Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV")))?;
         let [node, rest] = addr_words(&addr);
-        self.forward.write([generation, fi_addr, node, rest]);
+        // Under the table's read lock: no change empties the memo before this is written.
+        self.forward.write([fi_addr, node, rest]);
+        drop(table);
         Ok(addr)
     }
 
     #[inline]
     pub(crate) fn reverse_lookup(&self, addr: &FabricAddr) -> Option<FiAddr> {
-        let now = self.generation.load(Ordering::Acquire);
         let [node, rest] = addr_words(addr);
-        if let Some([generation, n, r, found]) = self.reverse.read() {
-            if generation == now && n == node && r == rest {
+        if let Some([n, r, found]) = self.reverse.read() {
+            if n == node && r == rest {
                 return (found != FI_ADDR_NOTAVAIL).then_some(found);
             }
         }
@@ -190,11 +213,11 @@ impl AvShared {
     fn reverse_lookup_table(&self, addr: &FabricAddr) -> Option<FiAddr> {
         let [node, rest] = addr_words(addr);
         let table = self.table.read().unwrap();
-        let generation = self.generation.load(Ordering::Acquire);
         let found = table.reverse.get(addr).copied();
-        drop(table);
+        // Under the table's read lock, as for `lookup_table`.
         self.reverse
-            .write([generation, node, rest, found.unwrap_or(FI_ADDR_NOTAVAIL)]);
+            .write([node, rest, found.unwrap_or(FI_ADDR_NOTAVAIL)]);
+        drop(table);
         found
     }
 
@@ -202,7 +225,9 @@ impl AvShared {
     fn update<T>(&self, f: impl FnOnce(&mut AvTable) -> T) -> T {
         let mut table = self.table.write().unwrap();
         let r = f(&mut table);
-        self.generation.fetch_add(1, Ordering::Release);
+        // Before the write lock goes: no answer of the old table survives it.
+        self.forward.clear();
+        self.reverse.clear();
         r
     }
 }
@@ -323,17 +348,19 @@ mod tests {
     }
 
     /// A reader never sees a memo half written: every answer it gets is one a writer wrote
-    /// whole (all four words equal here), however the two threads interleave.
+    /// whole (all three words equal here), however the two threads interleave; an emptied
+    /// memo answers nothing.
     #[test]
     fn a_memo_is_read_whole_or_not_at_all() {
         let memo = Memo::new();
-        memo.write([0; 4]);
+        assert_eq!(memo.read(), None);
+        memo.write([0; 3]);
         let rounds = 200_000u64;
         let mut whole = 0u64;
         std::thread::scope(|s| {
             s.spawn(|| {
                 for v in 1..=rounds {
-                    memo.write([v; 4]);
+                    memo.write([v; 3]);
                 }
             });
             for _ in 0..rounds {
@@ -344,7 +371,11 @@ mod tests {
             }
         });
         assert!(whole > 0);
-        assert_eq!(memo.read(), Some([rounds; 4]));
+        assert_eq!(memo.read(), Some([rounds; 3]));
+        memo.clear();
+        assert_eq!(memo.read(), None);
+        memo.write([1; 3]);
+        assert_eq!(memo.read(), Some([1; 3]));
     }
 
     #[test]
@@ -362,7 +393,8 @@ mod tests {
         assert_eq!(av.lookup(1).unwrap(), b);
         assert_eq!(av.reverse_lookup(&b), Some(1));
         assert_eq!(av.reverse_lookup(&a), Some(0));
-        // Removing index 0 invalidates both remembered answers for it.
+        // Removing index 0 invalidates both remembered answers for it (the last ones asked).
+        assert_eq!(av.lookup(0).unwrap(), a);
         av.update(|t| {
             t.entries[0] = None;
             t.reverse.remove(&a);

@@ -19,7 +19,9 @@ use crate::cq::{CompletionQueue, CqShared};
 use crate::domain::DomainInner;
 use crate::hmem::HmemRegion;
 use crate::memory::SharedBuf;
-use crate::request::{CopyOut, DataOp, Keepalive, Payload, PendingOp, Targets, Tx as TxData};
+use crate::request::{
+    CopyOut, DataOp, Keepalive, Payload, PendingOp, Queue, Targets, Tx as TxData,
+};
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
 use crate::{fi, Error, Result};
 
@@ -273,6 +275,9 @@ pub struct Endpoint {
 /// Device limits every post checks, read once when the endpoint opens.
 struct PostLimits {
     max_msg_size: u64,
+    /// Longest message a post accepts: `max_msg_size`, and at most what a descriptor's
+    /// 32-bit length holds (one comparison per post).
+    max_msg_len: usize,
     inject_size: u64,
     /// Request flags the device reported (spec §5.1.4), or all but DIRECTED and MULTI_RECV.
     allowed_flags: u64,
@@ -285,9 +290,51 @@ struct PostLimits {
     msg_ok: bool,
     /// Plain TSEND/TRECV pass `check_request`.
     tagged_ok: bool,
+    /// A directed RECV (flag DIRECTED only) passes `check_request` (its answer, asked once).
+    directed_recv_ok: bool,
+    /// A plain receive must reach the device at once: under LAZY_RX the device takes plain
+    /// receives only when a message needs one, and a DGRAM message finding none is dropped.
+    plain_recv_urgent: bool,
     /// The device's `ATOMIC_OPS` and `ATOMIC_TYPES` capability masks (0 if not reported).
     atomic_ops: u64,
     atomic_types: u64,
+}
+
+impl PostLimits {
+    /// Spec §3.2/§5.1.4/§6.9.9: may an endpoint of `ep_type` post `opcode` with `flags`?
+    fn check_request(&self, opcode: Opcode, flags: u64, ep_type: EpType) -> Result<()> {
+        let allowed = self.allowed_flags;
+        if flags & !allowed != 0 {
+            return Err(Error::Unsupported(format!(
+                "request flags {:#x} are not reported by the device (FLAGS = {allowed:#x})",
+                flags & !allowed
+            )));
+        }
+        if let Some(caps) = self.device_caps {
+            let class = opcode.required_feature();
+            if caps & proto::bit(class) == 0 {
+                return Err(Error::Unsupported(format!(
+                    "{:?} needs capability class {class}, not reported by the device",
+                    opcode
+                )));
+            }
+            if flags & pflags::REMOTE_CQ_DATA != 0
+                && caps & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0
+            {
+                return Err(Error::Unsupported(
+                    "remote CQ data not reported by the device".into(),
+                ));
+            }
+        }
+        if ep_type == EpType::Dgram
+            && flags & (pflags::DELIVERY_COMPLETE | pflags::COMMIT_COMPLETE) != 0
+        {
+            return Err(Error::InvalidArgument(
+                "DELIVERY_COMPLETE is defined for reliable endpoints only".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Standard (non-vendor) capability `key` as a number, 0 if the device did not report it.
@@ -395,10 +442,19 @@ impl Endpoint {
         let code = crate::control::ep_type_code(attr.ep_type)?;
         let (id, addr) = domain.ep_open(code)?;
         let (tx_queue, rx_queue) = domain.queues_of_endpoint(id);
+        // `tx_q`/`rx_q` rely on this (it holds: there is a queue pair for every `id % pairs`).
+        if tx_queue.max(rx_queue) >= domain.queues.len() {
+            let _ = domain.ep_close(id);
+            return Err(Error::Transport(format!(
+                "endpoint {id} maps to queues {tx_queue}/{rx_queue} of {}",
+                domain.queues.len()
+            )));
+        }
         tracing::debug!(%addr, ?attr.ep_type, tx_queue, rx_queue, "endpoint open");
         let info = &domain.info().limits;
         let limits = PostLimits {
             max_msg_size: info.max_msg_size,
+            max_msg_len: info.max_msg_size.min(u64::from(u32::MAX)) as usize,
             inject_size: info.inject_size,
             allowed_flags: info
                 .request_flags
@@ -407,8 +463,18 @@ impl Endpoint {
             max_data_descs: (u32::from(domain.config.max_sge) as usize).clamp(1, MAX_DATA_DESCS),
             msg_ok: class_reported(info.device_caps, Opcode::Send),
             tagged_ok: class_reported(info.device_caps, Opcode::TSend),
+            // Asked below, of these limits.
+            directed_recv_ok: false,
+            plain_recv_urgent: domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX)
+                && attr.ep_type == EpType::Dgram,
             atomic_ops: std_cap(&domain.info().cap_entries, proto::caps::key::ATOMIC_OPS),
             atomic_types: std_cap(&domain.info().cap_entries, proto::caps::key::ATOMIC_TYPES),
+        };
+        let limits = PostLimits {
+            directed_recv_ok: limits
+                .check_request(Opcode::Recv, pflags::DIRECTED, attr.ep_type)
+                .is_ok(),
+            ..limits
         };
         Ok(Self {
             domain,
@@ -457,6 +523,20 @@ impl Endpoint {
     /// endpoint holds it (`-FI_EADDRINUSE`).
     pub fn bind_service(&self, service: u16) -> Result<u16> {
         self.domain.svc_bind(self.shared.id, service)
+    }
+
+    /// The endpoint's transmit queue.
+    #[inline(always)]
+    fn tx_q(&self) -> &Queue {
+        // SAFETY: checked against the domain's queues at open; they never change.
+        unsafe { self.domain.queues.get_unchecked(self.tx_queue) }
+    }
+
+    /// The endpoint's receive queue.
+    #[inline(always)]
+    fn rx_q(&self) -> &Queue {
+        // SAFETY: as for `tx_q`.
+        unsafe { self.domain.queues.get_unchecked(self.rx_queue) }
     }
 
     fn check_same_domain(&self, other: &Arc<DomainInner>) -> Result<()> {
@@ -605,24 +685,50 @@ impl Endpoint {
         // no tag, no data), without the choices that cannot apply: the bytes are copied into
         // the header descriptor, or the buffer is the one data descriptor.
         let limits = &self.limits;
-        if len as u64 > limits.max_msg_size || len > u32::MAX as usize {
+        if len > limits.max_msg_len {
             return Err(Error::TooLarge {
                 len,
                 max: limits.max_msg_size,
             });
         }
         self.check_request(Opcode::Send, 0)?;
-        let desc;
-        let inline = len <= INLINE_TX_MAX;
-        let tx = if inline {
+        // Two posts, each of one shape known here (no choice between them made again inside).
+        if len <= INLINE_TX_MAX {
             // SAFETY: as for `SendSrc::Shared` in `post_send_host`.
-            TxData::Inline(Payload::Bytes(unsafe { &buf.as_slice()[range] }))
+            let bytes = unsafe { &buf.as_slice()[range] };
+            // The bytes are copied: nothing to keep alive.
+            self.post_plain_send(
+                peer,
+                TxData::Inline(Payload::Bytes(bytes)),
+                Keepalive::default,
+                context,
+                (report_success, report_errors),
+            )
         } else {
-            desc = [(buf.device_addr() + range.start as u64, len as u32)];
-            TxData::Descs(&desc)
-        };
+            let desc = [(buf.device_addr() + range.start as u64, len as u32)];
+            // The device reads the buffer in place: it must outlive the request.
+            self.post_plain_send(
+                peer,
+                TxData::Descs(&desc),
+                || Keepalive::one(buf.keepalive()),
+                context,
+                (report_success, report_errors),
+            )
+        }
+    }
+
+    /// Post a plain send (no flags, tag or data) of `tx`, checked by [`Endpoint::send_buf`].
+    #[inline(always)]
+    fn post_plain_send(
+        &self,
+        peer: FabricAddr,
+        tx: TxData<'_>,
+        keepalive: impl FnOnce() -> Keepalive,
+        context: u64,
+        (report_success, report_errors): (bool, bool),
+    ) -> Result<()> {
         let ep = &self.shared;
-        domain.queues[self.tx_queue]
+        self.tx_q()
             .post(
                 || msg_header(Opcode::Send, ep.id, 0, peer, 0, 0, 0),
                 tx,
@@ -638,13 +744,8 @@ impl Endpoint {
                         rx_len: 0,
                         copy_out: CopyOut::None,
                         bounce: None,
-                        // Built in the record: the bytes of an inline send are copied, a
-                        // buffer the device reads in place must outlive the request.
-                        _keepalive: if inline {
-                            Keepalive::default()
-                        } else {
-                            Keepalive::one(buf.keepalive())
-                        },
+                        // Built in the record.
+                        _keepalive: keepalive(),
                         hmem: None,
                         is_recv: false,
                         peek: false,
@@ -852,7 +953,7 @@ impl Endpoint {
             }
         };
         let limits = &self.limits;
-        if len as u64 > limits.max_msg_size || len > u32::MAX as usize {
+        if len > limits.max_msg_len {
             return Err(Error::TooLarge {
                 len,
                 max: limits.max_msg_size,
@@ -940,7 +1041,7 @@ impl Endpoint {
             TxData::Descs(descs.as_slice())
         };
         let ep = &self.shared;
-        domain.queues[self.tx_queue]
+        self.tx_q()
             .post(
                 || msg_header(opcode, ep.id, flags, peer, a.tag, 0, data),
                 tx,
@@ -995,38 +1096,7 @@ impl Endpoint {
     }
 
     fn check_request_full(&self, opcode: Opcode, flags: u64) -> Result<()> {
-        let limits = &self.limits;
-        let allowed = limits.allowed_flags;
-        if flags & !allowed != 0 {
-            return Err(Error::Unsupported(format!(
-                "request flags {:#x} are not reported by the device (FLAGS = {allowed:#x})",
-                flags & !allowed
-            )));
-        }
-        if let Some(caps) = limits.device_caps {
-            let class = opcode.required_feature();
-            if caps & proto::bit(class) == 0 {
-                return Err(Error::Unsupported(format!(
-                    "{:?} needs capability class {class}, not reported by the device",
-                    opcode
-                )));
-            }
-            if flags & pflags::REMOTE_CQ_DATA != 0
-                && caps & proto::bit(proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA) == 0
-            {
-                return Err(Error::Unsupported(
-                    "remote CQ data not reported by the device".into(),
-                ));
-            }
-        }
-        if self.ep_type == EpType::Dgram
-            && flags & (pflags::DELIVERY_COMPLETE | pflags::COMMIT_COMPLETE) != 0
-        {
-            return Err(Error::InvalidArgument(
-                "DELIVERY_COMPLETE is defined for reliable endpoints only".into(),
-            ));
-        }
-        Ok(())
+        self.limits.check_request(opcode, flags, self.ep_type)
     }
 
     fn max_data_descs(&self) -> usize {
@@ -1087,12 +1157,16 @@ impl Endpoint {
         let Some(rx_cq) = b.rx.as_ref() else {
             return Err(Error::NoCq);
         };
-        let (flags, peer) = if src != FI_ADDR_UNSPEC {
-            (pflags::DIRECTED, Self::resolve(b, src)?)
+        let (flags, peer, passes) = if src != FI_ADDR_UNSPEC {
+            let peer = Self::resolve(b, src)?;
+            (pflags::DIRECTED, peer, self.limits.directed_recv_ok)
         } else {
-            (0, FabricAddr::default())
+            (0, FabricAddr::default(), self.limits.msg_ok)
         };
-        self.check_request(Opcode::Recv, flags)?;
+        // `check_request` with its answer for these two requests worked out at open.
+        if !passes {
+            self.check_request_full(Opcode::Recv, flags)?;
+        }
         check_range(buf, &range)?;
         if !Arc::ptr_eq(buf.memory(), &domain.mem) {
             return Err(Error::InvalidArgument(
@@ -1103,17 +1177,34 @@ impl Endpoint {
         if rx_len > u32::MAX as usize {
             return Err(Error::InvalidArgument("receive buffer over 4 GiB".into()));
         }
-        let desc = [(buf.device_addr() + range.start as u64, rx_len as u32)];
-        let rx = if rx_len == 0 {
-            RxData::None
-        } else {
-            RxData::Descs(&desc)
-        };
         let report_success = !rx_cq.1;
-        let urgent =
-            domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX) && self.ep_type == EpType::Dgram;
+        // Two posts, each of one shape known here (as for `send_buf`).
+        if rx_len == 0 {
+            self.post_plain_recv(buf, flags, peer, RxData::None, 0, context, report_success)
+        } else {
+            let desc = [(buf.device_addr() + range.start as u64, rx_len as u32)];
+            let rx = RxData::Descs(&desc);
+            self.post_plain_recv(buf, flags, peer, rx, rx_len, context, report_success)
+        }
+    }
+
+    /// Post a plain receive (no flags but DIRECTED, no tag) into `buf`, checked by
+    /// [`Endpoint::recv_buf_from`].
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn post_plain_recv(
+        &self,
+        buf: &SharedBuf,
+        flags: u64,
+        peer: FabricAddr,
+        rx: RxData<'_>,
+        rx_len: usize,
+        context: u64,
+        report_success: bool,
+    ) -> Result<()> {
+        let urgent = self.limits.plain_recv_urgent;
         let ep = &self.shared;
-        domain.queues[self.rx_queue]
+        self.rx_q()
             .post(
                 || msg_header(Opcode::Recv, ep.id, flags, peer, 0, 0, 0),
                 TxData::None,
@@ -1463,10 +1554,10 @@ impl Endpoint {
         // Under LAZY_RX the device may take a plain receive only when a message needs it; one
         // that completes by itself (PEEK, CLAIM, DISCARD) or whose message would be dropped
         // unmatched (DGRAM) must reach it now.
-        let urgent = domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX)
-            && (peek || claim || discard || self.ep_type == EpType::Dgram);
+        let urgent = self.limits.plain_recv_urgent
+            || (domain.has_feature(proto::VIRTIO_FABRIC_F_LAZY_RX) && (peek || claim || discard));
         let ep = &self.shared;
-        domain.queues[self.rx_queue]
+        self.rx_q()
             .post(
                 || msg_header(opcode, ep.id, flags, peer, a.tag, a.ignore, data),
                 TxData::None,
@@ -1510,9 +1601,9 @@ impl Endpoint {
         let me = &self.shared;
         let pred = |p: &PendingOp| matches!(p, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
         let find = || {
-            self.domain.queues[self.rx_queue]
+            self.rx_q()
                 .find_cookie(pred)
-                .or_else(|| self.domain.queues[self.tx_queue].find_cookie(pred))
+                .or_else(|| self.tx_q().find_cookie(pred))
         };
         let deadline = std::time::Instant::now() + CANCEL_RETRY_WINDOW;
         let mut cookie = find()
@@ -1790,12 +1881,8 @@ impl Drop for Endpoint {
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();
-            let outstanding = self.domain.queues[self.rx_queue]
-                .find_cookie(mine)
-                .is_some()
-                || self.domain.queues[self.tx_queue]
-                    .find_cookie(mine)
-                    .is_some();
+            let outstanding =
+                self.rx_q().find_cookie(mine).is_some() || self.tx_q().find_cookie(mine).is_some();
             if !outstanding {
                 break;
             }

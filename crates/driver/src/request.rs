@@ -133,11 +133,11 @@ pub(crate) enum CopyOut {
 }
 
 /// Shared buffers a request keeps alive while the device may use them (one inline, more in
-/// a vector, so the common case does not allocate).
+/// a vector, so the common case does not allocate; an absent vector is one word to write).
 #[derive(Default)]
 pub(crate) struct Keepalive {
     first: Option<Arc<Allocation>>,
-    rest: Vec<Arc<Allocation>>,
+    rest: Option<Vec<Arc<Allocation>>>,
 }
 
 impl Keepalive {
@@ -146,7 +146,7 @@ impl Keepalive {
     pub fn one(a: Arc<Allocation>) -> Self {
         Self {
             first: Some(a),
-            rest: Vec::new(),
+            rest: None,
         }
     }
 
@@ -155,7 +155,7 @@ impl Keepalive {
         if self.first.is_none() {
             self.first = Some(a);
         } else {
-            self.rest.push(a);
+            self.rest.get_or_insert_with(Vec::new).push(a);
         }
     }
 }
@@ -252,11 +252,11 @@ impl Record for PendingOp {
         {
             // SAFETY: the fields that own something are each dropped once, and the record is
             // not used again (the caller's guarantee); the others own nothing (matched
-            // empty above, or plain data). A vector that never allocated owns nothing either.
+            // empty above, or plain data).
             unsafe {
                 std::ptr::drop_in_place(ep);
                 std::ptr::drop_in_place(first);
-                if rest.capacity() != 0 {
+                if rest.is_some() {
                     std::ptr::drop_in_place(rest);
                 }
             }

@@ -147,6 +147,14 @@ struct ChainWriter {
 pub(crate) struct SplitRing {
     layout: RingLayout,
     base: NonNull<u8>,
+    /// The parts the avail side writes or reads on every post, located once (all inside
+    /// the allocation at `base`): the descriptor table, the avail ring's first entry, its
+    /// index, and the device's kick suppression (`avail_event` with EVENT_IDX, the used
+    /// ring's flags without).
+    desc_table: NonNull<u64>,
+    avail_ring: NonNull<u16>,
+    avail_idx: NonNull<AtomicU16>,
+    kick_control: NonNull<AtomicU16>,
     /// `size - 1`: ring positions wrap with a mask (the size is a power of two).
     mask: u16,
     /// Free-list link of each descriptor (our private copy: the device may scribble on the
@@ -166,9 +174,9 @@ pub(crate) struct SplitRing {
     broken: Option<String>,
 }
 
-// SAFETY: `base` points into the domain's shared mapping, kept alive by the owner of the ring
-// allocation (the `Virtqueue`); all mutation goes through `&mut self`, so moving the ring between
-// threads is fine.
+// SAFETY: `base` (and the parts located from it) point into the domain's shared mapping, kept
+// alive by the owner of the ring allocation (the `Virtqueue`); all mutation goes through
+// `&mut self`, so moving the ring between threads is fine.
 unsafe impl Send for SplitRing {}
 
 impl SplitRing {
@@ -183,9 +191,29 @@ impl SplitRing {
         // SAFETY: the caller guarantees `base` covers `layout.total` writable bytes.
         unsafe { std::ptr::write_bytes(base, 0, layout.total) };
         let n = layout.size as usize;
+        let base = NonNull::new(base).expect("ring base");
+        let kick_control = if event_idx {
+            layout.used + 4 + 8 * n
+        } else {
+            layout.used
+        };
+        // SAFETY: every offset is inside the `layout.total` bytes at `base` (see `RingLayout`)
+        // and suitably aligned (`base` is 16-aligned, the parts' offsets even, the table's 0).
+        let (desc_table, avail_ring, avail_idx, kick_control) = unsafe {
+            (
+                base.add(layout.desc).cast(),
+                base.add(layout.avail + 4).cast(),
+                base.add(layout.avail + 2).cast(),
+                base.add(kick_control).cast(),
+            )
+        };
         let ring = Self {
             layout,
-            base: NonNull::new(base).expect("ring base"),
+            base,
+            desc_table,
+            avail_ring,
+            avail_idx,
+            kick_control,
             mask: layout.size - 1,
             links: (0..n).map(|i| ((i + 1) % n) as u16).collect(),
             chains: vec![
@@ -264,23 +292,14 @@ impl SplitRing {
         unsafe { &*(self.ptr_at(off) as *const AtomicU16) }
     }
 
-    fn avail_idx_field(&self) -> &AtomicU16 {
-        self.atomic_u16(self.layout.avail + 2)
-    }
     fn avail_flags_field(&self) -> &AtomicU16 {
         self.atomic_u16(self.layout.avail)
     }
     fn used_event_field(&self) -> &AtomicU16 {
         self.atomic_u16(self.layout.avail + 4 + 2 * self.layout.size as usize)
     }
-    fn used_flags_field(&self) -> &AtomicU16 {
-        self.atomic_u16(self.layout.used)
-    }
     fn used_idx_field(&self) -> &AtomicU16 {
         self.atomic_u16(self.layout.used + 2)
-    }
-    fn avail_event_field(&self) -> &AtomicU16 {
-        self.atomic_u16(self.layout.used + 4 + 8 * self.layout.size as usize)
     }
 
     /// Raw pointer to the used index, for lock-free "anything new?" peeks.
@@ -342,11 +361,24 @@ impl SplitRing {
             writable: 0,
         };
         self.put(&mut w, header.0, header.1, false, false);
-        for &(addr, len) in tx {
-            self.put(&mut w, addr, len, false, false);
+        // One data buffer (the common shape) without the loop's bookkeeping.
+        match tx {
+            [] => {}
+            &[(addr, len)] => self.put(&mut w, addr, len, false, false),
+            _ => {
+                for &(addr, len) in tx {
+                    self.put(&mut w, addr, len, false, false);
+                }
+            }
         }
-        for &(addr, len) in rx {
-            self.put(&mut w, addr, len, true, false);
+        match rx {
+            [] => {}
+            &[(addr, len)] => self.put(&mut w, addr, len, true, false),
+            _ => {
+                for &(addr, len) in rx {
+                    self.put(&mut w, addr, len, true, false);
+                }
+            }
         }
         self.put(&mut w, tail.0, tail.1, true, true);
         self.publish(head, w.idx, n, w.writable);
@@ -356,17 +388,20 @@ impl SplitRing {
     #[inline(always)]
     fn put(&mut self, w: &mut ChainWriter, addr: u64, len: u32, writable: bool, last: bool) {
         let idx = w.idx;
-        let link = self.links[idx as usize];
+        debug_assert!(idx < self.layout.size);
+        // SAFETY: descriptor ids (the free list's links and its head) are all < size, the
+        // length of `links`.
+        let link = unsafe { *self.links.get_unchecked(idx as usize) };
         let flags = if last { 0 } else { VRING_DESC_F_NEXT }
             | if writable { VRING_DESC_F_WRITE } else { 0 };
         // The last descriptor keeps its free-list link in `links` only.
         let next = if last { 0 } else { link };
         // Bytes 8..16 of a descriptor: len, flags, next (little-endian), as one store.
         let tail = u64::from(len) | u64::from(flags) << 32 | u64::from(next) << 48;
-        let desc = self.ptr_at(self.layout.desc + 16 * idx as usize) as *mut u64;
-        // SAFETY: idx < size (links only hold ids < size), so the 16-byte, 16-aligned
-        // descriptor is inside the table.
+        // SAFETY: idx < size (as above), so the 16-byte, 16-aligned descriptor is inside the
+        // table.
         unsafe {
+            let desc = self.desc_table.as_ptr().add(2 * idx as usize);
             std::ptr::write_volatile(desc, addr.to_le());
             std::ptr::write_volatile(desc.add(1), tail.to_le());
         }
@@ -385,8 +420,9 @@ impl SplitRing {
     #[inline(always)]
     fn publish(&mut self, head: u16, tail: u16, n: usize, writable: u64) {
         self.num_free -= n as u16;
-        self.chains_in_flight += 1;
-        self.chains[head as usize] = ChainInfo {
+        debug_assert!(head < self.layout.size);
+        // SAFETY: a head is a descriptor id, < size, the length of `chains`.
+        *unsafe { self.chains.get_unchecked_mut(head as usize) } = ChainInfo {
             state: ChainState::InFlight,
             len: n as u16,
             tail,
@@ -395,16 +431,12 @@ impl SplitRing {
 
         let slot = (self.next_avail.0 & self.mask) as usize;
         // SAFETY: slot < size; the avail ring entry is a u16 inside the allocation.
-        unsafe {
-            std::ptr::write_volatile(
-                self.ptr_at(self.layout.avail + 4 + 2 * slot) as *mut u16,
-                head.to_le(),
-            )
-        };
+        unsafe { std::ptr::write_volatile(self.avail_ring.as_ptr().add(slot), head.to_le()) };
         self.next_avail += Wrapping(1);
+        self.chains_in_flight += 1;
         // Descriptors and the ring entry must be visible before the index.
-        self.avail_idx_field()
-            .store(self.next_avail.0.to_le(), Ordering::Release);
+        // SAFETY: the avail index field, inside the allocation (see `new`).
+        unsafe { self.avail_idx.as_ref() }.store(self.next_avail.0.to_le(), Ordering::Release);
     }
 
     /// Decide whether the device must be kicked for the chains published since the last call.
@@ -427,15 +459,13 @@ impl SplitRing {
             return false;
         }
         self.kicked_avail = new;
+        // SAFETY: `avail_event` or the used flags, inside the allocation (see `new`).
+        let control = u16::from_le(unsafe { self.kick_control.as_ref() }.load(Ordering::Relaxed));
         if self.event_idx {
-            let event = Wrapping(u16::from_le(
-                self.avail_event_field().load(Ordering::Relaxed),
-            ));
             // vring_need_event(event, new, old)
-            (new - event - Wrapping(1)) < (new - old)
+            (new - Wrapping(control) - Wrapping(1)) < (new - old)
         } else {
-            u16::from_le(self.used_flags_field().load(Ordering::Relaxed)) & VRING_USED_F_NO_NOTIFY
-                == 0
+            control & VRING_USED_F_NO_NOTIFY == 0
         }
     }
 

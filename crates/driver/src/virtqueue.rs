@@ -37,6 +37,9 @@ pub(crate) const INLINE_TX_MAX: usize = SLOT_COMPLETION - SLOT_INLINE_TX; // 224
 pub(crate) const INLINE_RX_MAX: usize = SLOT_COMPLETION - 128; // 192
 /// Most data descriptors the driver puts in one chain (per direction).
 pub(crate) const MAX_DATA_DESCS: usize = 16;
+/// One step of a cookie's sequence number (bits 24 and up; the queue index is in bits 16..24
+/// and the head id in 0..16).
+const COOKIE_SEQ_ONE: u64 = 1 << 24;
 /// Used entries taken per lock hold while draining.
 const DRAIN_BATCH: usize = 32;
 
@@ -202,7 +205,9 @@ pub(crate) struct QueueCounters {
 
 struct QueueState {
     ring: SplitRing,
-    seq: u64,
+    /// The next request's cookie without its head id: sequence number `<< 24`, queue index
+    /// `<< 16` (kept whole: a post only adds the head).
+    cookie_base: u64,
     counters: QueueCounters,
     /// A request published since the last kick must reach the device now, whatever its
     /// notification suppression says (an RX request other than a plain receive, LAZY_RX).
@@ -228,23 +233,68 @@ struct Returned {
     len: usize,
 }
 
-/// Write 1 to an eventfd. A raw system call: no libc cancellation-point bookkeeping on the
-/// hot path.
+/// An 8-byte `read` or `write` (`nr`) on an eventfd: the kernel's return value (`-errno` on
+/// failure). On x86-64 a bare `syscall` instruction: no libc wrapper (argument shuffling,
+/// cancellation-point bookkeeping) on the hot path, where every kick and every reset of a wakeup
+/// eventfd passes.
+///
+/// # Safety
+/// `buf` must be valid for reads and writes of 8 bytes.
+#[inline(always)]
+unsafe fn eventfd_rw(nr: libc::c_long, fd: RawFd, buf: *mut u64) -> isize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ret: isize;
+        // SAFETY: the Linux x86-64 system call convention: number in rax, arguments in rdi,
+        // rsi, rdx, result in rax; the kernel clobbers rcx and r11 only and does not touch our
+        // stack. The kernel reads or writes the 8 bytes at `buf` (the caller's guarantee);
+        // the asm is not marked `nomem`, so the compiler orders our accesses to them around it.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") nr as isize => ret,
+                in("rdi") fd as isize,
+                in("rsi") buf,
+                in("rdx") 8usize,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        // SAFETY: reads or writes at most 8 bytes at `buf` (the caller's guarantee).
+        let rc = unsafe { libc::syscall(nr, fd, buf, 8usize) };
+        if rc < 0 {
+            -(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO) as isize)
+        } else {
+            rc as isize
+        }
+    }
+}
+
+/// Write 1 to an eventfd.
+#[inline(always)]
 pub(crate) fn signal_eventfd(fd: RawFd) -> std::io::Result<()> {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live local to an fd; no memory of ours is retained.
-    let rc = unsafe { libc::syscall(libc::SYS_write, fd, &one as *const u64, 8usize) };
+    let mut one: u64 = 1;
+    // SAFETY: 8 bytes of a live local.
+    let rc = unsafe { eventfd_rw(libc::SYS_write, fd, &mut one) };
     if rc < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(std::io::Error::from_raw_os_error(-rc as i32));
     }
     Ok(())
 }
 
 /// Reset a non-blocking eventfd (a no-op if it is not signalled).
+#[inline(always)]
 pub(crate) fn drain_eventfd(fd: RawFd) {
     let mut value: u64 = 0;
-    // SAFETY: reads at most 8 bytes into a live local from an fd.
-    unsafe { libc::syscall(libc::SYS_read, fd, &mut value as *mut u64, 8usize) };
+    // SAFETY: 8 bytes of a live local.
+    unsafe { eventfd_rw(libc::SYS_read, fd, &mut value) };
 }
 
 pub(crate) struct Virtqueue<R> {
@@ -324,7 +374,7 @@ impl<R> Virtqueue<R> {
             size,
             state: SpinLock::new(QueueState {
                 ring,
-                seq: 1,
+                cookie_base: COOKIE_SEQ_ONE | (u64::from(index) << 16),
                 counters: QueueCounters::default(),
                 urgent: false,
             }),
@@ -436,8 +486,8 @@ impl<R> Virtqueue<R> {
                 }
             }
         };
-        let cookie = (st.seq << 24) | ((self.index as u64) << 16) | head as u64;
-        st.seq += 1;
+        let cookie = st.cookie_base | u64::from(head);
+        st.cookie_base = st.cookie_base.wrapping_add(COOKIE_SEQ_ONE);
         let slot = self.slot(head);
         // SAFETY: the slot of a free head belongs to us until the chain is published; all
         // writes below stay inside the SLOT_STRIDE bytes of the slot (the header is at its
@@ -453,7 +503,8 @@ impl<R> Virtqueue<R> {
             }
         }
         // SAFETY: as above, the record of a free head is ours until the chain is published.
-        let record = unsafe { &mut *self.requests[head as usize].get() };
+        // A head is < size, the number of records.
+        let record = unsafe { &mut *self.requests.get_unchecked(head as usize).get() };
         debug_assert!(!record.busy);
         record.cookie = cookie;
         record.inline_rx = inline_rx_len as u16;
@@ -533,10 +584,22 @@ impl<R> Virtqueue<R> {
         }
     }
 
+    /// Kick the device. The vhost-user kick (an eventfd write) is inlined into the post; a
+    /// failure is only logged, out of line.
+    #[inline(always)]
     fn notify(&self) {
-        if let Err(e) = self.notifier.notify() {
-            tracing::warn!(queue = self.index, error = %e, "kick failed");
+        let r = match &self.notifier {
+            Notifier::EventFd(e) => signal_eventfd(std::os::fd::AsRawFd::as_raw_fd(e)),
+            other => other.notify(),
+        };
+        if let Err(e) = r {
+            self.kick_failed(e);
         }
+    }
+
+    #[cold]
+    fn kick_failed(&self, e: std::io::Error) {
+        tracing::warn!(queue = self.index, error = %e, "kick failed");
     }
 
     /// Posts, completions and kicks so far.

@@ -874,6 +874,59 @@ fn dgram_endpoints() {
     assert_eq!(got.buf.as_deref(), Some(&b"datagram"[..]));
 }
 
+/// The shared-buffer posts (`send_buf`, `recv_buf_from`) leave out the general path's choices,
+/// not its checks: a send without a transmit CQ, a message over `max_msg_size` and a post to a
+/// full ring are refused as the general path refuses them.
+#[test]
+fn shared_buffer_posts_refuse_what_the_general_path_refuses() {
+    let r = rig(2);
+    let attr = DomainAttr {
+        queue_size: 16,
+        ..small_attr()
+    };
+    let a = node_with(&r.paths[0], WaitMode::None, EpType::Rdm, attr);
+    let b = node(&r.paths[1]);
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    let buf = a.domain.alloc_buffer(4096).unwrap();
+
+    let max = a.domain.info().limits.max_msg_size as usize;
+    let big = a.domain.alloc_buffer(max + 1).unwrap();
+    assert!(matches!(
+        a.ep.send_buf(&big, 0..max + 1, to_b, 1),
+        Err(Error::TooLarge { len, .. }) if len == max + 1
+    ));
+    drop(big);
+
+    let rx_only = a.domain.endpoint(EpAttr::default()).unwrap();
+    rx_only.bind_cq(&a.rx, BindFlags::RECV).unwrap();
+    rx_only.bind_av(&a.av).unwrap();
+    rx_only.enable().unwrap();
+    assert!(matches!(
+        rx_only.send_buf(&buf, 0..8, to_b, 2),
+        Err(Error::NoCq)
+    ));
+    drop(rx_only);
+
+    // Nothing drains A's rings: inline sends (two descriptors) and receives into the buffer
+    // (three) fill their 16-entry rings, then `Again`.
+    let fill = |post: &dyn Fn(u64) -> vfabric::Result<()>| {
+        let mut posted = 0;
+        loop {
+            match post(posted) {
+                Ok(()) => posted += 1,
+                Err(Error::Again) => return posted,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(posted < 100, "ring never filled");
+        }
+    };
+    assert_eq!(fill(&|i| a.ep.send_buf(&buf, 0..8, to_b, 10 + i)), 8);
+    assert_eq!(
+        fill(&|i| a.ep.recv_buf_from(&buf, 64..128, to_b, 20 + i)),
+        5
+    );
+}
+
 #[test]
 fn ring_full_returns_again_and_close_discards() {
     let r = rig(2);
@@ -1235,6 +1288,7 @@ fn device_shutdown_is_noticed() {
     let mut r = rig(2);
     let a = node(&r.paths[0]);
     let b = node_with(&r.paths[1], WaitMode::Blocking, EpType::Rdm, small_attr());
+    let buf = a.domain.alloc_buffer(64).unwrap();
     a.ep.recv_vec(64, 1).unwrap();
     b.ep.recv_vec(64, 1).unwrap();
     r.daemon.take().unwrap().shutdown();
@@ -1268,6 +1322,16 @@ fn device_shutdown_is_noticed() {
     assert!(matches!(
         a.ep.send(b"x", 0, 1),
         Err(Error::Closed) | Err(Error::InvalidArgument(_))
+    ));
+    // The shared-buffer posts check the domain first too.
+    let to_b = a.av.insert(b.ep.name()).unwrap();
+    assert!(matches!(
+        a.ep.send_buf(&buf, 0..8, to_b, 2),
+        Err(Error::Closed)
+    ));
+    assert!(matches!(
+        a.ep.recv_buf_from(&buf, 0..8, to_b, 3),
+        Err(Error::Closed)
     ));
 }
 

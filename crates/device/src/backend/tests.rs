@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Chain parsing and validation against hostile guests, on `virtio_queue::mock::MockSplitQueue`,
-//! and the backend's queue processing on real `VringRwLock`s (no socket).
+//! and the backend's queue processing on real `Vring`s (no socket).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -11,7 +11,7 @@ use vfabric_proto::{
     bit, ep_open, flags, Completion, FabricConfig, Opcode, Request, Status, VIRTIO_FABRIC_F_MSG,
     VIRTIO_F_VERSION_1,
 };
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -25,6 +25,7 @@ use crate::chain::{
 };
 use crate::config::{Config, Limits};
 use crate::fabric::{Fabric, Notify};
+use crate::ring::Vring;
 use crate::testutil::{Guest, ALL_FEATURES};
 
 const QSIZE: u16 = 16;
@@ -400,7 +401,7 @@ fn corrupt_rings_are_detected() {
 
 struct Dev {
     backend: Arc<FabricBackend>,
-    vrings: Vec<VringRwLock>,
+    vrings: Vec<Vring>,
     mem: GuestMemoryMmap,
     fabric: Arc<Fabric>,
 }
@@ -428,11 +429,11 @@ fn dev() -> Dev {
     )
     .unwrap();
     fabric.connect(0, backend.port());
-    let vrings: Vec<VringRwLock> = QBASE
+    let vrings: Vec<Vring> = QBASE
         .iter()
         .map(|base| {
             let vq = MockSplitQueue::create(&mem, GuestAddress(*base), QSIZE);
-            let v = VringRwLock::new(atomic.clone(), QSIZE).unwrap();
+            let v = Vring::new(atomic.clone(), QSIZE).unwrap();
             v.set_queue_size(QSIZE);
             v.set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
                 .unwrap();
@@ -507,7 +508,7 @@ fn backend_processes_all_queues_after_a_kick() {
 }
 
 /// Ring `q`'s kick: a non-blocking eventfd set on the ring, and a second fd to kick through.
-fn set_kick(vr: &VringRwLock) -> std::fs::File {
+fn set_kick(vr: &Vring) -> std::fs::File {
     use std::os::fd::FromRawFd;
     // SAFETY: plain system calls; each fd returned is checked and then owned by one `File`.
     unsafe {
@@ -722,6 +723,127 @@ fn backend_memory_replacement_resets_endpoints() {
         .unwrap();
     let c: Completion = d.mem.read_obj(GuestAddress(COMP)).unwrap();
     assert_eq!(u32::from(c.status), Status::AddrNotAvail as u32);
+}
+
+/// A send on an endpoint the guest never opened: completed (with an error) at once.
+fn stray_send(mem: &GuestMemoryMmap) {
+    mem.write_obj(Request::new(Opcode::Send).to_header(), GuestAddress(HDR))
+        .unwrap();
+}
+
+/// A kick of TX ring 1.
+fn kick_tx(d: &Dev) {
+    d.backend
+        .handle_event(1, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+}
+
+/// A pass pops through the view of the ring it kept from the last pass: every change the
+/// frontend makes to a running ring (here SET_VRING_ENABLE and SET_VRING_ADDR) must reach the
+/// next pass.
+#[test]
+fn a_running_ring_s_changes_reach_the_next_pass() {
+    let d = dev();
+    let vq1 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[1]), QSIZE);
+    stray_send(&d.mem);
+    chain(&vq1, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    kick_tx(&d);
+    assert_eq!(vq1.used().idx().load(), 1);
+    // Disabled: not served until enabled again.
+    d.vrings[1].set_enabled(false);
+    chain(&vq1, 2, &[(HDR, 96, R), (COMP, 64, W)]);
+    kick_tx(&d);
+    assert_eq!(vq1.used().idx().load(), 1, "a disabled ring was served");
+    d.vrings[1].set_enabled(true);
+    kick_tx(&d);
+    assert_eq!(vq1.used().idx().load(), 2);
+    // Moved elsewhere (SET_VRING_ADDR alone: the ring's `Queue` still holds indices 0, which
+    // a moved ring starts from).
+    let moved = MockSplitQueue::create(&d.mem, GuestAddress(0x4000), QSIZE);
+    d.vrings[1]
+        .set_queue_info(
+            moved.desc_table_addr().0,
+            moved.avail_addr().0,
+            moved.used_addr().0,
+        )
+        .unwrap();
+    chain(&moved, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    kick_tx(&d);
+    assert_eq!(moved.used().idx().load(), 1, "the moved ring was not read");
+    assert_eq!(vq1.used().idx().load(), 2);
+}
+
+/// A new memory table (the same guest memory in new mappings, as vhost-user-backend installs
+/// it before telling the backend) is the one the next pass reads the rings in.
+#[test]
+fn a_new_memory_table_reaches_the_next_pass() {
+    let d = dev();
+    let vq1 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[1]), QSIZE);
+    stray_send(&d.mem);
+    chain(&vq1, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    kick_tx(&d);
+    assert_eq!(vq1.used().idx().load(), 1);
+    let copy = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let moved = MockSplitQueue::create(&copy, GuestAddress(QBASE[1]), QSIZE);
+    let mut bytes = vec![0u8; 1 << 20];
+    d.mem.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+    copy.write_slice(&bytes, GuestAddress(0)).unwrap();
+    d.backend.mem.lock().unwrap().replace(copy.clone());
+    d.backend.update_memory(d.backend.mem.clone()).unwrap();
+    // The guest goes on in the new mappings only.
+    chain(&moved, 2, &[(HDR, 96, R), (COMP, 64, W)]);
+    kick_tx(&d);
+    assert_eq!(
+        moved.used().idx().load(),
+        2,
+        "the rings were read in the old table"
+    );
+}
+
+/// An eventfd set as ring 1's call, and a second fd to read it through.
+fn set_call(vr: &Vring) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain system calls; each fd returned is checked and then owned by one `File`.
+    unsafe {
+        let fd = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        assert!(fd >= 0);
+        let reader = libc::dup(fd);
+        assert!(reader >= 0);
+        vr.set_call(Some(std::fs::File::from_raw_fd(fd)));
+        std::fs::File::from_raw_fd(reader)
+    }
+}
+
+/// Whether `call` was signalled since the last look.
+fn signalled(call: &mut std::fs::File) -> bool {
+    use std::io::Read;
+    let mut count = [0u8; 8];
+    call.read(&mut count).is_ok()
+}
+
+/// Completions signal through the view's own copy of the call eventfd: a new one (SET_VRING_CALL
+/// while the ring runs, as a frontend masking an interrupt sends) takes over at once.
+#[test]
+fn completions_signal_the_call_eventfd_set_last() {
+    let d = dev();
+    // Every completion signals.
+    d.vrings[1].set_queue_event_idx(false);
+    let vq1 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[1]), QSIZE);
+    stray_send(&d.mem);
+    let mut first = set_call(&d.vrings[1]);
+    chain(&vq1, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    kick_tx(&d);
+    assert_eq!(vq1.used().idx().load(), 1);
+    assert!(signalled(&mut first));
+    let mut second = set_call(&d.vrings[1]);
+    chain(&vq1, 2, &[(HDR, 96, R), (COMP, 64, W)]);
+    kick_tx(&d);
+    assert_eq!(vq1.used().idx().load(), 2);
+    assert!(
+        signalled(&mut second),
+        "the new call eventfd was not signalled"
+    );
+    assert!(!signalled(&mut first), "the old call eventfd was signalled");
 }
 
 /// SVC_BIND / SVC_RESOLVE through the rings: a payload or a flag makes them invalid before

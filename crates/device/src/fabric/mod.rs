@@ -38,7 +38,7 @@
 //! 1. the per-device pass lock (`FabricBackend::work`),
 //! 2. one device lock (`Fabric::dev`) — never two at once,
 //! 3. one vring's `VringRwLock` (read),
-//! 4. that ring's state lock (`VringSink::rings`), taken and released per publish.
+//! 4. that ring's state lock (`ring::Ring::state`), taken and released per publish.
 
 use std::collections::{HashMap, VecDeque};
 use std::mem::ManuallyDrop;

@@ -947,7 +947,7 @@ impl Endpoint {
             RxData::Descs(rx_descs.as_slice())
         };
         let ep = &self.shared;
-        domain.queues[self.tx_queue]
+        self.tx_q()
             .post(
                 || req.to_header(),
                 tx,
