@@ -56,14 +56,13 @@ use crate::chain::Parsed;
 use crate::chain::{completion, GuestMemoryMmap, Req, Verdict};
 use crate::config::{Config, Limits, VendorAttr};
 use crate::stats::Counters;
-use lock::{DevGuard, DevLock};
+use parking_lot::{Mutex as DevLock, MutexGuard as DevGuard};
 
 mod atomic;
 mod caps;
 mod commit;
 mod fence;
 mod lifecycle;
-mod lock;
 mod matching;
 mod pmem;
 mod posted;
