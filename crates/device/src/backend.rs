@@ -8,12 +8,13 @@
 //! the kicked data queue alone and re-arms it in the same visit. Rings are read and written
 //! through [`RingView`]s (`ring.rs`); parsed requests go to the shared [`Fabric`] in batches.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::fmt::Display;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use tracing::{debug, error, info, warn};
 use vfabric_proto::{
@@ -52,7 +53,7 @@ fn is_rx(q: usize) -> bool {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock()
 }
 
 /// The used rings of one connection: where the fabric puts completions.
@@ -1123,9 +1124,8 @@ impl Polled for FabricBackend {
         // Never wait for the pass lock here: its holder may be waiting for the copy suspended
         // below us (an MR_DEREG waiting for an access to finish).
         let mut work = match self.work.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
+            Some(g) => g,
+            None => return false,
         };
         let v = self.sink.rings_list();
         let mut n = Notify::default();

@@ -538,7 +538,7 @@ pub(crate) struct RingState {
 /// One ring's fast-path state, its avail position and its configuration's generation.
 #[derive(Default)]
 pub(crate) struct Ring {
-    pub state: std::sync::Mutex<RingState>,
+    pub state: parking_lot::Mutex<RingState>,
     /// Moves on (after the change) whenever the frontend changes anything of the ring (every
     /// setter of [`Vring`]), its memory table changes, or the device is reset: a view of an
     /// older generation is not used. So a pass that finds the generation it kept a view for
