@@ -331,6 +331,10 @@ pub(crate) struct Outbox {
     wake_fd: OnceLock<Option<OwnedFd>>,
     /// The uplink thread sleeps on `wake_fd`: a push must write it.
     sleeping: AtomicBool,
+    /// `State::enabled`, read without the lock: a pass of a daemon without an uplink makes no
+    /// assist scope (a pass that starts just before the uplink does has its pushes posted by
+    /// the uplink thread, as without a scope).
+    enabled_hint: AtomicBool,
     /// The uplink's worker while its thread runs: what [`Outbox::assist`] drives.
     driver: Mutex<Option<super::SharedWorker>>,
 }
@@ -430,6 +434,12 @@ impl Outbox {
 
     /// See [`AssistScope`]. Nested scopes are one (the outermost posts).
     pub fn assist_scope(&self) -> AssistScope<'_> {
+        if !self.enabled_hint.load(Ordering::Relaxed) {
+            return AssistScope {
+                outbox: self,
+                outer: true,
+            };
+        }
         // Inside another scope (of this outbox; or of another fabric's, and then pushes here
         // wake the uplink thread as without a scope), this one adds nothing.
         let outer = ASSIST.with(|a| {
@@ -832,6 +842,7 @@ impl Outbox {
     pub fn set_hosts(&self, hosts: impl Iterator<Item = (u16, bool)>) {
         let mut s = self.lock();
         s.enabled = true;
+        self.enabled_hint.store(true, Ordering::Relaxed);
         s.hosts.clear();
         s.hosts.extend(hosts);
     }
@@ -841,6 +852,7 @@ impl Outbox {
     pub fn disable(&self) -> (VecDeque<Outbound>, Vec<Pending>) {
         let mut s = self.lock();
         s.enabled = false;
+        self.enabled_hint.store(false, Ordering::Relaxed);
         s.hosts.clear();
         s.live.clear();
         let queue = std::mem::take(&mut s.queue);
