@@ -22,7 +22,7 @@ use crate::domain::{DomainInner, Stalled};
 use crate::hmem::Scatter;
 use crate::lock::SpinLock;
 use crate::request::{CopyOut, DataOp, Done, PendingOp};
-use crate::virtqueue::{drain_eventfd, signal_eventfd, Finished};
+use crate::virtqueue::{drain_eventfd, signal_eventfd, Dispatch, Finished};
 use crate::{data_status_errno, fi, Error, Result};
 
 /// Environment variable fixing the `sread` spin budget in microseconds (0: block at once).
@@ -698,14 +698,37 @@ impl CompletionQueue {
     }
 }
 
-/// Deliver a finished request (called by progress, in used-ring order per queue). Inlined
-/// into the drain loop: the request's fields are read where the drain has them.
-#[inline(always)]
-pub(crate) fn complete(domain: &DomainInner, f: Done<'_>, direct: Option<&mut Direct<'_>>) {
-    if let PendingOp::Data(_) = f.op {
-        complete_data(f, direct)
-    } else {
-        complete_other(domain, f)
+/// How progress delivers the requests of a drained queue to their CQs (in used-ring order per
+/// queue): success entries for the reader's CQ straight into its buffer when `direct` allows.
+pub(crate) struct Deliver<'a, 'b> {
+    pub domain: &'a DomainInner,
+    pub direct: Option<&'a mut Direct<'b>>,
+}
+
+impl Dispatch<PendingOp> for Deliver<'_, '_> {
+    /// A plain send or receive that succeeded (see [`DataOp::plain`]): its entry is all there
+    /// is to deliver. Inlined into the drain loop: the request's fields are read where the
+    /// drain has them.
+    #[inline(always)]
+    fn fast(&mut self, op: &PendingOp, c: &vfabric_proto::Completion) -> bool {
+        let PendingOp::Data(op) = op else {
+            return false;
+        };
+        if !(op.plain && is_plain_success(op, c)) {
+            return false;
+        }
+        // fi_close semantics: a closed endpoint's outstanding operations are discarded.
+        if !op.ep.is_closed() {
+            complete_plain(op, c, self.direct.as_deref_mut());
+        }
+        true
+    }
+
+    fn finished(&mut self, f: Done<'_>) {
+        match f.op {
+            PendingOp::Data(_) => complete_data_general(f, self.direct.as_deref_mut()),
+            _ => complete_other(self.domain, f),
+        }
     }
 }
 
@@ -719,24 +742,6 @@ fn complete_other(domain: &DomainInner, f: Done<'_>) {
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
         PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),
         PendingOp::CommitReply => crate::commit::complete_reply(f),
-    }
-}
-
-#[inline(always)]
-fn complete_data(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
-    let PendingOp::Data(op) = &*f.op else {
-        return;
-    };
-    if op.ep.is_closed() {
-        // fi_close semantics: the endpoint's outstanding operations are discarded, and its
-        // buffers may already be gone, so nothing is copied out.
-        return;
-    }
-    match f.completion {
-        Some(c) if !f.device_fault && op.plain && is_plain_success(op, c) => {
-            complete_plain(op, c, direct)
-        }
-        _ => complete_data_general(f, direct),
     }
 }
 
@@ -799,7 +804,8 @@ fn complete_plain(op: &DataOp, c: &vfabric_proto::Completion, direct: Option<&mu
     );
 }
 
-/// Any data completion: errors, device faults, copy-outs, device memory, claims.
+/// Any data completion but the plain success of [`Deliver::fast`]: errors, device faults,
+/// copy-outs, device memory, claims.
 #[cold]
 #[inline(never)]
 fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
@@ -813,6 +819,11 @@ fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
     let PendingOp::Data(op) = op else {
         return;
     };
+    if op.ep.is_closed() {
+        // fi_close semantics: the endpoint's outstanding operations are discarded, and its
+        // buffers may already be gone, so nothing is copied out.
+        return;
+    }
     let none;
     let c = match completion {
         Some(c) => c,
