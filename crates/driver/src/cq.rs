@@ -9,6 +9,7 @@
 //! our entries), re-checking after arming so no wakeup is lost.
 
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -192,13 +193,94 @@ impl Direct<'_> {
 fn deliver(cq: &CqShared, direct: Option<&mut Direct<'_>>, e: CqEntry) {
     match direct.and_then(|d| d.slot_for(cq)) {
         Some(slot) => *slot = e,
-        None => cq.push(CqEvent::Entry(e)),
+        None => cq.push_entry(e),
+    }
+}
+
+/// Success entries a CQ keeps in its ring (a power of two).
+const RING_ENTRIES: usize = 64;
+
+/// A CQ's queued events, oldest first. Success entries go to a ring, where they are written
+/// and read in place (one copy in, one out); every other event, and success entries while
+/// anything is in `more` or the ring is full, go to `more`. So the ring only holds events
+/// older than those in `more`, and the order is the ring's, then `more`'s.
+struct Events {
+    ring: Box<[MaybeUninit<CqEntry>; RING_ENTRIES]>,
+    /// Oldest ring entry; `ring[head..head + len]` (wrapping) is initialised.
+    head: usize,
+    len: usize,
+    more: VecDeque<CqEvent>,
+}
+
+impl Events {
+    fn new(more_capacity: usize) -> Self {
+        Self {
+            ring: Box::new([const { MaybeUninit::uninit() }; RING_ENTRIES]),
+            head: 0,
+            len: 0,
+            more: VecDeque::with_capacity(more_capacity),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len + self.more.len()
+    }
+
+    #[inline(always)]
+    fn push_entry(&mut self, e: CqEntry) {
+        if self.len < RING_ENTRIES && self.more.is_empty() {
+            self.ring[(self.head + self.len) % RING_ENTRIES].write(e);
+            self.len += 1;
+        } else {
+            self.more.push_back(CqEvent::Entry(e));
+        }
+    }
+
+    /// The oldest event, if it is a success entry in the ring.
+    #[inline(always)]
+    fn pop_ring(&mut self) -> Option<CqEntry> {
+        if self.len == 0 {
+            return None;
+        }
+        // SAFETY: `ring[head]` is the oldest initialised entry; it is read once, and no longer
+        // counted afterwards.
+        let e = unsafe { self.ring[self.head].assume_init_read() };
+        self.head = (self.head + 1) % RING_ENTRIES;
+        self.len -= 1;
+        Some(e)
+    }
+
+    /// The oldest event, if it is in `more` (the ring is empty).
+    fn front_of_more(&self) -> Option<&CqEvent> {
+        if self.len > 0 {
+            return None;
+        }
+        self.more.front()
+    }
+
+    /// Put `ev` before every queued event.
+    fn push_front(&mut self, ev: CqEvent) {
+        // The ring's entries are older than those in `more`: they go to its front first,
+        // youngest first.
+        while self.len > 0 {
+            self.len -= 1;
+            // SAFETY: the youngest initialised entry, read once and no longer counted.
+            let e = unsafe { self.ring[(self.head + self.len) % RING_ENTRIES].assume_init_read() };
+            self.more.push_front(CqEvent::Entry(e));
+        }
+        self.more.push_front(ev);
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        while self.pop_ring().is_some() {}
     }
 }
 
 /// State shared between a CQ handle and the requests that complete into it.
 pub(crate) struct CqShared {
-    events: SpinLock<VecDeque<CqEvent>>,
+    events: SpinLock<Events>,
     /// `events.len()`, kept under the lock, read without it (emptiness checks).
     queued: AtomicUsize,
     /// Written when an entry arrives while a thread blocks in `sread` (owned by `_signal`).
@@ -211,14 +293,32 @@ pub(crate) struct CqShared {
 }
 
 impl CqShared {
+    /// Queue an event other than a success entry.
     fn push(&self, ev: CqEvent) {
         {
             let mut events = self.events.lock();
-            events.push_back(ev);
+            events.more.push_back(ev);
             // SeqCst: ordered before the waiter check below, as the waiter's count is before
             // its emptiness check (no lost wakeup).
             self.queued.store(events.len(), Ordering::SeqCst);
         }
+        self.signal_waiters();
+    }
+
+    /// Queue a success entry (in place in the ring, usually).
+    #[inline]
+    fn push_entry(&self, e: CqEntry) {
+        {
+            let mut events = self.events.lock();
+            events.push_entry(e);
+            // SeqCst: as in `push`.
+            self.queued.store(events.len(), Ordering::SeqCst);
+        }
+        self.signal_waiters();
+    }
+
+    #[inline(always)]
+    fn signal_waiters(&self) {
         if self.waiters.load(Ordering::SeqCst) > 0 {
             let _ = signal_eventfd(self.signal_fd);
         }
@@ -297,7 +397,9 @@ impl CompletionQueue {
         Ok(Self {
             domain,
             shared: Arc::new(CqShared {
-                events: SpinLock::new(VecDeque::with_capacity(attr.size.min(1 << 16))),
+                events: SpinLock::new(Events::new(
+                    attr.size.saturating_sub(RING_ENTRIES).min(1 << 16),
+                )),
                 queued: AtomicUsize::new(0),
                 signal_fd: signal.as_raw_fd(),
                 _signal: signal,
@@ -383,9 +485,20 @@ impl CompletionQueue {
     fn take_queued(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
         let mut events = self.shared.events.lock();
         let mut n = 0;
+        // The ring's success entries first, each copied once, straight to `put`.
+        while n < max {
+            match events.pop_ring() {
+                Some(e) => {
+                    put(e);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        // Then `more` (the ring is empty now, or `max` reached).
         while n < max {
             // Popped and matched once: the entry moves straight to `put`.
-            match events.pop_front() {
+            match events.more.pop_front() {
                 Some(CqEvent::Entry(e)) => {
                     put(e);
                     n += 1;
@@ -399,8 +512,8 @@ impl CompletionQueue {
                 }
                 Some(error) => {
                     // Error entries stay at the head for `readerr` (the deque keeps the room
-                    // the pop freed: no allocation).
-                    events.push_front(error);
+                    // the pop freed: no allocation; the ring is empty).
+                    events.more.push_front(error);
                     if n == 0 {
                         return Err(Empty::Avail);
                     }
@@ -462,8 +575,8 @@ impl CompletionQueue {
     /// `fi_cq_readerr`: pop the error entry at the head, if any.
     pub fn readerr(&self) -> Option<CqErrEntry> {
         let mut events = self.shared.events.lock();
-        if let Some(CqEvent::StagedError(_)) = events.front() {
-            let Some(CqEvent::StagedError(st)) = events.pop_front() else {
+        if let Some(CqEvent::StagedError(_)) = events.front_of_more() {
+            let Some(CqEvent::StagedError(st)) = events.more.pop_front() else {
                 unreachable!()
             };
             self.shared.queued.store(events.len(), Ordering::SeqCst);
@@ -476,8 +589,8 @@ impl CompletionQueue {
             }
             return Some(e);
         }
-        if let Some(CqEvent::Error(_)) = events.front() {
-            let Some(CqEvent::Error(e)) = events.pop_front() else {
+        if let Some(CqEvent::Error(_)) = events.front_of_more() {
+            let Some(CqEvent::Error(e)) = events.more.pop_front() else {
                 unreachable!()
             };
             self.shared.queued.store(events.len(), Ordering::SeqCst);
