@@ -708,9 +708,9 @@ impl<R> Virtqueue<R> {
             self.cookie_mismatch(record.cookie, u64::from(c.cookie));
         }
         let device_fault = mismatch || !u.len_ok;
-        // SAFETY: initialised while `busy`.
         if !device_fault
             && record.inline_rx == 0
+            // SAFETY: initialised while `busy`.
             && to.fast(unsafe { record.op.assume_init_ref() }, c)
         {
             record.busy = false;
