@@ -471,16 +471,35 @@ impl CompletionQueue {
 
     /// Move up to `max` queued entries to `put`, stopping at an error entry.
     #[inline(always)]
-    fn take(&self, max: usize, put: impl FnMut(CqEntry)) -> ReadResult {
+    fn take(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
         if max == 0 || self.shared.queued.load(Ordering::Relaxed) == 0 {
             // Nothing queued as of our own progress: no lock.
             return Err(Empty::Again);
         }
-        self.take_queued(max, put)
+        let mut events = self.shared.events.lock();
+        if !events.more.is_empty() {
+            drop(events);
+            return self.take_queued(max, put);
+        }
+        // Only success entries, all in the ring: nothing to stop at.
+        let mut n = 0;
+        while n < max {
+            let Some(e) = events.pop_ring() else {
+                break;
+            };
+            put(e);
+            n += 1;
+        }
+        self.shared.queued.store(events.len(), Ordering::SeqCst);
+        if n == 0 {
+            Err(Empty::Again)
+        } else {
+            Ok(n)
+        }
     }
 
-    /// [`CompletionQueue::take`] once entries are queued: out of line, so a read that
-    /// progress filled directly carries none of it.
+    /// [`CompletionQueue::take`] when events other than success entries are queued: out of
+    /// line, so the common read carries none of it.
     #[inline(never)]
     fn take_queued(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
         let mut events = self.shared.events.lock();
