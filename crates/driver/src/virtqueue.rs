@@ -633,6 +633,11 @@ impl<R> Virtqueue<R> {
             if broken || (usize::from(taken) < DRAIN_BATCH && !(rearmed && self.has_used())) {
                 return total;
             }
+            if usize::from(taken) == DRAIN_BATCH {
+                // Posts get the ring between batches.
+                drop(st);
+                st = self.lock();
+            }
         }
     }
 
