@@ -203,22 +203,35 @@ impl Side {
 
     /// [`Side::wait`] for a completion that is usually there already (the ping-pong's send,
     /// read after the reply arrived): a plain read (`fi_cq_read`) first, the wait only if it
-    /// found nothing.
+    /// found nothing. Reads into the caller's `one` (the ping-pong's, reused: no entry to build
+    /// and drop per wait).
     #[inline(always)]
-    fn wait_ready(&self, cq: &CompletionQueue, what: &str) -> Result<usize, CliError> {
-        let mut one = [CqEntry::default()];
-        match cq.read_into(&mut one) {
+    fn wait_ready(
+        &self,
+        cq: &CompletionQueue,
+        one: &mut [CqEntry; 1],
+        what: &str,
+    ) -> Result<usize, CliError> {
+        match cq.read_into(one) {
             Ok(_) => return Ok(one[0].len),
             Err(vfabric::Error::Again) => {}
             Err(e) => return Err(self.read_error(cq, e, what)),
         }
-        self.read_some(cq, &mut one, what)?;
+        self.read_some(cq, one, what)?;
         Ok(one[0].len)
     }
 
-    /// Wait for a receive of `size` bytes on `cq`; a shorter or longer one is an error.
-    fn wait_recv(&self, cq: &CompletionQueue, size: usize, what: &str) -> Result<(), CliError> {
-        let len = self.wait(cq, what)?;
+    /// Wait for a receive of `size` bytes on `cq`, into the caller's `one` (as
+    /// [`Side::wait_ready`]); a shorter or longer one is an error.
+    fn wait_recv(
+        &self,
+        cq: &CompletionQueue,
+        size: usize,
+        one: &mut [CqEntry; 1],
+        what: &str,
+    ) -> Result<(), CliError> {
+        self.read_some(cq, one, what)?;
+        let len = one[0].len;
         if len != size {
             return Err(CliError::Run(format!(
                 "{what}: received {len} bytes, expected {size}"
@@ -582,15 +595,17 @@ fn pingpong_size(
     let n = iters + params.warmup;
     let tick = !pb.is_hidden();
     let mut start = Instant::now();
+    // The entry every wait of the loop reads into.
+    let mut one = [CqEntry::default()];
     // Each side waits for the receive first and then reads the completion of its own send,
     // which the device wrote before the peer could answer (the server: before the next
     // message): one sleep per round trip, and one progress pass finds both completions.
     if server {
         side.post_recv(size, 2)?;
         for i in 0..n {
-            side.wait_recv(&side.rx_cq, size, "pingpong recv")?;
+            side.wait_recv(&side.rx_cq, size, &mut one, "pingpong recv")?;
             if i > 0 {
-                side.wait_ready(&side.tx_cq, "pingpong send")?;
+                side.wait_ready(&side.tx_cq, &mut one, "pingpong send")?;
             }
             if params.verify {
                 side.check(size, (size * 31 + i) as u64)?;
@@ -615,8 +630,8 @@ fn pingpong_size(
             side.fill(size, (size * 31 + i) as u64);
         }
         side.post_send(size, peer, 3)?;
-        side.wait_recv(&side.rx_cq, size, "pingpong recv")?;
-        side.wait_ready(&side.tx_cq, "pingpong send")?;
+        side.wait_recv(&side.rx_cq, size, &mut one, "pingpong recv")?;
+        side.wait_ready(&side.tx_cq, &mut one, "pingpong send")?;
         if params.verify {
             side.check(size, (size * 37 + i) as u64)?;
         }

@@ -9,6 +9,7 @@
 //! our entries), re-checking after arming so no wakeup is lost.
 
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use crate::domain::{DomainInner, Stalled};
 use crate::hmem::Scatter;
 use crate::lock::SpinLock;
 use crate::request::{CopyOut, DataOp, Done, PendingOp};
-use crate::virtqueue::{drain_eventfd, signal_eventfd, Finished};
+use crate::virtqueue::{drain_eventfd, signal_eventfd, Dispatch, Finished};
 use crate::{data_status_errno, fi, Error, Result};
 
 /// Environment variable fixing the `sread` spin budget in microseconds (0: block at once).
@@ -192,13 +193,94 @@ impl Direct<'_> {
 fn deliver(cq: &CqShared, direct: Option<&mut Direct<'_>>, e: CqEntry) {
     match direct.and_then(|d| d.slot_for(cq)) {
         Some(slot) => *slot = e,
-        None => cq.push(CqEvent::Entry(e)),
+        None => cq.push_entry(e),
+    }
+}
+
+/// Success entries a CQ keeps in its ring (a power of two).
+const RING_ENTRIES: usize = 64;
+
+/// A CQ's queued events, oldest first. Success entries go to a ring, where they are written
+/// and read in place (one copy in, one out); every other event, and success entries while
+/// anything is in `more` or the ring is full, go to `more`. So the ring only holds events
+/// older than those in `more`, and the order is the ring's, then `more`'s.
+struct Events {
+    ring: Box<[MaybeUninit<CqEntry>; RING_ENTRIES]>,
+    /// Oldest ring entry; `ring[head..head + len]` (wrapping) is initialised.
+    head: usize,
+    len: usize,
+    more: VecDeque<CqEvent>,
+}
+
+impl Events {
+    fn new(more_capacity: usize) -> Self {
+        Self {
+            ring: Box::new([const { MaybeUninit::uninit() }; RING_ENTRIES]),
+            head: 0,
+            len: 0,
+            more: VecDeque::with_capacity(more_capacity),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len + self.more.len()
+    }
+
+    #[inline(always)]
+    fn push_entry(&mut self, e: CqEntry) {
+        if self.len < RING_ENTRIES && self.more.is_empty() {
+            self.ring[(self.head + self.len) % RING_ENTRIES].write(e);
+            self.len += 1;
+        } else {
+            self.more.push_back(CqEvent::Entry(e));
+        }
+    }
+
+    /// The oldest event, if it is a success entry in the ring.
+    #[inline(always)]
+    fn pop_ring(&mut self) -> Option<CqEntry> {
+        if self.len == 0 {
+            return None;
+        }
+        // SAFETY: `ring[head]` is the oldest initialised entry; it is read once, and no longer
+        // counted afterwards.
+        let e = unsafe { self.ring[self.head].assume_init_read() };
+        self.head = (self.head + 1) % RING_ENTRIES;
+        self.len -= 1;
+        Some(e)
+    }
+
+    /// The oldest event, if it is in `more` (the ring is empty).
+    fn front_of_more(&self) -> Option<&CqEvent> {
+        if self.len > 0 {
+            return None;
+        }
+        self.more.front()
+    }
+
+    /// Put `ev` before every queued event.
+    fn push_front(&mut self, ev: CqEvent) {
+        // The ring's entries are older than those in `more`: they go to its front first,
+        // youngest first.
+        while self.len > 0 {
+            self.len -= 1;
+            // SAFETY: the youngest initialised entry, read once and no longer counted.
+            let e = unsafe { self.ring[(self.head + self.len) % RING_ENTRIES].assume_init_read() };
+            self.more.push_front(CqEvent::Entry(e));
+        }
+        self.more.push_front(ev);
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        while self.pop_ring().is_some() {}
     }
 }
 
 /// State shared between a CQ handle and the requests that complete into it.
 pub(crate) struct CqShared {
-    events: SpinLock<VecDeque<CqEvent>>,
+    events: SpinLock<Events>,
     /// `events.len()`, kept under the lock, read without it (emptiness checks).
     queued: AtomicUsize,
     /// Written when an entry arrives while a thread blocks in `sread` (owned by `_signal`).
@@ -211,14 +293,32 @@ pub(crate) struct CqShared {
 }
 
 impl CqShared {
+    /// Queue an event other than a success entry.
     fn push(&self, ev: CqEvent) {
         {
             let mut events = self.events.lock();
-            events.push_back(ev);
+            events.more.push_back(ev);
             // SeqCst: ordered before the waiter check below, as the waiter's count is before
             // its emptiness check (no lost wakeup).
             self.queued.store(events.len(), Ordering::SeqCst);
         }
+        self.signal_waiters();
+    }
+
+    /// Queue a success entry (in place in the ring, usually).
+    #[inline]
+    fn push_entry(&self, e: CqEntry) {
+        {
+            let mut events = self.events.lock();
+            events.push_entry(e);
+            // SeqCst: as in `push`.
+            self.queued.store(events.len(), Ordering::SeqCst);
+        }
+        self.signal_waiters();
+    }
+
+    #[inline(always)]
+    fn signal_waiters(&self) {
         if self.waiters.load(Ordering::SeqCst) > 0 {
             let _ = signal_eventfd(self.signal_fd);
         }
@@ -297,7 +397,9 @@ impl CompletionQueue {
         Ok(Self {
             domain,
             shared: Arc::new(CqShared {
-                events: SpinLock::new(VecDeque::with_capacity(attr.size.min(1 << 16))),
+                events: SpinLock::new(Events::new(
+                    attr.size.saturating_sub(RING_ENTRIES).min(1 << 16),
+                )),
                 queued: AtomicUsize::new(0),
                 signal_fd: signal.as_raw_fd(),
                 _signal: signal,
@@ -369,23 +471,53 @@ impl CompletionQueue {
 
     /// Move up to `max` queued entries to `put`, stopping at an error entry.
     #[inline(always)]
-    fn take(&self, max: usize, put: impl FnMut(CqEntry)) -> ReadResult {
+    fn take(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
         if max == 0 || self.shared.queued.load(Ordering::Relaxed) == 0 {
             // Nothing queued as of our own progress: no lock.
             return Err(Empty::Again);
         }
-        self.take_queued(max, put)
+        let mut events = self.shared.events.lock();
+        if !events.more.is_empty() {
+            drop(events);
+            return self.take_queued(max, put);
+        }
+        // Only success entries, all in the ring: nothing to stop at.
+        let mut n = 0;
+        while n < max {
+            let Some(e) = events.pop_ring() else {
+                break;
+            };
+            put(e);
+            n += 1;
+        }
+        self.shared.queued.store(events.len(), Ordering::SeqCst);
+        if n == 0 {
+            Err(Empty::Again)
+        } else {
+            Ok(n)
+        }
     }
 
-    /// [`CompletionQueue::take`] once entries are queued: out of line, so a read that
-    /// progress filled directly carries none of it.
+    /// [`CompletionQueue::take`] when events other than success entries are queued: out of
+    /// line, so the common read carries none of it.
     #[inline(never)]
     fn take_queued(&self, max: usize, mut put: impl FnMut(CqEntry)) -> ReadResult {
         let mut events = self.shared.events.lock();
         let mut n = 0;
+        // The ring's success entries first, each copied once, straight to `put`.
+        while n < max {
+            match events.pop_ring() {
+                Some(e) => {
+                    put(e);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        // Then `more` (the ring is empty now, or `max` reached).
         while n < max {
             // Popped and matched once: the entry moves straight to `put`.
-            match events.pop_front() {
+            match events.more.pop_front() {
                 Some(CqEvent::Entry(e)) => {
                     put(e);
                     n += 1;
@@ -399,8 +531,8 @@ impl CompletionQueue {
                 }
                 Some(error) => {
                     // Error entries stay at the head for `readerr` (the deque keeps the room
-                    // the pop freed: no allocation).
-                    events.push_front(error);
+                    // the pop freed: no allocation; the ring is empty).
+                    events.more.push_front(error);
                     if n == 0 {
                         return Err(Empty::Avail);
                     }
@@ -462,8 +594,8 @@ impl CompletionQueue {
     /// `fi_cq_readerr`: pop the error entry at the head, if any.
     pub fn readerr(&self) -> Option<CqErrEntry> {
         let mut events = self.shared.events.lock();
-        if let Some(CqEvent::StagedError(_)) = events.front() {
-            let Some(CqEvent::StagedError(st)) = events.pop_front() else {
+        if let Some(CqEvent::StagedError(_)) = events.front_of_more() {
+            let Some(CqEvent::StagedError(st)) = events.more.pop_front() else {
                 unreachable!()
             };
             self.shared.queued.store(events.len(), Ordering::SeqCst);
@@ -476,8 +608,8 @@ impl CompletionQueue {
             }
             return Some(e);
         }
-        if let Some(CqEvent::Error(_)) = events.front() {
-            let Some(CqEvent::Error(e)) = events.pop_front() else {
+        if let Some(CqEvent::Error(_)) = events.front_of_more() {
+            let Some(CqEvent::Error(e)) = events.more.pop_front() else {
                 unreachable!()
             };
             self.shared.queued.store(events.len(), Ordering::SeqCst);
@@ -698,14 +830,37 @@ impl CompletionQueue {
     }
 }
 
-/// Deliver a finished request (called by progress, in used-ring order per queue). Inlined
-/// into the drain loop: the request's fields are read where the drain has them.
-#[inline(always)]
-pub(crate) fn complete(domain: &DomainInner, f: Done<'_>, direct: Option<&mut Direct<'_>>) {
-    if let PendingOp::Data(_) = f.op {
-        complete_data(f, direct)
-    } else {
-        complete_other(domain, f)
+/// How progress delivers the requests of a drained queue to their CQs (in used-ring order per
+/// queue): success entries for the reader's CQ straight into its buffer when `direct` allows.
+pub(crate) struct Deliver<'a, 'b> {
+    pub domain: &'a DomainInner,
+    pub direct: Option<&'a mut Direct<'b>>,
+}
+
+impl Dispatch<PendingOp> for Deliver<'_, '_> {
+    /// A plain send or receive that succeeded (see [`DataOp::plain`]): its entry is all there
+    /// is to deliver. Inlined into the drain loop: the request's fields are read where the
+    /// drain has them.
+    #[inline(always)]
+    fn fast(&mut self, op: &PendingOp, c: &vfabric_proto::Completion) -> bool {
+        let PendingOp::Data(op) = op else {
+            return false;
+        };
+        if !(op.plain && is_plain_success(op, c)) {
+            return false;
+        }
+        // fi_close semantics: a closed endpoint's outstanding operations are discarded.
+        if !op.ep.is_closed() {
+            complete_plain(op, c, self.direct.as_deref_mut());
+        }
+        true
+    }
+
+    fn finished(&mut self, f: Done<'_>) {
+        match f.op {
+            PendingOp::Data(_) => complete_data_general(f, self.direct.as_deref_mut()),
+            _ => complete_other(self.domain, f),
+        }
     }
 }
 
@@ -719,24 +874,6 @@ fn complete_other(domain: &DomainInner, f: Done<'_>) {
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
         PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),
         PendingOp::CommitReply => crate::commit::complete_reply(f),
-    }
-}
-
-#[inline(always)]
-fn complete_data(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
-    let PendingOp::Data(op) = &*f.op else {
-        return;
-    };
-    if op.ep.is_closed() {
-        // fi_close semantics: the endpoint's outstanding operations are discarded, and its
-        // buffers may already be gone, so nothing is copied out.
-        return;
-    }
-    match f.completion {
-        Some(c) if !f.device_fault && op.plain && is_plain_success(op, c) => {
-            complete_plain(op, c, direct)
-        }
-        _ => complete_data_general(f, direct),
     }
 }
 
@@ -799,7 +936,8 @@ fn complete_plain(op: &DataOp, c: &vfabric_proto::Completion, direct: Option<&mu
     );
 }
 
-/// Any data completion: errors, device faults, copy-outs, device memory, claims.
+/// Any data completion but the plain success of [`Deliver::fast`]: errors, device faults,
+/// copy-outs, device memory, claims.
 #[cold]
 #[inline(never)]
 fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
@@ -813,6 +951,11 @@ fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
     let PendingOp::Data(op) = op else {
         return;
     };
+    if op.ep.is_closed() {
+        // fi_close semantics: the endpoint's outstanding operations are discarded, and its
+        // buffers may already be gone, so nothing is copied out.
+        return;
+    }
     let none;
     let c = match completion {
         Some(c) => c,
@@ -1034,5 +1177,93 @@ fn scatter(src: &[u8], targets: &[(usize, usize)]) {
         // caller), and shared-buffer targets are kept alive by the request.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(off), ptr as *mut u8, n) };
         off += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(context: u64) -> CqEntry {
+        CqEntry {
+            context,
+            buf: Some(vec![context as u8]),
+            ..CqEntry::default()
+        }
+    }
+
+    fn error(context: u64) -> CqEvent {
+        CqEvent::Error(Box::new(CqErrEntry {
+            context,
+            flags: 0,
+            len: 0,
+            olen: 0,
+            status: Status::Fault,
+            err: fi::EIO,
+            prov_errno: 0,
+            data: 0,
+            tag: 0,
+            src: None,
+            buf: None,
+        }))
+    }
+
+    /// Contexts in the order a reader gets them: success entries as they are, an error as its
+    /// context plus 1000.
+    fn drain(ev: &mut Events) -> Vec<u64> {
+        let mut got = Vec::new();
+        loop {
+            if let Some(e) = ev.pop_ring() {
+                got.push(e.context);
+                continue;
+            }
+            match ev.more.pop_front() {
+                Some(CqEvent::Entry(e)) => got.push(e.context),
+                Some(CqEvent::Error(e)) => got.push(e.context + 1000),
+                Some(_) => unreachable!(),
+                None => return got,
+            }
+        }
+    }
+
+    #[test]
+    fn events_keep_their_order_across_the_ring_and_the_deque() {
+        let mut ev = Events::new(0);
+        // Past the ring's capacity: the rest waits in the deque, behind the ring.
+        for i in 0..RING_ENTRIES as u64 + 3 {
+            ev.push_entry(entry(i));
+        }
+        assert_eq!(ev.len(), RING_ENTRIES + 3);
+        assert_eq!(
+            drain(&mut ev),
+            (0..RING_ENTRIES as u64 + 3).collect::<Vec<_>>()
+        );
+        assert_eq!(ev.len(), 0);
+
+        // An error queued after entries: entries behind it queue behind it too, also once the
+        // ring has room again.
+        ev.push_entry(entry(1));
+        ev.more.push_back(error(2));
+        ev.push_entry(entry(3));
+        assert!(
+            ev.front_of_more().is_none(),
+            "an entry is ahead of the error"
+        );
+        assert_eq!(ev.pop_ring().map(|e| e.context), Some(1));
+        assert!(matches!(ev.front_of_more(), Some(CqEvent::Error(_))));
+        ev.push_entry(entry(4));
+        assert_eq!(drain(&mut ev), vec![1002, 3, 4]);
+
+        // An event put in front (a failed device-memory copy) goes ahead of the ring's.
+        ev.push_entry(entry(5));
+        ev.push_entry(entry(6));
+        ev.more.push_back(error(7));
+        ev.push_front(error(8));
+        assert_eq!(ev.len(), 4);
+        assert_eq!(drain(&mut ev), vec![1008, 5, 6, 1007]);
+
+        // Entries left in the ring are dropped with it (their buffers too: Miri/ASan-visible).
+        ev.push_entry(entry(9));
+        drop(ev);
     }
 }

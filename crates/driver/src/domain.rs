@@ -974,11 +974,14 @@ impl DomainInner {
     }
 
     #[inline(always)]
-    fn drain_queue(&self, q: &Queue, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
+    fn drain_queue(&self, q: &Queue, direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         if !q.needs_drain() {
             return 0;
         }
-        let n = q.drain(|f| crate::cq::complete(self, f, direct.as_deref_mut()));
+        let n = q.drain(&mut crate::cq::Deliver {
+            domain: self,
+            direct,
+        });
         if q.is_broken() {
             self.queue_broke(q.index);
         }

@@ -275,7 +275,7 @@ impl SplitRing {
     pub fn next_head(&self, n: usize) -> Option<u16> {
         (n <= self.num_free as usize && self.broken.is_none()).then_some(self.free_head)
     }
-    /// Chains published and not yet taken back with [`SplitRing::take_used_into`].
+    /// Chains published and not yet taken back with [`SplitRing::take_published`].
     pub fn chains_in_flight(&self) -> u16 {
         self.chains_in_flight
     }
@@ -489,8 +489,25 @@ impl SplitRing {
     /// [`SplitRing::release`]. Returns how many were written to the start of `out`: 0 when
     /// there is nothing new or the ring is broken (see [`SplitRing::broken`]; an invalid entry
     /// breaks it, and the entries before it are returned).
-    #[inline]
+    #[cfg(test)]
     pub fn take_used_into(&mut self, out: &mut [std::mem::MaybeUninit<UsedElem>]) -> usize {
+        let n = out.len().min(usize::from(self.used_ready()));
+        for (i, slot) in out[..n].iter_mut().enumerate() {
+            match self.take_published() {
+                Some(u) => {
+                    slot.write(u);
+                }
+                None => return i,
+            }
+        }
+        n
+    }
+
+    /// How many used entries the device published and we have not taken, as of one read of
+    /// the used index: each can then be taken with [`SplitRing::take_published`]. 0 when there
+    /// is nothing new or the ring is broken; a count the ring cannot hold breaks it.
+    #[inline]
+    pub fn used_ready(&mut self) -> u16 {
         let used_idx = Wrapping(u16::from_le(self.used_idx_field().load(Ordering::Acquire)));
         if used_idx == self.last_used || self.broken.is_some() {
             return 0;
@@ -503,21 +520,15 @@ impl SplitRing {
             ));
             return 0;
         }
-        let n = out.len().min(usize::from(new_entries));
-        for (i, slot) in out[..n].iter_mut().enumerate() {
-            match self.take_published() {
-                Some(u) => {
-                    slot.write(u);
-                }
-                None => return i,
-            }
-        }
-        n
+        new_entries
     }
 
-    /// Take the used entry at `last_used`, which the device has published.
+    /// Take the used entry at `last_used`, which the device has published (one of the
+    /// [`SplitRing::used_ready`] ones), without freeing its descriptors: the chain stays ours
+    /// (its request slot untouched by new posts) until [`SplitRing::release`]. `None` if the
+    /// entry is invalid: the ring is broken then (see [`SplitRing::broken`]).
     #[inline(always)]
-    fn take_published(&mut self) -> Option<UsedElem> {
+    pub fn take_published(&mut self) -> Option<UsedElem> {
         let slot = (self.last_used.0 & self.mask) as usize;
         let off = self.layout.used + 4 + 8 * slot;
         // SAFETY: the used element at `slot` is 8 bytes inside the allocation; read once.
@@ -548,7 +559,7 @@ impl SplitRing {
         })
     }
 
-    /// Give the descriptors of a chain returned by [`SplitRing::take_used_into`] back to the free
+    /// Give the descriptors of a chain returned by [`SplitRing::take_published`] back to the free
     /// list. Ignores a head that is not returned (nothing to free).
     pub fn release(&mut self, head: u16) {
         let Some(chain) = self.chains.get_mut(head as usize) else {

@@ -170,6 +170,17 @@ impl<R> Drop for RequestSlot<R> {
     }
 }
 
+/// Where a drain delivers the requests the device returned.
+pub(crate) trait Dispatch<R> {
+    /// The common case, called under the ring lock for a request whose completion is valid
+    /// (its cookie, a used length that holds it) and that received nothing inline: deliver
+    /// it completely and return true, or return false to have [`Dispatch::finished`] do it
+    /// without the lock. Runs no application code and posts nothing (the ring lock is held).
+    fn fast(&mut self, op: &R, completion: &Completion) -> bool;
+    /// Any other returned request, without the ring lock.
+    fn finished(&mut self, f: Finished<'_, R>);
+}
+
 /// A request the device returned, handed to dispatch by reference to its slot.
 pub(crate) struct Finished<'a, R> {
     pub cookie: u64,
@@ -214,23 +225,16 @@ struct QueueState {
     urgent: bool,
 }
 
-impl QueueState {
-    /// Give the heads a drain kept back to the ring.
-    #[inline]
-    fn release_all(&mut self, returned: &mut Returned) {
-        for &head in &returned.heads[..returned.len] {
-            self.ring.release(head);
-        }
-        returned.len = 0;
-    }
-}
-
-/// Heads the drainer dispatched and has not given back to the ring yet: they go back at the
-/// start of the next drain (or when a post finds the ring full), so a drain takes the ring lock
-/// once. Owned by whoever holds `progress`.
-struct Returned {
-    heads: [u16; DRAIN_BATCH],
-    len: usize,
+/// What became of a used entry taken under the ring lock.
+enum Taken {
+    /// Delivered (or nothing to deliver): its head can go back to the ring.
+    Done,
+    /// For [`Dispatch::finished`], without the lock: whether the completion was copied out,
+    /// and whether the device broke the rules with it.
+    Slow {
+        has_completion: bool,
+        device_fault: bool,
+    },
 }
 
 /// An 8-byte `read` or `write` (`nr`) on an eventfd: the kernel's return value (`-errno` on
@@ -301,9 +305,10 @@ pub(crate) struct Virtqueue<R> {
     pub index: u16,
     /// The ring (avail side, free list, used-entry validation) and the cookie sequence.
     state: SpinLock<QueueState>,
-    /// Serialises draining (take + dispatch) so completions reach CQs in used-ring order, and
-    /// owns the request slots of returned chains from dispatch until they are released.
-    progress: SpinLock<Returned>,
+    /// Serialises draining (take + dispatch) so completions reach CQs in used-ring order also
+    /// while a drainer dispatches a request without the ring lock, and owns that request's
+    /// slot until it is released.
+    progress: SpinLock<()>,
     /// One request record per head id; see the `Sync` impl for who may touch which.
     requests: Box<[UnsafeCell<RequestSlot<R>>]>,
     used_idx: *const AtomicU16,
@@ -335,8 +340,9 @@ pub(crate) struct Virtqueue<R> {
 // `Allocation`s we own; the ring fields behind them are only accessed atomically. Slot memory
 // and the request record of head `i` belong to whoever owns head `i`: the poster (holding
 // `state`) from the moment the ring hands it out until it is published, then the drainer
-// (holding `progress`) from the moment the device returns it until `release` under `state`;
-// `find_cookie`/`in_flight` read records only while holding both locks.
+// (holding `progress`, and `state` except while it dispatches a request without it) from the
+// moment the device returns it until `release` under `state`; `find_cookie`/`in_flight` read
+// records only while holding both locks.
 unsafe impl<R: Send> Send for Virtqueue<R> {}
 // SAFETY: see `Send`.
 unsafe impl<R: Send> Sync for Virtqueue<R> {}
@@ -378,10 +384,7 @@ impl<R> Virtqueue<R> {
                 counters: QueueCounters::default(),
                 urgent: false,
             }),
-            progress: SpinLock::new(Returned {
-                heads: [0; DRAIN_BATCH],
-                len: 0,
-            }),
+            progress: SpinLock::new(()),
             requests: (0..size)
                 .map(|_| UnsafeCell::new(RequestSlot::IDLE))
                 .collect(),
@@ -550,16 +553,11 @@ impl<R> Virtqueue<R> {
         Ok(cookie)
     }
 
-    /// The ring had no room for `n` descriptors: give back the heads the last drain kept, if
-    /// no drainer holds them now, and return the ring locked. `Again` if nothing more can be
-    /// had, the ring's error if it is broken.
+    /// The ring had no room for `n` descriptors: the ring's error if it is broken, else
+    /// `Again` (drains give heads back as they deliver them), unless a drain gave some back
+    /// meanwhile (the ring is returned locked then).
     #[cold]
     fn reclaim_for(&self, n: usize) -> Result<SpinGuard<'_, QueueState>> {
-        if let Some(mut returned) = self.progress.try_lock() {
-            let mut st = self.lock();
-            st.release_all(&mut returned);
-            return Ok(st);
-        }
         let st = self.lock();
         if let Some(why) = st.ring.broken() {
             return Err(Error::Transport(format!("virtqueue {}: {why}", self.index)));
@@ -621,32 +619,50 @@ impl<R> Virtqueue<R> {
         self.has_used() || self.is_broken()
     }
 
-    /// Drain the used ring and hand every finished request to `dispatch`, in ring order.
-    /// Returns how many were drained. If another thread is draining this queue, returns 0.
+    /// Drain the used ring and hand every finished request to `to`, in ring order. Returns
+    /// how many were drained. If another thread is draining this queue, returns 0.
     ///
-    /// One ring-lock hold per batch: it gives back the heads dispatched by the drain before,
-    /// takes the new used entries and updates the in-flight state; dispatch then runs without
-    /// the ring lock (posts, also from dispatch itself, proceed), and the dispatched heads
-    /// stay ours until the next drain gives them back.
-    pub fn drain(&self, mut dispatch: impl FnMut(Finished<'_, R>)) -> usize
+    /// One ring-lock hold per batch: it takes the used entries, delivers the common ones
+    /// ([`Dispatch::fast`]) and gives their heads back at once, and updates the in-flight state.
+    /// Any other request is dispatched without the ring lock (posts, also from dispatch
+    /// itself, proceed), and its head given back after it.
+    pub fn drain(&self, to: &mut impl Dispatch<R>) -> usize
     where
         R: Record,
     {
-        let Some(mut returned) = self.progress.try_lock() else {
+        let Some(_draining) = self.progress.try_lock() else {
             return 0;
         };
-        // Uninitialised: only `batch[..taken]` is ever read.
-        let mut batch = [MaybeUninit::<UsedElem>::uninit(); DRAIN_BATCH];
+        // Written by `take` for a request dispatched without the lock: the completion copied
+        // out of the slot once.
+        let mut completion = MaybeUninit::<Completion>::uninit();
         let mut total = 0;
+        let mut st = self.lock();
         loop {
-            let mut st = self.lock();
-            st.release_all(&mut returned);
             // One read of the used index per batch: entries the device publishes after it
             // are left for the next batch or drain (see the end of the loop).
-            let taken = st.ring.take_used_into(&mut batch);
+            let ready = st.ring.used_ready().min(DRAIN_BATCH as u16);
+            let mut taken = 0;
+            let mut slow = None;
+            while taken < ready {
+                let Some(u) = st.ring.take_published() else {
+                    break;
+                };
+                taken += 1;
+                match self.take(&u, &mut completion, to) {
+                    Taken::Done => st.ring.release(u.head),
+                    Taken::Slow {
+                        has_completion,
+                        device_fault,
+                    } => {
+                        slow = Some((u, has_completion, device_fault));
+                        break;
+                    }
+                }
+            }
             let mut rearmed = false;
             if taken > 0 {
-                st.counters.completed += taken as u64;
+                st.counters.completed += u64::from(taken);
                 let in_flight = st.ring.chains_in_flight();
                 self.in_flight
                     .store(u32::from(in_flight), Ordering::Relaxed);
@@ -662,20 +678,28 @@ impl<R> Virtqueue<R> {
             if broken {
                 self.mark_broken(&st);
             }
-            drop(st);
-            for u in &batch[..taken] {
-                // SAFETY: written above in this round.
-                let u = unsafe { u.assume_init_ref() };
-                self.finish(u, &mut dispatch);
-                let at = returned.len;
-                returned.heads[at] = u.head;
-                returned.len = at + 1;
+            total += usize::from(taken);
+            if let Some((u, has_completion, device_fault)) = slow {
+                drop(st);
+                // SAFETY: `take` copied the completion out when `has_completion`.
+                let c = has_completion.then(|| unsafe { completion.assume_init_ref() });
+                self.finish(&u, c, device_fault, to);
+                st = self.lock();
+                st.ring.release(u.head);
+                if !broken {
+                    // The entries after it, in a new batch.
+                    continue;
+                }
             }
-            total += taken;
             // Armed for a sleeper: entries published before the arming raise no call of their
             // own, so they are taken now (the sleeper may be asleep already).
-            if broken || (taken < DRAIN_BATCH && !(rearmed && self.has_used())) {
+            if broken || (usize::from(taken) < DRAIN_BATCH && !(rearmed && self.has_used())) {
                 return total;
+            }
+            if usize::from(taken) == DRAIN_BATCH {
+                // Posts get the ring between batches.
+                drop(st);
+                st = self.lock();
             }
         }
     }
@@ -709,9 +733,16 @@ impl<R> Virtqueue<R> {
         false
     }
 
-    /// Read the completion of a taken chain and dispatch it; the record goes back to idle.
+    /// A chain just taken, under the ring lock: validate its completion (copied out into
+    /// `completion` once, never re-read from device memory) and deliver the common case
+    /// through [`Dispatch::fast`], the record going back to idle.
     #[inline(always)]
-    fn finish(&self, u: &UsedElem, dispatch: &mut impl FnMut(Finished<'_, R>))
+    fn take(
+        &self,
+        u: &UsedElem,
+        completion: &mut MaybeUninit<Completion>,
+        to: &mut impl Dispatch<R>,
+    ) -> Taken
     where
         R: Record,
     {
@@ -720,34 +751,61 @@ impl<R> Virtqueue<R> {
         let record = unsafe { &mut *self.requests[u.head as usize].get() };
         if !record.busy {
             // Cannot happen (the ring only returns published heads); nothing to deliver.
-            return;
+            return Taken::Done;
         }
-        let slot = self.slot(u.head);
-        let mut completion = MaybeUninit::<Completion>::uninit();
-        let (has_completion, device_fault) = if (u.len as usize) >= COMPLETION_LEN {
-            // SAFETY: the completion lies inside the slot of a chain the device returned (64
-            // bytes at a 64-aligned offset); we copy it out once and validate the copy, never
-            // re-reading device memory.
-            let c = unsafe {
-                std::ptr::copy_nonoverlapping(
-                    slot.add(SLOT_COMPLETION) as *const Completion,
-                    completion.as_mut_ptr(),
-                    1,
-                );
-                completion.assume_init_ref()
-            };
-            let mismatch = u64::from(c.cookie) != record.cookie;
-            if mismatch {
-                self.cookie_mismatch(record.cookie, u64::from(c.cookie));
-            }
-            (true, mismatch || !u.len_ok)
-        } else {
+        if (u.len as usize) < COMPLETION_LEN {
             // Length 0: the device failed the chain without a completion; anything else
             // shorter than a completion is a fault.
-            (false, u.len != 0 || !u.len_ok)
+            return Taken::Slow {
+                has_completion: false,
+                device_fault: u.len != 0 || !u.len_ok,
+            };
+        }
+        // SAFETY: the completion lies inside the slot of a chain the device returned (64
+        // bytes at a 64-aligned offset); we copy it out once and validate the copy.
+        let c = unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.slot(u.head).add(SLOT_COMPLETION) as *const Completion,
+                completion.as_mut_ptr(),
+                1,
+            );
+            completion.assume_init_ref()
         };
-        // SAFETY: initialised above when `has_completion`.
-        let completion = has_completion.then(|| unsafe { completion.assume_init_ref() });
+        let mismatch = u64::from(c.cookie) != record.cookie;
+        if mismatch {
+            self.cookie_mismatch(record.cookie, u64::from(c.cookie));
+        }
+        let device_fault = mismatch || !u.len_ok;
+        if !device_fault
+            && record.inline_rx == 0
+            // SAFETY: initialised while `busy`.
+            && to.fast(unsafe { record.op.assume_init_ref() }, c)
+        {
+            record.busy = false;
+            // SAFETY: initialised until now; `busy` is already cleared, so it is dropped once.
+            unsafe { R::drop_dispatched(record.op.as_mut_ptr()) };
+            return Taken::Done;
+        }
+        Taken::Slow {
+            has_completion: true,
+            device_fault,
+        }
+    }
+
+    /// Dispatch a taken chain that [`Virtqueue::take`] left for [`Dispatch::finished`] (its
+    /// completion, as copied out), without the ring lock; the record goes back to idle.
+    #[cold]
+    fn finish(
+        &self,
+        u: &UsedElem,
+        completion: Option<&Completion>,
+        device_fault: bool,
+        to: &mut impl Dispatch<R>,
+    ) where
+        R: Record,
+    {
+        // SAFETY: as in `take`: the head is not released yet and we hold `progress`.
+        let record = unsafe { &mut *self.requests[u.head as usize].get() };
         let inline_rx = record.inline_rx as usize;
         let inline_data: &[u8] = match completion {
             Some(c) if inline_rx > 0 => {
@@ -756,13 +814,18 @@ impl<R> Virtqueue<R> {
                 // `placed` ≤ inline_rx; the head stays ours (not reposted) until it is
                 // released after dispatch. The device is done with it; bytes a misbehaving
                 // device changes meanwhile are only copied.
-                unsafe { std::slice::from_raw_parts(slot.add(SLOT_COMPLETION - inline_rx), placed) }
+                unsafe {
+                    std::slice::from_raw_parts(
+                        self.slot(u.head).add(SLOT_COMPLETION - inline_rx),
+                        placed,
+                    )
+                }
             }
             _ => &[],
         };
-        dispatch(Finished {
+        to.finished(Finished {
             cookie: record.cookie,
-            // SAFETY: initialised while `busy`.
+            // SAFETY: initialised while `busy` (`take` leaves only busy records here).
             op: unsafe { record.op.assume_init_mut() },
             completion,
             device_fault,
