@@ -331,9 +331,10 @@ pub(crate) struct Outbox {
     wake_fd: OnceLock<Option<OwnedFd>>,
     /// The uplink thread sleeps on `wake_fd`: a push must write it.
     sleeping: AtomicBool,
-    /// `State::enabled`, read without the lock: a pass of a daemon without an uplink makes no
-    /// assist scope (a pass that starts just before the uplink does has its pushes posted by
-    /// the uplink thread, as without a scope).
+    /// `State::enabled` with at least one peer, read without the lock: a pass of a daemon
+    /// without an uplink or peers (nothing can be pushed) makes no assist scope (a pass that
+    /// starts just before the first peer joins has its pushes posted by the uplink thread, as
+    /// without a scope).
     enabled_hint: AtomicBool,
     /// The uplink's worker while its thread runs: what [`Outbox::assist`] drives.
     driver: Mutex<Option<super::SharedWorker>>,
@@ -842,9 +843,10 @@ impl Outbox {
     pub fn set_hosts(&self, hosts: impl Iterator<Item = (u16, bool)>) {
         let mut s = self.lock();
         s.enabled = true;
-        self.enabled_hint.store(true, Ordering::Relaxed);
         s.hosts.clear();
         s.hosts.extend(hosts);
+        self.enabled_hint
+            .store(!s.hosts.is_empty(), Ordering::Relaxed);
     }
 
     /// The uplink stopped: nothing leaves any more. Returns what was queued and every request
