@@ -1029,6 +1029,16 @@ mod tests {
             // SAFETY: one valid pollfd, no waiting.
             unsafe { libc::poll(&mut p, 1, 0) == 1 }
         };
+        assert!(o.sleep_begin());
+        // Without a peer a pass makes no scope: a push wakes the uplink at once.
+        {
+            let _pass = o.assist_scope();
+            o.push(reply(0));
+            assert!(readable(fd), "a scope without peers holds nothing back");
+        }
+        assert_eq!(o.take().len(), 1);
+        o.sleep_end();
+        o.set_hosts([(2, true)].into_iter());
         assert!(o.sleep_begin() && other.sleep_begin());
         {
             let _pass = o.assist_scope();
