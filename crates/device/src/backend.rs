@@ -852,10 +852,7 @@ impl FabricBackend {
         } = work;
         let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
-        let ctx = ParseCtx {
-            limits: self.fabric.limits(),
-            acked,
-        };
+        let ctx = ParseCtx::new(self.fabric.limits(), acked);
         let lazy = self.lazy_rx();
         // Whether RX rings re-armed in this pass get their notifications on (asked once).
         let mut rx_on: Option<bool> = None;
