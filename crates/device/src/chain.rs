@@ -1047,12 +1047,12 @@ pub(crate) fn parse_walked(
 // `parse_simple` reads the header as one `ReqHeader`.
 const _: () = assert!(std::mem::size_of::<ReqHeader>() == REQ_HEADER_LEN);
 
-/// What a chain is parsed against: the device's limits and the features its driver acked
-/// (the same for every chain of a pass), with what [`take_header`]'s combined checks need of
-/// them worked out once.
-#[derive(Clone, Copy)]
-pub(crate) struct ParseCtx<'a> {
-    pub limits: &'a Limits,
+/// What a chain is parsed against: the device's limits and the features its driver acked,
+/// with what [`take_header`]'s combined checks need of them worked out once (a device keeps
+/// one while its driver's features stay the same).
+#[derive(Clone)]
+pub(crate) struct ParseCtx {
+    pub limits: Limits,
     pub acked: u64,
     /// `acked`, or nothing without VIRTIO_F_VERSION_1 (which every request needs).
     usable_features: u64,
@@ -1067,8 +1067,8 @@ pub(crate) struct ParseCtx<'a> {
     max_inject: u64,
 }
 
-impl<'a> ParseCtx<'a> {
-    pub fn new(limits: &'a Limits, acked: u64) -> Self {
+impl ParseCtx {
+    pub fn new(limits: Limits, acked: u64) -> Self {
         let has = |feature: u32| acked & bit(feature) != 0;
         let mut plain_flags =
             flags::ALL & !(flags::COMPLETION_LEVELS | flags::DISCARD | flags::MULTI_RECV);
@@ -1076,8 +1076,6 @@ impl<'a> ParseCtx<'a> {
             plain_flags &= !flags::REMOTE_CQ_DATA;
         }
         ParseCtx {
-            limits,
-            acked,
             usable_features: if has(VIRTIO_F_VERSION_1) { acked } else { 0 },
             plain_flags,
             usable_pairs: if has(VIRTIO_FABRIC_F_MQ) {
@@ -1087,6 +1085,8 @@ impl<'a> ParseCtx<'a> {
             },
             max_send: limits.max_msg_size,
             max_inject: limits.max_msg_size.min(u64::from(limits.inject_size)),
+            limits,
+            acked,
         }
     }
 }
@@ -1130,7 +1130,7 @@ pub(crate) struct SimpleChain {
 pub(crate) fn parse_simple(
     mem: &Arc<GuestMemoryMmap>,
     c: &SimpleChain,
-    ctx: &ParseCtx<'_>,
+    ctx: &ParseCtx,
     out: &mut Req,
 ) -> Verdict {
     let last = c.comp.seg;
@@ -1208,12 +1208,12 @@ pub(crate) fn parse_simple(
 /// `src` must be valid for reads of [`REQ_HEADER_LEN`] bytes (guest memory: the guest may
 /// write them meanwhile).
 #[inline(always)]
-unsafe fn take_header(src: *const u8, ctx: &ParseCtx<'_>, out: &mut Req) -> Verdict {
+unsafe fn take_header(src: *const u8, ctx: &ParseCtx, out: &mut Req) -> Verdict {
     if !REQUEST_IS_WIRE_LAYOUT {
         // SAFETY: the caller's contract; the bytes are copied, and any bytes are a valid
         // `ReqHeader` (plain integers).
         let h: ReqHeader = unsafe { std::ptr::read_unaligned(src as *const ReqHeader) };
-        return parse_header(&h, ctx.limits, ctx.acked, out);
+        return parse_header(&h, &ctx.limits, ctx.acked, out);
     }
     let dst = (&mut out.req as *mut Request).cast::<u8>();
     // The guest's bytes are read once, into our own copy; everything below looks at the copy.
@@ -1258,7 +1258,7 @@ unsafe fn take_header(src: *const u8, ctx: &ParseCtx<'_>, out: &mut Req) -> Verd
     let h = *h;
     // The opcode may be no `Opcode`: a valid one until `parse_header` sets the request.
     out.req.opcode = Opcode::QueryCaps;
-    parse_header(&h, ctx.limits, ctx.acked, out)
+    parse_header(&h, &ctx.limits, ctx.acked, out)
 }
 
 /// Parse a chain the general walk took (walked in `mem`) into `out`, whose `queue` and `head`
@@ -1267,12 +1267,12 @@ pub(crate) fn parse_general(
     mem: &GuestMemoryMmap,
     w: &mut Walked,
     head_indirect: bool,
-    ctx: &ParseCtx<'_>,
+    ctx: &ParseCtx,
     out: &mut Req,
 ) -> Verdict {
     // Host addresses of the previous chain are not this one's (nor is its table kept).
     out.resolved = Resolved::default();
-    parse_walked(mem, w, ctx.limits, ctx.acked, head_indirect, out)
+    parse_walked(mem, w, &ctx.limits, ctx.acked, head_indirect, out)
 }
 
 /// Check a request header read from chain `out` names and, if it is valid, put it in `out`
@@ -1447,7 +1447,7 @@ mod tests {
                 lim.max_msg_size + 1,
             ];
             for &acked in &ackeds {
-                let ctx = ParseCtx::new(lim, acked);
+                let ctx = ParseCtx::new(lim.clone(), acked);
                 for queue in 0..6u16 {
                     for &op in &ops {
                         for &fl in &flag_sets {

@@ -1001,7 +1001,7 @@ fn simple_chains_parse_as_the_general_walk() {
             let mut took_simple = Vec::new();
             // One slot for every chain, as the data path parses them.
             let mut slot = Req::blank(queue, 0);
-            let ctx = ParseCtx::new(&rig.limits, ALL_FEATURES);
+            let ctx = ParseCtx::new(rig.limits.clone(), ALL_FEATURES);
             view.pop(&mut next, &mem, 64, &ctx, &mut slot, |slot, v| {
                 // Host addresses the walk resolved are those of the streams' first bytes (the
                 // completion's at least, on the fast path, and none on the general walk), used
@@ -1117,7 +1117,7 @@ mod hostile {
             let mut fast = Vec::new();
             let mut fast_next = fast_q.next_avail();
             let mut slot = Req::blank(queue, 0);
-            let ctx = crate::chain::ParseCtx::new(&rig.limits, acked);
+            let ctx = crate::chain::ParseCtx::new(rig.limits.clone(), acked);
             let fast_res = view.pop(&mut fast_next, &mem, 64, &ctx, &mut slot, |slot, v| {
                 // Resolved host addresses are those of the streams' first bytes.
                 assert!(slot.resolved_agree(&mem).0);
