@@ -417,6 +417,9 @@ struct PassState {
     port: Option<(Arc<Port>, u64)>,
     /// The request each chain is parsed into and handed to the fabric from.
     slot: Req,
+    /// What chains are parsed against, for the features the driver acked last (worked out
+    /// again when they change).
+    parse: Option<ParseCtx>,
     /// Per queue, the ring view the last pass popped through, so the next one takes no lock of
     /// the ring's state while it still applies ([`VringSink::pass_view`]). Dropped with `mem`
     /// on control-path changes, so no old table is kept mapped through it.
@@ -514,6 +517,7 @@ impl FabricBackend {
                 mem: None,
                 port: None,
                 slot: Req::blank(0, 0),
+                parse: None,
                 views: (0..num_queues).map(|_| None).collect(),
             }),
             control_waiting: AtomicUsize::new(0),
@@ -848,13 +852,14 @@ impl FabricBackend {
             mem,
             port,
             slot,
+            parse,
             views,
         } = work;
         let mem: &Arc<GuestMemoryMmap> = mem.get_or_insert_with(|| self.mem.memory().into_inner());
         let acked = self.acked();
-        let ctx = ParseCtx {
-            limits: self.fabric.limits(),
-            acked,
+        let ctx = match parse {
+            Some(ctx) if ctx.acked == acked => ctx,
+            _ => parse.insert(ParseCtx::new(self.fabric.limits().clone(), acked)),
         };
         let lazy = self.lazy_rx();
         // Whether RX rings re-armed in this pass get their notifications on (asked once).
@@ -898,7 +903,7 @@ impl FabricBackend {
             // Each chain is parsed into the slot and handed to the fabric at once, without the
             // ring's lock (its completions take it): nothing is moved or batched per request.
             slot.queue = q as u16;
-            let popped = view.pop(&mut next_avail, mem, max, &ctx, slot, |slot, v| {
+            let popped = view.pop(&mut next_avail, mem, max, ctx, slot, |slot, v| {
                 if port.as_ref().is_none_or(|(_, a)| *a != acked) {
                     *port = self.fabric.begin(self.dev, acked).map(|p| (p, acked));
                 }

@@ -21,10 +21,10 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use vfabric_proto::{
-    bit, flags, queue_kind, Completion, Opcode, QueueClass, QueueKind, ReqHeader, Request, Status,
-    COMPLETION_LEN, MEM_SEG_LEN, REQ_HEADER_LEN, RMA_IOV_LEN, VIRTIO_FABRIC_F_MQ,
-    VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA_PMEM, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    bit, flags, queue_kind, Completion, OpInfo, Opcode, QueueClass, QueueKind, ReqHeader, Request,
+    Status, COMPLETION_LEN, MEM_SEG_LEN, REQUEST_IS_WIRE_LAYOUT, REQ_HEADER_LEN, RMA_IOV_LEN,
+    VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA_PMEM,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::Error as QueueError;
 #[cfg(test)]
@@ -84,9 +84,17 @@ impl Segs {
         if s.len == 0 {
             return Segs::default();
         }
-        // Built in place: no capacity checks of a push.
+        // Built in place: no capacity checks of a push, and the second inline slot left
+        // unwritten.
+        let mut buf = std::mem::MaybeUninit::<[Seg; INLINE_SEGS]>::uninit();
+        // SAFETY: the first of the buffer's segments is written, and the vector's length is
+        // 1 (at most INLINE_SEGS): only that segment is ever read.
+        let segs = unsafe {
+            buf.as_mut_ptr().cast::<Seg>().write(s);
+            SmallVec::from_buf_and_len_unchecked(buf, 1)
+        };
         Segs {
-            segs: SmallVec::from_buf_and_len([s, Seg { addr: 0, len: 0 }], 1),
+            segs,
             len: u64::from(s.len),
         }
     }
@@ -1039,12 +1047,48 @@ pub(crate) fn parse_walked(
 // `parse_simple` reads the header as one `ReqHeader`.
 const _: () = assert!(std::mem::size_of::<ReqHeader>() == REQ_HEADER_LEN);
 
-/// What a chain is parsed against: the device's limits and the features its driver acked
-/// (the same for every chain of a pass).
-#[derive(Clone, Copy)]
-pub(crate) struct ParseCtx<'a> {
-    pub limits: &'a Limits,
+/// What a chain is parsed against: the device's limits and the features its driver acked,
+/// with what [`take_header`]'s combined checks need of them worked out once (a device keeps
+/// one while its driver's features stay the same).
+#[derive(Clone)]
+pub(crate) struct ParseCtx {
+    pub limits: Limits,
     pub acked: u64,
+    /// `acked`, or nothing without VIRTIO_F_VERSION_1 (which every request needs).
+    usable_features: u64,
+    /// Flags a request may carry without a rule beyond its opcode's allowed set: not a
+    /// completion level (at most one), not DISCARD (needs PEEK or CLAIM), not MULTI_RECV (not
+    /// implemented), none whose feature was not acked.
+    plain_flags: u64,
+    /// Queue pairs a request may name: past the first only with VIRTIO_FABRIC_F_MQ.
+    usable_pairs: u16,
+    /// The largest payload of a send, with and without INJECT.
+    max_send: u64,
+    max_inject: u64,
+}
+
+impl ParseCtx {
+    pub fn new(limits: Limits, acked: u64) -> Self {
+        let has = |feature: u32| acked & bit(feature) != 0;
+        let mut plain_flags =
+            flags::ALL & !(flags::COMPLETION_LEVELS | flags::DISCARD | flags::MULTI_RECV);
+        if !has(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) {
+            plain_flags &= !flags::REMOTE_CQ_DATA;
+        }
+        ParseCtx {
+            usable_features: if has(VIRTIO_F_VERSION_1) { acked } else { 0 },
+            plain_flags,
+            usable_pairs: if has(VIRTIO_FABRIC_F_MQ) {
+                limits.num_queue_pairs
+            } else {
+                limits.num_queue_pairs.min(1)
+            },
+            max_send: limits.max_msg_size,
+            max_inject: limits.max_msg_size.min(u64::from(limits.inject_size)),
+            limits,
+            acked,
+        }
+    }
 }
 
 /// One descriptor of a [`SimpleChain`] and its host address (`len` 0: no such descriptor).
@@ -1086,7 +1130,7 @@ pub(crate) struct SimpleChain {
 pub(crate) fn parse_simple(
     mem: &Arc<GuestMemoryMmap>,
     c: &SimpleChain,
-    ctx: &ParseCtx<'_>,
+    ctx: &ParseCtx,
     out: &mut Req,
 ) -> Verdict {
     let last = c.comp.seg;
@@ -1150,12 +1194,71 @@ pub(crate) fn parse_simple(
         out.data = Segs::one(tail);
         out.resolved.data = if keep > 0 { c.comp.host as usize } else { 0 };
     }
-    // SAFETY: the walk found the whole first descriptor (at least REQ_HEADER_LEN bytes, the
-    // size of `ReqHeader`) at `hdr.host` inside one region of `mem`, which the caller's borrow
-    // keeps mapped. The bytes are copied (as `guest_copy` copies from a word on), never
-    // referenced, and any bytes are a valid `ReqHeader` (plain little-endian integers).
-    let h: ReqHeader = unsafe { std::ptr::read_unaligned(hdr.host as *const ReqHeader) };
-    parse_header(&h, ctx.limits, ctx.acked, out)
+    // SAFETY: the walk found the whole first descriptor (at least REQ_HEADER_LEN bytes) at
+    // `hdr.host` inside one region of `mem`, which the caller's borrow keeps mapped.
+    unsafe { take_header(hdr.host, ctx, out) }
+}
+
+/// Copy the request header at `src` into `out.req` and check it (`out`'s streams are set):
+/// the common requests pass a few combined checks; any other header, or one that fails them,
+/// is checked by [`parse_header`], which decides exactly as it always did (the combined checks
+/// accept only what it accepts: `combined_checks_accept_only_what_parse_header_does`).
+///
+/// # Safety
+/// `src` must be valid for reads of [`REQ_HEADER_LEN`] bytes (guest memory: the guest may
+/// write them meanwhile).
+#[inline(always)]
+unsafe fn take_header(src: *const u8, ctx: &ParseCtx, out: &mut Req) -> Verdict {
+    if !REQUEST_IS_WIRE_LAYOUT {
+        // SAFETY: the caller's contract; the bytes are copied, and any bytes are a valid
+        // `ReqHeader` (plain integers).
+        let h: ReqHeader = unsafe { std::ptr::read_unaligned(src as *const ReqHeader) };
+        return parse_header(&h, &ctx.limits, ctx.acked, out);
+    }
+    let dst = (&mut out.req as *mut Request).cast::<u8>();
+    // The guest's bytes are read once, into our own copy; everything below looks at the copy.
+    // SAFETY: `src` is valid for REQ_HEADER_LEN bytes (the caller's contract); `dst` is
+    // `out.req`, REQ_HEADER_LEN bytes (`Request` is laid out as `ReqHeader`) of our own.
+    unsafe { guest_copy(dst, src, REQ_HEADER_LEN) };
+    // SAFETY: every byte of `out.req` was just written, `Request` has `ReqHeader`'s size and
+    // alignment, and any bytes are a valid `ReqHeader`. `out.req` is not used while `h` lives.
+    let h: &ReqHeader = unsafe { &*(dst as *const ReqHeader) };
+    let fl = u64::from(h.flags);
+    let payload = out.payload.len;
+    let q = out.queue;
+    // The queue's class as `QueueClass` numbers it, and its pair.
+    let (class, qp) = match queue_kind(q) {
+        QueueKind::Control => (QueueClass::Control, 0),
+        QueueKind::Tx(qp) => (QueueClass::Tx, qp),
+        QueueKind::Rx(qp) => (QueueClass::Rx, qp),
+    };
+    if let Some(info) = OpInfo::of(h.opcode.into()) {
+        let max_payload = match info.opcode {
+            Opcode::Send | Opcode::TSend if fl & flags::INJECT != 0 => ctx.max_inject,
+            Opcode::Send | Opcode::TSend => ctx.max_send,
+            Opcode::Recv | Opcode::TRecv => 0,
+            // Other opcodes have rules of their own.
+            _ => u64::MAX,
+        };
+        let odd = (fl & !(info.allowed & ctx.plain_flags))
+            | u64::from(u16::from(h.reserved0) | u16::from(h.reserved1));
+        if odd == 0
+            && info.class == class
+            && qp < ctx.usable_pairs
+            && ctx.usable_features & info.features == info.features
+            && payload <= max_payload
+            && max_payload != u64::MAX
+        {
+            // The header's opcode bytes are `info.opcode`'s (`OpInfo::of`): the request is
+            // valid as copied.
+            out.req.opcode = info.opcode;
+            return Verdict::Req;
+        }
+    }
+    let h = *h;
+    // The opcode may be no `Opcode`: a valid one until `parse_header` sets the request.
+    out.req.opcode = Opcode::QueryCaps;
+    parse_header(&h, &ctx.limits, ctx.acked, out)
 }
 
 /// Parse a chain the general walk took (walked in `mem`) into `out`, whose `queue` and `head`
@@ -1164,12 +1267,12 @@ pub(crate) fn parse_general(
     mem: &GuestMemoryMmap,
     w: &mut Walked,
     head_indirect: bool,
-    ctx: &ParseCtx<'_>,
+    ctx: &ParseCtx,
     out: &mut Req,
 ) -> Verdict {
     // Host addresses of the previous chain are not this one's (nor is its table kept).
     out.resolved = Resolved::default();
-    parse_walked(mem, w, ctx.limits, ctx.acked, head_indirect, out)
+    parse_walked(mem, w, &ctx.limits, ctx.acked, head_indirect, out)
 }
 
 /// Check a request header read from chain `out` names and, if it is valid, put it in `out`
@@ -1281,6 +1384,118 @@ pub(crate) fn completion(status: Status, cookie: u64) -> Completion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `take_header`'s combined checks against `parse_header` (the checks one by one, the
+    /// general walk's): the same verdict and the same request for every header, queue, set of
+    /// acked features, limits and payload length tried, the common requests and every kind of
+    /// refusal among them.
+    #[test]
+    fn combined_checks_accept_only_what_parse_header_does() {
+        use vfabric_proto::*;
+        let ops: Vec<u16> = (0..=0x500u16)
+            .filter(|&r| Opcode::from_u16(r).is_some())
+            .chain([0, 0x7777, 0x0100, 0x0180, 0x0185, 0x0403])
+            .collect();
+        let features = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_FABRIC_F_MSG,
+            VIRTIO_FABRIC_F_TAGGED,
+            VIRTIO_FABRIC_F_RMA,
+            VIRTIO_FABRIC_F_ATOMIC,
+            VIRTIO_FABRIC_F_RMA_PMEM,
+            VIRTIO_FABRIC_F_MQ,
+            VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+        ];
+        let all = features.iter().fold(0, |a, f| a | bit(*f));
+        // Everything, and everything but one feature at a time.
+        let mut ackeds = vec![all];
+        ackeds.extend(features.iter().skip(1).map(|f| all & !bit(*f)));
+        ackeds.push(all & !bit(VIRTIO_F_VERSION_1));
+        let mut flag_sets: Vec<u64> = vec![0, flags::ALL, 1 << 13, 1 << 63];
+        flag_sets.extend((0..13).map(|b| 1u64 << b));
+        flag_sets.extend((0..13).map(|b| flags::INJECT | (1u64 << b)));
+        flag_sets.extend((0..13).map(|b| flags::DIRECTED | (1u64 << b)));
+        flag_sets.push(flags::PEEK | flags::DISCARD);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..16 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            flag_sets.push(seed & flags::ALL);
+        }
+        let limits = [
+            Limits::default(),
+            Limits {
+                num_queue_pairs: 1,
+                inject_size: 4096,
+                max_msg_size: 1000,
+                ..Limits::default()
+            },
+            Limits {
+                num_queue_pairs: 0,
+                ..Limits::default()
+            },
+        ];
+        let mut checked = [0usize; 2];
+        for lim in &limits {
+            let payloads = [
+                0,
+                1,
+                u64::from(lim.inject_size),
+                u64::from(lim.inject_size) + 1,
+                lim.max_msg_size,
+                lim.max_msg_size + 1,
+            ];
+            for &acked in &ackeds {
+                let ctx = ParseCtx::new(lim.clone(), acked);
+                for queue in 0..6u16 {
+                    for &op in &ops {
+                        for &fl in &flag_sets {
+                            for reserved in [(0u16, 0u16), (1, 0), (0, 0x8000)] {
+                                for &payload in &payloads {
+                                    let mut h = Request::new(Opcode::Send).to_header();
+                                    h.opcode = op.into();
+                                    h.flags = fl.into();
+                                    h.reserved0 = reserved.0.into();
+                                    h.reserved1 = reserved.1.into();
+                                    h.ep = 3.into();
+                                    h.cookie = 0x1234.into();
+                                    h.tag = 0x55.into();
+                                    h.peer = FabricAddr::new(9, 8, 7).to_wire();
+                                    let mut fast = Req::blank(queue, 1);
+                                    fast.payload = Segs::one(Seg {
+                                        addr: 0x1000,
+                                        len: payload as u32,
+                                    });
+                                    fast.payload.len = payload;
+                                    let mut slow = fast.clone();
+                                    // SAFETY: `h` is a whole header of our own.
+                                    let vf = unsafe {
+                                        take_header(
+                                            (&h as *const ReqHeader).cast(),
+                                            &ctx,
+                                            &mut fast,
+                                        )
+                                    };
+                                    let vs = parse_header(&h, lim, acked, &mut slow);
+                                    assert_eq!(
+                                        vf, vs,
+                                        "op {op:#x} flags {fl:#x} queue {queue} acked {acked:#x} \
+                                         payload {payload} reserved {reserved:?}"
+                                    );
+                                    if vs == Verdict::Req {
+                                        assert_eq!(fast.req, slow.req);
+                                    }
+                                    checked[usize::from(vs == Verdict::Req)] += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked[0] > 0 && checked[1] > 0, "{checked:?}");
+    }
 
     #[test]
     fn guest_copy_copies_exactly_n_bytes_at_odd_offsets() {

@@ -283,7 +283,7 @@ impl RingView {
         next_avail: &mut u16,
         mem: &Arc<GuestMemoryMmap>,
         max: usize,
-        ctx: &ParseCtx<'_>,
+        ctx: &ParseCtx,
         out: &mut Req,
         mut each: impl FnMut(&mut Req, Verdict),
     ) -> Result<usize, RingError> {
@@ -424,7 +424,7 @@ impl RingView {
         &self,
         mem: &GuestMemoryMmap,
         head: u16,
-        ctx: &ParseCtx<'_>,
+        ctx: &ParseCtx,
         out: &mut Req,
     ) -> Verdict {
         let mut walked = Walked::default();

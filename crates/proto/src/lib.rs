@@ -212,7 +212,8 @@ pub struct WireAddr {
 // SAFETY: plain-old-data, repr(C), no padding.
 unsafe impl ByteValued for WireAddr {}
 
-/// Decoded endpoint address.
+/// Decoded endpoint address. Laid out as [`WireAddr`] (see [`Request`]).
+#[repr(C)]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FabricAddr {
     pub node: u64,
@@ -466,13 +467,21 @@ const fn op_slot(raw: u16) -> Option<usize> {
     }
 }
 
-/// Per [`op_slot`], 1 + the opcode's index in [`OPCODES`] and [`OP_INFO`]; 0: no opcode.
-static OP_SLOTS: [u8; 144] = {
-    let mut t = [0u8; 144];
+/// [`OpInfo`] of each opcode by [`op_slot`] (`None`: no opcode): one load finds it.
+static OP_BY_SLOT: [Option<OpInfo>; 144] = {
+    let mut t: [Option<OpInfo>; 144] = [None; 144];
     let mut i = 0;
     while i < OPCODES.len() {
-        match op_slot(OPCODES[i] as u16) {
-            Some(s) if t[s] == 0 => t[s] = i as u8 + 1,
+        let op = OPCODES[i];
+        match op_slot(op as u16) {
+            Some(s) if t[s].is_none() => {
+                t[s] = Some(OpInfo {
+                    opcode: op,
+                    class: op.queue_class(),
+                    allowed: allowed_flags(op),
+                    features: bit(op.required_feature()),
+                })
+            }
             // Two opcodes in one slot, or one outside the key: the build fails.
             _ => panic!("opcode outside the slot key"),
         }
@@ -481,34 +490,12 @@ static OP_SLOTS: [u8; 144] = {
     t
 };
 
-/// [`OpInfo`] of each of [`OPCODES`].
-static OP_INFO: [OpInfo; 22] = {
-    let mut t = [OpInfo {
-        opcode: Opcode::QueryCaps,
-        class: QueueClass::Control,
-        allowed: 0,
-        features: 0,
-    }; 22];
-    let mut i = 0;
-    while i < OPCODES.len() {
-        let op = OPCODES[i];
-        t[i] = OpInfo {
-            opcode: op,
-            class: op.queue_class(),
-            allowed: allowed_flags(op),
-            features: bit(op.required_feature()),
-        };
-        i += 1;
-    }
-    t
-};
-
 impl OpInfo {
-    /// The opcode with wire value `raw`, if there is one.
+    /// The opcode with wire value `raw`, if there is one. (`op_slot` is one-to-one on the
+    /// values it keys, so the opcode found has the wire value `raw`.)
     #[inline]
     pub fn of(raw: u16) -> Option<&'static OpInfo> {
-        let i = *OP_SLOTS.get(op_slot(raw)?)?;
-        OP_INFO.get(usize::from(i).checked_sub(1)?)
+        OP_BY_SLOT.get(op_slot(raw)?)?.as_ref()
     }
 }
 
@@ -1003,7 +990,10 @@ impl ProtoError {
     }
 }
 
-/// A validated request header.
+/// A validated request header. Laid out as [`ReqHeader`] (each field at its wire field's
+/// offset, the reserved fields padding; checked below): on a little-endian host a device
+/// decodes a header with one copy of its 96 bytes ([`REQUEST_IS_WIRE_LAYOUT`]).
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     pub opcode: Opcode,
@@ -1021,6 +1011,36 @@ pub struct Request {
     pub count: u32,
     pub compare: u64,
 }
+
+/// Whether [`Request`]'s bytes are a [`ReqHeader`]'s on this host (little-endian, the same
+/// offsets and size): a header whose opcode is a valid [`Opcode`] may then be copied into a
+/// `Request` as it is.
+pub const REQUEST_IS_WIRE_LAYOUT: bool = cfg!(target_endian = "little");
+
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<Request>() == REQ_HEADER_LEN);
+    assert!(align_of::<Request>() == align_of::<ReqHeader>());
+    assert!(size_of::<Opcode>() == 2);
+    assert!(offset_of!(Request, opcode) == offset_of!(ReqHeader, opcode));
+    assert!(offset_of!(Request, ep) == offset_of!(ReqHeader, ep));
+    assert!(offset_of!(Request, flags) == offset_of!(ReqHeader, flags));
+    assert!(offset_of!(Request, cookie) == offset_of!(ReqHeader, cookie));
+    assert!(offset_of!(Request, peer) == offset_of!(ReqHeader, peer));
+    assert!(offset_of!(FabricAddr, node) == offset_of!(WireAddr, node));
+    assert!(offset_of!(FabricAddr, ep) == offset_of!(WireAddr, ep));
+    assert!(offset_of!(FabricAddr, generation) == offset_of!(WireAddr, generation));
+    assert!(size_of::<FabricAddr>() == size_of::<WireAddr>());
+    assert!(offset_of!(Request, tag) == offset_of!(ReqHeader, tag));
+    assert!(offset_of!(Request, ignore) == offset_of!(ReqHeader, ignore));
+    assert!(offset_of!(Request, data) == offset_of!(ReqHeader, data));
+    assert!(offset_of!(Request, remote_addr) == offset_of!(ReqHeader, remote_addr));
+    assert!(offset_of!(Request, remote_key) == offset_of!(ReqHeader, remote_key));
+    assert!(offset_of!(Request, atomic_op) == offset_of!(ReqHeader, atomic_op));
+    assert!(offset_of!(Request, datatype) == offset_of!(ReqHeader, datatype));
+    assert!(offset_of!(Request, count) == offset_of!(ReqHeader, count));
+    assert!(offset_of!(Request, compare) == offset_of!(ReqHeader, compare));
+};
 
 impl Request {
     /// A zeroed request for `opcode`, to be filled in by a driver.

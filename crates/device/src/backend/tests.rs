@@ -632,6 +632,40 @@ fn backend_reset_device_takes_the_new_ring_indices() {
     assert_eq!(u32::from(c.status), Status::Ok as u32);
 }
 
+/// The parse context a device keeps between passes follows the features the driver acks: a
+/// flag whose feature is no longer acked is refused (the combined checks' parse context is
+/// worked out again, not kept from the first negotiation).
+#[test]
+fn backend_parses_against_the_features_acked_last() {
+    let d = dev();
+    let vq1 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[1]), QSIZE);
+    let mut send = Request::new(Opcode::Send);
+    send.flags = flags::REMOTE_CQ_DATA;
+    send.cookie = 0x99;
+    d.mem
+        .write_obj(send.to_header(), GuestAddress(HDR))
+        .unwrap();
+    let status = || {
+        let c: Completion = d.mem.read_obj(GuestAddress(COMP)).unwrap();
+        u32::from(c.status)
+    };
+    // With REMOTE_CQ_DATA acked the send is taken (and fails later: no endpoint is open).
+    chain(&vq1, 0, &[(HDR, 104, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(1, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq1.used().idx().load(), 1);
+    assert_ne!(status(), Status::Unsupported as u32);
+    d.backend
+        .acked_features(ALL_FEATURES & !bit(vfabric_proto::VIRTIO_FABRIC_F_REMOTE_CQ_DATA));
+    chain(&vq1, 2, &[(HDR, 104, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(1, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq1.used().idx().load(), 2);
+    assert_eq!(status(), Status::Unsupported as u32);
+}
+
 #[test]
 fn backend_drops_a_guest_with_a_corrupt_ring() {
     let d = dev();
@@ -1001,10 +1035,7 @@ fn simple_chains_parse_as_the_general_walk() {
             let mut took_simple = Vec::new();
             // One slot for every chain, as the data path parses them.
             let mut slot = Req::blank(queue, 0);
-            let ctx = ParseCtx {
-                limits: &rig.limits,
-                acked: ALL_FEATURES,
-            };
+            let ctx = ParseCtx::new(rig.limits.clone(), ALL_FEATURES);
             view.pop(&mut next, &mem, 64, &ctx, &mut slot, |slot, v| {
                 // Host addresses the walk resolved are those of the streams' first bytes (the
                 // completion's at least, on the fast path, and none on the general walk), used
@@ -1120,7 +1151,7 @@ mod hostile {
             let mut fast = Vec::new();
             let mut fast_next = fast_q.next_avail();
             let mut slot = Req::blank(queue, 0);
-            let ctx = crate::chain::ParseCtx { limits: &rig.limits, acked };
+            let ctx = crate::chain::ParseCtx::new(rig.limits.clone(), acked);
             let fast_res = view.pop(&mut fast_next, &mem, 64, &ctx, &mut slot, |slot, v| {
                 // Resolved host addresses are those of the streams' first bytes.
                 assert!(slot.resolved_agree(&mem).0);
