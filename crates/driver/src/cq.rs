@@ -434,11 +434,13 @@ impl CompletionQueue {
 
     /// `fi_cq_read` into a slice: fills `out[..n]`, returns `n` (errors as for `read`).
     /// Allocates nothing.
+    /// Inline: a read of an entry already queued is the lock and the copy, in the caller.
+    #[inline]
     pub fn read_into(&self, out: &mut [CqEntry]) -> Result<usize> {
         self.try_read_into(out).map_err(Error::from)
     }
 
-    #[inline]
+    #[inline(always)]
     fn try_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
         // Entries queued already (by an earlier pass, e.g. a send's completion found while
         // waiting for a receive): they come before anything a pass would find, so they are
@@ -456,6 +458,13 @@ impl CompletionQueue {
                 r => return r,
             }
         }
+        self.progress_read_into(out)
+    }
+
+    /// [`CompletionQueue::try_read_into`] with nothing queued: a progress pass that writes the
+    /// reader's entries in place.
+    #[inline(never)]
+    fn progress_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
         let mut direct = Direct {
             cq: Arc::as_ptr(&self.shared),
             out,
