@@ -671,7 +671,11 @@ impl CompletionQueue {
     /// `fi_cq_sread` into a slice (as [`CompletionQueue::read_into`]; waits as
     /// [`CompletionQueue::sread`]). Allocates nothing.
     pub fn sread_into(&self, out: &mut [CqEntry], timeout: Option<Duration>) -> Result<usize> {
-        self.wait_for(timeout, |cq| cq.try_read_into(out))
+        self.wait_for(
+            timeout,
+            #[inline(always)]
+            |cq| cq.try_read_into(out),
+        )
     }
 
     /// Repeat `attempt` until it returns something other than `Again`: spin for the budget,
