@@ -222,7 +222,9 @@ impl Side {
     }
 
     /// Wait for a receive of `size` bytes on `cq`, into the caller's `one` (as
-    /// [`Side::wait_ready`]); a shorter or longer one is an error.
+    /// [`Side::wait_ready`]); a shorter or longer one is an error. Inline: it is the
+    /// ping-pong's wait (no call frame of its own around `sread_into`'s).
+    #[inline(always)]
     fn wait_recv(
         &self,
         cq: &CompletionQueue,

@@ -434,12 +434,37 @@ impl CompletionQueue {
 
     /// `fi_cq_read` into a slice: fills `out[..n]`, returns `n` (errors as for `read`).
     /// Allocates nothing.
+    /// Inline: a read of an entry already queued is the lock and the copy, in the caller.
+    #[inline]
     pub fn read_into(&self, out: &mut [CqEntry]) -> Result<usize> {
         self.try_read_into(out).map_err(Error::from)
     }
 
-    #[inline]
+    #[inline(always)]
     fn try_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
+        // Entries queued already (by an earlier pass, e.g. a send's completion found while
+        // waiting for a receive): they come before anything a pass would find, so they are
+        // returned without one. A stopped domain's error follows once they are read.
+        if !self.shared.is_empty() {
+            match self.take(out.len(), {
+                let mut n = 0;
+                let out = &mut *out;
+                move |e| {
+                    out[n] = e;
+                    n += 1;
+                }
+            }) {
+                Err(Empty::Again) => {}
+                r => return r,
+            }
+        }
+        self.progress_read_into(out)
+    }
+
+    /// [`CompletionQueue::try_read_into`] with nothing queued: a progress pass that writes the
+    /// reader's entries in place.
+    #[inline(never)]
+    fn progress_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
         let mut direct = Direct {
             cq: Arc::as_ptr(&self.shared),
             out,
@@ -646,7 +671,11 @@ impl CompletionQueue {
     /// `fi_cq_sread` into a slice (as [`CompletionQueue::read_into`]; waits as
     /// [`CompletionQueue::sread`]). Allocates nothing.
     pub fn sread_into(&self, out: &mut [CqEntry], timeout: Option<Duration>) -> Result<usize> {
-        self.wait_for(timeout, |cq| cq.try_read_into(out))
+        self.wait_for(
+            timeout,
+            #[inline(always)]
+            |cq| cq.try_read_into(out),
+        )
     }
 
     /// Repeat `attempt` until it returns something other than `Again`: spin for the budget,
