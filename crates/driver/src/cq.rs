@@ -22,7 +22,7 @@ use crate::av::{FiAddr, FI_ADDR_NOTAVAIL};
 use crate::domain::{DomainInner, Stalled};
 use crate::hmem::Scatter;
 use crate::lock::SpinLock;
-use crate::request::{CopyOut, DataOp, Done, PendingOp};
+use crate::request::{CopyOut, DataOp, Done, PendingOp, PlainOp};
 use crate::virtqueue::{drain_eventfd, signal_eventfd, Dispatch, Finished};
 use crate::{data_status_errno, fi, Error, Result};
 
@@ -872,10 +872,10 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
     /// drain has them.
     #[inline(always)]
     fn fast(&mut self, op: &PendingOp, c: &vfabric_proto::Completion) -> bool {
-        let PendingOp::Data(op) = op else {
+        let PendingOp::Plain(op) = op else {
             return false;
         };
-        if !(op.plain && is_plain_success(op, c)) {
+        if !is_plain_success(op, c) {
             return false;
         }
         // fi_close semantics: a closed endpoint's outstanding operations are discarded.
@@ -887,7 +887,9 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
 
     fn finished(&mut self, f: Done<'_>) {
         match f.op {
-            PendingOp::Data(_) => complete_data_general(f, self.direct.as_deref_mut()),
+            PendingOp::Data(_) | PendingOp::Plain(_) => {
+                complete_data_general(f, self.direct.as_deref_mut())
+            }
             _ => complete_other(self.domain, f),
         }
     }
@@ -898,7 +900,7 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
 #[inline(never)]
 fn complete_other(domain: &DomainInner, f: Done<'_>) {
     match f.op {
-        PendingOp::Data(_) => {}
+        PendingOp::Data(_) | PendingOp::Plain(_) => {}
         PendingOp::Control { .. } => crate::control::complete_control(domain, f),
         PendingOp::MrEvent => crate::rma::complete_event(domain, f),
         PendingOp::CommitEvent { .. } => crate::commit::complete_event(domain, f),
@@ -909,7 +911,7 @@ fn complete_other(domain: &DomainInner, f: Done<'_>) {
 /// Does `c` complete the plain request `op` (see [`DataOp::plain`]) successfully, with
 /// nothing to copy, check or remember beyond the CQ entry itself?
 #[inline(always)]
-fn is_plain_success(op: &DataOp, c: &vfabric_proto::Completion) -> bool {
+fn is_plain_success(op: &PlainOp, c: &vfabric_proto::Completion) -> bool {
     u32::from(c.status) == Status::Ok as u32
         && u32::from(c.flags) & comp_flags::REMOTE_WRITE == 0
         && (!op.is_recv || u64::from(c.len) as usize <= op.rx_len)
@@ -918,7 +920,7 @@ fn is_plain_success(op: &DataOp, c: &vfabric_proto::Completion) -> bool {
 /// The common completion: a plain send or receive that succeeded. Same entry as
 /// [`complete_data_general`] gives for it, with none of the checks that cannot apply.
 #[inline(always)]
-fn complete_plain(op: &DataOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
+fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
     let cflags = u32::from(c.flags);
     let mut flags = op.fi_flags;
     if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) != 0 {
@@ -977,6 +979,12 @@ fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
         device_fault,
         inline_data,
     } = f;
+    if let PendingOp::Plain(_) = op {
+        // Not a plain success: handled by the general record of the same request.
+        if let PendingOp::Plain(p) = std::mem::replace(op, PendingOp::CommitReply) {
+            *op = PendingOp::Data(p.into_data());
+        }
+    }
     let PendingOp::Data(op) = op else {
         return;
     };

@@ -20,7 +20,7 @@ use crate::domain::DomainInner;
 use crate::hmem::HmemRegion;
 use crate::memory::SharedBuf;
 use crate::request::{
-    CopyOut, DataOp, Keepalive, Payload, PendingOp, Queue, Targets, Tx as TxData,
+    CopyOut, DataOp, Keepalive, Payload, PendingOp, PlainOp, Queue, Targets, Tx as TxData,
 };
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
 use crate::{fi, Error, Result};
@@ -737,23 +737,16 @@ impl Endpoint {
                 false,
                 #[inline(always)]
                 || {
-                    PendingOp::Data(DataOp {
+                    PendingOp::Plain(PlainOp {
                         ep: ep.clone(),
                         context,
                         fi_flags: fi::SEND | fi::MSG,
                         rx_len: 0,
-                        copy_out: CopyOut::None,
-                        bounce: None,
                         // Built in the record.
                         _keepalive: keepalive(),
-                        hmem: None,
                         is_recv: false,
-                        peek: false,
-                        record_claim: false,
                         report_success,
                         report_errors,
-                        // What `DataOp::with_plain` finds for it.
-                        plain: true,
                     })
                 },
             )
@@ -1050,25 +1043,22 @@ impl Endpoint {
                 false,
                 #[inline(always)]
                 || {
-                    PendingOp::Data(
-                        DataOp {
-                            ep: ep.clone(),
-                            context: a.context,
-                            fi_flags: fi::SEND | if a.tagged { fi::TAGGED } else { fi::MSG },
-                            rx_len: 0,
-                            copy_out: CopyOut::None,
-                            bounce,
-                            _keepalive: keepalive,
-                            hmem: None,
-                            is_recv: false,
-                            peek: false,
-                            record_claim: false,
-                            report_success,
-                            report_errors,
-                            plain: false,
-                        }
-                        .with_plain(),
-                    )
+                    DataOp {
+                        ep: ep.clone(),
+                        context: a.context,
+                        fi_flags: fi::SEND | if a.tagged { fi::TAGGED } else { fi::MSG },
+                        rx_len: 0,
+                        copy_out: CopyOut::None,
+                        bounce,
+                        _keepalive: keepalive,
+                        hmem: None,
+                        is_recv: false,
+                        peek: false,
+                        record_claim: false,
+                        report_success,
+                        report_errors,
+                    }
+                    .into_pending()
                 },
             )
             .map(|_| ())
@@ -1213,23 +1203,16 @@ impl Endpoint {
                 urgent,
                 #[inline(always)]
                 || {
-                    PendingOp::Data(DataOp {
+                    PendingOp::Plain(PlainOp {
                         ep: ep.clone(),
                         context,
                         fi_flags: fi::RECV | fi::MSG,
                         rx_len,
-                        copy_out: CopyOut::None,
-                        bounce: None,
                         // Built in the record (no move of it through the post).
                         _keepalive: Keepalive::one(buf.keepalive()),
-                        hmem: None,
                         is_recv: true,
-                        peek: false,
-                        record_claim: false,
                         report_success,
                         report_errors: true,
-                        // What `DataOp::with_plain` finds for it.
-                        plain: true,
                     })
                 },
             )
@@ -1566,25 +1549,22 @@ impl Endpoint {
                 urgent,
                 #[inline(always)]
                 || {
-                    PendingOp::Data(
-                        DataOp {
-                            ep: ep.clone(),
-                            context: a.context,
-                            fi_flags: fi::RECV | if a.tagged { fi::TAGGED } else { fi::MSG },
-                            rx_len,
-                            copy_out,
-                            bounce,
-                            _keepalive: keepalive,
-                            hmem,
-                            is_recv: true,
-                            peek,
-                            record_claim: peek && claim,
-                            report_success,
-                            report_errors: true,
-                            plain: false,
-                        }
-                        .with_plain(),
-                    )
+                    DataOp {
+                        ep: ep.clone(),
+                        context: a.context,
+                        fi_flags: fi::RECV | if a.tagged { fi::TAGGED } else { fi::MSG },
+                        rx_len,
+                        copy_out,
+                        bounce,
+                        _keepalive: keepalive,
+                        hmem,
+                        is_recv: true,
+                        peek,
+                        record_claim: peek && claim,
+                        report_success,
+                        report_errors: true,
+                    }
+                    .into_pending()
                 },
             )
             .map(|_| ())
@@ -1599,7 +1579,10 @@ impl Endpoint {
     /// short while as long as the request is still in flight.
     pub fn cancel(&self, context: u64) -> Result<()> {
         let me = &self.shared;
-        let pred = |p: &PendingOp| matches!(p, PendingOp::Data(d) if d.context == context && Arc::ptr_eq(&d.ep, me));
+        let pred = |p: &PendingOp| {
+            p.data_of()
+                .is_some_and(|(ep, ctx)| ctx == context && Arc::ptr_eq(ep, me))
+        };
         let find = || {
             self.rx_q()
                 .find_cookie(pred)
@@ -1877,7 +1860,7 @@ impl Drop for Endpoint {
             return;
         }
         let me = &self.shared;
-        let mine = |p: &PendingOp| matches!(p, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, me));
+        let mine = |p: &PendingOp| p.data_of().is_some_and(|(ep, _)| Arc::ptr_eq(ep, me));
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();

@@ -187,21 +187,84 @@ pub(crate) struct DataOp {
     pub report_success: bool,
     /// An error produces an error entry (inject errors are only logged).
     pub report_errors: bool,
-    /// A send, or a receive into memory the device writes in place (no copy-out, no device
-    /// memory, no PEEK/CLAIM bookkeeping): its success needs only the CQ entry.
-    pub plain: bool,
 }
 
 impl DataOp {
-    /// The record with [`DataOp::plain`] worked out (once, when the request is posted).
-    pub fn with_plain(mut self) -> Self {
-        self.plain = matches!(self.copy_out, CopyOut::None)
+    /// A send, or a receive into memory the device writes in place (no copy-out, no device
+    /// memory, no PEEK/CLAIM bookkeeping): its success needs only the CQ entry.
+    fn is_plain(&self) -> bool {
+        matches!(self.copy_out, CopyOut::None)
             && self.bounce.is_none()
             && self.hmem.is_none()
             && !self.peek
             && !self.record_claim
-            && (self.is_recv || self.rx_len == 0);
-        self
+            && (self.is_recv || self.rx_len == 0)
+    }
+
+    /// The record of this request: the compact [`PlainOp`] when it is plain.
+    #[inline(always)]
+    pub fn into_pending(self) -> PendingOp {
+        if !self.is_plain() {
+            return PendingOp::Data(self);
+        }
+        let DataOp {
+            ep,
+            context,
+            fi_flags,
+            rx_len,
+            _keepalive,
+            is_recv,
+            report_success,
+            report_errors,
+            ..
+        } = self;
+        PendingOp::Plain(PlainOp {
+            ep,
+            context,
+            fi_flags,
+            rx_len,
+            _keepalive,
+            is_recv,
+            report_success,
+            report_errors,
+        })
+    }
+}
+
+/// What a plain data request (a send, or a receive into memory the device writes in place:
+/// no copy-out, bounce buffer, device memory or PEEK/CLAIM bookkeeping) completes into: only
+/// what its CQ entry needs, a few words written at post. Its plain success is delivered from
+/// this and the completion; anything else goes through [`PlainOp::into_data`].
+pub(crate) struct PlainOp {
+    pub ep: Arc<EpShared>,
+    pub context: u64,
+    pub fi_flags: u64,
+    /// Receive capacity posted (bytes; 0 for a send).
+    pub rx_len: usize,
+    pub _keepalive: Keepalive,
+    pub is_recv: bool,
+    pub report_success: bool,
+    pub report_errors: bool,
+}
+
+impl PlainOp {
+    /// The general record of the same request (errors, device faults).
+    pub fn into_data(self) -> DataOp {
+        DataOp {
+            ep: self.ep,
+            context: self.context,
+            fi_flags: self.fi_flags,
+            rx_len: self.rx_len,
+            copy_out: CopyOut::None,
+            bounce: None,
+            _keepalive: self._keepalive,
+            hmem: None,
+            is_recv: self.is_recv,
+            peek: false,
+            record_claim: false,
+            report_success: self.report_success,
+            report_errors: self.report_errors,
+        }
     }
 }
 
@@ -211,6 +274,8 @@ pub(crate) enum PendingOp {
         data: Option<Allocation>,
     },
     Data(DataOp),
+    /// A plain send or receive (see [`PlainOp`]).
+    Plain(PlainOp),
     /// A posted MR_EVENT (remote-access report, no buffers).
     MrEvent,
     /// A posted COMMIT_EVENT and the data area the device writes the event into.
@@ -221,11 +286,21 @@ pub(crate) enum PendingOp {
     CommitReply,
 }
 
+impl PendingOp {
+    /// The endpoint and context of a data request.
+    pub fn data_of(&self) -> Option<(&Arc<EpShared>, u64)> {
+        match self {
+            PendingOp::Data(d) => Some((&d.ep, d.context)),
+            PendingOp::Plain(p) => Some((&p.ep, p.context)),
+            _ => None,
+        }
+    }
+}
+
 impl Record for PendingOp {
-    /// A data record with no copy-out, bounce buffer or device-memory scatter (every plain
-    /// send and receive) owns only reference counts: those are dropped without the calls of
-    /// the drop glue. The patterns name every field, so a field added later must be handled
-    /// here.
+    /// A plain record owns only reference counts (endpoint, shared buffers): those are
+    /// dropped without the enum's drop glue, which calls into every field's. The pattern
+    /// names every field of `PlainOp`, so a field added later must be handled here.
     #[inline(always)]
     unsafe fn drop_dispatched(this: *mut Self) {
         let record = {
@@ -233,26 +308,19 @@ impl Record for PendingOp {
             // else reaches the record while it is dropped.
             unsafe { &mut *this }
         };
-        if let PendingOp::Data(DataOp {
+        if let PendingOp::Plain(PlainOp {
             ep,
             context: _,
             fi_flags: _,
             rx_len: _,
-            copy_out: CopyOut::None,
-            bounce: None,
             _keepalive: Keepalive { first, rest },
-            hmem: None,
             is_recv: _,
-            peek: _,
-            record_claim: _,
             report_success: _,
             report_errors: _,
-            plain: _,
         }) = record
         {
             // SAFETY: the fields that own something are each dropped once, and the record is
-            // not used again (the caller's guarantee); the others own nothing (matched
-            // empty above, or plain data).
+            // not used again (the caller's guarantee); the others are plain data.
             unsafe {
                 std::ptr::drop_in_place(ep);
                 std::ptr::drop_in_place(first);
@@ -288,9 +356,7 @@ mod tests {
             record_claim: false,
             report_success: true,
             report_errors: true,
-            plain: false,
         }
-        .with_plain()
     }
 
     /// Drop a record the way a drain does.
@@ -312,19 +378,34 @@ mod tests {
         for b in &bufs {
             keepalive.push(b.clone());
         }
-        let op = data_op(&ep, keepalive);
-        assert!(op.plain);
-        drop_dispatched(PendingOp::Data(op));
+        let op = data_op(&ep, keepalive).into_pending();
+        assert!(matches!(op, PendingOp::Plain(_)));
+        drop_dispatched(op);
         assert_eq!(Arc::strong_count(&ep), 1);
         assert!(bufs.iter().all(|b| Arc::strong_count(b) == 1));
-        // A record with a bounce buffer takes the drop glue: the buffer goes back too.
+        // A record with a bounce buffer is not plain and takes the drop glue: the buffer goes
+        // back too.
         let before = mem.in_use();
         let mut op = data_op(&ep, Keepalive::default());
         op.bounce = Some(mem.alloc(4096, 64).unwrap());
+        let op = op.into_pending();
+        assert!(matches!(op, PendingOp::Data(_)));
         assert!(mem.in_use() > before);
-        drop_dispatched(PendingOp::Data(op));
+        drop_dispatched(op);
         assert_eq!(mem.in_use(), before);
         assert_eq!(Arc::strong_count(&ep), 1);
         drop_dispatched(PendingOp::MrEvent);
+    }
+
+    #[test]
+    fn a_plain_record_converts_back_to_its_general_record() {
+        let ep = EpShared::for_test();
+        let PendingOp::Plain(plain) = data_op(&ep, Keepalive::default()).into_pending() else {
+            panic!("a receive into region memory is plain");
+        };
+        let d = plain.into_data();
+        assert!(d.is_plain());
+        assert_eq!((d.context, d.rx_len, d.is_recv), (7, 8, true));
+        assert!(d.report_success && d.report_errors);
     }
 }

@@ -581,6 +581,33 @@ impl SplitRing {
         self.num_free += n;
     }
 
+    /// [`SplitRing::release`] of the head [`SplitRing::take_published`] just returned (no
+    /// other call on the ring between them): that head is known in range and returned, so
+    /// nothing is re-checked.
+    ///
+    /// # Safety
+    /// `head` must be the head of the entry `take_published` returned last, not released yet.
+    #[inline(always)]
+    pub unsafe fn release_taken(&mut self, head: u16) {
+        // SAFETY: `take_published` found `head` in `chains` (so < size) in flight and marked it
+        // returned (the caller's guarantee).
+        let chain = unsafe { self.chains.get_unchecked_mut(head as usize) };
+        debug_assert_eq!(chain.state, ChainState::Returned);
+        let (n, tail) = (chain.len, chain.tail);
+        *chain = ChainInfo {
+            state: ChainState::Idle,
+            len: 0,
+            tail: 0,
+            writable: 0,
+        };
+        debug_assert!(tail < self.layout.size);
+        // SAFETY: a chain's tail is a descriptor id `publish` recorded, < size, the length of
+        // `links`.
+        *unsafe { self.links.get_unchecked_mut(tail as usize) } = self.free_head;
+        self.free_head = head;
+        self.num_free += n;
+    }
+
     /// Take the next used entry and free its descriptors at once.
     #[cfg(test)]
     pub fn pop_used(&mut self) -> Result<Option<UsedElem>, RingError> {

@@ -650,7 +650,8 @@ impl<R> Virtqueue<R> {
                 };
                 taken += 1;
                 match self.take(&u, &mut completion, to) {
-                    Taken::Done => st.ring.release(u.head),
+                    // SAFETY: the head `take_published` just returned.
+                    Taken::Done => unsafe { st.ring.release_taken(u.head) },
                     Taken::Slow {
                         has_completion,
                         device_fault,
@@ -748,7 +749,8 @@ impl<R> Virtqueue<R> {
     {
         // SAFETY: the device returned this head and it is not released yet, so no post can
         // reuse it; we hold `progress`, the only other way to reach a returned head's record.
-        let record = unsafe { &mut *self.requests[u.head as usize].get() };
+        // The ring checked the head (< size, the number of records).
+        let record = unsafe { &mut *self.requests.get_unchecked(u.head as usize).get() };
         if !record.busy {
             // Cannot happen (the ring only returns published heads); nothing to deliver.
             return Taken::Done;

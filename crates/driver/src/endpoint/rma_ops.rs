@@ -20,7 +20,7 @@ use super::{
 };
 use crate::av::FiAddr;
 use crate::memory::SharedBuf;
-use crate::request::{CopyOut, DataOp, Keepalive, Payload, PendingOp, Targets, Tx as TxData};
+use crate::request::{CopyOut, DataOp, Keepalive, Payload, Targets, Tx as TxData};
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX};
 use crate::{fi, Error, Result};
 
@@ -955,25 +955,22 @@ impl Endpoint {
                 flags & fi::MORE != 0,
                 false,
                 || {
-                    PendingOp::Data(
-                        DataOp {
-                            ep: ep.clone(),
-                            context,
-                            fi_flags,
-                            rx_len,
-                            copy_out,
-                            bounce,
-                            _keepalive: keepalive,
-                            hmem,
-                            is_recv: false,
-                            peek: false,
-                            record_claim: false,
-                            report_success,
-                            report_errors,
-                            plain: false,
-                        }
-                        .with_plain(),
-                    )
+                    DataOp {
+                        ep: ep.clone(),
+                        context,
+                        fi_flags,
+                        rx_len,
+                        copy_out,
+                        bounce,
+                        _keepalive: keepalive,
+                        hmem,
+                        is_recv: false,
+                        peek: false,
+                        record_claim: false,
+                        report_success,
+                        report_errors,
+                    }
+                    .into_pending()
                 },
             )
             .map(|_| ())
