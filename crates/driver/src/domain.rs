@@ -1205,57 +1205,25 @@ impl DomainInner {
 }
 
 /// The `ppoll` system call on `fds` with timeout `tp` (null: none) and no signal mask: the
-/// number of ready entries, or `-errno`. On x86-64 a bare `syscall` instruction (no libc
-/// wrapper: argument shuffling and `errno` on every sleep).
+/// number of ready entries, or `-errno`, without libc's wrapper ([`crate::syscall::raw5`]).
 ///
 /// # Safety
 /// `tp` must be null or point to a live timespec (the kernel writes the time left into it).
 #[inline(always)]
 unsafe fn ppoll_raw(fds: &mut [libc::pollfd], tp: *mut libc::timespec) -> isize {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let ret: isize;
-        // SAFETY: the Linux x86-64 system call convention: number in rax, arguments in rdi,
-        // rsi, rdx, r10, r8, result in rax; the kernel clobbers rcx and r11 only and does not
-        // touch our stack. It writes the `revents` of `fds` and the timespec at `tp` (the
-        // caller's guarantee); the asm is not marked `nomem`, so the compiler orders our
-        // accesses to them around it.
-        unsafe {
-            std::arch::asm!(
-                "syscall",
-                inlateout("rax") libc::SYS_ppoll as isize => ret,
-                in("rdi") fds.as_mut_ptr(),
-                in("rsi") fds.len(),
-                in("rdx") tp,
-                in("r10") 0usize,
-                in("r8") std::mem::size_of::<libc::sigset_t>(),
-                lateout("rcx") _,
-                lateout("r11") _,
-                options(nostack),
-            );
-        }
-        ret
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        // SAFETY: as above (the caller's guarantee for `tp`; `fds` is a live slice).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_ppoll,
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                tp,
-                std::ptr::null::<libc::sigset_t>(),
+    // SAFETY: the kernel writes the `revents` of the live slice `fds` and the timespec at `tp`
+    // (the caller's guarantee); the signal mask is null, so its size is not read.
+    unsafe {
+        crate::syscall::raw5(
+            libc::SYS_ppoll,
+            [
+                fds.as_mut_ptr() as usize,
+                fds.len(),
+                tp as usize,
+                0,
                 std::mem::size_of::<libc::sigset_t>(),
-            )
-        };
-        if rc < 0 {
-            -(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO) as isize)
-        } else {
-            rc as isize
-        }
+            ],
+        )
     }
 }
 

@@ -91,6 +91,7 @@ pub mod pmem;
 mod request;
 mod ring;
 pub mod rma;
+mod syscall;
 pub mod transport;
 #[doc(hidden)]
 pub mod uffd;

@@ -238,47 +238,15 @@ enum Taken {
 }
 
 /// An 8-byte `read` or `write` (`nr`) on an eventfd: the kernel's return value (`-errno` on
-/// failure). On x86-64 a bare `syscall` instruction: no libc wrapper (argument shuffling,
-/// cancellation-point bookkeeping) on the hot path, where every kick and every reset of a wakeup
-/// eventfd passes.
+/// failure), without libc's wrapper ([`crate::syscall::raw5`]): every kick and every reset of
+/// a wakeup eventfd passes here.
 ///
 /// # Safety
 /// `buf` must be valid for reads and writes of 8 bytes.
 #[inline(always)]
 unsafe fn eventfd_rw(nr: libc::c_long, fd: RawFd, buf: *mut u64) -> isize {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let ret: isize;
-        // SAFETY: the Linux x86-64 system call convention: number in rax, arguments in rdi,
-        // rsi, rdx, result in rax; the kernel clobbers rcx and r11 only and does not touch our
-        // stack. The kernel reads or writes the 8 bytes at `buf` (the caller's guarantee);
-        // the asm is not marked `nomem`, so the compiler orders our accesses to them around it.
-        unsafe {
-            std::arch::asm!(
-                "syscall",
-                inlateout("rax") nr as isize => ret,
-                in("rdi") fd as isize,
-                in("rsi") buf,
-                in("rdx") 8usize,
-                lateout("rcx") _,
-                lateout("r11") _,
-                options(nostack),
-            );
-        }
-        ret
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        // SAFETY: reads or writes at most 8 bytes at `buf` (the caller's guarantee).
-        let rc = unsafe { libc::syscall(nr, fd, buf, 8usize) };
-        if rc < 0 {
-            -(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO) as isize)
-        } else {
-            rc as isize
-        }
-    }
+    // SAFETY: the kernel reads or writes the 8 bytes at `buf` (the caller's guarantee).
+    unsafe { crate::syscall::raw5(nr, [fd as usize, buf as usize, 8, 0, 0]) }
 }
 
 /// Write 1 to an eventfd.
