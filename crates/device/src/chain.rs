@@ -21,10 +21,10 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use vfabric_proto::{
-    bit, flags, queue_kind, Completion, OpInfo, Opcode, QueueClass, QueueKind, ReqHeader, Request,
-    Status, COMPLETION_LEN, MEM_SEG_LEN, REQUEST_IS_WIRE_LAYOUT, REQ_HEADER_LEN, RMA_IOV_LEN,
-    VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_RMA_PMEM,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    allowed_flags, bit, flags, queue_kind, Completion, OpInfo, Opcode, QueueClass, QueueKind,
+    ReqHeader, Request, Status, COMPLETION_LEN, MEM_SEG_LEN, REQUEST_IS_WIRE_LAYOUT,
+    REQ_HEADER_LEN, RMA_IOV_LEN, VIRTIO_FABRIC_F_MQ, VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+    VIRTIO_FABRIC_F_RMA_PMEM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::Error as QueueError;
 #[cfg(test)]
@@ -667,6 +667,39 @@ impl Req {
         (r.table, r.data, r.comp)
     }
 
+    /// Where a valid request's bytes and completion go if it is a plain receive (RECV or
+    /// TRECV, a flag at most DIRECTED, no payload, a data area of at most one range, the
+    /// completion area one): what [`take_plain_recv`] hands on for it.
+    #[cfg(test)]
+    pub fn plain_rx(&self) -> Option<PlainRx> {
+        let r = &self.req;
+        let comp = match self.comp.segs.as_slice() {
+            [c] if c.len as usize == COMPLETION_LEN => c.addr,
+            _ => return None,
+        };
+        let data = match self.data.segs.as_slice() {
+            [] => Seg { addr: 0, len: 0 },
+            [d] => *d,
+            _ => return None,
+        };
+        let plain = matches!(r.opcode, Opcode::Recv | Opcode::TRecv)
+            && r.flags & !flags::DIRECTED == 0
+            && self.payload.len == 0;
+        plain.then_some(PlainRx {
+            data,
+            comp,
+            data_at: if data.len > 0 { self.resolved.data } else { 0 },
+            comp_at: self.resolved.comp,
+        })
+    }
+
+    /// Move out the memory table the parse resolved host addresses in: a plain receive's
+    /// record keeps it ([`Verdict::Recv`]).
+    #[inline(always)]
+    pub fn take_table(&mut self) -> Option<Arc<GuestMemoryMmap>> {
+        self.resolved.table.take()
+    }
+
     /// Move the request out of `self`, leaving its header and no streams behind: a handler
     /// lent a request from a batch takes it this way when it keeps it.
     pub fn take(&mut self) -> Req {
@@ -706,11 +739,30 @@ fn first_seg_at(
 pub(crate) enum Verdict {
     /// A valid request.
     Req,
+    /// A valid plain receive ([`take_plain_recv`]): its header is in the [`Req`], its streams are not
+    /// built (they are the previous chain's): `PlainRx` says where its bytes and completion
+    /// go, and [`PlainRx::fill`] builds the streams the general parse gives it.
+    Recv(PlainRx),
     /// Malformed or refused request with room for a completion (the `Req`'s `comp`): complete
     /// it with `status`.
     Reject { status: Status, cookie: u64 },
     /// No usable completion area (or a chain that cannot be walked): used length 0.
     Unusable(&'static str),
+}
+
+#[cfg(test)]
+impl Verdict {
+    /// The verdict with a plain receive's streams built into `out` ([`PlainRx::fill`]), as
+    /// the general parse gives them.
+    pub fn general(self, out: &mut Req) -> Verdict {
+        match self {
+            Verdict::Recv(rx) => {
+                rx.fill(out);
+                Verdict::Req
+            }
+            v => v,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -736,9 +788,13 @@ pub(crate) enum Parsed {
 #[cfg(test)]
 impl Parsed {
     /// The request `r` parsed into with verdict `v`.
-    pub fn new(r: Req, v: Verdict) -> Self {
+    pub fn new(mut r: Req, v: Verdict) -> Self {
         match v {
             Verdict::Req => Parsed::Req(r),
+            Verdict::Recv(rx) => {
+                rx.fill(&mut r);
+                Parsed::Req(r)
+            }
             Verdict::Reject { status, cookie } => Parsed::Reject {
                 queue: r.queue,
                 head: r.head,
@@ -754,10 +810,14 @@ impl Parsed {
         }
     }
 
-    /// Back into a request and its verdict.
+    /// Back into a request and its verdict: a plain receive as the data path hands it on
+    /// ([`Verdict::Recv`], [`Req::plain_rx`]).
     pub fn split(self) -> (Req, Verdict) {
         match self {
-            Parsed::Req(r) => (r, Verdict::Req),
+            Parsed::Req(r) => match r.plain_rx() {
+                Some(rx) => (r, Verdict::Recv(rx)),
+                None => (r, Verdict::Req),
+            },
             Parsed::Reject {
                 queue,
                 head,
@@ -1044,6 +1104,88 @@ pub(crate) fn parse_walked(
     parse_header(&hdr, limits, acked, out)
 }
 
+/// Where the bytes and the completion of a plain receive go ([`Verdict::Recv`]):
+/// a data area of one range and the completion area, with their host addresses in the memory
+/// table the request's `resolved` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PlainRx {
+    /// The data area (`{0, 0}`: none).
+    pub data: Seg,
+    /// Guest address of the completion area ([`COMPLETION_LEN`] bytes).
+    pub comp: u64,
+    /// Host addresses of the data area's first byte (0: none) and of the completion area.
+    pub data_at: usize,
+    pub comp_at: usize,
+}
+
+impl PlainRx {
+    /// Build `out`'s streams and host addresses as [`parse_simple`] does for the same chain:
+    /// the receive as a general request (`out` holds its header and memory table).
+    pub fn fill(self, out: &mut Req) {
+        out.payload = Segs::default();
+        out.data = Segs::one(self.data);
+        out.comp = Segs::one(Seg {
+            addr: self.comp,
+            len: COMPLETION_LEN as u32,
+        });
+        out.resolved.payload = 0;
+        out.resolved.data = self.data_at;
+        out.resolved.comp = self.comp_at;
+    }
+}
+
+/// Copy the request header at `src` into `out.req` and take it as a plain receive if it is
+/// one: RECV or TRECV with a flag at most DIRECTED, on an RX ring of a queue pair the driver
+/// may use ([`ParseCtx::plain_rx`], the caller's to check), whose chain has no payload and a
+/// data area of one range (the caller's shape, [`crate::ring::RingView::pop`]). Three compares
+/// on the copy, against words worked out when the acked features last changed; the memory table
+/// the chain lies in goes into `out`'s `resolved` (its streams are not built: [`Verdict::Recv`]).
+/// `false`: not such a receive (`out.req` holds no request then), for the general parse to
+/// decide. The check accepts only what the general parse accepts
+/// (`plain_receive_check_accepts_only_what_parse_header_does`).
+///
+/// # Safety
+/// `src` must be valid for reads of [`REQ_HEADER_LEN`] bytes of `mem` (guest memory: the
+/// guest may write them meanwhile).
+#[inline(always)]
+pub(crate) unsafe fn take_plain_recv(
+    mem: &Arc<GuestMemoryMmap>,
+    src: *const u8,
+    ctx: &ParseCtx,
+    out: &mut Req,
+) -> bool {
+    if !REQUEST_IS_WIRE_LAYOUT {
+        return false;
+    }
+    let dst = (&mut out.req as *mut Request).cast::<u8>();
+    // The guest's bytes are read once, into our own copy; the checks look at the copy.
+    // SAFETY: `src` is valid for REQ_HEADER_LEN bytes (the caller's contract); `dst` is
+    // `out.req`, REQ_HEADER_LEN bytes (`Request` is laid out as `ReqHeader`) of our own.
+    unsafe { guest_copy(dst, src, REQ_HEADER_LEN) };
+    // SAFETY: every byte of `out.req` was just written, `Request` has `ReqHeader`'s size and
+    // alignment, and any bytes are a valid `ReqHeader`. `out.req` is not used while `h` lives.
+    let h: &ReqHeader = unsafe { &*(dst as *const ReqHeader) };
+    let word = u64::from(u16::from(h.opcode)) | u64::from(u16::from(h.reserved0)) << 16;
+    if (word != ctx.recv_words[0] && word != ctx.recv_words[1])
+        || u64::from(h.flags) & !flags::DIRECTED != 0
+        || u16::from(h.reserved1) != 0
+    {
+        // The copy's opcode may be no `Opcode`: a valid one until a parse sets the request.
+        out.req.opcode = Opcode::QueryCaps;
+        return false;
+    }
+    // The opcode bytes are RECV's or TRECV's: the request is valid as copied.
+    if !out
+        .resolved
+        .table
+        .as_ref()
+        .is_some_and(|t| Arc::ptr_eq(t, mem))
+    {
+        out.resolved.table = Some(mem.clone());
+    }
+    true
+}
+
 // `parse_simple` reads the header as one `ReqHeader`.
 const _: () = assert!(std::mem::size_of::<ReqHeader>() == REQ_HEADER_LEN);
 
@@ -1065,6 +1207,15 @@ pub(crate) struct ParseCtx {
     /// The largest payload of a send, with and without INJECT.
     max_send: u64,
     max_inject: u64,
+    /// The first header word (opcode and `reserved0`) of a RECV and of a TRECV
+    /// [`take_plain_recv`] passes, or `u64::MAX` (no header word) where the opcode's feature (or
+    /// VIRTIO_F_VERSION_1) was not acked, or `max_sge` is below the three descriptors such a
+    /// chain may have.
+    recv_words: [u64; 2],
+    /// The same for a SEND and a TSEND ([`take_header`] on a TX ring), with the flags a plain
+    /// one may carry: `plain_flags` of those a send accepts.
+    send_words: [u64; 2],
+    send_flags: u64,
 }
 
 impl ParseCtx {
@@ -1085,9 +1236,40 @@ impl ParseCtx {
             },
             max_send: limits.max_msg_size,
             max_inject: limits.max_msg_size.min(u64::from(limits.inject_size)),
+            recv_words: [Opcode::Recv, Opcode::TRecv].map(|op| {
+                let feature = op.required_feature();
+                if has(VIRTIO_F_VERSION_1) && has(feature) && limits.max_sge >= 3 {
+                    u64::from(op as u16)
+                } else {
+                    u64::MAX
+                }
+            }),
+            send_words: [Opcode::Send, Opcode::TSend].map(|op| {
+                if has(VIRTIO_F_VERSION_1) && has(op.required_feature()) {
+                    u64::from(op as u16)
+                } else {
+                    u64::MAX
+                }
+            }),
+            // SEND's and TSEND's are the same.
+            send_flags: plain_flags & allowed_flags(Opcode::Send) & allowed_flags(Opcode::TSend),
             limits,
             acked,
         }
+    }
+
+    /// Whether chains of virtqueue `queue` may be plain receives ([`take_plain_recv`]): an RX
+    /// ring of a queue pair the driver may use.
+    #[inline(always)]
+    pub fn plain_rx(&self, queue: u16) -> bool {
+        matches!(queue_kind(queue), QueueKind::Rx(qp) if qp < self.usable_pairs)
+    }
+
+    /// Whether chains of virtqueue `queue` may be plain sends ([`take_header`]): a TX ring of a
+    /// queue pair the driver may use.
+    #[inline(always)]
+    pub fn plain_tx(&self, queue: u16) -> bool {
+        matches!(queue_kind(queue), QueueKind::Tx(qp) if qp < self.usable_pairs)
     }
 }
 
@@ -1125,12 +1307,14 @@ pub(crate) struct SimpleChain {
 
 /// Parse a chain of the common shape into `out`: every check of [`parse_walked`] before the
 /// header holds for it by construction, so only the header is read and checked. `mem` is the
-/// memory table the walk found the host addresses in (alive while it is borrowed).
+/// memory table the walk found the host addresses in (alive while it is borrowed); `tx`: the
+/// chain is from a TX ring of a queue pair the driver may use ([`ParseCtx::plain_tx`]).
 #[inline(always)]
 pub(crate) fn parse_simple(
     mem: &Arc<GuestMemoryMmap>,
     c: &SimpleChain,
     ctx: &ParseCtx,
+    tx: bool,
     out: &mut Req,
 ) -> Verdict {
     let last = c.comp.seg;
@@ -1196,11 +1380,13 @@ pub(crate) fn parse_simple(
     }
     // SAFETY: the walk found the whole first descriptor (at least REQ_HEADER_LEN bytes) at
     // `hdr.host` inside one region of `mem`, which the caller's borrow keeps mapped.
-    unsafe { take_header(hdr.host, ctx, out) }
+    unsafe { take_header(hdr.host, ctx, tx, out) }
 }
 
 /// Copy the request header at `src` into `out.req` and check it (`out`'s streams are set):
-/// the common requests pass a few combined checks; any other header, or one that fails them,
+/// on a TX ring of a queue pair the driver may use (`tx`), a plain SEND or TSEND passes four
+/// compares; the common requests pass a few combined checks; any other header, or one that
+/// fails them,
 /// is checked by [`parse_header`], which decides exactly as it always did (the combined checks
 /// accept only what it accepts: `combined_checks_accept_only_what_parse_header_does`).
 ///
@@ -1208,7 +1394,7 @@ pub(crate) fn parse_simple(
 /// `src` must be valid for reads of [`REQ_HEADER_LEN`] bytes (guest memory: the guest may
 /// write them meanwhile).
 #[inline(always)]
-unsafe fn take_header(src: *const u8, ctx: &ParseCtx, out: &mut Req) -> Verdict {
+unsafe fn take_header(src: *const u8, ctx: &ParseCtx, tx: bool, out: &mut Req) -> Verdict {
     if !REQUEST_IS_WIRE_LAYOUT {
         // SAFETY: the caller's contract; the bytes are copied, and any bytes are a valid
         // `ReqHeader` (plain integers).
@@ -1225,6 +1411,24 @@ unsafe fn take_header(src: *const u8, ctx: &ParseCtx, out: &mut Req) -> Verdict 
     let h: &ReqHeader = unsafe { &*(dst as *const ReqHeader) };
     let fl = u64::from(h.flags);
     let payload = out.payload.len;
+    if tx {
+        // A plain SEND or TSEND: its opcode and `reserved0` one word, its flags within the
+        // plain ones, its payload within its limit.
+        let word = u64::from(u16::from(h.opcode)) | u64::from(u16::from(h.reserved0)) << 16;
+        let max_payload = if fl & flags::INJECT != 0 {
+            ctx.max_inject
+        } else {
+            ctx.max_send
+        };
+        if (word == ctx.send_words[0] || word == ctx.send_words[1])
+            && fl & !ctx.send_flags == 0
+            && u16::from(h.reserved1) == 0
+            && payload <= max_payload
+        {
+            // The opcode bytes are SEND's or TSEND's: the request is valid as copied.
+            return Verdict::Req;
+        }
+    }
     let q = out.queue;
     // The queue's class as `QueueClass` numbers it, and its pair.
     let (class, qp) = match queue_kind(q) {
@@ -1474,6 +1678,7 @@ mod tests {
                                         take_header(
                                             (&h as *const ReqHeader).cast(),
                                             &ctx,
+                                            ctx.plain_tx(queue),
                                             &mut fast,
                                         )
                                     };
@@ -1495,6 +1700,108 @@ mod tests {
             }
         }
         assert!(checked[0] > 0 && checked[1] > 0, "{checked:?}");
+    }
+
+    /// `take_plain_recv`'s three compares against `parse_header` (the general parse of the
+    /// same header, for a chain without payload): whatever it takes is a request the general
+    /// parse accepts, the same request, on every queue it is used for, for every header, set of
+    /// acked features and limits tried; it takes plain RECVs and TRECVs, and nothing on a
+    /// device whose `max_sge` could refuse such a chain.
+    #[test]
+    fn plain_receive_check_accepts_only_what_parse_header_does() {
+        use vfabric_proto::*;
+        let ops: Vec<u16> = (0..=0x500u16)
+            .filter(|&r| Opcode::from_u16(r).is_some())
+            .chain([0, 0x7777, 0x0100, 0x0180, 0x0185, 0x0403, 0x8181, 0x4181])
+            .collect();
+        let features = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_FABRIC_F_MSG,
+            VIRTIO_FABRIC_F_TAGGED,
+            VIRTIO_FABRIC_F_RMA,
+            VIRTIO_FABRIC_F_MQ,
+            VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+        ];
+        let all = features.iter().fold(0, |a, f| a | bit(*f));
+        let mut ackeds = vec![all];
+        ackeds.extend(features.iter().map(|f| all & !bit(*f)));
+        let mut flag_sets: Vec<u64> = vec![0, flags::ALL, 1 << 13, 1 << 63];
+        flag_sets.extend((0..13).map(|b| 1u64 << b));
+        flag_sets.extend((0..13).map(|b| flags::DIRECTED | (1u64 << b)));
+        let limits = [
+            Limits::default(),
+            Limits {
+                num_queue_pairs: 1,
+                ..Limits::default()
+            },
+            Limits {
+                num_queue_pairs: 0,
+                ..Limits::default()
+            },
+            Limits {
+                max_sge: 3,
+                ..Limits::default()
+            },
+            Limits {
+                max_sge: 2,
+                ..Limits::default()
+            },
+        ];
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
+        let mut taken = [0usize; 2];
+        for lim in &limits {
+            for &acked in &ackeds {
+                let ctx = ParseCtx::new(lim.clone(), acked);
+                for queue in 0..8u16 {
+                    if !ctx.plain_rx(queue) {
+                        continue;
+                    }
+                    for &op in &ops {
+                        for &fl in &flag_sets {
+                            for reserved in [(0u16, 0u16), (1, 0), (0, 0x8000)] {
+                                let mut h = Request::new(Opcode::Recv).to_header();
+                                h.opcode = op.into();
+                                h.flags = fl.into();
+                                h.reserved0 = reserved.0.into();
+                                h.reserved1 = reserved.1.into();
+                                h.ep = 3.into();
+                                h.cookie = 0x1234.into();
+                                h.tag = 0x55.into();
+                                h.ignore = 0x0f.into();
+                                h.data = 0x99.into();
+                                h.peer = FabricAddr::new(9, 8, 7).to_wire();
+                                let mut fast = Req::blank(queue, 1);
+                                // SAFETY: `h` is a whole header of our own.
+                                let took = unsafe {
+                                    take_plain_recv(
+                                        &mem,
+                                        (&h as *const ReqHeader).cast(),
+                                        &ctx,
+                                        &mut fast,
+                                    )
+                                };
+                                if !took {
+                                    continue;
+                                }
+                                let mut slow = Req::blank(queue, 1);
+                                let v = parse_header(&h, lim, acked, &mut slow);
+                                let what = format!(
+                                    "op {op:#x} flags {fl:#x} queue {queue} acked {acked:#x} \
+                                     reserved {reserved:?} max_sge {}",
+                                    lim.max_sge
+                                );
+                                assert_eq!(v, Verdict::Req, "{what}");
+                                assert_eq!(fast.req, slow.req, "{what}");
+                                assert!(lim.max_sge >= 3, "{what}");
+                                assert!(fast.table().is_some_and(|t| std::ptr::eq(t, &*mem)));
+                                taken[usize::from(op == Opcode::TRecv as u16)] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(taken[0] > 0 && taken[1] > 0, "{taken:?}");
     }
 
     #[test]

@@ -34,8 +34,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::chain::{
-    host_ptr_hinted, parse_general, parse_simple, GuestMemoryMmap, HostSeg, ParseCtx, RegionHint,
-    Req, RingError, Seg, SimpleChain, Verdict, Walked,
+    host_ptr_hinted, parse_general, parse_simple, take_plain_recv, GuestMemoryMmap, HostSeg,
+    ParseCtx, PlainRx, RegionHint, Req, RingError, Seg, SimpleChain, Verdict, Walked,
 };
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -302,6 +302,10 @@ impl RingView {
         } else {
             None
         };
+        // Receives on an RX ring have a path of their own (`plain_rx`, `take_plain_recv`),
+        // sends on a TX ring a check of their own (`parse_simple`).
+        let rx = ctx.plain_rx(out.queue);
+        let tx = ctx.plain_tx(out.queue);
         for _ in 0..take {
             let head = self.avail_entry(next.0);
             if head >= self.size {
@@ -312,9 +316,20 @@ impl RingView {
             }
             out.head = head;
             // The common shape is split into its streams straight from the descriptors.
-            let v = match self.simple(mem, head, &mut hint) {
-                Some(c) => parse_simple(mem, &c, ctx, out),
-                None => self.walk_and_parse(mem, head, ctx, out),
+            let v = if rx {
+                match self.plain_rx(mem, head, &mut hint) {
+                    // SAFETY: `plain_rx` found the header descriptor (REQ_HEADER_LEN bytes) at
+                    // `hdr` inside one region of `mem`, which the caller's borrow keeps mapped.
+                    Some((hdr, p)) if unsafe { take_plain_recv(mem, hdr, ctx, out) } => {
+                        Verdict::Recv(p)
+                    }
+                    _ => self.parse_apart(mem, head, ctx, out),
+                }
+            } else {
+                match self.simple(mem, head, &mut hint) {
+                    Some(c) => parse_simple(mem, &c, ctx, tx, out),
+                    None => self.walk_and_parse(mem, head, ctx, out),
+                }
             };
             each(out, v);
             next += Wrapping(1);
@@ -391,6 +406,104 @@ impl RingView {
             data,
             comp,
         })
+    }
+
+    /// Chain `head` if it has the shape of a plain receive, as [`RingView::simple`] would find
+    /// it (the same checks, on a subset of its shapes): a readable header descriptor of exactly
+    /// 96 bytes (no payload), then either the writable completion descriptor (at least 64
+    /// bytes, its bytes before the last 64 the data area) or a writable data descriptor and a
+    /// writable completion descriptor of exactly 64 bytes (so the data area is one range).
+    /// Returns the header's host address and where the data and the completion go (their host
+    /// addresses in `mem`). `None`: [`RingView::parse_apart`] decides.
+    #[inline(always)]
+    fn plain_rx(
+        &self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        hint: &mut Option<RegionHint>,
+    ) -> Option<(*const u8, PlainRx)> {
+        const SHAPE: u16 = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT;
+        const COMP: u32 = COMPLETION_LEN as u32;
+        let (header, f0, n0) = self.simple_desc(mem, head, hint)?;
+        if f0 & SHAPE != VIRTQ_DESC_F_NEXT
+            || header.seg.len as usize != REQ_HEADER_LEN
+            || self.size < 2
+            || n0 >= self.size
+        {
+            return None;
+        }
+        let (second, f1, n1) = self.simple_desc(mem, n0, hint)?;
+        let len = second.seg.len;
+        if f1 & SHAPE == VIRTQ_DESC_F_WRITE {
+            // Header, completion; within the walk's 4 GiB.
+            if len < COMP || len > u32::MAX - REQ_HEADER_LEN as u32 {
+                return None;
+            }
+            let keep = len - COMP;
+            let data = if keep > 0 {
+                Seg {
+                    addr: second.seg.addr,
+                    len: keep,
+                }
+            } else {
+                Seg { addr: 0, len: 0 }
+            };
+            let data_at = if keep > 0 { second.host as usize } else { 0 };
+            return Some((
+                header.host,
+                PlainRx {
+                    data,
+                    comp: second.seg.addr.wrapping_add(u64::from(keep)),
+                    data_at,
+                    comp_at: second.host as usize + keep as usize,
+                },
+            ));
+        }
+        // Header, data area, completion: the data descriptor writable, not empty; the table
+        // holds three (the general walk cuts a longer chain short).
+        if f1 & SHAPE != VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT
+            || len == 0
+            || len > u32::MAX - (REQ_HEADER_LEN as u32 + COMP)
+            || self.size < 3
+            || n1 >= self.size
+        {
+            return None;
+        }
+        let (comp, f2, _) = self.simple_desc(mem, n1, hint)?;
+        if f2 & SHAPE != VIRTQ_DESC_F_WRITE || comp.seg.len != COMP {
+            return None;
+        }
+        Some((
+            header.host,
+            PlainRx {
+                data: second.seg,
+                comp: comp.seg.addr,
+                data_at: second.host as usize,
+                comp_at: comp.host as usize,
+            },
+        ))
+    }
+
+    /// A chain of an RX ring that is not a plain receive ([`RingView::plain_rx`],
+    /// [`take_plain_recv`]): read again from its descriptors and parsed as on any other ring.
+    /// Out of line: rare on an RX ring.
+    #[inline(never)]
+    fn parse_apart(
+        &self,
+        mem: &Arc<GuestMemoryMmap>,
+        head: u16,
+        ctx: &ParseCtx,
+        out: &mut Req,
+    ) -> Verdict {
+        let mut hint = if std::ptr::eq(Arc::as_ptr(&self._mem), Arc::as_ptr(mem)) {
+            self.region
+        } else {
+            None
+        };
+        match self.simple(mem, head, &mut hint) {
+            Some(c) => parse_simple(mem, &c, ctx, false, out),
+            None => self.walk_and_parse(mem, head, ctx, out),
+        }
     }
 
     /// Descriptor `i` (< size) of the ring's table for [`RingView::simple`], with its flags and

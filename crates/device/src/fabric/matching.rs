@@ -10,9 +10,12 @@ use vm_memory::GuestAddressSpace;
 use super::posted::Posted;
 use super::{
     completion_bytes, completion_used, eager_cost, msg_completion_words, recv_completion,
-    recv_matches, send_ok, store_completion, Body, CompWords, Dev, Fabric, Meta, Msg, Notify, Port,
+    recv_matches, send_ok, store_completion, Body, CompWords, Dev, DevGuard, Fabric, Meta, Msg,
+    Notify, Port,
 };
-use crate::chain::{copy_stream_yielding, CopyFault, GuestMemoryMmap, Req};
+#[cfg(doc)]
+use crate::chain::Verdict;
+use crate::chain::{copy_stream_yielding, CopyFault, GuestMemoryMmap, PlainRx, Req};
 use crate::stats::Counters;
 
 /// Payloads up to this size are read before the destination is locked (one lock instead of
@@ -537,11 +540,55 @@ impl Fabric {
         self.release(m, Status::PeerGone, n);
     }
 
+    /// A plain receive ([`Verdict::Recv`]: RECV or TRECV, no flag but DIRECTED, its data area
+    /// one range, where `rx` says), lent with its header and memory table but no streams. With
+    /// nothing waiting unexpected at its endpoint it goes into the posted queue as its record,
+    /// as [`Fabric::op_recv`] would put it there; anything else takes `op_recv`'s path with the
+    /// streams the general parse gives it.
+    pub(super) fn op_recv_plain(
+        &self,
+        dev: usize,
+        port: &Port,
+        req: &mut Req,
+        rx: PlainRx,
+        n: &mut Notify,
+    ) {
+        let ep = req.req.ep as usize;
+        let mut d = self.dev(dev);
+        if let Some(e) = d.ep_mut(ep).filter(|e| e.unexpected.is_empty()) {
+            let directed = (req.req.flags & flags::DIRECTED != 0)
+                .then_some(req.req.peer)
+                .filter(|src| !self.known_live(e, *src));
+            let cookie = req.req.cookie;
+            e.posted.push_back(Posted::plain(req, rx));
+            if let Some(src) = directed {
+                drop(d);
+                self.check_directed_source(dev, port, ep, src, cookie, n);
+            }
+            return;
+        }
+        rx.fill(req);
+        self.recv_locked(dev, port, req, d, n);
+    }
+
     /// Lent the request (as [`Fabric::op_send`]): it is taken only when posted or delivered.
     pub(super) fn op_recv(&self, dev: usize, port: &Port, req: &mut Req, n: &mut Notify) {
+        let d = self.dev(dev);
+        self.recv_locked(dev, port, req, d, n);
+    }
+
+    /// [`Fabric::op_recv`] with `dev`'s lock taken (`d`).
+    #[inline(always)]
+    fn recv_locked(
+        &self,
+        dev: usize,
+        port: &Port,
+        req: &mut Req,
+        mut d: DevGuard<'_, Dev>,
+        n: &mut Notify,
+    ) {
         // Not the whole header: a copy of it costs as much as the rest of a post.
         let (ep, rflags) = (req.req.ep as usize, req.req.flags);
-        let mut d = self.dev(dev);
         let Some(e) = d.ep_mut(ep) else {
             drop(d);
             return self.fail(dev, port, req, Status::BadEndpoint, n);

@@ -751,6 +751,7 @@ impl Fabric {
     ) {
         match v {
             Verdict::Req => self.dispatch(dev, port, Some(mem), req, acked, n),
+            Verdict::Recv(rx) => self.op_recv_plain(dev, port, req, rx, n),
             Verdict::Reject { status, cookie } => {
                 debug!(dev, req.queue, req.head, ?status, "request rejected");
                 let c = completion(status, cookie);

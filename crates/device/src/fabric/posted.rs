@@ -8,7 +8,9 @@ use vfabric_proto::{flags, tag_matches, Completion, FabricAddr, Opcode, Request,
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 
 use super::{completion_bytes, rx_completion, store_completion, CompWords, Meta};
-use crate::chain::{guest_copy, GuestMemoryMmap, MemFault, Req, Seg, Segs};
+#[cfg(doc)]
+use crate::chain::Verdict;
+use crate::chain::{guest_copy, GuestMemoryMmap, MemFault, PlainRx, Req, Seg, Segs};
 
 /// A receive waiting in its endpoint's posted queue: its chain, the header fields matching
 /// and completion read, and where its bytes and completion go.
@@ -95,6 +97,32 @@ impl Posted {
             tag: r.tag,
             ignore: r.ignore,
             area,
+        }
+    }
+
+    /// The record of plain receive `req` (lent from a batch with its header and memory
+    /// table, [`Verdict::Recv`]), whose bytes and completion go where `rx` says: what
+    /// [`Posted::new`] makes of the request [`PlainRx::fill`] builds, without building it.
+    #[inline(always)]
+    pub fn plain(req: &mut Req, rx: PlainRx) -> Posted {
+        let r = &req.req;
+        Posted {
+            queue: req.queue,
+            head: req.head,
+            tagged: r.opcode == Opcode::TRecv,
+            ep: r.ep,
+            flags: r.flags,
+            cookie: r.cookie,
+            peer: r.peer,
+            tag: r.tag,
+            ignore: r.ignore,
+            area: Area::One(OneRange {
+                data: rx.data,
+                comp: rx.comp,
+                table: req.take_table(),
+                data_at: rx.data_at,
+                comp_at: rx.comp_at,
+            }),
         }
     }
 
