@@ -370,16 +370,19 @@ pub(crate) fn host_ptr_hinted(
     addr: u64,
     len: usize,
 ) -> Option<*mut u8> {
+    // `addr` is in the region when its offset from the region's start (wrapped: an address
+    // below the start has an offset far past any region's length) is below the length.
     let h = match *hint {
-        Some(h) if addr >= h.start && addr - h.start < h.len => h,
+        Some(h) if addr.wrapping_sub(h.start) < h.len => h,
         _ => {
             let h = RegionHint::of(mem, addr)?;
             *hint = Some(h);
             h
         }
     };
-    let off = addr - h.start;
-    if off.checked_add(len as u64)? > h.len {
+    let off = addr.wrapping_sub(h.start);
+    // off < the region's length: no overflow on either side.
+    if len as u64 > h.len - off {
         return None;
     }
     // off + len <= the region's length: inside its mapping (no access is made here).
