@@ -1139,7 +1139,7 @@ impl PlainRx {
 
 /// Copy the request header at `src` into `out.req` and take it as a plain receive if it is
 /// one: RECV or TRECV with a flag at most DIRECTED, on an RX ring of a queue pair the driver
-/// may use ([`ParseCtx::plain_rx`], the caller's to check), whose chain has no payload and a
+/// may use ([`ParseCtx::plain`], the caller's to check), whose chain has no payload and a
 /// data area of one range (the caller's shape, [`crate::ring::RingView::pop`]). Three compares
 /// on the copy, against words worked out when the acked features last changed; the memory table
 /// the chain lies in goes into `out`'s `resolved` (its streams are not built: [`Verdict::Recv`]).
@@ -1261,18 +1261,16 @@ impl ParseCtx {
         }
     }
 
-    /// Whether chains of virtqueue `queue` may be plain receives ([`take_plain_recv`]): an RX
-    /// ring of a queue pair the driver may use.
+    /// Whether chains of virtqueue `queue` may be plain sends ([`take_header`]: a TX ring of a
+    /// queue pair the driver may use) and whether they may be plain receives
+    /// ([`take_plain_recv`]: an RX ring of such a pair), worked out at once.
     #[inline(always)]
-    pub fn plain_rx(&self, queue: u16) -> bool {
-        matches!(queue_kind(queue), QueueKind::Rx(qp) if qp < self.usable_pairs)
-    }
-
-    /// Whether chains of virtqueue `queue` may be plain sends ([`take_header`]): a TX ring of a
-    /// queue pair the driver may use.
-    #[inline(always)]
-    pub fn plain_tx(&self, queue: u16) -> bool {
-        matches!(queue_kind(queue), QueueKind::Tx(qp) if qp < self.usable_pairs)
+    pub fn plain(&self, queue: u16) -> (bool, bool) {
+        match queue_kind(queue) {
+            QueueKind::Tx(qp) => (qp < self.usable_pairs, false),
+            QueueKind::Rx(qp) => (false, qp < self.usable_pairs),
+            QueueKind::Control => (false, false),
+        }
     }
 }
 
@@ -1311,7 +1309,7 @@ pub(crate) struct SimpleChain {
 /// Parse a chain of the common shape into `out`: every check of [`parse_walked`] before the
 /// header holds for it by construction, so only the header is read and checked. `mem` is the
 /// memory table the walk found the host addresses in (alive while it is borrowed); `tx`: the
-/// chain is from a TX ring of a queue pair the driver may use ([`ParseCtx::plain_tx`]).
+/// chain is from a TX ring of a queue pair the driver may use ([`ParseCtx::plain`]).
 #[inline(always)]
 pub(crate) fn parse_simple(
     mem: &Arc<GuestMemoryMmap>,
@@ -1681,7 +1679,7 @@ mod tests {
                                         take_header(
                                             (&h as *const ReqHeader).cast(),
                                             &ctx,
-                                            ctx.plain_tx(queue),
+                                            ctx.plain(queue).0,
                                             &mut fast,
                                         )
                                     };
@@ -1756,7 +1754,7 @@ mod tests {
             for &acked in &ackeds {
                 let ctx = ParseCtx::new(lim.clone(), acked);
                 for queue in 0..8u16 {
-                    if !ctx.plain_rx(queue) {
+                    if !ctx.plain(queue).1 {
                         continue;
                     }
                     for &op in &ops {

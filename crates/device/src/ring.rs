@@ -304,8 +304,7 @@ impl RingView {
         };
         // Receives on an RX ring have a path of their own (`plain_rx`, `take_plain_recv`),
         // sends on a TX ring a check of their own (`parse_simple`).
-        let rx = ctx.plain_rx(out.queue);
-        let tx = ctx.plain_tx(out.queue);
+        let (tx, rx) = ctx.plain(out.queue);
         for _ in 0..take {
             let head = self.avail_entry(next.0);
             if head >= self.size {
