@@ -1261,13 +1261,14 @@ impl ParseCtx {
         }
     }
 
-    /// Whether chains of virtqueue `queue` may be plain sends ([`take_header`]: a TX ring of a
-    /// queue pair the driver may use) and whether they may be plain receives
+    /// Whether chains of virtqueue `queue` may be plain sends ([`parse_send`], [`take_header`]:
+    /// a TX ring of a queue pair the driver may use, on a device whose `max_sge` refuses no
+    /// chain of three descriptors) and whether they may be plain receives
     /// ([`take_plain_recv`]: an RX ring of such a pair), worked out at once.
     #[inline(always)]
     pub fn plain(&self, queue: u16) -> (bool, bool) {
         match queue_kind(queue) {
-            QueueKind::Tx(qp) => (qp < self.usable_pairs, false),
+            QueueKind::Tx(qp) => (qp < self.usable_pairs && self.limits.max_sge >= 3, false),
             QueueKind::Rx(qp) => (false, qp < self.usable_pairs),
             QueueKind::Control => (false, false),
         }
@@ -1304,6 +1305,63 @@ pub(crate) struct SimpleChain {
     pub data: HostSeg,
     /// The last descriptor: data area, then the completion (its last 64 bytes).
     pub comp: HostSeg,
+}
+
+/// A chain of the shape drivers post for a send, as the ring's walk found it
+/// ([`crate::ring::RingView::pop`] on a TX ring): a readable header descriptor of at least 96
+/// bytes, then, if the header's is exactly 96, a readable payload descriptor or none, then a
+/// writable completion descriptor of exactly 64 bytes: one range of payload (or none), no data
+/// area. No indirect table; each descriptor inside one memory region, none empty.
+#[derive(Clone, Copy)]
+pub(crate) struct SendChain {
+    /// The header (its first 96 bytes), then payload.
+    pub header: HostSeg,
+    /// The payload descriptor, or none (then the payload is the header's rest, if any).
+    pub payload: HostSeg,
+    /// The completion.
+    pub comp: HostSeg,
+}
+
+/// Parse a chain of the send shape ([`SendChain`]) into `out` as [`parse_simple`] does (the
+/// same streams and host addresses, the same header check on a TX ring), with the streams
+/// built for that shape only: one range of payload, no data area, the completion one range.
+#[inline(always)]
+pub(crate) fn parse_send(
+    mem: &Arc<GuestMemoryMmap>,
+    c: &SendChain,
+    ctx: &ParseCtx,
+    out: &mut Req,
+) -> Verdict {
+    out.comp = Segs::one(c.comp.seg);
+    out.data = Segs::default();
+    let hdr = c.header;
+    let rest = hdr.seg.len - REQ_HEADER_LEN as u32;
+    let (payload, payload_at) = if rest > 0 {
+        (
+            Seg {
+                addr: hdr.seg.addr.wrapping_add(REQ_HEADER_LEN as u64),
+                len: rest,
+            },
+            hdr.host as usize + REQ_HEADER_LEN,
+        )
+    } else {
+        (c.payload.seg, c.payload.host as usize)
+    };
+    out.payload = Segs::one(payload);
+    if !out
+        .resolved
+        .table
+        .as_ref()
+        .is_some_and(|t| Arc::ptr_eq(t, mem))
+    {
+        out.resolved.table = Some(mem.clone());
+    }
+    out.resolved.payload = payload_at;
+    out.resolved.data = 0;
+    out.resolved.comp = c.comp.host as usize;
+    // SAFETY: the walk found the whole header descriptor (at least REQ_HEADER_LEN bytes) at
+    // `hdr.host` inside one region of `mem`, which the caller's borrow keeps mapped.
+    unsafe { take_header(hdr.host, ctx, true, out) }
 }
 
 /// Parse a chain of the common shape into `out`: every check of [`parse_walked`] before the

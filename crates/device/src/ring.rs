@@ -34,8 +34,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::chain::{
-    host_ptr_hinted, parse_general, parse_simple, take_plain_recv, GuestMemoryMmap, HostSeg,
-    ParseCtx, PlainRx, RegionHint, Req, RingError, Seg, SimpleChain, Verdict, Walked,
+    host_ptr_hinted, parse_general, parse_send, parse_simple, take_plain_recv, GuestMemoryMmap,
+    HostSeg, ParseCtx, PlainRx, RegionHint, Req, RingError, Seg, SendChain, SimpleChain, Verdict,
+    Walked,
 };
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -303,7 +304,7 @@ impl RingView {
             None
         };
         // Receives on an RX ring have a path of their own (`plain_rx`, `take_plain_recv`),
-        // sends on a TX ring a check of their own (`parse_simple`).
+        // sends on a TX ring one of theirs (`plain_tx`, `parse_send`).
         let (tx, rx) = ctx.plain(out.queue);
         for _ in 0..take {
             let head = self.avail_entry(next.0);
@@ -322,11 +323,16 @@ impl RingView {
                     Some((hdr, p)) if unsafe { take_plain_recv(mem, hdr, ctx, out) } => {
                         Verdict::Recv(p)
                     }
-                    _ => self.parse_apart(mem, head, ctx, out),
+                    _ => self.parse_apart(mem, head, ctx, false, out),
+                }
+            } else if tx {
+                match self.plain_tx(mem, head, &mut hint) {
+                    Some(c) => parse_send(mem, &c, ctx, out),
+                    None => self.parse_apart(mem, head, ctx, true, out),
                 }
             } else {
                 match self.simple(mem, head, &mut hint) {
-                    Some(c) => parse_simple(mem, &c, ctx, tx, out),
+                    Some(c) => parse_simple(mem, &c, ctx, false, out),
                     None => self.walk_and_parse(mem, head, ctx, out),
                 }
             };
@@ -483,15 +489,71 @@ impl RingView {
         ))
     }
 
-    /// A chain of an RX ring that is not a plain receive ([`RingView::plain_rx`],
-    /// [`take_plain_recv`]): read again from its descriptors and parsed as on any other ring.
-    /// Out of line: rare on an RX ring.
+    /// Chain `head` if it has the send shape ([`SendChain`]), as [`RingView::simple`] would
+    /// find it (the same checks, on a subset of its shapes). `None`: [`RingView::parse_apart`]
+    /// decides.
+    #[inline(always)]
+    fn plain_tx(
+        &self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        hint: &mut Option<RegionHint>,
+    ) -> Option<SendChain> {
+        const SHAPE: u16 = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT;
+        const COMP: u32 = COMPLETION_LEN as u32;
+        let (header, f0, n0) = self.simple_desc(mem, head, hint)?;
+        if f0 & SHAPE != VIRTQ_DESC_F_NEXT
+            || (header.seg.len as usize) < REQ_HEADER_LEN
+            || self.size < 2
+            || n0 >= self.size
+        {
+            return None;
+        }
+        let (second, f1, n1) = self.simple_desc(mem, n0, hint)?;
+        if f1 & SHAPE == VIRTQ_DESC_F_WRITE {
+            // Header, completion; within the walk's 4 GiB.
+            if second.seg.len != COMP || header.seg.len > u32::MAX - COMP {
+                return None;
+            }
+            return Some(SendChain {
+                header,
+                payload: HostSeg::NONE,
+                comp: second,
+            });
+        }
+        // Header, payload, completion: the payload descriptor readable, not empty; the table
+        // holds three (the general walk cuts a longer chain short).
+        if f1 & SHAPE != VIRTQ_DESC_F_NEXT
+            || header.seg.len as usize != REQ_HEADER_LEN
+            || second.seg.len == 0
+            || second.seg.len > u32::MAX - (REQ_HEADER_LEN as u32 + COMP)
+            || self.size < 3
+            || n1 >= self.size
+        {
+            return None;
+        }
+        let (comp, f2, _) = self.simple_desc(mem, n1, hint)?;
+        if f2 & SHAPE != VIRTQ_DESC_F_WRITE || comp.seg.len != COMP {
+            return None;
+        }
+        Some(SendChain {
+            header,
+            payload: second,
+            comp,
+        })
+    }
+
+    /// A chain of an RX or TX ring that is not of its ring's plain shape
+    /// ([`RingView::plain_rx`], [`take_plain_recv`], [`RingView::plain_tx`]): read again from
+    /// its descriptors and parsed as on any other ring (`tx`: a TX ring's header check). Out of
+    /// line: rare on those rings.
     #[inline(never)]
     fn parse_apart(
         &self,
         mem: &Arc<GuestMemoryMmap>,
         head: u16,
         ctx: &ParseCtx,
+        tx: bool,
         out: &mut Req,
     ) -> Verdict {
         let mut hint = if std::ptr::eq(Arc::as_ptr(&self._mem), Arc::as_ptr(mem)) {
@@ -500,7 +562,7 @@ impl RingView {
             None
         };
         match self.simple(mem, head, &mut hint) {
-            Some(c) => parse_simple(mem, &c, ctx, false, out),
+            Some(c) => parse_simple(mem, &c, ctx, tx, out),
             None => self.walk_and_parse(mem, head, ctx, out),
         }
     }
