@@ -1307,24 +1307,27 @@ pub(crate) struct SimpleChain {
     pub comp: HostSeg,
 }
 
-/// A chain of the shape drivers post for a send, as the ring's walk found it
-/// ([`crate::ring::RingView::pop`] on a TX ring): a readable header descriptor of at least 96
-/// bytes, then, if the header's is exactly 96, a readable payload descriptor or none, then a
-/// writable completion descriptor of exactly 64 bytes: one range of payload (or none), no data
-/// area. No indirect table; each descriptor inside one memory region, none empty.
+/// A chain of the shape drivers post on a TX ring, as the ring's walk found it
+/// ([`crate::ring::RingView::pop`]): a readable header descriptor of at least 96 bytes, then
+/// a readable payload descriptor (if the header's is exactly 96) or a writable data descriptor
+/// or neither, then a writable completion descriptor of exactly 64 bytes: one range of payload
+/// (or none), one of data area (or none), the completion. No indirect table; each descriptor
+/// inside one memory region, none empty.
 #[derive(Clone, Copy)]
 pub(crate) struct SendChain {
     /// The header (its first 96 bytes), then payload.
     pub header: HostSeg,
     /// The payload descriptor, or none (then the payload is the header's rest, if any).
     pub payload: HostSeg,
+    /// The data area's descriptor, or none.
+    pub data: HostSeg,
     /// The completion.
     pub comp: HostSeg,
 }
 
-/// Parse a chain of the send shape ([`SendChain`]) into `out` as [`parse_simple`] does (the
-/// same streams and host addresses, the same header check on a TX ring), with the streams
-/// built for that shape only: one range of payload, no data area, the completion one range.
+/// Parse a chain of the TX ring's shape ([`SendChain`]) into `out` as [`parse_simple`] does
+/// (the same streams and host addresses, the same header check on a TX ring), with the streams
+/// built for that shape only: each one range (or none).
 #[inline(always)]
 pub(crate) fn parse_send(
     mem: &Arc<GuestMemoryMmap>,
@@ -1333,7 +1336,10 @@ pub(crate) fn parse_send(
     out: &mut Req,
 ) -> Verdict {
     out.comp = Segs::one(c.comp.seg);
-    out.data = Segs::default();
+    // Mostly no data area, and none in the slot from the previous chain: nothing to write.
+    if c.data.seg.len != 0 || out.data.len != 0 {
+        out.data = Segs::one(c.data.seg);
+    }
     let hdr = c.header;
     let rest = hdr.seg.len - REQ_HEADER_LEN as u32;
     let (payload, payload_at) = if rest > 0 {
@@ -1357,7 +1363,7 @@ pub(crate) fn parse_send(
         out.resolved.table = Some(mem.clone());
     }
     out.resolved.payload = payload_at;
-    out.resolved.data = 0;
+    out.resolved.data = c.data.host as usize;
     out.resolved.comp = c.comp.host as usize;
     // SAFETY: the walk found the whole header descriptor (at least REQ_HEADER_LEN bytes) at
     // `hdr.host` inside one region of `mem`, which the caller's borrow keeps mapped.

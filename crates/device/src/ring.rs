@@ -518,15 +518,21 @@ impl RingView {
             return Some(SendChain {
                 header,
                 payload: HostSeg::NONE,
+                data: HostSeg::NONE,
                 comp: second,
             });
         }
-        // Header, payload, completion: the payload descriptor readable, not empty; the table
-        // holds three (the general walk cuts a longer chain short).
-        if f1 & SHAPE != VIRTQ_DESC_F_NEXT
-            || header.seg.len as usize != REQ_HEADER_LEN
-            || second.seg.len == 0
-            || second.seg.len > u32::MAX - (REQ_HEADER_LEN as u32 + COMP)
+        // Header, then a payload descriptor (readable: the header's exactly 96 bytes) or a data
+        // descriptor (writable), not empty, then the completion; the table holds three (the
+        // general walk cuts a longer chain short), within the walk's 4 GiB.
+        let payload = match f1 & SHAPE {
+            VIRTQ_DESC_F_NEXT if header.seg.len as usize == REQ_HEADER_LEN => true,
+            f if f == VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT => false,
+            _ => return None,
+        };
+        let total = header.seg.len.checked_add(second.seg.len);
+        if second.seg.len == 0
+            || total.and_then(|t| t.checked_add(COMP)).is_none()
             || self.size < 3
             || n1 >= self.size
         {
@@ -536,10 +542,20 @@ impl RingView {
         if f2 & SHAPE != VIRTQ_DESC_F_WRITE || comp.seg.len != COMP {
             return None;
         }
-        Some(SendChain {
-            header,
-            payload: second,
-            comp,
+        Some(if payload {
+            SendChain {
+                header,
+                payload: second,
+                data: HostSeg::NONE,
+                comp,
+            }
+        } else {
+            SendChain {
+                header,
+                payload: HostSeg::NONE,
+                data: second,
+                comp,
+            }
         })
     }
 
