@@ -545,6 +545,7 @@ impl Fabric {
     /// nothing waiting unexpected at its endpoint it goes into the posted queue as its record,
     /// as [`Fabric::op_recv`] would put it there; anything else takes `op_recv`'s path with the
     /// streams the general parse gives it.
+    #[inline(always)]
     pub(super) fn op_recv_plain(
         &self,
         dev: usize,
@@ -567,6 +568,21 @@ impl Fabric {
             }
             return;
         }
+        self.recv_plain_apart(dev, port, req, rx, d, n);
+    }
+
+    /// [`Fabric::op_recv_plain`]'s other cases: the receive with the streams the general parse
+    /// gives it, on `op_recv`'s path under the same lock (`d`).
+    #[inline(never)]
+    fn recv_plain_apart(
+        &self,
+        dev: usize,
+        port: &Port,
+        req: &mut Req,
+        rx: PlainRx,
+        d: DevGuard<'_, Dev>,
+        n: &mut Notify,
+    ) {
         rx.fill(req);
         self.recv_locked(dev, port, req, d, n);
     }
