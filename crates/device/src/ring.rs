@@ -273,8 +273,9 @@ impl RingView {
 
     /// Pop up to `max` chains from avail index `*next_avail` on (advanced past them), parse
     /// each into `out` (whose `queue` names this ring; its `head` is set per chain) and hand it
-    /// to `each` with its verdict. Fails on a corrupt ring (avail index more than a ring ahead,
-    /// head out of range).
+    /// to `each` with its verdict (a plain receive's streams are not built: see
+    /// [`Verdict::Recv`]). Fails on a corrupt ring (avail index more than a ring ahead, head out
+    /// of range).
     // Inlined into the pass (its one caller on the data path): a call per ring visit cost
     // more, in setting up its arguments and the closure's and in saving registers, than
     // the pop of one chain.
