@@ -307,7 +307,9 @@ impl RingView {
         // Receives on an RX ring have a path of their own (`plain_rx`, `take_plain_recv`),
         // sends on a TX ring one of theirs (`plain_tx`, `parse_send`).
         let (tx, rx) = ctx.plain(out.queue);
-        for _ in 0..take {
+        // One counter: the avail index itself (`take` <= size, so it does not come round).
+        let end = next + Wrapping(take as u16);
+        while next != end {
             let head = self.avail_entry(next.0);
             if head >= self.size {
                 return Err(RingError::BadHead {
