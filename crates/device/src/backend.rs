@@ -676,15 +676,18 @@ impl FabricBackend {
     }
 
     /// Re-register ring `q`'s kick fd in the worker's epoll under [`Self::kick_event`] instead
-    /// of the ring's index. vhost-user-backend's worker registers each ring's kick under the
-    /// ring's index and, for such an event, consumes the kick (a read lock of the ring, then
-    /// libc's cancellable `read` through `EventConsumer`) before calling `handle_event`; an event
-    /// past its reserved range goes to `handle_event` as is, and [`Self::consume_kick`] reads
-    /// the kick with one plain `read` system call. vhost-user-backend removes the fd by fd
-    /// (`EPOLL_CTL_DEL`, whatever its event id) when it stops the ring or the frontend replaces
-    /// the kick (closing the old fd removes it too), and registers the new one under the
-    /// ring's index again, whose first event comes back here. Best effort: if the fd is not
-    /// registered (any more), the kick stays vhost-user-backend's.
+    /// of the ring's index, edge-triggered. vhost-user-backend's worker registers each ring's
+    /// kick level-triggered under the ring's index and, for such an event, consumes the kick (a
+    /// read lock of the ring, then libc's cancellable `read` through `EventConsumer`) before
+    /// calling `handle_event`; an event past its reserved range goes to `handle_event` as is.
+    /// Edge-triggered, the kick needs no read at all: every write to an eventfd wakes its
+    /// waiters, so each kick after the previous report is reported once more, whatever the
+    /// counter holds (which no guest can overflow: 2^64 - 2 kicks). vhost-user-backend removes
+    /// the fd by fd (`EPOLL_CTL_DEL`, whatever its event id) when it stops the ring or the
+    /// frontend replaces the kick (closing the old fd removes it too), and registers the new one
+    /// under the ring's index again, level-triggered: a count left in the fd then reports at
+    /// once, is consumed by vhost-user-backend and comes back here. Best effort: if the fd is
+    /// not registered (any more), the kick stays vhost-user-backend's.
     #[cold]
     fn redirect_kick(&self, vr: &Vring, q: usize) {
         let epfd = self.worker_epoll.load(Ordering::Acquire);
@@ -697,7 +700,7 @@ impl FabricBackend {
             return;
         };
         let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
             u64: self.kick_event(q),
         };
         // SAFETY: `epfd` is the worker's epoll (this runs on the worker, inside its loop, so it
@@ -711,39 +714,6 @@ impl FabricBackend {
                 io::Error::last_os_error()
             );
         }
-    }
-
-    /// Consume ring `q`'s kick (taken as our own event, [`Self::redirect_kick`]) as
-    /// vhost-user-backend would: read the eventfd, then say whether the ring is enabled (a
-    /// disabled ring is not processed).
-    fn consume_kick(&self, vr: &Vring) -> io::Result<bool> {
-        let st = vr.get_ref();
-        if let Some(kick) = st.get_kick() {
-            let mut count = 0u64;
-            // SAFETY: the fd is open while the ring's read lock is held (it is replaced only
-            // under its write lock); `count` is 8 writable bytes. A plain system call: glibc's
-            // `read` is a cancellation point and costs its bookkeeping on every kick.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_read,
-                    kick.as_raw_fd(),
-                    std::ptr::addr_of_mut!(count),
-                    8usize,
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                // Nothing to read (another reader was first) or interrupted: the epoll is
-                // level-triggered, a kick still pending is reported again.
-                if !matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) {
-                    return Err(e);
-                }
-            }
-        }
-        Ok(st.is_enabled())
     }
 
     /// EVENT_IDX is in use: disabling notifications is implicit (the driver kicks only when it
@@ -1297,11 +1267,10 @@ impl VhostUserBackend for FabricBackend {
             }
             q
         } else if let Some(q) = self.kicked_ring(device_event) {
-            // A kick taken as our own event: consumed here, not by vhost-user-backend.
-            match vrings.get(q) {
-                Some(vr) if self.consume_kick(vr)? => q,
-                _ => return Ok(()),
-            }
+            // A kick taken as our own event, edge-triggered: nothing to read. A disabled ring
+            // is left alone by the pass (disabling it moved its generation on, and a view is
+            // rebuilt only for an enabled ring).
+            q
         } else {
             self.device_event(device_event, vrings);
             return Ok(());

@@ -125,16 +125,23 @@ impl RingId {
 /// the ring at once and get one index update and at most one more notification when the batch
 /// is flushed (explicitly or on drop). A batch mostly touches one or two rings: they have
 /// fields of their own (no list to search, grow or drain), filled in that order and emptied
-/// together.
+/// together; the lists for more rings are made on first need, so a batch that never needs them
+/// starts, ends and drops with one word to look at.
 #[derive(Default)]
 pub(crate) struct Notify {
     first: Option<RingId>,
     second: Option<RingId>,
+    // Dropped by hand (see `Drop`): the drop glue of the field would be one more call per batch.
+    more: ManuallyDrop<Option<Box<NotifyMore>>>,
+}
+
+/// What a [`Notify`] keeps past its first two rings.
+#[derive(Default)]
+struct NotifyMore {
     /// Rings after the first two, in the order they were first completed.
-    // Both lists are dropped by hand (see `Drop`): most batches never grow them.
-    more: ManuallyDrop<Vec<RingId>>,
+    rings: Vec<RingId>,
     /// Rings with completions staged after their first, for the flush to publish.
-    staged: ManuallyDrop<Vec<(Arc<dyn CompletionSink>, u16)>>,
+    staged: Vec<(Arc<dyn CompletionSink>, u16)>,
 }
 
 impl Notify {
@@ -155,15 +162,16 @@ impl Notify {
     /// [`Notify::complete`] with both ring fields filled.
     #[inline(never)]
     fn complete_more(&mut self, sink: &Arc<dyn CompletionSink>, ring: RingId, head: u16, len: u32) {
+        let more = self.more.get_or_insert_with(Default::default);
         let seen =
-            self.first == Some(ring) || self.second == Some(ring) || self.more.contains(&ring);
+            self.first == Some(ring) || self.second == Some(ring) || more.rings.contains(&ring);
         if !seen {
             sink.stage_and_publish(ring.queue, head, len);
-            return self.more.push(ring);
+            return more.rings.push(ring);
         }
         sink.stage(ring.queue, head, len);
-        if !self.staged.iter().any(|(s, q)| RingId::of(s, *q) == ring) {
-            self.staged.push((sink.clone(), ring.queue));
+        if !more.staged.iter().any(|(s, q)| RingId::of(s, *q) == ring) {
+            more.staged.push((sink.clone(), ring.queue));
         }
     }
 
@@ -171,29 +179,32 @@ impl Notify {
     /// batch.
     #[inline]
     pub fn flush(&mut self) {
-        if !self.staged.is_empty() {
-            self.publish_staged();
+        if self.more.is_some() {
+            self.flush_more();
         }
         self.first = None;
         self.second = None;
-        self.more.clear();
     }
 
+    /// [`Notify::flush`] of the lists (kept for the next batch).
     #[inline(never)]
-    fn publish_staged(&mut self) {
-        for (sink, queue) in self.staged.drain(..) {
-            sink.publish(queue);
+    fn flush_more(&mut self) {
+        if let Some(more) = self.more.as_mut() {
+            for (sink, queue) in more.staged.drain(..) {
+                sink.publish(queue);
+            }
+            more.rings.clear();
         }
     }
 }
 
 impl Drop for Notify {
-    /// Two checks where the batch ends (an out-of-line drop of the two lists cost ≈20 per
-    /// batch, nearly all of it the call).
+    /// One check where the batch ends (an out-of-line drop of the lists cost ≈20 per batch,
+    /// nearly all of it the call).
     #[inline(always)]
     fn drop(&mut self) {
-        if self.more.capacity() != 0 || self.staged.capacity() != 0 {
-            self.drop_lists();
+        if self.more.is_some() {
+            self.drop_more();
         }
     }
 }
@@ -201,15 +212,10 @@ impl Drop for Notify {
 impl Notify {
     #[cold]
     #[inline(never)]
-    fn drop_lists(&mut self) {
-        if !self.staged.is_empty() {
-            self.publish_staged();
-        }
-        // SAFETY: called once, from `drop`: the lists are not used after.
-        unsafe {
-            ManuallyDrop::drop(&mut self.more);
-            ManuallyDrop::drop(&mut self.staged);
-        }
+    fn drop_more(&mut self) {
+        self.flush_more();
+        // SAFETY: called once, from `drop`: the field is not used after.
+        unsafe { ManuallyDrop::drop(&mut self.more) };
     }
 }
 
