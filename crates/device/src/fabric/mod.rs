@@ -984,6 +984,9 @@ impl Fabric {
             Opcode::CommitEvent => self.op_commit_event(dev, port, req.take(), n),
             Opcode::CommitReply => self.op_commit_reply(dev, port, req.take(), n),
             Opcode::Recv | Opcode::TRecv => self.op_recv(dev, port, req, n),
+            Opcode::Send | Opcode::TSend if self.starts_at_once(dev, req) => {
+                self.op_send(dev, port, smem, req, n)
+            }
             Opcode::Send
             | Opcode::TSend
             | Opcode::RmaWrite
