@@ -543,11 +543,7 @@ impl FabricBackend {
 
     /// The fabric port of this connection.
     pub fn port(&self) -> Port {
-        Port {
-            mem: self.mem.clone(),
-            sink: self.sink.clone(),
-            process: self.process.clone(),
-        }
+        Port::new(self.mem.clone(), self.sink.clone(), self.process.clone())
     }
 
     /// Run `f` once the frontend has a ring running (started and enabled: vhost-user-backend

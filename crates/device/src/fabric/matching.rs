@@ -144,15 +144,15 @@ impl Fabric {
                 let placed = match rv.resolved() {
                     Some((data_at, room, comp_at)) => {
                         let placed = meta.len.min(room);
-                        let (c, status) = msg_completion_words(rv.cookie, rv.tagged, &meta, placed);
                         // SAFETY: `data_at` holds `room` >= `placed` bytes and `comp_at` a
                         // whole completion, in the table the record holds (mapped while it
                         // lives, and it is in its queue until after this); `buf` is ours and
-                        // holds `meta.len` >= `placed` bytes.
-                        unsafe {
-                            guest_copy(data_at, buf.as_ptr(), placed as usize);
-                            store_completion(comp_at, &c);
-                        }
+                        // holds `meta.len` >= `placed` bytes. The bytes first: fewer values
+                        // live across the copy.
+                        unsafe { guest_copy(data_at, buf.as_ptr(), placed as usize) };
+                        let (c, status) = msg_completion_words(rv.cookie, rv.tagged, &meta, placed);
+                        // SAFETY: as above, for the completion area.
+                        unsafe { store_completion(comp_at, &c) };
                         Some((placed, status, completion_used(Ok(()), placed)))
                     }
                     None => Self::place_early(&dport.mem, rv, &meta, buf),

@@ -95,9 +95,27 @@ pub(crate) trait CompletionSink: Send + Sync {
 #[derive(Clone)]
 pub(crate) struct Port {
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    pub sink: Arc<dyn CompletionSink>,
+    sink: Arc<dyn CompletionSink>,
+    /// `sink`'s identity ([`RingId::sink`]), worked out once: from a `dyn` pointer it takes
+    /// the vtable's alignment, per completion otherwise.
+    sink_id: usize,
     /// The frontend process, for regions of its own memory (`crate::xmem`); `None` in tests.
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
+}
+
+impl Port {
+    pub fn new(
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        sink: Arc<dyn CompletionSink>,
+        process: Option<Arc<crate::xmem::PeerProcess>>,
+    ) -> Self {
+        Self {
+            sink_id: RingId::of(&sink, 0).sink,
+            mem,
+            sink,
+            process,
+        }
+    }
 }
 
 /// A ring a batch completed chains of: its sink, by address (identity only, no reference
@@ -146,16 +164,30 @@ struct NotifyMore {
 
 impl Notify {
     /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
-    #[inline(always)]
+    #[cfg(test)]
     pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
-        let ring = RingId::of(sink, queue);
+        self.complete_ring(sink, RingId::of(sink, queue), head, len);
+    }
+
+    /// [`Notify::complete`] of a chain of `port`'s device.
+    #[inline(always)]
+    pub fn complete_at(&mut self, port: &Port, queue: u16, head: u16, len: u32) {
+        let ring = RingId {
+            sink: port.sink_id,
+            queue,
+        };
+        self.complete_ring(&port.sink, ring, head, len);
+    }
+
+    #[inline(always)]
+    fn complete_ring(&mut self, sink: &Arc<dyn CompletionSink>, ring: RingId, head: u16, len: u32) {
         // A batch's first ring, and its second (a message's two completions): inline.
         let free = match (self.first, self.second) {
             (None, _) => &mut self.first,
             (Some(f), None) if f != ring => &mut self.second,
             _ => return self.complete_more(sink, ring, head, len),
         };
-        sink.stage_and_publish(queue, head, len);
+        sink.stage_and_publish(ring.queue, head, len);
         *free = Some(ring);
     }
 
@@ -770,7 +802,7 @@ impl Fabric {
                 if let Some(c) = self.counters.get(dev) {
                     Counters::inc(&c.bad_chains);
                 }
-                n.complete(&port.sink, req.queue, req.head, 0);
+                n.complete_at(port, req.queue, req.head, 0);
             }
         }
     }
@@ -873,7 +905,7 @@ impl Fabric {
                 Counters::inc(&cn.bad_chains);
             }
         }
-        n.complete(&port.sink, queue, head, used);
+        n.complete_at(port, queue, head, used);
     }
 
     #[inline]
