@@ -788,11 +788,14 @@ impl FabricBackend {
             Some(q) => {
                 // With LAZY_RX a kicked TX ring's pass takes its RX ring's receives first: the
                 // guest's receives posted before its sends are then in place for the answers.
-                let rx = (self.lazy_rx() && matches!(queue_kind(q as u16), QueueKind::Tx(_)))
-                    .then_some(q + 1)
-                    .filter(|&r| r < vrings.len());
-                let rings = rx.into_iter().chain(std::iter::once(q));
-                self.pass_rings(work, vrings, rings, true, n)
+                // Without one, `usize::MAX` names no ring and is skipped as any index past the
+                // rings is (an array steps more cheaply than a chain of two iterators).
+                let rx = if self.lazy_rx() && matches!(queue_kind(q as u16), QueueKind::Tx(_)) {
+                    q + 1
+                } else {
+                    usize::MAX
+                };
+                self.pass_rings(work, vrings, [rx, q].into_iter(), true, n)
             }
             // Data queues 1.. first, then the control queue.
             None => {
