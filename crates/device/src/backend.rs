@@ -286,6 +286,44 @@ impl VringSink {
     }
 }
 
+impl VringSink {
+    /// [`CompletionSink::stage_and_publish`] of ring `q` whose state's lock another thread
+    /// holds.
+    #[cold]
+    #[inline(never)]
+    fn stage_and_publish_waiting(&self, q: usize, head: u16, len: u32) {
+        if let Some(ring) = self.ring(q) {
+            let st = lock(&ring.state);
+            self.stage_and_publish_locked(q, st, head, len);
+        }
+    }
+
+    /// [`VringSink::signal`] of a view without a call eventfd of its own, or whose write
+    /// failed (once more, then reported).
+    #[cold]
+    #[inline(never)]
+    fn signal_other(&self, q: usize, st: MutexGuard<'_, RingState>) {
+        self.signal(q, st)
+    }
+
+    /// [`CompletionSink::stage_and_publish`] of ring `q` under its state's lock (`st`), when
+    /// it cannot be published alone.
+    #[inline(never)]
+    fn stage_and_publish_locked(
+        &self,
+        q: usize,
+        mut st: MutexGuard<'_, RingState>,
+        head: u16,
+        len: u32,
+    ) {
+        let Some(ring) = self.ring(q) else {
+            return;
+        };
+        let notify = st.stage_and_publish(head, len, ring.config());
+        self.published(q, st, notify);
+    }
+}
+
 impl CompletionSink for VringSink {
     #[inline]
     fn stage(&self, queue: u16, head: u16, len: u32) {
@@ -308,15 +346,24 @@ impl CompletionSink for VringSink {
         self.published(q, st, notify);
     }
 
+    /// The common case (the ring's lock free, nothing else staged, a view of the current
+    /// generation, a call eventfd of the view's own) straight through, every call of a slower
+    /// case in tail position: so the common case saves and restores no registers.
     #[inline]
     fn stage_and_publish(&self, queue: u16, head: u16, len: u32) {
         let q = usize::from(queue);
         let Some(ring) = self.ring(q) else {
             return unknown_queue(queue);
         };
-        let mut st = lock(&ring.state);
-        let notify = st.stage_and_publish(head, len, ring.config());
-        self.published(q, st, notify);
+        let Some(mut st) = ring.state.try_lock() else {
+            return self.stage_and_publish_waiting(q, head, len);
+        };
+        match st.publish_alone(head, len, ring.config()) {
+            Some(false) => {}
+            Some(true) if st.signal_own() => {}
+            Some(true) => self.signal_other(q, st),
+            None => self.stage_and_publish_locked(q, st, head, len),
+        }
     }
 
     fn wake_rx(&self) {

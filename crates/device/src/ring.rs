@@ -692,16 +692,36 @@ impl RingState {
     /// without passing through the staged list.
     #[inline]
     pub fn stage_and_publish(&mut self, head: u16, len: u32, generation: u64) -> Option<bool> {
-        if self.staged.is_empty() {
-            if let Some(v) = self.view.as_ref().filter(|v| v.generation == generation) {
-                v.push_used(&mut self.next_used, &[(head, len)]);
-                let n = v.needs_notification(self.next_used, self.notified_upto);
-                self.notified_upto = self.next_used;
-                return Some(n);
-            }
+        if let Some(n) = self.publish_alone(head, len, generation) {
+            return Some(n);
         }
         self.stage(head, len);
         self.publish_staged(generation)
+    }
+
+    /// [`RingState::stage_and_publish`] of a completion with nothing else staged, through a
+    /// view of generation `generation`: published, and whether the driver wants a
+    /// notification. `None`, with nothing done, otherwise.
+    #[inline(always)]
+    pub fn publish_alone(&mut self, head: u16, len: u32, generation: u64) -> Option<bool> {
+        if !self.staged.is_empty() {
+            return None;
+        }
+        let v = self.view.as_ref().filter(|v| v.generation == generation)?;
+        v.push_used(&mut self.next_used, &[(head, len)]);
+        let n = v.needs_notification(self.next_used, self.notified_upto);
+        self.notified_upto = self.next_used;
+        Some(n)
+    }
+
+    /// [`RingState::signal`] through the view's own call eventfd, if it has one: `false` if it
+    /// has none or the write failed (the caller then goes the general way, which says why).
+    #[inline(always)]
+    pub fn signal_own(&self) -> bool {
+        match self.view.as_deref().map(|v| &v.call) {
+            Some(Call::Own(fd)) => eventfd_signal(fd.as_raw_fd()).is_ok(),
+            _ => false,
+        }
     }
 
     /// Signal the driver for this ring through the view's call eventfd. `Ok(false)`: the view

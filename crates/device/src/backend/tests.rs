@@ -1197,3 +1197,40 @@ mod hostile {
         }
     }
 }
+
+#[test]
+fn a_completion_waits_for_its_ring_s_lock_and_is_published_after_it() {
+    use crate::fabric::CompletionSink;
+    let d = dev();
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    d.mem
+        .write_obj(ep_open_req().to_header(), GuestAddress(HDR))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 1);
+    // Another thread holds ring 0's state: the completion neither skips the lock nor is lost.
+    let held = d.vrings[0].ring().state.lock();
+    let sink = d.backend.sink.clone();
+    let t = std::thread::spawn(move || sink.stage_and_publish(0, 5, 64));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vq0.used().idx().load(), 1);
+    drop(held);
+    t.join().unwrap();
+    assert_eq!(vq0.used().idx().load(), 2);
+    let e = vq0.used().ring().ref_at(1).unwrap().load();
+    assert_eq!((e.id(), e.len()), (5, 64));
+    // With a completion already staged, the next goes out behind it, both with one update.
+    d.vrings[0].ring().state.lock().stage(6, 64);
+    d.backend.sink.stage_and_publish(0, 7, 72);
+    assert_eq!(vq0.used().idx().load(), 4);
+    let ids: Vec<(u32, u32)> = (2..4)
+        .map(|i| {
+            let e = vq0.used().ring().ref_at(i).unwrap().load();
+            (e.id(), e.len())
+        })
+        .collect();
+    assert_eq!(ids, [(6, 64), (7, 72)]);
+}
