@@ -348,7 +348,7 @@ impl CompletionSink for VringSink {
 
     /// The common case (the ring's lock free, nothing else staged, a view of the current
     /// generation, a call eventfd of the view's own) straight through, every call of a slower
-    /// case in tail position: so the common case saves and restores no registers.
+    /// case in tail position: so the common case saves and restores few registers.
     #[inline]
     fn stage_and_publish(&self, queue: u16, head: u16, len: u32) {
         let q = usize::from(queue);
