@@ -1053,7 +1053,7 @@ impl DomainInner {
     /// and re-checked: a CQ reader passes the queues that feed its CQ, so completions of other
     /// queues (which go to other CQs) do not wake it. Entries that another thread's progress
     /// queues for the caller reach it through `extra` (the CQ's signal eventfd).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn block_for(
         &self,
         timeout: Option<&mut libc::timespec>,
@@ -1104,6 +1104,7 @@ impl DomainInner {
         result
     }
 
+    #[inline(always)]
     fn poll_fds(&self, timeout: Option<&mut libc::timespec>, extra: Option<Extra>) -> Result<()> {
         let mut fds = self.poll_template;
         let mut total = self.poll_len;

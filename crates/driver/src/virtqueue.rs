@@ -594,6 +594,7 @@ impl<R> Virtqueue<R> {
     /// ([`Dispatch::fast`]) and gives their heads back at once, and updates the in-flight state.
     /// Any other request is dispatched without the ring lock (posts, also from dispatch
     /// itself, proceed), and its head given back after it.
+    #[inline(always)]
     pub fn drain(&self, to: &mut impl Dispatch<R>) -> usize
     where
         R: Record,
