@@ -306,7 +306,7 @@ impl CqShared {
     }
 
     /// Queue a success entry (in place in the ring, usually).
-    #[inline]
+    #[inline(always)]
     fn push_entry(&self, e: CqEntry) {
         {
             let mut events = self.events.lock();
@@ -323,6 +323,7 @@ impl CqShared {
             let _ = signal_eventfd(self.signal_fd);
         }
     }
+    #[inline]
     fn is_empty(&self) -> bool {
         self.queued.load(Ordering::SeqCst) == 0
     }

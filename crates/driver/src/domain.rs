@@ -976,6 +976,7 @@ impl DomainInner {
     #[inline(always)]
     fn drain_queue(&self, q: &Queue, direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         if !q.needs_drain() {
+            q.leave_scan_if_idle();
             return 0;
         }
         let n = q.drain(&mut crate::cq::Deliver {
