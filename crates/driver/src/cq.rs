@@ -250,6 +250,24 @@ impl Events {
         Some(e)
     }
 
+    /// Move the oldest event, a success entry in the ring (`len > 0`), to `dst` in one copy
+    /// (no temporary: `dst` owns nothing when it is overwritten).
+    #[inline(always)]
+    fn pop_ring_into(&mut self, dst: &mut CqEntry) {
+        debug_assert!(self.len > 0);
+        // What `dst` owned goes after the copy (a reader's buffer usually holds no bytes).
+        let old = dst.buf.take();
+        // SAFETY: `ring[head]` is the oldest initialised entry (`len > 0`); it is moved out
+        // once and no longer counted afterwards. `dst` owns nothing now (its only owning
+        // field was just taken), so overwriting it drops nothing.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ring[self.head].as_ptr(), dst, 1);
+        }
+        self.head = (self.head + 1) % RING_ENTRIES;
+        self.len -= 1;
+        drop(old);
+    }
+
     /// The oldest event, if it is in `more` (the ring is empty).
     fn front_of_more(&self) -> Option<&CqEvent> {
         if self.len > 0 {
@@ -436,36 +454,61 @@ impl CompletionQueue {
     /// `fi_cq_read` into a slice: fills `out[..n]`, returns `n` (errors as for `read`).
     /// Allocates nothing.
     /// Inline: a read of an entry already queued is the lock and the copy, in the caller.
-    #[inline]
+    #[inline(always)]
     pub fn read_into(&self, out: &mut [CqEntry]) -> Result<usize> {
         self.try_read_into(out).map_err(Error::from)
     }
 
     #[inline(always)]
     fn try_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
-        // Entries queued already (by an earlier pass, e.g. a send's completion found while
-        // waiting for a receive): they come before anything a pass would find, so they are
-        // returned without one. A stopped domain's error follows once they are read.
-        if !self.shared.is_empty() {
-            match self.take(out.len(), {
-                let mut n = 0;
-                let out = &mut *out;
-                move |e| {
-                    out[n] = e;
-                    n += 1;
-                }
-            }) {
-                Err(Empty::Again) => {}
-                r => return r,
-            }
+        match self.take_into(out) {
+            Err(Empty::Again) => self.progress_read_into(out),
+            r => r,
         }
-        self.progress_read_into(out)
+    }
+
+    /// Entries queued already (by an earlier pass, e.g. a send's completion found while
+    /// waiting for a receive), into `out`: they come before anything a pass would find, so
+    /// they are returned without one. A stopped domain's error follows once they are read.
+    /// `Again` (without a lock) if none are queued. Success entries in the ring (the common
+    /// case) go straight from it to `out`, one copy each.
+    #[inline(always)]
+    fn take_into(&self, out: &mut [CqEntry]) -> ReadResult {
+        if out.is_empty() || self.shared.queued.load(Ordering::Relaxed) == 0 {
+            return Err(Empty::Again);
+        }
+        let mut events = self.shared.events.lock();
+        if !events.more.is_empty() {
+            drop(events);
+            let mut n = 0;
+            return self.take_queued(out.len(), |e| {
+                out[n] = e;
+                n += 1;
+            });
+        }
+        let n = events.len.min(out.len());
+        for dst in &mut out[..n] {
+            events.pop_ring_into(dst);
+        }
+        self.shared.queued.store(events.len, Ordering::SeqCst);
+        if n == 0 {
+            Err(Empty::Again)
+        } else {
+            Ok(n)
+        }
     }
 
     /// [`CompletionQueue::try_read_into`] with nothing queued: a progress pass that writes the
     /// reader's entries in place.
     #[inline(never)]
     fn progress_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
+        self.pass_into(out)
+    }
+
+    /// The progress pass of a read into `out` (see [`CompletionQueue::progress_read_into`]),
+    /// inline: the wait of `sread_into` runs it in its own frame after every wakeup.
+    #[inline(always)]
+    fn pass_into(&self, out: &mut [CqEntry]) -> ReadResult {
         let mut direct = Direct {
             cq: Arc::as_ptr(&self.shared),
             out,
@@ -473,12 +516,7 @@ impl CompletionQueue {
         };
         let progressed = self.domain.progress_into(Some(&mut direct));
         let Direct { out, at, .. } = direct;
-        let mut n = at;
-        let taken = self.take(out.len() - at, |e| {
-            out[n] = e;
-            n += 1;
-        });
-        match taken {
+        match self.take_into(&mut out[at..]) {
             Ok(k) => Ok(at + k),
             // Entries delivered directly come before an error entry queued after them.
             Err(Empty::Again | Empty::Avail) if at > 0 => Ok(at),
@@ -675,7 +713,10 @@ impl CompletionQueue {
         self.wait_for(
             timeout,
             #[inline(always)]
-            |cq| cq.try_read_into(out),
+            |cq| match cq.take_into(out) {
+                Err(Empty::Again) => cq.pass_into(out),
+                r => r,
+            },
         )
     }
 

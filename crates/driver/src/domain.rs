@@ -916,7 +916,7 @@ impl DomainInner {
 
     /// [`DomainInner::progress_fast`] for a CQ reader: success entries for the reader's CQ go
     /// straight into its buffer while that CQ has nothing queued (see [`crate::cq::Direct`]).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn progress_into(
         &self,
         direct: Option<&mut crate::cq::Direct<'_>>,
@@ -953,7 +953,7 @@ impl DomainInner {
     /// Drain the queues with requests in flight (the busy mask, plus every queue from 64 on)
     /// and dispatch their completions. A queue found broken stops the domain (spec §6.14.2).
     /// Inline: a CQ read is mostly this loop around one queue's drain.
-    #[inline]
+    #[inline(always)]
     fn drain_busy(&self, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         let mut n = 0;
         let mut busy = self.signals.busy.load(Ordering::Relaxed);
@@ -966,9 +966,17 @@ impl DomainInner {
             }
         }
         if self.queues.len() > 64 {
-            for q in &self.queues[64..] {
-                n += self.drain_queue(q, direct.as_deref_mut());
-            }
+            n += self.drain_high(direct);
+        }
+        n
+    }
+
+    /// The queues from 64 on (outside the busy mask): scanned on every pass, out of line.
+    #[inline(never)]
+    fn drain_high(&self, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
+        let mut n = 0;
+        for q in &self.queues[64..] {
+            n += self.drain_queue(q, direct.as_deref_mut());
         }
         n
     }
