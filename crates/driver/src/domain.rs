@@ -583,6 +583,9 @@ pub(crate) struct DomainInner {
     poll_len: usize,
     /// Meaning of the first `poll_len` entries of `poll_template`, in the same order.
     wait_kinds: Box<[WaitKind]>,
+    /// The first wait source is the call eventfd (vhost-user): a wakeup by it alone, the
+    /// common one, is handled without looking at the others.
+    first_is_call: bool,
     /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::share_raw`]).
     pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
     /// Ranges taken back with [`Domain::unshare_raw`]: still in the device's memory table (a
@@ -755,6 +758,7 @@ impl DomainInner {
         }
         let poll_len = sources.len();
         let wait_kinds = sources.iter().map(|s| s.2).collect();
+        let first_is_call = sources.first().is_some_and(|s| s.2 == WaitKind::Call);
         let inner = Arc::new(DomainInner {
             transport,
             mem,
@@ -777,6 +781,7 @@ impl DomainInner {
             poll_template,
             poll_len,
             wait_kinds,
+            first_is_call,
             rma: Default::default(),
             commit: Default::default(),
             hmem_copy: Mutex::new(None),
@@ -1167,6 +1172,12 @@ impl DomainInner {
             return Err(e.into());
         }
         if rc == 0 {
+            return Ok(());
+        }
+        if rc == 1 && self.first_is_call && fds[0].revents != 0 {
+            // The call eventfd alone (so not `extra`): count and reset it, as the loop below.
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            crate::virtqueue::drain_eventfd(fds[0].fd);
             return Ok(());
         }
         // The extra eventfd is reset when its owner asks (a CQ's signal with no FI_WAIT_FD
