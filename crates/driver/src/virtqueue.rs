@@ -918,3 +918,165 @@ impl<R> Virtqueue<R> {
             .count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Payload;
+    use vfabric_proto::Status;
+
+    /// A request record that is just a number.
+    struct Op(u64);
+    impl Record for Op {}
+
+    fn queue(signals: &Arc<DomainSignals>) -> (Arc<SharedMemory>, Virtqueue<Op>) {
+        let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();
+        let vq = Virtqueue::new(&mem, 1, 8, true, signals.clone()).unwrap();
+        (mem, vq)
+    }
+
+    fn post(vq: &Virtqueue<Op>, n: u64) -> u64 {
+        vq.post(
+            ReqHeader::default,
+            TxData::<Payload<'_>>::None,
+            RxData::None,
+            false,
+            false,
+            || Op(n),
+        )
+        .unwrap()
+    }
+
+    /// Play the device: write the completion of the request `cookie` with `status` and
+    /// publish its chain in the used ring.
+    fn complete(vq: &Virtqueue<Op>, cookie: u64, status: Status) {
+        let head = cookie as u16;
+        let c = Completion {
+            status: (status as u32).into(),
+            cookie: cookie.into(),
+            ..Completion::default()
+        };
+        let layout = vq.lock().ring.layout();
+        let base = vq._ring_mem.ptr();
+        // SAFETY: the slot of a published head and the used ring are inside the queue's two
+        // allocations; the driver reads them only after the used index below is published.
+        unsafe {
+            (vq.slot(head).add(SLOT_COMPLETION) as *mut Completion).write(c);
+            let used_idx = &*(base.add(layout.used + 2) as *const AtomicU16);
+            let idx = used_idx.load(Ordering::Relaxed);
+            let elem = base.add(layout.used + 4 + 8 * usize::from(idx & (layout.size - 1)));
+            (elem as *mut u32).write(u32::from(head));
+            (elem.add(4) as *mut u32).write(COMPLETION_LEN as u32);
+            used_idx.store(idx.wrapping_add(1), Ordering::Release);
+        }
+    }
+
+    /// Records the numbers of the requests delivered, successes on the fast path.
+    #[derive(Default)]
+    struct Collect {
+        delivered: Vec<u64>,
+    }
+
+    impl Dispatch<Op> for Collect {
+        fn fast(&mut self, op: &Op, c: &Completion) -> bool {
+            if u32::from(c.status) != Status::Ok as u32 {
+                return false;
+            }
+            self.delivered.push(op.0);
+            true
+        }
+        fn finished(&mut self, f: Finished<'_, Op>) {
+            self.delivered.push(f.op.0);
+        }
+    }
+
+    #[test]
+    fn an_idle_queue_leaves_the_busy_mask_when_a_scan_finds_it_idle() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let in_mask = || signals.busy.load(Ordering::Relaxed) & (1 << 1) != 0;
+        let cookie = post(&vq, 7);
+        assert!(in_mask(), "a post puts its queue in the mask");
+        complete(&vq, cookie, Status::Ok);
+        let mut to = Collect::default();
+        assert_eq!(vq.drain(&mut to), 1);
+        assert_eq!(to.delivered, [7]);
+        assert_eq!(vq.in_flight(), 0);
+        // Idle now, but the drain left it in: a queue is usually busy again at once.
+        assert!(in_mask());
+        // Busy again: a scan leaves it in.
+        let cookie = post(&vq, 8);
+        vq.leave_scan_if_idle();
+        assert!(in_mask());
+        complete(&vq, cookie, Status::Ok);
+        assert_eq!(vq.drain(&mut to), 1);
+        // A scan that finds it idle (nothing to drain, nothing in flight) takes it out...
+        assert!(!vq.needs_drain());
+        vq.leave_scan_if_idle();
+        assert!(!in_mask());
+        // ... and the next post puts it back.
+        post(&vq, 9);
+        assert!(in_mask());
+        assert_eq!(to.delivered, [7, 8]);
+    }
+
+    /// Dispatches the requests it does not take on the fast path without the ring lock, and
+    /// meanwhile lets another thread drain and post.
+    struct Meanwhile<'a> {
+        vq: &'a Virtqueue<Op>,
+        delivered: Vec<u64>,
+        /// What another thread's drain and post did during the dispatch.
+        during: Vec<(usize, Vec<u64>, u64)>,
+    }
+
+    impl Dispatch<Op> for Meanwhile<'_> {
+        fn fast(&mut self, op: &Op, c: &Completion) -> bool {
+            Collect::default().fast(op, c) && {
+                self.delivered.push(op.0);
+                true
+            }
+        }
+        fn finished(&mut self, f: Finished<'_, Op>) {
+            let vq = self.vq;
+            let during = std::thread::scope(|s| {
+                s.spawn(move || {
+                    let mut other = Collect::default();
+                    let drained = vq.drain(&mut other);
+                    (drained, other.delivered, post(vq, 30))
+                })
+                .join()
+                .unwrap()
+            });
+            self.during.push(during);
+            self.delivered.push(f.op.0);
+        }
+    }
+
+    #[test]
+    fn a_dispatch_without_the_ring_lock_keeps_other_drainers_out_and_lets_posts_in() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let first = post(&vq, 1);
+        let second = post(&vq, 2);
+        // The first fails (dispatched without the lock), the second succeeds.
+        complete(&vq, first, Status::Fault);
+        complete(&vq, second, Status::Ok);
+        let mut to = Meanwhile {
+            vq: &vq,
+            delivered: Vec::new(),
+            during: Vec::new(),
+        };
+        assert_eq!(vq.drain(&mut to), 2);
+        // In ring order: the other drainer took nothing while the first was dispatched (it
+        // would have delivered the second before it), and its post went through.
+        assert_eq!(to.delivered, [1, 2]);
+        assert_eq!(to.during.len(), 1);
+        let (drained, delivered, posted) = &to.during[0];
+        assert_eq!((*drained, delivered.len()), (0, 0));
+        assert_eq!(vq.in_flight(), 1);
+        complete(&vq, *posted, Status::Ok);
+        let mut after = Collect::default();
+        assert_eq!(vq.drain(&mut after), 1);
+        assert_eq!(after.delivered, [30]);
+    }
+}
