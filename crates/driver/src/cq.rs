@@ -187,13 +187,20 @@ impl Direct<'_> {
     }
 }
 
-/// Deliver success entry `e` to `cq`: straight into the reader's next entry when `direct`
-/// allows it (see [`Direct::slot_for`]), else queued.
+/// Deliver the success entry `make` builds to `cq`: straight into the reader's next entry
+/// when `direct` allows it (see [`Direct::slot_for`]), else queued. The entry is built where
+/// it goes, once that is known (no temporary to copy).
 #[inline(always)]
-fn deliver(cq: &CqShared, direct: Option<&mut Direct<'_>>, e: CqEntry) {
+fn deliver(cq: &CqShared, direct: Option<&mut Direct<'_>>, make: impl FnOnce() -> CqEntry) {
     match direct.and_then(|d| d.slot_for(cq)) {
-        Some(slot) => *slot = e,
-        None => cq.push_entry(e),
+        Some(slot) => {
+            // What the reader's entry owned goes first, so the new one is written in place.
+            drop(slot.buf.take());
+            // SAFETY: `slot` is a valid entry that owns nothing now: overwriting it drops
+            // nothing.
+            unsafe { std::ptr::write(slot, make()) };
+        }
+        None => cq.push_entry(make),
     }
 }
 
@@ -226,13 +233,14 @@ impl Events {
         self.len + self.more.len()
     }
 
+    /// Queue the success entry `make` builds (in place in the ring, usually).
     #[inline(always)]
-    fn push_entry(&mut self, e: CqEntry) {
+    fn push_entry(&mut self, make: impl FnOnce() -> CqEntry) {
         if self.len < RING_ENTRIES && self.more.is_empty() {
-            self.ring[(self.head + self.len) % RING_ENTRIES].write(e);
+            self.ring[(self.head + self.len) % RING_ENTRIES].write(make());
             self.len += 1;
         } else {
-            self.more.push_back(CqEvent::Entry(e));
+            self.more.push_back(CqEvent::Entry(make()));
         }
     }
 
@@ -323,12 +331,12 @@ impl CqShared {
         self.signal_waiters();
     }
 
-    /// Queue a success entry (in place in the ring, usually).
+    /// Queue the success entry `make` builds (in place in the ring, usually, under the lock).
     #[inline(always)]
-    fn push_entry(&self, e: CqEntry) {
+    fn push_entry(&self, make: impl FnOnce() -> CqEntry) {
         {
             let mut events = self.events.lock();
-            events.push_entry(e);
+            events.push_entry(make);
             // SeqCst: as in `push`.
             self.queued.store(events.len(), Ordering::SeqCst);
         }
@@ -963,50 +971,47 @@ fn is_plain_success(op: &PlainOp, c: &vfabric_proto::Completion) -> bool {
 /// [`complete_data_general`] gives for it, with none of the checks that cannot apply.
 #[inline(always)]
 fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
-    let cflags = u32::from(c.flags);
-    let mut flags = op.fi_flags;
-    if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) != 0 {
-        if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
-            flags |= fi::REMOTE_CQ_DATA;
-        }
-        if cflags & comp_flags::TAGGED != 0 {
-            flags |= fi::TAGGED;
-        }
-        if cflags & comp_flags::CLAIMED != 0 {
-            flags |= fi::CLAIM;
-        }
-    }
-    let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
-        c.data.into()
-    } else {
-        0
-    };
-    let (src, src_addr) = if op.is_recv {
-        let s = FabricAddr::from_wire(&c.src);
-        (Some(s), op.ep.reverse_lookup(&s))
-    } else {
-        (None, FI_ADDR_NOTAVAIL)
-    };
     op.ep.count(op.fi_flags, true);
     let Some(cq) = op.ep.cq(op.is_recv).filter(|_| op.report_success) else {
         return;
     };
-    let len = u64::from(c.len) as usize;
-    let tag = u64::from(c.tag);
-    deliver(
-        cq,
-        direct,
+    // Built once its place is known (the reader's slice or the CQ's ring), in place.
+    deliver(cq, direct, || {
+        let cflags = u32::from(c.flags);
+        let mut flags = op.fi_flags;
+        if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) != 0 {
+            if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+                flags |= fi::REMOTE_CQ_DATA;
+            }
+            if cflags & comp_flags::TAGGED != 0 {
+                flags |= fi::TAGGED;
+            }
+            if cflags & comp_flags::CLAIMED != 0 {
+                flags |= fi::CLAIM;
+            }
+        }
+        let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+            c.data.into()
+        } else {
+            0
+        };
+        let (src, src_addr) = if op.is_recv {
+            let s = FabricAddr::from_wire(&c.src);
+            (Some(s), op.ep.reverse_lookup(&s))
+        } else {
+            (None, FI_ADDR_NOTAVAIL)
+        };
         CqEntry {
             context: op.context,
             flags,
-            len,
+            len: u64::from(c.len) as usize,
             data,
-            tag,
+            tag: c.tag.into(),
             src,
             src_addr,
             buf: None,
-        },
-    );
+        }
+    });
 }
 
 /// Any data completion but the plain success of [`Deliver::fast`]: errors, device faults,
@@ -1165,20 +1170,16 @@ fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
                 sc,
             ))));
         } else if let Some(cq) = cq.filter(|_| op.report_success) {
-            deliver(
-                cq,
-                direct,
-                CqEntry {
-                    context: op.context,
-                    flags,
-                    len,
-                    data,
-                    tag,
-                    src,
-                    src_addr,
-                    buf,
-                },
-            );
+            deliver(cq, direct, || CqEntry {
+                context: op.context,
+                flags,
+                len,
+                data,
+                tag,
+                src,
+                src_addr,
+                buf,
+            });
         }
     } else if let Some(cq) = cq.filter(|_| op.report_errors) {
         let e = CqErrEntry {
@@ -1308,8 +1309,8 @@ mod tests {
     #[test]
     fn queued_entries_move_into_the_readers_slice_in_place() {
         let mut ev = Events::new(0);
-        ev.push_entry(entry(1));
-        ev.push_entry(entry(2));
+        ev.push_entry(|| entry(1));
+        ev.push_entry(|| entry(2));
         // The reader's first entry still owns bytes: they go (Miri/ASan-visible), not leak.
         let mut out = [entry(100), CqEntry::default()];
         for dst in &mut out {
@@ -1320,8 +1321,8 @@ mod tests {
         assert_eq!(ev.len(), 0);
         // Around the ring, oldest first.
         for i in 0..2 * RING_ENTRIES as u64 {
-            ev.push_entry(entry(i));
-            ev.push_entry(entry(i + 1000));
+            ev.push_entry(|| entry(i));
+            ev.push_entry(|| entry(i + 1000));
             ev.pop_ring_into(&mut out[0]);
             ev.pop_ring_into(&mut out[1]);
             assert_eq!((out[0].context, out[1].context), (i, i + 1000));
@@ -1334,7 +1335,7 @@ mod tests {
         let mut ev = Events::new(0);
         // Past the ring's capacity: the rest waits in the deque, behind the ring.
         for i in 0..RING_ENTRIES as u64 + 3 {
-            ev.push_entry(entry(i));
+            ev.push_entry(|| entry(i));
         }
         assert_eq!(ev.len(), RING_ENTRIES + 3);
         assert_eq!(
@@ -1345,28 +1346,28 @@ mod tests {
 
         // An error queued after entries: entries behind it queue behind it too, also once the
         // ring has room again.
-        ev.push_entry(entry(1));
+        ev.push_entry(|| entry(1));
         ev.more.push_back(error(2));
-        ev.push_entry(entry(3));
+        ev.push_entry(|| entry(3));
         assert!(
             ev.front_of_more().is_none(),
             "an entry is ahead of the error"
         );
         assert_eq!(ev.pop_ring().map(|e| e.context), Some(1));
         assert!(matches!(ev.front_of_more(), Some(CqEvent::Error(_))));
-        ev.push_entry(entry(4));
+        ev.push_entry(|| entry(4));
         assert_eq!(drain(&mut ev), vec![1002, 3, 4]);
 
         // An event put in front (a failed device-memory copy) goes ahead of the ring's.
-        ev.push_entry(entry(5));
-        ev.push_entry(entry(6));
+        ev.push_entry(|| entry(5));
+        ev.push_entry(|| entry(6));
         ev.more.push_back(error(7));
         ev.push_front(error(8));
         assert_eq!(ev.len(), 4);
         assert_eq!(drain(&mut ev), vec![1008, 5, 6, 1007]);
 
         // Entries left in the ring are dropped with it (their buffers too: Miri/ASan-visible).
-        ev.push_entry(entry(9));
+        ev.push_entry(|| entry(9));
         drop(ev);
     }
 }
