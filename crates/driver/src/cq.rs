@@ -494,9 +494,10 @@ impl CompletionQueue {
                 n += 1;
             });
         }
-        let n = events.len.min(out.len());
-        for dst in &mut out[..n] {
-            events.pop_ring_into(dst);
+        let mut n = 0;
+        while n < out.len() && events.len > 0 {
+            events.pop_ring_into(&mut out[n]);
+            n += 1;
         }
         self.shared.queued.store(events.len, Ordering::SeqCst);
         if n == 0 {

@@ -1083,8 +1083,36 @@ impl DomainInner {
         // Only queues with requests in flight can be called. A post to a queue outside the
         // busy mask sets its bit after counting the request and then sees our `blockers`
         // count (all SeqCst) and arms it itself.
+        let busy = self.signals.busy.load(Ordering::SeqCst) & queues;
+        let high = queues == ALL_QUEUES && self.queues.len() > 64;
+        let one = busy.trailing_zeros() as usize;
+        let ready = if busy.is_power_of_two() && !high && one < self.queues.len() {
+            // One busy queue feeds the sleeper (a CQ bound for one direction of one endpoint):
+            // arm it, fence, re-check it.
+            let q = &self.queues[one];
+            q.arm_if_busy() && {
+                fence(Ordering::SeqCst);
+                q.has_used()
+            }
+        } else {
+            self.arm_and_check(busy, high)
+        };
+        let result = if ready {
+            Ok(false)
+        } else {
+            self.poll_fds(timeout, extra).map(|_| true)
+        };
+        // Rings stay armed: the next drain parks them (or re-arms them for other sleepers).
+        self.signals.blockers.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// [`DomainInner::block_for`]'s arming of the busy queues in `busy` (and of every queue
+    /// from 64 on with `high`) and re-check of their used indices after one fence: whether
+    /// one has used entries already.
+    #[inline(never)]
+    fn arm_and_check(&self, mut busy: u64, high: bool) -> bool {
         let mut armed = 0u64;
-        let mut busy = self.signals.busy.load(Ordering::SeqCst) & queues;
         let lower = self.queues.len().min(64);
         while busy != 0 {
             let i = busy.trailing_zeros() as usize;
@@ -1093,7 +1121,6 @@ impl DomainInner {
                 armed |= 1 << i;
             }
         }
-        let high = queues == ALL_QUEUES && self.queues.len() > 64;
         if high {
             for q in &self.queues[64..] {
                 q.arm_if_busy();
@@ -1107,15 +1134,7 @@ impl DomainInner {
             armed &= armed - 1;
             ready = self.queues[i].has_used();
         }
-        let ready = ready || (high && self.queues[64..].iter().any(|q| q.has_used()));
-        let result = if ready {
-            Ok(false)
-        } else {
-            self.poll_fds(timeout, extra).map(|_| true)
-        };
-        // Rings stay armed: the next drain parks them (or re-arms them for other sleepers).
-        self.signals.blockers.fetch_sub(1, Ordering::SeqCst);
-        result
+        ready || (high && self.queues[64..].iter().any(|q| q.has_used()))
     }
 
     #[inline(always)]
