@@ -962,12 +962,11 @@ impl DomainInner {
     fn drain_busy(&self, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         let mut n = 0;
         let mut busy = self.signals.busy.load(Ordering::Relaxed);
-        let lower = self.queues.len().min(64);
         while busy != 0 {
             let i = busy.trailing_zeros() as usize;
             busy &= busy - 1;
-            if i < lower {
-                n += self.drain_queue(&self.queues[i], direct.as_deref_mut());
+            if let Some(q) = self.queues.get(i) {
+                n += self.drain_queue(q, direct.as_deref_mut());
             }
         }
         if self.queues.len() > 64 {
