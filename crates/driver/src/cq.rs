@@ -976,7 +976,15 @@ fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&m
     let Some(cq) = op.ep.cq(op.is_recv).filter(|_| op.report_success) else {
         return;
     };
-    // Built once its place is known (the reader's slice or the CQ's ring), in place.
+    // The source's AV index first: its look-up may take the AV's lock, never under the CQ's.
+    let (src, src_addr) = if op.is_recv {
+        let s = FabricAddr::from_wire(&c.src);
+        (Some(s), op.ep.reverse_lookup(&s))
+    } else {
+        (None, FI_ADDR_NOTAVAIL)
+    };
+    // The rest is built once its place is known (the reader's slice or the CQ's ring), in
+    // place.
     deliver(cq, direct, || {
         let cflags = u32::from(c.flags);
         let mut flags = op.fi_flags;
@@ -995,12 +1003,6 @@ fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&m
             c.data.into()
         } else {
             0
-        };
-        let (src, src_addr) = if op.is_recv {
-            let s = FabricAddr::from_wire(&c.src);
-            (Some(s), op.ep.reverse_lookup(&s))
-        } else {
-            (None, FI_ADDR_NOTAVAIL)
         };
         CqEntry {
             context: op.context,
