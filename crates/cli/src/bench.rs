@@ -358,9 +358,11 @@ impl Side {
     /// ping-pong this is the whole post.
     #[inline(always)]
     pub(crate) fn post_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
-        let post = || self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx);
-        match post() {
-            Err(vfabric::Error::Again) => self.retry_full(post),
+        // The first try called directly: the retry's closure is built only when it runs.
+        match self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx) {
+            Err(vfabric::Error::Again) => {
+                self.retry_full(|| self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx))
+            }
             r => r.map_err(CliError::from),
         }
     }
@@ -368,9 +370,10 @@ impl Side {
     /// Post a send of `size` bytes from `sbuf` (inline, as [`Side::post_recv`]).
     #[inline(always)]
     pub(crate) fn post_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
-        let post = || self.ep.send_buf(&self.sbuf, 0..size, dest, ctx);
-        match post() {
-            Err(vfabric::Error::Again) => self.retry_full(post),
+        match self.ep.send_buf(&self.sbuf, 0..size, dest, ctx) {
+            Err(vfabric::Error::Again) => {
+                self.retry_full(|| self.ep.send_buf(&self.sbuf, 0..size, dest, ctx))
+            }
             r => r.map_err(CliError::from),
         }
     }
