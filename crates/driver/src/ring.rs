@@ -557,14 +557,12 @@ impl SplitRing {
         self.needs_kick_fenced()
     }
 
-    /// [`SplitRing::needs_kick`] for a caller that fenced (`SeqCst`) after its last publish.
+    /// [`SplitRing::needs_kick`] for a caller that published since the last decision and
+    /// fenced (`SeqCst`) after it (a post: there is something to decide, no early way out).
     #[inline(always)]
     pub fn needs_kick_fenced(&mut self) -> bool {
         let new = self.next_avail;
         let old = self.kicked_avail;
-        if new == old {
-            return false;
-        }
         self.kicked_avail = new;
         // SAFETY: `avail_event` or the used flags, inside the allocation (see `new`).
         let control = u16::from_le(unsafe { self.kick_control.as_ref() }.load(Ordering::Relaxed));
