@@ -497,10 +497,9 @@ impl<R> Virtqueue<R> {
         let in_flight = st.ring.chains_in_flight();
         self.in_flight
             .store(u32::from(in_flight), Ordering::Relaxed);
-        if in_flight == 1 {
+        if in_flight == 1 && self.signals.busy.load(Ordering::Relaxed) & self.busy_bit == 0 {
             // Busy again: back into the progress scan (a drainer clears the bit under the
-            // same lock when the queue goes idle, so no update is lost, and the bit is clear
-            // now: no look at it first).
+            // same lock when the queue goes idle, so no update is lost).
             self.signals.busy.fetch_or(self.busy_bit, Ordering::Relaxed);
         }
         // The avail index and the in-flight count before the reads below.
