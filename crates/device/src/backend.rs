@@ -286,6 +286,44 @@ impl VringSink {
     }
 }
 
+impl VringSink {
+    /// [`CompletionSink::stage_and_publish`] of ring `q` whose state's lock another thread
+    /// holds.
+    #[cold]
+    #[inline(never)]
+    fn stage_and_publish_waiting(&self, q: usize, head: u16, len: u32) {
+        if let Some(ring) = self.ring(q) {
+            let st = lock(&ring.state);
+            self.stage_and_publish_locked(q, st, head, len);
+        }
+    }
+
+    /// [`VringSink::signal`] of a view without a call eventfd of its own, or whose write
+    /// failed (once more, then reported).
+    #[cold]
+    #[inline(never)]
+    fn signal_other(&self, q: usize, st: MutexGuard<'_, RingState>) {
+        self.signal(q, st)
+    }
+
+    /// [`CompletionSink::stage_and_publish`] of ring `q` under its state's lock (`st`), when
+    /// it cannot be published alone.
+    #[inline(never)]
+    fn stage_and_publish_locked(
+        &self,
+        q: usize,
+        mut st: MutexGuard<'_, RingState>,
+        head: u16,
+        len: u32,
+    ) {
+        let Some(ring) = self.ring(q) else {
+            return;
+        };
+        let notify = st.stage_and_publish(head, len, ring.config());
+        self.published(q, st, notify);
+    }
+}
+
 impl CompletionSink for VringSink {
     #[inline]
     fn stage(&self, queue: u16, head: u16, len: u32) {
@@ -308,15 +346,24 @@ impl CompletionSink for VringSink {
         self.published(q, st, notify);
     }
 
+    /// The common case (the ring's lock free, nothing else staged, a view of the current
+    /// generation, a call eventfd of the view's own) straight through, every call of a slower
+    /// case in tail position: so the common case saves and restores few registers.
     #[inline]
     fn stage_and_publish(&self, queue: u16, head: u16, len: u32) {
         let q = usize::from(queue);
         let Some(ring) = self.ring(q) else {
             return unknown_queue(queue);
         };
-        let mut st = lock(&ring.state);
-        let notify = st.stage_and_publish(head, len, ring.config());
-        self.published(q, st, notify);
+        let Some(mut st) = ring.state.try_lock() else {
+            return self.stage_and_publish_waiting(q, head, len);
+        };
+        match st.publish_alone(head, len, ring.config()) {
+            Some(false) => {}
+            Some(true) if st.signal_own() => {}
+            Some(true) => self.signal_other(q, st),
+            None => self.stage_and_publish_locked(q, st, head, len),
+        }
     }
 
     fn wake_rx(&self) {
@@ -543,11 +590,7 @@ impl FabricBackend {
 
     /// The fabric port of this connection.
     pub fn port(&self) -> Port {
-        Port {
-            mem: self.mem.clone(),
-            sink: self.sink.clone(),
-            process: self.process.clone(),
-        }
+        Port::new(self.mem.clone(), self.sink.clone(), self.process.clone())
     }
 
     /// Run `f` once the frontend has a ring running (started and enabled: vhost-user-backend
@@ -676,15 +719,18 @@ impl FabricBackend {
     }
 
     /// Re-register ring `q`'s kick fd in the worker's epoll under [`Self::kick_event`] instead
-    /// of the ring's index. vhost-user-backend's worker registers each ring's kick under the
-    /// ring's index and, for such an event, consumes the kick (a read lock of the ring, then
-    /// libc's cancellable `read` through `EventConsumer`) before calling `handle_event`; an event
-    /// past its reserved range goes to `handle_event` as is, and [`Self::consume_kick`] reads
-    /// the kick with one plain `read` system call. vhost-user-backend removes the fd by fd
-    /// (`EPOLL_CTL_DEL`, whatever its event id) when it stops the ring or the frontend replaces
-    /// the kick (closing the old fd removes it too), and registers the new one under the
-    /// ring's index again, whose first event comes back here. Best effort: if the fd is not
-    /// registered (any more), the kick stays vhost-user-backend's.
+    /// of the ring's index, edge-triggered. vhost-user-backend's worker registers each ring's
+    /// kick level-triggered under the ring's index and, for such an event, consumes the kick (a
+    /// read lock of the ring, then libc's cancellable `read` through `EventConsumer`) before
+    /// calling `handle_event`; an event past its reserved range goes to `handle_event` as is.
+    /// Edge-triggered, the kick needs no read at all: every write to an eventfd wakes its
+    /// waiters, so each kick after the previous report is reported once more, whatever the
+    /// counter holds (which no guest can overflow: 2^64 - 2 kicks). vhost-user-backend removes
+    /// the fd by fd (`EPOLL_CTL_DEL`, whatever its event id) when it stops the ring or the
+    /// frontend replaces the kick (closing the old fd removes it too), and registers the new one
+    /// under the ring's index again, level-triggered: a count left in the fd then reports at
+    /// once, is consumed by vhost-user-backend and comes back here. Best effort: if the fd is
+    /// not registered (any more), the kick stays vhost-user-backend's.
     #[cold]
     fn redirect_kick(&self, vr: &Vring, q: usize) {
         let epfd = self.worker_epoll.load(Ordering::Acquire);
@@ -697,7 +743,7 @@ impl FabricBackend {
             return;
         };
         let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
             u64: self.kick_event(q),
         };
         // SAFETY: `epfd` is the worker's epoll (this runs on the worker, inside its loop, so it
@@ -711,39 +757,6 @@ impl FabricBackend {
                 io::Error::last_os_error()
             );
         }
-    }
-
-    /// Consume ring `q`'s kick (taken as our own event, [`Self::redirect_kick`]) as
-    /// vhost-user-backend would: read the eventfd, then say whether the ring is enabled (a
-    /// disabled ring is not processed).
-    fn consume_kick(&self, vr: &Vring) -> io::Result<bool> {
-        let st = vr.get_ref();
-        if let Some(kick) = st.get_kick() {
-            let mut count = 0u64;
-            // SAFETY: the fd is open while the ring's read lock is held (it is replaced only
-            // under its write lock); `count` is 8 writable bytes. A plain system call: glibc's
-            // `read` is a cancellation point and costs its bookkeeping on every kick.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_read,
-                    kick.as_raw_fd(),
-                    std::ptr::addr_of_mut!(count),
-                    8usize,
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                // Nothing to read (another reader was first) or interrupted: the epoll is
-                // level-triggered, a kick still pending is reported again.
-                if !matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) {
-                    return Err(e);
-                }
-            }
-        }
-        Ok(st.is_enabled())
     }
 
     /// EVENT_IDX is in use: disabling notifications is implicit (the driver kicks only when it
@@ -822,11 +835,14 @@ impl FabricBackend {
             Some(q) => {
                 // With LAZY_RX a kicked TX ring's pass takes its RX ring's receives first: the
                 // guest's receives posted before its sends are then in place for the answers.
-                let rx = (self.lazy_rx() && matches!(queue_kind(q as u16), QueueKind::Tx(_)))
-                    .then_some(q + 1)
-                    .filter(|&r| r < vrings.len());
-                let rings = rx.into_iter().chain(std::iter::once(q));
-                self.pass_rings(work, vrings, rings, true, n)
+                // Without one, `usize::MAX` names no ring and is skipped as any index past the
+                // rings is (an array steps more cheaply than a chain of two iterators).
+                let rx = if self.lazy_rx() && matches!(queue_kind(q as u16), QueueKind::Tx(_)) {
+                    q + 1
+                } else {
+                    usize::MAX
+                };
+                self.pass_rings(work, vrings, [rx, q].into_iter(), true, n)
             }
             // Data queues 1.. first, then the control queue.
             None => {
@@ -1297,11 +1313,10 @@ impl VhostUserBackend for FabricBackend {
             }
             q
         } else if let Some(q) = self.kicked_ring(device_event) {
-            // A kick taken as our own event: consumed here, not by vhost-user-backend.
-            match vrings.get(q) {
-                Some(vr) if self.consume_kick(vr)? => q,
-                _ => return Ok(()),
-            }
+            // A kick taken as our own event, edge-triggered: nothing to read. A disabled ring
+            // is left alone by the pass (disabling it moved its generation on, and a view is
+            // rebuilt only for an enabled ring).
+            q
         } else {
             self.device_event(device_event, vrings);
             return Ok(());

@@ -90,11 +90,7 @@ impl Guest {
     }
 
     pub fn port(&self) -> Port {
-        Port {
-            mem: self.atomic.clone(),
-            sink: self.sink.clone(),
-            process: None,
-        }
+        Port::new(self.atomic.clone(), self.sink.clone(), None)
     }
 
     pub fn alloc(&mut self, len: u64) -> u64 {

@@ -187,13 +187,20 @@ impl Direct<'_> {
     }
 }
 
-/// Deliver success entry `e` to `cq`: straight into the reader's next entry when `direct`
-/// allows it (see [`Direct::slot_for`]), else queued.
+/// Deliver the success entry `make` builds to `cq`: straight into the reader's next entry
+/// when `direct` allows it (see [`Direct::slot_for`]), else queued. The entry is built where
+/// it goes, once that is known (no temporary to copy).
 #[inline(always)]
-fn deliver(cq: &CqShared, direct: Option<&mut Direct<'_>>, e: CqEntry) {
+fn deliver(cq: &CqShared, direct: Option<&mut Direct<'_>>, make: impl FnOnce() -> CqEntry) {
     match direct.and_then(|d| d.slot_for(cq)) {
-        Some(slot) => *slot = e,
-        None => cq.push_entry(e),
+        Some(slot) => {
+            // What the reader's entry owned goes first, so the new one is written in place.
+            drop(slot.buf.take());
+            // SAFETY: `slot` is a valid entry that owns nothing now: overwriting it drops
+            // nothing.
+            unsafe { std::ptr::write(slot, make()) };
+        }
+        None => cq.push_entry(make),
     }
 }
 
@@ -226,13 +233,14 @@ impl Events {
         self.len + self.more.len()
     }
 
+    /// Queue the success entry `make` builds (in place in the ring, usually).
     #[inline(always)]
-    fn push_entry(&mut self, e: CqEntry) {
+    fn push_entry(&mut self, make: impl FnOnce() -> CqEntry) {
         if self.len < RING_ENTRIES && self.more.is_empty() {
-            self.ring[(self.head + self.len) % RING_ENTRIES].write(e);
+            self.ring[(self.head + self.len) % RING_ENTRIES].write(make());
             self.len += 1;
         } else {
-            self.more.push_back(CqEvent::Entry(e));
+            self.more.push_back(CqEvent::Entry(make()));
         }
     }
 
@@ -248,6 +256,24 @@ impl Events {
         self.head = (self.head + 1) % RING_ENTRIES;
         self.len -= 1;
         Some(e)
+    }
+
+    /// Move the oldest event, a success entry in the ring (`len > 0`), to `dst` in one copy
+    /// (no temporary: `dst` owns nothing when it is overwritten).
+    #[inline(always)]
+    fn pop_ring_into(&mut self, dst: &mut CqEntry) {
+        debug_assert!(self.len > 0);
+        // What `dst` owned goes after the copy (a reader's buffer usually holds no bytes).
+        let old = dst.buf.take();
+        // SAFETY: `ring[head]` is the oldest initialised entry (`len > 0`); it is moved out
+        // once and no longer counted afterwards. `dst` owns nothing now (its only owning
+        // field was just taken), so overwriting it drops nothing.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ring[self.head].as_ptr(), dst, 1);
+        }
+        self.head = (self.head + 1) % RING_ENTRIES;
+        self.len -= 1;
+        drop(old);
     }
 
     /// The oldest event, if it is in `more` (the ring is empty).
@@ -305,12 +331,12 @@ impl CqShared {
         self.signal_waiters();
     }
 
-    /// Queue a success entry (in place in the ring, usually).
-    #[inline]
-    fn push_entry(&self, e: CqEntry) {
+    /// Queue the success entry `make` builds (in place in the ring, usually, under the lock).
+    #[inline(always)]
+    fn push_entry(&self, make: impl FnOnce() -> CqEntry) {
         {
             let mut events = self.events.lock();
-            events.push_entry(e);
+            events.push_entry(make);
             // SeqCst: as in `push`.
             self.queued.store(events.len(), Ordering::SeqCst);
         }
@@ -323,6 +349,7 @@ impl CqShared {
             let _ = signal_eventfd(self.signal_fd);
         }
     }
+    #[inline]
     fn is_empty(&self) -> bool {
         self.queued.load(Ordering::SeqCst) == 0
     }
@@ -435,36 +462,62 @@ impl CompletionQueue {
     /// `fi_cq_read` into a slice: fills `out[..n]`, returns `n` (errors as for `read`).
     /// Allocates nothing.
     /// Inline: a read of an entry already queued is the lock and the copy, in the caller.
-    #[inline]
+    #[inline(always)]
     pub fn read_into(&self, out: &mut [CqEntry]) -> Result<usize> {
         self.try_read_into(out).map_err(Error::from)
     }
 
     #[inline(always)]
     fn try_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
-        // Entries queued already (by an earlier pass, e.g. a send's completion found while
-        // waiting for a receive): they come before anything a pass would find, so they are
-        // returned without one. A stopped domain's error follows once they are read.
-        if !self.shared.is_empty() {
-            match self.take(out.len(), {
-                let mut n = 0;
-                let out = &mut *out;
-                move |e| {
-                    out[n] = e;
-                    n += 1;
-                }
-            }) {
-                Err(Empty::Again) => {}
-                r => return r,
-            }
+        match self.take_into(out) {
+            Err(Empty::Again) => self.progress_read_into(out),
+            r => r,
         }
-        self.progress_read_into(out)
+    }
+
+    /// Entries queued already (by an earlier pass, e.g. a send's completion found while
+    /// waiting for a receive), into `out`: they come before anything a pass would find, so
+    /// they are returned without one. A stopped domain's error follows once they are read.
+    /// `Again` (without a lock) if none are queued. Success entries in the ring (the common
+    /// case) go straight from it to `out`, one copy each.
+    #[inline(always)]
+    fn take_into(&self, out: &mut [CqEntry]) -> ReadResult {
+        if out.is_empty() || self.shared.queued.load(Ordering::Relaxed) == 0 {
+            return Err(Empty::Again);
+        }
+        let mut events = self.shared.events.lock();
+        if !events.more.is_empty() {
+            drop(events);
+            let mut n = 0;
+            return self.take_queued(out.len(), |e| {
+                out[n] = e;
+                n += 1;
+            });
+        }
+        let mut n = 0;
+        while n < out.len() && events.len > 0 {
+            events.pop_ring_into(&mut out[n]);
+            n += 1;
+        }
+        self.shared.queued.store(events.len, Ordering::SeqCst);
+        if n == 0 {
+            Err(Empty::Again)
+        } else {
+            Ok(n)
+        }
     }
 
     /// [`CompletionQueue::try_read_into`] with nothing queued: a progress pass that writes the
     /// reader's entries in place.
     #[inline(never)]
     fn progress_read_into(&self, out: &mut [CqEntry]) -> ReadResult {
+        self.pass_into(out)
+    }
+
+    /// The progress pass of a read into `out` (see [`CompletionQueue::progress_read_into`]),
+    /// inline: the wait of `sread_into` runs it in its own frame after every wakeup.
+    #[inline(always)]
+    fn pass_into(&self, out: &mut [CqEntry]) -> ReadResult {
         let mut direct = Direct {
             cq: Arc::as_ptr(&self.shared),
             out,
@@ -472,12 +525,7 @@ impl CompletionQueue {
         };
         let progressed = self.domain.progress_into(Some(&mut direct));
         let Direct { out, at, .. } = direct;
-        let mut n = at;
-        let taken = self.take(out.len() - at, |e| {
-            out[n] = e;
-            n += 1;
-        });
-        match taken {
+        match self.take_into(&mut out[at..]) {
             Ok(k) => Ok(at + k),
             // Entries delivered directly come before an error entry queued after them.
             Err(Empty::Again | Empty::Avail) if at > 0 => Ok(at),
@@ -674,7 +722,10 @@ impl CompletionQueue {
         self.wait_for(
             timeout,
             #[inline(always)]
-            |cq| cq.try_read_into(out),
+            |cq| match cq.take_into(out) {
+                Err(Empty::Again) => cq.pass_into(out),
+                r => r,
+            },
         )
     }
 
@@ -921,50 +972,49 @@ fn is_plain_success(op: &PlainOp, c: &vfabric_proto::Completion) -> bool {
 /// [`complete_data_general`] gives for it, with none of the checks that cannot apply.
 #[inline(always)]
 fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
-    let cflags = u32::from(c.flags);
-    let mut flags = op.fi_flags;
-    if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) != 0 {
-        if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
-            flags |= fi::REMOTE_CQ_DATA;
-        }
-        if cflags & comp_flags::TAGGED != 0 {
-            flags |= fi::TAGGED;
-        }
-        if cflags & comp_flags::CLAIMED != 0 {
-            flags |= fi::CLAIM;
-        }
-    }
-    let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
-        c.data.into()
-    } else {
-        0
+    op.ep.count(op.fi_flags, true);
+    let Some(cq) = op.ep.cq(op.is_recv).filter(|_| op.report_success) else {
+        return;
     };
+    // The source's AV index first: its look-up may take the AV's lock, never under the CQ's.
     let (src, src_addr) = if op.is_recv {
         let s = FabricAddr::from_wire(&c.src);
         (Some(s), op.ep.reverse_lookup(&s))
     } else {
         (None, FI_ADDR_NOTAVAIL)
     };
-    op.ep.count(op.fi_flags, true);
-    let Some(cq) = op.ep.cq(op.is_recv).filter(|_| op.report_success) else {
-        return;
-    };
-    let len = u64::from(c.len) as usize;
-    let tag = u64::from(c.tag);
-    deliver(
-        cq,
-        direct,
+    // The rest is built once its place is known (the reader's slice or the CQ's ring), in
+    // place.
+    deliver(cq, direct, || {
+        let cflags = u32::from(c.flags);
+        let mut flags = op.fi_flags;
+        if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) != 0 {
+            if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+                flags |= fi::REMOTE_CQ_DATA;
+            }
+            if cflags & comp_flags::TAGGED != 0 {
+                flags |= fi::TAGGED;
+            }
+            if cflags & comp_flags::CLAIMED != 0 {
+                flags |= fi::CLAIM;
+            }
+        }
+        let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+            c.data.into()
+        } else {
+            0
+        };
         CqEntry {
             context: op.context,
             flags,
-            len,
+            len: u64::from(c.len) as usize,
             data,
-            tag,
+            tag: c.tag.into(),
             src,
             src_addr,
             buf: None,
-        },
-    );
+        }
+    });
 }
 
 /// Any data completion but the plain success of [`Deliver::fast`]: errors, device faults,
@@ -1123,20 +1173,16 @@ fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
                 sc,
             ))));
         } else if let Some(cq) = cq.filter(|_| op.report_success) {
-            deliver(
-                cq,
-                direct,
-                CqEntry {
-                    context: op.context,
-                    flags,
-                    len,
-                    data,
-                    tag,
-                    src,
-                    src_addr,
-                    buf,
-                },
-            );
+            deliver(cq, direct, || CqEntry {
+                context: op.context,
+                flags,
+                len,
+                data,
+                tag,
+                src,
+                src_addr,
+                buf,
+            });
         }
     } else if let Some(cq) = cq.filter(|_| op.report_errors) {
         let e = CqErrEntry {
@@ -1264,11 +1310,35 @@ mod tests {
     }
 
     #[test]
+    fn queued_entries_move_into_the_readers_slice_in_place() {
+        let mut ev = Events::new(0);
+        ev.push_entry(|| entry(1));
+        ev.push_entry(|| entry(2));
+        // The reader's first entry still owns bytes: they go (Miri/ASan-visible), not leak.
+        let mut out = [entry(100), CqEntry::default()];
+        for dst in &mut out {
+            ev.pop_ring_into(dst);
+        }
+        let got: Vec<_> = out.iter().map(|e| (e.context, e.buf.clone())).collect();
+        assert_eq!(got, vec![(1, Some(vec![1])), (2, Some(vec![2]))]);
+        assert_eq!(ev.len(), 0);
+        // Around the ring, oldest first.
+        for i in 0..2 * RING_ENTRIES as u64 {
+            ev.push_entry(|| entry(i));
+            ev.push_entry(|| entry(i + 1000));
+            ev.pop_ring_into(&mut out[0]);
+            ev.pop_ring_into(&mut out[1]);
+            assert_eq!((out[0].context, out[1].context), (i, i + 1000));
+        }
+        assert_eq!(ev.len(), 0);
+    }
+
+    #[test]
     fn events_keep_their_order_across_the_ring_and_the_deque() {
         let mut ev = Events::new(0);
         // Past the ring's capacity: the rest waits in the deque, behind the ring.
         for i in 0..RING_ENTRIES as u64 + 3 {
-            ev.push_entry(entry(i));
+            ev.push_entry(|| entry(i));
         }
         assert_eq!(ev.len(), RING_ENTRIES + 3);
         assert_eq!(
@@ -1279,28 +1349,28 @@ mod tests {
 
         // An error queued after entries: entries behind it queue behind it too, also once the
         // ring has room again.
-        ev.push_entry(entry(1));
+        ev.push_entry(|| entry(1));
         ev.more.push_back(error(2));
-        ev.push_entry(entry(3));
+        ev.push_entry(|| entry(3));
         assert!(
             ev.front_of_more().is_none(),
             "an entry is ahead of the error"
         );
         assert_eq!(ev.pop_ring().map(|e| e.context), Some(1));
         assert!(matches!(ev.front_of_more(), Some(CqEvent::Error(_))));
-        ev.push_entry(entry(4));
+        ev.push_entry(|| entry(4));
         assert_eq!(drain(&mut ev), vec![1002, 3, 4]);
 
         // An event put in front (a failed device-memory copy) goes ahead of the ring's.
-        ev.push_entry(entry(5));
-        ev.push_entry(entry(6));
+        ev.push_entry(|| entry(5));
+        ev.push_entry(|| entry(6));
         ev.more.push_back(error(7));
         ev.push_front(error(8));
         assert_eq!(ev.len(), 4);
         assert_eq!(drain(&mut ev), vec![1008, 5, 6, 1007]);
 
         // Entries left in the ring are dropped with it (their buffers too: Miri/ASan-visible).
-        ev.push_entry(entry(9));
+        ev.push_entry(|| entry(9));
         drop(ev);
     }
 }

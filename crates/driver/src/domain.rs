@@ -583,6 +583,9 @@ pub(crate) struct DomainInner {
     poll_len: usize,
     /// Meaning of the first `poll_len` entries of `poll_template`, in the same order.
     wait_kinds: Box<[WaitKind]>,
+    /// The first wait source is the call eventfd (vhost-user): a wakeup by it alone, the
+    /// common one, is handled without looking at the others.
+    first_is_call: bool,
     /// Ranges outside `mem` added to the device with ADD_MEM_REG ([`Domain::share_raw`]).
     pub(crate) external: Mutex<Vec<Arc<crate::external::Remapped>>>,
     /// Ranges taken back with [`Domain::unshare_raw`]: still in the device's memory table (a
@@ -755,6 +758,7 @@ impl DomainInner {
         }
         let poll_len = sources.len();
         let wait_kinds = sources.iter().map(|s| s.2).collect();
+        let first_is_call = sources.first().is_some_and(|s| s.2 == WaitKind::Call);
         let inner = Arc::new(DomainInner {
             transport,
             mem,
@@ -777,6 +781,7 @@ impl DomainInner {
             poll_template,
             poll_len,
             wait_kinds,
+            first_is_call,
             rma: Default::default(),
             commit: Default::default(),
             hmem_copy: Mutex::new(None),
@@ -916,7 +921,7 @@ impl DomainInner {
 
     /// [`DomainInner::progress_fast`] for a CQ reader: success entries for the reader's CQ go
     /// straight into its buffer while that CQ has nothing queued (see [`crate::cq::Direct`]).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn progress_into(
         &self,
         direct: Option<&mut crate::cq::Direct<'_>>,
@@ -953,22 +958,29 @@ impl DomainInner {
     /// Drain the queues with requests in flight (the busy mask, plus every queue from 64 on)
     /// and dispatch their completions. A queue found broken stops the domain (spec §6.14.2).
     /// Inline: a CQ read is mostly this loop around one queue's drain.
-    #[inline]
+    #[inline(always)]
     fn drain_busy(&self, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         let mut n = 0;
         let mut busy = self.signals.busy.load(Ordering::Relaxed);
-        let lower = self.queues.len().min(64);
         while busy != 0 {
             let i = busy.trailing_zeros() as usize;
             busy &= busy - 1;
-            if i < lower {
-                n += self.drain_queue(&self.queues[i], direct.as_deref_mut());
+            if let Some(q) = self.queues.get(i) {
+                n += self.drain_queue(q, direct.as_deref_mut());
             }
         }
         if self.queues.len() > 64 {
-            for q in &self.queues[64..] {
-                n += self.drain_queue(q, direct.as_deref_mut());
-            }
+            n += self.drain_high(direct);
+        }
+        n
+    }
+
+    /// The queues from 64 on (outside the busy mask): scanned on every pass, out of line.
+    #[inline(never)]
+    fn drain_high(&self, mut direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
+        let mut n = 0;
+        for q in &self.queues[64..] {
+            n += self.drain_queue(q, direct.as_deref_mut());
         }
         n
     }
@@ -976,6 +988,7 @@ impl DomainInner {
     #[inline(always)]
     fn drain_queue(&self, q: &Queue, direct: Option<&mut crate::cq::Direct<'_>>) -> usize {
         if !q.needs_drain() {
+            q.leave_scan_if_idle();
             return 0;
         }
         let n = q.drain(&mut crate::cq::Deliver {
@@ -1053,7 +1066,7 @@ impl DomainInner {
     /// and re-checked: a CQ reader passes the queues that feed its CQ, so completions of other
     /// queues (which go to other CQs) do not wake it. Entries that another thread's progress
     /// queues for the caller reach it through `extra` (the CQ's signal eventfd).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn block_for(
         &self,
         timeout: Option<&mut libc::timespec>,
@@ -1069,8 +1082,36 @@ impl DomainInner {
         // Only queues with requests in flight can be called. A post to a queue outside the
         // busy mask sets its bit after counting the request and then sees our `blockers`
         // count (all SeqCst) and arms it itself.
+        let busy = self.signals.busy.load(Ordering::SeqCst) & queues;
+        let high = queues == ALL_QUEUES && self.queues.len() > 64;
+        let one = busy.trailing_zeros() as usize;
+        let ready = if busy.is_power_of_two() && !high && one < self.queues.len() {
+            // One busy queue feeds the sleeper (a CQ bound for one direction of one endpoint):
+            // arm it, fence, re-check it.
+            let q = &self.queues[one];
+            q.arm_if_busy() && {
+                fence(Ordering::SeqCst);
+                q.has_used()
+            }
+        } else {
+            self.arm_and_check(busy, high)
+        };
+        let result = if ready {
+            Ok(false)
+        } else {
+            self.poll_fds(timeout, extra).map(|_| true)
+        };
+        // Rings stay armed: the next drain parks them (or re-arms them for other sleepers).
+        self.signals.blockers.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// [`DomainInner::block_for`]'s arming of the busy queues in `busy` (and of every queue
+    /// from 64 on with `high`) and re-check of their used indices after one fence: whether
+    /// one has used entries already.
+    #[inline(never)]
+    fn arm_and_check(&self, mut busy: u64, high: bool) -> bool {
         let mut armed = 0u64;
-        let mut busy = self.signals.busy.load(Ordering::SeqCst) & queues;
         let lower = self.queues.len().min(64);
         while busy != 0 {
             let i = busy.trailing_zeros() as usize;
@@ -1079,7 +1120,6 @@ impl DomainInner {
                 armed |= 1 << i;
             }
         }
-        let high = queues == ALL_QUEUES && self.queues.len() > 64;
         if high {
             for q in &self.queues[64..] {
                 q.arm_if_busy();
@@ -1093,17 +1133,10 @@ impl DomainInner {
             armed &= armed - 1;
             ready = self.queues[i].has_used();
         }
-        let ready = ready || (high && self.queues[64..].iter().any(|q| q.has_used()));
-        let result = if ready {
-            Ok(false)
-        } else {
-            self.poll_fds(timeout, extra).map(|_| true)
-        };
-        // Rings stay armed: the next drain parks them (or re-arms them for other sleepers).
-        self.signals.blockers.fetch_sub(1, Ordering::SeqCst);
-        result
+        ready || (high && self.queues[64..].iter().any(|q| q.has_used()))
     }
 
+    #[inline(always)]
     fn poll_fds(&self, timeout: Option<&mut libc::timespec>, extra: Option<Extra>) -> Result<()> {
         let mut fds = self.poll_template;
         let mut total = self.poll_len;
@@ -1157,6 +1190,12 @@ impl DomainInner {
             return Err(e.into());
         }
         if rc == 0 {
+            return Ok(());
+        }
+        if rc == 1 && self.first_is_call && fds[0].revents != 0 {
+            // The call eventfd alone (so not `extra`): count and reset it, as the loop below.
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            crate::virtqueue::drain_eventfd(fds[0].fd);
             return Ok(());
         }
         // The extra eventfd is reset when its owner asks (a CQ's signal with no FI_WAIT_FD

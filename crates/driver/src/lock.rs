@@ -62,18 +62,6 @@ impl<T> SpinLock<T> {
             }
         }
     }
-
-    #[inline]
-    pub(crate) fn try_lock(&self) -> Option<SpinGuard<'_, T>> {
-        // A guard only once we hold the lock: dropping one unlocks.
-        match self
-            .locked
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        {
-            Ok(_) => Some(SpinGuard { lock: self }),
-            Err(_) => None,
-        }
-    }
 }
 
 pub(crate) struct SpinGuard<'a, T> {
@@ -125,11 +113,5 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(*lock.lock(), 40_000);
-        let held = lock.lock();
-        assert!(lock.try_lock().is_none());
-        // A failed try_lock must leave the holder's lock taken.
-        assert!(lock.try_lock().is_none());
-        drop(held);
-        assert!(lock.try_lock().is_some());
     }
 }

@@ -170,6 +170,8 @@ pub(crate) struct SplitRing {
     avail_ring: NonNull<u16>,
     avail_idx: NonNull<AtomicU16>,
     kick_control: NonNull<AtomicU16>,
+    /// The used index, read by every drain (located once as well).
+    used_idx: NonNull<AtomicU16>,
     /// `size - 1`: ring positions wrap with a mask (the size is a power of two).
     mask: u16,
     /// Free-list link of each descriptor (our private copy: the device may scribble on the
@@ -222,12 +224,13 @@ impl SplitRing {
         };
         // SAFETY: every offset is inside the `layout.total` bytes at `base` (see `RingLayout`)
         // and suitably aligned (`base` is 16-aligned, the parts' offsets even, the table's 0).
-        let (desc_table, avail_ring, avail_idx, kick_control) = unsafe {
+        let (desc_table, avail_ring, avail_idx, kick_control, used_idx) = unsafe {
             (
                 base.add(layout.desc).cast(),
                 base.add(layout.avail + 4).cast(),
                 base.add(layout.avail + 2).cast(),
                 base.add(kick_control).cast(),
+                base.add(layout.used + 2).cast(),
             )
         };
         let ring = Self {
@@ -237,6 +240,7 @@ impl SplitRing {
             avail_ring,
             avail_idx,
             kick_control,
+            used_idx,
             mask: layout.size - 1,
             links: (0..n).map(|i| ((i + 1) % n) as u16).collect(),
             chains: vec![
@@ -613,7 +617,9 @@ impl SplitRing {
     /// is nothing new or the ring is broken; a count the ring cannot hold breaks it.
     #[inline]
     pub fn used_ready(&mut self) -> u16 {
-        let used_idx = Wrapping(u16::from_le(self.used_idx_field().load(Ordering::Acquire)));
+        // SAFETY: `used_idx` points into the allocation (see `new`), alive as long as `self`.
+        let used_idx = unsafe { self.used_idx.as_ref() };
+        let used_idx = Wrapping(u16::from_le(used_idx.load(Ordering::Acquire)));
         if used_idx == self.last_used || self.broken.is_some() {
             return 0;
         }

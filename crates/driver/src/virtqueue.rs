@@ -201,8 +201,9 @@ pub(crate) struct Finished<'a, R> {
 pub(crate) struct DomainSignals {
     /// Threads sleeping for calls (drainers and posters keep rings armed for them).
     pub blockers: AtomicU32,
-    /// Bit `i`: queue `i` (< 64) has requests in flight. Progress scans only these (and every
-    /// queue from 64 on); a stale set bit only costs a look.
+    /// Bit `i`: queue `i` (< 64) has requests in flight, or had until lately. Progress scans
+    /// only these (and every queue from 64 on); a stale set bit only costs a look, and the
+    /// look clears it ([`Virtqueue::leave_scan_if_idle`]). A post sets it again.
     pub busy: AtomicU64,
 }
 
@@ -223,6 +224,20 @@ struct QueueState {
     /// A request published since the last kick must reach the device now, whatever its
     /// notification suppression says (an RX request other than a plain receive, LAZY_RX).
     urgent: bool,
+    /// A drainer dispatches a returned request without this lock (see [`Virtqueue::drain`]):
+    /// until it clears this, it owns that request's record and slot, and no other drainer
+    /// takes entries (completions reach CQs in used-ring order).
+    dispatching: bool,
+}
+
+/// Clears `dispatching` if a dispatch without the ring lock unwinds, so the queue can still
+/// be drained.
+struct EndDispatchOnUnwind<'a>(&'a SpinLock<QueueState>);
+
+impl Drop for EndDispatchOnUnwind<'_> {
+    fn drop(&mut self) {
+        self.0.lock().dispatching = false;
+    }
 }
 
 /// What became of a used entry taken under the ring lock.
@@ -271,12 +286,10 @@ pub(crate) fn drain_eventfd(fd: RawFd) {
 
 pub(crate) struct Virtqueue<R> {
     pub index: u16,
-    /// The ring (avail side, free list, used-entry validation) and the cookie sequence.
+    /// The ring (avail side, free list, used-entry validation), the cookie sequence, and
+    /// who drains: a drainer holds it while it takes entries and delivers the common ones,
+    /// and marks it `dispatching` while it dispatches another one without it.
     state: SpinLock<QueueState>,
-    /// Serialises draining (take + dispatch) so completions reach CQs in used-ring order also
-    /// while a drainer dispatches a request without the ring lock, and owns that request's
-    /// slot until it is released.
-    progress: SpinLock<()>,
     /// One request record per head id; see the `Sync` impl for who may touch which.
     requests: Box<[UnsafeCell<RequestSlot<R>>]>,
     used_idx: *const AtomicU16,
@@ -308,9 +321,9 @@ pub(crate) struct Virtqueue<R> {
 // `Allocation`s we own; the ring fields behind them are only accessed atomically. Slot memory
 // and the request record of head `i` belong to whoever owns head `i`: the poster (holding
 // `state`) from the moment the ring hands it out until it is published, then the drainer
-// (holding `progress`, and `state` except while it dispatches a request without it) from the
-// moment the device returns it until `release` under `state`; `find_cookie`/`in_flight` read
-// records only while holding both locks.
+// (holding `state`, or having marked it `dispatching` while it dispatches a request without
+// it) from the moment the device returns it until `release` under `state`;
+// `find_cookie`/`in_flight` read records only while holding `state` with no dispatch going on.
 unsafe impl<R: Send> Send for Virtqueue<R> {}
 // SAFETY: see `Send`.
 unsafe impl<R: Send> Sync for Virtqueue<R> {}
@@ -351,8 +364,8 @@ impl<R> Virtqueue<R> {
                 cookie_base: COOKIE_SEQ_ONE | (u64::from(index) << 16),
                 counters: QueueCounters::default(),
                 urgent: false,
+                dispatching: false,
             }),
-            progress: SpinLock::new(()),
             requests: (0..size)
                 .map(|_| UnsafeCell::new(RequestSlot::IDLE))
                 .collect(),
@@ -588,24 +601,28 @@ impl<R> Virtqueue<R> {
     }
 
     /// Drain the used ring and hand every finished request to `to`, in ring order. Returns
-    /// how many were drained. If another thread is draining this queue, returns 0.
+    /// how many were drained. If another thread is dispatching a request of this queue, returns
+    /// 0 (that thread drains the rest).
     ///
     /// One ring-lock hold per batch: it takes the used entries, delivers the common ones
     /// ([`Dispatch::fast`]) and gives their heads back at once, and updates the in-flight state.
     /// Any other request is dispatched without the ring lock (posts, also from dispatch
-    /// itself, proceed), and its head given back after it.
+    /// itself, proceed; other drainers see `dispatching` and leave), and its head given back
+    /// after it. The ring lock is the only lock of a drain: a plain completion is taken,
+    /// checked, delivered and its head given back in one hold.
+    #[inline(always)]
     pub fn drain(&self, to: &mut impl Dispatch<R>) -> usize
     where
         R: Record,
     {
-        let Some(_draining) = self.progress.try_lock() else {
+        let mut st = self.lock();
+        if st.dispatching {
             return 0;
-        };
+        }
         // Written by `take` for a request dispatched without the lock: the completion copied
         // out of the slot once.
         let mut completion = MaybeUninit::<Completion>::uninit();
         let mut total = 0;
-        let mut st = self.lock();
         loop {
             // One read of the used index per batch: entries the device publishes after it
             // are left for the next batch or drain (see the end of the loop).
@@ -632,15 +649,10 @@ impl<R> Virtqueue<R> {
             let mut rearmed = false;
             if taken > 0 {
                 st.counters.completed += u64::from(taken);
-                let in_flight = st.ring.chains_in_flight();
+                // An idle queue stays in the busy mask (usually it is busy again at once): the
+                // progress scan takes it out when it finds it idle (`leave_scan_if_idle`).
                 self.in_flight
-                    .store(u32::from(in_flight), Ordering::Relaxed);
-                if in_flight == 0 {
-                    // Idle: out of the scan (a post sets the bit again under this lock).
-                    self.signals
-                        .busy
-                        .fetch_and(!self.busy_bit, Ordering::Relaxed);
-                }
+                    .store(u32::from(st.ring.chains_in_flight()), Ordering::Relaxed);
                 rearmed = self.after_take(st.ring.last_used());
             }
             let broken = st.ring.broken().is_some();
@@ -649,11 +661,15 @@ impl<R> Virtqueue<R> {
             }
             total += usize::from(taken);
             if let Some((u, has_completion, device_fault)) = slow {
+                st.dispatching = true;
                 drop(st);
                 // SAFETY: `take` copied the completion out when `has_completion`.
                 let c = has_completion.then(|| unsafe { completion.assume_init_ref() });
+                let unwinding = EndDispatchOnUnwind(&self.state);
                 self.finish(&u, c, device_fault, to);
+                std::mem::forget(unwinding);
                 st = self.lock();
+                st.dispatching = false;
                 st.ring.release(u.head);
                 if !broken {
                     // The entries after it, in a new batch.
@@ -666,10 +682,47 @@ impl<R> Virtqueue<R> {
                 return total;
             }
             if usize::from(taken) == DRAIN_BATCH {
-                // Posts get the ring between batches.
+                // Posts get the ring between batches (and a drainer that takes it meanwhile
+                // keeps the order: it delivers under the lock or marks its dispatch).
                 drop(st);
                 st = self.lock();
+                if st.dispatching {
+                    return total;
+                }
             }
+        }
+    }
+
+    /// The ring lock with no drainer dispatching a request without it: every record is then
+    /// still (no poster, no drainer touches one).
+    fn lock_quiet(&self) -> SpinGuard<'_, QueueState> {
+        loop {
+            let st = self.lock();
+            if !st.dispatching {
+                return st;
+            }
+            drop(st);
+            std::thread::yield_now();
+        }
+    }
+
+    /// Take the queue out of the domain's busy mask if it has nothing in flight (drains leave
+    /// it in: a queue is usually busy again at once). Under the ring lock, as a post puts it
+    /// back in, so no update is lost.
+    #[inline]
+    pub fn leave_scan_if_idle(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.busy_bit != 0 {
+            self.leave_scan();
+        }
+    }
+
+    #[cold]
+    fn leave_scan(&self) {
+        let st = self.lock();
+        if st.ring.chains_in_flight() == 0 {
+            self.signals
+                .busy
+                .fetch_and(!self.busy_bit, Ordering::Relaxed);
         }
     }
 
@@ -716,13 +769,12 @@ impl<R> Virtqueue<R> {
         R: Record,
     {
         // SAFETY: the device returned this head and it is not released yet, so no post can
-        // reuse it; we hold `progress`, the only other way to reach a returned head's record.
-        // The ring checked the head (< size, the number of records).
+        // reuse it; we are the queue's only drainer (holding `state`). The ring checked the
+        // head (< size, the number of records).
         let record = unsafe { &mut *self.requests.get_unchecked(u.head as usize).get() };
-        if !record.busy {
-            // Cannot happen (the ring only returns published heads); nothing to deliver.
-            return Taken::Done;
-        }
+        // The ring returns only heads it published, and a head's record is busy exactly while
+        // its chain is published.
+        debug_assert!(record.busy);
         if (u.len as usize) < COMPLETION_LEN {
             // Length 0: the device failed the chain without a completion; anything else
             // shorter than a completion is a fault.
@@ -774,7 +826,7 @@ impl<R> Virtqueue<R> {
     ) where
         R: Record,
     {
-        // SAFETY: as in `take`: the head is not released yet and we hold `progress`.
+        // SAFETY: as in `take`: the head is not released yet and we are marked `dispatching`.
         let record = unsafe { &mut *self.requests[u.head as usize].get() };
         let inline_rx = record.inline_rx as usize;
         let inline_data: &[u8] = match completion {
@@ -844,11 +896,11 @@ impl<R> Virtqueue<R> {
 
     /// Record of the first in-flight request matching `pred`, in posting order: its cookie.
     pub fn find_cookie(&self, mut pred: impl FnMut(&R) -> bool) -> Option<u64> {
-        let _draining = self.progress.lock();
-        let _st = self.lock();
+        let _st = self.lock_quiet();
         self.requests
             .iter()
-            // SAFETY: with both locks held no poster and no drainer touches any record.
+            // SAFETY: with `state` held and no dispatch going on, no poster and no drainer
+            // touches any record.
             .map(|r| unsafe { &*r.get() })
             .filter(|r| r.op().is_some_and(&mut pred))
             .map(|r| r.cookie)
@@ -857,12 +909,174 @@ impl<R> Virtqueue<R> {
 
     /// Requests in flight (for tests and diagnostics).
     pub fn in_flight(&self) -> usize {
-        let _draining = self.progress.lock();
-        let _st = self.lock();
+        let _st = self.lock_quiet();
         self.requests
             .iter()
-            // SAFETY: with both locks held no poster and no drainer touches any record.
+            // SAFETY: with `state` held and no dispatch going on, no poster and no drainer
+            // touches any record.
             .filter(|r| unsafe { &*r.get() }.busy)
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Payload;
+    use vfabric_proto::Status;
+
+    /// A request record that is just a number.
+    struct Op(u64);
+    impl Record for Op {}
+
+    fn queue(signals: &Arc<DomainSignals>) -> (Arc<SharedMemory>, Virtqueue<Op>) {
+        let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();
+        let vq = Virtqueue::new(&mem, 1, 8, true, signals.clone()).unwrap();
+        (mem, vq)
+    }
+
+    fn post(vq: &Virtqueue<Op>, n: u64) -> u64 {
+        vq.post(
+            ReqHeader::default,
+            TxData::<Payload<'_>>::None,
+            RxData::None,
+            false,
+            false,
+            || Op(n),
+        )
+        .unwrap()
+    }
+
+    /// Play the device: write the completion of the request `cookie` with `status` and
+    /// publish its chain in the used ring.
+    fn complete(vq: &Virtqueue<Op>, cookie: u64, status: Status) {
+        let head = cookie as u16;
+        let c = Completion {
+            status: (status as u32).into(),
+            cookie: cookie.into(),
+            ..Completion::default()
+        };
+        let layout = vq.lock().ring.layout();
+        let base = vq._ring_mem.ptr();
+        // SAFETY: the slot of a published head and the used ring are inside the queue's two
+        // allocations; the driver reads them only after the used index below is published.
+        unsafe {
+            (vq.slot(head).add(SLOT_COMPLETION) as *mut Completion).write(c);
+            let used_idx = &*(base.add(layout.used + 2) as *const AtomicU16);
+            let idx = used_idx.load(Ordering::Relaxed);
+            let elem = base.add(layout.used + 4 + 8 * usize::from(idx & (layout.size - 1)));
+            (elem as *mut u32).write(u32::from(head));
+            (elem.add(4) as *mut u32).write(COMPLETION_LEN as u32);
+            used_idx.store(idx.wrapping_add(1), Ordering::Release);
+        }
+    }
+
+    /// Records the numbers of the requests delivered, successes on the fast path.
+    #[derive(Default)]
+    struct Collect {
+        delivered: Vec<u64>,
+    }
+
+    impl Dispatch<Op> for Collect {
+        fn fast(&mut self, op: &Op, c: &Completion) -> bool {
+            if u32::from(c.status) != Status::Ok as u32 {
+                return false;
+            }
+            self.delivered.push(op.0);
+            true
+        }
+        fn finished(&mut self, f: Finished<'_, Op>) {
+            self.delivered.push(f.op.0);
+        }
+    }
+
+    #[test]
+    fn an_idle_queue_leaves_the_busy_mask_when_a_scan_finds_it_idle() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let in_mask = || signals.busy.load(Ordering::Relaxed) & (1 << 1) != 0;
+        let cookie = post(&vq, 7);
+        assert!(in_mask(), "a post puts its queue in the mask");
+        complete(&vq, cookie, Status::Ok);
+        let mut to = Collect::default();
+        assert_eq!(vq.drain(&mut to), 1);
+        assert_eq!(to.delivered, [7]);
+        assert_eq!(vq.in_flight(), 0);
+        // Idle now, but the drain left it in: a queue is usually busy again at once.
+        assert!(in_mask());
+        // Busy again: a scan leaves it in.
+        let cookie = post(&vq, 8);
+        vq.leave_scan_if_idle();
+        assert!(in_mask());
+        complete(&vq, cookie, Status::Ok);
+        assert_eq!(vq.drain(&mut to), 1);
+        // A scan that finds it idle (nothing to drain, nothing in flight) takes it out...
+        assert!(!vq.needs_drain());
+        vq.leave_scan_if_idle();
+        assert!(!in_mask());
+        // ... and the next post puts it back.
+        post(&vq, 9);
+        assert!(in_mask());
+        assert_eq!(to.delivered, [7, 8]);
+    }
+
+    /// Dispatches the requests it does not take on the fast path without the ring lock, and
+    /// meanwhile lets another thread drain and post.
+    struct Meanwhile<'a> {
+        vq: &'a Virtqueue<Op>,
+        delivered: Vec<u64>,
+        /// What another thread's drain and post did during the dispatch.
+        during: Vec<(usize, Vec<u64>, u64)>,
+    }
+
+    impl Dispatch<Op> for Meanwhile<'_> {
+        fn fast(&mut self, op: &Op, c: &Completion) -> bool {
+            Collect::default().fast(op, c) && {
+                self.delivered.push(op.0);
+                true
+            }
+        }
+        fn finished(&mut self, f: Finished<'_, Op>) {
+            let vq = self.vq;
+            let during = std::thread::scope(|s| {
+                s.spawn(move || {
+                    let mut other = Collect::default();
+                    let drained = vq.drain(&mut other);
+                    (drained, other.delivered, post(vq, 30))
+                })
+                .join()
+                .unwrap()
+            });
+            self.during.push(during);
+            self.delivered.push(f.op.0);
+        }
+    }
+
+    #[test]
+    fn a_dispatch_without_the_ring_lock_keeps_other_drainers_out_and_lets_posts_in() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let first = post(&vq, 1);
+        let second = post(&vq, 2);
+        // The first fails (dispatched without the lock), the second succeeds.
+        complete(&vq, first, Status::Fault);
+        complete(&vq, second, Status::Ok);
+        let mut to = Meanwhile {
+            vq: &vq,
+            delivered: Vec::new(),
+            during: Vec::new(),
+        };
+        assert_eq!(vq.drain(&mut to), 2);
+        // In ring order: the other drainer took nothing while the first was dispatched (it
+        // would have delivered the second before it), and its post went through.
+        assert_eq!(to.delivered, [1, 2]);
+        assert_eq!(to.during.len(), 1);
+        let (drained, delivered, posted) = &to.during[0];
+        assert_eq!((*drained, delivered.len()), (0, 0));
+        assert_eq!(vq.in_flight(), 1);
+        complete(&vq, *posted, Status::Ok);
+        let mut after = Collect::default();
+        assert_eq!(vq.drain(&mut after), 1);
+        assert_eq!(after.delivered, [30]);
     }
 }

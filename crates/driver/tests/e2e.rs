@@ -766,6 +766,7 @@ fn a_receive_sleeper_is_not_woken_by_send_completions() {
     a.ep.recv_vec(64, 3).unwrap();
     a.ep.send_buf(&sbuf, 0..len, to_b, 3).unwrap();
     let sleeps_before = a.domain.stats().sleeps;
+    let calls_before = a.domain.stats().calls;
     let a_rx = &a.rx;
     std::thread::scope(|s| {
         let reader = s.spawn(move || {
@@ -786,6 +787,10 @@ fn a_receive_sleeper_is_not_woken_by_send_completions() {
         a.domain.stats().sleeps - sleeps_before,
         1,
         "the receive sleeper woke for the send completion"
+    );
+    assert!(
+        a.domain.stats().calls > calls_before,
+        "the call that woke it was counted"
     );
     a.tx.sread(&mut v, 1, Some(TIMEOUT)).unwrap();
     assert_eq!(v.last().unwrap().context, 3);

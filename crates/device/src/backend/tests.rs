@@ -575,8 +575,11 @@ fn kicks_are_taken_as_the_device_s_own_events() {
     assert!(own > d.backend.wake_event() + 1);
     kicker.write_all(&1u64.to_le_bytes()).unwrap();
     assert_eq!(ready_events(&epfd), [own]);
+    // Edge-triggered: reported once, though nobody read the count.
+    assert_eq!(ready_events(&epfd), [] as [u64; 0]);
 
-    // The next kick, as the device's own event: consumed by the device, and its ring served.
+    // The next kick, as the device's own event: its ring served, the kick not read (the
+    // count stays in the eventfd) and not reported again.
     d.mem
         .write_obj(
             Request::new(Opcode::AddrCheck).to_header(),
@@ -589,15 +592,40 @@ fn kicks_are_taken_as_the_device_s_own_events() {
         .unwrap();
     assert_eq!(vq0.used().idx().load(), 2);
     assert_eq!(ready_events(&epfd), [] as [u64; 0]);
-    // A kick of a disabled ring is consumed, the ring not served.
+    // Every later kick is reported once more, whatever the count holds.
+    kicker.write_all(&1u64.to_le_bytes()).unwrap();
+    assert_eq!(ready_events(&epfd), [own]);
+    kicker.write_all(&1u64.to_le_bytes()).unwrap();
+    assert_eq!(ready_events(&epfd), [own]);
+    kicker.read_exact(&mut count).unwrap();
+    assert_eq!(u64::from_le_bytes(count), 3);
+    // A kick of a disabled ring: the ring is not served.
     d.vrings[0].set_enabled(false);
     chain(&vq0, 4, &[(HDR + 0x200, 96, R), (COMP + 192, 64, W)]);
     kicker.write_all(&1u64.to_le_bytes()).unwrap();
+    assert_eq!(ready_events(&epfd), [own]);
     d.backend
         .handle_event(own as u16, EventSet::IN, &d.vrings, 0)
         .unwrap();
-    assert_eq!(ready_events(&epfd), [] as [u64; 0]);
     assert_eq!(vq0.used().idx().load(), 2);
+    // vhost-user-backend takes the fd back (it stops the ring, then registers the kick again
+    // under the ring's index, level-triggered): the count the device left in it reports at
+    // once there, and the ring's first event hands the kick back to the device.
+    // SAFETY: both fds are open; `ev` is a valid event (ignored by EPOLL_CTL_DEL).
+    let r = unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, kick_fd, &mut ev) };
+    assert_eq!(r, 0);
+    // SAFETY: as above.
+    let r = unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, kick_fd, &mut ev) };
+    assert_eq!(r, 0);
+    assert_eq!(ready_events(&epfd), [0]);
+    kicker.read_exact(&mut count).unwrap();
+    d.vrings[0].set_enabled(true);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 3);
+    kicker.write_all(&1u64.to_le_bytes()).unwrap();
+    assert_eq!(ready_events(&epfd), [own]);
 }
 
 #[test]
@@ -1186,4 +1214,41 @@ mod hostile {
             }
         }
     }
+}
+
+#[test]
+fn a_completion_waits_for_its_ring_s_lock_and_is_published_after_it() {
+    use crate::fabric::CompletionSink;
+    let d = dev();
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    d.mem
+        .write_obj(ep_open_req().to_header(), GuestAddress(HDR))
+        .unwrap();
+    chain(&vq0, 0, &[(HDR, 96, R), (COMP, 64, W)]);
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    assert_eq!(vq0.used().idx().load(), 1);
+    // Another thread holds ring 0's state: the completion neither skips the lock nor is lost.
+    let held = d.vrings[0].ring().state.lock();
+    let sink = d.backend.sink.clone();
+    let t = std::thread::spawn(move || sink.stage_and_publish(0, 5, 64));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vq0.used().idx().load(), 1);
+    drop(held);
+    t.join().unwrap();
+    assert_eq!(vq0.used().idx().load(), 2);
+    let e = vq0.used().ring().ref_at(1).unwrap().load();
+    assert_eq!((e.id(), e.len()), (5, 64));
+    // With a completion already staged, the next goes out behind it, both with one update.
+    d.vrings[0].ring().state.lock().stage(6, 64);
+    d.backend.sink.stage_and_publish(0, 7, 72);
+    assert_eq!(vq0.used().idx().load(), 4);
+    let ids: Vec<(u32, u32)> = (2..4)
+        .map(|i| {
+            let e = vq0.used().ring().ref_at(i).unwrap().load();
+            (e.id(), e.len())
+        })
+        .collect();
+    assert_eq!(ids, [(6, 64), (7, 72)]);
 }

@@ -26,9 +26,7 @@ impl Fabric {
         req: &mut Req,
         n: &mut Notify,
     ) {
-        // Nothing deferred on this device (only this device's own thread defers its requests)
-        // and no fence asked: start at once, without looking at the endpoint's queue.
-        if req.req.flags & flags::FENCE == 0 && self.devs[dev].fenced.load(Ordering::Acquire) == 0 {
+        if self.starts_at_once(dev, req) {
             return self.start_tx(dev, port, smem, req, n);
         }
         let ep = req.req.ep as usize;
@@ -47,6 +45,15 @@ impl Fabric {
             return;
         }
         self.start_tx(dev, port, smem, req, n);
+    }
+
+    /// Whether TX request `req` of `dev` starts at once: nothing is deferred on this device
+    /// (only this device's own thread defers its requests) and no fence is asked, so its
+    /// endpoint's queue need not be looked at. Inlined where requests are dispatched, so that
+    /// a send goes straight to [`Fabric::op_send`].
+    #[inline(always)]
+    pub(super) fn starts_at_once(&self, dev: usize, req: &Req) -> bool {
+        req.req.flags & flags::FENCE == 0 && self.devs[dev].fenced.load(Ordering::Acquire) == 0
     }
 
     /// Whether a FENCE request of `dev` must wait: an earlier send of its endpoint to the same

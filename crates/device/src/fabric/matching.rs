@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use tracing::debug;
 use vfabric_proto::{comp_flags, ep_open, flags, FabricAddr, Opcode, Status};
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::posted::Posted;
 use super::{
     completion_bytes, completion_used, eager_cost, msg_completion_words, recv_completion,
     recv_matches, send_ok, store_completion, Body, CompWords, Dev, Fabric, Meta, Msg, Notify, Port,
 };
-use crate::chain::{copy_stream_yielding, CopyFault, GuestMemoryMmap, Req};
+use crate::chain::{copy_stream_yielding, guest_copy, CopyFault, GuestMemoryMmap, Req};
 use crate::stats::Counters;
 
 /// Payloads up to this size are read before the destination is locked (one lock instead of
@@ -130,21 +130,35 @@ impl Fabric {
             return self.fail(dev, port, req, Status::AddrNotAvail, n);
         }
         if let Some(buf) = early {
-            if let Some(rv) = dst.posted.front().filter(|rv| rv.matches(&meta)) {
+            // Written out rather than `front().filter(..)`, which stayed a call of its own.
+            let front = match dst.posted.front() {
+                Some(rv) if rv.matches(&meta) => Some(rv),
+                _ => None,
+            };
+            if let Some(rv) = front {
                 // The commonest send, straight through: the bytes and the receive's completion
                 // (64 + 64 at most: no long copy under the lock) go into the oldest receive
                 // where it waits, through the host addresses its parse resolved, and it leaves
                 // its queue. Its chain goes to its used ring after the lock: publishing may
                 // signal the receiver's guest, whose next receive would find the lock held.
-                let placed = meta.len.min(rv.data_len());
-                let bytes = buf.get(..placed as usize).unwrap_or(buf);
-                let mut loaded = None;
-                let rmem = rv.placement_table(&dport.mem, &mut loaded);
-                if rv.write_data(rmem, bytes).is_ok() {
-                    let (c, status) = msg_completion_words(rv.cookie, rv.tagged, &meta, placed);
-                    let used = completion_used(rv.write_comp_words(rmem, &c), placed);
+                let placed = match rv.resolved() {
+                    Some((data_at, room, comp_at)) => {
+                        let placed = meta.len.min(room);
+                        // SAFETY: `data_at` holds `room` >= `placed` bytes and `comp_at` a
+                        // whole completion, in the table the record holds (mapped while it
+                        // lives, and it is in its queue until after this); `buf` is ours and
+                        // holds `meta.len` >= `placed` bytes. The bytes first: fewer values
+                        // live across the copy.
+                        unsafe { guest_copy(data_at, buf.as_ptr(), placed as usize) };
+                        let (c, status) = msg_completion_words(rv.cookie, rv.tagged, &meta, placed);
+                        // SAFETY: as above, for the completion area.
+                        unsafe { store_completion(comp_at, &c) };
+                        Some((placed, status, completion_used(Ok(()), placed)))
+                    }
+                    None => Self::place_early(&dport.mem, rv, &meta, buf),
+                };
+                if let Some((placed, status, used)) = placed {
                     let (queue, head) = (rv.queue, rv.head);
-                    drop(loaded);
                     if let Some(rv) = dst.posted.pop_front() {
                         rv.discard();
                     }
@@ -157,7 +171,6 @@ impl Fabric {
                     self.completed(ddev, &dport, queue, head, status, used, n);
                     return self.sent_inline(dev, port, smem, req, meta.len, n);
                 }
-                drop(loaded);
                 let rv = dst.posted.pop_front();
                 let dport = Arc::clone(dport);
                 drop(d);
@@ -255,6 +268,31 @@ impl Fabric {
         }
         drop(d);
         self.sent_in(dev, port, smem, req, meta.len, n);
+    }
+
+    /// [`Fabric::op_send`]'s straight placement of `buf` (message `meta`) into receive `rv`
+    /// (of a device whose guest memory is `rmem`) when its parse did not resolve both areas:
+    /// through the memory table. `(placed, raw status, used length)`, or `None` if the data
+    /// area faulted.
+    #[cold]
+    #[inline(never)]
+    fn place_early(
+        rmem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        rv: &Posted,
+        meta: &Meta,
+        buf: &[u8],
+    ) -> Option<(u64, u32, u32)> {
+        let placed = meta.len.min(rv.data_len());
+        let bytes = buf.get(..placed as usize).unwrap_or(buf);
+        let mut loaded = None;
+        let mem = rv.placement_table(rmem, &mut loaded);
+        rv.write_data(mem, bytes).ok()?;
+        let (c, status) = msg_completion_words(rv.cookie, rv.tagged, meta, placed);
+        Some((
+            placed,
+            status,
+            completion_used(rv.write_comp_words(mem, &c), placed),
+        ))
     }
 
     /// Deliver bytes the device already holds (`buf`, from send `req` of `dev`) into receive

@@ -95,9 +95,27 @@ pub(crate) trait CompletionSink: Send + Sync {
 #[derive(Clone)]
 pub(crate) struct Port {
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    pub sink: Arc<dyn CompletionSink>,
+    sink: Arc<dyn CompletionSink>,
+    /// `sink`'s identity ([`RingId::sink`]), worked out once: from a `dyn` pointer it takes
+    /// the vtable's alignment, per completion otherwise.
+    sink_id: usize,
     /// The frontend process, for regions of its own memory (`crate::xmem`); `None` in tests.
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
+}
+
+impl Port {
+    pub fn new(
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        sink: Arc<dyn CompletionSink>,
+        process: Option<Arc<crate::xmem::PeerProcess>>,
+    ) -> Self {
+        Self {
+            sink_id: RingId::of(&sink, 0).sink,
+            mem,
+            sink,
+            process,
+        }
+    }
 }
 
 /// A ring a batch completed chains of: its sink, by address (identity only, no reference
@@ -125,45 +143,67 @@ impl RingId {
 /// the ring at once and get one index update and at most one more notification when the batch
 /// is flushed (explicitly or on drop). A batch mostly touches one or two rings: they have
 /// fields of their own (no list to search, grow or drain), filled in that order and emptied
-/// together.
+/// together; the lists for more rings are made on first need, so a batch that never needs them
+/// starts, ends and drops with one word to look at.
 #[derive(Default)]
 pub(crate) struct Notify {
     first: Option<RingId>,
     second: Option<RingId>,
+    // Dropped by hand (see `Drop`): the drop glue of the field would be one more call per batch.
+    more: ManuallyDrop<Option<Box<NotifyMore>>>,
+}
+
+/// What a [`Notify`] keeps past its first two rings.
+#[derive(Default)]
+struct NotifyMore {
     /// Rings after the first two, in the order they were first completed.
-    // Both lists are dropped by hand (see `Drop`): most batches never grow them.
-    more: ManuallyDrop<Vec<RingId>>,
+    rings: Vec<RingId>,
     /// Rings with completions staged after their first, for the flush to publish.
-    staged: ManuallyDrop<Vec<(Arc<dyn CompletionSink>, u16)>>,
+    staged: Vec<(Arc<dyn CompletionSink>, u16)>,
 }
 
 impl Notify {
     /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
-    #[inline(always)]
+    #[cfg(test)]
     pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
-        let ring = RingId::of(sink, queue);
+        self.complete_ring(sink, RingId::of(sink, queue), head, len);
+    }
+
+    /// [`Notify::complete`] of a chain of `port`'s device.
+    #[inline(always)]
+    pub fn complete_at(&mut self, port: &Port, queue: u16, head: u16, len: u32) {
+        let ring = RingId {
+            sink: port.sink_id,
+            queue,
+        };
+        self.complete_ring(&port.sink, ring, head, len);
+    }
+
+    #[inline(always)]
+    fn complete_ring(&mut self, sink: &Arc<dyn CompletionSink>, ring: RingId, head: u16, len: u32) {
         // A batch's first ring, and its second (a message's two completions): inline.
         let free = match (self.first, self.second) {
             (None, _) => &mut self.first,
             (Some(f), None) if f != ring => &mut self.second,
             _ => return self.complete_more(sink, ring, head, len),
         };
-        sink.stage_and_publish(queue, head, len);
+        sink.stage_and_publish(ring.queue, head, len);
         *free = Some(ring);
     }
 
     /// [`Notify::complete`] with both ring fields filled.
     #[inline(never)]
     fn complete_more(&mut self, sink: &Arc<dyn CompletionSink>, ring: RingId, head: u16, len: u32) {
+        let more = self.more.get_or_insert_with(Default::default);
         let seen =
-            self.first == Some(ring) || self.second == Some(ring) || self.more.contains(&ring);
+            self.first == Some(ring) || self.second == Some(ring) || more.rings.contains(&ring);
         if !seen {
             sink.stage_and_publish(ring.queue, head, len);
-            return self.more.push(ring);
+            return more.rings.push(ring);
         }
         sink.stage(ring.queue, head, len);
-        if !self.staged.iter().any(|(s, q)| RingId::of(s, *q) == ring) {
-            self.staged.push((sink.clone(), ring.queue));
+        if !more.staged.iter().any(|(s, q)| RingId::of(s, *q) == ring) {
+            more.staged.push((sink.clone(), ring.queue));
         }
     }
 
@@ -171,29 +211,32 @@ impl Notify {
     /// batch.
     #[inline]
     pub fn flush(&mut self) {
-        if !self.staged.is_empty() {
-            self.publish_staged();
+        if self.more.is_some() {
+            self.flush_more();
         }
         self.first = None;
         self.second = None;
-        self.more.clear();
     }
 
+    /// [`Notify::flush`] of the lists (kept for the next batch).
     #[inline(never)]
-    fn publish_staged(&mut self) {
-        for (sink, queue) in self.staged.drain(..) {
-            sink.publish(queue);
+    fn flush_more(&mut self) {
+        if let Some(more) = self.more.as_mut() {
+            for (sink, queue) in more.staged.drain(..) {
+                sink.publish(queue);
+            }
+            more.rings.clear();
         }
     }
 }
 
 impl Drop for Notify {
-    /// Two checks where the batch ends (an out-of-line drop of the two lists cost ≈20 per
-    /// batch, nearly all of it the call).
+    /// One check where the batch ends (an out-of-line drop of the lists cost ≈20 per batch,
+    /// nearly all of it the call).
     #[inline(always)]
     fn drop(&mut self) {
-        if self.more.capacity() != 0 || self.staged.capacity() != 0 {
-            self.drop_lists();
+        if self.more.is_some() {
+            self.drop_more();
         }
     }
 }
@@ -201,15 +244,10 @@ impl Drop for Notify {
 impl Notify {
     #[cold]
     #[inline(never)]
-    fn drop_lists(&mut self) {
-        if !self.staged.is_empty() {
-            self.publish_staged();
-        }
-        // SAFETY: called once, from `drop`: the lists are not used after.
-        unsafe {
-            ManuallyDrop::drop(&mut self.more);
-            ManuallyDrop::drop(&mut self.staged);
-        }
+    fn drop_more(&mut self) {
+        self.flush_more();
+        // SAFETY: called once, from `drop`: the field is not used after.
+        unsafe { ManuallyDrop::drop(&mut self.more) };
     }
 }
 
@@ -764,7 +802,7 @@ impl Fabric {
                 if let Some(c) = self.counters.get(dev) {
                     Counters::inc(&c.bad_chains);
                 }
-                n.complete(&port.sink, req.queue, req.head, 0);
+                n.complete_at(port, req.queue, req.head, 0);
             }
         }
     }
@@ -867,7 +905,7 @@ impl Fabric {
                 Counters::inc(&cn.bad_chains);
             }
         }
-        n.complete(&port.sink, queue, head, used);
+        n.complete_at(port, queue, head, used);
     }
 
     #[inline]
@@ -978,6 +1016,9 @@ impl Fabric {
             Opcode::CommitEvent => self.op_commit_event(dev, port, req.take(), n),
             Opcode::CommitReply => self.op_commit_reply(dev, port, req.take(), n),
             Opcode::Recv | Opcode::TRecv => self.op_recv(dev, port, req, n),
+            Opcode::Send | Opcode::TSend if self.starts_at_once(dev, req) => {
+                self.op_send(dev, port, smem, req, n)
+            }
             Opcode::Send
             | Opcode::TSend
             | Opcode::RmaWrite

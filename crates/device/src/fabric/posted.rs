@@ -175,6 +175,23 @@ impl Posted {
         }
     }
 
+    /// Where a one-range record's bytes go, if its parse resolved both areas: the host
+    /// addresses of the data area's first byte and of the completion area (`COMPLETION_LEN`
+    /// bytes), and the data area's length. Both lie in the memory table the record holds (so
+    /// they stay mapped while it lives), the table a placement uses for it
+    /// ([`Posted::placement_table`]).
+    #[inline(always)]
+    pub fn resolved(&self) -> Option<(*mut u8, u64, *mut u8)> {
+        match &self.area {
+            Area::One(o) if o.table.is_some() && o.data_at != 0 && o.comp_at != 0 => Some((
+                o.data_at as *mut u8,
+                u64::from(o.data.len),
+                o.comp_at as *mut u8,
+            )),
+            _ => None,
+        }
+    }
+
     /// The memory table the receive's host addresses were resolved in, if any.
     #[inline(always)]
     pub fn table(&self) -> Option<&GuestMemoryMmap> {

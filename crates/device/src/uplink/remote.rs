@@ -356,10 +356,19 @@ pub(crate) struct AssistScope<'a> {
 }
 
 impl Drop for AssistScope<'_> {
+    // Inline: a device pass without an uplink (or nested) pays one check, not a call.
+    #[inline(always)]
     fn drop(&mut self) {
-        if self.outer {
-            return;
+        if !self.outer {
+            self.end();
         }
+    }
+}
+
+impl AssistScope<'_> {
+    /// The outermost scope ends: post what this thread queued meanwhile.
+    #[inline(never)]
+    fn end(&self) {
         let (_, pushed) = ASSIST.with(|a| a.replace((std::ptr::null(), false)));
         if pushed {
             self.outbox.assist();
