@@ -346,21 +346,27 @@ impl Side {
         }
     }
 
-    /// [`Side::retry`] for a post that found the ring full: out of line, so the posts below
-    /// stay small.
+    /// [`Side::retry`] of [`Side::post_recv`]'s receive once it found the ring full: out of
+    /// line, taking its arguments by value, so the post stores nothing for it beforehand.
     #[cold]
     #[inline(never)]
-    fn retry_full<F: FnMut() -> vfabric::Result<()>>(&self, post: F) -> Result<(), CliError> {
-        self.retry(post)
+    fn retry_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
+        self.retry(|| self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx))
+    }
+
+    /// [`Side::retry_recv`] for [`Side::post_send`].
+    #[cold]
+    #[inline(never)]
+    fn retry_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
+        self.retry(|| self.ep.send_buf(&self.sbuf, 0..size, dest, ctx))
     }
 
     /// Post a receive of `size` bytes into `rbuf`. Inline, with the retry out of line: in the
     /// ping-pong this is the whole post.
     #[inline(always)]
     pub(crate) fn post_recv(&self, size: usize, ctx: u64) -> Result<(), CliError> {
-        let post = || self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx);
-        match post() {
-            Err(vfabric::Error::Again) => self.retry_full(post),
+        match self.ep.recv_buf_from(&self.rbuf, 0..size, self.peer, ctx) {
+            Err(vfabric::Error::Again) => self.retry_recv(size, ctx),
             r => r.map_err(CliError::from),
         }
     }
@@ -368,9 +374,8 @@ impl Side {
     /// Post a send of `size` bytes from `sbuf` (inline, as [`Side::post_recv`]).
     #[inline(always)]
     pub(crate) fn post_send(&self, size: usize, dest: FiAddr, ctx: u64) -> Result<(), CliError> {
-        let post = || self.ep.send_buf(&self.sbuf, 0..size, dest, ctx);
-        match post() {
-            Err(vfabric::Error::Again) => self.retry_full(post),
+        match self.ep.send_buf(&self.sbuf, 0..size, dest, ctx) {
+            Err(vfabric::Error::Again) => self.retry_send(size, dest, ctx),
             r => r.map_err(CliError::from),
         }
     }

@@ -127,12 +127,27 @@ enum ChainState {
 #[derive(Clone, Copy, Debug)]
 struct ChainInfo {
     state: ChainState,
-    /// Descriptors in the chain.
-    len: u16,
+    /// Descriptors in the chain (bits 0..16) and how many of them are readable (bits 16..32:
+    /// a request chain's header and TX buffers; `u16::MAX` for a chain not built by
+    /// [`SplitRing::add_request`], which is never rewritten in place): see [`chain_shape`].
+    shape: u32,
     /// Its last descriptor: `release` links it to the free list without walking the chain.
     tail: u16,
     /// Writable bytes of the chain.
     writable: u64,
+}
+
+/// [`ChainInfo::shape`] of a chain of `n` descriptors, `readable` of them readable: one word, so
+/// a post compares a released chain's shape with one comparison.
+#[inline(always)]
+fn chain_shape(n: usize, readable: u16) -> u32 {
+    n as u32 | u32::from(readable) << 16
+}
+
+impl ChainInfo {
+    fn len(&self) -> u16 {
+        self.shape as u16
+    }
 }
 
 /// Writes the descriptors of one chain, following the free list.
@@ -165,6 +180,14 @@ pub(crate) struct SplitRing {
     /// The chain headed by each id.
     chains: Box<[ChainInfo]>,
     free_head: u16,
+    /// Head of the chain released last. While it is also `free_head`, no chain was published
+    /// since (a post takes `free_head`): its descriptors are still linked as that chain, at
+    /// the front of the free list, and hold what its post wrote (see
+    /// [`SplitRing::add_request`]).
+    released: u16,
+    /// Chains `add_request` wrote onto the chain released before them (for tests).
+    #[cfg(test)]
+    rewrites: u32,
     num_free: u16,
     /// Chains published and not yet returned by the device.
     chains_in_flight: u16,
@@ -223,7 +246,7 @@ impl SplitRing {
             chains: vec![
                 ChainInfo {
                     state: ChainState::Idle,
-                    len: 0,
+                    shape: chain_shape(0, u16::MAX),
                     tail: 0,
                     writable: 0,
                 };
@@ -231,6 +254,10 @@ impl SplitRing {
             ]
             .into_boxed_slice(),
             free_head: 0,
+            // No descriptor id: nothing released yet.
+            released: u16::MAX,
+            #[cfg(test)]
+            rewrites: 0,
             num_free: layout.size,
             chains_in_flight: 0,
             next_avail: Wrapping(0),
@@ -341,7 +368,8 @@ impl SplitRing {
         for (i, b) in bufs.iter().enumerate() {
             self.put(&mut w, b.addr, b.len, b.writable, i + 1 == bufs.len());
         }
-        self.publish(head, w.idx, bufs.len(), w.writable);
+        self.record(head, w.idx, bufs.len(), u16::MAX, w.writable);
+        self.publish(head);
         Ok(head)
     }
 
@@ -349,6 +377,11 @@ impl SplitRing {
     /// (writable), and publish it. The caller got `head` from [`SplitRing::next_head`] for
     /// exactly these `2 + tx.len() + rx.len()` descriptors (so the ring has room and is not
     /// broken), and the shape is right by construction: nothing is checked again.
+    ///
+    /// A chain of the same shape as the one released last from the same head (the steady
+    /// state of one request after another) takes exactly that chain's descriptors again, whose
+    /// flags and links already say what this one's would: only the buffers' addresses and
+    /// lengths are written ([`SplitRing::rewrite_request`]).
     #[inline(always)]
     pub fn add_request(
         &mut self,
@@ -360,6 +393,14 @@ impl SplitRing {
     ) {
         let n = 2 + tx.len() + rx.len();
         debug_assert!(head == self.free_head && n <= self.num_free as usize);
+        debug_assert!(head < self.layout.size);
+        // SAFETY: a head is a descriptor id, < size, the length of `chains`.
+        let last = unsafe { self.chains.get_unchecked(head as usize) };
+        if head == self.released && last.shape == chain_shape(n, 1 + tx.len() as u16) {
+            let tail_id = last.tail;
+            self.rewrite_request(head, tail_id, header, tx, rx, tail);
+            return;
+        }
         let mut w = ChainWriter {
             idx: head,
             writable: 0,
@@ -385,7 +426,69 @@ impl SplitRing {
             }
         }
         self.put(&mut w, tail.0, tail.1, true, true);
-        self.publish(head, w.idx, n, w.writable);
+        self.record(head, w.idx, n, (1 + tx.len()) as u16, w.writable);
+        self.publish(head);
+    }
+
+    /// [`SplitRing::add_request`] onto the chain released last from `head` (ending at
+    /// `tail_id`), of the same shape: the descriptors keep their flags and links, each gets
+    /// its buffer's address and length.
+    #[inline(always)]
+    fn rewrite_request(
+        &mut self,
+        head: u16,
+        tail_id: u16,
+        header: (u64, u32),
+        tx: &[(u64, u32)],
+        rx: &[(u64, u32)],
+        tail: (u64, u32),
+    ) {
+        #[cfg(test)]
+        {
+            self.rewrites += 1;
+        }
+        self.set_buffer(head, header);
+        let mut idx = head;
+        for &buf in tx {
+            idx = self.link(idx);
+            self.set_buffer(idx, buf);
+        }
+        let mut writable = u64::from(tail.1);
+        for &buf in rx {
+            idx = self.link(idx);
+            self.set_buffer(idx, buf);
+            writable += u64::from(buf.1);
+        }
+        self.set_buffer(tail_id, tail);
+        // The tail's link is where the free list went on when the chain was released.
+        self.free_head = self.link(tail_id);
+        self.num_free -= (2 + tx.len() + rx.len()) as u16;
+        // SAFETY: a head is < size, the length of `chains`.
+        let chain = unsafe { self.chains.get_unchecked_mut(head as usize) };
+        chain.state = ChainState::InFlight;
+        chain.writable = writable;
+        self.publish(head);
+    }
+
+    /// The free-list link of descriptor `idx` (< size).
+    #[inline(always)]
+    fn link(&self, idx: u16) -> u16 {
+        debug_assert!(idx < self.layout.size);
+        // SAFETY: descriptor ids are < size, the length of `links`.
+        unsafe { *self.links.get_unchecked(idx as usize) }
+    }
+
+    /// Set the address and length of descriptor `idx` (< size), leaving its flags and link.
+    #[inline(always)]
+    fn set_buffer(&mut self, idx: u16, (addr, len): (u64, u32)) {
+        debug_assert!(idx < self.layout.size);
+        // SAFETY: idx < size, so the 16-byte, 16-aligned descriptor is inside the table; its
+        // length is the u32 at byte 8.
+        unsafe {
+            let desc = self.desc_table.as_ptr().add(2 * idx as usize);
+            std::ptr::write_volatile(desc, addr.to_le());
+            std::ptr::write_volatile(desc.add(1).cast::<u32>(), len.to_le());
+        }
     }
 
     /// Write one descriptor of a chain at `w.idx` and move `w` along the free list.
@@ -419,20 +522,24 @@ impl SplitRing {
         }
     }
 
-    /// Record a written chain of `n` descriptors from `head` to `tail` and make it visible to
-    /// the device.
+    /// Record a written chain of `n` descriptors (`readable` of them readable) from `head` to
+    /// `tail`, taken off the free list.
     #[inline(always)]
-    fn publish(&mut self, head: u16, tail: u16, n: usize, writable: u64) {
+    fn record(&mut self, head: u16, tail: u16, n: usize, readable: u16, writable: u64) {
         self.num_free -= n as u16;
         debug_assert!(head < self.layout.size);
         // SAFETY: a head is a descriptor id, < size, the length of `chains`.
         *unsafe { self.chains.get_unchecked_mut(head as usize) } = ChainInfo {
             state: ChainState::InFlight,
-            len: n as u16,
+            shape: chain_shape(n, readable),
             tail,
             writable,
         };
+    }
 
+    /// Make the recorded chain at `head` visible to the device.
+    #[inline(always)]
+    fn publish(&mut self, head: u16) {
         let slot = (self.next_avail.0 & self.mask) as usize;
         // SAFETY: slot < size; the avail ring entry is a u16 inside the allocation.
         unsafe { std::ptr::write_volatile(self.avail_ring.as_ptr().add(slot), head.to_le()) };
@@ -454,14 +561,12 @@ impl SplitRing {
         self.needs_kick_fenced()
     }
 
-    /// [`SplitRing::needs_kick`] for a caller that fenced (`SeqCst`) after its last publish.
+    /// [`SplitRing::needs_kick`] for a caller that published since the last decision and
+    /// fenced (`SeqCst`) after it (a post: there is something to decide, no early way out).
     #[inline(always)]
     pub fn needs_kick_fenced(&mut self) -> bool {
         let new = self.next_avail;
         let old = self.kicked_avail;
-        if new == old {
-            return false;
-        }
         self.kicked_avail = new;
         // SAFETY: `avail_event` or the used flags, inside the allocation (see `new`).
         let control = u16::from_le(unsafe { self.kick_control.as_ref() }.load(Ordering::Relaxed));
@@ -575,15 +680,13 @@ impl SplitRing {
             debug_assert!(false, "release of head {head} in state {:?}", chain.state);
             return;
         }
-        let (n, tail) = (chain.len, chain.tail);
-        *chain = ChainInfo {
-            state: ChainState::Idle,
-            len: 0,
-            tail: 0,
-            writable: 0,
-        };
+        // The rest of the record stays: the chain's descriptors go back linked as they are,
+        // for `add_request` to take again.
+        chain.state = ChainState::Idle;
+        let (n, tail) = (chain.len(), chain.tail);
         self.links[tail as usize] = self.free_head;
         self.free_head = head;
+        self.released = head;
         self.num_free += n;
     }
 
@@ -599,18 +702,15 @@ impl SplitRing {
         // returned (the caller's guarantee).
         let chain = unsafe { self.chains.get_unchecked_mut(head as usize) };
         debug_assert_eq!(chain.state, ChainState::Returned);
-        let (n, tail) = (chain.len, chain.tail);
-        *chain = ChainInfo {
-            state: ChainState::Idle,
-            len: 0,
-            tail: 0,
-            writable: 0,
-        };
+        // As in `release`: the rest of the record stays.
+        chain.state = ChainState::Idle;
+        let (n, tail) = (chain.len(), chain.tail);
         debug_assert!(tail < self.layout.size);
-        // SAFETY: a chain's tail is a descriptor id `publish` recorded, < size, the length of
+        // SAFETY: a chain's tail is a descriptor id `record` recorded, < size, the length of
         // `links`.
         *unsafe { self.links.get_unchecked_mut(tail as usize) } = self.free_head;
         self.free_head = head;
+        self.released = head;
         self.num_free += n;
     }
 
@@ -1018,6 +1118,180 @@ mod tests {
             Err(RingError::BadChain(_))
         ));
         assert_eq!(h.ring.num_free(), 8);
+    }
+
+    /// What the device reads of a chain: (address, length, writable) per descriptor.
+    fn device_view(
+        chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> Vec<(u64, u32, bool)> {
+        chain
+            .clone()
+            .map(|d| (d.addr().0, d.len(), d.is_write_only()))
+            .collect()
+    }
+
+    /// `add_request` of (header, tx, rx, tail) with the buffers' expected device view.
+    fn request(
+        h: &mut Harness,
+        header: (u64, u32),
+        tx: &[(u64, u32)],
+        rx: &[(u64, u32)],
+        tail: (u64, u32),
+    ) -> (u16, Vec<(u64, u32, bool)>) {
+        let n = 2 + tx.len() + rx.len();
+        let head = h.ring.next_head(n).expect("room");
+        h.ring.add_request(head, header, tx, rx, tail);
+        let mut want = vec![(header.0, header.1, false)];
+        want.extend(tx.iter().map(|&(a, l)| (a, l, false)));
+        want.extend(rx.iter().map(|&(a, l)| (a, l, true)));
+        want.push((tail.0, tail.1, true));
+        (head, want)
+    }
+
+    #[test]
+    fn same_shape_request_rewrites_the_released_chain() {
+        let mut h = harness(16, true);
+        let base = h.mem.alloc(4096, 64).unwrap().addr();
+        let hdr = (base, 104);
+        let tail = (base + 320, 64);
+        // A send with one data buffer, completed and released.
+        let (head, want) = request(&mut h, hdr, &[(base + 1024, 100)], &[], tail);
+        let chain = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        assert_eq!(device_view(&chain), want);
+        h.queue.add_used(&h.dev_mem, head, 64).unwrap();
+        h.ring.pop_used().unwrap().unwrap();
+        assert_eq!(h.ring.rewrites, 0);
+        // The same shape with other buffers: the same descriptors, only addresses and lengths
+        // written.
+        let (again, want) = request(&mut h, (base, 96), &[(base + 2048, 7)], &[], tail);
+        assert_eq!((again, h.ring.rewrites), (head, 1));
+        assert_eq!(h.ring.num_free(), 13);
+        let chain = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        assert_eq!(device_view(&chain), want);
+        h.queue.add_used(&h.dev_mem, again, 64).unwrap();
+        let u = h.ring.pop_used().unwrap().unwrap();
+        assert_eq!((u.len, u.len_ok), (64, true));
+        // Another shape of the same length (a receive's data buffer instead of a send's): built
+        // anew, its writable size counted again.
+        let (recv, want) = request(
+            &mut h,
+            (base, 96),
+            &[],
+            &[(base + 3000, 50)],
+            (base + 320, 64),
+        );
+        assert_eq!((recv, h.ring.rewrites), (head, 1));
+        let chain = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        assert_eq!(device_view(&chain), want);
+        h.queue.add_used(&h.dev_mem, recv, 115).unwrap();
+        let u = h.ring.pop_used().unwrap().unwrap();
+        assert_eq!((u.len, u.len_ok), (114, false));
+        // Its repost is rewritten, with the new writable size.
+        let (recv2, want) = request(
+            &mut h,
+            (base, 96),
+            &[],
+            &[(base + 3000, 60)],
+            (base + 320, 64),
+        );
+        assert_eq!((recv2, h.ring.rewrites), (head, 2));
+        let chain = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        assert_eq!(device_view(&chain), want);
+        h.queue.add_used(&h.dev_mem, recv2, 124).unwrap();
+        let u = h.ring.pop_used().unwrap().unwrap();
+        assert_eq!((u.len, u.len_ok), (124, true));
+        assert_eq!(h.ring.num_free(), 16);
+    }
+
+    #[test]
+    fn a_chain_released_before_another_is_not_rewritten() {
+        let mut h = harness(16, true);
+        let base = h.mem.alloc(4096, 64).unwrap().addr();
+        let (a, _) = request(&mut h, (base, 96), &[], &[], (base + 320, 64));
+        let (b, _) = request(&mut h, (base + 384, 96), &[], &[], (base + 704, 64));
+        let ca = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        let cb = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        h.queue.add_used(&h.dev_mem, ca.head_index(), 64).unwrap();
+        h.queue.add_used(&h.dev_mem, cb.head_index(), 64).unwrap();
+        h.ring.pop_used().unwrap().unwrap();
+        h.ring.pop_used().unwrap().unwrap();
+        // `b` went back last: a chain of three takes b's two descriptors and one of a's, and
+        // writes all three.
+        let (c, want) = request(
+            &mut h,
+            (base, 96),
+            &[(base + 1024, 8)],
+            &[],
+            (base + 320, 64),
+        );
+        assert_eq!((c, h.ring.rewrites), (b, 0));
+        let chain = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        assert_eq!(device_view(&chain), want);
+        // What is left of a's chain heads the free list, but it is not the chain released
+        // last: a chain of its old shape is built anew.
+        let (d, want) = request(&mut h, (base + 384, 96), &[], &[], (base + 704, 64));
+        assert_ne!(d, a);
+        assert_eq!(h.ring.rewrites, 0);
+        let chain = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+        assert_eq!(device_view(&chain), want);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Random request chains (0-2 TX and RX buffers each), completed by the device in a
+        /// random order: the device reads every chain exactly as posted, whether it was built
+        /// anew or rewritten onto the chain released before it, and every head comes back with
+        /// its writable size.
+        #[test]
+        fn random_requests_reach_the_device_as_posted(
+            ops in proptest::collection::vec((0usize..3, 0usize..3, 1u32..300, 0u8..3), 1..200),
+            seed in any::<u64>(),
+        ) {
+            let mut h = harness(16, true);
+            let base = h.mem.alloc(1 << 16, 64).unwrap().addr();
+            let mut rng = seed;
+            let mut next = move || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+            let mut in_flight: std::collections::HashMap<u16, u32> = Default::default();
+            let mut device_chains = Vec::new();
+            for (ntx, nrx, len, completions) in ops {
+                let n = 2 + ntx + nrx;
+                if h.ring.num_free() as usize >= n {
+                    let mut bufs = (0..ntx + nrx + 2).map(|_| (base + next() % 60_000, 1 + (next() % u64::from(len)) as u32));
+                    let header = bufs.next().unwrap();
+                    let tx: Vec<_> = (0..ntx).map(|_| bufs.next().unwrap()).collect();
+                    let rx: Vec<_> = (0..nrx).map(|_| bufs.next().unwrap()).collect();
+                    let tail = bufs.next().unwrap();
+                    let (head, want) = request(&mut h, header, &tx, &rx, tail);
+                    prop_assert!(!in_flight.contains_key(&head));
+                    let writable = want.iter().filter(|d| d.2).map(|d| d.1).sum();
+                    in_flight.insert(head, writable);
+                    let c = h.queue.pop_descriptor_chain(&h.dev_mem).unwrap();
+                    prop_assert_eq!(c.head_index(), head);
+                    prop_assert_eq!(device_view(&c), want);
+                    device_chains.push(head);
+                }
+                for _ in 0..completions {
+                    if device_chains.is_empty() {
+                        break;
+                    }
+                    let i = (next() as usize) % device_chains.len();
+                    let c = device_chains.swap_remove(i);
+                    let writable = in_flight[&c];
+                    h.queue.add_used(&h.dev_mem, c, writable).unwrap();
+                    let u = h.ring.pop_used().unwrap().unwrap();
+                    prop_assert_eq!(in_flight.remove(&u.head), Some(writable));
+                    prop_assert!(u.len_ok && u.len == writable);
+                }
+            }
+            for c in device_chains.drain(..) {
+                h.queue.add_used(&h.dev_mem, c, 0).unwrap();
+            }
+            while let Some(u) = h.ring.pop_used().unwrap() {
+                prop_assert!(in_flight.remove(&u.head).is_some());
+            }
+            prop_assert!(in_flight.is_empty());
+            prop_assert_eq!(h.ring.num_free(), 16);
+        }
     }
 
     proptest! {
