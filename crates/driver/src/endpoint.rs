@@ -20,7 +20,8 @@ use crate::domain::DomainInner;
 use crate::hmem::HmemRegion;
 use crate::memory::SharedBuf;
 use crate::request::{
-    CopyOut, DataOp, Keepalive, Payload, PendingOp, PlainOp, Queue, Targets, Tx as TxData,
+    CopyOut, DataOp, EpRef, Keepalive, OwnBorrowedOnDrop, Payload, PendingOp, PlainOp, Queue,
+    Targets, Tx as TxData,
 };
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
 use crate::{fi, Error, Result};
@@ -238,12 +239,14 @@ impl EpShared {
     pub(crate) fn record_claim(&self, context: u64, cookie: u64) {
         self.claims.lock().unwrap().insert(context, cookie);
     }
-    pub(crate) fn reverse_lookup(&self, addr: &FabricAddr) -> FiAddr {
-        self.active
-            .get()
-            .and_then(|b| b.av.as_ref())
-            .and_then(|av| av.reverse_lookup(addr))
-            .unwrap_or(FI_ADDR_NOTAVAIL)
+    /// The AV index a completion reports for its source `addr`, of a request posted with the
+    /// index `posted` (see [`AvShared::source_of`]).
+    #[inline]
+    pub(crate) fn source_addr(&self, posted: FiAddr, addr: &FabricAddr) -> FiAddr {
+        match self.active.get().and_then(|b| b.av.as_ref()) {
+            Some(av) => av.source_of(posted, addr),
+            None => FI_ADDR_NOTAVAIL,
+        }
     }
     /// The CQ bound for receives (`is_recv`) or transmits, once enabled.
     pub(crate) fn cq(&self, is_recv: bool) -> Option<&Arc<CqShared>> {
@@ -738,10 +741,12 @@ impl Endpoint {
                 #[inline(always)]
                 || {
                     PendingOp::Plain(PlainOp {
-                        ep: ep.clone(),
+                        // SAFETY: `Drop for Endpoint` makes the record own it first.
+                        ep: unsafe { EpRef::new(ep) },
                         context,
                         fi_flags: fi::SEND | fi::MSG,
                         rx_len: 0,
+                        src_addr: FI_ADDR_UNSPEC,
                         // Built in the record.
                         _keepalive: keepalive(),
                         is_recv: false,
@@ -1048,6 +1053,7 @@ impl Endpoint {
                         context: a.context,
                         fi_flags: fi::SEND | if a.tagged { fi::TAGGED } else { fi::MSG },
                         rx_len: 0,
+                        src_addr: FI_ADDR_UNSPEC,
                         copy_out: CopyOut::None,
                         bounce,
                         _keepalive: keepalive,
@@ -1170,23 +1176,22 @@ impl Endpoint {
         let report_success = !rx_cq.1;
         // Two posts, each of one shape known here (as for `send_buf`).
         if rx_len == 0 {
-            self.post_plain_recv(buf, flags, peer, RxData::None, 0, context, report_success)
+            let rx = RxData::None;
+            self.post_plain_recv(buf, (flags, src, peer), rx, 0, context, report_success)
         } else {
             let desc = [(buf.device_addr() + range.start as u64, rx_len as u32)];
             let rx = RxData::Descs(&desc);
-            self.post_plain_recv(buf, flags, peer, rx, rx_len, context, report_success)
+            self.post_plain_recv(buf, (flags, src, peer), rx, rx_len, context, report_success)
         }
     }
 
-    /// Post a plain receive (no flags but DIRECTED, no tag) into `buf`, checked by
-    /// [`Endpoint::recv_buf_from`].
-    #[allow(clippy::too_many_arguments)]
+    /// Post a plain receive (no flags but DIRECTED, no tag) into `buf` from `src` (`peer` in
+    /// the AV), checked by [`Endpoint::recv_buf_from`].
     #[inline(always)]
     fn post_plain_recv(
         &self,
         buf: &SharedBuf,
-        flags: u64,
-        peer: FabricAddr,
+        (flags, src, peer): (u64, FiAddr, FabricAddr),
         rx: RxData<'_>,
         rx_len: usize,
         context: u64,
@@ -1204,10 +1209,13 @@ impl Endpoint {
                 #[inline(always)]
                 || {
                     PendingOp::Plain(PlainOp {
-                        ep: ep.clone(),
+                        // SAFETY: `Drop for Endpoint` makes the record own it first.
+                        ep: unsafe { EpRef::new(ep) },
                         context,
                         fi_flags: fi::RECV | fi::MSG,
                         rx_len,
+                        // The entry reports it (no look-up of the source at completion).
+                        src_addr: src,
                         // Built in the record (no move of it through the post).
                         _keepalive: Keepalive::one(buf.keepalive()),
                         is_recv: true,
@@ -1554,6 +1562,7 @@ impl Endpoint {
                         context: a.context,
                         fi_flags: fi::RECV | if a.tagged { fi::TAGGED } else { fi::MSG },
                         rx_len,
+                        src_addr: a.src,
                         copy_out,
                         bounce,
                         _keepalive: keepalive,
@@ -1581,7 +1590,7 @@ impl Endpoint {
         let me = &self.shared;
         let pred = |p: &PendingOp| {
             p.data_of()
-                .is_some_and(|(ep, ctx)| ctx == context && Arc::ptr_eq(ep, me))
+                .is_some_and(|(ep, ctx)| ctx == context && std::ptr::eq(ep, &**me))
         };
         let find = || {
             self.rx_q()
@@ -1850,6 +1859,8 @@ impl Drop for Endpoint {
     /// EP_CLOSE; the wait collects those completions, so no slot of this endpoint is still
     /// outstanding when a later endpoint reuses the id.
     fn drop(&mut self) {
+        // However this ends: the requests that still borrow the endpoint own it first.
+        let _own = OwnBorrowedOnDrop(&self.domain.queues, &self.shared);
         self.shared.closed.store(true, Ordering::Release);
         self.domain.rma.unbind_ep(self.shared.id);
         if self.domain.check_usable().is_err() {
@@ -1860,7 +1871,7 @@ impl Drop for Endpoint {
             return;
         }
         let me = &self.shared;
-        let mine = |p: &PendingOp| p.data_of().is_some_and(|(ep, _)| Arc::ptr_eq(ep, me));
+        let mine = |p: &PendingOp| p.data_of().is_some_and(|(ep, _)| std::ptr::eq(ep, &**me));
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();

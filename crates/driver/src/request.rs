@@ -5,8 +5,10 @@
 //! records (and [`crate::virtqueue::InlinePayload`]s); the ring layer knows nothing of endpoints
 //! or completion queues.
 
+use std::ptr::NonNull;
 use std::sync::Arc;
 
+use crate::av::FiAddr;
 use crate::endpoint::{iov_bytes, EpShared, Iov};
 use crate::memory::Allocation;
 use crate::virtqueue::{Finished, InlinePayload, Record, TxData, Virtqueue};
@@ -169,6 +171,9 @@ pub(crate) struct DataOp {
     pub fi_flags: u64,
     /// Receive capacity posted (bytes).
     pub rx_len: usize,
+    /// A receive's source filter as posted (`FI_ADDR_UNSPEC`: any): the index its entry
+    /// reports (see [`crate::av::AvShared::source_of`]).
+    pub src_addr: FiAddr,
     pub copy_out: CopyOut,
     /// Bounce buffer holding the payload or the received bytes.
     pub bounce: Option<Allocation>,
@@ -201,7 +206,8 @@ impl DataOp {
             && (self.is_recv || self.rx_len == 0)
     }
 
-    /// The record of this request: the compact [`PlainOp`] when it is plain.
+    /// The record of this request: the compact [`PlainOp`] when it is plain. Posts of an
+    /// [`crate::Endpoint`] only: the plain record borrows the endpoint (see [`EpRef`]).
     #[inline(always)]
     pub fn into_pending(self) -> PendingOp {
         if !self.is_plain() {
@@ -212,6 +218,7 @@ impl DataOp {
             context,
             fi_flags,
             rx_len,
+            src_addr,
             _keepalive,
             is_recv,
             report_success,
@@ -219,10 +226,13 @@ impl DataOp {
             ..
         } = self;
         PendingOp::Plain(PlainOp {
-            ep,
+            // SAFETY: the posting endpoint holds its own reference until `Endpoint::drop`,
+            // which makes the record own one first (`own_borrowed`).
+            ep: unsafe { EpRef::new(&ep) },
             context,
             fi_flags,
             rx_len,
+            src_addr,
             _keepalive,
             is_recv,
             report_success,
@@ -231,16 +241,91 @@ impl DataOp {
     }
 }
 
+/// The endpoint of a plain record, borrowed: no reference count moves per request. It stays
+/// valid while the record is plain: the endpoint keeps its own `Arc<EpShared>` until it is
+/// dropped, and before that lets go ([`own_borrowed`], from `Endpoint::drop`) it turns every
+/// plain record that borrows it into a general one holding a reference of its own.
+#[derive(Clone, Copy)]
+pub(crate) struct EpRef(NonNull<EpShared>);
+
+// SAFETY: a shared reference to an `EpShared` (which is `Sync`) that outlives the record (see
+// the type): it may go to and be used from any thread, as `&EpShared` may.
+unsafe impl Send for EpRef {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for EpRef {}
+
+impl EpRef {
+    /// Borrow `ep` for a plain record.
+    ///
+    /// # Safety
+    /// The record must not outlive the endpoint's own reference to `ep` while it borrows it:
+    /// the endpoint calls [`own_borrowed`] before it lets go of `ep`.
+    #[inline(always)]
+    pub unsafe fn new(ep: &Arc<EpShared>) -> Self {
+        Self(NonNull::from(&**ep))
+    }
+
+    /// A reference of its own, for the general record of the same request.
+    pub fn to_arc(self) -> Arc<EpShared> {
+        // SAFETY: the pointer is `Arc::as_ptr` of the endpoint's `Arc`, which is alive while
+        // a plain record borrows it (see the type): taking another strong reference is valid.
+        unsafe {
+            Arc::increment_strong_count(self.0.as_ptr());
+            Arc::from_raw(self.0.as_ptr())
+        }
+    }
+
+    pub fn is(self, ep: &EpShared) -> bool {
+        std::ptr::eq(self.0.as_ptr(), ep)
+    }
+}
+
+impl std::ops::Deref for EpRef {
+    type Target = EpShared;
+    #[inline(always)]
+    fn deref(&self) -> &EpShared {
+        // SAFETY: alive while the record borrows it (see the type).
+        unsafe { self.0.as_ref() }
+    }
+}
+
+/// Calls [`own_borrowed`] when dropped (at the end of `Endpoint::drop`, however it returns).
+pub(crate) struct OwnBorrowedOnDrop<'a>(pub &'a [Queue], pub &'a EpShared);
+
+impl Drop for OwnBorrowedOnDrop<'_> {
+    fn drop(&mut self) {
+        own_borrowed(self.0, self.1);
+    }
+}
+
+/// Before the endpoint `ep` lets go of its reference: every plain record in `queues` that
+/// borrows it becomes its general record, owning a reference (dropped when the device returns
+/// the request, as for any general record). Waits for dispatches in progress (each queue's
+/// records are then still).
+pub(crate) fn own_borrowed(queues: &[Queue], ep: &EpShared) {
+    for q in queues {
+        q.update_in_flight(|op| {
+            if matches!(op, PendingOp::Plain(p) if p.ep.is(ep)) {
+                if let PendingOp::Plain(p) = std::mem::replace(op, PendingOp::CommitReply) {
+                    *op = PendingOp::Data(p.into_data());
+                }
+            }
+        });
+    }
+}
+
 /// What a plain data request (a send, or a receive into memory the device writes in place:
 /// no copy-out, bounce buffer, device memory or PEEK/CLAIM bookkeeping) completes into: only
 /// what its CQ entry needs, a few words written at post. Its plain success is delivered from
 /// this and the completion; anything else goes through [`PlainOp::into_data`].
 pub(crate) struct PlainOp {
-    pub ep: Arc<EpShared>,
+    pub ep: EpRef,
     pub context: u64,
     pub fi_flags: u64,
     /// Receive capacity posted (bytes; 0 for a send).
     pub rx_len: usize,
+    /// As [`DataOp::src_addr`]: a directed receive's source.
+    pub src_addr: FiAddr,
     pub _keepalive: Keepalive,
     pub is_recv: bool,
     pub report_success: bool,
@@ -251,10 +336,11 @@ impl PlainOp {
     /// The general record of the same request (errors, device faults).
     pub fn into_data(self) -> DataOp {
         DataOp {
-            ep: self.ep,
+            ep: self.ep.to_arc(),
             context: self.context,
             fi_flags: self.fi_flags,
             rx_len: self.rx_len,
+            src_addr: self.src_addr,
             copy_out: CopyOut::None,
             bounce: None,
             _keepalive: self._keepalive,
@@ -288,7 +374,7 @@ pub(crate) enum PendingOp {
 
 impl PendingOp {
     /// The endpoint and context of a data request.
-    pub fn data_of(&self) -> Option<(&Arc<EpShared>, u64)> {
+    pub fn data_of(&self) -> Option<(&EpShared, u64)> {
         match self {
             PendingOp::Data(d) => Some((&d.ep, d.context)),
             PendingOp::Plain(p) => Some((&p.ep, p.context)),
@@ -298,7 +384,7 @@ impl PendingOp {
 }
 
 impl Record for PendingOp {
-    /// A plain record owns only reference counts (endpoint, shared buffers): those are
+    /// A plain record owns only the reference counts of its shared buffers: those are
     /// dropped without the enum's drop glue, which calls into every field's. The pattern
     /// names every field of `PlainOp`, so a field added later must be handled here.
     #[inline(always)]
@@ -309,10 +395,11 @@ impl Record for PendingOp {
             unsafe { &mut *this }
         };
         if let PendingOp::Plain(PlainOp {
-            ep,
+            ep: _,
             context: _,
             fi_flags: _,
             rx_len: _,
+            src_addr: _,
             _keepalive: Keepalive { first, rest },
             is_recv: _,
             report_success: _,
@@ -322,7 +409,6 @@ impl Record for PendingOp {
             // SAFETY: the fields that own something are each dropped once, and the record is
             // not used again (the caller's guarantee); the others are plain data.
             unsafe {
-                std::ptr::drop_in_place(ep);
                 std::ptr::drop_in_place(first);
                 if rest.is_some() {
                     std::ptr::drop_in_place(rest);
@@ -339,7 +425,19 @@ impl Record for PendingOp {
 mod tests {
     use super::*;
     use crate::memory::SharedMemory;
+    use crate::virtqueue::{DomainSignals, RxData};
     use std::mem::MaybeUninit;
+    use vfabric_proto::ReqHeader;
+
+    /// A queue of eight heads with one request in flight, built by `op`.
+    fn queue_with(mem: &Arc<SharedMemory>, op: impl FnOnce() -> PendingOp) -> Queue {
+        let signals = Arc::new(DomainSignals::default());
+        let q = Queue::new(mem, 1, 8, true, signals).unwrap();
+        let none = Tx::None;
+        q.post(ReqHeader::default, none, RxData::None, false, false, op)
+            .unwrap();
+        q
+    }
 
     fn data_op(ep: &Arc<EpShared>, keepalive: Keepalive) -> DataOp {
         DataOp {
@@ -347,6 +445,7 @@ mod tests {
             context: 7,
             fi_flags: 0,
             rx_len: 8,
+            src_addr: 3,
             copy_out: CopyOut::None,
             bounce: None,
             _keepalive: keepalive,
@@ -397,6 +496,33 @@ mod tests {
         drop_dispatched(PendingOp::MrEvent);
     }
 
+    /// A plain record moves no reference count of its endpoint; before the endpoint lets go
+    /// of its own (`Endpoint::drop`), the record becomes a general one that keeps the endpoint
+    /// alive until the request is done.
+    #[test]
+    fn a_plain_record_borrows_its_endpoint_until_the_endpoint_lets_go() {
+        let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();
+        let ep = EpShared::for_test();
+        let other = EpShared::for_test();
+        let gone = Arc::downgrade(&ep);
+        let q = queue_with(&mem, || data_op(&ep, Keepalive::default()).into_pending());
+        assert_eq!(Arc::strong_count(&ep), 1);
+        // Another endpoint going away leaves the record alone.
+        own_borrowed(std::slice::from_ref(&q), &other);
+        assert_eq!(Arc::strong_count(&ep), 1);
+        own_borrowed(std::slice::from_ref(&q), &ep);
+        drop(ep);
+        let ep = gone
+            .upgrade()
+            .expect("the request in flight keeps its endpoint");
+        let owned = |op: &PendingOp| matches!(op, PendingOp::Data(d) if Arc::ptr_eq(&d.ep, &ep));
+        assert!(q.find_cookie(owned).is_some());
+        drop(ep);
+        // The request done (here: its queue gone), the endpoint goes.
+        drop(q);
+        assert!(gone.upgrade().is_none());
+    }
+
     #[test]
     fn a_plain_record_converts_back_to_its_general_record() {
         let ep = EpShared::for_test();
@@ -405,7 +531,12 @@ mod tests {
         };
         let d = plain.into_data();
         assert!(d.is_plain());
-        assert_eq!((d.context, d.rx_len, d.is_recv), (7, 8, true));
+        // The general record holds a reference of its own.
+        assert_eq!(Arc::strong_count(&ep), 2);
+        assert_eq!(
+            (d.context, d.rx_len, d.src_addr, d.is_recv),
+            (7, 8, 3, true)
+        );
         assert!(d.report_success && d.report_errors);
     }
 }

@@ -907,6 +907,21 @@ impl<R> Virtqueue<R> {
             .min_by_key(|c| c >> 24)
     }
 
+    /// Change the record of every request in flight with `f`, with the ring lock held and no
+    /// dispatch going on (rare: an endpoint going away).
+    pub fn update_in_flight(&self, mut f: impl FnMut(&mut R)) {
+        let _st = self.lock_quiet();
+        for r in self.requests.iter() {
+            // SAFETY: with `state` held and no dispatch going on, no poster and no drainer
+            // touches any record.
+            let r = unsafe { &mut *r.get() };
+            if r.busy {
+                // SAFETY: initialised while `busy`.
+                f(unsafe { r.op.assume_init_mut() });
+            }
+        }
+    }
+
     /// Requests in flight (for tests and diagnostics).
     pub fn in_flight(&self) -> usize {
         let _st = self.lock_quiet();

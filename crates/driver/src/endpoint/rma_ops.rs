@@ -18,7 +18,7 @@ use vfabric_proto::{
 use super::{
     check_range, iov_bytes, iov_region, tx_reporting, Endpoint, Iov, IovKind, INJECT_CALL,
 };
-use crate::av::FiAddr;
+use crate::av::{FiAddr, FI_ADDR_UNSPEC};
 use crate::memory::SharedBuf;
 use crate::request::{CopyOut, DataOp, Keepalive, Payload, Targets, Tx as TxData};
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX};
@@ -960,6 +960,7 @@ impl Endpoint {
                         context,
                         fi_flags,
                         rx_len,
+                        src_addr: FI_ADDR_UNSPEC,
                         copy_out,
                         bounce,
                         _keepalive: keepalive,
