@@ -20,8 +20,8 @@ use crate::domain::DomainInner;
 use crate::hmem::HmemRegion;
 use crate::memory::SharedBuf;
 use crate::request::{
-    CopyOut, DataOp, EpRef, Keepalive, OwnBorrowedOnDrop, Payload, PendingOp, PlainOp, Queue,
-    Targets, Tx as TxData,
+    BufRef, CopyOut, DataOp, EpRef, Keepalive, OwnBorrowedOnDrop, Payload, PendingOp, PlainOp,
+    Queue, Targets, Tx as TxData,
 };
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
 use crate::{fi, Error, Result};
@@ -703,7 +703,7 @@ impl Endpoint {
             self.post_plain_send(
                 peer,
                 TxData::Inline(Payload::Bytes(bytes)),
-                Keepalive::default,
+                || None,
                 context,
                 (report_success, report_errors),
             )
@@ -713,7 +713,7 @@ impl Endpoint {
             self.post_plain_send(
                 peer,
                 TxData::Descs(&desc),
-                || Keepalive::one(buf.keepalive()),
+                || Some(BufRef::new(buf.lend())),
                 context,
                 (report_success, report_errors),
             )
@@ -726,7 +726,7 @@ impl Endpoint {
         &self,
         peer: FabricAddr,
         tx: TxData<'_>,
-        keepalive: impl FnOnce() -> Keepalive,
+        keepalive: impl FnOnce() -> Option<BufRef>,
         context: u64,
         (report_success, report_errors): (bool, bool),
     ) -> Result<()> {
@@ -747,8 +747,7 @@ impl Endpoint {
                         fi_flags: fi::SEND | fi::MSG,
                         rx_len: 0,
                         src_addr: FI_ADDR_UNSPEC,
-                        // Built in the record.
-                        _keepalive: keepalive(),
+                        buf: keepalive(),
                         is_recv: false,
                         report_success,
                         report_errors,
@@ -1216,8 +1215,7 @@ impl Endpoint {
                         rx_len,
                         // The entry reports it (no look-up of the source at completion).
                         src_addr: src,
-                        // Built in the record (no move of it through the post).
-                        _keepalive: Keepalive::one(buf.keepalive()),
+                        buf: Some(BufRef::new(buf.lend())),
                         is_recv: true,
                         report_success,
                         report_errors: true,

@@ -9,8 +9,9 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::av::FiAddr;
+use crate::domain::DomainInner;
 use crate::endpoint::{iov_bytes, EpShared, Iov};
-use crate::memory::Allocation;
+use crate::memory::{Allocation, Borrowers};
 use crate::virtqueue::{Finished, InlinePayload, Record, TxData, Virtqueue};
 
 /// A transmit data area whose inline bytes are a [`Payload`].
@@ -135,7 +136,8 @@ pub(crate) enum CopyOut {
 }
 
 /// Shared buffers a request keeps alive while the device may use them (one inline, more in
-/// a vector, so the common case does not allocate; an absent vector is one word to write).
+/// a vector, so the common case does not allocate; an absent vector is one word to write):
+/// [`crate::SharedBuf`] allocations only, of buffers the post's caller holds.
 #[derive(Default)]
 pub(crate) struct Keepalive {
     first: Option<Arc<Allocation>>,
@@ -204,6 +206,7 @@ impl DataOp {
             && !self.peek
             && !self.record_claim
             && (self.is_recv || self.rx_len == 0)
+            && self._keepalive.rest.is_none()
     }
 
     /// The record of this request: the compact [`PlainOp`] when it is plain. Posts of an
@@ -233,7 +236,9 @@ impl DataOp {
             fi_flags,
             rx_len,
             src_addr,
-            _keepalive,
+            // SAFETY: a kept-alive allocation is a `SharedBuf`'s, of the post's caller (see
+            // `Keepalive`): lent, it stays alive as long as the record borrows it.
+            buf: _keepalive.first.map(|a| unsafe { BufRef::lent(a) }),
             is_recv,
             report_success,
             report_errors,
@@ -289,28 +294,91 @@ impl std::ops::Deref for EpRef {
     }
 }
 
-/// Calls [`own_borrowed`] when dropped (at the end of `Endpoint::drop`, however it returns).
+/// A [`crate::SharedBuf`]'s allocation as a plain record borrows it: no reference count per
+/// request. It stays valid while the record is plain: the buffer keeps its own reference, and
+/// remembers that it lent it ([`crate::SharedBuf::lend`]); before it lets go of it, the
+/// records that still borrow it take a reference of their own ([`own_borrowed`], from the
+/// buffer's `Drop`). The buffer's checked borrows see borrowers as they see references
+/// ([`Borrowers`]).
+#[derive(Clone, Copy)]
+pub(crate) struct BufRef(NonNull<Allocation>);
+
+// SAFETY: a shared reference to an `Allocation` (which is `Sync`) that outlives the record
+// (see the type), as `EpRef`.
+unsafe impl Send for BufRef {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for BufRef {}
+
+impl BufRef {
+    /// Borrow the allocation a [`crate::SharedBuf::lend`] returned.
+    #[inline(always)]
+    pub fn new(lent: &Arc<Allocation>) -> Self {
+        Self(NonNull::from(&**lent))
+    }
+
+    /// Borrow a kept-alive allocation instead (its reference goes now).
+    ///
+    /// # Safety
+    /// `a` must be a reference to the allocation of a `SharedBuf` that lent it and is alive.
+    unsafe fn lent(a: Arc<Allocation>) -> Self {
+        Self::new(&a)
+    }
+
+    /// A reference of its own, for the general record of the same request.
+    pub fn to_arc(self) -> Arc<Allocation> {
+        // SAFETY: the pointer is `Arc::as_ptr` of the buffer's `Arc`, alive while a plain
+        // record borrows it (see the type): taking another strong reference is valid.
+        unsafe {
+            Arc::increment_strong_count(self.0.as_ptr());
+            Arc::from_raw(self.0.as_ptr())
+        }
+    }
+
+    fn is(self, a: &Allocation) -> bool {
+        std::ptr::eq(self.0.as_ptr(), a)
+    }
+}
+
+/// Calls [`own_borrowed`] for an endpoint when dropped (at the end of `Endpoint::drop`,
+/// however it returns).
 pub(crate) struct OwnBorrowedOnDrop<'a>(pub &'a [Queue], pub &'a EpShared);
 
 impl Drop for OwnBorrowedOnDrop<'_> {
     fn drop(&mut self) {
-        own_borrowed(self.0, self.1);
+        own_borrowed(self.0, |p| p.ep.is(self.1));
     }
 }
 
-/// Before the endpoint `ep` lets go of its reference: every plain record in `queues` that
-/// borrows it becomes its general record, owning a reference (dropped when the device returns
-/// the request, as for any general record). Waits for dispatches in progress (each queue's
-/// records are then still).
-pub(crate) fn own_borrowed(queues: &[Queue], ep: &EpShared) {
+/// Before an endpoint or a shared buffer lets go of its reference: every plain record in
+/// `queues` that borrows it (`borrows`) becomes its general record, owning references
+/// (dropped when the device returns the request, as for any general record). Waits for
+/// dispatches in progress (each queue's records are then still).
+pub(crate) fn own_borrowed(queues: &[Queue], borrows: impl Fn(&PlainOp) -> bool) {
     for q in queues {
         q.update_in_flight(|op| {
-            if matches!(op, PendingOp::Plain(p) if p.ep.is(ep)) {
+            if matches!(op, PendingOp::Plain(p) if borrows(p)) {
                 if let PendingOp::Plain(p) = std::mem::replace(op, PendingOp::CommitReply) {
                     *op = PendingOp::Data(p.into_data());
                 }
             }
         });
+    }
+}
+
+/// Does a plain record in `queues` borrow `buf`?
+fn borrows_buf(queues: &[Queue], buf: &Allocation) -> bool {
+    let borrows =
+        |op: &PendingOp| matches!(op, PendingOp::Plain(p) if p.buf.is_some_and(|b| b.is(buf)));
+    queues.iter().any(|q| q.find_cookie(borrows).is_some())
+}
+
+impl Borrowers for DomainInner {
+    fn borrow(&self, buf: &Allocation) -> bool {
+        borrows_buf(&self.queues, buf)
+    }
+
+    fn own_borrowed(&self, buf: &Arc<Allocation>) {
+        own_borrowed(&self.queues, |p| p.buf.is_some_and(|b| b.is(buf)));
     }
 }
 
@@ -326,7 +394,8 @@ pub(crate) struct PlainOp {
     pub rx_len: usize,
     /// As [`DataOp::src_addr`]: a directed receive's source.
     pub src_addr: FiAddr,
-    pub _keepalive: Keepalive,
+    /// The shared buffer the device uses in place, if any.
+    pub buf: Option<BufRef>,
     pub is_recv: bool,
     pub report_success: bool,
     pub report_errors: bool,
@@ -343,7 +412,10 @@ impl PlainOp {
             src_addr: self.src_addr,
             copy_out: CopyOut::None,
             bounce: None,
-            _keepalive: self._keepalive,
+            _keepalive: match self.buf {
+                Some(b) => Keepalive::one(b.to_arc()),
+                None => Keepalive::default(),
+            },
             hmem: None,
             is_recv: self.is_recv,
             peek: false,
@@ -384,37 +456,13 @@ impl PendingOp {
 }
 
 impl Record for PendingOp {
-    /// A plain record owns only the reference counts of its shared buffers: those are
-    /// dropped without the enum's drop glue, which calls into every field's. The pattern
-    /// names every field of `PlainOp`, so a field added later must be handled here.
+    /// A plain record owns nothing (it borrows its endpoint and buffer): dropping it is
+    /// nothing to do, without the enum's drop glue, which calls into every field's.
     #[inline(always)]
     unsafe fn drop_dispatched(this: *mut Self) {
-        let record = {
-            // SAFETY: `this` is valid and initialised (the caller's guarantee), and nothing
-            // else reaches the record while it is dropped.
-            unsafe { &mut *this }
-        };
-        if let PendingOp::Plain(PlainOp {
-            ep: _,
-            context: _,
-            fi_flags: _,
-            rx_len: _,
-            src_addr: _,
-            _keepalive: Keepalive { first, rest },
-            is_recv: _,
-            report_success: _,
-            report_errors: _,
-        }) = record
-        {
-            // SAFETY: the fields that own something are each dropped once, and the record is
-            // not used again (the caller's guarantee); the others are plain data.
-            unsafe {
-                std::ptr::drop_in_place(first);
-                if rest.is_some() {
-                    std::ptr::drop_in_place(rest);
-                }
-            }
-        } else {
+        const { assert!(!std::mem::needs_drop::<PlainOp>()) };
+        // SAFETY: `this` is valid and initialised (the caller's guarantee).
+        if !matches!(unsafe { &*this }, PendingOp::Plain(_)) {
             // SAFETY: the caller's guarantee.
             unsafe { std::ptr::drop_in_place(this) }
         }
@@ -472,13 +520,20 @@ mod tests {
         let bufs: Vec<Arc<Allocation>> = (0..3)
             .map(|_| Arc::new(mem.alloc(64, 64).unwrap()))
             .collect();
-        // A plain record keeping three shared buffers alive (one inline, two in the vector).
+        // A record keeping one shared buffer alive is plain: it borrows the buffer instead
+        // (the buffer's `Arc` stands in for the `SharedBuf` here) and owns nothing.
+        let op = data_op(&ep, Keepalive::one(bufs[0].clone())).into_pending();
+        assert!(matches!(op, PendingOp::Plain(PlainOp { buf: Some(_), .. })));
+        assert_eq!(Arc::strong_count(&bufs[0]), 1);
+        drop_dispatched(op);
+        assert_eq!(Arc::strong_count(&bufs[0]), 1);
+        // With three (one inline, two in the vector) it is general, and releases them all.
         let mut keepalive = Keepalive::default();
         for b in &bufs {
             keepalive.push(b.clone());
         }
         let op = data_op(&ep, keepalive).into_pending();
-        assert!(matches!(op, PendingOp::Plain(_)));
+        assert!(matches!(op, PendingOp::Data(_)));
         drop_dispatched(op);
         assert_eq!(Arc::strong_count(&ep), 1);
         assert!(bufs.iter().all(|b| Arc::strong_count(b) == 1));
@@ -508,9 +563,9 @@ mod tests {
         let q = queue_with(&mem, || data_op(&ep, Keepalive::default()).into_pending());
         assert_eq!(Arc::strong_count(&ep), 1);
         // Another endpoint going away leaves the record alone.
-        own_borrowed(std::slice::from_ref(&q), &other);
+        own_borrowed(std::slice::from_ref(&q), |p| p.ep.is(&other));
         assert_eq!(Arc::strong_count(&ep), 1);
-        own_borrowed(std::slice::from_ref(&q), &ep);
+        own_borrowed(std::slice::from_ref(&q), |p| p.ep.is(&ep));
         drop(ep);
         let ep = gone
             .upgrade()
@@ -521,6 +576,59 @@ mod tests {
         // The request done (here: its queue gone), the endpoint goes.
         drop(q);
         assert!(gone.upgrade().is_none());
+    }
+
+    /// The queues of a test as a domain's: they may borrow shared buffers.
+    struct TestQueues(Queue);
+
+    impl Borrowers for TestQueues {
+        fn borrow(&self, buf: &Allocation) -> bool {
+            borrows_buf(std::slice::from_ref(&self.0), buf)
+        }
+        fn own_borrowed(&self, buf: &Arc<Allocation>) {
+            own_borrowed(std::slice::from_ref(&self.0), |p| {
+                p.buf.is_some_and(|b| b.is(buf))
+            });
+        }
+    }
+
+    /// A plain record moves no reference count of its shared buffer; the buffer's checked
+    /// borrow sees the request, and a buffer dropped with it in flight leaves its memory to
+    /// the request until it is done.
+    #[test]
+    fn a_plain_record_borrows_its_buffer_until_the_buffer_lets_go() {
+        let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();
+        let ep = EpShared::for_test();
+        let mut buf = crate::SharedBuf::new(&mem, 256).unwrap();
+        let q = Arc::new(TestQueues(queue_with(&mem, || {
+            let mut op = data_op(&ep, Keepalive::default()).into_pending();
+            if let PendingOp::Plain(p) = &mut op {
+                p.buf = Some(BufRef::new(buf.lend()));
+            }
+            op
+        })));
+        let borrowers: std::sync::Weak<dyn Borrowers> = Arc::downgrade(&q) as _;
+        mem.set_borrowers(borrowers);
+        assert_eq!(Arc::strong_count(&buf.keepalive()), 2);
+        assert!(buf.get_mut().is_none(), "a request in flight borrows it");
+        let in_use = mem.in_use();
+        drop(buf);
+        assert_eq!(mem.in_use(), in_use, "the request keeps the memory");
+        assert!(q
+            .0
+            .find_cookie(|op| matches!(op, PendingOp::Data(_)))
+            .is_some());
+        // The request done (here: its queue gone), the memory goes back.
+        drop(q);
+        assert!(mem.in_use() < in_use);
+        // Once no request borrows it, the checked borrow is back.
+        let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();
+        let mut buf = crate::SharedBuf::new(&mem, 256).unwrap();
+        let q = Arc::new(TestQueues(queue_with(&mem, || PendingOp::MrEvent)));
+        let borrowers: std::sync::Weak<dyn Borrowers> = Arc::downgrade(&q) as _;
+        mem.set_borrowers(borrowers);
+        let _ = buf.lend();
+        assert!(buf.get_mut().is_some());
     }
 
     #[test]
