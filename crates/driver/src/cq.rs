@@ -923,6 +923,7 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
     /// drain has them.
     #[inline(always)]
     fn fast(&mut self, op: &PendingOp, c: &vfabric_proto::Completion) -> bool {
+        // Only a plain record, which owns nothing, is delivered here (see `Dispatch::fast`).
         let PendingOp::Plain(op) = op else {
             return false;
         };

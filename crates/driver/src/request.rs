@@ -12,7 +12,7 @@ use crate::av::FiAddr;
 use crate::domain::DomainInner;
 use crate::endpoint::{iov_bytes, EpShared, Iov};
 use crate::memory::{Allocation, Borrowers};
-use crate::virtqueue::{Finished, InlinePayload, Record, TxData, Virtqueue};
+use crate::virtqueue::{Finished, InlinePayload, TxData, Virtqueue};
 
 /// A transmit data area whose inline bytes are a [`Payload`].
 pub(crate) type Tx<'a> = TxData<'a, Payload<'a>>;
@@ -401,6 +401,9 @@ pub(crate) struct PlainOp {
     pub report_errors: bool,
 }
 
+// A delivered plain record is not dropped (see `Dispatch::fast`): it must own nothing.
+const _: () = assert!(!std::mem::needs_drop::<PlainOp>());
+
 impl PlainOp {
     /// The general record of the same request (errors, device faults).
     pub fn into_data(self) -> DataOp {
@@ -455,26 +458,11 @@ impl PendingOp {
     }
 }
 
-impl Record for PendingOp {
-    /// A plain record owns nothing (it borrows its endpoint and buffer): dropping it is
-    /// nothing to do, without the enum's drop glue, which calls into every field's.
-    #[inline(always)]
-    unsafe fn drop_dispatched(this: *mut Self) {
-        const { assert!(!std::mem::needs_drop::<PlainOp>()) };
-        // SAFETY: `this` is valid and initialised (the caller's guarantee).
-        if !matches!(unsafe { &*this }, PendingOp::Plain(_)) {
-            // SAFETY: the caller's guarantee.
-            unsafe { std::ptr::drop_in_place(this) }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::memory::SharedMemory;
     use crate::virtqueue::{DomainSignals, RxData};
-    use std::mem::MaybeUninit;
     use vfabric_proto::ReqHeader;
 
     /// A queue of eight heads with one request in flight, built by `op`.
@@ -506,15 +494,8 @@ mod tests {
         }
     }
 
-    /// Drop a record the way a drain does.
-    fn drop_dispatched(op: PendingOp) {
-        let mut slot = MaybeUninit::new(op);
-        // SAFETY: initialised just above and not used afterwards.
-        unsafe { PendingOp::drop_dispatched(slot.as_mut_ptr()) };
-    }
-
     #[test]
-    fn dispatched_records_release_everything_they_hold() {
+    fn records_release_everything_they_hold() {
         let mem = SharedMemory::new("vfabric-test", 1 << 16).unwrap();
         let ep = EpShared::for_test();
         let bufs: Vec<Arc<Allocation>> = (0..3)
@@ -525,7 +506,7 @@ mod tests {
         let op = data_op(&ep, Keepalive::one(bufs[0].clone())).into_pending();
         assert!(matches!(op, PendingOp::Plain(PlainOp { buf: Some(_), .. })));
         assert_eq!(Arc::strong_count(&bufs[0]), 1);
-        drop_dispatched(op);
+        drop(op);
         assert_eq!(Arc::strong_count(&bufs[0]), 1);
         // With three (one inline, two in the vector) it is general, and releases them all.
         let mut keepalive = Keepalive::default();
@@ -534,7 +515,7 @@ mod tests {
         }
         let op = data_op(&ep, keepalive).into_pending();
         assert!(matches!(op, PendingOp::Data(_)));
-        drop_dispatched(op);
+        drop(op);
         assert_eq!(Arc::strong_count(&ep), 1);
         assert!(bufs.iter().all(|b| Arc::strong_count(b) == 1));
         // A record with a bounce buffer is not plain and takes the drop glue: the buffer goes
@@ -545,10 +526,9 @@ mod tests {
         let op = op.into_pending();
         assert!(matches!(op, PendingOp::Data(_)));
         assert!(mem.in_use() > before);
-        drop_dispatched(op);
+        drop(op);
         assert_eq!(mem.in_use(), before);
         assert_eq!(Arc::strong_count(&ep), 1);
-        drop_dispatched(PendingOp::MrEvent);
     }
 
     /// A plain record moves no reference count of its endpoint; before the endpoint lets go
