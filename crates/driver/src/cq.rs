@@ -974,9 +974,10 @@ fn is_plain_success(op: &PlainOp, c: &vfabric_proto::Completion) -> bool {
 #[inline(always)]
 fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
     op.ep.count(op.fi_flags, true);
-    let Some(cq) = op.ep.cq(op.is_recv).filter(|_| op.report_success) else {
+    let Some(cq) = op.cq else {
         return;
     };
+    let cq: &CqShared = &cq;
     // The source's AV index first: its look-up may take the AV's lock, never under the CQ's.
     let (src, src_addr) = if op.is_recv {
         let s = FabricAddr::from_wire(&c.src);

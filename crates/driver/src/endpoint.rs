@@ -20,8 +20,8 @@ use crate::domain::DomainInner;
 use crate::hmem::HmemRegion;
 use crate::memory::SharedBuf;
 use crate::request::{
-    BufRef, CopyOut, DataOp, EpRef, Keepalive, OwnBorrowedOnDrop, Payload, PendingOp, PlainOp,
-    Queue, Targets, Tx as TxData,
+    BufRef, CopyOut, CqRef, DataOp, EpRef, Keepalive, OwnBorrowedOnDrop, Payload, PendingOp,
+    PlainOp, Queue, Targets, Tx as TxData,
 };
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
 use crate::{fi, Error, Result};
@@ -669,6 +669,7 @@ impl Endpoint {
         let domain = &self.domain;
         let b = self.active()?;
         let (report_success, report_errors) = tx_reporting(b.tx.as_ref(), 0)?;
+        let tx_cq = b.tx.as_ref().map(|(cq, _)| cq).filter(|_| report_success);
         let peer = Self::resolve(b, dest)?;
         check_range(buf, &range)?;
         let len = range.len();
@@ -705,7 +706,7 @@ impl Endpoint {
                 TxData::Inline(Payload::Bytes(bytes)),
                 || None,
                 context,
-                (report_success, report_errors),
+                (tx_cq, report_errors),
             )
         } else {
             let desc = [(buf.device_addr() + range.start as u64, len as u32)];
@@ -713,9 +714,10 @@ impl Endpoint {
             self.post_plain_send(
                 peer,
                 TxData::Descs(&desc),
-                || Some(BufRef::new(buf.lend())),
+                // SAFETY: lent by `buf`, whose drop makes the record own it.
+                || Some(unsafe { BufRef::new(buf.lend()) }),
                 context,
-                (report_success, report_errors),
+                (tx_cq, report_errors),
             )
         }
     }
@@ -728,7 +730,7 @@ impl Endpoint {
         tx: TxData<'_>,
         keepalive: impl FnOnce() -> Option<BufRef>,
         context: u64,
-        (report_success, report_errors): (bool, bool),
+        (cq, report_errors): (Option<&Arc<CqShared>>, bool),
     ) -> Result<()> {
         let ep = &self.shared;
         self.tx_q()
@@ -748,8 +750,9 @@ impl Endpoint {
                         rx_len: 0,
                         src_addr: FI_ADDR_UNSPEC,
                         buf: keepalive(),
+                        // SAFETY: a binding of the endpoint, frozen while it lives (as `ep`).
+                        cq: cq.map(|cq| unsafe { CqRef::new(cq) }),
                         is_recv: false,
-                        report_success,
                         report_errors,
                     })
                 },
@@ -1172,15 +1175,16 @@ impl Endpoint {
         if rx_len > u32::MAX as usize {
             return Err(Error::InvalidArgument("receive buffer over 4 GiB".into()));
         }
-        let report_success = !rx_cq.1;
+        // Unless selective: a success is reported.
+        let cq = (!rx_cq.1).then_some(&rx_cq.0);
         // Two posts, each of one shape known here (as for `send_buf`).
         if rx_len == 0 {
             let rx = RxData::None;
-            self.post_plain_recv(buf, (flags, src, peer), rx, 0, context, report_success)
+            self.post_plain_recv(buf, (flags, src, peer), rx, 0, context, cq)
         } else {
             let desc = [(buf.device_addr() + range.start as u64, rx_len as u32)];
             let rx = RxData::Descs(&desc);
-            self.post_plain_recv(buf, (flags, src, peer), rx, rx_len, context, report_success)
+            self.post_plain_recv(buf, (flags, src, peer), rx, rx_len, context, cq)
         }
     }
 
@@ -1194,7 +1198,7 @@ impl Endpoint {
         rx: RxData<'_>,
         rx_len: usize,
         context: u64,
-        report_success: bool,
+        cq: Option<&Arc<CqShared>>,
     ) -> Result<()> {
         let urgent = self.limits.plain_recv_urgent;
         let ep = &self.shared;
@@ -1215,9 +1219,11 @@ impl Endpoint {
                         rx_len,
                         // The entry reports it (no look-up of the source at completion).
                         src_addr: src,
-                        buf: Some(BufRef::new(buf.lend())),
+                        // SAFETY: lent by `buf`, whose drop makes the record own it.
+                        buf: Some(unsafe { BufRef::new(buf.lend()) }),
+                        // SAFETY: a binding of the endpoint, frozen while it lives (as `ep`).
+                        cq: cq.map(|cq| unsafe { CqRef::new(cq) }),
                         is_recv: true,
-                        report_success,
                         report_errors: true,
                     })
                 },

@@ -9,6 +9,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::av::FiAddr;
+use crate::cq::CqShared;
 use crate::domain::DomainInner;
 use crate::endpoint::{iov_bytes, EpShared, Iov};
 use crate::memory::{Allocation, Borrowers};
@@ -236,97 +237,61 @@ impl DataOp {
             fi_flags,
             rx_len,
             src_addr,
-            // SAFETY: a kept-alive allocation is a `SharedBuf`'s, of the post's caller (see
-            // `Keepalive`): lent, it stays alive as long as the record borrows it.
-            buf: _keepalive.first.map(|a| unsafe { BufRef::lent(a) }),
+            // SAFETY: a kept-alive allocation is a `SharedBuf`'s, of the post's caller, which
+            // counts it as lent (see `Keepalive`); the record's reference goes now.
+            buf: _keepalive.first.map(|a| unsafe { BufRef::new(&a) }),
+            // SAFETY: a binding of the endpoint, frozen while it lives (as `ep`).
+            cq: ep
+                .cq(is_recv)
+                .filter(|_| report_success)
+                .map(|cq| unsafe { CqRef::new(cq) }),
             is_recv,
-            report_success,
             report_errors,
         })
     }
 }
 
-/// The endpoint of a plain record, borrowed: no reference count moves per request. It stays
-/// valid while the record is plain: the endpoint keeps its own `Arc<EpShared>` until it is
-/// dropped, and before that lets go ([`own_borrowed`], from `Endpoint::drop`) it turns every
-/// plain record that borrows it into a general one holding a reference of its own.
-#[derive(Clone, Copy)]
-pub(crate) struct EpRef(NonNull<EpShared>);
+/// What a plain record borrows without a reference count (none moves per request): its
+/// endpoint ([`EpRef`]), the CQ its success goes to ([`CqRef`], one of the endpoint's frozen
+/// bindings) and the shared buffer the device uses in place ([`BufRef`]). Each stays valid
+/// while the record is plain: its owner keeps a reference of its own until, before letting go
+/// of it, it turns every plain record that borrows it into a general one holding references
+/// ([`own_borrowed`]: `Endpoint::drop` for the endpoint and its CQs, the buffer's `Drop` for a
+/// [`crate::SharedBuf`], which remembers that it lent its allocation and whose checked borrows
+/// see borrowers as they see references, see [`Borrowers`]).
+pub(crate) struct Lent<T>(NonNull<T>);
 
-// SAFETY: a shared reference to an `EpShared` (which is `Sync`) that outlives the record (see
-// the type): it may go to and be used from any thread, as `&EpShared` may.
-unsafe impl Send for EpRef {}
+pub(crate) type EpRef = Lent<EpShared>;
+pub(crate) type CqRef = Lent<CqShared>;
+pub(crate) type BufRef = Lent<Allocation>;
+
+impl<T> Clone for Lent<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Lent<T> {}
+
+// SAFETY: a shared reference to a `T` that is `Sync` and outlives the record (see the type):
+// it may go to and be used from any thread, as `&T` may.
+unsafe impl<T: Sync + Send> Send for Lent<T> {}
 // SAFETY: as for `Send`.
-unsafe impl Sync for EpRef {}
+unsafe impl<T: Sync + Send> Sync for Lent<T> {}
 
-impl EpRef {
-    /// Borrow `ep` for a plain record.
+impl<T> Lent<T> {
+    /// Borrow `a` for a plain record.
     ///
     /// # Safety
-    /// The record must not outlive the endpoint's own reference to `ep` while it borrows it:
-    /// the endpoint calls [`own_borrowed`] before it lets go of `ep`.
+    /// The owner of `a` keeps a reference until the record no longer borrows it: before it
+    /// lets go, it calls [`own_borrowed`] for the records that may (see the type).
     #[inline(always)]
-    pub unsafe fn new(ep: &Arc<EpShared>) -> Self {
-        Self(NonNull::from(&**ep))
+    pub unsafe fn new(a: &Arc<T>) -> Self {
+        Self(NonNull::from(&**a))
     }
 
     /// A reference of its own, for the general record of the same request.
-    pub fn to_arc(self) -> Arc<EpShared> {
-        // SAFETY: the pointer is `Arc::as_ptr` of the endpoint's `Arc`, which is alive while
-        // a plain record borrows it (see the type): taking another strong reference is valid.
-        unsafe {
-            Arc::increment_strong_count(self.0.as_ptr());
-            Arc::from_raw(self.0.as_ptr())
-        }
-    }
-
-    pub fn is(self, ep: &EpShared) -> bool {
-        std::ptr::eq(self.0.as_ptr(), ep)
-    }
-}
-
-impl std::ops::Deref for EpRef {
-    type Target = EpShared;
-    #[inline(always)]
-    fn deref(&self) -> &EpShared {
-        // SAFETY: alive while the record borrows it (see the type).
-        unsafe { self.0.as_ref() }
-    }
-}
-
-/// A [`crate::SharedBuf`]'s allocation as a plain record borrows it: no reference count per
-/// request. It stays valid while the record is plain: the buffer keeps its own reference, and
-/// remembers that it lent it ([`crate::SharedBuf::lend`]); before it lets go of it, the
-/// records that still borrow it take a reference of their own ([`own_borrowed`], from the
-/// buffer's `Drop`). The buffer's checked borrows see borrowers as they see references
-/// ([`Borrowers`]).
-#[derive(Clone, Copy)]
-pub(crate) struct BufRef(NonNull<Allocation>);
-
-// SAFETY: a shared reference to an `Allocation` (which is `Sync`) that outlives the record
-// (see the type), as `EpRef`.
-unsafe impl Send for BufRef {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for BufRef {}
-
-impl BufRef {
-    /// Borrow the allocation a [`crate::SharedBuf::lend`] returned.
-    #[inline(always)]
-    pub fn new(lent: &Arc<Allocation>) -> Self {
-        Self(NonNull::from(&**lent))
-    }
-
-    /// Borrow a kept-alive allocation instead (its reference goes now).
-    ///
-    /// # Safety
-    /// `a` must be a reference to the allocation of a `SharedBuf` that lent it and is alive.
-    unsafe fn lent(a: Arc<Allocation>) -> Self {
-        Self::new(&a)
-    }
-
-    /// A reference of its own, for the general record of the same request.
-    pub fn to_arc(self) -> Arc<Allocation> {
-        // SAFETY: the pointer is `Arc::as_ptr` of the buffer's `Arc`, alive while a plain
+    pub fn to_arc(self) -> Arc<T> {
+        // SAFETY: the pointer is `Arc::as_ptr` of the owner's `Arc`, alive while a plain
         // record borrows it (see the type): taking another strong reference is valid.
         unsafe {
             Arc::increment_strong_count(self.0.as_ptr());
@@ -334,8 +299,17 @@ impl BufRef {
         }
     }
 
-    fn is(self, a: &Allocation) -> bool {
+    pub fn is(self, a: &T) -> bool {
         std::ptr::eq(self.0.as_ptr(), a)
+    }
+}
+
+impl<T> std::ops::Deref for Lent<T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        // SAFETY: alive while the record borrows it (see the type).
+        unsafe { self.0.as_ref() }
     }
 }
 
@@ -388,6 +362,8 @@ impl Borrowers for DomainInner {
 /// this and the completion; anything else goes through [`PlainOp::into_data`].
 pub(crate) struct PlainOp {
     pub ep: EpRef,
+    /// Where a success entry goes (`None`: not reported, or no CQ bound).
+    pub cq: Option<CqRef>,
     pub context: u64,
     pub fi_flags: u64,
     /// Receive capacity posted (bytes; 0 for a send).
@@ -397,7 +373,6 @@ pub(crate) struct PlainOp {
     /// The shared buffer the device uses in place, if any.
     pub buf: Option<BufRef>,
     pub is_recv: bool,
-    pub report_success: bool,
     pub report_errors: bool,
 }
 
@@ -423,7 +398,7 @@ impl PlainOp {
             is_recv: self.is_recv,
             peek: false,
             record_claim: false,
-            report_success: self.report_success,
+            report_success: self.cq.is_some(),
             report_errors: self.report_errors,
         }
     }
@@ -583,7 +558,8 @@ mod tests {
         let q = Arc::new(TestQueues(queue_with(&mem, || {
             let mut op = data_op(&ep, Keepalive::default()).into_pending();
             if let PendingOp::Plain(p) = &mut op {
-                p.buf = Some(BufRef::new(buf.lend()));
+                // SAFETY: lent by `buf`, whose drop makes the record own it.
+                p.buf = Some(unsafe { BufRef::new(buf.lend()) });
             }
             op
         })));
@@ -625,6 +601,7 @@ mod tests {
             (d.context, d.rx_len, d.src_addr, d.is_recv),
             (7, 8, 3, true)
         );
-        assert!(d.report_success && d.report_errors);
+        // No CQ bound (to borrow): no success to report.
+        assert!(!d.report_success && d.report_errors);
     }
 }
