@@ -1755,7 +1755,7 @@ fn a_directed_receive_reports_its_posted_source_unless_the_av_changed() {
     // A second index of the same address: a look-up would name the first.
     let again = b.av.insert(a.ep.name()).unwrap();
     let rbuf = b.domain.alloc_buffer(64).unwrap();
-    let mut round = |from: FiAddr, ctx: u64, remove: Option<FiAddr>| {
+    let round = |from: FiAddr, ctx: u64, remove: Option<FiAddr>| {
         b.ep.recv_buf_from(&rbuf, 0..64, from, ctx).unwrap();
         if let Some(i) = remove {
             b.av.remove(i).unwrap();
