@@ -138,11 +138,15 @@ pub(crate) enum CopyOut {
 
 /// Shared buffers a request keeps alive while the device may use them (one inline, more in
 /// a vector, so the common case does not allocate; an absent vector is one word to write):
-/// [`crate::SharedBuf`] allocations only, of buffers the post's caller holds.
+/// [`crate::SharedBuf`] allocations of buffers the post's caller holds ([`Keepalive::push`]:
+/// a plain record borrows such a buffer instead), or allocations of the request's own
+/// ([`Keepalive::hold`]: its record then is general, as it owns them).
 #[derive(Default)]
 pub(crate) struct Keepalive {
     first: Option<Arc<Allocation>>,
     rest: Option<Vec<Arc<Allocation>>>,
+    /// Something was kept with [`Keepalive::hold`].
+    owns: bool,
 }
 
 impl Keepalive {
@@ -152,9 +156,17 @@ impl Keepalive {
         Self {
             first: Some(a),
             rest: None,
+            owns: false,
         }
     }
 
+    /// Keep an allocation of the request's own (nothing else refers to it) alive.
+    pub fn hold(&mut self, a: Arc<Allocation>) {
+        self.owns = true;
+        self.push(a);
+    }
+
+    /// Keep a `SharedBuf`'s allocation ([`crate::SharedBuf::keepalive`]) alive.
     #[inline(always)]
     pub fn push(&mut self, a: Arc<Allocation>) {
         if self.first.is_none() {
@@ -208,6 +220,7 @@ impl DataOp {
             && !self.record_claim
             && (self.is_recv || self.rx_len == 0)
             && self._keepalive.rest.is_none()
+            && !self._keepalive.owns
     }
 
     /// The record of this request: the compact [`PlainOp`] when it is plain. Posts of an
@@ -223,12 +236,20 @@ impl DataOp {
             fi_flags,
             rx_len,
             src_addr,
-            _keepalive,
+            copy_out,
+            bounce,
+            _keepalive: Keepalive { first, rest, .. },
+            hmem,
             is_recv,
+            peek: _,
+            record_claim: _,
             report_success,
             report_errors,
-            ..
         } = self;
+        // Empty, as `is_plain` found them: nothing to drop, and no calls into drop glue on
+        // the post path.
+        debug_assert!(rest.is_none() && bounce.is_none() && hmem.is_none());
+        std::mem::forget((copy_out, bounce, rest, hmem));
         PendingOp::Plain(PlainOp {
             // SAFETY: the posting endpoint holds its own reference until `Endpoint::drop`,
             // which makes the record own one first (`own_borrowed`).
@@ -239,7 +260,7 @@ impl DataOp {
             src_addr,
             // SAFETY: a kept-alive allocation is a `SharedBuf`'s, of the post's caller, which
             // counts it as lent (see `Keepalive`); the record's reference goes now.
-            buf: _keepalive.first.map(|a| unsafe { BufRef::new(&a) }),
+            buf: first.map(|a| unsafe { BufRef::new(&a) }),
             // SAFETY: a binding of the endpoint, frozen while it lives (as `ep`).
             cq: ep
                 .cq(is_recv)
@@ -493,6 +514,16 @@ mod tests {
         drop(op);
         assert_eq!(Arc::strong_count(&ep), 1);
         assert!(bufs.iter().all(|b| Arc::strong_count(b) == 1));
+        // An allocation of the request's own (an RMA scatter list, say) is not borrowed: its
+        // record is general and keeps it until it goes.
+        let before = mem.in_use();
+        let mut keepalive = Keepalive::default();
+        keepalive.hold(Arc::new(mem.alloc(4096, 64).unwrap()));
+        let op = data_op(&ep, keepalive).into_pending();
+        assert!(matches!(op, PendingOp::Data(_)));
+        assert!(mem.in_use() > before);
+        drop(op);
+        assert_eq!(mem.in_use(), before);
         // A record with a bounce buffer is not plain and takes the drop glue: the buffer goes
         // back too.
         let before = mem.in_use();

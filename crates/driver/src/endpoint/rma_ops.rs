@@ -843,7 +843,7 @@ impl Endpoint {
                 let lb = mem.alloc_bounce(list.len())?;
                 lb.write_at(0, list);
                 tx_descs.push(lb.device_addr(), list.len() as u32)?;
-                keepalive.push(Arc::new(lb));
+                keepalive.hold(Arc::new(lb));
             }
             let room = self
                 .max_data_descs()
@@ -866,7 +866,7 @@ impl Endpoint {
                     off += p.len();
                 }
                 tx_descs.push(bb.device_addr(), src_len as u32)?;
-                keepalive.push(Arc::new(bb));
+                keepalive.hold(Arc::new(bb));
             }
         }
 
@@ -954,6 +954,7 @@ impl Endpoint {
                 rx,
                 flags & fi::MORE != 0,
                 false,
+                #[inline(always)]
                 || {
                     DataOp {
                         ep: ep.clone(),
