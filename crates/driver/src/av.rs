@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vfabric_proto::FabricAddr;
@@ -62,6 +62,9 @@ pub(crate) struct AvShared {
     /// its write lock by every change), so a remembered answer is always the table's.
     forward: Memo,
     reverse: Memo,
+    /// An entry was ever removed: until then, every index a request was posted with still
+    /// names its address (see [`AvShared::source_of`]).
+    removed_any: AtomicBool,
 }
 
 /// One remembered answer of three words, read and written without a lock of its own (a
@@ -168,6 +171,7 @@ impl AvShared {
             table: RwLock::new(AvTable::default()),
             forward: Memo::new(),
             reverse: Memo::new(),
+            removed_any: AtomicBool::new(false),
         }
     }
 
@@ -207,6 +211,20 @@ impl AvShared {
         self.reverse_lookup_table(addr)
     }
 
+    /// The index a completion reports for its source `addr`, from a request posted with the
+    /// index `posted` (a directed receive's source; `FI_ADDR_UNSPEC`: any). The posted index
+    /// names that source unless an entry was removed since (indices are not reused, so only a
+    /// removal can make it stale): no look-up then. Otherwise, and for any source, the look-up
+    /// at completion, so an entry reports what the AV says when it is built
+    /// (`FI_ADDR_NOTAVAIL` if it has no entry for `addr`).
+    #[inline]
+    pub(crate) fn source_of(&self, posted: FiAddr, addr: &FabricAddr) -> FiAddr {
+        if posted != FI_ADDR_UNSPEC && !self.removed_any.load(Ordering::Acquire) {
+            return posted;
+        }
+        self.reverse_lookup(addr).unwrap_or(FI_ADDR_NOTAVAIL)
+    }
+
     /// [`AvShared::reverse_lookup`] in the table (and remembered).
     #[cold]
     #[inline(never)]
@@ -219,6 +237,29 @@ impl AvShared {
             .write([node, rest, found.unwrap_or(FI_ADDR_NOTAVAIL)]);
         drop(table);
         found
+    }
+
+    /// `fi_av_remove` of one index (see [`AddressVector::remove`]).
+    fn remove(&self, fi_addr: FiAddr) -> Result<()> {
+        self.update(|t| {
+            let slot = t.entries.get_mut(fi_addr as usize).ok_or_else(|| {
+                Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV"))
+            })?;
+            let Some(addr) = slot.take() else {
+                return Err(Error::InvalidArgument(format!(
+                    "fi_addr {fi_addr} already removed"
+                )));
+            };
+            // Before the write lock goes, as the memos are emptied.
+            self.removed_any.store(true, Ordering::Release);
+            if t.reverse.get(&addr) == Some(&fi_addr) {
+                t.reverse.remove(&addr);
+                if let Some(other) = t.entries.iter().position(|e| *e == Some(addr)) {
+                    t.reverse.insert(addr, other as FiAddr);
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Modify the table; remembered answers become stale.
@@ -288,23 +329,7 @@ impl AddressVector {
 
     /// `fi_av_remove`. The index is not reused.
     pub fn remove(&self, fi_addr: FiAddr) -> Result<()> {
-        self.shared.update(|t| {
-            let slot = t.entries.get_mut(fi_addr as usize).ok_or_else(|| {
-                Error::InvalidArgument(format!("fi_addr {fi_addr} not in the AV"))
-            })?;
-            let Some(addr) = slot.take() else {
-                return Err(Error::InvalidArgument(format!(
-                    "fi_addr {fi_addr} already removed"
-                )));
-            };
-            if t.reverse.get(&addr) == Some(&fi_addr) {
-                t.reverse.remove(&addr);
-                if let Some(other) = t.entries.iter().position(|e| *e == Some(addr)) {
-                    t.reverse.insert(addr, other as FiAddr);
-                }
-            }
-            Ok(())
-        })
+        self.shared.remove(fi_addr)
     }
 
     /// `fi_av_lookup`.
@@ -376,6 +401,29 @@ mod tests {
         assert_eq!(memo.read(), None);
         memo.write([1; 3]);
         assert_eq!(memo.read(), Some([1; 3]));
+    }
+
+    /// A completion reports the index its request was posted with (even where the look-up
+    /// would name another index of the same address), until an entry is removed: from then on
+    /// it reports what the table says when it is built.
+    #[test]
+    fn a_posted_source_is_reported_until_an_entry_is_removed() {
+        let av = AvShared::new();
+        let a = FabricAddr::new(1, 2, 3);
+        let b = FabricAddr::new(1, 4, 5);
+        assert_eq!(insert(&av, a), 0);
+        assert_eq!(insert(&av, a), 1);
+        assert_eq!(insert(&av, b), 2);
+        assert_eq!(av.source_of(1, &a), 1);
+        assert_eq!(av.source_of(2, &b), 2);
+        assert_eq!(av.source_of(FI_ADDR_UNSPEC, &a), 0);
+        // The posted index is removed: the look-up names the address's other index...
+        av.remove(1).unwrap();
+        assert_eq!(av.source_of(1, &a), 0);
+        // ... and none once that goes too; another index is looked up as well now.
+        av.remove(0).unwrap();
+        assert_eq!(av.source_of(0, &a), FI_ADDR_NOTAVAIL);
+        assert_eq!(av.source_of(2, &b), 2);
     }
 
     #[test]

@@ -923,6 +923,7 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
     /// drain has them.
     #[inline(always)]
     fn fast(&mut self, op: &PendingOp, c: &vfabric_proto::Completion) -> bool {
+        // Only a plain record, which owns nothing, is delivered here (see `Dispatch::fast`).
         let PendingOp::Plain(op) = op else {
             return false;
         };
@@ -973,13 +974,14 @@ fn is_plain_success(op: &PlainOp, c: &vfabric_proto::Completion) -> bool {
 #[inline(always)]
 fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
     op.ep.count(op.fi_flags, true);
-    let Some(cq) = op.ep.cq(op.is_recv).filter(|_| op.report_success) else {
+    let Some(cq) = op.cq else {
         return;
     };
+    let cq: &CqShared = &cq;
     // The source's AV index first: its look-up may take the AV's lock, never under the CQ's.
     let (src, src_addr) = if op.is_recv {
         let s = FabricAddr::from_wire(&c.src);
-        (Some(s), op.ep.reverse_lookup(&s))
+        (Some(s), op.ep.source_addr(op.src_addr, &s))
     } else {
         (None, FI_ADDR_NOTAVAIL)
     };
@@ -1126,7 +1128,7 @@ fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
         };
         copy_out(op, placed, inline_data, &mut buf);
         let s = FabricAddr::from_wire(&c.src);
-        (Some(s), op.ep.reverse_lookup(&s))
+        (Some(s), op.ep.source_addr(op.src_addr, &s))
     } else if !op.is_recv && op.rx_len > 0 && status == Status::Ok {
         // RMA_READ / fetching atomics: results come back like received bytes.
         copy_out(op, len.min(op.rx_len), inline_data, &mut buf);

@@ -788,6 +788,9 @@ impl DomainInner {
             external: Mutex::new(Vec::new()),
             retired: Mutex::new(Vec::new()),
         });
+        // Plain requests borrow the region's shared buffers (`request::BufRef`).
+        let borrowers: std::sync::Weak<dyn crate::memory::Borrowers> = Arc::downgrade(&inner) as _;
+        inner.mem.set_borrowers(borrowers);
         let caps = inner.query_caps()?;
         let info = Info::build(
             device,

@@ -20,7 +20,8 @@ use crate::domain::DomainInner;
 use crate::hmem::HmemRegion;
 use crate::memory::SharedBuf;
 use crate::request::{
-    CopyOut, DataOp, Keepalive, Payload, PendingOp, PlainOp, Queue, Targets, Tx as TxData,
+    BufRef, CopyOut, CqRef, DataOp, EpRef, Keepalive, OwnBorrowedOnDrop, Payload, PendingOp,
+    PlainOp, Queue, Targets, Tx as TxData,
 };
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX, MAX_DATA_DESCS};
 use crate::{fi, Error, Result};
@@ -238,12 +239,14 @@ impl EpShared {
     pub(crate) fn record_claim(&self, context: u64, cookie: u64) {
         self.claims.lock().unwrap().insert(context, cookie);
     }
-    pub(crate) fn reverse_lookup(&self, addr: &FabricAddr) -> FiAddr {
-        self.active
-            .get()
-            .and_then(|b| b.av.as_ref())
-            .and_then(|av| av.reverse_lookup(addr))
-            .unwrap_or(FI_ADDR_NOTAVAIL)
+    /// The AV index a completion reports for its source `addr`, of a request posted with the
+    /// index `posted` (see [`AvShared::source_of`]).
+    #[inline]
+    pub(crate) fn source_addr(&self, posted: FiAddr, addr: &FabricAddr) -> FiAddr {
+        match self.active.get().and_then(|b| b.av.as_ref()) {
+            Some(av) => av.source_of(posted, addr),
+            None => FI_ADDR_NOTAVAIL,
+        }
     }
     /// The CQ bound for receives (`is_recv`) or transmits, once enabled.
     pub(crate) fn cq(&self, is_recv: bool) -> Option<&Arc<CqShared>> {
@@ -666,6 +669,7 @@ impl Endpoint {
         let domain = &self.domain;
         let b = self.active()?;
         let (report_success, report_errors) = tx_reporting(b.tx.as_ref(), 0)?;
+        let tx_cq = b.tx.as_ref().map(|(cq, _)| cq).filter(|_| report_success);
         let peer = Self::resolve(b, dest)?;
         check_range(buf, &range)?;
         let len = range.len();
@@ -700,9 +704,9 @@ impl Endpoint {
             self.post_plain_send(
                 peer,
                 TxData::Inline(Payload::Bytes(bytes)),
-                Keepalive::default,
+                || None,
                 context,
-                (report_success, report_errors),
+                (tx_cq, report_errors),
             )
         } else {
             let desc = [(buf.device_addr() + range.start as u64, len as u32)];
@@ -710,9 +714,10 @@ impl Endpoint {
             self.post_plain_send(
                 peer,
                 TxData::Descs(&desc),
-                || Keepalive::one(buf.keepalive()),
+                // SAFETY: lent by `buf`, whose drop makes the record own it.
+                || Some(unsafe { BufRef::new(buf.lend()) }),
                 context,
-                (report_success, report_errors),
+                (tx_cq, report_errors),
             )
         }
     }
@@ -723,9 +728,9 @@ impl Endpoint {
         &self,
         peer: FabricAddr,
         tx: TxData<'_>,
-        keepalive: impl FnOnce() -> Keepalive,
+        keepalive: impl FnOnce() -> Option<BufRef>,
         context: u64,
-        (report_success, report_errors): (bool, bool),
+        (cq, report_errors): (Option<&Arc<CqShared>>, bool),
     ) -> Result<()> {
         let ep = &self.shared;
         self.tx_q()
@@ -738,14 +743,16 @@ impl Endpoint {
                 #[inline(always)]
                 || {
                     PendingOp::Plain(PlainOp {
-                        ep: ep.clone(),
+                        // SAFETY: `Drop for Endpoint` makes the record own it first.
+                        ep: unsafe { EpRef::new(ep) },
                         context,
                         fi_flags: fi::SEND | fi::MSG,
                         rx_len: 0,
-                        // Built in the record.
-                        _keepalive: keepalive(),
+                        src_addr: FI_ADDR_UNSPEC,
+                        buf: keepalive(),
+                        // SAFETY: a binding of the endpoint, frozen while it lives (as `ep`).
+                        cq: cq.map(|cq| unsafe { CqRef::new(cq) }),
                         is_recv: false,
-                        report_success,
                         report_errors,
                     })
                 },
@@ -1048,6 +1055,7 @@ impl Endpoint {
                         context: a.context,
                         fi_flags: fi::SEND | if a.tagged { fi::TAGGED } else { fi::MSG },
                         rx_len: 0,
+                        src_addr: FI_ADDR_UNSPEC,
                         copy_out: CopyOut::None,
                         bounce,
                         _keepalive: keepalive,
@@ -1167,30 +1175,30 @@ impl Endpoint {
         if rx_len > u32::MAX as usize {
             return Err(Error::InvalidArgument("receive buffer over 4 GiB".into()));
         }
-        let report_success = !rx_cq.1;
+        // Unless selective: a success is reported.
+        let cq = (!rx_cq.1).then_some(&rx_cq.0);
         // Two posts, each of one shape known here (as for `send_buf`).
         if rx_len == 0 {
-            self.post_plain_recv(buf, flags, peer, RxData::None, 0, context, report_success)
+            let rx = RxData::None;
+            self.post_plain_recv(buf, (flags, src, peer), rx, 0, context, cq)
         } else {
             let desc = [(buf.device_addr() + range.start as u64, rx_len as u32)];
             let rx = RxData::Descs(&desc);
-            self.post_plain_recv(buf, flags, peer, rx, rx_len, context, report_success)
+            self.post_plain_recv(buf, (flags, src, peer), rx, rx_len, context, cq)
         }
     }
 
-    /// Post a plain receive (no flags but DIRECTED, no tag) into `buf`, checked by
-    /// [`Endpoint::recv_buf_from`].
-    #[allow(clippy::too_many_arguments)]
+    /// Post a plain receive (no flags but DIRECTED, no tag) into `buf` from `src` (`peer` in
+    /// the AV), checked by [`Endpoint::recv_buf_from`].
     #[inline(always)]
     fn post_plain_recv(
         &self,
         buf: &SharedBuf,
-        flags: u64,
-        peer: FabricAddr,
+        (flags, src, peer): (u64, FiAddr, FabricAddr),
         rx: RxData<'_>,
         rx_len: usize,
         context: u64,
-        report_success: bool,
+        cq: Option<&Arc<CqShared>>,
     ) -> Result<()> {
         let urgent = self.limits.plain_recv_urgent;
         let ep = &self.shared;
@@ -1204,14 +1212,18 @@ impl Endpoint {
                 #[inline(always)]
                 || {
                     PendingOp::Plain(PlainOp {
-                        ep: ep.clone(),
+                        // SAFETY: `Drop for Endpoint` makes the record own it first.
+                        ep: unsafe { EpRef::new(ep) },
                         context,
                         fi_flags: fi::RECV | fi::MSG,
                         rx_len,
-                        // Built in the record (no move of it through the post).
-                        _keepalive: Keepalive::one(buf.keepalive()),
+                        // The entry reports it (no look-up of the source at completion).
+                        src_addr: src,
+                        // SAFETY: lent by `buf`, whose drop makes the record own it.
+                        buf: Some(unsafe { BufRef::new(buf.lend()) }),
+                        // SAFETY: a binding of the endpoint, frozen while it lives (as `ep`).
+                        cq: cq.map(|cq| unsafe { CqRef::new(cq) }),
                         is_recv: true,
-                        report_success,
                         report_errors: true,
                     })
                 },
@@ -1554,6 +1566,7 @@ impl Endpoint {
                         context: a.context,
                         fi_flags: fi::RECV | if a.tagged { fi::TAGGED } else { fi::MSG },
                         rx_len,
+                        src_addr: a.src,
                         copy_out,
                         bounce,
                         _keepalive: keepalive,
@@ -1581,7 +1594,7 @@ impl Endpoint {
         let me = &self.shared;
         let pred = |p: &PendingOp| {
             p.data_of()
-                .is_some_and(|(ep, ctx)| ctx == context && Arc::ptr_eq(ep, me))
+                .is_some_and(|(ep, ctx)| ctx == context && std::ptr::eq(ep, &**me))
         };
         let find = || {
             self.rx_q()
@@ -1850,6 +1863,8 @@ impl Drop for Endpoint {
     /// EP_CLOSE; the wait collects those completions, so no slot of this endpoint is still
     /// outstanding when a later endpoint reuses the id.
     fn drop(&mut self) {
+        // However this ends: the requests that still borrow the endpoint own it first.
+        let _own = OwnBorrowedOnDrop(&self.domain.queues, &self.shared);
         self.shared.closed.store(true, Ordering::Release);
         self.domain.rma.unbind_ep(self.shared.id);
         if self.domain.check_usable().is_err() {
@@ -1860,7 +1875,7 @@ impl Drop for Endpoint {
             return;
         }
         let me = &self.shared;
-        let mine = |p: &PendingOp| p.data_of().is_some_and(|(ep, _)| Arc::ptr_eq(ep, me));
+        let mine = |p: &PendingOp| p.data_of().is_some_and(|(ep, _)| std::ptr::eq(ep, &**me));
         let deadline = std::time::Instant::now() + self.domain.ctrl_timeout;
         loop {
             let _ = self.domain.progress();

@@ -23,7 +23,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::{Error, Result};
 
@@ -242,6 +242,18 @@ pub(crate) struct SharedMemory {
     bounce_lent: AtomicUsize,
     /// Whether the "region too small" warning was logged (once per region).
     warned_too_small: AtomicBool,
+    /// The requests of the domain that may borrow [`SharedBuf`]s of this region (set once the
+    /// domain exists).
+    borrowers: OnceLock<Weak<dyn Borrowers>>,
+}
+
+/// Where requests in flight may borrow a [`SharedBuf`]'s allocation without holding a
+/// reference to it (the domain's plain requests, see `crate::request::BufRef`).
+pub(crate) trait Borrowers: Send + Sync {
+    /// Does a request in flight borrow `buf`?
+    fn borrow(&self, buf: &Allocation) -> bool;
+    /// Every request in flight that borrows `buf` takes a reference of its own.
+    fn own_borrowed(&self, buf: &Arc<Allocation>);
 }
 
 // SAFETY: `base` points to a MAP_SHARED mapping owned by this object for its whole life; the
@@ -318,6 +330,7 @@ impl SharedMemory {
             pool: std::array::from_fn(|_| Mutex::new(Vec::new())),
             bounce_lent: AtomicUsize::new(0),
             warned_too_small: AtomicBool::new(false),
+            borrowers: OnceLock::new(),
         }))
     }
 
@@ -358,6 +371,7 @@ impl SharedMemory {
             pool: std::array::from_fn(|_| Mutex::new(Vec::new())),
             bounce_lent: AtomicUsize::new(0),
             warned_too_small: AtomicBool::new(false),
+            borrowers: OnceLock::new(),
         }))
     }
 
@@ -450,6 +464,15 @@ impl SharedMemory {
     /// Bytes currently allocated (bounce cache included).
     pub fn in_use(&self) -> usize {
         self.allocator.lock().unwrap().in_use()
+    }
+
+    /// Name the requests that may borrow this region's [`SharedBuf`]s (the domain's, once).
+    pub fn set_borrowers(&self, borrowers: Weak<dyn Borrowers>) {
+        let _ = self.borrowers.set(borrowers);
+    }
+
+    fn borrowers(&self) -> Option<Arc<dyn Borrowers>> {
+        self.borrowers.get()?.upgrade()
     }
 
     /// Allocate `len` bytes aligned to `align` from the region. When the region is full,
@@ -658,6 +681,9 @@ impl Drop for Allocation {
 pub struct SharedBuf {
     alloc: Arc<Allocation>,
     len: usize,
+    /// A request may borrow the allocation (set by [`SharedBuf::lend`]; cleared by a look that
+    /// finds none does).
+    lent: AtomicBool,
 }
 
 impl std::fmt::Debug for SharedBuf {
@@ -677,6 +703,7 @@ impl SharedBuf {
         Ok(Self {
             alloc: Arc::new(alloc),
             len,
+            lent: AtomicBool::new(false),
         })
     }
     pub fn len(&self) -> usize {
@@ -710,10 +737,23 @@ impl SharedBuf {
 
     /// The buffer's bytes for writing, under the same condition as [`SharedBuf::get`].
     pub fn get_mut(&mut self) -> Option<&mut [u8]> {
+        Arc::get_mut(&mut self.alloc)?;
+        if *self.lent.get_mut() {
+            if self
+                .alloc
+                .mem
+                .borrowers()
+                .is_some_and(|b| b.borrow(&self.alloc))
+            {
+                return None;
+            }
+            // None borrows it now, and `&mut self` excludes a new borrower.
+            *self.lent.get_mut() = false;
+        }
         let alloc = Arc::get_mut(&mut self.alloc)?;
-        // SAFETY: the allocation owns at least `len` bytes, and no clone of it exists: no
-        // operation the device may serve and no registration refers to it, and `&mut self`
-        // excludes posting one until the borrow ends.
+        // SAFETY: the allocation owns at least `len` bytes, no clone of it exists and no
+        // request borrows it: no operation the device may serve and no registration refers to
+        // it, and `&mut self` excludes posting one until the borrow ends.
         Some(unsafe { std::slice::from_raw_parts_mut(alloc.ptr(), self.len) })
     }
 
@@ -739,14 +779,36 @@ impl SharedBuf {
         // SAFETY: as in `as_slice`; `&mut self` excludes other Rust references to the bytes.
         unsafe { std::slice::from_raw_parts_mut(self.alloc.ptr(), self.len) }
     }
-    /// Keeps the memory alive while the device uses it.
+    /// Keeps the memory alive while the device uses it. A request may turn it into a borrow
+    /// (see [`SharedBuf::lend`]), so the buffer counts it as lent.
     #[inline]
     pub(crate) fn keepalive(&self) -> Arc<Allocation> {
-        self.alloc.clone()
+        self.lend().clone()
+    }
+
+    /// The allocation, for a request to borrow while the device uses it, without a reference
+    /// count: the buffer remembers that it lent it (a store, the first time), and before it
+    /// goes ([`Drop`]) the requests still borrowing it take a reference of their own.
+    #[inline(always)]
+    pub(crate) fn lend(&self) -> &Arc<Allocation> {
+        if !self.lent.load(Ordering::Relaxed) {
+            self.lent.store(true, Ordering::Relaxed);
+        }
+        &self.alloc
     }
     #[inline]
     pub(crate) fn memory(&self) -> &Arc<SharedMemory> {
         self.alloc.memory()
+    }
+}
+
+impl Drop for SharedBuf {
+    fn drop(&mut self) {
+        if *self.lent.get_mut() {
+            if let Some(b) = self.alloc.mem.borrowers() {
+                b.own_borrowed(&self.alloc);
+            }
+        }
     }
 }
 

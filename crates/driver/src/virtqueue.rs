@@ -120,21 +120,6 @@ fn too_big_for_a_chain() -> Error {
     Error::InvalidArgument("request does not fit a chain".into())
 }
 
-/// A request record as a queue keeps it: opaque to the queue, except for how it is dropped
-/// once dispatched.
-pub(crate) trait Record: Sized {
-    /// Drop a dispatched record in place. The default is its drop glue; a record type can do
-    /// better for records it knows own little (the glue calls into every field's).
-    ///
-    /// # Safety
-    /// As [`std::ptr::drop_in_place`]: `this` is valid and initialised, and not used again.
-    #[inline(always)]
-    unsafe fn drop_dispatched(this: *mut Self) {
-        // SAFETY: the caller's guarantee.
-        unsafe { std::ptr::drop_in_place(this) }
-    }
-}
-
 /// The driver's record of the request in flight on one head id, kept in place from post to
 /// dispatch (no moves, no allocation). `op` (opaque to the queue) is initialised exactly while
 /// `busy`: a post writes it, a dispatch drops it in place.
@@ -176,6 +161,8 @@ pub(crate) trait Dispatch<R> {
     /// (its cookie, a used length that holds it) and that received nothing inline: deliver
     /// it completely and return true, or return false to have [`Dispatch::finished`] do it
     /// without the lock. Runs no application code and posts nothing (the ring lock is held).
+    /// Returns true only for a record that owns nothing: the record is not dropped (its slot
+    /// goes back to idle as is; a record that owned something would leak it).
     fn fast(&mut self, op: &R, completion: &Completion) -> bool;
     /// Any other returned request, without the ring lock.
     fn finished(&mut self, f: Finished<'_, R>);
@@ -611,10 +598,7 @@ impl<R> Virtqueue<R> {
     /// after it. The ring lock is the only lock of a drain: a plain completion is taken,
     /// checked, delivered and its head given back in one hold.
     #[inline(always)]
-    pub fn drain(&self, to: &mut impl Dispatch<R>) -> usize
-    where
-        R: Record,
-    {
+    pub fn drain(&self, to: &mut impl Dispatch<R>) -> usize {
         let mut st = self.lock();
         if st.dispatching {
             return 0;
@@ -764,10 +748,7 @@ impl<R> Virtqueue<R> {
         u: &UsedElem,
         completion: &mut MaybeUninit<Completion>,
         to: &mut impl Dispatch<R>,
-    ) -> Taken
-    where
-        R: Record,
-    {
+    ) -> Taken {
         // SAFETY: the device returned this head and it is not released yet, so no post can
         // reuse it; we are the queue's only drainer (holding `state`). The ring checked the
         // head (< size, the number of records).
@@ -803,9 +784,8 @@ impl<R> Virtqueue<R> {
             // SAFETY: initialised while `busy`.
             && to.fast(unsafe { record.op.assume_init_ref() }, c)
         {
+            // Owns nothing (see `Dispatch::fast`): back to idle without a drop.
             record.busy = false;
-            // SAFETY: initialised until now; `busy` is already cleared, so it is dropped once.
-            unsafe { R::drop_dispatched(record.op.as_mut_ptr()) };
             return Taken::Done;
         }
         Taken::Slow {
@@ -823,9 +803,7 @@ impl<R> Virtqueue<R> {
         completion: Option<&Completion>,
         device_fault: bool,
         to: &mut impl Dispatch<R>,
-    ) where
-        R: Record,
-    {
+    ) {
         // SAFETY: as in `take`: the head is not released yet and we are marked `dispatching`.
         let record = unsafe { &mut *self.requests[u.head as usize].get() };
         let inline_rx = record.inline_rx as usize;
@@ -855,7 +833,7 @@ impl<R> Virtqueue<R> {
         });
         record.busy = false;
         // SAFETY: initialised until now; `busy` is already cleared, so it is dropped once.
-        unsafe { R::drop_dispatched(record.op.as_mut_ptr()) };
+        unsafe { record.op.assume_init_drop() };
     }
 
     #[cold]
@@ -907,6 +885,21 @@ impl<R> Virtqueue<R> {
             .min_by_key(|c| c >> 24)
     }
 
+    /// Change the record of every request in flight with `f`, with the ring lock held and no
+    /// dispatch going on (rare: an endpoint going away).
+    pub fn update_in_flight(&self, mut f: impl FnMut(&mut R)) {
+        let _st = self.lock_quiet();
+        for r in self.requests.iter() {
+            // SAFETY: with `state` held and no dispatch going on, no poster and no drainer
+            // touches any record.
+            let r = unsafe { &mut *r.get() };
+            if r.busy {
+                // SAFETY: initialised while `busy`.
+                f(unsafe { r.op.assume_init_mut() });
+            }
+        }
+    }
+
     /// Requests in flight (for tests and diagnostics).
     pub fn in_flight(&self) -> usize {
         let _st = self.lock_quiet();
@@ -927,7 +920,6 @@ mod tests {
 
     /// A request record that is just a number.
     struct Op(u64);
-    impl Record for Op {}
 
     fn queue(signals: &Arc<DomainSignals>) -> (Arc<SharedMemory>, Virtqueue<Op>) {
         let mem = SharedMemory::new("vfabric-test", 1 << 20).unwrap();

@@ -1710,3 +1710,64 @@ fn transfer_larger_than_the_region_fails_at_once() {
     b.ep.recv_vec(300 << 10, 5).unwrap();
     assert!(matches!(b.ep.recv_vec(300 << 10, 6), Err(Error::Again)));
 }
+
+/// A plain receive borrows its shared buffer without a reference count: the buffer's checked
+/// borrow still sees it in flight, and a buffer dropped with the receive in flight keeps its
+/// memory until the receive completes, so a buffer allocated meanwhile never gets it (the
+/// message lands in the dropped buffer's memory, not in the new one).
+#[test]
+fn a_buffer_dropped_with_a_receive_in_flight_keeps_its_memory_until_it_completes() {
+    let r = rig(2);
+    let (a, b, to_b, _) = pair(&r);
+    let mut rbuf = b.domain.alloc_buffer(256).unwrap();
+    let old = rbuf.addr();
+    b.ep.recv_buf(&rbuf, 0..256, 7).unwrap();
+    assert!(rbuf.get_mut().is_none(), "the device may write the buffer");
+    drop(rbuf);
+    let mut fresh = b.domain.alloc_buffer(256).unwrap();
+    assert_ne!(
+        fresh.addr(),
+        old,
+        "memory of a receive in flight was reused"
+    );
+    fresh.get_mut().unwrap().fill(0x5a);
+    post_retry(|| a.ep.send(&[0xa5; 200], to_b, 1), &a.domain);
+    next_ok(&a.tx);
+    let e = next_ok(&b.rx);
+    assert_eq!((e.context, e.len), (7, 200));
+    assert!(fresh.get().unwrap().iter().all(|&x| x == 0x5a));
+    // A receive into `fresh`, completed: its checked borrow is back.
+    b.ep.recv_buf(&fresh, 0..256, 8).unwrap();
+    assert!(fresh.get().is_none());
+    post_retry(|| a.ep.send(&[0xa5; 20], to_b, 2), &a.domain);
+    next_ok(&a.tx);
+    assert_eq!(next_ok(&b.rx).context, 8);
+    assert_eq!(fresh.get().unwrap()[..20], [0xa5; 20]);
+}
+
+/// A directed receive's entry reports the AV index it was posted with (no look-up of the
+/// source), unless an AV entry was removed meanwhile: then the index the AV has for the source
+/// when the entry is built (here the address's second index).
+#[test]
+fn a_directed_receive_reports_its_posted_source_unless_the_av_changed() {
+    let r = rig(2);
+    let (a, b, to_b, a_at_b) = pair(&r);
+    // A second index of the same address: a look-up would name the first.
+    let again = b.av.insert(a.ep.name()).unwrap();
+    let rbuf = b.domain.alloc_buffer(64).unwrap();
+    let round = |from: FiAddr, ctx: u64, remove: Option<FiAddr>| {
+        b.ep.recv_buf_from(&rbuf, 0..64, from, ctx).unwrap();
+        if let Some(i) = remove {
+            b.av.remove(i).unwrap();
+        }
+        post_retry(|| a.ep.send(&[1; 8], to_b, ctx), &a.domain);
+        next_ok(&a.tx);
+        let e = next_ok(&b.rx);
+        assert_eq!(e.context, ctx);
+        e.src_addr
+    };
+    assert_eq!(round(again, 1, None), again);
+    assert_eq!(round(a_at_b, 2, None), a_at_b);
+    // Posted from the first index, which goes before the message arrives: the second.
+    assert_eq!(round(a_at_b, 3, Some(a_at_b)), again);
+}

@@ -18,7 +18,7 @@ use vfabric_proto::{
 use super::{
     check_range, iov_bytes, iov_region, tx_reporting, Endpoint, Iov, IovKind, INJECT_CALL,
 };
-use crate::av::FiAddr;
+use crate::av::{FiAddr, FI_ADDR_UNSPEC};
 use crate::memory::SharedBuf;
 use crate::request::{CopyOut, DataOp, Keepalive, Payload, Targets, Tx as TxData};
 use crate::virtqueue::{DescList, RxData, INLINE_RX_MAX, INLINE_TX_MAX};
@@ -843,7 +843,7 @@ impl Endpoint {
                 let lb = mem.alloc_bounce(list.len())?;
                 lb.write_at(0, list);
                 tx_descs.push(lb.device_addr(), list.len() as u32)?;
-                keepalive.push(Arc::new(lb));
+                keepalive.hold(Arc::new(lb));
             }
             let room = self
                 .max_data_descs()
@@ -866,7 +866,7 @@ impl Endpoint {
                     off += p.len();
                 }
                 tx_descs.push(bb.device_addr(), src_len as u32)?;
-                keepalive.push(Arc::new(bb));
+                keepalive.hold(Arc::new(bb));
             }
         }
 
@@ -954,12 +954,14 @@ impl Endpoint {
                 rx,
                 flags & fi::MORE != 0,
                 false,
+                #[inline(always)]
                 || {
                     DataOp {
                         ep: ep.clone(),
                         context,
                         fi_flags,
                         rx_len,
+                        src_addr: FI_ADDR_UNSPEC,
                         copy_out,
                         bounce,
                         _keepalive: keepalive,
