@@ -414,6 +414,58 @@ pub(crate) unsafe fn guest_copy(dst: *mut u8, src: *const u8, n: usize) {
     }
 }
 
+/// Copy `n` bytes (at most [`SMALL_MOVE`]) from guest memory at `src` to guest memory at
+/// `dst`, the two ranges possibly overlapping (a loopback send placed into its own device's
+/// receive, whose buffers the guest may make overlap): every byte is loaded before any is
+/// stored, in at most four loads and four stores of a constant size (no call of `memmove`).
+///
+/// # Safety
+/// `src` must be valid for reads and `dst` for writes of `n` bytes, `n` <= [`SMALL_MOVE`].
+#[inline(always)]
+pub(crate) unsafe fn guest_move_small(dst: *mut u8, src: *const u8, n: usize) {
+    debug_assert!(n <= SMALL_MOVE);
+    // SAFETY: each load and store below lies within the first `n` bytes at `src` or `dst`
+    // (the caller's contract): blocks at offset 0 and ending at `n`, of a size at most `n`;
+    // unaligned accesses, as guest memory may be.
+    unsafe {
+        if n >= 32 {
+            // [0, 32) and [n - 32, n) cover n <= 64.
+            let a = src.cast::<u128>().read_unaligned();
+            let b = src.add(16).cast::<u128>().read_unaligned();
+            let c = src.add(n - 32).cast::<u128>().read_unaligned();
+            let d = src.add(n - 16).cast::<u128>().read_unaligned();
+            dst.cast::<u128>().write_unaligned(a);
+            dst.add(16).cast::<u128>().write_unaligned(b);
+            dst.add(n - 32).cast::<u128>().write_unaligned(c);
+            dst.add(n - 16).cast::<u128>().write_unaligned(d);
+        } else if n >= 16 {
+            let a = src.cast::<u128>().read_unaligned();
+            let b = src.add(n - 16).cast::<u128>().read_unaligned();
+            dst.cast::<u128>().write_unaligned(a);
+            dst.add(n - 16).cast::<u128>().write_unaligned(b);
+        } else if n >= 8 {
+            let a = src.cast::<u64>().read_unaligned();
+            let b = src.add(n - 8).cast::<u64>().read_unaligned();
+            dst.cast::<u64>().write_unaligned(a);
+            dst.add(n - 8).cast::<u64>().write_unaligned(b);
+        } else if n >= 4 {
+            let a = src.cast::<u32>().read_unaligned();
+            let b = src.add(n - 4).cast::<u32>().read_unaligned();
+            dst.cast::<u32>().write_unaligned(a);
+            dst.add(n - 4).cast::<u32>().write_unaligned(b);
+        } else if n > 0 {
+            // Bytes 0, n / 2 and n - 1 cover n <= 3.
+            let (a, b, c) = (src.read(), src.add(n / 2).read(), src.add(n - 1).read());
+            dst.write(a);
+            dst.add(n / 2).write(b);
+            dst.add(n - 1).write(c);
+        }
+    }
+}
+
+/// The most bytes [`guest_move_small`] copies.
+pub(crate) const SMALL_MOVE: usize = 64;
+
 /// Bytes a large transfer copies between two chances for a poller to serve its other devices
 /// (a few microseconds of copying).
 pub(crate) const COPY_CHUNK: u64 = 64 << 10;
@@ -590,6 +642,20 @@ impl Req {
             usable += usize::from(r.in_table(mem, at).is_some());
         }
         (agree, usable)
+    }
+
+    /// The host address of the payload's first `len` bytes, if the parse resolved it in `mem`
+    /// and the payload's first segment holds them (in `mem`'s mappings while it is borrowed).
+    #[inline(always)]
+    pub fn payload_at(&self, mem: &GuestMemoryMmap, len: usize) -> Option<*const u8> {
+        first_seg_at(
+            &self.resolved,
+            mem,
+            self.resolved.payload,
+            &self.payload,
+            len,
+        )
+        .map(|at| at as *const u8)
     }
 
     /// Read the first `buf.len()` bytes of the payload.
@@ -1867,6 +1933,23 @@ mod tests {
             }
         }
         assert!(taken[0] > 0 && taken[1] > 0, "{taken:?}");
+    }
+
+    #[test]
+    fn guest_move_small_copies_overlapping_ranges_as_memmove_does() {
+        for n in 0..=SMALL_MOVE {
+            for shift in -9isize..=9 {
+                let src_off = 20usize;
+                let dst_off = (20 + shift) as usize;
+                let mut buf: Vec<u8> = (0..128u8).map(|i| i.wrapping_mul(7) ^ 0x5a).collect();
+                let mut want = buf.clone();
+                want.copy_within(src_off..src_off + n, dst_off);
+                let p = buf.as_mut_ptr();
+                // SAFETY: both ranges lie within `buf` (20 + 9 + 64 < 128).
+                unsafe { guest_move_small(p.add(dst_off), p.add(src_off), n) };
+                assert_eq!(buf, want, "n {n} shift {shift}");
+            }
+        }
     }
 
     #[test]

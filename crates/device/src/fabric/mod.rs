@@ -21,8 +21,9 @@
 //! bytes: a send reads its own endpoint's generation and kind without a lock
 //! ([`DevCell::ep_words`]), locks the destination device to match, takes the matched receive
 //! (or held send) out of the queue, releases the lock, and only then copies. The one exception
-//! is bounded: an eager payload of at most 64 bytes, read before the lock, is written with its
-//! completion straight into the oldest receive if that one takes it (`Fabric::op_send`).
+//! is bounded: an eager payload of at most 64 bytes is written with its completion straight
+//! into the oldest receive if that one takes it (`Fabric::op_send`), moved from the sender's
+//! guest memory where its parse resolved it (else read onto the stack before the lock).
 //! Messages from one source endpoint stay in order because one device's requests are handled
 //! by one thread at a time (the backend's pass lock).
 //!
