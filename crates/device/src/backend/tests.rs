@@ -1163,7 +1163,7 @@ fn simple_chains_parse_as_the_general_walk() {
             let ctx = ParseCtx::new(rig.limits.clone(), ALL_FEATURES);
             view.pop(&mut next, &mem, 64, &ctx, &mut slot, |slot, v| {
                 // A plain receive's streams as the general parse gives them.
-                let v = v.general(slot);
+                let v = (*v).general(slot);
                 // Host addresses the walk resolved are those of the streams' first bytes (the
                 // completion's at least, on the fast path, and none on the general walk), used
                 // through that table only.
@@ -1285,7 +1285,7 @@ mod hostile {
             let mut slot = Req::blank(queue, 0);
             let ctx = crate::chain::ParseCtx::new(rig.limits.clone(), acked);
             let fast_res = view.pop(&mut fast_next, &mem, 64, &ctx, &mut slot, |slot, v| {
-                let v = v.general(slot);
+                let v = (*v).general(slot);
                 // Resolved host addresses are those of the streams' first bytes.
                 assert!(slot.resolved_agree(&mem).0);
                 fast.push(Parsed::new(slot.clone(), v));

@@ -626,7 +626,7 @@ impl Fabric {
         dev: usize,
         port: &Port,
         req: &mut Req,
-        rx: PlainRx,
+        rx: &PlainRx,
         n: &mut Notify,
     ) {
         let ep = req.req.ep as usize;
@@ -643,7 +643,7 @@ impl Fabric {
             }
             return;
         }
-        self.recv_plain_apart(dev, port, req, rx, d, n);
+        self.recv_plain_apart(dev, port, req, *rx, d, n);
     }
 
     /// [`Fabric::op_recv_plain`]'s other cases: the receive with the streams the general parse

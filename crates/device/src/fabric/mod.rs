@@ -784,13 +784,13 @@ impl Fabric {
         port: &Port,
         mem: &GuestMemoryMmap,
         req: &mut Req,
-        v: Verdict,
+        v: &Verdict,
         acked: u64,
         n: &mut Notify,
     ) {
-        match v {
+        match *v {
             Verdict::Req => self.dispatch(dev, port, Some(mem), req, acked, n),
-            Verdict::Recv(rx) => self.op_recv_plain(dev, port, req, rx, n),
+            Verdict::Recv(ref rx) => self.op_recv_plain(dev, port, req, rx, n),
             Verdict::Reject { status, cookie } => {
                 debug!(dev, req.queue, req.head, ?status, "request rejected");
                 let c = completion(status, cookie);
@@ -831,7 +831,7 @@ impl Fabric {
         let mem = port.mem.memory();
         for p in parsed.drain(..) {
             let (mut req, v) = p.split();
-            self.handle_one(dev, &port, &mem, &mut req, v, acked, n);
+            self.handle_one(dev, &port, &mem, &mut req, &v, acked, n);
         }
         self.end_batch(n);
         n.flush();
