@@ -183,10 +183,8 @@ impl Fabric {
                     }
                     let dport = Arc::clone(dport);
                     drop(d);
-                    if let Some(cn) = self.counters.get(ddev) {
-                        Counters::inc(&cn.messages_received);
-                        Counters::add(&cn.bytes_copied, placed);
-                    }
+                    Counters::inc(&dport.counters.messages_received);
+                    Counters::add(&dport.counters.bytes_copied, placed);
                     self.completed(ddev, &dport, queue, head, status, used, n);
                     return self.sent_inline(dev, port, smem, req, meta.len, n);
                 }
@@ -385,9 +383,7 @@ impl Fabric {
         len: u64,
         n: &mut Notify,
     ) {
-        if let Some(c) = self.counters.get(dev) {
-            Counters::inc(&c.messages_sent);
-        }
+        Counters::inc(&port.counters.messages_sent);
         let loaded;
         let smem: &GuestMemoryMmap = match smem {
             Some(m) => m,

@@ -102,6 +102,9 @@ pub(crate) struct Port {
     sink_id: usize,
     /// The frontend process, for regions of its own memory (`crate::xmem`); `None` in tests.
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
+    /// The device's counters, set when it connects ([`Fabric::connect`]): a completion counts
+    /// through the port it goes to, without a look-up by device index.
+    counters: Arc<Counters>,
 }
 
 impl Port {
@@ -115,6 +118,7 @@ impl Port {
             mem,
             sink,
             process,
+            counters: Arc::default(),
         }
     }
 }
@@ -901,11 +905,15 @@ impl Fabric {
         used: u32,
         n: &mut Notify,
     ) {
-        if let Some(cn) = self.counters.get(dev) {
-            cn.completion(status);
-            if used == 0 || status == Status::BadChain as u32 {
-                Counters::inc(&cn.bad_chains);
-            }
+        // `port` is `dev`'s (connected, or the port a held request kept of it).
+        debug_assert!(self
+            .counters
+            .get(dev)
+            .is_some_and(|c| Arc::ptr_eq(c, &port.counters)));
+        let cn = &port.counters;
+        cn.completion(status);
+        if used == 0 || status == Status::BadChain as u32 {
+            Counters::inc(&cn.bad_chains);
         }
         n.complete_at(port, queue, head, used);
     }
