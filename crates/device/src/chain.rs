@@ -1285,6 +1285,9 @@ pub(crate) struct ParseCtx {
     /// one may carry: `plain_flags` of those a send accepts.
     send_words: [u64; 2],
     send_flags: u64,
+    /// [`ParseCtx::plain`] of queues 0..64 as bits (bit `q`: queue `q`), worked out once.
+    tx_lanes: u64,
+    rx_lanes: u64,
 }
 
 impl ParseCtx {
@@ -1295,7 +1298,7 @@ impl ParseCtx {
         if !has(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) {
             plain_flags &= !flags::REMOTE_CQ_DATA;
         }
-        ParseCtx {
+        let mut ctx = ParseCtx {
             usable_features: if has(VIRTIO_F_VERSION_1) { acked } else { 0 },
             plain_flags,
             usable_pairs: if has(VIRTIO_FABRIC_F_MQ) {
@@ -1324,15 +1327,35 @@ impl ParseCtx {
             send_flags: plain_flags & allowed_flags(Opcode::Send) & allowed_flags(Opcode::TSend),
             limits,
             acked,
+            tx_lanes: 0,
+            rx_lanes: 0,
+        };
+        for q in 0..u64::BITS as u16 {
+            let (tx, rx) = ctx.plain_by_kind(q);
+            ctx.tx_lanes |= u64::from(tx) << q;
+            ctx.rx_lanes |= u64::from(rx) << q;
         }
+        ctx
     }
 
     /// Whether chains of virtqueue `queue` may be plain sends ([`parse_send`], [`take_header`]:
     /// a TX ring of a queue pair the driver may use, on a device whose `max_sge` refuses no
     /// chain of three descriptors) and whether they may be plain receives
-    /// ([`take_plain_recv`]: an RX ring of such a pair), worked out at once.
+    /// ([`take_plain_recv`]: an RX ring of such a pair): two bits of words worked out once
+    /// (asked once per ring visit), past them worked out at once.
     #[inline(always)]
     pub fn plain(&self, queue: u16) -> (bool, bool) {
+        if u32::from(queue) < u64::BITS {
+            return (
+                self.tx_lanes >> queue & 1 != 0,
+                self.rx_lanes >> queue & 1 != 0,
+            );
+        }
+        self.plain_by_kind(queue)
+    }
+
+    /// [`ParseCtx::plain`] worked out from the queue's kind.
+    fn plain_by_kind(&self, queue: u16) -> (bool, bool) {
         match queue_kind(queue) {
             QueueKind::Tx(qp) => (qp < self.usable_pairs && self.limits.max_sge >= 3, false),
             QueueKind::Rx(qp) => (false, qp < self.usable_pairs),
@@ -1933,6 +1956,28 @@ mod tests {
             }
         }
         assert!(taken[0] > 0 && taken[1] > 0, "{taken:?}");
+    }
+
+    #[test]
+    fn plain_lanes_are_the_queue_kinds_rule() {
+        use crate::testutil::ALL_FEATURES;
+        use vfabric_proto::{bit, VIRTIO_FABRIC_F_MQ};
+        for (pairs, max_sge) in [(1u16, 3u32), (4, 3), (40, 4), (1000, 2), (3, 1)] {
+            for acked in [ALL_FEATURES, ALL_FEATURES & !bit(VIRTIO_FABRIC_F_MQ)] {
+                let limits = Limits {
+                    num_queue_pairs: pairs,
+                    max_sge,
+                    ..Limits::default()
+                };
+                let ctx = ParseCtx::new(limits, acked);
+                for q in 0..=2100u16 {
+                    assert_eq!(ctx.plain(q), ctx.plain_by_kind(q), "queue {q}");
+                }
+                assert_eq!(ctx.plain(1), (max_sge >= 3, false));
+                assert_eq!(ctx.plain(2), (false, true));
+                assert_eq!(ctx.plain(0), (false, false));
+            }
+        }
     }
 
     #[test]
