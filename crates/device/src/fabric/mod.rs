@@ -100,6 +100,9 @@ pub(crate) struct Port {
     /// `sink`'s identity ([`RingId::sink`]), worked out once: from a `dyn` pointer it takes
     /// the vtable's alignment, per completion otherwise.
     sink_id: usize,
+    /// `sink` itself as a plain trait object, for the same reason: a call through the `Arc`
+    /// works its data's address out of the vtable's alignment every time.
+    sink_at: SinkAt,
     /// The frontend process, for regions of its own memory (`crate::xmem`); `None` in tests.
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
     /// The device's counters, set when it connects ([`Fabric::connect`]): a completion counts
@@ -115,11 +118,33 @@ impl Port {
     ) -> Self {
         Self {
             sink_id: RingId::of(&sink, 0).sink,
+            sink_at: SinkAt(Arc::as_ptr(&sink)),
             mem,
             sink,
             process,
             counters: Arc::default(),
         }
+    }
+}
+
+/// [`Port::sink_at`]: the sink the same port holds (its `Arc` keeps it alive as long as the
+/// port, so as long as any copy of this pointer in it).
+#[derive(Clone, Copy)]
+struct SinkAt(*const dyn CompletionSink);
+
+// SAFETY: the pointer is only dereferenced for shared access to a `CompletionSink`, which is
+// `Send + Sync`, while the port that holds its `Arc` lives.
+unsafe impl Send for SinkAt {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SinkAt {}
+
+impl Port {
+    /// The port's sink, without the `Arc`'s address arithmetic.
+    #[inline(always)]
+    fn sink(&self) -> &dyn CompletionSink {
+        // SAFETY: `sink_at` points at the sink `self.sink` holds (see `SinkAt`), alive while
+        // `self` is borrowed.
+        unsafe { &*self.sink_at.0 }
     }
 }
 
@@ -171,7 +196,7 @@ impl Notify {
     /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
     #[cfg(test)]
     pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
-        self.complete_ring(sink, RingId::of(sink, queue), head, len);
+        self.complete_ring(&**sink, sink, RingId::of(sink, queue), head, len);
     }
 
     /// [`Notify::complete`] of a chain of `port`'s device.
@@ -181,18 +206,26 @@ impl Notify {
             sink: port.sink_id,
             queue,
         };
-        self.complete_ring(&port.sink, ring, head, len);
+        self.complete_ring(port.sink(), &port.sink, ring, head, len);
     }
 
+    /// `at` is `sink`'s sink itself.
     #[inline(always)]
-    fn complete_ring(&mut self, sink: &Arc<dyn CompletionSink>, ring: RingId, head: u16, len: u32) {
+    fn complete_ring(
+        &mut self,
+        at: &dyn CompletionSink,
+        sink: &Arc<dyn CompletionSink>,
+        ring: RingId,
+        head: u16,
+        len: u32,
+    ) {
         // A batch's first ring, and its second (a message's two completions): inline.
         let free = match (self.first, self.second) {
             (None, _) => &mut self.first,
             (Some(f), None) if f != ring => &mut self.second,
             _ => return self.complete_more(sink, ring, head, len),
         };
-        sink.stage_and_publish(ring.queue, head, len);
+        at.stage_and_publish(ring.queue, head, len);
         *free = Some(ring);
     }
 
