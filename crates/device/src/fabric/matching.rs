@@ -62,6 +62,13 @@ pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta, at: &mut usize) -
     e.posted.remove(i)
 }
 
+/// Make room for one more posted receive (out of line: a queue mostly has room).
+#[cold]
+#[inline(never)]
+fn grow_posted(q: &mut std::collections::VecDeque<Posted>) {
+    q.reserve(1);
+}
+
 impl Fabric {
     /// Lent the request: only the paths that keep it (held for a receive, another host, a
     /// large transfer) pay for a copy; the common eager send moves nothing.
@@ -632,6 +639,15 @@ impl Fabric {
                 .then_some(req.req.peer)
                 .filter(|src| !self.known_live(e, *src));
             let cookie = req.req.cookie;
+            // Room first (rarely wanting), and the push told it has room: the record is then
+            // built where it stays rather than on the stack and copied in.
+            if e.posted.len() == e.posted.capacity() {
+                grow_posted(&mut e.posted);
+            }
+            if e.posted.len() >= e.posted.capacity() {
+                // SAFETY: `grow_posted` made room for one more if there was none.
+                unsafe { std::hint::unreachable_unchecked() }
+            }
             e.posted.push_back(Posted::plain(req, rx));
             if let Some(src) = directed {
                 drop(d);
