@@ -414,6 +414,58 @@ pub(crate) unsafe fn guest_copy(dst: *mut u8, src: *const u8, n: usize) {
     }
 }
 
+/// Copy `n` bytes (at most [`SMALL_MOVE`]) from guest memory at `src` to guest memory at
+/// `dst`, the two ranges possibly overlapping (a loopback send placed into its own device's
+/// receive, whose buffers the guest may make overlap): every byte is loaded before any is
+/// stored, in at most four loads and four stores of a constant size (no call of `memmove`).
+///
+/// # Safety
+/// `src` must be valid for reads and `dst` for writes of `n` bytes, `n` <= [`SMALL_MOVE`].
+#[inline(always)]
+pub(crate) unsafe fn guest_move_small(dst: *mut u8, src: *const u8, n: usize) {
+    debug_assert!(n <= SMALL_MOVE);
+    // SAFETY: each load and store below lies within the first `n` bytes at `src` or `dst`
+    // (the caller's contract): blocks at offset 0 and ending at `n`, of a size at most `n`;
+    // unaligned accesses, as guest memory may be.
+    unsafe {
+        if n >= 32 {
+            // [0, 32) and [n - 32, n) cover n <= 64.
+            let a = src.cast::<u128>().read_unaligned();
+            let b = src.add(16).cast::<u128>().read_unaligned();
+            let c = src.add(n - 32).cast::<u128>().read_unaligned();
+            let d = src.add(n - 16).cast::<u128>().read_unaligned();
+            dst.cast::<u128>().write_unaligned(a);
+            dst.add(16).cast::<u128>().write_unaligned(b);
+            dst.add(n - 32).cast::<u128>().write_unaligned(c);
+            dst.add(n - 16).cast::<u128>().write_unaligned(d);
+        } else if n >= 16 {
+            let a = src.cast::<u128>().read_unaligned();
+            let b = src.add(n - 16).cast::<u128>().read_unaligned();
+            dst.cast::<u128>().write_unaligned(a);
+            dst.add(n - 16).cast::<u128>().write_unaligned(b);
+        } else if n >= 8 {
+            let a = src.cast::<u64>().read_unaligned();
+            let b = src.add(n - 8).cast::<u64>().read_unaligned();
+            dst.cast::<u64>().write_unaligned(a);
+            dst.add(n - 8).cast::<u64>().write_unaligned(b);
+        } else if n >= 4 {
+            let a = src.cast::<u32>().read_unaligned();
+            let b = src.add(n - 4).cast::<u32>().read_unaligned();
+            dst.cast::<u32>().write_unaligned(a);
+            dst.add(n - 4).cast::<u32>().write_unaligned(b);
+        } else if n > 0 {
+            // Bytes 0, n / 2 and n - 1 cover n <= 3.
+            let (a, b, c) = (src.read(), src.add(n / 2).read(), src.add(n - 1).read());
+            dst.write(a);
+            dst.add(n / 2).write(b);
+            dst.add(n - 1).write(c);
+        }
+    }
+}
+
+/// The most bytes [`guest_move_small`] copies.
+pub(crate) const SMALL_MOVE: usize = 64;
+
 /// Bytes a large transfer copies between two chances for a poller to serve its other devices
 /// (a few microseconds of copying).
 pub(crate) const COPY_CHUNK: u64 = 64 << 10;
@@ -590,6 +642,20 @@ impl Req {
             usable += usize::from(r.in_table(mem, at).is_some());
         }
         (agree, usable)
+    }
+
+    /// The host address of the payload's first `len` bytes, if the parse resolved it in `mem`
+    /// and the payload's first segment holds them (in `mem`'s mappings while it is borrowed).
+    #[inline(always)]
+    pub fn payload_at(&self, mem: &GuestMemoryMmap, len: usize) -> Option<*const u8> {
+        first_seg_at(
+            &self.resolved,
+            mem,
+            self.resolved.payload,
+            &self.payload,
+            len,
+        )
+        .map(|at| at as *const u8)
     }
 
     /// Read the first `buf.len()` bytes of the payload.
@@ -1219,6 +1285,9 @@ pub(crate) struct ParseCtx {
     /// one may carry: `plain_flags` of those a send accepts.
     send_words: [u64; 2],
     send_flags: u64,
+    /// [`ParseCtx::plain`] of queues 0..64 as bits (bit `q`: queue `q`), worked out once.
+    tx_lanes: u64,
+    rx_lanes: u64,
 }
 
 impl ParseCtx {
@@ -1229,7 +1298,7 @@ impl ParseCtx {
         if !has(VIRTIO_FABRIC_F_REMOTE_CQ_DATA) {
             plain_flags &= !flags::REMOTE_CQ_DATA;
         }
-        ParseCtx {
+        let mut ctx = ParseCtx {
             usable_features: if has(VIRTIO_F_VERSION_1) { acked } else { 0 },
             plain_flags,
             usable_pairs: if has(VIRTIO_FABRIC_F_MQ) {
@@ -1258,15 +1327,35 @@ impl ParseCtx {
             send_flags: plain_flags & allowed_flags(Opcode::Send) & allowed_flags(Opcode::TSend),
             limits,
             acked,
+            tx_lanes: 0,
+            rx_lanes: 0,
+        };
+        for q in 0..u64::BITS as u16 {
+            let (tx, rx) = ctx.plain_by_kind(q);
+            ctx.tx_lanes |= u64::from(tx) << q;
+            ctx.rx_lanes |= u64::from(rx) << q;
         }
+        ctx
     }
 
     /// Whether chains of virtqueue `queue` may be plain sends ([`parse_send`], [`take_header`]:
     /// a TX ring of a queue pair the driver may use, on a device whose `max_sge` refuses no
     /// chain of three descriptors) and whether they may be plain receives
-    /// ([`take_plain_recv`]: an RX ring of such a pair), worked out at once.
+    /// ([`take_plain_recv`]: an RX ring of such a pair): two bits of words worked out once
+    /// (asked once per ring visit), past them worked out at once.
     #[inline(always)]
     pub fn plain(&self, queue: u16) -> (bool, bool) {
+        if u32::from(queue) < u64::BITS {
+            return (
+                self.tx_lanes >> queue & 1 != 0,
+                self.rx_lanes >> queue & 1 != 0,
+            );
+        }
+        self.plain_by_kind(queue)
+    }
+
+    /// [`ParseCtx::plain`] worked out from the queue's kind.
+    fn plain_by_kind(&self, queue: u16) -> (bool, bool) {
         match queue_kind(queue) {
             QueueKind::Tx(qp) => (qp < self.usable_pairs && self.limits.max_sge >= 3, false),
             QueueKind::Rx(qp) => (false, qp < self.usable_pairs),
@@ -1867,6 +1956,45 @@ mod tests {
             }
         }
         assert!(taken[0] > 0 && taken[1] > 0, "{taken:?}");
+    }
+
+    #[test]
+    fn plain_lanes_are_the_queue_kinds_rule() {
+        use crate::testutil::ALL_FEATURES;
+        use vfabric_proto::{bit, VIRTIO_FABRIC_F_MQ};
+        for (pairs, max_sge) in [(1u16, 3u32), (4, 3), (40, 4), (1000, 2), (3, 1)] {
+            for acked in [ALL_FEATURES, ALL_FEATURES & !bit(VIRTIO_FABRIC_F_MQ)] {
+                let limits = Limits {
+                    num_queue_pairs: pairs,
+                    max_sge,
+                    ..Limits::default()
+                };
+                let ctx = ParseCtx::new(limits, acked);
+                for q in 0..=2100u16 {
+                    assert_eq!(ctx.plain(q), ctx.plain_by_kind(q), "queue {q}");
+                }
+                assert_eq!(ctx.plain(1), (max_sge >= 3, false));
+                assert_eq!(ctx.plain(2), (false, true));
+                assert_eq!(ctx.plain(0), (false, false));
+            }
+        }
+    }
+
+    #[test]
+    fn guest_move_small_copies_overlapping_ranges_as_memmove_does() {
+        for n in 0..=SMALL_MOVE {
+            for shift in -9isize..=9 {
+                let src_off = 20usize;
+                let dst_off = (20 + shift) as usize;
+                let mut buf: Vec<u8> = (0..128u8).map(|i| i.wrapping_mul(7) ^ 0x5a).collect();
+                let mut want = buf.clone();
+                want.copy_within(src_off..src_off + n, dst_off);
+                let p = buf.as_mut_ptr();
+                // SAFETY: both ranges lie within `buf` (20 + 9 + 64 < 128).
+                unsafe { guest_move_small(p.add(dst_off), p.add(src_off), n) };
+                assert_eq!(buf, want, "n {n} shift {shift}");
+            }
+        }
     }
 
     #[test]

@@ -317,7 +317,7 @@ impl RingView {
         max: usize,
         ctx: &ParseCtx,
         out: &mut Req,
-        mut each: impl FnMut(&mut Req, Verdict),
+        mut each: impl FnMut(&mut Req, &Verdict),
     ) -> Result<usize, RingError> {
         let avail = Wrapping(self.avail_idx());
         let mut next = Wrapping(*next_avail);
@@ -369,7 +369,8 @@ impl RingView {
                     None => self.walk_and_parse(mem, head, ctx, out),
                 }
             };
-            each(out, v);
+            // Lent: a plain receive's `PlainRx` is read where the parse put it.
+            each(out, &v);
             next += Wrapping(1);
         }
         *next_avail = next.0;

@@ -787,6 +787,103 @@ fn backend_memory_replacement_resets_endpoints() {
     assert_eq!(u32::from(c.status), Status::AddrNotAvail as u32);
 }
 
+/// A small send whose payload the parse resolved is moved straight from the sender's guest
+/// memory into the receive (no bounce through the device's stack): a loopback send may name a
+/// payload that overlaps the receive's data area, and the receive must get the payload as it
+/// was. A resolved payload that has to wait (no receive posted) is read into the device then.
+#[test]
+fn a_small_loopback_send_overlapping_its_receive_arrives_whole() {
+    use vfabric_proto::FabricAddr;
+    let d = dev();
+    let vq0 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[0]), QSIZE);
+    let vq1 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[1]), QSIZE);
+    let vq2 = MockSplitQueue::create(&d.mem, GuestAddress(QBASE[2]), QSIZE);
+    // Two endpoints, A and B.
+    for (i, at) in [0u64, 1].into_iter().enumerate() {
+        d.mem
+            .write_obj(ep_open_req().to_header(), GuestAddress(HDR + at * 0x100))
+            .unwrap();
+        chain(
+            &vq0,
+            2 * i as u16,
+            &[(HDR + at * 0x100, 96, R), (COMP + at * 64, 64, W)],
+        );
+    }
+    d.backend
+        .handle_event(0, EventSet::IN, &d.vrings, 0)
+        .unwrap();
+    let addr = |comp: u64| {
+        let c: Completion = d.mem.read_obj(GuestAddress(comp)).unwrap();
+        assert_eq!(u32::from(c.status), Status::Ok as u32);
+        FabricAddr::from_wire(&c.src)
+    };
+    let (a, b) = (addr(COMP), addr(COMP + 64));
+    let pattern: Vec<u8> = (0..40u8).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
+    let recv = |head: u16, hdr: u64, data: u64, comp: u64| {
+        let mut r = Request::new(Opcode::Recv);
+        r.ep = b.ep;
+        r.cookie = 0x200 + u64::from(head);
+        d.mem.write_obj(r.to_header(), GuestAddress(hdr)).unwrap();
+        chain(&vq2, head, &[(hdr, 96, R), (data, 64, W), (comp, 64, W)]);
+        d.backend
+            .handle_event(2, EventSet::IN, &d.vrings, 0)
+            .unwrap();
+    };
+    let send = |head: u16, hdr: u64, payload: u64, len: u32, comp: u64| {
+        let mut r = Request::new(Opcode::Send);
+        r.ep = a.ep;
+        r.peer = b;
+        r.cookie = 0x100 + u64::from(head);
+        d.mem.write_obj(r.to_header(), GuestAddress(hdr)).unwrap();
+        chain(
+            &vq1,
+            head,
+            &[(hdr, 96, R), (payload, len, R), (comp, 64, W)],
+        );
+        d.backend
+            .handle_event(1, EventSet::IN, &d.vrings, 0)
+            .unwrap();
+    };
+    let check = |comp: u64, len: u64| {
+        let c: Completion = d.mem.read_obj(GuestAddress(comp)).unwrap();
+        assert_eq!(u32::from(c.status), Status::Ok as u32);
+        assert_eq!(u64::from(c.len), len);
+    };
+    // The receive's data area at DATA, the payload 5 bytes into it (and past its end the
+    // other way round: the payload starting before the data area).
+    for (round, (data, payload)) in [(DATA, DATA + 5), (DATA + 0x105, DATA + 0x100)]
+        .into_iter()
+        .enumerate()
+    {
+        let head = 3 * round as u16;
+        d.mem.write_slice(&pattern, GuestAddress(payload)).unwrap();
+        recv(head, HDR + 0x200, data, COMP + 0x100);
+        send(head, HDR + 0x300, payload, 40, COMP + 0x140);
+        check(COMP + 0x140, 40);
+        check(COMP + 0x100, 40);
+        let mut got = vec![0u8; 40];
+        d.mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+        assert_eq!(got, pattern, "round {round}");
+    }
+    // No receive posted: the resolved payload waits in the device (read as it was sent), and
+    // the guest's later writes to the payload do not change the message.
+    d.mem
+        .write_slice(&pattern, GuestAddress(DATA + 0x200))
+        .unwrap();
+    send(6, HDR + 0x300, DATA + 0x200, 40, COMP + 0x140);
+    check(COMP + 0x140, 40);
+    d.mem
+        .write_slice(&[0u8; 40], GuestAddress(DATA + 0x200))
+        .unwrap();
+    recv(6, HDR + 0x200, DATA + 0x300, COMP + 0x100);
+    check(COMP + 0x100, 40);
+    let mut got = vec![0u8; 40];
+    d.mem
+        .read_slice(&mut got, GuestAddress(DATA + 0x300))
+        .unwrap();
+    assert_eq!(got, pattern);
+}
+
 /// A send on an endpoint the guest never opened: completed (with an error) at once.
 fn stray_send(mem: &GuestMemoryMmap) {
     mem.write_obj(Request::new(Opcode::Send).to_header(), GuestAddress(HDR))
@@ -1066,7 +1163,7 @@ fn simple_chains_parse_as_the_general_walk() {
             let ctx = ParseCtx::new(rig.limits.clone(), ALL_FEATURES);
             view.pop(&mut next, &mem, 64, &ctx, &mut slot, |slot, v| {
                 // A plain receive's streams as the general parse gives them.
-                let v = v.general(slot);
+                let v = (*v).general(slot);
                 // Host addresses the walk resolved are those of the streams' first bytes (the
                 // completion's at least, on the fast path, and none on the general walk), used
                 // through that table only.
@@ -1188,7 +1285,7 @@ mod hostile {
             let mut slot = Req::blank(queue, 0);
             let ctx = crate::chain::ParseCtx::new(rig.limits.clone(), acked);
             let fast_res = view.pop(&mut fast_next, &mem, 64, &ctx, &mut slot, |slot, v| {
-                let v = v.general(slot);
+                let v = (*v).general(slot);
                 // Resolved host addresses are those of the streams' first bytes.
                 assert!(slot.resolved_agree(&mem).0);
                 fast.push(Parsed::new(slot.clone(), v));

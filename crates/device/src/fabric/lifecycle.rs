@@ -15,10 +15,11 @@ use crate::chain::{completion, Req};
 
 impl Fabric {
     /// Attach a frontend's memory and rings to device `dev`.
-    pub fn connect(&self, dev: usize, port: Port) {
-        if dev >= self.devs.len() {
+    pub fn connect(&self, dev: usize, mut port: Port) {
+        let Some(counters) = self.counters.get(dev) else {
             return;
-        }
+        };
+        port.counters = counters.clone();
         let mut d = self.dev(dev);
         d.port = Some(Arc::new(port));
         d.rx_quiet.store(false, Ordering::Release);

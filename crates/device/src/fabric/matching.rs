@@ -15,12 +15,17 @@ use super::{
 };
 #[cfg(doc)]
 use crate::chain::Verdict;
-use crate::chain::{copy_stream_yielding, guest_copy, CopyFault, GuestMemoryMmap, PlainRx, Req};
+use crate::chain::{
+    copy_stream_yielding, guest_copy, guest_move_small, CopyFault, GuestMemoryMmap, PlainRx, Req,
+};
 use crate::stats::Counters;
 
 /// Payloads up to this size are read before the destination is locked (one lock instead of
 /// two for the commonest small eager send; the read is wasted only if a receive is posted).
 const EARLY_READ: u64 = 64;
+
+// The straight placement moves an early payload with `guest_move_small`.
+const _: () = assert!(EARLY_READ as usize <= crate::chain::SMALL_MOVE);
 
 /// What is left of a transfer whose copy faulted on one side.
 // Returned on the stack once per transfer: boxing the receive would allocate.
@@ -55,6 +60,13 @@ pub(super) fn take_posted(d: &mut Dev, ep: usize, meta: &Meta, at: &mut usize) -
     let i = 1 + e.posted.iter().skip(1).position(|x| x.matches(meta))?;
     *at = i;
     e.posted.remove(i)
+}
+
+/// Make room for one more posted receive (out of line: a queue mostly has room).
+#[cold]
+#[inline(never)]
+fn grow_posted(q: &mut std::collections::VecDeque<Posted>) {
+    q.reserve(1);
 }
 
 impl Fabric {
@@ -93,12 +105,15 @@ impl Fabric {
         let may_be_eager = meta.len <= self.limits.eager_threshold
             && r.flags & flags::DELIVERY_COMPLETE == 0
             && skind != ep_open::TYPE_DGRAM;
-        // A small payload read up front lives on the stack: copied into a heap buffer only if
-        // it has to wait in the unexpected queue.
+        // A small payload is located up front: where its parse resolved it in the sender's
+        // memory (`direct`: the straight placement below moves it from there, guest to guest),
+        // else read onto the stack. Copied into a heap buffer only if it has to wait in the
+        // unexpected queue.
         let mut early_buf = [0u8; EARLY_READ as usize];
-        let mut early: Option<&[u8]> = None;
+        let mut early_at: Option<*const u8> = None;
+        let mut direct = false;
         // Loaded for the early read (unless the caller has it), the sender's memory serves its
-        // completion too.
+        // completion too, and keeps a `direct` payload mapped.
         let loaded;
         let mut smem = smem;
         if may_be_eager && meta.len <= EARLY_READ {
@@ -109,11 +124,16 @@ impl Fabric {
                     &*loaded
                 }
             };
-            let buf = &mut early_buf[..meta.len as usize];
-            if req.read_payload(m, buf).is_err() {
-                return self.fail(dev, port, req, Status::Fault, n);
+            if let Some(at) = req.payload_at(m, meta.len as usize) {
+                early_at = Some(at);
+                direct = true;
+            } else {
+                let buf = &mut early_buf[..meta.len as usize];
+                if req.read_payload(m, buf).is_err() {
+                    return self.fail(dev, port, req, Status::Fault, n);
+                }
+                early_at = Some(buf.as_ptr());
             }
-            early = Some(buf);
             smem = Some(m);
         }
 
@@ -132,7 +152,7 @@ impl Fabric {
             drop(d);
             return self.fail(dev, port, req, Status::AddrNotAvail, n);
         }
-        if let Some(buf) = early {
+        if let Some(src) = early_at {
             // Written out rather than `front().filter(..)`, which stayed a call of its own.
             let front = match dst.posted.front() {
                 Some(rv) if rv.matches(&meta) => Some(rv),
@@ -149,16 +169,19 @@ impl Fabric {
                         let placed = meta.len.min(room);
                         // SAFETY: `data_at` holds `room` >= `placed` bytes and `comp_at` a
                         // whole completion, in the table the record holds (mapped while it
-                        // lives, and it is in its queue until after this); `buf` is ours and
-                        // holds `meta.len` >= `placed` bytes. The bytes first: fewer values
-                        // live across the copy.
-                        unsafe { guest_copy(data_at, buf.as_ptr(), placed as usize) };
+                        // lives, and it is in its queue until after this); `src` holds
+                        // `meta.len` >= `placed` <= 64 bytes: `early_buf`, or the payload's
+                        // first range in `smem` (mapped while it is borrowed), which a loopback
+                        // send may make overlap the data area (the move allows that). The
+                        // bytes first: fewer values live across the copy.
+                        unsafe { guest_move_small(data_at, src, placed as usize) };
                         let (c, status) = msg_completion_words(rv.cookie, rv.tagged, &meta, placed);
                         // SAFETY: as above, for the completion area.
                         unsafe { store_completion(comp_at, &c) };
                         Some((placed, status, completion_used(Ok(()), placed)))
                     }
-                    None => Self::place_early(&dport.mem, rv, &meta, buf),
+                    // SAFETY: `src` holds `meta.len` bytes (as above).
+                    None => unsafe { Self::place_early(&dport.mem, rv, &meta, src) },
                 };
                 if let Some((placed, status, used)) = placed {
                     let (queue, head) = (rv.queue, rv.head);
@@ -167,10 +190,8 @@ impl Fabric {
                     }
                     let dport = Arc::clone(dport);
                     drop(d);
-                    if let Some(cn) = self.counters.get(ddev) {
-                        Counters::inc(&cn.messages_received);
-                        Counters::add(&cn.bytes_copied, placed);
-                    }
+                    Counters::inc(&dport.counters.messages_received);
+                    Counters::add(&dport.counters.bytes_copied, placed);
                     self.completed(ddev, &dport, queue, head, status, used, n);
                     return self.sent_inline(dev, port, smem, req, meta.len, n);
                 }
@@ -184,6 +205,19 @@ impl Fabric {
                 return self.op_send(dev, port, smem, req, n);
             }
         }
+        // Past the straight placement, the bytes of a `direct` payload are read as they would
+        // have been before the lock (64 bytes at most).
+        let early: Option<&[u8]> = match early_at {
+            Some(src) if direct => {
+                let buf = &mut early_buf[..meta.len as usize];
+                // SAFETY: `src` is the payload's first range in `smem` (mapped while it is
+                // borrowed), holding `meta.len` bytes; `buf` is ours.
+                unsafe { guest_copy(buf.as_mut_ptr(), src, buf.len()) };
+                Some(buf)
+            }
+            Some(_) => Some(&early_buf[..meta.len as usize]),
+            None => None,
+        };
         let dport = Arc::clone(dport);
         let mut at = 0;
         // Placed from where it was taken to (not moved once more into a binding of its own).
@@ -273,18 +307,26 @@ impl Fabric {
         self.sent_in(dev, port, smem, req, meta.len, n);
     }
 
-    /// [`Fabric::op_send`]'s straight placement of `buf` (message `meta`) into receive `rv`
-    /// (of a device whose guest memory is `rmem`) when its parse did not resolve both areas:
+    /// [`Fabric::op_send`]'s straight placement of the early payload at `src` (message `meta`; read
+    /// onto the stack first: it may be guest memory) into receive `rv` (of a device whose guest
+    /// memory is `rmem`) when its parse did not resolve both areas:
     /// through the memory table. `(placed, raw status, used length)`, or `None` if the data
     /// area faulted.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `meta.len` <= [`EARLY_READ`] bytes.
     #[cold]
     #[inline(never)]
-    fn place_early(
+    unsafe fn place_early(
         rmem: &GuestMemoryAtomic<GuestMemoryMmap>,
         rv: &Posted,
         meta: &Meta,
-        buf: &[u8],
+        src: *const u8,
     ) -> Option<(u64, u32, u32)> {
+        let mut buf = [0u8; EARLY_READ as usize];
+        let buf = &mut buf[..meta.len as usize];
+        // SAFETY: the caller's contract; `buf` is ours (so no overlap with guest memory).
+        unsafe { guest_copy(buf.as_mut_ptr(), src, buf.len()) };
         let placed = meta.len.min(rv.data_len());
         let bytes = buf.get(..placed as usize).unwrap_or(buf);
         let mut loaded = None;
@@ -348,9 +390,7 @@ impl Fabric {
         len: u64,
         n: &mut Notify,
     ) {
-        if let Some(c) = self.counters.get(dev) {
-            Counters::inc(&c.messages_sent);
-        }
+        Counters::inc(&port.counters.messages_sent);
         let loaded;
         let smem: &GuestMemoryMmap = match smem {
             Some(m) => m,
@@ -589,7 +629,7 @@ impl Fabric {
         dev: usize,
         port: &Port,
         req: &mut Req,
-        rx: PlainRx,
+        rx: &PlainRx,
         n: &mut Notify,
     ) {
         let ep = req.req.ep as usize;
@@ -599,6 +639,15 @@ impl Fabric {
                 .then_some(req.req.peer)
                 .filter(|src| !self.known_live(e, *src));
             let cookie = req.req.cookie;
+            // Room first (rarely wanting), and the push told it has room: the record is then
+            // built where it stays rather than on the stack and copied in.
+            if e.posted.len() == e.posted.capacity() {
+                grow_posted(&mut e.posted);
+            }
+            if e.posted.len() >= e.posted.capacity() {
+                // SAFETY: `grow_posted` made room for one more if there was none.
+                unsafe { std::hint::unreachable_unchecked() }
+            }
             e.posted.push_back(Posted::plain(req, rx));
             if let Some(src) = directed {
                 drop(d);
@@ -606,7 +655,7 @@ impl Fabric {
             }
             return;
         }
-        self.recv_plain_apart(dev, port, req, rx, d, n);
+        self.recv_plain_apart(dev, port, req, *rx, d, n);
     }
 
     /// [`Fabric::op_recv_plain`]'s other cases: the receive with the streams the general parse

@@ -21,8 +21,9 @@
 //! bytes: a send reads its own endpoint's generation and kind without a lock
 //! ([`DevCell::ep_words`]), locks the destination device to match, takes the matched receive
 //! (or held send) out of the queue, releases the lock, and only then copies. The one exception
-//! is bounded: an eager payload of at most 64 bytes, read before the lock, is written with its
-//! completion straight into the oldest receive if that one takes it (`Fabric::op_send`).
+//! is bounded: an eager payload of at most 64 bytes is written with its completion straight
+//! into the oldest receive if that one takes it (`Fabric::op_send`), moved from the sender's
+//! guest memory where its parse resolved it (else read onto the stack before the lock).
 //! Messages from one source endpoint stay in order because one device's requests are handled
 //! by one thread at a time (the backend's pass lock).
 //!
@@ -99,8 +100,14 @@ pub(crate) struct Port {
     /// `sink`'s identity ([`RingId::sink`]), worked out once: from a `dyn` pointer it takes
     /// the vtable's alignment, per completion otherwise.
     sink_id: usize,
+    /// `sink` itself as a plain trait object, for the same reason: a call through the `Arc`
+    /// works its data's address out of the vtable's alignment every time.
+    sink_at: SinkAt,
     /// The frontend process, for regions of its own memory (`crate::xmem`); `None` in tests.
     pub process: Option<Arc<crate::xmem::PeerProcess>>,
+    /// The device's counters, set when it connects ([`Fabric::connect`]): a completion counts
+    /// through the port it goes to, without a look-up by device index.
+    counters: Arc<Counters>,
 }
 
 impl Port {
@@ -111,10 +118,33 @@ impl Port {
     ) -> Self {
         Self {
             sink_id: RingId::of(&sink, 0).sink,
+            sink_at: SinkAt(Arc::as_ptr(&sink)),
             mem,
             sink,
             process,
+            counters: Arc::default(),
         }
+    }
+}
+
+/// [`Port::sink_at`]: the sink the same port holds (its `Arc` keeps it alive as long as the
+/// port, so as long as any copy of this pointer in it).
+#[derive(Clone, Copy)]
+struct SinkAt(*const dyn CompletionSink);
+
+// SAFETY: the pointer is only dereferenced for shared access to a `CompletionSink`, which is
+// `Send + Sync`, while the port that holds its `Arc` lives.
+unsafe impl Send for SinkAt {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SinkAt {}
+
+impl Port {
+    /// The port's sink, without the `Arc`'s address arithmetic.
+    #[inline(always)]
+    fn sink(&self) -> &dyn CompletionSink {
+        // SAFETY: `sink_at` points at the sink `self.sink` holds (see `SinkAt`), alive while
+        // `self` is borrowed.
+        unsafe { &*self.sink_at.0 }
     }
 }
 
@@ -166,7 +196,7 @@ impl Notify {
     /// Chain `head` of virtqueue `queue` of `sink` is done, `len` bytes written.
     #[cfg(test)]
     pub fn complete(&mut self, sink: &Arc<dyn CompletionSink>, queue: u16, head: u16, len: u32) {
-        self.complete_ring(sink, RingId::of(sink, queue), head, len);
+        self.complete_ring(&**sink, sink, RingId::of(sink, queue), head, len);
     }
 
     /// [`Notify::complete`] of a chain of `port`'s device.
@@ -176,18 +206,26 @@ impl Notify {
             sink: port.sink_id,
             queue,
         };
-        self.complete_ring(&port.sink, ring, head, len);
+        self.complete_ring(port.sink(), &port.sink, ring, head, len);
     }
 
+    /// `at` is `sink`'s sink itself.
     #[inline(always)]
-    fn complete_ring(&mut self, sink: &Arc<dyn CompletionSink>, ring: RingId, head: u16, len: u32) {
+    fn complete_ring(
+        &mut self,
+        at: &dyn CompletionSink,
+        sink: &Arc<dyn CompletionSink>,
+        ring: RingId,
+        head: u16,
+        len: u32,
+    ) {
         // A batch's first ring, and its second (a message's two completions): inline.
         let free = match (self.first, self.second) {
             (None, _) => &mut self.first,
             (Some(f), None) if f != ring => &mut self.second,
             _ => return self.complete_more(sink, ring, head, len),
         };
-        sink.stage_and_publish(ring.queue, head, len);
+        at.stage_and_publish(ring.queue, head, len);
         *free = Some(ring);
     }
 
@@ -783,13 +821,13 @@ impl Fabric {
         port: &Port,
         mem: &GuestMemoryMmap,
         req: &mut Req,
-        v: Verdict,
+        v: &Verdict,
         acked: u64,
         n: &mut Notify,
     ) {
-        match v {
+        match *v {
             Verdict::Req => self.dispatch(dev, port, Some(mem), req, acked, n),
-            Verdict::Recv(rx) => self.op_recv_plain(dev, port, req, rx, n),
+            Verdict::Recv(ref rx) => self.op_recv_plain(dev, port, req, rx, n),
             Verdict::Reject { status, cookie } => {
                 debug!(dev, req.queue, req.head, ?status, "request rejected");
                 let c = completion(status, cookie);
@@ -830,7 +868,7 @@ impl Fabric {
         let mem = port.mem.memory();
         for p in parsed.drain(..) {
             let (mut req, v) = p.split();
-            self.handle_one(dev, &port, &mem, &mut req, v, acked, n);
+            self.handle_one(dev, &port, &mem, &mut req, &v, acked, n);
         }
         self.end_batch(n);
         n.flush();
@@ -900,11 +938,15 @@ impl Fabric {
         used: u32,
         n: &mut Notify,
     ) {
-        if let Some(cn) = self.counters.get(dev) {
-            cn.completion(status);
-            if used == 0 || status == Status::BadChain as u32 {
-                Counters::inc(&cn.bad_chains);
-            }
+        // `port` is `dev`'s (connected, or the port a held request kept of it).
+        debug_assert!(self
+            .counters
+            .get(dev)
+            .is_some_and(|c| Arc::ptr_eq(c, &port.counters)));
+        let cn = &port.counters;
+        cn.completion(status);
+        if used == 0 || status == Status::BadChain as u32 {
+            Counters::inc(&cn.bad_chains);
         }
         n.complete_at(port, queue, head, used);
     }

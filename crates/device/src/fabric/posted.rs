@@ -104,7 +104,7 @@ impl Posted {
     /// table, [`Verdict::Recv`]), whose bytes and completion go where `rx` says: what
     /// [`Posted::new`] makes of the request [`PlainRx::fill`] builds, without building it.
     #[inline(always)]
-    pub fn plain(req: &mut Req, rx: PlainRx) -> Posted {
+    pub fn plain(req: &mut Req, rx: &PlainRx) -> Posted {
         let r = &req.req;
         Posted {
             queue: req.queue,
