@@ -812,6 +812,10 @@ pub(crate) enum Verdict {
     /// built (they are the previous chain's): `PlainRx` says where its bytes and completion
     /// go, and [`PlainRx::fill`] builds the streams the general parse gives it.
     Recv(PlainRx),
+    /// A valid plain send ([`take_plain_send`]): its header is in the [`Req`], its streams are
+    /// not built (they are the previous chain's): `PlainTx` says where its payload and
+    /// completion are, and [`PlainTx::fill`] builds the streams the general parse gives it.
+    Send(PlainTx),
     /// Malformed or refused request with room for a completion (the `Req`'s `comp`): complete
     /// it with `status`.
     Reject { status: Status, cookie: u64 },
@@ -827,6 +831,10 @@ impl Verdict {
         match self {
             Verdict::Recv(rx) => {
                 rx.fill(out);
+                Verdict::Req
+            }
+            Verdict::Send(tx) => {
+                tx.fill(out);
                 Verdict::Req
             }
             v => v,
@@ -862,6 +870,10 @@ impl Parsed {
             Verdict::Req => Parsed::Req(r),
             Verdict::Recv(rx) => {
                 rx.fill(&mut r);
+                Parsed::Req(r)
+            }
+            Verdict::Send(tx) => {
+                tx.fill(&mut r);
                 Parsed::Req(r)
             }
             Verdict::Reject { status, cookie } => Parsed::Reject {
@@ -1459,6 +1471,110 @@ pub(crate) fn parse_send(
     unsafe { take_header(hdr.host, ctx, true, out) }
 }
 
+/// Where the payload and the completion of a plain send are ([`Verdict::Send`]): a payload of
+/// one range (or none) and the completion area, with their host addresses in the memory table
+/// the request's `resolved` holds; no data area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PlainTx {
+    /// The payload (`{0, 0}`: none).
+    pub payload: Seg,
+    /// Guest address of the completion area ([`COMPLETION_LEN`] bytes).
+    pub comp: u64,
+    /// Host addresses of the payload's first byte (0: none) and of the completion area.
+    pub payload_at: usize,
+    pub comp_at: usize,
+}
+
+impl PlainTx {
+    /// Build `out`'s streams and host addresses as [`parse_send`] does for the same chain: the
+    /// send as a general request (`out` holds its header and memory table).
+    pub fn fill(self, out: &mut Req) {
+        out.comp = Segs::one(Seg {
+            addr: self.comp,
+            len: COMPLETION_LEN as u32,
+        });
+        if out.data.len != 0 {
+            out.data = Segs::one(Seg { addr: 0, len: 0 });
+        }
+        out.payload = Segs::one(self.payload);
+        out.resolved.payload = self.payload_at;
+        out.resolved.data = 0;
+        out.resolved.comp = self.comp_at;
+    }
+}
+
+/// Take a chain of the TX ring's shape ([`SendChain`]) as a plain send if it is one: no data
+/// area, and a header that passes [`take_header`]'s four compares for a plain SEND or TSEND
+/// (on a TX ring of a queue pair the driver may use, the caller's to check). Its streams are
+/// not built ([`Verdict::Send`]); the memory table goes into `out`'s `resolved`. Any other
+/// chain is [`parse_send`]'s to decide, from a copy of its own. What it takes is what
+/// `parse_send` accepts, the same request and streams
+/// (`plain_send_check_accepts_only_what_parse_send_does`).
+#[inline(always)]
+pub(crate) fn take_plain_send(
+    mem: &Arc<GuestMemoryMmap>,
+    c: &SendChain,
+    ctx: &ParseCtx,
+    out: &mut Req,
+) -> Verdict {
+    if c.data.seg.len != 0 || !REQUEST_IS_WIRE_LAYOUT {
+        return parse_send(mem, c, ctx, out);
+    }
+    let hdr = c.header;
+    let rest = hdr.seg.len - REQ_HEADER_LEN as u32;
+    let (payload, payload_at) = if rest > 0 {
+        (
+            Seg {
+                addr: hdr.seg.addr.wrapping_add(REQ_HEADER_LEN as u64),
+                len: rest,
+            },
+            hdr.host as usize + REQ_HEADER_LEN,
+        )
+    } else {
+        (c.payload.seg, c.payload.host as usize)
+    };
+    let dst = (&mut out.req as *mut Request).cast::<u8>();
+    // The guest's bytes are read once, into our own copy; the checks look at the copy.
+    // SAFETY: the walk found the whole header descriptor (at least REQ_HEADER_LEN bytes) at
+    // `hdr.host` inside one region of `mem`, which the caller's borrow keeps mapped; `dst` is
+    // `out.req`, REQ_HEADER_LEN bytes (`Request` is laid out as `ReqHeader`) of our own.
+    unsafe { guest_copy(dst, hdr.host, REQ_HEADER_LEN) };
+    // SAFETY: every byte of `out.req` was just written, `Request` has `ReqHeader`'s size and
+    // alignment, and any bytes are a valid `ReqHeader`. `out.req` is not used while `h` lives.
+    let h: &ReqHeader = unsafe { &*(dst as *const ReqHeader) };
+    let fl = u64::from(h.flags);
+    let word = u64::from(u16::from(h.opcode)) | u64::from(u16::from(h.reserved0)) << 16;
+    let max_payload = if fl & flags::INJECT != 0 {
+        ctx.max_inject
+    } else {
+        ctx.max_send
+    };
+    if (word != ctx.send_words[0] && word != ctx.send_words[1])
+        || fl & !ctx.send_flags != 0
+        || u16::from(h.reserved1) != 0
+        || u64::from(payload.len) > max_payload
+    {
+        // The copy's opcode may be no `Opcode`: a valid one until a parse sets the request.
+        out.req.opcode = Opcode::QueryCaps;
+        return parse_send(mem, c, ctx, out);
+    }
+    // The opcode bytes are SEND's or TSEND's: the request is valid as copied.
+    if !out
+        .resolved
+        .table
+        .as_ref()
+        .is_some_and(|t| Arc::ptr_eq(t, mem))
+    {
+        out.resolved.table = Some(mem.clone());
+    }
+    Verdict::Send(PlainTx {
+        payload,
+        comp: c.comp.seg.addr,
+        payload_at,
+        comp_at: c.comp.host as usize,
+    })
+}
+
 /// Parse a chain of the common shape into `out`: every check of [`parse_walked`] before the
 /// header holds for it by construction, so only the header is read and checked. `mem` is the
 /// memory table the walk found the host addresses in (alive while it is borrowed); `tx`: the
@@ -1949,6 +2065,139 @@ mod tests {
                                 assert!(lim.max_sge >= 3, "{what}");
                                 assert!(fast.table().is_some_and(|t| std::ptr::eq(t, &*mem)));
                                 taken[usize::from(op == Opcode::TRecv as u16)] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(taken[0] > 0 && taken[1] > 0, "{taken:?}");
+    }
+
+    /// `take_plain_send` against `parse_send` (the parse of the TX ring's shape it stands in
+    /// for): for every header, payload length and shape, set of acked features and limits
+    /// tried, on every TX queue, a plain send it takes is a request `parse_send` accepts, the
+    /// same request with the same streams and host addresses once filled; whatever it does not
+    /// take gets `parse_send`'s verdict. It takes plain SENDs and TSENDs, with and without a
+    /// payload of their own descriptor.
+    #[test]
+    fn plain_send_check_accepts_only_what_parse_send_does() {
+        use vfabric_proto::*;
+        let ops: Vec<u16> = (0..=0x500u16)
+            .filter(|&r| Opcode::from_u16(r).is_some())
+            .chain([0, 0x7777, 0x0100, 0x0180, 0x0185, 0x0403, 0x8181, 0x4181])
+            .collect();
+        let features = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_FABRIC_F_MSG,
+            VIRTIO_FABRIC_F_TAGGED,
+            VIRTIO_FABRIC_F_RMA,
+            VIRTIO_FABRIC_F_MQ,
+            VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
+        ];
+        let all = features.iter().fold(0, |a, f| a | bit(*f));
+        let mut ackeds = vec![all];
+        ackeds.extend(features.iter().map(|f| all & !bit(*f)));
+        let mut flag_sets: Vec<u64> = vec![0, flags::ALL, 1 << 13, 1 << 63];
+        flag_sets.extend((0..13).map(|b| 1u64 << b));
+        flag_sets.extend((0..13).map(|b| flags::INJECT | (1u64 << b)));
+        let limits = [
+            Limits::default(),
+            Limits {
+                num_queue_pairs: 1,
+                ..Limits::default()
+            },
+            Limits {
+                max_msg_size: 8,
+                inject_size: 4,
+                ..Limits::default()
+            },
+            Limits {
+                max_sge: 3,
+                ..Limits::default()
+            },
+        ];
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
+        let host = |a: u64, len: u32| HostSeg {
+            seg: Seg { addr: a, len },
+            host: mem.get_host_address(GuestAddress(a)).unwrap(),
+        };
+        // (header descriptor length, payload descriptor length, data descriptor length)
+        let shapes = [
+            (96u32, 8u32, 0u32),
+            (96, 0, 0),
+            (104, 0, 0),
+            (96, 9, 0),
+            (96, 0, 8),
+        ];
+        let mut taken = [0usize; 2];
+        for lim in &limits {
+            for &acked in &ackeds {
+                let ctx = ParseCtx::new(lim.clone(), acked);
+                for queue in 0..8u16 {
+                    if !ctx.plain(queue).0 {
+                        continue;
+                    }
+                    for &(hlen, plen, dlen) in &shapes {
+                        let c = SendChain {
+                            header: host(0, hlen),
+                            payload: if plen > 0 {
+                                host(0x100, plen)
+                            } else {
+                                HostSeg::NONE
+                            },
+                            data: if dlen > 0 {
+                                host(0x200, dlen)
+                            } else {
+                                HostSeg::NONE
+                            },
+                            comp: host(0x300, COMPLETION_LEN as u32),
+                        };
+                        for &op in &ops {
+                            for &fl in &flag_sets {
+                                for reserved in [(0u16, 0u16), (1, 0), (0, 0x8000)] {
+                                    let mut h = Request::new(Opcode::Send).to_header();
+                                    h.opcode = op.into();
+                                    h.flags = fl.into();
+                                    h.reserved0 = reserved.0.into();
+                                    h.reserved1 = reserved.1.into();
+                                    h.ep = 3.into();
+                                    h.cookie = 0x1234.into();
+                                    h.tag = 0x55.into();
+                                    h.data = 0x99.into();
+                                    h.peer = FabricAddr::new(9, 8, 7).to_wire();
+                                    mem.write_obj(h, GuestAddress(0)).unwrap();
+                                    let mut fast = Req::blank(queue, 1);
+                                    let vf = take_plain_send(&mem, &c, &ctx, &mut fast);
+                                    let mut slow = Req::blank(queue, 1);
+                                    let vs = parse_send(&mem, &c, &ctx, &mut slow);
+                                    let what = format!(
+                                        "op {op:#x} flags {fl:#x} queue {queue} acked {acked:#x} \
+                                         reserved {reserved:?} shape {hlen}/{plen}/{dlen} \
+                                         limits {lim:?}"
+                                    );
+                                    if let Verdict::Send(tx) = vf {
+                                        assert_eq!(vs, Verdict::Req, "{what}");
+                                        assert_eq!(dlen, 0, "{what}");
+                                        tx.fill(&mut fast);
+                                        taken[usize::from(op == Opcode::TSend as u16)] += 1;
+                                    } else {
+                                        assert_eq!(vf, vs, "{what}");
+                                    }
+                                    assert_eq!(fast, slow, "{what}");
+                                    let agree = fast.resolved_agree(&mem);
+                                    assert!(agree.0, "{what}");
+                                    assert_eq!(agree, slow.resolved_agree(&mem), "{what}");
+                                    for (a, b) in [
+                                        (fast.payload_at(&mem, 1), slow.payload_at(&mem, 1)),
+                                        (
+                                            fast.comp_at(&mem).map(|p| p as *const u8),
+                                            slow.comp_at(&mem).map(|p| p as *const u8),
+                                        ),
+                                    ] {
+                                        assert_eq!(a, b, "{what}");
+                                    }
+                                }
                             }
                         }
                     }

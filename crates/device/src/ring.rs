@@ -34,9 +34,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::chain::{
-    host_ptr_hinted, parse_general, parse_send, parse_simple, take_plain_recv, GuestMemoryMmap,
-    HostSeg, ParseCtx, PlainRx, RegionHint, Req, RingError, Seg, SendChain, SimpleChain, Verdict,
-    Walked,
+    host_ptr_hinted, parse_general, parse_simple, take_plain_recv, take_plain_send,
+    GuestMemoryMmap, HostSeg, ParseCtx, PlainRx, RegionHint, Req, RingError, Seg, SendChain,
+    SimpleChain, Verdict, Walked,
 };
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -360,7 +360,7 @@ impl RingView {
                 }
             } else if tx {
                 match self.plain_tx(mem, head, &mut hint) {
-                    Some(c) => parse_send(mem, &c, ctx, out),
+                    Some(c) => take_plain_send(mem, &c, ctx, out),
                     None => self.parse_apart(mem, head, ctx, true, out),
                 }
             } else {

@@ -16,7 +16,8 @@ use super::{
 #[cfg(doc)]
 use crate::chain::Verdict;
 use crate::chain::{
-    copy_stream_yielding, guest_copy, guest_move_small, CopyFault, GuestMemoryMmap, PlainRx, Req,
+    copy_stream_yielding, guest_copy, guest_move_small, CopyFault, GuestMemoryMmap, PlainRx,
+    PlainTx, Req,
 };
 use crate::stats::Counters;
 
@@ -305,6 +306,124 @@ impl Fabric {
         }
         drop(d);
         self.sent_in(dev, port, smem, req, meta.len, n);
+    }
+
+    /// A plain send ([`Verdict::Send`]: SEND or TSEND with the plain flags, a payload of one
+    /// range, no data area): [`Fabric::op_send`]'s straight placement, from the payload's first
+    /// range and the completion area where the parse resolved them, without the request's
+    /// streams. Every other case (a fence, no endpoint, a datagram, DELIVERY_COMPLETE, a payload
+    /// past the early read or not resolved, another host, no matching receive with resolved
+    /// areas at the front of its queue) builds the streams and goes the general way, which
+    /// decides every status: nothing is done here before the straight placement is certain.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) fn op_send_plain(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: &GuestMemoryMmap,
+        req: &mut Req,
+        tx: &PlainTx,
+        acked: u64,
+        n: &mut Notify,
+    ) {
+        if !self.send_straight(dev, port, mem, req, tx, n) {
+            tx.fill(req);
+            self.dispatch(dev, port, Some(mem), req, acked, n);
+        }
+    }
+
+    /// [`Fabric::op_send_plain`]'s straight placement: `true` if it sent the message (and
+    /// completed both chains), `false` (nothing done) for the general path.
+    #[inline(always)]
+    fn send_straight(
+        &self,
+        dev: usize,
+        port: &Port,
+        mem: &GuestMemoryMmap,
+        req: &Req,
+        tx: &PlainTx,
+        n: &mut Notify,
+    ) -> bool {
+        let r = &req.req;
+        let len = u64::from(tx.payload.len);
+        // The payload's host address is `mem`'s only if the request's table is `mem`.
+        if len == 0
+            || len > EARLY_READ
+            || len > self.limits.eager_threshold
+            || r.flags & (flags::DELIVERY_COMPLETE | flags::FENCE) != 0
+            || tx.payload_at == 0
+            || !req.table().is_some_and(|t| std::ptr::eq(t, mem))
+            || self.devs[dev]
+                .fenced
+                .load(std::sync::atomic::Ordering::Acquire)
+                != 0
+        {
+            return false;
+        }
+        let Some((sgen, skind)) = self.ep_info(dev, r.ep) else {
+            return false;
+        };
+        if skind == ep_open::TYPE_DGRAM {
+            return false;
+        }
+        let Some((ddev, dep)) = self.locate(r.peer) else {
+            return false;
+        };
+        let meta = Meta {
+            src: FabricAddr::new(self.node_addr(dev), r.ep, sgen),
+            tagged: r.opcode == Opcode::TSend,
+            tag: r.tag,
+            cq_data: (r.flags & flags::REMOTE_CQ_DATA != 0).then_some(r.data),
+            len,
+            rma_len: None,
+        };
+        let mut d = self.dev(ddev);
+        let dv = &mut *d;
+        let Some(dport) = dv.port.as_ref() else {
+            return false;
+        };
+        let Some(dst) = dv.eps.get_mut(dep).and_then(|s| s.ep.as_mut()) else {
+            return false;
+        };
+        if dst.generation != r.peer.generation || dst.kind != skind {
+            return false;
+        }
+        let rv = match dst.posted.front() {
+            Some(rv) if rv.matches(&meta) => rv,
+            _ => return false,
+        };
+        let Some((data_at, room, comp_at)) = rv.resolved() else {
+            return false;
+        };
+        let placed = meta.len.min(room);
+        // SAFETY: `data_at` holds `room` >= `placed` bytes and `comp_at` a whole completion, in
+        // the table the record holds (mapped while it lives, and it is in its queue until after
+        // this); `tx.payload_at` holds the payload's first range, `meta.len` >= `placed` <= 64
+        // bytes, in `mem` (the request's table, mapped while it is borrowed), which a loopback
+        // send may make overlap the data area (the move allows that).
+        unsafe { guest_move_small(data_at, tx.payload_at as *const u8, placed as usize) };
+        let (c, status) = msg_completion_words(rv.cookie, rv.tagged, &meta, placed);
+        // SAFETY: as above, for the completion area.
+        unsafe { store_completion(comp_at, &c) };
+        let used = completion_used(Ok(()), placed);
+        let (queue, head) = (rv.queue, rv.head);
+        if let Some(rv) = dst.posted.pop_front() {
+            rv.discard();
+        }
+        let dport = Arc::clone(dport);
+        drop(d);
+        Counters::inc(&dport.counters.messages_received);
+        Counters::add(&dport.counters.bytes_copied, placed);
+        self.completed(ddev, &dport, queue, head, status, used, n);
+        Counters::inc(&port.counters.messages_sent);
+        let w: CompWords = [0, r.cookie, len, 0, 0, 0, 0, 0];
+        // SAFETY: `tx.comp_at` is the host address of the request's whole completion area
+        // (its descriptor holds exactly 64 bytes) in `mem`, mapped while it is borrowed.
+        unsafe { store_completion(tx.comp_at as *mut u8, &w) };
+        let used = completion_used(Ok(()), 0);
+        self.completed(dev, port, req.queue, req.head, Status::Ok as u32, used, n);
+        true
     }
 
     /// [`Fabric::op_send`]'s straight placement of the early payload at `src` (message `meta`; read

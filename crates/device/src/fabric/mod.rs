@@ -828,6 +828,7 @@ impl Fabric {
         match *v {
             Verdict::Req => self.dispatch(dev, port, Some(mem), req, acked, n),
             Verdict::Recv(ref rx) => self.op_recv_plain(dev, port, req, rx, n),
+            Verdict::Send(ref tx) => self.op_send_plain(dev, port, mem, req, tx, acked, n),
             Verdict::Reject { status, cookie } => {
                 debug!(dev, req.queue, req.head, ?status, "request rejected");
                 let c = completion(status, cookie);
