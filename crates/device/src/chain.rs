@@ -762,6 +762,51 @@ impl Req {
         })
     }
 
+    /// Resolve the host addresses of the streams' first bytes in `mem`, as a ring's parse does
+    /// (a request built by hand, as if parsed from a ring).
+    #[cfg(test)]
+    pub fn resolve_in(&mut self, mem: Arc<GuestMemoryMmap>) {
+        let at = |s: &Segs| {
+            s.segs
+                .first()
+                .filter(|g| g.len > 0)
+                .and_then(|g| mem.get_host_address(GuestAddress(g.addr)).ok())
+                .map_or(0, |p| p as usize)
+        };
+        self.resolved.payload = at(&self.payload);
+        self.resolved.data = at(&self.data);
+        self.resolved.comp = at(&self.comp);
+        self.resolved.table = Some(mem);
+    }
+
+    /// Where a send's payload and completion are if it has a plain send's streams (SEND or
+    /// TSEND, a payload of at most one range, no data area, the completion area one range):
+    /// what [`take_plain_send`] hands on for such a chain (whatever its flags: the handler
+    /// must decide any header as the general path does).
+    #[cfg(test)]
+    pub fn plain_tx(&self) -> Option<PlainTx> {
+        let comp = match self.comp.segs.as_slice() {
+            [c] if c.len as usize == COMPLETION_LEN => c.addr,
+            _ => return None,
+        };
+        let payload = match self.payload.segs.as_slice() {
+            [] => Seg { addr: 0, len: 0 },
+            [p] => *p,
+            _ => return None,
+        };
+        let plain = matches!(self.req.opcode, Opcode::Send | Opcode::TSend) && self.data.len == 0;
+        plain.then_some(PlainTx {
+            payload,
+            comp,
+            payload_at: if payload.len > 0 {
+                self.resolved.payload
+            } else {
+                0
+            },
+            comp_at: self.resolved.comp,
+        })
+    }
+
     /// Move out the memory table the parse resolved host addresses in: a plain receive's
     /// record keeps it ([`Verdict::Recv`]).
     #[inline(always)]

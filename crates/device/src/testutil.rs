@@ -10,9 +10,9 @@ use vfabric_proto::{
     VIRTIO_FABRIC_F_MSG, VIRTIO_FABRIC_F_REMOTE_CQ_DATA, VIRTIO_FABRIC_F_TAGGED,
     VIRTIO_FABRIC_F_VENDOR_CAPS, VIRTIO_F_VERSION_1,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::chain::{GuestMemoryMmap, Parsed, Req, Seg, Segs};
+use crate::chain::{GuestMemoryMmap, Parsed, Req, Seg, Segs, Verdict};
 use crate::config::{Config, Limits};
 use crate::fabric::{CompletionSink, Fabric, Notify, Port};
 
@@ -117,6 +117,11 @@ pub(crate) const TEST_FABRIC: u32 = 0xf00d;
 pub(crate) struct World {
     pub fabric: Fabric,
     pub guests: Vec<Guest>,
+    /// Requests are handed on with the host addresses of their streams resolved, as a ring's
+    /// parse hands them (plain receives as `Verdict::Recv`); with `plain_sends`, sends of the
+    /// plain shape as `Verdict::Send`.
+    pub resolve: bool,
+    pub plain_sends: bool,
 }
 
 impl World {
@@ -129,7 +134,12 @@ impl World {
         for (i, g) in guests.iter().enumerate() {
             fabric.connect(i, g.port());
         }
-        Self { fabric, guests }
+        Self {
+            fabric,
+            guests,
+            resolve: false,
+            plain_sends: false,
+        }
     }
 
     pub fn submit(&mut self, dev: usize, r: Request, payload: &[u8], cap: u64) -> H {
@@ -176,8 +186,12 @@ impl World {
             resolved: Default::default(),
         };
         let mut n = Notify::default();
-        self.fabric
-            .handle(dev, &mut vec![Parsed::Req(req)], ALL_FEATURES, &mut n);
+        if self.resolve {
+            self.handle_resolved(dev, req, &mut n);
+        } else {
+            self.fabric
+                .handle(dev, &mut vec![Parsed::Req(req)], ALL_FEATURES, &mut n);
+        }
         H {
             dev,
             queue,
@@ -185,6 +199,24 @@ impl World {
             comp,
             data: data.first().map_or(0, |s| s.addr),
         }
+    }
+
+    /// [`Fabric::handle`] of `req` with its host addresses resolved ([`World::resolve`]).
+    fn handle_resolved(&self, dev: usize, mut req: Req, n: &mut Notify) {
+        let Some(port) = self.fabric.begin(dev, ALL_FEATURES) else {
+            return;
+        };
+        let mem = port.mem.memory().into_inner();
+        req.resolve_in(mem.clone());
+        let (mut req, v) = Parsed::Req(req).split();
+        let v = match req.plain_tx() {
+            Some(tx) if self.plain_sends && v == Verdict::Req => Verdict::Send(tx),
+            _ => v,
+        };
+        self.fabric
+            .handle_one(dev, &port, &mem, &mut req, &v, ALL_FEATURES, n);
+        self.fabric.end_batch(n);
+        n.flush();
     }
 
     /// Completion and used length, if the chain was completed.

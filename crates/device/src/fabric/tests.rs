@@ -983,3 +983,160 @@ fn message_completion_words_match_the_built_completion() {
         }
     }
 }
+
+/// A plain send handed on as `Verdict::Send` (`op_send_plain`: the straight placement, else the
+/// general path with the streams built) ends exactly as the same send handed on as a general
+/// request: the same completions and used lengths of both chains, the same bytes placed, the
+/// same counters and unexpected bytes, in every case the straight placement must leave to the
+/// general path (no receive, one that does not match, a gone peer or source, a fence,
+/// DELIVERY_COMPLETE, datagrams, a payload past the early read, none) and those it takes (a
+/// receive at the front that matches, truncated, tagged, directed, with CQ data, a loopback).
+#[test]
+fn plain_sends_end_as_general_sends() {
+    type Case = fn(&mut World) -> Vec<H>;
+    fn pair(w: &mut World, kind: u64) -> (FabricAddr, FabricAddr) {
+        (w.open(0, kind), w.open(1, kind))
+    }
+    let cases: Vec<(&str, Case)> = vec![
+        ("straight", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 64);
+            vec![r, w.send(0, a, b, None, 0, 2, b"8 bytes!")]
+        }),
+        ("tagged", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, Some((5, 0)), 0, 1, 0, 64);
+            vec![r, w.send(0, a, b, Some(5), 0, 2, b"tagged")]
+        }),
+        ("truncated", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 4);
+            vec![r, w.send(0, a, b, None, 0, 2, b"8 bytes!")]
+        }),
+        ("no room", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 0);
+            vec![r, w.send(0, a, b, None, 0, 2, b"8 bytes!")]
+        }),
+        ("unexpected", |w| {
+            let (a, b) = pair(w, RDM);
+            let s = w.send(0, a, b, None, 0, 2, b"8 bytes!");
+            vec![s, w.recv(1, b, None, 0, 1, 0, 64)]
+        }),
+        ("not matching", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, Some((6, 0)), 0, 1, 0, 64);
+            let s = w.send(0, a, b, Some(5), 0, 2, b"tag5");
+            vec![r, s, w.recv(1, b, Some((5, 0)), 0, 3, 0, 64)]
+        }),
+        ("directed elsewhere", |w| {
+            let (a, b) = pair(w, RDM);
+            let c = w.open(2, RDM);
+            let r = directed_recv(w, 1, b, c, 1);
+            let s = w.send(0, a, b, None, 0, 2, b"from a");
+            vec![r, s, directed_recv(w, 1, b, a, 3)]
+        }),
+        ("directed here", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = directed_recv(w, 1, b, a, 1);
+            vec![r, w.send(0, a, b, None, 0, 2, b"from a")]
+        }),
+        ("peer gone", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 64);
+            let gone = FabricAddr::new(b.node, b.ep, b.generation.wrapping_add(1));
+            vec![r, w.send(0, a, gone, None, 0, 2, b"8 bytes!")]
+        }),
+        ("no such peer endpoint", |w| {
+            let (a, b) = pair(w, RDM);
+            let none = FabricAddr::new(b.node, 40, b.generation);
+            vec![w.send(0, a, none, None, 0, 2, b"8 bytes!")]
+        }),
+        ("source not open", |w| {
+            let (_, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 64);
+            let not_open = FabricAddr::new(b.node, 40, 1);
+            vec![r, w.send(0, not_open, b, None, 0, 2, b"8 bytes!")]
+        }),
+        ("fence", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 64);
+            vec![r, w.send(0, a, b, None, flags::FENCE, 2, b"8 bytes!")]
+        }),
+        ("delivery complete", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 64);
+            let dc = flags::DELIVERY_COMPLETE;
+            vec![r, w.send(0, a, b, None, dc, 2, b"8 bytes!")]
+        }),
+        ("remote cq data", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 64);
+            let mut s = Request::new(Opcode::Send);
+            s.ep = a.ep;
+            s.peer = b;
+            s.flags = flags::REMOTE_CQ_DATA;
+            s.data = 0xdada;
+            s.cookie = 2;
+            vec![r, w.submit(0, s, b"cq data", 0)]
+        }),
+        ("dgram", |w| {
+            let (a, b) = pair(w, ep_open::TYPE_DGRAM);
+            let r = w.recv(1, b, None, 0, 1, 0, 64);
+            vec![r, w.send(0, a, b, None, 0, 2, b"8 bytes!")]
+        }),
+        ("dgram without receive", |w| {
+            let (a, b) = pair(w, ep_open::TYPE_DGRAM);
+            vec![w.send(0, a, b, None, 0, 2, b"8 bytes!")]
+        }),
+        ("kinds differ", |w| {
+            let a = w.open(0, RDM);
+            let b = w.open(1, ep_open::TYPE_DGRAM);
+            let r = w.recv(1, b, None, 0, 1, 0, 64);
+            vec![r, w.send(0, a, b, None, 0, 2, b"8 bytes!")]
+        }),
+        ("past the early read", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 200);
+            vec![r, w.send(0, a, b, None, 0, 2, &pattern(100, 4))]
+        }),
+        ("empty", |w| {
+            let (a, b) = pair(w, RDM);
+            let r = w.recv(1, b, None, 0, 1, 0, 64);
+            vec![r, w.send(0, a, b, None, 0, 2, b"")]
+        }),
+        ("loopback", |w| {
+            let a = w.open(0, RDM);
+            let b = w.open(0, RDM);
+            let r = w.recv(0, b, None, 0, 1, 0, 64);
+            vec![r, w.send(0, a, b, None, 0, 2, b"8 bytes!")]
+        }),
+    ];
+    for (name, case) in cases {
+        let mut ends = Vec::new();
+        for plain in [false, true] {
+            let mut w = World::new(3, Limits::default());
+            w.resolve = true;
+            w.plain_sends = plain;
+            let hs = case(&mut w);
+            let chains: Vec<_> = hs.iter().map(|h| (w.result(h), w.data(h, 64))).collect();
+            let counters: Vec<_> = (0..3)
+                .map(|d| {
+                    let c = w.fabric.counters(d).unwrap();
+                    let get = |a: &std::sync::atomic::AtomicU64| {
+                        a.load(std::sync::atomic::Ordering::Relaxed)
+                    };
+                    (
+                        get(&c.messages_sent),
+                        get(&c.messages_received),
+                        get(&c.bytes_copied),
+                        get(&c.dgram_drops),
+                        w.fabric.unexpected_bytes(d),
+                    )
+                })
+                .collect();
+            ends.push((chains, counters));
+        }
+        assert_eq!(ends[0], ends[1], "{name}");
+    }
+}
