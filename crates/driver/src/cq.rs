@@ -930,10 +930,13 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
         if !is_plain_success(op, c) {
             return false;
         }
-        // fi_close semantics: a closed endpoint's outstanding operations are discarded.
-        if !op.ep.is_closed() {
-            complete_plain(op, c, self.direct.as_deref_mut());
+        // One load for both rare cases: a closed endpoint (fi_close semantics: its
+        // outstanding operations are discarded) and bound counters.
+        let state = op.ep.state();
+        if state != 0 && !plain_state_allows(op, state) {
+            return true;
         }
+        complete_plain(op, c, self.direct.as_deref_mut());
         true
     }
 
@@ -969,11 +972,22 @@ fn is_plain_success(op: &PlainOp, c: &vfabric_proto::Completion) -> bool {
         && (!op.is_recv || u64::from(c.len) as usize <= op.rx_len)
 }
 
+/// A plain success on an endpoint whose state (`state`, not 0) is closed or has counters:
+/// whether its entry is still delivered (not if closed); the bound counters count it.
+#[cold]
+#[inline(never)]
+fn plain_state_allows(op: &PlainOp, state: u8) -> bool {
+    if state & crate::endpoint::EP_CLOSED != 0 {
+        return false;
+    }
+    op.ep.count_bound(op.fi_flags, true);
+    true
+}
+
 /// The common completion: a plain send or receive that succeeded. Same entry as
 /// [`complete_data_general`] gives for it, with none of the checks that cannot apply.
 #[inline(always)]
 fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
-    op.ep.count(op.fi_flags, true);
     let Some(cq) = op.cq else {
         return;
     };

@@ -194,7 +194,8 @@ pub(crate) struct DomainSignals {
     pub busy: AtomicU64,
 }
 
-/// Per-queue event counters (for diagnostics), kept under the ring lock.
+/// Per-queue event counters (for diagnostics). Posts and completions are worked out when asked
+/// (the cookie sequence counts posts, the ring the chains still in flight); kicks are counted.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct QueueCounters {
     pub posted: u64,
@@ -207,7 +208,8 @@ struct QueueState {
     /// The next request's cookie without its head id: sequence number `<< 24`, queue index
     /// `<< 16` (kept whole: a post only adds the head).
     cookie_base: u64,
-    counters: QueueCounters,
+    /// Kicks so far.
+    kicks: u64,
     /// A request published since the last kick must reach the device now, whatever its
     /// notification suppression says (an RX request other than a plain receive, LAZY_RX).
     urgent: bool,
@@ -349,7 +351,7 @@ impl<R> Virtqueue<R> {
             state: SpinLock::new(QueueState {
                 ring,
                 cookie_base: COOKIE_SEQ_ONE | (u64::from(index) << 16),
-                counters: QueueCounters::default(),
+                kicks: 0,
                 urgent: false,
                 dispatching: false,
             }),
@@ -493,7 +495,6 @@ impl<R> Virtqueue<R> {
                 (inline_rx_len + COMPLETION_LEN) as u32,
             ),
         );
-        st.counters.posted += 1;
         let in_flight = st.ring.chains_in_flight();
         self.in_flight
             .store(u32::from(in_flight), Ordering::Relaxed);
@@ -507,9 +508,7 @@ impl<R> Virtqueue<R> {
         st.urgent |= urgent;
         // `|`, not `||`: the kick decision records what it covers.
         let kick = !more && (st.ring.needs_kick_fenced() | std::mem::take(&mut st.urgent));
-        if kick {
-            st.counters.kicks += 1;
-        }
+        st.kicks += u64::from(kick);
         drop(st);
         // A thread already asleep may not have armed this queue (it was idle): arm for it.
         if self.signals.blockers.load(Ordering::Relaxed) > 0 {
@@ -541,9 +540,7 @@ impl<R> Virtqueue<R> {
     pub fn flush(&self) {
         let mut st = self.lock();
         let kick = st.ring.needs_kick() | std::mem::take(&mut st.urgent);
-        if kick {
-            st.counters.kicks += 1;
-        }
+        st.kicks += u64::from(kick);
         drop(st);
         if kick {
             self.notify();
@@ -570,7 +567,14 @@ impl<R> Virtqueue<R> {
 
     /// Posts, completions and kicks so far.
     pub fn counters(&self) -> QueueCounters {
-        self.lock().counters
+        let st = self.lock();
+        // The first post's cookie has sequence number 1.
+        let posted = st.cookie_base / COOKIE_SEQ_ONE - 1;
+        QueueCounters {
+            posted,
+            completed: posted - u64::from(st.ring.chains_in_flight()),
+            kicks: st.kicks,
+        }
     }
 
     /// Lock-free check for used entries we have not consumed.
@@ -632,7 +636,6 @@ impl<R> Virtqueue<R> {
             }
             let mut rearmed = false;
             if taken > 0 {
-                st.counters.completed += u64::from(taken);
                 // An idle queue stays in the busy mask (usually it is busy again at once): the
                 // progress scan takes it out when it finds it idle (`leave_scan_if_idle`).
                 self.in_flight
@@ -725,11 +728,18 @@ impl<R> Virtqueue<R> {
     /// the caller must then take the entries the device published before the arming (it
     /// calls only for entries after it, and the sleeper's call may have gone to a thread that
     /// woke with it).
+    ///
+    /// With EVENT_IDX nothing needs parking: a sleeper armed `used_event` at a position the
+    /// drain has now taken, and the device calls only when its used index passes
+    /// `used_event` again (the whole 2^16 range later; a parked value is passed after half
+    /// of it). Without it, the avail flags' NO_INTERRUPT is set again.
     #[inline]
     fn after_take(&self, last_used: u16) -> bool {
         self.last_used.store(last_used, Ordering::Relaxed);
-        self.call_control()
-            .store(park_value(self.event_idx, last_used), Ordering::Relaxed);
+        if !self.event_idx {
+            self.call_control()
+                .store(park_value(false, last_used), Ordering::Relaxed);
+        }
         fence(Ordering::SeqCst);
         if self.signals.blockers.load(Ordering::Relaxed) > 0 {
             self.call_control()
