@@ -23,7 +23,7 @@ use crate::domain::{DomainInner, Stalled};
 use crate::hmem::Scatter;
 use crate::lock::SpinLock;
 use crate::request::{CopyOut, DataOp, Done, PendingOp, PlainOp};
-use crate::virtqueue::{drain_eventfd, signal_eventfd, Dispatch, Finished};
+use crate::virtqueue::{drain_eventfd, signal_eventfd, DeviceCompletion, Dispatch, Finished};
 use crate::{data_status_errno, fi, Error, Result};
 
 /// Environment variable fixing the `sread` spin budget in microseconds (0: block at once).
@@ -922,12 +922,14 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
     /// is to deliver. Inlined into the drain loop: the request's fields are read where the
     /// drain has them.
     #[inline(always)]
-    fn fast(&mut self, op: &PendingOp, c: &vfabric_proto::Completion) -> bool {
+    fn fast(&mut self, op: &PendingOp, c: &DeviceCompletion) -> bool {
         // Only a plain record, which owns nothing, is delivered here (see `Dispatch::fast`).
         let PendingOp::Plain(op) = op else {
             return false;
         };
-        if !is_plain_success(op, c) {
+        // Each field is read once (and what is read is what is checked and reported).
+        let (cflags, len) = (c.flags(), c.len());
+        if !is_plain_success(op, c.status(), cflags, len) {
             return false;
         }
         // One load for both rare cases: a closed endpoint (fi_close semantics: its
@@ -936,7 +938,7 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
         if state != 0 && !plain_state_allows(op, state) {
             return true;
         }
-        complete_plain(op, c, self.direct.as_deref_mut());
+        complete_plain(op, c, (cflags, len), self.direct.as_deref_mut());
         true
     }
 
@@ -966,10 +968,10 @@ fn complete_other(domain: &DomainInner, f: Done<'_>) {
 /// Does `c` complete the plain request `op` (see [`DataOp::plain`]) successfully, with
 /// nothing to copy, check or remember beyond the CQ entry itself?
 #[inline(always)]
-fn is_plain_success(op: &PlainOp, c: &vfabric_proto::Completion) -> bool {
-    u32::from(c.status) == Status::Ok as u32
-        && u32::from(c.flags) & comp_flags::REMOTE_WRITE == 0
-        && (!op.is_recv || u64::from(c.len) as usize <= op.rx_len)
+fn is_plain_success(op: &PlainOp, status: u32, cflags: u32, len: u64) -> bool {
+    status == Status::Ok as u32
+        && cflags & comp_flags::REMOTE_WRITE == 0
+        && (!op.is_recv || len as usize <= op.rx_len)
 }
 
 /// A plain success on an endpoint whose state (`state`, not 0) is closed or has counters:
@@ -987,14 +989,19 @@ fn plain_state_allows(op: &PlainOp, state: u8) -> bool {
 /// The common completion: a plain send or receive that succeeded. Same entry as
 /// [`complete_data_general`] gives for it, with none of the checks that cannot apply.
 #[inline(always)]
-fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
+fn complete_plain(
+    op: &PlainOp,
+    c: &DeviceCompletion,
+    (cflags, len): (u32, u64),
+    direct: Option<&mut Direct<'_>>,
+) {
     let Some(cq) = op.cq else {
         return;
     };
     let cq: &CqShared = &cq;
     // The source's AV index first: its look-up may take the AV's lock, never under the CQ's.
     let (src, src_addr) = if op.is_recv {
-        let s = FabricAddr::from_wire(&c.src);
+        let s = FabricAddr::from_wire(&c.src());
         (Some(s), op.ep.source_addr(op.src_addr, &s))
     } else {
         (None, FI_ADDR_NOTAVAIL)
@@ -1002,7 +1009,6 @@ fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&m
     // The rest is built once its place is known (the reader's slice or the CQ's ring), in
     // place.
     deliver(cq, direct, || {
-        let cflags = u32::from(c.flags);
         let mut flags = op.fi_flags;
         if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) != 0 {
             if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
@@ -1016,16 +1022,16 @@ fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&m
             }
         }
         let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
-            c.data.into()
+            c.data()
         } else {
             0
         };
         CqEntry {
             context: op.context,
             flags,
-            len: u64::from(c.len) as usize,
+            len: len as usize,
             data,
-            tag: c.tag.into(),
+            tag: c.tag(),
             src,
             src_addr,
             buf: None,

@@ -20,7 +20,8 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vfabric_proto::{Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
+use std::mem::offset_of;
+use vfabric_proto::{Completion, Le32, Le64, ReqHeader, WireAddr, COMPLETION_LEN, REQ_HEADER_LEN};
 
 use crate::lock::{SpinGuard, SpinLock};
 use crate::memory::{Allocation, SharedMemory};
@@ -163,9 +164,55 @@ pub(crate) trait Dispatch<R> {
     /// without the lock. Runs no application code and posts nothing (the ring lock is held).
     /// Returns true only for a record that owns nothing: the record is not dropped (its slot
     /// goes back to idle as is; a record that owned something would leak it).
-    fn fast(&mut self, op: &R, completion: &Completion) -> bool;
+    fn fast(&mut self, op: &R, completion: &DeviceCompletion) -> bool;
     /// Any other returned request, without the ring lock.
     fn finished(&mut self, f: Finished<'_, R>);
+}
+
+/// The completion of a returned chain where the device wrote it (its slot), for
+/// [`Dispatch::fast`]: each field is read from device memory with one volatile load per call,
+/// so a caller that reads each field once (and checks what it reads) sees one value of it,
+/// whatever the device writes meanwhile. No copy of the whole completion on the common path.
+pub(crate) struct DeviceCompletion(*const Completion);
+
+impl DeviceCompletion {
+    /// The field of type `T` at byte `offset` of the completion, read once.
+    #[inline(always)]
+    fn field<T>(&self, offset: usize) -> T {
+        // SAFETY: `self.0` points to the 64-byte, 64-aligned completion of a slot the drainer
+        // owns until the head is released (see `Virtqueue::take`); callers pass the offset of
+        // a field of type `T`, inside it and aligned. A volatile read: the device may write
+        // the bytes meanwhile, which are only copied.
+        unsafe { std::ptr::read_volatile(self.0.byte_add(offset).cast::<T>()) }
+    }
+    #[inline(always)]
+    pub fn status(&self) -> u32 {
+        u32::from(self.field::<Le32>(offset_of!(Completion, status)))
+    }
+    #[inline(always)]
+    pub fn flags(&self) -> u32 {
+        u32::from(self.field::<Le32>(offset_of!(Completion, flags)))
+    }
+    #[inline(always)]
+    pub fn cookie(&self) -> u64 {
+        u64::from(self.field::<Le64>(offset_of!(Completion, cookie)))
+    }
+    #[inline(always)]
+    pub fn len(&self) -> u64 {
+        u64::from(self.field::<Le64>(offset_of!(Completion, len)))
+    }
+    #[inline(always)]
+    pub fn data(&self) -> u64 {
+        u64::from(self.field::<Le64>(offset_of!(Completion, data)))
+    }
+    #[inline(always)]
+    pub fn tag(&self) -> u64 {
+        u64::from(self.field::<Le64>(offset_of!(Completion, tag)))
+    }
+    #[inline(always)]
+    pub fn src(&self) -> WireAddr {
+        self.field::<WireAddr>(offset_of!(Completion, src))
+    }
 }
 
 /// A request the device returned, handed to dispatch by reference to its slot.
@@ -749,9 +796,11 @@ impl<R> Virtqueue<R> {
         false
     }
 
-    /// A chain just taken, under the ring lock: validate its completion (copied out into
-    /// `completion` once, never re-read from device memory) and deliver the common case
-    /// through [`Dispatch::fast`], the record going back to idle.
+    /// A chain just taken, under the ring lock: deliver the common case (its cookie, a used
+    /// length that holds it, nothing received inline) through [`Dispatch::fast`], reading the
+    /// completion where the device wrote it, the record going back to idle. Anything else is
+    /// validated on a copy of the completion (copied out into `completion` once, never re-read
+    /// from device memory) and left for [`Dispatch::finished`].
     #[inline(always)]
     fn take(
         &self,
@@ -774,33 +823,31 @@ impl<R> Virtqueue<R> {
                 device_fault: u.len != 0 || !u.len_ok,
             };
         }
+        let at = self.slot(u.head).wrapping_add(SLOT_COMPLETION) as *const Completion;
+        let device = DeviceCompletion(at);
+        if u.len_ok
+            && record.inline_rx == 0
+            && device.cookie() == record.cookie
+            // SAFETY: initialised while `busy`.
+            && to.fast(unsafe { record.op.assume_init_ref() }, &device)
+        {
+            // Owns nothing (see `Dispatch::fast`): back to idle without a drop.
+            record.busy = false;
+            return Taken::Done;
+        }
         // SAFETY: the completion lies inside the slot of a chain the device returned (64
         // bytes at a 64-aligned offset); we copy it out once and validate the copy.
         let c = unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.slot(u.head).add(SLOT_COMPLETION) as *const Completion,
-                completion.as_mut_ptr(),
-                1,
-            );
+            std::ptr::copy_nonoverlapping(at, completion.as_mut_ptr(), 1);
             completion.assume_init_ref()
         };
         let mismatch = u64::from(c.cookie) != record.cookie;
         if mismatch {
             self.cookie_mismatch(record.cookie, u64::from(c.cookie));
         }
-        let device_fault = mismatch || !u.len_ok;
-        if !device_fault
-            && record.inline_rx == 0
-            // SAFETY: initialised while `busy`.
-            && to.fast(unsafe { record.op.assume_init_ref() }, c)
-        {
-            // Owns nothing (see `Dispatch::fast`): back to idle without a drop.
-            record.busy = false;
-            return Taken::Done;
-        }
         Taken::Slow {
             has_completion: true,
-            device_fault,
+            device_fault: mismatch || !u.len_ok,
         }
     }
 
@@ -980,8 +1027,8 @@ mod tests {
     }
 
     impl Dispatch<Op> for Collect {
-        fn fast(&mut self, op: &Op, c: &Completion) -> bool {
-            if u32::from(c.status) != Status::Ok as u32 {
+        fn fast(&mut self, op: &Op, c: &DeviceCompletion) -> bool {
+            if c.status() != Status::Ok as u32 {
                 return false;
             }
             self.delivered.push(op.0);
@@ -1032,7 +1079,7 @@ mod tests {
     }
 
     impl Dispatch<Op> for Meanwhile<'_> {
-        fn fast(&mut self, op: &Op, c: &Completion) -> bool {
+        fn fast(&mut self, op: &Op, c: &DeviceCompletion) -> bool {
             Collect::default().fast(op, c) && {
                 self.delivered.push(op.0);
                 true
