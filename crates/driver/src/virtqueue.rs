@@ -1128,4 +1128,68 @@ mod tests {
         assert_eq!(vq.drain(&mut after), 1);
         assert_eq!(after.delivered, [30]);
     }
+
+    /// Records how each request was delivered: on the fast path, or by `finished` with its
+    /// device-fault verdict and the status of the completion it was handed.
+    #[derive(Default)]
+    struct Verdicts {
+        fast: Vec<u64>,
+        finished: Vec<(u64, bool, Option<u32>)>,
+    }
+
+    impl Dispatch<Op> for Verdicts {
+        fn fast(&mut self, op: &Op, c: &DeviceCompletion) -> bool {
+            if c.status() != Status::Ok as u32 {
+                return false;
+            }
+            self.fast.push(op.0);
+            true
+        }
+        fn finished(&mut self, f: Finished<'_, Op>) {
+            let status = f.completion.map(|c| u32::from(c.status));
+            self.finished.push((f.op.0, f.device_fault, status));
+        }
+    }
+
+    #[test]
+    fn a_completion_with_another_cookie_is_a_device_fault_never_the_fast_path() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let first = post(&vq, 1);
+        let second = post(&vq, 2);
+        // The first's completion carries a stale cookie (an older request's on its head), a
+        // success otherwise; the second's is right.
+        let stale = first.wrapping_sub(COOKIE_SEQ_ONE);
+        complete(&vq, first, Status::Ok);
+        // SAFETY: the slot of a published head; the driver reads it after the drain starts.
+        unsafe {
+            let c = vq.slot(first as u16).add(SLOT_COMPLETION) as *mut Completion;
+            (*c).cookie = stale.into();
+        }
+        complete(&vq, second, Status::Ok);
+        let mut to = Verdicts::default();
+        assert_eq!(vq.drain(&mut to), 2);
+        assert_eq!(to.fast, [2]);
+        assert_eq!(to.finished, [(1, true, Some(Status::Ok as u32))]);
+    }
+
+    #[test]
+    fn counters_count_posts_completions_and_kicks() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let cookies: Vec<u64> = (0..3).map(|n| post(&vq, n)).collect();
+        complete(&vq, cookies[0], Status::Ok);
+        complete(&vq, cookies[1], Status::Fault);
+        let mut to = Collect::default();
+        assert_eq!(vq.drain(&mut to), 2);
+        let c = vq.counters();
+        // The device asked for a kick at avail index 0 only (its initial avail_event): the
+        // first post kicked, the two after it did not.
+        assert_eq!((c.posted, c.completed, c.kicks), (3, 2, 1));
+        complete(&vq, cookies[2], Status::Ok);
+        assert_eq!(vq.drain(&mut to), 1);
+        post(&vq, 3);
+        let c = vq.counters();
+        assert_eq!((c.posted, c.completed), (4, 3));
+    }
 }
