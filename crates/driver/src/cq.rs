@@ -932,12 +932,6 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
         if !is_plain_success(op, c.status(), cflags, len) {
             return false;
         }
-        // One load for both rare cases: a closed endpoint (fi_close semantics: its
-        // outstanding operations are discarded) and bound counters.
-        let state = op.ep.state();
-        if state != 0 && !plain_state_allows(op, state) {
-            return true;
-        }
         complete_plain(op, c, (cflags, len), self.direct.as_deref_mut());
         true
     }
@@ -995,6 +989,12 @@ fn complete_plain(
     (cflags, len): (u32, u64),
     direct: Option<&mut Direct<'_>>,
 ) {
+    // One load for both rare cases: a closed endpoint (fi_close semantics: its outstanding
+    // operations are discarded) and bound counters.
+    let state = op.ep.state();
+    if state != 0 && !plain_state_allows(op, state) {
+        return;
+    }
     let Some(cq) = op.cq else {
         return;
     };
@@ -1394,5 +1394,54 @@ mod tests {
         // Entries left in the ring are dropped with it (their buffers too: Miri/ASan-visible).
         ev.push_entry(|| entry(9));
         drop(ev);
+    }
+
+    /// A CQ of its own, with nothing queued.
+    fn cq_shared() -> (Arc<CqShared>, EventFd) {
+        let signal = EventFd::new(EFD_NONBLOCK).unwrap();
+        let cq = Arc::new(CqShared {
+            events: SpinLock::new(Events::new(0)),
+            queued: AtomicUsize::new(0),
+            signal_fd: signal.as_raw_fd(),
+            _signal: signal.try_clone().unwrap(),
+            waiters: AtomicUsize::new(0),
+            feeders: AtomicU64::new(0),
+        });
+        (cq, signal)
+    }
+
+    #[test]
+    fn a_plain_success_of_a_closed_endpoint_is_discarded() {
+        let (cq, _signal) = cq_shared();
+        let ep = crate::endpoint::EpShared::for_test();
+        let c = vfabric_proto::Completion {
+            len: 5u64.into(),
+            ..Default::default()
+        };
+        let device = DeviceCompletion::at(&c);
+        let op = |context| PlainOp {
+            // SAFETY: `ep` and `cq` outlive the record.
+            ep: unsafe { crate::request::EpRef::new(&ep) },
+            // SAFETY: as above.
+            cq: Some(unsafe { crate::request::CqRef::new(&cq) }),
+            context,
+            fi_flags: fi::SEND | fi::MSG,
+            rx_len: 0,
+            src_addr: crate::av::FI_ADDR_UNSPEC,
+            buf: None,
+            is_recv: false,
+            report_errors: true,
+        };
+        complete_plain(&op(1), &device, (0, 5), None);
+        assert_eq!(cq.queued.load(Ordering::Relaxed), 1);
+        ep.close_for_test();
+        complete_plain(&op(2), &device, (0, 5), None);
+        assert_eq!(
+            cq.queued.load(Ordering::Relaxed),
+            1,
+            "an entry of a closed endpoint"
+        );
+        let mut events = cq.events.lock();
+        assert_eq!(events.pop_ring().map(|e| (e.context, e.len)), Some((1, 5)));
     }
 }

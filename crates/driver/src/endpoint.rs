@@ -225,6 +225,11 @@ impl EpShared {
     pub(crate) fn is_closed(&self) -> bool {
         self.state() & EP_CLOSED != 0
     }
+    /// Mark the endpoint closed, as its drop does.
+    #[cfg(test)]
+    pub(crate) fn close_for_test(&self) {
+        self.state.fetch_or(EP_CLOSED, Ordering::Release);
+    }
     /// [`EP_CLOSED`] and [`EP_HAS_CNTRS`], as of one load.
     #[inline(always)]
     pub(crate) fn state(&self) -> u8 {

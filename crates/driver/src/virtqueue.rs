@@ -176,6 +176,11 @@ pub(crate) trait Dispatch<R> {
 pub(crate) struct DeviceCompletion(*const Completion);
 
 impl DeviceCompletion {
+    /// The completion at `c` (a test's own, standing for a slot's).
+    #[cfg(test)]
+    pub(crate) fn at(c: *const Completion) -> Self {
+        Self(c)
+    }
     /// The field of type `T` at byte `offset` of the completion, read once.
     #[inline(always)]
     fn field<T>(&self, offset: usize) -> T {
