@@ -262,9 +262,6 @@ struct QueueState {
     cookie_base: u64,
     /// Kicks so far.
     kicks: u64,
-    /// A request published since the last kick must reach the device now, whatever its
-    /// notification suppression says (an RX request other than a plain receive, LAZY_RX).
-    urgent: bool,
     /// A drainer dispatches a returned request without this lock (see [`Virtqueue::drain`]):
     /// until it clears this, it owns that request's record and slot, and no other drainer
     /// takes entries (completions reach CQs in used-ring order).
@@ -404,7 +401,6 @@ impl<R> Virtqueue<R> {
                 ring,
                 cookie_base: COOKIE_SEQ_ONE | (u64::from(index) << 16),
                 kicks: 0,
-                urgent: false,
                 dispatching: false,
             }),
             requests: (0..size)
@@ -460,9 +456,9 @@ impl<R> Virtqueue<R> {
     /// ring has room; its cookie is assigned here. Returns the cookie.
     /// `Err(Error::Again)` if the ring has no room. With `more` (libfabric `FI_MORE`) the kick
     /// decision is left to a later post without it (or [`Virtqueue::flush`]), which covers
-    /// every chain published since. With `urgent` that kick happens even if the device
-    /// suppressed notifications (it may leave an RX ring's off under LAZY_RX, taking plain
-    /// receives when it needs them; other RX requests must not wait). `op` builds the request
+    /// every chain published since. With `urgent` the kick happens at once, with `more` too,
+    /// even if the device suppressed notifications (it may leave an RX ring's off under
+    /// LAZY_RX, taking plain receives when it needs them; other RX requests must not wait). `op` builds the request
     /// record, straight into its slot (not called if the post fails before).
     ///
     /// One ring-lock hold: the header and descriptors are written, the avail index is stored
@@ -557,9 +553,15 @@ impl<R> Virtqueue<R> {
         }
         // The avail index and the in-flight count before the reads below.
         fence(Ordering::SeqCst);
-        st.urgent |= urgent;
-        // `|`, not `||`: the kick decision records what it covers.
-        let kick = !more && (st.ring.needs_kick_fenced() | std::mem::take(&mut st.urgent));
+        // An urgent request is kicked for at once, `more` or not (the hint only defers a kick
+        // the device asks for), covering every chain published before it: no urgency to
+        // remember for a later post.
+        let kick = if urgent {
+            st.ring.mark_kicked();
+            true
+        } else {
+            !more && st.ring.needs_kick_fenced()
+        };
         st.kicks += u64::from(kick);
         drop(st);
         // A thread already asleep may not have armed this queue (it was idle): arm for it.
@@ -591,7 +593,7 @@ impl<R> Virtqueue<R> {
     /// decision (the doorbell of a batch).
     pub fn flush(&self) {
         let mut st = self.lock();
-        let kick = st.ring.needs_kick() | std::mem::take(&mut st.urgent);
+        let kick = st.ring.needs_kick();
         st.kicks += u64::from(kick);
         drop(st);
         if kick {
@@ -1196,5 +1198,34 @@ mod tests {
         post(&vq, 3);
         let c = vq.counters();
         assert_eq!((c.posted, c.completed), (4, 3));
+    }
+
+    #[test]
+    fn an_urgent_post_kicks_at_once_even_with_more() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let post_with = |more, urgent| {
+            vq.post(
+                ReqHeader::default,
+                TxData::<Payload<'_>>::None,
+                RxData::None,
+                more,
+                urgent,
+                || Op(0),
+            )
+            .unwrap()
+        };
+        // The first post kicks (the device's initial avail_event asks for index 0).
+        post_with(false, false);
+        assert_eq!(vq.counters().kicks, 1);
+        // Suppressed from now on: a plain post does not kick, a `more` one leaves it to later.
+        post_with(false, false);
+        post_with(true, false);
+        assert_eq!(vq.counters().kicks, 1);
+        // An urgent one kicks at once, `more` or not, and covers the chains before it.
+        post_with(true, true);
+        assert_eq!(vq.counters().kicks, 2);
+        vq.flush();
+        assert_eq!(vq.counters().kicks, 2);
     }
 }
