@@ -936,6 +936,11 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
         true
     }
 
+    #[cold]
+    fn broken(&mut self, index: u16) {
+        self.domain.queue_broke(index);
+    }
+
     fn finished(&mut self, f: Done<'_>) {
         match f.op {
             PendingOp::Data(_) | PendingOp::Plain(_) => {

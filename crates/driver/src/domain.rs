@@ -1009,18 +1009,15 @@ impl DomainInner {
             q.leave_scan_if_idle();
             return 0;
         }
-        let n = q.drain(&mut crate::cq::Deliver {
+        // A broken ring stops the domain (`Deliver` tells `queue_broke`).
+        q.drain(&mut crate::cq::Deliver {
             domain: self,
             direct,
-        });
-        if q.is_broken() {
-            self.queue_broke(q.index);
-        }
-        n
+        })
     }
 
     #[cold]
-    fn queue_broke(&self, index: u16) {
+    pub(crate) fn queue_broke(&self, index: u16) {
         if self.state.fetch_or(DOMAIN_FAILED, Ordering::Relaxed) & DOMAIN_FAILED == 0 {
             self.broken_queue.store(u32::from(index), Ordering::Relaxed);
             tracing::error!(

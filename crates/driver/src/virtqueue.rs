@@ -167,6 +167,9 @@ pub(crate) trait Dispatch<R> {
     fn fast(&mut self, op: &R, completion: &DeviceCompletion) -> bool;
     /// Any other returned request, without the ring lock.
     fn finished(&mut self, f: Finished<'_, R>);
+    /// The ring of queue `index` is broken (the device wrote an invalid used entry): called,
+    /// under the ring lock, by every drain that finds it so.
+    fn broken(&mut self, _index: u16) {}
 }
 
 /// The completion of a returned chain where the device wrote it (its slot), for
@@ -699,6 +702,7 @@ impl<R> Virtqueue<R> {
             let broken = st.ring.broken().is_some();
             if broken {
                 self.mark_broken(&st);
+                to.broken(self.index);
             }
             total += usize::from(taken);
             if let Some((u, has_completion, device_fault)) = slow {
@@ -1142,9 +1146,13 @@ mod tests {
     struct Verdicts {
         fast: Vec<u64>,
         finished: Vec<(u64, bool, Option<u32>)>,
+        broken: Vec<u16>,
     }
 
     impl Dispatch<Op> for Verdicts {
+        fn broken(&mut self, index: u16) {
+            self.broken.push(index);
+        }
         fn fast(&mut self, op: &Op, c: &DeviceCompletion) -> bool {
             if c.status() != Status::Ok as u32 {
                 return false;
@@ -1227,5 +1235,35 @@ mod tests {
         assert_eq!(vq.counters().kicks, 2);
         vq.flush();
         assert_eq!(vq.counters().kicks, 2);
+    }
+
+    #[test]
+    fn a_drain_that_finds_the_ring_broken_tells_its_dispatch() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let first = post(&vq, 1);
+        post(&vq, 2);
+        complete(&vq, first, Status::Ok);
+        // The device returns a head that is not in flight (in place of the second).
+        let layout = vq.lock().ring.layout();
+        let base = vq._ring_mem.ptr();
+        // SAFETY: the used ring is inside the queue's ring allocation.
+        unsafe {
+            let used_idx = &*(base.add(layout.used + 2) as *const AtomicU16);
+            let idx = used_idx.load(Ordering::Relaxed);
+            let elem = base.add(layout.used + 4 + 8 * usize::from(idx & (layout.size - 1)));
+            (elem as *mut u32).write(5);
+            (elem.add(4) as *mut u32).write(COMPLETION_LEN as u32);
+            used_idx.store(idx.wrapping_add(1), Ordering::Release);
+        }
+        let mut to = Verdicts::default();
+        // The entry before the bad one is delivered; the ring breaks at the bad one.
+        assert_eq!(vq.drain(&mut to), 1);
+        assert_eq!(to.fast, [1]);
+        assert_eq!(to.broken, [1]);
+        assert!(vq.is_broken());
+        // Every drain that finds it broken says so (the domain's stop is idempotent).
+        vq.drain(&mut to);
+        assert_eq!(to.broken, [1, 1]);
     }
 }
