@@ -23,7 +23,7 @@ use crate::domain::{DomainInner, Stalled};
 use crate::hmem::Scatter;
 use crate::lock::SpinLock;
 use crate::request::{CopyOut, DataOp, Done, PendingOp, PlainOp};
-use crate::virtqueue::{drain_eventfd, signal_eventfd, Dispatch, Finished};
+use crate::virtqueue::{drain_eventfd, signal_eventfd, DeviceCompletion, Dispatch, Finished};
 use crate::{data_status_errno, fi, Error, Result};
 
 /// Environment variable fixing the `sread` spin budget in microseconds (0: block at once).
@@ -922,19 +922,23 @@ impl Dispatch<PendingOp> for Deliver<'_, '_> {
     /// is to deliver. Inlined into the drain loop: the request's fields are read where the
     /// drain has them.
     #[inline(always)]
-    fn fast(&mut self, op: &PendingOp, c: &vfabric_proto::Completion) -> bool {
+    fn fast(&mut self, op: &PendingOp, c: &DeviceCompletion) -> bool {
         // Only a plain record, which owns nothing, is delivered here (see `Dispatch::fast`).
         let PendingOp::Plain(op) = op else {
             return false;
         };
-        if !is_plain_success(op, c) {
+        // Each field is read once (and what is read is what is checked and reported).
+        let (cflags, len) = (c.flags(), c.len());
+        if !is_plain_success(op, c.status(), cflags, len) {
             return false;
         }
-        // fi_close semantics: a closed endpoint's outstanding operations are discarded.
-        if !op.ep.is_closed() {
-            complete_plain(op, c, self.direct.as_deref_mut());
-        }
+        complete_plain(op, c, (cflags, len), self.direct.as_deref_mut());
         true
+    }
+
+    #[cold]
+    fn broken(&mut self, index: u16) {
+        self.domain.queue_broke(index);
     }
 
     fn finished(&mut self, f: Done<'_>) {
@@ -963,24 +967,46 @@ fn complete_other(domain: &DomainInner, f: Done<'_>) {
 /// Does `c` complete the plain request `op` (see [`DataOp::plain`]) successfully, with
 /// nothing to copy, check or remember beyond the CQ entry itself?
 #[inline(always)]
-fn is_plain_success(op: &PlainOp, c: &vfabric_proto::Completion) -> bool {
-    u32::from(c.status) == Status::Ok as u32
-        && u32::from(c.flags) & comp_flags::REMOTE_WRITE == 0
-        && (!op.is_recv || u64::from(c.len) as usize <= op.rx_len)
+fn is_plain_success(op: &PlainOp, status: u32, cflags: u32, len: u64) -> bool {
+    status == Status::Ok as u32
+        && cflags & comp_flags::REMOTE_WRITE == 0
+        && (!op.is_recv || len as usize <= op.rx_len)
+}
+
+/// A plain success on an endpoint whose state (`state`, not 0) is closed or has counters:
+/// whether its entry is still delivered (not if closed); the bound counters count it.
+#[cold]
+#[inline(never)]
+fn plain_state_allows(op: &PlainOp, state: u8) -> bool {
+    if state & crate::endpoint::EP_CLOSED != 0 {
+        return false;
+    }
+    op.ep.count_bound(op.fi_flags, true);
+    true
 }
 
 /// The common completion: a plain send or receive that succeeded. Same entry as
 /// [`complete_data_general`] gives for it, with none of the checks that cannot apply.
 #[inline(always)]
-fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&mut Direct<'_>>) {
-    op.ep.count(op.fi_flags, true);
+fn complete_plain(
+    op: &PlainOp,
+    c: &DeviceCompletion,
+    (cflags, len): (u32, u64),
+    direct: Option<&mut Direct<'_>>,
+) {
+    // One load for both rare cases: a closed endpoint (fi_close semantics: its outstanding
+    // operations are discarded) and bound counters.
+    let state = op.ep.state();
+    if state != 0 && !plain_state_allows(op, state) {
+        return;
+    }
     let Some(cq) = op.cq else {
         return;
     };
     let cq: &CqShared = &cq;
     // The source's AV index first: its look-up may take the AV's lock, never under the CQ's.
     let (src, src_addr) = if op.is_recv {
-        let s = FabricAddr::from_wire(&c.src);
+        let s = FabricAddr::from_wire(&c.src());
         (Some(s), op.ep.source_addr(op.src_addr, &s))
     } else {
         (None, FI_ADDR_NOTAVAIL)
@@ -988,7 +1014,6 @@ fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&m
     // The rest is built once its place is known (the reader's slice or the CQ's ring), in
     // place.
     deliver(cq, direct, || {
-        let cflags = u32::from(c.flags);
         let mut flags = op.fi_flags;
         if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) != 0 {
             if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
@@ -1002,16 +1027,16 @@ fn complete_plain(op: &PlainOp, c: &vfabric_proto::Completion, direct: Option<&m
             }
         }
         let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
-            c.data.into()
+            c.data()
         } else {
             0
         };
         CqEntry {
             context: op.context,
             flags,
-            len: u64::from(c.len) as usize,
+            len: len as usize,
             data,
-            tag: c.tag.into(),
+            tag: c.tag(),
             src,
             src_addr,
             buf: None,
@@ -1374,5 +1399,54 @@ mod tests {
         // Entries left in the ring are dropped with it (their buffers too: Miri/ASan-visible).
         ev.push_entry(|| entry(9));
         drop(ev);
+    }
+
+    /// A CQ of its own, with nothing queued.
+    fn cq_shared() -> (Arc<CqShared>, EventFd) {
+        let signal = EventFd::new(EFD_NONBLOCK).unwrap();
+        let cq = Arc::new(CqShared {
+            events: SpinLock::new(Events::new(0)),
+            queued: AtomicUsize::new(0),
+            signal_fd: signal.as_raw_fd(),
+            _signal: signal.try_clone().unwrap(),
+            waiters: AtomicUsize::new(0),
+            feeders: AtomicU64::new(0),
+        });
+        (cq, signal)
+    }
+
+    #[test]
+    fn a_plain_success_of_a_closed_endpoint_is_discarded() {
+        let (cq, _signal) = cq_shared();
+        let ep = crate::endpoint::EpShared::for_test();
+        let c = vfabric_proto::Completion {
+            len: 5u64.into(),
+            ..Default::default()
+        };
+        let device = DeviceCompletion::at(&c);
+        let op = |context| PlainOp {
+            // SAFETY: `ep` and `cq` outlive the record.
+            ep: unsafe { crate::request::EpRef::new(&ep) },
+            // SAFETY: as above.
+            cq: Some(unsafe { crate::request::CqRef::new(&cq) }),
+            context,
+            fi_flags: fi::SEND | fi::MSG,
+            rx_len: 0,
+            src_addr: crate::av::FI_ADDR_UNSPEC,
+            buf: None,
+            is_recv: false,
+            report_errors: true,
+        };
+        complete_plain(&op(1), &device, (0, 5), None);
+        assert_eq!(cq.queued.load(Ordering::Relaxed), 1);
+        ep.close_for_test();
+        complete_plain(&op(2), &device, (0, 5), None);
+        assert_eq!(
+            cq.queued.load(Ordering::Relaxed),
+            1,
+            "an entry of a closed endpoint"
+        );
+        let mut events = cq.events.lock();
+        assert_eq!(events.pop_ring().map(|e| (e.context, e.len)), Some((1, 5)));
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -564,10 +564,10 @@ pub(crate) struct DomainInner {
     pub(crate) ctrl_results: Mutex<HashMap<u64, CtrlResult>>,
     pub(crate) ctrl_abandoned: Mutex<HashSet<u64>>,
     pub(crate) ctrl_timeout: Duration,
-    /// The device socket hung up.
-    closed: AtomicBool,
-    /// The device violated the ring protocol; no new requests are posted.
-    failed: AtomicBool,
+    /// [`DOMAIN_CLOSED`] (the device socket hung up) and [`DOMAIN_FAILED`] (the device violated
+    /// the ring protocol; no new requests are posted): one word, so a post checks both with
+    /// one load.
+    state: AtomicU8,
     sleeps: AtomicU64,
     calls: AtomicU64,
     idle_polls: AtomicU32,
@@ -632,6 +632,21 @@ pub(crate) fn queue_bit(index: usize) -> u64 {
 
 /// Empty progress passes between two liveness checks of the device (power of two).
 const LIVENESS_CHECK_EVERY: u32 = 4096;
+
+/// [`DomainInner::state`]: the device went away.
+const DOMAIN_CLOSED: u8 = 1;
+/// [`DomainInner::state`]: the device broke a ring.
+const DOMAIN_FAILED: u8 = 2;
+
+/// Why a domain whose state is not 0 takes no new requests (a hang-up first).
+#[cold]
+fn unusable(state: u8) -> Error {
+    if state & DOMAIN_CLOSED != 0 {
+        Error::Closed
+    } else {
+        Error::Transport("the device violated the ring protocol; domain unusable".into())
+    }
+}
 /// How long a sleeper naps between looks at the rings when nothing can wake it.
 const POLL_SLEEP_US: u64 = 200;
 /// Most file descriptors a sleeper polls: the transport's wait sources (vhost-user: 3) and
@@ -771,8 +786,7 @@ impl DomainInner {
             ctrl_results: Mutex::new(HashMap::new()),
             ctrl_abandoned: Mutex::new(HashSet::new()),
             ctrl_timeout: attr.control_timeout,
-            closed: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
+            state: AtomicU8::new(0),
             sleeps: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             idle_polls: AtomicU32::new(0),
@@ -889,19 +903,20 @@ impl DomainInner {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Relaxed)
+        self.state.load(Ordering::Relaxed) & DOMAIN_CLOSED != 0
+    }
+
+    /// Mark the device gone: whether it was not already.
+    fn close_once(&self) -> bool {
+        self.state.fetch_or(DOMAIN_CLOSED, Ordering::Relaxed) & DOMAIN_CLOSED == 0
     }
 
     /// Ready for new requests: `Closed` if the device hung up, `Transport` if it violated the
     /// ring protocol.
     pub(crate) fn check_usable(&self) -> Result<()> {
-        if self.closed.load(Ordering::Relaxed) {
-            return Err(Error::Closed);
-        }
-        if self.failed.load(Ordering::Relaxed) {
-            return Err(Error::Transport(
-                "the device violated the ring protocol; domain unusable".into(),
-            ));
+        let state = self.state.load(Ordering::Relaxed);
+        if state != 0 {
+            return Err(unusable(state));
         }
         Ok(())
     }
@@ -994,19 +1009,16 @@ impl DomainInner {
             q.leave_scan_if_idle();
             return 0;
         }
-        let n = q.drain(&mut crate::cq::Deliver {
+        // A broken ring stops the domain (`Deliver` tells `queue_broke`).
+        q.drain(&mut crate::cq::Deliver {
             domain: self,
             direct,
-        });
-        if q.is_broken() {
-            self.queue_broke(q.index);
-        }
-        n
+        })
     }
 
     #[cold]
-    fn queue_broke(&self, index: u16) {
-        if !self.failed.swap(true, Ordering::Relaxed) {
+    pub(crate) fn queue_broke(&self, index: u16) {
+        if self.state.fetch_or(DOMAIN_FAILED, Ordering::Relaxed) & DOMAIN_FAILED == 0 {
             self.broken_queue.store(u32::from(index), Ordering::Relaxed);
             tracing::error!(
                 device = %self.transport.locator(),
@@ -1043,7 +1055,7 @@ impl DomainInner {
     /// Non-blocking check that the device is still there (vhost-user: the socket did not
     /// hang up; PCI: the device did not ask for a reset).
     fn check_alive(&self) {
-        if !self.transport.is_alive() && !self.closed.swap(true, Ordering::Relaxed) {
+        if !self.transport.is_alive() && self.close_once() {
             tracing::warn!(device = %self.transport.locator(), "device went away");
         }
     }
@@ -1224,7 +1236,7 @@ impl DomainInner {
                     // it).
                     crate::virtqueue::drain_eventfd(p.fd);
                 }
-                Some(WaitKind::Hangup) if !self.closed.swap(true, Ordering::Relaxed) => {
+                Some(WaitKind::Hangup) if self.close_once() => {
                     tracing::warn!(
                         device = %self.transport.locator(),
                         "device closed the vhost-user connection"

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use vfabric_proto::{self as proto, flags as pflags, FabricAddr, Opcode, ReqHeader, ADDR_LEN};
@@ -193,15 +193,21 @@ pub struct TaggedMsg<'a> {
 pub(crate) struct EpShared {
     pub id: u32,
     pub addr: FabricAddr,
-    closed: AtomicBool,
+    /// [`EP_CLOSED`] and [`EP_HAS_CNTRS`]: one word, so a completion looks at both with one
+    /// load.
+    state: AtomicU8,
     /// PEEK|CLAIM context -> cookie of the claimed message.
     claims: Mutex<HashMap<u64, u64>>,
     /// Bindings frozen by `enable` (CQs and AV the requests complete into).
     active: OnceLock<Bindings>,
     /// Counters bound with `fi::SEND`/`RECV`/`READ`/`WRITE` (see [`Endpoint::bind_cntr`]).
     cntrs: Mutex<Vec<(u64, Arc<crate::rma::CounterShared>)>>,
-    has_cntrs: AtomicBool,
 }
+
+/// [`EpShared::state`]: the endpoint is closed (its outstanding operations are discarded).
+pub(crate) const EP_CLOSED: u8 = 1;
+/// [`EpShared::state`]: counters are bound (`cntrs` is not empty).
+pub(crate) const EP_HAS_CNTRS: u8 = 2;
 
 impl EpShared {
     /// An endpoint record with no bindings, for tests of what requests hold.
@@ -210,25 +216,35 @@ impl EpShared {
         Arc::new(Self {
             id: 0,
             addr: FabricAddr::default(),
-            closed: AtomicBool::new(false),
+            state: AtomicU8::new(0),
             claims: Mutex::new(HashMap::new()),
             active: OnceLock::new(),
             cntrs: Mutex::new(Vec::new()),
-            has_cntrs: AtomicBool::new(false),
         })
     }
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.state() & EP_CLOSED != 0
+    }
+    /// Mark the endpoint closed, as its drop does.
+    #[cfg(test)]
+    pub(crate) fn close_for_test(&self) {
+        self.state.fetch_or(EP_CLOSED, Ordering::Release);
+    }
+    /// [`EP_CLOSED`] and [`EP_HAS_CNTRS`], as of one load.
+    #[inline(always)]
+    pub(crate) fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
     }
     /// Count a completion of an operation with libfabric flags `op_flags` in the bound
     /// counters.
     #[inline]
     pub(crate) fn count(&self, op_flags: u64, ok: bool) {
-        if self.has_cntrs.load(Ordering::Acquire) {
+        if self.state() & EP_HAS_CNTRS != 0 {
             self.count_bound(op_flags, ok);
         }
     }
-    fn count_bound(&self, op_flags: u64, ok: bool) {
+    /// [`EpShared::count`] once the state said counters are bound.
+    pub(crate) fn count_bound(&self, op_flags: u64, ok: bool) {
         let kinds = fi::SEND | fi::RECV | fi::READ | fi::WRITE;
         for (f, c) in self.cntrs.lock().unwrap().iter() {
             if f & op_flags & kinds != 0 {
@@ -484,11 +500,10 @@ impl Endpoint {
             shared: Arc::new(EpShared {
                 id,
                 addr,
-                closed: AtomicBool::new(false),
+                state: AtomicU8::new(0),
                 claims: Mutex::new(HashMap::new()),
                 active: OnceLock::new(),
                 cntrs: Mutex::new(Vec::new()),
-                has_cntrs: AtomicBool::new(false),
             }),
             ep_type: attr.ep_type,
             tx_queue,
@@ -603,7 +618,7 @@ impl Endpoint {
                 .lock()
                 .unwrap()
                 .push((local, cntr.shared.clone()));
-            self.shared.has_cntrs.store(true, Ordering::Release);
+            self.shared.state.fetch_or(EP_HAS_CNTRS, Ordering::Release);
         }
         self.domain
             .rma
@@ -1865,7 +1880,7 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         // However this ends: the requests that still borrow the endpoint own it first.
         let _own = OwnBorrowedOnDrop(&self.domain.queues, &self.shared);
-        self.shared.closed.store(true, Ordering::Release);
+        self.shared.state.fetch_or(EP_CLOSED, Ordering::Release);
         self.domain.rma.unbind_ep(self.shared.id);
         if self.domain.check_usable().is_err() {
             return;

@@ -578,6 +578,13 @@ impl SplitRing {
         }
     }
 
+    /// Record a kick of every chain published so far, made whatever the device's suppression
+    /// says.
+    #[inline(always)]
+    pub fn mark_kicked(&mut self) {
+        self.kicked_avail = self.next_avail;
+    }
+
     /// Is there a used entry we have not consumed?
     #[cfg(test)]
     pub fn has_used(&self) -> bool {

@@ -20,7 +20,8 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vfabric_proto::{Completion, ReqHeader, COMPLETION_LEN, REQ_HEADER_LEN};
+use std::mem::offset_of;
+use vfabric_proto::{Completion, Le32, Le64, ReqHeader, WireAddr, COMPLETION_LEN, REQ_HEADER_LEN};
 
 use crate::lock::{SpinGuard, SpinLock};
 use crate::memory::{Allocation, SharedMemory};
@@ -163,9 +164,63 @@ pub(crate) trait Dispatch<R> {
     /// without the lock. Runs no application code and posts nothing (the ring lock is held).
     /// Returns true only for a record that owns nothing: the record is not dropped (its slot
     /// goes back to idle as is; a record that owned something would leak it).
-    fn fast(&mut self, op: &R, completion: &Completion) -> bool;
+    fn fast(&mut self, op: &R, completion: &DeviceCompletion) -> bool;
     /// Any other returned request, without the ring lock.
     fn finished(&mut self, f: Finished<'_, R>);
+    /// The ring of queue `index` is broken (the device wrote an invalid used entry): called,
+    /// under the ring lock, by every drain that finds it so.
+    fn broken(&mut self, _index: u16) {}
+}
+
+/// The completion of a returned chain where the device wrote it (its slot), for
+/// [`Dispatch::fast`]: each field is read from device memory with one volatile load per call,
+/// so a caller that reads each field once (and checks what it reads) sees one value of it,
+/// whatever the device writes meanwhile. No copy of the whole completion on the common path.
+pub(crate) struct DeviceCompletion(*const Completion);
+
+impl DeviceCompletion {
+    /// The completion at `c` (a test's own, standing for a slot's).
+    #[cfg(test)]
+    pub(crate) fn at(c: *const Completion) -> Self {
+        Self(c)
+    }
+    /// The field of type `T` at byte `offset` of the completion, read once.
+    #[inline(always)]
+    fn field<T>(&self, offset: usize) -> T {
+        // SAFETY: `self.0` points to the 64-byte, 64-aligned completion of a slot the drainer
+        // owns until the head is released (see `Virtqueue::take`); callers pass the offset of
+        // a field of type `T`, inside it and aligned. A volatile read: the device may write
+        // the bytes meanwhile, which are only copied.
+        unsafe { std::ptr::read_volatile(self.0.byte_add(offset).cast::<T>()) }
+    }
+    #[inline(always)]
+    pub fn status(&self) -> u32 {
+        u32::from(self.field::<Le32>(offset_of!(Completion, status)))
+    }
+    #[inline(always)]
+    pub fn flags(&self) -> u32 {
+        u32::from(self.field::<Le32>(offset_of!(Completion, flags)))
+    }
+    #[inline(always)]
+    pub fn cookie(&self) -> u64 {
+        u64::from(self.field::<Le64>(offset_of!(Completion, cookie)))
+    }
+    #[inline(always)]
+    pub fn len(&self) -> u64 {
+        u64::from(self.field::<Le64>(offset_of!(Completion, len)))
+    }
+    #[inline(always)]
+    pub fn data(&self) -> u64 {
+        u64::from(self.field::<Le64>(offset_of!(Completion, data)))
+    }
+    #[inline(always)]
+    pub fn tag(&self) -> u64 {
+        u64::from(self.field::<Le64>(offset_of!(Completion, tag)))
+    }
+    #[inline(always)]
+    pub fn src(&self) -> WireAddr {
+        self.field::<WireAddr>(offset_of!(Completion, src))
+    }
 }
 
 /// A request the device returned, handed to dispatch by reference to its slot.
@@ -194,7 +249,8 @@ pub(crate) struct DomainSignals {
     pub busy: AtomicU64,
 }
 
-/// Per-queue event counters (for diagnostics), kept under the ring lock.
+/// Per-queue event counters (for diagnostics). Posts and completions are worked out when asked
+/// (the cookie sequence counts posts, the ring the chains still in flight); kicks are counted.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct QueueCounters {
     pub posted: u64,
@@ -207,10 +263,8 @@ struct QueueState {
     /// The next request's cookie without its head id: sequence number `<< 24`, queue index
     /// `<< 16` (kept whole: a post only adds the head).
     cookie_base: u64,
-    counters: QueueCounters,
-    /// A request published since the last kick must reach the device now, whatever its
-    /// notification suppression says (an RX request other than a plain receive, LAZY_RX).
-    urgent: bool,
+    /// Kicks so far.
+    kicks: u64,
     /// A drainer dispatches a returned request without this lock (see [`Virtqueue::drain`]):
     /// until it clears this, it owns that request's record and slot, and no other drainer
     /// takes entries (completions reach CQs in used-ring order).
@@ -349,8 +403,7 @@ impl<R> Virtqueue<R> {
             state: SpinLock::new(QueueState {
                 ring,
                 cookie_base: COOKIE_SEQ_ONE | (u64::from(index) << 16),
-                counters: QueueCounters::default(),
-                urgent: false,
+                kicks: 0,
                 dispatching: false,
             }),
             requests: (0..size)
@@ -406,9 +459,9 @@ impl<R> Virtqueue<R> {
     /// ring has room; its cookie is assigned here. Returns the cookie.
     /// `Err(Error::Again)` if the ring has no room. With `more` (libfabric `FI_MORE`) the kick
     /// decision is left to a later post without it (or [`Virtqueue::flush`]), which covers
-    /// every chain published since. With `urgent` that kick happens even if the device
-    /// suppressed notifications (it may leave an RX ring's off under LAZY_RX, taking plain
-    /// receives when it needs them; other RX requests must not wait). `op` builds the request
+    /// every chain published since. With `urgent` the kick happens at once, with `more` too,
+    /// even if the device suppressed notifications (it may leave an RX ring's off under
+    /// LAZY_RX, taking plain receives when it needs them; other RX requests must not wait). `op` builds the request
     /// record, straight into its slot (not called if the post fails before).
     ///
     /// One ring-lock hold: the header and descriptors are written, the avail index is stored
@@ -493,7 +546,6 @@ impl<R> Virtqueue<R> {
                 (inline_rx_len + COMPLETION_LEN) as u32,
             ),
         );
-        st.counters.posted += 1;
         let in_flight = st.ring.chains_in_flight();
         self.in_flight
             .store(u32::from(in_flight), Ordering::Relaxed);
@@ -504,12 +556,16 @@ impl<R> Virtqueue<R> {
         }
         // The avail index and the in-flight count before the reads below.
         fence(Ordering::SeqCst);
-        st.urgent |= urgent;
-        // `|`, not `||`: the kick decision records what it covers.
-        let kick = !more && (st.ring.needs_kick_fenced() | std::mem::take(&mut st.urgent));
-        if kick {
-            st.counters.kicks += 1;
-        }
+        // An urgent request is kicked for at once, `more` or not (the hint only defers a kick
+        // the device asks for), covering every chain published before it: no urgency to
+        // remember for a later post.
+        let kick = if urgent {
+            st.ring.mark_kicked();
+            true
+        } else {
+            !more && st.ring.needs_kick_fenced()
+        };
+        st.kicks += u64::from(kick);
         drop(st);
         // A thread already asleep may not have armed this queue (it was idle): arm for it.
         if self.signals.blockers.load(Ordering::Relaxed) > 0 {
@@ -540,10 +596,8 @@ impl<R> Virtqueue<R> {
     /// decision (the doorbell of a batch).
     pub fn flush(&self) {
         let mut st = self.lock();
-        let kick = st.ring.needs_kick() | std::mem::take(&mut st.urgent);
-        if kick {
-            st.counters.kicks += 1;
-        }
+        let kick = st.ring.needs_kick();
+        st.kicks += u64::from(kick);
         drop(st);
         if kick {
             self.notify();
@@ -570,7 +624,14 @@ impl<R> Virtqueue<R> {
 
     /// Posts, completions and kicks so far.
     pub fn counters(&self) -> QueueCounters {
-        self.lock().counters
+        let st = self.lock();
+        // The first post's cookie has sequence number 1.
+        let posted = st.cookie_base / COOKIE_SEQ_ONE - 1;
+        QueueCounters {
+            posted,
+            completed: posted - u64::from(st.ring.chains_in_flight()),
+            kicks: st.kicks,
+        }
     }
 
     /// Lock-free check for used entries we have not consumed.
@@ -632,7 +693,6 @@ impl<R> Virtqueue<R> {
             }
             let mut rearmed = false;
             if taken > 0 {
-                st.counters.completed += u64::from(taken);
                 // An idle queue stays in the busy mask (usually it is busy again at once): the
                 // progress scan takes it out when it finds it idle (`leave_scan_if_idle`).
                 self.in_flight
@@ -642,6 +702,7 @@ impl<R> Virtqueue<R> {
             let broken = st.ring.broken().is_some();
             if broken {
                 self.mark_broken(&st);
+                to.broken(self.index);
             }
             total += usize::from(taken);
             if let Some((u, has_completion, device_fault)) = slow {
@@ -725,11 +786,18 @@ impl<R> Virtqueue<R> {
     /// the caller must then take the entries the device published before the arming (it
     /// calls only for entries after it, and the sleeper's call may have gone to a thread that
     /// woke with it).
+    ///
+    /// With EVENT_IDX nothing needs parking: a sleeper armed `used_event` at a position the
+    /// drain has now taken, and the device calls only when its used index passes
+    /// `used_event` again (the whole 2^16 range later; a parked value is passed after half
+    /// of it). Without it, the avail flags' NO_INTERRUPT is set again.
     #[inline]
     fn after_take(&self, last_used: u16) -> bool {
         self.last_used.store(last_used, Ordering::Relaxed);
-        self.call_control()
-            .store(park_value(self.event_idx, last_used), Ordering::Relaxed);
+        if !self.event_idx {
+            self.call_control()
+                .store(park_value(false, last_used), Ordering::Relaxed);
+        }
         fence(Ordering::SeqCst);
         if self.signals.blockers.load(Ordering::Relaxed) > 0 {
             self.call_control()
@@ -739,9 +807,11 @@ impl<R> Virtqueue<R> {
         false
     }
 
-    /// A chain just taken, under the ring lock: validate its completion (copied out into
-    /// `completion` once, never re-read from device memory) and deliver the common case
-    /// through [`Dispatch::fast`], the record going back to idle.
+    /// A chain just taken, under the ring lock: deliver the common case (its cookie, a used
+    /// length that holds it, nothing received inline) through [`Dispatch::fast`], reading the
+    /// completion where the device wrote it, the record going back to idle. Anything else is
+    /// validated on a copy of the completion (copied out into `completion` once, never re-read
+    /// from device memory) and left for [`Dispatch::finished`].
     #[inline(always)]
     fn take(
         &self,
@@ -764,33 +834,31 @@ impl<R> Virtqueue<R> {
                 device_fault: u.len != 0 || !u.len_ok,
             };
         }
+        let at = self.slot(u.head).wrapping_add(SLOT_COMPLETION) as *const Completion;
+        let device = DeviceCompletion(at);
+        if u.len_ok
+            && record.inline_rx == 0
+            && device.cookie() == record.cookie
+            // SAFETY: initialised while `busy`.
+            && to.fast(unsafe { record.op.assume_init_ref() }, &device)
+        {
+            // Owns nothing (see `Dispatch::fast`): back to idle without a drop.
+            record.busy = false;
+            return Taken::Done;
+        }
         // SAFETY: the completion lies inside the slot of a chain the device returned (64
         // bytes at a 64-aligned offset); we copy it out once and validate the copy.
         let c = unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.slot(u.head).add(SLOT_COMPLETION) as *const Completion,
-                completion.as_mut_ptr(),
-                1,
-            );
+            std::ptr::copy_nonoverlapping(at, completion.as_mut_ptr(), 1);
             completion.assume_init_ref()
         };
         let mismatch = u64::from(c.cookie) != record.cookie;
         if mismatch {
             self.cookie_mismatch(record.cookie, u64::from(c.cookie));
         }
-        let device_fault = mismatch || !u.len_ok;
-        if !device_fault
-            && record.inline_rx == 0
-            // SAFETY: initialised while `busy`.
-            && to.fast(unsafe { record.op.assume_init_ref() }, c)
-        {
-            // Owns nothing (see `Dispatch::fast`): back to idle without a drop.
-            record.busy = false;
-            return Taken::Done;
-        }
         Taken::Slow {
             has_completion: true,
-            device_fault,
+            device_fault: mismatch || !u.len_ok,
         }
     }
 
@@ -970,8 +1038,8 @@ mod tests {
     }
 
     impl Dispatch<Op> for Collect {
-        fn fast(&mut self, op: &Op, c: &Completion) -> bool {
-            if u32::from(c.status) != Status::Ok as u32 {
+        fn fast(&mut self, op: &Op, c: &DeviceCompletion) -> bool {
+            if c.status() != Status::Ok as u32 {
                 return false;
             }
             self.delivered.push(op.0);
@@ -1022,7 +1090,7 @@ mod tests {
     }
 
     impl Dispatch<Op> for Meanwhile<'_> {
-        fn fast(&mut self, op: &Op, c: &Completion) -> bool {
+        fn fast(&mut self, op: &Op, c: &DeviceCompletion) -> bool {
             Collect::default().fast(op, c) && {
                 self.delivered.push(op.0);
                 true
@@ -1070,5 +1138,132 @@ mod tests {
         let mut after = Collect::default();
         assert_eq!(vq.drain(&mut after), 1);
         assert_eq!(after.delivered, [30]);
+    }
+
+    /// Records how each request was delivered: on the fast path, or by `finished` with its
+    /// device-fault verdict and the status of the completion it was handed.
+    #[derive(Default)]
+    struct Verdicts {
+        fast: Vec<u64>,
+        finished: Vec<(u64, bool, Option<u32>)>,
+        broken: Vec<u16>,
+    }
+
+    impl Dispatch<Op> for Verdicts {
+        fn broken(&mut self, index: u16) {
+            self.broken.push(index);
+        }
+        fn fast(&mut self, op: &Op, c: &DeviceCompletion) -> bool {
+            if c.status() != Status::Ok as u32 {
+                return false;
+            }
+            self.fast.push(op.0);
+            true
+        }
+        fn finished(&mut self, f: Finished<'_, Op>) {
+            let status = f.completion.map(|c| u32::from(c.status));
+            self.finished.push((f.op.0, f.device_fault, status));
+        }
+    }
+
+    #[test]
+    fn a_completion_with_another_cookie_is_a_device_fault_never_the_fast_path() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let first = post(&vq, 1);
+        let second = post(&vq, 2);
+        // The first's completion carries a stale cookie (an older request's on its head), a
+        // success otherwise; the second's is right.
+        let stale = first.wrapping_sub(COOKIE_SEQ_ONE);
+        complete(&vq, first, Status::Ok);
+        // SAFETY: the slot of a published head; the driver reads it after the drain starts.
+        unsafe {
+            let c = vq.slot(first as u16).add(SLOT_COMPLETION) as *mut Completion;
+            (*c).cookie = stale.into();
+        }
+        complete(&vq, second, Status::Ok);
+        let mut to = Verdicts::default();
+        assert_eq!(vq.drain(&mut to), 2);
+        assert_eq!(to.fast, [2]);
+        assert_eq!(to.finished, [(1, true, Some(Status::Ok as u32))]);
+    }
+
+    #[test]
+    fn counters_count_posts_completions_and_kicks() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let cookies: Vec<u64> = (0..3).map(|n| post(&vq, n)).collect();
+        complete(&vq, cookies[0], Status::Ok);
+        complete(&vq, cookies[1], Status::Fault);
+        let mut to = Collect::default();
+        assert_eq!(vq.drain(&mut to), 2);
+        let c = vq.counters();
+        // The device asked for a kick at avail index 0 only (its initial avail_event): the
+        // first post kicked, the two after it did not.
+        assert_eq!((c.posted, c.completed, c.kicks), (3, 2, 1));
+        complete(&vq, cookies[2], Status::Ok);
+        assert_eq!(vq.drain(&mut to), 1);
+        post(&vq, 3);
+        let c = vq.counters();
+        assert_eq!((c.posted, c.completed), (4, 3));
+    }
+
+    #[test]
+    fn an_urgent_post_kicks_at_once_even_with_more() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let post_with = |more, urgent| {
+            vq.post(
+                ReqHeader::default,
+                TxData::<Payload<'_>>::None,
+                RxData::None,
+                more,
+                urgent,
+                || Op(0),
+            )
+            .unwrap()
+        };
+        // The first post kicks (the device's initial avail_event asks for index 0).
+        post_with(false, false);
+        assert_eq!(vq.counters().kicks, 1);
+        // Suppressed from now on: a plain post does not kick, a `more` one leaves it to later.
+        post_with(false, false);
+        post_with(true, false);
+        assert_eq!(vq.counters().kicks, 1);
+        // An urgent one kicks at once, `more` or not, and covers the chains before it.
+        post_with(true, true);
+        assert_eq!(vq.counters().kicks, 2);
+        vq.flush();
+        assert_eq!(vq.counters().kicks, 2);
+    }
+
+    #[test]
+    fn a_drain_that_finds_the_ring_broken_tells_its_dispatch() {
+        let signals = Arc::new(DomainSignals::default());
+        let (_mem, vq) = queue(&signals);
+        let first = post(&vq, 1);
+        post(&vq, 2);
+        complete(&vq, first, Status::Ok);
+        // The device returns a head that is not in flight (in place of the second).
+        let layout = vq.lock().ring.layout();
+        let base = vq._ring_mem.ptr();
+        // SAFETY: the used ring is inside the queue's ring allocation.
+        unsafe {
+            let used_idx = &*(base.add(layout.used + 2) as *const AtomicU16);
+            let idx = used_idx.load(Ordering::Relaxed);
+            let elem = base.add(layout.used + 4 + 8 * usize::from(idx & (layout.size - 1)));
+            (elem as *mut u32).write(5);
+            (elem.add(4) as *mut u32).write(COMPLETION_LEN as u32);
+            used_idx.store(idx.wrapping_add(1), Ordering::Release);
+        }
+        let mut to = Verdicts::default();
+        // The entry before the bad one is delivered; the ring breaks at the bad one.
+        assert_eq!(vq.drain(&mut to), 1);
+        assert_eq!(to.fast, [1]);
+        assert_eq!(to.broken, [1]);
+        assert!(vq.is_broken());
+        // Every drain that finds it broken says so (the domain's stop is idempotent).
+        vq.drain(&mut to);
+        assert_eq!(to.broken, [1, 1]);
     }
 }
