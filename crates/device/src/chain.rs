@@ -2017,18 +2017,18 @@ mod tests {
         assert!(checked[0] > 0 && checked[1] > 0, "{checked:?}");
     }
 
-    /// `take_plain_recv`'s three compares against `parse_header` (the general parse of the
-    /// same header, for a chain without payload): whatever it takes is a request the general
-    /// parse accepts, the same request, on every queue it is used for, for every header, set of
-    /// acked features and limits tried; it takes plain RECVs and TRECVs, and nothing on a
-    /// device whose `max_sge` could refuse such a chain.
-    #[test]
-    fn plain_receive_check_accepts_only_what_parse_header_does() {
-        use vfabric_proto::*;
-        let ops: Vec<u16> = (0..=0x500u16)
+    /// The opcodes the plain checks' tests try: every defined one and some that are not.
+    fn plain_check_opcodes() -> Vec<u16> {
+        (0..=0x500u16)
             .filter(|&r| Opcode::from_u16(r).is_some())
             .chain([0, 0x7777, 0x0100, 0x0180, 0x0185, 0x0403, 0x8181, 0x4181])
-            .collect();
+            .collect()
+    }
+
+    /// The acked feature sets the plain checks' tests try: everything they depend on, and
+    /// everything but one of those at a time.
+    fn plain_check_ackeds() -> Vec<u64> {
+        use vfabric_proto::*;
         let features = [
             VIRTIO_F_VERSION_1,
             VIRTIO_FABRIC_F_MSG,
@@ -2038,11 +2038,30 @@ mod tests {
             VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
         ];
         let all = features.iter().fold(0, |a, f| a | bit(*f));
-        let mut ackeds = vec![all];
-        ackeds.extend(features.iter().map(|f| all & !bit(*f)));
-        let mut flag_sets: Vec<u64> = vec![0, flags::ALL, 1 << 13, 1 << 63];
-        flag_sets.extend((0..13).map(|b| 1u64 << b));
-        flag_sets.extend((0..13).map(|b| flags::DIRECTED | (1u64 << b)));
+        std::iter::once(all)
+            .chain(features.iter().map(|f| all & !bit(*f)))
+            .collect()
+    }
+
+    /// The flag sets the plain checks' tests try: none, all, stray bits, each flag alone and
+    /// each flag with `with` (the one flag the check under test lets through).
+    fn plain_check_flag_sets(with: u64) -> Vec<u64> {
+        let mut sets: Vec<u64> = vec![0, flags::ALL, 1 << 13, 1 << 63];
+        sets.extend((0..13).map(|b| 1u64 << b));
+        sets.extend((0..13).map(|b| with | (1u64 << b)));
+        sets
+    }
+
+    /// `take_plain_recv`'s three compares against `parse_header` (the general parse of the
+    /// same header, for a chain without payload): whatever it takes is a request the general
+    /// parse accepts, the same request, on every queue it is used for, for every header, set of
+    /// acked features and limits tried; it takes plain RECVs and TRECVs, and nothing on a
+    /// device whose `max_sge` could refuse such a chain.
+    #[test]
+    fn plain_receive_check_accepts_only_what_parse_header_does() {
+        use vfabric_proto::*;
+        let (ops, ackeds) = (plain_check_opcodes(), plain_check_ackeds());
+        let flag_sets = plain_check_flag_sets(flags::DIRECTED);
         let limits = [
             Limits::default(),
             Limits {
@@ -2128,24 +2147,8 @@ mod tests {
     #[test]
     fn plain_send_check_accepts_only_what_parse_send_does() {
         use vfabric_proto::*;
-        let ops: Vec<u16> = (0..=0x500u16)
-            .filter(|&r| Opcode::from_u16(r).is_some())
-            .chain([0, 0x7777, 0x0100, 0x0180, 0x0185, 0x0403, 0x8181, 0x4181])
-            .collect();
-        let features = [
-            VIRTIO_F_VERSION_1,
-            VIRTIO_FABRIC_F_MSG,
-            VIRTIO_FABRIC_F_TAGGED,
-            VIRTIO_FABRIC_F_RMA,
-            VIRTIO_FABRIC_F_MQ,
-            VIRTIO_FABRIC_F_REMOTE_CQ_DATA,
-        ];
-        let all = features.iter().fold(0, |a, f| a | bit(*f));
-        let mut ackeds = vec![all];
-        ackeds.extend(features.iter().map(|f| all & !bit(*f)));
-        let mut flag_sets: Vec<u64> = vec![0, flags::ALL, 1 << 13, 1 << 63];
-        flag_sets.extend((0..13).map(|b| 1u64 << b));
-        flag_sets.extend((0..13).map(|b| flags::INJECT | (1u64 << b)));
+        let (ops, ackeds) = (plain_check_opcodes(), plain_check_ackeds());
+        let flag_sets = plain_check_flag_sets(flags::INJECT);
         let limits = [
             Limits::default(),
             Limits {

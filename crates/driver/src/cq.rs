@@ -985,6 +985,25 @@ fn plain_state_allows(op: &PlainOp, state: u8) -> bool {
     true
 }
 
+/// The `fi_cq_tagged_entry` flags a completion's `comp_flags` add to its operation's own.
+#[inline(always)]
+fn entry_flags(cflags: u32) -> u64 {
+    if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) == 0 {
+        return 0;
+    }
+    let mut flags = 0;
+    if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
+        flags |= fi::REMOTE_CQ_DATA;
+    }
+    if cflags & comp_flags::TAGGED != 0 {
+        flags |= fi::TAGGED;
+    }
+    if cflags & comp_flags::CLAIMED != 0 {
+        flags |= fi::CLAIM;
+    }
+    flags
+}
+
 /// The common completion: a plain send or receive that succeeded. Same entry as
 /// [`complete_data_general`] gives for it, with none of the checks that cannot apply.
 #[inline(always)]
@@ -1014,18 +1033,7 @@ fn complete_plain(
     // The rest is built once its place is known (the reader's slice or the CQ's ring), in
     // place.
     deliver(cq, direct, || {
-        let mut flags = op.fi_flags;
-        if cflags & (comp_flags::REMOTE_CQ_DATA | comp_flags::TAGGED | comp_flags::CLAIMED) != 0 {
-            if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
-                flags |= fi::REMOTE_CQ_DATA;
-            }
-            if cflags & comp_flags::TAGGED != 0 {
-                flags |= fi::TAGGED;
-            }
-            if cflags & comp_flags::CLAIMED != 0 {
-                flags |= fi::CLAIM;
-            }
-        }
+        let flags = op.fi_flags | entry_flags(cflags);
         let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
             c.data()
         } else {
@@ -1124,15 +1132,7 @@ fn complete_data_general(f: Done<'_>, direct: Option<&mut Direct<'_>>) {
         );
         status = Status::Fault;
     }
-    if cflags & comp_flags::REMOTE_CQ_DATA != 0 {
-        flags |= fi::REMOTE_CQ_DATA;
-    }
-    if cflags & comp_flags::TAGGED != 0 {
-        flags |= fi::TAGGED;
-    }
-    if cflags & comp_flags::CLAIMED != 0 {
-        flags |= fi::CLAIM;
-    }
+    flags |= entry_flags(cflags);
     // A refused commit carries the target handler's value (spec §6.17.3); a gone peer of a
     // directed receive says whether it was closed in order (`proto::PEER_CLOSED`, §6.9.1).
     let data = if cflags & comp_flags::REMOTE_CQ_DATA != 0
